@@ -1,0 +1,28 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv when needed.
+PY      := .venv/bin/python
+MODEL   ?= ../shared/models/stories260K
+OUT     ?= demo_out
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: setup demo test bench gpu-check clean
+
+setup: .venv/.installed
+
+# The CPU torch wheel must come first, so the project's own torch range pulls nothing bigger.
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: setup
+	rm -rf $(OUT) $(OUT)-tp1
+	.venv/bin/fmconvert convert --tp 2 --int8 $(MODEL) $(OUT)
+	.venv/bin/fmconvert inspect $(OUT)
+
+test: setup
+	$(PY) -m pytest -q -x tests
+
+clean:
+	rm -rf $(OUT) $(OUT)-tp1 .pytest_cache

@@ -1,0 +1,158 @@
+"""The `fmconvert` command line: convert, inspect, verify, generate, embed.
+
+Every failure the user can act on prints one line (`error: ...`) and exits non-zero; no tracebacks unless
+FMCONVERT_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import EXIT_INTERNAL, FmError
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+    return Console(stderr=stderr, highlight=False)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="fmconvert")
+def cli():
+    """Turn a Hugging Face checkpoint into a fused, tensor-parallel, int8 serving checkpoint.
+
+    \b
+    Typical session:
+      fmconvert convert --tp 2 --int8 MODEL_DIR OUT_DIR   # offline, on a CPU
+      fmconvert inspect OUT_DIR                            # what was written, and the int8 error per tensor
+      fmconvert verify MODEL_DIR OUT_DIR                   # numerical parity with the original
+      fmconvert generate OUT_DIR --prompt "Once upon a time"
+      torchrun --nproc-per-node 2 -m fmconvert generate OUT_DIR --prompt "..."   # tp=2
+
+    Supported: GPT-2, OPT, BLOOM, LLaMA / Mistral / Qwen2, BERT (see configs/).
+    """
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--tp", default=1, show_default=True, help="Tensor-parallel ranks. Must divide the attention heads; "
+              "kv heads are replicated when tp exceeds them.")
+@click.option("--int8", is_flag=True, help="Quantize linear weights to int8, symmetric, one scale per group.")
+@click.option("--group-size", default=128, show_default=True,
+              help="int8 group width along the input dim (power of two). A rank whose K is narrower uses the "
+                   "largest power of two that fits.")
+@click.option("--int8-embeddings", is_flag=True, help="Also quantize the embedding and lm_head tables.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+              help="Float dtype of the output; auto keeps config.json's dtype (or the stored one).")
+@click.option("--max-shard-size", default="2GB", show_default=True, help="Largest shard file, e.g. 500MB, 2GB.")
+@click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin, loaded with weights_only=True.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
+def convert(model_dir, out_dir, tp, int8, group_size, int8_embeddings, dtype, max_shard_size, force, allow_pickle,
+            quiet):
+    """Convert MODEL_DIR (config.json + safetensors) into OUT_DIR.
+
+    OUT_DIR gets one set of safetensors shards per rank, manifest.json (the contract the runtime reads), and the
+    tokenizer and generation config. It appears atomically: a failed or interrupted run leaves nothing.
+    """
+    from .convert import Options, convert as run
+    err = _console(stderr=True)
+    s = run(model_dir, out_dir, Options(tp=tp, int8=int8, group_size=group_size, dtype=dtype,
+                                        max_shard_size=max_shard_size, force=force, allow_pickle=allow_pickle,
+                                        int8_embeddings=int8_embeddings), progress=not quiet, console=err)
+    if quiet:
+        return
+    from rich.table import Table
+    t = Table(title=f"converted {s['architecture']} -> {out_dir}", show_header=False)
+    t.add_row("parameters", f"{s['params'] / 1e6:.2f} M")
+    t.add_row("tp / int8 / dtype", f"{s['tp']} / {'yes' if s['int8'] else 'no'} / {s['dtype']}")
+    t.add_row("bytes in -> out", f"{_human(s['bytes_in'])} -> {_human(s['bytes_out'])} "
+              f"({s['bytes_in'] / max(s['bytes_out'], 1):.2f}x smaller)")
+    t.add_row("files", str(s["files"]))
+    t.add_row("time", f"{s['seconds']:.2f} s  ({s['mb_per_s']:.1f} MB/s read)")
+    if s["worst_sqnr_db"] is not None:
+        t.add_row("worst int8 SQNR", f"{s['worst_sqnr_db']:.1f} dB")
+    _console().print(t)
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON (round-trips exactly).")
+def inspect(out_dir, as_json):
+    """Show what a converted OUT_DIR holds: model, layout, files, and int8 error per tensor."""
+    from . import manifest as mf
+    m = mf.read(out_dir)
+    if as_json:
+        click.echo(mf.dumps(m), nl=False)
+        return
+    from rich.table import Table
+    con = _console()
+    md, par, q = m["model"], m["parallel"], m["quantization"]
+    t = Table(title=f"{out_dir}  (fmconvert format v{m['format_version']}, tool {m['tool_version']})",
+              show_header=False)
+    t.add_row("architecture", f"{md['architecture']} ({md['family']}, {md['kind']})")
+    t.add_row("shape", f"{md['num_layers']} layers, hidden {md['hidden_size']}, {md['num_heads']} heads / "
+              f"{md['num_kv_heads']} kv, head_dim {md['head_dim']}, mlp {md['intermediate_size']} ({md['activation']})")
+    t.add_row("positions / norm", f"{md['position']['type']} / {md['norm']} ({md['residual']}-LN)")
+    t.add_row("vocab", f"{md['vocab_size']} (padded {par['vocab_padded']}), tied: {md['tied_embeddings']}")
+    t.add_row("tensor parallel", f"tp={par['tp']}: {par['heads_per_rank']} heads + {par['kv_heads_per_rank']} kv "
+              f"per rank, kv replication x{par['kv_replication']}, mlp {par['intermediate_per_rank']} per rank")
+    t.add_row("dtype", m["dtype"])
+    t.add_row("int8", "no" if q is None else f"group {q['group_size']}, scales {q['scale_dtype']}, "
+              f"{len(q['tensors'])} tensors")
+    for r in m["ranks"]:
+        size = sum(f["size"] for f in r["files"])
+        t.add_row(f"rank {r['rank']}", f"{len(r['files'])} files, {len(r['tensors'])} tensors, {_human(size)}")
+    con.print(t)
+    if q:
+        qt = Table(title="int8 error per tensor (worst 10 by SQNR)")
+        for c in ("tensor", "group", "rel RMS", "SQNR dB", "max abs"):
+            qt.add_column(c, justify="right" if c != "tensor" else "left")
+        rows = sorted(q["tensors"].items(), key=lambda kv: kv[1]["sqnr_db"] if kv[1]["sqnr_db"] is not None else 1e9)
+        for name, v in rows[:10]:
+            qt.add_row(name, str(v["group_size"]), f"{v['rel_rms']:.4f}",
+                       "inf" if v["sqnr_db"] is None else f"{v['sqnr_db']:.1f}", f"{v['max_abs']:.3g}")
+        con.print(qt)
+
+
+def main(argv=None):
+    try:
+        cli.main(args=argv, prog_name="fmconvert", standalone_mode=False)
+    except FmError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # a bug in fmconvert, not in the input
+        if os.environ.get("FMCONVERT_DEBUG"):
+            raise
+        click.echo(f"error: internal error: {type(e).__name__}: {e} (rerun with FMCONVERT_DEBUG=1 for a traceback)",
+                   err=True)
+        sys.exit(EXIT_INTERNAL)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,333 @@
+"""Policies: the per-architecture tables in `configs/` and the one rewrite hook that applies them.
+
+A policy answers three questions for one HF config: what the model is (the spec the runtime needs), which HF
+tensors feed each canonical slot (with the shape each must have), and how to turn those tensors into the canonical
+fused layout and back (`fuse` / `unfuse`). Nothing here knows about ranks or int8.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from .errors import FmError
+
+CONFIG_DIR = Path(os.environ.get("FMCONVERT_CONFIGS", Path(__file__).resolve().parent.parent / "configs"))
+
+LAYER_SLOTS = (
+    "attn_norm.weight", "attn_norm.bias", "qkv.weight", "qkv.bias", "attn_out.weight", "attn_out.bias",
+    "mlp_norm.weight", "mlp_norm.bias", "mlp_in.weight", "mlp_in.bias", "mlp_out.weight", "mlp_out.bias",
+)
+GLOBAL_SLOTS = (
+    "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
+    "project_in.weight", "project_out.weight", "final_norm.weight", "final_norm.bias", "pooler.weight",
+    "pooler.bias", "lm_head.weight",
+)
+
+# HF activation names -> the runtime's canonical epilogues.
+_ACTIVATIONS = {
+    "gelu": "gelu", "gelu_python": "gelu",
+    "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
+    "relu": "relu", "silu": "silu", "swish": "silu",
+}
+
+
+@dataclass
+class ModelSpec:
+    """Everything the runtime needs to rebuild the network. Serialized as the manifest's `model` section."""
+
+    family: str
+    architecture: str
+    kind: str                      # decoder | encoder
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_positions: int
+    embed_dim: int                 # width of the embedding table (OPT's word_embed_proj_dim), else hidden_size
+    norm: str                      # rms | layer
+    norm_eps: float
+    activation: str                # gelu | gelu_tanh | relu | silu | swiglu (silu over fused gate|up)
+    gated_mlp: bool
+    residual: str                  # pre | post
+    position: dict                 # {"type": rope|alibi|learned, ...}
+    tied_embeddings: bool
+    embed_norm: bool
+    final_norm: bool
+    project: bool                  # OPT project_in / project_out
+    pooler: bool
+    type_vocab_size: int
+    attn_scale: float              # softmax scale, 1/sqrt(head_dim) for every supported family
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    pad_token_id: int | None = None
+    slots: list = field(default_factory=list)   # canonical global + per-layer slots present
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _eval_config_term(config, term: str):
+    term = term.strip()
+    if term.startswith("!"):
+        return not _eval_config_term(config, term[1:])
+    if "!=" in term:
+        a, b = (x.strip() for x in term.split("!="))
+        return getattr(config, a, None) != getattr(config, b, None)
+    return bool(getattr(config, term, False))
+
+
+def _eval_flag(config, expr) -> bool:
+    if isinstance(expr, bool):
+        return expr
+    return all(_eval_config_term(config, t) for t in expr.split(" and "))
+
+
+def _config_value(config, spec, key: str):
+    """Resolve a `[config]` entry: "a|b" alternatives, "4*x" multiples, "x/y" ratios, {value = ...} constants."""
+    if isinstance(spec, dict):
+        return spec["value"]
+    for alt in spec.split("|"):
+        m = re.fullmatch(r"(\d+)\*(\w+)", alt)
+        if m:
+            v = getattr(config, m.group(2), None)
+            if v is not None:
+                return int(m.group(1)) * v
+            continue
+        m = re.fullmatch(r"(\w+)/(\w+)", alt)
+        if m:
+            a, b = getattr(config, m.group(1), None), getattr(config, m.group(2), None)
+            if isinstance(a, int) and isinstance(b, int) and b > 0:
+                if a % b:
+                    raise FmError(f"config: {m.group(1)}={a} is not divisible by {m.group(2)}={b}")
+                return a // b
+            continue
+        v = getattr(config, alt, None)
+        if v is not None:
+            return v
+    raise FmError(f"config.json has no usable value for {key} (looked for {spec})")
+
+
+@dataclass
+class SlotSource:
+    """Where one canonical slot comes from: HF names (concatenated along dim 0) and each part's expected shape."""
+
+    slot: str
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    optional: bool = False
+
+
+class Policy:
+    def __init__(self, table: dict, path: Path):
+        self.table = table
+        self.path = path
+        self.family: str = table["family"]
+        self.kind: str = table["kind"]
+        self.prefixes: list[str] = table["prefixes"]
+        self.architectures: dict = table["architectures"]
+        self.layout: dict = table["layout"]
+        self.transposed: set[str] = set(self.layout.get("transposed", []))
+
+    # -- spec -----------------------------------------------------------------------------------------------
+    def flags(self, config, architecture: str) -> dict[str, bool]:
+        flags = {k: _eval_flag(config, v) for k, v in self.table.get("flags", {}).items()}
+        flags.update(self.architectures.get(architecture, {}))
+        return flags
+
+    def _layout(self, key: str, flags: dict, default=None):
+        v = self.layout.get(key, default)
+        if isinstance(v, list) and len(v) == 3 and isinstance(v[0], str) and key != "transposed":
+            return v[1] if flags.get(v[0], False) else v[2]
+        if isinstance(v, str) and v in flags:
+            return flags[v]
+        return v
+
+    def spec(self, config, architecture: str) -> ModelSpec:
+        flags = self.flags(config, architecture)
+        if flags.get("unsupported"):
+            raise FmError(f"{architecture}: this config uses a variant fmconvert does not support "
+                          f"({self.table['flags']['unsupported']})")
+        c = {k: _config_value(config, v, k) for k, v in self.table["config"].items()}
+        for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
+                    "vocab_size"):
+            if not isinstance(c[key], int) or isinstance(c[key], bool) or c[key] <= 0:
+                raise FmError(f"config.json: {key} must be a positive integer, got {c[key]!r}")
+        if c["num_heads"] % c["num_kv_heads"]:
+            raise FmError(f"config.json: num_attention_heads={c['num_heads']} is not a multiple of "
+                          f"num_key_value_heads={c['num_kv_heads']}")
+        gated = bool(self._layout("gated_mlp", flags))
+        act_name = c["activation"]
+        if not isinstance(act_name, str) or act_name not in _ACTIVATIONS:
+            raise FmError(f"{architecture}: activation {act_name!r} is not supported "
+                          f"(supported: {', '.join(sorted(_ACTIVATIONS))})")
+        act = _ACTIVATIONS[act_name]
+        if gated:
+            if act != "silu":
+                raise FmError(f"{architecture}: gated MLP with {act_name!r} is not supported (only SiLU/SwiGLU)")
+            act = "swiglu"
+        position = self._position(config, flags, c)
+        tied = bool(getattr(config, "tie_word_embeddings", False)) and self.kind == "decoder"
+        eps = c["norm_eps"]
+        if not isinstance(eps, (int, float)) or eps <= 0:
+            raise FmError(f"config.json: norm epsilon must be a positive number, got {eps!r}")
+        spec = ModelSpec(
+            family=self.family, architecture=architecture, kind=self.kind,
+            hidden_size=c["hidden_size"], num_layers=c["num_layers"], num_heads=c["num_heads"],
+            num_kv_heads=c["num_kv_heads"], head_dim=c["head_dim"], intermediate_size=c["intermediate_size"],
+            vocab_size=c["vocab_size"], max_positions=int(c.get("max_positions") or 0),
+            embed_dim=int(c.get("embed_dim") or c["hidden_size"]),
+            norm=self.layout["norm"], norm_eps=float(eps), activation=act, gated_mlp=gated,
+            residual=self._layout("residual", flags), position=position, tied_embeddings=tied,
+            embed_norm=bool(self._layout("embed_norm", flags, False)),
+            final_norm=bool(self._layout("final_norm", flags, False)),
+            project=bool(flags.get("project", False)), pooler=False,
+            type_vocab_size=int(c.get("type_vocab_size") or 0),
+            attn_scale=1.0 / math.sqrt(c["head_dim"]),
+            bos_token_id=getattr(config, "bos_token_id", None), eos_token_id=getattr(config, "eos_token_id", None),
+            pad_token_id=getattr(config, "pad_token_id", None),
+        )
+        return spec
+
+    def _position(self, config, flags, c) -> dict:
+        kind = self.layout["position"]
+        if kind == "learned":
+            return {"type": "learned", "offset": int(self.layout.get("position_offset", 0))}
+        if kind == "alibi":
+            return {"type": "alibi"}
+        if kind == "rope":
+            params = dict(getattr(config, "rope_parameters", None) or {})
+            if not params:  # transformers < 5 spells these as top-level keys
+                params = dict(getattr(config, "rope_scaling", None) or {})
+                params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+            rope_type = params.get("rope_type", params.get("type", "default"))
+            partial = float(getattr(config, "partial_rotary_factor", 1.0) or 1.0)
+            return {"type": "rope", "style": self.layout.get("rope_style", "neox"), "rope_type": rope_type,
+                    "theta": float(params.get("rope_theta", 10000.0)),
+                    "rotary_dim": int(c["head_dim"] * partial),
+                    "parameters": {k: v for k, v in sorted(params.items()) if k not in ("rope_type", "type")}}
+        raise FmError(f"{self.path.name}: unknown position scheme {kind!r}")
+
+    # -- tensors ----------------------------------------------------------------------------------------------
+    def _entries(self, section: dict, flags: dict):
+        for slot, entry in section.items():
+            if isinstance(entry, dict):
+                if "when" in entry and not flags.get(entry["when"], False):
+                    continue
+                names, optional = entry["name"], entry.get("optional", False)
+            else:
+                names, optional = entry, False
+            yield slot, ([names] if isinstance(names, str) else list(names)), optional
+
+    def canonical_shape(self, spec: ModelSpec, slot: str) -> tuple[int, ...]:
+        h, hd, H, KV = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
+        inter = spec.intermediate_size * (2 if spec.gated_mlp else 1)
+        e = spec.embed_dim
+        shapes = {
+            "embed.weight": (spec.vocab_size, e), "lm_head.weight": (spec.vocab_size, e),
+            "pos_embed.weight": (spec.max_positions + spec.position.get("offset", 0), h),
+            "type_embed.weight": (spec.type_vocab_size, h),
+            "embed_norm.weight": (h,), "embed_norm.bias": (h,), "final_norm.weight": (h,), "final_norm.bias": (h,),
+            "project_in.weight": (h, e), "project_out.weight": (e, h),
+            "pooler.weight": (h, h), "pooler.bias": (h,),
+            "attn_norm.weight": (h,), "attn_norm.bias": (h,), "mlp_norm.weight": (h,), "mlp_norm.bias": (h,),
+            "qkv.weight": ((H + 2 * KV) * hd, h), "qkv.bias": ((H + 2 * KV) * hd,),
+            "attn_out.weight": (h, H * hd), "attn_out.bias": (h,),
+            "mlp_in.weight": (inter, h), "mlp_in.bias": (inter,),
+            "mlp_out.weight": (h, spec.intermediate_size), "mlp_out.bias": (h,),
+        }
+        return shapes[slot]
+
+    def _part_rows(self, spec: ModelSpec, slot: str, n: int) -> list[int]:
+        rows = self.canonical_shape(spec, slot)[0]
+        if n == 1:
+            return [rows]
+        if slot.startswith("qkv."):
+            q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+            return [q, kv, kv]
+        if n * (rows // n) == rows:
+            return [rows // n] * n
+        raise FmError(f"{self.path.name}: slot {slot} cannot be split into {n} equal parts")
+
+    def sources(self, spec: ModelSpec, flags: dict, prefix: str, layer: int | None) -> list[SlotSource]:
+        """The HF tensors of one layer (or the globals when layer is None), with the shape each must have."""
+        t = self.table["tensors"]
+        out = []
+        sections = [(t["layer"], prefix)] if layer is not None else [
+            ({k: v for k, v in t.items() if not isinstance(v, dict) or "name" in v}, prefix), (t.get("head", {}), "")]
+        for section, pre in sections:
+            for slot, names, optional in self._entries(section, flags):
+                if slot == "lm_head.weight" and spec.kind != "decoder":
+                    continue
+                full = self.canonical_shape(spec, slot)
+                rows = self._part_rows(spec, slot, len(names))
+                shapes = [(r, *full[1:]) for r in rows]
+                if slot in self.transposed:
+                    shapes = [tuple(reversed(s)) for s in shapes]
+                names = [pre + n.format(i=layer) for n in names]
+                out.append(SlotSource(slot, names, shapes, optional))
+        return out
+
+    def ignored(self, prefix: str, num_layers: int) -> list[re.Pattern]:
+        pats = []
+        for pat in self.table.get("ignore", []):
+            pats.append(re.compile(re.escape(prefix + pat).replace(re.escape("{i}"), r"\d+")))
+        return pats
+
+    def passthrough(self) -> list[str]:
+        return list(self.table.get("passthrough", []))
+
+    # -- the rewrite hook -------------------------------------------------------------------------------------
+    def fuse(self, spec: ModelSpec, slot: str, parts: list[torch.Tensor]) -> torch.Tensor:
+        """HF tensors of a slot -> the canonical full (unsharded) tensor: transposes and de-interleaving, once."""
+        if slot in self.transposed:
+            parts = [p.t() for p in parts]
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if slot.startswith("qkv.") and self.layout["qkv"] == "interleaved":
+            # BLOOM stores [head, (q|k|v), head_dim]; canonical is [(q|k|v), head, head_dim].
+            H, hd = spec.num_heads, spec.head_dim
+            t = t.reshape(H, 3, hd, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+        return t.contiguous()
+
+    def unfuse(self, spec: ModelSpec, slot: str, t: torch.Tensor, n_parts: int) -> list[torch.Tensor]:
+        """Inverse of `fuse`: the canonical tensor back to the HF tensors, in HF layout."""
+        if slot.startswith("qkv.") and self.layout["qkv"] == "interleaved":
+            H, hd = spec.num_heads, spec.head_dim
+            t = t.reshape(3, H, hd, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+        parts = list(torch.split(t, self._part_rows(spec, slot, n_parts), dim=0)) if n_parts > 1 else [t]
+        if slot in self.transposed:
+            parts = [p.t() for p in parts]
+        return [p.contiguous() for p in parts]
+
+
+@cache
+def policies() -> dict[str, Policy]:
+    """architecture string -> Policy, from every configs/*.toml."""
+    if not CONFIG_DIR.is_dir():
+        raise FmError(f"architecture tables not found at {CONFIG_DIR} (set FMCONVERT_CONFIGS)")
+    table = {}
+    for path in sorted(CONFIG_DIR.glob("*.toml")):
+        with open(path, "rb") as f:
+            pol = Policy(tomllib.load(f), path)
+        for arch in pol.architectures:
+            table[arch] = pol
+    return table
+
+
+def policy_for(architectures) -> tuple[Policy, str]:
+    known = policies()
+    for arch in architectures or []:
+        if arch in known:
+            return known[arch], arch
+    raise FmError(f"unknown architecture {', '.join(map(str, architectures or [])) or '(none in config.json)'}; "
+                  f"supported: {', '.join(sorted(known))}")

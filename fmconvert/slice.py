@@ -1,0 +1,188 @@
+"""Tensor-parallel slicing: the one place that decides which rows/columns of a canonical tensor each rank holds.
+
+The same index math serves weights, biases and int8 scales (scales are sliced like the rows of their weight, and
+row-parallel weights are quantized after slicing). `shard` goes canonical -> per rank; `unshard` goes back.
+
+Layout per rank:
+  qkv       column-parallel: this rank's q heads, then its k heads, then its v heads. When tp > kv heads the
+            kv heads are replicated: rank r holds kv head r // (tp // kv_heads).
+  attn_out  row-parallel over the same q heads; its bias lives on rank 0 only, so the all-reduce adds it once.
+  mlp_in    column-parallel; gated MLPs hold this rank's gate rows, then its up rows.
+  mlp_out   row-parallel; bias on rank 0 only.
+  embed, lm_head  vocab-parallel: the vocab is padded with zero rows to a multiple of tp, rank r holds rows
+            [r*V/tp, (r+1)*V/tp). Padded logits are dropped by the runtime.
+  the rest  replicated.
+The intermediate size is split into chunks of ceil(I/tp) and each chunk is zero-padded to `intermediate_per_rank`
+(a multiple of the int8 group size). Padded units compute act(0 + 0) = 0 and meet zero columns: exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .errors import FmError
+from .policy import ModelSpec
+
+COLUMN = ("qkv.weight", "qkv.bias", "mlp_in.weight", "mlp_in.bias")
+ROW = ("attn_out.weight", "mlp_out.weight")
+ROW_BIAS = ("attn_out.bias", "mlp_out.bias")
+VOCAB = ("embed.weight", "lm_head.weight")
+
+
+def _ceil_to(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def pow2_floor(x: int) -> int:
+    return 1 << (x.bit_length() - 1)
+
+
+@dataclass
+class Layout:
+    tp: int
+    heads_per_rank: int
+    kv_heads_per_rank: int
+    kv_replication: int            # ranks sharing one kv head (1 = no replication)
+    intermediate_chunk: int        # original intermediate units per rank (last rank may have fewer)
+    intermediate_per_rank: int     # after zero padding
+    vocab_padded: int
+    vocab_per_rank: int
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["slots"] = {**{s.split(".")[0]: "column" for s in COLUMN}, **{s.split(".")[0]: "row" for s in ROW},
+                      "embed": "vocab", "lm_head": "vocab", "other": "replicated"}
+        d["row_parallel_bias"] = "rank0"
+        return d
+
+
+def plan(spec: ModelSpec, tp: int, group_size: int | None) -> Layout:
+    """Check that tp divides what it must, and size the padded dims. group_size is None for float output."""
+    if tp < 1:
+        raise FmError(f"--tp must be at least 1, got {tp}")
+    H, KV = spec.num_heads, spec.num_kv_heads
+    if H % tp:
+        raise FmError(f"tp={tp} does not divide num_attention_heads={H}; each rank must hold whole heads")
+    if KV >= tp:
+        if KV % tp:
+            raise FmError(f"tp={tp} does not divide num_key_value_heads={KV}")
+        kv_per_rank, repl = KV // tp, 1
+    else:
+        if tp % KV:
+            raise FmError(f"tp={tp} is larger than num_key_value_heads={KV} and not a multiple of it; "
+                          "kv heads can only be replicated evenly")
+        kv_per_rank, repl = 1, tp // KV
+    chunk = -(-spec.intermediate_size // tp)
+    per_rank = chunk
+    if group_size is not None:
+        per_rank = _ceil_to(chunk, group_for(chunk, group_size))
+    vocab_padded = _ceil_to(spec.vocab_size, tp)
+    return Layout(tp, H // tp, kv_per_rank, repl, chunk, per_rank, vocab_padded, vocab_padded // tp)
+
+
+def group_for(k: int, group_size: int) -> int:
+    """The group size used for a K of this width: the requested one, or the largest power of two <= K if smaller."""
+    return group_size if k >= group_size else pow2_floor(k)
+
+
+def _inter_ranges(spec: ModelSpec, lay: Layout):
+    I, c = spec.intermediate_size, lay.intermediate_chunk
+    return [(min(r * c, I), min((r + 1) * c, I)) for r in range(lay.tp)]
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    if t.shape[0] == rows:
+        return t
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])], dim=0)
+
+
+def _kv_index(lay: Layout, r: int) -> slice:
+    first = r // lay.kv_replication * lay.kv_heads_per_rank
+    return slice(first, first + lay.kv_heads_per_rank)
+
+
+def shard(spec: ModelSpec, lay: Layout, slot: str, t: torch.Tensor) -> list[torch.Tensor]:
+    """One canonical tensor -> its tp pieces, in rank order."""
+    tp, hd = lay.tp, spec.head_dim
+    H, KV = spec.num_heads, spec.num_kv_heads
+    if slot.startswith("qkv."):
+        q, k, v = torch.split(t, [H * hd, KV * hd, KV * hd], dim=0)
+        q = q.reshape(H, hd, *t.shape[1:])
+        k = k.reshape(KV, hd, *t.shape[1:])
+        v = v.reshape(KV, hd, *t.shape[1:])
+        out = []
+        for r in range(tp):
+            qs = q[r * lay.heads_per_rank:(r + 1) * lay.heads_per_rank]
+            kv = _kv_index(lay, r)
+            out.append(torch.cat([qs, k[kv], v[kv]], dim=0).reshape(-1, *t.shape[1:]))
+        return [o.contiguous() for o in out]
+    if slot == "attn_out.weight":
+        return [c.contiguous() for c in torch.chunk(t, tp, dim=1)]
+    if slot.startswith("mlp_in."):
+        parts = torch.chunk(t, 2, dim=0) if spec.gated_mlp else (t,)
+        out = []
+        for lo, hi in _inter_ranges(spec, lay):
+            out.append(torch.cat([_pad_rows(p[lo:hi], lay.intermediate_per_rank) for p in parts], dim=0))
+        return [o.contiguous() for o in out]
+    if slot == "mlp_out.weight":
+        return [_pad_rows(t[:, lo:hi].t(), lay.intermediate_per_rank).t().contiguous()
+                for lo, hi in _inter_ranges(spec, lay)]
+    if slot in ROW_BIAS:
+        return [t.contiguous()] + [None] * (tp - 1)
+    if slot in VOCAB:
+        return [c.contiguous() for c in torch.chunk(_pad_rows(t, lay.vocab_padded), tp, dim=0)]
+    return [t] * tp
+
+
+def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor | None]) -> torch.Tensor:
+    """Inverse of `shard`: rank pieces -> the canonical tensor. Replicated copies must agree."""
+    tp, hd = lay.tp, spec.head_dim
+    H, KV = spec.num_heads, spec.num_kv_heads
+    if slot.startswith("qkv."):
+        hq, hk = lay.heads_per_rank * hd, lay.kv_heads_per_rank * hd
+        qs, ks, vs = [], [None] * KV, [None] * KV
+        for r, p in enumerate(pieces):
+            q, k, v = torch.split(p, [hq, hk, hk], dim=0)
+            qs.append(q)
+            kv = _kv_index(lay, r)
+            for j, head in enumerate(range(kv.start, kv.stop)):
+                kh, vh = k[j * hd:(j + 1) * hd], v[j * hd:(j + 1) * hd]
+                if ks[head] is None:
+                    ks[head], vs[head] = kh, vh
+                elif not (torch.equal(ks[head], kh) and torch.equal(vs[head], vh)):
+                    raise FmError(f"{slot}: replicated kv head {head} differs between ranks")
+        return torch.cat(qs + ks + vs, dim=0)
+    if slot == "attn_out.weight":
+        return torch.cat(pieces, dim=1)
+    if slot.startswith("mlp_in."):
+        n = 2 if spec.gated_mlp else 1
+        halves = [[] for _ in range(n)]
+        for (lo, hi), p in zip(_inter_ranges(spec, lay), pieces):
+            for j, part in enumerate(torch.chunk(p, n, dim=0)):
+                halves[j].append(part[:hi - lo])
+        return torch.cat([torch.cat(h, dim=0) for h in halves], dim=0)
+    if slot == "mlp_out.weight":
+        return torch.cat([p[:, :hi - lo] for (lo, hi), p in zip(_inter_ranges(spec, lay), pieces)], dim=1)
+    if slot in ROW_BIAS:
+        if any(p is not None for p in pieces[1:]):
+            raise FmError(f"{slot}: row-parallel bias must live on rank 0 only")
+        if pieces[0] is None:
+            raise FmError(f"{slot}: row-parallel bias is missing from rank 0")
+        return pieces[0]
+    if slot in VOCAB:
+        return torch.cat(pieces, dim=0)[:spec.vocab_size]
+    for r, p in enumerate(pieces[1:], 1):
+        if not torch.equal(p, pieces[0]):
+            raise FmError(f"{slot}: replicated tensor differs between rank 0 and rank {r}")
+    return pieces[0]
+
+
+def k_per_rank(spec: ModelSpec, lay: Layout, slot: str) -> int:
+    """The input width (K) of a linear slot on one rank: what the int8 group size must divide."""
+    return {
+        "qkv.weight": spec.hidden_size, "mlp_in.weight": spec.hidden_size,
+        "attn_out.weight": lay.heads_per_rank * spec.head_dim, "mlp_out.weight": lay.intermediate_per_rank,
+        "embed.weight": spec.embed_dim, "lm_head.weight": spec.embed_dim,
+    }[slot]

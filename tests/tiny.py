@@ -1,0 +1,56 @@
+"""Tiny random HF models built with transformers, saved to a directory. Shared by every test module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+STORIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "models" / "stories260K"
+
+# One small config per family, sized so tp=2 and tp=4 divide heads and int8 groups fit.
+CONFIGS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
+              tie_word_embeddings=False)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=1, vocab_size=101, max_position_embeddings=64,
+                tie_word_embeddings=True)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64)),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=101, n_positions=64)),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+            num_attention_heads=4, vocab_size=101, max_position_embeddings=64, word_embed_proj_dim=64)),
+    "opt350": ("OPTConfig", "OPTForCausalLM", dict(hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+               num_attention_heads=4, vocab_size=101, max_position_embeddings=64, word_embed_proj_dim=32,
+               do_layer_norm_before=False)),
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=101)),
+    "bert": ("BertConfig", "BertModel", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, vocab_size=101, max_position_embeddings=64, type_vocab_size=2)),
+    "bert_cls": ("BertConfig", "BertForSequenceClassification", dict(hidden_size=64, intermediate_size=96,
+                 num_hidden_layers=2, num_attention_heads=4, vocab_size=101, max_position_embeddings=64,
+                 num_labels=3)),
+}
+FAMILIES = list(CONFIGS)
+
+
+def build(name: str, seed: int = 0, **overrides):
+    """The HF model itself (eval mode, fp32), with random weights that are not trivially small."""
+    import transformers
+    cfg_cls, model_cls, kw = CONFIGS[name]
+    config = getattr(transformers, cfg_cls)(**{**kw, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():  # norms default to ones/zeros: randomize so a wrong norm shows
+        for n, p in model.named_parameters():
+            if "norm" in n.lower() or "ln_" in n or n.endswith("_layer_norm.weight") or "LayerNorm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif n.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def save(name: str, path: Path, seed: int = 0, **overrides) -> Path:
+    model = build(name, seed, **overrides)
+    model.save_pretrained(path)
+    return Path(path)
