@@ -148,7 +148,9 @@ class Policy:
     def _layout(self, key: str, flags: dict, default=None):
         v = self.layout.get(key, default)
         if isinstance(v, list) and len(v) == 3 and isinstance(v[0], str) and key != "transposed":
-            return v[1] if flags.get(v[0], False) else v[2]
+            if v[0] not in flags:
+                raise FmError(f"{self.path.name}: layout.{key} names flag {v[0]!r}, which [flags] does not define")
+            return v[1] if flags[v[0]] else v[2]
         if isinstance(v, str) and v in flags:
             return flags[v]
         return v

@@ -1,0 +1,183 @@
+"""The fused model, rebuilt from the manifest spec and one rank's tensors alone (no transformers code).
+
+One block = add+norm, fused QKV, positions, attention with KV cache, row-parallel out + all-reduce, add+norm,
+fused MLP-in with its activation, row-parallel MLP-out + all-reduce. Pre-LN and post-LN come from the spec.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .comm import SingleComm
+from .ops import Int8Weight, TorchOps, rope_tables
+
+
+class KVCache:
+    """Static per-layer caches [B, Hkv_local, S_max, D]; `length` tokens are filled (same for the whole batch)."""
+
+    def __init__(self, n_layers, batch, kv_heads, max_len, head_dim, dtype, device):
+        self.k = [torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros_like(t) for t in self.k]
+        self.length = 0
+        self.max_len = max_len
+
+    def reset(self):
+        self.length = 0
+
+
+class Block(nn.Module):
+    def __init__(self, model: "FusedModel", i: int, tensors: dict):
+        super().__init__()
+        self.m, self.i = model, i
+        self.t = tensors  # slot -> tensor or Int8Weight, this rank's piece
+
+    def forward(self, x, residual, positions, cache, key_padding_mask):
+        m, t, sp = self.m, self.t, self.m.spec
+        ops = m.ops
+        pre = sp["residual"] == "pre"
+        if pre:
+            h, residual = ops.add_norm(x, residual, t["attn_norm.weight"], t.get("attn_norm.bias"), m.eps, m.norm)
+        else:
+            h = x
+        a = self.attention(h, positions, cache, key_padding_mask)
+        a = m.comm.all_reduce(ops.linear(a, t["attn_out.weight"], t.get("attn_out.bias")))
+        if pre:
+            h, residual = ops.add_norm(a, residual, t["mlp_norm.weight"], t.get("mlp_norm.bias"), m.eps, m.norm)
+        else:
+            h, _ = ops.add_norm(a, x, t["attn_norm.weight"], t.get("attn_norm.bias"), m.eps, m.norm)
+        f = ops.linear(h, t["mlp_in.weight"], t.get("mlp_in.bias"), m.activation)
+        f = m.comm.all_reduce(ops.linear(f, t["mlp_out.weight"], t.get("mlp_out.bias")))
+        if pre:
+            return f, residual
+        y, _ = ops.add_norm(f, h, t["mlp_norm.weight"], t.get("mlp_norm.bias"), m.eps, m.norm)
+        return y, None
+
+    def attention(self, h, positions, cache, key_padding_mask):
+        m, t = self.m, self.t
+        B, T, _ = h.shape
+        hd, Hq, Hk = m.head_dim, m.heads, m.kv_heads
+        qkv = m.ops.linear(h, t["qkv.weight"], t.get("qkv.bias"))
+        q, k, v = qkv.split([Hq * hd, Hk * hd, Hk * hd], dim=-1)
+        q, k, v = q.view(B, T, Hq, hd), k.view(B, T, Hk, hd), v.view(B, T, Hk, hd)
+        if m.rope is not None:
+            cos, sin = m.rope_for(positions)
+            q, k = m.ops.rope(q, k, cos, sin, positions, m.rope_style, m.rotary_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # (B, H, T, hd)
+        causal = m.causal
+        if cache is not None:
+            start = cache.length
+            cache.k[self.i][:, :, start:start + T] = k
+            cache.v[self.i][:, :, start:start + T] = v
+            S = start + T
+            if T == 1 and hasattr(m.ops, "decode_attention"):
+                seq = torch.full((B,), S, dtype=torch.int32, device=h.device)
+                o = m.ops.decode_attention(q[:, :, 0], cache.k[self.i], cache.v[self.i], seq, m.scale, m.alibi)
+                return o.reshape(B, 1, Hq * hd)
+            k, v = cache.k[self.i][:, :, :S], cache.v[self.i][:, :, :S]
+        o = m.ops.attention(q, k, v, m.scale, causal, m.alibi, key_padding_mask)   # (B, Hq, T, hd)
+        return o.transpose(1, 2).reshape(B, T, Hq * hd)
+
+
+class FusedModel(nn.Module):
+    """One rank of a converted model. `forward` returns logits (decoders) or (hidden, pooled) (encoders)."""
+
+    def __init__(self, manifest: dict, tensors: dict, rank: int, comm=None, ops=None, device="cpu"):
+        super().__init__()
+        self.manifest = manifest
+        sp = self.spec = manifest["model"]
+        par = self.par = manifest["parallel"]
+        self.rank, self.tp = rank, par["tp"]
+        self.comm = comm or SingleComm()
+        self.ops = ops or TorchOps()
+        self.device = torch.device(device)
+        self.dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[manifest["dtype"]]
+        self.head_dim, self.heads, self.kv_heads = sp["head_dim"], par["heads_per_rank"], par["kv_heads_per_rank"]
+        self.eps, self.norm, self.activation = sp["norm_eps"], sp["norm"], sp["activation"]
+        self.scale = sp["attn_scale"]
+        self.causal = sp["kind"] == "decoder"
+        self.vocab_lo = rank * par["vocab_per_rank"]
+        self.g = tensors  # global slots
+        pos = sp["position"]
+        self.rope = None
+        self.alibi = tensors.get("alibi.slopes")
+        if pos["type"] == "rope":
+            self.rope = tensors["rope.inv_freq"]
+            self.rope_style, self.rotary_dim = pos["style"], pos["rotary_dim"]
+            self.rope_scaling = pos.get("attention_scaling", 1.0)
+            self._cos, self._sin = rope_tables(self.rope, max(sp["max_positions"], 1), self.rope_scaling)
+        self.blocks = nn.ModuleList(Block(self, i, {k.split(".", 2)[2]: v for k, v in tensors.items()
+                                                    if k.startswith(f"layers.{i}.")})
+                                    for i in range(sp["num_layers"]))
+
+    # -- pieces ---------------------------------------------------------------------------------------------------
+    def rope_for(self, positions):
+        need = int(positions.max()) + 1
+        if need > self._cos.shape[0]:
+            self._cos, self._sin = rope_tables(self.rope, max(need, 2 * self._cos.shape[0]), self.rope_scaling)
+        return self._cos, self._sin
+
+    def embed(self, ids, positions, token_type_ids):
+        g, sp = self.g, self.spec
+        table = g["embed.weight"]
+        local = ids - self.vocab_lo
+        inside = (local >= 0) & (local < self.par["vocab_per_rank"])
+        local = local.clamp(0, self.par["vocab_per_rank"] - 1)
+        x = table.rows(local, self.dtype) if isinstance(table, Int8Weight) else table[local]
+        x = x * inside.unsqueeze(-1).to(x.dtype)
+        x = self.comm.all_reduce(x)                               # vocab-parallel lookup
+        if sp["project"]:
+            x = self.ops.linear(x, g["project_in.weight"])
+        if sp["position"]["type"] == "learned":
+            x = x + g["pos_embed.weight"][positions + sp["position"]["offset"]]
+        if "type_embed.weight" in g:
+            tt = torch.zeros_like(ids) if token_type_ids is None else token_type_ids
+            x = x + g["type_embed.weight"][tt]
+        if sp["embed_norm"]:
+            x, _ = self.ops.add_norm(x, None, g["embed_norm.weight"], g.get("embed_norm.bias"), self.eps, self.norm)
+        return x
+
+    def logits(self, h):
+        g, sp = self.g, self.spec
+        if sp["project"]:
+            h = self.ops.linear(h, g["project_out.weight"])
+        head = g["embed.weight"] if sp["tied_embeddings"] else g["lm_head.weight"]
+        local = self.ops.linear(h, head)                          # (B, T, V / tp)
+        return self.comm.all_gather(local, dim=-1)[..., :sp["vocab_size"]]
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(len(self.blocks), batch, self.kv_heads, max_len, self.head_dim, self.dtype, self.device)
+
+    # -- forward --------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def hidden(self, ids, cache=None, attention_mask=None, token_type_ids=None, output_hidden_states=False):
+        B, T = ids.shape
+        start = cache.length if cache is not None else 0
+        positions = torch.arange(start, start + T, device=ids.device).unsqueeze(0).expand(B, T)
+        x, residual = self.embed(ids, positions, token_type_ids), None
+        states = [x] if output_hidden_states else None
+        kpm = None if attention_mask is None else attention_mask.bool()
+        for blk in self.blocks:
+            x, residual = blk(x, residual, positions, cache, kpm)
+            if output_hidden_states:  # the residual stream after each block, as HF reports it
+                states.append(x if residual is None else x + residual)
+        if cache is not None:
+            cache.length += T
+        if self.spec["final_norm"]:
+            x, _ = self.ops.add_norm(x, residual, self.g["final_norm.weight"], self.g.get("final_norm.bias"),
+                                     self.eps, self.norm)
+        elif residual is not None:
+            x = x + residual
+        return (x, states) if output_hidden_states else x
+
+    @torch.inference_mode()
+    def forward(self, ids, cache=None, attention_mask=None, token_type_ids=None):
+        h = self.hidden(ids, cache, attention_mask, token_type_ids)
+        if self.spec["kind"] == "encoder":
+            return h, self.pooled(h)
+        return self.logits(h)
+
+    def pooled(self, h):
+        if not self.spec.get("pooler"):
+            return None
+        return torch.tanh(self.ops.linear(h[:, 0], self.g["pooler.weight"], self.g["pooler.bias"]))

@@ -1,0 +1,176 @@
+"""The op boundary: every fused operation a block runs, with a pure-PyTorch implementation (the oracle) and a
+Triton backend that routes the same calls to `fmconvert.kernels` where a kernel exists.
+
+Shapes: x [B, T, hidden]; q [B, Hq, T, D]; k, v [B, Hkv, S, D]; KV caches [B, Hkv, S_max, D].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Int8Weight:
+    """w[n, k] = q[n, k] * scale[n, k // group_size]; q int8 [N, K], scale [N, K / group_size]."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    group_size: int
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+    def dequantize(self, dtype) -> torch.Tensor:
+        N, K = self.q.shape
+        w = self.q.float().view(N, K // self.group_size, self.group_size) * self.scale.float().unsqueeze(-1)
+        return w.view(N, K).to(dtype)
+
+    def rows(self, idx: torch.Tensor, dtype) -> torch.Tensor:
+        """Dequantized rows (embedding lookup of an int8 table)."""
+        q, s = self.q[idx].float(), self.scale[idx].float()
+        return (q.unflatten(-1, (-1, self.group_size)) * s.unsqueeze(-1)).flatten(-2).to(dtype)
+
+    def to(self, device):
+        return Int8Weight(self.q.to(device), self.scale.to(device), self.group_size)
+
+
+def activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    if activation is None:
+        return y
+    if activation == "swiglu":
+        gate, up = y.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    if activation == "gelu":
+        return F.gelu(y)
+    if activation == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "silu":
+        return F.silu(y)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def rope_tables(inv_freq: torch.Tensor, n_positions: int, attention_scaling: float = 1.0):
+    """cos, sin [n_positions, rotary_dim / 2] in fp32, scaled the way HF scales them."""
+    t = torch.arange(n_positions, dtype=torch.float32, device=inv_freq.device)
+    freqs = torch.outer(t, inv_freq.float())
+    return freqs.cos() * attention_scaling, freqs.sin() * attention_scaling
+
+
+class TorchOps:
+    """The reference backend: plain PyTorch, any device."""
+
+    name = "torch"
+
+    def add_norm(self, x, residual, weight, bias, eps, kind):
+        h = x if residual is None else x + residual
+        hf = h.float()
+        if kind == "rms":
+            y = (hf * torch.rsqrt(hf.square().mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+        else:
+            y = F.layer_norm(hf, (h.shape[-1],), weight.float(), None if bias is None else bias.float(), eps)
+            y = y.to(x.dtype)
+        return y, h
+
+    def linear(self, x, weight, bias=None, activation=None):
+        w = weight.dequantize(x.dtype) if isinstance(weight, Int8Weight) else weight
+        return activate(F.linear(x, w, bias), activation)
+
+    def rope(self, q, k, cos, sin, positions, style, rotary_dim):
+        """q [B, T, Hq, D], k [B, T, Hkv, D]; positions [B, T]."""
+        c, s = cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)      # (B, T, 1, rot/2)
+        return _rotate(q, c, s, style, rotary_dim), _rotate(k, c, s, style, rotary_dim)
+
+    def attention(self, q, k, v, scale, causal, alibi_slopes=None, key_padding_mask=None):
+        B, Hq, T, D = q.shape
+        S = k.shape[2]
+        mask = None
+        if causal or alibi_slopes is not None:
+            qpos = torch.arange(S - T, S, device=q.device).unsqueeze(1)
+            kpos = torch.arange(S, device=q.device).unsqueeze(0)
+            if alibi_slopes is not None:
+                mask = alibi_slopes.float().view(Hq, 1, 1) * (kpos - qpos).float()        # (Hq, T, S)
+                if causal:
+                    mask = mask.masked_fill(kpos > qpos, float("-inf"))
+                mask = mask.to(q.dtype)
+            else:
+                mask = kpos <= qpos
+        if key_padding_mask is not None:
+            kp = key_padding_mask.bool().view(B, 1, 1, S)
+            mask = kp if mask is None else (mask & kp if mask.dtype == torch.bool else
+                                            mask.masked_fill(~kp, float("-inf")))
+        gqa = Hq != k.shape[1]
+        if gqa:
+            rep = Hq // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _rotate(x, c, s, style, rotary_dim):
+    rot, rest = x[..., :rotary_dim].float(), x[..., rotary_dim:]
+    if style == "neox":
+        x1, x2 = rot.chunk(2, dim=-1)
+        c2, s2 = torch.cat([c, c], -1), torch.cat([s, s], -1)
+        out = rot * c2 + torch.cat([-x2, x1], -1) * s2
+    else:  # gptj: interleaved pairs
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], -1).flatten(-2)
+    out = out.to(x.dtype)
+    return out if rest.shape[-1] == 0 else torch.cat([out, rest], -1)
+
+
+class TritonOps(TorchOps):
+    """Kernels from fmconvert.kernels where they exist; float matmuls stay on cuBLAS, which wins for them."""
+
+    name = "triton"
+
+    def __init__(self):
+        from .. import kernels
+        self.k = kernels
+
+    def add_norm(self, x, residual, weight, bias, eps, kind):
+        return self.k.add_norm(x.contiguous(), None if residual is None else residual.contiguous(), weight, bias,
+                               eps, kind)
+
+    def linear(self, x, weight, bias=None, activation=None):
+        if isinstance(weight, Int8Weight):
+            return self.k.int8_linear(x, weight.q, weight.scale, weight.group_size, bias=bias, activation=activation)
+        return super().linear(x, weight, bias, activation)
+
+    def rope(self, q, k, cos, sin, positions, style, rotary_dim):
+        return self.k.apply_rope(q, k, cos, sin, positions, style=style, rotary_dim=rotary_dim)
+
+    def attention(self, q, k, v, scale, causal, alibi_slopes=None, key_padding_mask=None):
+        return self.k.prefill_attention(q, k, v, scale, causal=causal, alibi_slopes=alibi_slopes,
+                                        key_padding_mask=key_padding_mask)
+
+    def decode_attention(self, q, k_cache, v_cache, seq_lens, scale, alibi_slopes=None):
+        return self.k.decode_attention(q, k_cache, v_cache, seq_lens, scale, alibi_slopes=alibi_slopes)
+
+
+def make_ops(backend: str, device: torch.device):
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and _triton_ok() else "torch"
+    if backend == "torch":
+        return TorchOps()
+    if backend == "triton":
+        return TritonOps()
+    raise ValueError(f"unknown backend {backend!r} (auto, torch, triton)")
+
+
+def _triton_ok() -> bool:
+    try:
+        import triton  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def attn_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
