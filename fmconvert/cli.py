@@ -129,6 +129,114 @@ def inspect(out_dir, as_json):
         con.print(qt)
 
 
+def _tokenizer(out_dir: Path):
+    """The tokenizer copied next to the shards. Loaded locally, never with remote code."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(out_dir), trust_remote_code=False, local_files_only=True)
+    except Exception as e:
+        raise FmError(f"{out_dir}: cannot load the tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def _load(out_dir, device, backend, no_verify_hashes, dtype=None):
+    from .runtime.load import load
+    dt = {"auto": None, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype or "auto"]
+    import torch
+    return load(out_dir, device=device, backend=backend, check_hashes=not no_verify_hashes,
+                dtype=getattr(torch, dt) if dt else None)
+
+
+_runtime_options = [
+    click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: this rank's GPU if any, else cpu)."),
+    click.option("--backend", default="auto", show_default=True, type=click.Choice(["auto", "torch", "triton"]),
+                 help="auto = Triton kernels on CUDA, PyTorch on CPU. triton on CPU needs TRITON_INTERPRET=1."),
+    click.option("--no-verify-hashes", is_flag=True, help="Skip the sha256 check of this rank's shard files."),
+    click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+                 help="Compute dtype (auto = the checkpoint's)."),
+]
+
+
+def runtime_options(f):
+    for opt in reversed(_runtime_options):
+        f = opt(f)
+    return f
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", "-p", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", "-n", default=64, show_default=True)
+@click.option("--temperature", "-t", default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (with temperature > 0).")
+@click.option("--seed", default=0, show_default=True)
+@runtime_options
+def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, device, backend, no_verify_hashes, dtype):
+    """Generate text from a converted decoder, streaming tokens to stdout.
+
+    For tp > 1 launch one process per rank: `torchrun --nproc-per-node 2 -m fmconvert generate OUT_DIR -p "..."`.
+    Rank 0 prints. The last line reports tokens/s and the effective weight bandwidth.
+    """
+    import torch
+    from .runtime.generate import copy_bandwidth, generate as gen, weight_bytes
+    model = _load(out_dir, device, backend, no_verify_hashes, dtype)
+    lead = model.rank == 0
+    tok = _tokenizer(out_dir)
+    ids = torch.tensor([tok(prompt).input_ids], dtype=torch.long)
+    if model.spec["kind"] != "decoder":
+        raise FmError(f"{out_dir} holds an encoder ({model.spec['architecture']}); use `fmconvert embed`")
+    state = {"text": tok.decode(ids[0], skip_special_tokens=True), "ids": ids[0].tolist()}
+    if lead:
+        click.echo(state["text"], nl=False)
+
+    def on_token(t):
+        if not lead:
+            return
+        state["ids"].append(int(t[0]))
+        text = tok.decode(state["ids"], skip_special_tokens=True)
+        click.echo(text[len(state["text"]):], nl=False)
+        state["text"] = text
+
+    _, st = gen(model, ids, max_new_tokens, temperature, top_p, seed, model.spec.get("eos_token_id"), on_token)
+    if lead:
+        click.echo("\n", nl=False)
+        wb = weight_bytes(model) * model.tp
+        gbs = wb * st.decode_tok_s / 1e9
+        peak = copy_bandwidth(model.device) / 1e9
+        s = model.load_stats
+        click.echo(f"[{st.new_tokens} tokens | prefill {st.prompt_tokens} tok in {st.prefill_s * 1e3:.1f} ms | decode "
+                   f"{st.decode_tok_s:.1f} tok/s, {gbs:.2f} GB/s of weights ({100 * gbs / peak:.0f}% of the "
+                   f"{peak:.0f} GB/s copy bandwidth measured) | load {s['gib'] * 1024:.1f} MiB in {s['seconds']:.2f} s | "
+                   f"tp={model.tp} {model.ops.name} {model.device}]", err=True)
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--text", "-t", "texts", multiple=True, required=True, help="Text to embed (repeatable).")
+@click.option("--pooling", default="pooler", show_default=True, type=click.Choice(["pooler", "mean", "cls"]),
+              help="pooler = BERT's tanh pooler output; mean = mean of the last hidden states; cls = first token.")
+@runtime_options
+def embed(out_dir, texts, pooling, device, backend, no_verify_hashes, dtype):
+    """Embed text with a converted encoder (BERT); prints one JSON vector per line."""
+    import torch
+    model = _load(out_dir, device, backend, no_verify_hashes, dtype)
+    if model.spec["kind"] != "encoder":
+        raise FmError(f"{out_dir} holds a decoder; use `fmconvert generate`")
+    tok = _tokenizer(out_dir)
+    batch = tok(list(texts), padding=True, return_tensors="pt")
+    hidden, pooled = model(batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device),
+                           token_type_ids=batch.get("token_type_ids"))
+    if pooling == "pooler" and pooled is None:
+        raise FmError("this checkpoint has no pooler; use --pooling mean or cls")
+    if pooling == "mean":
+        m = batch["attention_mask"].to(hidden.device).unsqueeze(-1).to(hidden.dtype)
+        vec = (hidden * m).sum(1) / m.sum(1)
+    else:
+        vec = pooled if pooling == "pooler" else hidden[:, 0]
+    if model.rank == 0:
+        for v in vec.float().cpu():
+            click.echo(json.dumps([round(x, 6) for x in v.tolist()]))
+
+
 def main(argv=None):
     try:
         cli.main(args=argv, prog_name="fmconvert", standalone_mode=False)

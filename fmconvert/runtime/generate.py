@@ -1,0 +1,116 @@
+"""Token generation over a FusedModel: prefill once, then one-token decode steps against the KV cache.
+
+Every rank runs the same loop; rank 0 samples and broadcasts the token so ranks can never drift apart.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .model import FusedModel
+
+
+@dataclass
+class GenStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    tokens: list = field(default_factory=list)
+
+    @property
+    def decode_tok_s(self) -> float:
+        steps = max(self.new_tokens - 1, 0)   # the first new token comes from the prefill
+        return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def _nbytes(t) -> int:
+    from .ops import Int8Weight
+    if isinstance(t, Int8Weight):
+        return t.q.numel() + t.scale.numel() * t.scale.element_size()
+    return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+
+def weight_bytes(model: FusedModel) -> int:
+    """Bytes of weights one decode step reads on this rank (what bandwidth figures are counted against).
+    An untied embedding table is gathered from, not streamed, so it is left out."""
+    total = sum(_nbytes(t) for t in model.g.values()) + sum(_nbytes(v) for b in model.blocks for v in b.t.values())
+    if not model.spec["tied_embeddings"] and "embed.weight" in model.g:
+        total -= _nbytes(model.g["embed.weight"])
+    return total
+
+
+def copy_bandwidth(device: torch.device, mbytes: int = 256) -> float:
+    """Measured device copy bandwidth in bytes/s (read + write), the ceiling decode is compared against."""
+    x = torch.empty(mbytes << 18, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    y.copy_(x)
+    sync()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        y.copy_(x)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * x.numel() * 4 / best
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]. temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p   # always keeps the most likely token
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+    return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
+
+
+@torch.inference_mode()
+def generate(model: FusedModel, input_ids: torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, eos_token_id=None, on_token=None) -> tuple[torch.Tensor, GenStats]:
+    """input_ids [B, T] -> [B, T + new]. `on_token(ids [B])` is called as each step's tokens are chosen."""
+    if model.spec["kind"] != "decoder":
+        raise ValueError("generate needs a decoder; use embed for encoders")
+    B, T = input_ids.shape
+    dev = model.device
+    ids = input_ids.to(dev)
+    cache = model.new_cache(B, T + max_new_tokens)
+    gen = torch.Generator().manual_seed(seed)
+    eos = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else
+              ([] if eos_token_id is None else [eos_token_id]))
+    stats = GenStats(prompt_tokens=T)
+    out = [ids]
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    logits = model(ids, cache)[:, -1]
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    for step in range(max_new_tokens):
+        tok = sample(logits, temperature, top_p, gen)
+        tok = model.comm.broadcast(tok.contiguous(), 0)
+        if step == 0:
+            sync()
+            stats.prefill_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+        out.append(tok.unsqueeze(1))
+        stats.new_tokens += 1
+        if on_token is not None:
+            on_token(tok)
+        if eos:
+            done |= torch.isin(tok, torch.tensor(sorted(eos), device=dev))
+            if bool(done.all()):
+                break
+        if step + 1 == max_new_tokens:
+            break
+        logits = model(tok.unsqueeze(1), cache)[:, -1]
+    sync()
+    stats.decode_s = time.perf_counter() - t0
+    result = torch.cat(out, dim=1)
+    stats.tokens = result[0, T:].tolist()
+    return result, stats
