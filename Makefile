@@ -21,7 +21,7 @@ demo: setup
 	.venv/bin/fmconvert convert --tp 2 --int8 $(MODEL) $(OUT)
 	.venv/bin/fmconvert inspect $(OUT)
 	.venv/bin/fmconvert verify $(MODEL) $(OUT)
-	.venv/bin/torchrun --nproc-per-node 2 -m fmconvert generate $(OUT) --prompt "Once upon a time" -n 48
+	.venv/bin/torchrun --standalone --nproc-per-node 2 -m fmconvert generate $(OUT) --prompt "Once upon a time" -n 48
 	.venv/bin/fmconvert convert --quiet $(MODEL) $(OUT)-tp1
 	.venv/bin/fmconvert generate $(OUT)-tp1 --prompt "Once upon a time" -n 48
 

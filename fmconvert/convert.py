@@ -56,6 +56,7 @@ class Plan:
     quant_slots: tuple[str, ...]
     bytes_in: int
     params: int
+    prefix: str = ""                  # prepended to the policy's tensor names in this checkpoint
 
 
 def _resolve_dtype(opt: str, config, ckpt: Checkpoint, sources) -> torch.dtype:
@@ -138,7 +139,7 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
                               f"(tp={opts.tp}); pick a group size that divides {k}")
             groups[slot] = g
     return Plan(policy, spec, layout, dtype, globals_, layers, extras, tied_lm_head, groups, quant_slots,
-                bytes_in, params)
+                bytes_in, params, prefix)
 
 
 def _rope_inv_freq(config, spec: ModelSpec) -> tuple[torch.Tensor, float]:
@@ -231,7 +232,9 @@ def convert(model_dir, out_dir, opts: Options | None = None, progress: bool = Tr
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
             cols = (TextColumn("[bold]converting"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
                     TimeRemainingColumn())
-            with Progress(*cols, console=console, disable=not progress, transient=False) as bar:
+            # transient: a failed run must end on its one `error:` line, not on a half-drawn bar (the CLI
+            # prints a summary on success).
+            with Progress(*cols, console=console, disable=not progress, transient=True) as bar:
                 task = bar.add_task("layers", total=spec.num_layers)
                 if plan.tied_lm_head:
                     head = ckpt.get(plan.tied_lm_head)
@@ -269,7 +272,8 @@ def convert(model_dir, out_dir, opts: Options | None = None, progress: bool = Tr
             spec.position = pos
             manifest = {
                 "format": mf.FORMAT, "format_version": mf.FORMAT_VERSION, "tool_version": __version__,
-                "source": {"architecture": spec.architecture, "family": spec.family, "config_sha256": config_sha,
+                "source": {"architecture": spec.architecture, "family": spec.family, "prefix": plan.prefix,
+                           "config_sha256": config_sha,
                            "files": dict(sorted(src_hashes.items())), "sidecar_files": copied},
                 "model": spec.to_dict(),
                 "parallel": plan.layout.to_dict(),

@@ -2,7 +2,8 @@
 
 Schema (format "fmconvert", FORMAT_VERSION below; documented in docs/manifest.md):
   format, format_version, tool_version
-  source        architecture, family, config_sha256, files {name: sha256}
+  source        architecture, family, prefix (of the HF tensor names), config_sha256, files {name: sha256},
+                sidecar_files
   model         the ModelSpec (sizes, norm, activation, positions, residual, tying, ...)
   parallel      the slice Layout (tp, heads and kv heads per rank, kv replication, padding, slot kinds)
   dtype         float dtype of unquantized tensors

@@ -7,9 +7,11 @@ file with its sha256) or OUT_DIR does not exist. Shards are hashed from the byte
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
+import struct
 from pathlib import Path
 
 import torch
@@ -35,7 +37,7 @@ def parse_size(text: str) -> int:
                 n = float(s[: -len(u)])
             except ValueError:
                 break
-            if n > 0:
+            if 1 <= n * m < float("inf"):
                 return int(n * m)
             break
     else:
@@ -66,7 +68,8 @@ class ShardWriter:
         if not self.pending[rank]:
             return
         fname = f"rank{rank}-{len(self.files[rank]) + 1:05d}.safetensors"
-        blob = st_save(self.pending[rank], metadata={"format": "pt", "producer": "fmconvert", "rank": str(rank)})
+        blob = _sort_metadata(st_save(self.pending[rank], metadata={"format": "pt", "producer": "fmconvert",
+                                                                    "rank": str(rank)}))
         try:
             with open(self.root / fname, "wb") as f:
                 f.write(blob)
@@ -131,6 +134,17 @@ class AtomicDir:
         except (TypeError, ValueError):
             pass
         return False
+
+
+def _sort_metadata(blob: bytes) -> bytes:
+    """safetensors writes __metadata__ from a hash map, in an order that changes between runs: sort it, so equal
+    inputs give byte-identical files. Data offsets are relative to the end of the header, so its length may change."""
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + blob[8 + n:]
 
 
 def _raise_keyboard_interrupt(signum, frame):

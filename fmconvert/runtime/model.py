@@ -29,7 +29,8 @@ class KVCache:
 class Block(nn.Module):
     def __init__(self, model: "FusedModel", i: int, tensors: dict):
         super().__init__()
-        self.m, self.i = model, i
+        object.__setattr__(self, "m", model)  # a plain back-reference, not a registered submodule (no cycle)
+        self.i = i
         self.t = tensors  # slot -> tensor or Int8Weight, this rank's piece
 
     def forward(self, x, residual, positions, cache, key_padding_mask):
@@ -137,10 +138,13 @@ class FusedModel(nn.Module):
             x, _ = self.ops.add_norm(x, None, g["embed_norm.weight"], g.get("embed_norm.bias"), self.eps, self.norm)
         return x
 
+    def project_out(self, h):
+        """OPT's projection from hidden_size to the embedding width, applied before lm_head."""
+        return self.ops.linear(h, self.g["project_out.weight"]) if self.spec["project"] else h
+
     def logits(self, h):
         g, sp = self.g, self.spec
-        if sp["project"]:
-            h = self.ops.linear(h, g["project_out.weight"])
+        h = self.project_out(h)
         head = g["embed.weight"] if sp["tied_embeddings"] else g["lm_head.weight"]
         local = self.ops.linear(h, head)                          # (B, T, V / tp)
         return self.comm.all_gather(local, dim=-1)[..., :sp["vocab_size"]]

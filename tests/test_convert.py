@@ -1,0 +1,404 @@
+"""Conversion round trips: every family converts and reassembles to its source, exactly or within the int8 bound."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import tiny
+from fmconvert import slice as sl
+from fmconvert.cli import cli
+from fmconvert.convert import QUANT_SLOTS, Options, alibi_slopes, convert
+from fmconvert.policy import ModelSpec, policy_for
+from fmconvert.quantize import quantize
+from fmconvert.reassemble import canonical, reassemble
+
+ALL = tiny.FAMILIES + ["stories"]
+# Quantized weights: |q * scale - w| <= scale / 2, up to the rounding of w / scale in float32.
+HALF = 0.5 + 1e-5
+
+
+def source_tensors(d: Path) -> dict[str, torch.Tensor]:
+    index = d / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+        else ["model.safetensors"]
+    out = {}
+    for f in files:
+        out.update(load_file(d / f))
+    return out
+
+
+def expected(d: Path, m: dict, src: dict | None = None) -> dict[str, torch.Tensor]:
+    """The source tensors a reassembly must give back: all but ignored buffers and a tied lm_head."""
+    src = source_tensors(d) if src is None else src
+    pol, _ = policy_for([m["model"]["architecture"]])
+    ignored = pol.ignored(m["source"]["prefix"], m["model"]["num_layers"])
+    tied = m["model"]["tied_embeddings"]
+    return {n: t for n, t in src.items()
+            if not any(p.fullmatch(n) for p in ignored) and not (tied and n == "lm_head.weight")}
+
+
+def conv(model: Path, out: Path, **opts) -> Path:
+    convert(model, out, Options(**opts), progress=False)
+    return out
+
+
+def rank_tensors(out: Path, m: dict, rank: int) -> dict[str, torch.Tensor]:
+    got = {}
+    for f in m["ranks"][rank]["files"]:
+        got.update(load_file(out / f["path"]))
+    return got
+
+
+def spec_layout(m: dict):
+    spec = ModelSpec(**m["model"])
+    lay = sl.Layout(**{k: v for k, v in m["parallel"].items() if k not in ("slots", "row_parallel_bias")})
+    return spec, lay
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and \
+        a.contiguous().view(torch.uint8).equal(b.contiguous().view(torch.uint8))
+
+
+def assert_exact(want: dict, got: dict):
+    assert set(got) == set(want), f"missing {set(want) - set(got)}, unexpected {set(got) - set(want)}"
+    bad = [n for n in want if got[n].dtype != want[n].dtype or not torch.equal(got[n], want[n])]
+    assert not bad, f"not exact: {bad}"
+
+
+def assert_int8_bound(out: Path, want: dict):
+    """Quantized tensors within each element's own group bound; everything else exact."""
+    m, deq = reassemble(out)
+    _, raw = reassemble(out, dequantize=False)
+    assert set(deq) == set(want)
+    assert set(raw) == set(want) | {n + "_scale" for n in want if n + "_scale" in raw}
+    quantized = [n for n in want if n + "_scale" in raw]
+    canon_q = set(m["quantization"]["tensors"])
+    slots = QUANT_SLOTS + (("embed.weight", "lm_head.weight") if m["quantization"]["embeddings"] else ())
+    assert canon_q == {f"layers.{i}.{s}" for i in range(m["model"]["num_layers"]) for s in QUANT_SLOTS} | \
+        {s for s in slots if s in m["model"]["slots"] and not s.startswith("layers.")}
+    assert quantized
+    for n, w in want.items():
+        if n not in quantized:
+            assert torch.equal(deq[n], w), n
+            continue
+        q, s = raw[n], raw[n + "_scale"]
+        assert q.dtype == torch.int8 and q.shape == w.shape and s.shape == w.shape, n
+        assert bool((s >= 0).all()) and bool((q.abs() <= 127).all()), n
+        assert torch.equal(deq[n], (q.float() * s).to(w.dtype)), n
+        err = (q.float() * s - w.float()).abs()
+        assert bool((err <= s * HALF).all()), f"{n}: worst excess {float((err - s * HALF).max()):.3g}"
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("name", ALL)
+def test_float_roundtrip_is_exact(model_dir, tmp_path, name, tp):
+    d = model_dir(name)
+    out = conv(d, tmp_path / "out", tp=tp)
+    m, got = reassemble(out)
+    assert m["source"]["prefix"] == ("" if name == "bert" else "bert." if name == "bert_cls" else
+                                     "transformer." if name in ("gpt2", "bloom") else "model.")
+    assert_exact(expected(d, m), got)
+
+
+INT8_CASES = [(n, tp, g) for n in ALL for tp in (1, 2) for g in (32, 128)] + \
+    [(n, 4, g) for n in ("llama", "mistral") for g in (32, 128)]
+
+
+@pytest.mark.parametrize("name,tp,group", INT8_CASES)
+def test_int8_within_group_bound(model_dir, tmp_path, name, tp, group):
+    d = model_dir(name)
+    out = conv(d, tmp_path / "out", tp=tp, int8=True, group_size=group)
+    m = json.loads((out / "manifest.json").read_text())
+    for r in range(tp):
+        for n, info in m["ranks"][r]["tensors"].items():
+            if n.endswith("_scale"):
+                assert info["dtype"] == m["quantization"]["scale_dtype"]
+                assert m["ranks"][r]["tensors"][n[:-6]]["dtype"] == "int8"
+    assert_int8_bound(out, expected(d, m))
+
+
+def test_int8_embeddings_and_bf16(model_dir, tmp_path):
+    d = model_dir("llama")
+    out = conv(d, tmp_path / "out", tp=2, int8=True, int8_embeddings=True, group_size=32, dtype="bf16")
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["quantization"]["scale_dtype"] == "float16"
+    assert {"embed.weight", "lm_head.weight"} <= set(m["quantization"]["tensors"])
+    want = {n: t.to(torch.bfloat16) for n, t in expected(d, m).items()}
+    _, raw = reassemble(out, dequantize=False)
+    for n, w in want.items():
+        if n + "_scale" in raw:
+            err = (raw[n].float() * raw[n + "_scale"] - w.float()).abs()
+            assert bool((err <= raw[n + "_scale"] * HALF).all()), n
+        else:
+            assert same_bytes(raw[n], w), n
+
+
+def test_bf16_output_equals_cast_source(model_dir, tmp_path):
+    d = model_dir("qwen2")
+    out = conv(d, tmp_path / "out", tp=2, dtype="bf16")
+    m, got = reassemble(out)
+    assert m["dtype"] == "bfloat16"
+    assert_exact({n: t.to(torch.bfloat16) for n, t in expected(d, m).items()}, got)
+    for r in range(2):
+        assert {t.dtype for t in rank_tensors(out, m, r).values()} == {torch.bfloat16, torch.float32}
+
+
+def _layer0_canonical(d: Path, m: dict, slot: str) -> torch.Tensor:
+    """Layer 0's canonical tensor for `slot`, built from the source by the policy's own names and fuse."""
+    spec, _ = spec_layout(m)
+    pol, _ = policy_for([spec.architecture])
+    src = source_tensors(d)
+    names = [n for n in next(s for s in pol.sources(spec, {}, m["source"]["prefix"], 0) if s.slot == slot).names]
+    return pol.fuse(spec, slot, [src[n] for n in names])
+
+
+@pytest.mark.parametrize("name,tp,group,slot", [
+    ("llama", 2, 32, "attn_out.weight"),
+    ("llama", 2, 16, "mlp_out.weight"),
+    ("mistral", 4, 16, "attn_out.weight"),
+    ("gpt2", 2, 32, "mlp_out.weight"),
+    ("bloom", 4, 16, "attn_out.weight"),
+])
+def test_row_parallel_quantize_then_slice(model_dir, tmp_path, name, tp, group, slot):
+    d = model_dir(name)
+    out = conv(d, tmp_path / "out", tp=tp, int8=True, group_size=group)
+    m = json.loads((out / "manifest.json").read_text())
+    w = _layer0_canonical(d, m, slot)
+    K = w.shape[1]
+    assert K % tp == 0 and (K // tp) % group == 0, "case must not need clamping or padding"
+    assert m["quantization"]["tensors"][f"layers.0.{slot}"]["group_size"] == group
+    q, s = quantize(w, group, torch.float32)
+    k, ng = K // tp, K // tp // group
+    for r in range(tp):
+        got = rank_tensors(out, m, r)
+        assert same_bytes(got[f"layers.0.{slot}"], q[:, r * k:(r + 1) * k].contiguous())
+        assert same_bytes(got[f"layers.0.{slot}_scale"], s[:, r * ng:(r + 1) * ng].contiguous())
+
+
+@pytest.mark.parametrize("name,tp,group,slot", [
+    ("llama", 2, 32, "qkv.weight"),
+    ("llama", 2, 32, "mlp_in.weight"),      # gated, intermediate 48 per rank padded to 64
+    ("mistral", 4, 16, "qkv.weight"),       # one kv head replicated on 4 ranks
+    ("bloom", 2, 32, "qkv.weight"),         # interleaved heads
+    ("gpt2", 2, 64, "mlp_in.weight"),       # Conv1D, transposed
+    ("stories", 2, 32, "mlp_in.weight"),
+])
+def test_column_parallel_quantize_then_slice(model_dir, tmp_path, name, tp, group, slot):
+    d = model_dir(name)
+    out = conv(d, tmp_path / "out", tp=tp, int8=True, group_size=group)
+    m = json.loads((out / "manifest.json").read_text())
+    spec, lay = spec_layout(m)
+    q, s = quantize(_layer0_canonical(d, m, slot), group, torch.float32)
+    qs, ss = sl.shard(spec, lay, slot, q), sl.shard(spec, lay, slot, s)
+    for r in range(tp):
+        got = rank_tensors(out, m, r)
+        assert same_bytes(got[f"layers.0.{slot}"], qs[r])
+        assert same_bytes(got[f"layers.0.{slot}_scale"], ss[r])
+
+
+def test_stories_tp2_int8_pads_intermediate(model_dir, tmp_path):
+    d = model_dir("stories")
+    out = conv(d, tmp_path / "out", tp=2, int8=True)
+    m = json.loads((out / "manifest.json").read_text())
+    par = m["parallel"]
+    assert (par["intermediate_chunk"], par["intermediate_per_rank"]) == (86, 128)
+    for r in range(2):
+        got = rank_tensors(out, m, r)
+        for i in range(m["model"]["num_layers"]):
+            w_in, s_in = got[f"layers.{i}.mlp_in.weight"], got[f"layers.{i}.mlp_in.weight_scale"]
+            assert w_in.shape == (256, 64) and s_in.shape == (256, 1)
+            for pad in (slice(86, 128), slice(128 + 86, 256)):
+                assert not w_in[pad].any() and not s_in[pad].any()
+                assert w_in[pad.start - 86:pad.start].any()
+            w_out = got[f"layers.{i}.mlp_out.weight"]
+            assert w_out.shape == (64, 128) and not w_out[:, 86:].any() and w_out[:, :86].any()
+            assert got[f"layers.{i}.mlp_out.weight_scale"].shape == (64, 1)
+    want = expected(d, m)
+    _, deq = reassemble(out)
+    assert deq["model.layers.0.mlp.down_proj.weight"].shape == (64, 172)
+    assert_int8_bound(out, want)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_uneven_intermediate_last_rank_padded(model_dir, tmp_path, int8):
+    d = model_dir("llama", intermediate_size=90)
+    out = conv(d, tmp_path / "out", tp=4, int8=int8, group_size=16)
+    m = json.loads((out / "manifest.json").read_text())
+    per = m["parallel"]["intermediate_per_rank"]
+    assert m["parallel"]["intermediate_chunk"] == 23 and per == (32 if int8 else 23)
+    last = rank_tensors(out, m, 3)["layers.0.mlp_out.weight"]
+    assert last.shape[1] == per and not last[:, 90 - 69:].any()
+    if int8:
+        assert_int8_bound(out, expected(d, m))
+    else:
+        assert_exact(expected(d, m), reassemble(out)[1])
+
+
+def test_canonical_names(model_dir, tmp_path):
+    out = conv(model_dir("bloom"), tmp_path / "bloom", tp=2)
+    m, c = canonical(out)
+    assert {"embed.weight", "embed_norm.weight", "final_norm.bias", "layers.1.qkv.weight", "alibi.slopes"} <= set(c)
+    assert c["layers.0.qkv.weight"].shape == (192, 64)
+    assert torch.equal(c["alibi.slopes"], alibi_slopes(4))
+    out = conv(model_dir("bert_cls"), tmp_path / "bert", tp=2)
+    m, c = canonical(out)
+    assert m["extras"] == ["classifier.bias", "classifier.weight"]
+    assert {"extra.classifier.weight", "pooler.weight", "type_embed.weight"} <= set(c)
+    assert not any(k.startswith("bert.") for k in c)
+
+
+def test_deterministic_output(model_dir, tmp_path):
+    for name, opts in (("stories", dict(tp=2, int8=True)), ("gpt2", dict(tp=2, max_shard_size="30KB"))):
+        a = conv(model_dir(name), tmp_path / f"{name}-a", **opts)
+        b = conv(model_dir(name), tmp_path / f"{name}-b", **opts)
+        files = sorted(p.relative_to(a) for p in a.rglob("*"))
+        assert files == sorted(p.relative_to(b) for p in b.rglob("*"))
+        assert Path("manifest.json") in files
+        for f in files:
+            assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def test_inspect(model_dir, tmp_path):
+    out = conv(model_dir("stories"), tmp_path / "out", tp=2, int8=True)
+    runner = CliRunner()
+    r = runner.invoke(cli, ["inspect", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output) == json.loads((out / "manifest.json").read_text())
+    r = runner.invoke(cli, ["inspect", str(out)], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert "LlamaForCausalLM" in r.output and "rank 1" in r.output
+
+
+def test_cli_end_to_end(model_dir, tmp_path):
+    out = tmp_path / "out"
+    env_cmd = [sys.executable, "-m", "fmconvert"]
+    p = subprocess.run(env_cmd + ["convert", "--tp", "2", "--int8", str(model_dir("stories")), str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "converted LlamaForCausalLM" in p.stdout and "Traceback" not in p.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["parallel"]["tp"] == 2 and m["quantization"]["group_size"] == 128
+    p = subprocess.run(env_cmd + ["convert", "-q", str(model_dir("stories")), str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stdout == ""
+    assert len(p.stderr.strip().splitlines()) == 1 and "--force" in p.stderr
+
+
+def _safetensors_data_bytes(path: Path) -> tuple[int, int]:
+    """(tensor count, bytes of tensor data) of one safetensors file, from its header."""
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = {k: v for k, v in json.loads(raw[8:8 + n]).items() if k != "__metadata__"}
+    return len(header), sum(v["data_offsets"][1] - v["data_offsets"][0] for v in header.values())
+
+
+def test_max_shard_size_splits_files(model_dir, tmp_path):
+    d = model_dir("llama")
+    out = conv(d, tmp_path / "out", tp=2, max_shard_size="20KB")
+    m = json.loads((out / "manifest.json").read_text())
+    for r in m["ranks"]:
+        assert len(r["files"]) > 1
+        for f in r["files"]:
+            blob = (out / f["path"]).read_bytes()
+            assert len(blob) == f["size"] and hashlib.sha256(blob).hexdigest() == f["sha256"]
+            count, data = _safetensors_data_bytes(out / f["path"])
+            assert data <= 20_000 or count == 1, (f["path"], count, data)
+            assert count == sum(t["file"] == f["path"] for t in r["tensors"].values())
+    shards = [f["path"] for r in m["ranks"] for f in r["files"]]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["manifest.json", "config.json", "generation_config.json"]
+                                                           + shards)
+    assert_exact(expected(d, m), reassemble(out)[1])
+
+
+def test_sharded_input(tmp_path):
+    d = tmp_path / "src"
+    tiny.build("llama").save_pretrained(d, max_shard_size="50KB")
+    assert (d / "model.safetensors.index.json").is_file() and not (d / "model.safetensors").exists()
+    out = conv(d, tmp_path / "out", tp=2)
+    m, got = reassemble(out)
+    assert len(m["source"]["files"]) > 1
+    assert_exact(expected(d, m), got)
+
+
+def test_pickle_needs_allow_pickle(tmp_path, capsys):
+    from fmconvert.cli import main
+    d = tmp_path / "src"
+    model = tiny.build("llama")
+    model.save_pretrained(d)
+    (d / "model.safetensors").unlink()
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    torch.save(sd, d / "pytorch_model.bin")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["convert", "-q", str(d), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "--allow-pickle" in err
+    assert not (tmp_path / "out").exists()
+    out = conv(d, tmp_path / "out", tp=2, allow_pickle=True)
+    m, got = reassemble(out)
+    assert_exact(expected(d, m, sd), got)
+
+
+def test_sidecar_files_copied(model_dir, tmp_path):
+    d = model_dir("stories")
+    out = conv(d, tmp_path / "out", tp=2)
+    m = json.loads((out / "manifest.json").read_text())
+    want = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+    assert sorted(m["source"]["sidecar_files"]) == want
+    for f in want:
+        assert (out / f).read_bytes() == (d / f).read_bytes(), f
+
+
+def test_force_replaces_output(model_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    s = convert(model_dir("opt350"), out, Options(tp=2, force=True), progress=False)
+    assert s["architecture"] == "OPTForCausalLM" and s["files"] == 2
+    assert not (out / "stale.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.fmconvert-tmp-")]
+    with safe_open(out / "rank1-00001.safetensors", framework="pt") as h:
+        assert h.metadata()["rank"] == "1"
+
+
+def test_reassemble_refuses_tampered_output(model_dir, tmp_path):
+    from fmconvert.errors import FmError
+    out = conv(model_dir("llama"), tmp_path / "out", tp=2)
+    path = out / "manifest.json"
+    good = path.read_text()
+    m = json.loads(good)
+    m["ranks"][1]["files"][0]["path"] = "../outside.safetensors"
+    for t in m["ranks"][1]["tensors"].values():
+        t["file"] = "../outside.safetensors"
+    path.write_text(json.dumps(m))
+    with pytest.raises(FmError, match="escapes the output directory"):
+        reassemble(out)
+    m = json.loads(good)
+    m["ranks"][0]["tensors"]["layers.0.qkv.weight"]["shape"] = [65, 64]
+    path.write_text(json.dumps(m))
+    with pytest.raises(FmError, match="layers.0.qkv.weight"):
+        reassemble(out)
+    m = json.loads(good)
+    del m["ranks"][1]["tensors"]["final_norm.weight"]
+    path.write_text(json.dumps(m))
+    with pytest.raises(FmError, match="final_norm.weight is missing from rank 1"):
+        reassemble(out)
+    m = json.loads(good)
+    del m["source"]["prefix"]
+    path.write_text(json.dumps(m))
+    with pytest.raises(FmError, match="prefix"):
+        reassemble(out)
+    path.write_text(good)
+    assert reassemble(out)[1]
