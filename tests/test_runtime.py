@@ -196,3 +196,19 @@ def test_inject_refuses_a_different_model(work):
     _, _, outs = work("llama")
     with pytest.raises(FmError, match="llama"):
         inject(hf, outs["tp1"])
+
+
+@pytest.mark.parametrize("name", ["stories", "gpt2", "bloom", "opt350"])
+def test_graph_safe_decode_step_equals_eager_decode(work, name):
+    """decode_step (what a CUDA graph captures) reads positions and lengths from device tensors only."""
+    _, _, outs = work(name)
+    m = load(outs["tp1"])
+    ids = torch.randint(3, 100, (2, 8))
+    eager, static = m.new_cache(2, 12), m.new_cache(2, 12)
+    m(ids[:, :5], eager)
+    m(ids[:, :5], static)
+    for j in range(5, 8):
+        want = m(ids[:, j:j + 1], eager)[:, -1]
+        got = m.decode_step(ids[:, j:j + 1], static, torch.tensor([static.length]))
+        static.length += 1
+        assert rel(got, want) < 1e-5

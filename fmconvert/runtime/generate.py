@@ -74,14 +74,25 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
 
 @torch.inference_mode()
 def generate(model: FusedModel, input_ids: torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, eos_token_id=None, on_token=None) -> tuple[torch.Tensor, GenStats]:
-    """input_ids [B, T] -> [B, T + new]. `on_token(ids [B])` is called as each step's tokens are chosen."""
+             top_p: float = 1.0, seed: int = 0, eos_token_id=None, on_token=None,
+             cuda_graph: bool | None = None) -> tuple[torch.Tensor, GenStats]:
+    """input_ids [B, T] -> [B, T + new]. `on_token(ids [B])` is called as each step's tokens are chosen.
+    On CUDA the decode step is replayed from a CUDA graph unless cuda_graph=False."""
     if model.spec["kind"] != "decoder":
         raise ValueError("generate needs a decoder; use embed for encoders")
     B, T = input_ids.shape
     dev = model.device
     ids = input_ids.to(dev)
-    cache = model.new_cache(B, T + max_new_tokens)
+    if cuda_graph is None:
+        cuda_graph = dev.type == "cuda"
+    if cuda_graph:
+        from .cuda_graph import GraphDecoder
+        runner = GraphDecoder(model, B, T + max_new_tokens)
+        first, advance = runner.prefill, runner.step
+    else:
+        cache = model.new_cache(B, T + max_new_tokens)
+        first = lambda x: model(x, cache)[:, -1]              # noqa: E731
+        advance = lambda tok: model(tok.unsqueeze(1), cache)[:, -1]  # noqa: E731
     gen = torch.Generator().manual_seed(seed)
     eos = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else
               ([] if eos_token_id is None else [eos_token_id]))
@@ -89,7 +100,7 @@ def generate(model: FusedModel, input_ids: torch.Tensor, max_new_tokens: int = 6
     out = [ids]
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    logits = model(ids, cache)[:, -1]
+    logits = first(ids)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     for step in range(max_new_tokens):
         tok = sample(logits, temperature, top_p, gen)
@@ -108,7 +119,7 @@ def generate(model: FusedModel, input_ids: torch.Tensor, max_new_tokens: int = 6
                 break
         if step + 1 == max_new_tokens:
             break
-        logits = model(tok.unsqueeze(1), cache)[:, -1]
+        logits = advance(tok)
     sync()
     stats.decode_s = time.perf_counter() - t0
     result = torch.cat(out, dim=1)

@@ -33,15 +33,15 @@ class Block(nn.Module):
         self.i = i
         self.t = tensors  # slot -> tensor or Int8Weight, this rank's piece
 
-    def forward(self, x, residual, positions, cache, key_padding_mask):
-        m, t, sp = self.m, self.t, self.m.spec
+    def forward(self, x, residual, positions, cache, key_padding_mask, pos_t=None):
+        m, t = self.m, self.t
         ops = m.ops
-        pre = sp["residual"] == "pre"
+        pre = m.spec["residual"] == "pre"
         if pre:
             h, residual = ops.add_norm(x, residual, t["attn_norm.weight"], t.get("attn_norm.bias"), m.eps, m.norm)
         else:
             h = x
-        a = self.attention(h, positions, cache, key_padding_mask)
+        a = self.attention(h, positions, cache, key_padding_mask, pos_t)
         a = m.comm.all_reduce(ops.linear(a, t["attn_out.weight"], t.get("attn_out.bias")))
         if pre:
             h, residual = ops.add_norm(a, residual, t["mlp_norm.weight"], t.get("mlp_norm.bias"), m.eps, m.norm)
@@ -54,7 +54,9 @@ class Block(nn.Module):
         y, _ = ops.add_norm(f, h, t["mlp_norm.weight"], t.get("mlp_norm.bias"), m.eps, m.norm)
         return y, None
 
-    def attention(self, h, positions, cache, key_padding_mask):
+    def attention(self, h, positions, cache, key_padding_mask, pos_t=None):
+        """pos_t (a device tensor [1]) selects the graph-safe decode path: cache writes and lengths come from
+        device memory, so the same captured graph serves every step."""
         m, t = self.m, self.t
         B, T, _ = h.shape
         hd, Hq, Hk = m.head_dim, m.heads, m.kv_heads
@@ -62,21 +64,28 @@ class Block(nn.Module):
         q, k, v = qkv.split([Hq * hd, Hk * hd, Hk * hd], dim=-1)
         q, k, v = q.view(B, T, Hq, hd), k.view(B, T, Hk, hd), v.view(B, T, Hk, hd)
         if m.rope is not None:
-            cos, sin = m.rope_for(positions)
+            cos, sin = m.rope_for(positions) if pos_t is None else (m._cos, m._sin)
             q, k = m.ops.rope(q, k, cos, sin, positions, m.rope_style, m.rotary_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # (B, H, T, hd)
-        causal = m.causal
-        if cache is not None:
-            start = cache.length
-            cache.k[self.i][:, :, start:start + T] = k
-            cache.v[self.i][:, :, start:start + T] = v
-            S = start + T
-            if T == 1 and hasattr(m.ops, "decode_attention"):
-                seq = torch.full((B,), S, dtype=torch.int32, device=h.device)
-                o = m.ops.decode_attention(q[:, :, 0], cache.k[self.i], cache.v[self.i], seq, m.scale, m.alibi)
-                return o.reshape(B, 1, Hq * hd)
-            k, v = cache.k[self.i][:, :, :S], cache.v[self.i][:, :, :S]
-        o = m.ops.attention(q, k, v, m.scale, causal, m.alibi, key_padding_mask)   # (B, Hq, T, hd)
+        if cache is None:
+            o = m.ops.attention(q, k, v, m.scale, m.causal, m.alibi, key_padding_mask)
+            return o.transpose(1, 2).reshape(B, T, Hq * hd)
+        kc, vc = cache.k[self.i], cache.v[self.i]
+        if pos_t is not None:
+            kc.index_copy_(2, pos_t, k)
+            vc.index_copy_(2, pos_t, v)
+            seq = (pos_t + 1).to(torch.int32).expand(B)
+            o = m.ops.decode_attention(q[:, :, 0], kc, vc, seq, m.scale, m.alibi)
+            return o.reshape(B, 1, Hq * hd)
+        start = cache.length
+        kc[:, :, start:start + T] = k
+        vc[:, :, start:start + T] = v
+        S = start + T
+        if T == 1 and m.ops.name != "torch":
+            seq = torch.full((B,), S, dtype=torch.int32, device=h.device)
+            o = m.ops.decode_attention(q[:, :, 0], kc, vc, seq, m.scale, m.alibi)
+            return o.reshape(B, 1, Hq * hd)
+        o = m.ops.attention(q, kc[:, :, :S], vc[:, :, :S], m.scale, m.causal, m.alibi, key_padding_mask)
         return o.transpose(1, 2).reshape(B, T, Hq * hd)
 
 
@@ -173,6 +182,23 @@ class FusedModel(nn.Module):
         elif residual is not None:
             x = x + residual
         return (x, states) if output_hidden_states else x
+
+    @torch.inference_mode()
+    def decode_step(self, ids, cache: KVCache, pos_t: torch.Tensor) -> torch.Tensor:
+        """One token per sequence at position pos_t (device tensor [1]); logits [B, vocab]. No host syncs and no
+        shapes that depend on the step, so it can be captured once in a CUDA graph and replayed. The caller
+        advances cache.length."""
+        B = ids.shape[0]
+        positions = pos_t.view(1, 1).expand(B, 1)
+        x, residual = self.embed(ids, positions, None), None
+        for blk in self.blocks:
+            x, residual = blk(x, residual, positions, cache, None, pos_t)
+        if self.spec["final_norm"]:
+            x, _ = self.ops.add_norm(x, residual, self.g["final_norm.weight"], self.g.get("final_norm.bias"),
+                                     self.eps, self.norm)
+        elif residual is not None:
+            x = x + residual
+        return self.logits(x)[:, -1]
 
     @torch.inference_mode()
     def forward(self, ids, cache=None, attention_mask=None, token_type_ids=None):

@@ -111,6 +111,23 @@ class TorchOps:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
+    def decode_attention(self, q, k_cache, v_cache, seq_lens, scale, alibi_slopes=None):
+        """q [B, Hq, D] against the whole static cache, masked by seq_lens: graph-safe, no slicing by length."""
+        B, Hq, D = q.shape
+        S = k_cache.shape[2]
+        kpos = torch.arange(S, device=q.device)
+        valid = kpos.view(1, S) < seq_lens.view(B, 1)                                  # (B, S)
+        mask = torch.zeros(B, 1, 1, S, dtype=q.dtype, device=q.device).masked_fill(~valid.view(B, 1, 1, S),
+                                                                                  float("-inf"))
+        if alibi_slopes is not None:
+            rel = (kpos.view(1, S) - (seq_lens.view(B, 1) - 1)).to(torch.float32)     # (B, S)
+            mask = mask + (alibi_slopes.float().view(1, Hq, 1, 1) * rel.view(B, 1, 1, S)).to(q.dtype)
+        rep = Hq // k_cache.shape[1]
+        k, v = k_cache, v_cache
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale).squeeze(2)
+
 
 def _rotate(x, c, s, style, rotary_dim):
     rot, rest = x[..., :rotary_dim].float(), x[..., rotary_dim:]
