@@ -28,5 +28,9 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -x tests
 
+# On a machine with a CUDA GPU: kernel tests on CUDA, kernel timings, a Llama-2-7B-shaped model end to end.
+gpu-check:
+	PYTHONPATH=$(CURDIR) python3 benchmarks/gpu_check.py --out $${OUT_DIR:-gpu_out}
+
 clean:
 	rm -rf $(OUT) $(OUT)-tp1 .pytest_cache

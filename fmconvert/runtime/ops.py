@@ -164,6 +164,10 @@ class TritonOps(TorchOps):
         return self.k.apply_rope(q, k, cos, sin, positions, style=style, rotary_dim=rotary_dim)
 
     def attention(self, q, k, v, scale, causal, alibi_slopes=None, key_padding_mask=None):
+        if q.is_cuda and alibi_slopes is None and key_padding_mask is None and q.shape[2] == k.shape[2]:
+            # Plain causal prefill goes to torch SDPA (flash attention); gpu_kernels.py times it against ours.
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                                  enable_gqa=q.shape[1] != k.shape[1])
         return self.k.prefill_attention(q, k, v, scale, causal=causal, alibi_slopes=alibi_slopes,
                                         key_padding_mask=key_padding_mask)
 

@@ -1,0 +1,247 @@
+"""One device call: kernel tests on CUDA, kernel timings, then a Llama-2-7B-shaped model end to end.
+
+    PYTHONPATH=$PWD python3 benchmarks/gpu_check.py --out DIR [--skip-tests] [--layers 32]
+
+Stages run in order and each writes what it measured into DIR/gpu_check.json as soon as it has it, so a run cut
+short still reports. Every ratio compares two things timed in this same run on this same card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+REPORT: dict = {"stages": {}}
+
+
+def save(out: Path):
+    (out / "gpu_check.json").write_text(json.dumps(REPORT, indent=2, default=str))
+
+
+def stage(name, out):
+    def deco(fn):
+        def run(*a, **k):
+            t0 = time.perf_counter()
+            print(f"\n== {name}", flush=True)
+            try:
+                REPORT["stages"][name] = {"ok": True, **(fn(*a, **k) or {})}
+            except Exception as e:  # keep going: later stages still report
+                REPORT["stages"][name] = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+                print(f"   FAILED: {type(e).__name__}: {e}", flush=True)
+            REPORT["stages"][name]["seconds"] = round(time.perf_counter() - t0, 1)
+            save(out)
+        return run
+    return deco
+
+
+def sync():
+    torch.cuda.synchronize()
+
+
+def timed(fn, reps=3):
+    """Median wall time of fn() in seconds (synchronized)."""
+    ts = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def copy_bw() -> float:
+    x = torch.randn(1 << 28, device="cuda")  # 1 GiB
+    y = torch.empty_like(x)
+    t = timed(lambda: y.copy_(x), reps=7)
+    return 2 * x.numel() * 4 / t
+
+
+def hf_decode_tok_s(model, prompt, new):
+    """HF eager generate: decode rate from the difference of a long and a one-token generation."""
+    kw = dict(do_sample=False, min_new_tokens=new, max_new_tokens=new, pad_token_id=0)
+    g = lambda n: model.generate(prompt, **{**kw, "min_new_tokens": n, "max_new_tokens": n})  # noqa: E731
+    g(2)
+    t1, tn = timed(lambda: g(1), 3), timed(lambda: g(new), 3)
+    return (new - 1) / (tn - t1)
+
+
+def ours_decode_tok_s(model, prompt, new):
+    from fmconvert.runtime.cuda_graph import GraphDecoder
+    B = prompt.shape[0]
+    runner = GraphDecoder(model, B, prompt.shape[1] + new + 1)
+    tok = runner.prefill(prompt).argmax(-1)
+
+    def steps():
+        runner.cache.length = prompt.shape[1]
+        t = tok
+        for _ in range(new):
+            t = runner.step(t).argmax(-1)
+    steps()
+    return new * B / timed(steps, 3) / B
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
+    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--new", type=int, default=64)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    REPORT["card"] = torch.cuda.get_device_name(0)
+    REPORT["versions"] = {"torch": torch.__version__, "python": sys.version.split()[0]}
+    try:
+        import triton
+        import transformers
+        REPORT["versions"].update(triton=triton.__version__, transformers=transformers.__version__)
+    except Exception:
+        pass
+    print(REPORT["card"], REPORT["versions"], flush=True)
+
+    @stage("kernel_tests", out)
+    def kernel_tests():
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/kernels"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        (out / "kernel_tests.log").write_text(p.stdout + p.stderr)
+        tail = (p.stdout.strip().splitlines() or ["(no output)"])[-1]
+        print("  ", tail, flush=True)
+        if p.returncode:
+            print(p.stdout[-4000:], p.stderr[-2000:], flush=True)
+        return {"returncode": p.returncode, "summary": tail}
+
+    @stage("kernel_bench", out)
+    def kernel_bench():
+        from benchmarks import gpu_kernels
+        rep: dict = {}
+        rows = gpu_kernels.run(rep)
+        for r in rows:
+            print("  ", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+        return {"rows": rows, "meta": rep}
+
+    if not args.skip_tests:
+        kernel_tests()
+    kernel_bench()
+
+    state: dict = {}
+
+    @stage("model_build", out)
+    def model_build():
+        from transformers import LlamaConfig, LlamaForCausalLM
+        cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers,
+                          num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                          max_position_embeddings=4096, tie_word_embeddings=False)
+        cfg.architectures = ["LlamaForCausalLM"]
+        torch.manual_seed(0)
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device("cuda"):
+            hf = LlamaForCausalLM(cfg).eval()
+        torch.set_default_dtype(torch.float32)
+        hf.config.dtype = torch.bfloat16
+        state["hf"] = hf
+        src = Path(tempfile.mkdtemp(prefix="llama7b-"))
+        t0 = time.perf_counter()
+        hf.save_pretrained(src, max_shard_size="5GB")
+        state["src"] = src
+        return {"params": sum(p.numel() for p in hf.parameters()), "save_s": time.perf_counter() - t0}
+
+    @stage("convert", out)
+    def convert_stage():
+        res = {}
+        procs = {}
+        for key, extra in (("bf16", []), ("int8", ["--int8"])):
+            dst = state["src"].parent / f"{state['src'].name}-{key}"
+            state[key] = dst
+            cmd = [sys.executable, "-m", "fmconvert", "convert", "-q", "--dtype", "bf16", *extra,
+                   str(state["src"]), str(dst)]
+            procs[key] = (subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                           stderr=subprocess.PIPE, text=True), time.perf_counter())
+        for key, (p, t0) in procs.items():
+            _, err = p.communicate(timeout=400)
+            if p.returncode:
+                raise RuntimeError(f"convert {key}: {err.strip()[-500:]}")
+            res[f"{key}_s"] = time.perf_counter() - t0
+        return res
+
+    @stage("hf_eager", out)
+    def hf_eager():
+        hf = state["hf"]
+        prompt = torch.randint(0, 32000, (1, 128), device="cuda")
+        state["prompt"] = prompt
+        r = {"decode_tok_s_b1": hf_decode_tok_s(hf, prompt, args.new)}
+        long = torch.randint(0, 32000, (1, 2048), device="cuda")
+        state["long"] = long
+        with torch.inference_mode():
+            hf(long[:, :64])
+            r["prefill_2048_s"] = timed(lambda: hf(long), 3)
+        r["prefill_tok_s"] = 2048 / r["prefill_2048_s"]
+        for b in (8, 32):
+            pb = torch.randint(0, 32000, (b, 128), device="cuda")
+            r[f"decode_tok_s_b{b}"] = b * hf_decode_tok_s(hf, pb, 16)
+        print("  ", r, flush=True)
+        return r
+
+    def ours(key):
+        from fmconvert.runtime.generate import weight_bytes
+        from fmconvert.runtime.load import load
+        gc.collect()
+        torch.cuda.empty_cache()
+        t0 = time.perf_counter()
+        m = load(state[key], device="cuda", backend="triton")
+        sync()
+        r = {"load_s": time.perf_counter() - t0}
+        wb = weight_bytes(m)
+        bw = state["copy_bw"]
+        r["weight_bytes"] = wb
+        r["bandwidth_limit_tok_s"] = bw / wb
+        r["decode_tok_s_b1"] = ours_decode_tok_s(m, state["prompt"], args.new)
+        r["pct_of_limit"] = 100 * r["decode_tok_s_b1"] / r["bandwidth_limit_tok_s"]
+        r["effective_GBs"] = r["decode_tok_s_b1"] * wb / 1e9
+        with torch.inference_mode():
+            m(state["long"][:, :64])
+            r["prefill_2048_s"] = timed(lambda: m(state["long"]), 3)
+        r["prefill_tok_s"] = 2048 / r["prefill_2048_s"]
+        for b in (8, 32):
+            pb = torch.randint(0, 32000, (b, 128), device="cuda")
+            r[f"decode_tok_s_b{b}"] = b * ours_decode_tok_s(m, pb, 16)
+        hf = REPORT["stages"].get("hf_eager", {})
+        for k in ("decode_tok_s_b1", "decode_tok_s_b8", "decode_tok_s_b32", "prefill_tok_s"):
+            if hf.get(k):
+                r[f"{k}_vs_hf"] = r[k] / hf[k]
+        print("  ", {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
+        del m
+        return r
+
+    state["copy_bw"] = copy_bw()
+    REPORT["copy_bandwidth_GBs"] = state["copy_bw"] / 1e9
+    model_build()
+    if state.get("src"):
+        convert_stage()
+        hf_eager()
+        del state["hf"]
+        stage("fmconvert_bf16", out)(lambda: ours("bf16"))()
+        stage("fmconvert_int8", out)(lambda: ours("int8"))()
+    save(out)
+    print("\n== summary")
+    for name, s in REPORT["stages"].items():
+        keep = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items() if k != "rows" and k != "meta"}
+        print(f"{name}: {keep}")
+
+
+if __name__ == "__main__":
+    main()
