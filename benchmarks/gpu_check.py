@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 REPORT: dict = {"stages": {}}
+DEV = "cuda"
 
 
 def save(out: Path):
@@ -47,7 +48,8 @@ def stage(name, out):
 
 
 def sync():
-    torch.cuda.synchronize()
+    if DEV == "cuda":
+        torch.cuda.synchronize()
 
 
 def timed(fn, reps=3):
@@ -64,7 +66,7 @@ def timed(fn, reps=3):
 
 
 def copy_bw() -> float:
-    x = torch.randn(1 << 28, device="cuda")  # 1 GiB
+    x = torch.randn(1 << (28 if DEV == "cuda" else 24), device=DEV)  # 1 GiB on the GPU
     y = torch.empty_like(x)
     t = timed(lambda: y.copy_(x), reps=7)
     return 2 * x.numel() * 4 / t
@@ -80,18 +82,25 @@ def hf_decode_tok_s(model, prompt, new):
 
 
 def ours_decode_tok_s(model, prompt, new):
-    from fmconvert.runtime.cuda_graph import GraphDecoder
-    B = prompt.shape[0]
-    runner = GraphDecoder(model, B, prompt.shape[1] + new + 1)
-    tok = runner.prefill(prompt).argmax(-1)
+    """Tokens per second per sequence, decode steps only (replayed from a CUDA graph on the GPU)."""
+    B, T = prompt.shape
+    if DEV == "cuda":
+        from fmconvert.runtime.cuda_graph import GraphDecoder
+        runner = GraphDecoder(model, B, T + new + 1)
+        prefill, step, cache = runner.prefill, runner.step, runner.cache
+    else:
+        cache = model.new_cache(B, T + new + 1)
+        prefill = lambda x: model(x, cache)[:, -1]                   # noqa: E731
+        step = lambda t: model(t.unsqueeze(1), cache)[:, -1]        # noqa: E731
+    tok = prefill(prompt).argmax(-1)
 
     def steps():
-        runner.cache.length = prompt.shape[1]
+        cache.length = T
         t = tok
         for _ in range(new):
-            t = runner.step(t).argmax(-1)
+            t = step(t).argmax(-1)
     steps()
-    return new * B / timed(steps, 3) / B
+    return new / timed(steps, 3)
 
 
 def main():
@@ -100,10 +109,16 @@ def main():
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--skip-kernel-bench", action="store_true")
+    ap.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes on CPU, to check the script itself")
     args = ap.parse_args()
+    global DEV
+    if args.dry_run_cpu:
+        DEV = "cpu"
+        args.skip_tests = args.skip_kernel_bench = True
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    REPORT["card"] = torch.cuda.get_device_name(0)
+    REPORT["card"] = torch.cuda.get_device_name(0) if DEV == "cuda" else "cpu dry run"
     REPORT["versions"] = {"torch": torch.__version__, "python": sys.version.split()[0]}
     try:
         import triton
@@ -136,20 +151,24 @@ def main():
 
     if not args.skip_tests:
         kernel_tests()
-    kernel_bench()
+    if not args.skip_kernel_bench:
+        kernel_bench()
 
     state: dict = {}
 
     @stage("model_build", out)
     def model_build():
         from transformers import LlamaConfig, LlamaForCausalLM
-        cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers,
-                          num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                          max_position_embeddings=4096, tie_word_embeddings=False)
+        size = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                    vocab_size=32000) if DEV == "cuda" else dict(hidden_size=256, intermediate_size=512,
+                                                                 num_attention_heads=8, num_key_value_heads=8,
+                                                                 vocab_size=32000)
+        cfg = LlamaConfig(num_hidden_layers=args.layers, max_position_embeddings=4096, tie_word_embeddings=False,
+                          **size)
         cfg.architectures = ["LlamaForCausalLM"]
         torch.manual_seed(0)
         torch.set_default_dtype(torch.bfloat16)
-        with torch.device("cuda"):
+        with torch.device(DEV):
             hf = LlamaForCausalLM(cfg).eval()
         torch.set_default_dtype(torch.float32)
         hf.config.dtype = torch.bfloat16
@@ -181,17 +200,17 @@ def main():
     @stage("hf_eager", out)
     def hf_eager():
         hf = state["hf"]
-        prompt = torch.randint(0, 32000, (1, 128), device="cuda")
+        prompt = torch.randint(0, 32000, (1, 128), device=DEV)
         state["prompt"] = prompt
         r = {"decode_tok_s_b1": hf_decode_tok_s(hf, prompt, args.new)}
-        long = torch.randint(0, 32000, (1, 2048), device="cuda")
+        long = torch.randint(0, 32000, (1, 2048), device=DEV)
         state["long"] = long
         with torch.inference_mode():
             hf(long[:, :64])
             r["prefill_2048_s"] = timed(lambda: hf(long), 3)
         r["prefill_tok_s"] = 2048 / r["prefill_2048_s"]
         for b in (8, 32):
-            pb = torch.randint(0, 32000, (b, 128), device="cuda")
+            pb = torch.randint(0, 32000, (b, 128), device=DEV)
             r[f"decode_tok_s_b{b}"] = b * hf_decode_tok_s(hf, pb, 16)
         print("  ", r, flush=True)
         return r
@@ -200,9 +219,10 @@ def main():
         from fmconvert.runtime.generate import weight_bytes
         from fmconvert.runtime.load import load
         gc.collect()
-        torch.cuda.empty_cache()
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
         t0 = time.perf_counter()
-        m = load(state[key], device="cuda", backend="triton")
+        m = load(state[key], device=DEV, backend="triton" if DEV == "cuda" else "torch")
         sync()
         r = {"load_s": time.perf_counter() - t0}
         wb = weight_bytes(m)
@@ -217,7 +237,7 @@ def main():
             r["prefill_2048_s"] = timed(lambda: m(state["long"]), 3)
         r["prefill_tok_s"] = 2048 / r["prefill_2048_s"]
         for b in (8, 32):
-            pb = torch.randint(0, 32000, (b, 128), device="cuda")
+            pb = torch.randint(0, 32000, (b, 128), device=DEV)
             r[f"decode_tok_s_b{b}"] = b * ours_decode_tok_s(m, pb, 16)
         hf = REPORT["stages"].get("hf_eager", {})
         for k in ("decode_tok_s_b1", "decode_tok_s_b8", "decode_tok_s_b32", "prefill_tok_s"):
