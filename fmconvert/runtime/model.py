@@ -107,7 +107,7 @@ class FusedModel(nn.Module):
         self.scale = sp["attn_scale"]
         self.causal = sp["kind"] == "decoder"
         self.vocab_lo = rank * par["vocab_per_rank"]
-        self.g = tensors  # global slots
+        self.g = {k: v for k, v in tensors.items() if not k.startswith("layers.")}  # global slots only
         pos = sp["position"]
         self.rope = None
         self.alibi = tensors.get("alibi.slopes")
