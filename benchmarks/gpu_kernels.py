@@ -1,0 +1,304 @@
+"""GPU benchmark of the fmconvert Triton kernels against torch baselines.
+
+    PYTHONPATH=$PWD python3 benchmarks/gpu_kernels.py           # table of all kernels
+    PYTHONPATH=$PWD python3 benchmarks/gpu_kernels.py --sweep   # time every int8 GEMV config
+
+`run(report)` returns rows of dicts (name, shape, ms_kernel, ms_baseline, GB/s, speedup, ok) and
+fills `report` with the device, the measured copy bandwidth and the rows. Each int8 shape is
+checked against the reference before it is timed. Weights rotate through enough copies
+(> 200 MB together) that timings read HBM, not the 50-60 MB L2. Needs CUDA; imports anywhere.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+LINEAR_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
+LINEAR_MS = [1, 8, 32]
+GROUP = 128
+ROTATE_BYTES = 256 << 20
+
+
+def _bench(fn, warmup=10, rep=40):
+    import triton.testing
+
+    try:
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    except TypeError:  # older triton without return_mode
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5])[0])
+
+
+def _bench_graph(call, n_calls, rep=40):
+    """GPU ms per call of call(i), i = 0..n_calls-1, replayed from one CUDA graph: no Python
+    launch overhead (as in a graph-captured decode step). Falls back to eager timing."""
+    try:
+        for i in range(n_calls):  # compile / autotune outside the capture
+            call(i)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for i in range(n_calls):
+                call(i)
+        return _bench(g.replay, rep=rep) / n_calls
+    except Exception as exc:
+        print(f"graph timing failed ({exc!r:.80}); eager timing", file=sys.stderr)
+        state = {"i": 0}
+
+        def step():
+            state["i"] += 1
+            call(state["i"] % n_calls)
+
+        return _bench(step)
+
+
+def _rotating(make, nbytes_each):
+    """Call make() enough times that the copies exceed ROTATE_BYTES; return (copies, next())."""
+    n = max(2, math.ceil(ROTATE_BYTES / max(1, nbytes_each)))
+    return [make() for _ in range(n)]
+
+
+def _calls(n_copies, at_least=24):
+    return n_copies * math.ceil(at_least / n_copies)
+
+
+def _row(name, shape, ms_kernel, ms_baseline, nbytes=None, ok=True, **extra):
+    row = {
+        "name": name,
+        "shape": shape,
+        "ms_kernel": round(ms_kernel, 5),
+        "ms_baseline": round(ms_baseline, 5) if ms_baseline is not None else None,
+        "GB/s": round(nbytes / ms_kernel / 1e6, 1) if nbytes else None,
+        "speedup": round(ms_baseline / ms_kernel, 3) if ms_baseline else None,
+        "ok": ok,
+    }
+    row.update(extra)
+    return row
+
+
+def _quantize(w, group):
+    N, K = w.shape
+    g = w.float().reshape(N, K // group, group)
+    s = (g.abs().amax(-1) / 127.0).clamp_min(1e-8)
+    q = torch.round(g / s[..., None]).clamp(-127, 127).to(torch.int8).reshape(N, K)
+    return q, s.to(torch.bfloat16)
+
+
+def copy_bandwidth():
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = _bench(lambda: y.copy_(x))
+    return 2 * x.numel() / ms / 1e6  # GB/s, bytes read + written
+
+
+def bench_linear(rows, ms_list=LINEAR_MS, shapes=LINEAR_SHAPES):
+    from fmconvert.kernels import int8_linear, int8_linear_reference
+
+    dev, dt = "cuda", torch.bfloat16
+    for N, K in shapes:
+        w0 = torch.randn(N, K, device=dev) * 0.02
+        q0, s0 = _quantize(w0, GROUP)
+        wb0 = w0.to(dt)
+        del w0
+        int8_bytes = q0.numel() + s0.numel() * s0.element_size()
+        qs = _rotating(lambda: (q0.clone(), s0.clone()), int8_bytes)
+        ws = _rotating(lambda: wb0.clone(), wb0.numel() * 2)
+        for M in ms_list:
+            x = torch.randn(M, K, device=dev, dtype=dt)
+            y = int8_linear(x, q0, s0, GROUP)  # also autotunes
+            ref = int8_linear_reference(x, q0, s0, GROUP)
+            err = ((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)).item()
+            ok = err < 2e-2
+            ms_fp = _bench_graph(lambda i: F.linear(x, ws[i % len(ws)]), _calls(len(ws)))
+            ms_q = _bench_graph(lambda i: int8_linear(x, *qs[i % len(qs)], GROUP), _calls(len(qs)))
+            ms_q_eager = _bench(lambda: int8_linear(x, q0, s0, GROUP))
+            rows.append(_row("int8_linear", f"M={M} N={N} K={K}", ms_q, ms_fp, int8_bytes, ok,
+                             bf16_GBps=round(2 * N * K / ms_fp / 1e6, 1), rel_err=round(err, 5),
+                             eager_ms=round(ms_q_eager, 4)))
+        del qs, ws
+        torch.cuda.empty_cache()
+
+
+def bench_norm(rows):
+    from fmconvert.kernels import add_norm, add_norm_reference
+
+    for R, N in [(1, 4096), (32, 4096), (4096, 8192)]:
+        x, r = (torch.randn(R, N, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        w = torch.ones(N, device="cuda", dtype=torch.bfloat16)
+        y, _ = add_norm(x, r, w, None, 1e-6, "rms")
+        ok = (y.float() - add_norm_reference(x, r, w, None, 1e-6, "rms")[0].float()).abs().max().item() < 0.1
+        ms_k = _bench_graph(lambda i: add_norm(x, r, w, None, 1e-6, "rms"), 16)
+        ms_t = _bench_graph(lambda i: add_norm_reference(x, r, w, None, 1e-6, "rms"), 16)
+        rows.append(_row("add_norm_rms", f"{R}x{N}", ms_k, ms_t, 4 * R * N * 2, ok))
+
+
+def bench_rope(rows):
+    from fmconvert.kernels import apply_rope, apply_rope_reference
+
+    HQ, HKV, D = 32, 8, 128
+    inv = 1.0 / 10000 ** (torch.arange(0, D, 2, device="cuda").float() / D)
+    ang = torch.arange(8192, device="cuda").float()[:, None] * inv
+    cos, sin = ang.cos(), ang.sin()
+    for B, T in [(1, 1), (8, 1), (1, 2048)]:
+        qkv = torch.randn(B, T, (HQ + 2 * HKV) * D, device="cuda", dtype=torch.bfloat16)
+        q = qkv[..., : HQ * D].view(B, T, HQ, D)
+        k = qkv[..., HQ * D: (HQ + HKV) * D].view(B, T, HKV, D)
+        pos = torch.arange(T, device="cuda").expand(B, T).contiguous() + 100
+        qo, ko = apply_rope(q, k, cos, sin, pos)
+        qr, kr = apply_rope_reference(q, k, cos, sin, pos)
+        ok = max((qo.float() - qr.float()).abs().max().item(), (ko.float() - kr.float()).abs().max().item()) < 0.05
+        ms_k = _bench_graph(lambda i: apply_rope(q, k, cos, sin, pos), 16)
+        ms_t = _bench_graph(lambda i: apply_rope_reference(q, k, cos, sin, pos), 16)
+        rows.append(_row("rope_neox", f"B={B} T={T} Hq={HQ} Hkv={HKV} D={D}", ms_k, ms_t,
+                         2 * B * T * (HQ + HKV) * D * 2, ok))
+
+
+def bench_decode_attention(rows):
+    from fmconvert.kernels import decode_attention, decode_attention_reference, decode_attention_workspace
+
+    D, dt = 128, torch.bfloat16
+    for HQ, HKV in [(32, 8), (32, 32)]:
+        for S in [128, 1024, 4096]:
+            B = 1
+            q = torch.randn(B, HQ, D, device="cuda", dtype=dt)
+            kc = torch.randn(B, HKV, S, D, device="cuda", dtype=dt)
+            vc = torch.randn(B, HKV, S, D, device="cuda", dtype=dt)
+            lens = torch.full((B,), S, device="cuda", dtype=torch.int32)
+            ws = decode_attention_workspace(q, kc)
+            scale = 1 / math.sqrt(D)
+            o = decode_attention(q, kc, vc, lens, scale, workspace=ws)
+            ok = (o.float() - decode_attention_reference(q, kc, vc, lens, scale).float()).abs().max().item() < 0.03
+            ms_k = _bench_graph(lambda i: decode_attention(q, kc, vc, lens, scale, workspace=ws), 16)
+            q4 = q[:, :, None]
+            if HQ == HKV:
+                base = lambda: F.scaled_dot_product_attention(q4, kc, vc, scale=scale)
+            else:
+                base = lambda: F.scaled_dot_product_attention(q4, kc, vc, scale=scale, enable_gqa=True)
+            try:
+                ms_t = _bench_graph(lambda i: base(), 16)
+            except TypeError:
+                ms_t = None
+            rows.append(_row("decode_attention", f"B={B} Hq={HQ} Hkv={HKV} S={S} D={D}", ms_k, ms_t,
+                             2 * B * HKV * S * D * 2, ok, baseline="sdpa"))
+
+
+def bench_prefill_attention(rows):
+    from fmconvert.kernels import prefill_attention, prefill_attention_reference
+
+    B, H, T, D, dt = 1, 32, 2048, 128, torch.bfloat16
+    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=dt) for _ in range(3))
+    scale = 1 / math.sqrt(D)
+    o = prefill_attention(q, k, v, scale, causal=True)
+    ref = prefill_attention_reference(q[:, :4], k[:, :4], v[:, :4], scale)
+    ok = (o[:, :4].float() - ref.float()).abs().max().item() < 0.03
+    ms_k = _bench(lambda: prefill_attention(q, k, v, scale, causal=True))
+    ms_t = _bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale))
+    flops = 4 * B * H * T * T * D / 2
+    rows.append(_row("prefill_attention", f"B={B} H={H} T={T} D={D} causal", ms_k, ms_t, None, ok,
+                     TFLOPs=round(flops / ms_k / 1e9, 1), baseline="sdpa"))
+
+
+def run(report: dict) -> list:
+    """Benchmark every kernel on CUDA; returns the rows and stores them in report["rows"]."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("benchmarks/gpu_kernels.py needs a CUDA device")
+    import triton
+
+    t0 = time.time()
+    report["device"] = torch.cuda.get_device_name()
+    report["torch"], report["triton"] = torch.__version__, triton.__version__
+    report["copy_GBps"] = round(copy_bandwidth(), 1)
+    rows: list = []
+    for part in (bench_linear, bench_norm, bench_rope, bench_decode_attention, bench_prefill_attention):
+        t = time.time()
+        try:
+            part(rows)
+        except Exception as exc:  # keep the other parts' numbers
+            rows.append({"name": part.__name__, "shape": "-", "ok": False, "error": repr(exc)[:300]})
+        report.setdefault("seconds", {})[part.__name__] = round(time.time() - t, 1)
+    report["rows"] = rows
+    report["total_s"] = round(time.time() - t0, 1)
+    return rows
+
+
+def sweep(shapes=LINEAR_SHAPES, M=1):
+    """Time each candidate int8 GEMV config (no autotuning) at batch M; print ms and GB/s."""
+    import triton
+
+    from fmconvert.kernels.int8_matmul import _GEMV_CONFIGS, _decode, int8_linear_reference
+
+    def cfg(bn, bk, w, magic, st=1):
+        return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "MAGIC": magic}, num_warps=w, num_stages=st)
+
+    cands = list(_GEMV_CONFIGS) + [
+        cfg(8, 2048, 8, 3), cfg(2, 4096, 8, 3), cfg(1, 4096, 4, 3), cfg(16, 512, 8, 3), cfg(8, 512, 4, 3),
+        cfg(4, 1024, 4, 2), cfg(1, 1024, 1, 3), cfg(2, 512, 2, 3),
+    ]
+    dt = torch.bfloat16
+    print("config".ljust(44) + "".join(f"{n}x{k}".rjust(22) for n, k in shapes))
+    data = {}
+    for n, k in shapes:
+        w = torch.randn(n, k, device="cuda") * 0.02
+        q0, s0 = _quantize(w, GROUP)
+        nbytes = q0.numel() + s0.numel() * 2
+        qs = _rotating(lambda: (q0.clone(), s0.clone()), nbytes)
+        wb = w.to(dt)
+        ws = _rotating(lambda: wb.clone(), wb.numel() * 2)
+        x = torch.randn(M, k, device="cuda", dtype=dt)
+        ref = int8_linear_reference(x, q0, s0, GROUP).float()
+        ms_fp = _bench_graph(lambda i: F.linear(x, ws[i % len(ws)]), _calls(len(ws)))
+        data[("cublas_bf16", n, k)] = (ms_fp, 2 * n * k / ms_fp / 1e6)
+        for c in cands:
+            out = torch.empty(M, n, dtype=dt, device="cuda")
+            try:
+                _decode(x, q0, s0, GROUP, None, 0, out, split_k=1, config=c)
+                err = ((out.float() - ref).abs().max() / ref.abs().max()).item()
+                ms = _bench_graph(lambda i: _decode(x, *qs[i % len(qs)], GROUP, None, 0, out, split_k=1, config=c),
+                                  _calls(len(qs)), rep=20)
+                data[(str(c), n, k)] = (ms, nbytes / ms / 1e6, err)
+            except Exception as exc:
+                data[(str(c), n, k)] = (float("nan"), 0.0, repr(exc)[:80])
+        for sp in (2, 4):
+            out = torch.empty(M, n, dtype=dt, device="cuda")
+            ms = _bench_graph(lambda i: _decode(x, *qs[i % len(qs)], GROUP, None, 0, out, split_k=sp),
+                              _calls(len(qs)), rep=20)
+            data[(f"split_k={sp}", n, k)] = (ms, nbytes / ms / 1e6)
+        del qs, ws
+        torch.cuda.empty_cache()
+    names = ["cublas_bf16"] + [str(c) for c in cands] + ["split_k=2", "split_k=4"]
+    for name in names:
+        cells = []
+        for n, k in shapes:
+            v = data.get((name, n, k))
+            cells.append(f"{v[0] * 1000:8.2f}us {v[1]:7.0f}GB/s".rjust(22) if v else "-".rjust(22))
+        label = name.replace("BLOCK_", "").replace("num_", "")[:44]
+        print(label.ljust(44) + "".join(cells))
+    bad = [(k, v[2]) for k, v in data.items() if len(v) > 2 and not (isinstance(v[2], float) and v[2] < 2e-2)]
+    print("config errors:", bad[:10])
+    return data
+
+
+def _print_table(report, rows):
+    print(f"device: {report.get('device')}  torch {report.get('torch')}  triton {report.get('triton')}  "
+          f"copy bandwidth {report.get('copy_GBps')} GB/s (read+write)")
+    cols = ["name", "shape", "ms_kernel", "ms_baseline", "GB/s", "speedup", "ok"]
+    print(" | ".join(c.ljust(w) for c, w in zip(cols, [18, 34, 10, 11, 8, 8, 5])))
+    for r in rows:
+        cells = [str(r.get(c, "")) for c in cols]
+        extra = {k: v for k, v in r.items() if k not in cols}
+        print(" | ".join(c.ljust(w) for c, w in zip(cells, [18, 34, 10, 11, 8, 8, 5])), extra or "")
+    print("seconds per part:", report.get("seconds"), "total", report.get("total_s"))
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        print("gpu_kernels: no CUDA device; nothing to benchmark.")
+        sys.exit(0)
+    if "--sweep" in sys.argv:
+        sweep()
+    else:
+        rep: dict = {}
+        _print_table(rep, run(rep))

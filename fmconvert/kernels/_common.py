@@ -1,0 +1,124 @@
+"""Helpers shared by the kernel files: interpreter detection, device queries, activations."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "swiglu": 5}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def configs(gpu: list, interp: "triton.Config") -> list:
+    # The interpreter cannot autotune over more than one config. FMCONVERT_AUTOTUNE=0 keeps the
+    # first (default) GPU config only: quick compiles for tests.
+    if interpreting():
+        return [interp]
+    return gpu[:1] if os.environ.get("FMCONVERT_AUTOTUNE") == "0" else gpu
+
+
+_FLUSH = {}
+
+
+def _graph_ms(fn, reps):
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[2]
+
+
+def tuner_bench(kernel_call, quantiles):
+    """Autotuner timing of one config: GPU time of kernel_call with a cold L2 and no host launch
+    overhead (decode kernels run for a few microseconds, less than a Python launch). A CUDA graph
+    of [L2 flush, kernel] x reps minus a graph of flushes alone."""
+    reps = 8
+    try:
+        kernel_call()  # compile and load outside the capture
+        dev = torch.cuda.current_device()
+        if dev not in _FLUSH:
+            _FLUSH[dev] = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")
+        buf = _FLUSH[dev]
+        both = _graph_ms(lambda: (buf.zero_(), kernel_call()), reps)
+        flush = _graph_ms(buf.zero_, reps)
+        ms = max(both - flush, 1e-4) / reps
+        return [ms] * len(quantiles) if quantiles else ms
+    except Exception:
+        return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def device_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8
+    return num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def lowbit(n: int) -> int:
+    return n & -n
+
+
+def float_dtype_check(name: str, t: torch.Tensor, allowed=(torch.float16, torch.bfloat16, torch.float32)):
+    if t.dtype not in allowed:
+        raise ValueError(f"{name} must be one of {[str(d) for d in allowed]}, got {t.dtype}")
+
+
+@triton.jit
+def sigmoid(v):
+    # exp of a non-positive argument only: no overflow for large |v|.
+    e = tl.exp(-tl.abs(v))
+    return tl.where(v >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def activate(v, ACT: tl.constexpr):
+    # v: fp32. ACT codes follow ACTIVATIONS (swiglu is paired by the caller and uses silu here).
+    if ACT == 1:
+        v = tl.maximum(v, 0.0)
+    elif ACT == 2:
+        v = 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
+    elif ACT == 3:
+        u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+        v = 0.5 * v * (1.0 + (2.0 * sigmoid(2.0 * u) - 1.0))
+    elif ACT == 4 or ACT == 5:
+        v = v * sigmoid(v)
+    return v
+
+
+def activate_reference(y: torch.Tensor, activation) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    if activation is None:
+        return y
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "gelu":
+        return F.gelu(y)
+    if activation == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if activation == "silu":
+        return F.silu(y)
+    if activation == "swiglu":
+        gate, up = y.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    raise ValueError(f"unknown activation {activation!r}")

@@ -1,0 +1,345 @@
+"""Attention: flash-style prefill and split-K flash-decoding.
+
+Scores run in the log2 domain (exp2) with fp32 statistics and accumulation. GQA maps query head
+h to kv head h // (Hq // Hkv). ALiBi adds slope_h * (key_pos - query_pos). A row that sees no
+key (full padding) yields zeros.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import device_sms, float_dtype_check, interpreting
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slopes_ptr, kpm_ptr,
+                    T, S, HQ, GQA, D, qk_scale,
+                    sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                    sob, soh, sot, skpb,
+                    CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_KPM: tl.constexpr,
+                    DOT_F32: tl.constexpr, PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # grid: (cdiv(T, BLOCK_M), B * HQ). Query i sits at absolute position S - T + i.
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // HQ).to(tl.int64)
+    h = bh % HQ
+    hk = (h // GQA).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < T
+    d_mask = offs_d < D
+    q = tl.load(q_ptr + b * sqb + h.to(tl.int64) * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd,
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)      # [BM, BD]
+    if DOT_F32:
+        q = q.to(tl.float32)
+    qpos = S - T + offs_m
+    k_base = k_ptr + b * skb + hk * skh
+    v_base = v_ptr + b * svb + hk * svh
+    if ALIBI:
+        slope = tl.load(slopes_ptr + h).to(tl.float32) * 1.4426950408889634
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    hi = S
+    if CAUSAL:
+        hi = tl.minimum(S, S - T + (pid_m + 1) * BLOCK_M)
+    for n0 in range(0, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < S
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + offs_n[:, None] * sks + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svs + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale          # [BM, BN], log2 units
+        if ALIBI:
+            s += slope * (offs_n[None, :] - qpos[:, None]).to(tl.float32)
+        valid = n_mask[None, :]
+        if CAUSAL:
+            valid = valid & (offs_n[None, :] <= qpos[:, None])
+        if HAS_KPM:
+            keep = tl.load(kpm_ptr + b * skpb + offs_n, mask=n_mask, other=0)
+            valid = valid & (keep != 0)[None, :]
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # Rows with nothing visible yet keep m = -inf; use 0 as the base so exp2 gives 0, not NaN.
+        m_base = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_base[:, None])
+        alpha = tl.exp2(m_i - m_base)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(o_ptr + b * sob + h.to(tl.int64) * soh + offs_m[:, None] * sot + offs_d[None, :],
+             o.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def _dot_mode(dtype):
+    dot_f32 = dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16)
+    return dot_f32, "ieee" if dot_f32 else "tf32"
+
+
+def _check_slopes(alibi_slopes, hq, device):
+    if alibi_slopes is None:
+        return None
+    if tuple(alibi_slopes.shape) != (hq,) or alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes must be [{hq}] on {device}, got {tuple(alibi_slopes.shape)}")
+    return alibi_slopes.to(torch.float32).contiguous()
+
+
+def prefill_attention(q, k, v, sm_scale, causal=True, alibi_slopes=None, key_padding_mask=None):
+    """o [B, Hq, T, D] (q.dtype). q [B, Hq, T, D]; k, v [B, Hkv, S, D], S >= T, any strides.
+    key_padding_mask: bool [B, S], True = attend."""
+    float_dtype_check("q", q)
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be 4-D [B, H, T|S, D]")
+    B, HQ, T, D = q.shape
+    _, HKV, S, _ = k.shape
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape[0] != B or k.shape[3] != D or tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"k/v shapes {tuple(k.shape)}, {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    if HKV == 0 or HQ % HKV:
+        raise ValueError(f"Hq={HQ} must be a multiple of Hkv={HKV}")
+    if S < T:
+        raise ValueError(f"key length S={S} must be >= query length T={T}")
+    slopes = _check_slopes(alibi_slopes, HQ, q.device)
+    kpm = None
+    if key_padding_mask is not None:
+        if tuple(key_padding_mask.shape) != (B, S) or key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"key_padding_mask must be bool [{B}, {S}], got "
+                             f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+        kpm = key_padding_mask.contiguous().view(torch.uint8)
+    o = torch.empty(B, HQ, T, D, dtype=q.dtype, device=q.device)
+    if o.numel() == 0:
+        return o
+    dot_f32, prec = _dot_mode(q.dtype)
+    block_d = max(16, triton.next_power_of_2(D))
+    if interpreting():
+        bm, bn, warps, stages = 32, 32, 4, 1
+    else:
+        bm, bn, warps, stages = (128, 64, 4, 3) if block_d <= 64 else (128, 64, 8, 3)
+        if q.dtype == torch.float32:
+            bm, bn, warps, stages = 32, 32, 4, 2
+    grid = (triton.cdiv(T, bm), B * HQ)
+    _prefill_kernel[grid](
+        q, k, v, o, slopes if slopes is not None else q, kpm if kpm is not None else q,
+        T, S, HQ, HQ // HKV, D, float(sm_scale) * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride()[:3],
+        kpm.stride(0) if kpm is not None else 0,
+        CAUSAL=bool(causal), ALIBI=slopes is not None, HAS_KPM=kpm is not None,
+        DOT_F32=dot_f32, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
+        num_warps=warps, num_stages=stages,
+    )
+    return o
+
+
+def prefill_attention_reference(q, k, v, sm_scale, causal=True, alibi_slopes=None, key_padding_mask=None):
+    B, HQ, T, D = q.shape
+    HKV, S = k.shape[1], k.shape[2]
+    rep = HQ // HKV
+    kf = k.float().repeat_interleave(rep, dim=1)
+    vf = v.float().repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q.float(), kf.transpose(-1, -2)) * sm_scale          # [B, HQ, T, S]
+    qpos = torch.arange(T, device=q.device) + (S - T)
+    kpos = torch.arange(S, device=q.device)
+    if alibi_slopes is not None:
+        rel = (kpos[None, :] - qpos[:, None]).float()
+        scores = scores + alibi_slopes.float()[None, :, None, None] * rel
+    valid = torch.ones(T, S, dtype=torch.bool, device=q.device)[None, None]
+    if causal:
+        valid = valid & (kpos[None, :] <= qpos[:, None])
+    if key_padding_mask is not None:
+        valid = valid & key_padding_mask[:, None, None, :]
+    scores = scores.masked_fill(~valid, float("-inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.matmul(p, vf).to(q.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode: split-K flash-decoding
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, slopes_ptr, lens_ptr, ws_ptr,
+                           HQ, HKV, GQA, D, CHUNK, NSPLIT, qk_scale,
+                           sqb, sqh, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
+                           ALIBI: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+                           BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    # grid: (B * HKV, NSPLIT). A program takes the GQA query heads of one kv head over keys
+    # [split * CHUNK, (split + 1) * CHUNK) ∩ [0, seq_len) and writes unnormalised partials to
+    # ws [B, HQ, NSPLIT, D + 2] (acc, then running max m and sum l, log2 domain).
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (pid // HKV).to(tl.int64)
+    hk = (pid % HKV).to(tl.int64)
+    seq_len = tl.load(lens_ptr + b).to(tl.int32)
+    start = split * CHUNK
+    end = tl.minimum(start + CHUNK, seq_len)
+    g = tl.arange(0, BLOCK_G)
+    heads = hk * GQA + g
+    g_mask = g < GQA
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    q = tl.load(q_ptr + b * sqb + heads[:, None] * sqh + offs_d[None, :] * sqd,
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)        # [BG, BD]
+    if DOT_F32:
+        q = q.to(tl.float32)
+    if ALIBI:
+        slope = tl.load(slopes_ptr + heads, mask=g_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    k_base = k_ptr + b * skb + hk * skh
+    v_base = v_ptr + b * svb + hk * svh
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * sks + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svs + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale       # [BG, BN]
+        if ALIBI:
+            s += slope[:, None] * (offs_n - (seq_len - 1)).to(tl.float32)[None, :]
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        # Every chunk that runs holds >= 1 valid key, so m_new is finite.
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    row = ws_ptr + ((b * HQ + heads) * NSPLIT + split) * (D + 2)              # [BG]
+    tl.store(row[:, None] + offs_d[None, :], acc, mask=g_mask[:, None] & d_mask[None, :])
+    tl.store(row + D, m_i, mask=g_mask)
+    tl.store(row + D + 1, l_i, mask=g_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(ws_ptr, lens_ptr, o_ptr, HQ, D, CHUNK, NSPLIT, sob, soh,
+                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    # grid: (B * HQ,). Merges the partials of the splits that hold keys (split * CHUNK < seq_len).
+    pid = tl.program_id(0)
+    b = (pid // HQ).to(tl.int64)
+    h = (pid % HQ).to(tl.int64)
+    seq_len = tl.load(lens_ptr + b).to(tl.int32)
+    n_valid = tl.cdiv(seq_len, CHUNK)
+    sp = tl.arange(0, BLOCK_S)
+    s_mask = (sp < n_valid) & (sp < NSPLIT)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    rows = ws_ptr + (pid.to(tl.int64) * NSPLIT + sp) * (D + 2)                # [BS]
+    m = tl.load(rows + D, mask=s_mask, other=float("-inf"))
+    l = tl.load(rows + D + 1, mask=s_mask, other=0.0)
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.where(s_mask, tl.exp2(m - m_max), 0.0)
+    denom = tl.sum(l * w, axis=0)
+    acc = tl.load(rows[:, None] + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    o = tl.sum(acc * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(o_ptr + b * sob + h * soh + offs_d, o.to(o_ptr.dtype.element_ty), mask=d_mask)
+
+
+_DECODE_BLOCK_N = 64
+
+
+def _decode_chunk(batch, hkv, s_max, device):
+    # Depends on shapes only (never on seq_lens), so the grid is fixed for CUDA graphs.
+    if interpreting() or device.type != "cuda":
+        return 32
+    target_splits = triton.cdiv(2 * device_sms(device), max(1, batch * hkv))
+    chunk = triton.next_power_of_2(triton.cdiv(s_max, target_splits))
+    return max(_DECODE_BLOCK_N, min(chunk, 1024))
+
+
+def decode_attention_workspace(q, k_cache):
+    """fp32 scratch [B, Hq, n_splits, D + 2] for decode_attention (allocate once, reuse; needed
+    for CUDA-graph capture only to keep allocations out of the graph)."""
+    B, HQ, D = q.shape
+    chunk = _decode_chunk(B, k_cache.shape[1], k_cache.shape[2], q.device)
+    nsplit = triton.cdiv(k_cache.shape[2], chunk)
+    return torch.empty(B, HQ, nsplit, D + 2, dtype=torch.float32, device=q.device)
+
+
+def decode_attention(q, k_cache, v_cache, seq_lens, sm_scale, alibi_slopes=None, *, workspace=None):
+    """o [B, Hq, D] (q.dtype) for one new token per sequence. q [B, Hq, D]; k_cache, v_cache
+    [B, Hkv, S_max, D] (any strides), first seq_lens[b] positions valid. No host syncs."""
+    float_dtype_check("q", q)
+    if q.dim() != 3 or k_cache.dim() != 4 or tuple(v_cache.shape) != tuple(k_cache.shape):
+        raise ValueError(f"q must be [B, Hq, D] and caches [B, Hkv, S_max, D], got {tuple(q.shape)}, "
+                         f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    B, HQ, D = q.shape
+    _, HKV, S_MAX, _ = k_cache.shape
+    if k_cache.shape[0] != B or k_cache.shape[3] != D:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} does not match q {tuple(q.shape)}")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"q, k_cache, v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if HKV == 0 or HQ % HKV:
+        raise ValueError(f"Hq={HQ} must be a multiple of Hkv={HKV}")
+    if tuple(seq_lens.shape) != (B,) or seq_lens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"seq_lens must be int32/int64 [{B}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
+    slopes = _check_slopes(alibi_slopes, HQ, q.device)
+    chunk = _decode_chunk(B, HKV, S_MAX, q.device)
+    nsplit = triton.cdiv(S_MAX, chunk)
+    if workspace is None:
+        workspace = torch.empty(B, HQ, nsplit, D + 2, dtype=torch.float32, device=q.device)
+    elif (tuple(workspace.shape) != (B, HQ, nsplit, D + 2) or workspace.dtype != torch.float32
+          or not workspace.is_contiguous()):
+        raise ValueError(f"workspace must be contiguous fp32 {(B, HQ, nsplit, D + 2)}; "
+                         "use decode_attention_workspace()")
+    o = torch.empty(B, HQ, D, dtype=q.dtype, device=q.device)
+    if o.numel() == 0 or S_MAX == 0:
+        return o.zero_()
+    seq_lens = seq_lens.contiguous()
+    gqa = HQ // HKV
+    dot_f32, prec = _dot_mode(q.dtype)
+    block_d = max(16, triton.next_power_of_2(D))
+    _decode_partial_kernel[(B * HKV, nsplit)](
+        q, k_cache, v_cache, slopes if slopes is not None else q, seq_lens, workspace,
+        HQ, HKV, gqa, D, chunk, nsplit, float(sm_scale) * LOG2E,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(),
+        ALIBI=slopes is not None, DOT_F32=dot_f32, PREC=prec,
+        BLOCK_G=max(16, triton.next_power_of_2(gqa)), BLOCK_N=_DECODE_BLOCK_N, BLOCK_D=block_d,
+        num_warps=4, num_stages=2,
+    )
+    _decode_reduce_kernel[(B * HQ,)](
+        workspace, seq_lens, o, HQ, D, chunk, nsplit, o.stride(0), o.stride(1),
+        BLOCK_S=triton.next_power_of_2(nsplit), BLOCK_D=triton.next_power_of_2(D), num_warps=4,
+    )
+    return o
+
+
+def decode_attention_reference(q, k_cache, v_cache, seq_lens, sm_scale, alibi_slopes=None):
+    B, HQ, D = q.shape
+    HKV, S_MAX = k_cache.shape[1], k_cache.shape[2]
+    rep = HQ // HKV
+    kf = k_cache.float().repeat_interleave(rep, dim=1)                        # [B, HQ, S, D]
+    vf = v_cache.float().repeat_interleave(rep, dim=1)
+    scores = torch.einsum("bhd,bhsd->bhs", q.float(), kf) * sm_scale
+    kpos = torch.arange(S_MAX, device=q.device)
+    lens = seq_lens.to(torch.int64)
+    if alibi_slopes is not None:
+        rel = (kpos[None, :] - (lens[:, None] - 1)).float()                   # [B, S]
+        scores = scores + alibi_slopes.float()[None, :, None] * rel[:, None, :]
+    valid = kpos[None, :] < lens[:, None]
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhs,bhsd->bhd", p, vf).to(q.dtype)
+
+
+__all__ = [
+    "prefill_attention", "prefill_attention_reference", "decode_attention",
+    "decode_attention_reference", "decode_attention_workspace",
+]

@@ -1,0 +1,93 @@
+"""Fused residual add + RMSNorm / LayerNorm.
+
+h = x + residual (fp32 add, stored in x.dtype); y = norm(h) * weight (+ bias), statistics in fp32.
+The normalization reads h rounded to x.dtype, as the next layer will see it (HF semantics).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import float_dtype_check
+
+
+@triton.jit
+def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, eps,
+                     HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     IS_RMS: tl.constexpr, BLOCK: tl.constexpr):
+    # grid: (rows,); every tensor is a contiguous [rows, N]; BLOCK = next_pow2(N).
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    h = tl.load(x_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        h += tl.load(r_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
+        h_lo = h.to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + row * N + offs, h_lo, mask=mask)
+        h = h_lo.to(tl.float32)
+    if IS_RMS:
+        var = tl.sum(h * h, axis=0) / N
+        hn = h * tl.rsqrt(var + eps)
+    else:
+        mean = tl.sum(h, axis=0) / N
+        d = tl.where(mask, h - mean, 0.0)
+        var = tl.sum(d * d, axis=0) / N
+        hn = d * tl.rsqrt(var + eps)
+    if HAS_W:
+        hn = hn * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        hn += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * N + offs, hn.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def add_norm(x, residual, weight, bias, eps, kind, out_dtype=None):
+    """Returns (y, h). x [..., N]; residual like x or None (then h is x itself);
+    weight/bias [N] or None; kind "rms" | "layer"; y in out_dtype (default x.dtype)."""
+    if kind not in ("rms", "layer"):
+        raise ValueError(f"kind must be 'rms' or 'layer', got {kind!r}")
+    float_dtype_check("x", x)
+    N = x.shape[-1]
+    if residual is not None and (residual.shape != x.shape or residual.device != x.device):
+        raise ValueError(f"residual must match x: {tuple(residual.shape)} vs {tuple(x.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and (tuple(t.shape) != (N,) or t.device != x.device):
+            raise ValueError(f"{name} must have shape ({N},) on {x.device}, got {tuple(t.shape)} on {t.device}")
+    out_dtype = out_dtype or x.dtype
+    x = x.contiguous()
+    rows = x.numel() // max(N, 1)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if residual is not None:
+        residual = residual.contiguous()
+        h = torch.empty_like(x)
+    else:
+        h = x
+    if rows == 0 or N == 0:
+        return y, h
+    block = triton.next_power_of_2(N)
+    warps = min(16, max(1, block // 512))
+    _add_norm_kernel[(rows,)](
+        x, residual if residual is not None else x,
+        weight.contiguous() if weight is not None else x, bias.contiguous() if bias is not None else x,
+        y, h, N, float(eps),
+        HAS_RES=residual is not None, HAS_W=weight is not None, HAS_BIAS=bias is not None,
+        IS_RMS=kind == "rms", BLOCK=block, num_warps=warps,
+    )
+    return y, h
+
+
+def add_norm_reference(x, residual, weight, bias, eps, kind, out_dtype=None):
+    h = x if residual is None else (x.float() + residual.float()).to(x.dtype)
+    hf = h.float()
+    if kind == "rms":
+        yn = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    elif kind == "layer":
+        mean = hf.mean(-1, keepdim=True)
+        yn = (hf - mean) * torch.rsqrt((hf - mean).pow(2).mean(-1, keepdim=True) + eps)
+    else:
+        raise ValueError(f"kind must be 'rms' or 'layer', got {kind!r}")
+    if weight is not None:
+        yn = yn * weight.float()
+    if bias is not None:
+        yn = yn + bias.float()
+    return yn.to(out_dtype or x.dtype), h

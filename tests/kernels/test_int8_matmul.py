@@ -1,0 +1,130 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fmconvert.kernels import dequantize, int8_linear, int8_linear_reference
+ON_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if ON_CUDA else "cpu"
+FLOAT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_CUDA else [])
+
+ACTS = [None, "relu", "gelu", "gelu_tanh", "silu", "swiglu"]
+
+
+def quantize(w, group_size, scale_dtype=torch.float16):
+    N, K = w.shape
+    g = w.float().reshape(N, K // group_size, group_size)
+    scale = (g.abs().amax(-1) / 127.0).clamp_min(1e-8)
+    q = torch.round(g / scale[..., None]).clamp(-127, 127).to(torch.int8).reshape(N, K)
+    return q, scale.to(scale_dtype)
+
+
+def make(M, N, K, G, dtype, bias, scale_dtype=torch.float16, lead=()):
+    gen = torch.Generator().manual_seed(M * 1000 + N * 10 + K)
+    x = torch.randn(*lead, M, K, generator=gen).to(dtype).to(DEVICE)
+    w = torch.randn(N, K, generator=gen) * 0.05
+    q, s = quantize(w, G, scale_dtype)
+    b = (torch.randn(N, generator=gen) * 0.1).to(dtype).to(DEVICE) if bias else None
+    return x, w.to(DEVICE), q.to(DEVICE), s.to(DEVICE), b
+
+
+# (M, N, K, group): odd N on purpose; K is a multiple of the group but not of the kernel blocks;
+# group 48 is not a power of two.
+DECODE_SHAPES = [(1, 1, 32, 32), (1, 17, 96, 32), (3, 77, 320, 64), (1, 129, 384, 128), (3, 34, 144, 48)]
+GEMM_SHAPES = [(33, 17, 96, 32), (70, 129, 384, 128), (33, 77, 320, 64), (70, 6, 144, 48)]
+if ON_CUDA:
+    DECODE_SHAPES += [(1, 4096, 4096, 128), (2, 11008, 4096, 128), (1, 4096, 11008, 128)]
+    GEMM_SHAPES += [(257, 4096, 4096, 128), (100, 1000, 2048, 64)]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", DECODE_SHAPES + GEMM_SHAPES)
+def test_int8_linear_matches_reference(shape, dtype, assert_close):
+    M, N, K, G = shape
+    x, _, q, s, b = make(M, N, K, G, dtype, bias=True)
+    y = int8_linear(x, q, s, G, b)
+    assert_close(y, int8_linear_reference(x, q, s, G, b), dtype)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("M", [1, 3, 33])
+def test_int8_linear_activations(act, bias, M, assert_close):
+    dtype = torch.float16
+    x, _, q, s, b = make(M, 34, 192, 64, dtype, bias)
+    y = int8_linear(x, q, s, 64, b, act)
+    ref = int8_linear_reference(x, q, s, 64, b, act)
+    assert y.shape == (M, 17 if act == "swiglu" else 34)
+    assert_close(y, ref, dtype)
+
+
+@pytest.mark.parametrize("act", [None, "swiglu", "gelu"])
+@pytest.mark.parametrize("split", [2, 3])
+def test_int8_linear_split_k(split, act, assert_close):
+    # Split-K: fp32 atomics into a zeroed buffer, then the epilogue kernel (bias + activation).
+    x, _, q, s, b = make(3, 22, 384, 64, torch.float32, bias=True)
+    y = int8_linear(x, q, s, 64, b, act, _split_k=split)
+    assert_close(y, int8_linear_reference(x, q, s, 64, b, act), torch.float32)
+
+
+@pytest.mark.parametrize("path", ["decode", "gemm"])
+@pytest.mark.parametrize("G", [32, 64, 128])
+def test_int8_linear_sqnr_vs_float_weights(G, path, sqnr_db):
+    M = 1 if path == "decode" else 33
+    x, w, q, s, _ = make(M, 65, 512, G, torch.float32, bias=False)
+    y = int8_linear(x, q, s, G)
+    assert sqnr_db(y, F.linear(x, w)) > 30
+    assert sqnr_db(y, int8_linear_reference(x, q, s, G)) > 80
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_scale_dtypes_and_batch_dims(scale_dtype, assert_close):
+    x, _, q, s, b = make(3, 17, 128, 32, torch.float16, bias=True, scale_dtype=scale_dtype, lead=(2,))
+    y = int8_linear(x, q, s, 32, b, "silu")
+    assert y.shape == (2, 3, 17)
+    assert_close(y, int8_linear_reference(x, q, s, 32, b, "silu"), torch.float16)
+
+
+def test_int8_linear_noncontiguous_input(assert_close):
+    x, _, q, s, _ = make(4, 17, 96, 32, torch.float32, bias=False)
+    xt = torch.cat([x, x], dim=1)[:, ::2]
+    assert not xt.is_contiguous()
+    assert_close(int8_linear(xt, q, s, 32), int8_linear_reference(xt, q, s, 32), torch.float32)
+
+
+def test_dequantize_roundtrip():
+    w = torch.randn(8, 64)
+    q, s = quantize(w, 32, torch.float32)
+    assert (dequantize(q, s, 32, torch.float32) - w).abs().max() <= s.max() / 2 + 1e-6
+
+
+def test_int8_linear_rejects_bad_inputs():
+    x, _, q, s, _ = make(1, 8, 64, 32, torch.float32, bias=False)
+    with pytest.raises(ValueError, match="group_size"):
+        int8_linear(x, q, s, 48)
+    with pytest.raises(ValueError, match="scale"):
+        int8_linear(x, q, s[:, :1], 32)
+    with pytest.raises(ValueError, match="last dim"):
+        int8_linear(x[:, :32], q, s, 32)
+    with pytest.raises(ValueError, match="activation"):
+        int8_linear(x, q, s, 32, activation="tanh")
+    with pytest.raises(ValueError, match="int8"):
+        int8_linear(x, q.float(), s, 32)
+    with pytest.raises(ValueError, match="swiglu"):
+        int8_linear(x, q[:7], s[:7], 32, activation="swiglu")
+
+
+@pytest.mark.parametrize("M", [1, 3])
+def test_int8_gemv_every_gpu_config(M, assert_close):
+    # Each autotune candidate (block shape, int8->fp32 conversion variant) must be correct,
+    # with K both a multiple of BLOCK_K (mask-free loads) and not.
+    from fmconvert.kernels.int8_matmul import _GEMV_CONFIGS, _decode
+
+    for K, G in [(1024, 128), (2048, 64), (1152, 128)]:
+        x, _, q, s, b = make(M, 6, K, G, torch.float16, bias=True)
+        ref = int8_linear_reference(x, q, s, G, b, "swiglu")
+        for cfg in _GEMV_CONFIGS:
+            if cfg.kwargs["MAGIC"] == 3 and not ON_CUDA:
+                continue  # inline PTX: GPU only
+            out = torch.empty(M, 3, dtype=x.dtype, device=DEVICE)
+            _decode(x, q, s, G, b, 5, out, split_k=1, config=cfg)
+            assert_close(out, ref, torch.float16)

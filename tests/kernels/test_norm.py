@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from fmconvert.kernels import add_norm, add_norm_reference
+
+ON_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if ON_CUDA else "cpu"
+FLOAT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_CUDA else [])
+SHAPES = [(1, 1), (3, 17), (2, 5, 77), (129,), (2, 129), (1, 4096)] + ([(33, 8192), (7, 5120)] if ON_CUDA else [])
+
+
+def make(shape, dtype, kind, residual, bias):
+    gen = torch.Generator().manual_seed(sum(shape))
+    N = shape[-1]
+    x = (torch.randn(shape, generator=gen) * 3 + 0.5).to(dtype).to(DEVICE)
+    r = torch.randn(shape, generator=gen).to(dtype).to(DEVICE) if residual else None
+    w = (1 + 0.1 * torch.randn(N, generator=gen)).to(dtype).to(DEVICE)
+    b = (0.1 * torch.randn(N, generator=gen)).to(dtype).to(DEVICE) if bias else None
+    return x, r, w, b
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_add_norm_matches_reference(kind, shape, dtype, assert_close):
+    x, r, w, b = make(shape, dtype, kind, residual=True, bias=kind == "layer")
+    y, h = add_norm(x, r, w, b, 1e-5, kind)
+    y_ref, h_ref = add_norm_reference(x, r, w, b, 1e-5, kind)
+    assert_close(h, h_ref, dtype)
+    assert_close(y, y_ref, dtype)
+
+
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_add_norm_without_residual_returns_input(kind, assert_close):
+    x, _, w, _ = make((3, 77), torch.float16, kind, residual=False, bias=False)
+    y, h = add_norm(x, None, w, None, 1e-6, kind)
+    assert h is x
+    assert_close(y, add_norm_reference(x, None, w, None, 1e-6, kind)[0], torch.float16)
+
+
+def test_add_norm_out_dtype_and_no_weight(assert_close):
+    x, r, _, _ = make((5, 33), torch.float16, "layer", residual=True, bias=False)
+    y, h = add_norm(x, r, None, None, 1e-5, "layer", out_dtype=torch.float32)
+    y_ref, h_ref = add_norm_reference(x, r, None, None, 1e-5, "layer", out_dtype=torch.float32)
+    assert y.dtype == torch.float32 and h.dtype == torch.float16
+    assert_close(y, y_ref, torch.float32, tol=1e-4)
+    assert_close(h, h_ref, torch.float16)
+
+
+def test_add_norm_rejects_bad_inputs():
+    x, r, w, _ = make((2, 16), torch.float32, "rms", residual=True, bias=False)
+    with pytest.raises(ValueError, match="kind"):
+        add_norm(x, r, w, None, 1e-5, "batch")
+    with pytest.raises(ValueError, match="weight"):
+        add_norm(x, r, w[:8], None, 1e-5, "rms")
+    with pytest.raises(ValueError, match="residual"):
+        add_norm(x, r[:1], w, None, 1e-5, "rms")
