@@ -4,6 +4,7 @@ import sys
 
 import torch
 
+from fmconvert.runtime.comm import shutdown
 from fmconvert.runtime.load import load
 
 if __name__ == "__main__":
@@ -21,4 +22,4 @@ if __name__ == "__main__":
             results[d + ":incremental"] = torch.cat(steps, dim=1)
     if m.rank == 0:
         torch.save(results, result_path)
-    torch.distributed.destroy_process_group()
+    shutdown()

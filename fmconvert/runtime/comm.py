@@ -94,3 +94,11 @@ def init_distributed() -> DistComm | SingleComm:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
     return DistComm()
+
+
+def shutdown():
+    """Leave the torchrun group cleanly: a barrier first, so no rank tears down gloo while a peer still talks."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
