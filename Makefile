@@ -19,8 +19,8 @@ setup: .venv/.installed
 demo: setup
 	rm -rf $(OUT) $(OUT)-tp1
 	.venv/bin/fmconvert convert --tp 2 --int8 $(MODEL) $(OUT)
-	.venv/bin/fmconvert inspect $(OUT)
 	.venv/bin/fmconvert verify $(MODEL) $(OUT)
+	.venv/bin/fmconvert inspect $(OUT)
 	.venv/bin/torchrun --standalone --nproc-per-node 2 -m fmconvert generate $(OUT) --prompt "Once upon a time" -n 48
 	.venv/bin/fmconvert convert --quiet $(MODEL) $(OUT)-tp1
 	.venv/bin/fmconvert generate $(OUT)-tp1 --prompt "Once upon a time" -n 48

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from .errors import EXIT_INTERNAL, FmError
+from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_IO, FmError
 
 
 def _console(stderr: bool = False):
@@ -69,6 +69,8 @@ def convert(model_dir, out_dir, tp, int8, group_size, int8_embeddings, dtype, ma
     OUT_DIR gets one set of safetensors shards per rank, manifest.json (the contract the runtime reads), and the
     tokenizer and generation config. It appears atomically: a failed or interrupted run leaves nothing.
     """
+    from . import srchash
+    srchash.start(model_dir)  # hash the source while torch and transformers import (convert takes it over)
     from .convert import Options, convert as run
     err = _console(stderr=True)
     s = run(model_dir, out_dir, Options(tp=tp, int8=int8, group_size=group_size, dtype=dtype,
@@ -99,10 +101,11 @@ def inspect(out_dir, as_json):
     if as_json:
         click.echo(mf.dumps(m), nl=False)
         return
+    from rich.markup import escape
     from rich.table import Table
     con = _console()
     md, par, q = m["model"], m["parallel"], m["quantization"]
-    t = Table(title=f"{out_dir}  (fmconvert format v{m['format_version']}, tool {m['tool_version']})",
+    t = Table(title=f"{escape(str(out_dir))}  (fmconvert format v{m['format_version']}, tool {m['tool_version']})",
               show_header=False)
     t.add_row("architecture", f"{md['architecture']} ({md['family']}, {md['kind']})")
     t.add_row("shape", f"{md['num_layers']} layers, hidden {md['hidden_size']}, {md['num_heads']} heads / "
@@ -124,9 +127,52 @@ def inspect(out_dir, as_json):
             qt.add_column(c, justify="right" if c != "tensor" else "left")
         rows = sorted(q["tensors"].items(), key=lambda kv: kv[1]["sqnr_db"] if kv[1]["sqnr_db"] is not None else 1e9)
         for name, v in rows[:10]:
-            qt.add_row(name, str(v["group_size"]), f"{v['rel_rms']:.4f}",
+            qt.add_row(escape(name), str(v["group_size"]), f"{v['rel_rms']:.4f}",
                        "inf" if v["sqnr_db"] is None else f"{v['sqnr_db']:.1f}", f"{v['max_abs']:.3g}")
         con.print(qt)
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--text", "text_file", type=click.Path(path_type=Path), default=None,
+              help="Text to run both models on (default: a short bundled children's story).")
+@click.option("--tokens", default=256, show_default=True, help="Tokens of the text to evaluate, cut into sequences "
+              "of at most the model's max positions.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
+              help="Also write the full report here as JSON (for CI).")
+@click.option("--tp-mode", default="emulate", show_default=True, type=click.Choice(["emulate", "distributed"]),
+              help="emulate: every rank in this process, combined exactly as the collectives would. distributed: "
+                   "one process per rank, under `torchrun --nproc-per-node TP -m fmconvert verify ...`.")
+@click.option("--max-kl", type=float, default=None, help="Mean KL(reference || converted) per token.")
+@click.option("--min-top1", type=float, default=None, help="Fraction of positions with the same top-1 token.")
+@click.option("--atol", type=float, default=None, help="Max abs error of the logits (encoders: last hidden state).")
+@click.option("--max-rel", type=float, default=None, help="Relative RMS error of the output and of every layer's "
+              "hidden state.")
+@click.option("--min-cosine", type=float, default=None, help="Encoders: worst cosine of the pooled output.")
+@click.option("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu).")
+@click.option("--allow-pickle", is_flag=True, help="Accept a pytorch_model.bin source (weights_only=True).")
+def verify(model_dir, out_dir, text_file, tokens, json_path, tp_mode, max_kl, min_top1, atol, max_rel, min_cosine,
+           device, allow_pickle):
+    """Check that OUT_DIR is a faithful conversion of MODEL_DIR; exit 0 pass, 1 parity failure, 2 bad input.
+
+    \b
+    1. integrity: manifest, file sizes and sha256, tensor dtypes and shapes in the headers.
+    2. tensors: every tensor reassembled from all ranks and compared with the source; float tensors must be
+       bit-exact, int8 ones within scale/2 of it. Failures name the tensor, rank, file and q/k/v part.
+    3. end to end: transformers (fp32) vs the fmconvert runtime (all ranks, fp32 compute): logits, KL, top-1/5,
+       perplexity, and hidden states layer by layer (encoders: hidden states and pooled-output cosine).
+
+    \b
+    Default thresholds (docs/verify.md has the measurements behind them):
+                 atol    max-rel  max-kl  min-top1  min-cosine
+      float32    1e-3    1e-4     1e-6    0.99      0.99999
+      fp16/bf16  1.0     0.03     2e-3    0.95      0.999
+      int8       2.0     0.08     0.01    0.90      0.99
+    """
+    from .verify import main as run
+    run(model_dir, out_dir, text_file, tokens, json_path, tp_mode, device, allow_pickle,
+        max_kl=max_kl, min_top1=min_top1, atol=atol, max_rel=max_rel, min_cosine=min_cosine)
 
 
 def _tokenizer(out_dir: Path):
@@ -179,11 +225,11 @@ def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, device, 
     import torch
     from .runtime.generate import copy_bandwidth, generate as gen, weight_bytes
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
+    if model.spec["kind"] != "decoder":
+        raise FmError(f"{out_dir} holds an encoder ({model.spec['architecture']}); use `fmconvert embed`")
     lead = model.rank == 0
     tok = _tokenizer(out_dir)
     ids = torch.tensor([tok(prompt).input_ids], dtype=torch.long)
-    if model.spec["kind"] != "decoder":
-        raise FmError(f"{out_dir} holds an encoder ({model.spec['architecture']}); use `fmconvert embed`")
     state = {"text": tok.decode(ids[0], skip_special_tokens=True), "ids": ids[0].tolist()}
     if lead:
         click.echo(state["text"], nl=False)
@@ -207,6 +253,8 @@ def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, device, 
                    f"{st.decode_tok_s:.1f} tok/s, {gbs:.2f} GB/s of weights ({100 * gbs / peak:.0f}% of the "
                    f"{peak:.0f} GB/s copy bandwidth measured) | load {s['gib'] * 1024:.1f} MiB in {s['seconds']:.2f} s | "
                    f"tp={model.tp} {model.ops.name} {model.device}]", err=True)
+    from .runtime.comm import shutdown
+    shutdown()
 
 
 @cli.command()
@@ -237,28 +285,37 @@ def embed(out_dir, texts, pooling, device, backend, no_verify_hashes, dtype):
             click.echo(json.dumps([round(x, 6) for x in v.tolist()]))
 
 
+def _one_line(msg: str) -> str:
+    """Messages quote names from untrusted files: escape newlines and terminal control sequences."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)
+
+
 def main(argv=None):
     try:
         cli.main(args=argv, prog_name="fmconvert", standalone_mode=False)
     except FmError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {_one_line(str(e))}", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("error: interrupted", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except KeyboardInterrupt:
         click.echo("error: interrupted", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except OSError as e:  # disk full, permissions, a vanished file: the environment, not a bug
+        where = f" ({e.filename})" if e.filename else ""
+        click.echo(f"error: I/O error: {_one_line(e.strerror or str(e))}{_one_line(where)}", err=True)
+        sys.exit(EXIT_IO)
     except Exception as e:  # a bug in fmconvert, not in the input
         if os.environ.get("FMCONVERT_DEBUG"):
             raise
-        click.echo(f"error: internal error: {type(e).__name__}: {e} (rerun with FMCONVERT_DEBUG=1 for a traceback)",
-                   err=True)
+        click.echo(f"error: internal error: {type(e).__name__}: {_one_line(str(e))} "
+                   "(rerun with FMCONVERT_DEBUG=1 for a traceback)", err=True)
         sys.exit(EXIT_INTERNAL)
 
 

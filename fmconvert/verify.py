@@ -1,0 +1,923 @@
+"""`fmconvert verify`: is OUT_DIR a faithful conversion of MODEL_DIR?
+
+Three stages, each naming what it finds:
+  integrity   the manifest, every shard's size and sha256, every tensor's dtype and shape in the file headers.
+  tensors     every rank's pieces dequantized, un-sliced and un-fused back into HF tensors and compared with the
+              source; float tensors must be bit-identical to the source cast to the output dtype, int8 ones within
+              the per-element bound scale/2. Failures are localized to a rank, a file and a q/k/v (gate/up) section.
+  end to end  the HF model (fp32) and the fmconvert runtime (all ranks, fp32 compute) on the same token batches:
+              logits, KL, top-1/top-5 agreement, perplexity, and hidden states layer by layer (encoders: hidden
+              states and the pooled output).
+
+tp > 1 runs every rank in one process (threads joined by ThreadComm, which combines partial results exactly like
+the all-reduce and all-gather) or, with tp_mode="distributed", one process per rank under torchrun.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from . import manifest as mf
+from . import slice as sl
+from .errors import FmError, ParityError
+from .quantize import dequantize, quantize
+
+DEFAULT_TEXT = Path(__file__).resolve().parent / "data" / "verify_text.txt"
+_DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
+_ST_DT = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8"}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json")
+
+
+@dataclass
+class Thresholds:
+    """End-to-end limits. The tensor stage needs none: its expectations are exact (see module doc)."""
+
+    atol: float        # max |converted - reference| of the output: logits (decoders) or last hidden state
+    max_rel: float     # relative RMS error of the output and of every layer's hidden state
+    max_kl: float      # mean KL(reference || converted) per token, nats
+    min_top1: float    # fraction of positions where both models pick the same next token
+    min_cosine: float  # encoders: worst cosine similarity of the pooled output (or the first token's state)
+
+
+# Measured on stories260K (tp 1/2/4) and the tiny random models of every family; see docs/verify.md.
+DEFAULTS = {
+    "float32": Thresholds(atol=1e-3, max_rel=1e-4, max_kl=1e-6, min_top1=0.99, min_cosine=0.99999),
+    "half": Thresholds(atol=1.0, max_rel=0.03, max_kl=2e-3, min_top1=0.95, min_cosine=0.999),
+    "int8": Thresholds(atol=2.0, max_rel=0.08, max_kl=0.01, min_top1=0.90, min_cosine=0.99),
+}
+
+
+def profile_of(m: dict) -> str:
+    if m.get("quantization"):
+        return "int8"
+    return "float32" if m["dtype"] == "float32" else "half"
+
+
+def _num(x):
+    """JSON-safe float: None for inf/nan."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. integrity
+# ---------------------------------------------------------------------------------------------------------------
+def check_integrity(out_dir: Path, m: dict) -> dict:
+    """Files present with the recorded size and sha256; every listed tensor in its file with the listed dtype/shape.
+
+    `readable` is False when a later stage cannot read the tensors at all (a missing file or tensor, a bad header).
+    A sha256 mismatch alone leaves it True: the tensor stage then tells which tensor changed.
+    """
+    fails, readable, n_files, n_tensors = [], True, 0, 0
+    for r in m["ranks"]:
+        rank = r["rank"]
+        listed: dict[str, dict] = {}
+        for name, t in r["tensors"].items():
+            listed.setdefault(t["file"], {})[name] = t
+        for f in r["files"]:
+            n_files += 1
+            rel = f["path"]
+            try:
+                p = mf.safe_path(out_dir, rel)
+            except FmError as e:
+                fails.append(f"integrity: rank {rank}: {e}")
+                readable = False
+                continue
+            if not p.is_file():
+                fails.append(f"integrity: {rel} (rank {rank}) is missing")
+                readable = False
+                continue
+            size = p.stat().st_size
+            if size != f["size"]:
+                fails.append(f"integrity: {rel} (rank {rank}) is {size} bytes, the manifest says {f['size']}")
+            if _sha256(p) != f["sha256"]:
+                fails.append(f"integrity: {rel} (rank {rank}) sha256 mismatch")
+            try:
+                with safe_open(p, framework="pt") as h:
+                    keys = set(h.keys())
+                    for name, t in listed.get(rel, {}).items():
+                        n_tensors += 1
+                        if name not in keys:
+                            fails.append(f"integrity: tensor {name} (rank {rank}) is not in {rel}")
+                            readable = False
+                            continue
+                        s = h.get_slice(name)
+                        dt, shape = _ST_DT.get(s.get_dtype(), s.get_dtype()), list(s.get_shape())
+                        if dt != t["dtype"] or shape != t["shape"]:
+                            fails.append(f"integrity: tensor {name} in {rel} is {dt} {shape}, the manifest says "
+                                         f"{t['dtype']} {t['shape']}")
+                            readable = False
+                    for extra in sorted(keys - set(listed.get(rel, {}))):
+                        fails.append(f"integrity: {rel} holds tensor {extra}, which the manifest does not list")
+            except (SafetensorError, OSError) as e:
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                fails.append(f"integrity: {rel} (rank {rank}) is not a readable safetensors file ({msg})")
+                readable = False
+    return {"passed": not fails, "readable": readable, "files": n_files, "tensors": n_tensors, "failures": fails}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the source side: what OUT_DIR should hold, planned from MODEL_DIR with the manifest's options
+# ---------------------------------------------------------------------------------------------------------------
+_SPEC_KEYS = ("architecture", "family", "kind", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+              "intermediate_size", "vocab_size", "embed_dim", "norm", "activation", "residual", "tied_embeddings")
+
+
+def plan_source(model_dir: Path, m: dict, ckpt):
+    """Re-plan the conversion from MODEL_DIR with the manifest's options; bad input if they do not belong together."""
+    from .convert import Options, make_plan
+    from .policy import policy_for
+    from .read import load_config
+
+    config, config_sha = load_config(model_dir)
+    _, arch = policy_for(config.architectures)
+    if arch != m["model"].get("architecture"):
+        raise FmError(f"{model_dir} holds a {arch} model, but the manifest was converted from "
+                      f"{m['model'].get('architecture')}; pass the model directory it was converted from")
+    q = m["quantization"] or {}
+    opts = Options(tp=m["parallel"]["tp"], int8=bool(q), group_size=q.get("group_size", 128), dtype=m["dtype"],
+                   int8_embeddings=bool(q.get("embeddings", False)))
+    plan = make_plan(model_dir, opts, ckpt, config)
+    spec = plan.spec.to_dict()
+    diff = [k for k in _SPEC_KEYS if spec.get(k) != m["model"].get(k)]
+    if diff:
+        k = diff[0]
+        raise FmError(f"{model_dir} does not match the manifest: {k} is {spec.get(k)!r} in config.json but "
+                      f"{m['model'].get(k)!r} in the manifest; pass the model directory it was converted from")
+    lay = plan.layout.to_dict()
+    bad = [k for k, v in lay.items() if m["parallel"].get(k) != v]
+    if bad:
+        raise FmError(f"manifest: parallel.{bad[0]} is {m['parallel'].get(bad[0])!r}, but tp={opts.tp} of this "
+                      f"model gives {lay[bad[0]]!r}")
+    return plan, config, config_sha
+
+
+def _source_notes(model_dir: Path, m: dict, ckpt, config_sha: str) -> list[str]:
+    notes = []
+    src = m["source"]
+    if src.get("config_sha256") and src["config_sha256"] != config_sha:
+        notes.append(f"{model_dir}/config.json differs from the one converted (sha256)")
+    recorded = src.get("files") or {}
+    for f in ckpt.files:
+        want = recorded.get(f)
+        if want is None:
+            notes.append(f"{f} was not part of the converted source")
+        elif _sha256(model_dir / f) != want:
+            notes.append(f"{f} changed since the conversion (sha256 differs from the manifest's source record)")
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. per tensor
+# ---------------------------------------------------------------------------------------------------------------
+def _read_ranks(out_dir: Path, m: dict) -> list[dict[str, torch.Tensor]]:
+    ranks = []
+    for r in m["ranks"]:
+        out = {}
+        by_file: dict[str, list[str]] = {}
+        for name, t in r["tensors"].items():
+            by_file.setdefault(t["file"], []).append(name)
+        for rel, names in by_file.items():
+            with safe_open(mf.safe_path(out_dir, rel), framework="pt") as h:
+                for n in names:
+                    out[n] = h.get_tensor(n)
+        ranks.append(out)
+    return ranks
+
+
+def _sections(spec, lay, slot: str, rows: int) -> list[tuple[str, int, int]]:
+    """Named row ranges of one rank's piece, so a failure can say which part of a fused tensor is wrong."""
+    if slot.startswith("qkv."):
+        hq, hk = lay.heads_per_rank * spec.head_dim, lay.kv_heads_per_rank * spec.head_dim
+        return [("q", 0, hq), ("k", hq, hq + hk), ("v", hq + hk, hq + 2 * hk)]
+    if slot.startswith("mlp_in.") and spec.gated_mlp:
+        half = rows // 2
+        return [("gate", 0, half), ("up", half, rows)]
+    return [("", 0, rows)]
+
+
+def _rel(d: torch.Tensor, ref: torch.Tensor) -> float:
+    den = float(ref.double().square().sum())
+    num = float(d.double().square().sum())
+    return math.sqrt(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
+
+
+class _Piece:
+    """One rank's stored piece of a canonical tensor, as float32, with its per-element error bound (int8)."""
+
+    def __init__(self, stored: torch.Tensor, scale: torch.Tensor | None, group: int | None):
+        self.raw, self.scale, self.group = stored, scale, group
+        if scale is not None:
+            self.value = dequantize(stored, scale, group, torch.float32)
+            self.bound = scale.float().repeat_interleave(group, dim=1) * 0.5
+        else:
+            self.value, self.bound = stored.float(), None
+
+    def violations(self, expected: torch.Tensor) -> torch.Tensor:
+        """Boolean mask of elements outside what the conversion allows (exact for float; scale/2 for int8)."""
+        e = expected.float()
+        if self.bound is None:
+            return self.value != e
+        # fp32 rounding of q/scale and of q*scale: a few ulps on top of the ideal half-step bound.
+        return (self.value - e).abs() > self.bound * (1 + 1e-4) + e.abs() * 1e-6
+
+
+def _diagnose(spec, lay, slot, names, r, piece: _Piece, exp: torch.Tensor, exp_all, q_scale_dtype, where):
+    """Why rank r's piece is wrong, in words."""
+    bad = piece.violations(exp)
+    out = []
+    if piece.value.dim() == 2 and piece.value.shape[0] == piece.value.shape[1] and piece.bound is None and \
+            torch.equal(piece.value.t(), exp.float()):
+        return [f"rank {r} ({where}) holds the weight transposed"]
+    secs = _sections(spec, lay, slot, exp.shape[0]) if exp.dim() >= 1 else [("", 0, 1)]
+    sec_names = {}
+    if len(names) == len(secs) and len(secs) > 1:
+        sec_names = {label: n for (label, _, _), n in zip(secs, names)}
+    for label, lo, hi in secs:
+        if exp.dim() >= 1 and not bool(bad[lo:hi].any()):
+            continue
+        part = f"{label} rows" if label else "values"
+        hf = f" [{sec_names[label]}]" if label in sec_names else ""
+        got, want = piece.value[lo:hi], exp[lo:hi].float()
+        rel = _rel(got - want, want)
+        other = None
+        for r2, e2 in enumerate(exp_all):
+            if r2 != r and e2 is not None and e2.shape == exp.shape:
+                w2 = e2[lo:hi].float()
+                if not bool(piece.violations(e2)[lo:hi].any()) and not torch.equal(w2, want):
+                    other = r2
+                    break
+        if other is not None:
+            what = f"hold rank {other}'s {part}"
+        elif slot.startswith("qkv.") and label in ("k", "v") and lay.kv_replication > 1:
+            what = f"differ from the source: this rank's replicated copy of kv head {r // lay.kv_replication}"
+        else:
+            what = "differ from the source"
+        msg = f"rank {r} ({where}) {part}{hf} {what} (rel RMS {rel:.3g})"
+        if piece.scale is not None:
+            n_bad, n = int(bad[lo:hi].sum()), bad[lo:hi].numel()
+            _, s_exp = quantize(exp[lo:hi], piece.group, q_scale_dtype)
+            s_got = piece.scale[lo:hi]
+            wrong = s_got.float() != s_exp.float()
+            if bool(wrong.any()):
+                i, j = (int(x) for x in wrong.nonzero()[0])
+                msg += (f"; int8 error above the scale/2 bound in {n_bad} of {n} elements; {int(wrong.sum())} of "
+                        f"{wrong.numel()} int8 scales differ from absmax/127 (first: row {lo + i} group {j} stores "
+                        f"{float(s_got[i, j]):.4g}, the weights need {float(s_exp[i, j]):.4g})")
+            else:
+                msg += f"; int8 error above the scale/2 bound in {n_bad} of {n} elements (scales are right, values not)"
+        out.append(msg)
+    if exp.dim() >= 1 and not out and bool(bad.any()):
+        out.append(f"rank {r} ({where}) differs from the source in {int(bad.sum())} elements")
+    return out
+
+
+def check_tensors(m: dict, ranks: list[dict], plan, ckpt, config) -> dict:
+    from .convert import _rope_inv_freq, alibi_slopes
+
+    spec, lay, pol = plan.spec, plan.layout, plan.policy
+    q = m["quantization"] or {}
+    qinfo = q.get("tensors", {})
+    q_scale_dtype = _DT.get(q.get("scale_dtype", "float32"), torch.float32)
+    tp = lay.tp
+    rows, fails = [], []
+    seen = [set() for _ in range(tp)]
+
+    def file_of(r, key):
+        t = m["ranks"][r]["tensors"].get(key)
+        return t["file"] if t else "-"
+
+    def stat_row(key, names, kind, diffs, refs, bound_ratio=None, status="ok"):
+        sig = sum(float(x.double().square().sum()) for x in refs)
+        err = sum(float(d.double().square().sum()) for d in diffs)
+        mx = max((float(d.abs().max()) for d in diffs if d.numel()), default=0.0)
+        rows.append({"name": key, "hf": list(names), "kind": kind, "max_abs": mx,
+                     "rel_rms": math.sqrt(err / sig) if sig > 0 else (0.0 if err == 0 else math.inf),
+                     "sqnr_db": 10 * math.log10(sig / err) if err > 0 and sig > 0 else math.inf,
+                     "bound_ratio": bound_ratio, "status": status})
+
+    layer_srcs = [(f"layers.{i}.{s.slot}", s) for i, layer in enumerate(plan.layers) for s in layer]
+    for key, src in [(s.slot, s) for s in plan.globals_] + layer_srcs:
+        slot = src.slot
+        source = [ckpt.get(n) for n in src.names]
+        canon = pol.fuse(spec, slot, [t.to(plan.dtype) for t in source])
+        expected = sl.shard(spec, lay, slot, canon)
+        is_q = slot in plan.quant_slots
+        g = plan.groups.get(slot)
+        problems, pieces, ratio = [], [], None
+        for r in range(tp):
+            stored = ranks[r].get(key)
+            seen[r].add(key)
+            if is_q:
+                seen[r].add(key + "_scale")
+            exp = expected[r]
+            if exp is None:
+                if stored is not None:
+                    problems.append(f"rank {r} ({file_of(r, key)}) holds a copy; row-parallel biases live on rank 0 "
+                                    f"only, or the all-reduce adds them more than once")
+                pieces.append(None)
+                continue
+            if stored is None:
+                why = " (row-parallel bias: it lives on rank 0 only)" if slot in sl.ROW_BIAS else ""
+                problems.append(f"missing from rank {r}{why}")
+                pieces.append(None)
+                continue
+            scale = ranks[r].get(key + "_scale") if is_q else None
+            if is_q and (stored.dtype != torch.int8 or scale is None):
+                problems.append(f"rank {r} ({file_of(r, key)}) should be int8 with {key}_scale, found "
+                                f"{stored.dtype} {'without' if scale is None else 'with'} scales")
+                pieces.append(None)
+                continue
+            if not is_q and stored.dtype == torch.int8:
+                problems.append(f"rank {r} ({file_of(r, key)}) is int8, but {slot} is not quantized")
+                pieces.append(None)
+                continue
+            if is_q:
+                gg = qinfo.get(key, {}).get("group_size", g)
+                if scale.dim() != 2 or scale.shape[0] != stored.shape[0] or scale.shape[1] * gg != stored.shape[1]:
+                    problems.append(f"rank {r} ({file_of(r, key)}): scales {list(scale.shape)} do not fit "
+                                    f"{list(stored.shape)} with group size {gg}")
+                    pieces.append(None)
+                    continue
+                piece = _Piece(stored, scale, gg)
+            else:
+                piece = _Piece(stored, None, None)
+            if tuple(piece.value.shape) != tuple(exp.shape):
+                if piece.value.dim() == 2 and tuple(piece.value.shape) == tuple(exp.shape[::-1]):
+                    problems.append(f"rank {r} ({file_of(r, key)}) holds the weight transposed "
+                                    f"({list(piece.value.shape)}, expected {list(exp.shape)})")
+                else:
+                    problems.append(f"rank {r} ({file_of(r, key)}) has shape {list(piece.value.shape)}, expected "
+                                    f"{list(exp.shape)}")
+                pieces.append(None)
+                continue
+            if piece.bound is not None:  # error relative to the allowed scale/2, against the cast source
+                r_max = float(((piece.value - exp.float()).abs() / piece.bound.clamp_min(1e-30)).max())
+                ratio = r_max if ratio is None else max(ratio, r_max)
+            if bool(piece.violations(exp).any()):
+                problems += _diagnose(spec, lay, slot, src.names, r, piece, exp, expected, q_scale_dtype,
+                                      file_of(r, key))
+            pieces.append(piece)
+
+        # Put it back together from all ranks and compare in HF names with the untouched source.
+        kind = "int8" if is_q else m["dtype"]
+        diffs, refs = [], []
+        usable = [p for p, e in zip(pieces, expected) if e is not None]
+        if usable and all(p is not None for p in usable):
+            vals = [None if p is None else p.value for p in pieces]
+            try:
+                back = pol.unfuse(spec, slot, sl.unshard(spec, lay, slot, vals), len(src.names))
+                for part, s in zip(back, source):
+                    if tuple(part.shape) != tuple(s.shape):
+                        raise FmError(f"reassembled shape {list(part.shape)} differs from the source's "
+                                      f"{list(s.shape)}")
+                    if not is_q and not problems and not torch.equal(part, s.to(plan.dtype)):
+                        raise FmError("every rank's piece matches the source, but un-slicing and un-fusing them "
+                                      "does not give it back")
+                    diffs.append(part.float() - s.float())
+                    refs.append(s.float())
+            except FmError as e:
+                problems.insert(0, f"cannot be reassembled: {e}")
+        if not diffs:  # fall back to the per-rank view for the numbers
+            for p, e in zip(pieces, expected):
+                if p is not None and e is not None:
+                    diffs.append(p.value - e.float())
+                    refs.append(e.float())
+        status = "FAIL" if problems else "ok"
+        stat_row(key, src.names, kind, diffs, refs, ratio, status)
+        if problems:
+            rows[-1]["problems"] = problems
+            fails.append(f"{key} ({', '.join(src.names)}): " + "; ".join(problems))
+
+    # Derived tensors the converter computes, and passthrough extras.
+    derived = {}
+    if spec.position["type"] == "rope":
+        inv = _rope_inv_freq(config, spec)[0]
+        derived["rope.inv_freq"] = [inv] * tp
+    if spec.position["type"] == "alibi":
+        s = alibi_slopes(spec.num_heads)
+        h = lay.heads_per_rank
+        derived["alibi.slopes"] = [s[r * h:(r + 1) * h] for r in range(tp)]
+    for n in plan.extras:
+        derived[f"extra.{n}"] = [ckpt.get(n)] * tp
+    for key, exp_all in derived.items():
+        problems, diffs, refs = [], [], []
+        for r, exp in enumerate(exp_all):
+            seen[r].add(key)
+            got = ranks[r].get(key)
+            if got is None:
+                problems.append(f"missing from rank {r}")
+            elif tuple(got.shape) != tuple(exp.shape):
+                problems.append(f"rank {r} has shape {list(got.shape)}, expected {list(exp.shape)}")
+            else:
+                d = got.float() - exp.float()
+                diffs.append(d)
+                refs.append(exp.float())
+                if not torch.equal(got.float(), exp.float()):
+                    problems.append(f"rank {r} ({file_of(r, key)}) differs from what the source implies "
+                                    f"(max abs {float(d.abs().max()):.3g})")
+        stat_row(key, [key[6:]] if key.startswith("extra.") else [], "derived" if not key.startswith("extra.")
+                 else "extra", diffs, refs, None, "FAIL" if problems else "ok")
+        if problems:
+            rows[-1]["problems"] = problems
+            fails.append(f"{key}: " + "; ".join(problems))
+    for r in range(tp):
+        for name in sorted(set(ranks[r]) - seen[r]):
+            fails.append(f"{name}: rank {r} ({file_of(r, name)}) holds a tensor the source does not explain")
+    worst = sorted(rows, key=lambda x: (x["status"] != "FAIL", -(x["rel_rms"] if math.isfinite(x["rel_rms"])
+                                                                 else 1e300)))
+    return {"passed": not fails, "count": len(rows), "failures": fails, "rows": rows,
+            "worst": [x["name"] for x in worst[:8]]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. end to end
+# ---------------------------------------------------------------------------------------------------------------
+def _token_ids(text: str, model_dir: Path, out_dir: Path, vocab: int) -> tuple[list[int], str]:
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    for d in (model_dir, out_dir):
+        if any((d / f).is_file() for f in _TOKENIZER_FILES):
+            try:
+                tok = AutoTokenizer.from_pretrained(str(d), trust_remote_code=False, local_files_only=True)
+            except Exception:
+                continue
+            ids = list(tok(text).input_ids)
+            if ids and max(ids) < vocab:
+                return ids, f"tokenizer from {d.name}"
+    # No usable tokenizer (the tiny test models have none): bytes folded into the vocabulary, still deterministic.
+    return [b % vocab for b in text.encode("utf-8")], "utf-8 bytes mod vocab (no tokenizer found)"
+
+
+def make_batches(ids: list[int], tokens: int, max_positions: int) -> torch.Tensor:
+    ids = ids[:tokens]
+    T = min(len(ids), max_positions) if max_positions > 0 else len(ids)
+    if T < 2:
+        raise FmError(f"the text gives only {len(ids)} token(s); verify needs at least 2")
+    B = len(ids) // T
+    return torch.tensor(ids[:B * T], dtype=torch.long).view(B, T)
+
+
+class _Ranks:
+    """Runs a function on every rank's model and returns rank 0's result: threads (emulate) or this process only."""
+
+    def __init__(self, models: list, group=None):
+        self.models, self.group = models, group
+
+    def run(self, fn):
+        if len(self.models) == 1:
+            with torch.inference_mode():
+                return fn(self.models[0])
+        results, errors = [None] * len(self.models), []
+
+        def work(r):
+            try:
+                with torch.inference_mode():
+                    results[r] = fn(self.models[r])
+            except BaseException as e:  # unblock the other ranks waiting in a collective
+                errors.append(e)
+                self.group.barrier.abort()
+
+        threads = [threading.Thread(target=work, args=(r,), daemon=True) for r in range(len(self.models))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+        return results[0]
+
+
+def _converted_forward(model, ids, kind):
+    final, states = model.hidden(ids, output_hidden_states=True)
+    out = model.logits(final) if kind == "decoder" else model.pooled(final)
+    if model.spec["project"]:  # HF reports the last hidden state after project_out
+        final = model.ops.linear(final, model.g["project_out.weight"])
+    return [s.float().cpu() for s in states[:-1]] + [final.float().cpu()], \
+        None if out is None else out.float().cpu()
+
+
+def _load_reference(model_dir: Path, arch: str, kind: str, device):
+    import transformers
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    cls = getattr(transformers, arch, None)
+    if cls is None:
+        raise FmError(f"transformers {transformers.__version__} has no class {arch}")
+    try:
+        model = cls.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+    except Exception as e:
+        raise FmError(f"transformers cannot load {model_dir} as {arch} ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    model = model.float().eval().to(device)
+    if kind == "encoder" and model.base_model is not model:
+        model = model.base_model  # task heads (BertFor...) are passthrough extras; compare the encoder
+    return model
+
+
+def _layer_names(n_layers: int, final_label: str) -> list[str]:
+    """HF's hidden states: the embeddings, each block's output, and the last block's after the final norm."""
+    last = f"layer {n_layers - 1}" + (f" + {final_label}" if final_label else "")
+    return ["embeddings"] + [f"layer {i}" for i in range(n_layers - 1)] + [last]
+
+
+def _split(batches: torch.Tensor, kind: str):
+    return batches.split(1 if kind == "encoder" else max(1, 4096 // batches.shape[1]))
+
+
+def run_converted(runner: _Ranks, batches: torch.Tensor, kind: str) -> list:
+    """Every rank runs every batch; rank 0 keeps (hidden states, output) per batch. Done before the reference
+    model is touched, so a failure there cannot leave other ranks waiting in a collective."""
+    return [runner.run(lambda model: _converted_forward(model, ids.to(model.device), kind))
+            for ids in _split(batches, kind)]
+
+
+def check_end_to_end(model_dir: Path, m: dict, converted: list, batches: torch.Tensor, th: Thresholds, device,
+                     token_source: str) -> dict:
+    sp = m["model"]
+    kind = sp["kind"]
+    ref = _load_reference(model_dir, sp["architecture"], kind, device)
+    final_label = "project_out" if sp.get("project") else ("final norm" if sp.get("final_norm") else "")
+    n_layers = sp["num_layers"] + 1
+    layer_err = [[0.0, 0.0, 0.0] for _ in range(n_layers)]  # max abs, sum sq err, sum sq ref
+    out_d = {"max_abs": 0.0, "err": 0.0, "sig": 0.0}
+    kls, top1, top5, nll_ref, nll_conv, cos = [], [], [], [], [], []
+    has_logits = None
+    for ids, (states, out) in zip(_split(batches, kind), converted):
+        with torch.inference_mode():
+            o = ref(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device), output_hidden_states=True)
+        hs = [h.float().cpu() for h in o.hidden_states]
+        if len(hs) != len(states):
+            raise FmError(f"the reference reports {len(hs)} hidden states, the runtime {len(states)}")
+        for i, (a, b) in enumerate(zip(states, hs)):
+            d = a - b
+            e = layer_err[i]
+            e[0] = max(e[0], float(d.abs().max()))
+            e[1] += float(d.double().square().sum())
+            e[2] += float(b.double().square().sum())
+        ref_logits = getattr(o, "logits", None) if kind == "decoder" else None
+        has_logits = ref_logits is not None
+        if kind == "decoder" and has_logits:
+            a, b = out.double(), ref_logits.float().cpu().double()
+        else:
+            a, b = states[-1].double(), hs[-1].double()
+        d = a - b
+        out_d["max_abs"] = max(out_d["max_abs"], float(d.abs().max()))
+        out_d["err"] += float(d.square().sum())
+        out_d["sig"] += float(b.square().sum())
+        if kind == "decoder" and has_logits:
+            lp_ref, lp_conv = torch.log_softmax(b, -1), torch.log_softmax(a, -1)
+            kls.append((lp_ref.exp() * (lp_ref - lp_conv)).sum(-1).flatten())
+            top1.append((a.argmax(-1) == b.argmax(-1)).flatten().float())
+            k = min(5, a.shape[-1])
+            ta, tb = a.topk(k, -1).indices, b.topk(k, -1).indices
+            top5.append((ta.unsqueeze(-1) == tb.unsqueeze(-2)).any(-1).double().mean(-1).flatten())
+            tgt = ids[:, 1:].unsqueeze(-1)
+            nll_ref.append(-lp_ref[:, :-1].gather(-1, tgt).flatten())
+            nll_conv.append(-lp_conv[:, :-1].gather(-1, tgt).flatten())
+        if kind == "encoder":
+            pr = getattr(o, "pooler_output", None)
+            if pr is not None and out is not None:
+                cos.append(torch.cosine_similarity(out.double(), pr.float().cpu().double(), dim=-1))
+            else:
+                cos.append(torch.cosine_similarity(states[-1][:, 0].double(), hs[-1][:, 0].double(), dim=-1))
+
+    names = _layer_names(sp["num_layers"], final_label)
+    layers = [{"name": n, "max_abs": e[0], "rel_rms": math.sqrt(e[1] / e[2]) if e[2] > 0 else 0.0}
+              for n, e in zip(names, layer_err)]
+    first_bad = next((x["name"] for x in layers if x["rel_rms"] > th.max_rel), None)
+    res = {"tokens": int(batches.numel()), "batches": list(batches.shape), "token_source": token_source,
+           "output": "logits" if has_logits else "last hidden state",
+           "max_abs": out_d["max_abs"],
+           "rel_rms": math.sqrt(out_d["err"] / out_d["sig"]) if out_d["sig"] > 0 else 0.0,
+           "layers": layers, "first_divergent_layer": first_bad}
+    fails = []
+    label = res["output"]
+    if res["max_abs"] > th.atol:
+        fails.append(f"end to end: {label} max abs error {res['max_abs']:.3g} > atol {th.atol:g}")
+    if res["rel_rms"] > th.max_rel:
+        fails.append(f"end to end: {label} relative RMS error {res['rel_rms']:.3g} > {th.max_rel:g}")
+    if kls:
+        kl = torch.cat(kls)
+        res.update(kl_mean=float(kl.mean()), kl_max=float(kl.max()), top1=float(torch.cat(top1).mean()),
+                   top5=float(torch.cat(top5).mean()),
+                   ppl_ref=math.exp(float(torch.cat(nll_ref).mean())),
+                   ppl_converted=math.exp(float(torch.cat(nll_conv).mean())))
+        if res["kl_mean"] > th.max_kl:
+            fails.append(f"end to end: mean KL divergence {res['kl_mean']:.3g} > {th.max_kl:g} "
+                         f"(max {res['kl_max']:.3g})")
+        if res["top1"] < th.min_top1:
+            fails.append(f"end to end: top-1 agreement {res['top1']:.2%} < {th.min_top1:.2%}")
+    if cos:
+        c = torch.cat(cos)
+        res["cosine_min"] = float(c.min())
+        res["cosine_what"] = "pooled output" if sp.get("pooler") else "first token's last hidden state"
+        if res["cosine_min"] < th.min_cosine:
+            fails.append(f"end to end: {res['cosine_what']} cosine {res['cosine_min']:.6f} < {th.min_cosine:g}")
+    if first_bad is not None:
+        x = next(x for x in layers if x["name"] == first_bad)
+        fails.append(f"end to end: hidden states diverge first at {first_bad} (rel RMS {x['rel_rms']:.3g} > "
+                     f"{th.max_rel:g})")
+    res["passed"] = not fails
+    res["failures"] = fails
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------------------------------------------
+def _thresholds(profile: str, overrides: dict) -> Thresholds:
+    base = asdict(DEFAULTS[profile])
+    for f in fields(Thresholds):
+        v = overrides.get(f.name)
+        if v is not None:
+            base[f.name] = float(v)
+    return Thresholds(**base)
+
+
+def _finish():
+    """Leave the process group together, once rank 0 is done: a rank that exits while another still holds the
+    group open can abort in gloo's teardown ("terminate called without an active exception")."""
+    import torch.distributed as dist
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _pick_device(device):
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError):
+        raise FmError(f"--device: cannot use {device!r}") from None
+
+
+def verify(model_dir, out_dir, text_file=None, tokens: int = 256, tp_mode: str = "emulate", device=None,
+           allow_pickle: bool = False, **thresholds) -> dict:
+    """Run all three stages and return the report (a JSON-ready dict). Raises FmError for bad input.
+
+    In distributed mode every rank calls this; only rank 0 gets a full report (the others get {"rank": r}).
+    """
+    from .read import Checkpoint
+    from .runtime.load import load
+
+    t0 = time.perf_counter()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if tp_mode not in ("emulate", "distributed"):
+        raise FmError(f"--tp-mode must be emulate or distributed, got {tp_mode!r}")
+    if tokens < 2:
+        raise FmError(f"--tokens must be at least 2, got {tokens}")
+    if not model_dir.is_dir():
+        raise FmError(f"model directory {model_dir} does not exist")
+    m = mf.read(out_dir)
+    tp = m["parallel"]["tp"]
+    dist_comm = None
+    if tp_mode == "distributed" and tp > 1:
+        from .runtime.comm import init_distributed
+        if int(os.environ.get("WORLD_SIZE", "1")) != tp:
+            raise FmError(f"--tp-mode distributed needs one process per rank: run it under "
+                          f"`torchrun --nproc-per-node {tp} -m fmconvert verify ...`")
+        dist_comm = init_distributed()
+    rank = dist_comm.rank if dist_comm else 0
+    dev = _pick_device(device)
+    if dist_comm and dev.type == "cuda":
+        dev = torch.device(f"cuda:{torch.cuda.current_device()}")
+    profile = profile_of(m)
+    th = _thresholds(profile, thresholds)
+
+    text = DEFAULT_TEXT.read_text(encoding="utf-8") if text_file is None else None
+    if text_file is not None:
+        try:
+            text = Path(text_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise FmError(f"--text {text_file}: cannot read it ({e})") from None
+    if not text.strip():
+        raise FmError("the verification text is empty")
+
+    report = {"model_dir": str(model_dir), "out_dir": str(out_dir), "architecture": m["model"]["architecture"],
+              "kind": m["model"]["kind"], "tp": tp, "tp_mode": tp_mode if tp > 1 else "single",
+              "int8": bool(m["quantization"]), "dtype": m["dtype"], "profile": profile, "device": str(dev),
+              "thresholds": asdict(th), "warnings": []}
+
+    # Stages 1 and 2 run on rank 0 only; its verdict on whether the model can be loaded reaches every rank.
+    go, err = 1, None
+    if rank == 0:
+        try:
+            integ = check_integrity(out_dir, m)
+            report["integrity"] = integ
+            with Checkpoint(model_dir, allow_pickle=allow_pickle) as ckpt:
+                plan, config, config_sha = plan_source(model_dir, m, ckpt)
+                report["warnings"] += _source_notes(model_dir, m, ckpt, config_sha)
+                if integ["readable"]:
+                    report["tensors"] = check_tensors(m, _read_ranks(out_dir, m), plan, ckpt, config)
+                else:
+                    report["tensors"] = {"skipped": "the integrity check found unreadable shards"}
+            go = 1 if integ["readable"] else 0
+        except FmError as e:
+            go, err = -e.exit_code, e
+    if dist_comm is not None:
+        flag = dist_comm.broadcast(torch.tensor([go], dtype=torch.int64, device=dev), 0)
+        go = int(flag.item())
+        if go < 0:
+            _finish()
+    if err is not None:
+        raise err
+    if go < 0:
+        raise FmError("rank 0 found bad input; see its output", -go)
+
+    if go:
+        ids, source = _token_ids(text, model_dir, out_dir, m["model"]["vocab_size"])
+        batches = make_batches(ids, tokens, m["model"].get("max_positions") or 0)
+        kw = dict(device=dev, backend="torch", check_hashes=False, dtype=torch.float32)
+        load_err = None
+        try:  # the runtime's own checks may refuse a defective checkpoint: a finding, not bad input
+            if dist_comm is not None:
+                runner = _Ranks([load(out_dir, comm=dist_comm, **kw)])
+            else:
+                from .runtime.comm import SingleComm, ThreadGroup
+                group = ThreadGroup(tp) if tp > 1 else None
+                runner = _Ranks([load(out_dir, comm=group.comm(r) if group else SingleComm(), rank=r, **kw)
+                                 for r in range(tp)], group)
+        except FmError as e:
+            load_err = str(e)
+        if dist_comm is not None:
+            n_bad = dist_comm.all_reduce(torch.tensor([float(load_err is not None)], device=dev))
+            if load_err is None and float(n_bad.item()) > 0:
+                load_err = "another rank could not load its shards"
+        try:
+            if load_err is not None:
+                if rank == 0:
+                    report["end_to_end"] = {"skipped": "the runtime could not load the checkpoint", "passed": False,
+                                            "failures": [f"end to end: the fmconvert runtime refuses to load "
+                                                         f"{out_dir}: {load_err}"]}
+            else:
+                converted = run_converted(runner, batches, m["model"]["kind"])
+                if rank == 0:
+                    report["end_to_end"] = check_end_to_end(model_dir, m, converted, batches, th, dev, source)
+        finally:
+            if dist_comm is not None:
+                _finish()
+    else:
+        if dist_comm is not None:
+            _finish()
+        report["end_to_end"] = {"skipped": "the integrity check found unreadable shards"}
+    if rank != 0:
+        return {"rank": rank}
+    fails = []
+    for stage in ("integrity", "tensors", "end_to_end"):
+        fails += report.get(stage, {}).get("failures", [])
+    report["failures"] = fails
+    report["passed"] = not fails and go == 1
+    report["seconds"] = time.perf_counter() - t0
+    return report
+
+
+def _clean(x):
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, float):
+        return _num(x)
+    return x
+
+
+def to_json(report: dict) -> str:
+    return json.dumps(_clean(report), indent=2, allow_nan=False) + "\n"
+
+
+def _fmt(x, spec=".3g"):
+    if x is None:
+        return "-"
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    return format(x, spec)
+
+
+def print_report(report: dict, console=None):
+    from rich.console import Console
+    from rich.table import Table
+    con = console
+    if con is None:
+        con = Console(highlight=False)
+        if not con.is_terminal:  # logs and CI: room for full tensor names
+            con.width = max(con.width, 120)
+    ok = "[green]pass[/green]"
+    bad = "[bold red]FAIL[/bold red]"
+    th = report["thresholds"]
+    head = Table(title=f"fmconvert verify: {report['architecture']} ({report['kind']}), tp={report['tp']} "
+                       f"({report['tp_mode']}), {'int8' if report['int8'] else report['dtype']}, on {report['device']}",
+                 show_header=True)
+    head.add_column("stage", no_wrap=True)
+    head.add_column("result")
+    head.add_column("details", overflow="fold")
+    integ = report.get("integrity", {})
+    head.add_row("integrity", ok if integ.get("passed") else bad,
+                 f"{integ.get('files', 0)} files, {integ.get('tensors', 0)} tensors: sizes, sha256, headers")
+    ts = report.get("tensors", {})
+    if "skipped" in ts:
+        head.add_row("tensors", "[yellow]skipped[/yellow]", ts["skipped"])
+    else:
+        head.add_row("tensors", ok if ts.get("passed") else bad,
+                     f"{ts.get('count', 0)} reassembled and compared with the source "
+                     f"({len(ts.get('failures', []))} failing)")
+    e = report.get("end_to_end", {})
+    if "skipped" in e:
+        head.add_row("end to end", bad if e.get("passed") is False else "[yellow]skipped[/yellow]", e["skipped"])
+    elif e:
+        head.add_row("end to end", ok if e.get("passed") else bad,
+                     f"{e['tokens']} tokens as {e['batches'][0]}x{e['batches'][1]} ({e['token_source']})")
+    con.print(head)
+
+    if ts.get("rows"):
+        by_name = {r["name"]: r for r in ts["rows"]}
+        t = Table(title="worst tensors (reassembled from all ranks vs source)")
+        for c in ("tensor", "kind", "max abs", "rel RMS", "SQNR dB", "err/bound", "status"):
+            t.add_column(c, justify="left" if c in ("tensor", "kind") else "right", overflow="fold")
+        for name in ts["worst"]:
+            r = by_name[name]
+            t.add_row(name, r["kind"], _fmt(r["max_abs"]), _fmt(r["rel_rms"]),
+                      "exact" if r["sqnr_db"] is None or math.isinf(r["sqnr_db"]) else f"{r['sqnr_db']:.1f}",
+                      _fmt(r["bound_ratio"], ".2f"), ok if r["status"] == "ok" else bad)
+        con.print(t)
+
+    if e and "skipped" not in e:
+        t = Table(title=f"end to end vs transformers fp32 ({e['output']})")
+        for c in ("metric", "value", "threshold", "result"):
+            t.add_column(c, justify="left" if c == "metric" else "right")
+
+        def row(name, v, limit, good, spec=".3g"):
+            t.add_row(name, _fmt(v, spec), "" if limit is None else _fmt(limit, ".3g"),
+                      "" if good is None else (ok if good else bad))
+
+        row("max abs error", e["max_abs"], th["atol"], e["max_abs"] <= th["atol"])
+        row("relative RMS error", e["rel_rms"], th["max_rel"], e["rel_rms"] <= th["max_rel"])
+        if "kl_mean" in e:
+            row("KL divergence, mean", e["kl_mean"], th["max_kl"], e["kl_mean"] <= th["max_kl"])
+            row("KL divergence, max", e["kl_max"], None, None)
+            row("top-1 agreement", e["top1"], th["min_top1"], e["top1"] >= th["min_top1"], ".4f")
+            row("top-5 overlap", e["top5"], None, None, ".4f")
+            row("perplexity, reference", e["ppl_ref"], None, None, ".4f")
+            row("perplexity, converted", e["ppl_converted"], None, None, ".4f")
+        if "cosine_min" in e:
+            row(f"{e['cosine_what']} cosine, min", e["cosine_min"], th["min_cosine"],
+                e["cosine_min"] >= th["min_cosine"], ".6f")
+        first = e.get("first_divergent_layer")
+        t.add_row("first diverging layer", first or "none", _fmt(th["max_rel"]), bad if first else ok)
+        con.print(t)
+        lt = Table(title="hidden states by layer (rel RMS vs reference)")
+        lt.add_column("layer", no_wrap=True)
+        lt.add_column("max abs", justify="right")
+        lt.add_column("rel RMS", justify="right")
+        for x in e["layers"]:
+            flag = x["rel_rms"] > th["max_rel"]
+            lt.add_row(x["name"], _fmt(x["max_abs"]), ("[red]" if flag else "") + _fmt(x["rel_rms"]))
+        con.print(lt)
+
+    for w in report.get("warnings", []):
+        con.print(f"[yellow]warning:[/yellow] {w}")
+    if report["failures"]:
+        con.print(f"[bold red]FAILED[/bold red] ({len(report['failures'])}):")
+        for f in report["failures"]:
+            con.print("  - " + f, markup=False)
+    else:
+        con.print(f"[bold green]PASSED[/bold green] ({report['profile']} thresholds) in {report['seconds']:.1f} s")
+
+
+def main(model_dir, out_dir, text=None, tokens=256, json_path=None, tp_mode="emulate", device=None,
+         allow_pickle=False, console=None, **thresholds) -> dict:
+    """The CLI entry: verify, print the report, write --json, raise ParityError (exit 1) on any failure."""
+    report = verify(model_dir, out_dir, text, tokens, tp_mode, device, allow_pickle, **thresholds)
+    if "rank" in report and len(report) == 1:
+        return report
+    print_report(report, console)
+    if json_path is not None:
+        try:
+            Path(json_path).write_text(to_json(report), encoding="utf-8")
+        except OSError as e:
+            raise FmError(f"--json {json_path}: cannot write it ({e.strerror or e})") from None
+    if not report["passed"]:
+        raise ParityError(f"verify found {len(report['failures'])} problem(s); first: {report['failures'][0]}")
+    return report
