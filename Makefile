@@ -28,6 +28,12 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q -x tests
 
+# CPU benchmarks (BENCHMARKS.md): conversion speed/memory, load time, decode, each against its baseline. The first
+# run builds ~6 GB of synthetic checkpoints under benchmarks/.cache; about 10 minutes in all on 2 cores.
+# BENCH_ARGS=--smoke: tiny shapes, one run each, to check the scripts still work (~30 s).
+bench: setup
+	OMP_NUM_THREADS=2 $(PY) benchmarks/run.py --json benchmarks/.cache/results.json $(BENCH_ARGS)
+
 # On a machine with a CUDA GPU: kernel tests on CUDA, kernel timings, a Llama-2-7B-shaped model end to end.
 gpu-check:
 	PYTHONPATH=$(CURDIR) python3 benchmarks/gpu_check.py --out $${OUT_DIR:-gpu_out}

@@ -1,14 +1,25 @@
 """The conversion pipeline: read -> policy (fuse) -> slice -> quantize -> write shards + manifest.
 
-Streams one layer at a time: peak memory follows the largest layer, not the model.
+Streams slot by slot: the main thread reads (through maps whose pages are dropped once a slot is written), fuses
+and slices; a small thread pool quantizes row blocks; a writer thread streams each tensor into its shard file,
+hashing it on the way; the source files are hashed alongside. The bytes in flight are bounded, so peak memory follows
+the largest layer, not the model. The output does not depend on the number of threads.
 """
 
 from __future__ import annotations
 
+import bisect
+import json
 import math
+import mmap
+import os
+import queue
 import shutil
+import struct
+import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,10 +27,11 @@ import torch
 from . import __version__
 from . import manifest as mf
 from . import slice as sl
+from . import srchash
 from .errors import FmError
 from .policy import GLOBAL_SLOTS, ModelSpec, Policy, SlotSource, policy_for
 from .quantize import ErrorStats, quantize, scale_dtype_for
-from .read import SIDECAR_FILES, Checkpoint, hash_files_async, load_config
+from .read import SIDECAR_FILES, Checkpoint, load_config
 from .write import AtomicDir, ShardWriter, dtype_name, parse_size
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -173,35 +185,554 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
 
 
 def _check_finite(name: str, t: torch.Tensor):
-    if not torch.isfinite(t).all():
-        bad = int((~torch.isfinite(t)).sum())
-        raise FmError(f"tensor {name} contains {bad} NaN/Inf values; refusing to convert it")
+    """One cheap reduction (NaN and +-Inf all show in the min or max); the exact count only on failure."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return
+    lo, hi = torch.aminmax(t)
+    if bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)):
+        return
+    bad = int((~torch.isfinite(t)).sum())
+    raise FmError(f"tensor {name} contains {bad} NaN/Inf values; refusing to convert it")
 
 
-class _Emitter:
-    """Turns canonical tensors into rank pieces (quantized or not) and hands them to the writer."""
+# -- reading -----------------------------------------------------------------------------------------------------
+_ST_TORCH = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
 
-    def __init__(self, plan: Plan, writer: ShardWriter):
-        self.plan, self.writer = plan, writer
-        self.qstats: dict[str, dict] = {}
+
+class _Source:
+    """The checkpoint's tensors as views of private read-only maps of its safetensors files.
+
+    The Checkpoint (safetensors' own handles) validated the files and answers names, shapes and dtypes; tensors are
+    read through these maps instead because their pages can be handed back (`drop`, `release`) as soon as they are
+    used, so resident memory follows the slots in flight, not the checkpoint size. Pickled checkpoints go through
+    the Checkpoint as before."""
+
+    def __init__(self, ckpt: Checkpoint, model_dir: Path):
+        self.ckpt = ckpt
+        self.maps: list[tuple[int, int, mmap.mmap]] = []          # (address, size, map)
+        self.where: dict[str, tuple] = {}                         # name -> (map, begin, end, dtype, shape)
+        for fname in ckpt.files:
+            if not fname.endswith(".safetensors"):
+                continue
+            with open(model_dir / fname, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+                size = os.fstat(f.fileno()).st_size
+                if size <= 8 + n:
+                    continue
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self.maps.append((torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr(), size, mm))
+            base = 8 + n
+            for name, e in header.items():
+                if name == "__metadata__" or e["dtype"] not in _ST_TORCH:
+                    continue
+                dtype = _ST_TORCH[e["dtype"]]
+                b, t = e["data_offsets"]
+                if (base + b) % dtype.itemsize or t == b:   # unaligned or empty: let safetensors handle it
+                    continue
+                self.where[name] = (mm, base + b, base + t, dtype, tuple(e["shape"]))
+
+    def get(self, name: str) -> torch.Tensor:
+        w = self.where.get(name)
+        if w is None:
+            return self.ckpt.get(name)
+        mm, b, e, dtype, shape = w
+        return torch.frombuffer(mm, dtype=dtype, count=(e - b) // dtype.itemsize, offset=b).view(shape)
+
+    def nbytes(self, name: str) -> int:
+        return math.prod(self.ckpt.shape(name)) * self.ckpt.dtype(name).itemsize
+
+    def _span(self, t: torch.Tensor):
+        """(map, begin, end) of the bytes a view of a map covers; None when t is not such a view."""
+        if t.numel() == 0:
+            return None
+        lo = t.data_ptr()
+        hi = lo + (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * t.element_size()
+        for addr, size, mm in self.maps:
+            if addr <= lo < addr + size:
+                return mm, lo - addr, min(hi - addr, size)
+        return None
+
+    def owns(self, t: torch.Tensor | None) -> bool:
+        return t is not None and self._span(t) is not None
+
+    def drop(self, t: torch.Tensor):
+        """Hand back the pages under a view of the source (after its last use; a later read just faults them in)."""
+        span = self._span(t)
+        if span is not None:
+            srchash.drop_pages(*span)
+
+    def release(self, names):
+        for name in names:
+            w = self.where.get(name)
+            if w is not None:
+                srchash.drop_pages(w[0], w[1], w[2])
+
+
+# -- the pipeline ------------------------------------------------------------------------------------------------
+# Quantizer threads. torch ops release the GIL, so these overlap with each other, with the main thread (reading,
+# fusing, slicing), the writer thread (writing + hashing) and the source hashers. Intra-op threads are set to 1 for
+# the run: on a small machine the pipeline's own threads fill the cores.
+WORKERS = max(1, min(4, os.cpu_count() or 1))
+# Rows of a quantized piece per task. Fixed (not derived from WORKERS) so the error sums, and the manifest, do not
+# depend on the machine.
+BLOCK_ROWS = 512
+# Bytes of work between reading and writing: source pages, pieces and outputs of the slots in flight. Together with
+# the interpreter's own ~350 MB this bounds peak RSS; a single slot larger than this still goes through, alone.
+INFLIGHT_BYTES = 128 << 20
+
+
+class _Budget:
+    """Bytes in flight between the main thread and the writer; `take` blocks while over the limit."""
+
+    def __init__(self, limit: int, failed: threading.Event):
+        self.limit, self.used, self.failed = limit, 0, failed
+        self.cond = threading.Condition()
+
+    def take(self, n: int):
+        with self.cond:
+            while self.used > 0 and self.used + n > self.limit and not self.failed.is_set():
+                self.cond.wait(0.1)
+            self.used += n
+
+    def give(self, n: int):
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+
+@dataclass
+class _Item:
+    """One step of the output, in plan order: its (rank, name, tensor or pending) outputs and what to do after."""
+
+    outs: list
+    cost: int = 0
+    release: list = field(default_factory=list)   # views of the source to drop once quantized
+    early: int = 0                                 # part of `cost` given back before the write (see _Countdown)
+    est: int = 0                                   # meta runs: bytes held while the item is made
+    quant: tuple | None = None                     # (name, src, group, [piece pendings]) for a quantized slot
+    check: SlotSource | None = None                # a float slot: its pieces are checked for NaN/Inf
+    layer_done: bool = False
+
+
+class _Countdown:
+    """Calls `fn` once, when `tick` has been called n times (at once if n == 0). Ticks come from pool threads."""
+
+    def __init__(self, n: int, fn):
+        self.n, self.fn, self.lock = n, fn, threading.Lock()
+        if n == 0:
+            fn()
+
+    def tick(self, _future=None):
+        with self.lock:
+            self.n -= 1
+            last = self.n == 0
+        if last:
+            self.fn()
+
+
+class _Pending:
+    """A quantized piece: its int8 weight and scales, filled in row blocks by the quantizer threads."""
+
+    def __init__(self, futures, q, s):
+        self.futures, self.q, self.s = futures, q, s
+
+    def wait(self) -> list[ErrorStats]:
+        return [f.result() for f in self.futures]
+
+
+def _quantize_block(piece, lo, hi, group, scale_dtype, q, s) -> ErrorStats:
+    stats = ErrorStats()
+    quantize(piece[lo:hi], group, scale_dtype, stats, out=(q[lo:hi], s[lo:hi]))
+    return stats
+
+
+def _quantize_rows(jobs, group, scale_dtype, q, s) -> ErrorStats:
+    """Rows [lo, hi) of a piece from a view of the source (None: padding rows, which quantize to zeros)."""
+    stats = ErrorStats()
+    for lo, hi, view in jobs:
+        if view is None:
+            q[lo:hi].zero_()
+            s[lo:hi].zero_()
+        else:
+            quantize(view, group, scale_dtype, stats, out=(q[lo:hi], s[lo:hi]))
+    return stats
+
+
+def _root(t: torch.Tensor) -> torch.Tensor:
+    return t if t._base is None else t._base
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class _Run:
+    """Walks the plan in output order. The same walk runs twice: on meta tensors to declare every output to the
+    writer (names, dtypes, shapes: the file headers), then for real."""
+
+    def __init__(self, plan: Plan, opts: Options, ckpt: Checkpoint, src: _Source | None, rope):
+        self.plan, self.opts, self.ckpt, self.src, self.rope = plan, opts, ckpt, src, rope
         self.scale_dtype = scale_dtype_for(plan.dtype)
+        self.pool: ThreadPoolExecutor | None = None
+        self.budget: _Budget | None = None
+        self._traces: dict = {}
 
-    def emit(self, name: str, slot: str, t: torch.Tensor):
-        p = self.plan
+    def steps(self):
+        p, spec = self.plan, self.plan.spec
+        if p.tied_lm_head:
+            yield "tied", None, None, False
+        for src in p.globals_:
+            yield "slot", src.slot, src, False
+        if self.rope is not None:
+            yield "rope", None, None, False
+        if spec.position["type"] == "alibi":
+            yield "alibi", None, None, False
+        for i, layer in enumerate(p.layers):
+            for j, src in enumerate(layer):
+                yield "slot", f"layers.{i}.{src.slot}", src, j == len(layer) - 1
+        for n in p.extras:
+            yield "extra", n, None, False
+
+    def item(self, kind, name, src, meta: bool) -> _Item:
+        p, tp = self.plan, self.opts.tp
+        if kind == "tied":
+            if not meta:
+                head = self.src.get(p.tied_lm_head)
+                emb = next(s for s in p.globals_ if s.slot == "embed.weight").names[0]
+                same = torch.equal(head, self.src.get(emb))
+                self.src.release([p.tied_lm_head, emb])
+                if not same:
+                    raise FmError("tie_word_embeddings is true but lm_head.weight differs from the embeddings")
+            return _Item([])
+        if kind == "rope":
+            return _Item([(r, "rope.inv_freq", self.rope[0]) for r in range(tp)])
+        if kind == "alibi":
+            slopes, h = alibi_slopes(p.spec.num_heads), p.layout.heads_per_rank
+            return _Item([(r, "alibi.slopes", slopes[r * h:(r + 1) * h].clone()) for r in range(tp)])
+        if kind == "extra":
+            if meta:
+                t = torch.empty(self.ckpt.shape(name), dtype=self.ckpt.dtype(name), device="meta")
+                return _Item([(r, f"extra.{name}", t) for r in range(tp)])
+            t = self.src.get(name)
+            return _Item([(r, f"extra.{name}", t) for r in range(tp)], cost=_nbytes(t))
+        return self._slot(name, src, meta)
+
+    def _slot(self, name: str, src: SlotSource, meta: bool) -> _Item:
+        p, slot = self.plan, src.slot
+        quantized = slot in p.quant_slots
+        trace = self._trace(src) if quantized else None
+        if trace is not None:
+            if meta:    # the same outputs as the slicer's pieces would give, and nothing held while making them
+                outs = []
+                for r, runs in enumerate(trace[1]):
+                    n = sum(c for _, _, c in runs)
+                    N, K = (n, self._width(src, 1)) if trace[0] == 0 else (self._width(src, 0), n)
+                    outs += [(r, name, torch.empty(N, K, dtype=torch.int8, device="meta")),
+                             (r, name + "_scale", torch.empty(N, K // p.groups[slot], dtype=self.scale_dtype,
+                                                              device="meta"))]
+                return _Item(outs)
+            return self._quantize_in_place(name, src, *trace)
+        if meta:
+            parts = [torch.empty(self.ckpt.shape(n), dtype=p.dtype, device="meta") for n in src.names]
+        else:
+            # NaN/Inf: the writer checks each piece as it writes it (quantized ones through their scales, for free)
+            parts = [self.src.get(n).to(p.dtype) for n in src.names]
+        t = p.policy.fuse(p.spec, slot, parts)
+        if not meta and not self.src.owns(t):
+            self.src.release(src.names)           # fuse made a copy: the source pages are done with
         pieces = sl.shard(p.spec, p.layout, slot, t)
-        if slot in p.quant_slots:
-            g = p.groups[slot]
-            stats = ErrorStats()
-            for r, piece in enumerate(pieces):
-                q, s = quantize(piece, g, self.scale_dtype)
-                stats.add(piece, q, s, g)
-                self.writer.add(r, name, q)
-                self.writer.add(r, name + "_scale", s)
-            self.qstats[name] = {"group_size": g, **stats.to_dict()}
-            return
+        # What making this slot may hold at once besides the source: a fused copy and sliced copies (meta: by view
+        # ancestry, which meta tensors keep like real ones). The direct path above holds neither.
+        est = 0
+        if meta:
+            roots = {id(_root(x)) for x in parts}
+            made = {id(_root(x)): _nbytes(x) for x in [t, *pieces] if x is not None and id(_root(x)) not in roots}
+            est = sum(made.values()) + sum(self.src.nbytes(n) for n in src.names
+                                           if self.ckpt.dtype(n) != p.dtype)
+        del t, parts
+        # Pieces that are still views of the source (vocab chunks, replicated norms, a tp=1 weight) keep their pages
+        # until written or quantized; for the others the source pages go now.
+        views = [] if meta else [x for x in pieces if self.src.owns(x)]
+        if not meta and not views:
+            self.src.release(src.names)
+        # Copies stay until written; views of the source are touched (and dropped) a slice at a time by the writer.
+        copies = {x.data_ptr(): _nbytes(x) for x in pieces
+                  if x is not None and not meta and not any(x is v for v in views)}
+        cost = sum(copies.values()) + min(sum(_nbytes(x) for x in views), 2 * ShardWriter.SLICE)
+        if not quantized:
+            return _Item([(r, name, x) for r, x in enumerate(pieces) if x is not None], cost=cost, check=src,
+                         est=est)
+        g, sd = p.groups[slot], self.scale_dtype
+        outs, pend = [], []
         for r, piece in enumerate(pieces):
-            if piece is not None:
-                self.writer.add(r, name, piece)
+            N, K = piece.shape
+            if meta:
+                outs += [(r, name, torch.empty(N, K, dtype=torch.int8, device="meta")),
+                         (r, name + "_scale", torch.empty(N, K // g, dtype=sd, device="meta"))]
+                continue
+            q, s = torch.empty(N, K, dtype=torch.int8), torch.empty(N, K // g, dtype=sd)
+            futs = [self.pool.submit(_quantize_block, piece, lo, min(lo + BLOCK_ROWS, N), g, sd, q, s)
+                    for lo in range(0, N, BLOCK_ROWS)]
+            pend.append(_Pending(futs, q, s))
+            outs += [(r, name, q), (r, name + "_scale", s)]
+            cost += _nbytes(q) + _nbytes(s)
+        return _Item(outs, cost=cost, release=views, quant=(name, src, g, pend), est=est)
+
+    def _trace(self, src: SlotSource):
+        """Where each rank piece of a quantized slot comes from in the source, found by running the policy's fuse and
+        the slicer's shard on small id tensors (so the index math stays in those two places): for row-selecting
+        slots (column- and vocab-parallel) the source rows of every piece row, for row-parallel ones the column range.
+        Quantization is row-wise with groups along K, so the pieces can then be quantized straight from views of the
+        source: no fused copy, no sliced copy. None when a piece must be materialized (padded columns, a dtype cast,
+        a source that is not mapped)."""
+        p, slot = self.plan, src.slot
+        shapes = [tuple(self.ckpt.shape(n)) for n in src.names]
+        key = (slot, tuple(shapes))
+        if key in self._traces:
+            return self._traces[key]
+        self._traces[key] = None
+        if any(self.ckpt.dtype(n) != p.dtype or n not in self.src.where for n in src.names):
+            return None
+        if slot in sl.COLUMN or slot in sl.VOCAB:
+            axis = 0
+        elif slot in sl.ROW:
+            axis = 1
+        else:
+            return None
+        transposed = slot in p.policy.transposed
+        ids, bases, total = [], [], 0
+        for shape in shapes:
+            d = axis if not transposed else 1 - axis          # the source dim that holds the canonical axis
+            n = shape[d]
+            v = torch.arange(total + 1, total + n + 1)        # 0 is the padding the slicer adds
+            ids.append(v.view(n, 1) if d == 0 else v.view(1, n))
+            bases.append(total)
+            total += n
+        try:
+            fused = p.policy.fuse(p.spec, slot, ids)
+            if fused.shape != ((total, 1) if axis == 0 else (1, total)):
+                return None
+            pieces = sl.shard(p.spec, p.layout, slot, fused)
+        except (RuntimeError, ValueError, IndexError):
+            return None
+        which = [self._locate(x.reshape(-1).tolist(), bases) for x in pieces]
+        if axis == 1 and not all(len(w) == 1 and w[0][0] is not None for w in which):
+            return None                                       # padded or scattered columns: materialize
+        self._traces[key] = (axis, which)
+        return self._traces[key]
+
+    def _width(self, src: SlotSource, axis: int) -> int:
+        """The canonical size along `axis` (0: rows, 1: columns) of a slot whose parts share the other dim."""
+        shape = self.ckpt.shape(src.names[0])
+        return shape[axis] if src.slot not in self.plan.policy.transposed else shape[1 - axis]
+
+    def declare(self, writer: ShardWriter) -> list[int]:
+        """Every output to the writer, in plan order, from a dry run on meta tensors (once per distinct slot
+        shape: the layers repeat). Returns, per step, the bytes its making may hold besides its outputs."""
+        memo, ests = {}, []
+        for kind, name, src, _ in self.steps():
+            if kind != "slot":
+                for r, n, t in self.item(kind, name, src, meta=True).outs:
+                    writer.declare(r, n, t.dtype, t.shape)
+                ests.append(0)
+                continue
+            key = (src.slot, tuple((tuple(self.ckpt.shape(n)), self.ckpt.dtype(n)) for n in src.names))
+            if key not in memo:
+                item = self._slot(name, src, meta=True)
+                memo[key] = ([(r, n[len(name):], t.dtype, tuple(t.shape)) for r, n, t in item.outs], item.est)
+            outs, est = memo[key]
+            for r, suffix, dtype, shape in outs:
+                writer.declare(r, name + suffix, dtype, shape)
+            ests.append(est)
+        return ests
+
+    @staticmethod
+    def _locate(ids: list[int], bases: list[int]) -> list[tuple]:
+        """Piece ids -> runs (part, first, count) of consecutive source rows/columns, (None, 0, count) for padding."""
+        runs: list[list] = []
+        for i in ids:
+            part = None if i == 0 else bisect.bisect_right(bases, i - 1) - 1
+            j = 0 if i == 0 else i - 1 - bases[part]
+            if runs and runs[-1][0] == part and (part is None or runs[-1][1] + runs[-1][2] == j):
+                runs[-1][2] += 1
+            else:
+                runs.append([part, j, 1])
+        return [tuple(r) for r in runs]
+
+    def _quantize_in_place(self, name: str, src: SlotSource, axis: int, which) -> _Item:
+        p, slot = self.plan, src.slot
+        g, sd = p.groups[slot], self.scale_dtype
+        parts = [self.src.get(n) for n in src.names]
+        transposed = slot in p.policy.transposed
+
+        def rows(k, a, b):           # canonical rows [a, b) of part k, as a view
+            x = parts[k]
+            return x[a:b] if not transposed else x[:, a:b].t()
+
+        outs, pend = [], []
+        cost = sum(_nbytes(x) for x in parts)
+        for r, runs in enumerate(which):
+            if axis == 1:                                     # row-parallel: one column range of the source
+                k, a, n = runs[0]
+                x = parts[k]
+                piece = x[:, a:a + n] if not transposed else x[a:a + n].t()
+                jobs = [[(lo, min(lo + BLOCK_ROWS, piece.shape[0]), piece[lo:lo + BLOCK_ROWS])]
+                        for lo in range(0, piece.shape[0], BLOCK_ROWS)]
+                N, K = piece.shape
+            else:                                             # rows gathered from runs of source rows
+                K = parts[0].shape[1] if not transposed else parts[0].shape[0]
+                jobs, block, at = [], [], 0
+                for k, a, n in runs:
+                    while n:
+                        take = min(n, BLOCK_ROWS - sum(hi - lo for lo, hi, _ in block))
+                        block.append((at, at + take, None if k is None else rows(k, a, a + take)))
+                        at, a, n = at + take, a + take, n - take
+                        if sum(hi - lo for lo, hi, _ in block) == BLOCK_ROWS:
+                            jobs.append(block)
+                            block = []
+                if block:
+                    jobs.append(block)
+                N = at
+            q, s = torch.empty(N, K, dtype=torch.int8), torch.empty(N, K // g, dtype=sd)
+            futs = [self.pool.submit(_quantize_rows, job, g, sd, q, s) for job in jobs]
+            pend.append(_Pending(futs, q, s))
+            outs += [(r, name, q), (r, name + "_scale", s)]
+            cost += _nbytes(q) + _nbytes(s)
+        # The source pages (and their share of the budget) go as soon as the last block is quantized, not when the
+        # writer gets to this slot: the quantizers can run ahead of the writer.
+        futs = [f for x in pend for f in x.futures]
+        src_bytes = sum(_nbytes(x) for x in parts)
+        done = _Countdown(len(futs), lambda: (self.src.release(src.names), self.budget.give(src_bytes)))
+        for f in futs:
+            f.add_done_callback(done.tick)
+        return _Item(outs, cost=cost, early=src_bytes, quant=(name, src, g, pend))
+
+    def check_scales(self, src: SlotSource, pend: list[_Pending]):
+        """NaN/Inf in a weight shows as a non-finite scale: then name the source tensor exactly as before."""
+        if all(bool(torch.isfinite(x.s).all()) for x in pend):
+            return
+        self._blame(src)
+        raise FmError(f"tensor {', '.join(src.names)}: values too large for {dtype_name(self.scale_dtype)} int8 "
+                      "scales; convert with --dtype fp32")
+
+    def check_piece(self, src: SlotSource, t: torch.Tensor):
+        """A float piece about to be written: NaN/Inf anywhere in it is the source tensor's, named as such."""
+        if t.is_floating_point() and t.numel():
+            lo, hi = torch.aminmax(t)
+            if not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))):
+                self._blame(src)
+
+    def _blame(self, src: SlotSource):
+        for n in src.names:
+            _check_finite(n, self.src.get(n))
+
+
+class _Writer(threading.Thread):
+    """Takes items in plan order, waits for their quantized pieces, writes them; frees their budget and pages."""
+
+    def __init__(self, run: _Run, writer: ShardWriter, budget: _Budget, failed: threading.Event, advance):
+        super().__init__(daemon=True, name="fmconvert-write")
+        self.run_, self.writer, self.budget, self.failed, self.advance = run, writer, budget, failed, advance
+        self.q: queue.SimpleQueue = queue.SimpleQueue()
+        self.qstats: dict[str, dict] = {}
+        self.error: BaseException | None = None
+        self.cancel = threading.Event()
+
+    def run(self):
+        try:
+            while (item := self.q.get()) is not None:
+                if self.cancel.is_set():
+                    self.budget.give(item.cost - item.early)
+                    continue
+                if item.quant is not None:
+                    name, src, g, pend = item.quant
+                    stats = ErrorStats()
+                    for x in pend:
+                        for s in x.wait():
+                            stats.merge(s)
+                    self.run_.check_scales(src, pend)
+                    self.qstats[name] = {"group_size": g, **stats.to_dict()}
+                for x in item.release:
+                    self.run_.src.drop(x)
+                for r, name, t in item.outs:
+                    self.writer.add(r, name, t, self._progress(item, t))
+                if item.layer_done:
+                    self.advance()
+                self.budget.give(item.cost - item.early)
+                item = None
+        except BaseException as e:   # handed to the main thread, which raises it
+            self.error = e
+            self.failed.set()
+            self.budget.give(1 << 62)
+
+    def _progress(self, item: _Item, t: torch.Tensor):
+        """Per written slice of t: NaN/Inf check (float slots), then the source pages under it go (views)."""
+        run, check = self.run_, item.check
+        view = run.src.owns(t)
+        if check is None and not view:
+            return None
+        flat = t.reshape(-1)
+        size, done = t.element_size(), [0]
+
+        def progress(nbytes: int):
+            lo, hi = done[0], nbytes // size
+            if check is not None:
+                run.check_piece(check, flat[lo:hi])
+            if view:
+                run.src.drop(flat[lo:hi])
+            done[0] = hi
+        return progress
+
+
+def _emit_all(run: _Run, writer: ShardWriter, progress, advance) -> dict:
+    """Declare every output, then stream them: main thread reads/fuses/slices, pool quantizes, writer writes."""
+    ests = run.declare(writer)
+    failed = threading.Event()
+    budget = run.budget = _Budget(INFLIGHT_BYTES, failed)
+    wt = _Writer(run, writer, budget, failed, advance)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    run.pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="fmconvert-quant")
+    wt.start()
+    try:
+        for (kind, name, src, last), est in zip(run.steps(), ests):
+            if failed.is_set():
+                break
+            budget.take(est)
+            try:
+                item = run.item(kind, name, src, meta=False)
+            finally:
+                budget.give(est)
+            item.layer_done = last
+            budget.take(item.cost)
+            wt.q.put(item)
+            del item
+        wt.q.put(None)
+        wt.join()
+        if wt.error is not None:
+            raise wt.error
+    except FmError:
+        # Report the earliest failure in plan order: let the writer finish what came before this one.
+        wt.q.put(None)
+        wt.join()
+        if wt.error is not None:
+            raise wt.error from None
+        raise
+    except BaseException:
+        wt.cancel.set()
+        wt.q.put(None)
+        wt.join()
+        raise
+    finally:
+        run.pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
+        if wt.error is not None or wt.is_alive():
+            writer.abort()
+    writer.close()
+    return wt.qstats
 
 
 def convert(model_dir, out_dir, opts: Options | None = None, progress: bool = True, console=None) -> dict:
@@ -210,24 +741,33 @@ def convert(model_dir, out_dir, opts: Options | None = None, progress: bool = Tr
     t0 = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     max_bytes = parse_size(opts.max_shard_size)
-    config, config_sha = load_config(model_dir)
-    with Checkpoint(model_dir, allow_pickle=opts.allow_pickle) as ckpt:
+    # Hashing the source is the longest single job: it starts before config.json is parsed (which imports
+    # transformers), or earlier still from the CLI, whenever the weight files can be told already.
+    srchash.start(model_dir)
+    try:
+        config, config_sha = load_config(model_dir)
+        ckpt = Checkpoint(model_dir, allow_pickle=opts.allow_pickle)
+    except BaseException:
+        srchash.discard(model_dir)
+        raise
+    hasher = srchash.take(model_dir, ckpt.files)
+    try:
+        return _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config, config_sha, ckpt, hasher)
+    except BaseException:
+        hasher.cancel()
+        raise
+
+
+def _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config, config_sha, ckpt, hasher) -> dict:
+    with ckpt:
         plan = make_plan(model_dir, opts, ckpt, config)
         spec = plan.spec
         rope = _rope_inv_freq(config, spec) if spec.position["type"] == "rope" else None
-        hasher, src_hashes = hash_files_async([model_dir / f for f in ckpt.files])
-        atomic = AtomicDir(out_dir, opts.force)
+        src = _Source(ckpt, model_dir)
+        atomic = AtomicDir(out_dir, opts.force, keep=model_dir)
         with atomic as tmp:
             writer = ShardWriter(tmp, opts.tp, max_bytes)
-            em = _Emitter(plan, writer)
-
-            def load(src: SlotSource) -> torch.Tensor:
-                parts = []
-                for n in src.names:
-                    t = ckpt.get(n)
-                    _check_finite(n, t)
-                    parts.append(t.to(plan.dtype))
-                return plan.policy.fuse(spec, src.slot, parts)
+            run = _Run(plan, opts, ckpt, src, rope)
 
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
             cols = (TextColumn("[bold]converting"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
@@ -236,36 +776,14 @@ def convert(model_dir, out_dir, opts: Options | None = None, progress: bool = Tr
             # prints a summary on success).
             with Progress(*cols, console=console, disable=not progress, transient=True) as bar:
                 task = bar.add_task("layers", total=spec.num_layers)
-                if plan.tied_lm_head:
-                    head = ckpt.get(plan.tied_lm_head)
-                    emb = next(s for s in plan.globals_ if s.slot == "embed.weight")
-                    if not torch.equal(head, ckpt.get(emb.names[0])):
-                        raise FmError("tie_word_embeddings is true but lm_head.weight differs from the embeddings")
-                for src in plan.globals_:
-                    em.emit(src.slot, src.slot, load(src))
-                if rope is not None:
-                    for r in range(opts.tp):
-                        writer.add(r, "rope.inv_freq", rope[0])
-                if spec.position["type"] == "alibi":
-                    slopes = alibi_slopes(spec.num_heads)
-                    for r in range(opts.tp):
-                        h = plan.layout.heads_per_rank
-                        writer.add(r, "alibi.slopes", slopes[r * h:(r + 1) * h].clone())
-                for i, layer in enumerate(plan.layers):
-                    for src in layer:
-                        em.emit(f"layers.{i}.{src.slot}", src.slot, load(src))
-                    bar.advance(task)
-                for n in plan.extras:
-                    for r in range(opts.tp):
-                        writer.add(r, f"extra.{n}", ckpt.get(n))
-                writer.close()
+                qstats = _emit_all(run, writer, bar, lambda: bar.advance(task))
 
             copied = []
             for f in SIDECAR_FILES:
                 if (model_dir / f).is_file():
                     shutil.copyfile(model_dir / f, tmp / f)
                     copied.append(f)
-            hasher.join()
+            src_hashes = hasher.join()
             pos = dict(spec.position)
             if rope is not None:
                 pos["attention_scaling"] = rope[1]
@@ -280,8 +798,8 @@ def convert(model_dir, out_dir, opts: Options | None = None, progress: bool = Tr
                 "dtype": dtype_name(plan.dtype),
                 "quantization": None if not opts.int8 else {
                     "scheme": "int8_symmetric_group", "group_size": opts.group_size,
-                    "scale_dtype": dtype_name(em.scale_dtype), "embeddings": opts.int8_embeddings,
-                    "tensors": em.qstats},
+                    "scale_dtype": dtype_name(run.scale_dtype), "embeddings": opts.int8_embeddings,
+                    "tensors": qstats},
                 "extras": plan.extras,
                 "ranks": [{"rank": r, "files": writer.files[r], "tensors": dict(sorted(writer.tensors[r].items()))}
                           for r in range(opts.tp)],
@@ -293,5 +811,5 @@ def convert(model_dir, out_dir, opts: Options | None = None, progress: bool = Tr
             "params": plan.params, "bytes_in": plan.bytes_in, "bytes_out": writer.bytes_written,
             "files": sum(len(f) for f in writer.files), "seconds": secs,
             "mb_per_s": plan.bytes_in / 1e6 / secs if secs > 0 else 0.0,
-            "worst_sqnr_db": min((v["sqnr_db"] for v in em.qstats.values() if v["sqnr_db"] is not None),
+            "worst_sqnr_db": min((v["sqnr_db"] for v in qstats.values() if v["sqnr_db"] is not None),
                                  default=None)}

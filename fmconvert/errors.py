@@ -1,10 +1,20 @@
-"""One exception type for every user-facing failure, with the exit code the CLI returns."""
+"""One exception type for every user-facing failure, with the exit code the CLI returns.
 
-# Exit codes, documented in the README. 1 is reserved for `verify` finding a parity failure.
+Exit codes (docs/robustness.md):
+  0    success
+  1    `verify` found a parity or integrity failure
+  2    bad input: a malformed or unsupported checkpoint, config, manifest or option; an OUT_DIR that exists or
+       that another fmconvert is writing; a tampered or missing shard when loading
+  3    I/O: disk full, file too large, permission denied, an unreadable file
+  4    internal error: a bug in fmconvert (FMCONVERT_DEBUG=1 shows the traceback)
+  130  interrupted (Ctrl-C or SIGTERM); a conversion leaves nothing behind
+"""
+
 EXIT_PARITY = 1
 EXIT_BAD_INPUT = 2
 EXIT_IO = 3
 EXIT_INTERNAL = 4
+EXIT_INTERRUPTED = 130
 
 
 class FmError(Exception):

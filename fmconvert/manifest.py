@@ -18,91 +18,204 @@ Readers check the format version and confine every path to the output directory.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from pathlib import Path
 
-from .errors import FmError
+from .errors import EXIT_IO, FmError
 
 FORMAT = "fmconvert"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _REQUIRED = ("format", "format_version", "tool_version", "source", "model", "parallel", "dtype", "quantization",
              "ranks")
-_MODEL_INTS = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
-               "vocab_size")
-_DTYPES = ("float32", "float16", "bfloat16", "int8")
+_FLOATS = ("float32", "float16", "bfloat16")
+_DTYPES = _FLOATS + ("int8",)
 MAX_MANIFEST_BYTES = 64 << 20
+MAX_DIM = 1 << 24
+MAX_POSITIONS = 1 << 22   # the runtime builds RoPE tables this long at load: a lie here must not cost gigabytes
+MAX_FILES, MAX_TENSORS = 1 << 16, 1 << 20
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_WORD = re.compile(r"[A-Za-z0-9_.+\-]{1,128}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+# model: key -> check. Everything the runtime, inspect, reassemble and verify read from it.
+_POS_INT = lambda x: type(x) is int and 0 < x < MAX_DIM  # noqa: E731
+_NAT = lambda x: type(x) is int and 0 <= x < MAX_DIM  # noqa: E731
+_BOOL = lambda x: type(x) is bool  # noqa: E731
+_POS_NUM = lambda x: type(x) in (int, float) and 0 < x < math.inf  # noqa: E731
+_FINITE = lambda x: type(x) in (int, float) and math.isfinite(x)  # noqa: E731
+_TOKEN = lambda x: x is None or _NAT(x)  # noqa: E731
+_ENUM = lambda *vals: (lambda x: x in vals)  # noqa: E731
+_MODEL = {
+    "family": lambda x: isinstance(x, str) and _WORD.fullmatch(x), "architecture": lambda x: isinstance(x, str)
+    and _WORD.fullmatch(x), "kind": _ENUM("decoder", "encoder"),
+    **{k: _POS_INT for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                             "intermediate_size", "vocab_size", "embed_dim")},
+    "max_positions": lambda x: type(x) is int and 0 <= x <= MAX_POSITIONS, "type_vocab_size": _NAT,
+    "norm": _ENUM("rms", "layer"), "norm_eps": _POS_NUM, "attn_scale": _POS_NUM,
+    "activation": _ENUM("gelu", "gelu_tanh", "relu", "silu", "swiglu"), "residual": _ENUM("pre", "post"),
+    **{k: _BOOL for k in ("gated_mlp", "tied_embeddings", "embed_norm", "final_norm", "project", "pooler")},
+    "position": lambda x: isinstance(x, dict), "bos_token_id": _TOKEN, "pad_token_id": _TOKEN,
+    "eos_token_id": lambda x: _TOKEN(x) or (isinstance(x, list) and len(x) < 1024 and all(map(_NAT, x))),
+    "slots": lambda x: isinstance(x, list) and all(isinstance(s, str) for s in x),
+}
+_PARALLEL = ("tp", "heads_per_rank", "kv_heads_per_rank", "kv_replication", "intermediate_chunk",
+             "intermediate_per_rank", "vocab_padded", "vocab_per_rank")
 
 
 def dumps(manifest: dict) -> str:
     return json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
+def check_rel(rel) -> str:
+    """Lexical half of `safe_path`: a relative path with no '..', no absolute or drive prefix, no odd characters."""
+    if not isinstance(rel, str) or not rel or len(rel) > 1024 or _CONTROL.search(rel) or "\\" in rel:
+        raise FmError(f"manifest: file path {rel!r} is not a plain relative path")
+    if rel.startswith("/") or os.path.isabs(rel) or ".." in Path(rel).parts or rel.strip("/.") == "":
+        raise FmError(f"manifest: file path {rel!r} escapes the output directory")
+    return rel
+
+
 def safe_path(root: Path, rel) -> Path:
     """A manifest path, confined to root: no absolute paths, no '..', no symlink escaping it."""
-    if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or "\x00" in rel:
-        raise FmError(f"manifest: file path {rel!r} is not a relative path")
-    parts = Path(rel).parts
-    if ".." in parts or os.path.isabs(rel):
-        raise FmError(f"manifest: file path {rel!r} escapes the output directory")
-    p = root / rel
+    check_rel(rel)
+    p = Path(root) / rel
     try:
-        real, base = p.resolve(), root.resolve()
+        real, base = p.resolve(), Path(root).resolve()
     except (OSError, RuntimeError):
-        raise FmError(f"manifest: file path {rel!r} cannot be resolved") from None
+        raise FmError(f"manifest: file path {rel!r} cannot be resolved (a symlink loop?)") from None
     if base != real and base not in real.parents:
-        raise FmError(f"manifest: file path {rel!r} resolves outside the output directory")
+        raise FmError(f"manifest: file path {rel!r} resolves outside the output directory (a symlink?)")
     return p
 
 
-def _need(cond: bool, msg: str):
+def _need(cond, msg: str):
     if not cond:
         raise FmError(f"manifest: {msg}")
 
 
+def _no_control(x, depth: int = 0):
+    """No string anywhere may carry control characters: they would end up in one-line errors and terminals."""
+    _need(depth < 32, "nested too deeply")
+    if isinstance(x, str):
+        _need(not _CONTROL.search(x), f"string {x[:40]!r} contains control characters")
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            _no_control(k, depth + 1)
+            _no_control(v, depth + 1)
+    elif isinstance(x, list):
+        for v in x:
+            _no_control(v, depth + 1)
+
+
 def validate(m) -> dict:
-    """Structural checks, so nothing downstream meets a KeyError or a lying shape."""
+    """Every field a reader uses, its type, its range and its agreement with the others, so nothing downstream meets
+    a KeyError, a TypeError or a size that would make it allocate on a lie."""
     _need(isinstance(m, dict), "expected a JSON object")
-    _need(m.get("format") == FORMAT, f"format is {m.get('format')!r}, expected {FORMAT!r}")
+    _need(m.get("format") == FORMAT, f"format is {str(m.get('format'))[:40]!r}, expected {FORMAT!r}")
     v = m.get("format_version")
-    _need(isinstance(v, int) and not isinstance(v, bool), "format_version must be an integer")
+    _need(type(v) is int, "format_version must be an integer")
     if v > FORMAT_VERSION:
         raise FmError(f"manifest: format_version {v} is newer than this fmconvert understands ({FORMAT_VERSION}); "
                       "upgrade fmconvert")
     _need(v == FORMAT_VERSION, f"format_version {v} is not supported")
     for k in _REQUIRED:
         _need(k in m, f"missing key {k!r}")
+    _no_control(m)
+    _need(isinstance(m["tool_version"], str) and _WORD.fullmatch(m["tool_version"]), "tool_version is malformed")
     model, par = m["model"], m["parallel"]
     _need(isinstance(model, dict) and isinstance(par, dict), "model and parallel must be objects")
-    for k in _MODEL_INTS:
-        x = model.get(k)
-        _need(isinstance(x, int) and not isinstance(x, bool) and 0 < x < 1 << 24, f"model.{k} must be a positive int")
-    tp = par.get("tp")
-    _need(isinstance(tp, int) and not isinstance(tp, bool) and 1 <= tp <= 4096, "parallel.tp must be a positive int")
-    _need(m["dtype"] in _DTYPES[:3], f"dtype {m['dtype']!r} is not a float dtype")
+    for k, ok in _MODEL.items():
+        _need(k in model and ok(model[k]), f"model.{k} is missing or malformed")
+    _position(model)
+    _need(model["num_heads"] % model["num_kv_heads"] == 0, "model.num_heads is not a multiple of num_kv_heads")
+    for k in _PARALLEL:
+        _need(_POS_INT(par.get(k)), f"parallel.{k} must be a positive int")
+    tp = par["tp"]
+    _need(tp <= 4096, "parallel.tp is larger than 4096")
+    _need(par["heads_per_rank"] * tp == model["num_heads"], "parallel.heads_per_rank * tp != model.num_heads")
+    _need(par["kv_heads_per_rank"] * tp == model["num_kv_heads"] * par["kv_replication"],
+          "parallel.kv_heads_per_rank does not fit model.num_kv_heads")
+    _need(par["vocab_per_rank"] * tp == par["vocab_padded"] >= model["vocab_size"],
+          "parallel.vocab_per_rank * tp != vocab_padded, or it is smaller than model.vocab_size")
+    _need(par["intermediate_per_rank"] >= par["intermediate_chunk"] and
+          par["intermediate_chunk"] * tp >= model["intermediate_size"],
+          "parallel.intermediate_* does not cover model.intermediate_size")
+    _need(m["dtype"] in _FLOATS, f"dtype {str(m['dtype'])[:40]!r} is not a float dtype")
+    _source(m["source"])
+    _need(isinstance(m.get("extras", []), list) and all(isinstance(e, str) for e in m.get("extras", [])),
+          "extras must be a list of tensor names")
+    _quantization(m["quantization"])
     ranks = m["ranks"]
-    _need(isinstance(ranks, list) and len(ranks) == tp, f"expected {tp} rank entries")
+    _need(isinstance(ranks, list) and len(ranks) == tp, f"expected {tp} rank entries (parallel.tp)")
+    seen: set[str] = set()
     for i, r in enumerate(ranks):
         _need(isinstance(r, dict) and r.get("rank") == i, f"rank entry {i} is malformed")
         files, tensors = r.get("files"), r.get("tensors")
         _need(isinstance(files, list) and isinstance(tensors, dict), f"rank {i}: files/tensors malformed")
+        _need(len(files) <= MAX_FILES and len(tensors) <= MAX_TENSORS, f"rank {i}: too many files or tensors")
         names = set()
         for f in files:
-            _need(isinstance(f, dict) and isinstance(f.get("path"), str), f"rank {i}: file entry malformed")
-            _need(isinstance(f.get("size"), int) and f["size"] >= 0, f"rank {i}: {f['path']}: bad size")
-            _need(isinstance(f.get("sha256"), str) and len(f["sha256"]) == 64, f"rank {i}: {f['path']}: bad sha256")
-            names.add(f["path"])
+            _need(isinstance(f, dict), f"rank {i}: file entry malformed")
+            path = check_rel(f.get("path"))
+            _need(path not in seen, f"rank {i}: file {path} is listed twice")
+            _need(type(f.get("size")) is int and 0 <= f["size"] < 1 << 50, f"rank {i}: {path}: bad size")
+            _need(isinstance(f.get("sha256"), str) and _HEX64.fullmatch(f["sha256"]), f"rank {i}: {path}: bad sha256")
+            seen.add(path)
+            names.add(path)
         for name, t in tensors.items():
-            _need(isinstance(t, dict) and t.get("file") in names, f"rank {i}: tensor {name} names an unknown file")
-            _need(t.get("dtype") in _DTYPES, f"rank {i}: tensor {name} has bad dtype {t.get('dtype')!r}")
+            _need(isinstance(t, dict) and isinstance(t.get("file"), str) and t["file"] in names,
+                  f"rank {i}: tensor {name} names an unknown file")
+            _need(t.get("dtype") in _DTYPES, f"rank {i}: tensor {name} has a bad dtype")
             shape = t.get("shape")
             _need(isinstance(shape, list) and len(shape) <= 4 and
-                  all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31 for d in shape),
-                  f"rank {i}: tensor {name} has a bad shape")
-    q = m["quantization"]
-    _need(q is None or (isinstance(q, dict) and isinstance(q.get("group_size"), int) and q["group_size"] > 0),
-          "quantization must be null or an object with a positive group_size")
+                  all(type(d) is int and 0 <= d < 1 << 31 for d in shape), f"rank {i}: tensor {name} has a bad shape")
     return m
+
+
+def _position(model: dict):
+    pos = model["position"]
+    kind = pos.get("type")
+    _need(kind in ("rope", "alibi", "learned"), "model.position.type must be rope, alibi or learned")
+    if kind == "rope":
+        rd = pos.get("rotary_dim")
+        _need(type(rd) is int and 0 < rd <= model["head_dim"] and rd % 2 == 0,
+              "model.position.rotary_dim must be an even int no larger than head_dim")
+        _need(pos.get("style") in ("neox", "gptj"), "model.position.style must be neox or gptj")
+        _need(_POS_NUM(pos.get("theta")) and _POS_NUM(pos.get("attention_scaling", 1.0)),
+              "model.position.theta/attention_scaling must be positive numbers")
+    if kind == "learned":
+        _need(type(pos.get("offset")) is int and 0 <= pos["offset"] < 1 << 16, "model.position.offset is malformed")
+
+
+def _source(src):
+    _need(isinstance(src, dict), "source must be an object")
+    _need(all(isinstance(src.get(k), str) for k in ("architecture", "family", "prefix")),
+          "source.architecture/family/prefix must be strings")
+    _need(src.get("config_sha256") is None or isinstance(src["config_sha256"], str), "source.config_sha256 malformed")
+    files = src.get("files", {})
+    _need(isinstance(files, dict) and all(isinstance(v, str) for v in files.values()), "source.files malformed")
+    side = src.get("sidecar_files", [])
+    _need(isinstance(side, list) and all(isinstance(f, str) for f in side), "source.sidecar_files malformed")
+
+
+def _quantization(q):
+    if q is None:
+        return
+    _need(isinstance(q, dict), "quantization must be null or an object")
+    g = q.get("group_size")
+    _need(type(g) is int and 0 < g < MAX_DIM and g & (g - 1) == 0, "quantization.group_size must be a power of two")
+    _need(q.get("scale_dtype") in _FLOATS, "quantization.scale_dtype must be a float dtype")
+    _need(type(q.get("embeddings", False)) is bool, "quantization.embeddings must be true or false")
+    tensors = q.get("tensors")
+    _need(isinstance(tensors, dict), "quantization.tensors must be an object")
+    for name, t in tensors.items():
+        ok = isinstance(t, dict) and type(t.get("group_size")) is int and t["group_size"] > 0
+        ok = ok and _FINITE(t.get("rel_rms")) and _FINITE(t.get("max_abs"))
+        ok = ok and "sqnr_db" in t and (t["sqnr_db"] is None or _FINITE(t["sqnr_db"]))  # None: exact (infinite)
+        _need(ok, f"quantization.tensors.{name} is malformed")
 
 
 def read(out_dir: Path) -> dict:
@@ -115,7 +228,9 @@ def read(out_dir: Path) -> dict:
     if path.stat().st_size > MAX_MANIFEST_BYTES:
         raise FmError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB")
     try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        m = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise FmError(f"{path}: not valid JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    except OSError as e:
+        raise FmError(f"{path}: cannot read it ({e.strerror or e})", EXIT_IO) from None
     return validate(m)

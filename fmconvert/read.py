@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import threading
+import re
+import struct
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import FmError
+from .errors import EXIT_IO, FmError
+from .manifest import MAX_DIM, MAX_POSITIONS  # a config the converter accepts must give a manifest readers accept
 
 INDEX = "model.safetensors.index.json"
 _ST_DTYPES = {
@@ -23,11 +26,21 @@ _ST_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+                "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+MAX_HEADER_BYTES = 100 << 20
+MAX_RANK = 8
 # Files a serving script needs besides the weights; copied verbatim into the output.
 SIDECAR_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
 )
+
+
+_CORE = ("hidden_size", "num_layers", "num_heads", "vocab_size")   # no default is ever right for these
+_CORE_WHAT = {"hidden_size": "hidden size", "num_layers": "number of layers", "num_heads": "number of attention heads",
+              "vocab_size": "vocabulary size"}
+_INTS = _CORE + ("num_kv_heads", "head_dim", "intermediate_size", "max_positions", "embed_dim", "type_vocab_size")
 
 
 def load_config(model_dir: Path):
@@ -39,24 +52,85 @@ def load_config(model_dir: Path):
     if not path.is_file():
         raise FmError(f"{model_dir} has no config.json")
     try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FmError(f"{path}: not valid JSON ({e})") from None
+        text = path.read_bytes()
+        raw = json.loads(text.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise FmError(f"{path}: not valid JSON ({_first_line(e)})") from None
     if not isinstance(raw, dict):
         raise FmError(f"{path}: expected a JSON object")
     if "auto_map" in raw:
         raw.pop("auto_map")  # remote-code hooks are never honoured
+    archs = raw.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise FmError(f"{path}: architectures must be a list of strings, got {_short(archs)}")
     from .policy import policy_for
 
-    policy_for(raw.get("architectures"))  # fail on unknown architectures before transformers does
-    from transformers import AutoConfig
+    policy, arch = policy_for(archs)  # fail on unknown architectures before transformers does
+    from transformers import logging as hf_logging
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
     model_type = raw.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES:
+        raise FmError(f"{path}: model_type {_short(model_type)} is missing or unknown to transformers")
+    stem = CONFIG_MAPPING_NAMES[model_type].removesuffix("Config")
+    if not any(a.startswith(stem) for a in policy.architectures):
+        raise FmError(f"{path}: model_type {model_type!r} does not belong with architecture {arch}")
+    cls = CONFIG_MAPPING[model_type]
+    _check_sizes(raw, policy.table["config"], getattr(cls, "attribute_map", {}), path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its config warnings would break the one-line error contract
     try:
-        cls = AutoConfig.for_model(model_type).__class__
         config = cls.from_dict(raw)
     except Exception as e:  # transformers raises ValueError/KeyError/TypeError for malformed configs
-        raise FmError(f"{path}: transformers cannot parse it ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    return config, hashlib.sha256(path.read_bytes()).hexdigest()
+        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())[:300]
+        raise FmError(f"{path}: transformers cannot parse it ({type(e).__name__}: {msg})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return config, hashlib.sha256(text).hexdigest()
+
+
+def _short(x, n: int = 80) -> str:
+    s = repr(x)
+    return s if len(s) <= n else s[:n - 3] + "..."
+
+
+def _check_sizes(raw: dict, table: dict, attribute_map: dict, path: Path):
+    """Types, presence and divisibility of the sizes the policy reads: caught here with a message naming the key,
+    instead of a transformers default silently standing in or a validator's traceback-shaped error."""
+    def lookup(name):
+        for alias in (name, attribute_map.get(name), *(k for k, v in attribute_map.items() if v == name)):
+            if alias and raw.get(alias) is not None:
+                return alias, raw[alias]
+        return None, None
+
+    found = {}
+    for key, spec in table.items():
+        if not isinstance(spec, str):
+            continue
+        names = [n for alt in spec.split("|") for n in re.split(r"[*/]", alt) if not n.isdigit()]
+        for n in names:
+            alias, v = lookup(n)
+            if alias is None:
+                continue
+            if key in _INTS or "/" in spec or "*" in spec:
+                if type(v) is not int or not 0 < v < MAX_DIM:
+                    raise FmError(f"{path}: {alias} must be a positive integer below {MAX_DIM}, got {_short(v)}")
+                if key == "max_positions" and v > MAX_POSITIONS:  # the runtime builds its RoPE tables this long
+                    raise FmError(f"{path}: {alias}={v} exceeds the {MAX_POSITIONS} positions fmconvert supports")
+            elif key == "norm_eps" and (type(v) not in (int, float) or not 0 < v < 1):
+                raise FmError(f"{path}: {alias} must be a small positive number, got {_short(v)}")
+            elif key == "activation" and not isinstance(v, str):
+                raise FmError(f"{path}: {alias} must be a string, got {_short(v)}")
+            found.setdefault(key, (alias, v))
+        if key in _CORE and key not in found:
+            raise FmError(f"{path}: missing key {' or '.join(names)} (the {_CORE_WHAT[key]})")
+    rope = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
+    for k, v in [(k, raw.get(k)) for k in ("rope_theta", "partial_rotary_factor")] + [
+            ("rope_parameters.rope_theta", rope.get("rope_theta"))]:
+        if v is not None and (type(v) not in (int, float) or not 0 < v < float("inf")):
+            raise FmError(f"{path}: {k} must be a positive number, got {_short(v)}")
+    (h, hidden), (a, heads) = found["hidden_size"], found["num_heads"]
+    if hidden % heads:  # every supported family splits the hidden size into whole heads
+        raise FmError(f"{path}: {h}={hidden} is not divisible by {a}={heads}")
 
 
 class Checkpoint:
@@ -72,6 +146,7 @@ class Checkpoint:
         for fname in files:
             if self._pickled is not None:
                 break
+            check_safetensors(self.dir / fname, fname)
             try:
                 h = safe_open(self.dir / fname, framework="pt")
                 keys = list(h.keys())
@@ -89,7 +164,7 @@ class Checkpoint:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
                 files = sorted(set(weight_map.values()))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            except (ValueError, RecursionError, KeyError, TypeError, AttributeError) as e:  # incl. bad UTF-8
                 raise FmError(f"{index}: malformed index ({_first_line(e)})") from None
             for f in files:
                 if not isinstance(f, str) or os.path.basename(f) != f:
@@ -108,8 +183,10 @@ class Checkpoint:
             for b in bins:
                 try:
                     sd = torch.load(self.dir / b, map_location="cpu", weights_only=True, mmap=True)
-                except Exception as e:
-                    raise FmError(f"{b}: cannot be loaded with weights_only=True ({_first_line(e)})") from None
+                except Exception as e:  # torch's message opens with advice to drop weights_only: show the cause
+                    lines = [x.strip() for x in str(e).splitlines() if x.strip()] or [type(e).__name__]
+                    why = next((x for x in lines if "GLOBAL" in x or "Unsupported" in x), lines[0])
+                    raise FmError(f"{b}: cannot be loaded with weights_only=True ({why[:200]})") from None
                 if not isinstance(sd, dict):
                     raise FmError(f"{b}: expected a state dict")
                 for k, v in sd.items():
@@ -154,21 +231,79 @@ class Checkpoint:
             raise FmError(f"{self._where[name]}: cannot read tensor {name} ({_first_line(e)})") from None
 
 
-def hash_files_async(paths: list[Path]) -> tuple[threading.Thread, dict[str, str]]:
-    """sha256 of the source files, computed on a thread while conversion runs (hashlib releases the GIL)."""
-    out: dict[str, str] = {}
+def _no_duplicates(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"duplicate key {k!r}")
+        d[k] = v
+    return d
 
-    def work():
-        for p in paths:
-            h = hashlib.sha256()
-            with open(p, "rb") as f:
-                while chunk := f.read(1 << 22):
-                    h.update(chunk)
-            out[p.name] = h.hexdigest()
 
-    t = threading.Thread(target=work, daemon=True)
-    t.start()
-    return t, out
+def check_safetensors(path: Path, label: str | None = None) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Validate a safetensors file's header against itself and the file size before any library trusts it.
+
+    Returns {tensor: (dtype, shape)}. A lying header (a huge length, offsets past the end, overlapping or gappy data,
+    a byte span that is not prod(shape) * itemsize) is a one-line FmError naming the file and the tensor, so nothing
+    is allocated or read on its word.
+    """
+    path = Path(path)
+    label = label or path.name
+
+    def bad(detail: str) -> FmError:
+        return FmError(f"{label}: not a readable safetensors file: {detail}")
+
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise bad(f"{size} bytes, too short for a header (truncated?)")
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_HEADER_BYTES:
+                raise bad(f"header length {n} exceeds the {MAX_HEADER_BYTES >> 20} MiB limit")
+            if 8 + n > size:
+                raise bad(f"header length {n} runs past the end of the {size}-byte file (truncated?)")
+            raw = f.read(n)
+    except OSError as e:
+        raise FmError(f"{label}: cannot read it ({e.strerror or e})", EXIT_IO) from None
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as e:
+        raise bad(f"header is not valid JSON ({_first_line(e)})") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise bad("__metadata__ must map strings to strings")
+    out, spans = {}, []
+    for name, e in header.items():
+        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+            raise bad(f"tensor {name}: the entry must have exactly dtype, shape and data_offsets")
+        dt, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
+        if not isinstance(dt, str) or dt not in _ST_ITEMSIZE:
+            raise bad(f"tensor {name}: unknown dtype {_short(dt)}")
+        if (not isinstance(shape, list) or len(shape) > MAX_RANK
+                or not all(type(d) is int and 0 <= d < 1 << 48 for d in shape)):
+            raise bad(f"tensor {name}: shape {_short(shape)} is not a list of at most {MAX_RANK} non-negative ints")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(type(o) is int for o in offs)
+                and 0 <= offs[0] <= offs[1]):
+            raise bad(f"tensor {name}: data_offsets {_short(offs)} must be [begin, end] with 0 <= begin <= end")
+        want = math.prod(shape) * _ST_ITEMSIZE[dt]
+        if offs[1] - offs[0] != want:
+            raise bad(f"tensor {name}: the header says {dt} {shape} ({want} bytes) but its data spans "
+                      f"{offs[1] - offs[0]} bytes")
+        out[name] = (dt, tuple(shape))
+        spans.append((offs[0], offs[1], name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            what = "overlaps the previous tensor" if begin < end else f"leaves a gap at byte {end}"
+            raise bad(f"tensor {name}: data_offsets [{begin}, {stop}] {what}")
+        end = stop
+    if 8 + n + end != size:
+        raise bad(f"the header accounts for {8 + n + end} bytes but the file has {size} "
+                  f"({'truncated' if size < 8 + n + end else 'trailing bytes'})")
+    return out
 
 
 def _first_line(e: BaseException) -> str:

@@ -17,6 +17,7 @@ from . import slice as sl
 from .errors import FmError
 from .policy import ModelSpec, policy_for
 from .quantize import dequantize as _dequantize
+from .read import check_safetensors
 
 SCALE = "_scale"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
@@ -46,6 +47,10 @@ def _read_ranks(out_dir: Path, m: dict) -> list[dict[str, torch.Tensor]]:
         for f in r["files"]:
             path = mf.safe_path(out_dir, f["path"])
             want = {n: t for n, t in r["tensors"].items() if t["file"] == f["path"]}
+            header = check_safetensors(path, f["path"])
+            for name in want:
+                if name not in header:
+                    raise FmError(f"{f['path']}: tensor {name} listed in the manifest is not in the file")
             try:
                 with safe_open(path, framework="pt") as h:
                     for name, info in want.items():

@@ -72,12 +72,30 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
     return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
 
 
-@torch.inference_mode()
+# A model this small decodes on CPU with one intra-op thread: its ops are far below the size worth splitting, and
+# a second thread only adds a barrier to every op, one that stalls whenever the other core is busy. Same results.
+SMALL_MODEL_BYTES = 32 << 20
+
+
 def generate(model: FusedModel, input_ids: torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, eos_token_id=None, on_token=None,
              cuda_graph: bool | None = None) -> tuple[torch.Tensor, GenStats]:
     """input_ids [B, T] -> [B, T + new]. `on_token(ids [B])` is called as each step's tokens are chosen.
     On CUDA the decode step is replayed from a CUDA graph unless cuda_graph=False."""
+    threads = torch.get_num_threads()
+    single = model.device.type == "cpu" and threads > 1 and weight_bytes(model) < SMALL_MODEL_BYTES
+    if single:
+        torch.set_num_threads(1)
+    try:
+        return _generate(model, input_ids, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token,
+                         cuda_graph)
+    finally:
+        if single:
+            torch.set_num_threads(threads)
+
+
+@torch.inference_mode()
+def _generate(model, input_ids, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token, cuda_graph):
     if model.spec["kind"] != "decoder":
         raise ValueError("generate needs a decoder; use embed for encoders")
     B, T = input_ids.shape

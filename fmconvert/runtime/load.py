@@ -11,6 +11,7 @@ from safetensors import SafetensorError, safe_open
 
 from .. import manifest as mf
 from ..errors import FmError
+from ..read import check_safetensors
 from .comm import SingleComm, init_distributed
 from .model import FusedModel
 from .ops import Int8Weight, make_ops
@@ -26,10 +27,74 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+_ST_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8"}
+_INT8_OK = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight", "embed.weight", "lm_head.weight")
+_ROW_BIAS = ("attn_out.bias", "mlp_out.bias")
+
+
+def check_layout(m: dict, rank: int):
+    """The tensors this rank's manifest lists against the model spec and layout: every one the runtime needs is
+    there, and each has the shape (and, for int8, the scales) those imply. Headers are checked against the manifest
+    separately, so a lie anywhere is caught before a byte of tensor data is read."""
+    sp, par = m["model"], m["parallel"]
+    h, hd, e, pos = sp["hidden_size"], sp["head_dim"], sp["embed_dim"], sp["position"]
+    hpr, ipr, vpr = par["heads_per_rank"], par["intermediate_per_rank"], par["vocab_per_rank"]
+    qkv, mlp = (hpr + 2 * par["kv_heads_per_rank"]) * hd, ipr * (2 if sp["gated_mlp"] else 1)
+    glob = {"embed.weight": (vpr, e), "lm_head.weight": (vpr, e), "type_embed.weight": (sp["type_vocab_size"], h),
+            "pos_embed.weight": (sp["max_positions"] + pos.get("offset", 0), h), "project_in.weight": (h, e),
+            "project_out.weight": (e, h), "pooler.weight": (h, h), "pooler.bias": (h,),
+            "rope.inv_freq": (pos.get("rotary_dim", 0) // 2,), "alibi.slopes": (hpr,),
+            **{f"{n}.{p}": (h,) for n in ("embed_norm", "final_norm") for p in ("weight", "bias")}}
+    layer = {"qkv.weight": (qkv, h), "qkv.bias": (qkv,), "attn_out.weight": (h, hpr * hd), "attn_out.bias": (h,),
+             "mlp_in.weight": (mlp, h), "mlp_in.bias": (mlp,), "mlp_out.weight": (h, ipr), "mlp_out.bias": (h,),
+             **{f"{n}.{p}": (h,) for n in ("attn_norm", "mlp_norm") for p in ("weight", "bias")}}
+    tensors = m["ranks"][rank]["tensors"]
+    need = {"embed.weight"} | {s for s in sp["slots"] if not s.startswith("layers.")}
+    need |= {s for s, on in [("lm_head.weight", sp["kind"] == "decoder" and not sp["tied_embeddings"]),
+                             ("final_norm.weight", sp["final_norm"]), ("embed_norm.weight", sp["embed_norm"]),
+                             ("project_in.weight", sp["project"]), ("project_out.weight", sp["project"]),
+                             ("pooler.weight", sp["pooler"]), ("pos_embed.weight", pos["type"] == "learned"),
+                             ("rope.inv_freq", pos["type"] == "rope"), ("alibi.slopes", pos["type"] == "alibi")] if on}
+    per_layer = {"attn_norm.weight", "qkv.weight", "attn_out.weight", "mlp_norm.weight", "mlp_in.weight",
+                 "mlp_out.weight"} | {s[len("layers."):] for s in sp["slots"] if s.startswith("layers.")}
+    if sp["num_layers"] * len(per_layer) > len(tensors) + sp["num_layers"] * len(_ROW_BIAS):  # before building names
+        raise FmError(f"manifest: rank {rank} lists {len(tensors)} tensors, too few for {sp['num_layers']} layers")
+    need |= {f"layers.{i}.{s}" for i in range(sp["num_layers"]) for s in per_layer
+             if not (rank > 0 and s in _ROW_BIAS)}
+    missing = sorted(need - set(tensors))
+    if missing:
+        raise FmError(f"manifest: rank {rank} has no tensor {missing[0]}, which the model needs")
+    for name, t in tensors.items():
+        if name.startswith("extra."):
+            continue
+        base = name[:-len("_scale")] if name.endswith("_scale") else name
+        parts = base.split(".", 2)
+        if parts[0] == "layers" and len(parts) == 3 and parts[1].isdigit() and int(parts[1]) < sp["num_layers"]:
+            slot, want = parts[2], layer.get(parts[2])
+        else:
+            slot, want = base, glob.get(base)
+        if want is None:
+            raise FmError(f"manifest: rank {rank} lists tensor {name}, which is not part of a {sp['architecture']}")
+        if name != base:  # an int8 weight's scales: one row per weight row, whole groups along K
+            w = tensors.get(base)
+            s = t["shape"]
+            if w is None or w["dtype"] != "int8" or len(s) != 2 or s[0] != want[0] or not s[1] or want[1] % s[1]:
+                raise FmError(f"manifest: rank {rank}: {name} {s} does not fit an int8 {base} of shape {list(want)}")
+            continue
+        if t["shape"] != list(want):
+            raise FmError(f"manifest: rank {rank}: tensor {name} has shape {t['shape']}, but the model spec and "
+                          f"layout imply {list(want)}")
+        if t["dtype"] == "int8" and (slot not in _INT8_OK or name + "_scale" not in tensors):
+            raise FmError(f"manifest: rank {rank}: tensor {name} is int8 without {name}_scale or is not quantizable")
+
+
 def read_rank(out_dir: Path, manifest: dict, rank: int, check_hashes: bool = True) -> dict[str, torch.Tensor]:
     """This rank's tensors, read only from this rank's files, each checked against the manifest."""
+    if not 0 <= rank < len(manifest["ranks"]):
+        raise FmError(f"rank {rank} is out of range: {out_dir} has {len(manifest['ranks'])} rank(s)")
+    check_layout(manifest, rank)
     entry = manifest["ranks"][rank]
-    paths = {}
+    headers = {}
     for f in entry["files"]:
         p = mf.safe_path(out_dir, f["path"])
         if not p.is_file():
@@ -37,27 +102,26 @@ def read_rank(out_dir: Path, manifest: dict, rank: int, check_hashes: bool = Tru
         if p.stat().st_size != f["size"]:
             raise FmError(f"{f['path']}: size {p.stat().st_size} differs from the manifest's {f['size']}")
         if check_hashes and sha256_file(p) != f["sha256"]:
-            raise FmError(f"{f['path']}: sha256 does not match the manifest (file changed or corrupt)")
-        paths[f["path"]] = p
+            raise FmError(f"{f['path']}: sha256 does not match the manifest (file changed or corrupt); "
+                          "reconvert, or pass --no-verify-hashes to load it anyway")
+        headers[f["path"]] = (p, check_safetensors(p, f["path"]))
+    by_file: dict[str, list[str]] = {}
+    for name, t in entry["tensors"].items():
+        got = headers[t["file"]][1].get(name)
+        if got is None:
+            raise FmError(f"tensor {name} listed in the manifest is not in {t['file']}")
+        dt, shape = _ST_NAMES.get(got[0], got[0]), list(got[1])
+        if dt != t["dtype"] or shape != t["shape"]:
+            raise FmError(f"tensor {name} is {dt} {shape} in {t['file']}, the manifest says {t['dtype']} {t['shape']}")
+        by_file.setdefault(t["file"], []).append(name)
     out = {}
-    handles = {}
-    try:
-        for name, t in entry["tensors"].items():
-            fname = t["file"]
-            if fname not in handles:
-                handles[fname] = safe_open(paths[fname], framework="pt")
-            h = handles[fname]
-            sl = h.get_slice(name)
-            if list(sl.get_shape()) != t["shape"]:
-                raise FmError(f"tensor {name}: shape {sl.get_shape()} in {fname} differs from the manifest")
-            x = h.get_tensor(name)
-            if x.dtype != _DT[t["dtype"]]:
-                raise FmError(f"tensor {name}: dtype {x.dtype} in {fname} differs from the manifest")
-            out[name] = x
-    except SafetensorError as e:
-        raise FmError(f"cannot read rank {rank} shards: {e}") from None
-    except KeyError as e:
-        raise FmError(f"tensor {e} listed in the manifest is not in its file") from None
+    for fname, names in by_file.items():
+        try:
+            with safe_open(headers[fname][0], framework="pt") as h:
+                for name in names:
+                    out[name] = h.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise FmError(f"{fname}: cannot read rank {rank}'s tensors ({str(e).strip().splitlines()[0]})") from None
     return out
 
 
@@ -105,7 +169,12 @@ def load(out_dir, rank: int | None = None, device=None, backend: str = "auto", c
     rank = comm.rank if rank is None else rank
     if device is None:
         device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise FmError(f"--device: cannot use {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FmError(f"--device {device}: no CUDA device is available")
     ops = make_ops(backend, device)
     if dequantize is None:
         dequantize = ops.name == "torch"

@@ -78,8 +78,8 @@ class Block(nn.Module):
             o = m.ops.decode_attention(q[:, :, 0], kc, vc, seq, m.scale, m.alibi)
             return o.reshape(B, 1, Hq * hd)
         start = cache.length
-        kc[:, :, start:start + T] = k
-        vc[:, :, start:start + T] = v
+        kc[:, :, start:start + T].copy_(k)
+        vc[:, :, start:start + T].copy_(v)
         S = start + T
         if T == 1 and m.ops.name != "torch":
             seq = torch.full((B,), S, dtype=torch.int32, device=h.device)
@@ -110,6 +110,7 @@ class FusedModel(nn.Module):
         self.g = {k: v for k, v in tensors.items() if not k.startswith("layers.")}  # global slots only
         pos = sp["position"]
         self.rope = None
+        self._rope_checked = None
         self.alibi = tensors.get("alibi.slopes")
         if pos["type"] == "rope":
             self.rope = tensors["rope.inv_freq"]
@@ -122,9 +123,12 @@ class FusedModel(nn.Module):
 
     # -- pieces ---------------------------------------------------------------------------------------------------
     def rope_for(self, positions):
+        if positions is self._rope_checked:   # every layer of a forward asks about the same positions tensor
+            return self._cos, self._sin
         need = int(positions.max()) + 1
         if need > self._cos.shape[0]:
             self._cos, self._sin = rope_tables(self.rope, max(need, 2 * self._cos.shape[0]), self.rope_scaling)
+        self._rope_checked = positions
         return self._cos, self._sin
 
     def embed(self, ids, positions, token_type_ids):

@@ -27,8 +27,21 @@ class Int8Weight:
 
     def dequantize(self, dtype) -> torch.Tensor:
         N, K = self.q.shape
-        w = self.q.float().view(N, K // self.group_size, self.group_size) * self.scale.float().unsqueeze(-1)
-        return w.view(N, K).to(dtype)
+        G, g = K // self.group_size, self.group_size
+        if self.q.device.type != "cpu" or N * K <= _DEQUANT_STEP:
+            w = self.q.float().view(N, G, g) * self.scale.float().unsqueeze(-1)
+            return w.view(N, K).to(dtype)
+        # CPU, big weight: the same float32 product, a few rows at a time through one cache-sized buffer, instead
+        # of two float32 copies of the whole weight.
+        out = torch.empty(N, K, dtype=dtype)
+        rows = max(1, _DEQUANT_STEP // K)
+        buf = torch.empty(rows, G, g, dtype=torch.float32)
+        for lo in range(0, N, rows):
+            hi = min(lo + rows, N)
+            b = buf[:hi - lo].copy_(self.q[lo:hi].view(hi - lo, G, g))
+            b.mul_(self.scale[lo:hi].float().unsqueeze(-1))
+            out[lo:hi].view(hi - lo, G, g).copy_(b)
+        return out
 
     def rows(self, idx: torch.Tensor, dtype) -> torch.Tensor:
         """Dequantized rows (embedding lookup of an int8 table)."""
@@ -54,6 +67,21 @@ def activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
     if activation == "silu":
         return F.silu(y)
     raise ValueError(f"unknown activation {activation!r}")
+
+
+_DEQUANT_STEP = 1 << 18     # elements per step of a CPU dequantization (a 1 MB float32 buffer)
+
+
+def _sdpa_has_gqa() -> bool:
+    try:
+        F.scaled_dot_product_attention(torch.zeros(1, 2, 1, 1), torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1),
+                                       enable_gqa=True)
+        return True
+    except (TypeError, RuntimeError):
+        return False
+
+
+_SDPA_GQA = _sdpa_has_gqa()
 
 
 def rope_tables(inv_freq: torch.Tensor, n_positions: int, attention_scaling: float = 1.0):
@@ -84,14 +112,33 @@ class TorchOps:
 
     def rope(self, q, k, cos, sin, positions, style, rotary_dim):
         """q [B, T, Hq, D], k [B, T, Hkv, D]; positions [B, T]."""
+        c, s = self._rope_rows(cos, sin, positions, style)
+        if q.dtype == k.dtype and q.shape[-1] == k.shape[-1]:
+            # q and k rotate with the same angles: one pass over both heads, then split (same math per element)
+            qk = _rotate(torch.cat([q, k], dim=2), c, s, style, rotary_dim, expanded=True)
+            return qk.split([q.shape[2], k.shape[2]], dim=2)
+        return (_rotate(q, c, s, style, rotary_dim, expanded=True),
+                _rotate(k, c, s, style, rotary_dim, expanded=True))
+
+    def _rope_rows(self, cos, sin, positions, style):
+        """cos/sin at these positions, shaped (B, T, 1, rot) for neox or (B, T, 1, rot/2) for gptj. Every layer of
+        a forward passes the same positions tensor: gathered once per forward, not once per layer."""
+        memo = getattr(self, "_rope_memo", None)
+        if memo is not None and memo[0] is positions and memo[1] is cos and memo[2] is sin and memo[3] == style:
+            return memo[4], memo[5]
         c, s = cos[positions].unsqueeze(2), sin[positions].unsqueeze(2)      # (B, T, 1, rot/2)
-        return _rotate(q, c, s, style, rotary_dim), _rotate(k, c, s, style, rotary_dim)
+        if style == "neox":
+            c, s = torch.cat([c, c], -1), torch.cat([s, s], -1)
+        self._rope_memo = (positions, cos, sin, style, c, s)
+        return c, s
 
     def attention(self, q, k, v, scale, causal, alibi_slopes=None, key_padding_mask=None):
         B, Hq, T, D = q.shape
         S = k.shape[2]
         mask = None
-        if causal or alibi_slopes is not None:
+        if causal and T == 1 and alibi_slopes is None:
+            pass    # one query at the last position sees every key: the causal mask is all true
+        elif causal or alibi_slopes is not None:
             qpos = torch.arange(S - T, S, device=q.device).unsqueeze(1)
             kpos = torch.arange(S, device=q.device).unsqueeze(0)
             if alibi_slopes is not None:
@@ -106,9 +153,12 @@ class TorchOps:
             mask = kp if mask is None else (mask & kp if mask.dtype == torch.bool else
                                             mask.masked_fill(~kp, float("-inf")))
         gqa = Hq != k.shape[1]
-        if gqa:
+        if gqa and not _SDPA_GQA:
             rep = Hq // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            gqa = False
+        if gqa:     # kv heads shared in place, not copied per step
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
     def decode_attention(self, q, k_cache, v_cache, seq_lens, scale, alibi_slopes=None):
@@ -129,11 +179,12 @@ class TorchOps:
         return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale).squeeze(2)
 
 
-def _rotate(x, c, s, style, rotary_dim):
+def _rotate(x, c, s, style, rotary_dim, expanded=False):
+    """expanded: c, s already hold [c, c] for neox (see TorchOps._rope_rows)."""
     rot, rest = x[..., :rotary_dim].float(), x[..., rotary_dim:]
     if style == "neox":
         x1, x2 = rot.chunk(2, dim=-1)
-        c2, s2 = torch.cat([c, c], -1), torch.cat([s, s], -1)
+        c2, s2 = (c, s) if expanded else (torch.cat([c, c], -1), torch.cat([s, s], -1))
         out = rot * c2 + torch.cat([-x2, x1], -1) * s2
     else:  # gptj: interleaved pairs
         x1, x2 = rot[..., 0::2], rot[..., 1::2]

@@ -1,0 +1,95 @@
+"""CPU decode: fmconvert generate against transformers generate, greedy, same prompt and length.
+
+    python benchmarks/bench_decode.py [--runs 3] [--smoke] [--json FILE]
+
+One process per model loads both sides (fmconvert from a `--tp 1` conversion, transformers from the source, both
+in float32) and alternates them run by run: tok/s of the decode steps, the prefill and its first token excluded
+(transformers' time comes from a streamer's timestamps, so both count the same steps). transformers runs eagerly
+(no torch.compile) with its default sdpa attention. The int8 rows keep the weights int8 in memory (`load(...,
+dequantize=False)`): the torch backend then dequantizes each weight at every call, which is what a CPU without an
+int8 kernel can do; they are compared with fmconvert's float32 decode of the same model.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common as C  # noqa: E402
+import synth  # noqa: E402
+
+WORKER = str(C.ROOT / "benchmarks" / "workers.py")
+STORIES = C.ROOT.parent / "shared" / "models" / "stories260K"
+
+
+def _convert(src: Path, out: Path, *flags: str) -> Path:
+    C.rmtree(out)
+    C.run_timed([C.FMCONVERT, "convert", "-q", *flags, str(src), str(out)])
+    return out
+
+
+def _decode(src, out, tokens, runs, *flags) -> dict:
+    return C.run_json([C.PY, WORKER, "decode", str(src), str(out), "--tokens", str(tokens), "--runs", str(runs),
+                       *flags])
+
+
+def _row(label, r, ctx, key):
+    fm, hf = C.med(r["fm_tok_s"]), C.med(r["hf_tok_s"])
+    ctx["raw"]["decode"][key] = r
+    agree = C.med(r["token_agreement"])
+    return C.figure(f"decode {label}", fm, "tok/s", "HF generate", hf, fm / hf, ">= 1.5x", fm / hf >= 1.5,
+                    note=f"{r['tokens']} new tokens after an {r['prompt_len']}-token prompt, {len(r['fm_tok_s'])} "
+                         f"run(s) each; greedy tokens agree {agree:.0%}" if agree is not None else "")
+
+
+def run(ctx: dict) -> list[dict]:
+    work = ctx["cache"] / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    ctx["raw"]["decode"] = {}
+    smoke, runs = ctx["smoke"], ctx["runs"]
+    rows = []
+    if (STORIES / "config.json").is_file():
+        fp = _convert(STORIES, work / "decode-stories")
+        tokens = 16 if smoke else 256
+        r = _decode(STORIES, fp, tokens, max(runs, 1 if smoke else 5))
+        rows.append(_row("stories260K fp32", r, ctx, "stories_fp32"))
+        if not smoke:
+            e = _decode(STORIES, fp, tokens, max(runs, 5), "--attn", "eager")
+            ctx["raw"]["decode"]["stories_fp32_hf_eager_attention"] = e
+            rows[-1]["note"] += (f"; HF with attn_implementation='eager': {C.med(e['hf_tok_s']):.0f} tok/s "
+                                 f"(ratio {C.med(e['fm_tok_s']) / C.med(e['hf_tok_s']):.2f}x)")
+            q = _convert(STORIES, work / "decode-stories-int8", "--int8")
+            qi = _decode(STORIES, q, tokens, max(runs, 5), "--keep-int8", "--no-hf")
+            ctx["raw"]["decode"]["stories_int8_kept"] = qi
+            fm_q, fm_f = C.med(qi["fm_tok_s"]), C.med(r["fm_tok_s"])
+            rows.append(C.figure("decode stories260K, int8 kept", fm_q, "tok/s", "fmconvert fp32", fm_f, fm_q / fm_f,
+                                 "pays off if > 1x", None, note="dequantized at every call (no CPU int8 kernel)"))
+    if smoke and rows:
+        return rows
+    shape = synth.SMOKE if smoke else synth.LLAMA_1B
+    src = synth.build(shape, ctx["cache"])
+    label = "synthetic smoke shape fp32" if smoke else "1.1B shape fp32"
+    out = _convert(src, work / "decode-llama")
+    tokens = 8 if smoke else 32
+    r = _decode(src, out, tokens, max(runs, 1))
+    rows.append(_row(label, r, ctx, "llama_fp32"))
+    if not smoke:
+        q = _convert(src, work / "decode-llama-int8", "--int8")
+        qi = _decode(src, q, 4, 1, "--keep-int8", "--no-hf")
+        ctx["raw"]["decode"]["llama_int8_kept"] = qi
+        fm_q, fm_f = C.med(qi["fm_tok_s"]), C.med(r["fm_tok_s"])
+        rows.append(C.figure("decode 1.1B shape, int8 kept", fm_q, "tok/s", "fmconvert fp32", fm_f, fm_q / fm_f,
+                             "pays off if > 1x", None, note="4 tokens, 1 run: dequantized at every call"))
+        C.rmtree(work / "decode-llama-int8")
+    return rows
+
+
+def main(argv=None):
+    ctx = C.parse_args("CPU decode", argv)
+    C.main_one(ctx, run)
+
+
+if __name__ == "__main__":
+    main()

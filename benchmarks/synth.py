@@ -1,0 +1,95 @@
+"""Synthetic LLaMA checkpoints for the benchmarks: random bf16 weights, saved by transformers, cached by shape.
+
+    python benchmarks/synth.py               # build (or find) the 1.1B shape and print its directory
+    python benchmarks/synth.py --layers 44   # the twice-as-deep variant
+
+The model is built on the meta device and its parameters are filled in bf16 one tensor at a time, so no float32
+copy of the model ever exists. `save_pretrained(max_shard_size="1GB")` writes it the way a Hub checkpoint looks:
+several safetensors shards plus model.safetensors.index.json. A finished directory is renamed into place, so a
+killed build never leaves a half-written cache entry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+
+# TinyLlama-1.1B's shape.
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4, vocab_size=32000)
+# A few MB: the smoke run, and the tests that keep these scripts from rotting.
+SMOKE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=8,
+             num_key_value_heads=2, vocab_size=1000)
+
+
+def key(shape: dict) -> str:
+    return ("llama-h{hidden_size}-i{intermediate_size}-l{num_hidden_layers}-a{num_attention_heads}"
+            "-kv{num_key_value_heads}-v{vocab_size}-bf16").format(**shape)
+
+
+def build(shape: dict, cache: Path = CACHE, seed: int = 0, max_shard_size: str = "1GB", quiet: bool = False) -> Path:
+    """The directory of a saved random LlamaForCausalLM of this shape; built on first use."""
+    out = Path(cache) / key(shape)
+    if (out / "config.json").is_file() and (out / "model.safetensors.index.json").is_file() or \
+            (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    import torch
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    if not quiet:
+        print(f"building synthetic checkpoint {out.name} (once; cached) ...", file=sys.stderr, flush=True)
+    config = transformers.LlamaConfig(**shape, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    config.dtype = torch.bfloat16
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    model = model.to(torch.bfloat16).to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+                p.add_(torch.randn(p.shape, generator=gen, dtype=torch.bfloat16), alpha=0.1)
+            else:
+                torch.randn(p.shape, generator=gen, dtype=torch.bfloat16, out=p.data)
+                p.mul_(0.02)
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp, max_shard_size=max_shard_size)
+    (tmp / "synthetic.json").write_text(json.dumps({"shape": shape, "seed": seed, "dtype": "bfloat16",
+                                                    "max_shard_size": max_shard_size}, indent=1))
+    del model
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def dir_bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in Path(d).iterdir() if p.is_file())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=LLAMA_1B["num_hidden_layers"])
+    ap.add_argument("--smoke", action="store_true", help="the tiny smoke shape instead of 1.1B")
+    ap.add_argument("--cache", type=Path, default=CACHE)
+    a = ap.parse_args(argv)
+    shape = dict(SMOKE if a.smoke else LLAMA_1B)
+    shape["num_hidden_layers"] = a.layers if not a.smoke or a.layers != LLAMA_1B["num_hidden_layers"] \
+        else SMOKE["num_hidden_layers"]
+    d = build(shape, a.cache)
+    print(d)
+    print(f"{dir_bytes(d) / 1e9:.2f} GB", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,732 @@
+"""A corpus of bad inputs for every command, built at test time from the tiny models (no binary fixtures).
+
+Each `Case` names the command it feeds, builds its input under a private directory, and says what the one-line
+error must contain and which exit code (fmconvert/errors.py) it must carry. tests/test_robustness.py runs them all;
+tests/test_bad_input.py holds the older convert cases, which count towards the corpus too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+import tiny
+from fmconvert.convert import Options, convert
+
+EXIT_PARITY, EXIT_BAD_INPUT = 1, 2
+COMMANDS = ("convert", "inspect", "verify", "generate", "load")
+
+
+# -- building blocks -----------------------------------------------------------------------------------------------
+def read_st(path: Path) -> tuple[dict, bytes]:
+    blob = Path(path).read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    return json.loads(blob[8:8 + n]), blob[8 + n:]
+
+
+def write_st(path: Path, header: dict | bytes, data: bytes):
+    text = header if isinstance(header, bytes) else json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    Path(path).write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def edit_header(path: Path, fn):
+    header, data = read_st(path)
+    out = fn(header, data)
+    if out is None:
+        write_st(path, header, data)
+    else:
+        write_st(path, *out)
+
+
+def edit_json(path: Path, fn):
+    """fn edits the parsed JSON in place (its return value is ignored)."""
+    d = json.loads(Path(path).read_text())
+    fn(d)
+    Path(path).write_text(json.dumps(d))
+
+
+def first_shard(out: Path, rank: int = 0) -> Path:
+    return out / json.loads((out / "manifest.json").read_text())["ranks"][rank]["files"][0]["path"]
+
+
+def refresh_hashes(out: Path):
+    """Re-record every shard's size and sha256, so a lie inside a file gets past the hash check to the next one."""
+    import hashlib
+
+    def fix(m):
+        for r in m["ranks"]:
+            for f in r["files"]:
+                p = out / f["path"]
+                if p.is_file():
+                    f["size"] = p.stat().st_size
+                    f["sha256"] = hashlib.sha256(p.read_bytes()).hexdigest()
+    edit_json(out / "manifest.json", fix)
+
+
+def flip_byte(path: Path, offset_from_end: int = 5):
+    b = bytearray(Path(path).read_bytes())
+    b[-offset_from_end] ^= 0xFF
+    Path(path).write_bytes(bytes(b))
+
+
+def cfg(d: Path, **changes):
+    def fn(c):
+        for k, v in changes.items():
+            if v is _DROP:
+                c.pop(k, None)
+            else:
+                c[k] = v
+    edit_json(d / "config.json", fn)
+    return d
+
+
+_DROP = object()
+
+
+# -- sources -------------------------------------------------------------------------------------------------------
+class Sources:
+    """Tiny models and their conversions, built once per session; `Ctx` hands out private copies."""
+
+    def __init__(self, model_dir, root: Path):
+        self.model_dir, self.root = model_dir, root
+        self.outs: dict[tuple, Path] = {}
+
+    def out(self, name: str = "llama", tp: int = 1, int8: bool = False) -> Path:
+        key = (name, tp, int8)
+        if key not in self.outs:
+            dst = self.root / f"out-{name}-tp{tp}-{'int8' if int8 else 'fp'}"
+            convert(self.model_dir(name), dst, Options(tp=tp, int8=int8), progress=False)
+            self.outs[key] = dst
+        return self.outs[key]
+
+
+@dataclass
+class Ctx:
+    src: Sources
+    tmp: Path
+
+    def model(self, name: str = "llama", **overrides) -> Path:
+        dst = self.tmp / f"src-{name}"
+        shutil.copytree(self.src.model_dir(name, **overrides), dst)
+        return dst
+
+    def out(self, name: str = "llama", tp: int = 1, int8: bool = False) -> Path:
+        dst = self.tmp / f"out-{name}-{tp}"
+        shutil.copytree(self.src.out(name, tp, int8), dst)
+        return dst
+
+    def orig(self, name: str = "llama") -> Path:
+        return self.src.model_dir(name)
+
+
+@dataclass
+class Case:
+    name: str
+    command: str
+    build: Callable[[Ctx], list]   # argv after the command name, or for "load" the kwargs-taking call's args
+    needles: tuple[str, ...]
+    code: int = EXIT_BAD_INPUT
+    load_kwargs: dict = field(default_factory=dict)
+
+
+CASES: list[Case] = []
+
+
+def case(command: str, *needles: str, code: int = EXIT_BAD_INPUT, **load_kwargs):
+    def deco(fn):
+        CASES.append(Case(fn.__name__.strip("_").replace("_", "-"), command, fn, needles, code, load_kwargs))
+        return fn
+    return deco
+
+
+# -- convert: config.json ------------------------------------------------------------------------------------------
+def _conv(src, out, *opts):
+    return ["-q", *opts, src, out]
+
+
+@case("convert", "hidden_size must be a positive integer", "'64'")
+def _config_hidden_is_a_string(c: Ctx):
+    return _conv(cfg(c.model(), hidden_size="64"), c.tmp / "out")
+
+
+@case("convert", "hidden_size=64 is not divisible by num_attention_heads=6")
+def _config_heads_do_not_divide_hidden(c: Ctx):
+    return _conv(cfg(c.model(), num_attention_heads=6, num_key_value_heads=2), c.tmp / "out")
+
+
+@case("convert", "missing key num_hidden_layers")
+def _config_missing_num_layers(c: Ctx):
+    return _conv(cfg(c.model(), num_hidden_layers=_DROP), c.tmp / "out")
+
+
+@case("convert", "missing key n_head")
+def _config_gpt2_missing_heads(c: Ctx):
+    return _conv(cfg(c.model("gpt2"), n_head=_DROP), c.tmp / "out")
+
+
+@case("convert", "architectures must be a list of strings")
+def _config_architectures_is_a_string(c: Ctx):
+    return _conv(cfg(c.model(), architectures="LlamaForCausalLM"), c.tmp / "out")
+
+
+@case("convert", "model_type 'gpt2' does not belong with architecture LlamaForCausalLM")
+def _config_model_type_mismatch(c: Ctx):
+    return _conv(cfg(c.model(), model_type="gpt2"), c.tmp / "out")
+
+
+@case("convert", "model_type None is missing")
+def _config_no_model_type(c: Ctx):
+    return _conv(cfg(c.model(), model_type=_DROP), c.tmp / "out")
+
+
+@case("convert", "rope_theta must be a positive number")
+def _config_rope_theta_is_a_string(c: Ctx):
+    return _conv(cfg(c.model(), rope_theta="1e4"), c.tmp / "out")
+
+
+@case("convert", "num_attention_heads must be a positive integer", "0")
+def _config_zero_heads(c: Ctx):
+    return _conv(cfg(c.model(), num_attention_heads=0), c.tmp / "out")
+
+
+@case("convert", "max_position_embeddings=8388608 exceeds the 4194304 positions")
+def _config_too_many_positions(c: Ctx):
+    return _conv(cfg(c.model(), max_position_embeddings=1 << 23), c.tmp / "out")
+
+
+@case("convert", "config.json", "expected a JSON object")
+def _config_not_an_object(c: Ctx):
+    d = c.model()
+    (d / "config.json").write_text("[1, 2, 3]")
+    return _conv(d, c.tmp / "out")
+
+
+# -- convert: safetensors headers and weights ----------------------------------------------------------------------
+def _st(c: Ctx, fn, name: str = "llama") -> list:
+    d = c.model(name)
+    edit_header(d / "model.safetensors", fn)
+    return _conv(d, c.tmp / "out")
+
+
+def _set(key, **entry):
+    def fn(h, data):
+        h[key].update(entry)
+    return fn
+
+
+@case("convert", "model.norm.weight", "the header says F16 [64] (128 bytes)", "spans 256 bytes")
+def _st_dtype_lie(c: Ctx):
+    return _st(c, _set("model.norm.weight", dtype="F16"))
+
+
+@case("convert", "tensor evil\\n\\x1b[2J: unknown dtype")
+def _st_name_with_terminal_escapes(c: Ctx):
+    """Names from the file are printed escaped: no second line, no terminal control sequence."""
+    def fn(h, data):
+        h["evil\n\x1b[2J"] = dict(h.pop("model.norm.weight"), dtype="F4")
+    return _st(c, fn)
+
+
+@case("convert", "model.norm.weight", "the header says F32 [64, 64]")
+def _st_shape_lie(c: Ctx):
+    return _st(c, _set("model.norm.weight", shape=[64, 64]))
+
+
+@case("convert", "model.norm.weight", "shape [-1, 64]")
+def _st_negative_dim(c: Ctx):
+    return _st(c, _set("model.norm.weight", shape=[-1, 64]))
+
+
+@case("convert", "model.norm.weight", "unknown dtype 'F4'")
+def _st_unknown_dtype(c: Ctx):
+    return _st(c, _set("model.norm.weight", dtype="F4"))
+
+
+@case("convert", "overlaps the previous tensor")
+def _st_overlapping_data(c: Ctx):
+    def fn(h, data):
+        h.pop("__metadata__", None)
+        a, b = sorted(h, key=lambda k: h[k]["data_offsets"][0])[:2]
+        if h[a]["data_offsets"][1] - h[a]["data_offsets"][0] == h[b]["data_offsets"][1] - h[b]["data_offsets"][0]:
+            h[b]["data_offsets"] = list(h[a]["data_offsets"])
+        else:  # make b start inside a, keeping b's length
+            n = h[b]["data_offsets"][1] - h[b]["data_offsets"][0]
+            h[b]["data_offsets"] = [h[a]["data_offsets"][0], h[a]["data_offsets"][0] + n]
+    return _st(c, fn)
+
+
+@case("convert", "the header accounts for", "truncated")
+def _st_offsets_past_the_end(c: Ctx):
+    def fn(h, data):
+        last = max((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][1])
+        e = h[last]
+        e["shape"] = [e["shape"][0] * 1000, *e["shape"][1:]]
+        n = (e["data_offsets"][1] - e["data_offsets"][0]) * 1000
+        e["data_offsets"] = [e["data_offsets"][0], e["data_offsets"][0] + n]
+    return _st(c, fn)
+
+
+@case("convert", "trailing bytes")
+def _st_trailing_garbage(c: Ctx):
+    d = c.model()
+    with open(d / "model.safetensors", "ab") as f:
+        f.write(b"\0" * 64)
+    return _conv(d, c.tmp / "out")
+
+
+@case("convert", "header length", "exceeds the 100 MiB limit")
+def _st_huge_header_length(c: Ctx):
+    d = c.model()
+    p = d / "model.safetensors"
+    p.write_bytes(struct.pack("<Q", 1 << 62) + p.read_bytes()[8:])
+    return _conv(d, c.tmp / "out")
+
+
+@case("convert", "duplicate key")
+def _st_duplicate_tensor(c: Ctx):
+    def fn(h, data):
+        text = json.dumps(h, separators=(",", ":"))
+        k = "model.norm.weight"
+        dup = f'"{k}":{json.dumps(h[k], separators=(",", ":"))}'
+        return text[:-1] + "," + dup + "}", data
+    d = c.model()
+    header, data = read_st(d / "model.safetensors")
+    text, data = fn(header, data)
+    write_st(d / "model.safetensors", text.encode(), data)
+    return _conv(d, c.tmp / "out")
+
+
+@case("convert", "header is not valid JSON")
+def _st_header_not_json(c: Ctx):
+    d = c.model()
+    p = d / "model.safetensors"
+    blob = bytearray(p.read_bytes())
+    blob[8:24] = b"\xff" * 16
+    p.write_bytes(bytes(blob))
+    return _conv(d, c.tmp / "out")
+
+
+@case("convert", "too short for a header")
+def _st_empty_file(c: Ctx):
+    d = c.model()
+    (d / "model.safetensors").write_bytes(b"")
+    return _conv(d, c.tmp / "out")
+
+
+@case("convert", "model.layers.0.mlp.down_proj.weight", "NaN/Inf")
+def _weights_inf(c: Ctx):
+    d = c.model()
+    t = load_file(d / "model.safetensors")
+    t["model.layers.0.mlp.down_proj.weight"][0, 0] = float("inf")
+    save_file(t, d / "model.safetensors", metadata={"format": "pt"})
+    return _conv(d, c.tmp / "out")
+
+
+@case("convert", "cannot be loaded with weights_only=True")
+def _pickle_that_runs_code(c: Ctx):
+    """--allow-pickle still never unpickles code: this pickle would create a file if it ran (the corpus runner
+    checks that nothing appeared)."""
+    d = c.model()
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {c.tmp / 'PWNED'}",))
+    torch.save({"model.embed_tokens.weight": Evil()}, d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    return _conv(d, c.tmp / "out", "--allow-pickle")
+
+
+# -- convert: directories ------------------------------------------------------------------------------------------
+@case("convert", "has no config.json")
+def _empty_model_dir(c: Ctx):
+    (c.tmp / "empty").mkdir()
+    return _conv(c.tmp / "empty", c.tmp / "out")
+
+
+@case("convert", "has no model.safetensors")
+def _no_weights(c: Ctx):
+    d = c.model()
+    (d / "model.safetensors").unlink()
+    return _conv(d, c.tmp / "out")
+
+
+@case("convert", "names model-00002-of-00002.safetensors, which is missing")
+def _index_names_missing_shard(c: Ctx):
+    d = c.model()
+    names = list(load_file(d / "model.safetensors"))
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        n: "model-00001-of-00002.safetensors" if i % 2 else "model-00002-of-00002.safetensors"
+        for i, n in enumerate(names)}}))
+    (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
+    return _conv(d, c.tmp / "out")
+
+
+@case("convert", "model.safetensors.index.json: malformed index")
+def _index_not_utf8(c: Ctx):
+    d = c.model()
+    (d / "model.safetensors.index.json").write_bytes(b"\xff\xfe{")
+    return _conv(d, c.tmp / "out")
+
+
+@case("convert", "'../evil.safetensors' must be a plain file name")
+def _index_path_traversal(c: Ctx):
+    d = c.model()
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "../evil.safetensors"}}))
+    shutil.copy(d / "model.safetensors", c.tmp / "evil.safetensors")
+    return _conv(d, c.tmp / "out")
+
+
+@case("convert", "already exists and is not empty")
+def _out_is_a_file(c: Ctx):
+    (c.tmp / "out").write_text("mine")
+    return _conv(c.orig(), c.tmp / "out")
+
+
+@case("convert", "parent directory", "does not exist")
+def _out_parent_missing(c: Ctx):
+    return _conv(c.orig(), c.tmp / "no" / "such" / "out")
+
+
+@case("convert", "is (or contains) the model directory")
+def _out_is_the_model_dir(c: Ctx):
+    d = c.model()
+    return ["-q", "--force", d, d]
+
+
+@case("convert", "is (or contains) the model directory")
+def _out_contains_the_model_dir(c: Ctx):
+    d = c.tmp / "parent"
+    d.mkdir()
+    shutil.copytree(c.orig(), d / "model")
+    return ["-q", "--force", d / "model", d]
+
+
+@case("convert", "another fmconvert is writing", f"(pid {os.getpid()})")
+def _out_locked_by_another_converter(c: Ctx):
+    from fmconvert.write import OutputLock
+    lock = OutputLock((c.tmp / "out").absolute())
+    lock.acquire()
+    c.keep_alive = lock  # released when the test's Ctx goes away
+    return _conv(c.orig(), c.tmp / "out")
+
+
+# -- inspect -------------------------------------------------------------------------------------------------------
+def _manifest(c: Ctx, fn, tp: int = 1, int8: bool = False, name: str = "llama") -> Path:
+    out = c.out(name, tp, int8)
+    edit_json(out / "manifest.json", fn)
+    return out
+
+
+@case("inspect", "does not exist")
+def _inspect_missing_dir(c: Ctx):
+    return [c.tmp / "nope"]
+
+
+@case("inspect", "has no manifest.json")
+def _inspect_not_an_output(c: Ctx):
+    return [c.model()]
+
+
+@case("inspect", "manifest.json: not valid JSON")
+def _inspect_malformed_json(c: Ctx):
+    out = c.out()
+    (out / "manifest.json").write_text('{"format": "fmconvert", ')
+    return [out]
+
+
+@case("inspect", "format_version 99 is newer", "upgrade fmconvert")
+def _inspect_newer_format(c: Ctx):
+    return [_manifest(c, lambda m: m.update(format_version=99))]
+
+
+@case("inspect", "format is 'safetensors'")
+def _inspect_wrong_format(c: Ctx):
+    return [_manifest(c, lambda m: m.update(format="safetensors"))]
+
+
+@case("inspect", "missing key 'ranks'")
+def _inspect_missing_ranks(c: Ctx):
+    return [_manifest(c, lambda m: m.pop("ranks"))]
+
+
+@case("inspect", "'../outside.safetensors' escapes the output directory")
+def _inspect_path_traversal(c: Ctx):
+    return [_manifest(c, lambda m: m["ranks"][0]["files"][0].update(path="../outside.safetensors"))]
+
+
+@case("inspect", "'/etc/passwd' escapes the output directory")
+def _inspect_absolute_path(c: Ctx):
+    return [_manifest(c, lambda m: m["ranks"][0]["files"][0].update(path="/etc/passwd"))]
+
+
+@case("inspect", "model.hidden_size is missing or malformed")
+def _inspect_wrong_type(c: Ctx):
+    return [_manifest(c, lambda m: m["model"].update(hidden_size="64"))]
+
+
+@case("inspect", "expected 2 rank entries")
+def _inspect_ranks_vs_tp(c: Ctx):
+    return [_manifest(c, lambda m: m["ranks"].pop(), tp=2)]
+
+
+@case("inspect", "parallel.heads_per_rank * tp != model.num_heads")
+def _inspect_layout_vs_model(c: Ctx):
+    return [_manifest(c, lambda m: m["parallel"].update(heads_per_rank=3))]
+
+
+@case("inspect", "manifest: expected a JSON object")
+def _inspect_manifest_is_a_list(c: Ctx):
+    out = c.out()
+    (out / "manifest.json").write_text("[" + (out / "manifest.json").read_text() + "]")
+    return [out]
+
+
+@case("inspect", "contains control characters")
+def _inspect_terminal_escapes(c: Ctx):
+    return [_manifest(c, lambda m: m["model"].update(architecture="Llama\x1b[2J\nForCausalLM"))]
+
+
+@case("inspect", "is listed twice")
+def _inspect_duplicate_file(c: Ctx):
+    return [_manifest(c, lambda m: m["ranks"][0]["files"].append(dict(m["ranks"][0]["files"][0])))]
+
+
+# -- verify --------------------------------------------------------------------------------------------------------
+@case("verify", "sha256 mismatch", code=EXIT_PARITY)
+def _verify_tampered_shard(c: Ctx):
+    out = c.out()
+    flip_byte(first_shard(out))
+    return [c.orig(), out, "--tokens", "16"]
+
+
+@case("verify", "is missing", code=EXIT_PARITY)
+def _verify_missing_shard(c: Ctx):
+    out = c.out()
+    first_shard(out).unlink()
+    return [c.orig(), out, "--tokens", "16"]
+
+
+@case("verify", "is 100 bytes, the manifest says", code=EXIT_PARITY)
+def _verify_truncated_shard(c: Ctx):
+    out = c.out()
+    p = first_shard(out)
+    p.write_bytes(p.read_bytes()[:100])
+    return [c.orig(), out, "--tokens", "16"]
+
+
+@case("verify", "escapes the output directory")
+def _verify_path_traversal(c: Ctx):
+    return [c.orig(), _manifest(c, lambda m: m["ranks"][0]["files"][0].update(path="../../x.safetensors")),
+            "--tokens", "16"]
+
+
+@case("verify", "upgrade fmconvert")
+def _verify_newer_format(c: Ctx):
+    return [c.orig(), _manifest(c, lambda m: m.update(format_version=99)), "--tokens", "16"]
+
+
+@case("verify", "holds a GPT2LMHeadModel model", "LlamaForCausalLM")
+def _verify_wrong_model_dir(c: Ctx):
+    return [c.orig("gpt2"), c.out(), "--tokens", "16"]
+
+
+# -- generate ------------------------------------------------------------------------------------------------------
+def _gen(out, *opts):
+    return [out, "-p", "hi", "-n", "2", *opts]
+
+
+@case("generate", "sha256 does not match the manifest", "--no-verify-hashes")
+def _generate_tampered_shard(c: Ctx):
+    out = c.out()
+    flip_byte(first_shard(out))
+    return _gen(out)
+
+
+@case("generate", "is missing from")
+def _generate_missing_shard(c: Ctx):
+    out = c.out()
+    first_shard(out).unlink()
+    return _gen(out)
+
+
+@case("generate", "converted for tp=2", "torchrun --nproc-per-node 2")
+def _generate_world_size_mismatch(c: Ctx):
+    return _gen(c.out(tp=2))
+
+
+@case("generate", "holds an encoder (BertModel)", "fmconvert embed")
+def _generate_on_an_encoder(c: Ctx):
+    return _gen(c.out("bert"))
+
+
+@case("generate", "resolves outside the output directory")
+def _generate_symlink_escape(c: Ctx):
+    out = c.out()
+    p = first_shard(out)
+    outside = c.tmp / "outside.safetensors"
+    p.rename(outside)
+    p.symlink_to(outside)
+    return _gen(out)
+
+
+@case("generate", "size 100 differs from the manifest")
+def _generate_truncated_shard_no_hashes(c: Ctx):
+    out = c.out()
+    p = first_shard(out)
+    p.write_bytes(p.read_bytes()[:100])
+    return _gen(out, "--no-verify-hashes")
+
+
+@case("generate", "upgrade fmconvert")
+def _generate_newer_format(c: Ctx):
+    return _gen(_manifest(c, lambda m: m.update(format_version=99)))
+
+
+@case("generate", "not a readable safetensors file", "runs past the end")
+def _generate_header_lie_with_fresh_hashes(c: Ctx):
+    out = c.out()
+    p = first_shard(out)
+    p.write_bytes(p.read_bytes()[:1000])
+    refresh_hashes(out)
+    return _gen(out)
+
+
+# -- load (the Python API: fmconvert.load) ------------------------------------------------------------------------
+@case("load", "sha256 does not match the manifest")
+def _load_tampered_shard(c: Ctx):
+    out = c.out()
+    flip_byte(first_shard(out))
+    return [out]
+
+
+@case("load", "is float16 [64] in", "the manifest says float32 [64]")
+def _load_header_dtype_vs_manifest(c: Ctx):
+    out = c.out()
+    p = first_shard(out)
+    t = load_file(p)
+    t["final_norm.weight"] = t["final_norm.weight"].half()
+    save_file(t, p)
+    refresh_hashes(out)
+    return [out]
+
+
+@case("load", "layers.0.qkv.weight has shape [96, 32]", "imply [128, 64]")
+def _load_manifest_shape_vs_spec(c: Ctx):
+    return [_manifest(c, lambda m: m["ranks"][0]["tensors"]["layers.0.qkv.weight"].update(shape=[96, 32]))]
+
+
+@case("load", "has no tensor layers.1.mlp_in.weight")
+def _load_required_tensor_missing(c: Ctx):
+    return [_manifest(c, lambda m: m["ranks"][0]["tensors"].pop("layers.1.mlp_in.weight"))]
+
+
+@case("load", "lists tensor layers.7.qkv.weight, which is not part of a LlamaForCausalLM")
+def _load_unknown_tensor(c: Ctx):
+    def fn(m):
+        t = m["ranks"][0]["tensors"]
+        t["layers.7.qkv.weight"] = dict(t["layers.0.qkv.weight"])
+    return [_manifest(c, fn)]
+
+
+@case("load", "does not fit an int8 layers.0.mlp_out.weight")
+def _load_int8_scales_vs_weight(c: Ctx):
+    return [_manifest(c, lambda m: m["ranks"][0]["tensors"]["layers.0.mlp_out.weight_scale"].update(shape=[64, 3]),
+                      int8=True)]
+
+
+@case("load", "cannot be resolved")
+def _load_symlink_loop(c: Ctx):
+    out = c.out()
+    p = first_shard(out)
+    p.unlink()
+    p.symlink_to(p)
+    return [out]
+
+
+@case("load", "tensor extra.ghost listed in the manifest is not in")
+def _load_tensor_not_in_file(c: Ctx):
+    def fn(m):
+        t = m["ranks"][0]["tensors"]
+        t["extra.ghost"] = dict(t["final_norm.weight"])
+    return [_manifest(c, fn)]
+
+
+@case("load", "data_offsets", "overlaps the previous tensor")
+def _load_overlapping_data_with_fresh_hashes(c: Ctx):
+    out = c.out()
+
+    def fn(h, data):
+        h.pop("__metadata__", None)
+        names = sorted(h, key=lambda k: h[k]["data_offsets"][0])
+        size = {k: h[k]["data_offsets"][1] - h[k]["data_offsets"][0] for k in names}
+        for i, a in enumerate(names):
+            b = next((b for b in names[i + 1:] if size[b] == size[a] and size[a]), None)
+            if b is not None:  # the later one claims the earlier one's bytes
+                h[b]["data_offsets"] = list(h[a]["data_offsets"])
+                return
+        raise AssertionError("no two tensors of equal size")
+    edit_header(first_shard(out), fn)
+    refresh_hashes(out)
+    return [out]
+
+
+@case("load", "converted for tp=2", "torchrun --nproc-per-node 2")
+def _load_world_size_mismatch(c: Ctx):
+    return [c.out(tp=2)]
+
+
+@case("load", "--device: cannot use 'warp-drive'", device="warp-drive")
+def _load_bad_device(c: Ctx):
+    return [c.out()]
+
+
+@case("load", "rank 5 is out of range")
+def _load_rank_out_of_range(c: Ctx):
+    from fmconvert.runtime.comm import SingleComm
+    c.load_extra = {"rank": 5, "comm": SingleComm()}
+    return [c.out()]
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    from fmconvert.cli import main
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, want_code: int, *needles: str):
+    assert code == want_code, (code, err)
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+
+
+def count() -> dict[str, int]:
+    n = {cmd: 0 for cmd in COMMANDS}
+    for c in CASES:
+        n[c.command] += 1
+    return n
+
+
+def medium_model(path: Path, **overrides) -> Path:
+    """A llama big enough that converting it writes ~100 shard files with --max-shard-size 64KB (8 layers, ~6M
+    parameters): the kill points of the crash tests are chosen among them."""
+    kw = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
+              num_key_value_heads=4, vocab_size=2048)
+    return tiny.save("llama", path, **{**kw, **overrides})
