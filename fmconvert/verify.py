@@ -15,7 +15,6 @@ the all-reduce and all-gather) or, with tp_mode="distributed", one process per r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from . import manifest as mf
 from . import slice as sl
 from .errors import FmError, ParityError
 from .quantize import dequantize, quantize
+from .runtime.load import sha256_file
 
 DEFAULT_TEXT = Path(__file__).resolve().parent / "data" / "verify_text.txt"
 _DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
@@ -71,14 +71,6 @@ def _num(x):
     return x if math.isfinite(x) else None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # 1. integrity
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,7 +102,7 @@ def check_integrity(out_dir: Path, m: dict) -> dict:
             size = p.stat().st_size
             if size != f["size"]:
                 fails.append(f"integrity: {rel} (rank {rank}) is {size} bytes, the manifest says {f['size']}")
-            if _sha256(p) != f["sha256"]:
+            if sha256_file(p) != f["sha256"]:
                 fails.append(f"integrity: {rel} (rank {rank}) sha256 mismatch")
             try:
                 with safe_open(p, framework="pt") as h:
@@ -182,7 +174,7 @@ def _source_notes(model_dir: Path, m: dict, ckpt, config_sha: str) -> list[str]:
         want = recorded.get(f)
         if want is None:
             notes.append(f"{f} was not part of the converted source")
-        elif _sha256(model_dir / f) != want:
+        elif sha256_file(model_dir / f) != want:
             notes.append(f"{f} changed since the conversion (sha256 differs from the manifest's source record)")
     return notes
 
