@@ -83,6 +83,7 @@ def run(ctx: dict) -> list[dict]:
         rows.append(C.figure("decode 1.1B shape, int8 kept", fm_q, "tok/s", "fmconvert fp32", fm_f, fm_q / fm_f,
                              "pays off if > 1x", None, note="4 tokens, 1 run: dequantized at every call"))
         C.rmtree(work / "decode-llama-int8")
+    C.rmtree(out)
     return rows
 
 

@@ -302,7 +302,7 @@ class _Syncer(threading.Thread):
     def run(self):
         while (fd := self.q.get()) is not None:
             try:
-                os.fdatasync(fd)
+                getattr(os, "fdatasync", os.fsync)(fd)
             except OSError:
                 pass
             finally:

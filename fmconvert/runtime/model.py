@@ -110,7 +110,7 @@ class FusedModel(nn.Module):
         self.g = {k: v for k, v in tensors.items() if not k.startswith("layers.")}  # global slots only
         pos = sp["position"]
         self.rope = None
-        self._rope_checked = None
+        self._rope_checked, self._forwards = None, 0
         self.alibi = tensors.get("alibi.slopes")
         if pos["type"] == "rope":
             self.rope = tensors["rope.inv_freq"]
@@ -123,13 +123,21 @@ class FusedModel(nn.Module):
 
     # -- pieces ---------------------------------------------------------------------------------------------------
     def rope_for(self, positions):
-        if positions is self._rope_checked:   # every layer of a forward asks about the same positions tensor
+        checked = self._rope_checked      # every layer of a forward asks about the same positions
+        if checked is not None and checked[0] is positions and checked[1] == self._forwards:
             return self._cos, self._sin
         need = int(positions.max()) + 1
         if need > self._cos.shape[0]:
             self._cos, self._sin = rope_tables(self.rope, max(need, 2 * self._cos.shape[0]), self.rope_scaling)
-        self._rope_checked = positions
+        self._rope_checked = (positions, self._forwards)
         return self._cos, self._sin
+
+    def _begin_forward(self):
+        """Per-forward memos (the positions checked above, the ops' gathered cos/sin) last one forward only."""
+        self._forwards += 1
+        begin = getattr(self.ops, "begin_forward", None)
+        if begin is not None:
+            begin()
 
     def embed(self, ids, positions, token_type_ids):
         g, sp = self.g, self.spec
@@ -168,6 +176,7 @@ class FusedModel(nn.Module):
     # -- forward --------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def hidden(self, ids, cache=None, attention_mask=None, token_type_ids=None, output_hidden_states=False):
+        self._begin_forward()
         B, T = ids.shape
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + T, device=ids.device).unsqueeze(0).expand(B, T)
@@ -192,6 +201,7 @@ class FusedModel(nn.Module):
         """One token per sequence at position pos_t (device tensor [1]); logits [B, vocab]. No host syncs and no
         shapes that depend on the step, so it can be captured once in a CUDA graph and replayed. The caller
         advances cache.length."""
+        self._begin_forward()
         B = ids.shape[0]
         positions = pos_t.view(1, 1).expand(B, 1)
         x, residual = self.embed(ids, positions, None), None

@@ -122,7 +122,7 @@ class TorchOps:
 
     def _rope_rows(self, cos, sin, positions, style):
         """cos/sin at these positions, shaped (B, T, 1, rot) for neox or (B, T, 1, rot/2) for gptj. Every layer of
-        a forward passes the same positions tensor: gathered once per forward, not once per layer."""
+        a forward passes the same positions tensor: gathered once per forward (see begin_forward), not per layer."""
         memo = getattr(self, "_rope_memo", None)
         if memo is not None and memo[0] is positions and memo[1] is cos and memo[2] is sin and memo[3] == style:
             return memo[4], memo[5]
@@ -131,6 +131,10 @@ class TorchOps:
             c, s = torch.cat([c, c], -1), torch.cat([s, s], -1)
         self._rope_memo = (positions, cos, sin, style, c, s)
         return c, s
+
+    def begin_forward(self):
+        """A new forward: positions may be a tensor seen before, with new contents."""
+        self._rope_memo = None
 
     def attention(self, q, k, v, scale, causal, alibi_slopes=None, key_padding_mask=None):
         B, Hq, T, D = q.shape
