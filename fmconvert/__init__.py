@@ -8,7 +8,7 @@ __version__ = "0.1.0"
 
 def convert(model_dir, out_dir, **options):
     """Convert a HF model directory. Options: tp, int8, group_size, dtype, max_shard_size, force, allow_pickle."""
-    from .convert import Options, convert as _convert
+    from .pipeline import Options, convert as _convert
     return _convert(model_dir, out_dir, Options(**options), progress=False)
 
 

@@ -71,7 +71,7 @@ def convert(model_dir, out_dir, tp, int8, group_size, int8_embeddings, dtype, ma
     """
     from . import srchash
     srchash.start(model_dir)  # hash the source while torch and transformers import (convert takes it over)
-    from .convert import Options, convert as run
+    from .pipeline import Options, convert as run
     err = _console(stderr=True)
     s = run(model_dir, out_dir, Options(tp=tp, int8=int8, group_size=group_size, dtype=dtype,
                                         max_shard_size=max_shard_size, force=force, allow_pickle=allow_pickle,

@@ -137,7 +137,7 @@ _SPEC_KEYS = ("architecture", "family", "kind", "hidden_size", "num_layers", "nu
 
 def plan_source(model_dir: Path, m: dict, ckpt):
     """Re-plan the conversion from MODEL_DIR with the manifest's options; bad input if they do not belong together."""
-    from .convert import Options, make_plan
+    from .pipeline import Options, make_plan
     from .policy import policy_for
     from .read import load_config
 
@@ -285,7 +285,7 @@ def _diagnose(spec, lay, slot, names, r, piece: _Piece, exp: torch.Tensor, exp_a
 
 
 def check_tensors(m: dict, ranks: list[dict], plan, ckpt, config) -> dict:
-    from .convert import _rope_inv_freq, alibi_slopes
+    from .pipeline import _rope_inv_freq, alibi_slopes
 
     spec, lay, pol = plan.spec, plan.layout, plan.policy
     q = m["quantization"] or {}

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import tiny
-from fmconvert.convert import Options, convert
+from fmconvert.pipeline import Options, convert
 
 EXIT_PARITY, EXIT_BAD_INPUT = 1, 2
 COMMANDS = ("convert", "inspect", "verify", "generate", "load")

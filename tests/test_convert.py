@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import tiny
 from fmconvert import slice as sl
 from fmconvert.cli import cli
-from fmconvert.convert import QUANT_SLOTS, Options, alibi_slopes, convert
+from fmconvert.pipeline import QUANT_SLOTS, Options, alibi_slopes, convert
 from fmconvert.policy import ModelSpec, policy_for
 from fmconvert.quantize import quantize
 from fmconvert.reassemble import canonical, reassemble
@@ -402,3 +402,11 @@ def test_reassemble_refuses_tampered_output(model_dir, tmp_path):
         reassemble(out)
     path.write_text(good)
     assert reassemble(out)[1]
+
+
+def test_public_python_api(model_dir, tmp_path):
+    import fmconvert
+    import fmconvert.pipeline  # noqa: F401  (a submodule must not shadow the public function)
+    fmconvert.convert(model_dir("llama"), tmp_path / "out", tp=1, int8=True, group_size=32)
+    logits = fmconvert.load(tmp_path / "out")(torch.tensor([[5, 6, 7]]))
+    assert logits.shape == (1, 3, 101) and torch.isfinite(logits).all()

@@ -27,7 +27,7 @@ import test_bad_input
 from corpus import CASES, Ctx, Sources, assert_one_line_error, run_main
 from fmconvert import manifest as mf
 from fmconvert.cli import cli
-from fmconvert.convert import Options
+from fmconvert.pipeline import Options
 from fmconvert.errors import EXIT_INTERRUPTED, EXIT_IO, FmError
 from fmconvert.runtime.load import read_rank
 
@@ -446,7 +446,7 @@ def test_byte_identical_across_runs(medium, reference, tmp_path, capsys):
     workers = [f.name for f in fields(Options) if f.name in ("workers", "jobs", "num_workers")]
     for name in workers:  # conversion is parallel: the worker count must not change a byte
         for n in (1, 2):
-            from fmconvert.convert import convert
+            from fmconvert.pipeline import convert
             dst = tmp_path / f"{name}{n}"
             convert(medium, dst, Options(tp=2, int8=True, max_shard_size="64KB", **{name: n}), progress=False)
             same_bytes(dst, reference)

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import tiny
-from fmconvert.convert import Options, convert
+from fmconvert.pipeline import Options, convert
 from fmconvert.errors import FmError
 from fmconvert.runtime.comm import ThreadGroup
 from fmconvert.runtime.generate import generate

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import tiny
 from fmconvert.cli import main as cli_main
-from fmconvert.convert import Options, convert
+from fmconvert.pipeline import Options, convert
 from fmconvert.errors import FmError
 from fmconvert.verify import DEFAULTS, verify
 

@@ -14,12 +14,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import tiny
-from fmconvert.convert import Options, convert
+from fmconvert.pipeline import Options, convert
 from fmconvert.errors import FmError
 from fmconvert.read import check_safetensors
 from fmconvert.write import ShardWriter
 
-cv = importlib.import_module("fmconvert.convert")  # the module (the package also exports a function `convert`)
+cv = importlib.import_module("fmconvert.pipeline")  # the module 
 
 TENSORS = [
     (0, "rope", torch.arange(7, dtype=torch.float32)),

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fmconvert.convert import Options, convert
+from fmconvert.pipeline import Options, convert
 from fmconvert.runtime.generate import generate
 from fmconvert.runtime.load import load
 
