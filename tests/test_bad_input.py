@@ -12,18 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fmconvert.cli import main
+from corpus import run_main
 
 
-def run_main(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_line_error(code: int, err: str, *needles: str):
