@@ -378,7 +378,6 @@ class AtomicDir:
         self.warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
         self.tmp: Path | None = None
         self.lock = OutputLock(self.final)
-        self.stale_removed: list[str] = []
         self._old_handlers: dict = {}
         self._watchdog: threading.Timer | None = None
 
@@ -445,7 +444,6 @@ class AtomicDir:
                 continue
             # left by a converter that was killed before its rename: never a valid output, safe to remove
             _remove(p)
-            self.stale_removed.append(p.name)
             self.warn(f"removed stale temp dir {p} (left by an interrupted fmconvert"
                       f"{f', pid {pid}' if pid is not None else ''})")
 

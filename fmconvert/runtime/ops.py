@@ -6,7 +6,6 @@ Shapes: x [B, T, hidden]; q [B, Hq, T, D]; k, v [B, Hkv, S, D]; KV caches [B, Hk
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -246,7 +245,3 @@ def _triton_ok() -> bool:
         return True
     except Exception:
         return False
-
-
-def attn_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)
