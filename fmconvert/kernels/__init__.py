@@ -1,8 +1,9 @@
-"""Triton kernels used by the fmconvert runtime on CUDA (and on CPU under TRITON_INTERPRET=1).
+"""The kernels the fmconvert runtime runs: Triton kernels for CUDA (and for CPU under TRITON_INTERPRET=1), and
+`int8_gemv_cpu`, a TorchInductor-generated int8 GEMV for CPU decode.
 
-Every kernel file has the same anatomy: @triton.jit kernel(s), a plain launcher, and a pure-torch
-`*_reference` beside it. Importing this package needs triton; check `triton_available()` first
-when the caller may run without it.
+Every kernel file has the same anatomy: the kernel(s), a plain launcher, and a pure-torch `*_reference` beside it.
+The Triton kernels need triton and import on first use; check `triton_available()` first when the caller may run
+without it.
 """
 from __future__ import annotations
 
@@ -20,21 +21,27 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-if importlib.util.find_spec("triton") is not None:
-    # Without triton only triton_available() is importable (it then returns False).
-    from .attention import (  # noqa: E402
-        decode_attention,
-        decode_attention_reference,
-        decode_attention_workspace,
-        prefill_attention,
-        prefill_attention_reference,
-    )
-    from .int8_matmul import dequantize, int8_linear, int8_linear_reference  # noqa: E402
-    from .norm import add_norm, add_norm_reference  # noqa: E402
-    from .rope import apply_rope, apply_rope_reference  # noqa: E402
+_LAZY = {
+    "decode_attention": "attention", "decode_attention_reference": "attention",
+    "decode_attention_workspace": "attention", "prefill_attention": "attention",
+    "prefill_attention_reference": "attention",
+    "dequantize": "int8_matmul", "int8_linear": "int8_matmul", "int8_linear_reference": "int8_matmul",
+    "add_norm": "norm", "add_norm_reference": "norm",
+    "apply_rope": "rope", "apply_rope_reference": "rope",
+}
+
+
+def __getattr__(name):
+    """The Triton kernels import on first use, so the CPU runtime (which needs int8_gemv_cpu only) never pays for
+    importing triton."""
+    mod = _LAZY.get(name)
+    if mod is None or importlib.util.find_spec("triton") is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{mod}", __name__), name)
+
 
 __all__ = [
-    "triton_available",
+    "triton_available", "int8_gemv_cpu",
     "add_norm", "add_norm_reference",
     "int8_linear", "int8_linear_reference", "dequantize",
     "apply_rope", "apply_rope_reference",

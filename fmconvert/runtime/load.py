@@ -11,6 +11,7 @@ from safetensors import SafetensorError, safe_open
 
 from .. import manifest as mf
 from ..errors import FmError
+from ..kernels import int8_gemv_cpu
 from ..read import check_safetensors
 from .comm import SingleComm, init_distributed
 from .model import FusedModel
@@ -125,9 +126,16 @@ def read_rank(out_dir: Path, manifest: dict, rank: int, check_hashes: bool = Tru
     return out
 
 
-def _assemble(manifest: dict, raw: dict, device, dequantize: bool, dtype) -> dict:
-    """Pair int8 weights with their scales; move to the device."""
+# On CPU, int8 weights at least this big stay int8 for the CPU GEMV; smaller ones decode faster dequantized (the
+# compiled call's fixed cost, ~25 us, outweighs the bytes saved).
+CPU_INT8_MIN_ELEMS = 1 << 20
+
+
+def _assemble(manifest: dict, raw: dict, device, int8: str, dtype) -> dict:
+    """Pair int8 weights with their scales; move to the device. int8: "keep", "dequantize", or "pack" (CPU: big
+    weights a matmul reads stay int8, reordered for the int8 GEMV; the rest are dequantized once)."""
     out = {}
+    tied = manifest["model"]["tied_embeddings"]
     for name, t in raw.items():
         if name.endswith("_scale"):
             continue
@@ -139,7 +147,11 @@ def _assemble(manifest: dict, raw: dict, device, dequantize: bool, dtype) -> dic
             if not g or g * scale.shape[1] != t.shape[1] or scale.shape[0] != t.shape[0]:
                 raise FmError(f"{name}_scale has shape {list(scale.shape)}, which does not fit {list(t.shape)}")
             w = Int8Weight(t.to(device), scale.to(device), g)
-            out[name] = w.dequantize(dtype) if dequantize else w
+            if int8 == "pack" and t.numel() >= CPU_INT8_MIN_ELEMS and (name != "embed.weight" or tied):
+                w.packed = int8_gemv_cpu.pack(w.q, w.scale, g)
+            elif int8 != "keep":
+                w = w.dequantize(dtype)
+            out[name] = w
         elif name.startswith("extra."):
             continue
         elif t.is_floating_point() and name not in ("rope.inv_freq", "alibi.slopes"):
@@ -154,8 +166,8 @@ def load(out_dir, rank: int | None = None, device=None, backend: str = "auto", c
     """Load this process's rank of OUT_DIR and build its FusedModel.
 
     Under torchrun the rank and the collective group come from torch.distributed (world size must equal the
-    manifest's tp). `dequantize=None` keeps int8 weights on CUDA and dequantizes once at load on CPU, where no int8
-    matmul beats a float one.
+    manifest's tp). `dequantize=None` keeps int8 weights on CUDA; on CPU it keeps the big ones, packed for the
+    int8 GEMV (kernels/int8_gemv_cpu.py), when that kernel builds here, and dequantizes the rest once at load.
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -176,12 +188,16 @@ def load(out_dir, rank: int | None = None, device=None, backend: str = "auto", c
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FmError(f"--device {device}: no CUDA device is available")
     ops = make_ops(backend, device)
-    if dequantize is None:
-        dequantize = ops.name == "torch"
+    if dequantize is not None:
+        int8 = "dequantize" if dequantize else "keep"
+    elif device.type == "cpu":      # without a C++ compiler for torch.compile, float matmuls it is
+        int8 = "pack" if int8_gemv_cpu.available() else "dequantize"
+    else:
+        int8 = "dequantize" if ops.name == "torch" else "keep"
     dtype = dtype or _DT[m["dtype"]]
     raw = read_rank(out_dir, m, rank, check_hashes)
     nbytes = sum(t.numel() * t.element_size() for t in raw.values())
-    tensors = _assemble(m, raw, device, dequantize, dtype)
+    tensors = _assemble(m, raw, device, int8, dtype)
     if dtype != _DT[m["dtype"]]:
         m = {**m, "dtype": {v: k for k, v in _DT.items()}[dtype]}
     model = FusedModel(m, tensors, rank, comm=comm, ops=ops, device=device)

@@ -6,19 +6,25 @@ Shapes: x [B, T, hidden]; q [B, Hq, T, D]; k, v [B, Hkv, S, D]; KV caches [B, Hk
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..kernels import int8_gemv_cpu as _gemv_cpu
+
 
 @dataclass
 class Int8Weight:
-    """w[n, k] = q[n, k] * scale[n, k // group_size]; q int8 [N, K], scale [N, K / group_size]."""
+    """w[n, k] = q[n, k] * scale[n, k // group_size]; q int8 [N, K], scale [N, K / group_size].
+
+    `packed`: the same weight reordered for the CPU int8 GEMV (kernels/int8_gemv_cpu.py), set at load on CPU."""
 
     q: torch.Tensor
     scale: torch.Tensor
     group_size: int
+    packed: object = None
 
     @property
     def shape(self):
@@ -106,8 +112,15 @@ class TorchOps:
         return y, h
 
     def linear(self, x, weight, bias=None, activation=None):
-        w = weight.dequantize(x.dtype) if isinstance(weight, Int8Weight) else weight
-        return activate(F.linear(x, w, bias), activation)
+        if isinstance(weight, Int8Weight):
+            if weight.packed is not None and x.numel() <= _gemv_cpu.MAX_ROWS * x.shape[-1] and _gemv_cpu.usable():
+                try:
+                    return activate(_gemv_cpu.int8_gemv(x, weight.packed, bias), activation)    # decode on CPU
+                except Exception:
+                    warnings.warn(f"the CPU int8 kernel failed to build ({_gemv_cpu._failed}); int8 weights are "
+                                  "dequantized at every call from now on", RuntimeWarning, stacklevel=2)
+            weight = weight.dequantize(x.dtype)
+        return activate(F.linear(x, weight, bias), activation)
 
     def rope(self, q, k, cos, sin, positions, style, rotary_dim):
         """q [B, T, Hq, D], k [B, T, Hkv, D]; positions [B, T]."""
