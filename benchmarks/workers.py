@@ -2,7 +2,7 @@
 
     python benchmarks/workers.py roundtrip SRC OUT          # transformers from_pretrained + save_pretrained
     python benchmarks/workers.py load-hf SRC                # transformers from_pretrained, timed
-    python benchmarks/workers.py load-fm OUT [--no-hash] [--keep-int8]   # fmconvert load of rank 0, timed
+    python benchmarks/workers.py load-fm OUT [--no-hash] [--dequantize]  # fmconvert load of rank 0, timed
     python benchmarks/workers.py decode SRC FM_OUT ...      # greedy decode tok/s, fmconvert vs HF, interleaved
 
 Timings cover the call only (imports are not counted, for either side).
@@ -58,7 +58,7 @@ def load_fm(a):
     tp = mf.read(a.out)["parallel"]["tp"]
     t0 = time.perf_counter()
     m = load(a.out, rank=0, device="cpu", comm=_Rank0(tp), check_hashes=not a.no_hash,
-             dequantize=False if a.keep_int8 else None)
+             dequantize=True if a.dequantize else None)
     secs = time.perf_counter() - t0
     print(json.dumps({"seconds": secs, "gib": m.load_stats["gib"], "tp": tp}))
 
@@ -94,15 +94,18 @@ def decode(a):
 
     from fmconvert.runtime.generate import generate
     from fmconvert.runtime.load import load
+    from fmconvert.runtime.ops import Int8Weight
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
-    fm = load(a.fm, device="cpu", check_hashes=False, dtype=dtype, dequantize=False if a.keep_int8 else None)
+    fm = load(a.fm, device="cpu", check_hashes=False, dtype=dtype)
     vocab = fm.spec["vocab_size"]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (1, a.prompt_len), generator=g)
     hf = None
     if not a.no_hf:
         hf = AutoModelForCausalLM.from_pretrained(a.src, dtype=dtype, attn_implementation=a.attn).eval()
-    generate(fm, ids, max_new_tokens=min(4, a.tokens))          # warm up both
+    t0 = time.perf_counter()
+    generate(fm, ids, max_new_tokens=min(4, a.tokens))          # warm up both (and compile the CPU int8 kernels)
+    warmup = time.perf_counter() - t0
     if hf is not None:
         _hf_decode(hf, ids, min(4, a.tokens))
     fm_rates, hf_rates, same = [], [], []
@@ -115,7 +118,9 @@ def decode(a):
             same.append(sum(x == y for x, y in zip(toks, st.tokens)) / max(len(toks), 1))
     print(json.dumps({"fm_tok_s": fm_rates, "hf_tok_s": hf_rates, "token_agreement": same,
                       "tokens": a.tokens, "prompt_len": a.prompt_len, "dtype": a.dtype,
-                      "threads": torch.get_num_threads(), "keep_int8": a.keep_int8}))
+                      "threads": torch.get_num_threads(), "fm_warmup_s": warmup,
+                      "int8_packed": sum(isinstance(w, Int8Weight) and w.packed is not None
+                                         for b in fm.blocks for w in b.t.values())}))
 
 
 def main(argv=None):
@@ -131,7 +136,7 @@ def main(argv=None):
     p = sub.add_parser("load-fm")
     p.add_argument("out", type=Path)
     p.add_argument("--no-hash", action="store_true")
-    p.add_argument("--keep-int8", action="store_true")
+    p.add_argument("--dequantize", action="store_true", help="int8 dequantized at load (no CPU int8 kernel)")
     p.set_defaults(fn=load_fm)
     p = sub.add_parser("decode")
     p.add_argument("src", type=Path)
@@ -141,7 +146,6 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=8)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
-    p.add_argument("--keep-int8", action="store_true")
     p.add_argument("--no-hf", action="store_true")
     p.set_defaults(fn=decode)
     a = ap.parse_args(argv)

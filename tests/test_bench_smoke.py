@@ -26,7 +26,7 @@ def test_bench_smoke(tmp_path):
     assert res["smoke"] and res["machine"]["nproc"]
     names = [f["figure"] for f in res["figures"]]
     for want in ("convert --tp 2 --int8 wall", "convert peak RSS", "convert peak RSS, 2x deep model",
-                 "load rank 0/2, default (sha256 check, dequantize)"):
+                 "load rank 0/2, default (sha256 check, int8 packed for the CPU GEMV)"):
         assert want in names, names
     assert any(n.startswith("decode ") for n in names), names
     for f in res["figures"]:

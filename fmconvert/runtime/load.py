@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -91,21 +93,58 @@ def check_layout(m: dict, rank: int):
 
 def read_rank(out_dir: Path, manifest: dict, rank: int, check_hashes: bool = True) -> dict[str, torch.Tensor]:
     """This rank's tensors, read only from this rank's files, each checked against the manifest."""
+    tensors, hashes = _read_rank(out_dir, manifest, rank, check_hashes)
+    hashes.wait()
+    return tensors
+
+
+class _HashCheck:
+    """sha256 of a rank's files on threads (hashlib releases the GIL), so tensors can be built meanwhile; `wait`
+    raises on the first mismatch. Nothing built before `wait` returns is handed to the caller."""
+
+    def __init__(self, files: list[tuple[Path, dict]]):
+        self.files = files
+        self.pool = ThreadPoolExecutor(max_workers=min(len(files), os.cpu_count() or 1)) if files else None
+        self.futures = [self.pool.submit(sha256_file, p) for p, _ in files] if files else []
+
+    def wait(self):
+        try:
+            for (_, f), fut in zip(self.files, self.futures):
+                if fut.result() != f["sha256"]:
+                    raise FmError(f"{f['path']}: sha256 does not match the manifest (file changed or corrupt); "
+                                  "reconvert, or pass --no-verify-hashes to load it anyway")
+        finally:
+            self.cancel()
+
+    def cancel(self):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _read_rank(out_dir: Path, manifest: dict, rank: int, check_hashes: bool):
     if not 0 <= rank < len(manifest["ranks"]):
         raise FmError(f"rank {rank} is out of range: {out_dir} has {len(manifest['ranks'])} rank(s)")
     check_layout(manifest, rank)
     entry = manifest["ranks"][rank]
-    headers = {}
+    headers, to_hash = {}, []
     for f in entry["files"]:
         p = mf.safe_path(out_dir, f["path"])
         if not p.is_file():
             raise FmError(f"{f['path']} is missing from {out_dir}")
         if p.stat().st_size != f["size"]:
             raise FmError(f"{f['path']}: size {p.stat().st_size} differs from the manifest's {f['size']}")
-        if check_hashes and sha256_file(p) != f["sha256"]:
-            raise FmError(f"{f['path']}: sha256 does not match the manifest (file changed or corrupt); "
-                          "reconvert, or pass --no-verify-hashes to load it anyway")
+        if check_hashes:
+            to_hash.append((p, f))
         headers[f["path"]] = (p, check_safetensors(p, f["path"]))
+    hashes = _HashCheck(to_hash)     # runs while the headers are checked and the tensors built
+    try:
+        return _read_tensors(entry, headers, rank), hashes
+    except BaseException:
+        hashes.cancel()
+        raise
+
+
+def _read_tensors(entry: dict, headers: dict, rank: int) -> dict[str, torch.Tensor]:
     by_file: dict[str, list[str]] = {}
     for name, t in entry["tensors"].items():
         got = headers[t["file"]][1].get(name)
@@ -195,9 +234,12 @@ def load(out_dir, rank: int | None = None, device=None, backend: str = "auto", c
     else:
         int8 = "dequantize" if ops.name == "torch" else "keep"
     dtype = dtype or _DT[m["dtype"]]
-    raw = read_rank(out_dir, m, rank, check_hashes)
+    raw, hashes = _read_rank(out_dir, m, rank, check_hashes)
     nbytes = sum(t.numel() * t.element_size() for t in raw.values())
-    tensors = _assemble(m, raw, device, int8, dtype)
+    try:
+        tensors = _assemble(m, raw, device, int8, dtype)
+    finally:
+        hashes.wait()
     if dtype != _DT[m["dtype"]]:
         m = {**m, "dtype": {v: k for k, v in _DT.items()}[dtype]}
     model = FusedModel(m, tensors, rank, comm=comm, ops=ops, device=device)
