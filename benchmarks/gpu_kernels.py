@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 LINEAR_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
-LINEAR_MS = [1, 8, 32]
+LINEAR_MS = [1, 8, 32, 2048]
 GROUP = 128
 ROTATE_BYTES = 256 << 20
 
@@ -115,9 +115,14 @@ def bench_linear(rows, ms_list=LINEAR_MS, shapes=LINEAR_SHAPES):
             ms_fp = _bench_graph(lambda i: F.linear(x, ws[i % len(ws)]), _calls(len(ws)))
             ms_q = _bench_graph(lambda i: int8_linear(x, *qs[i % len(qs)], GROUP), _calls(len(qs)))
             ms_q_eager = _bench(lambda: int8_linear(x, q0, s0, GROUP))
+            extra = {}
+            if M >= 64:     # the long-prompt choice: the Triton GEMM against dequantize + cuBLAS (the "dense" path)
+                for path in ("gemm", "dense"):
+                    extra[f"{path}_ms"] = round(_bench_graph(
+                        lambda i: int8_linear(x, *qs[i % len(qs)], GROUP, _path=path), _calls(len(qs))), 4)
             rows.append(_row("int8_linear", f"M={M} N={N} K={K}", ms_q, ms_fp, int8_bytes, ok,
                              bf16_GBps=round(2 * N * K / ms_fp / 1e6, 1), rel_err=round(err, 5),
-                             eager_ms=round(ms_q_eager, 4)))
+                             eager_ms=round(ms_q_eager, 4), **extra))
         del qs, ws
         torch.cuda.empty_cache()
 

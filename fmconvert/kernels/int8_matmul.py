@@ -14,6 +14,11 @@ Two paths, picked by M = rows of x:
     TB/s of int8 bytes, 1.35-1.6x bf16 cuBLAS on the LLaMA-7B/8B shapes.
   * GEMM (larger M): tiles with tl.dot; the int8 tile is converted to the activation dtype
     (exact: |q| <= 127) and the group scale is applied to the tile's partial product.
+  * dense (M >= DENSE_MIN_M, CUDA): prefill of a long prompt is compute-bound, where cuBLAS beats
+    the Triton GEMM (0.63-1.25x of cuBLAS at batch 8 on an H200, and int8 prefill of 2048 tokens
+    ran at 0.50x of HF bf16). So one pass writes the dense weight in the activation dtype
+    (q * scale in fp32, rounded once) and cuBLAS does the matmul. The extra bytes (read 1, write
+    2, read 2 per weight) are small next to the 2*M flops per weight at this M.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from ._common import (
 )
 
 DECODE_MAX_M = 4
+DENSE_MIN_M = 256   # an estimate from byte and flop counts; benchmarks/gpu_kernels.py times both paths at M=2048
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,6 +385,41 @@ def _gemm(x2, qweight, scale, group_size, bias, act, out):
 
 
 # ---------------------------------------------------------------------------------------------
+# dense path: dequantize once into the activation dtype, then cuBLAS
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
+                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rows[:, None] < N) & (cols[None, :] < K)
+    q = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=mask, other=0)
+    s = tl.load(s_ptr + rows[:, None] * stride_sn + (cols // GROUP)[None, :], mask=mask, other=0.0)
+    w = q.to(tl.float32) * s.to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * stride_on + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize_dense(qweight, scale, group_size, dtype):
+    """The dense [N, K] weight in `dtype`, one kernel pass: q * scale in fp32, rounded once to dtype."""
+    N, K = qweight.shape
+    out = torch.empty(N, K, dtype=dtype, device=qweight.device)
+    bn, bk = (8, 32) if interpreting() else (32, 256)
+    _dequant_kernel[(triton.cdiv(N, bn), triton.cdiv(K, bk))](
+        qweight, scale, out, N, K, qweight.stride(0), scale.stride(0), out.stride(0),
+        GROUP=group_size, BLOCK_N=bn, BLOCK_K=bk)
+    return out
+
+
+def _dense(x2, qweight, scale, group_size, bias, activation, out):
+    w = dequantize_dense(qweight, scale, group_size, x2.dtype)
+    y = F.linear(x2, w, bias)
+    out.copy_(activate_reference(y.float(), activation) if activation else y)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # launcher + reference
 # ---------------------------------------------------------------------------------------------
 
@@ -414,7 +455,7 @@ def int8_linear(x, qweight, scale, group_size, bias=None, activation=None, *, _s
 
     x [..., K]; qweight int8 [N, K]; scale [N, K // group_size]; bias [N] or None. With
     activation="swiglu" rows are [gate; up] and y is [..., N // 2]. `_split_k` / `_path`
-    ("decode" | "gemm") override the heuristics (tests, benchmarks).
+    ("decode" | "gemm" | "dense") override the heuristics (tests, benchmarks).
     """
     _check(x, qweight, scale, group_size, bias, activation)
     group_size = int(group_size)
@@ -430,9 +471,12 @@ def int8_linear(x, qweight, scale, group_size, bias=None, activation=None, *, _s
     out = torch.empty(M, n_out, dtype=x.dtype, device=x.device)
     if M > 0:
         act = ACTIVATIONS[activation]
-        path = _path or ("decode" if M <= DECODE_MAX_M else "gemm")
+        path = _path or ("decode" if M <= DECODE_MAX_M else
+                         "dense" if M >= DENSE_MIN_M and x.is_cuda else "gemm")
         if path == "decode":
             _decode(x2, qweight, scale, group_size, bias, act, out, _split_k)
+        elif path == "dense":
+            _dense(x2, qweight, scale, group_size, bias, activation, out)
         else:
             _gemm(x2, qweight, scale, group_size, bias, act, out)
     return out.reshape(*x.shape[:-1], n_out)

@@ -128,3 +128,23 @@ def test_int8_gemv_every_gpu_config(M, assert_close):
             out = torch.empty(M, 3, dtype=x.dtype, device=DEVICE)
             _decode(x, q, s, G, b, 5, out, split_k=1, config=cfg)
             assert_close(out, ref, torch.float16)
+
+
+@pytest.mark.parametrize("act", [None, "swiglu", "gelu"])
+@pytest.mark.parametrize("shape", [(5, 18, 96, 32), (9, 78, 320, 64), (6, 34, 144, 48)])
+def test_int8_linear_dense_path(shape, act, assert_close):
+    # The long-prompt path (dequantize once, then a float matmul), forced at small M. N not a multiple of the
+    # block and a group of 48 (not a power of two) exercise the dequantization kernel's masks.
+    M, N, K, G = shape
+    x, _, q, s, b = make(M, N, K, G, torch.float32, bias=True)
+    y = int8_linear(x, q, s, G, b, act, _path="dense")
+    assert_close(y, int8_linear_reference(x, q, s, G, b, act), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_dequantize_dense_matches_reference(dtype):
+    from fmconvert.kernels.int8_matmul import dequantize_dense
+    _, _, q, s, _ = make(1, 37, 144, 48, dtype, bias=False)
+    got = dequantize_dense(q, s, 48, dtype)
+    assert got.dtype == dtype and got.shape == (37, 144)
+    assert torch.equal(got, dequantize(q, s, 48, torch.float32).to(dtype))     # one rounding, same as the reference
