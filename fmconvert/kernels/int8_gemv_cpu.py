@@ -65,6 +65,7 @@ def _gemv(x: torch.Tensor, qp: torch.Tensor, sp: torch.Tensor, group_size: int) 
 _compiled: dict = {}
 _lock = threading.Lock()
 _failed: str | None = None
+_warm: set = set()        # shapes whose kernel has run (compiled) in this process
 
 
 def _kernel(qp: torch.Tensor, group_size: int):
@@ -81,6 +82,26 @@ def _kernel(qp: torch.Tensor, group_size: int):
                 fn = torch.compile(types.FunctionType(code, _gemv.__globals__), dynamic=False)
                 _compiled[key] = fn
     return fn
+
+
+def cold(weights) -> list[PackedInt8]:
+    """One packed weight per shape among `weights` that has not run yet in this process (its first call compiles)."""
+    seen, out = set(), []
+    for w in weights:
+        key = (tuple(w.q.shape), w.group_size)
+        if key not in _warm and key not in seen:
+            seen.add(key)
+            out.append(w)
+    return out
+
+
+def warm_up(weights) -> int:
+    """Compile (or fetch from TorchInductor's disk cache) the kernel for each shape among `weights` now, so a
+    caller's first real call, and any timing of it, does not pay for it. Returns how many shapes it built."""
+    todo = cold(weights)
+    for w in todo:
+        int8_gemv(w.q.new_zeros(1, w.q.shape[1], dtype=torch.float32), w)
+    return len(todo)
 
 
 def usable() -> bool:
@@ -105,6 +126,7 @@ def int8_gemv(x: torch.Tensor, w: PackedInt8, bias: torch.Tensor | None = None) 
     except Exception as e:
         _failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         raise
+    _warm.add((tuple(w.q.shape), w.group_size))
     out = torch.stack(ys) if ys else rows.new_zeros(0, w.n)
     if bias is not None:
         out += bias.float()

@@ -77,11 +77,30 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Ge
 SMALL_MODEL_BYTES = 32 << 20
 
 
+def packed_int8(model: FusedModel) -> list:
+    """The weights this rank decodes through the CPU int8 GEMV (kernels/int8_gemv_cpu.py)."""
+    from .ops import Int8Weight
+    tensors = list(model.g.values()) + [v for b in model.blocks for v in b.t.values()]
+    return [t.packed for t in tensors if isinstance(t, Int8Weight) and t.packed is not None]
+
+
+def warm_up(model: FusedModel) -> int:
+    """Build the CPU int8 kernels this model needs (seconds the first time in a process; none on CUDA)."""
+    from ..kernels import int8_gemv_cpu
+    packed = packed_int8(model)
+    if not packed or not int8_gemv_cpu.usable():
+        return 0
+    with torch.inference_mode():
+        return int8_gemv_cpu.warm_up(packed)
+
+
 def generate(model: FusedModel, input_ids: torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, eos_token_id=None, on_token=None,
              cuda_graph: bool | None = None) -> tuple[torch.Tensor, GenStats]:
     """input_ids [B, T] -> [B, T + new]. `on_token(ids [B])` is called as each step's tokens are chosen.
-    On CUDA the decode step is replayed from a CUDA graph unless cuda_graph=False."""
+    On CUDA the decode step is replayed from a CUDA graph unless cuda_graph=False. The CPU int8 kernels are built
+    first (`warm_up`), outside the timings in GenStats."""
+    warm_up(model)
     threads = torch.get_num_threads()
     single = model.device.type == "cpu" and threads > 1 and weight_bytes(model) < SMALL_MODEL_BYTES
     if single:

@@ -6,7 +6,7 @@ import torch
 from fmconvert.kernels import int8_gemv_cpu as K
 from fmconvert.pipeline import Options, convert
 from fmconvert.runtime import load as load_mod
-from fmconvert.runtime.generate import generate
+from fmconvert.runtime.generate import generate, packed_int8, warm_up
 from fmconvert.runtime.ops import Int8Weight
 
 # A CUDA machine runs the GPU kernel tests; this kernel is the CPU's (and compiling it is the slow part).
@@ -78,6 +78,10 @@ def test_model_decodes_through_the_cpu_int8_gemv(model_dir, tmp_path, monkeypatc
     fast = load_mod.load(out, device="cpu", backend="torch")
     packed = [w for w in fast.blocks[0].t.values() if isinstance(w, Int8Weight)]
     assert packed and all(w.packed is not None for w in packed)
+    shapes = {(tuple(p.q.shape), p.group_size) for p in packed_int8(fast)}
+    assert len(K.cold(packed_int8(fast))) <= len(shapes)
+    warm_up(fast)                                                          # what generate() does first
+    assert K.cold(packed_int8(fast)) == []
     ids = torch.randint(3, 100, (1, 6))
     want = ref(ids)
     torch.testing.assert_close(fast(ids), want, rtol=1e-4, atol=1e-4)      # prefill: dequantize path
