@@ -61,21 +61,29 @@ def cli():
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest shard file, e.g. 500MB, 2GB.")
 @click.option("--force", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin, loaded with weights_only=True.")
+@click.option("--source-sha256", is_flag=True, help="Record the full sha256 of every source weight file in the "
+              "manifest (reads the source once more). By default only its size and header are fingerprinted.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 def convert(model_dir, out_dir, tp, int8, group_size, int8_embeddings, dtype, max_shard_size, force, allow_pickle,
-            quiet):
+            source_sha256, quiet):
     """Convert MODEL_DIR (config.json + safetensors) into OUT_DIR.
 
     OUT_DIR gets one set of safetensors shards per rank, manifest.json (the contract the runtime reads), and the
     tokenizer and generation config. It appears atomically: a failed or interrupted run leaves nothing.
     """
-    from . import srchash
-    srchash.start(model_dir)  # hash the source while torch and transformers import (convert takes it over)
+    if source_sha256:
+        from . import srchash
+        srchash.start(model_dir)  # hash the source while torch and transformers import (convert takes it over)
+    import gc
+    gc.disable()        # importing torch makes ~10^6 objects that all stay: collecting meanwhile finds nothing
     from .pipeline import Options, convert as run
+    gc.freeze()         # and later collections skip them
+    gc.enable()
     err = _console(stderr=True)
     s = run(model_dir, out_dir, Options(tp=tp, int8=int8, group_size=group_size, dtype=dtype,
                                         max_shard_size=max_shard_size, force=force, allow_pickle=allow_pickle,
-                                        int8_embeddings=int8_embeddings), progress=not quiet, console=err)
+                                        int8_embeddings=int8_embeddings, source_sha256=source_sha256),
+            progress=not quiet, console=err)
     if quiet:
         return
     from rich.table import Table
@@ -223,12 +231,18 @@ def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, device, 
     Rank 0 prints. The last line reports tokens/s and the effective weight bandwidth.
     """
     import torch
-    from .runtime.generate import copy_bandwidth, generate as gen, weight_bytes
+    from .kernels import int8_gemv_cpu
+    from .runtime.generate import copy_bandwidth, generate as gen, packed_int8, warm_up, weight_bytes
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
     if model.spec["kind"] != "decoder":
         raise FmError(f"{out_dir} holds an encoder ({model.spec['architecture']}); use `fmconvert embed`")
     lead = model.rank == 0
     tok = _tokenizer(out_dir)
+    cold = int8_gemv_cpu.cold(packed_int8(model)) if int8_gemv_cpu.usable() else []
+    if cold and lead:
+        click.echo(f"[building the CPU int8 kernels for {len(cold)} weight shapes: ~20 s the first time on this "
+                   "machine, a few seconds once cached]", err=True)
+    warm_up(model)
     ids = torch.tensor([tok(prompt).input_ids], dtype=torch.long)
     state = {"text": tok.decode(ids[0], skip_special_tokens=True), "ids": ids[0].tolist()}
     if lead:

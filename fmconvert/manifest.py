@@ -2,8 +2,8 @@
 
 Schema (format "fmconvert", FORMAT_VERSION below; documented in docs/manifest.md):
   format, format_version, tool_version
-  source        architecture, family, prefix (of the HF tensor names), config_sha256, files {name: sha256},
-                sidecar_files
+  source        architecture, family, prefix (of the HF tensor names), config_sha256, fingerprints {name: {size,
+                head_sha256}}, files {name: sha256} (convert --source-sha256 only), sidecar_files
   model         the ModelSpec (sizes, norm, activation, positions, residual, tying, ...)
   parallel      the slice Layout (tp, heads and kv heads per rank, kv replication, padding, slot kinds)
   dtype         float dtype of unquantized tensors
@@ -43,6 +43,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # model: key -> check. Everything the runtime, inspect, reassemble and verify read from it.
 _POS_INT = lambda x: type(x) is int and 0 < x < MAX_DIM  # noqa: E731
 _NAT = lambda x: type(x) is int and 0 <= x < MAX_DIM  # noqa: E731
+_NAT_SIZE = lambda x: type(x) is int and 0 <= x < 1 << 62  # noqa: E731
 _BOOL = lambda x: type(x) is bool  # noqa: E731
 _POS_NUM = lambda x: type(x) in (int, float) and 0 < x < math.inf  # noqa: E731
 _FINITE = lambda x: type(x) in (int, float) and math.isfinite(x)  # noqa: E731
@@ -197,6 +198,10 @@ def _source(src):
     _need(src.get("config_sha256") is None or isinstance(src["config_sha256"], str), "source.config_sha256 malformed")
     files = src.get("files", {})
     _need(isinstance(files, dict) and all(isinstance(v, str) for v in files.values()), "source.files malformed")
+    prints = src.get("fingerprints", {})      # absent from manifests written before fmconvert recorded them
+    _need(isinstance(prints, dict) and all(
+        isinstance(v, dict) and _NAT_SIZE(v.get("size")) and isinstance(v.get("head_sha256"), str)
+        and _HEX64.fullmatch(v["head_sha256"]) for v in prints.values()), "source.fingerprints malformed")
     side = src.get("sidecar_files", [])
     _need(isinstance(side, list) and all(isinstance(f, str) for f in side), "source.sidecar_files malformed")
 

@@ -1,7 +1,9 @@
-"""sha256 of a conversion's source weight files, on threads, started as early as possible.
+"""What a conversion records of its source weight files: a cheap fingerprint always, the full sha256 on request.
 
-Hashing the source (for the manifest's `source.files`) is the longest single job of a conversion, and pure I/O plus
-hashlib, which releases the GIL. This module imports nothing heavy, so the CLI can `start` it before torch and
+The fingerprint (size, and sha256 of the safetensors header) costs a few small reads and catches a file that was
+replaced or re-saved; `verify` compares every tensor with the source anyway, so it is enough for the note that a
+file changed. The full sha256 (`convert --source-sha256`) reads the whole source once more: pure I/O plus hashlib,
+which releases the GIL, on threads. This module imports nothing heavy, so the CLI can `start` that before torch and
 transformers are even imported; `convert` then `take`s the running hasher (or starts one). Files are read through
 a map (no copies into Python bytes) and the pages behind the hash are dropped, so it adds nothing to peak RSS.
 """
@@ -12,6 +14,7 @@ import hashlib
 import json
 import mmap
 import os
+import struct
 import threading
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from .errors import EXIT_IO, FmError
 
 INDEX = "model.safetensors.index.json"
 CHUNK = 8 << 20
+HEAD_BYTES = 1 << 20         # the fingerprint's share of a file that is not safetensors (a pickled checkpoint)
 _PAGE = mmap.PAGESIZE
 _MADVISE = hasattr(mmap.mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED")
 _started: dict[tuple[str, tuple[str, ...]], "SourceHasher"] = {}
@@ -50,6 +54,19 @@ def guess_files(model_dir: Path) -> list[str] | None:
         return files if ok else None
     except Exception:
         return None
+
+
+def fingerprint(path: Path) -> dict:
+    """{"size", "head_sha256"}: the sha256 of a safetensors file's header (its 8-byte length and the JSON: every
+    name, dtype, shape and offset), of the first HEAD_BYTES of any other file."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = HEAD_BYTES
+        if str(path).endswith(".safetensors") and size >= 8:
+            (n,) = struct.unpack("<Q", f.read(8))
+            head = 8 + n
+            f.seek(0)
+        return {"size": size, "head_sha256": hashlib.sha256(f.read(min(head, size))).hexdigest()}
 
 
 class SourceHasher:

@@ -165,17 +165,22 @@ def plan_source(model_dir: Path, m: dict, ckpt):
 
 
 def _source_notes(model_dir: Path, m: dict, ckpt, config_sha: str) -> list[str]:
+    from .srchash import fingerprint
     notes = []
     src = m["source"]
     if src.get("config_sha256") and src["config_sha256"] != config_sha:
         notes.append(f"{model_dir}/config.json differs from the one converted (sha256)")
-    recorded = src.get("files") or {}
+    hashes, prints = src.get("files") or {}, src.get("fingerprints") or {}   # either, both or (old) files only
     for f in ckpt.files:
-        want = recorded.get(f)
-        if want is None:
+        if f in hashes:
+            if sha256_file(model_dir / f) != hashes[f]:
+                notes.append(f"{f} changed since the conversion (sha256 differs from the manifest's source record)")
+        elif f in prints:
+            if fingerprint(model_dir / f) != prints[f]:
+                notes.append(f"{f} changed since the conversion (size or header differs from the manifest's "
+                             "source record)")
+        else:
             notes.append(f"{f} was not part of the converted source")
-        elif sha256_file(model_dir / f) != want:
-            notes.append(f"{f} changed since the conversion (sha256 differs from the manifest's source record)")
     return notes
 
 

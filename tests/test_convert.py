@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 import subprocess
 import sys
@@ -328,8 +329,75 @@ def test_sharded_input(tmp_path):
     assert (d / "model.safetensors.index.json").is_file() and not (d / "model.safetensors").exists()
     out = conv(d, tmp_path / "out", tp=2)
     m, got = reassemble(out)
-    assert len(m["source"]["files"]) > 1
+    files = sorted(set(json.loads((d / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    assert len(files) > 1 and sorted(m["source"]["fingerprints"]) == files
     assert_exact(expected(d, m), got)
+
+
+def _header_sha256(path: Path) -> str:
+    blob = path.read_bytes()
+    return hashlib.sha256(blob[:8 + struct.unpack("<Q", blob[:8])[0]]).hexdigest()
+
+
+def test_source_fingerprints_by_default_full_sha256_on_request(tmp_path):
+    d = tmp_path / "src"
+    tiny.build("llama").save_pretrained(d, max_shard_size="50KB")
+    files = sorted(p.name for p in d.glob("*.safetensors"))
+    m = json.loads((conv(d, tmp_path / "a", tp=2, int8=True) / "manifest.json").read_text())
+    assert "files" not in m["source"]
+    assert m["source"]["fingerprints"] == {f: {"size": (d / f).stat().st_size, "head_sha256": _header_sha256(d / f)}
+                                           for f in files}
+    full = json.loads((conv(d, tmp_path / "b", tp=2, int8=True, source_sha256=True) / "manifest.json").read_text())
+    assert full["source"]["files"] == {f: hashlib.sha256((d / f).read_bytes()).hexdigest() for f in files}
+    assert full["source"]["fingerprints"] == m["source"]["fingerprints"]
+    # the flag changes only the source record: the shards are the same bytes
+    assert full["ranks"] == m["ranks"]
+    assert CliRunner().invoke(cli, ["convert", "-q", "--source-sha256", str(d), str(tmp_path / "c")]).exit_code == 0
+    assert set(json.loads((tmp_path / "c" / "manifest.json").read_text())["source"]["files"]) == set(files)
+
+
+def _quantize_reference(w: torch.Tensor, group: int, scale_dtype: torch.dtype):
+    """The whole weight at once, in the plainest torch: scales = max|w| / 127 rounded up to scale_dtype."""
+    N, K = w.shape
+    g = w.float().reshape(N, K // group, group)
+    s = g.abs().amax(dim=-1) / 127
+    st = s.to(scale_dtype)
+    st = torch.where(st.float() < s, torch.nextafter(st, torch.full_like(st, float("inf"))), st)
+    safe = torch.where(st == 0, 1.0, st.float()).unsqueeze(-1)
+    q = torch.round(g / safe)
+    d = q * safe - g
+    stats = (float(g.double().square().sum()), float(d.double().square().sum()), float(d.abs().max()))
+    return q.to(torch.int8).reshape(N, K), st, stats
+
+
+@pytest.mark.parametrize("dtype,scale_dtype", [(torch.bfloat16, torch.float16), (torch.float16, torch.float16),
+                                               (torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize("N,K,group", [(1, 128, 128), (7, 96, 32), (300, 384, 128), (513, 2048, 128),
+                                       (769, 1280, 256)])
+def test_quantize_matches_reference(dtype, scale_dtype, N, K, group):
+    from fmconvert.quantize import ErrorStats
+    torch.manual_seed(N * K)
+    w = torch.randn(N, K) * torch.rand(N, 1) * 3
+    w[0, :group] = 0.0                                   # an all-zero group: scale 0, q 0
+    if N > 4:
+        w[1, :group] = -0.0                              # -0.0 too: the scale must still be +0.0
+        w[2, :group] = torch.randn(group) * 1e-7         # scales below float16's normal range
+        w[3, :group] = torch.randn(group) * (6e4 if dtype == torch.float16 else 1e7)   # bf16/fp32: inf fp16 scales
+        w[4, group // 2] = 1e-30
+    w = w.to(dtype)
+    want_q, want_s, (sig, err, max_abs) = _quantize_reference(w, group, scale_dtype)
+    stats = ErrorStats()
+    q, s = quantize(w, group, scale_dtype, stats)
+    assert torch.equal(q, want_q)
+    assert torch.equal(s.view(torch.uint8), want_s.view(torch.uint8))   # bit for bit, -0.0 and inf included
+    if math.isfinite(err):              # an inf scale makes NaN errors (convert refuses those weights)
+        assert stats.max_abs == max_abs
+        assert stats.sig == pytest.approx(sig, rel=1e-5) and stats.err == pytest.approx(err, rel=1e-5)
+    # row ranges written into bigger outputs (how the pipeline's threads quantize) give the same bytes
+    q2, s2 = torch.zeros(N + 3, K, dtype=torch.int8), torch.zeros(N + 3, K // group, dtype=scale_dtype)
+    for lo in range(0, N, 200):
+        quantize(w[lo:lo + 200], group, scale_dtype, out=(q2[lo + 2:lo + 202][:N - lo], s2[lo + 2:lo + 202][:N - lo]))
+    assert torch.equal(q2[2:N + 2], want_q) and torch.equal(s2[2:N + 2].view(torch.uint8), want_s.view(torch.uint8))
 
 
 def test_pickle_needs_allow_pickle(tmp_path, capsys):

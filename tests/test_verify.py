@@ -300,3 +300,31 @@ def test_distributed_mode_two_processes(model_dir, tmp_path):
     # the same numbers as emulate mode: both combine the ranks' partial sums in rank order
     emu = verify(stories, out, tokens=128)
     assert rep["end_to_end"]["kl_mean"] == pytest.approx(emu["end_to_end"]["kl_mean"], rel=1e-3)
+
+
+def test_source_record_notes(model_copy, tmp_path):
+    """verify compares MODEL_DIR with the fingerprints convert records, or with full sha256s (--source-sha256, and
+    manifests older than fingerprints); a difference is a warning, the tensors decide pass or fail."""
+    from fmconvert import manifest as mf
+    src = model_copy("llama")
+    out = conv(src, tmp_path / "out", tp=2, int8=True)
+    mpath, f = out / "manifest.json", src / "model.safetensors"
+    changed = lambda r: [w for w in r["warnings"] if "changed since the conversion" in w]  # noqa: E731
+    assert not changed(verify(src, out, tokens=16))
+    save_file(load_file(f), f, metadata={"format": "pt", "saved": "again"})    # same tensors, another header
+    r = verify(src, out, tokens=16)
+    assert r["passed"] and changed(r) == ["model.safetensors changed since the conversion (size or header differs "
+                                          "from the manifest's source record)"]
+    m = json.loads(mpath.read_text())               # as written before fingerprints: full sha256s only
+    del m["source"]["fingerprints"]
+    m["source"]["files"] = {"model.safetensors": hashlib.sha256(f.read_bytes()).hexdigest()}
+    mpath.write_text(json.dumps(m))
+    assert not changed(verify(src, out, tokens=16))
+    m["source"]["files"]["model.safetensors"] = "0" * 64
+    mpath.write_text(json.dumps(m))
+    assert "sha256 differs" in changed(verify(src, out, tokens=16))[0]
+    for bad in ({"model.safetensors": {"size": -1, "head_sha256": "0" * 64}}, {"model.safetensors": "0" * 64},
+                {"model.safetensors": {"size": 1, "head_sha256": "xyz"}}):
+        m["source"]["fingerprints"] = bad
+        with pytest.raises(FmError, match="source.fingerprints malformed"):
+            mf.validate(m)
