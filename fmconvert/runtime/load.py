@@ -23,11 +23,13 @@ _DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfl
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
+        if hasattr(hashlib, "file_digest"):     # Python 3.11+: one reused buffer, the GIL released throughout
+            return hashlib.file_digest(f, "sha256").hexdigest()
+        h = hashlib.sha256()
         while chunk := f.read(1 << 22):
             h.update(chunk)
-    return h.hexdigest()
+        return h.hexdigest()
 
 
 _ST_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8"}
@@ -236,9 +238,15 @@ def load(out_dir, rank: int | None = None, device=None, backend: str = "auto", c
     dtype = dtype or _DT[m["dtype"]]
     raw, hashes = _read_rank(out_dir, m, rank, check_hashes)
     nbytes = sum(t.numel() * t.element_size() for t in raw.values())
+    threads = torch.get_num_threads()
+    if hashes.futures and device.type == "cpu" and threads > 1:
+        # The hashers hold cores meanwhile; torch ops split over as many threads as there are cores would then
+        # wait at every barrier for a thread that is not running.
+        torch.set_num_threads(max(1, threads - len(hashes.futures)))
     try:
         tensors = _assemble(m, raw, device, int8, dtype)
     finally:
+        torch.set_num_threads(threads)
         hashes.wait()
     if dtype != _DT[m["dtype"]]:
         m = {**m, "dtype": {v: k for k, v in _DT.items()}[dtype]}
