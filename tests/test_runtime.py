@@ -102,6 +102,26 @@ def test_int8_within_documented_bound(work, name):
     assert 0 < err < INT8_LOGIT_BOUND  # > 0: the int8 weights are really used
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,K,group,lead", [(1, 32, 32, (1,)), (301, 96, 32, (2, 5)), (2500, 256, 64, (9,))])
+def test_cpu_int8_matmul_is_the_dequantized_linear(N, K, group, lead, dtype):
+    # The blocked CPU path (prefill, and decode without the int8 GEMV) against dequantize() + F.linear; N=2500 takes
+    # several blocks with a short last one.
+    from fmconvert.runtime.ops import Int8Weight
+    g = torch.Generator().manual_seed(N)
+    w = Int8Weight(torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g),
+                   (torch.rand(N, K // group, generator=g) / 127).half(), group)
+    x = torch.randn(*lead, K, generator=g).to(dtype)
+    bias = torch.randn(N, generator=g).to(dtype)
+    got = w.matmul_cpu(x, bias)
+    want = torch.nn.functional.linear(x, w.dequantize(dtype), bias)
+    assert got.shape == (*lead, N) and got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:   # bf16 outputs: the bias is added after the product's rounding here, inside it in F.linear
+        assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() < 1e-2
+
+
 def _threads(out_dir, tp, fn):
     group, res = ThreadGroup(tp), [None] * tp
 
