@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 LANES = 64          # output rows side by side in the packed layout: 4 AVX-512 float vectors per weight column
-MAX_ROWS = 4        # rows of x up to which one GEMV per row beats dequantize + matmul (measured on a 2-core Xeon)
+MAX_ROWS = 2        # rows of x up to which one GEMV per row beats the blocked dequantize + matmul (2-core Xeon)
 
 
 @dataclass
@@ -110,7 +110,8 @@ def usable() -> bool:
 
 
 def int8_gemv(x: torch.Tensor, w: PackedInt8, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] (at most MAX_ROWS rows in all) -> [..., N] in x's dtype, accumulated in float32.
+    """x [..., K] -> [..., N] in x's dtype, accumulated in float32: one kernel call per row of x (the runtime uses it up
+    to MAX_ROWS rows).
 
     The first call for a weight shape compiles it (about a second; TorchInductor caches the C++ on disk, so later
     processes reuse it). If that fails, the error is raised and `usable()` turns False."""
