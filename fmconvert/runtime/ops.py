@@ -173,6 +173,16 @@ class TorchOps:
     def attention(self, q, k, v, scale, causal, alibi_slopes=None, key_padding_mask=None):
         B, Hq, T, D = q.shape
         S = k.shape[2]
+        gqa = {}
+        if Hq != k.shape[1]:
+            if _SDPA_GQA:
+                gqa = {"enable_gqa": True}      # kv heads shared in place, not copied per step
+            else:
+                rep = Hq // k.shape[1]
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if causal and T == S and T > 1 and alibi_slopes is None and key_padding_mask is None:
+            # A whole prompt from position 0: sdpa's own causal path, about twice as fast as a mask on CPU
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
         mask = None
         if causal and T == 1 and alibi_slopes is None:
             pass    # one query at the last position sees every key: the causal mask is all true
@@ -190,14 +200,7 @@ class TorchOps:
             kp = key_padding_mask.bool().view(B, 1, 1, S)
             mask = kp if mask is None else (mask & kp if mask.dtype == torch.bool else
                                             mask.masked_fill(~kp, float("-inf")))
-        gqa = Hq != k.shape[1]
-        if gqa and not _SDPA_GQA:
-            rep = Hq // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            gqa = False
-        if gqa:     # kv heads shared in place, not copied per step
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
 
     def decode_attention(self, q, k_cache, v_cache, seq_lens, scale, alibi_slopes=None):
         """q [B, Hq, D] against the whole static cache, masked by seq_lens: graph-safe, no slicing by length."""
