@@ -109,3 +109,21 @@ def test_a_kernel_that_fails_to_build_falls_back_to_dequantizing(monkeypatch):
     assert not K.usable()
     torch.testing.assert_close(y, K.int8_gemv_reference(x, q, s, 32), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(TorchOps().linear(x, w), y)       # later calls go straight to dequantizing
+
+
+def test_generate_cli_builds_the_kernels_first_and_says_so(model_dir, tmp_path, monkeypatch, capsys):
+    """stories260K with every int8 weight packed: the CLI announces the build once, then streams the same text as the
+    dequantized model."""
+    import corpus
+    out = tmp_path / "out"
+    convert(model_dir("stories"), out, Options(tp=1, int8=True, group_size=16), progress=False)
+    prompt = ["generate", out, "-p", "Once upon a time", "-n", "12", "--no-verify-hashes"]
+    code, want, _ = corpus.run_main(capsys, *prompt)
+    assert code == 0 and want.startswith("Once upon a time")
+    monkeypatch.setattr(load_mod, "CPU_INT8_MIN_ELEMS", 0)
+    monkeypatch.setattr(K, "_warm", set())
+    code, got, err = corpus.run_main(capsys, *prompt)
+    assert code == 0 and "building the CPU int8 kernels" in err
+    assert got == want
+    code, _, err = corpus.run_main(capsys, *prompt)
+    assert code == 0 and "building the CPU int8 kernels" not in err        # built once per process
