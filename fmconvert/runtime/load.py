@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -238,15 +239,19 @@ def load(out_dir, rank: int | None = None, device=None, backend: str = "auto", c
     dtype = dtype or _DT[m["dtype"]]
     raw, hashes = _read_rank(out_dir, m, rank, check_hashes)
     nbytes = sum(t.numel() * t.element_size() for t in raw.values())
+    # The hashers hold cores meanwhile; torch ops split over as many threads as there are cores would then wait at
+    # every barrier for a thread that is not running. (The setting is per process: ranks loading as threads of one
+    # process leave it alone.)
     threads = torch.get_num_threads()
-    if hashes.futures and device.type == "cpu" and threads > 1:
-        # The hashers hold cores meanwhile; torch ops split over as many threads as there are cores would then
-        # wait at every barrier for a thread that is not running.
+    fewer = (bool(hashes.futures) and device.type == "cpu" and threads > 1
+             and threading.current_thread() is threading.main_thread())
+    if fewer:
         torch.set_num_threads(max(1, threads - len(hashes.futures)))
     try:
         tensors = _assemble(m, raw, device, int8, dtype)
     finally:
-        torch.set_num_threads(threads)
+        if fewer:
+            torch.set_num_threads(threads)
         hashes.wait()
     if dtype != _DT[m["dtype"]]:
         m = {**m, "dtype": {v: k for k, v in _DT.items()}[dtype]}
