@@ -80,7 +80,7 @@ def quantize(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype, stats: 
             d = x.mul_(safe).sub_(g)                                    # dequantized - w, as dequantize() gives it
             f = d.view(-1)
             err += float(torch.dot(f, f))
-            max_abs = max(max_abs, float(d.abs_().amax(dim=-1).max()))
+            max_abs = max(max_abs, float(d.amax()), -float(d.amin()))   # two reads, no |d| written out
     if stats is not None:
         stats.sig += sig
         stats.err += err
