@@ -747,7 +747,10 @@ def verify(model_dir, out_dir, text_file=None, tokens: int = 256, tp_mode: str =
     if go:
         ids, source = _token_ids(text, model_dir, out_dir, m["model"]["vocab_size"])
         batches = make_batches(ids, tokens, m["model"].get("max_positions") or 0)
-        kw = dict(device=dev, backend="torch", check_hashes=False, dtype=torch.float32)
+        # On CPU, int8 weights stay int8 and every batch goes through the blocked int8 matmul: packing them for the
+        # one-row decode kernel would cost load time and memory for nothing here.
+        kw = dict(device=dev, backend="torch", check_hashes=False, dtype=torch.float32,
+                  dequantize=False if torch.device(dev).type == "cpu" else None)
         load_err = None
         try:  # the runtime's own checks may refuse a defective checkpoint: a finding, not bad input
             if dist_comm is not None:
