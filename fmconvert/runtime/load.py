@@ -209,7 +209,8 @@ def load(out_dir, rank: int | None = None, device=None, backend: str = "auto", c
 
     Under torchrun the rank and the collective group come from torch.distributed (world size must equal the
     manifest's tp). `dequantize=None` keeps int8 weights on CUDA; on CPU it keeps the big ones, packed for the
-    int8 GEMV (kernels/int8_gemv_cpu.py), when that kernel builds here, and dequantizes the rest once at load.
+    int8 GEMV (kernels/int8_gemv_cpu.py), when that kernel builds here, and dequantizes the rest once at load;
+    encoders keep theirs int8 for the blocked matmul (`Int8Weight.matmul_cpu`).
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -233,7 +234,8 @@ def load(out_dir, rank: int | None = None, device=None, backend: str = "auto", c
     if dequantize is not None:
         int8 = "dequantize" if dequantize else "keep"
     elif device.type == "cpu":      # without a C++ compiler for torch.compile, float matmuls it is
-        int8 = "pack" if int8_gemv_cpu.available() else "dequantize"
+        decodes = m["model"]["kind"] == "decoder"     # encoders only ever run whole sequences: the blocked matmul
+        int8 = ("pack" if int8_gemv_cpu.available() else "dequantize") if decodes else "keep"
     else:
         int8 = "dequantize" if ops.name == "torch" else "keep"
     dtype = dtype or _DT[m["dtype"]]
