@@ -251,10 +251,13 @@ def load(out_dir, rank: int | None = None, device=None, backend: str = "auto", c
         torch.set_num_threads(max(1, threads - len(hashes.futures)))
     try:
         tensors = _assemble(m, raw, device, int8, dtype)
+    except BaseException:
+        hashes.cancel()
+        raise
     finally:
         if fewer:
             torch.set_num_threads(threads)
-        hashes.wait()
+    hashes.wait()
     if dtype != _DT[m["dtype"]]:
         m = {**m, "dtype": {v: k for k, v in _DT.items()}[dtype]}
     model = FusedModel(m, tensors, rank, comm=comm, ops=ops, device=device)
