@@ -92,9 +92,8 @@ def decode(a):
     _quiet_hf()
     from transformers import AutoModelForCausalLM
 
-    from fmconvert.runtime.generate import generate
+    from fmconvert.runtime.generate import generate, packed_int8
     from fmconvert.runtime.load import load
-    from fmconvert.runtime.ops import Int8Weight
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
     fm = load(a.fm, device="cpu", check_hashes=False, dtype=dtype)
     vocab = fm.spec["vocab_size"]
@@ -119,8 +118,7 @@ def decode(a):
     print(json.dumps({"fm_tok_s": fm_rates, "hf_tok_s": hf_rates, "token_agreement": same,
                       "tokens": a.tokens, "prompt_len": a.prompt_len, "dtype": a.dtype,
                       "threads": torch.get_num_threads(), "fm_warmup_s": warmup,
-                      "int8_packed": sum(isinstance(w, Int8Weight) and w.packed is not None
-                                         for b in fm.blocks for w in b.t.values())}))
+                      "int8_packed": len(packed_int8(fm))}))
 
 
 def main(argv=None):

@@ -785,26 +785,25 @@ def convert(model_dir, out_dir, opts: Options | None = None, progress: bool = Tr
     t0 = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     max_bytes = parse_size(opts.max_shard_size)
-    if not opts.source_sha256:
-        with no_gc():
-            config, config_sha = load_config(model_dir)
-        ckpt = Checkpoint(model_dir, allow_pickle=opts.allow_pickle)
-        return _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config, config_sha, ckpt, None)
-    # Hashing the whole source is the longest single job: it starts before config.json is parsed (which imports
-    # transformers), or earlier still from the CLI, whenever the weight files can be told already.
-    srchash.start(model_dir)
+    # With --source-sha256, hashing the whole source is the longest single job: it starts before config.json is
+    # parsed (which imports transformers), or earlier still from the CLI, whenever the weight files can be told already.
+    hashing = opts.source_sha256
+    if hashing:
+        srchash.start(model_dir)
     try:
         with no_gc():
             config, config_sha = load_config(model_dir)
         ckpt = Checkpoint(model_dir, allow_pickle=opts.allow_pickle)
     except BaseException:
-        srchash.discard(model_dir)
+        if hashing:
+            srchash.discard(model_dir)
         raise
-    hasher = srchash.take(model_dir, ckpt.files)
+    hasher = srchash.take(model_dir, ckpt.files) if hashing else None
     try:
         return _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config, config_sha, ckpt, hasher)
     except BaseException:
-        hasher.cancel()
+        if hasher is not None:
+            hasher.cancel()
         raise
 
 

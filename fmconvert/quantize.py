@@ -19,7 +19,7 @@ import torch
 from .errors import FmError
 
 QMAX = 127
-SCALE_DTYPES = {torch.float32: torch.float32, torch.float16: torch.float16, torch.bfloat16: torch.float16}  # 4 or 2 B
+SCALE_DTYPES = {torch.float32: torch.float32, torch.float16: torch.float16, torch.bfloat16: torch.float16}
 # Elements per step. Smaller steps fit L2 better but mean more, shorter torch calls: when threads quantize side by
 # side (convert does), their GIL hand-offs then cost more than the cache saves. Measured on a 2-core Xeon.
 _STEP_ELEMS = 1 << 19

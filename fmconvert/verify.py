@@ -31,6 +31,7 @@ from . import slice as sl
 from .errors import FmError, ParityError
 from .quantize import dequantize, quantize
 from .runtime.load import sha256_file
+from .srchash import fingerprint
 
 DEFAULT_TEXT = Path(__file__).resolve().parent / "data" / "verify_text.txt"
 _DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
@@ -165,7 +166,6 @@ def plan_source(model_dir: Path, m: dict, ckpt):
 
 
 def _source_notes(model_dir: Path, m: dict, ckpt, config_sha: str) -> list[str]:
-    from .srchash import fingerprint
     notes = []
     src = m["source"]
     if src.get("config_sha256") and src["config_sha256"] != config_sha:
