@@ -332,9 +332,11 @@ def test_interrupt_that_cannot_unwind_hits_the_watchdog(tmp_path, monkeypatch):
 
     def stuck():
         with write.AtomicDir(out, force=False) as tmp:
-            (tmp / "rank0-00001.safetensors").write_bytes(b"partial")
+            part = tmp / "rank0-00001.safetensors"
             while True:
-                try:
+                try:    # the write too: the file shows before write_bytes returns, and the signal may land there
+                    if not part.exists():
+                        part.write_bytes(b"partial")
                     time.sleep(1)
                 except KeyboardInterrupt:
                     pass
