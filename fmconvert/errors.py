@@ -10,11 +10,16 @@ Exit codes (docs/robustness.md):
   130  interrupted (Ctrl-C or SIGTERM); a conversion leaves nothing behind
 """
 
+import re
+
 EXIT_PARITY = 1
 EXIT_BAD_INPUT = 2
 EXIT_IO = 3
 EXIT_INTERNAL = 4
 EXIT_INTERRUPTED = 130
+
+
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class FmError(Exception):
@@ -23,7 +28,9 @@ class FmError(Exception):
     exit_code = EXIT_BAD_INPUT
 
     def __init__(self, message: str, exit_code: int | None = None):
-        super().__init__(message)
+        # Messages quote names taken from the input (tensor names, paths, keys), which may hold newlines or other
+        # control characters: escaped here, so every message stays one line whatever it quotes.
+        super().__init__(CONTROL_CHARS.sub(lambda c: repr(c.group())[1:-1], message))
         if exit_code is not None:
             self.exit_code = exit_code
 

@@ -23,7 +23,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import EXIT_IO, FmError
+from .errors import CONTROL_CHARS, EXIT_IO, FmError
 
 FORMAT = "fmconvert"
 FORMAT_VERSION = 1
@@ -38,7 +38,6 @@ MAX_POSITIONS = 1 << 22   # the runtime builds RoPE tables this long at load: a 
 MAX_FILES, MAX_TENSORS = 1 << 16, 1 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _WORD = re.compile(r"[A-Za-z0-9_.+\-]{1,128}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 # model: key -> check. Everything the runtime, inspect, reassemble and verify read from it.
 _POS_INT = lambda x: type(x) is int and 0 < x < MAX_DIM  # noqa: E731
@@ -72,7 +71,7 @@ def dumps(manifest: dict) -> str:
 
 def check_rel(rel) -> str:
     """Lexical half of `safe_path`: a relative path with no '..', no absolute or drive prefix, no odd characters."""
-    if not isinstance(rel, str) or not rel or len(rel) > 1024 or _CONTROL.search(rel) or "\\" in rel:
+    if not isinstance(rel, str) or not rel or len(rel) > 1024 or CONTROL_CHARS.search(rel) or "\\" in rel:
         raise FmError(f"manifest: file path {rel!r} is not a plain relative path")
     if rel.startswith("/") or os.path.isabs(rel) or ".." in Path(rel).parts or rel.strip("/.") == "":
         raise FmError(f"manifest: file path {rel!r} escapes the output directory")
@@ -101,7 +100,7 @@ def _no_control(x, depth: int = 0):
     """No string anywhere may carry control characters: they would end up in one-line errors and terminals."""
     _need(depth < 32, "nested too deeply")
     if isinstance(x, str):
-        _need(not _CONTROL.search(x), f"string {x[:40]!r} contains control characters")
+        _need(not CONTROL_CHARS.search(x), f"string {x[:40]!r} contains control characters")
     elif isinstance(x, dict):
         for k, v in x.items():
             _no_control(k, depth + 1)

@@ -206,3 +206,20 @@ def test_real_entry_point(model_copy, tmp_path, case):
                        capture_output=True, text=True, timeout=120)
     assert_one_line_error(p.returncode, p.stderr, *needles)
     assert_nothing_left(out)
+
+
+def test_a_name_with_control_characters_still_gives_one_line(tmp_path):
+    """Messages quote names from the input; a tensor name holding a newline is escaped, not printed as a line break
+    (found by test_fuzz)."""
+    import struct
+
+    from fmconvert.errors import FmError
+    from fmconvert.read import check_safetensors
+    header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                         "b\n: x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    p = tmp_path / "x.safetensors"
+    p.write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    with pytest.raises(FmError) as e:
+        check_safetensors(p)
+    assert "overlaps the previous tensor" in str(e.value) and "b\\n: x" in str(e.value)
+    assert "\n" not in str(e.value)
