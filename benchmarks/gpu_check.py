@@ -103,6 +103,110 @@ def ours_decode_tok_s(model, prompt, new):
     return new / timed(steps, 3)
 
 
+# Kernel-name substrings per category, matched in this order (lowercased): the first hit wins, so the int8 GEMV's
+# split-K epilogue stays with int8 and a rope+append kernel is not taken for attention.
+CATEGORIES = (
+    ("int8", ("int8", "splitk")),
+    ("rope_append", ("rope", "append")),
+    ("norm", ("norm",)),
+    ("attention", ("decode", "attention", "attn", "flash", "sdpa", "fmha")),
+    ("gemm", ("gemm", "gemv", "cutlass", "sm90", "nvjet", "cublas", "addmm", "aten::mm", "matmul", "linear")),
+    ("copy_elementwise", ("copy", "index", "elementwise", "fill", "cat", "memset")),
+)
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    return next((c for c, keys in CATEGORIES if any(k in low for k in keys)), "other")
+
+
+def event_us(e, cuda: bool) -> float:
+    """A kernel's own duration, or a CPU op's self time. Attribute names moved between torch versions."""
+    if cuda:
+        tr = getattr(e, "time_range", None)
+        if tr is not None:
+            return tr.elapsed_us()
+        return next((getattr(e, a) for a in ("device_time_total", "cuda_time_total") if hasattr(e, a)), 0.0)
+    return getattr(e, "self_cpu_time_total", 0.0)
+
+
+def profiled_events(prof, cuda: bool):
+    """(name, us) of every device kernel (CUDA) or every CPU op (dry run) the profiler saw."""
+    try:
+        from torch.autograd import DeviceType
+        want = DeviceType.CUDA if cuda else DeviceType.CPU
+        on_device = lambda e: e.device_type == want                        # noqa: E731
+    except ImportError:
+        on_device = lambda e: str(e.device_type).endswith("CUDA" if cuda else "CPU")  # noqa: E731
+    # record_function ranges also appear on the GPU timeline; they are not kernels
+    return [(e.name, event_us(e, cuda)) for e in prof.events()
+            if on_device(e) and not getattr(e, "is_user_annotation", False) and not e.name.startswith("ProfilerStep")]
+
+
+def decode_breakdown(m, prompt, step_us: float) -> dict:
+    """Profile one eager decode_step: how many kernels it launches and where their device time goes. Against the
+    graph's step time, the difference is time the GPU spends between kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = DEV == "cuda"
+    T = prompt.shape[1]
+    cache = m.new_cache(1, T + 8)
+    ids = m(prompt[:1], cache)[:, -1].argmax(-1).view(1, 1)
+    pos_t = torch.zeros(1, dtype=torch.long, device=prompt.device)
+
+    def step():
+        pos_t.fill_(cache.length)
+        m.decode_step(ids, cache, pos_t)
+        cache.length += 1
+
+    for _ in range(3):  # eager shapes differ from the graph's cache: compile/autotune outside the profile
+        step()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        step()
+        sync()
+    evs = profiled_events(prof, cuda)
+    if not evs:
+        return {"device": DEV, "error": "the profiler recorded no " + ("kernels" if cuda else "ops")}
+    layers = len(m.blocks)
+    cats: dict = {}
+    by_name: dict = {}
+    for name, us in evs:
+        c = cats.setdefault(category(name), {"us": 0.0, "count": 0})
+        c["us"] += us
+        c["count"] += 1
+        by_name[name] = by_name.get(name, 0.0) + us
+    total = sum(us for _, us in evs)
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    return {"device": DEV, "unit": "kernels" if cuda else "cpu ops", "fuse_decode_append":
+            getattr(m.ops, "fuse_decode_append", None), "count": len(evs), "per_layer": len(evs) / layers,
+            "us": total, "step_us": step_us, "gap_us": step_us - total, "categories": cats,
+            "top": [{"name": n[:120], "us": us} for n, us in top]}
+
+
+def breakdown_line(b: dict) -> str:
+    if "error" in b:
+        return f"breakdown ({b.get('device')}): {b['error']}"
+    return (f"breakdown ({b['device']}): {b['count']} {b['unit']}/step, {b['per_layer']:.1f}/layer, "
+            f"{b['us']:.0f} us in them, step {b['step_us']:.0f} us, gap {b['gap_us']:.0f} us")
+
+
+def fused_append_ab(m, prompt, new, reps=3) -> dict:
+    """Graph decode tok/s at batch 1 with the rope+KV-append fusion off and on, interleaved so drift hits both."""
+    before = m.ops.fuse_decode_append
+    rates: dict = {False: [], True: []}
+    try:
+        for _ in range(reps):
+            for flag in (False, True):
+                m.ops.fuse_decode_append = flag  # the graph captures whichever path is set when it is built
+                rates[flag].append(ours_decode_tok_s(m, prompt, new))
+                gc.collect()  # the GraphDecoder (graph pool + KV cache) goes before the next one is built
+                torch.cuda.empty_cache()
+    finally:
+        m.ops.fuse_decode_append = before
+    off, on = (sorted(rates[f])[reps // 2] for f in (False, True))
+    return {"decode_tok_s_b1_unfused": off, "decode_tok_s_b1_fused": on, "fused_vs_unfused": on / off}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
@@ -244,6 +348,26 @@ def main():
             if hf.get(k):
                 r[f"{k}_vs_hf"] = r[k] / hf[k]
         print("  ", {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
+        if key == "int8":
+            if DEV != "cuda":
+                r["fused_ab_skipped"] = "no CUDA graphs on cpu"
+            elif not hasattr(m.ops, "fuse_decode_append"):
+                r["fused_ab_skipped"] = "ops have no fuse_decode_append"
+            else:
+                try:
+                    ab = fused_append_ab(m, state["prompt"], args.new)
+                    r.update(ab)
+                    print(f"   fused append A/B: off {ab['decode_tok_s_b1_unfused']:.1f}, on "
+                          f"{ab['decode_tok_s_b1_fused']:.1f} tok/s, x{ab['fused_vs_unfused']:.3f}", flush=True)
+                except Exception as e:
+                    r["fused_ab_error"] = f"{type(e).__name__}: {e}"
+                    print("   fused append A/B FAILED:", r["fused_ab_error"], flush=True)
+        # Last, after every timing: a CUPTI session may leave launch overhead behind on some stacks.
+        try:
+            r["breakdown"] = decode_breakdown(m, state["prompt"], 1e6 / r["decode_tok_s_b1"])
+        except Exception as e:
+            r["breakdown"] = {"device": DEV, "error": f"{type(e).__name__}: {e}"}
+        print("  ", breakdown_line(r["breakdown"]), flush=True)
         del m
         return r
 
@@ -259,8 +383,11 @@ def main():
     save(out)
     print("\n== summary")
     for name, s in REPORT["stages"].items():
-        keep = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items() if k != "rows" and k != "meta"}
+        keep = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items()
+                if k not in ("rows", "meta", "breakdown")}
         print(f"{name}: {keep}")
+        if "breakdown" in s:
+            print(f"   {breakdown_line(s['breakdown'])}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,13 @@
-"""Rotary position embedding for q and k in one launch.
+"""Rotary position embedding for q and k in one launch, and its decode-step form that also appends to the KV cache.
 
 style "neox": pairs (i, i + R/2) (HF LLaMA rotate_half); style "gptj": pairs (2i, 2i + 1).
 cos/sin are fp32 [max_pos, R/2] tables built by the runtime (RoPE scaling variants live there).
 Dims beyond rotary_dim R pass through. Inputs may be strided views (e.g. of a fused qkv).
+
+`rope_append` is what a decode step runs between the QKV matmul and attention: it rotates q and k of
+the one new token and writes k and v into the static KV cache at the step's position, read from a
+device tensor (graph-safe). One launch replaces a rope kernel and two cache-write copies: at batch 1
+each of those moves a few KB, so their cost is the launch, not the bytes.
 """
 from __future__ import annotations
 
@@ -14,31 +19,38 @@ from ._common import float_dtype_check
 
 
 @triton.jit
-def _rope_heads(src, dst, b, t, heads, H, c, s, sb, st, sh, sd, ob, ot, oh,
-                D, R, HALF, GPTJ: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
-    # heads: [BH]; c, s: [BLOCK_HALF] fp32. Output is contiguous in its last dim.
+def _rope_heads(src_h, dst_h, heads, H, c, s, sh, sd, oh, D, R, HALF,
+                ROTATE: tl.constexpr, GPTJ: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    # src_h / dst_h: one token's head 0; heads: [BH]; c, s: [BLOCK_HALF] fp32. Destination heads are
+    # contiguous in their last dim. ROTATE=False copies the heads unchanged (v, or k without RoPE).
     hmask = heads < H
-    i = tl.arange(0, BLOCK_HALF)
-    imask = hmask[:, None] & (i < HALF)[None, :]
-    if GPTJ:
-        d1 = 2 * i
-        d2 = 2 * i + 1
-    else:
-        d1 = i
-        d2 = i + HALF
-    src_h = src + b * sb + t * st + heads[:, None].to(tl.int64) * sh         # [BH, 1]
-    dst_h = dst + b * ob + t * ot + heads[:, None].to(tl.int64) * oh
-    if R < D:
+    src_h = src_h + heads[:, None].to(tl.int64) * sh                   # [BH, 1]
+    dst_h = dst_h + heads[:, None].to(tl.int64) * oh
+    if not ROTATE:
         d = tl.arange(0, BLOCK_D)
-        pmask = hmask[:, None] & ((d >= R) & (d < D))[None, :]
-        tl.store(dst_h + d[None, :], tl.load(src_h + d[None, :] * sd, mask=pmask), mask=pmask)
-    x1 = tl.load(src_h + d1[None, :] * sd, mask=imask, other=0.0).to(tl.float32)
-    x2 = tl.load(src_h + d2[None, :] * sd, mask=imask, other=0.0).to(tl.float32)
-    y1 = x1 * c[None, :] - x2 * s[None, :]
-    y2 = x2 * c[None, :] + x1 * s[None, :]
-    ty = dst.dtype.element_ty
-    tl.store(dst_h + d1[None, :], y1.to(ty), mask=imask)
-    tl.store(dst_h + d2[None, :], y2.to(ty), mask=imask)
+        m = hmask[:, None] & (d < D)[None, :]
+        tl.store(dst_h + d[None, :], tl.load(src_h + d[None, :] * sd, mask=m), mask=m)
+    else:
+        i = tl.arange(0, BLOCK_HALF)
+        imask = hmask[:, None] & (i < HALF)[None, :]
+        if GPTJ:
+            d1 = 2 * i
+            d2 = 2 * i + 1
+        else:
+            d1 = i
+            d2 = i + HALF
+        if R < D:
+            d = tl.arange(0, BLOCK_D)
+            pmask = hmask[:, None] & ((d >= R) & (d < D))[None, :]
+            tl.store(dst_h + d[None, :], tl.load(src_h + d[None, :] * sd, mask=pmask), mask=pmask)
+        x1 = tl.load(src_h + d1[None, :] * sd, mask=imask, other=0.0).to(tl.float32)
+        x2 = tl.load(src_h + d2[None, :] * sd, mask=imask, other=0.0).to(tl.float32)
+        y1 = x1 * c[None, :] - x2 * s[None, :]
+        y2 = x2 * c[None, :] + x1 * s[None, :]
+        ty = dst_h.dtype.element_ty
+        tl.store(dst_h + d1[None, :], y1.to(ty), mask=imask)
+        tl.store(dst_h + d2[None, :], y2.to(ty), mask=imask)
 
 
 @triton.jit
@@ -62,12 +74,12 @@ def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, pos_ptr,
     nq = tl.cdiv(HQ, BLOCK_H)
     if hb < nq:
         heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-        _rope_heads(q_ptr, qo_ptr, b, t, heads, HQ, c, s, sqb, sqt, sqh, sqd, oqb, oqt, oqh,
-                    D, R, HALF, GPTJ, BLOCK_HALF, BLOCK_D)
+        _rope_heads(q_ptr + b * sqb + t * sqt, qo_ptr + b * oqb + t * oqt, heads, HQ, c, s, sqh, sqd, oqh,
+                    D, R, HALF, True, GPTJ, BLOCK_HALF, BLOCK_D)
     else:
         heads = (hb - nq) * BLOCK_H + tl.arange(0, BLOCK_H)
-        _rope_heads(k_ptr, ko_ptr, b, t, heads, HKV, c, s, skb, skt, skh, skd, okb, okt, okh,
-                    D, R, HALF, GPTJ, BLOCK_HALF, BLOCK_D)
+        _rope_heads(k_ptr + b * skb + t * skt, ko_ptr + b * okb + t * okt, heads, HKV, c, s, skh, skd, okh,
+                    D, R, HALF, True, GPTJ, BLOCK_HALF, BLOCK_D)
 
 
 def _check(q, k, cos, sin, positions, style, rotary_dim):
@@ -114,6 +126,116 @@ def apply_rope(q, k, cos, sin, positions, style="neox", rotary_dim=None):
         BLOCK_D=triton.next_power_of_2(D), num_warps=4,
     )
     return qo, ko
+
+
+@triton.jit
+def _rope_append_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr,
+                        HQ, HKV, D, R, HALF, S_MAX, N_POS,
+                        sqb, sqh, sqd, skb, skh, skd, svb, svh, svd, oqb, oqh,
+                        skcb, skch, skcs, svcb, svch, svcs, scp,
+                        ROPE: tl.constexpr, GPTJ: tl.constexpr, BLOCK_H: tl.constexpr,
+                        BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+    # grid: (B, nq + 2 * nkv) head blocks of BLOCK_H: q heads -> qo, then k heads -> k cache,
+    # then v heads -> v cache, all at the position pos_ptr[0].
+    b = tl.program_id(0).to(tl.int64)
+    hb = tl.program_id(1)
+    pos = tl.load(pos_ptr).to(tl.int64)
+    i = tl.arange(0, BLOCK_HALF)
+    c = tl.zeros([BLOCK_HALF], dtype=tl.float32)
+    s = tl.zeros([BLOCK_HALF], dtype=tl.float32)
+    if ROPE:
+        # The runtime sizes the tables to the cache before capture; the clamp only keeps reads in bounds.
+        row = tl.minimum(pos, N_POS - 1) * scp
+        c = tl.load(cos_ptr + row + i, mask=i < HALF, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + row + i, mask=i < HALF, other=0.0).to(tl.float32)
+    nq = tl.cdiv(HQ, BLOCK_H)
+    nkv = tl.cdiv(HKV, BLOCK_H)
+    if hb < nq:
+        heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+        _rope_heads(q_ptr + b * sqb, qo_ptr + b * oqb, heads, HQ, c, s, sqh, sqd, oqh,
+                    D, R, HALF, ROPE, GPTJ, BLOCK_HALF, BLOCK_D)
+    elif hb < nq + nkv:
+        # A position past the cache is dropped rather than written out of bounds (the host
+        # checks capacity before each step; this keeps a bad pos from corrupting memory).
+        heads = (hb - nq) * BLOCK_H + tl.arange(0, BLOCK_H)
+        heads = tl.where(pos < S_MAX, heads, HKV)
+        _rope_heads(k_ptr + b * skb, kc_ptr + b * skcb + pos * skcs, heads, HKV, c, s, skh, skd, skch,
+                    D, R, HALF, ROPE, GPTJ, BLOCK_HALF, BLOCK_D)
+    else:
+        heads = (hb - nq - nkv) * BLOCK_H + tl.arange(0, BLOCK_H)
+        heads = tl.where(pos < S_MAX, heads, HKV)
+        _rope_heads(v_ptr + b * svb, vc_ptr + b * svcb + pos * svcs, heads, HKV, c, s, svh, svd, svch,
+                    D, R, HALF, False, GPTJ, BLOCK_HALF, BLOCK_D)
+
+
+def _check_append(q, k, v, k_cache, v_cache, pos, cos, sin, style, rotary_dim):
+    float_dtype_check("q", q)
+    for name, t in (("k", k), ("v", v)):
+        if t.dim() != 4 or t.shape[1] != 1:
+            raise ValueError(f"{name} must be [B, 1, H, D], got {tuple(t.shape)}")
+    if q.dim() != 4 or q.shape[1] != 1:
+        raise ValueError(f"q must be [B, 1, Hq, D] (one new token), got {tuple(q.shape)}")
+    B, _, HQ, D = q.shape
+    if tuple(k.shape) != tuple(v.shape) or k.shape[0] != B or k.shape[3] != D or k.shape[2] == 0:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must match q {tuple(q.shape)}")
+    HKV = k.shape[2]
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.dim() != 4 or tuple(c.shape[:2]) != (B, HKV) or c.shape[3] != D or c.stride(3) != 1:
+            raise ValueError(f"{name} must be [{B}, {HKV}, S_max, {D}] with unit last stride, got {tuple(c.shape)}")
+    if k_cache.shape[2] != v_cache.shape[2]:
+        raise ValueError(f"k_cache and v_cache lengths differ: {k_cache.shape[2]} vs {v_cache.shape[2]}")
+    dtypes = {t.dtype for t in (q, k, v, k_cache, v_cache)}
+    if len(dtypes) != 1:
+        raise ValueError(f"q, k, v and the caches must share one dtype, got {sorted(map(str, dtypes))}")
+    if pos.numel() != 1 or pos.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"pos must be a one-element int32/int64 tensor, got {pos.dtype} {tuple(pos.shape)}")
+    if (cos is None) != (sin is None):
+        raise ValueError("give both cos and sin, or neither (no RoPE)")
+    if cos is None:
+        return None
+    return _check(q, k, cos, sin, pos.reshape(1, 1).expand(B, 1), style, rotary_dim)
+
+
+def rope_append(q, k, v, k_cache, v_cache, pos, cos=None, sin=None, style="neox", rotary_dim=None):
+    """One decode step's q [B, Hq, D] (rotated, contiguous). Writes k (rotated) and v into k_cache /
+    v_cache [B, Hkv, S_max, D] at position pos[0]; q, k, v are [B, 1, H, D] views with any strides;
+    cos/sin fp32 [max_pos, R/2], or None for no RoPE. No host syncs: pos stays on the device."""
+    R = _check_append(q, k, v, k_cache, v_cache, pos, cos, sin, style, rotary_dim)
+    B, _, HQ, D = q.shape
+    HKV = k.shape[2]
+    qo = torch.empty(B, HQ, D, dtype=q.dtype, device=q.device)
+    if B == 0:
+        return qo
+    rope = R is not None
+    if rope and (cos.stride(1) != 1 or sin.stride(1) != 1 or cos.stride(0) != sin.stride(0)):
+        cos, sin = cos.contiguous(), sin.contiguous()
+    R = R if rope else D
+    block_h = min(triton.next_power_of_2(max(HQ, HKV)), 16)
+    nq, nkv = triton.cdiv(HQ, block_h), triton.cdiv(HKV, block_h)
+    _rope_append_kernel[(B, nq + 2 * nkv)](
+        q, k, v, qo, k_cache, v_cache, cos if rope else q, sin if rope else q, pos,
+        HQ, HKV, D, R, R // 2, k_cache.shape[2], cos.shape[0] if rope else 0,
+        q.stride(0), q.stride(2), q.stride(3), k.stride(0), k.stride(2), k.stride(3),
+        v.stride(0), v.stride(2), v.stride(3), qo.stride(0), qo.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cos.stride(0) if rope else 0,
+        ROPE=rope, GPTJ=style == "gptj", BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(max(R // 2, 1)),
+        BLOCK_D=triton.next_power_of_2(D), num_warps=4,
+    )
+    return qo
+
+
+def rope_append_reference(q, k, v, k_cache, v_cache, pos, cos=None, sin=None, style="neox", rotary_dim=None):
+    """Same contract as rope_append, in plain torch (writes the caches in place, returns q)."""
+    R = _check_append(q, k, v, k_cache, v_cache, pos, cos, sin, style, rotary_dim)
+    B = q.shape[0]
+    if R is not None:
+        q, k = apply_rope_reference(q, k, cos, sin, pos.reshape(1, 1).expand(B, 1), style, rotary_dim)
+    at = pos.reshape(1).to(torch.int64)
+    if int(at) < k_cache.shape[2]:
+        k_cache.index_copy_(2, at, k.transpose(1, 2))
+        v_cache.index_copy_(2, at, v.transpose(1, 2))
+    return q[:, 0].contiguous()
 
 
 def apply_rope_reference(q, k, cos, sin, positions, style="neox", rotary_dim=None):

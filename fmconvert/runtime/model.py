@@ -33,7 +33,7 @@ class Block(nn.Module):
         self.i = i
         self.t = tensors  # slot -> tensor or Int8Weight, this rank's piece
 
-    def forward(self, x, residual, positions, cache, key_padding_mask, pos_t=None):
+    def forward(self, x, residual, positions, cache, key_padding_mask, pos_t=None, seq_t=None):
         m, t = self.m, self.t
         ops = m.ops
         pre = m.spec["residual"] == "pre"
@@ -41,7 +41,7 @@ class Block(nn.Module):
             h, residual = ops.add_norm(x, residual, t["attn_norm.weight"], t.get("attn_norm.bias"), m.eps, m.norm)
         else:
             h = x
-        a = self.attention(h, positions, cache, key_padding_mask, pos_t)
+        a = self.attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
         a = m.comm.all_reduce(ops.linear(a, t["attn_out.weight"], t.get("attn_out.bias")))
         if pre:
             h, residual = ops.add_norm(a, residual, t["mlp_norm.weight"], t.get("mlp_norm.bias"), m.eps, m.norm)
@@ -54,29 +54,28 @@ class Block(nn.Module):
         y, _ = ops.add_norm(f, h, t["mlp_norm.weight"], t.get("mlp_norm.bias"), m.eps, m.norm)
         return y, None
 
-    def attention(self, h, positions, cache, key_padding_mask, pos_t=None):
-        """pos_t (a device tensor [1]) selects the graph-safe decode path: cache writes and lengths come from
-        device memory, so the same captured graph serves every step."""
+    def attention(self, h, positions, cache, key_padding_mask, pos_t=None, seq_t=None):
+        """pos_t (a device tensor [1]) and seq_t (int32 [B], pos_t + 1) select the graph-safe decode path: cache
+        writes and lengths come from device memory, so the same captured graph serves every step."""
         m, t = self.m, self.t
         B, T, _ = h.shape
         hd, Hq, Hk = m.head_dim, m.heads, m.kv_heads
         qkv = m.ops.linear(h, t["qkv.weight"], t.get("qkv.bias"))
         q, k, v = qkv.split([Hq * hd, Hk * hd, Hk * hd], dim=-1)
         q, k, v = q.view(B, T, Hq, hd), k.view(B, T, Hk, hd), v.view(B, T, Hk, hd)
+        if pos_t is not None:
+            kc, vc = cache.k[self.i], cache.v[self.i]
+            rope = (m._cos, m._sin, m.rope_style, m.rotary_dim) if m.rope is not None else (None,) * 4
+            q = m.ops.decode_append(q, k, v, kc, vc, pos_t, *rope)                   # (B, Hq, hd)
+            o = m.ops.decode_attention(q, kc, vc, seq_t, m.scale, m.alibi)
+            return o.reshape(B, 1, Hq * hd)
         if m.rope is not None:
-            cos, sin = m.rope_for(positions) if pos_t is None else (m._cos, m._sin)
-            q, k = m.ops.rope(q, k, cos, sin, positions, m.rope_style, m.rotary_dim)
+            q, k = m.ops.rope(q, k, *m.rope_for(positions), positions, m.rope_style, m.rotary_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # (B, H, T, hd)
         if cache is None:
             o = m.ops.attention(q, k, v, m.scale, m.causal, m.alibi, key_padding_mask)
             return o.transpose(1, 2).reshape(B, T, Hq * hd)
         kc, vc = cache.k[self.i], cache.v[self.i]
-        if pos_t is not None:
-            kc.index_copy_(2, pos_t, k)
-            vc.index_copy_(2, pos_t, v)
-            seq = (pos_t + 1).to(torch.int32).expand(B)
-            o = m.ops.decode_attention(q[:, :, 0], kc, vc, seq, m.scale, m.alibi)
-            return o.reshape(B, 1, Hq * hd)
         start = cache.length
         kc[:, :, start:start + T].copy_(k)
         vc[:, :, start:start + T].copy_(v)
@@ -142,12 +141,14 @@ class FusedModel(nn.Module):
     def embed(self, ids, positions, token_type_ids):
         g, sp = self.g, self.spec
         table = g["embed.weight"]
-        local = ids - self.vocab_lo
-        inside = (local >= 0) & (local < self.par["vocab_per_rank"])
-        local = local.clamp(0, self.par["vocab_per_rank"] - 1)
-        x = table.rows(local, self.dtype) if isinstance(table, Int8Weight) else table[local]
-        x = x * inside.unsqueeze(-1).to(x.dtype)
-        x = self.comm.all_reduce(x)                               # vocab-parallel lookup
+        lookup = (lambda i: table.rows(i, self.dtype)) if isinstance(table, Int8Weight) else table.__getitem__
+        if self.tp == 1:
+            x = lookup(ids)
+        else:                                                     # vocab-parallel lookup
+            local = ids - self.vocab_lo
+            inside = (local >= 0) & (local < self.par["vocab_per_rank"])
+            x = lookup(local.clamp(0, self.par["vocab_per_rank"] - 1))
+            x = self.comm.all_reduce(x * inside.unsqueeze(-1).to(x.dtype))
         if sp["project"]:
             x = self.ops.linear(x, g["project_in.weight"])
         if sp["position"]["type"] == "learned":
@@ -204,9 +205,10 @@ class FusedModel(nn.Module):
         self._begin_forward()
         B = ids.shape[0]
         positions = pos_t.view(1, 1).expand(B, 1)
+        seq_t = (pos_t + 1).to(torch.int32).expand(B).contiguous()   # once per step, not once per layer
         x, residual = self.embed(ids, positions, None), None
         for blk in self.blocks:
-            x, residual = blk(x, residual, positions, cache, None, pos_t)
+            x, residual = blk(x, residual, positions, cache, None, pos_t, seq_t)
         if self.spec["final_norm"]:
             x, _ = self.ops.add_norm(x, residual, self.g["final_norm.weight"], self.g.get("final_norm.bias"),
                                      self.eps, self.norm)

@@ -167,6 +167,15 @@ class TorchOps:
         self._rope_memo = (positions, cos, sin, style, c, s)
         return c, s
 
+    def decode_append(self, q, k, v, k_cache, v_cache, pos_t, cos, sin, style, rotary_dim):
+        """One new token per sequence at position pos_t (device tensor [1]): rotate q and k (cos None: no RoPE),
+        write k and v into the caches [B, Hkv, S_max, D] there; returns q [B, Hq, D]."""
+        if cos is not None:
+            q, k = self.rope(q, k, cos, sin, pos_t.view(1, 1).expand(q.shape[0], 1), style, rotary_dim)
+        k_cache.index_copy_(2, pos_t, k.transpose(1, 2))
+        v_cache.index_copy_(2, pos_t, v.transpose(1, 2))
+        return q[:, 0]
+
     def begin_forward(self):
         """A new forward: positions may be a tensor seen before, with new contents."""
         self._rope_memo = None
@@ -255,6 +264,15 @@ class TritonOps(TorchOps):
 
     def rope(self, q, k, cos, sin, positions, style, rotary_dim):
         return self.k.apply_rope(q, k, cos, sin, positions, style=style, rotary_dim=rotary_dim)
+
+    # One fused launch for RoPE and both cache writes in a decode step; False selects the three-kernel path
+    # (benchmarks/gpu_check.py times both in one run).
+    fuse_decode_append = True
+
+    def decode_append(self, q, k, v, k_cache, v_cache, pos_t, cos, sin, style, rotary_dim):
+        if not self.fuse_decode_append:
+            return super().decode_append(q, k, v, k_cache, v_cache, pos_t, cos, sin, style, rotary_dim)
+        return self.k.rope_append(q, k, v, k_cache, v_cache, pos_t, cos, sin, style or "neox", rotary_dim)
 
     def attention(self, q, k, v, scale, causal, alibi_slopes=None, key_padding_mask=None):
         if q.is_cuda and alibi_slopes is None and key_padding_mask is None and q.shape[2] == k.shape[2]:

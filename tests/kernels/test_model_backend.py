@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fmconvert.pipeline import Options, convert
 from fmconvert.runtime.generate import generate
@@ -23,3 +24,101 @@ def test_triton_backend_matches_torch_backend(model_dir, tmp_path, name, int8):
     a, _ = generate(ref, ids, max_new_tokens=5)
     b, _ = generate(tri, ids.to(DEVICE), max_new_tokens=5)   # CUDA: replayed from a CUDA graph
     assert a.tolist() == b.cpu().tolist()
+
+
+def _decode_steps(model, ids, start, steps):
+    """Logits of model.decode_step (the graph-safe step) for tokens ids[:, start:start + steps], after an eager
+    prefill of ids[:, :start]."""
+    cache = model.new_cache(ids.shape[0], start + steps)
+    model(ids[:, :start], cache)
+    out = []
+    for j in range(start, start + steps):
+        out.append(model.decode_step(ids[:, j:j + 1], cache, torch.tensor([cache.length], device=ids.device)))
+        cache.length += 1
+    return torch.stack(out).cpu()
+
+
+@pytest.mark.parametrize("name,int8", [("llama", True), ("mistral", False), ("gpt2", False), ("bloom", True)])
+def test_triton_decode_step_matches_torch_backend(model_dir, tmp_path, name, int8):
+    """The fused rope + KV-append decode step (RoPE, learned positions, ALiBi; GQA in mistral) against the torch
+    backend's, with the fusion on and off."""
+    out = tmp_path / "out"
+    convert(model_dir(name), out, Options(tp=1, int8=int8, group_size=32), progress=False)
+    ref = load(out, device="cpu", backend="torch", dequantize=True)
+    tri = load(out, device=DEVICE, backend="triton", dequantize=False)     # int8 weights stay on the Triton path
+    ids = torch.randint(3, 100, (2, 7))
+    want = _decode_steps(ref, ids, 4, 3)
+    for fuse in (True, False):
+        tri.ops.fuse_decode_append = fuse
+        got = _decode_steps(tri, ids.to(DEVICE), 4, 3)
+        assert ((got - want).abs().max() / want.abs().max()).item() < 1e-3, fuse
+
+
+class _LaunchCounter(TorchDispatchMode):
+    """Counts kernel launches: every Triton launch, and every torch op that is not a view or an allocation."""
+
+    def __init__(self):
+        super().__init__()
+        self.torch_ops, self.triton, self._inside = [], 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        # The interpreter moves a kernel's tensors with torch ops of its own: those are not launches.
+        if not (self._inside or func.is_view or name.startswith("empty") or name in ("lift_fresh", "detach")):
+            self.torch_ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        import triton.runtime.jit as jit
+
+        self._patched = []
+        classes = [jit.JITFunction]
+        try:
+            from triton.runtime.interpreter import InterpretedFunction
+            classes.append(InterpretedFunction)
+        except ImportError:
+            pass
+        for cls in classes:
+            orig = cls.run
+
+            def run(fn_self, *a, _orig=orig, **k):
+                if not k.get("warmup") and not self._inside:
+                    self.triton += 1
+                self._inside += 1
+                try:
+                    return _orig(fn_self, *a, **k)
+                finally:
+                    self._inside -= 1
+            cls.run = run
+            self._patched.append((cls, orig))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for cls, orig in self._patched:
+            cls.run = orig
+        return super().__exit__(*exc)
+
+
+def test_int8_decode_step_launches_nine_kernels_per_layer(model_dir, tmp_path):
+    """A graph-captured decode step costs about one launch gap per kernel, so the count per layer is part of
+    the design: add+norm, QKV, rope+append, attention (2), out, add+norm, gate|up+SwiGLU, down."""
+    counts = {}
+    for layers in (1, 3):
+        out = tmp_path / f"out{layers}"
+        convert(model_dir("llama", num_hidden_layers=layers), out, Options(tp=1, int8=True, group_size=32),
+                progress=False)
+        m = load(out, device=DEVICE, backend="triton", dequantize=False)
+        ids = torch.randint(3, 100, (1, 5), device=DEVICE)
+        cache = m.new_cache(1, 8)
+        m(ids, cache)
+        pos = torch.tensor([cache.length], device=DEVICE)
+        m.decode_step(ids[:, :1], cache, pos)            # warm-up: compiles, autotunes
+        with _LaunchCounter() as c:
+            m.decode_step(ids[:, :1], cache, pos)
+        counts[layers] = c
+    per_layer_triton = (counts[3].triton - counts[1].triton) / 2
+    per_layer_torch = (len(counts[3].torch_ops) - len(counts[1].torch_ops)) / 2
+    assert per_layer_triton == 9, (per_layer_triton, counts[3].torch_ops)
+    assert per_layer_torch == 0, counts[3].torch_ops
+    # Once per step: the sequence lengths (pos + 1), the embedding gather and the lm_head matmul.
+    assert len(counts[1].torch_ops) <= 4, counts[1].torch_ops

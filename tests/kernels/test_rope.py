@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fmconvert.kernels import apply_rope, apply_rope_reference
+from fmconvert.kernels import apply_rope, apply_rope_reference, rope_append, rope_append_reference
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"
@@ -68,3 +68,57 @@ def test_apply_rope_int32_positions_and_errors(assert_close):
         apply_rope(q, k, cos, sin, pos, rotary_dim=5)
     with pytest.raises(ValueError, match="cos"):
         apply_rope(q, k, cos[:, :2], sin, pos)
+
+
+def decode_qkv(B, HQ, HKV, D, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, 1, (HQ + 2 * HKV) * D, generator=gen).to(dtype).to(DEVICE)
+    q, k, v = qkv.split([HQ * D, HKV * D, HKV * D], -1)
+    return q.view(B, 1, HQ, D), k.view(B, 1, HKV, D), v.view(B, 1, HKV, D)
+
+
+# (B, Hq, Hkv, D, rotary_dim, S_max); rotary_dim 0: no RoPE (ALiBi or learned positions only append)
+APPEND_SHAPES = [(1, 1, 1, 8, None, 4), (2, 6, 2, 24, None, 9), (3, 5, 5, 20, 12, 7), (1, 17, 1, 64, 32, 33),
+                 (2, 4, 1, 18, 0, 5), (1, 3, 3, 6, 2, 3)] + ([(4, 32, 8, 128, None, 300)] if ON_CUDA else [])
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("style", ["neox", "gptj"])
+@pytest.mark.parametrize("shape", APPEND_SHAPES)
+def test_rope_append_matches_reference(shape, style, dtype, assert_close):
+    B, HQ, HKV, D, R, S = shape
+    q, k, v = decode_qkv(B, HQ, HKV, D, dtype, seed=B + D)
+    cos, sin = tables(S, R or D) if R != 0 else (None, None)
+    R = R or None
+    gen = torch.Generator().manual_seed(S)
+    kc = torch.randn(B, HKV, S, D, generator=gen).to(dtype).to(DEVICE)
+    vc = torch.randn(B, HKV, S, D, generator=gen).to(dtype).to(DEVICE)
+    for p in sorted({0, S // 2, S - 1}):
+        pos = torch.tensor([p], device=DEVICE)
+        kr, vr = kc.clone(), vc.clone()
+        qo = rope_append(q, k, v, kc, vc, pos, cos, sin, style, R)
+        qr = rope_append_reference(q, k, v, kr, vr, pos, cos, sin, style, R)
+        assert qo.shape == (B, HQ, D) and qo.is_contiguous()
+        assert_close(qo, qr, dtype)
+        assert_close(kc, kr, dtype)
+        assert torch.equal(vc, vr)                       # v is copied, never rounded
+        assert torch.equal(vc[:, :, p], v[:, 0])
+
+
+def test_rope_append_past_the_cache_writes_nothing_and_checks_inputs():
+    q, k, v = decode_qkv(2, 4, 2, 8, torch.float32)
+    kc, vc = torch.randn(2, 2, 5, 8, device=DEVICE), torch.randn(2, 2, 5, 8, device=DEVICE)
+    before = kc.clone(), vc.clone()
+    cos, sin = tables(5, 8)
+    rope_append(q, k, v, kc, vc, torch.tensor([5], device=DEVICE), cos, sin)
+    assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
+    with pytest.raises(ValueError, match="one-element"):
+        rope_append(q, k, v, kc, vc, torch.tensor([1, 2], device=DEVICE), cos, sin)
+    with pytest.raises(ValueError, match="both cos and sin"):
+        rope_append(q, k, v, kc, vc, torch.tensor([1], device=DEVICE), cos, None)
+    with pytest.raises(ValueError, match="k_cache"):
+        rope_append(q, k, v, kc[:1], vc, torch.tensor([1], device=DEVICE), cos, sin)
+    with pytest.raises(ValueError, match="dtype"):
+        rope_append(q, k, v, kc.half(), vc, torch.tensor([1], device=DEVICE), cos, sin)
+    with pytest.raises(ValueError, match="one new token"):
+        rope_append(q.expand(2, 2, 4, 8), k, v, kc, vc, torch.tensor([1], device=DEVICE), cos, sin)
