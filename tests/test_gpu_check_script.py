@@ -30,6 +30,9 @@ def test_gpu_check_dry_run(tmp_path):
         assert "error" not in b, b
         assert b["device"] == "cpu" and b["count"] > 0 and b["per_layer"] > 0, b
         assert sum(c["count"] for c in b["categories"].values()) == b["count"], b
+        par = stages[key]["parity"]
+        assert "error" not in par, par
+        assert par["step_rel_err_vs_eager"] < 2e-2 and par["logits_rel_err_vs_hf"] < 5e-2, par
     assert stages["fmconvert_int8"]["fused_ab_skipped"]
 
 
