@@ -51,11 +51,14 @@ def cli():
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--tp", default=1, show_default=True, help="Tensor-parallel ranks. Must divide the attention heads; "
               "kv heads are replicated when tp exceeds them.")
-@click.option("--int8", is_flag=True, help="Quantize linear weights to int8, symmetric, one scale per group.")
+@click.option("--int8", is_flag=True, help="Quantize the linear weights to int8, symmetric, one scale per group: "
+              "the four matmuls of every layer and an untied lm_head.")
 @click.option("--group-size", default=128, show_default=True,
               help="int8 group width along the input dim (power of two). A rank whose K is narrower uses the "
                    "largest power of two that fits.")
-@click.option("--int8-embeddings", is_flag=True, help="Also quantize the embedding and lm_head tables.")
+@click.option("--int8-embeddings", is_flag=True, help="Also quantize the embedding table (and with it a tied lm_head).")
+@click.option("--int8-lm-head/--no-int8-lm-head", default=True, show_default=True,
+              help="Under --int8, quantize an untied lm_head as well. Each decoded token reads all of it.")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
               help="Float dtype of the output; auto keeps config.json's dtype (or the stored one).")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest shard file, e.g. 500MB, 2GB.")
@@ -64,8 +67,8 @@ def cli():
 @click.option("--source-sha256", is_flag=True, help="Record the full sha256 of every source weight file in the "
               "manifest (reads the source once more). By default only its size and header are fingerprinted.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
-def convert(model_dir, out_dir, tp, int8, group_size, int8_embeddings, dtype, max_shard_size, force, allow_pickle,
-            source_sha256, quiet):
+def convert(model_dir, out_dir, tp, int8, group_size, int8_embeddings, int8_lm_head, dtype, max_shard_size, force,
+            allow_pickle, source_sha256, quiet):
     """Convert MODEL_DIR (config.json + safetensors) into OUT_DIR.
 
     OUT_DIR gets one set of safetensors shards per rank, manifest.json (the contract the runtime reads), and the
@@ -82,7 +85,8 @@ def convert(model_dir, out_dir, tp, int8, group_size, int8_embeddings, dtype, ma
     err = _console(stderr=True)
     s = run(model_dir, out_dir, Options(tp=tp, int8=int8, group_size=group_size, dtype=dtype,
                                         max_shard_size=max_shard_size, force=force, allow_pickle=allow_pickle,
-                                        int8_embeddings=int8_embeddings, source_sha256=source_sha256),
+                                        int8_embeddings=int8_embeddings, int8_lm_head=int8_lm_head,
+                                        source_sha256=source_sha256),
             progress=not quiet, console=err)
     if quiet:
         return

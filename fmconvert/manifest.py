@@ -213,6 +213,7 @@ def _quantization(q):
     _need(type(g) is int and 0 < g < MAX_DIM and g & (g - 1) == 0, "quantization.group_size must be a power of two")
     _need(q.get("scale_dtype") in _FLOATS, "quantization.scale_dtype must be a float dtype")
     _need(type(q.get("embeddings", False)) is bool, "quantization.embeddings must be true or false")
+    _need(type(q.get("lm_head", False)) is bool, "quantization.lm_head must be true or false")
     tensors = q.get("tensors")
     _need(isinstance(tensors, dict), "quantization.tensors must be an object")
     for name, t in tensors.items():

@@ -39,6 +39,7 @@ from .write import AtomicDir, ShardWriter, dtype_name, parse_size
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 QUANT_SLOTS = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight")
+HEAD_SLOTS = ("lm_head.weight",)     # an untied head is a matmul read whole every token: int8 by default
 EMBED_SLOTS = ("embed.weight", "lm_head.weight")
 
 
@@ -52,6 +53,7 @@ class Options:
     force: bool = False
     allow_pickle: bool = False
     int8_embeddings: bool = False
+    int8_lm_head: bool = True         # with int8: an untied lm_head too (a tied one follows int8_embeddings)
     source_sha256: bool = False       # record every source file's full sha256 (else only a fingerprint)
 
 
@@ -145,7 +147,7 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
     quant_slots: tuple[str, ...] = ()
     groups: dict[str, int] = {}
     if opts.int8:
-        quant_slots = QUANT_SLOTS + (EMBED_SLOTS if opts.int8_embeddings else ())
+        quant_slots = QUANT_SLOTS + (EMBED_SLOTS if opts.int8_embeddings else HEAD_SLOTS if opts.int8_lm_head else ())
         for slot in quant_slots:
             k = sl.k_per_rank(spec, layout, slot)
             g = sl.group_for(k, group)
@@ -852,6 +854,8 @@ def _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config,
                 "quantization": None if not opts.int8 else {
                     "scheme": "int8_symmetric_group", "group_size": opts.group_size,
                     "scale_dtype": dtype_name(run.scale_dtype), "embeddings": opts.int8_embeddings,
+                    "lm_head": "lm_head.weight" in plan.quant_slots and (
+                        opts.int8_embeddings or not plan.spec.tied_embeddings),
                     "tensors": qstats},
                 "extras": plan.extras,
                 "ranks": [{"rank": r, "files": writer.files[r], "tensors": dict(sorted(writer.tensors[r].items()))}

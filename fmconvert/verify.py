@@ -149,7 +149,8 @@ def plan_source(model_dir: Path, m: dict, ckpt):
                       f"{m['model'].get('architecture')}; pass the model directory it was converted from")
     q = m["quantization"] or {}
     opts = Options(tp=m["parallel"]["tp"], int8=bool(q), group_size=q.get("group_size", 128), dtype=m["dtype"],
-                   int8_embeddings=bool(q.get("embeddings", False)))
+                   int8_embeddings=bool(q.get("embeddings", False)),
+                   int8_lm_head=bool(q.get("lm_head", False)))      # absent: written before the head was quantized
     plan = make_plan(model_dir, opts, ckpt, config)
     spec = plan.spec.to_dict()
     diff = [k for k in _SPEC_KEYS if spec.get(k) != m["model"].get(k)]

@@ -86,7 +86,9 @@ def assert_int8_bound(out: Path, want: dict):
     assert set(raw) == set(want) | {n + "_scale" for n in want if n + "_scale" in raw}
     quantized = [n for n in want if n + "_scale" in raw]
     canon_q = set(m["quantization"]["tensors"])
-    slots = QUANT_SLOTS + (("embed.weight", "lm_head.weight") if m["quantization"]["embeddings"] else ())
+    q = m["quantization"]
+    slots = QUANT_SLOTS + (("embed.weight", "lm_head.weight") if q["embeddings"] else
+                           ("lm_head.weight",) if q["lm_head"] else ())
     assert canon_q == {f"layers.{i}.{s}" for i in range(m["model"]["num_layers"]) for s in QUANT_SLOTS} | \
         {s for s in slots if s in m["model"]["slots"] and not s.startswith("layers.")}
     assert quantized
@@ -128,6 +130,24 @@ def test_int8_within_group_bound(model_dir, tmp_path, name, tp, group):
                 assert info["dtype"] == m["quantization"]["scale_dtype"]
                 assert m["ranks"][r]["tensors"][n[:-6]]["dtype"] == "int8"
     assert_int8_bound(out, expected(d, m))
+
+
+@pytest.mark.parametrize("name,head_flag,want", [("llama", True, True), ("llama", False, False),
+                                                  ("gpt2", True, False)])
+def test_int8_quantizes_an_untied_lm_head_unless_told_not_to(model_dir, tmp_path, name, head_flag, want):
+    """The head is the largest matmul of a small model and is read whole every token; a tied one (gpt2) is the
+    embedding table and follows --int8-embeddings."""
+    out = tmp_path / "out"
+    args = ["convert", "-q", "--int8", "--group-size", "32", str(model_dir(name)), str(out)]
+    res = CliRunner().invoke(cli, args + ([] if head_flag else ["--no-int8-lm-head"]))
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["quantization"]["lm_head"] is want
+    assert ("lm_head.weight" in m["quantization"]["tensors"]) is want
+    head = m["ranks"][0]["tensors"].get("lm_head.weight")       # None when tied
+    assert (head is not None and head["dtype"] == "int8") is want
+    res = CliRunner().invoke(cli, ["verify", str(model_dir(name)), str(out)])
+    assert res.exit_code == 0, res.output
 
 
 def test_int8_embeddings_and_bf16(model_dir, tmp_path):
