@@ -99,9 +99,12 @@ class _LaunchCounter(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
-def test_int8_decode_step_launches_nine_kernels_per_layer(model_dir, tmp_path):
+def test_int8_decode_step_launches_nine_kernels_per_layer(model_dir, tmp_path, monkeypatch):
     """A graph-captured decode step costs about one launch gap per kernel, so the count per layer is part of
     the design: add+norm, QKV, rope+append, attention (2), out, add+norm, gate|up+SwiGLU, down."""
+    from fmconvert.kernels import int8_matmul
+    # On CUDA a tiny layer's few rows would take the split-K GEMV (zeroed buffer + epilogue); 7B-sized layers do not.
+    monkeypatch.setattr(int8_matmul, "_pick_split", lambda *a: 1)
     counts = {}
     for layers in (1, 3):
         out = tmp_path / f"out{layers}"
