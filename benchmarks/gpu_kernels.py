@@ -127,6 +127,76 @@ def bench_linear(rows, ms_list=LINEAR_MS, shapes=LINEAR_SHAPES):
         torch.cuda.empty_cache()
 
 
+def bench_swiglu(rows, N=11008, K=4096):
+    """LLaMA-7B's gate|up at batch 1: int8 with SwiGLU fused (autotuned, then the default config and the first
+    one-pass "PAIR" config on their own) against bf16 cuBLAS plus silu * up."""
+    from fmconvert.kernels import int8_linear, int8_linear_reference
+    from fmconvert.kernels.int8_matmul import _GEMV_CONFIGS, _decode, _gemv_tuned
+
+    dev, dt = "cuda", torch.bfloat16
+    w0 = torch.randn(2 * N, K, device=dev) * 0.02
+    q0, s0 = _quantize(w0, GROUP)
+    wb0 = w0.to(dt)
+    del w0
+    int8_bytes = q0.numel() + s0.numel() * s0.element_size()
+    qs = _rotating(lambda: (q0.clone(), s0.clone()), int8_bytes)
+    ws = _rotating(lambda: wb0.clone(), wb0.numel() * 2)
+    x = torch.randn(1, K, device=dev, dtype=dt)
+    ref = int8_linear_reference(x, q0, s0, GROUP, activation="swiglu").float()
+
+    def fp(i):
+        y = F.linear(x, ws[i % len(ws)])
+        return F.silu(y[:, :N]) * y[:, N:]
+
+    ms_fp = _bench_graph(fp, _calls(len(ws)))
+    y = int8_linear(x, q0, s0, GROUP, activation="swiglu")          # autotunes
+    err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+    ms_q = _bench_graph(lambda i: int8_linear(x, *qs[i % len(qs)], GROUP, activation="swiglu"), _calls(len(qs)))
+    chosen = [str(c) for k, c in _gemv_tuned.cache.items() if N in k and K in k]       # key: M, N_OUT, K, SWIGLU
+    extra = {"rel_err": round(err, 5), "tuned_config": chosen[-1] if chosen else None}
+    pair = next(c for c in _GEMV_CONFIGS if c.kwargs["PAIR"])
+    for label, cfg in (("default", _GEMV_CONFIGS[0]), ("pair", pair)):
+        out = torch.empty(1, N, dtype=dt, device=dev)
+        try:
+            extra[f"{label}_ms"] = round(_bench_graph(
+                lambda i: _decode(x, *qs[i % len(qs)], GROUP, None, 5, out, split_k=1, config=cfg),
+                _calls(len(qs))), 5)
+        except Exception as exc:
+            extra[f"{label}_error"] = repr(exc)[:120]
+    rows.append(_row("int8_swiglu", f"M=1 N=2x{N} K={K}", ms_q, ms_fp, int8_bytes, err < 2e-2, **extra))
+    del qs, ws
+    torch.cuda.empty_cache()
+
+
+def bench_rope_append(rows):
+    """The decode step's fused RoPE + KV-cache append against the path it replaced (RoPE kernel + two index_copy_)."""
+    from fmconvert.kernels import apply_rope, rope_append, rope_append_reference
+
+    H, D, S = 32, 128, 4096
+    inv = 1.0 / 10000 ** (torch.arange(0, D, 2, device="cuda").float() / D)
+    ang = torch.arange(S, device="cuda").float()[:, None] * inv
+    cos, sin = ang.cos(), ang.sin()
+    for B in (1, 8):
+        qkv = torch.randn(B, 1, 3 * H * D, device="cuda", dtype=torch.bfloat16)
+        q, k, v = (t.view(B, 1, H, D) for t in qkv.split(H * D, -1))
+        kc, vc = (torch.zeros(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        pos = torch.tensor([S // 2], device="cuda")
+        kr, vr = kc.clone(), vc.clone()
+        ok = (rope_append(q, k, v, kc, vc, pos, cos, sin).float()
+              - rope_append_reference(q, k, v, kr, vr, pos, cos, sin).float()).abs().max().item() < 0.1
+        ok = ok and torch.equal(kc, kr) and torch.equal(vc, vr)
+        positions = pos.view(1, 1).expand(B, 1)
+
+        def unfused(i):
+            qo, ko = apply_rope(q, k, cos, sin, positions)
+            kc.index_copy_(2, pos, ko.transpose(1, 2))
+            vc.index_copy_(2, pos, v.transpose(1, 2))
+
+        ms_f = _bench_graph(lambda i: rope_append(q, k, v, kc, vc, pos, cos, sin), 16)
+        ms_u = _bench_graph(unfused, 16)
+        rows.append(_row("rope_append", f"B={B} H={H} D={D} S={S}", ms_f, ms_u, None, ok, baseline="rope+2 index_copy_"))
+
+
 def bench_norm(rows):
     from fmconvert.kernels import add_norm, add_norm_reference
 
@@ -217,7 +287,8 @@ def run(report: dict) -> list:
     report["torch"], report["triton"] = torch.__version__, triton.__version__
     report["copy_GBps"] = round(copy_bandwidth(), 1)
     rows: list = []
-    for part in (bench_linear, bench_norm, bench_rope, bench_decode_attention, bench_prefill_attention):
+    for part in (bench_linear, bench_swiglu, bench_norm, bench_rope, bench_rope_append, bench_decode_attention,
+                 bench_prefill_attention):
         t = time.time()
         try:
             part(rows)

@@ -127,8 +127,10 @@ def inspect(out_dir, as_json):
     t.add_row("tensor parallel", f"tp={par['tp']}: {par['heads_per_rank']} heads + {par['kv_heads_per_rank']} kv "
               f"per rank, kv replication x{par['kv_replication']}, mlp {par['intermediate_per_rank']} per rank")
     t.add_row("dtype", m["dtype"])
+    if q is not None:
+        kinds = "int8" if q.get("lm_head") else "float", "int8" if q.get("embeddings") else "float"
     t.add_row("int8", "no" if q is None else f"group {q['group_size']}, scales {q['scale_dtype']}, "
-              f"{len(q['tensors'])} tensors")
+              f"{len(q['tensors'])} tensors; lm_head {kinds[0]}, embeddings {kinds[1]}")
     for r in m["ranks"]:
         size = sum(f["size"] for f in r["files"])
         t.add_row(f"rank {r['rank']}", f"{len(r['files'])} files, {len(r['tensors'])} tensors, {_human(size)}")

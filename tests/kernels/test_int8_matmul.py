@@ -148,3 +148,13 @@ def test_dequantize_dense_matches_reference(dtype):
     got = dequantize_dense(q, s, 48, dtype)
     assert got.dtype == dtype and got.shape == (37, 144)
     assert torch.equal(got, dequantize(q, s, 48, torch.float32).to(dtype))     # one rounding, same as the reference
+
+
+def test_gemv_pair_configs_are_offered_for_swiglu_only():
+    from fmconvert.kernels.int8_matmul import _GEMV_CONFIGS, _prune_gemv
+
+    plain = _prune_gemv(_GEMV_CONFIGS, {}, SWIGLU=False)
+    assert plain and not any(c.kwargs["PAIR"] for c in plain)
+    assert _prune_gemv(_GEMV_CONFIGS, {}, SWIGLU=True) == _GEMV_CONFIGS
+    assert not _GEMV_CONFIGS[0].kwargs["PAIR"]          # the untuned default is the measured one
+    assert any(c.kwargs["PAIR"] and c.kwargs["MAGIC"] != 3 for c in _GEMV_CONFIGS)   # one the interpreter can run
