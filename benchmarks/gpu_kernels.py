@@ -168,6 +168,18 @@ def bench_swiglu(rows, N=11008, K=4096):
     torch.cuda.empty_cache()
 
 
+def bench_glu(rows):
+    """The float path's SwiGLU after cuBLAS: one kernel against torch's silu and product."""
+    from fmconvert.kernels import swiglu, swiglu_reference
+
+    for M in (1, 32):
+        y = torch.randn(M, 2 * 11008, device="cuda", dtype=torch.bfloat16)
+        ok = (swiglu(y).float() - swiglu_reference(y).float()).abs().max().item() < 0.1
+        ms_k = _bench_graph(lambda i: swiglu(y), 16)
+        ms_t = _bench_graph(lambda i: torch.nn.functional.silu(y[:, :11008]) * y[:, 11008:], 16)
+        rows.append(_row("swiglu", f"{M}x2x11008", ms_k, ms_t, 3 * M * 11008 * 2, ok, baseline="silu * up"))
+
+
 def bench_rope_append(rows):
     """The decode step's fused RoPE + KV-cache append against the path it replaced (RoPE kernel + two index_copy_)."""
     from fmconvert.kernels import apply_rope, rope_append, rope_append_reference
@@ -287,8 +299,8 @@ def run(report: dict) -> list:
     report["torch"], report["triton"] = torch.__version__, triton.__version__
     report["copy_GBps"] = round(copy_bandwidth(), 1)
     rows: list = []
-    for part in (bench_linear, bench_swiglu, bench_norm, bench_rope, bench_rope_append, bench_decode_attention,
-                 bench_prefill_attention):
+    for part in (bench_linear, bench_swiglu, bench_norm, bench_glu, bench_rope, bench_rope_append,
+                 bench_decode_attention, bench_prefill_attention):
         t = time.time()
         try:
             part(rows)

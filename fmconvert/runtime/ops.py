@@ -260,6 +260,8 @@ class TritonOps(TorchOps):
     def linear(self, x, weight, bias=None, activation=None):
         if isinstance(weight, Int8Weight):
             return self.k.int8_linear(x, weight.q, weight.scale, weight.group_size, bias=bias, activation=activation)
+        if activation == "swiglu":                # cuBLAS, then one kernel where torch would launch two
+            return self.k.swiglu(F.linear(x, weight, bias))
         return super().linear(x, weight, bias, activation)
 
     def rope(self, q, k, cos, sin, positions, style, rotary_dim):

@@ -1,0 +1,26 @@
+import pytest
+import torch
+
+from fmconvert.kernels import swiglu, swiglu_reference
+
+ON_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if ON_CUDA else "cpu"
+FLOAT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_CUDA else [])
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 2), (1, 22), (3, 5, 2 * 769), (7, 2 * 1500), (2, 0, 8)])
+def test_swiglu_matches_reference(shape, dtype, assert_close):
+    y = (torch.randn(shape, generator=torch.Generator().manual_seed(shape[-1])) * 4).to(dtype).to(DEVICE)
+    out = swiglu(y)
+    assert out.shape == (*shape[:-1], shape[-1] // 2)
+    assert_close(out, swiglu_reference(y), dtype)
+
+
+def test_swiglu_strided_input_and_errors(assert_close):
+    y = torch.randn(4, 40, device=DEVICE)[:, :20]          # rows with a stride of 40
+    assert_close(swiglu(y), swiglu_reference(y), torch.float32)
+    with pytest.raises(ValueError, match="even"):
+        swiglu(torch.randn(3, 5, device=DEVICE))
+    with pytest.raises(ValueError, match="must be one of"):
+        swiglu(torch.ones(2, 4, dtype=torch.int32, device=DEVICE))
