@@ -169,14 +169,15 @@ def prefill_attention_reference(q, k, v, sm_scale, causal=True, alibi_slopes=Non
 
 
 @triton.jit
-def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, slopes_ptr, lens_ptr, ws_ptr,
+def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, slopes_ptr, lens_ptr, ws_ptr, o_ptr,
                            HQ, HKV, GQA, D, CHUNK, NSPLIT, qk_scale,
-                           sqb, sqh, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
-                           ALIBI: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+                           sqb, sqh, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh,
+                           ALIBI: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, DIRECT: tl.constexpr,
                            BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # grid: (B * HKV, NSPLIT). A program takes the GQA query heads of one kv head over keys
     # [split * CHUNK, (split + 1) * CHUNK) ∩ [0, seq_len) and writes unnormalised partials to
-    # ws [B, HQ, NSPLIT, D + 2] (acc, then running max m and sum l, log2 domain).
+    # ws [B, HQ, NSPLIT, D + 2] (acc, then running max m and sum l, log2 domain). DIRECT (one
+    # split holds every key, as at large batch) writes the normalised output instead: no merge.
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid // HKV).to(tl.int64)
@@ -221,10 +222,15 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, slopes_ptr, lens_ptr, ws_ptr,
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
-    row = ws_ptr + ((b * HQ + heads) * NSPLIT + split) * (D + 2)              # [BG]
-    tl.store(row[:, None] + offs_d[None, :], acc, mask=g_mask[:, None] & d_mask[None, :])
-    tl.store(row + D, m_i, mask=g_mask)
-    tl.store(row + D + 1, l_i, mask=g_mask)
+    if DIRECT:
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]                        # no key: zeros
+        tl.store(o_ptr + b * sob + heads[:, None] * soh + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=g_mask[:, None] & d_mask[None, :])
+    else:
+        row = ws_ptr + ((b * HQ + heads) * NSPLIT + split) * (D + 2)          # [BG]
+        tl.store(row[:, None] + offs_d[None, :], acc, mask=g_mask[:, None] & d_mask[None, :])
+        tl.store(row + D, m_i, mask=g_mask)
+        tl.store(row + D + 1, l_i, mask=g_mask)
 
 
 @triton.jit
@@ -306,14 +312,17 @@ def decode_attention(q, k_cache, v_cache, seq_lens, sm_scale, alibi_slopes=None,
     gqa = HQ // HKV
     dot_f32, prec = _dot_mode(q.dtype)
     block_d = max(16, triton.next_power_of_2(D))
+    direct = nsplit == 1
     _decode_partial_kernel[(B * HKV, nsplit)](
-        q, k_cache, v_cache, slopes if slopes is not None else q, seq_lens, workspace,
+        q, k_cache, v_cache, slopes if slopes is not None else q, seq_lens, workspace, o,
         HQ, HKV, gqa, D, chunk, nsplit, float(sm_scale) * LOG2E,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(),
-        ALIBI=slopes is not None, DOT_F32=dot_f32, PREC=prec,
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), o.stride(0), o.stride(1),
+        ALIBI=slopes is not None, DOT_F32=dot_f32, PREC=prec, DIRECT=direct,
         BLOCK_G=max(16, triton.next_power_of_2(gqa)), BLOCK_N=_DECODE_BLOCK_N, BLOCK_D=block_d,
         num_warps=4, num_stages=2,
     )
+    if direct:
+        return o
     _decode_reduce_kernel[(B * HQ,)](
         workspace, seq_lens, o, HQ, D, chunk, nsplit, o.stride(0), o.stride(1),
         BLOCK_S=triton.next_power_of_2(nsplit), BLOCK_D=triton.next_power_of_2(D), num_warps=4,

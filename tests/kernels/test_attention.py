@@ -92,7 +92,8 @@ def test_prefill_rejects_bad_inputs():
 
 
 # (B, Hq, Hkv, S_max, D); seq_lens include 1 and non-multiples of the chunk size.
-DECODE_SHAPES = [(3, 4, 4, 80, 16), (3, 4, 2, 80, 64), (2, 8, 2, 70, 80), (1, 1, 1, 1, 8)]
+# The interpreter splits the cache in chunks of 32 keys: S <= 32 takes the one-split path that writes o directly.
+DECODE_SHAPES = [(3, 4, 4, 80, 16), (3, 4, 2, 80, 64), (2, 8, 2, 70, 80), (1, 1, 1, 1, 8), (4, 6, 2, 20, 24)]
 if ON_CUDA:
     DECODE_SHAPES += [(4, 32, 8, 4099, 128), (2, 32, 32, 1000, 128), (1, 64, 8, 16384, 128)]
 
@@ -127,6 +128,17 @@ def test_decode_alibi_strided_cache_and_workspace(gqa, assert_close):
     o = decode_attention(q, kc, vc, lens, 0.17, alibi_slopes=alibi(HQ), workspace=ws)
     ref = decode_attention_reference(q, kc, vc, lens, 0.17, alibi_slopes=alibi(HQ))
     assert_close(o, ref, torch.float16)
+
+
+@pytest.mark.parametrize("S", [24, 100])
+def test_decode_empty_sequence_gives_zeros(S, assert_close):
+    B, HQ, HKV, D = 3, 4, 2, 16
+    q = rand(B, HQ, D, dtype=torch.float32, seed=4)
+    kc, vc = rand(B, HKV, S, D, dtype=torch.float32, seed=5), rand(B, HKV, S, D, dtype=torch.float32, seed=6)
+    lens = torch.tensor([0, S, 3], device=DEVICE)
+    o = decode_attention(q, kc, vc, lens, 0.3)
+    assert torch.equal(o[0], torch.zeros_like(o[0]))
+    assert_close(o, decode_attention_reference(q, kc, vc, lens, 0.3), torch.float32)
 
 
 def test_decode_equals_last_row_of_causal_prefill(assert_close):
