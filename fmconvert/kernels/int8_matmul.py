@@ -11,7 +11,10 @@ Two paths, picked by M = rows of x:
     kernel (a program owns matching gate and up rows). When N is too small to fill the GPU
     with row blocks, K is split across programs that atomically add into an fp32 buffer and a
     small epilogue kernel finishes. Measured on H200 at M=1 (CUDA graph, cold L2): 2.0-2.9
-    TB/s of int8 bytes, 1.35-1.6x bf16 cuBLAS on the LLaMA-7B/8B shapes.
+    TB/s of int8 bytes, 1.35-1.6x bf16 cuBLAS on the LLaMA-7B/8B shapes, before two changes
+    read off the SASS (benchmarks/sass_gemv.py) and not yet timed: each step now issues its
+    weight, scale and x loads together (EARLY), and SwiGLU may walk K once for gate and up
+    rows together (PAIR). The autotuner keeps the old order as a candidate.
   * GEMM (larger M): tiles with tl.dot; the int8 tile is converted to the activation dtype
     (exact: |q| <= 127) and the group scale is applied to the tile's partial product.
   * dense (M >= DENSE_MIN_M, CUDA): prefill of a long prompt is compute-bound, where cuBLAS beats
@@ -49,10 +52,26 @@ DENSE_MIN_M = 256   # an estimate from byte and flop counts; benchmarks/gpu_kern
 
 
 @triton.jit
+def _w_tile(w_rows, kk, row_mask, k_hi, EVEN_K: tl.constexpr):
+    # [BN, NG, GS] int8. Without a K mask when K is whole: the loads stay 16-byte vectors whatever the
+    # analysis proves.
+    if EVEN_K:
+        return tl.load(w_rows + kk[None, :, :], mask=row_mask[:, None, None], other=0)
+    return tl.load(w_rows + kk[None, :, :], mask=row_mask[:, None, None] & (kk < k_hi)[None, :, :], other=0)
+
+
+@triton.jit
+def _s_tile(s_rows, kg, row_mask, k_hi, GROUP: tl.constexpr):
+    # [BN, NG] fp32: the scale of each sub-group's columns.
+    return tl.load(s_rows + (kg // GROUP)[None, :], mask=row_mask[:, None] & (kg < k_hi)[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _gemv_rows(x_row, w_ptr, s_ptr, rows, row_mask, k_lo, k_hi, stride_wn, stride_sn,
                GROUP: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr,
-               EVEN_K: tl.constexpr):
+               EVEN_K: tl.constexpr, EARLY: tl.constexpr):
     # A BLOCK_K run is NG sub-groups of GS columns; GS divides both BLOCK_K and GROUP, so a
     # sub-group never straddles a scale group and needs exactly one scale. (Prefetching the
     # next run by hand measured slower on H200: the second tile costs occupancy.)
@@ -63,15 +82,19 @@ def _gemv_rows(x_row, w_ptr, s_ptr, rows, row_mask, k_lo, k_hi, stride_wn, strid
     acc = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         kk = k0 + offs_g[:, None] * GS + offs_i[None, :]              # [NG, GS]
+        kg = k0 + offs_g * GS                                         # [NG]
+        if EARLY:
+            # Weights and scales are asked for before x: x goes through shared memory to change layout,
+            # and its barrier would otherwise hold the HBM loads back (SASS: three serial round trips
+            # per step in the other order, one in this).
+            w = _w_tile(w_rows, kk, row_mask, k_hi, EVEN_K)
+            s = _s_tile(s_rows, kg, row_mask, k_hi, GROUP)
         if EVEN_K:
-            # No K mask: keeps the int8 loads 16-byte vectors whatever the analysis proves.
             xv = tl.load(x_row + kk).to(tl.float32)
-            w = tl.load(w_rows + kk[None, :, :], mask=row_mask[:, None, None], other=0)
         else:
-            kmask = kk < k_hi
-            xv = tl.load(x_row + kk, mask=kmask, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + kk[None, :, :], mask=row_mask[:, None, None] & kmask[None, :, :],
-                        other=0)                                      # [BN, NG, GS] int8
+            xv = tl.load(x_row + kk, mask=kk < k_hi, other=0.0).to(tl.float32)
+        if not EARLY:
+            w = _w_tile(w_rows, kk, row_mask, k_hi, EVEN_K)
         if MAGIC == 1:
             # int8 -> fp32 through the exponent trick (2^23 + 128 + q) - (2^23 + 128): integer
             # add + float sub instead of the I2F conversion (a quarter-rate unit).
@@ -101,9 +124,8 @@ def _gemv_rows(x_row, w_ptr, s_ptr, rows, row_mask, k_lo, k_hi, stride_wn, strid
         else:
             wf = w.to(tl.float32)
         part = tl.sum(wf * xv[None, :, :], axis=2)                    # [BN, NG]
-        kg = k0 + offs_g * GS                                         # [NG]
-        s = tl.load(s_rows + (kg // GROUP)[None, :], mask=row_mask[:, None] & (kg < k_hi)[None, :],
-                    other=0.0).to(tl.float32)
+        if not EARLY:
+            s = _s_tile(s_rows, kg, row_mask, k_hi, GROUP)
         acc += part * s
     return tl.sum(acc, axis=1)                                        # [BN]
 
@@ -115,7 +137,7 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
                       GROUP: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr,
                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SWIGLU: tl.constexpr,
                       SPLIT: tl.constexpr, MAGIC: tl.constexpr, EVEN_K: tl.constexpr,
-                      PAIR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      PAIR: tl.constexpr, EARLY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # grid: (cdiv(N_OUT, BLOCK_N), n_splits). With SWIGLU a program owns gate rows `rows` and
     # the matching up rows `N_OUT + rows`, so the pairing needs no second pass. PAIR walks K once
     # for both, as one tile of 2 * BLOCK_N rows: x is loaded once per step instead of twice, and
@@ -137,17 +159,17 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
             half = i2 // BLOCK_N                                          # 0: gate, 1: up
             rows2 = pid_n * BLOCK_N + i2 % BLOCK_N
             acc2 = _gemv_rows(x_row, w_ptr, s_ptr, rows2 + half * N_OUT, rows2 < N_OUT, k_lo, k_hi,
-                              stride_wn, stride_sn, GROUP, GS, NG, 2 * BLOCK_N, BLOCK_K, MAGIC, EVEN_K)
+                              stride_wn, stride_sn, GROUP, GS, NG, 2 * BLOCK_N, BLOCK_K, MAGIC, EVEN_K, EARLY)
             acc2 = tl.reshape(acc2, (2, BLOCK_N))
             which = tl.arange(0, 2)[:, None]
             acc = tl.sum(tl.where(which == 0, acc2, 0.0), axis=0)
             up = tl.sum(tl.where(which == 1, acc2, 0.0), axis=0)
         else:
             acc = _gemv_rows(x_row, w_ptr, s_ptr, rows, row_mask, k_lo, k_hi, stride_wn, stride_sn,
-                             GROUP, GS, NG, BLOCK_N, BLOCK_K, MAGIC, EVEN_K)
+                             GROUP, GS, NG, BLOCK_N, BLOCK_K, MAGIC, EVEN_K, EARLY)
             if SWIGLU:
                 up = _gemv_rows(x_row, w_ptr, s_ptr, rows + N_OUT, row_mask, k_lo, k_hi, stride_wn,
-                                stride_sn, GROUP, GS, NG, BLOCK_N, BLOCK_K, MAGIC, EVEN_K)
+                                stride_sn, GROUP, GS, NG, BLOCK_N, BLOCK_K, MAGIC, EVEN_K, EARLY)
         o_row = out_ptr + m * stride_om
         if SPLIT:
             # out is the fp32 [M, N] accumulation buffer, zeroed by the launcher.
@@ -198,14 +220,17 @@ _gemv_heuristics = triton.heuristics({
 _gemv_fixed = _gemv_heuristics(_int8_gemv_kernel)
 
 
-def _gemv_cfg(bn, bk, warps, magic=0, stages=1, pair=False):
-    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "MAGIC": magic, "PAIR": pair}, num_warps=warps,
-                         num_stages=stages)
+def _gemv_cfg(bn, bk, warps, magic=0, stages=1, pair=False, early=True):
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "MAGIC": magic, "PAIR": pair, "EARLY": early},
+                         num_warps=warps, num_stages=stages)
 
 
 # First entry = the default when autotuning is off (FMCONVERT_AUTOTUNE=0).
-# Measured on H200 (CUDA-graph timing, cold L2): 2x2048 with the PTX conversion was best or
-# within a few percent on all four LLaMA-7B/8B shapes; the rest cover other N, K and M.
+# Measured on H200 (CUDA-graph timing, cold L2), with the loads in the old order (EARLY=False):
+# 2x2048 with the PTX conversion was best or within a few percent on all four LLaMA-7B/8B
+# shapes; the rest cover other N, K and M. EARLY (every load of a step issued together) is
+# read off the SASS, not yet timed: the old order's best stays a candidate, so the tuner keeps
+# whichever is faster on the card it runs on.
 _GEMV_CONFIGS = [
     _gemv_cfg(2, 2048, 4, magic=3),
     _gemv_cfg(4, 1024, 4, magic=3),
@@ -214,6 +239,7 @@ _GEMV_CONFIGS = [
     _gemv_cfg(4, 512, 4, magic=3),
     _gemv_cfg(2, 1024, 2, magic=3),
     _gemv_cfg(2, 2048, 4),
+    _gemv_cfg(2, 2048, 4, magic=3, early=False),
     # SwiGLU only (pruned otherwise): gate and up rows in one pass over K. Not yet timed on a GPU.
     _gemv_cfg(2, 2048, 4, magic=3, pair=True),
     _gemv_cfg(1, 2048, 4, magic=3, pair=True),
@@ -275,7 +301,7 @@ def _decode(x2, qweight, scale, group_size, bias, act, out, split_k=None, config
     _gemv_fixed[(triton.cdiv(n_out, _SPLIT_BLOCK_N), n_splits)](
         x2, qweight, scale, bias_arg, acc, M, n_out, K, chunk,
         x2.stride(0), qweight.stride(0), scale.stride(0), acc.stride(0),
-        GROUP=group_size, HAS_BIAS=bias is not None, ACT=act, SWIGLU=swiglu, SPLIT=True, MAGIC=0, PAIR=False,
+        GROUP=group_size, HAS_BIAS=bias is not None, ACT=act, SWIGLU=swiglu, SPLIT=True, MAGIC=0, PAIR=False, EARLY=True,
         BLOCK_N=_SPLIT_BLOCK_N, BLOCK_K=_SPLIT_BLOCK_K, num_warps=_SPLIT_WARPS,
     )
     block = min(1024, triton.next_power_of_2(n_out))
