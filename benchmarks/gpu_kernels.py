@@ -206,7 +206,8 @@ def bench_rope_append(rows):
 
         ms_f = _bench_graph(lambda i: rope_append(q, k, v, kc, vc, pos, cos, sin), 16)
         ms_u = _bench_graph(unfused, 16)
-        rows.append(_row("rope_append", f"B={B} H={H} D={D} S={S}", ms_f, ms_u, None, ok, baseline="rope+2 index_copy_"))
+        rows.append(_row("rope_append", f"B={B} H={H} D={D} S={S}", ms_f, ms_u, None, ok,
+                         baseline="rope+2 index_copy_"))
 
 
 def bench_norm(rows):

@@ -301,8 +301,8 @@ def _decode(x2, qweight, scale, group_size, bias, act, out, split_k=None, config
     _gemv_fixed[(triton.cdiv(n_out, _SPLIT_BLOCK_N), n_splits)](
         x2, qweight, scale, bias_arg, acc, M, n_out, K, chunk,
         x2.stride(0), qweight.stride(0), scale.stride(0), acc.stride(0),
-        GROUP=group_size, HAS_BIAS=bias is not None, ACT=act, SWIGLU=swiglu, SPLIT=True, MAGIC=0, PAIR=False, EARLY=True,
-        BLOCK_N=_SPLIT_BLOCK_N, BLOCK_K=_SPLIT_BLOCK_K, num_warps=_SPLIT_WARPS,
+        GROUP=group_size, HAS_BIAS=bias is not None, ACT=act, SWIGLU=swiglu, SPLIT=True, MAGIC=0, PAIR=False,
+        EARLY=True, BLOCK_N=_SPLIT_BLOCK_N, BLOCK_K=_SPLIT_BLOCK_K, num_warps=_SPLIT_WARPS,
     )
     block = min(1024, triton.next_power_of_2(n_out))
     _splitk_epilogue_kernel[(M, triton.cdiv(n_out, block))](
