@@ -94,6 +94,16 @@ def _check_slopes(alibi_slopes, hq, device):
     return alibi_slopes.to(torch.float32).contiguous()
 
 
+def _prefill_config(dtype, block_d):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a prefill launch."""
+    if interpreting():
+        return 32, 32, 4, 1
+    if dtype == torch.float32:
+        return 32, 32, 4, 2
+    # 8 warps for every head size: on 4, head_dim 64 took 255 registers and spilled (benchmarks/sass_report.py).
+    return 128, 64, 8, 3
+
+
 def prefill_attention(q, k, v, sm_scale, causal=True, alibi_slopes=None, key_padding_mask=None):
     """o [B, Hq, T, D] (q.dtype). q [B, Hq, T, D]; k, v [B, Hkv, S, D], S >= T, any strides.
     key_padding_mask: bool [B, S], True = attend."""
@@ -122,12 +132,7 @@ def prefill_attention(q, k, v, sm_scale, causal=True, alibi_slopes=None, key_pad
         return o
     dot_f32, prec = _dot_mode(q.dtype)
     block_d = max(16, triton.next_power_of_2(D))
-    if interpreting():
-        bm, bn, warps, stages = 32, 32, 4, 1
-    else:
-        bm, bn, warps, stages = (128, 64, 4, 3) if block_d <= 64 else (128, 64, 8, 3)
-        if q.dtype == torch.float32:
-            bm, bn, warps, stages = 32, 32, 4, 2
+    bm, bn, warps, stages = _prefill_config(q.dtype, block_d)
     grid = (triton.cdiv(T, bm), B * HQ)
     _prefill_kernel[grid](
         q, k, v, o, slopes if slopes is not None else q, kpm if kpm is not None else q,
@@ -259,6 +264,10 @@ def _decode_reduce_kernel(ws_ptr, lens_ptr, o_ptr, HQ, D, CHUNK, NSPLIT, sob, so
 
 
 _DECODE_BLOCK_N = 64
+# 8 warps: with 4, the split-K program for head_dim 128 needs 255 registers and spills 112 bytes a thread
+# (benchmarks/sass_report.py); with 8 it takes 189 and spills nothing.
+_DECODE_WARPS = 8
+_DECODE_STAGES = 2
 
 
 def _decode_chunk(batch, hkv, s_max, device):
@@ -319,7 +328,7 @@ def decode_attention(q, k_cache, v_cache, seq_lens, sm_scale, alibi_slopes=None,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), o.stride(0), o.stride(1),
         ALIBI=slopes is not None, DOT_F32=dot_f32, PREC=prec, DIRECT=direct,
         BLOCK_G=max(16, triton.next_power_of_2(gqa)), BLOCK_N=_DECODE_BLOCK_N, BLOCK_D=block_d,
-        num_warps=4, num_stages=2,
+        num_warps=_DECODE_WARPS, num_stages=_DECODE_STAGES,
     )
     if direct:
         return o

@@ -1,0 +1,170 @@
+"""Read the Triton kernels' machine code for an H100/H200 without a GPU: registers, spills, and the int8 GEMV's
+order of loads and barriers.
+
+    .venv/bin/python benchmarks/sass_report.py [--gemv-only]
+
+Triton compiles for sm_90 on any machine (its wheel carries ptxas' output and cuobjdump), so the questions that need
+no timing are answered here, at no device time: does a kernel spill registers to local memory at the configuration
+its launcher uses, how many registers does it take (how many programs fit on a multiprocessor), does each GEMV
+step issue its weight, scale and x loads together, are the int8 loads 16 bytes wide (LDG.E.128). This is how the
+GEMV's load order (EARLY) and the decode attention's warp count were chosen. Timings still need the card
+(`make gpu-check`). Each row mirrors a launch: the launcher's own constants where it has them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+FLOAT_SCALARS = ("eps", "qk_scale")
+OP = r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)"
+
+
+@dataclass
+class Case:
+    name: str
+    fn: object                      # the @triton.jit function
+    const: dict                     # constexpr arguments
+    warps: int
+    stages: int = 1
+    ptrs: dict = field(default_factory=dict)      # pointer argument -> type; other *_ptr are bf16
+    aligned: tuple = ()             # arguments a real launch sees as multiples of 16
+    gemv: bool = False
+
+
+def compile_sm90(case: Case):
+    names = case.fn.arg_names
+    sig = {}
+    for n in names:
+        if n in case.const:
+            sig[n] = "constexpr"
+        elif n.endswith("_ptr"):
+            sig[n] = case.ptrs.get(n, "*bf16")
+        else:
+            sig[n] = "fp32" if n in FLOAT_SCALARS else "i32"
+    src = ASTSource(case.fn, sig, constexprs={(names.index(k),): v for k, v in case.const.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in case.aligned})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": case.warps, "num_stages": case.stages})
+
+
+def report(kernel) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        cubin = Path(d) / "k.cubin"
+        cubin.write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([BIN / "cuobjdump", "-res-usage", cubin], capture_output=True, text=True).stdout
+        sass = subprocess.run([BIN / "cuobjdump", "-sass", cubin], capture_output=True, text=True).stdout
+    num = lambda key: int(m.group(1)) if (m := re.search(key + r":(\d+)", usage)) else None  # noqa: E731
+    ops = [(int(a, 16), op) for a, op in re.findall(OP, sass)]
+    loop = []          # the innermost loop: from the target of the first backward branch to that branch
+    for line in sass.splitlines():
+        m = re.search(r"/\*([0-9a-f]{4})\*/.*\bBRA\s+0x([0-9a-f]+)", line)
+        if m and int(m.group(2), 16) < int(m.group(1), 16):
+            lo, hi = int(m.group(2), 16), int(m.group(1), 16)
+            loop = [op for a, op in ops if lo <= a <= hi]
+            break
+    order = [op for op in loop if op.startswith(("LDG", "BAR"))]
+    bar = next((i for i, op in enumerate(order) if op.startswith("BAR")), len(order))
+    return {"regs": num("REG"), "stack": num("STACK"), "local": num("LOCAL"), "instructions": len(ops),
+            "loop_loads": sum(op.startswith("LDG") for op in order),
+            "loads_before_barrier": sum(op.startswith("LDG") for op in order[:bar]),
+            "wide_loads": sum(op == "LDG.E.128" for op in loop)}
+
+
+def gemv_cases(swiglu: bool, K: int = 4096, group: int = 128):
+    from fmconvert.kernels import int8_matmul as im
+    for cfg in im._prune_gemv(im._GEMV_CONFIGS, {}, SWIGLU=swiglu):
+        kw = cfg.kwargs
+        gs = min(kw["BLOCK_K"], group & -group)
+        const = dict(GROUP=group, GS=gs, NG=kw["BLOCK_K"] // gs, HAS_BIAS=False, ACT=5 if swiglu else 0,
+                     SWIGLU=swiglu, SPLIT=False, EVEN_K=K % kw["BLOCK_K"] == 0, **kw)
+        name = (f"int8 GEMV{' swiglu' if swiglu else ''} {kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps} "
+                f"magic{kw['MAGIC']} pair{int(kw['PAIR'])} early{int(kw['EARLY'])}")
+        yield Case(name, im._int8_gemv_kernel, const, cfg.num_warps, cfg.num_stages, {"w_ptr": "*i8", "b_ptr": "*i8"},
+                   ("x_ptr", "w_ptr", "s_ptr", "out_ptr", "K", "stride_wn", "stride_xm"), gemv=True)
+
+
+def other_cases(D: int = 128, hidden: int = 4096):
+    from fmconvert.kernels import attention as at
+    from fmconvert.kernels import glu, norm, rope
+    from fmconvert.kernels import int8_matmul as im
+    i8 = {"w_ptr": "*i8", "b_ptr": "*i8"}
+    for cfg in im._GEMM_CONFIGS:
+        kw = cfg.kwargs
+        for swiglu in (False, True) if im._swiglu_fits(cfg) else (False,):       # what the tuner may choose
+            const = dict(GROUP=128, HAS_BIAS=False, ACT=5 if swiglu else 0, SWIGLU=swiglu,
+                         SCALE_AFTER=128 % kw["BLOCK_K"] == 0, DOT_F32=False, PREC="tf32", **kw)
+            yield Case(f"int8 GEMM{' swiglu' if swiglu else ''} {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} "
+                       f"w{cfg.num_warps} s{cfg.num_stages}", im._int8_gemm_kernel, const, cfg.num_warps,
+                       cfg.num_stages, i8, ("x_ptr", "w_ptr", "s_ptr", "out_ptr", "K", "stride_wn", "stride_xm"))
+    yield Case("int8 dequantize 32x256", im._dequant_kernel, dict(GROUP=128, BLOCK_N=32, BLOCK_K=256), 4,
+               ptrs={"w_ptr": "*i8"})
+    yield Case("int8 split-K epilogue", im._splitk_epilogue_kernel, dict(HAS_BIAS=False, ACT=5, SWIGLU=True,
+               BLOCK=1024), 4, ptrs={"acc_ptr": "*fp32"})
+    dec = {"lens_ptr": "*i32", "ws_ptr": "*fp32"}
+    for direct in (False, True):
+        for alibi in (False, True):
+            yield Case(f"decode attention {'direct' if direct else 'split-K'}{' alibi' if alibi else ''} d{D}",
+                       at._decode_partial_kernel, dict(ALIBI=alibi, DOT_F32=False, PREC="tf32", DIRECT=direct,
+                       BLOCK_G=16, BLOCK_N=at._DECODE_BLOCK_N, BLOCK_D=D), at._DECODE_WARPS, at._DECODE_STAGES, dec)
+    yield Case("decode attention merge", at._decode_reduce_kernel, dict(BLOCK_S=8, BLOCK_D=D), 4, ptrs=dec)
+    bm, bn, warps, stages = at._prefill_config(None, D)
+    for causal, kpm, alibi in ((True, False, False), (False, True, False), (True, False, True)):
+        yield Case(f"prefill attention {'causal' if causal else 'padded'}{' alibi' if alibi else ''} d{D}",
+                   at._prefill_kernel, dict(CAUSAL=causal, ALIBI=alibi, HAS_KPM=kpm, DOT_F32=False, PREC="tf32",
+                                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D), warps, stages, {"kpm_ptr": "*u8"})
+    r = {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64"}
+    for use in (True, False):
+        yield Case(f"rope_append{'' if use else ' (no RoPE)'} d{D}", rope._rope_append_kernel,
+                   dict(ROPE=use, GPTJ=False, BLOCK_H=16, BLOCK_HALF=D // 2, BLOCK_D=D), 4, ptrs=r)
+    yield Case(f"apply_rope d{D}", rope._rope_kernel, dict(GPTJ=False, BLOCK_H=16, BLOCK_HALF=D // 2, BLOCK_D=D), 4,
+               ptrs=r)
+    for n in (hidden, 2 * hidden):
+        block = triton.next_power_of_2(n)
+        yield Case(f"add+rmsnorm {n}", norm._add_norm_kernel, dict(HAS_RES=True, HAS_W=True, HAS_BIAS=False,
+                   IS_RMS=True, BLOCK=block), min(16, max(1, block // 512)))
+    yield Case("swiglu", glu._swiglu_kernel, dict(BLOCK=1024), 4)
+
+
+def rows(gemv_only: bool = False):
+    cases = list(gemv_cases(False)) + list(gemv_cases(True))
+    if not gemv_only:
+        cases += list(other_cases(D=128))
+        cases += [c for c in other_cases(D=64) if "attention" in c.name or "rope" in c.name]  # GPT-2/BERT heads
+    for case in cases:
+        try:
+            yield case, report(compile_sm90(case)), None
+        except Exception as exc:        # a kernel that does not compile for sm_90 is a finding too
+            yield case, None, f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gemv-only", action="store_true")
+    args = ap.parse_args()
+    for case, r, err in rows(args.gemv_only):
+        if err:
+            print(f"{case.name}: FAILED {err}")
+            continue
+        line = f"{case.name}: {r['regs']} regs, {r['stack']} B stack, {r['local']} B local"
+        if case.gemv:
+            line += (f", {r['loads_before_barrier']}/{r['loop_loads']} loads before the first barrier, "
+                     f"{r['wide_loads']} 16-byte")
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
