@@ -12,7 +12,7 @@ Two paths, picked by M = rows of x:
     with row blocks, K is split across programs that atomically add into an fp32 buffer and a
     small epilogue kernel finishes. Measured on H200 at M=1 (CUDA graph, cold L2): 2.0-2.9
     TB/s of int8 bytes, 1.35-1.6x bf16 cuBLAS on the LLaMA-7B/8B shapes, before two changes
-    read off the SASS (benchmarks/sass_gemv.py) and not yet timed: each step now issues its
+    read off the SASS (benchmarks/sass_report.py) and not yet timed: each step now issues its
     weight, scale and x loads together (EARLY), and SwiGLU may walk K once for gate and up
     rows together (PAIR). The autotuner keeps the old order as a candidate.
   * GEMM (larger M): tiles with tl.dot; the int8 tile is converted to the activation dtype
