@@ -110,8 +110,8 @@ def other_cases(D: int = 128, hidden: int = 4096):
             yield Case(f"int8 GEMM{' swiglu' if swiglu else ''} {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} "
                        f"w{cfg.num_warps} s{cfg.num_stages}", im._int8_gemm_kernel, const, cfg.num_warps,
                        cfg.num_stages, i8, ("x_ptr", "w_ptr", "s_ptr", "out_ptr", "K", "stride_wn", "stride_xm"))
-    yield Case("int8 dequantize 32x256", im._dequant_kernel, dict(GROUP=128, BLOCK_N=32, BLOCK_K=256), 4,
-               ptrs={"w_ptr": "*i8"})
+    yield Case("int8 dequantize 32x256", im._dequant_kernel, dict(GROUP=128, GS=128, NG=2, BLOCK_N=32, BLOCK_K=256),
+               4, ptrs={"w_ptr": "*i8"}, aligned=("w_ptr", "s_ptr", "out_ptr", "K", "stride_wn", "stride_on"))
     yield Case("int8 split-K epilogue", im._splitk_epilogue_kernel, dict(HAS_BIAS=False, ACT=5, SWIGLU=True,
                BLOCK=1024), 4, ptrs={"acc_ptr": "*fp32"})
     dec = {"lens_ptr": "*i32", "ws_ptr": "*fp32"}

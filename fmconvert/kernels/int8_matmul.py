@@ -460,14 +460,22 @@ def _gemm(x2, qweight, scale, group_size, bias, act, out):
 
 @triton.jit
 def _dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on,
-                    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    GROUP: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # A BLOCK_K run is NG sub-groups of GS columns that share one scale (GS divides GROUP), so each
+    # thread loads a scale per sub-group it covers, not one per element (64 2-byte loads a thread
+    # at 32x256 before; benchmarks/sass_report.py).
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (rows[:, None] < N) & (cols[None, :] < K)
-    q = tl.load(w_ptr + rows[:, None] * stride_wn + cols[None, :], mask=mask, other=0)
-    s = tl.load(s_ptr + rows[:, None] * stride_sn + (cols // GROUP)[None, :], mask=mask, other=0.0)
-    w = q.to(tl.float32) * s.to(tl.float32)
-    tl.store(out_ptr + rows[:, None] * stride_on + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+    kg = tl.program_id(1) * BLOCK_K + tl.arange(0, NG) * GS                  # [NG]
+    cols = kg[:, None] + tl.arange(0, GS)[None, :]                           # [NG, GS]
+    rmask = rows < N
+    mask = rmask[:, None, None] & (cols < K)[None, :, :]
+    r64 = rows.to(tl.int64)
+    q = tl.load(w_ptr + r64[:, None, None] * stride_wn + cols[None, :, :], mask=mask, other=0)
+    sc = tl.load(s_ptr + r64[:, None] * stride_sn + (kg // GROUP)[None, :], mask=rmask[:, None] & (kg < K)[None, :],
+                 other=0.0)                                                  # [BN, NG]
+    w = q.to(tl.float32) * sc.to(tl.float32)[:, :, None]
+    tl.store(out_ptr + r64[:, None, None] * stride_on + cols[None, :, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def dequantize_dense(qweight, scale, group_size, dtype):
@@ -475,9 +483,10 @@ def dequantize_dense(qweight, scale, group_size, dtype):
     N, K = qweight.shape
     out = torch.empty(N, K, dtype=dtype, device=qweight.device)
     bn, bk = (8, 32) if interpreting() else (32, 256)
+    gs = min(bk, lowbit(int(group_size)))
     _dequant_kernel[(triton.cdiv(N, bn), triton.cdiv(K, bk))](
         qweight, scale, out, N, K, qweight.stride(0), scale.stride(0), out.stride(0),
-        GROUP=group_size, BLOCK_N=bn, BLOCK_K=bk)
+        GROUP=group_size, GS=gs, NG=bk // gs, BLOCK_N=bn, BLOCK_K=bk)
     return out
 
 

@@ -142,12 +142,13 @@ def test_int8_linear_dense_path(shape, act, assert_close):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_dequantize_dense_matches_reference(dtype):
+@pytest.mark.parametrize("N,K,G", [(37, 144, 48), (9, 96, 32), (5, 200, 8), (3, 384, 128)])
+def test_dequantize_dense_matches_reference(dtype, N, K, G):
     from fmconvert.kernels.int8_matmul import dequantize_dense
-    _, _, q, s, _ = make(1, 37, 144, 48, dtype, bias=False)
-    got = dequantize_dense(q, s, 48, dtype)
-    assert got.dtype == dtype and got.shape == (37, 144)
-    assert torch.equal(got, dequantize(q, s, 48, torch.float32).to(dtype))     # one rounding, same as the reference
+    _, _, q, s, _ = make(1, N, K, G, dtype, bias=False)
+    got = dequantize_dense(q, s, G, dtype)
+    assert got.dtype == dtype and got.shape == (N, K)
+    assert torch.equal(got, dequantize(q, s, G, torch.float32).to(dtype))      # one rounding, same as the reference
 
 
 def test_gemv_pair_configs_are_offered_for_swiglu_only():
