@@ -317,10 +317,10 @@ def sweep(shapes=LINEAR_SHAPES, M=1):
     """Time each candidate int8 GEMV config (no autotuning) at batch M; print ms and GB/s."""
     import triton
 
-    from fmconvert.kernels.int8_matmul import _GEMV_CONFIGS, _decode, int8_linear_reference
+    from fmconvert.kernels.int8_matmul import _GEMV_CONFIGS, _decode, _gemv_cfg, int8_linear_reference
 
     def cfg(bn, bk, w, magic, st=1):
-        return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "MAGIC": magic}, num_warps=w, num_stages=st)
+        return _gemv_cfg(bn, bk, w, magic=magic, stages=st)
 
     cands = list(_GEMV_CONFIGS) + [
         cfg(8, 2048, 8, 3), cfg(2, 4096, 8, 3), cfg(1, 4096, 4, 3), cfg(16, 512, 8, 3), cfg(8, 512, 4, 3),

@@ -289,7 +289,6 @@ def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, device, 
 @runtime_options
 def embed(out_dir, texts, pooling, device, backend, no_verify_hashes, dtype):
     """Embed text with a converted encoder (BERT); prints one JSON vector per line."""
-    import torch
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
     if model.spec["kind"] != "encoder":
         raise FmError(f"{out_dir} holds a decoder; use `fmconvert generate`")

@@ -31,7 +31,7 @@ from . import manifest as mf
 from . import slice as sl
 from . import srchash
 from .errors import EXIT_IO, FmError
-from .policy import GLOBAL_SLOTS, ModelSpec, Policy, SlotSource, policy_for
+from .policy import ModelSpec, Policy, SlotSource, policy_for
 from .quantize import ErrorStats, quantize, scale_dtype_for
 from .read import SIDECAR_FILES, Checkpoint, load_config
 from .write import AtomicDir, ShardWriter, dtype_name, parse_size

@@ -138,8 +138,7 @@ def shard(spec: ModelSpec, lay: Layout, slot: str, t: torch.Tensor) -> list[torc
 
 def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor | None]) -> torch.Tensor:
     """Inverse of `shard`: rank pieces -> the canonical tensor. Replicated copies must agree."""
-    tp, hd = lay.tp, spec.head_dim
-    H, KV = spec.num_heads, spec.num_kv_heads
+    hd, KV = spec.head_dim, spec.num_kv_heads
     if slot.startswith("qkv."):
         hq, hk = lay.heads_per_rank * hd, lay.kv_heads_per_rank * hd
         qs, ks, vs = [], [None] * KV, [None] * KV
