@@ -43,6 +43,7 @@ class Case:
     ptrs: dict = field(default_factory=dict)      # pointer argument -> type; other *_ptr are bf16
     aligned: tuple = ()             # arguments a real launch sees as multiples of 16
     gemv: bool = False
+    maxnreg: int | None = None
 
 
 def compile_sm90(case: Case):
@@ -57,8 +58,10 @@ def compile_sm90(case: Case):
             sig[n] = "fp32" if n in FLOAT_SCALARS else "i32"
     src = ASTSource(case.fn, sig, constexprs={(names.index(k),): v for k, v in case.const.items()},
                     attrs={(names.index(n),): [["tt.divisibility", 16]] for n in case.aligned})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": case.warps, "num_stages": case.stages})
+    options = {"num_warps": case.warps, "num_stages": case.stages}
+    if case.maxnreg:
+        options["maxnreg"] = case.maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def report(kernel) -> dict:
@@ -92,9 +95,11 @@ def gemv_cases(swiglu: bool, K: int = 4096, group: int = 128):
         const = dict(GROUP=group, GS=gs, NG=kw["BLOCK_K"] // gs, HAS_BIAS=False, ACT=5 if swiglu else 0,
                      SWIGLU=swiglu, SPLIT=False, EVEN_K=K % kw["BLOCK_K"] == 0, **kw)
         name = (f"int8 GEMV{' swiglu' if swiglu else ''} {kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps} "
-                f"magic{kw['MAGIC']} pair{int(kw['PAIR'])} early{int(kw['EARLY'])}")
+                f"magic{kw['MAGIC']} pair{int(kw['PAIR'])}{f' maxnreg{cfg.maxnreg}' if cfg.maxnreg else ''} "
+                f"early{int(kw['EARLY'])}")
         yield Case(name, im._int8_gemv_kernel, const, cfg.num_warps, cfg.num_stages, {"w_ptr": "*i8", "b_ptr": "*i8"},
-                   ("x_ptr", "w_ptr", "s_ptr", "out_ptr", "K", "stride_wn", "stride_xm"), gemv=True)
+                   ("x_ptr", "w_ptr", "s_ptr", "out_ptr", "K", "stride_wn", "stride_xm"), gemv=True,
+                   maxnreg=cfg.maxnreg)
 
 
 def other_cases(D: int = 128, hidden: int = 4096):
