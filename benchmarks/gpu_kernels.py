@@ -116,6 +116,19 @@ def bench_linear(rows, ms_list=LINEAR_MS, shapes=LINEAR_SHAPES):
             ms_q = _bench_graph(lambda i: int8_linear(x, *qs[i % len(qs)], GROUP), _calls(len(qs)))
             ms_q_eager = _bench(lambda: int8_linear(x, q0, s0, GROUP))
             extra = {}
+            if M == 1:      # the autotuner's choice, and the load orders on their own (EARLY and the old one)
+                from fmconvert.kernels.int8_matmul import _GEMV_CONFIGS, _decode, _gemv_tuned
+                chosen = [str(c) for k, c in _gemv_tuned.cache.items() if N in k and K in k and False in k]
+                extra["tuned_config"] = chosen[-1] if chosen else None
+                old = next(c for c in _GEMV_CONFIGS if not c.kwargs["EARLY"])
+                for label, cfg in (("early", _GEMV_CONFIGS[0]), ("capped", _GEMV_CONFIGS[1]), ("old_order", old)):
+                    out = torch.empty(1, N, dtype=dt, device=dev)
+                    try:
+                        extra[f"{label}_ms"] = round(_bench_graph(
+                            lambda i: _decode(x, *qs[i % len(qs)], GROUP, None, 0, out, split_k=1, config=cfg),
+                            _calls(len(qs))), 5)
+                    except Exception as exc:
+                        extra[f"{label}_error"] = repr(exc)[:120]
             if M >= 64:     # the long-prompt choice: the Triton GEMM against dequantize + cuBLAS (the "dense" path)
                 for path in ("gemm", "dense"):
                     extra[f"{path}_ms"] = round(_bench_graph(
