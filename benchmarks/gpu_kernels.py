@@ -121,7 +121,8 @@ def bench_linear(rows, ms_list=LINEAR_MS, shapes=LINEAR_SHAPES):
                 chosen = [str(c) for k, c in _gemv_tuned.cache.items() if N in k and K in k and False in k]
                 extra["tuned_config"] = chosen[-1] if chosen else None
                 old = next(c for c in _GEMV_CONFIGS if not c.kwargs["EARLY"])
-                for label, cfg in (("early", _GEMV_CONFIGS[0]), ("capped", _GEMV_CONFIGS[1]), ("old_order", old)):
+                capped = next(c for c in _GEMV_CONFIGS if c.maxnreg)
+                for label, cfg in (("early", _GEMV_CONFIGS[0]), ("capped", capped), ("old_order", old)):
                     out = torch.empty(1, N, dtype=dt, device=dev)
                     try:
                         extra[f"{label}_ms"] = round(_bench_graph(
