@@ -81,10 +81,14 @@ def report(kernel) -> dict:
             break
     order = [op for op in loop if op.startswith(("LDG", "BAR"))]
     bar = next((i for i, op in enumerate(order) if op.startswith("BAR")), len(order))
+    mma = next((i for i, op in enumerate(loop) if "MMA" in op), len(loop))
     return {"regs": num("REG"), "stack": num("STACK"), "local": num("LOCAL"), "instructions": len(ops),
             "loop_loads": sum(op.startswith("LDG") for op in order),
             "loads_before_barrier": sum(op.startswith("LDG") for op in order[:bar]),
-            "wide_loads": sum(op == "LDG.E.128" for op in loop)}
+            "wide_loads": sum(op == "LDG.E.128" for op in loop),
+            # loads the pipeliner does not stage (plain LDG, e.g. the GEMM's scales) issued before the step's MMAs
+            "plain_loads_before_mma": sum(op.startswith("LDG.") for op in loop[:mma]),
+            "plain_loads": sum(op.startswith("LDG.") for op in loop), "mma": mma < len(loop)}
 
 
 def gemv_cases(swiglu: bool, K: int = 4096, group: int = 128):
@@ -168,6 +172,8 @@ def main():
         if case.gemv:
             line += (f", {r['loads_before_barrier']}/{r['loop_loads']} loads before the first barrier, "
                      f"{r['wide_loads']} 16-byte")
+        elif r["mma"]:
+            line += f", {r['plain_loads_before_mma']}/{r['plain_loads']} plain loads before the first MMA"
         print(line, flush=True)
 
 

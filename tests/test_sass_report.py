@@ -45,3 +45,13 @@ def test_gemv_issues_every_load_of_a_step_before_its_barrier(report):
         if early == "1":
             assert before == total, report
     assert any(early == "0" and int(before) < int(total) for early, before, total, _ in rows), report
+
+
+def test_gemm_scales_are_asked_for_before_the_step_s_mma(report):
+    """With one scale group per K tile (BLOCK_K <= 128) the GEMM loads the next tile's scales a step ahead; the
+    pipeliner stages only what the dot reads, so scales loaded in their own step waited out their latency."""
+    rows = re.findall(r"^int8 GEMM (?:swiglu )?\d+x\d+x(\d+) .*?(\d+)/(\d+) plain loads before the first MMA",
+                      report, re.M)
+    ahead = [(before, total) for bk, before, total in rows if int(bk) <= 128]
+    assert ahead, report
+    assert all(before == total for before, total in ahead), report

@@ -326,17 +326,17 @@ def _decode(x2, qweight, scale, group_size, bias, act, out, split_k=None, config
 
 
 @triton.jit
-def _gemm_tile(acc, a, w_ptr, s_ptr, rows, row_mask, kk, kmask, k0, stride_wn, stride_sn,
+def _gemm_tile(acc, a, w_ptr, s_ptr, rows, row_mask, kk, kmask, s_tile, stride_wn, stride_sn,
                GROUP: tl.constexpr, SCALE_AFTER: tl.constexpr, DOT_F32: tl.constexpr,
                PREC: tl.constexpr):
     # a: [BM, BK] activations, rows: [BN] weight rows, kk: [BK] columns. Returns acc [BM, BN].
+    # s_tile: [BN] fp32, this K tile's scales when SCALE_AFTER (loaded a step ahead by the caller).
     w = tl.load(w_ptr + rows[None, :].to(tl.int64) * stride_wn + kk[:, None],
                 mask=row_mask[None, :] & kmask[:, None], other=0)       # [BK, BN] int8
     if SCALE_AFTER:
         # The whole K tile lies in one scale group: dot the raw integers (exact in fp16/bf16)
         # and scale the partial product per output column.
-        s = tl.load(s_ptr + rows.to(tl.int64) * stride_sn + k0 // GROUP, mask=row_mask,
-                    other=0.0).to(tl.float32)                            # [BN]
+        s = s_tile
         if DOT_F32:
             wq = w.to(tl.float32)
         else:
@@ -380,17 +380,37 @@ def _int8_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # With SCALE_AFTER each K tile's scales are loaded one step ahead: the pipeliner stages the tiles the
+    # dot reads but not these, and loaded in their own step their latency was exposed every step (the
+    # sm_90 SASS issued them between the MMAs and waited for them at the end of the step).
+    s_gate = s_ptr + rows.to(tl.int64) * stride_sn
+    s_up = s_ptr + (rows + N_OUT).to(tl.int64) * stride_sn
+    sc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    sc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if SCALE_AFTER:
+        sc = tl.load(s_gate, mask=row_mask, other=0.0).to(tl.float32)
+        if SWIGLU:
+            sc_up = tl.load(s_up, mask=row_mask, other=0.0).to(tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         kmask = kk < K
+        if SCALE_AFTER:
+            g_next = tl.minimum(k0 + BLOCK_K, K - 1) // GROUP       # past the last tile: a valid, unused group
+            sc_next = tl.load(s_gate + g_next, mask=row_mask, other=0.0).to(tl.float32)
+            if SWIGLU:
+                sc_up_next = tl.load(s_up + g_next, mask=row_mask, other=0.0).to(tl.float32)
         a = tl.load(x_rows + kk[None, :], mask=m_mask[:, None] & kmask[None, :], other=0.0)
         if DOT_F32:
             a = a.to(tl.float32)
-        acc = _gemm_tile(acc, a, w_ptr, s_ptr, rows, row_mask, kk, kmask, k0, stride_wn,
+        acc = _gemm_tile(acc, a, w_ptr, s_ptr, rows, row_mask, kk, kmask, sc, stride_wn,
                          stride_sn, GROUP, SCALE_AFTER, DOT_F32, PREC)
         if SWIGLU:
-            acc_up = _gemm_tile(acc_up, a, w_ptr, s_ptr, rows + N_OUT, row_mask, kk, kmask, k0,
+            acc_up = _gemm_tile(acc_up, a, w_ptr, s_ptr, rows + N_OUT, row_mask, kk, kmask, sc_up,
                                 stride_wn, stride_sn, GROUP, SCALE_AFTER, DOT_F32, PREC)
+        if SCALE_AFTER:
+            sc = sc_next
+            if SWIGLU:
+                sc_up = sc_up_next
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
@@ -409,7 +429,8 @@ def _gemm_cfg(bm, bn, bk, warps, stages, gm=8):
 
 
 # None of these spills registers on sm_90 where it can be chosen (benchmarks/sass_report.py, checked by a test).
-# The 128-row tiles take BLOCK_K 32: at 64 they spilled (56 and 280 bytes a thread at 128x128 and 128x256).
+# 128x128 and 128x256 tiles spilled at every BLOCK_K tried (56 to 280 bytes a thread): the largest tiles are now
+# 128x64 and 64x128 on 8 warps.
 _GEMM_CONFIGS = [
     _gemm_cfg(16, 32, 128, 4, 4),
     _gemm_cfg(16, 16, 256, 4, 3),
@@ -420,7 +441,7 @@ _GEMM_CONFIGS = [
     _gemm_cfg(64, 64, 64, 8, 3),
     _gemm_cfg(64, 128, 64, 4, 4),
     _gemm_cfg(128, 64, 64, 8, 3),
-    _gemm_cfg(128, 128, 32, 8, 3),
+    _gemm_cfg(64, 128, 128, 8, 3),
 ]
 
 
