@@ -7,8 +7,14 @@ Triton compiles for sm_90 on any machine (its wheel carries ptxas' output and cu
 no timing are answered here, at no device time: does a kernel spill registers to local memory at the configuration
 its launcher uses, how many registers does it take (how many programs fit on a multiprocessor), does each GEMV
 step issue its weight, scale and x loads together, are the int8 loads 16 bytes wide (LDG.E.128). This is how the
-GEMV's load order (EARLY) and the decode attention's warp count were chosen. Timings still need the card
-(`make gpu-check`). Each row mirrors a launch: the launcher's own constants where it has them.
+GEMV's load order (EARLY), the GEMM's scale prefetch and its candidate tiles were chosen. Timings still need the card
+(`make gpu-check`).
+
+Each row mirrors one launch of a Llama-2-7B-shaped model (hidden 4096, 32 heads of 128, a 193-position cache): the
+launcher's own constants, and the integer arguments that launch passes, specialized as Triton's JIT does (a value of
+1 becomes a constant, a multiple of 16 is marked divisible by 16, tensors are 16-byte aligned). Compiling with plain
+integers instead describes a different kernel: unit strides unknown, the attention kernels load one element at a
+time and spill.
 """
 from __future__ import annotations
 
@@ -41,27 +47,32 @@ class Case:
     warps: int
     stages: int = 1
     ptrs: dict = field(default_factory=dict)      # pointer argument -> type; other *_ptr are bf16
-    aligned: tuple = ()             # arguments a real launch sees as multiples of 16
+    ints: dict = field(default_factory=dict)      # integer arguments of a representative launch
     gemv: bool = False
-    maxnreg: int | None = None
 
 
 def compile_sm90(case: Case):
     names = case.fn.arg_names
+    const = dict(case.const)
+    const.update({n: 1 for n, v in case.ints.items() if v == 1})          # the JIT turns a 1 into a constant
+    aligned = [n for n in names if n.endswith("_ptr")]                      # fresh torch tensors: 16-byte aligned
+    aligned += [n for n, v in case.ints.items() if v != 1 and v % 16 == 0]
+    missing = [n for n in names if n not in const and not n.endswith("_ptr") and n not in case.ints
+               and n not in FLOAT_SCALARS]
+    if missing:
+        raise ValueError(f"{case.name}: no representative value for {missing}")
     sig = {}
     for n in names:
-        if n in case.const:
+        if n in const:
             sig[n] = "constexpr"
         elif n.endswith("_ptr"):
             sig[n] = case.ptrs.get(n, "*bf16")
         else:
             sig[n] = "fp32" if n in FLOAT_SCALARS else "i32"
-    src = ASTSource(case.fn, sig, constexprs={(names.index(k),): v for k, v in case.const.items()},
-                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in case.aligned})
-    options = {"num_warps": case.warps, "num_stages": case.stages}
-    if case.maxnreg:
-        options["maxnreg"] = case.maxnreg
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    src = ASTSource(case.fn, sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": case.warps, "num_stages": case.stages})
 
 
 def report(kernel) -> dict:
@@ -93,24 +104,28 @@ def report(kernel) -> dict:
 
 def gemv_cases(swiglu: bool, K: int = 4096, group: int = 128):
     from fmconvert.kernels import int8_matmul as im
+    n_out = 11008 if swiglu else 4096
+    ints = dict(M=1, N_OUT=n_out, K=K, K_CHUNK=K, stride_xm=K, stride_wn=K, stride_sn=K // group,
+                stride_om=n_out)
     for cfg in im._prune_gemv(im._GEMV_CONFIGS, {}, SWIGLU=swiglu):
         kw = cfg.kwargs
         gs = min(kw["BLOCK_K"], group & -group)
         const = dict(GROUP=group, GS=gs, NG=kw["BLOCK_K"] // gs, HAS_BIAS=False, ACT=5 if swiglu else 0,
                      SWIGLU=swiglu, SPLIT=False, EVEN_K=K % kw["BLOCK_K"] == 0, **kw)
         name = (f"int8 GEMV{' swiglu' if swiglu else ''} {kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps} "
-                f"magic{kw['MAGIC']} pair{int(kw['PAIR'])}{f' maxnreg{cfg.maxnreg}' if cfg.maxnreg else ''} "
-                f"early{int(kw['EARLY'])}")
-        yield Case(name, im._int8_gemv_kernel, const, cfg.num_warps, cfg.num_stages, {"w_ptr": "*i8", "b_ptr": "*i8"},
-                   ("x_ptr", "w_ptr", "s_ptr", "out_ptr", "K", "stride_wn", "stride_xm"), gemv=True,
-                   maxnreg=cfg.maxnreg)
+                f"magic{kw['MAGIC']} pair{int(kw['PAIR'])} early{int(kw['EARLY'])}")
+        yield Case(name, im._int8_gemv_kernel, const, cfg.num_warps, cfg.num_stages,
+                   ptrs={"w_ptr": "*i8", "b_ptr": "*i8"}, ints=ints, gemv=True)
 
 
-def other_cases(D: int = 128, hidden: int = 4096):
+def other_cases(D: int = 128, hidden: int = 4096, S: int = 193, T: int = 2048):
     from fmconvert.kernels import attention as at
     from fmconvert.kernels import glu, norm, rope
     from fmconvert.kernels import int8_matmul as im
+    H = hidden // D
     i8 = {"w_ptr": "*i8", "b_ptr": "*i8"}
+    gemm = dict(M=32, N_OUT=hidden, K=hidden, M_BUCKET=32, stride_xm=hidden, stride_wn=hidden,
+                stride_sn=hidden // 128, stride_om=hidden)                        # batch-32 decode
     for cfg in im._GEMM_CONFIGS:
         kw = cfg.kwargs
         for swiglu in (False, True) if im._swiglu_fits(cfg) else (False,):       # what the tuner may choose
@@ -118,34 +133,52 @@ def other_cases(D: int = 128, hidden: int = 4096):
                          SCALE_AFTER=128 % kw["BLOCK_K"] == 0, DOT_F32=False, PREC="tf32", **kw)
             yield Case(f"int8 GEMM{' swiglu' if swiglu else ''} {kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} "
                        f"w{cfg.num_warps} s{cfg.num_stages}", im._int8_gemm_kernel, const, cfg.num_warps,
-                       cfg.num_stages, i8, ("x_ptr", "w_ptr", "s_ptr", "out_ptr", "K", "stride_wn", "stride_xm"))
+                       cfg.num_stages, ptrs=i8, ints=gemm)
     yield Case("int8 dequantize 32x256", im._dequant_kernel, dict(GROUP=128, GS=128, NG=2, BLOCK_N=32, BLOCK_K=256),
-               4, ptrs={"w_ptr": "*i8"}, aligned=("w_ptr", "s_ptr", "out_ptr", "K", "stride_wn", "stride_on"))
+               4, ptrs={"w_ptr": "*i8"}, ints=dict(N=hidden, K=hidden, stride_wn=hidden, stride_sn=hidden // 128,
+                                                   stride_on=hidden))
     yield Case("int8 split-K epilogue", im._splitk_epilogue_kernel, dict(HAS_BIAS=False, ACT=5, SWIGLU=True,
-               BLOCK=1024), 4, ptrs={"acc_ptr": "*fp32"})
+               BLOCK=1024), 4, ptrs={"acc_ptr": "*fp32"}, ints=dict(N_OUT=hidden, stride_am=2 * hidden,
+                                                                      stride_om=hidden))
     dec = {"lens_ptr": "*i32", "ws_ptr": "*fp32"}
+    cache = dict(skb=H * S * D, skh=S * D, sks=D, skd=1, svb=H * S * D, svh=S * D, svs=D, svd=1)
+    q1 = dict(sqb=H * D, sqh=D, sqd=1, sob=H * D, soh=D)
     for direct in (False, True):
         for alibi in (False, True):
             yield Case(f"decode attention {'direct' if direct else 'split-K'}{' alibi' if alibi else ''} d{D}",
                        at._decode_partial_kernel, dict(ALIBI=alibi, DOT_F32=False, PREC="tf32", DIRECT=direct,
-                       BLOCK_G=16, BLOCK_N=at._DECODE_BLOCK_N, BLOCK_D=D), at._DECODE_WARPS, at._DECODE_STAGES, dec)
-    yield Case("decode attention merge", at._decode_reduce_kernel, dict(BLOCK_S=8, BLOCK_D=D), 4, ptrs=dec)
+                       BLOCK_G=16, BLOCK_N=at._DECODE_BLOCK_N, BLOCK_D=D), at._DECODE_WARPS, at._DECODE_STAGES,
+                       ptrs=dec, ints=dict(HQ=H, HKV=H, GQA=1, D=D, CHUNK=64, NSPLIT=4, **q1, **cache))
+    yield Case("decode attention merge", at._decode_reduce_kernel, dict(BLOCK_S=8, BLOCK_D=D), 4, ptrs=dec,
+               ints=dict(HQ=H, D=D, CHUNK=64, NSPLIT=4, sob=H * D, soh=D))
     bm, bn, warps, stages = at._prefill_config(None, D)
+    # q, k, v: [B, H, T, D] views of the fused [B, T, 3 * H * D] projection
+    seq = {f"s{t}{a}": v for t in "qkvo" for a, v in (("b", T * 3 * H * D), ("h", D), ("t", 3 * H * D), ("d", 1))}
+    seq = {k.replace("kt", "ks").replace("vt", "vs"): v for k, v in seq.items() if k != "sod"}
+    seq.update(sob=T * H * D, sot=H * D)
     for causal, kpm, alibi in ((True, False, False), (False, True, False), (True, False, True)):
         yield Case(f"prefill attention {'causal' if causal else 'padded'}{' alibi' if alibi else ''} d{D}",
                    at._prefill_kernel, dict(CAUSAL=causal, ALIBI=alibi, HAS_KPM=kpm, DOT_F32=False, PREC="tf32",
-                                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D), warps, stages, {"kpm_ptr": "*u8"})
+                                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D), warps, stages,
+                   ptrs={"kpm_ptr": "*u8"}, ints=dict(T=T, S=T, HQ=H, GQA=1, D=D, skpb=T, **seq))
     r = {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64"}
+    qkv = dict(sqb=3 * H * D, sqh=D, sqd=1, skb=3 * H * D, skh=D, skd=1)
     for use in (True, False):
         yield Case(f"rope_append{'' if use else ' (no RoPE)'} d{D}", rope._rope_append_kernel,
-                   dict(ROPE=use, GPTJ=False, BLOCK_H=16, BLOCK_HALF=D // 2, BLOCK_D=D), 4, ptrs=r)
+                   dict(ROPE=use, GPTJ=False, BLOCK_H=16, BLOCK_HALF=D // 2, BLOCK_D=D), 4, ptrs=r,
+                   ints=dict(HQ=H, HKV=H, D=D, R=D, HALF=D // 2, S_MAX=S, N_POS=4096, svb=3 * H * D, svh=D, svd=1,
+                             oqb=H * D, oqh=D, skcb=H * S * D, skch=S * D, skcs=D, svcb=H * S * D, svch=S * D,
+                             svcs=D, scp=D // 2, **qkv))
     yield Case(f"apply_rope d{D}", rope._rope_kernel, dict(GPTJ=False, BLOCK_H=16, BLOCK_HALF=D // 2, BLOCK_D=D), 4,
-               ptrs=r)
+               ptrs=r, ints=dict(T=T, HQ=H, HKV=H, D=D, R=D, HALF=D // 2, sqt=3 * H * D, skt=3 * H * D,
+                                 oqb=T * H * D, oqt=H * D, oqh=D, okb=T * H * D, okt=H * D, okh=D, spb=T, spt=1,
+                                 scp=D // 2, **{k: v * T if k.endswith("b") else v for k, v in qkv.items()}))
     for n in (hidden, 2 * hidden):
         block = triton.next_power_of_2(n)
         yield Case(f"add+rmsnorm {n}", norm._add_norm_kernel, dict(HAS_RES=True, HAS_W=True, HAS_BIAS=False,
-                   IS_RMS=True, BLOCK=block), min(16, max(1, block // 512)))
-    yield Case("swiglu", glu._swiglu_kernel, dict(BLOCK=1024), 4)
+                   IS_RMS=True, BLOCK=block), min(16, max(1, block // 512)), ints=dict(N=n))
+    yield Case("swiglu", glu._swiglu_kernel, dict(BLOCK=1024), 4, ints=dict(N=11008, stride_y=22016,
+                                                                          stride_o=11008))
 
 
 def rows(gemv_only: bool = False):

@@ -100,8 +100,7 @@ def _prefill_config(dtype, block_d):
         return 32, 32, 4, 1
     if dtype == torch.float32:
         return 32, 32, 4, 2
-    # 8 warps for every head size: on 4, head_dim 64 took 255 registers and spilled (benchmarks/sass_report.py).
-    return 128, 64, 8, 3
+    return (128, 64, 4, 3) if block_d <= 64 else (128, 64, 8, 3)
 
 
 def prefill_attention(q, k, v, sm_scale, causal=True, alibi_slopes=None, key_padding_mask=None):
@@ -264,9 +263,7 @@ def _decode_reduce_kernel(ws_ptr, lens_ptr, o_ptr, HQ, D, CHUNK, NSPLIT, sob, so
 
 
 _DECODE_BLOCK_N = 64
-# 8 warps: with 4, the split-K program for head_dim 128 needs 255 registers and spills 112 bytes a thread
-# (benchmarks/sass_report.py); with 8 it takes 189 and spills nothing.
-_DECODE_WARPS = 8
+_DECODE_WARPS = 4
 _DECODE_STAGES = 2
 
 

@@ -220,9 +220,9 @@ _gemv_heuristics = triton.heuristics({
 _gemv_fixed = _gemv_heuristics(_int8_gemv_kernel)
 
 
-def _gemv_cfg(bn, bk, warps, magic=0, stages=1, pair=False, early=True, maxnreg=None):
+def _gemv_cfg(bn, bk, warps, magic=0, stages=1, pair=False, early=True):
     return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "MAGIC": magic, "PAIR": pair, "EARLY": early},
-                         num_warps=warps, num_stages=stages, maxnreg=maxnreg)
+                         num_warps=warps, num_stages=stages)
 
 
 # First entry = the default when autotuning is off (FMCONVERT_AUTOTUNE=0).
@@ -233,9 +233,6 @@ def _gemv_cfg(bn, bk, warps, magic=0, stages=1, pair=False, early=True, maxnreg=
 # whichever is faster on the card it runs on.
 _GEMV_CONFIGS = [
     _gemv_cfg(2, 2048, 4, magic=3),
-    # The same capped at 40 registers, what the old order took: 12 programs per multiprocessor instead of 10,
-    # still no spill and the loads still together (sass_report.py).
-    _gemv_cfg(2, 2048, 4, magic=3, maxnreg=40),
     _gemv_cfg(4, 1024, 4, magic=3),
     _gemv_cfg(4, 2048, 8, magic=3),
     _gemv_cfg(8, 1024, 8, magic=3),
@@ -252,12 +249,9 @@ _GEMV_CONFIGS = [
 
 
 def _prune_gemv(configs, named_args, **kwargs):
-    # PAIR means something for SwiGLU only; the register cap fits the plain launch only (SwiGLU spills under it).
     if kwargs.get("SWIGLU", named_args.get("SWIGLU")):
-        keep = [c for c in configs if not c.maxnreg]
-    else:
-        keep = [c for c in configs if not c.kwargs.get("PAIR")]
-    return keep or configs[:1]
+        return configs
+    return [c for c in configs if not c.kwargs.get("PAIR")] or configs[:1]     # PAIR pairs SwiGLU rows only
 
 _gemv_tuned = triton.autotune(
     configs=configs(_GEMV_CONFIGS, _gemv_cfg(4, 256, 4)),
@@ -293,8 +287,6 @@ def _decode(x2, qweight, scale, group_size, bias, act, out, split_k=None, config
         if config is not None:  # one explicit config (benchmark sweeps, tests)
             kernel = _gemv_fixed
             meta = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-            if config.maxnreg and not interpreting():
-                meta["maxnreg"] = config.maxnreg
         grid = lambda m: (triton.cdiv(n_out, m["BLOCK_N"]), 1)
         kernel[grid](
             x2, qweight, scale, bias_arg, out, M, n_out, K, K,
@@ -429,8 +421,8 @@ def _gemm_cfg(bm, bn, bk, warps, stages, gm=8):
 
 
 # None of these spills registers on sm_90 where it can be chosen (benchmarks/sass_report.py, checked by a test).
-# 128x128 and 128x256 tiles spilled at every BLOCK_K tried (56 to 280 bytes a thread): the largest tiles are now
-# 128x64 and 64x128 on 8 warps.
+# 128x128 and 128x256 tiles spill at every BLOCK_K from 32 to 128 now that the scales are fetched a step ahead
+# (80 to 264 bytes a thread; 48 and 256 before): the largest tiles are 128x64 and 64x128 on 8 warps.
 _GEMM_CONFIGS = [
     _gemm_cfg(16, 32, 128, 4, 4),
     _gemm_cfg(16, 16, 256, 4, 3),
