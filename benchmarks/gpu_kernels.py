@@ -94,18 +94,25 @@ def copy_bandwidth():
     return 2 * x.numel() / ms / 1e6  # GB/s, bytes read + written
 
 
+def _weights(N, K, dt):
+    """One random [N, K] weight: int8 q, scale, their bytes, and rotated copies of (q, scale) and of the float
+    weight in dt, enough of each that timings read HBM."""
+    w0 = torch.randn(N, K, device="cuda") * 0.02
+    q0, s0 = _quantize(w0, GROUP)
+    wb0 = w0.to(dt)
+    del w0
+    int8_bytes = q0.numel() + s0.numel() * s0.element_size()
+    qs = _rotating(lambda: (q0.clone(), s0.clone()), int8_bytes)
+    ws = _rotating(lambda: wb0.clone(), wb0.numel() * 2)
+    return q0, s0, int8_bytes, qs, ws
+
+
 def bench_linear(rows, ms_list=LINEAR_MS, shapes=LINEAR_SHAPES):
     from fmconvert.kernels import int8_linear, int8_linear_reference
 
     dev, dt = "cuda", torch.bfloat16
     for N, K in shapes:
-        w0 = torch.randn(N, K, device=dev) * 0.02
-        q0, s0 = _quantize(w0, GROUP)
-        wb0 = w0.to(dt)
-        del w0
-        int8_bytes = q0.numel() + s0.numel() * s0.element_size()
-        qs = _rotating(lambda: (q0.clone(), s0.clone()), int8_bytes)
-        ws = _rotating(lambda: wb0.clone(), wb0.numel() * 2)
+        q0, s0, int8_bytes, qs, ws = _weights(N, K, dt)
         for M in ms_list:
             x = torch.randn(M, K, device=dev, dtype=dt)
             y = int8_linear(x, q0, s0, GROUP)  # also autotunes
@@ -117,18 +124,9 @@ def bench_linear(rows, ms_list=LINEAR_MS, shapes=LINEAR_SHAPES):
             ms_q_eager = _bench(lambda: int8_linear(x, q0, s0, GROUP))
             extra = {}
             if M == 1:      # the autotuner's choice, and the two load orders on their own (EARLY, the old one)
-                from fmconvert.kernels.int8_matmul import _GEMV_CONFIGS, _decode, _gemv_tuned
-                chosen = [str(c) for k, c in _gemv_tuned.cache.items() if N in k and K in k and False in k]
-                extra["tuned_config"] = chosen[-1] if chosen else None
+                from fmconvert.kernels.int8_matmul import _GEMV_CONFIGS
                 old = next(c for c in _GEMV_CONFIGS if not c.kwargs["EARLY"])
-                for label, cfg in (("early", _GEMV_CONFIGS[0]), ("old_order", old)):
-                    out = torch.empty(1, N, dtype=dt, device=dev)
-                    try:
-                        extra[f"{label}_ms"] = round(_bench_graph(
-                            lambda i: _decode(x, *qs[i % len(qs)], GROUP, None, 0, out, split_k=1, config=cfg),
-                            _calls(len(qs))), 5)
-                    except Exception as exc:
-                        extra[f"{label}_error"] = repr(exc)[:120]
+                _gemv_configs(extra, x, qs, N, None, (("early", _GEMV_CONFIGS[0]), ("old_order", old)))
             if M >= 64:     # the long-prompt choice: the Triton GEMM against dequantize + cuBLAS (the "dense" path)
                 for path in ("gemm", "dense"):
                     extra[f"{path}_ms"] = round(_bench_graph(
@@ -140,20 +138,34 @@ def bench_linear(rows, ms_list=LINEAR_MS, shapes=LINEAR_SHAPES):
         torch.cuda.empty_cache()
 
 
+def _gemv_configs(extra, x, qs, n_out, activation, labelled):
+    """Into extra: the config the autotuner chose for this GEMV shape, then each labelled config timed on its own
+    (same rotated weights qs as the tuned timing)."""
+    from fmconvert.kernels._common import ACTIVATIONS
+    from fmconvert.kernels.int8_matmul import _decode, _gemv_tuned
+
+    K, swiglu = x.shape[1], activation == "swiglu"
+    chosen = [str(c) for key, c in _gemv_tuned.cache.items()          # key: M, N_OUT, K, SWIGLU
+              if key[1:4] == (n_out, K, swiglu)]
+    extra["tuned_config"] = chosen[-1] if chosen else None
+    for label, cfg in labelled:
+        out = torch.empty(x.shape[0], n_out, dtype=x.dtype, device=x.device)
+        try:
+            extra[f"{label}_ms"] = round(_bench_graph(
+                lambda i: _decode(x, *qs[i % len(qs)], GROUP, None, ACTIVATIONS[activation], out, split_k=1,
+                                  config=cfg), _calls(len(qs))), 5)
+        except Exception as exc:
+            extra[f"{label}_error"] = repr(exc)[:120]
+
+
 def bench_swiglu(rows, N=11008, K=4096):
     """LLaMA-7B's gate|up at batch 1: int8 with SwiGLU fused (autotuned, then the default config and the first
     one-pass "PAIR" config on their own) against bf16 cuBLAS plus silu * up."""
     from fmconvert.kernels import int8_linear, int8_linear_reference
-    from fmconvert.kernels.int8_matmul import _GEMV_CONFIGS, _decode, _gemv_tuned
+    from fmconvert.kernels.int8_matmul import _GEMV_CONFIGS
 
     dev, dt = "cuda", torch.bfloat16
-    w0 = torch.randn(2 * N, K, device=dev) * 0.02
-    q0, s0 = _quantize(w0, GROUP)
-    wb0 = w0.to(dt)
-    del w0
-    int8_bytes = q0.numel() + s0.numel() * s0.element_size()
-    qs = _rotating(lambda: (q0.clone(), s0.clone()), int8_bytes)
-    ws = _rotating(lambda: wb0.clone(), wb0.numel() * 2)
+    q0, s0, int8_bytes, qs, ws = _weights(2 * N, K, dt)
     x = torch.randn(1, K, device=dev, dtype=dt)
     ref = int8_linear_reference(x, q0, s0, GROUP, activation="swiglu").float()
 
@@ -165,17 +177,9 @@ def bench_swiglu(rows, N=11008, K=4096):
     y = int8_linear(x, q0, s0, GROUP, activation="swiglu")          # autotunes
     err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
     ms_q = _bench_graph(lambda i: int8_linear(x, *qs[i % len(qs)], GROUP, activation="swiglu"), _calls(len(qs)))
-    chosen = [str(c) for k, c in _gemv_tuned.cache.items() if N in k and K in k]       # key: M, N_OUT, K, SWIGLU
-    extra = {"rel_err": round(err, 5), "tuned_config": chosen[-1] if chosen else None}
+    extra = {"rel_err": round(err, 5)}
     pair = next(c for c in _GEMV_CONFIGS if c.kwargs["PAIR"])
-    for label, cfg in (("default", _GEMV_CONFIGS[0]), ("pair", pair)):
-        out = torch.empty(1, N, dtype=dt, device=dev)
-        try:
-            extra[f"{label}_ms"] = round(_bench_graph(
-                lambda i: _decode(x, *qs[i % len(qs)], GROUP, None, 5, out, split_k=1, config=cfg),
-                _calls(len(qs))), 5)
-        except Exception as exc:
-            extra[f"{label}_error"] = repr(exc)[:120]
+    _gemv_configs(extra, x, qs, N, "swiglu", (("default", _GEMV_CONFIGS[0]), ("pair", pair)))
     rows.append(_row("int8_swiglu", f"M=1 N=2x{N} K={K}", ms_q, ms_fp, int8_bytes, err < 2e-2, **extra))
     del qs, ws
     torch.cuda.empty_cache()
@@ -335,8 +339,6 @@ def run(report: dict) -> list:
 
 def sweep(shapes=LINEAR_SHAPES, M=1):
     """Time each candidate int8 GEMV config (no autotuning) at batch M; print ms and GB/s."""
-    import triton
-
     from fmconvert.kernels.int8_matmul import _GEMV_CONFIGS, _decode, _gemv_cfg, int8_linear_reference
 
     def cfg(bn, bk, w, magic, st=1):
@@ -350,12 +352,7 @@ def sweep(shapes=LINEAR_SHAPES, M=1):
     print("config".ljust(44) + "".join(f"{n}x{k}".rjust(22) for n, k in shapes))
     data = {}
     for n, k in shapes:
-        w = torch.randn(n, k, device="cuda") * 0.02
-        q0, s0 = _quantize(w, GROUP)
-        nbytes = q0.numel() + s0.numel() * 2
-        qs = _rotating(lambda: (q0.clone(), s0.clone()), nbytes)
-        wb = w.to(dt)
-        ws = _rotating(lambda: wb.clone(), wb.numel() * 2)
+        q0, s0, nbytes, qs, ws = _weights(n, k, dt)
         x = torch.randn(M, k, device="cuda", dtype=dt)
         ref = int8_linear_reference(x, q0, s0, GROUP).float()
         ms_fp = _bench_graph(lambda i: F.linear(x, ws[i % len(ws)]), _calls(len(ws)))
