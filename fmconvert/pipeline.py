@@ -106,6 +106,10 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
     bytes_in = params = 0
     for src in globals_ + [s for layer in layers for s in layer]:
         present = [n in ckpt for n in src.names]
+        if not all(present):                # another spelling (an older transformers' name) may be there instead
+            alt = next((a for a in src.aliases if all(n in ckpt for n in a)), None)
+            if alt is not None:
+                src.names, present = alt, [True] * len(alt)
         if src.optional and not any(present):
             src.names = []
             continue

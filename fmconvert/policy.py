@@ -28,7 +28,7 @@ LAYER_SLOTS = (
 GLOBAL_SLOTS = (
     "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
     "project_in.weight", "project_out.weight", "final_norm.weight", "final_norm.bias", "pooler.weight",
-    "pooler.bias", "lm_head.weight",
+    "pooler.bias", "lm_head.weight", "lm_head.bias",
 )
 
 # HF activation names -> the runtime's canonical epilogues.
@@ -59,7 +59,7 @@ class ModelSpec:
     norm_eps: float
     activation: str                # gelu | gelu_tanh | relu | silu | swiglu (silu over fused gate|up)
     gated_mlp: bool
-    residual: str                  # pre | post
+    residual: str                  # pre | post | parallel (attention and MLP read the same stream, one sum)
     position: dict                 # {"type": rope|alibi|learned, ...}
     tied_embeddings: bool
     embed_norm: bool
@@ -126,6 +126,7 @@ class SlotSource:
     names: list[str]
     shapes: list[tuple[int, ...]]
     optional: bool = False
+    aliases: list[list[str]] = field(default_factory=list)   # other spellings of `names`, tried when it is absent
 
 
 class Policy:
@@ -213,30 +214,39 @@ class Policy:
                 params = dict(getattr(config, "rope_scaling", None) or {})
                 params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
             rope_type = params.get("rope_type", params.get("type", "default"))
-            partial = float(getattr(config, "partial_rotary_factor", 1.0) or 1.0)
+            # The rotated width: GPT-J names it (rotary_dim), others give a fraction of the head (transformers 5
+            # moved partial_rotary_factor into rope_parameters; GPT-NeoX once called it rotary_pct).
+            partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
+            partial = float(partial if partial is not None else getattr(config, "rotary_pct", None) or 1.0)
+            rotary = c.get("rotary_dim") or int(c["head_dim"] * partial)
+            if not isinstance(rotary, int) or not 2 <= rotary <= c["head_dim"] or rotary % 2:
+                raise FmError(f"config.json: the rotary width must be an even number of dimensions between 2 and "
+                              f"head_dim={c['head_dim']}, got {rotary!r}")
             return {"type": "rope", "style": self.layout.get("rope_style", "neox"), "rope_type": rope_type,
                     "theta": float(params.get("rope_theta", 10000.0)),
-                    "rotary_dim": int(c["head_dim"] * partial),
+                    "rotary_dim": rotary,
                     "parameters": {k: v for k, v in sorted(params.items()) if k not in ("rope_type", "type")}}
         raise FmError(f"{self.path.name}: unknown position scheme {kind!r}")
 
     # -- tensors ----------------------------------------------------------------------------------------------
     def _entries(self, section: dict, flags: dict):
         for slot, entry in section.items():
+            aliases = []
             if isinstance(entry, dict):
                 if "when" in entry and not flags.get(entry["when"], False):
                     continue
                 names, optional = entry["name"], entry.get("optional", False)
+                aliases = [[a] if isinstance(a, str) else list(a) for a in entry.get("aliases", [])]
             else:
                 names, optional = entry, False
-            yield slot, ([names] if isinstance(names, str) else list(names)), optional
+            yield slot, ([names] if isinstance(names, str) else list(names)), optional, aliases
 
     def canonical_shape(self, spec: ModelSpec, slot: str) -> tuple[int, ...]:
         h, hd, H, KV = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
         inter = spec.intermediate_size * (2 if spec.gated_mlp else 1)
         e = spec.embed_dim
         shapes = {
-            "embed.weight": (spec.vocab_size, e), "lm_head.weight": (spec.vocab_size, e),
+            "embed.weight": (spec.vocab_size, e), "lm_head.weight": (spec.vocab_size, e), "lm_head.bias": (spec.vocab_size,),
             "pos_embed.weight": (spec.max_positions + spec.position.get("offset", 0), h),
             "type_embed.weight": (spec.type_vocab_size, h),
             "embed_norm.weight": (h,), "embed_norm.bias": (h,), "final_norm.weight": (h,), "final_norm.bias": (h,),
@@ -268,8 +278,8 @@ class Policy:
         sections = [(t["layer"], prefix)] if layer is not None else [
             ({k: v for k, v in t.items() if not isinstance(v, dict) or "name" in v}, prefix), (t.get("head", {}), "")]
         for section, pre in sections:
-            for slot, names, optional in self._entries(section, flags):
-                if slot == "lm_head.weight" and spec.kind != "decoder":
+            for slot, names, optional, aliases in self._entries(section, flags):
+                if slot.startswith("lm_head.") and spec.kind != "decoder":
                     continue
                 full = self.canonical_shape(spec, slot)
                 rows = self._part_rows(spec, slot, len(names))
@@ -277,7 +287,8 @@ class Policy:
                 if slot in self.transposed:
                     shapes = [tuple(reversed(s)) for s in shapes]
                 names = [pre + n.format(i=layer) for n in names]
-                out.append(SlotSource(slot, names, shapes, optional))
+                aliases = [[pre + n.format(i=layer) for n in a] for a in aliases if len(a) == len(names)]
+                out.append(SlotSource(slot, names, shapes, optional, aliases))
         return out
 
     def ignored(self, prefix: str, num_layers: int) -> list[re.Pattern]:

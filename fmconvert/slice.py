@@ -10,7 +10,7 @@ Layout per rank:
   mlp_in    column-parallel; gated MLPs hold this rank's gate rows, then its up rows.
   mlp_out   row-parallel; bias on rank 0 only.
   embed, lm_head  vocab-parallel: the vocab is padded with zero rows to a multiple of tp, rank r holds rows
-            [r*V/tp, (r+1)*V/tp). Padded logits are dropped by the runtime.
+            [r*V/tp, (r+1)*V/tp) (of an lm_head bias too). Padded logits are dropped by the runtime.
   the rest  replicated.
 The intermediate size is split into chunks of ceil(I/tp) and each chunk is zero-padded to `intermediate_per_rank`
 (a multiple of the int8 group size). Padded units compute act(0 + 0) = 0 and meet zero columns: exact.
@@ -28,7 +28,7 @@ from .policy import ModelSpec
 COLUMN = ("qkv.weight", "qkv.bias", "mlp_in.weight", "mlp_in.bias")
 ROW = ("attn_out.weight", "mlp_out.weight")
 ROW_BIAS = ("attn_out.bias", "mlp_out.bias")
-VOCAB = ("embed.weight", "lm_head.weight")
+VOCAB = ("embed.weight", "lm_head.weight", "lm_head.bias")
 
 
 def _ceil_to(x: int, m: int) -> int:

@@ -137,6 +137,24 @@ def _llama_kv3(copy, tmp):
     return copy("llama", hidden_size=96, num_attention_heads=12, num_key_value_heads=3)
 
 
+def _phi_qk_norm(copy, tmp):
+    d = copy("phi")
+    edit_config(d, qk_layernorm=True)
+    return d
+
+
+def _gptj_odd_rotary(copy, tmp):
+    d = copy("gptj")
+    edit_config(d, rotary_dim=7)
+    return d
+
+
+def _neox_no_head(copy, tmp):
+    d = copy("gptneox")
+    edit_tensors(d, lambda t: t.pop("embed_out.weight"))
+    return d
+
+
 CASES = {
     "missing-dir": (_missing_dir, [], ["no-such-model", "does not exist"]),
     "missing-config": (_no_config, [], ["has no config.json"]),
@@ -160,6 +178,9 @@ CASES = {
     "max-shard-size": (_llama, ["--max-shard-size", "lots"], ["--max-shard-size", "'lots'"]),
     "max-shard-size-zero": (_llama, ["--max-shard-size", "0MB"], ["--max-shard-size"]),
     "max-shard-size-inf": (_llama, ["--max-shard-size", "infGB"], ["--max-shard-size"]),
+    "unsupported-variant": (_phi_qk_norm, [], ["PhiForCausalLM", "does not support", "qk_layernorm"]),
+    "odd-rotary-width": (_gptj_odd_rotary, [], ["rotary width", "head_dim=16", "7"]),
+    "missing-head": (_neox_no_head, [], ["missing tensor embed_out.weight"]),
 }
 
 

@@ -110,8 +110,9 @@ def test_float_roundtrip_is_exact(model_dir, tmp_path, name, tp):
     d = model_dir(name)
     out = conv(d, tmp_path / "out", tp=tp)
     m, got = reassemble(out)
-    assert m["source"]["prefix"] == ("" if name == "bert" else "bert." if name == "bert_cls" else
-                                     "transformer." if name in ("gpt2", "bloom") else "model.")
+    prefix = {"bert": "", "bert_cls": "bert.", "gpt2": "transformer.", "bloom": "transformer.", "gptj": "transformer.",
+              "gptneox": "gpt_neox.", "gptneox_seq": "gpt_neox."}
+    assert m["source"]["prefix"] == prefix.get(name, "model.")
     assert_exact(expected(d, m), got)
 
 
@@ -498,3 +499,21 @@ def test_public_python_api(model_dir, tmp_path):
     fmconvert.convert(model_dir("llama"), tmp_path / "out", tp=1, int8=True, group_size=32)
     logits = fmconvert.load(tmp_path / "out")(torch.tensor([[5, 6, 7]]))
     assert logits.shape == (1, 3, 101) and torch.isfinite(logits).all()
+
+
+def test_a_head_under_its_other_name_converts_the_same(model_dir, tmp_path):
+    """GPT-NeoX checkpoints name the head embed_out; a transformers 5 state dict calls it lm_head. Either converts to
+    the same shards, and nothing else in the checkpoint may be left unclaimed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    d = model_dir("gptneox")
+    renamed = tmp_path / "renamed"
+    shutil.copytree(d, renamed)
+    tensors = load_file(renamed / "model.safetensors")
+    tensors["lm_head.weight"] = tensors.pop("embed_out.weight")
+    save_file(tensors, renamed / "model.safetensors", metadata={"format": "pt"})
+    a, b = conv(d, tmp_path / "a", tp=2), conv(renamed, tmp_path / "b", tp=2)
+    (_, ta), (_, tb) = reassemble(a), reassemble(b)
+    assert "embed_out.weight" in ta and set(ta) == set(tb)
+    assert all(torch.equal(ta[n], tb[n]) for n in ta)

@@ -135,7 +135,7 @@ def _threads(out_dir, tp, fn):
     return res
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "bloom", "bert"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "bloom", "bert", "gptneox", "phi"])
 def test_tp4_emulated_equals_tp1(work, name, tmp_path):
     _, src, outs = work(name)
     convert(src, tmp_path / "tp4", Options(tp=4), progress=False)
@@ -196,7 +196,7 @@ def test_world_size_mismatch_is_a_clear_error(work):
         load(outs["tp2"])
 
 
-@pytest.mark.parametrize("name", ["stories", "llama", "qwen2", "gpt2", "opt350"])
+@pytest.mark.parametrize("name", ["stories", "llama", "qwen2", "gpt2", "opt350", "gptneox", "phi"])
 def test_inject_keeps_the_transformers_interface(work, name):
     hf, src, outs = work(name)
     arch = hf.config.architectures[0]
@@ -218,7 +218,7 @@ def test_inject_refuses_a_different_model(work):
         inject(hf, outs["tp1"])
 
 
-@pytest.mark.parametrize("name", ["stories", "gpt2", "bloom", "opt350"])
+@pytest.mark.parametrize("name", ["stories", "gpt2", "bloom", "opt350", "gptj", "phi"])
 def test_graph_safe_decode_step_equals_eager_decode(work, name):
     """decode_step (what a CUDA graph captures) reads positions and lengths from device tensors only."""
     _, _, outs = work(name)

@@ -44,7 +44,10 @@ def test_gemv_issues_every_load_of_a_step_before_its_barrier(report):
         assert int(wide) >= 1                             # the int8 weights arrive as 16-byte vectors
         if early == "1":
             assert before == total, report
-    assert any(early == "0" and int(before) < int(total) for early, before, total, _ in rows), report
+    # That the count can see a late load: Triton 3.9's scheduler leaves the old order's weight loads behind the
+    # barrier (2 of 6 before it). Triton 3.6, the GPU image's, already hoists them in both orders (6 of 6).
+    if pytest.importorskip("triton").__version__.startswith("3.9"):
+        assert any(early == "0" and int(before) < int(total) for early, before, total, _ in rows), report
 
 
 def test_gemm_scales_are_asked_for_before_the_step_s_mma(report):

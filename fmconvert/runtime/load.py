@@ -46,7 +46,7 @@ def check_layout(m: dict, rank: int):
     h, hd, e, pos = sp["hidden_size"], sp["head_dim"], sp["embed_dim"], sp["position"]
     hpr, ipr, vpr = par["heads_per_rank"], par["intermediate_per_rank"], par["vocab_per_rank"]
     qkv, mlp = (hpr + 2 * par["kv_heads_per_rank"]) * hd, ipr * (2 if sp["gated_mlp"] else 1)
-    glob = {"embed.weight": (vpr, e), "lm_head.weight": (vpr, e), "type_embed.weight": (sp["type_vocab_size"], h),
+    glob = {"embed.weight": (vpr, e), "lm_head.weight": (vpr, e), "lm_head.bias": (vpr,), "type_embed.weight": (sp["type_vocab_size"], h),
             "pos_embed.weight": (sp["max_positions"] + pos.get("offset", 0), h), "project_in.weight": (h, e),
             "project_out.weight": (e, h), "pooler.weight": (h, h), "pooler.bias": (h,),
             "rope.inv_freq": (pos.get("rotary_dim", 0) // 2,), "alibi.slopes": (hpr,),
@@ -61,8 +61,10 @@ def check_layout(m: dict, rank: int):
                              ("project_in.weight", sp["project"]), ("project_out.weight", sp["project"]),
                              ("pooler.weight", sp["pooler"]), ("pos_embed.weight", pos["type"] == "learned"),
                              ("rope.inv_freq", pos["type"] == "rope"), ("alibi.slopes", pos["type"] == "alibi")] if on}
-    per_layer = {"attn_norm.weight", "qkv.weight", "attn_out.weight", "mlp_norm.weight", "mlp_in.weight",
-                 "mlp_out.weight"} | {s[len("layers."):] for s in sp["slots"] if s.startswith("layers.")}
+    per_layer = {"attn_norm.weight", "qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight"}
+    if sp["residual"] != "parallel":            # GPT-J and Phi feed the MLP from the attention's norm
+        per_layer.add("mlp_norm.weight")
+    per_layer |= {s[len("layers."):] for s in sp["slots"] if s.startswith("layers.")}
     if sp["num_layers"] * len(per_layer) > len(tensors) + sp["num_layers"] * len(_ROW_BIAS):  # before building names
         raise FmError(f"manifest: rank {rank} lists {len(tensors)} tensors, too few for {sp['num_layers']} layers")
     need |= {f"layers.{i}.{s}" for i in range(sp["num_layers"]) for s in per_layer

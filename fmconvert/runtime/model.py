@@ -1,7 +1,8 @@
 """The fused model, rebuilt from the manifest spec and one rank's tensors alone (no transformers code).
 
 One block = add+norm, fused QKV, positions, attention with KV cache, row-parallel out + all-reduce, add+norm,
-fused MLP-in with its activation, row-parallel MLP-out + all-reduce. Pre-LN and post-LN come from the spec.
+fused MLP-in with its activation, row-parallel MLP-out + all-reduce. Pre-LN, post-LN and the parallel residual
+(attention and MLP side by side, one all-reduce) come from the spec.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class Block(nn.Module):
     def forward(self, x, residual, positions, cache, key_padding_mask, pos_t=None, seq_t=None):
         m, t = self.m, self.t
         ops = m.ops
+        if m.spec["residual"] == "parallel":
+            return self._parallel(x, residual, positions, cache, key_padding_mask, pos_t, seq_t)
         pre = m.spec["residual"] == "pre"
         if pre:
             h, residual = ops.add_norm(x, residual, t["attn_norm.weight"], t.get("attn_norm.bias"), m.eps, m.norm)
@@ -53,6 +56,22 @@ class Block(nn.Module):
             return f, residual
         y, _ = ops.add_norm(f, h, t["mlp_norm.weight"], t.get("mlp_norm.bias"), m.eps, m.norm)
         return y, None
+
+    def _parallel(self, x, residual, positions, cache, key_padding_mask, pos_t, seq_t):
+        """GPT-NeoX, GPT-J, Phi: attention and MLP both read the normed stream (GPT-NeoX normalises it twice, the
+        others share one norm) and their outputs are added to it together. Both halves are row-parallel, so their
+        partial sums meet in one all-reduce per block instead of two."""
+        m, t = self.m, self.t
+        ops = m.ops
+        h, residual = ops.add_norm(x, residual, t["attn_norm.weight"], t.get("attn_norm.bias"), m.eps, m.norm)
+        hm = h
+        if "mlp_norm.weight" in t:
+            hm, _ = ops.add_norm(residual, None, t["mlp_norm.weight"], t.get("mlp_norm.bias"), m.eps, m.norm)
+        a = self.attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
+        a = ops.linear(a, t["attn_out.weight"], t.get("attn_out.bias"))
+        f = ops.linear(hm, t["mlp_in.weight"], t.get("mlp_in.bias"), m.activation)
+        f = ops.linear(f, t["mlp_out.weight"], t.get("mlp_out.bias"))
+        return m.comm.all_reduce(a + f), residual
 
     def attention(self, h, positions, cache, key_padding_mask, pos_t=None, seq_t=None):
         """pos_t (a device tensor [1]) and seq_t (int32 [B], pos_t + 1) select the graph-safe decode path: cache
@@ -168,7 +187,7 @@ class FusedModel(nn.Module):
         g, sp = self.g, self.spec
         h = self.project_out(h)
         head = g["embed.weight"] if sp["tied_embeddings"] else g["lm_head.weight"]
-        local = self.ops.linear(h, head)                          # (B, T, V / tp)
+        local = self.ops.linear(h, head, g.get("lm_head.bias"))   # (B, T, V / tp)
         return self.comm.all_gather(local, dim=-1)[..., :sp["vocab_size"]]
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
