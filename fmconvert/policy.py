@@ -1,4 +1,4 @@
-"""Policies: the per-architecture tables in `configs/` and the one rewrite hook that applies them.
+"""Policies: the per-architecture tables in `fmconvert/configs/` and the one rewrite hook that applies them.
 
 A policy answers three questions for one HF config: what the model is (the spec the runtime needs), which HF
 tensors feed each canonical slot (with the shape each must have), and how to turn those tensors into the canonical
@@ -19,7 +19,7 @@ import torch
 
 from .errors import FmError
 
-CONFIG_DIR = Path(os.environ.get("FMCONVERT_CONFIGS", Path(__file__).resolve().parent.parent / "configs"))
+CONFIG_DIR = Path(os.environ.get("FMCONVERT_CONFIGS", Path(__file__).resolve().parent / "configs"))
 
 LAYER_SLOTS = (
     "attn_norm.weight", "attn_norm.bias", "qkv.weight", "qkv.bias", "attn_out.weight", "attn_out.bias",
