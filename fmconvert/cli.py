@@ -42,7 +42,9 @@ def cli():
       fmconvert generate OUT_DIR --prompt "Once upon a time"
       torchrun --nproc-per-node 2 -m fmconvert generate OUT_DIR --prompt "..."   # tp=2
 
-    Supported: GPT-2, OPT, BLOOM, LLaMA / Mistral / Qwen2, GPT-NeoX, GPT-J, Phi, BERT (see fmconvert/configs/).
+    \b
+    Supported families (one table each in fmconvert/configs/):
+      LLaMA / Mistral / Qwen2, Phi-3, StableLM, GPT-NeoX / Pythia, GPT-J, Phi, GPT-2, OPT, BLOOM, BERT
     """
 
 

@@ -39,7 +39,7 @@ def _decode_steps(model, ids, start, steps):
 
 
 @pytest.mark.parametrize("name,int8", [("llama", True), ("mistral", False), ("gpt2", False), ("bloom", True),
-                                       ("gptneox", False), ("phi", True)])
+                                       ("gptneox", False), ("phi", True), ("stablelm", True)])
 def test_triton_decode_step_matches_torch_backend(model_dir, tmp_path, name, int8):
     """The fused rope + KV-append decode step (RoPE, learned positions, ALiBi; GQA in mistral) against the torch
     backend's, with the fusion on and off."""
