@@ -176,8 +176,8 @@ def other_cases(D: int = 128, hidden: int = 4096, S: int = 193, T: int = 2048):
     for n in (hidden, 2 * hidden):
         block = triton.next_power_of_2(n)
         yield Case(f"add+rmsnorm {n}", norm._add_norm_kernel, dict(HAS_RES=True, HAS_W=True, HAS_BIAS=False,
-                   IS_RMS=True, BLOCK=block), min(16, max(1, block // 512)), ints=dict(N=n))
-    yield Case("swiglu", glu._swiglu_kernel, dict(BLOCK=1024), 4, ints=dict(N=11008, stride_y=22016,
+                   IS_RMS=True, PLUS_ONE=False, BLOCK=block), min(16, max(1, block // 512)), ints=dict(N=n))
+    yield Case("swiglu", glu._glu_kernel, dict(ACT=5, BLOCK=1024), 4, ints=dict(N=11008, stride_y=22016,
                                                                           stride_o=11008))
 
 

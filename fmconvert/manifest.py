@@ -54,8 +54,8 @@ _MODEL = {
     **{k: _POS_INT for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                              "intermediate_size", "vocab_size", "embed_dim")},
     "max_positions": lambda x: type(x) is int and 0 <= x <= MAX_POSITIONS, "type_vocab_size": _NAT,
-    "norm": _ENUM("rms", "layer"), "norm_eps": _POS_NUM, "attn_scale": _POS_NUM,
-    "activation": _ENUM("gelu", "gelu_tanh", "relu", "silu", "swiglu"), "residual": _ENUM("pre", "post", "parallel"),
+    "norm": _ENUM("rms", "layer", "rms_plus_one"), "norm_eps": _POS_NUM, "attn_scale": _POS_NUM,
+    "activation": _ENUM("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"), "residual": _ENUM("pre", "post", "parallel"),
     **{k: _BOOL for k in ("gated_mlp", "tied_embeddings", "embed_norm", "final_norm", "project", "pooler")},
     "position": lambda x: isinstance(x, dict), "bos_token_id": _TOKEN, "pad_token_id": _TOKEN,
     "eos_token_id": lambda x: _TOKEN(x) or (isinstance(x, list) and len(x) < 1024 and all(map(_NAT, x))),
@@ -130,6 +130,7 @@ def validate(m) -> dict:
     for k, ok in _MODEL.items():
         _need(k in model and ok(model[k]), f"model.{k} is missing or malformed")
     _position(model)
+    _need(_POS_NUM(model.get("embed_scale", 1.0)), "model.embed_scale must be a positive number")   # absent: 1
     _need(model["num_heads"] % model["num_kv_heads"] == 0, "model.num_heads is not a multiple of num_kv_heads")
     for k in _PARALLEL:
         _need(_POS_INT(par.get(k)), f"parallel.{k} must be a positive int")

@@ -31,6 +31,9 @@ GLOBAL_SLOTS = (
     "pooler.bias", "lm_head.weight", "lm_head.bias",
 )
 
+# The activation of a gated MLP's gate -> the canonical gated epilogue.
+_GATED = {"silu": "swiglu", "gelu_tanh": "geglu"}
+
 # HF activation names -> the runtime's canonical epilogues.
 _ACTIVATIONS = {
     "gelu": "gelu", "gelu_python": "gelu",
@@ -55,9 +58,9 @@ class ModelSpec:
     vocab_size: int
     max_positions: int
     embed_dim: int                 # width of the embedding table (OPT's word_embed_proj_dim), else hidden_size
-    norm: str                      # rms | layer
+    norm: str                      # rms | layer | rms_plus_one (Gemma: scale by 1 + weight)
     norm_eps: float
-    activation: str                # gelu | gelu_tanh | relu | silu | swiglu (silu over fused gate|up)
+    activation: str                # gelu | gelu_tanh | relu | silu | swiglu / geglu (silu / gelu_tanh over gate|up)
     gated_mlp: bool
     residual: str                  # pre | post | parallel (attention and MLP read the same stream, one sum)
     position: dict                 # {"type": rope|alibi|learned, ...}
@@ -68,6 +71,7 @@ class ModelSpec:
     pooler: bool
     type_vocab_size: int
     attn_scale: float              # softmax scale, 1/sqrt(head_dim) for every supported family
+    embed_scale: float = 1.0       # embeddings are multiplied by this, in the model dtype (Gemma: sqrt(hidden))
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -176,9 +180,10 @@ class Policy:
                           f"(supported: {', '.join(sorted(_ACTIVATIONS))})")
         act = _ACTIVATIONS[act_name]
         if gated:
-            if act != "silu":
-                raise FmError(f"{architecture}: gated MLP with {act_name!r} is not supported (only SiLU/SwiGLU)")
-            act = "swiglu"
+            if act not in _GATED:
+                raise FmError(f"{architecture}: gated MLP with {act_name!r} is not supported "
+                              f"(SiLU gives SwiGLU, tanh-approximated GELU gives GeGLU)")
+            act = _GATED[act]
         position = self._position(config, flags, c)
         tied = bool(getattr(config, "tie_word_embeddings", False)) and self.kind == "decoder"
         eps = c["norm_eps"]
@@ -197,10 +202,19 @@ class Policy:
             project=bool(flags.get("project", False)), pooler=False,
             type_vocab_size=int(c.get("type_vocab_size") or 0),
             attn_scale=1.0 / math.sqrt(c["head_dim"]),
+            embed_scale=self._embed_scale(c),
             bos_token_id=getattr(config, "bos_token_id", None), eos_token_id=getattr(config, "eos_token_id", None),
             pad_token_id=getattr(config, "pad_token_id", None),
         )
         return spec
+
+    def _embed_scale(self, c) -> float:
+        how = self.layout.get("embed_scale")
+        if how is None:
+            return 1.0
+        if how == "sqrt_hidden":
+            return float(c["hidden_size"]) ** 0.5
+        raise FmError(f"{self.path.name}: layout.embed_scale must be \"sqrt_hidden\", got {how!r}")
 
     def _position(self, config, flags, c) -> dict:
         kind = self.layout["position"]

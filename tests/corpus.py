@@ -473,6 +473,11 @@ def _inspect_wrong_type(c: Ctx):
     return [_manifest(c, lambda m: m["model"].update(hidden_size="64"))]
 
 
+@case("inspect", "model.embed_scale must be a positive number")
+def _inspect_bad_embed_scale(c: Ctx):
+    return [_manifest(c, lambda m: m["model"].update(embed_scale=-8.0))]
+
+
 @case("inspect", "expected 2 rank entries")
 def _inspect_ranks_vs_tp(c: Ctx):
     return [_manifest(c, lambda m: m["ranks"].pop(), tp=2)]

@@ -28,7 +28,7 @@ _LAZY = {
     "dequantize": "int8_matmul", "int8_linear": "int8_matmul", "int8_linear_reference": "int8_matmul",
     "add_norm": "norm", "add_norm_reference": "norm",
     "apply_rope": "rope", "apply_rope_reference": "rope", "rope_append": "rope", "rope_append_reference": "rope",
-    "swiglu": "glu", "swiglu_reference": "glu",
+    "swiglu": "glu", "swiglu_reference": "glu", "gated": "glu", "gated_reference": "glu",
 }
 
 
@@ -46,6 +46,7 @@ __all__ = [
     "add_norm", "add_norm_reference",
     "int8_linear", "int8_linear_reference", "dequantize",
     "apply_rope", "apply_rope_reference", "rope_append", "rope_append_reference", "swiglu", "swiglu_reference",
+    "gated", "gated_reference",
     "prefill_attention", "prefill_attention_reference",
     "decode_attention", "decode_attention_reference", "decode_attention_workspace",
 ]

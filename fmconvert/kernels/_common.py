@@ -8,7 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
-ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "swiglu": 5}
+ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "swiglu": 5, "geglu": 6}
+# Gated activations act on the first half of a fused gate|up output and multiply by the second half.
+GATED = ("swiglu", "geglu")
 
 
 def interpreting() -> bool:
@@ -92,12 +94,12 @@ def sigmoid(v):
 
 @triton.jit
 def activate(v, ACT: tl.constexpr):
-    # v: fp32. ACT codes follow ACTIVATIONS (swiglu is paired by the caller and uses silu here).
+    # v: fp32. ACT codes follow ACTIVATIONS (swiglu and geglu are paired by the caller: silu and gelu_tanh here).
     if ACT == 1:
         v = tl.maximum(v, 0.0)
     elif ACT == 2:
         v = 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
-    elif ACT == 3:
+    elif ACT == 3 or ACT == 6:
         u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
         v = 0.5 * v * (1.0 + (2.0 * sigmoid(2.0 * u) - 1.0))
     elif ACT == 4 or ACT == 5:

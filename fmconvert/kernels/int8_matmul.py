@@ -32,6 +32,7 @@ import triton.language as tl
 
 from ._common import (
     ACTIVATIONS,
+    GATED,
     activate,
     activate_reference,
     configs,
@@ -42,6 +43,7 @@ from ._common import (
     tuner_bench,
 )
 
+GATED_CODES = tuple(ACTIVATIONS[a] for a in GATED)
 DECODE_MAX_M = 4
 DENSE_MIN_M = 256   # an estimate from byte and flop counts; benchmarks/gpu_kernels.py times both paths at M=2048
 
@@ -279,7 +281,7 @@ def _pick_split(n_out: int, k: int, device: torch.device) -> int:
 def _decode(x2, qweight, scale, group_size, bias, act, out, split_k=None, config=None):
     M, K = x2.shape
     n_out = out.shape[1]
-    swiglu = act == ACTIVATIONS["swiglu"]
+    swiglu = act in GATED_CODES        # SWIGLU: any gated activation (gate rows, then up rows)
     split = _pick_split(n_out, K, x2.device) if split_k is None else int(split_k)
     bias_arg = bias if bias is not None else qweight
     if split <= 1:
@@ -468,7 +470,7 @@ def _gemm(x2, qweight, scale, group_size, bias, act, out):
         x2, qweight, scale, bias if bias is not None else qweight, out,
         M, n_out, K, min(triton.next_power_of_2(M), 512),
         x2.stride(0), qweight.stride(0), scale.stride(0), out.stride(0),
-        GROUP=group_size, HAS_BIAS=bias is not None, ACT=act, SWIGLU=act == ACTIVATIONS["swiglu"],
+        GROUP=group_size, HAS_BIAS=bias is not None, ACT=act, SWIGLU=act in GATED_CODES,
         DOT_F32=dot_f32, PREC="ieee" if dot_f32 else "tf32",
     )
     return out
@@ -541,8 +543,8 @@ def _check(x, qweight, scale, group_size, bias, activation):
             raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
-    if activation == "swiglu" and N % 2:
-        raise ValueError(f"swiglu needs an even number of weight rows (gate; up), got {N}")
+    if activation in GATED and N % 2:
+        raise ValueError(f"{activation} needs an even number of weight rows (gate; up), got {N}")
     devs = {t.device for t in (x, qweight, scale) + ((bias,) if bias is not None else ())}
     if len(devs) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devs))}")
@@ -553,7 +555,7 @@ def int8_linear(x, qweight, scale, group_size, bias=None, activation=None, *, _s
     """y = act(x @ (qweight * scale).T + bias) with fp32 accumulation; y has x.dtype.
 
     x [..., K]; qweight int8 [N, K]; scale [N, K // group_size]; bias [N] or None. With
-    activation="swiglu" rows are [gate; up] and y is [..., N // 2]. `_split_k` / `_path`
+    activation="swiglu" or "geglu" rows are [gate; up] and y is [..., N // 2]. `_split_k` / `_path`
     ("decode" | "gemm" | "dense") override the heuristics (tests, benchmarks).
     """
     _check(x, qweight, scale, group_size, bias, activation)
@@ -566,7 +568,7 @@ def int8_linear(x, qweight, scale, group_size, bias=None, activation=None, *, _s
     scale = scale if scale.stride(-1) == 1 else scale.contiguous()
     bias = bias.contiguous() if bias is not None else None
     M = x2.shape[0]
-    n_out = N // 2 if activation == "swiglu" else N
+    n_out = N // 2 if activation in GATED else N
     out = torch.empty(M, n_out, dtype=x.dtype, device=x.device)
     if M > 0:
         act = ACTIVATIONS[activation]

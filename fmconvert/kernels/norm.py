@@ -2,6 +2,7 @@
 
 h = x + residual (fp32 add, stored in x.dtype); y = norm(h) * weight (+ bias), statistics in fp32.
 The normalization reads h rounded to x.dtype, as the next layer will see it (HF semantics).
+kind: "rms", "layer", or "rms_plus_one" (Gemma: RMSNorm scaled by 1 + weight, the weight stored as an offset).
 """
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import triton.language as tl
 
 from ._common import float_dtype_check
 
+KINDS = ("rms", "layer", "rms_plus_one")
+
 
 @triton.jit
 def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, eps,
                      HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     IS_RMS: tl.constexpr, BLOCK: tl.constexpr):
+                     IS_RMS: tl.constexpr, PLUS_ONE: tl.constexpr, BLOCK: tl.constexpr):
     # grid: (rows,); every tensor is a contiguous [rows, N]; BLOCK = next_pow2(N).
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -35,7 +38,10 @@ def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, eps,
         var = tl.sum(d * d, axis=0) / N
         hn = d * tl.rsqrt(var + eps)
     if HAS_W:
-        hn = hn * tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if PLUS_ONE:
+            w += 1.0
+        hn = hn * w
     if HAS_BIAS:
         hn += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + row * N + offs, hn.to(y_ptr.dtype.element_ty), mask=mask)
@@ -43,9 +49,9 @@ def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, eps,
 
 def add_norm(x, residual, weight, bias, eps, kind, out_dtype=None):
     """Returns (y, h). x [..., N]; residual like x or None (then h is x itself);
-    weight/bias [N] or None; kind "rms" | "layer"; y in out_dtype (default x.dtype)."""
-    if kind not in ("rms", "layer"):
-        raise ValueError(f"kind must be 'rms' or 'layer', got {kind!r}")
+    weight/bias [N] or None; kind "rms" | "layer" | "rms_plus_one"; y in out_dtype (default x.dtype)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     float_dtype_check("x", x)
     N = x.shape[-1]
     if residual is not None and (residual.shape != x.shape or residual.device != x.device):
@@ -71,7 +77,7 @@ def add_norm(x, residual, weight, bias, eps, kind, out_dtype=None):
         weight.contiguous() if weight is not None else x, bias.contiguous() if bias is not None else x,
         y, h, N, float(eps),
         HAS_RES=residual is not None, HAS_W=weight is not None, HAS_BIAS=bias is not None,
-        IS_RMS=kind == "rms", BLOCK=block, num_warps=warps,
+        IS_RMS=kind != "layer", PLUS_ONE=kind == "rms_plus_one", BLOCK=block, num_warps=warps,
     )
     return y, h
 
@@ -79,15 +85,15 @@ def add_norm(x, residual, weight, bias, eps, kind, out_dtype=None):
 def add_norm_reference(x, residual, weight, bias, eps, kind, out_dtype=None):
     h = x if residual is None else (x.float() + residual.float()).to(x.dtype)
     hf = h.float()
-    if kind == "rms":
+    if kind in ("rms", "rms_plus_one"):
         yn = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
     elif kind == "layer":
         mean = hf.mean(-1, keepdim=True)
         yn = (hf - mean) * torch.rsqrt((hf - mean).pow(2).mean(-1, keepdim=True) + eps)
     else:
-        raise ValueError(f"kind must be 'rms' or 'layer', got {kind!r}")
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if weight is not None:
-        yn = yn * weight.float()
+        yn = yn * (weight.float() + 1.0 if kind == "rms_plus_one" else weight.float())
     if bias is not None:
         yn = yn + bias.float()
     return yn.to(out_dtype or x.dtype), h

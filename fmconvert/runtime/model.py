@@ -125,6 +125,10 @@ class FusedModel(nn.Module):
         self.scale = sp["attn_scale"]
         self.causal = sp["kind"] == "decoder"
         self.vocab_lo = rank * par["vocab_per_rank"]
+        # Gemma scales its embeddings by sqrt(hidden) rounded to the model dtype, as HF does; a device tensor made
+        # once, so a captured decode step copies nothing from the host.
+        scale = float(sp.get("embed_scale", 1.0))
+        self.embed_scale = None if scale == 1.0 else torch.tensor(scale, dtype=self.dtype, device=self.device)
         self.g = {k: v for k, v in tensors.items() if not k.startswith("layers.")}  # global slots only
         pos = sp["position"]
         self.rope = None
@@ -168,6 +172,8 @@ class FusedModel(nn.Module):
             inside = (local >= 0) & (local < self.par["vocab_per_rank"])
             x = lookup(local.clamp(0, self.par["vocab_per_rank"] - 1))
             x = self.comm.all_reduce(x * inside.unsqueeze(-1).to(x.dtype))
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
         if sp["project"]:
             x = self.ops.linear(x, g["project_in.weight"])
         if sp["position"]["type"] == "learned":

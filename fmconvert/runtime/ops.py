@@ -84,6 +84,9 @@ def activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
     if activation == "swiglu":
         gate, up = y.chunk(2, dim=-1)
         return F.silu(gate) * up
+    if activation == "geglu":
+        gate, up = y.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
     if activation == "gelu":
         return F.gelu(y)
     if activation == "gelu_tanh":
@@ -127,6 +130,8 @@ class TorchOps:
         hf = h.float()
         if kind == "rms":
             y = (hf * torch.rsqrt(hf.square().mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+        elif kind == "rms_plus_one":         # Gemma: the scale is 1 + weight, applied in fp32, rounded once
+            y = (hf * torch.rsqrt(hf.square().mean(-1, keepdim=True) + eps) * (1.0 + weight.float())).to(x.dtype)
         else:
             y = F.layer_norm(hf, (h.shape[-1],), weight.float(), None if bias is None else bias.float(), eps)
             y = y.to(x.dtype)
@@ -260,8 +265,8 @@ class TritonOps(TorchOps):
     def linear(self, x, weight, bias=None, activation=None):
         if isinstance(weight, Int8Weight):
             return self.k.int8_linear(x, weight.q, weight.scale, weight.group_size, bias=bias, activation=activation)
-        if activation == "swiglu":                # cuBLAS, then one kernel where torch would launch two
-            return self.k.swiglu(F.linear(x, weight, bias))
+        if activation in ("swiglu", "geglu"):     # cuBLAS, then one kernel where torch would launch two
+            return self.k.gated(F.linear(x, weight, bias), activation)
         return super().linear(x, weight, bias, activation)
 
     def rope(self, q, k, cos, sin, positions, style, rotary_dim):

@@ -1,26 +1,37 @@
 import pytest
 import torch
 
-from fmconvert.kernels import swiglu, swiglu_reference
+from fmconvert.kernels import gated, gated_reference, swiglu, swiglu_reference
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"
 FLOAT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_CUDA else [])
 
 
+@pytest.mark.parametrize("act", ["swiglu", "geglu"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", [(1, 2), (1, 22), (3, 5, 2 * 769), (7, 2 * 1500), (2, 0, 8)])
-def test_swiglu_matches_reference(shape, dtype, assert_close):
+def test_glu_matches_reference(shape, dtype, act, assert_close):
     y = (torch.randn(shape, generator=torch.Generator().manual_seed(shape[-1])) * 4).to(dtype).to(DEVICE)
-    out = swiglu(y)
+    out = gated(y, act)
     assert out.shape == (*shape[:-1], shape[-1] // 2)
-    assert_close(out, swiglu_reference(y), dtype)
+    assert_close(out, gated_reference(y, act), dtype)
 
 
-def test_swiglu_strided_input_and_errors(assert_close):
+def test_geglu_is_not_swiglu():
+    # The two gates differ enough that a kernel applying the wrong one fails the comparison above.
+    y = torch.linspace(-4, 4, 64, device=DEVICE).reshape(2, 32)
+    assert (gated_reference(y, "geglu") - gated_reference(y, "swiglu")).abs().max() > 0.1
+    assert torch.equal(swiglu_reference(y), gated_reference(y, "swiglu"))
+
+
+def test_glu_strided_input_and_errors(assert_close):
     y = torch.randn(4, 40, device=DEVICE)[:, :20]          # rows with a stride of 40
     assert_close(swiglu(y), swiglu_reference(y), torch.float32)
+    assert_close(gated(y, "geglu"), gated_reference(y, "geglu"), torch.float32)
     with pytest.raises(ValueError, match="even"):
         swiglu(torch.randn(3, 5, device=DEVICE))
     with pytest.raises(ValueError, match="must be one of"):
         swiglu(torch.ones(2, 4, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        gated(torch.randn(2, 4, device=DEVICE), "gelu")

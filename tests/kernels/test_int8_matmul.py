@@ -7,7 +7,7 @@ ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"
 FLOAT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_CUDA else [])
 
-ACTS = [None, "relu", "gelu", "gelu_tanh", "silu", "swiglu"]
+ACTS = [None, "relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu"]
 
 
 def quantize(w, group_size, scale_dtype=torch.float16):
@@ -53,11 +53,11 @@ def test_int8_linear_activations(act, bias, M, assert_close):
     x, _, q, s, b = make(M, 34, 192, 64, dtype, bias)
     y = int8_linear(x, q, s, 64, b, act)
     ref = int8_linear_reference(x, q, s, 64, b, act)
-    assert y.shape == (M, 17 if act == "swiglu" else 34)
+    assert y.shape == (M, 17 if act in ("swiglu", "geglu") else 34)
     assert_close(y, ref, dtype)
 
 
-@pytest.mark.parametrize("act", [None, "swiglu", "gelu"])
+@pytest.mark.parametrize("act", [None, "swiglu", "gelu", "geglu"])
 @pytest.mark.parametrize("split", [2, 3])
 def test_int8_linear_split_k(split, act, assert_close):
     # Split-K: fp32 atomics into a zeroed buffer, then the epilogue kernel (bias + activation).

@@ -11,7 +11,8 @@ from fmconvert.runtime.load import load
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("name,int8", [("llama", True), ("gpt2", False), ("bloom", True), ("gptj", True)])
+@pytest.mark.parametrize("name,int8", [("llama", True), ("gpt2", False), ("bloom", True), ("gptj", True),
+                                       ("gemma", False)])
 def test_triton_backend_matches_torch_backend(model_dir, tmp_path, name, int8):
     out = tmp_path / "out"
     convert(model_dir(name), out, Options(tp=1, int8=int8, group_size=32), progress=False)
@@ -39,7 +40,8 @@ def _decode_steps(model, ids, start, steps):
 
 
 @pytest.mark.parametrize("name,int8", [("llama", True), ("mistral", False), ("gpt2", False), ("bloom", True),
-                                       ("gptneox", False), ("phi", True), ("stablelm", True)])
+                                       ("gptneox", False), ("phi", True), ("stablelm", True),
+                                       ("gemma", True)])
 def test_triton_decode_step_matches_torch_backend(model_dir, tmp_path, name, int8):
     """The fused rope + KV-append decode step (RoPE, learned positions, ALiBi; GQA in mistral) against the torch
     backend's, with the fusion on and off."""

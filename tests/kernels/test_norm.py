@@ -21,7 +21,7 @@ def make(shape, dtype, kind, residual, bias):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("kind", ["rms", "layer"])
+@pytest.mark.parametrize("kind", ["rms", "layer", "rms_plus_one"])
 def test_add_norm_matches_reference(kind, shape, dtype, assert_close):
     x, r, w, b = make(shape, dtype, kind, residual=True, bias=kind == "layer")
     y, h = add_norm(x, r, w, b, 1e-5, kind)
@@ -30,7 +30,7 @@ def test_add_norm_matches_reference(kind, shape, dtype, assert_close):
     assert_close(y, y_ref, dtype)
 
 
-@pytest.mark.parametrize("kind", ["rms", "layer"])
+@pytest.mark.parametrize("kind", ["rms", "layer", "rms_plus_one"])
 def test_add_norm_without_residual_returns_input(kind, assert_close):
     x, _, w, _ = make((3, 77), torch.float16, kind, residual=False, bias=False)
     y, h = add_norm(x, None, w, None, 1e-6, kind)
@@ -45,6 +45,15 @@ def test_add_norm_out_dtype_and_no_weight(assert_close):
     assert y.dtype == torch.float32 and h.dtype == torch.float16
     assert_close(y, y_ref, torch.float32, tol=1e-4)
     assert_close(h, h_ref, torch.float16)
+
+
+def test_rms_plus_one_scales_by_one_plus_weight(assert_close):
+    """Gemma's norm: the stored weight is an offset from 1 (a zero weight is the identity scale)."""
+    x, _, w, _ = make((3, 40), torch.float32, "rms", residual=False, bias=False)
+    y1, _ = add_norm(x, None, w - 1, None, 1e-6, "rms_plus_one")
+    assert_close(y1, add_norm(x, None, w, None, 1e-6, "rms")[0], torch.float32)
+    y0, _ = add_norm(x, None, torch.zeros_like(w), None, 1e-6, "rms_plus_one")
+    assert_close(y0, add_norm(x, None, None, None, 1e-6, "rms")[0], torch.float32)
 
 
 def test_add_norm_rejects_bad_inputs():
