@@ -24,6 +24,7 @@ CONFIG_DIR = Path(os.environ.get("FMCONVERT_CONFIGS", Path(__file__).resolve().p
 LAYER_SLOTS = (
     "attn_norm.weight", "attn_norm.bias", "qkv.weight", "qkv.bias", "attn_out.weight", "attn_out.bias",
     "mlp_norm.weight", "mlp_norm.bias", "mlp_in.weight", "mlp_in.bias", "mlp_out.weight", "mlp_out.bias",
+    "q_norm.weight", "k_norm.weight",
 )
 GLOBAL_SLOTS = (
     "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
@@ -266,6 +267,7 @@ class Policy:
             "embed_norm.weight": (h,), "embed_norm.bias": (h,), "final_norm.weight": (h,), "final_norm.bias": (h,),
             "project_in.weight": (h, e), "project_out.weight": (e, h),
             "pooler.weight": (h, h), "pooler.bias": (h,),
+            "q_norm.weight": (hd,), "k_norm.weight": (hd,),
             "attn_norm.weight": (h,), "attn_norm.bias": (h,), "mlp_norm.weight": (h,), "mlp_norm.bias": (h,),
             "qkv.weight": ((H + 2 * KV) * hd, h), "qkv.bias": ((H + 2 * KV) * hd,),
             "attn_out.weight": (h, H * hd), "attn_out.bias": (h,),

@@ -21,9 +21,11 @@ from ._common import float_dtype_check
 @triton.jit
 def _rope_heads(src_h, dst_h, heads, H, c, s, sh, sd, oh, D, R, HALF,
                 ROTATE: tl.constexpr, GPTJ: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                BLOCK_D: tl.constexpr):
+                BLOCK_D: tl.constexpr, w_ptr, eps, NORM: tl.constexpr):
     # src_h / dst_h: one token's head 0; heads: [BH]; c, s: [BLOCK_HALF] fp32. Destination heads are
     # contiguous in their last dim. ROTATE=False copies the heads unchanged (v, or k without RoPE).
+    # NORM (with ROTATE): each head is first RMS-normalised over its D dims and scaled by w [D]
+    # (Qwen3's q_norm / k_norm), then rotated.
     hmask = heads < H
     src_h = src_h + heads[:, None].to(tl.int64) * sh                   # [BH, 1]
     dst_h = dst_h + heads[:, None].to(tl.int64) * oh
@@ -40,12 +42,26 @@ def _rope_heads(src_h, dst_h, heads, H, c, s, sh, sd, oh, D, R, HALF,
         else:
             d1 = i
             d2 = i + HALF
+        x1 = tl.load(src_h + d1[None, :] * sd, mask=imask, other=0.0).to(tl.float32)
+        x2 = tl.load(src_h + d2[None, :] * sd, mask=imask, other=0.0).to(tl.float32)
         if R < D:
             d = tl.arange(0, BLOCK_D)
             pmask = hmask[:, None] & ((d >= R) & (d < D))[None, :]
-            tl.store(dst_h + d[None, :], tl.load(src_h + d[None, :] * sd, mask=pmask), mask=pmask)
-        x1 = tl.load(src_h + d1[None, :] * sd, mask=imask, other=0.0).to(tl.float32)
-        x2 = tl.load(src_h + d2[None, :] * sd, mask=imask, other=0.0).to(tl.float32)
+            rest = tl.load(src_h + d[None, :] * sd, mask=pmask, other=0.0)
+            if NORM:
+                ss = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)
+                rf = rest.to(tl.float32)
+                inv = tl.rsqrt((ss + tl.sum(rf * rf, axis=1)) / D + eps)
+                rw = tl.load(w_ptr + d, mask=(d >= R) & (d < D), other=0.0).to(tl.float32)
+                rest = rf * inv[:, None] * rw[None, :]
+            tl.store(dst_h + d[None, :], rest.to(dst_h.dtype.element_ty), mask=pmask)
+        elif NORM:
+            inv = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)
+        if NORM:
+            w1 = tl.load(w_ptr + d1, mask=i < HALF, other=0.0).to(tl.float32)
+            w2 = tl.load(w_ptr + d2, mask=i < HALF, other=0.0).to(tl.float32)
+            x1 = x1 * inv[:, None] * w1[None, :]
+            x2 = x2 * inv[:, None] * w2[None, :]
         y1 = x1 * c[None, :] - x2 * s[None, :]
         y2 = x2 * c[None, :] + x1 * s[None, :]
         ty = dst_h.dtype.element_ty
@@ -75,11 +91,11 @@ def _rope_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, cos_ptr, sin_ptr, pos_ptr,
     if hb < nq:
         heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
         _rope_heads(q_ptr + b * sqb + t * sqt, qo_ptr + b * oqb + t * oqt, heads, HQ, c, s, sqh, sqd, oqh,
-                    D, R, HALF, True, GPTJ, BLOCK_HALF, BLOCK_D)
+                    D, R, HALF, True, GPTJ, BLOCK_HALF, BLOCK_D, q_ptr, 0.0, False)
     else:
         heads = (hb - nq) * BLOCK_H + tl.arange(0, BLOCK_H)
         _rope_heads(k_ptr + b * skb + t * skt, ko_ptr + b * okb + t * okt, heads, HKV, c, s, skh, skd, okh,
-                    D, R, HALF, True, GPTJ, BLOCK_HALF, BLOCK_D)
+                    D, R, HALF, True, GPTJ, BLOCK_HALF, BLOCK_D, k_ptr, 0.0, False)
 
 
 def _check(q, k, cos, sin, positions, style, rotary_dim):
@@ -129,11 +145,11 @@ def apply_rope(q, k, cos, sin, positions, style="neox", rotary_dim=None):
 
 
 @triton.jit
-def _rope_append_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr,
-                        HQ, HKV, D, R, HALF, S_MAX, N_POS,
+def _rope_append_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, qn_ptr, kn_ptr,
+                        eps, HQ, HKV, D, R, HALF, S_MAX, N_POS,
                         sqb, sqh, sqd, skb, skh, skd, svb, svh, svd, oqb, oqh,
                         skcb, skch, skcs, svcb, svch, svcs, scp,
-                        ROPE: tl.constexpr, GPTJ: tl.constexpr, BLOCK_H: tl.constexpr,
+                        ROPE: tl.constexpr, GPTJ: tl.constexpr, QK_NORM: tl.constexpr, BLOCK_H: tl.constexpr,
                         BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
     # grid: (B, nq + 2 * nkv) head blocks of BLOCK_H: q heads -> qo, then k heads -> k cache,
     # then v heads -> v cache, all at the position pos_ptr[0].
@@ -153,23 +169,31 @@ def _rope_append_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, cos_ptr, si
     if hb < nq:
         heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
         _rope_heads(q_ptr + b * sqb, qo_ptr + b * oqb, heads, HQ, c, s, sqh, sqd, oqh,
-                    D, R, HALF, ROPE, GPTJ, BLOCK_HALF, BLOCK_D)
+                    D, R, HALF, ROPE, GPTJ, BLOCK_HALF, BLOCK_D, qn_ptr, eps, QK_NORM)
     elif hb < nq + nkv:
         # A position past the cache is dropped rather than written out of bounds (the host
         # checks capacity before each step; this keeps a bad pos from corrupting memory).
         heads = (hb - nq) * BLOCK_H + tl.arange(0, BLOCK_H)
         heads = tl.where(pos < S_MAX, heads, HKV)
         _rope_heads(k_ptr + b * skb, kc_ptr + b * skcb + pos * skcs, heads, HKV, c, s, skh, skd, skch,
-                    D, R, HALF, ROPE, GPTJ, BLOCK_HALF, BLOCK_D)
+                    D, R, HALF, ROPE, GPTJ, BLOCK_HALF, BLOCK_D, kn_ptr, eps, QK_NORM)
     else:
         heads = (hb - nq - nkv) * BLOCK_H + tl.arange(0, BLOCK_H)
         heads = tl.where(pos < S_MAX, heads, HKV)
         _rope_heads(v_ptr + b * svb, vc_ptr + b * svcb + pos * svcs, heads, HKV, c, s, svh, svd, svch,
-                    D, R, HALF, False, GPTJ, BLOCK_HALF, BLOCK_D)
+                    D, R, HALF, False, GPTJ, BLOCK_HALF, BLOCK_D, kn_ptr, eps, False)
 
 
-def _check_append(q, k, v, k_cache, v_cache, pos, cos, sin, style, rotary_dim):
+def _check_append(q, k, v, k_cache, v_cache, pos, cos, sin, style, rotary_dim, q_norm=None, k_norm=None):
     float_dtype_check("q", q)
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("give both q_norm and k_norm, or neither")
+    if q_norm is not None:
+        if cos is None:
+            raise ValueError("q_norm / k_norm need RoPE (cos and sin): no family normalises q and k without it")
+        for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
+            if tuple(w.shape) != (q.shape[-1],) or w.device != q.device:
+                raise ValueError(f"{name} must be [{q.shape[-1]}] on {q.device}, got {tuple(w.shape)} on {w.device}")
     for name, t in (("k", k), ("v", v)):
         if t.dim() != 4 or t.shape[1] != 1:
             raise ValueError(f"{name} must be [B, 1, H, D], got {tuple(t.shape)}")
@@ -196,11 +220,13 @@ def _check_append(q, k, v, k_cache, v_cache, pos, cos, sin, style, rotary_dim):
     return _check(q, k, cos, sin, pos.reshape(1, 1).expand(B, 1), style, rotary_dim)
 
 
-def rope_append(q, k, v, k_cache, v_cache, pos, cos=None, sin=None, style="neox", rotary_dim=None):
+def rope_append(q, k, v, k_cache, v_cache, pos, cos=None, sin=None, style="neox", rotary_dim=None,
+                q_norm=None, k_norm=None, eps=1e-6):
     """One decode step's q [B, Hq, D] (rotated, contiguous). Writes k (rotated) and v into k_cache /
     v_cache [B, Hkv, S_max, D] at position pos[0]; q, k, v are [B, 1, H, D] views with any strides;
-    cos/sin fp32 [max_pos, R/2], or None for no RoPE. No host syncs: pos stays on the device."""
-    R = _check_append(q, k, v, k_cache, v_cache, pos, cos, sin, style, rotary_dim)
+    cos/sin fp32 [max_pos, R/2], or None for no RoPE. No host syncs: pos stays on the device.
+    q_norm / k_norm [D]: RMS-normalise each q / k head and scale by them before rotating (Qwen3)."""
+    R = _check_append(q, k, v, k_cache, v_cache, pos, cos, sin, style, rotary_dim, q_norm, k_norm)
     B, _, HQ, D = q.shape
     HKV = k.shape[2]
     qo = torch.empty(B, HQ, D, dtype=q.dtype, device=q.device)
@@ -214,21 +240,28 @@ def rope_append(q, k, v, k_cache, v_cache, pos, cos=None, sin=None, style="neox"
     nq, nkv = triton.cdiv(HQ, block_h), triton.cdiv(HKV, block_h)
     _rope_append_kernel[(B, nq + 2 * nkv)](
         q, k, v, qo, k_cache, v_cache, cos if rope else q, sin if rope else q, pos,
+        q_norm if q_norm is not None else q, k_norm if k_norm is not None else q, float(eps),
         HQ, HKV, D, R, R // 2, k_cache.shape[2], cos.shape[0] if rope else 0,
         q.stride(0), q.stride(2), q.stride(3), k.stride(0), k.stride(2), k.stride(3),
         v.stride(0), v.stride(2), v.stride(3), qo.stride(0), qo.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cos.stride(0) if rope else 0,
-        ROPE=rope, GPTJ=style == "gptj", BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(max(R // 2, 1)),
+        ROPE=rope, GPTJ=style == "gptj", QK_NORM=q_norm is not None, BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(max(R // 2, 1)),
         BLOCK_D=triton.next_power_of_2(D), num_warps=4,
     )
     return qo
 
 
-def rope_append_reference(q, k, v, k_cache, v_cache, pos, cos=None, sin=None, style="neox", rotary_dim=None):
+def rope_append_reference(q, k, v, k_cache, v_cache, pos, cos=None, sin=None, style="neox", rotary_dim=None,
+                          q_norm=None, k_norm=None, eps=1e-6):
     """Same contract as rope_append, in plain torch (writes the caches in place, returns q)."""
-    R = _check_append(q, k, v, k_cache, v_cache, pos, cos, sin, style, rotary_dim)
+    R = _check_append(q, k, v, k_cache, v_cache, pos, cos, sin, style, rotary_dim, q_norm, k_norm)
     B = q.shape[0]
+    if q_norm is not None:
+        def rms(x, w):
+            xf = x.float()
+            return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+        q, k = rms(q, q_norm), rms(k, k_norm)
     if R is not None:
         q, k = apply_rope_reference(q, k, cos, sin, pos.reshape(1, 1).expand(B, 1), style, rotary_dim)
     at = pos.reshape(1).to(torch.int64)

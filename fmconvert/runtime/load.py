@@ -51,7 +51,7 @@ def check_layout(m: dict, rank: int):
             "project_out.weight": (e, h), "pooler.weight": (h, h), "pooler.bias": (h,),
             "rope.inv_freq": (pos.get("rotary_dim", 0) // 2,), "alibi.slopes": (hpr,),
             **{f"{n}.{p}": (h,) for n in ("embed_norm", "final_norm") for p in ("weight", "bias")}}
-    layer = {"qkv.weight": (qkv, h), "qkv.bias": (qkv,), "attn_out.weight": (h, hpr * hd), "attn_out.bias": (h,),
+    layer = {"qkv.weight": (qkv, h), "qkv.bias": (qkv,), "q_norm.weight": (hd,), "k_norm.weight": (hd,), "attn_out.weight": (h, hpr * hd), "attn_out.bias": (h,),
              "mlp_in.weight": (mlp, h), "mlp_in.bias": (mlp,), "mlp_out.weight": (h, ipr), "mlp_out.bias": (h,),
              **{f"{n}.{p}": (h,) for n in ("attn_norm", "mlp_norm") for p in ("weight", "bias")}}
     tensors = m["ranks"][rank]["tensors"]

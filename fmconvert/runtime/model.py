@@ -82,12 +82,16 @@ class Block(nn.Module):
         qkv = m.ops.linear(h, t["qkv.weight"], t.get("qkv.bias"))
         q, k, v = qkv.split([Hq * hd, Hk * hd, Hk * hd], dim=-1)
         q, k, v = q.view(B, T, Hq, hd), k.view(B, T, Hk, hd), v.view(B, T, Hk, hd)
+        qk_norm = (t["q_norm.weight"], t["k_norm.weight"], m.eps, m.norm) if "q_norm.weight" in t else None
         if pos_t is not None:
             kc, vc = cache.k[self.i], cache.v[self.i]
             rope = (m._cos, m._sin, m.rope_style, m.rotary_dim) if m.rope is not None else (None,) * 4
-            q = m.ops.decode_append(q, k, v, kc, vc, pos_t, *rope)                   # (B, Hq, hd)
+            q = m.ops.decode_append(q, k, v, kc, vc, pos_t, *rope, qk_norm=qk_norm)   # (B, Hq, hd)
             o = m.ops.decode_attention(q, kc, vc, seq_t, m.scale, m.alibi)
             return o.reshape(B, 1, Hq * hd)
+        if qk_norm is not None:                  # Qwen3: each q and k head RMS-normalised before RoPE
+            q = m.ops.add_norm(q, None, qk_norm[0], None, m.eps, m.norm)[0]
+            k = m.ops.add_norm(k, None, qk_norm[1], None, m.eps, m.norm)[0]
         if m.rope is not None:
             q, k = m.ops.rope(q, k, *m.rope_for(positions), positions, m.rope_style, m.rotary_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # (B, H, T, hd)

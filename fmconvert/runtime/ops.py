@@ -172,9 +172,13 @@ class TorchOps:
         self._rope_memo = (positions, cos, sin, style, c, s)
         return c, s
 
-    def decode_append(self, q, k, v, k_cache, v_cache, pos_t, cos, sin, style, rotary_dim):
+    def decode_append(self, q, k, v, k_cache, v_cache, pos_t, cos, sin, style, rotary_dim, qk_norm=None):
         """One new token per sequence at position pos_t (device tensor [1]): rotate q and k (cos None: no RoPE),
-        write k and v into the caches [B, Hkv, S_max, D] there; returns q [B, Hq, D]."""
+        write k and v into the caches [B, Hkv, S_max, D] there; returns q [B, Hq, D]. qk_norm: (q weight,
+        k weight, eps, norm kind) to normalise each q and k head first (Qwen3), or None."""
+        if qk_norm is not None:
+            q = self.add_norm(q, None, qk_norm[0], None, qk_norm[2], qk_norm[3])[0]
+            k = self.add_norm(k, None, qk_norm[1], None, qk_norm[2], qk_norm[3])[0]
         if cos is not None:
             q, k = self.rope(q, k, cos, sin, pos_t.view(1, 1).expand(q.shape[0], 1), style, rotary_dim)
         k_cache.index_copy_(2, pos_t, k.transpose(1, 2))
@@ -276,10 +280,14 @@ class TritonOps(TorchOps):
     # (benchmarks/gpu_check.py times both in one run).
     fuse_decode_append = True
 
-    def decode_append(self, q, k, v, k_cache, v_cache, pos_t, cos, sin, style, rotary_dim):
-        if not self.fuse_decode_append:
-            return super().decode_append(q, k, v, k_cache, v_cache, pos_t, cos, sin, style, rotary_dim)
-        return self.k.rope_append(q, k, v, k_cache, v_cache, pos_t, cos, sin, style or "neox", rotary_dim)
+    def decode_append(self, q, k, v, k_cache, v_cache, pos_t, cos, sin, style, rotary_dim, qk_norm=None):
+        fusable_norm = qk_norm is None or (qk_norm[3] == "rms" and cos is not None)
+        if not self.fuse_decode_append or not fusable_norm:
+            return super().decode_append(q, k, v, k_cache, v_cache, pos_t, cos, sin, style, rotary_dim, qk_norm)
+        if qk_norm is None:
+            return self.k.rope_append(q, k, v, k_cache, v_cache, pos_t, cos, sin, style or "neox", rotary_dim)
+        return self.k.rope_append(q, k, v, k_cache, v_cache, pos_t, cos, sin, style or "neox", rotary_dim,
+                                  q_norm=qk_norm[0], k_norm=qk_norm[1], eps=qk_norm[2])
 
     def attention(self, q, k, v, scale, causal, alibi_slopes=None, key_padding_mask=None):
         if q.is_cuda and alibi_slopes is None and key_padding_mask is None and q.shape[2] == k.shape[2]:

@@ -12,7 +12,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("name,int8", [("llama", True), ("gpt2", False), ("bloom", True), ("gptj", True),
-                                       ("gemma", False)])
+                                       ("gemma", False), ("qwen3", False)])
 def test_triton_backend_matches_torch_backend(model_dir, tmp_path, name, int8):
     out = tmp_path / "out"
     convert(model_dir(name), out, Options(tp=1, int8=int8, group_size=32), progress=False)
@@ -41,7 +41,7 @@ def _decode_steps(model, ids, start, steps):
 
 @pytest.mark.parametrize("name,int8", [("llama", True), ("mistral", False), ("gpt2", False), ("bloom", True),
                                        ("gptneox", False), ("phi", True), ("stablelm", True),
-                                       ("gemma", True)])
+                                       ("gemma", True), ("qwen3", True)])
 def test_triton_decode_step_matches_torch_backend(model_dir, tmp_path, name, int8):
     """The fused rope + KV-append decode step (RoPE, learned positions, ALiBi; GQA in mistral) against the torch
     backend's, with the fusion on and off."""
@@ -102,18 +102,20 @@ class _LaunchCounter(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
-@pytest.mark.parametrize("max_len", [8, 100])
-def test_int8_decode_step_launches_eight_or_nine_kernels_per_layer(model_dir, tmp_path, monkeypatch, max_len):
+@pytest.mark.parametrize("family,max_len", [("llama", 8), ("llama", 100), ("qwen3", 100)])
+def test_int8_decode_step_launches_eight_or_nine_kernels_per_layer(model_dir, tmp_path, monkeypatch, family,
+                                                                   max_len):
     """A graph-captured decode step costs about one launch gap per kernel, so the count per layer is part of
     the design: add+norm, QKV, rope+append, attention, out, add+norm, gate|up+SwiGLU, down; plus the merge of
-    the attention's split-K partials when the cache is split (a long cache at small batch)."""
+    the attention's split-K partials when the cache is split (a long cache at small batch). Qwen3's per-head
+    q/k norms ride in the rope+append launch."""
     from fmconvert.kernels import decode_attention_workspace, int8_matmul
     # On CUDA a tiny layer's few rows would take the split-K GEMV (zeroed buffer + epilogue); 7B-sized layers do not.
     monkeypatch.setattr(int8_matmul, "_pick_split", lambda *a: 1)
     counts = {}
     for layers in (1, 3):
         out = tmp_path / f"out{layers}"
-        convert(model_dir("llama", num_hidden_layers=layers), out, Options(tp=1, int8=True, group_size=32),
+        convert(model_dir(family, num_hidden_layers=layers), out, Options(tp=1, int8=True, group_size=32),
                 progress=False)
         m = load(out, device=DEVICE, backend="triton", dequantize=False)
         ids = torch.randint(3, 100, (1, 5), device=DEVICE)

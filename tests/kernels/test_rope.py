@@ -105,6 +105,29 @@ def test_rope_append_matches_reference(shape, style, dtype, assert_close):
         assert torch.equal(vc[:, :, p], v[:, 0])
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("style", ["neox", "gptj"])
+@pytest.mark.parametrize("shape", [s for s in APPEND_SHAPES if s[4] != 0])
+def test_rope_append_with_qk_norm_matches_reference(shape, style, dtype, assert_close):
+    """Qwen3: each q and k head RMS-normalised over all D dims (partial RoPE included) and scaled, then rotated."""
+    B, HQ, HKV, D, R, S = shape
+    q, k, v = decode_qkv(B, HQ, HKV, D, dtype, seed=B + D + 1)
+    cos, sin = tables(S, R or D)
+    gen = torch.Generator().manual_seed(D)
+    qn = (1 + 0.3 * torch.randn(D, generator=gen)).to(dtype).to(DEVICE)
+    kn = (1 + 0.3 * torch.randn(D, generator=gen)).to(dtype).to(DEVICE)
+    kc, vc = torch.zeros(B, HKV, S, D, dtype=dtype, device=DEVICE), torch.zeros(B, HKV, S, D, dtype=dtype, device=DEVICE)
+    kr, vr = kc.clone(), vc.clone()
+    pos = torch.tensor([S - 1], device=DEVICE)
+    qo = rope_append(q, k, v, kc, vc, pos, cos, sin, style, R, q_norm=qn, k_norm=kn, eps=1e-6)
+    qr = rope_append_reference(q, k, v, kr, vr, pos, cos, sin, style, R, q_norm=qn, k_norm=kn, eps=1e-6)
+    assert_close(qo, qr, dtype)
+    assert_close(kc, kr, dtype)
+    assert torch.equal(vc, vr)
+    plain = rope_append_reference(q, k, v, kr.clone(), vr.clone(), pos, cos, sin, style, R)
+    assert (plain.float() - qr.float()).abs().max() > 0.05          # the norm did change q
+
+
 def test_rope_append_past_the_cache_writes_nothing_and_checks_inputs():
     q, k, v = decode_qkv(2, 4, 2, 8, torch.float32)
     kc, vc = torch.randn(2, 2, 5, 8, device=DEVICE), torch.randn(2, 2, 5, 8, device=DEVICE)
@@ -120,5 +143,13 @@ def test_rope_append_past_the_cache_writes_nothing_and_checks_inputs():
         rope_append(q, k, v, kc[:1], vc, torch.tensor([1], device=DEVICE), cos, sin)
     with pytest.raises(ValueError, match="dtype"):
         rope_append(q, k, v, kc.half(), vc, torch.tensor([1], device=DEVICE), cos, sin)
+    with pytest.raises(ValueError, match="q_norm and k_norm"):
+        rope_append(q, k, v, kc, vc, torch.tensor([1], device=DEVICE), cos, sin, q_norm=torch.ones(8, device=DEVICE))
+    with pytest.raises(ValueError, match="need RoPE"):
+        rope_append(q, k, v, kc, vc, torch.tensor([1], device=DEVICE), q_norm=torch.ones(8, device=DEVICE),
+                    k_norm=torch.ones(8, device=DEVICE))
+    with pytest.raises(ValueError, match="q_norm must be"):
+        rope_append(q, k, v, kc, vc, torch.tensor([1], device=DEVICE), cos, sin, q_norm=torch.ones(4, device=DEVICE),
+                    k_norm=torch.ones(8, device=DEVICE))
     with pytest.raises(ValueError, match="one new token"):
         rope_append(q.expand(2, 2, 4, 8), k, v, kc, vc, torch.tensor([1], device=DEVICE), cos, sin)
