@@ -85,10 +85,13 @@ def _extra_tensor(copy, tmp):
     return d
 
 
-def _bad_shape(copy, tmp):
-    d = copy("llama")
-    edit_config(d, intermediate_size=100)
-    return d
+def _with_config(family, **changes):
+    """A case: a copy of the family's tiny model whose config.json says something else."""
+    def setup(copy, tmp):
+        d = copy(family)
+        edit_config(d, **changes)
+        return d
+    return setup
 
 
 def _int_dtype(copy, tmp):
@@ -137,18 +140,6 @@ def _llama_kv3(copy, tmp):
     return copy("llama", hidden_size=96, num_attention_heads=12, num_key_value_heads=3)
 
 
-def _phi_qk_norm(copy, tmp):
-    d = copy("phi")
-    edit_config(d, qk_layernorm=True)
-    return d
-
-
-def _gptj_odd_rotary(copy, tmp):
-    d = copy("gptj")
-    edit_config(d, rotary_dim=7)
-    return d
-
-
 def _neox_no_head(copy, tmp):
     d = copy("gptneox")
     edit_tensors(d, lambda t: t.pop("embed_out.weight"))
@@ -165,7 +156,7 @@ CASES = {
     "corrupt-header": (_corrupt_header, [], ["model.safetensors", "not a readable safetensors file"]),
     "missing-tensor": (_missing_tensor, [], ["missing tensor model.layers.1.mlp.up_proj.weight"]),
     "unexpected-tensor": (_extra_tensor, [], ["unexpected tensor model.layers.0.self_attn.foo.weight"]),
-    "shape-vs-config": (_bad_shape, [], ["model.layers.0.mlp.gate_proj.weight", "[96, 64]", "[100, 64]"]),
+    "shape-vs-config": (_with_config("llama", intermediate_size=100), [], ["model.layers.0.mlp.gate_proj.weight", "[96, 64]", "[100, 64]"]),
     "int-dtype": (_int_dtype, [], ["model.norm.weight", "float dtype"]),
     "tp-vs-heads": (_llama, ["--tp", "3"], ["tp=3", "num_attention_heads=4"]),
     "tp-vs-kv-heads": (_llama_kv3, ["--tp", "2"], ["tp=2", "num_key_value_heads=3"]),
@@ -178,8 +169,8 @@ CASES = {
     "max-shard-size": (_llama, ["--max-shard-size", "lots"], ["--max-shard-size", "'lots'"]),
     "max-shard-size-zero": (_llama, ["--max-shard-size", "0MB"], ["--max-shard-size"]),
     "max-shard-size-inf": (_llama, ["--max-shard-size", "infGB"], ["--max-shard-size"]),
-    "unsupported-variant": (_phi_qk_norm, [], ["PhiForCausalLM", "does not support", "qk_layernorm"]),
-    "odd-rotary-width": (_gptj_odd_rotary, [], ["rotary width", "head_dim=16", "7"]),
+    "unsupported-variant": (_with_config("phi", qk_layernorm=True), [], ["PhiForCausalLM", "does not support", "qk_layernorm"]),
+    "odd-rotary-width": (_with_config("gptj", rotary_dim=7), [], ["rotary width", "head_dim=16", "7"]),
     "missing-head": (_neox_no_head, [], ["missing tensor embed_out.weight"]),
 }
 
