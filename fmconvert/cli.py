@@ -44,7 +44,8 @@ def cli():
 
     \b
     Supported families (one table each in fmconvert/configs/):
-      LLaMA / Mistral / Qwen2, Qwen3, Gemma, Phi-3, StableLM, GPT-NeoX / Pythia, GPT-J, Phi, GPT-2, OPT, BLOOM, BERT
+      LLaMA / Mistral / Qwen2, Qwen3, Gemma, Phi-3, StableLM, Falcon, GPT-NeoX / Pythia, GPT-J, Phi, GPT-2,
+      OPT, BLOOM, BERT
     """
 
 

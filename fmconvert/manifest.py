@@ -131,6 +131,7 @@ def validate(m) -> dict:
         _need(k in model and ok(model[k]), f"model.{k} is missing or malformed")
     _position(model)
     _need(_POS_NUM(model.get("embed_scale", 1.0)), "model.embed_scale must be a positive number")   # absent: 1
+    _need(model.get("qkv_layout") in (None, "separate", "fused", "interleaved", "grouped"), "model.qkv_layout is malformed")
     _need(model["num_heads"] % model["num_kv_heads"] == 0, "model.num_heads is not a multiple of num_kv_heads")
     for k in _PARALLEL:
         _need(_POS_INT(par.get(k)), f"parallel.{k} must be a positive int")
@@ -196,6 +197,9 @@ def _source(src):
     _need(all(isinstance(src.get(k), str) for k in ("architecture", "family", "prefix")),
           "source.architecture/family/prefix must be strings")
     _need(src.get("config_sha256") is None or isinstance(src["config_sha256"], str), "source.config_sha256 malformed")
+    aliases = src.get("aliases", {})
+    _need(isinstance(aliases, dict) and all(isinstance(k, str) and _NAT(v) for k, v in aliases.items()),
+          "source.aliases malformed")
     files = src.get("files", {})
     _need(isinstance(files, dict) and all(isinstance(v, str) for v in files.values()), "source.files malformed")
     prints = src.get("fingerprints", {})      # absent from manifests written before fmconvert recorded them

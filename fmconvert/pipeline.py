@@ -74,6 +74,7 @@ class Plan:
     bytes_in: int
     params: int
     prefix: str = ""                  # prepended to the policy's tensor names in this checkpoint
+    aliases: dict = field(default_factory=dict)   # slot key -> index of the other spelling this checkpoint uses
 
 
 def _resolve_dtype(opt: str, config, ckpt: Checkpoint, sources) -> torch.dtype:
@@ -104,12 +105,17 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
 
     consumed: set[str] = set()
     bytes_in = params = 0
-    for src in globals_ + [s for layer in layers for s in layer]:
+    spelled: dict[str, int | None] = {}
+    keyed = [(s.slot, s) for s in globals_] + [(f"layers.{s.slot}", s) for layer in layers for s in layer]
+    for key, src in keyed:
         present = [n in ckpt for n in src.names]
+        which = None
         if not all(present):                # another spelling (an older transformers' name) may be there instead
-            alt = next((a for a in src.aliases if all(n in ckpt for n in a)), None)
-            if alt is not None:
-                src.names, present = alt, [True] * len(alt)
+            which = next((j for j, a in enumerate(src.aliases) if all(n in ckpt for n in a)), None)
+            if which is not None:
+                src.names, present = src.aliases[which], [True] * len(src.aliases[which])
+        if spelled.setdefault(key, which) != which:
+            raise FmError(f"{src.names[0]}: the layers of this checkpoint spell {key} in different ways")
         if src.optional and not any(present):
             src.names = []
             continue
@@ -160,7 +166,7 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
                               f"(tp={opts.tp}); pick a group size that divides {k}")
             groups[slot] = g
     return Plan(policy, spec, layout, dtype, globals_, layers, extras, tied_lm_head, groups, quant_slots,
-                bytes_in, params, prefix)
+                bytes_in, params, prefix, {k: v for k, v in sorted(spelled.items()) if v is not None})
 
 
 def _rope_inv_freq(config, spec: ModelSpec) -> tuple[torch.Tensor, float]:
@@ -851,6 +857,7 @@ def _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config,
                 "format": mf.FORMAT, "format_version": mf.FORMAT_VERSION, "tool_version": __version__,
                 "source": {"architecture": spec.architecture, "family": spec.family, "prefix": plan.prefix,
                            "config_sha256": config_sha, "fingerprints": prints, "sidecar_files": copied,
+                           **({"aliases": plan.aliases} if plan.aliases else {}),
                            **({"files": dict(sorted(src_hashes.items()))} if src_hashes is not None else {})},
                 "model": spec.to_dict(),
                 "parallel": plan.layout.to_dict(),

@@ -73,6 +73,7 @@ class ModelSpec:
     type_vocab_size: int
     attn_scale: float              # softmax scale, 1/sqrt(head_dim) for every supported family
     embed_scale: float = 1.0       # embeddings are multiplied by this, in the model dtype (Gemma: sqrt(hidden))
+    qkv_layout: str | None = None  # how the source stores q|k|v (separate, interleaved, grouped); None: the table's
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -82,24 +83,45 @@ class ModelSpec:
         return asdict(self)
 
 
-def _eval_config_term(config, term: str):
+def _operand(config, x: str):
+    return int(x) if re.fullmatch(r"-?\d+", x) else getattr(config, x, None)
+
+
+def _eval_config_term(config, term: str, known: dict):
     term = term.strip()
     if term.startswith("!"):
-        return not _eval_config_term(config, term[1:])
-    if "!=" in term:
-        a, b = (x.strip() for x in term.split("!="))
-        return getattr(config, a, None) != getattr(config, b, None)
+        return not _eval_config_term(config, term[1:], known)
+    for op in ("!=", "=="):
+        if op in term:
+            a, b = (_operand(config, x.strip()) for x in term.split(op))
+            return (a != b) if op == "!=" else (a == b)
+    if term in known:                      # a flag defined above this one
+        return known[term]
     return bool(getattr(config, term, False))
 
 
-def _eval_flag(config, expr) -> bool:
+def _eval_flag(config, expr, known: dict | None = None) -> bool:
+    """A flag: terms joined by " and ", alternatives by " or " (and binds tighter). A term is a config attribute,
+    `!term`, `a == b` / `a != b` (attributes or integers), or the name of a flag defined before it."""
     if isinstance(expr, bool):
         return expr
-    return all(_eval_config_term(config, t) for t in expr.split(" and "))
+    known = known or {}
+    return any(all(_eval_config_term(config, t, known) for t in alt.split(" and ")) for alt in expr.split(" or "))
 
 
-def _config_value(config, spec, key: str):
-    """Resolve a `[config]` entry: "a|b" alternatives, "4*x" multiples, "x/y" ratios, {value = ...} constants."""
+def _pick(value, flags: dict, where: str):
+    """A three-item list [flag, if_true, if_false] picks by a flag; either branch may itself be such a list."""
+    while isinstance(value, list) and len(value) == 3 and isinstance(value[0], str):
+        if value[0] not in flags:
+            raise FmError(f"{where} names flag {value[0]!r}, which [flags] does not define")
+        value = value[1] if flags[value[0]] else value[2]
+    return value
+
+
+def _config_value(config, spec, key: str, flags: dict | None = None):
+    """Resolve a `[config]` entry: "a|b" alternatives, "4*x" multiples, "x/y" ratios, {value = ...} constants, and
+    [flag, if_true, if_false] picks of any of these."""
+    spec = _pick(spec, flags or {}, f"config.{key}")
     if isinstance(spec, dict):
         return spec["value"]
     for alt in spec.split("|"):
@@ -147,16 +169,16 @@ class Policy:
 
     # -- spec -----------------------------------------------------------------------------------------------
     def flags(self, config, architecture: str) -> dict[str, bool]:
-        flags = {k: _eval_flag(config, v) for k, v in self.table.get("flags", {}).items()}
+        flags: dict[str, bool] = {}
+        for k, v in self.table.get("flags", {}).items():          # in order: a flag may use those above it
+            flags[k] = _eval_flag(config, v, flags)
         flags.update(self.architectures.get(architecture, {}))
         return flags
 
     def _layout(self, key: str, flags: dict, default=None):
         v = self.layout.get(key, default)
-        if isinstance(v, list) and len(v) == 3 and isinstance(v[0], str) and key != "transposed":
-            if v[0] not in flags:
-                raise FmError(f"{self.path.name}: layout.{key} names flag {v[0]!r}, which [flags] does not define")
-            return v[1] if flags[v[0]] else v[2]
+        if key != "transposed" and isinstance(v, list):
+            return _pick(v, flags, f"{self.path.name}: layout.{key}")
         if isinstance(v, str) and v in flags:
             return flags[v]
         return v
@@ -166,7 +188,7 @@ class Policy:
         if flags.get("unsupported"):
             raise FmError(f"{architecture}: this config uses a variant fmconvert does not support "
                           f"({self.table['flags']['unsupported']})")
-        c = {k: _config_value(config, v, k) for k, v in self.table["config"].items()}
+        c = {k: _config_value(config, v, k, flags) for k, v in self.table["config"].items()}
         for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
                     "vocab_size"):
             if not isinstance(c[key], int) or isinstance(c[key], bool) or c[key] <= 0:
@@ -203,7 +225,7 @@ class Policy:
             project=bool(flags.get("project", False)), pooler=False,
             type_vocab_size=int(c.get("type_vocab_size") or 0),
             attn_scale=1.0 / math.sqrt(c["head_dim"]),
-            embed_scale=self._embed_scale(c),
+            embed_scale=self._embed_scale(c), qkv_layout=self._layout("qkv", flags, "separate"),
             bos_token_id=getattr(config, "bos_token_id", None), eos_token_id=getattr(config, "eos_token_id", None),
             pad_token_id=getattr(config, "pad_token_id", None),
         )
@@ -322,17 +344,36 @@ class Policy:
         if slot in self.transposed:
             parts = [p.t() for p in parts]
         t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        if slot.startswith("qkv.") and self.layout["qkv"] == "interleaved":
-            # BLOOM stores [head, (q|k|v), head_dim]; canonical is [(q|k|v), head, head_dim].
-            H, hd = spec.num_heads, spec.head_dim
-            t = t.reshape(H, 3, hd, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+        if slot.startswith("qkv."):
+            H, KV, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+            layout, rest = self._qkv_layout(spec), t.shape[1:]
+            if layout == "interleaved":
+                # BLOOM, GPT-NeoX: [head, (q|k|v), head_dim]; canonical is [(q|k|v), head, head_dim].
+                t = t.reshape(H, 3, hd, *rest).transpose(0, 1).reshape(t.shape)
+            elif layout == "grouped":
+                # Falcon's new decoder: per kv head, its H/KV query heads, then its k, then its v.
+                g = t.reshape(KV, H // KV + 2, hd, *rest)
+                t = torch.cat([g[:, :-2].reshape(H * hd, *rest), g[:, -2].reshape(KV * hd, *rest),
+                               g[:, -1].reshape(KV * hd, *rest)], dim=0)
         return t.contiguous()
+
+    def _qkv_layout(self, spec: ModelSpec) -> str:
+        layout = spec.qkv_layout or self.layout.get("qkv", "separate")
+        if layout not in ("separate", "fused", "interleaved", "grouped"):    # fused: one tensor, q|k|v in order
+            raise FmError(f"{self.path.name}: qkv layout {layout!r} is not separate, fused, interleaved or grouped")
+        return layout
 
     def unfuse(self, spec: ModelSpec, slot: str, t: torch.Tensor, n_parts: int) -> list[torch.Tensor]:
         """Inverse of `fuse`: the canonical tensor back to the HF tensors, in HF layout."""
-        if slot.startswith("qkv.") and self.layout["qkv"] == "interleaved":
-            H, hd = spec.num_heads, spec.head_dim
-            t = t.reshape(3, H, hd, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+        if slot.startswith("qkv."):
+            H, KV, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+            layout, rest = self._qkv_layout(spec), t.shape[1:]
+            if layout == "interleaved":
+                t = t.reshape(3, H, hd, *rest).transpose(0, 1).reshape(t.shape)
+            elif layout == "grouped":
+                q, k, v = torch.split(t, [H * hd, KV * hd, KV * hd], dim=0)
+                t = torch.cat([q.reshape(KV, H // KV, hd, *rest), k.reshape(KV, 1, hd, *rest),
+                               v.reshape(KV, 1, hd, *rest)], dim=1).reshape(t.shape)
         parts = list(torch.split(t, self._part_rows(spec, slot, n_parts), dim=0)) if n_parts > 1 else [t]
         if slot in self.transposed:
             parts = [p.t() for p in parts]

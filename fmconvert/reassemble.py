@@ -138,7 +138,14 @@ def reassemble(out_dir, dequantize: bool = True) -> tuple[dict, dict[str, torch.
     sources = [(s.slot, s) for s in pol.sources(spec, _AllFlags(), prefix, None)]
     for i in range(spec.num_layers):
         sources += [(f"layers.{i}.{s.slot}", s) for s in pol.sources(spec, _AllFlags(), prefix, i)]
+    spelled = m["source"].get("aliases") or {}     # slots the source spelled another way than the table's first
     for key, src in sources:
+        which = spelled.get(src.slot if key == src.slot else f"layers.{src.slot}")
+        if which is not None:
+            if which >= len(src.aliases):
+                raise FmError(f"manifest: source.aliases names spelling {which} of {src.slot}, which has "
+                              f"{len(src.aliases)}")
+            src.names = src.aliases[which]
         for suffix in ("", SCALE):
             t = canon.pop(key + suffix, None)
             if t is not None:

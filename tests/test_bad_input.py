@@ -140,6 +140,16 @@ def _llama_kv3(copy, tmp):
     return copy("llama", hidden_size=96, num_attention_heads=12, num_key_value_heads=3)
 
 
+def _falcon_mixed_norm_names(copy, tmp):
+    d = copy("falcon_new")
+
+    def rename(t):
+        for p in ("weight", "bias"):
+            t[f"transformer.h.1.input_layernorm.{p}"] = t.pop(f"transformer.h.1.ln_attn.{p}")
+    edit_tensors(d, rename)
+    return d
+
+
 def _neox_no_head(copy, tmp):
     d = copy("gptneox")
     edit_tensors(d, lambda t: t.pop("embed_out.weight"))
@@ -172,6 +182,8 @@ CASES = {
     "unsupported-variant": (_with_config("phi", qk_layernorm=True), [], ["PhiForCausalLM", "does not support", "qk_layernorm"]),
     "odd-rotary-width": (_with_config("gptj", rotary_dim=7), [], ["rotary width", "head_dim=16", "7"]),
     "missing-head": (_neox_no_head, [], ["missing tensor embed_out.weight"]),
+    "unsupported-alibi": (_with_config("falcon", alibi=True), [], ["FalconForCausalLM", "does not support", "alibi"]),
+    "mixed-spellings": (_falcon_mixed_norm_names, [], ["spell layers.attn_norm", "different ways"]),
 }
 
 

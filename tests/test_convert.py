@@ -111,7 +111,8 @@ def test_float_roundtrip_is_exact(model_dir, tmp_path, name, tp):
     out = conv(d, tmp_path / "out", tp=tp)
     m, got = reassemble(out)
     prefix = {"bert": "", "bert_cls": "bert.", "gpt2": "transformer.", "bloom": "transformer.", "gptj": "transformer.",
-              "gptneox": "gpt_neox.", "gptneox_seq": "gpt_neox."}
+              "gptneox": "gpt_neox.", "gptneox_seq": "gpt_neox.", "falcon": "transformer.",
+              "falcon_new": "transformer.", "falcon_seq": "transformer."}
     assert m["source"]["prefix"] == prefix.get(name, "model.")
     assert_exact(expected(d, m), got)
 
@@ -503,7 +504,7 @@ def test_public_python_api(model_dir, tmp_path):
 
 def test_a_head_under_its_other_name_converts_the_same(model_dir, tmp_path):
     """GPT-NeoX checkpoints name the head embed_out; a transformers 5 state dict calls it lm_head. Either converts to
-    the same shards, and nothing else in the checkpoint may be left unclaimed."""
+    the same shards, and reassembles under the name its source used (the manifest records the spelling)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -514,6 +515,22 @@ def test_a_head_under_its_other_name_converts_the_same(model_dir, tmp_path):
     tensors["lm_head.weight"] = tensors.pop("embed_out.weight")
     save_file(tensors, renamed / "model.safetensors", metadata={"format": "pt"})
     a, b = conv(d, tmp_path / "a", tp=2), conv(renamed, tmp_path / "b", tp=2)
-    (_, ta), (_, tb) = reassemble(a), reassemble(b)
-    assert "embed_out.weight" in ta and set(ta) == set(tb)
-    assert all(torch.equal(ta[n], tb[n]) for n in ta)
+    (ma, ta), (mb, tb) = reassemble(a), reassemble(b)
+    assert "aliases" not in ma["source"] and mb["source"]["aliases"] == {"lm_head.weight": 0}
+    assert "embed_out.weight" in ta and "lm_head.weight" in tb
+    assert torch.equal(ta.pop("embed_out.weight"), tb.pop("lm_head.weight"))
+    assert set(ta) == set(tb) and all(torch.equal(ta[n], tb[n]) for n in ta)
+
+
+def test_falcon_layouts_are_recorded_and_reassemble_under_their_own_names(model_dir, tmp_path):
+    """Falcon's q|k|v layout and norm names follow its config: the manifest records the layout picked and the
+    spellings used, so the shards go back to exactly the source's tensors."""
+    for name, layout, aliases in (("falcon", "separate", {}), ("falcon_seq", "interleaved",
+                                  {"layers.mlp_norm.bias": 0, "layers.mlp_norm.weight": 0}),
+                                  ("falcon_new", "grouped", {"layers.attn_norm.bias": 0,
+                                                             "layers.attn_norm.weight": 0})):
+        d = model_dir(name)
+        out = conv(d, tmp_path / name, tp=2)
+        m, got = reassemble(out)
+        assert m["model"]["qkv_layout"] == layout and m["source"].get("aliases", {}) == aliases, name
+        assert_exact(expected(d, m), got)

@@ -49,6 +49,14 @@ CONFIGS = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=101,
               max_position_embeddings=64)),
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               vocab_size=101, max_position_embeddings=64)),                    # 7B-style: multi-query, one norm
+    "falcon_new": ("FalconConfig", "FalconForCausalLM", dict(hidden_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, num_kv_heads=2, vocab_size=101, max_position_embeddings=64,
+                   new_decoder_architecture=True, bias=True, tie_word_embeddings=False)),   # 40B-style: grouped
+    "falcon_seq": ("FalconConfig", "FalconForCausalLM", dict(hidden_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, vocab_size=101, max_position_embeddings=64, multi_query=False,
+                   parallel_attn=False)),                                       # interleaved q|k|v, two norms
     "bert": ("BertConfig", "BertModel", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, vocab_size=101, max_position_embeddings=64, type_vocab_size=2)),
     "bert_cls": ("BertConfig", "BertForSequenceClassification", dict(hidden_size=64, intermediate_size=96,
