@@ -125,7 +125,14 @@ def inspect(out_dir, as_json):
     t.add_row("architecture", f"{md['architecture']} ({md['family']}, {md['kind']})")
     t.add_row("shape", f"{md['num_layers']} layers, hidden {md['hidden_size']}, {md['num_heads']} heads / "
               f"{md['num_kv_heads']} kv, head_dim {md['head_dim']}, mlp {md['intermediate_size']} ({md['activation']})")
-    t.add_row("positions / norm", f"{md['position']['type']} / {md['norm']} ({md['residual']}-LN)")
+    pos = md["position"]
+    rope = (f" ({pos.get('style')}, {pos.get('rotary_dim')} of {md['head_dim']} dims)"
+            if pos["type"] == "rope" else "")
+    residual = {"pre": "pre-LN", "post": "post-LN", "parallel": "parallel attention + MLP"}.get(md["residual"],
+                                                                                             md["residual"])
+    t.add_row("positions / norm", f"{pos['type']}{rope} / {md['norm']}, {residual}")
+    if md.get("qkv_layout") not in (None, "separate", "fused"):
+        t.add_row("source q|k|v", f"{md['qkv_layout']} (re-laid out as q, k, v)")
     t.add_row("vocab", f"{md['vocab_size']} (padded {par['vocab_padded']}), tied: {md['tied_embeddings']}")
     t.add_row("tensor parallel", f"tp={par['tp']}: {par['heads_per_rank']} heads + {par['kv_heads_per_rank']} kv "
               f"per rank, kv replication x{par['kv_replication']}, mlp {par['intermediate_per_rank']} per rank")

@@ -1,0 +1,58 @@
+"""The architecture tables (fmconvert/configs/*.toml) and the small language they are written in."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from fmconvert.errors import FmError
+from fmconvert.policy import GLOBAL_SLOTS, LAYER_SLOTS, _config_value, _eval_flag, _pick, policies
+
+LAYOUT_KEYS = {"norm", "gated_mlp", "position", "rope_style", "residual", "qkv", "embed_norm", "final_norm",
+               "transposed", "position_offset", "embed_scale"}
+
+
+def test_flags_and_binds_tighter_than_or_and_may_use_earlier_flags():
+    cfg = SimpleNamespace(a=True, b=False, c=True, n=2, m=2, k=3)
+    assert _eval_flag(cfg, "a and b or c") is True            # (a and b) or c
+    assert _eval_flag(cfg, "b or a and !c") is False           # b or (a and not c)
+    assert _eval_flag(cfg, "n == 2 and n != 3 and n == m and k != m") is True
+    assert _eval_flag(cfg, "missing") is False and _eval_flag(cfg, "!missing") is True
+    assert _eval_flag(cfg, "!two or a", {"two": True}) is True and _eval_flag(cfg, "!two", {"two": True}) is False
+    assert _eval_flag(cfg, True) is True
+
+
+def test_picks_nest_and_name_defined_flags_only():
+    flags = {"new": False, "mqa": True}
+    assert _pick(["new", "grouped", ["mqa", "separate", "interleaved"]], flags, "t") == "separate"
+    assert _pick("plain", flags, "t") == "plain"
+    cfg = SimpleNamespace(num_kv_heads=8, num_attention_heads=32)
+    assert _config_value(cfg, ["new", "num_kv_heads", ["mqa", {"value": 1}, "num_attention_heads"]], "kv", flags) == 1
+    assert _config_value(cfg, ["new", "num_kv_heads", "num_attention_heads"], "kv", {"new": True}) == 8
+    with pytest.raises(FmError, match="'nope'"):
+        _pick(["nope", 1, 2], flags, "layout.qkv")
+
+
+def test_every_table_names_known_slots_layout_keys_and_flags():
+    """A typo in a table (a slot, a layout key, a flag a `when` names) fails here, not on some user's checkpoint."""
+    seen = set()
+    for arch, pol in policies().items():
+        if id(pol) in seen:
+            continue
+        seen.add(id(pol))
+        t, name = pol.table, pol.path.name
+        assert t["kind"] in ("decoder", "encoder"), name
+        assert set(pol.layout) <= LAYOUT_KEYS, (name, set(pol.layout) - LAYOUT_KEYS)
+        flags = set(t.get("flags", {})) | {k for over in pol.architectures.values() for k in over}
+        tensors = t["tensors"]
+        sections = [({k: v for k, v in tensors.items() if k not in ("layer", "head")}, GLOBAL_SLOTS),
+                    (tensors.get("head", {}), GLOBAL_SLOTS), (tensors["layer"], LAYER_SLOTS)]
+        for section, allowed in sections:
+            for slot, entry in section.items():
+                assert slot in allowed, (name, slot)
+                if isinstance(entry, dict):
+                    assert set(entry) <= {"name", "when", "optional", "aliases"}, (name, slot, entry)
+                    assert entry.get("when") is None or entry["when"] in flags, (name, slot, entry["when"])
+        for key, v in pol.layout.items():                       # every flag a layout pick names exists
+            while isinstance(v, list) and len(v) == 3 and isinstance(v[0], str) and key != "transposed":
+                assert v[0] in flags, (name, key, v[0])
+                v = v[2]
