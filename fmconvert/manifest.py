@@ -131,6 +131,9 @@ def validate(m) -> dict:
         _need(k in model and ok(model[k]), f"model.{k} is missing or malformed")
     _position(model)
     _need(_POS_NUM(model.get("embed_scale", 1.0)), "model.embed_scale must be a positive number")   # absent: 1
+    experts, topk = model.get("num_experts", 0), model.get("experts_per_token", 0)
+    _need(_NAT(experts) and _NAT(topk) and (topk <= experts if experts else topk == 0),
+          "model.num_experts / experts_per_token are malformed")
     _need(model.get("qkv_layout") in (None, "separate", "fused", "interleaved", "grouped"), "model.qkv_layout is malformed")
     _need(model["num_heads"] % model["num_kv_heads"] == 0, "model.num_heads is not a multiple of num_kv_heads")
     for k in _PARALLEL:

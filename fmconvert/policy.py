@@ -25,6 +25,7 @@ LAYER_SLOTS = (
     "attn_norm.weight", "attn_norm.bias", "qkv.weight", "qkv.bias", "attn_out.weight", "attn_out.bias",
     "mlp_norm.weight", "mlp_norm.bias", "mlp_in.weight", "mlp_in.bias", "mlp_out.weight", "mlp_out.bias",
     "q_norm.weight", "k_norm.weight",
+    "router.weight", "experts_in.weight", "experts_out.weight",      # mixture of experts, in place of mlp_in/out
 )
 GLOBAL_SLOTS = (
     "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
@@ -74,6 +75,8 @@ class ModelSpec:
     attn_scale: float              # softmax scale, 1/sqrt(head_dim) for every supported family
     embed_scale: float = 1.0       # embeddings are multiplied by this, in the model dtype (Gemma: sqrt(hidden))
     qkv_layout: str | None = None  # how the source stores q|k|v (separate, interleaved, grouped); None: the table's
+    num_experts: int = 0           # mixture of experts (Mixtral): experts per layer, 0 for a dense MLP
+    experts_per_token: int = 0     # top-k experts each token is routed to; their weights are renormalised to 1
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -145,6 +148,11 @@ def _config_value(config, spec, key: str, flags: dict | None = None):
     raise FmError(f"config.json has no usable value for {key} (looked for {spec})")
 
 
+def _experts(names: list[str], spec: ModelSpec) -> range:
+    """Names with `{e}` repeat once per expert, in expert order (all of one expert's names, then the next's)."""
+    return range(spec.num_experts) if any("{e}" in n for n in names) else range(1)
+
+
 @dataclass
 class SlotSource:
     """Where one canonical slot comes from: HF names (concatenated along dim 0) and each part's expected shape."""
@@ -208,6 +216,9 @@ class Policy:
                               f"(SiLU gives SwiGLU, tanh-approximated GELU gives GeGLU)")
             act = _GATED[act]
         position = self._position(config, flags, c)
+        experts, topk = int(c.get("num_experts") or 0), int(c.get("experts_per_token") or 0)
+        if experts and not 1 <= topk <= experts:
+            raise FmError(f"config.json: num_experts_per_tok={topk} must be between 1 and num_local_experts={experts}")
         tied = bool(getattr(config, "tie_word_embeddings", False)) and self.kind == "decoder"
         eps = c["norm_eps"]
         if not isinstance(eps, (int, float)) or eps <= 0:
@@ -226,6 +237,7 @@ class Policy:
             type_vocab_size=int(c.get("type_vocab_size") or 0),
             attn_scale=1.0 / math.sqrt(c["head_dim"]),
             embed_scale=self._embed_scale(c), qkv_layout=self._layout("qkv", flags, "separate"),
+            num_experts=experts, experts_per_token=topk if experts else 0,
             bos_token_id=getattr(config, "bos_token_id", None), eos_token_id=getattr(config, "eos_token_id", None),
             pad_token_id=getattr(config, "pad_token_id", None),
         )
@@ -290,6 +302,9 @@ class Policy:
             "project_in.weight": (h, e), "project_out.weight": (e, h),
             "pooler.weight": (h, h), "pooler.bias": (h,),
             "q_norm.weight": (hd,), "k_norm.weight": (hd,),
+            "router.weight": (spec.num_experts, h),
+            "experts_in.weight": (spec.num_experts * 2 * spec.intermediate_size, h),        # per expert: gate; up
+            "experts_out.weight": (spec.num_experts * h, spec.intermediate_size),
             "attn_norm.weight": (h,), "attn_norm.bias": (h,), "mlp_norm.weight": (h,), "mlp_norm.bias": (h,),
             "qkv.weight": ((H + 2 * KV) * hd, h), "qkv.bias": ((H + 2 * KV) * hd,),
             "attn_out.weight": (h, H * hd), "attn_out.bias": (h,),
@@ -319,13 +334,14 @@ class Policy:
             for slot, names, optional, aliases in self._entries(section, flags):
                 if slot.startswith("lm_head.") and spec.kind != "decoder":
                     continue
+                names = [pre + n.format(i=layer, e=e) for e in _experts(names, spec) for n in names]
+                aliases = [[pre + n.format(i=layer, e=e) for e in _experts(a, spec) for n in a]
+                           for a in aliases if len(a) * len(_experts(a, spec)) == len(names)]
                 full = self.canonical_shape(spec, slot)
                 rows = self._part_rows(spec, slot, len(names))
                 shapes = [(r, *full[1:]) for r in rows]
                 if slot in self.transposed:
                     shapes = [tuple(reversed(s)) for s in shapes]
-                names = [pre + n.format(i=layer) for n in names]
-                aliases = [[pre + n.format(i=layer) for n in a] for a in aliases if len(a) == len(names)]
                 out.append(SlotSource(slot, names, shapes, optional, aliases))
         return out
 

@@ -9,6 +9,8 @@ Layout per rank:
   attn_out  row-parallel over the same q heads; its bias lives on rank 0 only, so the all-reduce adds it once.
   mlp_in    column-parallel; gated MLPs hold this rank's gate rows, then its up rows.
   mlp_out   row-parallel; bias on rank 0 only.
+  experts_in, experts_out  (mixture of experts) every expert sliced like mlp_in / mlp_out: rank r holds the same
+            intermediate range of each expert, padded alike; the router is replicated.
   embed, lm_head  vocab-parallel: the vocab is padded with zero rows to a multiple of tp, rank r holds rows
             [r*V/tp, (r+1)*V/tp) (of an lm_head bias too). Padded logits are dropped by the runtime.
   the rest  replicated.
@@ -29,6 +31,7 @@ COLUMN = ("qkv.weight", "qkv.bias", "mlp_in.weight", "mlp_in.bias")
 ROW = ("attn_out.weight", "mlp_out.weight")
 ROW_BIAS = ("attn_out.bias", "mlp_out.bias")
 VOCAB = ("embed.weight", "lm_head.weight", "lm_head.bias")
+EXPERTS = ("experts_in.weight", "experts_out.weight")
 
 
 def _ceil_to(x: int, m: int) -> int:
@@ -49,11 +52,18 @@ class Layout:
     intermediate_per_rank: int     # after zero padding
     vocab_padded: int
     vocab_per_rank: int
+    num_experts: int = 0           # not serialized: read back from the model spec
+
+    def __post_init__(self):
+        self.num_experts = int(self.num_experts or 0)
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.pop("num_experts")
         d["slots"] = {**{s.split(".")[0]: "column" for s in COLUMN}, **{s.split(".")[0]: "row" for s in ROW},
                       "embed": "vocab", "lm_head": "vocab", "other": "replicated"}
+        if self.num_experts:
+            d["slots"].update(experts_in="column per expert", experts_out="row per expert")
         d["row_parallel_bias"] = "rank0"
         return d
 
@@ -79,7 +89,8 @@ def plan(spec: ModelSpec, tp: int, group_size: int | None) -> Layout:
     if group_size is not None:
         per_rank = _ceil_to(chunk, group_for(chunk, group_size))
     vocab_padded = _ceil_to(spec.vocab_size, tp)
-    return Layout(tp, H // tp, kv_per_rank, repl, chunk, per_rank, vocab_padded, vocab_padded // tp)
+    return Layout(tp, H // tp, kv_per_rank, repl, chunk, per_rank, vocab_padded, vocab_padded // tp,
+                  spec.num_experts)
 
 
 def group_for(k: int, group_size: int) -> int:
@@ -129,6 +140,13 @@ def shard(spec: ModelSpec, lay: Layout, slot: str, t: torch.Tensor) -> list[torc
     if slot == "mlp_out.weight":
         return [_pad_rows(t[:, lo:hi].t(), lay.intermediate_per_rank).t().contiguous()
                 for lo, hi in _inter_ranges(spec, lay)]
+    if slot == "experts_in.weight":         # [E * (gate; up) * I, h] -> per rank [E * (gate; up) * ipr, h]
+        g = t.reshape(spec.num_experts * 2, spec.intermediate_size, *t.shape[1:])
+        return [torch.cat([_pad_rows(part[lo:hi], lay.intermediate_per_rank) for part in g]).contiguous()
+                for lo, hi in _inter_ranges(spec, lay)]
+    if slot == "experts_out.weight":        # [E * h, I] -> per rank [E * h, ipr]
+        return [_pad_rows(t[:, lo:hi].t(), lay.intermediate_per_rank).t().contiguous()
+                for lo, hi in _inter_ranges(spec, lay)]
     if slot in ROW_BIAS:
         return [t.contiguous()] + [None] * (tp - 1)
     if slot in VOCAB:
@@ -162,8 +180,12 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
             for j, part in enumerate(torch.chunk(p, n, dim=0)):
                 halves[j].append(part[:hi - lo])
         return torch.cat([torch.cat(h, dim=0) for h in halves], dim=0)
-    if slot == "mlp_out.weight":
+    if slot in ("mlp_out.weight", "experts_out.weight"):
         return torch.cat([p[:, :hi - lo] for (lo, hi), p in zip(_inter_ranges(spec, lay), pieces)], dim=1)
+    if slot == "experts_in.weight":
+        parts = [p.reshape(spec.num_experts * 2, lay.intermediate_per_rank, *p.shape[1:])[:, :hi - lo]
+                 for (lo, hi), p in zip(_inter_ranges(spec, lay), pieces)]
+        return torch.cat(parts, dim=1).reshape(-1, *pieces[0].shape[1:])
     if slot in ROW_BIAS:
         if any(p is not None for p in pieces[1:]):
             raise FmError(f"{slot}: row-parallel bias must live on rank 0 only")
@@ -183,5 +205,6 @@ def k_per_rank(spec: ModelSpec, lay: Layout, slot: str) -> int:
     return {
         "qkv.weight": spec.hidden_size, "mlp_in.weight": spec.hidden_size,
         "attn_out.weight": lay.heads_per_rank * spec.head_dim, "mlp_out.weight": lay.intermediate_per_rank,
+        "experts_in.weight": spec.hidden_size, "experts_out.weight": lay.intermediate_per_rank,
         "embed.weight": spec.embed_dim, "lm_head.weight": spec.embed_dim,
     }[slot]

@@ -135,7 +135,7 @@ def _threads(out_dir, tp, fn):
     return res
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral", "bloom", "bert", "gptneox", "phi", "phi3", "qwen3", "falcon_new"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "bloom", "bert", "gptneox", "phi", "phi3", "qwen3", "falcon_new", "mixtral"])
 def test_tp4_emulated_equals_tp1(work, name, tmp_path):
     _, src, outs = work(name)
     convert(src, tmp_path / "tp4", Options(tp=4), progress=False)
@@ -218,7 +218,8 @@ def test_inject_refuses_a_different_model(work):
         inject(hf, outs["tp1"])
 
 
-@pytest.mark.parametrize("name", ["stories", "gpt2", "bloom", "opt350", "gptj", "phi", "stablelm_par", "qwen3", "falcon"])
+@pytest.mark.parametrize("name", ["stories", "gpt2", "bloom", "opt350", "gptj", "phi", "stablelm_par", "qwen3", "falcon",
+                                  "mixtral"])
 def test_graph_safe_decode_step_equals_eager_decode(work, name):
     """decode_step (what a CUDA graph captures) reads positions and lengths from device tensors only."""
     _, _, outs = work(name)
@@ -232,3 +233,23 @@ def test_graph_safe_decode_step_equals_eager_decode(work, name):
         got = m.decode_step(ids[:, j:j + 1], static, torch.tensor([static.length]))
         static.length += 1
         assert rel(got, want) < 1e-5
+
+
+def test_mixture_of_experts_routes_each_token_to_its_top_k(work):
+    """Mixtral: the fused model's MoE output equals a direct per-token evaluation of the chosen experts (the router
+    really selects, and the weights are renormalised), and generation refuses a CUDA graph it cannot capture."""
+    hf, _, outs = work("mixtral")
+    m = load(outs["tp1"])
+    blk, x = m.blocks[0], torch.randn(1, 5, m.spec["hidden_size"])
+    t = blk.t
+    probs = torch.nn.functional.linear(x[0], t["router.weight"]).softmax(-1)
+    want = torch.zeros_like(x[0])
+    for j in range(5):
+        w, e = probs[j].topk(m.spec["experts_per_token"])
+        for wk, ek in zip((w / w.sum()).tolist(), e.tolist()):
+            gate, up = torch.nn.functional.linear(x[0, j], t["experts_in.weight"][ek]).chunk(2)
+            want[j] += wk * torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, t["experts_out.weight"][ek])
+    assert rel(blk.mlp(x)[0], want) < 1e-5
+    assert len({tuple(probs[j].topk(2).indices.tolist()) for j in range(5)}) > 1     # tokens go different ways
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        generate(m, torch.tensor([[1, 2, 3]]), max_new_tokens=2, cuda_graph=True)

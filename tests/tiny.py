@@ -57,6 +57,9 @@ CONFIGS = {
     "falcon_seq": ("FalconConfig", "FalconForCausalLM", dict(hidden_size=64, num_hidden_layers=2,
                    num_attention_heads=4, vocab_size=101, max_position_embeddings=64, multi_query=False,
                    parallel_attn=False)),                                       # interleaved q|k|v, two norms
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(hidden_size=64, intermediate_size=96,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+                max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2)),
     "bert": ("BertConfig", "BertModel", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, vocab_size=101, max_position_embeddings=64, type_vocab_size=2)),
     "bert_cls": ("BertConfig", "BertForSequenceClassification", dict(hidden_size=64, intermediate_size=96,

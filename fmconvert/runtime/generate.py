@@ -29,6 +29,8 @@ class GenStats:
 
 def _nbytes(t) -> int:
     from .ops import Int8Weight
+    if isinstance(t, list):             # a mixture's experts: counted in weight_bytes by the share a token reads
+        return sum(_nbytes(x) for x in t)
     if isinstance(t, Int8Weight):
         return t.q.numel() + t.scale.numel() * t.scale.element_size()
     return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
@@ -37,7 +39,9 @@ def _nbytes(t) -> int:
 def weight_bytes(model: FusedModel) -> int:
     """Bytes of weights one decode step reads on this rank (what bandwidth figures are counted against).
     An untied embedding table is gathered from, not streamed, so it is left out."""
-    total = sum(_nbytes(t) for t in model.g.values()) + sum(_nbytes(v) for b in model.blocks for v in b.t.values())
+    share = model.spec.get("experts_per_token", 0) / max(1, model.spec.get("num_experts", 0))
+    total = sum(_nbytes(t) for t in model.g.values()) + sum(
+        int(_nbytes(v) * share) if isinstance(v, list) else _nbytes(v) for b in model.blocks for v in b.t.values())
     if not model.spec["tied_embeddings"] and "embed.weight" in model.g:
         total -= _nbytes(model.g["embed.weight"])
     return total
@@ -120,8 +124,11 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_p, seed, eos_to
     B, T = input_ids.shape
     dev = model.device
     ids = input_ids.to(dev)
+    moe = bool(model.spec.get("num_experts"))
     if cuda_graph is None:
-        cuda_graph = dev.type == "cuda"
+        cuda_graph = dev.type == "cuda" and not moe
+    if cuda_graph and moe:
+        raise ValueError("a mixture-of-experts model routes each token on the host: no CUDA-graph decode yet")
     if cuda_graph:
         from .cuda_graph import GraphDecoder
         runner = GraphDecoder(model, B, T + max_new_tokens)

@@ -34,7 +34,9 @@ def sha256_file(path: Path) -> str:
 
 
 _ST_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8"}
-_INT8_OK = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight", "embed.weight", "lm_head.weight")
+_INT8_OK = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight", "embed.weight", "lm_head.weight",
+            "experts_in.weight", "experts_out.weight")
+_EXPERTS = ("experts_in.weight", "experts_out.weight")
 _ROW_BIAS = ("attn_out.bias", "mlp_out.bias")
 
 
@@ -51,7 +53,9 @@ def check_layout(m: dict, rank: int):
             "project_out.weight": (e, h), "pooler.weight": (h, h), "pooler.bias": (h,),
             "rope.inv_freq": (pos.get("rotary_dim", 0) // 2,), "alibi.slopes": (hpr,),
             **{f"{n}.{p}": (h,) for n in ("embed_norm", "final_norm") for p in ("weight", "bias")}}
-    layer = {"qkv.weight": (qkv, h), "qkv.bias": (qkv,), "q_norm.weight": (hd,), "k_norm.weight": (hd,), "attn_out.weight": (h, hpr * hd), "attn_out.bias": (h,),
+    E = sp.get("num_experts", 0)
+    layer = {"qkv.weight": (qkv, h), "qkv.bias": (qkv,), "q_norm.weight": (hd,), "k_norm.weight": (hd,),
+             "router.weight": (E, h), "experts_in.weight": (E * 2 * ipr, h), "experts_out.weight": (E * h, ipr), "attn_out.weight": (h, hpr * hd), "attn_out.bias": (h,),
              "mlp_in.weight": (mlp, h), "mlp_in.bias": (mlp,), "mlp_out.weight": (h, ipr), "mlp_out.bias": (h,),
              **{f"{n}.{p}": (h,) for n in ("attn_norm", "mlp_norm") for p in ("weight", "bias")}}
     tensors = m["ranks"][rank]["tensors"]
@@ -61,7 +65,8 @@ def check_layout(m: dict, rank: int):
                              ("project_in.weight", sp["project"]), ("project_out.weight", sp["project"]),
                              ("pooler.weight", sp["pooler"]), ("pos_embed.weight", pos["type"] == "learned"),
                              ("rope.inv_freq", pos["type"] == "rope"), ("alibi.slopes", pos["type"] == "alibi")] if on}
-    per_layer = {"attn_norm.weight", "qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight"}
+    per_layer = {"attn_norm.weight", "qkv.weight", "attn_out.weight"}
+    per_layer |= {"router.weight", *_EXPERTS} if E else {"mlp_in.weight", "mlp_out.weight"}
     if sp["residual"] != "parallel":            # GPT-J and Phi feed the MLP from the attention's norm
         per_layer.add("mlp_norm.weight")
     per_layer |= {s[len("layers."):] for s in sp["slots"] if s.startswith("layers.")}
@@ -190,16 +195,22 @@ def _assemble(manifest: dict, raw: dict, device, int8: str, dtype) -> dict:
             g = t.shape[1] // scale.shape[1] if scale.dim() == 2 and scale.shape[1] else 0
             if not g or g * scale.shape[1] != t.shape[1] or scale.shape[0] != t.shape[0]:
                 raise FmError(f"{name}_scale has shape {list(scale.shape)}, which does not fit {list(t.shape)}")
-            w = Int8Weight(t.to(device), scale.to(device), g)
-            if int8 == "pack" and t.numel() >= CPU_INT8_MIN_ELEMS and (name != "embed.weight" or tied):
-                w.packed = int8_gemv_cpu.pack(w.q, w.scale, g)
-            elif int8 != "keep":
-                w = w.dequantize(dtype)
-            out[name] = w
+            experts = name.endswith(_EXPERTS) and manifest["model"].get("num_experts", 0)
+            ws = []
+            for q, s in (zip(t.chunk(experts), scale.chunk(experts)) if experts else [(t, scale)]):
+                w = Int8Weight(q.to(device), s.to(device), g)
+                if int8 == "pack" and q.numel() >= CPU_INT8_MIN_ELEMS and (name != "embed.weight" or tied):
+                    w.packed = int8_gemv_cpu.pack(w.q, w.scale, g)
+                elif int8 != "keep":
+                    w = w.dequantize(dtype)
+                ws.append(w)
+            out[name] = ws if experts else ws[0]       # a mixture's experts: one weight each
         elif name.startswith("extra."):
             continue
         elif t.is_floating_point() and name not in ("rope.inv_freq", "alibi.slopes"):
             out[name] = t.to(device=device, dtype=dtype)
+            if name.endswith(_EXPERTS) and manifest["model"].get("num_experts", 0):
+                out[name] = list(out[name].chunk(manifest["model"]["num_experts"]))
         else:
             out[name] = t.to(device)
     return out

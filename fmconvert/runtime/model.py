@@ -50,8 +50,7 @@ class Block(nn.Module):
             h, residual = ops.add_norm(a, residual, t["mlp_norm.weight"], t.get("mlp_norm.bias"), m.eps, m.norm)
         else:
             h, _ = ops.add_norm(a, x, t["attn_norm.weight"], t.get("attn_norm.bias"), m.eps, m.norm)
-        f = ops.linear(h, t["mlp_in.weight"], t.get("mlp_in.bias"), m.activation)
-        f = m.comm.all_reduce(ops.linear(f, t["mlp_out.weight"], t.get("mlp_out.bias")))
+        f = m.comm.all_reduce(self.mlp(h))
         if pre:
             return f, residual
         y, _ = ops.add_norm(f, h, t["mlp_norm.weight"], t.get("mlp_norm.bias"), m.eps, m.norm)
@@ -69,9 +68,32 @@ class Block(nn.Module):
             hm, _ = ops.add_norm(residual, None, t["mlp_norm.weight"], t.get("mlp_norm.bias"), m.eps, m.norm)
         a = self.attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
         a = ops.linear(a, t["attn_out.weight"], t.get("attn_out.bias"))
-        f = ops.linear(hm, t["mlp_in.weight"], t.get("mlp_in.bias"), m.activation)
-        f = ops.linear(f, t["mlp_out.weight"], t.get("mlp_out.bias"))
-        return m.comm.all_reduce(a + f), residual
+        return m.comm.all_reduce(a + self.mlp(hm)), residual
+
+    def mlp(self, h):
+        """This rank's partial MLP output (row-parallel: the caller all-reduces)."""
+        m, t = self.m, self.t
+        if "router.weight" in t:
+            return self.experts(h)
+        f = m.ops.linear(h, t["mlp_in.weight"], t.get("mlp_in.bias"), m.activation)
+        return m.ops.linear(f, t["mlp_out.weight"], t.get("mlp_out.bias"))
+
+    def experts(self, h):
+        """Mixtral's sparse MLP: a softmax router (fp32) picks each token's top-k experts, their weights renormalised
+        to sum to 1, and the token's output is the weighted sum of those experts' SwiGLU MLPs. Each expert runs once
+        on the tokens routed to it. The routing is read on the host, so this step is not CUDA-graph capturable."""
+        m, t = self.m, self.t
+        x = h.reshape(-1, h.shape[-1])
+        probs = torch.nn.functional.linear(x, t["router.weight"]).float().softmax(-1)
+        weight, chosen = probs.topk(m.spec["experts_per_token"], dim=-1)
+        weight = weight / weight.sum(-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e in chosen.unique().tolist():
+            token, k = (chosen == e).nonzero(as_tuple=True)
+            y = m.ops.linear(x[token], t["experts_in.weight"][e], None, m.activation)
+            y = m.ops.linear(y, t["experts_out.weight"][e])
+            out.index_add_(0, token, (y.float() * weight[token, k, None]).to(out.dtype))
+        return out.view_as(h)
 
     def attention(self, h, positions, cache, key_padding_mask, pos_t=None, seq_t=None):
         """pos_t (a device tensor [1]) and seq_t (int32 [B], pos_t + 1) select the graph-safe decode path: cache
