@@ -76,7 +76,8 @@ class ModelSpec:
     embed_scale: float = 1.0       # embeddings are multiplied by this, in the model dtype (Gemma: sqrt(hidden))
     qkv_layout: str | None = None  # how the source stores q|k|v (separate, interleaved, grouped); None: the table's
     num_experts: int = 0           # mixture of experts (Mixtral): experts per layer, 0 for a dense MLP
-    experts_per_token: int = 0     # top-k experts each token is routed to; their weights are renormalised to 1
+    experts_per_token: int = 0     # top-k experts each token is routed to
+    experts_renormalize: bool = True   # the top-k routing weights are rescaled to sum to 1 (Mixtral; Qwen3-MoE: a flag)
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -238,6 +239,7 @@ class Policy:
             attn_scale=1.0 / math.sqrt(c["head_dim"]),
             embed_scale=self._embed_scale(c), qkv_layout=self._layout("qkv", flags, "separate"),
             num_experts=experts, experts_per_token=topk if experts else 0,
+            experts_renormalize=bool(self._layout("experts_renormalize", flags, True)),
             bos_token_id=getattr(config, "bos_token_id", None), eos_token_id=getattr(config, "eos_token_id", None),
             pad_token_id=getattr(config, "pad_token_id", None),
         )

@@ -79,14 +79,15 @@ class Block(nn.Module):
         return m.ops.linear(f, t["mlp_out.weight"], t.get("mlp_out.bias"))
 
     def experts(self, h):
-        """Mixtral's sparse MLP: a softmax router (fp32) picks each token's top-k experts, their weights renormalised
-        to sum to 1, and the token's output is the weighted sum of those experts' SwiGLU MLPs. Each expert runs once
+        """A sparse MLP (Mixtral, Qwen3-MoE): a softmax router (fp32) picks each token's top-k experts, their weights
+        renormalised to sum to 1 where the model does so, and the token's output is the weighted sum of those experts' SwiGLU MLPs. Each expert runs once
         on the tokens routed to it. The routing is read on the host, so this step is not CUDA-graph capturable."""
         m, t = self.m, self.t
         x = h.reshape(-1, h.shape[-1])
         probs = torch.nn.functional.linear(x, t["router.weight"]).float().softmax(-1)
         weight, chosen = probs.topk(m.spec["experts_per_token"], dim=-1)
-        weight = weight / weight.sum(-1, keepdim=True)
+        if m.spec.get("experts_renormalize", True):
+            weight = weight / weight.sum(-1, keepdim=True)
         out = torch.zeros_like(x)
         for e in chosen.unique().tolist():
             token, k = (chosen == e).nonzero(as_tuple=True)
