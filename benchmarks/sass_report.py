@@ -123,6 +123,14 @@ def other_cases(D: int = 128, hidden: int = 4096, S: int = 193, T: int = 2048):
     from fmconvert.kernels import glu, norm, rope
     from fmconvert.kernels import int8_matmul as im
     H = hidden // D
+    # Mixtral-8x7B's experts_in (gate; up of 14336 each) over (token, expert) pairs, as a decode step launches it.
+    for swiglu, n_out, k in ((True, 14336, hidden), (False, hidden, 14336)):
+        rows = n_out * (2 if swiglu else 1)
+        yield Case(f"int8 expert GEMV{' swiglu' if swiglu else ''} 2x2048 w4", im._int8_expert_gemv_kernel,
+                   dict(GROUP=128, GS=128, NG=16, ACT=5 if swiglu else 0, SWIGLU=swiglu, MAGIC=3, EVEN_K=True,
+                        BLOCK_N=2, BLOCK_K=2048), 4, ptrs={"w_ptr": "*i8", "e_ptr": "*i64"},
+                   ints=dict(N_OUT=n_out, K=k, X_EVERY=2 if swiglu else 1, stride_xm=k, stride_we=rows * k,
+                             stride_wn=k, stride_se=rows * k // 128, stride_sn=k // 128, stride_om=n_out))
     i8 = {"w_ptr": "*i8", "b_ptr": "*i8"}
     gemm = dict(M=32, N_OUT=hidden, K=hidden, M_BUCKET=32, stride_xm=hidden, stride_wn=hidden,
                 stride_sn=hidden // 128, stride_om=hidden)                        # batch-32 decode

@@ -26,6 +26,7 @@ _LAZY = {
     "decode_attention_workspace": "attention", "prefill_attention": "attention",
     "prefill_attention_reference": "attention",
     "dequantize": "int8_matmul", "int8_linear": "int8_matmul", "int8_linear_reference": "int8_matmul",
+    "int8_expert_linear": "int8_matmul", "int8_expert_linear_reference": "int8_matmul",
     "add_norm": "norm", "add_norm_reference": "norm",
     "apply_rope": "rope", "apply_rope_reference": "rope", "rope_append": "rope", "rope_append_reference": "rope",
     "swiglu": "glu", "swiglu_reference": "glu", "gated": "glu", "gated_reference": "glu",
@@ -44,7 +45,7 @@ def __getattr__(name):
 __all__ = [
     "triton_available", "int8_gemv_cpu",
     "add_norm", "add_norm_reference",
-    "int8_linear", "int8_linear_reference", "dequantize",
+    "int8_linear", "int8_linear_reference", "dequantize", "int8_expert_linear", "int8_expert_linear_reference",
     "apply_rope", "apply_rope_reference", "rope_append", "rope_append_reference", "swiglu", "swiglu_reference",
     "gated", "gated_reference",
     "prefill_attention", "prefill_attention_reference",

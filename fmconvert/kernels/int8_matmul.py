@@ -583,6 +583,89 @@ def int8_linear(x, qweight, scale, group_size, bias=None, activation=None, *, _s
     return out.reshape(*x.shape[:-1], n_out)
 
 
+# ---------------------------------------------------------------------------------------------
+# mixture of experts: one GEMV launch over (token, expert) pairs, the expert read from device memory
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _int8_expert_gemv_kernel(x_ptr, w_ptr, s_ptr, e_ptr, out_ptr, N_OUT, K, X_EVERY,
+                             stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
+                             GROUP: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr, ACT: tl.constexpr,
+                             SWIGLU: tl.constexpr, MAGIC: tl.constexpr, EVEN_K: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # grid: (cdiv(N_OUT, BLOCK_N), pairs). Pair p multiplies x row p // X_EVERY by expert e_ptr[p]'s weight, so the
+    # routing never leaves the device (a decode step with experts stays CUDA-graph capturable).
+    pid_n = tl.program_id(0)
+    p = tl.program_id(1)
+    e = tl.load(e_ptr + p).to(tl.int64)
+    w_e = w_ptr + e * stride_we
+    s_e = s_ptr + e * stride_se
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N_OUT
+    x_row = x_ptr + (p // X_EVERY).to(tl.int64) * stride_xm
+    acc = _gemv_rows(x_row, w_e, s_e, rows, row_mask, 0, K, stride_wn, stride_sn,
+                     GROUP, GS, NG, BLOCK_N, BLOCK_K, MAGIC, EVEN_K, True)
+    y = activate(acc, ACT)
+    if SWIGLU:
+        y = y * _gemv_rows(x_row, w_e, s_e, rows + N_OUT, row_mask, 0, K, stride_wn, stride_sn,
+                           GROUP, GS, NG, BLOCK_N, BLOCK_K, MAGIC, EVEN_K, True)
+    tl.store(out_ptr + p.to(tl.int64) * stride_om + rows, y.to(out_ptr.dtype.element_ty), mask=row_mask)
+
+
+def int8_expert_linear(x, qweight, scale, group_size, experts, x_every=1, activation=None):
+    """One row per (token, expert) pair: y[p] = act(x[p // x_every] @ W[experts[p]].T), y in x.dtype.
+
+    x [R, K]; qweight int8 [E, N, K] and scale [E, N, K // group_size] (each expert's [N, K] contiguous);
+    experts int [P] on the device, with P = R * x_every. With a gated activation each expert's rows are
+    [gate; up] and y is [P, N // 2]."""
+    float_dtype_check("x", x)
+    if qweight.dtype != torch.int8 or qweight.dim() != 3 or x.dim() != 2 or x.shape[1] != qweight.shape[2]:
+        raise ValueError(f"need x [R, K] and int8 qweight [E, N, K], got {tuple(x.shape)} and "
+                         f"{qweight.dtype} {tuple(qweight.shape)}")
+    E, N, K = qweight.shape
+    if int(group_size) != group_size or group_size <= 0 or K % int(group_size):
+        raise ValueError(f"group_size {group_size} must be a positive divisor of K={K}")
+    group_size = int(group_size)
+    if tuple(scale.shape) != (E, N, K // group_size):
+        raise ValueError(f"scale must have shape {(E, N, K // group_size)}, got {tuple(scale.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    gated = activation in GATED
+    if gated and N % 2:
+        raise ValueError(f"{activation} needs an even number of weight rows (gate; up), got {N}")
+    if experts.dim() != 1 or experts.numel() != x.shape[0] * x_every or experts.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"experts must be int [{x.shape[0] * x_every}] (x rows * x_every), got "
+                         f"{experts.dtype} {tuple(experts.shape)}")
+    for name, t in (("qweight", qweight), ("scale", scale)):
+        if t.stride(2) != 1 or t.stride(1) != t.shape[2]:
+            raise ValueError(f"{name}: each expert's rows must be contiguous")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    n_out = N // 2 if gated else N
+    P = experts.numel()
+    out = torch.empty(P, n_out, dtype=x.dtype, device=x.device)
+    if P == 0:
+        return out
+    bk = min(2048, triton.next_power_of_2(K))
+    gs = min(bk, lowbit(group_size))
+    magic, bn = (0, 16) if interpreting() else (3, 2)     # the GEMV's measured tile on a GPU; fewer programs interpreted
+    _int8_expert_gemv_kernel[(triton.cdiv(n_out, bn), P)](
+        x, qweight, scale, experts.contiguous(), out, n_out, K, int(x_every),
+        x.stride(0), qweight.stride(0), qweight.stride(1), scale.stride(0), scale.stride(1), out.stride(0),
+        GROUP=group_size, GS=gs, NG=bk // gs, ACT=ACTIVATIONS[activation], SWIGLU=gated, MAGIC=magic,
+        EVEN_K=K % bk == 0, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+    )
+    return out
+
+
+def int8_expert_linear_reference(x, qweight, scale, group_size, experts, x_every=1, activation=None):
+    rows = x.repeat_interleave(x_every, dim=0) if x_every > 1 else x
+    out = [int8_linear_reference(rows[p:p + 1], qweight[e], scale[e], group_size, activation=activation)
+           for p, e in enumerate(experts.tolist())]
+    n_out = qweight.shape[1] // 2 if activation in GATED else qweight.shape[1]
+    return torch.cat(out) if out else x.new_empty(0, n_out)
+
+
 def dequantize(qweight, scale, group_size, dtype=torch.float32):
     """Dense [N, K] weight in `dtype` from int8 qweight [N, K] and scale [N, K // group_size]."""
     N, K = qweight.shape

@@ -124,11 +124,13 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_p, seed, eos_to
     B, T = input_ids.shape
     dev = model.device
     ids = input_ids.to(dev)
-    moe = bool(model.spec.get("num_experts"))
+    from .model import _decode_graph_safe
+    graph_safe = _decode_graph_safe(model)
     if cuda_graph is None:
-        cuda_graph = dev.type == "cuda" and not moe
-    if cuda_graph and moe:
-        raise ValueError("a mixture-of-experts model routes each token on the host: no CUDA-graph decode yet")
+        cuda_graph = dev.type == "cuda" and graph_safe
+    if cuda_graph and not graph_safe:
+        raise ValueError("this mixture-of-experts model routes tokens on the host (float experts, or a backend "
+                         "without device-side routing): no CUDA-graph decode; convert with --int8 and run on CUDA")
     if cuda_graph:
         from .cuda_graph import GraphDecoder
         runner = GraphDecoder(model, B, T + max_new_tokens)

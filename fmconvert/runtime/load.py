@@ -18,7 +18,7 @@ from ..kernels import int8_gemv_cpu
 from ..read import check_safetensors
 from .comm import SingleComm, init_distributed
 from .model import FusedModel
-from .ops import Int8Weight, make_ops
+from .ops import ExpertWeights, Int8Weight, make_ops
 
 _DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
 
@@ -196,21 +196,24 @@ def _assemble(manifest: dict, raw: dict, device, int8: str, dtype) -> dict:
             if not g or g * scale.shape[1] != t.shape[1] or scale.shape[0] != t.shape[0]:
                 raise FmError(f"{name}_scale has shape {list(scale.shape)}, which does not fit {list(t.shape)}")
             experts = name.endswith(_EXPERTS) and manifest["model"].get("num_experts", 0)
+            whole = Int8Weight(t.to(device), scale.to(device), g)
             ws = []
-            for q, s in (zip(t.chunk(experts), scale.chunk(experts)) if experts else [(t, scale)]):
-                w = Int8Weight(q.to(device), s.to(device), g)
+            for q, s in (zip(whole.q.chunk(experts), whole.scale.chunk(experts)) if experts else
+                         [(whole.q, whole.scale)]):
+                w = Int8Weight(q, s, g)
                 if int8 == "pack" and q.numel() >= CPU_INT8_MIN_ELEMS and (name != "embed.weight" or tied):
                     w.packed = int8_gemv_cpu.pack(w.q, w.scale, g)
                 elif int8 != "keep":
                     w = w.dequantize(dtype)
                 ws.append(w)
-            out[name] = ws if experts else ws[0]       # a mixture's experts: one weight each
+            # A mixture's experts: one weight each, views of the whole (kept int8 when its experts are).
+            out[name] = ExpertWeights(ws, whole if int8 == "keep" else None) if experts else ws[0]
         elif name.startswith("extra."):
             continue
         elif t.is_floating_point() and name not in ("rope.inv_freq", "alibi.slopes"):
             out[name] = t.to(device=device, dtype=dtype)
             if name.endswith(_EXPERTS) and manifest["model"].get("num_experts", 0):
-                out[name] = list(out[name].chunk(manifest["model"]["num_experts"]))
+                out[name] = ExpertWeights(out[name].chunk(manifest["model"]["num_experts"]), out[name])
         else:
             out[name] = t.to(device)
     return out

@@ -70,6 +70,13 @@ class Block(nn.Module):
         a = ops.linear(a, t["attn_out.weight"], t.get("attn_out.bias"))
         return m.comm.all_reduce(a + self.mlp(hm)), residual
 
+    def device_routed(self, tokens: int) -> bool:
+        """Whether a mixture's experts run from device-side routing for this many tokens (see `experts`)."""
+        t, ops = self.t, self.m.ops
+        ins = t.get("experts_in.weight")
+        return (tokens * self.m.spec["experts_per_token"] <= 64 and hasattr(ops, "expert_linear")
+                and getattr(ins, "stacked", None) is not None and not isinstance(ins.stacked, torch.Tensor))
+
     def mlp(self, h):
         """This rank's partial MLP output (row-parallel: the caller all-reduces)."""
         m, t = self.m, self.t
@@ -81,13 +88,22 @@ class Block(nn.Module):
     def experts(self, h):
         """A sparse MLP (Mixtral, Qwen3-MoE): a softmax router (fp32) picks each token's top-k experts, their weights
         renormalised to sum to 1 where the model does so, and the token's output is the weighted sum of those experts' SwiGLU MLPs. Each expert runs once
-        on the tokens routed to it. The routing is read on the host, so this step is not CUDA-graph capturable."""
+        on the tokens routed to it. With int8 experts and a backend that indexes experts on the device (Triton), a
+        few tokens (a decode step) take one launch per projection over (token, expert) pairs instead: no host sync,
+        so the step stays CUDA-graph capturable. Otherwise the routing is read on the host."""
         m, t = self.m, self.t
         x = h.reshape(-1, h.shape[-1])
         probs = torch.nn.functional.linear(x, t["router.weight"]).float().softmax(-1)
-        weight, chosen = probs.topk(m.spec["experts_per_token"], dim=-1)
+        k = m.spec["experts_per_token"]
+        weight, chosen = probs.topk(k, dim=-1)
         if m.spec.get("experts_renormalize", True):
             weight = weight / weight.sum(-1, keepdim=True)
+        if self.device_routed(x.shape[0]):
+            ins, outs = t["experts_in.weight"], t["experts_out.weight"]
+            pairs = chosen.reshape(-1)
+            y = m.ops.expert_linear(x, ins.stacked, len(ins), pairs, k, m.activation)        # [tokens * k, I]
+            y = m.ops.expert_linear(y, outs.stacked, len(outs), pairs, 1, None)             # [tokens * k, h]
+            return (y.view(-1, k, y.shape[-1]).float() * weight[..., None]).sum(1).to(x.dtype).view_as(h)
         out = torch.zeros_like(x)
         for e in chosen.unique().tolist():
             token, k = (chosen == e).nonzero(as_tuple=True)
@@ -132,6 +148,10 @@ class Block(nn.Module):
             return o.reshape(B, 1, Hq * hd)
         o = m.ops.attention(q, kc[:, :, :S], vc[:, :, :S], m.scale, m.causal, m.alibi, key_padding_mask)
         return o.transpose(1, 2).reshape(B, T, Hq * hd)
+
+
+def _decode_graph_safe(model) -> bool:
+    return not model.spec.get("num_experts") or all(b.device_routed(1) for b in model.blocks)
 
 
 class FusedModel(nn.Module):

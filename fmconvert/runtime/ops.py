@@ -15,6 +15,16 @@ import torch.nn.functional as F
 from ..kernels import int8_gemv_cpu as _gemv_cpu
 
 
+class ExpertWeights(list):
+    """A mixture's experts of one slot: one weight per expert (a float tensor or an Int8Weight), all views of
+    `stacked`, the [E * N, K] tensor as loaded (an Int8Weight when int8), so a kernel can index experts on the
+    device."""
+
+    def __init__(self, weights, stacked):
+        super().__init__(weights)
+        self.stacked = stacked
+
+
 @dataclass
 class Int8Weight:
     """w[n, k] = q[n, k] * scale[n, k // group_size]; q int8 [N, K], scale [N, K / group_size].
@@ -299,6 +309,12 @@ class TritonOps(TorchOps):
 
     def decode_attention(self, q, k_cache, v_cache, seq_lens, scale, alibi_slopes=None):
         return self.k.decode_attention(q, k_cache, v_cache, seq_lens, scale, alibi_slopes=alibi_slopes)
+
+    def expert_linear(self, x, stacked: Int8Weight, n_experts: int, experts, x_every: int, activation):
+        """Rows of (token, expert) pairs from one int8 [E * N, K] stack; the expert ids stay on the device."""
+        q, s = stacked.q, stacked.scale
+        return self.k.int8_expert_linear(x, q.view(n_experts, -1, q.shape[1]), s.view(n_experts, -1, s.shape[1]),
+                                         stacked.group_size, experts, x_every, activation)
 
 
 def make_ops(backend: str, device: torch.device):

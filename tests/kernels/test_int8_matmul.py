@@ -159,3 +159,33 @@ def test_gemv_pair_configs_are_offered_for_swiglu_only():
     assert _prune_gemv(_GEMV_CONFIGS, {}, SWIGLU=True) == _GEMV_CONFIGS
     assert not _GEMV_CONFIGS[0].kwargs["PAIR"]          # the untuned default is the measured one
     assert any(c.kwargs["PAIR"] and c.kwargs["MAGIC"] != 3 for c in _GEMV_CONFIGS)   # one the interpreter can run
+
+
+@pytest.mark.parametrize("act,x_every", [("swiglu", 2), (None, 1), ("gelu", 3)])
+@pytest.mark.parametrize("E,N,K,G", [(4, 34, 96, 32), (3, 18, 200, 8), (5, 6, 64, 64)])
+def test_int8_expert_linear_matches_reference(E, N, K, G, act, x_every, assert_close):
+    """Each (token, expert) pair reads its expert from device memory: odd N, K not a power of two, tokens routed to
+    the same expert twice and to the last one."""
+    from fmconvert.kernels import int8_expert_linear, int8_expert_linear_reference
+    gen = torch.Generator().manual_seed(E * N + K)
+    q = torch.randint(-127, 128, (E, N, K), generator=gen, dtype=torch.int8).to(DEVICE)
+    s = (torch.rand(E, N, K // G, generator=gen) * 0.02 + 0.001).to(DEVICE)
+    x = torch.randn(3, K, generator=gen).to(torch.float16).to(DEVICE)
+    eids = torch.tensor(([E - 1, 0, 1, 1, 0, E - 1, 2 % E, 0, 1] * 2)[:3 * x_every], device=DEVICE)
+    y = int8_expert_linear(x, q, s, G, eids, x_every, act)
+    ref = int8_expert_linear_reference(x, q, s, G, eids, x_every, act)
+    assert y.shape == ref.shape == (3 * x_every, N // 2 if act == "swiglu" else N)
+    assert_close(y, ref, torch.float16)
+
+
+def test_int8_expert_linear_rejects_bad_inputs():
+    from fmconvert.kernels import int8_expert_linear
+    q = torch.zeros(2, 4, 32, dtype=torch.int8, device=DEVICE)
+    s = torch.ones(2, 4, 1, device=DEVICE)
+    x = torch.zeros(1, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="experts must be"):
+        int8_expert_linear(x, q, s, 32, torch.tensor([0, 1], device=DEVICE))
+    with pytest.raises(ValueError, match="scale must have shape"):
+        int8_expert_linear(x, q, s[:, :2], 32, torch.tensor([0], device=DEVICE))
+    with pytest.raises(ValueError, match="contiguous"):
+        int8_expert_linear(x, q.transpose(1, 2).contiguous().transpose(1, 2), s, 32, torch.tensor([0], device=DEVICE))

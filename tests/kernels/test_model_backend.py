@@ -42,7 +42,7 @@ def _decode_steps(model, ids, start, steps):
 
 @pytest.mark.parametrize("name,int8", [("llama", True), ("mistral", False), ("gpt2", False), ("bloom", True),
                                        ("gptneox", False), ("phi", True), ("stablelm", True),
-                                       ("gemma", True), ("qwen3", True)])
+                                       ("gemma", True), ("qwen3", True), ("mixtral", True)])
 def test_triton_decode_step_matches_torch_backend(model_dir, tmp_path, name, int8):
     """The fused rope + KV-append decode step (RoPE, learned positions, ALiBi; GQA in mistral) against the torch
     backend's, with the fusion on and off."""
@@ -56,6 +56,27 @@ def test_triton_decode_step_matches_torch_backend(model_dir, tmp_path, name, int
         tri.ops.fuse_decode_append = fuse
         got = _decode_steps(tri, ids.to(DEVICE), 4, 3)
         assert ((got - want).abs().max() / want.abs().max()).item() < 1e-3, fuse
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
+def test_int8_experts_are_routed_on_the_device(model_dir, tmp_path, name):
+    """Int8 experts on the Triton backend: a decode step's experts run as two launches over (token, expert) pairs
+    whose ids never leave the device, so the step is graph-safe; float experts and the torch backend route on the
+    host and say so."""
+    from fmconvert.runtime.model import _decode_graph_safe
+    out, fout = tmp_path / "int8", tmp_path / "float"
+    convert(model_dir(name), out, Options(tp=1, int8=True, group_size=32), progress=False)
+    convert(model_dir(name), fout, Options(tp=1), progress=False)
+    tri = load(out, device=DEVICE, backend="triton", dequantize=False)
+    assert _decode_graph_safe(tri) and tri.blocks[0].device_routed(2)
+    assert not tri.blocks[0].device_routed(1000)                     # a long prompt: each expert once, host-routed
+    assert not _decode_graph_safe(load(out, device="cpu", backend="torch"))
+    assert not _decode_graph_safe(load(fout, device=DEVICE, backend="triton"))
+    h = torch.randn(2, 1, tri.spec["hidden_size"], device=DEVICE)
+    blk = tri.blocks[0]
+    device_side = blk.experts(h)
+    blk.device_routed = lambda tokens: False                          # the host-routed path on the same weights
+    assert ((device_side - blk.experts(h)).abs().max() / device_side.abs().max()).item() < 1e-3
 
 
 class _LaunchCounter(TorchDispatchMode):
