@@ -134,6 +134,7 @@ def validate(m) -> dict:
     experts, topk = model.get("num_experts", 0), model.get("experts_per_token", 0)
     _need(_NAT(experts) and _NAT(topk) and (topk <= experts if experts else topk == 0),
           "model.num_experts / experts_per_token are malformed")
+    _need(_NAT(model.get("sliding_window", 0)), "model.sliding_window must be a non-negative integer")
     _need(type(model.get("experts_renormalize", True)) is bool, "model.experts_renormalize must be true or false")
     _need(model.get("qkv_layout") in (None, "separate", "fused", "interleaved", "grouped"), "model.qkv_layout is malformed")
     _need(model["num_heads"] % model["num_kv_heads"] == 0, "model.num_heads is not a multiple of num_kv_heads")

@@ -77,6 +77,7 @@ class ModelSpec:
     qkv_layout: str | None = None  # how the source stores q|k|v (separate, interleaved, grouped); None: the table's
     num_experts: int = 0           # mixture of experts (Mixtral): experts per layer, 0 for a dense MLP
     experts_per_token: int = 0     # top-k experts each token is routed to
+    sliding_window: int = 0        # attention limited to this many recent positions (Mistral, Phi-3); 0: none
     experts_renormalize: bool = True   # the top-k routing weights are rescaled to sum to 1 (Mixtral; Qwen3-MoE: a flag)
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
@@ -240,6 +241,7 @@ class Policy:
             embed_scale=self._embed_scale(c), qkv_layout=self._layout("qkv", flags, "separate"),
             num_experts=experts, experts_per_token=topk if experts else 0,
             experts_renormalize=bool(self._layout("experts_renormalize", flags, True)),
+            sliding_window=int(c.get("sliding_window") or 0),
             bos_token_id=getattr(config, "bos_token_id", None), eos_token_id=getattr(config, "eos_token_id", None),
             pad_token_id=getattr(config, "pad_token_id", None),
         )

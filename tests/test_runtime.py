@@ -254,3 +254,25 @@ def test_mixture_of_experts_routes_each_token_to_its_top_k(work):
     assert len({tuple(probs[j].topk(2).indices.tolist()) for j in range(5)}) > 1     # tokens go different ways
     with pytest.raises(ValueError, match="mixture-of-experts"):
         generate(m, torch.tensor([[1, 2, 3]]), max_new_tokens=2, cuda_graph=True)
+
+
+def test_a_sliding_window_is_recorded_and_never_silently_exceeded(model_dir, tmp_path):
+    """Mistral attends within a sliding window the runtime does not implement: inside it the fused model equals
+    transformers, past it every entry point refuses instead of answering differently."""
+    from fmconvert.errors import FmError
+    src = model_dir("mistral", sliding_window=8)
+    convert(src, tmp_path / "out", Options(tp=1), progress=False)
+    m = load(tmp_path / "out")
+    assert m.spec["sliding_window"] == 8
+    hf = transformers.MistralForCausalLM.from_pretrained(src).eval()
+    ids = torch.randint(3, 100, (1, 8))
+    with torch.no_grad():
+        assert rel(m(ids), hf(ids).logits) < 1e-5
+    with pytest.raises(FmError, match="sliding window of 8"):
+        m(torch.randint(3, 100, (1, 9)))
+    with pytest.raises(FmError, match="sliding window of 8"):
+        generate(m, ids[:, :5], max_new_tokens=4)
+    cache = m.new_cache(1, 16)
+    m(ids, cache)
+    with pytest.raises(FmError, match="asked for 9"):
+        m(ids[:, :1], cache)

@@ -243,6 +243,15 @@ class FusedModel(nn.Module):
         local = self.ops.linear(h, head, g.get("lm_head.bias"))   # (B, T, V / tp)
         return self.comm.all_gather(local, dim=-1)[..., :sp["vocab_size"]]
 
+    def check_window(self, length: int):
+        """Mistral and Phi-3 attend within a sliding window, which the runtime does not implement: within it, full
+        causal attention is the same thing; past it, refuse rather than answer differently from the model."""
+        window = self.spec.get("sliding_window", 0)
+        if window and length > window:
+            from ..errors import FmError
+            raise FmError(f"this model attends within a sliding window of {window} positions, which fmconvert does "
+                          f"not implement; keep prompt + new tokens within {window} (asked for {length})")
+
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(len(self.blocks), batch, self.kv_heads, max_len, self.head_dim, self.dtype, self.device)
 
@@ -252,6 +261,7 @@ class FusedModel(nn.Module):
         self._begin_forward()
         B, T = ids.shape
         start = cache.length if cache is not None else 0
+        self.check_window(start + T)
         positions = torch.arange(start, start + T, device=ids.device).unsqueeze(0).expand(B, T)
         x, residual = self.embed(ids, positions, token_type_ids), None
         states = [x] if output_hidden_states else None
