@@ -56,3 +56,10 @@ def test_every_table_names_known_slots_layout_keys_and_flags():
             while isinstance(v, list) and len(v) == 3 and isinstance(v[0], str) and key != "transposed":
                 assert v[0] in flags, (name, key, v[0])
                 v = v[2]
+
+
+def test_the_tables_readme_lists_every_table():
+    from fmconvert.policy import CONFIG_DIR
+    readme = (CONFIG_DIR / "README.md").read_text()
+    missing = [p.name for p in CONFIG_DIR.glob("*.toml") if f"`{p.name}`" not in readme]
+    assert not missing, missing
