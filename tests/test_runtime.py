@@ -197,7 +197,8 @@ def test_world_size_mismatch_is_a_clear_error(work):
         load(outs["tp2"])
 
 
-@pytest.mark.parametrize("name", ["stories", "llama", "qwen2", "gpt2", "opt350", "gptneox", "phi"])
+@pytest.mark.parametrize("name", ["stories", "llama", "qwen2", "gpt2", "opt350", "gptneox", "phi", "gemma",
+                                  "falcon_new", "mixtral"])
 def test_inject_keeps_the_transformers_interface(work, name):
     hf, src, outs = work(name)
     arch = hf.config.architectures[0]

@@ -62,13 +62,14 @@ class FusedBody(nn.Module):
         else:
             h = self._run(ids, False)
         self._hf_cache = hf_cache
-        return _base_output(h)
+        return _base_output(h, bool(self.fused.spec.get("num_experts")))
 
 
-def _base_output(h):
-    # The widest base output class, so every causal-LM head finds the fields it reads (GPT-2 reads cross_attentions).
-    from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions as Out
-    return Out(last_hidden_state=h)
+def _base_output(h, moe: bool = False):
+    # The widest base output class, so every causal-LM head finds the fields it reads (GPT-2 reads cross_attentions,
+    # a mixture-of-experts head reads router_logits).
+    from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, MoeModelOutputWithPast
+    return (MoeModelOutputWithPast if moe else BaseModelOutputWithPastAndCrossAttentions)(last_hidden_state=h)
 
 
 def inject(hf_model: nn.Module, out_dir, device=None, backend: str = "auto", check_hashes: bool = True):
