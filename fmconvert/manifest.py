@@ -61,6 +61,15 @@ _MODEL = {
     "eos_token_id": lambda x: _TOKEN(x) or (isinstance(x, list) and len(x) < 1024 and all(map(_NAT, x))),
     "slots": lambda x: isinstance(x, list) and all(isinstance(s, str) for s in x),
 }
+# Keys newer manifests carry, with the value an older manifest means by leaving them out. `validate` fills these in,
+# so readers index the model section directly.
+_MODEL_OPTIONAL = {
+    "embed_scale": (1.0, _POS_NUM, "a positive number"), "num_experts": (0, _NAT, "a non-negative integer"),
+    "experts_per_token": (0, _NAT, "a non-negative integer"), "experts_renormalize": (True, _BOOL, "true or false"),
+    "sliding_window": (0, _NAT, "a non-negative integer"),
+    "qkv_layout": (None, _ENUM(None, "separate", "fused", "interleaved", "grouped"),
+                   "separate, fused, interleaved or grouped"),
+}
 _PARALLEL = ("tp", "heads_per_rank", "kv_heads_per_rank", "kv_replication", "intermediate_chunk",
              "intermediate_per_rank", "vocab_padded", "vocab_per_rank")
 
@@ -130,13 +139,10 @@ def validate(m) -> dict:
     for k, ok in _MODEL.items():
         _need(k in model and ok(model[k]), f"model.{k} is missing or malformed")
     _position(model)
-    _need(_POS_NUM(model.get("embed_scale", 1.0)), "model.embed_scale must be a positive number")   # absent: 1
-    experts, topk = model.get("num_experts", 0), model.get("experts_per_token", 0)
-    _need(_NAT(experts) and _NAT(topk) and (topk <= experts if experts else topk == 0),
-          "model.num_experts / experts_per_token are malformed")
-    _need(_NAT(model.get("sliding_window", 0)), "model.sliding_window must be a non-negative integer")
-    _need(type(model.get("experts_renormalize", True)) is bool, "model.experts_renormalize must be true or false")
-    _need(model.get("qkv_layout") in (None, "separate", "fused", "interleaved", "grouped"), "model.qkv_layout is malformed")
+    for k, (default, ok, what) in _MODEL_OPTIONAL.items():
+        _need(ok(model.setdefault(k, default)), f"model.{k} must be {what}")
+    experts, topk = model["num_experts"], model["experts_per_token"]
+    _need(topk <= experts if experts else topk == 0, "model.experts_per_token does not fit model.num_experts")
     _need(model["num_heads"] % model["num_kv_heads"] == 0, "model.num_heads is not a multiple of num_kv_heads")
     for k in _PARALLEL:
         _need(_POS_INT(par.get(k)), f"parallel.{k} must be a positive int")

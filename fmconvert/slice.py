@@ -54,9 +54,6 @@ class Layout:
     vocab_per_rank: int
     num_experts: int = 0           # not serialized: read back from the model spec
 
-    def __post_init__(self):
-        self.num_experts = int(self.num_experts or 0)
-
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("num_experts")

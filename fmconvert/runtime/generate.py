@@ -39,7 +39,7 @@ def _nbytes(t) -> int:
 def weight_bytes(model: FusedModel) -> int:
     """Bytes of weights one decode step reads on this rank (what bandwidth figures are counted against).
     An untied embedding table is gathered from, not streamed, so it is left out."""
-    share = model.spec.get("experts_per_token", 0) / max(1, model.spec.get("num_experts", 0))
+    share = model.spec["experts_per_token"] / max(1, model.spec["num_experts"])
     total = sum(_nbytes(t) for t in model.g.values()) + sum(
         int(_nbytes(v) * share) if isinstance(v, list) else _nbytes(v) for b in model.blocks for v in b.t.values())
     if not model.spec["tied_embeddings"] and "embed.weight" in model.g:

@@ -62,7 +62,7 @@ class FusedBody(nn.Module):
         else:
             h = self._run(ids, False)
         self._hf_cache = hf_cache
-        return _base_output(h, bool(self.fused.spec.get("num_experts")))
+        return _base_output(h, bool(self.fused.spec["num_experts"]))
 
 
 def _base_output(h, moe: bool = False):

@@ -48,14 +48,16 @@ def check_layout(m: dict, rank: int):
     h, hd, e, pos = sp["hidden_size"], sp["head_dim"], sp["embed_dim"], sp["position"]
     hpr, ipr, vpr = par["heads_per_rank"], par["intermediate_per_rank"], par["vocab_per_rank"]
     qkv, mlp = (hpr + 2 * par["kv_heads_per_rank"]) * hd, ipr * (2 if sp["gated_mlp"] else 1)
-    glob = {"embed.weight": (vpr, e), "lm_head.weight": (vpr, e), "lm_head.bias": (vpr,), "type_embed.weight": (sp["type_vocab_size"], h),
+    glob = {"embed.weight": (vpr, e), "lm_head.weight": (vpr, e), "lm_head.bias": (vpr,),
+            "type_embed.weight": (sp["type_vocab_size"], h),
             "pos_embed.weight": (sp["max_positions"] + pos.get("offset", 0), h), "project_in.weight": (h, e),
             "project_out.weight": (e, h), "pooler.weight": (h, h), "pooler.bias": (h,),
             "rope.inv_freq": (pos.get("rotary_dim", 0) // 2,), "alibi.slopes": (hpr,),
             **{f"{n}.{p}": (h,) for n in ("embed_norm", "final_norm") for p in ("weight", "bias")}}
-    E = sp.get("num_experts", 0)
+    E = sp["num_experts"]
     layer = {"qkv.weight": (qkv, h), "qkv.bias": (qkv,), "q_norm.weight": (hd,), "k_norm.weight": (hd,),
-             "router.weight": (E, h), "experts_in.weight": (E * 2 * ipr, h), "experts_out.weight": (E * h, ipr), "attn_out.weight": (h, hpr * hd), "attn_out.bias": (h,),
+             "router.weight": (E, h), "experts_in.weight": (E * 2 * ipr, h), "experts_out.weight": (E * h, ipr),
+             "attn_out.weight": (h, hpr * hd), "attn_out.bias": (h,),
              "mlp_in.weight": (mlp, h), "mlp_in.bias": (mlp,), "mlp_out.weight": (h, ipr), "mlp_out.bias": (h,),
              **{f"{n}.{p}": (h,) for n in ("attn_norm", "mlp_norm") for p in ("weight", "bias")}}
     tensors = m["ranks"][rank]["tensors"]
@@ -188,6 +190,7 @@ def _assemble(manifest: dict, raw: dict, device, int8: str, dtype) -> dict:
     for name, t in raw.items():
         if name.endswith("_scale"):
             continue
+        experts = manifest["model"]["num_experts"] if name.endswith(_EXPERTS) else 0   # split per expert
         if t.dtype == torch.int8:
             scale = raw.get(name + "_scale")
             if scale is None:
@@ -195,7 +198,6 @@ def _assemble(manifest: dict, raw: dict, device, int8: str, dtype) -> dict:
             g = t.shape[1] // scale.shape[1] if scale.dim() == 2 and scale.shape[1] else 0
             if not g or g * scale.shape[1] != t.shape[1] or scale.shape[0] != t.shape[0]:
                 raise FmError(f"{name}_scale has shape {list(scale.shape)}, which does not fit {list(t.shape)}")
-            experts = name.endswith(_EXPERTS) and manifest["model"].get("num_experts", 0)
             whole = Int8Weight(t.to(device), scale.to(device), g)
             ws = []
             for q, s in (zip(whole.q.chunk(experts), whole.scale.chunk(experts)) if experts else
@@ -212,8 +214,8 @@ def _assemble(manifest: dict, raw: dict, device, int8: str, dtype) -> dict:
             continue
         elif t.is_floating_point() and name not in ("rope.inv_freq", "alibi.slopes"):
             out[name] = t.to(device=device, dtype=dtype)
-            if name.endswith(_EXPERTS) and manifest["model"].get("num_experts", 0):
-                out[name] = ExpertWeights(out[name].chunk(manifest["model"]["num_experts"]), out[name])
+            if experts:
+                out[name] = ExpertWeights(out[name].chunk(experts), out[name])
         else:
             out[name] = t.to(device)
     return out

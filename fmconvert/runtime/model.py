@@ -75,7 +75,7 @@ class Block(nn.Module):
         t, ops = self.t, self.m.ops
         ins = t.get("experts_in.weight")
         return (tokens * self.m.spec["experts_per_token"] <= 64 and hasattr(ops, "expert_linear")
-                and getattr(ins, "stacked", None) is not None and not isinstance(ins.stacked, torch.Tensor))
+                and isinstance(getattr(ins, "stacked", None), Int8Weight))
 
     def mlp(self, h):
         """This rank's partial MLP output (row-parallel: the caller all-reduces)."""
@@ -87,8 +87,8 @@ class Block(nn.Module):
 
     def experts(self, h):
         """A sparse MLP (Mixtral, Qwen3-MoE): a softmax router (fp32) picks each token's top-k experts, their weights
-        renormalised to sum to 1 where the model does so, and the token's output is the weighted sum of those experts' SwiGLU MLPs. Each expert runs once
-        on the tokens routed to it. With int8 experts and a backend that indexes experts on the device (Triton), a
+        renormalised to sum to 1 where the model does so, and the token's output is the weighted sum of those
+        experts' SwiGLU MLPs. Each expert runs once on the tokens routed to it. With int8 experts and a backend that indexes experts on the device (Triton), a
         few tokens (a decode step) take one launch per projection over (token, expert) pairs instead: no host sync,
         so the step stays CUDA-graph capturable. Otherwise the routing is read on the host."""
         m, t = self.m, self.t
@@ -96,7 +96,7 @@ class Block(nn.Module):
         probs = torch.nn.functional.linear(x, t["router.weight"]).float().softmax(-1)
         k = m.spec["experts_per_token"]
         weight, chosen = probs.topk(k, dim=-1)
-        if m.spec.get("experts_renormalize", True):
+        if m.spec["experts_renormalize"]:
             weight = weight / weight.sum(-1, keepdim=True)
         if self.device_routed(x.shape[0]):
             ins, outs = t["experts_in.weight"], t["experts_out.weight"]
@@ -151,7 +151,7 @@ class Block(nn.Module):
 
 
 def _decode_graph_safe(model) -> bool:
-    return not model.spec.get("num_experts") or all(b.device_routed(1) for b in model.blocks)
+    return not model.spec["num_experts"] or all(b.device_routed(1) for b in model.blocks)
 
 
 class FusedModel(nn.Module):
@@ -174,7 +174,7 @@ class FusedModel(nn.Module):
         self.vocab_lo = rank * par["vocab_per_rank"]
         # Gemma scales its embeddings by sqrt(hidden) rounded to the model dtype, as HF does; a device tensor made
         # once, so a captured decode step copies nothing from the host.
-        scale = float(sp.get("embed_scale", 1.0))
+        scale = float(sp["embed_scale"])
         self.embed_scale = None if scale == 1.0 else torch.tensor(scale, dtype=self.dtype, device=self.device)
         self.g = {k: v for k, v in tensors.items() if not k.startswith("layers.")}  # global slots only
         pos = sp["position"]
@@ -246,7 +246,7 @@ class FusedModel(nn.Module):
     def check_window(self, length: int):
         """Mistral and Phi-3 attend within a sliding window, which the runtime does not implement: within it, full
         causal attention is the same thing; past it, refuse rather than answer differently from the model."""
-        window = self.spec.get("sliding_window", 0)
+        window = self.spec["sliding_window"]
         if window and length > window:
             from ..errors import FmError
             raise FmError(f"this model attends within a sliding window of {window} positions, which fmconvert does "
