@@ -35,7 +35,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-FLOAT_SCALARS = ("eps", "qk_scale")
+FLOAT_SCALARS = ("eps", "qk_scale", "cap")
 OP = r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)"
 
 
@@ -151,24 +151,32 @@ def other_cases(D: int = 128, hidden: int = 4096, S: int = 193, T: int = 2048):
     dec = {"lens_ptr": "*i32", "ws_ptr": "*fp32"}
     cache = dict(skb=H * S * D, skh=S * D, sks=D, skd=1, svb=H * S * D, svh=S * D, svs=D, svd=1)
     q1 = dict(sqb=H * D, sqh=D, sqd=1, sob=H * D, soh=D)
-    for direct in (False, True):
-        for alibi in (False, True):
-            yield Case(f"decode attention {'direct' if direct else 'split-K'}{' alibi' if alibi else ''} d{D}",
-                       at._decode_partial_kernel, dict(ALIBI=alibi, DOT_F32=False, PREC="tf32", DIRECT=direct,
-                       BLOCK_G=16, BLOCK_N=at._DECODE_BLOCK_N, BLOCK_D=D), at._DECODE_WARPS, at._DECODE_STAGES,
-                       ptrs=dec, ints=dict(HQ=H, HKV=H, GQA=1, D=D, CHUNK=64, NSPLIT=4, **q1, **cache))
-    yield Case("decode attention merge", at._decode_reduce_kernel, dict(BLOCK_S=8, BLOCK_D=D), 4, ptrs=dec,
-               ints=dict(HQ=H, D=D, CHUNK=64, NSPLIT=4, sob=H * D, soh=D))
+    # (direct, alibi, windowed + soft-capped as in Gemma 2)
+    for direct, alibi, gemma2 in ((False, False, False), (False, True, False), (True, False, False),
+                                  (True, True, False), (False, False, True)):
+        yield Case(f"decode attention {'direct' if direct else 'split-K'}{' alibi' if alibi else ''}"
+                   f"{' window softcap' if gemma2 else ''} d{D}",
+                   at._decode_partial_kernel, dict(ALIBI=alibi, DOT_F32=False, PREC="tf32", DIRECT=direct,
+                   WINDOWED=gemma2, SOFTCAP=gemma2, BLOCK_G=16, BLOCK_N=at._DECODE_BLOCK_N, BLOCK_D=D),
+                   at._DECODE_WARPS, at._DECODE_STAGES, ptrs=dec,
+                   ints=dict(HQ=H, HKV=H, GQA=1, D=D, CHUNK=64, NSPLIT=4, WINDOW=4096, **q1, **cache))
+    for windowed in (False, True):
+        yield Case(f"decode attention merge{' window' if windowed else ''}", at._decode_reduce_kernel,
+                   dict(WINDOWED=windowed, BLOCK_S=8, BLOCK_D=D), 4, ptrs=dec,
+                   ints=dict(HQ=H, D=D, CHUNK=64, NSPLIT=4, WINDOW=4096, sob=H * D, soh=D))
     bm, bn, warps, stages = at._prefill_config(None, D)
     # q, k, v: [B, H, T, D] views of the fused [B, T, 3 * H * D] projection
     seq = {f"s{t}{a}": v for t in "qkvo" for a, v in (("b", T * 3 * H * D), ("h", D), ("t", 3 * H * D), ("d", 1))}
     seq = {k.replace("kt", "ks").replace("vt", "vs"): v for k, v in seq.items() if k != "sod"}
     seq.update(sob=T * H * D, sot=H * D)
-    for causal, kpm, alibi in ((True, False, False), (False, True, False), (True, False, True)):
-        yield Case(f"prefill attention {'causal' if causal else 'padded'}{' alibi' if alibi else ''} d{D}",
+    for causal, kpm, alibi, gemma2 in ((True, False, False, False), (False, True, False, False),
+                                       (True, False, True, False), (True, False, False, True)):
+        yield Case(f"prefill attention {'causal' if causal else 'padded'}{' alibi' if alibi else ''}"
+                   f"{' window softcap' if gemma2 else ''} d{D}",
                    at._prefill_kernel, dict(CAUSAL=causal, ALIBI=alibi, HAS_KPM=kpm, DOT_F32=False, PREC="tf32",
-                                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D), warps, stages,
-                   ptrs={"kpm_ptr": "*u8"}, ints=dict(T=T, S=T, HQ=H, GQA=1, D=D, skpb=T, **seq))
+                                            WINDOWED=gemma2, SOFTCAP=gemma2, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D),
+                   warps, stages, ptrs={"kpm_ptr": "*u8"},
+                   ints=dict(T=T, S=T, HQ=H, GQA=1, D=D, WINDOW=4096, skpb=T, **seq))
     r = {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64"}
     qkv = dict(sqb=3 * H * D, sqh=D, sqd=1, skb=3 * H * D, skh=D, skd=1)
     for use, qk_norm in ((True, False), (False, False), (True, True)):
@@ -195,6 +203,7 @@ def rows(gemv_only: bool = False):
     if not gemv_only:
         cases += list(other_cases(D=128))
         cases += [c for c in other_cases(D=64) if "attention" in c.name or "rope" in c.name]  # GPT-2/BERT heads
+        cases += [c for c in other_cases(D=256) if "window softcap" in c.name]                  # Gemma 2/3 heads
     for case in cases:
         try:
             yield case, report(compile_sm90(case)), None

@@ -106,6 +106,17 @@ def convert(model_dir, out_dir, tp, int8, group_size, int8_embeddings, int8_lm_h
     _console().print(t)
 
 
+def _ranges(xs: list[int]) -> str:
+    """[0, 2, 3, 4, 9] -> "0, 2-4, 9"."""
+    runs: list[list[int]] = []
+    for x in xs:
+        if runs and x == runs[-1][1] + 1:
+            runs[-1][1] = x
+        else:
+            runs.append([x, x])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 @cli.command()
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON (round-trips exactly).")
@@ -130,7 +141,15 @@ def inspect(out_dir, as_json):
             if pos["type"] == "rope" else "")
     residual = {"pre": "pre-LN", "post": "post-LN", "parallel": "parallel attention + MLP"}.get(md["residual"],
                                                                                              md["residual"])
+    if "layers.attn_post_norm.weight" in md["slots"]:
+        residual += ", each half's output normed too"
     t.add_row("positions / norm", f"{pos['type']}{rope} / {md['norm']}, {residual}")
+    if md["sliding_window"] or md["attn_softcap"] or md["logit_softcap"]:
+        where = "every layer" if md["window_layers"] is None else f"layers {_ranges(md['window_layers'])}"
+        parts = [f"window {md['sliding_window']} in {where}"] if md["sliding_window"] else []
+        parts += [f"{k} soft-capped at {md[v]:g}" for k, v in (("attention scores", "attn_softcap"),
+                                                                 ("logits", "logit_softcap")) if md[v]]
+        t.add_row("attention", "; ".join(parts))
     if md.get("qkv_layout") not in (None, "separate", "fused"):
         t.add_row("source q|k|v", f"{md['qkv_layout']} (re-laid out as q, k, v)")
     t.add_row("vocab", f"{md['vocab_size']} (padded {par['vocab_padded']}), tied: {md['tied_embeddings']}")

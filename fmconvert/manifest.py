@@ -46,6 +46,7 @@ _NAT_SIZE = lambda x: type(x) is int and 0 <= x < 1 << 62  # noqa: E731
 _BOOL = lambda x: type(x) is bool  # noqa: E731
 _POS_NUM = lambda x: type(x) in (int, float) and 0 < x < math.inf  # noqa: E731
 _FINITE = lambda x: type(x) in (int, float) and math.isfinite(x)  # noqa: E731
+_NONNEG_NUM = lambda x: type(x) in (int, float) and 0 <= x < math.inf  # noqa: E731
 _TOKEN = lambda x: x is None or _NAT(x)  # noqa: E731
 _ENUM = lambda *vals: (lambda x: x in vals)  # noqa: E731
 _MODEL = {
@@ -67,6 +68,10 @@ _MODEL_OPTIONAL = {
     "embed_scale": (1.0, _POS_NUM, "a positive number"), "num_experts": (0, _NAT, "a non-negative integer"),
     "experts_per_token": (0, _NAT, "a non-negative integer"), "experts_renormalize": (True, _BOOL, "true or false"),
     "sliding_window": (0, _NAT, "a non-negative integer"),
+    "window_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
+                      "null or a list of layer indices"),
+    "attn_softcap": (0.0, _NONNEG_NUM, "a non-negative number"),
+    "logit_softcap": (0.0, _NONNEG_NUM, "a non-negative number"),
     "qkv_layout": (None, _ENUM(None, "separate", "fused", "interleaved", "grouped"),
                    "separate, fused, interleaved or grouped"),
 }
@@ -139,10 +144,17 @@ def validate(m) -> dict:
     for k, ok in _MODEL.items():
         _need(k in model and ok(model[k]), f"model.{k} is missing or malformed")
     _position(model)
+    # A key this version does not know changes the network in a way it would silently ignore: refuse instead.
+    odd = sorted(set(model) - set(_MODEL) - set(_MODEL_OPTIONAL))
+    _need(not odd, f"model.{str(odd[0])[:40]} is not a key this fmconvert understands; upgrade fmconvert" if odd else "")
     for k, (default, ok, what) in _MODEL_OPTIONAL.items():
         _need(ok(model.setdefault(k, default)), f"model.{k} must be {what}")
     experts, topk = model["num_experts"], model["experts_per_token"]
     _need(topk <= experts if experts else topk == 0, "model.experts_per_token does not fit model.num_experts")
+    layers = model["window_layers"]
+    _need(layers is None or (model["sliding_window"] and layers == sorted(set(layers))
+                             and all(i < model["num_layers"] for i in layers)),
+          "model.window_layers must be distinct layer indices in order, with a sliding_window")
     _need(model["num_heads"] % model["num_kv_heads"] == 0, "model.num_heads is not a multiple of num_kv_heads")
     for k in _PARALLEL:
         _need(_POS_INT(par.get(k)), f"parallel.{k} must be a positive int")
@@ -199,6 +211,10 @@ def _position(model: dict):
         _need(pos.get("style") in ("neox", "gptj"), "model.position.style must be neox or gptj")
         _need(_POS_NUM(pos.get("theta")) and _POS_NUM(pos.get("attention_scaling", 1.0)),
               "model.position.theta/attention_scaling must be positive numbers")
+        local = pos.get("local", {})            # the windowed layers' own RoPE (Gemma 3)
+        _need(isinstance(local, dict) and (not local or (_POS_NUM(local.get("theta"))
+                                                         and _POS_NUM(local.get("attention_scaling", 1.0)))),
+              "model.position.local must hold a positive theta and attention_scaling")
     if kind == "learned":
         _need(type(pos.get("offset")) is int and 0 <= pos["offset"] < 1 << 16, "model.position.offset is malformed")
 

@@ -31,7 +31,7 @@ from . import manifest as mf
 from . import slice as sl
 from . import srchash
 from .errors import EXIT_IO, FmError
-from .policy import ModelSpec, Policy, SlotSource, policy_for
+from .policy import ModelSpec, Policy, SlotSource, per_layer_type, policy_for
 from .quantize import ErrorStats, quantize, scale_dtype_for
 from .read import SIDECAR_FILES, Checkpoint, load_config
 from .write import AtomicDir, ShardWriter, dtype_name, parse_size
@@ -170,23 +170,37 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
                 bytes_in, params, prefix, {k: v for k, v in sorted(spelled.items()) if v is not None})
 
 
-def _rope_inv_freq(config, spec: ModelSpec) -> tuple[torch.Tensor, float]:
+def _rope_inv_freq(config, spec: ModelSpec, local: bool = False) -> tuple[torch.Tensor, float]:
+    """(inv_freq, attention scaling) of the model's RoPE, or with local=True of its windowed layers' (Gemma 3)."""
     pos = spec.position
-    dim = pos["rotary_dim"]
-    if pos["rope_type"] == "default":
-        inv = 1.0 / (pos["theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    dim, p = pos["rotary_dim"], pos["local"] if local else pos
+    if p["rope_type"] == "default":
+        inv = 1.0 / (p["theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
         return inv.float(), 1.0
-    if pos["rope_type"] in ("dynamic", "longrope"):
-        raise FmError(f"RoPE type {pos['rope_type']!r} depends on the sequence length at run time; "
+    if p["rope_type"] in ("dynamic", "longrope"):
+        raise FmError(f"RoPE type {p['rope_type']!r} depends on the sequence length at run time; "
                       "not supported")
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-    if pos["rope_type"] not in ROPE_INIT_FUNCTIONS:
-        raise FmError(f"RoPE type {pos['rope_type']!r} is not supported")
+    if p["rope_type"] not in ROPE_INIT_FUNCTIONS:
+        raise FmError(f"RoPE type {p['rope_type']!r} is not supported")
+    kind = {}
+    if per_layer_type(getattr(config, "rope_parameters", None) or {}):
+        kind = {"layer_type": "sliding_attention" if local else "full_attention"}
     try:
-        inv, scaling = ROPE_INIT_FUNCTIONS[pos["rope_type"]](config, torch.device("cpu"))
+        inv, scaling = ROPE_INIT_FUNCTIONS[p["rope_type"]](config, torch.device("cpu"), **kind)
     except Exception as e:
         raise FmError(f"RoPE parameters are invalid ({type(e).__name__}: {e})") from None
     return inv.float().contiguous(), float(scaling)
+
+
+def rope_tensors(config, spec: ModelSpec) -> dict[str, tuple[torch.Tensor, float]]:
+    """The derived RoPE tensors every rank holds, each with its attention scaling."""
+    if spec.position["type"] != "rope":
+        return {}
+    out = {"rope.inv_freq": _rope_inv_freq(config, spec)}
+    if "local" in spec.position:
+        out["rope_local.inv_freq"] = _rope_inv_freq(config, spec, local=True)
+    return out
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
@@ -425,7 +439,7 @@ class _Run:
             yield "tied", None, None, False
         for src in p.globals_:
             yield "slot", src.slot, src, False
-        if self.rope is not None:
+        if self.rope:
             yield "rope", None, None, False
         if spec.position["type"] == "alibi":
             yield "alibi", None, None, False
@@ -447,7 +461,7 @@ class _Run:
                     raise FmError("tie_word_embeddings is true but lm_head.weight differs from the embeddings")
             return _Item([])
         if kind == "rope":
-            return _Item([(r, "rope.inv_freq", self.rope[0]) for r in range(tp)])
+            return _Item([(r, name, inv) for name, (inv, _) in self.rope.items() for r in range(tp)])
         if kind == "alibi":
             slopes, h = alibi_slopes(p.spec.num_heads), p.layout.heads_per_rank
             return _Item([(r, "alibi.slopes", slopes[r * h:(r + 1) * h].clone()) for r in range(tp)])
@@ -828,7 +842,7 @@ def _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config,
             raise FmError(f"cannot read the source files of {model_dir}: {e.strerror or e}", EXIT_IO) from None
         plan = make_plan(model_dir, opts, ckpt, config)
         spec = plan.spec
-        rope = _rope_inv_freq(config, spec) if spec.position["type"] == "rope" else None
+        rope = rope_tensors(config, spec)
         src = _Source(ckpt, model_dir)
         atomic = AtomicDir(out_dir, opts.force, keep=model_dir)
         with atomic as tmp:
@@ -851,8 +865,10 @@ def _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config,
                     copied.append(f)
             src_hashes = hasher.join() if hasher is not None else None
             pos = dict(spec.position)
-            if rope is not None:
-                pos["attention_scaling"] = rope[1]
+            if rope:
+                pos["attention_scaling"] = rope["rope.inv_freq"][1]
+            if "rope_local.inv_freq" in rope:
+                pos["local"] = {**pos["local"], "attention_scaling": rope["rope_local.inv_freq"][1]}
             spec.position = pos
             manifest = {
                 "format": mf.FORMAT, "format_version": mf.FORMAT_VERSION, "tool_version": __version__,

@@ -25,6 +25,7 @@ LAYER_SLOTS = (
     "attn_norm.weight", "attn_norm.bias", "qkv.weight", "qkv.bias", "attn_out.weight", "attn_out.bias",
     "mlp_norm.weight", "mlp_norm.bias", "mlp_in.weight", "mlp_in.bias", "mlp_out.weight", "mlp_out.bias",
     "q_norm.weight", "k_norm.weight",
+    "attn_post_norm.weight", "mlp_post_norm.weight",                 # Gemma 2: each half's output normed too
     "router.weight", "experts_in.weight", "experts_out.weight",      # mixture of experts, in place of mlp_in/out
 )
 GLOBAL_SLOTS = (
@@ -77,7 +78,10 @@ class ModelSpec:
     qkv_layout: str | None = None  # how the source stores q|k|v (separate, interleaved, grouped); None: the table's
     num_experts: int = 0           # mixture of experts (Mixtral): experts per layer, 0 for a dense MLP
     experts_per_token: int = 0     # top-k experts each token is routed to
-    sliding_window: int = 0        # attention limited to this many recent positions (Mistral, Phi-3); 0: none
+    sliding_window: int = 0        # attention limited to this many recent positions (Mistral, Gemma 2); 0: none
+    window_layers: list | None = None  # the layers that use that window; None: every layer
+    attn_softcap: float = 0.0      # attention scores capped as c * tanh(s / c) (Gemma 2); 0: none
+    logit_softcap: float = 0.0     # the same on the output logits
     experts_renormalize: bool = True   # the top-k routing weights are rescaled to sum to 1 (Mixtral; Qwen3-MoE: a flag)
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
@@ -86,6 +90,26 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def per_layer_type(params: dict) -> bool:
+    """Whether RoPE parameters come one set per layer kind (Gemma 3), not as one set."""
+    return bool(params) and all(isinstance(v, dict) for v in params.values())
+
+
+def _rope_params(params: dict) -> dict:
+    return {"rope_type": params.get("rope_type", params.get("type", "default")),
+            "theta": float(params.get("rope_theta", 10000.0)),
+            "parameters": {k: v for k, v in sorted(params.items()) if k not in ("rope_type", "type")}}
+
+
+def _softcap(c: dict, key: str) -> float:
+    v = c.get(key)
+    if v is None:
+        return 0.0
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+        raise FmError(f"config.json: {key} must be a non-negative number, got {v!r}")
+    return float(v)
 
 
 def _operand(config, x: str):
@@ -124,12 +148,15 @@ def _pick(value, flags: dict, where: str):
 
 
 def _config_value(config, spec, key: str, flags: dict | None = None):
-    """Resolve a `[config]` entry: "a|b" alternatives, "4*x" multiples, "x/y" ratios, {value = ...} constants, and
-    [flag, if_true, if_false] picks of any of these."""
+    """Resolve a `[config]` entry: "a|b" alternatives, "4*x" multiples, "x/y" ratios, a number as the last
+    alternative ("x|0": x where the config sets it), {value = ...} constants, and [flag, if_true, if_false] picks of
+    any of these."""
     spec = _pick(spec, flags or {}, f"config.{key}")
     if isinstance(spec, dict):
         return spec["value"]
     for alt in spec.split("|"):
+        if re.fullmatch(r"\d+(\.\d+)?", alt):
+            return float(alt) if "." in alt else int(alt)
         m = re.fullmatch(r"(\d+)\*(\w+)", alt)
         if m:
             v = getattr(config, m.group(2), None)
@@ -222,6 +249,9 @@ class Policy:
         if experts and not 1 <= topk <= experts:
             raise FmError(f"config.json: num_experts_per_tok={topk} must be between 1 and num_local_experts={experts}")
         tied = bool(getattr(config, "tie_word_embeddings", False)) and self.kind == "decoder"
+        qdim = c.get("query_scale_dim") or c["head_dim"]
+        if isinstance(qdim, bool) or not isinstance(qdim, (int, float)) or not 0 < qdim < math.inf:
+            raise FmError(f"config.json: query_pre_attn_scalar must be a positive number, got {qdim!r}")
         eps = c["norm_eps"]
         if not isinstance(eps, (int, float)) or eps <= 0:
             raise FmError(f"config.json: norm epsilon must be a positive number, got {eps!r}")
@@ -237,15 +267,34 @@ class Policy:
             final_norm=bool(self._layout("final_norm", flags, False)),
             project=bool(flags.get("project", False)), pooler=False,
             type_vocab_size=int(c.get("type_vocab_size") or 0),
-            attn_scale=1.0 / math.sqrt(c["head_dim"]),
+            attn_scale=1.0 / math.sqrt(qdim),
             embed_scale=self._embed_scale(c), qkv_layout=self._layout("qkv", flags, "separate"),
             num_experts=experts, experts_per_token=topk if experts else 0,
             experts_renormalize=bool(self._layout("experts_renormalize", flags, True)),
-            sliding_window=int(c.get("sliding_window") or 0),
+            **self._windows(config, c),
+            attn_softcap=_softcap(c, "attn_softcap"), logit_softcap=_softcap(c, "logit_softcap"),
             bos_token_id=getattr(config, "bos_token_id", None), eos_token_id=getattr(config, "eos_token_id", None),
             pad_token_id=getattr(config, "pad_token_id", None),
         )
         return spec
+
+    def _windows(self, config, c) -> dict:
+        """The sliding window and the layers that use it. transformers 5 names each layer's kind in
+        `layer_types` (Gemma 2 alternates; Qwen2 windows the layers from max_window_layers on); without it the
+        window, if any, holds in every layer (Mistral, Phi-3)."""
+        window = int(c.get("sliding_window") or 0)
+        types = getattr(config, "layer_types", None)
+        if types is None:
+            return {"sliding_window": window, "window_layers": None}
+        if not isinstance(types, (list, tuple)) or len(types) != c["num_layers"]:
+            raise FmError(f"config.json: layer_types must list one kind per layer ({c['num_layers']})")
+        odd = sorted({str(t) for t in types} - {"full_attention", "sliding_attention"})
+        if odd:
+            raise FmError(f"config.json: layer kind {odd[0]!r} is not supported (full_attention, sliding_attention)")
+        layers = [i for i, t in enumerate(types) if t == "sliding_attention"]
+        if not window or not layers:
+            return {"sliding_window": 0, "window_layers": None}
+        return {"sliding_window": window, "window_layers": None if len(layers) == len(types) else layers}
 
     def _embed_scale(self, c) -> float:
         how = self.layout.get("embed_scale")
@@ -266,6 +315,12 @@ class Policy:
             if not params:  # transformers < 5 spells these as top-level keys
                 params = dict(getattr(config, "rope_scaling", None) or {})
                 params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+            local = None
+            if per_layer_type(params):          # Gemma 3: one RoPE for full-attention layers, one for windowed ones
+                if "full_attention" not in params or set(params) - {"full_attention", "sliding_attention"}:
+                    raise FmError(f"config.json: rope_parameters per layer kind must name full_attention (and "
+                                  f"optionally sliding_attention), got {', '.join(map(str, params))}")
+                local, params = params.get("sliding_attention"), dict(params["full_attention"])
             rope_type = params.get("rope_type", params.get("type", "default"))
             # The rotated width: GPT-J names it (rotary_dim), others give a fraction of the head (transformers 5
             # moved partial_rotary_factor into rope_parameters; GPT-NeoX once called it rotary_pct).
@@ -275,10 +330,11 @@ class Policy:
             if not isinstance(rotary, int) or not 2 <= rotary <= c["head_dim"] or rotary % 2:
                 raise FmError(f"config.json: the rotary width must be an even number of dimensions between 2 and "
                               f"head_dim={c['head_dim']}, got {rotary!r}")
-            return {"type": "rope", "style": self.layout.get("rope_style", "neox"), "rope_type": rope_type,
-                    "theta": float(params.get("rope_theta", 10000.0)),
-                    "rotary_dim": rotary,
-                    "parameters": {k: v for k, v in sorted(params.items()) if k not in ("rope_type", "type")}}
+            pos = {"type": "rope", "style": self.layout.get("rope_style", "neox"), **_rope_params(params),
+                   "rotary_dim": rotary}
+            if local is not None:
+                pos["local"] = _rope_params(local)
+            return pos
         raise FmError(f"{self.path.name}: unknown position scheme {kind!r}")
 
     # -- tensors ----------------------------------------------------------------------------------------------
@@ -310,6 +366,7 @@ class Policy:
             "experts_in.weight": (spec.num_experts * 2 * spec.intermediate_size, h),        # per expert: gate; up
             "experts_out.weight": (spec.num_experts * h, spec.intermediate_size),
             "attn_norm.weight": (h,), "attn_norm.bias": (h,), "mlp_norm.weight": (h,), "mlp_norm.bias": (h,),
+            "attn_post_norm.weight": (h,), "mlp_post_norm.weight": (h,),
             "qkv.weight": ((H + 2 * KV) * hd, h), "qkv.bias": ((H + 2 * KV) * hd,),
             "attn_out.weight": (h, H * hd), "attn_out.bias": (h,),
             "mlp_in.weight": (inter, h), "mlp_in.bias": (inter,),

@@ -291,7 +291,7 @@ def _diagnose(spec, lay, slot, names, r, piece: _Piece, exp: torch.Tensor, exp_a
 
 
 def check_tensors(m: dict, ranks: list[dict], plan, ckpt, config) -> dict:
-    from .pipeline import _rope_inv_freq, alibi_slopes
+    from .pipeline import alibi_slopes, rope_tensors
 
     spec, lay, pol = plan.spec, plan.layout, plan.policy
     q = m["quantization"] or {}
@@ -409,9 +409,8 @@ def check_tensors(m: dict, ranks: list[dict], plan, ckpt, config) -> dict:
 
     # Derived tensors the converter computes, and passthrough extras.
     derived = {}
-    if spec.position["type"] == "rope":
-        inv = _rope_inv_freq(config, spec)[0]
-        derived["rope.inv_freq"] = [inv] * tp
+    for name, (inv, _) in rope_tensors(config, spec).items():
+        derived[name] = [inv] * tp
     if spec.position["type"] == "alibi":
         s = alibi_slopes(spec.num_heads)
         h = lay.heads_per_rank

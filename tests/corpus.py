@@ -198,6 +198,16 @@ def _config_zero_heads(c: Ctx):
     return _conv(cfg(c.model(), num_attention_heads=0), c.tmp / "out")
 
 
+@case("convert", "layer kind 'chunked_attention' is not supported")
+def _config_unknown_layer_kind(c: Ctx):
+    return _conv(cfg(c.model("gemma2"), layer_types=["sliding_attention", "chunked_attention"]), c.tmp / "out")
+
+
+@case("convert", "attn_softcap must be a non-negative number", "-50")
+def _config_negative_softcap(c: Ctx):
+    return _conv(cfg(c.model("gemma2"), attn_logit_softcapping=-50.0), c.tmp / "out")
+
+
 @case("convert", "max_position_embeddings=8388608 exceeds the 4194304 positions")
 def _config_too_many_positions(c: Ctx):
     return _conv(cfg(c.model(), max_position_embeddings=1 << 23), c.tmp / "out")
@@ -476,6 +486,21 @@ def _inspect_wrong_type(c: Ctx):
 @case("inspect", "model.embed_scale must be a positive number")
 def _inspect_bad_embed_scale(c: Ctx):
     return [_manifest(c, lambda m: m["model"].update(embed_scale=-8.0))]
+
+
+@case("inspect", "model.attention_sinks is not a key this fmconvert understands", "upgrade fmconvert")
+def _inspect_unknown_model_key(c: Ctx):
+    return [_manifest(c, lambda m: m["model"].update(attention_sinks=True))]
+
+
+@case("inspect", "model.window_layers must be distinct layer indices in order, with a sliding_window")
+def _inspect_window_layers_without_a_window(c: Ctx):
+    return [_manifest(c, lambda m: m["model"].update(window_layers=[0], sliding_window=0))]
+
+
+@case("inspect", "model.window_layers must be distinct layer indices")
+def _inspect_window_layer_out_of_range(c: Ctx):
+    return [_manifest(c, lambda m: m["model"].update(window_layers=[7], sliding_window=4))]
 
 
 @case("inspect", "expected 2 rank entries")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import math
 import struct
 import subprocess
@@ -303,6 +304,16 @@ def test_inspect(model_dir, tmp_path):
     r = runner.invoke(cli, ["inspect", str(out)], terminal_width=200)
     assert r.exit_code == 0, r.output
     assert "LlamaForCausalLM" in r.output and "rank 1" in r.output
+    assert "window" not in r.output and "soft-capped" not in r.output
+
+
+def test_inspect_names_windows_and_soft_caps(model_dir, tmp_path):
+    out = conv(model_dir("gemma2", num_hidden_layers=6), tmp_path / "out")
+    r = CliRunner().invoke(cli, ["inspect", str(out)], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    text = re.sub(r"[\s│]+", " ", r.output)           # rows wrap inside the table's cells
+    assert "window 4 in layers 0, 2, 4" in text and "logits soft-capped at 2" in text
+    assert "each half's output normed too" in text
 
 
 def test_cli_end_to_end(model_dir, tmp_path):

@@ -28,6 +28,9 @@ def test_picks_nest_and_name_defined_flags_only():
     cfg = SimpleNamespace(num_kv_heads=8, num_attention_heads=32)
     assert _config_value(cfg, ["new", "num_kv_heads", ["mqa", {"value": 1}, "num_attention_heads"]], "kv", flags) == 1
     assert _config_value(cfg, ["new", "num_kv_heads", "num_attention_heads"], "kv", {"new": True}) == 8
+    cfg = SimpleNamespace(cap=None, window=4)       # a number as the last alternative: the value when unset
+    assert _config_value(cfg, "cap|0", "c") == 0 and _config_value(cfg, "window|0", "w") == 4
+    assert _config_value(cfg, "cap|2.5", "c") == 2.5
     with pytest.raises(FmError, match="'nope'"):
         _pick(["nope", 1, 2], flags, "layout.qkv")
 

@@ -219,6 +219,20 @@ def test_kv_replication_error(model_dir, tmp_path):
     assert not r["end_to_end"]["passed"]
 
 
+@pytest.mark.parametrize("key,value", [("window_layers", None), ("attn_softcap", 0.0), ("logit_softcap", 0.0)])
+def test_a_wrong_window_or_soft_cap_fails_end_to_end(model_dir, tmp_path, key, value):
+    """Gemma 2 with its windowed layers, its attention cap or its logit cap misrecorded: every tensor is right, the
+    network is not, and verify says so."""
+    gemma2 = model_dir("gemma2")
+    out = conv(gemma2, tmp_path / "out", tp=1)
+    assert verify(gemma2, out)["passed"]
+    m = json.loads((out / "manifest.json").read_text())
+    m["model"][key] = value
+    (out / "manifest.json").write_text(json.dumps(m))
+    r = verify(gemma2, out)
+    assert r["tensors"]["passed"] and not r["end_to_end"]["passed"] and not r["passed"]
+
+
 def test_missing_row_parallel_bias(model_dir, tmp_path):
     gpt2 = model_dir("gpt2")
     out = conv(gpt2, tmp_path / "out", tp=2)

@@ -3,8 +3,16 @@
 Scores run in the log2 domain (exp2) with fp32 statistics and accumulation. GQA maps query head
 h to kv head h // (Hq // Hkv). ALiBi adds slope_h * (key_pos - query_pos). A row that sees no
 key (full padding) yields zeros.
+
+window W > 0 (Mistral, Gemma 2, Phi-3 sliding window; causal only): the query at absolute
+position p sees keys j with p - W < j <= p, as transformers' kv_idx > q_idx - sliding_window.
+Kernels skip the key blocks before the window rather than masking them. softcap c > 0 (Gemma 2)
+replaces the score s = q.k * sm_scale by c * tanh(s / c), before ALiBi and masking.
 """
 from __future__ import annotations
+
+import math
+import operator
 
 import torch
 import triton
@@ -16,14 +24,47 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _tanh(x):
+    # libdevice tanh does not run under TRITON_INTERPRET. exp2 of a non-positive argument cannot
+    # overflow, so large |x| gives exactly +-1 and never NaN. The divide need not be IEEE-exact
+    # (a few ulp), which saves instructions per score on GPU.
+    e = tl.exp2(-2.8853900817779268 * tl.abs(x))                              # exp(-2|x|) in (0, 1]
+    t = tl.fdiv(1.0 - e, 1.0 + e, ieee_rounding=False)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _softcap(s, cap):
+    # s and cap in log2 units (both natural units * LOG2E): cap * tanh(s / cap) there equals
+    # LOG2E * c * tanh(s_nat / c), the natural-units cap, without converting back and forth.
+    return cap * _tanh(s * (1.0 / cap))
+
+
+def _check_window_softcap(window, softcap, causal=True):
+    """(window, softcap) as int, float after validation; 0 turns either off."""
+    window = operator.index(window)
+    softcap = float(softcap)
+    if window < 0:
+        raise ValueError(f"window must be >= 0 (0 = no sliding window), got {window}")
+    if window and not causal:
+        raise ValueError(f"window={window} needs causal=True: sliding-window attention is only "
+                         "defined for causal attention")
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be finite and >= 0 (0 = off), got {softcap}")
+    return window, softcap
+
+
+@triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slopes_ptr, kpm_ptr,
-                    T, S, HQ, GQA, D, qk_scale,
+                    T, S, HQ, GQA, D, qk_scale, WINDOW, cap,
                     sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                     sob, soh, sot, skpb,
                     CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_KPM: tl.constexpr,
+                    WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
                     DOT_F32: tl.constexpr, PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # grid: (cdiv(T, BLOCK_M), B * HQ). Query i sits at absolute position S - T + i.
+    # WINDOWED (implies CAUSAL): query p sees keys (p - WINDOW, p]. cap: softcap in log2 units.
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // HQ).to(tl.int64)
@@ -46,10 +87,16 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slopes_ptr, kpm_ptr,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo = 0
     hi = S
     if CAUSAL:
         hi = tl.minimum(S, S - T + (pid_m + 1) * BLOCK_M)
-    for n0 in range(0, hi, BLOCK_N):
+    if WINDOWED:
+        # Start at the block holding the first key of the top row's window (lower rows' windows
+        # start later); keys in it before a row's window are masked below.
+        lo = tl.maximum(S - T + pid_m * BLOCK_M - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+        lo = tl.multiple_of(lo, BLOCK_N)
+    for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < S
         kv_mask = n_mask[:, None] & d_mask[None, :]
@@ -59,11 +106,15 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slopes_ptr, kpm_ptr,
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale          # [BM, BN], log2 units
+        if SOFTCAP:
+            s = _softcap(s, cap)
         if ALIBI:
             s += slope * (offs_n[None, :] - qpos[:, None]).to(tl.float32)
         valid = n_mask[None, :]
         if CAUSAL:
             valid = valid & (offs_n[None, :] <= qpos[:, None])
+        if WINDOWED:
+            valid = valid & (offs_n[None, :] > qpos[:, None] - WINDOW)
         if HAS_KPM:
             keep = tl.load(kpm_ptr + b * skpb + offs_n, mask=n_mask, other=0)
             valid = valid & (keep != 0)[None, :]
@@ -103,10 +154,13 @@ def _prefill_config(dtype, block_d):
     return (128, 64, 4, 3) if block_d <= 64 else (128, 64, 8, 3)
 
 
-def prefill_attention(q, k, v, sm_scale, causal=True, alibi_slopes=None, key_padding_mask=None):
+def prefill_attention(q, k, v, sm_scale, causal=True, alibi_slopes=None, key_padding_mask=None, *,
+                      window: int = 0, softcap: float = 0.0):
     """o [B, Hq, T, D] (q.dtype). q [B, Hq, T, D]; k, v [B, Hkv, S, D], S >= T, any strides.
-    key_padding_mask: bool [B, S], True = attend."""
+    key_padding_mask: bool [B, S], True = attend. window: sliding window (0 = none, needs causal);
+    softcap: logit cap c, s -> c * tanh(s / c) (0 = none)."""
     float_dtype_check("q", q)
+    window, softcap = _check_window_softcap(window, softcap, causal)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be 4-D [B, H, T|S, D]")
     B, HQ, T, D = q.shape
@@ -133,25 +187,32 @@ def prefill_attention(q, k, v, sm_scale, causal=True, alibi_slopes=None, key_pad
     block_d = max(16, triton.next_power_of_2(D))
     bm, bn, warps, stages = _prefill_config(q.dtype, block_d)
     grid = (triton.cdiv(T, bm), B * HQ)
+    # A window of S or more keys hides nothing: take the unwindowed kernel.
+    windowed = 0 < window < S
     _prefill_kernel[grid](
         q, k, v, o, slopes if slopes is not None else q, kpm if kpm is not None else q,
-        T, S, HQ, HQ // HKV, D, float(sm_scale) * LOG2E,
+        T, S, HQ, HQ // HKV, D, float(sm_scale) * LOG2E, window if windowed else 0, softcap * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *o.stride()[:3],
         kpm.stride(0) if kpm is not None else 0,
         CAUSAL=bool(causal), ALIBI=slopes is not None, HAS_KPM=kpm is not None,
+        WINDOWED=windowed, SOFTCAP=softcap > 0,
         DOT_F32=dot_f32, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
         num_warps=warps, num_stages=stages,
     )
     return o
 
 
-def prefill_attention_reference(q, k, v, sm_scale, causal=True, alibi_slopes=None, key_padding_mask=None):
+def prefill_attention_reference(q, k, v, sm_scale, causal=True, alibi_slopes=None, key_padding_mask=None, *,
+                                window: int = 0, softcap: float = 0.0):
+    window, softcap = _check_window_softcap(window, softcap, causal)
     B, HQ, T, D = q.shape
     HKV, S = k.shape[1], k.shape[2]
     rep = HQ // HKV
     kf = k.float().repeat_interleave(rep, dim=1)
     vf = v.float().repeat_interleave(rep, dim=1)
     scores = torch.matmul(q.float(), kf.transpose(-1, -2)) * sm_scale          # [B, HQ, T, S]
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     qpos = torch.arange(T, device=q.device) + (S - T)
     kpos = torch.arange(S, device=q.device)
     if alibi_slopes is not None:
@@ -160,6 +221,8 @@ def prefill_attention_reference(q, k, v, sm_scale, causal=True, alibi_slopes=Non
     valid = torch.ones(T, S, dtype=torch.bool, device=q.device)[None, None]
     if causal:
         valid = valid & (kpos[None, :] <= qpos[:, None])
+    if window:
+        valid = valid & (kpos[None, :] > qpos[:, None] - window)
     if key_padding_mask is not None:
         valid = valid & key_padding_mask[:, None, None, :]
     scores = scores.masked_fill(~valid, float("-inf"))
@@ -174,14 +237,17 @@ def prefill_attention_reference(q, k, v, sm_scale, causal=True, alibi_slopes=Non
 
 @triton.jit
 def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, slopes_ptr, lens_ptr, ws_ptr, o_ptr,
-                           HQ, HKV, GQA, D, CHUNK, NSPLIT, qk_scale,
+                           HQ, HKV, GQA, D, CHUNK, NSPLIT, qk_scale, WINDOW, cap,
                            sqb, sqh, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh,
-                           ALIBI: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, DIRECT: tl.constexpr,
+                           ALIBI: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+                           DOT_F32: tl.constexpr, PREC: tl.constexpr, DIRECT: tl.constexpr,
                            BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # grid: (B * HKV, NSPLIT). A program takes the GQA query heads of one kv head over keys
     # [split * CHUNK, (split + 1) * CHUNK) ∩ [0, seq_len) and writes unnormalised partials to
     # ws [B, HQ, NSPLIT, D + 2] (acc, then running max m and sum l, log2 domain). DIRECT (one
     # split holds every key, as at large batch) writes the normalised output instead: no merge.
+    # WINDOWED: keys before seq_len - WINDOW are out of the window. Clamping the start to it leaves
+    # every loaded key visible (no mask needed) and splits wholly before it run no iteration.
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid // HKV).to(tl.int64)
@@ -189,6 +255,8 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, slopes_ptr, lens_ptr, ws_ptr, o_
     seq_len = tl.load(lens_ptr + b).to(tl.int32)
     start = split * CHUNK
     end = tl.minimum(start + CHUNK, seq_len)
+    if WINDOWED:
+        start = tl.maximum(start, seq_len - WINDOW)
     g = tl.arange(0, BLOCK_G)
     heads = hk * GQA + g
     g_mask = g < GQA
@@ -216,6 +284,8 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, slopes_ptr, lens_ptr, ws_ptr, o_
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale       # [BG, BN]
+        if SOFTCAP:
+            s = _softcap(s, cap)
         if ALIBI:
             s += slope[:, None] * (offs_n - (seq_len - 1)).to(tl.float32)[None, :]
         s = tl.where(n_mask[None, :], s, float("-inf"))
@@ -226,6 +296,8 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, slopes_ptr, lens_ptr, ws_ptr, o_
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
+    # A split that ran no iteration (empty sequence, or wholly before the window) leaves m = -inf,
+    # l = 0, acc = 0: DIRECT stores zeros, the reduce gives it weight 0.
     if DIRECT:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]                        # no key: zeros
         tl.store(o_ptr + b * sob + heads[:, None] * soh + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
@@ -238,8 +310,8 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, slopes_ptr, lens_ptr, ws_ptr, o_
 
 
 @triton.jit
-def _decode_reduce_kernel(ws_ptr, lens_ptr, o_ptr, HQ, D, CHUNK, NSPLIT, sob, soh,
-                          BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def _decode_reduce_kernel(ws_ptr, lens_ptr, o_ptr, HQ, D, CHUNK, NSPLIT, WINDOW, sob, soh,
+                          WINDOWED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     # grid: (B * HQ,). Merges the partials of the splits that hold keys (split * CHUNK < seq_len).
     pid = tl.program_id(0)
     b = (pid // HQ).to(tl.int64)
@@ -248,12 +320,16 @@ def _decode_reduce_kernel(ws_ptr, lens_ptr, o_ptr, HQ, D, CHUNK, NSPLIT, sob, so
     n_valid = tl.cdiv(seq_len, CHUNK)
     sp = tl.arange(0, BLOCK_S)
     s_mask = (sp < n_valid) & (sp < NSPLIT)
+    if WINDOWED:
+        # Splits wholly before the window hold m = -inf, l = 0 (weight 0 below); skip their reads.
+        s_mask = s_mask & (sp >= tl.maximum(seq_len - WINDOW, 0) // CHUNK)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     rows = ws_ptr + (pid.to(tl.int64) * NSPLIT + sp) * (D + 2)                # [BS]
     m = tl.load(rows + D, mask=s_mask, other=float("-inf"))
     l = tl.load(rows + D + 1, mask=s_mask, other=0.0)
     m_max = tl.max(m, axis=0)
+    # Every split empty (seq_len = 0): base 0 gives weights exp2(-inf) = 0, not NaN.
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.where(s_mask, tl.exp2(m - m_max), 0.0)
     denom = tl.sum(l * w, axis=0)
@@ -285,10 +361,14 @@ def decode_attention_workspace(q, k_cache):
     return torch.empty(B, HQ, nsplit, D + 2, dtype=torch.float32, device=q.device)
 
 
-def decode_attention(q, k_cache, v_cache, seq_lens, sm_scale, alibi_slopes=None, *, workspace=None):
+def decode_attention(q, k_cache, v_cache, seq_lens, sm_scale, alibi_slopes=None, *, workspace=None,
+                     window: int = 0, softcap: float = 0.0):
     """o [B, Hq, D] (q.dtype) for one new token per sequence. q [B, Hq, D]; k_cache, v_cache
-    [B, Hkv, S_max, D] (any strides), first seq_lens[b] positions valid. No host syncs."""
+    [B, Hkv, S_max, D] (any strides), first seq_lens[b] positions valid. No host syncs.
+    window: the query (position seq_lens[b] - 1) sees keys [seq_lens[b] - window, seq_lens[b])
+    (0 = all); softcap: logit cap c, s -> c * tanh(s / c) (0 = none)."""
     float_dtype_check("q", q)
+    window, softcap = _check_window_softcap(window, softcap)
     if q.dim() != 3 or k_cache.dim() != 4 or tuple(v_cache.shape) != tuple(k_cache.shape):
         raise ValueError(f"q must be [B, Hq, D] and caches [B, Hkv, S_max, D], got {tuple(q.shape)}, "
                          f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
@@ -319,36 +399,47 @@ def decode_attention(q, k_cache, v_cache, seq_lens, sm_scale, alibi_slopes=None,
     dot_f32, prec = _dot_mode(q.dtype)
     block_d = max(16, triton.next_power_of_2(D))
     direct = nsplit == 1
+    # Decided from shapes only (seq_lens <= S_max), as the grid: no sync, fixed under CUDA graphs.
+    windowed = 0 < window < S_MAX
+    window = window if windowed else 0
     _decode_partial_kernel[(B * HKV, nsplit)](
         q, k_cache, v_cache, slopes if slopes is not None else q, seq_lens, workspace, o,
-        HQ, HKV, gqa, D, chunk, nsplit, float(sm_scale) * LOG2E,
+        HQ, HKV, gqa, D, chunk, nsplit, float(sm_scale) * LOG2E, window, softcap * LOG2E,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), o.stride(0), o.stride(1),
-        ALIBI=slopes is not None, DOT_F32=dot_f32, PREC=prec, DIRECT=direct,
+        ALIBI=slopes is not None, WINDOWED=windowed, SOFTCAP=softcap > 0,
+        DOT_F32=dot_f32, PREC=prec, DIRECT=direct,
         BLOCK_G=max(16, triton.next_power_of_2(gqa)), BLOCK_N=_DECODE_BLOCK_N, BLOCK_D=block_d,
         num_warps=_DECODE_WARPS, num_stages=_DECODE_STAGES,
     )
     if direct:
         return o
     _decode_reduce_kernel[(B * HQ,)](
-        workspace, seq_lens, o, HQ, D, chunk, nsplit, o.stride(0), o.stride(1),
-        BLOCK_S=triton.next_power_of_2(nsplit), BLOCK_D=triton.next_power_of_2(D), num_warps=4,
+        workspace, seq_lens, o, HQ, D, chunk, nsplit, window, o.stride(0), o.stride(1),
+        WINDOWED=windowed, BLOCK_S=triton.next_power_of_2(nsplit), BLOCK_D=triton.next_power_of_2(D),
+        num_warps=4,
     )
     return o
 
 
-def decode_attention_reference(q, k_cache, v_cache, seq_lens, sm_scale, alibi_slopes=None):
+def decode_attention_reference(q, k_cache, v_cache, seq_lens, sm_scale, alibi_slopes=None, *,
+                               window: int = 0, softcap: float = 0.0):
+    window, softcap = _check_window_softcap(window, softcap)
     B, HQ, D = q.shape
     HKV, S_MAX = k_cache.shape[1], k_cache.shape[2]
     rep = HQ // HKV
     kf = k_cache.float().repeat_interleave(rep, dim=1)                        # [B, HQ, S, D]
     vf = v_cache.float().repeat_interleave(rep, dim=1)
     scores = torch.einsum("bhd,bhsd->bhs", q.float(), kf) * sm_scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
     kpos = torch.arange(S_MAX, device=q.device)
     lens = seq_lens.to(torch.int64)
     if alibi_slopes is not None:
         rel = (kpos[None, :] - (lens[:, None] - 1)).float()                   # [B, S]
         scores = scores + alibi_slopes.float()[None, :, None] * rel[:, None, :]
     valid = kpos[None, :] < lens[:, None]
+    if window:
+        valid = valid & (kpos[None, :] >= lens[:, None] - window)
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     return torch.einsum("bhs,bhsd->bhd", p, vf).to(q.dtype)

@@ -52,21 +52,24 @@ def check_layout(m: dict, rank: int):
             "type_embed.weight": (sp["type_vocab_size"], h),
             "pos_embed.weight": (sp["max_positions"] + pos.get("offset", 0), h), "project_in.weight": (h, e),
             "project_out.weight": (e, h), "pooler.weight": (h, h), "pooler.bias": (h,),
-            "rope.inv_freq": (pos.get("rotary_dim", 0) // 2,), "alibi.slopes": (hpr,),
+            "rope.inv_freq": (pos.get("rotary_dim", 0) // 2,), "rope_local.inv_freq": (pos.get("rotary_dim", 0) // 2,),
+            "alibi.slopes": (hpr,),
             **{f"{n}.{p}": (h,) for n in ("embed_norm", "final_norm") for p in ("weight", "bias")}}
     E = sp["num_experts"]
     layer = {"qkv.weight": (qkv, h), "qkv.bias": (qkv,), "q_norm.weight": (hd,), "k_norm.weight": (hd,),
              "router.weight": (E, h), "experts_in.weight": (E * 2 * ipr, h), "experts_out.weight": (E * h, ipr),
              "attn_out.weight": (h, hpr * hd), "attn_out.bias": (h,),
              "mlp_in.weight": (mlp, h), "mlp_in.bias": (mlp,), "mlp_out.weight": (h, ipr), "mlp_out.bias": (h,),
-             **{f"{n}.{p}": (h,) for n in ("attn_norm", "mlp_norm") for p in ("weight", "bias")}}
+             **{f"{n}.{p}": (h,) for n in ("attn_norm", "mlp_norm") for p in ("weight", "bias")},
+             "attn_post_norm.weight": (h,), "mlp_post_norm.weight": (h,)}
     tensors = m["ranks"][rank]["tensors"]
     need = {"embed.weight"} | {s for s in sp["slots"] if not s.startswith("layers.")}
     need |= {s for s, on in [("lm_head.weight", sp["kind"] == "decoder" and not sp["tied_embeddings"]),
                              ("final_norm.weight", sp["final_norm"]), ("embed_norm.weight", sp["embed_norm"]),
                              ("project_in.weight", sp["project"]), ("project_out.weight", sp["project"]),
                              ("pooler.weight", sp["pooler"]), ("pos_embed.weight", pos["type"] == "learned"),
-                             ("rope.inv_freq", pos["type"] == "rope"), ("alibi.slopes", pos["type"] == "alibi")] if on}
+                             ("rope.inv_freq", pos["type"] == "rope"), ("rope_local.inv_freq", "local" in pos),
+                             ("alibi.slopes", pos["type"] == "alibi")] if on}
     per_layer = {"attn_norm.weight", "qkv.weight", "attn_out.weight"}
     per_layer |= {"router.weight", *_EXPERTS} if E else {"mlp_in.weight", "mlp_out.weight"}
     if sp["residual"] != "parallel":            # GPT-J and Phi feed the MLP from the attention's norm
@@ -212,7 +215,7 @@ def _assemble(manifest: dict, raw: dict, device, int8: str, dtype) -> dict:
             out[name] = ExpertWeights(ws, whole if int8 == "keep" else None) if experts else ws[0]
         elif name.startswith("extra."):
             continue
-        elif t.is_floating_point() and name not in ("rope.inv_freq", "alibi.slopes"):
+        elif t.is_floating_point() and name not in ("rope.inv_freq", "rope_local.inv_freq", "alibi.slopes"):
             out[name] = t.to(device=device, dtype=dtype)
             if experts:
                 out[name] = ExpertWeights(out[name].chunk(experts), out[name])

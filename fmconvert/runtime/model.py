@@ -33,6 +33,10 @@ class Block(nn.Module):
         object.__setattr__(self, "m", model)  # a plain back-reference, not a registered submodule (no cycle)
         self.i = i
         self.t = tensors  # slot -> tensor or Int8Weight, this rank's piece
+        sp = model.spec
+        layers = sp["window_layers"]
+        self.window = sp["sliding_window"] if layers is None or i in layers else 0   # 0: every earlier position
+        self.rope_table = "local" if self.window and "local" in sp["position"] else "global"
 
     def forward(self, x, residual, positions, cache, key_padding_mask, pos_t=None, seq_t=None):
         m, t = self.m, self.t
@@ -46,11 +50,15 @@ class Block(nn.Module):
             h = x
         a = self.attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
         a = m.comm.all_reduce(ops.linear(a, t["attn_out.weight"], t.get("attn_out.bias")))
+        if "attn_post_norm.weight" in t:          # Gemma 2: each half's output is normed before it joins the stream
+            a, _ = ops.add_norm(a, None, t["attn_post_norm.weight"], None, m.eps, m.norm)
         if pre:
             h, residual = ops.add_norm(a, residual, t["mlp_norm.weight"], t.get("mlp_norm.bias"), m.eps, m.norm)
         else:
             h, _ = ops.add_norm(a, x, t["attn_norm.weight"], t.get("attn_norm.bias"), m.eps, m.norm)
         f = m.comm.all_reduce(self.mlp(h))
+        if "mlp_post_norm.weight" in t:
+            f, _ = ops.add_norm(f, None, t["mlp_post_norm.weight"], None, m.eps, m.norm)
         if pre:
             return f, residual
         y, _ = ops.add_norm(f, h, t["mlp_norm.weight"], t.get("mlp_norm.bias"), m.eps, m.norm)
@@ -124,18 +132,18 @@ class Block(nn.Module):
         qk_norm = (t["q_norm.weight"], t["k_norm.weight"], m.eps, m.norm) if "q_norm.weight" in t else None
         if pos_t is not None:
             kc, vc = cache.k[self.i], cache.v[self.i]
-            rope = (m._cos, m._sin, m.rope_style, m.rotary_dim) if m.rope is not None else (None,) * 4
+            rope = (*m.rope_tables(self.rope_table), m.rope_style, m.rotary_dim) if m.rope is not None else (None,) * 4
             q = m.ops.decode_append(q, k, v, kc, vc, pos_t, *rope, qk_norm=qk_norm)   # (B, Hq, hd)
-            o = m.ops.decode_attention(q, kc, vc, seq_t, m.scale, m.alibi)
+            o = m.ops.decode_attention(q, kc, vc, seq_t, m.scale, m.alibi, self.window, m.softcap)
             return o.reshape(B, 1, Hq * hd)
         if qk_norm is not None:                  # Qwen3: each q and k head RMS-normalised before RoPE
             q = m.ops.add_norm(q, None, qk_norm[0], None, m.eps, m.norm)[0]
             k = m.ops.add_norm(k, None, qk_norm[1], None, m.eps, m.norm)[0]
         if m.rope is not None:
-            q, k = m.ops.rope(q, k, *m.rope_for(positions), positions, m.rope_style, m.rotary_dim)
+            q, k = m.ops.rope(q, k, *m.rope_for(positions, self.rope_table), positions, m.rope_style, m.rotary_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # (B, H, T, hd)
         if cache is None:
-            o = m.ops.attention(q, k, v, m.scale, m.causal, m.alibi, key_padding_mask)
+            o = m.ops.attention(q, k, v, m.scale, m.causal, m.alibi, key_padding_mask, self.window, m.softcap)
             return o.transpose(1, 2).reshape(B, T, Hq * hd)
         kc, vc = cache.k[self.i], cache.v[self.i]
         start = cache.length
@@ -144,9 +152,10 @@ class Block(nn.Module):
         S = start + T
         if T == 1 and m.ops.name != "torch":
             seq = torch.full((B,), S, dtype=torch.int32, device=h.device)
-            o = m.ops.decode_attention(q[:, :, 0], kc, vc, seq, m.scale, m.alibi)
+            o = m.ops.decode_attention(q[:, :, 0], kc, vc, seq, m.scale, m.alibi, self.window, m.softcap)
             return o.reshape(B, 1, Hq * hd)
-        o = m.ops.attention(q, kc[:, :, :S], vc[:, :, :S], m.scale, m.causal, m.alibi, key_padding_mask)
+        o = m.ops.attention(q, kc[:, :, :S], vc[:, :, :S], m.scale, m.causal, m.alibi, key_padding_mask,
+                            self.window, m.softcap)
         return o.transpose(1, 2).reshape(B, T, Hq * hd)
 
 
@@ -169,7 +178,7 @@ class FusedModel(nn.Module):
         self.dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[manifest["dtype"]]
         self.head_dim, self.heads, self.kv_heads = sp["head_dim"], par["heads_per_rank"], par["kv_heads_per_rank"]
         self.eps, self.norm, self.activation = sp["norm_eps"], sp["norm"], sp["activation"]
-        self.scale = sp["attn_scale"]
+        self.scale, self.softcap = sp["attn_scale"], sp["attn_softcap"]
         self.causal = sp["kind"] == "decoder"
         self.vocab_lo = rank * par["vocab_per_rank"]
         # Gemma scales its embeddings by sqrt(hidden) rounded to the model dtype, as HF does; a device tensor made
@@ -184,22 +193,32 @@ class FusedModel(nn.Module):
         if pos["type"] == "rope":
             self.rope = tensors["rope.inv_freq"]
             self.rope_style, self.rotary_dim = pos["style"], pos["rotary_dim"]
-            self.rope_scaling = pos.get("attention_scaling", 1.0)
-            self._cos, self._sin = rope_tables(self.rope, max(sp["max_positions"], 1), self.rope_scaling)
+            # name -> [inv_freq, attention scaling, cos, sin]; Gemma 3's windowed layers have their own ("local")
+            self._tables = {"global": [self.rope, pos.get("attention_scaling", 1.0)]}
+            if "local" in pos:
+                self._tables["local"] = [tensors["rope_local.inv_freq"], pos["local"].get("attention_scaling", 1.0)]
+            for tab in self._tables.values():
+                tab += rope_tables(tab[0], max(sp["max_positions"], 1), tab[1])
         self.blocks = nn.ModuleList(Block(self, i, {k.split(".", 2)[2]: v for k, v in tensors.items()
                                                     if k.startswith(f"layers.{i}.")})
                                     for i in range(sp["num_layers"]))
 
     # -- pieces ---------------------------------------------------------------------------------------------------
-    def rope_for(self, positions):
+    def rope_for(self, positions, table: str = "global"):
+        """(cos, sin) covering these positions; grown (every table alike) the first time a forward asks."""
         checked = self._rope_checked      # every layer of a forward asks about the same positions
-        if checked is not None and checked[0] is positions and checked[1] == self._forwards:
-            return self._cos, self._sin
-        need = int(positions.max()) + 1
-        if need > self._cos.shape[0]:
-            self._cos, self._sin = rope_tables(self.rope, max(need, 2 * self._cos.shape[0]), self.rope_scaling)
-        self._rope_checked = (positions, self._forwards)
-        return self._cos, self._sin
+        if not (checked is not None and checked[0] is positions and checked[1] == self._forwards):
+            need = int(positions.max()) + 1
+            for tab in self._tables.values():
+                if need > tab[2].shape[0]:
+                    tab[2:] = rope_tables(tab[0], max(need, 2 * tab[2].shape[0]), tab[1])
+            self._rope_checked = (positions, self._forwards)
+        return tuple(self._tables[table][2:])
+
+    def rope_tables(self, table: str = "global"):
+        """(cos, sin) as they stand, without a host sync: what a captured decode step reads (`rope_for` has grown
+        them to cover every position first)."""
+        return tuple(self._tables[table][2:])
 
     def _begin_forward(self):
         """Per-forward memos (the positions checked above, the ops' gathered cos/sin) last one forward only."""
@@ -241,16 +260,10 @@ class FusedModel(nn.Module):
         h = self.project_out(h)
         head = g["embed.weight"] if sp["tied_embeddings"] else g["lm_head.weight"]
         local = self.ops.linear(h, head, g.get("lm_head.bias"))   # (B, T, V / tp)
+        cap = sp["logit_softcap"]
+        if cap:                                                    # Gemma 2: logits squashed into (-cap, cap)
+            local = (torch.tanh(local.float() / cap) * cap).to(local.dtype)
         return self.comm.all_gather(local, dim=-1)[..., :sp["vocab_size"]]
-
-    def check_window(self, length: int):
-        """Mistral and Phi-3 attend within a sliding window, which the runtime does not implement: within it, full
-        causal attention is the same thing; past it, refuse rather than answer differently from the model."""
-        window = self.spec["sliding_window"]
-        if window and length > window:
-            from ..errors import FmError
-            raise FmError(f"this model attends within a sliding window of {window} positions, which fmconvert does "
-                          f"not implement; keep prompt + new tokens within {window} (asked for {length})")
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(len(self.blocks), batch, self.kv_heads, max_len, self.head_dim, self.dtype, self.device)
@@ -261,7 +274,6 @@ class FusedModel(nn.Module):
         self._begin_forward()
         B, T = ids.shape
         start = cache.length if cache is not None else 0
-        self.check_window(start + T)
         positions = torch.arange(start, start + T, device=ids.device).unsqueeze(0).expand(B, T)
         x, residual = self.embed(ids, positions, token_type_ids), None
         states = [x] if output_hidden_states else None

@@ -199,21 +199,26 @@ class TorchOps:
         """A new forward: positions may be a tensor seen before, with new contents."""
         self._rope_memo = None
 
-    def attention(self, q, k, v, scale, causal, alibi_slopes=None, key_padding_mask=None):
+    def attention(self, q, k, v, scale, causal, alibi_slopes=None, key_padding_mask=None, window=0, softcap=0.0):
+        """window: a query at position p sees keys p - window < j <= p (0: no window). softcap: scores become
+        softcap * tanh(score / softcap) before masking (0: none)."""
         B, Hq, T, D = q.shape
         S = k.shape[2]
+        if window >= S:
+            window = 0                          # the window reaches past the first key: it masks nothing
         gqa = {}
         if Hq != k.shape[1]:
-            if _SDPA_GQA:
+            if _SDPA_GQA and not softcap:
                 gqa = {"enable_gqa": True}      # kv heads shared in place, not copied per step
             else:
                 rep = Hq // k.shape[1]
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if causal and T == S and T > 1 and alibi_slopes is None and key_padding_mask is None:
+        plain = alibi_slopes is None and key_padding_mask is None and not window and not softcap
+        if causal and T == S and T > 1 and plain:
             # A whole prompt from position 0: sdpa's own causal path, about twice as fast as a mask on CPU
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
         mask = None
-        if causal and T == 1 and alibi_slopes is None:
+        if causal and T == 1 and alibi_slopes is None and not window:
             pass    # one query at the last position sees every key: the causal mask is all true
         elif causal or alibi_slopes is not None:
             qpos = torch.arange(S - T, S, device=q.device).unsqueeze(1)
@@ -225,18 +230,25 @@ class TorchOps:
                 mask = mask.to(q.dtype)
             else:
                 mask = kpos <= qpos
+            if window:
+                mask = mask & (kpos > qpos - window) if mask.dtype == torch.bool else \
+                    mask.masked_fill(kpos <= qpos - window, float("-inf"))
         if key_padding_mask is not None:
             kp = key_padding_mask.bool().view(B, 1, 1, S)
             mask = kp if mask is None else (mask & kp if mask.dtype == torch.bool else
                                             mask.masked_fill(~kp, float("-inf")))
+        if softcap:
+            return _capped_attention(q, k, v, scale, mask, softcap)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
 
-    def decode_attention(self, q, k_cache, v_cache, seq_lens, scale, alibi_slopes=None):
+    def decode_attention(self, q, k_cache, v_cache, seq_lens, scale, alibi_slopes=None, window=0, softcap=0.0):
         """q [B, Hq, D] against the whole static cache, masked by seq_lens: graph-safe, no slicing by length."""
         B, Hq, D = q.shape
         S = k_cache.shape[2]
         kpos = torch.arange(S, device=q.device)
         valid = kpos.view(1, S) < seq_lens.view(B, 1)                                  # (B, S)
+        if window:
+            valid = valid & (kpos.view(1, S) >= seq_lens.view(B, 1) - window)
         mask = torch.zeros(B, 1, 1, S, dtype=q.dtype, device=q.device).masked_fill(~valid.view(B, 1, 1, S),
                                                                                   float("-inf"))
         if alibi_slopes is not None:
@@ -246,7 +258,19 @@ class TorchOps:
         k, v = k_cache, v_cache
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if softcap:
+            return _capped_attention(q.unsqueeze(2), k, v, scale, mask, softcap).squeeze(2)
         return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale).squeeze(2)
+
+
+def _capped_attention(q, k, v, scale, mask, cap):
+    """Attention with Gemma 2's soft-capped scores, in fp32 (sdpa has no hook between the product and the mask).
+    q [B, H, T, D], k and v [B, H, S, D]; mask bool (True = attend) or additive, broadcastable to [B, H, T, S]."""
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    s = torch.tanh(s / cap) * cap
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
+    return torch.matmul(s.softmax(-1).nan_to_num(0.0), v.float()).to(q.dtype)
 
 
 def _rotate(x, c, s, style, rotary_dim, expanded=False):
@@ -299,16 +323,18 @@ class TritonOps(TorchOps):
         return self.k.rope_append(q, k, v, k_cache, v_cache, pos_t, cos, sin, style or "neox", rotary_dim,
                                   q_norm=qk_norm[0], k_norm=qk_norm[1], eps=qk_norm[2])
 
-    def attention(self, q, k, v, scale, causal, alibi_slopes=None, key_padding_mask=None):
-        if q.is_cuda and alibi_slopes is None and key_padding_mask is None and q.shape[2] == k.shape[2]:
+    def attention(self, q, k, v, scale, causal, alibi_slopes=None, key_padding_mask=None, window=0, softcap=0.0):
+        if (q.is_cuda and alibi_slopes is None and key_padding_mask is None and q.shape[2] == k.shape[2]
+                and not window and not softcap):
             # Plain causal prefill goes to torch SDPA (flash attention); gpu_kernels.py times it against ours.
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
                                                   enable_gqa=q.shape[1] != k.shape[1])
         return self.k.prefill_attention(q, k, v, scale, causal=causal, alibi_slopes=alibi_slopes,
-                                        key_padding_mask=key_padding_mask)
+                                        key_padding_mask=key_padding_mask, window=window, softcap=softcap)
 
-    def decode_attention(self, q, k_cache, v_cache, seq_lens, scale, alibi_slopes=None):
-        return self.k.decode_attention(q, k_cache, v_cache, seq_lens, scale, alibi_slopes=alibi_slopes)
+    def decode_attention(self, q, k_cache, v_cache, seq_lens, scale, alibi_slopes=None, window=0, softcap=0.0):
+        return self.k.decode_attention(q, k_cache, v_cache, seq_lens, scale, alibi_slopes=alibi_slopes,
+                                       window=window, softcap=softcap)
 
     def expert_linear(self, x, stacked: Int8Weight, n_experts: int, experts, x_every: int, activation):
         """Rows of (token, expert) pairs from one int8 [E * N, K] stack; the expert ids stay on the device."""

@@ -165,3 +165,216 @@ def test_decode_cuda_graph_capture(assert_close):
     g.replay()
     torch.cuda.synchronize()
     assert_close(out, decode_attention_reference(q, kc, vc, lens, 0.125), torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------
+# sliding window and logit soft-capping
+# ---------------------------------------------------------------------------------------------
+# The interpreter runs 32 x 32 prefill blocks and 32-key decode chunks: windows of 1, 5 (inside a
+# block), 37 (not a block multiple) and 100 (more than S: no window) skip whole key blocks at S = 70.
+
+
+def window_mask(T, S, window):
+    """bool [T, S], True = visible, spelt out one pair at a time from the rule p - W < j <= p."""
+    mask = torch.zeros(T, S, dtype=torch.bool)
+    for i in range(T):
+        p = S - T + i
+        for j in range(S):
+            mask[i, j] = j <= p and (window == 0 or p - j < window)
+    return mask.to(DEVICE)
+
+
+@pytest.mark.parametrize("window", [1, 3, 37])
+def test_prefill_window_reference_matches_sdpa_with_explicit_mask(window, assert_close):
+    # Checks the reference itself against torch SDPA fed a mask built independently of it.
+    B, HQ, HKV, T, S, D = 2, 4, 2, 13, 45, 16
+    q = rand(B, HQ, T, D, dtype=torch.float32, seed=1)
+    k = rand(B, HKV, S, D, dtype=torch.float32, seed=2)
+    v = rand(B, HKV, S, D, dtype=torch.float32, seed=3)
+    ref = prefill_attention_reference(q, k, v, 0.25, window=window)
+    kr, vr = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=window_mask(T, S, window), scale=0.25)
+    assert_close(ref, sdpa, torch.float32, tol=1e-5)
+    # and the window bites: the result is not plain causal attention
+    assert (ref - prefill_attention_reference(q, k, v, 0.25)).abs().max() > 0.05
+
+
+# (B, Hq, Hkv, T, S, D): full prefill with GQA, and a continuation of a cache (T < S)
+WINDOW_PREFILL_SHAPES = [(1, 4, 2, 70, 70, 16), (2, 2, 1, 13, 70, 24)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window", [1, 5, 37, 100])
+@pytest.mark.parametrize("shape", WINDOW_PREFILL_SHAPES)
+def test_prefill_window_matches_reference(shape, window, dtype, assert_close):
+    B, HQ, HKV, T, S, D = shape
+    q = rand(B, HQ, T, D, dtype=dtype, seed=1)
+    k = rand(B, HKV, S, D, dtype=dtype, seed=2)
+    v = rand(B, HKV, S, D, dtype=dtype, seed=3)
+    o = prefill_attention(q, k, v, 1 / math.sqrt(D), window=window)
+    assert_close(o, prefill_attention_reference(q, k, v, 1 / math.sqrt(D), window=window), dtype)
+    if window >= S:
+        assert torch.equal(o, prefill_attention(q, k, v, 1 / math.sqrt(D)))
+
+
+def test_prefill_window_sweep_every_width(assert_close):
+    # Every window from 1 to past S over 3 x 3 blocks: catches off-by-ones in the block skip.
+    T, S, D = 50, 70, 16
+    q = rand(1, 1, T, D, dtype=torch.float32, seed=1)
+    k, v = rand(1, 1, S, D, dtype=torch.float32, seed=2), rand(1, 1, S, D, dtype=torch.float32, seed=3)
+    for window in range(1, S + 2):
+        o = prefill_attention(q, k, v, 0.25, window=window)
+        assert_close(o, prefill_attention_reference(q, k, v, 0.25, window=window), torch.float32)
+
+
+def test_prefill_window_skips_key_blocks_before_it(assert_close):
+    # NaN keys/values that a loaded block would turn into NaN output (0 * NaN in p @ v). The 5
+    # queries see keys 131..139, so a key loop starting at the 32- or 64-aligned block of key 131
+    # never touches keys [0, 128).
+    B, H, T, S, D, W = 1, 2, 5, 140, 16, 5
+    q = rand(B, H, T, D, dtype=torch.float16, seed=1)
+    k, v = rand(B, H, S, D, dtype=torch.float16, seed=2), rand(B, H, S, D, dtype=torch.float16, seed=3)
+    kp, vp = k.clone(), v.clone()
+    kp[:, :, :128] = float("nan")
+    vp[:, :, :128] = float("nan")
+    o = prefill_attention(q, kp, vp, 0.25, window=W)
+    assert_close(o, prefill_attention_reference(q, k, v, 0.25, window=W), torch.float16)
+
+
+def test_prefill_window_with_alibi_and_padding(assert_close):
+    B, H, S, D = 2, 2, 50, 16
+    q, k, v = (rand(B, H, S, D, dtype=torch.float16, seed=i) for i in range(3))
+    kpm = torch.ones(B, S, dtype=torch.bool, device=DEVICE)
+    kpm[1, :20] = False             # left padding: rows 0..19 of sequence 2 see nothing
+    args = dict(alibi_slopes=alibi(H), key_padding_mask=kpm, window=9)
+    o = prefill_attention(q, k, v, 0.25, **args)
+    assert_close(o, prefill_attention_reference(q, k, v, 0.25, **args), torch.float16)
+    assert torch.count_nonzero(o[1, :, :20]) == 0
+
+
+# (B, Hq, Hkv, S_max, D), seq_lens: 32-key chunks, so S_max = 150 runs 5 splits and the long rows
+# skip up to 4 of them; S_max = 30 takes the one-split (DIRECT) path. 0 = empty sequence.
+WINDOW_DECODE_CASES = [((4, 4, 2, 150, 16), [150, 7, 97, 0]), ((3, 4, 2, 150, 32), [1, 64, 129]),
+                       ((3, 4, 2, 30, 16), [30, 1, 17])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window", [1, 10, 33, 200])
+@pytest.mark.parametrize("case", WINDOW_DECODE_CASES)
+def test_decode_window_matches_reference(case, window, dtype, assert_close):
+    (B, HQ, HKV, S, D), lens = case
+    q = rand(B, HQ, D, dtype=dtype, seed=1)
+    kc = rand(B, HKV, S, D, dtype=dtype, seed=2)
+    vc = rand(B, HKV, S, D, dtype=dtype, seed=3)
+    lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    # Stale NaNs in a reused workspace must not leak in through the skipped splits.
+    ws = decode_attention_workspace(q, kc).fill_(float("nan"))
+    o = decode_attention(q, kc, vc, lens, 1 / math.sqrt(D), window=window, workspace=ws)
+    assert_close(o, decode_attention_reference(q, kc, vc, lens, 1 / math.sqrt(D), window=window), dtype)
+
+
+def test_decode_window_sweep_chunk_edges(assert_close):
+    B, HQ, HKV, S, D = 6, 2, 1, 70, 16
+    q = rand(B, HQ, D, dtype=torch.float32, seed=1)
+    kc, vc = rand(B, HKV, S, D, dtype=torch.float32, seed=2), rand(B, HKV, S, D, dtype=torch.float32, seed=3)
+    lens = torch.tensor([70, 64, 63, 33, 32, 5], device=DEVICE)
+    # windows that put some row's first key (len - W) on, just before and just after a 32-key chunk edge
+    for window in [1, 2, 5, 6, 7, 30, 31, 32, 33, 37, 38, 39, 63, 64, 65, 71]:
+        o = decode_attention(q, kc, vc, lens, 0.25, window=window)
+        assert_close(o, decode_attention_reference(q, kc, vc, lens, 0.25, window=window), torch.float32)
+
+
+def test_decode_window_reads_no_key_outside_it(assert_close):
+    (B, HQ, HKV, S, D), lens = WINDOW_DECODE_CASES[0]
+    W = 10
+    q = rand(B, HQ, D, dtype=torch.float32, seed=1)
+    kc, vc = rand(B, HKV, S, D, dtype=torch.float32, seed=2), rand(B, HKV, S, D, dtype=torch.float32, seed=3)
+    kp, vp = kc.clone(), vc.clone()
+    for b, n in enumerate(lens):    # NaN everywhere but the window [n - W, n): any read of it shows
+        outside = (torch.arange(S, device=DEVICE) < n - W) | (torch.arange(S, device=DEVICE) >= n)
+        kp[b, :, outside] = float("nan")
+        vp[b, :, outside] = float("nan")
+    lens = torch.tensor(lens, device=DEVICE)
+    o = decode_attention(q, kp, vp, lens, 0.25, window=W)
+    assert_close(o, decode_attention_reference(q, kc, vc, lens, 0.25, window=W), torch.float32)
+
+
+def test_decode_window_reference_matches_rule(assert_close):
+    # The decode reference is prefill's last row: one key window [len - W, len) per sequence.
+    B, H, S, D, W = 3, 2, 40, 16, 11
+    q = rand(B, H, D, dtype=torch.float32, seed=1)
+    kc, vc = rand(B, H, S, D, dtype=torch.float32, seed=2), rand(B, H, S, D, dtype=torch.float32, seed=3)
+    lens = [40, 5, 23]
+    ref = decode_attention_reference(q, kc, vc, torch.tensor(lens, device=DEVICE), 0.3, window=W)
+    for b, n in enumerate(lens):
+        lo = max(0, n - W)
+        p = (q[b, :, None] @ kc[b, :, lo:n].transpose(-1, -2) * 0.3).softmax(-1)      # [H, 1, n - lo]
+        assert_close(ref[b], (p @ vc[b, :, lo:n])[:, 0], torch.float32, tol=1e-5)
+
+
+def test_decode_window_equals_last_row_of_windowed_prefill(assert_close):
+    B, HQ, HKV, S, D, W = 2, 4, 2, 75, 16, 20
+    q = rand(B, HQ, S, D, dtype=torch.float32, seed=0)
+    k, v = (rand(B, HKV, S, D, dtype=torch.float32, seed=i) for i in (1, 2))
+    full = prefill_attention(q, k, v, 0.25, window=W)
+    lens = torch.full((B,), S, device=DEVICE)
+    o = decode_attention(q[:, :, -1].contiguous(), k, v, lens, 0.25, window=W)
+    assert_close(o, full[:, :, -1], torch.float32, tol=1e-5)
+
+
+def big_scores_qkv(shape_q, shape_kv, dtype):
+    # q.k * sm_scale around +-20: a cap of 5 flattens most scores, so it changes the result.
+    q = (rand(*shape_q, dtype=torch.float32, seed=11) * 4).to(dtype)
+    k = (rand(*shape_kv, dtype=torch.float32, seed=12) * 4).to(dtype)
+    v = rand(*shape_kv, dtype=dtype, seed=13)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal,window,slopes", [(True, 0, False), (False, 0, True), (True, 9, True)])
+def test_prefill_softcap(causal, window, slopes, dtype, assert_close):
+    B, HQ, HKV, T, S, D = 1, 4, 2, 21, 45, 16
+    q, k, v = big_scores_qkv((B, HQ, T, D), (B, HKV, S, D), dtype)
+    args = dict(causal=causal, window=window, alibi_slopes=alibi(HQ) if slopes else None)
+    o = prefill_attention(q, k, v, 0.25, softcap=5.0, **args)
+    ref = prefill_attention_reference(q, k, v, 0.25, softcap=5.0, **args)
+    assert_close(o, ref, dtype)
+    uncapped = prefill_attention_reference(q, k, v, 0.25, **args)
+    assert (ref.float() - uncapped.float()).abs().max() > 0.3
+
+
+def test_prefill_softcap_huge_scores_stay_finite(assert_close):
+    # tanh saturates at +-1 for |s| >> c (scores ~ 1e4 here): no inf / NaN from the exp.
+    q, k, v = (rand(1, 2, 33, 16, dtype=torch.float32, seed=i) * (100 if i < 2 else 1) for i in range(3))
+    o = prefill_attention(q, k, v, 0.25, softcap=30.0)
+    assert_close(o, prefill_attention_reference(q, k, v, 0.25, softcap=30.0), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window", [0, 13])
+def test_decode_softcap(window, dtype, assert_close):
+    B, HQ, HKV, S, D = 3, 4, 2, 80, 16
+    q, kc, vc = big_scores_qkv((B, HQ, D), (B, HKV, S, D), dtype)
+    lens = torch.tensor([80, 9, 50], device=DEVICE)
+    o = decode_attention(q, kc, vc, lens, 0.25, alibi_slopes=alibi(HQ), window=window, softcap=5.0)
+    ref = decode_attention_reference(q, kc, vc, lens, 0.25, alibi_slopes=alibi(HQ), window=window, softcap=5.0)
+    assert_close(o, ref, dtype)
+    uncapped = decode_attention_reference(q, kc, vc, lens, 0.25, alibi_slopes=alibi(HQ), window=window)
+    assert (ref.float() - uncapped.float()).abs().max() > 0.3
+
+
+def test_window_and_softcap_reject_bad_inputs():
+    q = rand(1, 2, 4, 8, dtype=torch.float32, seed=0)
+    lens = torch.tensor([4], device=DEVICE)
+    for fn in (prefill_attention, prefill_attention_reference):
+        with pytest.raises(ValueError, match="causal"):
+            fn(q, q, q, 1.0, causal=False, window=2)
+        with pytest.raises(ValueError, match="window"):
+            fn(q, q, q, 1.0, window=-1)
+        with pytest.raises(ValueError, match="softcap"):
+            fn(q, q, q, 1.0, softcap=-1.0)
+    for fn in (decode_attention, decode_attention_reference):
+        with pytest.raises(ValueError, match="window"):
+            fn(q[:, :, 0], q, q, lens, 1.0, window=-3)
+        with pytest.raises(ValueError, match="softcap"):
+            fn(q[:, :, 0], q, q, lens, 1.0, softcap=-0.5)
