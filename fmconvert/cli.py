@@ -44,8 +44,8 @@ def cli():
 
     \b
     Supported families (one table each in fmconvert/configs/):
-      LLaMA / Mistral / Qwen2, Qwen3, Mixtral, Qwen3-MoE, Gemma, Phi-3, StableLM, Falcon, GPT-NeoX / Pythia, GPT-J, Phi, GPT-2,
-      OPT, BLOOM, BERT
+      LLaMA / Mistral / Qwen2, Qwen3, Mixtral, Qwen3-MoE, Gemma, Gemma 2, Gemma 3 (text), Phi-3,
+      StableLM, Falcon, GPT-NeoX / Pythia, GPT-J, Phi, GPT-2, OPT, BLOOM, BERT
     """
 
 

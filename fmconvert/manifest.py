@@ -151,6 +151,8 @@ def validate(m) -> dict:
         _need(ok(model.setdefault(k, default)), f"model.{k} must be {what}")
     experts, topk = model["num_experts"], model["experts_per_token"]
     _need(topk <= experts if experts else topk == 0, "model.experts_per_token does not fit model.num_experts")
+    _need(model["residual"] == "pre" or not any("post_norm" in s for s in model["slots"]),
+          "model.slots: output norms (attn_post_norm, mlp_post_norm) need the pre-norm residual")
     layers = model["window_layers"]
     _need(layers is None or (model["sliding_window"] and layers == sorted(set(layers))
                              and all(i < model["num_layers"] for i in layers)),

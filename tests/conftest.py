@@ -36,7 +36,7 @@ def model_dir(tmp_path_factory):
             if not (tiny.STORIES / "config.json").is_file():
                 pytest.skip(f"{tiny.STORIES} is not available")
             return tiny.STORIES
-        key = (name, tuple(sorted(overrides.items())))
+        key = (name, repr(sorted(overrides.items())))         # values may be lists (layer_types)
         if key not in cache:
             cache[key] = tiny.save(name, tmp_path_factory.mktemp(f"model-{name}"), **overrides)
         return cache[key]

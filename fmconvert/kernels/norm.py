@@ -3,6 +3,8 @@
 h = x + residual (fp32 add, stored in x.dtype); y = norm(h) * weight (+ bias), statistics in fp32.
 The normalization reads h rounded to x.dtype, as the next layer will see it (HF semantics).
 kind: "rms", "layer", or "rms_plus_one" (Gemma: RMSNorm scaled by 1 + weight, the weight stored as an offset).
+pre_weight (RMS kinds): x is itself normalised by it first, rounded to x.dtype: Gemma 2/3 norm each half's output
+before it joins the residual stream, and this folds that norm into the add+norm that follows (one launch, not two).
 """
 from __future__ import annotations
 
@@ -16,16 +18,23 @@ KINDS = ("rms", "layer", "rms_plus_one")
 
 
 @triton.jit
-def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, eps,
+def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, p_ptr, N, eps,
                      HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     IS_RMS: tl.constexpr, PLUS_ONE: tl.constexpr, BLOCK: tl.constexpr):
+                     IS_RMS: tl.constexpr, PLUS_ONE: tl.constexpr, PRE: tl.constexpr, BLOCK: tl.constexpr):
     # grid: (rows,); every tensor is a contiguous [rows, N]; BLOCK = next_pow2(N).
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
     h = tl.load(x_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
+    if PRE:
+        pw = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if PLUS_ONE:
+            pw += 1.0
+        h = h * tl.rsqrt(tl.sum(h * h, axis=0) / N + eps) * pw
+        h = h.to(h_ptr.dtype.element_ty).to(tl.float32)       # as the norm's own output would be stored
     if HAS_RES:
         h += tl.load(r_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES or PRE:
         h_lo = h.to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + row * N + offs, h_lo, mask=mask)
         h = h_lo.to(tl.float32)
@@ -47,16 +56,18 @@ def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, N, eps,
     tl.store(y_ptr + row * N + offs, hn.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def add_norm(x, residual, weight, bias, eps, kind, out_dtype=None):
-    """Returns (y, h). x [..., N]; residual like x or None (then h is x itself);
-    weight/bias [N] or None; kind "rms" | "layer" | "rms_plus_one"; y in out_dtype (default x.dtype)."""
+def add_norm(x, residual, weight, bias, eps, kind, out_dtype=None, pre_weight=None):
+    """Returns (y, h). x [..., N]; residual like x or None (then h is x itself, or x normed by pre_weight);
+    weight/bias/pre_weight [N] or None; kind "rms" | "layer" | "rms_plus_one"; y in out_dtype (default x.dtype)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if pre_weight is not None and kind == "layer":
+        raise ValueError("pre_weight is for RMS norms (Gemma 2/3's output norms); kind is 'layer'")
     float_dtype_check("x", x)
     N = x.shape[-1]
     if residual is not None and (residual.shape != x.shape or residual.device != x.device):
         raise ValueError(f"residual must match x: {tuple(residual.shape)} vs {tuple(x.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
+    for name, t in (("weight", weight), ("bias", bias), ("pre_weight", pre_weight)):
         if t is not None and (tuple(t.shape) != (N,) or t.device != x.device):
             raise ValueError(f"{name} must have shape ({N},) on {x.device}, got {tuple(t.shape)} on {t.device}")
     out_dtype = out_dtype or x.dtype
@@ -65,9 +76,7 @@ def add_norm(x, residual, weight, bias, eps, kind, out_dtype=None):
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if residual is not None:
         residual = residual.contiguous()
-        h = torch.empty_like(x)
-    else:
-        h = x
+    h = x if residual is None and pre_weight is None else torch.empty_like(x)
     if rows == 0 or N == 0:
         return y, h
     block = triton.next_power_of_2(N)
@@ -75,14 +84,19 @@ def add_norm(x, residual, weight, bias, eps, kind, out_dtype=None):
     _add_norm_kernel[(rows,)](
         x, residual if residual is not None else x,
         weight.contiguous() if weight is not None else x, bias.contiguous() if bias is not None else x,
-        y, h, N, float(eps),
+        y, h, pre_weight.contiguous() if pre_weight is not None else x, N, float(eps),
         HAS_RES=residual is not None, HAS_W=weight is not None, HAS_BIAS=bias is not None,
-        IS_RMS=kind != "layer", PLUS_ONE=kind == "rms_plus_one", BLOCK=block, num_warps=warps,
+        IS_RMS=kind != "layer", PLUS_ONE=kind == "rms_plus_one", PRE=pre_weight is not None, BLOCK=block,
+        num_warps=warps,
     )
     return y, h
 
 
-def add_norm_reference(x, residual, weight, bias, eps, kind, out_dtype=None):
+def add_norm_reference(x, residual, weight, bias, eps, kind, out_dtype=None, pre_weight=None):
+    if pre_weight is not None:
+        if kind == "layer":
+            raise ValueError("pre_weight is for RMS norms (Gemma 2/3's output norms); kind is 'layer'")
+        x = add_norm_reference(x, None, pre_weight, None, eps, kind)[0]
     h = x if residual is None else (x.float() + residual.float()).to(x.dtype)
     hf = h.float()
     if kind in ("rms", "rms_plus_one"):

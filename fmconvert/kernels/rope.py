@@ -21,11 +21,11 @@ from ._common import float_dtype_check
 @triton.jit
 def _rope_heads(src_h, dst_h, heads, H, c, s, sh, sd, oh, D, R, HALF,
                 ROTATE: tl.constexpr, GPTJ: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                BLOCK_D: tl.constexpr, w_ptr, eps, NORM: tl.constexpr):
+                BLOCK_D: tl.constexpr, w_ptr, eps, NORM: tl.constexpr, PLUS_ONE: tl.constexpr = False):
     # src_h / dst_h: one token's head 0; heads: [BH]; c, s: [BLOCK_HALF] fp32. Destination heads are
     # contiguous in their last dim. ROTATE=False copies the heads unchanged (v, or k without RoPE).
     # NORM (with ROTATE): each head is first RMS-normalised over its D dims and scaled by w [D]
-    # (Qwen3's q_norm / k_norm), then rotated.
+    # (Qwen3's q_norm / k_norm; by 1 + w with PLUS_ONE, Gemma 3's), then rotated.
     hmask = heads < H
     src_h = src_h + heads[:, None].to(tl.int64) * sh                   # [BH, 1]
     dst_h = dst_h + heads[:, None].to(tl.int64) * oh
@@ -53,6 +53,8 @@ def _rope_heads(src_h, dst_h, heads, H, c, s, sh, sd, oh, D, R, HALF,
                 rf = rest.to(tl.float32)
                 inv = tl.rsqrt((ss + tl.sum(rf * rf, axis=1)) / D + eps)
                 rw = tl.load(w_ptr + d, mask=(d >= R) & (d < D), other=0.0).to(tl.float32)
+                if PLUS_ONE:
+                    rw = rw + 1.0
                 rest = rf * inv[:, None] * rw[None, :]
             tl.store(dst_h + d[None, :], rest.to(dst_h.dtype.element_ty), mask=pmask)
         elif NORM:
@@ -60,6 +62,9 @@ def _rope_heads(src_h, dst_h, heads, H, c, s, sh, sd, oh, D, R, HALF,
         if NORM:
             w1 = tl.load(w_ptr + d1, mask=i < HALF, other=0.0).to(tl.float32)
             w2 = tl.load(w_ptr + d2, mask=i < HALF, other=0.0).to(tl.float32)
+            if PLUS_ONE:
+                w1 = w1 + 1.0
+                w2 = w2 + 1.0
             x1 = x1 * inv[:, None] * w1[None, :]
             x2 = x2 * inv[:, None] * w2[None, :]
         y1 = x1 * c[None, :] - x2 * s[None, :]
@@ -149,8 +154,8 @@ def _rope_append_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, cos_ptr, si
                         eps, HQ, HKV, D, R, HALF, S_MAX, N_POS,
                         sqb, sqh, sqd, skb, skh, skd, svb, svh, svd, oqb, oqh,
                         skcb, skch, skcs, svcb, svch, svcs, scp,
-                        ROPE: tl.constexpr, GPTJ: tl.constexpr, QK_NORM: tl.constexpr, BLOCK_H: tl.constexpr,
-                        BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+                        ROPE: tl.constexpr, GPTJ: tl.constexpr, QK_NORM: tl.constexpr, PLUS_ONE: tl.constexpr,
+                        BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
     # grid: (B, nq + 2 * nkv) head blocks of BLOCK_H: q heads -> qo, then k heads -> k cache,
     # then v heads -> v cache, all at the position pos_ptr[0].
     b = tl.program_id(0).to(tl.int64)
@@ -169,14 +174,14 @@ def _rope_append_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, cos_ptr, si
     if hb < nq:
         heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
         _rope_heads(q_ptr + b * sqb, qo_ptr + b * oqb, heads, HQ, c, s, sqh, sqd, oqh,
-                    D, R, HALF, ROPE, GPTJ, BLOCK_HALF, BLOCK_D, qn_ptr, eps, QK_NORM)
+                    D, R, HALF, ROPE, GPTJ, BLOCK_HALF, BLOCK_D, qn_ptr, eps, QK_NORM, PLUS_ONE)
     elif hb < nq + nkv:
         # A position past the cache is dropped rather than written out of bounds (the host
         # checks capacity before each step; this keeps a bad pos from corrupting memory).
         heads = (hb - nq) * BLOCK_H + tl.arange(0, BLOCK_H)
         heads = tl.where(pos < S_MAX, heads, HKV)
         _rope_heads(k_ptr + b * skb, kc_ptr + b * skcb + pos * skcs, heads, HKV, c, s, skh, skd, skch,
-                    D, R, HALF, ROPE, GPTJ, BLOCK_HALF, BLOCK_D, kn_ptr, eps, QK_NORM)
+                    D, R, HALF, ROPE, GPTJ, BLOCK_HALF, BLOCK_D, kn_ptr, eps, QK_NORM, PLUS_ONE)
     else:
         heads = (hb - nq - nkv) * BLOCK_H + tl.arange(0, BLOCK_H)
         heads = tl.where(pos < S_MAX, heads, HKV)
@@ -221,11 +226,12 @@ def _check_append(q, k, v, k_cache, v_cache, pos, cos, sin, style, rotary_dim, q
 
 
 def rope_append(q, k, v, k_cache, v_cache, pos, cos=None, sin=None, style="neox", rotary_dim=None,
-                q_norm=None, k_norm=None, eps=1e-6):
+                q_norm=None, k_norm=None, eps=1e-6, plus_one=False):
     """One decode step's q [B, Hq, D] (rotated, contiguous). Writes k (rotated) and v into k_cache /
     v_cache [B, Hkv, S_max, D] at position pos[0]; q, k, v are [B, 1, H, D] views with any strides;
     cos/sin fp32 [max_pos, R/2], or None for no RoPE. No host syncs: pos stays on the device.
-    q_norm / k_norm [D]: RMS-normalise each q / k head and scale by them before rotating (Qwen3)."""
+    q_norm / k_norm [D]: RMS-normalise each q / k head and scale by them before rotating (Qwen3), or by 1 + them
+    with plus_one (Gemma 3)."""
     R = _check_append(q, k, v, k_cache, v_cache, pos, cos, sin, style, rotary_dim, q_norm, k_norm)
     B, _, HQ, D = q.shape
     HKV = k.shape[2]
@@ -246,21 +252,21 @@ def rope_append(q, k, v, k_cache, v_cache, pos, cos=None, sin=None, style="neox"
         v.stride(0), v.stride(2), v.stride(3), qo.stride(0), qo.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cos.stride(0) if rope else 0,
-        ROPE=rope, GPTJ=style == "gptj", QK_NORM=q_norm is not None, BLOCK_H=block_h, BLOCK_HALF=triton.next_power_of_2(max(R // 2, 1)),
-        BLOCK_D=triton.next_power_of_2(D), num_warps=4,
+        ROPE=rope, GPTJ=style == "gptj", QK_NORM=q_norm is not None, PLUS_ONE=bool(plus_one), BLOCK_H=block_h,
+        BLOCK_HALF=triton.next_power_of_2(max(R // 2, 1)), BLOCK_D=triton.next_power_of_2(D), num_warps=4,
     )
     return qo
 
 
 def rope_append_reference(q, k, v, k_cache, v_cache, pos, cos=None, sin=None, style="neox", rotary_dim=None,
-                          q_norm=None, k_norm=None, eps=1e-6):
+                          q_norm=None, k_norm=None, eps=1e-6, plus_one=False):
     """Same contract as rope_append, in plain torch (writes the caches in place, returns q)."""
     R = _check_append(q, k, v, k_cache, v_cache, pos, cos, sin, style, rotary_dim, q_norm, k_norm)
     B = q.shape[0]
     if q_norm is not None:
         def rms(x, w):
             xf = x.float()
-            return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+            return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * (w.float() + plus_one)).to(x.dtype)
         q, k = rms(q, q_norm), rms(k, k_norm)
     if R is not None:
         q, k = apply_rope_reference(q, k, cos, sin, pos.reshape(1, 1).expand(B, 1), style, rotary_dim)

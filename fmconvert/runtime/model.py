@@ -38,27 +38,27 @@ class Block(nn.Module):
         self.window = sp["sliding_window"] if layers is None or i in layers else 0   # 0: every earlier position
         self.rope_table = "local" if self.window and "local" in sp["position"] else "global"
 
-    def forward(self, x, residual, positions, cache, key_padding_mask, pos_t=None, seq_t=None):
+    def forward(self, x, residual, positions, cache, key_padding_mask, pos_t=None, seq_t=None, x_norm=None):
+        """x_norm: the previous block's output norm (Gemma 2/3), still to be applied to x: it rides in this
+        block's first add+norm. This block's own output norm is left to the next (see `out_norm`)."""
         m, t = self.m, self.t
         ops = m.ops
         if m.spec["residual"] == "parallel":
             return self._parallel(x, residual, positions, cache, key_padding_mask, pos_t, seq_t)
         pre = m.spec["residual"] == "pre"
         if pre:
-            h, residual = ops.add_norm(x, residual, t["attn_norm.weight"], t.get("attn_norm.bias"), m.eps, m.norm)
+            h, residual = ops.add_norm(x, residual, t["attn_norm.weight"], t.get("attn_norm.bias"), m.eps, m.norm,
+                                       pre_weight=x_norm)
         else:
             h = x
         a = self.attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
         a = m.comm.all_reduce(ops.linear(a, t["attn_out.weight"], t.get("attn_out.bias")))
-        if "attn_post_norm.weight" in t:          # Gemma 2: each half's output is normed before it joins the stream
-            a, _ = ops.add_norm(a, None, t["attn_post_norm.weight"], None, m.eps, m.norm)
-        if pre:
-            h, residual = ops.add_norm(a, residual, t["mlp_norm.weight"], t.get("mlp_norm.bias"), m.eps, m.norm)
+        if pre:       # Gemma 2/3 norm the attention's output before it joins the stream: one launch for both
+            h, residual = ops.add_norm(a, residual, t["mlp_norm.weight"], t.get("mlp_norm.bias"), m.eps, m.norm,
+                                       pre_weight=t.get("attn_post_norm.weight"))
         else:
             h, _ = ops.add_norm(a, x, t["attn_norm.weight"], t.get("attn_norm.bias"), m.eps, m.norm)
         f = m.comm.all_reduce(self.mlp(h))
-        if "mlp_post_norm.weight" in t:
-            f, _ = ops.add_norm(f, None, t["mlp_post_norm.weight"], None, m.eps, m.norm)
         if pre:
             return f, residual
         y, _ = ops.add_norm(f, h, t["mlp_norm.weight"], t.get("mlp_norm.bias"), m.eps, m.norm)
@@ -77,6 +77,11 @@ class Block(nn.Module):
         a = self.attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
         a = ops.linear(a, t["attn_out.weight"], t.get("attn_out.bias"))
         return m.comm.all_reduce(a + self.mlp(hm)), residual
+
+    @property
+    def out_norm(self):
+        """The norm of this block's MLP output (Gemma 2/3), which the caller folds into the next add+norm."""
+        return self.t.get("mlp_post_norm.weight")
 
     def device_routed(self, tokens: int) -> bool:
         """Whether a mixture's experts run from device-side routing for this many tokens (see `experts`)."""
@@ -278,18 +283,25 @@ class FusedModel(nn.Module):
         x, residual = self.embed(ids, positions, token_type_ids), None
         states = [x] if output_hidden_states else None
         kpm = None if attention_mask is None else attention_mask.bool()
+        x_norm = None
         for blk in self.blocks:
-            x, residual = blk(x, residual, positions, cache, kpm)
+            x, residual = blk(x, residual, positions, cache, kpm, x_norm=x_norm)
+            x_norm = blk.out_norm
             if output_hidden_states:  # the residual stream after each block, as HF reports it
-                states.append(x if residual is None else x + residual)
+                xs = x if x_norm is None else self.ops.add_norm(x, None, x_norm, None, self.eps, self.norm)[0]
+                states.append(xs if residual is None else xs + residual)
         if cache is not None:
             cache.length += T
-        if self.spec["final_norm"]:
-            x, _ = self.ops.add_norm(x, residual, self.g["final_norm.weight"], self.g.get("final_norm.bias"),
-                                     self.eps, self.norm)
-        elif residual is not None:
-            x = x + residual
+        x = self._final(x, residual, x_norm)
         return (x, states) if output_hidden_states else x
+
+    def _final(self, x, residual, x_norm):
+        if self.spec["final_norm"]:
+            return self.ops.add_norm(x, residual, self.g["final_norm.weight"], self.g.get("final_norm.bias"),
+                                     self.eps, self.norm, pre_weight=x_norm)[0]
+        if x_norm is not None:
+            x = self.ops.add_norm(x, None, x_norm, None, self.eps, self.norm)[0]
+        return x if residual is None else x + residual
 
     @torch.inference_mode()
     def decode_step(self, ids, cache: KVCache, pos_t: torch.Tensor) -> torch.Tensor:
@@ -300,15 +312,11 @@ class FusedModel(nn.Module):
         B = ids.shape[0]
         positions = pos_t.view(1, 1).expand(B, 1)
         seq_t = (pos_t + 1).to(torch.int32).expand(B).contiguous()   # once per step, not once per layer
-        x, residual = self.embed(ids, positions, None), None
+        x, residual, x_norm = self.embed(ids, positions, None), None, None
         for blk in self.blocks:
-            x, residual = blk(x, residual, positions, cache, None, pos_t, seq_t)
-        if self.spec["final_norm"]:
-            x, _ = self.ops.add_norm(x, residual, self.g["final_norm.weight"], self.g.get("final_norm.bias"),
-                                     self.eps, self.norm)
-        elif residual is not None:
-            x = x + residual
-        return self.logits(x)[:, -1]
+            x, residual = blk(x, residual, positions, cache, None, pos_t, seq_t, x_norm=x_norm)
+            x_norm = blk.out_norm
+        return self.logits(self._final(x, residual, x_norm))[:, -1]
 
     @torch.inference_mode()
     def forward(self, ids, cache=None, attention_mask=None, token_type_ids=None):

@@ -135,7 +135,10 @@ class TorchOps:
 
     name = "torch"
 
-    def add_norm(self, x, residual, weight, bias, eps, kind):
+    def add_norm(self, x, residual, weight, bias, eps, kind, pre_weight=None):
+        """(norm(h), h) with h = x + residual. pre_weight: x is first normed by it (Gemma 2/3's output norms)."""
+        if pre_weight is not None:
+            x = self.add_norm(x, None, pre_weight, None, eps, kind)[0]
         h = x if residual is None else x + residual
         hf = h.float()
         if kind == "rms":
@@ -296,9 +299,9 @@ class TritonOps(TorchOps):
         from .. import kernels
         self.k = kernels
 
-    def add_norm(self, x, residual, weight, bias, eps, kind):
+    def add_norm(self, x, residual, weight, bias, eps, kind, pre_weight=None):
         return self.k.add_norm(x.contiguous(), None if residual is None else residual.contiguous(), weight, bias,
-                               eps, kind)
+                               eps, kind, pre_weight=pre_weight)
 
     def linear(self, x, weight, bias=None, activation=None):
         if isinstance(weight, Int8Weight):
@@ -315,13 +318,14 @@ class TritonOps(TorchOps):
     fuse_decode_append = True
 
     def decode_append(self, q, k, v, k_cache, v_cache, pos_t, cos, sin, style, rotary_dim, qk_norm=None):
-        fusable_norm = qk_norm is None or (qk_norm[3] == "rms" and cos is not None)
+        fusable_norm = qk_norm is None or (qk_norm[3] in ("rms", "rms_plus_one") and cos is not None)
         if not self.fuse_decode_append or not fusable_norm:
             return super().decode_append(q, k, v, k_cache, v_cache, pos_t, cos, sin, style, rotary_dim, qk_norm)
         if qk_norm is None:
             return self.k.rope_append(q, k, v, k_cache, v_cache, pos_t, cos, sin, style or "neox", rotary_dim)
         return self.k.rope_append(q, k, v, k_cache, v_cache, pos_t, cos, sin, style or "neox", rotary_dim,
-                                  q_norm=qk_norm[0], k_norm=qk_norm[1], eps=qk_norm[2])
+                                  q_norm=qk_norm[0], k_norm=qk_norm[1], eps=qk_norm[2],
+                                  plus_one=qk_norm[3] == "rms_plus_one")
 
     def attention(self, q, k, v, scale, causal, alibi_slopes=None, key_padding_mask=None, window=0, softcap=0.0):
         if (q.is_cuda and alibi_slopes is None and key_padding_mask is None and q.shape[2] == k.shape[2]

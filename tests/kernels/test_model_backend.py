@@ -126,21 +126,23 @@ class _LaunchCounter(TorchDispatchMode):
         return super().__exit__(*exc)
 
 
-@pytest.mark.parametrize("family,max_len", [("llama", 8), ("llama", 100), ("qwen3", 100)])
+@pytest.mark.parametrize("family,max_len", [("llama", 8), ("llama", 100), ("qwen3", 100), ("gemma3", 100)])
 def test_int8_decode_step_launches_eight_or_nine_kernels_per_layer(model_dir, tmp_path, monkeypatch, family,
                                                                    max_len):
     """A graph-captured decode step costs about one launch gap per kernel, so the count per layer is part of
     the design: add+norm, QKV, rope+append, attention, out, add+norm, gate|up+SwiGLU, down; plus the merge of
     the attention's split-K partials when the cache is split (a long cache at small batch). Qwen3's per-head
-    q/k norms ride in the rope+append launch."""
+    q/k norms ride in the rope+append launch; Gemma 3's output norms ride in the next add+norm (its windowed
+    layers decode past their window here too)."""
     from fmconvert.kernels import decode_attention_workspace, int8_matmul
     # On CUDA a tiny layer's few rows would take the split-K GEMV (zeroed buffer + epilogue); 7B-sized layers do not.
     monkeypatch.setattr(int8_matmul, "_pick_split", lambda *a: 1)
     counts = {}
     for layers in (1, 3):
         out = tmp_path / f"out{layers}"
-        convert(model_dir(family, num_hidden_layers=layers), out, Options(tp=1, int8=True, group_size=32),
-                progress=False)
+        kinds = {"layer_types": ["sliding_attention", "full_attention", "sliding_attention"][:layers]}
+        convert(model_dir(family, num_hidden_layers=layers, **(kinds if family == "gemma3" else {})), out,
+                Options(tp=1, int8=True, group_size=32), progress=False)
         m = load(out, device=DEVICE, backend="triton", dequantize=False)
         ids = torch.randint(3, 100, (1, 5), device=DEVICE)
         cache = m.new_cache(1, max_len)

@@ -56,6 +56,26 @@ def test_rms_plus_one_scales_by_one_plus_weight(assert_close):
     assert_close(y0, add_norm(x, None, None, None, 1e-6, "rms")[0], torch.float32)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(3, 17), (2, 129), (1, 4096)])
+@pytest.mark.parametrize("kind", ["rms", "rms_plus_one"])
+@pytest.mark.parametrize("residual", [True, False])
+def test_add_norm_with_a_pre_norm_matches_reference(kind, shape, dtype, residual, assert_close):
+    """Gemma 2/3: y = norm(norm(x; pre_weight) + residual; weight), h = the sum; one launch for both norms."""
+    x, r, w, _ = make(shape, dtype, kind, residual=residual, bias=False)
+    pw = (0.5 + 0.3 * torch.randn(shape[-1], generator=torch.Generator().manual_seed(7))).to(dtype).to(DEVICE)
+    y, h = add_norm(x, r, w, None, 1e-6, kind, pre_weight=pw)
+    y_ref, h_ref = add_norm_reference(x, r, w, None, 1e-6, kind, pre_weight=pw)
+    assert_close(h, h_ref, dtype)
+    assert_close(y, y_ref, dtype)
+    # the reference is the two norms one after the other, and the pre-norm matters
+    xn = add_norm_reference(x, None, pw, None, 1e-6, kind)[0]
+    assert torch.equal(h_ref, xn if r is None else add_norm_reference(xn, r, w, None, 1e-6, kind)[1])
+    assert (h.float() - (x.float() if r is None else x.float() + r.float())).abs().max() > 0.1
+    with pytest.raises(ValueError, match="RMS norms"):
+        add_norm(x, r, w, None, 1e-6, "layer", pre_weight=pw)
+
+
 def test_add_norm_rejects_bad_inputs():
     x, r, w, _ = make((2, 16), torch.float32, "rms", residual=True, bias=False)
     with pytest.raises(ValueError, match="kind"):

@@ -105,27 +105,35 @@ def test_rope_append_matches_reference(shape, style, dtype, assert_close):
         assert torch.equal(vc[:, :, p], v[:, 0])
 
 
+@pytest.mark.parametrize("plus_one", [False, True])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("style", ["neox", "gptj"])
 @pytest.mark.parametrize("shape", [s for s in APPEND_SHAPES if s[4] != 0])
-def test_rope_append_with_qk_norm_matches_reference(shape, style, dtype, assert_close):
-    """Qwen3: each q and k head RMS-normalised over all D dims (partial RoPE included) and scaled, then rotated."""
+def test_rope_append_with_qk_norm_matches_reference(shape, style, dtype, plus_one, assert_close):
+    """Qwen3: each q and k head RMS-normalised over all D dims (partial RoPE included) and scaled, then rotated;
+    Gemma 3 scales by 1 + the weight (stored as the offset, so near 0 here)."""
     B, HQ, HKV, D, R, S = shape
     q, k, v = decode_qkv(B, HQ, HKV, D, dtype, seed=B + D + 1)
     cos, sin = tables(S, R or D)
     gen = torch.Generator().manual_seed(D)
-    qn = (1 + 0.3 * torch.randn(D, generator=gen)).to(dtype).to(DEVICE)
-    kn = (1 + 0.3 * torch.randn(D, generator=gen)).to(dtype).to(DEVICE)
+    qn = (0 if plus_one else 1) + 0.3 * torch.randn(D, generator=gen)
+    kn = (0 if plus_one else 1) + 0.3 * torch.randn(D, generator=gen)
+    qn, kn = qn.to(dtype).to(DEVICE), kn.to(dtype).to(DEVICE)
     kc, vc = torch.zeros(B, HKV, S, D, dtype=dtype, device=DEVICE), torch.zeros(B, HKV, S, D, dtype=dtype, device=DEVICE)
     kr, vr = kc.clone(), vc.clone()
     pos = torch.tensor([S - 1], device=DEVICE)
-    qo = rope_append(q, k, v, kc, vc, pos, cos, sin, style, R, q_norm=qn, k_norm=kn, eps=1e-6)
-    qr = rope_append_reference(q, k, v, kr, vr, pos, cos, sin, style, R, q_norm=qn, k_norm=kn, eps=1e-6)
+    qo = rope_append(q, k, v, kc, vc, pos, cos, sin, style, R, q_norm=qn, k_norm=kn, eps=1e-6, plus_one=plus_one)
+    qr = rope_append_reference(q, k, v, kr, vr, pos, cos, sin, style, R, q_norm=qn, k_norm=kn, eps=1e-6,
+                               plus_one=plus_one)
     assert_close(qo, qr, dtype)
     assert_close(kc, kr, dtype)
     assert torch.equal(vc, vr)
     plain = rope_append_reference(q, k, v, kr.clone(), vr.clone(), pos, cos, sin, style, R)
     assert (plain.float() - qr.float()).abs().max() > 0.05          # the norm did change q
+    if plus_one:       # and 1 + w is not w: the flag matters
+        other = rope_append_reference(q, k, v, kr.clone(), vr.clone(), pos, cos, sin, style, R, q_norm=qn,
+                                      k_norm=kn, eps=1e-6)
+        assert (other.float() - qr.float()).abs().max() > 0.05
 
 
 def test_rope_append_past_the_cache_writes_nothing_and_checks_inputs():
