@@ -155,12 +155,16 @@ def _rope_append_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, cos_ptr, si
                         sqb, sqh, sqd, skb, skh, skd, svb, svh, svd, oqb, oqh,
                         skcb, skch, skcs, svcb, svch, svcs, scp,
                         ROPE: tl.constexpr, GPTJ: tl.constexpr, QK_NORM: tl.constexpr, PLUS_ONE: tl.constexpr,
-                        BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+                        RING: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
     # grid: (B, nq + 2 * nkv) head blocks of BLOCK_H: q heads -> qo, then k heads -> k cache,
-    # then v heads -> v cache, all at the position pos_ptr[0].
+    # then v heads -> v cache, all at the position pos_ptr[0] (RING: at cache row pos % S_MAX, a
+    # sliding window's ring buffer).
     b = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     pos = tl.load(pos_ptr).to(tl.int64)
+    crow = pos
+    if RING:
+        crow = pos % S_MAX
     i = tl.arange(0, BLOCK_HALF)
     c = tl.zeros([BLOCK_HALF], dtype=tl.float32)
     s = tl.zeros([BLOCK_HALF], dtype=tl.float32)
@@ -179,13 +183,13 @@ def _rope_append_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, cos_ptr, si
         # A position past the cache is dropped rather than written out of bounds (the host
         # checks capacity before each step; this keeps a bad pos from corrupting memory).
         heads = (hb - nq) * BLOCK_H + tl.arange(0, BLOCK_H)
-        heads = tl.where(pos < S_MAX, heads, HKV)
-        _rope_heads(k_ptr + b * skb, kc_ptr + b * skcb + pos * skcs, heads, HKV, c, s, skh, skd, skch,
+        heads = tl.where(crow < S_MAX, heads, HKV)
+        _rope_heads(k_ptr + b * skb, kc_ptr + b * skcb + crow * skcs, heads, HKV, c, s, skh, skd, skch,
                     D, R, HALF, ROPE, GPTJ, BLOCK_HALF, BLOCK_D, kn_ptr, eps, QK_NORM, PLUS_ONE)
     else:
         heads = (hb - nq - nkv) * BLOCK_H + tl.arange(0, BLOCK_H)
-        heads = tl.where(pos < S_MAX, heads, HKV)
-        _rope_heads(v_ptr + b * svb, vc_ptr + b * svcb + pos * svcs, heads, HKV, c, s, svh, svd, svch,
+        heads = tl.where(crow < S_MAX, heads, HKV)
+        _rope_heads(v_ptr + b * svb, vc_ptr + b * svcb + crow * svcs, heads, HKV, c, s, svh, svd, svch,
                     D, R, HALF, False, GPTJ, BLOCK_HALF, BLOCK_D, kn_ptr, eps, False)
 
 
@@ -226,9 +230,10 @@ def _check_append(q, k, v, k_cache, v_cache, pos, cos, sin, style, rotary_dim, q
 
 
 def rope_append(q, k, v, k_cache, v_cache, pos, cos=None, sin=None, style="neox", rotary_dim=None,
-                q_norm=None, k_norm=None, eps=1e-6, plus_one=False):
+                q_norm=None, k_norm=None, eps=1e-6, plus_one=False, ring=False):
     """One decode step's q [B, Hq, D] (rotated, contiguous). Writes k (rotated) and v into k_cache /
-    v_cache [B, Hkv, S_max, D] at position pos[0]; q, k, v are [B, 1, H, D] views with any strides;
+    v_cache [B, Hkv, S_max, D] at position pos[0] (ring: at row pos[0] % S_max, the caches being a sliding
+    window's ring buffer); q, k, v are [B, 1, H, D] views with any strides;
     cos/sin fp32 [max_pos, R/2], or None for no RoPE. No host syncs: pos stays on the device.
     q_norm / k_norm [D]: RMS-normalise each q / k head and scale by them before rotating (Qwen3), or by 1 + them
     with plus_one (Gemma 3)."""
@@ -252,14 +257,15 @@ def rope_append(q, k, v, k_cache, v_cache, pos, cos=None, sin=None, style="neox"
         v.stride(0), v.stride(2), v.stride(3), qo.stride(0), qo.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cos.stride(0) if rope else 0,
-        ROPE=rope, GPTJ=style == "gptj", QK_NORM=q_norm is not None, PLUS_ONE=bool(plus_one), BLOCK_H=block_h,
+        ROPE=rope, GPTJ=style == "gptj", QK_NORM=q_norm is not None, PLUS_ONE=bool(plus_one), RING=bool(ring),
+        BLOCK_H=block_h,
         BLOCK_HALF=triton.next_power_of_2(max(R // 2, 1)), BLOCK_D=triton.next_power_of_2(D), num_warps=4,
     )
     return qo
 
 
 def rope_append_reference(q, k, v, k_cache, v_cache, pos, cos=None, sin=None, style="neox", rotary_dim=None,
-                          q_norm=None, k_norm=None, eps=1e-6, plus_one=False):
+                          q_norm=None, k_norm=None, eps=1e-6, plus_one=False, ring=False):
     """Same contract as rope_append, in plain torch (writes the caches in place, returns q)."""
     R = _check_append(q, k, v, k_cache, v_cache, pos, cos, sin, style, rotary_dim, q_norm, k_norm)
     B = q.shape[0]
@@ -271,6 +277,8 @@ def rope_append_reference(q, k, v, k_cache, v_cache, pos, cos=None, sin=None, st
     if R is not None:
         q, k = apply_rope_reference(q, k, cos, sin, pos.reshape(1, 1).expand(B, 1), style, rotary_dim)
     at = pos.reshape(1).to(torch.int64)
+    if ring:
+        at = at % k_cache.shape[2]
     if int(at) < k_cache.shape[2]:
         k_cache.index_copy_(2, at, k.transpose(1, 2))
         v_cache.index_copy_(2, at, v.transpose(1, 2))

@@ -15,10 +15,16 @@ from .ops import Int8Weight, TorchOps, rope_tables
 
 
 class KVCache:
-    """Static per-layer caches [B, Hkv_local, S_max, D]; `length` tokens are filled (same for the whole batch)."""
+    """Static per-layer caches [B, Hkv_local, S_max, D]; `length` tokens are filled (same for the whole batch).
 
-    def __init__(self, n_layers, batch, kv_heads, max_len, head_dim, dtype, device):
-        self.k = [torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device) for _ in range(n_layers)]
+    A layer that attends within a window shorter than max_len keeps only that many positions, as a ring buffer:
+    position p lives in row p % window (`ring[i]`, 0 for a plain cache). RoPE is applied before a key is cached
+    and softmax does not care about key order, so a decode step attends over the ring as it lies."""
+
+    def __init__(self, n_layers, batch, kv_heads, max_len, head_dim, dtype, device, windows=None):
+        windows = windows or [0] * n_layers
+        self.ring = [w if 0 < w < max_len else 0 for w in windows]
+        self.k = [torch.zeros(batch, kv_heads, r or max_len, head_dim, dtype=dtype, device=device) for r in self.ring]
         self.v = [torch.zeros_like(t) for t in self.k]
         self.length = 0
         self.max_len = max_len
@@ -126,8 +132,9 @@ class Block(nn.Module):
         return out.view_as(h)
 
     def attention(self, h, positions, cache, key_padding_mask, pos_t=None, seq_t=None):
-        """pos_t (a device tensor [1]) and seq_t (int32 [B], pos_t + 1) select the graph-safe decode path: cache
-        writes and lengths come from device memory, so the same captured graph serves every step."""
+        """pos_t (a device tensor [1]) and seq_t ({ring size: int32 [B]}, the rows to attend over: pos_t + 1, or
+        at most the ring) select the graph-safe decode path: cache writes and lengths come from device memory, so
+        the same captured graph serves every step."""
         m, t = self.m, self.t
         B, T, _ = h.shape
         hd, Hq, Hk = m.head_dim, m.heads, m.kv_heads
@@ -136,10 +143,12 @@ class Block(nn.Module):
         q, k, v = q.view(B, T, Hq, hd), k.view(B, T, Hk, hd), v.view(B, T, Hk, hd)
         qk_norm = (t["q_norm.weight"], t["k_norm.weight"], m.eps, m.norm) if "q_norm.weight" in t else None
         if pos_t is not None:
-            kc, vc = cache.k[self.i], cache.v[self.i]
+            kc, vc, ring = cache.k[self.i], cache.v[self.i], cache.ring[self.i]
             rope = (*m.rope_tables(self.rope_table), m.rope_style, m.rotary_dim) if m.rope is not None else (None,) * 4
-            q = m.ops.decode_append(q, k, v, kc, vc, pos_t, *rope, qk_norm=qk_norm)   # (B, Hq, hd)
-            o = m.ops.decode_attention(q, kc, vc, seq_t, m.scale, m.alibi, self.window, m.softcap)
+            q = m.ops.decode_append(q, k, v, kc, vc, pos_t, *rope, qk_norm=qk_norm, ring=bool(ring))  # (B, Hq, hd)
+            # a ring holds exactly the window: attend over its filled rows (seq_t[ring]), nothing to mask
+            o = m.ops.decode_attention(q, kc, vc, seq_t[ring], m.scale, m.alibi, 0 if ring else self.window,
+                                       m.softcap)
             return o.reshape(B, 1, Hq * hd)
         if qk_norm is not None:                  # Qwen3: each q and k head RMS-normalised before RoPE
             q = m.ops.add_norm(q, None, qk_norm[0], None, m.eps, m.norm)[0]
@@ -152,6 +161,8 @@ class Block(nn.Module):
             return o.transpose(1, 2).reshape(B, T, Hq * hd)
         kc, vc = cache.k[self.i], cache.v[self.i]
         start = cache.length
+        if cache.ring[self.i]:
+            return self._ring_attention(q, k, v, kc, vc, start, cache.ring[self.i], key_padding_mask)
         kc[:, :, start:start + T].copy_(k)
         vc[:, :, start:start + T].copy_(v)
         S = start + T
@@ -161,6 +172,32 @@ class Block(nn.Module):
             return o.reshape(B, 1, Hq * hd)
         o = m.ops.attention(q, kc[:, :, :S], vc[:, :, :S], m.scale, m.causal, m.alibi, key_padding_mask,
                             self.window, m.softcap)
+        return o.transpose(1, 2).reshape(B, T, Hq * hd)
+
+
+    def _ring_attention(self, q, k, v, kc, vc, start, ring, key_padding_mask):
+        """Attention for T new tokens at positions start.. when this layer's cache is a ring of `ring` rows (its
+        window): the keys are the ring's last min(start, ring) positions in order, then the new ones; afterwards
+        the newest min(T, ring) go into the ring."""
+        m = self.m
+        B, Hq, T, hd = q.shape
+        rows = torch.arange(start, start + T, device=q.device)[-ring:] % ring
+        if T == 1 and m.ops.name != "torch":
+            kc.index_copy_(2, rows, k)
+            vc.index_copy_(2, rows, v)
+            seq = torch.full((B,), min(start + 1, ring), dtype=torch.int32, device=q.device)
+            o = m.ops.decode_attention(q[:, :, 0], kc, vc, seq, m.scale, m.alibi, 0, m.softcap)
+            return o.reshape(B, 1, Hq * hd)
+        old = min(start, ring)
+        if start > ring:                 # the oldest cached position sits in row start % ring: rotate it first
+            ok, ov = kc.roll(-(start % ring), 2), vc.roll(-(start % ring), 2)
+        else:
+            ok, ov = kc[:, :, :old], vc[:, :, :old]
+        ka, va = torch.cat([ok, k], 2), torch.cat([ov, v], 2)
+        kpm = None if key_padding_mask is None else key_padding_mask[:, -(old + T):]
+        o = m.ops.attention(q, ka, va, m.scale, m.causal, m.alibi, kpm, self.window, m.softcap)
+        kc.index_copy_(2, rows, k[:, :, -ring:])
+        vc.index_copy_(2, rows, v[:, :, -ring:])
         return o.transpose(1, 2).reshape(B, T, Hq * hd)
 
 
@@ -271,7 +308,10 @@ class FusedModel(nn.Module):
         return self.comm.all_gather(local, dim=-1)[..., :sp["vocab_size"]]
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(len(self.blocks), batch, self.kv_heads, max_len, self.head_dim, self.dtype, self.device)
+        # ALiBi biases by key position, which a ring buffer does not keep; no family has both
+        windows = [0 if self.alibi is not None else b.window for b in self.blocks]
+        return KVCache(len(self.blocks), batch, self.kv_heads, max_len, self.head_dim, self.dtype, self.device,
+                       windows)
 
     # -- forward --------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -311,7 +351,10 @@ class FusedModel(nn.Module):
         self._begin_forward()
         B = ids.shape[0]
         positions = pos_t.view(1, 1).expand(B, 1)
-        seq_t = (pos_t + 1).to(torch.int32).expand(B).contiguous()   # once per step, not once per layer
+        # The lengths to attend over, once per step (not per layer): ring size -> filled rows (0: a plain cache)
+        filled = pos_t + 1
+        seq_t = {r: (filled.clamp(max=r) if r else filled).to(torch.int32).expand(B).contiguous()
+                 for r in sorted(set(cache.ring))}
         x, residual, x_norm = self.embed(ids, positions, None), None, None
         for blk in self.blocks:
             x, residual = blk(x, residual, positions, cache, None, pos_t, seq_t, x_norm=x_norm)

@@ -185,17 +185,19 @@ class TorchOps:
         self._rope_memo = (positions, cos, sin, style, c, s)
         return c, s
 
-    def decode_append(self, q, k, v, k_cache, v_cache, pos_t, cos, sin, style, rotary_dim, qk_norm=None):
+    def decode_append(self, q, k, v, k_cache, v_cache, pos_t, cos, sin, style, rotary_dim, qk_norm=None,
+                      ring=False):
         """One new token per sequence at position pos_t (device tensor [1]): rotate q and k (cos None: no RoPE),
-        write k and v into the caches [B, Hkv, S_max, D] there; returns q [B, Hq, D]. qk_norm: (q weight,
-        k weight, eps, norm kind) to normalise each q and k head first (Qwen3), or None."""
+        write k and v into the caches [B, Hkv, S_max, D] there (ring: at row pos_t % S_max); returns q [B, Hq, D].
+        qk_norm: (q weight, k weight, eps, norm kind) to normalise each q and k head first (Qwen3), or None."""
         if qk_norm is not None:
             q = self.add_norm(q, None, qk_norm[0], None, qk_norm[2], qk_norm[3])[0]
             k = self.add_norm(k, None, qk_norm[1], None, qk_norm[2], qk_norm[3])[0]
         if cos is not None:
             q, k = self.rope(q, k, cos, sin, pos_t.view(1, 1).expand(q.shape[0], 1), style, rotary_dim)
-        k_cache.index_copy_(2, pos_t, k.transpose(1, 2))
-        v_cache.index_copy_(2, pos_t, v.transpose(1, 2))
+        row = pos_t % k_cache.shape[2] if ring else pos_t
+        k_cache.index_copy_(2, row, k.transpose(1, 2))
+        v_cache.index_copy_(2, row, v.transpose(1, 2))
         return q[:, 0]
 
     def begin_forward(self):
@@ -317,15 +319,18 @@ class TritonOps(TorchOps):
     # (benchmarks/gpu_check.py times both in one run).
     fuse_decode_append = True
 
-    def decode_append(self, q, k, v, k_cache, v_cache, pos_t, cos, sin, style, rotary_dim, qk_norm=None):
+    def decode_append(self, q, k, v, k_cache, v_cache, pos_t, cos, sin, style, rotary_dim, qk_norm=None,
+                      ring=False):
         fusable_norm = qk_norm is None or (qk_norm[3] in ("rms", "rms_plus_one") and cos is not None)
         if not self.fuse_decode_append or not fusable_norm:
-            return super().decode_append(q, k, v, k_cache, v_cache, pos_t, cos, sin, style, rotary_dim, qk_norm)
+            return super().decode_append(q, k, v, k_cache, v_cache, pos_t, cos, sin, style, rotary_dim, qk_norm,
+                                         ring)
         if qk_norm is None:
-            return self.k.rope_append(q, k, v, k_cache, v_cache, pos_t, cos, sin, style or "neox", rotary_dim)
+            return self.k.rope_append(q, k, v, k_cache, v_cache, pos_t, cos, sin, style or "neox", rotary_dim,
+                                      ring=ring)
         return self.k.rope_append(q, k, v, k_cache, v_cache, pos_t, cos, sin, style or "neox", rotary_dim,
                                   q_norm=qk_norm[0], k_norm=qk_norm[1], eps=qk_norm[2],
-                                  plus_one=qk_norm[3] == "rms_plus_one")
+                                  plus_one=qk_norm[3] == "rms_plus_one", ring=ring)
 
     def attention(self, q, k, v, scale, causal, alibi_slopes=None, key_padding_mask=None, window=0, softcap=0.0):
         if (q.is_cuda and alibi_slopes is None and key_padding_mask is None and q.shape[2] == k.shape[2]

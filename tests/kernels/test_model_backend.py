@@ -138,9 +138,9 @@ def test_int8_decode_step_launches_eight_or_nine_kernels_per_layer(model_dir, tm
     # On CUDA a tiny layer's few rows would take the split-K GEMV (zeroed buffer + epilogue); 7B-sized layers do not.
     monkeypatch.setattr(int8_matmul, "_pick_split", lambda *a: 1)
     counts = {}
-    for layers in (1, 3):
+    for layers in (2, 4):
         out = tmp_path / f"out{layers}"
-        kinds = {"layer_types": ["sliding_attention", "full_attention", "sliding_attention"][:layers]}
+        kinds = {"layer_types": ["sliding_attention", "full_attention"] * (layers // 2)}
         convert(model_dir(family, num_hidden_layers=layers, **(kinds if family == "gemma3" else {})), out,
                 Options(tp=1, int8=True, group_size=32), progress=False)
         m = load(out, device=DEVICE, backend="triton", dequantize=False)
@@ -152,12 +152,16 @@ def test_int8_decode_step_launches_eight_or_nine_kernels_per_layer(model_dir, tm
         with _LaunchCounter() as c:
             m.decode_step(ids[:, :1], cache, pos)
         counts[layers] = c
-    splits = decode_attention_workspace(torch.empty(1, m.heads, m.head_dim, device=DEVICE), cache.k[0]).shape[2]
+
+    def splits(k_cache):
+        return decode_attention_workspace(torch.empty(1, m.heads, m.head_dim, device=DEVICE), k_cache).shape[2]
     if DEVICE == "cpu":                                   # the interpreter's chunks are 32 keys: both paths run
-        assert splits == (1 if max_len == 8 else 4)
-    per_layer_triton = (counts[3].triton - counts[1].triton) / 2
-    per_layer_torch = (len(counts[3].torch_ops) - len(counts[1].torch_ops)) / 2
-    assert per_layer_triton == 8 + (splits > 1), (per_layer_triton, splits, counts[3].torch_ops)
-    assert per_layer_torch == 0, counts[3].torch_ops
-    # Once per step: the sequence lengths (pos + 1), the embedding gather and the lm_head matmul.
-    assert len(counts[1].torch_ops) <= 4, counts[1].torch_ops
+        assert splits(cache.k[1]) == (1 if max_len == 8 else 4)
+    if family == "gemma3":                                # windowed layers keep a 4-row ring: never split
+        assert cache.ring == [4, 0, 4, 0] and splits(cache.k[2]) == 1
+    want = sum(8 + (splits(k) > 1) for k in cache.k[2:])  # the two layers the larger model adds
+    assert counts[4].triton - counts[2].triton == want, (counts[4].triton, counts[2].triton, counts[4].torch_ops)
+    assert len(counts[4].torch_ops) == len(counts[2].torch_ops), counts[4].torch_ops
+    # Once per step: the sequence lengths (pos + 1, and clamped to each ring size), the embedding gather (and
+    # Gemma's scale of it) and the lm_head matmul.
+    assert len(counts[2].torch_ops) <= 4 + (family == "gemma3"), counts[2].torch_ops

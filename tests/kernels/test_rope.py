@@ -136,6 +136,26 @@ def test_rope_append_with_qk_norm_matches_reference(shape, style, dtype, plus_on
         assert (other.float() - qr.float()).abs().max() > 0.05
 
 
+@pytest.mark.parametrize("pos", [0, 4, 5, 13, 37])
+def test_rope_append_into_a_ring_writes_row_pos_mod_its_length(pos, assert_close):
+    """A sliding window's cache is a ring of 5 rows: position p goes to row p % 5, rotated for p, not the row."""
+    q, k, v = decode_qkv(2, 4, 2, 16, torch.float32, seed=pos)
+    cos, sin = tables(64, 16)
+    kc, vc = torch.zeros(2, 2, 5, 16, device=DEVICE), torch.zeros(2, 2, 5, 16, device=DEVICE)
+    kr, vr = kc.clone(), vc.clone()
+    at = torch.tensor([pos], device=DEVICE)
+    qo = rope_append(q, k, v, kc, vc, at, cos, sin, "neox", 16, ring=True)
+    qr = rope_append_reference(q, k, v, kr, vr, at, cos, sin, "neox", 16, ring=True)
+    assert_close(qo, qr, torch.float32)
+    assert_close(kc, kr, torch.float32)
+    assert torch.equal(vc[:, :, pos % 5], v[:, 0]) and torch.equal(vc, vr)
+    assert int((kc.abs().sum((0, 1, 3)) > 0).sum()) == 1                 # one row written
+    if pos >= 5:       # rotated by its position: row pos % 5 of a plain append at pos % 5 would differ
+        plain = torch.zeros_like(kc)
+        rope_append_reference(q, k, v, plain, torch.zeros_like(vc), at % 5, cos, sin, "neox", 16)
+        assert (plain - kc).abs().max() > 1e-3
+
+
 def test_rope_append_past_the_cache_writes_nothing_and_checks_inputs():
     q, k, v = decode_qkv(2, 4, 2, 8, torch.float32)
     kc, vc = torch.randn(2, 2, 5, 8, device=DEVICE), torch.randn(2, 2, 5, 8, device=DEVICE)
