@@ -313,6 +313,45 @@ def bench_prefill_attention(rows):
                      TFLOPs=round(flops / ms_k / 1e9, 1), baseline="sdpa"))
 
 
+def bench_window_attention(rows):
+    """Sliding windows (Mistral 7B v0.1: window 4096) at a 32k context: a decode step over the whole cache with
+    the window clamped in the kernel, and over the window's ring buffer (what the runtime keeps), against a plain
+    decode over all 32k keys; a windowed 8k prefill against causal SDPA over everything; Gemma 2's soft-cap."""
+    from fmconvert.kernels import (decode_attention, decode_attention_reference, prefill_attention,
+                                   prefill_attention_reference)
+    D, HQ, HKV, S, W, dt = 128, 32, 8, 32768, 4096, torch.bfloat16
+    scale = 1 / math.sqrt(D)
+    q = torch.randn(1, HQ, D, device="cuda", dtype=dt)
+    kc, vc = (torch.randn(1, HKV, S, D, device="cuda", dtype=dt) for _ in range(2))
+    lens = torch.full((1,), S, device="cuda", dtype=torch.int32)
+    ring_k, ring_v = kc[:, :, -W:].contiguous(), vc[:, :, -W:].contiguous()
+    ring_lens = torch.full((1,), W, device="cuda", dtype=torch.int32)
+    want = decode_attention_reference(q, ring_k, ring_v, ring_lens, scale).float()
+    full = _bench_graph(lambda i: decode_attention(q, kc, vc, lens, scale), 16)
+    for name, call in (("clamped", lambda: decode_attention(q, kc, vc, lens, scale, window=W)),
+                       ("ring", lambda: decode_attention(q, ring_k, ring_v, ring_lens, scale))):
+        ok = (call().float() - want).abs().max().item() < 0.03
+        ms = _bench_graph(lambda i: call(), 16)
+        rows.append(_row("decode_attention_window", f"S={S} window={W} {name} Hq={HQ} Hkv={HKV} D={D}", ms, full,
+                         2 * HKV * W * D * 2, ok, baseline="no window, all S keys"))
+    T = 8192
+    qp, kp, vp = (torch.randn(1, HQ, T, D, device="cuda", dtype=dt) for _ in range(3))
+    o = prefill_attention(qp, kp, vp, scale, window=W)
+    tail = slice(T - 64, T)        # the reference on the last 64 queries only (it materialises T x S scores)
+    ref = prefill_attention_reference(qp[:, :2, tail], kp[:, :2], vp[:, :2], scale, window=W)
+    ok = (o[:, :2, tail].float() - ref.float()).abs().max().item() < 0.03
+    base = _bench(lambda: F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale))
+    rows.append(_row("prefill_attention_window", f"T={T} window={W} H={HQ} D={D}",
+                     _bench(lambda: prefill_attention(qp, kp, vp, scale, window=W)), base, None, ok,
+                     baseline="sdpa causal, no window"))
+    ocap = prefill_attention(qp, kp, vp, scale, window=W, softcap=50.0)
+    refc = prefill_attention_reference(qp[:, :2, tail], kp[:, :2], vp[:, :2], scale, window=W, softcap=50.0)
+    okc = (ocap[:, :2, tail].float() - refc.float()).abs().max().item() < 0.03
+    rows.append(_row("prefill_attention_window_softcap", f"T={T} window={W} softcap=50 H={HQ} D={D}",
+                     _bench(lambda: prefill_attention(qp, kp, vp, scale, window=W, softcap=50.0)), base, None, okc,
+                     baseline="sdpa causal, no window"))
+
+
 def run(report: dict) -> list:
     """Benchmark every kernel on CUDA; returns the rows and stores them in report["rows"]."""
     if not torch.cuda.is_available():
@@ -325,7 +364,7 @@ def run(report: dict) -> list:
     report["copy_GBps"] = round(copy_bandwidth(), 1)
     rows: list = []
     for part in (bench_linear, bench_swiglu, bench_norm, bench_glu, bench_rope, bench_rope_append,
-                 bench_decode_attention, bench_prefill_attention):
+                 bench_decode_attention, bench_prefill_attention, bench_window_attention):
         t = time.time()
         try:
             part(rows)

@@ -44,7 +44,7 @@ def cli():
 
     \b
     Supported families (one table each in fmconvert/configs/):
-      LLaMA / Mistral / Qwen2, Qwen3, Mixtral, Qwen3-MoE, Gemma, Gemma 2, Gemma 3 (text), Phi-3,
+      LLaMA / Mistral / Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE, Gemma, Gemma 2, Gemma 3 (text), Phi-3,
       StableLM, Falcon, GPT-NeoX / Pythia, GPT-J, Phi, GPT-2, OPT, BLOOM, BERT
     """
 
@@ -136,6 +136,11 @@ def inspect(out_dir, as_json):
     t.add_row("architecture", f"{md['architecture']} ({md['family']}, {md['kind']})")
     t.add_row("shape", f"{md['num_layers']} layers, hidden {md['hidden_size']}, {md['num_heads']} heads / "
               f"{md['num_kv_heads']} kv, head_dim {md['head_dim']}, mlp {md['intermediate_size']} ({md['activation']})")
+    if md["num_experts"]:
+        shared = (f"; a shared expert of width {md['shared_intermediate_size']}"
+                  if md["shared_intermediate_size"] else "")
+        renorm = "renormalised" if md["experts_renormalize"] else "not renormalised"
+        t.add_row("experts", f"{md['num_experts']} per layer, top {md['experts_per_token']} ({renorm}){shared}")
     pos = md["position"]
     rope = (f" ({pos.get('style')}, {pos.get('rotary_dim')} of {md['head_dim']} dims)"
             if pos["type"] == "rope" else "")

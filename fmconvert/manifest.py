@@ -67,6 +67,7 @@ _MODEL = {
 _MODEL_OPTIONAL = {
     "embed_scale": (1.0, _POS_NUM, "a positive number"), "num_experts": (0, _NAT, "a non-negative integer"),
     "experts_per_token": (0, _NAT, "a non-negative integer"), "experts_renormalize": (True, _BOOL, "true or false"),
+    "shared_intermediate_size": (0, _NAT, "a non-negative integer"),
     "sliding_window": (0, _NAT, "a non-negative integer"),
     "window_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
                       "null or a list of layer indices"),
@@ -170,6 +171,10 @@ def validate(m) -> dict:
     _need(par["intermediate_per_rank"] >= par["intermediate_chunk"] and
           par["intermediate_chunk"] * tp >= model["intermediate_size"],
           "parallel.intermediate_* does not cover model.intermediate_size")
+    shared, sc = model["shared_intermediate_size"], par.get("shared_intermediate_chunk", 0)
+    _need(not shared or (experts and _POS_INT(sc) and _POS_INT(par.get("shared_intermediate_per_rank"))
+                         and par["shared_intermediate_per_rank"] >= sc and sc * tp >= shared),
+          "model.shared_intermediate_size needs experts and parallel.shared_intermediate_* covering it")
     _need(m["dtype"] in _FLOATS, f"dtype {str(m['dtype'])[:40]!r} is not a float dtype")
     _source(m["source"])
     _need(isinstance(m.get("extras", []), list) and all(isinstance(e, str) for e in m.get("extras", [])),

@@ -39,7 +39,7 @@ from .write import AtomicDir, ShardWriter, dtype_name, parse_size
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 QUANT_SLOTS = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight", "experts_in.weight",
-               "experts_out.weight")
+               "experts_out.weight", "shared_in.weight", "shared_out.weight")
 HEAD_SLOTS = ("lm_head.weight",)     # an untied head is a matmul read whole every token: int8 by default
 EMBED_SLOTS = ("embed.weight", "lm_head.weight")
 
@@ -161,6 +161,8 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
         quant_slots = QUANT_SLOTS + (EMBED_SLOTS if opts.int8_embeddings else HEAD_SLOTS if opts.int8_lm_head else ())
         for slot in quant_slots:
             k = sl.k_per_rank(spec, layout, slot)
+            if not k:
+                continue                      # a slot this model does not have (a shared expert's, say)
             g = sl.group_for(k, group)
             if k % g:
                 raise FmError(f"--group-size {group} does not divide K={k} of {slot} on each rank "

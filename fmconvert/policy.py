@@ -27,6 +27,7 @@ LAYER_SLOTS = (
     "q_norm.weight", "k_norm.weight",
     "attn_post_norm.weight", "mlp_post_norm.weight",                 # Gemma 2: each half's output normed too
     "router.weight", "experts_in.weight", "experts_out.weight",      # mixture of experts, in place of mlp_in/out
+    "shared_in.weight", "shared_out.weight", "shared_gate.weight",   # Qwen2-MoE: an always-on expert beside them
 )
 GLOBAL_SLOTS = (
     "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
@@ -77,6 +78,7 @@ class ModelSpec:
     embed_scale: float = 1.0       # embeddings are multiplied by this, in the model dtype (Gemma: sqrt(hidden))
     qkv_layout: str | None = None  # how the source stores q|k|v (separate, interleaved, grouped); None: the table's
     num_experts: int = 0           # mixture of experts (Mixtral): experts per layer, 0 for a dense MLP
+    shared_intermediate_size: int = 0  # a shared expert's width (Qwen2-MoE), 0 for none
     experts_per_token: int = 0     # top-k experts each token is routed to
     sliding_window: int = 0        # attention limited to this many recent positions (Mistral, Gemma 2); 0: none
     window_layers: list | None = None  # the layers that use that window; None: every layer
@@ -270,6 +272,7 @@ class Policy:
             attn_scale=1.0 / math.sqrt(qdim),
             embed_scale=self._embed_scale(c), qkv_layout=self._layout("qkv", flags, "separate"),
             num_experts=experts, experts_per_token=topk if experts else 0,
+            shared_intermediate_size=self._shared_size(c, experts),
             experts_renormalize=bool(self._layout("experts_renormalize", flags, True)),
             **self._windows(config, c),
             attn_softcap=_softcap(c, "attn_softcap"), logit_softcap=_softcap(c, "logit_softcap"),
@@ -277,6 +280,13 @@ class Policy:
             pad_token_id=getattr(config, "pad_token_id", None),
         )
         return spec
+
+    def _shared_size(self, c, experts: int) -> int:
+        size = c.get("shared_intermediate_size") or 0
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0 or (size and not experts):
+            raise FmError(f"config.json: shared_expert_intermediate_size must be a non-negative integer, with "
+                          f"experts, got {size!r}")
+        return size
 
     def _windows(self, config, c) -> dict:
         """The sliding window and the layers that use it. transformers 5 names each layer's kind in
@@ -365,6 +375,8 @@ class Policy:
             "router.weight": (spec.num_experts, h),
             "experts_in.weight": (spec.num_experts * 2 * spec.intermediate_size, h),        # per expert: gate; up
             "experts_out.weight": (spec.num_experts * h, spec.intermediate_size),
+            "shared_in.weight": (2 * spec.shared_intermediate_size, h),                   # gate; up
+            "shared_out.weight": (h, spec.shared_intermediate_size), "shared_gate.weight": (1, h),
             "attn_norm.weight": (h,), "attn_norm.bias": (h,), "mlp_norm.weight": (h,), "mlp_norm.bias": (h,),
             "attn_post_norm.weight": (h,), "mlp_post_norm.weight": (h,),
             "qkv.weight": ((H + 2 * KV) * hd, h), "qkv.bias": ((H + 2 * KV) * hd,),

@@ -11,6 +11,8 @@ Layout per rank:
   mlp_out   row-parallel; bias on rank 0 only.
   experts_in, experts_out  (mixture of experts) every expert sliced like mlp_in / mlp_out: rank r holds the same
             intermediate range of each expert, padded alike; the router is replicated.
+  shared_in, shared_out  (Qwen2-MoE's shared expert) like mlp_in / mlp_out over its own width, chunked and
+            padded alike (`shared_intermediate_*`); its sigmoid gate is replicated.
   embed, lm_head  vocab-parallel: the vocab is padded with zero rows to a multiple of tp, rank r holds rows
             [r*V/tp, (r+1)*V/tp) (of an lm_head bias too). Padded logits are dropped by the runtime.
   the rest  replicated.
@@ -53,14 +55,21 @@ class Layout:
     vocab_padded: int
     vocab_per_rank: int
     num_experts: int = 0           # not serialized: read back from the model spec
+    shared_intermediate_chunk: int = 0       # the shared expert's units per rank, before and after padding
+    shared_intermediate_per_rank: int = 0    # (serialized only when there is one)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("num_experts")
+        if not self.shared_intermediate_chunk:
+            d.pop("shared_intermediate_chunk")
+            d.pop("shared_intermediate_per_rank")
         d["slots"] = {**{s.split(".")[0]: "column" for s in COLUMN}, **{s.split(".")[0]: "row" for s in ROW},
                       "embed": "vocab", "lm_head": "vocab", "other": "replicated"}
         if self.num_experts:
             d["slots"].update(experts_in="column per expert", experts_out="row per expert")
+        if self.shared_intermediate_chunk:
+            d["slots"].update(shared_in="column", shared_out="row")
         d["row_parallel_bias"] = "rank0"
         return d
 
@@ -81,13 +90,17 @@ def plan(spec: ModelSpec, tp: int, group_size: int | None) -> Layout:
             raise FmError(f"tp={tp} is larger than num_key_value_heads={KV} and not a multiple of it; "
                           "kv heads can only be replicated evenly")
         kv_per_rank, repl = 1, tp // KV
-    chunk = -(-spec.intermediate_size // tp)
-    per_rank = chunk
-    if group_size is not None:
-        per_rank = _ceil_to(chunk, group_for(chunk, group_size))
+    chunk, per_rank = _chunk(spec.intermediate_size, tp, group_size)
+    shared = _chunk(spec.shared_intermediate_size, tp, group_size) if spec.shared_intermediate_size else (0, 0)
     vocab_padded = _ceil_to(spec.vocab_size, tp)
     return Layout(tp, H // tp, kv_per_rank, repl, chunk, per_rank, vocab_padded, vocab_padded // tp,
-                  spec.num_experts)
+                  spec.num_experts, *shared)
+
+
+def _chunk(size: int, tp: int, group_size: int | None) -> tuple[int, int]:
+    """(units per rank, units per rank padded to a multiple of the int8 group)."""
+    chunk = -(-size // tp)
+    return chunk, chunk if group_size is None else _ceil_to(chunk, group_for(chunk, group_size))
 
 
 def group_for(k: int, group_size: int) -> int:
@@ -95,8 +108,11 @@ def group_for(k: int, group_size: int) -> int:
     return group_size if k >= group_size else pow2_floor(k)
 
 
-def _inter_ranges(spec: ModelSpec, lay: Layout):
-    I, c = spec.intermediate_size, lay.intermediate_chunk
+def _inter_ranges(spec: ModelSpec, lay: Layout, shared: bool = False):
+    if shared:
+        I, c = spec.shared_intermediate_size, lay.shared_intermediate_chunk
+    else:
+        I, c = spec.intermediate_size, lay.intermediate_chunk
     return [(min(r * c, I), min((r + 1) * c, I)) for r in range(lay.tp)]
 
 
@@ -128,15 +144,18 @@ def shard(spec: ModelSpec, lay: Layout, slot: str, t: torch.Tensor) -> list[torc
         return [o.contiguous() for o in out]
     if slot == "attn_out.weight":
         return [c.contiguous() for c in torch.chunk(t, tp, dim=1)]
-    if slot.startswith("mlp_in."):
-        parts = torch.chunk(t, 2, dim=0) if spec.gated_mlp else (t,)
+    if slot.startswith("mlp_in.") or slot == "shared_in.weight":
+        shared = slot == "shared_in.weight"          # a shared expert is always gated (SwiGLU)
+        parts = torch.chunk(t, 2, dim=0) if spec.gated_mlp or shared else (t,)
+        rows = lay.shared_intermediate_per_rank if shared else lay.intermediate_per_rank
         out = []
-        for lo, hi in _inter_ranges(spec, lay):
-            out.append(torch.cat([_pad_rows(p[lo:hi], lay.intermediate_per_rank) for p in parts], dim=0))
+        for lo, hi in _inter_ranges(spec, lay, shared):
+            out.append(torch.cat([_pad_rows(p[lo:hi], rows) for p in parts], dim=0))
         return [o.contiguous() for o in out]
-    if slot == "mlp_out.weight":
-        return [_pad_rows(t[:, lo:hi].t(), lay.intermediate_per_rank).t().contiguous()
-                for lo, hi in _inter_ranges(spec, lay)]
+    if slot in ("mlp_out.weight", "shared_out.weight"):
+        shared = slot == "shared_out.weight"
+        rows = lay.shared_intermediate_per_rank if shared else lay.intermediate_per_rank
+        return [_pad_rows(t[:, lo:hi].t(), rows).t().contiguous() for lo, hi in _inter_ranges(spec, lay, shared)]
     if slot == "experts_in.weight":         # [E * (gate; up) * I, h] -> per rank [E * (gate; up) * ipr, h]
         g = t.reshape(spec.num_experts * 2, spec.intermediate_size, *t.shape[1:])
         return [torch.cat([_pad_rows(part[lo:hi], lay.intermediate_per_rank) for part in g]).contiguous()
@@ -170,15 +189,17 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
         return torch.cat(qs + ks + vs, dim=0)
     if slot == "attn_out.weight":
         return torch.cat(pieces, dim=1)
-    if slot.startswith("mlp_in."):
-        n = 2 if spec.gated_mlp else 1
+    if slot.startswith("mlp_in.") or slot == "shared_in.weight":
+        shared = slot == "shared_in.weight"
+        n = 2 if spec.gated_mlp or shared else 1
         halves = [[] for _ in range(n)]
-        for (lo, hi), p in zip(_inter_ranges(spec, lay), pieces):
+        for (lo, hi), p in zip(_inter_ranges(spec, lay, shared), pieces):
             for j, part in enumerate(torch.chunk(p, n, dim=0)):
                 halves[j].append(part[:hi - lo])
         return torch.cat([torch.cat(h, dim=0) for h in halves], dim=0)
-    if slot in ("mlp_out.weight", "experts_out.weight"):
-        return torch.cat([p[:, :hi - lo] for (lo, hi), p in zip(_inter_ranges(spec, lay), pieces)], dim=1)
+    if slot in ("mlp_out.weight", "experts_out.weight", "shared_out.weight"):
+        ranges = _inter_ranges(spec, lay, slot == "shared_out.weight")
+        return torch.cat([p[:, :hi - lo] for (lo, hi), p in zip(ranges, pieces)], dim=1)
     if slot == "experts_in.weight":
         parts = [p.reshape(spec.num_experts * 2, lay.intermediate_per_rank, *p.shape[1:])[:, :hi - lo]
                  for (lo, hi), p in zip(_inter_ranges(spec, lay), pieces)]
@@ -203,5 +224,7 @@ def k_per_rank(spec: ModelSpec, lay: Layout, slot: str) -> int:
         "qkv.weight": spec.hidden_size, "mlp_in.weight": spec.hidden_size,
         "attn_out.weight": lay.heads_per_rank * spec.head_dim, "mlp_out.weight": lay.intermediate_per_rank,
         "experts_in.weight": spec.hidden_size, "experts_out.weight": lay.intermediate_per_rank,
+        "shared_in.weight": spec.hidden_size if spec.shared_intermediate_size else 0,     # 0: no such slot
+        "shared_out.weight": lay.shared_intermediate_per_rank,
         "embed.weight": spec.embed_dim, "lm_head.weight": spec.embed_dim,
     }[slot]

@@ -314,6 +314,10 @@ def test_inspect_names_windows_and_soft_caps(model_dir, tmp_path):
     text = re.sub(r"[\s│]+", " ", r.output)           # rows wrap inside the table's cells
     assert "window 4 in layers 0, 2, 4" in text and "logits soft-capped at 2" in text
     assert "each half's output normed too" in text
+    out = conv(model_dir("qwen2_moe"), tmp_path / "moe", tp=2)
+    r = CliRunner().invoke(cli, ["inspect", str(out)], terminal_width=200)
+    text = re.sub(r"[\s│]+", " ", r.output)
+    assert "4 per layer, top 2 (not renormalised); a shared expert of width 80" in text, text
 
 
 def test_cli_end_to_end(model_dir, tmp_path):

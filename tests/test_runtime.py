@@ -257,6 +257,25 @@ def test_mixture_of_experts_routes_each_token_to_its_top_k(work):
         generate(m, torch.tensor([[1, 2, 3]]), max_new_tokens=2, cuda_graph=True)
 
 
+def test_qwen2_moe_adds_a_gated_shared_expert(work):
+    """Qwen2-MoE: the routed experts' sum plus sigmoid(gate . x) times a shared SwiGLU MLP of its own width; the
+    shared expert is sliced over tp=2 like a dense MLP (its width 80 padded per rank for int8) and still exact."""
+    hf, _, outs = work("qwen2_moe")
+    m = load(outs["tp1"])
+    blk, x = m.blocks[1], torch.randn(1, 5, m.spec["hidden_size"])
+    t = blk.t
+    gate, up = torch.nn.functional.linear(x, t["shared_in.weight"]).chunk(2, dim=-1)
+    shared = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, t["shared_out.weight"])
+    want = blk.experts(x) + torch.sigmoid(torch.nn.functional.linear(x, t["shared_gate.weight"])) * shared
+    assert rel(blk.mlp(x), want) < 1e-5 and rel(blk.experts(x), want) > 1e-2
+    man = json.loads((outs["tp2int8"] / "manifest.json").read_text())
+    assert man["model"]["shared_intermediate_size"] == 80
+    assert (man["parallel"]["shared_intermediate_chunk"], man["parallel"]["shared_intermediate_per_rank"]) == (40, 64)
+    ids = torch.randint(3, 100, (1, 7))
+    with torch.no_grad():
+        assert rel(load(outs["int8"])(ids), hf(ids).logits) < INT8_LOGIT_BOUND
+
+
 WINDOWED = {   # family -> config overrides that give it a 5-position window, and the layers that use it
     "mistral": (dict(sliding_window=5), None),
     "phi3": (dict(sliding_window=5), None),

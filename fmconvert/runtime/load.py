@@ -35,7 +35,7 @@ def sha256_file(path: Path) -> str:
 
 _ST_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8"}
 _INT8_OK = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight", "embed.weight", "lm_head.weight",
-            "experts_in.weight", "experts_out.weight")
+            "experts_in.weight", "experts_out.weight", "shared_in.weight", "shared_out.weight")
 _EXPERTS = ("experts_in.weight", "experts_out.weight")
 _ROW_BIAS = ("attn_out.bias", "mlp_out.bias")
 
@@ -58,6 +58,8 @@ def check_layout(m: dict, rank: int):
     E = sp["num_experts"]
     layer = {"qkv.weight": (qkv, h), "qkv.bias": (qkv,), "q_norm.weight": (hd,), "k_norm.weight": (hd,),
              "router.weight": (E, h), "experts_in.weight": (E * 2 * ipr, h), "experts_out.weight": (E * h, ipr),
+             "shared_in.weight": (2 * par.get("shared_intermediate_per_rank", 0), h), "shared_gate.weight": (1, h),
+             "shared_out.weight": (h, par.get("shared_intermediate_per_rank", 0)),
              "attn_out.weight": (h, hpr * hd), "attn_out.bias": (h,),
              "mlp_in.weight": (mlp, h), "mlp_in.bias": (mlp,), "mlp_out.weight": (h, ipr), "mlp_out.bias": (h,),
              **{f"{n}.{p}": (h,) for n in ("attn_norm", "mlp_norm") for p in ("weight", "bias")},

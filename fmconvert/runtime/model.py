@@ -100,7 +100,12 @@ class Block(nn.Module):
         """This rank's partial MLP output (row-parallel: the caller all-reduces)."""
         m, t = self.m, self.t
         if "router.weight" in t:
-            return self.experts(h)
+            y = self.experts(h)
+            if "shared_in.weight" in t:      # Qwen2-MoE: an always-on expert, scaled by its own sigmoid gate
+                g = torch.sigmoid(torch.nn.functional.linear(h, t["shared_gate.weight"]))
+                f = m.ops.linear(m.ops.linear(h, t["shared_in.weight"], None, m.activation), t["shared_out.weight"])
+                y = y + g * f           # the gate is replicated, so it scales each rank's partial sum alike
+            return y
         f = m.ops.linear(h, t["mlp_in.weight"], t.get("mlp_in.bias"), m.activation)
         return m.ops.linear(f, t["mlp_out.weight"], t.get("mlp_out.bias"))
 

@@ -13,7 +13,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.mark.parametrize("name,int8", [("llama", True), ("gpt2", False), ("bloom", True), ("gptj", True),
                                        ("gemma", False), ("qwen3", False), ("falcon_new", True),
-                                       ("mixtral", True), ("gemma2", False), ("gemma3", True)])
+                                       ("mixtral", True), ("gemma2", False), ("gemma3", True),
+                                       ("qwen2_moe", True)])
 def test_triton_backend_matches_torch_backend(model_dir, tmp_path, name, int8):
     out = tmp_path / "out"
     convert(model_dir(name), out, Options(tp=1, int8=int8, group_size=32), progress=False)
@@ -60,7 +61,7 @@ def test_triton_decode_step_matches_torch_backend(model_dir, tmp_path, name, int
         assert ((got - want).abs().max() / want.abs().max()).item() < 1e-3, fuse
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "qwen2_moe"])
 def test_int8_experts_are_routed_on_the_device(model_dir, tmp_path, name):
     """Int8 experts on the Triton backend: a decode step's experts run as two launches over (token, expert) pairs
     whose ids never leave the device, so the step is graph-safe; float experts and the torch backend route on the
