@@ -45,7 +45,8 @@ def cli():
     \b
     Supported families (one table each in fmconvert/configs/):
       LLaMA / Mistral / Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE, Gemma, Gemma 2, Gemma 3 (text), Phi-3,
-      StableLM, Falcon, GPT-NeoX / Pythia, GPT-J, Phi, GPT-2, OPT, BLOOM, BERT
+      StableLM, StarCoder2, GPT-BigCode / StarCoder, Falcon, GPT-NeoX / Pythia, GPT-J, Phi, GPT-2, OPT,
+      BLOOM, BERT
     """
 
 

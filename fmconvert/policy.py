@@ -292,7 +292,9 @@ class Policy:
         """The sliding window and the layers that use it. transformers 5 names each layer's kind in
         `layer_types` (Gemma 2 alternates; Qwen2 windows the layers from max_window_layers on); without it the
         window, if any, holds in every layer (Mistral, Phi-3)."""
-        window = int(c.get("sliding_window") or 0)
+        window = c.get("sliding_window") or 0
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise FmError(f"config.json: sliding_window must be a non-negative integer, got {window!r}")
         types = getattr(config, "layer_types", None)
         if types is None:
             return {"sliding_window": window, "window_layers": None}

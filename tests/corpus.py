@@ -203,6 +203,11 @@ def _config_unknown_layer_kind(c: Ctx):
     return _conv(cfg(c.model("gemma2"), layer_types=["sliding_attention", "chunked_attention"]), c.tmp / "out")
 
 
+@case("convert", "sliding_window must be a non-negative integer", "-4")
+def _config_negative_window(c: Ctx):
+    return _conv(cfg(c.model("mistral"), sliding_window=-4), c.tmp / "out")
+
+
 @case("convert", "attn_softcap must be a non-negative number", "-50")
 def _config_negative_softcap(c: Ctx):
     return _conv(cfg(c.model("gemma2"), attn_logit_softcapping=-50.0), c.tmp / "out")

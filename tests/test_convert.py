@@ -114,7 +114,8 @@ def test_float_roundtrip_is_exact(model_dir, tmp_path, name, tp):
     m, got = reassemble(out)
     prefix = {"bert": "", "bert_cls": "bert.", "gpt2": "transformer.", "bloom": "transformer.", "gptj": "transformer.",
               "gptneox": "gpt_neox.", "gptneox_seq": "gpt_neox.", "falcon": "transformer.",
-              "falcon_new": "transformer.", "falcon_seq": "transformer."}
+              "falcon_new": "transformer.", "falcon_seq": "transformer.", "gpt_bigcode": "transformer.",
+              "gpt_bigcode_mha": "transformer."}
     assert m["source"]["prefix"] == prefix.get(name, "model.")
     assert_exact(expected(d, m), got)
 

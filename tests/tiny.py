@@ -79,6 +79,14 @@ CONFIGS = {
                   moe_intermediate_size=48, shared_expert_intermediate_size=80, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
                   num_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", dict(hidden_size=64, intermediate_size=96,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+                   max_position_embeddings=64, sliding_window=6, bos_token_id=1, eos_token_id=2)),
+    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(n_embd=64, n_inner=96, n_layer=2, n_head=4,
+                    vocab_size=101, n_positions=64, bos_token_id=1, eos_token_id=2)),       # multi-query
+    "gpt_bigcode_mha": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(n_embd=64, n_inner=96, n_layer=2,
+                        n_head=4, vocab_size=101, n_positions=64, multi_query=False, bos_token_id=1,
+                        eos_token_id=2, tie_word_embeddings=False)),                      # [q|k|v] per head
     "bert": ("BertConfig", "BertModel", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, vocab_size=101, max_position_embeddings=64, type_vocab_size=2)),
     "bert_cls": ("BertConfig", "BertForSequenceClassification", dict(hidden_size=64, intermediate_size=96,
