@@ -333,7 +333,6 @@ class Policy:
                     raise FmError(f"config.json: rope_parameters per layer kind must name full_attention (and "
                                   f"optionally sliding_attention), got {', '.join(map(str, params))}")
                 local, params = params.get("sliding_attention"), dict(params["full_attention"])
-            rope_type = params.get("rope_type", params.get("type", "default"))
             # The rotated width: GPT-J names it (rotary_dim), others give a fraction of the head (transformers 5
             # moved partial_rotary_factor into rope_parameters; GPT-NeoX once called it rotary_pct).
             partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))

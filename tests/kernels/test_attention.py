@@ -20,6 +20,13 @@ def rand(*shape, dtype, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(DEVICE)
 
 
+def prefill_qkv(shape, dtype):
+    """q [B, Hq, T, D], k and v [B, Hkv, S, D] for a (B, Hq, Hkv, T, S, D) shape."""
+    B, HQ, HKV, T, S, D = shape
+    return (rand(B, HQ, T, D, dtype=dtype, seed=1), rand(B, HKV, S, D, dtype=dtype, seed=2),
+            rand(B, HKV, S, D, dtype=dtype, seed=3))
+
+
 def alibi(h):
     return torch.tensor([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)], device=DEVICE)
 
@@ -35,10 +42,8 @@ if ON_CUDA:
 @pytest.mark.parametrize("shape", PREFILL_SHAPES)
 @pytest.mark.parametrize("causal", [True, False])
 def test_prefill_matches_reference(causal, shape, dtype, assert_close):
-    B, HQ, HKV, T, S, D = shape
-    q = rand(B, HQ, T, D, dtype=dtype, seed=1)
-    k = rand(B, HKV, S, D, dtype=dtype, seed=2)
-    v = rand(B, HKV, S, D, dtype=dtype, seed=3)
+    D = shape[5]
+    q, k, v = prefill_qkv(shape, dtype)
     o = prefill_attention(q, k, v, 1 / math.sqrt(D), causal=causal)
     assert_close(o, prefill_attention_reference(q, k, v, 1 / math.sqrt(D), causal=causal), dtype)
 
@@ -207,10 +212,8 @@ WINDOW_PREFILL_SHAPES = [(1, 4, 2, 70, 70, 16), (2, 2, 1, 13, 70, 24)]
 @pytest.mark.parametrize("window", [1, 5, 37, 100])
 @pytest.mark.parametrize("shape", WINDOW_PREFILL_SHAPES)
 def test_prefill_window_matches_reference(shape, window, dtype, assert_close):
-    B, HQ, HKV, T, S, D = shape
-    q = rand(B, HQ, T, D, dtype=dtype, seed=1)
-    k = rand(B, HKV, S, D, dtype=dtype, seed=2)
-    v = rand(B, HKV, S, D, dtype=dtype, seed=3)
+    S, D = shape[4], shape[5]
+    q, k, v = prefill_qkv(shape, dtype)
     o = prefill_attention(q, k, v, 1 / math.sqrt(D), window=window)
     assert_close(o, prefill_attention_reference(q, k, v, 1 / math.sqrt(D), window=window), dtype)
     if window >= S:
