@@ -35,7 +35,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-FLOAT_SCALARS = ("eps", "qk_scale", "cap")
+FLOAT_SCALARS = ("eps", "qk_scale", "cap", "xs")
 OP = r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)"
 
 

@@ -44,9 +44,9 @@ def cli():
 
     \b
     Supported families (one table each in fmconvert/configs/):
-      LLaMA / Mistral / Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE, Gemma, Gemma 2, Gemma 3 (text), Phi-3,
-      StableLM, StarCoder2, GPT-BigCode / StarCoder, Falcon, GPT-NeoX / Pythia, GPT-J, Phi, GPT-2, OPT,
-      BLOOM, BERT
+      LLaMA / Mistral / Qwen2, Qwen3, Phi-3, StableLM, StarCoder2, Granite, Cohere,
+      Gemma, Gemma 2, Gemma 3 (text), Mixtral, Qwen2-MoE, Qwen3-MoE,
+      GPT-2, GPT-BigCode / StarCoder, OPT, BLOOM, Falcon, GPT-NeoX / Pythia, GPT-J, Phi, BERT
     """
 
 

@@ -73,6 +73,7 @@ _MODEL_OPTIONAL = {
                       "null or a list of layer indices"),
     "attn_softcap": (0.0, _NONNEG_NUM, "a non-negative number"),
     "logit_softcap": (0.0, _NONNEG_NUM, "a non-negative number"),
+    "logit_scale": (1.0, _POS_NUM, "a positive number"), "residual_scale": (1.0, _POS_NUM, "a positive number"),
     "qkv_layout": (None, _ENUM(None, "separate", "fused", "interleaved", "grouped"),
                    "separate, fused, interleaved or grouped"),
 }
@@ -154,6 +155,8 @@ def validate(m) -> dict:
     _need(topk <= experts if experts else topk == 0, "model.experts_per_token does not fit model.num_experts")
     _need(model["residual"] == "pre" or not any("post_norm" in s for s in model["slots"]),
           "model.slots: output norms (attn_post_norm, mlp_post_norm) need the pre-norm residual")
+    _need(model["residual"] == "pre" or model["residual_scale"] == 1.0,
+          "model.residual_scale needs the pre-norm residual")
     layers = model["window_layers"]
     _need(layers is None or (model["sliding_window"] and layers == sorted(set(layers))
                              and all(i < model["num_layers"] for i in layers)),

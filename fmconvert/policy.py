@@ -84,6 +84,8 @@ class ModelSpec:
     window_layers: list | None = None  # the layers that use that window; None: every layer
     attn_softcap: float = 0.0      # attention scores capped as c * tanh(s / c) (Gemma 2); 0: none
     logit_softcap: float = 0.0     # the same on the output logits
+    residual_scale: float = 1.0    # each half's output is multiplied by it as it joins the stream (Granite)
+    logit_scale: float = 1.0       # the output logits are multiplied by it (Cohere: 0.0625; Granite: 1 / logits_scaling)
     experts_renormalize: bool = True   # the top-k routing weights are rescaled to sum to 1 (Mixtral; Qwen3-MoE: a flag)
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
@@ -92,6 +94,16 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _positive(c: dict, key: str, default: float) -> float:
+    """An optional positive number from [config] (Granite's multipliers), or the default."""
+    v = c.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+        raise FmError(f"config.json: {key} must be a positive number, got {v!r}")
+    return float(v)
 
 
 def per_layer_type(params: dict) -> bool:
@@ -269,17 +281,31 @@ class Policy:
             final_norm=bool(self._layout("final_norm", flags, False)),
             project=bool(flags.get("project", False)), pooler=False,
             type_vocab_size=int(c.get("type_vocab_size") or 0),
-            attn_scale=1.0 / math.sqrt(qdim),
+            attn_scale=_positive(c, "attn_scale", 1.0 / math.sqrt(qdim)),
             embed_scale=self._embed_scale(c), qkv_layout=self._layout("qkv", flags, "separate"),
             num_experts=experts, experts_per_token=topk if experts else 0,
             shared_intermediate_size=self._shared_size(c, experts),
             experts_renormalize=bool(self._layout("experts_renormalize", flags, True)),
             **self._windows(config, c),
             attn_softcap=_softcap(c, "attn_softcap"), logit_softcap=_softcap(c, "logit_softcap"),
+            logit_scale=self._logit_scale(c), residual_scale=_positive(c, "residual_scale", 1.0),
             bos_token_id=getattr(config, "bos_token_id", None), eos_token_id=getattr(config, "eos_token_id", None),
             pad_token_id=getattr(config, "pad_token_id", None),
         )
         return spec
+
+    def _logit_scale(self, c) -> float:
+        scale = c.get("logit_scale")
+        if c.get("logit_divisor") is not None:
+            scale = c["logit_divisor"]
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+                raise FmError(f"config.json: the logits' divisor must be a positive number, got {scale!r}")
+            scale = 1.0 / scale
+        if scale is None:
+            return 1.0
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+            raise FmError(f"config.json: logit_scale must be a positive number, got {scale!r}")
+        return float(scale)
 
     def _shared_size(self, c, experts: int) -> int:
         size = c.get("shared_intermediate_size") or 0
@@ -311,7 +337,7 @@ class Policy:
     def _embed_scale(self, c) -> float:
         how = self.layout.get("embed_scale")
         if how is None:
-            return 1.0
+            return _positive(c, "embed_multiplier", 1.0)          # Granite: a number in the config
         if how == "sqrt_hidden":
             return float(c["hidden_size"]) ** 0.5
         raise FmError(f"{self.path.name}: layout.embed_scale must be \"sqrt_hidden\", got {how!r}")

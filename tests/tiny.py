@@ -87,6 +87,13 @@ CONFIGS = {
     "gpt_bigcode_mha": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(n_embd=64, n_inner=96, n_layer=2,
                         n_head=4, vocab_size=101, n_positions=64, multi_query=False, bos_token_id=1,
                         eos_token_id=2, tie_word_embeddings=False)),                      # [q|k|v] per head
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
+               logit_scale=0.25, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
+                embedding_multiplier=6.0, attention_multiplier=0.05, residual_multiplier=0.3, logits_scaling=4.0,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "bert": ("BertConfig", "BertModel", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, vocab_size=101, max_position_embeddings=64, type_vocab_size=2)),
     "bert_cls": ("BertConfig", "BertForSequenceClassification", dict(hidden_size=64, intermediate_size=96,

@@ -3,6 +3,7 @@
 h = x + residual (fp32 add, stored in x.dtype); y = norm(h) * weight (+ bias), statistics in fp32.
 The normalization reads h rounded to x.dtype, as the next layer will see it (HF semantics).
 kind: "rms", "layer", or "rms_plus_one" (Gemma: RMSNorm scaled by 1 + weight, the weight stored as an offset).
+x_scale: x is multiplied by it before the add (Granite's residual_multiplier scales each half's output).
 pre_weight (RMS kinds): x is itself normalised by it first, rounded to x.dtype: Gemma 2/3 norm each half's output
 before it joins the residual stream, and this folds that norm into the add+norm that follows (one launch, not two).
 """
@@ -18,7 +19,7 @@ KINDS = ("rms", "layer", "rms_plus_one")
 
 
 @triton.jit
-def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, p_ptr, N, eps,
+def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, p_ptr, N, eps, xs,
                      HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
                      IS_RMS: tl.constexpr, PLUS_ONE: tl.constexpr, PRE: tl.constexpr, BLOCK: tl.constexpr):
     # grid: (rows,); every tensor is a contiguous [rows, N]; BLOCK = next_pow2(N).
@@ -33,7 +34,7 @@ def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, p_ptr, N, eps,
         h = h * tl.rsqrt(tl.sum(h * h, axis=0) / N + eps) * pw
         h = h.to(h_ptr.dtype.element_ty).to(tl.float32)       # as the norm's own output would be stored
     if HAS_RES:
-        h += tl.load(r_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
+        h = h * xs + tl.load(r_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES or PRE:
         h_lo = h.to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + row * N + offs, h_lo, mask=mask)
@@ -56,8 +57,9 @@ def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, p_ptr, N, eps,
     tl.store(y_ptr + row * N + offs, hn.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def add_norm(x, residual, weight, bias, eps, kind, out_dtype=None, pre_weight=None):
+def add_norm(x, residual, weight, bias, eps, kind, out_dtype=None, pre_weight=None, x_scale=1.0):
     """Returns (y, h). x [..., N]; residual like x or None (then h is x itself, or x normed by pre_weight);
+    x_scale: h = x * x_scale + residual (with a residual only);
     weight/bias/pre_weight [N] or None; kind "rms" | "layer" | "rms_plus_one"; y in out_dtype (default x.dtype)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -84,7 +86,7 @@ def add_norm(x, residual, weight, bias, eps, kind, out_dtype=None, pre_weight=No
     _add_norm_kernel[(rows,)](
         x, residual if residual is not None else x,
         weight.contiguous() if weight is not None else x, bias.contiguous() if bias is not None else x,
-        y, h, pre_weight.contiguous() if pre_weight is not None else x, N, float(eps),
+        y, h, pre_weight.contiguous() if pre_weight is not None else x, N, float(eps), float(x_scale),
         HAS_RES=residual is not None, HAS_W=weight is not None, HAS_BIAS=bias is not None,
         IS_RMS=kind != "layer", PLUS_ONE=kind == "rms_plus_one", PRE=pre_weight is not None, BLOCK=block,
         num_warps=warps,
@@ -92,12 +94,12 @@ def add_norm(x, residual, weight, bias, eps, kind, out_dtype=None, pre_weight=No
     return y, h
 
 
-def add_norm_reference(x, residual, weight, bias, eps, kind, out_dtype=None, pre_weight=None):
+def add_norm_reference(x, residual, weight, bias, eps, kind, out_dtype=None, pre_weight=None, x_scale=1.0):
     if pre_weight is not None:
         if kind == "layer":
             raise ValueError("pre_weight is for RMS norms (Gemma 2/3's output norms); kind is 'layer'")
         x = add_norm_reference(x, None, pre_weight, None, eps, kind)[0]
-    h = x if residual is None else (x.float() + residual.float()).to(x.dtype)
+    h = x if residual is None else (x.float() * x_scale + residual.float()).to(x.dtype)
     hf = h.float()
     if kind in ("rms", "rms_plus_one"):
         yn = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)

@@ -46,7 +46,8 @@ class Block(nn.Module):
 
     def forward(self, x, residual, positions, cache, key_padding_mask, pos_t=None, seq_t=None, x_norm=None):
         """x_norm: the previous block's output norm (Gemma 2/3), still to be applied to x: it rides in this
-        block's first add+norm. This block's own output norm is left to the next (see `out_norm`)."""
+        block's first add+norm. This block's own output norm is left to the next (see `out_norm`). Granite scales
+        each half's output by residual_scale as it joins the stream (x too, unless it is the embedding)."""
         m, t = self.m, self.t
         ops = m.ops
         if m.spec["residual"] == "parallel":
@@ -54,14 +55,14 @@ class Block(nn.Module):
         pre = m.spec["residual"] == "pre"
         if pre:
             h, residual = ops.add_norm(x, residual, t["attn_norm.weight"], t.get("attn_norm.bias"), m.eps, m.norm,
-                                       pre_weight=x_norm)
+                                       pre_weight=x_norm, x_scale=m.residual_scale)
         else:
             h = x
         a = self.attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
         a = m.comm.all_reduce(ops.linear(a, t["attn_out.weight"], t.get("attn_out.bias")))
         if pre:       # Gemma 2/3 norm the attention's output before it joins the stream: one launch for both
             h, residual = ops.add_norm(a, residual, t["mlp_norm.weight"], t.get("mlp_norm.bias"), m.eps, m.norm,
-                                       pre_weight=t.get("attn_post_norm.weight"))
+                                       pre_weight=t.get("attn_post_norm.weight"), x_scale=m.residual_scale)
         else:
             h, _ = ops.add_norm(a, x, t["attn_norm.weight"], t.get("attn_norm.bias"), m.eps, m.norm)
         f = m.comm.all_reduce(self.mlp(h))
@@ -225,7 +226,7 @@ class FusedModel(nn.Module):
         self.dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[manifest["dtype"]]
         self.head_dim, self.heads, self.kv_heads = sp["head_dim"], par["heads_per_rank"], par["kv_heads_per_rank"]
         self.eps, self.norm, self.activation = sp["norm_eps"], sp["norm"], sp["activation"]
-        self.scale, self.softcap = sp["attn_scale"], sp["attn_softcap"]
+        self.scale, self.softcap, self.residual_scale = sp["attn_scale"], sp["attn_softcap"], sp["residual_scale"]
         self.causal = sp["kind"] == "decoder"
         self.vocab_lo = rank * par["vocab_per_rank"]
         # Gemma scales its embeddings by sqrt(hidden) rounded to the model dtype, as HF does; a device tensor made
@@ -307,7 +308,9 @@ class FusedModel(nn.Module):
         h = self.project_out(h)
         head = g["embed.weight"] if sp["tied_embeddings"] else g["lm_head.weight"]
         local = self.ops.linear(h, head, g.get("lm_head.bias"))   # (B, T, V / tp)
-        cap = sp["logit_softcap"]
+        cap, scale = sp["logit_softcap"], sp["logit_scale"]
+        if scale != 1.0:                                           # Cohere, Granite: logits scaled
+            local = (local.float() * scale).to(local.dtype)
         if cap:                                                    # Gemma 2: logits squashed into (-cap, cap)
             local = (torch.tanh(local.float() / cap) * cap).to(local.dtype)
         return self.comm.all_gather(local, dim=-1)[..., :sp["vocab_size"]]
@@ -334,7 +337,7 @@ class FusedModel(nn.Module):
             x_norm = blk.out_norm
             if output_hidden_states:  # the residual stream after each block, as HF reports it
                 xs = x if x_norm is None else self.ops.add_norm(x, None, x_norm, None, self.eps, self.norm)[0]
-                states.append(xs if residual is None else xs + residual)
+                states.append(xs if residual is None else xs * self.residual_scale + residual)
         if cache is not None:
             cache.length += T
         x = self._final(x, residual, x_norm)
@@ -343,10 +346,10 @@ class FusedModel(nn.Module):
     def _final(self, x, residual, x_norm):
         if self.spec["final_norm"]:
             return self.ops.add_norm(x, residual, self.g["final_norm.weight"], self.g.get("final_norm.bias"),
-                                     self.eps, self.norm, pre_weight=x_norm)[0]
+                                     self.eps, self.norm, pre_weight=x_norm, x_scale=self.residual_scale)[0]
         if x_norm is not None:
             x = self.ops.add_norm(x, None, x_norm, None, self.eps, self.norm)[0]
-        return x if residual is None else x + residual
+        return x if residual is None else x * self.residual_scale + residual
 
     @torch.inference_mode()
     def decode_step(self, ids, cache: KVCache, pos_t: torch.Tensor) -> torch.Tensor:

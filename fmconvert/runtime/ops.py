@@ -135,10 +135,13 @@ class TorchOps:
 
     name = "torch"
 
-    def add_norm(self, x, residual, weight, bias, eps, kind, pre_weight=None):
-        """(norm(h), h) with h = x + residual. pre_weight: x is first normed by it (Gemma 2/3's output norms)."""
+    def add_norm(self, x, residual, weight, bias, eps, kind, pre_weight=None, x_scale=1.0):
+        """(norm(h), h) with h = x * x_scale + residual (Granite scales each half's output). pre_weight: x is
+        first normed by it (Gemma 2/3's output norms)."""
         if pre_weight is not None:
             x = self.add_norm(x, None, pre_weight, None, eps, kind)[0]
+        if residual is not None and x_scale != 1.0:
+            x = x * x_scale
         h = x if residual is None else x + residual
         hf = h.float()
         if kind == "rms":
@@ -301,9 +304,9 @@ class TritonOps(TorchOps):
         from .. import kernels
         self.k = kernels
 
-    def add_norm(self, x, residual, weight, bias, eps, kind, pre_weight=None):
+    def add_norm(self, x, residual, weight, bias, eps, kind, pre_weight=None, x_scale=1.0):
         return self.k.add_norm(x.contiguous(), None if residual is None else residual.contiguous(), weight, bias,
-                               eps, kind, pre_weight=pre_weight)
+                               eps, kind, pre_weight=pre_weight, x_scale=x_scale)
 
     def linear(self, x, weight, bias=None, activation=None):
         if isinstance(weight, Int8Weight):

@@ -76,6 +76,20 @@ def test_add_norm_with_a_pre_norm_matches_reference(kind, shape, dtype, residual
         add_norm(x, r, w, None, 1e-6, "layer", pre_weight=pw)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("kind", ["rms", "layer"])
+def test_add_norm_scales_x_before_the_add(kind, dtype, assert_close):
+    """Granite: h = x * residual_multiplier + residual; without a residual x is left as it is."""
+    x, r, w, b = make((3, 129), dtype, kind, residual=True, bias=kind == "layer")
+    y, h = add_norm(x, r, w, b, 1e-5, kind, x_scale=0.22)
+    y_ref, h_ref = add_norm_reference(x, r, w, b, 1e-5, kind, x_scale=0.22)
+    assert_close(h, h_ref, dtype)
+    assert_close(y, y_ref, dtype)
+    assert_close(h_ref, (x.float() * 0.22 + r.float()).to(dtype), dtype)
+    assert (h.float() - add_norm(x, r, w, b, 1e-5, kind)[1].float()).abs().max() > 0.5
+    assert add_norm(x, None, w, b, 1e-5, kind, x_scale=0.22)[1] is x
+
+
 def test_add_norm_rejects_bad_inputs():
     x, r, w, _ = make((2, 16), torch.float32, "rms", residual=True, bias=False)
     with pytest.raises(ValueError, match="kind"):
