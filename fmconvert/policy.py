@@ -85,7 +85,7 @@ class ModelSpec:
     attn_softcap: float = 0.0      # attention scores capped as c * tanh(s / c) (Gemma 2); 0: none
     logit_softcap: float = 0.0     # the same on the output logits
     residual_scale: float = 1.0    # each half's output is multiplied by it as it joins the stream (Granite)
-    logit_scale: float = 1.0       # the output logits are multiplied by it (Cohere: 0.0625; Granite: 1 / logits_scaling)
+    logit_scale: float = 1.0       # output logits are multiplied by it (Cohere: 0.0625; Granite: 1 / logits_scaling)
     experts_renormalize: bool = True   # the top-k routing weights are rescaled to sum to 1 (Mixtral; Qwen3-MoE: a flag)
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
@@ -96,13 +96,14 @@ class ModelSpec:
         return asdict(self)
 
 
-def _positive(c: dict, key: str, default: float) -> float:
-    """An optional positive number from [config] (Granite's multipliers), or the default."""
+def _number(c: dict, key: str, default: float, zero_ok: bool = False) -> float:
+    """An optional finite number from [config] (soft-caps, multipliers, scales), or the default: positive, or
+    non-negative with zero_ok (a soft-cap of 0 means none)."""
     v = c.get(key)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
-        raise FmError(f"config.json: {key} must be a positive number, got {v!r}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v if zero_ok else 0 < v) or v == math.inf:
+        raise FmError(f"config.json: {key} must be a {'non-negative' if zero_ok else 'positive'} number, got {v!r}")
     return float(v)
 
 
@@ -115,15 +116,6 @@ def _rope_params(params: dict) -> dict:
     return {"rope_type": params.get("rope_type", params.get("type", "default")),
             "theta": float(params.get("rope_theta", 10000.0)),
             "parameters": {k: v for k, v in sorted(params.items()) if k not in ("rope_type", "type")}}
-
-
-def _softcap(c: dict, key: str) -> float:
-    v = c.get(key)
-    if v is None:
-        return 0.0
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
-        raise FmError(f"config.json: {key} must be a non-negative number, got {v!r}")
-    return float(v)
 
 
 def _operand(config, x: str):
@@ -263,9 +255,7 @@ class Policy:
         if experts and not 1 <= topk <= experts:
             raise FmError(f"config.json: num_experts_per_tok={topk} must be between 1 and num_local_experts={experts}")
         tied = bool(getattr(config, "tie_word_embeddings", False)) and self.kind == "decoder"
-        qdim = c.get("query_scale_dim") or c["head_dim"]
-        if isinstance(qdim, bool) or not isinstance(qdim, (int, float)) or not 0 < qdim < math.inf:
-            raise FmError(f"config.json: query_pre_attn_scalar must be a positive number, got {qdim!r}")
+        qdim = _number(c, "query_scale_dim", c["head_dim"])
         eps = c["norm_eps"]
         if not isinstance(eps, (int, float)) or eps <= 0:
             raise FmError(f"config.json: norm epsilon must be a positive number, got {eps!r}")
@@ -281,31 +271,20 @@ class Policy:
             final_norm=bool(self._layout("final_norm", flags, False)),
             project=bool(flags.get("project", False)), pooler=False,
             type_vocab_size=int(c.get("type_vocab_size") or 0),
-            attn_scale=_positive(c, "attn_scale", 1.0 / math.sqrt(qdim)),
+            attn_scale=_number(c, "attn_scale", 1.0 / math.sqrt(qdim)),
             embed_scale=self._embed_scale(c), qkv_layout=self._layout("qkv", flags, "separate"),
             num_experts=experts, experts_per_token=topk if experts else 0,
             shared_intermediate_size=self._shared_size(c, experts),
             experts_renormalize=bool(self._layout("experts_renormalize", flags, True)),
             **self._windows(config, c),
-            attn_softcap=_softcap(c, "attn_softcap"), logit_softcap=_softcap(c, "logit_softcap"),
-            logit_scale=self._logit_scale(c), residual_scale=_positive(c, "residual_scale", 1.0),
+            attn_softcap=_number(c, "attn_softcap", 0.0, zero_ok=True),
+            logit_softcap=_number(c, "logit_softcap", 0.0, zero_ok=True),
+            logit_scale=1.0 / _number(c, "logit_divisor", 1.0) * _number(c, "logit_scale", 1.0),
+            residual_scale=_number(c, "residual_scale", 1.0),
             bos_token_id=getattr(config, "bos_token_id", None), eos_token_id=getattr(config, "eos_token_id", None),
             pad_token_id=getattr(config, "pad_token_id", None),
         )
         return spec
-
-    def _logit_scale(self, c) -> float:
-        scale = c.get("logit_scale")
-        if c.get("logit_divisor") is not None:
-            scale = c["logit_divisor"]
-            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
-                raise FmError(f"config.json: the logits' divisor must be a positive number, got {scale!r}")
-            scale = 1.0 / scale
-        if scale is None:
-            return 1.0
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
-            raise FmError(f"config.json: logit_scale must be a positive number, got {scale!r}")
-        return float(scale)
 
     def _shared_size(self, c, experts: int) -> int:
         size = c.get("shared_intermediate_size") or 0
@@ -337,7 +316,7 @@ class Policy:
     def _embed_scale(self, c) -> float:
         how = self.layout.get("embed_scale")
         if how is None:
-            return _positive(c, "embed_multiplier", 1.0)          # Granite: a number in the config
+            return _number(c, "embed_multiplier", 1.0)          # Granite: a number in the config
         if how == "sqrt_hidden":
             return float(c["hidden_size"]) ** 0.5
         raise FmError(f"{self.path.name}: layout.embed_scale must be \"sqrt_hidden\", got {how!r}")
@@ -392,7 +371,8 @@ class Policy:
         inter = spec.intermediate_size * (2 if spec.gated_mlp else 1)
         e = spec.embed_dim
         shapes = {
-            "embed.weight": (spec.vocab_size, e), "lm_head.weight": (spec.vocab_size, e), "lm_head.bias": (spec.vocab_size,),
+            "embed.weight": (spec.vocab_size, e), "lm_head.weight": (spec.vocab_size, e),
+            "lm_head.bias": (spec.vocab_size,),
             "pos_embed.weight": (spec.max_positions + spec.position.get("offset", 0), h),
             "type_embed.weight": (spec.type_vocab_size, h),
             "embed_norm.weight": (h,), "embed_norm.bias": (h,), "final_norm.weight": (h,), "final_norm.bias": (h,),

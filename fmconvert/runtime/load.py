@@ -52,7 +52,7 @@ def check_layout(m: dict, rank: int):
             "type_embed.weight": (sp["type_vocab_size"], h),
             "pos_embed.weight": (sp["max_positions"] + pos.get("offset", 0), h), "project_in.weight": (h, e),
             "project_out.weight": (e, h), "pooler.weight": (h, h), "pooler.bias": (h,),
-            "rope.inv_freq": (pos.get("rotary_dim", 0) // 2,), "rope_local.inv_freq": (pos.get("rotary_dim", 0) // 2,),
+            **{n: (pos.get("rotary_dim", 0) // 2,) for n in ("rope.inv_freq", "rope_local.inv_freq")},
             "alibi.slopes": (hpr,),
             **{f"{n}.{p}": (h,) for n in ("embed_norm", "final_norm") for p in ("weight", "bias")}}
     E = sp["num_experts"]

@@ -113,9 +113,10 @@ class Block(nn.Module):
     def experts(self, h):
         """A sparse MLP (Mixtral, Qwen3-MoE): a softmax router (fp32) picks each token's top-k experts, their weights
         renormalised to sum to 1 where the model does so, and the token's output is the weighted sum of those
-        experts' SwiGLU MLPs. Each expert runs once on the tokens routed to it. With int8 experts and a backend that indexes experts on the device (Triton), a
-        few tokens (a decode step) take one launch per projection over (token, expert) pairs instead: no host sync,
-        so the step stays CUDA-graph capturable. Otherwise the routing is read on the host."""
+        experts' SwiGLU MLPs. Each expert runs once on the tokens routed to it. With int8 experts and a backend
+        that indexes experts on the device (Triton), a few tokens (a decode step) take one launch per projection
+        over (token, expert) pairs instead: no host sync, so the step stays CUDA-graph capturable. Otherwise the
+        routing is read on the host."""
         m, t = self.m, self.t
         x = h.reshape(-1, h.shape[-1])
         probs = torch.nn.functional.linear(x, t["router.weight"]).float().softmax(-1)
@@ -179,7 +180,6 @@ class Block(nn.Module):
         o = m.ops.attention(q, kc[:, :, :S], vc[:, :, :S], m.scale, m.causal, m.alibi, key_padding_mask,
                             self.window, m.softcap)
         return o.transpose(1, 2).reshape(B, T, Hq * hd)
-
 
     def _ring_attention(self, q, k, v, kc, vc, start, ring, key_padding_mask):
         """Attention for T new tokens at positions start.. when this layer's cache is a ring of `ring` rows (its
@@ -261,7 +261,7 @@ class FusedModel(nn.Module):
                 if need > tab[2].shape[0]:
                     tab[2:] = rope_tables(tab[0], max(need, 2 * tab[2].shape[0]), tab[1])
             self._rope_checked = (positions, self._forwards)
-        return tuple(self._tables[table][2:])
+        return self.rope_tables(table)
 
     def rope_tables(self, table: str = "global"):
         """(cos, sin) as they stand, without a host sync: what a captured decode step reads (`rope_for` has grown
@@ -309,10 +309,9 @@ class FusedModel(nn.Module):
         head = g["embed.weight"] if sp["tied_embeddings"] else g["lm_head.weight"]
         local = self.ops.linear(h, head, g.get("lm_head.bias"))   # (B, T, V / tp)
         cap, scale = sp["logit_softcap"], sp["logit_scale"]
-        if scale != 1.0:                                           # Cohere, Granite: logits scaled
-            local = (local.float() * scale).to(local.dtype)
-        if cap:                                                    # Gemma 2: logits squashed into (-cap, cap)
-            local = (torch.tanh(local.float() / cap) * cap).to(local.dtype)
+        if cap or scale != 1.0:           # Cohere, Granite: logits scaled; Gemma 2: squashed into (-cap, cap)
+            lf = local.float() * scale
+            local = (torch.tanh(lf / cap) * cap if cap else lf).to(local.dtype)
         return self.comm.all_gather(local, dim=-1)[..., :sp["vocab_size"]]
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
