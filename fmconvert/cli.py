@@ -47,6 +47,7 @@ def cli():
       LLaMA / Mistral / Qwen2, Qwen3, Phi-3, StableLM, StarCoder2, Granite, Cohere,
       Gemma, Gemma 2, Gemma 3 (text), Mixtral, Qwen2-MoE, Qwen3-MoE,
       GPT-2, GPT-BigCode / StarCoder, OPT, BLOOM, Falcon, GPT-NeoX / Pythia, GPT-J, Phi, BERT
+      Vision-language, language model only: Gemma 3 (4B+), LLaVA, Mistral 3
     """
 
 
@@ -104,6 +105,9 @@ def convert(model_dir, out_dir, tp, int8, group_size, int8_embeddings, int8_lm_h
     t.add_row("time", f"{s['seconds']:.2f} s  ({s['mb_per_s']:.1f} MB/s read)")
     if s["worst_sqnr_db"] is not None:
         t.add_row("worst int8 SQNR", f"{s['worst_sqnr_db']:.1f} dB")
+    if s["dropped"] is not None:
+        t.add_row("left out", f"{s['dropped']['tensors']} vision tensors ({_human(s['dropped']['bytes'])}): "
+                  f"the language model alone was converted")
     _console().print(t)
 
 
@@ -135,6 +139,9 @@ def inspect(out_dir, as_json):
     t = Table(title=f"{escape(str(out_dir))}  (fmconvert format v{m['format_version']}, tool {m['tool_version']})",
               show_header=False)
     t.add_row("architecture", f"{md['architecture']} ({md['family']}, {md['kind']})")
+    if m["source"].get("dropped"):
+        d = m["source"]["dropped"]
+        t.add_row("left out", f"{d['tensors']} vision tensors ({_human(d['bytes'])}): language model only")
     t.add_row("shape", f"{md['num_layers']} layers, hidden {md['hidden_size']}, {md['num_heads']} heads / "
               f"{md['num_kv_heads']} kv, head_dim {md['head_dim']}, mlp {md['intermediate_size']} ({md['activation']})")
     if md["num_experts"]:

@@ -3,7 +3,8 @@
 Schema (format "fmconvert", FORMAT_VERSION below; documented in docs/manifest.md):
   format, format_version, tool_version
   source        architecture, family, prefix (of the HF tensor names), config_sha256, fingerprints {name: {size,
-                head_sha256}}, files {name: sha256} (convert --source-sha256 only), sidecar_files
+                head_sha256}}, files {name: sha256} (convert --source-sha256 only), sidecar_files, dropped
+                {tensors, bytes, prefixes} (a vision-language wrapper's left-out towers only)
   model         the ModelSpec (sizes, norm, activation, positions, residual, tying, ...)
   parallel      the slice Layout (tp, heads and kv heads per rank, kv replication, padding, slot kinds)
   dtype         float dtype of unquantized tensors
@@ -243,6 +244,10 @@ def _source(src):
     _need(isinstance(prints, dict) and all(
         isinstance(v, dict) and _NAT_SIZE(v.get("size")) and isinstance(v.get("head_sha256"), str)
         and _HEX64.fullmatch(v["head_sha256"]) for v in prints.values()), "source.fingerprints malformed")
+    dropped = src.get("dropped", {"tensors": 0, "bytes": 0, "prefixes": []})   # a vision-language wrapper's towers
+    _need(isinstance(dropped, dict) and _NAT(dropped.get("tensors")) and _NAT_SIZE(dropped.get("bytes"))
+          and isinstance(dropped.get("prefixes"), list) and all(isinstance(p, str) for p in dropped["prefixes"]),
+          "source.dropped malformed")
     side = src.get("sidecar_files", [])
     _need(isinstance(side, list) and all(isinstance(f, str) for f in side), "source.sidecar_files malformed")
 

@@ -31,7 +31,7 @@ from . import manifest as mf
 from . import slice as sl
 from . import srchash
 from .errors import EXIT_IO, FmError
-from .policy import ModelSpec, Policy, SlotSource, per_layer_type, policy_for
+from .policy import ModelSpec, Policy, SlotSource, family_of_config, per_layer_type, policy_for
 from .quantize import ErrorStats, quantize, scale_dtype_for
 from .read import SIDECAR_FILES, Checkpoint, load_config
 from .write import AtomicDir, ShardWriter, dtype_name, parse_size
@@ -76,6 +76,7 @@ class Plan:
     params: int
     prefix: str = ""                  # prepended to the policy's tensor names in this checkpoint
     aliases: dict = field(default_factory=dict)   # slot key -> index of the other spelling this checkpoint uses
+    dropped: dict | None = None       # a vision-language wrapper's left-out towers: tensors, bytes, prefixes
 
 
 def _resolve_dtype(opt: str, config, ckpt: Checkpoint, sources) -> torch.dtype:
@@ -93,7 +94,7 @@ def _resolve_dtype(opt: str, config, ckpt: Checkpoint, sources) -> torch.dtype:
 
 
 def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
-    policy, arch = policy_for(config.architectures)
+    policy, arch = policy_for(config.architectures, family_of_config(type(config).__name__))
     spec = policy.spec(config, arch)
     flags = policy.flags(config, arch)
     prefix = next((p for p in policy.prefixes
@@ -137,13 +138,18 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
     spec.slots = [s.slot for s in globals_] + ([f"layers.{s.slot}" for s in layers[0]] if layers else [])
 
     tied_lm_head = None
-    if spec.tied_embeddings and "lm_head.weight" in ckpt:
-        tied_lm_head = "lm_head.weight"
+    if spec.tied_embeddings and policy.head_prefix(prefix) + "lm_head.weight" in ckpt:
+        tied_lm_head = policy.head_prefix(prefix) + "lm_head.weight"
         consumed.add(tied_lm_head)
     ignore = policy.ignored(prefix, spec.num_layers)
     extras = []
+    dropped = {"tensors": 0, "bytes": 0}
     for n in ckpt.names():
         if n in consumed or any(p.fullmatch(n) for p in ignore):
+            continue
+        if any(n.startswith(p) for p in policy.drop):
+            dropped["tensors"] += 1
+            dropped["bytes"] += math.prod(ckpt.shape(n)) * ckpt.dtype(n).itemsize
             continue
         if any(n.startswith(p) for p in policy.passthrough()):
             extras.append(n)
@@ -169,7 +175,8 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
                               f"(tp={opts.tp}); pick a group size that divides {k}")
             groups[slot] = g
     return Plan(policy, spec, layout, dtype, globals_, layers, extras, tied_lm_head, groups, quant_slots,
-                bytes_in, params, prefix, {k: v for k, v in sorted(spelled.items()) if v is not None})
+                bytes_in, params, prefix, {k: v for k, v in sorted(spelled.items()) if v is not None},
+                {**dropped, "prefixes": policy.drop} if policy.wrapper else None)
 
 
 def _rope_inv_freq(config, spec: ModelSpec, local: bool = False) -> tuple[torch.Tensor, float]:
@@ -877,6 +884,7 @@ def _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config,
                 "source": {"architecture": spec.architecture, "family": spec.family, "prefix": plan.prefix,
                            "config_sha256": config_sha, "fingerprints": prints, "sidecar_files": copied,
                            **({"aliases": plan.aliases} if plan.aliases else {}),
+                           **({"dropped": plan.dropped} if plan.dropped is not None else {}),
                            **({"files": dict(sorted(src_hashes.items()))} if src_hashes is not None else {})},
                 "model": spec.to_dict(),
                 "parallel": plan.layout.to_dict(),
@@ -896,7 +904,7 @@ def _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config,
     secs = time.perf_counter() - t0
     return {"architecture": spec.architecture, "tp": opts.tp, "int8": opts.int8, "dtype": dtype_name(plan.dtype),
             "params": plan.params, "bytes_in": plan.bytes_in, "bytes_out": writer.bytes_written,
-            "files": sum(len(f) for f in writer.files), "seconds": secs,
+            "files": sum(len(f) for f in writer.files), "seconds": secs, "dropped": plan.dropped,
             "mb_per_s": plan.bytes_in / 1e6 / secs if secs > 0 else 0.0,
             "worst_sqnr_db": min((v["sqnr_db"] for v in qstats.values() if v["sqnr_db"] is not None),
                                  default=None)}

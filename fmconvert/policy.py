@@ -7,6 +7,7 @@ fused layout and back (`fuse` / `unfuse`). Nothing here knows about ranks or int
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -209,6 +210,23 @@ class Policy:
         self.architectures: dict = table["architectures"]
         self.layout: dict = table["layout"]
         self.transposed: set[str] = set(self.layout.get("transposed", []))
+        self.wrapper: str | None = None                  # set on a view through a vision-language wrapper
+        self.head_prefixes: dict[str, str] = {}          # body prefix -> lm_head's prefix ("" unless wrapped)
+        self.drop: list[str] = []                        # name prefixes left out (a wrapper's vision tower)
+
+    def through(self, wrapper: str) -> Policy:
+        """This family as the language model inside a vision-language wrapper (configs/wrappers/): its tensors
+        under the wrapper's prefixes, the wrapper's other towers left out."""
+        w = wrappers()[wrapper]
+        view = copy.copy(self)
+        view.wrapper = wrapper
+        view.prefixes = [body for body, _ in w["prefixes"]]
+        view.head_prefixes = {body: head for body, head in w["prefixes"]}
+        view.drop = list(w["drop"])
+        return view
+
+    def head_prefix(self, prefix: str) -> str:
+        return self.head_prefixes.get(prefix, "")
 
     # -- spec -----------------------------------------------------------------------------------------------
     def flags(self, config, architecture: str) -> dict[str, bool]:
@@ -409,7 +427,8 @@ class Policy:
         t = self.table["tensors"]
         out = []
         sections = [(t["layer"], prefix)] if layer is not None else [
-            ({k: v for k, v in t.items() if not isinstance(v, dict) or "name" in v}, prefix), (t.get("head", {}), "")]
+            ({k: v for k, v in t.items() if not isinstance(v, dict) or "name" in v}, prefix),
+            (t.get("head", {}), self.head_prefix(prefix))]
         for section, pre in sections:
             for slot, names, optional, aliases in self._entries(section, flags):
                 if slot.startswith("lm_head.") and spec.kind != "decoder":
@@ -490,10 +509,37 @@ def policies() -> dict[str, Policy]:
     return table
 
 
-def policy_for(architectures) -> tuple[Policy, str]:
+@cache
+def wrappers() -> dict[str, dict]:
+    """wrapper architecture -> its table, from configs/wrappers/*.toml (vision-language checkpoints)."""
+    out = {}
+    for path in sorted((CONFIG_DIR / "wrappers").glob("*.toml")):
+        with open(path, "rb") as f:
+            table = tomllib.load(f)
+        for arch in table["architectures"]:
+            out[arch] = table
+    return out
+
+
+def family_of_config(config_class: str) -> str | None:
+    """The family whose table serves the model of a transformers config class (LlamaConfig -> llama), if any."""
+    stem = config_class.removesuffix("Config")
+    known = policies()
+    pol = known.get(stem + "ForCausalLM") or known.get(stem + "Model")
+    return pol.family if pol else None
+
+
+def policy_for(architectures, family: str | None = None) -> tuple[Policy, str]:
+    """The policy of the first known architecture. A vision-language wrapper needs `family`: its language
+    model's, which `read.load_config` finds from the text config and the manifest records."""
     known = policies()
     for arch in architectures or []:
         if arch in known:
             return known[arch], arch
+        if arch in wrappers() and family is not None:
+            pol = next((p for p in known.values() if p.family == family), None)
+            if pol is None:
+                raise FmError(f"{arch}: its language model's family {family!r} is not supported")
+            return pol.through(arch), arch
     raise FmError(f"unknown architecture {', '.join(map(str, architectures or [])) or '(none in config.json)'}; "
-                  f"supported: {', '.join(sorted(known))}")
+                  f"supported: {', '.join(sorted(known) + sorted(wrappers()))}")

@@ -63,29 +63,69 @@ def load_config(model_dir: Path):
     archs = raw.get("architectures")
     if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
         raise FmError(f"{path}: architectures must be a list of strings, got {_short(archs)}")
-    from .policy import policy_for
+    from .policy import policies, policy_for, wrappers
 
-    policy, arch = policy_for(archs)  # fail on unknown architectures before transformers does
+    arch = next((a for a in archs or [] if a in policies() or a in wrappers()), None)
+    if arch is None:
+        policy_for(archs)  # fail on unknown architectures before transformers does
     from transformers import logging as hf_logging
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
     model_type = raw.get("model_type")
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES:
         raise FmError(f"{path}: model_type {_short(model_type)} is missing or unknown to transformers")
     stem = CONFIG_MAPPING_NAMES[model_type].removesuffix("Config")
-    if not any(a.startswith(stem) for a in policy.architectures):
-        raise FmError(f"{path}: model_type {model_type!r} does not belong with architecture {arch}")
-    cls = CONFIG_MAPPING[model_type]
-    _check_sizes(raw, policy.table["config"], getattr(cls, "attribute_map", {}), path)
+    wrapper = wrappers().get(arch)
+    if wrapper is None:
+        policy, _ = policy_for([arch])
+        if not any(a.startswith(stem) for a in policy.architectures):
+            raise FmError(f"{path}: model_type {model_type!r} does not belong with architecture {arch}")
+        _check_sizes(raw, policy.table["config"], getattr(CONFIG_MAPPING[model_type], "attribute_map", {}), path)
+    else:
+        if not arch.startswith(stem):
+            raise FmError(f"{path}: model_type {model_type!r} does not belong with architecture {arch}")
+        _check_language_model(raw, wrapper["config"], arch, path)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its config warnings would break the one-line error contract
     try:
-        config = cls.from_dict(raw)
+        config = CONFIG_MAPPING[model_type].from_dict(raw)
     except Exception as e:  # transformers raises ValueError/KeyError/TypeError for malformed configs
         msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())[:300]
         raise FmError(f"{path}: transformers cannot parse it ({type(e).__name__}: {msg})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    if wrapper is not None:
+        # Only the language model is converted: hand back its config, marked with the wrapper. The wrapper's
+        # tie_word_embeddings is the one transformers ties lm_head by.
+        outer, config = config, getattr(config, wrapper["config"])
+        config.architectures = [arch]
+        config.tie_word_embeddings = bool(getattr(outer, "tie_word_embeddings", config.tie_word_embeddings))
     return config, hashlib.sha256(text).hexdigest()
+
+
+def _check_language_model(raw: dict, key: str, arch: str, path: Path):
+    """A wrapper's text config: present, of a supported family, with sane sizes (transformers' defaults fill in
+    the keys it omits, as gemma-3-4b's omits the head counts)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
+
+    from .policy import family_of_config, policies
+
+    text = raw.get(key)
+    if not isinstance(text, dict):
+        raise FmError(f"{path}: {arch} needs a {key} object (its language model's config)")
+    ttype = text.get("model_type")
+    if not isinstance(ttype, str) or ttype not in CONFIG_MAPPING_NAMES:
+        raise FmError(f"{path}: {key}.model_type {_short(ttype)} is missing or unknown to transformers")
+    family = family_of_config(CONFIG_MAPPING_NAMES[ttype])
+    if family is None:
+        raise FmError(f"{path}: the language model of {arch} ({ttype}) is not a family fmconvert supports")
+    policy = next(p for p in policies().values() if p.family == family)
+    cls = CONFIG_MAPPING[ttype]
+    try:
+        defaults = cls().to_dict()
+    except Exception:  # a config class that cannot be built bare: the raw keys alone are checked
+        defaults = {}
+    _check_sizes({**defaults, **text}, policy.table["config"], getattr(cls, "attribute_map", {}),
+                 f"{path} ({key})")
 
 
 def _short(x, n: int = 80) -> str:
@@ -93,7 +133,7 @@ def _short(x, n: int = 80) -> str:
     return s if len(s) <= n else s[:n - 3] + "..."
 
 
-def _check_sizes(raw: dict, table: dict, attribute_map: dict, path: Path):
+def _check_sizes(raw: dict, table: dict, attribute_map: dict, path: Path | str):
     """Types, presence and divisibility of the sizes the policy reads: caught here with a message naming the key,
     instead of a transformers default silently standing in or a validator's traceback-shaped error."""
     def lookup(name):

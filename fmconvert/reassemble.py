@@ -130,7 +130,7 @@ def reassemble(out_dir, dequantize: bool = True) -> tuple[dict, dict[str, torch.
     """
     m, canon = canonical(out_dir, dequantize)
     spec, _ = _spec_layout(m)
-    pol, _ = policy_for([spec.architecture])
+    pol, _ = policy_for([spec.architecture], spec.family)
     prefix = m["source"].get("prefix")
     if not isinstance(prefix, str):
         raise FmError("manifest: source.prefix is missing (written by an older fmconvert); cannot name HF tensors")

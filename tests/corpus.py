@@ -225,6 +225,31 @@ def _config_not_an_object(c: Ctx):
     return _conv(d, c.tmp / "out")
 
 
+@case("convert", "LlavaForConditionalGeneration needs a text_config object")
+def _config_wrapper_without_text_config(c: Ctx):
+    return _conv(cfg(c.model("llava"), text_config=_DROP), c.tmp / "out")
+
+
+@case("convert", "the language model of LlavaForConditionalGeneration (t5) is not a family fmconvert supports")
+def _config_wrapper_around_an_unsupported_family(c: Ctx):
+    return _conv(cfg(c.model("llava"), text_config={"model_type": "t5"}), c.tmp / "out")
+
+
+@case("convert", "(text_config): hidden_size must be a positive integer", "'64'")
+def _config_wrapper_text_hidden_is_a_string(c: Ctx):
+    d = c.model("llava")
+    edit_json(d / "config.json", lambda j: j["text_config"].update(hidden_size="64"))
+    return _conv(d, c.tmp / "out")
+
+
+@case("convert", "unexpected tensor image_newline", "llama policy has no slot")
+def _st_wrapper_tensor_outside_the_vision_tower(c: Ctx):
+    d = c.model("llava")
+    t = load_file(d / "model.safetensors")
+    save_file({**t, "image_newline": torch.zeros(64)}, d / "model.safetensors", metadata={"format": "pt"})
+    return _conv(d, c.tmp / "out")
+
+
 # -- convert: safetensors headers and weights ----------------------------------------------------------------------
 def _st(c: Ctx, fn, name: str = "llama") -> list:
     d = c.model(name)

@@ -8,6 +8,10 @@ import torch
 
 STORIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "models" / "stories260K"
 
+_VISION = {k: dict(model_type=k if k == "pixtral" else f"{k}_vision_model", hidden_size=32, intermediate_size=48,
+                   num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
+           for k in ("siglip", "clip", "pixtral")}
+
 # One small config per family, sized so tp=2 and tp=4 divide heads and int8 groups fit.
 CONFIGS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -94,6 +98,24 @@ CONFIGS = {
                 num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
                 embedding_multiplier=6.0, attention_multiplier=0.05, residual_multiplier=0.3, logits_scaling=4.0,
                 pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # Vision-language wrappers: only the language model converts; the vision tower is left out.
+    "gemma3_vl": ("Gemma3Config", "Gemma3ForConditionalGeneration", dict(
+        text_config=dict(model_type="gemma3_text", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, vocab_size=101,
+                         max_position_embeddings=64, sliding_window=4,
+                         layer_types=["sliding_attention", "full_attention"], pad_token_id=0, bos_token_id=1,
+                         eos_token_id=2),
+        vision_config=_VISION["siglip"], mm_tokens_per_image=1, boi_token_index=98, eoi_token_index=99,
+        image_token_index=100)),
+    "llava": ("LlavaConfig", "LlavaForConditionalGeneration", dict(
+        text_config=dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64),
+        vision_config=_VISION["clip"], image_token_index=100, tie_word_embeddings=False)),
+    "mistral3": ("Mistral3Config", "Mistral3ForConditionalGeneration", dict(   # tied by the wrapper's flag
+        text_config=dict(model_type="mistral", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, vocab_size=101, max_position_embeddings=64,
+                         tie_word_embeddings=False),
+        vision_config=_VISION["pixtral"], image_token_index=100)),
     "bert": ("BertConfig", "BertModel", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, vocab_size=101, max_position_embeddings=64, type_vocab_size=2)),
     "bert_cls": ("BertConfig", "BertForSequenceClassification", dict(hidden_size=64, intermediate_size=96,

@@ -1,0 +1,81 @@
+"""Vision-language wrappers (configs/wrappers/): the language model converts, the vision tower is counted and left
+out, and either spelling of the wrapper's tensor names works. The family tests (round trips, int8 bound, verify,
+runtime against transformers) run the tiny wrappers too, through tiny.FAMILIES."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import transformers
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from fmconvert.cli import cli
+from fmconvert.pipeline import Options, convert
+from fmconvert.policy import policies, wrappers
+from fmconvert.reassemble import reassemble
+from fmconvert.verify import verify
+from test_convert import assert_exact, expected, source_tensors
+
+VISION = ("vision_tower.", "multi_modal_projector.")
+
+
+def test_wrapper_tables_name_real_classes_and_whole_prefix_pairs():
+    assert set(wrappers()) >= {"Gemma3ForConditionalGeneration", "LlavaForConditionalGeneration",
+                               "Mistral3ForConditionalGeneration"}
+    for arch, w in wrappers().items():
+        assert hasattr(transformers, arch), arch
+        assert arch not in policies(), arch                 # a wrapper is never also a family's own architecture
+        assert w["config"] == "text_config"
+        assert all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
+                   for p in w["prefixes"]), arch
+        assert w["drop"] and all(d.endswith(".") for d in w["drop"]), arch
+
+
+@pytest.mark.parametrize("name", ["gemma3_vl", "llava"])
+def test_the_vision_tower_is_counted_and_left_out(model_dir, tmp_path, name):
+    src = model_dir(name)
+    with safe_open(src / "model.safetensors", "pt") as f:
+        vision = {k: f.get_slice(k) for k in f.keys() if k.startswith(VISION)}
+        want_bytes = sum(f.get_tensor(k).nbytes for k in vision)
+    assert vision
+    r = CliRunner().invoke(cli, ["convert", "--tp", "2", str(src), str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert f"{len(vision)} vision tensors" in r.output and "language model alone" in r.output
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["source"]["dropped"]["tensors"] == len(vision)
+    assert m["source"]["dropped"]["bytes"] == want_bytes
+    written = [n for rank in m["ranks"] for n in rank["tensors"]]
+    assert written and not [n for n in written if "vision" in n or "projector" in n]
+    r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "out")])
+    assert r.exit_code == 0 and f"{len(vision)} vision tensors" in r.output
+
+
+def test_the_older_model_language_model_spelling_converts_and_reassembles(model_dir, tmp_path):
+    """transformers 4.5x saved wrappers as model.language_model.* with lm_head.weight at the root."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in model_dir("llava").iterdir():
+        if f.name != "model.safetensors":
+            (src / f.name).write_bytes(f.read_bytes())
+    old = {}
+    for n, t in load_file(model_dir("llava") / "model.safetensors").items():
+        if n.startswith("language_model.model."):
+            n = "model.language_model." + n.removeprefix("language_model.model.")
+        elif n == "language_model.lm_head.weight":
+            n = "lm_head.weight"
+        else:
+            n = "model." + n
+        old[n] = t
+    save_file(old, src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    convert(src, out, Options(tp=2), progress=False)
+    m, got = reassemble(out)
+    assert m["source"]["prefix"] == "model.language_model."
+    want = expected(src, m, source_tensors(src))
+    assert "lm_head.weight" in want and not [n for n in want if "vision" in n]
+    assert_exact(want, got)
+    r = verify(src, out)               # transformers loads the old spelling too: the same model end to end
+    assert r["passed"], r["failures"]
