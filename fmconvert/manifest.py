@@ -226,6 +226,8 @@ def _position(model: dict):
         _need(isinstance(local, dict) and (not local or (_POS_NUM(local.get("theta"))
                                                          and _POS_NUM(local.get("attention_scaling", 1.0)))),
               "model.position.local must hold a positive theta and attention_scaling")
+        _need("long_from" not in pos or (type(pos["long_from"]) is int and 0 < pos["long_from"] < 1 << 32),
+              "model.position.long_from must be a positive int")
     if kind == "learned":
         _need(type(pos.get("offset")) is int and 0 <= pos["offset"] < 1 << 16, "model.position.offset is malformed")
 

@@ -179,22 +179,23 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
                 {**dropped, "prefixes": policy.drop} if policy.wrapper else None)
 
 
-def _rope_inv_freq(config, spec: ModelSpec, local: bool = False) -> tuple[torch.Tensor, float]:
-    """(inv_freq, attention scaling) of the model's RoPE, or with local=True of its windowed layers' (Gemma 3)."""
+def _rope_inv_freq(config, spec: ModelSpec, local: bool = False, seq_len: int | None = None
+                   ) -> tuple[torch.Tensor, float]:
+    """(inv_freq, attention scaling) of the model's RoPE, or with local=True of its windowed layers' (Gemma 3).
+    seq_len: the sequence length it is computed for (LongRoPE's long factors: past the original context)."""
     pos = spec.position
     dim, p = pos["rotary_dim"], pos["local"] if local else pos
     if p["rope_type"] == "default":
         inv = 1.0 / (p["theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
         return inv.float(), 1.0
-    if p["rope_type"] in ("dynamic", "longrope"):
-        raise FmError(f"RoPE type {p['rope_type']!r} depends on the sequence length at run time; "
-                      "not supported")
+    if p["rope_type"] == "dynamic":
+        raise FmError("RoPE type 'dynamic' rescales its base with every sequence length at run time; not supported")
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     if p["rope_type"] not in ROPE_INIT_FUNCTIONS:
         raise FmError(f"RoPE type {p['rope_type']!r} is not supported")
-    kind = {}
+    kind = {} if seq_len is None else {"seq_len": seq_len}
     if per_layer_type(getattr(config, "rope_parameters", None) or {}):
-        kind = {"layer_type": "sliding_attention" if local else "full_attention"}
+        kind["layer_type"] = "sliding_attention" if local else "full_attention"
     try:
         inv, scaling = ROPE_INIT_FUNCTIONS[p["rope_type"]](config, torch.device("cpu"), **kind)
     except Exception as e:
@@ -209,6 +210,8 @@ def rope_tensors(config, spec: ModelSpec) -> dict[str, tuple[torch.Tensor, float
     out = {"rope.inv_freq": _rope_inv_freq(config, spec)}
     if "local" in spec.position:
         out["rope_local.inv_freq"] = _rope_inv_freq(config, spec, local=True)
+    if "long_from" in spec.position:   # LongRoPE: transformers' own long set, as it computes it past the switch
+        out["rope_long.inv_freq"] = _rope_inv_freq(config, spec, seq_len=spec.position["long_from"] + 1)
     return out
 
 

@@ -366,8 +366,19 @@ class Policy:
                               f"head_dim={c['head_dim']}, got {rotary!r}")
             pos = {"type": "rope", "style": self.layout.get("rope_style", "neox"), **_rope_params(params),
                    "rotary_dim": rotary}
+            if pos["rope_type"] == "longrope":
+                # LongRoPE (Phi-3/3.5 128k, Phi-4-mini): short factors while a forward stays inside the original
+                # context, long factors once it reaches past it. Both tables are written; the switch is recorded.
+                orig = params.get("original_max_position_embeddings",
+                                  getattr(config, "original_max_position_embeddings", None) or c.get("max_positions"))
+                if type(orig) is not int or not 0 < orig <= (c.get("max_positions") or orig):
+                    raise FmError(f"config.json: longrope needs original_max_position_embeddings, a positive "
+                                  f"integer no larger than max_position_embeddings, got {orig!r}")
+                pos["long_from"] = orig
             if local is not None:
                 pos["local"] = _rope_params(local)
+                if pos["local"]["rope_type"] == "longrope":
+                    raise FmError("config.json: longrope for the windowed layers' RoPE is not supported")
             return pos
         raise FmError(f"{self.path.name}: unknown position scheme {kind!r}")
 

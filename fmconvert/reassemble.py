@@ -157,6 +157,7 @@ def reassemble(out_dir, dequantize: bool = True) -> tuple[dict, dict[str, torch.
         out[name] = canon.pop("extra." + name)
     canon.pop("rope.inv_freq", None)
     canon.pop("rope_local.inv_freq", None)
+    canon.pop("rope_long.inv_freq", None)
     canon.pop("alibi.slopes", None)
     if canon:
         raise FmError(f"{out_dir}: no {spec.architecture} tensor name for {', '.join(sorted(canon))}")

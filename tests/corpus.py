@@ -225,6 +225,18 @@ def _config_not_an_object(c: Ctx):
     return _conv(d, c.tmp / "out")
 
 
+@case("convert", "RoPE type 'dynamic' rescales its base with every sequence length")
+def _config_dynamic_rope(c: Ctx):
+    return _conv(cfg(c.model(), rope_scaling={"rope_type": "dynamic", "factor": 2.0}), c.tmp / "out")
+
+
+@case("convert", "longrope needs original_max_position_embeddings", "no larger than max_position_embeddings", "128")
+def _config_longrope_switch_past_the_context(c: Ctx):
+    return _conv(cfg(c.model("phi3", **tiny.LONGROPE), original_max_position_embeddings=128,
+                     rope_scaling={**tiny.LONGROPE["rope_scaling"], "original_max_position_embeddings": 128}),
+                 c.tmp / "out")
+
+
 @case("convert", "LlavaForConditionalGeneration needs a text_config object")
 def _config_wrapper_without_text_config(c: Ctx):
     return _conv(cfg(c.model("llava"), text_config=_DROP), c.tmp / "out")

@@ -352,3 +352,36 @@ def test_gemma3_windowed_layers_use_their_own_rope(model_dir, tmp_path):
     want = m(ids)
     m.blocks[0].rope_table = "global"
     assert rel(m(ids), want) > 1e-3
+
+def test_longrope_switches_factors_where_transformers_does(model_dir, tmp_path):
+    """A forward whose furthest position is inside the original context rotates with the short factors; one that
+    reaches past it uses the long factors for every position (a step from a cache included, while the cache keeps
+    what earlier steps wrote). Prefill, steps across the switch, the graph-safe decode step and greedy generation
+    all match transformers; the short factors alone would not."""
+    src = model_dir("phi3", **tiny.LONGROPE)
+    convert(src, tmp_path / "out", Options(tp=1), progress=False)
+    m = load(tmp_path / "out")
+    assert m.spec["position"]["long_from"] == 16 and m.spec["position"]["rope_type"] == "longrope"
+    hf = transformers.Phi3ForCausalLM.from_pretrained(src).eval()
+    ids = torch.randint(3, 100, (2, 30))
+    with torch.no_grad():
+        long_all, short_all = hf(ids).logits, hf(ids[:, :12]).logits
+        out = hf(ids[:, :10], use_cache=True)
+        steps = [out.logits[:, -1]]
+        for j in range(10, 29):
+            out = hf(ids[:, j:j + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits[:, -1])
+        ref = hf.generate(ids[:1, :10], max_new_tokens=20, do_sample=False, min_new_tokens=20)
+    assert rel(m(ids), long_all) < 1e-5 and rel(m(ids[:, :12]), short_all) < 1e-5
+    eager, static = m.new_cache(2, 30), m.new_cache(2, 30)
+    got = [m(ids[:, :10], eager)[:, -1]] + [m(ids[:, j:j + 1], eager)[:, -1] for j in range(10, 29)]
+    m(ids[:, :10], static)
+    graph = [got[0]]
+    for j in range(10, 29):
+        graph.append(m.decode_step(ids[:, j:j + 1], static, torch.tensor([static.length])))
+        static.length += 1
+    for j, (a, b, want) in enumerate(zip(got, graph, steps)):
+        assert rel(a, want) < 1e-5 and rel(b, want) < 1e-5, j + 9
+    assert generate(m, ids[:1, :10], max_new_tokens=20)[0].tolist() == ref.tolist()
+    m.long_from = None
+    assert rel(m(ids), long_all) > 1e-3

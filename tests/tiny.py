@@ -124,6 +124,11 @@ CONFIGS = {
 }
 FAMILIES = list(CONFIGS)
 
+# Phi-3.5 / Phi-4-mini style LongRoPE for the tiny Phi-3 (head_dim 16: 8 factors each), switching at position 16.
+LONGROPE = dict(original_max_position_embeddings=16, rope_scaling={
+    "type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+    "long_factor": [2.0 + 0.5 * i for i in range(8)]})
+
 
 def build(name: str, seed: int = 0, **overrides):
     """The HF model itself (eval mode, fp32), with random weights that are not trivially small."""

@@ -37,6 +37,7 @@ _ST_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8
 _INT8_OK = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight", "embed.weight", "lm_head.weight",
             "experts_in.weight", "experts_out.weight", "shared_in.weight", "shared_out.weight")
 _EXPERTS = ("experts_in.weight", "experts_out.weight")
+ROPE_TENSORS = ("rope.inv_freq", "rope_local.inv_freq", "rope_long.inv_freq")   # derived, kept float32
 _ROW_BIAS = ("attn_out.bias", "mlp_out.bias")
 
 
@@ -52,7 +53,7 @@ def check_layout(m: dict, rank: int):
             "type_embed.weight": (sp["type_vocab_size"], h),
             "pos_embed.weight": (sp["max_positions"] + pos.get("offset", 0), h), "project_in.weight": (h, e),
             "project_out.weight": (e, h), "pooler.weight": (h, h), "pooler.bias": (h,),
-            **{n: (pos.get("rotary_dim", 0) // 2,) for n in ("rope.inv_freq", "rope_local.inv_freq")},
+            **{n: (pos.get("rotary_dim", 0) // 2,) for n in ROPE_TENSORS},
             "alibi.slopes": (hpr,),
             **{f"{n}.{p}": (h,) for n in ("embed_norm", "final_norm") for p in ("weight", "bias")}}
     E = sp["num_experts"]
@@ -71,6 +72,7 @@ def check_layout(m: dict, rank: int):
                              ("project_in.weight", sp["project"]), ("project_out.weight", sp["project"]),
                              ("pooler.weight", sp["pooler"]), ("pos_embed.weight", pos["type"] == "learned"),
                              ("rope.inv_freq", pos["type"] == "rope"), ("rope_local.inv_freq", "local" in pos),
+                             ("rope_long.inv_freq", "long_from" in pos),
                              ("alibi.slopes", pos["type"] == "alibi")] if on}
     per_layer = {"attn_norm.weight", "qkv.weight", "attn_out.weight"}
     per_layer |= {"router.weight", *_EXPERTS} if E else {"mlp_in.weight", "mlp_out.weight"}
@@ -217,7 +219,7 @@ def _assemble(manifest: dict, raw: dict, device, int8: str, dtype) -> dict:
             out[name] = ExpertWeights(ws, whole if int8 == "keep" else None) if experts else ws[0]
         elif name.startswith("extra."):
             continue
-        elif t.is_floating_point() and name not in ("rope.inv_freq", "rope_local.inv_freq", "alibi.slopes"):
+        elif t.is_floating_point() and name not in (*ROPE_TENSORS, "alibi.slopes"):
             out[name] = t.to(device=device, dtype=dtype)
             if experts:
                 out[name] = ExpertWeights(out[name].chunk(experts), out[name])

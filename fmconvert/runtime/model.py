@@ -151,7 +151,8 @@ class Block(nn.Module):
         qk_norm = (t["q_norm.weight"], t["k_norm.weight"], m.eps, m.norm) if "q_norm.weight" in t else None
         if pos_t is not None:
             kc, vc, ring = cache.k[self.i], cache.v[self.i], cache.ring[self.i]
-            rope = (*m.rope_tables(self.rope_table), m.rope_style, m.rotary_dim) if m.rope is not None else (None,) * 4
+            rope = (*m.rope_tables(self.rope_table, decode=True), m.rope_style, m.rotary_dim) \
+                if m.rope is not None else (None,) * 4
             q = m.ops.decode_append(q, k, v, kc, vc, pos_t, *rope, qk_norm=qk_norm, ring=bool(ring))  # (B, Hq, hd)
             # a ring holds exactly the window: attend over its filled rows (seq_t[ring]), nothing to mask
             o = m.ops.decode_attention(q, kc, vc, seq_t[ring], m.scale, m.alibi, 0 if ring else self.window,
@@ -235,7 +236,7 @@ class FusedModel(nn.Module):
         self.embed_scale = None if scale == 1.0 else torch.tensor(scale, dtype=self.dtype, device=self.device)
         self.g = {k: v for k, v in tensors.items() if not k.startswith("layers.")}  # global slots only
         pos = sp["position"]
-        self.rope = None
+        self.rope, self.long_from = None, None
         self._rope_checked, self._forwards = None, 0
         self.alibi = tensors.get("alibi.slopes")
         if pos["type"] == "rope":
@@ -245,8 +246,12 @@ class FusedModel(nn.Module):
             self._tables = {"global": [self.rope, pos.get("attention_scaling", 1.0)]}
             if "local" in pos:
                 self._tables["local"] = [tensors["rope_local.inv_freq"], pos["local"].get("attention_scaling", 1.0)]
+            self.long_from = pos.get("long_from")      # LongRoPE: the first position of the long factors
+            if self.long_from is not None:
+                self._tables["long"] = [tensors["rope_long.inv_freq"], pos.get("attention_scaling", 1.0)]
             for tab in self._tables.values():
                 tab += rope_tables(tab[0], max(sp["max_positions"], 1), tab[1])
+            self._merge_long()
         self.blocks = nn.ModuleList(Block(self, i, {k.split(".", 2)[2]: v for k, v in tensors.items()
                                                     if k.startswith(f"layers.{i}.")})
                                     for i in range(sp["num_layers"]))
@@ -257,16 +262,28 @@ class FusedModel(nn.Module):
         checked = self._rope_checked      # every layer of a forward asks about the same positions
         if not (checked is not None and checked[0] is positions and checked[1] == self._forwards):
             need = int(positions.max()) + 1
-            for tab in self._tables.values():
-                if need > tab[2].shape[0]:
+            if any(need > tab[2].shape[0] for tab in self._tables.values()):
+                for tab in self._tables.values():
                     tab[2:] = rope_tables(tab[0], max(need, 2 * tab[2].shape[0]), tab[1])
-            self._rope_checked = (positions, self._forwards)
+                self._merge_long()
+            self._rope_checked = checked = (positions, self._forwards, need)
+        if self.long_from is not None and checked[2] > self.long_from:
+            table = "long"     # LongRoPE, as transformers does it: a forward reaching past the switch is long throughout
         return self.rope_tables(table)
 
-    def rope_tables(self, table: str = "global"):
+    def rope_tables(self, table: str = "global", decode: bool = False):
         """(cos, sin) as they stand, without a host sync: what a captured decode step reads (`rope_for` has grown
-        them to cover every position first)."""
+        them to cover every position first). decode: a step's table, which with LongRoPE is the short one's rows
+        before the switch and the long one's from it on (a step at position p is a forward whose furthest
+        position is p)."""
+        if decode and self.long_from is not None:
+            return self._decode_long
         return tuple(self._tables[table][2:])
+
+    def _merge_long(self):
+        if self.long_from is not None:
+            (_, _, sc, ss), (_, _, lc, ls), n = self._tables["global"], self._tables["long"], self.long_from
+            self._decode_long = (torch.cat([sc[:n], lc[n:]]), torch.cat([ss[:n], ls[n:]]))
 
     def _begin_forward(self):
         """Per-forward memos (the positions checked above, the ops' gathered cos/sin) last one forward only."""

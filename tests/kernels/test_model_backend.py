@@ -62,6 +62,20 @@ def test_triton_decode_step_matches_torch_backend(model_dir, tmp_path, name, int
         assert ((got - want).abs().max() / want.abs().max()).item() < 1e-3, fuse
 
 
+def test_triton_decode_step_crosses_the_longrope_switch(model_dir, tmp_path):
+    """LongRoPE's per-step table (short rows, then long ones) read by the fused rope + KV-append kernel, decoding
+    from position 14 to 18 across the switch at 16."""
+    import tiny
+    out = tmp_path / "out"
+    convert(model_dir("phi3", **tiny.LONGROPE), out, Options(tp=1, int8=True, group_size=32), progress=False)
+    ref = load(out, device="cpu", backend="torch", dequantize=True)
+    tri = load(out, device=DEVICE, backend="triton", dequantize=False)
+    ids = torch.randint(3, 100, (1, 18))
+    want = _decode_steps(ref, ids, 14, 4)
+    got = _decode_steps(tri, ids.to(DEVICE), 14, 4)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-3
+
+
 @pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "qwen2_moe"])
 def test_int8_experts_are_routed_on_the_device(model_dir, tmp_path, name):
     """Int8 experts on the Triton backend: a decode step's experts run as two launches over (token, expert) pairs
