@@ -242,6 +242,42 @@ def _tokenizer(out_dir: Path):
         raise FmError(f"{out_dir}: cannot load the tokenizer ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 
+def prompt_ids(tok, prompt: str, chat: bool, system: str | None, out_dir: Path) -> list[int]:
+    """The prompt's token ids: the text itself, or with chat a user turn (after an optional system turn) rendered by
+    the tokenizer's chat template up to the start of the assistant's reply."""
+    if not chat:
+        if system is not None:
+            raise FmError("--system needs --chat")
+        return tok(prompt).input_ids
+    if not getattr(tok, "chat_template", None):
+        raise FmError(f"{out_dir}: the tokenizer has no chat template (a base model?); drop --chat")
+    turns = ([{"role": "system", "content": system}] if system is not None else []) + \
+        [{"role": "user", "content": prompt}]
+    try:
+        out = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+    except Exception as e:  # a template may refuse a role (some reject a system turn) or fail to render
+        raise FmError(f"{out_dir}: the chat template cannot render this conversation ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    ids = out["input_ids"] if not isinstance(out, list) else out
+    return [int(i) for i in ids]
+
+
+def stop_ids(out_dir: Path, spec: dict) -> list[int]:
+    """End-of-sequence ids: config.json's (in the manifest) and generation_config.json's, where instruct models
+    list the token that ends a turn (Llama 3's <|eot_id|>, Gemma's <end_of_turn>)."""
+    def ints(v):
+        v = v if isinstance(v, list) else [v]
+        return [i for i in v if type(i) is int and i >= 0]
+    ids = ints(spec.get("eos_token_id"))
+    path = Path(out_dir) / "generation_config.json"
+    if path.is_file():
+        try:
+            ids += ints(json.loads(path.read_text()).get("eos_token_id"))
+        except (ValueError, AttributeError):
+            raise FmError(f"{path}: not a JSON object") from None
+    return sorted(set(ids))
+
+
 def _load(out_dir, device, backend, no_verify_hashes, dtype=None):
     from .runtime.load import load
     dt = {"auto": None, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype or "auto"]
@@ -273,9 +309,14 @@ def runtime_options(f):
 @click.option("--temperature", "-t", default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (with temperature > 0).")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--chat", is_flag=True, help="Instruct models: send the prompt as a user turn through the tokenizer's "
+              "chat template (sandboxed Jinja, as transformers renders it) and print the reply alone.")
+@click.option("--system", default=None, help="With --chat: a system message before the prompt.")
 @runtime_options
-def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, device, backend, no_verify_hashes, dtype):
-    """Generate text from a converted decoder, streaming tokens to stdout.
+def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, system, device, backend,
+             no_verify_hashes, dtype):
+    """Generate text from a converted decoder, streaming tokens to stdout. Generation stops at an end-of-sequence
+    token of config.json or generation_config.json (instruct models end a turn with their own).
 
     For tp > 1 launch one process per rank: `torchrun --nproc-per-node 2 -m fmconvert generate OUT_DIR -p "..."`.
     Rank 0 prints. The last line reports tokens/s and the effective weight bandwidth.
@@ -292,14 +333,15 @@ def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, device, 
         raise FmError(f"{out_dir} holds an encoder ({model.spec['architecture']}); use `fmconvert embed`")
     lead = model.rank == 0
     tok = _tokenizer(out_dir)
+    ids = torch.tensor([prompt_ids(tok, prompt, chat, system, out_dir)], dtype=torch.long)
+    stops = stop_ids(out_dir, model.spec)
     cold = int8_gemv_cpu.cold(packed_int8(model)) if int8_gemv_cpu.usable() else []
     if cold and lead:
         click.echo(f"[building the CPU int8 kernels for {len(cold)} weight shapes: ~15 s the first time on this "
                    "machine, a few seconds once cached]", err=True)
     warm_up(model)
-    ids = torch.tensor([tok(prompt).input_ids], dtype=torch.long)
     state = {"text": tok.decode(ids[0], skip_special_tokens=True), "ids": ids[0].tolist()}
-    if lead:
+    if lead and not chat:
         click.echo(state["text"], nl=False)
 
     def on_token(t):
@@ -310,7 +352,7 @@ def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, device, 
         click.echo(text[len(state["text"]):], nl=False)
         state["text"] = text
 
-    _, st = gen(model, ids, max_new_tokens, temperature, top_p, seed, model.spec.get("eos_token_id"), on_token)
+    _, st = gen(model, ids, max_new_tokens, temperature, top_p, seed, stops, on_token)
     if lead:
         click.echo("\n", nl=False)
         wb = weight_bytes(model) * model.tp

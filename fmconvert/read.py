@@ -33,7 +33,8 @@ MAX_RANK = 8
 # Files a serving script needs besides the weights; copied verbatim into the output.
 SIDECAR_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
-    "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
+    "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "chat_template.jinja",
+    "chat_template.json",
 )
 
 

@@ -672,6 +672,23 @@ def _generate_header_lie_with_fresh_hashes(c: Ctx):
     return _gen(out)
 
 
+@case("generate", "the tokenizer has no chat template", "drop --chat")
+def _generate_chat_without_a_template(c: Ctx):
+    return _gen(c.out("stories"), "--chat")
+
+
+@case("generate", "--system needs --chat")
+def _generate_system_without_chat(c: Ctx):
+    return _gen(c.out("stories"), "--system", "be brief")
+
+
+@case("generate", "generation_config.json: not a JSON object")
+def _generate_generation_config_not_an_object(c: Ctx):
+    out = c.out("stories")
+    (out / "generation_config.json").write_text("[2]")
+    return _gen(out)
+
+
 # -- load (the Python API: fmconvert.load) ------------------------------------------------------------------------
 @case("load", "sha256 does not match the manifest")
 def _load_tampered_shard(c: Ctx):

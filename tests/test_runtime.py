@@ -191,6 +191,35 @@ def test_generate_cli_streams_text(work):
     assert "tok/s" in p.stderr and "GB/s" in p.stderr
 
 
+def test_generate_cli_stops_at_generation_config_eos_and_renders_chat_turns(work, tmp_path):
+    """generation_config.json's end-of-sequence ids stop generation (here ',' is made one); --chat renders the
+    prompt through the tokenizer's chat template (a system turn too) and prints only the reply."""
+    import shutil
+    from fmconvert.cli import _tokenizer, prompt_ids
+    _, _, outs = work("stories")
+    out = tmp_path / "out"
+    shutil.copytree(outs["tp1"], out)
+    tok = _tokenizer(out)
+    comma = tok(",", add_special_tokens=False).input_ids[-1]
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, comma]}))
+    run = [sys.executable, "-m", "fmconvert", "generate", str(out), "-n", "24"]
+    p = subprocess.run(run + ["-p", "Once upon a time"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "Once upon a time," and "[1 tokens" in p.stderr
+
+    (out / "chat_template.jinja").write_text(
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}")
+    tok = _tokenizer(out)
+    ids = prompt_ids(tok, "Tell a story", True, "Be brief", out)
+    text = tok.decode(ids, skip_special_tokens=True)
+    assert text.index("[system] Be brief") < text.index("[user] Tell a story") and \
+        text.rstrip().endswith("[assistant]")
+    p = subprocess.run(run + ["-p", "Tell a story", "--chat"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() and "[user]" not in p.stdout and "Tell a story" not in p.stdout
+
+
 def test_world_size_mismatch_is_a_clear_error(work):
     _, _, outs = work("stories")
     with pytest.raises(FmError, match="tp=2.*torchrun --nproc-per-node 2"):
