@@ -44,8 +44,8 @@ def cli():
 
     \b
     Supported families (one table each in fmconvert/configs/):
-      LLaMA / Mistral / Qwen2, Qwen3, Phi-3, StableLM, StarCoder2, Granite, Cohere,
-      Gemma, Gemma 2, Gemma 3 (text), Mixtral, Qwen2-MoE, Qwen3-MoE,
+      LLaMA / Mistral / Qwen2, Qwen3, Phi-3, StableLM, StarCoder2, Granite, Cohere, OLMo 2,
+      Gemma, Gemma 2, Gemma 3 (text), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
       GPT-2, GPT-BigCode / StarCoder, OPT, BLOOM, Falcon, GPT-NeoX / Pythia, GPT-J, Phi, BERT
       Vision-language, language model only: Gemma 3 (4B+), LLaVA, Mistral 3
     """
@@ -157,7 +157,11 @@ def inspect(out_dir, as_json):
     residual = {"pre": "pre-LN", "post": "post-LN", "parallel": "parallel attention + MLP"}.get(md["residual"],
                                                                                              md["residual"])
     if "layers.attn_post_norm.weight" in md["slots"]:
-        residual += ", each half's output normed too"
+        residual = (residual + ", each half's output normed too" if "layers.attn_norm.weight" in md["slots"]
+                    else "each half's output normed, no pre-LN")
+    if "layers.q_norm.weight" in md["slots"]:
+        residual += {"head": "; q/k normed per head", "per_head": "; q/k normed per head, a weight each",
+                     "full": "; q/k normed across all heads"}[md["qk_norm"]]
     t.add_row("positions / norm", f"{pos['type']}{rope} / {md['norm']}, {residual}")
     if md["sliding_window"] or md["attn_softcap"] or md["logit_softcap"]:
         where = "every layer" if md["window_layers"] is None else f"layers {_ranges(md['window_layers'])}"

@@ -77,6 +77,7 @@ _MODEL_OPTIONAL = {
     "logit_scale": (1.0, _POS_NUM, "a positive number"), "residual_scale": (1.0, _POS_NUM, "a positive number"),
     "qkv_layout": (None, _ENUM(None, "separate", "fused", "interleaved", "grouped"),
                    "separate, fused, interleaved or grouped"),
+    "qk_norm": ("head", _ENUM("head", "per_head", "full"), "head, per_head or full"),
 }
 _PARALLEL = ("tp", "heads_per_rank", "kv_heads_per_rank", "kv_replication", "intermediate_chunk",
              "intermediate_per_rank", "vocab_padded", "vocab_per_rank")

@@ -88,6 +88,9 @@ class ModelSpec:
     residual_scale: float = 1.0    # each half's output is multiplied by it as it joins the stream (Granite)
     logit_scale: float = 1.0       # output logits are multiplied by it (Cohere: 0.0625; Granite: 1 / logits_scaling)
     experts_renormalize: bool = True   # the top-k routing weights are rescaled to sum to 1 (Mixtral; Qwen3-MoE: a flag)
+    qk_norm: str = "head"          # q_norm/k_norm: "head" one [head_dim] weight for every head (Qwen3, Gemma 3);
+    #                                "per_head" a [heads, head_dim] weight, each head its own (Command R+); "full" one
+    #                                RMS over all heads of the projection, weight [heads * head_dim] (OLMo 2, OLMoE)
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -294,6 +297,7 @@ class Policy:
             num_experts=experts, experts_per_token=topk if experts else 0,
             shared_intermediate_size=self._shared_size(c, experts),
             experts_renormalize=bool(self._layout("experts_renormalize", flags, True)),
+            qk_norm=self._qk_norm(flags),
             **self._windows(config, c),
             attn_softcap=_number(c, "attn_softcap", 0.0, zero_ok=True),
             logit_softcap=_number(c, "logit_softcap", 0.0, zero_ok=True),
@@ -303,6 +307,12 @@ class Policy:
             pad_token_id=getattr(config, "pad_token_id", None),
         )
         return spec
+
+    def _qk_norm(self, flags) -> str:
+        how = self._layout("qk_norm", flags, "head")
+        if how not in ("head", "per_head", "full"):
+            raise FmError(f"{self.path.name}: layout.qk_norm must be head, per_head or full, got {how!r}")
+        return how
 
     def _shared_size(self, c, experts: int) -> int:
         size = c.get("shared_intermediate_size") or 0
@@ -407,7 +417,8 @@ class Policy:
             "embed_norm.weight": (h,), "embed_norm.bias": (h,), "final_norm.weight": (h,), "final_norm.bias": (h,),
             "project_in.weight": (h, e), "project_out.weight": (e, h),
             "pooler.weight": (h, h), "pooler.bias": (h,),
-            "q_norm.weight": (hd,), "k_norm.weight": (hd,),
+            "q_norm.weight": {"head": (hd,), "per_head": (H, hd), "full": (H * hd,)}[spec.qk_norm],
+            "k_norm.weight": {"head": (hd,), "per_head": (KV, hd), "full": (KV * hd,)}[spec.qk_norm],
             "router.weight": (spec.num_experts, h),
             "experts_in.weight": (spec.num_experts * 2 * spec.intermediate_size, h),        # per expert: gate; up
             "experts_out.weight": (spec.num_experts * h, spec.intermediate_size),

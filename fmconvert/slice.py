@@ -13,6 +13,8 @@ Layout per rank:
             intermediate range of each expert, padded alike; the router is replicated.
   shared_in, shared_out  (Qwen2-MoE's shared expert) like mlp_in / mlp_out over its own width, chunked and
             padded alike (`shared_intermediate_*`); its sigmoid gate is replicated.
+  q_norm, k_norm  when a weight per head (Command R+) or over all heads (OLMo 2): this rank's q heads, and its
+            kv heads like qkv's; a weight shared by every head is replicated.
   embed, lm_head  vocab-parallel: the vocab is padded with zero rows to a multiple of tp, rank r holds rows
             [r*V/tp, (r+1)*V/tp) (of an lm_head bias too). Padded logits are dropped by the runtime.
   the rest  replicated.
@@ -167,6 +169,11 @@ def shard(spec: ModelSpec, lay: Layout, slot: str, t: torch.Tensor) -> list[torc
         return [t.contiguous()] + [None] * (tp - 1)
     if slot in VOCAB:
         return [c.contiguous() for c in torch.chunk(_pad_rows(t, lay.vocab_padded), tp, dim=0)]
+    if slot == "q_norm.weight" and spec.qk_norm != "head":       # [H, hd] or [H * hd]: this rank's heads
+        return [c.contiguous() for c in torch.chunk(t, tp, dim=0)]
+    if slot == "k_norm.weight" and spec.qk_norm != "head":       # its kv heads, replicated as in qkv
+        heads = t.reshape(KV, -1)
+        return [heads[_kv_index(lay, r)].reshape(-1, *t.shape[1:]).contiguous() for r in range(tp)]
     return [t] * tp
 
 
@@ -212,6 +219,17 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
         return pieces[0]
     if slot in VOCAB:
         return torch.cat(pieces, dim=0)[:spec.vocab_size]
+    if slot == "q_norm.weight" and spec.qk_norm != "head":
+        return torch.cat(pieces, dim=0)
+    if slot == "k_norm.weight" and spec.qk_norm != "head":
+        heads = [None] * KV
+        for r, p in enumerate(pieces):
+            kv = _kv_index(lay, r)
+            for head, w in zip(range(kv.start, kv.stop), p.reshape(lay.kv_heads_per_rank, -1)):
+                if heads[head] is not None and not torch.equal(heads[head], w):
+                    raise FmError(f"{slot}: replicated kv head {head} differs between ranks")
+                heads[head] = w
+        return torch.cat(heads).reshape(-1, *pieces[0].shape[1:])
     for r, p in enumerate(pieces[1:], 1):
         if not torch.equal(p, pieces[0]):
             raise FmError(f"{slot}: replicated tensor differs between rank 0 and rank {r}")

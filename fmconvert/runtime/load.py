@@ -56,8 +56,10 @@ def check_layout(m: dict, rank: int):
             **{n: (pos.get("rotary_dim", 0) // 2,) for n in ROPE_TENSORS},
             "alibi.slopes": (hpr,),
             **{f"{n}.{p}": (h,) for n in ("embed_norm", "final_norm") for p in ("weight", "bias")}}
-    E = sp["num_experts"]
-    layer = {"qkv.weight": (qkv, h), "qkv.bias": (qkv,), "q_norm.weight": (hd,), "k_norm.weight": (hd,),
+    E, kvpr = sp["num_experts"], par["kv_heads_per_rank"]
+    qk = {"head": ((hd,), (hd,)), "per_head": ((hpr, hd), (kvpr, hd)), "full": ((hpr * hd,), (kvpr * hd,))}
+    q_norm, k_norm = qk[sp["qk_norm"]]
+    layer = {"qkv.weight": (qkv, h), "qkv.bias": (qkv,), "q_norm.weight": q_norm, "k_norm.weight": k_norm,
              "router.weight": (E, h), "experts_in.weight": (E * 2 * ipr, h), "experts_out.weight": (E * h, ipr),
              "shared_in.weight": (2 * par.get("shared_intermediate_per_rank", 0), h), "shared_gate.weight": (1, h),
              "shared_out.weight": (h, par.get("shared_intermediate_per_rank", 0)),
@@ -74,10 +76,12 @@ def check_layout(m: dict, rank: int):
                              ("rope.inv_freq", pos["type"] == "rope"), ("rope_local.inv_freq", "local" in pos),
                              ("rope_long.inv_freq", "long_from" in pos),
                              ("alibi.slopes", pos["type"] == "alibi")] if on}
-    per_layer = {"attn_norm.weight", "qkv.weight", "attn_out.weight"}
+    per_layer = {"qkv.weight", "attn_out.weight"}
     per_layer |= {"router.weight", *_EXPERTS} if E else {"mlp_in.weight", "mlp_out.weight"}
-    if sp["residual"] != "parallel":            # GPT-J and Phi feed the MLP from the attention's norm
-        per_layer.add("mlp_norm.weight")
+    if not sp["slots"] or "layers.attn_norm.weight" in sp["slots"]:    # OLMo 2 norms only each half's output
+        per_layer.add("attn_norm.weight")
+        if sp["residual"] != "parallel":            # GPT-J and Phi feed the MLP from the attention's norm
+            per_layer.add("mlp_norm.weight")
     per_layer |= {s[len("layers."):] for s in sp["slots"] if s.startswith("layers.")}
     if sp["num_layers"] * len(per_layer) > len(tensors) + sp["num_layers"] * len(_ROW_BIAS):  # before building names
         raise FmError(f"manifest: rank {rank} lists {len(tensors)} tensors, too few for {sp['num_layers']} layers")

@@ -54,15 +54,13 @@ class Block(nn.Module):
             return self._parallel(x, residual, positions, cache, key_padding_mask, pos_t, seq_t)
         pre = m.spec["residual"] == "pre"
         if pre:
-            h, residual = ops.add_norm(x, residual, t["attn_norm.weight"], t.get("attn_norm.bias"), m.eps, m.norm,
-                                       pre_weight=x_norm, x_scale=m.residual_scale)
+            h, residual = self._add_norm(x, residual, "attn_norm", x_norm)
         else:
             h = x
         a = self.attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
         a = m.comm.all_reduce(ops.linear(a, t["attn_out.weight"], t.get("attn_out.bias")))
         if pre:       # Gemma 2/3 norm the attention's output before it joins the stream: one launch for both
-            h, residual = ops.add_norm(a, residual, t["mlp_norm.weight"], t.get("mlp_norm.bias"), m.eps, m.norm,
-                                       pre_weight=t.get("attn_post_norm.weight"), x_scale=m.residual_scale)
+            h, residual = self._add_norm(a, residual, "mlp_norm", t.get("attn_post_norm.weight"))
         else:
             h, _ = ops.add_norm(a, x, t["attn_norm.weight"], t.get("attn_norm.bias"), m.eps, m.norm)
         f = m.comm.all_reduce(self.mlp(h))
@@ -70,6 +68,21 @@ class Block(nn.Module):
             return f, residual
         y, _ = ops.add_norm(f, h, t["mlp_norm.weight"], t.get("mlp_norm.bias"), m.eps, m.norm)
         return y, None
+
+    def _add_norm(self, x, residual, norm: str, pre_weight):
+        """The pre-norm residual's add+norm with this layer's `norm` (attn_norm / mlp_norm). OLMo 2 has neither: it
+        norms only each half's output (pre_weight), so there the stream itself is the next half's input."""
+        m, t = self.m, self.t
+        w = t.get(norm + ".weight")
+        if w is not None:
+            return m.ops.add_norm(x, residual, w, t.get(norm + ".bias"), m.eps, m.norm, pre_weight=pre_weight,
+                                  x_scale=m.residual_scale)
+        if pre_weight is not None:
+            x = m.ops.add_norm(x, None, pre_weight, None, m.eps, m.norm)[0]
+        if residual is None:
+            return x, x
+        h = x * m.residual_scale + residual if m.residual_scale != 1.0 else x + residual
+        return h, h
 
     def _parallel(self, x, residual, positions, cache, key_padding_mask, pos_t, seq_t):
         """GPT-NeoX, GPT-J, Phi: attention and MLP both read the normed stream (GPT-NeoX normalises it twice, the
@@ -84,6 +97,28 @@ class Block(nn.Module):
         a = self.attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
         a = ops.linear(a, t["attn_out.weight"], t.get("attn_out.bias"))
         return m.comm.all_reduce(a + self.mlp(hm)), residual
+
+    def _wide_qk_norm(self, q, k):
+        """q/k norms whose weight is not shared by every head, in fp32 then rounded once: Command R+ normalises each
+        head with its own weight (LayerNorm), OLMo 2 takes one RMS over all heads of the projection. Across ranks
+        that RMS needs every rank's sum of squares: one small all-reduce each for q and k, where a kv head held by
+        several ranks (replication) is counted once."""
+        m, t, sp = self.m, self.t, self.m.spec
+        out = []
+        for x, w, heads, repl in ((q, t["q_norm.weight"], sp["num_heads"], 1),
+                                  (k, t["k_norm.weight"], sp["num_kv_heads"], m.par["kv_replication"])):
+            xf = x.float()                                       # (B, T, this rank's heads, hd)
+            if sp["qk_norm"] == "full":
+                ss = xf.square().sum((-2, -1), keepdim=True)
+                if m.tp > 1:
+                    ss = m.comm.all_reduce(ss) / repl
+                y = xf * torch.rsqrt(ss / (heads * x.shape[-1]) + m.eps)
+            elif m.norm == "layer":
+                y = nn.functional.layer_norm(xf, (x.shape[-1],), None, None, m.eps)
+            else:
+                y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + m.eps)
+            out.append((y * w.float().view(x.shape[-2], x.shape[-1])).to(x.dtype))
+        return out
 
     @property
     def out_norm(self):
@@ -149,6 +184,9 @@ class Block(nn.Module):
         q, k, v = qkv.split([Hq * hd, Hk * hd, Hk * hd], dim=-1)
         q, k, v = q.view(B, T, Hq, hd), k.view(B, T, Hk, hd), v.view(B, T, Hk, hd)
         qk_norm = (t["q_norm.weight"], t["k_norm.weight"], m.eps, m.norm) if "q_norm.weight" in t else None
+        if qk_norm is not None and m.spec["qk_norm"] != "head":
+            q, k = self._wide_qk_norm(q, k)
+            qk_norm = None
         if pos_t is not None:
             kc, vc, ring = cache.k[self.i], cache.v[self.i], cache.ring[self.i]
             rope = (*m.rope_tables(self.rope_table, decode=True), m.rope_style, m.rotary_dim) \

@@ -14,7 +14,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.mark.parametrize("name,int8", [("llama", True), ("gpt2", False), ("bloom", True), ("gptj", True),
                                        ("gemma", False), ("qwen3", False), ("falcon_new", True),
                                        ("mixtral", True), ("gemma2", False), ("gemma3", True),
-                                       ("qwen2_moe", True), ("gpt_bigcode", False)])
+                                       ("qwen2_moe", True), ("gpt_bigcode", False), ("olmo2", True)])
 def test_triton_backend_matches_torch_backend(model_dir, tmp_path, name, int8):
     out = tmp_path / "out"
     convert(model_dir(name), out, Options(tp=1, int8=int8, group_size=32), progress=False)
@@ -45,7 +45,7 @@ def _decode_steps(model, ids, start, steps):
                                        ("gptneox", False), ("phi", True), ("stablelm", True),
                                        ("gemma", True), ("qwen3", True), ("mixtral", True), ("gemma2", True),
                                        ("gemma3", False), ("starcoder2", True), ("granite", True),
-                                       ("cohere", False)])
+                                       ("cohere", False), ("cohere_qk", True), ("olmoe", True)])
 def test_triton_decode_step_matches_torch_backend(model_dir, tmp_path, name, int8):
     """The fused rope + KV-append decode step (RoPE, learned positions, ALiBi; GQA in mistral; windows, soft caps
     and a second RoPE in Gemma 2/3, decoded past the window) against the torch backend's, with the fusion on and
