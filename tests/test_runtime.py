@@ -313,6 +313,7 @@ WINDOWED = {   # family -> config overrides that give it a 5-position window, an
     "qwen3": (dict(use_sliding_window=True, sliding_window=5, max_window_layers=1), [1]),
     "gemma2": ({}, [0]),     # sliding, full, ... (its tiny config already has a window of 4)
     "gemma3": ({}, [0]),     # and its windowed layers have their own RoPE
+    "olmo3": ({}, [0]),
 }
 
 
