@@ -45,7 +45,7 @@ def cli():
     \b
     Supported families (one table each in fmconvert/configs/):
       LLaMA / Mistral / Qwen2, Qwen3, Phi-3 / Phi-4-mini, StableLM, StarCoder2, Granite,
-      Cohere / Command R+, OLMo 2 / 3, GLM-4, Gemma, Gemma 2, Gemma 3 (text),
+      Cohere / Command R+, OLMo 2 / 3, GLM-4, SmolLM3, Gemma, Gemma 2, Gemma 3 (text),
       Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
       GPT-2, GPT-BigCode / StarCoder, OPT, BLOOM, Falcon, GPT-NeoX / Pythia, GPT-J, Phi, BERT
       Vision-language, language model only: Gemma 3 (4B+), LLaVA, Mistral 3
@@ -163,7 +163,8 @@ def inspect(out_dir, as_json):
     if "layers.q_norm.weight" in md["slots"]:
         residual += {"head": "; q/k normed per head", "per_head": "; q/k normed per head, a weight each",
                      "full": "; q/k normed across all heads"}[md["qk_norm"]]
-    t.add_row("positions / norm", f"{pos['type']}{rope} / {md['norm']}, {residual}")
+    nope = f"; none in layers {_ranges(md['nope_layers'])}" if md.get("nope_layers") else ""
+    t.add_row("positions / norm", f"{pos['type']}{rope}{nope} / {md['norm']}, {residual}")
     if md["sliding_window"] or md["attn_softcap"] or md["logit_softcap"]:
         where = "every layer" if md["window_layers"] is None else f"layers {_ranges(md['window_layers'])}"
         parts = [f"window {md['sliding_window']} in {where}"] if md["sliding_window"] else []

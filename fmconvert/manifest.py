@@ -78,6 +78,8 @@ _MODEL_OPTIONAL = {
     "qkv_layout": (None, _ENUM(None, "separate", "fused", "interleaved", "grouped"),
                    "separate, fused, interleaved or grouped"),
     "qk_norm": ("head", _ENUM("head", "per_head", "full"), "head, per_head or full"),
+    "nope_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
+                    "null or a list of layer indices"),
 }
 _PARALLEL = ("tp", "heads_per_rank", "kv_heads_per_rank", "kv_replication", "intermediate_chunk",
              "intermediate_per_rank", "vocab_padded", "vocab_per_rank")
@@ -163,6 +165,10 @@ def validate(m) -> dict:
     _need(layers is None or (model["sliding_window"] and layers == sorted(set(layers))
                              and all(i < model["num_layers"] for i in layers)),
           "model.window_layers must be distinct layer indices in order, with a sliding_window")
+    nope = model["nope_layers"]
+    _need(nope is None or (model["position"]["type"] == "rope" and nope == sorted(set(nope))
+                           and all(i < model["num_layers"] for i in nope)),
+          "model.nope_layers must be distinct layer indices in order, in a RoPE model")
     _need(model["num_heads"] % model["num_kv_heads"] == 0, "model.num_heads is not a multiple of num_kv_heads")
     for k in _PARALLEL:
         _need(_POS_INT(par.get(k)), f"parallel.{k} must be a positive int")

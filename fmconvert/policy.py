@@ -83,6 +83,7 @@ class ModelSpec:
     experts_per_token: int = 0     # top-k experts each token is routed to
     sliding_window: int = 0        # attention limited to this many recent positions (Mistral, Gemma 2); 0: none
     window_layers: list | None = None  # the layers that use that window; None: every layer
+    nope_layers: list | None = None    # layers without RoPE (SmolLM3's every fourth); None: RoPE in every layer
     attn_softcap: float = 0.0      # attention scores capped as c * tanh(s / c) (Gemma 2); 0: none
     logit_softcap: float = 0.0     # the same on the output logits
     residual_scale: float = 1.0    # each half's output is multiplied by it as it joins the stream (Granite)
@@ -298,7 +299,7 @@ class Policy:
             shared_intermediate_size=self._shared_size(c, experts),
             experts_renormalize=bool(self._layout("experts_renormalize", flags, True)),
             qk_norm=self._qk_norm(flags),
-            **self._windows(config, c),
+            **self._windows(config, c), nope_layers=self._nope_layers(c, position),
             attn_softcap=_number(c, "attn_softcap", 0.0, zero_ok=True),
             logit_softcap=_number(c, "logit_softcap", 0.0, zero_ok=True),
             logit_scale=1.0 / _number(c, "logit_divisor", 1.0) * _number(c, "logit_scale", 1.0),
@@ -340,6 +341,18 @@ class Policy:
         if not window or not layers:
             return {"sliding_window": 0, "window_layers": None}
         return {"sliding_window": window, "window_layers": None if len(layers) == len(types) else layers}
+
+    def _nope_layers(self, c, position: dict) -> list | None:
+        """`uses_rope`: a per-layer list, 1 where a layer applies RoPE and 0 where it applies no positional
+        encoding at all (SmolLM3 calls it no_rope_layers)."""
+        flags = c.get("uses_rope")
+        if flags is None:
+            return None
+        if position["type"] != "rope" or not isinstance(flags, (list, tuple)) or len(flags) != c["num_layers"] \
+                or any(f not in (0, 1) for f in flags):
+            raise FmError(f"config.json: no_rope_layers must list 0 or 1 for each of the {c['num_layers']} layers "
+                          f"of a RoPE model, got {str(flags)[:80]}")
+        return [i for i, f in enumerate(flags) if not f] or None
 
     def _embed_scale(self, c) -> float:
         how = self.layout.get("embed_scale")

@@ -237,6 +237,11 @@ def _config_longrope_switch_past_the_context(c: Ctx):
                  c.tmp / "out")
 
 
+@case("convert", "no_rope_layers must list 0 or 1 for each of the 4 layers", "[1, 1]")
+def _config_nope_flags_for_too_few_layers(c: Ctx):
+    return _conv(cfg(c.model("smollm3"), no_rope_layers=[1, 1]), c.tmp / "out")
+
+
 @case("convert", "LlavaForConditionalGeneration needs a text_config object")
 def _config_wrapper_without_text_config(c: Ctx):
     return _conv(cfg(c.model("llava"), text_config=_DROP), c.tmp / "out")

@@ -415,3 +415,30 @@ def test_longrope_switches_factors_where_transformers_does(model_dir, tmp_path):
     assert generate(m, ids[:1, :10], max_new_tokens=20)[0].tolist() == ref.tolist()
     m.long_from = None
     assert rel(m(ids), long_all) > 1e-3
+
+
+def test_nope_layers_skip_rope_as_transformers_does(model_dir, tmp_path):
+    """SmolLM3: layer 3 of 4 has no positional encoding (and, with use_sliding_window, attends within a window).
+    Prefill, steps from a cache, the graph-safe decode step and greedy generation past the window match
+    transformers; rotating that layer too would not."""
+    src = model_dir("smollm3", use_sliding_window=True, sliding_window=5)
+    convert(src, tmp_path / "out", Options(tp=1), progress=False)
+    m = load(tmp_path / "out")
+    assert m.spec["nope_layers"] == [3] and m.spec["window_layers"] == [3]
+    assert [b.rope for b in m.blocks] == [True, True, True, False]
+    hf = transformers.SmolLM3ForCausalLM.from_pretrained(src).eval()
+    ids = torch.randint(3, 100, (2, 14))
+    with torch.no_grad():
+        want = hf(ids).logits
+        ref = hf.generate(ids[:1, :3], max_new_tokens=12, do_sample=False, min_new_tokens=12)
+    assert rel(m(ids), want) < 1e-5
+    eager, static = m.new_cache(2, 14), m.new_cache(2, 14)
+    m(ids[:, :3], eager)
+    m(ids[:, :3], static)
+    for j in range(3, 14):
+        assert rel(m(ids[:, j:j + 1], eager)[:, -1], want[:, j]) < 1e-5, j
+        assert rel(m.decode_step(ids[:, j:j + 1], static, torch.tensor([static.length])), want[:, j]) < 1e-5, j
+        static.length += 1
+    assert generate(m, ids[:1, :3], max_new_tokens=12)[0].tolist() == ref.tolist()
+    m.blocks[3].rope = True
+    assert rel(m(ids), want) > 1e-3

@@ -43,6 +43,7 @@ class Block(nn.Module):
         layers = sp["window_layers"]
         self.window = sp["sliding_window"] if layers is None or i in layers else 0   # 0: every earlier position
         self.rope_table = "local" if self.window and "local" in sp["position"] else "global"
+        self.rope = model.rope is not None and i not in (sp.get("nope_layers") or ())   # SmolLM3: NoPE layers
 
     def forward(self, x, residual, positions, cache, key_padding_mask, pos_t=None, seq_t=None, x_norm=None):
         """x_norm: the previous block's output norm (Gemma 2/3), still to be applied to x: it rides in this
@@ -190,7 +191,7 @@ class Block(nn.Module):
         if pos_t is not None:
             kc, vc, ring = cache.k[self.i], cache.v[self.i], cache.ring[self.i]
             rope = (*m.rope_tables(self.rope_table, decode=True), m.rope_style, m.rotary_dim) \
-                if m.rope is not None else (None,) * 4
+                if self.rope else (None,) * 4
             q = m.ops.decode_append(q, k, v, kc, vc, pos_t, *rope, qk_norm=qk_norm, ring=bool(ring))  # (B, Hq, hd)
             # a ring holds exactly the window: attend over its filled rows (seq_t[ring]), nothing to mask
             o = m.ops.decode_attention(q, kc, vc, seq_t[ring], m.scale, m.alibi, 0 if ring else self.window,
@@ -199,7 +200,7 @@ class Block(nn.Module):
         if qk_norm is not None:                  # Qwen3: each q and k head RMS-normalised before RoPE
             q = m.ops.add_norm(q, None, qk_norm[0], None, m.eps, m.norm)[0]
             k = m.ops.add_norm(k, None, qk_norm[1], None, m.eps, m.norm)[0]
-        if m.rope is not None:
+        if self.rope:
             q, k = m.ops.rope(q, k, *m.rope_for(positions, self.rope_table), positions, m.rope_style, m.rotary_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # (B, H, T, hd)
         if cache is None:
@@ -306,7 +307,7 @@ class FusedModel(nn.Module):
                 self._merge_long()
             self._rope_checked = checked = (positions, self._forwards, need)
         if self.long_from is not None and checked[2] > self.long_from:
-            table = "long"     # LongRoPE, as transformers does it: a forward reaching past the switch is long throughout
+            table = "long"     # LongRoPE as transformers does it: a forward past the switch is long throughout
         return self.rope_tables(table)
 
     def rope_tables(self, table: str = "global", decode: bool = False):
