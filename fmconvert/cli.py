@@ -45,8 +45,8 @@ def cli():
     \b
     Supported families (one table each in fmconvert/configs/):
       LLaMA / Mistral / Qwen2, Qwen3, Phi-3 / Phi-4-mini, StableLM, StarCoder2, Granite,
-      Cohere / Command R+, OLMo 2 / 3, GLM-4, SmolLM3, Gemma, Gemma 2, Gemma 3 (text),
-      Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
+      Cohere / Command R+, OLMo 2 / 3, GLM-4, SmolLM3, EXAONE 4,
+      Gemma, Gemma 2, Gemma 3 (text), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
       GPT-2, GPT-BigCode / StarCoder, OPT, BLOOM, Falcon, GPT-NeoX / Pythia, GPT-J, Phi, BERT
       Vision-language, language model only: Gemma 3 (4B+), LLaVA, Mistral 3
     """

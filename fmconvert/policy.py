@@ -299,7 +299,7 @@ class Policy:
             shared_intermediate_size=self._shared_size(c, experts),
             experts_renormalize=bool(self._layout("experts_renormalize", flags, True)),
             qk_norm=self._qk_norm(flags),
-            **self._windows(config, c), nope_layers=self._nope_layers(c, position),
+            **self._windows(config, c), nope_layers=self._nope_layers(config, c, position),
             attn_softcap=_number(c, "attn_softcap", 0.0, zero_ok=True),
             logit_softcap=_number(c, "logit_softcap", 0.0, zero_ok=True),
             logit_scale=1.0 / _number(c, "logit_divisor", 1.0) * _number(c, "logit_scale", 1.0),
@@ -342,10 +342,14 @@ class Policy:
             return {"sliding_window": 0, "window_layers": None}
         return {"sliding_window": window, "window_layers": None if len(layers) == len(types) else layers}
 
-    def _nope_layers(self, c, position: dict) -> list | None:
-        """`uses_rope`: a per-layer list, 1 where a layer applies RoPE and 0 where it applies no positional
-        encoding at all (SmolLM3 calls it no_rope_layers)."""
+    def _nope_layers(self, config, c, position: dict) -> list | None:
+        """The layers with no positional encoding at all. `uses_rope`: a per-layer list, 1 where a layer applies
+        RoPE and 0 where it does not (SmolLM3 calls it no_rope_layers). Layout `nope_unwindowed`: when the config
+        sets a sliding window, every layer that is not a sliding one goes without (EXAONE 4's global layers)."""
         flags = c.get("uses_rope")
+        if self.layout.get("nope_unwindowed") and c.get("sliding_window"):
+            types = getattr(config, "layer_types", None) or []
+            flags = [int(t == "sliding_attention") for t in types]
         if flags is None:
             return None
         if position["type"] != "rope" or not isinstance(flags, (list, tuple)) or len(flags) != c["num_layers"] \

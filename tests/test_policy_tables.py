@@ -8,7 +8,8 @@ from fmconvert.errors import FmError
 from fmconvert.policy import GLOBAL_SLOTS, LAYER_SLOTS, _config_value, _eval_flag, _pick, policies
 
 LAYOUT_KEYS = {"norm", "gated_mlp", "position", "rope_style", "residual", "qkv", "embed_norm", "final_norm",
-               "transposed", "position_offset", "embed_scale", "experts_renormalize", "qk_norm"}
+               "transposed", "position_offset", "embed_scale", "experts_renormalize", "qk_norm",
+               "nope_unwindowed"}
 
 
 def test_flags_and_binds_tighter_than_or_and_may_use_earlier_flags():

@@ -314,6 +314,7 @@ WINDOWED = {   # family -> config overrides that give it a 5-position window, an
     "gemma2": ({}, [0]),     # sliding, full, ... (its tiny config already has a window of 4)
     "gemma3": ({}, [0]),     # and its windowed layers have their own RoPE
     "olmo3": ({}, [0]),
+    "exaone4": ({}, [0, 1, 2]),   # and its global layer has no RoPE
 }
 
 
@@ -442,3 +443,17 @@ def test_nope_layers_skip_rope_as_transformers_does(model_dir, tmp_path):
     assert generate(m, ids[:1, :3], max_new_tokens=12)[0].tolist() == ref.tolist()
     m.blocks[3].rope = True
     assert rel(m(ids), want) > 1e-3
+
+
+def test_exaone4_global_layers_have_no_rope(model_dir, tmp_path):
+    """EXAONE 4 rotates q and k only in its windowed layers; without a window, in every layer."""
+    convert(model_dir("exaone4"), tmp_path / "w", Options(tp=1), progress=False)
+    plain = dict(sliding_window=None, layer_types=["full_attention"] * 4)
+    convert(model_dir("exaone4", **plain), tmp_path / "full", Options(tp=1), progress=False)
+    m, full = load(tmp_path / "w"), load(tmp_path / "full")
+    assert m.spec["nope_layers"] == [3] and [b.rope for b in m.blocks] == [True, True, True, False]
+    assert full.spec["nope_layers"] is None and full.spec["sliding_window"] == 0
+    ids = torch.randint(3, 100, (1, 12))
+    hf = transformers.Exaone4ForCausalLM.from_pretrained(model_dir("exaone4", **plain)).eval()
+    with torch.no_grad():
+        assert rel(full(ids), hf(ids).logits) < 1e-5

@@ -111,6 +111,10 @@ CONFIGS = {
     "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", dict(hidden_size=64, intermediate_size=96,
                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
                 max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)),   # layer 3: NoPE
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", dict(hidden_size=64, intermediate_size=96,
+                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+                max_position_embeddings=64, sliding_window=4, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2)),            # layers 0-2 windowed with RoPE, layer 3 global without
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
               pad_token_id=0, bos_token_id=1, eos_token_id=2)),
