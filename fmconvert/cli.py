@@ -48,7 +48,7 @@ def cli():
       Cohere / Command R+, OLMo 2 / 3, GLM-4, SmolLM3, EXAONE 4,
       Gemma, Gemma 2, Gemma 3 (text), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
       GPT-2, GPT-BigCode / StarCoder, OPT, BLOOM, Falcon, GPT-NeoX / Pythia, GPT-J, Phi, BERT
-      Vision-language, language model only: Gemma 3 (4B+), LLaVA, Mistral 3
+      Vision-language, language model only: Gemma 3 (4B+), LLaVA, Mistral 3, Qwen2/2.5/3-VL
     """
 
 

@@ -31,7 +31,7 @@ from . import manifest as mf
 from . import slice as sl
 from . import srchash
 from .errors import EXIT_IO, FmError
-from .policy import ModelSpec, Policy, SlotSource, family_of_config, per_layer_type, policy_for
+from .policy import ModelSpec, Policy, SlotSource, per_layer_type, policy_of
 from .quantize import ErrorStats, quantize, scale_dtype_for
 from .read import SIDECAR_FILES, Checkpoint, load_config
 from .write import AtomicDir, ShardWriter, dtype_name, parse_size
@@ -94,7 +94,7 @@ def _resolve_dtype(opt: str, config, ckpt: Checkpoint, sources) -> torch.dtype:
 
 
 def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
-    policy, arch = policy_for(config.architectures, family_of_config(type(config).__name__))
+    policy, arch = policy_of(config)
     spec = policy.spec(config, arch)
     flags = policy.flags(config, arch)
     prefix = next((p for p in policy.prefixes

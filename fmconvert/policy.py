@@ -215,15 +215,17 @@ class Policy:
         self.layout: dict = table["layout"]
         self.transposed: set[str] = set(self.layout.get("transposed", []))
         self.wrapper: str | None = None                  # set on a view through a vision-language wrapper
+        self.text_arch: str | None = None                # then: the architecture whose flags the text model takes
         self.head_prefixes: dict[str, str] = {}          # body prefix -> lm_head's prefix ("" unless wrapped)
         self.drop: list[str] = []                        # name prefixes left out (a wrapper's vision tower)
 
-    def through(self, wrapper: str) -> Policy:
+    def through(self, wrapper: str, text_arch: str | None = None) -> Policy:
         """This family as the language model inside a vision-language wrapper (configs/wrappers/): its tensors
-        under the wrapper's prefixes, the wrapper's other towers left out."""
+        under the wrapper's prefixes, the wrapper's other towers left out, and the flags of `text_arch` (Qwen2's
+        biases for Qwen2.5-VL)."""
         w = wrappers()[wrapper]
         view = copy.copy(self)
-        view.wrapper = wrapper
+        view.wrapper, view.text_arch = wrapper, text_arch
         view.prefixes = [body for body, _ in w["prefixes"]]
         view.head_prefixes = {body: head for body, head in w["prefixes"]}
         view.drop = list(w["drop"])
@@ -237,7 +239,7 @@ class Policy:
         flags: dict[str, bool] = {}
         for k, v in self.table.get("flags", {}).items():          # in order: a flag may use those above it
             flags[k] = _eval_flag(config, v, flags)
-        flags.update(self.architectures.get(architecture, {}))
+        flags.update(self.architectures.get(self.text_arch or architecture, {}))
         return flags
 
     def _layout(self, key: str, flags: dict, default=None):
@@ -560,12 +562,26 @@ def wrappers() -> dict[str, dict]:
     return out
 
 
-def family_of_config(config_class: str) -> str | None:
-    """The family whose table serves the model of a transformers config class (LlamaConfig -> llama), if any."""
-    stem = config_class.removesuffix("Config")
+def text_architecture(wrapper: str, model_type: str, config_class: str) -> str | None:
+    """The architecture whose table serves a wrapper's language model: the wrapper table's `text` entry for its
+    model_type (qwen2_5_vl_text -> Qwen2ForCausalLM), else the one named after its config class (LlamaConfig ->
+    LlamaForCausalLM). None if no table serves it."""
     known = policies()
-    pol = known.get(stem + "ForCausalLM") or known.get(stem + "Model")
-    return pol.family if pol else None
+    arch = wrappers()[wrapper].get("text", {}).get(model_type)
+    if arch is None:
+        stem = config_class.removesuffix("Config")
+        arch = next((a for a in (stem + "ForCausalLM", stem + "Model") if a in known), None)
+    return arch if arch in known else None
+
+
+def policy_of(config) -> tuple[Policy, str]:
+    """policy_for a parsed config. For a vision-language wrapper `read.load_config` hands back the language
+    model's config, its architectures naming the wrapper and `fmconvert_text_architecture` the table's."""
+    text = getattr(config, "fmconvert_text_architecture", None)
+    if text is None:
+        return policy_for(config.architectures)
+    wrapper = config.architectures[0]
+    return policies()[text].through(wrapper, text), wrapper
 
 
 def policy_for(architectures, family: str | None = None) -> tuple[Policy, str]:

@@ -84,7 +84,7 @@ def load_config(model_dir: Path):
     else:
         if not arch.startswith(stem):
             raise FmError(f"{path}: model_type {model_type!r} does not belong with architecture {arch}")
-        _check_language_model(raw, wrapper["config"], arch, path)
+        text_arch = _check_language_model(raw, wrapper["config"], arch, path)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its config warnings would break the one-line error contract
     try:
@@ -99,16 +99,18 @@ def load_config(model_dir: Path):
         # tie_word_embeddings is the one transformers ties lm_head by.
         outer, config = config, getattr(config, wrapper["config"])
         config.architectures = [arch]
-        config.tie_word_embeddings = bool(getattr(outer, "tie_word_embeddings", config.tie_word_embeddings))
+        config.fmconvert_text_architecture = text_arch
+        config.tie_word_embeddings = bool(getattr(outer, "tie_word_embeddings",
+                                                  getattr(config, "tie_word_embeddings", False)))
     return config, hashlib.sha256(text).hexdigest()
 
 
-def _check_language_model(raw: dict, key: str, arch: str, path: Path):
+def _check_language_model(raw: dict, key: str, arch: str, path: Path) -> str:
     """A wrapper's text config: present, of a supported family, with sane sizes (transformers' defaults fill in
-    the keys it omits, as gemma-3-4b's omits the head counts)."""
+    the keys it omits, as gemma-3-4b's omits the head counts). Returns the architecture whose table serves it."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
 
-    from .policy import family_of_config, policies
+    from .policy import policies, text_architecture
 
     text = raw.get(key)
     if not isinstance(text, dict):
@@ -116,10 +118,10 @@ def _check_language_model(raw: dict, key: str, arch: str, path: Path):
     ttype = text.get("model_type")
     if not isinstance(ttype, str) or ttype not in CONFIG_MAPPING_NAMES:
         raise FmError(f"{path}: {key}.model_type {_short(ttype)} is missing or unknown to transformers")
-    family = family_of_config(CONFIG_MAPPING_NAMES[ttype])
-    if family is None:
+    text_arch = text_architecture(arch, ttype, CONFIG_MAPPING_NAMES[ttype])
+    if text_arch is None:
         raise FmError(f"{path}: the language model of {arch} ({ttype}) is not a family fmconvert supports")
-    policy = next(p for p in policies().values() if p.family == family)
+    policy = policies()[text_arch]
     cls = CONFIG_MAPPING[ttype]
     try:
         defaults = cls().to_dict()
@@ -127,6 +129,7 @@ def _check_language_model(raw: dict, key: str, arch: str, path: Path):
         defaults = {}
     _check_sizes({**defaults, **text}, policy.table["config"], getattr(cls, "attribute_map", {}),
                  f"{path} ({key})")
+    return text_arch
 
 
 def _short(x, n: int = 80) -> str:

@@ -139,11 +139,11 @@ _SPEC_KEYS = ("architecture", "family", "kind", "hidden_size", "num_layers", "nu
 def plan_source(model_dir: Path, m: dict, ckpt):
     """Re-plan the conversion from MODEL_DIR with the manifest's options; bad input if they do not belong together."""
     from .pipeline import Options, make_plan
-    from .policy import family_of_config, policy_for
+    from .policy import policy_of
     from .read import load_config
 
     config, config_sha = load_config(model_dir)
-    _, arch = policy_for(config.architectures, family_of_config(type(config).__name__))
+    _, arch = policy_of(config)
     if arch != m["model"].get("architecture"):
         raise FmError(f"{model_dir} holds a {arch} model, but the manifest was converted from "
                       f"{m['model'].get('architecture')}; pass the model directory it was converted from")

@@ -19,12 +19,13 @@ from fmconvert.reassemble import reassemble
 from fmconvert.verify import verify
 from test_convert import assert_exact, expected, source_tensors
 
-VISION = ("vision_tower.", "multi_modal_projector.")
+VISION = ("vision_tower.", "multi_modal_projector.", "visual.", "model.visual.")
 
 
 def test_wrapper_tables_name_real_classes_and_whole_prefix_pairs():
     assert set(wrappers()) >= {"Gemma3ForConditionalGeneration", "LlavaForConditionalGeneration",
-                               "Mistral3ForConditionalGeneration"}
+                               "Mistral3ForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",
+                               "Qwen3VLForConditionalGeneration"}
     for arch, w in wrappers().items():
         assert hasattr(transformers, arch), arch
         assert arch not in policies(), arch                 # a wrapper is never also a family's own architecture
@@ -32,9 +33,10 @@ def test_wrapper_tables_name_real_classes_and_whole_prefix_pairs():
         assert all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
                    for p in w["prefixes"]), arch
         assert w["drop"] and all(d.endswith(".") for d in w["drop"]), arch
+        assert all(t in policies() for t in w.get("text", {}).values()), arch     # names a table's architecture
 
 
-@pytest.mark.parametrize("name", ["gemma3_vl", "llava"])
+@pytest.mark.parametrize("name", ["gemma3_vl", "llava", "qwen2_5_vl", "qwen3_vl"])
 def test_the_vision_tower_is_counted_and_left_out(model_dir, tmp_path, name):
     src = model_dir(name)
     with safe_open(src / "model.safetensors", "pt") as f:
@@ -79,3 +81,12 @@ def test_the_older_model_language_model_spelling_converts_and_reassembles(model_
     assert_exact(want, got)
     r = verify(src, out)               # transformers loads the old spelling too: the same model end to end
     assert r["passed"], r["failures"]
+
+
+def test_inject_refuses_a_wrapper_with_a_pointer_to_load(model_dir, tmp_path):
+    from fmconvert.errors import FmError
+    from fmconvert.runtime.inject import inject
+    convert(model_dir("llava"), tmp_path / "out", Options(tp=1), progress=False)
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(model_dir("llava"))
+    with pytest.raises(FmError, match="inject replaces a text model's layers.*fmconvert.load"):
+        inject(hf, tmp_path / "out")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import FmError
-from ..policy import policy_for
+from ..policy import policy_for, wrappers
 from .load import load
 
 
@@ -77,6 +77,9 @@ def inject(hf_model: nn.Module, out_dir, device=None, backend: str = "auto", che
     fused = load(out_dir, device=device, backend=backend, check_hashes=check_hashes)
     spec = fused.spec
     archs = list(getattr(hf_model.config, "architectures", None) or [type(hf_model).__name__])
+    if spec.get("architecture") in wrappers() or any(a in wrappers() for a in archs):
+        raise FmError("inject replaces a text model's layers; a vision-language model's converted language model "
+                      "runs with fmconvert.load (or `fmconvert generate`)")
     policy, _ = policy_for(archs + [type(hf_model).__name__])
     if policy.family != spec["family"]:
         raise FmError(f"{out_dir} holds a {spec['family']} model, but the live model is {policy.family}")
