@@ -152,7 +152,7 @@ def inspect(out_dir, as_json):
         t.add_row("experts", f"{md['num_experts']} per layer, top {md['experts_per_token']} ({renorm}){shared}")
     pos = md["position"]
     rope = (f" ({pos.get('style')}, {pos.get('rotary_dim')} of {md['head_dim']} dims"
-            f"{'; ' + pos['rope_type'] if pos.get('rope_type', 'default') != 'default' else ''}"
+            f"{'; ' + str(pos['rope_type']) if pos.get('rope_type', 'default') != 'default' else ''}"
             f"{', long factors from position ' + str(pos['long_from']) if 'long_from' in pos else ''})"
             if pos["type"] == "rope" else "")
     residual = {"pre": "pre-LN", "post": "post-LN", "parallel": "parallel attention + MLP"}.get(md["residual"],
