@@ -137,9 +137,9 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
     spec.pooler = any(s.slot == "pooler.weight" for s in globals_)
     spec.slots = [s.slot for s in globals_] + ([f"layers.{s.slot}" for s in layers[0]] if layers else [])
 
-    tied_lm_head = None
-    if spec.tied_embeddings and policy.head_prefix(prefix) + "lm_head.weight" in ckpt:
-        tied_lm_head = policy.head_prefix(prefix) + "lm_head.weight"
+    head = policy.head_prefix(prefix) + "lm_head.weight"
+    tied_lm_head = head if spec.tied_embeddings and head in ckpt else None
+    if tied_lm_head:
         consumed.add(tied_lm_head)
     ignore = policy.ignored(prefix, spec.num_layers)
     extras = []

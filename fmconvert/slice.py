@@ -129,6 +129,19 @@ def _kv_index(lay: Layout, r: int) -> slice:
     return slice(first, first + lay.kv_heads_per_rank)
 
 
+def _kv_heads(lay: Layout, n_heads: int, slot: str, pieces) -> list[torch.Tensor]:
+    """Each rank's rows for its kv heads (kv_heads_per_rank equal blocks along dim 0) -> the blocks of every kv
+    head in order. The copies of a replicated head must agree."""
+    heads = [None] * n_heads
+    for r, p in enumerate(pieces):
+        kv = _kv_index(lay, r)
+        for head, rows in zip(range(kv.start, kv.stop), torch.chunk(p, lay.kv_heads_per_rank, dim=0)):
+            if heads[head] is not None and not torch.equal(heads[head], rows):
+                raise FmError(f"{slot}: replicated kv head {head} differs between ranks")
+            heads[head] = rows
+    return heads
+
+
 def shard(spec: ModelSpec, lay: Layout, slot: str, t: torch.Tensor) -> list[torch.Tensor]:
     """One canonical tensor -> its tp pieces, in rank order."""
     tp, hd = lay.tp, spec.head_dim
@@ -182,18 +195,8 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
     hd, KV = spec.head_dim, spec.num_kv_heads
     if slot.startswith("qkv."):
         hq, hk = lay.heads_per_rank * hd, lay.kv_heads_per_rank * hd
-        qs, ks, vs = [], [None] * KV, [None] * KV
-        for r, p in enumerate(pieces):
-            q, k, v = torch.split(p, [hq, hk, hk], dim=0)
-            qs.append(q)
-            kv = _kv_index(lay, r)
-            for j, head in enumerate(range(kv.start, kv.stop)):
-                kh, vh = k[j * hd:(j + 1) * hd], v[j * hd:(j + 1) * hd]
-                if ks[head] is None:
-                    ks[head], vs[head] = kh, vh
-                elif not (torch.equal(ks[head], kh) and torch.equal(vs[head], vh)):
-                    raise FmError(f"{slot}: replicated kv head {head} differs between ranks")
-        return torch.cat(qs + ks + vs, dim=0)
+        q, k, v = zip(*(torch.split(p, [hq, hk, hk], dim=0) for p in pieces))
+        return torch.cat(list(q) + _kv_heads(lay, KV, slot, k) + _kv_heads(lay, KV, slot, v), dim=0)
     if slot == "attn_out.weight":
         return torch.cat(pieces, dim=1)
     if slot.startswith("mlp_in.") or slot == "shared_in.weight":
@@ -222,14 +225,7 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
     if slot == "q_norm.weight" and spec.qk_norm != "head":
         return torch.cat(pieces, dim=0)
     if slot == "k_norm.weight" and spec.qk_norm != "head":
-        heads = [None] * KV
-        for r, p in enumerate(pieces):
-            kv = _kv_index(lay, r)
-            for head, w in zip(range(kv.start, kv.stop), p.reshape(lay.kv_heads_per_rank, -1)):
-                if heads[head] is not None and not torch.equal(heads[head], w):
-                    raise FmError(f"{slot}: replicated kv head {head} differs between ranks")
-                heads[head] = w
-        return torch.cat(heads).reshape(-1, *pieces[0].shape[1:])
+        return torch.cat(_kv_heads(lay, KV, slot, pieces), dim=0)
     for r, p in enumerate(pieces[1:], 1):
         if not torch.equal(p, pieces[0]):
             raise FmError(f"{slot}: replicated tensor differs between rank 0 and rank {r}")
