@@ -106,6 +106,8 @@ def convert(model_dir, out_dir, tp, int8, group_size, int8_embeddings, int8_lm_h
     t.add_row("time", f"{s['seconds']:.2f} s  ({s['mb_per_s']:.1f} MB/s read)")
     if s["worst_sqnr_db"] is not None:
         t.add_row("worst int8 SQNR", f"{s['worst_sqnr_db']:.1f} dB")
+    if s["mxfp4"]:
+        t.add_row("MXFP4", f"{s['mxfp4']} expert tensors decoded on read (exactly, to bf16)")
     if s["dropped"] is not None:
         t.add_row("left out", f"{s['dropped']['tensors']} vision tensors ({_human(s['dropped']['bytes'])}): "
                   f"the language model alone was converted")
@@ -140,6 +142,8 @@ def inspect(out_dir, as_json):
     t = Table(title=f"{escape(str(out_dir))}  (fmconvert format v{m['format_version']}, tool {m['tool_version']})",
               show_header=False)
     t.add_row("architecture", f"{md['architecture']} ({md['family']}, {md['kind']})")
+    if m["source"].get("mxfp4"):
+        t.add_row("source", f"MXFP4: {len(m['source']['mxfp4'])} expert tensors decoded to bf16 on read")
     if m["source"].get("dropped"):
         d = m["source"]["dropped"]
         t.add_row("left out", f"{d['tensors']} vision tensors ({_human(d['bytes'])}): language model only")

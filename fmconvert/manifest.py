@@ -57,7 +57,7 @@ _MODEL = {
                              "intermediate_size", "vocab_size", "embed_dim")},
     "max_positions": lambda x: type(x) is int and 0 <= x <= MAX_POSITIONS, "type_vocab_size": _NAT,
     "norm": _ENUM("rms", "layer", "rms_plus_one"), "norm_eps": _POS_NUM, "attn_scale": _POS_NUM,
-    "activation": _ENUM("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu"), "residual": _ENUM("pre", "post", "parallel"),
+    "activation": _ENUM("gelu", "gelu_tanh", "relu", "silu", "swiglu", "geglu", "swiglu_oai"), "residual": _ENUM("pre", "post", "parallel"),
     **{k: _BOOL for k in ("gated_mlp", "tied_embeddings", "embed_norm", "final_norm", "project", "pooler")},
     "position": lambda x: isinstance(x, dict), "bos_token_id": _TOKEN, "pad_token_id": _TOKEN,
     "eos_token_id": lambda x: _TOKEN(x) or (isinstance(x, list) and len(x) < 1024 and all(map(_NAT, x))),
@@ -78,6 +78,7 @@ _MODEL_OPTIONAL = {
     "qkv_layout": (None, _ENUM(None, "separate", "fused", "interleaved", "grouped"),
                    "separate, fused, interleaved or grouped"),
     "qk_norm": ("head", _ENUM("head", "per_head", "full"), "head, per_head or full"),
+    "glu_alpha": (0.0, _NONNEG_NUM, "a non-negative number"), "glu_limit": (0.0, _NONNEG_NUM, "a non-negative number"),
     "nope_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
                     "null or a list of layer indices"),
 }
@@ -170,6 +171,8 @@ def validate(m) -> dict:
                            and all(i < model["num_layers"] for i in nope)),
           "model.nope_layers must be distinct layer indices in order, in a RoPE model")
     _need(model["num_heads"] % model["num_kv_heads"] == 0, "model.num_heads is not a multiple of num_kv_heads")
+    _need((model["activation"] == "swiglu_oai") == (model["glu_alpha"] > 0 and model["glu_limit"] > 0),
+          "model.glu_alpha and glu_limit must be positive with the swiglu_oai activation, and 0 without it")
     for k in _PARALLEL:
         _need(_POS_INT(par.get(k)), f"parallel.{k} must be a positive int")
     tp = par["tp"]
@@ -257,6 +260,8 @@ def _source(src):
     _need(isinstance(dropped, dict) and _NAT(dropped.get("tensors")) and _NAT_SIZE(dropped.get("bytes"))
           and isinstance(dropped.get("prefixes"), list) and all(isinstance(p, str) for p in dropped["prefixes"]),
           "source.dropped malformed")
+    _need(src.get("mxfp4", []) == [] or (isinstance(src["mxfp4"], list) and all(isinstance(n, str) for n in src["mxfp4"])),
+          "source.mxfp4 malformed")
     side = src.get("sidecar_files", [])
     _need(isinstance(side, list) and all(isinstance(f, str) for f in side), "source.sidecar_files malformed")
 

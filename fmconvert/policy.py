@@ -28,6 +28,8 @@ LAYER_SLOTS = (
     "q_norm.weight", "k_norm.weight",
     "attn_post_norm.weight", "mlp_post_norm.weight",                 # Gemma 2: each half's output normed too
     "router.weight", "experts_in.weight", "experts_out.weight",      # mixture of experts, in place of mlp_in/out
+    "router.bias", "experts_in.bias", "experts_out.bias",            # GPT-OSS: biases on all three
+    "attn_sinks.weight",                                             # GPT-OSS: a learned softmax sink per head
     "shared_in.weight", "shared_out.weight", "shared_gate.weight",   # Qwen2-MoE: an always-on expert beside them
 )
 GLOBAL_SLOTS = (
@@ -66,6 +68,7 @@ class ModelSpec:
     norm: str                      # rms | layer | rms_plus_one (Gemma: scale by 1 + weight)
     norm_eps: float
     activation: str                # gelu | gelu_tanh | relu | silu | swiglu / geglu (silu / gelu_tanh over gate|up)
+    #                                | swiglu_oai (GPT-OSS: gate and up clamped, gate * sigmoid(glu_alpha * gate) * (up + 1))
     gated_mlp: bool
     residual: str                  # pre | post | parallel (attention and MLP read the same stream, one sum)
     position: dict                 # {"type": rope|alibi|learned, ...}
@@ -92,6 +95,8 @@ class ModelSpec:
     qk_norm: str = "head"          # q_norm/k_norm: "head" one [head_dim] weight for every head (Qwen3, Gemma 3);
     #                                "per_head" a [heads, head_dim] weight, each head its own (Command R+); "full" one
     #                                RMS over all heads of the projection, weight [heads * head_dim] (OLMo 2, OLMoE)
+    glu_alpha: float = 0.0         # swiglu_oai's sigmoid gain and clamp limit (0: another activation)
+    glu_limit: float = 0.0
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -214,6 +219,9 @@ class Policy:
         self.architectures: dict = table["architectures"]
         self.layout: dict = table["layout"]
         self.transposed: set[str] = set(self.layout.get("transposed", []))
+        for key, values in (("experts", ("per_expert", "stacked")), ("gate_up", ("halves", "interleaved"))):
+            if self.layout.get(key, values[0]) not in values:
+                raise FmError(f"{path.name}: layout.{key} must be {' or '.join(values)}, got {self.layout[key]!r}")
         self.wrapper: str | None = None                  # set on a view through a vision-language wrapper
         self.text_arch: str | None = None                # then: the architecture whose flags the text model takes
         self.head_prefixes: dict[str, str] = {}          # body prefix -> lm_head's prefix ("" unless wrapped)
@@ -274,6 +282,12 @@ class Policy:
                 raise FmError(f"{architecture}: gated MLP with {act_name!r} is not supported "
                               f"(SiLU gives SwiGLU, tanh-approximated GELU gives GeGLU)")
             act = _GATED[act]
+        glu = {}
+        if "glu_limit" in c:             # GPT-OSS: SwiGLU with clamped inputs, a sigmoid gain, and up + 1
+            if act != "swiglu":
+                raise FmError(f"{architecture}: a clamped GLU needs a SiLU gate, got {act_name!r}")
+            act = "swiglu_oai"
+            glu = {"glu_alpha": _number(c, "glu_alpha", 1.0), "glu_limit": _number(c, "glu_limit", 1.0)}
         position = self._position(config, flags, c)
         experts, topk = int(c.get("num_experts") or 0), int(c.get("experts_per_token") or 0)
         if experts and not 1 <= topk <= experts:
@@ -300,7 +314,7 @@ class Policy:
             num_experts=experts, experts_per_token=topk if experts else 0,
             shared_intermediate_size=self._shared_size(c, experts),
             experts_renormalize=bool(self._layout("experts_renormalize", flags, True)),
-            qk_norm=self._qk_norm(flags),
+            qk_norm=self._qk_norm(flags), **glu,
             **self._windows(config, c), nope_layers=self._nope_layers(config, c, position),
             attn_softcap=_number(c, "attn_softcap", 0.0, zero_ok=True),
             logit_softcap=_number(c, "logit_softcap", 0.0, zero_ok=True),
@@ -438,9 +452,11 @@ class Policy:
             "pooler.weight": (h, h), "pooler.bias": (h,),
             "q_norm.weight": {"head": (hd,), "per_head": (H, hd), "full": (H * hd,)}[spec.qk_norm],
             "k_norm.weight": {"head": (hd,), "per_head": (KV, hd), "full": (KV * hd,)}[spec.qk_norm],
-            "router.weight": (spec.num_experts, h),
+            "router.weight": (spec.num_experts, h), "router.bias": (spec.num_experts,),
             "experts_in.weight": (spec.num_experts * 2 * spec.intermediate_size, h),        # per expert: gate; up
+            "experts_in.bias": (spec.num_experts * 2 * spec.intermediate_size,),
             "experts_out.weight": (spec.num_experts * h, spec.intermediate_size),
+            "experts_out.bias": (spec.num_experts * h,), "attn_sinks.weight": (H,),
             "shared_in.weight": (2 * spec.shared_intermediate_size, h),                   # gate; up
             "shared_out.weight": (h, spec.shared_intermediate_size), "shared_gate.weight": (1, h),
             "attn_norm.weight": (h,), "attn_norm.bias": (h,), "mlp_norm.weight": (h,), "mlp_norm.bias": (h,),
@@ -478,10 +494,14 @@ class Policy:
                 aliases = [[pre + n.format(i=layer, e=e) for e in _experts(a, spec) for n in a]
                            for a in aliases if len(a) * len(_experts(a, spec)) == len(names)]
                 full = self.canonical_shape(spec, slot)
-                rows = self._part_rows(spec, slot, len(names))
-                shapes = [(r, *full[1:]) for r in rows]
-                if slot in self.transposed:
-                    shapes = [tuple(reversed(s)) for s in shapes]
+                if self._stacked(slot):         # one [E, ...] tensor: each expert's matrix (transposed) or bias
+                    one = (full[0] // spec.num_experts, *full[1:])
+                    shapes = [(spec.num_experts, *(reversed(one) if slot in self.transposed else one))]
+                else:
+                    rows = self._part_rows(spec, slot, len(names))
+                    shapes = [(r, *full[1:]) for r in rows]
+                    if slot in self.transposed:
+                        shapes = [tuple(reversed(s)) for s in shapes]
                 out.append(SlotSource(slot, names, shapes, optional, aliases))
         return out
 
@@ -494,12 +514,27 @@ class Policy:
     def passthrough(self) -> list[str]:
         return list(self.table.get("passthrough", []))
 
+    def _stacked(self, slot: str) -> bool:
+        """Layout `experts = "stacked"` (GPT-OSS): a mixture's slot is one tensor holding every expert, [E, ...],
+        not one tensor per expert."""
+        return self.layout.get("experts") == "stacked" and slot.startswith("experts_")
+
+    def _gate_up_interleaved(self, slot: str) -> bool:
+        """Layout `gate_up = "interleaved"` (GPT-OSS's experts): gate and up rows alternate, where the canonical
+        layout has all gate rows, then all up rows."""
+        return self.layout.get("gate_up") == "interleaved" and slot.startswith("experts_in.")
+
     # -- the rewrite hook -------------------------------------------------------------------------------------
     def fuse(self, spec: ModelSpec, slot: str, parts: list[torch.Tensor]) -> torch.Tensor:
         """HF tensors of a slot -> the canonical full (unsharded) tensor: transposes and de-interleaving, once."""
         if slot in self.transposed:
-            parts = [p.t() for p in parts]
+            parts = [p.transpose(-1, -2) for p in parts]     # a stacked slot: each expert's matrix
         t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if self._gate_up_interleaved(slot):                  # per expert [(gate, up) x I] -> [gate x I; up x I]
+            E, I = spec.num_experts, spec.intermediate_size
+            t = t.reshape(E, I, 2, *t.shape[2:]).transpose(1, 2)
+        if self._stacked(slot):
+            t = t.reshape(-1, *t.shape[(3 if self._gate_up_interleaved(slot) else 2):])
         if slot.startswith("qkv."):
             H, KV, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
             layout, rest = self._qkv_layout(spec), t.shape[1:]
@@ -521,6 +556,12 @@ class Policy:
 
     def unfuse(self, spec: ModelSpec, slot: str, t: torch.Tensor, n_parts: int) -> list[torch.Tensor]:
         """Inverse of `fuse`: the canonical tensor back to the HF tensors, in HF layout."""
+        if self._stacked(slot):
+            E = spec.num_experts
+            t = t.reshape(E, -1, *t.shape[1:])
+            if self._gate_up_interleaved(slot):
+                t = t.reshape(E, 2, spec.intermediate_size, *t.shape[2:]).transpose(1, 2).reshape(t.shape)
+            return [(t.transpose(-1, -2) if slot in self.transposed else t).contiguous()]
         if slot.startswith("qkv."):
             H, KV, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
             layout, rest = self._qkv_layout(spec), t.shape[1:]

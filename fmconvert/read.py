@@ -61,6 +61,10 @@ def load_config(model_dir: Path):
         raise FmError(f"{path}: expected a JSON object")
     if "auto_map" in raw:
         raw.pop("auto_map")  # remote-code hooks are never honoured
+    quant = raw.get("quantization_config")
+    if quant is not None and quant_method(raw) != "mxfp4":
+        raise FmError(f"{path}: the weights are quantized ({_short(quant_method(raw) or quant)}); fmconvert reads "
+                      f"float checkpoints, and GPT-OSS's MXFP4: convert from the unquantized checkpoint")
     archs = raw.get("architectures")
     if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
         raise FmError(f"{path}: architectures must be a list of strings, got {_short(archs)}")
@@ -103,6 +107,14 @@ def load_config(model_dir: Path):
         config.tie_word_embeddings = bool(getattr(outer, "tie_word_embeddings",
                                                   getattr(config, "tie_word_embeddings", False)))
     return config, hashlib.sha256(text).hexdigest()
+
+
+def quant_method(config) -> str | None:
+    """The quantization a checkpoint's config declares (a parsed config or its raw dict), None if it has none."""
+    q = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
+    if q is not None and not isinstance(q, dict):
+        q = q.to_dict() if hasattr(q, "to_dict") else {}
+    return q.get("quant_method") if isinstance(q, dict) else None
 
 
 def _check_language_model(raw: dict, key: str, arch: str, path: Path) -> str:
@@ -180,11 +192,12 @@ def _check_sizes(raw: dict, table: dict, attribute_map: dict, path: Path | str):
 class Checkpoint:
     """All tensors of a model directory by name, opened lazily. Use as a context manager."""
 
-    def __init__(self, model_dir: Path, allow_pickle: bool = False):
+    def __init__(self, model_dir: Path, allow_pickle: bool = False, mxfp4: bool = False):
         self.dir = Path(model_dir)
         self._handles: dict[str, object] = {}
         self._where: dict[str, str] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
+        self.mxfp4: dict[str, tuple[str, str]] = {}     # name -> (its blocks, its scales): see _pair_mxfp4
         files = self._discover(allow_pickle)
         self.files = files
         for fname in files:
@@ -201,6 +214,48 @@ class Checkpoint:
                 if k in self._where:
                     raise FmError(f"tensor {k} appears in both {self._where[k]} and {fname}")
                 self._where[k] = fname
+        if mxfp4:
+            if self._pickled is not None:
+                raise FmError(f"{self.dir}: MXFP4 weights must be safetensors")
+            self._pair_mxfp4()
+
+    def _pair_mxfp4(self):
+        """An MXFP4 checkpoint (GPT-OSS's experts) stores a weight as X_blocks (uint8 [E, N, K/32, 16], two 4-bit
+        E2M1 codes a byte, the low nibble first) and X_scales (uint8 [E, N, K/32], a power-of-two exponent biased
+        by 127 per 32 values). Each pair reads as the tensor X that transformers dequantizes it to: bf16
+        [E, K, N], the layout of the unquantized checkpoint, so the family's table serves both."""
+        for blocks in [n for n in self._where if n.endswith("_blocks")]:
+            name = blocks[:-len("_blocks")]
+            scales = name + "_scales"
+            if scales not in self._where:
+                raise FmError(f"MXFP4 tensor {blocks} has no {scales} beside it")
+            if name in self._where:
+                raise FmError(f"tensor {name} is stored both whole and as MXFP4 blocks")
+            b, s = self._raw_shape(blocks), self._raw_shape(scales)
+            if (self._raw_dtype(blocks), self._raw_dtype(scales)) != ("U8", "U8") or len(b) != 4 or b[3] != 16 \
+                    or tuple(s) != tuple(b[:3]):
+                raise FmError(f"MXFP4 tensor {name}: blocks {list(b)} and scales {list(s)} must be uint8 "
+                              f"[E, N, K/32, 16] and [E, N, K/32]")
+            self.mxfp4[name] = (blocks, scales, self._where[blocks], self._where[scales])
+        for name, (blocks, scales, fb, _) in self.mxfp4.items():
+            del self._where[blocks], self._where[scales]
+            self._where[name] = fb
+        if not self.mxfp4:
+            raise FmError(f"config.json says MXFP4, but {self.dir} has no *_blocks / *_scales tensors")
+
+    def _raw_shape(self, name: str, file: str | None = None) -> list[int]:
+        return self._handles[file or self._where[name]].get_slice(name).get_shape()
+
+    def _raw_dtype(self, name: str) -> str:
+        return self._handles[self._where[name]].get_slice(name).get_dtype()
+
+    def _mxfp4_get(self, name: str) -> torch.Tensor:
+        blocks, scales, fb, fs = self.mxfp4[name]
+        try:
+            b, s = self._handles[fb].get_tensor(blocks), self._handles[fs].get_tensor(scales)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise FmError(f"{fb}: cannot read tensor {blocks} ({_first_line(e)})") from None
+        return dequantize_mxfp4(b, s)
 
     def _discover(self, allow_pickle: bool) -> list[str]:
         index = self.dir / INDEX
@@ -256,11 +311,16 @@ class Checkpoint:
     def shape(self, name: str) -> tuple[int, ...]:
         if self._pickled is not None:
             return tuple(self._pickled[name].shape)
+        if name in self.mxfp4:
+            E, N, G, _ = self._raw_shape(self.mxfp4[name][0], self.mxfp4[name][2])
+            return (E, G * 32, N)
         return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
 
     def dtype(self, name: str) -> torch.dtype:
         if self._pickled is not None:
             return self._pickled[name].dtype
+        if name in self.mxfp4:
+            return torch.bfloat16
         s = self._handles[self._where[name]].get_slice(name).get_dtype()
         if s not in _ST_DTYPES:
             raise FmError(f"tensor {name} has unsupported dtype {s}")
@@ -269,10 +329,31 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         if self._pickled is not None:
             return self._pickled[name]
+        if name in self.mxfp4:
+            return self._mxfp4_get(name)
         try:
             return self._handles[self._where[name]].get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise FmError(f"{self._where[name]}: cannot read tensor {name} ({_first_line(e)})") from None
+
+
+# E2M1: the 16 values a 4-bit MXFP4 code stands for (sign bit, 2 exponent bits, 1 mantissa bit).
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """uint8 blocks [E, N, G, 16] and scales [E, N, G] -> bf16 [E, G * 32, N] (transformers' layout: each expert's
+    weight transposed). Value 2j of a group is the low nibble of byte j, value 2j + 1 the high one, each times
+    2^(scale - 127). Every such value is exact in bf16. One expert at a time, so the temporaries stay small."""
+    E, N, G, _ = blocks.shape
+    lut = torch.tensor(_E2M1, dtype=torch.float32)
+    out = torch.empty(E, G * 32, N, dtype=torch.bfloat16)
+    for e in range(E):
+        b = blocks[e]
+        w = torch.stack([lut[(b & 0x0F).long()], lut[(b >> 4).long()]], dim=-1).view(N, G, 32)
+        w = torch.ldexp(w, (scales[e].to(torch.int32) - 127).unsqueeze(-1).float())
+        out[e] = w.view(N, G * 32).t()
+    return out
 
 
 def _no_duplicates(pairs):

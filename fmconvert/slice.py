@@ -10,7 +10,9 @@ Layout per rank:
   mlp_in    column-parallel; gated MLPs hold this rank's gate rows, then its up rows.
   mlp_out   row-parallel; bias on rank 0 only.
   experts_in, experts_out  (mixture of experts) every expert sliced like mlp_in / mlp_out: rank r holds the same
-            intermediate range of each expert, padded alike; the router is replicated.
+            intermediate range of each expert, padded alike (experts_in's bias too; experts_out's bias lives on
+            rank 0 only, like mlp_out's); the router is replicated.
+  attn_sinks  (GPT-OSS) one logit per q head: this rank's q heads.
   shared_in, shared_out  (Qwen2-MoE's shared expert) like mlp_in / mlp_out over its own width, chunked and
             padded alike (`shared_intermediate_*`); its sigmoid gate is replicated.
   q_norm, k_norm  when a weight per head (Command R+) or over all heads (OLMo 2): this rank's q heads, and its
@@ -33,7 +35,7 @@ from .policy import ModelSpec
 
 COLUMN = ("qkv.weight", "qkv.bias", "mlp_in.weight", "mlp_in.bias")
 ROW = ("attn_out.weight", "mlp_out.weight")
-ROW_BIAS = ("attn_out.bias", "mlp_out.bias")
+ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias")
 VOCAB = ("embed.weight", "lm_head.weight", "lm_head.bias")
 EXPERTS = ("experts_in.weight", "experts_out.weight")
 
@@ -171,7 +173,7 @@ def shard(spec: ModelSpec, lay: Layout, slot: str, t: torch.Tensor) -> list[torc
         shared = slot == "shared_out.weight"
         rows = lay.shared_intermediate_per_rank if shared else lay.intermediate_per_rank
         return [_pad_rows(t[:, lo:hi].t(), rows).t().contiguous() for lo, hi in _inter_ranges(spec, lay, shared)]
-    if slot == "experts_in.weight":         # [E * (gate; up) * I, h] -> per rank [E * (gate; up) * ipr, h]
+    if slot.startswith("experts_in."):      # [E * (gate; up) * I, h] -> per rank [E * (gate; up) * ipr, h]
         g = t.reshape(spec.num_experts * 2, spec.intermediate_size, *t.shape[1:])
         return [torch.cat([_pad_rows(part[lo:hi], lay.intermediate_per_rank) for part in g]).contiguous()
                 for lo, hi in _inter_ranges(spec, lay)]
@@ -182,7 +184,7 @@ def shard(spec: ModelSpec, lay: Layout, slot: str, t: torch.Tensor) -> list[torc
         return [t.contiguous()] + [None] * (tp - 1)
     if slot in VOCAB:
         return [c.contiguous() for c in torch.chunk(_pad_rows(t, lay.vocab_padded), tp, dim=0)]
-    if slot == "q_norm.weight" and spec.qk_norm != "head":       # [H, hd] or [H * hd]: this rank's heads
+    if slot == "attn_sinks.weight" or (slot == "q_norm.weight" and spec.qk_norm != "head"):  # this rank's heads
         return [c.contiguous() for c in torch.chunk(t, tp, dim=0)]
     if slot == "k_norm.weight" and spec.qk_norm != "head":       # its kv heads, replicated as in qkv
         heads = t.reshape(KV, -1)
@@ -210,7 +212,7 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
     if slot in ("mlp_out.weight", "experts_out.weight", "shared_out.weight"):
         ranges = _inter_ranges(spec, lay, slot == "shared_out.weight")
         return torch.cat([p[:, :hi - lo] for (lo, hi), p in zip(ranges, pieces)], dim=1)
-    if slot == "experts_in.weight":
+    if slot.startswith("experts_in."):
         parts = [p.reshape(spec.num_experts * 2, lay.intermediate_per_rank, *p.shape[1:])[:, :hi - lo]
                  for (lo, hi), p in zip(_inter_ranges(spec, lay), pieces)]
         return torch.cat(parts, dim=1).reshape(-1, *pieces[0].shape[1:])
@@ -222,7 +224,7 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
         return pieces[0]
     if slot in VOCAB:
         return torch.cat(pieces, dim=0)[:spec.vocab_size]
-    if slot == "q_norm.weight" and spec.qk_norm != "head":
+    if slot == "attn_sinks.weight" or (slot == "q_norm.weight" and spec.qk_norm != "head"):
         return torch.cat(pieces, dim=0)
     if slot == "k_norm.weight" and spec.qk_norm != "head":
         return torch.cat(_kv_heads(lay, KV, slot, pieces), dim=0)

@@ -515,6 +515,42 @@ def _converted_forward(model, ids, kind):
         None if out is None else out.float().cpu()
 
 
+def _mxfp4_source(model_dir: Path) -> bool:
+    """Whether config.json declares MXFP4 weights (an unreadable one is reported when it is parsed)."""
+    from .read import quant_method
+    try:
+        return quant_method(json.loads((Path(model_dir) / "config.json").read_text())) == "mxfp4"
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return False
+
+
+def _mxfp4_reference(cls, model_dir: Path):
+    """The HF model of an MXFP4 checkpoint, dequantized by transformers' own MXFP4 routine (its loader needs
+    accelerate and a GPU kernel package for these weights): an independent check of the converter's decoding."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+    del config.quantization_config
+    state = {}
+    for f in sorted({*json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"].values()}
+                    if (model_dir / "model.safetensors.index.json").is_file() else ["model.safetensors"]):
+        state.update(load_file(model_dir / f))
+    for name in [n for n in state if n.endswith("_blocks")]:
+        base = name[:-len("_blocks")]
+        state[base] = convert_moe_packed_tensors(state.pop(name), state.pop(base + "_scales"), dtype=torch.float32)
+    from transformers.initialization import no_init_weights
+    with no_init_weights():
+        model = cls(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [n for n in missing if not (n == "lm_head.weight" and config.tie_word_embeddings)]:
+        raise FmError(f"{model_dir}: the MXFP4 checkpoint does not fit {cls.__name__} "
+                      f"({(unexpected or missing)[0]})")
+    model.tie_weights()
+    return model
+
+
 def _load_reference(model_dir: Path, arch: str, kind: str, device):
     import transformers
     from transformers.utils import logging as hf_logging
@@ -524,7 +560,10 @@ def _load_reference(model_dir: Path, arch: str, kind: str, device):
     if cls is None:
         raise FmError(f"transformers {transformers.__version__} has no class {arch}")
     try:
-        model = cls.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+        if _mxfp4_source(model_dir):
+            model = _mxfp4_reference(cls, model_dir)
+        else:
+            model = cls.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     except Exception as e:
         raise FmError(f"transformers cannot load {model_dir} as {arch} ({type(e).__name__}: "
                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
@@ -724,7 +763,7 @@ def verify(model_dir, out_dir, text_file=None, tokens: int = 256, tp_mode: str =
         try:
             integ = check_integrity(out_dir, m)
             report["integrity"] = integ
-            with Checkpoint(model_dir, allow_pickle=allow_pickle) as ckpt:
+            with Checkpoint(model_dir, allow_pickle=allow_pickle, mxfp4=_mxfp4_source(model_dir)) as ckpt:
                 plan, config, config_sha = plan_source(model_dir, m, ckpt)
                 report["warnings"] += _source_notes(model_dir, m, ckpt, config_sha)
                 if integ["readable"]:

@@ -136,7 +136,7 @@ def _threads(out_dir, tp, fn):
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "bloom", "bert", "gptneox", "phi", "phi3", "qwen3", "falcon_new", "mixtral",
-                                  "qwen3_moe", "olmo2", "olmoe", "cohere_qk"])
+                                  "qwen3_moe", "olmo2", "olmoe", "cohere_qk", "gpt_oss"])
 def test_tp4_emulated_equals_tp1(work, name, tmp_path):
     _, src, outs = work(name)
     convert(src, tmp_path / "tp4", Options(tp=4), progress=False)
@@ -227,7 +227,7 @@ def test_world_size_mismatch_is_a_clear_error(work):
 
 
 @pytest.mark.parametrize("name", ["stories", "llama", "qwen2", "gpt2", "opt350", "gptneox", "phi", "gemma", "gemma2",
-                                  "falcon_new", "mixtral"])
+                                  "falcon_new", "mixtral", "gpt_oss"])
 def test_inject_keeps_the_transformers_interface(work, name):
     hf, src, outs = work(name)
     arch = hf.config.architectures[0]
@@ -250,7 +250,7 @@ def test_inject_refuses_a_different_model(work):
 
 
 @pytest.mark.parametrize("name", ["stories", "gpt2", "bloom", "opt350", "gptj", "phi", "stablelm_par", "qwen3", "falcon",
-                                  "mixtral"])
+                                  "mixtral", "gpt_oss"])
 def test_graph_safe_decode_step_equals_eager_decode(work, name):
     """decode_step (what a CUDA graph captures) reads positions and lengths from device tensors only."""
     _, _, outs = work(name)
@@ -315,6 +315,7 @@ WINDOWED = {   # family -> config overrides that give it a 5-position window, an
     "gemma3": ({}, [0]),     # and its windowed layers have their own RoPE
     "olmo3": ({}, [0]),
     "exaone4": ({}, [0, 1, 2]),   # and its global layer has no RoPE
+    "gpt_oss": ({}, [0]),     # and every head has a softmax sink
 }
 
 

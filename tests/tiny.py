@@ -125,6 +125,14 @@ CONFIGS = {
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(hidden_size=64, intermediate_size=48, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
               num_experts=4, num_experts_per_tok=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # Sinks, alternating windowed layers, YaRN, stacked experts with biases, and a clamp tight enough to bite.
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
+                max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                swiglu_limit=0.1, swiglu_alpha=1.5, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                 "truncate": False, "original_max_position_embeddings": 16,
+                                 "rope_theta": 150000.0})),
     # Vision-language wrappers: only the language model converts; the vision tower is left out.
     "gemma3_vl": ("Gemma3Config", "Gemma3ForConditionalGeneration", dict(
         text_config=dict(model_type="gemma3_text", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -187,6 +195,8 @@ def build(name: str, seed: int = 0, **overrides):
                 p.add_(torch.randn_like(p) * 0.1)
             elif n.endswith("bias"):
                 p.copy_(torch.randn_like(p) * 0.02)
+            elif n.endswith("sinks"):           # GPT-OSS: a sink logit per head, large enough to matter
+                p.copy_(torch.randn_like(p))
     return model
 
 

@@ -38,7 +38,7 @@ _INT8_OK = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight", 
             "experts_in.weight", "experts_out.weight", "shared_in.weight", "shared_out.weight")
 _EXPERTS = ("experts_in.weight", "experts_out.weight")
 ROPE_TENSORS = ("rope.inv_freq", "rope_local.inv_freq", "rope_long.inv_freq")   # derived, kept float32
-_ROW_BIAS = ("attn_out.bias", "mlp_out.bias")
+_ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias")
 
 
 def check_layout(m: dict, rank: int):
@@ -61,6 +61,8 @@ def check_layout(m: dict, rank: int):
     q_norm, k_norm = qk[sp["qk_norm"]]
     layer = {"qkv.weight": (qkv, h), "qkv.bias": (qkv,), "q_norm.weight": q_norm, "k_norm.weight": k_norm,
              "router.weight": (E, h), "experts_in.weight": (E * 2 * ipr, h), "experts_out.weight": (E * h, ipr),
+             "router.bias": (E,), "experts_in.bias": (E * 2 * ipr,), "experts_out.bias": (E * h,),
+             "attn_sinks.weight": (hpr,),
              "shared_in.weight": (2 * par.get("shared_intermediate_per_rank", 0), h), "shared_gate.weight": (1, h),
              "shared_out.weight": (h, par.get("shared_intermediate_per_rank", 0)),
              "attn_out.weight": (h, hpr * hd), "attn_out.bias": (h,),

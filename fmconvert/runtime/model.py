@@ -44,6 +44,7 @@ class Block(nn.Module):
         self.window = sp["sliding_window"] if layers is None or i in layers else 0   # 0: every earlier position
         self.rope_table = "local" if self.window and "local" in sp["position"] else "global"
         self.rope = model.rope is not None and i not in (sp.get("nope_layers") or ())   # SmolLM3: NoPE layers
+        self.sinks = tensors.get("attn_sinks.weight")     # GPT-OSS: one softmax sink logit per head of this rank
 
     def forward(self, x, residual, positions, cache, key_padding_mask, pos_t=None, seq_t=None, x_norm=None):
         """x_norm: the previous block's output norm (Gemma 2/3), still to be applied to x: it rides in this
@@ -147,30 +148,34 @@ class Block(nn.Module):
         return m.ops.linear(f, t["mlp_out.weight"], t.get("mlp_out.bias"))
 
     def experts(self, h):
-        """A sparse MLP (Mixtral, Qwen3-MoE): a softmax router (fp32) picks each token's top-k experts, their weights
-        renormalised to sum to 1 where the model does so, and the token's output is the weighted sum of those
-        experts' SwiGLU MLPs. Each expert runs once on the tokens routed to it. With int8 experts and a backend
-        that indexes experts on the device (Triton), a few tokens (a decode step) take one launch per projection
-        over (token, expert) pairs instead: no host sync, so the step stays CUDA-graph capturable. Otherwise the
-        routing is read on the host."""
+        """A sparse MLP (Mixtral, Qwen3-MoE, GPT-OSS): a softmax router (fp32) picks each token's top-k experts,
+        their weights renormalised to sum to 1 where the model does so, and the token's output is the weighted sum
+        of those experts' gated MLPs. Each expert runs once on the tokens routed to it. With int8 experts and a
+        backend that indexes experts on the device (Triton), a few tokens (a decode step) take one launch per
+        projection over (token, expert) pairs instead: no host sync, so the step stays CUDA-graph capturable.
+        Otherwise the routing is read on the host. GPT-OSS's router and experts have biases; experts_out's is on
+        rank 0 only (row-parallel), so it is weighted and summed once."""
         m, t = self.m, self.t
         x = h.reshape(-1, h.shape[-1])
-        probs = torch.nn.functional.linear(x, t["router.weight"]).float().softmax(-1)
+        probs = torch.nn.functional.linear(x, t["router.weight"], t.get("router.bias")).float().softmax(-1)
         k = m.spec["experts_per_token"]
         weight, chosen = probs.topk(k, dim=-1)
         if m.spec["experts_renormalize"]:
             weight = weight / weight.sum(-1, keepdim=True)
+        ins, outs = t["experts_in.weight"], t["experts_out.weight"]
+        b_in, b_out = t.get("experts_in.bias"), t.get("experts_out.bias")
+        b_in = None if b_in is None else b_in.view(len(ins), -1)
+        b_out = None if b_out is None else b_out.view(len(outs), -1)
         if self.device_routed(x.shape[0]):
-            ins, outs = t["experts_in.weight"], t["experts_out.weight"]
             pairs = chosen.reshape(-1)
-            y = m.ops.expert_linear(x, ins.stacked, len(ins), pairs, k, m.activation)        # [tokens * k, I]
-            y = m.ops.expert_linear(y, outs.stacked, len(outs), pairs, 1, None)             # [tokens * k, h]
+            y = m.ops.expert_linear(x, ins.stacked, len(ins), pairs, k, m.activation, b_in)   # [tokens * k, I]
+            y = m.ops.expert_linear(y, outs.stacked, len(outs), pairs, 1, None, b_out)      # [tokens * k, h]
             return (y.view(-1, k, y.shape[-1]).float() * weight[..., None]).sum(1).to(x.dtype).view_as(h)
         out = torch.zeros_like(x)
         for e in chosen.unique().tolist():
             token, k = (chosen == e).nonzero(as_tuple=True)
-            y = m.ops.linear(x[token], t["experts_in.weight"][e], None, m.activation)
-            y = m.ops.linear(y, t["experts_out.weight"][e])
+            y = m.ops.linear(x[token], ins[e], None if b_in is None else b_in[e], m.activation)
+            y = m.ops.linear(y, outs[e], None if b_out is None else b_out[e])
             out.index_add_(0, token, (y.float() * weight[token, k, None]).to(out.dtype))
         return out.view_as(h)
 
@@ -195,7 +200,7 @@ class Block(nn.Module):
             q = m.ops.decode_append(q, k, v, kc, vc, pos_t, *rope, qk_norm=qk_norm, ring=bool(ring))  # (B, Hq, hd)
             # a ring holds exactly the window: attend over its filled rows (seq_t[ring]), nothing to mask
             o = m.ops.decode_attention(q, kc, vc, seq_t[ring], m.scale, m.alibi, 0 if ring else self.window,
-                                       m.softcap)
+                                       m.softcap, sinks=self.sinks)
             return o.reshape(B, 1, Hq * hd)
         if qk_norm is not None:                  # Qwen3: each q and k head RMS-normalised before RoPE
             q = m.ops.add_norm(q, None, qk_norm[0], None, m.eps, m.norm)[0]
@@ -204,7 +209,8 @@ class Block(nn.Module):
             q, k = m.ops.rope(q, k, *m.rope_for(positions, self.rope_table), positions, m.rope_style, m.rotary_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # (B, H, T, hd)
         if cache is None:
-            o = m.ops.attention(q, k, v, m.scale, m.causal, m.alibi, key_padding_mask, self.window, m.softcap)
+            o = m.ops.attention(q, k, v, m.scale, m.causal, m.alibi, key_padding_mask, self.window, m.softcap,
+                                sinks=self.sinks)
             return o.transpose(1, 2).reshape(B, T, Hq * hd)
         kc, vc = cache.k[self.i], cache.v[self.i]
         start = cache.length
@@ -215,10 +221,11 @@ class Block(nn.Module):
         S = start + T
         if T == 1 and m.ops.name != "torch":
             seq = torch.full((B,), S, dtype=torch.int32, device=h.device)
-            o = m.ops.decode_attention(q[:, :, 0], kc, vc, seq, m.scale, m.alibi, self.window, m.softcap)
+            o = m.ops.decode_attention(q[:, :, 0], kc, vc, seq, m.scale, m.alibi, self.window, m.softcap,
+                                       sinks=self.sinks)
             return o.reshape(B, 1, Hq * hd)
         o = m.ops.attention(q, kc[:, :, :S], vc[:, :, :S], m.scale, m.causal, m.alibi, key_padding_mask,
-                            self.window, m.softcap)
+                            self.window, m.softcap, sinks=self.sinks)
         return o.transpose(1, 2).reshape(B, T, Hq * hd)
 
     def _ring_attention(self, q, k, v, kc, vc, start, ring, key_padding_mask):
@@ -232,7 +239,7 @@ class Block(nn.Module):
             kc.index_copy_(2, rows, k)
             vc.index_copy_(2, rows, v)
             seq = torch.full((B,), min(start + 1, ring), dtype=torch.int32, device=q.device)
-            o = m.ops.decode_attention(q[:, :, 0], kc, vc, seq, m.scale, m.alibi, 0, m.softcap)
+            o = m.ops.decode_attention(q[:, :, 0], kc, vc, seq, m.scale, m.alibi, 0, m.softcap, sinks=self.sinks)
             return o.reshape(B, 1, Hq * hd)
         old = min(start, ring)
         if start > ring:                 # the oldest cached position sits in row start % ring: rotate it first
@@ -241,7 +248,7 @@ class Block(nn.Module):
             ok, ov = kc[:, :, :old], vc[:, :, :old]
         ka, va = torch.cat([ok, k], 2), torch.cat([ov, v], 2)
         kpm = None if key_padding_mask is None else key_padding_mask[:, -(old + T):]
-        o = m.ops.attention(q, ka, va, m.scale, m.causal, m.alibi, kpm, self.window, m.softcap)
+        o = m.ops.attention(q, ka, va, m.scale, m.causal, m.alibi, kpm, self.window, m.softcap, sinks=self.sinks)
         kc.index_copy_(2, rows, k[:, :, -ring:])
         vc.index_copy_(2, rows, v[:, :, -ring:])
         return o.transpose(1, 2).reshape(B, T, Hq * hd)
@@ -266,6 +273,8 @@ class FusedModel(nn.Module):
         self.dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[manifest["dtype"]]
         self.head_dim, self.heads, self.kv_heads = sp["head_dim"], par["heads_per_rank"], par["kv_heads_per_rank"]
         self.eps, self.norm, self.activation = sp["norm_eps"], sp["norm"], sp["activation"]
+        if self.activation == "swiglu_oai":      # GPT-OSS: the epilogue carries its two constants
+            self.activation = ("swiglu_oai", sp["glu_alpha"], sp["glu_limit"])
         self.scale, self.softcap, self.residual_scale = sp["attn_scale"], sp["attn_softcap"], sp["residual_scale"]
         self.causal = sp["kind"] == "decoder"
         self.vocab_lo = rank * par["vocab_per_rank"]

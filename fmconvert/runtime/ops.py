@@ -88,9 +88,18 @@ class Int8Weight:
         return Int8Weight(self.q.to(device), self.scale.to(device), self.group_size)
 
 
-def activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+def activate(y: torch.Tensor, activation) -> torch.Tensor:
+    """activation: a name, or ("swiglu_oai", alpha, limit): GPT-OSS's clamped SwiGLU over gate|up, where the gate
+    is clamped above at limit, up to [-limit, limit], and out = gate * sigmoid(alpha * gate) * (up + 1)."""
     if activation is None:
         return y
+    if isinstance(activation, tuple):
+        name, alpha, limit = activation
+        if name != "swiglu_oai":
+            raise ValueError(f"unknown activation {activation!r}")
+        gate, up = y.chunk(2, dim=-1)
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        return gate * torch.sigmoid(gate * alpha) * (up + 1)
     if activation == "swiglu":
         gate, up = y.chunk(2, dim=-1)
         return F.silu(gate) * up
@@ -207,21 +216,23 @@ class TorchOps:
         """A new forward: positions may be a tensor seen before, with new contents."""
         self._rope_memo = None
 
-    def attention(self, q, k, v, scale, causal, alibi_slopes=None, key_padding_mask=None, window=0, softcap=0.0):
+    def attention(self, q, k, v, scale, causal, alibi_slopes=None, key_padding_mask=None, window=0, softcap=0.0,
+                  sinks=None):
         """window: a query at position p sees keys p - window < j <= p (0: no window). softcap: scores become
-        softcap * tanh(score / softcap) before masking (0: none)."""
+        softcap * tanh(score / softcap) before masking (0: none). sinks [Hq]: a logit per head that joins each
+        softmax's denominator and nothing else (GPT-OSS)."""
         B, Hq, T, D = q.shape
         S = k.shape[2]
         if window >= S:
             window = 0                          # the window reaches past the first key: it masks nothing
         gqa = {}
         if Hq != k.shape[1]:
-            if _SDPA_GQA and not softcap:
+            if _SDPA_GQA and not softcap and sinks is None:
                 gqa = {"enable_gqa": True}      # kv heads shared in place, not copied per step
             else:
                 rep = Hq // k.shape[1]
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        plain = alibi_slopes is None and key_padding_mask is None and not window and not softcap
+        plain = alibi_slopes is None and key_padding_mask is None and not window and not softcap and sinks is None
         if causal and T == S and T > 1 and plain:
             # A whole prompt from position 0: sdpa's own causal path, about twice as fast as a mask on CPU
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
@@ -245,11 +256,12 @@ class TorchOps:
             kp = key_padding_mask.bool().view(B, 1, 1, S)
             mask = kp if mask is None else (mask & kp if mask.dtype == torch.bool else
                                             mask.masked_fill(~kp, float("-inf")))
-        if softcap:
-            return _capped_attention(q, k, v, scale, mask, softcap)
+        if softcap or sinks is not None:
+            return _explicit_attention(q, k, v, scale, mask, softcap, sinks)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
 
-    def decode_attention(self, q, k_cache, v_cache, seq_lens, scale, alibi_slopes=None, window=0, softcap=0.0):
+    def decode_attention(self, q, k_cache, v_cache, seq_lens, scale, alibi_slopes=None, window=0, softcap=0.0,
+                         sinks=None):
         """q [B, Hq, D] against the whole static cache, masked by seq_lens: graph-safe, no slicing by length."""
         B, Hq, D = q.shape
         S = k_cache.shape[2]
@@ -266,19 +278,25 @@ class TorchOps:
         k, v = k_cache, v_cache
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if softcap:
-            return _capped_attention(q.unsqueeze(2), k, v, scale, mask, softcap).squeeze(2)
+        if softcap or sinks is not None:
+            return _explicit_attention(q.unsqueeze(2), k, v, scale, mask, softcap, sinks).squeeze(2)
         return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale).squeeze(2)
 
 
-def _capped_attention(q, k, v, scale, mask, cap):
-    """Attention with Gemma 2's soft-capped scores, in fp32 (sdpa has no hook between the product and the mask).
-    q [B, H, T, D], k and v [B, H, S, D]; mask bool (True = attend) or additive, broadcastable to [B, H, T, S]."""
+def _explicit_attention(q, k, v, scale, mask, cap, sinks):
+    """Attention in fp32 with what sdpa has no hook for: Gemma 2's soft-capped scores (cap > 0), GPT-OSS's sinks
+    (a logit per head [H] that joins the softmax's denominator, then is dropped). q [B, H, T, D], k and v
+    [B, H, S, D]; mask bool (True = attend) or additive, broadcastable to [B, H, T, S]."""
     s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    s = torch.tanh(s / cap) * cap
+    if cap:
+        s = torch.tanh(s / cap) * cap
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
-    return torch.matmul(s.softmax(-1).nan_to_num(0.0), v.float()).to(q.dtype)
+    if sinks is None:
+        return torch.matmul(s.softmax(-1).nan_to_num(0.0), v.float()).to(q.dtype)
+    sink = sinks.float().view(1, -1, 1, 1).expand(*s.shape[:-1], 1)
+    p = torch.cat([s, sink], dim=-1).softmax(-1)[..., :-1]
+    return torch.matmul(p, v.float()).to(q.dtype)
 
 
 def _rotate(x, c, s, style, rotary_dim, expanded=False):
@@ -311,8 +329,8 @@ class TritonOps(TorchOps):
     def linear(self, x, weight, bias=None, activation=None):
         if isinstance(weight, Int8Weight):
             return self.k.int8_linear(x, weight.q, weight.scale, weight.group_size, bias=bias, activation=activation)
-        if activation in ("swiglu", "geglu"):     # cuBLAS, then one kernel where torch would launch two
-            return self.k.gated(F.linear(x, weight, bias), activation)
+        if activation in ("swiglu", "geglu") or isinstance(activation, tuple):
+            return self.k.gated(F.linear(x, weight, bias), activation)   # cuBLAS, then one kernel (torch: several)
         return super().linear(x, weight, bias, activation)
 
     def rope(self, q, k, cos, sin, positions, style, rotary_dim):
@@ -335,24 +353,28 @@ class TritonOps(TorchOps):
                                   q_norm=qk_norm[0], k_norm=qk_norm[1], eps=qk_norm[2],
                                   plus_one=qk_norm[3] == "rms_plus_one", ring=ring)
 
-    def attention(self, q, k, v, scale, causal, alibi_slopes=None, key_padding_mask=None, window=0, softcap=0.0):
+    def attention(self, q, k, v, scale, causal, alibi_slopes=None, key_padding_mask=None, window=0, softcap=0.0,
+                  sinks=None):
         if (q.is_cuda and alibi_slopes is None and key_padding_mask is None and q.shape[2] == k.shape[2]
-                and not window and not softcap):
+                and not window and not softcap and sinks is None):
             # Plain causal prefill goes to torch SDPA (flash attention); gpu_kernels.py times it against ours.
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
                                                   enable_gqa=q.shape[1] != k.shape[1])
         return self.k.prefill_attention(q, k, v, scale, causal=causal, alibi_slopes=alibi_slopes,
-                                        key_padding_mask=key_padding_mask, window=window, softcap=softcap)
+                                        key_padding_mask=key_padding_mask, window=window, softcap=softcap,
+                                        sinks=sinks)
 
-    def decode_attention(self, q, k_cache, v_cache, seq_lens, scale, alibi_slopes=None, window=0, softcap=0.0):
+    def decode_attention(self, q, k_cache, v_cache, seq_lens, scale, alibi_slopes=None, window=0, softcap=0.0,
+                         sinks=None):
         return self.k.decode_attention(q, k_cache, v_cache, seq_lens, scale, alibi_slopes=alibi_slopes,
-                                       window=window, softcap=softcap)
+                                       window=window, softcap=softcap, sinks=sinks)
 
-    def expert_linear(self, x, stacked: Int8Weight, n_experts: int, experts, x_every: int, activation):
-        """Rows of (token, expert) pairs from one int8 [E * N, K] stack; the expert ids stay on the device."""
+    def expert_linear(self, x, stacked: Int8Weight, n_experts: int, experts, x_every: int, activation, bias=None):
+        """Rows of (token, expert) pairs from one int8 [E * N, K] stack; the expert ids stay on the device.
+        bias: [E, N] or None."""
         q, s = stacked.q, stacked.scale
         return self.k.int8_expert_linear(x, q.view(n_experts, -1, q.shape[1]), s.view(n_experts, -1, s.shape[1]),
-                                         stacked.group_size, experts, x_every, activation)
+                                         stacked.group_size, experts, x_every, activation, bias=bias)
 
 
 def make_ops(backend: str, device: torch.device):
