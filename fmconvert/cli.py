@@ -109,9 +109,14 @@ def convert(model_dir, out_dir, tp, int8, group_size, int8_embeddings, int8_lm_h
     if s["mxfp4"]:
         t.add_row("MXFP4", f"{s['mxfp4']} expert tensors decoded on read (exactly, to bf16)")
     if s["dropped"] is not None:
-        t.add_row("left out", f"{s['dropped']['tensors']} vision tensors ({_human(s['dropped']['bytes'])}): "
-                  f"the language model alone was converted")
+        t.add_row("left out", f"{s['dropped']['tensors']} {_DROPPED[s['dropped'].get('what', 'vision')]}"
+                  f" ({_human(s['dropped']['bytes'])})")
     _console().print(t)
+
+
+# What a conversion left out of the source, by source.dropped's `what` (absent in older manifests: vision).
+_DROPPED = {"vision": "vision tensors: the language model alone was converted",
+            "mtp": "multi-token-prediction tensors (a training aid transformers leaves out too)"}
 
 
 def _ranges(xs: list[int]) -> str:
@@ -146,7 +151,7 @@ def inspect(out_dir, as_json):
         t.add_row("source", f"MXFP4: {len(m['source']['mxfp4'])} expert tensors decoded to bf16 on read")
     if m["source"].get("dropped"):
         d = m["source"]["dropped"]
-        t.add_row("left out", f"{d['tensors']} vision tensors ({_human(d['bytes'])}): language model only")
+        t.add_row("left out", f"{d['tensors']} {_DROPPED[d.get('what', 'vision')]} ({_human(d['bytes'])})")
     t.add_row("shape", f"{md['num_layers']} layers, hidden {md['hidden_size']}, {md['num_heads']} heads / "
               f"{md['num_kv_heads']} kv, head_dim {md['head_dim']}, mlp {md['intermediate_size']} ({md['activation']})")
     if md["num_experts"]:

@@ -78,6 +78,12 @@ _MODEL_OPTIONAL = {
     "qkv_layout": (None, _ENUM(None, "separate", "fused", "interleaved", "grouped"),
                    "separate, fused, interleaved or grouped"),
     "qk_norm": ("head", _ENUM("head", "per_head", "full"), "head, per_head or full"),
+    "dense_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
+                     "null or a list of layer indices"),
+    "dense_intermediate_size": (0, _NAT, "a non-negative integer"),
+    "router": ("softmax", _ENUM("softmax", "sigmoid"), "softmax or sigmoid"),
+    "router_groups": (1, _POS_INT, "a positive integer"), "router_topk_groups": (1, _POS_INT, "a positive integer"),
+    "routed_scale": (1.0, _POS_NUM, "a positive number"),
     "glu_alpha": (0.0, _NONNEG_NUM, "a non-negative number"), "glu_limit": (0.0, _NONNEG_NUM, "a non-negative number"),
     "nope_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
                     "null or a list of layer indices"),
@@ -189,6 +195,15 @@ def validate(m) -> dict:
     _need(not shared or (experts and _POS_INT(sc) and _POS_INT(par.get("shared_intermediate_per_rank"))
                          and par["shared_intermediate_per_rank"] >= sc and sc * tp >= shared),
           "model.shared_intermediate_size needs experts and parallel.shared_intermediate_* covering it")
+    dense, dc, dl = model["dense_intermediate_size"], par.get("dense_intermediate_chunk", 0), model["dense_layers"]
+    _need(not (dense or dl) or (experts and dense and dl and dl == sorted(set(dl)) and dl[-1] < model["num_layers"]
+                                and len(dl) < model["num_layers"] and _POS_INT(dc)
+                                and _POS_INT(par.get("dense_intermediate_per_rank"))
+                                and par["dense_intermediate_per_rank"] >= dc and dc * tp >= dense),
+          "model.dense_layers needs experts, distinct layer indices in order, a dense_intermediate_size and "
+          "parallel.dense_intermediate_* covering it")
+    _need(model["num_experts"] % model["router_groups"] == 0 and model["router_topk_groups"] <= model["router_groups"],
+          "model.router_groups must divide num_experts, and router_topk_groups must not exceed it")
     _need(m["dtype"] in _FLOATS, f"dtype {str(m['dtype'])[:40]!r} is not a float dtype")
     _source(m["source"])
     _need(isinstance(m.get("extras", []), list) and all(isinstance(e, str) for e in m.get("extras", [])),
@@ -258,7 +273,8 @@ def _source(src):
         and _HEX64.fullmatch(v["head_sha256"]) for v in prints.values()), "source.fingerprints malformed")
     dropped = src.get("dropped", {"tensors": 0, "bytes": 0, "prefixes": []})   # a vision-language wrapper's towers
     _need(isinstance(dropped, dict) and _NAT(dropped.get("tensors")) and _NAT_SIZE(dropped.get("bytes"))
-          and isinstance(dropped.get("prefixes"), list) and all(isinstance(p, str) for p in dropped["prefixes"]),
+          and isinstance(dropped.get("prefixes"), list) and all(isinstance(p, str) for p in dropped["prefixes"])
+          and dropped.get("what", "vision") in ("vision", "mtp"),
           "source.dropped malformed")
     _need(src.get("mxfp4", []) == [] or (isinstance(src["mxfp4"], list) and all(isinstance(n, str) for n in src["mxfp4"])),
           "source.mxfp4 malformed")

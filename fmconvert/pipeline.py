@@ -135,7 +135,8 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
             bytes_in += numel * ckpt.dtype(n).itemsize
     globals_ = [s for s in globals_ if s.names]
     spec.pooler = any(s.slot == "pooler.weight" for s in globals_)
-    spec.slots = [s.slot for s in globals_] + ([f"layers.{s.slot}" for s in layers[0]] if layers else [])
+    per_layer = list(dict.fromkeys(s.slot for layer in layers for s in layer))    # a mixture's dense layers differ
+    spec.slots = [s.slot for s in globals_] + [f"layers.{s}" for s in per_layer]
 
     head = policy.head_prefix(prefix) + "lm_head.weight"
     tied_lm_head = head if spec.tied_embeddings and head in ckpt else None
@@ -144,10 +145,11 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
     ignore = policy.ignored(prefix, spec.num_layers)
     extras = []
     dropped = {"tensors": 0, "bytes": 0}
+    drop = policy.drop + [f"{prefix}layers.{i}." for i in range(spec.num_layers, spec.num_layers + _mtp(policy, config))]
     for n in ckpt.names():
         if n in consumed or any(p.fullmatch(n) for p in ignore):
             continue
-        if any(n.startswith(p) for p in policy.drop):
+        if any(n.startswith(p) for p in drop):
             dropped["tensors"] += 1
             dropped["bytes"] += math.prod(ckpt.shape(n)) * ckpt.dtype(n).itemsize
             continue
@@ -176,7 +178,18 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
             groups[slot] = g
     return Plan(policy, spec, layout, dtype, globals_, layers, extras, tied_lm_head, groups, quant_slots,
                 bytes_in, params, prefix, {k: v for k, v in sorted(spelled.items()) if v is not None},
-                {**dropped, "prefixes": policy.drop} if policy.wrapper else None)
+                {**dropped, "prefixes": drop, "what": "vision" if policy.wrapper else "mtp"}
+                if policy.wrapper or dropped["tensors"] else None)
+
+
+def _mtp(policy: Policy, config) -> int:
+    """Layers stored after the last one that are multi-token-prediction heads (GLM-4.5's num_nextn_predict_layers):
+    training aids that transformers leaves out too. Their tensors are counted in source.dropped."""
+    key = policy.table["config"].get("mtp_layers")
+    n = 0 if key is None else getattr(config, key, None) or 0
+    if type(n) is not int or not 0 <= n <= 64:
+        raise FmError(f"config.json: {key} must be a small non-negative integer, got {n!r}")
+    return n
 
 
 def _rope_inv_freq(config, spec: ModelSpec, local: bool = False, seq_len: int | None = None

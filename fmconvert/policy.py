@@ -31,7 +31,12 @@ LAYER_SLOTS = (
     "router.bias", "experts_in.bias", "experts_out.bias",            # GPT-OSS: biases on all three
     "attn_sinks.weight",                                             # GPT-OSS: a learned softmax sink per head
     "shared_in.weight", "shared_out.weight", "shared_gate.weight",   # Qwen2-MoE: an always-on expert beside them
+    "router.correction_bias",        # GLM-4.5: added to the sigmoid scores when choosing experts, not when weighing
 )
+# A mixture's slots and a dense MLP's: a model with both kinds of layer (GLM-4.5's first layers are dense) gives each
+# layer the one set its kind has.
+_SPARSE_SLOTS = ("router.", "experts_", "shared_")
+_DENSE_SLOTS = ("mlp_in.", "mlp_out.")
 GLOBAL_SLOTS = (
     "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
     "project_in.weight", "project_out.weight", "final_norm.weight", "final_norm.bias", "pooler.weight",
@@ -83,6 +88,14 @@ class ModelSpec:
     qkv_layout: str | None = None  # how the source stores q|k|v (separate, interleaved, grouped); None: the table's
     num_experts: int = 0           # mixture of experts (Mixtral): experts per layer, 0 for a dense MLP
     shared_intermediate_size: int = 0  # a shared expert's width (Qwen2-MoE), 0 for none
+    dense_layers: list | None = None   # a mixture's layers that have a dense MLP instead (GLM-4.5's first); None: none
+    dense_intermediate_size: int = 0   # their MLP's width (intermediate_size is then the experts')
+    router: str = "softmax"        # softmax over the expert logits, or "sigmoid": each expert scored on its own, the
+    #                                choice made with router.correction_bias added, within the best router_topk_groups
+    #                                of router_groups groups (DeepSeek-V3's scheme, GLM-4.5)
+    router_groups: int = 1
+    router_topk_groups: int = 1
+    routed_scale: float = 1.0      # the routing weights are multiplied by it after any renormalisation
     experts_per_token: int = 0     # top-k experts each token is routed to
     sliding_window: int = 0        # attention limited to this many recent positions (Mistral, Gemma 2); 0: none
     window_layers: list | None = None  # the layers that use that window; None: every layer
@@ -164,7 +177,7 @@ def _pick(value, flags: dict, where: str):
 
 
 def _config_value(config, spec, key: str, flags: dict | None = None):
-    """Resolve a `[config]` entry: "a|b" alternatives, "4*x" multiples, "x/y" ratios, a number as the last
+    """Resolve a `[config]` entry: "a|b" alternatives, "4*x" multiples and "x*y" products, "x/y" ratios, a number as the last
     alternative ("x|0": x where the config sets it), {value = ...} constants, and [flag, if_true, if_false] picks of
     any of these."""
     spec = _pick(spec, flags or {}, f"config.{key}")
@@ -173,11 +186,11 @@ def _config_value(config, spec, key: str, flags: dict | None = None):
     for alt in spec.split("|"):
         if re.fullmatch(r"\d+(\.\d+)?", alt):
             return float(alt) if "." in alt else int(alt)
-        m = re.fullmatch(r"(\d+)\*(\w+)", alt)
+        m = re.fullmatch(r"(\w+)\*(\w+)", alt)
         if m:
-            v = getattr(config, m.group(2), None)
-            if v is not None:
-                return int(m.group(1)) * v
+            a, v = _operand(config, m.group(1)), getattr(config, m.group(2), None)
+            if a is not None and v is not None:
+                return a * v
             continue
         m = re.fullmatch(r"(\w+)/(\w+)", alt)
         if m:
@@ -292,6 +305,7 @@ class Policy:
         experts, topk = int(c.get("num_experts") or 0), int(c.get("experts_per_token") or 0)
         if experts and not 1 <= topk <= experts:
             raise FmError(f"config.json: num_experts_per_tok={topk} must be between 1 and num_local_experts={experts}")
+        mixed = self._dense_layers(c, experts) if experts else {}
         tied = bool(getattr(config, "tie_word_embeddings", False)) and self.kind == "decoder"
         qdim = _number(c, "query_scale_dim", c["head_dim"])
         eps = c["norm_eps"]
@@ -314,7 +328,7 @@ class Policy:
             num_experts=experts, experts_per_token=topk if experts else 0,
             shared_intermediate_size=self._shared_size(c, experts),
             experts_renormalize=bool(self._layout("experts_renormalize", flags, True)),
-            qk_norm=self._qk_norm(flags), **glu,
+            qk_norm=self._qk_norm(flags), **glu, **mixed, **self._router(c, experts, topk),
             **self._windows(config, c), nope_layers=self._nope_layers(config, c, position),
             attn_softcap=_number(c, "attn_softcap", 0.0, zero_ok=True),
             logit_softcap=_number(c, "logit_softcap", 0.0, zero_ok=True),
@@ -324,6 +338,43 @@ class Policy:
             pad_token_id=getattr(config, "pad_token_id", None),
         )
         return spec
+
+    def _dense_layers(self, c, experts: int) -> dict:
+        """A mixture's layers with a dense MLP instead: the first `first_dense` (GLM-4.5's first_k_dense_replace),
+        those in `dense_list`, and with `sparse_step` n every layer i where (i + 1) % n != 0 (Qwen3-MoE's
+        mlp_only_layers and decoder_sparse_step). Their MLP is `dense_intermediate_size` wide."""
+        L = c["num_layers"]
+        first, listed, step = c.get("first_dense") or 0, c.get("dense_list") or [], c.get("sparse_step") or 1
+        if type(first) is not int or first < 0 or type(step) is not int or step < 1 \
+                or not isinstance(listed, (list, tuple)) or any(type(i) is not int or not 0 <= i < L for i in listed):
+            raise FmError(f"config.json: the dense layers of this mixture are malformed (first_k_dense_replace="
+                          f"{first!r}, mlp_only_layers={str(listed)[:60]}, decoder_sparse_step={step!r})")
+        dense = sorted(i for i in range(L) if i < first or i in listed or (i + 1) % step)
+        if not dense:
+            return {}
+        if len(dense) == L:
+            raise FmError("config.json: every layer of this mixture of experts is dense; it has no experts to route")
+        size = c.get("dense_intermediate_size")
+        if type(size) is not int or size <= 0:
+            raise FmError(f"config.json: intermediate_size (the dense layers' width) must be a positive integer, "
+                          f"got {size!r}")
+        return {"dense_layers": dense, "dense_intermediate_size": size}
+
+    def _router(self, c, experts: int, topk: int) -> dict:
+        """How a mixture picks and weighs its experts: layout `router` ("softmax", the default, or "sigmoid"), and for
+        sigmoid the expert groups and the scale from [config] (router_groups, router_topk_groups, routed_scale)."""
+        how = self.layout.get("router", "softmax")
+        if how not in ("softmax", "sigmoid"):
+            raise FmError(f"{self.path.name}: layout.router must be softmax or sigmoid, got {how!r}")
+        if not experts or how == "softmax":
+            return {}
+        groups, top = c.get("router_groups") or 1, c.get("router_topk_groups") or 1
+        if type(groups) is not int or type(top) is not int or groups < 1 or experts % groups \
+                or not 1 <= top <= groups or topk > top * (experts // groups):
+            raise FmError(f"config.json: n_group={groups!r} and topk_group={top!r} must split the {experts} experts "
+                          f"evenly and leave room for num_experts_per_tok={topk}")
+        return {"router": how, "router_groups": groups, "router_topk_groups": top,
+                "routed_scale": _number(c, "routed_scale", 1.0)}
 
     def _qk_norm(self, flags) -> str:
         how = self._layout("qk_norm", flags, "head")
@@ -440,7 +491,8 @@ class Policy:
 
     def canonical_shape(self, spec: ModelSpec, slot: str) -> tuple[int, ...]:
         h, hd, H, KV = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
-        inter = spec.intermediate_size * (2 if spec.gated_mlp else 1)
+        dense = spec.dense_intermediate_size or spec.intermediate_size
+        inter = dense * (2 if spec.gated_mlp else 1)
         e = spec.embed_dim
         shapes = {
             "embed.weight": (spec.vocab_size, e), "lm_head.weight": (spec.vocab_size, e),
@@ -457,6 +509,7 @@ class Policy:
             "experts_in.bias": (spec.num_experts * 2 * spec.intermediate_size,),
             "experts_out.weight": (spec.num_experts * h, spec.intermediate_size),
             "experts_out.bias": (spec.num_experts * h,), "attn_sinks.weight": (H,),
+            "router.correction_bias": (spec.num_experts,),
             "shared_in.weight": (2 * spec.shared_intermediate_size, h),                   # gate; up
             "shared_out.weight": (h, spec.shared_intermediate_size), "shared_gate.weight": (1, h),
             "attn_norm.weight": (h,), "attn_norm.bias": (h,), "mlp_norm.weight": (h,), "mlp_norm.bias": (h,),
@@ -464,7 +517,7 @@ class Policy:
             "qkv.weight": ((H + 2 * KV) * hd, h), "qkv.bias": ((H + 2 * KV) * hd,),
             "attn_out.weight": (h, H * hd), "attn_out.bias": (h,),
             "mlp_in.weight": (inter, h), "mlp_in.bias": (inter,),
-            "mlp_out.weight": (h, spec.intermediate_size), "mlp_out.bias": (h,),
+            "mlp_out.weight": (h, dense), "mlp_out.bias": (h,),
         }
         return shapes[slot]
 
@@ -486,9 +539,12 @@ class Policy:
         sections = [(t["layer"], prefix)] if layer is not None else [
             ({k: v for k, v in t.items() if not isinstance(v, dict) or "name" in v}, prefix),
             (t.get("head", {}), self.head_prefix(prefix))]
+        skip = ()
+        if spec.dense_layers and layer is not None:
+            skip = _SPARSE_SLOTS if layer in spec.dense_layers else _DENSE_SLOTS
         for section, pre in sections:
             for slot, names, optional, aliases in self._entries(section, flags):
-                if slot.startswith("lm_head.") and spec.kind != "decoder":
+                if (slot.startswith("lm_head.") and spec.kind != "decoder") or slot.startswith(skip):
                     continue
                 names = [pre + n.format(i=layer, e=e) for e in _experts(names, spec) for n in names]
                 aliases = [[pre + n.format(i=layer, e=e) for e in _experts(a, spec) for n in a]

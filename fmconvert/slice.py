@@ -13,6 +13,8 @@ Layout per rank:
             intermediate range of each expert, padded alike (experts_in's bias too; experts_out's bias lives on
             rank 0 only, like mlp_out's); the router is replicated.
   attn_sinks  (GPT-OSS) one logit per q head: this rank's q heads.
+  a mixture's dense layers (GLM-4.5's first)  mlp_in / mlp_out as above over their own width, chunked and padded
+            alike (`dense_intermediate_*`).
   shared_in, shared_out  (Qwen2-MoE's shared expert) like mlp_in / mlp_out over its own width, chunked and
             padded alike (`shared_intermediate_*`); its sigmoid gate is replicated.
   q_norm, k_norm  when a weight per head (Command R+) or over all heads (OLMo 2): this rank's q heads, and its
@@ -61,13 +63,16 @@ class Layout:
     num_experts: int = 0           # not serialized: read back from the model spec
     shared_intermediate_chunk: int = 0       # the shared expert's units per rank, before and after padding
     shared_intermediate_per_rank: int = 0    # (serialized only when there is one)
+    dense_intermediate_chunk: int = 0        # a mixture's dense layers' MLP units per rank, before and after
+    dense_intermediate_per_rank: int = 0     # padding (serialized only when it has such layers)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("num_experts")
-        if not self.shared_intermediate_chunk:
-            d.pop("shared_intermediate_chunk")
-            d.pop("shared_intermediate_per_rank")
+        for part in ("shared", "dense"):
+            if not d[f"{part}_intermediate_chunk"]:
+                d.pop(f"{part}_intermediate_chunk")
+                d.pop(f"{part}_intermediate_per_rank")
         d["slots"] = {**{s.split(".")[0]: "column" for s in COLUMN}, **{s.split(".")[0]: "row" for s in ROW},
                       "embed": "vocab", "lm_head": "vocab", "other": "replicated"}
         if self.num_experts:
@@ -96,9 +101,10 @@ def plan(spec: ModelSpec, tp: int, group_size: int | None) -> Layout:
         kv_per_rank, repl = 1, tp // KV
     chunk, per_rank = _chunk(spec.intermediate_size, tp, group_size)
     shared = _chunk(spec.shared_intermediate_size, tp, group_size) if spec.shared_intermediate_size else (0, 0)
+    dense = _chunk(spec.dense_intermediate_size, tp, group_size) if spec.dense_intermediate_size else (0, 0)
     vocab_padded = _ceil_to(spec.vocab_size, tp)
     return Layout(tp, H // tp, kv_per_rank, repl, chunk, per_rank, vocab_padded, vocab_padded // tp,
-                  spec.num_experts, *shared)
+                  spec.num_experts, *shared, *dense)
 
 
 def _chunk(size: int, tp: int, group_size: int | None) -> tuple[int, int]:
@@ -112,11 +118,18 @@ def group_for(k: int, group_size: int) -> int:
     return group_size if k >= group_size else pow2_floor(k)
 
 
-def _inter_ranges(spec: ModelSpec, lay: Layout, shared: bool = False):
-    if shared:
-        I, c = spec.shared_intermediate_size, lay.shared_intermediate_chunk
-    else:
-        I, c = spec.intermediate_size, lay.intermediate_chunk
+def _width(spec: ModelSpec, lay: Layout, slot: str) -> tuple[int, int, int]:
+    """(units, units per rank, units per rank padded) of the MLP a slot belongs to: a shared expert's, a mixture's
+    dense layers', or the main one (every expert's, or the dense MLP's)."""
+    if slot.startswith("shared_"):
+        return spec.shared_intermediate_size, lay.shared_intermediate_chunk, lay.shared_intermediate_per_rank
+    if slot.startswith("mlp_") and spec.dense_intermediate_size:
+        return spec.dense_intermediate_size, lay.dense_intermediate_chunk, lay.dense_intermediate_per_rank
+    return spec.intermediate_size, lay.intermediate_chunk, lay.intermediate_per_rank
+
+
+def _inter_ranges(spec: ModelSpec, lay: Layout, slot: str):
+    I, c, _ = _width(spec, lay, slot)
     return [(min(r * c, I), min((r + 1) * c, I)) for r in range(lay.tp)]
 
 
@@ -164,22 +177,21 @@ def shard(spec: ModelSpec, lay: Layout, slot: str, t: torch.Tensor) -> list[torc
     if slot.startswith("mlp_in.") or slot == "shared_in.weight":
         shared = slot == "shared_in.weight"          # a shared expert is always gated (SwiGLU)
         parts = torch.chunk(t, 2, dim=0) if spec.gated_mlp or shared else (t,)
-        rows = lay.shared_intermediate_per_rank if shared else lay.intermediate_per_rank
+        rows = _width(spec, lay, slot)[2]
         out = []
-        for lo, hi in _inter_ranges(spec, lay, shared):
+        for lo, hi in _inter_ranges(spec, lay, slot):
             out.append(torch.cat([_pad_rows(p[lo:hi], rows) for p in parts], dim=0))
         return [o.contiguous() for o in out]
     if slot in ("mlp_out.weight", "shared_out.weight"):
-        shared = slot == "shared_out.weight"
-        rows = lay.shared_intermediate_per_rank if shared else lay.intermediate_per_rank
-        return [_pad_rows(t[:, lo:hi].t(), rows).t().contiguous() for lo, hi in _inter_ranges(spec, lay, shared)]
+        rows = _width(spec, lay, slot)[2]
+        return [_pad_rows(t[:, lo:hi].t(), rows).t().contiguous() for lo, hi in _inter_ranges(spec, lay, slot)]
     if slot.startswith("experts_in."):      # [E * (gate; up) * I, h] -> per rank [E * (gate; up) * ipr, h]
         g = t.reshape(spec.num_experts * 2, spec.intermediate_size, *t.shape[1:])
         return [torch.cat([_pad_rows(part[lo:hi], lay.intermediate_per_rank) for part in g]).contiguous()
-                for lo, hi in _inter_ranges(spec, lay)]
+                for lo, hi in _inter_ranges(spec, lay, slot)]
     if slot == "experts_out.weight":        # [E * h, I] -> per rank [E * h, ipr]
         return [_pad_rows(t[:, lo:hi].t(), lay.intermediate_per_rank).t().contiguous()
-                for lo, hi in _inter_ranges(spec, lay)]
+                for lo, hi in _inter_ranges(spec, lay, slot)]
     if slot in ROW_BIAS:
         return [t.contiguous()] + [None] * (tp - 1)
     if slot in VOCAB:
@@ -205,16 +217,16 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
         shared = slot == "shared_in.weight"
         n = 2 if spec.gated_mlp or shared else 1
         halves = [[] for _ in range(n)]
-        for (lo, hi), p in zip(_inter_ranges(spec, lay, shared), pieces):
+        for (lo, hi), p in zip(_inter_ranges(spec, lay, slot), pieces):
             for j, part in enumerate(torch.chunk(p, n, dim=0)):
                 halves[j].append(part[:hi - lo])
         return torch.cat([torch.cat(h, dim=0) for h in halves], dim=0)
     if slot in ("mlp_out.weight", "experts_out.weight", "shared_out.weight"):
-        ranges = _inter_ranges(spec, lay, slot == "shared_out.weight")
+        ranges = _inter_ranges(spec, lay, slot)
         return torch.cat([p[:, :hi - lo] for (lo, hi), p in zip(ranges, pieces)], dim=1)
     if slot.startswith("experts_in."):
         parts = [p.reshape(spec.num_experts * 2, lay.intermediate_per_rank, *p.shape[1:])[:, :hi - lo]
-                 for (lo, hi), p in zip(_inter_ranges(spec, lay), pieces)]
+                 for (lo, hi), p in zip(_inter_ranges(spec, lay, slot), pieces)]
         return torch.cat(parts, dim=1).reshape(-1, *pieces[0].shape[1:])
     if slot in ROW_BIAS:
         if any(p is not None for p in pieces[1:]):
@@ -238,7 +250,7 @@ def k_per_rank(spec: ModelSpec, lay: Layout, slot: str) -> int:
     """The input width (K) of a linear slot on one rank: what the int8 group size must divide."""
     return {
         "qkv.weight": spec.hidden_size, "mlp_in.weight": spec.hidden_size,
-        "attn_out.weight": lay.heads_per_rank * spec.head_dim, "mlp_out.weight": lay.intermediate_per_rank,
+        "attn_out.weight": lay.heads_per_rank * spec.head_dim, "mlp_out.weight": _width(spec, lay, "mlp_out.")[2],
         "experts_in.weight": spec.hidden_size, "experts_out.weight": lay.intermediate_per_rank,
         "shared_in.weight": spec.hidden_size if spec.shared_intermediate_size else 0,     # 0: no such slot
         "shared_out.weight": lay.shared_intermediate_per_rank,

@@ -183,8 +183,10 @@ CASES = {
     "odd-rotary-width": (_with_config("gptj", rotary_dim=7), [], ["rotary width", "head_dim=16", "7"]),
     "missing-head": (_neox_no_head, [], ["missing tensor embed_out.weight"]),
     "unsupported-alibi": (_with_config("falcon", alibi=True), [], ["FalconForCausalLM", "does not support", "alibi"]),
-    "moe-with-dense-layers": (_with_config("qwen3_moe", mlp_only_layers=[1]), [],
-                              ["Qwen3MoeForCausalLM", "does not support", "mlp_only_layers"]),
+    "moe-dense-layer-out-of-range": (_with_config("qwen3_moe", mlp_only_layers=[5]), [],
+                                     ["dense layers of this mixture are malformed", "mlp_only_layers=[5]"]),
+    "moe-all-layers-dense": (_with_config("qwen3_moe", mlp_only_layers=[0, 1]), [],
+                             ["every layer of this mixture of experts is dense"]),
     "mixed-spellings": (_falcon_mixed_norm_names, [], ["spell layers.attn_norm", "different ways"]),
 }
 

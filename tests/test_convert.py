@@ -92,8 +92,12 @@ def assert_int8_bound(out: Path, want: dict):
     q = m["quantization"]
     slots = QUANT_SLOTS + (("embed.weight", "lm_head.weight") if q["embeddings"] else
                            ("lm_head.weight",) if q["lm_head"] else ())
-    assert canon_q == {f"layers.{i}.{s}" for i in range(m["model"]["num_layers"]) for s in QUANT_SLOTS
-                       if f"layers.{s}" in m["model"]["slots"]} | \
+    dense = set(m["model"]["dense_layers"] or ())          # a mixture's dense layers: the MLP's slots, not experts'
+
+    def has(i, s):
+        return f"layers.{s}" in m["model"]["slots"] and not (
+            dense and s.startswith(("router.", "experts_", "shared_") if i in dense else ("mlp_in.", "mlp_out.")))
+    assert canon_q == {f"layers.{i}.{s}" for i in range(m["model"]["num_layers"]) for s in QUANT_SLOTS if has(i, s)} | \
         {s for s in slots if s in m["model"]["slots"] and not s.startswith("layers.")}
     assert quantized
     for n, w in want.items():

@@ -136,7 +136,8 @@ def _threads(out_dir, tp, fn):
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral", "bloom", "bert", "gptneox", "phi", "phi3", "qwen3", "falcon_new", "mixtral",
-                                  "qwen3_moe", "olmo2", "olmoe", "cohere_qk", "gpt_oss"])
+                                  "qwen3_moe", "olmo2", "olmoe", "cohere_qk", "gpt_oss", "glm4_moe",
+                                  "qwen2_moe_mixed"])
 def test_tp4_emulated_equals_tp1(work, name, tmp_path):
     _, src, outs = work(name)
     convert(src, tmp_path / "tp4", Options(tp=4), progress=False)
@@ -250,7 +251,7 @@ def test_inject_refuses_a_different_model(work):
 
 
 @pytest.mark.parametrize("name", ["stories", "gpt2", "bloom", "opt350", "gptj", "phi", "stablelm_par", "qwen3", "falcon",
-                                  "mixtral", "gpt_oss"])
+                                  "mixtral", "gpt_oss", "glm4_moe"])
 def test_graph_safe_decode_step_equals_eager_decode(work, name):
     """decode_step (what a CUDA graph captures) reads positions and lengths from device tensors only."""
     _, _, outs = work(name)

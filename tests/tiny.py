@@ -133,6 +133,17 @@ CONFIGS = {
                 rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
                                  "truncate": False, "original_max_position_embeddings": 16,
                                  "rope_theta": 150000.0})),
+    "qwen2_moe_mixed": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(hidden_size=64, intermediate_size=96,
+                        moe_intermediate_size=48, shared_expert_intermediate_size=80, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
+                        num_experts=4, num_experts_per_tok=2, decoder_sparse_step=2, mlp_only_layers=[3])),
+    # layers 0, 2 (decoder_sparse_step) and 3 (mlp_only_layers) dense; layer 1 a mixture with a shared expert
+    # A dense first layer, then mixtures: sigmoid routing in groups with a correction bias, a shared expert.
+    "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(hidden_size=64, intermediate_size=96,
+                 moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                 head_dim=16, vocab_size=101, max_position_embeddings=64, n_routed_experts=8, num_experts_per_tok=3,
+                 n_shared_experts=1, n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
+                 use_qk_norm=True, attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     # Vision-language wrappers: only the language model converts; the vision tower is left out.
     "gemma3_vl": ("Gemma3Config", "Gemma3ForConditionalGeneration", dict(
         text_config=dict(model_type="gemma3_text", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -197,6 +208,9 @@ def build(name: str, seed: int = 0, **overrides):
                 p.copy_(torch.randn_like(p) * 0.02)
             elif n.endswith("sinks"):           # GPT-OSS: a sink logit per head, large enough to matter
                 p.copy_(torch.randn_like(p))
+        for n, b in model.named_buffers():      # GLM-4.5: a correction that changes which experts are chosen
+            if n.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn_like(b) * 0.2)
     return model
 
 

@@ -48,7 +48,8 @@ def check_layout(m: dict, rank: int):
     sp, par = m["model"], m["parallel"]
     h, hd, e, pos = sp["hidden_size"], sp["head_dim"], sp["embed_dim"], sp["position"]
     hpr, ipr, vpr = par["heads_per_rank"], par["intermediate_per_rank"], par["vocab_per_rank"]
-    qkv, mlp = (hpr + 2 * par["kv_heads_per_rank"]) * hd, ipr * (2 if sp["gated_mlp"] else 1)
+    dpr = par.get("dense_intermediate_per_rank") or ipr      # a mixture's dense layers have their own width
+    qkv, mlp = (hpr + 2 * par["kv_heads_per_rank"]) * hd, dpr * (2 if sp["gated_mlp"] else 1)
     glob = {"embed.weight": (vpr, e), "lm_head.weight": (vpr, e), "lm_head.bias": (vpr,),
             "type_embed.weight": (sp["type_vocab_size"], h),
             "pos_embed.weight": (sp["max_positions"] + pos.get("offset", 0), h), "project_in.weight": (h, e),
@@ -66,7 +67,8 @@ def check_layout(m: dict, rank: int):
              "shared_in.weight": (2 * par.get("shared_intermediate_per_rank", 0), h), "shared_gate.weight": (1, h),
              "shared_out.weight": (h, par.get("shared_intermediate_per_rank", 0)),
              "attn_out.weight": (h, hpr * hd), "attn_out.bias": (h,),
-             "mlp_in.weight": (mlp, h), "mlp_in.bias": (mlp,), "mlp_out.weight": (h, ipr), "mlp_out.bias": (h,),
+             "mlp_in.weight": (mlp, h), "mlp_in.bias": (mlp,), "mlp_out.weight": (h, dpr), "mlp_out.bias": (h,),
+             "router.correction_bias": (E,),
              **{f"{n}.{p}": (h,) for n in ("attn_norm", "mlp_norm") for p in ("weight", "bias")},
              "attn_post_norm.weight": (h,), "mlp_post_norm.weight": (h,)}
     tensors = m["ranks"][rank]["tensors"]
@@ -85,9 +87,16 @@ def check_layout(m: dict, rank: int):
         if sp["residual"] != "parallel":            # GPT-J and Phi feed the MLP from the attention's norm
             per_layer.add("mlp_norm.weight")
     per_layer |= {s[len("layers."):] for s in sp["slots"] if s.startswith("layers.")}
-    if sp["num_layers"] * len(per_layer) > len(tensors) + sp["num_layers"] * len(_ROW_BIAS):  # before building names
+    if sp["num_layers"] * len(per_layer) > 2 * len(tensors) + sp["num_layers"] * len(_ROW_BIAS):  # before naming
         raise FmError(f"manifest: rank {rank} lists {len(tensors)} tensors, too few for {sp['num_layers']} layers")
-    need |= {f"layers.{i}.{s}" for i in range(sp["num_layers"]) for s in per_layer
+    # A mixture's dense layers (GLM-4.5's first) have the dense MLP's slots, the others the mixture's
+    sparse_only = {s for s in per_layer if s.startswith(("router.", "experts_", "shared_"))}
+    dense_only = {s for s in per_layer if s.startswith(("mlp_in.", "mlp_out."))}
+    dense_layers = set(sp["dense_layers"] or ())
+    if dense_layers:
+        dense_only |= {"mlp_in.weight", "mlp_out.weight"}
+    need |= {f"layers.{i}.{s}" for i in range(sp["num_layers"])
+             for s in (per_layer - sparse_only if i in dense_layers else per_layer - dense_only)
              if not (rank > 0 and s in _ROW_BIAS)}
     missing = sorted(need - set(tensors))
     if missing:

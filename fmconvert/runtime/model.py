@@ -139,10 +139,11 @@ class Block(nn.Module):
         m, t = self.m, self.t
         if "router.weight" in t:
             y = self.experts(h)
-            if "shared_in.weight" in t:      # Qwen2-MoE: an always-on expert, scaled by its own sigmoid gate
-                g = torch.sigmoid(torch.nn.functional.linear(h, t["shared_gate.weight"]))
+            if "shared_in.weight" in t:      # an always-on expert (Qwen2-MoE: scaled by its own sigmoid gate)
                 f = m.ops.linear(m.ops.linear(h, t["shared_in.weight"], None, m.activation), t["shared_out.weight"])
-                y = y + g * f           # the gate is replicated, so it scales each rank's partial sum alike
+                if "shared_gate.weight" in t:    # replicated, so it scales each rank's partial sum alike
+                    f = torch.sigmoid(torch.nn.functional.linear(h, t["shared_gate.weight"])) * f
+                y = y + f
             return y
         f = m.ops.linear(h, t["mlp_in.weight"], t.get("mlp_in.bias"), m.activation)
         return m.ops.linear(f, t["mlp_out.weight"], t.get("mlp_out.bias"))
@@ -157,11 +158,8 @@ class Block(nn.Module):
         rank 0 only (row-parallel), so it is weighted and summed once."""
         m, t = self.m, self.t
         x = h.reshape(-1, h.shape[-1])
-        probs = torch.nn.functional.linear(x, t["router.weight"], t.get("router.bias")).float().softmax(-1)
         k = m.spec["experts_per_token"]
-        weight, chosen = probs.topk(k, dim=-1)
-        if m.spec["experts_renormalize"]:
-            weight = weight / weight.sum(-1, keepdim=True)
+        weight, chosen = self._route(x, k)
         ins, outs = t["experts_in.weight"], t["experts_out.weight"]
         b_in, b_out = t.get("experts_in.bias"), t.get("experts_out.bias")
         b_in = None if b_in is None else b_in.view(len(ins), -1)
@@ -178,6 +176,32 @@ class Block(nn.Module):
             y = m.ops.linear(y, outs[e], None if b_out is None else b_out[e])
             out.index_add_(0, token, (y.float() * weight[token, k, None]).to(out.dtype))
         return out.view_as(h)
+
+    def _route(self, x, k: int):
+        """(weights [tokens, k] fp32, expert ids [tokens, k]) of each token's top-k experts, on the device. softmax:
+        over every expert's logit, the top k kept and (where the model does) renormalised. sigmoid (DeepSeek-V3,
+        GLM-4.5): each expert scored on its own in fp32; the choice adds correction_bias to the scores and keeps to
+        the router_topk_groups groups whose two best scores sum highest; the weights are the chosen experts' own
+        scores, renormalised where the model does, times routed_scale."""
+        sp, t = self.m.spec, self.t
+        if sp["router"] == "softmax":
+            probs = torch.nn.functional.linear(x, t["router.weight"], t.get("router.bias")).float().softmax(-1)
+            weight, chosen = probs.topk(k, dim=-1)
+            if sp["experts_renormalize"]:
+                weight = weight / weight.sum(-1, keepdim=True)
+            return weight, chosen
+        scores = torch.nn.functional.linear(x.float(), t["router.weight"].float()).sigmoid()
+        pick = scores + t["router.correction_bias"].float() if "router.correction_bias" in t else scores
+        G, E = sp["router_groups"], scores.shape[-1]
+        if G > 1:
+            best = pick.view(-1, G, E // G).topk(2, dim=-1)[0].sum(-1)                      # [tokens, G]
+            keep = torch.zeros_like(best).scatter_(1, best.topk(sp["router_topk_groups"], dim=-1)[1], 1.0)
+            pick = pick.masked_fill(~keep.bool().repeat_interleave(E // G, dim=1), float("-inf"))
+        chosen = pick.topk(k, dim=-1)[1]
+        weight = scores.gather(1, chosen)
+        if sp["experts_renormalize"]:
+            weight = weight / (weight.sum(-1, keepdim=True) + 1e-20)
+        return weight * sp["routed_scale"], chosen
 
     def attention(self, h, positions, cache, key_padding_mask, pos_t=None, seq_t=None):
         """pos_t (a device tensor [1]) and seq_t ({ring size: int32 [B]}, the rows to attend over: pos_t + 1, or
