@@ -51,9 +51,13 @@ class Case:
     gemv: bool = False
 
 
+# Constexprs a case may leave out: the features it does not use (GPT-OSS's sinks, clamped SwiGLU, expert biases).
+OFF = {"ALPHA": 0.0, "LIMIT": 0.0, "SINKS": False, "HAS_BIAS": False}
+
+
 def compile_sm90(case: Case):
     names = case.fn.arg_names
-    const = dict(case.const)
+    const = {**{n: v for n, v in OFF.items() if n in names}, **case.const}
     const.update({n: 1 for n, v in case.ints.items() if v == 1})          # the JIT turns a 1 into a constant
     aligned = [n for n in names if n.endswith("_ptr")]                      # fresh torch tensors: 16-byte aligned
     aligned += [n for n, v in case.ints.items() if v != 1 and v % 16 == 0]
@@ -130,7 +134,14 @@ def other_cases(D: int = 128, hidden: int = 4096, S: int = 193, T: int = 2048):
                    dict(GROUP=128, GS=128, NG=16, ACT=5 if swiglu else 0, SWIGLU=swiglu, MAGIC=3, EVEN_K=True,
                         BLOCK_N=2, BLOCK_K=2048), 4, ptrs={"w_ptr": "*i8", "e_ptr": "*i64"},
                    ints=dict(N_OUT=n_out, K=k, X_EVERY=2 if swiglu else 1, stride_xm=k, stride_we=rows * k,
-                             stride_wn=k, stride_se=rows * k // 128, stride_sn=k // 128, stride_om=n_out))
+                             stride_wn=k, stride_se=rows * k // 128, stride_sn=k // 128, stride_be=rows,
+                             stride_om=n_out))
+    # GPT-OSS-20B's experts_in (gate; up of 2880, K 2880 in groups of 64), biased, clamped SwiGLU
+    yield Case("int8 expert GEMV swiglu_oai bias 2x2048 w4", im._int8_expert_gemv_kernel,
+               dict(GROUP=64, GS=64, NG=32, HAS_BIAS=True, ACT=7, ALPHA=1.702, LIMIT=7.0, SWIGLU=True, MAGIC=3,
+                    EVEN_K=False, BLOCK_N=2, BLOCK_K=2048), 4, ptrs={"w_ptr": "*i8", "e_ptr": "*i64"},
+               ints=dict(N_OUT=2880, K=2880, X_EVERY=4, stride_xm=2880, stride_we=5760 * 2880, stride_wn=2880,
+                         stride_se=5760 * 45, stride_sn=45, stride_be=5760, stride_om=2880))
     i8 = {"w_ptr": "*i8", "b_ptr": "*i8"}
     gemm = dict(M=32, N_OUT=hidden, K=hidden, M_BUCKET=32, stride_xm=hidden, stride_wn=hidden,
                 stride_sn=hidden // 128, stride_om=hidden)                        # batch-32 decode
@@ -152,29 +163,33 @@ def other_cases(D: int = 128, hidden: int = 4096, S: int = 193, T: int = 2048):
     cache = dict(skb=H * S * D, skh=S * D, sks=D, skd=1, svb=H * S * D, svh=S * D, svs=D, svd=1)
     q1 = dict(sqb=H * D, sqh=D, sqd=1, sob=H * D, soh=D)
     # (direct, alibi, windowed + soft-capped as in Gemma 2)
-    for direct, alibi, gemma2 in ((False, False, False), (False, True, False), (True, False, False),
-                                  (True, True, False), (False, False, True)):
+    for direct, alibi, gemma2, sinks in ((False, False, False, False), (False, True, False, False),
+                                         (True, False, False, False), (True, True, False, False),
+                                         (False, False, True, False), (True, False, False, True)):
         yield Case(f"decode attention {'direct' if direct else 'split-K'}{' alibi' if alibi else ''}"
-                   f"{' window softcap' if gemma2 else ''} d{D}",
+                   f"{' window softcap' if gemma2 else ''}{' sinks' if sinks else ''} d{D}",
                    at._decode_partial_kernel, dict(ALIBI=alibi, DOT_F32=False, PREC="tf32", DIRECT=direct,
-                   WINDOWED=gemma2, SOFTCAP=gemma2, BLOCK_G=16, BLOCK_N=at._DECODE_BLOCK_N, BLOCK_D=D),
+                   WINDOWED=gemma2, SOFTCAP=gemma2, SINKS=sinks, BLOCK_G=16, BLOCK_N=at._DECODE_BLOCK_N,
+                   BLOCK_D=D),
                    at._DECODE_WARPS, at._DECODE_STAGES, ptrs=dec,
                    ints=dict(HQ=H, HKV=H, GQA=1, D=D, CHUNK=64, NSPLIT=4, WINDOW=4096, **q1, **cache))
-    for windowed in (False, True):
-        yield Case(f"decode attention merge{' window' if windowed else ''}", at._decode_reduce_kernel,
-                   dict(WINDOWED=windowed, BLOCK_S=8, BLOCK_D=D), 4, ptrs=dec,
+    for windowed, sinks in ((False, False), (True, False), (True, True)):
+        yield Case(f"decode attention merge{' window' if windowed else ''}{' sinks' if sinks else ''}",
+                   at._decode_reduce_kernel, dict(WINDOWED=windowed, SINKS=sinks, BLOCK_S=8, BLOCK_D=D), 4, ptrs=dec,
                    ints=dict(HQ=H, D=D, CHUNK=64, NSPLIT=4, WINDOW=4096, sob=H * D, soh=D))
     bm, bn, warps, stages = at._prefill_config(None, D)
     # q, k, v: [B, H, T, D] views of the fused [B, T, 3 * H * D] projection
     seq = {f"s{t}{a}": v for t in "qkvo" for a, v in (("b", T * 3 * H * D), ("h", D), ("t", 3 * H * D), ("d", 1))}
     seq = {k.replace("kt", "ks").replace("vt", "vs"): v for k, v in seq.items() if k != "sod"}
     seq.update(sob=T * H * D, sot=H * D)
-    for causal, kpm, alibi, gemma2 in ((True, False, False, False), (False, True, False, False),
-                                       (True, False, True, False), (True, False, False, True)):
+    for causal, kpm, alibi, gemma2, sinks in ((True, False, False, False, False), (False, True, False, False, False),
+                                              (True, False, True, False, False), (True, False, False, True, False),
+                                              (True, False, False, False, True)):
         yield Case(f"prefill attention {'causal' if causal else 'padded'}{' alibi' if alibi else ''}"
-                   f"{' window softcap' if gemma2 else ''} d{D}",
+                   f"{' window softcap' if gemma2 else ''}{' sinks' if sinks else ''} d{D}",
                    at._prefill_kernel, dict(CAUSAL=causal, ALIBI=alibi, HAS_KPM=kpm, DOT_F32=False, PREC="tf32",
-                                            WINDOWED=gemma2, SOFTCAP=gemma2, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D),
+                                            WINDOWED=gemma2, SOFTCAP=gemma2, SINKS=sinks, BLOCK_M=bm, BLOCK_N=bn,
+                                            BLOCK_D=D),
                    warps, stages, ptrs={"kpm_ptr": "*u8"},
                    ints=dict(T=T, S=T, HQ=H, GQA=1, D=D, WINDOW=4096, skpb=T, **seq))
     r = {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64"}
@@ -197,13 +212,15 @@ def other_cases(D: int = 128, hidden: int = 4096, S: int = 193, T: int = 2048):
                    ints=dict(N=n))
     yield Case("swiglu", glu._glu_kernel, dict(ACT=5, BLOCK=1024), 4, ints=dict(N=11008, stride_y=22016,
                                                                           stride_o=11008))
+    yield Case("swiglu_oai", glu._glu_kernel, dict(ACT=7, ALPHA=1.702, LIMIT=7.0, BLOCK=1024), 4,
+               ints=dict(N=2880, stride_y=5760, stride_o=2880))
 
 
 def rows(gemv_only: bool = False):
     cases = list(gemv_cases(False)) + list(gemv_cases(True))
     if not gemv_only:
         cases += list(other_cases(D=128))
-        cases += [c for c in other_cases(D=64) if "attention" in c.name or "rope" in c.name]  # GPT-2/BERT heads
+        cases += [c for c in other_cases(D=64) if "attention" in c.name or "rope" in c.name]  # GPT-2/BERT/GPT-OSS
         cases += [c for c in other_cases(D=256) if "window softcap" in c.name]                  # Gemma 2/3 heads
     for case in cases:
         try:

@@ -540,8 +540,8 @@ class Policy:
             ({k: v for k, v in t.items() if not isinstance(v, dict) or "name" in v}, prefix),
             (t.get("head", {}), self.head_prefix(prefix))]
         skip = ()
-        if spec.dense_layers and layer is not None:
-            skip = _SPARSE_SLOTS if layer in spec.dense_layers else _DENSE_SLOTS
+        if spec.num_experts and layer is not None:
+            skip = _SPARSE_SLOTS if layer in (spec.dense_layers or ()) else _DENSE_SLOTS
         for section, pre in sections:
             for slot, names, optional, aliases in self._entries(section, flags):
                 if (slot.startswith("lm_head.") and spec.kind != "decoder") or slot.startswith(skip):

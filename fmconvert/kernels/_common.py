@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
@@ -11,6 +12,23 @@ import triton.language as tl
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "swiglu": 5, "geglu": 6}
 # Gated activations act on the first half of a fused gate|up output and multiply by the second half.
 GATED = ("swiglu", "geglu")
+# ("swiglu_oai", alpha, limit): GPT-OSS's clamped SwiGLU, the one activation with parameters.
+SWIGLU_OAI = 7
+GATED_CODES = (ACTIVATIONS["swiglu"], ACTIVATIONS["geglu"], SWIGLU_OAI)
+
+
+def epilogue(activation) -> tuple[int, float, float]:
+    """(ACT, ALPHA, LIMIT), the kernels' constexprs for an activation: None, a name of ACTIVATIONS, or
+    ("swiglu_oai", alpha, limit). ALPHA and LIMIT are 0 for the others, so they compile once, as before."""
+    if isinstance(activation, tuple) and len(activation) == 3 and activation[0] == "swiglu_oai":
+        alpha, limit = float(activation[1]), float(activation[2])
+        if not (math.isfinite(alpha) and math.isfinite(limit) and limit > 0):
+            raise ValueError(f"swiglu_oai needs a finite alpha and a finite limit > 0, got {activation!r}")
+        return SWIGLU_OAI, alpha, limit
+    if (activation is None or isinstance(activation, str)) and activation in ACTIVATIONS:
+        return ACTIVATIONS[activation], 0.0, 0.0
+    raise ValueError(f"activation must be one of {list(ACTIVATIONS)} or ('swiglu_oai', alpha, limit), "
+                     f"got {activation!r}")
 
 
 def interpreting() -> bool:
@@ -105,6 +123,18 @@ def activate(v, ACT: tl.constexpr):
     elif ACT == 4 or ACT == 5:
         v = v * sigmoid(v)
     return v
+
+
+@triton.jit
+def gated_product(gate, up, ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr):
+    # gate, up: fp32 halves of a gated activation (ACT in GATED_CODES).
+    if ACT == 7:
+        gate = tl.minimum(gate, LIMIT)
+        up = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
+        y = gate * sigmoid(ALPHA * gate) * (up + 1.0)
+    else:
+        y = activate(gate, ACT) * up
+    return y
 
 
 # The torch epilogues are the runtime's own: one definition of every activation.

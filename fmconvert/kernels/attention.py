@@ -8,6 +8,10 @@ window W > 0 (Mistral, Gemma 2, Phi-3 sliding window; causal only): the query at
 position p sees keys j with p - W < j <= p, as transformers' kv_idx > q_idx - sliding_window.
 Kernels skip the key blocks before the window rather than masking them. softcap c > 0 (Gemma 2)
 replaces the score s = q.k * sm_scale by c * tanh(s / c), before ALiBi and masking.
+
+sinks [Hq] (GPT-OSS): one learned logit per query head joins every row's softmax as an extra column whose
+value is then dropped: o = sum_j e^(s_j - m) v_j / (sum_j e^(s_j - m) + e^(sink_h - m)), m the max over scores
+and sink. It is not capped. A row that sees no key still yields zeros.
 """
 from __future__ import annotations
 
@@ -55,12 +59,12 @@ def _check_window_softcap(window, softcap, causal=True):
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slopes_ptr, kpm_ptr,
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slopes_ptr, kpm_ptr, sinks_ptr,
                     T, S, HQ, GQA, D, qk_scale, WINDOW, cap,
                     sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                     sob, soh, sot, skpb,
                     CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_KPM: tl.constexpr,
-                    WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
+                    WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr,
                     DOT_F32: tl.constexpr, PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # grid: (cdiv(T, BLOCK_M), B * HQ). Query i sits at absolute position S - T + i.
@@ -84,8 +88,13 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slopes_ptr, kpm_ptr,
     if ALIBI:
         slope = tl.load(slopes_ptr + h).to(tl.float32) * 1.4426950408889634
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if SINKS:
+        # The sink is the column the softmax starts from: running max = sink, sum = e^0, no value.
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo = 0
     hi = S
@@ -145,6 +154,16 @@ def _check_slopes(alibi_slopes, hq, device):
     return alibi_slopes.to(torch.float32).contiguous()
 
 
+def _check_sinks(sinks, hq, device):
+    # Read as fp32 by the kernels whatever the float dtype: no conversion per call.
+    if sinks is None:
+        return None
+    if tuple(sinks.shape) != (hq,) or sinks.device != device or not sinks.is_floating_point():
+        raise ValueError(f"sinks must be a float tensor [{hq}] (one logit per query head) on {device}, got "
+                         f"{sinks.dtype} {tuple(sinks.shape)} on {sinks.device}")
+    return sinks.contiguous()
+
+
 def _prefill_config(dtype, block_d):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a prefill launch."""
     if interpreting():
@@ -155,10 +174,10 @@ def _prefill_config(dtype, block_d):
 
 
 def prefill_attention(q, k, v, sm_scale, causal=True, alibi_slopes=None, key_padding_mask=None, *,
-                      window: int = 0, softcap: float = 0.0):
+                      window: int = 0, softcap: float = 0.0, sinks=None):
     """o [B, Hq, T, D] (q.dtype). q [B, Hq, T, D]; k, v [B, Hkv, S, D], S >= T, any strides.
     key_padding_mask: bool [B, S], True = attend. window: sliding window (0 = none, needs causal);
-    softcap: logit cap c, s -> c * tanh(s / c) (0 = none)."""
+    softcap: logit cap c, s -> c * tanh(s / c) (0 = none); sinks: float [Hq], attention sink logits."""
     float_dtype_check("q", q)
     window, softcap = _check_window_softcap(window, softcap, causal)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
@@ -174,6 +193,7 @@ def prefill_attention(q, k, v, sm_scale, causal=True, alibi_slopes=None, key_pad
     if S < T:
         raise ValueError(f"key length S={S} must be >= query length T={T}")
     slopes = _check_slopes(alibi_slopes, HQ, q.device)
+    sinks = _check_sinks(sinks, HQ, q.device)
     kpm = None
     if key_padding_mask is not None:
         if tuple(key_padding_mask.shape) != (B, S) or key_padding_mask.dtype != torch.bool:
@@ -191,11 +211,12 @@ def prefill_attention(q, k, v, sm_scale, causal=True, alibi_slopes=None, key_pad
     windowed = 0 < window < S
     _prefill_kernel[grid](
         q, k, v, o, slopes if slopes is not None else q, kpm if kpm is not None else q,
+        sinks if sinks is not None else q,
         T, S, HQ, HQ // HKV, D, float(sm_scale) * LOG2E, window if windowed else 0, softcap * LOG2E,
         *q.stride(), *k.stride(), *v.stride(), *o.stride()[:3],
         kpm.stride(0) if kpm is not None else 0,
         CAUSAL=bool(causal), ALIBI=slopes is not None, HAS_KPM=kpm is not None,
-        WINDOWED=windowed, SOFTCAP=softcap > 0,
+        WINDOWED=windowed, SOFTCAP=softcap > 0, SINKS=sinks is not None,
         DOT_F32=dot_f32, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
         num_warps=warps, num_stages=stages,
     )
@@ -203,9 +224,10 @@ def prefill_attention(q, k, v, sm_scale, causal=True, alibi_slopes=None, key_pad
 
 
 def prefill_attention_reference(q, k, v, sm_scale, causal=True, alibi_slopes=None, key_padding_mask=None, *,
-                                window: int = 0, softcap: float = 0.0):
+                                window: int = 0, softcap: float = 0.0, sinks=None):
     window, softcap = _check_window_softcap(window, softcap, causal)
     B, HQ, T, D = q.shape
+    sinks = _check_sinks(sinks, HQ, q.device)
     HKV, S = k.shape[1], k.shape[2]
     rep = HQ // HKV
     kf = k.float().repeat_interleave(rep, dim=1)
@@ -226,7 +248,9 @@ def prefill_attention_reference(q, k, v, sm_scale, causal=True, alibi_slopes=Non
     if key_padding_mask is not None:
         valid = valid & key_padding_mask[:, None, None, :]
     scores = scores.masked_fill(~valid, float("-inf"))
-    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.float()[None, :, None, None].expand(B, HQ, T, 1)], dim=-1)
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)[..., :S]
     return torch.matmul(p, vf).to(q.dtype)
 
 
@@ -236,11 +260,11 @@ def prefill_attention_reference(q, k, v, sm_scale, causal=True, alibi_slopes=Non
 
 
 @triton.jit
-def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, slopes_ptr, lens_ptr, ws_ptr, o_ptr,
+def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, slopes_ptr, sinks_ptr, lens_ptr, ws_ptr, o_ptr,
                            HQ, HKV, GQA, D, CHUNK, NSPLIT, qk_scale, WINDOW, cap,
                            sqb, sqh, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh,
                            ALIBI: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
-                           DOT_F32: tl.constexpr, PREC: tl.constexpr, DIRECT: tl.constexpr,
+                           SINKS: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, DIRECT: tl.constexpr,
                            BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # grid: (B * HKV, NSPLIT). A program takes the GQA query heads of one kv head over keys
     # [split * CHUNK, (split + 1) * CHUNK) ∩ [0, seq_len) and writes unnormalised partials to
@@ -248,6 +272,7 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, slopes_ptr, lens_ptr, ws_ptr, o_
     # split holds every key, as at large batch) writes the normalised output instead: no merge.
     # WINDOWED: keys before seq_len - WINDOW are out of the window. Clamping the start to it leaves
     # every loaded key visible (no mask needed) and splits wholly before it run no iteration.
+    # SINKS: with DIRECT the sink starts the softmax here, as in prefill; else the reduce adds it once per head.
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid // HKV).to(tl.int64)
@@ -271,8 +296,12 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, slopes_ptr, lens_ptr, ws_ptr, o_
     k_base = k_ptr + b * skb + hk * skh
     v_base = v_ptr + b * svb + hk * svh
 
-    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    if SINKS and DIRECT:
+        m_i = tl.load(sinks_ptr + heads, mask=g_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+        l_i = tl.full([BLOCK_G], 1.0, dtype=tl.float32)
+    else:
+        m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -310,8 +339,9 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, slopes_ptr, lens_ptr, ws_ptr, o_
 
 
 @triton.jit
-def _decode_reduce_kernel(ws_ptr, lens_ptr, o_ptr, HQ, D, CHUNK, NSPLIT, WINDOW, sob, soh,
-                          WINDOWED: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def _decode_reduce_kernel(ws_ptr, lens_ptr, sinks_ptr, o_ptr, HQ, D, CHUNK, NSPLIT, WINDOW, sob, soh,
+                          WINDOWED: tl.constexpr, SINKS: tl.constexpr, BLOCK_S: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
     # grid: (B * HQ,). Merges the partials of the splits that hold keys (split * CHUNK < seq_len).
     pid = tl.program_id(0)
     b = (pid // HQ).to(tl.int64)
@@ -329,10 +359,15 @@ def _decode_reduce_kernel(ws_ptr, lens_ptr, o_ptr, HQ, D, CHUNK, NSPLIT, WINDOW,
     m = tl.load(rows + D, mask=s_mask, other=float("-inf"))
     l = tl.load(rows + D + 1, mask=s_mask, other=0.0)
     m_max = tl.max(m, axis=0)
+    if SINKS:
+        sink = tl.load(sinks_ptr + h).to(tl.float32) * 1.4426950408889634
+        m_max = tl.maximum(m_max, sink)
     # Every split empty (seq_len = 0): base 0 gives weights exp2(-inf) = 0, not NaN.
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.where(s_mask, tl.exp2(m - m_max), 0.0)
     denom = tl.sum(l * w, axis=0)
+    if SINKS:
+        denom += tl.exp2(sink - m_max)
     acc = tl.load(rows[:, None] + offs_d[None, :], mask=s_mask[:, None] & d_mask[None, :], other=0.0)
     o = tl.sum(acc * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
     tl.store(o_ptr + b * sob + h * soh + offs_d, o.to(o_ptr.dtype.element_ty), mask=d_mask)
@@ -362,11 +397,12 @@ def decode_attention_workspace(q, k_cache):
 
 
 def decode_attention(q, k_cache, v_cache, seq_lens, sm_scale, alibi_slopes=None, *, workspace=None,
-                     window: int = 0, softcap: float = 0.0):
+                     window: int = 0, softcap: float = 0.0, sinks=None):
     """o [B, Hq, D] (q.dtype) for one new token per sequence. q [B, Hq, D]; k_cache, v_cache
     [B, Hkv, S_max, D] (any strides), first seq_lens[b] positions valid. No host syncs.
     window: the query (position seq_lens[b] - 1) sees keys [seq_lens[b] - window, seq_lens[b])
-    (0 = all); softcap: logit cap c, s -> c * tanh(s / c) (0 = none)."""
+    (0 = all); softcap: logit cap c, s -> c * tanh(s / c) (0 = none); sinks: float [Hq], attention
+    sink logits."""
     float_dtype_check("q", q)
     window, softcap = _check_window_softcap(window, softcap)
     if q.dim() != 3 or k_cache.dim() != 4 or tuple(v_cache.shape) != tuple(k_cache.shape):
@@ -383,6 +419,7 @@ def decode_attention(q, k_cache, v_cache, seq_lens, sm_scale, alibi_slopes=None,
     if tuple(seq_lens.shape) != (B,) or seq_lens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"seq_lens must be int32/int64 [{B}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
     slopes = _check_slopes(alibi_slopes, HQ, q.device)
+    sinks = _check_sinks(sinks, HQ, q.device)
     chunk = _decode_chunk(B, HKV, S_MAX, q.device)
     nsplit = triton.cdiv(S_MAX, chunk)
     if workspace is None:
@@ -403,10 +440,11 @@ def decode_attention(q, k_cache, v_cache, seq_lens, sm_scale, alibi_slopes=None,
     windowed = 0 < window < S_MAX
     window = window if windowed else 0
     _decode_partial_kernel[(B * HKV, nsplit)](
-        q, k_cache, v_cache, slopes if slopes is not None else q, seq_lens, workspace, o,
+        q, k_cache, v_cache, slopes if slopes is not None else q, sinks if sinks is not None else q, seq_lens,
+        workspace, o,
         HQ, HKV, gqa, D, chunk, nsplit, float(sm_scale) * LOG2E, window, softcap * LOG2E,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), o.stride(0), o.stride(1),
-        ALIBI=slopes is not None, WINDOWED=windowed, SOFTCAP=softcap > 0,
+        ALIBI=slopes is not None, WINDOWED=windowed, SOFTCAP=softcap > 0, SINKS=sinks is not None,
         DOT_F32=dot_f32, PREC=prec, DIRECT=direct,
         BLOCK_G=max(16, triton.next_power_of_2(gqa)), BLOCK_N=_DECODE_BLOCK_N, BLOCK_D=block_d,
         num_warps=_DECODE_WARPS, num_stages=_DECODE_STAGES,
@@ -414,17 +452,18 @@ def decode_attention(q, k_cache, v_cache, seq_lens, sm_scale, alibi_slopes=None,
     if direct:
         return o
     _decode_reduce_kernel[(B * HQ,)](
-        workspace, seq_lens, o, HQ, D, chunk, nsplit, window, o.stride(0), o.stride(1),
-        WINDOWED=windowed, BLOCK_S=triton.next_power_of_2(nsplit), BLOCK_D=triton.next_power_of_2(D),
-        num_warps=4,
+        workspace, seq_lens, sinks if sinks is not None else o, o, HQ, D, chunk, nsplit, window,
+        o.stride(0), o.stride(1), WINDOWED=windowed, SINKS=sinks is not None,
+        BLOCK_S=triton.next_power_of_2(nsplit), BLOCK_D=triton.next_power_of_2(D), num_warps=4,
     )
     return o
 
 
 def decode_attention_reference(q, k_cache, v_cache, seq_lens, sm_scale, alibi_slopes=None, *,
-                               window: int = 0, softcap: float = 0.0):
+                               window: int = 0, softcap: float = 0.0, sinks=None):
     window, softcap = _check_window_softcap(window, softcap)
     B, HQ, D = q.shape
+    sinks = _check_sinks(sinks, HQ, q.device)
     HKV, S_MAX = k_cache.shape[1], k_cache.shape[2]
     rep = HQ // HKV
     kf = k_cache.float().repeat_interleave(rep, dim=1)                        # [B, HQ, S, D]
@@ -441,7 +480,9 @@ def decode_attention_reference(q, k_cache, v_cache, seq_lens, sm_scale, alibi_sl
     if window:
         valid = valid & (kpos[None, :] >= lens[:, None] - window)
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.float()[None, :, None].expand(B, HQ, 1)], dim=-1)
+    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)[..., :S_MAX]
     return torch.einsum("bhs,bhsd->bhd", p, vf).to(q.dtype)
 
 

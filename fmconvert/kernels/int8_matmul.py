@@ -31,19 +31,19 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    ACTIVATIONS,
-    GATED,
+    GATED_CODES,
     activate,
     activate_reference,
     configs,
     device_sms,
+    epilogue,
     float_dtype_check,
+    gated_product,
     interpreting,
     lowbit,
     tuner_bench,
 )
 
-GATED_CODES = tuple(ACTIVATIONS[a] for a in GATED)
 DECODE_MAX_M = 4
 DENSE_MIN_M = 256   # an estimate from byte and flop counts; benchmarks/gpu_kernels.py times both paths at M=2048
 
@@ -137,8 +137,8 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
                       M, N_OUT, K, K_CHUNK,
                       stride_xm, stride_wn, stride_sn, stride_om,
                       GROUP: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SWIGLU: tl.constexpr,
-                      SPLIT: tl.constexpr, MAGIC: tl.constexpr, EVEN_K: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr,
+                      SWIGLU: tl.constexpr, SPLIT: tl.constexpr, MAGIC: tl.constexpr, EVEN_K: tl.constexpr,
                       PAIR: tl.constexpr, EARLY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # grid: (cdiv(N_OUT, BLOCK_N), n_splits). With SWIGLU a program owns gate rows `rows` and
     # the matching up rows `N_OUT + rows`, so the pairing needs no second pass. PAIR walks K once
@@ -183,16 +183,17 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
                 acc += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
                 if SWIGLU:
                     up += tl.load(b_ptr + N_OUT + rows, mask=row_mask, other=0.0).to(tl.float32)
-            y = activate(acc, ACT)
             if SWIGLU:
-                y = y * up
+                y = gated_product(acc, up, ACT, ALPHA, LIMIT)
+            else:
+                y = activate(acc, ACT)
             tl.store(o_row + rows, y.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
 def _splitk_epilogue_kernel(acc_ptr, b_ptr, out_ptr, N_OUT, stride_am, stride_om,
-                            HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SWIGLU: tl.constexpr,
-                            BLOCK: tl.constexpr):
+                            HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr,
+                            LIMIT: tl.constexpr, SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
     # grid: (M, cdiv(N_OUT, BLOCK)); acc is fp32 [M, N] (N = 2 * N_OUT with SWIGLU).
     m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -200,12 +201,13 @@ def _splitk_epilogue_kernel(acc_ptr, b_ptr, out_ptr, N_OUT, stride_am, stride_om
     v = tl.load(acc_ptr + m * stride_am + cols, mask=mask, other=0.0)
     if HAS_BIAS:
         v += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    y = activate(v, ACT)
     if SWIGLU:
         up = tl.load(acc_ptr + m * stride_am + N_OUT + cols, mask=mask, other=0.0)
         if HAS_BIAS:
             up += tl.load(b_ptr + N_OUT + cols, mask=mask, other=0.0).to(tl.float32)
-        y = y * up
+        y = gated_product(v, up, ACT, ALPHA, LIMIT)
+    else:
+        y = activate(v, ACT)
     tl.store(out_ptr + m * stride_om + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -278,7 +280,8 @@ def _pick_split(n_out: int, k: int, device: torch.device) -> int:
     return max(1, min(triton.cdiv(4 * sms, row_blocks), k // 1024))
 
 
-def _decode(x2, qweight, scale, group_size, bias, act, out, split_k=None, config=None):
+def _decode(x2, qweight, scale, group_size, bias, act, out, split_k=None, config=None, alpha=0.0, limit=0.0):
+    # act, alpha, limit: the epilogue() of the activation.
     M, K = x2.shape
     n_out = out.shape[1]
     swiglu = act in GATED_CODES        # SWIGLU: any gated activation (gate rows, then up rows)
@@ -293,7 +296,8 @@ def _decode(x2, qweight, scale, group_size, bias, act, out, split_k=None, config
         kernel[grid](
             x2, qweight, scale, bias_arg, out, M, n_out, K, K,
             x2.stride(0), qweight.stride(0), scale.stride(0), out.stride(0),
-            GROUP=group_size, HAS_BIAS=bias is not None, ACT=act, SWIGLU=swiglu, SPLIT=False, **meta,
+            GROUP=group_size, HAS_BIAS=bias is not None, ACT=act, ALPHA=alpha, LIMIT=limit, SWIGLU=swiglu,
+            SPLIT=False, **meta,
         )
         return out
     align = min(lowbit(group_size), _SPLIT_BLOCK_K)
@@ -303,13 +307,13 @@ def _decode(x2, qweight, scale, group_size, bias, act, out, split_k=None, config
     _gemv_fixed[(triton.cdiv(n_out, _SPLIT_BLOCK_N), n_splits)](
         x2, qweight, scale, bias_arg, acc, M, n_out, K, chunk,
         x2.stride(0), qweight.stride(0), scale.stride(0), acc.stride(0),
-        GROUP=group_size, HAS_BIAS=bias is not None, ACT=act, SWIGLU=swiglu, SPLIT=True, MAGIC=0, PAIR=False,
-        EARLY=True, BLOCK_N=_SPLIT_BLOCK_N, BLOCK_K=_SPLIT_BLOCK_K, num_warps=_SPLIT_WARPS,
+        GROUP=group_size, HAS_BIAS=bias is not None, ACT=act, ALPHA=alpha, LIMIT=limit, SWIGLU=swiglu, SPLIT=True,
+        MAGIC=0, PAIR=False, EARLY=True, BLOCK_N=_SPLIT_BLOCK_N, BLOCK_K=_SPLIT_BLOCK_K, num_warps=_SPLIT_WARPS,
     )
     block = min(1024, triton.next_power_of_2(n_out))
     _splitk_epilogue_kernel[(M, triton.cdiv(n_out, block))](
         acc, bias_arg, out, n_out, acc.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, ACT=act, SWIGLU=swiglu, BLOCK=block,
+        HAS_BIAS=bias is not None, ACT=act, ALPHA=alpha, LIMIT=limit, SWIGLU=swiglu, BLOCK=block,
     )
     return out
 
@@ -350,8 +354,8 @@ def _gemm_tile(acc, a, w_ptr, s_ptr, rows, row_mask, kk, kmask, s_tile, stride_w
 def _int8_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
                       M, N_OUT, K, M_BUCKET,
                       stride_xm, stride_wn, stride_sn, stride_om,
-                      GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                      SWIGLU: tl.constexpr, SCALE_AFTER: tl.constexpr, DOT_F32: tl.constexpr,
+                      GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr,
+                      LIMIT: tl.constexpr, SWIGLU: tl.constexpr, SCALE_AFTER: tl.constexpr, DOT_F32: tl.constexpr,
                       PREC: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       GROUP_M: tl.constexpr):
@@ -410,9 +414,10 @@ def _int8_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
         acc += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
         if SWIGLU:
             acc_up += tl.load(b_ptr + N_OUT + rows, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-    y = activate(acc, ACT)
     if SWIGLU:
-        y = y * acc_up
+        y = gated_product(acc, acc_up, ACT, ALPHA, LIMIT)
+    else:
+        y = activate(acc, ACT)
     o_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + rows[None, :]
     tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & row_mask[None, :])
 
@@ -461,7 +466,7 @@ _gemm_tuned = triton.autotune(
 })(_int8_gemm_kernel))
 
 
-def _gemm(x2, qweight, scale, group_size, bias, act, out):
+def _gemm(x2, qweight, scale, group_size, bias, act, out, alpha=0.0, limit=0.0):
     M, K = x2.shape
     n_out = out.shape[1]
     dot_f32 = x2.dtype == torch.float32 or (interpreting() and x2.dtype == torch.bfloat16)
@@ -470,7 +475,7 @@ def _gemm(x2, qweight, scale, group_size, bias, act, out):
         x2, qweight, scale, bias if bias is not None else qweight, out,
         M, n_out, K, min(triton.next_power_of_2(M), 512),
         x2.stride(0), qweight.stride(0), scale.stride(0), out.stride(0),
-        GROUP=group_size, HAS_BIAS=bias is not None, ACT=act, SWIGLU=act in GATED_CODES,
+        GROUP=group_size, HAS_BIAS=bias is not None, ACT=act, ALPHA=alpha, LIMIT=limit, SWIGLU=act in GATED_CODES,
         DOT_F32=dot_f32, PREC="ieee" if dot_f32 else "tf32",
     )
     return out
@@ -526,6 +531,7 @@ def _dense(x2, qweight, scale, group_size, bias, activation, out):
 
 
 def _check(x, qweight, scale, group_size, bias, activation):
+    """The activation's epilogue() after validating every input."""
     float_dtype_check("x", x)
     if qweight.dtype != torch.int8 or qweight.dim() != 2:
         raise ValueError(f"qweight must be a 2-D int8 tensor [N, K], got {qweight.dtype} {tuple(qweight.shape)}")
@@ -541,13 +547,13 @@ def _check(x, qweight, scale, group_size, bias, activation):
         float_dtype_check("bias", bias)
         if tuple(bias.shape) != (N,):
             raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
-    if activation in GATED and N % 2:
+    ep = epilogue(activation)
+    if ep[0] in GATED_CODES and N % 2:
         raise ValueError(f"{activation} needs an even number of weight rows (gate; up), got {N}")
     devs = {t.device for t in (x, qweight, scale) + ((bias,) if bias is not None else ())}
     if len(devs) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devs))}")
+    return ep
 
 
 def int8_linear(x, qweight, scale, group_size, bias=None, activation=None, *, _split_k=None,
@@ -555,10 +561,10 @@ def int8_linear(x, qweight, scale, group_size, bias=None, activation=None, *, _s
     """y = act(x @ (qweight * scale).T + bias) with fp32 accumulation; y has x.dtype.
 
     x [..., K]; qweight int8 [N, K]; scale [N, K // group_size]; bias [N] or None. With
-    activation="swiglu" or "geglu" rows are [gate; up] and y is [..., N // 2]. `_split_k` / `_path`
-    ("decode" | "gemm" | "dense") override the heuristics (tests, benchmarks).
+    activation="swiglu", "geglu" or ("swiglu_oai", alpha, limit) rows are [gate; up] (bias too) and y is
+    [..., N // 2]. `_split_k` / `_path` ("decode" | "gemm" | "dense") override the heuristics (tests, benchmarks).
     """
-    _check(x, qweight, scale, group_size, bias, activation)
+    act, alpha, limit = _check(x, qweight, scale, group_size, bias, activation)
     group_size = int(group_size)
     N, K = qweight.shape
     x2 = x.reshape(-1, K)
@@ -568,18 +574,17 @@ def int8_linear(x, qweight, scale, group_size, bias=None, activation=None, *, _s
     scale = scale if scale.stride(-1) == 1 else scale.contiguous()
     bias = bias.contiguous() if bias is not None else None
     M = x2.shape[0]
-    n_out = N // 2 if activation in GATED else N
+    n_out = N // 2 if act in GATED_CODES else N
     out = torch.empty(M, n_out, dtype=x.dtype, device=x.device)
     if M > 0:
-        act = ACTIVATIONS[activation]
         path = _path or ("decode" if M <= DECODE_MAX_M else
                          "dense" if M >= DENSE_MIN_M and x.is_cuda else "gemm")
         if path == "decode":
-            _decode(x2, qweight, scale, group_size, bias, act, out, _split_k)
+            _decode(x2, qweight, scale, group_size, bias, act, out, _split_k, alpha=alpha, limit=limit)
         elif path == "dense":
             _dense(x2, qweight, scale, group_size, bias, activation, out)
         else:
-            _gemm(x2, qweight, scale, group_size, bias, act, out)
+            _gemm(x2, qweight, scale, group_size, bias, act, out, alpha=alpha, limit=limit)
     return out.reshape(*x.shape[:-1], n_out)
 
 
@@ -589,11 +594,11 @@ def int8_linear(x, qweight, scale, group_size, bias=None, activation=None, *, _s
 
 
 @triton.jit
-def _int8_expert_gemv_kernel(x_ptr, w_ptr, s_ptr, e_ptr, out_ptr, N_OUT, K, X_EVERY,
-                             stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
-                             GROUP: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr, ACT: tl.constexpr,
-                             SWIGLU: tl.constexpr, MAGIC: tl.constexpr, EVEN_K: tl.constexpr,
-                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _int8_expert_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, e_ptr, out_ptr, N_OUT, K, X_EVERY,
+                             stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_be, stride_om,
+                             GROUP: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, SWIGLU: tl.constexpr,
+                             MAGIC: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # grid: (cdiv(N_OUT, BLOCK_N), pairs). Pair p multiplies x row p // X_EVERY by expert e_ptr[p]'s weight, so the
     # routing never leaves the device (a decode step with experts stays CUDA-graph capturable).
     pid_n = tl.program_id(0)
@@ -606,19 +611,27 @@ def _int8_expert_gemv_kernel(x_ptr, w_ptr, s_ptr, e_ptr, out_ptr, N_OUT, K, X_EV
     x_row = x_ptr + (p // X_EVERY).to(tl.int64) * stride_xm
     acc = _gemv_rows(x_row, w_e, s_e, rows, row_mask, 0, K, stride_wn, stride_sn,
                      GROUP, GS, NG, BLOCK_N, BLOCK_K, MAGIC, EVEN_K, True)
-    y = activate(acc, ACT)
+    if HAS_BIAS:
+        b_e = b_ptr + e * stride_be
+        acc += tl.load(b_e + rows, mask=row_mask, other=0.0).to(tl.float32)
     if SWIGLU:
-        y = y * _gemv_rows(x_row, w_e, s_e, rows + N_OUT, row_mask, 0, K, stride_wn, stride_sn,
-                           GROUP, GS, NG, BLOCK_N, BLOCK_K, MAGIC, EVEN_K, True)
+        up = _gemv_rows(x_row, w_e, s_e, rows + N_OUT, row_mask, 0, K, stride_wn, stride_sn,
+                        GROUP, GS, NG, BLOCK_N, BLOCK_K, MAGIC, EVEN_K, True)
+        if HAS_BIAS:
+            up += tl.load(b_e + N_OUT + rows, mask=row_mask, other=0.0).to(tl.float32)
+        y = gated_product(acc, up, ACT, ALPHA, LIMIT)
+    else:
+        y = activate(acc, ACT)
     tl.store(out_ptr + p.to(tl.int64) * stride_om + rows, y.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
-def int8_expert_linear(x, qweight, scale, group_size, experts, x_every=1, activation=None):
-    """One row per (token, expert) pair: y[p] = act(x[p // x_every] @ W[experts[p]].T), y in x.dtype.
+def int8_expert_linear(x, qweight, scale, group_size, experts, x_every=1, activation=None, bias=None):
+    """One row per (token, expert) pair: y[p] = act(x[p // x_every] @ W[e].T + bias[e]) with e = experts[p], y in
+    x.dtype.
 
     x [R, K]; qweight int8 [E, N, K] and scale [E, N, K // group_size] (each expert's [N, K] contiguous);
-    experts int [P] on the device, with P = R * x_every. With a gated activation each expert's rows are
-    [gate; up] and y is [P, N // 2]."""
+    experts int [P] on the device, with P = R * x_every; bias [E, N] or None. With a gated activation each
+    expert's rows (and bias) are [gate; up] and y is [P, N // 2]."""
     float_dtype_check("x", x)
     if qweight.dtype != torch.int8 or qweight.dim() != 3 or x.dim() != 2 or x.shape[1] != qweight.shape[2]:
         raise ValueError(f"need x [R, K] and int8 qweight [E, N, K], got {tuple(x.shape)} and "
@@ -629,9 +642,8 @@ def int8_expert_linear(x, qweight, scale, group_size, experts, x_every=1, activa
     group_size = int(group_size)
     if tuple(scale.shape) != (E, N, K // group_size):
         raise ValueError(f"scale must have shape {(E, N, K // group_size)}, got {tuple(scale.shape)}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
-    gated = activation in GATED
+    act, alpha, limit = epilogue(activation)
+    gated = act in GATED_CODES
     if gated and N % 2:
         raise ValueError(f"{activation} needs an even number of weight rows (gate; up), got {N}")
     if experts.dim() != 1 or experts.numel() != x.shape[0] * x_every or experts.dtype not in (torch.int32, torch.int64):
@@ -640,6 +652,11 @@ def int8_expert_linear(x, qweight, scale, group_size, experts, x_every=1, activa
     for name, t in (("qweight", qweight), ("scale", scale)):
         if t.stride(2) != 1 or t.stride(1) != t.shape[2]:
             raise ValueError(f"{name}: each expert's rows must be contiguous")
+    if bias is not None:
+        float_dtype_check("bias", bias)
+        if tuple(bias.shape) != (E, N):
+            raise ValueError(f"bias must have shape {(E, N)}, got {tuple(bias.shape)}")
+        bias = bias if bias.stride(-1) == 1 else bias.contiguous()
     x = x if x.stride(-1) == 1 else x.contiguous()
     n_out = N // 2 if gated else N
     P = experts.numel()
@@ -650,19 +667,21 @@ def int8_expert_linear(x, qweight, scale, group_size, experts, x_every=1, activa
     gs = min(bk, lowbit(group_size))
     magic, bn = (0, 16) if interpreting() else (3, 2)     # the GEMV's measured tile on a GPU; fewer programs interpreted
     _int8_expert_gemv_kernel[(triton.cdiv(n_out, bn), P)](
-        x, qweight, scale, experts.contiguous(), out, n_out, K, int(x_every),
-        x.stride(0), qweight.stride(0), qweight.stride(1), scale.stride(0), scale.stride(1), out.stride(0),
-        GROUP=group_size, GS=gs, NG=bk // gs, ACT=ACTIVATIONS[activation], SWIGLU=gated, MAGIC=magic,
-        EVEN_K=K % bk == 0, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+        x, qweight, scale, bias if bias is not None else scale, experts.contiguous(), out, n_out, K, int(x_every),
+        x.stride(0), qweight.stride(0), qweight.stride(1), scale.stride(0), scale.stride(1),
+        bias.stride(0) if bias is not None else 0, out.stride(0),
+        GROUP=group_size, GS=gs, NG=bk // gs, HAS_BIAS=bias is not None, ACT=act, ALPHA=alpha, LIMIT=limit,
+        SWIGLU=gated, MAGIC=magic, EVEN_K=K % bk == 0, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
     )
     return out
 
 
-def int8_expert_linear_reference(x, qweight, scale, group_size, experts, x_every=1, activation=None):
+def int8_expert_linear_reference(x, qweight, scale, group_size, experts, x_every=1, activation=None, bias=None):
     rows = x.repeat_interleave(x_every, dim=0) if x_every > 1 else x
-    out = [int8_linear_reference(rows[p:p + 1], qweight[e], scale[e], group_size, activation=activation)
+    out = [int8_linear_reference(rows[p:p + 1], qweight[e], scale[e], group_size,
+                                 bias=bias[e] if bias is not None else None, activation=activation)
            for p, e in enumerate(experts.tolist())]
-    n_out = qweight.shape[1] // 2 if activation in GATED else qweight.shape[1]
+    n_out = qweight.shape[1] // 2 if epilogue(activation)[0] in GATED_CODES else qweight.shape[1]
     return torch.cat(out) if out else x.new_empty(0, n_out)
 
 

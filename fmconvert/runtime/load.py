@@ -91,7 +91,7 @@ def check_layout(m: dict, rank: int):
         raise FmError(f"manifest: rank {rank} lists {len(tensors)} tensors, too few for {sp['num_layers']} layers")
     # A mixture's dense layers (GLM-4.5's first) have the dense MLP's slots, the others the mixture's
     sparse_only = {s for s in per_layer if s.startswith(("router.", "experts_", "shared_"))}
-    dense_only = {s for s in per_layer if s.startswith(("mlp_in.", "mlp_out."))}
+    dense_only = {s for s in per_layer if s.startswith(("mlp_in.", "mlp_out."))} if E else set()
     dense_layers = set(sp["dense_layers"] or ())
     if dense_layers:
         dense_only |= {"mlp_in.weight", "mlp_out.weight"}

@@ -381,3 +381,114 @@ def test_window_and_softcap_reject_bad_inputs():
             fn(q[:, :, 0], q, q, lens, 1.0, window=-3)
         with pytest.raises(ValueError, match="softcap"):
             fn(q[:, :, 0], q, q, lens, 1.0, softcap=-0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention sinks (GPT-OSS): one logit per query head that joins the softmax, then is dropped
+# ---------------------------------------------------------------------------------------------
+
+
+def sinks_for(h, shift=0.0):
+    return (rand(h, dtype=torch.float32, seed=21) * 2 + shift)
+
+
+def explicit_sink_attention(q, k, v, scale, visible, sinks):
+    """transformers' eager GPT-OSS attention one (batch, head) at a time: q [B, Hq, T, D], visible bool [B, T, S]."""
+    rep = q.shape[1] // k.shape[1]
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            s = (q[b, h].float() @ k[b, h // rep].float().T * scale).masked_fill(~visible[b], float("-inf"))
+            logits = torch.cat([s, sinks[h].float().expand(s.shape[0], 1)], dim=1)
+            p = (logits - logits.max(dim=1, keepdim=True).values).softmax(dim=1)[:, :-1]
+            out[b, h] = p @ v[b, h // rep].float()
+    return out
+
+
+@pytest.mark.parametrize("window", [0, 7])
+def test_sinks_reference_matches_explicit_softmax(window, assert_close):
+    # Checks both references against the sink spelt out: concatenate the column, softmax, drop it. Sequence 1 is
+    # fully padded: its rows put all weight on the sink and give zeros.
+    B, HQ, HKV, T, S, D = 2, 4, 2, 9, 23, 16
+    q = rand(B, HQ, T, D, dtype=torch.float32, seed=1)
+    k, v = rand(B, HKV, S, D, dtype=torch.float32, seed=2), rand(B, HKV, S, D, dtype=torch.float32, seed=3)
+    kpm = torch.ones(B, S, dtype=torch.bool, device=DEVICE)
+    kpm[1] = False
+    sinks = sinks_for(HQ).to(torch.float16)         # any float dtype, read as fp32
+    ref = prefill_attention_reference(q, k, v, 0.3, key_padding_mask=kpm, window=window, sinks=sinks)
+    visible = window_mask(T, S, window)[None] & kpm[:, None, :]
+    assert_close(ref, explicit_sink_attention(q, k, v, 0.3, visible, sinks), torch.float32, tol=1e-5)
+    assert torch.count_nonzero(ref[1]) == 0
+    assert (ref - prefill_attention_reference(q, k, v, 0.3, key_padding_mask=kpm, window=window)).abs().max() > 0.05
+    lens = [S, 5]
+    dref = decode_attention_reference(q[:, :, -1], k, v, torch.tensor(lens, device=DEVICE), 0.3, window=window,
+                                      sinks=sinks)
+    visible = torch.zeros(B, 1, S, dtype=torch.bool, device=DEVICE)
+    for b, n in enumerate(lens):
+        visible[b, 0, :n] = window_mask(1, n, window)[0]          # the query at position n - 1
+    explicit = explicit_sink_attention(q[:, :, -1:], k, v, 0.3, visible, sinks)[:, :, 0]
+    assert_close(dref, explicit, torch.float32, tol=1e-5)
+
+
+# (causal, window, alibi, softcap, key padding, sink shift): +8 makes the sink take most of the weight.
+SINK_PREFILL_CASES = [(True, 0, False, 0.0, False, 0.0), (True, 9, False, 0.0, False, 8.0),
+                      (False, 0, True, 5.0, True, 0.0), (True, 5, True, 5.0, True, 8.0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", SINK_PREFILL_CASES)
+def test_prefill_sinks_match_reference(case, dtype, assert_close):
+    causal, window, slopes, cap, padded, shift = case
+    B, HQ, HKV, T, S, D = 2, 4, 2, 21, 45, 16
+    q, k, v = big_scores_qkv((B, HQ, T, D), (B, HKV, S, D), dtype) if cap else prefill_qkv((B, HQ, HKV, T, S, D), dtype)
+    kpm = None
+    if padded:
+        kpm = torch.ones(B, S, dtype=torch.bool, device=DEVICE)
+        kpm[1, :30] = False         # rows of sequence 2 before key 30 see nothing with a window
+    args = dict(causal=causal, window=window, alibi_slopes=alibi(HQ) if slopes else None, softcap=cap,
+                key_padding_mask=kpm, sinks=sinks_for(HQ, shift))
+    o = prefill_attention(q, k, v, 0.25, **args)
+    assert_close(o, prefill_attention_reference(q, k, v, 0.25, **args), dtype)
+
+
+# (B, Hq, Hkv, S_max, D), seq_lens: 32-key chunks, so S_max = 80 merges 3 splits in the reduce; S_max = 20 is the
+# one-split (DIRECT) path. 0 = empty sequence.
+SINK_DECODE_CASES = [((4, 4, 2, 80, 16), [80, 1, 45, 0]), ((3, 8, 2, 20, 16), [20, 0, 7])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window,cap,shift", [(0, 0.0, 0.0), (13, 5.0, 0.0), (0, 0.0, 8.0)])
+@pytest.mark.parametrize("case", SINK_DECODE_CASES)
+def test_decode_sinks_match_reference(case, window, cap, shift, dtype, assert_close):
+    (B, HQ, HKV, S, D), lens = case
+    q, kc, vc = big_scores_qkv((B, HQ, D), (B, HKV, S, D), dtype)
+    lens = torch.tensor(lens, device=DEVICE)
+    args = dict(alibi_slopes=alibi(HQ), window=window, softcap=cap, sinks=sinks_for(HQ, shift))
+    ws = decode_attention_workspace(q, kc).fill_(float("nan"))
+    o = decode_attention(q, kc, vc, lens, 0.25, workspace=ws, **args)
+    ref = decode_attention_reference(q, kc, vc, lens, 0.25, **args)
+    assert_close(o, ref, dtype)
+    assert torch.count_nonzero(o[lens == 0]) == 0
+
+
+def test_decode_sinks_equal_last_row_of_prefill(assert_close):
+    B, HQ, HKV, S, D = 2, 4, 2, 75, 16
+    q = rand(B, HQ, S, D, dtype=torch.float32, seed=0)
+    k, v = (rand(B, HKV, S, D, dtype=torch.float32, seed=i) for i in (1, 2))
+    sinks = sinks_for(HQ)
+    full = prefill_attention(q, k, v, 0.25, window=20, sinks=sinks)
+    o = decode_attention(q[:, :, -1].contiguous(), k, v, torch.full((B,), S, device=DEVICE), 0.25, window=20,
+                         sinks=sinks)
+    assert_close(o, full[:, :, -1], torch.float32, tol=1e-5)
+
+
+def test_sinks_reject_bad_shapes():
+    q = rand(1, 4, 3, 8, dtype=torch.float32, seed=0)
+    lens = torch.tensor([3], device=DEVICE)
+    for bad in (sinks_for(2), sinks_for(4)[None], torch.zeros(4, dtype=torch.int32, device=DEVICE)):
+        for fn in (prefill_attention, prefill_attention_reference):
+            with pytest.raises(ValueError, match="sinks must be"):
+                fn(q, q, q, 1.0, sinks=bad)
+        for fn in (decode_attention, decode_attention_reference):
+            with pytest.raises(ValueError, match="sinks must be"):
+                fn(q[:, :, 0], q, q, lens, 1.0, sinks=bad)

@@ -7,7 +7,10 @@ ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"
 FLOAT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_CUDA else [])
 
-ACTS = [None, "relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu"]
+# GPT-OSS's clamped SwiGLU with a limit small enough that both clamps bite at these outputs (|y| ~ 1).
+OAI = ("swiglu_oai", 1.702, 0.6)
+ACTS = [None, "relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", OAI]
+GATED = ("swiglu", "geglu", OAI)
 
 
 def quantize(w, group_size, scale_dtype=torch.float16):
@@ -53,11 +56,11 @@ def test_int8_linear_activations(act, bias, M, assert_close):
     x, _, q, s, b = make(M, 34, 192, 64, dtype, bias)
     y = int8_linear(x, q, s, 64, b, act)
     ref = int8_linear_reference(x, q, s, 64, b, act)
-    assert y.shape == (M, 17 if act in ("swiglu", "geglu") else 34)
+    assert y.shape == (M, 17 if act in GATED else 34)
     assert_close(y, ref, dtype)
 
 
-@pytest.mark.parametrize("act", [None, "swiglu", "gelu", "geglu"])
+@pytest.mark.parametrize("act", [None, "swiglu", "gelu", "geglu", OAI])
 @pytest.mark.parametrize("split", [2, 3])
 def test_int8_linear_split_k(split, act, assert_close):
     # Split-K: fp32 atomics into a zeroed buffer, then the epilogue kernel (bias + activation).
@@ -111,6 +114,10 @@ def test_int8_linear_rejects_bad_inputs():
         int8_linear(x, q.float(), s, 32)
     with pytest.raises(ValueError, match="swiglu"):
         int8_linear(x, q[:7], s[:7], 32, activation="swiglu")
+    with pytest.raises(ValueError, match="swiglu_oai"):
+        int8_linear(x, q, s, 32, activation=("swiglu_oai", 1.702))
+    with pytest.raises(ValueError, match="limit"):
+        int8_linear(x, q, s, 32, activation=("swiglu_oai", 1.702, -7.0))
 
 
 @pytest.mark.parametrize("M", [1, 3])
@@ -130,7 +137,7 @@ def test_int8_gemv_every_gpu_config(M, assert_close):
             assert_close(out, ref, torch.float16)
 
 
-@pytest.mark.parametrize("act", [None, "swiglu", "gelu"])
+@pytest.mark.parametrize("act", [None, "swiglu", "gelu", OAI])
 @pytest.mark.parametrize("shape", [(5, 18, 96, 32), (9, 78, 320, 64), (6, 34, 144, 48)])
 def test_int8_linear_dense_path(shape, act, assert_close):
     # The long-prompt path (dequantize once, then a float matmul), forced at small M. N not a multiple of the
@@ -178,6 +185,45 @@ def test_int8_expert_linear_matches_reference(E, N, K, G, act, x_every, assert_c
     assert_close(y, ref, torch.float16)
 
 
+def expert_weights(E, N, K, G, dtype):
+    gen = torch.Generator().manual_seed(E * N + K)
+    q = torch.randint(-127, 128, (E, N, K), generator=gen, dtype=torch.int8).to(DEVICE)
+    s = (torch.rand(E, N, K // G, generator=gen) * 0.02 + 0.001).to(DEVICE)
+    b = (torch.randn(E, N, generator=gen) * 0.5).to(dtype).to(DEVICE)
+    return q, s, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("act", [None, "swiglu", OAI])
+def test_int8_expert_linear_bias(act, dtype, assert_close):
+    """GPT-OSS's experts carry a bias [E, N]: each pair adds its own expert's row, gate and up alike."""
+    from fmconvert.kernels import int8_expert_linear, int8_expert_linear_reference
+    E, N, K, G = 4, 34, 96, 32
+    q, s, b = expert_weights(E, N, K, G, dtype)
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
+    eids = torch.tensor([3, 0, 1, 1, 0, 3], device=DEVICE)
+    y = int8_expert_linear(x, q, s, G, eids, 2, act, bias=b)
+    ref = int8_expert_linear_reference(x, q, s, G, eids, 2, act, bias=b)
+    assert_close(y, ref, dtype)
+    # the reference against one pair spelt out: pair 4 is token 2 through expert 0
+    assert_close(ref[4:5], int8_linear_reference(x[2:3], q[0], s[0], G, b[0], act), dtype, tol=0)
+    assert (ref - int8_expert_linear_reference(x, q, s, G, eids, 2, act)).abs().max() > 0.05
+
+
+@pytest.mark.parametrize("path,M,split", [("decode", 1, None), ("decode", 3, 2), ("gemm", 33, None),
+                                          ("dense", 5, None)])
+def test_int8_linear_bias_reaches_gate_and_up_rows(path, M, split, assert_close):
+    # Bias on the fused [gate; up] rows is added to both halves before the clamped SwiGLU, on every path.
+    x, _, q, s, _ = make(M, 34, 192, 64, torch.float32, bias=False)
+    b = torch.randn(34, generator=torch.Generator().manual_seed(2), device=DEVICE) * 0.5
+    y = int8_linear(x, q, s, 64, b, OAI, _path=path, _split_k=split)
+    h = x @ dequantize(q, s, 64).T + b
+    gate, up = h[:, :17].clamp(max=0.6), h[:, 17:].clamp(-0.6, 0.6)
+    assert_close(y, gate * torch.sigmoid(1.702 * gate) * (up + 1), torch.float32)
+    b_gate_only = torch.cat([b[:17], torch.zeros(17, device=DEVICE)])
+    assert (y - int8_linear(x, q, s, 64, b_gate_only, OAI, _path=path, _split_k=split)).abs().max() > 0.05
+
+
 def test_int8_expert_linear_rejects_bad_inputs():
     from fmconvert.kernels import int8_expert_linear
     q = torch.zeros(2, 4, 32, dtype=torch.int8, device=DEVICE)
@@ -189,3 +235,7 @@ def test_int8_expert_linear_rejects_bad_inputs():
         int8_expert_linear(x, q, s[:, :2], 32, torch.tensor([0], device=DEVICE))
     with pytest.raises(ValueError, match="contiguous"):
         int8_expert_linear(x, q.transpose(1, 2).contiguous().transpose(1, 2), s, 32, torch.tensor([0], device=DEVICE))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        int8_expert_linear(x, q, s, 32, torch.tensor([0], device=DEVICE), bias=torch.zeros(4, device=DEVICE))
+    with pytest.raises(ValueError, match="swiglu_oai"):
+        int8_expert_linear(x, q, s, 32, torch.tensor([0], device=DEVICE), activation=("swiglu_oai", 1.0))

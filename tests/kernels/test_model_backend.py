@@ -14,7 +14,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.mark.parametrize("name,int8", [("llama", True), ("gpt2", False), ("bloom", True), ("gptj", True),
                                        ("gemma", False), ("qwen3", False), ("falcon_new", True),
                                        ("mixtral", True), ("gemma2", False), ("gemma3", True),
-                                       ("qwen2_moe", True), ("gpt_bigcode", False), ("olmo2", True)])
+                                       ("qwen2_moe", True), ("gpt_bigcode", False), ("olmo2", True),
+                                       ("gpt_oss", True), ("gpt_oss", False), ("glm4_moe", True)])
 def test_triton_backend_matches_torch_backend(model_dir, tmp_path, name, int8):
     out = tmp_path / "out"
     convert(model_dir(name), out, Options(tp=1, int8=int8, group_size=32), progress=False)
@@ -46,7 +47,7 @@ def _decode_steps(model, ids, start, steps):
                                        ("gemma", True), ("qwen3", True), ("mixtral", True), ("gemma2", True),
                                        ("gemma3", False), ("starcoder2", True), ("granite", True),
                                        ("cohere", False), ("cohere_qk", True), ("olmoe", True),
-                                       ("glm4", True)])
+                                       ("glm4", True), ("gpt_oss", True), ("glm4_moe", True)])
 def test_triton_decode_step_matches_torch_backend(model_dir, tmp_path, name, int8):
     """The fused rope + KV-append decode step (RoPE, learned positions, ALiBi; GQA in mistral; windows, soft caps
     and a second RoPE in Gemma 2/3, decoded past the window) against the torch backend's, with the fusion on and
@@ -77,7 +78,7 @@ def test_triton_decode_step_crosses_the_longrope_switch(model_dir, tmp_path):
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-3
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "glm4_moe"])
 def test_int8_experts_are_routed_on_the_device(model_dir, tmp_path, name):
     """Int8 experts on the Triton backend: a decode step's experts run as two launches over (token, expert) pairs
     whose ids never leave the device, so the step is graph-safe; float experts and the torch backend route on the
@@ -87,12 +88,12 @@ def test_int8_experts_are_routed_on_the_device(model_dir, tmp_path, name):
     convert(model_dir(name), out, Options(tp=1, int8=True, group_size=32), progress=False)
     convert(model_dir(name), fout, Options(tp=1), progress=False)
     tri = load(out, device=DEVICE, backend="triton", dequantize=False)
-    assert _decode_graph_safe(tri) and tri.blocks[0].device_routed(2)
-    assert not tri.blocks[0].device_routed(1000)                     # a long prompt: each expert once, host-routed
+    blk = next(b for b in tri.blocks if "router.weight" in b.t)      # GLM-4.5's first layer is dense
+    assert _decode_graph_safe(tri) and blk.device_routed(2)
+    assert not blk.device_routed(1000)                               # a long prompt: each expert once, host-routed
     assert not _decode_graph_safe(load(out, device="cpu", backend="torch"))
     assert not _decode_graph_safe(load(fout, device=DEVICE, backend="triton"))
     h = torch.randn(2, 1, tri.spec["hidden_size"], device=DEVICE)
-    blk = tri.blocks[0]
     device_side = blk.experts(h)
     blk.device_routed = lambda tokens: False                          # the host-routed path on the same weights
     assert ((device_side - blk.experts(h)).abs().max() / device_side.abs().max()).item() < 1e-3
