@@ -59,9 +59,10 @@ def cli():
               "kv heads are replicated when tp exceeds them.")
 @click.option("--int8", is_flag=True, help="Quantize the linear weights to int8, symmetric, one scale per group: "
               "the four matmuls of every layer and an untied lm_head.")
-@click.option("--group-size", default=128, show_default=True,
-              help="int8 group width along the input dim (power of two). A rank whose K is narrower uses the "
-                   "largest power of two that fits.")
+@click.option("--group-size", type=int, default=None,
+              help="int8 group width along the input dim (power of two). Default: 128, or the largest power of "
+                   "two below it that divides every input width (GPT-OSS's 2880: 64). A rank whose K is narrower "
+                   "uses the largest power of two that fits.")
 @click.option("--int8-embeddings", is_flag=True, help="Also quantize the embedding table (and with it a tied lm_head).")
 @click.option("--int8-lm-head/--no-int8-lm-head", default=True, show_default=True,
               help="Under --int8, quantize an untied lm_head as well. Each decoded token reads all of it.")

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import tiny
+from fmconvert.errors import FmError
 from fmconvert import slice as sl
 from fmconvert.cli import cli
 from fmconvert.pipeline import QUANT_SLOTS, Options, alibi_slopes, convert
@@ -558,3 +559,16 @@ def test_falcon_layouts_are_recorded_and_reassemble_under_their_own_names(model_
         m, got = reassemble(out)
         assert m["model"]["qkv_layout"] == layout and m["source"].get("aliases", {}) == aliases, name
         assert_exact(expected(d, m), got)
+
+
+def test_the_default_group_shrinks_to_divide_every_width(model_dir, tmp_path):
+    """Hidden 96 (as GPT-OSS's 2880) is no multiple of 128 or 64: without --group-size the groups are 32 wide, and
+    the manifest says so; asking for 64 is refused, naming the width."""
+    d = model_dir("llama", hidden_size=96, num_attention_heads=4, num_key_value_heads=2)
+    out = conv(d, tmp_path / "out", int8=True)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["quantization"]["group_size"] == 32
+    assert {t["group_size"] for t in m["quantization"]["tensors"].values()} == {32}
+    assert_int8_bound(out, expected(d, m))
+    with pytest.raises(FmError, match="--group-size 64 does not divide K=96"):
+        conv(d, tmp_path / "out64", int8=True, group_size=64)
