@@ -189,7 +189,7 @@ def _quant_plan(spec: ModelSpec, opts: Options):
             k = sl.k_per_rank(spec, layout, slot)
             if not k:
                 continue                      # a slot this model does not have (a shared expert's, say)
-            g = sl.group_for(k, group)
+            g = sl.padded_group(k, group) if slot in sl.PADDED_K else sl.group_for(k, group)
             if k % g:
                 break
             groups[slot] = g

@@ -23,7 +23,7 @@ Layout per rank:
             [r*V/tp, (r+1)*V/tp) (of an lm_head bias too). Padded logits are dropped by the runtime.
   the rest  replicated.
 The intermediate size is split into chunks of ceil(I/tp) and each chunk is zero-padded to `intermediate_per_rank`
-(a multiple of the int8 group size). Padded units compute act(0 + 0) = 0 and meet zero columns: exact.
+(a multiple of the int8 group size, or of a narrower power of two where whole groups would pad more than an eighth). Padded units compute act(0 + 0) = 0 and meet zero columns: exact.
 """
 
 from __future__ import annotations
@@ -107,15 +107,35 @@ def plan(spec: ModelSpec, tp: int, group_size: int | None) -> Layout:
                   spec.num_experts, *shared, *dense)
 
 
+# A rank's MLP units are padded to whole int8 groups; when that would add more than 1/MAX_PAD_WASTE of the units, a
+# narrower group (down to MIN_PAD_GROUP) is used for that slot instead: Qwen3-30B-A3B's experts at tp 8 (96 units
+# each) take groups of 32, not 96 units padded to 128. Padding is bytes every token reads; a narrower group costs
+# one scale per group.
+MAX_PAD_WASTE = 8
+MIN_PAD_GROUP = 16
+
+
 def _chunk(size: int, tp: int, group_size: int | None) -> tuple[int, int]:
-    """(units per rank, units per rank padded to a multiple of the int8 group)."""
+    """(units per rank, units per rank padded to a multiple of the int8 group, or of a narrower one)."""
     chunk = -(-size // tp)
-    return chunk, chunk if group_size is None else _ceil_to(chunk, group_for(chunk, group_size))
+    if group_size is None:
+        return chunk, chunk
+    unit = group_for(chunk, group_size)
+    while unit > MIN_PAD_GROUP and (_ceil_to(chunk, unit) - chunk) * MAX_PAD_WASTE > chunk:
+        unit //= 2
+    return chunk, _ceil_to(chunk, unit)
 
 
 def group_for(k: int, group_size: int) -> int:
     """The group size used for a K of this width: the requested one, or the largest power of two <= K if smaller."""
     return group_size if k >= group_size else pow2_floor(k)
+
+
+def padded_group(k: int, group_size: int) -> int:
+    """The group size of a padded K (a rank's MLP units, see _chunk): the largest power of two up to the requested
+    one that divides it."""
+    g = min(group_size, k & -k)
+    return g if g else group_size
 
 
 def _width(spec: ModelSpec, lay: Layout, slot: str) -> tuple[int, int, int]:
@@ -244,6 +264,9 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
         if not torch.equal(p, pieces[0]):
             raise FmError(f"{slot}: replicated tensor differs between rank 0 and rank {r}")
     return pieces[0]
+
+
+PADDED_K = ("mlp_out.weight", "experts_out.weight", "shared_out.weight")    # K is a rank's (padded) MLP units
 
 
 def k_per_rank(spec: ModelSpec, lay: Layout, slot: str) -> int:

@@ -733,7 +733,7 @@ def _load_unknown_tensor(c: Ctx):
 
 @case("load", "does not fit an int8 layers.0.mlp_out.weight")
 def _load_int8_scales_vs_weight(c: Ctx):
-    return [_manifest(c, lambda m: m["ranks"][0]["tensors"]["layers.0.mlp_out.weight_scale"].update(shape=[64, 3]),
+    return [_manifest(c, lambda m: m["ranks"][0]["tensors"]["layers.0.mlp_out.weight_scale"].update(shape=[64, 5]),
                       int8=True)]
 
 

@@ -243,22 +243,25 @@ def test_column_parallel_quantize_then_slice(model_dir, tmp_path, name, tp, grou
 
 
 def test_stories_tp2_int8_pads_intermediate(model_dir, tmp_path):
+    """172 units over 2 ranks: 86 each, padded to 96 (groups of 32 for mlp_out) rather than to 128 (a group of 128
+    or 64 would pad 42 units of 86, each a column every token reads)."""
     d = model_dir("stories")
     out = conv(d, tmp_path / "out", tp=2, int8=True)
     m = json.loads((out / "manifest.json").read_text())
     par = m["parallel"]
-    assert (par["intermediate_chunk"], par["intermediate_per_rank"]) == (86, 128)
+    assert (par["intermediate_chunk"], par["intermediate_per_rank"]) == (86, 96)
+    assert m["quantization"]["tensors"]["layers.0.mlp_out.weight"]["group_size"] == 32
     for r in range(2):
         got = rank_tensors(out, m, r)
         for i in range(m["model"]["num_layers"]):
             w_in, s_in = got[f"layers.{i}.mlp_in.weight"], got[f"layers.{i}.mlp_in.weight_scale"]
-            assert w_in.shape == (256, 64) and s_in.shape == (256, 1)
-            for pad in (slice(86, 128), slice(128 + 86, 256)):
+            assert w_in.shape == (192, 64) and s_in.shape == (192, 1)
+            for pad in (slice(86, 96), slice(96 + 86, 192)):
                 assert not w_in[pad].any() and not s_in[pad].any()
                 assert w_in[pad.start - 86:pad.start].any()
             w_out = got[f"layers.{i}.mlp_out.weight"]
-            assert w_out.shape == (64, 128) and not w_out[:, 86:].any() and w_out[:, :86].any()
-            assert got[f"layers.{i}.mlp_out.weight_scale"].shape == (64, 1)
+            assert w_out.shape == (64, 96) and not w_out[:, 86:].any() and w_out[:, :86].any()
+            assert got[f"layers.{i}.mlp_out.weight_scale"].shape == (64, 3)
     want = expected(d, m)
     _, deq = reassemble(out)
     assert deq["model.layers.0.mlp.down_proj.weight"].shape == (64, 172)
