@@ -144,6 +144,22 @@ CONFIGS = {
                  head_dim=16, vocab_size=101, max_position_embeddings=64, n_routed_experts=8, num_experts_per_tok=3,
                  n_shared_experts=1, n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
                  use_qk_norm=True, attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "dots1": ("Dots1Config", "Dots1ForCausalLM", dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, head_dim=16, vocab_size=101,
+              max_position_embeddings=64, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2, n_group=4,
+              topk_group=2, first_k_dense_replace=1, norm_topk_prob=True, routed_scaling_factor=2.0,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "minimax_m2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM", dict(hidden_size=64, intermediate_size=32,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
+                   max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2, rotary_dim=8,
+                   pad_token_id=0, bos_token_id=1, eos_token_id=2)),      # q/k normed across heads; half RoPE
+    "seed_oss": ("SeedOssConfig", "SeedOssForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
+                 max_position_embeddings=64, attention_bias=True, attention_out_bias=True, mlp_bias=True,
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "ernie4_5": ("Ernie4_5Config", "Ernie4_5ForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
+                 max_position_embeddings=64, use_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     # Vision-language wrappers: only the language model converts; the vision tower is left out.
     "gemma3_vl": ("Gemma3Config", "Gemma3ForConditionalGeneration", dict(
         text_config=dict(model_type="gemma3_text", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
