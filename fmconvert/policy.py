@@ -50,7 +50,7 @@ _GATED = {"silu": "swiglu", "gelu_tanh": "geglu"}
 _ACTIVATIONS = {
     "gelu": "gelu", "gelu_python": "gelu",
     "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
-    "relu": "relu", "silu": "silu", "swish": "silu",
+    "relu": "relu", "silu": "silu", "swish": "silu", "relu2": "relu2",
 }
 
 
@@ -72,7 +72,7 @@ class ModelSpec:
     embed_dim: int                 # width of the embedding table (OPT's word_embed_proj_dim), else hidden_size
     norm: str                      # rms | layer | rms_plus_one (Gemma: scale by 1 + weight)
     norm_eps: float
-    activation: str                # gelu | gelu_tanh | relu | silu | swiglu / geglu (silu / gelu_tanh over gate|up)
+    activation: str                # gelu | gelu_tanh | relu | relu2 | silu | swiglu / geglu (silu / gelu_tanh over gate|up)
     #                                | swiglu_oai (GPT-OSS: gate and up clamped, gate * sigmoid(glu_alpha * gate) * (up + 1))
     gated_mlp: bool
     residual: str                  # pre | post | parallel (attention and MLP read the same stream, one sum)

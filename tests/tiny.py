@@ -165,6 +165,9 @@ CONFIGS = {
                    max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=80,
                    embedding_multiplier=6.0, attention_multiplier=0.05, residual_multiplier=0.3, logits_scaling=4.0,
                    pad_token_id=0, bos_token_id=1, eos_token_id=2)),     # stacked experts, an ungated shared one
+    "arcee": ("ArceeConfig", "ArceeForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2)),            # ungated MLP, ReLU squared
     # Vision-language wrappers: only the language model converts; the vision tower is left out.
     "gemma3_vl": ("Gemma3Config", "Gemma3ForConditionalGeneration", dict(
         text_config=dict(model_type="gemma3_text", hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "swiglu": 5, "geglu": 6}
+ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "swiglu": 5, "geglu": 6, "relu2": 8}
 # Gated activations act on the first half of a fused gate|up output and multiply by the second half.
 GATED = ("swiglu", "geglu")
 # ("swiglu_oai", alpha, limit): GPT-OSS's clamped SwiGLU, the one activation with parameters.
@@ -122,6 +122,9 @@ def activate(v, ACT: tl.constexpr):
         v = 0.5 * v * (1.0 + (2.0 * sigmoid(2.0 * u) - 1.0))
     elif ACT == 4 or ACT == 5:
         v = v * sigmoid(v)
+    elif ACT == 8:
+        v = tl.maximum(v, 0.0)
+        v = v * v
     return v
 
 

@@ -112,6 +112,8 @@ def activate(y: torch.Tensor, activation) -> torch.Tensor:
         return F.gelu(y, approximate="tanh")
     if activation == "relu":
         return F.relu(y)
+    if activation == "relu2":                # Arcee: ReLU squared
+        return F.relu(y).square()
     if activation == "silu":
         return F.silu(y)
     raise ValueError(f"unknown activation {activation!r}")
