@@ -232,6 +232,7 @@ class Policy:
         self.architectures: dict = table["architectures"]
         self.layout: dict = table["layout"]
         self.transposed: set[str] = set(self.layout.get("transposed", []))
+        self.as_row: set[str] = set(self.layout.get("as_row", []))    # a vector stored as [1, n] (ERNIE 4.5)
         for key, values in (("experts", ("per_expert", "stacked")), ("gate_up", ("halves", "interleaved"))):
             if self.layout.get(key, values[0]) not in values:
                 raise FmError(f"{path.name}: layout.{key} must be {' or '.join(values)}, got {self.layout[key]!r}")
@@ -265,7 +266,7 @@ class Policy:
 
     def _layout(self, key: str, flags: dict, default=None):
         v = self.layout.get(key, default)
-        if key != "transposed" and isinstance(v, list):
+        if key not in ("transposed", "as_row") and isinstance(v, list):
             return _pick(v, flags, f"{self.path.name}: layout.{key}")
         if isinstance(v, str) and v in flags:
             return flags[v]
@@ -341,15 +342,18 @@ class Policy:
 
     def _dense_layers(self, c, experts: int) -> dict:
         """A mixture's layers with a dense MLP instead: the first `first_dense` (GLM-4.5's first_k_dense_replace),
-        those in `dense_list`, and with `sparse_step` n every layer i where (i + 1) % n != 0 (Qwen3-MoE's
-        mlp_only_layers and decoder_sparse_step). Their MLP is `dense_intermediate_size` wide."""
+        those after `last_sparse`, those in `dense_list`, and with `sparse_step` n every layer i where
+        (i + 1) % n != 0 (Qwen3-MoE's mlp_only_layers and decoder_sparse_step; ERNIE 4.5's moe_layer_*). Their MLP
+        is `dense_intermediate_size` wide."""
         L = c["num_layers"]
         first, listed, step = c.get("first_dense") or 0, c.get("dense_list") or [], c.get("sparse_step") or 1
-        if type(first) is not int or first < 0 or type(step) is not int or step < 1 \
+        last = c.get("last_sparse", L - 1)
+        last = L - 1 if last is None or last == -1 else last
+        if type(first) is not int or first < 0 or type(step) is not int or step < 1 or type(last) is not int \
                 or not isinstance(listed, (list, tuple)) or any(type(i) is not int or not 0 <= i < L for i in listed):
             raise FmError(f"config.json: the dense layers of this mixture are malformed (first_k_dense_replace="
                           f"{first!r}, mlp_only_layers={str(listed)[:60]}, decoder_sparse_step={step!r})")
-        dense = sorted(i for i in range(L) if i < first or i in listed or (i + 1) % step)
+        dense = sorted(i for i in range(L) if i < first or i > last or i in listed or (i + 1) % step)
         if not dense:
             return {}
         if len(dense) == L:
@@ -558,6 +562,8 @@ class Policy:
                     shapes = [(r, *full[1:]) for r in rows]
                     if slot in self.transposed:
                         shapes = [tuple(reversed(s)) for s in shapes]
+                    if slot in self.as_row:
+                        shapes = [(1, *s) for s in shapes]
                 out.append(SlotSource(slot, names, shapes, optional, aliases))
         return out
 
@@ -583,6 +589,8 @@ class Policy:
     # -- the rewrite hook -------------------------------------------------------------------------------------
     def fuse(self, spec: ModelSpec, slot: str, parts: list[torch.Tensor]) -> torch.Tensor:
         """HF tensors of a slot -> the canonical full (unsharded) tensor: transposes and de-interleaving, once."""
+        if slot in self.as_row:
+            parts = [p.squeeze(0) for p in parts]
         if slot in self.transposed:
             parts = [p.transpose(-1, -2) for p in parts]     # a stacked slot: each expert's matrix
         t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
@@ -630,6 +638,8 @@ class Policy:
         parts = list(torch.split(t, self._part_rows(spec, slot, n_parts), dim=0)) if n_parts > 1 else [t]
         if slot in self.transposed:
             parts = [p.t() for p in parts]
+        if slot in self.as_row:
+            parts = [p.unsqueeze(0) for p in parts]
         return [p.contiguous() for p in parts]
 
 

@@ -168,6 +168,11 @@ CONFIGS = {
     "arcee": ("ArceeConfig", "ArceeForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
               pad_token_id=0, bos_token_id=1, eos_token_id=2)),            # ungated MLP, ReLU squared
+    "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", dict(hidden_size=64, intermediate_size=96,
+                     moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                     head_dim=16, vocab_size=101, max_position_embeddings=64, num_experts=8, num_experts_per_tok=2,
+                     moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=2, use_bias=False,
+                     pad_token_id=0, bos_token_id=1, eos_token_id=2)),   # layers 1-2 mixtures, 0 and 3 dense
     # Vision-language wrappers: only the language model converts; the vision tower is left out.
     "gemma3_vl": ("Gemma3Config", "Gemma3ForConditionalGeneration", dict(
         text_config=dict(model_type="gemma3_text", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -232,8 +237,8 @@ def build(name: str, seed: int = 0, **overrides):
                 p.copy_(torch.randn_like(p) * 0.02)
             elif n.endswith("sinks"):           # GPT-OSS: a sink logit per head, large enough to matter
                 p.copy_(torch.randn_like(p))
-        for n, b in model.named_buffers():      # GLM-4.5: a correction that changes which experts are chosen
-            if n.endswith("e_score_correction_bias"):
+        for n, b in [*model.named_buffers(), *model.named_parameters()]:   # GLM-4.5, ERNIE 4.5: a correction
+            if n.endswith("e_score_correction_bias"):                        # that changes the experts chosen
                 b.copy_(torch.randn_like(b) * 0.2)
     return model
 

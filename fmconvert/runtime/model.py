@@ -179,14 +179,19 @@ class Block(nn.Module):
 
     def _route(self, x, k: int):
         """(weights [tokens, k] fp32, expert ids [tokens, k]) of each token's top-k experts, on the device. softmax:
-        over every expert's logit, the top k kept and (where the model does) renormalised. sigmoid (DeepSeek-V3,
+        over every expert's logit, the top k kept (chosen with correction_bias added, ERNIE 4.5) and (where the model
+        does) renormalised. sigmoid (DeepSeek-V3,
         GLM-4.5): each expert scored on its own in fp32; the choice adds correction_bias to the scores and keeps to
         the router_topk_groups groups whose two best scores sum highest; the weights are the chosen experts' own
         scores, renormalised where the model does, times routed_scale."""
         sp, t = self.m.spec, self.t
         if sp["router"] == "softmax":
             probs = torch.nn.functional.linear(x, t["router.weight"], t.get("router.bias")).float().softmax(-1)
-            weight, chosen = probs.topk(k, dim=-1)
+            if "router.correction_bias" in t:     # ERNIE 4.5: the choice adds it to the probabilities
+                chosen = (probs + t["router.correction_bias"].float()).topk(k, dim=-1)[1]
+                weight = probs.gather(1, chosen)
+            else:
+                weight, chosen = probs.topk(k, dim=-1)
             if sp["experts_renormalize"]:
                 weight = weight / weight.sum(-1, keepdim=True)
             return weight, chosen
