@@ -221,6 +221,9 @@ def _rope_inv_freq(config, spec: ModelSpec, local: bool = False, seq_len: int | 
     if p["rope_type"] == "default":
         inv = 1.0 / (p["theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
         return inv.float(), 1.0
+    if p["rope_type"] == "ntk_alpha":        # Hunyuan: the base stretched by alpha^(d / (d - 2)), once
+        base = p["theta"] * p["parameters"]["alpha"] ** (dim / (dim - 2))
+        return (1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))), 1.0
     if p["rope_type"] == "dynamic":
         raise FmError("RoPE type 'dynamic' rescales its base with every sequence length at run time; not supported")
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

@@ -110,6 +110,7 @@ class ModelSpec:
     #                                RMS over all heads of the projection, weight [heads * head_dim] (OLMo 2, OLMoE)
     glu_alpha: float = 0.0         # swiglu_oai's sigmoid gain and clamp limit (0: another activation)
     glu_limit: float = 0.0
+    qk_norm_after_rope: bool = False   # q_norm/k_norm apply to the rotated q and k (Hunyuan), not before RoPE
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -329,7 +330,8 @@ class Policy:
             num_experts=experts, experts_per_token=topk if experts else 0,
             shared_intermediate_size=self._shared_size(c, experts),
             experts_renormalize=bool(self._layout("experts_renormalize", flags, True)),
-            qk_norm=self._qk_norm(flags), **glu, **mixed, **self._router(c, experts, topk),
+            qk_norm=self._qk_norm(flags), qk_norm_after_rope=bool(self._layout("qk_norm_after_rope", flags, False)),
+            **glu, **mixed, **self._router(c, experts, topk),
             **self._windows(config, c), nope_layers=self._nope_layers(config, c, position),
             attn_softcap=_number(c, "attn_softcap", 0.0, zero_ok=True),
             logit_softcap=_number(c, "logit_softcap", 0.0, zero_ok=True),
@@ -464,6 +466,14 @@ class Policy:
                               f"head_dim={c['head_dim']}, got {rotary!r}")
             pos = {"type": "rope", "style": self.layout.get("rope_style", "neox"), **_rope_params(params),
                    "rotary_dim": rotary}
+            if pos["rope_type"] == "dynamic" and params.get("alpha") is not None:
+                # Hunyuan labels it dynamic, but a fixed alpha only stretches the base: static (transformers calls
+                # it ntk_alpha)
+                alpha = params["alpha"]
+                if type(alpha) not in (int, float) or not 0 < alpha < math.inf or rotary != c["head_dim"]:
+                    raise FmError(f"config.json: rope_parameters.alpha must be a positive number, with RoPE over the "
+                                  f"whole head, got {alpha!r}")
+                pos["rope_type"] = "ntk_alpha"
             if pos["rope_type"] == "longrope":
                 # LongRoPE (Phi-3/3.5 128k, Phi-4-mini): short factors while a forward stays inside the original
                 # context, long factors once it reaches past it. Both tables are written; the switch is recorded.

@@ -251,7 +251,7 @@ def test_inject_refuses_a_different_model(work):
 
 
 @pytest.mark.parametrize("name", ["stories", "gpt2", "bloom", "opt350", "gptj", "phi", "stablelm_par", "qwen3", "falcon",
-                                  "mixtral", "gpt_oss", "glm4_moe"])
+                                  "mixtral", "gpt_oss", "glm4_moe", "hunyuan"])
 def test_graph_safe_decode_step_equals_eager_decode(work, name):
     """decode_step (what a CUDA graph captures) reads positions and lengths from device tensors only."""
     _, _, outs = work(name)

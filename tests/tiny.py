@@ -173,6 +173,11 @@ CONFIGS = {
                      head_dim=16, vocab_size=101, max_position_embeddings=64, num_experts=8, num_experts_per_tok=2,
                      moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=2, use_bias=False,
                      pad_token_id=0, bos_token_id=1, eos_token_id=2)),   # layers 1-2 mixtures, 0 and 3 dense
+    "hunyuan": ("HunYuanDenseV1Config", "HunYuanDenseV1ForCausalLM", dict(hidden_size=64, intermediate_size=96,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
+                max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0})),
+    # q/k normed after RoPE; NTK-alpha RoPE
     # Vision-language wrappers: only the language model converts; the vision tower is left out.
     "gemma3_vl": ("Gemma3Config", "Gemma3ForConditionalGeneration", dict(
         text_config=dict(model_type="gemma3_text", hidden_size=64, intermediate_size=96, num_hidden_layers=2,

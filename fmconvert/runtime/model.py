@@ -100,6 +100,11 @@ class Block(nn.Module):
         a = ops.linear(a, t["attn_out.weight"], t.get("attn_out.bias"))
         return m.comm.all_reduce(a + self.mlp(hm)), residual
 
+    def _head_norm(self, q, k, qk_norm):
+        """Each q and k head normalised with the weight every head shares (q_norm, k_norm)."""
+        ops, eps, kind = self.m.ops, qk_norm[2], qk_norm[3]
+        return ops.add_norm(q, None, qk_norm[0], None, eps, kind)[0], ops.add_norm(k, None, qk_norm[1], None, eps, kind)[0]
+
     def _wide_qk_norm(self, q, k):
         """q/k norms whose weight is not shared by every head, in fp32 then rounded once: Command R+ normalises each
         head with its own weight (LayerNorm), OLMo 2 takes one RMS over all heads of the projection. Across ranks
@@ -222,20 +227,28 @@ class Block(nn.Module):
         if qk_norm is not None and m.spec["qk_norm"] != "head":
             q, k = self._wide_qk_norm(q, k)
             qk_norm = None
+        after = qk_norm is not None and m.spec["qk_norm_after_rope"]      # Hunyuan: rotate, then normalise
         if pos_t is not None:
             kc, vc, ring = cache.k[self.i], cache.v[self.i], cache.ring[self.i]
             rope = (*m.rope_tables(self.rope_table, decode=True), m.rope_style, m.rotary_dim) \
                 if self.rope else (None,) * 4
+            if after:
+                if self.rope:
+                    q, k = m.ops.rope(q, k, rope[0], rope[1], pos_t.view(1, 1).expand(B, 1), m.rope_style,
+                                      m.rotary_dim)
+                q, k = self._head_norm(q, k, qk_norm)
+                rope, qk_norm = (None,) * 4, None
             q = m.ops.decode_append(q, k, v, kc, vc, pos_t, *rope, qk_norm=qk_norm, ring=bool(ring))  # (B, Hq, hd)
             # a ring holds exactly the window: attend over its filled rows (seq_t[ring]), nothing to mask
             o = m.ops.decode_attention(q, kc, vc, seq_t[ring], m.scale, m.alibi, 0 if ring else self.window,
                                        m.softcap, sinks=self.sinks)
             return o.reshape(B, 1, Hq * hd)
-        if qk_norm is not None:                  # Qwen3: each q and k head RMS-normalised before RoPE
-            q = m.ops.add_norm(q, None, qk_norm[0], None, m.eps, m.norm)[0]
-            k = m.ops.add_norm(k, None, qk_norm[1], None, m.eps, m.norm)[0]
+        if qk_norm is not None and not after:    # Qwen3: each q and k head RMS-normalised before RoPE
+            q, k = self._head_norm(q, k, qk_norm)
         if self.rope:
             q, k = m.ops.rope(q, k, *m.rope_for(positions, self.rope_table), positions, m.rope_style, m.rotary_dim)
+        if after:
+            q, k = self._head_norm(q, k, qk_norm)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # (B, H, T, hd)
         if cache is None:
             o = m.ops.attention(q, k, v, m.scale, m.causal, m.alibi, key_padding_mask, self.window, m.softcap,
