@@ -86,6 +86,8 @@ _MODEL_OPTIONAL = {
     "router_groups": (1, _POS_INT, "a positive integer"), "router_topk_groups": (1, _POS_INT, "a positive integer"),
     "routed_scale": (1.0, _POS_NUM, "a positive number"),
     "qk_norm_after_rope": (False, _BOOL, "true or false"),
+    "query_scale_beta": (0.0, _NONNEG_NUM, "a non-negative number"),
+    "query_scale_from": (0, _NAT, "a non-negative integer"),
     "glu_alpha": (0.0, _NONNEG_NUM, "a non-negative number"), "glu_limit": (0.0, _NONNEG_NUM, "a non-negative number"),
     "nope_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
                     "null or a list of layer indices"),

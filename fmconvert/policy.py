@@ -111,6 +111,8 @@ class ModelSpec:
     glu_alpha: float = 0.0         # swiglu_oai's sigmoid gain and clamp limit (0: another activation)
     glu_limit: float = 0.0
     qk_norm_after_rope: bool = False   # q_norm/k_norm apply to the rotated q and k (Hunyuan), not before RoPE
+    query_scale_beta: float = 0.0  # Ministral 3 (Llama 4's scaling): rotated q times 1 + beta * log(1 + floor(p / n))
+    query_scale_from: int = 0      # at position p, n = query_scale_from; 0 and 0: none
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -331,7 +333,7 @@ class Policy:
             shared_intermediate_size=self._shared_size(c, experts),
             experts_renormalize=bool(self._layout("experts_renormalize", flags, True)),
             qk_norm=self._qk_norm(flags), qk_norm_after_rope=bool(self._layout("qk_norm_after_rope", flags, False)),
-            **glu, **mixed, **self._router(c, experts, topk),
+            **glu, **mixed, **self._router(c, experts, topk), **self._query_scale(config),
             **self._windows(config, c), nope_layers=self._nope_layers(config, c, position),
             attn_softcap=_number(c, "attn_softcap", 0.0, zero_ok=True),
             logit_softcap=_number(c, "logit_softcap", 0.0, zero_ok=True),
@@ -381,6 +383,19 @@ class Policy:
                           f"evenly and leave room for num_experts_per_tok={topk}")
         return {"router": how, "router_groups": groups, "router_topk_groups": top,
                 "routed_scale": _number(c, "routed_scale", 1.0)}
+
+    def _query_scale(self, config) -> dict:
+        """Llama 4's attention scaling (Ministral 3), from rope_parameters: llama_4_scaling_beta and the
+        original_max_position_embeddings it counts in."""
+        params = getattr(config, "rope_parameters", None) or {}
+        beta = params.get("llama_4_scaling_beta") if isinstance(params, dict) else None
+        if not beta:
+            return {}
+        n = params.get("original_max_position_embeddings")
+        if type(beta) not in (int, float) or not 0 < beta < math.inf or type(n) is not int or n <= 0:
+            raise FmError(f"config.json: llama_4_scaling_beta={beta!r} needs a positive beta and a positive integer "
+                          f"original_max_position_embeddings, got {n!r}")
+        return {"query_scale_beta": float(beta), "query_scale_from": n}
 
     def _qk_norm(self, flags) -> str:
         how = self._layout("qk_norm", flags, "head")

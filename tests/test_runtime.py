@@ -459,3 +459,20 @@ def test_exaone4_global_layers_have_no_rope(model_dir, tmp_path):
     hf = transformers.Exaone4ForCausalLM.from_pretrained(model_dir("exaone4", **plain)).eval()
     with torch.no_grad():
         assert rel(full(ids), hf(ids).logits) < 1e-5
+
+
+def test_ministral3_scales_the_rotated_query_past_its_span(work):
+    """Llama 4's attention scaling (Ministral 3): the runtime follows transformers, prefill and cached steps; without
+    the scaling (positions past original_max_position_embeddings = 4 here) it would not."""
+    hf, _, outs = work("ministral3")
+    m = load(outs["tp1"])
+    ids = torch.randint(3, 100, (1, 12))
+    with torch.no_grad():
+        want = hf(ids).logits
+    assert rel(m(ids), want) < 1e-5
+    cache = m.new_cache(1, 12)
+    m(ids[:, :6], cache)
+    steps = [m(ids[:, j:j + 1], cache)[:, -1] for j in range(6, 12)]
+    assert rel(torch.stack(steps, 1), want[:, 6:]) < 1e-5
+    m.query_scale = None
+    assert rel(m(ids), want) > 1e-3

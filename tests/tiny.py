@@ -178,6 +178,17 @@ CONFIGS = {
                 max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                 rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0})),
     # q/k normed after RoPE; NTK-alpha RoPE
+    "ministral": ("MinistralConfig", "MinistralForCausalLM", dict(hidden_size=64, intermediate_size=96,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
+                  max_position_embeddings=64, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "ministral3": ("Ministral3Config", "Ministral3ForCausalLM", dict(hidden_size=64, intermediate_size=96,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
+                   max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                   rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0,
+                                    "original_max_position_embeddings": 4, "beta_fast": 32.0, "beta_slow": 1.0,
+                                    "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.5})),
+    # q scaled from position 4 on (every 4 positions a step)
     # Vision-language wrappers: only the language model converts; the vision tower is left out.
     "gemma3_vl": ("Gemma3Config", "Gemma3ForConditionalGeneration", dict(
         text_config=dict(model_type="gemma3_text", hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -239,6 +239,8 @@ class Block(nn.Module):
                 q, k = self._head_norm(q, k, qk_norm)
                 rope, qk_norm = (None,) * 4, None
             q = m.ops.decode_append(q, k, v, kc, vc, pos_t, *rope, qk_norm=qk_norm, ring=bool(ring))  # (B, Hq, hd)
+            if m.query_scale is not None:
+                q = q * m.query_scale(pos_t).view(1, 1, 1)
             # a ring holds exactly the window: attend over its filled rows (seq_t[ring]), nothing to mask
             o = m.ops.decode_attention(q, kc, vc, seq_t[ring], m.scale, m.alibi, 0 if ring else self.window,
                                        m.softcap, sinks=self.sinks)
@@ -249,6 +251,8 @@ class Block(nn.Module):
             q, k = m.ops.rope(q, k, *m.rope_for(positions, self.rope_table), positions, m.rope_style, m.rotary_dim)
         if after:
             q, k = self._head_norm(q, k, qk_norm)
+        if m.query_scale is not None:
+            q = q * m.query_scale(positions)[..., None, None]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # (B, H, T, hd)
         if cache is None:
             o = m.ops.attention(q, k, v, m.scale, m.causal, m.alibi, key_padding_mask, self.window, m.softcap,
@@ -319,6 +323,7 @@ class FusedModel(nn.Module):
             self.activation = ("swiglu_oai", sp["glu_alpha"], sp["glu_limit"])
         self.scale, self.softcap, self.residual_scale = sp["attn_scale"], sp["attn_softcap"], sp["residual_scale"]
         self.causal = sp["kind"] == "decoder"
+        self.query_scale = self._query_scale if sp["query_scale_beta"] else None
         self.vocab_lo = rank * par["vocab_per_rank"]
         # Gemma scales its embeddings by sqrt(hidden) rounded to the model dtype, as HF does; a device tensor made
         # once, so a captured decode step copies nothing from the host.
@@ -347,6 +352,13 @@ class FusedModel(nn.Module):
                                     for i in range(sp["num_layers"]))
 
     # -- pieces ---------------------------------------------------------------------------------------------------
+    def _query_scale(self, positions):
+        """Ministral 3's factor for the rotated q at these positions (Llama 4's attention scaling): 1 from position 0
+        to query_scale_from - 1, then growing with the log of how many such spans lie behind. Device ops only."""
+        sp = self.spec
+        s = 1 + sp["query_scale_beta"] * torch.log(1 + torch.floor(positions / sp["query_scale_from"]))
+        return s.to(self.dtype)
+
     def rope_for(self, positions, table: str = "global"):
         """(cos, sin) covering these positions; grown (every table alike) the first time a forward asks."""
         checked = self._rope_checked      # every layer of a forward asks about the same positions

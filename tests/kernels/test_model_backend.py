@@ -48,7 +48,8 @@ def _decode_steps(model, ids, start, steps):
                                        ("gemma", True), ("qwen3", True), ("mixtral", True), ("gemma2", True),
                                        ("gemma3", False), ("starcoder2", True), ("granite", True),
                                        ("cohere", False), ("cohere_qk", True), ("olmoe", True),
-                                       ("glm4", True), ("gpt_oss", True), ("glm4_moe", True), ("hunyuan", True)])
+                                       ("glm4", True), ("gpt_oss", True), ("glm4_moe", True), ("hunyuan", True),
+                                       ("ministral3", False)])
 def test_triton_decode_step_matches_torch_backend(model_dir, tmp_path, name, int8):
     """The fused rope + KV-append decode step (RoPE, learned positions, ALiBi; GQA in mistral; windows, soft caps
     and a second RoPE in Gemma 2/3, decoded past the window) against the torch backend's, with the fusion on and
