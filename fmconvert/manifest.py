@@ -282,6 +282,8 @@ def _source(src):
           "source.dropped malformed")
     _need(src.get("mxfp4", []) == [] or (isinstance(src["mxfp4"], list) and all(isinstance(n, str) for n in src["mxfp4"])),
           "source.mxfp4 malformed")
+    _need(isinstance(src.get("flipped", []), list) and all(isinstance(k, str) for k in src.get("flipped", [])),
+          "source.flipped malformed")
     side = src.get("sidecar_files", [])
     _need(isinstance(side, list) and all(isinstance(f, str) for f in side), "source.sidecar_files malformed")
 

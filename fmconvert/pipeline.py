@@ -77,6 +77,7 @@ class Plan:
     params: int
     prefix: str = ""                  # prepended to the policy's tensor names in this checkpoint
     aliases: dict = field(default_factory=dict)   # slot key -> index of the other spelling this checkpoint uses
+    flipped: list = field(default_factory=list)   # stacked slot keys stored in the other orientation (Policy.flipped)
     dropped: dict | None = None       # a vision-language wrapper's left-out towers: tensors, bytes, prefixes
 
 
@@ -109,6 +110,7 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
     consumed: set[str] = set()
     bytes_in = params = 0
     spelled: dict[str, int | None] = {}
+    flips: dict[str, bool] = {}
     keyed = [(s.slot, s) for s in globals_] + [(f"layers.{s.slot}", s) for layer in layers for s in layer]
     for key, src in keyed:
         present = [n in ckpt for n in src.names]
@@ -126,8 +128,12 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
             if not ok:
                 raise FmError(f"missing tensor {n} (needed for {src.slot} of {arch})")
             got = ckpt.shape(n)
-            if got != tuple(shape):
+            flip = got != tuple(shape) and policy.flippable(src.slot) and len(got) == 3 and \
+                got == (shape[0], shape[2], shape[1])
+            if got != tuple(shape) and not flip:
                 raise FmError(f"tensor {n} has shape {list(got)}, but config.json implies {list(shape)}")
+            if flips.setdefault(key, flip) != flip:
+                raise FmError(f"{n}: the layers of this checkpoint store {key} in different orientations")
             if not ckpt.dtype(n).is_floating_point:
                 raise FmError(f"tensor {n} has dtype {ckpt.dtype(n)}, expected a float dtype")
             consumed.add(n)
@@ -135,6 +141,9 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
             params += numel
             bytes_in += numel * ckpt.dtype(n).itemsize
     globals_ = [s for s in globals_ if s.names]
+    flipped = sorted(k for k, f in flips.items() if f)
+    if flipped:
+        policy = policy.flipped(k.removeprefix("layers.") for k in flipped)
     spec.pooler = any(s.slot == "pooler.weight" for s in globals_)
     per_layer = list(dict.fromkeys(s.slot for layer in layers for s in layer))    # a mixture's dense layers differ
     spec.slots = [s.slot for s in globals_] + [f"layers.{s}" for s in per_layer]
@@ -162,7 +171,7 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
     dtype = _resolve_dtype(opts.dtype, config, ckpt, globals_)
     layout, group, quant_slots, groups = _quant_plan(spec, opts)
     return Plan(policy, spec, layout, dtype, globals_, layers, extras, tied_lm_head, groups, group, quant_slots,
-                bytes_in, params, prefix, {k: v for k, v in sorted(spelled.items()) if v is not None},
+                bytes_in, params, prefix, {k: v for k, v in sorted(spelled.items()) if v is not None}, flipped,
                 {**dropped, "prefixes": drop, "what": "vision" if policy.wrapper else "mtp"}
                 if policy.wrapper or dropped["tensors"] else None)
 
@@ -923,6 +932,7 @@ def _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config,
                 "source": {"architecture": spec.architecture, "family": spec.family, "prefix": plan.prefix,
                            "config_sha256": config_sha, "fingerprints": prints, "sidecar_files": copied,
                            **({"aliases": plan.aliases} if plan.aliases else {}),
+                           **({"flipped": plan.flipped} if plan.flipped else {}),
                            **({"dropped": plan.dropped} if plan.dropped is not None else {}),
                            **({"mxfp4": sorted(ckpt.mxfp4)} if ckpt.mxfp4 else {}),     # decoded to bf16 on read
                            **({"files": dict(sorted(src_hashes.items()))} if src_hashes is not None else {})},

@@ -256,6 +256,17 @@ class Policy:
         view.drop = list(w["drop"])
         return view
 
+    def flipped(self, slots) -> Policy:
+        """This table with these stacked slots read in the other orientation: transformers accepts a stacked expert
+        tensor either way ([E, out, in] or [E, in, out], told apart by shape), and checkpoints hold both (Qwen3-VL-MoE
+        as published is [E, in, out]; transformers 5 saves [E, out, in])."""
+        view = copy.copy(self)
+        view.transposed = self.transposed ^ set(slots)
+        return view
+
+    def flippable(self, slot: str) -> bool:
+        return self._stacked(slot) and slot.endswith(".weight")
+
     def head_prefix(self, prefix: str) -> str:
         return self.head_prefixes.get(prefix, "")
 

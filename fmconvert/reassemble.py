@@ -131,6 +131,9 @@ def reassemble(out_dir, dequantize: bool = True) -> tuple[dict, dict[str, torch.
     m, canon = canonical(out_dir, dequantize)
     spec, _ = _spec_layout(m)
     pol, _ = policy_for([spec.architecture], spec.family)
+    flipped = m["source"].get("flipped") or []
+    if flipped:
+        pol = pol.flipped(k.removeprefix("layers.") for k in flipped)
     prefix = m["source"].get("prefix")
     if not isinstance(prefix, str):
         raise FmError("manifest: source.prefix is missing (written by an older fmconvert); cannot name HF tensors")

@@ -90,3 +90,27 @@ def test_inject_refuses_a_wrapper_with_a_pointer_to_load(model_dir, tmp_path):
     hf = transformers.LlavaForConditionalGeneration.from_pretrained(model_dir("llava"))
     with pytest.raises(FmError, match="inject replaces a text model's layers.*fmconvert.load"):
         inject(hf, tmp_path / "out")
+
+
+def test_qwen3_vl_moe_experts_read_in_either_orientation(model_dir, tmp_path):
+    """transformers 5 saves Qwen3-VL-MoE's stacked experts as [E, out, in]; the published checkpoints hold [E, in, out]
+    and transformers reads both, by shape. So does the conversion: the manifest records the orientation it found and
+    reassemble gives it back."""
+    saved = model_dir("qwen3_vl_moe")
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    state = load_file(saved / "model.safetensors")
+    stacked = [n for n in state if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert len(stacked) == 4
+    save_file({n: t.transpose(1, 2).contiguous() if n in stacked else t for n, t in state.items()},
+              hub / "model.safetensors", metadata={"format": "pt"})
+    (hub / "config.json").write_text((saved / "config.json").read_text())
+    for src, flipped in ((saved, ["layers.experts_in.weight", "layers.experts_out.weight"]), (hub, None)):
+        out = tmp_path / f"out-{src.name}"
+        convert(src, out, Options(tp=2, int8=True, group_size=8), progress=False)
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["source"].get("flipped") == flipped
+        assert verify(src, out)["passed"]
+        _, back = reassemble(out)
+        with safe_open(src / "model.safetensors", "pt") as f:
+            assert all(list(back[n].shape) == f.get_slice(n).get_shape() for n in stacked)

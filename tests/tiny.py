@@ -224,6 +224,15 @@ CONFIGS = {
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
                            deepstack_visual_indexes=[0]),
         image_token_id=100, video_token_id=99, vision_start_token_id=98)),
+    "qwen3_vl_moe": ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", dict(
+        text_config=dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
+                         max_position_embeddings=64, num_experts=4, num_experts_per_tok=2, bos_token_id=1,
+                         eos_token_id=2, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                          "mrope_interleaved": True, "rope_theta": 1e4}),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+                           deepstack_visual_indexes=[0]),
+        image_token_id=100, video_token_id=99, vision_start_token_id=98)),      # stacked experts [E, out, in]
     "bert": ("BertConfig", "BertModel", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, vocab_size=101, max_position_embeddings=64, type_vocab_size=2)),
     "bert_cls": ("BertConfig", "BertForSequenceClassification", dict(hidden_size=64, intermediate_size=96,
