@@ -197,7 +197,8 @@ def other_cases(D: int = 128, hidden: int = 4096, S: int = 193, T: int = 2048):
     for use, qk_norm in ((True, False), (False, False), (True, True)):
         yield Case(f"rope_append{'' if use else ' (no RoPE)'}{' qk_norm' if qk_norm else ''} d{D}",
                    rope._rope_append_kernel,
-                   dict(ROPE=use, GPTJ=False, QK_NORM=qk_norm, PLUS_ONE=False, RING=False, BLOCK_H=16, BLOCK_HALF=D // 2, BLOCK_D=D), 4, ptrs=r,
+                   dict(ROPE=use, GPTJ=False, QK_NORM=qk_norm, PLUS_ONE=False, RING=False, BLOCK_H=16,
+                        BLOCK_HALF=D // 2, BLOCK_D=D), 4, ptrs=r,
                    ints=dict(HQ=H, HKV=H, D=D, R=D, HALF=D // 2, S_MAX=S, N_POS=4096, svb=3 * H * D, svh=D, svd=1,
                              oqb=H * D, oqh=D, skcb=H * S * D, skch=S * D, skcs=D, svcb=H * S * D, svch=S * D,
                              svcs=D, scp=D // 2, **qkv))

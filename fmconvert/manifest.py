@@ -280,8 +280,8 @@ def _source(src):
           and isinstance(dropped.get("prefixes"), list) and all(isinstance(p, str) for p in dropped["prefixes"])
           and dropped.get("what", "vision") in ("vision", "mtp"),
           "source.dropped malformed")
-    _need(src.get("mxfp4", []) == [] or (isinstance(src["mxfp4"], list) and all(isinstance(n, str) for n in src["mxfp4"])),
-          "source.mxfp4 malformed")
+    mx = src.get("mxfp4", [])
+    _need(isinstance(mx, list) and all(isinstance(n, str) for n in mx), "source.mxfp4 malformed")
     _need(isinstance(src.get("flipped", []), list) and all(isinstance(k, str) for k in src.get("flipped", [])),
           "source.flipped malformed")
     side = src.get("sidecar_files", [])

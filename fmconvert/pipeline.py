@@ -155,7 +155,8 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
     ignore = policy.ignored(prefix, spec.num_layers)
     extras = []
     dropped = {"tensors": 0, "bytes": 0}
-    drop = policy.drop + [f"{prefix}layers.{i}." for i in range(spec.num_layers, spec.num_layers + _mtp(policy, config))]
+    L = spec.num_layers
+    drop = policy.drop + [f"{prefix}layers.{i}." for i in range(L, L + _mtp(policy, config))]
     for n in ckpt.names():
         if n in consumed or any(p.fullmatch(n) for p in ignore):
             continue

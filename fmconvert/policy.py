@@ -72,8 +72,9 @@ class ModelSpec:
     embed_dim: int                 # width of the embedding table (OPT's word_embed_proj_dim), else hidden_size
     norm: str                      # rms | layer | rms_plus_one (Gemma: scale by 1 + weight)
     norm_eps: float
-    activation: str                # gelu | gelu_tanh | relu | relu2 | silu | swiglu / geglu (silu / gelu_tanh over gate|up)
-    #                                | swiglu_oai (GPT-OSS: gate and up clamped, gate * sigmoid(glu_alpha * gate) * (up + 1))
+    activation: str                # gelu | gelu_tanh | relu | relu2 | silu | swiglu / geglu (silu / gelu_tanh over
+    #                                gate|up) | swiglu_oai (GPT-OSS: gate and up clamped, then
+    #                                gate * sigmoid(glu_alpha * gate) * (up + 1))
     gated_mlp: bool
     residual: str                  # pre | post | parallel (attention and MLP read the same stream, one sum)
     position: dict                 # {"type": rope|alibi|learned, ...}
@@ -180,7 +181,8 @@ def _pick(value, flags: dict, where: str):
 
 
 def _config_value(config, spec, key: str, flags: dict | None = None):
-    """Resolve a `[config]` entry: "a|b" alternatives, "4*x" multiples and "x*y" products, "x/y" ratios, a number as the last
+    """Resolve a `[config]` entry: "a|b" alternatives, "4*x" multiples and "x*y" products, "x/y" ratios, a number as
+    the last
     alternative ("x|0": x where the config sets it), {value = ...} constants, and [flag, if_true, if_false] picks of
     any of these."""
     spec = _pick(spec, flags or {}, f"config.{key}")

@@ -23,7 +23,8 @@ Layout per rank:
             [r*V/tp, (r+1)*V/tp) (of an lm_head bias too). Padded logits are dropped by the runtime.
   the rest  replicated.
 The intermediate size is split into chunks of ceil(I/tp) and each chunk is zero-padded to `intermediate_per_rank`
-(a multiple of the int8 group size, or of a narrower power of two where whole groups would pad more than an eighth). Padded units compute act(0 + 0) = 0 and meet zero columns: exact.
+(a multiple of the int8 group size, or of a narrower power of two where whole groups would pad more than an
+eighth). Padded units compute act(0 + 0) = 0 and meet zero columns: exact.
 """
 
 from __future__ import annotations

@@ -103,7 +103,8 @@ class Block(nn.Module):
     def _head_norm(self, q, k, qk_norm):
         """Each q and k head normalised with the weight every head shares (q_norm, k_norm)."""
         ops, eps, kind = self.m.ops, qk_norm[2], qk_norm[3]
-        return ops.add_norm(q, None, qk_norm[0], None, eps, kind)[0], ops.add_norm(k, None, qk_norm[1], None, eps, kind)[0]
+        return (ops.add_norm(q, None, qk_norm[0], None, eps, kind)[0],
+                ops.add_norm(k, None, qk_norm[1], None, eps, kind)[0])
 
     def _wide_qk_norm(self, q, k):
         """q/k norms whose weight is not shared by every head, in fp32 then rounded once: Command R+ normalises each
@@ -183,12 +184,12 @@ class Block(nn.Module):
         return out.view_as(h)
 
     def _route(self, x, k: int):
-        """(weights [tokens, k] fp32, expert ids [tokens, k]) of each token's top-k experts, on the device. softmax:
-        over every expert's logit, the top k kept (chosen with correction_bias added, ERNIE 4.5) and (where the model
-        does) renormalised. sigmoid (DeepSeek-V3,
-        GLM-4.5): each expert scored on its own in fp32; the choice adds correction_bias to the scores and keeps to
-        the router_topk_groups groups whose two best scores sum highest; the weights are the chosen experts' own
-        scores, renormalised where the model does, times routed_scale."""
+        """(weights [tokens, k] fp32, expert ids [tokens, k]) of each token's top-k experts, on the device.
+        softmax: over every expert's logit, the top k kept (chosen with correction_bias added, ERNIE 4.5) and,
+        where the model does, renormalised. sigmoid (DeepSeek-V3, GLM-4.5): each expert scored on its own in fp32;
+        the choice adds correction_bias to the scores and keeps to the router_topk_groups groups whose two best
+        scores sum highest; the weights are the chosen experts' own scores, renormalised where the model does, times
+        routed_scale."""
         sp, t = self.m.spec, self.t
         if sp["router"] == "softmax":
             probs = torch.nn.functional.linear(x, t["router.weight"], t.get("router.bias")).float().softmax(-1)
