@@ -159,7 +159,13 @@ def inspect(out_dir, as_json):
         shared = (f"; a shared expert of width {md['shared_intermediate_size']}"
                   if md["shared_intermediate_size"] else "")
         renorm = "renormalised" if md["experts_renormalize"] else "not renormalised"
-        t.add_row("experts", f"{md['num_experts']} per layer, top {md['experts_per_token']} ({renorm}){shared}")
+        if md["router"] == "sigmoid":
+            groups = (f", within {md['router_topk_groups']} of {md['router_groups']} groups"
+                      if md["router_groups"] > 1 else "")
+            renorm = f"sigmoid scores{groups}, {renorm}, times {md['routed_scale']:g}"
+        dense = (f"; dense MLP ({md['dense_intermediate_size']}) in layers {_ranges(md['dense_layers'])}"
+                 if md["dense_layers"] else "")
+        t.add_row("experts", f"{md['num_experts']} per layer, top {md['experts_per_token']} ({renorm}){shared}{dense}")
     pos = md["position"]
     rope = (f" ({pos.get('style')}, {pos.get('rotary_dim')} of {md['head_dim']} dims"
             f"{'; ' + str(pos['rope_type']) if pos.get('rope_type', 'default') != 'default' else ''}"
@@ -173,11 +179,16 @@ def inspect(out_dir, as_json):
     if "layers.q_norm.weight" in md["slots"]:
         residual += {"head": "; q/k normed per head", "per_head": "; q/k normed per head, a weight each",
                      "full": "; q/k normed across all heads"}[md["qk_norm"]]
+        residual += " after RoPE" if md["qk_norm_after_rope"] else ""
     nope = f"; none in layers {_ranges(md['nope_layers'])}" if md.get("nope_layers") else ""
     t.add_row("positions / norm", f"{pos['type']}{rope}{nope} / {md['norm']}, {residual}")
-    if md["sliding_window"] or md["attn_softcap"] or md["logit_softcap"]:
+    sinks = "layers.attn_sinks.weight" in md["slots"]
+    if md["sliding_window"] or md["attn_softcap"] or md["logit_softcap"] or sinks or md["query_scale_beta"]:
         where = "every layer" if md["window_layers"] is None else f"layers {_ranges(md['window_layers'])}"
         parts = [f"window {md['sliding_window']} in {where}"] if md["sliding_window"] else []
+        parts += ["a softmax sink per head"] if sinks else []
+        parts += [f"q scaled by 1 + {md['query_scale_beta']:g} log(1 + floor(p / {md['query_scale_from']}))"
+                  ] if md["query_scale_beta"] else []
         parts += [f"{k} soft-capped at {md[v]:g}" for k, v in (("attention scores", "attn_softcap"),
                                                                  ("logits", "logit_softcap")) if md[v]]
         t.add_row("attention", "; ".join(parts))
