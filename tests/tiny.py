@@ -189,6 +189,10 @@ CONFIGS = {
                                     "original_max_position_embeddings": 4, "beta_fast": 32.0, "beta_slow": 1.0,
                                     "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.5})),
     # q scaled from position 4 on (every 4 positions a step)
+    "nemotron": ("NemotronConfig", "NemotronForCausalLM", dict(hidden_size=64, intermediate_size=96,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
+                 max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # LayerNorm1P, half-width RoPE, ReLU squared
     # Vision-language wrappers: only the language model converts; the vision tower is left out.
     "gemma3_vl": ("Gemma3Config", "Gemma3ForConditionalGeneration", dict(
         text_config=dict(model_type="gemma3_text", hidden_size=64, intermediate_size=96, num_hidden_layers=2,

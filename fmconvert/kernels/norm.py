@@ -2,7 +2,8 @@
 
 h = x + residual (fp32 add, stored in x.dtype); y = norm(h) * weight (+ bias), statistics in fp32.
 The normalization reads h rounded to x.dtype, as the next layer will see it (HF semantics).
-kind: "rms", "layer", or "rms_plus_one" (Gemma: RMSNorm scaled by 1 + weight, the weight stored as an offset).
+kind: "rms", "layer", "rms_plus_one" (Gemma: RMSNorm scaled by 1 + weight, the weight stored as an offset) or
+"layer_plus_one" (Nemotron: the same for LayerNorm).
 x_scale: x is multiplied by it before the add (Granite's residual_multiplier scales each half's output).
 pre_weight (RMS kinds): x is itself normalised by it first, rounded to x.dtype: Gemma 2/3 norm each half's output
 before it joins the residual stream, and this folds that norm into the add+norm that follows (one launch, not two).
@@ -15,7 +16,7 @@ import triton.language as tl
 
 from ._common import float_dtype_check
 
-KINDS = ("rms", "layer", "rms_plus_one")
+KINDS = ("rms", "layer", "rms_plus_one", "layer_plus_one")
 
 
 @triton.jit
@@ -60,10 +61,10 @@ def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, p_ptr, N, eps, xs
 def add_norm(x, residual, weight, bias, eps, kind, out_dtype=None, pre_weight=None, x_scale=1.0):
     """Returns (y, h). x [..., N]; residual like x or None (then h is x itself, or x normed by pre_weight);
     x_scale: h = x * x_scale + residual (with a residual only);
-    weight/bias/pre_weight [N] or None; kind "rms" | "layer" | "rms_plus_one"; y in out_dtype (default x.dtype)."""
+    weight/bias/pre_weight [N] or None; kind one of KINDS; y in out_dtype (default x.dtype)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if pre_weight is not None and kind == "layer":
+    if pre_weight is not None and kind.startswith("layer"):
         raise ValueError("pre_weight is for RMS norms (Gemma 2/3's output norms); kind is 'layer'")
     float_dtype_check("x", x)
     N = x.shape[-1]
@@ -88,7 +89,7 @@ def add_norm(x, residual, weight, bias, eps, kind, out_dtype=None, pre_weight=No
         weight.contiguous() if weight is not None else x, bias.contiguous() if bias is not None else x,
         y, h, pre_weight.contiguous() if pre_weight is not None else x, N, float(eps), float(x_scale),
         HAS_RES=residual is not None, HAS_W=weight is not None, HAS_BIAS=bias is not None,
-        IS_RMS=kind != "layer", PLUS_ONE=kind == "rms_plus_one", PRE=pre_weight is not None, BLOCK=block,
+        IS_RMS=kind.startswith("rms"), PLUS_ONE=kind.endswith("plus_one"), PRE=pre_weight is not None, BLOCK=block,
         num_warps=warps,
     )
     return y, h
@@ -96,20 +97,20 @@ def add_norm(x, residual, weight, bias, eps, kind, out_dtype=None, pre_weight=No
 
 def add_norm_reference(x, residual, weight, bias, eps, kind, out_dtype=None, pre_weight=None, x_scale=1.0):
     if pre_weight is not None:
-        if kind == "layer":
+        if kind.startswith("layer"):
             raise ValueError("pre_weight is for RMS norms (Gemma 2/3's output norms); kind is 'layer'")
         x = add_norm_reference(x, None, pre_weight, None, eps, kind)[0]
     h = x if residual is None else (x.float() * x_scale + residual.float()).to(x.dtype)
     hf = h.float()
     if kind in ("rms", "rms_plus_one"):
         yn = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
-    elif kind == "layer":
+    elif kind in ("layer", "layer_plus_one"):
         mean = hf.mean(-1, keepdim=True)
         yn = (hf - mean) * torch.rsqrt((hf - mean).pow(2).mean(-1, keepdim=True) + eps)
     else:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if weight is not None:
-        yn = yn * (weight.float() + 1.0 if kind == "rms_plus_one" else weight.float())
+        yn = yn * (weight.float() + 1.0 if kind.endswith("plus_one") else weight.float())
     if bias is not None:
         yn = yn + bias.float()
     return yn.to(out_dtype or x.dtype), h

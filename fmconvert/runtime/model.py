@@ -121,7 +121,7 @@ class Block(nn.Module):
                 if m.tp > 1:
                     ss = m.comm.all_reduce(ss) / repl
                 y = xf * torch.rsqrt(ss / (heads * x.shape[-1]) + m.eps)
-            elif m.norm == "layer":
+            elif m.norm.startswith("layer"):
                 y = nn.functional.layer_norm(xf, (x.shape[-1],), None, None, m.eps)
             else:
                 y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + m.eps)

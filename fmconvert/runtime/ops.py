@@ -159,8 +159,9 @@ class TorchOps:
             y = (hf * torch.rsqrt(hf.square().mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
         elif kind == "rms_plus_one":         # Gemma: the scale is 1 + weight, applied in fp32, rounded once
             y = (hf * torch.rsqrt(hf.square().mean(-1, keepdim=True) + eps) * (1.0 + weight.float())).to(x.dtype)
-        else:
-            y = F.layer_norm(hf, (h.shape[-1],), weight.float(), None if bias is None else bias.float(), eps)
+        else:                                # layer, or layer_plus_one (Nemotron: LayerNorm scaled by 1 + weight)
+            w = weight.float() + 1.0 if kind == "layer_plus_one" else weight.float()
+            y = F.layer_norm(hf, (h.shape[-1],), w, None if bias is None else bias.float(), eps)
             y = y.to(x.dtype)
         return y, h
 

@@ -21,16 +21,16 @@ def make(shape, dtype, kind, residual, bias):
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("kind", ["rms", "layer", "rms_plus_one"])
+@pytest.mark.parametrize("kind", ["rms", "layer", "rms_plus_one", "layer_plus_one"])
 def test_add_norm_matches_reference(kind, shape, dtype, assert_close):
-    x, r, w, b = make(shape, dtype, kind, residual=True, bias=kind == "layer")
+    x, r, w, b = make(shape, dtype, kind, residual=True, bias=kind.startswith("layer"))
     y, h = add_norm(x, r, w, b, 1e-5, kind)
     y_ref, h_ref = add_norm_reference(x, r, w, b, 1e-5, kind)
     assert_close(h, h_ref, dtype)
     assert_close(y, y_ref, dtype)
 
 
-@pytest.mark.parametrize("kind", ["rms", "layer", "rms_plus_one"])
+@pytest.mark.parametrize("kind", ["rms", "layer", "rms_plus_one", "layer_plus_one"])
 def test_add_norm_without_residual_returns_input(kind, assert_close):
     x, _, w, _ = make((3, 77), torch.float16, kind, residual=False, bias=False)
     y, h = add_norm(x, None, w, None, 1e-6, kind)
@@ -54,6 +54,14 @@ def test_rms_plus_one_scales_by_one_plus_weight(assert_close):
     assert_close(y1, add_norm(x, None, w, None, 1e-6, "rms")[0], torch.float32)
     y0, _ = add_norm(x, None, torch.zeros_like(w), None, 1e-6, "rms_plus_one")
     assert_close(y0, add_norm(x, None, None, None, 1e-6, "rms")[0], torch.float32)
+
+
+def test_layer_plus_one_scales_by_one_plus_weight(assert_close):
+    """Nemotron's LayerNorm1P: the stored weight is an offset from 1, the bias as usual."""
+    x, _, w, b = make((3, 40), torch.float32, "layer", residual=False, bias=True)
+    y1, _ = add_norm(x, None, w - 1, b, 1e-5, "layer_plus_one")
+    assert_close(y1, add_norm(x, None, w, b, 1e-5, "layer")[0], torch.float32)
+    assert_close(y1, torch.nn.functional.layer_norm(x, (40,), w, b, 1e-5), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
