@@ -58,7 +58,7 @@ _MODEL = {
     "max_positions": lambda x: type(x) is int and 0 <= x <= MAX_POSITIONS, "type_vocab_size": _NAT,
     "norm": _ENUM("rms", "layer", "rms_plus_one", "layer_plus_one"), "norm_eps": _POS_NUM, "attn_scale": _POS_NUM,
     "activation": _ENUM("gelu", "gelu_tanh", "relu", "relu2", "silu", "swiglu", "geglu",
-                                           "swiglu_oai"), "residual": _ENUM("pre", "post", "parallel"),
+                                           "swiglu_oai", "xielu"), "residual": _ENUM("pre", "post", "parallel"),
     **{k: _BOOL for k in ("gated_mlp", "tied_embeddings", "embed_norm", "final_norm", "project", "pooler")},
     "position": lambda x: isinstance(x, dict), "bos_token_id": _TOKEN, "pad_token_id": _TOKEN,
     "eos_token_id": lambda x: _TOKEN(x) or (isinstance(x, list) and len(x) < 1024 and all(map(_NAT, x))),

@@ -32,6 +32,7 @@ LAYER_SLOTS = (
     "attn_sinks.weight",                                             # GPT-OSS: a learned softmax sink per head
     "shared_in.weight", "shared_out.weight", "shared_gate.weight",   # Qwen2-MoE: an always-on expert beside them
     "router.correction_bias",        # GLM-4.5: added to the sigmoid scores when choosing experts, not when weighing
+    "act.alpha_p", "act.alpha_n", "act.beta", "act.eps",             # Apertus: each layer's xIELU parameters
 )
 # A mixture's slots and a dense MLP's: a model with both kinds of layer (GLM-4.5's first layers are dense) gives each
 # layer the one set its kind has.
@@ -50,7 +51,7 @@ _GATED = {"silu": "swiglu", "gelu_tanh": "geglu"}
 _ACTIVATIONS = {
     "gelu": "gelu", "gelu_python": "gelu",
     "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
-    "relu": "relu", "silu": "silu", "swish": "silu", "relu2": "relu2",
+    "relu": "relu", "silu": "silu", "swish": "silu", "relu2": "relu2", "xielu": "xielu",
 }
 
 
@@ -72,7 +73,8 @@ class ModelSpec:
     embed_dim: int                 # width of the embedding table (OPT's word_embed_proj_dim), else hidden_size
     norm: str                      # rms | layer | rms_plus_one (Gemma: scale by 1 + weight)
     norm_eps: float
-    activation: str                # gelu | gelu_tanh | relu | relu2 | silu | swiglu / geglu (silu / gelu_tanh over
+    activation: str                # gelu | gelu_tanh | relu | relu2 | silu | xielu (Apertus: parameters per layer,
+    #                                the act.* slots) | swiglu / geglu (silu / gelu_tanh over
     #                                gate|up) | swiglu_oai (GPT-OSS: gate and up clamped, then
     #                                gate * sigmoid(glu_alpha * gate) * (up + 1))
     gated_mlp: bool
@@ -552,6 +554,7 @@ class Policy:
             "experts_out.weight": (spec.num_experts * h, spec.intermediate_size),
             "experts_out.bias": (spec.num_experts * h,), "attn_sinks.weight": (H,),
             "router.correction_bias": (spec.num_experts,),
+            "act.alpha_p": (1,), "act.alpha_n": (1,), "act.beta": (), "act.eps": (),
             "shared_in.weight": (2 * spec.shared_intermediate_size, h),                   # gate; up
             "shared_out.weight": (h, spec.shared_intermediate_size), "shared_gate.weight": (1, h),
             "attn_norm.weight": (h,), "attn_norm.bias": (h,), "mlp_norm.weight": (h,), "mlp_norm.bias": (h,),
@@ -592,7 +595,9 @@ class Policy:
                 aliases = [[pre + n.format(i=layer, e=e) for e in _experts(a, spec) for n in a]
                            for a in aliases if len(a) * len(_experts(a, spec)) == len(names)]
                 full = self.canonical_shape(spec, slot)
-                if self._stacked(slot):         # one [E, ...] tensor: each expert's matrix (transposed) or bias
+                if not full:                    # a scalar (Apertus's xIELU beta and eps)
+                    shapes = [()]
+                elif self._stacked(slot):       # one [E, ...] tensor: each expert's matrix (transposed) or bias
                     one = (full[0] // spec.num_experts, *full[1:])
                     shapes = [(spec.num_experts, *(reversed(one) if slot in self.transposed else one))]
                 else:

@@ -193,6 +193,11 @@ CONFIGS = {
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
                  max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     # LayerNorm1P, half-width RoPE, ReLU squared
+    "apertus": ("ApertusConfig", "ApertusForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101, max_position_embeddings=64,
+                pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                rope_parameters={"rope_type": "llama3", "rope_theta": 1.2e7, "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),   # xIELU
     # Vision-language wrappers: only the language model converts; the vision tower is left out.
     "gemma3_vl": ("Gemma3Config", "Gemma3ForConditionalGeneration", dict(
         text_config=dict(model_type="gemma3_text", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -264,6 +269,8 @@ def build(name: str, seed: int = 0, **overrides):
                 p.add_(torch.randn_like(p) * 0.1)
             elif n.endswith("bias"):
                 p.copy_(torch.randn_like(p) * 0.02)
+            elif n.endswith(("act_fn.alpha_p", "act_fn.alpha_n")):   # Apertus: each layer's own xIELU
+                p.add_(torch.randn_like(p) * 0.3)
             elif n.endswith("sinks"):           # GPT-OSS: a sink logit per head, large enough to matter
                 p.copy_(torch.randn_like(p))
         for n, b in [*model.named_buffers(), *model.named_parameters()]:   # GLM-4.5, ERNIE 4.5: a correction

@@ -45,6 +45,10 @@ class Block(nn.Module):
         self.rope_table = "local" if self.window and "local" in sp["position"] else "global"
         self.rope = model.rope is not None and i not in (sp.get("nope_layers") or ())   # SmolLM3: NoPE layers
         self.sinks = tensors.get("attn_sinks.weight")     # GPT-OSS: one softmax sink logit per head of this rank
+        self.activation = model.activation
+        if self.activation == "xielu":      # Apertus: the activation's parameters are this layer's, read once here
+            self.activation = ("xielu", *(float(tensors[f"act.{p}"].float().reshape(-1)[0])
+                                          for p in ("alpha_p", "alpha_n", "beta", "eps")))
 
     def forward(self, x, residual, positions, cache, key_padding_mask, pos_t=None, seq_t=None, x_norm=None):
         """x_norm: the previous block's output norm (Gemma 2/3), still to be applied to x: it rides in this
@@ -151,7 +155,7 @@ class Block(nn.Module):
                     f = torch.sigmoid(torch.nn.functional.linear(h, t["shared_gate.weight"])) * f
                 y = y + f
             return y
-        f = m.ops.linear(h, t["mlp_in.weight"], t.get("mlp_in.bias"), m.activation)
+        f = m.ops.linear(h, t["mlp_in.weight"], t.get("mlp_in.bias"), self.activation)
         return m.ops.linear(f, t["mlp_out.weight"], t.get("mlp_out.bias"))
 
     def experts(self, h):

@@ -93,6 +93,8 @@ def activate(y: torch.Tensor, activation) -> torch.Tensor:
     is clamped above at limit, up to [-limit, limit], and out = gate * sigmoid(alpha * gate) * (up + 1)."""
     if activation is None:
         return y
+    if isinstance(activation, tuple) and activation[0] == "xielu":
+        return _xielu(y, *activation[1:])
     if isinstance(activation, tuple):
         name, alpha, limit = activation
         if name != "swiglu_oai":
@@ -117,6 +119,16 @@ def activate(y: torch.Tensor, activation) -> torch.Tensor:
     if activation == "silu":
         return F.silu(y)
     raise ValueError(f"unknown activation {activation!r}")
+
+
+def _xielu(y, alpha_p, alpha_n, beta, eps):
+    """Apertus's xIELU with one layer's parameters (floats; alpha_p and alpha_n as stored, before softplus):
+    a x^2 + beta x above 0, (expm1(min(x, eps)) - x) b + beta x below, a = softplus(alpha_p),
+    b = beta + softplus(alpha_n). In fp32, rounded once."""
+    a, b = F.softplus(torch.tensor(alpha_p)).item(), beta + F.softplus(torch.tensor(alpha_n)).item()
+    x = y.float()
+    out = torch.where(x > 0, a * x * x + beta * x, (torch.expm1(x.clamp(max=eps)) - x) * b + beta * x)
+    return out.to(y.dtype)
 
 
 _DEQUANT_STEP = 1 << 19     # elements per step of a CPU dequantization (a 2 MB float32 buffer: one core's L2)
@@ -330,6 +342,8 @@ class TritonOps(TorchOps):
                                eps, kind, pre_weight=pre_weight, x_scale=x_scale)
 
     def linear(self, x, weight, bias=None, activation=None):
+        if isinstance(activation, tuple) and activation[0] == "xielu":    # no kernel epilogue: applied after
+            return activate(self.linear(x, weight, bias), activation)
         if isinstance(weight, Int8Weight):
             return self.k.int8_linear(x, weight.q, weight.scale, weight.group_size, bias=bias, activation=activation)
         if activation in ("swiglu", "geglu") or isinstance(activation, tuple):

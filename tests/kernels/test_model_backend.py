@@ -16,7 +16,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
                                        ("mixtral", True), ("gemma2", False), ("gemma3", True),
                                        ("qwen2_moe", True), ("gpt_bigcode", False), ("olmo2", True),
                                        ("gpt_oss", True), ("gpt_oss", False), ("glm4_moe", True),
-                                       ("arcee", True), ("nemotron", True)])
+                                       ("arcee", True), ("nemotron", True), ("apertus", True)])
 def test_triton_backend_matches_torch_backend(model_dir, tmp_path, name, int8):
     out = tmp_path / "out"
     convert(model_dir(name), out, Options(tp=1, int8=int8, group_size=32), progress=False)
