@@ -197,7 +197,7 @@ class Checkpoint:
         self._handles: dict[str, object] = {}
         self._where: dict[str, str] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
-        self.mxfp4: dict[str, tuple[str, str]] = {}     # name -> (its blocks, its scales): see _pair_mxfp4
+        self.mxfp4: dict[str, tuple] = {}   # name -> (its blocks, its scales, their files): see _pair_mxfp4
         files = self._discover(allow_pickle)
         self.files = files
         for fname in files:
