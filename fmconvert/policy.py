@@ -36,8 +36,8 @@ LAYER_SLOTS = (
 )
 # A mixture's slots and a dense MLP's: a model with both kinds of layer (GLM-4.5's first layers are dense) gives each
 # layer the one set its kind has.
-_SPARSE_SLOTS = ("router.", "experts_", "shared_")
-_DENSE_SLOTS = ("mlp_in.", "mlp_out.")
+SPARSE_SLOTS = ("router.", "experts_", "shared_")
+DENSE_SLOTS = ("mlp_in.", "mlp_out.")
 GLOBAL_SLOTS = (
     "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
     "project_in.weight", "project_out.weight", "final_norm.weight", "final_norm.bias", "pooler.weight",
@@ -586,7 +586,7 @@ class Policy:
             (t.get("head", {}), self.head_prefix(prefix))]
         skip = ()
         if spec.num_experts and layer is not None:
-            skip = _SPARSE_SLOTS if layer in (spec.dense_layers or ()) else _DENSE_SLOTS
+            skip = SPARSE_SLOTS if layer in (spec.dense_layers or ()) else DENSE_SLOTS
         for section, pre in sections:
             for slot, names, optional, aliases in self._entries(section, flags):
                 if (slot.startswith("lm_head.") and spec.kind != "decoder") or slot.startswith(skip):

@@ -531,11 +531,13 @@ def _mxfp4_reference(cls, model_dir: Path):
     from transformers import AutoConfig
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
+    from .read import Checkpoint
     config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     del config.quantization_config
     state = {}
-    for f in sorted({*json.loads((model_dir / "model.safetensors.index.json").read_text())["weight_map"].values()}
-                    if (model_dir / "model.safetensors.index.json").is_file() else ["model.safetensors"]):
+    with Checkpoint(model_dir) as ckpt:          # its shard discovery; the tensors come unpaired, as stored
+        files = ckpt.files
+    for f in files:
         state.update(load_file(model_dir / f))
     for name in [n for n in state if n.endswith("_blocks")]:
         base = name[:-len("_blocks")]

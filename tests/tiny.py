@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -11,6 +12,15 @@ STORIES = Path(__file__).resolve().parents[1] / ".." / "shared" / "models" / "st
 _VISION = {k: dict(model_type=k if k == "pixtral" else f"{k}_vision_model", hidden_size=32, intermediate_size=48,
                    num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14)
            for k in ("siglip", "clip", "pixtral")}
+
+# Qwen3-VL's tiny language model and the rest of its wrapper, shared by its dense and MoE variants.
+_QWEN3_VL_TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=16, vocab_size=101, max_position_embeddings=64, bos_token_id=1,
+                      eos_token_id=2, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                       "mrope_interleaved": True, "rope_theta": 1e4})
+_QWEN3_VL = dict(vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+                                    deepstack_visual_indexes=[0]),
+                 image_token_id=100, video_token_id=99, vision_start_token_id=98)
 
 # One small config per family, sized so tp=2 and tp=4 divide heads and int8 groups fit.
 CONFIGS = {
@@ -224,24 +234,10 @@ CONFIGS = {
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
                            fullatt_block_indexes=[0]),
         image_token_id=100, video_token_id=99, vision_start_token_id=98)),
-    "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", dict(
-        text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=16, vocab_size=101, max_position_embeddings=64,
-                         bos_token_id=1, eos_token_id=2,
-                         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
-                                          "mrope_interleaved": True, "rope_theta": 1e4}),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
-                           deepstack_visual_indexes=[0]),
-        image_token_id=100, video_token_id=99, vision_start_token_id=98)),
+    "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", dict(text_config=_QWEN3_VL_TEXT, **_QWEN3_VL)),
     "qwen3_vl_moe": ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", dict(
-        text_config=dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=24, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
-                         max_position_embeddings=64, num_experts=4, num_experts_per_tok=2, bos_token_id=1,
-                         eos_token_id=2, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
-                                                          "mrope_interleaved": True, "rope_theta": 1e4}),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
-                           deepstack_visual_indexes=[0]),
-        image_token_id=100, video_token_id=99, vision_start_token_id=98)),      # stacked experts [E, out, in]
+        text_config=dict(_QWEN3_VL_TEXT, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2),
+        **_QWEN3_VL)),                                                      # stacked experts [E, out, in]
     "bert": ("BertConfig", "BertModel", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, vocab_size=101, max_position_embeddings=64, type_vocab_size=2)),
     "bert_cls": ("BertConfig", "BertForSequenceClassification", dict(hidden_size=64, intermediate_size=96,
@@ -260,7 +256,7 @@ def build(name: str, seed: int = 0, **overrides):
     """The HF model itself (eval mode, fp32), with random weights that are not trivially small."""
     import transformers
     cfg_cls, model_cls, kw = CONFIGS[name]
-    config = getattr(transformers, cfg_cls)(**{**kw, **overrides})
+    config = getattr(transformers, cfg_cls)(**copy.deepcopy({**kw, **overrides}))   # configs may edit their dicts
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():  # norms default to ones/zeros: randomize so a wrong norm shows

@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from .. import manifest as mf
 from ..errors import FmError
 from ..kernels import int8_gemv_cpu
+from ..policy import DENSE_SLOTS, SPARSE_SLOTS
 from ..read import check_safetensors
 from .comm import SingleComm, init_distributed
 from .model import FusedModel
@@ -83,6 +84,9 @@ def check_layout(m: dict, rank: int):
                              ("alibi.slopes", pos["type"] == "alibi")] if on}
     per_layer = {"qkv.weight", "attn_out.weight"}
     per_layer |= {"router.weight", *_EXPERTS} if E else {"mlp_in.weight", "mlp_out.weight"}
+    dense_layers = set(sp["dense_layers"] or ())
+    if dense_layers:                                # a mixture's dense layers (GLM-4.5's first)
+        per_layer |= {"mlp_in.weight", "mlp_out.weight"}
     if not sp["slots"] or "layers.attn_norm.weight" in sp["slots"]:    # OLMo 2 norms only each half's output
         per_layer.add("attn_norm.weight")
         if sp["residual"] != "parallel":            # GPT-J and Phi feed the MLP from the attention's norm
@@ -90,12 +94,9 @@ def check_layout(m: dict, rank: int):
     per_layer |= {s[len("layers."):] for s in sp["slots"] if s.startswith("layers.")}
     if sp["num_layers"] * len(per_layer) > 2 * len(tensors) + sp["num_layers"] * len(_ROW_BIAS):  # before naming
         raise FmError(f"manifest: rank {rank} lists {len(tensors)} tensors, too few for {sp['num_layers']} layers")
-    # A mixture's dense layers (GLM-4.5's first) have the dense MLP's slots, the others the mixture's
-    sparse_only = {s for s in per_layer if s.startswith(("router.", "experts_", "shared_"))}
-    dense_only = {s for s in per_layer if s.startswith(("mlp_in.", "mlp_out."))} if E else set()
-    dense_layers = set(sp["dense_layers"] or ())
-    if dense_layers:
-        dense_only |= {"mlp_in.weight", "mlp_out.weight"}
+    # In a mixture, dense layers have the dense MLP's slots and the others the mixture's
+    sparse_only = {s for s in per_layer if s.startswith(SPARSE_SLOTS)}
+    dense_only = {s for s in per_layer if s.startswith(DENSE_SLOTS)} if E else set()
     need |= {f"layers.{i}.{s}" for i in range(sp["num_layers"])
              for s in (per_layer - sparse_only if i in dense_layers else per_layer - dense_only)
              if not (rank > 0 and s in _ROW_BIAS)}

@@ -46,9 +46,11 @@ class Block(nn.Module):
         self.rope = model.rope is not None and i not in (sp.get("nope_layers") or ())   # SmolLM3: NoPE layers
         self.sinks = tensors.get("attn_sinks.weight")     # GPT-OSS: one softmax sink logit per head of this rank
         self.activation = model.activation
-        if self.activation == "xielu":      # Apertus: the activation's parameters are this layer's, read once here
-            self.activation = ("xielu", *(float(tensors[f"act.{p}"].float().reshape(-1)[0])
-                                          for p in ("alpha_p", "alpha_n", "beta", "eps")))
+        if self.activation == "xielu":      # Apertus: this layer's parameters, read and transformed once, here
+            ap, an, beta, eps = (tensors[f"act.{p}"].float().reshape(-1)[0].cpu()
+                                 for p in ("alpha_p", "alpha_n", "beta", "eps"))
+            softplus = torch.nn.functional.softplus
+            self.activation = ("xielu", float(softplus(ap)), float(beta + softplus(an)), float(beta), float(eps))
 
     def forward(self, x, residual, positions, cache, key_padding_mask, pos_t=None, seq_t=None, x_norm=None):
         """x_norm: the previous block's output norm (Gemma 2/3), still to be applied to x: it rides in this

@@ -121,11 +121,10 @@ def activate(y: torch.Tensor, activation) -> torch.Tensor:
     raise ValueError(f"unknown activation {activation!r}")
 
 
-def _xielu(y, alpha_p, alpha_n, beta, eps):
-    """Apertus's xIELU with one layer's parameters (floats; alpha_p and alpha_n as stored, before softplus):
-    a x^2 + beta x above 0, (expm1(min(x, eps)) - x) b + beta x below, a = softplus(alpha_p),
-    b = beta + softplus(alpha_n). In fp32, rounded once."""
-    a, b = F.softplus(torch.tensor(alpha_p)).item(), beta + F.softplus(torch.tensor(alpha_n)).item()
+def _xielu(y, a, b, beta, eps):
+    """Apertus's xIELU with one layer's parameters (floats, see Block: a = softplus(alpha_p),
+    b = beta + softplus(alpha_n)): a x^2 + beta x above 0, (expm1(min(x, eps)) - x) b + beta x below. In fp32,
+    rounded once."""
     x = y.float()
     out = torch.where(x > 0, a * x * x + beta * x, (torch.expm1(x.clamp(max=eps)) - x) * b + beta * x)
     return out.to(y.dtype)
