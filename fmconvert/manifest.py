@@ -91,7 +91,15 @@ _MODEL_OPTIONAL = {
     "glu_alpha": (0.0, _NONNEG_NUM, "a non-negative number"), "glu_limit": (0.0, _NONNEG_NUM, "a non-negative number"),
     "nope_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
                     "null or a list of layer indices"),
+    "mla": (None, lambda x: x is None or _mla(x), "null or the latent attention's widths"),
 }
+
+
+def _mla(x) -> bool:
+    """Latent attention's widths: q_rank may be 0 (no q bottleneck), the others positive, and the latent norms' eps."""
+    return (isinstance(x, dict) and set(x) == {"q_rank", "kv_rank", "nope_dim", "rope_dim", "v_dim", "norm_eps"}
+            and _NAT(x["q_rank"]) and all(_POS_INT(x[k]) for k in ("kv_rank", "nope_dim", "rope_dim", "v_dim"))
+            and _POS_NUM(x["norm_eps"]))
 _PARALLEL = ("tp", "heads_per_rank", "kv_heads_per_rank", "kv_replication", "intermediate_chunk",
              "intermediate_per_rank", "vocab_padded", "vocab_per_rank")
 
@@ -181,6 +189,10 @@ def validate(m) -> dict:
                            and all(i < model["num_layers"] for i in nope)),
           "model.nope_layers must be distinct layer indices in order, in a RoPE model")
     _need(model["num_heads"] % model["num_kv_heads"] == 0, "model.num_heads is not a multiple of num_kv_heads")
+    mla = model["mla"]
+    _need(mla is None or (mla["nope_dim"] + mla["rope_dim"] == model["head_dim"] and model["num_kv_heads"] == 1
+                          and model["position"].get("rotary_dim") == mla["rope_dim"]),
+          "model.mla does not fit head_dim, num_kv_heads and the rotary width")
     _need((model["activation"] == "swiglu_oai") == (model["glu_alpha"] > 0 and model["glu_limit"] > 0),
           "model.glu_alpha and glu_limit must be positive with the swiglu_oai activation, and 0 without it")
     for k in _PARALLEL:

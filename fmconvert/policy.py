@@ -33,6 +33,11 @@ LAYER_SLOTS = (
     "shared_in.weight", "shared_out.weight", "shared_gate.weight",   # Qwen2-MoE: an always-on expert beside them
     "router.correction_bias",        # GLM-4.5: added to the sigmoid scores when choosing experts, not when weighing
     "act.alpha_p", "act.alpha_n", "act.beta", "act.eps",             # Apertus: each layer's xIELU parameters
+    # Multi-head latent attention (DeepSeek-V2/V3) in place of qkv: q through a low-rank bottleneck (q_a, normed,
+    # then q_b; q_b alone reads the hidden state when there is no bottleneck), and one latent per token (kv_a: the
+    # compressed kv, normed, then the shared rotated key) that kv_b expands into every head's k and v
+    "q_a.weight", "q_a.bias", "q_a_norm.weight", "q_b.weight",
+    "kv_a.weight", "kv_a.bias", "kv_a_norm.weight", "kv_b.weight",
 )
 # A mixture's slots and a dense MLP's: a model with both kinds of layer (GLM-4.5's first layers are dense) gives each
 # layer the one set its kind has.
@@ -116,6 +121,9 @@ class ModelSpec:
     qk_norm_after_rope: bool = False   # q_norm/k_norm apply to the rotated q and k (Hunyuan), not before RoPE
     query_scale_beta: float = 0.0  # Ministral 3 (Llama 4's scaling): rotated q times 1 + beta * log(1 + floor(p / n))
     query_scale_from: int = 0      # at position p, n = query_scale_from; 0 and 0: none
+    mla: dict | None = None        # multi-head latent attention (DeepSeek-V2/V3): q_rank (0: no q bottleneck),
+    #                                kv_rank, nope_dim + rope_dim (= head_dim, each q and k head), v_dim, and the
+    #                                eps of the two latent norms; num_kv_heads is then 1, the latent every head reads
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -147,7 +155,17 @@ def _rope_params(params: dict) -> dict:
             "parameters": {k: v for k, v in sorted(params.items()) if k not in ("rope_type", "type")}}
 
 
+def _yarn_mscale(params: dict) -> float:
+    """DeepSeek's YaRN attention factor for its softmax scale: 1 + 0.1 * mscale_all_dim * ln(factor), or 1."""
+    factor, m = params.get("factor") or 1.0, params.get("mscale_all_dim") or 0.0
+    if type(factor) not in (int, float) or type(m) not in (int, float) or not 0 < factor < math.inf:
+        raise FmError(f"config.json: rope_parameters factor={factor!r} and mscale_all_dim={m!r} must be numbers")
+    return 1.0 if factor <= 1 or not m else 0.1 * m * math.log(factor) + 1.0
+
+
 def _operand(config, x: str):
+    if re.fullmatch(r"'[^']*'", x):        # a string literal: topk_method == 'group_limited_greedy'
+        return x[1:-1]
     return int(x) if re.fullmatch(r"-?\d+", x) else getattr(config, x, None)
 
 
@@ -166,7 +184,7 @@ def _eval_config_term(config, term: str, known: dict):
 
 def _eval_flag(config, expr, known: dict | None = None) -> bool:
     """A flag: terms joined by " and ", alternatives by " or " (and binds tighter). A term is a config attribute,
-    `!term`, `a == b` / `a != b` (attributes or integers), or the name of a flag defined before it."""
+    `!term`, `a == b` / `a != b` (attributes, integers or 'strings'), or the name of a flag defined before it."""
     if isinstance(expr, bool):
         return expr
     known = known or {}
@@ -296,6 +314,7 @@ class Policy:
             raise FmError(f"{architecture}: this config uses a variant fmconvert does not support "
                           f"({self.table['flags']['unsupported']})")
         c = {k: _config_value(config, v, k, flags) for k, v in self.table["config"].items()}
+        mla = self._mla(c) if "kv_rank" in c else None
         for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
                     "vocab_size"):
             if not isinstance(c[key], int) or isinstance(c[key], bool) or c[key] <= 0:
@@ -321,12 +340,14 @@ class Policy:
             act = "swiglu_oai"
             glu = {"glu_alpha": _number(c, "glu_alpha", 1.0), "glu_limit": _number(c, "glu_limit", 1.0)}
         position = self._position(config, flags, c)
+        scale = _number(c, "attn_scale", 1.0 / math.sqrt(_number(c, "query_scale_dim", c["head_dim"])))
+        if mla and position.get("rope_type", "default") != "default":
+            scale *= _yarn_mscale(position["parameters"]) ** 2      # DeepSeek: YaRN's mscale sharpens the softmax
         experts, topk = int(c.get("num_experts") or 0), int(c.get("experts_per_token") or 0)
         if experts and not 1 <= topk <= experts:
             raise FmError(f"config.json: num_experts_per_tok={topk} must be between 1 and num_local_experts={experts}")
         mixed = self._dense_layers(c, experts) if experts else {}
         tied = bool(getattr(config, "tie_word_embeddings", False)) and self.kind == "decoder"
-        qdim = _number(c, "query_scale_dim", c["head_dim"])
         eps = c["norm_eps"]
         if not isinstance(eps, (int, float)) or eps <= 0:
             raise FmError(f"config.json: norm epsilon must be a positive number, got {eps!r}")
@@ -342,7 +363,7 @@ class Policy:
             final_norm=bool(self._layout("final_norm", flags, False)),
             project=bool(flags.get("project", False)), pooler=False,
             type_vocab_size=int(c.get("type_vocab_size") or 0),
-            attn_scale=_number(c, "attn_scale", 1.0 / math.sqrt(qdim)),
+            attn_scale=scale, mla=mla,
             embed_scale=self._embed_scale(c), qkv_layout=self._layout("qkv", flags, "separate"),
             num_experts=experts, experts_per_token=topk if experts else 0,
             shared_intermediate_size=self._shared_size(c, experts),
@@ -358,6 +379,17 @@ class Policy:
             pad_token_id=getattr(config, "pad_token_id", None),
         )
         return spec
+
+    def _mla(self, c) -> dict:
+        """Multi-head latent attention's widths from [config] (q_rank, kv_rank, nope_dim, rope_dim, v_dim). Each q and
+        k head is nope_dim + rope_dim wide (head_dim); there is one kv head, the latent every head reads."""
+        mla = {k: c.get(k) for k in ("q_rank", "kv_rank", "nope_dim", "rope_dim", "v_dim")}
+        if any(type(v) is not int or v < 0 or (v == 0 and k != "q_rank") for k, v in mla.items()):
+            raise FmError("config.json: the latent attention's widths (q_lora_rank, kv_lora_rank, qk_nope_head_dim, "
+                          f"qk_rope_head_dim, v_head_dim) must be positive integers, got {mla}")
+        c["head_dim"], c["num_kv_heads"] = mla["nope_dim"] + mla["rope_dim"], 1
+        c["rotary_dim"] = mla["rope_dim"]
+        return {**mla, "norm_eps": _number(c, "latent_norm_eps", 1e-6)}
 
     def _dense_layers(self, c, experts: int) -> dict:
         """A mixture's layers with a dense MLP instead: the first `first_dense` (GLM-4.5's first_k_dense_replace),
@@ -384,12 +416,13 @@ class Policy:
         return {"dense_layers": dense, "dense_intermediate_size": size}
 
     def _router(self, c, experts: int, topk: int) -> dict:
-        """How a mixture picks and weighs its experts: layout `router` ("softmax", the default, or "sigmoid"), and for
-        sigmoid the expert groups and the scale from [config] (router_groups, router_topk_groups, routed_scale)."""
+        """How a mixture picks and weighs its experts: layout `router` ("softmax", the default, or "sigmoid"), and the
+        expert groups and the scale from [config] (router_groups, router_topk_groups, routed_scale): a sigmoid router
+        ranks a group by its two best experts, a softmax one (DeepSeek-V2) by its best."""
         how = self.layout.get("router", "softmax")
         if how not in ("softmax", "sigmoid"):
             raise FmError(f"{self.path.name}: layout.router must be softmax or sigmoid, got {how!r}")
-        if not experts or how == "softmax":
+        if not experts or (how == "softmax" and "router_groups" not in c and "routed_scale" not in c):
             return {}
         groups, top = c.get("router_groups") or 1, c.get("router_topk_groups") or 1
         if type(groups) is not int or type(top) is not int or groups < 1 or experts % groups \
@@ -494,7 +527,7 @@ class Policy:
             if not isinstance(rotary, int) or not 2 <= rotary <= c["head_dim"] or rotary % 2:
                 raise FmError(f"config.json: the rotary width must be an even number of dimensions between 2 and "
                               f"head_dim={c['head_dim']}, got {rotary!r}")
-            pos = {"type": "rope", "style": self.layout.get("rope_style", "neox"), **_rope_params(params),
+            pos = {"type": "rope", "style": self._layout("rope_style", flags, "neox"), **_rope_params(params),
                    "rotary_dim": rotary}
             if pos["rope_type"] == "dynamic" and params.get("alpha") is not None:
                 # Hunyuan labels it dynamic, but a fixed alpha only stretches the base: static (transformers calls
@@ -564,6 +597,15 @@ class Policy:
             "mlp_in.weight": (inter, h), "mlp_in.bias": (inter,),
             "mlp_out.weight": (h, dense), "mlp_out.bias": (h,),
         }
+        if spec.mla:
+            a = spec.mla
+            shapes.update({
+                "q_a.weight": (a["q_rank"], h), "q_a.bias": (a["q_rank"],), "q_a_norm.weight": (a["q_rank"],),
+                "q_b.weight": (H * hd, a["q_rank"] or h),
+                "kv_a.weight": (a["kv_rank"] + a["rope_dim"], h), "kv_a.bias": (a["kv_rank"] + a["rope_dim"],),
+                "kv_a_norm.weight": (a["kv_rank"],), "kv_b.weight": (H * (a["nope_dim"] + a["v_dim"]), a["kv_rank"]),
+                "attn_out.weight": (h, H * a["v_dim"]),
+            })
         return shapes[slot]
 
     def _part_rows(self, spec: ModelSpec, slot: str, n: int) -> list[int]:

@@ -13,6 +13,9 @@ Layout per rank:
             intermediate range of each expert, padded alike (experts_in's bias too; experts_out's bias lives on
             rank 0 only, like mlp_out's); the router is replicated.
   attn_sinks  (GPT-OSS) one logit per q head: this rank's q heads.
+  q_b, kv_b  (latent attention) column-parallel over whole heads: each head's rows are contiguous. The latent's
+            projections and norms (q_a, kv_a) are replicated: every rank computes the same latent and keeps its own
+            copy of the one-head cache.
   a mixture's dense layers (GLM-4.5's first)  mlp_in / mlp_out as above over their own width, chunked and padded
             alike (`dense_intermediate_*`).
   shared_in, shared_out  (Qwen2-MoE's shared expert) like mlp_in / mlp_out over its own width, chunked and
@@ -37,6 +40,7 @@ from .errors import FmError
 from .policy import ModelSpec
 
 COLUMN = ("qkv.weight", "qkv.bias", "mlp_in.weight", "mlp_in.bias")
+HEADS = ("q_b.weight", "kv_b.weight", "attn_sinks.weight")      # whole heads' rows, each head's rows contiguous
 ROW = ("attn_out.weight", "mlp_out.weight")
 ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias")
 VOCAB = ("embed.weight", "lm_head.weight", "lm_head.bias")
@@ -74,7 +78,8 @@ class Layout:
             if not d[f"{part}_intermediate_chunk"]:
                 d.pop(f"{part}_intermediate_chunk")
                 d.pop(f"{part}_intermediate_per_rank")
-        d["slots"] = {**{s.split(".")[0]: "column" for s in COLUMN}, **{s.split(".")[0]: "row" for s in ROW},
+        d["slots"] = {**{s.split(".")[0]: "column" for s in COLUMN + HEADS[:2]},
+                      **{s.split(".")[0]: "row" for s in ROW},
                       "embed": "vocab", "lm_head": "vocab", "other": "replicated"}
         if self.num_experts:
             d["slots"].update(experts_in="column per expert", experts_out="row per expert")
@@ -217,7 +222,7 @@ def shard(spec: ModelSpec, lay: Layout, slot: str, t: torch.Tensor) -> list[torc
         return [t.contiguous()] + [None] * (tp - 1)
     if slot in VOCAB:
         return [c.contiguous() for c in torch.chunk(_pad_rows(t, lay.vocab_padded), tp, dim=0)]
-    if slot == "attn_sinks.weight" or (slot == "q_norm.weight" and spec.qk_norm != "head"):  # this rank's heads
+    if slot in HEADS or (slot == "q_norm.weight" and spec.qk_norm != "head"):  # this rank's heads
         return [c.contiguous() for c in torch.chunk(t, tp, dim=0)]
     if slot == "k_norm.weight" and spec.qk_norm != "head":       # its kv heads, replicated as in qkv
         heads = t.reshape(KV, -1)
@@ -257,7 +262,7 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
         return pieces[0]
     if slot in VOCAB:
         return torch.cat(pieces, dim=0)[:spec.vocab_size]
-    if slot == "attn_sinks.weight" or (slot == "q_norm.weight" and spec.qk_norm != "head"):
+    if slot in HEADS or (slot == "q_norm.weight" and spec.qk_norm != "head"):
         return torch.cat(pieces, dim=0)
     if slot == "k_norm.weight" and spec.qk_norm != "head":
         return torch.cat(_kv_heads(lay, KV, slot, pieces), dim=0)
@@ -272,9 +277,13 @@ PADDED_K = ("mlp_out.weight", "experts_out.weight", "shared_out.weight")    # K 
 
 def k_per_rank(spec: ModelSpec, lay: Layout, slot: str) -> int:
     """The input width (K) of a linear slot on one rank: what the int8 group size must divide."""
+    mla = spec.mla or {}
     return {
         "qkv.weight": spec.hidden_size, "mlp_in.weight": spec.hidden_size,
-        "attn_out.weight": lay.heads_per_rank * spec.head_dim, "mlp_out.weight": _width(spec, lay, "mlp_out.")[2],
+        "attn_out.weight": lay.heads_per_rank * mla.get("v_dim", spec.head_dim),
+        "q_a.weight": spec.hidden_size if mla.get("q_rank") else 0,            # 0: no such slot
+        "q_b.weight": (mla["q_rank"] or spec.hidden_size) if mla else 0,
+        "kv_a.weight": spec.hidden_size if mla else 0, "kv_b.weight": mla.get("kv_rank", 0), "mlp_out.weight": _width(spec, lay, "mlp_out.")[2],
         "experts_in.weight": spec.hidden_size, "experts_out.weight": lay.intermediate_per_rank,
         "shared_in.weight": spec.hidden_size if spec.shared_intermediate_size else 0,     # 0: no such slot
         "shared_out.weight": lay.shared_intermediate_per_rank,

@@ -36,7 +36,8 @@ def sha256_file(path: Path) -> str:
 
 _ST_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8"}
 _INT8_OK = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight", "embed.weight", "lm_head.weight",
-            "experts_in.weight", "experts_out.weight", "shared_in.weight", "shared_out.weight")
+            "experts_in.weight", "experts_out.weight", "shared_in.weight", "shared_out.weight",
+            "q_a.weight", "q_b.weight", "kv_a.weight", "kv_b.weight")
 _EXPERTS = ("experts_in.weight", "experts_out.weight")
 ROPE_TENSORS = ("rope.inv_freq", "rope_local.inv_freq", "rope_long.inv_freq")   # derived, kept float32
 _ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias")
@@ -73,6 +74,13 @@ def check_layout(m: dict, rank: int):
              "act.alpha_p": (1,), "act.alpha_n": (1,), "act.beta": (), "act.eps": (),
              **{f"{n}.{p}": (h,) for n in ("attn_norm", "mlp_norm") for p in ("weight", "bias")},
              "attn_post_norm.weight": (h,), "mlp_post_norm.weight": (h,)}
+    mla = sp["mla"]
+    if mla:             # latent attention: the latent's projections replicated, q_b and kv_b this rank's heads
+        qr, kr, rd = mla["q_rank"], mla["kv_rank"], mla["rope_dim"]
+        layer.update({"q_a.weight": (qr, h), "q_a.bias": (qr,), "q_a_norm.weight": (qr,), "q_b.weight": (hpr * hd, qr or h),
+                      "kv_a.weight": (kr + rd, h), "kv_a.bias": (kr + rd,), "kv_a_norm.weight": (kr,),
+                      "kv_b.weight": (hpr * (mla["nope_dim"] + mla["v_dim"]), kr),
+                      "attn_out.weight": (h, hpr * mla["v_dim"])})
     tensors = m["ranks"][rank]["tensors"]
     need = {"embed.weight"} | {s for s in sp["slots"] if not s.startswith("layers.")}
     need |= {s for s, on in [("lm_head.weight", sp["kind"] == "decoder" and not sp["tied_embeddings"]),
@@ -82,7 +90,10 @@ def check_layout(m: dict, rank: int):
                              ("rope.inv_freq", pos["type"] == "rope"), ("rope_local.inv_freq", "local" in pos),
                              ("rope_long.inv_freq", "long_from" in pos),
                              ("alibi.slopes", pos["type"] == "alibi")] if on}
-    per_layer = {"qkv.weight", "attn_out.weight"}
+    per_layer = {"attn_out.weight"} | ({"q_b.weight", "kv_a.weight", "kv_a_norm.weight", "kv_b.weight"} if mla
+                                       else {"qkv.weight"})
+    if mla and mla["q_rank"]:
+        per_layer |= {"q_a.weight", "q_a_norm.weight"}
     per_layer |= {"router.weight", *_EXPERTS} if E else {"mlp_in.weight", "mlp_out.weight"}
     dense_layers = set(sp["dense_layers"] or ())
     if dense_layers:                                # a mixture's dense layers (GLM-4.5's first)

@@ -21,11 +21,12 @@ class KVCache:
     position p lives in row p % window (`ring[i]`, 0 for a plain cache). RoPE is applied before a key is cached
     and softmax does not care about key order, so a decode step attends over the ring as it lies."""
 
-    def __init__(self, n_layers, batch, kv_heads, max_len, head_dim, dtype, device, windows=None):
+    def __init__(self, n_layers, batch, kv_heads, max_len, head_dim, dtype, device, windows=None, latent=0):
+        """latent: latent attention's cache, whose values are the first `latent` columns of its keys (a view)."""
         windows = windows or [0] * n_layers
         self.ring = [w if 0 < w < max_len else 0 for w in windows]
         self.k = [torch.zeros(batch, kv_heads, r or max_len, head_dim, dtype=dtype, device=device) for r in self.ring]
-        self.v = [torch.zeros_like(t) for t in self.k]
+        self.v = [t[..., :latent] for t in self.k] if latent else [torch.zeros_like(t) for t in self.k]
         self.length = 0
         self.max_len = max_len
 
@@ -46,6 +47,11 @@ class Block(nn.Module):
         self.rope = model.rope is not None and i not in (sp.get("nope_layers") or ())   # SmolLM3: NoPE layers
         self.sinks = tensors.get("attn_sinks.weight")     # GPT-OSS: one softmax sink logit per head of this rank
         self.activation = model.activation
+        if sp["mla"]:       # latent attention's decode step takes kv_b into q and o: [H, nope, R], [H, R, v]
+            kv_b, nd = tensors["kv_b.weight"], sp["mla"]["nope_dim"]
+            kv_b = kv_b.dequantize(model.dtype) if isinstance(kv_b, Int8Weight) else kv_b
+            kv_b = kv_b.view(model.heads, nd + sp["mla"]["v_dim"], -1)
+            self.w_uk, self.w_uv = kv_b[:, :nd].contiguous(), kv_b[:, nd:].transpose(1, 2).contiguous()
         if self.activation == "xielu":      # Apertus: this layer's parameters, read and transformed once, here
             ap, an, beta, eps = (tensors[f"act.{p}"].float().reshape(-1)[0].cpu()
                                  for p in ("alpha_p", "alpha_n", "beta", "eps"))
@@ -191,25 +197,32 @@ class Block(nn.Module):
 
     def _route(self, x, k: int):
         """(weights [tokens, k] fp32, expert ids [tokens, k]) of each token's top-k experts, on the device.
-        softmax: over every expert's logit, the top k kept (chosen with correction_bias added, ERNIE 4.5) and,
-        where the model does, renormalised. sigmoid (DeepSeek-V3, GLM-4.5): each expert scored on its own in fp32;
+        softmax: over every expert's logit, the top k kept (chosen with correction_bias added, ERNIE 4.5; within
+        the router_topk_groups groups whose best expert scores highest, DeepSeek-V2) and, where the model does,
+        renormalised, then times routed_scale. sigmoid (DeepSeek-V3, GLM-4.5): each expert scored on its own in fp32;
         the choice adds correction_bias to the scores and keeps to the router_topk_groups groups whose two best
         scores sum highest; the weights are the chosen experts' own scores, renormalised where the model does, times
         routed_scale."""
         sp, t = self.m.spec, self.t
+        G = sp["router_groups"]
         if sp["router"] == "softmax":
             probs = torch.nn.functional.linear(x, t["router.weight"], t.get("router.bias")).float().softmax(-1)
+            pick = probs
             if "router.correction_bias" in t:     # ERNIE 4.5: the choice adds it to the probabilities
-                chosen = (probs + t["router.correction_bias"].float()).topk(k, dim=-1)[1]
-                weight = probs.gather(1, chosen)
-            else:
-                weight, chosen = probs.topk(k, dim=-1)
+                pick = probs + t["router.correction_bias"].float()
+            if G > 1:        # DeepSeek-V2: only within the router_topk_groups groups holding the best single experts
+                E = probs.shape[-1]
+                best = pick.view(-1, G, E // G).amax(-1)                                  # [tokens, G]
+                keep = torch.zeros_like(best).scatter_(1, best.topk(sp["router_topk_groups"], dim=-1)[1], 1.0)
+                pick = pick.masked_fill(~keep.bool().repeat_interleave(E // G, dim=1), float("-inf"))
+            chosen = pick.topk(k, dim=-1)[1]
+            weight = probs.gather(1, chosen)
             if sp["experts_renormalize"]:
                 weight = weight / weight.sum(-1, keepdim=True)
-            return weight, chosen
+            return weight * sp["routed_scale"], chosen
         scores = torch.nn.functional.linear(x.float(), t["router.weight"].float()).sigmoid()
         pick = scores + t["router.correction_bias"].float() if "router.correction_bias" in t else scores
-        G, E = sp["router_groups"], scores.shape[-1]
+        E = scores.shape[-1]
         if G > 1:
             best = pick.view(-1, G, E // G).topk(2, dim=-1)[0].sum(-1)                      # [tokens, G]
             keep = torch.zeros_like(best).scatter_(1, best.topk(sp["router_topk_groups"], dim=-1)[1], 1.0)
@@ -225,6 +238,8 @@ class Block(nn.Module):
         at most the ring) select the graph-safe decode path: cache writes and lengths come from device memory, so
         the same captured graph serves every step."""
         m, t = self.m, self.t
+        if m.spec["mla"]:
+            return self._latent_attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
         B, T, _ = h.shape
         hd, Hq, Hk = m.head_dim, m.heads, m.kv_heads
         qkv = m.ops.linear(h, t["qkv.weight"], t.get("qkv.bias"))
@@ -280,6 +295,64 @@ class Block(nn.Module):
         o = m.ops.attention(q, kc[:, :, :S], vc[:, :, :S], m.scale, m.causal, m.alibi, key_padding_mask,
                             self.window, m.softcap, sinks=self.sinks)
         return o.transpose(1, 2).reshape(B, T, Hq * hd)
+
+    def _latent_attention(self, h, positions, cache, key_padding_mask, pos_t=None, seq_t=None):
+        """Multi-head latent attention (DeepSeek-V2/V3). Each head's k and v are kv_b's expansion of one latent per
+        token (kv_rank wide, normed), its k completed by one rotated key all heads share (rope_dim). The cache keeps
+        only that row, [B, 1, S, kv_rank + rope_dim] per layer. A prompt expands the cached latents through kv_b
+        and attends as usual; a decode step takes kv_b into the query and the output instead (absorbed), so it
+        reads each latent once for every head, and no expansion grows with the context."""
+        m, t, ml = self.m, self.t, self.m.spec["mla"]
+        ops = m.ops
+        B, T, _ = h.shape
+        H, R, nd, rd, vd = m.heads, ml["kv_rank"], ml["nope_dim"], ml["rope_dim"], ml["v_dim"]
+        x = h
+        if "q_a.weight" in t:          # the q bottleneck (V3; V2-Lite has none)
+            x = ops.linear(h, t["q_a.weight"], t.get("q_a.bias"))
+            x = ops.add_norm(x, None, t["q_a_norm.weight"], None, ml["norm_eps"], "rms")[0]
+        q = ops.linear(x, t["q_b.weight"]).view(B, T, H, nd + rd)
+        kv = ops.linear(h, t["kv_a.weight"], t.get("kv_a.bias"))                  # (B, T, R + rd)
+        latent = ops.add_norm(kv[..., :R], None, t["kv_a_norm.weight"], None, ml["norm_eps"], "rms")[0]
+        if pos_t is not None:
+            cos, sin = m.rope_tables(self.rope_table, decode=True)
+            positions = pos_t.view(1, 1).expand(B, 1)
+        else:
+            cos, sin = m.rope_for(positions, self.rope_table)
+        q_pe, k_pe = ops.rope(q[..., nd:].contiguous(), kv[..., R:].reshape(B, T, 1, rd).contiguous(), cos, sin,
+                              positions, m.rope_style, rd)
+        row = torch.cat([latent, k_pe.view(B, T, rd)], -1)                       # what the cache keeps
+        if pos_t is not None:        # graph-safe: the row goes in at pos_t, the lengths come from device memory
+            kc = cache.k[self.i]
+            kc.index_copy_(2, pos_t, row.view(B, 1, 1, R + rd))
+            return self._absorbed(q[..., :nd], q_pe, kc, seq_t[0])
+        rows = row
+        if cache is not None:
+            kc, start = cache.k[self.i], cache.length
+            kc[:, 0, start:start + T] = row
+            if T == 1 and key_padding_mask is None:
+                seq = torch.full((B,), start + 1, dtype=torch.int32, device=h.device)
+                return self._absorbed(q[..., :nd], q_pe, kc, seq)
+            rows = kc[:, 0, :start + T]
+        S = rows.shape[1]
+        kvb = ops.linear(rows[..., :R], t["kv_b.weight"]).view(B, S, H, nd + vd)
+        k = torch.cat([kvb[..., :nd], rows[..., R:].view(B, S, 1, rd).expand(B, S, H, rd)], -1)
+        q = torch.cat([q[..., :nd], q_pe], -1)
+        v, D = kvb[..., nd:], max(nd + rd, vd)
+        # one head width for q, k and v (what the kernels take): zero columns, dropped from the output after
+        q, k, v = (y if y.shape[-1] == D else torch.nn.functional.pad(y, (0, D - y.shape[-1])) for y in (q, k, v))
+        o = ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), m.scale, m.causal, None,
+                          key_padding_mask)
+        return o[..., :vd].transpose(1, 2).reshape(B, T, H * vd)
+
+    def _absorbed(self, q_nope, q_pe, kc, seq):
+        """One query per sequence against the latent cache, kv_b folded in: each head's q_nope goes into the latent
+        space (w_uk), attends over whole cache rows as keys and their latent part as values, and comes back out
+        through w_uv. q_nope (B, 1, H, nope), q_pe (B, 1, H, rope) -> (B, 1, H * v)."""
+        m = self.m
+        B, H = q_nope.shape[0], q_nope.shape[2]
+        q_lat = torch.bmm(q_nope[:, 0].transpose(0, 1), self.w_uk).transpose(0, 1)     # (B, H, R)
+        o = m.ops.mla_decode(torch.cat([q_lat, q_pe[:, 0]], -1), kc, seq, m.scale, q_lat.shape[-1])
+        return torch.bmm(o.transpose(0, 1), self.w_uv).transpose(0, 1).reshape(B, 1, -1)
 
     def _ring_attention(self, q, k, v, kc, vc, start, ring, key_padding_mask):
         """Attention for T new tokens at positions start.. when this layer's cache is a ring of `ring` rows (its
@@ -443,6 +516,10 @@ class FusedModel(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         # ALiBi biases by key position, which a ring buffer does not keep; no family has both
         windows = [0 if self.alibi is not None else b.window for b in self.blocks]
+        mla = self.spec["mla"]
+        if mla:               # one latent row per position: kv_rank columns (the values too), then the rotated key
+            return KVCache(len(self.blocks), batch, 1, max_len, mla["kv_rank"] + mla["rope_dim"], self.dtype,
+                           self.device, windows, latent=mla["kv_rank"])
         return KVCache(len(self.blocks), batch, self.kv_heads, max_len, self.head_dim, self.dtype, self.device,
                        windows)
 

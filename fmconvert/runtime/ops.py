@@ -297,6 +297,21 @@ class TorchOps:
         return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale).squeeze(2)
 
 
+    def mla_decode(self, q, cache, seq_lens, scale, kv_rank):
+        """Latent attention's decode step, absorbed: q [B, H, kv_rank + rope] (each head's q_nope already taken into
+        the latent space, then its rotated part) against the one-head latent cache [B, 1, S_max, kv_rank + rope],
+        first seq_lens[b] rows valid; the values are the rows' first kv_rank columns. Returns [B, H, kv_rank].
+        Graph-safe: masked by seq_lens, never sliced."""
+        B, H, D = q.shape
+        S = cache.shape[2]
+        valid = torch.arange(S, device=q.device).view(1, S) < seq_lens.view(B, 1)
+        mask = torch.zeros(B, 1, 1, S, dtype=q.dtype, device=q.device).masked_fill(~valid.view(B, 1, 1, S),
+                                                                                  float("-inf"))
+        k = cache.expand(B, H, S, D)                          # one latent head read by every q head: no copy
+        return F.scaled_dot_product_attention(q.unsqueeze(2), k, k[..., :kv_rank], attn_mask=mask,
+                                              scale=scale).squeeze(2)
+
+
 def _explicit_attention(q, k, v, scale, mask, cap, sinks):
     """Attention in fp32 with what sdpa has no hook for: Gemma 2's soft-capped scores (cap > 0), GPT-OSS's sinks
     (a logit per head [H] that joins the softmax's denominator, then is dropped). q [B, H, T, D], k and v
@@ -384,6 +399,9 @@ class TritonOps(TorchOps):
                          sinks=None):
         return self.k.decode_attention(q, k_cache, v_cache, seq_lens, scale, alibi_slopes=alibi_slopes,
                                        window=window, softcap=softcap, sinks=sinks)
+
+    def mla_decode(self, q, cache, seq_lens, scale, kv_rank):
+        return self.k.mla_decode(q, cache, seq_lens, scale, kv_rank)
 
     def expert_linear(self, x, stacked: Int8Weight, n_experts: int, experts, x_every: int, activation, bias=None):
         """Rows of (token, expert) pairs from one int8 [E * N, K] stack; the expert ids stay on the device.
