@@ -170,7 +170,7 @@ CONFIGS = {
                     moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=101,
                     max_position_embeddings=64, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=2,
                     first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16,
-                    qk_rope_head_dim=8, v_head_dim=16, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                    qk_rope_head_dim=8, v_head_dim=16, topk_method="group_limited_greedy", n_group=4, topk_group=1,
                     routed_scaling_factor=1.5, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "dots1": ("Dots1Config", "Dots1ForCausalLM", dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, head_dim=16, vocab_size=101,
