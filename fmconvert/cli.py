@@ -109,6 +109,8 @@ def convert(model_dir, out_dir, tp, int8, group_size, int8_embeddings, int8_lm_h
         t.add_row("worst int8 SQNR", f"{s['worst_sqnr_db']:.1f} dB")
     if s["mxfp4"]:
         t.add_row("MXFP4", f"{s['mxfp4']} expert tensors decoded on read (exactly, to bf16)")
+    if s.get("fp8"):
+        t.add_row("FP8", f"{s['fp8']} block-scaled tensors decoded on read (to bf16)")
     if s["dropped"] is not None:
         t.add_row("left out", f"{s['dropped']['tensors']} {_DROPPED[s['dropped'].get('what', 'vision')]}"
                   f" ({_human(s['dropped']['bytes'])})")
@@ -150,6 +152,10 @@ def inspect(out_dir, as_json):
     t.add_row("architecture", f"{md['architecture']} ({md['family']}, {md['kind']})")
     if m["source"].get("mxfp4"):
         t.add_row("source", f"MXFP4: {len(m['source']['mxfp4'])} expert tensors decoded to bf16 on read")
+    if m["source"].get("fp8"):
+        f = m["source"]["fp8"]
+        t.add_row("source", f"FP8: {f['tensors']} tensors with {f['block'][0]}x{f['block'][1]} block scales, "
+                            "decoded to bf16 on read")
     if m["source"].get("dropped"):
         d = m["source"]["dropped"]
         t.add_row("left out", f"{d['tensors']} {_DROPPED[d.get('what', 'vision')]} ({_human(d['bytes'])})")

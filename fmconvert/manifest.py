@@ -294,6 +294,9 @@ def _source(src):
           "source.dropped malformed")
     mx = src.get("mxfp4", [])
     _need(isinstance(mx, list) and all(isinstance(n, str) for n in mx), "source.mxfp4 malformed")
+    f8 = src.get("fp8", {"block": [1, 1], "tensors": 0})
+    _need(isinstance(f8, dict) and set(f8) == {"block", "tensors"} and isinstance(f8["block"], list)
+          and len(f8["block"]) == 2 and all(map(_POS_INT, f8["block"])) and _NAT(f8["tensors"]), "source.fp8 malformed")
     _need(isinstance(src.get("flipped", []), list) and all(isinstance(k, str) for k in src.get("flipped", [])),
           "source.flipped malformed")
     side = src.get("sidecar_files", [])

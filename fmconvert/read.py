@@ -23,6 +23,7 @@ from .manifest import MAX_DIM, MAX_POSITIONS  # a config the converter accepts m
 INDEX = "model.safetensors.index.json"
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
@@ -62,9 +63,11 @@ def load_config(model_dir: Path):
     if "auto_map" in raw:
         raw.pop("auto_map")  # remote-code hooks are never honoured
     quant = raw.get("quantization_config")
-    if quant is not None and quant_method(raw) != "mxfp4":
+    if quant is not None and quant_method(raw) not in ("mxfp4", "fp8"):
         raise FmError(f"{path}: the weights are quantized ({_short(quant_method(raw) or quant)}); fmconvert reads "
-                      f"float checkpoints, and GPT-OSS's MXFP4: convert from the unquantized checkpoint")
+                      f"float checkpoints, block-scaled FP8 (DeepSeek-V3, Qwen3-FP8) and GPT-OSS's MXFP4: convert "
+                      f"from the unquantized checkpoint")
+    fp8_block(raw, path)
     archs = raw.get("architectures")
     if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
         raise FmError(f"{path}: architectures must be a list of strings, got {_short(archs)}")
@@ -115,6 +118,24 @@ def quant_method(config) -> str | None:
     if q is not None and not isinstance(q, dict):
         q = q.to_dict() if hasattr(q, "to_dict") else {}
     return q.get("quant_method") if isinstance(q, dict) else None
+
+
+def fp8_block(config, where="config.json") -> tuple[int, int] | None:
+    """The [rows, columns] block of a block-scaled FP8 checkpoint (quant_method "fp8": DeepSeek-V3/R1, Kimi K2,
+    the Qwen3 and GLM FP8 releases), None when it is not one. Anything this reader would misread is refused."""
+    if quant_method(config) != "fp8":
+        return None
+    q = config["quantization_config"] if isinstance(config, dict) else config.quantization_config
+    q = q if isinstance(q, dict) else q.to_dict()
+    block, fmt = q.get("weight_block_size"), q.get("fmt", "e4m3")
+    if fmt != "e4m3" or q.get("activation_scheme", "dynamic") != "dynamic":
+        raise FmError(f"{where}: FP8 with fmt={_short(fmt)} and activation_scheme="
+                      f"{_short(q.get('activation_scheme'))} is not supported (e4m3 weights, dynamic activations)")
+    if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(type(b) is int and 0 < b <= 4096
+                                                                          for b in block)):
+        raise FmError(f"{where}: FP8 weight_block_size must be two positive integers, got {_short(block)} "
+                      "(per-tensor FP8 scales are not supported)")
+    return tuple(block)
 
 
 def _check_language_model(raw: dict, key: str, arch: str, path: Path) -> str:
@@ -192,12 +213,15 @@ def _check_sizes(raw: dict, table: dict, attribute_map: dict, path: Path | str):
 class Checkpoint:
     """All tensors of a model directory by name, opened lazily. Use as a context manager."""
 
-    def __init__(self, model_dir: Path, allow_pickle: bool = False, mxfp4: bool = False):
+    def __init__(self, model_dir: Path, allow_pickle: bool = False, mxfp4: bool = False,
+                 fp8: tuple[int, int] | None = None):
         self.dir = Path(model_dir)
         self._handles: dict[str, object] = {}
         self._where: dict[str, str] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         self.mxfp4: dict[str, tuple] = {}   # name -> (its blocks, its scales, their files): see _pair_mxfp4
+        self.fp8: dict[str, tuple] = {}     # name -> (its scale, the scale's file): see _pair_fp8
+        self.fp8_block = fp8
         files = self._discover(allow_pickle)
         self.files = files
         for fname in files:
@@ -218,6 +242,35 @@ class Checkpoint:
             if self._pickled is not None:
                 raise FmError(f"{self.dir}: MXFP4 weights must be safetensors")
             self._pair_mxfp4()
+        if fp8:
+            if self._pickled is not None:
+                raise FmError(f"{self.dir}: FP8 weights must be safetensors")
+            self._pair_fp8(fp8)
+        elif self._pickled is None and any(n not in self.mxfp4 and self._raw_dtype(n) == "F8_E4M3"
+                                           for n in self._where):
+            raise FmError(f"{self.dir} holds FP8 tensors, but config.json declares no FP8 quantization_config")
+
+    def _pair_fp8(self, block):
+        """A block-scaled FP8 checkpoint stores a weight X as float8_e4m3 [..., N, K] beside X_scale_inv (fp32 or
+        bf16 [..., ceil(N / rows), ceil(K / cols)]), one multiplier per block. Each X reads as X * scale in bf16,
+        what transformers dequantizes it to; the scale tensors are consumed."""
+        for scale in [n for n in self._where if n.endswith("_scale_inv")]:
+            name = scale[:-len("_scale_inv")]
+            if name not in self._where or self._raw_dtype(name) != "F8_E4M3":
+                raise FmError(f"FP8 scale {scale} has no float8_e4m3 tensor {name} beside it")
+            w, sc = self._raw_shape(name), self._raw_shape(scale)
+            want = [*w[:-2], -(-w[-2] // block[0]), -(-w[-1] // block[1])] if len(w) >= 2 else None
+            if want is None or list(sc) != want or self._raw_dtype(scale) not in ("F32", "BF16"):
+                raise FmError(f"FP8 tensor {name} {list(w)}: its scales {list(sc)} {self._raw_dtype(scale)} must be "
+                              f"fp32 or bf16 {want} (blocks of {list(block)})")
+            self.fp8[name] = (scale, self._where[scale])
+        for name, (scale, _) in self.fp8.items():
+            del self._where[scale]
+        bare = next((n for n in self._where if n not in self.fp8 and self._raw_dtype(n) == "F8_E4M3"), None)
+        if bare is not None:
+            raise FmError(f"FP8 tensor {bare} has no {bare}_scale_inv beside it")
+        if not self.fp8:
+            raise FmError(f"config.json says FP8, but {self.dir} has no *_scale_inv tensors")
 
     def _pair_mxfp4(self):
         """An MXFP4 checkpoint (GPT-OSS's experts) stores a weight as X_blocks (uint8 [E, N, K/32, 16], two 4-bit
@@ -319,7 +372,7 @@ class Checkpoint:
     def dtype(self, name: str) -> torch.dtype:
         if self._pickled is not None:
             return self._pickled[name].dtype
-        if name in self.mxfp4:
+        if name in self.mxfp4 or name in self.fp8:
             return torch.bfloat16
         s = self._handles[self._where[name]].get_slice(name).get_dtype()
         if s not in _ST_DTYPES:
@@ -331,6 +384,13 @@ class Checkpoint:
             return self._pickled[name]
         if name in self.mxfp4:
             return self._mxfp4_get(name)
+        if name in self.fp8:
+            scale, fs = self.fp8[name]
+            try:
+                w, sc = self._handles[self._where[name]].get_tensor(name), self._handles[fs].get_tensor(scale)
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise FmError(f"{self._where[name]}: cannot read tensor {name} ({_first_line(e)})") from None
+            return dequantize_fp8(w, sc, self.fp8_block)
         try:
             return self._handles[self._where[name]].get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:
@@ -354,6 +414,21 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
         values = _E2M1_PAIRS[blocks[e].long()].view(N, G, 32)
         torch.mul(values, torch.exp2(scales[e].float() - 127).unsqueeze(-1), out=out[e])
     return out.view(E, N, G * 32).transpose(1, 2)
+
+
+def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, block) -> torch.Tensor:
+    """float8_e4m3 [..., N, K] times its block scales [..., ceil(N / rows), ceil(K / cols)], in fp32, rounded once to
+    bf16. A block of rows at a time, so the fp32 temporaries stay one row block wide."""
+    (br, bc), (N, K) = block, w.shape[-2:]
+    full = K // bc * bc
+    out = torch.empty(w.shape, dtype=torch.bfloat16)
+    for i, r in enumerate(range(0, N, br)):
+        x, s = w[..., r:r + br, :].float(), scale[..., i, :].float().unsqueeze(-2)       # (.., rows, K), (.., 1, nb)
+        o = out[..., r:r + br, :]
+        o[..., :full] = (x[..., :full].unflatten(-1, (K // bc, bc)) * s[..., :K // bc, None]).flatten(-2)
+        if full < K:                                  # a last, narrower block of columns
+            o[..., full:] = x[..., full:] * s[..., K // bc:]
+    return out
 
 
 def _no_duplicates(pairs):

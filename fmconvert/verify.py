@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, fields
@@ -515,42 +516,50 @@ def _converted_forward(model, ids, kind):
         None if out is None else out.float().cpu()
 
 
-def _mxfp4_source(model_dir: Path) -> bool:
-    """Whether config.json declares MXFP4 weights (an unreadable one is reported when it is parsed)."""
-    from .read import quant_method
+def _source_quant(model_dir: Path) -> dict:
+    """The Checkpoint arguments for a quantized source: {"mxfp4": True} or {"fp8": block}, {} for a float one (an
+    unreadable or malformed config.json is reported when it is parsed)."""
+    from .read import fp8_block, quant_method
     try:
-        return quant_method(json.loads((Path(model_dir) / "config.json").read_text())) == "mxfp4"
-    except (OSError, ValueError, RecursionError, AttributeError):
-        return False
+        raw = json.loads((Path(model_dir) / "config.json").read_text())
+        return {"mxfp4": True} if quant_method(raw) == "mxfp4" else {"fp8": fp8_block(raw)} if fp8_block(raw) else {}
+    except (OSError, ValueError, RecursionError, AttributeError, FmError):
+        return {}
 
 
-def _mxfp4_reference(cls, model_dir: Path):
-    """The HF model of an MXFP4 checkpoint, dequantized by transformers' own MXFP4 routine (its loader needs
-    accelerate and a GPU kernel package for these weights): an independent check of the converter's decoding."""
-    from safetensors.torch import load_file
+def _dequantized_reference(cls, model_dir: Path, quant: dict):
+    """The HF model of an MXFP4 or FP8 checkpoint, dequantized by transformers' own routines (its loaders need
+    accelerate, and for MXFP4 a GPU kernel package): an independent check of the converter's decoding. FP8 weights
+    are rounded to bf16 as transformers holds them."""
+    from safetensors.torch import load_file, save_file
     from transformers import AutoConfig
-    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     from .read import Checkpoint
     config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     del config.quantization_config
     state = {}
-    with Checkpoint(model_dir) as ckpt:          # its shard discovery; the tensors come unpaired, as stored
+    with Checkpoint(model_dir, **quant) as ckpt:     # its shard discovery; the tensors are read as stored
         files = ckpt.files
     for f in files:
         state.update(load_file(model_dir / f))
-    for name in [n for n in state if n.endswith("_blocks")]:
-        base = name[:-len("_blocks")]
-        state[base] = convert_moe_packed_tensors(state.pop(name), state.pop(base + "_scales"), dtype=torch.float32)
-    from transformers.initialization import no_init_weights
-    with no_init_weights():
-        model = cls(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [n for n in missing if not (n == "lm_head.weight" and config.tie_word_embeddings)]:
-        raise FmError(f"{model_dir}: the MXFP4 checkpoint does not fit {cls.__name__} "
-                      f"({(unexpected or missing)[0]})")
-    model.tie_weights()
-    return model
+    if quant.get("mxfp4"):
+        from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+        for name in [n for n in state if n.endswith("_blocks")]:
+            base = name[:-len("_blocks")]
+            state[base] = convert_moe_packed_tensors(state.pop(name), state.pop(base + "_scales"),
+                                                     dtype=torch.float32)
+    else:
+        from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+        for name in [n for n in state if n.endswith("_scale_inv")]:
+            base = name[:-len("_scale_inv")]
+            state[base] = _dequantize_fp8_weight(state[base], state.pop(name), list(quant["fp8"]),
+                                                 torch.float32).to(torch.bfloat16)
+    # Loaded the way any float checkpoint is, so transformers' own renaming (per-expert tensors into stacks) applies
+    with tempfile.TemporaryDirectory(prefix="fmconvert-reference-") as tmp:
+        save_file(state, Path(tmp) / "model.safetensors", metadata={"format": "pt"})
+        del state
+        config.save_pretrained(tmp)
+        return cls.from_pretrained(tmp, local_files_only=True, trust_remote_code=False, dtype=torch.float32)
 
 
 def _load_reference(model_dir: Path, arch: str, kind: str, device):
@@ -562,8 +571,9 @@ def _load_reference(model_dir: Path, arch: str, kind: str, device):
     if cls is None:
         raise FmError(f"transformers {transformers.__version__} has no class {arch}")
     try:
-        if _mxfp4_source(model_dir):
-            model = _mxfp4_reference(cls, model_dir)
+        quant = _source_quant(model_dir)
+        if quant:
+            model = _dequantized_reference(cls, model_dir, quant)
         else:
             model = cls.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     except Exception as e:
@@ -765,7 +775,7 @@ def verify(model_dir, out_dir, text_file=None, tokens: int = 256, tp_mode: str =
         try:
             integ = check_integrity(out_dir, m)
             report["integrity"] = integ
-            with Checkpoint(model_dir, allow_pickle=allow_pickle, mxfp4=_mxfp4_source(model_dir)) as ckpt:
+            with Checkpoint(model_dir, allow_pickle=allow_pickle, **_source_quant(model_dir)) as ckpt:
                 plan, config, config_sha = plan_source(model_dir, m, ckpt)
                 report["warnings"] += _source_notes(model_dir, m, ckpt, config_sha)
                 if integ["readable"]:
