@@ -161,14 +161,22 @@ def inspect(out_dir, as_json):
         t.add_row("left out", f"{d['tensors']} {_DROPPED[d.get('what', 'vision')]} ({_human(d['bytes'])})")
     t.add_row("shape", f"{md['num_layers']} layers, hidden {md['hidden_size']}, {md['num_heads']} heads / "
               f"{md['num_kv_heads']} kv, head_dim {md['head_dim']}, mlp {md['intermediate_size']} ({md['activation']})")
+    if md["mla"]:
+        a = md["mla"]
+        qpath = f"q through a rank-{a['q_rank']} bottleneck" if a["q_rank"] else "q straight from the hidden state"
+        t.add_row("latent attention", f"{qpath}; k, v from one {a['kv_rank']}-wide latent per token + a shared "
+                  f"{a['rope_dim']}-dim rotated key (cached: {a['kv_rank'] + a['rope_dim']} values a token and "
+                  f"layer); k {a['nope_dim']}+{a['rope_dim']}, v {a['v_dim']} a head")
     if md["num_experts"]:
         shared = (f"; a shared expert of width {md['shared_intermediate_size']}"
                   if md["shared_intermediate_size"] else "")
         renorm = "renormalised" if md["experts_renormalize"] else "not renormalised"
+        groups = (f", within {md['router_topk_groups']} of {md['router_groups']} groups"
+                  if md["router_groups"] > 1 else "")
         if md["router"] == "sigmoid":
-            groups = (f", within {md['router_topk_groups']} of {md['router_groups']} groups"
-                      if md["router_groups"] > 1 else "")
             renorm = f"sigmoid scores{groups}, {renorm}, times {md['routed_scale']:g}"
+        elif groups or md["routed_scale"] != 1.0:
+            renorm = f"softmax{groups}, {renorm}, times {md['routed_scale']:g}"
         dense = (f"; dense MLP ({md['dense_intermediate_size']}) in layers {_ranges(md['dense_layers'])}"
                  if md["dense_layers"] else "")
         t.add_row("experts", f"{md['num_experts']} per layer, top {md['experts_per_token']} ({renorm}){shared}{dense}")

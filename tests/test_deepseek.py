@@ -10,7 +10,9 @@ import math
 import pytest
 import torch
 import transformers
+from click.testing import CliRunner
 
+from fmconvert.cli import cli
 from fmconvert.errors import FmError
 from fmconvert.pipeline import Options, convert
 from fmconvert.runtime.load import load
@@ -36,6 +38,8 @@ def test_the_manifest_records_the_latent_widths_and_slices_whole_heads(model_dir
     assert t["layers.0.attn_out.weight"]["shape"] == [64, 2 * 16]
     assert all(t[f"layers.0.{s}.weight"]["dtype"] == "int8" for s in ("q_a", "q_b", "kv_a", "kv_b", "attn_out"))
     assert "layers.0.qkv.weight" not in t
+    r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "out")])
+    assert r.exit_code == 0 and "rank-32 bottleneck" in r.output and "cached: 40" in r.output
 
 
 def test_yarn_sharpens_the_softmax_scale_as_deepseek_does(model_dir, tmp_path):
