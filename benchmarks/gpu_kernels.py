@@ -297,6 +297,45 @@ def bench_decode_attention(rows):
                              2 * B * HKV * S * D * 2, ok, baseline="sdpa", ms_8_warps=round(ms_8w, 5)))
 
 
+def bench_mla_decode(rows):
+    """DeepSeek-V3's absorbed MLA decode at tp 8: 16 heads over one shared latent cache row of kv_rank 512 + rope 64
+    (K = the row, V = its first 512 columns). Against the reference, and against the expanded form a naive runtime
+    runs: SDPA with the latent broadcast to every head by expand (no copy). GB/s counts the cache bytes read once.
+    Caches rotate through > 256 MB of copies so B = 1 (4.7 MB) reads HBM, not L2."""
+    from fmconvert.kernels import mla_decode, mla_decode_reference, mla_decode_workspace
+
+    H, R, P, S, dt = 16, 512, 64, 4096, torch.bfloat16
+    scale = 1 / math.sqrt(128 + P)          # qk_nope_head_dim + qk_rope_head_dim
+    for B in (1, 8, 32):
+        q = torch.randn(B, H, R + P, device="cuda", dtype=dt)
+        c0 = torch.randn(B, 1, S, R + P, device="cuda", dtype=dt)
+        lens = torch.full((B,), S, device="cuda", dtype=torch.int32)
+        ws = mla_decode_workspace(q, c0, R)
+        o = mla_decode(q, c0, lens, scale, R, workspace=ws)
+        ok = (o.float() - mla_decode_reference(q, c0, lens, scale, R).float()).abs().max().item() < 0.03
+        caches = _rotating(lambda: c0.clone(), c0.numel() * 2)
+        n = _calls(len(caches))
+        nbytes = B * S * (R + P) * 2
+        ms_k = _bench_graph(lambda i: mla_decode(q, caches[i % len(caches)], lens, scale, R, workspace=ws), n)
+        ms_ref = _bench_graph(lambda i: mla_decode_reference(q, caches[i % len(caches)], lens, scale, R), n)
+
+        def expanded(i):
+            c = caches[i % len(caches)]
+            return F.scaled_dot_product_attention(q[:, :, None], c.expand(B, H, S, R + P),
+                                                  c[..., :R].expand(B, H, S, R), scale=scale)
+
+        extra = {"ref_ms": round(ms_ref, 5), "ref_GBps": round(nbytes / ms_ref / 1e6, 1)}
+        try:
+            ms_t = _bench_graph(expanded, n)
+            extra["sdpa_GBps"] = round(nbytes / ms_t / 1e6, 1)
+        except Exception as exc:
+            ms_t, extra["sdpa_error"] = None, repr(exc)[:120]
+        rows.append(_row("mla_decode", f"B={B} H={H} kv_rank={R} rope={P} S={S}", ms_k, ms_t, nbytes, ok,
+                         baseline="sdpa on expanded latent", **extra))
+        del caches
+        torch.cuda.empty_cache()
+
+
 def bench_prefill_attention(rows):
     from fmconvert.kernels import prefill_attention, prefill_attention_reference
 
@@ -364,7 +403,7 @@ def run(report: dict) -> list:
     report["copy_GBps"] = round(copy_bandwidth(), 1)
     rows: list = []
     for part in (bench_linear, bench_swiglu, bench_norm, bench_glu, bench_rope, bench_rope_append,
-                 bench_decode_attention, bench_prefill_attention, bench_window_attention):
+                 bench_decode_attention, bench_mla_decode, bench_prefill_attention, bench_window_attention):
         t = time.time()
         try:
             part(rows)

@@ -30,6 +30,7 @@ _LAZY = {
     "add_norm": "norm", "add_norm_reference": "norm",
     "apply_rope": "rope", "apply_rope_reference": "rope", "rope_append": "rope", "rope_append_reference": "rope",
     "swiglu": "glu", "swiglu_reference": "glu", "gated": "glu", "gated_reference": "glu",
+    "mla_decode": "mla", "mla_decode_reference": "mla", "mla_decode_workspace": "mla",
 }
 
 
@@ -50,4 +51,5 @@ __all__ = [
     "gated", "gated_reference",
     "prefill_attention", "prefill_attention_reference",
     "decode_attention", "decode_attention_reference", "decode_attention_workspace",
+    "mla_decode", "mla_decode_reference", "mla_decode_workspace",
 ]
