@@ -217,12 +217,32 @@ def other_cases(D: int = 128, hidden: int = 4096, S: int = 193, T: int = 2048):
                ints=dict(N=2880, stride_y=5760, stride_o=2880))
 
 
+def mla_cases(H: int = 16, R: int = 512, P: int = 64, S: int = 4096):
+    """DeepSeek-V3's absorbed decode at tp 8: 16 heads over a latent cache of rows 512 + 64 wide (bf16)."""
+    import torch
+
+    from fmconvert.kernels import mla
+    block_n, warps, stages = mla._mla_config(R, torch.bfloat16)
+    ptrs = {"lens_ptr": "*i32", "ws_ptr": "*fp32"}
+    for direct in (False, True):
+        yield Case(f"mla decode {'direct' if direct else 'split-K'} h{H} r{R}+{P}", mla._mla_decode_partial_kernel,
+                   dict(DOT_F32=False, PREC="tf32", DIRECT=direct, BLOCK_H=mla._MLA_BLOCK_H, BLOCK_N=block_n,
+                        BLOCK_C=R, BLOCK_R=P), warps, stages, ptrs=ptrs,
+                   ints=dict(H=H, NHB=H // mla._MLA_BLOCK_H, R=R, ROPE=P, S_MAX=S, CHUNK=256, NSPLIT=S // 256,
+                             sqb=H * (R + P), sqh=R + P, scb=S * (R + P), scs=R + P, sob=H * R, soh=R))
+    nsplit = S // 256
+    yield Case(f"mla decode merge h{H} r{R}", mla._mla_decode_reduce_kernel,
+               dict(BLOCK_S=nsplit, BLOCK_V=mla._reduce_block_v(nsplit, R)), 4, ptrs=ptrs,
+               ints=dict(H=H, R=R, CHUNK=256, NSPLIT=nsplit, sob=H * R, soh=R))
+
+
 def rows(gemv_only: bool = False):
     cases = list(gemv_cases(False)) + list(gemv_cases(True))
     if not gemv_only:
         cases += list(other_cases(D=128))
         cases += [c for c in other_cases(D=64) if "attention" in c.name or "rope" in c.name]  # GPT-2/BERT/GPT-OSS
         cases += [c for c in other_cases(D=256) if "window softcap" in c.name]                  # Gemma 2/3 heads
+        cases += list(mla_cases())
     for case in cases:
         try:
             yield case, report(compile_sm90(case)), None

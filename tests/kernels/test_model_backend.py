@@ -32,6 +32,11 @@ def test_triton_backend_matches_torch_backend(model_dir, tmp_path, name, int8):
     assert a.tolist() == b.cpu().tolist()
 
 
+# The unfused decode step (RoPE kernel, then torch cache writes) shares its kernels with prefill, which every family
+# runs; these families cover its cases (GQA, learned and no positions, windows, q/k norms), the rest run fused only.
+UNFUSED_TOO = ("mistral", "gpt2", "gemma2", "qwen3", "hunyuan")
+
+
 def _decode_steps(model, ids, start, steps):
     """Logits of model.decode_step (the graph-safe step) for tokens ids[:, start:start + steps], after an eager
     prefill of ids[:, :start]."""
@@ -53,15 +58,15 @@ def _decode_steps(model, ids, start, steps):
                                        ("ministral3", False), ("deepseek_v2", False)])
 def test_triton_decode_step_matches_torch_backend(model_dir, tmp_path, name, int8):
     """The fused rope + KV-append decode step (RoPE, learned positions, ALiBi; GQA in mistral; windows, soft caps
-    and a second RoPE in Gemma 2/3, decoded past the window) against the torch backend's, with the fusion on and
-    off."""
+    and a second RoPE in Gemma 2/3, decoded past the window) against the torch backend's, with the fusion on (and
+    off for UNFUSED_TOO)."""
     out = tmp_path / "out"
     convert(model_dir(name), out, Options(tp=1, int8=int8, group_size=32), progress=False)
     ref = load(out, device="cpu", backend="torch", dequantize=True)
     tri = load(out, device=DEVICE, backend="triton", dequantize=False)     # int8 weights stay on the Triton path
     ids = torch.randint(3, 100, (2, 7))
     want = _decode_steps(ref, ids, 4, 3)
-    for fuse in (True, False):
+    for fuse in (True, False) if name in UNFUSED_TOO else (True,):
         tri.ops.fuse_decode_append = fuse
         got = _decode_steps(tri, ids.to(DEVICE), 4, 3)
         assert ((got - want).abs().max() / want.abs().max()).item() < 1e-3, fuse
