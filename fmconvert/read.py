@@ -79,6 +79,9 @@ def load_config(model_dir: Path):
     from transformers import logging as hf_logging
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING, CONFIG_MAPPING_NAMES
     model_type = raw.get("model_type")
+    if isinstance(model_type, str) and model_type not in CONFIG_MAPPING_NAMES and arch not in wrappers():
+        # a release that renames a config transformers knows (Kimi K2's kimi_k2 is DeepSeek-V3's): its table says so
+        model_type = raw["model_type"] = policy_for([arch])[0].table.get("model_types", {}).get(model_type, model_type)
     if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES:
         raise FmError(f"{path}: model_type {_short(model_type)} is missing or unknown to transformers")
     stem = CONFIG_MAPPING_NAMES[model_type].removesuffix("Config")

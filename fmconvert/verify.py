@@ -527,38 +527,53 @@ def _source_quant(model_dir: Path) -> dict:
         return {}
 
 
-def _dequantized_reference(cls, model_dir: Path, quant: dict):
-    """The HF model of an MXFP4 or FP8 checkpoint, dequantized by transformers' own routines (its loaders need
-    accelerate, and for MXFP4 a GPU kernel package): an independent check of the converter's decoding. FP8 weights
-    are rounded to bf16 as transformers holds them."""
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoConfig
+def _renamed(model_dir: Path) -> bool:
+    """Whether config.json names a model_type transformers does not know, which a family table maps to one it does
+    (Kimi K2's kimi_k2): transformers would then miss its own checkpoint renaming rules."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text()).get("model_type") not in CONFIG_MAPPING_NAMES
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return False
 
-    from .read import Checkpoint
-    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
-    del config.quantization_config
-    state = {}
+
+def _rewritten_reference(cls, model_dir: Path, quant: dict):
+    """The HF model of a checkpoint transformers cannot load as it stands, loaded from a rewritten copy: MXFP4 or FP8
+    weights dequantized by transformers' own routines (its loaders need accelerate, and for MXFP4 a GPU kernel
+    package), an independent check of the converter's decoding, FP8 rounded to bf16 as transformers holds it; a
+    renamed model_type under its own name. Other weight files are linked, not copied."""
+    from safetensors.torch import load_file, save_file
+
+    from .read import INDEX, Checkpoint
+    config = cls.config_class.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
+    if quant:
+        del config.quantization_config
     with Checkpoint(model_dir, **quant) as ckpt:     # its shard discovery; the tensors are read as stored
         files = ckpt.files
-    for f in files:
-        state.update(load_file(model_dir / f))
-    if quant.get("mxfp4"):
-        from transformers.integrations.mxfp4 import convert_moe_packed_tensors
-        for name in [n for n in state if n.endswith("_blocks")]:
-            base = name[:-len("_blocks")]
-            state[base] = convert_moe_packed_tensors(state.pop(name), state.pop(base + "_scales"),
-                                                     dtype=torch.float32)
-    else:
-        from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
-        for name in [n for n in state if n.endswith("_scale_inv")]:
-            base = name[:-len("_scale_inv")]
-            state[base] = _dequantize_fp8_weight(state[base], state.pop(name), list(quant["fp8"]),
-                                                 torch.float32).to(torch.bfloat16)
     # Loaded the way any float checkpoint is, so transformers' own renaming (per-expert tensors into stacks) applies
     with tempfile.TemporaryDirectory(prefix="fmconvert-reference-") as tmp:
+        config.save_pretrained(tmp)                  # under the config class's own model_type
+        if not quant:
+            for f in files + ([INDEX] if (model_dir / INDEX).is_file() else []):
+                os.symlink((model_dir / f).resolve(), Path(tmp) / f)
+            return cls.from_pretrained(tmp, local_files_only=True, trust_remote_code=False, dtype=torch.float32)
+        state = {}
+        for f in files:
+            state.update(load_file(model_dir / f))
+        if quant.get("mxfp4"):
+            from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+            for name in [n for n in state if n.endswith("_blocks")]:
+                base = name[:-len("_blocks")]
+                state[base] = convert_moe_packed_tensors(state.pop(name), state.pop(base + "_scales"),
+                                                         dtype=torch.float32)
+        else:
+            from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+            for name in [n for n in state if n.endswith("_scale_inv")]:
+                base = name[:-len("_scale_inv")]
+                state[base] = _dequantize_fp8_weight(state[base], state.pop(name), list(quant["fp8"]),
+                                                     torch.float32).to(torch.bfloat16)
         save_file(state, Path(tmp) / "model.safetensors", metadata={"format": "pt"})
         del state
-        config.save_pretrained(tmp)
         return cls.from_pretrained(tmp, local_files_only=True, trust_remote_code=False, dtype=torch.float32)
 
 
@@ -572,8 +587,8 @@ def _load_reference(model_dir: Path, arch: str, kind: str, device):
         raise FmError(f"transformers {transformers.__version__} has no class {arch}")
     try:
         quant = _source_quant(model_dir)
-        if quant:
-            model = _dequantized_reference(cls, model_dir, quant)
+        if quant or _renamed(model_dir):
+            model = _rewritten_reference(cls, model_dir, quant)
         else:
             model = cls.from_pretrained(str(model_dir), local_files_only=True, trust_remote_code=False)
     except Exception as e:

@@ -155,3 +155,22 @@ def test_a_latent_width_of_zero_is_refused(model_copy, tmp_path):
     (src / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FmError, match="latent attention's widths"):
         convert(src, tmp_path / "out", Options(), progress=False)
+
+
+def test_kimi_k2_reads_as_deepseek_v3_and_its_remote_code_is_never_run(model_copy, tmp_path):
+    """Kimi K2's config.json names a model_type transformers does not know (kimi_k2) and remote code for it; the
+    table reads it as DeepSeek-V3's config, and the code file is never imported."""
+    src = model_copy("deepseek_v3")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(model_type="kimi_k2", auto_map={"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                                               "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"})
+    (src / "config.json").write_text(json.dumps(cfg))
+    (src / "configuration_deepseek.py").write_text("raise SystemExit('remote code ran')\n")
+    (src / "modeling_deepseek.py").write_text("raise SystemExit('remote code ran')\n")
+    convert(src, tmp_path / "out", Options(tp=2), progress=False)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["model"]["family"] == "deepseek_v3"
+    assert verify(src, tmp_path / "out")["passed"]
+    cfg["model_type"] = "kimi_k3"                       # a name no table vouches for is still refused
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FmError, match="model_type 'kimi_k3' is missing or unknown to transformers"):
+        convert(src, tmp_path / "out2", Options(), progress=False)
