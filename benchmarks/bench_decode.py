@@ -9,7 +9,8 @@ in float32) and alternates them run by run: tok/s of the decode steps, the prefi
 way: weights stay int8 and decode runs the CPU int8 GEMV (`fmconvert/kernels/int8_gemv_cpu.py`), with float32
 activations, against transformers float32 on the same source; its warm-up generation (4 tokens, which compiles the
 kernels) is timed apart. stories260K has no int8 row: its weights are all below the size where the kernel pays
-(load() dequantizes them).
+(load() dequantizes them). The latent-attention rows (DeepSeek-V2-Lite's attention on 4 layers) decode after
+a 128- and a 1024-token prompt, where each transformers step expands the whole cache.
 """
 
 from __future__ import annotations
@@ -79,6 +80,22 @@ def run(ctx: dict) -> list[dict]:
                          f"first 4-token generation, which compiles the kernels: {qi['fm_warmup_s']:.1f} s; "
                          f"{qi['int8_packed']} int8 weights packed")
     C.rmtree(work / "decode-llama-int8")
+    C.rmtree(out)
+    rows += _latent(ctx, work, smoke, runs)
+    return rows
+
+
+def _latent(ctx, work, smoke, runs) -> list[dict]:
+    """Latent attention against a long cache: transformers expands every cached latent through kv_b at each step,
+    fmconvert's decode step attends over the latents with kv_b absorbed into q and the output."""
+    src = synth.build(synth.MLA_SMOKE if smoke else synth.MLA_LITE, ctx["cache"])
+    out = _convert(src, work / "decode-mla")
+    rows = []
+    for prompt in (16,) if smoke else (128, 1024):
+        r = C.run_json([C.PY, WORKER, "decode", str(src), str(out), "--tokens", str(8 if smoke else 32), "--runs",
+                        str(max(runs, 1)), "--prompt-len", str(prompt)])
+        rows.append(_row(f"{'smoke' if smoke else 'DeepSeek-V2-Lite attention, 4 layers,'} fp32, prompt {prompt}",
+                         r, ctx, f"mla_fp32_prompt{prompt}"))
     C.rmtree(out)
     return rows
 

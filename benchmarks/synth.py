@@ -1,4 +1,4 @@
-"""Synthetic LLaMA checkpoints for the benchmarks: random bf16 weights, saved by transformers, cached by shape.
+"""Synthetic LLaMA (and latent-attention) checkpoints for the benchmarks: random bf16 weights, saved by transformers, cached by shape.
 
     python benchmarks/synth.py               # build (or find) the 1.1B shape and print its directory
     python benchmarks/synth.py --layers 44   # the twice-as-deep variant
@@ -25,15 +25,29 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, 
 # A few MB: the smoke run, and the tests that keep these scripts from rotting.
 SMOKE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=8,
              num_key_value_heads=2, vocab_size=1000)
+# DeepSeek-V2-Lite's latent attention (16 heads, kv_lora_rank 512, q straight from the hidden state, k 128 + 64,
+# v 128) on 3 dense layers of TinyLlama's MLP and one mixture of 4 V2-Lite experts (2 shared): what decode against
+# a long cache costs, without V2-Lite's 15 B expert weights.
+MLA_LITE = dict(model="deepseek_v2", hidden_size=2048, intermediate_size=5632, num_hidden_layers=4,
+                num_attention_heads=16, kv_lora_rank=512, q_lora_rank=None, qk_nope_head_dim=128,
+                qk_rope_head_dim=64, v_head_dim=128, first_k_dense_replace=3, n_routed_experts=4,
+                num_experts_per_tok=2, n_shared_experts=2, moe_intermediate_size=1408, vocab_size=32000)
+MLA_SMOKE = dict(MLA_LITE, hidden_size=256, intermediate_size=704, num_hidden_layers=2, num_attention_heads=4,
+                 kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                 first_k_dense_replace=1, moe_intermediate_size=128, vocab_size=1000)
 
 
 def key(shape: dict) -> str:
+    if shape.get("model") == "deepseek_v2":
+        return ("mla-h{hidden_size}-i{intermediate_size}-l{num_hidden_layers}-a{num_attention_heads}"
+                "-kv{kv_lora_rank}-v{vocab_size}-bf16").format(**shape)
     return ("llama-h{hidden_size}-i{intermediate_size}-l{num_hidden_layers}-a{num_attention_heads}"
             "-kv{num_key_value_heads}-v{vocab_size}-bf16").format(**shape)
 
 
 def build(shape: dict, cache: Path = CACHE, seed: int = 0, max_shard_size: str = "1GB", quiet: bool = False) -> Path:
-    """The directory of a saved random LlamaForCausalLM of this shape; built on first use."""
+    """The directory of a saved random LlamaForCausalLM (DeepseekV2ForCausalLM with model="deepseek_v2") of this
+    shape; built on first use."""
     out = Path(cache) / key(shape)
     if (out / "config.json").is_file() and (out / "model.safetensors.index.json").is_file() or \
             (out / "config.json").is_file() and (out / "model.safetensors").is_file():
@@ -46,11 +60,14 @@ def build(shape: dict, cache: Path = CACHE, seed: int = 0, max_shard_size: str =
     hf_logging.set_verbosity_error()
     if not quiet:
         print(f"building synthetic checkpoint {out.name} (once; cached) ...", file=sys.stderr, flush=True)
-    config = transformers.LlamaConfig(**shape, max_position_embeddings=2048, rms_norm_eps=1e-5,
-                                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    kw = {k: v for k, v in shape.items() if k != "model"}
+    config_cls, model_cls = (("DeepseekV2Config", "DeepseekV2ForCausalLM") if shape.get("model") == "deepseek_v2"
+                             else ("LlamaConfig", "LlamaForCausalLM"))
+    config = getattr(transformers, config_cls)(**kw, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                                               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     config.dtype = torch.bfloat16
     with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(config)
+        model = getattr(transformers, model_cls)(config)
     model = model.to(torch.bfloat16).to_empty(device="cpu")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -304,12 +304,11 @@ class TorchOps:
         Graph-safe: masked by seq_lens, never sliced."""
         B, H, D = q.shape
         S = cache.shape[2]
-        valid = torch.arange(S, device=q.device).view(1, S) < seq_lens.view(B, 1)
-        mask = torch.zeros(B, 1, 1, S, dtype=q.dtype, device=q.device).masked_fill(~valid.view(B, 1, 1, S),
-                                                                                  float("-inf"))
-        k = cache.expand(B, H, S, D)                          # one latent head read by every q head: no copy
-        return F.scaled_dot_product_attention(q.unsqueeze(2), k, k[..., :kv_rank], attn_mask=mask,
-                                              scale=scale).squeeze(2)
+        rows = cache[:, 0]                                    # (B, S, D): one latent head read by every q head
+        s = torch.bmm(q.float(), rows.float().transpose(1, 2)) * scale                   # (B, H, S), two matmuls
+        valid = torch.arange(S, device=q.device).view(1, 1, S) < seq_lens.view(B, 1, 1)  # in all, no head copies
+        p = s.masked_fill(~valid, float("-inf")).softmax(-1).nan_to_num(0.0)
+        return torch.bmm(p, rows[..., :kv_rank].float()).to(q.dtype)
 
 
 def _explicit_attention(q, k, v, scale, mask, cap, sinks):
