@@ -343,7 +343,10 @@ class Policy:
         scale = _number(c, "attn_scale", 1.0 / math.sqrt(_number(c, "query_scale_dim", c["head_dim"])))
         if mla and position.get("rope_type", "default") != "default":
             scale *= _yarn_mscale(position["parameters"]) ** 2      # DeepSeek: YaRN's mscale sharpens the softmax
-        experts, topk = int(c.get("num_experts") or 0), int(c.get("experts_per_token") or 0)
+        experts, topk = c.get("num_experts") or 0, c.get("experts_per_token") or 0
+        if type(experts) is not int or type(topk) is not int:     # Hunyuan's configs may give a list per layer
+            raise FmError(f"config.json: the expert count and top-k must be integers (one for every layer), got "
+                          f"{str(experts)[:60]} and {str(topk)[:60]}")
         if experts and not 1 <= topk <= experts:
             raise FmError(f"config.json: num_experts_per_tok={topk} must be between 1 and num_local_experts={experts}")
         mixed = self._dense_layers(c, experts) if experts else {}

@@ -77,3 +77,15 @@ def test_multi_token_prediction_layers_are_counted_and_left_out(model_dir, tmp_p
     (src / "config.json").write_text(json.dumps(config))
     r = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / "out2")])
     assert isinstance(r.exception, FmError) and "unexpected tensor model.layers.3." in str(r.exception)
+
+
+def test_hunyuan_per_layer_expert_lists_are_refused_in_one_line(model_copy, tmp_path):
+    """Hunyuan's config format allows a list of expert counts or top-k per layer; transformers' model does not build
+    such a mixture, and neither does fmconvert: one line, nothing written."""
+    src = model_copy("hunyuan_moe")
+    config = json.loads((src / "config.json").read_text())
+    config["moe_topk"] = [2, 1]
+    (src / "config.json").write_text(json.dumps(config))
+    r = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / "out")])
+    assert isinstance(r.exception, FmError) and "must be integers (one for every layer)" in str(r.exception)
+    assert not (tmp_path / "out").exists()

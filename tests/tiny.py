@@ -206,6 +206,10 @@ CONFIGS = {
                 max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                 rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0})),
     # q/k normed after RoPE; NTK-alpha RoPE
+    "hunyuan_moe": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", dict(hidden_size=64, intermediate_size=48,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
+                    max_position_embeddings=64, num_experts=4, moe_topk=2, pad_token_id=0, bos_token_id=1,
+                    eos_token_id=2)),       # every layer a mixture beside a shared MLP as wide as an expert
     "ministral": ("MinistralConfig", "MinistralForCausalLM", dict(hidden_size=64, intermediate_size=96,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
                   max_position_embeddings=64, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
