@@ -78,7 +78,12 @@ _MODEL_OPTIONAL = {
     "logit_scale": (1.0, _POS_NUM, "a positive number"), "residual_scale": (1.0, _POS_NUM, "a positive number"),
     "qkv_layout": (None, _ENUM(None, "separate", "fused", "interleaved", "grouped"),
                    "separate, fused, interleaved or grouped"),
-    "qk_norm": ("head", _ENUM("head", "per_head", "full"), "head, per_head or full"),
+    "qk_norm": ("head", _ENUM("head", "per_head", "full", "l2"), "head, per_head, full or l2"),
+    "attn_chunk": (0, _NAT, "a non-negative integer"),
+    "chunk_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
+                     "null or a list of layer indices"),
+    "query_scale_offset": (0, _ENUM(0, 1), "0 or 1"), "query_scale_nope_only": (False, _BOOL, "true or false"),
+    "experts_scale_input": (False, _BOOL, "true or false"),
     "dense_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
                      "null or a list of layer indices"),
     "dense_intermediate_size": (0, _NAT, "a non-negative integer"),
@@ -189,6 +194,11 @@ def validate(m) -> dict:
                            and all(i < model["num_layers"] for i in nope)),
           "model.nope_layers must be distinct layer indices in order, in a RoPE model")
     _need(model["num_heads"] % model["num_kv_heads"] == 0, "model.num_heads is not a multiple of num_kv_heads")
+    _need(not (model["attn_chunk"] and model["sliding_window"]), "model.attn_chunk and sliding_window exclude each other")
+    chunks = model["chunk_layers"]
+    _need(chunks is None or (model["attn_chunk"] and chunks == sorted(set(chunks))
+                             and all(i < model["num_layers"] for i in chunks)),
+          "model.chunk_layers must be distinct layer indices in order, with an attn_chunk")
     mla = model["mla"]
     _need(mla is None or (mla["nope_dim"] + mla["rope_dim"] == model["head_dim"] and model["num_kv_heads"] == 1
                           and model["position"].get("rotary_dim") == mla["rope_dim"]),

@@ -113,7 +113,8 @@ class ModelSpec:
     residual_scale: float = 1.0    # each half's output is multiplied by it as it joins the stream (Granite)
     logit_scale: float = 1.0       # output logits are multiplied by it (Cohere: 0.0625; Granite: 1 / logits_scaling)
     experts_renormalize: bool = True   # the top-k routing weights are rescaled to sum to 1 (Mixtral; Qwen3-MoE: a flag)
-    qk_norm: str = "head"          # q_norm/k_norm: "head" one [head_dim] weight for every head (Qwen3, Gemma 3);
+    qk_norm: str = "head"          # q_norm/k_norm: "l2" an RMS norm without weight after RoPE, in RoPE layers only
+    #                                (Llama 4); "head" one [head_dim] weight for every head (Qwen3, Gemma 3);
     #                                "per_head" a [heads, head_dim] weight, each head its own (Command R+); "full" one
     #                                RMS over all heads of the projection, weight [heads * head_dim] (OLMo 2, OLMoE)
     glu_alpha: float = 0.0         # swiglu_oai's sigmoid gain and clamp limit (0: another activation)
@@ -121,6 +122,11 @@ class ModelSpec:
     qk_norm_after_rope: bool = False   # q_norm/k_norm apply to the rotated q and k (Hunyuan), not before RoPE
     query_scale_beta: float = 0.0  # Ministral 3 (Llama 4's scaling): rotated q times 1 + beta * log(1 + floor(p / n))
     query_scale_from: int = 0      # at position p, n = query_scale_from; 0 and 0: none
+    attn_chunk: int = 0            # chunked attention (Llama 4): a query at p sees keys j <= p with j // attn_chunk ==
+    chunk_layers: list | None = None   # p // attn_chunk, in these layers (None: every layer); 0: none
+    query_scale_offset: int = 0    # Llama 4: floor((p + 1) / n) where Ministral 3 has floor(p / n)
+    query_scale_nope_only: bool = False    # Llama 4 scales q in its layers without RoPE only
+    experts_scale_input: bool = False      # Llama 4: each expert's routing weight scales its input, not its output
     mla: dict | None = None        # multi-head latent attention (DeepSeek-V2/V3): q_rank (0: no q bottleneck),
     #                                kv_rank, nope_dim + rope_dim (= head_dim, each q and k head), v_dim, and the
     #                                eps of the two latent norms; num_kv_heads is then 1, the latent every head reads
@@ -371,8 +377,9 @@ class Policy:
             num_experts=experts, experts_per_token=topk if experts else 0,
             shared_intermediate_size=self._shared_size(c, experts),
             experts_renormalize=bool(self._layout("experts_renormalize", flags, True)),
+            experts_scale_input=self._layout("experts_weigh", flags, "output") == "input",
             qk_norm=self._qk_norm(flags), qk_norm_after_rope=bool(self._layout("qk_norm_after_rope", flags, False)),
-            **glu, **mixed, **self._router(c, experts, topk), **self._query_scale(config),
+            **glu, **mixed, **self._router(c, experts, topk), **self._query_scale(config, c, flags),
             **self._windows(config, c), nope_layers=self._nope_layers(config, c, position),
             attn_softcap=_number(c, "attn_softcap", 0.0, zero_ok=True),
             logit_softcap=_number(c, "logit_softcap", 0.0, zero_ok=True),
@@ -401,6 +408,11 @@ class Policy:
         is `dense_intermediate_size` wide."""
         L = c["num_layers"]
         first, listed, step = c.get("first_dense") or 0, c.get("dense_list") or [], c.get("sparse_step") or 1
+        sparse = c.get("sparse_list")          # Llama 4's moe_layers: the mixtures, every other layer dense
+        if sparse is not None:
+            if not isinstance(sparse, (list, tuple)) or any(type(i) is not int or not 0 <= i < L for i in sparse):
+                raise FmError(f"config.json: moe_layers must list layer indices below {L}, got {str(sparse)[:60]}")
+            listed = list(listed) + [i for i in range(L) if i not in sparse]
         last = c.get("last_sparse", L - 1)
         last = L - 1 if last is None or last == -1 else last
         if type(first) is not int or first < 0 or type(step) is not int or step < 1 or type(last) is not int \
@@ -435,9 +447,20 @@ class Policy:
         return {"router": how, "router_groups": groups, "router_topk_groups": top,
                 "routed_scale": _number(c, "routed_scale", 1.0)}
 
-    def _query_scale(self, config) -> dict:
-        """Llama 4's attention scaling (Ministral 3), from rope_parameters: llama_4_scaling_beta and the
-        original_max_position_embeddings it counts in."""
+    def _query_scale(self, config, c: dict, flags: dict) -> dict:
+        """Llama 4's attention scaling: from [config] query_scale_beta and query_scale_from (Llama 4's attn_scale
+        and floor_scale, in its layers without RoPE, counting p + 1: layout query_scale = "nope"), or from
+        rope_parameters (Ministral 3: llama_4_scaling_beta and the original_max_position_embeddings it counts in)."""
+        if "query_scale_beta" in c:
+            beta, n = c["query_scale_beta"], c.get("query_scale_from")
+            if not beta:
+                return {}
+            if type(beta) not in (int, float) or not 0 < beta < math.inf or type(n) is not int or n <= 0:
+                raise FmError(f"config.json: the query temperature needs a positive attn_scale and a positive "
+                              f"integer floor_scale, got {beta!r} and {n!r}")
+            nope = self._layout("query_scale", flags, "all") == "nope"
+            return {"query_scale_beta": float(beta), "query_scale_from": n, "query_scale_offset": int(nope),
+                    "query_scale_nope_only": nope}
         params = getattr(config, "rope_parameters", None) or {}
         beta = params.get("llama_4_scaling_beta") if isinstance(params, dict) else None
         if not beta:
@@ -450,8 +473,8 @@ class Policy:
 
     def _qk_norm(self, flags) -> str:
         how = self._layout("qk_norm", flags, "head")
-        if how not in ("head", "per_head", "full"):
-            raise FmError(f"{self.path.name}: layout.qk_norm must be head, per_head or full, got {how!r}")
+        if how not in ("head", "per_head", "full", "l2"):
+            raise FmError(f"{self.path.name}: layout.qk_norm must be head, per_head, full or l2, got {how!r}")
         return how
 
     def _shared_size(self, c, experts: int) -> int:
@@ -473,12 +496,23 @@ class Policy:
             return {"sliding_window": window, "window_layers": None}
         if not isinstance(types, (list, tuple)) or len(types) != c["num_layers"]:
             raise FmError(f"config.json: layer_types must list one kind per layer ({c['num_layers']})")
-        odd = sorted({str(t) for t in types} - {"full_attention", "sliding_attention"})
+        odd = sorted({str(t) for t in types} - {"full_attention", "sliding_attention", "chunked_attention"})
         if odd:
-            raise FmError(f"config.json: layer kind {odd[0]!r} is not supported (full_attention, sliding_attention)")
+            raise FmError(f"config.json: layer kind {odd[0]!r} is not supported (full_attention, sliding_attention, "
+                          f"chunked_attention)")
+        out = {}
+        chunked = [i for i, t in enumerate(types) if t == "chunked_attention"]
+        if chunked:                      # Llama 4: attention within aligned chunks of attention_chunk_size
+            chunk = c.get("attn_chunk")
+            if type(chunk) is not int or chunk <= 0:
+                raise FmError(f"config.json: chunked_attention layers need attention_chunk_size, a positive "
+                              f"integer, got {chunk!r}")
+            out = {"attn_chunk": chunk, "chunk_layers": None if len(chunked) == len(types) else chunked}
         layers = [i for i, t in enumerate(types) if t == "sliding_attention"]
         if not window or not layers:
-            return {"sliding_window": 0, "window_layers": None}
+            return {"sliding_window": 0, "window_layers": None, **out}
+        if chunked:
+            raise FmError("config.json: sliding and chunked layers in one model are not supported")
         return {"sliding_window": window, "window_layers": None if len(layers) == len(types) else layers}
 
     def _nope_layers(self, config, c, position: dict) -> list | None:
@@ -582,8 +616,8 @@ class Policy:
             "embed_norm.weight": (h,), "embed_norm.bias": (h,), "final_norm.weight": (h,), "final_norm.bias": (h,),
             "project_in.weight": (h, e), "project_out.weight": (e, h),
             "pooler.weight": (h, h), "pooler.bias": (h,),
-            "q_norm.weight": {"head": (hd,), "per_head": (H, hd), "full": (H * hd,)}[spec.qk_norm],
-            "k_norm.weight": {"head": (hd,), "per_head": (KV, hd), "full": (KV * hd,)}[spec.qk_norm],
+            "q_norm.weight": {"per_head": (H, hd), "full": (H * hd,)}.get(spec.qk_norm, (hd,)),
+            "k_norm.weight": {"per_head": (KV, hd), "full": (KV * hd,)}.get(spec.qk_norm, (hd,)),
             "router.weight": (spec.num_experts, h), "router.bias": (spec.num_experts,),
             "experts_in.weight": (spec.num_experts * 2 * spec.intermediate_size, h),        # per expert: gate; up
             "experts_in.bias": (spec.num_experts * 2 * spec.intermediate_size,),

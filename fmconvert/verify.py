@@ -597,6 +597,11 @@ def _load_reference(model_dir: Path, arch: str, kind: str, device):
     model = model.float().eval().to(device)
     if kind == "encoder" and model.base_model is not model:
         model = model.base_model  # task heads (BertFor...) are passthrough extras; compare the encoder
+    inner = getattr(model, "language_model", None)
+    if hasattr(inner, "lm_head"):
+        # A wrapper that holds its language model whole (Llama 4): given text alone it is that model, and
+        # transformers 5.24's Llama4ForConditionalGeneration.forward fails on a text-only call
+        model = inner
     return model
 
 

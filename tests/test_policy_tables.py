@@ -9,7 +9,8 @@ from fmconvert.policy import GLOBAL_SLOTS, LAYER_SLOTS, _config_value, _eval_fla
 
 LAYOUT_KEYS = {"norm", "gated_mlp", "position", "rope_style", "residual", "qkv", "embed_norm", "final_norm",
                "transposed", "position_offset", "embed_scale", "experts_renormalize", "qk_norm",
-               "nope_unwindowed", "experts", "gate_up", "router", "as_row", "qk_norm_after_rope"}
+               "nope_unwindowed", "experts", "gate_up", "router", "as_row", "qk_norm_after_rope", "experts_weigh",
+               "query_scale"}
 
 
 def test_flags_and_binds_tighter_than_or_and_may_use_earlier_flags():

@@ -206,6 +206,13 @@ CONFIGS = {
                 max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                 rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0})),
     # q/k normed after RoPE; NTK-alpha RoPE
+    # RoPE layers chunked (every 4 positions), q/k L2-normed after interleaved RoPE; NoPE layers with a q temperature
+    # from position 3 on; mixtures in layers 1 and 3 whose routing weight scales the expert's input
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", dict(hidden_size=64, intermediate_size=32,
+               intermediate_size_mlp=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+               head_dim=16, vocab_size=101, max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=1,
+               interleave_moe_layer_step=2, attention_chunk_size=4, floor_scale=4, attn_scale=0.5,
+               no_rope_layer_interval=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "hunyuan_moe": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", dict(hidden_size=64, intermediate_size=48,
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
                     max_position_embeddings=64, num_experts=4, moe_topk=2, pad_token_id=0, bos_token_id=1,
@@ -239,6 +246,15 @@ CONFIGS = {
                          eos_token_id=2),
         vision_config=_VISION["siglip"], mm_tokens_per_image=1, boi_token_index=98, eoi_token_index=99,
         image_token_index=100)),
+    "llama4_vl": ("Llama4Config", "Llama4ForConditionalGeneration", dict(
+        text_config=dict(hidden_size=64, intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
+                         max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=1,
+                         attention_chunk_size=4, floor_scale=4, attn_scale=0.5, no_rope_layer_interval=2),
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14, vision_output_dim=32, projector_input_dim=32,
+                           projector_output_dim=32),
+        image_token_index=100, boi_token_index=98, eoi_token_index=99)),
     "llava": ("LlavaConfig", "LlavaForConditionalGeneration", dict(
         text_config=dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64),

@@ -60,7 +60,8 @@ def check_layout(m: dict, rank: int):
             "alibi.slopes": (hpr,),
             **{f"{n}.{p}": (h,) for n in ("embed_norm", "final_norm") for p in ("weight", "bias")}}
     E, kvpr = sp["num_experts"], par["kv_heads_per_rank"]
-    qk = {"head": ((hd,), (hd,)), "per_head": ((hpr, hd), (kvpr, hd)), "full": ((hpr * hd,), (kvpr * hd,))}
+    qk = {"head": ((hd,), (hd,)), "per_head": ((hpr, hd), (kvpr, hd)), "full": ((hpr * hd,), (kvpr * hd,)),
+          "l2": ((hd,), (hd,))}
     q_norm, k_norm = qk[sp["qk_norm"]]
     layer = {"qkv.weight": (qkv, h), "qkv.bias": (qkv,), "q_norm.weight": q_norm, "k_norm.weight": k_norm,
              "router.weight": (E, h), "experts_in.weight": (E * 2 * ipr, h), "experts_out.weight": (E * h, ipr),

@@ -46,6 +46,13 @@ class Block(nn.Module):
         self.rope_table = "local" if self.window and "local" in sp["position"] else "global"
         self.rope = model.rope is not None and i not in (sp.get("nope_layers") or ())   # SmolLM3: NoPE layers
         self.sinks = tensors.get("attn_sinks.weight")     # GPT-OSS: one softmax sink logit per head of this rank
+        chunked = sp["attn_chunk"] and (sp["chunk_layers"] is None or i in sp["chunk_layers"])
+        self.chunk = sp["attn_chunk"] if chunked else 0      # Llama 4: attention within aligned chunks
+        # Llama 4 scales q by its temperature only in the layers without RoPE; Ministral 3 in every layer
+        self.query_scale = None if sp["query_scale_nope_only"] and self.rope else model.query_scale
+        if sp["qk_norm"] == "l2" and self.rope:   # Llama 4: RMS without a weight after RoPE, as a weight of ones
+            ones = torch.ones(model.head_dim, dtype=model.dtype, device=model.device)
+            self.t = tensors = {**tensors, "q_norm.weight": ones, "k_norm.weight": ones}
         self.activation = model.activation
         if sp["mla"]:       # latent attention's decode step takes kv_b into q and o: [H, nope, R], [H, R, v]
             kv_b, nd = tensors["kv_b.weight"], sp["mla"]["nope_dim"]
@@ -182,17 +189,24 @@ class Block(nn.Module):
         b_in, b_out = t.get("experts_in.bias"), t.get("experts_out.bias")
         b_in = None if b_in is None else b_in.view(len(ins), -1)
         b_out = None if b_out is None else b_out.view(len(outs), -1)
+        scale_in = m.spec["experts_scale_input"]     # Llama 4: the weight scales what goes into the expert
         if self.device_routed(x.shape[0]):
             pairs = chosen.reshape(-1)
-            y = m.ops.expert_linear(x, ins.stacked, len(ins), pairs, k, m.activation, b_in)   # [tokens * k, I]
+            if scale_in:                             # one input row per (token, expert) pair
+                xs = (x.repeat_interleave(k, 0).float() * weight.reshape(-1, 1)).to(x.dtype)
+                y = m.ops.expert_linear(xs, ins.stacked, len(ins), pairs, 1, m.activation, b_in)
+            else:
+                y = m.ops.expert_linear(x, ins.stacked, len(ins), pairs, k, m.activation, b_in)  # [tokens * k, I]
             y = m.ops.expert_linear(y, outs.stacked, len(outs), pairs, 1, None, b_out)      # [tokens * k, h]
-            return (y.view(-1, k, y.shape[-1]).float() * weight[..., None]).sum(1).to(x.dtype).view_as(h)
+            y = y.view(-1, k, y.shape[-1]).float()
+            return (y if scale_in else y * weight[..., None]).sum(1).to(x.dtype).view_as(h)
         out = torch.zeros_like(x)
         for e in chosen.unique().tolist():
             token, k = (chosen == e).nonzero(as_tuple=True)
-            y = m.ops.linear(x[token], ins[e], None if b_in is None else b_in[e], m.activation)
+            xe = (x[token].float() * weight[token, k, None]).to(x.dtype) if scale_in else x[token]
+            y = m.ops.linear(xe, ins[e], None if b_in is None else b_in[e], m.activation)
             y = m.ops.linear(y, outs[e], None if b_out is None else b_out[e])
-            out.index_add_(0, token, (y.float() * weight[token, k, None]).to(out.dtype))
+            out.index_add_(0, token, y if scale_in else (y.float() * weight[token, k, None]).to(out.dtype))
         return out.view_as(h)
 
     def _route(self, x, k: int):
@@ -246,7 +260,7 @@ class Block(nn.Module):
         q, k, v = qkv.split([Hq * hd, Hk * hd, Hk * hd], dim=-1)
         q, k, v = q.view(B, T, Hq, hd), k.view(B, T, Hk, hd), v.view(B, T, Hk, hd)
         qk_norm = (t["q_norm.weight"], t["k_norm.weight"], m.eps, m.norm) if "q_norm.weight" in t else None
-        if qk_norm is not None and m.spec["qk_norm"] != "head":
+        if qk_norm is not None and m.spec["qk_norm"] not in ("head", "l2"):
             q, k = self._wide_qk_norm(q, k)
             qk_norm = None
         after = qk_norm is not None and m.spec["qk_norm_after_rope"]      # Hunyuan: rotate, then normalise
@@ -261,11 +275,11 @@ class Block(nn.Module):
                 q, k = self._head_norm(q, k, qk_norm)
                 rope, qk_norm = (None,) * 4, None
             q = m.ops.decode_append(q, k, v, kc, vc, pos_t, *rope, qk_norm=qk_norm, ring=bool(ring))  # (B, Hq, hd)
-            if m.query_scale is not None:
-                q = q * m.query_scale(pos_t).view(1, 1, 1)
+            if self.query_scale is not None:
+                q = q * self.query_scale(pos_t).view(1, 1, 1)
             # a ring holds exactly the window: attend over its filled rows (seq_t[ring]), nothing to mask
             o = m.ops.decode_attention(q, kc, vc, seq_t[ring], m.scale, m.alibi, 0 if ring else self.window,
-                                       m.softcap, sinks=self.sinks)
+                                       m.softcap, sinks=self.sinks, chunk=self.chunk)
             return o.reshape(B, 1, Hq * hd)
         if qk_norm is not None and not after:    # Qwen3: each q and k head RMS-normalised before RoPE
             q, k = self._head_norm(q, k, qk_norm)
@@ -273,12 +287,12 @@ class Block(nn.Module):
             q, k = m.ops.rope(q, k, *m.rope_for(positions, self.rope_table), positions, m.rope_style, m.rotary_dim)
         if after:
             q, k = self._head_norm(q, k, qk_norm)
-        if m.query_scale is not None:
-            q = q * m.query_scale(positions)[..., None, None]
+        if self.query_scale is not None:
+            q = q * self.query_scale(positions)[..., None, None]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # (B, H, T, hd)
         if cache is None:
             o = m.ops.attention(q, k, v, m.scale, m.causal, m.alibi, key_padding_mask, self.window, m.softcap,
-                                sinks=self.sinks)
+                                sinks=self.sinks, chunk=self.chunk)
             return o.transpose(1, 2).reshape(B, T, Hq * hd)
         kc, vc = cache.k[self.i], cache.v[self.i]
         start = cache.length
@@ -290,10 +304,10 @@ class Block(nn.Module):
         if T == 1 and m.ops.name != "torch":
             seq = torch.full((B,), S, dtype=torch.int32, device=h.device)
             o = m.ops.decode_attention(q[:, :, 0], kc, vc, seq, m.scale, m.alibi, self.window, m.softcap,
-                                       sinks=self.sinks)
+                                       sinks=self.sinks, chunk=self.chunk)
             return o.reshape(B, 1, Hq * hd)
         o = m.ops.attention(q, kc[:, :, :S], vc[:, :, :S], m.scale, m.causal, m.alibi, key_padding_mask,
-                            self.window, m.softcap, sinks=self.sinks)
+                            self.window, m.softcap, sinks=self.sinks, chunk=self.chunk)
         return o.transpose(1, 2).reshape(B, T, Hq * hd)
 
     def _latent_attention(self, h, positions, cache, key_padding_mask, pos_t=None, seq_t=None):
@@ -433,10 +447,12 @@ class FusedModel(nn.Module):
 
     # -- pieces ---------------------------------------------------------------------------------------------------
     def _query_scale(self, positions):
-        """Ministral 3's factor for the rotated q at these positions (Llama 4's attention scaling): 1 from position 0
-        to query_scale_from - 1, then growing with the log of how many such spans lie behind. Device ops only."""
+        """Ministral 3's and Llama 4's factor for q at these positions: 1 + beta * log(1 + floor((p + offset) / n)),
+        1 for the first span, then growing with the log of how many spans lie behind (Llama 4 counts p + 1).
+        Device ops only."""
         sp = self.spec
-        s = 1 + sp["query_scale_beta"] * torch.log(1 + torch.floor(positions / sp["query_scale_from"]))
+        s = 1 + sp["query_scale_beta"] * torch.log(1 + torch.floor((positions + sp["query_scale_offset"])
+                                                                   / sp["query_scale_from"]))
         return s.to(self.dtype)
 
     def rope_for(self, positions, table: str = "global"):

@@ -231,14 +231,17 @@ class TorchOps:
         self._rope_memo = None
 
     def attention(self, q, k, v, scale, causal, alibi_slopes=None, key_padding_mask=None, window=0, softcap=0.0,
-                  sinks=None):
+                  sinks=None, chunk=0):
         """window: a query at position p sees keys p - window < j <= p (0: no window). softcap: scores become
         softcap * tanh(score / softcap) before masking (0: none). sinks [Hq]: a logit per head that joins each
-        softmax's denominator and nothing else (GPT-OSS)."""
+        softmax's denominator and nothing else (GPT-OSS). chunk: a query at p sees keys j <= p in its own aligned
+        chunk, j // chunk == p // chunk (Llama 4; 0: none)."""
         B, Hq, T, D = q.shape
         S = k.shape[2]
         if window >= S:
             window = 0                          # the window reaches past the first key: it masks nothing
+        if chunk >= S:
+            chunk = 0                           # every key lies in the first chunk
         gqa = {}
         if Hq != k.shape[1]:
             if _SDPA_GQA and not softcap and sinks is None:
@@ -246,12 +249,13 @@ class TorchOps:
             else:
                 rep = Hq // k.shape[1]
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        plain = alibi_slopes is None and key_padding_mask is None and not window and not softcap and sinks is None
+        plain = (alibi_slopes is None and key_padding_mask is None and not window and not softcap and sinks is None
+                 and not chunk)
         if causal and T == S and T > 1 and plain:
             # A whole prompt from position 0: sdpa's own causal path, about twice as fast as a mask on CPU
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
         mask = None
-        if causal and T == 1 and alibi_slopes is None and not window:
+        if causal and T == 1 and alibi_slopes is None and not window and not chunk:
             pass    # one query at the last position sees every key: the causal mask is all true
         elif causal or alibi_slopes is not None:
             qpos = torch.arange(S - T, S, device=q.device).unsqueeze(1)
@@ -263,6 +267,9 @@ class TorchOps:
                 mask = mask.to(q.dtype)
             else:
                 mask = kpos <= qpos
+            if chunk:
+                mask = mask & (kpos // chunk == qpos // chunk) if mask.dtype == torch.bool else \
+                    mask.masked_fill(kpos // chunk != qpos // chunk, float("-inf"))
             if window:
                 mask = mask & (kpos > qpos - window) if mask.dtype == torch.bool else \
                     mask.masked_fill(kpos <= qpos - window, float("-inf"))
@@ -275,7 +282,7 @@ class TorchOps:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
 
     def decode_attention(self, q, k_cache, v_cache, seq_lens, scale, alibi_slopes=None, window=0, softcap=0.0,
-                         sinks=None):
+                         sinks=None, chunk=0):
         """q [B, Hq, D] against the whole static cache, masked by seq_lens: graph-safe, no slicing by length."""
         B, Hq, D = q.shape
         S = k_cache.shape[2]
@@ -283,6 +290,8 @@ class TorchOps:
         valid = kpos.view(1, S) < seq_lens.view(B, 1)                                  # (B, S)
         if window:
             valid = valid & (kpos.view(1, S) >= seq_lens.view(B, 1) - window)
+        if chunk:                             # the query (at seq_len - 1) sees its chunk's keys only
+            valid = valid & (kpos.view(1, S) >= (seq_lens.view(B, 1) - 1) // chunk * chunk)
         mask = torch.zeros(B, 1, 1, S, dtype=q.dtype, device=q.device).masked_fill(~valid.view(B, 1, 1, S),
                                                                                   float("-inf"))
         if alibi_slopes is not None:
@@ -384,20 +393,23 @@ class TritonOps(TorchOps):
                                   plus_one=qk_norm[3] == "rms_plus_one", ring=ring)
 
     def attention(self, q, k, v, scale, causal, alibi_slopes=None, key_padding_mask=None, window=0, softcap=0.0,
-                  sinks=None):
+                  sinks=None, chunk=0):
+        if chunk >= k.shape[2]:
+            chunk = 0
         if (q.is_cuda and alibi_slopes is None and key_padding_mask is None and q.shape[2] == k.shape[2]
-                and not window and not softcap and sinks is None):
+                and not window and not softcap and sinks is None and not chunk):
             # Plain causal prefill goes to torch SDPA (flash attention); gpu_kernels.py times it against ours.
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
                                                   enable_gqa=q.shape[1] != k.shape[1])
         return self.k.prefill_attention(q, k, v, scale, causal=causal, alibi_slopes=alibi_slopes,
                                         key_padding_mask=key_padding_mask, window=window, softcap=softcap,
-                                        sinks=sinks)
+                                        sinks=sinks, **({"chunk": chunk} if chunk else {}))
 
     def decode_attention(self, q, k_cache, v_cache, seq_lens, scale, alibi_slopes=None, window=0, softcap=0.0,
-                         sinks=None):
+                         sinks=None, chunk=0):
         return self.k.decode_attention(q, k_cache, v_cache, seq_lens, scale, alibi_slopes=alibi_slopes,
-                                       window=window, softcap=softcap, sinks=sinks)
+                                       window=window, softcap=softcap, sinks=sinks,
+                                       **({"chunk": chunk} if chunk else {}))
 
     def mla_decode(self, q, cache, seq_lens, scale, kv_rank):
         return self.k.mla_decode(q, cache, seq_lens, scale, kv_rank)
