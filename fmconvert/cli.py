@@ -171,6 +171,7 @@ def inspect(out_dir, as_json):
         shared = (f"; a shared expert of width {md['shared_intermediate_size']}"
                   if md["shared_intermediate_size"] else "")
         renorm = "renormalised" if md["experts_renormalize"] else "not renormalised"
+        renorm += ", scaling the expert's input" if md["experts_scale_input"] else ""
         groups = (f", within {md['router_topk_groups']} of {md['router_groups']} groups"
                   if md["router_groups"] > 1 else "")
         if md["router"] == "sigmoid":
@@ -194,14 +195,22 @@ def inspect(out_dir, as_json):
         residual += {"head": "; q/k normed per head", "per_head": "; q/k normed per head, a weight each",
                      "full": "; q/k normed across all heads"}[md["qk_norm"]]
         residual += " after RoPE" if md["qk_norm_after_rope"] else ""
+    elif md["qk_norm"] == "l2":
+        residual += "; q/k RMS-normed without a weight after RoPE, in the RoPE layers"
     nope = f"; none in layers {_ranges(md['nope_layers'])}" if md.get("nope_layers") else ""
     t.add_row("positions / norm", f"{pos['type']}{rope}{nope} / {md['norm']}, {residual}")
     sinks = "layers.attn_sinks.weight" in md["slots"]
-    if md["sliding_window"] or md["attn_softcap"] or md["logit_softcap"] or sinks or md["query_scale_beta"]:
+    if (md["sliding_window"] or md["attn_softcap"] or md["logit_softcap"] or sinks or md["query_scale_beta"]
+            or md["attn_chunk"]):
         where = "every layer" if md["window_layers"] is None else f"layers {_ranges(md['window_layers'])}"
         parts = [f"window {md['sliding_window']} in {where}"] if md["sliding_window"] else []
+        if md["attn_chunk"]:
+            where = "every layer" if md["chunk_layers"] is None else f"layers {_ranges(md['chunk_layers'])}"
+            parts += [f"chunks of {md['attn_chunk']} in {where}"]
         parts += ["a softmax sink per head"] if sinks else []
-        parts += [f"q scaled by 1 + {md['query_scale_beta']:g} log(1 + floor(p / {md['query_scale_from']}))"
+        p = "(p + 1)" if md["query_scale_offset"] else "p"
+        parts += [f"q scaled by 1 + {md['query_scale_beta']:g} log(1 + floor({p} / {md['query_scale_from']}))"
+                  + (" in the layers without RoPE" if md["query_scale_nope_only"] else "")
                   ] if md["query_scale_beta"] else []
         parts += [f"{k} soft-capped at {md[v]:g}" for k, v in (("attention scores", "attn_softcap"),
                                                                  ("logits", "logit_softcap")) if md[v]]

@@ -9,7 +9,9 @@ import json
 import pytest
 import torch
 import transformers
+from click.testing import CliRunner
 
+from fmconvert.cli import cli
 from fmconvert.pipeline import Options, convert
 from fmconvert.runtime.load import load
 
@@ -38,6 +40,8 @@ def test_the_manifest_records_chunks_temperature_and_input_weighting(llama4):
     assert sp["router"] == "sigmoid" and not sp["experts_renormalize"]
     assert sp["position"]["style"] == "gptj"
     assert not any("q_norm" in s for s in sp["slots"])        # the L2 norm has no weight to store
+    r = CliRunner().invoke(cli, ["inspect", str(out)])
+    assert r.exit_code == 0 and "chunks of 4 in layers 0, 2" in r.output and "scaling the expert's input" in r.output
 
 
 def test_each_departure_from_llama_matters(llama4):
