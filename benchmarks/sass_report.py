@@ -52,7 +52,7 @@ class Case:
 
 
 # Constexprs a case may leave out: the features it does not use (GPT-OSS's sinks, clamped SwiGLU, expert biases).
-OFF = {"ALPHA": 0.0, "LIMIT": 0.0, "SINKS": False, "HAS_BIAS": False}
+OFF = {"ALPHA": 0.0, "LIMIT": 0.0, "SINKS": False, "HAS_BIAS": False, "CHUNKED": False}
 
 
 def compile_sm90(case: Case):
@@ -173,6 +173,14 @@ def other_cases(D: int = 128, hidden: int = 4096, S: int = 193, T: int = 2048):
                    BLOCK_D=D),
                    at._DECODE_WARPS, at._DECODE_STAGES, ptrs=dec,
                    ints=dict(HQ=H, HKV=H, GQA=1, D=D, CHUNK=64, NSPLIT=4, WINDOW=4096, **q1, **cache))
+    # Llama 4's chunked attention: WINDOW carries the chunk size (its attention_chunk_size, 8192)
+    yield Case(f"decode attention split-K chunked d{D}", at._decode_partial_kernel,
+               dict(ALIBI=False, DOT_F32=False, PREC="tf32", DIRECT=False, WINDOWED=False, CHUNKED=True, SOFTCAP=False,
+                    BLOCK_G=16, BLOCK_N=at._DECODE_BLOCK_N, BLOCK_D=D), at._DECODE_WARPS, at._DECODE_STAGES, ptrs=dec,
+               ints=dict(HQ=H, HKV=H, GQA=1, D=D, CHUNK=64, NSPLIT=4, WINDOW=8192, **q1, **cache))
+    yield Case("decode attention merge chunked", at._decode_reduce_kernel,
+               dict(WINDOWED=False, CHUNKED=True, BLOCK_S=8, BLOCK_D=D), 4, ptrs=dec,
+               ints=dict(HQ=H, D=D, CHUNK=64, NSPLIT=4, WINDOW=8192, sob=H * D, soh=D))
     for windowed, sinks in ((False, False), (True, False), (True, True)):
         yield Case(f"decode attention merge{' window' if windowed else ''}{' sinks' if sinks else ''}",
                    at._decode_reduce_kernel, dict(WINDOWED=windowed, SINKS=sinks, BLOCK_S=8, BLOCK_D=D), 4, ptrs=dec,
@@ -192,6 +200,10 @@ def other_cases(D: int = 128, hidden: int = 4096, S: int = 193, T: int = 2048):
                                             BLOCK_D=D),
                    warps, stages, ptrs={"kpm_ptr": "*u8"},
                    ints=dict(T=T, S=T, HQ=H, GQA=1, D=D, WINDOW=4096, skpb=T, **seq))
+    yield Case(f"prefill attention causal chunked d{D}", at._prefill_kernel,
+               dict(CAUSAL=True, ALIBI=False, HAS_KPM=False, DOT_F32=False, PREC="tf32", WINDOWED=False, CHUNKED=True,
+                    SOFTCAP=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=D), warps, stages, ptrs={"kpm_ptr": "*u8"},
+               ints=dict(T=T, S=T, HQ=H, GQA=1, D=D, WINDOW=8192, skpb=T, **seq))
     r = {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64"}
     qkv = dict(sqb=3 * H * D, sqh=D, sqd=1, skb=3 * H * D, skh=D, skd=1)
     for use, qk_norm in ((True, False), (False, False), (True, True)):

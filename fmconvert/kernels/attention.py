@@ -9,6 +9,11 @@ position p sees keys j with p - W < j <= p, as transformers' kv_idx > q_idx - sl
 Kernels skip the key blocks before the window rather than masking them. softcap c > 0 (Gemma 2)
 replaces the score s = q.k * sm_scale by c * tanh(s / c), before ALiBi and masking.
 
+chunk C > 0 (Llama 4's chunked attention; causal only, not with a window): positions are cut into
+aligned blocks of C, and the query at p sees keys j <= p with j // C == p // C, i.e. keys
+[p // C * C, p], as transformers' create_chunked_causal_mask. The kernels reuse the window argument
+as C and skip the key blocks before the chunk start as they do for a window.
+
 sinks [Hq] (GPT-OSS): one learned logit per query head joins every row's softmax as an extra column whose
 value is then dropped: o = sum_j e^(s_j - m) v_j / (sum_j e^(s_j - m) + e^(sink_h - m)), m the max over scores
 and sink. It is not capped. A row that sees no key still yields zeros.
@@ -58,17 +63,30 @@ def _check_window_softcap(window, softcap, causal=True):
     return window, softcap
 
 
+def _check_chunk(chunk, window, causal=True):
+    """chunk as int after validation (0 = no chunked attention); window already validated."""
+    chunk = operator.index(chunk)
+    if chunk < 0:
+        raise ValueError(f"chunk must be >= 0 (0 = no chunked attention), got {chunk}")
+    if chunk and not causal:
+        raise ValueError(f"chunk={chunk} needs causal=True: chunked attention is only defined for causal attention")
+    if chunk and window:
+        raise ValueError(f"chunk={chunk} and window={window} exclude each other: pass one of them")
+    return chunk
+
+
 @triton.jit
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slopes_ptr, kpm_ptr, sinks_ptr,
                     T, S, HQ, GQA, D, qk_scale, WINDOW, cap,
                     sqb, sqh, sqt, sqd, skb, skh, sks, skd, svb, svh, svs, svd,
                     sob, soh, sot, skpb,
                     CAUSAL: tl.constexpr, ALIBI: tl.constexpr, HAS_KPM: tl.constexpr,
-                    WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr,
+                    WINDOWED: tl.constexpr, CHUNKED: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr,
                     DOT_F32: tl.constexpr, PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # grid: (cdiv(T, BLOCK_M), B * HQ). Query i sits at absolute position S - T + i.
-    # WINDOWED (implies CAUSAL): query p sees keys (p - WINDOW, p]. cap: softcap in log2 units.
+    # WINDOWED (implies CAUSAL): query p sees keys (p - WINDOW, p]. CHUNKED (implies CAUSAL, excludes
+    # WINDOWED): WINDOW is the chunk size C and query p sees keys [p // C * C, p]. cap: softcap in log2 units.
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // HQ).to(tl.int64)
@@ -105,6 +123,13 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slopes_ptr, kpm_ptr, sinks_ptr,
         # start later); keys in it before a row's window are masked below.
         lo = tl.maximum(S - T + pid_m * BLOCK_M - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
         lo = tl.multiple_of(lo, BLOCK_N)
+    if CHUNKED:
+        # Each row's first visible key. The rows' visible ranges [first, qpos] cover [first of the top row, hi)
+        # without a gap, so starting at the block of the top row's chunk start skips every key block no row
+        # sees. Rows of a block can straddle a chunk edge: the mask below keeps them apart.
+        first = qpos // WINDOW * WINDOW
+        lo = (S - T + pid_m * BLOCK_M) // WINDOW * WINDOW // BLOCK_N * BLOCK_N
+        lo = tl.multiple_of(lo, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < S
@@ -124,6 +149,8 @@ def _prefill_kernel(q_ptr, k_ptr, v_ptr, o_ptr, slopes_ptr, kpm_ptr, sinks_ptr,
             valid = valid & (offs_n[None, :] <= qpos[:, None])
         if WINDOWED:
             valid = valid & (offs_n[None, :] > qpos[:, None] - WINDOW)
+        if CHUNKED:
+            valid = valid & (offs_n[None, :] >= first[:, None])
         if HAS_KPM:
             keep = tl.load(kpm_ptr + b * skpb + offs_n, mask=n_mask, other=0)
             valid = valid & (keep != 0)[None, :]
@@ -174,12 +201,15 @@ def _prefill_config(dtype, block_d):
 
 
 def prefill_attention(q, k, v, sm_scale, causal=True, alibi_slopes=None, key_padding_mask=None, *,
-                      window: int = 0, softcap: float = 0.0, sinks=None):
+                      window: int = 0, softcap: float = 0.0, sinks=None, chunk: int = 0):
     """o [B, Hq, T, D] (q.dtype). q [B, Hq, T, D]; k, v [B, Hkv, S, D], S >= T, any strides.
     key_padding_mask: bool [B, S], True = attend. window: sliding window (0 = none, needs causal);
-    softcap: logit cap c, s -> c * tanh(s / c) (0 = none); sinks: float [Hq], attention sink logits."""
+    softcap: logit cap c, s -> c * tanh(s / c) (0 = none); sinks: float [Hq], attention sink logits;
+    chunk: chunked attention C, query p (= S - T + row) sees keys [p // C * C, p] (0 = none, needs
+    causal, not with window)."""
     float_dtype_check("q", q)
     window, softcap = _check_window_softcap(window, softcap, causal)
+    chunk = _check_chunk(chunk, window, causal)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("q, k, v must be 4-D [B, H, T|S, D]")
     B, HQ, T, D = q.shape
@@ -209,14 +239,16 @@ def prefill_attention(q, k, v, sm_scale, causal=True, alibi_slopes=None, key_pad
     grid = (triton.cdiv(T, bm), B * HQ)
     # A window of S or more keys hides nothing: take the unwindowed kernel.
     windowed = 0 < window < S
+    # Likewise a chunk of S or more keys: every position is in chunk 0.
+    chunked = 0 < chunk < S
     _prefill_kernel[grid](
         q, k, v, o, slopes if slopes is not None else q, kpm if kpm is not None else q,
         sinks if sinks is not None else q,
-        T, S, HQ, HQ // HKV, D, float(sm_scale) * LOG2E, window if windowed else 0, softcap * LOG2E,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride()[:3],
+        T, S, HQ, HQ // HKV, D, float(sm_scale) * LOG2E, window if windowed else chunk if chunked else 0,
+        softcap * LOG2E, *q.stride(), *k.stride(), *v.stride(), *o.stride()[:3],
         kpm.stride(0) if kpm is not None else 0,
         CAUSAL=bool(causal), ALIBI=slopes is not None, HAS_KPM=kpm is not None,
-        WINDOWED=windowed, SOFTCAP=softcap > 0, SINKS=sinks is not None,
+        WINDOWED=windowed, CHUNKED=chunked, SOFTCAP=softcap > 0, SINKS=sinks is not None,
         DOT_F32=dot_f32, PREC=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
         num_warps=warps, num_stages=stages,
     )
@@ -224,8 +256,9 @@ def prefill_attention(q, k, v, sm_scale, causal=True, alibi_slopes=None, key_pad
 
 
 def prefill_attention_reference(q, k, v, sm_scale, causal=True, alibi_slopes=None, key_padding_mask=None, *,
-                                window: int = 0, softcap: float = 0.0, sinks=None):
+                                window: int = 0, softcap: float = 0.0, sinks=None, chunk: int = 0):
     window, softcap = _check_window_softcap(window, softcap, causal)
+    chunk = _check_chunk(chunk, window, causal)
     B, HQ, T, D = q.shape
     sinks = _check_sinks(sinks, HQ, q.device)
     HKV, S = k.shape[1], k.shape[2]
@@ -245,6 +278,8 @@ def prefill_attention_reference(q, k, v, sm_scale, causal=True, alibi_slopes=Non
         valid = valid & (kpos[None, :] <= qpos[:, None])
     if window:
         valid = valid & (kpos[None, :] > qpos[:, None] - window)
+    if chunk:
+        valid = valid & (kpos[None, :] // chunk == qpos[:, None] // chunk)
     if key_padding_mask is not None:
         valid = valid & key_padding_mask[:, None, None, :]
     scores = scores.masked_fill(~valid, float("-inf"))
@@ -263,8 +298,9 @@ def prefill_attention_reference(q, k, v, sm_scale, causal=True, alibi_slopes=Non
 def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, slopes_ptr, sinks_ptr, lens_ptr, ws_ptr, o_ptr,
                            HQ, HKV, GQA, D, CHUNK, NSPLIT, qk_scale, WINDOW, cap,
                            sqb, sqh, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh,
-                           ALIBI: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr,
-                           SINKS: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr, DIRECT: tl.constexpr,
+                           ALIBI: tl.constexpr, WINDOWED: tl.constexpr, CHUNKED: tl.constexpr,
+                           SOFTCAP: tl.constexpr, SINKS: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
+                           DIRECT: tl.constexpr,
                            BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # grid: (B * HKV, NSPLIT). A program takes the GQA query heads of one kv head over keys
     # [split * CHUNK, (split + 1) * CHUNK) ∩ [0, seq_len) and writes unnormalised partials to
@@ -272,6 +308,7 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, slopes_ptr, sinks_ptr, lens_ptr,
     # split holds every key, as at large batch) writes the normalised output instead: no merge.
     # WINDOWED: keys before seq_len - WINDOW are out of the window. Clamping the start to it leaves
     # every loaded key visible (no mask needed) and splits wholly before it run no iteration.
+    # CHUNKED: likewise with the chunk start of the query (seq_len - 1) // WINDOW * WINDOW (WINDOW = chunk size).
     # SINKS: with DIRECT the sink starts the softmax here, as in prefill; else the reduce adds it once per head.
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -282,6 +319,9 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, slopes_ptr, sinks_ptr, lens_ptr,
     end = tl.minimum(start + CHUNK, seq_len)
     if WINDOWED:
         start = tl.maximum(start, seq_len - WINDOW)
+    if CHUNKED:
+        # seq_len = 0 (no query): the start stays >= 0 and end = 0 runs nothing.
+        start = tl.maximum(start, tl.maximum(seq_len - 1, 0) // WINDOW * WINDOW)
     g = tl.arange(0, BLOCK_G)
     heads = hk * GQA + g
     g_mask = g < GQA
@@ -325,7 +365,7 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, slopes_ptr, sinks_ptr, lens_ptr,
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
-    # A split that ran no iteration (empty sequence, or wholly before the window) leaves m = -inf,
+    # A split that ran no iteration (empty sequence, or wholly before the window or chunk) leaves m = -inf,
     # l = 0, acc = 0: DIRECT stores zeros, the reduce gives it weight 0.
     if DIRECT:
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]                        # no key: zeros
@@ -340,7 +380,7 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, slopes_ptr, sinks_ptr, lens_ptr,
 
 @triton.jit
 def _decode_reduce_kernel(ws_ptr, lens_ptr, sinks_ptr, o_ptr, HQ, D, CHUNK, NSPLIT, WINDOW, sob, soh,
-                          WINDOWED: tl.constexpr, SINKS: tl.constexpr, BLOCK_S: tl.constexpr,
+                          WINDOWED: tl.constexpr, CHUNKED: tl.constexpr, SINKS: tl.constexpr, BLOCK_S: tl.constexpr,
                           BLOCK_D: tl.constexpr):
     # grid: (B * HQ,). Merges the partials of the splits that hold keys (split * CHUNK < seq_len).
     pid = tl.program_id(0)
@@ -353,6 +393,9 @@ def _decode_reduce_kernel(ws_ptr, lens_ptr, sinks_ptr, o_ptr, HQ, D, CHUNK, NSPL
     if WINDOWED:
         # Splits wholly before the window hold m = -inf, l = 0 (weight 0 below); skip their reads.
         s_mask = s_mask & (sp >= tl.maximum(seq_len - WINDOW, 0) // CHUNK)
+    if CHUNKED:
+        # and those wholly before the query's attention chunk (WINDOW = its size; CHUNK is the split's).
+        s_mask = s_mask & (sp >= tl.maximum(seq_len - 1, 0) // WINDOW * WINDOW // CHUNK)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
     rows = ws_ptr + (pid.to(tl.int64) * NSPLIT + sp) * (D + 2)                # [BS]
@@ -397,14 +440,16 @@ def decode_attention_workspace(q, k_cache):
 
 
 def decode_attention(q, k_cache, v_cache, seq_lens, sm_scale, alibi_slopes=None, *, workspace=None,
-                     window: int = 0, softcap: float = 0.0, sinks=None):
+                     window: int = 0, softcap: float = 0.0, sinks=None, chunk: int = 0):
     """o [B, Hq, D] (q.dtype) for one new token per sequence. q [B, Hq, D]; k_cache, v_cache
     [B, Hkv, S_max, D] (any strides), first seq_lens[b] positions valid. No host syncs.
     window: the query (position seq_lens[b] - 1) sees keys [seq_lens[b] - window, seq_lens[b])
     (0 = all); softcap: logit cap c, s -> c * tanh(s / c) (0 = none); sinks: float [Hq], attention
-    sink logits."""
+    sink logits; chunk: chunked attention C, the query sees keys [(seq_lens[b] - 1) // C * C, seq_lens[b])
+    (0 = none, not with window)."""
     float_dtype_check("q", q)
     window, softcap = _check_window_softcap(window, softcap)
+    chunk = _check_chunk(chunk, window)
     if q.dim() != 3 or k_cache.dim() != 4 or tuple(v_cache.shape) != tuple(k_cache.shape):
         raise ValueError(f"q must be [B, Hq, D] and caches [B, Hkv, S_max, D], got {tuple(q.shape)}, "
                          f"{tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
@@ -420,8 +465,8 @@ def decode_attention(q, k_cache, v_cache, seq_lens, sm_scale, alibi_slopes=None,
         raise ValueError(f"seq_lens must be int32/int64 [{B}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
     slopes = _check_slopes(alibi_slopes, HQ, q.device)
     sinks = _check_sinks(sinks, HQ, q.device)
-    chunk = _decode_chunk(B, HKV, S_MAX, q.device)
-    nsplit = triton.cdiv(S_MAX, chunk)
+    split_len = _decode_chunk(B, HKV, S_MAX, q.device)       # keys per split (the kernels' CHUNK)
+    nsplit = triton.cdiv(S_MAX, split_len)
     if workspace is None:
         workspace = torch.empty(B, HQ, nsplit, D + 2, dtype=torch.float32, device=q.device)
     elif (tuple(workspace.shape) != (B, HQ, nsplit, D + 2) or workspace.dtype != torch.float32
@@ -438,13 +483,14 @@ def decode_attention(q, k_cache, v_cache, seq_lens, sm_scale, alibi_slopes=None,
     direct = nsplit == 1
     # Decided from shapes only (seq_lens <= S_max), as the grid: no sync, fixed under CUDA graphs.
     windowed = 0 < window < S_MAX
-    window = window if windowed else 0
+    chunked = 0 < chunk < S_MAX                   # a chunk of S_max or more keys holds every position
+    window = window if windowed else chunk if chunked else 0
     _decode_partial_kernel[(B * HKV, nsplit)](
         q, k_cache, v_cache, slopes if slopes is not None else q, sinks if sinks is not None else q, seq_lens,
         workspace, o,
-        HQ, HKV, gqa, D, chunk, nsplit, float(sm_scale) * LOG2E, window, softcap * LOG2E,
+        HQ, HKV, gqa, D, split_len, nsplit, float(sm_scale) * LOG2E, window, softcap * LOG2E,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), o.stride(0), o.stride(1),
-        ALIBI=slopes is not None, WINDOWED=windowed, SOFTCAP=softcap > 0, SINKS=sinks is not None,
+        ALIBI=slopes is not None, WINDOWED=windowed, CHUNKED=chunked, SOFTCAP=softcap > 0, SINKS=sinks is not None,
         DOT_F32=dot_f32, PREC=prec, DIRECT=direct,
         BLOCK_G=max(16, triton.next_power_of_2(gqa)), BLOCK_N=_DECODE_BLOCK_N, BLOCK_D=block_d,
         num_warps=_DECODE_WARPS, num_stages=_DECODE_STAGES,
@@ -452,16 +498,17 @@ def decode_attention(q, k_cache, v_cache, seq_lens, sm_scale, alibi_slopes=None,
     if direct:
         return o
     _decode_reduce_kernel[(B * HQ,)](
-        workspace, seq_lens, sinks if sinks is not None else o, o, HQ, D, chunk, nsplit, window,
-        o.stride(0), o.stride(1), WINDOWED=windowed, SINKS=sinks is not None,
+        workspace, seq_lens, sinks if sinks is not None else o, o, HQ, D, split_len, nsplit, window,
+        o.stride(0), o.stride(1), WINDOWED=windowed, CHUNKED=chunked, SINKS=sinks is not None,
         BLOCK_S=triton.next_power_of_2(nsplit), BLOCK_D=triton.next_power_of_2(D), num_warps=4,
     )
     return o
 
 
 def decode_attention_reference(q, k_cache, v_cache, seq_lens, sm_scale, alibi_slopes=None, *,
-                               window: int = 0, softcap: float = 0.0, sinks=None):
+                               window: int = 0, softcap: float = 0.0, sinks=None, chunk: int = 0):
     window, softcap = _check_window_softcap(window, softcap)
+    chunk = _check_chunk(chunk, window)
     B, HQ, D = q.shape
     sinks = _check_sinks(sinks, HQ, q.device)
     HKV, S_MAX = k_cache.shape[1], k_cache.shape[2]
@@ -479,6 +526,8 @@ def decode_attention_reference(q, k_cache, v_cache, seq_lens, sm_scale, alibi_sl
     valid = kpos[None, :] < lens[:, None]
     if window:
         valid = valid & (kpos[None, :] >= lens[:, None] - window)
+    if chunk:
+        valid = valid & (kpos[None, :] // chunk == (lens[:, None] - 1) // chunk)     # the query is at len - 1
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     if sinks is not None:
         scores = torch.cat([scores, sinks.float()[None, :, None].expand(B, HQ, 1)], dim=-1)

@@ -492,3 +492,203 @@ def test_sinks_reject_bad_shapes():
         for fn in (decode_attention, decode_attention_reference):
             with pytest.raises(ValueError, match="sinks must be"):
                 fn(q[:, :, 0], q, q, lens, 1.0, sinks=bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# chunked attention (Llama 4): the query at p sees keys j <= p in its aligned chunk, j // C == p // C
+# ---------------------------------------------------------------------------------------------
+# The interpreter runs 32 x 32 prefill blocks and 32-key decode splits: chunks of 1, 3, 5 (inside a block), 16 (two
+# per block, so the rows of a block straddle a chunk edge) and S or more (no chunking) at S = 70.
+
+
+def chunk_mask(T, S, chunk):
+    """bool [T, S], True = visible, built as transformers' create_chunked_causal_mask does: causal and
+    kv_idx // chunk_size == q_idx // chunk_size, queries at absolute positions S - T .. S - 1."""
+    q_idx = torch.arange(S - T, S)[:, None]
+    kv_idx = torch.arange(S)[None, :]
+    return ((kv_idx <= q_idx) & (kv_idx // chunk == q_idx // chunk)).to(DEVICE)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 10])
+def test_prefill_chunk_reference_matches_sdpa_with_explicit_mask(chunk, assert_close):
+    B, HQ, HKV, T, S, D = 2, 4, 2, 13, 45, 16
+    q = rand(B, HQ, T, D, dtype=torch.float32, seed=1)
+    k = rand(B, HKV, S, D, dtype=torch.float32, seed=2)
+    v = rand(B, HKV, S, D, dtype=torch.float32, seed=3)
+    ref = prefill_attention_reference(q, k, v, 0.25, chunk=chunk)
+    kr, vr = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=chunk_mask(T, S, chunk), scale=0.25)
+    assert_close(ref, sdpa, torch.float32, tol=1e-5)
+    # the chunk bites (not plain causal), and past 1 (each query alone) it is not a sliding window of its width
+    assert (ref - prefill_attention_reference(q, k, v, 0.25)).abs().max() > 0.05
+    if chunk > 1:
+        assert (ref - prefill_attention_reference(q, k, v, 0.25, window=chunk)).abs().max() > 0.05
+
+
+def test_decode_chunk_reference_matches_rule(assert_close):
+    # The decode query sits at len - 1: it sees keys [(len - 1) // C * C, len).
+    B, H, S, D, C = 4, 2, 40, 16, 8
+    q = rand(B, H, D, dtype=torch.float32, seed=1)
+    kc, vc = rand(B, H, S, D, dtype=torch.float32, seed=2), rand(B, H, S, D, dtype=torch.float32, seed=3)
+    lens = [40, 8, 9, 23]
+    ref = decode_attention_reference(q, kc, vc, torch.tensor(lens, device=DEVICE), 0.3, chunk=C)
+    for b, n in enumerate(lens):
+        lo = (n - 1) // C * C
+        p = (q[b, :, None] @ kc[b, :, lo:n].transpose(-1, -2) * 0.3).softmax(-1)      # [H, 1, n - lo]
+        assert_close(ref[b], (p @ vc[b, :, lo:n])[:, 0], torch.float32, tol=1e-5)
+
+
+# (B, Hq, Hkv, T, S, D): full prefill with GQA, and a continuation of a cache (T < S)
+CHUNK_PREFILL_SHAPES = [(1, 4, 2, 70, 70, 16), (2, 2, 1, 13, 70, 24)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("chunk", [1, 3, 5, 16, 70, 100])
+@pytest.mark.parametrize("shape", CHUNK_PREFILL_SHAPES)
+def test_prefill_chunk_matches_reference(shape, chunk, dtype, assert_close):
+    S, D = shape[4], shape[5]
+    q, k, v = prefill_qkv(shape, dtype)
+    o = prefill_attention(q, k, v, 1 / math.sqrt(D), chunk=chunk)
+    assert_close(o, prefill_attention_reference(q, k, v, 1 / math.sqrt(D), chunk=chunk), dtype)
+    if chunk >= S:
+        assert torch.equal(o, prefill_attention(q, k, v, 1 / math.sqrt(D)))
+
+
+def test_prefill_chunk_sweep_every_size(assert_close):
+    # Every chunk size from 1 to past S, with the queries offset into the cache: catches off-by-ones in the
+    # first key block and in the per-row chunk start.
+    T, S, D = 40, 70, 16
+    q = rand(1, 1, T, D, dtype=torch.float32, seed=1)
+    k, v = rand(1, 1, S, D, dtype=torch.float32, seed=2), rand(1, 1, S, D, dtype=torch.float32, seed=3)
+    for chunk in range(1, S + 2):
+        o = prefill_attention(q, k, v, 0.25, chunk=chunk)
+        assert_close(o, prefill_attention_reference(q, k, v, 0.25, chunk=chunk), torch.float32)
+
+
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_prefill_chunk_skips_key_blocks_before_it(chunk, assert_close):
+    # The 5 queries at 135..139 see keys from 135 (chunk 5) or 128 (chunk 64) on: a key loop starting at the 32- or
+    # 64-aligned block of the chunk start never touches the NaN keys [0, 128).
+    B, H, T, S, D = 1, 2, 5, 140, 16
+    q = rand(B, H, T, D, dtype=torch.float16, seed=1)
+    k, v = rand(B, H, S, D, dtype=torch.float16, seed=2), rand(B, H, S, D, dtype=torch.float16, seed=3)
+    kp, vp = k.clone(), v.clone()
+    kp[:, :, :128] = float("nan")
+    vp[:, :, :128] = float("nan")
+    o = prefill_attention(q, kp, vp, 0.25, chunk=chunk)
+    assert_close(o, prefill_attention_reference(q, k, v, 0.25, chunk=chunk), torch.float16)
+
+
+# (softcap, sinks shift or None, alibi, key padding)
+CHUNK_PREFILL_EXTRAS = [(5.0, None, False, False), (0.0, 8.0, False, False), (0.0, None, True, True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("extras", CHUNK_PREFILL_EXTRAS)
+def test_prefill_chunk_with_softcap_sinks_alibi_padding(extras, dtype, assert_close):
+    cap, shift, slopes, padded = extras
+    B, HQ, HKV, T, S, D = 2, 4, 2, 21, 45, 16
+    q, k, v = big_scores_qkv((B, HQ, T, D), (B, HKV, S, D), dtype) if cap else prefill_qkv((B, HQ, HKV, T, S, D), dtype)
+    kpm = None
+    if padded:
+        kpm = torch.ones(B, S, dtype=torch.bool, device=DEVICE)
+        kpm[1, :36] = False         # sequence 2: rows in chunk [27, 36) see nothing
+    args = dict(chunk=9, softcap=cap, sinks=None if shift is None else sinks_for(HQ, shift),
+                alibi_slopes=alibi(HQ) if slopes else None, key_padding_mask=kpm)
+    o = prefill_attention(q, k, v, 0.25, **args)
+    ref = prefill_attention_reference(q, k, v, 0.25, **args)
+    assert_close(o, ref, dtype)
+    if padded:
+        assert torch.count_nonzero(o[1, :, :12]) == 0     # rows 0..11 are positions 24..35
+        assert torch.count_nonzero(o[1, :, 12:]) > 0
+
+
+def decode_chunk_lens(S, chunk):
+    """Two batches of 3 seq_lens: empty, an exact multiple of the chunk, one past a chunk; a single key, full, other."""
+    mult = min(S, max(chunk, S // chunk * chunk))
+    return [[0, mult, min(S, chunk + 1)], [1, S, min(S, 2 * chunk + 3)]]
+
+
+# ((B, Hq, Hkv, S_max, D), chunk): S_max = 100 runs 4 splits of 32 keys (chunks inside a split, equal to it, not a
+# multiple of it, spanning two, and past S_max); S_max = 30 takes the one-split (DIRECT) path (29: only the last
+# position is in the second chunk).
+CHUNK_DECODE_CASES = ([((3, 4, 2, 100, 16), c) for c in (1, 7, 32, 40, 64, 150)]
+                      + [((3, 4, 1, 30, 24), c) for c in (1, 7, 16, 29, 40)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CHUNK_DECODE_CASES)
+def test_decode_chunk_matches_reference(case, dtype, assert_close):
+    (B, HQ, HKV, S, D), chunk = case
+    q = rand(B, HQ, D, dtype=dtype, seed=1)
+    kc = rand(B, HKV, S, D, dtype=dtype, seed=2)
+    vc = rand(B, HKV, S, D, dtype=dtype, seed=3)
+    for lens in decode_chunk_lens(S, chunk):
+        lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+        # Stale NaNs in a reused workspace must not leak in through the skipped splits.
+        ws = decode_attention_workspace(q, kc).fill_(float("nan"))
+        o = decode_attention(q, kc, vc, lens, 1 / math.sqrt(D), chunk=chunk, workspace=ws)
+        assert_close(o, decode_attention_reference(q, kc, vc, lens, 1 / math.sqrt(D), chunk=chunk), dtype)
+        assert torch.count_nonzero(o[lens == 0]) == 0
+
+
+@pytest.mark.parametrize("S", [100, 30])
+def test_decode_chunk_reads_no_key_outside_it(S, assert_close):
+    B, HQ, HKV, D, C = 4, 4, 2, 16, 12
+    lens = [S, 13, 24, 0]
+    q = rand(B, HQ, D, dtype=torch.float32, seed=1)
+    kc, vc = rand(B, HKV, S, D, dtype=torch.float32, seed=2), rand(B, HKV, S, D, dtype=torch.float32, seed=3)
+    kp, vp = kc.clone(), vc.clone()
+    pos = torch.arange(S, device=DEVICE)
+    for b, n in enumerate(lens):    # NaN everywhere but the chunk [(n - 1) // C * C, n): any read of it shows
+        outside = (pos < max(n - 1, 0) // C * C) | (pos >= n)
+        kp[b, :, outside] = float("nan")
+        vp[b, :, outside] = float("nan")
+    lens = torch.tensor(lens, device=DEVICE)
+    o = decode_attention(q, kp, vp, lens, 0.25, chunk=C)
+    assert_close(o, decode_attention_reference(q, kc, vc, lens, 0.25, chunk=C), torch.float32)
+
+
+@pytest.mark.parametrize("S", [75, 64])
+def test_decode_chunk_equals_last_row_of_chunked_prefill(S, assert_close):
+    B, HQ, HKV, D, C = 2, 4, 2, 16, 16
+    q = rand(B, HQ, S, D, dtype=torch.float32, seed=0)
+    k, v = (rand(B, HKV, S, D, dtype=torch.float32, seed=i) for i in (1, 2))
+    sinks = sinks_for(HQ)
+    full = prefill_attention(q, k, v, 0.25, chunk=C, softcap=5.0, sinks=sinks)
+    o = decode_attention(q[:, :, -1].contiguous(), k, v, torch.full((B,), S, device=DEVICE), 0.25, chunk=C,
+                         softcap=5.0, sinks=sinks)
+    assert_close(o, full[:, :, -1], torch.float32, tol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", SINK_DECODE_CASES)
+def test_decode_chunk_with_softcap_sinks_alibi(case, dtype, assert_close):
+    (B, HQ, HKV, S, D), lens = case
+    q, kc, vc = big_scores_qkv((B, HQ, D), (B, HKV, S, D), dtype)
+    lens = torch.tensor(lens, device=DEVICE)
+    for args in (dict(softcap=5.0), dict(sinks=sinks_for(HQ, 8.0), alibi_slopes=alibi(HQ))):
+        ws = decode_attention_workspace(q, kc).fill_(float("nan"))
+        o = decode_attention(q, kc, vc, lens, 0.25, workspace=ws, chunk=6, **args)
+        ref = decode_attention_reference(q, kc, vc, lens, 0.25, chunk=6, **args)
+        assert_close(o, ref, dtype)
+        assert (ref.float() - decode_attention_reference(q, kc, vc, lens, 0.25, **args).float()).abs().max() > 0.05
+
+
+def test_chunk_rejects_bad_inputs():
+    q = rand(1, 2, 4, 8, dtype=torch.float32, seed=0)
+    lens = torch.tensor([4], device=DEVICE)
+    for fn in (prefill_attention, prefill_attention_reference):
+        with pytest.raises(ValueError, match="chunk must be >= 0"):
+            fn(q, q, q, 1.0, chunk=-1)
+        with pytest.raises(ValueError, match="causal"):
+            fn(q, q, q, 1.0, causal=False, chunk=2)
+        with pytest.raises(ValueError, match="exclude"):
+            fn(q, q, q, 1.0, chunk=2, window=3)
+        with pytest.raises(TypeError):
+            fn(q, q, q, 1.0, chunk=2.5)
+    for fn in (decode_attention, decode_attention_reference):
+        with pytest.raises(ValueError, match="chunk must be >= 0"):
+            fn(q[:, :, 0], q, q, lens, 1.0, chunk=-3)
+        with pytest.raises(ValueError, match="exclude"):
+            fn(q[:, :, 0], q, q, lens, 1.0, chunk=2, window=3)
