@@ -104,6 +104,8 @@ class ModelSpec:
     router_groups: int = 1
     router_topk_groups: int = 1
     routed_scale: float = 1.0      # the routing weights are multiplied by it after any renormalisation
+    router_jitter: float = 0.0     # router "sparsemixer" (Phi-MoE): how close to a pick's score another must be to
+    #                                share its softmax (2 * router_jitter, relative)
     experts_per_token: int = 0     # top-k experts each token is routed to
     sliding_window: int = 0        # attention limited to this many recent positions (Mistral, Gemma 2); 0: none
     window_layers: list | None = None  # the layers that use that window; None: every layer
@@ -435,8 +437,13 @@ class Policy:
         expert groups and the scale from [config] (router_groups, router_topk_groups, routed_scale): a sigmoid router
         ranks a group by its two best experts, a softmax one (DeepSeek-V2) by its best."""
         how = self.layout.get("router", "softmax")
-        if how not in ("softmax", "sigmoid"):
-            raise FmError(f"{self.path.name}: layout.router must be softmax or sigmoid, got {how!r}")
+        if how not in ("softmax", "sigmoid", "sparsemixer"):
+            raise FmError(f"{self.path.name}: layout.router must be softmax, sigmoid or sparsemixer, got {how!r}")
+        if experts and how == "sparsemixer":            # Phi-MoE: two picks, one after the other
+            if topk != 2:
+                raise FmError(f"config.json: SparseMixer routing picks exactly 2 experts, got num_experts_per_tok="
+                              f"{topk}")
+            return {"router": how, "router_jitter": _number(c, "router_jitter", 0.0, zero_ok=True)}
         if not experts or (how == "softmax" and "router_groups" not in c and "routed_scale" not in c):
             return {}
         groups, top = c.get("router_groups") or 1, c.get("router_topk_groups") or 1

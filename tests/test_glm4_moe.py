@@ -89,3 +89,28 @@ def test_hunyuan_per_layer_expert_lists_are_refused_in_one_line(model_copy, tmp_
     r = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / "out")])
     assert isinstance(r.exception, FmError) and "must be integers (one for every layer)" in str(r.exception)
     assert not (tmp_path / "out").exists()
+
+
+def test_phimoe_sparsemixer_is_not_a_softmax_top2(model_dir, tmp_path):
+    """Phi-MoE's weights come from two sequential picks, each a softmax over the scores near it; read as Mixtral's
+    softmax top-2 (renormalised or not) the logits move. A config asking SparseMixer for another top-k is refused."""
+    src = model_dir("phimoe")
+    convert(src, tmp_path / "out", Options(), progress=False)
+    m = load(tmp_path / "out")
+    assert m.spec["router"] == "sparsemixer" and m.spec["router_jitter"] == 0.3
+    hf = transformers.PhimoeForCausalLM.from_pretrained(src).eval()
+    ids = torch.randint(3, 100, (2, 12))
+    with torch.no_grad():
+        want = hf(ids).logits
+    assert (m(ids) - want).abs().max() < 1e-4
+    for renorm in (True, False):
+        m.spec.update(router="softmax", experts_renormalize=renorm)
+        assert (m(ids) - want).abs().max() > 1e-3
+    config = json.loads((src / "config.json").read_text())
+    config["num_experts_per_tok"] = 3
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps(config))
+    (bad / "model.safetensors").symlink_to(src / "model.safetensors")
+    r = CliRunner().invoke(cli, ["convert", str(bad), str(tmp_path / "out2")])
+    assert isinstance(r.exception, FmError) and "SparseMixer routing picks exactly 2 experts" in str(r.exception)

@@ -213,6 +213,11 @@ CONFIGS = {
                head_dim=16, vocab_size=101, max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=1,
                interleave_moe_layer_step=2, attention_chunk_size=4, floor_scale=4, attn_scale=0.5,
                no_rope_layer_interval=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # LayerNorm with biases, biased attention and lm_head, SparseMixer's two sequential picks
+    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", dict(hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
+               num_local_experts=4, num_experts_per_tok=2, attention_bias=True, lm_head_bias=True,
+               router_jitter_noise=0.3, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "hunyuan_moe": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", dict(hidden_size=64, intermediate_size=48,
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
                     max_position_embeddings=64, num_experts=4, moe_topk=2, pad_token_id=0, bos_token_id=1,

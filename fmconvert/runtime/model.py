@@ -219,6 +219,8 @@ class Block(nn.Module):
         routed_scale."""
         sp, t = self.m.spec, self.t
         G = sp["router_groups"]
+        if sp["router"] == "sparsemixer":
+            return self._sparsemixer(torch.nn.functional.linear(x, t["router.weight"]), sp["router_jitter"])
         if sp["router"] == "softmax":
             probs = torch.nn.functional.linear(x, t["router.weight"], t.get("router.bias")).float().softmax(-1)
             pick = probs
@@ -246,6 +248,20 @@ class Block(nn.Module):
         if sp["experts_renormalize"]:
             weight = weight / (weight.sum(-1, keepdim=True) + 1e-20)
         return weight * sp["routed_scale"], chosen
+
+    @staticmethod
+    def _sparsemixer(scores, jitter: float):
+        """Phi-MoE's SparseMixer at inference: the best expert, then the best of the rest. Each pick's weight is a
+        softmax over the scores within 2 * jitter of its own (relative to the larger magnitude, the pick itself
+        included), read at the pick. In the router's dtype, as transformers computes it."""
+        weights, chosen, rest = [], [], scores
+        for _ in range(2):
+            best, pick = rest.max(-1, keepdim=True)
+            far = (best - scores) / scores.abs().clamp(min=best) > 2 * jitter
+            weights.append(rest.masked_fill(far, float("-inf")).softmax(-1).gather(-1, pick))
+            chosen.append(pick)
+            rest = rest.scatter(-1, pick, float("-inf"))
+        return torch.cat(weights, -1).float(), torch.cat(chosen, -1)
 
     def attention(self, h, positions, cache, key_padding_mask, pos_t=None, seq_t=None):
         """pos_t (a device tensor [1]) and seq_t ({ring size: int32 [B]}, the rows to attend over: pos_t + 1, or
