@@ -136,6 +136,15 @@ def other_cases(D: int = 128, hidden: int = 4096, S: int = 193, T: int = 2048):
                    ints=dict(N_OUT=n_out, K=k, X_EVERY=2 if swiglu else 1, stride_xm=k, stride_we=rows * k,
                              stride_wn=k, stride_se=rows * k // 128, stride_sn=k // 128, stride_be=rows,
                              stride_om=n_out))
+    # The same launches over bf16 experts (expert_linear): no scales, so GROUP, GS, NG, MAGIC and the scale strides
+    # are unused.
+    for swiglu, n_out, k in ((True, 14336, hidden), (False, hidden, 14336)):
+        rows = n_out * (2 if swiglu else 1)
+        yield Case(f"bf16 expert GEMV{' swiglu' if swiglu else ''} 2x2048 w4", im._int8_expert_gemv_kernel,
+                   dict(GROUP=1, GS=1, NG=1, ACT=5 if swiglu else 0, SWIGLU=swiglu, MAGIC=0, EVEN_K=True,
+                        BLOCK_N=2, BLOCK_K=2048), 4, ptrs={"w_ptr": "*bf16", "e_ptr": "*i64"},
+                   ints=dict(N_OUT=n_out, K=k, X_EVERY=2 if swiglu else 1, stride_xm=k, stride_we=rows * k,
+                             stride_wn=k, stride_se=0, stride_sn=0, stride_be=rows, stride_om=n_out))
     # GPT-OSS-20B's experts_in (gate; up of 2880, K 2880 in groups of 64), biased, clamped SwiGLU
     yield Case("int8 expert GEMV swiglu_oai bias 2x2048 w4", im._int8_expert_gemv_kernel,
                dict(GROUP=64, GS=64, NG=32, HAS_BIAS=True, ACT=7, ALPHA=1.702, LIMIT=7.0, SWIGLU=True, MAGIC=3,

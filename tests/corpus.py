@@ -198,8 +198,13 @@ def _config_zero_heads(c: Ctx):
     return _conv(cfg(c.model(), num_attention_heads=0), c.tmp / "out")
 
 
-@case("convert", "layer kind 'chunked_attention' is not supported")
+@case("convert", "layer kind 'linear_attention' is not supported")
 def _config_unknown_layer_kind(c: Ctx):
+    return _conv(cfg(c.model("gemma2"), layer_types=["sliding_attention", "linear_attention"]), c.tmp / "out")
+
+
+@case("convert", "chunked_attention layers need attention_chunk_size")
+def _config_chunks_without_a_size(c: Ctx):
     return _conv(cfg(c.model("gemma2"), layer_types=["sliding_attention", "chunked_attention"]), c.tmp / "out")
 
 

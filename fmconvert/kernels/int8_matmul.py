@@ -22,6 +22,10 @@ Two paths, picked by M = rows of x:
     ran at 0.50x of HF bf16). So one pass writes the dense weight in the activation dtype
     (q * scale in fp32, rounded once) and cuBLAS does the matmul. The extra bytes (read 1, write
     2, read 2 per weight) are small next to the 2*M flops per weight at this M.
+
+Mixtures of experts (int8_expert_linear): one GEMV launch over (token, expert) pairs, each pair's expert id read
+from device memory. expert_linear is the same kernel over bf16/fp16/fp32 experts: the weight's element type picks
+a walk without scales at compile time, and the int8 kernel's machine code is unchanged by it.
 """
 from __future__ import annotations
 
@@ -594,13 +598,49 @@ def int8_linear(x, qweight, scale, group_size, bias=None, activation=None, *, _s
 
 
 @triton.jit
+def _gemv_rows_float(x_row, w_ptr, rows, row_mask, K, stride_wn,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    # Float (bf16/fp16/fp32) weight rows: no scales, so each thread keeps its own fp32 products over the whole walk of
+    # K and the tile is reduced once at the end (the int8 walk reduces every step, to apply each group's scale).
+    offs_k = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn                 # [BN, 1]
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        if EVEN_K:
+            w = tl.load(w_rows + kk[None, :], mask=row_mask[:, None], other=0.0)
+            xv = tl.load(x_row + kk)
+        else:
+            w = tl.load(w_rows + kk[None, :], mask=row_mask[:, None] & (kk < K)[None, :], other=0.0)
+            xv = tl.load(x_row + kk, mask=kk < K, other=0.0)
+        acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+    return tl.sum(acc, axis=1)                                             # [BN]
+
+
+@triton.jit
+def _expert_rows(x_row, w_e, s_e, rows, row_mask, K, stride_wn, stride_sn,
+                 GROUP: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, EVEN_K: tl.constexpr):
+    # One expert's rows `rows` times x_row, fp32 [BN]. The weight's element type picks the walk at compile time: int8
+    # with group scales (the GEMV's), or float weights (expert_linear: s_e, the scale strides, GROUP, GS, NG and
+    # MAGIC unused).
+    if w_e.dtype.element_ty == tl.int8:
+        acc = _gemv_rows(x_row, w_e, s_e, rows, row_mask, 0, K, stride_wn, stride_sn,
+                         GROUP, GS, NG, BLOCK_N, BLOCK_K, MAGIC, EVEN_K, True)
+    else:
+        acc = _gemv_rows_float(x_row, w_e, rows, row_mask, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K)
+    return acc
+
+
+@triton.jit
 def _int8_expert_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, e_ptr, out_ptr, N_OUT, K, X_EVERY,
                              stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_be, stride_om,
                              GROUP: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr, HAS_BIAS: tl.constexpr,
                              ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr, SWIGLU: tl.constexpr,
                              MAGIC: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # grid: (cdiv(N_OUT, BLOCK_N), pairs). Pair p multiplies x row p // X_EVERY by expert e_ptr[p]'s weight, so the
-    # routing never leaves the device (a decode step with experts stays CUDA-graph capturable).
+    # routing never leaves the device (a decode step with experts stays CUDA-graph capturable). w_ptr int8 with
+    # scales s_ptr (int8_expert_linear), or bf16/fp16/fp32 with s_ptr unused (expert_linear): see _expert_rows.
     pid_n = tl.program_id(0)
     p = tl.program_id(1)
     e = tl.load(e_ptr + p).to(tl.int64)
@@ -609,14 +649,14 @@ def _int8_expert_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, e_ptr, out_ptr, N_OUT, 
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N_OUT
     x_row = x_ptr + (p // X_EVERY).to(tl.int64) * stride_xm
-    acc = _gemv_rows(x_row, w_e, s_e, rows, row_mask, 0, K, stride_wn, stride_sn,
-                     GROUP, GS, NG, BLOCK_N, BLOCK_K, MAGIC, EVEN_K, True)
+    acc = _expert_rows(x_row, w_e, s_e, rows, row_mask, K, stride_wn, stride_sn,
+                       GROUP, GS, NG, BLOCK_N, BLOCK_K, MAGIC, EVEN_K)
     if HAS_BIAS:
         b_e = b_ptr + e * stride_be
         acc += tl.load(b_e + rows, mask=row_mask, other=0.0).to(tl.float32)
     if SWIGLU:
-        up = _gemv_rows(x_row, w_e, s_e, rows + N_OUT, row_mask, 0, K, stride_wn, stride_sn,
-                        GROUP, GS, NG, BLOCK_N, BLOCK_K, MAGIC, EVEN_K, True)
+        up = _expert_rows(x_row, w_e, s_e, rows + N_OUT, row_mask, K, stride_wn, stride_sn,
+                          GROUP, GS, NG, BLOCK_N, BLOCK_K, MAGIC, EVEN_K)
         if HAS_BIAS:
             up += tl.load(b_e + N_OUT + rows, mask=row_mask, other=0.0).to(tl.float32)
         y = gated_product(acc, up, ACT, ALPHA, LIMIT)
@@ -642,34 +682,73 @@ def int8_expert_linear(x, qweight, scale, group_size, experts, x_every=1, activa
     group_size = int(group_size)
     if tuple(scale.shape) != (E, N, K // group_size):
         raise ValueError(f"scale must have shape {(E, N, K // group_size)}, got {tuple(scale.shape)}")
+    if scale.stride(2) != 1 or scale.stride(1) != scale.shape[2]:
+        raise ValueError("scale: each expert's rows must be contiguous")
+    return _experts(x, qweight, "qweight", scale, group_size, experts, x_every, activation, bias)
+
+
+def expert_linear(x, weight, experts, x_every=1, activation=None, bias=None):
+    """int8_expert_linear for float experts: y[p] = act(x[p // x_every] @ weight[e].T + bias[e]) with
+    e = experts[p], accumulated in fp32, y in x.dtype. The expert ids stay on the device (no host sync), so a
+    mixture-of-experts decode step with bf16 experts can be captured in a CUDA graph.
+
+    x [R, K]; weight [E, N, K] bf16, fp16 or fp32 (each expert's [N, K] contiguous), any of the three whatever
+    x's dtype: the kernel converts x and each weight tile to fp32 as it loads them, so a mixed pair costs
+    nothing extra; experts int [P] on the device, with P = R * x_every; bias [E, N] or None. With a gated
+    activation each expert's rows (and bias) are [gate; up] and y is [P, N // 2]."""
+    float_dtype_check("x", x)
+    if weight.dim() != 3 or x.dim() != 2 or x.shape[1] != weight.shape[2]:
+        raise ValueError(f"need x [R, K] and weight [E, N, K], got {tuple(x.shape)} and {tuple(weight.shape)}")
+    float_dtype_check("weight", weight)
+    return _experts(x, weight, "weight", None, None, experts, x_every, activation, bias)
+
+
+def _experts(x, w, w_name, scale, group_size, experts, x_every, activation, bias):
+    # The checks both expert launchers share, then the launch: w int8 with its scale (in groups of group_size), or
+    # float w with scale None.
+    E, N, K = w.shape
     act, alpha, limit = epilogue(activation)
     gated = act in GATED_CODES
     if gated and N % 2:
         raise ValueError(f"{activation} needs an even number of weight rows (gate; up), got {N}")
+    if isinstance(x_every, bool) or int(x_every) != x_every or x_every < 1:
+        raise ValueError(f"x_every must be a positive int, got {x_every!r}")
+    x_every = int(x_every)
     if experts.dim() != 1 or experts.numel() != x.shape[0] * x_every or experts.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"experts must be int [{x.shape[0] * x_every}] (x rows * x_every), got "
                          f"{experts.dtype} {tuple(experts.shape)}")
-    for name, t in (("qweight", qweight), ("scale", scale)):
-        if t.stride(2) != 1 or t.stride(1) != t.shape[2]:
-            raise ValueError(f"{name}: each expert's rows must be contiguous")
+    if w.stride(2) != 1 or w.stride(1) != K:
+        raise ValueError(f"{w_name}: each expert's rows must be contiguous")
     if bias is not None:
         float_dtype_check("bias", bias)
         if tuple(bias.shape) != (E, N):
             raise ValueError(f"bias must have shape {(E, N)}, got {tuple(bias.shape)}")
         bias = bias if bias.stride(-1) == 1 else bias.contiguous()
+    tensors = (x, w, experts) + ((scale,) if scale is not None else ()) + ((bias,) if bias is not None else ())
+    devs = {t.device for t in tensors}
+    if len(devs) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devs))}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     n_out = N // 2 if gated else N
     P = experts.numel()
     out = torch.empty(P, n_out, dtype=x.dtype, device=x.device)
     if P == 0:
         return out
-    bk = min(2048, triton.next_power_of_2(K))
-    gs = min(bk, lowbit(group_size))
-    magic, bn = (0, 16) if interpreting() else (3, 2)     # the GEMV's measured tile on a GPU; fewer programs interpreted
+    bn = 16 if interpreting() else 2     # the int8 GEMV's measured 2 rows a program on a GPU; fewer interpreted
+    if scale is None:
+        # Float weights: 8 KB of weights a step (2x2048 bf16/fp16, 2x1024 fp32), twice the int8 tile's bytes, at
+        # 55-70 registers on sm_90 and no spill (benchmarks/sass_report.py; not yet timed on a GPU). No scales:
+        # GROUP, GS, NG and MAGIC are unused, s_ptr a dummy.
+        bk = min(2048 if w.element_size() <= 2 else 1024, triton.next_power_of_2(K))
+        scale, group_size, gs, magic, s_strides = w, 1, 1, 0, (0, 0)
+    else:
+        bk = min(2048, triton.next_power_of_2(K))
+        gs = min(bk, lowbit(group_size))
+        magic = 0 if interpreting() else 3      # the PTX int8 -> fp32 conversion: GPU only
+        s_strides = (scale.stride(0), scale.stride(1))
     _int8_expert_gemv_kernel[(triton.cdiv(n_out, bn), P)](
-        x, qweight, scale, bias if bias is not None else scale, experts.contiguous(), out, n_out, K, int(x_every),
-        x.stride(0), qweight.stride(0), qweight.stride(1), scale.stride(0), scale.stride(1),
-        bias.stride(0) if bias is not None else 0, out.stride(0),
+        x, w, scale, bias if bias is not None else scale, experts.contiguous(), out, n_out, K, x_every,
+        x.stride(0), w.stride(0), w.stride(1), *s_strides, bias.stride(0) if bias is not None else 0, out.stride(0),
         GROUP=group_size, GS=gs, NG=bk // gs, HAS_BIAS=bias is not None, ACT=act, ALPHA=alpha, LIMIT=limit,
         SWIGLU=gated, MAGIC=magic, EVEN_K=K % bk == 0, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
     )
@@ -682,6 +761,16 @@ def int8_expert_linear_reference(x, qweight, scale, group_size, experts, x_every
                                  bias=bias[e] if bias is not None else None, activation=activation)
            for p, e in enumerate(experts.tolist())]
     n_out = qweight.shape[1] // 2 if epilogue(activation)[0] in GATED_CODES else qweight.shape[1]
+    return torch.cat(out) if out else x.new_empty(0, n_out)
+
+
+def expert_linear_reference(x, weight, experts, x_every=1, activation=None, bias=None):
+    """expert_linear in plain torch, pair by pair: F.linear in fp32, then the runtime's activation."""
+    rows = x.repeat_interleave(x_every, dim=0) if x_every > 1 else x
+    out = [activate_reference(F.linear(rows[p:p + 1].float(), weight[e].float(),
+                                       bias[e].float() if bias is not None else None), activation).to(x.dtype)
+           for p, e in enumerate(experts.tolist())]
+    n_out = weight.shape[1] // 2 if epilogue(activation)[0] in GATED_CODES else weight.shape[1]
     return torch.cat(out) if out else x.new_empty(0, n_out)
 
 

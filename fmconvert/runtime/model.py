@@ -157,7 +157,7 @@ class Block(nn.Module):
         t, ops = self.t, self.m.ops
         ins = t.get("experts_in.weight")
         return (tokens * self.m.spec["experts_per_token"] <= 64 and hasattr(ops, "expert_linear")
-                and isinstance(getattr(ins, "stacked", None), Int8Weight))
+                and getattr(ins, "stacked", None) is not None)
 
     def mlp(self, h):
         """This rank's partial MLP output (row-parallel: the caller all-reduces)."""
@@ -176,9 +176,9 @@ class Block(nn.Module):
     def experts(self, h):
         """A sparse MLP (Mixtral, Qwen3-MoE, GPT-OSS): a softmax router (fp32) picks each token's top-k experts,
         their weights renormalised to sum to 1 where the model does so, and the token's output is the weighted sum
-        of those experts' gated MLPs. Each expert runs once on the tokens routed to it. With int8 experts and a
-        backend that indexes experts on the device (Triton), a few tokens (a decode step) take one launch per
-        projection over (token, expert) pairs instead: no host sync, so the step stays CUDA-graph capturable.
+        of those experts' gated MLPs. Each expert runs once on the tokens routed to it. With a backend that
+        indexes experts on the device (Triton; int8 or float experts), a few tokens (a decode step) take one launch
+        per projection over (token, expert) pairs instead: no host sync, so the step stays CUDA-graph capturable.
         Otherwise the routing is read on the host. GPT-OSS's router and experts have biases; experts_out's is on
         rank 0 only (row-parallel), so it is weighted and summed once."""
         m, t = self.m, self.t

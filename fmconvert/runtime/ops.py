@@ -414,9 +414,12 @@ class TritonOps(TorchOps):
     def mla_decode(self, q, cache, seq_lens, scale, kv_rank):
         return self.k.mla_decode(q, cache, seq_lens, scale, kv_rank)
 
-    def expert_linear(self, x, stacked: Int8Weight, n_experts: int, experts, x_every: int, activation, bias=None):
-        """Rows of (token, expert) pairs from one int8 [E * N, K] stack; the expert ids stay on the device.
-        bias: [E, N] or None."""
+    def expert_linear(self, x, stacked, n_experts: int, experts, x_every: int, activation, bias=None):
+        """Rows of (token, expert) pairs from one [E * N, K] stack, int8 (an Int8Weight) or float; the expert ids
+        stay on the device. bias: [E, N] or None."""
+        if not isinstance(stacked, Int8Weight):
+            return self.k.expert_linear(x, stacked.view(n_experts, -1, stacked.shape[1]), experts, x_every,
+                                        activation, bias=bias)
         q, s = stacked.q, stacked.scale
         return self.k.int8_expert_linear(x, q.view(n_experts, -1, q.shape[1]), s.view(n_experts, -1, s.shape[1]),
                                          stacked.group_size, experts, x_every, activation, bias=bias)

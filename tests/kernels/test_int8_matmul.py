@@ -239,3 +239,139 @@ def test_int8_expert_linear_rejects_bad_inputs():
         int8_expert_linear(x, q, s, 32, torch.tensor([0], device=DEVICE), bias=torch.zeros(4, device=DEVICE))
     with pytest.raises(ValueError, match="swiglu_oai"):
         int8_expert_linear(x, q, s, 32, torch.tensor([0], device=DEVICE), activation=("swiglu_oai", 1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# expert_linear: the same (token, expert) GEMV over float (bf16/fp16/fp32) expert weights
+# ---------------------------------------------------------------------------------------------
+
+
+def float_experts(E, N, K, dtype, R=3, w_dtype=None):
+    gen = torch.Generator().manual_seed(E * N + K)
+    w = (torch.randn(E, N, K, generator=gen) / K ** 0.5).to(w_dtype or dtype).to(DEVICE)    # |y| ~ 1
+    b = (torch.randn(E, N, generator=gen) * 0.5).to(dtype).to(DEVICE)
+    x = torch.randn(R, K, generator=gen).to(dtype).to(DEVICE)
+    return x, w, b
+
+
+def expert_ids(E, n):
+    # the last expert, the first, repeats back to back and apart
+    return torch.tensor(([E - 1, 0, 1, 1, 0, E - 1, 2 % E, 0, 1] * 2)[:n], device=DEVICE)
+
+
+# (act, x_every, bias, (E, N, K)): odd N ungated; K not a power of two (masked walk) or a multiple of the run (one
+# run of 64, two runs of 2048), 2144 = 2048 + 96 is two runs, the second one masked.
+EXPERT_CASES = [
+    (None, 1, False, (3, 17, 200)),
+    (None, 2, True, (4, 33, 96)),
+    (None, 1, True, (2, 5, 4096)),
+    ("swiglu", 2, False, (4, 34, 96)),
+    ("swiglu", 1, True, (5, 6, 64)),
+    ("geglu", 2, True, (3, 18, 200)),
+    (OAI, 2, True, (4, 34, 96)),
+    (OAI, 1, False, (2, 10, 2144)),
+]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("act,x_every,bias,shape", EXPERT_CASES)
+def test_expert_linear_matches_reference(act, x_every, bias, shape, dtype, assert_close):
+    from fmconvert.kernels import expert_linear, expert_linear_reference
+    E, N, K = shape
+    x, w, b = float_experts(E, N, K, dtype)
+    b = b if bias else None
+    eids = expert_ids(E, 3 * x_every)
+    y = expert_linear(x, w, eids, x_every, act, bias=b)
+    ref = expert_linear_reference(x, w, eids, x_every, act, bias=b)
+    assert y.shape == ref.shape == (3 * x_every, N // 2 if act in GATED else N)
+    assert y.dtype == dtype
+    assert_close(y, ref, dtype)
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float16, torch.float32), (torch.float32, torch.float16)])
+def test_expert_linear_weight_dtype_may_differ_from_x(x_dtype, w_dtype, assert_close):
+    """Each weight tile is converted to fp32 as it is loaded: any float weight dtype with any x dtype, y in x's."""
+    from fmconvert.kernels import expert_linear, expert_linear_reference
+    x, w, b = float_experts(3, 34, 96, x_dtype, w_dtype=w_dtype)
+    eids = expert_ids(3, 6).to(torch.int32)
+    y = expert_linear(x, w, eids, 2, OAI, bias=b)
+    assert y.dtype == x_dtype
+    assert_close(y, expert_linear_reference(x, w, eids, 2, OAI, bias=b), x_dtype)
+
+
+def test_expert_linear_agrees_with_int8_experts(assert_close):
+    """Float experts holding the dequantized int8 weights give the int8 kernel's answer (kernels and references)."""
+    from fmconvert.kernels import (expert_linear, expert_linear_reference, int8_expert_linear,
+                                   int8_expert_linear_reference)
+    E, N, K, G = 4, 34, 96, 32
+    q, s, b = expert_weights(E, N, K, G, torch.float32)
+    w = torch.stack([dequantize(q[e], s[e], G) for e in range(E)])
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    eids = expert_ids(E, 6)
+    ref = int8_expert_linear_reference(x, q, s, G, eids, 2, "swiglu", bias=b)
+    assert_close(expert_linear_reference(x, w, eids, 2, "swiglu", bias=b), ref, torch.float32)
+    y_int8 = int8_expert_linear(x, q, s, G, eids, 2, "swiglu", bias=b)
+    assert_close(expert_linear(x, w, eids, 2, "swiglu", bias=b), y_int8, torch.float32)
+
+
+@pytest.mark.parametrize("act", [None, "swiglu"])
+def test_expert_linear_no_pairs(act):
+    from fmconvert.kernels import expert_linear, expert_linear_reference
+    x, w, b = float_experts(3, 18, 64, torch.float32, R=0)
+    eids = torch.zeros(0, dtype=torch.int64, device=DEVICE)
+    for fn in (expert_linear, expert_linear_reference):
+        y = fn(x, w, eids, 2, act, bias=b)
+        assert y.shape == (0, 9 if act else 18) and y.dtype == torch.float32
+
+
+def test_expert_linear_rejects_bad_inputs():
+    from fmconvert.kernels import expert_linear, int8_expert_linear
+    w = torch.zeros(2, 4, 32, device=DEVICE)
+    x = torch.zeros(1, 32, device=DEVICE)
+    e1 = torch.tensor([0], device=DEVICE)
+    with pytest.raises(ValueError, match="weight must be one of"):
+        expert_linear(x, w.to(torch.int8), e1)
+    with pytest.raises(ValueError, match="x must be one of"):
+        expert_linear(x.to(torch.int32), w, e1)
+    with pytest.raises(ValueError, match=r"need x \[R, K\]"):
+        expert_linear(x, w[0], e1)
+    with pytest.raises(ValueError, match=r"need x \[R, K\]"):
+        expert_linear(x[:, :16], w, e1)
+    with pytest.raises(ValueError, match="experts must be"):
+        expert_linear(x, w, torch.tensor([0, 1], device=DEVICE))
+    with pytest.raises(ValueError, match="experts must be"):
+        expert_linear(x, w, e1.float())
+    with pytest.raises(ValueError, match="experts must be"):
+        expert_linear(x, w, e1, x_every=2)
+    with pytest.raises(ValueError, match="x_every"):
+        expert_linear(x, w, e1, x_every=0)
+    with pytest.raises(ValueError, match="contiguous"):
+        expert_linear(x, w.transpose(1, 2).contiguous().transpose(1, 2), e1)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        expert_linear(x, w, e1, bias=torch.zeros(4, device=DEVICE))
+    with pytest.raises(ValueError, match="swiglu"):
+        expert_linear(x, w[:, :3], e1, activation="swiglu")
+    with pytest.raises(ValueError, match="activation"):
+        expert_linear(x, w, e1, activation="tanh")
+    with pytest.raises(ValueError, match="swiglu_oai"):
+        expert_linear(x, w, e1, activation=("swiglu_oai", 1.0))
+    with pytest.raises(ValueError, match="x_every"):        # the int8 launcher shares these checks
+        int8_expert_linear(x, torch.zeros(2, 4, 32, dtype=torch.int8, device=DEVICE),
+                           torch.ones(2, 4, 1, device=DEVICE), 32, e1, x_every=-1)
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="CUDA graphs need a GPU")
+def test_expert_linear_replays_in_a_cuda_graph(assert_close):
+    """The expert ids are read on the device: a captured step follows new ids written into the same tensor."""
+    from fmconvert.kernels import expert_linear, expert_linear_reference
+    x, w, b = float_experts(4, 34, 96, torch.bfloat16)
+    eids = expert_ids(4, 6)
+    expert_linear(x, w, eids, 2, "swiglu", bias=b)          # compile outside the capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = expert_linear(x, w, eids, 2, "swiglu", bias=b)
+    eids.copy_(torch.tensor([2, 3, 3, 0, 1, 2], device=DEVICE))
+    g.replay()
+    torch.cuda.synchronize()
+    assert_close(y, expert_linear_reference(x, w, eids, 2, "swiglu", bias=b), torch.bfloat16)

@@ -88,23 +88,24 @@ def test_triton_decode_step_crosses_the_longrope_switch(model_dir, tmp_path):
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "glm4_moe"])
 def test_int8_experts_are_routed_on_the_device(model_dir, tmp_path, name):
-    """Int8 experts on the Triton backend: a decode step's experts run as two launches over (token, expert) pairs
-    whose ids never leave the device, so the step is graph-safe; float experts and the torch backend route on the
-    host and say so."""
+    """Int8 and float experts on the Triton backend: a decode step's experts run as two launches over (token,
+    expert) pairs whose ids never leave the device, so the step is graph-safe; the torch backend, and int8 experts
+    dequantized at load, route on the host and say so."""
     from fmconvert.runtime.model import _decode_graph_safe
     out, fout = tmp_path / "int8", tmp_path / "float"
     convert(model_dir(name), out, Options(tp=1, int8=True, group_size=32), progress=False)
     convert(model_dir(name), fout, Options(tp=1), progress=False)
-    tri = load(out, device=DEVICE, backend="triton", dequantize=False)
-    blk = next(b for b in tri.blocks if "router.weight" in b.t)      # GLM-4.5's first layer is dense
-    assert _decode_graph_safe(tri) and blk.device_routed(2)
-    assert not blk.device_routed(1000)                               # a long prompt: each expert once, host-routed
     assert not _decode_graph_safe(load(out, device="cpu", backend="torch"))
-    assert not _decode_graph_safe(load(fout, device=DEVICE, backend="triton"))
-    h = torch.randn(2, 1, tri.spec["hidden_size"], device=DEVICE)
-    device_side = blk.experts(h)
-    blk.device_routed = lambda tokens: False                          # the host-routed path on the same weights
-    assert ((device_side - blk.experts(h)).abs().max() / device_side.abs().max()).item() < 1e-3
+    assert not _decode_graph_safe(load(out, device=DEVICE, backend="triton", dequantize=True))
+    for tri in (load(out, device=DEVICE, backend="triton", dequantize=False),
+                load(fout, device=DEVICE, backend="triton")):
+        blk = next(b for b in tri.blocks if "router.weight" in b.t)      # GLM-4.5's first layer is dense
+        assert _decode_graph_safe(tri) and blk.device_routed(2)
+        assert not blk.device_routed(1000)                           # a long prompt: each expert once, host-routed
+        h = torch.randn(2, 1, tri.spec["hidden_size"], device=DEVICE)
+        device_side = blk.experts(h)
+        blk.device_routed = lambda tokens: False                      # the host-routed path on the same weights
+        assert ((device_side - blk.experts(h)).abs().max() / device_side.abs().max()).item() < 1e-3
 
 
 class _LaunchCounter(TorchDispatchMode):
