@@ -410,6 +410,13 @@ class Policy:
         is `dense_intermediate_size` wide."""
         L = c["num_layers"]
         first, listed, step = c.get("first_dense") or 0, c.get("dense_list") or [], c.get("sparse_step") or 1
+        kinds = c.get("mlp_kinds")             # K-EXAONE's mlp_layer_types: "dense" or "sparse" per layer
+        if kinds is not None:
+            if not isinstance(kinds, (list, tuple)) or len(kinds) != L or any(k not in ("dense", "sparse")
+                                                                              for k in kinds):
+                raise FmError(f"config.json: mlp_layer_types must name dense or sparse for each of the {L} layers, "
+                              f"got {str(kinds)[:60]}")
+            listed = list(listed) + [i for i, k in enumerate(kinds) if k == "dense"]
         sparse = c.get("sparse_list")          # Llama 4's moe_layers: the mixtures, every other layer dense
         if sparse is not None:
             if not isinstance(sparse, (list, tuple)) or any(type(i) is not int or not 0 <= i < L for i in sparse):
