@@ -1,4 +1,5 @@
-"""One device call: kernel timings, a Llama-2-7B-shaped model end to end, then the kernel tests on CUDA.
+"""One device call: kernel timings, a Llama-2-7B-shaped model end to end, a latent-attention model (DeepSeek-V2-Lite's
+attention, 4 layers) against HF, then the kernel tests on CUDA.
 
     PYTHONPATH=$PWD python3 benchmarks/gpu_check.py --out DIR [--skip-tests] [--layers 32] [--deadline-s 540]
 
@@ -445,6 +446,57 @@ def main():
         stage("fmconvert_bf16", out)(lambda: ours("bf16"))()
         stage("fmconvert_int8", out)(lambda: ours("int8"))()
         shutil.rmtree(state["src"].parent, ignore_errors=True)
+    @stage("mla_decode", out)
+    def mla_decode():
+        """Latent attention end to end: DeepSeek-V2-Lite's attention (16 heads, kv_lora_rank 512, k 128 + 64,
+        v 128) on 4 layers, bf16, random weights: fmconvert (absorbed decode over the latent cache, kernels/mla.py,
+        CUDA graph) against HF eager (which expands every cached latent at each step), at 128 and 2048 cached
+        tokens, batch 1."""
+        from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+        from fmconvert.runtime.load import load
+        size = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, kv_lora_rank=512,
+                    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, moe_intermediate_size=1408) \
+            if DEV == "cuda" else dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, kv_lora_rank=32,
+                                       qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                                       moe_intermediate_size=64)
+        cfg = DeepseekV2Config(num_hidden_layers=4, q_lora_rank=None, first_k_dense_replace=3, n_routed_experts=4,
+                               num_experts_per_tok=2, n_shared_experts=2, vocab_size=32000,
+                               max_position_embeddings=4096, tie_word_embeddings=False, **size)
+        cfg.architectures = ["DeepseekV2ForCausalLM"]
+        torch.manual_seed(0)
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device(DEV):
+            hf = DeepseekV2ForCausalLM(cfg).eval()
+        torch.set_default_dtype(torch.float32)
+        hf.config.dtype = torch.bfloat16
+        src = workdir(sum(p.numel() for p in hf.parameters()) * 5) / "mla"
+        hf.save_pretrained(src)
+        dst = src.parent / "mla-bf16"
+        p = subprocess.run([sys.executable, "-m", "fmconvert", "convert", "-q", "--dtype", "bf16", str(src), str(dst)],
+                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+        if p.returncode:
+            raise RuntimeError(f"convert: {p.stderr.strip()[-500:]}")
+        m = load(dst, device=DEV, backend="triton" if DEV == "cuda" else "torch")
+        r = {}
+        for T in (128, 2048) if DEV == "cuda" else (16, 64):
+            prompt = torch.randint(0, 32000, (1, T), device=DEV)
+            with torch.inference_mode():
+                hf_last = hf(prompt).logits[:, -1].float()
+            r[f"parity_{T}"] = parity(m, prompt, hf_last)
+            r[f"hf_decode_tok_s_{T}"] = hf_decode_tok_s(hf, prompt, 32)
+            r[f"decode_tok_s_{T}"] = ours_decode_tok_s(m, prompt, 32)
+            r[f"vs_hf_{T}"] = r[f"decode_tok_s_{T}"] / r[f"hf_decode_tok_s_{T}"]
+        print("  ", {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
+        del m, hf
+        shutil.rmtree(src.parent, ignore_errors=True)
+        return r
+
+    # Latent attention only when the kernel tests would still get their minute and a half after it
+    if args.deadline_s - (time.perf_counter() - t_start) > 240 or args.dry_run_cpu:
+        mla_decode()
+    else:
+        REPORT["stages"]["mla_decode"] = {"ok": False, "error": "skipped: too little of --deadline-s left"}
     if not args.skip_tests:
         kernel_tests()
     save(out)

@@ -34,6 +34,9 @@ def test_gpu_check_dry_run(tmp_path):
         assert "error" not in par, par
         assert par["step_rel_err_vs_eager"] < 2e-2 and par["logits_rel_err_vs_hf"] < 5e-2, par
     assert stages["fmconvert_int8"]["fused_ab_skipped"]
+    mla = stages["mla_decode"]                  # latent attention: bf16 on CPU against HF, at both prompt lengths
+    for T in (16, 64):                          # the dry run's prompts (128 and 2048 on a GPU)
+        assert mla[f"parity_{T}"]["logits_rel_err_vs_hf"] < 5e-2 and mla[f"decode_tok_s_{T}"] > 0, mla
 
 
 def _gpu_check():
