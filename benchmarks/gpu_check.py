@@ -223,6 +223,17 @@ def workdir(need_bytes: int) -> Path:
     return Path(tempfile.mkdtemp(prefix="fmc-"))
 
 
+def random_bf16(model_cls, cfg):
+    """An HF model of this config with seeded random bf16 weights, built on the device (no fp32 copy)."""
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(DEV):
+        hf = model_cls(cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    hf.config.dtype = torch.bfloat16
+    return hf
+
+
 def rel_err(a, b) -> float:
     a, b = a.float(), b.float()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -324,13 +335,7 @@ def main():
         cfg = LlamaConfig(num_hidden_layers=args.layers, max_position_embeddings=4096, tie_word_embeddings=False,
                           **size)
         cfg.architectures = ["LlamaForCausalLM"]
-        torch.manual_seed(0)
-        torch.set_default_dtype(torch.bfloat16)
-        with torch.device(DEV):
-            hf = LlamaForCausalLM(cfg).eval()
-        torch.set_default_dtype(torch.float32)
-        hf.config.dtype = torch.bfloat16
-        state["hf"] = hf
+        hf = state["hf"] = random_bf16(LlamaForCausalLM, cfg)
         params = sum(p.numel() for p in hf.parameters())
         src = workdir(int(params * 5.2)) / "llama7b"       # bf16 source, bf16 output, int8 output
         t0 = time.perf_counter()
@@ -464,12 +469,7 @@ def main():
                                num_experts_per_tok=2, n_shared_experts=2, vocab_size=32000,
                                max_position_embeddings=4096, tie_word_embeddings=False, **size)
         cfg.architectures = ["DeepseekV2ForCausalLM"]
-        torch.manual_seed(0)
-        torch.set_default_dtype(torch.bfloat16)
-        with torch.device(DEV):
-            hf = DeepseekV2ForCausalLM(cfg).eval()
-        torch.set_default_dtype(torch.float32)
-        hf.config.dtype = torch.bfloat16
+        hf = random_bf16(DeepseekV2ForCausalLM, cfg)
         src = workdir(sum(p.numel() for p in hf.parameters()) * 5) / "mla"
         hf.save_pretrained(src)
         dst = src.parent / "mla-bf16"

@@ -127,24 +127,19 @@ def other_cases(D: int = 128, hidden: int = 4096, S: int = 193, T: int = 2048):
     from fmconvert.kernels import glu, norm, rope
     from fmconvert.kernels import int8_matmul as im
     H = hidden // D
-    # Mixtral-8x7B's experts_in (gate; up of 14336 each) over (token, expert) pairs, as a decode step launches it.
-    for swiglu, n_out, k in ((True, 14336, hidden), (False, hidden, 14336)):
-        rows = n_out * (2 if swiglu else 1)
-        yield Case(f"int8 expert GEMV{' swiglu' if swiglu else ''} 2x2048 w4", im._int8_expert_gemv_kernel,
-                   dict(GROUP=128, GS=128, NG=16, ACT=5 if swiglu else 0, SWIGLU=swiglu, MAGIC=3, EVEN_K=True,
-                        BLOCK_N=2, BLOCK_K=2048), 4, ptrs={"w_ptr": "*i8", "e_ptr": "*i64"},
-                   ints=dict(N_OUT=n_out, K=k, X_EVERY=2 if swiglu else 1, stride_xm=k, stride_we=rows * k,
-                             stride_wn=k, stride_se=rows * k // 128, stride_sn=k // 128, stride_be=rows,
-                             stride_om=n_out))
-    # The same launches over bf16 experts (expert_linear): no scales, so GROUP, GS, NG, MAGIC and the scale strides
-    # are unused.
-    for swiglu, n_out, k in ((True, 14336, hidden), (False, hidden, 14336)):
-        rows = n_out * (2 if swiglu else 1)
-        yield Case(f"bf16 expert GEMV{' swiglu' if swiglu else ''} 2x2048 w4", im._int8_expert_gemv_kernel,
-                   dict(GROUP=1, GS=1, NG=1, ACT=5 if swiglu else 0, SWIGLU=swiglu, MAGIC=0, EVEN_K=True,
-                        BLOCK_N=2, BLOCK_K=2048), 4, ptrs={"w_ptr": "*bf16", "e_ptr": "*i64"},
-                   ints=dict(N_OUT=n_out, K=k, X_EVERY=2 if swiglu else 1, stride_xm=k, stride_we=rows * k,
-                             stride_wn=k, stride_se=0, stride_sn=0, stride_be=rows, stride_om=n_out))
+    # Mixtral-8x7B's experts_in (gate; up of 14336 each) over (token, expert) pairs, as a decode step launches it, int8
+    # and bf16 (expert_linear: no scales, so GROUP, GS, NG, MAGIC and the scale strides are unused).
+    for w in ("int8", "bf16"):
+        int8 = w == "int8"
+        for swiglu, n_out, k in ((True, 14336, hidden), (False, hidden, 14336)):
+            rows = n_out * (2 if swiglu else 1)
+            yield Case(f"{w} expert GEMV{' swiglu' if swiglu else ''} 2x2048 w4", im._int8_expert_gemv_kernel,
+                       dict(GROUP=128 if int8 else 1, GS=128 if int8 else 1, NG=16 if int8 else 1,
+                            ACT=5 if swiglu else 0, SWIGLU=swiglu, MAGIC=3 if int8 else 0, EVEN_K=True, BLOCK_N=2,
+                            BLOCK_K=2048), 4, ptrs={"w_ptr": "*i8" if int8 else "*bf16", "e_ptr": "*i64"},
+                       ints=dict(N_OUT=n_out, K=k, X_EVERY=2 if swiglu else 1, stride_xm=k, stride_we=rows * k,
+                                 stride_wn=k, stride_se=rows * k // 128 if int8 else 0,
+                                 stride_sn=k // 128 if int8 else 0, stride_be=rows, stride_om=n_out))
     # GPT-OSS-20B's experts_in (gate; up of 2880, K 2880 in groups of 64), biased, clamped SwiGLU
     yield Case("int8 expert GEMV swiglu_oai bias 2x2048 w4", im._int8_expert_gemv_kernel,
                dict(GROUP=64, GS=64, NG=32, HAS_BIAS=True, ACT=7, ALPHA=1.702, LIMIT=7.0, SWIGLU=True, MAGIC=3,

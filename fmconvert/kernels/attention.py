@@ -43,6 +43,19 @@ def _tanh(x):
 
 
 @triton.jit
+def _online_softmax(s, v, m_i, l_i, acc, PREC: tl.constexpr):
+    """One key tile of a decode split (log2 domain): fold scores s [rows, keys] and values v [keys, D] into the
+    running max m_i, sum l_i and unnormalised acc [rows, D]. Every tile that runs holds >= 1 valid key, so the new
+    max is finite. Shared by the split-K decode kernels (here and kernels/mla.py)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _softcap(s, cap):
     # s and cap in log2 units (both natural units * LOG2E): cap * tanh(s / cap) there equals
     # LOG2E * c * tanh(s_nat / c), the natural-units cap, without converting back and forth.
@@ -358,13 +371,7 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, slopes_ptr, sinks_ptr, lens_ptr,
         if ALIBI:
             s += slope[:, None] * (offs_n - (seq_len - 1)).to(tl.float32)[None, :]
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        # Every chunk that runs holds >= 1 valid key, so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, PREC)
     # A split that ran no iteration (empty sequence, or wholly before the window or chunk) leaves m = -inf,
     # l = 0, acc = 0: DIRECT stores zeros, the reduce gives it weight 0.
     if DIRECT:

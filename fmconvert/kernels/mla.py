@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import device_sms, float_dtype_check, interpreting
-from .attention import LOG2E, _dot_mode
+from .attention import LOG2E, _dot_mode, _online_softmax
 
 
 @triton.jit
@@ -71,13 +71,7 @@ def _mla_decode_partial_kernel(q_ptr, c_ptr, lens_ptr, ws_ptr, o_ptr,
         s = tl.dot(q_lat, tl.trans(lat), input_precision=PREC)                 # [BH, BN], fp32
         s = tl.dot(q_pe, tl.trans(pe), acc=s, input_precision=PREC) * qk_scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        # Every tile that runs holds >= 1 valid row, so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax(s, lat, m_i, l_i, acc, PREC)         # lat again, now as the values
     # A split that ran no iteration (empty sequence, or past seq_len) leaves m = -inf, l = 0, acc = 0:
     # DIRECT stores zeros, the reduce gives it weight 0.
     out_mask = h_mask[:, None] & c_mask[None, :]

@@ -189,59 +189,72 @@ def window_mask(T, S, window):
     return mask.to(DEVICE)
 
 
-@pytest.mark.parametrize("window", [1, 3, 37])
-def test_prefill_window_reference_matches_sdpa_with_explicit_mask(window, assert_close):
-    # Checks the reference itself against torch SDPA fed a mask built independently of it.
+@pytest.mark.parametrize("mask", [("window", 1), ("window", 3), ("window", 37), ("chunk", 1), ("chunk", 4),
+                                  ("chunk", 10)])
+def test_prefill_masked_reference_matches_sdpa_with_explicit_mask(mask, assert_close):
+    # Checks the reference itself against torch SDPA fed a mask built independently of it (for chunks, as
+    # transformers' create_chunked_causal_mask builds it).
+    kind, size = mask
     B, HQ, HKV, T, S, D = 2, 4, 2, 13, 45, 16
     q = rand(B, HQ, T, D, dtype=torch.float32, seed=1)
     k = rand(B, HKV, S, D, dtype=torch.float32, seed=2)
     v = rand(B, HKV, S, D, dtype=torch.float32, seed=3)
-    ref = prefill_attention_reference(q, k, v, 0.25, window=window)
+    ref = prefill_attention_reference(q, k, v, 0.25, **{kind: size})
     kr, vr = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
-    sdpa = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=window_mask(T, S, window), scale=0.25)
+    explicit = window_mask(T, S, size) if kind == "window" else chunk_mask(T, S, size)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=explicit, scale=0.25)
     assert_close(ref, sdpa, torch.float32, tol=1e-5)
-    # and the window bites: the result is not plain causal attention
+    # the mask bites (not plain causal attention), and past 1 a chunk is not a sliding window of its width
     assert (ref - prefill_attention_reference(q, k, v, 0.25)).abs().max() > 0.05
+    if kind == "chunk" and size > 1:
+        assert (ref - prefill_attention_reference(q, k, v, 0.25, window=size)).abs().max() > 0.05
 
 
 # (B, Hq, Hkv, T, S, D): full prefill with GQA, and a continuation of a cache (T < S)
-WINDOW_PREFILL_SHAPES = [(1, 4, 2, 70, 70, 16), (2, 2, 1, 13, 70, 24)]
+MASKED_PREFILL_SHAPES = [(1, 4, 2, 70, 70, 16), (2, 2, 1, 13, 70, 24)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("window", [1, 5, 37, 100])
-@pytest.mark.parametrize("shape", WINDOW_PREFILL_SHAPES)
-def test_prefill_window_matches_reference(shape, window, dtype, assert_close):
+@pytest.mark.parametrize("mask", [("window", 1), ("window", 5), ("window", 37), ("window", 100), ("chunk", 1),
+                                  ("chunk", 3), ("chunk", 5), ("chunk", 16), ("chunk", 70), ("chunk", 100)])
+@pytest.mark.parametrize("shape", MASKED_PREFILL_SHAPES)
+def test_prefill_window_and_chunk_match_reference(shape, mask, dtype, assert_close):
+    """A sliding window (a query at p sees p - W < j <= p) or Llama 4's chunks (j in p's aligned chunk); either one
+    reaching past every key is the plain kernel, bit for bit."""
     S, D = shape[4], shape[5]
     q, k, v = prefill_qkv(shape, dtype)
-    o = prefill_attention(q, k, v, 1 / math.sqrt(D), window=window)
-    assert_close(o, prefill_attention_reference(q, k, v, 1 / math.sqrt(D), window=window), dtype)
-    if window >= S:
+    kw = {mask[0]: mask[1]}
+    o = prefill_attention(q, k, v, 1 / math.sqrt(D), **kw)
+    assert_close(o, prefill_attention_reference(q, k, v, 1 / math.sqrt(D), **kw), dtype)
+    if mask[1] >= S:
         assert torch.equal(o, prefill_attention(q, k, v, 1 / math.sqrt(D)))
 
 
-def test_prefill_window_sweep_every_width(assert_close):
-    # Every window from 1 to past S over 3 x 3 blocks: catches off-by-ones in the block skip.
-    T, S, D = 50, 70, 16
+@pytest.mark.parametrize("kind,T", [("window", 50), ("chunk", 40)])
+def test_prefill_window_and_chunk_sweep_every_size(kind, T, assert_close):
+    # Every window or chunk from 1 to past S, the queries offset into the cache: catches off-by-ones in the block
+    # skip, the first key block and the per-row start.
+    S, D = 70, 16
     q = rand(1, 1, T, D, dtype=torch.float32, seed=1)
     k, v = rand(1, 1, S, D, dtype=torch.float32, seed=2), rand(1, 1, S, D, dtype=torch.float32, seed=3)
-    for window in range(1, S + 2):
-        o = prefill_attention(q, k, v, 0.25, window=window)
-        assert_close(o, prefill_attention_reference(q, k, v, 0.25, window=window), torch.float32)
+    for size in range(1, S + 2):
+        o = prefill_attention(q, k, v, 0.25, **{kind: size})
+        assert_close(o, prefill_attention_reference(q, k, v, 0.25, **{kind: size}), torch.float32)
 
 
-def test_prefill_window_skips_key_blocks_before_it(assert_close):
-    # NaN keys/values that a loaded block would turn into NaN output (0 * NaN in p @ v). The 5
-    # queries see keys 131..139, so a key loop starting at the 32- or 64-aligned block of key 131
-    # never touches keys [0, 128).
-    B, H, T, S, D, W = 1, 2, 5, 140, 16, 5
+@pytest.mark.parametrize("mask", [("window", 5), ("chunk", 5), ("chunk", 64)])
+def test_prefill_skips_key_blocks_before_the_window_or_chunk(mask, assert_close):
+    # NaN keys/values that a loaded block would turn into NaN output (0 * NaN in p @ v). The 5 queries at 135..139
+    # see keys from 131 (window 5), 135 (chunk 5) or 128 (chunk 64) on, so a key loop starting at the 32- or
+    # 64-aligned block of that first key never touches keys [0, 128).
+    B, H, T, S, D = 1, 2, 5, 140, 16
     q = rand(B, H, T, D, dtype=torch.float16, seed=1)
     k, v = rand(B, H, S, D, dtype=torch.float16, seed=2), rand(B, H, S, D, dtype=torch.float16, seed=3)
     kp, vp = k.clone(), v.clone()
     kp[:, :, :128] = float("nan")
     vp[:, :, :128] = float("nan")
-    o = prefill_attention(q, kp, vp, 0.25, window=W)
-    assert_close(o, prefill_attention_reference(q, k, v, 0.25, window=W), torch.float16)
+    o = prefill_attention(q, kp, vp, 0.25, **{mask[0]: mask[1]})
+    assert_close(o, prefill_attention_reference(q, k, v, 0.25, **{mask[0]: mask[1]}), torch.float16)
 
 
 def test_prefill_window_with_alibi_and_padding(assert_close):
@@ -509,22 +522,6 @@ def chunk_mask(T, S, chunk):
     return ((kv_idx <= q_idx) & (kv_idx // chunk == q_idx // chunk)).to(DEVICE)
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 10])
-def test_prefill_chunk_reference_matches_sdpa_with_explicit_mask(chunk, assert_close):
-    B, HQ, HKV, T, S, D = 2, 4, 2, 13, 45, 16
-    q = rand(B, HQ, T, D, dtype=torch.float32, seed=1)
-    k = rand(B, HKV, S, D, dtype=torch.float32, seed=2)
-    v = rand(B, HKV, S, D, dtype=torch.float32, seed=3)
-    ref = prefill_attention_reference(q, k, v, 0.25, chunk=chunk)
-    kr, vr = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
-    sdpa = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=chunk_mask(T, S, chunk), scale=0.25)
-    assert_close(ref, sdpa, torch.float32, tol=1e-5)
-    # the chunk bites (not plain causal), and past 1 (each query alone) it is not a sliding window of its width
-    assert (ref - prefill_attention_reference(q, k, v, 0.25)).abs().max() > 0.05
-    if chunk > 1:
-        assert (ref - prefill_attention_reference(q, k, v, 0.25, window=chunk)).abs().max() > 0.05
-
-
 def test_decode_chunk_reference_matches_rule(assert_close):
     # The decode query sits at len - 1: it sees keys [(len - 1) // C * C, len).
     B, H, S, D, C = 4, 2, 40, 16, 8
@@ -536,47 +533,6 @@ def test_decode_chunk_reference_matches_rule(assert_close):
         lo = (n - 1) // C * C
         p = (q[b, :, None] @ kc[b, :, lo:n].transpose(-1, -2) * 0.3).softmax(-1)      # [H, 1, n - lo]
         assert_close(ref[b], (p @ vc[b, :, lo:n])[:, 0], torch.float32, tol=1e-5)
-
-
-# (B, Hq, Hkv, T, S, D): full prefill with GQA, and a continuation of a cache (T < S)
-CHUNK_PREFILL_SHAPES = [(1, 4, 2, 70, 70, 16), (2, 2, 1, 13, 70, 24)]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("chunk", [1, 3, 5, 16, 70, 100])
-@pytest.mark.parametrize("shape", CHUNK_PREFILL_SHAPES)
-def test_prefill_chunk_matches_reference(shape, chunk, dtype, assert_close):
-    S, D = shape[4], shape[5]
-    q, k, v = prefill_qkv(shape, dtype)
-    o = prefill_attention(q, k, v, 1 / math.sqrt(D), chunk=chunk)
-    assert_close(o, prefill_attention_reference(q, k, v, 1 / math.sqrt(D), chunk=chunk), dtype)
-    if chunk >= S:
-        assert torch.equal(o, prefill_attention(q, k, v, 1 / math.sqrt(D)))
-
-
-def test_prefill_chunk_sweep_every_size(assert_close):
-    # Every chunk size from 1 to past S, with the queries offset into the cache: catches off-by-ones in the
-    # first key block and in the per-row chunk start.
-    T, S, D = 40, 70, 16
-    q = rand(1, 1, T, D, dtype=torch.float32, seed=1)
-    k, v = rand(1, 1, S, D, dtype=torch.float32, seed=2), rand(1, 1, S, D, dtype=torch.float32, seed=3)
-    for chunk in range(1, S + 2):
-        o = prefill_attention(q, k, v, 0.25, chunk=chunk)
-        assert_close(o, prefill_attention_reference(q, k, v, 0.25, chunk=chunk), torch.float32)
-
-
-@pytest.mark.parametrize("chunk", [5, 64])
-def test_prefill_chunk_skips_key_blocks_before_it(chunk, assert_close):
-    # The 5 queries at 135..139 see keys from 135 (chunk 5) or 128 (chunk 64) on: a key loop starting at the 32- or
-    # 64-aligned block of the chunk start never touches the NaN keys [0, 128).
-    B, H, T, S, D = 1, 2, 5, 140, 16
-    q = rand(B, H, T, D, dtype=torch.float16, seed=1)
-    k, v = rand(B, H, S, D, dtype=torch.float16, seed=2), rand(B, H, S, D, dtype=torch.float16, seed=3)
-    kp, vp = k.clone(), v.clone()
-    kp[:, :, :128] = float("nan")
-    vp[:, :, :128] = float("nan")
-    o = prefill_attention(q, kp, vp, 0.25, chunk=chunk)
-    assert_close(o, prefill_attention_reference(q, k, v, 0.25, chunk=chunk), torch.float16)
 
 
 # (softcap, sinks shift or None, alibi, key padding)
