@@ -19,12 +19,18 @@ class KVCache:
 
     A layer that attends within a window shorter than max_len keeps only that many positions, as a ring buffer:
     position p lives in row p % window (`ring[i]`, 0 for a plain cache). RoPE is applied before a key is cached
-    and softmax does not care about key order, so a decode step attends over the ring as it lies."""
+    and softmax does not care about key order, so a decode step attends over the ring as it lies. A chunked layer
+    (Llama 4) keeps a ring of one chunk (`chunked[i]`): its chunk starts at a multiple of the ring size, so the
+    positions a query at p sees sit in rows 0 .. p % chunk, in order."""
 
-    def __init__(self, n_layers, batch, kv_heads, max_len, head_dim, dtype, device, windows=None, latent=0):
-        """latent: latent attention's cache, whose values are the first `latent` columns of its keys (a view)."""
+    def __init__(self, n_layers, batch, kv_heads, max_len, head_dim, dtype, device, windows=None, latent=0,
+                 chunks=None):
+        """latent: latent attention's cache, whose values are the first `latent` columns of its keys (a view).
+        chunks: each layer's attention chunk (0: none), for the layers without a window."""
         windows = windows or [0] * n_layers
-        self.ring = [w if 0 < w < max_len else 0 for w in windows]
+        chunks = chunks or [0] * n_layers
+        self.ring = [w if 0 < w < max_len else c if 0 < c < max_len else 0 for w, c in zip(windows, chunks)]
+        self.chunked = [not (0 < w < max_len) and 0 < c < max_len for w, c in zip(windows, chunks)]
         self.k = [torch.zeros(batch, kv_heads, r or max_len, head_dim, dtype=dtype, device=device) for r in self.ring]
         self.v = [t[..., :latent] for t in self.k] if latent else [torch.zeros_like(t) for t in self.k]
         self.length = 0
@@ -282,6 +288,7 @@ class Block(nn.Module):
         after = qk_norm is not None and m.spec["qk_norm_after_rope"]      # Hunyuan: rotate, then normalise
         if pos_t is not None:
             kc, vc, ring = cache.k[self.i], cache.v[self.i], cache.ring[self.i]
+            key = -ring if cache.chunked[self.i] else ring           # which of the step's lengths this layer reads
             rope = (*m.rope_tables(self.rope_table, decode=True), m.rope_style, m.rotary_dim) \
                 if self.rope else (None,) * 4
             if after:
@@ -293,9 +300,10 @@ class Block(nn.Module):
             q = m.ops.decode_append(q, k, v, kc, vc, pos_t, *rope, qk_norm=qk_norm, ring=bool(ring))  # (B, Hq, hd)
             if self.query_scale is not None:
                 q = q * self.query_scale(pos_t).view(1, 1, 1)
-            # a ring holds exactly the window: attend over its filled rows (seq_t[ring]), nothing to mask
-            o = m.ops.decode_attention(q, kc, vc, seq_t[ring], m.scale, m.alibi, 0 if ring else self.window,
-                                       m.softcap, sinks=self.sinks, chunk=self.chunk)
+            # a ring holds exactly the window (or the chunk so far): attend over its first seq_t[key] rows,
+            # nothing to mask
+            o = m.ops.decode_attention(q, kc, vc, seq_t[key], m.scale, m.alibi, 0 if ring else self.window,
+                                       m.softcap, sinks=self.sinks, chunk=0 if ring else self.chunk)
             return o.reshape(B, 1, Hq * hd)
         if qk_norm is not None and not after:    # Qwen3: each q and k head RMS-normalised before RoPE
             q, k = self._head_norm(q, k, qk_norm)
@@ -313,7 +321,8 @@ class Block(nn.Module):
         kc, vc = cache.k[self.i], cache.v[self.i]
         start = cache.length
         if cache.ring[self.i]:
-            return self._ring_attention(q, k, v, kc, vc, start, cache.ring[self.i], key_padding_mask)
+            return self._ring_attention(q, k, v, kc, vc, start, cache.ring[self.i], key_padding_mask,
+                                        cache.chunked[self.i])
         kc[:, :, start:start + T].copy_(k)
         vc[:, :, start:start + T].copy_(v)
         S = start + T
@@ -384,27 +393,31 @@ class Block(nn.Module):
         o = m.ops.mla_decode(torch.cat([q_lat, q_pe[:, 0]], -1), kc, seq, m.scale, q_lat.shape[-1])
         return torch.bmm(o.transpose(0, 1), self.w_uv).transpose(0, 1).reshape(B, 1, -1)
 
-    def _ring_attention(self, q, k, v, kc, vc, start, ring, key_padding_mask):
+    def _ring_attention(self, q, k, v, kc, vc, start, ring, key_padding_mask, chunked=False):
         """Attention for T new tokens at positions start.. when this layer's cache is a ring of `ring` rows (its
         window): the keys are the ring's last min(start, ring) positions in order, then the new ones; afterwards
-        the newest min(T, ring) go into the ring."""
+        the newest min(T, ring) go into the ring. chunked (a ring of one chunk): the keys are the current chunk's
+        cached positions, rows 0 .. start % ring, then the new ones; the first key then sits at a multiple of the
+        chunk, so masking chunks by index within those keys masks them by position."""
         m = self.m
         B, Hq, T, hd = q.shape
         rows = torch.arange(start, start + T, device=q.device)[-ring:] % ring
         if T == 1 and m.ops.name != "torch":
             kc.index_copy_(2, rows, k)
             vc.index_copy_(2, rows, v)
-            seq = torch.full((B,), min(start + 1, ring), dtype=torch.int32, device=q.device)
+            seq = torch.full((B,), start % ring + 1 if chunked else min(start + 1, ring), dtype=torch.int32,
+                             device=q.device)
             o = m.ops.decode_attention(q[:, :, 0], kc, vc, seq, m.scale, m.alibi, 0, m.softcap, sinks=self.sinks)
             return o.reshape(B, 1, Hq * hd)
-        old = min(start, ring)
-        if start > ring:                 # the oldest cached position sits in row start % ring: rotate it first
+        old = start % ring if chunked else min(start, ring)
+        if start > ring and not chunked:  # the oldest cached position sits in row start % ring: rotate it first
             ok, ov = kc.roll(-(start % ring), 2), vc.roll(-(start % ring), 2)
         else:
             ok, ov = kc[:, :, :old], vc[:, :, :old]
         ka, va = torch.cat([ok, k], 2), torch.cat([ov, v], 2)
         kpm = None if key_padding_mask is None else key_padding_mask[:, -(old + T):]
-        o = m.ops.attention(q, ka, va, m.scale, m.causal, m.alibi, kpm, self.window, m.softcap, sinks=self.sinks)
+        o = m.ops.attention(q, ka, va, m.scale, m.causal, m.alibi, kpm, self.window, m.softcap, sinks=self.sinks,
+                            chunk=self.chunk)
         kc.index_copy_(2, rows, k[:, :, -ring:])
         vc.index_copy_(2, rows, v[:, :, -ring:])
         return o.transpose(1, 2).reshape(B, T, Hq * hd)
@@ -548,12 +561,13 @@ class FusedModel(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         # ALiBi biases by key position, which a ring buffer does not keep; no family has both
         windows = [0 if self.alibi is not None else b.window for b in self.blocks]
+        chunks = [b.chunk for b in self.blocks]
         mla = self.spec["mla"]
         if mla:               # one latent row per position: kv_rank columns (the values too), then the rotated key
             return KVCache(len(self.blocks), batch, 1, max_len, mla["kv_rank"] + mla["rope_dim"], self.dtype,
                            self.device, windows, latent=mla["kv_rank"])
         return KVCache(len(self.blocks), batch, self.kv_heads, max_len, self.head_dim, self.dtype, self.device,
-                       windows)
+                       windows, chunks=chunks)
 
     # -- forward --------------------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -593,10 +607,11 @@ class FusedModel(nn.Module):
         self._begin_forward()
         B = ids.shape[0]
         positions = pos_t.view(1, 1).expand(B, 1)
-        # The lengths to attend over, once per step (not per layer): ring size -> filled rows (0: a plain cache)
+        # The lengths to attend over, once per step (not per layer): ring size -> filled rows (0: a plain cache;
+        # minus a chunk's size: its ring's rows up to pos_t in the current chunk)
         filled = pos_t + 1
-        seq_t = {r: (filled.clamp(max=r) if r else filled).to(torch.int32).expand(B).contiguous()
-                 for r in sorted(set(cache.ring))}
+        seq_t = {(-r if c else r): (pos_t % r + 1 if c else filled.clamp(max=r) if r else filled)
+                 .to(torch.int32).expand(B).contiguous() for r, c in sorted(set(zip(cache.ring, cache.chunked)))}
         x, residual, x_norm = self.embed(ids, positions, None), None, None
         for blk in self.blocks:
             x, residual = blk(x, residual, positions, cache, None, pos_t, seq_t, x_norm=x_norm)
