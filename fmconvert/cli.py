@@ -450,6 +450,22 @@ def _one_line(msg: str) -> str:
 
 
 def main(argv=None):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A torchrun worker ends without the interpreter's teardown, once its output is flushed: the collectives'
+        # threads can abort a process there ("terminate called without an active exception") after the work is
+        # done and the group left, which torchrun would report as a failed run.
+        code = 0
+        try:
+            _main(argv)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    _main(argv)
+
+
+def _main(argv):
     try:
         cli.main(args=argv, prog_name="fmconvert", standalone_mode=False)
     except FmError as e:
