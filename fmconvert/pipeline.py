@@ -140,7 +140,7 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
             consumed.add(n)
             numel = math.prod(got)
             params += numel
-            bytes_in += numel * ckpt.dtype(n).itemsize
+            bytes_in += ckpt.stored_bytes(n)
     globals_ = [s for s in globals_ if s.names]
     flipped = sorted(k for k, f in flips.items() if f)
     if flipped:

@@ -372,6 +372,16 @@ class Checkpoint:
             return (E, G * 32, N)
         return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
 
+    def stored_bytes(self, name: str) -> int:
+        """The bytes a tensor takes in the source files: an FP8 or MXFP4 one's as stored, scales included, not the
+        bf16 it reads as."""
+        if self._pickled is None and (name in self.mxfp4 or name in self.fp8):
+            parts = self.mxfp4[name][:2] if name in self.mxfp4 else (name, self.fp8[name][0])
+            files = self.mxfp4[name][2:] if name in self.mxfp4 else (self._where[name], self.fp8[name][1])
+            return sum(math.prod(self._raw_shape(n, f)) * _ST_ITEMSIZE[self._handles[f].get_slice(n).get_dtype()]
+                       for n, f in zip(parts, files))
+        return math.prod(self.shape(name)) * self.dtype(name).itemsize
+
     def dtype(self, name: str) -> torch.dtype:
         if self._pickled is not None:
             return self._pickled[name].dtype

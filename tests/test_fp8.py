@@ -89,6 +89,15 @@ def test_fp8_to_int8_follows_the_decoded_weights(model_dir, tmp_path):
         name = "model.layers.0.self_attn.kv_b_proj.weight"
         assert ckpt.dtype(name) == torch.bfloat16 and ckpt.shape(name) == (4 * 32, 32)
         assert name + "_scale_inv" not in ckpt
+        assert ckpt.stored_bytes(name) == 4 * 32 * 32 + 8 * 2 * 4       # e4m3 bytes and fp32 scales, as on disk
+    # the summary's bytes in are the files' (FP8 and its scales), not the bf16 they decode to
+    r = convert(src, tmp_path / "again", Options(), progress=False)
+    assert r["bytes_in"] == (src / "model.safetensors").stat().st_size - _header_bytes(src / "model.safetensors")
+
+
+def _header_bytes(path) -> int:
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
 
 
 def _rewrite(src, edit_state=None, edit_config=None):
