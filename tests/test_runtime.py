@@ -140,7 +140,7 @@ def _threads(out_dir, tp, fn):
 @pytest.mark.parametrize("name", ["llama", "mistral", "bloom", "bert", "gptneox", "phi", "phi3", "qwen3", "falcon_new", "mixtral",
                                   "qwen3_moe", "olmo2", "olmoe", "cohere_qk", "gpt_oss", "glm4_moe",
                                   "qwen2_moe_mixed", "minimax_m2", "dots1", "ernie4_5_moe", "deepseek_v3",
-                                  "deepseek_v2", "hunyuan_moe", "llama4", "phimoe", "exaone_moe"])
+                                  "deepseek_v2", "hunyuan_moe", "llama4", "phimoe", "exaone_moe", "flex_olmo"])
 def test_tp4_emulated_equals_tp1(work, name, tmp_path):
     _, src, outs = work(name)
     convert(src, tmp_path / "tp4", Options(tp=4), progress=False)

@@ -225,6 +225,11 @@ CONFIGS = {
                    num_shared_experts=1, sliding_window=4, sliding_window_pattern=2, n_group=4, topk_group=2,
                    mlp_layer_types=["dense", "sparse", "dense", "sparse"], pad_token_id=0, bos_token_id=1,
                    eos_token_id=2)),
+    # OLMo 2's output-only norms and all-head q/k norms around OLMoE's mixture
+    "flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM", dict(hidden_size=64, intermediate_size=32,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+                  max_position_embeddings=64, num_experts=4, num_experts_per_tok=2, pad_token_id=0, bos_token_id=1,
+                  eos_token_id=2)),
     "hunyuan_moe": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", dict(hidden_size=64, intermediate_size=48,
                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
                     max_position_embeddings=64, num_experts=4, moe_topk=2, pad_token_id=0, bos_token_id=1,
