@@ -31,7 +31,7 @@ from . import manifest as mf
 from . import slice as sl
 from . import srchash
 from .errors import EXIT_IO, FmError
-from .policy import ModelSpec, Policy, SlotSource, per_layer_type, policy_of
+from .policy import ModelSpec, Policy, SlotSource, _config_value, per_layer_type, policy_of
 from .quantize import ErrorStats, quantize, scale_dtype_for
 from .read import SIDECAR_FILES, Checkpoint, fp8_block, load_config, quant_method
 from .write import AtomicDir, ShardWriter, dtype_name, parse_size
@@ -217,9 +217,9 @@ def _mtp(policy: Policy, config) -> int:
     """Layers stored after the last one that are multi-token-prediction heads (GLM-4.5's num_nextn_predict_layers):
     training aids that transformers leaves out too. Their tensors are counted in source.dropped."""
     key = policy.table["config"].get("mtp_layers")
-    n = 0 if key is None else getattr(config, key, None) or 0
+    n = 0 if key is None else _config_value(config, key, "mtp_layers") or 0
     if type(n) is not int or not 0 <= n <= 64:
-        raise FmError(f"config.json: {key} must be a small non-negative integer, got {n!r}")
+        raise FmError(f"config.json: {key.split('|')[0]} must be a small non-negative integer, got {n!r}")
     return n
 
 

@@ -124,7 +124,8 @@ def test_float_roundtrip_is_exact(model_dir, tmp_path, name, tp):
               "falcon_new": "transformer.", "falcon_seq": "transformer.", "gpt_bigcode": "transformer.",
               "gpt_bigcode_mha": "transformer.", "gemma3_vl": "language_model.model.", "llava": "language_model.model.",
               "mistral3": "language_model.model.", "llama4_vl": "language_model.model.",
-              "qwen3_vl": "model.language_model.", "qwen3_vl_moe": "model.language_model."}
+              "qwen3_vl": "model.language_model.", "qwen3_vl_moe": "model.language_model.",
+              "glm4v_moe": "model.language_model."}
     assert m["source"]["prefix"] == prefix.get(name, "model.")
     assert_exact(expected(d, m), got)
 

@@ -174,3 +174,19 @@ def test_kimi_k2_reads_as_deepseek_v3_and_its_remote_code_is_never_run(model_cop
     (src / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FmError, match="model_type 'kimi_k3' is missing or unknown to transformers"):
         convert(src, tmp_path / "out2", Options(), progress=False)
+
+
+def test_deepseek_v3_multi_token_prediction_layer_is_left_out(model_copy, tmp_path):
+    """DeepSeek-V3's published checkpoints hold one multi-token-prediction layer after the last
+    (num_nextn_predict_layers = 1, as the tiny config has by default): counted and left out, not refused."""
+    from safetensors.torch import load_file, save_file
+    src = model_copy("deepseek_v3")
+    state = load_file(src / "model.safetensors")
+    mtp = {k.replace("layers.2.", "layers.3."): v.clone() for k, v in state.items() if "layers.2." in k}
+    mtp["model.layers.3.eh_proj.weight"] = torch.randn(64, 128)
+    save_file({**state, **mtp}, src / "model.safetensors", metadata={"format": "pt"})
+    assert json.loads((src / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    convert(src, tmp_path / "out", Options(), progress=False)
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["source"]["dropped"]["tensors"] == len(mtp) and m["source"]["dropped"]["what"] == "mtp"
+    assert verify(src, tmp_path / "out")["passed"]

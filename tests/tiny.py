@@ -289,6 +289,17 @@ CONFIGS = {
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
                            fullatt_block_indexes=[0]),
         image_token_id=100, video_token_id=99, vision_start_token_id=98)),
+    "glm4v_moe": ("Glm4vMoeConfig", "Glm4vMoeForConditionalGeneration", dict(
+        text_config=dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
+                         max_position_embeddings=64, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                         n_group=1, topk_group=1, first_k_dense_replace=1,
+                         rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4,
+                                          "partial_rotary_factor": 0.5}),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+                           image_size=28, patch_size=14),
+        image_token_id=100, video_token_id=99, image_start_token_id=98, image_end_token_id=97,
+        video_start_token_id=96, video_end_token_id=95)),
     "qwen3_vl": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", dict(text_config=_QWEN3_VL_TEXT, **_QWEN3_VL)),
     "qwen3_vl_moe": ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", dict(
         text_config=dict(_QWEN3_VL_TEXT, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2),
