@@ -440,9 +440,10 @@ class Policy:
         return {"dense_layers": dense, "dense_intermediate_size": size}
 
     def _router(self, c, experts: int, topk: int) -> dict:
-        """How a mixture picks and weighs its experts: layout `router` ("softmax", the default, or "sigmoid"), and the
-        expert groups and the scale from [config] (router_groups, router_topk_groups, routed_scale): a sigmoid router
-        ranks a group by its two best experts, a softmax one (DeepSeek-V2) by its best."""
+        """How a mixture picks and weighs its experts: layout `router` ("softmax", the default, "sigmoid", or
+        "sparsemixer": Phi-MoE's two sequential picks, with [config] router_jitter), and the expert groups and the
+        scale from [config] (router_groups, router_topk_groups, routed_scale): a sigmoid router ranks a group by its
+        two best experts, a softmax one (DeepSeek-V2) by its best."""
         how = self.layout.get("router", "softmax")
         if how not in ("softmax", "sigmoid", "sparsemixer"):
             raise FmError(f"{self.path.name}: layout.router must be softmax, sigmoid or sparsemixer, got {how!r}")
