@@ -58,7 +58,7 @@ def cli():
 @click.option("--tp", default=1, show_default=True, help="Tensor-parallel ranks. Must divide the attention heads; "
               "kv heads are replicated when tp exceeds them.")
 @click.option("--int8", is_flag=True, help="Quantize the linear weights to int8, symmetric, one scale per group: "
-              "the four matmuls of every layer and an untied lm_head.")
+              "every layer's projections (attention, MLP, experts, latent attention's) and an untied lm_head.")
 @click.option("--group-size", type=int, default=None,
               help="int8 group width along the input dim (power of two). Default: 128, or the largest power of "
                    "two below it that divides every input width (GPT-OSS's 2880: 64). A rank whose K is narrower "
@@ -80,6 +80,9 @@ def convert(model_dir, out_dir, tp, int8, group_size, int8_embeddings, int8_lm_h
 
     OUT_DIR gets one set of safetensors shards per rank, manifest.json (the contract the runtime reads), and the
     tokenizer and generation config. It appears atomically: a failed or interrupted run leaves nothing.
+
+    MODEL_DIR may hold a float checkpoint, a block-scaled FP8 release (DeepSeek-V3, Kimi K2, Qwen3-FP8) or GPT-OSS's
+    MXFP4 experts: those are decoded to bf16 as they are read. `fmconvert inspect OUT_DIR` shows what was written.
     """
     if source_sha256:
         from . import srchash
