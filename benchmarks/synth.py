@@ -1,4 +1,5 @@
-"""Synthetic LLaMA (and latent-attention) checkpoints for the benchmarks: random bf16 weights, saved by transformers, cached by shape.
+"""Synthetic LLaMA (and latent-attention) checkpoints for the benchmarks: random bf16 weights, saved by
+transformers, cached by shape.
 
     python benchmarks/synth.py               # build (or find) the 1.1B shape and print its directory
     python benchmarks/synth.py --layers 44   # the twice-as-deep variant

@@ -195,7 +195,8 @@ def validate(m) -> dict:
                            and all(i < model["num_layers"] for i in nope)),
           "model.nope_layers must be distinct layer indices in order, in a RoPE model")
     _need(model["num_heads"] % model["num_kv_heads"] == 0, "model.num_heads is not a multiple of num_kv_heads")
-    _need(not (model["attn_chunk"] and model["sliding_window"]), "model.attn_chunk and sliding_window exclude each other")
+    _need(not (model["attn_chunk"] and model["sliding_window"]),
+          "model.attn_chunk and sliding_window exclude each other")
     chunks = model["chunk_layers"]
     _need(chunks is None or (model["attn_chunk"] and chunks == sorted(set(chunks))
                              and all(i < model["num_layers"] for i in chunks)),

@@ -522,7 +522,8 @@ def _source_quant(model_dir: Path) -> dict:
     from .read import fp8_block, quant_method
     try:
         raw = json.loads((Path(model_dir) / "config.json").read_text())
-        return {"mxfp4": True} if quant_method(raw) == "mxfp4" else {"fp8": fp8_block(raw)} if fp8_block(raw) else {}
+        block = fp8_block(raw)
+        return {"mxfp4": True} if quant_method(raw) == "mxfp4" else {"fp8": block} if block else {}
     except (OSError, ValueError, RecursionError, AttributeError, FmError):
         return {}
 

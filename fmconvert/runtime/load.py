@@ -78,8 +78,8 @@ def check_layout(m: dict, rank: int):
     mla = sp["mla"]
     if mla:             # latent attention: the latent's projections replicated, q_b and kv_b this rank's heads
         qr, kr, rd = mla["q_rank"], mla["kv_rank"], mla["rope_dim"]
-        layer.update({"q_a.weight": (qr, h), "q_a.bias": (qr,), "q_a_norm.weight": (qr,), "q_b.weight": (hpr * hd, qr or h),
-                      "kv_a.weight": (kr + rd, h), "kv_a.bias": (kr + rd,), "kv_a_norm.weight": (kr,),
+        layer.update({"q_a.weight": (qr, h), "q_a.bias": (qr,), "q_a_norm.weight": (qr,),
+                      "q_b.weight": (hpr * hd, qr or h), "kv_a.weight": (kr + rd, h), "kv_a.bias": (kr + rd,), "kv_a_norm.weight": (kr,),
                       "kv_b.weight": (hpr * (mla["nope_dim"] + mla["v_dim"]), kr),
                       "attn_out.weight": (h, hpr * mla["v_dim"])})
     tensors = m["ranks"][rank]["tensors"]

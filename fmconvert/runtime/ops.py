@@ -305,7 +305,6 @@ class TorchOps:
             return _explicit_attention(q.unsqueeze(2), k, v, scale, mask, softcap, sinks).squeeze(2)
         return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale).squeeze(2)
 
-
     def mla_decode(self, q, cache, seq_lens, scale, kv_rank):
         """Latent attention's decode step, absorbed: q [B, H, kv_rank + rope] (each head's q_nope already taken into
         the latent space, then its rotated part) against the one-head latent cache [B, 1, S_max, kv_rank + rope],
@@ -403,13 +402,12 @@ class TritonOps(TorchOps):
                                                   enable_gqa=q.shape[1] != k.shape[1])
         return self.k.prefill_attention(q, k, v, scale, causal=causal, alibi_slopes=alibi_slopes,
                                         key_padding_mask=key_padding_mask, window=window, softcap=softcap,
-                                        sinks=sinks, **({"chunk": chunk} if chunk else {}))
+                                        sinks=sinks, chunk=chunk)
 
     def decode_attention(self, q, k_cache, v_cache, seq_lens, scale, alibi_slopes=None, window=0, softcap=0.0,
                          sinks=None, chunk=0):
         return self.k.decode_attention(q, k_cache, v_cache, seq_lens, scale, alibi_slopes=alibi_slopes,
-                                       window=window, softcap=softcap, sinks=sinks,
-                                       **({"chunk": chunk} if chunk else {}))
+                                       window=window, softcap=softcap, sinks=sinks, chunk=chunk)
 
     def mla_decode(self, q, cache, seq_lens, scale, kv_rank):
         return self.k.mla_decode(q, cache, seq_lens, scale, kv_rank)
