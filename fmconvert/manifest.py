@@ -98,7 +98,18 @@ _MODEL_OPTIONAL = {
     "nope_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
                     "null or a list of layer indices"),
     "mla": (None, lambda x: x is None or _mla(x), "null or the latent attention's widths"),
+    "linear_attn": (None, lambda x: x is None or _linear_attn(x), "null or the linear attention's widths"),
+    "linear_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
+                      "null or a list of layer indices"),
+    "attn_gate": (False, _BOOL, "true or false"),
 }
+
+
+def _linear_attn(x) -> bool:
+    """Gated DeltaNet's widths: positive heads and head widths, the value heads a multiple of the key heads."""
+    return (isinstance(x, dict) and set(x) == {"k_heads", "v_heads", "k_dim", "v_dim", "conv_kernel"}
+            and all(_POS_INT(v) for v in x.values()) and x["v_heads"] % x["k_heads"] == 0 and x["conv_kernel"] >= 2
+            and x["conv_kernel"] <= 64)
 
 
 def _mla(x) -> bool:
@@ -205,6 +216,13 @@ def validate(m) -> dict:
     _need(mla is None or (mla["nope_dim"] + mla["rope_dim"] == model["head_dim"] and model["num_kv_heads"] == 1
                           and model["position"].get("rotary_dim") == mla["rope_dim"]),
           "model.mla does not fit head_dim, num_kv_heads and the rotary width")
+    la, ll = model["linear_attn"], model["linear_layers"]
+    _need((la is None) == (ll is None) and (ll is None or (ll == sorted(set(ll)) and ll[-1] < model["num_layers"]
+                                                          and len(ll) < model["num_layers"])),
+          "model.linear_layers must be distinct layer indices in order, not every layer, with linear_attn")
+    _need(la is None or not _POS_INT(par.get("tp")) or (la["k_heads"] % par["tp"] == 0
+                                                         and la["v_heads"] % par["tp"] == 0),
+          "model.linear_attn's heads must be a multiple of parallel.tp")
     _need((model["activation"] == "swiglu_oai") == (model["glu_alpha"] > 0 and model["glu_limit"] > 0),
           "model.glu_alpha and glu_limit must be positive with the swiglu_oai activation, and 0 without it")
     for k in _PARALLEL:

@@ -38,11 +38,19 @@ LAYER_SLOTS = (
     # compressed kv, normed, then the shared rotated key) that kv_b expands into every head's k and v
     "q_a.weight", "q_a.bias", "q_a_norm.weight", "q_b.weight",
     "kv_a.weight", "kv_a.bias", "kv_a_norm.weight", "kv_b.weight",
+    # Gated DeltaNet (Qwen3-Next, Qwen3.5) in place of attention, in the layers a hybrid gives it: one projection of
+    # q|k|v|z|b|a, a causal depthwise conv over q|k|v, the decay's two per-head parameters, the gated output norm
+    # (one [v_dim] weight every head shares) and the output projection
+    "lin_in.weight", "lin_conv.weight", "lin_conv.bias", "lin_decay.a_log", "lin_decay.dt_bias", "lin_norm.weight",
+    "lin_out.weight",
 )
 # A mixture's slots and a dense MLP's: a model with both kinds of layer (GLM-4.5's first layers are dense) gives each
 # layer the one set its kind has.
 SPARSE_SLOTS = ("router.", "experts_", "shared_")
 DENSE_SLOTS = ("mlp_in.", "mlp_out.")
+# A hybrid's linear-attention layers have the lin_ slots and its attention layers the attention's.
+LINEAR_SLOTS = ("lin_",)
+ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.")
 GLOBAL_SLOTS = (
     "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
     "project_in.weight", "project_out.weight", "final_norm.weight", "final_norm.bias", "pooler.weight",
@@ -132,6 +140,12 @@ class ModelSpec:
     mla: dict | None = None        # multi-head latent attention (DeepSeek-V2/V3): q_rank (0: no q bottleneck),
     #                                kv_rank, nope_dim + rope_dim (= head_dim, each q and k head), v_dim, and the
     #                                eps of the two latent norms; num_kv_heads is then 1, the latent every head reads
+    linear_attn: dict | None = None    # Gated DeltaNet's widths (Qwen3-Next, Qwen3.5): k_heads, v_heads (a multiple of
+    #                                k_heads; v head j reads q/k head j // (v_heads / k_heads)), k_dim, v_dim, and
+    #                                conv_kernel, the causal conv's taps
+    linear_layers: list | None = None  # the layers that use it in place of attention; None: none
+    attn_gate: bool = False        # Qwen3-Next, Qwen3.5: the attention output times sigmoid of a per-head gate that
+    #                                q_proj computes beside q (qkv then holds q|k|v|gate)
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -272,7 +286,8 @@ class Policy:
         self.wrapper: str | None = None                  # set on a view through a vision-language wrapper
         self.text_arch: str | None = None                # then: the architecture whose flags the text model takes
         self.head_prefixes: dict[str, str] = {}          # body prefix -> lm_head's prefix ("" unless wrapped)
-        self.drop: list[str] = []                        # name prefixes left out (a wrapper's vision tower)
+        self.drop: list[str] = list(table.get("drop", []))   # name prefixes left out (a wrapper's vision tower,
+        #                                                          Qwen3.5's multi-token-prediction head mtp.)
 
     def through(self, wrapper: str, text_arch: str | None = None) -> Policy:
         """This family as the language model inside a vision-language wrapper (configs/wrappers/): its tensors
@@ -283,7 +298,7 @@ class Policy:
         view.wrapper, view.text_arch = wrapper, text_arch
         view.prefixes = [body for body, _ in w["prefixes"]]
         view.head_prefixes = {body: head for body, head in w["prefixes"]}
-        view.drop = list(w["drop"])
+        view.drop = self.drop + list(w["drop"])
         return view
 
     def flipped(self, slots) -> Policy:
@@ -374,7 +389,7 @@ class Policy:
             final_norm=bool(self._layout("final_norm", flags, False)),
             project=bool(flags.get("project", False)), pooler=False,
             type_vocab_size=int(c.get("type_vocab_size") or 0),
-            attn_scale=scale, mla=mla,
+            attn_scale=scale, mla=mla, **self._linear(config, c), attn_gate=bool(self._layout("attn_gate", flags, False)),
             embed_scale=self._embed_scale(c), qkv_layout=self._layout("qkv", flags, "separate"),
             num_experts=experts, experts_per_token=topk if experts else 0,
             shared_intermediate_size=self._shared_size(c, experts),
@@ -402,6 +417,28 @@ class Policy:
         c["head_dim"], c["num_kv_heads"] = mla["nope_dim"] + mla["rope_dim"], 1
         c["rotary_dim"] = mla["rope_dim"]
         return {**mla, "norm_eps": _number(c, "latent_norm_eps", 1e-6)}
+
+    def _linear(self, config, c) -> dict:
+        """A hybrid's Gated DeltaNet layers (Qwen3-Next, Qwen3.5): their widths from [config] (lin_k_heads,
+        lin_v_heads, lin_k_dim, lin_v_dim, lin_conv) and which layers they are, from layer_types."""
+        if "lin_k_heads" not in c:
+            return {}
+        la = {k: c.get("lin_" + k) for k in ("k_heads", "v_heads", "k_dim", "v_dim", "conv")}
+        if any(type(v) is not int or not 0 < v <= 1 << 16 for v in la.values()) or la["v_heads"] % la["k_heads"] \
+                or la["conv"] < 2:
+            raise FmError("config.json: the linear attention's widths (linear_num_key_heads, linear_num_value_heads, "
+                          "linear_key_head_dim, linear_value_head_dim, linear_conv_kernel_dim) must be positive "
+                          "integers, the value heads a multiple of the key heads and the conv at least 2 wide, got "
+                          f"{la}")
+        types = getattr(config, "layer_types", None)
+        if not isinstance(types, (list, tuple)) or len(types) != c["num_layers"]:
+            raise FmError(f"config.json: layer_types must list one kind per layer ({c['num_layers']}), "
+                          "linear_attention or full_attention")
+        layers = [i for i, t in enumerate(types) if t == "linear_attention"]
+        if len(layers) == len(types):
+            raise FmError("config.json: every layer is linear attention; fmconvert needs at least one attention layer")
+        la["conv_kernel"] = la.pop("conv")
+        return {"linear_attn": la, "linear_layers": layers or None} if layers else {}
 
     def _dense_layers(self, c, experts: int) -> dict:
         """A mixture's layers with a dense MLP instead: the first `first_dense` (GLM-4.5's first_k_dense_replace),
@@ -511,10 +548,11 @@ class Policy:
             return {"sliding_window": window, "window_layers": None}
         if not isinstance(types, (list, tuple)) or len(types) != c["num_layers"]:
             raise FmError(f"config.json: layer_types must list one kind per layer ({c['num_layers']})")
-        odd = sorted({str(t) for t in types} - {"full_attention", "sliding_attention", "chunked_attention"})
+        kinds = {"full_attention", "sliding_attention", "chunked_attention"} | (
+            {"linear_attention"} if "lin_k_heads" in c else set())
+        odd = sorted({str(t) for t in types} - kinds)
         if odd:
-            raise FmError(f"config.json: layer kind {odd[0]!r} is not supported (full_attention, sliding_attention, "
-                          f"chunked_attention)")
+            raise FmError(f"config.json: layer kind {odd[0]!r} is not supported ({', '.join(sorted(kinds))})")
         out = {}
         chunked = [i for i, t in enumerate(types) if t == "chunked_attention"]
         if chunked:                      # Llama 4: attention within aligned chunks of attention_chunk_size
@@ -644,7 +682,8 @@ class Policy:
             "shared_out.weight": (h, spec.shared_intermediate_size), "shared_gate.weight": (1, h),
             "attn_norm.weight": (h,), "attn_norm.bias": (h,), "mlp_norm.weight": (h,), "mlp_norm.bias": (h,),
             "attn_post_norm.weight": (h,), "mlp_post_norm.weight": (h,),
-            "qkv.weight": ((H + 2 * KV) * hd, h), "qkv.bias": ((H + 2 * KV) * hd,),
+            "qkv.weight": ((H * (1 + spec.attn_gate) + 2 * KV) * hd, h),        # q|k|v, and the gate
+            "qkv.bias": ((H * (1 + spec.attn_gate) + 2 * KV) * hd,),
             "attn_out.weight": (h, H * hd), "attn_out.bias": (h,),
             "mlp_in.weight": (inter, h), "mlp_in.bias": (inter,),
             "mlp_out.weight": (h, dense), "mlp_out.bias": (h,),
@@ -658,6 +697,14 @@ class Policy:
                 "kv_a_norm.weight": (a["kv_rank"],), "kv_b.weight": (H * (a["nope_dim"] + a["v_dim"]), a["kv_rank"]),
                 "attn_out.weight": (h, H * a["v_dim"]),
             })
+        if spec.linear_attn:
+            Kd, Vd, Hv = _linear_widths(spec)
+            shapes.update({
+                "lin_in.weight": (2 * Kd + 2 * Vd + 2 * Hv, h),                        # q|k|v|z|b|a
+                "lin_conv.weight": (2 * Kd + Vd, spec.linear_attn["conv_kernel"]), "lin_conv.bias": (2 * Kd + Vd,),
+                "lin_decay.a_log": (Hv,), "lin_decay.dt_bias": (Hv,),
+                "lin_norm.weight": (spec.linear_attn["v_dim"],), "lin_out.weight": (h, Vd),
+            })
         return shapes[slot]
 
     def _part_rows(self, spec: ModelSpec, slot: str, n: int) -> list[int]:
@@ -666,7 +713,10 @@ class Policy:
             return [rows]
         if slot.startswith("qkv."):
             q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-            return [q, kv, kv]
+            return [q * (1 + spec.attn_gate), kv, kv]          # a gated q_proj holds each head's q and gate
+        if slot == "lin_in.weight" and n in (2, 4):
+            Kd, Vd, Hv = _linear_widths(spec)                  # Qwen3-Next: qkvz, ba; Qwen3.5: qkv, z, b, a
+            return [2 * Kd + 2 * Vd, 2 * Hv] if n == 2 else [2 * Kd + Vd, Vd, Hv, Hv]
         if n * (rows // n) == rows:
             return [rows // n] * n
         raise FmError(f"{self.path.name}: slot {slot} cannot be split into {n} equal parts")
@@ -681,6 +731,8 @@ class Policy:
         skip = ()
         if spec.num_experts and layer is not None:
             skip = SPARSE_SLOTS if layer in (spec.dense_layers or ()) else DENSE_SLOTS
+        if layer is not None:
+            skip += ATTENTION_SLOTS if layer in (spec.linear_layers or ()) else LINEAR_SLOTS
         for section, pre in sections:
             for slot, names, optional, aliases in self._entries(section, flags):
                 if (slot.startswith("lm_head.") and spec.kind != "decoder") or slot.startswith(skip):
@@ -701,6 +753,8 @@ class Policy:
                         shapes = [tuple(reversed(s)) for s in shapes]
                     if slot in self.as_row:
                         shapes = [(1, *s) for s in shapes]
+                    if slot == "lin_conv.weight":     # stored as a depthwise Conv1d's [channels, 1, taps]
+                        shapes = [(s[0], 1, s[1]) for s in shapes]
                 out.append(SlotSource(slot, names, shapes, optional, aliases))
         return out
 
@@ -730,13 +784,21 @@ class Policy:
             parts = [p.squeeze(0) for p in parts]
         if slot in self.transposed:
             parts = [p.transpose(-1, -2) for p in parts]     # a stacked slot: each expert's matrix
+        if slot == "lin_conv.weight":
+            parts = [p.squeeze(1) for p in parts]
+        if slot == "lin_in.weight" and self.layout.get("linear_in") == "grouped":
+            parts = self._ungroup_linear(spec, parts)
         t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         if self._gate_up_interleaved(slot):                  # per expert [(gate, up) x I] -> [gate x I; up x I]
             E, I = spec.num_experts, spec.intermediate_size
             t = t.reshape(E, I, 2, *t.shape[2:]).transpose(1, 2)
         if self._stacked(slot):
             t = t.reshape(-1, *t.shape[(3 if self._gate_up_interleaved(slot) else 2):])
-        if slot.startswith("qkv."):
+        if slot.startswith("qkv.") and spec.attn_gate:     # per head [q; gate] -> every head's q, ..., every gate
+            H, hd, rest = spec.num_heads, spec.head_dim, t.shape[1:]
+            qg, kv = t[:2 * H * hd].reshape(H, 2, hd, *rest), t[2 * H * hd:]
+            t = torch.cat([qg[:, 0].reshape(H * hd, *rest), kv, qg[:, 1].reshape(H * hd, *rest)])
+        elif slot.startswith("qkv."):
             H, KV, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
             layout, rest = self._qkv_layout(spec), t.shape[1:]
             if layout == "interleaved":
@@ -748,6 +810,25 @@ class Policy:
                 t = torch.cat([g[:, :-2].reshape(H * hd, *rest), g[:, -2].reshape(KV * hd, *rest),
                                g[:, -1].reshape(KV * hd, *rest)], dim=0)
         return t.contiguous()
+
+    @staticmethod
+    def _ungroup_linear(spec: ModelSpec, parts):
+        """Qwen3-Next's in_proj_qkvz and in_proj_ba hold, per key head, its q, k, the v and z of the value heads it
+        serves, and their b and a. -> [q; k; v; z] and [b; a], each part every head's in order."""
+        la = spec.linear_attn
+        Hk, r, dk, dv = la["k_heads"], la["v_heads"] // la["k_heads"], la["k_dim"], la["v_dim"]
+        qkvz, ba = parts
+        g = qkvz.reshape(Hk, -1, *qkvz.shape[1:]).split([dk, dk, r * dv, r * dv], dim=1)
+        ba = ba.reshape(Hk, 2 * r, *ba.shape[1:]).split([r, r], dim=1)
+        return [x.reshape(-1, *qkvz.shape[1:]) for x in (*g, *ba)]
+
+    @staticmethod
+    def _group_linear(spec: ModelSpec, t):
+        la = spec.linear_attn
+        Hk, r, dk, dv = la["k_heads"], la["v_heads"] // la["k_heads"], la["k_dim"], la["v_dim"]
+        Kd, Vd, Hv = _linear_widths(spec)
+        q, k, v, z, b, a = (x.reshape(Hk, -1, *t.shape[1:]) for x in t.split([Kd, Kd, Vd, Vd, Hv, Hv]))
+        return [torch.cat([q, k, v, z], 1).reshape(-1, *t.shape[1:]), torch.cat([b, a], 1).reshape(-1, *t.shape[1:])]
 
     def _qkv_layout(self, spec: ModelSpec) -> str:
         layout = spec.qkv_layout or self.layout.get("qkv", "separate")
@@ -763,7 +844,16 @@ class Policy:
             if self._gate_up_interleaved(slot):
                 t = t.reshape(E, 2, spec.intermediate_size, *t.shape[2:]).transpose(1, 2).reshape(t.shape)
             return [(t.transpose(-1, -2) if slot in self.transposed else t).contiguous()]
-        if slot.startswith("qkv."):
+        if slot == "lin_in.weight" and self.layout.get("linear_in") == "grouped" and n_parts == 2:
+            return [p.contiguous() for p in self._group_linear(spec, t)]
+        if slot == "lin_conv.weight":
+            return [t.unsqueeze(1).contiguous()]
+        if slot.startswith("qkv.") and spec.attn_gate:
+            H, hd, rest = spec.num_heads, spec.head_dim, t.shape[1:]
+            q, kv, gate = t[:H * hd], t[H * hd:-H * hd], t[-H * hd:]
+            t = torch.cat([torch.stack([q.reshape(H, hd, *rest), gate.reshape(H, hd, *rest)], 1)
+                           .reshape(2 * H * hd, *rest), kv])
+        elif slot.startswith("qkv."):
             H, KV, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
             layout, rest = self._qkv_layout(spec), t.shape[1:]
             if layout == "interleaved":
@@ -778,6 +868,12 @@ class Policy:
         if slot in self.as_row:
             parts = [p.unsqueeze(0) for p in parts]
         return [p.contiguous() for p in parts]
+
+
+def _linear_widths(spec: ModelSpec) -> tuple[int, int, int]:
+    """(every q or k head's width, every v head's width, the v heads) of a hybrid's linear attention."""
+    la = spec.linear_attn
+    return la["k_heads"] * la["k_dim"], la["v_heads"] * la["v_dim"], la["v_heads"]
 
 
 @cache

@@ -16,6 +16,11 @@ Layout per rank:
   q_b, kv_b  (latent attention) column-parallel over whole heads: each head's rows are contiguous. The latent's
             projections and norms (q_a, kv_a) are replicated: every rank computes the same latent and keeps its own
             copy of the one-head cache.
+  qkv with a gate (Qwen3-Next, Qwen3.5): q, k, v as above, then this rank's q heads' gates.
+  lin_in    (Gated DeltaNet) column-parallel over whole heads, part by part: this rank's q heads, k heads, v heads,
+            z heads, b and a; value head j belongs with key head j // (v_heads / k_heads), so contiguous ranges of
+            both line up. lin_conv (one channel per q|k|v row) likewise; lin_decay per v head; lin_out row-parallel;
+            lin_norm (one weight for every head) replicated. Each rank keeps its heads' conv and recurrent state.
   a mixture's dense layers (GLM-4.5's first)  mlp_in / mlp_out as above over their own width, chunked and padded
             alike (`dense_intermediate_*`).
   shared_in, shared_out  (Qwen2-MoE's shared expert) like mlp_in / mlp_out over its own width, chunked and
@@ -39,9 +44,11 @@ import torch
 from .errors import FmError
 from .policy import ModelSpec
 
-COLUMN = ("qkv.weight", "qkv.bias", "mlp_in.weight", "mlp_in.bias")
-HEADS = ("q_b.weight", "kv_b.weight", "attn_sinks.weight")      # whole heads' rows, each head's rows contiguous
-ROW = ("attn_out.weight", "mlp_out.weight")
+COLUMN = ("qkv.weight", "qkv.bias", "mlp_in.weight", "mlp_in.bias", "lin_in.weight")
+HEADS = ("q_b.weight", "kv_b.weight", "attn_sinks.weight",      # whole heads' rows, each head's rows contiguous
+         "lin_decay.a_log", "lin_decay.dt_bias")
+ROW = ("attn_out.weight", "mlp_out.weight", "lin_out.weight")
+LINEAR_PARTS = {"lin_in.weight": 6, "lin_conv.weight": 3, "lin_conv.bias": 3}    # q, k, v(, z, b, a): heads each
 ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias")
 VOCAB = ("embed.weight", "lm_head.weight", "lm_head.bias")
 EXPERTS = ("experts_in.weight", "experts_out.weight")
@@ -105,6 +112,10 @@ def plan(spec: ModelSpec, tp: int, group_size: int | None) -> Layout:
             raise FmError(f"tp={tp} is larger than num_key_value_heads={KV} and not a multiple of it; "
                           "kv heads can only be replicated evenly")
         kv_per_rank, repl = 1, tp // KV
+    la = spec.linear_attn
+    if la and (la["k_heads"] % tp or la["v_heads"] % tp):
+        raise FmError(f"tp={tp} does not divide the linear attention's heads (linear_num_key_heads={la['k_heads']}, "
+                      f"linear_num_value_heads={la['v_heads']}); each rank must hold whole heads")
     chunk, per_rank = _chunk(spec.intermediate_size, tp, group_size)
     shared = _chunk(spec.shared_intermediate_size, tp, group_size) if spec.shared_intermediate_size else (0, 0)
     dense = _chunk(spec.dense_intermediate_size, tp, group_size) if spec.dense_intermediate_size else (0, 0)
@@ -188,16 +199,22 @@ def shard(spec: ModelSpec, lay: Layout, slot: str, t: torch.Tensor) -> list[torc
     tp, hd = lay.tp, spec.head_dim
     H, KV = spec.num_heads, spec.num_kv_heads
     if slot.startswith("qkv."):
-        q, k, v = torch.split(t, [H * hd, KV * hd, KV * hd], dim=0)
+        q, k, v, gate = torch.split(t, [H * hd, KV * hd, KV * hd, H * hd * spec.attn_gate], dim=0)
         q = q.reshape(H, hd, *t.shape[1:])
         k = k.reshape(KV, hd, *t.shape[1:])
         v = v.reshape(KV, hd, *t.shape[1:])
+        gate = gate.reshape(-1, hd, *t.shape[1:])
         out = []
         for r in range(tp):
-            qs = q[r * lay.heads_per_rank:(r + 1) * lay.heads_per_rank]
+            heads = slice(r * lay.heads_per_rank, (r + 1) * lay.heads_per_rank)
             kv = _kv_index(lay, r)
-            out.append(torch.cat([qs, k[kv], v[kv]], dim=0).reshape(-1, *t.shape[1:]))
+            out.append(torch.cat([q[heads], k[kv], v[kv], gate[heads]], dim=0).reshape(-1, *t.shape[1:]))
         return [o.contiguous() for o in out]
+    if slot in LINEAR_PARTS:
+        parts = [torch.chunk(p, tp, dim=0) for p in torch.split(t, _linear_parts(spec, slot), dim=0)]
+        return [torch.cat([p[r] for p in parts], dim=0).contiguous() for r in range(tp)]
+    if slot == "lin_out.weight":
+        return [c.contiguous() for c in torch.chunk(t, tp, dim=1)]
     if slot == "attn_out.weight":
         return [c.contiguous() for c in torch.chunk(t, tp, dim=1)]
     if slot.startswith("mlp_in.") or slot == "shared_in.weight":
@@ -235,9 +252,13 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
     hd, KV = spec.head_dim, spec.num_kv_heads
     if slot.startswith("qkv."):
         hq, hk = lay.heads_per_rank * hd, lay.kv_heads_per_rank * hd
-        q, k, v = zip(*(torch.split(p, [hq, hk, hk], dim=0) for p in pieces))
-        return torch.cat(list(q) + _kv_heads(lay, KV, slot, k) + _kv_heads(lay, KV, slot, v), dim=0)
-    if slot == "attn_out.weight":
+        q, k, v, gate = zip(*(torch.split(p, [hq, hk, hk, hq * spec.attn_gate], dim=0) for p in pieces))
+        return torch.cat(list(q) + _kv_heads(lay, KV, slot, k) + _kv_heads(lay, KV, slot, v) + list(gate), dim=0)
+    if slot in LINEAR_PARTS:
+        sizes = [n // lay.tp for n in _linear_parts(spec, slot)]
+        parts = list(zip(*(torch.split(p, sizes, dim=0) for p in pieces)))     # part -> every rank's piece
+        return torch.cat([x for part in parts for x in part], dim=0)
+    if slot in ("attn_out.weight", "lin_out.weight"):
         return torch.cat(pieces, dim=1)
     if slot.startswith("mlp_in.") or slot == "shared_in.weight":
         shared = slot == "shared_in.weight"
@@ -272,6 +293,13 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
     return pieces[0]
 
 
+def _linear_parts(spec: ModelSpec, slot: str) -> list[int]:
+    """The rows of each part of a linear-attention slot, each a whole number of heads: q, k, v (, z, b, a)."""
+    la = spec.linear_attn
+    Kd, Vd, Hv = la["k_heads"] * la["k_dim"], la["v_heads"] * la["v_dim"], la["v_heads"]
+    return [Kd, Kd, Vd, Vd, Hv, Hv][:LINEAR_PARTS[slot]]
+
+
 PADDED_K = ("mlp_out.weight", "experts_out.weight", "shared_out.weight")    # K is a rank's (padded) MLP units
 
 
@@ -289,4 +317,6 @@ def k_per_rank(spec: ModelSpec, lay: Layout, slot: str) -> int:
         "shared_in.weight": spec.hidden_size if spec.shared_intermediate_size else 0,     # 0: no such slot
         "shared_out.weight": lay.shared_intermediate_per_rank,
         "embed.weight": spec.embed_dim, "lm_head.weight": spec.embed_dim,
+        "lin_in.weight": spec.hidden_size if spec.linear_attn else 0,
+        "lin_out.weight": spec.linear_attn["v_heads"] * spec.linear_attn["v_dim"] // lay.tp if spec.linear_attn else 0,
     }[slot]

@@ -22,6 +22,14 @@ _QWEN3_VL = dict(vision_config=dict(depth=1, hidden_size=32, intermediate_size=4
                                     deepstack_visual_indexes=[0]),
                  image_token_id=100, video_token_id=99, vision_start_token_id=98)
 
+# Qwen3.5's tiny hybrid: layers 0-2 Gated DeltaNet, layer 3 gated attention (RoPE over a quarter of the head).
+_QWEN3_5_TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16, vocab_size=101, max_position_embeddings=64,
+                     linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=8,
+                     linear_value_head_dim=12, linear_conv_kernel_dim=4, tie_word_embeddings=False)
+_QWEN3_5_MOE = dict(_QWEN3_5_TEXT, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+                    shared_expert_intermediate_size=40)
+
 # One small config per family, sized so tp=2 and tp=4 divide heads and int8 groups fit.
 CONFIGS = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -304,6 +312,17 @@ CONFIGS = {
     "qwen3_vl_moe": ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", dict(
         text_config=dict(_QWEN3_VL_TEXT, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2),
         **_QWEN3_VL)),                                                      # stacked experts [E, out, in]
+    "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", _QWEN3_5_TEXT),
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", _QWEN3_5_MOE),
+    "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", dict(                # layer 1 dense: mlp_only_layers
+        _QWEN3_5_MOE, mlp_only_layers=[1], norm_topk_prob=False, layer_types=[
+            "linear_attention", "full_attention", "linear_attention", "full_attention"])),
+    "qwen3_5_vl": ("Qwen3_5Config", "Qwen3_5ForConditionalGeneration", dict(
+        text_config=dict(_QWEN3_5_TEXT, rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 0],
+                                                         "mrope_interleaved": True, "rope_theta": 1e4,
+                                                         "partial_rotary_factor": 0.25}),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64),
+        image_token_id=100, video_token_id=99, vision_start_token_id=98, vision_end_token_id=97)),
     "bert": ("BertConfig", "BertModel", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, vocab_size=101, max_position_embeddings=64, type_vocab_size=2)),
     "bert_cls": ("BertConfig", "BertForSequenceClassification", dict(hidden_size=64, intermediate_size=96,
@@ -335,6 +354,8 @@ def build(name: str, seed: int = 0, **overrides):
                 p.add_(torch.randn_like(p) * 0.3)
             elif n.endswith("sinks"):           # GPT-OSS: a sink logit per head, large enough to matter
                 p.copy_(torch.randn_like(p))
+            elif n.endswith(("linear_attn.dt_bias", "linear_attn.A_log")):   # Gated DeltaNet: decays that differ
+                p.copy_(torch.randn_like(p) * 0.5)
         for n, b in [*model.named_buffers(), *model.named_parameters()]:   # GLM-4.5, ERNIE 4.5: a correction
             if n.endswith("e_score_correction_bias"):                        # that changes the experts chosen
                 b.copy_(torch.randn_like(b) * 0.2)

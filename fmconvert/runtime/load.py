@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from .. import manifest as mf
 from ..errors import FmError
 from ..kernels import int8_gemv_cpu
-from ..policy import DENSE_SLOTS, SPARSE_SLOTS
+from ..policy import ATTENTION_SLOTS, DENSE_SLOTS, LINEAR_SLOTS, SPARSE_SLOTS
 from ..read import check_safetensors
 from .comm import SingleComm, init_distributed
 from .model import FusedModel
@@ -37,7 +37,7 @@ def sha256_file(path: Path) -> str:
 _ST_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8"}
 _INT8_OK = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight", "embed.weight", "lm_head.weight",
             "experts_in.weight", "experts_out.weight", "shared_in.weight", "shared_out.weight",
-            "q_a.weight", "q_b.weight", "kv_a.weight", "kv_b.weight")
+            "q_a.weight", "q_b.weight", "kv_a.weight", "kv_b.weight", "lin_in.weight", "lin_out.weight")
 _EXPERTS = ("experts_in.weight", "experts_out.weight")
 ROPE_TENSORS = ("rope.inv_freq", "rope_local.inv_freq", "rope_long.inv_freq")   # derived, kept float32
 _ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias")
@@ -82,6 +82,14 @@ def check_layout(m: dict, rank: int):
                       "q_b.weight": (hpr * hd, qr or h), "kv_a.weight": (kr + rd, h), "kv_a.bias": (kr + rd,), "kv_a_norm.weight": (kr,),
                       "kv_b.weight": (hpr * (mla["nope_dim"] + mla["v_dim"]), kr),
                       "attn_out.weight": (h, hpr * mla["v_dim"])})
+    la, tp = sp["linear_attn"], par["tp"]
+    if la:              # Gated DeltaNet: this rank's heads of q|k|v|z|b|a, of the conv's channels, of the decay
+        Kd, Vd, Hv = la["k_heads"] * la["k_dim"] // tp, la["v_heads"] * la["v_dim"] // tp, la["v_heads"] // tp
+        layer.update({"lin_in.weight": (2 * Kd + 2 * Vd + 2 * Hv, h), "lin_conv.weight": (2 * Kd + Vd, la["conv_kernel"]),
+                      "lin_conv.bias": (2 * Kd + Vd,), "lin_decay.a_log": (Hv,), "lin_decay.dt_bias": (Hv,),
+                      "lin_norm.weight": (la["v_dim"],), "lin_out.weight": (h, Vd)})
+    if sp["attn_gate"]:
+        layer.update({"qkv.weight": (qkv + hpr * hd, h), "qkv.bias": (qkv + hpr * hd,)})
     tensors = m["ranks"][rank]["tensors"]
     need = {"embed.weight"} | {s for s in sp["slots"] if not s.startswith("layers.")}
     need |= {s for s, on in [("lm_head.weight", sp["kind"] == "decoder" and not sp["tied_embeddings"]),
@@ -109,8 +117,16 @@ def check_layout(m: dict, rank: int):
     # In a mixture, dense layers have the dense MLP's slots and the others the mixture's
     sparse_only = {s for s in per_layer if s.startswith(SPARSE_SLOTS)}
     dense_only = {s for s in per_layer if s.startswith(DENSE_SLOTS)} if E else set()
+    # and in a hybrid, linear-attention layers the lin_ slots, the others attention's
+    linear_layers = set(sp["linear_layers"] or ())
+    if linear_layers:
+        per_layer |= {"lin_in.weight", "lin_conv.weight", "lin_decay.a_log", "lin_decay.dt_bias", "lin_norm.weight",
+                      "lin_out.weight"}
+    linear_only = {s for s in per_layer if s.startswith(LINEAR_SLOTS)}
+    attention_only = {s for s in per_layer if s.startswith(ATTENTION_SLOTS)}
     need |= {f"layers.{i}.{s}" for i in range(sp["num_layers"])
              for s in (per_layer - sparse_only if i in dense_layers else per_layer - dense_only)
+             - (attention_only if i in linear_layers else linear_only)
              if not (rank > 0 and s in _ROW_BIAS)}
     missing = sorted(need - set(tensors))
     if missing:

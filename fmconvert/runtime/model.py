@@ -24,20 +24,34 @@ class KVCache:
     positions a query at p sees sit in rows 0 .. p % chunk, in order."""
 
     def __init__(self, n_layers, batch, kv_heads, max_len, head_dim, dtype, device, windows=None, latent=0,
-                 chunks=None):
+                 chunks=None, linear=None):
         """latent: latent attention's cache, whose values are the first `latent` columns of its keys (a view).
-        chunks: each layer's attention chunk (0: none), for the layers without a window."""
+        chunks: each layer's attention chunk (0: none), for the layers without a window.
+        linear: a hybrid's linear-attention layers -> (conv channels, conv taps, v heads, k_dim, v_dim) of this rank:
+        such a layer keeps no keys, only its conv's last taps - 1 inputs [B, C, taps - 1] and its recurrent state
+        [B, v heads, k_dim, v_dim] (fp32), both a fixed size whatever the context."""
         windows = windows or [0] * n_layers
         chunks = chunks or [0] * n_layers
+        linear = linear or {}
         self.ring = [w if 0 < w < max_len else c if 0 < c < max_len else 0 for w, c in zip(windows, chunks)]
         self.chunked = [not (0 < w < max_len) and 0 < c < max_len for w, c in zip(windows, chunks)]
-        self.k = [torch.zeros(batch, kv_heads, r or max_len, head_dim, dtype=dtype, device=device) for r in self.ring]
+        self.k = [torch.zeros(batch, kv_heads, 0 if i in linear else r or max_len, head_dim, dtype=dtype,
+                              device=device) for i, r in enumerate(self.ring)]
         self.v = [t[..., :latent] for t in self.k] if latent else [torch.zeros_like(t) for t in self.k]
+        self.conv = [None] * n_layers
+        self.state = [None] * n_layers
+        for i, (C, K, hv, dk, dv) in linear.items():
+            self.conv[i] = torch.zeros(batch, C, K - 1, dtype=dtype, device=device)
+            self.state[i] = torch.zeros(batch, hv, dk, dv, dtype=torch.float32, device=device)
         self.length = 0
         self.max_len = max_len
 
     def reset(self):
+        """Empty the cache. The recurrent states are zeroed too: unlike keys, they are read from the first token."""
         self.length = 0
+        for t in self.conv + self.state:
+            if t is not None:
+                t.zero_()
 
 
 class Block(nn.Module):
@@ -60,6 +74,10 @@ class Block(nn.Module):
             ones = torch.ones(model.head_dim, dtype=model.dtype, device=model.device)
             self.t = tensors = {**tensors, "q_norm.weight": ones, "k_norm.weight": ones}
         self.activation = model.activation
+        self.linear = i in (sp["linear_layers"] or ())         # a hybrid's linear-attention layer
+        if self.linear:                      # the decay's parameters, in fp32 once: g = -exp(A_log) * softplus(..)
+            self.decay_rate = tensors["lin_decay.a_log"].float().exp()
+            self.dt_bias = tensors["lin_decay.dt_bias"].float()
         if sp["mla"]:       # latent attention's decode step takes kv_b into q and o: [H, nope, R], [H, R, v]
             kv_b, nd = tensors["kv_b.weight"], sp["mla"]["nope_dim"]
             kv_b = kv_b.dequantize(model.dtype) if isinstance(kv_b, Int8Weight) else kv_b
@@ -84,8 +102,7 @@ class Block(nn.Module):
             h, residual = self._add_norm(x, residual, "attn_norm", x_norm)
         else:
             h = x
-        a = self.attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
-        a = m.comm.all_reduce(ops.linear(a, t["attn_out.weight"], t.get("attn_out.bias")))
+        a = m.comm.all_reduce(self.mix(h, positions, cache, key_padding_mask, pos_t, seq_t))
         if pre:       # Gemma 2/3 norm the attention's output before it joins the stream: one launch for both
             h, residual = self._add_norm(a, residual, "mlp_norm", t.get("attn_post_norm.weight"))
         else:
@@ -121,9 +138,49 @@ class Block(nn.Module):
         hm = h
         if "mlp_norm.weight" in t:
             hm, _ = ops.add_norm(residual, None, t["mlp_norm.weight"], t.get("mlp_norm.bias"), m.eps, m.norm)
-        a = self.attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
-        a = ops.linear(a, t["attn_out.weight"], t.get("attn_out.bias"))
+        a = self.mix(h, positions, cache, key_padding_mask, pos_t, seq_t)
         return m.comm.all_reduce(a + self.mlp(hm)), residual
+
+    def mix(self, h, positions, cache, key_padding_mask, pos_t=None, seq_t=None):
+        """This rank's partial output of the token mixer, attention or a hybrid's linear attention, through its
+        row-parallel output projection (the caller all-reduces)."""
+        m, t = self.m, self.t
+        if self.linear:
+            return m.ops.linear(self.linear_attention(h, cache, key_padding_mask, pos_t), t["lin_out.weight"])
+        a = self.attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
+        return m.ops.linear(a, t["attn_out.weight"], t.get("attn_out.bias"))
+
+    def linear_attention(self, h, cache, key_padding_mask, pos_t=None):
+        """Gated DeltaNet (Qwen3-Next, Qwen3.5). One projection gives q|k|v, the output gate z and the per-head b and
+        a; a causal depthwise conv with SiLU runs over q|k|v; then each value head's [k_dim, v_dim] state decays by
+        exp(g), g = -exp(A_log) * softplus(a + dt_bias), and learns v at rate sigmoid(b) by the delta rule (what it
+        already recalls for k is replaced, not added to), and q reads it. The output is RMS-normed per head, times
+        silu(z). With a cache the conv's last inputs and the state carry over: fixed-size, so a decode step is
+        graph-safe as is, and a prompt continues from them."""
+        m, t, la = self.m, self.t, self.m.spec["linear_attn"]
+        B, T, _ = h.shape
+        hk, hv = la["k_heads"] // m.tp, la["v_heads"] // m.tp
+        dk, dv = la["k_dim"], la["v_dim"]
+        if key_padding_mask is not None and pos_t is None:    # padding must not enter the state (HF zeroes it)
+            h = h * key_padding_mask[:, -T:, None].to(h.dtype)
+        y = m.ops.linear(h, t["lin_in.weight"])                            # (B, T, 2 Kd + 2 Vd + 2 hv)
+        qkv, z, b, a = y.split([2 * hk * dk + hv * dv, hv * dv, hv, hv], dim=-1)
+        conv = state = None
+        if cache is not None:
+            conv, state = cache.conv[self.i], cache.state[self.i]
+            if pos_t is None and cache.length == 0:      # a new sequence: nothing carried over
+                conv.zero_()
+                state.zero_()
+        qkv = m.ops.causal_conv1d(qkv, t["lin_conv.weight"], t.get("lin_conv.bias"), conv)
+        q, k, v = qkv.split([hk * dk, hk * dk, hv * dv], dim=-1)
+        beta = torch.sigmoid(b).float()                  # in the model dtype first, as HF computes it
+        g = -self.decay_rate * torch.nn.functional.softplus(a.float() + self.dt_bias)
+        if state is None:
+            state = torch.zeros(B, hv, dk, dv, dtype=torch.float32, device=h.device)
+        o = m.ops.gated_delta(q.view(B, T, hk, dk), k.view(B, T, hk, dk), v.view(B, T, hv, dv), g, beta, state,
+                              dk ** -0.5)                                   # (B, T, hv, dv)
+        o = m.ops.gated_rms_norm(o, z.view(B, T, hv, dv), t["lin_norm.weight"], m.eps)
+        return o.reshape(B, T, hv * dv)
 
     def _head_norm(self, q, k, qk_norm):
         """Each q and k head normalised with the weight every head shares (q_norm, k_norm)."""
@@ -276,9 +333,17 @@ class Block(nn.Module):
         m, t = self.m, self.t
         if m.spec["mla"]:
             return self._latent_attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
-        B, T, _ = h.shape
-        hd, Hq, Hk = m.head_dim, m.heads, m.kv_heads
         qkv = m.ops.linear(h, t["qkv.weight"], t.get("qkv.bias"))
+        if not m.spec["attn_gate"]:
+            return self._attend(qkv, positions, cache, key_padding_mask, pos_t, seq_t)
+        gate = qkv[..., -m.heads * m.head_dim:]              # Qwen3.5: each head's output times sigmoid(gate)
+        o = self._attend(qkv[..., :-m.heads * m.head_dim], positions, cache, key_padding_mask, pos_t, seq_t)
+        return o * torch.sigmoid(gate)
+
+    def _attend(self, qkv, positions, cache, key_padding_mask, pos_t=None, seq_t=None):
+        m, t = self.m, self.t
+        B, T, _ = qkv.shape
+        hd, Hq, Hk = m.head_dim, m.heads, m.kv_heads
         q, k, v = qkv.split([Hq * hd, Hk * hd, Hk * hd], dim=-1)
         q, k, v = q.view(B, T, Hq, hd), k.view(B, T, Hk, hd), v.view(B, T, Hk, hd)
         qk_norm = (t["q_norm.weight"], t["k_norm.weight"], m.eps, m.norm) if "q_norm.weight" in t else None
@@ -327,7 +392,7 @@ class Block(nn.Module):
         vc[:, :, start:start + T].copy_(v)
         S = start + T
         if T == 1 and m.ops.name != "torch":
-            seq = torch.full((B,), S, dtype=torch.int32, device=h.device)
+            seq = torch.full((B,), S, dtype=torch.int32, device=qkv.device)
             o = m.ops.decode_attention(q[:, :, 0], kc, vc, seq, m.scale, m.alibi, self.window, m.softcap,
                                        sinks=self.sinks, chunk=self.chunk)
             return o.reshape(B, 1, Hq * hd)
@@ -566,8 +631,13 @@ class FusedModel(nn.Module):
         if mla:               # one latent row per position: kv_rank columns (the values too), then the rotated key
             return KVCache(len(self.blocks), batch, 1, max_len, mla["kv_rank"] + mla["rope_dim"], self.dtype,
                            self.device, windows, latent=mla["kv_rank"])
+        la, linear = self.spec["linear_attn"], {}
+        if la:           # this rank's conv channels (its q, k and v heads) and recurrent state, per linear layer
+            hk, hv = la["k_heads"] // self.tp, la["v_heads"] // self.tp
+            linear = {b.i: (2 * hk * la["k_dim"] + hv * la["v_dim"], la["conv_kernel"], hv, la["k_dim"], la["v_dim"])
+                      for b in self.blocks if b.linear}
         return KVCache(len(self.blocks), batch, self.kv_heads, max_len, self.head_dim, self.dtype, self.device,
-                       windows, chunks=chunks)
+                       windows, chunks=chunks, linear=linear)
 
     # -- forward --------------------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -319,6 +319,56 @@ class TorchOps:
         return torch.bmm(p, rows[..., :kv_rank].float()).to(q.dtype)
 
 
+    # -- Gated DeltaNet (a hybrid's linear-attention layers) ----------------------------------------------------
+    def causal_conv1d(self, x, weight, bias, state, silu=True):
+        """A causal depthwise conv over time, SiLU after. x [B, T, C] (may be a view into a wider projection),
+        weight [C, taps], state [B, C, taps - 1]: the inputs before x, oldest first, updated in place to the last
+        ones (None: zeros, nothing kept). fp32 math, [B, T, C] in x's dtype."""
+        B, T, C = x.shape
+        prev = state.to(x.dtype) if state is not None else x.new_zeros(B, C, weight.shape[1] - 1)
+        full = torch.cat([prev, x.transpose(1, 2)], dim=-1)                          # (B, C, taps - 1 + T)
+        y = F.conv1d(full.float(), weight.float().unsqueeze(1), None if bias is None else bias.float(), groups=C)
+        if state is not None:
+            state.copy_(full[..., full.shape[-1] - state.shape[-1]:])
+        return (F.silu(y) if silu else y).transpose(1, 2).to(x.dtype)
+
+    def gated_rms_norm(self, x, z, weight, eps):
+        """Gated DeltaNet's output norm: RMS over each head (fp32, rounded to x's dtype), times the weight every
+        head shares, times silu(z) in fp32, rounded once more. x, z [..., D]."""
+        xf = x.float()
+        y = weight * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+        return (y * F.silu(z.float())).to(x.dtype)
+
+    def gated_delta(self, q, k, v, g, beta, state, scale):
+        """The gated delta rule over T tokens from `state` [B, Hv, Dk, Dv] (fp32, updated in place): q, k [B, T, Hk,
+        Dk] (L2-normalised here, q then times scale), v [B, T, Hv, Dv], g (log decay) and beta [B, T, Hv] fp32.
+        Per token: S = exp(g) S; S += k (beta (v - k^T S))^T; o = q^T S. Returns [B, T, Hv, Dv] in v's dtype.
+        A prompt goes chunk by chunk (`_gated_delta_chunked`: matmuls, not T small steps)."""
+        if q.shape[1] > 1:
+            return _gated_delta_chunked(q, k, v, g, beta, state, scale)
+        B, _, Hk, _ = q.shape
+        Hv = v.shape[2]
+        qf, kf = (_l2norm(x[:, 0].float()) for x in (q, k))
+        qf, kf = (x.repeat_interleave(Hv // Hk, dim=1) for x in (qf, kf))     # (B, Hv, Dk)
+        S = state * g[:, 0].exp()[..., None, None]
+        u = beta[:, 0, :, None] * (v[:, 0].float() - torch.einsum("bhk,bhkv->bhv", kf, S))
+        S = S + kf[..., None] * u[..., None, :]
+        state.copy_(S)
+        return torch.einsum("bhk,bhkv->bhv", qf * scale, S).unsqueeze(1).to(v.dtype)
+
+
+def _l2norm(x):
+    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + 1e-6)
+
+
+def _gated_delta_chunked(q, k, v, g, beta, state, scale):
+    out = []
+    for t in range(q.shape[1]):
+        out.append(TorchOps.gated_delta(None, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1],
+                                        beta[:, t:t + 1], state, scale))
+    return torch.cat(out, 1)
+
+
 def _explicit_attention(q, k, v, scale, mask, cap, sinks):
     """Attention in fp32 with what sdpa has no hook for: Gemma 2's soft-capped scores (cap > 0), GPT-OSS's sinks
     (a logit per head [H] that joins the softmax's denominator, then is dropped). q [B, H, T, D], k and v
