@@ -170,6 +170,14 @@ def inspect(out_dir, as_json):
         t.add_row("latent attention", f"{qpath}; k, v from one {a['kv_rank']}-wide latent per token + a shared "
                   f"{a['rope_dim']}-dim rotated key (cached: {a['kv_rank'] + a['rope_dim']} values a token and "
                   f"layer); k {a['nope_dim']}+{a['rope_dim']}, v {a['v_dim']} a head")
+    if md["linear_attn"]:
+        a, n = md["linear_attn"], len(md["linear_layers"])
+        t.add_row("linear attention", f"Gated DeltaNet in {n} of {md['num_layers']} layers ("
+                  f"{_ranges(md['linear_layers'])}): {a['v_heads']} value heads of {a['v_dim']} over {a['k_heads']} "
+                  f"q/k heads of {a['k_dim']}, conv {a['conv_kernel']}; a fixed-size state per layer and sequence "
+                  f"({a['v_heads'] * a['k_dim'] * a['v_dim']} fp32 values), no KV cache")
+    if md["attn_gate"]:
+        t.add_row("attention gate", "each head's output times sigmoid of a gate q_proj computes beside q")
     if md["num_experts"]:
         shared = (f"; a shared expert of width {md['shared_intermediate_size']}"
                   if md["shared_intermediate_size"] else "")

@@ -140,7 +140,8 @@ def _threads(out_dir, tp, fn):
 @pytest.mark.parametrize("name", ["llama", "mistral", "bloom", "bert", "gptneox", "phi", "phi3", "qwen3", "falcon_new", "mixtral",
                                   "qwen3_moe", "olmo2", "olmoe", "cohere_qk", "gpt_oss", "glm4_moe",
                                   "qwen2_moe_mixed", "minimax_m2", "dots1", "ernie4_5_moe", "deepseek_v3",
-                                  "deepseek_v2", "hunyuan_moe", "llama4", "phimoe", "exaone_moe", "flex_olmo"])
+                                  "deepseek_v2", "hunyuan_moe", "llama4", "phimoe", "exaone_moe", "flex_olmo",
+                                  "qwen3_5", "qwen3_next"])
 def test_tp4_emulated_equals_tp1(work, name, tmp_path):
     _, src, outs = work(name)
     convert(src, tmp_path / "tp4", Options(tp=4), progress=False)
@@ -231,7 +232,7 @@ def test_world_size_mismatch_is_a_clear_error(work):
 
 
 @pytest.mark.parametrize("name", ["stories", "llama", "qwen2", "gpt2", "opt350", "gptneox", "phi", "gemma", "gemma2",
-                                  "falcon_new", "mixtral", "gpt_oss"])
+                                  "falcon_new", "mixtral", "gpt_oss", "qwen3_5"])
 def test_inject_keeps_the_transformers_interface(work, name):
     hf, src, outs = work(name)
     arch = hf.config.architectures[0]
@@ -254,7 +255,8 @@ def test_inject_refuses_a_different_model(work):
 
 
 @pytest.mark.parametrize("name", ["stories", "gpt2", "bloom", "opt350", "gptj", "phi", "stablelm_par", "qwen3", "falcon",
-                                  "mixtral", "gpt_oss", "glm4_moe", "hunyuan", "deepseek_v3", "deepseek_v2", "llama4"])
+                                  "mixtral", "gpt_oss", "glm4_moe", "hunyuan", "deepseek_v3", "deepseek_v2", "llama4",
+                                  "qwen3_5", "qwen3_next"])
 def test_graph_safe_decode_step_equals_eager_decode(work, name):
     """decode_step (what a CUDA graph captures) reads positions and lengths from device tensors only."""
     _, _, outs = work(name)

@@ -32,6 +32,9 @@ _LAZY = {
     "apply_rope": "rope", "apply_rope_reference": "rope", "rope_append": "rope", "rope_append_reference": "rope",
     "swiglu": "glu", "swiglu_reference": "glu", "gated": "glu", "gated_reference": "glu",
     "mla_decode": "mla", "mla_decode_reference": "mla", "mla_decode_workspace": "mla",
+    "gated_delta": "gated_delta", "gated_delta_reference": "gated_delta",
+    "causal_conv1d": "conv1d", "causal_conv1d_reference": "conv1d",
+    "gated_rms_norm": "gated_norm", "gated_rms_norm_reference": "gated_norm",
 }
 
 
@@ -54,4 +57,6 @@ __all__ = [
     "prefill_attention", "prefill_attention_reference",
     "decode_attention", "decode_attention_reference", "decode_attention_workspace",
     "mla_decode", "mla_decode_reference", "mla_decode_workspace",
+    "gated_delta", "gated_delta_reference", "causal_conv1d", "causal_conv1d_reference",
+    "gated_rms_norm", "gated_rms_norm_reference",
 ]

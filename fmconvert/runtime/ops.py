@@ -343,9 +343,9 @@ class TorchOps:
         """The gated delta rule over T tokens from `state` [B, Hv, Dk, Dv] (fp32, updated in place): q, k [B, T, Hk,
         Dk] (L2-normalised here, q then times scale), v [B, T, Hv, Dv], g (log decay) and beta [B, T, Hv] fp32.
         Per token: S = exp(g) S; S += k (beta (v - k^T S))^T; o = q^T S. Returns [B, T, Hv, Dv] in v's dtype.
-        A prompt goes chunk by chunk (`_gated_delta_chunked`: matmuls, not T small steps)."""
+        A prompt goes chunk by chunk (`gated_delta_chunked`: matmuls, not T small steps)."""
         if q.shape[1] > 1:
-            return _gated_delta_chunked(q, k, v, g, beta, state, scale)
+            return gated_delta_chunked(q, k, v, g, beta, state, scale)
         B, _, Hk, _ = q.shape
         Hv = v.shape[2]
         qf, kf = (_l2norm(x[:, 0].float()) for x in (q, k))
@@ -361,12 +361,57 @@ def _l2norm(x):
     return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + 1e-6)
 
 
-def _gated_delta_chunked(q, k, v, g, beta, state, scale):
-    out = []
-    for t in range(q.shape[1]):
-        out.append(TorchOps.gated_delta(None, q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], g[:, t:t + 1],
-                                        beta[:, t:t + 1], state, scale))
-    return torch.cat(out, 1)
+def gated_delta_chunked(q, k, v, g, beta, state, scale, chunk=64) -> torch.Tensor:
+    """The gated delta rule (see TorchOps.gated_delta) chunk by chunk, in fp32: the torch backend's prompt path,
+    equal to the token-by-token recurrence (`kernels.gated_delta_reference`) in a few matmuls per chunk of C
+    tokens. Inside a chunk, with gamma_t the cumulative sum of g from its start and S0 the state there, unrolling
+    gives S_t = e^gamma_t S0 + sum_{s<=t} e^(gamma_t - gamma_s) k_s u_s^T, so the C deltas solve one unit lower
+    triangular system (I + A) U = beta V - beta e^gamma K S0 with A[t, s] = beta_t e^(gamma_t - gamma_s) k_t.k_s
+    (s < t). Its solution is U = Uv - W S0 with Uv and W independent of S0: every chunk solves at once, and only
+    a few matmuls per chunk stay sequential. Every exponent is <= 0, so nothing overflows. T is padded to a
+    multiple of chunk (a prompt of T <= chunk is one chunk of T tokens); state is updated in place."""
+    B, T, Hk, Dk = q.shape
+    Hv, Dv = v.shape[2:]
+    if chunk < 1 or Hv % Hk:
+        raise ValueError(f"chunk must be >= 1 and the value heads a multiple of the key heads, got chunk={chunk}, "
+                         f"{Hv} and {Hk} heads")
+    G = Hv // Hk
+    C = max(1, min(int(chunk), T))
+    N = -(-T // C)
+    pad = N * C - T
+    qf, kf = _l2norm(q.float()) * scale, _l2norm(k.float())
+    # Padded tokens have k = v = 0, beta = 0 and g = 0: they write nothing and decay nothing.
+    qf, kf, vf = (torch.nn.functional.pad(t.float(), (0, 0, 0, 0, 0, pad)) for t in (qf, kf, v))
+    g, beta = (torch.nn.functional.pad(t.float(), (0, 0, 0, pad)) for t in (g, beta))
+    # Heads split as (Hk, G): a key head's q.k and k.k products are computed once for its G value heads.
+    qf, kf = (t.view(B, N, C, Hk, 1, Dk).permute(0, 3, 4, 1, 2, 5) for t in (qf, kf))       # [B, Hk, 1, N, C, Dk]
+    vf = vf.view(B, N, C, Hk, G, Dv).permute(0, 3, 4, 1, 2, 5)                             # [B, Hk, G, N, C, Dv]
+    g, beta = (t.view(B, N, C, Hk, G).permute(0, 3, 4, 1, 2) for t in (g, beta))           # [B, Hk, G, N, C]
+
+    gam = g.cumsum(-1)                                                   # log decay since the chunk start
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    # decay[t, s] = e^(gamma_t - gamma_s) for s <= t, else 0 (masked before the exp, where it would be > 0).
+    decay = (gam[..., :, None] - gam[..., None, :]).masked_fill(~causal, float("-inf")).exp()   # [.., C, C]
+    # Strictly lower A; the unitriangular solve takes the diagonal as 1, i.e. solves with I + A.
+    A = ((kf @ kf.transpose(-1, -2)) * decay * beta[..., :, None]).tril(-1)
+    # One solve for both right-hand sides: U = Uv - W S0, with Uv = (I + A)^-1 beta V, W = (I + A)^-1 beta e^gamma K.
+    rhs = torch.cat([vf * beta[..., None], kf * (beta * gam.exp())[..., None]], -1)
+    X = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+    Uv, W = X[..., :Dv], X[..., Dv:]
+    attn = (qf @ kf.transpose(-1, -2)) * decay                            # [B, Hk, G, N, C, C], causal
+    q_in = qf * gam.exp()[..., None]                                      # reads S0 decayed to token t
+    k_out = kf * (gam[..., -1:] - gam).exp()[..., None]                   # writes decayed to the chunk end
+    chunk_decay = gam[..., -1].exp()[..., None, None]                     # [B, Hk, G, N, 1, 1]
+
+    S = state.float().reshape(B, Hk, G, Dk, Dv)
+    o = torch.empty(B, Hk, G, N, C, Dv, dtype=torch.float32, device=v.device)
+    for n in range(N):
+        U = Uv[:, :, :, n] - W[:, :, :, n] @ S                                               # [B, Hk, G, C, Dv]
+        o[:, :, :, n] = q_in[:, :, :, n] @ S + attn[:, :, :, n] @ U
+        S = S * chunk_decay[:, :, :, n] + k_out[:, :, :, n].transpose(-1, -2) @ U
+    state.copy_(S.reshape(B, Hv, Dk, Dv))
+    o = o.reshape(B, Hv, N * C, Dv)[:, :, :T].transpose(1, 2)
+    return o.to(v.dtype, memory_format=torch.contiguous_format)
 
 
 def _explicit_attention(q, k, v, scale, mask, cap, sinks):
@@ -461,6 +506,15 @@ class TritonOps(TorchOps):
 
     def mla_decode(self, q, cache, seq_lens, scale, kv_rank):
         return self.k.mla_decode(q, cache, seq_lens, scale, kv_rank)
+
+    def causal_conv1d(self, x, weight, bias, state, silu=True):
+        return self.k.causal_conv1d(x, weight, bias, state, silu=silu)
+
+    def gated_rms_norm(self, x, z, weight, eps):
+        return self.k.gated_rms_norm(x, z, weight, eps)
+
+    def gated_delta(self, q, k, v, g, beta, state, scale):
+        return self.k.gated_delta(q, k, v, g, beta, state, scale)
 
     def expert_linear(self, x, stacked, n_experts: int, experts, x_every: int, activation, bias=None):
         """Rows of (token, expert) pairs from one [E * N, K] stack, int8 (an Int8Weight) or float; the expert ids
