@@ -25,8 +25,8 @@ _QWEN3_VL = dict(vision_config=dict(depth=1, hidden_size=32, intermediate_size=4
 # Qwen3.5's tiny hybrid: layers 0-2 Gated DeltaNet, layer 3 gated attention (RoPE over a quarter of the head).
 _QWEN3_5_TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=16, vocab_size=101, max_position_embeddings=64,
-                     linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=8,
-                     linear_value_head_dim=12, linear_conv_kernel_dim=4, tie_word_embeddings=False)
+                     linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=16,
+                     linear_value_head_dim=8, linear_conv_kernel_dim=4, tie_word_embeddings=False)
 _QWEN3_5_MOE = dict(_QWEN3_5_TEXT, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
                     shared_expert_intermediate_size=40)
 
