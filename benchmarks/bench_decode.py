@@ -10,7 +10,8 @@ way: weights stay int8 and decode runs the CPU int8 GEMV (`fmconvert/kernels/int
 activations, against transformers float32 on the same source; its warm-up generation (4 tokens, which compiles the
 kernels) is timed apart. stories260K has no int8 row: its weights are all below the size where the kernel pays
 (load() dequantizes them). The latent-attention rows (DeepSeek-V2-Lite's attention on 4 layers) decode after
-a 128- and a 1024-token prompt, where each transformers step expands the whole cache.
+a 128- and a 1024-token prompt, where each transformers step expands the whole cache; so do the Qwen3.5 rows
+(its hybrid layers: 6 Gated DeltaNet, 2 attention).
 """
 
 from __future__ import annotations
@@ -82,6 +83,22 @@ def run(ctx: dict) -> list[dict]:
     C.rmtree(work / "decode-llama-int8")
     C.rmtree(out)
     rows += _latent(ctx, work, smoke, runs)
+    rows += _hybrid(ctx, work, smoke, runs)
+    return rows
+
+
+def _hybrid(ctx, work, smoke, runs) -> list[dict]:
+    """Qwen3.5's hybrid layers: a Gated DeltaNet layer's decode step reads a fixed-size state, whatever the
+    context; only the attention layers grow with it."""
+    src = synth.build(synth.QWEN35_SMOKE if smoke else synth.QWEN35_LITE, ctx["cache"])
+    out = _convert(src, work / "decode-qwen35")
+    rows = []
+    for prompt in (16,) if smoke else (128, 1024):
+        r = C.run_json([C.PY, WORKER, "decode", str(src), str(out), "--tokens", str(8 if smoke else 32), "--runs",
+                        str(max(runs, 1)), "--prompt-len", str(prompt)])
+        rows.append(_row(f"{'smoke hybrid' if smoke else 'Qwen3.5 hybrid layers (2048 wide, 6 DeltaNet + 2 attention),'}"
+                         f" fp32, prompt {prompt}", r, ctx, f"qwen35_fp32_prompt{prompt}"))
+    C.rmtree(out)
     return rows
 
 

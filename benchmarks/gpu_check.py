@@ -1,5 +1,6 @@
 """One device call: kernel timings, a Llama-2-7B-shaped model end to end, a latent-attention model (DeepSeek-V2-Lite's
-attention, 4 layers) against HF, then the kernel tests on CUDA.
+attention, 4 layers) and a hybrid (Qwen3.5's DeltaNet and gated attention layers, 8 layers) against HF, then the
+kernel tests on CUDA.
 
     PYTHONPATH=$PWD python3 benchmarks/gpu_check.py --out DIR [--skip-tests] [--layers 32] [--deadline-s 540]
 
@@ -451,28 +452,13 @@ def main():
         stage("fmconvert_bf16", out)(lambda: ours("bf16"))()
         stage("fmconvert_int8", out)(lambda: ours("int8"))()
         shutil.rmtree(state["src"].parent, ignore_errors=True)
-    @stage("mla_decode", out)
-    def mla_decode():
-        """Latent attention end to end: DeepSeek-V2-Lite's attention (16 heads, kv_lora_rank 512, k 128 + 64,
-        v 128) on 4 layers, bf16, random weights: fmconvert (absorbed decode over the latent cache, kernels/mla.py,
-        CUDA graph) against HF eager (which expands every cached latent at each step), at 128 and 2048 cached
-        tokens, batch 1."""
-        from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
-
+    def small_model_decode(tag, hf):
+        """A few layers of one architecture, bf16, random weights: fmconvert (Triton kernels, CUDA graph) against
+        HF eager, decode after 128 and 2048 cached tokens at batch 1, with logit parity."""
         from fmconvert.runtime.load import load
-        size = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, kv_lora_rank=512,
-                    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, moe_intermediate_size=1408) \
-            if DEV == "cuda" else dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, kv_lora_rank=32,
-                                       qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-                                       moe_intermediate_size=64)
-        cfg = DeepseekV2Config(num_hidden_layers=4, q_lora_rank=None, first_k_dense_replace=3, n_routed_experts=4,
-                               num_experts_per_tok=2, n_shared_experts=2, vocab_size=32000,
-                               max_position_embeddings=4096, tie_word_embeddings=False, **size)
-        cfg.architectures = ["DeepseekV2ForCausalLM"]
-        hf = random_bf16(DeepseekV2ForCausalLM, cfg)
-        src = workdir(sum(p.numel() for p in hf.parameters()) * 5) / "mla"
+        src = workdir(sum(p.numel() for p in hf.parameters()) * 5) / tag
         hf.save_pretrained(src)
-        dst = src.parent / "mla-bf16"
+        dst = src.parent / f"{tag}-bf16"
         p = subprocess.run([sys.executable, "-m", "fmconvert", "convert", "-q", "--dtype", "bf16", str(src), str(dst)],
                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
         if p.returncode:
@@ -488,15 +474,52 @@ def main():
             r[f"decode_tok_s_{T}"] = ours_decode_tok_s(m, prompt, 32)
             r[f"vs_hf_{T}"] = r[f"decode_tok_s_{T}"] / r[f"hf_decode_tok_s_{T}"]
         print("  ", {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
-        del m, hf
+        del m
         shutil.rmtree(src.parent, ignore_errors=True)
         return r
 
-    # Latent attention only when the kernel tests would still get their minute and a half after it
-    if args.deadline_s - (time.perf_counter() - t_start) > 240 or args.dry_run_cpu:
-        mla_decode()
-    else:
-        REPORT["stages"]["mla_decode"] = {"ok": False, "error": "skipped: too little of --deadline-s left"}
+    @stage("mla_decode", out)
+    def mla_decode():
+        """Latent attention end to end: DeepSeek-V2-Lite's attention (16 heads, kv_lora_rank 512, k 128 + 64,
+        v 128) on 4 layers; HF eager expands every cached latent at each step, fmconvert attends over the latents
+        with kv_b absorbed (kernels/mla.py)."""
+        from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+        size = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, kv_lora_rank=512,
+                    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, moe_intermediate_size=1408) \
+            if DEV == "cuda" else dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, kv_lora_rank=32,
+                                       qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                                       moe_intermediate_size=64)
+        cfg = DeepseekV2Config(num_hidden_layers=4, q_lora_rank=None, first_k_dense_replace=3, n_routed_experts=4,
+                               num_experts_per_tok=2, n_shared_experts=2, vocab_size=32000,
+                               max_position_embeddings=4096, tie_word_embeddings=False, **size)
+        cfg.architectures = ["DeepseekV2ForCausalLM"]
+        return small_model_decode("mla", random_bf16(DeepseekV2ForCausalLM, cfg))
+
+    @stage("hybrid_decode", out)
+    def hybrid_decode():
+        """Qwen3.5's hybrid end to end: 6 Gated DeltaNet layers (16 q/k heads, 32 v heads of 128; fixed-size state,
+        kernels/delta_rule.py) and 2 gated attention layers (16 heads, 2 kv, head_dim 256), 2048 wide. HF eager
+        runs transformers' torch fallbacks for the conv and the delta rule (no flash-linear-attention here)."""
+        from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+        size = dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=16, head_dim=256,
+                    linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
+                    linear_value_head_dim=128) \
+            if DEV == "cuda" else dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, head_dim=32,
+                                       linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
+                                       linear_value_head_dim=32)
+        cfg = Qwen3_5TextConfig(num_hidden_layers=8, num_key_value_heads=2, vocab_size=32000,
+                                max_position_embeddings=4096, tie_word_embeddings=False, **size)
+        cfg.architectures = ["Qwen3_5ForCausalLM"]
+        return small_model_decode("qwen35", random_bf16(Qwen3_5ForCausalLM, cfg))
+
+    # Each small-model stage only when the kernel tests would still get their minute and a half after it
+    for name, fn, need in (("mla_decode", mla_decode, 240), ("hybrid_decode", hybrid_decode, 200)):
+        if args.deadline_s - (time.perf_counter() - t_start) > need or args.dry_run_cpu:
+            fn()
+        else:
+            REPORT["stages"][name] = {"ok": False, "error": "skipped: too little of --deadline-s left"}
     if not args.skip_tests:
         kernel_tests()
     save(out)

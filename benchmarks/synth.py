@@ -37,8 +37,23 @@ MLA_SMOKE = dict(MLA_LITE, hidden_size=256, intermediate_size=704, num_hidden_la
                  kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                  first_k_dense_replace=1, moe_intermediate_size=128, vocab_size=1000)
 
+# Qwen3.5's hybrid layers at 2048 wide: 8 layers, 6 Gated DeltaNet (16 q/k heads, 32 v heads, 128 each, conv 4) and
+# 2 gated attention (16 heads, 2 kv, head_dim 256, RoPE over a quarter), TinyLlama's vocab.
+QWEN35_LITE = dict(model="qwen3_5", hidden_size=2048, intermediate_size=6144, num_hidden_layers=8,
+                   num_attention_heads=16, num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
+                   linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+                   linear_conv_kernel_dim=4, vocab_size=32000)
+QWEN35_SMOKE = dict(QWEN35_LITE, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+                    head_dim=64, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
+                    linear_value_head_dim=32, vocab_size=1000)
+_MODELS = {"deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
+           "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM")}
+
 
 def key(shape: dict) -> str:
+    if shape.get("model") == "qwen3_5":
+        return ("qwen3_5-h{hidden_size}-i{intermediate_size}-l{num_hidden_layers}-a{num_attention_heads}"
+                "-lv{linear_num_value_heads}-v{vocab_size}-bf16").format(**shape)
     if shape.get("model") == "deepseek_v2":
         return ("mla-h{hidden_size}-i{intermediate_size}-l{num_hidden_layers}-a{num_attention_heads}"
                 "-kv{kv_lora_rank}-v{vocab_size}-bf16").format(**shape)
@@ -47,8 +62,8 @@ def key(shape: dict) -> str:
 
 
 def build(shape: dict, cache: Path = CACHE, seed: int = 0, max_shard_size: str = "1GB", quiet: bool = False) -> Path:
-    """The directory of a saved random LlamaForCausalLM (DeepseekV2ForCausalLM with model="deepseek_v2") of this
-    shape; built on first use."""
+    """The directory of a saved random LlamaForCausalLM (DeepseekV2ForCausalLM with model="deepseek_v2",
+    Qwen3_5ForCausalLM with model="qwen3_5") of this shape; built on first use."""
     out = Path(cache) / key(shape)
     if (out / "config.json").is_file() and (out / "model.safetensors.index.json").is_file() or \
             (out / "config.json").is_file() and (out / "model.safetensors").is_file():
@@ -62,8 +77,7 @@ def build(shape: dict, cache: Path = CACHE, seed: int = 0, max_shard_size: str =
     if not quiet:
         print(f"building synthetic checkpoint {out.name} (once; cached) ...", file=sys.stderr, flush=True)
     kw = {k: v for k, v in shape.items() if k != "model"}
-    config_cls, model_cls = (("DeepseekV2Config", "DeepseekV2ForCausalLM") if shape.get("model") == "deepseek_v2"
-                             else ("LlamaConfig", "LlamaForCausalLM"))
+    config_cls, model_cls = _MODELS.get(shape.get("model"), ("LlamaConfig", "LlamaForCausalLM"))
     config = getattr(transformers, config_cls)(**kw, max_position_embeddings=4096, rms_norm_eps=1e-5,
                                                tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     config.dtype = torch.bfloat16

@@ -32,7 +32,7 @@ _LAZY = {
     "apply_rope": "rope", "apply_rope_reference": "rope", "rope_append": "rope", "rope_append_reference": "rope",
     "swiglu": "glu", "swiglu_reference": "glu", "gated": "glu", "gated_reference": "glu",
     "mla_decode": "mla", "mla_decode_reference": "mla", "mla_decode_workspace": "mla",
-    "gated_delta": "gated_delta", "gated_delta_reference": "gated_delta",
+    "gated_delta": "delta_rule", "gated_delta_reference": "delta_rule",
     "causal_conv1d": "conv1d", "causal_conv1d_reference": "conv1d",
     "gated_rms_norm": "gated_norm", "gated_rms_norm_reference": "gated_norm",
 }

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fmconvert.kernels.gated_delta import gated_delta, gated_delta_reference
+from fmconvert.kernels.delta_rule import gated_delta, gated_delta_reference
 from fmconvert.runtime.ops import gated_delta_chunked
 
 ON_CUDA = torch.cuda.is_available()
