@@ -176,6 +176,13 @@ def inspect(out_dir, as_json):
                   f"{_ranges(md['linear_layers'])}): {a['v_heads']} value heads of {a['v_dim']} over {a['k_heads']} "
                   f"q/k heads of {a['k_dim']}, conv {a['conv_kernel']}; a fixed-size state per layer and sequence "
                   f"({a['v_heads'] * a['k_dim'] * a['v_dim']} fp32 values), no KV cache")
+    if md["ssm"]:
+        a, n = md["ssm"], len(md["linear_layers"])
+        clamp = f", dt clamped to [{a['dt_min']:g}, {a['dt_max']:g}]" if a["dt_max"] is not None else ""
+        t.add_row("state space", f"Mamba2 in {n} of {md['num_layers']} layers ({_ranges(md['linear_layers'])}): "
+                  f"{a['heads']} heads of {a['head_dim']}, {a['groups']} B/C group(s) of state {a['state']}, conv "
+                  f"{a['conv_kernel']}{clamp}; a fixed-size state per layer and sequence "
+                  f"({a['heads'] * a['head_dim'] * a['state']} fp32 values), no KV cache")
     if md["attn_gate"]:
         t.add_row("attention gate", "each head's output times sigmoid of a gate q_proj computes beside q")
     if md["num_experts"]:

@@ -99,10 +99,20 @@ _MODEL_OPTIONAL = {
                     "null or a list of layer indices"),
     "mla": (None, lambda x: x is None or _mla(x), "null or the latent attention's widths"),
     "linear_attn": (None, lambda x: x is None or _linear_attn(x), "null or the linear attention's widths"),
+    "ssm": (None, lambda x: x is None or _ssm(x), "null or the Mamba2 widths"),
     "linear_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
                       "null or a list of layer indices"),
     "attn_gate": (False, _BOOL, "true or false"),
 }
+
+
+def _ssm(x) -> bool:
+    """Mamba2's widths: positive heads, head_dim, groups (dividing the heads), state and conv taps; the step's clamp."""
+    return (isinstance(x, dict) and set(x) == {"heads", "head_dim", "groups", "state", "conv_kernel", "dt_min",
+                                               "dt_max"}
+            and all(_POS_INT(x[k]) for k in ("heads", "head_dim", "groups", "state", "conv_kernel"))
+            and x["heads"] % x["groups"] == 0 and 2 <= x["conv_kernel"] <= 64 and _NONNEG_NUM(x["dt_min"])
+            and (x["dt_max"] is None or (_POS_NUM(x["dt_max"]) and x["dt_max"] > x["dt_min"])))
 
 
 def _linear_attn(x) -> bool:
@@ -216,10 +226,15 @@ def validate(m) -> dict:
     _need(mla is None or (mla["nope_dim"] + mla["rope_dim"] == model["head_dim"] and model["num_kv_heads"] == 1
                           and model["position"].get("rotary_dim") == mla["rope_dim"]),
           "model.mla does not fit head_dim, num_kv_heads and the rotary width")
-    la, ll = model["linear_attn"], model["linear_layers"]
-    _need((la is None) == (ll is None) and (ll is None or (ll == sorted(set(ll)) and ll[-1] < model["num_layers"]
-                                                          and len(ll) < model["num_layers"])),
-          "model.linear_layers must be distinct layer indices in order, not every layer, with linear_attn")
+    la, ll, ssm = model["linear_attn"], model["linear_layers"], model["ssm"]
+    _need(la is None or ssm is None, "model.linear_attn and model.ssm exclude each other")
+    _need(ssm is None or not _POS_INT(par.get("tp")) or (ssm["heads"] % par["tp"] == 0 and (
+        ssm["groups"] % par["tp"] == 0 or ssm["groups"] == 1)),
+          "model.ssm's heads must be a multiple of parallel.tp, and its groups too (or 1)")
+    la = la or ssm
+    _need((la is None) == (ll is None) and (ll is None or (ll == sorted(set(ll)) and ll[-1] < model["num_layers"])),
+          "model.linear_layers must be distinct layer indices in order, with linear_attn or ssm")
+    la = model["linear_attn"]
     _need(la is None or not _POS_INT(par.get("tp")) or (la["k_heads"] % par["tp"] == 0
                                                          and la["v_heads"] % par["tp"] == 0),
           "model.linear_attn's heads must be a multiple of parallel.tp")
@@ -285,7 +300,7 @@ def validate(m) -> dict:
 def _position(model: dict):
     pos = model["position"]
     kind = pos.get("type")
-    _need(kind in ("rope", "alibi", "learned"), "model.position.type must be rope, alibi or learned")
+    _need(kind in ("rope", "alibi", "learned", "none"), "model.position.type must be rope, alibi, learned or none")
     if kind == "rope":
         rd = pos.get("rotary_dim")
         _need(type(rd) is int and 0 < rd <= model["head_dim"] and rd % 2 == 0,

@@ -43,13 +43,18 @@ LAYER_SLOTS = (
     # (one [v_dim] weight every head shares) and the output projection
     "lin_in.weight", "lin_conv.weight", "lin_conv.bias", "lin_decay.a_log", "lin_decay.dt_bias", "lin_norm.weight",
     "lin_out.weight",
+    # Mamba2 (Granite 4.0's hybrids) in place of attention: one projection of z|x|B|C|dt, a causal depthwise conv
+    # with SiLU over x|B|C, each head's decay, step bias and skip (ssm.*), the gated norm over x's width (grouped)
+    # and the output projection
+    "ssm_in.weight", "ssm_in.bias", "ssm_conv.weight", "ssm_conv.bias", "ssm.a_log", "ssm.dt_bias", "ssm.d",
+    "ssm_norm.weight", "ssm_out.weight", "ssm_out.bias",
 )
 # A mixture's slots and a dense MLP's: a model with both kinds of layer (GLM-4.5's first layers are dense) gives each
 # layer the one set its kind has.
 SPARSE_SLOTS = ("router.", "experts_", "shared_")
 DENSE_SLOTS = ("mlp_in.", "mlp_out.")
 # A hybrid's linear-attention layers have the lin_ slots and its attention layers the attention's.
-LINEAR_SLOTS = ("lin_",)
+LINEAR_SLOTS = ("lin_", "ssm")
 ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.")
 GLOBAL_SLOTS = (
     "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
@@ -143,7 +148,10 @@ class ModelSpec:
     linear_attn: dict | None = None    # Gated DeltaNet's widths (Qwen3-Next, Qwen3.5): k_heads, v_heads (a multiple of
     #                                k_heads; v head j reads q/k head j // (v_heads / k_heads)), k_dim, v_dim, and
     #                                conv_kernel, the causal conv's taps
-    linear_layers: list | None = None  # the layers that use it in place of attention; None: none
+    ssm: dict | None = None        # Mamba2's widths (Granite 4.0 hybrids): heads, head_dim, groups (B and C, shared
+    #                                by heads // groups heads each), state (N), conv_kernel, and dt_min / dt_max (the
+    #                                step's clamp; dt_max None: none). Its layers are linear_layers
+    linear_layers: list | None = None  # the layers that use it (or Mamba2) in place of attention; None: none
     attn_gate: bool = False        # Qwen3-Next, Qwen3.5: the attention output times sigmoid of a per-head gate that
     #                                q_proj computes beside q (qkv then holds q|k|v|gate)
     bos_token_id: int | None = None
@@ -419,26 +427,45 @@ class Policy:
         return {**mla, "norm_eps": _number(c, "latent_norm_eps", 1e-6)}
 
     def _linear(self, config, c) -> dict:
-        """A hybrid's Gated DeltaNet layers (Qwen3-Next, Qwen3.5): their widths from [config] (lin_k_heads,
-        lin_v_heads, lin_k_dim, lin_v_dim, lin_conv) and which layers they are, from layer_types."""
-        if "lin_k_heads" not in c:
+        """A hybrid's linear layers: Gated DeltaNet (Qwen3-Next, Qwen3.5: [config] lin_k_heads, lin_v_heads, lin_k_dim,
+        lin_v_dim, lin_conv) or Mamba2 (Granite 4.0: ssm_heads, ssm_head_dim, ssm_groups, ssm_state, ssm_conv,
+        ssm_dt_limit), and which layers they are, from layer_types ("linear_attention"; transformers reads the older
+        "mamba" as that)."""
+        if "ssm_heads" in c:
+            key, mixer = "ssm", self._ssm(c)
+        elif "lin_k_heads" in c:
+            la = {k: c.get("lin_" + k) for k in ("k_heads", "v_heads", "k_dim", "v_dim", "conv")}
+            if any(type(v) is not int or not 0 < v <= 1 << 16 for v in la.values()) \
+                    or la["v_heads"] % la["k_heads"] or la["conv"] < 2:
+                raise FmError("config.json: the linear attention's widths (linear_num_key_heads, "
+                              "linear_num_value_heads, linear_key_head_dim, linear_value_head_dim, "
+                              "linear_conv_kernel_dim) must be positive integers, the value heads a multiple of the "
+                              f"key heads and the conv at least 2 wide, got {la}")
+            la["conv_kernel"] = la.pop("conv")
+            key, mixer = "linear_attn", la
+        else:
             return {}
-        la = {k: c.get("lin_" + k) for k in ("k_heads", "v_heads", "k_dim", "v_dim", "conv")}
-        if any(type(v) is not int or not 0 < v <= 1 << 16 for v in la.values()) or la["v_heads"] % la["k_heads"] \
-                or la["conv"] < 2:
-            raise FmError("config.json: the linear attention's widths (linear_num_key_heads, linear_num_value_heads, "
-                          "linear_key_head_dim, linear_value_head_dim, linear_conv_kernel_dim) must be positive "
-                          "integers, the value heads a multiple of the key heads and the conv at least 2 wide, got "
-                          f"{la}")
         types = getattr(config, "layer_types", None)
         if not isinstance(types, (list, tuple)) or len(types) != c["num_layers"]:
             raise FmError(f"config.json: layer_types must list one kind per layer ({c['num_layers']}), "
                           "linear_attention or full_attention")
         layers = [i for i, t in enumerate(types) if t == "linear_attention"]
-        if len(layers) == len(types):
-            raise FmError("config.json: every layer is linear attention; fmconvert needs at least one attention layer")
-        la["conv_kernel"] = la.pop("conv")
-        return {"linear_attn": la, "linear_layers": layers or None} if layers else {}
+        return {key: mixer, "linear_layers": layers} if layers else {}
+
+    @staticmethod
+    def _ssm(c) -> dict:
+        ssm = {k: c.get("ssm_" + k) for k in ("heads", "head_dim", "groups", "state", "conv")}
+        if any(type(v) is not int or not 0 < v <= 1 << 16 for v in ssm.values()) or ssm["heads"] % ssm["groups"] \
+                or ssm["conv"] < 2:
+            raise FmError("config.json: the Mamba2 widths (mamba_n_heads, mamba_d_head, mamba_n_groups, "
+                          "mamba_d_state, mamba_d_conv) must be positive integers, the heads a multiple of the "
+                          f"groups and the conv at least 2 wide, got {ssm}")
+        limit = c.get("ssm_dt_limit") or (0.0, math.inf)
+        if not isinstance(limit, (list, tuple)) or len(limit) != 2 or any(type(v) not in (int, float) for v in limit) \
+                or not 0 <= limit[0] < limit[1]:
+            raise FmError(f"config.json: time_step_limit must be two numbers, low below high, got {limit!r}")
+        ssm["conv_kernel"] = ssm.pop("conv")
+        return {**ssm, "dt_min": float(limit[0]), "dt_max": None if limit[1] == math.inf else float(limit[1])}
 
     def _dense_layers(self, c, experts: int) -> dict:
         """A mixture's layers with a dense MLP instead: the first `first_dense` (GLM-4.5's first_k_dense_replace),
@@ -549,7 +576,7 @@ class Policy:
         if not isinstance(types, (list, tuple)) or len(types) != c["num_layers"]:
             raise FmError(f"config.json: layer_types must list one kind per layer ({c['num_layers']})")
         kinds = {"full_attention", "sliding_attention", "chunked_attention"} | (
-            {"linear_attention"} if "lin_k_heads" in c else set())
+            {"linear_attention"} if "lin_k_heads" in c or "ssm_heads" in c else set())
         odd = sorted({str(t) for t in types} - kinds)
         if odd:
             raise FmError(f"config.json: layer kind {odd[0]!r} is not supported ({', '.join(sorted(kinds))})")
@@ -593,7 +620,9 @@ class Policy:
         raise FmError(f"{self.path.name}: layout.embed_scale must be \"sqrt_hidden\", got {how!r}")
 
     def _position(self, config, flags, c) -> dict:
-        kind = self.layout["position"]
+        kind = self._layout("position", flags)
+        if kind == "none":           # no positional encoding at all (Granite 4.0's hybrids: the Mamba2 layers order)
+            return {"type": "none"}
         if kind == "learned":
             return {"type": "learned", "offset": int(self.layout.get("position_offset", 0))}
         if kind == "alibi":
@@ -697,6 +726,14 @@ class Policy:
                 "kv_a_norm.weight": (a["kv_rank"],), "kv_b.weight": (H * (a["nope_dim"] + a["v_dim"]), a["kv_rank"]),
                 "attn_out.weight": (h, H * a["v_dim"]),
             })
+        if spec.ssm:
+            I, BC, H = _ssm_widths(spec)
+            shapes.update({
+                "ssm_in.weight": (2 * I + 2 * BC + H, h), "ssm_in.bias": (2 * I + 2 * BC + H,),  # z|x|B|C|dt
+                "ssm_conv.weight": (I + 2 * BC, spec.ssm["conv_kernel"]), "ssm_conv.bias": (I + 2 * BC,),
+                "ssm.a_log": (H,), "ssm.dt_bias": (H,), "ssm.d": (H,), "ssm_norm.weight": (I,),
+                "ssm_out.weight": (h, I), "ssm_out.bias": (h,),
+            })
         if spec.linear_attn:
             Kd, Vd, Hv = _linear_widths(spec)
             shapes.update({
@@ -729,9 +766,8 @@ class Policy:
             ({k: v for k, v in t.items() if not isinstance(v, dict) or "name" in v}, prefix),
             (t.get("head", {}), self.head_prefix(prefix))]
         skip = ()
-        if spec.num_experts and layer is not None:
-            skip = SPARSE_SLOTS if layer in (spec.dense_layers or ()) else DENSE_SLOTS
-        if layer is not None:
+        if layer is not None:            # a dense model has no mixture's slots, whatever the flags say
+            skip = SPARSE_SLOTS if not spec.num_experts or layer in (spec.dense_layers or ()) else DENSE_SLOTS
             skip += ATTENTION_SLOTS if layer in (spec.linear_layers or ()) else LINEAR_SLOTS
         for section, pre in sections:
             for slot, names, optional, aliases in self._entries(section, flags):
@@ -753,7 +789,7 @@ class Policy:
                         shapes = [tuple(reversed(s)) for s in shapes]
                     if slot in self.as_row:
                         shapes = [(1, *s) for s in shapes]
-                    if slot == "lin_conv.weight":     # stored as a depthwise Conv1d's [channels, 1, taps]
+                    if slot in ("lin_conv.weight", "ssm_conv.weight"):   # a depthwise Conv1d's [channels, 1, taps]
                         shapes = [(s[0], 1, s[1]) for s in shapes]
                 out.append(SlotSource(slot, names, shapes, optional, aliases))
         return out
@@ -784,7 +820,7 @@ class Policy:
             parts = [p.squeeze(0) for p in parts]
         if slot in self.transposed:
             parts = [p.transpose(-1, -2) for p in parts]     # a stacked slot: each expert's matrix
-        if slot == "lin_conv.weight":
+        if slot in ("lin_conv.weight", "ssm_conv.weight"):
             parts = [p.squeeze(1) for p in parts]
         if slot == "lin_in.weight" and self.layout.get("linear_in") == "grouped":
             parts = self._ungroup_linear(spec, parts)
@@ -846,7 +882,7 @@ class Policy:
             return [(t.transpose(-1, -2) if slot in self.transposed else t).contiguous()]
         if slot == "lin_in.weight" and self.layout.get("linear_in") == "grouped" and n_parts == 2:
             return [p.contiguous() for p in self._group_linear(spec, t)]
-        if slot == "lin_conv.weight":
+        if slot in ("lin_conv.weight", "ssm_conv.weight"):
             return [t.unsqueeze(1).contiguous()]
         if slot.startswith("qkv.") and spec.attn_gate:
             H, hd, rest = spec.num_heads, spec.head_dim, t.shape[1:]
@@ -874,6 +910,12 @@ def _linear_widths(spec: ModelSpec) -> tuple[int, int, int]:
     """(every q or k head's width, every v head's width, the v heads) of a hybrid's linear attention."""
     la = spec.linear_attn
     return la["k_heads"] * la["k_dim"], la["v_heads"] * la["v_dim"], la["v_heads"]
+
+
+def _ssm_widths(spec: ModelSpec) -> tuple[int, int, int]:
+    """(x's width, B's (or C's) width, the heads) of a hybrid's Mamba2 layers."""
+    s = spec.ssm
+    return s["heads"] * s["head_dim"], s["groups"] * s["state"], s["heads"]
 
 
 @cache

@@ -21,6 +21,9 @@ Layout per rank:
             z heads, b and a; value head j belongs with key head j // (v_heads / k_heads), so contiguous ranges of
             both line up. lin_conv (one channel per q|k|v row) likewise; lin_decay per v head; lin_out row-parallel;
             lin_norm (one weight for every head) replicated. Each rank keeps its heads' conv and recurrent state.
+  ssm_in    (Mamba2) column-parallel over whole heads, part by part: this rank's z, x, B, C and dt; B and C hold
+            whole groups, or all of the one group (replicated) when a single group serves every head. ssm_conv
+            likewise over x|B|C; ssm.* and ssm_norm with the heads; ssm_out row-parallel (its bias on rank 0).
   a mixture's dense layers (GLM-4.5's first)  mlp_in / mlp_out as above over their own width, chunked and padded
             alike (`dense_intermediate_*`).
   shared_in, shared_out  (Qwen2-MoE's shared expert) like mlp_in / mlp_out over its own width, chunked and
@@ -44,12 +47,15 @@ import torch
 from .errors import FmError
 from .policy import ModelSpec
 
-COLUMN = ("qkv.weight", "qkv.bias", "mlp_in.weight", "mlp_in.bias", "lin_in.weight")
+COLUMN = ("qkv.weight", "qkv.bias", "mlp_in.weight", "mlp_in.bias", "lin_in.weight", "ssm_in.weight")
 HEADS = ("q_b.weight", "kv_b.weight", "attn_sinks.weight",      # whole heads' rows, each head's rows contiguous
-         "lin_decay.a_log", "lin_decay.dt_bias")
-ROW = ("attn_out.weight", "mlp_out.weight", "lin_out.weight")
-LINEAR_PARTS = {"lin_in.weight": 6, "lin_conv.weight": 3, "lin_conv.bias": 3}    # q, k, v(, z, b, a): heads each
-ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias")
+         "lin_decay.a_log", "lin_decay.dt_bias", "ssm.a_log", "ssm.dt_bias", "ssm.d", "ssm_norm.weight")
+ROW = ("attn_out.weight", "mlp_out.weight", "lin_out.weight", "ssm_out.weight")
+# A linear mixer's fused slots, part by part: q, k, v(, z, b, a) for Gated DeltaNet, x(, B, C) or z, x, B, C, dt for
+# Mamba2 (see `_mixer_parts`)
+MIXER_PARTS = ("lin_in.weight", "lin_conv.weight", "lin_conv.bias", "ssm_in.weight", "ssm_in.bias",
+               "ssm_conv.weight", "ssm_conv.bias")
+ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias", "ssm_out.bias")
 VOCAB = ("embed.weight", "lm_head.weight", "lm_head.bias")
 EXPERTS = ("experts_in.weight", "experts_out.weight")
 
@@ -113,6 +119,10 @@ def plan(spec: ModelSpec, tp: int, group_size: int | None) -> Layout:
                           "kv heads can only be replicated evenly")
         kv_per_rank, repl = 1, tp // KV
     la = spec.linear_attn
+    ssm = spec.ssm
+    if ssm and (ssm["heads"] % tp or (ssm["groups"] % tp and ssm["groups"] != 1)):
+        raise FmError(f"tp={tp} does not divide the Mamba2 heads (mamba_n_heads={ssm['heads']}) and groups "
+                      f"(mamba_n_groups={ssm['groups']}, which may also be 1); each rank must hold whole heads")
     if la and (la["k_heads"] % tp or la["v_heads"] % tp):
         raise FmError(f"tp={tp} does not divide the linear attention's heads (linear_num_key_heads={la['k_heads']}, "
                       f"linear_num_value_heads={la['v_heads']}); each rank must hold whole heads")
@@ -210,10 +220,11 @@ def shard(spec: ModelSpec, lay: Layout, slot: str, t: torch.Tensor) -> list[torc
             kv = _kv_index(lay, r)
             out.append(torch.cat([q[heads], k[kv], v[kv], gate[heads]], dim=0).reshape(-1, *t.shape[1:]))
         return [o.contiguous() for o in out]
-    if slot in LINEAR_PARTS:
-        parts = [torch.chunk(p, tp, dim=0) for p in torch.split(t, _linear_parts(spec, slot), dim=0)]
+    if slot in MIXER_PARTS:
+        sizes, split = zip(*_mixer_parts(spec, slot, tp))
+        parts = [torch.chunk(p, tp, dim=0) if cut else (p,) * tp for p, cut in zip(torch.split(t, sizes), split)]
         return [torch.cat([p[r] for p in parts], dim=0).contiguous() for r in range(tp)]
-    if slot == "lin_out.weight":
+    if slot in ("lin_out.weight", "ssm_out.weight"):
         return [c.contiguous() for c in torch.chunk(t, tp, dim=1)]
     if slot == "attn_out.weight":
         return [c.contiguous() for c in torch.chunk(t, tp, dim=1)]
@@ -254,11 +265,16 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
         hq, hk = lay.heads_per_rank * hd, lay.kv_heads_per_rank * hd
         q, k, v, gate = zip(*(torch.split(p, [hq, hk, hk, hq * spec.attn_gate], dim=0) for p in pieces))
         return torch.cat(list(q) + _kv_heads(lay, KV, slot, k) + _kv_heads(lay, KV, slot, v) + list(gate), dim=0)
-    if slot in LINEAR_PARTS:
-        sizes = [n // lay.tp for n in _linear_parts(spec, slot)]
-        parts = list(zip(*(torch.split(p, sizes, dim=0) for p in pieces)))     # part -> every rank's piece
-        return torch.cat([x for part in parts for x in part], dim=0)
-    if slot in ("attn_out.weight", "lin_out.weight"):
+    if slot in MIXER_PARTS:
+        sizes, split = zip(*_mixer_parts(spec, slot, lay.tp))
+        sizes = [n // lay.tp if cut else n for n, cut in zip(sizes, split)]
+        out = []
+        for part, cut in zip(zip(*(torch.split(p, sizes, dim=0) for p in pieces)), split):   # every rank's piece
+            if not cut and any(not torch.equal(x, part[0]) for x in part[1:]):
+                raise FmError(f"{slot}: a replicated part differs between ranks")
+            out += part if cut else part[:1]
+        return torch.cat(out, dim=0)
+    if slot in ("attn_out.weight", "lin_out.weight", "ssm_out.weight"):
         return torch.cat(pieces, dim=1)
     if slot.startswith("mlp_in.") or slot == "shared_in.weight":
         shared = slot == "shared_in.weight"
@@ -293,11 +309,18 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
     return pieces[0]
 
 
-def _linear_parts(spec: ModelSpec, slot: str) -> list[int]:
-    """The rows of each part of a linear-attention slot, each a whole number of heads: q, k, v (, z, b, a)."""
-    la = spec.linear_attn
-    Kd, Vd, Hv = la["k_heads"] * la["k_dim"], la["v_heads"] * la["v_dim"], la["v_heads"]
-    return [Kd, Kd, Vd, Vd, Hv, Hv][:LINEAR_PARTS[slot]]
+def _mixer_parts(spec: ModelSpec, slot: str, tp: int) -> list[tuple[int, bool]]:
+    """(rows, split over ranks) of each part of a linear mixer's fused slot. Gated DeltaNet: q, k, v (, z, b, a),
+    whole heads each. Mamba2: (z,) x, B, C (, dt); B and C hold whole groups, and are replicated when a single
+    group serves every head (Granite 4.0)."""
+    if slot.startswith("lin_"):
+        la = spec.linear_attn
+        Kd, Vd, Hv = la["k_heads"] * la["k_dim"], la["v_heads"] * la["v_dim"], la["v_heads"]
+        return [(n, True) for n in (Kd, Kd, Vd, Vd, Hv, Hv)][:6 if slot == "lin_in.weight" else 3]
+    s = spec.ssm
+    I, BC, cut = s["heads"] * s["head_dim"], s["groups"] * s["state"], s["groups"] % tp == 0
+    xbc = [(I, True), (BC, cut), (BC, cut)]
+    return [(I, True), *xbc, (s["heads"], True)] if slot.startswith("ssm_in.") else xbc
 
 
 PADDED_K = ("mlp_out.weight", "experts_out.weight", "shared_out.weight")    # K is a rank's (padded) MLP units
@@ -319,4 +342,6 @@ def k_per_rank(spec: ModelSpec, lay: Layout, slot: str) -> int:
         "embed.weight": spec.embed_dim, "lm_head.weight": spec.embed_dim,
         "lin_in.weight": spec.hidden_size if spec.linear_attn else 0,
         "lin_out.weight": spec.linear_attn["v_heads"] * spec.linear_attn["v_dim"] // lay.tp if spec.linear_attn else 0,
+        "ssm_in.weight": spec.hidden_size if spec.ssm else 0,
+        "ssm_out.weight": spec.ssm["heads"] * spec.ssm["head_dim"] // lay.tp if spec.ssm else 0,
     }[slot]

@@ -323,6 +323,19 @@ CONFIGS = {
                                                          "partial_rotary_factor": 0.25}),
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64),
         image_token_id=100, video_token_id=99, vision_start_token_id=98, vision_end_token_id=97)),
+    "granite_hybrid": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", dict(          # Granite 4.0-H
+        hidden_size=64, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=101, max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2,
+        shared_intermediate_size=96, layer_types=["mamba", "mamba", "attention", "mamba"], mamba_n_heads=8,
+        mamba_d_head=16, mamba_n_groups=1, mamba_d_state=16, mamba_d_conv=4, embedding_multiplier=2.0,
+        attention_multiplier=0.2, residual_multiplier=0.5, logits_scaling=4.0, position_embedding_type=None,
+        time_step_limit=(0.0, 100.0))),   # transformers 5.24 cannot read back the infinity it saves by default
+    "granite_hybrid_dense": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM", dict(   # -H-Micro, RoPE
+        hidden_size=64, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=101, max_position_embeddings=64, num_local_experts=0, shared_intermediate_size=96,
+        layer_types=["mamba", "attention", "mamba"], mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=4,
+        mamba_d_state=8, mamba_d_conv=3, mamba_proj_bias=True, position_embedding_type="rope",
+        tie_word_embeddings=True, time_step_limit=(0.001, 0.5))),
     "bert": ("BertConfig", "BertModel", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, vocab_size=101, max_position_embeddings=64, type_vocab_size=2)),
     "bert_cls": ("BertConfig", "BertForSequenceClassification", dict(hidden_size=64, intermediate_size=96,
@@ -354,8 +367,8 @@ def build(name: str, seed: int = 0, **overrides):
                 p.add_(torch.randn_like(p) * 0.3)
             elif n.endswith("sinks"):           # GPT-OSS: a sink logit per head, large enough to matter
                 p.copy_(torch.randn_like(p))
-            elif n.endswith(("linear_attn.dt_bias", "linear_attn.A_log")):   # Gated DeltaNet: decays that differ
-                p.copy_(torch.randn_like(p) * 0.5)
+            elif n.endswith(("linear_attn.dt_bias", "linear_attn.A_log", "mamba.dt_bias", "mamba.A_log", "mamba.D")):
+                p.copy_(torch.randn_like(p) * 0.5)     # Gated DeltaNet, Mamba2: decays and skips that differ
         for n, b in [*model.named_buffers(), *model.named_parameters()]:   # GLM-4.5, ERNIE 4.5: a correction
             if n.endswith("e_score_correction_bias"):                        # that changes the experts chosen
                 b.copy_(torch.randn_like(b) * 0.2)

@@ -35,6 +35,7 @@ _LAZY = {
     "gated_delta": "delta_rule", "gated_delta_reference": "delta_rule",
     "causal_conv1d": "conv1d", "causal_conv1d_reference": "conv1d",
     "gated_rms_norm": "gated_norm", "gated_rms_norm_reference": "gated_norm",
+    "ssm_scan": "selective_scan", "ssm_scan_reference": "selective_scan",
 }
 
 
@@ -58,5 +59,5 @@ __all__ = [
     "decode_attention", "decode_attention_reference", "decode_attention_workspace",
     "mla_decode", "mla_decode_reference", "mla_decode_workspace",
     "gated_delta", "gated_delta_reference", "causal_conv1d", "causal_conv1d_reference",
-    "gated_rms_norm", "gated_rms_norm_reference",
+    "gated_rms_norm", "gated_rms_norm_reference", "ssm_scan", "ssm_scan_reference",
 ]

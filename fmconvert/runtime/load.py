@@ -37,10 +37,11 @@ def sha256_file(path: Path) -> str:
 _ST_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8"}
 _INT8_OK = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight", "embed.weight", "lm_head.weight",
             "experts_in.weight", "experts_out.weight", "shared_in.weight", "shared_out.weight",
-            "q_a.weight", "q_b.weight", "kv_a.weight", "kv_b.weight", "lin_in.weight", "lin_out.weight")
+            "q_a.weight", "q_b.weight", "kv_a.weight", "kv_b.weight", "lin_in.weight", "lin_out.weight",
+            "ssm_in.weight", "ssm_out.weight")
 _EXPERTS = ("experts_in.weight", "experts_out.weight")
 ROPE_TENSORS = ("rope.inv_freq", "rope_local.inv_freq", "rope_long.inv_freq")   # derived, kept float32
-_ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias")
+_ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias", "ssm_out.bias")
 
 
 def check_layout(m: dict, rank: int):
@@ -88,6 +89,14 @@ def check_layout(m: dict, rank: int):
         layer.update({"lin_in.weight": (2 * Kd + 2 * Vd + 2 * Hv, h), "lin_conv.weight": (2 * Kd + Vd, la["conv_kernel"]),
                       "lin_conv.bias": (2 * Kd + Vd,), "lin_decay.a_log": (Hv,), "lin_decay.dt_bias": (Hv,),
                       "lin_norm.weight": (la["v_dim"],), "lin_out.weight": (h, Vd)})
+    ssm = sp["ssm"]
+    if ssm:             # Mamba2: this rank's heads of z|x|dt, B and C whole groups (or the one, replicated)
+        I, H = ssm["heads"] * ssm["head_dim"] // tp, ssm["heads"] // tp
+        BC = ssm["state"] * (ssm["groups"] // tp if ssm["groups"] % tp == 0 else ssm["groups"])
+        layer.update({"ssm_in.weight": (2 * I + 2 * BC + H, h), "ssm_in.bias": (2 * I + 2 * BC + H,),
+                      "ssm_conv.weight": (I + 2 * BC, ssm["conv_kernel"]), "ssm_conv.bias": (I + 2 * BC,),
+                      "ssm.a_log": (H,), "ssm.dt_bias": (H,), "ssm.d": (H,), "ssm_norm.weight": (I,),
+                      "ssm_out.weight": (h, I), "ssm_out.bias": (h,)})
     if sp["attn_gate"]:
         layer.update({"qkv.weight": (qkv + hpr * hd, h), "qkv.bias": (qkv + hpr * hd,)})
     tensors = m["ranks"][rank]["tensors"]
@@ -119,9 +128,12 @@ def check_layout(m: dict, rank: int):
     dense_only = {s for s in per_layer if s.startswith(DENSE_SLOTS)} if E else set()
     # and in a hybrid, linear-attention layers the lin_ slots, the others attention's
     linear_layers = set(sp["linear_layers"] or ())
-    if linear_layers:
+    if linear_layers and la:
         per_layer |= {"lin_in.weight", "lin_conv.weight", "lin_decay.a_log", "lin_decay.dt_bias", "lin_norm.weight",
                       "lin_out.weight"}
+    if linear_layers and ssm:
+        per_layer |= {"ssm_in.weight", "ssm_conv.weight", "ssm.a_log", "ssm.dt_bias", "ssm.d", "ssm_norm.weight",
+                      "ssm_out.weight"}
     linear_only = {s for s in per_layer if s.startswith(LINEAR_SLOTS)}
     attention_only = {s for s in per_layer if s.startswith(ATTENTION_SLOTS)}
     need |= {f"layers.{i}.{s}" for i in range(sp["num_layers"])

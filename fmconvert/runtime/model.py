@@ -27,9 +27,10 @@ class KVCache:
                  chunks=None, linear=None):
         """latent: latent attention's cache, whose values are the first `latent` columns of its keys (a view).
         chunks: each layer's attention chunk (0: none), for the layers without a window.
-        linear: a hybrid's linear-attention layers -> (conv channels, conv taps, v heads, k_dim, v_dim) of this rank:
-        such a layer keeps no keys, only its conv's last taps - 1 inputs [B, C, taps - 1] and its recurrent state
-        [B, v heads, k_dim, v_dim] (fp32), both a fixed size whatever the context."""
+        linear: a hybrid's linear layers -> (conv channels, conv taps, state shape) of this rank: such a layer keeps
+        no keys, only its conv's last taps - 1 inputs [B, C, taps - 1] and its recurrent state [B, *shape] (fp32;
+        Gated DeltaNet: v heads, k_dim, v_dim; Mamba2: heads, head_dim, state), both a fixed size whatever the
+        context."""
         windows = windows or [0] * n_layers
         chunks = chunks or [0] * n_layers
         linear = linear or {}
@@ -40,9 +41,9 @@ class KVCache:
         self.v = [t[..., :latent] for t in self.k] if latent else [torch.zeros_like(t) for t in self.k]
         self.conv = [None] * n_layers
         self.state = [None] * n_layers
-        for i, (C, K, hv, dk, dv) in linear.items():
+        for i, (C, K, shape) in linear.items():
             self.conv[i] = torch.zeros(batch, C, K - 1, dtype=dtype, device=device)
-            self.state[i] = torch.zeros(batch, hv, dk, dv, dtype=torch.float32, device=device)
+            self.state[i] = torch.zeros(batch, *shape, dtype=torch.float32, device=device)
         self.length = 0
         self.max_len = max_len
 
@@ -75,7 +76,10 @@ class Block(nn.Module):
             self.t = tensors = {**tensors, "q_norm.weight": ones, "k_norm.weight": ones}
         self.activation = model.activation
         self.linear = i in (sp["linear_layers"] or ())         # a hybrid's linear-attention layer
-        if self.linear:                      # the decay's parameters, in fp32 once: g = -exp(A_log) * softplus(..)
+        if self.linear and sp["ssm"]:        # Mamba2's per-head A = -exp(A_log), step bias and skip, fp32 once
+            self.ssm_a = -tensors["ssm.a_log"].float().exp()
+            self.dt_bias, self.ssm_d = tensors["ssm.dt_bias"].float(), tensors["ssm.d"].float()
+        elif self.linear:                    # the decay's parameters, in fp32 once: g = -exp(A_log) * softplus(..)
             self.decay_rate = tensors["lin_decay.a_log"].float().exp()
             self.dt_bias = tensors["lin_decay.dt_bias"].float()
         if sp["mla"]:       # latent attention's decode step takes kv_b into q and o: [H, nope, R], [H, R, v]
@@ -145,6 +149,9 @@ class Block(nn.Module):
         """This rank's partial output of the token mixer, attention or a hybrid's linear attention, through its
         row-parallel output projection (the caller all-reduces)."""
         m, t = self.m, self.t
+        if self.linear and m.spec["ssm"]:
+            return m.ops.linear(self.mamba(h, cache, key_padding_mask, pos_t), t["ssm_out.weight"],
+                                t.get("ssm_out.bias"))
         if self.linear:
             return m.ops.linear(self.linear_attention(h, cache, key_padding_mask, pos_t), t["lin_out.weight"])
         a = self.attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
@@ -165,12 +172,7 @@ class Block(nn.Module):
             h = h * key_padding_mask[:, -T:, None].to(h.dtype)
         y = m.ops.linear(h, t["lin_in.weight"])                            # (B, T, 2 Kd + 2 Vd + 2 hv)
         qkv, z, b, a = y.split([2 * hk * dk + hv * dv, hv * dv, hv, hv], dim=-1)
-        conv = state = None
-        if cache is not None:
-            conv, state = cache.conv[self.i], cache.state[self.i]
-            if pos_t is None and cache.length == 0:      # a new sequence: nothing carried over
-                conv.zero_()
-                state.zero_()
+        conv, state = self._linear_cache(cache, pos_t)
         qkv = m.ops.causal_conv1d(qkv, t["lin_conv.weight"], t.get("lin_conv.bias"), conv)
         q, k, v = qkv.split([hk * dk, hk * dk, hv * dv], dim=-1)
         beta = torch.sigmoid(b).float()                  # in the model dtype first, as HF computes it
@@ -181,6 +183,48 @@ class Block(nn.Module):
                               dk ** -0.5)                                   # (B, T, hv, dv)
         o = m.ops.gated_rms_norm(o, z.view(B, T, hv, dv), t["lin_norm.weight"], m.eps)
         return o.reshape(B, T, hv * dv)
+
+    def _linear_cache(self, cache, pos_t):
+        """This layer's (conv inputs, recurrent state) in the cache, zeroed when a prompt starts a sequence, or
+        (None, None) without a cache."""
+        if cache is None:
+            return None, None
+        conv, state = cache.conv[self.i], cache.state[self.i]
+        if pos_t is None and cache.length == 0:      # a new sequence: nothing carried over
+            conv.zero_()
+            state.zero_()
+        return conv, state
+
+    def mamba(self, h, cache, key_padding_mask, pos_t=None):
+        """Mamba2 (Granite 4.0's hybrids). One projection gives the gate z, x|B|C and each head's step dt; a causal
+        depthwise conv with SiLU runs over x|B|C; then each head's [head_dim, state] matrix decays by exp(dt A) and
+        takes in dt x B^T, C reads it, plus D x. The output times silu(z) is RMS-normed over each group's channels.
+        With a cache the conv's last inputs and the state carry over, as in `linear_attention`."""
+        m, t, s = self.m, self.t, self.m.spec["ssm"]
+        B, T, _ = h.shape
+        (H, G), P, N = m._ssm_local(), s["head_dim"], s["state"]
+        mask = None
+        if key_padding_mask is not None and pos_t is None:    # padding must not enter the state (HF zeroes it)
+            mask = key_padding_mask[:, -T:, None].to(h.dtype)
+            h = h * mask
+        z, xbc, dt = m.ops.linear(h, t["ssm_in.weight"], t.get("ssm_in.bias")).split(
+            [H * P, H * P + 2 * G * N, H], dim=-1)
+        conv, state = self._linear_cache(cache, pos_t)
+        xbc = m.ops.causal_conv1d(xbc, t["ssm_conv.weight"], t.get("ssm_conv.bias"), conv)
+        if mask is not None:
+            xbc = xbc * mask
+        x, b, c = xbc.split([H * P, G * N, G * N], dim=-1)
+        dt = torch.nn.functional.softplus(dt.float() + self.dt_bias).clamp(s["dt_min"], s["dt_max"])
+        if state is None:
+            state = torch.zeros(B, H, P, N, dtype=torch.float32, device=h.device)
+        y = m.ops.ssm_scan(x.view(B, T, H, P), dt, self.ssm_a, b.view(B, T, G, N), c.view(B, T, G, N), self.ssm_d,
+                           state).reshape(B, T, H * P)
+        w, eps = t["ssm_norm.weight"], m.eps
+        if m.tp > 1 and s["groups"] % m.tp:      # one group over every rank's heads: its RMS needs all their sums
+            g = y.float() * torch.nn.functional.silu(z.float())
+            ss = m.comm.all_reduce(g.square().sum(-1, keepdim=True))
+            return w * (g * torch.rsqrt(ss / (s["heads"] * P) + eps)).to(y.dtype)
+        return m.ops.gated_rms_norm(y, z, w, eps, group_size=s["heads"] * P // s["groups"], gate_first=True)
 
     def _head_norm(self, q, k, qk_norm):
         """Each q and k head normalised with the weight every head shares (q_norm, k_norm)."""
@@ -631,13 +675,23 @@ class FusedModel(nn.Module):
         if mla:               # one latent row per position: kv_rank columns (the values too), then the rotated key
             return KVCache(len(self.blocks), batch, 1, max_len, mla["kv_rank"] + mla["rope_dim"], self.dtype,
                            self.device, windows, latent=mla["kv_rank"])
-        la, linear = self.spec["linear_attn"], {}
+        la, ssm, linear = self.spec["linear_attn"], self.spec["ssm"], {}
         if la:           # this rank's conv channels (its q, k and v heads) and recurrent state, per linear layer
             hk, hv = la["k_heads"] // self.tp, la["v_heads"] // self.tp
-            linear = {b.i: (2 * hk * la["k_dim"] + hv * la["v_dim"], la["conv_kernel"], hv, la["k_dim"], la["v_dim"])
+            linear = {b.i: (2 * hk * la["k_dim"] + hv * la["v_dim"], la["conv_kernel"], (hv, la["k_dim"], la["v_dim"]))
                       for b in self.blocks if b.linear}
+        if ssm:          # Mamba2: the conv over this rank's x, B and C; a [head_dim, state] matrix per head
+            H, G = self._ssm_local()
+            linear = {b.i: (H * ssm["head_dim"] + 2 * G * ssm["state"], ssm["conv_kernel"],
+                            (H, ssm["head_dim"], ssm["state"])) for b in self.blocks if b.linear}
         return KVCache(len(self.blocks), batch, self.kv_heads, max_len, self.head_dim, self.dtype, self.device,
                        windows, chunks=chunks, linear=linear)
+
+    def _ssm_local(self) -> tuple[int, int]:
+        """(heads, groups) of the Mamba2 layers on this rank: the groups are split with the heads, or all held when
+        one group serves every head."""
+        s = self.spec["ssm"]
+        return s["heads"] // self.tp, s["groups"] // self.tp if s["groups"] % self.tp == 0 else s["groups"]
 
     # -- forward --------------------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -332,12 +332,35 @@ class TorchOps:
             state.copy_(full[..., full.shape[-1] - state.shape[-1]:])
         return (F.silu(y) if silu else y).transpose(1, 2).to(x.dtype)
 
-    def gated_rms_norm(self, x, z, weight, eps):
-        """Gated DeltaNet's output norm: RMS over each head (fp32, rounded to x's dtype), times the weight every
-        head shares, times silu(z) in fp32, rounded once more. x, z [..., D]."""
+    def gated_rms_norm(self, x, z, weight, eps, group_size=None, gate_first=False):
+        """A linear mixer's output norm over groups of group_size channels (None: the last dim), x, z [..., D].
+        Gated DeltaNet: RMS (fp32, rounded to x's dtype) times the weight, times silu(z) in fp32, rounded once
+        more. gate_first (Mamba2): x times silu(z) in fp32, then the RMS, rounded to x's dtype, times the weight."""
         xf = x.float()
-        y = weight * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
-        return (y * F.silu(z.float())).to(x.dtype)
+        if gate_first:
+            xf = xf * F.silu(z.float())
+        g = xf.unflatten(-1, (-1, group_size or x.shape[-1]))
+        n = (g * torch.rsqrt(g.square().mean(-1, keepdim=True) + eps)).flatten(-2)
+        y = weight * n.to(x.dtype)
+        return y if gate_first else (y * F.silu(z.float())).to(x.dtype)
+
+    def ssm_scan(self, x, dt, A, Bm, Cm, D, state):
+        """Mamba2's selective scan over T tokens from `state` [B, H, P, N] (fp32, updated in place): x [B, T, H, P],
+        dt [B, T, H] fp32 (the final step), A [H] fp32 (negative), Bm, Cm [B, T, G, N] (head h reads group
+        h // (H / G)), D [H] fp32 or None. Per token: S = exp(dt A) S + dt x B^T; y = S C + D x. Returns
+        [B, T, H, P] in x's dtype. A prompt goes chunk by chunk (`ssm_scan_chunked`)."""
+        if x.shape[1] > 1:
+            return ssm_scan_chunked(x, dt, A, Bm, Cm, D, state)
+        H, G = x.shape[2], Bm.shape[2]
+        xf = x[:, 0].float()                                                        # (B, H, P)
+        b, c = (t[:, 0].float().repeat_interleave(H // G, dim=1) for t in (Bm, Cm))  # (B, H, N)
+        d = dt[:, 0]                                                                # (B, H)
+        S = state * torch.exp(d * A)[..., None, None] + (d[..., None] * xf)[..., None] * b[:, :, None, :]
+        state.copy_(S)
+        y = torch.einsum("bhpn,bhn->bhp", S, c)
+        if D is not None:
+            y = y + D[:, None] * xf
+        return y.unsqueeze(1).to(x.dtype)
 
     def gated_delta(self, q, k, v, g, beta, state, scale):
         """The gated delta rule over T tokens from `state` [B, Hv, Dk, Dv] (fp32, updated in place): q, k [B, T, Hk,
@@ -355,6 +378,14 @@ class TorchOps:
         S = S + kf[..., None] * u[..., None, :]
         state.copy_(S)
         return torch.einsum("bhk,bhkv->bhv", qf * scale, S).unsqueeze(1).to(v.dtype)
+
+
+def ssm_scan_chunked(x, dt, A, Bm, Cm, D, state):
+    out = []
+    for t in range(x.shape[1]):
+        out.append(TorchOps.ssm_scan(None, x[:, t:t + 1], dt[:, t:t + 1], A, Bm[:, t:t + 1], Cm[:, t:t + 1], D,
+                                     state))
+    return torch.cat(out, 1)
 
 
 def _l2norm(x):
@@ -510,8 +541,11 @@ class TritonOps(TorchOps):
     def causal_conv1d(self, x, weight, bias, state, silu=True):
         return self.k.causal_conv1d(x, weight, bias, state, silu=silu)
 
-    def gated_rms_norm(self, x, z, weight, eps):
-        return self.k.gated_rms_norm(x, z, weight, eps)
+    def gated_rms_norm(self, x, z, weight, eps, group_size=None, gate_first=False):
+        return self.k.gated_rms_norm(x, z, weight, eps, group_size=group_size, gate_first=gate_first)
+
+    def ssm_scan(self, x, dt, A, Bm, Cm, D, state):
+        return self.k.ssm_scan(x, dt, A, Bm, Cm, D, state)
 
     def gated_delta(self, q, k, v, g, beta, state, scale):
         return self.k.gated_delta(q, k, v, g, beta, state, scale)
