@@ -99,7 +99,7 @@ def assert_int8_bound(out: Path, want: dict):
     def has(i, s):
         return f"layers.{s}" in m["model"]["slots"] and not (
             dense and s.startswith(("router.", "experts_", "shared_") if i in dense else ("mlp_in.", "mlp_out."))
-        ) and not (linear and s.startswith(("qkv.", "attn_out.") if i in linear else ("lin_",)))
+        ) and not (linear and s.startswith(("qkv.", "attn_out.") if i in linear else ("lin_", "ssm")))
     assert canon_q == {f"layers.{i}.{s}" for i in range(m["model"]["num_layers"]) for s in QUANT_SLOTS if has(i, s)} | \
         {s for s in slots if s in m["model"]["slots"] and not s.startswith("layers.")}
     assert quantized
