@@ -103,6 +103,8 @@ _MODEL_OPTIONAL = {
     "linear_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
                       "null or a list of layer indices"),
     "attn_gate": (False, _BOOL, "true or false"),
+    "block_parts": (None, lambda x: x is None or (isinstance(x, list) and all(p in ("mixer", "mlp") for p in x)),
+                    "null or a list of mixer / mlp per layer"),
 }
 
 
@@ -234,6 +236,8 @@ def validate(m) -> dict:
     la = la or ssm
     _need((la is None) == (ll is None) and (ll is None or (ll == sorted(set(ll)) and ll[-1] < model["num_layers"])),
           "model.linear_layers must be distinct layer indices in order, with linear_attn or ssm")
+    _need(model["block_parts"] is None or len(model["block_parts"]) == model["num_layers"],
+          "model.block_parts must name one part per layer")
     la = model["linear_attn"]
     _need(la is None or not _POS_INT(par.get("tp")) or (la["k_heads"] % par["tp"] == 0
                                                          and la["v_heads"] % par["tp"] == 0),

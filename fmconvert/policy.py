@@ -152,6 +152,9 @@ class ModelSpec:
     #                                by heads // groups heads each), state (N), conv_kernel, and dt_min / dt_max (the
     #                                step's clamp; dt_max None: none). Its layers are linear_layers
     linear_layers: list | None = None  # the layers that use it (or Mamba2) in place of attention; None: none
+    block_parts: list | None = None    # per layer, "mixer" or "mlp" where a layer has only that half (Nemotron-H:
+    #                                each layer is one Mamba2, attention, MLP or mixture, with its own norm); None:
+    #                                both halves in every layer
     attn_gate: bool = False        # Qwen3-Next, Qwen3.5: the attention output times sigmoid of a per-head gate that
     #                                q_proj computes beside q (qkv then holds q|k|v|gate)
     bos_token_id: int | None = None
@@ -231,8 +234,8 @@ def _pick(value, flags: dict, where: str):
 
 
 def _config_value(config, spec, key: str, flags: dict | None = None):
-    """Resolve a `[config]` entry: "a|b" alternatives, "4*x" multiples and "x*y" products, "x/y" ratios, a number as
-    the last
+    """Resolve a `[config]` entry: "a|b" alternatives, "4*x" multiples and "x*y" products, "x/y" ratios, "len(x)"
+    (a list's length), a number as the last
     alternative ("x|0": x where the config sets it), {value = ...} constants, and [flag, if_true, if_false] picks of
     any of these."""
     spec = _pick(spec, flags or {}, f"config.{key}")
@@ -254,6 +257,12 @@ def _config_value(config, spec, key: str, flags: dict | None = None):
                 if a % b:
                     raise FmError(f"config: {m.group(1)}={a} is not divisible by {m.group(2)}={b}")
                 return a // b
+            continue
+        m = re.fullmatch(r"len\((\w+)\)", alt)         # Nemotron-H: the layers are its list of layer kinds
+        if m:
+            v = getattr(config, m.group(1), None)
+            if isinstance(v, (list, tuple)):
+                return len(v)
             continue
         v = getattr(config, alt, None)
         if v is not None:
@@ -345,6 +354,7 @@ class Policy:
             raise FmError(f"{architecture}: this config uses a variant fmconvert does not support "
                           f"({self.table['flags']['unsupported']})")
         c = {k: _config_value(config, v, k, flags) for k, v in self.table["config"].items()}
+        parts = self._block_parts(config, c) if self.layout.get("block_parts") else {}
         mla = self._mla(c) if "kv_rank" in c else None
         for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
                     "vocab_size"):
@@ -397,7 +407,7 @@ class Policy:
             final_norm=bool(self._layout("final_norm", flags, False)),
             project=bool(flags.get("project", False)), pooler=False,
             type_vocab_size=int(c.get("type_vocab_size") or 0),
-            attn_scale=scale, mla=mla, **self._linear(config, c), attn_gate=bool(self._layout("attn_gate", flags, False)),
+            attn_scale=scale, mla=mla, **self._linear(config, c), **parts, attn_gate=bool(self._layout("attn_gate", flags, False)),
             embed_scale=self._embed_scale(c), qkv_layout=self._layout("qkv", flags, "separate"),
             num_experts=experts, experts_per_token=topk if experts else 0,
             shared_intermediate_size=self._shared_size(c, experts),
@@ -451,6 +461,24 @@ class Policy:
                           "linear_attention or full_attention")
         layers = [i for i, t in enumerate(types) if t == "linear_attention"]
         return {key: mixer, "linear_layers": layers} if layers else {}
+
+    @staticmethod
+    def _block_parts(config, c) -> dict:
+        """Layout `block_parts` (Nemotron-H): each layer holds one part, named by layer_types: a token mixer
+        (linear_attention: Mamba2; full_attention) or an MLP (mlp: dense; moe: a mixture). Without a moe layer the
+        model is dense (the config's expert settings are defaults then); with one, the mlp layers are a mixture's
+        dense layers."""
+        types = getattr(config, "layer_types", None)
+        kinds = {"linear_attention": "mixer", "full_attention": "mixer", "mlp": "mlp", "moe": "mlp"}
+        if not isinstance(types, (list, tuple)) or len(types) != c["num_layers"] or any(t not in kinds for t in types):
+            raise FmError(f"config.json: layers_block_type must name one of {', '.join(kinds)} for each of the "
+                          f"{c['num_layers']} layers, got {str(types)[:80]}")
+        if "moe" not in types:
+            c.update(num_experts=0, experts_per_token=0, shared_intermediate_size=0,
+                     intermediate_size=c.get("dense_intermediate_size"), dense_intermediate_size=None)
+        else:
+            c["dense_list"] = [i for i, t in enumerate(types) if t == "mlp"]
+        return {"block_parts": [kinds[t] for t in types]}
 
     @staticmethod
     def _ssm(c) -> dict:
@@ -576,7 +604,8 @@ class Policy:
         if not isinstance(types, (list, tuple)) or len(types) != c["num_layers"]:
             raise FmError(f"config.json: layer_types must list one kind per layer ({c['num_layers']})")
         kinds = {"full_attention", "sliding_attention", "chunked_attention"} | (
-            {"linear_attention"} if "lin_k_heads" in c or "ssm_heads" in c else set())
+            {"linear_attention"} if "lin_k_heads" in c or "ssm_heads" in c else set()) | (
+            {"mlp", "moe"} if self.layout.get("block_parts") else set())
         odd = sorted({str(t) for t in types} - kinds)
         if odd:
             raise FmError(f"config.json: layer kind {odd[0]!r} is not supported ({', '.join(sorted(kinds))})")
@@ -688,7 +717,8 @@ class Policy:
     def canonical_shape(self, spec: ModelSpec, slot: str) -> tuple[int, ...]:
         h, hd, H, KV = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
         dense = spec.dense_intermediate_size or spec.intermediate_size
-        inter = dense * (2 if spec.gated_mlp else 1)
+        glu = 2 if spec.gated_mlp else 1     # experts and shared experts are gated like the MLP (ungated: Nemotron-H)
+        inter = dense * glu
         e = spec.embed_dim
         shapes = {
             "embed.weight": (spec.vocab_size, e), "lm_head.weight": (spec.vocab_size, e),
@@ -701,13 +731,13 @@ class Policy:
             "q_norm.weight": {"per_head": (H, hd), "full": (H * hd,)}.get(spec.qk_norm, (hd,)),
             "k_norm.weight": {"per_head": (KV, hd), "full": (KV * hd,)}.get(spec.qk_norm, (hd,)),
             "router.weight": (spec.num_experts, h), "router.bias": (spec.num_experts,),
-            "experts_in.weight": (spec.num_experts * 2 * spec.intermediate_size, h),        # per expert: gate; up
-            "experts_in.bias": (spec.num_experts * 2 * spec.intermediate_size,),
+            "experts_in.weight": (spec.num_experts * glu * spec.intermediate_size, h),     # per expert: gate; up
+            "experts_in.bias": (spec.num_experts * glu * spec.intermediate_size,),
             "experts_out.weight": (spec.num_experts * h, spec.intermediate_size),
             "experts_out.bias": (spec.num_experts * h,), "attn_sinks.weight": (H,),
             "router.correction_bias": (spec.num_experts,),
             "act.alpha_p": (1,), "act.alpha_n": (1,), "act.beta": (), "act.eps": (),
-            "shared_in.weight": (2 * spec.shared_intermediate_size, h),                   # gate; up
+            "shared_in.weight": (glu * spec.shared_intermediate_size, h),                 # gate; up
             "shared_out.weight": (h, spec.shared_intermediate_size), "shared_gate.weight": (1, h),
             "attn_norm.weight": (h,), "attn_norm.bias": (h,), "mlp_norm.weight": (h,), "mlp_norm.bias": (h,),
             "attn_post_norm.weight": (h,), "mlp_post_norm.weight": (h,),
@@ -769,6 +799,11 @@ class Policy:
         if layer is not None:            # a dense model has no mixture's slots, whatever the flags say
             skip = SPARSE_SLOTS if not spec.num_experts or layer in (spec.dense_layers or ()) else DENSE_SLOTS
             skip += ATTENTION_SLOTS if layer in (spec.linear_layers or ()) else LINEAR_SLOTS
+            part = spec.block_parts[layer] if spec.block_parts else None
+            if part == "mixer":
+                skip += SPARSE_SLOTS + DENSE_SLOTS + ("mlp_norm.",)
+            elif part == "mlp":
+                skip += ATTENTION_SLOTS + LINEAR_SLOTS + ("attn_norm.",)
         for section, pre in sections:
             for slot, names, optional, aliases in self._entries(section, flags):
                 if (slot.startswith("lm_head.") and spec.kind != "decoder") or slot.startswith(skip):

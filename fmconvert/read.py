@@ -188,6 +188,12 @@ def _check_sizes(raw: dict, table: dict, attribute_map: dict, path: Path | str):
             continue
         names = [n for alt in spec.split("|") for n in re.split(r"[*/]", alt) if not n.isdigit()]
         for n in names:
+            listed = re.fullmatch(r"len\((\w+)\)", n)       # a list's length: the list is what must be there
+            if listed:
+                alias, v = lookup(listed.group(1))
+                if isinstance(v, list) and 0 < len(v) < MAX_DIM:
+                    found.setdefault(key, (alias, len(v)))
+                continue
             alias, v = lookup(n)
             if alias is None:
                 continue

@@ -229,8 +229,7 @@ def shard(spec: ModelSpec, lay: Layout, slot: str, t: torch.Tensor) -> list[torc
     if slot == "attn_out.weight":
         return [c.contiguous() for c in torch.chunk(t, tp, dim=1)]
     if slot.startswith("mlp_in.") or slot == "shared_in.weight":
-        shared = slot == "shared_in.weight"          # a shared expert is always gated (SwiGLU)
-        parts = torch.chunk(t, 2, dim=0) if spec.gated_mlp or shared else (t,)
+        parts = torch.chunk(t, 2, dim=0) if spec.gated_mlp else (t,)      # a shared expert is gated like the MLP
         rows = _width(spec, lay, slot)[2]
         out = []
         for lo, hi in _inter_ranges(spec, lay, slot):
@@ -240,7 +239,7 @@ def shard(spec: ModelSpec, lay: Layout, slot: str, t: torch.Tensor) -> list[torc
         rows = _width(spec, lay, slot)[2]
         return [_pad_rows(t[:, lo:hi].t(), rows).t().contiguous() for lo, hi in _inter_ranges(spec, lay, slot)]
     if slot.startswith("experts_in."):      # [E * (gate; up) * I, h] -> per rank [E * (gate; up) * ipr, h]
-        g = t.reshape(spec.num_experts * 2, spec.intermediate_size, *t.shape[1:])
+        g = t.reshape(spec.num_experts * (1 + spec.gated_mlp), spec.intermediate_size, *t.shape[1:])
         return [torch.cat([_pad_rows(part[lo:hi], lay.intermediate_per_rank) for part in g]).contiguous()
                 for lo, hi in _inter_ranges(spec, lay, slot)]
     if slot == "experts_out.weight":        # [E * h, I] -> per rank [E * h, ipr]
@@ -277,8 +276,7 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
     if slot in ("attn_out.weight", "lin_out.weight", "ssm_out.weight"):
         return torch.cat(pieces, dim=1)
     if slot.startswith("mlp_in.") or slot == "shared_in.weight":
-        shared = slot == "shared_in.weight"
-        n = 2 if spec.gated_mlp or shared else 1
+        n = 2 if spec.gated_mlp else 1
         halves = [[] for _ in range(n)]
         for (lo, hi), p in zip(_inter_ranges(spec, lay, slot), pieces):
             for j, part in enumerate(torch.chunk(p, n, dim=0)):
@@ -288,7 +286,7 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
         ranges = _inter_ranges(spec, lay, slot)
         return torch.cat([p[:, :hi - lo] for (lo, hi), p in zip(ranges, pieces)], dim=1)
     if slot.startswith("experts_in."):
-        parts = [p.reshape(spec.num_experts * 2, lay.intermediate_per_rank, *p.shape[1:])[:, :hi - lo]
+        parts = [p.reshape(spec.num_experts * (1 + spec.gated_mlp), lay.intermediate_per_rank, *p.shape[1:])[:, :hi - lo]
                  for (lo, hi), p in zip(_inter_ranges(spec, lay, slot), pieces)]
         return torch.cat(parts, dim=1).reshape(-1, *pieces[0].shape[1:])
     if slot in ROW_BIAS:

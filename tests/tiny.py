@@ -340,6 +340,18 @@ CONFIGS = {
               num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
               attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=16,
               mamba_expand=2, time_step_limit=(0.0, 100.0))),
+    "nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM", dict(       # Nemotron 3 Nano: one part per layer
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        vocab_size=101, max_position_embeddings=64, layers_block_type=[
+            "linear_attention", "moe", "full_attention", "mlp", "linear_attention", "moe"], mamba_num_heads=8,
+        mamba_head_dim=16, n_groups=4, ssm_state_size=16, expand=2, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, moe_shared_expert_intermediate_size=48, n_group=2, topk_group=1,
+        routed_scaling_factor=2.5, time_step_limit=(0.0, 100.0))),
+    "nemotron_h_dense": ("NemotronHConfig", "NemotronHForCausalLM", dict(   # Nemotron-H 8B, Nano 2: no mixture
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        vocab_size=101, max_position_embeddings=64, layers_block_type=[
+            "linear_attention", "mlp", "full_attention", "mlp"], mamba_num_heads=8, mamba_head_dim=16, n_groups=1,
+        ssm_state_size=16, expand=2, time_step_limit=(0.0, 100.0))),
     "bert": ("BertConfig", "BertModel", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, vocab_size=101, max_position_embeddings=64, type_vocab_size=2)),
     "bert_cls": ("BertConfig", "BertForSequenceClassification", dict(hidden_size=64, intermediate_size=96,
@@ -371,7 +383,7 @@ def build(name: str, seed: int = 0, **overrides):
                 p.add_(torch.randn_like(p) * 0.3)
             elif n.endswith("sinks"):           # GPT-OSS: a sink logit per head, large enough to matter
                 p.copy_(torch.randn_like(p))
-            elif n.endswith(("linear_attn.dt_bias", "linear_attn.A_log", "mamba.dt_bias", "mamba.A_log", "mamba.D")):
+            elif n.endswith(("linear_attn.dt_bias", "linear_attn.A_log", ".dt_bias", ".A_log", "mamba.D", "mixer.D")):
                 p.copy_(torch.randn_like(p) * 0.5)     # Gated DeltaNet, Mamba2: decays and skips that differ
         for n, b in [*model.named_buffers(), *model.named_parameters()]:   # GLM-4.5, ERNIE 4.5: a correction
             if n.endswith("e_score_correction_bias"):                        # that changes the experts chosen

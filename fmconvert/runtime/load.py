@@ -52,7 +52,8 @@ def check_layout(m: dict, rank: int):
     h, hd, e, pos = sp["hidden_size"], sp["head_dim"], sp["embed_dim"], sp["position"]
     hpr, ipr, vpr = par["heads_per_rank"], par["intermediate_per_rank"], par["vocab_per_rank"]
     dpr = par.get("dense_intermediate_per_rank") or ipr      # a mixture's dense layers have their own width
-    qkv, mlp = (hpr + 2 * par["kv_heads_per_rank"]) * hd, dpr * (2 if sp["gated_mlp"] else 1)
+    glu = 2 if sp["gated_mlp"] else 1               # gate; up in the MLP, each expert and the shared expert
+    qkv, mlp = (hpr + 2 * par["kv_heads_per_rank"]) * hd, dpr * glu
     glob = {"embed.weight": (vpr, e), "lm_head.weight": (vpr, e), "lm_head.bias": (vpr,),
             "type_embed.weight": (sp["type_vocab_size"], h),
             "pos_embed.weight": (sp["max_positions"] + pos.get("offset", 0), h), "project_in.weight": (h, e),
@@ -65,10 +66,10 @@ def check_layout(m: dict, rank: int):
           "l2": ((hd,), (hd,))}
     q_norm, k_norm = qk[sp["qk_norm"]]
     layer = {"qkv.weight": (qkv, h), "qkv.bias": (qkv,), "q_norm.weight": q_norm, "k_norm.weight": k_norm,
-             "router.weight": (E, h), "experts_in.weight": (E * 2 * ipr, h), "experts_out.weight": (E * h, ipr),
-             "router.bias": (E,), "experts_in.bias": (E * 2 * ipr,), "experts_out.bias": (E * h,),
+             "router.weight": (E, h), "experts_in.weight": (E * glu * ipr, h), "experts_out.weight": (E * h, ipr),
+             "router.bias": (E,), "experts_in.bias": (E * glu * ipr,), "experts_out.bias": (E * h,),
              "attn_sinks.weight": (hpr,),
-             "shared_in.weight": (2 * par.get("shared_intermediate_per_rank", 0), h), "shared_gate.weight": (1, h),
+             "shared_in.weight": (glu * par.get("shared_intermediate_per_rank", 0), h), "shared_gate.weight": (1, h),
              "shared_out.weight": (h, par.get("shared_intermediate_per_rank", 0)),
              "attn_out.weight": (h, hpr * hd), "attn_out.bias": (h,),
              "mlp_in.weight": (mlp, h), "mlp_in.bias": (mlp,), "mlp_out.weight": (h, dpr), "mlp_out.bias": (h,),
@@ -121,7 +122,8 @@ def check_layout(m: dict, rank: int):
         if sp["residual"] != "parallel":            # GPT-J and Phi feed the MLP from the attention's norm
             per_layer.add("mlp_norm.weight")
     per_layer |= {s[len("layers."):] for s in sp["slots"] if s.startswith("layers.")}
-    if sp["num_layers"] * len(per_layer) > 2 * len(tensors) + sp["num_layers"] * len(_ROW_BIAS):  # before naming
+    if sp["num_layers"] * len(per_layer) > 2 * len(tensors) * (1 + 2 * bool(sp["block_parts"])) \
+            + sp["num_layers"] * len(_ROW_BIAS):                                                     # before naming
         raise FmError(f"manifest: rank {rank} lists {len(tensors)} tensors, too few for {sp['num_layers']} layers")
     # In a mixture, dense layers have the dense MLP's slots and the others the mixture's
     sparse_only = {s for s in per_layer if s.startswith(SPARSE_SLOTS)}
@@ -136,9 +138,14 @@ def check_layout(m: dict, rank: int):
                       "ssm_out.weight"}
     linear_only = {s for s in per_layer if s.startswith(LINEAR_SLOTS)}
     attention_only = {s for s in per_layer if s.startswith(ATTENTION_SLOTS)}
+    # and where a layer holds one half only (Nemotron-H), the other half's slots and norm are not there
+    parts = sp["block_parts"] or [None] * sp["num_layers"]
+    mixer = attention_only | linear_only | {"attn_norm.weight"}
+    mlp = sparse_only | {s for s in per_layer if s.startswith(DENSE_SLOTS)} | {"mlp_norm.weight"}
     need |= {f"layers.{i}.{s}" for i in range(sp["num_layers"])
              for s in (per_layer - sparse_only if i in dense_layers else per_layer - dense_only)
              - (attention_only if i in linear_layers else linear_only)
+             - {"mixer": mlp, "mlp": mixer}.get(parts[i], set())
              if not (rank > 0 and s in _ROW_BIAS)}
     missing = sorted(need - set(tensors))
     if missing:

@@ -24,20 +24,20 @@ class KVCache:
     positions a query at p sees sit in rows 0 .. p % chunk, in order."""
 
     def __init__(self, n_layers, batch, kv_heads, max_len, head_dim, dtype, device, windows=None, latent=0,
-                 chunks=None, linear=None):
+                 chunks=None, linear=None, keyless=()):
         """latent: latent attention's cache, whose values are the first `latent` columns of its keys (a view).
         chunks: each layer's attention chunk (0: none), for the layers without a window.
         linear: a hybrid's linear layers -> (conv channels, conv taps, state shape) of this rank: such a layer keeps
         no keys, only its conv's last taps - 1 inputs [B, C, taps - 1] and its recurrent state [B, *shape] (fp32;
         Gated DeltaNet: v heads, k_dim, v_dim; Mamba2: heads, head_dim, state), both a fixed size whatever the
-        context."""
+        context. keyless: layers that attend to nothing (Nemotron-H's MLP layers): no keys either."""
         windows = windows or [0] * n_layers
         chunks = chunks or [0] * n_layers
         linear = linear or {}
         self.ring = [w if 0 < w < max_len else c if 0 < c < max_len else 0 for w, c in zip(windows, chunks)]
         self.chunked = [not (0 < w < max_len) and 0 < c < max_len for w, c in zip(windows, chunks)]
-        self.k = [torch.zeros(batch, kv_heads, 0 if i in linear else r or max_len, head_dim, dtype=dtype,
-                              device=device) for i, r in enumerate(self.ring)]
+        self.k = [torch.zeros(batch, kv_heads, 0 if i in linear or i in keyless else r or max_len, head_dim,
+                              dtype=dtype, device=device) for i, r in enumerate(self.ring)]
         self.v = [t[..., :latent] for t in self.k] if latent else [torch.zeros_like(t) for t in self.k]
         self.conv = [None] * n_layers
         self.state = [None] * n_layers
@@ -76,6 +76,7 @@ class Block(nn.Module):
             self.t = tensors = {**tensors, "q_norm.weight": ones, "k_norm.weight": ones}
         self.activation = model.activation
         self.linear = i in (sp["linear_layers"] or ())         # a hybrid's linear-attention layer
+        self.part = sp["block_parts"][i] if sp["block_parts"] else None     # Nemotron-H: "mixer" or "mlp" alone
         if self.linear and sp["ssm"]:        # Mamba2's per-head A = -exp(A_log), step bias and skip, fp32 once
             self.ssm_a = -tensors["ssm.a_log"].float().exp()
             self.dt_bias, self.ssm_d = tensors["ssm.dt_bias"].float(), tensors["ssm.d"].float()
@@ -102,6 +103,12 @@ class Block(nn.Module):
         if m.spec["residual"] == "parallel":
             return self._parallel(x, residual, positions, cache, key_padding_mask, pos_t, seq_t)
         pre = m.spec["residual"] == "pre"
+        if self.part == "mlp":        # Nemotron-H: a layer of one half, pre-norm; the next layer adds its output
+            h, residual = self._add_norm(x, residual, "mlp_norm", x_norm)
+            return m.comm.all_reduce(self.mlp(h)), residual
+        if self.part == "mixer":
+            h, residual = self._add_norm(x, residual, "attn_norm", x_norm)
+            return m.comm.all_reduce(self.mix(h, positions, cache, key_padding_mask, pos_t, seq_t)), residual
         if pre:
             h, residual = self._add_norm(x, residual, "attn_norm", x_norm)
         else:
@@ -670,6 +677,7 @@ class FusedModel(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         # ALiBi biases by key position, which a ring buffer does not keep; no family has both
         windows = [0 if self.alibi is not None else b.window for b in self.blocks]
+        keyless = {b.i for b in self.blocks if b.part == "mlp"}        # Nemotron-H's MLP layers attend to nothing
         chunks = [b.chunk for b in self.blocks]
         mla = self.spec["mla"]
         if mla:               # one latent row per position: kv_rank columns (the values too), then the rotated key
@@ -685,7 +693,7 @@ class FusedModel(nn.Module):
             linear = {b.i: (H * ssm["head_dim"] + 2 * G * ssm["state"], ssm["conv_kernel"],
                             (H, ssm["head_dim"], ssm["state"])) for b in self.blocks if b.linear}
         return KVCache(len(self.blocks), batch, self.kv_heads, max_len, self.head_dim, self.dtype, self.device,
-                       windows, chunks=chunks, linear=linear)
+                       windows, chunks=chunks, linear=linear, keyless=keyless)
 
     def _ssm_local(self) -> tuple[int, int]:
         """(heads, groups) of the Mamba2 layers on this rank: the groups are split with the heads, or all held when
