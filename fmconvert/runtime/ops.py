@@ -380,12 +380,72 @@ class TorchOps:
         return torch.einsum("bhk,bhkv->bhv", qf * scale, S).unsqueeze(1).to(v.dtype)
 
 
-def ssm_scan_chunked(x, dt, A, Bm, Cm, D, state):
-    out = []
-    for t in range(x.shape[1]):
-        out.append(TorchOps.ssm_scan(None, x[:, t:t + 1], dt[:, t:t + 1], A, Bm[:, t:t + 1], Cm[:, t:t + 1], D,
-                                     state))
-    return torch.cat(out, 1)
+# e^-80 ~ 2e-35: decays below it are taken as 0. Left in, the subnormal values they turn into make CPU matmuls
+# several times slower, for terms that are far below fp32's resolution of the sums they join.
+_MIN_EXPONENT = -80.0
+
+
+def _exp_floor(v):
+    return v.masked_fill(v < _MIN_EXPONENT, float("-inf")).exp()
+
+
+def ssm_scan_chunked(x, dt, A, Bm, Cm, D, state, chunk=64) -> torch.Tensor:
+    """The Mamba2 scan (see kernels.selective_scan) chunk by chunk, in fp32; same arguments and results as
+    `kernels.ssm_scan_reference` in a few matmuls per chunk of C tokens. With a_t = dt_t A (<= 0), gamma_t its
+    cumulative sum from the chunk start and S0 the state there, unrolling gives
+
+        S_t = e^gamma_t S0 + sum_{s<=t} e^(gamma_t - gamma_s) dt_s x_s B_s^T
+        y_t = e^gamma_t S0 C_t + sum_{s<=t} e^(gamma_t - gamma_s) (C_t.B_s) dt_s x_s + D x_t
+
+    The second term is a causal attention with the decay mask L[t, s] = e^(a_{s+1} + ... + a_t) (a segment sum),
+    computed for every chunk at once; only the state hand-off from chunk to chunk runs in sequence. Every exponent
+    is <= 0, so nothing overflows. T is padded to a multiple of chunk (a prompt of T <= chunk is one chunk of T
+    tokens); state is updated in place."""
+    Bsz, T, H, P = x.shape
+    G, N = Bm.shape[2:]
+    if chunk < 1 or G == 0 or H % G:
+        raise ValueError(f"chunk must be >= 1 and the heads a multiple of the groups, got chunk={chunk}, {H} heads "
+                         f"and {G} groups")
+    R = H // G
+    C = max(1, min(int(chunk), T))
+    NC = -(-T // C)
+    pad = NC * C - T
+    xf = x.float()
+    # Padded tokens have dt = 0: they decay nothing and write nothing.
+    dtf = F.pad(dt.float(), (0, 0, 0, pad))                                                 # [B, NC * C, H]
+    xdt = (F.pad(xf, (0, 0, 0, 0, 0, pad)) * dtf[..., None]).view(Bsz, NC, C, G, R, P)
+    # Heads split as (G, R): a group's B and C serve its R heads, so their products are computed once a group
+    # and the state's matmuls run on [R * P, N] blocks.
+    Bf, Cf = (F.pad(t.float(), (0, 0, 0, 0, 0, pad)).view(Bsz, NC, C, G, N).permute(0, 3, 1, 2, 4)
+              for t in (Bm, Cm))                                                            # [B, G, NC, C, N]
+    a = (dtf * A.float()).view(Bsz, NC, C, G, R).permute(0, 3, 4, 1, 2)                   # [B, G, R, NC, C]
+
+    gam = a.cumsum(-1)                                                    # log decay since the chunk start
+    # seg[t, s] = a_{s+1} + ... + a_t, summed directly rather than as gamma_t - gamma_s, which would lose the
+    # small differences of a long, strongly decaying chunk; -inf above the diagonal, so exp gives the causal mask.
+    strict = torch.ones(C, C, dtype=torch.bool, device=x.device).tril(-1)
+    seg = a[..., :, None].expand(*a.shape, C).masked_fill(~strict, 0.0).cumsum(-2)
+    causal = torch.ones(C, C, dtype=torch.bool, device=x.device).tril()
+    L = _exp_floor(seg.masked_fill(~causal, float("-inf")))                                    # [B, G, R, NC, C, C]
+    scores = (Cf @ Bf.transpose(-1, -2))[:, :, None]                                     # [B, G, 1, NC, C, C]
+    y = (scores * L) @ xdt.permute(0, 3, 4, 1, 2, 5)                                     # [B, G, R, NC, C, P]
+    y = y.permute(0, 3, 4, 1, 2, 5).contiguous()                                         # [B, NC, C, G, R, P]
+    # Writes decayed to the chunk end, laid out [B, G, NC, R * P, C] for one matmul with B a chunk.
+    x_out = xdt * _exp_floor(gam[..., -1:] - gam).permute(0, 3, 4, 1, 2)[..., None]
+    x_out = x_out.permute(0, 3, 1, 4, 5, 2).reshape(Bsz, G, NC, R * P, C)
+    c_in = _exp_floor(gam).permute(0, 3, 4, 1, 2)[..., None]                   # reads S0 decayed to token t
+    chunk_decay = _exp_floor(gam[..., -1])[..., None, None]                     # [B, G, R, NC, 1, 1]
+
+    S = state.float().reshape(Bsz, G, R, P, N)
+    for n in range(NC):
+        y_in = (Cf[:, :, n] @ S.reshape(Bsz, G, R * P, N).transpose(-1, -2)).view(Bsz, G, C, R, P)
+        y[:, n] += c_in[:, n] * y_in.transpose(1, 2)                                     # [B, C, G, R, P]
+        S = S * chunk_decay[:, :, :, n] + (x_out[:, :, n] @ Bf[:, :, n]).view(Bsz, G, R, P, N)
+    state.copy_(S.reshape(Bsz, H, P, N))
+    y = y.view(Bsz, NC * C, H, P)[:, :T]
+    if D is not None:
+        y = y + D.float()[:, None] * xf
+    return y.to(x.dtype, memory_format=torch.contiguous_format)
 
 
 def _l2norm(x):

@@ -18,7 +18,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
                                        ("gpt_oss", True), ("gpt_oss", False), ("glm4_moe", True),
                                        ("arcee", True), ("nemotron", True), ("apertus", True),
                                        ("deepseek_v3", True), ("deepseek_v2", False), ("llama4", True),
-                                       ("qwen3_5", True), ("qwen3_next", False), ("granite_hybrid", True)])
+                                       ("qwen3_5", True), ("qwen3_next", False), ("granite_hybrid", True),
+                                       ("nemotron_h", True), ("bamba", False)])
 def test_triton_backend_matches_torch_backend(model_dir, tmp_path, name, int8):
     out = tmp_path / "out"
     convert(model_dir(name), out, Options(tp=1, int8=int8, group_size=32), progress=False)
@@ -57,7 +58,8 @@ def _decode_steps(model, ids, start, steps):
                                        ("cohere", False), ("cohere_qk", True), ("olmoe", True),
                                        ("glm4", True), ("gpt_oss", True), ("glm4_moe", True), ("hunyuan", True),
                                        ("ministral3", False), ("deepseek_v2", False), ("llama4", False),
-                                       ("qwen3_5", True), ("qwen3_5_moe", False), ("granite_hybrid_dense", True)])
+                                       ("qwen3_5", True), ("qwen3_5_moe", False), ("granite_hybrid_dense", True),
+                                       ("nemotron_h_dense", False)])
 def test_triton_decode_step_matches_torch_backend(model_dir, tmp_path, name, int8):
     """The fused rope + KV-append decode step (RoPE, learned positions, ALiBi; GQA in mistral; windows, soft caps
     and a second RoPE in Gemma 2/3, decoded past the window) against the torch backend's, with the fusion on (and
@@ -88,7 +90,7 @@ def test_triton_decode_step_crosses_the_longrope_switch(model_dir, tmp_path):
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-3
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "glm4_moe"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "glm4_moe", "nemotron_h"])
 def test_int8_experts_are_routed_on_the_device(model_dir, tmp_path, name):
     """Int8 and float experts on the Triton backend: a decode step's experts run as two launches over (token,
     expert) pairs whose ids never leave the device, so the step is graph-safe; the torch backend, and int8 experts
