@@ -376,6 +376,45 @@ def bench_gated_delta(rows):
                      baseline="chunked torch form"))
 
 
+def bench_ssm_scan(rows):
+    """Mamba2's step (Granite 4.0-H Small: 128 heads of 64, one group, state 128, fp32): a decode step reads and
+    writes each head's [64, 128] state once. Against the torch backend's step; a 1024-token prompt through the kernel
+    (sequential in T) against the chunked torch form."""
+    from fmconvert.kernels import ssm_scan, ssm_scan_reference
+    from fmconvert.runtime.ops import TorchOps, ssm_scan_chunked
+
+    H, P, N, G, dt_ = 128, 64, 128, 1, torch.bfloat16
+    torch_ops = TorchOps()
+    A = -torch.rand(H, device="cuda") - 0.5
+    D = torch.randn(H, device="cuda")
+    for B in (1, 8, 32):
+        x = torch.randn(B, 1, H, P, device="cuda", dtype=dt_)
+        b, c = (torch.randn(B, 1, G, N, device="cuda", dtype=dt_) for _ in range(2))
+        dt = torch.rand(B, 1, H, device="cuda") * 0.1
+        s0 = torch.randn(B, H, P, N, device="cuda") * 0.1
+        want = ssm_scan_reference(x, dt, A, b, c, D, s0.clone()).float()
+        ok = (ssm_scan(x, dt, A, b, c, D, s0.clone()).float() - want).abs().max().item() < 0.05
+        states = _rotating(lambda: s0.clone(), s0.numel() * 4)
+        n = _calls(len(states))
+        nbytes = 2 * s0.numel() * 4 + (x.numel() + 2 * b.numel()) * 2
+        ms_k = _bench_graph(lambda i: ssm_scan(x, dt, A, b, c, D, states[i % len(states)]), n)
+        ms_t = _bench_graph(lambda i: torch_ops.ssm_scan(x, dt, A, b, c, D, states[i % len(states)]), n)
+        rows.append(_row("ssm_scan_step", f"B={B} H={H} P={P} N={N} G={G} state fp32", ms_k, ms_t, nbytes, ok,
+                         baseline="torch step"))
+        del states
+    T = 1024
+    x = torch.randn(1, T, H, P, device="cuda", dtype=dt_)
+    b, c = (torch.randn(1, T, G, N, device="cuda", dtype=dt_) for _ in range(2))
+    dt = torch.rand(1, T, H, device="cuda") * 0.1
+    s0 = torch.zeros(1, H, P, N, device="cuda")
+    o = ssm_scan(x, dt, A, b, c, D, s0.clone())
+    ok = (o.float() - ssm_scan_chunked(x, dt, A, b, c, D, s0.clone()).float()).abs().max().item() < 0.05
+    rows.append(_row("ssm_scan_prompt", f"T={T} H={H} P={P} N={N}",
+                     _bench(lambda: ssm_scan(x, dt, A, b, c, D, s0.clone())),
+                     _bench(lambda: ssm_scan_chunked(x, dt, A, b, c, D, s0.clone())), None, ok,
+                     baseline="chunked torch form"))
+
+
 def bench_prefill_attention(rows):
     from fmconvert.kernels import prefill_attention, prefill_attention_reference
 
@@ -443,7 +482,7 @@ def run(report: dict) -> list:
     report["copy_GBps"] = round(copy_bandwidth(), 1)
     rows: list = []
     for part in (bench_linear, bench_swiglu, bench_norm, bench_glu, bench_rope, bench_rope_append,
-                 bench_decode_attention, bench_mla_decode, bench_gated_delta, bench_prefill_attention,
+                 bench_decode_attention, bench_mla_decode, bench_gated_delta, bench_ssm_scan, bench_prefill_attention,
                  bench_window_attention):
         t = time.time()
         try:

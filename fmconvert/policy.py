@@ -407,7 +407,8 @@ class Policy:
             final_norm=bool(self._layout("final_norm", flags, False)),
             project=bool(flags.get("project", False)), pooler=False,
             type_vocab_size=int(c.get("type_vocab_size") or 0),
-            attn_scale=scale, mla=mla, **self._linear(config, c), **parts, attn_gate=bool(self._layout("attn_gate", flags, False)),
+            attn_scale=scale, mla=mla, **self._linear(config, c), **parts,
+            attn_gate=bool(self._layout("attn_gate", flags, False)),
             embed_scale=self._embed_scale(c), qkv_layout=self._layout("qkv", flags, "separate"),
             num_experts=experts, experts_per_token=topk if experts else 0,
             shared_intermediate_size=self._shared_size(c, experts),
@@ -895,8 +896,7 @@ class Policy:
 
     @staticmethod
     def _group_linear(spec: ModelSpec, t):
-        la = spec.linear_attn
-        Hk, r, dk, dv = la["k_heads"], la["v_heads"] // la["k_heads"], la["k_dim"], la["v_dim"]
+        Hk = spec.linear_attn["k_heads"]
         Kd, Vd, Hv = _linear_widths(spec)
         q, k, v, z, b, a = (x.reshape(Hk, -1, *t.shape[1:]) for x in t.split([Kd, Kd, Vd, Vd, Hv, Hv]))
         return [torch.cat([q, k, v, z], 1).reshape(-1, *t.shape[1:]), torch.cat([b, a], 1).reshape(-1, *t.shape[1:])]

@@ -286,7 +286,8 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
         ranges = _inter_ranges(spec, lay, slot)
         return torch.cat([p[:, :hi - lo] for (lo, hi), p in zip(ranges, pieces)], dim=1)
     if slot.startswith("experts_in."):
-        parts = [p.reshape(spec.num_experts * (1 + spec.gated_mlp), lay.intermediate_per_rank, *p.shape[1:])[:, :hi - lo]
+        glu = 1 + spec.gated_mlp
+        parts = [p.reshape(spec.num_experts * glu, lay.intermediate_per_rank, *p.shape[1:])[:, :hi - lo]
                  for (lo, hi), p in zip(_inter_ranges(spec, lay, slot), pieces)]
         return torch.cat(parts, dim=1).reshape(-1, *pieces[0].shape[1:])
     if slot in ROW_BIAS:

@@ -33,7 +33,8 @@ def test_the_manifest_records_mamba2_and_replicates_a_single_group(model_dir, tm
     t = m["ranks"][1]["tensors"]
     I, BC, H = 4 * 16, 16, 4                            # this rank's four heads; the one group's B and C whole
     assert t["layers.0.ssm_in.weight"]["shape"] == [2 * I + 2 * BC + H, 64]
-    assert t["layers.0.ssm_conv.weight"]["shape"] == [I + 2 * BC, 4] and t["layers.0.ssm_conv.bias"]["shape"] == [I + 2 * BC]
+    assert t["layers.0.ssm_conv.weight"]["shape"] == [I + 2 * BC, 4]
+    assert t["layers.0.ssm_conv.bias"]["shape"] == [I + 2 * BC]
     assert t["layers.0.ssm.d"]["shape"] == [H] and t["layers.0.ssm_norm.weight"]["shape"] == [I]
     assert t["layers.0.ssm_out.weight"]["shape"] == [64, I]
     assert t["layers.0.ssm_in.weight"]["dtype"] == "int8" and "layers.0.qkv.weight" not in t

@@ -81,13 +81,15 @@ def check_layout(m: dict, rank: int):
     if mla:             # latent attention: the latent's projections replicated, q_b and kv_b this rank's heads
         qr, kr, rd = mla["q_rank"], mla["kv_rank"], mla["rope_dim"]
         layer.update({"q_a.weight": (qr, h), "q_a.bias": (qr,), "q_a_norm.weight": (qr,),
-                      "q_b.weight": (hpr * hd, qr or h), "kv_a.weight": (kr + rd, h), "kv_a.bias": (kr + rd,), "kv_a_norm.weight": (kr,),
+                      "q_b.weight": (hpr * hd, qr or h), "kv_a.weight": (kr + rd, h), "kv_a.bias": (kr + rd,),
+                      "kv_a_norm.weight": (kr,),
                       "kv_b.weight": (hpr * (mla["nope_dim"] + mla["v_dim"]), kr),
                       "attn_out.weight": (h, hpr * mla["v_dim"])})
     la, tp = sp["linear_attn"], par["tp"]
     if la:              # Gated DeltaNet: this rank's heads of q|k|v|z|b|a, of the conv's channels, of the decay
         Kd, Vd, Hv = la["k_heads"] * la["k_dim"] // tp, la["v_heads"] * la["v_dim"] // tp, la["v_heads"] // tp
-        layer.update({"lin_in.weight": (2 * Kd + 2 * Vd + 2 * Hv, h), "lin_conv.weight": (2 * Kd + Vd, la["conv_kernel"]),
+        layer.update({"lin_in.weight": (2 * Kd + 2 * Vd + 2 * Hv, h),
+                      "lin_conv.weight": (2 * Kd + Vd, la["conv_kernel"]),
                       "lin_conv.bias": (2 * Kd + Vd,), "lin_decay.a_log": (Hv,), "lin_decay.dt_bias": (Hv,),
                       "lin_norm.weight": (la["v_dim"],), "lin_out.weight": (h, Vd)})
     ssm = sp["ssm"]
