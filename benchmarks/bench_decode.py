@@ -11,7 +11,7 @@ activations, against transformers float32 on the same source; its warm-up genera
 kernels) is timed apart. stories260K has no int8 row: its weights are all below the size where the kernel pays
 (load() dequantizes them). The latent-attention rows (DeepSeek-V2-Lite's attention on 4 layers) decode after
 a 128- and a 1024-token prompt, where each transformers step expands the whole cache; so do the Qwen3.5 rows
-(its hybrid layers: 6 Gated DeltaNet, 2 attention).
+(its hybrid layers: 6 Gated DeltaNet, 2 attention) and Granite 4.0-H ones (7 Mamba2, 1 attention).
 """
 
 from __future__ import annotations
@@ -87,18 +87,23 @@ def run(ctx: dict) -> list[dict]:
     return rows
 
 
+HYBRIDS = (("qwen35", "Qwen3.5 hybrid layers (2048 wide, 6 DeltaNet + 2 attention)", "QWEN35"),
+           ("granite_h", "Granite 4.0-H layers (2048 wide, 7 Mamba2 + 1 attention)", "GRANITE_H"))
+
+
 def _hybrid(ctx, work, smoke, runs) -> list[dict]:
-    """Qwen3.5's hybrid layers: a Gated DeltaNet layer's decode step reads a fixed-size state, whatever the
-    context; only the attention layers grow with it."""
-    src = synth.build(synth.QWEN35_SMOKE if smoke else synth.QWEN35_LITE, ctx["cache"])
-    out = _convert(src, work / "decode-qwen35")
+    """Hybrids: a Gated DeltaNet or Mamba2 layer's decode step reads a fixed-size state, whatever the context; only
+    the attention layers grow with it."""
     rows = []
-    for prompt in (16,) if smoke else (128, 1024):
-        r = C.run_json([C.PY, WORKER, "decode", str(src), str(out), "--tokens", str(8 if smoke else 32), "--runs",
-                        str(max(runs, 1)), "--prompt-len", str(prompt)])
-        rows.append(_row(f"{'smoke hybrid' if smoke else 'Qwen3.5 hybrid layers (2048 wide, 6 DeltaNet + 2 attention),'}"
-                         f" fp32, prompt {prompt}", r, ctx, f"qwen35_fp32_prompt{prompt}"))
-    C.rmtree(out)
+    for key, label, shape in HYBRIDS:
+        src = synth.build(getattr(synth, shape + ("_SMOKE" if smoke else "_LITE")), ctx["cache"])
+        out = _convert(src, work / f"decode-{key}")
+        for prompt in (16,) if smoke else (128, 1024):
+            r = C.run_json([C.PY, WORKER, "decode", str(src), str(out), "--tokens", str(8 if smoke else 32),
+                            "--runs", str(max(runs, 1)), "--prompt-len", str(prompt)])
+            rows.append(_row(f"{'smoke ' + key if smoke else label}, fp32, prompt {prompt}", r, ctx,
+                             f"{key}_fp32_prompt{prompt}"))
+        C.rmtree(out)
     return rows
 
 

@@ -35,7 +35,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-FLOAT_SCALARS = ("eps", "qk_scale", "cap", "xs")
+FLOAT_SCALARS = ("eps", "qk_scale", "cap", "xs", "scale")
 OP = r"/\*([0-9a-f]{4})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)"
 
 
@@ -252,6 +252,40 @@ def mla_cases(H: int = 16, R: int = 512, P: int = 64, S: int = 4096):
                ints=dict(H=H, R=R, CHUNK=256, NSPLIT=nsplit, sob=H * R, soh=R))
 
 
+def linear_cases():
+    """A hybrid's linear layers at their launchers' configurations: Qwen3.5's gated delta rule (32 v heads over 16
+    q/k heads of 128), Granite 4.0-H's Mamba2 scan (head_dim 64, state 128), the conv over a decode step's x|B|C and
+    over a prompt, and the two gated norms."""
+    from fmconvert.kernels import conv1d, delta_rule, gated_norm, selective_scan
+    f32 = {"g_ptr": "*fp32", "beta_ptr": "*fp32", "s_ptr": "*fp32", "dt_ptr": "*fp32", "a_ptr": "*fp32",
+           "d_ptr": "*fp32"}
+    bv = delta_rule._block_v(128)
+    yield Case("gated delta step hv32 d128", delta_rule._gated_delta_kernel, dict(BK=128, BV=bv),
+               max(1, min(8, 128 * bv // 1024)), ptrs=f32,
+               ints=dict(T=1, HV=32, GROUP=2, DK=128, DV=128, sqb=16 * 128 * 2, sqt=16 * 128 * 2, sqh=128,
+                         skb=16 * 128 * 2, skt=16 * 128 * 2, skh=128, svb=12352, svt=12352, svh=128, sgb=32, sgt=32,
+                         sgh=1, sbb=32, sbt=32, sbh=1, ssb=32 * 128 * 128, ssh=128 * 128, ssk=128, sob=4096,
+                         sot=4096, soh=128))
+    bp = selective_scan._block_p(64)
+    yield Case("mamba2 scan step h64 p64 n128", selective_scan._ssm_scan_kernel, dict(HAS_D=True, BP=bp, BN=128),
+               max(1, min(8, bp * 128 // 1024)), ptrs=f32,
+               ints=dict(T=1, H=64, GROUP=64, P=64, N=128, sxb=8512, sxt=8512, sxh=64, sdb=64, sdt=64, sdh=1, sa=1,
+                         sd=1, sbb=8512, sbt=8512, sbg=128, scb=8512, sct=8512, scg=128, ssb=64 * 64 * 128,
+                         ssh=64 * 128, ssp=128, syb=4096, syt=4096, syh=64))
+    for T, bt in ((1, 1), (2048, 16)):
+        yield Case(f"causal conv1d T={T} c4352 k4", conv1d._causal_conv1d_kernel,
+                   dict(K=4, HAS_BIAS=True, HAS_STATE=True, SILU=True, BT=bt, BC=64, BS=4),
+                   max(1, min(4, bt * 64 // 256)),
+                   ints=dict(T=T, C=4352, sxb=T * 8512, sxt=8512, sxc=1, swc=4, swk=1, ssb=4352 * 3, ssc=3, ssk=1,
+                             sob=T * 4352, sot=4352))
+    for name, gate_first, H, D, gs in (("qwen3.5 per head", False, 32, 128, 128), ("mamba2 group", True, 1, 4096, 4096)):
+        block = min(4096, 1 << (gs - 1).bit_length())
+        yield Case(f"gated norm {name} d{gs}", gated_norm._gated_rms_norm_kernel,
+                   dict(GATE_FIRST=gate_first, ROUND_PROD=True, BLOCK=block, ONE_BLOCK=block >= gs),
+                   max(1, min(8, block // 256)),
+                   ints=dict(H=H, NG=D // gs, D=D, GS=gs, sxo=H * D, sxh=D, sxd=1, szo=12352, szh=D, szd=1))
+
+
 def rows(gemv_only: bool = False):
     cases = list(gemv_cases(False)) + list(gemv_cases(True))
     if not gemv_only:
@@ -259,6 +293,7 @@ def rows(gemv_only: bool = False):
         cases += [c for c in other_cases(D=64) if "attention" in c.name or "rope" in c.name]  # GPT-2/BERT/GPT-OSS
         cases += [c for c in other_cases(D=256) if "window softcap" in c.name]                  # Gemma 2/3 heads
         cases += list(mla_cases())
+        cases += list(linear_cases())
     for case in cases:
         try:
             yield case, report(compile_sm90(case)), None

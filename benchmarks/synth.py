@@ -46,11 +46,26 @@ QWEN35_LITE = dict(model="qwen3_5", hidden_size=2048, intermediate_size=6144, nu
 QWEN35_SMOKE = dict(QWEN35_LITE, hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
                     head_dim=64, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32,
                     linear_value_head_dim=32, vocab_size=1000)
+# Granite 4.0-H's Mamba2 layers at 2048 wide, dense (as -H-Micro): 8 layers, 7 Mamba2 (64 heads of 64, one group,
+# state 128, conv 4) and 1 attention (16 heads, 4 kv, no RoPE). A finite time_step_limit: transformers 5.24 cannot
+# read back the infinity it writes for the default.
+GRANITE_H_LITE = dict(model="granitemoehybrid", hidden_size=2048, intermediate_size=8192, num_hidden_layers=8,
+                      num_attention_heads=16, num_key_value_heads=4, num_local_experts=0, shared_intermediate_size=8192,
+                      layer_types=["mamba"] * 3 + ["attention"] + ["mamba"] * 4, mamba_n_heads=64, mamba_d_head=64,
+                      mamba_n_groups=1, mamba_d_state=128, mamba_d_conv=4, position_embedding_type=None,
+                      time_step_limit=(0.0, 1e4), vocab_size=32000)
+GRANITE_H_SMOKE = dict(GRANITE_H_LITE, hidden_size=256, intermediate_size=704, shared_intermediate_size=704,
+                       num_hidden_layers=4, layer_types=["mamba", "attention", "mamba", "mamba"], num_attention_heads=4,
+                       num_key_value_heads=2, mamba_n_heads=8, mamba_d_state=32, vocab_size=1000)
 _MODELS = {"deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
-           "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM")}
+           "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM"),
+           "granitemoehybrid": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM")}
 
 
 def key(shape: dict) -> str:
+    if shape.get("model") == "granitemoehybrid":
+        return ("granite_h-h{hidden_size}-i{shared_intermediate_size}-l{num_hidden_layers}-m{mamba_n_heads}"
+                "-n{mamba_d_state}-v{vocab_size}-bf16").format(**shape)
     if shape.get("model") == "qwen3_5":
         return ("qwen3_5-h{hidden_size}-i{intermediate_size}-l{num_hidden_layers}-a{num_attention_heads}"
                 "-lv{linear_num_value_heads}-v{vocab_size}-bf16").format(**shape)

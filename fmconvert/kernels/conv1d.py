@@ -60,12 +60,13 @@ def _causal_conv1d_kernel(x_ptr, w_ptr, b_ptr, s_ptr, o_ptr, T, C,
     if HAS_STATE:
         if tb == 0:
             # New state column i is xin[T + i]: x row T + i - (K - 1), or old state column T + i when T < K - 1.
+            # (its own name: the compiler refuses a loop variable re-typed in a branch, the interpreter does not)
             offs_k = tl.arange(0, BS)
-            src = T - (K - 1) + offs_k
+            col = T - (K - 1) + offs_k
             m = (offs_k < K - 1)[:, None] & c_mask[None, :]                              # [BS, BC]
-            xv = tl.load(x_base + src[:, None] * sxt, mask=m & (src >= 0)[:, None], other=0.0)
-            sv = tl.load(s_base + (src + (K - 1))[:, None] * ssk, mask=m & (src < 0)[:, None], other=0.0)
-            new = tl.where((src >= 0)[:, None], xv.to(tl.float32), sv.to(tl.float32))
+            xv = tl.load(x_base + col[:, None] * sxt, mask=m & (col >= 0)[:, None], other=0.0)
+            sv = tl.load(s_base + (col + (K - 1))[:, None] * ssk, mask=m & (col < 0)[:, None], other=0.0)
+            new = tl.where((col >= 0)[:, None], xv.to(tl.float32), sv.to(tl.float32))
             # Threads of this program may own other columns than the ones they read: all reads land first.
             tl.debug_barrier()
             tl.store(s_base + offs_k[:, None] * ssk, new.to(s_ptr.dtype.element_ty), mask=m)
