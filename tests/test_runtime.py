@@ -19,7 +19,7 @@ from fmconvert.runtime.generate import generate
 from fmconvert.runtime.inject import inject
 from fmconvert.runtime.load import load
 
-# int8 (group 32/128) moves logits by at most 0.8% relative L2 on these models (measured: see docs/runtime.md).
+# int8 (group 32/128) moves these tiny random models' logits by 0.5-3% relative L2 (see docs/runtime.md for real ones).
 INT8_LOGIT_BOUND = 0.03
 DECODERS = [f for f in tiny.FAMILIES if not f.startswith("bert")]
 
@@ -98,7 +98,9 @@ def test_incremental_decode_equals_full_forward(work, name):
 @pytest.mark.parametrize("name", tiny.FAMILIES + ["stories"])
 def test_int8_within_documented_bound(work, name):
     _, _, outs = work(name)
-    ids = torch.randint(3, 100, (2, 9))
+    # Fixed ids: the error depends on them (EXAONE 4's tiny model ranges 1.7-3.0% over 40 draws), and drawing from
+    # the global generator made the figure depend on which tests ran before
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
     a, b = run_fused(load(outs["tp1"]), ids), run_fused(load(outs["int8"]), ids)
     err = ((a - b).norm() / a.norm()).item()
     assert 0 < err < INT8_LOGIT_BOUND  # > 0: the int8 weights are really used
