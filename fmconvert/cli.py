@@ -183,6 +183,10 @@ def inspect(out_dir, as_json):
                   f"{a['heads']} heads of {a['head_dim']}, {a['groups']} B/C group(s) of state {a['state']}, conv "
                   f"{a['conv_kernel']}{clamp}; a fixed-size state per layer and sequence "
                   f"({a['heads'] * a['head_dim'] * a['state']} fp32 values), no KV cache")
+    if md["block_parts"]:
+        mixers = [i for i, p in enumerate(md["block_parts"]) if p == "mixer"]
+        mlps = [i for i, p in enumerate(md["block_parts"]) if p == "mlp"]
+        t.add_row("one part a layer", f"token mixer in layers {_ranges(mixers)}; MLP in layers {_ranges(mlps)}")
     if md["attn_gate"]:
         t.add_row("attention gate", "each head's output times sigmoid of a gate q_proj computes beside q")
     if md["num_experts"]:

@@ -1,7 +1,8 @@
-"""Mamba2 hybrids (Granite 4.0-H) beyond the family tests (which run granite_hybrid and granite_hybrid_dense through
-tiny.FAMILIES): what the manifest records, B and C replicated when one group serves every head and split with the
-heads otherwise, the group norm across ranks, the fixed-size state, the dense variant, and the one-line refusal of a
-tp that would split a group."""
+"""Mamba2 hybrids (Granite 4.0-H, Bamba, Nemotron-H) beyond the family tests (which run granite_hybrid,
+granite_hybrid_dense, bamba, nemotron_h and nemotron_h_dense through tiny.FAMILIES): what the manifest records, B and
+C replicated when one group serves every head and split with the heads otherwise, the fixed-size state, Granite's
+dense variant, Nemotron-H's one-part layers and ungated experts, and the one-line refusal of a tp that would split a
+group."""
 
 from __future__ import annotations
 
@@ -74,3 +75,26 @@ def test_tp_must_not_split_a_group(model_dir, tmp_path):
     with pytest.raises(FmError, match="mamba_n_groups=2"):
         convert(src, tmp_path / "out", Options(tp=4), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_nemotron_h_layers_hold_one_part_and_its_experts_are_ungated(model_dir, tmp_path):
+    convert(model_dir("nemotron_h"), tmp_path / "out", Options(tp=2), progress=False)
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    sp = m["model"]
+    assert sp["block_parts"] == ["mixer", "mlp", "mixer", "mlp", "mixer", "mlp"] and not sp["gated_mlp"]
+    assert sp["dense_layers"] == [3] and sp["activation"] == "relu2" and sp["router"] == "sigmoid"
+    t = m["ranks"][0]["tensors"]
+    assert t["layers.1.experts_in.weight"]["shape"] == [4 * 16, 64]        # 4 experts x half of 32 units, no gate
+    assert t["layers.1.shared_in.weight"]["shape"] == [24, 64]
+    assert t["layers.3.mlp_in.weight"]["shape"] == [48, 64] and "layers.3.attn_norm.weight" not in t
+    assert "layers.0.mlp_norm.weight" not in t and "layers.2.qkv.weight" in t and "layers.2.mlp_in.weight" not in t
+    r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "out")])
+    assert r.exit_code == 0 and "token mixer in layers 0, 2, 4; MLP in layers 1, 3, 5" in r.output
+
+
+def test_nemotron_h_mlp_layers_keep_no_cache(model_dir, tmp_path):
+    convert(model_dir("nemotron_h_dense"), tmp_path / "out", Options(), progress=False)
+    m = load(tmp_path / "out")
+    cache = m.new_cache(1, 32)
+    assert [k.shape[2] for k in cache.k] == [0, 0, 32, 0]          # only the attention layer keeps keys
+    assert cache.state[0] is not None and cache.state[1] is None
