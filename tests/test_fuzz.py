@@ -86,7 +86,9 @@ def mutated(draw, base):
 @pytest.fixture(scope="module")
 def outs(model_dir, tmp_path_factory):
     src = Sources(model_dir, tmp_path_factory.mktemp("fuzz-outs"))
-    return {"fp": src.out("llama"), "int8": src.out("llama", tp=2, int8=True)}
+    return {"fp": src.out("llama"), "int8": src.out("llama", tp=2, int8=True),
+            # the hybrids' keys (linear_attn, ssm, linear_layers, block_parts, attn_gate) and their slots
+            "delta": src.out("qwen3_5", tp=2, int8=True), "ssm": src.out("nemotron_h", tp=2)}
 
 
 def _base(out: Path) -> dict:
@@ -128,25 +130,25 @@ def _load(out: Path, check_hashes: bool, tp: int):
 
 
 # -- manifests -----------------------------------------------------------------------------------------------------
-@given(data=st.data())
+@given(data=st.data(), kind=st.sampled_from(["int8", "int8", "delta", "ssm"]))
 @examples(300)
-def test_manifest_validate(outs, data):
-    m = data.draw(mutated(_base(outs["int8"])))
+def test_manifest_validate(outs, data, kind):
+    m = data.draw(mutated(_base(outs[kind])))
     try:
         mf.validate(m)
     except FmError:
         pass
 
 
-@given(data=st.data(), kind=st.sampled_from(["fp", "int8"]), check_hashes=st.booleans())
-@examples(100)
+@given(data=st.data(), kind=st.sampled_from(["fp", "int8", "delta", "ssm"]), check_hashes=st.booleans())
+@examples(120)
 def test_manifest_against_inspect_and_load(outs, data, kind, check_hashes):
     m = data.draw(mutated(_base(outs[kind])))
     with _copy(outs[kind]) as out:
         (out / "manifest.json").write_text(json.dumps(m))  # NaN and Infinity included: json accepts them
         _assert_clean_cli(*_cli("inspect", out))
         _assert_clean_cli(*_cli("inspect", "--json", out))
-        _load(out, check_hashes, 2 if kind == "int8" else 1)
+        _load(out, check_hashes, 1 if kind == "fp" else 2)
 
 
 # -- safetensors headers -------------------------------------------------------------------------------------------

@@ -98,3 +98,22 @@ def test_nemotron_h_mlp_layers_keep_no_cache(model_dir, tmp_path):
     cache = m.new_cache(1, 32)
     assert [k.shape[2] for k in cache.k] == [0, 0, 32, 0]          # only the attention layer keeps keys
     assert cache.state[0] is not None and cache.state[1] is None
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda sp: sp["ssm"].update(groups=3), "model.ssm"),
+    (lambda sp: sp["ssm"].update(state=32), "has shape"),
+    (lambda sp: sp.update(block_parts=["mixer"] * 3), "block_parts"),
+    (lambda sp: sp.update(linear_layers=None), "linear_layers"),
+    (lambda sp: sp.update(linear_attn={"k_heads": 2, "v_heads": 8, "k_dim": 16, "v_dim": 16, "conv_kernel": 4}),
+     "exclude each other"),
+])
+def test_a_manifest_that_lies_about_the_hybrid_is_refused(model_dir, tmp_path, edit, needle):
+    out = tmp_path / "out"
+    convert(model_dir("nemotron_h"), out, Options(), progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    edit(m["model"])
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(FmError, match=needle) as e:
+        load(out)
+    assert "\n" not in str(e.value)
