@@ -100,6 +100,9 @@ _MODEL_OPTIONAL = {
     "mla": (None, lambda x: x is None or _mla(x), "null or the latent attention's widths"),
     "linear_attn": (None, lambda x: x is None or _linear_attn(x), "null or the linear attention's widths"),
     "ssm": (None, lambda x: x is None or _ssm(x), "null or the Mamba2 widths"),
+    "short_conv": (None, lambda x: x is None or (isinstance(x, dict) and set(x) == {"conv_kernel"}
+                                                 and type(x["conv_kernel"]) is int and 2 <= x["conv_kernel"] <= 64),
+                   "null or {\"conv_kernel\": taps}"),
     "linear_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
                       "null or a list of layer indices"),
     "attn_gate": (False, _BOOL, "true or false"),
@@ -228,14 +231,17 @@ def validate(m) -> dict:
     _need(mla is None or (mla["nope_dim"] + mla["rope_dim"] == model["head_dim"] and model["num_kv_heads"] == 1
                           and model["position"].get("rotary_dim") == mla["rope_dim"]),
           "model.mla does not fit head_dim, num_kv_heads and the rotary width")
-    la, ll, ssm = model["linear_attn"], model["linear_layers"], model["ssm"]
-    _need(la is None or ssm is None, "model.linear_attn and model.ssm exclude each other")
+    la, ll, ssm, sc = model["linear_attn"], model["linear_layers"], model["ssm"], model["short_conv"]
+    _need((la is not None) + (ssm is not None) + (sc is not None) <= 1,
+          "model.linear_attn, model.ssm and model.short_conv exclude each other")
+    _need(sc is None or not _POS_INT(par.get("tp")) or model["hidden_size"] % par["tp"] == 0,
+          "model.short_conv needs hidden_size to be a multiple of parallel.tp")
     _need(ssm is None or not _POS_INT(par.get("tp")) or (ssm["heads"] % par["tp"] == 0 and (
         ssm["groups"] % par["tp"] == 0 or ssm["groups"] == 1)),
           "model.ssm's heads must be a multiple of parallel.tp, and its groups too (or 1)")
-    la = la or ssm
+    la = la or ssm or sc
     _need((la is None) == (ll is None) and (ll is None or (ll == sorted(set(ll)) and ll[-1] < model["num_layers"])),
-          "model.linear_layers must be distinct layer indices in order, with linear_attn or ssm")
+          "model.linear_layers must be distinct layer indices in order, with linear_attn, ssm or short_conv")
     _need(model["block_parts"] is None or len(model["block_parts"]) == model["num_layers"],
           "model.block_parts must name one part per layer")
     la = model["linear_attn"]

@@ -48,13 +48,18 @@ LAYER_SLOTS = (
     # and the output projection
     "ssm_in.weight", "ssm_in.bias", "ssm_conv.weight", "ssm_conv.bias", "ssm.a_log", "ssm.dt_bias", "ssm.d",
     "ssm_norm.weight", "ssm_out.weight", "ssm_out.bias",
+    # LFM2's short convolution in place of attention: one projection of B|C|x, a causal depthwise conv over B * x
+    # (no activation), C times its output, and the output projection
+    "sconv_in.weight", "sconv_in.bias", "sconv_conv.weight", "sconv_conv.bias", "sconv_out.weight", "sconv_out.bias",
 )
 # A mixture's slots and a dense MLP's: a model with both kinds of layer (GLM-4.5's first layers are dense) gives each
 # layer the one set its kind has.
 SPARSE_SLOTS = ("router.", "experts_", "shared_")
 DENSE_SLOTS = ("mlp_in.", "mlp_out.")
+# Slots stored as a depthwise Conv1d's weight, [channels, 1, taps]
+DEPTHWISE = ("lin_conv.weight", "ssm_conv.weight", "sconv_conv.weight")
 # A hybrid's linear-attention layers have the lin_ slots and its attention layers the attention's.
-LINEAR_SLOTS = ("lin_", "ssm")
+LINEAR_SLOTS = ("lin_", "ssm", "sconv")
 ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.")
 GLOBAL_SLOTS = (
     "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
@@ -151,7 +156,8 @@ class ModelSpec:
     ssm: dict | None = None        # Mamba2's widths (Granite 4.0 hybrids): heads, head_dim, groups (B and C, shared
     #                                by heads // groups heads each), state (N), conv_kernel, and dt_min / dt_max (the
     #                                step's clamp; dt_max None: none). Its layers are linear_layers
-    linear_layers: list | None = None  # the layers that use it (or Mamba2) in place of attention; None: none
+    short_conv: dict | None = None  # LFM2's gated short convolution: conv_kernel (its taps), in linear_layers
+    linear_layers: list | None = None  # the layers that use one of these in place of attention; None: none
     block_parts: list | None = None    # per layer, "mixer" or "mlp" where a layer has only that half (Nemotron-H:
     #                                each layer is one Mamba2, attention, MLP or mixture, with its own norm); None:
     #                                both halves in every layer
@@ -354,6 +360,8 @@ class Policy:
             raise FmError(f"{architecture}: this config uses a variant fmconvert does not support "
                           f"({self.table['flags']['unsupported']})")
         c = {k: _config_value(config, v, k, flags) for k, v in self.table["config"].items()}
+        if c.get("ffn_adjust"):
+            c["intermediate_size"] = self._ffn_adjusted(c)
         parts = self._block_parts(config, c) if self.layout.get("block_parts") else {}
         mla = self._mla(c) if "kv_rank" in c else None
         for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
@@ -440,9 +448,15 @@ class Policy:
     def _linear(self, config, c) -> dict:
         """A hybrid's linear layers: Gated DeltaNet (Qwen3-Next, Qwen3.5: [config] lin_k_heads, lin_v_heads, lin_k_dim,
         lin_v_dim, lin_conv) or Mamba2 (Granite 4.0: ssm_heads, ssm_head_dim, ssm_groups, ssm_state, ssm_conv,
-        ssm_dt_limit), and which layers they are, from layer_types ("linear_attention"; transformers reads the older
-        "mamba" as that)."""
-        if "ssm_heads" in c:
+        ssm_dt_limit), the layers layer_types calls "linear_attention" (transformers reads the older "mamba" as
+        that); or LFM2's short convolution ([config] sconv: its taps), the layers it calls "conv"."""
+        kind = "linear_attention"
+        if "sconv" in c:
+            K = c["sconv"]
+            if type(K) is not int or not 2 <= K <= 64:
+                raise FmError(f"config.json: conv_L_cache must be an integer from 2 to 64, got {K!r}")
+            key, mixer, kind = "short_conv", {"conv_kernel": K}, "conv"
+        elif "ssm_heads" in c:
             key, mixer = "ssm", self._ssm(c)
         elif "lin_k_heads" in c:
             la = {k: c.get("lin_" + k) for k in ("k_heads", "v_heads", "k_dim", "v_dim", "conv")}
@@ -459,9 +473,23 @@ class Policy:
         types = getattr(config, "layer_types", None)
         if not isinstance(types, (list, tuple)) or len(types) != c["num_layers"]:
             raise FmError(f"config.json: layer_types must list one kind per layer ({c['num_layers']}), "
-                          "linear_attention or full_attention")
-        layers = [i for i, t in enumerate(types) if t == "linear_attention"]
+                          f"{kind} or full_attention")
+        layers = [i for i, t in enumerate(types) if t == kind]
         return {key: mixer, "linear_layers": layers} if layers else {}
+
+    @staticmethod
+    def _ffn_adjusted(c) -> int:
+        """LFM2's MLP width (block_auto_adjust_ff_dim): 2/3 of intermediate_size, times block_ffn_dim_multiplier and
+        rounded up to block_multiple_of when the multiplier is set, as transformers sizes it."""
+        size, mult, of = c["intermediate_size"], c.get("ffn_multiplier"), c.get("ffn_multiple_of")
+        if type(size) is not int or (mult is not None and type(mult) not in (int, float)) or type(of) is not int \
+                or of <= 0:
+            raise FmError(f"config.json: intermediate_size, block_ffn_dim_multiplier and block_multiple_of must be "
+                          f"numbers, got {size!r}, {mult!r}, {of!r}")
+        size = int(2 * size / 3)
+        if mult is not None:
+            size = of * -(-int(mult * size) // of)
+        return size
 
     @staticmethod
     def _block_parts(config, c) -> dict:
@@ -606,6 +634,7 @@ class Policy:
             raise FmError(f"config.json: layer_types must list one kind per layer ({c['num_layers']})")
         kinds = {"full_attention", "sliding_attention", "chunked_attention"} | (
             {"linear_attention"} if "lin_k_heads" in c or "ssm_heads" in c else set()) | (
+            {"conv"} if "sconv" in c else set()) | (
             {"mlp", "moe"} if self.layout.get("block_parts") else set())
         odd = sorted({str(t) for t in types} - kinds)
         if odd:
@@ -757,6 +786,10 @@ class Policy:
                 "kv_a_norm.weight": (a["kv_rank"],), "kv_b.weight": (H * (a["nope_dim"] + a["v_dim"]), a["kv_rank"]),
                 "attn_out.weight": (h, H * a["v_dim"]),
             })
+        if spec.short_conv:
+            shapes.update({"sconv_in.weight": (3 * h, h), "sconv_in.bias": (3 * h,),            # B|C|x
+                           "sconv_conv.weight": (h, spec.short_conv["conv_kernel"]), "sconv_conv.bias": (h,),
+                           "sconv_out.weight": (h, h), "sconv_out.bias": (h,)})
         if spec.ssm:
             I, BC, H = _ssm_widths(spec)
             shapes.update({
@@ -825,7 +858,7 @@ class Policy:
                         shapes = [tuple(reversed(s)) for s in shapes]
                     if slot in self.as_row:
                         shapes = [(1, *s) for s in shapes]
-                    if slot in ("lin_conv.weight", "ssm_conv.weight"):   # a depthwise Conv1d's [channels, 1, taps]
+                    if slot in DEPTHWISE:   # a depthwise Conv1d's [channels, 1, taps]
                         shapes = [(s[0], 1, s[1]) for s in shapes]
                 out.append(SlotSource(slot, names, shapes, optional, aliases))
         return out
@@ -856,7 +889,7 @@ class Policy:
             parts = [p.squeeze(0) for p in parts]
         if slot in self.transposed:
             parts = [p.transpose(-1, -2) for p in parts]     # a stacked slot: each expert's matrix
-        if slot in ("lin_conv.weight", "ssm_conv.weight"):
+        if slot in DEPTHWISE:
             parts = [p.squeeze(1) for p in parts]
         if slot == "lin_in.weight" and self.layout.get("linear_in") == "grouped":
             parts = self._ungroup_linear(spec, parts)
@@ -917,7 +950,7 @@ class Policy:
             return [(t.transpose(-1, -2) if slot in self.transposed else t).contiguous()]
         if slot == "lin_in.weight" and self.layout.get("linear_in") == "grouped" and n_parts == 2:
             return [p.contiguous() for p in self._group_linear(spec, t)]
-        if slot in ("lin_conv.weight", "ssm_conv.weight"):
+        if slot in DEPTHWISE:
             return [t.unsqueeze(1).contiguous()]
         if slot.startswith("qkv.") and spec.attn_gate:
             H, hd, rest = spec.num_heads, spec.head_dim, t.shape[1:]

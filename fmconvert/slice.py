@@ -21,6 +21,8 @@ Layout per rank:
             z heads, b and a; value head j belongs with key head j // (v_heads / k_heads), so contiguous ranges of
             both line up. lin_conv (one channel per q|k|v row) likewise; lin_decay per v head; lin_out row-parallel;
             lin_norm (one weight for every head) replicated. Each rank keeps its heads' conv and recurrent state.
+  sconv_in  (LFM2's short conv) column-parallel over channels, part by part: this rank's B, C and x channels;
+            sconv_conv likewise, sconv_out row-parallel.
   ssm_in    (Mamba2) column-parallel over whole heads, part by part: this rank's z, x, B, C and dt; B and C hold
             whole groups, or all of the one group (replicated) when a single group serves every head. ssm_conv
             likewise over x|B|C; ssm.* and ssm_norm with the heads; ssm_out row-parallel (its bias on rank 0).
@@ -47,15 +49,17 @@ import torch
 from .errors import FmError
 from .policy import ModelSpec
 
-COLUMN = ("qkv.weight", "qkv.bias", "mlp_in.weight", "mlp_in.bias", "lin_in.weight", "ssm_in.weight")
+COLUMN = ("qkv.weight", "qkv.bias", "mlp_in.weight", "mlp_in.bias", "lin_in.weight", "ssm_in.weight",
+          "sconv_in.weight")
 HEADS = ("q_b.weight", "kv_b.weight", "attn_sinks.weight",      # whole heads' rows, each head's rows contiguous
          "lin_decay.a_log", "lin_decay.dt_bias", "ssm.a_log", "ssm.dt_bias", "ssm.d", "ssm_norm.weight")
-ROW = ("attn_out.weight", "mlp_out.weight", "lin_out.weight", "ssm_out.weight")
+ROW = ("attn_out.weight", "mlp_out.weight", "lin_out.weight", "ssm_out.weight", "sconv_out.weight")
 # A linear mixer's fused slots, part by part: q, k, v(, z, b, a) for Gated DeltaNet, x(, B, C) or z, x, B, C, dt for
 # Mamba2 (see `_mixer_parts`)
 MIXER_PARTS = ("lin_in.weight", "lin_conv.weight", "lin_conv.bias", "ssm_in.weight", "ssm_in.bias",
-               "ssm_conv.weight", "ssm_conv.bias")
-ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias", "ssm_out.bias")
+               "ssm_conv.weight", "ssm_conv.bias", "sconv_in.weight", "sconv_in.bias", "sconv_conv.weight",
+               "sconv_conv.bias")
+ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias", "ssm_out.bias", "sconv_out.bias")
 VOCAB = ("embed.weight", "lm_head.weight", "lm_head.bias")
 EXPERTS = ("experts_in.weight", "experts_out.weight")
 
@@ -224,7 +228,7 @@ def shard(spec: ModelSpec, lay: Layout, slot: str, t: torch.Tensor) -> list[torc
         sizes, split = zip(*_mixer_parts(spec, slot, tp))
         parts = [torch.chunk(p, tp, dim=0) if cut else (p,) * tp for p, cut in zip(torch.split(t, sizes), split)]
         return [torch.cat([p[r] for p in parts], dim=0).contiguous() for r in range(tp)]
-    if slot in ("lin_out.weight", "ssm_out.weight"):
+    if slot in ("lin_out.weight", "ssm_out.weight", "sconv_out.weight"):
         return [c.contiguous() for c in torch.chunk(t, tp, dim=1)]
     if slot == "attn_out.weight":
         return [c.contiguous() for c in torch.chunk(t, tp, dim=1)]
@@ -273,7 +277,7 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
                 raise FmError(f"{slot}: a replicated part differs between ranks")
             out += part if cut else part[:1]
         return torch.cat(out, dim=0)
-    if slot in ("attn_out.weight", "lin_out.weight", "ssm_out.weight"):
+    if slot in ("attn_out.weight", "lin_out.weight", "ssm_out.weight", "sconv_out.weight"):
         return torch.cat(pieces, dim=1)
     if slot.startswith("mlp_in.") or slot == "shared_in.weight":
         n = 2 if spec.gated_mlp else 1
@@ -312,6 +316,8 @@ def _mixer_parts(spec: ModelSpec, slot: str, tp: int) -> list[tuple[int, bool]]:
     """(rows, split over ranks) of each part of a linear mixer's fused slot. Gated DeltaNet: q, k, v (, z, b, a),
     whole heads each. Mamba2: (z,) x, B, C (, dt); B and C hold whole groups, and are replicated when a single
     group serves every head (Granite 4.0)."""
+    if slot.startswith("sconv_"):               # LFM2: B, C, x (or the conv's channels), each split over channels
+        return [(spec.hidden_size, True)] * (3 if slot.startswith("sconv_in.") else 1)
     if slot.startswith("lin_"):
         la = spec.linear_attn
         Kd, Vd, Hv = la["k_heads"] * la["k_dim"], la["v_heads"] * la["v_dim"], la["v_heads"]
@@ -342,5 +348,7 @@ def k_per_rank(spec: ModelSpec, lay: Layout, slot: str) -> int:
         "lin_in.weight": spec.hidden_size if spec.linear_attn else 0,
         "lin_out.weight": spec.linear_attn["v_heads"] * spec.linear_attn["v_dim"] // lay.tp if spec.linear_attn else 0,
         "ssm_in.weight": spec.hidden_size if spec.ssm else 0,
+        "sconv_in.weight": spec.hidden_size if spec.short_conv else 0,
+        "sconv_out.weight": spec.hidden_size // lay.tp if spec.short_conv else 0,
         "ssm_out.weight": spec.ssm["heads"] * spec.ssm["head_dim"] // lay.tp if spec.ssm else 0,
     }[slot]

@@ -352,6 +352,10 @@ CONFIGS = {
         vocab_size=101, max_position_embeddings=64, layers_block_type=[
             "linear_attention", "mlp", "full_attention", "mlp"], mamba_num_heads=8, mamba_head_dim=16, n_groups=1,
         ssm_state_size=16, expand=2, time_step_limit=(0.0, 100.0))),
+    "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", dict(hidden_size=64, intermediate_size=144, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
+             layer_types=["conv", "full_attention", "conv"], block_multiple_of=32, block_ffn_dim_multiplier=1.3,
+             conv_bias=True)),                    # the MLP: 2/3 of 144, times 1.3, rounded up to 32: 128
     "bert": ("BertConfig", "BertModel", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, vocab_size=101, max_position_embeddings=64, type_vocab_size=2)),
     "bert_cls": ("BertConfig", "BertForSequenceClassification", dict(hidden_size=64, intermediate_size=96,

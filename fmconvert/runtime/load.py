@@ -38,10 +38,10 @@ _ST_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8
 _INT8_OK = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight", "embed.weight", "lm_head.weight",
             "experts_in.weight", "experts_out.weight", "shared_in.weight", "shared_out.weight",
             "q_a.weight", "q_b.weight", "kv_a.weight", "kv_b.weight", "lin_in.weight", "lin_out.weight",
-            "ssm_in.weight", "ssm_out.weight")
+            "ssm_in.weight", "ssm_out.weight", "sconv_in.weight", "sconv_out.weight")
 _EXPERTS = ("experts_in.weight", "experts_out.weight")
 ROPE_TENSORS = ("rope.inv_freq", "rope_local.inv_freq", "rope_long.inv_freq")   # derived, kept float32
-_ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias", "ssm_out.bias")
+_ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias", "ssm_out.bias", "sconv_out.bias")
 
 
 def check_layout(m: dict, rank: int):
@@ -100,6 +100,12 @@ def check_layout(m: dict, rank: int):
                       "ssm_conv.weight": (I + 2 * BC, ssm["conv_kernel"]), "ssm_conv.bias": (I + 2 * BC,),
                       "ssm.a_log": (H,), "ssm.dt_bias": (H,), "ssm.d": (H,), "ssm_norm.weight": (I,),
                       "ssm_out.weight": (h, I), "ssm_out.bias": (h,)})
+    sc = sp["short_conv"]
+    if sc:              # LFM2: this rank's channels of B, C and x
+        hc = h // tp
+        layer.update({"sconv_in.weight": (3 * hc, h), "sconv_in.bias": (3 * hc,),
+                      "sconv_conv.weight": (hc, sc["conv_kernel"]), "sconv_conv.bias": (hc,),
+                      "sconv_out.weight": (h, hc), "sconv_out.bias": (h,)})
     if sp["attn_gate"]:
         layer.update({"qkv.weight": (qkv + hpr * hd, h), "qkv.bias": (qkv + hpr * hd,)})
     tensors = m["ranks"][rank]["tensors"]
@@ -135,6 +141,8 @@ def check_layout(m: dict, rank: int):
     if linear_layers and la:
         per_layer |= {"lin_in.weight", "lin_conv.weight", "lin_decay.a_log", "lin_decay.dt_bias", "lin_norm.weight",
                       "lin_out.weight"}
+    if linear_layers and sc:
+        per_layer |= {"sconv_in.weight", "sconv_conv.weight", "sconv_out.weight"}
     if linear_layers and ssm:
         per_layer |= {"ssm_in.weight", "ssm_conv.weight", "ssm.a_log", "ssm.dt_bias", "ssm.d", "ssm_norm.weight",
                       "ssm_out.weight"}

@@ -43,7 +43,8 @@ class KVCache:
         self.state = [None] * n_layers
         for i, (C, K, shape) in linear.items():
             self.conv[i] = torch.zeros(batch, C, K - 1, dtype=dtype, device=device)
-            self.state[i] = torch.zeros(batch, *shape, dtype=torch.float32, device=device)
+            if shape is not None:                     # LFM2's short conv keeps its conv tail only
+                self.state[i] = torch.zeros(batch, *shape, dtype=torch.float32, device=device)
         self.length = 0
         self.max_len = max_len
 
@@ -80,7 +81,7 @@ class Block(nn.Module):
         if self.linear and sp["ssm"]:        # Mamba2's per-head A = -exp(A_log), step bias and skip, fp32 once
             self.ssm_a = -tensors["ssm.a_log"].float().exp()
             self.dt_bias, self.ssm_d = tensors["ssm.dt_bias"].float(), tensors["ssm.d"].float()
-        elif self.linear:                    # the decay's parameters, in fp32 once: g = -exp(A_log) * softplus(..)
+        elif self.linear and sp["linear_attn"]:      # the decay's parameters in fp32: g = -exp(A_log) * softplus(..)
             self.decay_rate = tensors["lin_decay.a_log"].float().exp()
             self.dt_bias = tensors["lin_decay.dt_bias"].float()
         if sp["mla"]:       # latent attention's decode step takes kv_b into q and o: [H, nope, R], [H, R, v]
@@ -159,6 +160,9 @@ class Block(nn.Module):
         if self.linear and m.spec["ssm"]:
             return m.ops.linear(self.mamba(h, cache, key_padding_mask, pos_t), t["ssm_out.weight"],
                                 t.get("ssm_out.bias"))
+        if self.linear and m.spec["short_conv"]:
+            return m.ops.linear(self.short_conv(h, cache, key_padding_mask, pos_t), t["sconv_out.weight"],
+                                t.get("sconv_out.bias"))
         if self.linear:
             return m.ops.linear(self.linear_attention(h, cache, key_padding_mask, pos_t), t["lin_out.weight"])
         a = self.attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
@@ -199,8 +203,20 @@ class Block(nn.Module):
         conv, state = cache.conv[self.i], cache.state[self.i]
         if pos_t is None and cache.length == 0:      # a new sequence: nothing carried over
             conv.zero_()
-            state.zero_()
+            if state is not None:
+                state.zero_()
         return conv, state
+
+    def short_conv(self, h, cache, key_padding_mask, pos_t=None):
+        """LFM2's gated short convolution: one projection gives B, C and x per channel; a causal depthwise conv
+        (no activation) runs over B * x, and C gates its output. With a cache the conv's last inputs carry over."""
+        m, t = self.m, self.t
+        T = h.shape[1]
+        if key_padding_mask is not None and pos_t is None:    # padding must not enter the conv (HF zeroes it)
+            h = h * key_padding_mask[:, -T:, None].to(h.dtype)
+        b, c, x = m.ops.linear(h, t["sconv_in.weight"], t.get("sconv_in.bias")).chunk(3, dim=-1)
+        conv, _ = self._linear_cache(cache, pos_t)
+        return c * m.ops.causal_conv1d(b * x, t["sconv_conv.weight"], t.get("sconv_conv.bias"), conv, silu=False)
 
     def mamba(self, h, cache, key_padding_mask, pos_t=None):
         """Mamba2 (Granite 4.0's hybrids). One projection gives the gate z, x|B|C and each head's step dt; a causal
@@ -684,6 +700,9 @@ class FusedModel(nn.Module):
             return KVCache(len(self.blocks), batch, 1, max_len, mla["kv_rank"] + mla["rope_dim"], self.dtype,
                            self.device, windows, latent=mla["kv_rank"])
         la, ssm, linear = self.spec["linear_attn"], self.spec["ssm"], {}
+        if self.spec["short_conv"]:      # LFM2: the conv over this rank's channels, no recurrent state
+            linear = {b.i: (self.spec["hidden_size"] // self.tp, self.spec["short_conv"]["conv_kernel"], None)
+                      for b in self.blocks if b.linear}
         if la:           # this rank's conv channels (its q, k and v heads) and recurrent state, per linear layer
             hk, hv = la["k_heads"] // self.tp, la["v_heads"] // self.tp
             linear = {b.i: (2 * hk * la["k_dim"] + hv * la["v_dim"], la["conv_kernel"], (hv, la["k_dim"], la["v_dim"]))
