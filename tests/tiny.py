@@ -356,6 +356,10 @@ CONFIGS = {
              num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
              layer_types=["conv", "full_attention", "conv"], block_multiple_of=32, block_ffn_dim_multiplier=1.3,
              conv_bias=True)),                    # the MLP: 2/3 of 144, times 1.3, rounded up to 32: 128
+    "lfm2_moe": ("Lfm2MoeConfig", "Lfm2MoeForCausalLM", dict(hidden_size=64, intermediate_size=96,
+                 moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=101, max_position_embeddings=64, layer_types=["conv", "full_attention", "conv"],
+                 num_dense_layers=1, num_experts=4, num_experts_per_tok=2, routed_scaling_factor=1.5)),
     "bert": ("BertConfig", "BertModel", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, vocab_size=101, max_position_embeddings=64, type_vocab_size=2)),
     "bert_cls": ("BertConfig", "BertForSequenceClassification", dict(hidden_size=64, intermediate_size=96,
@@ -390,7 +394,7 @@ def build(name: str, seed: int = 0, **overrides):
             elif n.endswith(("linear_attn.dt_bias", "linear_attn.A_log", ".dt_bias", ".A_log", "mamba.D", "mixer.D")):
                 p.copy_(torch.randn_like(p) * 0.5)     # Gated DeltaNet, Mamba2: decays and skips that differ
         for n, b in [*model.named_buffers(), *model.named_parameters()]:   # GLM-4.5, ERNIE 4.5: a correction
-            if n.endswith("e_score_correction_bias"):                        # that changes the experts chosen
+            if n.endswith(("e_score_correction_bias", "expert_bias")):       # that changes the experts chosen
                 b.copy_(torch.randn_like(b) * 0.2)
     return model
 
