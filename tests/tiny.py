@@ -360,6 +360,9 @@ CONFIGS = {
                  moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
                  vocab_size=101, max_position_embeddings=64, layer_types=["conv", "full_attention", "conv"],
                  num_dense_layers=1, num_experts=4, num_experts_per_tok=2, routed_scaling_factor=1.5)),
+    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
+                sliding_window=4, logit_scale=0.25, bos_token_id=1, eos_token_id=2, pad_token_id=0)),   # 0-2 windowed
     "bert": ("BertConfig", "BertModel", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, vocab_size=101, max_position_embeddings=64, type_vocab_size=2)),
     "bert_cls": ("BertConfig", "BertForSequenceClassification", dict(hidden_size=64, intermediate_size=96,
