@@ -363,6 +363,18 @@ CONFIGS = {
     "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
                 sliding_window=4, logit_scale=0.25, bos_token_id=1, eos_token_id=2, pad_token_id=0)),   # 0-2 windowed
+    "helium": ("HeliumConfig", "HeliumForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101, max_position_embeddings=64,
+               bos_token_id=1, eos_token_id=2, pad_token_id=0)),
+    "cwm": ("CwmConfig", "CwmForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101, max_position_embeddings=64,
+            sliding_window=4, bos_token_id=1, eos_token_id=2, pad_token_id=0,       # layers 1-3 windowed
+            rope_parameters={"rope_type": "llama3", "rope_theta": 1e6, "factor": 4.0, "high_freq_factor": 4.0,
+                             "low_freq_factor": 1.0, "original_max_position_embeddings": 16})),
+    "solar_open": ("SolarOpenConfig", "SolarOpenForCausalLM", dict(hidden_size=64, intermediate_size=96,
+                   moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=16, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                   vocab_size=101, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)),
     "bert": ("BertConfig", "BertModel", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, vocab_size=101, max_position_embeddings=64, type_vocab_size=2)),
     "bert_cls": ("BertConfig", "BertForSequenceClassification", dict(hidden_size=64, intermediate_size=96,
