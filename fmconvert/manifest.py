@@ -234,26 +234,24 @@ def validate(m) -> dict:
     la, ll, ssm, sc = model["linear_attn"], model["linear_layers"], model["ssm"], model["short_conv"]
     _need((la is not None) + (ssm is not None) + (sc is not None) <= 1,
           "model.linear_attn, model.ssm and model.short_conv exclude each other")
-    _need(sc is None or not _POS_INT(par.get("tp")) or model["hidden_size"] % par["tp"] == 0,
-          "model.short_conv needs hidden_size to be a multiple of parallel.tp")
-    _need(ssm is None or not _POS_INT(par.get("tp")) or (ssm["heads"] % par["tp"] == 0 and (
-        ssm["groups"] % par["tp"] == 0 or ssm["groups"] == 1)),
-          "model.ssm's heads must be a multiple of parallel.tp, and its groups too (or 1)")
-    la = la or ssm or sc
-    _need((la is None) == (ll is None) and (ll is None or (ll == sorted(set(ll)) and ll[-1] < model["num_layers"])),
+    _need(((la or ssm or sc) is None) == (ll is None) and (ll is None or (ll == sorted(set(ll))
+                                                                          and ll[-1] < model["num_layers"])),
           "model.linear_layers must be distinct layer indices in order, with linear_attn, ssm or short_conv")
     _need(model["block_parts"] is None or len(model["block_parts"]) == model["num_layers"],
           "model.block_parts must name one part per layer")
-    la = model["linear_attn"]
-    _need(la is None or not _POS_INT(par.get("tp")) or (la["k_heads"] % par["tp"] == 0
-                                                         and la["v_heads"] % par["tp"] == 0),
-          "model.linear_attn's heads must be a multiple of parallel.tp")
     _need((model["activation"] == "swiglu_oai") == (model["glu_alpha"] > 0 and model["glu_limit"] > 0),
           "model.glu_alpha and glu_limit must be positive with the swiglu_oai activation, and 0 without it")
     for k in _PARALLEL:
         _need(_POS_INT(par.get(k)), f"parallel.{k} must be a positive int")
     tp = par["tp"]
     _need(tp <= 4096, "parallel.tp is larger than 4096")
+    # a hybrid's linear layers hold whole heads (Mamba2's groups too, unless one serves every head) or channels
+    _need(la is None or (la["k_heads"] % tp == 0 and la["v_heads"] % tp == 0),
+          "model.linear_attn's heads must be a multiple of parallel.tp")
+    _need(ssm is None or (ssm["heads"] % tp == 0 and (ssm["groups"] % tp == 0 or ssm["groups"] == 1)),
+          "model.ssm's heads must be a multiple of parallel.tp, and its groups too (or 1)")
+    _need(sc is None or model["hidden_size"] % tp == 0, "model.short_conv needs hidden_size to be a multiple of "
+          "parallel.tp")
     _need(par["heads_per_rank"] * tp == model["num_heads"], "parallel.heads_per_rank * tp != model.num_heads")
     _need(par["kv_heads_per_rank"] * tp == model["num_kv_heads"] * par["kv_replication"],
           "parallel.kv_heads_per_rank does not fit model.num_kv_heads")

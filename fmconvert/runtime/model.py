@@ -76,7 +76,11 @@ class Block(nn.Module):
             ones = torch.ones(model.head_dim, dtype=model.dtype, device=model.device)
             self.t = tensors = {**tensors, "q_norm.weight": ones, "k_norm.weight": ones}
         self.activation = model.activation
-        self.linear = i in (sp["linear_layers"] or ())         # a hybrid's linear-attention layer
+        # a hybrid's linear layer: (its mixer method, its output projection's slot); None: attention
+        self.linear = None
+        if i in (sp["linear_layers"] or ()):
+            self.linear = (("mamba", "ssm_out") if sp["ssm"] else ("short_conv", "sconv_out") if sp["short_conv"]
+                           else ("linear_attention", "lin_out"))
         self.part = sp["block_parts"][i] if sp["block_parts"] else None     # Nemotron-H: "mixer" or "mlp" alone
         if self.linear and sp["ssm"]:        # Mamba2's per-head A = -exp(A_log), step bias and skip, fp32 once
             self.ssm_a = -tensors["ssm.a_log"].float().exp()
@@ -157,14 +161,10 @@ class Block(nn.Module):
         """This rank's partial output of the token mixer, attention or a hybrid's linear attention, through its
         row-parallel output projection (the caller all-reduces)."""
         m, t = self.m, self.t
-        if self.linear and m.spec["ssm"]:
-            return m.ops.linear(self.mamba(h, cache, key_padding_mask, pos_t), t["ssm_out.weight"],
-                                t.get("ssm_out.bias"))
-        if self.linear and m.spec["short_conv"]:
-            return m.ops.linear(self.short_conv(h, cache, key_padding_mask, pos_t), t["sconv_out.weight"],
-                                t.get("sconv_out.bias"))
         if self.linear:
-            return m.ops.linear(self.linear_attention(h, cache, key_padding_mask, pos_t), t["lin_out.weight"])
+            mixer, out = self.linear
+            y = getattr(self, mixer)(h, cache, key_padding_mask, pos_t)
+            return m.ops.linear(y, t[out + ".weight"], t.get(out + ".bias"))
         a = self.attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
         return m.ops.linear(a, t["attn_out.weight"], t.get("attn_out.bias"))
 
@@ -179,27 +179,34 @@ class Block(nn.Module):
         B, T, _ = h.shape
         hk, hv = la["k_heads"] // m.tp, la["v_heads"] // m.tp
         dk, dv = la["k_dim"], la["v_dim"]
-        if key_padding_mask is not None and pos_t is None:    # padding must not enter the state (HF zeroes it)
-            h = h * key_padding_mask[:, -T:, None].to(h.dtype)
+        h, _ = self._unpadded(h, key_padding_mask, pos_t)
         y = m.ops.linear(h, t["lin_in.weight"])                            # (B, T, 2 Kd + 2 Vd + 2 hv)
         qkv, z, b, a = y.split([2 * hk * dk + hv * dv, hv * dv, hv, hv], dim=-1)
-        conv, state = self._linear_cache(cache, pos_t)
+        conv, state = self._linear_cache(cache, pos_t, (B, hv, dk, dv), h.device)
         qkv = m.ops.causal_conv1d(qkv, t["lin_conv.weight"], t.get("lin_conv.bias"), conv)
         q, k, v = qkv.split([hk * dk, hk * dk, hv * dv], dim=-1)
         beta = torch.sigmoid(b).float()                  # in the model dtype first, as HF computes it
         g = -self.decay_rate * torch.nn.functional.softplus(a.float() + self.dt_bias)
-        if state is None:
-            state = torch.zeros(B, hv, dk, dv, dtype=torch.float32, device=h.device)
         o = m.ops.gated_delta(q.view(B, T, hk, dk), k.view(B, T, hk, dk), v.view(B, T, hv, dv), g, beta, state,
                               dk ** -0.5)                                   # (B, T, hv, dv)
         o = m.ops.gated_rms_norm(o, z.view(B, T, hv, dv), t["lin_norm.weight"], m.eps)
         return o.reshape(B, T, hv * dv)
 
-    def _linear_cache(self, cache, pos_t):
-        """This layer's (conv inputs, recurrent state) in the cache, zeroed when a prompt starts a sequence, or
-        (None, None) without a cache."""
+    @staticmethod
+    def _unpadded(h, key_padding_mask, pos_t):
+        """(h with padded positions zeroed, the [B, T, 1] mask or None): padding must not enter a linear layer's
+        conv or state (HF zeroes it too). A graph-safe decode step has no padding."""
+        if key_padding_mask is None or pos_t is not None:
+            return h, None
+        mask = key_padding_mask[:, -h.shape[1]:, None].to(h.dtype)
+        return h * mask, mask
+
+    def _linear_cache(self, cache, pos_t, state_shape=None, device=None):
+        """This layer's (conv inputs, recurrent state) in the cache, zeroed when a prompt starts a sequence.
+        Without a cache: no conv inputs, and a zero state of state_shape (None: none) for this forward alone."""
         if cache is None:
-            return None, None
+            fresh = None if state_shape is None else torch.zeros(state_shape, dtype=torch.float32, device=device)
+            return None, fresh
         conv, state = cache.conv[self.i], cache.state[self.i]
         if pos_t is None and cache.length == 0:      # a new sequence: nothing carried over
             conv.zero_()
@@ -211,9 +218,7 @@ class Block(nn.Module):
         """LFM2's gated short convolution: one projection gives B, C and x per channel; a causal depthwise conv
         (no activation) runs over B * x, and C gates its output. With a cache the conv's last inputs carry over."""
         m, t = self.m, self.t
-        T = h.shape[1]
-        if key_padding_mask is not None and pos_t is None:    # padding must not enter the conv (HF zeroes it)
-            h = h * key_padding_mask[:, -T:, None].to(h.dtype)
+        h, _ = self._unpadded(h, key_padding_mask, pos_t)
         b, c, x = m.ops.linear(h, t["sconv_in.weight"], t.get("sconv_in.bias")).chunk(3, dim=-1)
         conv, _ = self._linear_cache(cache, pos_t)
         return c * m.ops.causal_conv1d(b * x, t["sconv_conv.weight"], t.get("sconv_conv.bias"), conv, silu=False)
@@ -226,20 +231,15 @@ class Block(nn.Module):
         m, t, s = self.m, self.t, self.m.spec["ssm"]
         B, T, _ = h.shape
         (H, G), P, N = m._ssm_local(), s["head_dim"], s["state"]
-        mask = None
-        if key_padding_mask is not None and pos_t is None:    # padding must not enter the state (HF zeroes it)
-            mask = key_padding_mask[:, -T:, None].to(h.dtype)
-            h = h * mask
+        h, mask = self._unpadded(h, key_padding_mask, pos_t)
         z, xbc, dt = m.ops.linear(h, t["ssm_in.weight"], t.get("ssm_in.bias")).split(
             [H * P, H * P + 2 * G * N, H], dim=-1)
-        conv, state = self._linear_cache(cache, pos_t)
+        conv, state = self._linear_cache(cache, pos_t, (B, H, P, N), h.device)
         xbc = m.ops.causal_conv1d(xbc, t["ssm_conv.weight"], t.get("ssm_conv.bias"), conv)
         if mask is not None:
             xbc = xbc * mask
         x, b, c = xbc.split([H * P, G * N, G * N], dim=-1)
         dt = torch.nn.functional.softplus(dt.float() + self.dt_bias).clamp(s["dt_min"], s["dt_max"])
-        if state is None:
-            state = torch.zeros(B, H, P, N, dtype=torch.float32, device=h.device)
         y = m.ops.ssm_scan(x.view(B, T, H, P), dt, self.ssm_a, b.view(B, T, G, N), c.view(B, T, G, N), self.ssm_d,
                            state).reshape(B, T, H * P)
         w, eps = t["ssm_norm.weight"], m.eps
@@ -520,7 +520,7 @@ class Block(nn.Module):
         space (w_uk), attends over whole cache rows as keys and their latent part as values, and comes back out
         through w_uv. q_nope (B, 1, H, nope), q_pe (B, 1, H, rope) -> (B, 1, H * v)."""
         m = self.m
-        B, H = q_nope.shape[0], q_nope.shape[2]
+        B = q_nope.shape[0]
         q_lat = torch.bmm(q_nope[:, 0].transpose(0, 1), self.w_uk).transpose(0, 1)     # (B, H, R)
         o = m.ops.mla_decode(torch.cat([q_lat, q_pe[:, 0]], -1), kc, seq, m.scale, q_lat.shape[-1])
         return torch.bmm(o.transpose(0, 1), self.w_uv).transpose(0, 1).reshape(B, 1, -1)
