@@ -415,6 +415,39 @@ def bench_ssm_scan(rows):
                      baseline="chunked torch form"))
 
 
+def bench_mamba_scan(rows):
+    """Mamba1's decode step at batch 1 (FalconMamba-7B: 8192 channels, state 16, fp32 state): reads and writes the
+    [8192, 16] state once and reads the layer's A [8192, 16]; x | z are views of in_proj's output and B | C of
+    x_proj's, as the mixer passes them. State and A rotate together (each layer has its own), so both come from HBM.
+    Against the torch reference step (the backend has no other Mamba1 step yet)."""
+    from fmconvert.kernels import mamba_scan, mamba_scan_reference
+
+    B, Dc, N, R, dt_ = 1, 8192, 16, 256, torch.bfloat16
+    A0 = -torch.exp(torch.rand(Dc, N, device="cuda") * 2.5)
+    D = torch.randn(Dc, device="cuda")
+    proj = torch.randn(B, 1, 2 * Dc, device="cuda", dtype=dt_)
+    x, z = proj[..., :Dc], proj[..., Dc:]
+    xp = torch.randn(B, 1, R + 2 * N, device="cuda", dtype=dt_)
+    b, c = xp[..., R:R + N], xp[..., R + N:]
+    dt = torch.randn(B, 1, Dc, device="cuda", dtype=dt_) - 3.0         # raw, with dt_proj's bias: softplus ~0.05
+    s0 = torch.randn(B, Dc, N, device="cuda") * 0.1
+    want = mamba_scan_reference(x, dt, A0, b, c, D, z, s0.clone()).float()
+    ok = (mamba_scan(x, dt, A0, b, c, D, z, s0.clone()).float() - want).abs().max().item() < 0.05
+    layers = _rotating(lambda: (s0.clone(), A0.clone()), 2 * s0.numel() * 4)
+    n = _calls(len(layers))
+    nbytes = 3 * s0.numel() * 4 + (4 * x.numel() + 2 * b.numel()) * 2    # state in and out, A; x, z, dt, y, B, C
+
+    def step(fn, i):
+        state, A = layers[i % len(layers)]
+        return fn(x, dt, A, b, c, D, z, state)
+
+    ms_k = _bench_graph(lambda i: step(mamba_scan, i), n)
+    ms_t = _bench_graph(lambda i: step(mamba_scan_reference, i), n)
+    rows.append(_row("mamba_scan_step", f"B={B} Dc={Dc} N={N} state fp32", ms_k, ms_t, nbytes, ok,
+                     baseline="torch reference step"))
+    del layers
+
+
 def bench_prefill_attention(rows):
     from fmconvert.kernels import prefill_attention, prefill_attention_reference
 
@@ -482,8 +515,8 @@ def run(report: dict) -> list:
     report["copy_GBps"] = round(copy_bandwidth(), 1)
     rows: list = []
     for part in (bench_linear, bench_swiglu, bench_norm, bench_glu, bench_rope, bench_rope_append,
-                 bench_decode_attention, bench_mla_decode, bench_gated_delta, bench_ssm_scan, bench_prefill_attention,
-                 bench_window_attention):
+                 bench_decode_attention, bench_mla_decode, bench_gated_delta, bench_ssm_scan, bench_mamba_scan,
+                 bench_prefill_attention, bench_window_attention):
         t = time.time()
         try:
             part(rows)

@@ -254,9 +254,9 @@ def mla_cases(H: int = 16, R: int = 512, P: int = 64, S: int = 4096):
 
 def linear_cases():
     """A hybrid's linear layers at their launchers' configurations: Qwen3.5's gated delta rule (32 v heads over 16
-    q/k heads of 128), Granite 4.0-H's Mamba2 scan (head_dim 64, state 128), the conv over a decode step's x|B|C and
-    over a prompt, and the two gated norms."""
-    from fmconvert.kernels import conv1d, delta_rule, gated_norm, selective_scan
+    q/k heads of 128), Granite 4.0-H's Mamba2 scan (head_dim 64, state 128), FalconMamba-7B's Mamba1 scan (8192
+    channels, state 16), the conv over a decode step's x|B|C and over a prompt, and the two gated norms."""
+    from fmconvert.kernels import conv1d, delta_rule, gated_norm, mamba1_scan, selective_scan
     f32 = {"g_ptr": "*fp32", "beta_ptr": "*fp32", "s_ptr": "*fp32", "dt_ptr": "*fp32", "a_ptr": "*fp32",
            "d_ptr": "*fp32"}
     bv = delta_rule._block_v(128)
@@ -272,6 +272,14 @@ def linear_cases():
                ints=dict(T=1, H=64, GROUP=64, P=64, N=128, sxb=8512, sxt=8512, sxh=64, sdb=64, sdt=64, sdh=1, sa=1,
                          sd=1, sbb=8512, sbt=8512, sbg=128, scb=8512, sct=8512, scg=128, ssb=64 * 64 * 128,
                          ssh=64 * 128, ssp=128, syb=4096, syt=4096, syh=64))
+    # x | z: slices of in_proj's [2 * 8192] output; dt: dt_proj's [8192] (bf16, its bias added); B | C: slices of
+    # x_proj's [dt_rank 256 + 16 + 16] output
+    bd = mamba1_scan._block_d(16)
+    yield Case("mamba1 scan step d8192 n16", mamba1_scan._mamba_scan_kernel,
+               dict(HAS_D=True, HAS_Z=True, SOFTPLUS=True, BD=bd, BN=16), mamba1_scan._num_warps(bd, 16),
+               ptrs={**f32, "dt_ptr": "*bf16"},
+               ints=dict(T=1, DC=8192, N=16, sxb=16384, sxt=16384, sdb=8192, sdt=8192, sa=16, sbb=288, sbt=288,
+                         scb=288, sct=288, szb=16384, szt=16384, ssb=8192 * 16, ssd=16, syb=8192, syt=8192))
     for T, bt in ((1, 1), (2048, 16)):
         yield Case(f"causal conv1d T={T} c4352 k4", conv1d._causal_conv1d_kernel,
                    dict(K=4, HAS_BIAS=True, HAS_STATE=True, SILU=True, BT=bt, BC=64, BS=4),

@@ -162,8 +162,11 @@ def inspect(out_dir, as_json):
     if m["source"].get("dropped"):
         d = m["source"]["dropped"]
         t.add_row("left out", f"{d['tensors']} {_DROPPED[d.get('what', 'vision')]} ({_human(d['bytes'])})")
-    t.add_row("shape", f"{md['num_layers']} layers, hidden {md['hidden_size']}, {md['num_heads']} heads / "
-              f"{md['num_kv_heads']} kv, head_dim {md['head_dim']}, mlp {md['intermediate_size']} ({md['activation']})")
+    attention = (f"{md['num_heads']} heads / {md['num_kv_heads']} kv, head_dim {md['head_dim']}"
+                 if len(md["linear_layers"] or ()) < md["num_layers"] else "no attention")
+    mlp = (f"mlp {md['intermediate_size']} ({md['activation']})" if "mlp" in (md["block_parts"] or ["mlp"])
+           else "no MLP")
+    t.add_row("shape", f"{md['num_layers']} layers, hidden {md['hidden_size']}, {attention}, {mlp}")
     if md["mla"]:
         a = md["mla"]
         qpath = f"q through a rank-{a['q_rank']} bottleneck" if a["q_rank"] else "q straight from the hidden state"
@@ -183,7 +186,14 @@ def inspect(out_dir, as_json):
                   f"{a['heads']} heads of {a['head_dim']}, {a['groups']} B/C group(s) of state {a['state']}, conv "
                   f"{a['conv_kernel']}{clamp}; a fixed-size state per layer and sequence "
                   f"({a['heads'] * a['head_dim'] * a['state']} fp32 values), no KV cache")
-    if md["block_parts"]:
+    if md["mamba"]:
+        a, n = md["mamba"], len(md["linear_layers"])
+        norms = {None: "", "plain": ", dt/B/C RMS-normed", "weighted": ", dt/B/C RMS-normed with weights"}
+        t.add_row("state space", f"Mamba in {n} of {md['num_layers']} layers ({_ranges(md['linear_layers'])}): "
+                  f"{a['inner']} channels, each with its own decay over a state of {a['state']}, dt rank "
+                  f"{a['dt_rank']}, conv {a['conv_kernel']}{norms[a['norms']]}; a fixed-size state per layer and "
+                  f"sequence ({a['inner'] * a['state']} fp32 values), no KV cache")
+    if md["block_parts"] and "mlp" in md["block_parts"]:
         mixers = [i for i, p in enumerate(md["block_parts"]) if p == "mixer"]
         mlps = [i for i, p in enumerate(md["block_parts"]) if p == "mlp"]
         t.add_row("one part a layer", f"token mixer in layers {_ranges(mixers)}; MLP in layers {_ranges(mlps)}")

@@ -103,6 +103,7 @@ _MODEL_OPTIONAL = {
     "short_conv": (None, lambda x: x is None or (isinstance(x, dict) and set(x) == {"conv_kernel"}
                                                  and type(x["conv_kernel"]) is int and 2 <= x["conv_kernel"] <= 64),
                    "null or {\"conv_kernel\": taps}"),
+    "mamba": (None, lambda x: x is None or _mamba(x), "null or the Mamba widths"),
     "linear_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
                       "null or a list of layer indices"),
     "attn_gate": (False, _BOOL, "true or false"),
@@ -118,6 +119,13 @@ def _ssm(x) -> bool:
             and all(_POS_INT(x[k]) for k in ("heads", "head_dim", "groups", "state", "conv_kernel"))
             and x["heads"] % x["groups"] == 0 and 2 <= x["conv_kernel"] <= 64 and _NONNEG_NUM(x["dt_min"])
             and (x["dt_max"] is None or (_POS_NUM(x["dt_max"]) and x["dt_max"] > x["dt_min"])))
+
+
+def _mamba(x) -> bool:
+    """Mamba (1)'s widths: positive channels, state (at most 256), dt rank and conv taps; the dt/B/C norms."""
+    return (isinstance(x, dict) and set(x) == {"inner", "state", "dt_rank", "conv_kernel", "norms", "norm_eps"}
+            and all(_POS_INT(x[k]) for k in ("inner", "state", "dt_rank", "conv_kernel")) and x["state"] <= 256
+            and 2 <= x["conv_kernel"] <= 64 and x["norms"] in (None, "plain", "weighted") and _POS_NUM(x["norm_eps"]))
 
 
 def _linear_attn(x) -> bool:
@@ -231,12 +239,12 @@ def validate(m) -> dict:
     _need(mla is None or (mla["nope_dim"] + mla["rope_dim"] == model["head_dim"] and model["num_kv_heads"] == 1
                           and model["position"].get("rotary_dim") == mla["rope_dim"]),
           "model.mla does not fit head_dim, num_kv_heads and the rotary width")
-    la, ll, ssm, sc = model["linear_attn"], model["linear_layers"], model["ssm"], model["short_conv"]
-    _need((la is not None) + (ssm is not None) + (sc is not None) <= 1,
-          "model.linear_attn, model.ssm and model.short_conv exclude each other")
-    _need(((la or ssm or sc) is None) == (ll is None) and (ll is None or (ll == sorted(set(ll))
-                                                                          and ll[-1] < model["num_layers"])),
-          "model.linear_layers must be distinct layer indices in order, with linear_attn, ssm or short_conv")
+    la, ll, ssm, sc, mb = (model[k] for k in ("linear_attn", "linear_layers", "ssm", "short_conv", "mamba"))
+    _need((la is not None) + (ssm is not None) + (sc is not None) + (mb is not None) <= 1,
+          "model.linear_attn, model.ssm, model.short_conv and model.mamba exclude each other")
+    _need(((la or ssm or sc or mb) is None) == (ll is None) and (ll is None or (ll == sorted(set(ll))
+                                                                                and ll[-1] < model["num_layers"])),
+          "model.linear_layers must be distinct layer indices in order, with linear_attn, ssm, short_conv or mamba")
     _need(model["block_parts"] is None or len(model["block_parts"]) == model["num_layers"],
           "model.block_parts must name one part per layer")
     _need((model["activation"] == "swiglu_oai") == (model["glu_alpha"] > 0 and model["glu_limit"] > 0),
@@ -252,6 +260,7 @@ def validate(m) -> dict:
           "model.ssm's heads must be a multiple of parallel.tp, and its groups too (or 1)")
     _need(sc is None or model["hidden_size"] % tp == 0, "model.short_conv needs hidden_size to be a multiple of "
           "parallel.tp")
+    _need(mb is None or mb["inner"] % tp == 0, "model.mamba's channels (inner) must be a multiple of parallel.tp")
     _need(par["heads_per_rank"] * tp == model["num_heads"], "parallel.heads_per_rank * tp != model.num_heads")
     _need(par["kv_heads_per_rank"] * tp == model["num_kv_heads"] * par["kv_replication"],
           "parallel.kv_heads_per_rank does not fit model.num_kv_heads")

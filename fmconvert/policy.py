@@ -51,15 +51,21 @@ LAYER_SLOTS = (
     # LFM2's short convolution in place of attention: one projection of B|C|x, a causal depthwise conv over B * x
     # (no activation), C times its output, and the output projection
     "sconv_in.weight", "sconv_in.bias", "sconv_conv.weight", "sconv_conv.bias", "sconv_out.weight", "sconv_out.bias",
+    # Mamba (1) (Mamba, FalconMamba, Jamba) in place of attention: one projection of x|z, a causal depthwise conv
+    # with SiLU over x, x_proj (row-parallel: dt's low rank|B|C), the norms Jamba puts on those three, dt_proj
+    # back to a step per channel, each channel's decay row and skip (mamba.*), and the output projection
+    "mamba_in.weight", "mamba_in.bias", "mamba_conv.weight", "mamba_conv.bias", "mamba_x.weight",
+    "mamba_dt_norm.weight", "mamba_b_norm.weight", "mamba_c_norm.weight", "mamba_dt.weight", "mamba_dt.bias",
+    "mamba.a_log", "mamba.d", "mamba_out.weight", "mamba_out.bias",
 )
 # A mixture's slots and a dense MLP's: a model with both kinds of layer (GLM-4.5's first layers are dense) gives each
 # layer the one set its kind has.
 SPARSE_SLOTS = ("router.", "experts_", "shared_")
 DENSE_SLOTS = ("mlp_in.", "mlp_out.")
 # Slots stored as a depthwise Conv1d's weight, [channels, 1, taps]
-DEPTHWISE = ("lin_conv.weight", "ssm_conv.weight", "sconv_conv.weight")
+DEPTHWISE = ("lin_conv.weight", "ssm_conv.weight", "sconv_conv.weight", "mamba_conv.weight")
 # A hybrid's linear-attention layers have the lin_ slots and its attention layers the attention's.
-LINEAR_SLOTS = ("lin_", "ssm", "sconv")
+LINEAR_SLOTS = ("lin_", "ssm", "sconv", "mamba")
 ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.")
 GLOBAL_SLOTS = (
     "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
@@ -157,6 +163,9 @@ class ModelSpec:
     #                                by heads // groups heads each), state (N), conv_kernel, and dt_min / dt_max (the
     #                                step's clamp; dt_max None: none). Its layers are linear_layers
     short_conv: dict | None = None  # LFM2's gated short convolution: conv_kernel (its taps), in linear_layers
+    mamba: dict | None = None      # Mamba (1)'s widths: inner (channels), state (N), dt_rank, conv_kernel, and the
+    #                                RMS norms on dt, B and C: norms None (Mamba), "plain" (FalconMamba: no weight)
+    #                                or "weighted" (Jamba), with their norm_eps. Its layers are linear_layers
     linear_layers: list | None = None  # the layers that use one of these in place of attention; None: none
     block_parts: list | None = None    # per layer, "mixer" or "mlp" where a layer has only that half (Nemotron-H:
     #                                each layer is one Mamba2, attention, MLP or mixture, with its own norm); None:
@@ -415,7 +424,7 @@ class Policy:
             final_norm=bool(self._layout("final_norm", flags, False)),
             project=bool(flags.get("project", False)), pooler=False,
             type_vocab_size=int(c.get("type_vocab_size") or 0),
-            attn_scale=scale, mla=mla, **self._linear(config, c), **parts,
+            attn_scale=scale, mla=mla, **self._linear(config, c, flags), **parts,
             attn_gate=bool(self._layout("attn_gate", flags, False)),
             embed_scale=self._embed_scale(c), qkv_layout=self._layout("qkv", flags, "separate"),
             num_experts=experts, experts_per_token=topk if experts else 0,
@@ -445,7 +454,7 @@ class Policy:
         c["rotary_dim"] = mla["rope_dim"]
         return {**mla, "norm_eps": _number(c, "latent_norm_eps", 1e-6)}
 
-    def _linear(self, config, c) -> dict:
+    def _linear(self, config, c, flags) -> dict:
         """A hybrid's linear layers: Gated DeltaNet (Qwen3-Next, Qwen3.5: [config] lin_k_heads, lin_v_heads, lin_k_dim,
         lin_v_dim, lin_conv) or Mamba2 (Granite 4.0: ssm_heads, ssm_head_dim, ssm_groups, ssm_state, ssm_conv,
         ssm_dt_limit), the layers layer_types calls "linear_attention" (transformers reads the older "mamba" as
@@ -458,6 +467,8 @@ class Policy:
             key, mixer, kind = "short_conv", {"conv_kernel": K}, "conv"
         elif "ssm_heads" in c:
             key, mixer = "ssm", self._ssm(c)
+        elif "mamba_state" in c:
+            key, mixer = "mamba", self._mamba(c, flags)
         elif "lin_k_heads" in c:
             la = {k: c.get("lin_" + k) for k in ("k_heads", "v_heads", "k_dim", "v_dim", "conv")}
             if any(type(v) is not int or not 0 < v <= 1 << 16 for v in la.values()) \
@@ -524,6 +535,23 @@ class Policy:
         ssm["conv_kernel"] = ssm.pop("conv")
         return {**ssm, "dt_min": float(limit[0]), "dt_max": None if limit[1] == math.inf else float(limit[1])}
 
+    def _mamba(self, c, flags) -> dict:
+        """Mamba (1)'s widths from [config] (mamba_inner, mamba_state, mamba_dt_rank, mamba_conv) and layout
+        `mamba_norms` (none, plain or weighted: RMS norms on dt's low rank, B and C, eps `mamba_norm_eps`, by default
+        the model's)."""
+        m = {k: c.get("mamba_" + k) for k in ("inner", "state", "dt_rank", "conv")}
+        if any(type(v) is not int or not 0 < v <= 1 << 20 for v in m.values()) or m["conv"] < 2 or m["state"] > 256:
+            raise FmError("config.json: the Mamba widths (intermediate size, state_size, time_step_rank, conv_kernel) "
+                          f"must be positive integers, the conv at least 2 wide and the state at most 256, got {m}")
+        norms = self._layout("mamba_norms", flags, "none")
+        if norms not in ("none", "plain", "weighted"):
+            raise FmError(f"{self.path.name}: layout.mamba_norms must be none, plain or weighted, got {norms!r}")
+        eps = c.get("mamba_norm_eps") or c["norm_eps"]
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or eps <= 0:
+            raise FmError(f"config.json: the Mamba norms' epsilon must be a positive number, got {eps!r}")
+        m["conv_kernel"] = m.pop("conv")
+        return {**m, "norms": None if norms == "none" else norms, "norm_eps": float(eps)}
+
     def _dense_layers(self, c, experts: int) -> dict:
         """A mixture's layers with a dense MLP instead: the first `first_dense` (GLM-4.5's first_k_dense_replace),
         those after `last_sparse`, those in `dense_list`, and with `sparse_step` n every layer i where
@@ -538,6 +566,13 @@ class Policy:
                 raise FmError(f"config.json: mlp_layer_types must name dense or sparse for each of the {L} layers, "
                               f"got {str(kinds)[:60]}")
             listed = list(listed) + [i for i, k in enumerate(kinds) if k == "dense"]
+        counts = c.get("expert_counts")        # Jamba's layers_num_experts: 1 where a layer is dense
+        if counts is not None:
+            if not isinstance(counts, (list, tuple)) or len(counts) != L or any(type(n) is not int or n < 1
+                                                                                for n in counts):
+                raise FmError(f"config.json: the experts of each of the {L} layers must be positive integers, got "
+                              f"{str(counts)[:60]}")
+            listed = list(listed) + [i for i, n in enumerate(counts) if n == 1]
         sparse = c.get("sparse_list")          # Llama 4's moe_layers: the mixtures, every other layer dense
         if sparse is not None:
             if not isinstance(sparse, (list, tuple)) or any(type(i) is not int or not 0 <= i < L for i in sparse):
@@ -633,7 +668,7 @@ class Policy:
         if not isinstance(types, (list, tuple)) or len(types) != c["num_layers"]:
             raise FmError(f"config.json: layer_types must list one kind per layer ({c['num_layers']})")
         kinds = {"full_attention", "sliding_attention", "chunked_attention"} | (
-            {"linear_attention"} if "lin_k_heads" in c or "ssm_heads" in c else set()) | (
+            {"linear_attention"} if "lin_k_heads" in c or "ssm_heads" in c or "mamba_state" in c else set()) | (
             {"conv"} if "sconv" in c else set()) | (
             {"mlp", "moe"} if self.layout.get("block_parts") else set())
         odd = sorted({str(t) for t in types} - kinds)
@@ -797,6 +832,17 @@ class Policy:
                 "ssm_conv.weight": (I + 2 * BC, spec.ssm["conv_kernel"]), "ssm_conv.bias": (I + 2 * BC,),
                 "ssm.a_log": (H,), "ssm.dt_bias": (H,), "ssm.d": (H,), "ssm_norm.weight": (I,),
                 "ssm_out.weight": (h, I), "ssm_out.bias": (h,),
+            })
+        if spec.mamba:
+            a = spec.mamba
+            D, N, R = a["inner"], a["state"], a["dt_rank"]
+            shapes.update({
+                "mamba_in.weight": (2 * D, h), "mamba_in.bias": (2 * D,),                      # x|z
+                "mamba_conv.weight": (D, a["conv_kernel"]), "mamba_conv.bias": (D,),
+                "mamba_x.weight": (R + 2 * N, D),                                              # dt|B|C
+                "mamba_dt_norm.weight": (R,), "mamba_b_norm.weight": (N,), "mamba_c_norm.weight": (N,),
+                "mamba_dt.weight": (D, R), "mamba_dt.bias": (D,), "mamba.a_log": (D, N), "mamba.d": (D,),
+                "mamba_out.weight": (h, D), "mamba_out.bias": (h,),
             })
         if spec.linear_attn:
             Kd, Vd, Hv = _linear_widths(spec)

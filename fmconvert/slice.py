@@ -26,6 +26,10 @@ Layout per rank:
   ssm_in    (Mamba2) column-parallel over whole heads, part by part: this rank's z, x, B, C and dt; B and C hold
             whole groups, or all of the one group (replicated) when a single group serves every head. ssm_conv
             likewise over x|B|C; ssm.* and ssm_norm with the heads; ssm_out row-parallel (its bias on rank 0).
+  mamba_in  (Mamba 1) column-parallel over channels, part by part: this rank's x and z channels; mamba_conv,
+            mamba_dt, mamba.* with the channels; mamba_x row-parallel (its dt|B|C is a partial sum every rank adds
+            up, one small all-reduce, then each rank computes its own channels' steps); its norms replicated;
+            mamba_out row-parallel (its bias on rank 0).
   a mixture's dense layers (GLM-4.5's first)  mlp_in / mlp_out as above over their own width, chunked and padded
             alike (`dense_intermediate_*`).
   shared_in, shared_out  (Qwen2-MoE's shared expert) like mlp_in / mlp_out over its own width, chunked and
@@ -52,14 +56,18 @@ from .policy import ModelSpec
 COLUMN = ("qkv.weight", "qkv.bias", "mlp_in.weight", "mlp_in.bias", "lin_in.weight", "ssm_in.weight",
           "sconv_in.weight")
 HEADS = ("q_b.weight", "kv_b.weight", "attn_sinks.weight",      # whole heads' rows, each head's rows contiguous
-         "lin_decay.a_log", "lin_decay.dt_bias", "ssm.a_log", "ssm.dt_bias", "ssm.d", "ssm_norm.weight")
-ROW = ("attn_out.weight", "mlp_out.weight", "lin_out.weight", "ssm_out.weight", "sconv_out.weight")
+         "lin_decay.a_log", "lin_decay.dt_bias", "ssm.a_log", "ssm.dt_bias", "ssm.d", "ssm_norm.weight",
+         "mamba_conv.weight", "mamba_conv.bias", "mamba_dt.weight", "mamba_dt.bias", "mamba.a_log", "mamba.d")
+# Row-parallel slots: split along dim 1 (K), each rank's product a partial sum
+ROW = ("attn_out.weight", "mlp_out.weight", "lin_out.weight", "ssm_out.weight", "sconv_out.weight",
+       "mamba_out.weight", "mamba_x.weight")
+ROW_K = ROW[2:]         # split evenly along K, nothing padded
 # A linear mixer's fused slots, part by part: q, k, v(, z, b, a) for Gated DeltaNet, x(, B, C) or z, x, B, C, dt for
 # Mamba2 (see `_mixer_parts`)
 MIXER_PARTS = ("lin_in.weight", "lin_conv.weight", "lin_conv.bias", "ssm_in.weight", "ssm_in.bias",
                "ssm_conv.weight", "ssm_conv.bias", "sconv_in.weight", "sconv_in.bias", "sconv_conv.weight",
-               "sconv_conv.bias")
-ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias", "ssm_out.bias", "sconv_out.bias")
+               "sconv_conv.bias", "mamba_in.weight", "mamba_in.bias")
+ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias", "ssm_out.bias", "sconv_out.bias", "mamba_out.bias")
 VOCAB = ("embed.weight", "lm_head.weight", "lm_head.bias")
 EXPERTS = ("experts_in.weight", "experts_out.weight")
 
@@ -111,6 +119,9 @@ def plan(spec: ModelSpec, tp: int, group_size: int | None) -> Layout:
     if tp < 1:
         raise FmError(f"--tp must be at least 1, got {tp}")
     H, KV = spec.num_heads, spec.num_kv_heads
+    if spec.mamba and spec.mamba["inner"] % tp:
+        raise FmError(f"tp={tp} does not divide the Mamba layers' channels (intermediate_size="
+                      f"{spec.mamba['inner']})")
     if H % tp:
         raise FmError(f"tp={tp} does not divide num_attention_heads={H}; each rank must hold whole heads")
     if KV >= tp:
@@ -228,7 +239,7 @@ def shard(spec: ModelSpec, lay: Layout, slot: str, t: torch.Tensor) -> list[torc
         sizes, split = zip(*_mixer_parts(spec, slot, tp))
         parts = [torch.chunk(p, tp, dim=0) if cut else (p,) * tp for p, cut in zip(torch.split(t, sizes), split)]
         return [torch.cat([p[r] for p in parts], dim=0).contiguous() for r in range(tp)]
-    if slot in ("lin_out.weight", "ssm_out.weight", "sconv_out.weight"):
+    if slot in ROW_K:
         return [c.contiguous() for c in torch.chunk(t, tp, dim=1)]
     if slot == "attn_out.weight":
         return [c.contiguous() for c in torch.chunk(t, tp, dim=1)]
@@ -277,7 +288,7 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
                 raise FmError(f"{slot}: a replicated part differs between ranks")
             out += part if cut else part[:1]
         return torch.cat(out, dim=0)
-    if slot in ("attn_out.weight", "lin_out.weight", "ssm_out.weight", "sconv_out.weight"):
+    if slot == "attn_out.weight" or slot in ROW_K:
         return torch.cat(pieces, dim=1)
     if slot.startswith("mlp_in.") or slot == "shared_in.weight":
         n = 2 if spec.gated_mlp else 1
@@ -318,6 +329,8 @@ def _mixer_parts(spec: ModelSpec, slot: str, tp: int) -> list[tuple[int, bool]]:
     group serves every head (Granite 4.0)."""
     if slot.startswith("sconv_"):               # LFM2: B, C, x (or the conv's channels), each split over channels
         return [(spec.hidden_size, True)] * (3 if slot.startswith("sconv_in.") else 1)
+    if slot.startswith("mamba_"):               # Mamba 1: x, z, each split over channels
+        return [(spec.mamba["inner"], True)] * 2
     if slot.startswith("lin_"):
         la = spec.linear_attn
         Kd, Vd, Hv = la["k_heads"] * la["k_dim"], la["v_heads"] * la["v_dim"], la["v_heads"]
@@ -351,4 +364,6 @@ def k_per_rank(spec: ModelSpec, lay: Layout, slot: str) -> int:
         "sconv_in.weight": spec.hidden_size if spec.short_conv else 0,
         "sconv_out.weight": spec.hidden_size // lay.tp if spec.short_conv else 0,
         "ssm_out.weight": spec.ssm["heads"] * spec.ssm["head_dim"] // lay.tp if spec.ssm else 0,
+        "mamba_in.weight": spec.hidden_size if spec.mamba else 0,
+        "mamba_out.weight": spec.mamba["inner"] // lay.tp if spec.mamba else 0,
     }[slot]

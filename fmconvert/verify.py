@@ -512,7 +512,7 @@ def _converted_forward(model, ids, kind):
     out = model.logits(final) if kind == "decoder" else model.pooled(final)
     if model.spec["project"]:  # HF reports the last hidden state after project_out
         final = model.ops.linear(final, model.g["project_out.weight"])
-    return [s.float().cpu() for s in states[:-1]] + [final.float().cpu()], \
+    return [s.float().cpu() for s in states] + [final.float().cpu()], \
         None if out is None else out.float().cpu()
 
 
@@ -606,14 +606,32 @@ def _load_reference(model_dir: Path, arch: str, kind: str, device):
     return model
 
 
-def _layer_names(n_layers: int, final_label: str) -> list[str]:
-    """HF's hidden states: the embeddings, each block's output, and the last block's after the final norm."""
+def _layer_names(n_layers: int, final_label: str, blocks: bool = False) -> list[str]:
+    """HF's hidden states: the embeddings, each block's output, and the last block's after the final norm. With
+    `blocks` (the Mamba families) every block's output, then the final norm's."""
+    if blocks:
+        return [f"layer {i}" for i in range(n_layers)] + [final_label or "output"]
     last = f"layer {n_layers - 1}" + (f" + {final_label}" if final_label else "")
     return ["embeddings"] + [f"layer {i}" for i in range(n_layers - 1)] + [last]
 
 
+def _hf_states(states: list, blocks: bool) -> list:
+    """The runtime's states (the embeddings, every block's output, the final output) as HF reports them."""
+    return states[1:] if blocks else states[:-2] + states[-1:]
+
+
 def _split(batches: torch.Tensor, kind: str):
     return batches.split(1 if kind == "encoder" else max(1, 4096 // batches.shape[1]))
+
+
+def _reports_blocks(architecture: str) -> bool:
+    """Whether transformers' model reports its hidden states from the first block's output on, not from the
+    embeddings (table key `hf_hidden_states = "blocks"`: the Mamba families)."""
+    from .policy import policy_for
+    try:
+        return policy_for([architecture])[0].table.get("hf_hidden_states") == "blocks"
+    except FmError:
+        return False
 
 
 def run_converted(runner: _Ranks, batches: torch.Tensor, kind: str) -> list:
@@ -630,11 +648,13 @@ def check_end_to_end(model_dir: Path, m: dict, converted: list, batches: torch.T
     ref = _load_reference(model_dir, sp["architecture"], kind, device)
     final_label = "project_out" if sp.get("project") else ("final norm" if sp.get("final_norm") else "")
     n_layers = sp["num_layers"] + 1
+    blocks = _reports_blocks(sp["architecture"])
     layer_err = [[0.0, 0.0, 0.0] for _ in range(n_layers)]  # max abs, sum sq err, sum sq ref
     out_d = {"max_abs": 0.0, "err": 0.0, "sig": 0.0}
     kls, top1, top5, nll_ref, nll_conv, cos = [], [], [], [], [], []
     has_logits = None
     for ids, (states, out) in zip(_split(batches, kind), converted):
+        states = _hf_states(states, blocks)
         with torch.inference_mode():
             o = ref(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device), output_hidden_states=True)
         hs = [h.float().cpu() for h in o.hidden_states]
@@ -673,7 +693,7 @@ def check_end_to_end(model_dir: Path, m: dict, converted: list, batches: torch.T
             else:
                 cos.append(torch.cosine_similarity(states[-1][:, 0].double(), hs[-1][:, 0].double(), dim=-1))
 
-    names = _layer_names(sp["num_layers"], final_label)
+    names = _layer_names(sp["num_layers"], final_label, blocks)
     layers = [{"name": n, "max_abs": e[0], "rel_rms": math.sqrt(e[1] / e[2]) if e[2] > 0 else 0.0}
               for n, e in zip(names, layer_err)]
     first_bad = next((x["name"] for x in layers if x["rel_rms"] > th.max_rel), None)

@@ -96,12 +96,13 @@ def assert_int8_bound(out: Path, want: dict):
     dense = set(m["model"]["dense_layers"] or ())          # a mixture's dense layers: the MLP's slots, not experts'
     linear = set(m["model"]["linear_layers"] or ())        # a hybrid's linear-attention layers: lin_, not attention's
     parts = m["model"]["block_parts"] or [None] * m["model"]["num_layers"]      # Nemotron-H: one half per layer
-    half = {"mixer": ("router.", "experts_", "shared_", "mlp_"), "mlp": ("qkv.", "attn_out.", "lin_", "ssm", "sconv")}
+    half = {"mixer": ("router.", "experts_", "shared_", "mlp_"),
+            "mlp": ("qkv.", "attn_out.", "lin_", "ssm", "sconv", "mamba")}
 
     def has(i, s):
         return f"layers.{s}" in m["model"]["slots"] and not (
             dense and s.startswith(("router.", "experts_", "shared_") if i in dense else ("mlp_in.", "mlp_out."))
-        ) and not (linear and s.startswith(("qkv.", "attn_out.") if i in linear else ("lin_", "ssm", "sconv"))
+        ) and not (linear and s.startswith(("qkv.", "attn_out.") if i in linear else ("lin_", "ssm", "sconv", "mamba"))
                    ) and not (parts[i] and s.startswith(half[parts[i]]))
     assert canon_q == {f"layers.{i}.{s}" for i in range(m["model"]["num_layers"]) for s in QUANT_SLOTS if has(i, s)} | \
         {s for s in slots if s in m["model"]["slots"] and not s.startswith("layers.")}
@@ -131,7 +132,8 @@ def test_float_roundtrip_is_exact(model_dir, tmp_path, name, tp):
               "mistral3": "language_model.model.", "llama4_vl": "language_model.model.",
               "qwen3_vl": "model.language_model.", "qwen3_vl_moe": "model.language_model.",
               "glm4v_moe": "model.language_model.", "qwen3_5_vl": "model.language_model.", "nemotron_h": "backbone.",
-              "nemotron_h_dense": "backbone."}
+              "nemotron_h_dense": "backbone.", "biogpt": "biogpt.", "mamba": "backbone.", "falcon_mamba": "backbone.",
+              "mamba2": "backbone."}
     assert m["source"]["prefix"] == prefix.get(name, "model.")
     assert_exact(expected(d, m), got)
 

@@ -10,7 +10,7 @@ from fmconvert.policy import GLOBAL_SLOTS, LAYER_SLOTS, _config_value, _eval_fla
 LAYOUT_KEYS = {"norm", "gated_mlp", "position", "rope_style", "residual", "qkv", "embed_norm", "final_norm",
                "transposed", "position_offset", "embed_scale", "experts_renormalize", "qk_norm",
                "nope_unwindowed", "experts", "gate_up", "router", "as_row", "qk_norm_after_rope", "experts_weigh",
-               "query_scale", "attn_gate", "linear_in", "block_parts"}
+               "query_scale", "attn_gate", "linear_in", "block_parts", "mamba_norms"}
 
 
 def test_flags_and_binds_tighter_than_or_and_may_use_earlier_flags():

@@ -384,6 +384,43 @@ CONFIGS = {
     "bert_cls": ("BertConfig", "BertForSequenceClassification", dict(hidden_size=64, intermediate_size=96,
                  num_hidden_layers=2, num_attention_heads=4, vocab_size=101, max_position_embeddings=64,
                  num_labels=3)),
+    # fairseq-style: embeddings scaled by sqrt(hidden), positions at p + 2, biases everywhere, an untied head
+    "biogpt": ("BioGptConfig", "BioGptForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, vocab_size=101, max_position_embeddings=64, tie_word_embeddings=False,
+               pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # LayerNorms with biases, biased attention and an ungated ReLU-squared MLP
+    "jais2": ("Jais2Config", "Jais2ForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # Granite's multipliers with output norms (Peri-LN) and the logits multiplied
+    "hyperclovax": ("HyperCLOVAXConfig", "HyperCLOVAXForCausalLM", dict(hidden_size=64, intermediate_size=96,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+                    max_position_embeddings=64, embedding_multiplier=6.0, attention_multiplier=0.05,
+                    residual_multiplier=0.3, logits_scaling=0.25, attention_bias=True, pad_token_id=0,
+                    bos_token_id=1, eos_token_id=2)),
+    # DeepSeek-V3's latent attention (a q bottleneck, interleaved RoPE) over dense MLPs
+    "youtu": ("YoutuConfig", "YoutuForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=4, vocab_size=101, max_position_embeddings=64,
+              q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+              pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # layer 0 windowed with its own RoPE base and a dense MLP; layer 1 global over the mixture
+    "mellum": ("MellumConfig", "MellumForCausalLM", dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
+               max_position_embeddings=64, num_experts=4, num_experts_per_tok=2, sliding_window=4,
+               layer_types=["sliding_attention", "full_attention"], mlp_layer_types=["dense", "sparse"],
+               pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "mamba": ("MambaConfig", "MambaForCausalLM", dict(hidden_size=64, state_size=8, expand=2, conv_kernel=4,  # no
+              num_hidden_layers=2, vocab_size=101, use_bias=True, time_step_rank=6)),      # attention, no MLP
+    "falcon_mamba": ("FalconMambaConfig", "FalconMambaForCausalLM", dict(hidden_size=64, state_size=8, expand=2,
+                     conv_kernel=3, num_hidden_layers=2, vocab_size=101, tie_word_embeddings=False)),
+    "jamba": ("JambaConfig", "JambaForCausalLM", dict(        # Mamba and attention; experts and dense MLPs alternate
+        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=101, max_position_embeddings=64, num_experts=4, num_experts_per_tok=2, attn_layer_period=2,
+        attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=0, mamba_d_state=8, mamba_d_conv=4,
+        mamba_expand=2, mamba_dt_rank=6, mamba_proj_bias=True)),
+    "mamba2": ("Mamba2Config", "Mamba2ForCausalLM", dict(     # Mamba2 alone: Codestral Mamba
+        hidden_size=64, num_heads=8, head_dim=16, n_groups=4, state_size=16, expand=2, conv_kernel=4,
+        num_hidden_layers=3, vocab_size=101, time_step_limit=(0.0, 100.0))),
 }
 FAMILIES = list(CONFIGS)
 

@@ -36,6 +36,7 @@ _LAZY = {
     "causal_conv1d": "conv1d", "causal_conv1d_reference": "conv1d",
     "gated_rms_norm": "gated_norm", "gated_rms_norm_reference": "gated_norm",
     "ssm_scan": "selective_scan", "ssm_scan_reference": "selective_scan",
+    "mamba_scan": "mamba1_scan", "mamba_scan_reference": "mamba1_scan",
 }
 
 
@@ -60,4 +61,5 @@ __all__ = [
     "mla_decode", "mla_decode_reference", "mla_decode_workspace",
     "gated_delta", "gated_delta_reference", "causal_conv1d", "causal_conv1d_reference",
     "gated_rms_norm", "gated_rms_norm_reference", "ssm_scan", "ssm_scan_reference",
+    "mamba_scan", "mamba_scan_reference",
 ]

@@ -38,10 +38,11 @@ _ST_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8
 _INT8_OK = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight", "embed.weight", "lm_head.weight",
             "experts_in.weight", "experts_out.weight", "shared_in.weight", "shared_out.weight",
             "q_a.weight", "q_b.weight", "kv_a.weight", "kv_b.weight", "lin_in.weight", "lin_out.weight",
-            "ssm_in.weight", "ssm_out.weight", "sconv_in.weight", "sconv_out.weight")
+            "ssm_in.weight", "ssm_out.weight", "sconv_in.weight", "sconv_out.weight", "mamba_in.weight",
+            "mamba_out.weight")
 _EXPERTS = ("experts_in.weight", "experts_out.weight")
 ROPE_TENSORS = ("rope.inv_freq", "rope_local.inv_freq", "rope_long.inv_freq")   # derived, kept float32
-_ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias", "ssm_out.bias", "sconv_out.bias")
+_ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias", "ssm_out.bias", "sconv_out.bias", "mamba_out.bias")
 
 
 def check_layout(m: dict, rank: int):
@@ -106,6 +107,14 @@ def check_layout(m: dict, rank: int):
         layer.update({"sconv_in.weight": (3 * hc, h), "sconv_in.bias": (3 * hc,),
                       "sconv_conv.weight": (hc, sc["conv_kernel"]), "sconv_conv.bias": (hc,),
                       "sconv_out.weight": (h, hc), "sconv_out.bias": (h,)})
+    mb = sp["mamba"]
+    if mb:              # Mamba 1: this rank's channels of x|z, of the conv, dt_proj, A and D; x_proj's columns
+        D, N, R = mb["inner"] // tp, mb["state"], mb["dt_rank"]
+        layer.update({"mamba_in.weight": (2 * D, h), "mamba_in.bias": (2 * D,),
+                      "mamba_conv.weight": (D, mb["conv_kernel"]), "mamba_conv.bias": (D,),
+                      "mamba_x.weight": (R + 2 * N, D), "mamba_dt_norm.weight": (R,), "mamba_b_norm.weight": (N,),
+                      "mamba_c_norm.weight": (N,), "mamba_dt.weight": (D, R), "mamba_dt.bias": (D,),
+                      "mamba.a_log": (D, N), "mamba.d": (D,), "mamba_out.weight": (h, D), "mamba_out.bias": (h,)})
     if sp["attn_gate"]:
         layer.update({"qkv.weight": (qkv + hpr * hd, h), "qkv.bias": (qkv + hpr * hd,)})
     tensors = m["ranks"][rank]["tensors"]
@@ -146,6 +155,11 @@ def check_layout(m: dict, rank: int):
     if linear_layers and ssm:
         per_layer |= {"ssm_in.weight", "ssm_conv.weight", "ssm.a_log", "ssm.dt_bias", "ssm.d", "ssm_norm.weight",
                       "ssm_out.weight"}
+    if linear_layers and mb:
+        per_layer |= {"mamba_in.weight", "mamba_conv.weight", "mamba_x.weight", "mamba_dt.weight", "mamba_dt.bias",
+                      "mamba.a_log", "mamba.d", "mamba_out.weight"}
+        if mb["norms"] == "weighted":
+            per_layer |= {"mamba_dt_norm.weight", "mamba_b_norm.weight", "mamba_c_norm.weight"}
     linear_only = {s for s in per_layer if s.startswith(LINEAR_SLOTS)}
     attention_only = {s for s in per_layer if s.startswith(ATTENTION_SLOTS)}
     # and where a layer holds one half only (Nemotron-H), the other half's slots and norm are not there

@@ -80,11 +80,14 @@ class Block(nn.Module):
         self.linear = None
         if i in (sp["linear_layers"] or ()):
             self.linear = (("mamba", "ssm_out") if sp["ssm"] else ("short_conv", "sconv_out") if sp["short_conv"]
-                           else ("linear_attention", "lin_out"))
+                           else ("mamba1", "mamba_out") if sp["mamba"] else ("linear_attention", "lin_out"))
         self.part = sp["block_parts"][i] if sp["block_parts"] else None     # Nemotron-H: "mixer" or "mlp" alone
         if self.linear and sp["ssm"]:        # Mamba2's per-head A = -exp(A_log), step bias and skip, fp32 once
             self.ssm_a = -tensors["ssm.a_log"].float().exp()
             self.dt_bias, self.ssm_d = tensors["ssm.dt_bias"].float(), tensors["ssm.d"].float()
+        elif self.linear and sp["mamba"]:     # Mamba 1's per-channel decay rows and skip, fp32 once
+            self.ssm_a = -tensors["mamba.a_log"].float().exp()
+            self.ssm_d = tensors["mamba.d"].float()
         elif self.linear and sp["linear_attn"]:      # the decay's parameters in fp32: g = -exp(A_log) * softplus(..)
             self.decay_rate = tensors["lin_decay.a_log"].float().exp()
             self.dt_bias = tensors["lin_decay.dt_bias"].float()
@@ -248,6 +251,36 @@ class Block(nn.Module):
             ss = m.comm.all_reduce(g.square().sum(-1, keepdim=True))
             return w * (g * torch.rsqrt(ss / (s["heads"] * P) + eps)).to(y.dtype)
         return m.ops.gated_rms_norm(y, z, w, eps, group_size=s["heads"] * P // s["groups"], gate_first=True)
+
+    def mamba1(self, h, cache, key_padding_mask, pos_t=None):
+        """Mamba (1) (Mamba, FalconMamba, Jamba). One projection gives x and the gate z per channel; a causal
+        depthwise conv with SiLU runs over x; x_proj reads all channels for dt's low rank, B and C (row-parallel:
+        the ranks add up their partial sums), FalconMamba and Jamba RMS-norm those three, and dt_proj widens dt back
+        to one step per channel. Each channel's [state] row decays at its own rates exp(dt A) and takes in dt x B,
+        C reads it, plus D x, times silu(z). With a cache the conv's last inputs and the state carry over."""
+        m, t, s = self.m, self.t, self.m.spec["mamba"]
+        B, T, _ = h.shape
+        Dc, N, R = s["inner"] // m.tp, s["state"], s["dt_rank"]
+        h, mask = self._unpadded(h, key_padding_mask, pos_t)
+        x, z = m.ops.linear(h, t["mamba_in.weight"], t.get("mamba_in.bias")).split([Dc, Dc], dim=-1)
+        conv, state = self._linear_cache(cache, pos_t, (B, Dc, N), h.device)
+        x = m.ops.causal_conv1d(x, t["mamba_conv.weight"], t.get("mamba_conv.bias"), conv)
+        if mask is not None:
+            x = x * mask
+        p = m.comm.all_reduce(m.ops.linear(x, t["mamba_x.weight"]))           # (B, T, R + 2N), every rank's sum
+        dt, b, c = p.split([R, N, N], dim=-1)
+        if s["norms"]:
+            dt, b, c = (self._rms(v, t.get(f"mamba_{n}_norm.weight"), s["norm_eps"])
+                        for v, n in ((dt, "dt"), (b, "b"), (c, "c")))
+        dt = m.ops.linear(dt, t["mamba_dt.weight"], t["mamba_dt.bias"])       # (B, T, Dc): softplus in the scan
+        return m.ops.mamba_scan(x, dt, self.ssm_a, b, c, self.ssm_d, z, state)
+
+    @staticmethod
+    def _rms(x, weight, eps):
+        """An RMS norm in fp32 rounded to x's dtype, then times the weight (None: FalconMamba's has none)."""
+        xf = x.float()
+        y = (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
+        return y if weight is None else weight * y
 
     def _head_norm(self, q, k, qk_norm):
         """Each q and k head normalised with the weight every head shares (q_norm, k_norm)."""
@@ -706,6 +739,10 @@ class FusedModel(nn.Module):
         if la:           # this rank's conv channels (its q, k and v heads) and recurrent state, per linear layer
             hk, hv = la["k_heads"] // self.tp, la["v_heads"] // self.tp
             linear = {b.i: (2 * hk * la["k_dim"] + hv * la["v_dim"], la["conv_kernel"], (hv, la["k_dim"], la["v_dim"]))
+                      for b in self.blocks if b.linear}
+        if self.spec["mamba"]:     # Mamba 1: the conv over this rank's channels of x; a [state] row per channel
+            mb = self.spec["mamba"]
+            linear = {b.i: (mb["inner"] // self.tp, mb["conv_kernel"], (mb["inner"] // self.tp, mb["state"]))
                       for b in self.blocks if b.linear}
         if ssm:          # Mamba2: the conv over this rank's x, B and C; a [head_dim, state] matrix per head
             H, G = self._ssm_local()

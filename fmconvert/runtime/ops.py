@@ -362,6 +362,33 @@ class TorchOps:
             y = y + D[:, None] * xf
         return y.unsqueeze(1).to(x.dtype)
 
+    def mamba_scan(self, x, dt, A, Bm, Cm, D, z, state, chunk=64):
+        """Mamba (1)'s selective scan over T tokens from `state` [B, Dc, N] (fp32, updated in place): x, z [B, T, Dc],
+        dt [B, T, Dc] (dt_proj's output, bias included; softplus here), A [Dc, N] fp32 (negative), Bm, Cm [B, T, N]
+        (shared by every channel), D [Dc] fp32 or None. Per token: S = exp(dt A) S + dt x B^T; y = (S C + D x) *
+        silu(z). Returns [B, T, Dc] in x's dtype. The decays of up to `chunk` tokens are formed at once, the
+        recurrence itself is token by token (each channel decays each state at its own rate: no segment sums)."""
+        T = x.shape[1]
+        ys = []
+        for t0 in range(0, T, chunk):
+            xs, sl = x[:, t0:t0 + chunk].float(), slice(t0, t0 + chunk)
+            d = F.softplus(dt[:, sl].float())                                     # (B, c, Dc)
+            dA = torch.exp(d[..., None] * A)                                       # (B, c, Dc, N)
+            dBx = (d * xs)[..., None] * Bm[:, sl, None, :].float()
+            c = Cm[:, sl].float()
+            S, out = state, []
+            for i in range(xs.shape[1]):
+                S = dA[:, i] * S + dBx[:, i]
+                out.append(torch.einsum("bdn,bn->bd", S, c[:, i]))
+            state.copy_(S)
+            y = torch.stack(out, dim=1)
+            if D is not None:
+                y = y + D * xs
+            if z is not None:
+                y = y * F.silu(z[:, sl].float())
+            ys.append(y.to(x.dtype))
+        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
+
     def gated_delta(self, q, k, v, g, beta, state, scale):
         """The gated delta rule over T tokens from `state` [B, Hv, Dk, Dv] (fp32, updated in place): q, k [B, T, Hk,
         Dk] (L2-normalised here, q then times scale), v [B, T, Hv, Dv], g (log decay) and beta [B, T, Hv] fp32.
@@ -606,6 +633,9 @@ class TritonOps(TorchOps):
 
     def ssm_scan(self, x, dt, A, Bm, Cm, D, state):
         return self.k.ssm_scan(x, dt, A, Bm, Cm, D, state)
+
+    def mamba_scan(self, x, dt, A, Bm, Cm, D, z, state):
+        return self.k.mamba_scan(x, dt, A, Bm, Cm, D, z, state)
 
     def gated_delta(self, q, k, v, g, beta, state, scale):
         return self.k.gated_delta(q, k, v, g, beta, state, scale)
