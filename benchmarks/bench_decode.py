@@ -11,7 +11,8 @@ activations, against transformers float32 on the same source; its warm-up genera
 kernels) is timed apart. stories260K has no int8 row: its weights are all below the size where the kernel pays
 (load() dequantizes them). The latent-attention rows (DeepSeek-V2-Lite's attention on 4 layers) decode after
 a 128- and a 1024-token prompt, where each transformers step expands the whole cache; so do the Qwen3.5 rows
-(its hybrid layers: 6 Gated DeltaNet, 2 attention) and Granite 4.0-H ones (7 Mamba2, 1 attention).
+(its hybrid layers: 6 Gated DeltaNet, 2 attention), Granite 4.0-H ones (7 Mamba2, 1 attention) and FalconMamba ones
+(8 Mamba layers, no attention).
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def run(ctx: dict) -> list[dict]:
 
 
 HYBRIDS = (("qwen35", "Qwen3.5 hybrid layers (2048 wide, 6 DeltaNet + 2 attention)", "QWEN35"),
-           ("granite_h", "Granite 4.0-H layers (2048 wide, 7 Mamba2 + 1 attention)", "GRANITE_H"))
+           ("granite_h", "Granite 4.0-H layers (2048 wide, 7 Mamba2 + 1 attention)", "GRANITE_H"),
+           ("falcon_mamba", "FalconMamba layers (2048 wide, 8 Mamba)", "FALCON_MAMBA"))
 
 
 def _hybrid(ctx, work, smoke, runs) -> list[dict]:

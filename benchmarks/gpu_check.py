@@ -1,6 +1,6 @@
 """One device call: kernel timings, a Llama-2-7B-shaped model end to end, a latent-attention model (DeepSeek-V2-Lite's
-attention, 4 layers) and a hybrid (Qwen3.5's DeltaNet and gated attention layers, 8 layers) against HF, then the
-kernel tests on CUDA.
+attention, 4 layers), a hybrid (Qwen3.5's DeltaNet and gated attention layers, 8 layers) and FalconMamba's layers
+(8 Mamba layers) against HF, then the kernel tests on CUDA.
 
     PYTHONPATH=$PWD python3 benchmarks/gpu_check.py --out DIR [--skip-tests] [--layers 32] [--deadline-s 540]
 
@@ -514,8 +514,23 @@ def main():
         cfg.architectures = ["Qwen3_5ForCausalLM"]
         return small_model_decode("qwen35", random_bf16(Qwen3_5ForCausalLM, cfg))
 
+    @stage("mamba_decode", out)
+    def mamba_decode():
+        """FalconMamba's layers end to end: 8 Mamba layers, 4096 wide (8192 channels, state 16, dt rank 256; the
+        scan in kernels/mamba1_scan.py, a fixed-size state per layer). HF eager runs transformers' torch fallbacks
+        (no mamba-ssm here)."""
+        from transformers import FalconMambaConfig, FalconMambaForCausalLM
+
+        size = dict(hidden_size=4096, time_step_rank=256) if DEV == "cuda" else dict(hidden_size=128,
+                                                                                      time_step_rank=8)
+        cfg = FalconMambaConfig(num_hidden_layers=8, state_size=16, expand=2, conv_kernel=4, vocab_size=32000,
+                                tie_word_embeddings=False, **size)
+        cfg.architectures = ["FalconMambaForCausalLM"]
+        return small_model_decode("falcon_mamba", random_bf16(FalconMambaForCausalLM, cfg))
+
     # Each small-model stage only when the kernel tests would still get their minute and a half after it
-    for name, fn, need in (("mla_decode", mla_decode, 240), ("hybrid_decode", hybrid_decode, 200)):
+    for name, fn, need in (("mla_decode", mla_decode, 240), ("hybrid_decode", hybrid_decode, 200),
+                           ("mamba_decode", mamba_decode, 170)):
         if args.deadline_s - (time.perf_counter() - t_start) > need or args.dry_run_cpu:
             fn()
         else:

@@ -51,8 +51,10 @@ class Case:
     gemv: bool = False
 
 
-# Constexprs a case may leave out: the features it does not use (GPT-OSS's sinks, clamped SwiGLU, expert biases).
-OFF = {"ALPHA": 0.0, "LIMIT": 0.0, "SINKS": False, "HAS_BIAS": False, "CHUNKED": False}
+# Constexprs a case may leave out: the features it does not use (GPT-OSS's sinks, clamped SwiGLU, expert biases,
+# KDA's per-channel decay and sigmoid gate).
+OFF = {"ALPHA": 0.0, "LIMIT": 0.0, "SINKS": False, "HAS_BIAS": False, "CHUNKED": False, "G_PER_K": False,
+       "SIGMOID": False}
 
 
 def compile_sm90(case: Case):
@@ -254,8 +256,9 @@ def mla_cases(H: int = 16, R: int = 512, P: int = 64, S: int = 4096):
 
 def linear_cases():
     """A hybrid's linear layers at their launchers' configurations: Qwen3.5's gated delta rule (32 v heads over 16
-    q/k heads of 128), Granite 4.0-H's Mamba2 scan (head_dim 64, state 128), FalconMamba-7B's Mamba1 scan (8192
-    channels, state 16), the conv over a decode step's x|B|C and over a prompt, and the two gated norms."""
+    q/k heads of 128) and Kimi Linear 48B's KDA (32 heads of 128, a decay per key channel), Granite 4.0-H's Mamba2
+    scan (head_dim 64, state 128), FalconMamba-7B's Mamba1 scan (8192 channels, state 16), the conv over a decode
+    step's x|B|C and over a prompt, and the three gated norms (Qwen3.5's, Mamba2's, KDA's sigmoid one)."""
     from fmconvert.kernels import conv1d, delta_rule, gated_norm, mamba1_scan, selective_scan
     f32 = {"g_ptr": "*fp32", "beta_ptr": "*fp32", "s_ptr": "*fp32", "dt_ptr": "*fp32", "a_ptr": "*fp32",
            "d_ptr": "*fp32"}
@@ -264,7 +267,15 @@ def linear_cases():
                max(1, min(8, 128 * bv // 1024)), ptrs=f32,
                ints=dict(T=1, HV=32, GROUP=2, DK=128, DV=128, sqb=16 * 128 * 2, sqt=16 * 128 * 2, sqh=128,
                          skb=16 * 128 * 2, skt=16 * 128 * 2, skh=128, svb=12352, svt=12352, svh=128, sgb=32, sgt=32,
-                         sgh=1, sbb=32, sbt=32, sbh=1, ssb=32 * 128 * 128, ssh=128 * 128, ssk=128, sob=4096,
+                         sgh=1, sgk=1, sbb=32, sbt=32, sbh=1, ssb=32 * 128 * 128, ssh=128 * 128, ssk=128, sob=4096,
+                         sot=4096, soh=128))
+    # q | k | v: slices of the fused [3 * 4096] projection (after the short conv); g: the [32 * 128] f_b_proj
+    # output after its gate activation, one log decay per key channel; beta [32]
+    yield Case("gated delta step per-channel (KDA) hv32 d128", delta_rule._gated_delta_kernel,
+               dict(G_PER_K=True, BK=128, BV=bv), max(1, min(8, 128 * bv // 1024)), ptrs=f32,
+               ints=dict(T=1, HV=32, GROUP=1, DK=128, DV=128, sqb=3 * 4096, sqt=3 * 4096, sqh=128, skb=3 * 4096,
+                         skt=3 * 4096, skh=128, svb=3 * 4096, svt=3 * 4096, svh=128, sgb=4096, sgt=4096, sgh=128,
+                         sgk=1, sbb=32, sbt=32, sbh=1, ssb=32 * 128 * 128, ssh=128 * 128, ssk=128, sob=4096,
                          sot=4096, soh=128))
     bp = selective_scan._block_p(64)
     yield Case("mamba2 scan step h64 p64 n128", selective_scan._ssm_scan_kernel, dict(HAS_D=True, BP=bp, BN=128),
@@ -292,6 +303,10 @@ def linear_cases():
                    dict(GATE_FIRST=gate_first, ROUND_PROD=True, BLOCK=block, ONE_BLOCK=block >= gs),
                    max(1, min(8, block // 256)),
                    ints=dict(H=H, NG=D // gs, D=D, GS=gs, sxo=H * D, sxh=D, sxd=1, szo=12352, szh=D, szd=1))
+    # Kimi Linear's output norm: 32 heads of 128, gated by its own [32 * 128] g_b_proj output, fp32 throughout
+    yield Case("gated norm kda sigmoid per head d128", gated_norm._gated_rms_norm_kernel,
+               dict(GATE_FIRST=False, ROUND_PROD=False, SIGMOID=True, BLOCK=128, ONE_BLOCK=True), 1,
+               ints=dict(H=32, NG=1, D=128, GS=128, sxo=4096, sxh=128, sxd=1, szo=4096, szh=128, szd=1))
 
 
 def rows(gemv_only: bool = False):

@@ -57,7 +57,14 @@ GRANITE_H_LITE = dict(model="granitemoehybrid", hidden_size=2048, intermediate_s
 GRANITE_H_SMOKE = dict(GRANITE_H_LITE, hidden_size=256, intermediate_size=704, shared_intermediate_size=704,
                        num_hidden_layers=4, layer_types=["mamba", "attention", "mamba", "mamba"], num_attention_heads=4,
                        num_key_value_heads=2, mamba_n_heads=8, mamba_d_state=32, vocab_size=1000)
+# FalconMamba's layers at 2048 wide (the width of mamba-1.4b): 8 Mamba layers of 4096 channels, state 16, dt rank
+# 128, RMS-normed dt, B and C; no attention, no MLP.
+FALCON_MAMBA_LITE = dict(model="falcon_mamba", hidden_size=2048, num_hidden_layers=8, state_size=16, expand=2,
+                         conv_kernel=4, time_step_rank=128, vocab_size=32000)
+FALCON_MAMBA_SMOKE = dict(FALCON_MAMBA_LITE, hidden_size=256, num_hidden_layers=2, time_step_rank=16,
+                          vocab_size=1000)
 _MODELS = {"deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
+           "falcon_mamba": ("FalconMambaConfig", "FalconMambaForCausalLM"),
            "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM"),
            "granitemoehybrid": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM")}
 
@@ -66,6 +73,8 @@ def key(shape: dict) -> str:
     if shape.get("model") == "granitemoehybrid":
         return ("granite_h-h{hidden_size}-i{shared_intermediate_size}-l{num_hidden_layers}-m{mamba_n_heads}"
                 "-n{mamba_d_state}-v{vocab_size}-bf16").format(**shape)
+    if shape.get("model") == "falcon_mamba":
+        return "falcon_mamba-h{hidden_size}-l{num_hidden_layers}-n{state_size}-v{vocab_size}-bf16".format(**shape)
     if shape.get("model") == "qwen3_5":
         return ("qwen3_5-h{hidden_size}-i{intermediate_size}-l{num_hidden_layers}-a{num_attention_heads}"
                 "-lv{linear_num_value_heads}-v{vocab_size}-bf16").format(**shape)

@@ -175,7 +175,8 @@ def inspect(out_dir, as_json):
                   f"layer); k {a['nope_dim']}+{a['rope_dim']}, v {a['v_dim']} a head")
     if md["linear_attn"]:
         a, n = md["linear_attn"], len(md["linear_layers"])
-        t.add_row("linear attention", f"Gated DeltaNet in {n} of {md['num_layers']} layers ("
+        kind = "KDA (a decay per key channel)" if a.get("decay") == "channel" else "Gated DeltaNet"
+        t.add_row("linear attention", f"{kind} in {n} of {md['num_layers']} layers ("
                   f"{_ranges(md['linear_layers'])}): {a['v_heads']} value heads of {a['v_dim']} over {a['k_heads']} "
                   f"q/k heads of {a['k_dim']}, conv {a['conv_kernel']}; a fixed-size state per layer and sequence "
                   f"({a['v_heads'] * a['k_dim'] * a['v_dim']} fp32 values), no KV cache")
@@ -197,6 +198,10 @@ def inspect(out_dir, as_json):
         mixers = [i for i, p in enumerate(md["block_parts"]) if p == "mixer"]
         mlps = [i for i, p in enumerate(md["block_parts"]) if p == "mlp"]
         t.add_row("one part a layer", f"token mixer in layers {_ranges(mixers)}; MLP in layers {_ranges(mlps)}")
+    if md["qkv_clip"] or not md["norm_affine"]:
+        t.add_row("attention input", ", ".join(
+            ([f"q, k, v clamped to +-{md['qkv_clip']:g}"] if md["qkv_clip"] else [])
+            + ([] if md["norm_affine"] else ["norms without weight or bias"])))
     if md["attn_gate"]:
         t.add_row("attention gate", "each head's output times sigmoid of a gate q_proj computes beside q")
     if md["num_experts"]:

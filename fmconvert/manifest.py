@@ -107,6 +107,8 @@ _MODEL_OPTIONAL = {
     "linear_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
                       "null or a list of layer indices"),
     "attn_gate": (False, _BOOL, "true or false"),
+    "qkv_clip": (0.0, _NONNEG_NUM, "a non-negative number"),
+    "norm_affine": (True, _BOOL, "true or false"),
     "block_parts": (None, lambda x: x is None or (isinstance(x, list) and all(p in ("mixer", "mlp") for p in x)),
                     "null or a list of mixer / mlp per layer"),
 }
@@ -129,10 +131,14 @@ def _mamba(x) -> bool:
 
 
 def _linear_attn(x) -> bool:
-    """Gated DeltaNet's widths: positive heads and head widths, the value heads a multiple of the key heads."""
-    return (isinstance(x, dict) and set(x) == {"k_heads", "v_heads", "k_dim", "v_dim", "conv_kernel"}
-            and all(_POS_INT(v) for v in x.values()) and x["v_heads"] % x["k_heads"] == 0 and x["conv_kernel"] >= 2
-            and x["conv_kernel"] <= 64)
+    """Gated DeltaNet's widths: positive heads and head widths, the value heads a multiple of the key heads; KDA's
+    (decay "channel") as many value heads as key heads."""
+    if not isinstance(x, dict):
+        return False
+    widths = {k: x.get(k) for k in ("k_heads", "v_heads", "k_dim", "v_dim", "conv_kernel")}
+    return (set(x) - {"decay"} == set(widths) and x.get("decay", "channel") == "channel"
+            and all(_POS_INT(v) for v in widths.values()) and x["v_heads"] % x["k_heads"] == 0
+            and 2 <= x["conv_kernel"] <= 64 and ("decay" not in x or x["k_heads"] == x["v_heads"]))
 
 
 def _mla(x) -> bool:
@@ -237,7 +243,8 @@ def validate(m) -> dict:
           "model.chunk_layers must be distinct layer indices in order, with an attn_chunk")
     mla = model["mla"]
     _need(mla is None or (mla["nope_dim"] + mla["rope_dim"] == model["head_dim"] and model["num_kv_heads"] == 1
-                          and model["position"].get("rotary_dim") == mla["rope_dim"]),
+                          and (model["position"].get("rotary_dim") == mla["rope_dim"]
+                               or model["position"].get("type") == "none")),
           "model.mla does not fit head_dim, num_kv_heads and the rotary width")
     la, ll, ssm, sc, mb = (model[k] for k in ("linear_attn", "linear_layers", "ssm", "short_conv", "mamba"))
     _need((la is not None) + (ssm is not None) + (sc is not None) + (mb is not None) <= 1,

@@ -43,6 +43,9 @@ LAYER_SLOTS = (
     # (one [v_dim] weight every head shares) and the output projection
     "lin_in.weight", "lin_conv.weight", "lin_conv.bias", "lin_decay.a_log", "lin_decay.dt_bias", "lin_norm.weight",
     "lin_out.weight",
+    # Kimi Linear's KDA widens two low-rank projections per head: its decay per key channel (lin_f_b) and its output
+    # gate (lin_g_b); their narrow halves (f_a, g_a) are part of lin_in
+    "lin_f_b.weight", "lin_g_b.weight",
     # Mamba2 (Granite 4.0's hybrids) in place of attention: one projection of z|x|B|C|dt, a causal depthwise conv
     # with SiLU over x|B|C, each head's decay, step bias and skip (ssm.*), the gated norm over x's width (grouped)
     # and the output projection
@@ -66,7 +69,7 @@ DENSE_SLOTS = ("mlp_in.", "mlp_out.")
 DEPTHWISE = ("lin_conv.weight", "ssm_conv.weight", "sconv_conv.weight", "mamba_conv.weight")
 # A hybrid's linear-attention layers have the lin_ slots and its attention layers the attention's.
 LINEAR_SLOTS = ("lin_", "ssm", "sconv", "mamba")
-ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.")
+ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.", "q_a", "q_b.", "kv_a", "kv_b.")
 GLOBAL_SLOTS = (
     "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
     "project_in.weight", "project_out.weight", "final_norm.weight", "final_norm.bias", "pooler.weight",
@@ -170,6 +173,8 @@ class ModelSpec:
     block_parts: list | None = None    # per layer, "mixer" or "mlp" where a layer has only that half (Nemotron-H:
     #                                each layer is one Mamba2, attention, MLP or mixture, with its own norm); None:
     #                                both halves in every layer
+    qkv_clip: float = 0.0          # OLMo, MPT: q, k and v clamped to [-qkv_clip, qkv_clip]; 0: not clamped
+    norm_affine: bool = True       # False: the block and final norms have no weight or bias (OLMo's LayerNorm)
     attn_gate: bool = False        # Qwen3-Next, Qwen3.5: the attention output times sigmoid of a per-head gate that
     #                                q_proj computes beside q (qkv then holds q|k|v|gate)
     bos_token_id: int | None = None
@@ -211,10 +216,20 @@ def _yarn_mscale(params: dict) -> float:
     return 1.0 if factor <= 1 or not m else 0.1 * m * math.log(factor) + 1.0
 
 
+def _attr(config, name: str, default=None):
+    """A config attribute; a dotted name reads inside a sub-config or dict (MPT's attn_config.clip_qkv)."""
+    v = config
+    for part in name.split("."):
+        v = v.get(part) if isinstance(v, dict) else getattr(v, part, None)
+        if v is None:
+            return default
+    return v
+
+
 def _operand(config, x: str):
     if re.fullmatch(r"'[^']*'", x):        # a string literal: topk_method == 'group_limited_greedy'
         return x[1:-1]
-    return int(x) if re.fullmatch(r"-?\d+", x) else getattr(config, x, None)
+    return int(x) if re.fullmatch(r"-?\d+", x) else _attr(config, x)
 
 
 def _eval_config_term(config, term: str, known: dict):
@@ -227,7 +242,7 @@ def _eval_config_term(config, term: str, known: dict):
             return (a != b) if op == "!=" else (a == b)
     if term in known:                      # a flag defined above this one
         return known[term]
-    return bool(getattr(config, term, False))
+    return bool(_attr(config, term, False))
 
 
 def _eval_flag(config, expr, known: dict | None = None) -> bool:
@@ -279,7 +294,7 @@ def _config_value(config, spec, key: str, flags: dict | None = None):
             if isinstance(v, (list, tuple)):
                 return len(v)
             continue
-        v = getattr(config, alt, None)
+        v = _attr(config, alt)
         if v is not None:
             return v
     raise FmError(f"config.json has no usable value for {key} (looked for {spec})")
@@ -312,6 +327,8 @@ class Policy:
         self.layout: dict = table["layout"]
         self.transposed: set[str] = set(self.layout.get("transposed", []))
         self.as_row: set[str] = set(self.layout.get("as_row", []))    # a vector stored as [1, n] (ERNIE 4.5)
+        # a vector stored in another shape, -1 its length (Kimi Linear's A_log: [1, 1, heads, 1])
+        self.stored_shape: dict[str, list] = dict(self.layout.get("stored_shape", {}))
         for key, values in (("experts", ("per_expert", "stacked")), ("gate_up", ("halves", "interleaved"))):
             if self.layout.get(key, values[0]) not in values:
                 raise FmError(f"{path.name}: layout.{key} must be {' or '.join(values)}, got {self.layout[key]!r}")
@@ -357,7 +374,7 @@ class Policy:
 
     def _layout(self, key: str, flags: dict, default=None):
         v = self.layout.get(key, default)
-        if key not in ("transposed", "as_row") and isinstance(v, list):
+        if key not in ("transposed", "as_row", "stored_shape") and isinstance(v, list):
             return _pick(v, flags, f"{self.path.name}: layout.{key}")
         if isinstance(v, str) and v in flags:
             return flags[v]
@@ -426,6 +443,8 @@ class Policy:
             type_vocab_size=int(c.get("type_vocab_size") or 0),
             attn_scale=scale, mla=mla, **self._linear(config, c, flags), **parts,
             attn_gate=bool(self._layout("attn_gate", flags, False)),
+            qkv_clip=_number(c, "qkv_clip", 0.0, zero_ok=True),
+            norm_affine=bool(self._layout("norm_weights", flags, True)),
             embed_scale=self._embed_scale(c), qkv_layout=self._layout("qkv", flags, "separate"),
             num_experts=experts, experts_per_token=topk if experts else 0,
             shared_intermediate_size=self._shared_size(c, experts),
@@ -478,6 +497,10 @@ class Policy:
                               "linear_conv_kernel_dim) must be positive integers, the value heads a multiple of the "
                               f"key heads and the conv at least 2 wide, got {la}")
             la["conv_kernel"] = la.pop("conv")
+            if self._layout("linear_decay", flags, "head") == "channel":     # Kimi Linear's KDA
+                if la["k_heads"] != la["v_heads"]:
+                    raise FmError(f"config.json: KDA needs as many key heads as value heads, got {la}")
+                la["decay"] = "channel"
             key, mixer = "linear_attn", la
         else:
             return {}
@@ -663,6 +686,13 @@ class Policy:
         if isinstance(window, bool) or not isinstance(window, int) or window < 0:
             raise FmError(f"config.json: sliding_window must be a non-negative integer, got {window!r}")
         types = getattr(config, "layer_types", None)
+        named = c.get("window_kinds")     # GPT-Neo's attention_layers: "local" (layout window_kind) or "global"
+        if named is not None:
+            if not isinstance(named, (list, tuple)) or len(named) != c["num_layers"]:
+                raise FmError(f"config.json: attention_layers must name one kind per layer ({c['num_layers']}), "
+                              f"got {str(named)[:80]}")
+            local = self.layout.get("window_kind", "local")
+            types = ["sliding_attention" if k == local else "full_attention" for k in named]
         if types is None:
             return {"sliding_window": window, "window_layers": None}
         if not isinstance(types, (list, tuple)) or len(types) != c["num_layers"]:
@@ -844,7 +874,17 @@ class Policy:
                 "mamba_dt.weight": (D, R), "mamba_dt.bias": (D,), "mamba.a_log": (D, N), "mamba.d": (D,),
                 "mamba_out.weight": (h, D), "mamba_out.bias": (h,),
             })
-        if spec.linear_attn:
+        if spec.linear_attn and spec.linear_attn.get("decay") == "channel":   # KDA
+            Kd, Vd, Hv = _linear_widths(spec)
+            dk, dv = spec.linear_attn["k_dim"], spec.linear_attn["v_dim"]
+            shapes.update({
+                "lin_in.weight": (2 * Kd + Vd + Hv + dk + dv, h),                      # q|k|v|b|f_a|g_a
+                "lin_conv.weight": (2 * Kd + Vd, spec.linear_attn["conv_kernel"]), "lin_conv.bias": (2 * Kd + Vd,),
+                "lin_f_b.weight": (Kd, dk), "lin_g_b.weight": (Vd, dv),
+                "lin_decay.a_log": (Hv,), "lin_decay.dt_bias": (Kd,),
+                "lin_norm.weight": (dv,), "lin_out.weight": (h, Vd),
+            })
+        elif spec.linear_attn:
             Kd, Vd, Hv = _linear_widths(spec)
             shapes.update({
                 "lin_in.weight": (2 * Kd + 2 * Vd + 2 * Hv, h),                        # q|k|v|z|b|a
@@ -861,6 +901,9 @@ class Policy:
         if slot.startswith("qkv."):
             q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
             return [q * (1 + spec.attn_gate), kv, kv]          # a gated q_proj holds each head's q and gate
+        if slot.startswith("lin_") and spec.linear_attn.get("decay") == "channel" and n in (3, 6):   # KDA
+            Kd, Vd, Hv = _linear_widths(spec)
+            return [Kd, Kd, Vd, Hv, spec.linear_attn["k_dim"], spec.linear_attn["v_dim"]][:n]
         if slot == "lin_in.weight" and n in (2, 4):
             Kd, Vd, Hv = _linear_widths(spec)                  # Qwen3-Next: qkvz, ba; Qwen3.5: qkv, z, b, a
             return [2 * Kd + 2 * Vd, 2 * Hv] if n == 2 else [2 * Kd + Vd, Vd, Hv, Hv]
@@ -904,6 +947,8 @@ class Policy:
                         shapes = [tuple(reversed(s)) for s in shapes]
                     if slot in self.as_row:
                         shapes = [(1, *s) for s in shapes]
+                    if slot in self.stored_shape:
+                        shapes = [tuple(s[0] if d == -1 else d for d in self.stored_shape[slot]) for s in shapes]
                     if slot in DEPTHWISE:   # a depthwise Conv1d's [channels, 1, taps]
                         shapes = [(s[0], 1, s[1]) for s in shapes]
                 out.append(SlotSource(slot, names, shapes, optional, aliases))
@@ -933,6 +978,8 @@ class Policy:
         """HF tensors of a slot -> the canonical full (unsharded) tensor: transposes and de-interleaving, once."""
         if slot in self.as_row:
             parts = [p.squeeze(0) for p in parts]
+        if slot in self.stored_shape:
+            parts = [p.reshape(-1) for p in parts]
         if slot in self.transposed:
             parts = [p.transpose(-1, -2) for p in parts]     # a stacked slot: each expert's matrix
         if slot in DEPTHWISE:
@@ -996,8 +1043,9 @@ class Policy:
             return [(t.transpose(-1, -2) if slot in self.transposed else t).contiguous()]
         if slot == "lin_in.weight" and self.layout.get("linear_in") == "grouped" and n_parts == 2:
             return [p.contiguous() for p in self._group_linear(spec, t)]
-        if slot in DEPTHWISE:
-            return [t.unsqueeze(1).contiguous()]
+        if slot in DEPTHWISE:            # one conv, or Kimi Linear's q, k and v convs
+            parts = torch.split(t, self._part_rows(spec, slot, n_parts), dim=0) if n_parts > 1 else [t]
+            return [p.unsqueeze(1).contiguous() for p in parts]
         if slot.startswith("qkv.") and spec.attn_gate:
             H, hd, rest = spec.num_heads, spec.head_dim, t.shape[1:]
             q, kv, gate = t[:H * hd], t[H * hd:-H * hd], t[-H * hd:]
@@ -1017,6 +1065,8 @@ class Policy:
             parts = [p.t() for p in parts]
         if slot in self.as_row:
             parts = [p.unsqueeze(0) for p in parts]
+        if slot in self.stored_shape:
+            parts = [p.reshape(self.stored_shape[slot]) for p in parts]
         return [p.contiguous() for p in parts]
 
 

@@ -21,6 +21,8 @@ Layout per rank:
             z heads, b and a; value head j belongs with key head j // (v_heads / k_heads), so contiguous ranges of
             both line up. lin_conv (one channel per q|k|v row) likewise; lin_decay per v head; lin_out row-parallel;
             lin_norm (one weight for every head) replicated. Each rank keeps its heads' conv and recurrent state.
+  lin_in of KDA (Kimi Linear) likewise over q, k, v and b, with its two low-rank halves f_a and g_a replicated;
+            lin_f_b and lin_g_b (their widening, per head) and lin_decay.dt_bias (per key channel) with the heads.
   sconv_in  (LFM2's short conv) column-parallel over channels, part by part: this rank's B, C and x channels;
             sconv_conv likewise, sconv_out row-parallel.
   ssm_in    (Mamba2) column-parallel over whole heads, part by part: this rank's z, x, B, C and dt; B and C hold
@@ -57,7 +59,8 @@ COLUMN = ("qkv.weight", "qkv.bias", "mlp_in.weight", "mlp_in.bias", "lin_in.weig
           "sconv_in.weight")
 HEADS = ("q_b.weight", "kv_b.weight", "attn_sinks.weight",      # whole heads' rows, each head's rows contiguous
          "lin_decay.a_log", "lin_decay.dt_bias", "ssm.a_log", "ssm.dt_bias", "ssm.d", "ssm_norm.weight",
-         "mamba_conv.weight", "mamba_conv.bias", "mamba_dt.weight", "mamba_dt.bias", "mamba.a_log", "mamba.d")
+         "mamba_conv.weight", "mamba_conv.bias", "mamba_dt.weight", "mamba_dt.bias", "mamba.a_log", "mamba.d",
+         "lin_f_b.weight", "lin_g_b.weight")
 # Row-parallel slots: split along dim 1 (K), each rank's product a partial sum
 ROW = ("attn_out.weight", "mlp_out.weight", "lin_out.weight", "ssm_out.weight", "sconv_out.weight",
        "mamba_out.weight", "mamba_x.weight")
@@ -331,6 +334,11 @@ def _mixer_parts(spec: ModelSpec, slot: str, tp: int) -> list[tuple[int, bool]]:
         return [(spec.hidden_size, True)] * (3 if slot.startswith("sconv_in.") else 1)
     if slot.startswith("mamba_"):               # Mamba 1: x, z, each split over channels
         return [(spec.mamba["inner"], True)] * 2
+    if slot.startswith("lin_") and spec.linear_attn.get("decay") == "channel":
+        la = spec.linear_attn          # KDA: q, k, v, b (, f_a, g_a: the low-rank halves every rank computes whole)
+        Kd, Vd, Hv = la["k_heads"] * la["k_dim"], la["v_heads"] * la["v_dim"], la["v_heads"]
+        parts = [(Kd, True), (Kd, True), (Vd, True), (Hv, True), (la["k_dim"], False), (la["v_dim"], False)]
+        return parts if slot == "lin_in.weight" else parts[:3]
     if slot.startswith("lin_"):
         la = spec.linear_attn
         Kd, Vd, Hv = la["k_heads"] * la["k_dim"], la["v_heads"] * la["v_dim"], la["v_heads"]

@@ -22,7 +22,7 @@ from fmconvert.errors import FmError
 from fmconvert import slice as sl
 from fmconvert.cli import cli
 from fmconvert.pipeline import QUANT_SLOTS, Options, alibi_slopes, convert
-from fmconvert.policy import ModelSpec, policy_for
+from fmconvert.policy import ATTENTION_SLOTS, ModelSpec, policy_for
 from fmconvert.quantize import quantize
 from fmconvert.reassemble import canonical, reassemble
 
@@ -97,12 +97,12 @@ def assert_int8_bound(out: Path, want: dict):
     linear = set(m["model"]["linear_layers"] or ())        # a hybrid's linear-attention layers: lin_, not attention's
     parts = m["model"]["block_parts"] or [None] * m["model"]["num_layers"]      # Nemotron-H: one half per layer
     half = {"mixer": ("router.", "experts_", "shared_", "mlp_"),
-            "mlp": ("qkv.", "attn_out.", "lin_", "ssm", "sconv", "mamba")}
+            "mlp": ATTENTION_SLOTS + ("lin_", "ssm", "sconv", "mamba")}
 
     def has(i, s):
         return f"layers.{s}" in m["model"]["slots"] and not (
             dense and s.startswith(("router.", "experts_", "shared_") if i in dense else ("mlp_in.", "mlp_out."))
-        ) and not (linear and s.startswith(("qkv.", "attn_out.") if i in linear else ("lin_", "ssm", "sconv", "mamba"))
+        ) and not (linear and s.startswith(ATTENTION_SLOTS if i in linear else ("lin_", "ssm", "sconv", "mamba"))
                    ) and not (parts[i] and s.startswith(half[parts[i]]))
     assert canon_q == {f"layers.{i}.{s}" for i in range(m["model"]["num_layers"]) for s in QUANT_SLOTS if has(i, s)} | \
         {s for s in slots if s in m["model"]["slots"] and not s.startswith("layers.")}
@@ -133,7 +133,7 @@ def test_float_roundtrip_is_exact(model_dir, tmp_path, name, tp):
               "qwen3_vl": "model.language_model.", "qwen3_vl_moe": "model.language_model.",
               "glm4v_moe": "model.language_model.", "qwen3_5_vl": "model.language_model.", "nemotron_h": "backbone.",
               "nemotron_h_dense": "backbone.", "biogpt": "biogpt.", "mamba": "backbone.", "falcon_mamba": "backbone.",
-              "mamba2": "backbone."}
+              "mamba2": "backbone.", "gpt_neo": "transformer.", "mpt": "transformer."}
     assert m["source"]["prefix"] == prefix.get(name, "model.")
     assert_exact(expected(d, m), got)
 

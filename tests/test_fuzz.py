@@ -88,7 +88,8 @@ def outs(model_dir, tmp_path_factory):
     src = Sources(model_dir, tmp_path_factory.mktemp("fuzz-outs"))
     return {"fp": src.out("llama"), "int8": src.out("llama", tp=2, int8=True),
             # the hybrids' keys (linear_attn, ssm, linear_layers, block_parts, attn_gate) and their slots
-            "delta": src.out("qwen3_5", tp=2, int8=True), "ssm": src.out("nemotron_h", tp=2)}
+            "delta": src.out("qwen3_5", tp=2, int8=True), "ssm": src.out("nemotron_h", tp=2),
+            "mamba": src.out("jamba", tp=2, int8=True)}      # Mamba (1)'s widths, its slots, the weighted norms
 
 
 def _base(out: Path) -> dict:
@@ -130,7 +131,7 @@ def _load(out: Path, check_hashes: bool, tp: int):
 
 
 # -- manifests -----------------------------------------------------------------------------------------------------
-@given(data=st.data(), kind=st.sampled_from(["int8", "int8", "delta", "ssm"]))
+@given(data=st.data(), kind=st.sampled_from(["int8", "int8", "delta", "ssm", "mamba"]))
 @examples(300)
 def test_manifest_validate(outs, data, kind):
     m = data.draw(mutated(_base(outs[kind])))
@@ -140,7 +141,7 @@ def test_manifest_validate(outs, data, kind):
         pass
 
 
-@given(data=st.data(), kind=st.sampled_from(["fp", "int8", "delta", "ssm"]), check_hashes=st.booleans())
+@given(data=st.data(), kind=st.sampled_from(["fp", "int8", "delta", "ssm", "mamba"]), check_hashes=st.booleans())
 @examples(120)
 def test_manifest_against_inspect_and_load(outs, data, kind, check_hashes):
     m = data.draw(mutated(_base(outs[kind])))

@@ -37,6 +37,10 @@ def test_gpu_check_dry_run(tmp_path):
     mla = stages["mla_decode"]                  # latent attention: bf16 on CPU against HF, at both prompt lengths
     for T in (16, 64):                          # the dry run's prompts (128 and 2048 on a GPU)
         assert mla[f"parity_{T}"]["logits_rel_err_vs_hf"] < 5e-2 and mla[f"decode_tok_s_{T}"] > 0, mla
+    for key in ("hybrid_decode", "mamba_decode"):        # the state-space stages, likewise
+        for T in (16, 64):
+            r = stages[key]
+            assert r[f"parity_{T}"]["logits_rel_err_vs_hf"] < 5e-2 and r[f"decode_tok_s_{T}"] > 0, (key, r)
 
 
 def _gpu_check():

@@ -17,6 +17,7 @@ from fmconvert.cli import cli
 from fmconvert.errors import FmError
 from fmconvert.pipeline import Options, convert
 from fmconvert.reassemble import reassemble
+from fmconvert.runtime.comm import ThreadGroup
 from fmconvert.runtime.load import load
 
 MAMBA1 = ["mamba", "falcon_mamba", "jamba"]
@@ -139,3 +140,21 @@ def test_the_torch_backend_scan_equals_the_reference_across_its_chunks(dtype):
         assert g.dtype == dtype
         torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol)
     torch.testing.assert_close(s_got, s_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda sp: sp["mamba"].update(inner=129), "multiple of parallel.tp"),
+    (lambda sp: sp["mamba"].update(norms="weighted"), "no tensor .*_norm.weight"),    # the norms need weights
+    (lambda sp: sp["mamba"].update(state=300), "model.mamba"),
+    (lambda sp: sp.update(ssm={"heads": 8, "head_dim": 16, "groups": 1, "state": 16, "conv_kernel": 4,
+                               "dt_min": 0.0, "dt_max": None}), "exclude each other"),
+])
+def test_a_manifest_lying_about_its_mamba_layers_is_refused_in_one_line(model_dir, tmp_path, edit, match):
+    convert(model_dir("mamba"), tmp_path / "out", Options(tp=2), progress=False)
+    path = tmp_path / "out" / "manifest.json"
+    m = json.loads(path.read_text())
+    edit(m["model"])
+    path.write_text(json.dumps(m))
+    with pytest.raises(FmError, match=match) as e:
+        load(tmp_path / "out", rank=0, comm=ThreadGroup(2).comm(0))
+    assert "\n" not in str(e.value)

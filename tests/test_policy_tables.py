@@ -10,7 +10,8 @@ from fmconvert.policy import GLOBAL_SLOTS, LAYER_SLOTS, _config_value, _eval_fla
 LAYOUT_KEYS = {"norm", "gated_mlp", "position", "rope_style", "residual", "qkv", "embed_norm", "final_norm",
                "transposed", "position_offset", "embed_scale", "experts_renormalize", "qk_norm",
                "nope_unwindowed", "experts", "gate_up", "router", "as_row", "qk_norm_after_rope", "experts_weigh",
-               "query_scale", "attn_gate", "linear_in", "block_parts", "mamba_norms"}
+               "query_scale", "attn_gate", "linear_in", "block_parts", "mamba_norms",
+               "norm_weights", "window_kind", "linear_decay", "stored_shape"}
 
 
 def test_flags_and_binds_tighter_than_or_and_may_use_earlier_flags():
@@ -58,7 +59,8 @@ def test_every_table_names_known_slots_layout_keys_and_flags():
                     assert set(entry) <= {"name", "when", "optional", "aliases"}, (name, slot, entry)
                     assert entry.get("when") is None or entry["when"] in flags, (name, slot, entry["when"])
         for key, v in pol.layout.items():                       # every flag a layout pick names exists
-            while isinstance(v, list) and len(v) == 3 and isinstance(v[0], str) and key not in ("transposed", "as_row"):
+            while isinstance(v, list) and len(v) == 3 and isinstance(v[0], str) and key not in ("transposed", "as_row",
+                                                                                                 "stored_shape"):
                 assert v[0] in flags, (name, key, v[0])
                 v = v[2]
 

@@ -144,8 +144,8 @@ def _threads(out_dir, tp, fn):
                                   "qwen2_moe_mixed", "minimax_m2", "dots1", "ernie4_5_moe", "deepseek_v3",
                                   "deepseek_v2", "hunyuan_moe", "llama4", "phimoe", "exaone_moe", "flex_olmo",
                                   "qwen3_5", "qwen3_next", "granite_hybrid", "granite_hybrid_dense", "bamba",
-                                  "nemotron_h", "nemotron_h_dense", "lfm2", "lfm2_moe", "youtu", "mellum", "mamba",
-                                  "falcon_mamba", "jamba", "mamba2"])
+                                  "nemotron_h", "nemotron_h_dense", "lfm2", "lfm2_moe", "youtu", "mellum", "olmo", "mamba",
+                                  "falcon_mamba", "jamba", "mamba2", "kimi_linear"])
 def test_tp4_emulated_equals_tp1(work, name, tmp_path):
     _, src, outs = work(name)
     convert(src, tmp_path / "tp4", Options(tp=4), progress=False)
@@ -326,6 +326,7 @@ WINDOWED = {   # family -> config overrides that give it a 5-position window, an
     "olmo3": ({}, [0]),
     "exaone4": ({}, [0, 1, 2]),   # and its global layer has no RoPE
     "gpt_oss": ({}, [0]),     # and every head has a softmax sink
+    "gpt_neo": ({}, [1]),     # its "local" layers, and no softmax scale
 }
 
 

@@ -421,6 +421,21 @@ CONFIGS = {
     "mamba2": ("Mamba2Config", "Mamba2ForCausalLM", dict(     # Mamba2 alone: Codestral Mamba
         hidden_size=64, num_heads=8, head_dim=16, n_groups=4, state_size=16, expand=2, conv_kernel=4,
         num_hidden_layers=3, vocab_size=101, time_step_limit=(0.0, 100.0))),
+    "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM", dict(hidden_size=64, num_layers=2, num_heads=4,  # global, local
+                attention_types=[[["global", "local"], 1]], window_size=4, max_position_embeddings=64,
+                vocab_size=101, bos_token_id=1, eos_token_id=2)),
+    "olmo": ("OlmoConfig", "OlmoForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
+             clip_qkv=0.5, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "mpt": ("MptConfig", "MptForCausalLM", dict(d_model=64, n_heads=4, n_layers=2, vocab_size=101, max_seq_len=64,
+            attn_config=dict(clip_qkv=0.5))),
+    "kimi_linear": ("KimiLinearConfig", "KimiLinearForCausalLM", dict(   # KDA and latent attention without RoPE
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=101, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8,
+        qk_nope_head_dim=16, v_head_dim=16, num_local_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1,
+        linear_head_dim=16, linear_num_heads=4, linear_conv_kernel_dim=4, max_position_embeddings=64,
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"], pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"])),
 }
 FAMILIES = list(CONFIGS)
 

@@ -1,4 +1,5 @@
-"""The gated delta rule: Gated DeltaNet's linear attention (Qwen3-Next, Qwen3.5).
+"""The gated delta rule: Gated DeltaNet's linear attention (Qwen3-Next, Qwen3.5) and Kimi Delta Attention (KDA,
+Kimi Linear), which only decays finer.
 
 Each value head keeps a state S [Dk, Dv] (fp32) that maps keys to values. q and k are L2-normalised over Dk
 (x * rsqrt(sum x^2 + 1e-6), in fp32) and q is multiplied by scale. Per token t, with log decay g_t <= 0 and
@@ -12,8 +13,11 @@ write strength beta_t in (0, 1):
 With Hv = G * Hk value heads, value head j reads q/k head j // G. The state is updated in place, so a prompt
 and the decode steps that follow it continue one recurrence.
 
+KDA's g_t is a vector over the key channels [Dk] instead of one value per head: row i of S (key channel i)
+forgets with its own exp(g_t[i]), i.e. S = diag(exp(g_t)) S. The rest is unchanged.
+
 Two forms here, same signature and results (the torch backend's chunked form, for prompts, is
-`fmconvert.runtime.ops.gated_delta_chunked`):
+`fmconvert.runtime.ops.gated_delta_chunked`, per-head g only):
 - gated_delta_reference: the recurrence token by token, in torch.
 - gated_delta: a fused Triton kernel. One program per (batch, value head, block of BV value columns) holds its
   [Dk, BV] state tile in fp32 registers across a sequential loop over T: decode (T = 1) and prompts alike.
@@ -34,10 +38,11 @@ MAX_HEAD_DIM = 256        # the kernel's [BK, BV] tile lives in registers: BK = 
 def _gated_delta_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, s_ptr, o_ptr,
                         T, HV, GROUP, DK, DV, scale, eps,
                         sqb, sqt, sqh, skb, skt, skh, svb, svt, svh,
-                        sgb, sgt, sgh, sbb, sbt, sbh, ssb, ssh, ssk, sob, sot, soh,
-                        BK: tl.constexpr, BV: tl.constexpr):
+                        sgb, sgt, sgh, sgk, sbb, sbt, sbh, ssb, ssh, ssk, sob, sot, soh,
+                        G_PER_K: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
     # grid: (B * HV, cdiv(DV, BV)). The last dims of q, k, v, state and o are contiguous; all other strides are
-    # arguments, so slices of a fused projection and a state inside a bigger pool need no copy.
+    # arguments, so slices of a fused projection and a state inside a bigger pool need no copy. G_PER_K: g holds
+    # a decay per key channel (KDA), sgk apart; the launcher checks sgk == 1, which the JIT then specializes.
     pid = tl.program_id(0)
     vb = tl.program_id(1)
     b = (pid // HV).to(tl.int64)
@@ -61,11 +66,18 @@ def _gated_delta_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, s_ptr, o_ptr,
         k = tl.load(k_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         q = tl.load(q_row + offs_k, mask=k_mask, other=0.0).to(tl.float32)
         v = tl.load(v_row + offs_v, mask=v_mask, other=0.0).to(tl.float32)
-        g = tl.load(g_row)
+        if G_PER_K:
+            # Padded key rows decay by exp(0) = 1: they hold 0 and stay 0.
+            g = tl.load(g_row + offs_k * sgk, mask=k_mask, other=0.0)                      # [BK]
+        else:
+            g = tl.load(g_row)
         beta = tl.load(beta_row)
         k = k * tl.rsqrt(tl.sum(k * k, axis=0) + eps)
         q = q * (tl.rsqrt(tl.sum(q * q, axis=0) + eps) * scale)
-        S = S * tl.exp(g)
+        if G_PER_K:
+            S = S * tl.exp(g)[:, None]
+        else:
+            S = S * tl.exp(g)
         u = beta * (v - tl.sum(S * k[:, None], axis=0))                                      # [BV]
         S = S + k[:, None] * u[None, :]
         o = tl.sum(S * q[:, None], axis=0)
@@ -94,9 +106,14 @@ def _check(q, k, v, g, beta, state):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if Hk == 0 or Hv % Hk != 0:
         raise ValueError(f"value heads ({Hv}) must be a multiple of key heads ({Hk})")
-    for name, t in (("g", g), ("beta", beta)):
-        if tuple(t.shape) != (B, T, Hv) or t.dtype != torch.float32:
-            raise ValueError(f"{name} must be fp32 {(B, T, Hv)}, got {t.dtype} {tuple(t.shape)}")
+    if tuple(g.shape) not in ((B, T, Hv), (B, T, Hv, Dk)) or g.dtype != torch.float32:
+        raise ValueError(f"g must be fp32 {(B, T, Hv)} (per head) or {(B, T, Hv, Dk)} (per key channel), got "
+                         f"{g.dtype} {tuple(g.shape)}")
+    # Dk <= 1 or no element: any stride reads the same elements.
+    if g.dim() == 4 and g.stride(-1) != 1 and Dk > 1 and g.numel() > 0:
+        raise ValueError(f"a per-key-channel g needs a contiguous last dim (Dk), got strides {g.stride()}")
+    if tuple(beta.shape) != (B, T, Hv) or beta.dtype != torch.float32:
+        raise ValueError(f"beta must be fp32 {(B, T, Hv)}, got {beta.dtype} {tuple(beta.shape)}")
     if tuple(state.shape) != (B, Hv, Dk, Dv) or state.dtype != torch.float32:
         raise ValueError(f"state must be fp32 {(B, Hv, Dk, Dv)}, got {state.dtype} {tuple(state.shape)}")
     if any(t.device != q.device for t in (k, v, g, beta, state)):
@@ -113,9 +130,10 @@ def _block_v(dv):
 
 def gated_delta(q, k, v, g, beta, state, scale) -> torch.Tensor:
     """o [B, T, Hv, Dv] in v.dtype. q, k [B, T, Hk, Dk], v [B, T, Hv, Dv] (fp32/fp16/bf16; any strides, read in
-    place when the last dim is contiguous, else copied); g, beta [B, T, Hv] fp32 (any strides); state
-    [B, Hv, Dk, Dv] fp32 with a contiguous last dim, the initial state, updated in place to the final one.
-    Dk, Dv <= 256. No host syncs: safe to capture in a CUDA graph."""
+    place when the last dim is contiguous, else copied); beta [B, T, Hv] fp32 (any strides); g fp32, the log
+    decay, [B, T, Hv] per head (Gated DeltaNet, any strides) or [B, T, Hv, Dk] per key channel (KDA, a contiguous
+    last dim); state [B, Hv, Dk, Dv] fp32 with a contiguous last dim, the initial state, updated in place to the
+    final one. Dk, Dv <= 256. No host syncs: safe to capture in a CUDA graph."""
     B, T, Hk, Hv, Dk, Dv = _check(q, k, v, g, beta, state)
     if Dk > MAX_HEAD_DIM or Dv > MAX_HEAD_DIM:
         raise ValueError(f"head dims must be <= {MAX_HEAD_DIM} (the state tile lives in registers), got Dk={Dk}, "
@@ -130,16 +148,17 @@ def gated_delta(q, k, v, g, beta, state, scale) -> torch.Tensor:
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     bk = triton.next_power_of_2(Dk)
     bv = _block_v(Dv)
+    per_k = g.dim() == 4
     # ~32 state values a thread: the state tile plus its two products stay in registers without spilling.
     warps = 1 if interpreting() else max(1, min(8, bk * bv // 1024))
     _gated_delta_kernel[(B * Hv, triton.cdiv(Dv, bv))](
         q, k, v, g, beta, state, o,
         T, Hv, Hv // Hk, Dk, Dv, float(scale), L2_EPS,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), g.stride(0), g.stride(1), g.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), g.stride(0), g.stride(1), g.stride(2), g.stride(3) if per_k else 1,
         beta.stride(0), beta.stride(1), beta.stride(2), state.stride(0), state.stride(1), state.stride(2),
         o.stride(0), o.stride(1), o.stride(2),
-        BK=bk, BV=bv, num_warps=warps,
+        G_PER_K=per_k, BK=bk, BV=bv, num_warps=warps,
     )
     return o
 
@@ -159,10 +178,12 @@ def gated_delta_reference(q, k, v, g, beta, state, scale) -> torch.Tensor:
     # Value head j reads key head j // G.
     qf, kf = (t.repeat_interleave(Hv // Hk, dim=2) for t in (qf, kf))                    # [B, T, Hv, Dk]
     vf, g, beta = v.float(), g.float(), beta.float()
+    # exp(g_t) as [B, Hv, 1, 1] per head or [B, Hv, Dk, 1] per key row of S
+    g = g[..., None] if g.dim() == 4 else g[..., None, None]
     S = state.float()                                                                     # [B, Hv, Dk, Dv]
     o = torch.empty(B, T, Hv, Dv, dtype=torch.float32, device=v.device)
     for t in range(T):
-        S = S * g[:, t].exp()[..., None, None]
+        S = S * g[:, t].exp()
         u = beta[:, t, :, None] * (vf[:, t] - torch.einsum("bhk,bhkv->bhv", kf[:, t], S))
         S = S + kf[:, t, :, :, None] * u[:, :, None, :]
         o[:, t] = torch.einsum("bhk,bhkv->bhv", qf[:, t], S)

@@ -1,5 +1,5 @@
-"""Gated RMSNorm, two families, gated by silu(z) and normalised over groups of G consecutive channels (G = D, the
-whole last dim, by default). With x, z [..., D] and weight [D]:
+"""Gated RMSNorm, three families, gated by silu(z) (or sigmoid(z)) and normalised over groups of G consecutive
+channels (G = D, the whole last dim, by default). With x, z [..., D] and weight [D]:
 
 gate_first=False: Gated DeltaNet's output norm (Qwen3-Next, Qwen3.5), per head, rounded as Qwen3_5RMSNormGated:
 
@@ -7,6 +7,11 @@ gate_first=False: Gated DeltaNet's output norm (Qwen3-Next, Qwen3.5), per head, 
     p = weight * n                                  in torch's promotion of (weight.dtype, x.dtype): rounded to
                                                     x.dtype only when the two dtypes are equal, else fp32
     y = p * silu(z)                                 z in fp32, y rounded to x.dtype
+
+gate="sigmoid" (gate_first=False only): KDA's output norm (Kimi Linear), all in fp32 and rounded once, as
+KimiLinearRMSNormGated:
+
+    y = weight * (x * rsqrt(mean(x^2 over the group) + eps)) * sigmoid(z)    fp32, y rounded to x.dtype
 
 gate_first=True: Mamba2's norm (norm_before_gate=False: Granite 4.0 hybrid, Bamba, Nemotron-H, Falcon-H1) over the
 whole mixer width D with G = D / n_groups, rounded as GraniteMoeHybridRMSNormGated:
@@ -28,6 +33,7 @@ import triton.language as tl
 
 from ._common import float_dtype_check, sigmoid
 
+GATES = ("silu", "sigmoid")
 MAX_BLOCK = 4096          # channels a program holds at once: 8 warps x 16 fp32 each for x, z and the result
 
 
@@ -42,24 +48,32 @@ def _gated_input(x_row, z_row, offs, mask, sxd, szd, GATE_FIRST: tl.constexpr):
 
 
 @triton.jit
-def _gated_output(v, z, r, x_ptr, w_ptr, y_row, offs, mask, GATE_FIRST: tl.constexpr, ROUND_PROD: tl.constexpr):
-    # offs index channels of D: weight and the contiguous y row alike. Rounds where the torch expression rounds.
-    n = (v * r).to(x_ptr.dtype.element_ty).to(tl.float32)
+def _gated_output(v, z, r, x_ptr, w_ptr, y_row, offs, mask, GATE_FIRST: tl.constexpr, ROUND_PROD: tl.constexpr,
+                  SIGMOID: tl.constexpr):
+    # offs index channels of D: weight and the contiguous y row alike. Rounds where the torch expression rounds
+    # (KDA's sigmoid form: only at the store).
+    if SIGMOID:
+        n = v * r
+    else:
+        n = (v * r).to(x_ptr.dtype.element_ty).to(tl.float32)
     p = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32) * n
     if ROUND_PROD:
         p = p.to(x_ptr.dtype.element_ty).to(tl.float32)
-    if not GATE_FIRST:
+    if SIGMOID:
+        p = p * sigmoid(z)
+    elif not GATE_FIRST:
         p = p * (z * sigmoid(z))
     tl.store(y_row + offs, p.to(y_row.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _gated_rms_norm_kernel(x_ptr, z_ptr, w_ptr, y_ptr, H, NG, D, GS, eps, sxo, sxh, sxd, szo, szh, szd,
-                           GATE_FIRST: tl.constexpr, ROUND_PROD: tl.constexpr, BLOCK: tl.constexpr,
-                           ONE_BLOCK: tl.constexpr):
+                           GATE_FIRST: tl.constexpr, ROUND_PROD: tl.constexpr, SIGMOID: tl.constexpr,
+                           BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr):
     # grid: (rows * NG,), NG groups of GS channels a row. x and z are [outer, H, D] views (H: the heads, or the
     # tokens of a mixer output), any strides: z is a slice of the fused input projection. y is a contiguous
-    # [rows, D]. ONE_BLOCK: BLOCK = next_pow2(GS) holds the group in registers, read once.
+    # [rows, D]. ONE_BLOCK: BLOCK = next_pow2(GS) holds the group in registers, read once. SIGMOID: KDA's gate
+    # (the launcher sets it only with GATE_FIRST and ROUND_PROD off).
     pid = tl.program_id(0).to(tl.int64)
     row = pid // NG
     base = (pid % NG) * GS
@@ -73,7 +87,7 @@ def _gated_rms_norm_kernel(x_ptr, z_ptr, w_ptr, y_ptr, H, NG, D, GS, eps, sxo, s
         mask = offs < base + GS
         v, z = _gated_input(x_row, z_row, offs, mask, sxd, szd, GATE_FIRST)
         r = tl.rsqrt(tl.sum(v * v, axis=0) / GS + eps)
-        _gated_output(v, z, r, x_ptr, w_ptr, y_row, offs, mask, GATE_FIRST, ROUND_PROD)
+        _gated_output(v, z, r, x_ptr, w_ptr, y_row, offs, mask, GATE_FIRST, ROUND_PROD, SIGMOID)
     else:
         # Per-lane partial sums, one reduction at the end.
         acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -87,11 +101,15 @@ def _gated_rms_norm_kernel(x_ptr, z_ptr, w_ptr, y_ptr, H, NG, D, GS, eps, sxo, s
             offs = base + start + tl.arange(0, BLOCK)
             mask = offs < base + GS
             v, z = _gated_input(x_row, z_row, offs, mask, sxd, szd, GATE_FIRST)
-            _gated_output(v, z, r, x_ptr, w_ptr, y_row, offs, mask, GATE_FIRST, ROUND_PROD)
+            _gated_output(v, z, r, x_ptr, w_ptr, y_row, offs, mask, GATE_FIRST, ROUND_PROD, SIGMOID)
 
 
-def _check(x, z, weight, group_size):
+def _check(x, z, weight, group_size, gate="silu", gate_first=False):
     """The group size, D when None."""
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    if gate == "sigmoid" and gate_first:
+        raise ValueError("gate='sigmoid' (KDA's norm) normalises before gating: it needs gate_first=False")
     float_dtype_check("x", x)
     float_dtype_check("z", z)
     float_dtype_check("weight", weight)
@@ -113,11 +131,13 @@ def _out_dtype(x, weight, gate_first):
     return torch.promote_types(weight.dtype, x.dtype) if gate_first else x.dtype
 
 
-def gated_rms_norm(x, z, weight, eps, group_size=None, gate_first=False) -> torch.Tensor:
+def gated_rms_norm(x, z, weight, eps, group_size=None, gate_first=False, gate="silu") -> torch.Tensor:
     """y [..., D] contiguous. x [..., D] fp32/fp16/bf16; z like x, any float dtype, any strides (a [B, T, H, D]
     view of a wider projection is read in place); weight [D]; the RMS over groups of group_size channels (None:
-    all D). y is in x.dtype, or with gate_first in the promotion of (weight.dtype, x.dtype). No host syncs."""
-    gs = _check(x, z, weight, group_size)
+    all D). y is in x.dtype, or with gate_first in the promotion of (weight.dtype, x.dtype). gate: "silu", or
+    "sigmoid" for KDA's norm (not with gate_first). No host syncs."""
+    gs = _check(x, z, weight, group_size, gate, gate_first)
+    sig = gate == "sigmoid"
     D = x.shape[-1]
     y = torch.empty(x.shape, dtype=_out_dtype(x, weight, gate_first), device=x.device)
     rows = y.numel() // max(D, 1)
@@ -130,22 +150,25 @@ def gated_rms_norm(x, z, weight, eps, group_size=None, gate_first=False) -> torc
     block = min(triton.next_power_of_2(gs), MAX_BLOCK)
     _gated_rms_norm_kernel[(rows * (D // gs),)](
         x3, z3, weight.contiguous(), y, H, D // gs, D, gs, float(eps), *x3.stride(), *z3.stride(),
-        GATE_FIRST=bool(gate_first), ROUND_PROD=weight.dtype == x.dtype and x.dtype != torch.float32,
-        BLOCK=block, ONE_BLOCK=block >= gs, num_warps=max(1, min(8, block // 256)),
+        GATE_FIRST=bool(gate_first), ROUND_PROD=weight.dtype == x.dtype and x.dtype != torch.float32 and not sig,
+        SIGMOID=sig, BLOCK=block, ONE_BLOCK=block >= gs, num_warps=max(1, min(8, block // 256)),
     )
     return y
 
 
-def gated_rms_norm_reference(x, z, weight, eps, group_size=None, gate_first=False) -> torch.Tensor:
-    """Same contract as gated_rms_norm; bit for bit HF's Qwen3_5RMSNormGated (gate_first=False) and
-    GraniteMoeHybridRMSNormGated (gate_first=True)."""
-    gs = _check(x, z, weight, group_size)
+def gated_rms_norm_reference(x, z, weight, eps, group_size=None, gate_first=False, gate="silu") -> torch.Tensor:
+    """Same contract as gated_rms_norm; bit for bit HF's Qwen3_5RMSNormGated (gate_first=False),
+    GraniteMoeHybridRMSNormGated (gate_first=True) and KimiLinearRMSNormGated (gate="sigmoid")."""
+    gs = _check(x, z, weight, group_size, gate, gate_first)
     D = x.shape[-1]
     h = x.float()
     if gate_first:
         h = h * F.silu(z.float())
     hg = h.reshape(*x.shape[:-1], D // gs if D else 0, gs)
-    n = (hg * torch.rsqrt(hg.pow(2).mean(-1, keepdim=True) + eps)).reshape(x.shape).to(x.dtype)
+    n = (hg * torch.rsqrt(hg.pow(2).mean(-1, keepdim=True) + eps)).reshape(x.shape)
+    if gate == "sigmoid":
+        return (weight.float() * n * torch.sigmoid(z.float())).to(x.dtype)
+    n = n.to(x.dtype)
     if gate_first:
         return weight * n
     return (weight * n * F.silu(z.float())).to(x.dtype)

@@ -93,6 +93,10 @@ def check_layout(m: dict, rank: int):
                       "lin_conv.weight": (2 * Kd + Vd, la["conv_kernel"]),
                       "lin_conv.bias": (2 * Kd + Vd,), "lin_decay.a_log": (Hv,), "lin_decay.dt_bias": (Hv,),
                       "lin_norm.weight": (la["v_dim"],), "lin_out.weight": (h, Vd)})
+        if la.get("decay") == "channel":    # KDA: q|k|v|b and the whole low-rank f_a|g_a; a step bias per channel
+            dk, dv = la["k_dim"], la["v_dim"]
+            layer.update({"lin_in.weight": (2 * Kd + Vd + Hv + dk + dv, h), "lin_f_b.weight": (Kd, dk),
+                          "lin_g_b.weight": (Vd, dv), "lin_decay.dt_bias": (Kd,)})
     ssm = sp["ssm"]
     if ssm:             # Mamba2: this rank's heads of z|x|dt, B and C whole groups (or the one, replicated)
         I, H = ssm["heads"] * ssm["head_dim"] // tp, ssm["heads"] // tp
@@ -120,7 +124,7 @@ def check_layout(m: dict, rank: int):
     tensors = m["ranks"][rank]["tensors"]
     need = {"embed.weight"} | {s for s in sp["slots"] if not s.startswith("layers.")}
     need |= {s for s, on in [("lm_head.weight", sp["kind"] == "decoder" and not sp["tied_embeddings"]),
-                             ("final_norm.weight", sp["final_norm"]), ("embed_norm.weight", sp["embed_norm"]),
+                             ("final_norm.weight", sp["final_norm"] and sp["norm_affine"]), ("embed_norm.weight", sp["embed_norm"]),
                              ("project_in.weight", sp["project"]), ("project_out.weight", sp["project"]),
                              ("pooler.weight", sp["pooler"]), ("pos_embed.weight", pos["type"] == "learned"),
                              ("rope.inv_freq", pos["type"] == "rope"), ("rope_local.inv_freq", "local" in pos),
@@ -149,7 +153,7 @@ def check_layout(m: dict, rank: int):
     linear_layers = set(sp["linear_layers"] or ())
     if linear_layers and la:
         per_layer |= {"lin_in.weight", "lin_conv.weight", "lin_decay.a_log", "lin_decay.dt_bias", "lin_norm.weight",
-                      "lin_out.weight"}
+                      "lin_out.weight"} | ({"lin_f_b.weight", "lin_g_b.weight"} if la.get("decay") else set())
     if linear_layers and sc:
         per_layer |= {"sconv_in.weight", "sconv_conv.weight", "sconv_out.weight"}
     if linear_layers and ssm:

@@ -80,7 +80,9 @@ class Block(nn.Module):
         self.linear = None
         if i in (sp["linear_layers"] or ()):
             self.linear = (("mamba", "ssm_out") if sp["ssm"] else ("short_conv", "sconv_out") if sp["short_conv"]
-                           else ("mamba1", "mamba_out") if sp["mamba"] else ("linear_attention", "lin_out"))
+                           else ("mamba1", "mamba_out") if sp["mamba"]
+                           else ("kda", "lin_out") if sp["linear_attn"].get("decay") == "channel"
+                           else ("linear_attention", "lin_out"))
         self.part = sp["block_parts"][i] if sp["block_parts"] else None     # Nemotron-H: "mixer" or "mlp" alone
         if self.linear and sp["ssm"]:        # Mamba2's per-head A = -exp(A_log), step bias and skip, fp32 once
             self.ssm_a = -tensors["ssm.a_log"].float().exp()
@@ -91,7 +93,8 @@ class Block(nn.Module):
         elif self.linear and sp["linear_attn"]:      # the decay's parameters in fp32: g = -exp(A_log) * softplus(..)
             self.decay_rate = tensors["lin_decay.a_log"].float().exp()
             self.dt_bias = tensors["lin_decay.dt_bias"].float()
-        if sp["mla"]:       # latent attention's decode step takes kv_b into q and o: [H, nope, R], [H, R, v]
+        if sp["mla"] and not self.linear:   # latent attention's decode step takes kv_b into q and o: [H, nope, R],
+            #                                   [H, R, v]
             kv_b, nd = tensors["kv_b.weight"], sp["mla"]["nope_dim"]
             kv_b = kv_b.dequantize(model.dtype) if isinstance(kv_b, Int8Weight) else kv_b
             kv_b = kv_b.view(model.heads, nd + sp["mla"]["v_dim"], -1)
@@ -194,6 +197,27 @@ class Block(nn.Module):
                               dk ** -0.5)                                   # (B, T, hv, dv)
         o = m.ops.gated_rms_norm(o, z.view(B, T, hv, dv), t["lin_norm.weight"], m.eps)
         return o.reshape(B, T, hv * dv)
+
+    def kda(self, h, cache, key_padding_mask, pos_t=None):
+        """Kimi Linear's KDA: Gated DeltaNet whose state decays per key channel. One projection gives q|k|v, each
+        head's b and the narrow halves of two low-rank projections: f (the decay, widened by lin_f_b to one per
+        head and key channel) and the output gate (widened by lin_g_b). The conv and the delta rule are Gated
+        DeltaNet's; the output is RMS-normed per head times sigmoid(gate)."""
+        m, t, la = self.m, self.t, self.m.spec["linear_attn"]
+        B, T, _ = h.shape
+        H, dk, dv = la["v_heads"] // m.tp, la["k_dim"], la["v_dim"]
+        h, _ = self._unpadded(h, key_padding_mask, pos_t)
+        y = m.ops.linear(h, t["lin_in.weight"])                  # (B, T, H (2 dk + dv + 1) + dk + dv)
+        qkv, b, fa, ga = y.split([H * (2 * dk + dv), H, dk, dv], dim=-1)
+        conv, state = self._linear_cache(cache, pos_t, (B, H, dk, dv), h.device)
+        qkv = m.ops.causal_conv1d(qkv, t["lin_conv.weight"], t.get("lin_conv.bias"), conv)
+        q, k, v = qkv.split([H * dk, H * dk, H * dv], dim=-1)
+        f = m.ops.linear(fa, t["lin_f_b.weight"]).float().view(B, T, H, dk)
+        g = -self.decay_rate[:, None] * torch.nn.functional.softplus(f + self.dt_bias.view(H, dk))
+        o = m.ops.gated_delta(q.view(B, T, H, dk), k.view(B, T, H, dk), v.view(B, T, H, dv), g,
+                              torch.sigmoid(b).float(), state, dk ** -0.5)            # (B, T, H, dv)
+        gate = m.ops.linear(ga, t["lin_g_b.weight"]).view(B, T, H, dv)
+        return m.ops.gated_rms_norm(o, gate, t["lin_norm.weight"], m.eps, gate="sigmoid").reshape(B, T, H * dv)
 
     @staticmethod
     def _unpadded(h, key_padding_mask, pos_t):
@@ -434,6 +458,8 @@ class Block(nn.Module):
         if m.spec["mla"]:
             return self._latent_attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
         qkv = m.ops.linear(h, t["qkv.weight"], t.get("qkv.bias"))
+        if m.spec["qkv_clip"]:           # OLMo, MPT
+            qkv = qkv.clamp(-m.spec["qkv_clip"], m.spec["qkv_clip"])
         if not m.spec["attn_gate"]:
             return self._attend(qkv, positions, cache, key_padding_mask, pos_t, seq_t)
         gate = qkv[..., -m.heads * m.head_dim:]              # Qwen3.5: each head's output times sigmoid(gate)
@@ -517,13 +543,16 @@ class Block(nn.Module):
         q = ops.linear(x, t["q_b.weight"]).view(B, T, H, nd + rd)
         kv = ops.linear(h, t["kv_a.weight"], t.get("kv_a.bias"))                  # (B, T, R + rd)
         latent = ops.add_norm(kv[..., :R], None, t["kv_a_norm.weight"], None, ml["norm_eps"], "rms")[0]
-        if pos_t is not None:
-            cos, sin = m.rope_tables(self.rope_table, decode=True)
-            positions = pos_t.view(1, 1).expand(B, 1)
+        if not self.rope:              # Kimi Linear: no positional encoding; the shared key part stays as it is
+            q_pe, k_pe = q[..., nd:].contiguous(), kv[..., R:].reshape(B, T, 1, rd).contiguous()
         else:
-            cos, sin = m.rope_for(positions, self.rope_table)
-        q_pe, k_pe = ops.rope(q[..., nd:].contiguous(), kv[..., R:].reshape(B, T, 1, rd).contiguous(), cos, sin,
-                              positions, m.rope_style, rd)
+            if pos_t is not None:
+                cos, sin = m.rope_tables(self.rope_table, decode=True)
+                positions = pos_t.view(1, 1).expand(B, 1)
+            else:
+                cos, sin = m.rope_for(positions, self.rope_table)
+            q_pe, k_pe = ops.rope(q[..., nd:].contiguous(), kv[..., R:].reshape(B, T, 1, rd).contiguous(), cos,
+                                  sin, positions, m.rope_style, rd)
         row = torch.cat([latent, k_pe.view(B, T, rd)], -1)                       # what the cache keeps
         if pos_t is not None:        # graph-safe: the row goes in at pos_t, the lengths come from device memory
             kc = cache.k[self.i]
@@ -617,6 +646,11 @@ class FusedModel(nn.Module):
         # once, so a captured decode step copies nothing from the host.
         scale = float(sp["embed_scale"])
         self.embed_scale = None if scale == 1.0 else torch.tensor(scale, dtype=self.dtype, device=self.device)
+        if not sp["norm_affine"]:        # OLMo: norms without a weight, as a weight of ones
+            ones = torch.ones(sp["hidden_size"], dtype=self.dtype, device=self.device)
+            tensors = {**tensors, "final_norm.weight": ones,
+                       **{f"layers.{i}.{n}.weight": ones for i in range(sp["num_layers"])
+                          for n in ("attn_norm", "mlp_norm")}}
         self.g = {k: v for k, v in tensors.items() if not k.startswith("layers.")}  # global slots only
         pos = sp["position"]
         self.rope, self.long_from = None, None
@@ -728,10 +762,6 @@ class FusedModel(nn.Module):
         windows = [0 if self.alibi is not None else b.window for b in self.blocks]
         keyless = {b.i for b in self.blocks if b.part == "mlp"}        # Nemotron-H's MLP layers attend to nothing
         chunks = [b.chunk for b in self.blocks]
-        mla = self.spec["mla"]
-        if mla:               # one latent row per position: kv_rank columns (the values too), then the rotated key
-            return KVCache(len(self.blocks), batch, 1, max_len, mla["kv_rank"] + mla["rope_dim"], self.dtype,
-                           self.device, windows, latent=mla["kv_rank"])
         la, ssm, linear = self.spec["linear_attn"], self.spec["ssm"], {}
         if self.spec["short_conv"]:      # LFM2: the conv over this rank's channels, no recurrent state
             linear = {b.i: (self.spec["hidden_size"] // self.tp, self.spec["short_conv"]["conv_kernel"], None)
@@ -748,6 +778,10 @@ class FusedModel(nn.Module):
             H, G = self._ssm_local()
             linear = {b.i: (H * ssm["head_dim"] + 2 * G * ssm["state"], ssm["conv_kernel"],
                             (H, ssm["head_dim"], ssm["state"])) for b in self.blocks if b.linear}
+        mla = self.spec["mla"]
+        if mla:               # one latent row per position: kv_rank columns (the values too), then the rotated key
+            return KVCache(len(self.blocks), batch, 1, max_len, mla["kv_rank"] + mla["rope_dim"], self.dtype,
+                           self.device, windows, latent=mla["kv_rank"], linear=linear)
         return KVCache(len(self.blocks), batch, self.kv_heads, max_len, self.head_dim, self.dtype, self.device,
                        windows, chunks=chunks, linear=linear, keyless=keyless)
 

@@ -332,10 +332,15 @@ class TorchOps:
             state.copy_(full[..., full.shape[-1] - state.shape[-1]:])
         return (F.silu(y) if silu else y).transpose(1, 2).to(x.dtype)
 
-    def gated_rms_norm(self, x, z, weight, eps, group_size=None, gate_first=False):
+    def gated_rms_norm(self, x, z, weight, eps, group_size=None, gate_first=False, gate="silu"):
         """A linear mixer's output norm over groups of group_size channels (None: the last dim), x, z [..., D].
         Gated DeltaNet: RMS (fp32, rounded to x's dtype) times the weight, times silu(z) in fp32, rounded once
-        more. gate_first (Mamba2): x times silu(z) in fp32, then the RMS, rounded to x's dtype, times the weight."""
+        more. gate_first (Mamba2): x times silu(z) in fp32, then the RMS, rounded to x's dtype, times the weight.
+        gate="sigmoid" (KDA): RMS times the weight times sigmoid(z), all in fp32, rounded once."""
+        if gate == "sigmoid":
+            xf = x.float()
+            n = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+            return (n * weight.float() * torch.sigmoid(z.float())).to(x.dtype)
         xf = x.float()
         if gate_first:
             xf = xf * F.silu(z.float())
@@ -393,14 +398,23 @@ class TorchOps:
         """The gated delta rule over T tokens from `state` [B, Hv, Dk, Dv] (fp32, updated in place): q, k [B, T, Hk,
         Dk] (L2-normalised here, q then times scale), v [B, T, Hv, Dv], g (log decay) and beta [B, T, Hv] fp32.
         Per token: S = exp(g) S; S += k (beta (v - k^T S))^T; o = q^T S. Returns [B, T, Hv, Dv] in v's dtype.
-        A prompt goes chunk by chunk (`gated_delta_chunked`: matmuls, not T small steps)."""
+        A prompt goes chunk by chunk (`gated_delta_chunked`: matmuls, not T small steps). KDA's g [B, T, Hv, Dk]
+        decays each key row of S by its own factor; it runs token by token."""
+        if g.dim() == 4:             # KDA: a decay per key channel, g [B, T, Hv, Dk]; token by token
+            return torch.cat([self._delta_step(q[:, i:i + 1], k[:, i:i + 1], v[:, i:i + 1], g[:, i:i + 1, ..., None],
+                                               beta[:, i:i + 1], state, scale) for i in range(q.shape[1])], dim=1)
         if q.shape[1] > 1:
             return gated_delta_chunked(q, k, v, g, beta, state, scale)
+        return self._delta_step(q, k, v, g[..., None, None], beta, state, scale)
+
+    @staticmethod
+    def _delta_step(q, k, v, g, beta, state, scale):
+        """One token of the gated delta rule; g [B, 1, Hv, Dk or 1, 1] broadcasts over the state's [Dk, Dv]."""
         B, _, Hk, _ = q.shape
         Hv = v.shape[2]
         qf, kf = (_l2norm(x[:, 0].float()) for x in (q, k))
         qf, kf = (x.repeat_interleave(Hv // Hk, dim=1) for x in (qf, kf))     # (B, Hv, Dk)
-        S = state * g[:, 0].exp()[..., None, None]
+        S = state * g[:, 0].exp()
         u = beta[:, 0, :, None] * (v[:, 0].float() - torch.einsum("bhk,bhkv->bhv", kf, S))
         S = S + kf[..., None] * u[..., None, :]
         state.copy_(S)
@@ -628,8 +642,8 @@ class TritonOps(TorchOps):
     def causal_conv1d(self, x, weight, bias, state, silu=True):
         return self.k.causal_conv1d(x, weight, bias, state, silu=silu)
 
-    def gated_rms_norm(self, x, z, weight, eps, group_size=None, gate_first=False):
-        return self.k.gated_rms_norm(x, z, weight, eps, group_size=group_size, gate_first=gate_first)
+    def gated_rms_norm(self, x, z, weight, eps, group_size=None, gate_first=False, gate="silu"):
+        return self.k.gated_rms_norm(x, z, weight, eps, group_size=group_size, gate_first=gate_first, gate=gate)
 
     def ssm_scan(self, x, dt, A, Bm, Cm, D, state):
         return self.k.ssm_scan(x, dt, A, Bm, Cm, D, state)

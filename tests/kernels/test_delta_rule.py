@@ -215,3 +215,123 @@ def test_triton_decode_cuda_graph_capture(assert_close):
     assert_close(out, gated_delta_reference(q.cpu(), k.cpu(), v.cpu(), g.cpu(), beta.cpu(), s_ref, 0.1),
                  torch.bfloat16)
     assert_close(s, s_ref, torch.float32)
+
+
+# KDA (Kimi Linear): g [B, T, Hv, Dk], a log decay per key channel, i.e. per row of the state.
+
+def kda_inputs(B, T, Hk, Hv, Dk, Dv, dtype=torch.float32, seed=0):
+    """inputs() with a per-channel g: -softplus of a wide normal, so channels decay at clearly different rates
+    (some barely, some to ~e^-6 a token)."""
+    q, k, v, _, beta, state = inputs(B, T, Hk, Hv, Dk, Dv, dtype=dtype, seed=seed)
+    g = -F.softplus(rand(B, T, Hv, Dk, seed=seed + 6) * 2.5)
+    return q, k, v, g, beta, state
+
+
+# (B, T, Hk, Hv, Dk, Dv): Dk 3, 16, 17 (pads to 4, -, 32); Dv 5, 16, 33 (one block, one full, three with a
+# 1-wide last); T 1, 2, 9; Hv = Hk and Hv = 2 * Hk.
+KDA_SHAPES = [
+    (1, 1, 1, 1, 3, 5),
+    (2, 2, 2, 2, 16, 33),
+    (1, 9, 1, 2, 17, 16),
+    (1, 9, 2, 4, 3, 33),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", KDA_SHAPES, ids=lambda s: "B{}-T{}-Hk{}-Hv{}-Dk{}-Dv{}".format(*s))
+def test_triton_per_channel_decay_matches_reference(shape, dtype, assert_close):
+    x = kda_inputs(*shape, dtype=dtype, seed=120)
+    out = run(gated_delta, *x)
+    assert out[0].dtype == dtype
+    check(out, run(gated_delta_reference, *x), dtype, assert_close)
+
+
+def test_per_channel_decay_equal_across_channels_is_per_head(assert_close):
+    # The same decay in every key channel is the per-head rule: pins which axis the per-channel g scales.
+    q, k, v, g, beta, state = inputs(1, 4, 1, 2, 17, 24, seed=130)
+    g4 = g[..., None].expand(*g.shape, 17).contiguous()
+    for fn in (gated_delta, gated_delta_reference):
+        check(run(fn, q, k, v, g4, beta, state), run(fn, q, k, v, g, beta, state), torch.float32, assert_close)
+    # ...and a different decay per channel is not.
+    g4[..., 0] = -3.0
+    assert not torch.allclose(run(gated_delta, q, k, v, g4, beta, state)[1],
+                              run(gated_delta, q, k, v, g, beta, state)[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_per_channel_views_of_fused_projection(dtype, assert_close):
+    # Kimi's layout: q | k | v columns of one projection, g [Hv * Dk] columns of a wider fp32 tensor (row stride
+    # > Hv * Dk, last dim contiguous), beta a strided column, the state one layer of a pool.
+    B, T, H, Dk, Dv = 2, 3, 2, 17, 24
+    fused = rand(B, T, H * (2 * Dk + Dv) + 5, seed=140, dtype=dtype)
+    q = fused[..., :H * Dk].view(B, T, H, Dk)
+    k = fused[..., H * Dk:2 * H * Dk].view(B, T, H, Dk)
+    v = fused[..., 2 * H * Dk:2 * H * Dk + H * Dv].view(B, T, H, Dv)
+    g = (-F.softplus(rand(B, T, H * Dk + 7, seed=141) * 2))[..., 3:3 + H * Dk].view(B, T, H, Dk)
+    beta = torch.sigmoid(rand(B, T, H, 2, seed=142))[..., 1]
+    pool = rand(B, 3, H, Dk, Dv, seed=143) * 0.5
+    others = pool[:, [0, 2]].clone()
+    state = pool[:, 1]
+    assert not (q.is_contiguous() or v.is_contiguous() or g.is_contiguous() or beta.is_contiguous()
+                or state.is_contiguous())
+    s0 = state.clone()
+    o = gated_delta(q, k, v, g, beta, state, Dk ** -0.5)
+    contig = [t.contiguous() for t in (q, k, v, g, beta)]
+    o_ref, s_ref = run(gated_delta_reference, *contig, s0)
+    assert_close(o, o_ref, dtype)
+    assert_close(pool[:, 1], s_ref, torch.float32)
+    assert torch.equal(pool[:, [0, 2]], others)
+    o_c, s_c = run(gated_delta, *contig, s0)
+    assert torch.equal(o, o_c) and torch.equal(pool[:, 1], s_c)
+
+
+def test_per_channel_prompt_then_decode_steps_equal_one_call(assert_close):
+    B, T, P, Hk, Hv, Dk, Dv = 1, 7, 4, 1, 2, 16, 5
+    q, k, v, g, beta, state = kda_inputs(B, T, Hk, Hv, Dk, Dv, seed=150)
+    scale = Dk ** -0.5
+    o_full, s_full = run(gated_delta, q, k, v, g, beta, state)
+    for fn in (gated_delta, gated_delta_reference):
+        s = state.clone()
+        outs = [fn(q[:, :P], k[:, :P], v[:, :P], g[:, :P], beta[:, :P], s, scale)]
+        for t in range(P, T):
+            sl = slice(t, t + 1)
+            outs.append(fn(q[:, sl], k[:, sl], v[:, sl], g[:, sl], beta[:, sl], s, scale))
+        assert_close(torch.cat(outs, 1), o_full, torch.float32)
+        assert_close(s, s_full, torch.float32)
+
+
+def test_reference_per_channel_matches_transformers(assert_close):
+    # Kimi Linear's own recurrence (Hv = Hk, scale 1/sqrt(Dk), its l2norm x / sqrt(sum x^2 + 1e-6)), and the
+    # kernel through the reference.
+    mod = pytest.importorskip("transformers.models.kimi_linear.modeling_kimi_linear")
+    B, T, H, Dk, Dv = 2, 6, 3, 17, 24
+    q, k, v, g, beta, state = kda_inputs(B, T, H, H, Dk, Dv, seed=160)
+    o_hf, s_hf = mod.recurrent_kimi_delta_attention(q, k, v, g, beta, initial_state=state.clone(),
+                                                    output_final_state=True, use_qk_l2norm_in_kernel=True)
+    o, s = run(gated_delta_reference, q, k, v, g, beta, state)
+    assert_close(o, o_hf, torch.float32, tol=1e-5)
+    assert_close(s, s_hf, torch.float32, tol=1e-5)
+    check(run(gated_delta, q, k, v, g, beta, state), (o_hf, s_hf), torch.float32, assert_close)
+
+
+def test_rejects_bad_per_channel_g():
+    B, T, Hk, Hv, Dk, Dv = 1, 2, 1, 2, 16, 8
+    q, k, v, g, beta, state = kda_inputs(B, T, Hk, Hv, Dk, Dv, seed=170)
+    cases = [
+        (g[..., :15], "g must be fp32"),                                     # Dk - 1 channels
+        (torch.cat([g, g[..., :1]], -1), "g must be fp32"),                  # Dk + 1
+        (g[..., :1], "g must be fp32"),                                      # one channel: not broadcast
+        (g[:, :, :1], "g must be fp32"),                                     # Hk heads, not Hv
+        (g[..., None], "g must be fp32"),                                    # 5-d
+        (g[:, :, 0, 0], "g must be fp32"),                                   # 2-d
+        (g.half(), "g must be fp32"),
+        (g.transpose(2, 3).contiguous().transpose(2, 3), "contiguous last dim"),
+        (g[..., :1].expand(B, T, Hv, Dk), "contiguous last dim"),           # a broadcast: stride 0
+    ]
+    for bad, match in cases:
+        for fn in (gated_delta, gated_delta_reference):
+            with pytest.raises(ValueError, match=match):
+                fn(q, k, v, bad, beta, state.clone(), 0.25)
+    if ON_CUDA:
+        with pytest.raises(ValueError, match="share one device"):
+            gated_delta(q, k, v, g.cpu(), beta, state, 0.25)

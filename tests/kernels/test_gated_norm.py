@@ -149,3 +149,58 @@ def test_group_size_must_divide_d():
         for bad in (5, 0, 32):
             with pytest.raises(ValueError, match="group_size must divide the last dim 16"):
                 fn(x, z, w, EPS, group_size=bad, gate_first=True)
+
+
+# KDA's output norm (Kimi Linear): gate="sigmoid", everything in fp32 and rounded once at the end.
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 40), (2, 3, 4, 100), (7, 1), (3, 2, 256), (2, 2, 3, 37)])
+@pytest.mark.parametrize("w_dtype", ["fp32", "same"])
+def test_sigmoid_gate_matches_reference(shape, dtype, w_dtype, assert_close):
+    x = rand(*shape, seed=sum(shape) + 30, dtype=dtype, scale=3.0)
+    z = gate_view(shape, seed=sum(shape) + 31, dtype=dtype) if len(shape) > 2 else rand(*shape, seed=32, dtype=dtype)
+    w = (1 + 0.2 * rand(shape[-1], seed=33)).to(torch.float32 if w_dtype == "fp32" else dtype)
+    y = gated_rms_norm(x, z, w, EPS, gate="sigmoid")
+    assert y.dtype == dtype and y.is_contiguous()
+    ref = gated_rms_norm_reference(x, z, w, EPS, gate="sigmoid")
+    assert_close(y, ref, dtype)
+    # Not silu's result: the flag reaches the kernel.
+    assert not torch.allclose(y.float(), gated_rms_norm(x, z, w, EPS).float(), atol=1e-2)
+
+
+@pytest.mark.parametrize("shape,group", [((2, 3, 100), 25), ((2, 5000), None)], ids=lambda c: str(c))
+def test_sigmoid_gate_grouped_and_two_pass(shape, group, assert_close):
+    """Groups narrower than the row, and a row wider than MAX_BLOCK (read twice), with x a strided view too."""
+    x = mixer_view(shape, seed=34, dtype=torch.float16, scale=3.0)
+    z = mixer_view(shape, seed=35, dtype=torch.float16)
+    w = rand(shape[-1], seed=36)
+    y = gated_rms_norm(x, z, w, EPS, group_size=group, gate="sigmoid")
+    assert_close(y, gated_rms_norm_reference(x, z, w, EPS, group_size=group, gate="sigmoid"), torch.float16)
+
+
+@pytest.mark.parametrize("dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                           (torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
+def test_sigmoid_reference_is_transformers_bit_for_bit(dtype, w_dtype):
+    mod = pytest.importorskip("transformers.models.kimi_linear.modeling_kimi_linear")
+    D = 128
+    norm = mod.KimiLinearRMSNormGated(D, eps=EPS)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.2 * torch.randn(D, generator=torch.Generator().manual_seed(37)))
+    norm = norm.to(w_dtype)
+    x = rand(2, 3, 4, D, seed=38, dtype=dtype, scale=3.0).cpu()
+    z = gate_view((2, 3, 4, D), seed=39, dtype=dtype).cpu()
+    with torch.no_grad():
+        hf = norm(x, z)
+    ref = gated_rms_norm_reference(x, z, norm.weight.detach(), EPS, gate="sigmoid")
+    assert ref.dtype == dtype and torch.equal(ref, hf)
+
+
+def test_gate_keyword_rejects_bad_values():
+    x, z, w = rand(3, 16, seed=40), rand(3, 16, seed=41), rand(16, seed=42)
+    for fn in (gated_rms_norm, gated_rms_norm_reference):
+        with pytest.raises(ValueError, match="needs gate_first=False"):
+            fn(x, z, w, EPS, gate="sigmoid", gate_first=True)
+        with pytest.raises(ValueError, match="gate must be one of"):
+            fn(x, z, w, EPS, gate="relu")
+        # gate="silu" spelled out is the default.
+        assert torch.equal(fn(x, z, w, EPS, gate="silu"), fn(x, z, w, EPS))

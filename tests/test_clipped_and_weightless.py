@@ -1,0 +1,57 @@
+"""OLMo's and MPT's clamped q, k and v, OLMo's weightless LayerNorms and MPT's refusals, beyond the family tests
+(which run olmo, mpt and gpt_neo through tiny.FAMILIES, and GPT-Neo's local layers through the sliding-window test)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fmconvert.cli import cli
+from fmconvert.errors import FmError
+from fmconvert.pipeline import Options, convert
+from fmconvert.runtime.load import load
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("name,clip", [("olmo", dict(clip_qkv=0.1)), ("mpt", dict(attn_config=dict(clip_qkv=0.1)))])
+def test_the_clamp_is_recorded_and_changes_the_output(model_dir, tmp_path, name, clip):
+    convert(model_dir(name, **clip), tmp_path / "out", Options(), progress=False)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["model"]["qkv_clip"] == 0.1
+    m = load(tmp_path / "out")
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    clipped = m(ids)
+    m.spec["qkv_clip"] = 0.0
+    assert _rel(m(ids), clipped) > 1e-3        # the tiny models' q, k, v reach past 0.1: the clamp is applied
+
+
+def test_olmo_stores_no_norm_and_norms_without_a_weight(model_dir, tmp_path):
+    convert(model_dir("olmo"), tmp_path / "out", Options(tp=2), progress=False)
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["model"]["norm_affine"] is False and m["model"]["norm"] == "layer"
+    assert not any("norm" in name for r in m["ranks"] for name in r["tensors"])
+    r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "out")])
+    assert r.exit_code == 0 and "clamped to +-0.5" in r.output and "norms without weight or bias" in r.output
+
+
+def test_a_manifest_that_drops_the_norms_of_an_affine_model_is_refused(model_dir, tmp_path):
+    convert(model_dir("llama"), tmp_path / "out", Options(), progress=False)
+    path = tmp_path / "out" / "manifest.json"
+    m = json.loads(path.read_text())
+    m["model"]["norm_affine"] = "no"
+    path.write_text(json.dumps(m))
+    with pytest.raises(FmError, match="norm_affine"):
+        load(tmp_path / "out")
+
+
+@pytest.mark.parametrize("attn", [dict(qk_ln=True), dict(softmax_scale=0.3), dict(alibi=False)])
+def test_mpt_variants_transformers_ignores_are_refused(model_dir, tmp_path, attn):
+    src = model_dir("mpt", attn_config=dict(clip_qkv=0.5, **attn))
+    with pytest.raises(FmError, match="does not support"):
+        convert(src, tmp_path / "out", Options(), progress=False)
+    assert not (tmp_path / "out").exists()
