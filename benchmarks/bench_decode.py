@@ -88,21 +88,21 @@ def run(ctx: dict) -> list[dict]:
     return rows
 
 
-HYBRIDS = (("qwen35", "Qwen3.5 hybrid layers (2048 wide, 6 DeltaNet + 2 attention)", "QWEN35"),
-           ("granite_h", "Granite 4.0-H layers (2048 wide, 7 Mamba2 + 1 attention)", "GRANITE_H"),
-           ("falcon_mamba", "FalconMamba layers (2048 wide, 8 Mamba)", "FALCON_MAMBA"))
+HYBRIDS = (("qwen35", "Qwen3.5 hybrid layers (2048 wide, 6 DeltaNet + 2 attention)", "QWEN35", "sdpa"),
+           ("granite_h", "Granite 4.0-H layers (2048 wide, 7 Mamba2 + 1 attention)", "GRANITE_H", "sdpa"),
+           ("falcon_mamba", "FalconMamba layers (2048 wide, 8 Mamba)", "FALCON_MAMBA", "eager"))   # no attention
 
 
 def _hybrid(ctx, work, smoke, runs) -> list[dict]:
     """Hybrids: a Gated DeltaNet or Mamba2 layer's decode step reads a fixed-size state, whatever the context; only
     the attention layers grow with it."""
     rows = []
-    for key, label, shape in HYBRIDS:
+    for key, label, shape, attn in HYBRIDS:
         src = synth.build(getattr(synth, shape + ("_SMOKE" if smoke else "_LITE")), ctx["cache"])
         out = _convert(src, work / f"decode-{key}")
         for prompt in (16,) if smoke else (128, 1024):
             r = C.run_json([C.PY, WORKER, "decode", str(src), str(out), "--tokens", str(8 if smoke else 32),
-                            "--runs", str(max(runs, 1)), "--prompt-len", str(prompt)])
+                            "--runs", str(max(runs, 1)), "--prompt-len", str(prompt), "--attn", attn])
             rows.append(_row(f"{'smoke ' + key if smoke else label}, fp32, prompt {prompt}", r, ctx,
                              f"{key}_fp32_prompt{prompt}"))
         C.rmtree(out)

@@ -170,8 +170,9 @@ def inspect(out_dir, as_json):
     if md["mla"]:
         a = md["mla"]
         qpath = f"q through a rank-{a['q_rank']} bottleneck" if a["q_rank"] else "q straight from the hidden state"
+        rotated = "rotated" if md["position"]["type"] == "rope" else "unrotated"
         t.add_row("latent attention", f"{qpath}; k, v from one {a['kv_rank']}-wide latent per token + a shared "
-                  f"{a['rope_dim']}-dim rotated key (cached: {a['kv_rank'] + a['rope_dim']} values a token and "
+                  f"{a['rope_dim']}-dim {rotated} key (cached: {a['kv_rank'] + a['rope_dim']} values a token and "
                   f"layer); k {a['nope_dim']}+{a['rope_dim']}, v {a['v_dim']} a head")
     if md["linear_attn"]:
         a, n = md["linear_attn"], len(md["linear_layers"])

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from fmconvert.cli import cli
 from fmconvert.pipeline import Options, convert
 from fmconvert.reassemble import reassemble
 from fmconvert.runtime.load import load
@@ -33,6 +35,9 @@ def test_the_manifest_records_kda_and_slices_whole_heads(model_dir, tmp_path):
     assert t["layers.0.lin_f_b.weight"]["shape"] == [H * d, d] and t["layers.0.lin_g_b.weight"]["shape"] == [H * d, d]
     assert t["layers.0.lin_decay.dt_bias"]["shape"] == [H * d] and t["layers.0.lin_decay.a_log"]["shape"] == [H]
     assert "layers.0.q_b.weight" not in t and "layers.1.q_b.weight" in t and "layers.1.lin_in.weight" not in t
+    r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "out")])
+    assert r.exit_code == 0 and "KDA (a decay per key channel) in 3 of 4 layers" in r.output, r.output
+    assert "unrotated key" in r.output
 
 
 def test_a_log_goes_back_to_its_stored_shape(model_dir, tmp_path):

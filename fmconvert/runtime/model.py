@@ -93,8 +93,9 @@ class Block(nn.Module):
         elif self.linear and sp["linear_attn"]:      # the decay's parameters in fp32: g = -exp(A_log) * softplus(..)
             self.decay_rate = tensors["lin_decay.a_log"].float().exp()
             self.dt_bias = tensors["lin_decay.dt_bias"].float()
-        if sp["mla"] and not self.linear:   # latent attention's decode step takes kv_b into q and o: [H, nope, R],
-            #                                   [H, R, v]
+        # latent attention's decode step takes kv_b into q and o: [H, nope, R], [H, R, v] (Kimi Linear: not in
+        # its KDA layers)
+        if sp["mla"] and not self.linear:
             kv_b, nd = tensors["kv_b.weight"], sp["mla"]["nope_dim"]
             kv_b = kv_b.dequantize(model.dtype) if isinstance(kv_b, Int8Weight) else kv_b
             kv_b = kv_b.view(model.heads, nd + sp["mla"]["v_dim"], -1)
