@@ -17,10 +17,7 @@ from fmconvert.errors import FmError
 from fmconvert.pipeline import Options, convert
 from fmconvert.runtime.load import load
 from fmconvert.verify import verify
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
+from tiny import rel
 
 
 def test_the_manifest_records_the_latent_widths_and_slices_whole_heads(model_dir, tmp_path):
@@ -54,9 +51,9 @@ def test_yarn_sharpens_the_softmax_scale_as_deepseek_does(model_dir, tmp_path):
     ids = torch.randint(3, 100, (2, 10))
     with torch.no_grad():
         want = hf(ids).logits
-    assert _rel(m(ids), want) < 1e-5
+    assert rel(m(ids), want) < 1e-5
     m.scale = 1 / math.sqrt(24)
-    assert _rel(m(ids), want) > 1e-3
+    assert rel(m(ids), want) > 1e-3
 
 
 @pytest.mark.parametrize("name", ["deepseek_v3", "deepseek_v2"])
@@ -89,7 +86,7 @@ def test_absorbed_decode_equals_the_expanded_form(model_dir, tmp_path, name):
         s = m.decode_step(ids[:, j:j + 1], step, torch.tensor([step.length]))
         step.length += 1
         for got in (a, e, s):
-            assert _rel(got, full[:, j]) < 1e-4
+            assert rel(got, full[:, j]) < 1e-4
 
 
 def test_glm_4_7_flash_is_served_by_the_deepseek_v3_table(tmp_path):
@@ -126,9 +123,9 @@ def test_deepseek_v2_routes_within_its_best_groups_and_scales(model_dir, tmp_pat
     ids = torch.randint(3, 100, (2, 12))
     base = m(ids)
     m.spec["router_topk_groups"] = 4
-    assert _rel(m(ids), base) > 1e-3
+    assert rel(m(ids), base) > 1e-3
     m.spec["router_topk_groups"], m.spec["routed_scale"] = 1, 1.0
-    assert _rel(m(ids), base) > 1e-3
+    assert rel(m(ids), base) > 1e-3
 
 
 def test_greedy_deepseek_v2_ignores_its_groups(model_copy, tmp_path):

@@ -15,10 +15,7 @@ from fmconvert.pipeline import Options, convert
 from fmconvert.reassemble import reassemble
 from fmconvert.runtime.load import load
 from fmconvert.runtime.ops import TorchOps
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
+from tiny import rel
 
 
 def test_the_manifest_records_kda_and_slices_whole_heads(model_dir, tmp_path):
@@ -58,7 +55,7 @@ def test_a_prompt_continues_from_the_carried_state(model_dir, tmp_path):
     cache = m.new_cache(2, 16)
     assert cache.state[0].shape == (2, 4, 16, 16) and cache.state[1] is None      # layer 1 attends (latent cache)
     parts = torch.cat([m(ids[:, :4], cache), m(ids[:, 4:5], cache), m(ids[:, 5:], cache)], 1)
-    assert _rel(parts, whole) < 1e-5
+    assert rel(parts, whole) < 1e-5
 
 
 def test_the_per_channel_decay_is_applied_per_key_row():

@@ -14,10 +14,7 @@ from click.testing import CliRunner
 from fmconvert.cli import cli
 from fmconvert.pipeline import Options, convert
 from fmconvert.runtime.load import load
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
+from tiny import rel
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +49,7 @@ def test_each_departure_from_llama_matters(llama4):
     ids = torch.randint(3, 100, (2, 20))
     with torch.no_grad():
         want = hf(ids).logits
-    assert _rel(m(ids), want) < 1e-5
+    assert rel(m(ids), want) < 1e-5
     undo = [
         lambda: [setattr(b, "chunk", 0) for b in m.blocks],
         lambda: [setattr(b, "query_scale", None) for b in m.blocks],
@@ -62,7 +59,7 @@ def test_each_departure_from_llama_matters(llama4):
     for step in undo:
         m = load(out)
         step()
-        assert _rel(m(ids), want) > 1e-3
+        assert rel(m(ids), want) > 1e-3
 
 
 def test_cached_and_graph_safe_decode_cross_chunk_boundaries(llama4):
@@ -79,7 +76,7 @@ def test_cached_and_graph_safe_decode_cross_chunk_boundaries(llama4):
         a = m(ids[:, j:j + 1], eager)[:, -1]
         s = m.decode_step(ids[:, j:j + 1], static, torch.tensor([static.length]))
         static.length += 1
-        assert _rel(a, full[:, j]) < 1e-5 and _rel(s, full[:, j]) < 1e-5
+        assert rel(a, full[:, j]) < 1e-5 and rel(s, full[:, j]) < 1e-5
 
 
 def test_int8_experts_weigh_their_inputs(llama4, tmp_path):
@@ -92,7 +89,7 @@ def test_int8_experts_weigh_their_inputs(llama4, tmp_path):
     ids = torch.randint(3, 100, (1, 6))
     with torch.no_grad():
         want = hf(ids).logits
-    assert _rel(m(ids), want) < 0.03
+    assert rel(m(ids), want) < 0.03
 
 
 def test_chunked_layers_cache_one_chunk(llama4):
@@ -105,4 +102,4 @@ def test_chunked_layers_cache_one_chunk(llama4):
     ids = torch.randint(3, 100, (2, 20))
     full = m(ids)
     got = [m(ids[:, a:b], cache) for a, b in ((0, 3), (3, 9), (9, 10), (10, 17), (17, 20))]
-    assert _rel(torch.cat(got, 1), full) < 1e-5
+    assert rel(torch.cat(got, 1), full) < 1e-5

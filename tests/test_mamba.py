@@ -19,12 +19,9 @@ from fmconvert.pipeline import Options, convert
 from fmconvert.reassemble import reassemble
 from fmconvert.runtime.comm import ThreadGroup
 from fmconvert.runtime.load import load
+from tiny import rel
 
 MAMBA1 = ["mamba", "falcon_mamba", "jamba"]
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def test_the_manifest_records_mamba_and_slices_channels(model_dir, tmp_path):
@@ -72,10 +69,10 @@ def test_a_prompt_continues_from_the_carried_state(model_dir, tmp_path, name):
     assert cache.state[mamba_layer].shape == (2, m.spec["mamba"]["inner"], m.spec["mamba"]["state"])
     assert cache.k[mamba_layer].shape[2] == 0                             # no keys: a fixed-size state instead
     parts = torch.cat([m(ids[:, :5], cache), m(ids[:, 5:6], cache), m(ids[:, 6:], cache)], 1)
-    assert _rel(parts, whole) < 1e-5
+    assert rel(parts, whole) < 1e-5
     cache.reset()
     again = m(ids[:, :5], cache)                                          # a reset cache starts a new sequence
-    assert _rel(again, whole[:, :5]) < 1e-6
+    assert rel(again, whole[:, :5]) < 1e-6
 
 
 def test_falcon_mamba_norms_dt_b_and_c_without_weights(model_dir, tmp_path):
@@ -87,7 +84,7 @@ def test_falcon_mamba_norms_dt_b_and_c_without_weights(model_dir, tmp_path):
     ids = torch.randint(3, 100, (1, 10))
     with_norms = fused(ids)
     fused.spec["mamba"]["norms"] = None                  # the same weights without the norms: another model
-    assert _rel(fused(ids), with_norms) > 1e-2
+    assert rel(fused(ids), with_norms) > 1e-2
 
 
 def test_jamba_mixes_mamba_attention_dense_and_expert_layers(model_dir, tmp_path):

@@ -18,10 +18,7 @@ from fmconvert.errors import FmError
 from fmconvert.pipeline import Options, convert
 from fmconvert.reassemble import reassemble
 from fmconvert.runtime.load import load
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
+from tiny import rel
 
 
 def test_the_manifest_records_mamba2_and_replicates_a_single_group(model_dir, tmp_path):
@@ -65,7 +62,7 @@ def test_a_prompt_continues_from_the_carried_state(model_dir, tmp_path, name):
     cache = m.new_cache(2, 16)
     assert cache.state[0].shape == (2, 8, 16, 16 if name == "granite_hybrid" else 8)
     parts = torch.cat([m(ids[:, :6], cache), m(ids[:, 6:], cache)], 1)
-    assert _rel(parts, whole) < 1e-5
+    assert rel(parts, whole) < 1e-5
     cache.reset()
     assert all(s.abs().sum() == 0 for s in cache.state if s is not None)
 

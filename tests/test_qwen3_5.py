@@ -19,10 +19,7 @@ from fmconvert.errors import FmError
 from fmconvert.pipeline import Options, convert
 from fmconvert.runtime.generate import generate
 from fmconvert.runtime.load import load
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
+from tiny import rel
 
 
 def test_the_manifest_records_the_hybrid_and_slices_whole_heads(model_dir, tmp_path):
@@ -58,7 +55,7 @@ def test_a_deltanet_layer_caches_a_fixed_size_state_not_keys(model_dir, tmp_path
     assert small.state[0].abs().sum() > 0
     small.reset()                                   # a fresh sequence must not see the last one's state
     assert all(s.abs().sum() == 0 for s in small.state if s is not None)
-    assert _rel(m(ids, small), want) < 1e-6
+    assert rel(m(ids, small), want) < 1e-6
 
 
 @pytest.mark.parametrize("name", ["qwen3_5", "qwen3_next"])
@@ -71,7 +68,7 @@ def test_a_prompt_continues_from_the_carried_state(model_dir, tmp_path, name):
     whole = m(ids)
     cache = m.new_cache(2, 16)
     parts = torch.cat([m(ids[:, :6], cache), m(ids[:, 6:], cache)], 1)
-    assert _rel(parts, whole) < 1e-5
+    assert rel(parts, whole) < 1e-5
 
 
 def test_greedy_generation_equals_transformers(model_dir, tmp_path):
@@ -98,7 +95,7 @@ def test_the_multi_token_prediction_head_is_left_out_and_counted(model_dir, mode
     hf = transformers.Qwen3_5ForCausalLM.from_pretrained(model_dir("qwen3_5")).eval()
     ids = torch.randint(3, 100, (1, 5))
     with torch.no_grad():
-        assert _rel(m(ids), hf(ids).logits) < 1e-5
+        assert rel(m(ids), hf(ids).logits) < 1e-5
 
 
 def test_tp_must_split_the_linear_heads_whole(model_dir, tmp_path):
@@ -115,4 +112,4 @@ def test_a_model_of_deltanet_layers_only_runs(model_dir, tmp_path):
     hf = transformers.Qwen3_5ForCausalLM.from_pretrained(src).eval()
     ids = torch.randint(3, 100, (1, 7))
     with torch.no_grad():
-        assert _rel(load(tmp_path / "out")(ids), hf(ids, use_cache=False).logits) < 1e-5   # HF: no attention, no cache
+        assert rel(load(tmp_path / "out")(ids), hf(ids, use_cache=False).logits) < 1e-5   # HF: no attention, no cache

@@ -12,6 +12,7 @@ import torch
 import transformers
 
 import tiny
+from tiny import rel
 from fmconvert.pipeline import Options, convert
 from fmconvert.errors import FmError
 from fmconvert.runtime.comm import ThreadGroup
@@ -22,10 +23,6 @@ from fmconvert.runtime.load import load
 # int8 (group 32/128) moves these tiny random models' logits by up to 3% relative L2 (EXAONE 4's, over 40 prompts).
 INT8_LOGIT_BOUND = 0.03
 DECODERS = [f for f in tiny.FAMILIES if not f.startswith("bert")]
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.fixture(scope="module")

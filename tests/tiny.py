@@ -474,3 +474,8 @@ def save(name: str, path: Path, seed: int = 0, **overrides) -> Path:
     model = build(name, seed, **overrides)
     model.save_pretrained(path)
     return Path(path)
+
+
+def rel(a, b) -> float:
+    """The largest difference relative to the largest magnitude of b: the family tests' error measure."""
+    return ((a - b).abs().max() / b.abs().max()).item()

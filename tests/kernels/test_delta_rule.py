@@ -73,13 +73,43 @@ TRITON_SHAPES = [
 ]
 
 
+# (B, T, Hk, Hv, Dk, Dv): Dk 3, 16, 17 (pads to 4, -, 32); Dv 5, 16, 33 (one block, one full, three with a
+# 1-wide last); T 1, 2, 9; Hv = Hk and Hv = 2 * Hk.
+KDA_SHAPES = [
+    (1, 1, 1, 1, 3, 5),
+    (2, 2, 2, 2, 16, 33),
+    (1, 9, 1, 2, 17, 16),
+    (1, 9, 2, 4, 3, 33),
+]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", TRITON_SHAPES, ids=lambda s: "B{}-T{}-Hk{}-Hv{}-Dk{}-Dv{}".format(*s))
-def test_triton_matches_reference(shape, dtype, assert_close):
-    x = inputs(*shape, dtype=dtype, seed=30)
+@pytest.mark.parametrize("decay,shape", [("head", s) for s in TRITON_SHAPES] + [("channel", s) for s in KDA_SHAPES],
+                         ids=lambda s: "B{}-T{}-Hk{}-Hv{}-Dk{}-Dv{}".format(*s) if isinstance(s, tuple) else s)
+def test_triton_matches_reference(decay, shape, dtype, assert_close):
+    x = (inputs(*shape, dtype=dtype, seed=30) if decay == "head"       # KDA: a decay per key channel
+         else kda_inputs(*shape, dtype=dtype, seed=120))
     out = run(gated_delta, *x)
     assert out[0].dtype == dtype
     check(out, run(gated_delta_reference, *x), dtype, assert_close)
+
+
+def _views_match_contiguous(q, k, v, g, beta, pool, dtype, assert_close):
+    """The kernel on views (q|k|v column slices of one projection, the state one layer of a [B, 3, ...] pool)
+    equals the reference on contiguous copies, bit for bit the kernel on those copies, and leaves the pool's other
+    layers untouched. Returns (the reference's output, its final state, the initial state)."""
+    others, state = pool[:, [0, 2]].clone(), pool[:, 1]
+    assert not (q.is_contiguous() or v.is_contiguous() or state.is_contiguous())
+    s0 = state.clone()
+    o = gated_delta(q, k, v, g, beta, state, q.shape[-1] ** -0.5)
+    contig = [t.contiguous() for t in (q, k, v, g, beta)]
+    o_ref, s_ref = run(gated_delta_reference, *contig, s0)
+    assert_close(o, o_ref, dtype)
+    assert_close(pool[:, 1], s_ref, torch.float32)
+    assert torch.equal(pool[:, [0, 2]], others)
+    o_c, s_c = run(gated_delta, *contig, s0)
+    assert torch.equal(o, o_c) and torch.equal(pool[:, 1], s_c)
+    return o_ref, s_ref, s0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -95,18 +125,8 @@ def test_triton_views_of_fused_projection(dtype, assert_close):
     g, beta = -F.softplus(ab[..., 0]), torch.sigmoid(ab[..., 1])
     g, beta = torch.stack([g, beta], -1).unbind(-1)                                        # strided again
     pool = rand(B, 3, Hv, Dk, Dv, seed=42) * 0.5
-    others = pool[:, [0, 2]].clone()
-    state = pool[:, 1]
-    assert not (q.is_contiguous() or v.is_contiguous() or g.is_contiguous() or state.is_contiguous())
-    s0 = state.clone()
-    o = gated_delta(q, k, v, g, beta, state, Dk ** -0.5)
-    contig = [t.contiguous() for t in (q, k, v, g, beta)]
-    o_ref, s_ref = run(gated_delta_reference, *contig, s0)
-    assert_close(o, o_ref, dtype)
-    assert_close(pool[:, 1], s_ref, torch.float32)
-    assert torch.equal(pool[:, [0, 2]], others)                                            # other layers untouched
-    o_c, s_c = run(gated_delta, *contig, s0)
-    assert torch.equal(o, o_c) and torch.equal(pool[:, 1], s_c)
+    assert not g.is_contiguous()
+    o_ref, s_ref, s0 = _views_match_contiguous(q, k, v, g, beta, pool, dtype, assert_close)
     # The torch prompt path takes the same views.
     pool[:, 1] = s0
     assert_close(gated_delta_chunked(q, k, v, g, beta, pool[:, 1], Dk ** -0.5, chunk=4), o_ref, dtype)
@@ -227,23 +247,6 @@ def kda_inputs(B, T, Hk, Hv, Dk, Dv, dtype=torch.float32, seed=0):
     return q, k, v, g, beta, state
 
 
-# (B, T, Hk, Hv, Dk, Dv): Dk 3, 16, 17 (pads to 4, -, 32); Dv 5, 16, 33 (one block, one full, three with a
-# 1-wide last); T 1, 2, 9; Hv = Hk and Hv = 2 * Hk.
-KDA_SHAPES = [
-    (1, 1, 1, 1, 3, 5),
-    (2, 2, 2, 2, 16, 33),
-    (1, 9, 1, 2, 17, 16),
-    (1, 9, 2, 4, 3, 33),
-]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", KDA_SHAPES, ids=lambda s: "B{}-T{}-Hk{}-Hv{}-Dk{}-Dv{}".format(*s))
-def test_triton_per_channel_decay_matches_reference(shape, dtype, assert_close):
-    x = kda_inputs(*shape, dtype=dtype, seed=120)
-    out = run(gated_delta, *x)
-    assert out[0].dtype == dtype
-    check(out, run(gated_delta_reference, *x), dtype, assert_close)
 
 
 def test_per_channel_decay_equal_across_channels_is_per_head(assert_close):
@@ -270,19 +273,8 @@ def test_triton_per_channel_views_of_fused_projection(dtype, assert_close):
     g = (-F.softplus(rand(B, T, H * Dk + 7, seed=141) * 2))[..., 3:3 + H * Dk].view(B, T, H, Dk)
     beta = torch.sigmoid(rand(B, T, H, 2, seed=142))[..., 1]
     pool = rand(B, 3, H, Dk, Dv, seed=143) * 0.5
-    others = pool[:, [0, 2]].clone()
-    state = pool[:, 1]
-    assert not (q.is_contiguous() or v.is_contiguous() or g.is_contiguous() or beta.is_contiguous()
-                or state.is_contiguous())
-    s0 = state.clone()
-    o = gated_delta(q, k, v, g, beta, state, Dk ** -0.5)
-    contig = [t.contiguous() for t in (q, k, v, g, beta)]
-    o_ref, s_ref = run(gated_delta_reference, *contig, s0)
-    assert_close(o, o_ref, dtype)
-    assert_close(pool[:, 1], s_ref, torch.float32)
-    assert torch.equal(pool[:, [0, 2]], others)
-    o_c, s_c = run(gated_delta, *contig, s0)
-    assert torch.equal(o, o_c) and torch.equal(pool[:, 1], s_c)
+    assert not (g.is_contiguous() or beta.is_contiguous())
+    _views_match_contiguous(q, k, v, g, beta, pool, dtype, assert_close)
 
 
 def test_per_channel_prompt_then_decode_steps_equal_one_call(assert_close):

@@ -48,12 +48,13 @@ def test_gated_rms_norm_strided_x_and_an_fp32_gate(assert_close):
                  torch.bfloat16)
 
 
+@pytest.mark.parametrize("family,cls,D,gate", [("qwen3_5", "Qwen3_5RMSNormGated", 100, "silu"),
+                                               ("kimi_linear", "KimiLinearRMSNormGated", 128, "sigmoid")])
 @pytest.mark.parametrize("dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                            (torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
-def test_reference_is_transformers_bit_for_bit(dtype, w_dtype):
-    mod = pytest.importorskip("transformers.models.qwen3_5.modeling_qwen3_5")
-    D = 100
-    norm = mod.Qwen3_5RMSNormGated(D, eps=EPS)
+def test_reference_is_transformers_bit_for_bit(dtype, w_dtype, family, cls, D, gate):
+    mod = pytest.importorskip(f"transformers.models.{family}.modeling_{family}")
+    norm = getattr(mod, cls)(D, eps=EPS)
     with torch.no_grad():
         norm.weight.copy_(1 + 0.2 * torch.randn(D, generator=torch.Generator().manual_seed(6)))
     norm = norm.to(w_dtype)
@@ -61,7 +62,8 @@ def test_reference_is_transformers_bit_for_bit(dtype, w_dtype):
     z = gate_view((2, 3, 4, D), seed=8, dtype=dtype).cpu()
     with torch.no_grad():
         hf = norm(x, z)
-    assert torch.equal(gated_rms_norm_reference(x, z, norm.weight.detach(), EPS), hf)
+    ref = gated_rms_norm_reference(x, z, norm.weight.detach(), EPS, gate=gate)
+    assert ref.dtype == dtype and torch.equal(ref, hf)
 
 
 def test_gated_rms_norm_rejects_bad_inputs():
@@ -178,21 +180,6 @@ def test_sigmoid_gate_grouped_and_two_pass(shape, group, assert_close):
     assert_close(y, gated_rms_norm_reference(x, z, w, EPS, group_size=group, gate="sigmoid"), torch.float16)
 
 
-@pytest.mark.parametrize("dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                           (torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
-def test_sigmoid_reference_is_transformers_bit_for_bit(dtype, w_dtype):
-    mod = pytest.importorskip("transformers.models.kimi_linear.modeling_kimi_linear")
-    D = 128
-    norm = mod.KimiLinearRMSNormGated(D, eps=EPS)
-    with torch.no_grad():
-        norm.weight.copy_(1 + 0.2 * torch.randn(D, generator=torch.Generator().manual_seed(37)))
-    norm = norm.to(w_dtype)
-    x = rand(2, 3, 4, D, seed=38, dtype=dtype, scale=3.0).cpu()
-    z = gate_view((2, 3, 4, D), seed=39, dtype=dtype).cpu()
-    with torch.no_grad():
-        hf = norm(x, z)
-    ref = gated_rms_norm_reference(x, z, norm.weight.detach(), EPS, gate="sigmoid")
-    assert ref.dtype == dtype and torch.equal(ref, hf)
 
 
 def test_gate_keyword_rejects_bad_values():
