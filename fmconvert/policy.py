@@ -25,7 +25,7 @@ CONFIG_DIR = Path(os.environ.get("FMCONVERT_CONFIGS", Path(__file__).resolve().p
 LAYER_SLOTS = (
     "attn_norm.weight", "attn_norm.bias", "qkv.weight", "qkv.bias", "attn_out.weight", "attn_out.bias",
     "mlp_norm.weight", "mlp_norm.bias", "mlp_in.weight", "mlp_in.bias", "mlp_out.weight", "mlp_out.bias",
-    "q_norm.weight", "k_norm.weight",
+    "q_norm.weight", "k_norm.weight", "q_norm.bias", "k_norm.bias",   # Persimmon: q/k LayerNorms with biases
     "attn_post_norm.weight", "mlp_post_norm.weight",                 # Gemma 2: each half's output normed too
     "router.weight", "experts_in.weight", "experts_out.weight",      # mixture of experts, in place of mlp_in/out
     "router.bias", "experts_in.bias", "experts_out.bias",            # GPT-OSS: biases on all three
@@ -456,7 +456,9 @@ class Policy:
             attn_softcap=_number(c, "attn_softcap", 0.0, zero_ok=True),
             logit_softcap=_number(c, "logit_softcap", 0.0, zero_ok=True),
             logit_scale=1.0 / _number(c, "logit_divisor", 1.0) * _number(c, "logit_scale", 1.0),
-            residual_scale=_number(c, "residual_scale", 1.0),
+            residual_scale=_number(c, "residual_scale", 1.0) * (       # MiniCPM3: scale_depth / sqrt(layers)
+                _number(c, "residual_scale_depth", 1.0) / math.sqrt(c["num_layers"]) if "residual_scale_depth" in c
+                else 1.0),
             bos_token_id=getattr(config, "bos_token_id", None), eos_token_id=getattr(config, "eos_token_id", None),
             pad_token_id=getattr(config, "pad_token_id", None),
         )
@@ -825,6 +827,7 @@ class Policy:
             "pooler.weight": (h, h), "pooler.bias": (h,),
             "q_norm.weight": {"per_head": (H, hd), "full": (H * hd,)}.get(spec.qk_norm, (hd,)),
             "k_norm.weight": {"per_head": (KV, hd), "full": (KV * hd,)}.get(spec.qk_norm, (hd,)),
+            "q_norm.bias": (hd,), "k_norm.bias": (hd,),
             "router.weight": (spec.num_experts, h), "router.bias": (spec.num_experts,),
             "experts_in.weight": (spec.num_experts * glu * spec.intermediate_size, h),     # per expert: gate; up
             "experts_in.bias": (spec.num_experts * glu * spec.intermediate_size,),

@@ -1,5 +1,6 @@
-"""OLMo's and MPT's clamped q, k and v, OLMo's weightless LayerNorms and MPT's refusals, beyond the family tests
-(which run olmo, mpt and gpt_neo through tiny.FAMILIES, and GPT-Neo's local layers through the sliding-window test)."""
+"""OLMo's and MPT's clamped q, k and v, OLMo's weightless LayerNorms, MPT's refusals and Persimmon's biased q/k norms,
+beyond the family tests (which run olmo, mpt, persimmon and gpt_neo through tiny.FAMILIES, and GPT-Neo's local
+layers through the sliding-window test)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,18 @@ def test_mpt_variants_transformers_ignores_are_refused(model_dir, tmp_path, attn
     with pytest.raises(FmError, match="does not support"):
         convert(src, tmp_path / "out", Options(), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_persimmon_q_and_k_norms_take_their_biases(model_dir, tmp_path):
+    convert(model_dir("persimmon"), tmp_path / "out", Options(tp=2), progress=False)
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    t = m["ranks"][1]["tensors"]
+    assert t["layers.0.q_norm.bias"]["shape"] == [16] and t["layers.0.k_norm.bias"]["shape"] == [16]   # replicated
+    single = tmp_path / "tp1"
+    convert(model_dir("persimmon"), single, Options(), progress=False)
+    model = load(single)
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with_bias = model(ids)
+    for blk in model.blocks:
+        blk.t = {**blk.t, "q_norm.bias": torch.zeros_like(blk.t["q_norm.bias"])}
+    assert rel(model(ids), with_bias) > 1e-3

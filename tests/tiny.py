@@ -436,6 +436,14 @@ CONFIGS = {
         linear_head_dim=16, linear_num_heads=4, linear_conv_kernel_dim=4, max_position_embeddings=64,
         mlp_layer_types=["dense", "sparse", "sparse", "sparse"], pad_token_id=0, bos_token_id=1, eos_token_id=2,
         layer_types=["linear_attention", "full_attention", "linear_attention", "linear_attention"])),
+    "minicpm3": ("MiniCPM3Config", "MiniCPM3ForCausalLM", dict(     # latent attention with muP-style scales
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        vocab_size=101, max_position_embeddings=64, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=16, scale_emb=3.0, scale_depth=1.4, dim_model_base=16, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)),
+    "persimmon": ("PersimmonConfig", "PersimmonForCausalLM", dict(hidden_size=64, intermediate_size=96,
+                  num_hidden_layers=2, num_attention_heads=4, vocab_size=101, max_position_embeddings=64,
+                  qk_layernorm=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)),   # q/k norms with biases
 }
 FAMILIES = list(CONFIGS)
 

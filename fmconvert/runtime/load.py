@@ -67,6 +67,7 @@ def check_layout(m: dict, rank: int):
           "l2": ((hd,), (hd,))}
     q_norm, k_norm = qk[sp["qk_norm"]]
     layer = {"qkv.weight": (qkv, h), "qkv.bias": (qkv,), "q_norm.weight": q_norm, "k_norm.weight": k_norm,
+             "q_norm.bias": (hd,), "k_norm.bias": (hd,),
              "router.weight": (E, h), "experts_in.weight": (E * glu * ipr, h), "experts_out.weight": (E * h, ipr),
              "router.bias": (E,), "experts_in.bias": (E * glu * ipr,), "experts_out.bias": (E * h,),
              "attn_sinks.weight": (hpr,),

@@ -308,10 +308,10 @@ class Block(nn.Module):
         return y if weight is None else weight * y
 
     def _head_norm(self, q, k, qk_norm):
-        """Each q and k head normalised with the weight every head shares (q_norm, k_norm)."""
+        """Each q and k head normalised with the weight (and bias) every head shares (q_norm, k_norm)."""
         ops, eps, kind = self.m.ops, qk_norm[2], qk_norm[3]
-        return (ops.add_norm(q, None, qk_norm[0], None, eps, kind)[0],
-                ops.add_norm(k, None, qk_norm[1], None, eps, kind)[0])
+        return (ops.add_norm(q, None, qk_norm[0], qk_norm[4], eps, kind)[0],
+                ops.add_norm(k, None, qk_norm[1], qk_norm[5], eps, kind)[0])
 
     def _wide_qk_norm(self, q, k):
         """q/k norms whose weight is not shared by every head, in fp32 then rounded once: Command R+ normalises each
@@ -473,7 +473,8 @@ class Block(nn.Module):
         hd, Hq, Hk = m.head_dim, m.heads, m.kv_heads
         q, k, v = qkv.split([Hq * hd, Hk * hd, Hk * hd], dim=-1)
         q, k, v = q.view(B, T, Hq, hd), k.view(B, T, Hk, hd), v.view(B, T, Hk, hd)
-        qk_norm = (t["q_norm.weight"], t["k_norm.weight"], m.eps, m.norm) if "q_norm.weight" in t else None
+        qk_norm = (t["q_norm.weight"], t["k_norm.weight"], m.eps, m.norm, t.get("q_norm.bias"), t.get("k_norm.bias")) \
+            if "q_norm.weight" in t else None                   # Persimmon's q/k LayerNorms have biases
         if qk_norm is not None and m.spec["qk_norm"] not in ("head", "l2"):
             q, k = self._wide_qk_norm(q, k)
             qk_norm = None

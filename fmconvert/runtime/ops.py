@@ -215,10 +215,11 @@ class TorchOps:
                       ring=False):
         """One new token per sequence at position pos_t (device tensor [1]): rotate q and k (cos None: no RoPE),
         write k and v into the caches [B, Hkv, S_max, D] there (ring: at row pos_t % S_max); returns q [B, Hq, D].
-        qk_norm: (q weight, k weight, eps, norm kind) to normalise each q and k head first (Qwen3), or None."""
+        qk_norm: (q weight, k weight, eps, norm kind, q bias, k bias) to normalise each q and k head first (Qwen3;
+        the biases: Persimmon), or None."""
         if qk_norm is not None:
-            q = self.add_norm(q, None, qk_norm[0], None, qk_norm[2], qk_norm[3])[0]
-            k = self.add_norm(k, None, qk_norm[1], None, qk_norm[2], qk_norm[3])[0]
+            q = self.add_norm(q, None, qk_norm[0], qk_norm[4], qk_norm[2], qk_norm[3])[0]
+            k = self.add_norm(k, None, qk_norm[1], qk_norm[5], qk_norm[2], qk_norm[3])[0]
         if cos is not None:
             q, k = self.rope(q, k, cos, sin, pos_t.view(1, 1).expand(q.shape[0], 1), style, rotary_dim)
         row = pos_t % k_cache.shape[2] if ring else pos_t
@@ -607,7 +608,8 @@ class TritonOps(TorchOps):
 
     def decode_append(self, q, k, v, k_cache, v_cache, pos_t, cos, sin, style, rotary_dim, qk_norm=None,
                       ring=False):
-        fusable_norm = qk_norm is None or (qk_norm[3] in ("rms", "rms_plus_one") and cos is not None)
+        fusable_norm = qk_norm is None or (qk_norm[3] in ("rms", "rms_plus_one") and cos is not None
+                                           and qk_norm[4] is None)
         if not self.fuse_decode_append or not fusable_norm:
             return super().decode_append(q, k, v, k_cache, v_cache, pos_t, cos, sin, style, rotary_dim, qk_norm,
                                          ring)

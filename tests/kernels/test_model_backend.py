@@ -61,7 +61,7 @@ def _decode_steps(model, ids, start, steps):
                                        ("ministral3", False), ("deepseek_v2", False), ("llama4", False),
                                        ("qwen3_5", True), ("qwen3_5_moe", False), ("granite_hybrid_dense", True),
                                        ("nemotron_h_dense", False), ("lfm2", True), ("biogpt", True),
-                                       ("falcon_mamba", True), ("mamba2", False), ("olmo", True)])
+                                       ("falcon_mamba", True), ("mamba2", False), ("olmo", True), ("persimmon", False)])
 def test_triton_decode_step_matches_torch_backend(model_dir, tmp_path, name, int8):
     """The fused rope + KV-append decode step (RoPE, learned positions, ALiBi; GQA in mistral; windows, soft caps
     and a second RoPE in Gemma 2/3, decoded past the window) against the torch backend's, with the fusion on (and
