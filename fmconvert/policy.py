@@ -329,7 +329,7 @@ class Policy:
         self.as_row: set[str] = set(self.layout.get("as_row", []))    # a vector stored as [1, n] (ERNIE 4.5)
         # a vector stored in another shape, -1 its length (Kimi Linear's A_log: [1, 1, heads, 1])
         self.stored_shape: dict[str, list] = dict(self.layout.get("stored_shape", {}))
-        for key, values in (("experts", ("per_expert", "stacked")), ("gate_up", ("halves", "interleaved"))):
+        for key, values in (("experts", ("per_expert", "stacked", "flat")), ("gate_up", ("halves", "interleaved"))):
             if self.layout.get(key, values[0]) not in values:
                 raise FmError(f"{path.name}: layout.{key} must be {' or '.join(values)}, got {self.layout[key]!r}")
         self.wrapper: str | None = None                  # set on a view through a vision-language wrapper
@@ -940,6 +940,8 @@ class Policy:
                 full = self.canonical_shape(spec, slot)
                 if not full:                    # a scalar (Apertus's xIELU beta and eps)
                     shapes = [()]
+                elif self._flat(slot):          # DBRX: each of gate, up, down one [E * I, hidden] tensor
+                    shapes = [(spec.num_experts * spec.intermediate_size, spec.hidden_size)] * len(names)
                 elif self._stacked(slot):       # one [E, ...] tensor: each expert's matrix (transposed) or bias
                     one = (full[0] // spec.num_experts, *full[1:])
                     shapes = [(spec.num_experts, *(reversed(one) if slot in self.transposed else one))]
@@ -971,6 +973,11 @@ class Policy:
         not one tensor per expert."""
         return self.layout.get("experts") == "stacked" and slot.startswith("experts_")
 
+    def _flat(self, slot: str) -> bool:
+        """Layout `experts = "flat"` (DBRX): every expert's gate rows in one [E * I, hidden] tensor, their up rows in
+        another, and their down projections transposed in a third ([E * I, hidden], each expert's [I, hidden])."""
+        return self.layout.get("experts") == "flat" and slot in ("experts_in.weight", "experts_out.weight")
+
     def _gate_up_interleaved(self, slot: str) -> bool:
         """Layout `gate_up = "interleaved"` (GPT-OSS's experts): gate and up rows alternate, where the canonical
         layout has all gate rows, then all up rows."""
@@ -979,6 +986,11 @@ class Policy:
     # -- the rewrite hook -------------------------------------------------------------------------------------
     def fuse(self, spec: ModelSpec, slot: str, parts: list[torch.Tensor]) -> torch.Tensor:
         """HF tensors of a slot -> the canonical full (unsharded) tensor: transposes and de-interleaving, once."""
+        if self._flat(slot):
+            E, I, h = spec.num_experts, spec.intermediate_size, spec.hidden_size
+            if slot == "experts_in.weight":            # [E * I, h] x (gate, up) -> per expert [gate; up]
+                return torch.stack([p.reshape(E, I, h) for p in parts], 1).reshape(E * 2 * I, h).contiguous()
+            return parts[0].reshape(E, I, h).transpose(1, 2).reshape(E * h, I).contiguous()
         if slot in self.as_row:
             parts = [p.squeeze(0) for p in parts]
         if slot in self.stored_shape:
@@ -1038,6 +1050,12 @@ class Policy:
 
     def unfuse(self, spec: ModelSpec, slot: str, t: torch.Tensor, n_parts: int) -> list[torch.Tensor]:
         """Inverse of `fuse`: the canonical tensor back to the HF tensors, in HF layout."""
+        if self._flat(slot):
+            E, I, h = spec.num_experts, spec.intermediate_size, spec.hidden_size
+            if slot == "experts_in.weight":
+                t = t.reshape(E, 2, I, h)
+                return [t[:, 0].reshape(E * I, h).contiguous(), t[:, 1].reshape(E * I, h).contiguous()]
+            return [t.reshape(E, h, I).transpose(1, 2).reshape(E * I, h).contiguous()]
         if self._stacked(slot):
             E = spec.num_experts
             t = t.reshape(E, -1, *t.shape[1:])

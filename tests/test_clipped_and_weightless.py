@@ -1,6 +1,6 @@
-"""OLMo's and MPT's clamped q, k and v, OLMo's weightless LayerNorms, MPT's refusals and Persimmon's biased q/k norms,
-beyond the family tests (which run olmo, mpt, persimmon and gpt_neo through tiny.FAMILIES, and GPT-Neo's local
-layers through the sliding-window test)."""
+"""OLMo's, MPT's and DBRX's clamped q, k and v, OLMo's weightless LayerNorms, the MPT and DBRX variants refused,
+Persimmon's biased q/k norms, beyond the family tests (which run olmo, mpt, dbrx, persimmon and gpt_neo through
+tiny.FAMILIES, and GPT-Neo's local layers through the sliding-window test)."""
 
 from __future__ import annotations
 
@@ -68,3 +68,10 @@ def test_persimmon_q_and_k_norms_take_their_biases(model_dir, tmp_path):
     for blk in model.blocks:
         blk.t = {**blk.t, "q_norm.bias": torch.zeros_like(blk.t["q_norm.bias"])}
     assert rel(model(ids), with_bias) > 1e-3
+
+
+@pytest.mark.parametrize("ffn", [dict(moe_normalize_expert_weights=2.0), dict(moe_jitter_eps=0.01)])
+def test_dbrx_routing_the_runtime_does_not_implement_is_refused(model_dir, tmp_path, ffn):
+    src = model_dir("dbrx", ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2, **ffn))
+    with pytest.raises(FmError, match="does not support"):
+        convert(src, tmp_path / "out", Options(), progress=False)

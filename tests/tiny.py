@@ -444,6 +444,9 @@ CONFIGS = {
     "persimmon": ("PersimmonConfig", "PersimmonForCausalLM", dict(hidden_size=64, intermediate_size=96,
                   num_hidden_layers=2, num_attention_heads=4, vocab_size=101, max_position_embeddings=64,
                   qk_layernorm=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)),   # q/k norms with biases
+    "dbrx": ("DbrxConfig", "DbrxForCausalLM", dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=101,
+             attn_config=dict(kv_n_heads=2, clip_qkv=0.5, rope_theta=10000),       # experts in three flat tensors
+             ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2))),
 }
 FAMILIES = list(CONFIGS)
 
