@@ -759,6 +759,8 @@ class Policy:
                 params = dict(getattr(config, "rope_scaling", None) or {})
                 params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
             local = None
+            if c.get("layer_thetas") is not None:
+                params, local = self._layer_thetas(config, c, params)
             if per_layer_type(params):          # Gemma 3: one RoPE for full-attention layers, one for windowed ones
                 if "full_attention" not in params or set(params) - {"full_attention", "sliding_attention"}:
                     raise FmError(f"config.json: rope_parameters per layer kind must name full_attention (and "
@@ -797,6 +799,27 @@ class Policy:
                     raise FmError("config.json: longrope for the windowed layers' RoPE is not supported")
             return pos
         raise FmError(f"{self.path.name}: unknown position scheme {kind!r}")
+
+    @staticmethod
+    def _layer_thetas(config, c, params: dict) -> tuple[dict, dict | None]:
+        """Granite SWA's layer_rope_theta: a RoPE base per layer, 0 for none. The layers at 0 go without positional
+        encoding (recorded as `uses_rope`); the others take one base per layer kind: the full-attention layers'
+        (the main RoPE) and the windowed layers' (Gemma 3's local RoPE), or one for all. -> (main, local or None)."""
+        thetas, n = c["layer_thetas"], c["num_layers"]
+        types = getattr(config, "layer_types", None) or ["full_attention"] * n
+        if not isinstance(thetas, (list, tuple)) or len(thetas) != n or len(types) != n or any(
+                type(t) not in (int, float) or not 0 <= t < math.inf for t in thetas):
+            raise FmError(f"config.json: layer_rope_theta must give a non-negative RoPE base for each of the {n} "
+                          f"layers, got {str(thetas)[:80]}")
+        c["uses_rope"] = [int(t != 0) for t in thetas]
+        full = {float(t) for t, k in zip(thetas, types) if t and k != "sliding_attention"}
+        window = {float(t) for t, k in zip(thetas, types) if t and k == "sliding_attention"}
+        if len(full) > 1 or len(window) > 1:
+            raise FmError("config.json: layer_rope_theta gives layers of one kind different RoPE bases; fmconvert "
+                          "supports one base for the full-attention layers and one for the windowed ones")
+        main = {**params, "rope_theta": next(iter(full or window), params.get("rope_theta", 10000.0))}
+        local = {**params, "rope_theta": next(iter(window))} if full and window and window != full else None
+        return main, local
 
     # -- tensors ----------------------------------------------------------------------------------------------
     def _entries(self, section: dict, flags: dict):

@@ -324,6 +324,7 @@ WINDOWED = {   # family -> config overrides that give it a 5-position window, an
     "exaone4": ({}, [0, 1, 2]),   # and its global layer has no RoPE
     "gpt_oss": ({}, [0]),     # and every head has a softmax sink
     "gpt_neo": ({}, [1]),     # its "local" layers, and no softmax scale
+    "granite_swa": ({}, [1, 2]),   # and a RoPE base per layer: none in layer 0, the windowed layers' own
 }
 
 
@@ -352,6 +353,15 @@ def test_sliding_window_attention_matches_transformers_past_the_window(model_dir
     for blk in m.blocks:
         blk.window = 0
     assert rel(m(ids), want) > 1e-3
+
+
+def test_granite_swa_layer_thetas_go_to_nope_layers_and_a_local_rope(model_dir, tmp_path):
+    convert(model_dir("granite_swa"), tmp_path / "out", Options(), progress=False)
+    sp = load(tmp_path / "out").spec
+    assert sp["nope_layers"] == [0] and sp["position"]["theta"] == 500.0 and sp["position"]["local"]["theta"] == 1e4
+    with pytest.raises(FmError, match="different RoPE bases"):        # two bases among the windowed layers
+        convert(model_dir("granite_swa", layer_rope_theta=[0, 1e4, 2e4, 500.0]), tmp_path / "bad", Options(),
+                progress=False)
 
 
 @pytest.mark.parametrize("name", ["mistral", "gemma3"])

@@ -447,6 +447,19 @@ CONFIGS = {
     "dbrx": ("DbrxConfig", "DbrxForCausalLM", dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=64, vocab_size=101,
              attn_config=dict(kv_n_heads=2, clip_qkv=0.5, rope_theta=10000),       # experts in three flat tensors
              ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2))),
+    "granite_swa": ("GraniteSWAConfig", "GraniteSWAForCausalLM", dict(    # windows, sinks, a RoPE base per layer
+        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=101, max_position_embeddings=64, sliding_window=4,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        layer_rope_theta=[0, 10000.0, 10000.0, 500.0], embedding_multiplier=2.0, attention_multiplier=0.2,
+        residual_multiplier=0.5, logits_scaling=4.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "granitemoe_swa": ("GraniteMoeSWAConfig", "GraniteMoeSWAForCausalLM", dict(   # and a mixture, stacked experts
+        hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=101, max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2,
+        shared_intermediate_size=48, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], layer_rope_theta=[1e4, 0, 1e4],
+        embedding_multiplier=2.0, attention_multiplier=0.2, residual_multiplier=0.5, logits_scaling=4.0,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 FAMILIES = list(CONFIGS)
 
