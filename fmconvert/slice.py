@@ -61,10 +61,10 @@ HEADS = ("q_b.weight", "kv_b.weight", "attn_sinks.weight",      # whole heads' r
          "lin_decay.a_log", "lin_decay.dt_bias", "ssm.a_log", "ssm.dt_bias", "ssm.d", "ssm_norm.weight",
          "mamba_conv.weight", "mamba_conv.bias", "mamba_dt.weight", "mamba_dt.bias", "mamba.a_log", "mamba.d",
          "lin_f_b.weight", "lin_g_b.weight")
-# Row-parallel slots: split along dim 1 (K), each rank's product a partial sum
-ROW = ("attn_out.weight", "mlp_out.weight", "lin_out.weight", "ssm_out.weight", "sconv_out.weight",
-       "mamba_out.weight", "mamba_x.weight")
-ROW_K = ROW[2:]         # split evenly along K, nothing padded
+# Row-parallel slots: split along dim 1 (K), each rank's product a partial sum. The linear mixers' (ROW_K) split
+# evenly along K with nothing padded.
+ROW_K = ("lin_out.weight", "ssm_out.weight", "sconv_out.weight", "mamba_out.weight", "mamba_x.weight")
+ROW = ("attn_out.weight", "mlp_out.weight", *ROW_K)
 # A linear mixer's fused slots, part by part: q, k, v(, z, b, a) for Gated DeltaNet, x(, B, C) or z, x, B, C, dt for
 # Mamba2 (see `_mixer_parts`)
 MIXER_PARTS = ("lin_in.weight", "lin_conv.weight", "lin_conv.bias", "ssm_in.weight", "ssm_in.bias",

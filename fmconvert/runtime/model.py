@@ -90,6 +90,11 @@ class Block(nn.Module):
         elif self.linear and sp["mamba"]:     # Mamba 1's per-channel decay rows and skip, fp32 once
             self.ssm_a = -tensors["mamba.a_log"].float().exp()
             self.ssm_d = tensors["mamba.d"].float()
+            if sp["mamba"]["norms"] == "plain":   # FalconMamba's dt/B/C norms have no weight: a weight of ones
+                R, N = sp["mamba"]["dt_rank"], sp["mamba"]["state"]
+                self.t = tensors = {**tensors, **{f"mamba_{n}_norm.weight": torch.ones(w, dtype=model.dtype,
+                                                                                       device=model.device)
+                                                  for n, w in (("dt", R), ("b", N), ("c", N))}}
         elif self.linear and sp["linear_attn"]:      # the decay's parameters in fp32: g = -exp(A_log) * softplus(..)
             self.decay_rate = tensors["lin_decay.a_log"].float().exp()
             self.dt_bias = tensors["lin_decay.dt_bias"].float()
@@ -295,17 +300,10 @@ class Block(nn.Module):
         p = m.comm.all_reduce(m.ops.linear(x, t["mamba_x.weight"]))           # (B, T, R + 2N), every rank's sum
         dt, b, c = p.split([R, N, N], dim=-1)
         if s["norms"]:
-            dt, b, c = (self._rms(v, t.get(f"mamba_{n}_norm.weight"), s["norm_eps"])
+            dt, b, c = (m.ops.add_norm(v, None, t[f"mamba_{n}_norm.weight"], None, s["norm_eps"], "rms")[0]
                         for v, n in ((dt, "dt"), (b, "b"), (c, "c")))
         dt = m.ops.linear(dt, t["mamba_dt.weight"], t["mamba_dt.bias"])       # (B, T, Dc): softplus in the scan
         return m.ops.mamba_scan(x, dt, self.ssm_a, b, c, self.ssm_d, z, state)
-
-    @staticmethod
-    def _rms(x, weight, eps):
-        """An RMS norm in fp32 rounded to x's dtype, then times the weight (None: FalconMamba's has none)."""
-        xf = x.float()
-        y = (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)).to(x.dtype)
-        return y if weight is None else weight * y
 
     def _head_norm(self, q, k, qk_norm):
         """Each q and k head normalised with the weight (and bias) every head shares (q_norm, k_norm)."""
