@@ -538,6 +538,8 @@ def sweep(shapes=LINEAR_SHAPES, M=1):
     cands = list(_GEMV_CONFIGS) + [
         cfg(8, 2048, 8, 3), cfg(2, 4096, 8, 3), cfg(1, 4096, 4, 3), cfg(16, 512, 8, 3), cfg(8, 512, 4, 3),
         cfg(4, 1024, 4, 2), cfg(1, 1024, 1, 3), cfg(2, 512, 2, 3),
+        # software-pipelined loads (every candidate above is num_stages=1)
+        cfg(2, 2048, 4, 3, st=2), cfg(4, 1024, 4, 3, st=3), cfg(2, 1024, 4, 3, st=3),
     ]
     dt = torch.bfloat16
     print("config".ljust(44) + "".join(f"{n}x{k}".rjust(22) for n, k in shapes))

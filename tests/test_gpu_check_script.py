@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 import os
 import subprocess
 import sys
@@ -95,3 +96,29 @@ def test_fused_append_ab_interleaves_and_restores(monkeypatch):
     with pytest.raises(ZeroDivisionError):
         mod.fused_append_ab(m, None, 4)
     assert m.ops.fuse_decode_append is True
+
+
+def test_kernel_tests_run_in_parallel_groups_and_are_cut_short(tmp_path):
+    """The CUDA kernel tests run as background groups while the model converts: a group that outlasts the wait is
+    stopped and reported from its progress dots, and failures are counted, not lost."""
+    mod = _gpu_check()
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    (tests / "test_ok.py").write_text("def test_a():\n    pass\n\ndef test_b():\n    pass\n")
+    (tests / "test_bad.py").write_text("def test_c():\n    assert 1 == 2\n")
+    (tests / "test_slow.py").write_text("import time\n\ndef test_d():\n    pass\n\n"
+                                        "def test_e():\n    time.sleep(60)\n")
+    (tests / "test_int8_gemv_cpu.py").write_text("def test_skipped_file():\n    assert False\n")
+    assert mod.kernel_test_groups(tests) == [["test_bad.py"], ["test_ok.py"], ["test_slow.py"]]
+    out = tmp_path / "out"
+    out.mkdir()
+    procs = mod.start_kernel_tests(out, tests)
+    time.sleep(8)
+    res = mod.join_kernel_tests(procs, out, wait_s=2, ran_s=8)
+    by_file = {g["files"][0]: g for g in res["groups"]}
+    assert by_file["test_ok.py"]["passed"] == 2 and by_file["test_ok.py"]["returncode"] == 0
+    assert by_file["test_bad.py"]["failed"] == 1 and by_file["test_bad.py"]["returncode"] == 1
+    assert by_file["test_slow.py"]["cut_short"] and by_file["test_slow.py"]["returncode"] != 0
+    assert res["failed"] == 1 and res["cut_short"]
+    assert "assert 1 == 2" in (out / "kernel_tests.log").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["kernel_tests.log"]
