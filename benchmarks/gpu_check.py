@@ -111,9 +111,10 @@ def ours_decode_tok_s(model, prompt, new):
 
 
 # Kernel-name substrings per category, matched in this order (lowercased): the first hit wins, so the int8 GEMV's
-# split-K epilogue stays with int8 and a rope+append kernel is not taken for attention.
+# split-K epilogue stays with int8 (cuBLAS's own split-K kernels are GEMMs) and a rope+append kernel is not taken
+# for attention.
 CATEGORIES = (
-    ("int8", ("int8", "splitk")),
+    ("int8", ("int8", "_splitk_epilogue")),
     ("rope_append", ("rope", "append")),
     ("norm", ("norm",)),
     ("attention", ("decode", "attention", "attn", "flash", "sdpa", "fmha")),

@@ -68,11 +68,13 @@ def test_kernel_events_cuda_branch():
               ev("_rope_append_kernel", DeviceType.CUDA, 3), ev("_decode_partial_kernel", DeviceType.CUDA, 5),
               ev("_add_norm_kernel", DeviceType.CUDA, 2), ev("nvjet_tst_128x64_64x8", DeviceType.CUDA, 40),
               ev("void at::native::index_elementwise_kernel<128, 4>", DeviceType.CUDA, 1),
+              ev("nvjet_sm90_tst_128x8_64x12_4x1_v_bz_splitK_TNT", DeviceType.CUDA, 6),
+              ev("void cublasLt::splitKreduce_kernel<32, 16, int, float, __nv_bfloat16>", DeviceType.CUDA, 1),
               ev("cudaLaunchKernel", DeviceType.CPU, 4), ev("my_range", DeviceType.CUDA, 90, annotation=True)]
     got = mod.profiled_events(SimpleNamespace(events=lambda: events), cuda=True)
-    assert [us for _, us in got] == [30, 2, 3, 5, 2, 40, 1]
+    assert [us for _, us in got] == [30, 2, 3, 5, 2, 40, 1, 6, 1]
     assert [mod.category(n) for n, _ in got] == ["int8", "int8", "rope_append", "attention", "norm", "gemm",
-                                                "copy_elementwise"]
+                                                "copy_elementwise", "gemm", "gemm"]
 
 
 def test_fused_append_ab_interleaves_and_restores(monkeypatch):

@@ -176,7 +176,10 @@ def test_reference_matches_transformers(assert_close):
     mod = pytest.importorskip("transformers.models.qwen3_5.modeling_qwen3_5")
     B, T, Hk, Hv, Dk, Dv = 2, 7, 2, 4, 24, 40
     q, k, v, g, beta, state = inputs(B, T, Hk, Hv, Dk, Dv, seed=80)
-    o_hf, s_hf = mod.torch_recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=state.clone(),
+    # Older transformers (5.17, the GPU image's) take q/k already repeated to the value heads; newer ones group
+    # them inside. Repeated here, both read the same grouping: value head h uses key head h // (Hv // Hk).
+    qr, kr = (t.repeat_interleave(Hv // Hk, dim=2) for t in (q, k))
+    o_hf, s_hf = mod.torch_recurrent_gated_delta_rule(qr, kr, v, g, beta, initial_state=state.clone(),
                                                       output_final_state=True, use_qk_l2norm_in_kernel=True)
     o, s = run(gated_delta_reference, q, k, v, g, beta, state)
     assert_close(o, o_hf, torch.float32, tol=1e-5)

@@ -215,7 +215,7 @@ def test_int8_expert_linear_bias(act, dtype, assert_close):
 def test_int8_linear_bias_reaches_gate_and_up_rows(path, M, split, assert_close):
     # Bias on the fused [gate; up] rows is added to both halves before the clamped SwiGLU, on every path.
     x, _, q, s, _ = make(M, 34, 192, 64, torch.float32, bias=False)
-    b = torch.randn(34, generator=torch.Generator().manual_seed(2), device=DEVICE) * 0.5
+    b = torch.randn(34, generator=torch.Generator().manual_seed(2)).to(DEVICE) * 0.5
     y = int8_linear(x, q, s, 64, b, OAI, _path=path, _split_k=split)
     h = x @ dequantize(q, s, 64).T + b
     gate, up = h[:, :17].clamp(max=0.6), h[:, 17:].clamp(-0.6, 0.6)
