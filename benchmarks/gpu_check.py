@@ -224,19 +224,21 @@ KERNEL_TEST_GROUPS = (("test_attention.py",), ("test_int8_matmul.py",), ("test_m
 KERNEL_TEST_SKIP = ("test_int8_gemv_cpu.py", "test_benchmark_script.py")
 
 
-def kernel_test_groups(test_dir: Path) -> list:
-    present = sorted(p.name for p in test_dir.glob("test_*.py") if p.name not in KERNEL_TEST_SKIP)
+def kernel_test_groups(test_dir: Path, only=()) -> list:
+    present = sorted(p.name for p in test_dir.glob("test_*.py") if p.name not in KERNEL_TEST_SKIP
+                     and (not only or p.name in only))
     groups = [[f for f in g if f in present] for g in KERNEL_TEST_GROUPS]
     named = {f for g in groups for f in g}
     groups += [[f] for f in present if f not in named]
     return [g for g in groups if g]
 
 
-def start_kernel_tests(out: Path, test_dir: Path = ROOT / "tests" / "kernels") -> list:
-    """One background pytest per group, each writing its own log; returns [(files, Popen, log path)]."""
+def start_kernel_tests(out: Path, test_dir: Path = ROOT / "tests" / "kernels", only=()) -> list:
+    """One background pytest per group (of the files in `only`, if given), each writing its own log; returns
+    [(files, Popen, log path)]."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     procs = []
-    for i, files in enumerate(kernel_test_groups(test_dir)):
+    for i, files in enumerate(kernel_test_groups(test_dir, only)):
         log = out / f".kernel_tests_{i}.log"
         cmd = [sys.executable, "-m", "pytest", "-q", "--maxfail=20", "-p", "no:cacheprovider",
                *(str(test_dir / f) for f in files)]
@@ -348,6 +350,11 @@ def main():
                     help="the stages after the 7B model run only while this many seconds have not passed")
     ap.add_argument("--tests-wait-s", type=float, default=120,
                     help="how long the kernel tests may still run once the model is converted")
+    ap.add_argument("--kernel-parts", default="",
+                    help="comma-separated parts of gpu_kernels.py to time (linear, float_gemv, ...); all if empty")
+    ap.add_argument("--test-files", default="",
+                    help="comma-separated files of tests/kernels to run on CUDA; all if empty")
+    ap.add_argument("--only-7b", action="store_true", help="no small models and no GEMV sweep after the 7B model")
     ap.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes on CPU, to check the script itself")
     args = ap.parse_args()
     global DEV
@@ -373,7 +380,7 @@ def main():
         """The CUDA kernel tests, in parallel groups in the background: they compile on the CPU while the model is
         built and converted (untimed work), and are joined before any timing of the model starts."""
         tests["t0"] = time.perf_counter()
-        tests["procs"] = start_kernel_tests(out)
+        tests["procs"] = start_kernel_tests(out, only=[f for f in args.test_files.split(",") if f])
 
     @stage("kernel_tests", out)
     def join_tests(wait_s):
@@ -383,7 +390,7 @@ def main():
     def kernel_bench():
         from benchmarks import gpu_kernels
         rep: dict = {}
-        rows = gpu_kernels.run(rep)
+        rows = gpu_kernels.run(rep, [p for p in args.kernel_parts.split(",") if p])
         for r in rows:
             print("  ", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
         return {"rows": rows, "meta": rep}
@@ -605,6 +612,8 @@ def main():
     # Each small-model stage (about a minute each) only while enough of --deadline-s is left for it and the ones after
     for name, fn, need in (("mla_decode", mla_decode, 170), ("hybrid_decode", hybrid_decode, 120),
                            ("mamba_decode", mamba_decode, 70)):
+        if args.only_7b:
+            continue
         if args.deadline_s - (time.perf_counter() - t_start) > need or args.dry_run_cpu:
             fn()
         else:
@@ -617,7 +626,9 @@ def main():
         return {"rows": [{"config": k[0], "N": k[1], "K": k[2], "us": round(v[0] * 1000, 2),
                           "GBps": round(v[1], 1)} for k, v in data.items()]}
 
-    if DEV == "cuda" and args.deadline_s - (time.perf_counter() - t_start) > 45:
+    if args.only_7b:
+        pass
+    elif DEV == "cuda" and args.deadline_s - (time.perf_counter() - t_start) > 45:
         gemv_sweep()
     elif DEV == "cuda":
         REPORT["stages"]["gemv_sweep"] = {"ok": False, "error": "skipped: too little of --deadline-s left"}

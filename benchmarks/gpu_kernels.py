@@ -107,10 +107,11 @@ def _weights(N, K, dt):
     return q0, s0, int8_bytes, qs, ws
 
 
-def bench_linear(rows, ms_list=LINEAR_MS, shapes=LINEAR_SHAPES):
+def bench_linear(rows, ms_list=None, shapes=LINEAR_SHAPES):
     from fmconvert.kernels import int8_linear, int8_linear_reference
 
     dev, dt = "cuda", torch.bfloat16
+    ms_list = ms_list or LINEAR_MS
     for N, K in shapes:
         q0, s0, int8_bytes, qs, ws = _weights(N, K, dt)
         for M in ms_list:
@@ -183,6 +184,31 @@ def bench_swiglu(rows, N=11008, K=4096):
     rows.append(_row("int8_swiglu", f"M=1 N=2x{N} K={K}", ms_q, ms_fp, int8_bytes, err < 2e-2, **extra))
     del qs, ws
     torch.cuda.empty_cache()
+
+
+def bench_float_gemv(rows):
+    """bf16 weights at batch 1: kernels/float_linear.py (autotuned) against cuBLAS F.linear, the two paths the
+    runtime times per shape before keeping one; the gate|up row adds SwiGLU (cuBLAS, then the swiglu kernel)."""
+    from fmconvert.kernels import float_gemv, float_gemv_reference, gated
+    from fmconvert.kernels.float_linear import _gemv_tuned
+
+    dt = torch.bfloat16
+    for N, K, act in [(n, k, None) for n, k in LINEAR_SHAPES] + [(12288, 4096, None), (2 * 11008, 4096, "swiglu")]:
+        w0 = (torch.randn(N, K, device="cuda") * 0.02).to(dt)
+        ws = _rotating(lambda: w0.clone(), w0.numel() * 2)
+        x = torch.randn(1, K, device="cuda", dtype=dt)
+        ref = float_gemv_reference(x, w0, None, act).float()
+        y = float_gemv(x, w0, None, act)                                   # autotunes
+        ok = ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
+        base = (lambda i: gated(F.linear(x, ws[i % len(ws)]), act)) if act else (lambda i: F.linear(x, ws[i % len(ws)]))
+        ms_t = _bench_graph(base, _calls(len(ws)))
+        ms_k = _bench_graph(lambda i: float_gemv(x, ws[i % len(ws)], None, act), _calls(len(ws)))
+        chosen = [str(c) for key, c in _gemv_tuned.cache.items() if key[1:3] == (N // 2 if act else N, K)]
+        rows.append(_row("float_gemv", f"M=1 N={N} K={K}" + (f" {act}" if act else ""), ms_k, ms_t, N * K * 2, ok,
+                         baseline="cuBLAS bf16" + (" + swiglu kernel" if act else ""),
+                         tuned_config=chosen[-1] if chosen else None))
+        del ws
+        torch.cuda.empty_cache()
 
 
 def bench_glu(rows):
@@ -505,8 +531,9 @@ def bench_window_attention(rows):
                      baseline="sdpa causal, no window"))
 
 
-def run(report: dict) -> list:
-    """Benchmark every kernel on CUDA; returns the rows and stores them in report["rows"]."""
+def run(report: dict, parts=None) -> list:
+    """Benchmark every kernel on CUDA (or the named parts: "linear", "float_gemv", ...); returns the rows and stores
+    them in report["rows"]."""
     if not torch.cuda.is_available():
         raise RuntimeError("benchmarks/gpu_kernels.py needs a CUDA device")
     import triton
@@ -516,9 +543,11 @@ def run(report: dict) -> list:
     report["torch"], report["triton"] = torch.__version__, triton.__version__
     report["copy_GBps"] = round(copy_bandwidth(), 1)
     rows: list = []
-    for part in (bench_linear, bench_swiglu, bench_norm, bench_glu, bench_rope, bench_rope_append,
+    for part in (bench_linear, bench_swiglu, bench_float_gemv, bench_norm, bench_glu, bench_rope, bench_rope_append,
                  bench_decode_attention, bench_mla_decode, bench_gated_delta, bench_ssm_scan, bench_mamba_scan,
                  bench_prefill_attention, bench_window_attention):
+        if parts and part.__name__.removeprefix("bench_") not in parts:
+            continue
         t = time.time()
         try:
             part(rows)
@@ -538,7 +567,7 @@ def sweep(shapes=LINEAR_SHAPES, M=1):
         return _gemv_cfg(bn, bk, w, magic=magic, stages=st)
 
     cands = list(_GEMV_CONFIGS) + [
-        cfg(8, 2048, 8, 3), cfg(2, 4096, 8, 3), cfg(1, 4096, 4, 3), cfg(16, 512, 8, 3), cfg(8, 512, 4, 3),
+        cfg(2, 4096, 8, 3), cfg(1, 4096, 4, 3), cfg(16, 512, 8, 3), cfg(8, 512, 4, 3),
         cfg(4, 1024, 4, 2), cfg(1, 1024, 1, 3), cfg(2, 512, 2, 3),
         # software-pipelined loads (every candidate above is num_stages=1)
         cfg(2, 2048, 4, 3, st=2), cfg(4, 1024, 4, 3, st=3), cfg(2, 1024, 4, 3, st=3),

@@ -112,6 +112,7 @@ def test_kernel_tests_run_in_parallel_groups_and_are_cut_short(tmp_path):
                                         "def test_e():\n    time.sleep(60)\n")
     (tests / "test_int8_gemv_cpu.py").write_text("def test_skipped_file():\n    assert False\n")
     assert mod.kernel_test_groups(tests) == [["test_bad.py"], ["test_ok.py"], ["test_slow.py"]]
+    assert mod.kernel_test_groups(tests, only=["test_ok.py"]) == [["test_ok.py"]]
     out = tmp_path / "out"
     out.mkdir()
     procs = mod.start_kernel_tests(out, tests)

@@ -242,6 +242,7 @@ def _gemv_cfg(bn, bk, warps, magic=0, stages=1, pair=False, early=True):
 _GEMV_CONFIGS = [
     _gemv_cfg(2, 2048, 4, magic=3),
     _gemv_cfg(4, 1024, 4, magic=3),
+    _gemv_cfg(8, 2048, 8, magic=3),     # H200 sweep, 2026-11-27: fastest at 4096x4096, 11008x4096, 4096x11008
     _gemv_cfg(4, 2048, 8, magic=3),
     _gemv_cfg(8, 1024, 8, magic=3),
     _gemv_cfg(4, 512, 4, magic=3),

@@ -6,6 +6,7 @@ Shapes: x [B, T, hidden]; q [B, Hq, T, D]; k, v [B, Hkv, S, D]; KV caches [B, Hk
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -578,13 +579,17 @@ def _rotate(x, c, s, style, rotary_dim, expanded=False):
 
 
 class TritonOps(TorchOps):
-    """Kernels from fmconvert.kernels where they exist; float matmuls stay on cuBLAS, which wins for them."""
+    """Kernels from fmconvert.kernels where they exist. Float matmuls go to cuBLAS, except at decode, where cuBLAS and
+    the float GEMV kernel are timed once per shape on the card and the faster is kept."""
 
     name = "triton"
 
     def __init__(self):
         from .. import kernels
+        from ..kernels.float_linear import DECODE_MAX_M
         self.k = kernels
+        self._gemv_choice: dict = {}
+        self._gemv_max_m = DECODE_MAX_M
 
     def add_norm(self, x, residual, weight, bias, eps, kind, pre_weight=None, x_scale=1.0):
         return self.k.add_norm(x.contiguous(), None if residual is None else residual.contiguous(), weight, bias,
@@ -595,9 +600,46 @@ class TritonOps(TorchOps):
             return activate(self.linear(x, weight, bias), activation)
         if isinstance(weight, Int8Weight):
             return self.k.int8_linear(x, weight.q, weight.scale, weight.group_size, bias=bias, activation=activation)
+        if self._use_float_gemv(x, weight, bias, activation):
+            return self.k.float_gemv(x, weight, bias, activation)
+        return self._cublas_linear(x, weight, bias, activation)
+
+    def _cublas_linear(self, x, weight, bias, activation):
         if activation in ("swiglu", "geglu") or isinstance(activation, tuple):
             return self.k.gated(F.linear(x, weight, bias), activation)   # cuBLAS, then one kernel (torch: several)
         return super().linear(x, weight, bias, activation)
+
+    def _use_float_gemv(self, x, weight, bias, activation) -> bool:
+        """Whether a float linear of a few rows goes to kernels/float_linear.py rather than cuBLAS: whichever ran faster
+        for this shape when both were timed here (cold L2, no launch overhead). Timed at the first call outside a
+        CUDA graph capture (GraphDecoder's warm-up steps); a capture that comes first takes cuBLAS.
+        FMCONVERT_FLOAT_GEMV=cublas or =triton skips the timing (benchmarks, tests)."""
+        mode = os.environ.get("FMCONVERT_FLOAT_GEMV", "auto")
+        if (mode == "cublas" or type(weight) is not torch.Tensor or weight.dim() != 2 or not weight.is_floating_point()
+                or weight.dtype == torch.float64 or x.dtype == torch.float64 or not weight.shape[1]
+                or x.numel() > self._gemv_max_m * weight.shape[1]):
+            return False
+        if mode == "triton":
+            return True
+        key = (x.numel() // weight.shape[1], tuple(weight.shape), weight.dtype, x.dtype, repr(activation),
+               bias is not None, x.device)
+        choice = self._gemv_choice.get(key)
+        if choice is None:
+            choice = self._time_float_gemv(x, weight, bias, activation)
+            if choice is None:          # cannot be timed here: cuBLAS this time, timed at a later call
+                return False
+            self._gemv_choice[key] = choice
+        return choice
+
+    def _time_float_gemv(self, x, weight, bias, activation):
+        """True when the float GEMV ran faster than cuBLAS on this call's shape; None off CUDA or inside a capture."""
+        if not x.is_cuda or torch.cuda.is_current_stream_capturing():
+            return None
+        from ..kernels.float_linear import gpu_ms
+        self.k.float_gemv(x, weight, bias, activation)                         # autotune its own configs first
+        ms_gemv = gpu_ms(lambda: self.k.float_gemv(x, weight, bias, activation))
+        ms_cublas = gpu_ms(lambda: self._cublas_linear(x, weight, bias, activation))
+        return ms_gemv < ms_cublas
 
     def rope(self, q, k, cos, sin, positions, style, rotary_dim):
         return self.k.apply_rope(q, k, cos, sin, positions, style=style, rotary_dim=rotary_dim)

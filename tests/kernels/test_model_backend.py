@@ -198,3 +198,24 @@ def test_int8_decode_step_launches_eight_or_nine_kernels_per_layer(model_dir, tm
     # Once per step: the sequence lengths (pos + 1, and clamped to each ring size), the embedding gather (and
     # Gemma's scale of it) and the lm_head matmul.
     assert len(counts[2].torch_ops) <= 4 + (family == "gemma3"), counts[2].torch_ops
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "phi"])
+def test_float_decode_through_the_float_gemv(model_dir, tmp_path, monkeypatch, name):
+    """Float weights at decode through kernels/float_linear.py (FMCONVERT_FLOAT_GEMV=triton: what the runtime keeps
+    where the GEMV times faster than cuBLAS): SwiGLU fused in LLaMA, biases and GeLU in GPT-2 and Phi."""
+    import fmconvert.kernels.float_linear as fl
+
+    out = tmp_path / "out"
+    convert(model_dir(name), out, Options(tp=1, int8=False), progress=False)
+    ref = load(out, device="cpu", backend="torch")
+    tri = load(out, device=DEVICE, backend="triton")
+    ids = torch.randint(3, 100, (2, 7))
+    want = _decode_steps(ref, ids, 4, 3)
+    seen = []
+    real = fl.float_gemv
+    monkeypatch.setattr(fl, "float_gemv", lambda *a, **kw: seen.append(kw.get("activation", a[3:4])) or real(*a, **kw))
+    monkeypatch.setenv("FMCONVERT_FLOAT_GEMV", "triton")
+    got = _decode_steps(tri, ids.to(DEVICE), 4, 3)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-3
+    assert len(seen) >= 3 * 2 * len(tri.blocks)          # every decode step's projections and MLP, at least
