@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 LINEAR_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
-LINEAR_MS = [1, 8, 32, 2048]
+LINEAR_MS = [1, 4, 8, 32, 2048]
 GROUP = 128
 ROTATE_BYTES = 256 << 20
 
@@ -128,6 +128,12 @@ def bench_linear(rows, ms_list=None, shapes=LINEAR_SHAPES):
                 from fmconvert.kernels.int8_matmul import _GEMV_CONFIGS
                 old = next(c for c in _GEMV_CONFIGS if not c.kwargs["EARLY"])
                 _gemv_configs(extra, x, qs, N, None, (("early", _GEMV_CONFIGS[0]), ("old_order", old)))
+            if M <= 4:      # a decode step: the GEMV and the 16-row tensor-core GEMM; int8_linear keeps the faster
+                from fmconvert.kernels.int8_matmul import _DECODE_CHOICE
+                for path in ("decode", "gemm"):
+                    extra[f"{path}_ms"] = round(_bench_graph(
+                        lambda i: int8_linear(x, *qs[i % len(qs)], GROUP, _path=path), _calls(len(qs))), 5)
+                extra["decode_choice"] = next((v for k, v in _DECODE_CHOICE.items() if k[:3] == (M, N, K)), None)
             if M >= 64:     # the long-prompt choice: the Triton GEMM against dequantize + cuBLAS (the "dense" path)
                 for path in ("gemm", "dense"):
                     extra[f"{path}_ms"] = round(_bench_graph(
@@ -179,6 +185,10 @@ def bench_swiglu(rows, N=11008, K=4096):
     err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
     ms_q = _bench_graph(lambda i: int8_linear(x, *qs[i % len(qs)], GROUP, activation="swiglu"), _calls(len(qs)))
     extra = {"rel_err": round(err, 5)}
+    extra["gemm_ms"] = round(_bench_graph(lambda i: int8_linear(x, *qs[i % len(qs)], GROUP, activation="swiglu",
+                                                                _path="gemm"), _calls(len(qs))), 5)
+    from fmconvert.kernels.int8_matmul import _DECODE_CHOICE
+    extra["decode_choice"] = next((v for k, v in _DECODE_CHOICE.items() if k[:3] == (1, 2 * N, K)), None)
     pair = next(c for c in _GEMV_CONFIGS if c.kwargs["PAIR"])
     _gemv_configs(extra, x, qs, N, "swiglu", (("default", _GEMV_CONFIGS[0]), ("pair", pair)))
     rows.append(_row("int8_swiglu", f"M=1 N=2x{N} K={K}", ms_q, ms_fp, int8_bytes, err < 2e-2, **extra))

@@ -437,6 +437,10 @@ def _gemm_cfg(bm, bn, bk, warps, stages, gm=8):
 # (80 to 264 bytes a thread; 48 and 256 before): the largest tiles are 128x64 and 64x128 on 8 warps.
 _GEMM_CONFIGS = [
     _gemm_cfg(16, 32, 128, 4, 4),
+    # deeper pipelines for a decode step's few rows (the GEMV's rival there; not yet timed one by one on a GPU)
+    _gemm_cfg(16, 32, 128, 4, 6),
+    _gemm_cfg(16, 64, 128, 4, 5),
+    _gemm_cfg(16, 16, 128, 2, 6),
     _gemm_cfg(16, 16, 256, 4, 3),
     _gemm_cfg(16, 32, 256, 4, 3),
     _gemm_cfg(16, 64, 128, 4, 4),
@@ -456,6 +460,8 @@ def _swiglu_fits(cfg) -> bool:
 
 
 def _prune_gemm(configs, named_args, **kwargs):
+    if kwargs.get("M_BUCKET", named_args.get("M_BUCKET", 512)) <= 16:    # a decode step: taller tiles are padding
+        configs = [c for c in configs if c.kwargs["BLOCK_M"] == 16] or configs[:1]
     if kwargs.get("SWIGLU", named_args.get("SWIGLU")):
         return [c for c in configs if _swiglu_fits(c)] or configs[:1]
     return configs
@@ -561,6 +567,38 @@ def _check(x, qweight, scale, group_size, bias, activation):
     return ep
 
 
+# A decode step's few rows on CUDA: the GEMV or the tensor-core GEMM (16-row tiles, x padded), whichever ran faster
+# for this shape when both were timed (cold L2, no launch overhead) and agreed. Keyed by everything that picks a
+# kernel specialization; a shape first met inside a CUDA graph capture takes the GEMV and is timed at a later call.
+_DECODE_CHOICE: dict = {}
+
+
+def _time_ms(fn) -> float:
+    return float(tuner_bench(fn, None))
+
+
+def _decode_path(x2, qweight, scale, group_size, bias, activation, act, alpha, limit, n_out) -> str:
+    M, K = x2.shape
+    key = (M, qweight.shape[0], K, group_size, act, alpha, limit, bias is not None, x2.dtype, scale.dtype,
+           x2.device)
+    path = _DECODE_CHOICE.get(key)
+    if path is not None:
+        return path
+    if x2.is_cuda and torch.cuda.is_current_stream_capturing():
+        return "decode"
+    outs = {p: torch.empty(M, n_out, dtype=x2.dtype, device=x2.device) for p in ("decode", "gemm")}
+    run = {"decode": lambda: _decode(x2, qweight, scale, group_size, bias, act, outs["decode"], alpha=alpha,
+                                     limit=limit),
+           "gemm": lambda: _gemm(x2, qweight, scale, group_size, bias, act, outs["gemm"], alpha=alpha, limit=limit)}
+    for fn in run.values():             # compile and autotune each first
+        fn()
+    a, b = outs["decode"].float(), outs["gemm"].float()
+    agree = bool(torch.isfinite(b).all()) and (a - b).abs().max().item() <= 1e-2 * max(1.0, a.abs().max().item())
+    ms = {p: _time_ms(fn) for p, fn in run.items()} if agree else {"decode": 0.0, "gemm": 1.0}
+    path = _DECODE_CHOICE[key] = min(ms, key=ms.get)
+    return path
+
+
 def int8_linear(x, qweight, scale, group_size, bias=None, activation=None, *, _split_k=None,
                 _path=None):
     """y = act(x @ (qweight * scale).T + bias) with fp32 accumulation; y has x.dtype.
@@ -584,6 +622,8 @@ def int8_linear(x, qweight, scale, group_size, bias=None, activation=None, *, _s
     if M > 0:
         path = _path or ("decode" if M <= DECODE_MAX_M else
                          "dense" if M >= DENSE_MIN_M and x.is_cuda else "gemm")
+        if path == "decode" and _path is None and x.is_cuda:
+            path = _decode_path(x2, qweight, scale, group_size, bias, activation, act, alpha, limit, n_out)
         if path == "decode":
             _decode(x2, qweight, scale, group_size, bias, act, out, _split_k, alpha=alpha, limit=limit)
         elif path == "dense":

@@ -375,3 +375,33 @@ def test_expert_linear_replays_in_a_cuda_graph(assert_close):
     g.replay()
     torch.cuda.synchronize()
     assert_close(y, expert_linear_reference(x, w, eids, 2, "swiglu", bias=b), torch.bfloat16)
+
+
+def test_decode_path_is_the_faster_of_two_that_agree(monkeypatch, assert_close):
+    """A decode step's int8 linear on CUDA runs the GEMV or the 16-row GEMM, whichever timed faster for the shape;
+    a path whose output disagrees with the GEMV's is never chosen. Driven here with a stand-in timer."""
+    import fmconvert.kernels.int8_matmul as im
+
+    monkeypatch.setattr(im, "_DECODE_CHOICE", {})
+    times = {"decode": 2.0, "gemm": 1.0}
+    timed = []
+
+    def fake_time(fn):
+        path = "gemm" if fn.__code__.co_names.count("_gemm") else "decode"
+        timed.append(path)
+        return times[path]
+
+    monkeypatch.setattr(im, "_time_ms", fake_time)
+    x, _, q, s, b = make(1, 34, 192, 64, torch.float32, bias=True)
+    x2 = x.reshape(-1, 192)
+    args = (x2, q, s, 64, b, "swiglu", *im.epilogue("swiglu"), 17)
+    assert im._decode_path(*args) == "gemm" and sorted(timed) == ["decode", "gemm"]
+    assert im._decode_path(*args) == "gemm" and len(timed) == 2            # kept: not timed again
+    times.update(decode=0.5)
+    assert im._decode_path(x2[:, :], q, s, 64, None, None, *im.epilogue(None), 34) == "decode"   # another key
+    real_gemm = im._gemm
+    monkeypatch.setattr(im, "_gemm", lambda *a, **kw: real_gemm(*a, **kw).add_(1.0))       # a wrong kernel
+    times.update(decode=2.0)
+    n = len(timed)
+    assert im._decode_path(x2, q, s, 64, None, "relu", *im.epilogue("relu"), 34) == "decode"
+    assert len(timed) == n                                                  # disagreed: not even timed
