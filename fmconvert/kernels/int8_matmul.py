@@ -47,9 +47,11 @@ from ._common import (
     lowbit,
     tuner_bench,
 )
+from .glu import gated
 
 DECODE_MAX_M = 4
-DENSE_MIN_M = 256   # an estimate from byte and flop counts; benchmarks/gpu_kernels.py times both paths at M=2048
+DENSE_MIN_M = 256   # from byte and flop counts; on an H200 at M=2048 dense ran 2.1-2.3x faster than the GEMM
+                    # (benchmarks/results/gpu_check_h200_7b32layers.json); the crossover itself is untimed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,10 +532,16 @@ def dequantize_dense(qweight, scale, group_size, dtype):
 
 
 def _dense(x2, qweight, scale, group_size, bias, activation, out):
+    """The product straight from cuBLAS, a gated activation in one more pass (kernels/glu.py): at a 2048-token
+    prompt LLaMA-7B's gate|up output is 90 MB a layer, which a float32 round trip and a copy would move several
+    times over. Returns the output (not always `out`)."""
     w = dequantize_dense(qweight, scale, group_size, x2.dtype)
     y = F.linear(x2, w, bias)
-    out.copy_(activate_reference(y.float(), activation) if activation else y)
-    return out
+    if activation is None:
+        return y
+    if epilogue(activation)[0] in GATED_CODES:
+        return gated(y, activation)
+    return out.copy_(activate_reference(y.float(), activation))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -627,7 +635,7 @@ def int8_linear(x, qweight, scale, group_size, bias=None, activation=None, *, _s
         if path == "decode":
             _decode(x2, qweight, scale, group_size, bias, act, out, _split_k, alpha=alpha, limit=limit)
         elif path == "dense":
-            _dense(x2, qweight, scale, group_size, bias, activation, out)
+            out = _dense(x2, qweight, scale, group_size, bias, activation, out)
         else:
             _gemm(x2, qweight, scale, group_size, bias, act, out, alpha=alpha, limit=limit)
     return out.reshape(*x.shape[:-1], n_out)
