@@ -309,6 +309,19 @@ def linear_cases():
                ints=dict(H=32, NG=1, D=128, GS=128, sxo=4096, sxh=128, sxd=1, szo=4096, szh=128, szd=1))
 
 
+def float_gemv_cases(K: int = 4096):
+    """The float GEMV (kernels/float_linear.py) at every autotuning candidate: with the gate fused (gate and up rows
+    in one tile, the largest register footprint) where the tuner may pick it for a gated MLP, else without."""
+    from fmconvert.kernels import float_linear as fl
+    ints = dict(M=1, N_OUT=11008, K=K, stride_xm=K, stride_wn=K, stride_om=11008)
+    for i, cfg in enumerate(fl._FLOAT_GEMV_CONFIGS):
+        for gated in (True, False) if i == 0 else (True,) if fl._gated_fits(cfg) else (False,):
+            kw = cfg.kwargs
+            yield Case(f"float GEMV{' swiglu' if gated else ''} {kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps}",
+                       fl._float_gemv_kernel, dict(HAS_BIAS=False, ACT=5 if gated else 0, GATED=gated,
+                                                   EVEN_K=K % kw["BLOCK_K"] == 0, **kw), cfg.num_warps, ints=ints)
+
+
 def rows(gemv_only: bool = False):
     cases = list(gemv_cases(False)) + list(gemv_cases(True))
     if not gemv_only:
@@ -317,6 +330,7 @@ def rows(gemv_only: bool = False):
         cases += [c for c in other_cases(D=256) if "window softcap" in c.name]                  # Gemma 2/3 heads
         cases += list(mla_cases())
         cases += list(linear_cases())
+        cases += list(float_gemv_cases())
     for case in cases:
         try:
             yield case, report(compile_sm90(case)), None

@@ -106,10 +106,23 @@ _FLOAT_GEMV_CONFIGS = [
     _cfg(1, 1024, 2),
 ]
 
+def _gated_fits(cfg) -> bool:
+    # A gated tile holds gate and up rows: over 32 products a thread it needs a stack frame on sm_90
+    # (8x1024 on 8 warps: 128 registers and 8 bytes of stack; benchmarks/sass_report.py checks the rest).
+    return 2 * cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_K"] <= 32 * 32 * cfg.num_warps
+
+
+def _prune(configs, named_args, **kwargs):
+    if kwargs.get("GATED", named_args.get("GATED")):
+        return [c for c in configs if _gated_fits(c)] or configs[:1]
+    return configs
+
+
 _heuristics = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 _gemv_fixed = _heuristics(_float_gemv_kernel)
 _gemv_tuned = triton.autotune(configs=configs(_FLOAT_GEMV_CONFIGS, _cfg(4, 64, 4)),
-                              key=["M", "N_OUT", "K", "GATED"], do_bench=tuner_bench)(_gemv_fixed)
+                              key=["M", "N_OUT", "K", "GATED"], prune_configs_by={"early_config_prune": _prune},
+                              do_bench=tuner_bench)(_gemv_fixed)
 
 
 def _check(x, weight, bias, activation):
