@@ -37,7 +37,9 @@ def test_triton_backend_matches_torch_backend(model_dir, tmp_path, name, int8):
 
 # The unfused decode step (RoPE kernel, then torch cache writes) shares its kernels with prefill, which every family
 # runs; these families cover its cases (GQA, learned and no positions, windows, q/k norms), the rest run fused only.
-UNFUSED_TOO = ("mistral", "gpt2", "gemma2", "qwen3", "hunyuan")
+# Families whose decode step adds no kernel feature over one listed here (BioGPT over GPT-2, StableLM over Phi, OLMo 1
+# over LLaMA with a norm weight of ones) are left to the torch-backend tests, to keep the interpreter's time down.
+UNFUSED_TOO = ("mistral", "gpt2", "gemma2", "hunyuan")
 
 
 def _decode_steps(model, ids, start, steps):
@@ -53,15 +55,15 @@ def _decode_steps(model, ids, start, steps):
 
 
 @pytest.mark.parametrize("name,int8", [("llama", True), ("mistral", False), ("gpt2", False), ("bloom", True),
-                                       ("gptneox", False), ("phi", True), ("stablelm", True),
+                                       ("gptneox", False), ("phi", True),
                                        ("gemma", True), ("qwen3", True), ("mixtral", True), ("gemma2", True),
                                        ("gemma3", False), ("starcoder2", True), ("granite", True),
                                        ("cohere", False), ("cohere_qk", True), ("olmoe", True),
                                        ("glm4", True), ("gpt_oss", True), ("glm4_moe", True), ("hunyuan", True),
                                        ("ministral3", False), ("deepseek_v2", False), ("llama4", False),
                                        ("qwen3_5", True), ("qwen3_5_moe", False), ("granite_hybrid_dense", True),
-                                       ("nemotron_h_dense", False), ("lfm2", True), ("biogpt", True),
-                                       ("falcon_mamba", True), ("mamba2", False), ("olmo", True), ("persimmon", False)])
+                                       ("nemotron_h_dense", False), ("lfm2", True),
+                                       ("falcon_mamba", True), ("mamba2", False), ("persimmon", False)])
 def test_triton_decode_step_matches_torch_backend(model_dir, tmp_path, name, int8):
     """The fused rope + KV-append decode step (RoPE, learned positions, ALiBi; GQA in mistral; windows, soft caps
     and a second RoPE in Gemma 2/3, decoded past the window) against the torch backend's, with the fusion on (and
@@ -200,10 +202,10 @@ def test_int8_decode_step_launches_eight_or_nine_kernels_per_layer(model_dir, tm
     assert len(counts[2].torch_ops) <= 4 + (family == "gemma3"), counts[2].torch_ops
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "phi"])
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_float_decode_through_the_float_gemv(model_dir, tmp_path, monkeypatch, name):
     """Float weights at decode through kernels/float_linear.py (FMCONVERT_FLOAT_GEMV=triton: what the runtime keeps
-    where the GEMV times faster than cuBLAS): SwiGLU fused in LLaMA, biases and GeLU in GPT-2 and Phi."""
+    where the GEMV times faster than cuBLAS): SwiGLU fused in LLaMA, biases and GeLU in GPT-2."""
     import fmconvert.kernels.float_linear as fl
 
     out = tmp_path / "out"
