@@ -451,6 +451,9 @@ def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, sy
                    f"{st.decode_tok_s:.1f} tok/s, {gbs:.2f} GB/s of weights ({100 * gbs / peak:.0f}% of the "
                    f"{peak:.0f} GB/s copy bandwidth measured) | load {s['gib'] * 1024:.1f} MiB in {s['seconds']:.2f} s | "
                    f"tp={model.tp} {model.ops.name} {model.device}]", err=True)
+        chosen = model.ops.timed_choices() if hasattr(model.ops, "timed_choices") else ""
+        if chosen:
+            click.echo(f"[decode matmuls, timed on this device: {chosen}]", err=True)
     from .runtime.comm import shutdown
     shutdown()
 

@@ -631,6 +631,20 @@ class TritonOps(TorchOps):
             self._gemv_choice[key] = choice
         return choice
 
+    def timed_choices(self) -> str:
+        """The decode-step kernel choices timed so far in this process, for `generate`'s summary ("" before any)."""
+        from ..kernels.int8_matmul import _DECODE_CHOICE
+        parts = []
+        if self._gemv_choice:
+            n = sum(self._gemv_choice.values())
+            total = len(self._gemv_choice)
+            parts.append(f"float GEMV on {n} of {total} shapes, cuBLAS on {total - n}")
+        if _DECODE_CHOICE:
+            n = sum(v == "gemm" for v in _DECODE_CHOICE.values())
+            parts.append(f"int8 tensor-core GEMM on {n} of {len(_DECODE_CHOICE)} shapes, GEMV on "
+                         f"{len(_DECODE_CHOICE) - n}")
+        return "; ".join(parts)
+
     def _time_float_gemv(self, x, weight, bias, activation):
         """True when the float GEMV ran faster than cuBLAS on this call's shape; None off CUDA or inside a capture."""
         if not x.is_cuda or torch.cuda.is_current_stream_capturing():

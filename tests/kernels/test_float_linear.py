@@ -148,3 +148,17 @@ def test_runtime_keeps_the_faster_path_per_shape(monkeypatch, assert_close):
     monkeypatch.setenv("FMCONVERT_FLOAT_GEMV", "triton")
     ops.linear(x2, w, b)
     assert used == [1, 1, 2] and calls == [1, 2, 2, 2]
+
+
+def test_timed_choices_are_reported(monkeypatch):
+    """What `generate` prints after a run on CUDA: how many decode shapes each timed choice went to."""
+    import fmconvert.kernels.int8_matmul as im
+    from fmconvert.runtime.ops import TritonOps
+
+    ops = TritonOps()
+    monkeypatch.setattr(im, "_DECODE_CHOICE", {})
+    assert ops.timed_choices() == ""
+    ops._gemv_choice.update({("a",): True, ("b",): False, ("c",): True})
+    monkeypatch.setattr(im, "_DECODE_CHOICE", {("x",): "decode", ("y",): "gemm"})
+    assert ops.timed_choices() == ("float GEMV on 2 of 3 shapes, cuBLAS on 1; "
+                                   "int8 tensor-core GEMM on 1 of 2 shapes, GEMV on 1")
