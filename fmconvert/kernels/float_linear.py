@@ -35,24 +35,25 @@ DECODE_MAX_M = 4
 
 
 @triton.jit
-def _walk_rows(x_row, w_ptr, rows, row_mask, K, stride_wn,
-               EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # [BLOCK_N] fp32 dot products of x_row with the weight rows `rows`.
-    offs = tl.arange(0, BLOCK_K)
-    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn         # [BN, 1]
+def float_rows(x_row, w_ptr, rows, row_mask, K, stride_wn,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    # [BLOCK_N] fp32 dot products of x_row with the float weight rows `rows`. No scales, so each thread keeps its own
+    # fp32 products over the whole walk of K and the tile is reduced once at the end (the int8 walk reduces every
+    # step, to apply each group's scale). Also the float walk of the expert GEMV (int8_matmul.py).
+    offs_k = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn                 # [BN, 1]
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs
+        kk = k0 + offs_k
         if EVEN_K:
             # the row mask is constant along K, so the loads stay 16-byte vectors
             w = tl.load(w_rows + kk[None, :], mask=row_mask[:, None], other=0.0)
             xv = tl.load(x_row + kk)
         else:
-            k_mask = kk < K
-            w = tl.load(w_rows + kk[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            xv = tl.load(x_row + kk, mask=k_mask, other=0.0)
+            w = tl.load(w_rows + kk[None, :], mask=row_mask[:, None] & (kk < K)[None, :], other=0.0)
+            xv = tl.load(x_row + kk, mask=kk < K, other=0.0)
         acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
-    return tl.sum(acc, axis=1)
+    return tl.sum(acc, axis=1)                                             # [BN]
 
 
 @triton.jit
@@ -70,8 +71,8 @@ def _float_gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N_OUT, K, stride_xm, str
             half = i2 // BLOCK_N                                          # 0: gate, 1: up
             rows2 = pid * BLOCK_N + i2 % BLOCK_N
             mask2 = rows2 < N_OUT
-            both = _walk_rows(x_row, w_ptr, rows2 + half * N_OUT, mask2, K, stride_wn, EVEN_K,
-                              2 * BLOCK_N, BLOCK_K)
+            both = float_rows(x_row, w_ptr, rows2 + half * N_OUT, mask2, K, stride_wn, 2 * BLOCK_N, BLOCK_K,
+                              EVEN_K)
             if HAS_BIAS:
                 both += tl.load(b_ptr + rows2 + half * N_OUT, mask=mask2, other=0.0).to(tl.float32)
             both = tl.reshape(both, (2, BLOCK_N))
@@ -82,7 +83,7 @@ def _float_gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N_OUT, K, stride_xm, str
             y = gated_product(gate, up, ACT, ALPHA, LIMIT)
         else:
             rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-            y = _walk_rows(x_row, w_ptr, rows, rows < N_OUT, K, stride_wn, EVEN_K, BLOCK_N, BLOCK_K)
+            y = float_rows(x_row, w_ptr, rows, rows < N_OUT, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K)
             if HAS_BIAS:
                 y += tl.load(b_ptr + rows, mask=rows < N_OUT, other=0.0).to(tl.float32)
             y = activate(y, ACT)

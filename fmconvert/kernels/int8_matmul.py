@@ -47,6 +47,7 @@ from ._common import (
     lowbit,
     tuner_bench,
 )
+from .float_linear import float_rows
 from .glu import gated
 
 DECODE_MAX_M = 4
@@ -647,26 +648,6 @@ def int8_linear(x, qweight, scale, group_size, bias=None, activation=None, *, _s
 
 
 @triton.jit
-def _gemv_rows_float(x_row, w_ptr, rows, row_mask, K, stride_wn,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
-    # Float (bf16/fp16/fp32) weight rows: no scales, so each thread keeps its own fp32 products over the whole walk of
-    # K and the tile is reduced once at the end (the int8 walk reduces every step, to apply each group's scale).
-    offs_k = tl.arange(0, BLOCK_K)
-    w_rows = w_ptr + rows[:, None].to(tl.int64) * stride_wn                 # [BN, 1]
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        if EVEN_K:
-            w = tl.load(w_rows + kk[None, :], mask=row_mask[:, None], other=0.0)
-            xv = tl.load(x_row + kk)
-        else:
-            w = tl.load(w_rows + kk[None, :], mask=row_mask[:, None] & (kk < K)[None, :], other=0.0)
-            xv = tl.load(x_row + kk, mask=kk < K, other=0.0)
-        acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
-    return tl.sum(acc, axis=1)                                             # [BN]
-
-
-@triton.jit
 def _expert_rows(x_row, w_e, s_e, rows, row_mask, K, stride_wn, stride_sn,
                  GROUP: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, EVEN_K: tl.constexpr):
@@ -677,7 +658,7 @@ def _expert_rows(x_row, w_e, s_e, rows, row_mask, K, stride_wn, stride_sn,
         acc = _gemv_rows(x_row, w_e, s_e, rows, row_mask, 0, K, stride_wn, stride_sn,
                          GROUP, GS, NG, BLOCK_N, BLOCK_K, MAGIC, EVEN_K, True)
     else:
-        acc = _gemv_rows_float(x_row, w_e, rows, row_mask, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K)
+        acc = float_rows(x_row, w_e, rows, row_mask, K, stride_wn, BLOCK_N, BLOCK_K, EVEN_K)
     return acc
 
 
