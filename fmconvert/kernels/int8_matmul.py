@@ -593,7 +593,7 @@ def _decode_path(x2, qweight, scale, group_size, bias, activation, act, alpha, l
     path = _DECODE_CHOICE.get(key)
     if path is not None:
         return path
-    if x2.is_cuda and torch.cuda.is_current_stream_capturing():
+    if n_out == 0 or (x2.is_cuda and torch.cuda.is_current_stream_capturing()):
         return "decode"
     outs = {p: torch.empty(M, n_out, dtype=x2.dtype, device=x2.device) for p in ("decode", "gemm")}
     run = {"decode": lambda: _decode(x2, qweight, scale, group_size, bias, act, outs["decode"], alpha=alpha,

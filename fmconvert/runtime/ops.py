@@ -617,7 +617,7 @@ class TritonOps(TorchOps):
         mode = os.environ.get("FMCONVERT_FLOAT_GEMV", "auto")
         if (mode == "cublas" or type(weight) is not torch.Tensor or weight.dim() != 2 or not weight.is_floating_point()
                 or weight.dtype == torch.float64 or x.dtype == torch.float64 or not weight.shape[1]
-                or x.numel() > self._gemv_max_m * weight.shape[1]):
+                or not x.numel() or not weight.shape[0] or x.numel() > self._gemv_max_m * weight.shape[1]):
             return False
         if mode == "triton":
             return True
@@ -646,13 +646,20 @@ class TritonOps(TorchOps):
         return "; ".join(parts)
 
     def _time_float_gemv(self, x, weight, bias, activation):
-        """True when the float GEMV ran faster than cuBLAS on this call's shape; None off CUDA or inside a capture."""
+        """True when the float GEMV ran faster than cuBLAS on this call's shape and agreed with it; None off CUDA or
+        inside a capture."""
         if not x.is_cuda or torch.cuda.is_current_stream_capturing():
             return None
         from ..kernels.float_linear import gpu_ms
-        self.k.float_gemv(x, weight, bias, activation)                         # autotune its own configs first
-        ms_gemv = gpu_ms(lambda: self.k.float_gemv(x, weight, bias, activation))
-        ms_cublas = gpu_ms(lambda: self._cublas_linear(x, weight, bias, activation))
+        return self._float_gemv_wins(x, weight, bias, activation, gpu_ms)
+
+    def _float_gemv_wins(self, x, weight, bias, activation, time_ms) -> bool:
+        a = self.k.float_gemv(x, weight, bias, activation).float()             # autotune its own configs first
+        b = self._cublas_linear(x, weight, bias, activation).float()
+        if not (torch.isfinite(a).all() and (a - b).abs().max() <= 1e-2 * max(1.0, b.abs().max().item())):
+            return False
+        ms_gemv = time_ms(lambda: self.k.float_gemv(x, weight, bias, activation))
+        ms_cublas = time_ms(lambda: self._cublas_linear(x, weight, bias, activation))
         return ms_gemv < ms_cublas
 
     def rope(self, q, k, cos, sin, positions, style, rotary_dim):

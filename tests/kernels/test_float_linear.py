@@ -162,3 +162,25 @@ def test_timed_choices_are_reported(monkeypatch):
     monkeypatch.setattr(im, "_DECODE_CHOICE", {("x",): "decode", ("y",): "gemm"})
     assert ops.timed_choices() == ("float GEMV on 2 of 3 shapes, cuBLAS on 1; "
                                    "int8 tensor-core GEMM on 1 of 2 shapes, GEMV on 1")
+
+
+def test_the_float_gemv_wins_only_when_faster_and_in_agreement(monkeypatch):
+    from fmconvert.runtime.ops import TritonOps
+
+    ops = TritonOps()
+    x, w, b = make(1, 34, 72, torch.float32, bias=True)
+    fast_gemv = lambda fn: 1.0 if "float_gemv" in fn.__code__.co_names else 2.0      # noqa: E731
+    slow_gemv = lambda fn: 3.0 if "float_gemv" in fn.__code__.co_names else 2.0      # noqa: E731
+    assert ops._float_gemv_wins(x, w, b, "swiglu", fast_gemv) is True
+    assert ops._float_gemv_wins(x, w, b, "swiglu", slow_gemv) is False
+    real = ops.k.float_gemv
+
+    class Broken:                                   # the kernels module with a float GEMV that is off by one
+        def __getattr__(self, name):
+            return getattr(ops.__dict__["_k"], name)
+
+        def float_gemv(self, *a, **kw):
+            return real(*a, **kw) + 1
+
+    ops._k, ops.k = ops.k, Broken()
+    assert ops._float_gemv_wins(x, w, b, "swiglu", fast_gemv) is False
