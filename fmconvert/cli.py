@@ -222,7 +222,8 @@ def inspect(out_dir, as_json):
     pos = md["position"]
     rope = (f" ({pos.get('style')}, {pos.get('rotary_dim')} of {md['head_dim']} dims"
             f"{'; ' + str(pos['rope_type']) if pos.get('rope_type', 'default') != 'default' else ''}"
-            f"{', long factors from position ' + str(pos['long_from']) if 'long_from' in pos else ''})"
+            f"{', long factors from position ' + str(pos['long_from']) if 'long_from' in pos else ''}"
+            f"{'; rotates the other way' if pos.get('reversed') else ''})"
             if pos["type"] == "rope" else "")
     residual = {"pre": "pre-LN", "post": "post-LN", "parallel": "parallel attention + MLP"}.get(md["residual"],
                                                                                              md["residual"])

@@ -338,6 +338,7 @@ def _position(model: dict):
               "model.position.local must hold a positive theta and attention_scaling")
         _need("long_from" not in pos or (type(pos["long_from"]) is int and 0 < pos["long_from"] < 1 << 32),
               "model.position.long_from must be a positive int")
+        _need(pos.get("reversed", False) in (False, True), "model.position.reversed must be true or false")
     if kind == "learned":
         _need(type(pos.get("offset")) is int and 0 <= pos["offset"] < 1 << 16, "model.position.offset is malformed")
 

@@ -261,6 +261,8 @@ def rope_tensors(config, spec: ModelSpec) -> dict[str, tuple[torch.Tensor, float
         out["rope_local.inv_freq"] = _rope_inv_freq(config, spec, local=True)
     if "long_from" in spec.position:   # LongRoPE: transformers' own long set, as it computes it past the switch
         out["rope_long.inv_freq"] = _rope_inv_freq(config, spec, seq_len=spec.position["long_from"] + 1)
+    if spec.position.get("reversed"):  # nanochat: rotation by -angle; cos stays, sin flips, in every table
+        out = {k: (-inv, scaling) for k, (inv, scaling) in out.items()}
     return out
 
 

@@ -776,6 +776,8 @@ class Policy:
                               f"head_dim={c['head_dim']}, got {rotary!r}")
             pos = {"type": "rope", "style": self._layout("rope_style", flags, "neox"), **_rope_params(params),
                    "rotary_dim": rotary}
+            if self._layout("rope_reversed", flags, False):
+                pos["reversed"] = True     # nanochat: rotates by -angle (its rotate_half is cat(x2, -x1))
             if pos["rope_type"] == "dynamic" and params.get("alpha") is not None:
                 # Hunyuan labels it dynamic, but a fixed alpha only stretches the base: static (transformers calls
                 # it ntk_alpha)

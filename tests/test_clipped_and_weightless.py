@@ -1,6 +1,7 @@
 """OLMo's, MPT's and DBRX's clamped q, k and v, OLMo's weightless LayerNorms, the MPT and DBRX variants refused,
-Persimmon's biased q/k norms, beyond the family tests (which run olmo, mpt, dbrx, persimmon and gpt_neo through
-tiny.FAMILIES, and GPT-Neo's local layers through the sliding-window test)."""
+Persimmon's biased q/k norms, nanochat's weightless RMSNorms and reversed RoPE, beyond the family tests (which run
+olmo, mpt, dbrx, persimmon, gpt_neo and nanochat through tiny.FAMILIES, and GPT-Neo's local layers through the
+sliding-window test)."""
 
 from __future__ import annotations
 
@@ -75,3 +76,25 @@ def test_dbrx_routing_the_runtime_does_not_implement_is_refused(model_dir, tmp_p
     src = model_dir("dbrx", ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2, **ffn))
     with pytest.raises(FmError, match="does not support"):
         convert(src, tmp_path / "out", Options(), progress=False)
+
+
+def test_nanochat_rope_turns_the_other_way_and_no_norm_is_stored(model_dir, tmp_path):
+    """nanochat: every RMSNorm weightless (the embeddings' too), and RoPE by -angle, recorded in the manifest and in
+    the negated frequencies; the same model with them turned back the usual way no longer matches."""
+    convert(model_dir("nanochat"), tmp_path / "out", Options(), progress=False)
+    man = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert man["model"]["position"]["reversed"] is True and man["model"]["embed_norm"] is True
+    assert not any("norm" in name for r in man["ranks"] for name in r["tensors"])
+    m = load(tmp_path / "out")
+    assert (m.rope < 0).all()
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    want = m(ids)
+    for tab in m._tables.values():            # cos is even in the angle, sin odd: the usual direction is -sin
+        tab[3] = -tab[3]
+    assert rel(m(ids), want) > 1e-3
+    r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "out")])
+    assert r.exit_code == 0 and "rotates the other way" in r.output
+    man["model"]["position"]["reversed"] = "yes"
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(FmError, match="position.reversed must be true or false"):
+        load(tmp_path / "out")

@@ -460,6 +460,9 @@ CONFIGS = {
         layer_types=["sliding_attention", "full_attention", "sliding_attention"], layer_rope_theta=[1e4, 0, 1e4],
         embedding_multiplier=2.0, attention_multiplier=0.2, residual_multiplier=0.5, logits_scaling=4.0,
         pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "nanochat": ("NanoChatConfig", "NanoChatForCausalLM", dict(hidden_size=64, intermediate_size=96,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+                 max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 FAMILIES = list(CONFIGS)
 

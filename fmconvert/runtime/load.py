@@ -125,7 +125,8 @@ def check_layout(m: dict, rank: int):
     tensors = m["ranks"][rank]["tensors"]
     need = {"embed.weight"} | {s for s in sp["slots"] if not s.startswith("layers.")}
     need |= {s for s, on in [("lm_head.weight", sp["kind"] == "decoder" and not sp["tied_embeddings"]),
-                             ("final_norm.weight", sp["final_norm"] and sp["norm_affine"]), ("embed_norm.weight", sp["embed_norm"]),
+                             ("final_norm.weight", sp["final_norm"] and sp["norm_affine"]),
+                             ("embed_norm.weight", sp["embed_norm"] and sp["norm_affine"]),
                              ("project_in.weight", sp["project"]), ("project_out.weight", sp["project"]),
                              ("pooler.weight", sp["pooler"]), ("pos_embed.weight", pos["type"] == "learned"),
                              ("rope.inv_freq", pos["type"] == "rope"), ("rope_local.inv_freq", "local" in pos),

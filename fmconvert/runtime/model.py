@@ -646,9 +646,10 @@ class FusedModel(nn.Module):
         # once, so a captured decode step copies nothing from the host.
         scale = float(sp["embed_scale"])
         self.embed_scale = None if scale == 1.0 else torch.tensor(scale, dtype=self.dtype, device=self.device)
-        if not sp["norm_affine"]:        # OLMo: norms without a weight, as a weight of ones
+        if not sp["norm_affine"]:        # OLMo, nanochat: norms without a weight, as a weight of ones
             ones = torch.ones(sp["hidden_size"], dtype=self.dtype, device=self.device)
             tensors = {**tensors, "final_norm.weight": ones,
+                       **({"embed_norm.weight": ones} if sp["embed_norm"] else {}),
                        **{f"layers.{i}.{n}.weight": ones for i in range(sp["num_layers"])
                           for n in ("attn_norm", "mlp_norm")}}
         self.g = {k: v for k, v in tensors.items() if not k.startswith("layers.")}  # global slots only
