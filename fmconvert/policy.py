@@ -445,7 +445,7 @@ class Policy:
             attn_gate=bool(self._layout("attn_gate", flags, False)),
             qkv_clip=_number(c, "qkv_clip", 0.0, zero_ok=True),
             norm_affine=bool(self._layout("norm_weights", flags, True)),
-            embed_scale=self._embed_scale(c), qkv_layout=self._layout("qkv", flags, "separate"),
+            embed_scale=self._embed_scale(c, flags), qkv_layout=self._layout("qkv", flags, "separate"),
             num_experts=experts, experts_per_token=topk if experts else 0,
             shared_intermediate_size=self._shared_size(c, experts),
             experts_renormalize=bool(self._layout("experts_renormalize", flags, True)),
@@ -737,13 +737,15 @@ class Policy:
                           f"of a RoPE model, got {str(flags)[:80]}")
         return [i for i, f in enumerate(flags) if not f] or None
 
-    def _embed_scale(self, c) -> float:
-        how = self.layout.get("embed_scale")
+    def _embed_scale(self, c, flags) -> float:
+        how = self._layout("embed_scale", flags)
         if how is None:
             return _number(c, "embed_multiplier", 1.0)          # Granite: a number in the config
         if how == "sqrt_hidden":
             return float(c["hidden_size"]) ** 0.5
-        raise FmError(f"{self.path.name}: layout.embed_scale must be \"sqrt_hidden\", got {how!r}")
+        if how == "none":                                       # AFMoE without muP
+            return 1.0
+        raise FmError(f"{self.path.name}: layout.embed_scale must be \"sqrt_hidden\" or \"none\", got {how!r}")
 
     def _position(self, config, flags, c) -> dict:
         kind = self._layout("position", flags)
@@ -928,6 +930,8 @@ class Policy:
             return [rows]
         if slot.startswith("qkv."):
             q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+            if n == 4 and spec.attn_gate:                       # q, k, v, then a separate gate projection (AFMoE)
+                return [q, kv, kv, q]
             return [q * (1 + spec.attn_gate), kv, kv]          # a gated q_proj holds each head's q and gate
         if slot.startswith("lin_") and spec.linear_attn.get("decay") == "channel" and n in (3, 6):   # KDA
             Kd, Vd, Hv = _linear_widths(spec)
@@ -1032,7 +1036,9 @@ class Policy:
             t = t.reshape(E, I, 2, *t.shape[2:]).transpose(1, 2)
         if self._stacked(slot):
             t = t.reshape(-1, *t.shape[(3 if self._gate_up_interleaved(slot) else 2):])
-        if slot.startswith("qkv.") and spec.attn_gate:     # per head [q; gate] -> every head's q, ..., every gate
+        if slot.startswith("qkv.") and spec.attn_gate and len(parts) == 4:
+            pass                                            # q, k, v, gate: already the canonical order (AFMoE)
+        elif slot.startswith("qkv.") and spec.attn_gate:   # per head [q; gate] -> every head's q, ..., every gate
             H, hd, rest = spec.num_heads, spec.head_dim, t.shape[1:]
             qg, kv = t[:2 * H * hd].reshape(H, 2, hd, *rest), t[2 * H * hd:]
             t = torch.cat([qg[:, 0].reshape(H * hd, *rest), kv, qg[:, 1].reshape(H * hd, *rest)])
@@ -1092,6 +1098,8 @@ class Policy:
         if slot in DEPTHWISE:            # one conv, or Kimi Linear's q, k and v convs
             parts = torch.split(t, self._part_rows(spec, slot, n_parts), dim=0) if n_parts > 1 else [t]
             return [p.unsqueeze(1).contiguous() for p in parts]
+        if slot.startswith("qkv.") and spec.attn_gate and n_parts == 4:         # AFMoE: q, k, v, gate as stored
+            return [p.contiguous() for p in torch.split(t, self._part_rows(spec, slot, 4), dim=0)]
         if slot.startswith("qkv.") and spec.attn_gate:
             H, hd, rest = spec.num_heads, spec.head_dim, t.shape[1:]
             q, kv, gate = t[:H * hd], t[H * hd:-H * hd], t[-H * hd:]

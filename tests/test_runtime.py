@@ -258,7 +258,7 @@ def test_inject_refuses_a_different_model(work):
 @pytest.mark.parametrize("name", ["stories", "gpt2", "bloom", "opt350", "gptj", "phi", "stablelm_par", "qwen3", "falcon",
                                   "mixtral", "gpt_oss", "glm4_moe", "hunyuan", "deepseek_v3", "deepseek_v2", "llama4",
                                   "qwen3_5", "qwen3_next", "granite_hybrid_dense", "lfm2", "falcon_mamba", "jamba",
-                                  "nanochat"])
+                                  "nanochat", "afmoe"])
 def test_graph_safe_decode_step_equals_eager_decode(work, name):
     """decode_step (what a CUDA graph captures) reads positions and lengths from device tensors only."""
     _, _, outs = work(name)

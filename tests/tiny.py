@@ -463,6 +463,11 @@ CONFIGS = {
     "nanochat": ("NanoChatConfig", "NanoChatForCausalLM", dict(hidden_size=64, intermediate_size=96,
                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
                  max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "afmoe": ("AfmoeConfig", "AfmoeForCausalLM", dict(   # windows with RoPE, a global layer without, muP, a mixture
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_dense_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101, max_position_embeddings=64,
+        num_experts=4, num_experts_per_tok=2, num_shared_experts=1, route_scale=2.0, global_attn_every_n_layers=2,
+        sliding_window=4, mup_enabled=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 FAMILIES = list(CONFIGS)
 
