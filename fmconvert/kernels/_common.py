@@ -109,6 +109,22 @@ def float_dtype_check(name: str, t: torch.Tensor, allowed=(torch.float16, torch.
         raise ValueError(f"{name} must be one of {[str(d) for d in allowed]}, got {t.dtype}")
 
 
+def linear_epilogue(n_rows: int, bias, activation, tensors) -> tuple[int, float, float]:
+    """The checks a linear launcher shares once its weight is checked: the bias's shape, the activation (a gated one
+    needs gate and up rows, an even count), one device for every tensor. Returns the activation's epilogue()."""
+    if bias is not None:
+        float_dtype_check("bias", bias)
+        if tuple(bias.shape) != (n_rows,):
+            raise ValueError(f"bias must have shape ({n_rows},), got {tuple(bias.shape)}")
+    ep = epilogue(activation)
+    if ep[0] in GATED_CODES and n_rows % 2:
+        raise ValueError(f"{activation} needs an even number of weight rows (gate; up), got {n_rows}")
+    devs = {t.device for t in tuple(tensors) + ((bias,) if bias is not None else ())}
+    if len(devs) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devs))}")
+    return ep
+
+
 @triton.jit
 def sigmoid(v):
     # exp of a non-positive argument only: no overflow for large |v|.

@@ -25,9 +25,9 @@ from ._common import (
     activate,
     activate_reference,
     configs,
-    epilogue,
     float_dtype_check,
     gated_product,
+    linear_epilogue,
     tuner_bench,
 )
 
@@ -134,16 +134,7 @@ def _check(x, weight, bias, activation):
     N, K = weight.shape
     if x.shape[-1] != K:
         raise ValueError(f"x last dim {x.shape[-1]} != weight in_features {K}")
-    if bias is not None:
-        float_dtype_check("bias", bias)
-        if tuple(bias.shape) != (N,):
-            raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
-    ep = epilogue(activation)
-    if ep[0] in GATED_CODES and N % 2:
-        raise ValueError(f"{activation} needs an even number of weight rows (gate; up), got {N}")
-    devs = {t.device for t in (x, weight) + ((bias,) if bias is not None else ())}
-    if len(devs) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devs))}")
+    ep = linear_epilogue(N, bias, activation, (x, weight))
     rows = x.numel() // K if K else 0
     if rows > DECODE_MAX_M:
         raise ValueError(f"float_gemv takes at most {DECODE_MAX_M} rows of x, got {rows}: use F.linear")

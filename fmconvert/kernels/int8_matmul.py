@@ -44,6 +44,7 @@ from ._common import (
     float_dtype_check,
     gated_product,
     interpreting,
+    linear_epilogue,
     lowbit,
     tuner_bench,
 )
@@ -563,17 +564,7 @@ def _check(x, qweight, scale, group_size, bias, activation):
     float_dtype_check("scale", scale)
     if tuple(scale.shape) != (N, K // group_size):
         raise ValueError(f"scale must have shape {(N, K // group_size)}, got {tuple(scale.shape)}")
-    if bias is not None:
-        float_dtype_check("bias", bias)
-        if tuple(bias.shape) != (N,):
-            raise ValueError(f"bias must have shape ({N},), got {tuple(bias.shape)}")
-    ep = epilogue(activation)
-    if ep[0] in GATED_CODES and N % 2:
-        raise ValueError(f"{activation} needs an even number of weight rows (gate; up), got {N}")
-    devs = {t.device for t in (x, qweight, scale) + ((bias,) if bias is not None else ())}
-    if len(devs) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devs))}")
-    return ep
+    return linear_epilogue(N, bias, activation, (x, qweight, scale))
 
 
 # A decode step's few rows on CUDA: the GEMV or the tensor-core GEMM (16-row tiles, x padded), whichever ran faster
