@@ -89,6 +89,16 @@ def tuner_bench(kernel_call, quantiles, samples=9):
         return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
+def candidate_wins(reference, candidate, time_ms) -> bool:
+    """Whether `candidate` (a call returning its output) should replace `reference` for one shape: its output is
+    finite and agrees with the reference's within 1% of the largest magnitude, and it ran faster under time_ms (the
+    autotuners' cold-L2 timing). Each runs once first, so both are compiled and autotuned before they are timed."""
+    a, b = candidate().float(), reference().float()
+    if not (torch.isfinite(a).all() and (a - b).abs().max().item() <= 1e-2 * max(1.0, b.abs().max().item())):
+        return False
+    return time_ms(candidate) < time_ms(reference)
+
+
 @functools.lru_cache(maxsize=None)
 def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -38,6 +38,7 @@ from ._common import (
     GATED_CODES,
     activate,
     activate_reference,
+    candidate_wins,
     configs,
     device_sms,
     epilogue,
@@ -586,16 +587,11 @@ def _decode_path(x2, qweight, scale, group_size, bias, activation, act, alpha, l
         return path
     if n_out == 0 or (x2.is_cuda and torch.cuda.is_current_stream_capturing()):
         return "decode"
-    outs = {p: torch.empty(M, n_out, dtype=x2.dtype, device=x2.device) for p in ("decode", "gemm")}
-    run = {"decode": lambda: _decode(x2, qweight, scale, group_size, bias, act, outs["decode"], alpha=alpha,
-                                     limit=limit),
-           "gemm": lambda: _gemm(x2, qweight, scale, group_size, bias, act, outs["gemm"], alpha=alpha, limit=limit)}
-    for fn in run.values():             # compile and autotune each first
-        fn()
-    a, b = outs["decode"].float(), outs["gemm"].float()
-    agree = bool(torch.isfinite(b).all()) and (a - b).abs().max().item() <= 1e-2 * max(1.0, a.abs().max().item())
-    ms = {p: _time_ms(fn) for p, fn in run.items()} if agree else {"decode": 0.0, "gemm": 1.0}
-    path = _DECODE_CHOICE[key] = min(ms, key=ms.get)
+    out_gemv, out_gemm = (torch.empty(M, n_out, dtype=x2.dtype, device=x2.device) for _ in range(2))
+    gemm_wins = candidate_wins(
+        lambda: _decode(x2, qweight, scale, group_size, bias, act, out_gemv, alpha=alpha, limit=limit),
+        lambda: _gemm(x2, qweight, scale, group_size, bias, act, out_gemm, alpha=alpha, limit=limit), _time_ms)
+    path = _DECODE_CHOICE[key] = "gemm" if gemm_wins else "decode"
     return path
 
 

@@ -654,13 +654,9 @@ class TritonOps(TorchOps):
         return self._float_gemv_wins(x, weight, bias, activation, gpu_ms)
 
     def _float_gemv_wins(self, x, weight, bias, activation, time_ms) -> bool:
-        a = self.k.float_gemv(x, weight, bias, activation).float()             # autotune its own configs first
-        b = self._cublas_linear(x, weight, bias, activation).float()
-        if not (torch.isfinite(a).all() and (a - b).abs().max() <= 1e-2 * max(1.0, b.abs().max().item())):
-            return False
-        ms_gemv = time_ms(lambda: self.k.float_gemv(x, weight, bias, activation))
-        ms_cublas = time_ms(lambda: self._cublas_linear(x, weight, bias, activation))
-        return ms_gemv < ms_cublas
+        from ..kernels._common import candidate_wins
+        return candidate_wins(lambda: self._cublas_linear(x, weight, bias, activation),
+                              lambda: self.k.float_gemv(x, weight, bias, activation), time_ms)
 
     def rope(self, q, k, cos, sin, positions, style, rotary_dim):
         return self.k.apply_rope(q, k, cos, sin, positions, style=style, rotary_dim=rotary_dim)
