@@ -355,6 +355,7 @@ def main():
     ap.add_argument("--test-files", default="",
                     help="comma-separated files of tests/kernels to run on CUDA; all if empty")
     ap.add_argument("--only-7b", action="store_true", help="no small models and no GEMV sweep after the 7B model")
+    ap.add_argument("--gemv-sweep", action="store_true", help="the GEMV sweep even with --only-7b")
     ap.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes on CPU, to check the script itself")
     args = ap.parse_args()
     global DEV
@@ -626,7 +627,7 @@ def main():
         return {"rows": [{"config": k[0], "N": k[1], "K": k[2], "us": round(v[0] * 1000, 2),
                           "GBps": round(v[1], 1)} for k, v in data.items()]}
 
-    if args.only_7b:
+    if args.only_7b and not args.gemv_sweep:
         pass
     elif DEV == "cuda" and args.deadline_s - (time.perf_counter() - t_start) > 45:
         gemv_sweep()

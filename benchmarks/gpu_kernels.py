@@ -127,7 +127,9 @@ def bench_linear(rows, ms_list=None, shapes=LINEAR_SHAPES):
             if M == 1:      # the autotuner's choice, and the two load orders on their own (EARLY, the old one)
                 from fmconvert.kernels.int8_matmul import _GEMV_CONFIGS
                 old = next(c for c in _GEMV_CONFIGS if not c.kwargs["EARLY"])
-                _gemv_configs(extra, x, qs, N, None, (("early", _GEMV_CONFIGS[0]), ("old_order", old)))
+                chain = next(c for c in _GEMV_CONFIGS if c.kwargs["CHAIN"])
+                _gemv_configs(extra, x, qs, N, None, (("early", _GEMV_CONFIGS[0]), ("old_order", old),
+                                                      ("chain", chain)))
             if M <= 4:      # a decode step: the GEMV and the 16-row tensor-core GEMM; int8_linear keeps the faster
                 from fmconvert.kernels.int8_matmul import _DECODE_CHOICE
                 for path in ("decode", "gemm"):
@@ -190,7 +192,9 @@ def bench_swiglu(rows, N=11008, K=4096):
     from fmconvert.kernels.int8_matmul import _DECODE_CHOICE
     extra["decode_choice"] = next((v for k, v in _DECODE_CHOICE.items() if k[:3] == (1, 2 * N, K)), None)
     pair = next(c for c in _GEMV_CONFIGS if c.kwargs["PAIR"])
-    _gemv_configs(extra, x, qs, N, "swiglu", (("default", _GEMV_CONFIGS[0]), ("pair", pair)))
+    pair_chain = next(c for c in _GEMV_CONFIGS if c.kwargs["PAIR"] and c.kwargs["CHAIN"])
+    _gemv_configs(extra, x, qs, N, "swiglu", (("default", _GEMV_CONFIGS[0]), ("pair", pair),
+                                              ("pair_chain", pair_chain)))
     rows.append(_row("int8_swiglu", f"M=1 N=2x{N} K={K}", ms_q, ms_fp, int8_bytes, err < 2e-2, **extra))
     del qs, ws
     torch.cuda.empty_cache()
@@ -609,16 +613,23 @@ def sweep(shapes=LINEAR_SHAPES, M=1):
         del qs, ws
         torch.cuda.empty_cache()
     names = ["cublas_bf16"] + [str(c) for c in cands] + ["split_k=2", "split_k=4"]
+    labels = dict(zip(names, ["cublas_bf16"] + [_cfg_label(c) for c in cands] + names[-2:]))
     for name in names:
         cells = []
         for n, k in shapes:
             v = data.get((name, n, k))
             cells.append(f"{v[0] * 1000:8.2f}us {v[1]:7.0f}GB/s".rjust(22) if v else "-".rjust(22))
-        label = name.replace("BLOCK_", "").replace("num_", "")[:44]
-        print(label.ljust(44) + "".join(cells))
+        print(labels[name][:44].ljust(44) + "".join(cells))
     bad = [(k, v[2]) for k, v in data.items() if len(v) > 2 and not (isinstance(v[2], float) and v[2] < 2e-2)]
     print("config errors:", bad[:10])
     return data
+
+
+def _cfg_label(c) -> str:
+    kw = c.kwargs
+    flags = [f"magic{kw['MAGIC']}"] + [f for f, on in (("pair", kw["PAIR"]), ("chain", kw.get("CHAIN")),
+                                                      ("old_order", not kw["EARLY"])) if on]
+    return f"{kw['BLOCK_N']}x{kw['BLOCK_K']} w{c.num_warps} s{c.num_stages} " + " ".join(flags)
 
 
 def _print_table(report, rows):

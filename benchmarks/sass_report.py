@@ -115,11 +115,11 @@ def gemv_cases(swiglu: bool, K: int = 4096, group: int = 128):
                 stride_om=n_out)
     for cfg in im._prune_gemv(im._GEMV_CONFIGS, {}, SWIGLU=swiglu):
         kw = cfg.kwargs
-        gs = min(kw["BLOCK_K"], group & -group)
+        gs = im._sub_group({"GROUP": group, **kw})
         const = dict(GROUP=group, GS=gs, NG=kw["BLOCK_K"] // gs, HAS_BIAS=False, ACT=5 if swiglu else 0,
                      SWIGLU=swiglu, SPLIT=False, EVEN_K=K % kw["BLOCK_K"] == 0, **kw)
         name = (f"int8 GEMV{' swiglu' if swiglu else ''} {kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps} "
-                f"magic{kw['MAGIC']} pair{int(kw['PAIR'])} early{int(kw['EARLY'])}")
+                f"magic{kw['MAGIC']} pair{int(kw['PAIR'])} early{int(kw['EARLY'])}{' chain' if kw['CHAIN'] else ''}")
         yield Case(name, im._int8_gemv_kernel, const, cfg.num_warps, cfg.num_stages,
                    ptrs={"w_ptr": "*i8", "b_ptr": "*i8"}, ints=ints, gemv=True)
 

@@ -14,7 +14,10 @@ Two paths, picked by M = rows of x:
     TB/s of int8 bytes, 1.35-1.6x bf16 cuBLAS on the LLaMA-7B/8B shapes, before two changes
     read off the SASS (benchmarks/sass_report.py) and not yet timed: each step now issues its
     weight, scale and x loads together (EARLY), and SwiGLU may walk K once for gate and up
-    rows together (PAIR). The autotuner keeps the old order as a candidate.
+    rows together (PAIR). The autotuner keeps the old order as a candidate. Two more from the SASS, untimed: CHAIN
+    sums each 16-byte vector inside its thread as a chain of fused multiply-adds and reduces across threads once,
+    and MAGIC 4 converts to 1 + (q + 128) / 2^15 with no subtraction (bf16/fp16 activations only); together they
+    cut the loop's instructions per weight byte by a quarter.
   * GEMM (larger M): tiles with tl.dot; the int8 tile is converted to the activation dtype
     (exact: |q| <= 127) and the group scale is applied to the tile's partial product.
   * dense (M >= DENSE_MIN_M, CUDA): prefill of a long prompt is compute-bound, where cuBLAS beats
@@ -79,13 +82,93 @@ def _s_tile(s_rows, kg, row_mask, k_hi, GROUP: tl.constexpr):
 
 
 @triton.jit
+def _int8_to_f32(w, MAGIC: tl.constexpr):
+    # int8 tile -> fp32. MAGIC 0-3 give q itself; 4 and 5 give 1 + (q + 128) / 2^15, see _gemv_rows.
+    if MAGIC == 1:
+        # The exponent trick (2^23 + 128 + q) - (2^23 + 128): integer add + float sub instead of the I2F
+        # conversion (a quarter-rate unit).
+        return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+    elif MAGIC == 2:
+        # Same trick from the unsigned byte: zero-extend, then one xor sets the exponent and flips the sign bit of
+        # the byte (q ^ 0x80 == q + 128).
+        u = w.to(tl.uint8, bitcast=True).to(tl.int32)
+        return (u ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+    elif MAGIC == 3:
+        # The same in PTX, 4 packed bytes at a time: one xor per word, then one prmt per byte builds 0x4B0000uu
+        # directly. GPU only (the interpreter has no inline asm).
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t;
+            xor.b32 t, $4, 0x80808080;
+            prmt.b32 $0, t, 0x4B000000, 0x7540;
+            prmt.b32 $1, t, 0x4B000000, 0x7541;
+            prmt.b32 $2, t, 0x4B000000, 0x7542;
+            prmt.b32 $3, t, 0x4B000000, 0x7543;
+            sub.f32 $0, $0, 0f4B000080;
+            sub.f32 $1, $1, 0f4B000080;
+            sub.f32 $2, $2, 0f4B000080;
+            sub.f32 $3, $3, 0f4B000080;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[w], dtype=tl.float32, is_pure=True, pack=4)
+    elif MAGIC == 4:
+        # 1 + u / 2^15 with u = q + 128: one xor per word, one prmt per byte puts u in mantissa bits 15..8 of 1.0
+        # (0x3F80uu00), and no subtraction. GPU only.
+        return tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t;
+            xor.b32 t, $4, 0x80808080;
+            prmt.b32 $0, t, 0x3F800000, 0x7604;
+            prmt.b32 $1, t, 0x3F800000, 0x7614;
+            prmt.b32 $2, t, 0x3F800000, 0x7624;
+            prmt.b32 $3, t, 0x3F800000, 0x7634;
+            }""",
+            constraints="=r,=r,=r,=r,r", args=[w], dtype=tl.float32, is_pure=True, pack=4)
+    elif MAGIC == 5:
+        # MAGIC 4 in Triton operations (the interpreter's, and a GPU candidate the tuner may compare).
+        u = w.to(tl.uint8, bitcast=True).to(tl.int32) ^ 0x80
+        return ((u << 8) | 0x3F800000).to(tl.float32, bitcast=True)
+    else:
+        return w.to(tl.float32)
+
+
+@triton.jit
+def _chain(acc, w, x, BN: tl.constexpr, NG: tl.constexpr, W: tl.constexpr):
+    # acc [BN, NG] + the sum over the last axis of w * x ([BN, NG, W], W a power of two), as one chain of W fused
+    # multiply-adds. tl.sum adds in a tree (a multiply, a fused multiply-add and an add per two elements); halving
+    # the last axis down to single columns leaves the chain, with no data movement when a thread holds the whole
+    # axis.
+    if W == 1:
+        acc = acc + tl.reshape(w, (BN, NG)) * tl.reshape(x, (BN, NG))
+    elif W == 2:
+        w0, w1 = tl.split(w)
+        x0, x1 = tl.split(x)
+        acc = acc + w0 * x0
+        acc = acc + w1 * x1
+    else:
+        w0, w1 = tl.split(tl.reshape(w, (BN, NG, W // 2, 2)))
+        x0, x1 = tl.split(tl.reshape(x, (BN, NG, W // 2, 2)))
+        acc = _chain(acc, w0, x0, BN, NG, W // 2)
+        acc = _chain(acc, w1, x1, BN, NG, W // 2)
+    return acc
+
+
+@triton.jit
 def _gemv_rows(x_row, w_ptr, s_ptr, rows, row_mask, k_lo, k_hi, stride_wn, stride_sn,
                GROUP: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr,
-               EVEN_K: tl.constexpr, EARLY: tl.constexpr):
-    # A BLOCK_K run is NG sub-groups of GS columns; GS divides both BLOCK_K and GROUP, so a
-    # sub-group never straddles a scale group and needs exactly one scale. (Prefetching the
-    # next run by hand measured slower on H200: the second tile costs occupancy.)
+               EVEN_K: tl.constexpr, EARLY: tl.constexpr, CHAIN: tl.constexpr = False):
+    # A BLOCK_K run is NG sub-groups of GS columns; GS divides both BLOCK_K and GROUP, so a sub-group never
+    # straddles a scale group and needs exactly one scale. (Prefetching the next run by hand measured slower on
+    # H200: the second tile costs occupancy.)
+    #
+    # CHAIN (GS <= 16, one thread's 16-byte vector): each sub-group is summed inside the thread as one chain of
+    # fused multiply-adds, and the cross-thread reduction waits until the end of K.
+    #
+    # MAGIC 4/5 convert q to m = 1 + (q + 128) / 2^15 exactly, which saves the subtraction of the exponent trick:
+    # sum(q x) = 2^15 (sum(m x) - (1 + 2^-8) sum(x)), so a sub-group needs the sum of its x (shared by the rows a
+    # thread holds) and the scale takes the 2^15. The products m x carry x itself, so the sub-group sum loses about
+    # 9 bits of fp32: errors of 3e-5 to 3e-4 of the largest output (1e-7 with exact conversions), under the rounding
+    # of a bf16 or fp16 output; _prune_gemv keeps it away from fp32 activations.
     offs_g = tl.arange(0, NG)
     offs_i = tl.arange(0, GS)
     w_rows = w_ptr + rows[:, None, None].to(tl.int64) * stride_wn    # [BN, 1, 1]
@@ -106,37 +189,17 @@ def _gemv_rows(x_row, w_ptr, s_ptr, rows, row_mask, k_lo, k_hi, stride_wn, strid
             xv = tl.load(x_row + kk, mask=kk < k_hi, other=0.0).to(tl.float32)
         if not EARLY:
             w = _w_tile(w_rows, kk, row_mask, k_hi, EVEN_K)
-        if MAGIC == 1:
-            # int8 -> fp32 through the exponent trick (2^23 + 128 + q) - (2^23 + 128): integer
-            # add + float sub instead of the I2F conversion (a quarter-rate unit).
-            wf = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
-        elif MAGIC == 2:
-            # Same trick from the unsigned byte: zero-extend, then one xor sets the exponent
-            # and flips the sign bit of the byte (q ^ 0x80 == q + 128).
-            u = w.to(tl.uint8, bitcast=True).to(tl.int32)
-            wf = (u ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
-        elif MAGIC == 3:
-            # The same in PTX, 4 packed bytes at a time: one xor per word, then one prmt per
-            # byte builds 0x4B0000uu directly. GPU only (the interpreter has no inline asm).
-            wf = tl.inline_asm_elementwise(
-                asm="""{
-                .reg .b32 t;
-                xor.b32 t, $4, 0x80808080;
-                prmt.b32 $0, t, 0x4B000000, 0x7540;
-                prmt.b32 $1, t, 0x4B000000, 0x7541;
-                prmt.b32 $2, t, 0x4B000000, 0x7542;
-                prmt.b32 $3, t, 0x4B000000, 0x7543;
-                sub.f32 $0, $0, 0f4B000080;
-                sub.f32 $1, $1, 0f4B000080;
-                sub.f32 $2, $2, 0f4B000080;
-                sub.f32 $3, $3, 0f4B000080;
-                }""",
-                constraints="=r,=r,=r,=r,r", args=[w], dtype=tl.float32, is_pure=True, pack=4)
+        wf = _int8_to_f32(w, MAGIC)
+        if CHAIN:
+            part = _chain(tl.zeros([BLOCK_N, NG], dtype=tl.float32), wf,
+                          tl.broadcast_to(xv[None, :, :], (BLOCK_N, NG, GS)), BLOCK_N, NG, GS)
         else:
-            wf = w.to(tl.float32)
-        part = tl.sum(wf * xv[None, :, :], axis=2)                    # [BN, NG]
+            part = tl.sum(wf * xv[None, :, :], axis=2)                # [BN, NG]
         if not EARLY:
             s = _s_tile(s_rows, kg, row_mask, k_hi, GROUP)
+        if MAGIC >= 4:
+            part = part - 1.00390625 * tl.sum(xv, axis=1)[None, :]
+            s = s * 32768.0
         acc += part * s
     return tl.sum(acc, axis=1)                                        # [BN]
 
@@ -148,7 +211,8 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
                       GROUP: tl.constexpr, GS: tl.constexpr, NG: tl.constexpr,
                       HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.constexpr,
                       SWIGLU: tl.constexpr, SPLIT: tl.constexpr, MAGIC: tl.constexpr, EVEN_K: tl.constexpr,
-                      PAIR: tl.constexpr, EARLY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      PAIR: tl.constexpr, EARLY: tl.constexpr, CHAIN: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
     # grid: (cdiv(N_OUT, BLOCK_N), n_splits). With SWIGLU a program owns gate rows `rows` and
     # the matching up rows `N_OUT + rows`, so the pairing needs no second pass. PAIR walks K once
     # for both, as one tile of 2 * BLOCK_N rows: x is loaded once per step instead of twice, and
@@ -170,17 +234,18 @@ def _int8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr,
             half = i2 // BLOCK_N                                          # 0: gate, 1: up
             rows2 = pid_n * BLOCK_N + i2 % BLOCK_N
             acc2 = _gemv_rows(x_row, w_ptr, s_ptr, rows2 + half * N_OUT, rows2 < N_OUT, k_lo, k_hi,
-                              stride_wn, stride_sn, GROUP, GS, NG, 2 * BLOCK_N, BLOCK_K, MAGIC, EVEN_K, EARLY)
+                              stride_wn, stride_sn, GROUP, GS, NG, 2 * BLOCK_N, BLOCK_K, MAGIC, EVEN_K, EARLY,
+                              CHAIN)
             acc2 = tl.reshape(acc2, (2, BLOCK_N))
             which = tl.arange(0, 2)[:, None]
             acc = tl.sum(tl.where(which == 0, acc2, 0.0), axis=0)
             up = tl.sum(tl.where(which == 1, acc2, 0.0), axis=0)
         else:
             acc = _gemv_rows(x_row, w_ptr, s_ptr, rows, row_mask, k_lo, k_hi, stride_wn, stride_sn,
-                             GROUP, GS, NG, BLOCK_N, BLOCK_K, MAGIC, EVEN_K, EARLY)
+                             GROUP, GS, NG, BLOCK_N, BLOCK_K, MAGIC, EVEN_K, EARLY, CHAIN)
             if SWIGLU:
                 up = _gemv_rows(x_row, w_ptr, s_ptr, rows + N_OUT, row_mask, k_lo, k_hi, stride_wn,
-                                stride_sn, GROUP, GS, NG, BLOCK_N, BLOCK_K, MAGIC, EVEN_K, EARLY)
+                                stride_sn, GROUP, GS, NG, BLOCK_N, BLOCK_K, MAGIC, EVEN_K, EARLY, CHAIN)
         o_row = out_ptr + m * stride_om
         if SPLIT:
             # out is the fp32 [M, N] accumulation buffer, zeroed by the launcher.
@@ -221,8 +286,10 @@ def _splitk_epilogue_kernel(acc_ptr, b_ptr, out_ptr, N_OUT, stride_am, stride_om
 
 
 def _sub_group(args):
-    # Largest power of two dividing both BLOCK_K and GROUP (GROUP need not be a power of two).
-    return min(args["BLOCK_K"], lowbit(args["GROUP"]))
+    # Largest power of two dividing both BLOCK_K and GROUP (GROUP need not be a power of two); at most one thread's
+    # 16-byte vector with CHAIN.
+    gs = min(args["BLOCK_K"], lowbit(args["GROUP"]))
+    return min(gs, 16) if args.get("CHAIN") else gs
 
 
 _gemv_heuristics = triton.heuristics({
@@ -233,9 +300,9 @@ _gemv_heuristics = triton.heuristics({
 _gemv_fixed = _gemv_heuristics(_int8_gemv_kernel)
 
 
-def _gemv_cfg(bn, bk, warps, magic=0, stages=1, pair=False, early=True):
-    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "MAGIC": magic, "PAIR": pair, "EARLY": early},
-                         num_warps=warps, num_stages=stages)
+def _gemv_cfg(bn, bk, warps, magic=0, stages=1, pair=False, early=True, chain=False):
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "MAGIC": magic, "PAIR": pair, "EARLY": early,
+                          "CHAIN": chain}, num_warps=warps, num_stages=stages)
 
 
 # First entry = the default when autotuning is off (FMCONVERT_AUTOTUNE=0).
@@ -259,13 +326,30 @@ _GEMV_CONFIGS = [
     _gemv_cfg(1, 2048, 4, magic=3, pair=True),
     _gemv_cfg(2, 1024, 4, magic=3, pair=True),
     _gemv_cfg(2, 2048, 8, pair=True),
+    # CHAIN, read off the SASS (benchmarks/sass_report.py), not yet timed: per-thread chains of fused multiply-adds
+    # and one cross-thread reduction at the end; with MAGIC 4, no subtraction per weight either. On the Llama-2-7B
+    # shapes, instructions per weight byte in the K loop: 5.27 for 8x2048 w8 above, 4.47 chained, 3.84 chained with
+    # MAGIC 4. Chaining pays only with 4 or more rows a thread (with fewer, Triton moves the split halves through
+    # shared memory).
+    _gemv_cfg(8, 2048, 8, magic=4, chain=True),
+    _gemv_cfg(8, 2048, 4, magic=4, chain=True),
+    _gemv_cfg(16, 2048, 8, magic=4, chain=True),
+    _gemv_cfg(16, 1024, 8, magic=4, chain=True),
+    _gemv_cfg(8, 2048, 8, magic=3, chain=True),
+    _gemv_cfg(4, 2048, 8, magic=4, pair=True, chain=True),
+    _gemv_cfg(4, 2048, 4, magic=4, pair=True, chain=True),
 ]
 
 
 def _prune_gemv(configs, named_args, **kwargs):
+    x = named_args.get("x_ptr")
+    if x is not None and x.dtype == torch.float32:
+        # MAGIC 4's conversion costs about 9 bits of the fp32 sum (see _gemv_rows): an fp32 model keeps exact sums.
+        configs = [c for c in configs if c.kwargs.get("MAGIC", 0) < 4] or configs[:1]
     if kwargs.get("SWIGLU", named_args.get("SWIGLU")):
         return configs
     return [c for c in configs if not c.kwargs.get("PAIR")] or configs[:1]     # PAIR pairs SwiGLU rows only
+
 
 _gemv_tuned = triton.autotune(
     configs=configs(_GEMV_CONFIGS, _gemv_cfg(4, 256, 4)),
@@ -318,7 +402,8 @@ def _decode(x2, qweight, scale, group_size, bias, act, out, split_k=None, config
         x2, qweight, scale, bias_arg, acc, M, n_out, K, chunk,
         x2.stride(0), qweight.stride(0), scale.stride(0), acc.stride(0),
         GROUP=group_size, HAS_BIAS=bias is not None, ACT=act, ALPHA=alpha, LIMIT=limit, SWIGLU=swiglu, SPLIT=True,
-        MAGIC=0, PAIR=False, EARLY=True, BLOCK_N=_SPLIT_BLOCK_N, BLOCK_K=_SPLIT_BLOCK_K, num_warps=_SPLIT_WARPS,
+        MAGIC=0, PAIR=False, EARLY=True, CHAIN=False, BLOCK_N=_SPLIT_BLOCK_N, BLOCK_K=_SPLIT_BLOCK_K,
+        num_warps=_SPLIT_WARPS,
     )
     block = min(1024, triton.next_power_of_2(n_out))
     _splitk_epilogue_kernel[(M, triton.cdiv(n_out, block))](

@@ -124,14 +124,18 @@ def test_int8_linear_rejects_bad_inputs():
 def test_int8_gemv_every_gpu_config(M, assert_close):
     # Each autotune candidate (block shape, int8->fp32 conversion variant) must be correct,
     # with K both a multiple of BLOCK_K (mask-free loads) and not.
+    import triton
+
     from fmconvert.kernels.int8_matmul import _GEMV_CONFIGS, _decode
 
-    for K, G in [(1024, 128), (2048, 64), (1152, 128)]:
+    for K, G in [(1024, 128), (2048, 64), (1152, 128), (144, 48)]:
         x, _, q, s, b = make(M, 6, K, G, torch.float16, bias=True)
         ref = int8_linear_reference(x, q, s, G, b, "swiglu")
         for cfg in _GEMV_CONFIGS:
-            if cfg.kwargs["MAGIC"] == 3 and not ON_CUDA:
-                continue  # inline PTX: GPU only
+            if not ON_CUDA and cfg.kwargs["MAGIC"] in (3, 4):     # inline PTX: GPU only
+                if cfg.kwargs["MAGIC"] == 3:
+                    continue
+                cfg = triton.Config({**cfg.kwargs, "MAGIC": 5}, num_warps=cfg.num_warps)  # 4's math in Triton
             out = torch.empty(M, 3, dtype=x.dtype, device=DEVICE)
             _decode(x, q, s, G, b, 5, out, split_k=1, config=cfg)
             assert_close(out, ref, torch.float16)
@@ -166,6 +170,16 @@ def test_gemv_pair_configs_are_offered_for_swiglu_only():
     assert _prune_gemv(_GEMV_CONFIGS, {}, SWIGLU=True) == _GEMV_CONFIGS
     assert not _GEMV_CONFIGS[0].kwargs["PAIR"]          # the untuned default is the measured one
     assert any(c.kwargs["PAIR"] and c.kwargs["MAGIC"] != 3 for c in _GEMV_CONFIGS)   # one the interpreter can run
+
+
+def test_gemv_inexact_conversion_is_not_offered_to_fp32():
+    from fmconvert.kernels.int8_matmul import _GEMV_CONFIGS, _prune_gemv
+
+    def magics(dtype):
+        return {c.kwargs["MAGIC"] for c in _prune_gemv(_GEMV_CONFIGS, {"x_ptr": torch.empty(1, dtype=dtype)},
+                                                         SWIGLU=True)}
+    assert 4 in magics(torch.bfloat16) and 4 in magics(torch.float16)
+    assert max(magics(torch.float32)) < 4
 
 
 @pytest.mark.parametrize("act,x_every", [("swiglu", 2), (None, 1), ("gelu", 3)])
