@@ -49,6 +49,8 @@ class Case:
     ptrs: dict = field(default_factory=dict)      # pointer argument -> type; other *_ptr are bf16
     ints: dict = field(default_factory=dict)      # integer arguments of a representative launch
     gemv: bool = False
+    loop_bytes: int = 0             # weight bytes one thread handles per GEMV step (instructions per byte)
+    one_pass: bool = False          # no loop: report the kernel's loads before its first barrier
 
 
 # Constexprs a case may leave out: the features it does not use (GPT-OSS's sinks, clamped SwiGLU, expert biases,
@@ -96,10 +98,15 @@ def report(kernel) -> dict:
             lo, hi = int(m.group(2), 16), int(m.group(1), 16)
             loop = [op for a, op in ops if lo <= a <= hi]
             break
+    whole = [op for _, op in ops if op.startswith(("LDG", "BAR"))]
     order = [op for op in loop if op.startswith(("LDG", "BAR"))]
     bar = next((i for i, op in enumerate(order) if op.startswith("BAR")), len(order))
     mma = next((i for i, op in enumerate(loop) if "MMA" in op), len(loop))
+    first_bar = next((i for i, op in enumerate(whole) if op.startswith("BAR")), len(whole))
     return {"regs": num("REG"), "stack": num("STACK"), "local": num("LOCAL"), "instructions": len(ops),
+            "loop_instructions": len(loop),
+            "kernel_loads": sum(op.startswith("LDG") for op in whole),
+            "kernel_loads_before_barrier": sum(op.startswith("LDG") for op in whole[:first_bar]),
             "loop_loads": sum(op.startswith("LDG") for op in order),
             "loads_before_barrier": sum(op.startswith("LDG") for op in order[:bar]),
             "wide_loads": sum(op == "LDG.E.128" for op in loop),
@@ -120,8 +127,10 @@ def gemv_cases(swiglu: bool, K: int = 4096, group: int = 128):
                      SWIGLU=swiglu, SPLIT=False, EVEN_K=K % kw["BLOCK_K"] == 0, **kw)
         name = (f"int8 GEMV{' swiglu' if swiglu else ''} {kw['BLOCK_N']}x{kw['BLOCK_K']} w{cfg.num_warps} "
                 f"magic{kw['MAGIC']} pair{int(kw['PAIR'])} early{int(kw['EARLY'])}{' chain' if kw['CHAIN'] else ''}")
+        rows = kw["BLOCK_N"] * (2 if kw["PAIR"] else 1)         # one K walk: gate and up rows together
         yield Case(name, im._int8_gemv_kernel, const, cfg.num_warps, cfg.num_stages,
-                   ptrs={"w_ptr": "*i8", "b_ptr": "*i8"}, ints=ints, gemv=True)
+                   ptrs={"w_ptr": "*i8", "b_ptr": "*i8"}, ints=ints, gemv=True,
+                   loop_bytes=rows * kw["BLOCK_K"] // (32 * cfg.num_warps))
 
 
 def other_cases(D: int = 128, hidden: int = 4096, S: int = 193, T: int = 2048):
@@ -228,7 +237,7 @@ def other_cases(D: int = 128, hidden: int = 4096, S: int = 193, T: int = 2048):
         block = triton.next_power_of_2(n)
         yield Case(f"add+rmsnorm {n}", norm._add_norm_kernel, dict(HAS_RES=True, HAS_W=True, HAS_BIAS=False,
                    IS_RMS=True, PLUS_ONE=False, PRE=False, BLOCK=block), min(16, max(1, block // 512)),
-                   ints=dict(N=n))
+                   ints=dict(N=n), one_pass=True)
     yield Case("swiglu", glu._glu_kernel, dict(ACT=5, BLOCK=1024), 4, ints=dict(N=11008, stride_y=22016,
                                                                           stride_o=11008))
     yield Case("swiglu_oai", glu._glu_kernel, dict(ACT=7, ALPHA=1.702, LIMIT=7.0, BLOCK=1024), 4,
@@ -349,7 +358,10 @@ def main():
         line = f"{case.name}: {r['regs']} regs, {r['stack']} B stack, {r['local']} B local"
         if case.gemv:
             line += (f", {r['loads_before_barrier']}/{r['loop_loads']} loads before the first barrier, "
-                     f"{r['wide_loads']} 16-byte")
+                     f"{r['wide_loads']} 16-byte, {r['loop_instructions'] / case.loop_bytes:.2f} instructions a "
+                     f"weight byte")
+        elif case.one_pass:
+            line += f", {r['kernel_loads_before_barrier']}/{r['kernel_loads']} loads before the first barrier"
         elif r["mma"]:
             line += f", {r['plain_loads_before_mma']}/{r['plain_loads']} plain loads before the first MMA"
         print(line, flush=True)

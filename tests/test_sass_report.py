@@ -60,3 +60,21 @@ def test_gemm_scales_are_asked_for_before_the_step_s_mma(report):
     ahead = [(before, total) for bk, before, total in rows if int(bk) <= 128]
     assert ahead, report
     assert all(before == total for before, total in ahead), report
+
+
+def test_chained_gemv_steps_take_fewer_instructions_a_weight_byte(report):
+    """CHAIN (per-thread fused multiply-add chains, one cross-thread reduction at the end) and MAGIC 4 (no
+    subtraction per weight) exist to cut the K loop's instructions; the count per weight byte shows whether the
+    compiled loop kept that shape (split halves moved through shared memory would undo it)."""
+    ipb = {m.group(1): float(m.group(2)) for m in
+           re.finditer(r"^int8 GEMV (8x2048 w8 magic\d pair0 early1(?: chain)?): .*?([\d.]+) instructions a weight",
+                       report, re.M)}
+    plain, chained, both = ipb["8x2048 w8 magic3 pair0 early1"], ipb["8x2048 w8 magic3 pair0 early1 chain"], \
+        ipb["8x2048 w8 magic4 pair0 early1 chain"]
+    assert chained < 0.9 * plain and both < 0.8 * plain, ipb
+
+
+def test_add_norm_asks_for_every_operand_before_reducing(report):
+    rows = re.findall(r"^add\+rmsnorm \d+: .*?(\d+)/(\d+) loads before the first barrier", report, re.M)
+    assert rows, report
+    assert all(before == total for before, total in rows), rows

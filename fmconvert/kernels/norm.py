@@ -28,6 +28,14 @@ def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, p_ptr, N, eps, xs
     offs = tl.arange(0, BLOCK)
     mask = offs < N
     h = tl.load(x_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
+    # Every load is issued before the first reduction: a reduction's barrier would otherwise hold the weight's load
+    # back by a whole memory round trip (the kernel runs once per layer half, at batch 1 on one multiprocessor).
+    if HAS_RES:
+        r = tl.load(r_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_W:
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if PRE:
         pw = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if PLUS_ONE:
@@ -35,7 +43,7 @@ def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, p_ptr, N, eps, xs
         h = h * tl.rsqrt(tl.sum(h * h, axis=0) / N + eps) * pw
         h = h.to(h_ptr.dtype.element_ty).to(tl.float32)       # as the norm's own output would be stored
     if HAS_RES:
-        h = h * xs + tl.load(r_ptr + row * N + offs, mask=mask, other=0.0).to(tl.float32)
+        h = h * xs + r
     if HAS_RES or PRE:
         h_lo = h.to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + row * N + offs, h_lo, mask=mask)
@@ -49,12 +57,11 @@ def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, p_ptr, N, eps, xs
         var = tl.sum(d * d, axis=0) / N
         hn = d * tl.rsqrt(var + eps)
     if HAS_W:
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if PLUS_ONE:
             w += 1.0
         hn = hn * w
     if HAS_BIAS:
-        hn += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        hn += b
     tl.store(y_ptr + row * N + offs, hn.to(y_ptr.dtype.element_ty), mask=mask)
 
 
