@@ -324,7 +324,8 @@ def validate(m) -> dict:
 def _position(model: dict):
     pos = model["position"]
     kind = pos.get("type")
-    _need(kind in ("rope", "alibi", "learned", "none"), "model.position.type must be rope, alibi, learned or none")
+    _need(kind in ("rope", "alibi", "learned", "sinusoidal", "none"),
+          "model.position.type must be rope, alibi, learned, sinusoidal or none")
     if kind == "rope":
         rd = pos.get("rotary_dim")
         _need(type(rd) is int and 0 < rd <= model["head_dim"] and rd % 2 == 0,
@@ -339,7 +340,7 @@ def _position(model: dict):
         _need("long_from" not in pos or (type(pos["long_from"]) is int and 0 < pos["long_from"] < 1 << 32),
               "model.position.long_from must be a positive int")
         _need(pos.get("reversed", False) in (False, True), "model.position.reversed must be true or false")
-    if kind == "learned":
+    if kind in ("learned", "sinusoidal"):
         _need(type(pos.get("offset")) is int and 0 <= pos["offset"] < 1 << 16, "model.position.offset is malformed")
 
 

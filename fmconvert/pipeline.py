@@ -277,6 +277,20 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
+def sinusoidal_table(spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
+    """XGLM's fixed positions (fairseq's): row p is sin(p w) then cos(p w), w_i = 10000^(-i / (d/2 - 1)), a zero
+    column when d is odd, computed in float32 and rounded once to dtype as transformers rounds its buffer. Rows below
+    the offset are never read; the one before it, the padding index, is zero."""
+    n, d = spec.max_positions + spec.position["offset"], spec.hidden_size
+    half = d // 2
+    freq = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / max(half - 1, 1)))
+    angle = torch.arange(n, dtype=torch.float32)[:, None] * freq[None, :]
+    table = torch.cat([torch.sin(angle), torch.cos(angle), torch.zeros(n, d % 2)], dim=1)
+    if spec.position["offset"] > 0:
+        table[spec.position["offset"] - 1] = 0
+    return table.to(dtype)
+
+
 def _check_finite(name: str, t: torch.Tensor):
     """One cheap reduction (NaN and +-Inf all show in the min or max); the exact count only on failure."""
     if t.numel() == 0 or not t.is_floating_point():
@@ -506,6 +520,8 @@ class _Run:
             yield "rope", None, None, False
         if spec.position["type"] == "alibi":
             yield "alibi", None, None, False
+        if spec.position["type"] == "sinusoidal":
+            yield "sinusoidal", None, None, False
         for i, layer in enumerate(p.layers):
             for j, src in enumerate(layer):
                 yield "slot", f"layers.{i}.{src.slot}", src, j == len(layer) - 1
@@ -528,6 +544,9 @@ class _Run:
         if kind == "alibi":
             slopes, h = alibi_slopes(p.spec.num_heads), p.layout.heads_per_rank
             return _Item([(r, "alibi.slopes", slopes[r * h:(r + 1) * h].clone()) for r in range(tp)])
+        if kind == "sinusoidal":
+            table = sinusoidal_table(p.spec, p.dtype)
+            return _Item([(r, "pos_embed.weight", table) for r in range(tp)])
         if kind == "extra":
             if meta:
                 t = torch.empty(self.ckpt.shape(name), dtype=self.ckpt.dtype(name), device="meta")

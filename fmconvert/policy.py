@@ -751,8 +751,8 @@ class Policy:
         kind = self._layout("position", flags)
         if kind == "none":           # no positional encoding at all (Granite 4.0's hybrids: the Mamba2 layers order)
             return {"type": "none"}
-        if kind == "learned":
-            return {"type": "learned", "offset": int(self.layout.get("position_offset", 0))}
+        if kind in ("learned", "sinusoidal"):   # sinusoidal (XGLM): a fixed table the converter writes
+            return {"type": kind, "offset": int(self.layout.get("position_offset", 0))}
         if kind == "alibi":
             return {"type": "alibi"}
         if kind == "rope":

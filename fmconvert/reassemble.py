@@ -162,6 +162,8 @@ def reassemble(out_dir, dequantize: bool = True) -> tuple[dict, dict[str, torch.
     canon.pop("rope_local.inv_freq", None)
     canon.pop("rope_long.inv_freq", None)
     canon.pop("alibi.slopes", None)
+    if m["model"]["position"]["type"] == "sinusoidal":
+        canon.pop("pos_embed.weight", None)         # XGLM's table is computed, not a checkpoint tensor
     if canon:
         raise FmError(f"{out_dir}: no {spec.architecture} tensor name for {', '.join(sorted(canon))}")
     return m, out

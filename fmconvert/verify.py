@@ -292,7 +292,7 @@ def _diagnose(spec, lay, slot, names, r, piece: _Piece, exp: torch.Tensor, exp_a
 
 
 def check_tensors(m: dict, ranks: list[dict], plan, ckpt, config) -> dict:
-    from .pipeline import alibi_slopes, rope_tensors
+    from .pipeline import alibi_slopes, rope_tensors, sinusoidal_table
 
     spec, lay, pol = plan.spec, plan.layout, plan.policy
     q = m["quantization"] or {}
@@ -416,6 +416,8 @@ def check_tensors(m: dict, ranks: list[dict], plan, ckpt, config) -> dict:
         s = alibi_slopes(spec.num_heads)
         h = lay.heads_per_rank
         derived["alibi.slopes"] = [s[r * h:(r + 1) * h] for r in range(tp)]
+    if spec.position["type"] == "sinusoidal":
+        derived["pos_embed.weight"] = [sinusoidal_table(spec, plan.dtype)] * tp
     for n in plan.extras:
         derived[f"extra.{n}"] = [ckpt.get(n)] * tp
     for key, exp_all in derived.items():

@@ -306,6 +306,19 @@ def test_canonical_names(model_dir, tmp_path):
     assert not any(k.startswith("bert.") for k in c)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_xglm_sinusoidal_table_is_transformers_own(model_dir, tmp_path, dtype):
+    # XGLM stores no position table: the converter writes fairseq's, which must be the buffer transformers builds
+    # (in the model's dtype), on every rank, and reassembly must leave it out again.
+    out = conv(model_dir("xglm"), tmp_path / "out", tp=2, dtype=dtype)
+    m, c = canonical(out)
+    assert m["model"]["position"] == {"type": "sinusoidal", "offset": 2}
+    hf = tiny.build("xglm").model.embed_positions.weights.to(getattr(torch, dtype))
+    assert c["pos_embed.weight"].dtype == hf.dtype and torch.equal(c["pos_embed.weight"], hf)
+    assert torch.equal(rank_tensors(out, m, 1)["pos_embed.weight"], hf)
+    assert not any("pos" in n for n in reassemble(out)[1])
+
+
 def test_deterministic_output(model_dir, tmp_path):
     for name, opts in (("stories", dict(tp=2, int8=True)), ("gpt2", dict(tp=2, max_shard_size="30KB"))):
         a = conv(model_dir(name), tmp_path / f"{name}-a", **opts)

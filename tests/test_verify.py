@@ -148,6 +148,19 @@ def test_altered_layer_weights(model_dir, tmp_path):
     assert "layers.3.mlp_in.weight" in r["tensors"]["worst"][:1]
 
 
+def test_altered_sinusoidal_table(model_dir, tmp_path):
+    src = model_dir("xglm")
+    out = conv(src, tmp_path / "out", tp=2)
+
+    def alter(t):      # one position one step off: XGLM's table is the converter's, recomputed by verify
+        t["pos_embed.weight"][5] = t["pos_embed.weight"][6]
+
+    edit_rank(out, 1, alter)
+    r = verify(src, out)
+    assert not r["passed"] and r["integrity"]["passed"]
+    assert "pos_embed.weight" in failures(r, "tensors") and "rank 1" in failures(r, "tensors")
+
+
 def test_altered_int8_layer(model_dir, tmp_path):
     stories = model_dir("stories")
     out = conv(stories, tmp_path / "out", tp=2, int8=True)

@@ -468,6 +468,8 @@ CONFIGS = {
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101, max_position_embeddings=64,
         num_experts=4, num_experts_per_tok=2, num_shared_experts=1, route_scale=2.0, global_attn_every_n_layers=2,
         sliding_window=4, mup_enabled=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "xglm": ("XGLMConfig", "XGLMForCausalLM", dict(d_model=64, ffn_dim=96, num_layers=2, attention_heads=4,
+             vocab_size=101, max_position_embeddings=64, scale_embedding=True)),   # sinusoidal positions
 }
 FAMILIES = list(CONFIGS)
 

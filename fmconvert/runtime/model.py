@@ -734,7 +734,7 @@ class FusedModel(nn.Module):
             x = x * self.embed_scale
         if sp["project"]:
             x = self.ops.linear(x, g["project_in.weight"])
-        if sp["position"]["type"] == "learned":
+        if sp["position"]["type"] in ("learned", "sinusoidal"):
             x = x + g["pos_embed.weight"][positions + sp["position"]["offset"]]
         if "type_embed.weight" in g:
             tt = torch.zeros_like(ids) if token_type_ids is None else token_type_ids
