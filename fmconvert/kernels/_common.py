@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 
 import torch
 import triton
@@ -74,6 +75,13 @@ def tuner_bench(kernel_call, quantiles, samples=9):
     reps = 8
     try:
         kernel_call()  # compile and load outside the capture
+    except Exception as exc:
+        # A candidate this compiler or card cannot build or run (a config read off one Triton's output, met by
+        # another): never chosen, and said once, instead of failing the whole load.
+        warnings.warn(f"fmconvert: an autotune candidate was skipped: {type(exc).__name__}: "
+                      f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}", stacklevel=2)
+        return [math.inf] * len(quantiles) if quantiles else math.inf
+    try:
         dev = torch.cuda.current_device()
         if dev not in _FLUSH:
             _FLUSH[dev] = torch.empty(128 << 20, dtype=torch.uint8, device="cuda")

@@ -132,24 +132,46 @@ def _int8_to_f32(w, MAGIC: tl.constexpr):
 
 
 @triton.jit
+def _chain2(acc, w, x):
+    # acc [BN, NG] + w[..., 0] * x[..., 0] + w[..., 1] * x[..., 1], in that order (two fused multiply-adds).
+    w0, w1 = tl.split(w)
+    x0, x1 = tl.split(x)
+    acc = acc + w0 * x0
+    return acc + w1 * x1
+
+
+@triton.jit
+def _chain4(acc, w, x, BN: tl.constexpr, NG: tl.constexpr):
+    w0, w1 = tl.split(tl.reshape(w, (BN, NG, 2, 2)))
+    x0, x1 = tl.split(tl.reshape(x, (BN, NG, 2, 2)))
+    return _chain2(_chain2(acc, w0, x0), w1, x1)
+
+
+@triton.jit
+def _chain8(acc, w, x, BN: tl.constexpr, NG: tl.constexpr):
+    w0, w1 = tl.split(tl.reshape(w, (BN, NG, 4, 2)))
+    x0, x1 = tl.split(tl.reshape(x, (BN, NG, 4, 2)))
+    return _chain4(_chain4(acc, w0, x0, BN, NG), w1, x1, BN, NG)
+
+
+@triton.jit
 def _chain(acc, w, x, BN: tl.constexpr, NG: tl.constexpr, W: tl.constexpr):
-    # acc [BN, NG] + the sum over the last axis of w * x ([BN, NG, W], W a power of two), as one chain of W fused
-    # multiply-adds. tl.sum adds in a tree (a multiply, a fused multiply-add and an add per two elements); halving
-    # the last axis down to single columns leaves the chain, with no data movement when a thread holds the whole
-    # axis.
+    # acc [BN, NG] + the sum over the last axis of w * x ([BN, NG, W], W a power of two up to 16), as one chain of
+    # W fused multiply-adds. tl.sum adds in a tree (a multiply, a fused multiply-add and an add per two elements);
+    # halving the last axis with tl.split down to single columns leaves the chain, with no data movement when a
+    # thread holds the whole axis. (One function per width: no jit function calls itself.)
     if W == 1:
-        acc = acc + tl.reshape(w, (BN, NG)) * tl.reshape(x, (BN, NG))
+        return acc + tl.reshape(w, (BN, NG)) * tl.reshape(x, (BN, NG))
     elif W == 2:
-        w0, w1 = tl.split(w)
-        x0, x1 = tl.split(x)
-        acc = acc + w0 * x0
-        acc = acc + w1 * x1
+        return _chain2(acc, w, x)
+    elif W == 4:
+        return _chain4(acc, w, x, BN, NG)
+    elif W == 8:
+        return _chain8(acc, w, x, BN, NG)
     else:
-        w0, w1 = tl.split(tl.reshape(w, (BN, NG, W // 2, 2)))
-        x0, x1 = tl.split(tl.reshape(x, (BN, NG, W // 2, 2)))
-        acc = _chain(acc, w0, x0, BN, NG, W // 2)
-        acc = _chain(acc, w1, x1, BN, NG, W // 2)
-    return acc
+        w0, w1 = tl.split(tl.reshape(w, (BN, NG, 8, 2)))
+        x0, x1 = tl.split(tl.reshape(x, (BN, NG, 8, 2)))
+        return _chain8(_chain8(acc, w0, x0, BN, NG), w1, x1, BN, NG)
 
 
 @triton.jit

@@ -419,3 +419,19 @@ def test_decode_path_is_the_faster_of_two_that_agree(monkeypatch, assert_close):
     n = len(timed)
     assert im._decode_path(x2, q, s, 64, None, "relu", *im.epilogue("relu"), 34) == "decode"
     assert len(timed) == n                                                  # disagreed: not even timed
+
+
+def test_a_candidate_that_cannot_build_is_never_chosen():
+    # The autotuners' timing gives a config that fails to compile or run an infinite time (said once in a warning)
+    # rather than failing the load: candidates are read off one Triton's machine code and may meet another.
+    import math
+
+    from fmconvert.kernels._common import tuner_bench
+
+    def broken():
+        raise RuntimeError("PassManager::run failed\nmore detail")
+
+    with pytest.warns(UserWarning, match="candidate was skipped: RuntimeError: PassManager::run failed$"):
+        assert tuner_bench(broken, (0.5, 0.2, 0.8)) == [math.inf] * 3
+    with pytest.warns(UserWarning):
+        assert tuner_bench(broken, None) == math.inf
