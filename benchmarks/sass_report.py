@@ -331,7 +331,18 @@ def float_gemv_cases(K: int = 4096):
                                                    EVEN_K=K % kw["BLOCK_K"] == 0, **kw), cfg.num_warps, ints=ints)
 
 
-def rows(gemv_only: bool = False):
+_CASES: list = []
+
+
+def _one(i: int):
+    case = _CASES[i]
+    try:
+        return report(compile_sm90(case)), None
+    except Exception as exc:        # a kernel that does not compile for sm_90 is a finding too
+        return None, f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def rows(gemv_only: bool = False, jobs: int = 1):
     cases = list(gemv_cases(False)) + list(gemv_cases(True))
     if not gemv_only:
         cases += list(other_cases(D=128))
@@ -340,18 +351,24 @@ def rows(gemv_only: bool = False):
         cases += list(mla_cases())
         cases += list(linear_cases())
         cases += list(float_gemv_cases())
-    for case in cases:
-        try:
-            yield case, report(compile_sm90(case)), None
-        except Exception as exc:        # a kernel that does not compile for sm_90 is a finding too
-            yield case, None, f"{type(exc).__name__}: {str(exc)[:200]}"
+    _CASES[:] = cases
+    if jobs > 1:
+        # Forked workers compile by index (a case holds a jit function, which does not pickle); results in order.
+        import multiprocessing as mp
+        with mp.get_context("fork").Pool(jobs) as pool:
+            for case, (r, err) in zip(cases, pool.imap(_one, range(len(cases)))):
+                yield case, r, err
+        return
+    for i, case in enumerate(cases):
+        yield (case, *_one(i))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gemv-only", action="store_true")
+    ap.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1), help="compiles at once (processes)")
     args = ap.parse_args()
-    for case, r, err in rows(args.gemv_only):
+    for case, r, err in rows(args.gemv_only, args.jobs):
         if err:
             print(f"{case.name}: FAILED {err}")
             continue
