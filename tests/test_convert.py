@@ -133,7 +133,8 @@ def test_float_roundtrip_is_exact(model_dir, tmp_path, name, tp):
               "qwen3_vl": "model.language_model.", "qwen3_vl_moe": "model.language_model.",
               "glm4v_moe": "model.language_model.", "qwen3_5_vl": "model.language_model.", "nemotron_h": "backbone.",
               "nemotron_h_dense": "backbone.", "biogpt": "biogpt.", "mamba": "backbone.", "falcon_mamba": "backbone.",
-              "mamba2": "backbone.", "gpt_neo": "transformer.", "mpt": "transformer.", "dbrx": "transformer."}
+              "mamba2": "backbone.", "gpt_neo": "transformer.", "mpt": "transformer.", "dbrx": "transformer.",
+              "openai_gpt": "transformer."}
     assert m["source"]["prefix"] == prefix.get(name, "model.")
     assert_exact(expected(d, m), got)
 

@@ -470,6 +470,22 @@ CONFIGS = {
         sliding_window=4, mup_enabled=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "xglm": ("XGLMConfig", "XGLMForCausalLM", dict(d_model=64, ffn_dim=96, num_layers=2, attention_heads=4,
              vocab_size=101, max_position_embeddings=64, scale_embedding=True)),   # sinusoidal positions
+    "flint": ("FlintConfig", "FlintForCausalLM", dict(   # sinks, RoPE in windowed layers, sigmoid routing, a dense layer
+        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=101, max_position_embeddings=64, moe_intermediate_size=24,
+        shared_expert_intermediate_size=40, num_experts=4, num_experts_per_tok=2, sliding_window=8, mlp_only_layers=[0],
+        eos_token_id=2, bos_token_id=1)),
+    "hy_v3": ("HYV3Config", "HYV3ForCausalLM", dict(   # sigmoid routing with an expert bias, a routed scale
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=101, max_position_embeddings=64, moe_intermediate_size=24, num_experts=8,
+        num_experts_per_tok=2, eos_token_id=2, bos_token_id=1)),
+    "lara_mini": ("LaraMiniConfig", "LaraMiniForCausalLM", dict(   # Gated DeltaNet + attention, mixtures everywhere
+        hidden_size=64, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
+        max_position_embeddings=64, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=4,
+        num_experts_per_tok=2, sliding_window=8, linear_num_key_heads=4, linear_num_value_heads=8,
+        linear_key_head_dim=16, linear_value_head_dim=8, eos_token_id=2)),
+    "openai_gpt": ("OpenAIGPTConfig", "OpenAIGPTLMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=101,
+                   n_positions=64)),   # post-LN, no final norm
 }
 FAMILIES = list(CONFIGS)
 
