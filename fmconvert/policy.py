@@ -332,6 +332,13 @@ class Policy:
         for key, values in (("experts", ("per_expert", "stacked", "flat")), ("gate_up", ("halves", "interleaved"))):
             if self.layout.get(key, values[0]) not in values:
                 raise FmError(f"{path.name}: layout.{key} must be {' or '.join(values)}, got {self.layout[key]!r}")
+        # A layer slot present in some layers only is a flag's (when = ...) or the layout's (dense, linear or part
+        # layers) to decide: `optional` would leave the fused slot with no tensors to fuse in a layer without it.
+        optional = [slot for slot, e in table.get("tensors", {}).get("layer", {}).items()
+                    if isinstance(e, dict) and e.get("optional")]
+        if optional:
+            raise FmError(f"{path.name}: tensors.layer.{optional[0]} is optional, which only global slots may be; "
+                          "use when = \"<flag>\" for a slot some checkpoints lack")
         self.wrapper: str | None = None                  # set on a view through a vision-language wrapper
         self.text_arch: str | None = None                # then: the architecture whose flags the text model takes
         self.head_prefixes: dict[str, str] = {}          # body prefix -> lm_head's prefix ("" unless wrapped)

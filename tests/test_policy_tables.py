@@ -70,3 +70,18 @@ def test_the_tables_readme_lists_every_table():
     readme = (CONFIG_DIR / "README.md").read_text()
     missing = [p.name for p in CONFIG_DIR.glob("*.toml") if f"`{p.name}`" not in readme]
     assert not missing, missing
+
+
+def test_a_layer_slot_cannot_be_optional():
+    # A layer without the tensor would leave its fused slot nothing to fuse; flags and the layout decide which
+    # layers hold which slots, so a table (a user's own, through FMCONVERT_CONFIGS) saying otherwise is refused.
+    import copy
+    from pathlib import Path
+
+    from fmconvert.policy import Policy
+    table = copy.deepcopy(policies()["LlamaForCausalLM"].table)
+    table["tensors"]["layer"]["q_norm.weight"] = {"name": "layers.{i}.self_attn.q_norm.weight", "optional": True}
+    with pytest.raises(FmError, match=r"^mine.toml: tensors.layer.q_norm.weight is optional, which only global"):
+        Policy(table, Path("mine.toml"))
+    table["tensors"]["layer"]["q_norm.weight"]["optional"] = False
+    Policy(table, Path("mine.toml"))
