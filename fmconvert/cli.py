@@ -212,8 +212,9 @@ def inspect(out_dir, as_json):
         renorm += ", scaling the expert's input" if md["experts_scale_input"] else ""
         groups = (f", within {md['router_topk_groups']} of {md['router_groups']} groups"
                   if md["router_groups"] > 1 else "")
-        if md["router"] == "sigmoid":
-            renorm = f"sigmoid scores{groups}, {renorm}, times {md['routed_scale']:g}"
+        if md["router"] in ("sigmoid", "sigmoid_logits"):
+            biased = ", chosen on the logits plus a bias" if md["router"] == "sigmoid_logits" else ""
+            renorm = f"sigmoid scores{groups}{biased}, {renorm}, times {md['routed_scale']:g}"
         elif groups or md["routed_scale"] != 1.0:
             renorm = f"softmax{groups}, {renorm}, times {md['routed_scale']:g}"
         dense = (f"; dense MLP ({md['dense_intermediate_size']}) in layers {_ranges(md['dense_layers'])}"

@@ -127,7 +127,8 @@ class ModelSpec:
     dense_intermediate_size: int = 0   # their MLP's width (intermediate_size is then the experts')
     router: str = "softmax"        # softmax over the expert logits, or "sigmoid": each expert scored on its own, the
     #                                choice made with router.correction_bias added, within the best router_topk_groups
-    #                                of router_groups groups (DeepSeek-V3's scheme, GLM-4.5)
+    #                                of router_groups groups (DeepSeek-V3's scheme, GLM-4.5); "sigmoid_logits": the
+    #                                same weights, the choice made on the logits plus the bias (Kolibri)
     router_groups: int = 1
     router_topk_groups: int = 1
     routed_scale: float = 1.0      # the routing weights are multiplied by it after any renormalisation
@@ -628,13 +629,15 @@ class Policy:
         return {"dense_layers": dense, "dense_intermediate_size": size}
 
     def _router(self, c, experts: int, topk: int) -> dict:
-        """How a mixture picks and weighs its experts: layout `router` ("softmax", the default, "sigmoid", or
+        """How a mixture picks and weighs its experts: layout `router` ("softmax", the default, "sigmoid",
+        "sigmoid_logits": the correction bias added to the logits rather than the scores for the choice, or
         "sparsemixer": Phi-MoE's two sequential picks, with [config] router_jitter), and the expert groups and the
         scale from [config] (router_groups, router_topk_groups, routed_scale): a sigmoid router ranks a group by its
         two best experts, a softmax one (DeepSeek-V2) by its best."""
         how = self.layout.get("router", "softmax")
-        if how not in ("softmax", "sigmoid", "sparsemixer"):
-            raise FmError(f"{self.path.name}: layout.router must be softmax, sigmoid or sparsemixer, got {how!r}")
+        if how not in ("softmax", "sigmoid", "sigmoid_logits", "sparsemixer"):
+            raise FmError(f"{self.path.name}: layout.router must be softmax, sigmoid, sigmoid_logits or sparsemixer, "
+                          f"got {how!r}")
         if experts and how == "sparsemixer":            # Phi-MoE: two picks, one after the other
             if topk != 2:
                 raise FmError(f"config.json: SparseMixer routing picks exactly 2 experts, got num_experts_per_tok="

@@ -484,6 +484,10 @@ CONFIGS = {
         max_position_embeddings=64, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=4,
         num_experts_per_tok=2, sliding_window=8, linear_num_key_heads=4, linear_num_value_heads=8,
         linear_key_head_dim=16, linear_value_head_dim=8, eos_token_id=2)),
+    "kolibri1": ("Kolibri1Config", "Kolibri1ForCausalLM", dict(   # sigmoid routing, the bias on the logits
+        hidden_size=64, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
+        max_position_embeddings=64, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=8,
+        num_experts_per_tok=2, sliding_window=8, norm_topk_prob=True, eos_token_id=2, bos_token_id=1)),
     "openai_gpt": ("OpenAIGPTConfig", "OpenAIGPTLMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=101,
                    n_positions=64)),   # post-LN, no final norm
 }

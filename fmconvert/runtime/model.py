@@ -402,7 +402,8 @@ class Block(nn.Module):
         renormalised, then times routed_scale. sigmoid (DeepSeek-V3, GLM-4.5): each expert scored on its own in fp32;
         the choice adds correction_bias to the scores and keeps to the router_topk_groups groups whose two best
         scores sum highest; the weights are the chosen experts' own scores, renormalised where the model does, times
-        routed_scale."""
+        routed_scale. sigmoid_logits (Kolibri): the same, but the correction_bias is added to the logits, not the
+        scores, for the choice (top k of logits + bias; sigmoid is monotonic, the bias is not added in its range)."""
         sp, t = self.m.spec, self.t
         G = sp["router_groups"]
         if sp["router"] == "sparsemixer":
@@ -422,8 +423,11 @@ class Block(nn.Module):
             if sp["experts_renormalize"]:
                 weight = weight / weight.sum(-1, keepdim=True)
             return weight * sp["routed_scale"], chosen
-        scores = torch.nn.functional.linear(x.float(), t["router.weight"].float()).sigmoid()
-        pick = scores + t["router.correction_bias"].float() if "router.correction_bias" in t else scores
+        logits = torch.nn.functional.linear(x.float(), t["router.weight"].float())
+        scores = logits.sigmoid()
+        pick = logits if sp["router"] == "sigmoid_logits" else scores
+        if "router.correction_bias" in t:
+            pick = pick + t["router.correction_bias"].float()
         E = scores.shape[-1]
         if G > 1:
             best = pick.view(-1, G, E // G).topk(2, dim=-1)[0].sum(-1)                      # [tokens, G]
