@@ -27,6 +27,7 @@ LAYER_SLOTS = (
     "mlp_norm.weight", "mlp_norm.bias", "mlp_in.weight", "mlp_in.bias", "mlp_out.weight", "mlp_out.bias",
     "q_norm.weight", "k_norm.weight", "q_norm.bias", "k_norm.bias",   # Persimmon: q/k LayerNorms with biases
     "attn_post_norm.weight", "mlp_post_norm.weight",                 # Gemma 2: each half's output normed too
+    "moe_post_norm.weight",                                          # A.X K1: the mixture's output only
     "router.weight", "experts_in.weight", "experts_out.weight",      # mixture of experts, in place of mlp_in/out
     "router.bias", "experts_in.bias", "experts_out.bias",            # GPT-OSS: biases on all three
     "attn_sinks.weight",                                             # GPT-OSS: a learned softmax sink per head
@@ -63,7 +64,7 @@ LAYER_SLOTS = (
 )
 # A mixture's slots and a dense MLP's: a model with both kinds of layer (GLM-4.5's first layers are dense) gives each
 # layer the one set its kind has.
-SPARSE_SLOTS = ("router.", "experts_", "shared_")
+SPARSE_SLOTS = ("router.", "experts_", "shared_", "moe_")
 DENSE_SLOTS = ("mlp_in.", "mlp_out.")
 # Slots stored as a depthwise Conv1d's weight, [channels, 1, taps]
 DEPTHWISE = ("lin_conv.weight", "ssm_conv.weight", "sconv_conv.weight", "mamba_conv.weight")
@@ -875,7 +876,7 @@ class Policy:
             "shared_in.weight": (glu * spec.shared_intermediate_size, h),                 # gate; up
             "shared_out.weight": (h, spec.shared_intermediate_size), "shared_gate.weight": (1, h),
             "attn_norm.weight": (h,), "attn_norm.bias": (h,), "mlp_norm.weight": (h,), "mlp_norm.bias": (h,),
-            "attn_post_norm.weight": (h,), "mlp_post_norm.weight": (h,),
+            "attn_post_norm.weight": (h,), "mlp_post_norm.weight": (h,), "moe_post_norm.weight": (h,),
             "qkv.weight": ((H * (1 + spec.attn_gate) + 2 * KV) * hd, h),        # q|k|v, and the gate
             "qkv.bias": ((H * (1 + spec.attn_gate) + 2 * KV) * hd,),
             "attn_out.weight": (h, H * hd), "attn_out.bias": (h,),

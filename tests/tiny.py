@@ -484,6 +484,11 @@ CONFIGS = {
         max_position_embeddings=64, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=4,
         num_experts_per_tok=2, sliding_window=8, linear_num_key_heads=4, linear_num_value_heads=8,
         linear_key_head_dim=16, linear_value_head_dim=8, eos_token_id=2)),
+    "axk1": ("AXK1Config", "AXK1ForCausalLM", dict(   # DeepSeek-V3 with the mixture's output normed; layer 0 dense
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        vocab_size=101, max_position_embeddings=64, n_routed_experts=8, n_group=2, topk_group=1,
+        num_experts_per_tok=2, kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=8, v_head_dim=16,
+        qk_nope_head_dim=16, bos_token_id=1, eos_token_id=2)),
     "kolibri1": ("Kolibri1Config", "Kolibri1ForCausalLM", dict(   # sigmoid routing, the bias on the logits
         hidden_size=64, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
         max_position_embeddings=64, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=8,

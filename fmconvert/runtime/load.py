@@ -78,7 +78,7 @@ def check_layout(m: dict, rank: int):
              "router.correction_bias": (E,),
              "act.alpha_p": (1,), "act.alpha_n": (1,), "act.beta": (), "act.eps": (),
              **{f"{n}.{p}": (h,) for n in ("attn_norm", "mlp_norm") for p in ("weight", "bias")},
-             "attn_post_norm.weight": (h,), "mlp_post_norm.weight": (h,)}
+             "attn_post_norm.weight": (h,), "mlp_post_norm.weight": (h,), "moe_post_norm.weight": (h,)}
     mla = sp["mla"]
     if mla:             # latent attention: the latent's projections replicated, q_b and kv_b this rank's heads
         qr, kr, rd = mla["q_rank"], mla["kv_rank"], mla["rope_dim"]

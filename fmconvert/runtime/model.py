@@ -335,8 +335,10 @@ class Block(nn.Module):
 
     @property
     def out_norm(self):
-        """The norm of this block's MLP output (Gemma 2/3), which the caller folds into the next add+norm."""
-        return self.t.get("mlp_post_norm.weight")
+        """The norm of this block's MLP output (Gemma 2/3; A.X K1: in its mixture layers only), which the caller
+        folds into the next add+norm."""
+        w = self.t.get("mlp_post_norm.weight")
+        return w if w is not None else self.t.get("moe_post_norm.weight")
 
     def device_routed(self, tokens: int) -> bool:
         """Whether a mixture's experts run from device-side routing for this many tokens (see `experts`)."""
