@@ -81,6 +81,23 @@ def _s_tile(s_rows, kg, row_mask, k_hi, GROUP: tl.constexpr):
                    other=0.0).to(tl.float32)
 
 
+def _prmt_asm(base: int, byte_at: int, subtract: str | None) -> str:
+    """PTX for 4 packed int8 -> 4 fp32 words: u = q + 128 (one xor for the word), then per byte one prmt that puts u
+    into byte `byte_at` of the word `base` (prmt selectors: 0-3 pick the xored word's bytes, 4-7 base's), then
+    optionally a float subtraction."""
+    lines = [".reg .b32 t;", "xor.b32 t, $4, 0x80808080;"]
+    for i in range(4):
+        sel = [4 + j for j in range(4)]
+        sel[byte_at] = i
+        lines.append(f"prmt.b32 ${i}, t, 0x{base:08X}, 0x{sel[3]}{sel[2]}{sel[1]}{sel[0]};")
+    lines += [f"sub.f32 ${i}, ${i}, {subtract};" for i in range(4)] if subtract else []
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_PRMT_EXPONENT = tl.constexpr(_prmt_asm(0x4B000000, 0, "0f4B000080"))    # 2^23 + u, minus 2^23 + 128: q
+_PRMT_ONE_PLUS = tl.constexpr(_prmt_asm(0x3F800000, 1, None))            # 1 + u / 2^15
+
+
 @triton.jit
 def _int8_to_f32(w, MAGIC: tl.constexpr):
     # int8 tile -> fp32. MAGIC 0-3 give q itself; 4 and 5 give 1 + (q + 128) / 2^15, see _gemv_rows.
@@ -96,33 +113,13 @@ def _int8_to_f32(w, MAGIC: tl.constexpr):
     elif MAGIC == 3:
         # The same in PTX, 4 packed bytes at a time: one xor per word, then one prmt per byte builds 0x4B0000uu
         # directly. GPU only (the interpreter has no inline asm).
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t;
-            xor.b32 t, $4, 0x80808080;
-            prmt.b32 $0, t, 0x4B000000, 0x7540;
-            prmt.b32 $1, t, 0x4B000000, 0x7541;
-            prmt.b32 $2, t, 0x4B000000, 0x7542;
-            prmt.b32 $3, t, 0x4B000000, 0x7543;
-            sub.f32 $0, $0, 0f4B000080;
-            sub.f32 $1, $1, 0f4B000080;
-            sub.f32 $2, $2, 0f4B000080;
-            sub.f32 $3, $3, 0f4B000080;
-            }""",
-            constraints="=r,=r,=r,=r,r", args=[w], dtype=tl.float32, is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(asm=_PRMT_EXPONENT, constraints="=r,=r,=r,=r,r", args=[w],
+                                         dtype=tl.float32, is_pure=True, pack=4)
     elif MAGIC == 4:
         # 1 + u / 2^15 with u = q + 128: one xor per word, one prmt per byte puts u in mantissa bits 15..8 of 1.0
         # (0x3F80uu00), and no subtraction. GPU only.
-        return tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t;
-            xor.b32 t, $4, 0x80808080;
-            prmt.b32 $0, t, 0x3F800000, 0x7604;
-            prmt.b32 $1, t, 0x3F800000, 0x7614;
-            prmt.b32 $2, t, 0x3F800000, 0x7624;
-            prmt.b32 $3, t, 0x3F800000, 0x7634;
-            }""",
-            constraints="=r,=r,=r,=r,r", args=[w], dtype=tl.float32, is_pure=True, pack=4)
+        return tl.inline_asm_elementwise(asm=_PRMT_ONE_PLUS, constraints="=r,=r,=r,=r,r", args=[w],
+                                         dtype=tl.float32, is_pure=True, pack=4)
     elif MAGIC == 5:
         # MAGIC 4 in Triton operations: the interpreter's stand-in for it in the tests (on a GPU it takes three
         # integer operations per weight where the PTX takes one).
