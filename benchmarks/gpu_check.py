@@ -339,6 +339,25 @@ def parity(m, prompt, hf_last) -> dict:
     return r
 
 
+GEMV_SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096))
+
+
+def targets(report: dict) -> list[dict]:
+    """Issue #5's performance targets against this run's figures: each with its value, what it needs, and whether
+    it is met (None where the run did not measure it)."""
+    st = report.get("stages", {})
+    rows = {r.get("shape"): r for r in st.get("kernel_bench", {}).get("rows", []) if r.get("name") == "int8_linear"}
+    want = [(f"int8 GEMV vs bf16 cuBLAS, batch 1, {n}x{k}", rows.get(f"M=1 N={n} K={k}", {}).get("speedup"), 1.7)
+            for n, k in GEMV_SHAPES]
+    for key, pct, hf in (("bf16", 75.0, 6.0), ("int8", 65.0, 10.0)):
+        s = st.get(f"fmconvert_{key}", {})
+        want += [(f"{key} decode, % of the bandwidth limit", s.get("pct_of_limit"), pct),
+                 (f"{key} decode vs HF eager", s.get("decode_tok_s_b1_vs_hf"), hf),
+                 (f"{key} prefill of 2048 tokens vs HF eager", s.get("prefill_tok_s_vs_hf"), 1.0)]
+    return [{"target": name, "value": v, "need": need, "met": None if v is None else v >= need}
+            for name, v, need in want]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
@@ -633,7 +652,13 @@ def main():
         gemv_sweep()
     elif DEV == "cuda":
         REPORT["stages"]["gemv_sweep"] = {"ok": False, "error": "skipped: too little of --deadline-s left"}
+    REPORT["targets"] = targets(REPORT)
     save(out)
+    print("\n== issue #5 targets")
+    for t in REPORT["targets"]:
+        value = "not measured" if t["value"] is None else f"{t['value']:.3g}"
+        met = {True: "met", False: "NOT met", None: "-"}[t["met"]]
+        print(f"  {t['target']:<48} {value:>12}  (needs >= {t['need']:g})  {met}")
     print("\n== summary")
     for name, s in REPORT["stages"].items():
         keep = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in s.items()

@@ -23,9 +23,13 @@ def test_gpu_check_dry_run(tmp_path):
                         "--new", "4", "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    stages = json.loads((tmp_path / "gpu_check.json").read_text())["stages"]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    stages = report["stages"]
     failed = {name: s.get("error") for name, s in stages.items() if not s["ok"]}
     assert not failed, failed
+    measured = {t["target"] for t in report["targets"] if t["value"] is not None}
+    assert {"bf16 decode vs HF eager", "int8 decode, % of the bandwidth limit"} <= measured, report["targets"]
+    assert "issue #5 targets" in p.stdout
     for key in ("fmconvert_bf16", "fmconvert_int8"):
         b = stages[key]["breakdown"]
         assert "error" not in b, b
@@ -125,3 +129,25 @@ def test_kernel_tests_run_in_parallel_groups_and_are_cut_short(tmp_path):
     assert res["failed"] == 1 and res["cut_short"]
     assert "assert 1 == 2" in (out / "kernel_tests.log").read_text()
     assert sorted(p.name for p in out.iterdir()) == ["kernel_tests.log"]
+
+
+def test_targets_read_the_issue_s_figures_from_the_report():
+    mod = _gpu_check()
+    rows = [{"name": "int8_linear", "shape": "M=1 N=4096 K=4096", "speedup": 1.75},
+            {"name": "int8_linear", "shape": "M=1 N=14336 K=4096", "speedup": 1.40},
+            {"name": "int8_linear", "shape": "M=4 N=4096 K=4096", "speedup": 3.0}]
+    report = {"stages": {"kernel_bench": {"rows": rows},
+                         "fmconvert_bf16": {"pct_of_limit": 85.0, "decode_tok_s_b1_vs_hf": 7.37,
+                                            "prefill_tok_s_vs_hf": 1.33},
+                         "fmconvert_int8": {"pct_of_limit": 61.5, "decode_tok_s_b1_vs_hf": 10.5,
+                                            "prefill_tok_s_vs_hf": 0.90}}}
+    got = {t["target"]: (t["value"], t["met"]) for t in mod.targets(report)}
+    assert len(got) == 10
+    assert got["int8 GEMV vs bf16 cuBLAS, batch 1, 4096x4096"] == (1.75, True)
+    assert got["int8 GEMV vs bf16 cuBLAS, batch 1, 14336x4096"] == (1.40, False)
+    assert got["int8 GEMV vs bf16 cuBLAS, batch 1, 11008x4096"] == (None, None)      # not in this run
+    assert got["bf16 decode, % of the bandwidth limit"] == (85.0, True)
+    assert got["int8 decode, % of the bandwidth limit"] == (61.5, False)
+    assert got["int8 decode vs HF eager"] == (10.5, True)
+    assert got["int8 prefill of 2048 tokens vs HF eager"] == (0.90, False)
+    assert all(t["met"] is None for t in mod.targets({}))
