@@ -231,6 +231,8 @@ def inspect(out_dir, as_json):
     if "layers.attn_post_norm.weight" in md["slots"]:
         residual = (residual + ", each half's output normed too" if "layers.attn_norm.weight" in md["slots"]
                     else "each half's output normed, no pre-LN")
+    if "layers.moe_post_norm.weight" in md["slots"]:
+        residual += ", the mixture's output normed too"
     if "layers.q_norm.weight" in md["slots"]:
         residual += {"head": "; q/k normed per head", "per_head": "; q/k normed per head, a weight each",
                      "full": "; q/k normed across all heads"}[md["qk_norm"]]

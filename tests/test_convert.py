@@ -376,6 +376,15 @@ def test_inspect_names_windows_and_soft_caps(model_dir, tmp_path):
     assert "4 per layer, top 2 (not renormalised); a shared expert of width 80" in text, text
 
 
+def test_inspect_names_a_logit_biased_router_and_a_normed_mixture(model_dir, tmp_path):
+    for name, want in (("kolibri1", "sigmoid scores, chosen on the logits plus a bias"),
+                       ("axk1", "pre-LN, the mixture's output normed too"), ("xglm", "positions / norm sinusoidal")):
+        out = conv(model_dir(name), tmp_path / name)
+        r = CliRunner().invoke(cli, ["inspect", str(out)], terminal_width=200)
+        assert r.exit_code == 0, r.output
+        assert want in re.sub(r"[\s│]+", " ", r.output), (name, r.output)
+
+
 def test_cli_end_to_end(model_dir, tmp_path):
     out = tmp_path / "out"
     env_cmd = [sys.executable, "-m", "fmconvert"]
