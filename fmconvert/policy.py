@@ -444,7 +444,7 @@ class Policy:
             num_kv_heads=c["num_kv_heads"], head_dim=c["head_dim"], intermediate_size=c["intermediate_size"],
             vocab_size=c["vocab_size"], max_positions=int(c.get("max_positions") or 0),
             embed_dim=int(c.get("embed_dim") or c["hidden_size"]),
-            norm=self.layout["norm"], norm_eps=float(eps), activation=act, gated_mlp=gated,
+            norm=self._layout("norm", flags), norm_eps=float(eps), activation=act, gated_mlp=gated,
             residual=self._layout("residual", flags), position=position, tied_embeddings=tied,
             embed_norm=bool(self._layout("embed_norm", flags, False)),
             final_norm=bool(self._layout("final_norm", flags, False)),
@@ -460,7 +460,7 @@ class Policy:
             experts_renormalize=bool(self._layout("experts_renormalize", flags, True)),
             experts_scale_input=self._layout("experts_weigh", flags, "output") == "input",
             qk_norm=self._qk_norm(flags), qk_norm_after_rope=bool(self._layout("qk_norm_after_rope", flags, False)),
-            **glu, **mixed, **self._router(c, experts, topk), **self._query_scale(config, c, flags),
+            **glu, **mixed, **self._router(c, experts, topk, flags), **self._query_scale(config, c, flags),
             **self._windows(config, c), nope_layers=self._nope_layers(config, c, position),
             attn_softcap=_number(c, "attn_softcap", 0.0, zero_ok=True),
             logit_softcap=_number(c, "logit_softcap", 0.0, zero_ok=True),
@@ -629,13 +629,13 @@ class Policy:
                           f"got {size!r}")
         return {"dense_layers": dense, "dense_intermediate_size": size}
 
-    def _router(self, c, experts: int, topk: int) -> dict:
+    def _router(self, c, experts: int, topk: int, flags: dict) -> dict:
         """How a mixture picks and weighs its experts: layout `router` ("softmax", the default, "sigmoid",
         "sigmoid_logits": the correction bias added to the logits rather than the scores for the choice, or
         "sparsemixer": Phi-MoE's two sequential picks, with [config] router_jitter), and the expert groups and the
         scale from [config] (router_groups, router_topk_groups, routed_scale): a sigmoid router ranks a group by its
         two best experts, a softmax one (DeepSeek-V2) by its best."""
-        how = self.layout.get("router", "softmax")
+        how = self._layout("router", flags, "softmax")
         if how not in ("softmax", "sigmoid", "sigmoid_logits", "sparsemixer"):
             raise FmError(f"{self.path.name}: layout.router must be softmax, sigmoid, sigmoid_logits or sparsemixer, "
                           f"got {how!r}")

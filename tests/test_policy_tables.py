@@ -85,3 +85,24 @@ def test_a_layer_slot_cannot_be_optional():
         Policy(table, Path("mine.toml"))
     table["tensors"]["layer"]["q_norm.weight"]["optional"] = False
     Policy(table, Path("mine.toml"))
+
+
+def test_norm_and_router_may_be_picked_by_a_flag():
+    # Cohere 2 MoE's configs choose RMSNorm or LayerNorm, and a softmax or sigmoid router: a table says so with
+    # [flag, if_true, if_false], as for the other layout keys.
+    import copy
+    from pathlib import Path
+
+    from transformers import MixtralConfig
+
+    from fmconvert.policy import Policy
+    table = copy.deepcopy(policies()["MixtralForCausalLM"].table)
+    table["flags"] = {**table.get("flags", {}), "rms": "use_rms", "sig": "use_sigmoid"}
+    table["layout"].update(norm=["rms", "rms", "layer"], router=["sig", "sigmoid", "softmax"])
+    pol = Policy(table, Path("mine.toml"))
+    for rms, sig in ((True, False), (False, True)):
+        cfg = MixtralConfig(hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=101)
+        cfg.use_rms, cfg.use_sigmoid = rms, sig
+        spec = pol.spec(cfg, "MixtralForCausalLM")
+        assert (spec.norm, spec.router) == ("rms" if rms else "layer", "sigmoid" if sig else "softmax")
