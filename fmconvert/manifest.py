@@ -36,6 +36,9 @@ _DTYPES = _FLOATS + ("int8",)
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_DIM = 1 << 24
 MAX_POSITIONS = 1 << 22   # the runtime builds RoPE tables this long at load: a lie here must not cost gigabytes
+# Position types read from a table (pos_embed.weight) at position + offset: learned (GPT-2, OPT), or fixed sinusoids
+# the converter writes (XGLM)
+TABLE_POSITIONS = ("learned", "sinusoidal")
 MAX_FILES, MAX_TENSORS = 1 << 16, 1 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _WORD = re.compile(r"[A-Za-z0-9_.+\-]{1,128}")
@@ -325,7 +328,7 @@ def validate(m) -> dict:
 def _position(model: dict):
     pos = model["position"]
     kind = pos.get("type")
-    _need(kind in ("rope", "alibi", "learned", "sinusoidal", "none"),
+    _need(kind in ("rope", "alibi", *TABLE_POSITIONS, "none"),
           "model.position.type must be rope, alibi, learned, sinusoidal or none")
     if kind == "rope":
         rd = pos.get("rotary_dim")
@@ -341,7 +344,7 @@ def _position(model: dict):
         _need("long_from" not in pos or (type(pos["long_from"]) is int and 0 < pos["long_from"] < 1 << 32),
               "model.position.long_from must be a positive int")
         _need(pos.get("reversed", False) in (False, True), "model.position.reversed must be true or false")
-    if kind in ("learned", "sinusoidal"):
+    if kind in TABLE_POSITIONS:
         _need(type(pos.get("offset")) is int and 0 <= pos["offset"] < 1 << 16, "model.position.offset is malformed")
 
 

@@ -291,6 +291,20 @@ def sinusoidal_table(spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
     return table.to(dtype)
 
 
+def derived_tensors(config, spec: ModelSpec, heads_per_rank: int, tp: int, dtype: torch.dtype
+                    ) -> dict[str, list[torch.Tensor]]:
+    """The tensors the converter computes instead of reading, each as its ranks' pieces: RoPE's inverse
+    frequencies (every rank), ALiBi's slopes (each rank its heads'), XGLM's position table (every rank). The converter
+    writes them; verify recomputes them."""
+    out = {name: [inv] * tp for name, (inv, _) in rope_tensors(config, spec).items()}
+    if spec.position["type"] == "alibi":
+        slopes, h = alibi_slopes(spec.num_heads), heads_per_rank
+        out["alibi.slopes"] = [slopes[r * h:(r + 1) * h].clone() for r in range(tp)]
+    if spec.position["type"] == "sinusoidal":
+        out["pos_embed.weight"] = [sinusoidal_table(spec, dtype)] * tp
+    return out
+
+
 def _check_finite(name: str, t: torch.Tensor):
     """One cheap reduction (NaN and +-Inf all show in the min or max); the exact count only on failure."""
     if t.numel() == 0 or not t.is_floating_point():
@@ -502,8 +516,8 @@ class _Run:
     """Walks the plan in output order. The same walk runs twice: on meta tensors to declare every output to the
     writer (names, dtypes, shapes: the file headers), then for real."""
 
-    def __init__(self, plan: Plan, opts: Options, ckpt: Checkpoint, src: _Source | None, rope):
-        self.plan, self.opts, self.ckpt, self.src, self.rope = plan, opts, ckpt, src, rope
+    def __init__(self, plan: Plan, opts: Options, ckpt: Checkpoint, src: _Source | None, derived: dict):
+        self.plan, self.opts, self.ckpt, self.src, self.derived = plan, opts, ckpt, src, derived
         self.scale_dtype = scale_dtype_for(plan.dtype)
         self.pool: ThreadPoolExecutor | None = None
         self.budget: _Budget | None = None
@@ -511,17 +525,13 @@ class _Run:
         self._traces: dict = {}
 
     def steps(self):
-        p, spec = self.plan, self.plan.spec
+        p = self.plan
         if p.tied_lm_head:
             yield "tied", None, None, False
         for src in p.globals_:
             yield "slot", src.slot, src, False
-        if self.rope:
-            yield "rope", None, None, False
-        if spec.position["type"] == "alibi":
-            yield "alibi", None, None, False
-        if spec.position["type"] == "sinusoidal":
-            yield "sinusoidal", None, None, False
+        if self.derived:
+            yield "derived", None, None, False
         for i, layer in enumerate(p.layers):
             for j, src in enumerate(layer):
                 yield "slot", f"layers.{i}.{src.slot}", src, j == len(layer) - 1
@@ -539,14 +549,8 @@ class _Run:
                 if not same:
                     raise FmError("tie_word_embeddings is true but lm_head.weight differs from the embeddings")
             return _Item([])
-        if kind == "rope":
-            return _Item([(r, name, inv) for name, (inv, _) in self.rope.items() for r in range(tp)])
-        if kind == "alibi":
-            slopes, h = alibi_slopes(p.spec.num_heads), p.layout.heads_per_rank
-            return _Item([(r, "alibi.slopes", slopes[r * h:(r + 1) * h].clone()) for r in range(tp)])
-        if kind == "sinusoidal":
-            table = sinusoidal_table(p.spec, p.dtype)
-            return _Item([(r, "pos_embed.weight", table) for r in range(tp)])
+        if kind == "derived":
+            return _Item([(r, name, t) for name, pieces in self.derived.items() for r, t in enumerate(pieces)])
         if kind == "extra":
             if meta:
                 t = torch.empty(self.ckpt.shape(name), dtype=self.ckpt.dtype(name), device="meta")
@@ -930,7 +934,8 @@ def _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config,
         atomic = AtomicDir(out_dir, opts.force, keep=model_dir)
         with atomic as tmp:
             writer = ShardWriter(tmp, opts.tp, max_bytes)
-            run = _Run(plan, opts, ckpt, src, rope)
+            run = _Run(plan, opts, ckpt, src, derived_tensors(config, spec, plan.layout.heads_per_rank, opts.tp,
+                                                              plan.dtype))
 
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
             cols = (TextColumn("[bold]converting"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),

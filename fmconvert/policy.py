@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import FmError
+from .manifest import TABLE_POSITIONS
 
 CONFIG_DIR = Path(os.environ.get("FMCONVERT_CONFIGS", Path(__file__).resolve().parent / "configs"))
 
@@ -762,7 +763,7 @@ class Policy:
         kind = self._layout("position", flags)
         if kind == "none":           # no positional encoding at all (Granite 4.0's hybrids: the Mamba2 layers order)
             return {"type": "none"}
-        if kind in ("learned", "sinusoidal"):   # sinusoidal (XGLM): a fixed table the converter writes
+        if kind in TABLE_POSITIONS:            # sinusoidal (XGLM): a fixed table the converter writes
             return {"type": kind, "offset": int(self.layout.get("position_offset", 0))}
         if kind == "alibi":
             return {"type": "alibi"}

@@ -292,7 +292,7 @@ def _diagnose(spec, lay, slot, names, r, piece: _Piece, exp: torch.Tensor, exp_a
 
 
 def check_tensors(m: dict, ranks: list[dict], plan, ckpt, config) -> dict:
-    from .pipeline import alibi_slopes, rope_tensors, sinusoidal_table
+    from .pipeline import derived_tensors
 
     spec, lay, pol = plan.spec, plan.layout, plan.policy
     q = m["quantization"] or {}
@@ -409,15 +409,7 @@ def check_tensors(m: dict, ranks: list[dict], plan, ckpt, config) -> dict:
             fails.append(f"{key} ({', '.join(src.names)}): " + "; ".join(problems))
 
     # Derived tensors the converter computes, and passthrough extras.
-    derived = {}
-    for name, (inv, _) in rope_tensors(config, spec).items():
-        derived[name] = [inv] * tp
-    if spec.position["type"] == "alibi":
-        s = alibi_slopes(spec.num_heads)
-        h = lay.heads_per_rank
-        derived["alibi.slopes"] = [s[r * h:(r + 1) * h] for r in range(tp)]
-    if spec.position["type"] == "sinusoidal":
-        derived["pos_embed.weight"] = [sinusoidal_table(spec, plan.dtype)] * tp
+    derived = derived_tensors(config, spec, lay.heads_per_rank, tp, plan.dtype)
     for n in plan.extras:
         derived[f"extra.{n}"] = [ckpt.get(n)] * tp
     for key, exp_all in derived.items():

@@ -78,8 +78,8 @@ def tuner_bench(kernel_call, quantiles, samples=9):
     except Exception as exc:
         # A candidate this compiler or card cannot build or run (a config read off one Triton's output, met by
         # another): never chosen, and said once, instead of failing the whole load.
-        warnings.warn(f"fmconvert: an autotune candidate was skipped: {type(exc).__name__}: "
-                      f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}", stacklevel=2)
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        warnings.warn(f"fmconvert: an autotune candidate was skipped: {type(exc).__name__}: {first}", stacklevel=2)
         return [math.inf] * len(quantiles) if quantiles else math.inf
     try:
         dev = torch.cuda.current_device()

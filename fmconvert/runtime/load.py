@@ -128,8 +128,7 @@ def check_layout(m: dict, rank: int):
                              ("final_norm.weight", sp["final_norm"] and sp["norm_affine"]),
                              ("embed_norm.weight", sp["embed_norm"] and sp["norm_affine"]),
                              ("project_in.weight", sp["project"]), ("project_out.weight", sp["project"]),
-                             ("pooler.weight", sp["pooler"]),
-                             ("pos_embed.weight", pos["type"] in ("learned", "sinusoidal")),
+                             ("pooler.weight", sp["pooler"]), ("pos_embed.weight", pos["type"] in mf.TABLE_POSITIONS),
                              ("rope.inv_freq", pos["type"] == "rope"), ("rope_local.inv_freq", "local" in pos),
                              ("rope_long.inv_freq", "long_from" in pos),
                              ("alibi.slopes", pos["type"] == "alibi")] if on}

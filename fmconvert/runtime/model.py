@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..manifest import TABLE_POSITIONS
 from .comm import SingleComm
 from .ops import Int8Weight, TorchOps, rope_tables
 
@@ -740,7 +741,7 @@ class FusedModel(nn.Module):
             x = x * self.embed_scale
         if sp["project"]:
             x = self.ops.linear(x, g["project_in.weight"])
-        if sp["position"]["type"] in ("learned", "sinusoidal"):
+        if sp["position"]["type"] in TABLE_POSITIONS:
             x = x + g["pos_embed.weight"][positions + sp["position"]["offset"]]
         if "type_embed.weight" in g:
             tt = torch.zeros_like(ids) if token_type_ids is None else token_type_ids
