@@ -253,7 +253,7 @@ def validate(m) -> dict:
     la, ll, ssm, sc, mb = (model[k] for k in ("linear_attn", "linear_layers", "ssm", "short_conv", "mamba"))
     _need((la is not None) + (ssm is not None) + (sc is not None) + (mb is not None) <= 1,
           "model.linear_attn, model.ssm, model.short_conv and model.mamba exclude each other")
-    _need(((la or ssm or sc or mb) is None) == (ll is None) and (ll is None or (ll == sorted(set(ll))
+    _need(((la or ssm or sc or mb) is None) == (ll is None) and (ll is None or (ll and ll == sorted(set(ll))
                                                                                 and ll[-1] < model["num_layers"])),
           "model.linear_layers must be distinct layer indices in order, with linear_attn, ssm, short_conv or mamba")
     _need(model["block_parts"] is None or len(model["block_parts"]) == model["num_layers"],

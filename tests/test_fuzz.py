@@ -141,6 +141,14 @@ def test_manifest_validate(outs, data, kind):
         pass
 
 
+def test_a_hybrid_without_linear_layers_is_refused(outs):
+    # Found by test_manifest_validate: an empty list of linear layers beside linear_attn raised IndexError.
+    m = _base(outs["delta"])
+    m["model"]["linear_layers"] = []
+    with pytest.raises(FmError, match="model.linear_layers must be distinct layer indices"):
+        mf.validate(m)
+
+
 @given(data=st.data(), kind=st.sampled_from(["fp", "int8", "delta", "ssm", "mamba"]), check_hashes=st.booleans())
 @examples(120)
 def test_manifest_against_inspect_and_load(outs, data, kind, check_hashes):
