@@ -204,7 +204,8 @@ def inspect(out_dir, as_json):
             ([f"q, k, v clamped to +-{md['qkv_clip']:g}"] if md["qkv_clip"] else [])
             + ([] if md["norm_affine"] else ["norms without weight or bias"])))
     if md["attn_gate"]:
-        t.add_row("attention gate", "each head's output times sigmoid of a gate q_proj computes beside q")
+        t.add_row("attention gate", "each head's output times sigmoid of one gate logit per head" if
+                  md["attn_gate_heads"] else "each head's output times sigmoid of a gate q_proj computes beside q")
     if md["num_experts"]:
         shared = (f"; a shared expert of width {md['shared_intermediate_size']}"
                   if md["shared_intermediate_size"] else "")

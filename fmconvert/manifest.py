@@ -110,7 +110,7 @@ _MODEL_OPTIONAL = {
     "mamba": (None, lambda x: x is None or _mamba(x), "null or the Mamba widths"),
     "linear_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
                       "null or a list of layer indices"),
-    "attn_gate": (False, _BOOL, "true or false"),
+    "attn_gate": (False, _BOOL, "true or false"), "attn_gate_heads": (False, _BOOL, "true or false"),
     "qkv_clip": (0.0, _NONNEG_NUM, "a non-negative number"),
     "norm_affine": (True, _BOOL, "true or false"),
     "block_parts": (None, lambda x: x is None or (isinstance(x, list) and all(p in ("mixer", "mlp") for p in x)),
@@ -256,6 +256,7 @@ def validate(m) -> dict:
     _need(((la or ssm or sc or mb) is None) == (ll is None) and (ll is None or (ll and ll == sorted(set(ll))
                                                                                 and ll[-1] < model["num_layers"])),
           "model.linear_layers must be distinct layer indices in order, with linear_attn, ssm, short_conv or mamba")
+    _need(model["attn_gate"] or not model["attn_gate_heads"], "model.attn_gate_heads needs attn_gate")
     _need(model["block_parts"] is None or len(model["block_parts"]) == model["num_layers"],
           "model.block_parts must name one part per layer")
     _need((model["activation"] == "swiglu_oai") == (model["glu_alpha"] > 0 and model["glu_limit"] > 0),

@@ -180,6 +180,7 @@ class ModelSpec:
     norm_affine: bool = True       # False: the block and final norms have no weight or bias (OLMo's LayerNorm)
     attn_gate: bool = False        # Qwen3-Next, Qwen3.5: the attention output times sigmoid of a per-head gate that
     #                                q_proj computes beside q (qkv then holds q|k|v|gate)
+    attn_gate_heads: bool = False  # LFM3: that gate is one logit per head, broadcast over head_dim
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -187,6 +188,11 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def gate_width(self) -> int:
+        """Rows of the attention gate per q head in qkv: head_dim (Qwen3.5), 1 (LFM3) or 0 (no gate)."""
+        return 0 if not self.attn_gate else 1 if self.attn_gate_heads else self.head_dim
 
 
 def _number(c: dict, key: str, default: float, zero_ok: bool = False) -> float:
@@ -453,6 +459,7 @@ class Policy:
             type_vocab_size=int(c.get("type_vocab_size") or 0),
             attn_scale=scale, mla=mla, **self._linear(config, c, flags), **parts,
             attn_gate=bool(self._layout("attn_gate", flags, False)),
+            attn_gate_heads=self._layout("attn_gate", flags, False) == "head",
             qkv_clip=_number(c, "qkv_clip", 0.0, zero_ok=True),
             norm_affine=bool(self._layout("norm_weights", flags, True)),
             embed_scale=self._embed_scale(c, flags), qkv_layout=self._layout("qkv", flags, "separate"),
@@ -785,6 +792,15 @@ class Policy:
             partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
             partial = float(partial if partial is not None else getattr(config, "rotary_pct", None) or 1.0)
             rotary = c.get("rotary_dim") or int(c["head_dim"] * partial)
+            kinds = [_rope_params(p)["rope_type"] for p in (params, local) if p]
+            if "proportional" in kinds:
+                # LFM3: rotary over the whole head, its partial factor zeroing the back frequencies (transformers'
+                # inv_freq holds the zeros); a RoPE of another type beside it must rotate the whole head too
+                if any(k != "proportional" and float(p.get("partial_rotary_factor", 1.0)) != 1.0
+                       for k, p in zip(kinds, (x for x in (params, local) if x))):
+                    raise FmError("config.json: proportional RoPE beside a partial RoPE of another type is not "
+                                  "supported")
+                rotary = c["head_dim"]
             if not isinstance(rotary, int) or not 2 <= rotary <= c["head_dim"] or rotary % 2:
                 raise FmError(f"config.json: the rotary width must be an even number of dimensions between 2 and "
                               f"head_dim={c['head_dim']}, got {rotary!r}")
@@ -878,8 +894,8 @@ class Policy:
             "shared_out.weight": (h, spec.shared_intermediate_size), "shared_gate.weight": (1, h),
             "attn_norm.weight": (h,), "attn_norm.bias": (h,), "mlp_norm.weight": (h,), "mlp_norm.bias": (h,),
             "attn_post_norm.weight": (h,), "mlp_post_norm.weight": (h,), "moe_post_norm.weight": (h,),
-            "qkv.weight": ((H * (1 + spec.attn_gate) + 2 * KV) * hd, h),        # q|k|v, and the gate
-            "qkv.bias": ((H * (1 + spec.attn_gate) + 2 * KV) * hd,),
+            "qkv.weight": ((H + 2 * KV) * hd + H * spec.gate_width, h),        # q|k|v, and the gate
+            "qkv.bias": ((H + 2 * KV) * hd + H * spec.gate_width,),
             "attn_out.weight": (h, H * hd), "attn_out.bias": (h,),
             "mlp_in.weight": (inter, h), "mlp_in.bias": (inter,),
             "mlp_out.weight": (h, dense), "mlp_out.bias": (h,),
@@ -943,7 +959,7 @@ class Policy:
         if slot.startswith("qkv."):
             q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
             if n == 4 and spec.attn_gate:                       # q, k, v, then a separate gate projection (AFMoE)
-                return [q, kv, kv, q]
+                return [q, kv, kv, spec.num_heads * spec.gate_width]
             return [q * (1 + spec.attn_gate), kv, kv]          # a gated q_proj holds each head's q and gate
         if slot.startswith("lin_") and spec.linear_attn.get("decay") == "channel" and n in (3, 6):   # KDA
             Kd, Vd, Hv = _linear_widths(spec)

@@ -16,7 +16,7 @@ Layout per rank:
   q_b, kv_b  (latent attention) column-parallel over whole heads: each head's rows are contiguous. The latent's
             projections and norms (q_a, kv_a) are replicated: every rank computes the same latent and keeps its own
             copy of the one-head cache.
-  qkv with a gate (Qwen3-Next, Qwen3.5): q, k, v as above, then this rank's q heads' gates.
+  qkv with a gate (Qwen3-Next, Qwen3.5; LFM3's one row per head): q, k, v as above, then this rank's q heads' gates.
   lin_in    (Gated DeltaNet) column-parallel over whole heads, part by part: this rank's q heads, k heads, v heads,
             z heads, b and a; value head j belongs with key head j // (v_heads / k_heads), so contiguous ranges of
             both line up. lin_conv (one channel per q|k|v row) likewise; lin_decay per v head; lin_out row-parallel;
@@ -227,16 +227,16 @@ def shard(spec: ModelSpec, lay: Layout, slot: str, t: torch.Tensor) -> list[torc
     tp, hd = lay.tp, spec.head_dim
     H, KV = spec.num_heads, spec.num_kv_heads
     if slot.startswith("qkv."):
-        q, k, v, gate = torch.split(t, [H * hd, KV * hd, KV * hd, H * hd * spec.attn_gate], dim=0)
+        q, k, v, gate = torch.split(t, [H * hd, KV * hd, KV * hd, H * spec.gate_width], dim=0)
         q = q.reshape(H, hd, *t.shape[1:])
         k = k.reshape(KV, hd, *t.shape[1:])
         v = v.reshape(KV, hd, *t.shape[1:])
-        gate = gate.reshape(-1, hd, *t.shape[1:])
+        gate = gate.reshape(H, spec.gate_width, *t.shape[1:])
         out = []
         for r in range(tp):
             heads = slice(r * lay.heads_per_rank, (r + 1) * lay.heads_per_rank)
             kv = _kv_index(lay, r)
-            out.append(torch.cat([q[heads], k[kv], v[kv], gate[heads]], dim=0).reshape(-1, *t.shape[1:]))
+            out.append(torch.cat([x.reshape(-1, *t.shape[1:]) for x in (q[heads], k[kv], v[kv], gate[heads])]))
         return [o.contiguous() for o in out]
     if slot in MIXER_PARTS:
         sizes, split = zip(*_mixer_parts(spec, slot, tp))
@@ -280,7 +280,8 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
     hd, KV = spec.head_dim, spec.num_kv_heads
     if slot.startswith("qkv."):
         hq, hk = lay.heads_per_rank * hd, lay.kv_heads_per_rank * hd
-        q, k, v, gate = zip(*(torch.split(p, [hq, hk, hk, hq * spec.attn_gate], dim=0) for p in pieces))
+        hg = lay.heads_per_rank * spec.gate_width
+        q, k, v, gate = zip(*(torch.split(p, [hq, hk, hk, hg], dim=0) for p in pieces))
         return torch.cat(list(q) + _kv_heads(lay, KV, slot, k) + _kv_heads(lay, KV, slot, v) + list(gate), dim=0)
     if slot in MIXER_PARTS:
         sizes, split = zip(*_mixer_parts(spec, slot, lay.tp))

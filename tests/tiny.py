@@ -495,6 +495,11 @@ CONFIGS = {
         num_experts_per_tok=2, sliding_window=8, norm_topk_prob=True, eos_token_id=2, bos_token_id=1)),
     "openai_gpt": ("OpenAIGPTConfig", "OpenAIGPTLMHeadModel", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=101,
                    n_positions=64)),   # post-LN, no final norm
+    "lfm3": ("Lfm3Config", "Lfm3ForCausalLM", dict(   # short convs, windowed and global attention, a gate per head
+        hidden_size=64, intermediate_size=96, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=101, max_position_embeddings=64, sliding_window=4, conv_L_cache=3, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2,
+        layer_types=["conv", "sliding_attention", "full_attention", "conv", "sliding_attention"])),
 }
 FAMILIES = list(CONFIGS)
 

@@ -121,7 +121,8 @@ def check_layout(m: dict, rank: int):
                       "mamba_c_norm.weight": (N,), "mamba_dt.weight": (D, R), "mamba_dt.bias": (D,),
                       "mamba.a_log": (D, N), "mamba.d": (D,), "mamba_out.weight": (h, D), "mamba_out.bias": (h,)})
     if sp["attn_gate"]:
-        layer.update({"qkv.weight": (qkv + hpr * hd, h), "qkv.bias": (qkv + hpr * hd,)})
+        g = hpr * (1 if sp["attn_gate_heads"] else hd)       # LFM3: one gate row per head
+        layer.update({"qkv.weight": (qkv + g, h), "qkv.bias": (qkv + g,)})
     tensors = m["ranks"][rank]["tensors"]
     need = {"embed.weight"} | {s for s in sp["slots"] if not s.startswith("layers.")}
     need |= {s for s, on in [("lm_head.weight", sp["kind"] == "decoder" and not sp["tied_embeddings"]),

@@ -468,9 +468,12 @@ class Block(nn.Module):
             qkv = qkv.clamp(-m.spec["qkv_clip"], m.spec["qkv_clip"])
         if not m.spec["attn_gate"]:
             return self._attend(qkv, positions, cache, key_padding_mask, pos_t, seq_t)
-        gate = qkv[..., -m.heads * m.head_dim:]              # Qwen3.5: each head's output times sigmoid(gate)
-        o = self._attend(qkv[..., :-m.heads * m.head_dim], positions, cache, key_padding_mask, pos_t, seq_t)
-        return o * torch.sigmoid(gate)
+        gw = 1 if m.spec["attn_gate_heads"] else m.head_dim   # Qwen3.5: each head's output times sigmoid(gate);
+        gate = torch.sigmoid(qkv[..., -m.heads * gw:])       # LFM3: one gate per head, over all its channels
+        o = self._attend(qkv[..., :-m.heads * gw], positions, cache, key_padding_mask, pos_t, seq_t)
+        if gw == 1:
+            return (o.unflatten(-1, (m.heads, m.head_dim)) * gate.unsqueeze(-1)).flatten(-2)
+        return o * gate
 
     def _attend(self, qkv, positions, cache, key_padding_mask, pos_t=None, seq_t=None):
         m, t = self.m, self.t
