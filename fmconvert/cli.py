@@ -43,12 +43,14 @@ def cli():
       torchrun --nproc-per-node 2 -m fmconvert generate OUT_DIR --prompt "..."   # tp=2
 
     \b
-    Supported families (one table each in fmconvert/configs/):
-      LLaMA / Mistral / Qwen2, Qwen3, Phi-3 / Phi-4-mini, StableLM, StarCoder2, Granite,
-      Cohere / Command R+, OLMo 2 / 3, GLM-4, SmolLM3, EXAONE 4,
-      Gemma, Gemma 2, Gemma 3 (text), Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
-      GPT-2, GPT-BigCode / StarCoder, OPT, BLOOM, Falcon, GPT-NeoX / Pythia, GPT-J, Phi, BERT
-      Vision-language, language model only: Gemma 3 (4B+), LLaVA, Mistral 3, Qwen2/2.5/3-VL
+    Supported families (one table each in fmconvert/configs/, listed in its README.md), among them:
+      LLaMA 1-3 / Mistral / Qwen2, Qwen3, Phi-3 / Phi-4-mini, Gemma 1-4, Granite, Cohere, OLMo 1-3, GLM-4,
+      EXAONE 4, SmolLM3, StableLM, StarCoder2, Nemotron, Apertus, Hunyuan, ERNIE 4.5
+      mixtures: Mixtral, DBRX, Qwen2/3-MoE, OLMoE, GLM-4.5, DeepSeek-V2/V3, Kimi K2, GPT-OSS, Llama 4, MiniMax-M2
+      hybrids and state spaces: Qwen3.5, Qwen3-Next, Granite 4.0-H, Nemotron-H, Jamba, LFM2, LFM3, Mamba 1/2
+      older: GPT-2, GPT-BigCode, OPT, BLOOM, MPT, Falcon, GPT-NeoX, GPT-J, GPT-Neo, Phi, BERT
+      vision-language, language model only: Gemma 3/4, LLaVA, Mistral 3, Llama 4, Qwen2/2.5/3/3.5-VL, GLM-4.5V
+    An unknown architecture is refused with the list of known ones.
     """
 
 
@@ -203,6 +205,14 @@ def inspect(out_dir, as_json):
         t.add_row("attention input", ", ".join(
             ([f"q, k, v clamped to +-{md['qkv_clip']:g}"] if md["qkv_clip"] else [])
             + ([] if md["norm_affine"] else ["norms without weight or bias"])))
+    if md["global_attn"]:
+        g = md["global_attn"]
+        t.add_row("global layers", f"layers outside the window: {md['num_heads']} heads / {g['num_kv_heads']} kv, "
+                  f"head_dim {g['head_dim']}" + ("; v is k's projection" if md["value_is_key"] else ""))
+    if md["v_norm"] or "layers.layer_scale.weight" in md["slots"]:
+        t.add_row("attention extras", ", ".join(
+            (["each v head RMS-normed (no weight)"] if md["v_norm"] else [])
+            + (["the stream times a scalar after each layer"] if "layers.layer_scale.weight" in md["slots"] else [])))
     if md["attn_gate"]:
         t.add_row("attention gate", "each head's output times sigmoid of one gate logit per head" if
                   md["attn_gate_heads"] else "each head's output times sigmoid of a gate q_proj computes beside q")

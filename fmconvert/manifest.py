@@ -111,6 +111,10 @@ _MODEL_OPTIONAL = {
     "linear_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
                       "null or a list of layer indices"),
     "attn_gate": (False, _BOOL, "true or false"), "attn_gate_heads": (False, _BOOL, "true or false"),
+    "global_attn": (None, lambda x: x is None or (isinstance(x, dict) and set(x) == {"head_dim", "num_kv_heads"}
+                                                  and all(map(_POS_INT, x.values()))),
+                    "null or the global layers' {\"head_dim\", \"num_kv_heads\"}"),
+    "value_is_key": (False, _BOOL, "true or false"), "v_norm": (False, _BOOL, "true or false"),
     "qkv_clip": (0.0, _NONNEG_NUM, "a non-negative number"),
     "norm_affine": (True, _BOOL, "true or false"),
     "block_parts": (None, lambda x: x is None or (isinstance(x, list) and all(p in ("mixer", "mlp") for p in x)),
@@ -226,8 +230,8 @@ def validate(m) -> dict:
         _need(ok(model.setdefault(k, default)), f"model.{k} must be {what}")
     experts, topk = model["num_experts"], model["experts_per_token"]
     _need(topk <= experts if experts else topk == 0, "model.experts_per_token does not fit model.num_experts")
-    _need(model["residual"] == "pre" or not any("post_norm" in s for s in model["slots"]),
-          "model.slots: output norms (attn_post_norm, mlp_post_norm) need the pre-norm residual")
+    _need(model["residual"] == "pre" or not any("post_norm" in s or "layer_scale" in s for s in model["slots"]),
+          "model.slots: output norms (attn_post_norm, mlp_post_norm) and layer_scale need the pre-norm residual")
     _need(model["residual"] == "pre" or model["residual_scale"] == 1.0,
           "model.residual_scale needs the pre-norm residual")
     layers = model["window_layers"]
@@ -257,6 +261,12 @@ def validate(m) -> dict:
                                                                                 and ll[-1] < model["num_layers"])),
           "model.linear_layers must be distinct layer indices in order, with linear_attn, ssm, short_conv or mamba")
     _need(model["attn_gate"] or not model["attn_gate_heads"], "model.attn_gate_heads needs attn_gate")
+    ga = model["global_attn"]
+    _need(ga is None or (model["window_layers"] and mla is None and model["num_heads"] % ga["num_kv_heads"] == 0
+                         and ga["head_dim"] % 2 == 0),
+          "model.global_attn needs window_layers (the other layers are global), no latent attention, an even "
+          "head_dim and kv heads that divide num_heads")
+    _need(ga is not None or not model["value_is_key"], "model.value_is_key needs global_attn")
     _need(model["block_parts"] is None or len(model["block_parts"]) == model["num_layers"],
           "model.block_parts must name one part per layer")
     _need((model["activation"] == "swiglu_oai") == (model["glu_alpha"] > 0 and model["glu_limit"] > 0),
@@ -276,6 +286,9 @@ def validate(m) -> dict:
     _need(par["heads_per_rank"] * tp == model["num_heads"], "parallel.heads_per_rank * tp != model.num_heads")
     _need(par["kv_heads_per_rank"] * tp == model["num_kv_heads"] * par["kv_replication"],
           "parallel.kv_heads_per_rank does not fit model.num_kv_heads")
+    _need(ga is None or (_POS_INT(par.get("global_kv_heads_per_rank")) and _POS_INT(par.get("global_kv_replication"))
+                         and par["global_kv_heads_per_rank"] * tp == ga["num_kv_heads"] * par["global_kv_replication"]),
+          "parallel.global_kv_heads_per_rank and global_kv_replication do not fit model.global_attn")
     _need(par["vocab_per_rank"] * tp == par["vocab_padded"] >= model["vocab_size"],
           "parallel.vocab_per_rank * tp != vocab_padded, or it is smaller than model.vocab_size")
     _need(par["intermediate_per_rank"] >= par["intermediate_chunk"] and
@@ -332,8 +345,9 @@ def _position(model: dict):
     _need(kind in ("rope", "alibi", *TABLE_POSITIONS, "none"),
           "model.position.type must be rope, alibi, learned, sinusoidal or none")
     if kind == "rope":
-        rd = pos.get("rotary_dim")
-        _need(type(rd) is int and 0 < rd <= model["head_dim"] and rd % 2 == 0,
+        rd, ga = pos.get("rotary_dim"), model.get("global_attn")
+        head = ga["head_dim"] if isinstance(ga, dict) and _POS_INT(ga.get("head_dim")) else model["head_dim"]
+        _need(type(rd) is int and 0 < rd <= head and rd % 2 == 0,
               "model.position.rotary_dim must be an even int no larger than head_dim")
         _need(pos.get("style") in ("neox", "gptj"), "model.position.style must be neox or gptj")
         _need(_POS_NUM(pos.get("theta")) and _POS_NUM(pos.get("attention_scaling", 1.0)),
@@ -342,6 +356,10 @@ def _position(model: dict):
         _need(isinstance(local, dict) and (not local or (_POS_NUM(local.get("theta"))
                                                          and _POS_NUM(local.get("attention_scaling", 1.0)))),
               "model.position.local must hold a positive theta and attention_scaling")
+        lrd = local.get("rotary_dim", rd) if isinstance(local, dict) else rd   # Gemma 4: the windowed layers' heads
+        _need(type(lrd) is int and 0 < lrd <= model["head_dim"] and lrd % 2 == 0 and (lrd == rd or ga),
+              "model.position.local.rotary_dim must be an even int no larger than head_dim, and differ from "
+              "rotary_dim only with global_attn")
         _need("long_from" not in pos or (type(pos["long_from"]) is int and 0 < pos["long_from"] < 1 << 32),
               "model.position.long_from must be a positive int")
         _need(pos.get("reversed", False) in (False, True), "model.position.reversed must be true or false")

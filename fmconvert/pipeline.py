@@ -139,6 +139,8 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
                 raise FmError(f"{n}: the layers of this checkpoint store {key} in different orientations")
             if not ckpt.dtype(n).is_floating_point:
                 raise FmError(f"tensor {n} has dtype {ckpt.dtype(n)}, expected a float dtype")
+            if n in consumed:
+                continue                # read twice (Gemma 4's k_proj as v): counted once
             consumed.add(n)
             numel = math.prod(got)
             params += numel
@@ -198,11 +200,15 @@ def _quant_plan(spec: ModelSpec, opts: Options):
             return layout, None, (), {}
         quant_slots = QUANT_SLOTS + (EMBED_SLOTS if opts.int8_embeddings else HEAD_SLOTS if opts.int8_lm_head else ())
         groups = {}
+        wide = next((i for i in range(spec.num_layers) if spec.global_layer(i)), None)
+        views = [(spec, layout)] + ([sl.at(spec, layout, wide)] if wide is not None else [])
         for slot in quant_slots:
             k = sl.k_per_rank(spec, layout, slot)
             if not k:
                 continue                      # a slot this model does not have (a shared expert's, say)
             g = sl.padded_group(k, group) if slot in sl.PADDED_K else sl.group_for(k, group)
+            # one group per slot, dividing its K in every layer (Gemma 4's global layers' attn_out is wider)
+            k = next((kk for kk in (sl.k_per_rank(s, lay, slot) for s, lay in views) if kk % g), k)
             if k % g:
                 break
             groups[slot] = g
@@ -230,7 +236,8 @@ def _rope_inv_freq(config, spec: ModelSpec, local: bool = False, seq_len: int | 
     """(inv_freq, attention scaling) of the model's RoPE, or with local=True of its windowed layers' (Gemma 3).
     seq_len: the sequence length it is computed for (LongRoPE's long factors: past the original context)."""
     pos = spec.position
-    dim, p = pos["rotary_dim"], pos["local"] if local else pos
+    p = pos["local"] if local else pos
+    dim = p.get("rotary_dim", pos["rotary_dim"])     # Gemma 4: the windowed layers rotate their narrower heads
     if p["rope_type"] == "default":
         inv = 1.0 / (p["theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
         return inv.float(), 1.0
@@ -579,10 +586,11 @@ class _Run:
         else:
             # NaN/Inf: the writer checks each piece as it writes it (quantized ones through their scales, for free)
             parts = [self.src.get(n).to(p.dtype) for n in src.names]
-        t = p.policy.fuse(p.spec, slot, parts)
+        spec, lay = sl.at(p.spec, p.layout, src.layer)
+        t = p.policy.fuse(spec, slot, parts)
         if not meta and not self.src.owns(t):
             self.src.release(src.names)           # fuse made a copy: the source pages are done with
-        pieces = sl.shard(p.spec, p.layout, slot, t)
+        pieces = sl.shard(spec, lay, slot, t)
         # What making this slot may hold at once besides the source: a fused copy and sliced copies (meta: by view
         # ancestry, which meta tensors keep like real ones). The direct path above holds neither.
         est = 0
@@ -629,7 +637,7 @@ class _Run:
         cast)."""
         p, slot = self.plan, src.slot
         shapes = [tuple(self.ckpt.shape(n)) for n in src.names]
-        key = (slot, tuple(shapes), tuple(self.ckpt.dtype(n) for n in src.names))
+        key = (slot, tuple(shapes), tuple(self.ckpt.dtype(n) for n in src.names), p.spec.global_layer(src.layer))
         if key in self._traces:
             return self._traces[key]
         self._traces[key] = None
@@ -651,10 +659,11 @@ class _Run:
             bases.append(total)
             total += n
         try:
-            fused = p.policy.fuse(p.spec, slot, ids)
+            spec, lay = sl.at(p.spec, p.layout, src.layer)
+            fused = p.policy.fuse(spec, slot, ids)
             if fused.shape != ((total, 1) if axis == 0 else (1, total)):
                 return None
-            pieces = sl.shard(p.spec, p.layout, slot, fused)
+            pieces = sl.shard(spec, lay, slot, fused)
         except (RuntimeError, ValueError, IndexError):
             return None
         which = [self._locate(x.reshape(-1).tolist(), bases) for x in pieces]

@@ -29,6 +29,7 @@ LAYER_SLOTS = (
     "q_norm.weight", "k_norm.weight", "q_norm.bias", "k_norm.bias",   # Persimmon: q/k LayerNorms with biases
     "attn_post_norm.weight", "mlp_post_norm.weight",                 # Gemma 2: each half's output normed too
     "moe_post_norm.weight",                                          # A.X K1: the mixture's output only
+    "layer_scale.weight",                                            # Gemma 4: the stream times it after the layer
     "router.weight", "experts_in.weight", "experts_out.weight",      # mixture of experts, in place of mlp_in/out
     "router.bias", "experts_in.bias", "experts_out.bias",            # GPT-OSS: biases on all three
     "attn_sinks.weight",                                             # GPT-OSS: a learned softmax sink per head
@@ -181,6 +182,11 @@ class ModelSpec:
     attn_gate: bool = False        # Qwen3-Next, Qwen3.5: the attention output times sigmoid of a per-head gate that
     #                                q_proj computes beside q (qkv then holds q|k|v|gate)
     attn_gate_heads: bool = False  # LFM3: that gate is one logit per head, broadcast over head_dim
+    global_attn: dict | None = None    # Gemma 4: the layers outside window_layers have their own head_dim and
+    #                                    num_kv_heads ({"head_dim", "num_kv_heads"}); None: every layer alike
+    value_is_key: bool = False     # Gemma 4 (attention_k_eq_v): those layers have no v_proj, v is k's projection;
+    #                                qkv holds k's rows twice
+    v_norm: bool = False           # Gemma 4: each v head RMS-normed without a weight
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -188,6 +194,19 @@ class ModelSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def global_layer(self, layer: int | None) -> bool:
+        """Whether this layer takes global_attn's geometry (an attention layer outside window_layers)."""
+        return (self.global_attn is not None and layer is not None and layer not in (self.window_layers or ())
+                and layer not in (self.linear_layers or ()))
+
+    def at(self, layer: int | None) -> "ModelSpec":
+        """The spec as this layer sees it: global_attn's head_dim and num_kv_heads in a global layer."""
+        if not self.global_layer(layer):
+            return self
+        from dataclasses import replace
+        return replace(self, head_dim=self.global_attn["head_dim"], num_kv_heads=self.global_attn["num_kv_heads"],
+                       global_attn=None)
 
     @property
     def gate_width(self) -> int:
@@ -323,6 +342,7 @@ class SlotSource:
     shapes: list[tuple[int, ...]]
     optional: bool = False
     aliases: list[list[str]] = field(default_factory=list)   # other spellings of `names`, tried when it is absent
+    layer: int | None = None        # the layer it belongs to (None: a global slot); see ModelSpec.at
 
 
 class Policy:
@@ -397,6 +417,24 @@ class Policy:
         return v
 
     def spec(self, config, architecture: str) -> ModelSpec:
+        if vars(config).get("_heterogeneity_spec") is None:
+            return self._spec(config, architecture)
+        # transformers' per_layer_config: sizes that vary by layer. A table that reads them (global_attn) takes the
+        # config's own values as the windowed layers'; any other would silently read one layer's for all.
+        if not self.layout.get("global_attn"):
+            raise FmError(f"{architecture}: config.json gives per-layer sizes (per_layer_config), which the "
+                          f"{self.family} table does not read")
+        from transformers import logging as hf_logging
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()        # its warning on each such read: we read them on purpose
+        config.allow_global_per_layer_attribute_access = True
+        try:
+            return self._spec(config, architecture)
+        finally:
+            config.allow_global_per_layer_attribute_access = False
+            hf_logging.set_verbosity(verbosity)
+
+    def _spec(self, config, architecture: str) -> ModelSpec:
         flags = self.flags(config, architecture)
         if flags.get("unsupported"):
             raise FmError(f"{architecture}: this config uses a variant fmconvert does not support "
@@ -430,6 +468,10 @@ class Policy:
                 raise FmError(f"{architecture}: a clamped GLU needs a SiLU gate, got {act_name!r}")
             act = "swiglu_oai"
             glu = {"glu_alpha": _number(c, "glu_alpha", 1.0), "glu_limit": _number(c, "glu_limit", 1.0)}
+        windows = self._windows(config, c)
+        global_attn = self._global_attn(config, c, windows) if self.layout.get("global_attn") else None
+        if global_attn:
+            c["global_head_dim"] = global_attn["head_dim"]
         position = self._position(config, flags, c)
         scale = _number(c, "attn_scale", 1.0 / math.sqrt(_number(c, "query_scale_dim", c["head_dim"])))
         if mla and position.get("rope_type", "default") != "default":
@@ -469,7 +511,9 @@ class Policy:
             experts_scale_input=self._layout("experts_weigh", flags, "output") == "input",
             qk_norm=self._qk_norm(flags), qk_norm_after_rope=bool(self._layout("qk_norm_after_rope", flags, False)),
             **glu, **mixed, **self._router(c, experts, topk, flags), **self._query_scale(config, c, flags),
-            **self._windows(config, c), nope_layers=self._nope_layers(config, c, position),
+            **windows, nope_layers=self._nope_layers(config, c, position), global_attn=global_attn,
+            value_is_key=bool(global_attn) and bool(self._layout("value_is_key", flags, False)),
+            v_norm=bool(self._layout("v_norm", flags, False)),
             attn_softcap=_number(c, "attn_softcap", 0.0, zero_ok=True),
             logit_softcap=_number(c, "logit_softcap", 0.0, zero_ok=True),
             logit_scale=1.0 / _number(c, "logit_divisor", 1.0) * _number(c, "logit_scale", 1.0),
@@ -480,6 +524,32 @@ class Policy:
             pad_token_id=getattr(config, "pad_token_id", None),
         )
         return spec
+
+    @staticmethod
+    def _global_attn(config, c, windows) -> dict | None:
+        """Gemma 4: the full-attention layers' own head_dim and kv head count, from transformers' per_layer_config
+        (its global_head_dim and num_global_key_value_heads); None when they are the windowed layers'."""
+        n, layers = c["num_layers"], windows.get("window_layers")
+        per = getattr(config, "per_layer_config", None)
+        if per is None or not layers:
+            return None
+        try:
+            shapes = [(per[i].head_dim, per[i].num_key_value_heads) for i in range(n)]
+        except Exception as e:
+            raise FmError(f"config.json: per_layer_config cannot be read ({type(e).__name__}: {e})") from None
+        local = {shapes[i] for i in layers}
+        wide = {s for i, s in enumerate(shapes) if i not in layers}
+        if local != {(c["head_dim"], c["num_kv_heads"])} or len(wide) != 1:
+            raise FmError("config.json: per_layer_config must give the windowed layers the model's head_dim and kv "
+                          "heads, and every global layer one shape of its own")
+        (hd, kv), = wide
+        if type(hd) is not int or type(kv) is not int or hd <= 0 or kv <= 0 or hd % 2 or c["num_heads"] % kv:
+            raise FmError(f"config.json: the global layers' head_dim (global_head_dim={hd!r}) must be a positive "
+                          f"even integer and their kv heads (num_global_key_value_heads={kv!r}) divide "
+                          f"num_attention_heads={c['num_heads']}")
+        if (hd, kv) == (c["head_dim"], c["num_kv_heads"]):
+            return None
+        return {"head_dim": hd, "num_kv_heads": kv}
 
     def _mla(self, c) -> dict:
         """Multi-head latent attention's widths from [config] (q_rank, kv_rank, nope_dim, rope_dim, v_dim). Each q and
@@ -791,7 +861,8 @@ class Policy:
             # moved partial_rotary_factor into rope_parameters; GPT-NeoX once called it rotary_pct).
             partial = params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
             partial = float(partial if partial is not None else getattr(config, "rotary_pct", None) or 1.0)
-            rotary = c.get("rotary_dim") or int(c["head_dim"] * partial)
+            head = c.get("global_head_dim", c["head_dim"])      # Gemma 4: the main RoPE is its global layers'
+            rotary = c.get("rotary_dim") or int(head * partial)
             kinds = [_rope_params(p)["rope_type"] for p in (params, local) if p]
             if "proportional" in kinds:
                 # LFM3: rotary over the whole head, its partial factor zeroing the back frequencies (transformers'
@@ -800,10 +871,10 @@ class Policy:
                        for k, p in zip(kinds, (x for x in (params, local) if x))):
                     raise FmError("config.json: proportional RoPE beside a partial RoPE of another type is not "
                                   "supported")
-                rotary = c["head_dim"]
-            if not isinstance(rotary, int) or not 2 <= rotary <= c["head_dim"] or rotary % 2:
+                rotary = head
+            if not isinstance(rotary, int) or not 2 <= rotary <= head or rotary % 2:
                 raise FmError(f"config.json: the rotary width must be an even number of dimensions between 2 and "
-                              f"head_dim={c['head_dim']}, got {rotary!r}")
+                              f"head_dim={head}, got {rotary!r}")
             pos = {"type": "rope", "style": self._layout("rope_style", flags, "neox"), **_rope_params(params),
                    "rotary_dim": rotary}
             if self._layout("rope_reversed", flags, False):
@@ -829,6 +900,11 @@ class Policy:
                 pos["local"] = _rope_params(local)
                 if pos["local"]["rope_type"] == "longrope":
                     raise FmError("config.json: longrope for the windowed layers' RoPE is not supported")
+                if head != c["head_dim"]:       # Gemma 4: the windowed layers' narrower heads, rotated whole
+                    pos["local"]["rotary_dim"] = c["head_dim"]
+            elif head != c["head_dim"]:
+                raise FmError("config.json: global layers with their own head_dim need a RoPE of their own for the "
+                              "windowed layers (rope_parameters.sliding_attention)")
             return pos
         raise FmError(f"{self.path.name}: unknown position scheme {kind!r}")
 
@@ -894,6 +970,7 @@ class Policy:
             "shared_out.weight": (h, spec.shared_intermediate_size), "shared_gate.weight": (1, h),
             "attn_norm.weight": (h,), "attn_norm.bias": (h,), "mlp_norm.weight": (h,), "mlp_norm.bias": (h,),
             "attn_post_norm.weight": (h,), "mlp_post_norm.weight": (h,), "moe_post_norm.weight": (h,),
+            "layer_scale.weight": (1,),
             "qkv.weight": ((H + 2 * KV) * hd + H * spec.gate_width, h),        # q|k|v, and the gate
             "qkv.bias": ((H + 2 * KV) * hd + H * spec.gate_width,),
             "attn_out.weight": (h, H * hd), "attn_out.bias": (h,),
@@ -979,6 +1056,8 @@ class Policy:
             ({k: v for k, v in t.items() if not isinstance(v, dict) or "name" in v}, prefix),
             (t.get("head", {}), self.head_prefix(prefix))]
         skip = ()
+        value_is_key = spec.value_is_key and spec.global_layer(layer)
+        spec = spec.at(layer)                # Gemma 4's global layers: their own head_dim and kv heads
         if layer is not None:            # a dense model has no mixture's slots, whatever the flags say
             skip = SPARSE_SLOTS if not spec.num_experts or layer in (spec.dense_layers or ()) else DENSE_SLOTS
             skip += ATTENTION_SLOTS if layer in (spec.linear_layers or ()) else LINEAR_SLOTS
@@ -994,6 +1073,9 @@ class Policy:
                 names = [pre + n.format(i=layer, e=e) for e in _experts(names, spec) for n in names]
                 aliases = [[pre + n.format(i=layer, e=e) for e in _experts(a, spec) for n in a]
                            for a in aliases if len(a) * len(_experts(a, spec)) == len(names)]
+                if value_is_key and slot.startswith("qkv.") and len(names) == 3:
+                    names[2] = names[1]          # Gemma 4: no v_proj; v is k's projection (its rows twice)
+                    aliases = [[a[0], a[1], a[1]] for a in aliases]
                 full = self.canonical_shape(spec, slot)
                 if not full:                    # a scalar (Apertus's xIELU beta and eps)
                     shapes = [()]
@@ -1013,7 +1095,7 @@ class Policy:
                         shapes = [tuple(s[0] if d == -1 else d for d in self.stored_shape[slot]) for s in shapes]
                     if slot in DEPTHWISE:   # a depthwise Conv1d's [channels, 1, taps]
                         shapes = [(s[0], 1, s[1]) for s in shapes]
-                out.append(SlotSource(slot, names, shapes, optional, aliases))
+                out.append(SlotSource(slot, names, shapes, optional, aliases, layer))
         return out
 
     def ignored(self, prefix: str, num_layers: int) -> list[re.Pattern]:

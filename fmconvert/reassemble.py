@@ -21,7 +21,7 @@ from .read import check_safetensors
 
 SCALE = "_scale"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
-_LAYER = re.compile(r"layers\.\d+\.")
+_LAYER = re.compile(r"layers\.(\d+)\.")
 
 
 class _AllFlags(dict):
@@ -71,6 +71,9 @@ def _unshard(spec: ModelSpec, lay: sl.Layout, name: str, pieces: list) -> torch.
     missing = [r for r, p in enumerate(pieces) if p is None]
     if missing and not (slot in sl.ROW_BIAS and missing == list(range(1, lay.tp))):
         raise FmError(f"tensor {name} is missing from rank {missing[0]}")
+    layer = _LAYER.match(name)
+    if layer:                            # a Gemma 4 global layer's own geometry
+        spec, lay = sl.at(spec, lay, int(layer.group(1)))
     try:
         if name == "alibi.slopes":  # split by heads, not replicated
             return torch.cat(pieces)
@@ -152,7 +155,7 @@ def reassemble(out_dir, dequantize: bool = True) -> tuple[dict, dict[str, torch.
         for suffix in ("", SCALE):
             t = canon.pop(key + suffix, None)
             if t is not None:
-                for n, part in zip(src.names, pol.unfuse(spec, src.slot, t, len(src.names))):
+                for n, part in zip(src.names, pol.unfuse(spec.at(src.layer), src.slot, t, len(src.names))):
                     out[n + suffix] = part
     for name in m.get("extras") or []:
         if "extra." + name not in canon:

@@ -48,7 +48,7 @@ eighth). Padded units compute act(0 + 0) = 0 and meet zero columns: exact.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -98,6 +98,8 @@ class Layout:
     shared_intermediate_per_rank: int = 0    # (serialized only when there is one)
     dense_intermediate_chunk: int = 0        # a mixture's dense layers' MLP units per rank, before and after
     dense_intermediate_per_rank: int = 0     # padding (serialized only when it has such layers)
+    global_kv_heads_per_rank: int = 0        # Gemma 4's global layers' kv heads per rank and their replication
+    global_kv_replication: int = 0           # (serialized only with ModelSpec.global_attn)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -106,6 +108,9 @@ class Layout:
             if not d[f"{part}_intermediate_chunk"]:
                 d.pop(f"{part}_intermediate_chunk")
                 d.pop(f"{part}_intermediate_per_rank")
+        if not d["global_kv_heads_per_rank"]:
+            d.pop("global_kv_heads_per_rank")
+            d.pop("global_kv_replication")
         d["slots"] = {**{s.split(".")[0]: "column" for s in COLUMN + HEADS[:2]},
                       **{s.split(".")[0]: "row" for s in ROW},
                       "embed": "vocab", "lm_head": "vocab", "other": "replicated"}
@@ -115,6 +120,27 @@ class Layout:
             d["slots"].update(shared_in="column", shared_out="row")
         d["row_parallel_bias"] = "rank0"
         return d
+
+
+def at(spec: ModelSpec, lay: Layout, layer: int | None) -> tuple[ModelSpec, Layout]:
+    """(spec, layout) as one layer sees them: a Gemma 4 global layer's own head_dim, kv heads and their split."""
+    if not spec.global_layer(layer):
+        return spec, lay
+    return spec.at(layer), replace(lay, kv_heads_per_rank=lay.global_kv_heads_per_rank,
+                                   kv_replication=lay.global_kv_replication, global_kv_heads_per_rank=0,
+                                   global_kv_replication=0)
+
+
+def _kv_split(KV: int, tp: int, what: str = "num_key_value_heads") -> tuple[int, int]:
+    """(kv heads per rank, ranks sharing one kv head)."""
+    if KV >= tp:
+        if KV % tp:
+            raise FmError(f"tp={tp} does not divide {what}={KV}")
+        return KV // tp, 1
+    if tp % KV:
+        raise FmError(f"tp={tp} is larger than {what}={KV} and not a multiple of it; "
+                      "kv heads can only be replicated evenly")
+    return 1, tp // KV
 
 
 def plan(spec: ModelSpec, tp: int, group_size: int | None) -> Layout:
@@ -127,15 +153,9 @@ def plan(spec: ModelSpec, tp: int, group_size: int | None) -> Layout:
                       f"{spec.mamba['inner']})")
     if H % tp:
         raise FmError(f"tp={tp} does not divide num_attention_heads={H}; each rank must hold whole heads")
-    if KV >= tp:
-        if KV % tp:
-            raise FmError(f"tp={tp} does not divide num_key_value_heads={KV}")
-        kv_per_rank, repl = KV // tp, 1
-    else:
-        if tp % KV:
-            raise FmError(f"tp={tp} is larger than num_key_value_heads={KV} and not a multiple of it; "
-                          "kv heads can only be replicated evenly")
-        kv_per_rank, repl = 1, tp // KV
+    kv_per_rank, repl = _kv_split(KV, tp)
+    wide = _kv_split(spec.global_attn["num_kv_heads"], tp, "the global layers' num_global_key_value_heads") \
+        if spec.global_attn else (0, 0)
     la = spec.linear_attn
     ssm = spec.ssm
     if ssm and (ssm["heads"] % tp or (ssm["groups"] % tp and ssm["groups"] != 1)):
@@ -149,7 +169,7 @@ def plan(spec: ModelSpec, tp: int, group_size: int | None) -> Layout:
     dense = _chunk(spec.dense_intermediate_size, tp, group_size) if spec.dense_intermediate_size else (0, 0)
     vocab_padded = _ceil_to(spec.vocab_size, tp)
     return Layout(tp, H // tp, kv_per_rank, repl, chunk, per_rank, vocab_padded, vocab_padded // tp,
-                  spec.num_experts, *shared, *dense)
+                  spec.num_experts, *shared, *dense, *wide)
 
 
 # A rank's MLP units are padded to whole int8 groups; when that would add more than 1/MAX_PAD_WASTE of the units, a

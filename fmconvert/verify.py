@@ -319,8 +319,9 @@ def check_tensors(m: dict, ranks: list[dict], plan, ckpt, config) -> dict:
     for key, src in [(s.slot, s) for s in plan.globals_] + layer_srcs:
         slot = src.slot
         source = [ckpt.get(n) for n in src.names]
-        canon = pol.fuse(spec, slot, [t.to(plan.dtype) for t in source])
-        expected = sl.shard(spec, lay, slot, canon)
+        lspec, llay = sl.at(spec, lay, src.layer)      # a Gemma 4 global layer's own geometry
+        canon = pol.fuse(lspec, slot, [t.to(plan.dtype) for t in source])
+        expected = sl.shard(lspec, llay, slot, canon)
         is_q = slot in plan.quant_slots
         g = plan.groups.get(slot)
         problems, pieces, ratio = [], [], None
@@ -374,7 +375,7 @@ def check_tensors(m: dict, ranks: list[dict], plan, ckpt, config) -> dict:
                 r_max = float(((piece.value - exp.float()).abs() / piece.bound.clamp_min(1e-30)).max())
                 ratio = r_max if ratio is None else max(ratio, r_max)
             if bool(piece.violations(exp).any()):
-                problems += _diagnose(spec, lay, slot, src.names, r, piece, exp, expected, q_scale_dtype,
+                problems += _diagnose(lspec, llay, slot, src.names, r, piece, exp, expected, q_scale_dtype,
                                       file_of(r, key))
             pieces.append(piece)
 
@@ -385,7 +386,7 @@ def check_tensors(m: dict, ranks: list[dict], plan, ckpt, config) -> dict:
         if usable and all(p is not None for p in usable):
             vals = [None if p is None else p.value for p in pieces]
             try:
-                back = pol.unfuse(spec, slot, sl.unshard(spec, lay, slot, vals), len(src.names))
+                back = pol.unfuse(lspec, slot, sl.unshard(lspec, llay, slot, vals), len(src.names))
                 for part, s in zip(back, source):
                     if tuple(part.shape) != tuple(s.shape):
                         raise FmError(f"reassembled shape {list(part.shape)} differs from the source's "

@@ -11,7 +11,8 @@ LAYOUT_KEYS = {"norm", "gated_mlp", "position", "rope_style", "residual", "qkv",
                "transposed", "position_offset", "embed_scale", "experts_renormalize", "qk_norm",
                "nope_unwindowed", "experts", "gate_up", "router", "as_row", "qk_norm_after_rope", "experts_weigh",
                "query_scale", "attn_gate", "linear_in", "block_parts", "mamba_norms",
-               "norm_weights", "window_kind", "linear_decay", "stored_shape", "rope_reversed"}
+               "norm_weights", "window_kind", "linear_decay", "stored_shape", "rope_reversed", "global_attn",
+               "value_is_key", "v_norm"}
 
 
 def test_flags_and_binds_tighter_than_or_and_may_use_earlier_flags():

@@ -60,6 +60,7 @@ def check_layout(m: dict, rank: int):
             "pos_embed.weight": (sp["max_positions"] + pos.get("offset", 0), h), "project_in.weight": (h, e),
             "project_out.weight": (e, h), "pooler.weight": (h, h), "pooler.bias": (h,),
             **{n: (pos.get("rotary_dim", 0) // 2,) for n in ROPE_TENSORS},
+            "rope_local.inv_freq": (pos.get("local", pos).get("rotary_dim", pos.get("rotary_dim", 0)) // 2,),
             "alibi.slopes": (hpr,),
             **{f"{n}.{p}": (h,) for n in ("embed_norm", "final_norm") for p in ("weight", "bias")}}
     E, kvpr = sp["num_experts"], par["kv_heads_per_rank"]
@@ -78,7 +79,8 @@ def check_layout(m: dict, rank: int):
              "router.correction_bias": (E,),
              "act.alpha_p": (1,), "act.alpha_n": (1,), "act.beta": (), "act.eps": (),
              **{f"{n}.{p}": (h,) for n in ("attn_norm", "mlp_norm") for p in ("weight", "bias")},
-             "attn_post_norm.weight": (h,), "mlp_post_norm.weight": (h,), "moe_post_norm.weight": (h,)}
+             "attn_post_norm.weight": (h,), "mlp_post_norm.weight": (h,), "moe_post_norm.weight": (h,),
+             "layer_scale.weight": (1,)}
     mla = sp["mla"]
     if mla:             # latent attention: the latent's projections replicated, q_b and kv_b this rank's heads
         qr, kr, rd = mla["q_rank"], mla["kv_rank"], mla["rope_dim"]
@@ -123,6 +125,15 @@ def check_layout(m: dict, rank: int):
     if sp["attn_gate"]:
         g = hpr * (1 if sp["attn_gate_heads"] else hd)       # LFM3: one gate row per head
         layer.update({"qkv.weight": (qkv + g, h), "qkv.bias": (qkv + g,)})
+    wide, ga = layer, sp["global_attn"]
+    if ga:              # Gemma 4's global layers: their own head_dim and kv heads
+        ghd, gkv = ga["head_dim"], par["global_kv_heads_per_rank"]
+        gq = (hpr + 2 * gkv) * ghd + (hpr * (1 if sp["attn_gate_heads"] else ghd) if sp["attn_gate"] else 0)
+        gn = {"head": ((ghd,), (ghd,)), "per_head": ((hpr, ghd), (gkv, ghd)),
+              "full": ((hpr * ghd,), (gkv * ghd,)), "l2": ((ghd,), (ghd,))}[sp["qk_norm"]]
+        wide = {**layer, "qkv.weight": (gq, h), "qkv.bias": (gq,), "q_norm.weight": gn[0], "k_norm.weight": gn[1],
+                "q_norm.bias": (ghd,), "k_norm.bias": (ghd,), "attn_out.weight": (h, hpr * ghd)}
+    narrow = set(sp["window_layers"] or ()) | set(sp["linear_layers"] or ())
     tensors = m["ranks"][rank]["tensors"]
     need = {"embed.weight"} | {s for s in sp["slots"] if not s.startswith("layers.")}
     need |= {s for s, on in [("lm_head.weight", sp["kind"] == "decoder" and not sp["tied_embeddings"]),
@@ -187,7 +198,7 @@ def check_layout(m: dict, rank: int):
         base = name[:-len("_scale")] if name.endswith("_scale") else name
         parts = base.split(".", 2)
         if parts[0] == "layers" and len(parts) == 3 and parts[1].isdigit() and int(parts[1]) < sp["num_layers"]:
-            slot, want = parts[2], layer.get(parts[2])
+            slot, want = parts[2], (layer if int(parts[1]) in narrow else wide).get(parts[2])
         else:
             slot, want = base, glob.get(base)
         if want is None:

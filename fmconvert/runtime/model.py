@@ -31,13 +31,16 @@ class KVCache:
         linear: a hybrid's linear layers -> (conv channels, conv taps, state shape) of this rank: such a layer keeps
         no keys, only its conv's last taps - 1 inputs [B, C, taps - 1] and its recurrent state [B, *shape] (fp32;
         Gated DeltaNet: v heads, k_dim, v_dim; Mamba2: heads, head_dim, state), both a fixed size whatever the
-        context. keyless: layers that attend to nothing (Nemotron-H's MLP layers): no keys either."""
+        context. keyless: layers that attend to nothing (Nemotron-H's MLP layers): no keys either. kv_heads and
+        head_dim may be lists, one per layer (Gemma 4's global layers are wider, with fewer kv heads)."""
         windows = windows or [0] * n_layers
+        kv_heads = kv_heads if isinstance(kv_heads, list) else [kv_heads] * n_layers
+        head_dim = head_dim if isinstance(head_dim, list) else [head_dim] * n_layers
         chunks = chunks or [0] * n_layers
         linear = linear or {}
         self.ring = [w if 0 < w < max_len else c if 0 < c < max_len else 0 for w, c in zip(windows, chunks)]
         self.chunked = [not (0 < w < max_len) and 0 < c < max_len for w, c in zip(windows, chunks)]
-        self.k = [torch.zeros(batch, kv_heads, 0 if i in linear or i in keyless else r or max_len, head_dim,
+        self.k = [torch.zeros(batch, kv_heads[i], 0 if i in linear or i in keyless else r or max_len, head_dim[i],
                               dtype=dtype, device=device) for i, r in enumerate(self.ring)]
         self.v = [t[..., :latent] for t in self.k] if latent else [torch.zeros_like(t) for t in self.k]
         self.conv = [None] * n_layers
@@ -68,13 +71,20 @@ class Block(nn.Module):
         self.window = sp["sliding_window"] if layers is None or i in layers else 0   # 0: every earlier position
         self.rope_table = "local" if self.window and "local" in sp["position"] else "global"
         self.rope = model.rope is not None and i not in (sp.get("nope_layers") or ())   # SmolLM3: NoPE layers
+        self.rotary_dim = model.rotary_dims.get(self.rope_table) if model.rope is not None else None
+        # Gemma 4's global layers (outside window_layers): wider heads, fewer kv heads
+        wide = sp["global_attn"] is not None and layers is not None and i not in layers \
+            and i not in (sp["linear_layers"] or ())
+        self.head_dim = sp["global_attn"]["head_dim"] if wide else model.head_dim
+        self.kv_heads = model.par["global_kv_heads_per_rank"] if wide else model.kv_heads
+        self.v_ones = torch.ones(self.head_dim, dtype=model.dtype, device=model.device) if sp["v_norm"] else None
         self.sinks = tensors.get("attn_sinks.weight")     # GPT-OSS: one softmax sink logit per head of this rank
         chunked = sp["attn_chunk"] and (sp["chunk_layers"] is None or i in sp["chunk_layers"])
         self.chunk = sp["attn_chunk"] if chunked else 0      # Llama 4: attention within aligned chunks
         # Llama 4 scales q by its temperature only in the layers without RoPE; Ministral 3 in every layer
         self.query_scale = None if sp["query_scale_nope_only"] and self.rope else model.query_scale
         if sp["qk_norm"] == "l2" and self.rope:   # Llama 4: RMS without a weight after RoPE, as a weight of ones
-            ones = torch.ones(model.head_dim, dtype=model.dtype, device=model.device)
+            ones = torch.ones(self.head_dim, dtype=model.dtype, device=model.device)
             self.t = tensors = {**tensors, "q_norm.weight": ones, "k_norm.weight": ones}
         self.activation = model.activation
         # a hybrid's linear layer: (its mixer method, its output projection's slot); None: attention
@@ -137,6 +147,11 @@ class Block(nn.Module):
         else:
             h, _ = ops.add_norm(a, x, t["attn_norm.weight"], t.get("attn_norm.bias"), m.eps, m.norm)
         f = m.comm.all_reduce(self.mlp(h))
+        scale = t.get("layer_scale.weight")
+        if pre and scale is not None:      # Gemma 4: the whole stream times this layer's scalar, so it is made here
+            w = self._own_out_norm()
+            y = f if w is None else ops.add_norm(f, None, w, None, m.eps, m.norm)[0]
+            return (y * m.residual_scale + residual) * scale, None
         if pre:
             return f, residual
         y, _ = ops.add_norm(f, h, t["mlp_norm.weight"], t.get("mlp_norm.bias"), m.eps, m.norm)
@@ -337,7 +352,10 @@ class Block(nn.Module):
     @property
     def out_norm(self):
         """The norm of this block's MLP output (Gemma 2/3; A.X K1: in its mixture layers only), which the caller
-        folds into the next add+norm."""
+        folds into the next add+norm; None where the block applies it itself (Gemma 4's scaled layers)."""
+        return None if "layer_scale.weight" in self.t else self._own_out_norm()
+
+    def _own_out_norm(self):
         w = self.t.get("mlp_post_norm.weight")
         return w if w is not None else self.t.get("moe_post_norm.weight")
 
@@ -468,19 +486,21 @@ class Block(nn.Module):
             qkv = qkv.clamp(-m.spec["qkv_clip"], m.spec["qkv_clip"])
         if not m.spec["attn_gate"]:
             return self._attend(qkv, positions, cache, key_padding_mask, pos_t, seq_t)
-        gw = 1 if m.spec["attn_gate_heads"] else m.head_dim   # Qwen3.5: each head's output times sigmoid(gate);
+        gw = 1 if m.spec["attn_gate_heads"] else self.head_dim   # Qwen3.5: each head's output times sigmoid(gate);
         gate = torch.sigmoid(qkv[..., -m.heads * gw:])       # LFM3: one gate per head, over all its channels
         o = self._attend(qkv[..., :-m.heads * gw], positions, cache, key_padding_mask, pos_t, seq_t)
         if gw == 1:
-            return (o.unflatten(-1, (m.heads, m.head_dim)) * gate.unsqueeze(-1)).flatten(-2)
+            return (o.unflatten(-1, (m.heads, self.head_dim)) * gate.unsqueeze(-1)).flatten(-2)
         return o * gate
 
     def _attend(self, qkv, positions, cache, key_padding_mask, pos_t=None, seq_t=None):
         m, t = self.m, self.t
         B, T, _ = qkv.shape
-        hd, Hq, Hk = m.head_dim, m.heads, m.kv_heads
+        hd, Hq, Hk = self.head_dim, m.heads, self.kv_heads
         q, k, v = qkv.split([Hq * hd, Hk * hd, Hk * hd], dim=-1)
         q, k, v = q.view(B, T, Hq, hd), k.view(B, T, Hk, hd), v.view(B, T, Hk, hd)
+        if self.v_ones is not None:        # Gemma 4: each v head RMS-normed, no weight
+            v = m.ops.add_norm(v, None, self.v_ones, None, m.eps, "rms")[0]
         qk_norm = (t["q_norm.weight"], t["k_norm.weight"], m.eps, m.norm, t.get("q_norm.bias"), t.get("k_norm.bias")) \
             if "q_norm.weight" in t else None                   # Persimmon's q/k LayerNorms have biases
         if qk_norm is not None and m.spec["qk_norm"] not in ("head", "l2"):
@@ -490,12 +510,12 @@ class Block(nn.Module):
         if pos_t is not None:
             kc, vc, ring = cache.k[self.i], cache.v[self.i], cache.ring[self.i]
             key = -ring if cache.chunked[self.i] else ring           # which of the step's lengths this layer reads
-            rope = (*m.rope_tables(self.rope_table, decode=True), m.rope_style, m.rotary_dim) \
+            rope = (*m.rope_tables(self.rope_table, decode=True), m.rope_style, self.rotary_dim) \
                 if self.rope else (None,) * 4
             if after:
                 if self.rope:
                     q, k = m.ops.rope(q, k, rope[0], rope[1], pos_t.view(1, 1).expand(B, 1), m.rope_style,
-                                      m.rotary_dim)
+                                      self.rotary_dim)
                 q, k = self._head_norm(q, k, qk_norm)
                 rope, qk_norm = (None,) * 4, None
             q = m.ops.decode_append(q, k, v, kc, vc, pos_t, *rope, qk_norm=qk_norm, ring=bool(ring))  # (B, Hq, hd)
@@ -509,7 +529,8 @@ class Block(nn.Module):
         if qk_norm is not None and not after:    # Qwen3: each q and k head RMS-normalised before RoPE
             q, k = self._head_norm(q, k, qk_norm)
         if self.rope:
-            q, k = m.ops.rope(q, k, *m.rope_for(positions, self.rope_table), positions, m.rope_style, m.rotary_dim)
+            q, k = m.ops.rope(q, k, *m.rope_for(positions, self.rope_table), positions, m.rope_style,
+                              self.rotary_dim)
         if after:
             q, k = self._head_norm(q, k, qk_norm)
         if self.query_scale is not None:
@@ -664,12 +685,15 @@ class FusedModel(nn.Module):
                           for n in ("attn_norm", "mlp_norm")}}
         self.g = {k: v for k, v in tensors.items() if not k.startswith("layers.")}  # global slots only
         pos = sp["position"]
-        self.rope, self.long_from = None, None
+        self.rope, self.long_from, self.rotary_dims = None, None, {}
         self._rope_checked, self._forwards = None, 0
         self.alibi = tensors.get("alibi.slopes")
         if pos["type"] == "rope":
             self.rope = tensors["rope.inv_freq"]
             self.rope_style, self.rotary_dim = pos["style"], pos["rotary_dim"]
+            # the width each table rotates (Gemma 4's windowed layers: their narrower heads)
+            self.rotary_dims = {"global": pos["rotary_dim"], "long": pos["rotary_dim"],
+                                "local": pos.get("local", {}).get("rotary_dim", pos["rotary_dim"])}
             # name -> [inv_freq, attention scaling, cos, sin]; Gemma 3's windowed layers have their own ("local")
             self._tables = {"global": [self.rope, pos.get("attention_scaling", 1.0)]}
             if "local" in pos:
@@ -793,8 +817,9 @@ class FusedModel(nn.Module):
         if mla:               # one latent row per position: kv_rank columns (the values too), then the rotated key
             return KVCache(len(self.blocks), batch, 1, max_len, mla["kv_rank"] + mla["rope_dim"], self.dtype,
                            self.device, windows, latent=mla["kv_rank"], linear=linear)
-        return KVCache(len(self.blocks), batch, self.kv_heads, max_len, self.head_dim, self.dtype, self.device,
-                       windows, chunks=chunks, linear=linear, keyless=keyless)
+        return KVCache(len(self.blocks), batch, [b.kv_heads for b in self.blocks], max_len,
+                       [b.head_dim for b in self.blocks], self.dtype, self.device, windows, chunks=chunks, linear=linear,
+                       keyless=keyless)
 
     def _ssm_local(self) -> tuple[int, int]:
         """(heads, groups) of the Mamba2 layers on this rank: the groups are split with the heads, or all held when

@@ -20,7 +20,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
                                        ("deepseek_v3", True), ("deepseek_v2", False), ("llama4", True),
                                        ("qwen3_5", True), ("qwen3_next", False), ("granite_hybrid", True),
                                        ("nemotron_h", True), ("bamba", False), ("youtu", False),
-                                       ("mellum", True), ("jamba", True), ("mamba", False), ("kimi_linear", True)])
+                                       ("mellum", True), ("jamba", True), ("mamba", False), ("kimi_linear", True),
+                                       ("gemma4", True)])
 def test_triton_backend_matches_torch_backend(model_dir, tmp_path, name, int8):
     out = tmp_path / "out"
     convert(model_dir(name), out, Options(tp=1, int8=int8, group_size=32), progress=False)
@@ -63,7 +64,8 @@ def _decode_steps(model, ids, start, steps):
                                        ("ministral3", False), ("deepseek_v2", False), ("llama4", False),
                                        ("qwen3_5", True), ("qwen3_5_moe", False), ("granite_hybrid_dense", True),
                                        ("nemotron_h_dense", False), ("lfm2", True),
-                                       ("falcon_mamba", True), ("mamba2", False), ("persimmon", False)])
+                                       ("falcon_mamba", True), ("mamba2", False), ("persimmon", False),
+                                       ("gemma4", True), ("lfm3", False)])
 def test_triton_decode_step_matches_torch_backend(model_dir, tmp_path, name, int8):
     """The fused rope + KV-append decode step (RoPE, learned positions, ALiBi; GQA in mistral; windows, soft caps
     and a second RoPE in Gemma 2/3, decoded past the window) against the torch backend's, with the fusion on (and
