@@ -219,6 +219,9 @@ def inspect(out_dir, as_json):
     if md["num_experts"]:
         shared = (f"; a shared expert of width {md['shared_intermediate_size']}"
                   if md["shared_intermediate_size"] else "")
+        if md["moe_beside_dense"]:
+            shared = (f"; beside a dense MLP of width {md['shared_intermediate_size']}, each branch normed in and "
+                      f"out")
         renorm = "renormalised" if md["experts_renormalize"] else "not renormalised"
         renorm += ", scaling the expert's input" if md["experts_scale_input"] else ""
         groups = (f", within {md['router_topk_groups']} of {md['router_groups']} groups"

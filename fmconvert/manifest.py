@@ -115,6 +115,7 @@ _MODEL_OPTIONAL = {
                                                   and all(map(_POS_INT, x.values()))),
                     "null or the global layers' {\"head_dim\", \"num_kv_heads\"}"),
     "value_is_key": (False, _BOOL, "true or false"), "v_norm": (False, _BOOL, "true or false"),
+    "moe_beside_dense": (False, _BOOL, "true or false"),
     "qkv_clip": (0.0, _NONNEG_NUM, "a non-negative number"),
     "norm_affine": (True, _BOOL, "true or false"),
     "block_parts": (None, lambda x: x is None or (isinstance(x, list) and all(p in ("mixer", "mlp") for p in x)),
@@ -267,6 +268,10 @@ def validate(m) -> dict:
           "model.global_attn needs window_layers (the other layers are global), no latent attention, an even "
           "head_dim and kv heads that divide num_heads")
     _need(ga is not None or not model["value_is_key"], "model.value_is_key needs global_attn")
+    _need(not model["moe_beside_dense"] or (experts and model["shared_intermediate_size"]
+                                            and model["residual"] == "pre"),
+          "model.moe_beside_dense needs experts, a dense MLP beside them (shared_intermediate_size) and the pre-norm "
+          "residual")
     _need(model["block_parts"] is None or len(model["block_parts"]) == model["num_layers"],
           "model.block_parts must name one part per layer")
     _need((model["activation"] == "swiglu_oai") == (model["glu_alpha"] > 0 and model["glu_limit"] > 0),

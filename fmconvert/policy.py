@@ -30,6 +30,10 @@ LAYER_SLOTS = (
     "attn_post_norm.weight", "mlp_post_norm.weight",                 # Gemma 2: each half's output normed too
     "moe_post_norm.weight",                                          # A.X K1: the mixture's output only
     "layer_scale.weight",                                            # Gemma 4: the stream times it after the layer
+    # Gemma 4's 26B-A4B: a dense MLP (shared_*) beside the mixture, each branch normed on its way in and out, and a
+    # router that reads the stream RMS-normed and scaled (router.scale), its weights times router.expert_factor
+    "router.scale", "router.expert_factor", "experts_norm.weight", "experts_post_norm.weight",
+    "shared_post_norm.weight",
     "router.weight", "experts_in.weight", "experts_out.weight",      # mixture of experts, in place of mlp_in/out
     "router.bias", "experts_in.bias", "experts_out.bias",            # GPT-OSS: biases on all three
     "attn_sinks.weight",                                             # GPT-OSS: a learned softmax sink per head
@@ -187,6 +191,8 @@ class ModelSpec:
     value_is_key: bool = False     # Gemma 4 (attention_k_eq_v): those layers have no v_proj, v is k's projection;
     #                                qkv holds k's rows twice
     v_norm: bool = False           # Gemma 4: each v head RMS-normed without a weight
+    moe_beside_dense: bool = False  # Gemma 4 26B-A4B: the dense MLP (the shared_* slots) and the mixture each read
+    #                                 the stream through their own norm, and their outputs are normed before adding
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -514,6 +520,7 @@ class Policy:
             **windows, nope_layers=self._nope_layers(config, c, position), global_attn=global_attn,
             value_is_key=bool(global_attn) and bool(self._layout("value_is_key", flags, False)),
             v_norm=bool(self._layout("v_norm", flags, False)),
+            moe_beside_dense=bool(experts) and bool(self._layout("moe_beside_dense", flags, False)),
             attn_softcap=_number(c, "attn_softcap", 0.0, zero_ok=True),
             logit_softcap=_number(c, "logit_softcap", 0.0, zero_ok=True),
             logit_scale=1.0 / _number(c, "logit_divisor", 1.0) * _number(c, "logit_scale", 1.0),
@@ -970,7 +977,8 @@ class Policy:
             "shared_out.weight": (h, spec.shared_intermediate_size), "shared_gate.weight": (1, h),
             "attn_norm.weight": (h,), "attn_norm.bias": (h,), "mlp_norm.weight": (h,), "mlp_norm.bias": (h,),
             "attn_post_norm.weight": (h,), "mlp_post_norm.weight": (h,), "moe_post_norm.weight": (h,),
-            "layer_scale.weight": (1,),
+            "layer_scale.weight": (1,), "router.scale": (h,), "router.expert_factor": (spec.num_experts,),
+            "experts_norm.weight": (h,), "experts_post_norm.weight": (h,), "shared_post_norm.weight": (h,),
             "qkv.weight": ((H + 2 * KV) * hd + H * spec.gate_width, h),        # q|k|v, and the gate
             "qkv.bias": ((H + 2 * KV) * hd + H * spec.gate_width,),
             "attn_out.weight": (h, H * hd), "attn_out.bias": (h,),
@@ -1110,7 +1118,7 @@ class Policy:
     def _stacked(self, slot: str) -> bool:
         """Layout `experts = "stacked"` (GPT-OSS): a mixture's slot is one tensor holding every expert, [E, ...],
         not one tensor per expert."""
-        return self.layout.get("experts") == "stacked" and slot.startswith("experts_")
+        return self.layout.get("experts") == "stacked" and slot.startswith(("experts_in.", "experts_out."))
 
     def _flat(self, slot: str) -> bool:
         """Layout `experts = "flat"` (DBRX): every expert's gate rows in one [E * I, hidden] tensor, their up rows in

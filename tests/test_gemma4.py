@@ -1,6 +1,6 @@
-"""Gemma 4 beyond the family tests (which run gemma4 and gemma4_vl through tiny.FAMILIES): what the manifest records
-for the global layers' own geometry, how their fewer kv heads split over ranks, the two RoPE tables, and the
-variants refused in one line."""
+"""Gemma 4 beyond the family tests (which run gemma4, gemma4_moe and gemma4_vl through tiny.FAMILIES): what the
+manifest records for the global layers' own geometry, how their fewer kv heads split over ranks, the two RoPE tables,
+the 26B-A4B's dense MLP beside its mixture, and the variants refused in one line."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def test_tp4_replicates_the_global_kv_head_on_every_rank(model_dir, tmp_path):
 
 @pytest.mark.parametrize("override, word", [
     (dict(hidden_size_per_layer_input=8), "hidden_size_per_layer_input"),     # gemma-4-E2B/E4B's per-layer inputs
-    (dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32), "enable_moe_block"),
+    (dict(num_kv_shared_layers=2), "num_kv_shared_layers"),                  # their shared kv caches
     (dict(num_global_key_value_heads=3), "num_global_key_value_heads"),
 ])
 def test_unsupported_variants_are_refused_in_one_line(model_dir, tmp_path, capsys, override, word):
@@ -79,3 +79,63 @@ def test_unsupported_variants_are_refused_in_one_line(model_dir, tmp_path, capsy
     err = capsys.readouterr().err
     assert e.value.code != 0 and len(err.strip().splitlines()) == 1 and word in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_mixture_runs_beside_the_dense_mlp(model_dir, tmp_path):
+    """26B-A4B: the dense MLP is stored as the shared_* slots (column/row-parallel like a shared expert), the
+    branch norms and the router's two scales replicated; each part changes the output."""
+    out = tmp_path / "out"
+    convert(model_dir("gemma4_moe"), out, Options(tp=2, int8=True, group_size=16), progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    sp = m["model"]
+    assert sp["moe_beside_dense"] and sp["num_experts"] == 4 and sp["experts_per_token"] == 4
+    assert sp["intermediate_size"] == 32 and sp["shared_intermediate_size"] == 96
+    t = m["ranks"][1]["tensors"]
+    assert t["layers.0.shared_in.weight"]["shape"] == [2 * 48, 64] and t["layers.0.shared_in.weight"]["dtype"] == "int8"
+    assert t["layers.0.experts_in.weight"]["shape"] == [4 * 2 * 16, 64]
+    for name in ("router.scale", "experts_norm.weight", "experts_post_norm.weight", "shared_post_norm.weight"):
+        assert t[f"layers.1.{name}"]["shape"] == [64]
+    assert t["layers.1.router.expert_factor"]["shape"] == [4] and "layers.1.mlp_in.weight" not in t
+    r = CliRunner().invoke(cli, ["inspect", str(out)], terminal_width=200)
+    assert "beside a dense MLP of width 96, each branch normed in and out" in re.sub(r"[\s│]+", " ", r.output)
+
+
+@pytest.mark.parametrize("slot", ["router.scale", "router.expert_factor", "experts_norm.weight",
+                                  "shared_post_norm.weight"])
+def test_each_part_of_the_mixture_block_is_used(model_dir, tmp_path, slot):
+    from fmconvert.runtime.load import load
+    from tiny import rel
+    convert(model_dir("gemma4_moe"), tmp_path / "out", Options(), progress=False)
+    m = load(tmp_path / "out")
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    ref = m(ids)
+    w = m.blocks[1].t[slot]
+    w.copy_(torch.ones_like(w))
+    assert rel(m(ids), ref) > 1e-3
+
+
+def test_top2_routing_matches_transformers(model_dir, tmp_path):
+    """The family tests route to every expert (int8 noise would flip a tiny random router's choice); here two of
+    four, in fp32 against transformers, at tp 1 and over two emulated ranks."""
+    import tiny
+    from fmconvert.runtime.comm import ThreadGroup
+    from fmconvert.runtime.load import load
+    src = model_dir("gemma4_moe", top_k_experts=2)
+    convert(src, tmp_path / "tp1", Options(), progress=False)
+    convert(src, tmp_path / "tp2", Options(tp=2), progress=False)
+    hf = tiny.build("gemma4_moe", top_k_experts=2)
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = hf(ids).logits
+    assert tiny.rel(load(tmp_path / "tp1")(ids), want) < 1e-5
+    group, got = ThreadGroup(2), [None, None]
+
+    def run(r):
+        got[r] = load(tmp_path / "tp2", comm=group.comm(r))(ids)
+    import threading
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(tiny.rel(g, want) < 1e-5 for g in got)

@@ -142,7 +142,7 @@ def _threads(out_dir, tp, fn):
                                   "deepseek_v2", "hunyuan_moe", "llama4", "phimoe", "exaone_moe", "flex_olmo",
                                   "qwen3_5", "qwen3_next", "granite_hybrid", "granite_hybrid_dense", "bamba",
                                   "nemotron_h", "nemotron_h_dense", "lfm2", "lfm2_moe", "youtu", "mellum", "olmo", "mamba",
-                                  "falcon_mamba", "jamba", "mamba2", "kimi_linear", "lfm3", "gemma4"])
+                                  "falcon_mamba", "jamba", "mamba2", "kimi_linear", "lfm3", "gemma4", "gemma4_moe"])
 def test_tp4_emulated_equals_tp1(work, name, tmp_path):
     _, src, outs = work(name)
     convert(src, tmp_path / "tp4", Options(tp=4), progress=False)
@@ -258,7 +258,7 @@ def test_inject_refuses_a_different_model(work):
 @pytest.mark.parametrize("name", ["stories", "gpt2", "bloom", "opt350", "gptj", "phi", "stablelm_par", "qwen3", "falcon",
                                   "mixtral", "gpt_oss", "glm4_moe", "hunyuan", "deepseek_v3", "deepseek_v2", "llama4",
                                   "qwen3_5", "qwen3_next", "granite_hybrid_dense", "lfm2", "falcon_mamba", "jamba",
-                                  "nanochat", "afmoe", "lfm3", "gemma4"])
+                                  "nanochat", "afmoe", "lfm3", "gemma4", "gemma4_moe"])
 def test_graph_safe_decode_step_equals_eager_decode(work, name):
     """decode_step (what a CUDA graph captures) reads positions and lengths from device tensors only."""
     _, _, outs = work(name)

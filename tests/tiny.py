@@ -506,6 +506,13 @@ CONFIGS = {
         max_position_embeddings=64, sliding_window=4, hidden_size_per_layer_input=0, final_logit_softcapping=30.0,
         layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
                      "full_attention"], pad_token_id=0, eos_token_id=1, bos_token_id=2)),
+    "gemma4_moe": ("Gemma4TextConfig", "Gemma4ForCausalLM", dict(   # 26B-A4B: a dense MLP beside the mixture
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True, vocab_size=101,
+        max_position_embeddings=64, sliding_window=4, hidden_size_per_layer_input=0, enable_moe_block=True,
+        num_experts=4, top_k_experts=4, moe_intermediate_size=32,   # every expert: no choice for int8 noise to flip
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"], pad_token_id=0, eos_token_id=1,
+        bos_token_id=2)),
     "gemma4_vl": ("Gemma4Config", "Gemma4ForConditionalGeneration", dict(   # gemma-4-31B's layout: a vision tower
         text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,
@@ -545,12 +552,14 @@ def build(name: str, seed: int = 0, **overrides):
         for n, b in [*model.named_buffers(), *model.named_parameters()]:   # GLM-4.5, ERNIE 4.5: a correction
             if n.endswith(("e_score_correction_bias", "expert_bias")):       # that changes the experts chosen
                 b.copy_(torch.randn_like(b) * 0.2)
-            elif n.endswith("layer_scalar"):            # Gemma 4: the stream's scale after each layer
+            elif n.endswith(("layer_scalar", "router.scale", "per_expert_scale")):   # Gemma 4: ones by default
                 b.copy_(torch.rand_like(b) + 0.5)
         if name.startswith("gemma4"):   # softmax scale 1: trained q norms carry 1/sqrt(head_dim), or scores saturate
             for n, p in model.named_parameters():
                 if n.endswith("q_norm.weight"):
                     p.mul_(p.shape[0] ** -0.5)
+                elif n.endswith("embed_tokens.weight"):  # and the tied head peaked enough that top-1 means something
+                    p.mul_(5.0)
     return model
 
 

@@ -80,7 +80,8 @@ def check_layout(m: dict, rank: int):
              "act.alpha_p": (1,), "act.alpha_n": (1,), "act.beta": (), "act.eps": (),
              **{f"{n}.{p}": (h,) for n in ("attn_norm", "mlp_norm") for p in ("weight", "bias")},
              "attn_post_norm.weight": (h,), "mlp_post_norm.weight": (h,), "moe_post_norm.weight": (h,),
-             "layer_scale.weight": (1,)}
+             "layer_scale.weight": (1,), "router.scale": (h,), "router.expert_factor": (E,),
+             "experts_norm.weight": (h,), "experts_post_norm.weight": (h,), "shared_post_norm.weight": (h,)}
     mla = sp["mla"]
     if mla:             # latent attention: the latent's projections replicated, q_b and kv_b this rank's heads
         qr, kr, rd = mla["q_rank"], mla["kv_rank"], mla["rope_dim"]

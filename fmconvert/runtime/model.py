@@ -78,6 +78,8 @@ class Block(nn.Module):
         self.head_dim = sp["global_attn"]["head_dim"] if wide else model.head_dim
         self.kv_heads = model.par["global_kv_heads_per_rank"] if wide else model.kv_heads
         self.v_ones = torch.ones(self.head_dim, dtype=model.dtype, device=model.device) if sp["v_norm"] else None
+        self.router_ones = torch.ones(sp["hidden_size"], dtype=model.dtype, device=model.device) \
+            if "router.scale" in tensors else None
         self.sinks = tensors.get("attn_sinks.weight")     # GPT-OSS: one softmax sink logit per head of this rank
         chunked = sp["attn_chunk"] and (sp["chunk_layers"] is None or i in sp["chunk_layers"])
         self.chunk = sp["attn_chunk"] if chunked else 0      # Llama 4: attention within aligned chunks
@@ -146,7 +148,10 @@ class Block(nn.Module):
             h, residual = self._add_norm(a, residual, "mlp_norm", t.get("attn_post_norm.weight"))
         else:
             h, _ = ops.add_norm(a, x, t["attn_norm.weight"], t.get("attn_norm.bias"), m.eps, m.norm)
-        f = m.comm.all_reduce(self.mlp(h))
+        if pre and "experts_norm.weight" in t:
+            f = self._beside_dense(h, residual)
+        else:
+            f = m.comm.all_reduce(self.mlp(h))
         scale = t.get("layer_scale.weight")
         if pre and scale is not None:      # Gemma 4: the whole stream times this layer's scalar, so it is made here
             w = self._own_out_norm()
@@ -380,18 +385,33 @@ class Block(nn.Module):
         f = m.ops.linear(h, t["mlp_in.weight"], t.get("mlp_in.bias"), self.activation)
         return m.ops.linear(f, t["mlp_out.weight"], t.get("mlp_out.bias"))
 
-    def experts(self, h):
+    def _beside_dense(self, h, stream):
+        """Gemma 4 26B-A4B: the dense MLP reads h (mlp_norm of the stream), the experts the stream through their
+        own norm, the router the stream itself; each branch's output is normed before the two are added. Both
+        branches are row-parallel: one all-reduce of the two partial sums side by side, then the norms."""
+        m, t = self.m, self.t
+        ops = m.ops
+        d = ops.linear(ops.linear(h, t["shared_in.weight"], None, m.activation), t["shared_out.weight"])
+        x = ops.add_norm(stream, None, t["experts_norm.weight"], None, m.eps, m.norm)[0]
+        e = self.experts(x, route=stream)
+        d, e = m.comm.all_reduce(torch.cat([d, e], -1)).split(d.shape[-1], -1)
+        d = ops.add_norm(d.contiguous(), None, t["shared_post_norm.weight"], None, m.eps, m.norm)[0]
+        e = ops.add_norm(e.contiguous(), None, t["experts_post_norm.weight"], None, m.eps, m.norm)[0]
+        return d + e
+
+    def experts(self, h, route=None):
         """A sparse MLP (Mixtral, Qwen3-MoE, GPT-OSS): a softmax router (fp32) picks each token's top-k experts,
         their weights renormalised to sum to 1 where the model does so, and the token's output is the weighted sum
         of those experts' gated MLPs. Each expert runs once on the tokens routed to it. With a backend that
         indexes experts on the device (Triton; int8 or float experts), a few tokens (a decode step) take one launch
         per projection over (token, expert) pairs instead: no host sync, so the step stays CUDA-graph capturable.
         Otherwise the routing is read on the host. GPT-OSS's router and experts have biases; experts_out's is on
-        rank 0 only (row-parallel), so it is weighted and summed once."""
+        rank 0 only (row-parallel), so it is weighted and summed once. route: what the router reads, if not h
+        (Gemma 4: the stream, while the experts read it normed)."""
         m, t = self.m, self.t
         x = h.reshape(-1, h.shape[-1])
         k = m.spec["experts_per_token"]
-        weight, chosen = self._route(x, k)
+        weight, chosen = self._route(x if route is None else route.reshape(-1, route.shape[-1]), k)
         ins, outs = t["experts_in.weight"], t["experts_out.weight"]
         b_in, b_out = t.get("experts_in.bias"), t.get("experts_out.bias")
         b_in = None if b_in is None else b_in.view(len(ins), -1)
@@ -429,6 +449,9 @@ class Block(nn.Module):
         G = sp["router_groups"]
         if sp["router"] == "sparsemixer":
             return self._sparsemixer(torch.nn.functional.linear(x, t["router.weight"]), sp["router_jitter"])
+        if "router.scale" in t:          # Gemma 4: the router reads x RMS-normed (no weight) times scale / sqrt(hidden)
+            x = self.m.ops.add_norm(x, None, self.router_ones, None, self.m.eps, "rms")[0]
+            x = x * t["router.scale"] * x.shape[-1] ** -0.5
         if sp["router"] == "softmax":
             probs = torch.nn.functional.linear(x, t["router.weight"], t.get("router.bias")).float().softmax(-1)
             pick = probs
@@ -443,6 +466,8 @@ class Block(nn.Module):
             weight = probs.gather(1, chosen)
             if sp["experts_renormalize"]:
                 weight = weight / weight.sum(-1, keepdim=True)
+            if "router.expert_factor" in t:       # Gemma 4: each expert's own factor on its weight
+                weight = weight * t["router.expert_factor"].float()[chosen]
             return weight * sp["routed_scale"], chosen
         logits = torch.nn.functional.linear(x.float(), t["router.weight"].float())
         scores = logits.sigmoid()
@@ -818,8 +843,8 @@ class FusedModel(nn.Module):
             return KVCache(len(self.blocks), batch, 1, max_len, mla["kv_rank"] + mla["rope_dim"], self.dtype,
                            self.device, windows, latent=mla["kv_rank"], linear=linear)
         return KVCache(len(self.blocks), batch, [b.kv_heads for b in self.blocks], max_len,
-                       [b.head_dim for b in self.blocks], self.dtype, self.device, windows, chunks=chunks, linear=linear,
-                       keyless=keyless)
+                       [b.head_dim for b in self.blocks], self.dtype, self.device, windows, chunks=chunks,
+                       linear=linear, keyless=keyless)
 
     def _ssm_local(self) -> tuple[int, int]:
         """(heads, groups) of the Mamba2 layers on this rank: the groups are split with the heads, or all held when
