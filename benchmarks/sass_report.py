@@ -224,7 +224,7 @@ def other_cases(D: int = 128, hidden: int = 4096, S: int = 193, T: int = 2048):
     for use, qk_norm in ((True, False), (False, False), (True, True)):
         yield Case(f"rope_append{'' if use else ' (no RoPE)'}{' qk_norm' if qk_norm else ''} d{D}",
                    rope._rope_append_kernel,
-                   dict(ROPE=use, GPTJ=False, QK_NORM=qk_norm, PLUS_ONE=False, RING=False, BLOCK_H=16,
+                   dict(ROPE=use, GPTJ=False, QK_NORM=qk_norm, PLUS_ONE=False, V_NORM=False, RING=False, BLOCK_H=16,
                         BLOCK_HALF=D // 2, BLOCK_D=D), 4, ptrs=r,
                    ints=dict(HQ=H, HKV=H, D=D, R=D, HALF=D // 2, S_MAX=S, N_POS=4096, svb=3 * H * D, svh=D, svd=1,
                              oqb=H * D, oqh=D, skcb=H * S * D, skch=S * D, skcs=D, svcb=H * S * D, svch=S * D,
@@ -236,7 +236,7 @@ def other_cases(D: int = 128, hidden: int = 4096, S: int = 193, T: int = 2048):
     for n in (hidden, 2 * hidden):
         block = triton.next_power_of_2(n)
         yield Case(f"add+rmsnorm {n}", norm._add_norm_kernel, dict(HAS_RES=True, HAS_W=True, HAS_BIAS=False,
-                   IS_RMS=True, PLUS_ONE=False, PRE=False, BLOCK=block), min(16, max(1, block // 512)),
+                   IS_RMS=True, PLUS_ONE=False, PRE=False, HAS_GAIN=False, BLOCK=block), min(16, max(1, block // 512)),
                    ints=dict(N=n), one_pass=True)
     yield Case("swiglu", glu._glu_kernel, dict(ACT=5, BLOCK=1024), 4, ints=dict(N=11008, stride_y=22016,
                                                                           stride_o=11008))

@@ -20,9 +20,10 @@ KINDS = ("rms", "layer", "rms_plus_one", "layer_plus_one")
 
 
 @triton.jit
-def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, p_ptr, N, eps, xs,
+def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, p_ptr, g_ptr, N, eps, xs,
                      HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     IS_RMS: tl.constexpr, PLUS_ONE: tl.constexpr, PRE: tl.constexpr, BLOCK: tl.constexpr):
+                     IS_RMS: tl.constexpr, PLUS_ONE: tl.constexpr, PRE: tl.constexpr, HAS_GAIN: tl.constexpr,
+                     BLOCK: tl.constexpr):
     # grid: (rows,); every tensor is a contiguous [rows, N]; BLOCK = next_pow2(N).
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -36,6 +37,8 @@ def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, p_ptr, N, eps, xs
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_GAIN:
+        gain = tl.load(g_ptr).to(tl.float32)
     if PRE:
         pw = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         if PLUS_ONE:
@@ -46,6 +49,8 @@ def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, p_ptr, N, eps, xs
         h = h * xs + r
     if HAS_RES or PRE:
         h_lo = h.to(h_ptr.dtype.element_ty)
+        if HAS_GAIN:     # Gemma 4's layer scalar on the whole stream, rounded after the add as its own step
+            h_lo = (h_lo.to(tl.float32) * gain).to(h_ptr.dtype.element_ty)
         tl.store(h_ptr + row * N + offs, h_lo, mask=mask)
         h = h_lo.to(tl.float32)
     if IS_RMS:
@@ -65,9 +70,10 @@ def _add_norm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, h_ptr, p_ptr, N, eps, xs
     tl.store(y_ptr + row * N + offs, hn.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def add_norm(x, residual, weight, bias, eps, kind, out_dtype=None, pre_weight=None, x_scale=1.0):
+def add_norm(x, residual, weight, bias, eps, kind, out_dtype=None, pre_weight=None, x_scale=1.0, gain=None):
     """Returns (y, h). x [..., N]; residual like x or None (then h is x itself, or x normed by pre_weight);
-    x_scale: h = x * x_scale + residual (with a residual only);
+    x_scale: h = x * x_scale + residual (with a residual only); gain: a [1] tensor, h = (x * x_scale + residual)
+    * gain, each step rounded to x's dtype (with a residual only);
     weight/bias/pre_weight [N] or None; kind one of KINDS; y in out_dtype (default x.dtype)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -80,6 +86,8 @@ def add_norm(x, residual, weight, bias, eps, kind, out_dtype=None, pre_weight=No
     for name, t in (("weight", weight), ("bias", bias), ("pre_weight", pre_weight)):
         if t is not None and (tuple(t.shape) != (N,) or t.device != x.device):
             raise ValueError(f"{name} must have shape ({N},) on {x.device}, got {tuple(t.shape)} on {t.device}")
+    if gain is not None and (residual is None or gain.numel() != 1 or gain.device != x.device):
+        raise ValueError("gain must be one value on x's device, and needs a residual")
     out_dtype = out_dtype or x.dtype
     x = x.contiguous()
     rows = x.numel() // max(N, 1)
@@ -94,20 +102,25 @@ def add_norm(x, residual, weight, bias, eps, kind, out_dtype=None, pre_weight=No
     _add_norm_kernel[(rows,)](
         x, residual if residual is not None else x,
         weight.contiguous() if weight is not None else x, bias.contiguous() if bias is not None else x,
-        y, h, pre_weight.contiguous() if pre_weight is not None else x, N, float(eps), float(x_scale),
+        y, h, pre_weight.contiguous() if pre_weight is not None else x, gain if gain is not None else x, N,
+        float(eps), float(x_scale),
         HAS_RES=residual is not None, HAS_W=weight is not None, HAS_BIAS=bias is not None,
-        IS_RMS=kind.startswith("rms"), PLUS_ONE=kind.endswith("plus_one"), PRE=pre_weight is not None, BLOCK=block,
+        IS_RMS=kind.startswith("rms"), PLUS_ONE=kind.endswith("plus_one"), PRE=pre_weight is not None,
+        HAS_GAIN=gain is not None, BLOCK=block,
         num_warps=warps,
     )
     return y, h
 
 
-def add_norm_reference(x, residual, weight, bias, eps, kind, out_dtype=None, pre_weight=None, x_scale=1.0):
+def add_norm_reference(x, residual, weight, bias, eps, kind, out_dtype=None, pre_weight=None, x_scale=1.0,
+                       gain=None):
     if pre_weight is not None:
         if kind.startswith("layer"):
             raise ValueError("pre_weight is for RMS norms (Gemma 2/3's output norms); kind is 'layer'")
         x = add_norm_reference(x, None, pre_weight, None, eps, kind)[0]
     h = x if residual is None else (x.float() * x_scale + residual.float()).to(x.dtype)
+    if gain is not None:
+        h = (h.float() * gain.float()).to(x.dtype)
     hf = h.float()
     if kind in ("rms", "rms_plus_one"):
         yn = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)

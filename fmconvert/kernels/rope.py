@@ -24,15 +24,23 @@ def _rope_heads(src_h, dst_h, heads, H, c, s, sh, sd, oh, D, R, HALF,
                 BLOCK_D: tl.constexpr, w_ptr, eps, NORM: tl.constexpr, PLUS_ONE: tl.constexpr = False):
     # src_h / dst_h: one token's head 0; heads: [BH]; c, s: [BLOCK_HALF] fp32. Destination heads are
     # contiguous in their last dim. ROTATE=False copies the heads unchanged (v, or k without RoPE).
-    # NORM (with ROTATE): each head is first RMS-normalised over its D dims and scaled by w [D]
-    # (Qwen3's q_norm / k_norm; by 1 + w with PLUS_ONE, Gemma 3's), then rotated.
+    # NORM: each head is first RMS-normalised over its D dims and scaled by w [D] (Qwen3's q_norm / k_norm; by
+    # 1 + w with PLUS_ONE, Gemma 3's), then rotated; without ROTATE, normalised and copied (Gemma 4's v).
     hmask = heads < H
     src_h = src_h + heads[:, None].to(tl.int64) * sh                   # [BH, 1]
     dst_h = dst_h + heads[:, None].to(tl.int64) * oh
     if not ROTATE:
         d = tl.arange(0, BLOCK_D)
         m = hmask[:, None] & (d < D)[None, :]
-        tl.store(dst_h + d[None, :], tl.load(src_h + d[None, :] * sd, mask=m), mask=m)
+        x = tl.load(src_h + d[None, :] * sd, mask=m, other=0.0)
+        if NORM:
+            xf = x.to(tl.float32)
+            inv = tl.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)
+            w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)
+            if PLUS_ONE:
+                w = w + 1.0
+            x = (xf * inv[:, None] * w[None, :]).to(dst_h.dtype.element_ty)
+        tl.store(dst_h + d[None, :], x, mask=m)
     else:
         i = tl.arange(0, BLOCK_HALF)
         imask = hmask[:, None] & (i < HALF)[None, :]
@@ -151,11 +159,12 @@ def apply_rope(q, k, cos, sin, positions, style="neox", rotary_dim=None):
 
 @triton.jit
 def _rope_append_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr, qn_ptr, kn_ptr,
-                        eps, HQ, HKV, D, R, HALF, S_MAX, N_POS,
+                        vn_ptr, eps, HQ, HKV, D, R, HALF, S_MAX, N_POS,
                         sqb, sqh, sqd, skb, skh, skd, svb, svh, svd, oqb, oqh,
                         skcb, skch, skcs, svcb, svch, svcs, scp,
                         ROPE: tl.constexpr, GPTJ: tl.constexpr, QK_NORM: tl.constexpr, PLUS_ONE: tl.constexpr,
-                        RING: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_D: tl.constexpr):
+                        V_NORM: tl.constexpr, RING: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
     # grid: (B, nq + 2 * nkv) head blocks of BLOCK_H: q heads -> qo, then k heads -> k cache,
     # then v heads -> v cache, all at the position pos_ptr[0] (RING: at cache row pos % S_MAX, a
     # sliding window's ring buffer).
@@ -190,11 +199,14 @@ def _rope_append_kernel(q_ptr, k_ptr, v_ptr, qo_ptr, kc_ptr, vc_ptr, cos_ptr, si
         heads = (hb - nq - nkv) * BLOCK_H + tl.arange(0, BLOCK_H)
         heads = tl.where(crow < S_MAX, heads, HKV)
         _rope_heads(v_ptr + b * svb, vc_ptr + b * svcb + crow * svcs, heads, HKV, c, s, svh, svd, svch,
-                    D, R, HALF, False, GPTJ, BLOCK_HALF, BLOCK_D, kn_ptr, eps, False)
+                    D, R, HALF, False, GPTJ, BLOCK_HALF, BLOCK_D, vn_ptr, eps, V_NORM, False)
 
 
-def _check_append(q, k, v, k_cache, v_cache, pos, cos, sin, style, rotary_dim, q_norm=None, k_norm=None):
+def _check_append(q, k, v, k_cache, v_cache, pos, cos, sin, style, rotary_dim, q_norm=None, k_norm=None,
+                  v_norm=None):
     float_dtype_check("q", q)
+    if v_norm is not None and (tuple(v_norm.shape) != (q.shape[-1],) or v_norm.device != q.device):
+        raise ValueError(f"v_norm must be [{q.shape[-1]}] on {q.device}, got {tuple(v_norm.shape)}")
     if (q_norm is None) != (k_norm is None):
         raise ValueError("give both q_norm and k_norm, or neither")
     if q_norm is not None:
@@ -230,14 +242,15 @@ def _check_append(q, k, v, k_cache, v_cache, pos, cos, sin, style, rotary_dim, q
 
 
 def rope_append(q, k, v, k_cache, v_cache, pos, cos=None, sin=None, style="neox", rotary_dim=None,
-                q_norm=None, k_norm=None, eps=1e-6, plus_one=False, ring=False):
+                q_norm=None, k_norm=None, eps=1e-6, plus_one=False, ring=False, v_norm=None):
     """One decode step's q [B, Hq, D] (rotated, contiguous). Writes k (rotated) and v into k_cache /
     v_cache [B, Hkv, S_max, D] at position pos[0] (ring: at row pos[0] % S_max, the caches being a sliding
     window's ring buffer); q, k, v are [B, 1, H, D] views with any strides;
     cos/sin fp32 [max_pos, R/2], or None for no RoPE. No host syncs: pos stays on the device.
     q_norm / k_norm [D]: RMS-normalise each q / k head and scale by them before rotating (Qwen3), or by 1 + them
-    with plus_one (Gemma 3)."""
-    R = _check_append(q, k, v, k_cache, v_cache, pos, cos, sin, style, rotary_dim, q_norm, k_norm)
+    with plus_one (Gemma 3). v_norm [D]: RMS-normalise each v head and scale by it (never plus one; Gemma 4's,
+    a weight of ones)."""
+    R = _check_append(q, k, v, k_cache, v_cache, pos, cos, sin, style, rotary_dim, q_norm, k_norm, v_norm)
     B, _, HQ, D = q.shape
     HKV = k.shape[2]
     qo = torch.empty(B, HQ, D, dtype=q.dtype, device=q.device)
@@ -251,29 +264,33 @@ def rope_append(q, k, v, k_cache, v_cache, pos, cos=None, sin=None, style="neox"
     nq, nkv = triton.cdiv(HQ, block_h), triton.cdiv(HKV, block_h)
     _rope_append_kernel[(B, nq + 2 * nkv)](
         q, k, v, qo, k_cache, v_cache, cos if rope else q, sin if rope else q, pos,
-        q_norm if q_norm is not None else q, k_norm if k_norm is not None else q, float(eps),
+        q_norm if q_norm is not None else q, k_norm if k_norm is not None else q,
+        v_norm if v_norm is not None else q, float(eps),
         HQ, HKV, D, R, R // 2, k_cache.shape[2], cos.shape[0] if rope else 0,
         q.stride(0), q.stride(2), q.stride(3), k.stride(0), k.stride(2), k.stride(3),
         v.stride(0), v.stride(2), v.stride(3), qo.stride(0), qo.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), cos.stride(0) if rope else 0,
-        ROPE=rope, GPTJ=style == "gptj", QK_NORM=q_norm is not None, PLUS_ONE=bool(plus_one), RING=bool(ring),
-        BLOCK_H=block_h,
+        ROPE=rope, GPTJ=style == "gptj", QK_NORM=q_norm is not None, PLUS_ONE=bool(plus_one),
+        V_NORM=v_norm is not None, RING=bool(ring), BLOCK_H=block_h,
         BLOCK_HALF=triton.next_power_of_2(max(R // 2, 1)), BLOCK_D=triton.next_power_of_2(D), num_warps=4,
     )
     return qo
 
 
 def rope_append_reference(q, k, v, k_cache, v_cache, pos, cos=None, sin=None, style="neox", rotary_dim=None,
-                          q_norm=None, k_norm=None, eps=1e-6, plus_one=False, ring=False):
+                          q_norm=None, k_norm=None, eps=1e-6, plus_one=False, ring=False, v_norm=None):
     """Same contract as rope_append, in plain torch (writes the caches in place, returns q)."""
-    R = _check_append(q, k, v, k_cache, v_cache, pos, cos, sin, style, rotary_dim, q_norm, k_norm)
+    R = _check_append(q, k, v, k_cache, v_cache, pos, cos, sin, style, rotary_dim, q_norm, k_norm, v_norm)
     B = q.shape[0]
+
+    def rms(x, w, one):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * (w.float() + one)).to(x.dtype)
     if q_norm is not None:
-        def rms(x, w):
-            xf = x.float()
-            return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * (w.float() + plus_one)).to(x.dtype)
-        q, k = rms(q, q_norm), rms(k, k_norm)
+        q, k = rms(q, q_norm, plus_one), rms(k, k_norm, plus_one)
+    if v_norm is not None:
+        v = rms(v, v_norm, 0)
     if R is not None:
         q, k = apply_rope_reference(q, k, cos, sin, pos.reshape(1, 1).expand(B, 1), style, rotary_dim)
     at = pos.reshape(1).to(torch.int64)

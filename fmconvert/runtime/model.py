@@ -124,10 +124,12 @@ class Block(nn.Module):
             softplus = torch.nn.functional.softplus
             self.activation = ("xielu", float(softplus(ap)), float(beta + softplus(an)), float(beta), float(eps))
 
-    def forward(self, x, residual, positions, cache, key_padding_mask, pos_t=None, seq_t=None, x_norm=None):
+    def forward(self, x, residual, positions, cache, key_padding_mask, pos_t=None, seq_t=None, x_norm=None,
+                x_gain=None):
         """x_norm: the previous block's output norm (Gemma 2/3), still to be applied to x: it rides in this
-        block's first add+norm. This block's own output norm is left to the next (see `out_norm`). Granite scales
-        each half's output by residual_scale as it joins the stream (x too, unless it is the embedding)."""
+        block's first add+norm, as does x_gain, the previous block's scalar on the whole stream (Gemma 4). This
+        block's own are left to the next (see `out_norm`, `out_gain`). Granite scales each half's output by
+        residual_scale as it joins the stream (x too, unless it is the embedding)."""
         m, t = self.m, self.t
         ops = m.ops
         if m.spec["residual"] == "parallel":
@@ -140,7 +142,7 @@ class Block(nn.Module):
             h, residual = self._add_norm(x, residual, "attn_norm", x_norm)
             return m.comm.all_reduce(self.mix(h, positions, cache, key_padding_mask, pos_t, seq_t)), residual
         if pre:
-            h, residual = self._add_norm(x, residual, "attn_norm", x_norm)
+            h, residual = self._add_norm(x, residual, "attn_norm", x_norm, x_gain)
         else:
             h = x
         a = m.comm.all_reduce(self.mix(h, positions, cache, key_padding_mask, pos_t, seq_t))
@@ -152,24 +154,21 @@ class Block(nn.Module):
             f = self._beside_dense(h, residual)
         else:
             f = m.comm.all_reduce(self.mlp(h))
-        scale = t.get("layer_scale.weight")
-        if pre and scale is not None:      # Gemma 4: the whole stream times this layer's scalar, so it is made here
-            w = self._own_out_norm()
-            y = f if w is None else ops.add_norm(f, None, w, None, m.eps, m.norm)[0]
-            return (y * m.residual_scale + residual) * scale, None
         if pre:
             return f, residual
         y, _ = ops.add_norm(f, h, t["mlp_norm.weight"], t.get("mlp_norm.bias"), m.eps, m.norm)
         return y, None
 
-    def _add_norm(self, x, residual, norm: str, pre_weight):
+    def _add_norm(self, x, residual, norm: str, pre_weight, gain=None):
         """The pre-norm residual's add+norm with this layer's `norm` (attn_norm / mlp_norm). OLMo 2 has neither: it
         norms only each half's output (pre_weight), so there the stream itself is the next half's input."""
         m, t = self.m, self.t
         w = t.get(norm + ".weight")
         if w is not None:
             return m.ops.add_norm(x, residual, w, t.get(norm + ".bias"), m.eps, m.norm, pre_weight=pre_weight,
-                                  x_scale=m.residual_scale)
+                                  x_scale=m.residual_scale, gain=gain)
+        if gain is not None:
+            raise ValueError("a layer scalar needs the next layer's input norm")   # the manifest rules this out
         if pre_weight is not None:
             x = m.ops.add_norm(x, None, pre_weight, None, m.eps, m.norm)[0]
         if residual is None:
@@ -357,12 +356,14 @@ class Block(nn.Module):
     @property
     def out_norm(self):
         """The norm of this block's MLP output (Gemma 2/3; A.X K1: in its mixture layers only), which the caller
-        folds into the next add+norm; None where the block applies it itself (Gemma 4's scaled layers)."""
-        return None if "layer_scale.weight" in self.t else self._own_out_norm()
-
-    def _own_out_norm(self):
+        folds into the next add+norm."""
         w = self.t.get("mlp_post_norm.weight")
         return w if w is not None else self.t.get("moe_post_norm.weight")
+
+    @property
+    def out_gain(self):
+        """Gemma 4's scalar on the whole stream after this block ([1]), likewise folded into the next add+norm."""
+        return self.t.get("layer_scale.weight")
 
     def device_routed(self, tokens: int) -> bool:
         """Whether a mixture's experts run from device-side routing for this many tokens (see `experts`)."""
@@ -524,8 +525,12 @@ class Block(nn.Module):
         hd, Hq, Hk = self.head_dim, m.heads, self.kv_heads
         q, k, v = qkv.split([Hq * hd, Hk * hd, Hk * hd], dim=-1)
         q, k, v = q.view(B, T, Hq, hd), k.view(B, T, Hk, hd), v.view(B, T, Hk, hd)
-        if self.v_ones is not None:        # Gemma 4: each v head RMS-normed, no weight
-            v = m.ops.add_norm(v, None, self.v_ones, None, m.eps, "rms")[0]
+        v_norm = None
+        if self.v_ones is not None:        # Gemma 4: each v head RMS-normed, no weight (in the append when decoding)
+            if pos_t is None:
+                v = m.ops.add_norm(v, None, self.v_ones, None, m.eps, "rms")[0]
+            else:
+                v_norm = (self.v_ones, m.eps)
         qk_norm = (t["q_norm.weight"], t["k_norm.weight"], m.eps, m.norm, t.get("q_norm.bias"), t.get("k_norm.bias")) \
             if "q_norm.weight" in t else None                   # Persimmon's q/k LayerNorms have biases
         if qk_norm is not None and m.spec["qk_norm"] not in ("head", "l2"):
@@ -543,7 +548,8 @@ class Block(nn.Module):
                                       self.rotary_dim)
                 q, k = self._head_norm(q, k, qk_norm)
                 rope, qk_norm = (None,) * 4, None
-            q = m.ops.decode_append(q, k, v, kc, vc, pos_t, *rope, qk_norm=qk_norm, ring=bool(ring))  # (B, Hq, hd)
+            q = m.ops.decode_append(q, k, v, kc, vc, pos_t, *rope, qk_norm=qk_norm, ring=bool(ring),
+                                    v_norm=v_norm)                                                  # (B, Hq, hd)
             if self.query_scale is not None:
                 q = q * self.query_scale(pos_t).view(1, 1, 1)
             # a ring holds exactly the window (or the chunk so far): attend over its first seq_t[key] rows,
@@ -813,7 +819,7 @@ class FusedModel(nn.Module):
         local = self.ops.linear(h, head, g.get("lm_head.bias"))   # (B, T, V / tp)
         cap, scale = sp["logit_softcap"], sp["logit_scale"]
         if cap or scale != 1.0:           # Cohere, Granite: logits scaled; Gemma 2: squashed into (-cap, cap)
-            lf = local.float() * scale
+            lf = local.float() if scale == 1.0 else local.float() * scale
             local = (torch.tanh(lf / cap) * cap if cap else lf).to(local.dtype)
         return self.comm.all_gather(local, dim=-1)[..., :sp["vocab_size"]]
 
@@ -862,25 +868,28 @@ class FusedModel(nn.Module):
         x, residual = self.embed(ids, positions, token_type_ids), None
         states = [x] if output_hidden_states else None
         kpm = None if attention_mask is None else attention_mask.bool()
-        x_norm = None
+        x_norm = x_gain = None
         for blk in self.blocks:
-            x, residual = blk(x, residual, positions, cache, kpm, x_norm=x_norm)
-            x_norm = blk.out_norm
+            x, residual = blk(x, residual, positions, cache, kpm, x_norm=x_norm, x_gain=x_gain)
+            x_norm, x_gain = blk.out_norm, blk.out_gain
             if output_hidden_states:  # the residual stream after each block, as HF reports it
                 xs = x if x_norm is None else self.ops.add_norm(x, None, x_norm, None, self.eps, self.norm)[0]
-                states.append(xs if residual is None else xs * self.residual_scale + residual)
+                xs = xs if residual is None else xs * self.residual_scale + residual
+                states.append(xs if x_gain is None else xs * x_gain)
         if cache is not None:
             cache.length += T
-        x = self._final(x, residual, x_norm)
+        x = self._final(x, residual, x_norm, x_gain)
         return (x, states) if output_hidden_states else x
 
-    def _final(self, x, residual, x_norm):
+    def _final(self, x, residual, x_norm, x_gain=None):
         if self.spec["final_norm"]:
             return self.ops.add_norm(x, residual, self.g["final_norm.weight"], self.g.get("final_norm.bias"),
-                                     self.eps, self.norm, pre_weight=x_norm, x_scale=self.residual_scale)[0]
+                                     self.eps, self.norm, pre_weight=x_norm, x_scale=self.residual_scale,
+                                     gain=x_gain)[0]
         if x_norm is not None:
             x = self.ops.add_norm(x, None, x_norm, None, self.eps, self.norm)[0]
-        return x if residual is None else x * self.residual_scale + residual
+        x = x if residual is None else x * self.residual_scale + residual
+        return x if x_gain is None else x * x_gain
 
     @torch.inference_mode()
     def decode_step(self, ids, cache: KVCache, pos_t: torch.Tensor) -> torch.Tensor:
@@ -895,11 +904,11 @@ class FusedModel(nn.Module):
         filled = pos_t + 1
         seq_t = {(-r if c else r): (pos_t % r + 1 if c else filled.clamp(max=r) if r else filled)
                  .to(torch.int32).expand(B).contiguous() for r, c in sorted(set(zip(cache.ring, cache.chunked)))}
-        x, residual, x_norm = self.embed(ids, positions, None), None, None
+        x, residual, x_norm, x_gain = self.embed(ids, positions, None), None, None, None
         for blk in self.blocks:
-            x, residual = blk(x, residual, positions, cache, None, pos_t, seq_t, x_norm=x_norm)
-            x_norm = blk.out_norm
-        return self.logits(self._final(x, residual, x_norm))[:, -1]
+            x, residual = blk(x, residual, positions, cache, None, pos_t, seq_t, x_norm=x_norm, x_gain=x_gain)
+            x_norm, x_gain = blk.out_norm, blk.out_gain
+        return self.logits(self._final(x, residual, x_norm, x_gain))[:, -1]
 
     @torch.inference_mode()
     def forward(self, ids, cache=None, attention_mask=None, token_type_ids=None):

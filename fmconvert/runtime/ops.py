@@ -158,14 +158,16 @@ class TorchOps:
 
     name = "torch"
 
-    def add_norm(self, x, residual, weight, bias, eps, kind, pre_weight=None, x_scale=1.0):
-        """(norm(h), h) with h = x * x_scale + residual (Granite scales each half's output). pre_weight: x is
-        first normed by it (Gemma 2/3's output norms)."""
+    def add_norm(self, x, residual, weight, bias, eps, kind, pre_weight=None, x_scale=1.0, gain=None):
+        """(norm(h), h) with h = x * x_scale + residual (Granite scales each half's output), times gain (Gemma 4's
+        layer scalar, a [1] tensor) where given. pre_weight: x is first normed by it (Gemma 2/3's output norms)."""
         if pre_weight is not None:
             x = self.add_norm(x, None, pre_weight, None, eps, kind)[0]
         if residual is not None and x_scale != 1.0:
             x = x * x_scale
         h = x if residual is None else x + residual
+        if gain is not None:
+            h = h * gain
         hf = h.float()
         if kind == "rms":
             y = (hf * torch.rsqrt(hf.square().mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
@@ -213,11 +215,13 @@ class TorchOps:
         return c, s
 
     def decode_append(self, q, k, v, k_cache, v_cache, pos_t, cos, sin, style, rotary_dim, qk_norm=None,
-                      ring=False):
+                      ring=False, v_norm=None):
         """One new token per sequence at position pos_t (device tensor [1]): rotate q and k (cos None: no RoPE),
         write k and v into the caches [B, Hkv, S_max, D] there (ring: at row pos_t % S_max); returns q [B, Hq, D].
         qk_norm: (q weight, k weight, eps, norm kind, q bias, k bias) to normalise each q and k head first (Qwen3;
-        the biases: Persimmon), or None."""
+        the biases: Persimmon), or None. v_norm: (weight, eps) to RMS-normalise each v head (Gemma 4), or None."""
+        if v_norm is not None:
+            v = self.add_norm(v, None, v_norm[0], None, v_norm[1], "rms")[0]
         if qk_norm is not None:
             q = self.add_norm(q, None, qk_norm[0], qk_norm[4], qk_norm[2], qk_norm[3])[0]
             k = self.add_norm(k, None, qk_norm[1], qk_norm[5], qk_norm[2], qk_norm[3])[0]
@@ -591,9 +595,9 @@ class TritonOps(TorchOps):
         self._gemv_choice: dict = {}
         self._gemv_max_m = DECODE_MAX_M
 
-    def add_norm(self, x, residual, weight, bias, eps, kind, pre_weight=None, x_scale=1.0):
+    def add_norm(self, x, residual, weight, bias, eps, kind, pre_weight=None, x_scale=1.0, gain=None):
         return self.k.add_norm(x.contiguous(), None if residual is None else residual.contiguous(), weight, bias,
-                               eps, kind, pre_weight=pre_weight, x_scale=x_scale)
+                               eps, kind, pre_weight=pre_weight, x_scale=x_scale, gain=gain)
 
     def linear(self, x, weight, bias=None, activation=None):
         if isinstance(activation, tuple) and activation[0] == "xielu":    # no kernel epilogue: applied after
@@ -666,18 +670,21 @@ class TritonOps(TorchOps):
     fuse_decode_append = True
 
     def decode_append(self, q, k, v, k_cache, v_cache, pos_t, cos, sin, style, rotary_dim, qk_norm=None,
-                      ring=False):
+                      ring=False, v_norm=None):
         fusable_norm = qk_norm is None or (qk_norm[3] in ("rms", "rms_plus_one") and cos is not None
                                            and qk_norm[4] is None)
+        fusable_norm = fusable_norm and (v_norm is None or qk_norm is None or v_norm[1] == qk_norm[2])  # one eps
         if not self.fuse_decode_append or not fusable_norm:
             return super().decode_append(q, k, v, k_cache, v_cache, pos_t, cos, sin, style, rotary_dim, qk_norm,
-                                         ring)
+                                         ring, v_norm)
+        vn = {} if v_norm is None else {"v_norm": v_norm[0], "eps": v_norm[1]}   # Gemma 4: v heads normed too
         if qk_norm is None:
             return self.k.rope_append(q, k, v, k_cache, v_cache, pos_t, cos, sin, style or "neox", rotary_dim,
-                                      ring=ring)
+                                      ring=ring, **vn)
         return self.k.rope_append(q, k, v, k_cache, v_cache, pos_t, cos, sin, style or "neox", rotary_dim,
                                   q_norm=qk_norm[0], k_norm=qk_norm[1], eps=qk_norm[2],
-                                  plus_one=qk_norm[3] == "rms_plus_one", ring=ring)
+                                  plus_one=qk_norm[3] == "rms_plus_one", ring=ring,
+                                  **({} if v_norm is None else {"v_norm": v_norm[0]}))
 
     def attention(self, q, k, v, scale, causal, alibi_slopes=None, key_padding_mask=None, window=0, softcap=0.0,
                   sinks=None, chunk=0):

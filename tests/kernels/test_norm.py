@@ -98,6 +98,25 @@ def test_add_norm_scales_x_before_the_add(kind, dtype, assert_close):
     assert add_norm(x, None, w, b, 1e-5, kind, x_scale=0.22)[1] is x
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(3, 17), (2, 5, 129), (1, 4096)])
+@pytest.mark.parametrize("pre", [False, True])
+def test_add_norm_gain_scales_the_stream(shape, dtype, pre, assert_close):
+    """Gemma 4's layer scalar, folded into the next add+norm: h = (norm_pre(x) + residual) * gain, rounded after the
+    add and after the product, then normed."""
+    x, r, w, _ = make(shape, dtype, "rms", residual=True, bias=False)
+    gain = torch.tensor([0.37], dtype=dtype, device=DEVICE)
+    pw = (w * 0.9) if pre else None
+    y, h = add_norm(x, r, w, None, 1e-6, "rms", pre_weight=pw, gain=gain)
+    y_ref, h_ref = add_norm_reference(x, r, w, None, 1e-6, "rms", pre_weight=pw, gain=gain)
+    assert_close(h, h_ref, dtype)
+    assert_close(y, y_ref, dtype)
+    plain = add_norm_reference(x, r, w, None, 1e-6, "rms", pre_weight=pw)[1]
+    assert_close(h_ref, (plain.float() * 0.37).to(dtype), dtype)       # the reference does what it says
+    with pytest.raises(ValueError, match="gain"):
+        add_norm(x, None, w, None, 1e-6, "rms", gain=gain)
+
+
 def test_add_norm_rejects_bad_inputs():
     x, r, w, _ = make((2, 16), torch.float32, "rms", residual=True, bias=False)
     with pytest.raises(ValueError, match="kind"):

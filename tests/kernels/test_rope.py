@@ -136,6 +136,31 @@ def test_rope_append_with_qk_norm_matches_reference(shape, style, dtype, plus_on
         assert (other.float() - qr.float()).abs().max() > 0.05
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [s for s in APPEND_SHAPES if s[4] != 0])
+def test_rope_append_with_v_norm_matches_reference(shape, dtype, qk_norm, assert_close):
+    """Gemma 4: each v head RMS-normalised (a weight of ones there; any weight here) as it is written."""
+    B, HQ, HKV, D, R, S = shape
+    q, k, v = decode_qkv(B, HQ, HKV, D, dtype, seed=B + D + 3)
+    cos, sin = tables(S, R or D)
+    gen = torch.Generator().manual_seed(D + 1)
+    vn = (1 + 0.3 * torch.randn(D, generator=gen)).to(dtype).to(DEVICE)
+    norms = dict(q_norm=torch.ones(D, dtype=dtype, device=DEVICE), k_norm=vn.flip(0)) if qk_norm else {}
+    kc = torch.zeros(B, HKV, S, D, dtype=dtype, device=DEVICE)
+    vc = torch.zeros_like(kc)
+    kr, vr = kc.clone(), vc.clone()
+    pos = torch.tensor([S - 1], device=DEVICE)
+    qo = rope_append(q, k, v, kc, vc, pos, cos, sin, "neox", R, eps=1e-6, v_norm=vn, **norms)
+    qr = rope_append_reference(q, k, v, kr, vr, pos, cos, sin, "neox", R, eps=1e-6, v_norm=vn, **norms)
+    assert_close(qo, qr, dtype)
+    assert_close(kc, kr, dtype)
+    assert_close(vc, vr, dtype)
+    plain = vr.clone()
+    rope_append_reference(q, k, v, kr.clone(), plain, pos, cos, sin, "neox", R, eps=1e-6, **norms)
+    assert (plain.float() - vr.float()).abs().max() > 0.05          # the norm did change v
+
+
 @pytest.mark.parametrize("pos", [0, 4, 5, 13, 37])
 def test_rope_append_into_a_ring_writes_row_pos_mod_its_length(pos, assert_close):
     """A sliding window's cache is a ring of 5 rows: position p goes to row p % 5, rotated for p, not the row."""
