@@ -59,7 +59,7 @@ _MODEL = {
     **{k: _POS_INT for k in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                              "intermediate_size", "vocab_size", "embed_dim")},
     "max_positions": lambda x: type(x) is int and 0 <= x <= MAX_POSITIONS, "type_vocab_size": _NAT,
-    "norm": _ENUM("rms", "layer", "rms_plus_one", "layer_plus_one"), "norm_eps": _POS_NUM, "attn_scale": _POS_NUM,
+    "norm": _ENUM("rms", "layer", "rms_plus_one", "layer_plus_one", "rms_fp32"), "norm_eps": _POS_NUM, "attn_scale": _POS_NUM,
     "activation": _ENUM("gelu", "gelu_tanh", "relu", "relu2", "silu", "swiglu", "geglu",
                                            "swiglu_oai", "xielu"), "residual": _ENUM("pre", "post", "parallel"),
     **{k: _BOOL for k in ("gated_mlp", "tied_embeddings", "embed_norm", "final_norm", "project", "pooler")},

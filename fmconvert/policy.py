@@ -110,7 +110,7 @@ class ModelSpec:
     vocab_size: int
     max_positions: int
     embed_dim: int                 # width of the embedding table (OPT's word_embed_proj_dim), else hidden_size
-    norm: str                      # rms | layer | rms_plus_one (Gemma: scale by 1 + weight)
+    norm: str                      # rms | layer | rms_plus_one (Gemma: scale by 1 + weight) | rms_fp32 (Gemma 4)
     norm_eps: float
     activation: str                # gelu | gelu_tanh | relu | relu2 | silu | xielu (Apertus: parameters per layer,
     #                                the act.* slots) | swiglu / geglu (silu / gelu_tanh over

@@ -139,3 +139,21 @@ def test_top2_routing_matches_transformers(model_dir, tmp_path):
     for t in threads:
         t.join()
     assert all(tiny.rel(g, want) < 1e-5 for g in got)
+
+
+def test_rms_fp32_rounds_once_as_gemma4_does():
+    """Gemma 4's RMSNorm scales by its weight in fp32 and rounds once: in bf16 the torch backend's rms_fp32 gives
+    transformers' values bit for bit, where LLaMA's rms (round, then scale) does not."""
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
+
+    from fmconvert.runtime.ops import TorchOps
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 256, generator=gen) * 3).bfloat16()
+    norm = Gemma4RMSNorm(256, eps=1e-6).bfloat16()          # as a bf16 checkpoint loads it
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(256, generator=gen) * 0.5 + 1)
+        want = norm(x)
+    w = norm.weight.detach()
+    ops = TorchOps()
+    assert torch.equal(ops.add_norm(x, None, w, None, 1e-6, "rms_fp32")[0], want)
+    assert not torch.equal(ops.add_norm(x, None, w, None, 1e-6, "rms")[0], want)

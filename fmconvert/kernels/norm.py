@@ -2,8 +2,9 @@
 
 h = x + residual (fp32 add, stored in x.dtype); y = norm(h) * weight (+ bias), statistics in fp32.
 The normalization reads h rounded to x.dtype, as the next layer will see it (HF semantics).
-kind: "rms", "layer", "rms_plus_one" (Gemma: RMSNorm scaled by 1 + weight, the weight stored as an offset) or
-"layer_plus_one" (Nemotron: the same for LayerNorm).
+kind: "rms", "layer", "rms_plus_one" (Gemma: RMSNorm scaled by 1 + weight, the weight stored as an offset),
+"layer_plus_one" (Nemotron: the same for LayerNorm) or "rms_fp32" (Gemma 4). This kernel always scales by the
+weight in fp32 and rounds once; the torch backend's "rms" rounds before the weight, as LLaMA's RMSNorm does.
 x_scale: x is multiplied by it before the add (Granite's residual_multiplier scales each half's output).
 pre_weight (RMS kinds): x is itself normalised by it first, rounded to x.dtype: Gemma 2/3 norm each half's output
 before it joins the residual stream, and this folds that norm into the add+norm that follows (one launch, not two).
@@ -16,7 +17,7 @@ import triton.language as tl
 
 from ._common import float_dtype_check
 
-KINDS = ("rms", "layer", "rms_plus_one", "layer_plus_one")
+KINDS = ("rms", "layer", "rms_plus_one", "layer_plus_one", "rms_fp32")
 
 
 @triton.jit
@@ -122,7 +123,7 @@ def add_norm_reference(x, residual, weight, bias, eps, kind, out_dtype=None, pre
     if gain is not None:
         h = (h.float() * gain.float()).to(x.dtype)
     hf = h.float()
-    if kind in ("rms", "rms_plus_one"):
+    if kind in ("rms", "rms_plus_one", "rms_fp32"):
         yn = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
     elif kind in ("layer", "layer_plus_one"):
         mean = hf.mean(-1, keepdim=True)

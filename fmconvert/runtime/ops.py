@@ -171,6 +171,8 @@ class TorchOps:
         hf = h.float()
         if kind == "rms":
             y = (hf * torch.rsqrt(hf.square().mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+        elif kind == "rms_fp32":             # Gemma 4: the weight applied in fp32, rounded once
+            y = (hf * torch.rsqrt(hf.square().mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
         elif kind == "rms_plus_one":         # Gemma: the scale is 1 + weight, applied in fp32, rounded once
             y = (hf * torch.rsqrt(hf.square().mean(-1, keepdim=True) + eps) * (1.0 + weight.float())).to(x.dtype)
         else:                                # layer, or layer_plus_one (Nemotron: LayerNorm scaled by 1 + weight)
@@ -671,7 +673,7 @@ class TritonOps(TorchOps):
 
     def decode_append(self, q, k, v, k_cache, v_cache, pos_t, cos, sin, style, rotary_dim, qk_norm=None,
                       ring=False, v_norm=None):
-        fusable_norm = qk_norm is None or (qk_norm[3] in ("rms", "rms_plus_one") and cos is not None
+        fusable_norm = qk_norm is None or (qk_norm[3] in ("rms", "rms_fp32", "rms_plus_one") and cos is not None
                                            and qk_norm[4] is None)
         fusable_norm = fusable_norm and (v_norm is None or qk_norm is None or v_norm[1] == qk_norm[2])  # one eps
         if not self.fuse_decode_append or not fusable_norm:
