@@ -75,9 +75,12 @@ def cli():
 @click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin, loaded with weights_only=True.")
 @click.option("--source-sha256", is_flag=True, help="Record the full sha256 of every source weight file in the "
               "manifest (reads the source once more). By default only its size and header are fingerprinted.")
+@click.option("--dry-run", is_flag=True, help="Check MODEL_DIR against its family table with these options and "
+              "size the output (each rank's bytes and files), from config.json and the safetensors headers alone: "
+              "no weight is read and nothing is written. Takes seconds for any model size.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or summary.")
 def convert(model_dir, out_dir, tp, int8, group_size, int8_embeddings, int8_lm_head, dtype, max_shard_size, force,
-            allow_pickle, source_sha256, quiet):
+            allow_pickle, source_sha256, dry_run, quiet):
     """Convert MODEL_DIR (config.json + safetensors) into OUT_DIR.
 
     OUT_DIR gets one set of safetensors shards per rank, manifest.json (the contract the runtime reads), and the
@@ -98,11 +101,26 @@ def convert(model_dir, out_dir, tp, int8, group_size, int8_embeddings, int8_lm_h
     s = run(model_dir, out_dir, Options(tp=tp, int8=int8, group_size=group_size, dtype=dtype,
                                         max_shard_size=max_shard_size, force=force, allow_pickle=allow_pickle,
                                         int8_embeddings=int8_embeddings, int8_lm_head=int8_lm_head,
-                                        source_sha256=source_sha256),
+                                        source_sha256=source_sha256, dry_run=dry_run),
             progress=not quiet, console=err)
     if quiet:
         return
     from rich.table import Table
+    if dry_run:
+        t = Table(title=f"dry run: {s['architecture']} ({s['family']} table) -> {out_dir}, nothing written",
+                  show_header=False)
+        t.add_row("parameters", f"{s['params'] / 1e6:.2f} M")
+        g = s["groups"]
+        group = (f", groups of {g[0]}" if len(g) == 1 else f", groups of {g[0]} to {g[-1]}") if g else ""
+        t.add_row("tp / int8 / dtype", f"{s['tp']} / {'yes' if s['int8'] else 'no'}{group} / {s['dtype']}")
+        t.add_row("bytes in -> out", f"{_human(s['bytes_in'])} -> {_human(s['bytes_out'])} "
+                  f"({s['bytes_in'] / max(s['bytes_out'], 1):.2f}x smaller)")
+        t.add_row("each rank", ", ".join(_human(b) for b in s["rank_bytes"]) + f" in {s['files']} files")
+        if s["dropped"] is not None:
+            t.add_row("left out", f"{s['dropped']['tensors']} {_DROPPED[s['dropped'].get('what', 'vision')]}"
+                      f" ({_human(s['dropped']['bytes'])})")
+        _console().print(t)
+        return
     t = Table(title=f"converted {s['architecture']} -> {out_dir}", show_header=False)
     t.add_row("parameters", f"{s['params'] / 1e6:.2f} M")
     t.add_row("tp / int8 / dtype", f"{s['tp']} / {'yes' if s['int8'] else 'no'} / {s['dtype']}")

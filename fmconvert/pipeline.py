@@ -59,6 +59,7 @@ class Options:
     int8_embeddings: bool = False
     int8_lm_head: bool = True         # with int8: an untied lm_head too (a tied one follows int8_embeddings)
     source_sha256: bool = False       # record every source file's full sha256 (else only a fingerprint)
+    dry_run: bool = False             # check and size the output from config.json and the headers; write nothing
 
 
 @dataclass
@@ -909,7 +910,7 @@ def convert(model_dir, out_dir, opts: Options | None = None, progress: bool = Tr
     max_bytes = parse_size(opts.max_shard_size)
     # With --source-sha256, hashing the whole source is the longest single job: it starts before config.json is
     # parsed (which imports transformers), or earlier still from the CLI, whenever the weight files can be told already.
-    hashing = opts.source_sha256
+    hashing = opts.source_sha256 and not opts.dry_run
     if hashing:
         srchash.start(model_dir)
     try:
@@ -921,6 +922,9 @@ def convert(model_dir, out_dir, opts: Options | None = None, progress: bool = Tr
         if hashing:
             srchash.discard(model_dir)
         raise
+    if opts.dry_run:
+        with ckpt:
+            return _dry_run(model_dir, opts, config, ckpt, t0)
     hasher = srchash.take(model_dir, ckpt.files) if hashing else None
     try:
         return _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config, config_sha, ckpt, hasher)
@@ -928,6 +932,24 @@ def convert(model_dir, out_dir, opts: Options | None = None, progress: bool = Tr
         if hasher is not None:
             hasher.cancel()
         raise
+
+
+def _dry_run(model_dir, opts, config, ckpt, t0) -> dict:
+    """What convert would write with these options, from config.json and the safetensors headers alone: the same
+    plan (every check a conversion makes before reading a weight), every output tensor declared on meta tensors, and
+    the files laid out. No weight is read and nothing is written."""
+    plan = make_plan(model_dir, opts, ckpt, config)
+    writer = ShardWriter(Path(os.devnull), opts.tp, parse_size(opts.max_shard_size))
+    run = _Run(plan, opts, ckpt, _Source(ckpt, model_dir),
+               derived_tensors(config, plan.spec, plan.layout.heads_per_rank, opts.tp, plan.dtype))
+    run.declare(writer)
+    files = writer.planned()
+    return {"dry_run": True, "architecture": plan.spec.architecture, "family": plan.spec.family, "tp": opts.tp,
+            "int8": opts.int8, "dtype": dtype_name(plan.dtype), "groups": sorted(set(plan.groups.values())),
+            "params": plan.params,
+            "bytes_in": plan.bytes_in, "bytes_out": sum(n for f in files for _, n in f),
+            "rank_bytes": [sum(n for _, n in f) for f in files], "files": sum(len(f) for f in files),
+            "planned": files, "seconds": time.perf_counter() - t0, "dropped": plan.dropped}
 
 
 def _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config, config_sha, ckpt, hasher) -> dict:

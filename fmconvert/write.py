@@ -112,6 +112,13 @@ class ShardWriter:
             self._plan.append(files)
         self._flat = [[(f, i) for f in files for i in range(len(f.entries))] for files in self._plan]
 
+    def planned(self) -> list[list[tuple[str, int]]]:
+        """Each rank's files as (name, size in bytes), from the declarations alone (a dry run writes nothing)."""
+        if self._plan is None:
+            self._lay_out()
+        return [[(f.name, len(f.header) + (f.entries[-1][4] if f.entries else 0)) for f in files]
+                for files in self._plan]
+
     def add(self, rank: int, name: str, t: torch.Tensor, progress=None):
         """Write rank's next declared tensor. `progress(nbytes)`, if given, is called as each slice of it has been
         hashed and handed to the file (the caller may then drop the pages under those bytes)."""

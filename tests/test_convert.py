@@ -628,3 +628,31 @@ def test_the_default_group_shrinks_to_divide_every_width(model_dir, tmp_path):
     assert_int8_bound(out, expected(d, m))
     with pytest.raises(FmError, match="--group-size 64 does not divide K=96"):
         conv(d, tmp_path / "out64", int8=True, group_size=64)
+
+
+@pytest.mark.parametrize("name,opts", [("stories", dict(tp=2, int8=True, max_shard_size="200KB")),
+                                       ("gemma4", dict(tp=2)), ("mixtral", dict(tp=2, int8=True, group_size=16)),
+                                       ("gemma3_vl", dict(tp=1, int8=True, dtype="bf16"))])
+def test_dry_run_plans_exactly_the_files_a_conversion_writes(model_dir, tmp_path, name, opts):
+    """--dry-run reads config.json and the headers only, writes nothing, and names every file the real run writes,
+    with its size to the byte."""
+    src, out = model_dir(name), tmp_path / "out"
+    s = convert(src, out, Options(dry_run=True, **opts), progress=False)
+    assert s["dry_run"] and not out.exists()
+    real = convert(src, out, Options(**opts), progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert s["planned"] == [[(f["path"], f["size"]) for f in rank["files"]] for rank in m["ranks"]]
+    assert s["bytes_out"] == real["bytes_out"] and s["params"] == real["params"]
+
+
+def test_dry_run_from_the_cli_and_its_errors(model_dir, tmp_path, capsys):
+    from fmconvert.cli import main
+    r = CliRunner().invoke(cli, ["convert", "--dry-run", "--tp", "2", "--int8", str(model_dir("llama")),
+                                 str(tmp_path / "out")], terminal_width=200)
+    assert r.exit_code == 0 and "nothing written" in r.output and "each rank" in r.output, r.output
+    assert not (tmp_path / "out").exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:                 # the same checks as a conversion, in one line
+        main(["convert", "--dry-run", "--tp", "3", str(model_dir("llama")), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code != 0 and len(err.strip().splitlines()) == 1 and "tp=3" in err, err
