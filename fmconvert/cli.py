@@ -116,6 +116,7 @@ def convert(model_dir, out_dir, tp, int8, group_size, int8_embeddings, int8_lm_h
         t.add_row("bytes in -> out", f"{_human(s['bytes_in'])} -> {_human(s['bytes_out'])} "
                   f"({s['bytes_in'] / max(s['bytes_out'], 1):.2f}x smaller)")
         t.add_row("each rank", ", ".join(_human(b) for b in s["rank_bytes"]) + f" in {s['files']} files")
+        t.add_row("KV cache a rank", _kv_text(*s["kv_cache"]))
         if s["dropped"] is not None:
             t.add_row("left out", f"{s['dropped']['tensors']} {_DROPPED[s['dropped'].get('what', 'vision')]}"
                       f" ({_human(s['dropped']['bytes'])})")
@@ -138,6 +139,16 @@ def convert(model_dir, out_dir, tp, int8, group_size, int8_embeddings, int8_lm_h
         t.add_row("left out", f"{s['dropped']['tensors']} {_DROPPED[s['dropped'].get('what', 'vision')]}"
                   f" ({_human(s['dropped']['bytes'])})")
     _console().print(t)
+
+
+def _kv_text(full: int, windowed: int, window: int) -> str:
+    """manifest.kv_cache_bytes in words: what a served sequence costs one rank per token."""
+    if not full and not windowed:
+        return "none (fixed-size states only)"
+    text = f"{_human(full)} a token" if full else ""
+    if windowed:
+        text += (", plus " if text else "") + f"{_human(windowed)} a token up to {window} tokens (windowed layers)"
+    return text
 
 
 # What a conversion left out of the source, by source.dropped's `what` (absent in older manifests: vision).
@@ -187,6 +198,9 @@ def inspect(out_dir, as_json):
     mlp = (f"mlp {md['intermediate_size']} ({md['activation']})" if "mlp" in (md["block_parts"] or ["mlp"])
            else "no MLP")
     t.add_row("shape", f"{md['num_layers']} layers, hidden {md['hidden_size']}, {attention}, {mlp}")
+    if md["kind"] == "decoder":
+        size = {"float32": 4, "float16": 2, "bfloat16": 2}[m["dtype"]]
+        t.add_row("KV cache a rank", _kv_text(*mf.kv_cache_bytes(md, m["parallel"], size)))
     if md["mla"]:
         a = md["mla"]
         qpath = f"q through a rank-{a['q_rank']} bottleneck" if a["q_rank"] else "q straight from the hidden state"

@@ -344,6 +344,33 @@ def validate(m) -> dict:
     return m
 
 
+def kv_cache_bytes(model: dict, parallel: dict, itemsize: int) -> tuple[int, int, int]:
+    """What one rank's KV cache holds, as the runtime sizes it: (bytes a token in the layers that keep every
+    position, bytes a token in the windowed layers, their window). A windowed layer's ring stops growing at its
+    window (Llama 4's chunked layers: at their chunk); linear layers keep a fixed-size state instead and count nothing
+    here."""
+    full = windowed = 0
+    linear, ga, mla = set(model["linear_layers"] or ()), model["global_attn"], model["mla"]
+    layers, chunks = model["window_layers"], model["chunk_layers"]
+    parts = model["block_parts"] or [None] * model["num_layers"]
+    for i in range(model["num_layers"]):
+        if i in linear or parts[i] == "mlp":
+            continue
+        windowed_layer = (model["sliding_window"] > 0 and (layers is None or i in layers)) or (
+            model["attn_chunk"] > 0 and (chunks is None or i in chunks))
+        if mla:                                   # one latent row a token, on every rank
+            n = mla["kv_rank"] + mla["rope_dim"]
+        elif ga is not None and layers is not None and i not in layers:
+            n = 2 * parallel["global_kv_heads_per_rank"] * ga["head_dim"]
+        else:
+            n = 2 * parallel["kv_heads_per_rank"] * model["head_dim"]
+        if windowed_layer:
+            windowed += n * itemsize
+        else:
+            full += n * itemsize
+    return full, windowed, model["sliding_window"] or model["attn_chunk"]
+
+
 def _position(model: dict):
     pos = model["position"]
     kind = pos.get("type")

@@ -656,3 +656,30 @@ def test_dry_run_from_the_cli_and_its_errors(model_dir, tmp_path, capsys):
         main(["convert", "--dry-run", "--tp", "3", str(model_dir("llama")), str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert e.value.code != 0 and len(err.strip().splitlines()) == 1 and "tp=3" in err, err
+
+
+@pytest.mark.parametrize("name", ["stories", "mistral", "gemma3", "gemma4", "deepseek_v3", "qwen3_5", "llama4",
+                                  "nemotron_h"])
+def test_kv_cache_bytes_match_what_the_runtime_allocates(model_dir, tmp_path, name):
+    """The per-token KV bytes that --dry-run and inspect print (manifest.kv_cache_bytes) are what a loaded rank's
+    cache holds: every position in plain layers, the window (or chunk) in ring layers, nothing in linear ones."""
+    from fmconvert import manifest as mf
+    from fmconvert.runtime.comm import ThreadGroup
+    from fmconvert.runtime.load import load
+    out = conv(model_dir(name), tmp_path / "out", tp=2)
+    m = mf.read(out)
+    full, windowed, window = mf.kv_cache_bytes(m["model"], m["parallel"], 4)
+    model = load(out, rank=1, comm=ThreadGroup(2).comm(1))
+    S = 64
+    cache = model.new_cache(1, S)
+    got_full = got_windowed = 0
+    for k, v, ring in zip(cache.k, cache.v, cache.ring):
+        n = k.numel() * k.element_size() + (0 if v.data_ptr() == k.data_ptr() else v.numel() * v.element_size())
+        if ring:
+            assert ring == window
+            got_windowed += n // ring
+        else:
+            got_full += n // S
+    # a window at least as long as the cache is no ring (Mistral's 4096 here): those layers keep every position
+    assert (got_full, got_windowed) == ((full + windowed, 0) if window >= S else (full, windowed))
+    assert full + windowed > 0
