@@ -251,6 +251,8 @@ def inspect(out_dir, as_json):
     if md["num_experts"]:
         shared = (f"; a shared expert of width {md['shared_intermediate_size']}"
                   if md["shared_intermediate_size"] else "")
+        if md["shared_scale"] != 1.0:
+            shared += f", times {md['shared_scale']:g}"
         if md["moe_beside_dense"]:
             shared = (f"; beside a dense MLP of width {md['shared_intermediate_size']}, each branch normed in and "
                       f"out")

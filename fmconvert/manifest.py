@@ -95,7 +95,7 @@ _MODEL_OPTIONAL = {
                "softmax, sigmoid, sigmoid_logits or sparsemixer"),
     "router_jitter": (0.0, _NONNEG_NUM, "a non-negative number"),
     "router_groups": (1, _POS_INT, "a positive integer"), "router_topk_groups": (1, _POS_INT, "a positive integer"),
-    "routed_scale": (1.0, _POS_NUM, "a positive number"),
+    "routed_scale": (1.0, _POS_NUM, "a positive number"), "shared_scale": (1.0, _POS_NUM, "a positive number"),
     "qk_norm_after_rope": (False, _BOOL, "true or false"),
     "query_scale_beta": (0.0, _NONNEG_NUM, "a non-negative number"),
     "query_scale_from": (0, _NAT, "a non-negative integer"),

@@ -139,6 +139,7 @@ class ModelSpec:
     router_groups: int = 1
     router_topk_groups: int = 1
     routed_scale: float = 1.0      # the routing weights are multiplied by it after any renormalisation
+    shared_scale: float = 1.0      # the shared expert's output is multiplied by it (Cohere 2 MoE's "average": 0.5)
     router_jitter: float = 0.0     # router "sparsemixer" (Phi-MoE): how close to a pick's score another must be to
     #                                share its softmax (2 * router_jitter, relative)
     experts_per_token: int = 0     # top-k experts each token is routed to
@@ -517,10 +518,12 @@ class Policy:
             experts_scale_input=self._layout("experts_weigh", flags, "output") == "input",
             qk_norm=self._qk_norm(flags), qk_norm_after_rope=bool(self._layout("qk_norm_after_rope", flags, False)),
             **glu, **mixed, **self._router(c, experts, topk, flags), **self._query_scale(config, c, flags),
-            **windows, nope_layers=self._nope_layers(config, c, position), global_attn=global_attn,
+            **windows, nope_layers=self._nope_layers(config, c, position, mixed.get("dense_layers"), flags),
+            global_attn=global_attn,
             value_is_key=bool(global_attn) and bool(self._layout("value_is_key", flags, False)),
             v_norm=bool(self._layout("v_norm", flags, False)),
             moe_beside_dense=bool(experts) and bool(self._layout("moe_beside_dense", flags, False)),
+            shared_scale=_number(c, "shared_scale", 1.0),
             attn_softcap=_number(c, "attn_softcap", 0.0, zero_ok=True),
             logit_softcap=_number(c, "logit_softcap", 0.0, zero_ok=True),
             logit_scale=1.0 / _number(c, "logit_divisor", 1.0) * _number(c, "logit_scale", 1.0),
@@ -817,14 +820,16 @@ class Policy:
             raise FmError("config.json: sliding and chunked layers in one model are not supported")
         return {"sliding_window": window, "window_layers": None if len(layers) == len(types) else layers}
 
-    def _nope_layers(self, config, c, position: dict) -> list | None:
+    def _nope_layers(self, config, c, position: dict, dense=None, picks=None) -> list | None:
         """The layers with no positional encoding at all. `uses_rope`: a per-layer list, 1 where a layer applies
         RoPE and 0 where it does not (SmolLM3 calls it no_rope_layers). Layout `nope_unwindowed`: when the config
-        sets a sliding window, every layer that is not a sliding one goes without (EXAONE 4's global layers)."""
+        sets a sliding window, every layer that is not a sliding one goes without (EXAONE 4's global layers), except
+        a mixture's dense layers where layout `rope_dense` holds (Cohere 2 MoE's force_rope)."""
         flags = c.get("uses_rope")
         if self.layout.get("nope_unwindowed") and c.get("sliding_window"):
             types = getattr(config, "layer_types", None) or []
-            flags = [int(t == "sliding_attention") for t in types]
+            keep = set(dense or ()) if self._layout("rope_dense", picks or {}, False) else set()
+            flags = [int(t == "sliding_attention" or i in keep) for i, t in enumerate(types)]
         if flags is None:
             return None
         if position["type"] != "rope" or not isinstance(flags, (list, tuple)) or len(flags) != c["num_layers"] \

@@ -142,7 +142,8 @@ def _threads(out_dir, tp, fn):
                                   "deepseek_v2", "hunyuan_moe", "llama4", "phimoe", "exaone_moe", "flex_olmo",
                                   "qwen3_5", "qwen3_next", "granite_hybrid", "granite_hybrid_dense", "bamba",
                                   "nemotron_h", "nemotron_h_dense", "lfm2", "lfm2_moe", "youtu", "mellum", "olmo", "mamba",
-                                  "falcon_mamba", "jamba", "mamba2", "kimi_linear", "lfm3", "gemma4", "gemma4_moe"])
+                                  "falcon_mamba", "jamba", "mamba2", "kimi_linear", "lfm3", "gemma4", "gemma4_moe",
+                                  "cohere2_moe"])
 def test_tp4_emulated_equals_tp1(work, name, tmp_path):
     _, src, outs = work(name)
     convert(src, tmp_path / "tp4", Options(tp=4), progress=False)

@@ -513,6 +513,11 @@ CONFIGS = {
         num_experts=4, top_k_experts=4, moe_intermediate_size=32,   # every expert: no choice for int8 noise to flip
         layer_types=["sliding_attention", "sliding_attention", "full_attention"], pad_token_id=0, eos_token_id=1,
         bos_token_id=2)),
+    "cohere2_moe": ("Cohere2MoeConfig", "Cohere2MoeForCausalLM", dict(   # a dense global first layer with RoPE
+        hidden_size=64, intermediate_size=32, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=101, max_position_embeddings=64, sliding_window=4, num_experts=4,
+        num_experts_per_tok=2, num_shared_experts=1, first_k_dense_replace=1, prefix_dense_intermediate_size=96,
+        logit_scale=0.5, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "gemma4_vl": ("Gemma4Config", "Gemma4ForConditionalGeneration", dict(   # gemma-4-31B's layout: a vision tower
         text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1,

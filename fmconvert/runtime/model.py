@@ -381,6 +381,8 @@ class Block(nn.Module):
                 f = m.ops.linear(m.ops.linear(h, t["shared_in.weight"], None, m.activation), t["shared_out.weight"])
                 if "shared_gate.weight" in t:    # replicated, so it scales each rank's partial sum alike
                     f = torch.sigmoid(torch.nn.functional.linear(h, t["shared_gate.weight"])) * f
+                if m.spec["shared_scale"] != 1.0:      # Cohere 2 MoE's "average" of routed and shared
+                    f = f * m.spec["shared_scale"]
                 y = y + f
             return y
         f = m.ops.linear(h, t["mlp_in.weight"], t.get("mlp_in.bias"), self.activation)

@@ -1,0 +1,56 @@
+"""Cohere 2 MoE beyond the family tests (which run cohere2_moe through tiny.FAMILIES with softmax routing, LayerNorm,
+an averaged shared expert and a dense first layer that keeps RoPE): the config's other choices, each against
+transformers in fp32, and what the manifest records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tiny
+from fmconvert.pipeline import Options, convert
+from fmconvert.runtime.load import load
+
+
+@pytest.mark.parametrize("override", [
+    dict(expert_selection_fn="sigmoid"),                          # sigmoids of the top k, renormalised
+    dict(expert_selection_fn="sigmoid", norm_topk_prob=False),
+    dict(rms_norm_eps=1e-6),                                      # RMSNorm in place of LayerNorm
+    dict(shared_expert_combination_strategy="sum"),
+    dict(prefix_dense_sliding_window_pattern=2, layer_types=[     # the dense layer windowed: no forced RoPE
+        "sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention"]),
+    dict(num_shared_experts=0),
+])
+def test_each_variant_matches_transformers(model_dir, tmp_path, override):
+    convert(model_dir("cohere2_moe", **override), tmp_path / "out", Options(tp=2), progress=False)
+    hf = tiny.build("cohere2_moe", **override)
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = hf(ids).logits
+    from fmconvert.runtime.comm import ThreadGroup
+    import threading
+    group, got = ThreadGroup(2), [None, None]
+
+    def run(r):
+        got[r] = load(tmp_path / "out", comm=group.comm(r))(ids)
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(tiny.rel(g, want) < 1e-5 for g in got)
+
+
+def test_the_manifest_records_the_averaged_shared_expert_and_the_roped_dense_layer(model_dir, tmp_path):
+    convert(model_dir("cohere2_moe"), tmp_path / "out", Options(), progress=False)
+    sp = json.loads((tmp_path / "out" / "manifest.json").read_text())["model"]
+    assert sp["routed_scale"] == sp["shared_scale"] == 0.5 and sp["router"] == "softmax"
+    assert sp["dense_layers"] == [0] and sp["nope_layers"] == [4] and sp["window_layers"] == [1, 2, 3]
+    assert sp["norm"] == "layer" and sp["residual"] == "parallel"
+    from click.testing import CliRunner
+
+    from fmconvert.cli import cli
+    r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "out")], terminal_width=200)
+    assert "a shared expert of width 32, times 0.5" in " ".join(r.output.replace("│", " ").split()), r.output
