@@ -11,7 +11,6 @@ import torch
 
 import tiny
 from fmconvert.pipeline import Options, convert
-from fmconvert.runtime.load import load
 
 
 @pytest.mark.parametrize("override", [
@@ -29,18 +28,7 @@ def test_each_variant_matches_transformers(model_dir, tmp_path, override):
     ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = hf(ids).logits
-    from fmconvert.runtime.comm import ThreadGroup
-    import threading
-    group, got = ThreadGroup(2), [None, None]
-
-    def run(r):
-        got[r] = load(tmp_path / "out", comm=group.comm(r))(ids)
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert all(tiny.rel(g, want) < 1e-5 for g in got)
+    assert all(tiny.rel(g, want) < 1e-5 for g in tiny.on_ranks(tmp_path / "out", 2, lambda m: m(ids)))
 
 
 def test_the_manifest_records_the_averaged_shared_expert_and_the_roped_dense_layer(model_dir, tmp_path):

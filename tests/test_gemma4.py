@@ -118,7 +118,6 @@ def test_top2_routing_matches_transformers(model_dir, tmp_path):
     """The family tests route to every expert (int8 noise would flip a tiny random router's choice); here two of
     four, in fp32 against transformers, at tp 1 and over two emulated ranks."""
     import tiny
-    from fmconvert.runtime.comm import ThreadGroup
     from fmconvert.runtime.load import load
     src = model_dir("gemma4_moe", top_k_experts=2)
     convert(src, tmp_path / "tp1", Options(), progress=False)
@@ -128,17 +127,7 @@ def test_top2_routing_matches_transformers(model_dir, tmp_path):
     with torch.no_grad():
         want = hf(ids).logits
     assert tiny.rel(load(tmp_path / "tp1")(ids), want) < 1e-5
-    group, got = ThreadGroup(2), [None, None]
-
-    def run(r):
-        got[r] = load(tmp_path / "tp2", comm=group.comm(r))(ids)
-    import threading
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert all(tiny.rel(g, want) < 1e-5 for g in got)
+    assert all(tiny.rel(g, want) < 1e-5 for g in tiny.on_ranks(tmp_path / "tp2", 2, lambda m: m(ids)))
 
 
 def test_rms_fp32_rounds_once_as_gemma4_does():

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ import tiny
 from tiny import rel
 from fmconvert.pipeline import Options, convert
 from fmconvert.errors import FmError
-from fmconvert.runtime.comm import ThreadGroup
 from fmconvert.runtime.generate import generate
 from fmconvert.runtime.inject import inject
 from fmconvert.runtime.load import load
@@ -123,19 +121,6 @@ def test_cpu_int8_matmul_is_the_dequantized_linear(N, K, group, lead, dtype):
         assert ((got.float() - want.float()).abs().max() / want.float().abs().max()).item() < 1e-2
 
 
-def _threads(out_dir, tp, fn):
-    group, res = ThreadGroup(tp), [None] * tp
-
-    def run(r):
-        res[r] = fn(load(out_dir, comm=group.comm(r)))
-    ts = [threading.Thread(target=run, args=(r,)) for r in range(tp)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    return res
-
-
 @pytest.mark.parametrize("name", ["llama", "mistral", "bloom", "bert", "gptneox", "phi", "phi3", "qwen3", "falcon_new", "mixtral",
                                   "qwen3_moe", "olmo2", "olmoe", "cohere_qk", "gpt_oss", "glm4_moe",
                                   "qwen2_moe_mixed", "minimax_m2", "dots1", "ernie4_5_moe", "deepseek_v3",
@@ -149,7 +134,7 @@ def test_tp4_emulated_equals_tp1(work, name, tmp_path):
     convert(src, tmp_path / "tp4", Options(tp=4), progress=False)
     ids = torch.randint(3, 100, (2, 7))
     ref = run_fused(load(outs["tp1"]), ids)
-    for r in _threads(tmp_path / "tp4", 4, lambda m: run_fused(m, ids)):
+    for r in tiny.on_ranks(tmp_path / "tp4", 4, lambda m: run_fused(m, ids)):
         assert rel(r, ref) < 1e-5
 
 
@@ -172,7 +157,7 @@ def test_tp2_real_gloo_processes_equal_tp1(work, tmp_path):
         outs = work(n)[2]
         assert rel(got[str(outs["tp2"])], run_fused(load(outs["tp1"]), ids)) < 1e-5, n
         # int8 groups of a row-parallel slice differ from tp=1's, so compare with the same shards run in threads
-        assert rel(got[str(outs["tp2int8"])], _threads(outs["tp2int8"], 2, lambda m: run_fused(m, ids))[0]) < 1e-5, n
+        assert rel(got[str(outs["tp2int8"])], tiny.on_ranks(outs["tp2int8"], 2, lambda m: run_fused(m, ids))[0]) < 1e-5, n
         if str(outs["tp2"]) + ":incremental" in got:
             assert rel(got[str(outs["tp2"]) + ":incremental"], got[str(outs["tp2"])]) < 1e-5, n
 
@@ -185,7 +170,7 @@ def test_stories_greedy_generation_equals_transformers(work):
     got, stats = generate(load(outs["tp1"]), ids, max_new_tokens=40)
     assert got.tolist() == ref.tolist()
     assert stats.new_tokens == 40 and stats.decode_tok_s > 0
-    tp2 = _threads(outs["tp2"], 2, lambda m: generate(m, ids, max_new_tokens=40)[0])
+    tp2 = tiny.on_ranks(outs["tp2"], 2, lambda m: generate(m, ids, max_new_tokens=40)[0])
     assert tp2[0].tolist() == ref.tolist() and tp2[1].tolist() == ref.tolist()
 
 

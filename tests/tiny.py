@@ -574,6 +574,24 @@ def save(name: str, path: Path, seed: int = 0, **overrides) -> Path:
     return Path(path)
 
 
+def on_ranks(out_dir, tp: int, fn) -> list:
+    """fn(model) on every rank of a converted out_dir, each rank a thread of this process (exact tp emulation)."""
+    import threading
+
+    from fmconvert.runtime.comm import ThreadGroup
+    from fmconvert.runtime.load import load
+    group, res = ThreadGroup(tp), [None] * tp
+
+    def run(r):
+        res[r] = fn(load(out_dir, comm=group.comm(r)))
+    ts = [threading.Thread(target=run, args=(r,)) for r in range(tp)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return res
+
+
 def rel(a, b) -> float:
     """The largest difference relative to the largest magnitude of b: the family tests' error measure."""
     return ((a - b).abs().max() / b.abs().max()).item()
