@@ -221,10 +221,10 @@ def other_cases(D: int = 128, hidden: int = 4096, S: int = 193, T: int = 2048):
                ints=dict(T=T, S=T, HQ=H, GQA=1, D=D, WINDOW=8192, skpb=T, **seq))
     r = {"cos_ptr": "*fp32", "sin_ptr": "*fp32", "pos_ptr": "*i64"}
     qkv = dict(sqb=3 * H * D, sqh=D, sqd=1, skb=3 * H * D, skh=D, skd=1)
-    for use, qk_norm in ((True, False), (False, False), (True, True)):
-        yield Case(f"rope_append{'' if use else ' (no RoPE)'}{' qk_norm' if qk_norm else ''} d{D}",
-                   rope._rope_append_kernel,
-                   dict(ROPE=use, GPTJ=False, QK_NORM=qk_norm, PLUS_ONE=False, V_NORM=False, RING=False, BLOCK_H=16,
+    for use, qk_norm, v_norm in ((True, False, False), (False, False, False), (True, True, False), (True, True, True)):
+        name = f"rope_append{'' if use else ' (no RoPE)'}{' qk_norm' if qk_norm else ''}{' v_norm' if v_norm else ''}"
+        yield Case(f"{name} d{D}", rope._rope_append_kernel,
+                   dict(ROPE=use, GPTJ=False, QK_NORM=qk_norm, PLUS_ONE=False, V_NORM=v_norm, RING=False, BLOCK_H=16,
                         BLOCK_HALF=D // 2, BLOCK_D=D), 4, ptrs=r,
                    ints=dict(HQ=H, HKV=H, D=D, R=D, HALF=D // 2, S_MAX=S, N_POS=4096, svb=3 * H * D, svh=D, svd=1,
                              oqb=H * D, oqh=D, skcb=H * S * D, skch=S * D, skcs=D, svcb=H * S * D, svch=S * D,
@@ -233,11 +233,11 @@ def other_cases(D: int = 128, hidden: int = 4096, S: int = 193, T: int = 2048):
                ptrs=r, ints=dict(T=T, HQ=H, HKV=H, D=D, R=D, HALF=D // 2, sqt=3 * H * D, skt=3 * H * D,
                                  oqb=T * H * D, oqt=H * D, oqh=D, okb=T * H * D, okt=H * D, okh=D, spb=T, spt=1,
                                  scp=D // 2, **{k: v * T if k.endswith("b") else v for k, v in qkv.items()}))
-    for n in (hidden, 2 * hidden):
-        block = triton.next_power_of_2(n)
-        yield Case(f"add+rmsnorm {n}", norm._add_norm_kernel, dict(HAS_RES=True, HAS_W=True, HAS_BIAS=False,
-                   IS_RMS=True, PLUS_ONE=False, PRE=False, HAS_GAIN=False, BLOCK=block), min(16, max(1, block // 512)),
-                   ints=dict(N=n), one_pass=True)
+    for n, gemma4 in ((hidden, False), (2 * hidden, False), (5376, True)):
+        block = triton.next_power_of_2(n)     # Gemma 4: the output norm and the layer's gain on the stream folded in
+        yield Case(f"add+rmsnorm {n}{' pre+gain' if gemma4 else ''}", norm._add_norm_kernel,
+                   dict(HAS_RES=True, HAS_W=True, HAS_BIAS=False, IS_RMS=True, PLUS_ONE=False, PRE=gemma4,
+                        HAS_GAIN=gemma4, BLOCK=block), min(16, max(1, block // 512)), ints=dict(N=n), one_pass=True)
     yield Case("swiglu", glu._glu_kernel, dict(ACT=5, BLOCK=1024), 4, ints=dict(N=11008, stride_y=22016,
                                                                           stride_o=11008))
     yield Case("swiglu_oai", glu._glu_kernel, dict(ACT=7, ALPHA=1.702, LIMIT=7.0, BLOCK=1024), 4,
@@ -348,6 +348,8 @@ def rows(gemv_only: bool = False, jobs: int = 1):
         cases += list(other_cases(D=128))
         cases += [c for c in other_cases(D=64) if "attention" in c.name or "rope" in c.name]  # GPT-2/BERT/GPT-OSS
         cases += [c for c in other_cases(D=256) if "window softcap" in c.name]                  # Gemma 2/3 heads
+        cases += [c for c in other_cases(D=512) if c.name in (                                  # Gemma 4's global
+            "decode attention split-K d512", "rope_append qk_norm v_norm d512", "prefill attention causal d512")]
         cases += list(mla_cases())
         cases += list(linear_cases())
         cases += list(float_gemv_cases())
