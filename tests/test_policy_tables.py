@@ -107,3 +107,11 @@ def test_norm_and_router_may_be_picked_by_a_flag():
         cfg.use_rms, cfg.use_sigmoid = rms, sig
         spec = pol.spec(cfg, "MixtralForCausalLM")
         assert (spec.norm, spec.router) == ("rms" if rms else "layer", "sigmoid" if sig else "softmax")
+
+
+def test_no_slot_name_reads_as_an_int8_weight_s_scales():
+    """Readers take `<name>_scale` beside an int8 `<name>` for its group scales (manifest, load, reassemble), so a slot
+    whose tensor name ends in `_scale` would be refused or misread ("router.expert_scale" was, once)."""
+    names = list(GLOBAL_SLOTS + LAYER_SLOTS)
+    assert not [n for n in names if n.endswith("_scale")], names
+    assert len(set(names)) == len(names), "a slot is listed twice"
