@@ -106,35 +106,27 @@ def convert(model_dir, out_dir, tp, int8, group_size, int8_embeddings, int8_lm_h
     if quiet:
         return
     from rich.table import Table
-    if dry_run:
-        t = Table(title=f"dry run: {s['architecture']} ({s['family']} table) -> {out_dir}, nothing written",
-                  show_header=False)
-        t.add_row("parameters", f"{s['params'] / 1e6:.2f} M")
-        g = s["groups"]
-        group = (f", groups of {g[0]}" if len(g) == 1 else f", groups of {g[0]} to {g[-1]}") if g else ""
-        t.add_row("tp / int8 / dtype", f"{s['tp']} / {'yes' if s['int8'] else 'no'}{group} / {s['dtype']}")
-        t.add_row("bytes in -> out", f"{_human(s['bytes_in'])} -> {_human(s['bytes_out'])} "
-                  f"({s['bytes_in'] / max(s['bytes_out'], 1):.2f}x smaller)")
-        t.add_row("each rank", ", ".join(_human(b) for b in s["rank_bytes"]) + f" in {s['files']} files")
-        t.add_row("KV cache a rank", _kv_text(*s["kv_cache"]))
-        if s["dropped"] is not None:
-            t.add_row("left out", f"{s['dropped']['tensors']} {_DROPPED[s['dropped'].get('what', 'vision')]}"
-                      f" ({_human(s['dropped']['bytes'])})")
-        _console().print(t)
-        return
-    t = Table(title=f"converted {s['architecture']} -> {out_dir}", show_header=False)
+    title = (f"dry run: {s['architecture']} ({s['family']} table) -> {out_dir}, nothing written" if dry_run
+             else f"converted {s['architecture']} -> {out_dir}")
+    t = Table(title=title, show_header=False)
     t.add_row("parameters", f"{s['params'] / 1e6:.2f} M")
-    t.add_row("tp / int8 / dtype", f"{s['tp']} / {'yes' if s['int8'] else 'no'} / {s['dtype']}")
+    g = s.get("groups")            # a dry run names the int8 groups it would use
+    group = (f", groups of {g[0]}" if len(g) == 1 else f", groups of {g[0]} to {g[-1]}") if g else ""
+    t.add_row("tp / int8 / dtype", f"{s['tp']} / {'yes' if s['int8'] else 'no'}{group} / {s['dtype']}")
     t.add_row("bytes in -> out", f"{_human(s['bytes_in'])} -> {_human(s['bytes_out'])} "
               f"({s['bytes_in'] / max(s['bytes_out'], 1):.2f}x smaller)")
-    t.add_row("files", str(s["files"]))
-    t.add_row("time", f"{s['seconds']:.2f} s  ({s['mb_per_s']:.1f} MB/s read)")
-    if s["worst_sqnr_db"] is not None:
-        t.add_row("worst int8 SQNR", f"{s['worst_sqnr_db']:.1f} dB")
-    if s["mxfp4"]:
-        t.add_row("MXFP4", f"{s['mxfp4']} expert tensors decoded on read (exactly, to bf16)")
-    if s.get("fp8"):
-        t.add_row("FP8", f"{s['fp8']} block-scaled tensors decoded on read (to bf16)")
+    if dry_run:
+        t.add_row("each rank", ", ".join(_human(b) for b in s["rank_bytes"]) + f" in {s['files']} files")
+        t.add_row("KV cache a rank", _kv_text(*s["kv_cache"]))
+    else:
+        t.add_row("files", str(s["files"]))
+        t.add_row("time", f"{s['seconds']:.2f} s  ({s['mb_per_s']:.1f} MB/s read)")
+        if s["worst_sqnr_db"] is not None:
+            t.add_row("worst int8 SQNR", f"{s['worst_sqnr_db']:.1f} dB")
+        if s["mxfp4"]:
+            t.add_row("MXFP4", f"{s['mxfp4']} expert tensors decoded on read (exactly, to bf16)")
+        if s.get("fp8"):
+            t.add_row("FP8", f"{s['fp8']} block-scaled tensors decoded on read (to bf16)")
     if s["dropped"] is not None:
         t.add_row("left out", f"{s['dropped']['tensors']} {_DROPPED[s['dropped'].get('what', 'vision')]}"
                   f" ({_human(s['dropped']['bytes'])})")

@@ -345,6 +345,12 @@ def validate(m) -> dict:
     return m
 
 
+def is_global_layer(global_attn, window_layers, linear_layers, i: int) -> bool:
+    """Whether layer i takes model.global_attn's widths: an attention layer outside window_layers (Gemma 4)."""
+    return (global_attn is not None and window_layers is not None and i not in window_layers
+            and i not in (linear_layers or ()))
+
+
 def kv_cache_bytes(model: dict, parallel: dict, itemsize: int) -> tuple[int, int, int]:
     """What one rank's KV cache holds, as the runtime sizes it: (bytes a token in the layers that keep every
     position, bytes a token in the windowed layers, their window). A windowed layer's ring stops growing at its
@@ -361,7 +367,7 @@ def kv_cache_bytes(model: dict, parallel: dict, itemsize: int) -> tuple[int, int
             model["attn_chunk"] > 0 and (chunks is None or i in chunks))
         if mla:                                   # one latent row a token, on every rank
             n = mla["kv_rank"] + mla["rope_dim"]
-        elif ga is not None and layers is not None and i not in layers:
+        elif is_global_layer(ga, layers, model["linear_layers"], i):
             n = 2 * parallel["global_kv_heads_per_rank"] * ga["head_dim"]
         else:
             n = 2 * parallel["kv_heads_per_rank"] * model["head_dim"]

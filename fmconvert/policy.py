@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import FmError
-from .manifest import TABLE_POSITIONS
+from .manifest import TABLE_POSITIONS, is_global_layer
 
 CONFIG_DIR = Path(os.environ.get("FMCONVERT_CONFIGS", Path(__file__).resolve().parent / "configs"))
 
@@ -204,8 +204,7 @@ class ModelSpec:
 
     def global_layer(self, layer: int | None) -> bool:
         """Whether this layer takes global_attn's geometry (an attention layer outside window_layers)."""
-        return (self.global_attn is not None and layer is not None and layer not in (self.window_layers or ())
-                and layer not in (self.linear_layers or ()))
+        return layer is not None and is_global_layer(self.global_attn, self.window_layers, self.linear_layers, layer)
 
     def at(self, layer: int | None) -> "ModelSpec":
         """The spec as this layer sees it: global_attn's head_dim and num_kv_heads in a global layer."""

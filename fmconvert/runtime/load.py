@@ -54,7 +54,7 @@ def check_layout(m: dict, rank: int):
     hpr, ipr, vpr = par["heads_per_rank"], par["intermediate_per_rank"], par["vocab_per_rank"]
     dpr = par.get("dense_intermediate_per_rank") or ipr      # a mixture's dense layers have their own width
     glu = 2 if sp["gated_mlp"] else 1               # gate; up in the MLP, each expert and the shared expert
-    qkv, mlp = (hpr + 2 * par["kv_heads_per_rank"]) * hd, dpr * glu
+    mlp = dpr * glu
     glob = {"embed.weight": (vpr, e), "lm_head.weight": (vpr, e), "lm_head.bias": (vpr,),
             "type_embed.weight": (sp["type_vocab_size"], h),
             "pos_embed.weight": (sp["max_positions"] + pos.get("offset", 0), h), "project_in.weight": (h, e),
@@ -63,18 +63,24 @@ def check_layout(m: dict, rank: int):
             "rope_local.inv_freq": (pos.get("local", pos).get("rotary_dim", pos.get("rotary_dim", 0)) // 2,),
             "alibi.slopes": (hpr,),
             **{f"{n}.{p}": (h,) for n in ("embed_norm", "final_norm") for p in ("weight", "bias")}}
-    E, kvpr = sp["num_experts"], par["kv_heads_per_rank"]
-    qk = {"head": ((hd,), (hd,)), "per_head": ((hpr, hd), (kvpr, hd)), "full": ((hpr * hd,), (kvpr * hd,)),
-          "l2": ((hd,), (hd,))}
-    q_norm, k_norm = qk[sp["qk_norm"]]
-    layer = {"qkv.weight": (qkv, h), "qkv.bias": (qkv,), "q_norm.weight": q_norm, "k_norm.weight": k_norm,
-             "q_norm.bias": (hd,), "k_norm.bias": (hd,),
+    E = sp["num_experts"]
+
+    def attention(d: int, kvpr: int) -> dict:
+        """This rank's attention slots for heads d wide and kvpr kv heads (Gemma 4's global layers: their own)."""
+        gate = hpr * (1 if sp["attn_gate_heads"] else d) if sp["attn_gate"] else 0   # LFM3: a gate row a head
+        qkv = (hpr + 2 * kvpr) * d + gate
+        q_norm, k_norm = {"head": ((d,), (d,)), "per_head": ((hpr, d), (kvpr, d)),
+                          "full": ((hpr * d,), (kvpr * d,)), "l2": ((d,), (d,))}[sp["qk_norm"]]
+        return {"qkv.weight": (qkv, h), "qkv.bias": (qkv,), "q_norm.weight": q_norm, "k_norm.weight": k_norm,
+                "q_norm.bias": (d,), "k_norm.bias": (d,), "attn_out.weight": (h, hpr * d)}
+
+    layer = {**attention(hd, par["kv_heads_per_rank"]),
              "router.weight": (E, h), "experts_in.weight": (E * glu * ipr, h), "experts_out.weight": (E * h, ipr),
              "router.bias": (E,), "experts_in.bias": (E * glu * ipr,), "experts_out.bias": (E * h,),
              "attn_sinks.weight": (hpr,),
              "shared_in.weight": (glu * par.get("shared_intermediate_per_rank", 0), h), "shared_gate.weight": (1, h),
              "shared_out.weight": (h, par.get("shared_intermediate_per_rank", 0)),
-             "attn_out.weight": (h, hpr * hd), "attn_out.bias": (h,),
+             "attn_out.bias": (h,),
              "mlp_in.weight": (mlp, h), "mlp_in.bias": (mlp,), "mlp_out.weight": (h, dpr), "mlp_out.bias": (h,),
              "router.correction_bias": (E,),
              "act.alpha_p": (1,), "act.alpha_n": (1,), "act.beta": (), "act.eps": (),
@@ -123,18 +129,8 @@ def check_layout(m: dict, rank: int):
                       "mamba_x.weight": (R + 2 * N, D), "mamba_dt_norm.weight": (R,), "mamba_b_norm.weight": (N,),
                       "mamba_c_norm.weight": (N,), "mamba_dt.weight": (D, R), "mamba_dt.bias": (D,),
                       "mamba.a_log": (D, N), "mamba.d": (D,), "mamba_out.weight": (h, D), "mamba_out.bias": (h,)})
-    if sp["attn_gate"]:
-        g = hpr * (1 if sp["attn_gate_heads"] else hd)       # LFM3: one gate row per head
-        layer.update({"qkv.weight": (qkv + g, h), "qkv.bias": (qkv + g,)})
-    wide, ga = layer, sp["global_attn"]
-    if ga:              # Gemma 4's global layers: their own head_dim and kv heads
-        ghd, gkv = ga["head_dim"], par["global_kv_heads_per_rank"]
-        gq = (hpr + 2 * gkv) * ghd + (hpr * (1 if sp["attn_gate_heads"] else ghd) if sp["attn_gate"] else 0)
-        gn = {"head": ((ghd,), (ghd,)), "per_head": ((hpr, ghd), (gkv, ghd)),
-              "full": ((hpr * ghd,), (gkv * ghd,)), "l2": ((ghd,), (ghd,))}[sp["qk_norm"]]
-        wide = {**layer, "qkv.weight": (gq, h), "qkv.bias": (gq,), "q_norm.weight": gn[0], "k_norm.weight": gn[1],
-                "q_norm.bias": (ghd,), "k_norm.bias": (ghd,), "attn_out.weight": (h, hpr * ghd)}
-    narrow = set(sp["window_layers"] or ()) | set(sp["linear_layers"] or ())
+    ga = sp["global_attn"]
+    wide = {**layer, **attention(ga["head_dim"], par["global_kv_heads_per_rank"])} if ga else layer
     tensors = m["ranks"][rank]["tensors"]
     need = {"embed.weight"} | {s for s in sp["slots"] if not s.startswith("layers.")}
     need |= {s for s, on in [("lm_head.weight", sp["kind"] == "decoder" and not sp["tied_embeddings"]),
@@ -199,7 +195,9 @@ def check_layout(m: dict, rank: int):
         base = name[:-len("_scale")] if name.endswith("_scale") else name
         parts = base.split(".", 2)
         if parts[0] == "layers" and len(parts) == 3 and parts[1].isdigit() and int(parts[1]) < sp["num_layers"]:
-            slot, want = parts[2], (layer if int(parts[1]) in narrow else wide).get(parts[2])
+            i = int(parts[1])
+            slot = parts[2]
+            want = (wide if mf.is_global_layer(ga, sp["window_layers"], sp["linear_layers"], i) else layer).get(slot)
         else:
             slot, want = base, glob.get(base)
         if want is None:

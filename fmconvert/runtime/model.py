@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..manifest import TABLE_POSITIONS
+from ..manifest import TABLE_POSITIONS, is_global_layer
 from .comm import SingleComm
 from .ops import Int8Weight, TorchOps, rope_tables
 
@@ -71,10 +71,11 @@ class Block(nn.Module):
         self.window = sp["sliding_window"] if layers is None or i in layers else 0   # 0: every earlier position
         self.rope_table = "local" if self.window and "local" in sp["position"] else "global"
         self.rope = model.rope is not None and i not in (sp.get("nope_layers") or ())   # SmolLM3: NoPE layers
-        self.rotary_dim = model.rotary_dims.get(self.rope_table) if model.rope is not None else None
-        # Gemma 4's global layers (outside window_layers): wider heads, fewer kv heads
-        wide = sp["global_attn"] is not None and layers is not None and i not in layers \
-            and i not in (sp["linear_layers"] or ())
+        pos = sp["position"]      # the width this layer's table rotates (Gemma 4's windowed heads are narrower)
+        self.rotary_dim = pos.get("local", {}).get("rotary_dim", pos.get("rotary_dim")) \
+            if self.rope_table == "local" else pos.get("rotary_dim")
+        # Gemma 4's global layers: wider heads, fewer kv heads
+        wide = is_global_layer(sp["global_attn"], layers, sp["linear_layers"], i)
         self.head_dim = sp["global_attn"]["head_dim"] if wide else model.head_dim
         self.kv_heads = model.par["global_kv_heads_per_rank"] if wide else model.kv_heads
         self.v_ones = torch.ones(self.head_dim, dtype=model.dtype, device=model.device) if sp["v_norm"] else None
@@ -718,15 +719,12 @@ class FusedModel(nn.Module):
                           for n in ("attn_norm", "mlp_norm")}}
         self.g = {k: v for k, v in tensors.items() if not k.startswith("layers.")}  # global slots only
         pos = sp["position"]
-        self.rope, self.long_from, self.rotary_dims = None, None, {}
+        self.rope, self.long_from = None, None
         self._rope_checked, self._forwards = None, 0
         self.alibi = tensors.get("alibi.slopes")
         if pos["type"] == "rope":
             self.rope = tensors["rope.inv_freq"]
-            self.rope_style, self.rotary_dim = pos["style"], pos["rotary_dim"]
-            # the width each table rotates (Gemma 4's windowed layers: their narrower heads)
-            self.rotary_dims = {"global": pos["rotary_dim"], "long": pos["rotary_dim"],
-                                "local": pos.get("local", {}).get("rotary_dim", pos["rotary_dim"])}
+            self.rope_style = pos["style"]
             # name -> [inv_freq, attention scaling, cos, sin]; Gemma 3's windowed layers have their own ("local")
             self._tables = {"global": [self.rope, pos.get("attention_scaling", 1.0)]}
             if "local" in pos:

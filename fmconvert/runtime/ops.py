@@ -679,14 +679,13 @@ class TritonOps(TorchOps):
         if not self.fuse_decode_append or not fusable_norm:
             return super().decode_append(q, k, v, k_cache, v_cache, pos_t, cos, sin, style, rotary_dim, qk_norm,
                                          ring, v_norm)
-        vn = {} if v_norm is None else {"v_norm": v_norm[0], "eps": v_norm[1]}   # Gemma 4: v heads normed too
-        if qk_norm is None:
-            return self.k.rope_append(q, k, v, k_cache, v_cache, pos_t, cos, sin, style or "neox", rotary_dim,
-                                      ring=ring, **vn)
+        norms = {}
+        if v_norm is not None:                   # Gemma 4: v heads normed too
+            norms.update(v_norm=v_norm[0], eps=v_norm[1])
+        if qk_norm is not None:
+            norms.update(q_norm=qk_norm[0], k_norm=qk_norm[1], eps=qk_norm[2], plus_one=qk_norm[3] == "rms_plus_one")
         return self.k.rope_append(q, k, v, k_cache, v_cache, pos_t, cos, sin, style or "neox", rotary_dim,
-                                  q_norm=qk_norm[0], k_norm=qk_norm[1], eps=qk_norm[2],
-                                  plus_one=qk_norm[3] == "rms_plus_one", ring=ring,
-                                  **({} if v_norm is None else {"v_norm": v_norm[0]}))
+                                  ring=ring, **norms)
 
     def attention(self, q, k, v, scale, causal, alibi_slopes=None, key_padding_mask=None, window=0, softcap=0.0,
                   sinks=None, chunk=0):
