@@ -224,6 +224,102 @@ KERNEL_TEST_GROUPS = (("test_attention.py",), ("test_int8_matmul.py",), ("test_m
 KERNEL_TEST_SKIP = ("test_int8_gemv_cpu.py", "test_benchmark_script.py")
 
 
+def prefill_probe(m, long, reps=7) -> dict:
+    """Where a long prompt's time goes: the profiler's kernels by category for one forward, the CPU's time to issue
+    it (a CPU-bound forward shows as launch time near the wall time), and for an int8 model each slot's int8_linear
+    at this prompt length against F.linear on its dequantized weight, over every layer (so weights come from HBM),
+    the dequantization alone, then the whole prefill again with every int8 weight dequantized ahead (what the int8
+    path costs over bf16 GEMMs in the same model)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from fmconvert.runtime.ops import Int8Weight
+    r: dict = {}
+    with torch.inference_mode():
+        m(long)
+        sync()
+        t0 = time.perf_counter()
+        m(long)
+        r["cpu_issue_s"] = time.perf_counter() - t0
+        sync()
+        r["wall_s"] = time.perf_counter() - t0
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            m(long)
+            sync()
+    evs = profiled_events(prof, DEV == "cuda")
+    cats: dict = {}
+    by_name: dict = {}
+    for name, us in evs:
+        c = cats.setdefault(category(name), {"us": 0.0, "count": 0})
+        c["us"] += us
+        c["count"] += 1
+        by_name[name] = by_name.get(name, 0.0) + us
+    r["kernel_us"] = sum(us for _, us in evs)
+    r["kernels"] = len(evs)
+    r["categories"] = cats
+    r["top"] = [{"name": n[:120], "us": round(us, 1)} for n, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:15]]
+    slots = {k for b in m.blocks for k, v in b.t.items() if isinstance(v, Int8Weight) and v.q.dim() == 2}
+    if not slots:
+        return r
+    from fmconvert.kernels import int8_linear
+    from fmconvert.kernels.int8_matmul import dequantize_dense
+    x_all = torch.randn(long.shape[1], m.blocks[0].t[sorted(slots)[0]].q.shape[1], device=DEV, dtype=m.dtype)
+
+    def per_layer(fn):
+        sync()
+        t0 = time.perf_counter()
+        for b in m.blocks:
+            fn(b)
+        sync()
+        return (time.perf_counter() - t0) / len(m.blocks)
+
+    per_slot = {}
+    with torch.inference_mode():
+        for slot in sorted(slots):
+            w0 = m.blocks[0].t[slot]
+            N, K = w0.q.shape
+            x = torch.randn(long.shape[1], K, device=DEV, dtype=m.dtype) if K != x_all.shape[1] else x_all
+            dense = [dequantize_dense(b.t[slot].q, b.t[slot].scale, b.t[slot].group_size, m.dtype)
+                     for b in m.blocks[:8]]
+            ms = {}
+            for _ in range(2):      # the second round is kept: the first compiles
+                ms["int8_linear"] = per_layer(lambda b: int8_linear(x, b.t[slot].q, b.t[slot].scale,
+                                                                     b.t[slot].group_size))
+                ms["dequant"] = per_layer(lambda b: dequantize_dense(b.t[slot].q, b.t[slot].scale,
+                                                                     b.t[slot].group_size, m.dtype))
+                ms["cublas"] = per_layer(lambda b: torch.nn.functional.linear(x, dense[b.i % len(dense)]))
+            moved = N * K * 3 + w0.scale.numel() * w0.scale.element_size()
+            per_slot[slot] = {"N": N, "K": K, **{k: round(v * 1e6, 1) for k, v in ms.items()},
+                              "dequant_GBs": round(moved / ms["dequant"] / 1e9, 1)}
+            del dense
+    r["per_slot_us"] = per_slot
+    # the dequantization's tile, over every layer's weights of each slot (us a layer)
+    tiles = [(32, 256, 4), (16, 512, 4), (64, 256, 8), (8, 1024, 4), (32, 512, 8), (128, 128, 8), (16, 1024, 8),
+             (64, 128, 4)]
+    sweep = {}
+    with torch.inference_mode():
+        for tile in tiles:
+            key = "x".join(map(str, tile))
+            try:
+                for _ in range(2):
+                    sweep[key] = {slot: round(1e6 * per_layer(
+                        lambda b: dequantize_dense(b.t[slot].q, b.t[slot].scale, b.t[slot].group_size, m.dtype,
+                                                   tile=tile)), 1) for slot in sorted(slots)}
+            except Exception as e:
+                sweep[key] = {"error": f"{type(e).__name__}: {e}"[:200]}
+    r["dequant_tiles_us"] = sweep
+    print("   dequant tiles (us a layer):", sweep, flush=True)
+    print("   per slot at", long.shape[1], "tokens (us, one layer):", per_slot, flush=True)
+    # the whole prompt with every int8 weight dequantized ahead: the same runtime on bf16 GEMMs
+    for b in m.blocks:
+        for k, v in list(b.t.items()):
+            if isinstance(v, Int8Weight) and v.q.dim() == 2:
+                b.t[k] = v.dequantize(m.dtype)
+    with torch.inference_mode():
+        m(long)
+        r["predequantized_prefill_s"] = timed(lambda: m(long), reps)
+    return r
+
+
 def kernel_test_groups(test_dir: Path, only=()) -> list:
     present = sorted(p.name for p in test_dir.glob("test_*.py") if p.name not in KERNEL_TEST_SKIP
                      and (not only or p.name in only))
@@ -233,15 +329,19 @@ def kernel_test_groups(test_dir: Path, only=()) -> list:
     return [g for g in groups if g]
 
 
-def start_kernel_tests(out: Path, test_dir: Path = ROOT / "tests" / "kernels", only=()) -> list:
+def start_kernel_tests(out: Path, test_dir: Path = ROOT / "tests" / "kernels", only=(), workers=0) -> list:
     """One background pytest per group (of the files in `only`, if given), each writing its own log; returns
     [(files, Popen, log path)]."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     procs = []
+    try:
+        import xdist  # noqa: F401
+    except ImportError:
+        workers = 0
     for i, files in enumerate(kernel_test_groups(test_dir, only)):
         log = out / f".kernel_tests_{i}.log"
         cmd = [sys.executable, "-m", "pytest", "-q", "--maxfail=20", "-p", "no:cacheprovider",
-               *(str(test_dir / f) for f in files)]
+               *(["-n", str(workers)] if workers else []), *(str(test_dir / f) for f in files)]
         with open(log, "w") as fh:
             procs.append((files, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT,
                                                   start_new_session=True), log))
@@ -375,6 +475,11 @@ def main():
                     help="comma-separated files of tests/kernels to run on CUDA; all if empty")
     ap.add_argument("--only-7b", action="store_true", help="no small models and no GEMV sweep after the 7B model")
     ap.add_argument("--gemv-sweep", action="store_true", help="the GEMV sweep even with --only-7b")
+    ap.add_argument("--prefill-probe", action="store_true",
+                    help="the models' prompt (2048 tokens) profiled and broken down instead of batch 8/32 decode, the "
+                         "fused-append A/B and the decode-step profile")
+    ap.add_argument("--test-workers", type=int, default=0,
+                    help="pytest-xdist workers for each group of kernel tests (where xdist is installed)")
     ap.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes on CPU, to check the script itself")
     args = ap.parse_args()
     global DEV
@@ -400,7 +505,8 @@ def main():
         """The CUDA kernel tests, in parallel groups in the background: they compile on the CPU while the model is
         built and converted (untimed work), and are joined before any timing of the model starts."""
         tests["t0"] = time.perf_counter()
-        tests["procs"] = start_kernel_tests(out, only=[f for f in args.test_files.split(",") if f])
+        tests["procs"] = start_kernel_tests(out, only=[f for f in args.test_files.split(",") if f],
+                                            workers=args.test_workers)
 
     @stage("kernel_tests", out)
     def join_tests(wait_s):
@@ -471,9 +577,10 @@ def main():
         state["long"] = long
         with torch.inference_mode():
             hf(long[:, :64])
-            r["prefill_2048_s"] = timed(lambda: hf(long), 3)
+            hf(long)
+            r["prefill_2048_s"] = timed(lambda: hf(long), 7 if args.prefill_probe else 5)
         r["prefill_tok_s"] = 2048 / r["prefill_2048_s"]
-        for b in (8, 32):
+        for b in () if args.prefill_probe else (8, 32):
             pb = torch.randint(0, 32000, (b, 128), device=DEV)
             r[f"decode_tok_s_b{b}"] = b * hf_decode_tok_s(hf, pb, 16)
         print("  ", r, flush=True)
@@ -504,9 +611,10 @@ def main():
         r["effective_GBs"] = r["decode_tok_s_b1"] * wb / 1e9
         with torch.inference_mode():
             m(state["long"][:, :64])
-            r["prefill_2048_s"] = timed(lambda: m(state["long"]), 3)
+            m(state["long"])         # the 2048-row kernels compile here, not in a timed run
+            r["prefill_2048_s"] = timed(lambda: m(state["long"]), 7 if args.prefill_probe else 5)
         r["prefill_tok_s"] = 2048 / r["prefill_2048_s"]
-        for b in (8, 32):
+        for b in () if args.prefill_probe else (8, 32):
             pb = torch.randint(0, 32000, (b, 128), device=DEV)
             r[f"decode_tok_s_b{b}"] = b * ours_decode_tok_s(m, pb, 16)
         hf = REPORT["stages"].get("hf_eager", {})
@@ -514,6 +622,24 @@ def main():
             if hf.get(k):
                 r[f"{k}_vs_hf"] = r[k] / hf[k]
         print("  ", {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
+        if args.prefill_probe:
+            try:
+                r["prefill_probe"] = prefill_probe(m, state["long"])
+                if r["prefill_probe"].get("predequantized_prefill_s") and hf.get("prefill_tok_s"):
+                    r["predequantized_prefill_tok_s"] = 2048 / r["prefill_probe"]["predequantized_prefill_s"]
+                    r["predequantized_prefill_vs_hf"] = r["predequantized_prefill_tok_s"] / hf["prefill_tok_s"]
+                p = r["prefill_probe"]
+                print(f"   prefill probe: {p['kernels']} kernels, {p['kernel_us'] / 1e3:.1f} ms in them, wall "
+                      f"{p['wall_s'] * 1e3:.1f} ms, CPU issue {p['cpu_issue_s'] * 1e3:.1f} ms;",
+                      {c: round(v["us"] / 1e3, 2) for c, v in p["categories"].items()}, flush=True)
+                print("   top:", [(t["name"][:60], t["us"]) for t in p["top"][:8]], flush=True)
+                if "predequantized_prefill_s" in p:
+                    print(f"   predequantized int8 prefill: {r['predequantized_prefill_tok_s']:.0f} tok/s", flush=True)
+            except Exception as e:
+                r["prefill_probe"] = {"error": f"{type(e).__name__}: {e}"}
+                print("   prefill probe FAILED:", r["prefill_probe"]["error"], flush=True)
+            del m
+            return r
         if key == "int8":
             if DEV != "cuda":
                 r["fused_ab_skipped"] = "no CUDA graphs on cpu"

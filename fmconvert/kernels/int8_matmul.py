@@ -627,15 +627,16 @@ def _dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on
     tl.store(out_ptr + r64[:, None, None] * stride_on + cols[None, :, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def dequantize_dense(qweight, scale, group_size, dtype):
-    """The dense [N, K] weight in `dtype`, one kernel pass: q * scale in fp32, rounded once to dtype."""
+def dequantize_dense(qweight, scale, group_size, dtype, tile=None):
+    """The dense [N, K] weight in `dtype`, one kernel pass: q * scale in fp32, rounded once to dtype.
+    tile: (BLOCK_N, BLOCK_K, num_warps) instead of the default (benchmarks)."""
     N, K = qweight.shape
     out = torch.empty(N, K, dtype=dtype, device=qweight.device)
-    bn, bk = (8, 32) if interpreting() else (32, 256)
+    bn, bk, warps = tile or ((8, 32, 4) if interpreting() else (32, 256, 4))
     gs = min(bk, lowbit(int(group_size)))
     _dequant_kernel[(triton.cdiv(N, bn), triton.cdiv(K, bk))](
         qweight, scale, out, N, K, qweight.stride(0), scale.stride(0), out.stride(0),
-        GROUP=group_size, GS=gs, NG=bk // gs, BLOCK_N=bn, BLOCK_K=bk)
+        GROUP=group_size, GS=gs, NG=bk // gs, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return out
 
 

@@ -162,6 +162,16 @@ def test_dequantize_dense_matches_reference(dtype, N, K, G):
     assert torch.equal(got, dequantize(q, s, G, torch.float32).to(dtype))      # one rounding, same as the reference
 
 
+@pytest.mark.parametrize("tile", [(16, 64, 4), (4, 128, 2), (64, 32, 8)])
+def test_dequantize_dense_any_tile(tile):
+    """The tiles gpu_check's prefill probe sweeps: taller, wider and narrower than a group, partial at both edges."""
+    from fmconvert.kernels.int8_matmul import dequantize_dense
+    for N, K, G in ((37, 144, 48), (70, 200, 8), (3, 384, 128)):
+        _, _, q, s, _ = make(1, N, K, G, torch.float16, bias=False)
+        got = dequantize_dense(q, s, G, torch.float16, tile=tile)
+        assert torch.equal(got, dequantize(q, s, G, torch.float32).to(torch.float16)), (N, K, G)
+
+
 def test_gemv_pair_configs_are_offered_for_swiglu_only():
     from fmconvert.kernels.int8_matmul import _GEMV_CONFIGS, _prune_gemv
 
