@@ -48,7 +48,7 @@ def cli():
       EXAONE 4, SmolLM3, StableLM, StarCoder2, Nemotron, Apertus, Hunyuan, ERNIE 4.5
       mixtures: Mixtral, DBRX, Qwen2/3-MoE, OLMoE, GLM-4.5, DeepSeek-V2/V3, Kimi K2, GPT-OSS, Llama 4, MiniMax-M2
       hybrids and state spaces: Qwen3.5, Qwen3-Next, Granite 4.0-H, Nemotron-H, Jamba, LFM2, LFM3, Mamba 1/2
-      older: GPT-2, GPT-BigCode, OPT, BLOOM, MPT, Falcon, GPT-NeoX, GPT-J, GPT-Neo, Phi, BERT
+      older: GPT-2, GPT-BigCode, OPT, BLOOM, MPT, Falcon, GPT-NeoX, GPT-J, GPT-Neo, Phi, BERT, ModernBERT's decoder
       vision-language, language model only: Gemma 3/4, LLaVA, Mistral 3, Llama 4, Qwen2/2.5/3/3.5-VL, GLM-4.5V
     An unknown architecture is refused with the list of known ones.
     """
@@ -237,6 +237,10 @@ def inspect(out_dir, as_json):
         t.add_row("attention extras", ", ".join(
             (["each v head RMS-normed (no weight)"] if md["v_norm"] else [])
             + (["the stream times a scalar after each layer"] if "layers.layer_scale.weight" in md["slots"] else [])))
+    if md["head_activation"] or not md["first_attn_norm"]:
+        t.add_row("norms and head", ", ".join(
+            ([] if md["first_attn_norm"] else ["layer 0 reads the normed embeddings without a norm of its own"])
+            + ([f"lm_head reads norm({md['head_activation']}(dense(final norm)))"] if md["head_activation"] else [])))
     if md["attn_gate"]:
         t.add_row("attention gate", "each head's output times sigmoid of one gate logit per head" if
                   md["attn_gate_heads"] else "each head's output times sigmoid of a gate q_proj computes beside q")

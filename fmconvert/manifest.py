@@ -62,7 +62,7 @@ _MODEL = {
     "norm": _ENUM("rms", "layer", "rms_plus_one", "layer_plus_one", "rms_fp32"), "norm_eps": _POS_NUM,
     "attn_scale": _POS_NUM,
     "activation": _ENUM("gelu", "gelu_tanh", "relu", "relu2", "silu", "swiglu", "geglu",
-                                           "swiglu_oai", "xielu"), "residual": _ENUM("pre", "post", "parallel"),
+                                           "geglu_erf", "swiglu_oai", "xielu"), "residual": _ENUM("pre", "post", "parallel"),
     **{k: _BOOL for k in ("gated_mlp", "tied_embeddings", "embed_norm", "final_norm", "project", "pooler")},
     "position": lambda x: isinstance(x, dict), "bos_token_id": _TOKEN, "pad_token_id": _TOKEN,
     "eos_token_id": lambda x: _TOKEN(x) or (isinstance(x, list) and len(x) < 1024 and all(map(_NAT, x))),
@@ -117,6 +117,9 @@ _MODEL_OPTIONAL = {
                     "null or the global layers' {\"head_dim\", \"num_kv_heads\"}"),
     "value_is_key": (False, _BOOL, "true or false"), "v_norm": (False, _BOOL, "true or false"),
     "moe_beside_dense": (False, _BOOL, "true or false"),
+    "first_attn_norm": (True, _BOOL, "true or false"),
+    "head_activation": (None, _ENUM(None, "gelu", "gelu_tanh", "relu", "relu2", "silu"),
+                        "null or gelu, gelu_tanh, relu, relu2 or silu"),
     "qkv_clip": (0.0, _NONNEG_NUM, "a non-negative number"),
     "norm_affine": (True, _BOOL, "true or false"),
     "block_parts": (None, lambda x: x is None or (isinstance(x, list) and all(p in ("mixer", "mlp") for p in x)),
@@ -275,6 +278,11 @@ def validate(m) -> dict:
           "residual")
     _need(model["block_parts"] is None or len(model["block_parts"]) == model["num_layers"],
           "model.block_parts must name one part per layer")
+    _need((model["head_activation"] is None) == ("head_dense.weight" not in model["slots"])
+          and (model["head_activation"] is None or model["kind"] == "decoder"),
+          "model.head_activation and the head_dense slot go together, in a decoder")
+    _need(model["first_attn_norm"] or model["residual"] == "pre",
+          "model.first_attn_norm false needs the pre-norm residual")
     _need((model["activation"] == "swiglu_oai") == (model["glu_alpha"] > 0 and model["glu_limit"] > 0),
           "model.glu_alpha and glu_limit must be positive with the swiglu_oai activation, and 0 without it")
     for k in _PARALLEL:

@@ -80,11 +80,12 @@ ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.", "q_a", "q_b.", "kv
 GLOBAL_SLOTS = (
     "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
     "project_in.weight", "project_out.weight", "final_norm.weight", "final_norm.bias", "pooler.weight",
-    "pooler.bias", "lm_head.weight", "lm_head.bias",
+    "pooler.bias", "lm_head.weight", "lm_head.bias", "head_dense.weight", "head_dense.bias", "head_norm.weight",
+    "head_norm.bias",
 )
 
 # The activation of a gated MLP's gate -> the canonical gated epilogue.
-_GATED = {"silu": "swiglu", "gelu_tanh": "geglu"}
+_GATED = {"silu": "swiglu", "gelu_tanh": "geglu", "gelu": "geglu_erf"}
 
 # HF activation names -> the runtime's canonical epilogues.
 _ACTIVATIONS = {
@@ -194,6 +195,10 @@ class ModelSpec:
     v_norm: bool = False           # Gemma 4: each v head RMS-normed without a weight
     moe_beside_dense: bool = False  # Gemma 4 26B-A4B: the dense MLP (the shared_* slots) and the mixture each read
     #                                 the stream through their own norm, and their outputs are normed before adding
+    first_attn_norm: bool = True   # False: layer 0 has no attention norm; it reads the (normed) embeddings as they
+    #                                are (ModernBERT's decoder)
+    head_activation: str | None = None  # the head's transform before lm_head: norm(act(head_dense(h))) (ModernBERT's
+    #                                     decoder); None: lm_head reads the final norm's output
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -466,7 +471,7 @@ class Policy:
         if gated:
             if act not in _GATED:
                 raise FmError(f"{architecture}: gated MLP with {act_name!r} is not supported "
-                              f"(SiLU gives SwiGLU, tanh-approximated GELU gives GeGLU)")
+                              f"(SiLU gives SwiGLU, GELU gives GeGLU, exact or tanh-approximated)")
             act = _GATED[act]
         glu = {}
         if "glu_limit" in c:             # GPT-OSS: SwiGLU with clamped inputs, a sigmoid gain, and up + 1
@@ -522,6 +527,8 @@ class Policy:
             value_is_key=bool(global_attn) and bool(self._layout("value_is_key", flags, False)),
             v_norm=bool(self._layout("v_norm", flags, False)),
             moe_beside_dense=bool(experts) and bool(self._layout("moe_beside_dense", flags, False)),
+            first_attn_norm=bool(self._layout("first_attn_norm", flags, True)),
+            head_activation=self._head_activation(architecture, c, flags),
             shared_scale=_number(c, "shared_scale", 1.0),
             attn_softcap=_number(c, "attn_softcap", 0.0, zero_ok=True),
             logit_softcap=_number(c, "logit_softcap", 0.0, zero_ok=True),
@@ -533,6 +540,16 @@ class Policy:
             pad_token_id=getattr(config, "pad_token_id", None),
         )
         return spec
+
+    def _head_activation(self, architecture: str, c: dict, flags: dict) -> str | None:
+        """The activation of the head's dense layer (layout head_transform), canonical and ungated."""
+        if not self._layout("head_transform", flags, False):
+            return None
+        name = c.get("head_activation")
+        if not isinstance(name, str) or name not in _ACTIVATIONS or _ACTIVATIONS[name] == "xielu":
+            raise FmError(f"{architecture}: the head's activation {name!r} is not supported "
+                          f"(supported: {', '.join(sorted(k for k, v in _ACTIVATIONS.items() if v != 'xielu'))})")
+        return _ACTIVATIONS[name]
 
     @staticmethod
     def _global_attn(config, c, windows) -> dict | None:
@@ -967,6 +984,7 @@ class Policy:
             "embed_norm.weight": (h,), "embed_norm.bias": (h,), "final_norm.weight": (h,), "final_norm.bias": (h,),
             "project_in.weight": (h, e), "project_out.weight": (e, h),
             "pooler.weight": (h, h), "pooler.bias": (h,),
+            "head_dense.weight": (h, h), "head_dense.bias": (h,), "head_norm.weight": (h,), "head_norm.bias": (h,),
             "q_norm.weight": {"per_head": (H, hd), "full": (H * hd,)}.get(spec.qk_norm, (hd,)),
             "k_norm.weight": {"per_head": (KV, hd), "full": (KV * hd,)}.get(spec.qk_norm, (hd,)),
             "q_norm.bias": (hd,), "k_norm.bias": (hd,),
@@ -1078,6 +1096,8 @@ class Policy:
                 skip += SPARSE_SLOTS + DENSE_SLOTS + ("mlp_norm.",)
             elif part == "mlp":
                 skip += ATTENTION_SLOTS + LINEAR_SLOTS + ("attn_norm.",)
+            if layer == 0 and not spec.first_attn_norm:
+                skip += ("attn_norm.",)
         for section, pre in sections:
             for slot, names, optional, aliases in self._entries(section, flags):
                 if (slot.startswith("lm_head.") and spec.kind != "decoder") or slot.startswith(skip):

@@ -128,7 +128,7 @@ def test_cpu_int8_matmul_is_the_dequantized_linear(N, K, group, lead, dtype):
                                   "qwen3_5", "qwen3_next", "granite_hybrid", "granite_hybrid_dense", "bamba",
                                   "nemotron_h", "nemotron_h_dense", "lfm2", "lfm2_moe", "youtu", "mellum", "olmo", "mamba",
                                   "falcon_mamba", "jamba", "mamba2", "kimi_linear", "lfm3", "gemma4", "gemma4_moe",
-                                  "cohere2_moe"])
+                                  "cohere2_moe", "modernbert_decoder"])
 def test_tp4_emulated_equals_tp1(work, name, tmp_path):
     _, src, outs = work(name)
     convert(src, tmp_path / "tp4", Options(tp=4), progress=False)
@@ -244,7 +244,7 @@ def test_inject_refuses_a_different_model(work):
 @pytest.mark.parametrize("name", ["stories", "gpt2", "bloom", "opt350", "gptj", "phi", "stablelm_par", "qwen3", "falcon",
                                   "mixtral", "gpt_oss", "glm4_moe", "hunyuan", "deepseek_v3", "deepseek_v2", "llama4",
                                   "qwen3_5", "qwen3_next", "granite_hybrid_dense", "lfm2", "falcon_mamba", "jamba",
-                                  "nanochat", "afmoe", "lfm3", "gemma4", "gemma4_moe"])
+                                  "nanochat", "afmoe", "lfm3", "gemma4", "gemma4_moe", "modernbert_decoder"])
 def test_graph_safe_decode_step_equals_eager_decode(work, name):
     """decode_step (what a CUDA graph captures) reads positions and lengths from device tensors only."""
     _, _, outs = work(name)
@@ -308,6 +308,7 @@ WINDOWED = {   # family -> config overrides that give it a 5-position window, an
     "gemma2": ({}, [0]),     # sliding, full, ... (its tiny config already has a window of 4)
     "gemma3": ({}, [0]),     # and its windowed layers have their own RoPE
     "olmo3": ({}, [0]),
+    "modernbert_decoder": ({}, [1, 2]),     # full, sliding, sliding, full (window 4); no norm in layer 0
     "exaone4": ({}, [0, 1, 2]),   # and its global layer has no RoPE
     "gpt_oss": ({}, [0]),     # and every head has a softmax sink
     "gpt_neo": ({}, [1]),     # its "local" layers, and no softmax scale

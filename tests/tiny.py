@@ -526,6 +526,13 @@ CONFIGS = {
                          pad_token_id=0, eos_token_id=1, bos_token_id=2),
         vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
                            num_key_value_heads=2, head_dim=16), audio_config=None)),
+    "modernbert_decoder": ("ModernBertDecoderConfig", "ModernBertDecoderForCausalLM", dict(   # Ettin decoders
+        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, vocab_size=101,
+        max_position_embeddings=64, local_attention=8, global_attn_every_n_layers=3, norm_bias=True,
+        attention_bias=True, mlp_bias=True, classifier_bias=True, classifier_activation="gelu",
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 160000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)),
 }
 FAMILIES = list(CONFIGS)
 

@@ -10,12 +10,13 @@ import torch
 import triton
 import triton.language as tl
 
-ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "swiglu": 5, "geglu": 6, "relu2": 8}
+ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "swiglu": 5, "geglu": 6, "relu2": 8,
+               "geglu_erf": 9}
 # Gated activations act on the first half of a fused gate|up output and multiply by the second half.
-GATED = ("swiglu", "geglu")
+GATED = ("swiglu", "geglu", "geglu_erf")     # geglu: the tanh GELU; geglu_erf: the exact one
 # ("swiglu_oai", alpha, limit): GPT-OSS's clamped SwiGLU, the one activation with parameters.
 SWIGLU_OAI = 7
-GATED_CODES = (ACTIVATIONS["swiglu"], ACTIVATIONS["geglu"], SWIGLU_OAI)
+GATED_CODES = (ACTIVATIONS["swiglu"], ACTIVATIONS["geglu"], ACTIVATIONS["geglu_erf"], SWIGLU_OAI)
 
 
 def epilogue(activation) -> tuple[int, float, float]:
@@ -152,10 +153,10 @@ def sigmoid(v):
 
 @triton.jit
 def activate(v, ACT: tl.constexpr):
-    # v: fp32. ACT codes follow ACTIVATIONS (swiglu and geglu are paired by the caller: silu and gelu_tanh here).
+    # v: fp32. ACT codes follow ACTIVATIONS (the gated ones are paired by the caller: silu, gelu_tanh, gelu here).
     if ACT == 1:
         v = tl.maximum(v, 0.0)
-    elif ACT == 2:
+    elif ACT == 2 or ACT == 9:
         v = 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
     elif ACT == 3 or ACT == 6:
         u = 0.7978845608028654 * (v + 0.044715 * v * v * v)

@@ -62,7 +62,8 @@ def check_layout(m: dict, rank: int):
             **{n: (pos.get("rotary_dim", 0) // 2,) for n in ROPE_TENSORS},
             "rope_local.inv_freq": (pos.get("local", pos).get("rotary_dim", pos.get("rotary_dim", 0)) // 2,),
             "alibi.slopes": (hpr,),
-            **{f"{n}.{p}": (h,) for n in ("embed_norm", "final_norm") for p in ("weight", "bias")}}
+            **{f"{n}.{p}": (h,) for n in ("embed_norm", "final_norm", "head_norm") for p in ("weight", "bias")},
+            "head_dense.weight": (h, h), "head_dense.bias": (h,)}
     E = sp["num_experts"]
 
     def attention(d: int, kvpr: int) -> dict:
@@ -138,6 +139,8 @@ def check_layout(m: dict, rank: int):
                              ("embed_norm.weight", sp["embed_norm"] and sp["norm_affine"]),
                              ("project_in.weight", sp["project"]), ("project_out.weight", sp["project"]),
                              ("pooler.weight", sp["pooler"]), ("pos_embed.weight", pos["type"] in mf.TABLE_POSITIONS),
+                             ("head_dense.weight", sp["head_activation"] is not None),
+                             ("head_norm.weight", sp["head_activation"] is not None),
                              ("rope.inv_freq", pos["type"] == "rope"), ("rope_local.inv_freq", "local" in pos),
                              ("rope_long.inv_freq", "long_from" in pos),
                              ("alibi.slopes", pos["type"] == "alibi")] if on}
@@ -185,6 +188,7 @@ def check_layout(m: dict, rank: int):
              for s in (per_layer - sparse_only if i in dense_layers else per_layer - dense_only)
              - (attention_only if i in linear_layers else linear_only)
              - {"mixer": mlp, "mlp": mixer}.get(parts[i], set())
+             - ({"attn_norm.weight", "attn_norm.bias"} if i == 0 and not sp["first_attn_norm"] else set())
              if not (rank > 0 and s in _ROW_BIAS)}
     missing = sorted(need - set(tensors))
     if missing:

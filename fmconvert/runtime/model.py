@@ -815,6 +815,9 @@ class FusedModel(nn.Module):
     def logits(self, h):
         g, sp = self.g, self.spec
         h = self.project_out(h)
+        if sp["head_activation"]:       # ModernBERT's decoder: a dense layer, its activation and a norm first
+            h = self.ops.linear(h, g["head_dense.weight"], g.get("head_dense.bias"), sp["head_activation"])
+            h, _ = self.ops.add_norm(h, None, g["head_norm.weight"], g.get("head_norm.bias"), self.eps, self.norm)
         head = g["embed.weight"] if sp["tied_embeddings"] else g["lm_head.weight"]
         local = self.ops.linear(h, head, g.get("lm_head.bias"))   # (B, T, V / tp)
         cap, scale = sp["logit_softcap"], sp["logit_scale"]

@@ -109,6 +109,9 @@ def activate(y: torch.Tensor, activation) -> torch.Tensor:
     if activation == "geglu":
         gate, up = y.chunk(2, dim=-1)
         return F.gelu(gate, approximate="tanh") * up
+    if activation == "geglu_erf":            # ModernBERT: the exact (erf) GELU over the gate
+        gate, up = y.chunk(2, dim=-1)
+        return F.gelu(gate) * up
     if activation == "gelu":
         return F.gelu(y)
     if activation == "gelu_tanh":
@@ -611,7 +614,7 @@ class TritonOps(TorchOps):
         return self._cublas_linear(x, weight, bias, activation)
 
     def _cublas_linear(self, x, weight, bias, activation):
-        if activation in ("swiglu", "geglu") or isinstance(activation, tuple):
+        if activation in ("swiglu", "geglu", "geglu_erf") or isinstance(activation, tuple):
             return self.k.gated(F.linear(x, weight, bias), activation)   # cuBLAS, then one kernel (torch: several)
         return super().linear(x, weight, bias, activation)
 

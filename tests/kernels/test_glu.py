@@ -9,7 +9,7 @@ FLOAT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_CUDA els
 OAI = ("swiglu_oai", 1.702, 7.0)       # GPT-OSS's alpha and limit; inputs of |y| up to ~16 below hit both clamps
 
 
-@pytest.mark.parametrize("act", ["swiglu", "geglu", OAI])
+@pytest.mark.parametrize("act", ["swiglu", "geglu", "geglu_erf", OAI])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", [(1, 2), (1, 22), (3, 5, 2 * 769), (7, 2 * 1500), (2, 0, 8)])
 def test_glu_matches_reference(shape, dtype, act, assert_close):
@@ -24,6 +24,17 @@ def test_geglu_is_not_swiglu():
     y = torch.linspace(-4, 4, 64, device=DEVICE).reshape(2, 32)
     assert (gated_reference(y, "geglu") - gated_reference(y, "swiglu")).abs().max() > 0.1
     assert torch.equal(swiglu_reference(y), gated_reference(y, "swiglu"))
+
+
+def test_geglu_erf_is_the_exact_gelu(assert_close):
+    # The erf GELU and the tanh one differ by up to ~3e-4, under the comparison above's tolerance at large inputs:
+    # here, with up = 1 where the two differ most, the kernel must give the exact one and not the other.
+    gate = torch.linspace(-3, 3, 64, dtype=torch.float32)
+    y = torch.cat([gate, torch.ones(64)]).reshape(1, 128).to(DEVICE)
+    exact = torch.nn.functional.gelu(gate).to(DEVICE)
+    assert (gated_reference(y, "geglu")[0] - exact).abs().max() > 1e-4
+    assert (gated_reference(y, "geglu_erf")[0] - exact).abs().max() < 1e-6
+    assert (gated(y, "geglu_erf")[0] - exact).abs().max() < 1e-5
 
 
 def test_glu_strided_input_and_errors(assert_close):
