@@ -176,6 +176,15 @@ def decode_breakdown(m, prompt, step_us: float) -> dict:
     if not evs:
         return {"device": DEV, "error": "the profiler recorded no " + ("kernels" if cuda else "ops")}
     layers = len(m.blocks)
+    cats, top = by_category(evs, 12)
+    total = sum(us for _, us in evs)
+    return {"device": DEV, "unit": "kernels" if cuda else "cpu ops", "fuse_decode_append":
+            getattr(m.ops, "fuse_decode_append", None), "count": len(evs), "per_layer": len(evs) / layers,
+            "us": total, "step_us": step_us, "gap_us": step_us - total, "categories": cats, "top": top}
+
+
+def by_category(evs, n_top: int):
+    """Profiled (name, us) events: {category: {"us", "count"}}, and the n_top names with the most time."""
     cats: dict = {}
     by_name: dict = {}
     for name, us in evs:
@@ -183,12 +192,8 @@ def decode_breakdown(m, prompt, step_us: float) -> dict:
         c["us"] += us
         c["count"] += 1
         by_name[name] = by_name.get(name, 0.0) + us
-    total = sum(us for _, us in evs)
-    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
-    return {"device": DEV, "unit": "kernels" if cuda else "cpu ops", "fuse_decode_append":
-            getattr(m.ops, "fuse_decode_append", None), "count": len(evs), "per_layer": len(evs) / layers,
-            "us": total, "step_us": step_us, "gap_us": step_us - total, "categories": cats,
-            "top": [{"name": n[:120], "us": us} for n, us in top]}
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:n_top]
+    return cats, [{"name": name[:120], "us": round(us, 1)} for name, us in top]
 
 
 def breakdown_line(b: dict) -> str:
@@ -246,17 +251,9 @@ def prefill_probe(m, long, reps=7) -> dict:
             m(long)
             sync()
     evs = profiled_events(prof, DEV == "cuda")
-    cats: dict = {}
-    by_name: dict = {}
-    for name, us in evs:
-        c = cats.setdefault(category(name), {"us": 0.0, "count": 0})
-        c["us"] += us
-        c["count"] += 1
-        by_name[name] = by_name.get(name, 0.0) + us
     r["kernel_us"] = sum(us for _, us in evs)
     r["kernels"] = len(evs)
-    r["categories"] = cats
-    r["top"] = [{"name": n[:120], "us": round(us, 1)} for n, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:15]]
+    r["categories"], r["top"] = by_category(evs, 15)
     slots = {k for b in m.blocks for k, v in b.t.items() if isinstance(v, Int8Weight) and v.q.dim() == 2}
     if not slots:
         return r

@@ -602,6 +602,15 @@ def on_ranks(out_dir, tp: int, fn) -> list:
     return res
 
 
+def errors_against_transformers(name: str, out_dir, tp: int, ids, **overrides) -> list:
+    """tiny.rel of each rank's logits (out_dir converted at tp from tiny model `name` with these overrides) against
+    transformers' own on the same ids."""
+    hf = build(name, **overrides)
+    with torch.no_grad():
+        want = hf(ids).logits
+    return [rel(g, want) for g in on_ranks(out_dir, tp, lambda m: m(ids))]
+
+
 def rel(a, b) -> float:
     """The largest difference relative to the largest magnitude of b: the family tests' error measure."""
     return ((a - b).abs().max() / b.abs().max()).item()
