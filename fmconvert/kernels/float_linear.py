@@ -121,7 +121,8 @@ def _prune(configs, named_args, **kwargs):
 
 _heuristics = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
 _gemv_fixed = _heuristics(_float_gemv_kernel)
-_gemv_tuned = triton.autotune(configs=configs(_FLOAT_GEMV_CONFIGS, _cfg(4, 64, 4)),
+# The interpreter's config takes 32 rows a program: its cost is per program, not per element.
+_gemv_tuned = triton.autotune(configs=configs(_FLOAT_GEMV_CONFIGS, _cfg(32, 64, 4)),
                               key=["M", "N_OUT", "K", "GATED"], prune_configs_by={"early_config_prune": _prune},
                               do_bench=tuner_bench)(_gemv_fixed)
 
