@@ -118,6 +118,7 @@ _MODEL_OPTIONAL = {
     "value_is_key": (False, _BOOL, "true or false"), "v_norm": (False, _BOOL, "true or false"),
     "moe_beside_dense": (False, _BOOL, "true or false"),
     "first_attn_norm": (True, _BOOL, "true or false"),
+    "linear_pre_norm": (False, _BOOL, "true or false"),
     "head_activation": (None, _ENUM(None, "gelu", "gelu_tanh", "relu", "relu2", "silu"),
                         "null or gelu, gelu_tanh, relu, relu2 or silu"),
     "qkv_clip": (0.0, _NONNEG_NUM, "a non-negative number"),
@@ -149,7 +150,8 @@ def _linear_attn(x) -> bool:
     if not isinstance(x, dict):
         return False
     widths = {k: x.get(k) for k in ("k_heads", "v_heads", "k_dim", "v_dim", "conv_kernel")}
-    return (set(x) - {"decay"} == set(widths) and x.get("decay", "channel") == "channel"
+    return (set(x) - {"decay", "beta_scale", "norm_eps"} == set(widths) and x.get("decay", "channel") == "channel"
+            and all(_POS_NUM(x[k]) for k in ("beta_scale", "norm_eps") if k in x)
             and all(_POS_INT(v) for v in widths.values()) and x["v_heads"] % x["k_heads"] == 0
             and 2 <= x["conv_kernel"] <= 64 and ("decay" not in x or x["k_heads"] == x["v_heads"]))
 
@@ -283,6 +285,8 @@ def validate(m) -> dict:
           "model.head_activation and the head_dense slot go together, in a decoder")
     _need(model["first_attn_norm"] or model["residual"] == "pre",
           "model.first_attn_norm false needs the pre-norm residual")
+    _need(not model["linear_pre_norm"] or (ll and model["residual"] == "pre"),
+          "model.linear_pre_norm needs linear_layers and the pre-norm residual")
     _need((model["activation"] == "swiglu_oai") == (model["glu_alpha"] > 0 and model["glu_limit"] > 0),
           "model.glu_alpha and glu_limit must be positive with the swiglu_oai activation, and 0 without it")
     for k in _PARALLEL:

@@ -199,6 +199,9 @@ class ModelSpec:
     #                                are (ModernBERT's decoder)
     head_activation: str | None = None  # the head's transform before lm_head: norm(act(head_dense(h))) (ModernBERT's
     #                                     decoder); None: lm_head reads the final norm's output
+    linear_pre_norm: bool = False  # OLMo Hybrid: only the linear layers norm each half's input (attn_norm,
+    #                                mlp_norm); the attention layers norm each half's output (attn_post_norm,
+    #                                mlp_post_norm) instead, as OLMo 2/3 do
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -529,6 +532,7 @@ class Policy:
             moe_beside_dense=bool(experts) and bool(self._layout("moe_beside_dense", flags, False)),
             first_attn_norm=bool(self._layout("first_attn_norm", flags, True)),
             head_activation=self._head_activation(architecture, c, flags),
+            linear_pre_norm=bool(self._layout("linear_pre_norm", flags, False)),
             shared_scale=_number(c, "shared_scale", 1.0),
             attn_softcap=_number(c, "attn_softcap", 0.0, zero_ok=True),
             logit_softcap=_number(c, "logit_softcap", 0.0, zero_ok=True),
@@ -612,6 +616,9 @@ class Policy:
                               "linear_conv_kernel_dim) must be positive integers, the value heads a multiple of the "
                               f"key heads and the conv at least 2 wide, got {la}")
             la["conv_kernel"] = la.pop("conv")
+            for key in ("beta_scale", "norm_eps"):     # OLMo Hybrid: beta in (0, 2); its gated norm's own eps
+                if c.get("lin_" + key) is not None:
+                    la[key] = _number(c, "lin_" + key, 1.0)
             if self._layout("linear_decay", flags, "head") == "channel":     # Kimi Linear's KDA
                 if la["k_heads"] != la["v_heads"]:
                     raise FmError(f"config.json: KDA needs as many key heads as value heads, got {la}")
@@ -1071,9 +1078,12 @@ class Policy:
         if slot.startswith("lin_") and spec.linear_attn.get("decay") == "channel" and n in (3, 6):   # KDA
             Kd, Vd, Hv = _linear_widths(spec)
             return [Kd, Kd, Vd, Hv, spec.linear_attn["k_dim"], spec.linear_attn["v_dim"]][:n]
-        if slot == "lin_in.weight" and n in (2, 4):
-            Kd, Vd, Hv = _linear_widths(spec)                  # Qwen3-Next: qkvz, ba; Qwen3.5: qkv, z, b, a
-            return [2 * Kd + 2 * Vd, 2 * Hv] if n == 2 else [2 * Kd + Vd, Vd, Hv, Hv]
+        if slot == "lin_conv.weight" and n == 3:              # OLMo Hybrid: the q, k and v convs stored apart
+            Kd, Vd, _ = _linear_widths(spec)
+            return [Kd, Kd, Vd]
+        if slot == "lin_in.weight" and n in (2, 4, 6):
+            Kd, Vd, Hv = _linear_widths(spec)      # Qwen3-Next: qkvz, ba; Qwen3.5: qkv, z, b, a; OLMo Hybrid: each
+            return {2: [2 * Kd + 2 * Vd, 2 * Hv], 4: [2 * Kd + Vd, Vd, Hv, Hv], 6: [Kd, Kd, Vd, Vd, Hv, Hv]}[n]
         if n * (rows // n) == rows:
             return [rows // n] * n
         raise FmError(f"{self.path.name}: slot {slot} cannot be split into {n} equal parts")
@@ -1098,6 +1108,9 @@ class Policy:
                 skip += ATTENTION_SLOTS + LINEAR_SLOTS + ("attn_norm.",)
             if layer == 0 and not spec.first_attn_norm:
                 skip += ("attn_norm.",)
+            if spec.linear_pre_norm:       # OLMo Hybrid: input norms in the linear layers, output norms elsewhere
+                skip += (("attn_post_norm.", "mlp_post_norm.") if layer in (spec.linear_layers or ())
+                         else ("attn_norm.", "mlp_norm."))
         for section, pre in sections:
             for slot, names, optional, aliases in self._entries(section, flags):
                 if (slot.startswith("lm_head.") and spec.kind != "decoder") or slot.startswith(skip):

@@ -533,6 +533,13 @@ CONFIGS = {
         rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 160000.0},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
         pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2)),
+    "olmo_hybrid": ("OlmoHybridConfig", "OlmoHybridForCausalLM", dict(   # Gated DeltaNet beside OLMo 3 attention
+        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=101, max_position_embeddings=64, linear_num_key_heads=4, linear_num_value_heads=8,
+        # q, k and v 32 channels each: transformers saves the conv as three equal chunks, the checkpoints as q|k|v
+        linear_key_head_dim=8, linear_value_head_dim=4, linear_conv_kernel_dim=4,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)),
 }
 FAMILIES = list(CONFIGS)
 

@@ -189,6 +189,8 @@ def check_layout(m: dict, rank: int):
              - (attention_only if i in linear_layers else linear_only)
              - {"mixer": mlp, "mlp": mixer}.get(parts[i], set())
              - ({"attn_norm.weight", "attn_norm.bias"} if i == 0 and not sp["first_attn_norm"] else set())
+             - (({"attn_post_norm.weight", "mlp_post_norm.weight"} if i in linear_layers else
+                 {"attn_norm.weight", "mlp_norm.weight"}) if sp["linear_pre_norm"] else set())
              if not (rank > 0 and s in _ROW_BIAS)}
     missing = sorted(need - set(tensors))
     if missing:

@@ -218,11 +218,13 @@ class Block(nn.Module):
         conv, state = self._linear_cache(cache, pos_t, (B, hv, dk, dv), h.device)
         qkv = m.ops.causal_conv1d(qkv, t["lin_conv.weight"], t.get("lin_conv.bias"), conv)
         q, k, v = qkv.split([hk * dk, hk * dk, hv * dv], dim=-1)
-        beta = torch.sigmoid(b).float()                  # in the model dtype first, as HF computes it
+        beta = torch.sigmoid(b)                          # in the model dtype first, as HF computes it
+        if "beta_scale" in la:                           # OLMo Hybrid (allow_neg_eigval): beta in (0, 2)
+            beta = beta * la["beta_scale"]
         g = -self.decay_rate * torch.nn.functional.softplus(a.float() + self.dt_bias)
-        o = m.ops.gated_delta(q.view(B, T, hk, dk), k.view(B, T, hk, dk), v.view(B, T, hv, dv), g, beta, state,
-                              dk ** -0.5)                                   # (B, T, hv, dv)
-        o = m.ops.gated_rms_norm(o, z.view(B, T, hv, dv), t["lin_norm.weight"], m.eps)
+        o = m.ops.gated_delta(q.view(B, T, hk, dk), k.view(B, T, hk, dk), v.view(B, T, hv, dv), g, beta.float(),
+                              state, dk ** -0.5)                            # (B, T, hv, dv)
+        o = m.ops.gated_rms_norm(o, z.view(B, T, hv, dv), t["lin_norm.weight"], la.get("norm_eps", m.eps))
         return o.reshape(B, T, hv * dv)
 
     def kda(self, h, cache, key_padding_mask, pos_t=None):
