@@ -238,9 +238,11 @@ def inspect(out_dir, as_json):
         t.add_row("attention extras", ", ".join(
             (["each v head RMS-normed (no weight)"] if md["v_norm"] else [])
             + (["the stream times a scalar after each layer"] if "layers.layer_scale.weight" in md["slots"] else [])))
-    if md["head_activation"] or not md["first_attn_norm"]:
+    if md["head_activation"] or not md["first_attn_norm"] or md["linear_pre_norm"]:
         t.add_row("norms and head", ", ".join(
             ([] if md["first_attn_norm"] else ["layer 0 reads the normed embeddings without a norm of its own"])
+            + (["linear layers norm each half's input, attention layers each half's output"]
+               if md["linear_pre_norm"] else [])
             + ([f"lm_head reads norm({md['head_activation']}(dense(final norm)))"] if md["head_activation"] else [])))
     if md["attn_gate"]:
         t.add_row("attention gate", "each head's output times sigmoid of one gate logit per head" if

@@ -37,3 +37,9 @@ def test_the_manifest_records_each_layer_kinds_norms(model_dir, tmp_path):
     for i in (1, 3):        # attention layers: output norms
         assert {f"layers.{i}.attn_post_norm.weight", f"layers.{i}.mlp_post_norm.weight"} <= names
         assert not {f"layers.{i}.attn_norm.weight", f"layers.{i}.mlp_norm.weight"} & names
+    from click.testing import CliRunner
+
+    from fmconvert.cli import cli
+    r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "out")], terminal_width=200)
+    assert "linear layers norm each half's input, attention layers each half's output" in " ".join(
+        r.output.replace("│", " ").split()), r.output
