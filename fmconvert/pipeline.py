@@ -31,7 +31,7 @@ from . import manifest as mf
 from . import slice as sl
 from . import srchash
 from .errors import EXIT_IO, FmError
-from .policy import ModelSpec, Policy, SlotSource, _config_value, per_layer_type, policy_of
+from .policy import DEPTHWISE, ModelSpec, Policy, SlotSource, _config_value, per_layer_type, policy_of
 from .quantize import ErrorStats, quantize, scale_dtype_for
 from .read import SIDECAR_FILES, Checkpoint, fp8_block, load_config, quant_method
 from .write import AtomicDir, ShardWriter, dtype_name, parse_size
@@ -128,6 +128,13 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
         if src.optional and not any(present):
             src.names = []
             continue
+        if src.slot in DEPTHWISE and len(src.names) > 1 and all(present):
+            # a conv over concatenated channels may be stored in pieces of other sizes: transformers saves OLMo
+            # Hybrid's q|k|v conv as three equal chunks, the checkpoints as q, k and v
+            got = [ckpt.shape(n) for n in src.names]
+            if {g[1:] for g in got} == {tuple(s[1:]) for s in src.shapes} and \
+                    sum(g[0] for g in got) == sum(s[0] for s in src.shapes):
+                src.shapes = [tuple(g) for g in got]
         for n, shape, ok in zip(src.names, src.shapes, present):
             if not ok:
                 raise FmError(f"missing tensor {n} (needed for {src.slot} of {arch})")
