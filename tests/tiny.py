@@ -540,6 +540,14 @@ CONFIGS = {
         linear_key_head_dim=8, linear_value_head_dim=4, linear_conv_kernel_dim=4,
         layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
         pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)),
+    "mistral4": ("Mistral4Config", "Mistral4ForCausalLM", dict(   # DeepSeek-V3's block, a softmax router, q scaled
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, kv_lora_rank=32,
+        q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, vocab_size=101,
+        max_position_embeddings=64, first_k_dense_replace=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                         "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.5})),
 }
 FAMILIES = list(CONFIGS)
 

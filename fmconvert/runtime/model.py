@@ -621,22 +621,26 @@ class Block(nn.Module):
             q_pe, k_pe = ops.rope(q[..., nd:].contiguous(), kv[..., R:].reshape(B, T, 1, rd).contiguous(), cos,
                                   sin, positions, m.rope_style, rd)
         row = torch.cat([latent, k_pe.view(B, T, rd)], -1)                       # what the cache keeps
+        q_nope = q[..., :nd]
+        if self.query_scale is not None:      # Mistral 4: Llama 4's factor on the whole (rotated) query
+            s = self.query_scale(pos_t.view(1, 1).expand(B, 1) if pos_t is not None else positions)[..., None, None]
+            q_nope, q_pe = q_nope * s, q_pe * s
         if pos_t is not None:        # graph-safe: the row goes in at pos_t, the lengths come from device memory
             kc = cache.k[self.i]
             kc.index_copy_(2, pos_t, row.view(B, 1, 1, R + rd))
-            return self._absorbed(q[..., :nd], q_pe, kc, seq_t[0])
+            return self._absorbed(q_nope, q_pe, kc, seq_t[0])
         rows = row
         if cache is not None:
             kc, start = cache.k[self.i], cache.length
             kc[:, 0, start:start + T] = row
             if T == 1 and key_padding_mask is None:
                 seq = torch.full((B,), start + 1, dtype=torch.int32, device=h.device)
-                return self._absorbed(q[..., :nd], q_pe, kc, seq)
+                return self._absorbed(q_nope, q_pe, kc, seq)
             rows = kc[:, 0, :start + T]
         S = rows.shape[1]
         kvb = ops.linear(rows[..., :R], t["kv_b.weight"]).view(B, S, H, nd + vd)
         k = torch.cat([kvb[..., :nd], rows[..., R:].view(B, S, 1, rd).expand(B, S, H, rd)], -1)
-        q = torch.cat([q[..., :nd], q_pe], -1)
+        q = torch.cat([q_nope, q_pe], -1)
         v, D = kvb[..., nd:], max(nd + rd, vd)
         # one head width for q, k and v (what the kernels take): zero columns, dropped from the output after
         q, k, v = (y if y.shape[-1] == D else torch.nn.functional.pad(y, (0, D - y.shape[-1])) for y in (q, k, v))
