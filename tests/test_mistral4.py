@@ -4,10 +4,7 @@ transformers in fp32 at tp 2, on prompts past original_max_position_embeddings s
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import torch
 
 import tiny
 from fmconvert.errors import FmError
@@ -21,14 +18,12 @@ from fmconvert.pipeline import Options, convert
     dict(rope_interleave=False),
 ])
 def test_each_variant_matches_transformers(model_dir, tmp_path, override):
-    convert(model_dir("mistral4", **override), tmp_path / "out", Options(tp=2), progress=False)
-    ids = torch.randint(3, 100, (2, 40), generator=torch.Generator().manual_seed(0))
-    assert max(tiny.errors_against_transformers("mistral4", tmp_path / "out", 2, ids, **override)) < 1e-5
+    src = model_dir("mistral4", **override)
+    assert max(tiny.errors_against_transformers(src, "mistral4", tmp_path, 40, **override)) < 1e-5
 
 
 def test_the_manifest_records_the_softmax_router_and_the_query_factor(model_dir, tmp_path):
-    convert(model_dir("mistral4"), tmp_path / "out", Options(), progress=False)
-    sp = json.loads((tmp_path / "out" / "manifest.json").read_text())["model"]
+    sp = tiny.converted_manifest(model_dir("mistral4"), tmp_path / "out")["model"]
     assert sp["router"] == "softmax" and sp["query_scale_beta"] == 0.5 and sp["query_scale_from"] == 16
     assert sp["mla"]["q_rank"] == 32 and sp["dense_layers"] == [0] and sp["num_experts"] == 4
 

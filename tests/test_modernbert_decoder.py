@@ -6,10 +6,7 @@ refusals."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import torch
 
 import tiny
 from fmconvert.errors import FmError
@@ -23,14 +20,12 @@ from fmconvert.pipeline import Options, convert
     dict(classifier_activation="silu", hidden_activation="gelu_pytorch_tanh"),
 ])
 def test_each_variant_matches_transformers(model_dir, tmp_path, override):
-    convert(model_dir("modernbert_decoder", **override), tmp_path / "out", Options(tp=2), progress=False)
-    ids = torch.randint(3, 100, (2, 11), generator=torch.Generator().manual_seed(0))
-    assert max(tiny.errors_against_transformers("modernbert_decoder", tmp_path / "out", 2, ids, **override)) < 1e-5
+    src = model_dir("modernbert_decoder", **override)
+    assert max(tiny.errors_against_transformers(src, "modernbert_decoder", tmp_path, 11, **override)) < 1e-5
 
 
 def test_the_manifest_records_the_head_and_the_unnormed_first_layer(model_dir, tmp_path):
-    convert(model_dir("modernbert_decoder"), tmp_path / "out", Options(int8=True, group_size=16), progress=False)
-    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    m = tiny.converted_manifest(model_dir("modernbert_decoder"), tmp_path / "out", int8=True, group_size=16)
     sp = m["model"]
     assert sp["head_activation"] == "gelu" and sp["activation"] == "geglu_erf" and not sp["first_attn_norm"]
     assert {"head_dense.weight", "head_dense.bias", "head_norm.weight", "head_norm.bias", "lm_head.bias"} <= set(

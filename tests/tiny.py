@@ -617,13 +617,25 @@ def on_ranks(out_dir, tp: int, fn) -> list:
     return res
 
 
-def errors_against_transformers(name: str, out_dir, tp: int, ids, **overrides) -> list:
-    """tiny.rel of each rank's logits (out_dir converted at tp from tiny model `name` with these overrides) against
-    transformers' own on the same ids."""
+def errors_against_transformers(src, name: str, work: Path, tokens: int, tp: int = 2, **overrides) -> list:
+    """src (tiny model `name` saved with these overrides) converted at tp into work / "out"; then tiny.rel of each
+    rank's logits against transformers' own, on two fixed random sequences of `tokens` ids."""
+    from fmconvert.pipeline import Options, convert
+    convert(src, work / "out", Options(tp=tp), progress=False)
+    ids = torch.randint(3, 100, (2, tokens), generator=torch.Generator().manual_seed(0))
     hf = build(name, **overrides)
     with torch.no_grad():
         want = hf(ids).logits
-    return [rel(g, want) for g in on_ranks(out_dir, tp, lambda m: m(ids))]
+    return [rel(g, want) for g in on_ranks(work / "out", tp, lambda m: m(ids))]
+
+
+def converted_manifest(src, out: Path, **options) -> dict:
+    """The manifest of src converted into out with these Options."""
+    import json
+
+    from fmconvert.pipeline import Options, convert
+    convert(src, out, Options(**options), progress=False)
+    return json.loads((out / "manifest.json").read_text())
 
 
 def rel(a, b) -> float:
