@@ -478,9 +478,18 @@ def main():
     ap.add_argument("--test-workers", type=int, default=2,
                     help="pytest-xdist workers for each group of kernel tests, where xdist is installed (0: none). "
                          "With one process a group, test_int8_matmul.py outlasted the join on an H100")
+    ap.add_argument("--targets-only", action="store_true",
+                    help="issue #5's targets and nothing else: the int8 GEMV at one row, then the 7B model's batch-1 "
+                         "decode and 2048-token prefill (no batch 8/32, A/B, profiles, small models or sweep; kernel "
+                         "tests only those of --test-files). About 4 minutes with start-up, so one session can run it "
+                         "on two cards")
     ap.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes on CPU, to check the script itself")
     args = ap.parse_args()
     global DEV
+    if args.targets_only:
+        args.only_7b, args.gemv_sweep = True, False
+        args.kernel_parts = args.kernel_parts or "gemv"
+        args.skip_tests = args.skip_tests or not args.test_files
     if args.dry_run_cpu:
         DEV = "cpu"
         args.skip_tests = args.skip_kernel_bench = True
@@ -578,7 +587,7 @@ def main():
             hf(long)
             r["prefill_2048_s"] = timed(lambda: hf(long), 7 if args.prefill_probe else 5)
         r["prefill_tok_s"] = 2048 / r["prefill_2048_s"]
-        for b in () if args.prefill_probe else (8, 32):
+        for b in () if args.prefill_probe or args.targets_only else (8, 32):
             pb = torch.randint(0, 32000, (b, 128), device=DEV)
             r[f"decode_tok_s_b{b}"] = b * hf_decode_tok_s(hf, pb, 16)
         print("  ", r, flush=True)
@@ -612,7 +621,7 @@ def main():
             m(state["long"])         # the 2048-row kernels compile here, not in a timed run
             r["prefill_2048_s"] = timed(lambda: m(state["long"]), 7 if args.prefill_probe else 5)
         r["prefill_tok_s"] = 2048 / r["prefill_2048_s"]
-        for b in () if args.prefill_probe else (8, 32):
+        for b in () if args.prefill_probe or args.targets_only else (8, 32):
             pb = torch.randint(0, 32000, (b, 128), device=DEV)
             r[f"decode_tok_s_b{b}"] = b * ours_decode_tok_s(m, pb, 16)
         hf = REPORT["stages"].get("hf_eager", {})
@@ -636,6 +645,9 @@ def main():
             except Exception as e:
                 r["prefill_probe"] = {"error": f"{type(e).__name__}: {e}"}
                 print("   prefill probe FAILED:", r["prefill_probe"]["error"], flush=True)
+            del m
+            return r
+        if args.targets_only:
             del m
             return r
         if key == "int8":

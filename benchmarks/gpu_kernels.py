@@ -545,6 +545,11 @@ def bench_window_attention(rows):
                      baseline="sdpa causal, no window"))
 
 
+def bench_gemv(rows):
+    """The int8 GEMV at one row on the four LLaMA shapes only (issue #5's first target): bench_linear's M=1 rows."""
+    bench_linear(rows, ms_list=[1])
+
+
 def run(report: dict, parts=None) -> list:
     """Benchmark every kernel on CUDA (or the named parts: "linear", "float_gemv", ...); returns the rows and stores
     them in report["rows"]."""
@@ -557,7 +562,7 @@ def run(report: dict, parts=None) -> list:
     report["torch"], report["triton"] = torch.__version__, triton.__version__
     report["copy_GBps"] = round(copy_bandwidth(), 1)
     rows: list = []
-    for part in (bench_linear, bench_swiglu, bench_float_gemv, bench_norm, bench_glu, bench_rope, bench_rope_append,
+    for part in (bench_linear, bench_gemv, bench_swiglu, bench_float_gemv, bench_norm, bench_glu, bench_rope, bench_rope_append,
                  bench_decode_attention, bench_mla_decode, bench_gated_delta, bench_ssm_scan, bench_mamba_scan,
                  bench_prefill_attention, bench_window_attention):
         if parts and part.__name__.removeprefix("bench_") not in parts:

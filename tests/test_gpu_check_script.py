@@ -48,6 +48,26 @@ def test_gpu_check_dry_run(tmp_path):
             assert r[f"parity_{T}"]["logits_rel_err_vs_hf"] < 5e-2 and r[f"decode_tok_s_{T}"] > 0, (key, r)
 
 
+@pytest.mark.slow
+def test_gpu_check_targets_only_measures_the_targets_and_nothing_else(tmp_path):
+    """--targets-only: issue #5's decode and prefill targets from the 7B stages, without batch 8/32, the fused-append
+    A/B, the decode profile, the small models or the sweep (the GEMV rows come from the kernel bench on a GPU)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run-cpu", "--layers", "2",
+                        "--new", "4", "--targets-only", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    stages = report["stages"]
+    assert set(stages) == {"model_build", "convert", "hf_eager", "fmconvert_bf16", "fmconvert_int8"}, set(stages)
+    assert all(s["ok"] for s in stages.values()), stages
+    for key in ("hf_eager", "fmconvert_bf16", "fmconvert_int8"):
+        assert stages[key]["prefill_tok_s"] > 0 and "decode_tok_s_b8" not in stages[key], stages[key]
+    assert not {"breakdown", "fused_ab_skipped", "decode_tok_s_b1_fused"} & set(stages["fmconvert_int8"])
+    measured = {t["target"] for t in report["targets"] if t["value"] is not None}
+    assert {"int8 decode, % of the bandwidth limit", "int8 prefill of 2048 tokens vs HF eager"} <= measured
+
+
 def _gpu_check():
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
     mod = importlib.util.module_from_spec(spec)

@@ -12,7 +12,7 @@ def test_benchmark_imports_and_exposes_run():
     spec = importlib.util.spec_from_file_location("gpu_kernels_bench", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    assert callable(mod.run) and callable(mod.sweep)
+    assert callable(mod.run) and callable(mod.sweep) and callable(mod.bench_gemv)
     assert len(mod.LINEAR_SHAPES) == 4
 
 
