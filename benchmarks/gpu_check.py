@@ -481,8 +481,8 @@ def main():
     ap.add_argument("--targets-only", action="store_true",
                     help="issue #5's targets and nothing else: the int8 GEMV at one row, then the 7B model's batch-1 "
                          "decode and 2048-token prefill (no batch 8/32, A/B, profiles, small models or sweep; kernel "
-                         "tests only those of --test-files). About 4 minutes with start-up, so one session can run it "
-                         "on two cards")
+                         "tests only those of --test-files). About 4 minutes with start-up by call 1's stage times, "
+                         "so one session can run it on two cards")
     ap.add_argument("--dry-run-cpu", action="store_true", help="tiny shapes on CPU, to check the script itself")
     args = ap.parse_args()
     global DEV
