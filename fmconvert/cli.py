@@ -245,6 +245,18 @@ def inspect(out_dir, as_json):
             + (["linear layers norm each half's input, attention layers each half's output"]
                if md["linear_pre_norm"] else [])
             + ([f"lm_head reads norm({md['head_activation']}(dense(final norm)))"] if md["head_activation"] else [])))
+    if md["per_layer_input"] or md["kv_source"]:       # Gemma 4 E2B/E4B
+        src = md["kv_source"] or []
+        shared = {}
+        for i, j in enumerate(src):
+            if j != i:
+                shared.setdefault(j, []).append(i)
+        t.add_row("per layer", ", ".join(
+            ([f"per-layer inputs {md['per_layer_input']} wide, added after each MLP"] if md["per_layer_input"] else [])
+            + [(f"layers {_ranges(ls)} attend" if len(ls) > 1 else f"layer {ls[0]} attends")
+               + f" over the keys of layer {j} (q only, no cache)" for j, ls in shared.items()]
+            + ([f"MLP {md['wide_intermediate_size']} wide in layers {_ranges(md['wide_mlp_layers'])}"]
+               if md["wide_mlp_layers"] else [])))
     if md["attn_gate"]:
         t.add_row("attention gate", "each head's output times sigmoid of one gate logit per head" if
                   md["attn_gate_heads"] else "each head's output times sigmoid of a gate q_proj computes beside q")

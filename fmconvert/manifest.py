@@ -118,6 +118,12 @@ _MODEL_OPTIONAL = {
     "value_is_key": (False, _BOOL, "true or false"), "v_norm": (False, _BOOL, "true or false"),
     "moe_beside_dense": (False, _BOOL, "true or false"),
     "first_attn_norm": (True, _BOOL, "true or false"),
+    "per_layer_input": (0, _NAT, "a non-negative integer"),
+    "kv_source": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
+                  "null or a layer index per layer"),
+    "wide_mlp_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
+                        "null or a list of layer indices"),
+    "wide_intermediate_size": (0, _NAT, "a non-negative integer"),
     "linear_pre_norm": (False, _BOOL, "true or false"),
     "head_activation": (None, _ENUM(None, "gelu", "gelu_tanh", "relu", "relu2", "silu"),
                         "null or gelu, gelu_tanh, relu, relu2 or silu"),
@@ -283,6 +289,20 @@ def validate(m) -> dict:
     _need((model["head_activation"] is None) == ("head_dense.weight" not in model["slots"])
           and (model["head_activation"] is None or model["kind"] == "decoder"),
           "model.head_activation and the head_dense slot go together, in a decoder")
+    _need(not model["per_layer_input"] or (model["residual"] == "pre" and not experts and model["kind"] == "decoder"),
+          "model.per_layer_input needs the pre-norm residual, a decoder and no experts")
+    src, L = model["kv_source"], model["num_layers"]
+    _need(src is None or (len(src) == L and src[0] == 0 and mla is None and ll is None and not experts
+                          and all(src[j] == j and j <= i and (model["window_layers"] is None
+                                                              or (i in model["window_layers"])
+                                                              == (j in model["window_layers"]))
+                                  for i, j in enumerate(src) if j < L)
+                          and all(j < L for j in src)),
+          "model.kv_source must give each layer itself or an earlier layer of its kind that keeps its own cache, "
+          "with no latent attention, linear layers or experts")
+    wl, ws = model["wide_mlp_layers"], model["wide_intermediate_size"]
+    _need((wl is None) == (ws == 0) and (wl is None or (wl and wl == sorted(set(wl)) and wl[-1] < L and not experts)),
+          "model.wide_mlp_layers must be distinct layer indices in order, with wide_intermediate_size, and no experts")
     _need(model["first_attn_norm"] or model["residual"] == "pre",
           "model.first_attn_norm false needs the pre-norm residual")
     _need(not model["linear_pre_norm"] or (ll and model["residual"] == "pre"),
@@ -323,6 +343,10 @@ def validate(m) -> dict:
                                 and par["dense_intermediate_per_rank"] >= dc and dc * tp >= dense),
           "model.dense_layers needs experts, distinct layer indices in order, a dense_intermediate_size and "
           "parallel.dense_intermediate_* covering it")
+    wc = par.get("wide_intermediate_chunk", 0)
+    _need(not ws or (_POS_INT(wc) and _POS_INT(par.get("wide_intermediate_per_rank"))
+                     and par["wide_intermediate_per_rank"] >= wc and wc * tp >= ws),
+          "model.wide_intermediate_size needs parallel.wide_intermediate_* covering it")
     _need(model["num_experts"] % model["router_groups"] == 0 and model["router_topk_groups"] <= model["router_groups"],
           "model.router_groups must divide num_experts, and router_topk_groups must not exceed it")
     _need(m["dtype"] in _FLOATS, f"dtype {str(m['dtype'])[:40]!r} is not a float dtype")
@@ -372,8 +396,9 @@ def kv_cache_bytes(model: dict, parallel: dict, itemsize: int) -> tuple[int, int
     linear, ga, mla = set(model["linear_layers"] or ()), model["global_attn"], model["mla"]
     layers, chunks = model["window_layers"], model["chunk_layers"]
     parts = model["block_parts"] or [None] * model["num_layers"]
+    src = model.get("kv_source") or range(model["num_layers"])       # Gemma 4 E2B/E4B: some read another's cache
     for i in range(model["num_layers"]):
-        if i in linear or parts[i] == "mlp":
+        if i in linear or parts[i] == "mlp" or src[i] != i:
             continue
         windowed_layer = (model["sliding_window"] > 0 and (layers is None or i in layers)) or (
             model["attn_chunk"] > 0 and (chunks is None or i in chunks))

@@ -44,7 +44,7 @@ QUANT_SLOTS = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight
                "lin_in.weight", "lin_out.weight", "ssm_in.weight", "ssm_out.weight",   # linear mixers
                "sconv_in.weight", "sconv_out.weight", "mamba_in.weight", "mamba_out.weight")
 HEAD_SLOTS = ("lm_head.weight",)     # an untied head is a matmul read whole every token: int8 by default
-EMBED_SLOTS = ("embed.weight", "lm_head.weight")
+EMBED_SLOTS = ("embed.weight", "lm_head.weight", "ple_embed.weight")
 
 
 @dataclass
@@ -209,7 +209,8 @@ def _quant_plan(spec: ModelSpec, opts: Options):
         quant_slots = QUANT_SLOTS + (EMBED_SLOTS if opts.int8_embeddings else HEAD_SLOTS if opts.int8_lm_head else ())
         groups = {}
         wide = next((i for i in range(spec.num_layers) if spec.global_layer(i)), None)
-        views = [(spec, layout)] + ([sl.at(spec, layout, wide)] if wide is not None else [])
+        views = [(spec, layout)] + ([sl.at(spec, layout, wide)] if wide is not None else []) + (
+            [sl.at(spec, layout, spec.wide_mlp_layers[0])] if spec.wide_mlp_layers else [])    # Gemma 4 E2B
         for slot in quant_slots:
             k = sl.k_per_rank(spec, layout, slot)
             if not k:

@@ -30,6 +30,9 @@ LAYER_SLOTS = (
     "attn_post_norm.weight", "mlp_post_norm.weight",                 # Gemma 2: each half's output normed too
     "moe_post_norm.weight",                                          # A.X K1: the mixture's output only
     "layer_scale.weight",                                            # Gemma 4: the stream times it after the layer
+    # Gemma 4's E2B/E4B: each layer's per-layer input (PLE) gates a narrow projection of the stream, which is
+    # projected back, normed and added after the MLP
+    "ple_gate.weight", "ple_out.weight", "ple_post_norm.weight",
     # Gemma 4's 26B-A4B: a dense MLP (shared_*) beside the mixture, each branch normed on its way in and out, and a
     # router that reads the stream RMS-normed and scaled (router.scale), its weights times router.expert_factor
     "router.scale", "router.expert_factor", "experts_norm.weight", "experts_post_norm.weight",
@@ -82,6 +85,9 @@ GLOBAL_SLOTS = (
     "project_in.weight", "project_out.weight", "final_norm.weight", "final_norm.bias", "pooler.weight",
     "pooler.bias", "lm_head.weight", "lm_head.bias", "head_dense.weight", "head_dense.bias", "head_norm.weight",
     "head_norm.bias",
+    # Gemma 4's E2B/E4B: the per-layer embeddings [vocab, layers * dim], and the projection of the embedded token
+    # into the same per-layer inputs with its norm (over one layer's dim)
+    "ple_embed.weight", "ple_proj.weight", "ple_proj_norm.weight",
 )
 
 # The activation of a gated MLP's gate -> the canonical gated epilogue.
@@ -199,6 +205,12 @@ class ModelSpec:
     #                                are (ModernBERT's decoder)
     head_activation: str | None = None  # the head's transform before lm_head: norm(act(head_dense(h))) (ModernBERT's
     #                                     decoder); None: lm_head reads the final norm's output
+    per_layer_input: int = 0       # Gemma 4 E2B/E4B: the width of each layer's per-layer input (PLE); 0: none
+    kv_source: list | None = None  # per layer, the layer whose keys and values it attends over: its own index, or
+    #                                an earlier layer's of its kind (Gemma 4 E2B/E4B's last layers, which compute
+    #                                q only); None: every layer its own
+    wide_mlp_layers: list | None = None  # layers whose MLP is wide_intermediate_size wide (Gemma 4 E2B's layers
+    wide_intermediate_size: int = 0      # that read another's cache: twice as wide); None: none
     linear_pre_norm: bool = False  # OLMo Hybrid: only the linear layers norm each half's input (attn_norm,
     #                                mlp_norm); the attention layers norm each half's output (attn_post_norm,
     #                                mlp_post_norm) instead, as OLMo 2/3 do
@@ -214,13 +226,23 @@ class ModelSpec:
         """Whether this layer takes global_attn's geometry (an attention layer outside window_layers)."""
         return layer is not None and is_global_layer(self.global_attn, self.window_layers, self.linear_layers, layer)
 
+    def kv_shared(self, layer: int | None) -> bool:
+        """Whether this layer attends over an earlier layer's keys and values (and so computes q only)."""
+        return layer is not None and self.kv_source is not None and self.kv_source[layer] != layer
+
     def at(self, layer: int | None) -> "ModelSpec":
-        """The spec as this layer sees it: global_attn's head_dim and num_kv_heads in a global layer."""
-        if not self.global_layer(layer):
-            return self
+        """The spec as this layer sees it: global_attn's head_dim and num_kv_heads in a global layer; no kv heads
+        of its own in a layer that reads another's cache; a wide MLP's width."""
         from dataclasses import replace
-        return replace(self, head_dim=self.global_attn["head_dim"], num_kv_heads=self.global_attn["num_kv_heads"],
-                       global_attn=None)
+        spec = self
+        if self.global_layer(layer):
+            spec = replace(spec, head_dim=self.global_attn["head_dim"], num_kv_heads=self.global_attn["num_kv_heads"],
+                           global_attn=None)
+        if self.kv_shared(layer):
+            spec = replace(spec, num_kv_heads=0, value_is_key=False)
+        if layer in (self.wide_mlp_layers or ()):
+            spec = replace(spec, intermediate_size=self.wide_intermediate_size)
+        return spec
 
     @property
     def gate_width(self) -> int:
@@ -533,6 +555,7 @@ class Policy:
             first_attn_norm=bool(self._layout("first_attn_norm", flags, True)),
             head_activation=self._head_activation(architecture, c, flags),
             linear_pre_norm=bool(self._layout("linear_pre_norm", flags, False)),
+            **self._per_layer_parts(c, flags, windows, experts),
             shared_scale=_number(c, "shared_scale", 1.0),
             attn_softcap=_number(c, "attn_softcap", 0.0, zero_ok=True),
             logit_softcap=_number(c, "logit_softcap", 0.0, zero_ok=True),
@@ -544,6 +567,42 @@ class Policy:
             pad_token_id=getattr(config, "pad_token_id", None),
         )
         return spec
+
+    def _per_layer_parts(self, c: dict, flags: dict, windows: dict, experts: int) -> dict:
+        """Gemma 4 E2B/E4B. Layout per_layer_input: each layer's per-layer input, [config] ple_dim wide (ple_vocab
+        must be the vocab). Layout kv_sharing: the last [config] kv_shared layers attend over the keys and values of
+        the last earlier layer of their kind (windowed or global) and compute q only; layout double_wide_mlp (a
+        flag): those layers' MLP is twice as wide."""
+        out, L = {}, c["num_layers"]
+        dim = (c.get("ple_dim") or 0) if self._layout("per_layer_input", flags, False) else 0
+        shared = (c.get("kv_shared") or 0) if self._layout("kv_sharing", flags, False) else 0
+        if (dim or shared) and experts:
+            raise FmError("config.json: per-layer inputs or shared kv caches with a mixture of experts are not "
+                          "supported")
+        if dim:
+            if type(dim) is not int or dim < 0 or c.get("ple_vocab") != c["vocab_size"]:
+                raise FmError(f"config.json: hidden_size_per_layer_input must be a non-negative integer and "
+                              f"vocab_size_per_layer_input the vocab size ({c['vocab_size']}), got {dim!r} and "
+                              f"{c.get('ple_vocab')!r}")
+            out["per_layer_input"] = dim
+        if shared:
+            layers = windows.get("window_layers")
+            first = L - shared if type(shared) is int else 0
+            windowed = set(range(L) if layers is None and windows.get("sliding_window") else layers or ())
+            if type(shared) is not int or not 0 < first < L:
+                raise FmError(f"config.json: num_kv_shared_layers must be an integer from 0 to "
+                              f"num_hidden_layers - 1 ({L - 1}), got {shared!r}")
+            source = list(range(L))
+            for i in range(first, L):
+                same = [j for j in range(first) if (j in windowed) == (i in windowed)]
+                if not same:
+                    raise FmError(f"config.json: layer {i} shares the kv cache of an earlier layer of its kind, and "
+                                  f"none of the first {first} layers is one")
+                source[i] = same[-1]
+            out["kv_source"] = source
+            if self._layout("double_wide_mlp", flags, False):
+                out.update(wide_mlp_layers=list(range(first, L)), wide_intermediate_size=2 * c["intermediate_size"])
+        return out
 
     def _head_activation(self, architecture: str, c: dict, flags: dict) -> str | None:
         """The activation of the head's dense layer (layout head_transform), canonical and ungated."""
@@ -1007,6 +1066,10 @@ class Policy:
             "attn_norm.weight": (h,), "attn_norm.bias": (h,), "mlp_norm.weight": (h,), "mlp_norm.bias": (h,),
             "attn_post_norm.weight": (h,), "mlp_post_norm.weight": (h,), "moe_post_norm.weight": (h,),
             "layer_scale.weight": (1,), "router.scale": (h,), "router.expert_factor": (spec.num_experts,),
+            "ple_embed.weight": (spec.vocab_size, spec.num_layers * spec.per_layer_input),
+            "ple_proj.weight": (spec.num_layers * spec.per_layer_input, h),
+            "ple_proj_norm.weight": (spec.per_layer_input,), "ple_gate.weight": (spec.per_layer_input, h),
+            "ple_out.weight": (h, spec.per_layer_input), "ple_post_norm.weight": (h,),
             "experts_norm.weight": (h,), "experts_post_norm.weight": (h,), "shared_post_norm.weight": (h,),
             "qkv.weight": ((H + 2 * KV) * hd + H * spec.gate_width, h),        # q|k|v, and the gate
             "qkv.bias": ((H + 2 * KV) * hd + H * spec.gate_width,),
@@ -1097,6 +1160,7 @@ class Policy:
             (t.get("head", {}), self.head_prefix(prefix))]
         skip = ()
         value_is_key = spec.value_is_key and spec.global_layer(layer)
+        q_only = spec.kv_shared(layer)       # Gemma 4 E2B/E4B: reads an earlier layer's cache; q_proj alone
         spec = spec.at(layer)                # Gemma 4's global layers: their own head_dim and kv heads
         if layer is not None:            # a dense model has no mixture's slots, whatever the flags say
             skip = SPARSE_SLOTS if not spec.num_experts or layer in (spec.dense_layers or ()) else DENSE_SLOTS
@@ -1108,6 +1172,8 @@ class Policy:
                 skip += ATTENTION_SLOTS + LINEAR_SLOTS + ("attn_norm.",)
             if layer == 0 and not spec.first_attn_norm:
                 skip += ("attn_norm.",)
+            if q_only:
+                skip += ("k_norm.",)
             if spec.linear_pre_norm:       # OLMo Hybrid: input norms in the linear layers, output norms elsewhere
                 skip += (("attn_post_norm.", "mlp_post_norm.") if layer in (spec.linear_layers or ())
                          else ("attn_norm.", "mlp_norm."))
@@ -1118,7 +1184,9 @@ class Policy:
                 names = [pre + n.format(i=layer, e=e) for e in _experts(names, spec) for n in names]
                 aliases = [[pre + n.format(i=layer, e=e) for e in _experts(a, spec) for n in a]
                            for a in aliases if len(a) * len(_experts(a, spec)) == len(names)]
-                if value_is_key and slot.startswith("qkv.") and len(names) == 3:
+                if q_only and slot.startswith("qkv.") and len(names) == 3:
+                    names, aliases = names[:1], [a[:1] for a in aliases]
+                elif value_is_key and slot.startswith("qkv.") and len(names) == 3:
                     names[2] = names[1]          # Gemma 4: no v_proj; v is k's projection (its rows twice)
                     aliases = [[a[0], a[1], a[1]] for a in aliases]
                 full = self.canonical_shape(spec, slot)

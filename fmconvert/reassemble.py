@@ -34,7 +34,8 @@ class _AllFlags(dict):
 def _spec_layout(m: dict) -> tuple[ModelSpec, sl.Layout]:
     try:
         spec = ModelSpec(**m["model"])
-        lay = sl.Layout(**{k: v for k, v in m["parallel"].items() if k not in ("slots", "row_parallel_bias")})
+        lay = sl.Layout(**{k: v for k, v in m["parallel"].items() if k not in ("slots", "row_parallel_bias")},
+                        per_layer_embeddings=bool(spec.per_layer_input))
     except TypeError as e:
         raise FmError(f"manifest: model/parallel sections do not match this fmconvert ({e})") from None
     return spec, lay

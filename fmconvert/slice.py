@@ -71,7 +71,7 @@ MIXER_PARTS = ("lin_in.weight", "lin_conv.weight", "lin_conv.bias", "ssm_in.weig
                "ssm_conv.weight", "ssm_conv.bias", "sconv_in.weight", "sconv_in.bias", "sconv_conv.weight",
                "sconv_conv.bias", "mamba_in.weight", "mamba_in.bias")
 ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias", "ssm_out.bias", "sconv_out.bias", "mamba_out.bias")
-VOCAB = ("embed.weight", "lm_head.weight", "lm_head.bias")
+VOCAB = ("embed.weight", "lm_head.weight", "lm_head.bias", "ple_embed.weight")   # Gemma 4's per-layer embeddings too
 EXPERTS = ("experts_in.weight", "experts_out.weight")
 
 
@@ -100,20 +100,29 @@ class Layout:
     dense_intermediate_per_rank: int = 0     # padding (serialized only when it has such layers)
     global_kv_heads_per_rank: int = 0        # Gemma 4's global layers' kv heads per rank and their replication
     global_kv_replication: int = 0           # (serialized only with ModelSpec.global_attn)
+    wide_intermediate_chunk: int = 0         # Gemma 4 E2B's wide MLP layers' units per rank, before and after
+    wide_intermediate_per_rank: int = 0      # padding (serialized only with ModelSpec.wide_mlp_layers)
+    per_layer_embeddings: bool = False       # not serialized: Gemma 4 E2B/E4B's, split by vocab like embed
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("num_experts")
+        ple = d.pop("per_layer_embeddings")
         for part in ("shared", "dense"):
             if not d[f"{part}_intermediate_chunk"]:
                 d.pop(f"{part}_intermediate_chunk")
                 d.pop(f"{part}_intermediate_per_rank")
+        if not d["wide_intermediate_chunk"]:
+            d.pop("wide_intermediate_chunk")
+            d.pop("wide_intermediate_per_rank")
         if not d["global_kv_heads_per_rank"]:
             d.pop("global_kv_heads_per_rank")
             d.pop("global_kv_replication")
         d["slots"] = {**{s.split(".")[0]: "column" for s in COLUMN + HEADS[:2]},
                       **{s.split(".")[0]: "row" for s in ROW},
                       "embed": "vocab", "lm_head": "vocab", "other": "replicated"}
+        if ple:
+            d["slots"]["ple_embed"] = "vocab"
         if self.num_experts:
             d["slots"].update(experts_in="column per expert", experts_out="row per expert")
         if self.shared_intermediate_chunk:
@@ -123,12 +132,17 @@ class Layout:
 
 
 def at(spec: ModelSpec, lay: Layout, layer: int | None) -> tuple[ModelSpec, Layout]:
-    """(spec, layout) as one layer sees them: a Gemma 4 global layer's own head_dim, kv heads and their split."""
-    if not spec.global_layer(layer):
-        return spec, lay
-    return spec.at(layer), replace(lay, kv_heads_per_rank=lay.global_kv_heads_per_rank,
-                                   kv_replication=lay.global_kv_replication, global_kv_heads_per_rank=0,
-                                   global_kv_replication=0)
+    """(spec, layout) as one layer sees them: a Gemma 4 global layer's own head_dim, kv heads and their split; no kv
+    heads in a layer that reads another's cache; a wide MLP's units per rank."""
+    if spec.global_layer(layer):
+        lay = replace(lay, kv_heads_per_rank=lay.global_kv_heads_per_rank, kv_replication=lay.global_kv_replication,
+                      global_kv_heads_per_rank=0, global_kv_replication=0)
+    if spec.kv_shared(layer):
+        lay = replace(lay, kv_heads_per_rank=0, kv_replication=1)
+    if layer in (spec.wide_mlp_layers or ()):
+        lay = replace(lay, intermediate_chunk=lay.wide_intermediate_chunk,
+                      intermediate_per_rank=lay.wide_intermediate_per_rank)
+    return spec.at(layer), lay
 
 
 def _kv_split(KV: int, tp: int, what: str = "num_key_value_heads") -> tuple[int, int]:
@@ -167,9 +181,10 @@ def plan(spec: ModelSpec, tp: int, group_size: int | None) -> Layout:
     chunk, per_rank = _chunk(spec.intermediate_size, tp, group_size)
     shared = _chunk(spec.shared_intermediate_size, tp, group_size) if spec.shared_intermediate_size else (0, 0)
     dense = _chunk(spec.dense_intermediate_size, tp, group_size) if spec.dense_intermediate_size else (0, 0)
+    wide_mlp = _chunk(spec.wide_intermediate_size, tp, group_size) if spec.wide_intermediate_size else (0, 0)
     vocab_padded = _ceil_to(spec.vocab_size, tp)
     return Layout(tp, H // tp, kv_per_rank, repl, chunk, per_rank, vocab_padded, vocab_padded // tp,
-                  spec.num_experts, *shared, *dense, *wide)
+                  spec.num_experts, *shared, *dense, *wide, *wide_mlp, bool(spec.per_layer_input))
 
 
 # A rank's MLP units are padded to whole int8 groups; when that would add more than 1/MAX_PAD_WASTE of the units, a
@@ -233,6 +248,8 @@ def _kv_heads(lay: Layout, n_heads: int, slot: str, pieces) -> list[torch.Tensor
     """Each rank's rows for its kv heads (kv_heads_per_rank equal blocks along dim 0) -> the blocks of every kv
     head in order. The copies of a replicated head must agree."""
     heads = [None] * n_heads
+    if not lay.kv_heads_per_rank:            # a layer that reads another's cache: q only
+        return heads
     for r, p in enumerate(pieces):
         kv = _kv_index(lay, r)
         for head, rows in zip(range(kv.start, kv.stop), torch.chunk(p, lay.kv_heads_per_rank, dim=0)):
@@ -387,6 +404,7 @@ def k_per_rank(spec: ModelSpec, lay: Layout, slot: str) -> int:
         "shared_in.weight": spec.hidden_size if spec.shared_intermediate_size else 0,     # 0: no such slot
         "shared_out.weight": lay.shared_intermediate_per_rank,
         "embed.weight": spec.embed_dim, "lm_head.weight": spec.embed_dim,
+        "ple_embed.weight": spec.num_layers * spec.per_layer_input,
         "lin_in.weight": spec.hidden_size if spec.linear_attn else 0,
         "lin_out.weight": spec.linear_attn["v_heads"] * spec.linear_attn["v_dim"] // lay.tp if spec.linear_attn else 0,
         "ssm_in.weight": spec.hidden_size if spec.ssm else 0,

@@ -1,6 +1,7 @@
 """Gemma 4 beyond the family tests (which run gemma4, gemma4_moe and gemma4_vl through tiny.FAMILIES): what the
 manifest records for the global layers' own geometry, how their fewer kv heads split over ranks, the two RoPE tables,
-the 26B-A4B's dense MLP beside its mixture, and the variants refused in one line."""
+the 26B-A4B's dense MLP beside its mixture, E2B/E4B's per-layer inputs and shared kv caches, and the variants refused
+in one line."""
 
 from __future__ import annotations
 
@@ -67,8 +68,8 @@ def test_tp4_replicates_the_global_kv_head_on_every_rank(model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("override, word", [
-    (dict(hidden_size_per_layer_input=8), "hidden_size_per_layer_input"),     # gemma-4-E2B/E4B's per-layer inputs
-    (dict(num_kv_shared_layers=2), "num_kv_shared_layers"),                  # their shared kv caches
+    (dict(hidden_size_per_layer_input=8, vocab_size_per_layer_input=50), "vocab_size_per_layer_input"),
+    (dict(num_kv_shared_layers=5), "num_kv_shared_layers"),                  # every layer reading another's cache
     (dict(num_global_key_value_heads=3), "num_global_key_value_heads"),
 ])
 def test_unsupported_variants_are_refused_in_one_line(model_dir, tmp_path, capsys, override, word):
@@ -146,3 +147,108 @@ def test_rms_fp32_rounds_once_as_gemma4_does():
     ops = TorchOps()
     assert torch.equal(ops.add_norm(x, None, w, None, 1e-6, "rms_fp32")[0], want)
     assert not torch.equal(ops.add_norm(x, None, w, None, 1e-6, "rms")[0], want)
+
+
+def test_e2b_layers_read_earlier_caches_hold_no_keys_and_generate_as_transformers(model_dir, tmp_path):
+    """gemma-4-E2B's layout (tiny.CONFIGS["gemma4_e2b"]): layers 3 and 4 (windowed) attend over layer 1's keys, layer 5
+    (global) over layer 2's; they hold q rows only and keep no cache of their own, and their MLP is twice as wide.
+    A prompt fed in chunks through the cache equals one forward, and greedy decoding past the window equals
+    transformers'."""
+    import transformers
+
+    import tiny
+    from fmconvert.runtime.generate import generate
+    from fmconvert.runtime.load import load
+    src, out = model_dir("gemma4_e2b"), tmp_path / "out"
+    convert(src, out, Options(tp=2), progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    sp, par = m["model"], m["parallel"]
+    assert sp["kv_source"] == [0, 1, 2, 1, 1, 2] and sp["per_layer_input"] == 8
+    assert sp["wide_mlp_layers"] == [3, 4, 5] and sp["wide_intermediate_size"] == 192
+    assert (par["intermediate_per_rank"], par["wide_intermediate_per_rank"]) == (48, 96)
+    assert par["slots"]["ple_embed"] == "vocab"
+    t = m["ranks"][1]["tensors"]
+    assert t["layers.1.qkv.weight"]["shape"] == [(2 + 1 + 1) * 16, 64] and "layers.1.k_norm.weight" in t
+    assert t["layers.4.qkv.weight"]["shape"] == [2 * 16, 64] and "layers.4.k_norm.weight" not in t
+    assert t["layers.5.qkv.weight"]["shape"] == [2 * 32, 64] and "layers.5.k_norm.weight" not in t
+    assert t["layers.4.mlp_in.weight"]["shape"] == [2 * 96, 64] and t["layers.0.mlp_out.weight"]["shape"] == [64, 48]
+    assert t["ple_embed.weight"]["shape"] == [51, 6 * 8] and t["ple_proj.weight"]["shape"] == [6 * 8, 64]
+    assert t["layers.3.ple_gate.weight"]["shape"] == [8, 64] and t["layers.3.ple_out.weight"]["shape"] == [64, 8]
+
+    convert(src, tmp_path / "tp1", Options(), progress=False)
+    fused = load(tmp_path / "tp1")
+    cache = fused.new_cache(2, 40)
+    assert [k.shape[2] for k in cache.k] == [4, 4, 40, 0, 0, 0]
+    ids = torch.randint(3, 100, (2, 21))
+    whole, got, at = fused(ids), [], 0
+    for n in (3, 1, 6, 1, 10):           # across the ring's end, one token and several at a time
+        got.append(fused(ids[:, at:at + n], cache))
+        at += n
+    assert tiny.rel(torch.cat(got, 1), whole) < 1e-5
+    hf = transformers.Gemma4ForCausalLM.from_pretrained(src).eval()
+    with torch.no_grad():
+        assert tiny.rel(whole, hf(ids).logits) < 1e-5
+        ref = hf.generate(ids[:1, :3], max_new_tokens=20, do_sample=False, min_new_tokens=20)
+    assert generate(fused, ids[:1, :3], max_new_tokens=20)[0].tolist() == ref.tolist()
+    r = CliRunner().invoke(cli, ["inspect", str(out)], terminal_width=200)
+    text = re.sub(r"[\s│]+", " ", r.output)
+    assert r.exit_code == 0 and "per-layer inputs 8 wide" in text, r.output
+    assert "layers 3-4 attend over the keys of layer 1" in text and "layer 5 attends over the keys of layer 2" in text
+    assert "MLP 192 wide in layers 3-5" in text
+
+
+@pytest.mark.parametrize("override", [
+    dict(use_double_wide_mlp=False),
+    dict(num_kv_shared_layers=0),                       # per-layer inputs alone (transformers 5.24 fails on
+                                                        # shared caches without them; no release has that)
+    dict(attention_k_eq_v=True, num_global_key_value_heads=1),   # the sources' v read from k_proj
+])
+def test_e2b_variants_match_transformers(model_dir, tmp_path, override):
+    import tiny
+    errs = tiny.errors_against_transformers(model_dir("gemma4_e2b", **override), "gemma4_e2b", tmp_path, 12, tp=2,
+                                            **override)
+    assert max(errs) < 1e-5, errs
+
+
+def test_e2b_checkpoint_with_k_proj_in_shared_layers_converts(model_dir, tmp_path):
+    """Released checkpoints may still carry k_proj, v_proj and k_norm in the layers that read another's cache
+    (transformers skips them on load): they are ignored, and the other layers' are read as usual."""
+    import shutil
+
+    from safetensors.torch import save_file
+    src = tmp_path / "src"
+    shutil.copytree(model_dir("gemma4_e2b"), src)
+    f = src / "model.safetensors"
+    t = load_file(f)
+    t.update({"model.layers.4.self_attn.k_proj.weight": torch.randn(32, 64),
+              "model.layers.4.self_attn.v_proj.weight": torch.randn(32, 64),
+              "model.layers.4.self_attn.k_norm.weight": torch.randn(16)})
+    save_file(t, f, metadata={"format": "pt"})
+    convert(src, tmp_path / "out", Options(), progress=False)
+    got = load_file(tmp_path / "out" / json.loads((tmp_path / "out" / "manifest.json").read_text())
+                    ["ranks"][0]["files"][0]["path"])
+    assert got["layers.4.qkv.weight"].shape == (4 * 16, 64)
+    assert torch.equal(got["layers.1.qkv.weight"][64:96], t["model.layers.1.self_attn.k_proj.weight"])
+
+
+def test_e2b_int8_embeddings_quantize_the_per_layer_table(model_dir, tmp_path):
+    """--int8-embeddings takes the per-layer table (E2B's largest tensor) to int8 with group scales: each value within
+    half a step of the source's, and the runtime looks rows up from it as they dequantize."""
+    from fmconvert.runtime.load import load
+    from fmconvert.runtime.ops import Int8Weight
+    src, out = model_dir("gemma4_e2b"), tmp_path / "out"
+    convert(src, out, Options(int8=True, group_size=16, int8_embeddings=True), progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    got = _rank(out, m, 0)
+    q, scale = got["ple_embed.weight"], got["ple_embed.weight_scale"]
+    assert q.dtype == torch.int8 and scale.shape == (101, 6 * 8 // 16)
+    orig = load_file(src / "model.safetensors")["model.embed_tokens_per_layer.weight"]
+    step = scale.float().repeat_interleave(16, 1)
+    assert ((q.float() * step - orig).abs() <= step / 2 + 1e-6).all()
+    fused = load(out)
+    table = fused.g["ple_embed.weight"]
+    assert isinstance(table, Int8Weight)
+    ids = torch.randint(3, 100, (2, 9))
+    want = fused(ids)
+    fused.g["ple_embed.weight"] = table.dequantize(torch.float32)
+    assert torch.equal(fused(ids), want)

@@ -128,7 +128,7 @@ def test_cpu_int8_matmul_is_the_dequantized_linear(N, K, group, lead, dtype):
                                   "qwen3_5", "qwen3_next", "granite_hybrid", "granite_hybrid_dense", "bamba",
                                   "nemotron_h", "nemotron_h_dense", "lfm2", "lfm2_moe", "youtu", "mellum", "olmo", "mamba",
                                   "falcon_mamba", "jamba", "mamba2", "kimi_linear", "lfm3", "gemma4", "gemma4_moe",
-                                  "cohere2_moe", "modernbert_decoder", "olmo_hybrid", "mistral4"])
+                                  "cohere2_moe", "modernbert_decoder", "olmo_hybrid", "mistral4", "gemma4_e2b"])
 def test_tp4_emulated_equals_tp1(work, name, tmp_path):
     _, src, outs = work(name)
     convert(src, tmp_path / "tp4", Options(tp=4), progress=False)
@@ -245,7 +245,7 @@ def test_inject_refuses_a_different_model(work):
                                   "mixtral", "gpt_oss", "glm4_moe", "hunyuan", "deepseek_v3", "deepseek_v2", "llama4",
                                   "qwen3_5", "qwen3_next", "granite_hybrid_dense", "lfm2", "falcon_mamba", "jamba",
                                   "nanochat", "afmoe", "lfm3", "gemma4", "gemma4_moe", "modernbert_decoder",
-                                  "olmo_hybrid", "mistral4"])
+                                  "olmo_hybrid", "mistral4", "gemma4_e2b"])
 def test_graph_safe_decode_step_equals_eager_decode(work, name):
     """decode_step (what a CUDA graph captures) reads positions and lengths from device tensors only."""
     _, _, outs = work(name)
@@ -314,6 +314,7 @@ WINDOWED = {   # family -> config overrides that give it a 5-position window, an
     "gpt_oss": ({}, [0]),     # and every head has a softmax sink
     "gpt_neo": ({}, [1]),     # its "local" layers, and no softmax scale
     "granite_swa": ({}, [1, 2]),   # and a RoPE base per layer: none in layer 0, the windowed layers' own
+    "gemma4_e2b": ({}, [0, 1, 3, 4]),   # and layers 3-5 attend over layer 1's ring and layer 2's cache
 }
 
 

@@ -526,6 +526,13 @@ CONFIGS = {
                          pad_token_id=0, eos_token_id=1, bos_token_id=2),
         vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
                            num_key_value_heads=2, head_dim=16), audio_config=None)),
+    "gemma4_e2b": ("Gemma4TextConfig", "Gemma4ForCausalLM", dict(   # per-layer inputs; the last three layers read
+        hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,   # earlier caches and
+        num_key_value_heads=2, head_dim=16, global_head_dim=32, vocab_size=101,   # have twice the MLP
+        max_position_embeddings=64, sliding_window=4, hidden_size_per_layer_input=8, vocab_size_per_layer_input=101,
+        num_kv_shared_layers=3, use_double_wide_mlp=True, final_logit_softcapping=30.0,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
+                     "sliding_attention", "full_attention"], pad_token_id=0, eos_token_id=1, bos_token_id=2)),
     "modernbert_decoder": ("ModernBertDecoderConfig", "ModernBertDecoderForCausalLM", dict(   # Ettin decoders
         hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, vocab_size=101,
         max_position_embeddings=64, local_attention=8, global_attn_every_n_layers=3, norm_bias=True,

@@ -36,6 +36,7 @@ def sha256_file(path: Path) -> str:
 
 _ST_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8"}
 _INT8_OK = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight", "embed.weight", "lm_head.weight",
+            "ple_embed.weight",
             "experts_in.weight", "experts_out.weight", "shared_in.weight", "shared_out.weight",
             "q_a.weight", "q_b.weight", "kv_a.weight", "kv_b.weight", "lin_in.weight", "lin_out.weight",
             "ssm_in.weight", "ssm_out.weight", "sconv_in.weight", "sconv_out.weight", "mamba_in.weight",
@@ -64,6 +65,10 @@ def check_layout(m: dict, rank: int):
             "alibi.slopes": (hpr,),
             **{f"{n}.{p}": (h,) for n in ("embed_norm", "final_norm", "head_norm") for p in ("weight", "bias")},
             "head_dense.weight": (h, h), "head_dense.bias": (h,)}
+    P = sp["per_layer_input"]          # Gemma 4 E2B/E4B: the per-layer embeddings (vocab-parallel), the rest whole
+    if P:
+        glob.update({"ple_embed.weight": (vpr, sp["num_layers"] * P), "ple_proj.weight": (sp["num_layers"] * P, h),
+                     "ple_proj_norm.weight": (P,)})
     E = sp["num_experts"]
 
     def attention(d: int, kvpr: int) -> dict:
@@ -88,7 +93,8 @@ def check_layout(m: dict, rank: int):
              **{f"{n}.{p}": (h,) for n in ("attn_norm", "mlp_norm") for p in ("weight", "bias")},
              "attn_post_norm.weight": (h,), "mlp_post_norm.weight": (h,), "moe_post_norm.weight": (h,),
              "layer_scale.weight": (1,), "router.scale": (h,), "router.expert_factor": (E,),
-             "experts_norm.weight": (h,), "experts_post_norm.weight": (h,), "shared_post_norm.weight": (h,)}
+             "experts_norm.weight": (h,), "experts_post_norm.weight": (h,), "shared_post_norm.weight": (h,),
+             "ple_gate.weight": (P, h), "ple_out.weight": (h, P), "ple_post_norm.weight": (h,)}
     mla = sp["mla"]
     if mla:             # latent attention: the latent's projections replicated, q_b and kv_b this rank's heads
         qr, kr, rd = mla["q_rank"], mla["kv_rank"], mla["rope_dim"]
@@ -132,6 +138,18 @@ def check_layout(m: dict, rank: int):
                       "mamba.a_log": (D, N), "mamba.d": (D,), "mamba_out.weight": (h, D), "mamba_out.bias": (h,)})
     ga = sp["global_attn"]
     wide = {**layer, **attention(ga["head_dim"], par["global_kv_heads_per_rank"])} if ga else layer
+    src = sp["kv_source"] or range(sp["num_layers"])      # Gemma 4 E2B/E4B: q only where a layer reads another's
+    wide_mlp = set(sp["wide_mlp_layers"] or ())           # cache; some layers' MLP wider
+    wpr = par.get("wide_intermediate_per_rank", 0)
+
+    def shapes(i: int) -> dict:
+        glob_layer = mf.is_global_layer(ga, sp["window_layers"], sp["linear_layers"], i)
+        out = wide if glob_layer else layer
+        if src[i] != i:
+            out = {**out, **attention(ga["head_dim"] if glob_layer else hd, 0)}
+        if i in wide_mlp:
+            out = {**out, "mlp_in.weight": (wpr * glu, h), "mlp_out.weight": (h, wpr)}
+        return out
     tensors = m["ranks"][rank]["tensors"]
     need = {"embed.weight"} | {s for s in sp["slots"] if not s.startswith("layers.")}
     need |= {s for s, on in [("lm_head.weight", sp["kind"] == "decoder" and not sp["tied_embeddings"]),
@@ -189,6 +207,7 @@ def check_layout(m: dict, rank: int):
              - (attention_only if i in linear_layers else linear_only)
              - {"mixer": mlp, "mlp": mixer}.get(parts[i], set())
              - ({"attn_norm.weight", "attn_norm.bias"} if i == 0 and not sp["first_attn_norm"] else set())
+             - ({"k_norm.weight"} if src[i] != i else set())
              - (({"attn_post_norm.weight", "mlp_post_norm.weight"} if i in linear_layers else
                  {"attn_norm.weight", "mlp_norm.weight"}) if sp["linear_pre_norm"] else set())
              if not (rank > 0 and s in _ROW_BIAS)}
@@ -203,7 +222,7 @@ def check_layout(m: dict, rank: int):
         if parts[0] == "layers" and len(parts) == 3 and parts[1].isdigit() and int(parts[1]) < sp["num_layers"]:
             i = int(parts[1])
             slot = parts[2]
-            want = (wide if mf.is_global_layer(ga, sp["window_layers"], sp["linear_layers"], i) else layer).get(slot)
+            want = shapes(i).get(slot)
         else:
             slot, want = base, glob.get(base)
         if want is None:
@@ -321,7 +340,9 @@ def _assemble(manifest: dict, raw: dict, device, int8: str, dtype) -> dict:
             for q, s in (zip(whole.q.chunk(experts), whole.scale.chunk(experts)) if experts else
                          [(whole.q, whole.scale)]):
                 w = Int8Weight(q, s, g)
-                if int8 == "pack" and q.numel() >= CPU_INT8_MIN_ELEMS and (name != "embed.weight" or tied):
+                if name == "ple_embed.weight":
+                    pass               # Gemma 4 E2B/E4B's per-layer table: only ever looked up, a row at a time
+                elif int8 == "pack" and q.numel() >= CPU_INT8_MIN_ELEMS and (name != "embed.weight" or tied):
                     w.packed = int8_gemv_cpu.pack(w.q, w.scale, g)
                 elif int8 != "keep":
                     w = w.dequantize(dtype)

@@ -79,6 +79,7 @@ class Block(nn.Module):
         self.head_dim = sp["global_attn"]["head_dim"] if wide else model.head_dim
         self.kv_heads = model.par["global_kv_heads_per_rank"] if wide else model.kv_heads
         self.v_ones = torch.ones(self.head_dim, dtype=model.dtype, device=model.device) if sp["v_norm"] else None
+        self.kv_from = sp["kv_source"][i] if sp["kv_source"] else i   # Gemma 4 E2B/E4B: an earlier layer's cache
         self.router_ones = torch.ones(sp["hidden_size"], dtype=model.dtype, device=model.device) \
             if "router.scale" in tensors else None
         self.sinks = tensors.get("attn_sinks.weight")     # GPT-OSS: one softmax sink logit per head of this rank
@@ -155,10 +156,21 @@ class Block(nn.Module):
             f = self._beside_dense(h, residual)
         else:
             f = m.comm.all_reduce(self.mlp(h))
+        if pre and "ple_gate.weight" in t:
+            return self._per_layer_input(f, residual)
         if pre:
             return f, residual
         y, _ = ops.add_norm(f, h, t["mlp_norm.weight"], t.get("mlp_norm.bias"), m.eps, m.norm)
         return y, None
+
+    def _per_layer_input(self, f, residual):
+        """Gemma 4 E2B/E4B, after the MLP: the stream s = residual + mlp_post_norm(f) times gelu(ple_gate(s)) gates this
+        layer's per-layer input, and ple_out projects it back; that output, still to be normed (ple_post_norm, the
+        block's out_norm) and added to s, is returned with s. Replicated weights: every rank computes it whole."""
+        m, t = self.m, self.t
+        s = m.ops.add_norm(f, None, t["mlp_post_norm.weight"], None, m.eps, m.norm)[0] + residual
+        g = m.ops.linear(s, t["ple_gate.weight"], None, m.ple_activation) * m.ple_inputs[:, :, self.i]
+        return m.ops.linear(g, t["ple_out.weight"]), s
 
     def _add_norm(self, x, residual, norm: str, pre_weight, gain=None):
         """The pre-norm residual's add+norm with this layer's `norm` (attn_norm / mlp_norm). OLMo 2 has neither: it
@@ -360,6 +372,8 @@ class Block(nn.Module):
     def out_norm(self):
         """The norm of this block's MLP output (Gemma 2/3; A.X K1: in its mixture layers only), which the caller
         folds into the next add+norm."""
+        if "ple_post_norm.weight" in self.t:      # Gemma 4 E2B/E4B: the MLP's norm is applied in the block
+            return self.t["ple_post_norm.weight"]
         w = self.t.get("mlp_post_norm.weight")
         return w if w is not None else self.t.get("moe_post_norm.weight")
 
@@ -525,6 +539,8 @@ class Block(nn.Module):
         return o * gate
 
     def _attend(self, qkv, positions, cache, key_padding_mask, pos_t=None, seq_t=None):
+        if self.kv_from != self.i:
+            return self._attend_shared(qkv, positions, cache, pos_t, seq_t)
         m, t = self.m, self.t
         B, T, _ = qkv.shape
         hd, Hq, Hk = self.head_dim, m.heads, self.kv_heads
@@ -572,26 +588,62 @@ class Block(nn.Module):
         if self.query_scale is not None:
             q = q * self.query_scale(positions)[..., None, None]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # (B, H, T, hd)
+        attend = self._keys(k, v, cache, key_padding_mask)
+        if self.i in m.kv_shared:           # later layers attend over these keys too (Gemma 4 E2B/E4B)
+            m.shared_attend[self.i] = attend
+        return attend(q)
+
+    def _keys(self, k, v, cache, key_padding_mask):
+        """This forward's keys and values k, v (B, Hkv, T, hd), written into the cache -> a function from the queries
+        (B, Hq, T, hd) to the attention output (B, T, Hq * hd) over them, with every earlier key the cache holds."""
+        m = self.m
+        B, _, T, _ = k.shape
+        flat = lambda o: o.transpose(1, 2).reshape(B, T, -1)           # noqa: E731
         if cache is None:
-            o = m.ops.attention(q, k, v, m.scale, m.causal, m.alibi, key_padding_mask, self.window, m.softcap,
-                                sinks=self.sinks, chunk=self.chunk)
-            return o.transpose(1, 2).reshape(B, T, Hq * hd)
+            return lambda q: flat(m.ops.attention(q, k, v, m.scale, m.causal, m.alibi, key_padding_mask, self.window,
+                                                  m.softcap, sinks=self.sinks, chunk=self.chunk))
         kc, vc = cache.k[self.i], cache.v[self.i]
         start = cache.length
         if cache.ring[self.i]:
-            return self._ring_attention(q, k, v, kc, vc, start, cache.ring[self.i], key_padding_mask,
+            return self._ring_attention(k, v, kc, vc, start, cache.ring[self.i], key_padding_mask,
                                         cache.chunked[self.i])
         kc[:, :, start:start + T].copy_(k)
         vc[:, :, start:start + T].copy_(v)
         S = start + T
         if T == 1 and m.ops.name != "torch":
-            seq = torch.full((B,), S, dtype=torch.int32, device=qkv.device)
-            o = m.ops.decode_attention(q[:, :, 0], kc, vc, seq, m.scale, m.alibi, self.window, m.softcap,
-                                       sinks=self.sinks, chunk=self.chunk)
-            return o.reshape(B, 1, Hq * hd)
-        o = m.ops.attention(q, kc[:, :, :S], vc[:, :, :S], m.scale, m.causal, m.alibi, key_padding_mask,
-                            self.window, m.softcap, sinks=self.sinks, chunk=self.chunk)
-        return o.transpose(1, 2).reshape(B, T, Hq * hd)
+            seq = torch.full((B,), S, dtype=torch.int32, device=k.device)
+            return lambda q: m.ops.decode_attention(q[:, :, 0], kc, vc, seq, m.scale, m.alibi, self.window, m.softcap,
+                                                    sinks=self.sinks, chunk=self.chunk).reshape(B, 1, -1)
+        return lambda q: flat(m.ops.attention(q, kc[:, :, :S], vc[:, :, :S], m.scale, m.causal, m.alibi,
+                                              key_padding_mask, self.window, m.softcap, sinks=self.sinks,
+                                              chunk=self.chunk))
+
+    def _attend_shared(self, q, positions, cache, pos_t=None, seq_t=None):
+        """Gemma 4 E2B/E4B's last layers: q alone, normed and rotated as usual, attends over the keys and values of
+        layer kv_from (of this layer's kind): in a decode step its cache, otherwise what it attended over in this
+        forward."""
+        m, t = self.m, self.t
+        B, T, _ = q.shape
+        Hq, hd = m.heads, self.head_dim
+        q = q.view(B, T, Hq, hd)
+        if "q_norm.weight" in t:
+            q = m.ops.add_norm(q, None, t["q_norm.weight"], None, m.eps, m.norm)[0]
+        if self.rope:
+            if pos_t is not None:
+                cos, sin = m.rope_tables(self.rope_table, decode=True)
+                positions = pos_t.view(1, 1).expand(B, 1)
+            else:
+                cos, sin = m.rope_for(positions, self.rope_table)
+            q = m.ops.rope(q, q[:, :, :1].contiguous(), cos, sin, positions, m.rope_style, self.rotary_dim)[0]
+        if pos_t is None:
+            return m.shared_attend[self.kv_from](q.transpose(1, 2))
+        src = self.kv_from
+        ring = cache.ring[src]
+        o = m.ops.decode_attention(q.reshape(B, Hq, hd), cache.k[src], cache.v[src],
+                                   seq_t[-ring if cache.chunked[src] else ring], m.scale, m.alibi,
+                                   0 if ring else self.window, m.softcap, sinks=self.sinks,
+                                   chunk=0 if ring else self.chunk)
+        return o.reshape(B, 1, Hq * hd)
 
     def _latent_attention(self, h, positions, cache, key_padding_mask, pos_t=None, seq_t=None):
         """Multi-head latent attention (DeepSeek-V2/V3). Each head's k and v are kv_b's expansion of one latent per
@@ -658,34 +710,33 @@ class Block(nn.Module):
         o = m.ops.mla_decode(torch.cat([q_lat, q_pe[:, 0]], -1), kc, seq, m.scale, q_lat.shape[-1])
         return torch.bmm(o.transpose(0, 1), self.w_uv).transpose(0, 1).reshape(B, 1, -1)
 
-    def _ring_attention(self, q, k, v, kc, vc, start, ring, key_padding_mask, chunked=False):
-        """Attention for T new tokens at positions start.. when this layer's cache is a ring of `ring` rows (its
-        window): the keys are the ring's last min(start, ring) positions in order, then the new ones; afterwards
-        the newest min(T, ring) go into the ring. chunked (a ring of one chunk): the keys are the current chunk's
+    def _ring_attention(self, k, v, kc, vc, start, ring, key_padding_mask, chunked=False):
+        """`_keys` for T new tokens at positions start.. when this layer's cache is a ring of `ring` rows (its
+        window): the keys are the ring's last min(start, ring) positions in order, then the new ones; the newest
+        min(T, ring) then go into the ring. chunked (a ring of one chunk): the keys are the current chunk's
         cached positions, rows 0 .. start % ring, then the new ones; the first key then sits at a multiple of the
         chunk, so masking chunks by index within those keys masks them by position."""
         m = self.m
-        B, Hq, T, hd = q.shape
-        rows = torch.arange(start, start + T, device=q.device)[-ring:] % ring
+        B, _, T, _ = k.shape
+        rows = torch.arange(start, start + T, device=k.device)[-ring:] % ring
         if T == 1 and m.ops.name != "torch":
             kc.index_copy_(2, rows, k)
             vc.index_copy_(2, rows, v)
             seq = torch.full((B,), start % ring + 1 if chunked else min(start + 1, ring), dtype=torch.int32,
-                             device=q.device)
-            o = m.ops.decode_attention(q[:, :, 0], kc, vc, seq, m.scale, m.alibi, 0, m.softcap, sinks=self.sinks)
-            return o.reshape(B, 1, Hq * hd)
+                             device=k.device)
+            return lambda q: m.ops.decode_attention(q[:, :, 0], kc, vc, seq, m.scale, m.alibi, 0, m.softcap,
+                                                    sinks=self.sinks).reshape(B, 1, -1)
         old = start % ring if chunked else min(start, ring)
         if start > ring and not chunked:  # the oldest cached position sits in row start % ring: rotate it first
             ok, ov = kc.roll(-(start % ring), 2), vc.roll(-(start % ring), 2)
         else:
             ok, ov = kc[:, :, :old], vc[:, :, :old]
-        ka, va = torch.cat([ok, k], 2), torch.cat([ov, v], 2)
+        ka, va = torch.cat([ok, k], 2), torch.cat([ov, v], 2)          # copies: the ring may be written now
         kpm = None if key_padding_mask is None else key_padding_mask[:, -(old + T):]
-        o = m.ops.attention(q, ka, va, m.scale, m.causal, m.alibi, kpm, self.window, m.softcap, sinks=self.sinks,
-                            chunk=self.chunk)
         kc.index_copy_(2, rows, k[:, :, -ring:])
         vc.index_copy_(2, rows, v[:, :, -ring:])
-        return o.transpose(1, 2).reshape(B, T, Hq * hd)
+        return lambda q: m.ops.attention(q, ka, va, m.scale, m.causal, m.alibi, kpm, self.window, m.softcap,
+                                         sinks=self.sinks, chunk=self.chunk).transpose(1, 2).reshape(B, T, -1)
 
 
 def _decode_graph_safe(model) -> bool:
@@ -724,6 +775,14 @@ class FusedModel(nn.Module):
                        **{f"layers.{i}.{n}.weight": ones for i in range(sp["num_layers"])
                           for n in ("attn_norm", "mlp_norm")}}
         self.g = {k: v for k, v in tensors.items() if not k.startswith("layers.")}  # global slots only
+        # Gemma 4 E2B/E4B: the layers whose keys later layers attend over too, and (per forward) how to attend
+        # over them; the per-layer inputs of a forward [B, T, layers, dim] and the activation of their gate
+        self.kv_shared = {j for i, j in enumerate(sp["kv_source"] or ()) if j != i}
+        self.shared_attend: dict = {}
+        self.ple_inputs = None
+        self.ple_scale = torch.tensor(float(sp["per_layer_input"]) ** 0.5, dtype=self.dtype, device=self.device)
+        self.ple_activation = {"geglu": "gelu_tanh", "geglu_erf": "gelu", "swiglu": "silu"}.get(
+            sp["activation"], sp["activation"])
         pos = sp["position"]
         self.rope, self.long_from = None, None
         self._rope_checked, self._forwards = None, 0
@@ -790,19 +849,35 @@ class FusedModel(nn.Module):
         if begin is not None:
             begin()
 
-    def embed(self, ids, positions, token_type_ids):
-        g, sp = self.g, self.spec
-        table = g["embed.weight"]
+    def _lookup(self, table, ids):
+        """Rows of a vocab-parallel table (the embedding, Gemma 4's per-layer embeddings) for these token ids."""
         lookup = (lambda i: table.rows(i, self.dtype)) if isinstance(table, Int8Weight) else table.__getitem__
         if self.tp == 1:
-            x = lookup(ids)
-        else:                                                     # vocab-parallel lookup
-            local = ids - self.vocab_lo
-            inside = (local >= 0) & (local < self.par["vocab_per_rank"])
-            x = lookup(local.clamp(0, self.par["vocab_per_rank"] - 1))
-            x = self.comm.all_reduce(x * inside.unsqueeze(-1).to(x.dtype))
+            return lookup(ids)
+        local = ids - self.vocab_lo
+        inside = (local >= 0) & (local < self.par["vocab_per_rank"])
+        x = lookup(local.clamp(0, self.par["vocab_per_rank"] - 1))
+        return self.comm.all_reduce(x * inside.unsqueeze(-1).to(x.dtype))
+
+    def _per_layer_inputs(self, ids, x):
+        """Gemma 4 E2B/E4B: each layer's input [B, T, layers, dim]: (the token's per-layer embedding times
+        sqrt(dim) + the embedded token x projected by ple_proj, times 1/sqrt(hidden), RMS-normed per layer) / sqrt(2),
+        rounded to the model dtype at each step as transformers does."""
+        g, sp = self.g, self.spec
+        L, P = sp["num_layers"], sp["per_layer_input"]
+        tok = self._lookup(g["ple_embed.weight"], ids) * self.ple_scale
+        proj = self.ops.linear(x, g["ple_proj.weight"]) * sp["hidden_size"] ** -0.5
+        proj = self.ops.add_norm(proj.view(*proj.shape[:-1], L, P), None, g["ple_proj_norm.weight"], None, self.eps,
+                                 self.norm)[0]
+        return (proj + tok.view(*tok.shape[:-1], L, P)) * 2 ** -0.5
+
+    def embed(self, ids, positions, token_type_ids):
+        g, sp = self.g, self.spec
+        x = self._lookup(g["embed.weight"], ids)
         if self.embed_scale is not None:
             x = x * self.embed_scale
+        if sp["per_layer_input"]:
+            self.ple_inputs = self._per_layer_inputs(ids, x)
         if sp["project"]:
             x = self.ops.linear(x, g["project_in.weight"])
         if sp["position"]["type"] in TABLE_POSITIONS:
@@ -835,7 +910,8 @@ class FusedModel(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         # ALiBi biases by key position, which a ring buffer does not keep; no family has both
         windows = [0 if self.alibi is not None else b.window for b in self.blocks]
-        keyless = {b.i for b in self.blocks if b.part == "mlp"}        # Nemotron-H's MLP layers attend to nothing
+        keyless = {b.i for b in self.blocks if b.part == "mlp" or b.kv_from != b.i}   # Nemotron-H's MLP layers attend
+        #                                           to nothing; Gemma 4 E2B/E4B's last layers read an earlier cache
         chunks = [b.chunk for b in self.blocks]
         la, ssm, linear = self.spec["linear_attn"], self.spec["ssm"], {}
         if self.spec["short_conv"]:      # LFM2: the conv over this rank's channels, no recurrent state
@@ -885,6 +961,7 @@ class FusedModel(nn.Module):
                 xs = x if x_norm is None else self.ops.add_norm(x, None, x_norm, None, self.eps, self.norm)[0]
                 xs = xs if residual is None else xs * self.residual_scale + residual
                 states.append(xs if x_gain is None else xs * x_gain)
+        self.shared_attend.clear()
         if cache is not None:
             cache.length += T
         x = self._final(x, residual, x_norm, x_gain)

@@ -22,7 +22,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
                                        ("nemotron_h", True), ("bamba", False), ("youtu", False),
                                        ("mellum", True), ("jamba", True), ("mamba", False), ("kimi_linear", True),
                                        ("gemma4", True), ("gemma4_moe", True), ("modernbert_decoder", True),
-                                       ("olmo_hybrid", True), ("mistral4", True)])
+                                       ("olmo_hybrid", True), ("mistral4", True), ("gemma4_e2b", True)])
 def test_triton_backend_matches_torch_backend(model_dir, tmp_path, name, int8):
     out = tmp_path / "out"
     convert(model_dir(name), out, Options(tp=1, int8=int8, group_size=32), progress=False)
@@ -67,7 +67,7 @@ def _decode_steps(model, ids, start, steps):
                                        ("nemotron_h_dense", False), ("lfm2", True),
                                        ("falcon_mamba", True), ("mamba2", False), ("persimmon", False),
                                        ("gemma4", True), ("lfm3", False), ("modernbert_decoder", False),
-                                           ("olmo_hybrid", False), ("mistral4", True)])
+                                           ("olmo_hybrid", False), ("mistral4", True), ("gemma4_e2b", True)])
 def test_triton_decode_step_matches_torch_backend(model_dir, tmp_path, name, int8):
     """The fused rope + KV-append decode step (RoPE, learned positions, ALiBi; GQA in mistral; windows, soft caps
     and a second RoPE in Gemma 2/3, decoded past the window) against the torch backend's, with the fusion on (and
