@@ -50,7 +50,8 @@ def cli():
         MiniMax-M2
       hybrids and state spaces: Qwen3.5, Qwen3-Next, OLMo Hybrid, Granite 4.0-H, Nemotron-H, Jamba, LFM2, LFM3,
         Mamba 1/2
-      older: GPT-2, GPT-BigCode, OPT, BLOOM, MPT, Falcon, GPT-NeoX, GPT-J, GPT-Neo, Phi, BERT, ModernBERT's decoder
+      older: GPT-2, GPT-BigCode, OPT, BLOOM, MPT, Falcon, GPT-NeoX, GPT-J, CodeGen, GPT-Neo, Phi, BERT,
+        ModernBERT's decoder
       vision-language, language model only: Gemma 3/4, LLaVA, Mistral 3, Llama 4, Qwen2/2.5/3/3.5-VL, GLM-4.5V
     An unknown architecture is refused with the list of known ones.
     """

@@ -90,6 +90,9 @@ GLOBAL_SLOTS = (
     "ple_embed.weight", "ple_proj.weight", "ple_proj_norm.weight",
 )
 
+# CodeGen's fused qkv_proj is laid out for this many model-parallel shards (qkv layout mp_blocks).
+MP_BLOCKS = 4
+
 # The activation of a gated MLP's gate -> the canonical gated epilogue.
 _GATED = {"silu": "swiglu", "gelu_tanh": "geglu", "gelu": "geglu_erf"}
 
@@ -1276,6 +1279,10 @@ class Policy:
                 g = t.reshape(KV, H // KV + 2, hd, *rest)
                 t = torch.cat([g[:, :-2].reshape(H * hd, *rest), g[:, -2].reshape(KV * hd, *rest),
                                g[:, -1].reshape(KV * hd, *rest)], dim=0)
+            elif layout == "mp_blocks":
+                # CodeGen: MP_BLOCKS blocks (its training shards), each that block's q rows, then v's, then k's
+                g = t.reshape(MP_BLOCKS, 3, t.shape[0] // (3 * MP_BLOCKS), *rest)
+                t = torch.cat([g[:, j].reshape(-1, *rest) for j in (0, 2, 1)], dim=0)
         return t.contiguous()
 
     @staticmethod
@@ -1298,8 +1305,13 @@ class Policy:
 
     def _qkv_layout(self, spec: ModelSpec) -> str:
         layout = spec.qkv_layout or self.layout.get("qkv", "separate")
-        if layout not in ("separate", "fused", "interleaved", "grouped"):    # fused: one tensor, q|k|v in order
-            raise FmError(f"{self.path.name}: qkv layout {layout!r} is not separate, fused, interleaved or grouped")
+        if layout not in ("separate", "fused", "interleaved", "grouped", "mp_blocks"):   # fused: one tensor, q|k|v
+            raise FmError(f"{self.path.name}: qkv layout {layout!r} is not separate, fused, interleaved, grouped or "
+                          "mp_blocks")
+        if layout == "mp_blocks" and (spec.num_kv_heads != spec.num_heads
+                                      or spec.num_heads * spec.head_dim % MP_BLOCKS):
+            raise FmError(f"config.json: a qkv_proj in {MP_BLOCKS} blocks needs as many kv heads as heads and a "
+                          f"hidden size divisible by {MP_BLOCKS}")
         return layout
 
     def unfuse(self, spec: ModelSpec, slot: str, t: torch.Tensor, n_parts: int) -> list[torch.Tensor]:
@@ -1337,6 +1349,9 @@ class Policy:
                 q, k, v = torch.split(t, [H * hd, KV * hd, KV * hd], dim=0)
                 t = torch.cat([q.reshape(KV, H // KV, hd, *rest), k.reshape(KV, 1, hd, *rest),
                                v.reshape(KV, 1, hd, *rest)], dim=1).reshape(t.shape)
+            elif layout == "mp_blocks":
+                q, k, v = (x.reshape(MP_BLOCKS, -1, *rest) for x in torch.split(t, [H * hd, KV * hd, KV * hd]))
+                t = torch.stack([q, v, k], 1).reshape(t.shape)
         parts = list(torch.split(t, self._part_rows(spec, slot, n_parts), dim=0)) if n_parts > 1 else [t]
         if slot in self.transposed:
             parts = [p.t() for p in parts]

@@ -128,7 +128,8 @@ def test_cpu_int8_matmul_is_the_dequantized_linear(N, K, group, lead, dtype):
                                   "qwen3_5", "qwen3_next", "granite_hybrid", "granite_hybrid_dense", "bamba",
                                   "nemotron_h", "nemotron_h_dense", "lfm2", "lfm2_moe", "youtu", "mellum", "olmo", "mamba",
                                   "falcon_mamba", "jamba", "mamba2", "kimi_linear", "lfm3", "gemma4", "gemma4_moe",
-                                  "cohere2_moe", "modernbert_decoder", "olmo_hybrid", "mistral4", "gemma4_e2b"])
+                                  "cohere2_moe", "modernbert_decoder", "olmo_hybrid", "mistral4", "gemma4_e2b",
+                                  "codegen"])
 def test_tp4_emulated_equals_tp1(work, name, tmp_path):
     _, src, outs = work(name)
     convert(src, tmp_path / "tp4", Options(tp=4), progress=False)
@@ -245,7 +246,7 @@ def test_inject_refuses_a_different_model(work):
                                   "mixtral", "gpt_oss", "glm4_moe", "hunyuan", "deepseek_v3", "deepseek_v2", "llama4",
                                   "qwen3_5", "qwen3_next", "granite_hybrid_dense", "lfm2", "falcon_mamba", "jamba",
                                   "nanochat", "afmoe", "lfm3", "gemma4", "gemma4_moe", "modernbert_decoder",
-                                  "olmo_hybrid", "mistral4", "gemma4_e2b"])
+                                  "olmo_hybrid", "mistral4", "gemma4_e2b", "codegen"])
 def test_graph_safe_decode_step_equals_eager_decode(work, name):
     """decode_step (what a CUDA graph captures) reads positions and lengths from device tensors only."""
     _, _, outs = work(name)

@@ -533,6 +533,9 @@ CONFIGS = {
         num_kv_shared_layers=3, use_double_wide_mlp=True, final_logit_softcapping=30.0,
         layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
                      "sliding_attention", "full_attention"], pad_token_id=0, eos_token_id=1, bos_token_id=2)),
+    "codegen": ("CodeGenConfig", "CodeGenForCausalLM", dict(   # qkv_proj in 4 blocks of q|v|k, 2 heads a block
+        n_embd=64, n_inner=96, n_layer=2, n_head=8, rotary_dim=4, vocab_size=101, n_positions=64,
+        tie_word_embeddings=False)),
     "modernbert_decoder": ("ModernBertDecoderConfig", "ModernBertDecoderForCausalLM", dict(   # Ettin decoders
         hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, vocab_size=101,
         max_position_embeddings=64, local_attention=8, global_attn_every_n_layers=3, norm_bias=True,
