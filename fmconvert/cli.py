@@ -320,7 +320,8 @@ def inspect(out_dir, as_json):
         t.add_row("attention", "; ".join(parts))
     if md.get("qkv_layout") not in (None, "separate", "fused"):
         t.add_row("source q|k|v", f"{md['qkv_layout']} (re-laid out as q, k, v)")
-    t.add_row("vocab", f"{md['vocab_size']} (padded {par['vocab_padded']}), tied: {md['tied_embeddings']}")
+    head = f"; lm_head: the first {md['head_vocab_size']}" if md["head_vocab_size"] else ""
+    t.add_row("vocab", f"{md['vocab_size']} (padded {par['vocab_padded']}), tied: {md['tied_embeddings']}{head}")
     t.add_row("tensor parallel", f"tp={par['tp']}: {par['heads_per_rank']} heads + {par['kv_heads_per_rank']} kv "
               f"per rank, kv replication x{par['kv_replication']}, mlp {par['intermediate_per_rank']} per rank")
     t.add_row("dtype", m["dtype"])

@@ -119,6 +119,7 @@ _MODEL_OPTIONAL = {
     "moe_beside_dense": (False, _BOOL, "true or false"),
     "first_attn_norm": (True, _BOOL, "true or false"),
     "per_layer_input": (0, _NAT, "a non-negative integer"),
+    "head_vocab_size": (0, _NAT, "a non-negative integer"),
     "kv_source": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
                   "null or a layer index per layer"),
     "wide_mlp_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
@@ -343,6 +344,12 @@ def validate(m) -> dict:
                                 and par["dense_intermediate_per_rank"] >= dc and dc * tp >= dense),
           "model.dense_layers needs experts, distinct layer indices in order, a dense_intermediate_size and "
           "parallel.dense_intermediate_* covering it")
+    hv = model["head_vocab_size"]
+    _need(not hv or (hv < model["vocab_size"] and not model["tied_embeddings"] and model["kind"] == "decoder"
+                     and _POS_INT(par.get("head_vocab_per_rank"))
+                     and par["head_vocab_per_rank"] * tp == par.get("head_vocab_padded") >= hv),
+          "model.head_vocab_size needs fewer rows than the vocab, an untied lm_head and parallel.head_vocab_* "
+          "covering it")
     wc = par.get("wide_intermediate_chunk", 0)
     _need(not ws or (_POS_INT(wc) and _POS_INT(par.get("wide_intermediate_per_rank"))
                      and par["wide_intermediate_per_rank"] >= wc and wc * tp >= ws),

@@ -208,6 +208,8 @@ class ModelSpec:
     #                                are (ModernBERT's decoder)
     head_activation: str | None = None  # the head's transform before lm_head: norm(act(head_dense(h))) (ModernBERT's
     #                                     decoder); None: lm_head reads the final norm's output
+    head_vocab_size: int = 0       # the lm_head's rows where it is pruned to the first ones of the vocab (Apertus
+    #                                1.5: the text tokens of a vocab that also holds image and audio codes); 0: all
     per_layer_input: int = 0       # Gemma 4 E2B/E4B: the width of each layer's per-layer input (PLE); 0: none
     kv_source: list | None = None  # per layer, the layer whose keys and values it attends over: its own index, or
     #                                an earlier layer's of its kind (Gemma 4 E2B/E4B's last layers, which compute
@@ -558,7 +560,7 @@ class Policy:
             first_attn_norm=bool(self._layout("first_attn_norm", flags, True)),
             head_activation=self._head_activation(architecture, c, flags),
             linear_pre_norm=bool(self._layout("linear_pre_norm", flags, False)),
-            **self._per_layer_parts(c, flags, windows, experts),
+            **self._per_layer_parts(c, flags, windows, experts), head_vocab_size=self._head_vocab(c, tied),
             shared_scale=_number(c, "shared_scale", 1.0),
             attn_softcap=_number(c, "attn_softcap", 0.0, zero_ok=True),
             logit_softcap=_number(c, "logit_softcap", 0.0, zero_ok=True),
@@ -570,6 +572,17 @@ class Policy:
             pad_token_id=getattr(config, "pad_token_id", None),
         )
         return spec
+
+    @staticmethod
+    def _head_vocab(c: dict, tied: bool) -> int:
+        """[config] head_vocab: the lm_head's rows when fewer than the vocab (0: as many)."""
+        n = c.get("head_vocab") or 0
+        if n == c["vocab_size"]:
+            return 0
+        if type(n) is not int or n < 0 or n > c["vocab_size"] or (n and tied):
+            raise FmError(f"config.json: output_vocab_size must be a positive integer up to vocab_size "
+                          f"({c['vocab_size']}), with an lm_head of its own, got {n!r}")
+        return n
 
     def _per_layer_parts(self, c: dict, flags: dict, windows: dict, experts: int) -> dict:
         """Gemma 4 E2B/E4B. Layout per_layer_input: each layer's per-layer input, [config] ple_dim wide (ple_vocab
@@ -1046,8 +1059,8 @@ class Policy:
         inter = dense * glu
         e = spec.embed_dim
         shapes = {
-            "embed.weight": (spec.vocab_size, e), "lm_head.weight": (spec.vocab_size, e),
-            "lm_head.bias": (spec.vocab_size,),
+            "embed.weight": (spec.vocab_size, e), "lm_head.weight": (spec.head_vocab_size or spec.vocab_size, e),
+            "lm_head.bias": (spec.head_vocab_size or spec.vocab_size,),
             "pos_embed.weight": (spec.max_positions + spec.position.get("offset", 0), h),
             "type_embed.weight": (spec.type_vocab_size, h),
             "embed_norm.weight": (h,), "embed_norm.bias": (h,), "final_norm.weight": (h,), "final_norm.bias": (h,),

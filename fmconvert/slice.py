@@ -103,6 +103,8 @@ class Layout:
     wide_intermediate_chunk: int = 0         # Gemma 4 E2B's wide MLP layers' units per rank, before and after
     wide_intermediate_per_rank: int = 0      # padding (serialized only with ModelSpec.wide_mlp_layers)
     per_layer_embeddings: bool = False       # not serialized: Gemma 4 E2B/E4B's, split by vocab like embed
+    head_vocab_padded: int = 0               # a pruned lm_head's rows padded to a multiple of tp, and a rank's
+    head_vocab_per_rank: int = 0             # (serialized only with ModelSpec.head_vocab_size)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -112,6 +114,9 @@ class Layout:
             if not d[f"{part}_intermediate_chunk"]:
                 d.pop(f"{part}_intermediate_chunk")
                 d.pop(f"{part}_intermediate_per_rank")
+        if not d["head_vocab_padded"]:
+            d.pop("head_vocab_padded")
+            d.pop("head_vocab_per_rank")
         if not d["wide_intermediate_chunk"]:
             d.pop("wide_intermediate_chunk")
             d.pop("wide_intermediate_per_rank")
@@ -183,8 +188,9 @@ def plan(spec: ModelSpec, tp: int, group_size: int | None) -> Layout:
     dense = _chunk(spec.dense_intermediate_size, tp, group_size) if spec.dense_intermediate_size else (0, 0)
     wide_mlp = _chunk(spec.wide_intermediate_size, tp, group_size) if spec.wide_intermediate_size else (0, 0)
     vocab_padded = _ceil_to(spec.vocab_size, tp)
+    head = _ceil_to(spec.head_vocab_size, tp)
     return Layout(tp, H // tp, kv_per_rank, repl, chunk, per_rank, vocab_padded, vocab_padded // tp,
-                  spec.num_experts, *shared, *dense, *wide, *wide_mlp, bool(spec.per_layer_input))
+                  spec.num_experts, *shared, *dense, *wide, *wide_mlp, bool(spec.per_layer_input), head, head // tp)
 
 
 # A rank's MLP units are padded to whole int8 groups; when that would add more than 1/MAX_PAD_WASTE of the units, a
@@ -303,7 +309,8 @@ def shard(spec: ModelSpec, lay: Layout, slot: str, t: torch.Tensor) -> list[torc
     if slot in ROW_BIAS:
         return [t.contiguous()] + [None] * (tp - 1)
     if slot in VOCAB:
-        return [c.contiguous() for c in torch.chunk(_pad_rows(t, lay.vocab_padded), tp, dim=0)]
+        rows = lay.head_vocab_padded if slot.startswith("lm_head.") and spec.head_vocab_size else lay.vocab_padded
+        return [c.contiguous() for c in torch.chunk(_pad_rows(t, rows), tp, dim=0)]
     if slot in HEADS or (slot == "q_norm.weight" and spec.qk_norm != "head"):  # this rank's heads
         return [c.contiguous() for c in torch.chunk(t, tp, dim=0)]
     if slot == "k_norm.weight" and spec.qk_norm != "head":       # its kv heads, replicated as in qkv
@@ -353,7 +360,8 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
             raise FmError(f"{slot}: row-parallel bias is missing from rank 0")
         return pieces[0]
     if slot in VOCAB:
-        return torch.cat(pieces, dim=0)[:spec.vocab_size]
+        return torch.cat(pieces, dim=0)[:spec.head_vocab_size if slot.startswith("lm_head.") and spec.head_vocab_size
+                                        else spec.vocab_size]
     if slot in HEADS or (slot == "q_norm.weight" and spec.qk_norm != "head"):
         return torch.cat(pieces, dim=0)
     if slot == "k_norm.weight" and spec.qk_norm != "head":

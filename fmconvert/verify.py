@@ -679,8 +679,10 @@ def check_end_to_end(model_dir: Path, m: dict, converted: list, batches: torch.T
             ta, tb = a.topk(k, -1).indices, b.topk(k, -1).indices
             top5.append((ta.unsqueeze(-1) == tb.unsqueeze(-2)).any(-1).double().mean(-1).flatten())
             tgt = ids[:, 1:].unsqueeze(-1)
-            nll_ref.append(-lp_ref[:, :-1].gather(-1, tgt).flatten())
-            nll_conv.append(-lp_conv[:, :-1].gather(-1, tgt).flatten())
+            scored = (tgt < a.shape[-1]).flatten()           # a tokenized text may hold ids a pruned head lacks
+            tgt = tgt.clamp(max=a.shape[-1] - 1)
+            nll_ref.append(-lp_ref[:, :-1].gather(-1, tgt).flatten()[scored])
+            nll_conv.append(-lp_conv[:, :-1].gather(-1, tgt).flatten()[scored])
         if kind == "encoder":
             pr = getattr(o, "pooler_output", None)
             if pr is not None and out is not None:
@@ -832,7 +834,8 @@ def verify(model_dir, out_dir, text_file=None, tokens: int = 256, tp_mode: str =
         raise FmError("rank 0 found bad input; see its output", -go)
 
     if go:
-        ids, source = _token_ids(text, model_dir, out_dir, m["model"]["vocab_size"])
+        # a pruned lm_head (Apertus 1.5) scores the first head_vocab_size tokens only: the ids are drawn from those
+        ids, source = _token_ids(text, model_dir, out_dir, m["model"]["head_vocab_size"] or m["model"]["vocab_size"])
         batches = make_batches(ids, tokens, m["model"].get("max_positions") or 0)
         # On CPU, int8 weights stay int8 and every batch goes through the blocked int8 matmul: packing them for the
         # one-row decode kernel would cost load time and memory for nothing here.

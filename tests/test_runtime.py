@@ -129,7 +129,7 @@ def test_cpu_int8_matmul_is_the_dequantized_linear(N, K, group, lead, dtype):
                                   "nemotron_h", "nemotron_h_dense", "lfm2", "lfm2_moe", "youtu", "mellum", "olmo", "mamba",
                                   "falcon_mamba", "jamba", "mamba2", "kimi_linear", "lfm3", "gemma4", "gemma4_moe",
                                   "cohere2_moe", "modernbert_decoder", "olmo_hybrid", "mistral4", "gemma4_e2b",
-                                  "codegen"])
+                                  "codegen", "apertus1p5"])
 def test_tp4_emulated_equals_tp1(work, name, tmp_path):
     _, src, outs = work(name)
     convert(src, tmp_path / "tp4", Options(tp=4), progress=False)
@@ -246,7 +246,8 @@ def test_inject_refuses_a_different_model(work):
                                   "mixtral", "gpt_oss", "glm4_moe", "hunyuan", "deepseek_v3", "deepseek_v2", "llama4",
                                   "qwen3_5", "qwen3_next", "granite_hybrid_dense", "lfm2", "falcon_mamba", "jamba",
                                   "nanochat", "afmoe", "lfm3", "gemma4", "gemma4_moe", "modernbert_decoder",
-                                  "olmo_hybrid", "mistral4", "gemma4_e2b", "codegen"])
+                                  "olmo_hybrid", "mistral4", "gemma4_e2b", "codegen",
+                                  "apertus1p5"])
 def test_graph_safe_decode_step_equals_eager_decode(work, name):
     """decode_step (what a CUDA graph captures) reads positions and lengths from device tensors only."""
     _, _, outs = work(name)
@@ -485,3 +486,18 @@ def test_ministral3_scales_the_rotated_query_past_its_span(work):
     for b in m.blocks:
         b.query_scale = None
     assert rel(m(ids), want) > 1e-3
+
+
+def test_pruned_lm_head_scores_the_first_tokens(model_dir, tmp_path):
+    """Apertus 1.5: the embedding keeps the whole vocab (101, text plus image and audio codes), the lm_head its first
+    61 rows, padded and split on their own (31 a rank at tp 2): the logits are 61 wide, as transformers'."""
+    src = model_dir("apertus1p5")
+    errs = tiny.errors_against_transformers(src, "apertus1p5", tmp_path, 9, tp=2)
+    assert max(errs) < 1e-5, errs
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["model"]["head_vocab_size"] == 61 and m["model"]["vocab_size"] == 101
+    assert (m["parallel"]["head_vocab_padded"], m["parallel"]["head_vocab_per_rank"]) == (62, 31)
+    t = m["ranks"][1]["tensors"]
+    assert t["lm_head.weight"]["shape"] == [31, 64] and t["embed.weight"]["shape"] == [51, 64]
+    assert all(r.shape == (1, 4, 61) for r in tiny.on_ranks(tmp_path / "out", 2,
+                                                             lambda f: f(torch.randint(3, 100, (1, 4)))))

@@ -536,6 +536,10 @@ CONFIGS = {
     "codegen": ("CodeGenConfig", "CodeGenForCausalLM", dict(   # qkv_proj in 4 blocks of q|v|k, 2 heads a block
         n_embd=64, n_inner=96, n_layer=2, n_head=8, rotary_dim=4, vocab_size=101, n_positions=64,
         tie_word_embeddings=False)),
+    "apertus1p5": ("Apertus1p5TextConfig", "Apertus1p5TextForCausalLM", dict(   # lm_head: the first 61 tokens
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=101, output_vocab_size=61, tie_word_embeddings=False, max_position_embeddings=64,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "modernbert_decoder": ("ModernBertDecoderConfig", "ModernBertDecoderForCausalLM", dict(   # Ettin decoders
         hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, vocab_size=101,
         max_position_embeddings=64, local_attention=8, global_attn_every_n_layers=3, norm_bias=True,

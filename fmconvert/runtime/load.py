@@ -56,7 +56,8 @@ def check_layout(m: dict, rank: int):
     dpr = par.get("dense_intermediate_per_rank") or ipr      # a mixture's dense layers have their own width
     glu = 2 if sp["gated_mlp"] else 1               # gate; up in the MLP, each expert and the shared expert
     mlp = dpr * glu
-    glob = {"embed.weight": (vpr, e), "lm_head.weight": (vpr, e), "lm_head.bias": (vpr,),
+    hvpr = par.get("head_vocab_per_rank") or vpr      # Apertus 1.5: an lm_head pruned to the text tokens
+    glob = {"embed.weight": (vpr, e), "lm_head.weight": (hvpr, e), "lm_head.bias": (hvpr,),
             "type_embed.weight": (sp["type_vocab_size"], h),
             "pos_embed.weight": (sp["max_positions"] + pos.get("offset", 0), h), "project_in.weight": (h, e),
             "project_out.weight": (e, h), "pooler.weight": (h, h), "pooler.bias": (h,),

@@ -905,7 +905,7 @@ class FusedModel(nn.Module):
         if cap or scale != 1.0:           # Cohere, Granite: logits scaled; Gemma 2: squashed into (-cap, cap)
             lf = local.float() if scale == 1.0 else local.float() * scale
             local = (torch.tanh(lf / cap) * cap if cap else lf).to(local.dtype)
-        return self.comm.all_gather(local, dim=-1)[..., :sp["vocab_size"]]
+        return self.comm.all_gather(local, dim=-1)[..., :sp["head_vocab_size"] or sp["vocab_size"]]
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         # ALiBi biases by key position, which a ring buffer does not keep; no family has both
