@@ -136,7 +136,8 @@ def test_float_roundtrip_is_exact(model_dir, tmp_path, name, tp):
               "glm4v_moe": "model.language_model.", "qwen3_5_vl": "model.language_model.", "nemotron_h": "backbone.",
               "nemotron_h_dense": "backbone.", "biogpt": "biogpt.", "mamba": "backbone.", "falcon_mamba": "backbone.",
               "mamba2": "backbone.", "gpt_neo": "transformer.", "mpt": "transformer.", "dbrx": "transformer.",
-              "openai_gpt": "transformer.", "gemma4_vl": "model.language_model.", "codegen": "transformer."}
+              "openai_gpt": "transformer.", "gemma4_vl": "model.language_model.", "codegen": "transformer.",
+              "gemma4_unified_vl": "model.language_model."}
     assert m["source"]["prefix"] == prefix.get(name, "model.")
     assert_exact(expected(d, m, produced=got), got)
 

@@ -129,7 +129,7 @@ def test_cpu_int8_matmul_is_the_dequantized_linear(N, K, group, lead, dtype):
                                   "nemotron_h", "nemotron_h_dense", "lfm2", "lfm2_moe", "youtu", "mellum", "olmo", "mamba",
                                   "falcon_mamba", "jamba", "mamba2", "kimi_linear", "lfm3", "gemma4", "gemma4_moe",
                                   "cohere2_moe", "modernbert_decoder", "olmo_hybrid", "mistral4", "gemma4_e2b",
-                                  "codegen", "apertus1p5"])
+                                  "codegen", "apertus1p5", "gemma4_unified"])
 def test_tp4_emulated_equals_tp1(work, name, tmp_path):
     _, src, outs = work(name)
     convert(src, tmp_path / "tp4", Options(tp=4), progress=False)
@@ -247,7 +247,7 @@ def test_inject_refuses_a_different_model(work):
                                   "qwen3_5", "qwen3_next", "granite_hybrid_dense", "lfm2", "falcon_mamba", "jamba",
                                   "nanochat", "afmoe", "lfm3", "gemma4", "gemma4_moe", "modernbert_decoder",
                                   "olmo_hybrid", "mistral4", "gemma4_e2b", "codegen",
-                                  "apertus1p5"])
+                                  "apertus1p5", "gemma4_unified"])
 def test_graph_safe_decode_step_equals_eager_decode(work, name):
     """decode_step (what a CUDA graph captures) reads positions and lengths from device tensors only."""
     _, _, outs = work(name)

@@ -533,6 +533,20 @@ CONFIGS = {
         num_kv_shared_layers=3, use_double_wide_mlp=True, final_logit_softcapping=30.0,
         layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
                      "sliding_attention", "full_attention"], pad_token_id=0, eos_token_id=1, bos_token_id=2)),
+    "gemma4_unified": ("Gemma4UnifiedTextConfig", "Gemma4UnifiedForCausalLM", dict(   # gemma-4-12B's layout: no
+        hidden_size=64, intermediate_size=96, num_hidden_layers=5, num_attention_heads=4,   # per-layer inputs; the
+        num_key_value_heads=2, head_dim=16, global_head_dim=32, vocab_size=101,   # last two layers read earlier caches
+        max_position_embeddings=64, sliding_window=4, num_kv_shared_layers=2, final_logit_softcapping=30.0,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention",
+                     "full_attention"], pad_token_id=0, eos_token_id=1, bos_token_id=2)),
+    "gemma4_unified_vl": ("Gemma4UnifiedConfig", "Gemma4UnifiedForConditionalGeneration", dict(   # gemma-4-12B as
+        text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,   # released:
+                         num_key_value_heads=2, head_dim=16, global_head_dim=32, vocab_size=101,   # a patch embedder
+                         max_position_embeddings=64, sliding_window=4, num_kv_shared_layers=1,   # beside the text model
+                         layer_types=["sliding_attention", "full_attention", "full_attention"], pad_token_id=0,
+                         eos_token_id=1, bos_token_id=2),
+        vision_config=dict(hidden_size=32, mm_embed_dim=32, output_proj_dims=32, mm_posemb_size=8, patch_size=4),
+        audio_config=None)),
     "codegen": ("CodeGenConfig", "CodeGenForCausalLM", dict(   # qkv_proj in 4 blocks of q|v|k, 2 heads a block
         n_embd=64, n_inner=96, n_layer=2, n_head=8, rotary_dim=4, vocab_size=101, n_positions=64,
         tie_word_embeddings=False)),
