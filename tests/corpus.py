@@ -565,6 +565,21 @@ def _inspect_layout_vs_model(c: Ctx):
     return [_manifest(c, lambda m: m["parallel"].update(heads_per_rank=3))]
 
 
+@case("inspect", "model.kv_source must give each layer itself or an earlier layer of its kind")
+def _inspect_kv_source_later_layer(c: Ctx):          # Gemma 4 E2B: layer 3 reading layer 4's cache
+    return [_manifest(c, lambda m: m["model"]["kv_source"].__setitem__(3, 4), name="gemma4_e2b")]
+
+
+@case("inspect", "model.kv_source must give each layer itself or an earlier layer of its kind")
+def _inspect_kv_source_other_kind(c: Ctx):           # its global layer 5 reading windowed layer 1's
+    return [_manifest(c, lambda m: m["model"]["kv_source"].__setitem__(5, 1), name="gemma4_e2b")]
+
+
+@case("inspect", "model.head_vocab_size needs fewer rows than the vocab")
+def _inspect_head_vocab_past_the_vocab(c: Ctx):      # Apertus 1.5's pruned lm_head
+    return [_manifest(c, lambda m: m["model"].update(head_vocab_size=500), name="apertus1p5")]
+
+
 @case("inspect", "manifest: expected a JSON object")
 def _inspect_manifest_is_a_list(c: Ctx):
     out = c.out()
