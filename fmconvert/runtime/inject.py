@@ -69,7 +69,11 @@ def _base_output(h, moe: bool = False):
     # The widest base output class, so every causal-LM head finds the fields it reads (GPT-2 reads cross_attentions,
     # a mixture-of-experts head reads router_logits).
     from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, MoeModelOutputWithPast
-    return (MoeModelOutputWithPast if moe else BaseModelOutputWithPastAndCrossAttentions)(last_hidden_state=h)
+    out = (MoeModelOutputWithPast if moe else BaseModelOutputWithPastAndCrossAttentions)(last_hidden_state=h)
+    for name in ("shared_kv_states", "router_logits"):   # Gemma 4's head reads both (the fused body keeps its own
+        if not hasattr(out, name):                        # caches, and routes inside)
+            setattr(out, name, None)
+    return out
 
 
 def inject(hf_model: nn.Module, out_dir, device=None, backend: str = "auto", check_hashes: bool = True):
