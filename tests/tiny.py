@@ -554,6 +554,21 @@ CONFIGS = {
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, vocab_size=101, output_vocab_size=61, tie_word_embeddings=False, max_position_embeddings=64,
         pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "apertus1p5_mm": ("Apertus1p5Config", "Apertus1p5ForConditionalGeneration", dict(   # as released: image and
+        text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,   # audio
+                         num_key_value_heads=2, head_dim=16, vocab_size=101, output_vocab_size=50,   # tokenizers whose
+                         tie_word_embeddings=False, max_position_embeddings=64, pad_token_id=0,   # codes sit in the
+                         bos_token_id=1, eos_token_id=2,   # vocab past the pruned head
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 1.2e7, "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 16}),
+        vision_config=dict(codebook_size=20, embed_dim=8, latent_channels=32, base_channels=32,
+                           channel_multiplier=[1, 1], num_res_blocks=1, attn_resolutions=[], resolution=16,
+                           spatial_scale_factor=2),
+        audio_config=dict(model_type="wavtokenizer_encoder", num_filters=4, upsampling_ratios=[2], num_lstm_layers=1,
+                          hidden_size=8, codebook_size=20, codebook_dim=8, decoder_hidden_size=8,
+                          decoder_intermediate_size=8, decoder_num_layers=1, decoder_attention_num_groups=1),
+        image_token_offset=50, audio_token_offset=70, image_token_id=3, audio_token_id=4)),
     "modernbert_decoder": ("ModernBertDecoderConfig", "ModernBertDecoderForCausalLM", dict(   # Ettin decoders
         hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, vocab_size=101,
         max_position_embeddings=64, local_attention=8, global_attn_every_n_layers=3, norm_bias=True,
