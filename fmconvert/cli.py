@@ -45,7 +45,7 @@ def cli():
     \b
     Supported families (one table each in fmconvert/configs/, listed in its README.md), among them:
       LLaMA 1-3 / Mistral / Qwen2, Qwen3, Phi-3 / Phi-4-mini, Gemma 1-4, Granite, Cohere, OLMo 1-3, GLM-4,
-      EXAONE 4, SmolLM3, StableLM, StarCoder2, Nemotron, Apertus, Hunyuan, ERNIE 4.5
+      EXAONE 4, SmolLM3, StableLM, StarCoder2, Nemotron, Apertus, Hunyuan, ERNIE 4.5, BitNet
       mixtures: Mixtral, DBRX, Qwen2/3-MoE, OLMoE, GLM-4.5, DeepSeek-V2/V3, Kimi K2, Mistral 4, GPT-OSS, Llama 4,
         MiniMax-M2
       hybrids and state spaces: Qwen3.5, Qwen3-Next, OLMo Hybrid, Granite 4.0-H, Nemotron-H, Jamba, LFM2, LFM3,
@@ -294,6 +294,8 @@ def inspect(out_dir, as_json):
                     else "each half's output normed, no pre-LN")
     if "layers.moe_post_norm.weight" in md["slots"]:
         residual += ", the mixture's output normed too"
+    if "layers.attn_sub_norm.weight" in md["slots"]:
+        residual += ", each half RMS-normed again before its output projection"
     if "layers.q_norm.weight" in md["slots"]:
         residual += {"head": "; q/k normed per head", "per_head": "; q/k normed per head, a weight each",
                      "full": "; q/k normed across all heads"}[md["qk_norm"]]

@@ -30,6 +30,7 @@ LAYER_SLOTS = (
     "attn_post_norm.weight", "mlp_post_norm.weight",                 # Gemma 2: each half's output normed too
     "moe_post_norm.weight",                                          # A.X K1: the mixture's output only
     "layer_scale.weight",                                            # Gemma 4: the stream times it after the layer
+    "attn_sub_norm.weight", "mlp_sub_norm.weight",   # BitNet: RMSNorms inside each half, before its output projection
     # Gemma 4's E2B/E4B: each layer's per-layer input (PLE) gates a narrow projection of the stream, which is
     # projected back, normed and added after the MLP
     "ple_gate.weight", "ple_out.weight", "ple_post_norm.weight",
@@ -94,7 +95,7 @@ GLOBAL_SLOTS = (
 MP_BLOCKS = 4
 
 # The activation of a gated MLP's gate -> the canonical gated epilogue.
-_GATED = {"silu": "swiglu", "gelu_tanh": "geglu", "gelu": "geglu_erf"}
+_GATED = {"silu": "swiglu", "gelu_tanh": "geglu", "gelu": "geglu_erf", "relu2": "reglu2"}
 
 # HF activation names -> the runtime's canonical epilogues.
 _ACTIVATIONS = {
@@ -501,7 +502,8 @@ class Policy:
         if gated:
             if act not in _GATED:
                 raise FmError(f"{architecture}: gated MLP with {act_name!r} is not supported "
-                              f"(SiLU gives SwiGLU, GELU gives GeGLU, exact or tanh-approximated)")
+                              f"(SiLU gives SwiGLU, GELU gives GeGLU, exact or tanh-approximated, ReLU² gives "
+                              f"ReGLU²)")
             act = _GATED[act]
         glu = {}
         if "glu_limit" in c:             # GPT-OSS: SwiGLU with clamped inputs, a sigmoid gain, and up + 1
@@ -1082,6 +1084,7 @@ class Policy:
             "attn_norm.weight": (h,), "attn_norm.bias": (h,), "mlp_norm.weight": (h,), "mlp_norm.bias": (h,),
             "attn_post_norm.weight": (h,), "mlp_post_norm.weight": (h,), "moe_post_norm.weight": (h,),
             "layer_scale.weight": (1,), "router.scale": (h,), "router.expert_factor": (spec.num_experts,),
+            "attn_sub_norm.weight": (H * hd,), "mlp_sub_norm.weight": (dense,),
             "ple_embed.weight": (spec.vocab_size, spec.num_layers * spec.per_layer_input),
             "ple_proj.weight": (spec.num_layers * spec.per_layer_input, h),
             "ple_proj_norm.weight": (spec.per_layer_input,), "ple_gate.weight": (spec.per_layer_input, h),

@@ -40,6 +40,8 @@ Layout per rank:
             kv heads like qkv's; a weight shared by every head is replicated.
   embed, lm_head  vocab-parallel: the vocab is padded with zero rows to a multiple of tp, rank r holds rows
             [r*V/tp, (r+1)*V/tp) (of an lm_head bias too). Padded logits are dropped by the runtime.
+  attn_sub_norm, mlp_sub_norm  (BitNet's norms inside each half) with this rank's q heads, and with its MLP units
+            (padded with zeros like them).
   the rest  replicated.
 The intermediate size is split into chunks of ceil(I/tp) and each chunk is zero-padded to `intermediate_per_rank`
 (a multiple of the int8 group size, or of a narrower power of two where whole groups would pad more than an
@@ -60,7 +62,7 @@ COLUMN = ("qkv.weight", "qkv.bias", "mlp_in.weight", "mlp_in.bias", "lin_in.weig
 HEADS = ("q_b.weight", "kv_b.weight", "attn_sinks.weight",      # whole heads' rows, each head's rows contiguous
          "lin_decay.a_log", "lin_decay.dt_bias", "ssm.a_log", "ssm.dt_bias", "ssm.d", "ssm_norm.weight",
          "mamba_conv.weight", "mamba_conv.bias", "mamba_dt.weight", "mamba_dt.bias", "mamba.a_log", "mamba.d",
-         "lin_f_b.weight", "lin_g_b.weight")
+         "lin_f_b.weight", "lin_g_b.weight", "attn_sub_norm.weight")
 # Row-parallel slots: split along dim 1 (K), each rank's product a partial sum. The linear mixers' (ROW_K) split
 # evenly along K with nothing padded.
 ROW_K = ("lin_out.weight", "ssm_out.weight", "sconv_out.weight", "mamba_out.weight", "mamba_x.weight")
@@ -299,6 +301,9 @@ def shard(spec: ModelSpec, lay: Layout, slot: str, t: torch.Tensor) -> list[torc
     if slot in ("mlp_out.weight", "shared_out.weight"):
         rows = _width(spec, lay, slot)[2]
         return [_pad_rows(t[:, lo:hi].t(), rows).t().contiguous() for lo, hi in _inter_ranges(spec, lay, slot)]
+    if slot == "mlp_sub_norm.weight":       # BitNet: one weight per MLP unit, split and padded like the units
+        rows = _width(spec, lay, slot)[2]
+        return [_pad_rows(t[lo:hi], rows).contiguous() for lo, hi in _inter_ranges(spec, lay, slot)]
     if slot.startswith("experts_in."):      # [E * (gate; up) * I, h] -> per rank [E * (gate; up) * ipr, h]
         g = t.reshape(spec.num_experts * (1 + spec.gated_mlp), spec.intermediate_size, *t.shape[1:])
         return [torch.cat([_pad_rows(part[lo:hi], lay.intermediate_per_rank) for part in g]).contiguous()
@@ -348,6 +353,8 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
     if slot in ("mlp_out.weight", "experts_out.weight", "shared_out.weight"):
         ranges = _inter_ranges(spec, lay, slot)
         return torch.cat([p[:, :hi - lo] for (lo, hi), p in zip(ranges, pieces)], dim=1)
+    if slot == "mlp_sub_norm.weight":
+        return torch.cat([p[:hi - lo] for (lo, hi), p in zip(_inter_ranges(spec, lay, slot), pieces)], dim=0)
     if slot.startswith("experts_in."):
         glu = 1 + spec.gated_mlp
         parts = [p.reshape(spec.num_experts * glu, lay.intermediate_per_rank, *p.shape[1:])[:, :hi - lo]

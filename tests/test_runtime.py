@@ -129,7 +129,7 @@ def test_cpu_int8_matmul_is_the_dequantized_linear(N, K, group, lead, dtype):
                                   "nemotron_h", "nemotron_h_dense", "lfm2", "lfm2_moe", "youtu", "mellum", "olmo", "mamba",
                                   "falcon_mamba", "jamba", "mamba2", "kimi_linear", "lfm3", "gemma4", "gemma4_moe",
                                   "cohere2_moe", "modernbert_decoder", "olmo_hybrid", "mistral4", "gemma4_e2b",
-                                  "codegen", "apertus1p5", "gemma4_unified"])
+                                  "codegen", "apertus1p5", "gemma4_unified", "bitnet"])
 def test_tp4_emulated_equals_tp1(work, name, tmp_path):
     _, src, outs = work(name)
     convert(src, tmp_path / "tp4", Options(tp=4), progress=False)
@@ -248,7 +248,7 @@ def test_inject_refuses_a_different_model(work):
                                   "qwen3_5", "qwen3_next", "granite_hybrid_dense", "lfm2", "falcon_mamba", "jamba",
                                   "nanochat", "afmoe", "lfm3", "gemma4", "gemma4_moe", "modernbert_decoder",
                                   "olmo_hybrid", "mistral4", "gemma4_e2b", "codegen",
-                                  "apertus1p5", "gemma4_unified"])
+                                  "apertus1p5", "gemma4_unified", "bitnet"])
 def test_graph_safe_decode_step_equals_eager_decode(work, name):
     """decode_step (what a CUDA graph captures) reads positions and lengths from device tensors only."""
     _, _, outs = work(name)
@@ -502,3 +502,28 @@ def test_pruned_lm_head_scores_the_first_tokens(model_dir, tmp_path):
     assert t["lm_head.weight"]["shape"] == [31, 64] and t["embed.weight"]["shape"] == [51, 64]
     assert all(r.shape == (1, 4, 61) for r in tiny.on_ranks(tmp_path / "out", 2,
                                                              lambda f: f(torch.randint(3, 100, (1, 4)))))
+
+
+def test_bitnet_sub_norms_span_every_rank_and_skip_the_padding(model_dir, tmp_path):
+    """BitNet's norms inside each half are over the whole width, which tp splits: at tp 4 with int8 groups of 16 each
+    rank holds one head (16 of 64 attention channels) and 24 of the 96 MLP units padded to 32 with zeros; the norms
+    take every rank's sum of squares over the true width, so the logits stay within the int8 bound of
+    transformers'."""
+    import json
+    src = model_dir("bitnet")
+    out = tmp_path / "out"
+    convert(src, out, Options(tp=4, int8=True, group_size=16), progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    t = m["ranks"][3]["tensors"]
+    assert t["layers.0.mlp_sub_norm.weight"]["shape"] == [32] and t["layers.0.attn_sub_norm.weight"]["shape"] == [16]
+    assert m["model"]["activation"] == "reglu2"
+    from click.testing import CliRunner
+
+    from fmconvert.cli import cli
+    r = CliRunner().invoke(cli, ["inspect", str(out)], terminal_width=200)
+    assert r.exit_code == 0 and "RMS-normed again before its output projection" in " ".join(r.output.split()), r.output
+    ids = torch.randint(3, 100, (2, 7))
+    with torch.no_grad():
+        want = tiny.build("bitnet")(ids).logits
+    for got in tiny.on_ranks(out, 4, lambda f: f(ids)):
+        assert rel(got, want) < INT8_LOGIT_BOUND

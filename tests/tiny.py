@@ -569,6 +569,10 @@ CONFIGS = {
                           hidden_size=8, codebook_size=20, codebook_dim=8, decoder_hidden_size=8,
                           decoder_intermediate_size=8, decoder_num_layers=1, decoder_attention_num_groups=1),
         image_token_offset=50, audio_token_offset=70, image_token_id=3, audio_token_id=4)),
+    "bitnet": ("BitNetConfig", "BitNetForCausalLM", dict(   # norms inside each half, gated ReLU squared, tied
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=101, max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2)),
     "modernbert_decoder": ("ModernBertDecoderConfig", "ModernBertDecoderForCausalLM", dict(   # Ettin decoders
         hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, vocab_size=101,
         max_position_embeddings=64, local_attention=8, global_attn_every_n_layers=3, norm_bias=True,

@@ -11,12 +11,13 @@ import triton
 import triton.language as tl
 
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "swiglu": 5, "geglu": 6, "relu2": 8,
-               "geglu_erf": 9}
+               "geglu_erf": 9, "reglu2": 10}
 # Gated activations act on the first half of a fused gate|up output and multiply by the second half.
-GATED = ("swiglu", "geglu", "geglu_erf")     # geglu: the tanh GELU; geglu_erf: the exact one
+GATED = ("swiglu", "geglu", "geglu_erf", "reglu2")   # geglu: the tanh GELU; geglu_erf: the exact one; reglu2: ReLU²
 # ("swiglu_oai", alpha, limit): GPT-OSS's clamped SwiGLU, the one activation with parameters.
 SWIGLU_OAI = 7
-GATED_CODES = (ACTIVATIONS["swiglu"], ACTIVATIONS["geglu"], ACTIVATIONS["geglu_erf"], SWIGLU_OAI)
+GATED_CODES = (ACTIVATIONS["swiglu"], ACTIVATIONS["geglu"], ACTIVATIONS["geglu_erf"], ACTIVATIONS["reglu2"],
+               SWIGLU_OAI)
 
 
 def epilogue(activation) -> tuple[int, float, float]:
@@ -153,7 +154,8 @@ def sigmoid(v):
 
 @triton.jit
 def activate(v, ACT: tl.constexpr):
-    # v: fp32. ACT codes follow ACTIVATIONS (the gated ones are paired by the caller: silu, gelu_tanh, gelu here).
+    # v: fp32. ACT codes follow ACTIVATIONS (the gated ones are paired by the caller: silu, gelu_tanh, gelu, relu2
+    # here).
     if ACT == 1:
         v = tl.maximum(v, 0.0)
     elif ACT == 2 or ACT == 9:
@@ -163,7 +165,7 @@ def activate(v, ACT: tl.constexpr):
         v = 0.5 * v * (1.0 + (2.0 * sigmoid(2.0 * u) - 1.0))
     elif ACT == 4 or ACT == 5:
         v = v * sigmoid(v)
-    elif ACT == 8:
+    elif ACT == 8 or ACT == 10:
         v = tl.maximum(v, 0.0)
         v = v * v
     return v

@@ -79,7 +79,8 @@ def check_layout(m: dict, rank: int):
         q_norm, k_norm = {"head": ((d,), (d,)), "per_head": ((hpr, d), (kvpr, d)),
                           "full": ((hpr * d,), (kvpr * d,)), "l2": ((d,), (d,))}[sp["qk_norm"]]
         return {"qkv.weight": (qkv, h), "qkv.bias": (qkv,), "q_norm.weight": q_norm, "k_norm.weight": k_norm,
-                "q_norm.bias": (d,), "k_norm.bias": (d,), "attn_out.weight": (h, hpr * d)}
+                "q_norm.bias": (d,), "k_norm.bias": (d,), "attn_out.weight": (h, hpr * d),
+                "attn_sub_norm.weight": (hpr * d,)}
 
     layer = {**attention(hd, par["kv_heads_per_rank"]),
              "router.weight": (E, h), "experts_in.weight": (E * glu * ipr, h), "experts_out.weight": (E * h, ipr),
@@ -89,6 +90,7 @@ def check_layout(m: dict, rank: int):
              "shared_out.weight": (h, par.get("shared_intermediate_per_rank", 0)),
              "attn_out.bias": (h,),
              "mlp_in.weight": (mlp, h), "mlp_in.bias": (mlp,), "mlp_out.weight": (h, dpr), "mlp_out.bias": (h,),
+             "mlp_sub_norm.weight": (dpr,),
              "router.correction_bias": (E,),
              "act.alpha_p": (1,), "act.alpha_n": (1,), "act.beta": (), "act.eps": (),
              **{f"{n}.{p}": (h,) for n in ("attn_norm", "mlp_norm") for p in ("weight", "bias")},
@@ -149,7 +151,7 @@ def check_layout(m: dict, rank: int):
         if src[i] != i:
             out = {**out, **attention(ga["head_dim"] if glob_layer else hd, 0)}
         if i in wide_mlp:
-            out = {**out, "mlp_in.weight": (wpr * glu, h), "mlp_out.weight": (h, wpr)}
+            out = {**out, "mlp_in.weight": (wpr * glu, h), "mlp_out.weight": (h, wpr), "mlp_sub_norm.weight": (wpr,)}
         return out
     tensors = m["ranks"][rank]["tensors"]
     need = {"embed.weight"} | {s for s in sp["slots"] if not s.startswith("layers.")}

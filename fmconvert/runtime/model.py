@@ -80,6 +80,8 @@ class Block(nn.Module):
         self.kv_heads = model.par["global_kv_heads_per_rank"] if wide else model.kv_heads
         self.v_ones = torch.ones(self.head_dim, dtype=model.dtype, device=model.device) if sp["v_norm"] else None
         self.kv_from = sp["kv_source"][i] if sp["kv_source"] else i   # Gemma 4 E2B/E4B: an earlier layer's cache
+        self.mlp_units = (sp["wide_intermediate_size"] if i in (sp["wide_mlp_layers"] or ()) else
+                          sp["dense_intermediate_size"] or sp["intermediate_size"])     # the MLP's whole width
         self.router_ones = torch.ones(sp["hidden_size"], dtype=model.dtype, device=model.device) \
             if "router.scale" in tensors else None
         self.sinks = tensors.get("attn_sinks.weight")     # GPT-OSS: one softmax sink logit per head of this rank
@@ -211,6 +213,8 @@ class Block(nn.Module):
             y = getattr(self, mixer)(h, cache, key_padding_mask, pos_t)
             return m.ops.linear(y, t[out + ".weight"], t.get(out + ".bias"))
         a = self.attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
+        if "attn_sub_norm.weight" in t:       # BitNet: normed over every head of every rank first
+            a = self._sub_norm(a, t["attn_sub_norm.weight"], m.spec["num_heads"] * self.head_dim)
         return m.ops.linear(a, t["attn_out.weight"], t.get("attn_out.bias"))
 
     def linear_attention(self, h, cache, key_padding_mask, pos_t=None):
@@ -403,7 +407,19 @@ class Block(nn.Module):
                 y = y + f
             return y
         f = m.ops.linear(h, t["mlp_in.weight"], t.get("mlp_in.bias"), self.activation)
+        if "mlp_sub_norm.weight" in t:        # BitNet: normed over every unit of every rank first
+            f = self._sub_norm(f, t["mlp_sub_norm.weight"], self.mlp_units)
         return m.ops.linear(f, t["mlp_out.weight"], t.get("mlp_out.bias"))
+
+    def _sub_norm(self, x, weight, n: int):
+        """BitNet's RMSNorm inside a half, over a width split across ranks (this rank's heads, or its MLP units, the
+        padded ones zero): every rank's sum of squares, over n, the whole width; rounded, then times the weight."""
+        m = self.m
+        if m.tp == 1 and x.shape[-1] == n:
+            return m.ops.add_norm(x, None, weight, None, m.eps, "rms")[0]
+        xf = x.float()
+        ss = m.comm.all_reduce(xf.square().sum(-1, keepdim=True))
+        return (xf * torch.rsqrt(ss / n + m.eps)).to(x.dtype) * weight
 
     def _beside_dense(self, h, stream):
         """Gemma 4 26B-A4B: the dense MLP reads h (mlp_norm of the stream), the experts the stream through their
@@ -781,7 +797,7 @@ class FusedModel(nn.Module):
         self.shared_attend: dict = {}
         self.ple_inputs = None
         self.ple_scale = torch.tensor(float(sp["per_layer_input"]) ** 0.5, dtype=self.dtype, device=self.device)
-        self.ple_activation = {"geglu": "gelu_tanh", "geglu_erf": "gelu", "swiglu": "silu"}.get(
+        self.ple_activation = {"geglu": "gelu_tanh", "geglu_erf": "gelu", "swiglu": "silu", "reglu2": "relu2"}.get(
             sp["activation"], sp["activation"])
         pos = sp["position"]
         self.rope, self.long_from = None, None

@@ -112,6 +112,9 @@ def activate(y: torch.Tensor, activation) -> torch.Tensor:
     if activation == "geglu_erf":            # ModernBERT: the exact (erf) GELU over the gate
         gate, up = y.chunk(2, dim=-1)
         return F.gelu(gate) * up
+    if activation == "reglu2":               # BitNet: ReLU squared over the gate
+        gate, up = y.chunk(2, dim=-1)
+        return F.relu(gate).square() * up
     if activation == "gelu":
         return F.gelu(y)
     if activation == "gelu_tanh":
@@ -614,7 +617,7 @@ class TritonOps(TorchOps):
         return self._cublas_linear(x, weight, bias, activation)
 
     def _cublas_linear(self, x, weight, bias, activation):
-        if activation in ("swiglu", "geglu", "geglu_erf") or isinstance(activation, tuple):
+        if activation in ("swiglu", "geglu", "geglu_erf", "reglu2") or isinstance(activation, tuple):
             return self.k.gated(F.linear(x, weight, bias), activation)   # cuBLAS, then one kernel (torch: several)
         return super().linear(x, weight, bias, activation)
 

@@ -9,7 +9,7 @@ FLOAT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_CUDA els
 OAI = ("swiglu_oai", 1.702, 7.0)       # GPT-OSS's alpha and limit; inputs of |y| up to ~16 below hit both clamps
 
 
-@pytest.mark.parametrize("act", ["swiglu", "geglu", "geglu_erf", OAI])
+@pytest.mark.parametrize("act", ["swiglu", "geglu", "geglu_erf", OAI, "reglu2"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", [(1, 2), (1, 22), (3, 5, 2 * 769), (7, 2 * 1500), (2, 0, 8)])
 def test_glu_matches_reference(shape, dtype, act, assert_close):

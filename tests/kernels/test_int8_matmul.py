@@ -9,8 +9,8 @@ FLOAT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_CUDA els
 
 # GPT-OSS's clamped SwiGLU with a limit small enough that both clamps bite at these outputs (|y| ~ 1).
 OAI = ("swiglu_oai", 1.702, 0.6)
-ACTS = [None, "relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "geglu_erf", OAI, "relu2"]
-GATED = ("swiglu", "geglu", "geglu_erf", OAI)
+ACTS = [None, "relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "geglu_erf", OAI, "relu2", "reglu2"]
+GATED = ("swiglu", "geglu", "geglu_erf", OAI, "reglu2")
 
 
 def quantize(w, group_size, scale_dtype=torch.float16):

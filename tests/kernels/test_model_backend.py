@@ -23,7 +23,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
                                        ("mellum", True), ("jamba", True), ("mamba", False), ("kimi_linear", True),
                                        ("gemma4", True), ("gemma4_moe", True), ("modernbert_decoder", True),
                                        ("olmo_hybrid", True), ("mistral4", True), ("gemma4_e2b", True),
-                                       ("codegen", False), ("gemma4_unified", True)])
+                                       ("codegen", False), ("gemma4_unified", True),
+                                       ("bitnet", True)])
 def test_triton_backend_matches_torch_backend(model_dir, tmp_path, name, int8):
     out = tmp_path / "out"
     convert(model_dir(name), out, Options(tp=1, int8=int8, group_size=32), progress=False)
