@@ -68,7 +68,9 @@ def cli():
               help="int8 group width along the input dim (power of two). Default: 128, or the largest power of "
                    "two below it that divides every input width (GPT-OSS's 2880: 64). A rank whose K is narrower "
                    "uses the largest power of two that fits.")
-@click.option("--int8-embeddings", is_flag=True, help="Also quantize the embedding table (and with it a tied lm_head).")
+@click.option("--int8-embeddings", is_flag=True,
+              help="Also quantize the embedding table (and with it a tied lm_head), and Gemma 4 E2B/E4B's per-layer "
+                   "table.")
 @click.option("--int8-lm-head/--no-int8-lm-head", default=True, show_default=True,
               help="Under --int8, quantize an untied lm_head as well. Each decoded token reads all of it.")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
