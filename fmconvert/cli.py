@@ -91,8 +91,9 @@ def convert(model_dir, out_dir, tp, int8, group_size, int8_embeddings, int8_lm_h
     OUT_DIR gets one set of safetensors shards per rank, manifest.json (the contract the runtime reads), and the
     tokenizer and generation config. It appears atomically: a failed or interrupted run leaves nothing.
 
-    MODEL_DIR may hold a float checkpoint, a block-scaled FP8 release (DeepSeek-V3, Kimi K2, Qwen3-FP8) or GPT-OSS's
-    MXFP4 experts: those are decoded to bf16 as they are read. `fmconvert inspect OUT_DIR` shows what was written.
+    MODEL_DIR may hold a float checkpoint, a block-scaled FP8 release (DeepSeek-V3, Kimi K2, Qwen3-FP8), GPT-OSS's
+    MXFP4 experts, or 4-bit GPTQ / AWQ weights: those are decoded to float as they are read. `fmconvert inspect
+    OUT_DIR` shows what was written.
     """
     if source_sha256:
         from . import srchash
@@ -132,6 +133,8 @@ def convert(model_dir, out_dir, tp, int8, group_size, int8_embeddings, int8_lm_h
             t.add_row("MXFP4", f"{s['mxfp4']} expert tensors decoded on read (exactly, to bf16)")
         if s.get("fp8"):
             t.add_row("FP8", f"{s['fp8']} block-scaled tensors decoded on read (to bf16)")
+        if s.get("int4"):
+            t.add_row("4-bit", f"{s['int4']} GPTQ / AWQ tensors decoded on read")
     if s["dropped"] is not None:
         t.add_row("left out", f"{s['dropped']['tensors']} {_DROPPED[s['dropped'].get('what', 'vision')]}"
                   f" ({_human(s['dropped']['bytes'])})")
@@ -187,6 +190,9 @@ def inspect(out_dir, as_json):
         f = m["source"]["fp8"]
         t.add_row("source", f"FP8: {f['tensors']} tensors with {f['block'][0]}x{f['block'][1]} block scales, "
                             "decoded to bf16 on read")
+    if m["source"].get("int4"):
+        f = m["source"]["int4"]
+        t.add_row("source", f"{f['method'].upper()}: {f['tensors']} 4-bit tensors decoded to float on read")
     if m["source"].get("dropped"):
         d = m["source"]["dropped"]
         t.add_row("left out", f"{d['tensors']} {_DROPPED[d.get('what', 'vision')]} ({_human(d['bytes'])})")

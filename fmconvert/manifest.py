@@ -474,6 +474,9 @@ def _source(src):
     f8 = src.get("fp8", {"block": [1, 1], "tensors": 0})
     _need(isinstance(f8, dict) and set(f8) == {"block", "tensors"} and isinstance(f8["block"], list)
           and len(f8["block"]) == 2 and all(map(_POS_INT, f8["block"])) and _NAT(f8["tensors"]), "source.fp8 malformed")
+    i4 = src.get("int4", {"method": "gptq", "tensors": 0})
+    _need(isinstance(i4, dict) and set(i4) == {"method", "tensors"} and i4["method"] in ("gptq", "awq")
+          and _NAT(i4["tensors"]), "source.int4 malformed")
     _need(isinstance(src.get("flipped", []), list) and all(isinstance(k, str) for k in src.get("flipped", [])),
           "source.flipped malformed")
     side = src.get("sidecar_files", [])

@@ -33,7 +33,7 @@ from . import srchash
 from .errors import EXIT_IO, FmError
 from .policy import DEPTHWISE, ModelSpec, Policy, SlotSource, _config_value, per_layer_type, policy_of
 from .quantize import ErrorStats, quantize, scale_dtype_for
-from .read import SIDECAR_FILES, Checkpoint, fp8_block, load_config, quant_method
+from .read import SIDECAR_FILES, Checkpoint, fp8_block, int4_format, load_config, quant_method
 from .write import AtomicDir, ShardWriter, dtype_name, parse_size
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -925,7 +925,7 @@ def convert(model_dir, out_dir, opts: Options | None = None, progress: bool = Tr
         with no_gc():
             config, config_sha = load_config(model_dir)
         ckpt = Checkpoint(model_dir, allow_pickle=opts.allow_pickle, mxfp4=quant_method(config) == "mxfp4",
-                          fp8=fp8_block(config))
+                          fp8=fp8_block(config), int4=int4_format(config))
     except BaseException:
         if hashing:
             srchash.discard(model_dir)
@@ -1008,6 +1008,8 @@ def _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config,
                            **({"mxfp4": sorted(ckpt.mxfp4)} if ckpt.mxfp4 else {}),     # decoded to bf16 on read
                            **({"fp8": {"block": list(ckpt.fp8_block), "tensors": len(ckpt.fp8)}} if ckpt.fp8
                               else {}),
+                           **({"int4": {"method": ckpt.int4_format["method"], "tensors": len(ckpt.int4)}}
+                              if ckpt.int4 else {}),                    # GPTQ / AWQ, decoded on read
                            **({"files": dict(sorted(src_hashes.items()))} if src_hashes is not None else {})},
                 "model": spec.to_dict(),
                 "parallel": plan.layout.to_dict(),
@@ -1028,7 +1030,7 @@ def _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config,
     return {"architecture": spec.architecture, "tp": opts.tp, "int8": opts.int8, "dtype": dtype_name(plan.dtype),
             "params": plan.params, "bytes_in": plan.bytes_in, "bytes_out": writer.bytes_written,
             "files": sum(len(f) for f in writer.files), "seconds": secs, "dropped": plan.dropped,
-            "mxfp4": len(ckpt.mxfp4), "fp8": len(ckpt.fp8),
+            "mxfp4": len(ckpt.mxfp4), "fp8": len(ckpt.fp8), "int4": len(ckpt.int4),
             "mb_per_s": plan.bytes_in / 1e6 / secs if secs > 0 else 0.0,
             "worst_sqnr_db": min((v["sqnr_db"] for v in qstats.values() if v["sqnr_db"] is not None),
                                  default=None)}

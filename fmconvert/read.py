@@ -63,11 +63,12 @@ def load_config(model_dir: Path):
     if "auto_map" in raw:
         raw.pop("auto_map")  # remote-code hooks are never honoured
     quant = raw.get("quantization_config")
-    if quant is not None and quant_method(raw) not in ("mxfp4", "fp8"):
+    if quant is not None and quant_method(raw) not in ("mxfp4", "fp8", "gptq", "awq"):
         raise FmError(f"{path}: the weights are quantized ({_short(quant_method(raw) or quant)}); fmconvert reads "
-                      f"float checkpoints, block-scaled FP8 (DeepSeek-V3, Qwen3-FP8) and GPT-OSS's MXFP4: convert "
-                      f"from the unquantized checkpoint")
+                      f"float checkpoints, block-scaled FP8 (DeepSeek-V3, Qwen3-FP8), GPT-OSS's MXFP4 and 4-bit "
+                      f"GPTQ / AWQ: convert from the unquantized checkpoint")
     fp8_block(raw, path)
+    int4_format(raw, path)
     archs = raw.get("architectures")
     if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
         raise FmError(f"{path}: architectures must be a list of strings, got {_short(archs)}")
@@ -139,6 +140,25 @@ def fp8_block(config, where="config.json") -> tuple[int, int] | None:
         raise FmError(f"{where}: FP8 weight_block_size must be two positive integers, got {_short(block)} "
                       "(per-tensor FP8 scales are not supported)")
     return tuple(block)
+
+
+def int4_format(config, where="config.json") -> dict | None:
+    """A 4-bit GPTQ or AWQ checkpoint's format ({"method", "group_size", "zero_offset"}), None when it is not one.
+    GPTQ's own format ("gptq") stores each zero point minus 1; "gptq_v2" stores it as it is. AWQ: the GEMM layout
+    with zero points. Anything this reader would misread is refused."""
+    method = quant_method(config)
+    if method not in ("gptq", "awq"):
+        return None
+    q = config["quantization_config"] if isinstance(config, dict) else config.quantization_config
+    q = q if isinstance(q, dict) else q.to_dict()
+    bits, group = q.get("bits", q.get("w_bit")), q.get("group_size", q.get("q_group_size"))
+    fmt = q.get("checkpoint_format", "gptq") if method == "gptq" else str(q.get("version", "gemm")).lower()
+    if bits != 4 or type(group) is not int or not (group == -1 or 0 < group <= 1 << 16) \
+            or fmt not in ("gptq", "gptq_v2", "gemm") or (method == "awq" and not q.get("zero_point", True)):
+        raise FmError(f"{where}: {method.upper()} with bits={_short(bits)}, group_size={_short(group)} and format "
+                      f"{_short(fmt)} is not supported (4 bits in groups; GPTQ's gptq or gptq_v2 format, AWQ's gemm "
+                      f"with zero points)")
+    return {"method": method, "group_size": group, "zero_offset": 1 if fmt == "gptq" else 0}
 
 
 def _check_language_model(raw: dict, key: str, arch: str, path: Path) -> str:
@@ -223,7 +243,7 @@ class Checkpoint:
     """All tensors of a model directory by name, opened lazily. Use as a context manager."""
 
     def __init__(self, model_dir: Path, allow_pickle: bool = False, mxfp4: bool = False,
-                 fp8: tuple[int, int] | None = None):
+                 fp8: tuple[int, int] | None = None, int4: dict | None = None):
         self.dir = Path(model_dir)
         self._handles: dict[str, object] = {}
         self._where: dict[str, str] = {}
@@ -231,6 +251,8 @@ class Checkpoint:
         self.mxfp4: dict[str, tuple] = {}   # name -> (its blocks, its scales, their files): see _pair_mxfp4
         self.fp8: dict[str, tuple] = {}     # name -> (its scale, the scale's file): see _pair_fp8
         self.fp8_block = fp8
+        self.int4: dict[str, tuple] = {}    # name -> (its parts, their files): see _pair_int4
+        self.int4_format = int4
         files = self._discover(allow_pickle)
         self.files = files
         for fname in files:
@@ -251,12 +273,16 @@ class Checkpoint:
             if self._pickled is not None:
                 raise FmError(f"{self.dir}: MXFP4 weights must be safetensors")
             self._pair_mxfp4()
+        if int4:
+            if self._pickled is not None:
+                raise FmError(f"{self.dir}: {int4['method'].upper()} weights must be safetensors")
+            self._pair_int4(int4)
         if fp8:
             if self._pickled is not None:
                 raise FmError(f"{self.dir}: FP8 weights must be safetensors")
             self._pair_fp8(fp8)
-        elif self._pickled is None and any(n not in self.mxfp4 and self._raw_dtype(n) == "F8_E4M3"
-                                           for n in self._where):
+        elif self._pickled is None and any(n not in self.mxfp4 and n not in self.int4
+                                           and self._raw_dtype(n) == "F8_E4M3" for n in self._where):
             raise FmError(f"{self.dir} holds FP8 tensors, but config.json declares no FP8 quantization_config")
 
     def _pair_fp8(self, block):
@@ -304,6 +330,46 @@ class Checkpoint:
             self._where[name] = fb
         if not self.mxfp4:
             raise FmError(f"config.json says MXFP4, but {self.dir} has no *_blocks / *_scales tensors")
+
+    def _pair_int4(self, fmt):
+        """A 4-bit GPTQ or AWQ checkpoint stores a linear's weight X.weight as X.qweight, X.qzeros and X.scales (and
+        GPTQ's X.g_idx, each input row's group). GPTQ: qweight int32 [K/8, N], input row k in bits 4(k%8).. of row
+        k//8; AWQ: qweight int32 [K, N/8], eight columns a word in the order 0 2 4 6 1 3 5 7. Both: qzeros int32
+        [groups, N/8] packed like AWQ's (GPTQ's in plain order), scales [groups, N]. Each set reads as X.weight
+        [N, K] = scale * (q - zero), in the scales' dtype: the layout of the unquantized checkpoint."""
+        method = fmt["method"]
+        for qw in [n for n in self._where if n.endswith(".qweight")]:
+            base = qw[:-len(".qweight")]
+            parts = [qw, base + ".qzeros", base + ".scales"] + ([base + ".g_idx"] if base + ".g_idx" in self._where
+                                                               else [])
+            missing = next((p for p in parts if p not in self._where), None)
+            if missing:
+                raise FmError(f"{method.upper()} tensor {qw} has no {missing} beside it")
+            if base + ".weight" in self._where:
+                raise FmError(f"tensor {base}.weight is stored both whole and as {method.upper()} parts")
+            (a, b), (gz, nz), (gs, n) = (self._raw_shape(p) for p in parts[:3])
+            K, N = (a * 8, b) if method == "gptq" else (a, b * 8)
+            dtypes = [self._raw_dtype(p) for p in parts]
+            if dtypes[:2] != ["I32", "I32"] or dtypes[2] not in ("F16", "BF16", "F32") or n != N or nz * 8 != N \
+                    or gz != gs or not gs or K % gs or (len(parts) == 4 and (dtypes[3] != "I32"
+                                                                            or self._raw_shape(parts[3]) != [K])):
+                raise FmError(f"{method.upper()} tensor {base}: qweight {[a, b]}, qzeros {[gz, nz]} and scales "
+                              f"{[gs, n]} do not fit 4-bit weights of one layout")
+            self.int4[base + ".weight"] = (parts, [self._where[p] for p in parts])
+        for name, (parts, files) in self.int4.items():
+            for p in parts:
+                del self._where[p]
+            self._where[name] = files[0]
+        if not self.int4:
+            raise FmError(f"config.json says {method.upper()}, but {self.dir} has no *.qweight tensors")
+
+    def _int4_get(self, name: str) -> torch.Tensor:
+        parts, files = self.int4[name]
+        try:
+            t = [self._handles[f].get_tensor(p) for p, f in zip(parts, files)]
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise FmError(f"{files[0]}: cannot read tensor {parts[0]} ({_first_line(e)})") from None
+        return dequantize_int4(*t[:3], t[3] if len(t) > 3 else None, self.int4_format)
 
     def _raw_shape(self, name: str, file: str | None = None) -> list[int]:
         return self._handles[file or self._where[name]].get_slice(name).get_shape()
@@ -376,11 +442,17 @@ class Checkpoint:
         if name in self.mxfp4:
             E, N, G, _ = self._raw_shape(self.mxfp4[name][0], self.mxfp4[name][2])
             return (E, G * 32, N)
+        if name in self.int4:
+            a, b = self._raw_shape(self.int4[name][0][0], self.int4[name][1][0])
+            return (b, a * 8) if self.int4_format["method"] == "gptq" else (b * 8, a)
         return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
 
     def stored_bytes(self, name: str) -> int:
         """The bytes a tensor takes in the source files: an FP8 or MXFP4 one's as stored, scales included, not the
         bf16 it reads as."""
+        if self._pickled is None and name in self.int4:
+            return sum(math.prod(self._raw_shape(p, f)) * _ST_ITEMSIZE[self._handles[f].get_slice(p).get_dtype()]
+                       for p, f in zip(*self.int4[name]))
         if self._pickled is None and (name in self.mxfp4 or name in self.fp8):
             parts = self.mxfp4[name][:2] if name in self.mxfp4 else (name, self.fp8[name][0])
             files = self.mxfp4[name][2:] if name in self.mxfp4 else (self._where[name], self.fp8[name][1])
@@ -393,6 +465,9 @@ class Checkpoint:
             return self._pickled[name].dtype
         if name in self.mxfp4 or name in self.fp8:
             return torch.bfloat16
+        if name in self.int4:                  # the scales' dtype
+            parts, files = self.int4[name]
+            return _ST_DTYPES[self._handles[files[2]].get_slice(parts[2]).get_dtype()]
         s = self._handles[self._where[name]].get_slice(name).get_dtype()
         if s not in _ST_DTYPES:
             raise FmError(f"tensor {name} has unsupported dtype {s}")
@@ -403,6 +478,8 @@ class Checkpoint:
             return self._pickled[name]
         if name in self.mxfp4:
             return self._mxfp4_get(name)
+        if name in self.int4:
+            return self._int4_get(name)
         if name in self.fp8:
             scale, fs = self.fp8[name]
             try:
@@ -433,6 +510,34 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
         values = _E2M1_PAIRS[blocks[e].long()].view(N, G, 32)
         torch.mul(values, torch.exp2(scales[e].float() - 127).unsqueeze(-1), out=out[e])
     return out.view(E, N, G * 32).transpose(1, 2)
+
+
+_SHIFTS4 = torch.arange(0, 32, 4, dtype=torch.int32)      # the eight 4-bit fields of an int32, low bits first
+_AWQ_COLUMNS = [0, 4, 1, 5, 2, 6, 3, 7]     # AWQ stores columns 0 2 4 6 1 3 5 7 in fields 0..7: field of column i
+
+
+def _nibbles(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """int32 words -> their eight 4-bit fields (0..15), low bits first, as a new dim after `dim`."""
+    shape = [1] * (x.dim() + 1)
+    shape[dim + 1] = 8
+    return (x.unsqueeze(dim + 1) >> _SHIFTS4.view(shape)) & 0xF
+
+
+def dequantize_int4(qweight, qzeros, scales, g_idx, fmt) -> torch.Tensor:
+    """GPTQ / AWQ 4-bit -> [N, K] in the scales' dtype: scale * (q - zero), computed in fp32 and rounded once."""
+    G, N = scales.shape
+    if fmt["method"] == "gptq":
+        q = _nibbles(qweight, 0).reshape(-1, N)                                  # [K, N]: row k = field k % 8
+        z = _nibbles(qzeros, 1).reshape(G, N) + fmt["zero_offset"]
+    else:
+        q = _nibbles(qweight, 1)[:, :, _AWQ_COLUMNS].reshape(qweight.shape[0], N)
+        z = _nibbles(qzeros, 1)[:, :, _AWQ_COLUMNS].reshape(G, N)
+    K = q.shape[0]
+    if g_idx is not None and g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= G):
+        raise FmError(f"GPTQ g_idx names a group outside the {G} its scales hold")
+    group = g_idx.long() if g_idx is not None else torch.arange(K) // (K // G)
+    w = (q[:, :] - z[group]).float() * scales[group].float()
+    return w.t().contiguous().to(scales.dtype)
 
 
 def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, block) -> torch.Tensor:

@@ -514,11 +514,12 @@ def _converted_forward(model, ids, kind):
 def _source_quant(model_dir: Path) -> dict:
     """The Checkpoint arguments for a quantized source: {"mxfp4": True} or {"fp8": block}, {} for a float one (an
     unreadable or malformed config.json is reported when it is parsed)."""
-    from .read import fp8_block, quant_method
+    from .read import fp8_block, int4_format, quant_method
     try:
         raw = json.loads((Path(model_dir) / "config.json").read_text())
-        block = fp8_block(raw)
-        return {"mxfp4": True} if quant_method(raw) == "mxfp4" else {"fp8": block} if block else {}
+        block, int4 = fp8_block(raw), int4_format(raw)
+        return {"mxfp4": True} if quant_method(raw) == "mxfp4" else {"fp8": block} if block else \
+            {"int4": int4} if int4 else {}
     except (OSError, ValueError, RecursionError, AttributeError, FmError):
         return {}
 
@@ -556,7 +557,15 @@ def _rewritten_reference(cls, model_dir: Path, quant: dict):
         state = {}
         for f in files:
             state.update(load_file(model_dir / f))
-        if quant.get("mxfp4"):
+        if quant.get("int4"):
+            # GPTQ / AWQ: transformers decodes them only through optional packages, so the reference reads them as
+            # the converter does (read.dequantize_int4, tested against packings built from their formats)
+            with Checkpoint(model_dir, int4=quant["int4"]) as ckpt:
+                for name, (parts, _) in ckpt.int4.items():
+                    state[name] = ckpt.get(name).float()
+                    for p in parts:
+                        del state[p]
+        elif quant.get("mxfp4"):
             from transformers.integrations.mxfp4 import convert_moe_packed_tensors
             for name in [n for n in state if n.endswith("_blocks")]:
                 base = name[:-len("_blocks")]

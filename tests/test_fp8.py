@@ -122,7 +122,8 @@ KV_B = "model.layers.0.self_attn.kv_b_proj.weight"
     (None, lambda c: c.pop("quantization_config"), "holds FP8 tensors, but config.json declares no FP8"),
     (None, lambda c: c["quantization_config"].update(weight_block_size=None), "per-tensor FP8 scales"),
     (None, lambda c: c["quantization_config"].update(activation_scheme="static"), "activation_scheme='static'"),
-    (None, lambda c: c["quantization_config"].update(quant_method="gptq"), "the weights are quantized \\('gptq'\\)"),
+    (None, lambda c: c["quantization_config"].update(quant_method="compressed-tensors"),
+     "the weights are quantized \\('compressed-tensors'\\)"),
 ])
 def test_malformed_fp8_is_refused_in_one_line(model_dir, tmp_path, edit_state, edit_config, match):
     src = save_fp8(model_dir("deepseek_v3"), tmp_path / "fp8")
