@@ -335,8 +335,9 @@ class Checkpoint:
         """A 4-bit GPTQ or AWQ checkpoint stores a linear's weight X.weight as X.qweight, X.qzeros and X.scales (and
         GPTQ's X.g_idx, each input row's group). GPTQ: qweight int32 [K/8, N], input row k in bits 4(k%8).. of row
         k//8; AWQ: qweight int32 [K, N/8], eight columns a word in the order 0 2 4 6 1 3 5 7. Both: qzeros int32
-        [groups, N/8] packed like AWQ's (GPTQ's in plain order), scales [groups, N]. Each set reads as X.weight
-        [N, K] = scale * (q - zero), in the scales' dtype: the layout of the unquantized checkpoint."""
+        [groups, N/8], eight columns a word (in that order for AWQ, in plain order for GPTQ), scales [groups, N].
+        Each set reads as X.weight [N, K] = scale * (q - zero), in the scales' dtype: the layout of the unquantized
+        checkpoint."""
         method = fmt["method"]
         for qw in [n for n in self._where if n.endswith(".qweight")]:
             base = qw[:-len(".qweight")]
