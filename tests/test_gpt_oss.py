@@ -130,5 +130,8 @@ def test_bad_mxfp4_and_other_quantized_checkpoints_are_refused(mxfp4_dir, tmp_pa
     refused(dict(state, **{name + "_scales": torch.full_like(state[name + "_scales"], 255)}), "NaN/Inf")  # 2^128
     refused({k: v for k, v in state.items() if not k.endswith(("_blocks", "_scales"))},
             "says MXFP4", "no *_blocks")
+    edit_config(mxfp4_dir, quantization_config={"quant_method": "compressed-tensors"})
+    refused(state, "quantized ('compressed-tensors')", "unquantized")
+    # GPTQ is read, but not without its group size
     edit_config(mxfp4_dir, quantization_config={"quant_method": "gptq", "bits": 4})
-    refused(state, "quantized ('gptq')", "unquantized")
+    refused(state, "GPTQ with bits=4, group_size=None", "is not supported")
