@@ -119,8 +119,9 @@ def convert(model_dir, out_dir, tp, int8, group_size, int8_embeddings, int8_lm_h
     g = s.get("groups")            # a dry run names the int8 groups it would use
     group = (f", groups of {g[0]}" if len(g) == 1 else f", groups of {g[0]} to {g[-1]}") if g else ""
     t.add_row("tp / int8 / dtype", f"{s['tp']} / {'yes' if s['int8'] else 'no'}{group} / {s['dtype']}")
+    ratio = s["bytes_in"] / max(s["bytes_out"], 1)     # a GPTQ source decoded to float grows
     t.add_row("bytes in -> out", f"{_human(s['bytes_in'])} -> {_human(s['bytes_out'])} "
-              f"({s['bytes_in'] / max(s['bytes_out'], 1):.2f}x smaller)")
+              f"({f'{ratio:.2f}x smaller' if ratio >= 1 else f'{1 / ratio:.2f}x larger'})")
     if dry_run:
         t.add_row("each rank", ", ".join(_human(b) for b in s["rank_bytes"]) + f" in {s['files']} files")
         t.add_row("KV cache a rank", _kv_text(*s["kv_cache"]))

@@ -119,6 +119,9 @@ def test_int4_checkpoint_converts_to_the_model_its_weights_stand_for(model_dir, 
         from fmconvert.verify import verify
         r = verify(tmp_path / "q", out)
         assert r["passed"], r
+    r = CliRunner().invoke(cli, ["convert", "--dry-run", str(tmp_path / "q"), str(tmp_path / "dry")],
+                           terminal_width=200)
+    assert r.exit_code == 0 and "x larger)" in r.output, r.output     # fp32 from 4 bits: the output grows
     # the same weights through --int8: within the usual bound of the dequantized model
     convert(tmp_path / "q", tmp_path / "int8", Options(int8=True, group_size=32), progress=False)
     assert tiny.rel(load(tmp_path / "int8")(ids), want) < 0.03
