@@ -293,12 +293,10 @@ def validate(m) -> dict:
     _need(not model["per_layer_input"] or (model["residual"] == "pre" and not experts and model["kind"] == "decoder"),
           "model.per_layer_input needs the pre-norm residual, a decoder and no experts")
     src, L = model["kv_source"], model["num_layers"]
-    _need(src is None or (len(src) == L and src[0] == 0 and mla is None and ll is None and not experts
-                          and all(src[j] == j and j <= i and (model["window_layers"] is None
-                                                              or (i in model["window_layers"])
-                                                              == (j in model["window_layers"]))
-                                  for i, j in enumerate(src) if j < L)
-                          and all(j < L for j in src)),
+    windowed = set(model["window_layers"] or ())
+    _need(src is None or (len(src) == L and mla is None and ll is None and not experts
+                          and all(j <= i and src[j] == j and (i in windowed) == (j in windowed)
+                                  for i, j in enumerate(src))),
           "model.kv_source must give each layer itself or an earlier layer of its kind that keeps its own cache, "
           "with no latent attention, linear layers or experts")
     wl, ws = model["wide_mlp_layers"], model["wide_intermediate_size"]

@@ -537,7 +537,7 @@ def dequantize_int4(qweight, qzeros, scales, g_idx, fmt) -> torch.Tensor:
     if g_idx is not None and g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= G):
         raise FmError(f"GPTQ g_idx names a group outside the {G} its scales hold")
     group = g_idx.long() if g_idx is not None else torch.arange(K) // (K // G)
-    w = (q[:, :] - z[group]).float() * scales[group].float()
+    w = (q - z[group]).float() * scales[group].float()
     return w.t().contiguous().to(scales.dtype)
 
 

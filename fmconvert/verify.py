@@ -546,7 +546,7 @@ def _rewritten_reference(cls, model_dir: Path, quant: dict):
     if quant:
         del config.quantization_config
     with Checkpoint(model_dir, **quant) as ckpt:     # its shard discovery; the tensors are read as stored
-        files = ckpt.files
+        files, int4_parts = ckpt.files, {name: parts for name, (parts, _) in ckpt.int4.items()}
     # Loaded the way any float checkpoint is, so transformers' own renaming (per-expert tensors into stacks) applies
     with tempfile.TemporaryDirectory(prefix="fmconvert-reference-") as tmp:
         config.save_pretrained(tmp)                  # under the config class's own model_type
@@ -560,11 +560,10 @@ def _rewritten_reference(cls, model_dir: Path, quant: dict):
         if quant.get("int4"):
             # GPTQ / AWQ: transformers decodes them only through optional packages, so the reference reads them as
             # the converter does (read.dequantize_int4, tested against packings built from their formats)
-            with Checkpoint(model_dir, int4=quant["int4"]) as ckpt:
-                for name, (parts, _) in ckpt.int4.items():
-                    state[name] = ckpt.get(name).float()
-                    for p in parts:
-                        del state[p]
+            from .read import dequantize_int4
+            for name, parts in int4_parts.items():
+                q = [state.pop(p) for p in parts]
+                state[name] = dequantize_int4(*q[:3], q[3] if len(q) > 3 else None, quant["int4"]).float()
         elif quant.get("mxfp4"):
             from transformers.integrations.mxfp4 import convert_moe_packed_tensors
             for name in [n for n in state if n.endswith("_blocks")]:

@@ -128,8 +128,8 @@ def test_int4_checkpoint_converts_to_the_model_its_weights_stand_for(model_dir, 
 
 
 def test_awq_read_in_gptq_order_would_be_wrong(model_dir, tmp_path):
-    """The two formats really differ (so the test above tells them apart): AWQ's file declared as GPTQ v2 is refused
-    by its shapes, and its columns read in plain order give other weights."""
+    """The formats' column orders really differ (so the test above tells AWQ's from a plain one): AWQ's words read
+    with their columns in plain order give other weights."""
     from fmconvert.read import dequantize_int4
     src = model_dir("llama")
     _quantized_copy(src, tmp_path / "q", "awq")

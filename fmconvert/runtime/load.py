@@ -153,6 +153,7 @@ def check_layout(m: dict, rank: int):
         if i in wide_mlp:
             out = {**out, "mlp_in.weight": (wpr * glu, h), "mlp_out.weight": (h, wpr), "mlp_sub_norm.weight": (wpr,)}
         return out
+    layer_shapes = [shapes(i) for i in range(sp["num_layers"])]      # once per layer, not once per tensor
     tensors = m["ranks"][rank]["tensors"]
     need = {"embed.weight"} | {s for s in sp["slots"] if not s.startswith("layers.")}
     need |= {s for s, on in [("lm_head.weight", sp["kind"] == "decoder" and not sp["tied_embeddings"]),
@@ -225,7 +226,7 @@ def check_layout(m: dict, rank: int):
         if parts[0] == "layers" and len(parts) == 3 and parts[1].isdigit() and int(parts[1]) < sp["num_layers"]:
             i = int(parts[1])
             slot = parts[2]
-            want = shapes(i).get(slot)
+            want = layer_shapes[i].get(slot)
         else:
             slot, want = base, glob.get(base)
         if want is None:
