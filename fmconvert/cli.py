@@ -47,7 +47,7 @@ def cli():
       LLaMA 1-3 / Mistral / Qwen2, Qwen3, Phi-3 / Phi-4-mini, Gemma 1-4, Granite, Cohere, OLMo 1-3, GLM-4,
       EXAONE 4, SmolLM3, StableLM, StarCoder2, Nemotron, Apertus, Hunyuan, ERNIE 4.5, BitNet
       mixtures: Mixtral, DBRX, Qwen2/3-MoE, OLMoE, GLM-4.5, DeepSeek-V2/V3, Kimi K2, Mistral 4, GPT-OSS, Llama 4,
-        MiniMax-M2
+        MiniMax-M2, Laguna
       hybrids and state spaces: Qwen3.5, Qwen3-Next, OLMo Hybrid, Granite 4.0-H, Nemotron-H, Jamba, LFM2, LFM3,
         Mamba 1/2
       older: GPT-2, GPT-BigCode, OPT, BLOOM, MPT, Falcon, GPT-NeoX, GPT-J, CodeGen, GPT-Neo, Phi, BERT,
@@ -157,6 +157,16 @@ _DROPPED = {"vision": "vision tensors: the language model alone was converted",
             "mtp": "multi-token-prediction tensors (a training aid transformers leaves out too)"}
 
 
+def _local_rope(pos: dict) -> str:
+    """The windowed layers' own RoPE, where they have one (Gemma 3, Laguna)."""
+    local = pos.get("local")
+    if not local:
+        return ""
+    kind = f" {local['rope_type']}" if local.get("rope_type", "default") != "default" else ""
+    dims = f", {local['rotary_dim']} dims" if local.get("rotary_dim", pos["rotary_dim"]) != pos["rotary_dim"] else ""
+    return f"; windowed layers: theta {local['theta']:g}{kind}{dims}"
+
+
 def _ranges(xs: list[int]) -> str:
     """[0, 2, 3, 4, 9] -> "0, 2-4, 9"."""
     runs: list[list[int]] = []
@@ -197,7 +207,9 @@ def inspect(out_dir, as_json):
     if m["source"].get("dropped"):
         d = m["source"]["dropped"]
         t.add_row("left out", f"{d['tensors']} {_DROPPED[d.get('what', 'vision')]} ({_human(d['bytes'])})")
-    attention = (f"{md['num_heads']} heads / {md['num_kv_heads']} kv, head_dim {md['head_dim']}"
+    heads = ("/".join(map(str, sorted(set(md["layer_heads"])))) + " heads by layer" if md["layer_heads"]
+             else f"{md['num_heads']} heads")
+    attention = (f"{heads} / {md['num_kv_heads']} kv, head_dim {md['head_dim']}"
                  if len(md["linear_layers"] or ()) < md["num_layers"] else "no attention")
     mlp = (f"mlp {md['intermediate_size']} ({md['activation']})" if "mlp" in (md["block_parts"] or ["mlp"])
            else "no MLP")
@@ -268,8 +280,9 @@ def inspect(out_dir, as_json):
             + ([f"MLP {md['wide_intermediate_size']} wide in layers {_ranges(md['wide_mlp_layers'])}"]
                if md["wide_mlp_layers"] else [])))
     if md["attn_gate"]:
-        t.add_row("attention gate", "each head's output times sigmoid of one gate logit per head" if
-                  md["attn_gate_heads"] else "each head's output times sigmoid of a gate q_proj computes beside q")
+        fn = md["attn_gate_fn"]
+        t.add_row("attention gate", f"each head's output times {fn} of one gate logit per head" if
+                  md["attn_gate_heads"] else f"each head's output times {fn} of a gate of its own width")
     if md["num_experts"]:
         shared = (f"; a shared expert of width {md['shared_intermediate_size']}"
                   if md["shared_intermediate_size"] else "")
@@ -284,6 +297,7 @@ def inspect(out_dir, as_json):
                   if md["router_groups"] > 1 else "")
         if md["router"] in ("sigmoid", "sigmoid_logits"):
             biased = ", chosen on the logits plus a bias" if md["router"] == "sigmoid_logits" else ""
+            biased += f", logits capped at {md['router_softcap']:g}" if md["router_softcap"] else ""
             renorm = f"sigmoid scores{groups}{biased}, {renorm}, times {md['routed_scale']:g}"
         elif groups or md["routed_scale"] != 1.0:
             renorm = f"softmax{groups}, {renorm}, times {md['routed_scale']:g}"
@@ -294,8 +308,8 @@ def inspect(out_dir, as_json):
     rope = (f" ({pos.get('style')}, {pos.get('rotary_dim')} of {md['head_dim']} dims"
             f"{'; ' + str(pos['rope_type']) if pos.get('rope_type', 'default') != 'default' else ''}"
             f"{', long factors from position ' + str(pos['long_from']) if 'long_from' in pos else ''}"
-            f"{'; rotates the other way' if pos.get('reversed') else ''})"
-            if pos["type"] == "rope" else "")
+            f"{'; rotates the other way' if pos.get('reversed') else ''}"
+            f"{_local_rope(pos)})" if pos["type"] == "rope" else "")
     residual = {"pre": "pre-LN", "post": "post-LN", "parallel": "parallel attention + MLP"}.get(md["residual"],
                                                                                              md["residual"])
     if "layers.attn_post_norm.weight" in md["slots"]:
@@ -333,7 +347,9 @@ def inspect(out_dir, as_json):
         t.add_row("source q|k|v", f"{md['qkv_layout']} (re-laid out as q, k, v)")
     head = f"; lm_head: the first {md['head_vocab_size']}" if md["head_vocab_size"] else ""
     t.add_row("vocab", f"{md['vocab_size']} (padded {par['vocab_padded']}), tied: {md['tied_embeddings']}{head}")
-    t.add_row("tensor parallel", f"tp={par['tp']}: {par['heads_per_rank']} heads + {par['kv_heads_per_rank']} kv "
+    hpr = ("/".join(str(n // par["tp"]) for n in sorted(set(md["layer_heads"]))) if md["layer_heads"]
+           else par["heads_per_rank"])
+    t.add_row("tensor parallel", f"tp={par['tp']}: {hpr} heads + {par['kv_heads_per_rank']} kv "
               f"per rank, kv replication x{par['kv_replication']}, mlp {par['intermediate_per_rank']} per rank")
     t.add_row("dtype", m["dtype"])
     if q is not None:

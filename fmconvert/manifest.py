@@ -112,6 +112,10 @@ _MODEL_OPTIONAL = {
     "linear_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
                       "null or a list of layer indices"),
     "attn_gate": (False, _BOOL, "true or false"), "attn_gate_heads": (False, _BOOL, "true or false"),
+    "attn_gate_fn": ("sigmoid", _ENUM("sigmoid", "softplus"), "sigmoid or softplus"),
+    "layer_heads": (None, lambda x: x is None or (isinstance(x, list) and all(map(_POS_INT, x))),
+                    "null or a q head count per layer"),
+    "router_softcap": (0.0, _NONNEG_NUM, "a non-negative number"),
     "global_attn": (None, lambda x: x is None or (isinstance(x, dict) and set(x) == {"head_dim", "num_kv_heads"}
                                                   and all(map(_POS_INT, x.values()))),
                     "null or the global layers' {\"head_dim\", \"num_kv_heads\"}"),
@@ -275,6 +279,12 @@ def validate(m) -> dict:
                                                                                 and ll[-1] < model["num_layers"])),
           "model.linear_layers must be distinct layer indices in order, with linear_attn, ssm, short_conv or mamba")
     _need(model["attn_gate"] or not model["attn_gate_heads"], "model.attn_gate_heads needs attn_gate")
+    _need(model["attn_gate"] or model["attn_gate_fn"] == "sigmoid", "model.attn_gate_fn needs attn_gate")
+    lh = model["layer_heads"]
+    _need(lh is None or (len(lh) == model["num_layers"] and mla is None and model["global_attn"] is None
+                         and all(n % model["num_kv_heads"] == 0 for n in lh)),
+          "model.layer_heads must give one multiple of num_kv_heads per layer, with no latent or global attention")
+    _need(not model["router_softcap"] or experts, "model.router_softcap needs experts")
     ga = model["global_attn"]
     _need(ga is None or (model["window_layers"] and mla is None and model["num_heads"] % ga["num_kv_heads"] == 0
                          and ga["head_dim"] % 2 == 0),
@@ -321,6 +331,7 @@ def validate(m) -> dict:
           "parallel.tp")
     _need(mb is None or mb["inner"] % tp == 0, "model.mamba's channels (inner) must be a multiple of parallel.tp")
     _need(par["heads_per_rank"] * tp == model["num_heads"], "parallel.heads_per_rank * tp != model.num_heads")
+    _need(all(n % tp == 0 for n in model["layer_heads"] or ()), "model.layer_heads must be multiples of parallel.tp")
     _need(par["kv_heads_per_rank"] * tp == model["num_kv_heads"] * par["kv_replication"],
           "parallel.kv_heads_per_rank does not fit model.num_kv_heads")
     _need(ga is None or (_POS_INT(par.get("global_kv_heads_per_rank")) and _POS_INT(par.get("global_kv_replication"))
@@ -437,10 +448,10 @@ def _position(model: dict):
         _need(isinstance(local, dict) and (not local or (_POS_NUM(local.get("theta"))
                                                          and _POS_NUM(local.get("attention_scaling", 1.0)))),
               "model.position.local must hold a positive theta and attention_scaling")
-        lrd = local.get("rotary_dim", rd) if isinstance(local, dict) else rd   # Gemma 4: the windowed layers' heads
-        _need(type(lrd) is int and 0 < lrd <= model["head_dim"] and lrd % 2 == 0 and (lrd == rd or ga),
-              "model.position.local.rotary_dim must be an even int no larger than head_dim, and differ from "
-              "rotary_dim only with global_attn")
+        # Gemma 4: the windowed layers' narrower heads; Laguna: a share of the head of their own
+        lrd = local.get("rotary_dim", rd) if isinstance(local, dict) else rd
+        _need(type(lrd) is int and 0 < lrd <= model["head_dim"] and lrd % 2 == 0,
+              "model.position.local.rotary_dim must be an even int no larger than head_dim")
         _need("long_from" not in pos or (type(pos["long_from"]) is int and 0 < pos["long_from"] < 1 << 32),
               "model.position.long_from must be a positive int")
         _need(pos.get("reversed", False) in (False, True), "model.position.reversed must be true or false")

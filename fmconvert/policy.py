@@ -198,6 +198,10 @@ class ModelSpec:
     attn_gate: bool = False        # Qwen3-Next, Qwen3.5: the attention output times sigmoid of a per-head gate that
     #                                q_proj computes beside q (qkv then holds q|k|v|gate)
     attn_gate_heads: bool = False  # LFM3: that gate is one logit per head, broadcast over head_dim
+    attn_gate_fn: str = "sigmoid"  # what the gate goes through: sigmoid, or softplus (Laguna)
+    layer_heads: list | None = None    # per layer, its q heads where layers differ (Laguna; the kv heads, and so the
+    #                                    cache, stay alike); None: num_heads in every layer
+    router_softcap: float = 0.0    # the router's logits capped as c * tanh(l / c) before scoring (Laguna); 0: none
     global_attn: dict | None = None    # Gemma 4: the layers outside window_layers have their own head_dim and
     #                                    num_kv_heads ({"head_dim", "num_kv_heads"}); None: every layer alike
     value_is_key: bool = False     # Gemma 4 (attention_k_eq_v): those layers have no v_proj, v is k's projection;
@@ -238,7 +242,7 @@ class ModelSpec:
 
     def at(self, layer: int | None) -> "ModelSpec":
         """The spec as this layer sees it: global_attn's head_dim and num_kv_heads in a global layer; no kv heads
-        of its own in a layer that reads another's cache; a wide MLP's width."""
+        of its own in a layer that reads another's cache; a wide MLP's width; the layer's own q heads."""
         from dataclasses import replace
         spec = self
         if self.global_layer(layer):
@@ -248,6 +252,8 @@ class ModelSpec:
             spec = replace(spec, num_kv_heads=0, value_is_key=False)
         if layer in (self.wide_mlp_layers or ()):
             spec = replace(spec, intermediate_size=self.wide_intermediate_size)
+        if self.layer_heads is not None and layer is not None:
+            spec = replace(spec, num_heads=self.layer_heads[layer])
         return spec
 
     @property
@@ -545,6 +551,8 @@ class Policy:
             attn_scale=scale, mla=mla, **self._linear(config, c, flags), **parts,
             attn_gate=bool(self._layout("attn_gate", flags, False)),
             attn_gate_heads=self._layout("attn_gate", flags, False) == "head",
+            attn_gate_fn=self._gate_fn(flags), layer_heads=self._layer_heads(c),
+            router_softcap=_number(c, "router_softcap", 0.0, zero_ok=True) if experts else 0.0,
             qkv_clip=_number(c, "qkv_clip", 0.0, zero_ok=True),
             norm_affine=bool(self._layout("norm_weights", flags, True)),
             embed_scale=self._embed_scale(c, flags), qkv_layout=self._layout("qkv", flags, "separate"),
@@ -574,6 +582,27 @@ class Policy:
             pad_token_id=getattr(config, "pad_token_id", None),
         )
         return spec
+
+    def _gate_fn(self, flags: dict) -> str:
+        """Layout attn_gate_fn: what the attention output gate goes through (sigmoid, the default, or softplus)."""
+        fn = self._layout("attn_gate_fn", flags, "sigmoid")
+        if fn not in ("sigmoid", "softplus"):
+            raise FmError(f"{self.path.name}: layout.attn_gate_fn must be sigmoid or softplus, got {fn!r}")
+        return fn
+
+    @staticmethod
+    def _layer_heads(c: dict) -> list | None:
+        """[config] layer_heads: each layer's q head count (Laguna's num_attention_heads_per_layer), a multiple of
+        the kv heads; None where the config gives none or every layer has num_heads."""
+        heads = c.get("layer_heads")
+        if heads is None:
+            return None
+        if not isinstance(heads, (list, tuple)) or len(heads) != c["num_layers"] or any(
+                type(n) is not int or n <= 0 or n % c["num_kv_heads"] for n in heads):
+            raise FmError(f"config.json: num_attention_heads_per_layer must list one positive multiple of "
+                          f"num_key_value_heads={c['num_kv_heads']} per layer ({c['num_layers']}), got "
+                          f"{str(heads)[:80]}")
+        return None if all(n == c["num_heads"] for n in heads) else list(heads)
 
     @staticmethod
     def _head_vocab(c: dict, tied: bool) -> int:
@@ -1014,6 +1043,16 @@ class Policy:
                     raise FmError("config.json: longrope for the windowed layers' RoPE is not supported")
                 if head != c["head_dim"]:       # Gemma 4: the windowed layers' narrower heads, rotated whole
                     pos["local"]["rotary_dim"] = c["head_dim"]
+                elif "proportional" not in kinds and local.get("partial_rotary_factor") is not None:
+                    # Laguna: the windowed layers rotate a share of the head of their own
+                    own = local["partial_rotary_factor"]
+                    own = int(head * float(own)) if type(own) in (int, float) and 0 < own <= 1 else None
+                    if not own or own % 2:
+                        raise FmError(f"config.json: rope_parameters.sliding_attention.partial_rotary_factor must "
+                                      f"give an even rotary width between 2 and head_dim={head}, got "
+                                      f"{local['partial_rotary_factor']!r}")
+                    if own != rotary:
+                        pos["local"]["rotary_dim"] = own
             elif head != c["head_dim"]:
                 raise FmError("config.json: global layers with their own head_dim need a RoPE of their own for the "
                               "windowed layers (rope_parameters.sliding_attention)")

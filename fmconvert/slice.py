@@ -140,7 +140,7 @@ class Layout:
 
 def at(spec: ModelSpec, lay: Layout, layer: int | None) -> tuple[ModelSpec, Layout]:
     """(spec, layout) as one layer sees them: a Gemma 4 global layer's own head_dim, kv heads and their split; no kv
-    heads in a layer that reads another's cache; a wide MLP's units per rank."""
+    heads in a layer that reads another's cache; a wide MLP's units per rank; a layer's own q heads per rank."""
     if spec.global_layer(layer):
         lay = replace(lay, kv_heads_per_rank=lay.global_kv_heads_per_rank, kv_replication=lay.global_kv_replication,
                       global_kv_heads_per_rank=0, global_kv_replication=0)
@@ -149,6 +149,8 @@ def at(spec: ModelSpec, lay: Layout, layer: int | None) -> tuple[ModelSpec, Layo
     if layer in (spec.wide_mlp_layers or ()):
         lay = replace(lay, intermediate_chunk=lay.wide_intermediate_chunk,
                       intermediate_per_rank=lay.wide_intermediate_per_rank)
+    if spec.layer_heads is not None and layer is not None:
+        lay = replace(lay, heads_per_rank=spec.layer_heads[layer] // lay.tp)
     return spec.at(layer), lay
 
 
@@ -174,6 +176,10 @@ def plan(spec: ModelSpec, tp: int, group_size: int | None) -> Layout:
                       f"{spec.mamba['inner']})")
     if H % tp:
         raise FmError(f"tp={tp} does not divide num_attention_heads={H}; each rank must hold whole heads")
+    odd = sorted({n for n in spec.layer_heads or () if n % tp})
+    if odd:
+        raise FmError(f"tp={tp} does not divide the {', '.join(map(str, odd))} heads of some layers "
+                      f"(num_attention_heads_per_layer); each rank must hold whole heads")
     kv_per_rank, repl = _kv_split(KV, tp)
     wide = _kv_split(spec.global_attn["num_kv_heads"], tp, "the global layers' num_global_key_value_heads") \
         if spec.global_attn else (0, 0)

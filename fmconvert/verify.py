@@ -134,7 +134,8 @@ def check_integrity(out_dir: Path, m: dict) -> dict:
 # the source side: what OUT_DIR should hold, planned from MODEL_DIR with the manifest's options
 # ---------------------------------------------------------------------------------------------------------------
 _SPEC_KEYS = ("architecture", "family", "kind", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-              "intermediate_size", "vocab_size", "embed_dim", "norm", "activation", "residual", "tied_embeddings")
+              "intermediate_size", "vocab_size", "embed_dim", "norm", "activation", "residual", "tied_embeddings",
+              "layer_heads")
 
 
 def plan_source(model_dir: Path, m: dict, ckpt):

@@ -580,6 +580,16 @@ def _inspect_head_vocab_past_the_vocab(c: Ctx):      # Apertus 1.5's pruned lm_h
     return [_manifest(c, lambda m: m["model"].update(head_vocab_size=500), name="apertus1p5")]
 
 
+@case("inspect", "model.layer_heads must be multiples of parallel.tp")
+def _inspect_layer_heads_split_by_tp(c: Ctx):       # Laguna at tp 4: a layer of 6 heads would split one
+    return [_manifest(c, lambda m: m["model"]["layer_heads"].__setitem__(1, 6), tp=4, name="laguna")]
+
+
+@case("inspect", "model.layer_heads must give one multiple of num_kv_heads per layer")
+def _inspect_layer_heads_one_short(c: Ctx):
+    return [_manifest(c, lambda m: m["model"]["layer_heads"].pop(), name="laguna")]
+
+
 @case("inspect", "manifest: expected a JSON object")
 def _inspect_manifest_is_a_list(c: Ctx):
     out = c.out()

@@ -233,6 +233,15 @@ CONFIGS = {
                    num_shared_experts=1, sliding_window=4, sliding_window_pattern=2, n_group=4, topk_group=2,
                    mlp_layer_types=["dense", "sparse", "dense", "sparse"], pad_token_id=0, bos_token_id=1,
                    eos_token_id=2)),
+    # Laguna: q heads per layer, softplus gate per head, two RoPEs (the full layers rotate half the head), a capped
+    # sigmoid router beside a shared expert, the first layer dense
+    "laguna": ("LagunaConfig", "LagunaForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_attention_heads_per_layer=[4, 8, 4, 8],
+               vocab_size=101, max_position_embeddings=64, num_experts=8, num_experts_per_tok=2,
+               moe_intermediate_size=32, shared_expert_intermediate_size=48, sliding_window=4,
+               moe_routed_scaling_factor=2.5, moe_router_logit_softcapping=0.25,
+               layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+               pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     # OLMo 2's output-only norms and all-head q/k norms around OLMoE's mixture
     "flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM", dict(hidden_size=64, intermediate_size=32,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=101,

@@ -72,20 +72,20 @@ def check_layout(m: dict, rank: int):
                      "ple_proj_norm.weight": (P,)})
     E = sp["num_experts"]
 
-    def attention(d: int, kvpr: int) -> dict:
-        """This rank's attention slots for heads d wide and kvpr kv heads (Gemma 4's global layers: their own)."""
+    def attention(d: int, kvpr: int, hpr: int = hpr) -> dict:
+        """This rank's attention slots for hpr q heads d wide and kvpr kv heads (Gemma 4's global layers: their own;
+        Laguna: each layer its own q heads)."""
         gate = hpr * (1 if sp["attn_gate_heads"] else d) if sp["attn_gate"] else 0   # LFM3: a gate row a head
         qkv = (hpr + 2 * kvpr) * d + gate
         q_norm, k_norm = {"head": ((d,), (d,)), "per_head": ((hpr, d), (kvpr, d)),
                           "full": ((hpr * d,), (kvpr * d,)), "l2": ((d,), (d,))}[sp["qk_norm"]]
         return {"qkv.weight": (qkv, h), "qkv.bias": (qkv,), "q_norm.weight": q_norm, "k_norm.weight": k_norm,
                 "q_norm.bias": (d,), "k_norm.bias": (d,), "attn_out.weight": (h, hpr * d),
-                "attn_sub_norm.weight": (hpr * d,)}
+                "attn_sub_norm.weight": (hpr * d,), "attn_sinks.weight": (hpr,)}
 
     layer = {**attention(hd, par["kv_heads_per_rank"]),
              "router.weight": (E, h), "experts_in.weight": (E * glu * ipr, h), "experts_out.weight": (E * h, ipr),
              "router.bias": (E,), "experts_in.bias": (E * glu * ipr,), "experts_out.bias": (E * h,),
-             "attn_sinks.weight": (hpr,),
              "shared_in.weight": (glu * par.get("shared_intermediate_per_rank", 0), h), "shared_gate.weight": (1, h),
              "shared_out.weight": (h, par.get("shared_intermediate_per_rank", 0)),
              "attn_out.bias": (h,),
@@ -152,6 +152,8 @@ def check_layout(m: dict, rank: int):
             out = {**out, **attention(ga["head_dim"] if glob_layer else hd, 0)}
         if i in wide_mlp:
             out = {**out, "mlp_in.weight": (wpr * glu, h), "mlp_out.weight": (h, wpr), "mlp_sub_norm.weight": (wpr,)}
+        if sp["layer_heads"] and sp["layer_heads"][i] != sp["num_heads"]:
+            out = {**out, **attention(hd, par["kv_heads_per_rank"], sp["layer_heads"][i] // tp)}
         return out
     layer_shapes = [shapes(i) for i in range(sp["num_layers"])]      # once per layer, not once per tensor
     tensors = m["ranks"][rank]["tensors"]

@@ -78,6 +78,7 @@ class Block(nn.Module):
         wide = is_global_layer(sp["global_attn"], layers, sp["linear_layers"], i)
         self.head_dim = sp["global_attn"]["head_dim"] if wide else model.head_dim
         self.kv_heads = model.par["global_kv_heads_per_rank"] if wide else model.kv_heads
+        self.heads = sp["layer_heads"][i] // model.tp if sp["layer_heads"] else model.heads   # Laguna: per layer
         self.v_ones = torch.ones(self.head_dim, dtype=model.dtype, device=model.device) if sp["v_norm"] else None
         self.kv_from = sp["kv_source"][i] if sp["kv_source"] else i   # Gemma 4 E2B/E4B: an earlier layer's cache
         self.mlp_units = (sp["wide_intermediate_size"] if i in (sp["wide_mlp_layers"] or ()) else
@@ -214,7 +215,7 @@ class Block(nn.Module):
             return m.ops.linear(y, t[out + ".weight"], t.get(out + ".bias"))
         a = self.attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
         if "attn_sub_norm.weight" in t:       # BitNet: normed over every head of every rank first
-            a = self._sub_norm(a, t["attn_sub_norm.weight"], m.spec["num_heads"] * self.head_dim)
+            a = self._sub_norm(a, t["attn_sub_norm.weight"], self.heads * m.tp * self.head_dim)
         return m.ops.linear(a, t["attn_out.weight"], t.get("attn_out.bias"))
 
     def linear_attention(self, h, cache, key_padding_mask, pos_t=None):
@@ -357,7 +358,7 @@ class Block(nn.Module):
         several ranks (replication) is counted once."""
         m, t, sp = self.m, self.t, self.m.spec
         out = []
-        for x, w, heads, repl in ((q, t["q_norm.weight"], sp["num_heads"], 1),
+        for x, w, heads, repl in ((q, t["q_norm.weight"], self.heads * m.tp, 1),
                                   (k, t["k_norm.weight"], sp["num_kv_heads"], m.par["kv_replication"])):
             xf = x.float()                                       # (B, T, this rank's heads, hd)
             if sp["qk_norm"] == "full":
@@ -506,6 +507,8 @@ class Block(nn.Module):
                 weight = weight * t["router.expert_factor"].float()[chosen]
             return weight * sp["routed_scale"], chosen
         logits = torch.nn.functional.linear(x.float(), t["router.weight"].float())
+        if sp["router_softcap"]:                  # Laguna: the logits capped before they are scored
+            logits = torch.tanh(logits / sp["router_softcap"]) * sp["router_softcap"]
         scores = logits.sigmoid()
         pick = logits if sp["router"] == "sigmoid_logits" else scores
         if "router.correction_bias" in t:
@@ -548,10 +551,13 @@ class Block(nn.Module):
         if not m.spec["attn_gate"]:
             return self._attend(qkv, positions, cache, key_padding_mask, pos_t, seq_t)
         gw = 1 if m.spec["attn_gate_heads"] else self.head_dim   # Qwen3.5: each head's output times sigmoid(gate);
-        gate = torch.sigmoid(qkv[..., -m.heads * gw:])       # LFM3: one gate per head, over all its channels
-        o = self._attend(qkv[..., :-m.heads * gw], positions, cache, key_padding_mask, pos_t, seq_t)
+        gate = qkv[..., -self.heads * gw:]                    # LFM3: one gate per head, over all its channels
+        # Laguna: softplus in fp32, rounded to the model dtype
+        gate = torch.sigmoid(gate) if m.spec["attn_gate_fn"] == "sigmoid" else \
+            torch.nn.functional.softplus(gate.float()).to(gate.dtype)
+        o = self._attend(qkv[..., :-self.heads * gw], positions, cache, key_padding_mask, pos_t, seq_t)
         if gw == 1:
-            return (o.unflatten(-1, (m.heads, self.head_dim)) * gate.unsqueeze(-1)).flatten(-2)
+            return (o.unflatten(-1, (self.heads, self.head_dim)) * gate.unsqueeze(-1)).flatten(-2)
         return o * gate
 
     def _attend(self, qkv, positions, cache, key_padding_mask, pos_t=None, seq_t=None):
@@ -559,7 +565,7 @@ class Block(nn.Module):
             return self._attend_shared(qkv, positions, cache, pos_t, seq_t)
         m, t = self.m, self.t
         B, T, _ = qkv.shape
-        hd, Hq, Hk = self.head_dim, m.heads, self.kv_heads
+        hd, Hq, Hk = self.head_dim, self.heads, self.kv_heads
         q, k, v = qkv.split([Hq * hd, Hk * hd, Hk * hd], dim=-1)
         q, k, v = q.view(B, T, Hq, hd), k.view(B, T, Hk, hd), v.view(B, T, Hk, hd)
         v_norm = None
@@ -640,7 +646,7 @@ class Block(nn.Module):
         forward."""
         m, t = self.m, self.t
         B, T, _ = q.shape
-        Hq, hd = m.heads, self.head_dim
+        Hq, hd = self.heads, self.head_dim
         q = q.view(B, T, Hq, hd)
         if "q_norm.weight" in t:
             q = m.ops.add_norm(q, None, t["q_norm.weight"], None, m.eps, m.norm)[0]
