@@ -47,7 +47,7 @@ def cli():
       LLaMA 1-3 / Mistral / Qwen2, Qwen3, Phi-3 / Phi-4-mini, Gemma 1-4, Granite, Cohere, OLMo 1-3, GLM-4,
       EXAONE 4, SmolLM3, StableLM, StarCoder2, Nemotron, Apertus, Hunyuan, ERNIE 4.5, BitNet
       mixtures: Mixtral, DBRX, Qwen2/3-MoE, OLMoE, GLM-4.5, DeepSeek-V2/V3, Kimi K2, Mistral 4, GPT-OSS, Llama 4,
-        MiniMax-M2, Laguna
+        MiniMax-M2, Laguna, MiMo-V2-Flash
       hybrids and state spaces: Qwen3.5, Qwen3-Next, OLMo Hybrid, Granite 4.0-H, Nemotron-H, Jamba, LFM2, LFM3,
         Mamba 1/2
       older: GPT-2, GPT-BigCode, OPT, BLOOM, MPT, Falcon, GPT-NeoX, GPT-J, CodeGen, GPT-Neo, Phi, BERT,
@@ -209,7 +209,9 @@ def inspect(out_dir, as_json):
         t.add_row("left out", f"{d['tensors']} {_DROPPED[d.get('what', 'vision')]} ({_human(d['bytes'])})")
     heads = ("/".join(map(str, sorted(set(md["layer_heads"])))) + " heads by layer" if md["layer_heads"]
              else f"{md['num_heads']} heads")
-    attention = (f"{heads} / {md['num_kv_heads']} kv, head_dim {md['head_dim']}"
+    vhead = (f", v heads {md['v_head_dim']} wide (padded to {md['head_dim']} in the cache)" if md["v_head_dim"]
+             else "") + (f", v times {md['value_scale']:g}" if md["value_scale"] != 1.0 else "")
+    attention = (f"{heads} / {md['num_kv_heads']} kv, head_dim {md['head_dim']}{vhead}"
                  if len(md["linear_layers"] or ()) < md["num_layers"] else "no attention")
     mlp = (f"mlp {md['intermediate_size']} ({md['activation']})" if "mlp" in (md["block_parts"] or ["mlp"])
            else "no MLP")
@@ -335,7 +337,8 @@ def inspect(out_dir, as_json):
         if md["attn_chunk"]:
             where = "every layer" if md["chunk_layers"] is None else f"layers {_ranges(md['chunk_layers'])}"
             parts += [f"chunks of {md['attn_chunk']} in {where}"]
-        parts += ["a softmax sink per head"] if sinks else []
+        parts += ([f"a softmax sink per head in layers {_ranges(md['sink_layers'])}" if md["sink_layers"] is not None
+                   else "a softmax sink per head"] if sinks else [])
         p = "(p + 1)" if md["query_scale_offset"] else "p"
         parts += [f"q scaled by 1 + {md['query_scale_beta']:g} log(1 + floor({p} / {md['query_scale_from']}))"
                   + (" in the layers without RoPE" if md["query_scale_nope_only"] else "")

@@ -116,6 +116,10 @@ _MODEL_OPTIONAL = {
     "layer_heads": (None, lambda x: x is None or (isinstance(x, list) and all(map(_POS_INT, x))),
                     "null or a q head count per layer"),
     "router_softcap": (0.0, _NONNEG_NUM, "a non-negative number"),
+    "v_head_dim": (0, _NAT, "a non-negative integer"),
+    "value_scale": (1.0, _POS_NUM, "a positive number"),
+    "sink_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
+                    "null or a list of layer indices"),
     "global_attn": (None, lambda x: x is None or (isinstance(x, dict) and set(x) == {"head_dim", "num_kv_heads"}
                                                   and all(map(_POS_INT, x.values()))),
                     "null or the global layers' {\"head_dim\", \"num_kv_heads\"}"),
@@ -285,6 +289,13 @@ def validate(m) -> dict:
                          and all(n % model["num_kv_heads"] == 0 for n in lh)),
           "model.layer_heads must give one multiple of num_kv_heads per layer, with no latent or global attention")
     _need(not model["router_softcap"] or experts, "model.router_softcap needs experts")
+    ga = model["global_attn"]
+    _need(model["v_head_dim"] < model["head_dim"] and (not model["v_head_dim"] or (
+        mla is None and (not isinstance(ga, dict) or ga.get("head_dim") == model["head_dim"]))),
+          "model.v_head_dim must be smaller than head_dim, without latent attention or a global head_dim of its own")
+    sl = model["sink_layers"]
+    _need(sl is None or (sl == sorted(set(sl)) and all(i < model["num_layers"] for i in sl)),
+          "model.sink_layers must be distinct layer indices in order")
     ga = model["global_attn"]
     _need(ga is None or (model["window_layers"] and mla is None and model["num_heads"] % ga["num_kv_heads"] == 0
                          and ga["head_dim"] % 2 == 0),

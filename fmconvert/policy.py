@@ -202,6 +202,11 @@ class ModelSpec:
     layer_heads: list | None = None    # per layer, its q heads where layers differ (Laguna; the kv heads, and so the
     #                                    cache, stay alike); None: num_heads in every layer
     router_softcap: float = 0.0    # the router's logits capped as c * tanh(l / c) before scoring (Laguna); 0: none
+    v_head_dim: int = 0            # MiMo-V2-Flash: each v head this wide, narrower than q and k's head_dim (the
+    #                                runtime pads v to head_dim in the cache); 0: head_dim
+    value_scale: float = 1.0       # MiMo-V2-Flash: v times this as projected, before it is cached
+    sink_layers: list | None = None    # the layers whose heads have a softmax sink (attn_sinks), where not every
+    #                                    layer has (MiMo-V2-Flash: the windowed ones); None: every layer that has one
     global_attn: dict | None = None    # Gemma 4: the layers outside window_layers have their own head_dim and
     #                                    num_kv_heads ({"head_dim", "num_kv_heads"}); None: every layer alike
     value_is_key: bool = False     # Gemma 4 (attention_k_eq_v): those layers have no v_proj, v is k's projection;
@@ -255,6 +260,11 @@ class ModelSpec:
         if self.layer_heads is not None and layer is not None:
             spec = replace(spec, num_heads=self.layer_heads[layer])
         return spec
+
+    @property
+    def v_dim(self) -> int:
+        """The width of a v head (and of each head's attention output): v_head_dim, or head_dim."""
+        return self.v_head_dim or self.head_dim
 
     @property
     def gate_width(self) -> int:
@@ -553,6 +563,8 @@ class Policy:
             attn_gate_heads=self._layout("attn_gate", flags, False) == "head",
             attn_gate_fn=self._gate_fn(flags), layer_heads=self._layer_heads(c),
             router_softcap=_number(c, "router_softcap", 0.0, zero_ok=True) if experts else 0.0,
+            v_head_dim=self._v_head_dim(c, mla), value_scale=_number(c, "value_scale", 1.0),
+            sink_layers=self._sink_layers(c, windows, flags),
             qkv_clip=_number(c, "qkv_clip", 0.0, zero_ok=True),
             norm_affine=bool(self._layout("norm_weights", flags, True)),
             embed_scale=self._embed_scale(c, flags), qkv_layout=self._layout("qkv", flags, "separate"),
@@ -582,6 +594,26 @@ class Policy:
             pad_token_id=getattr(config, "pad_token_id", None),
         )
         return spec
+
+    @staticmethod
+    def _v_head_dim(c: dict, mla) -> int:
+        """[config] v_head_dim (MiMo-V2-Flash): v heads narrower than q and k's head_dim; 0 when as wide."""
+        vd = c.get("v_head_dim")
+        if vd is None or mla or vd == c["head_dim"]:
+            return 0
+        if type(vd) is not int or not 0 < vd < c["head_dim"]:
+            raise FmError(f"config.json: v_head_dim must be a positive integer up to head_dim={c['head_dim']}, got "
+                          f"{vd!r}")
+        return vd
+
+    def _sink_layers(self, c: dict, windows: dict, flags: dict) -> list | None:
+        """Layout sinks = "windowed": only the windowed layers' heads have softmax sinks (MiMo-V2-Flash)."""
+        if self._layout("sinks", flags, "all") != "windowed":
+            return None
+        layers = windows.get("window_layers")
+        if layers is None:             # every layer windowed, or none
+            return list(range(c["num_layers"])) if windows.get("sliding_window") else []
+        return list(layers)
 
     def _gate_fn(self, flags: dict) -> str:
         """Layout attn_gate_fn: what the attention output gate goes through (sigmoid, the default, or softplus)."""
@@ -666,6 +698,17 @@ class Policy:
         """Gemma 4: the full-attention layers' own head_dim and kv head count, from transformers' per_layer_config
         (its global_head_dim and num_global_key_value_heads); None when they are the windowed layers'."""
         n, layers = c["num_layers"], windows.get("window_layers")
+        if "global_kv_heads" in c:     # MiMo-V2-Flash: [config] gives the global layers' kv heads outright
+            kv = c["global_kv_heads"]
+            if type(kv) is not int or kv <= 0 or c["num_heads"] % kv:
+                raise FmError(f"config.json: the global layers' kv heads ({kv!r}) must divide "
+                              f"num_attention_heads={c['num_heads']}")
+            every = layers is None and bool(windows.get("sliding_window"))      # every layer windowed
+            if not layers and not every:                                         # none: every layer global
+                c["num_kv_heads"] = kv
+            if not layers or kv == c["num_kv_heads"]:
+                return None
+            return {"head_dim": c["head_dim"], "num_kv_heads": kv}
         per = getattr(config, "per_layer_config", None)
         if per is None or not layers:
             return None
@@ -1094,7 +1137,7 @@ class Policy:
             yield slot, ([names] if isinstance(names, str) else list(names)), optional, aliases
 
     def canonical_shape(self, spec: ModelSpec, slot: str) -> tuple[int, ...]:
-        h, hd, H, KV = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads
+        h, hd, H, KV, vd = spec.hidden_size, spec.head_dim, spec.num_heads, spec.num_kv_heads, spec.v_dim
         dense = spec.dense_intermediate_size or spec.intermediate_size
         glu = 2 if spec.gated_mlp else 1     # experts and shared experts are gated like the MLP (ungated: Nemotron-H)
         inter = dense * glu
@@ -1123,15 +1166,15 @@ class Policy:
             "attn_norm.weight": (h,), "attn_norm.bias": (h,), "mlp_norm.weight": (h,), "mlp_norm.bias": (h,),
             "attn_post_norm.weight": (h,), "mlp_post_norm.weight": (h,), "moe_post_norm.weight": (h,),
             "layer_scale.weight": (1,), "router.scale": (h,), "router.expert_factor": (spec.num_experts,),
-            "attn_sub_norm.weight": (H * hd,), "mlp_sub_norm.weight": (dense,),
+            "attn_sub_norm.weight": (H * vd,), "mlp_sub_norm.weight": (dense,),
             "ple_embed.weight": (spec.vocab_size, spec.num_layers * spec.per_layer_input),
             "ple_proj.weight": (spec.num_layers * spec.per_layer_input, h),
             "ple_proj_norm.weight": (spec.per_layer_input,), "ple_gate.weight": (spec.per_layer_input, h),
             "ple_out.weight": (h, spec.per_layer_input), "ple_post_norm.weight": (h,),
             "experts_norm.weight": (h,), "experts_post_norm.weight": (h,), "shared_post_norm.weight": (h,),
-            "qkv.weight": ((H + 2 * KV) * hd + H * spec.gate_width, h),        # q|k|v, and the gate
-            "qkv.bias": ((H + 2 * KV) * hd + H * spec.gate_width,),
-            "attn_out.weight": (h, H * hd), "attn_out.bias": (h,),
+            "qkv.weight": ((H + KV) * hd + KV * vd + H * spec.gate_width, h),        # q|k|v, and the gate
+            "qkv.bias": ((H + KV) * hd + KV * vd + H * spec.gate_width,),
+            "attn_out.weight": (h, H * vd), "attn_out.bias": (h,),
             "mlp_in.weight": (inter, h), "mlp_in.bias": (inter,),
             "mlp_out.weight": (h, dense), "mlp_out.bias": (h,),
         }
@@ -1192,10 +1235,11 @@ class Policy:
         if n == 1:
             return [rows]
         if slot.startswith("qkv."):
-            q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+            q, kv, v = (spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim,
+                        spec.num_kv_heads * spec.v_dim)
             if n == 4 and spec.attn_gate:                       # q, k, v, then a separate gate projection (AFMoE)
-                return [q, kv, kv, spec.num_heads * spec.gate_width]
-            return [q * (1 + spec.attn_gate), kv, kv]          # a gated q_proj holds each head's q and gate
+                return [q, kv, v, spec.num_heads * spec.gate_width]
+            return [q * (1 + spec.attn_gate), kv, v]           # a gated q_proj holds each head's q and gate
         if slot.startswith("lin_") and spec.linear_attn.get("decay") == "channel" and n in (3, 6):   # KDA
             Kd, Vd, Hv = _linear_widths(spec)
             return [Kd, Kd, Vd, Hv, spec.linear_attn["k_dim"], spec.linear_attn["v_dim"]][:n]
@@ -1232,6 +1276,8 @@ class Policy:
                 skip += ("attn_norm.",)
             if q_only:
                 skip += ("k_norm.",)
+            if spec.sink_layers is not None and layer not in spec.sink_layers:
+                skip += ("attn_sinks.",)
             if spec.linear_pre_norm:       # OLMo Hybrid: input norms in the linear layers, output norms elsewhere
                 skip += (("attn_post_norm.", "mlp_post_norm.") if layer in (spec.linear_layers or ())
                          else ("attn_norm.", "mlp_norm."))

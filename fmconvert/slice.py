@@ -278,10 +278,11 @@ def shard(spec: ModelSpec, lay: Layout, slot: str, t: torch.Tensor) -> list[torc
     tp, hd = lay.tp, spec.head_dim
     H, KV = spec.num_heads, spec.num_kv_heads
     if slot.startswith("qkv."):
-        q, k, v, gate = torch.split(t, [H * hd, KV * hd, KV * hd, H * spec.gate_width], dim=0)
+        vd = spec.v_dim
+        q, k, v, gate = torch.split(t, [H * hd, KV * hd, KV * vd, H * spec.gate_width], dim=0)
         q = q.reshape(H, hd, *t.shape[1:])
         k = k.reshape(KV, hd, *t.shape[1:])
-        v = v.reshape(KV, hd, *t.shape[1:])
+        v = v.reshape(KV, vd, *t.shape[1:])
         gate = gate.reshape(H, spec.gate_width, *t.shape[1:])
         out = []
         for r in range(tp):
@@ -334,9 +335,9 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
     """Inverse of `shard`: rank pieces -> the canonical tensor. Replicated copies must agree."""
     hd, KV = spec.head_dim, spec.num_kv_heads
     if slot.startswith("qkv."):
-        hq, hk = lay.heads_per_rank * hd, lay.kv_heads_per_rank * hd
+        hq, hk, hv = lay.heads_per_rank * hd, lay.kv_heads_per_rank * hd, lay.kv_heads_per_rank * spec.v_dim
         hg = lay.heads_per_rank * spec.gate_width
-        q, k, v, gate = zip(*(torch.split(p, [hq, hk, hk, hg], dim=0) for p in pieces))
+        q, k, v, gate = zip(*(torch.split(p, [hq, hk, hv, hg], dim=0) for p in pieces))
         return torch.cat(list(q) + _kv_heads(lay, KV, slot, k) + _kv_heads(lay, KV, slot, v) + list(gate), dim=0)
     if slot in MIXER_PARTS:
         sizes, split = zip(*_mixer_parts(spec, slot, lay.tp))
@@ -416,7 +417,7 @@ def k_per_rank(spec: ModelSpec, lay: Layout, slot: str) -> int:
     mla = spec.mla or {}
     return {
         "qkv.weight": spec.hidden_size, "mlp_in.weight": spec.hidden_size,
-        "attn_out.weight": lay.heads_per_rank * mla.get("v_dim", spec.head_dim),
+        "attn_out.weight": lay.heads_per_rank * mla.get("v_dim", spec.v_dim),
         "q_a.weight": spec.hidden_size if mla.get("q_rank") else 0,            # 0: no such slot
         "q_b.weight": (mla["q_rank"] or spec.hidden_size) if mla else 0,
         "kv_a.weight": spec.hidden_size if mla else 0, "kv_b.weight": mla.get("kv_rank", 0),

@@ -209,7 +209,8 @@ def _sections(spec, lay, slot: str, rows: int) -> list[tuple[str, int, int]]:
     """Named row ranges of one rank's piece, so a failure can say which part of a fused tensor is wrong."""
     if slot.startswith("qkv."):
         hq, hk = lay.heads_per_rank * spec.head_dim, lay.kv_heads_per_rank * spec.head_dim
-        return [("q", 0, hq), ("k", hq, hq + hk), ("v", hq + hk, hq + 2 * hk)]
+        hv = lay.kv_heads_per_rank * spec.v_dim
+        return [("q", 0, hq), ("k", hq, hq + hk), ("v", hq + hk, hq + hk + hv)]
     if slot.startswith("mlp_in.") and spec.gated_mlp:
         half = rows // 2
         return [("gate", 0, half), ("up", half, rows)]

@@ -590,6 +590,16 @@ def _inspect_layer_heads_one_short(c: Ctx):
     return [_manifest(c, lambda m: m["model"]["layer_heads"].pop(), name="laguna")]
 
 
+@case("inspect", "model.v_head_dim must be smaller than head_dim")
+def _inspect_v_head_wider_than_the_head(c: Ctx):    # MiMo-V2-Flash's narrower v heads
+    return [_manifest(c, lambda m: m["model"].update(v_head_dim=40), name="mimo_v2_flash")]
+
+
+@case("inspect", "model.sink_layers must be distinct layer indices in order")
+def _inspect_sink_layers_out_of_order(c: Ctx):
+    return [_manifest(c, lambda m: m["model"].update(sink_layers=[2, 0]), name="mimo_v2_flash")]
+
+
 @case("inspect", "manifest: expected a JSON object")
 def _inspect_manifest_is_a_list(c: Ctx):
     out = c.out()

@@ -242,6 +242,14 @@ CONFIGS = {
                moe_routed_scaling_factor=2.5, moe_router_logit_softcapping=0.25,
                layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
                pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # MiMo-V2-Flash: windowed layers with twice the kv heads and a sink per head, v heads narrower than q/k's and
+    # scaled, RoPE over a third of the head, grouped sigmoid routing, the first layer dense
+    "mimo_v2_flash": ("MiMoV2FlashConfig", "MiMoV2FlashForCausalLM", dict(hidden_size=64, intermediate_size=96,
+                      moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
+                      head_dim=24, v_head_dim=16, vocab_size=101, max_position_embeddings=64, n_routed_experts=8,
+                      num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=1.5, sliding_window=4,
+                      layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     # OLMo 2's output-only norms and all-head q/k norms around OLMoE's mixture
     "flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM", dict(hidden_size=64, intermediate_size=32,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
@@ -631,7 +639,8 @@ def build(name: str, seed: int = 0, **overrides):
                 p.copy_(torch.randn_like(p) * 0.02)
             elif n.endswith(("act_fn.alpha_p", "act_fn.alpha_n")):   # Apertus: each layer's own xIELU
                 p.add_(torch.randn_like(p) * 0.3)
-            elif n.endswith("sinks"):           # GPT-OSS: a sink logit per head, large enough to matter
+            elif n.endswith(("sinks", "attention_sink_bias")):    # GPT-OSS, MiMo: a sink logit per head, large
+                # enough to matter
                 p.copy_(torch.randn_like(p))
             elif n.endswith(("linear_attn.dt_bias", "linear_attn.A_log", ".dt_bias", ".A_log", "mamba.D", "mixer.D")):
                 p.copy_(torch.randn_like(p) * 0.5)     # Gated DeltaNet, Mamba2: decays and skips that differ

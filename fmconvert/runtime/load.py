@@ -76,12 +76,13 @@ def check_layout(m: dict, rank: int):
         """This rank's attention slots for hpr q heads d wide and kvpr kv heads (Gemma 4's global layers: their own;
         Laguna: each layer its own q heads)."""
         gate = hpr * (1 if sp["attn_gate_heads"] else d) if sp["attn_gate"] else 0   # LFM3: a gate row a head
-        qkv = (hpr + 2 * kvpr) * d + gate
+        vd = sp["v_head_dim"] or d                     # MiMo-V2-Flash: narrower v heads
+        qkv = (hpr + kvpr) * d + kvpr * vd + gate
         q_norm, k_norm = {"head": ((d,), (d,)), "per_head": ((hpr, d), (kvpr, d)),
                           "full": ((hpr * d,), (kvpr * d,)), "l2": ((d,), (d,))}[sp["qk_norm"]]
         return {"qkv.weight": (qkv, h), "qkv.bias": (qkv,), "q_norm.weight": q_norm, "k_norm.weight": k_norm,
-                "q_norm.bias": (d,), "k_norm.bias": (d,), "attn_out.weight": (h, hpr * d),
-                "attn_sub_norm.weight": (hpr * d,), "attn_sinks.weight": (hpr,)}
+                "q_norm.bias": (d,), "k_norm.bias": (d,), "attn_out.weight": (h, hpr * vd),
+                "attn_sub_norm.weight": (hpr * vd,), "attn_sinks.weight": (hpr,)}
 
     layer = {**attention(hd, par["kv_heads_per_rank"]),
              "router.weight": (E, h), "experts_in.weight": (E * glu * ipr, h), "experts_out.weight": (E * h, ipr),
@@ -214,6 +215,7 @@ def check_layout(m: dict, rank: int):
              - {"mixer": mlp, "mlp": mixer}.get(parts[i], set())
              - ({"attn_norm.weight", "attn_norm.bias"} if i == 0 and not sp["first_attn_norm"] else set())
              - ({"k_norm.weight"} if src[i] != i else set())
+             - ({"attn_sinks.weight"} if sp["sink_layers"] is not None and i not in sp["sink_layers"] else set())
              - (({"attn_post_norm.weight", "mlp_post_norm.weight"} if i in linear_layers else
                  {"attn_norm.weight", "mlp_norm.weight"}) if sp["linear_pre_norm"] else set())
              if not (rank > 0 and s in _ROW_BIAS)}

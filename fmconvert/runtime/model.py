@@ -79,6 +79,9 @@ class Block(nn.Module):
         self.head_dim = sp["global_attn"]["head_dim"] if wide else model.head_dim
         self.kv_heads = model.par["global_kv_heads_per_rank"] if wide else model.kv_heads
         self.heads = sp["layer_heads"][i] // model.tp if sp["layer_heads"] else model.heads   # Laguna: per layer
+        # MiMo-V2-Flash: v heads narrower than q and k's, padded with zeros to head_dim for the cache and kernels
+        # (the padded channels of the output are zero, and dropped before attn_out)
+        self.v_dim = sp["v_head_dim"] or self.head_dim
         self.v_ones = torch.ones(self.head_dim, dtype=model.dtype, device=model.device) if sp["v_norm"] else None
         self.kv_from = sp["kv_source"][i] if sp["kv_source"] else i   # Gemma 4 E2B/E4B: an earlier layer's cache
         self.mlp_units = (sp["wide_intermediate_size"] if i in (sp["wide_mlp_layers"] or ()) else
@@ -565,9 +568,13 @@ class Block(nn.Module):
             return self._attend_shared(qkv, positions, cache, pos_t, seq_t)
         m, t = self.m, self.t
         B, T, _ = qkv.shape
-        hd, Hq, Hk = self.head_dim, self.heads, self.kv_heads
-        q, k, v = qkv.split([Hq * hd, Hk * hd, Hk * hd], dim=-1)
-        q, k, v = q.view(B, T, Hq, hd), k.view(B, T, Hk, hd), v.view(B, T, Hk, hd)
+        hd, Hq, Hk, vd = self.head_dim, self.heads, self.kv_heads, self.v_dim
+        q, k, v = qkv.split([Hq * hd, Hk * hd, Hk * vd], dim=-1)
+        q, k, v = q.view(B, T, Hq, hd), k.view(B, T, Hk, hd), v.view(B, T, Hk, vd)
+        if m.spec["value_scale"] != 1.0:   # MiMo-V2-Flash: v scaled as projected, in the model dtype
+            v = v * m.spec["value_scale"]
+        if vd != hd:
+            v = torch.nn.functional.pad(v, (0, hd - vd))
         v_norm = None
         if self.v_ones is not None:        # Gemma 4: each v head RMS-normed, no weight (in the append when decoding)
             if pos_t is None:
@@ -599,7 +606,7 @@ class Block(nn.Module):
             # nothing to mask
             o = m.ops.decode_attention(q, kc, vc, seq_t[key], m.scale, m.alibi, 0 if ring else self.window,
                                        m.softcap, sinks=self.sinks, chunk=0 if ring else self.chunk)
-            return o.reshape(B, 1, Hq * hd)
+            return self._narrow(o.reshape(B, 1, Hq * hd))
         if qk_norm is not None and not after:    # Qwen3: each q and k head RMS-normalised before RoPE
             q, k = self._head_norm(q, k, qk_norm)
         if self.rope:
@@ -613,7 +620,14 @@ class Block(nn.Module):
         attend = self._keys(k, v, cache, key_padding_mask)
         if self.i in m.kv_shared:           # later layers attend over these keys too (Gemma 4 E2B/E4B)
             m.shared_attend[self.i] = attend
-        return attend(q)
+        return self._narrow(attend(q))
+
+    def _narrow(self, o):
+        """Attention output (B, T, heads * head_dim) -> each head's first v_dim channels (MiMo-V2-Flash's narrower v
+        heads: the rest is the zero padding's); as it is otherwise."""
+        if self.v_dim == self.head_dim:
+            return o
+        return o.unflatten(-1, (self.heads, self.head_dim))[..., :self.v_dim].flatten(-2)
 
     def _keys(self, k, v, cache, key_padding_mask):
         """This forward's keys and values k, v (B, Hkv, T, hd), written into the cache -> a function from the queries

@@ -24,7 +24,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
                                        ("gemma4", True), ("gemma4_moe", True), ("modernbert_decoder", True),
                                        ("olmo_hybrid", True), ("mistral4", True), ("gemma4_e2b", True),
                                        ("codegen", False), ("gemma4_unified", True),
-                                       ("bitnet", True), ("laguna", True)])
+                                       ("bitnet", True), ("laguna", True),
+                                       ("mimo_v2_flash", True)])
 def test_triton_backend_matches_torch_backend(model_dir, tmp_path, name, int8):
     out = tmp_path / "out"
     convert(model_dir(name), out, Options(tp=1, int8=int8, group_size=32), progress=False)
@@ -70,7 +71,7 @@ def _decode_steps(model, ids, start, steps):
                                        ("falcon_mamba", True), ("mamba2", False), ("persimmon", False),
                                        ("gemma4", True), ("lfm3", False), ("modernbert_decoder", False),
                                            ("olmo_hybrid", False), ("mistral4", True), ("gemma4_e2b", True),
-                                       ("laguna", True)])
+                                       ("laguna", True), ("mimo_v2_flash", False)])
 def test_triton_decode_step_matches_torch_backend(model_dir, tmp_path, name, int8):
     """The fused rope + KV-append decode step (RoPE, learned positions, ALiBi; GQA in mistral; windows, soft caps
     and a second RoPE in Gemma 2/3, decoded past the window) against the torch backend's, with the fusion on (and
@@ -102,7 +103,7 @@ def test_triton_decode_step_crosses_the_longrope_switch(model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "glm4_moe", "nemotron_h",
-                                  "laguna"])
+                                  "laguna", "mimo_v2_flash"])
 def test_int8_experts_are_routed_on_the_device(model_dir, tmp_path, name):
     """Int8 and float experts on the Triton backend: a decode step's experts run as two launches over (token,
     expert) pairs whose ids never leave the device, so the step is graph-safe; the torch backend, and int8 experts
