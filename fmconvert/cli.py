@@ -47,7 +47,7 @@ def cli():
       LLaMA 1-3 / Mistral / Qwen2, Qwen3, Phi-3 / Phi-4-mini, Gemma 1-4, Granite, Cohere, OLMo 1-3, GLM-4,
       EXAONE 4, SmolLM3, StableLM, StarCoder2, Nemotron, Apertus, Hunyuan, ERNIE 4.5, BitNet
       mixtures: Mixtral, DBRX, Qwen2/3-MoE, OLMoE, GLM-4.5, DeepSeek-V2/V3, Kimi K2, Mistral 4, GPT-OSS, Llama 4,
-        MiniMax-M2, Laguna, MiMo-V2-Flash
+        MiniMax-M2, Laguna, MiMo-V2-Flash, Beam
       hybrids and state spaces: Qwen3.5, Qwen3-Next, OLMo Hybrid, Granite 4.0-H, Nemotron-H, Jamba, LFM2, LFM3,
         Mamba 1/2
       older: GPT-2, GPT-BigCode, OPT, BLOOM, MPT, Falcon, GPT-NeoX, GPT-J, CodeGen, GPT-Neo, Phi, BERT,
@@ -283,8 +283,9 @@ def inspect(out_dir, as_json):
                if md["wide_mlp_layers"] else [])))
     if md["attn_gate"]:
         fn = md["attn_gate_fn"]
-        t.add_row("attention gate", f"each head's output times {fn} of one gate logit per head" if
-                  md["attn_gate_heads"] else f"each head's output times {fn} of a gate of its own width")
+        biased = " plus a bias per head" if "layers.attn_gate.bias" in md["slots"] else ""
+        t.add_row("attention gate", f"each head's output times {fn} of one gate logit per head{biased}" if
+                  md["attn_gate_heads"] else f"each head's output times {fn} of a gate of its own width{biased}")
     if md["num_experts"]:
         shared = (f"; a shared expert of width {md['shared_intermediate_size']}"
                   if md["shared_intermediate_size"] else "")
@@ -321,6 +322,8 @@ def inspect(out_dir, as_json):
         residual += ", the mixture's output normed too"
     if "layers.attn_sub_norm.weight" in md["slots"]:
         residual += ", each half RMS-normed again before its output projection"
+    if md["residual_depth_scale"]:
+        residual += ", the k-th addition x / sqrt(k) + stream sqrt((k - 1) / k)"
     if "layers.q_norm.weight" in md["slots"]:
         residual += {"head": "; q/k normed per head", "per_head": "; q/k normed per head, a weight each",
                      "full": "; q/k normed across all heads"}[md["qk_norm"]]
@@ -340,8 +343,10 @@ def inspect(out_dir, as_json):
         parts += ([f"a softmax sink per head in layers {_ranges(md['sink_layers'])}" if md["sink_layers"] is not None
                    else "a softmax sink per head"] if sinks else [])
         p = "(p + 1)" if md["query_scale_offset"] else "p"
-        parts += [f"q scaled by 1 + {md['query_scale_beta']:g} log(1 + floor({p} / {md['query_scale_from']}))"
-                  + (" in the layers without RoPE" if md["query_scale_nope_only"] else "")
+        temp = (f"exp({md['query_scale_beta']:g} log1p({p} / {md['query_scale_from']}))"
+                if md["query_scale_kind"] == "power" else
+                f"1 + {md['query_scale_beta']:g} log(1 + floor({p} / {md['query_scale_from']}))")
+        parts += [f"q scaled by {temp}" + (" in the layers without RoPE" if md["query_scale_nope_only"] else "")
                   ] if md["query_scale_beta"] else []
         parts += [f"{k} soft-capped at {md[v]:g}" for k, v in (("attention scores", "attn_softcap"),
                                                                  ("logits", "logit_softcap")) if md[v]]

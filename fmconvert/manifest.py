@@ -117,6 +117,8 @@ _MODEL_OPTIONAL = {
                     "null or a q head count per layer"),
     "router_softcap": (0.0, _NONNEG_NUM, "a non-negative number"),
     "v_head_dim": (0, _NAT, "a non-negative integer"),
+    "residual_depth_scale": (False, _BOOL, "true or false"),
+    "query_scale_kind": ("log", _ENUM("log", "power"), "log or power"),
     "value_scale": (1.0, _POS_NUM, "a positive number"),
     "sink_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
                     "null or a list of layer indices"),
@@ -293,6 +295,10 @@ def validate(m) -> dict:
     _need(model["v_head_dim"] < model["head_dim"] and (not model["v_head_dim"] or (
         mla is None and (not isinstance(ga, dict) or ga.get("head_dim") == model["head_dim"]))),
           "model.v_head_dim must be smaller than head_dim, without latent attention or a global head_dim of its own")
+    _need(not model["residual_depth_scale"] or (model["residual"] == "pre" and model["residual_scale"] == 1.0
+                                                and "layers.layer_scale.weight" not in model["slots"]),
+          "model.residual_depth_scale needs the pre-norm residual, no residual_scale and no layer scalar")
+    _need(model["attn_gate"] or "layers.attn_gate.bias" not in model["slots"], "the attn_gate slot needs attn_gate")
     sl = model["sink_layers"]
     _need(sl is None or (sl == sorted(set(sl)) and all(i < model["num_layers"] for i in sl)),
           "model.sink_layers must be distinct layer indices in order")

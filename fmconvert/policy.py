@@ -41,6 +41,7 @@ LAYER_SLOTS = (
     "router.weight", "experts_in.weight", "experts_out.weight",      # mixture of experts, in place of mlp_in/out
     "router.bias", "experts_in.bias", "experts_out.bias",            # GPT-OSS: biases on all three
     "attn_sinks.weight",                                             # GPT-OSS: a learned softmax sink per head
+    "attn_gate.bias",                            # Beam: a bias per head on the attention gate, before its sigmoid
     "shared_in.weight", "shared_out.weight", "shared_gate.weight",   # Qwen2-MoE: an always-on expert beside them
     "router.correction_bias",        # GLM-4.5: added to the sigmoid scores when choosing experts, not when weighing
     "act.alpha_p", "act.alpha_n", "act.beta", "act.eps",             # Apertus: each layer's xIELU parameters
@@ -80,7 +81,7 @@ DENSE_SLOTS = ("mlp_in.", "mlp_out.")
 DEPTHWISE = ("lin_conv.weight", "ssm_conv.weight", "sconv_conv.weight", "mamba_conv.weight")
 # A hybrid's linear-attention layers have the lin_ slots and its attention layers the attention's.
 LINEAR_SLOTS = ("lin_", "ssm", "sconv", "mamba")
-ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.", "q_a", "q_b.", "kv_a", "kv_b.")
+ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.", "q_a", "q_b.", "kv_a", "kv_b.", "attn_gate.")
 GLOBAL_SLOTS = (
     "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
     "project_in.weight", "project_out.weight", "final_norm.weight", "final_norm.bias", "pooler.weight",
@@ -205,6 +206,10 @@ class ModelSpec:
     v_head_dim: int = 0            # MiMo-V2-Flash: each v head this wide, narrower than q and k's head_dim (the
     #                                runtime pads v to head_dim in the cache); 0: head_dim
     value_scale: float = 1.0       # MiMo-V2-Flash: v times this as projected, before it is cached
+    residual_depth_scale: bool = False  # Beam: the stream's k-th addition (k = 2 for layer 0's attention, then one
+    #                                     more each half) is x / sqrt(k) + stream * sqrt((k - 1) / k)
+    query_scale_kind: str = "log"  # the query temperature's form: "log", Llama 4's 1 + beta * log(1 + floor((p +
+    #                                offset) / n)), or "power" (Beam): exp(beta * log1p((p + offset) / n))
     sink_layers: list | None = None    # the layers whose heads have a softmax sink (attn_sinks), where not every
     #                                    layer has (MiMo-V2-Flash: the windowed ones); None: every layer that has one
     global_attn: dict | None = None    # Gemma 4: the layers outside window_layers have their own head_dim and
@@ -565,6 +570,7 @@ class Policy:
             router_softcap=_number(c, "router_softcap", 0.0, zero_ok=True) if experts else 0.0,
             v_head_dim=self._v_head_dim(c, mla), value_scale=_number(c, "value_scale", 1.0),
             sink_layers=self._sink_layers(c, windows, flags),
+            residual_depth_scale=bool(self._layout("depth_scaled_residual", flags, False)),
             qkv_clip=_number(c, "qkv_clip", 0.0, zero_ok=True),
             norm_affine=bool(self._layout("norm_weights", flags, True)),
             embed_scale=self._embed_scale(c, flags), qkv_layout=self._layout("qkv", flags, "separate"),
@@ -608,7 +614,7 @@ class Policy:
 
     def _sink_layers(self, c: dict, windows: dict, flags: dict) -> list | None:
         """Layout sinks = "windowed": only the windowed layers' heads have softmax sinks (MiMo-V2-Flash)."""
-        if self._layout("sinks", flags, "all") != "windowed":
+        if (self._layout("sinks", flags) or "all") != "windowed":
             return None
         layers = windows.get("window_layers")
         if layers is None:             # every layer windowed, or none
@@ -617,7 +623,7 @@ class Policy:
 
     def _gate_fn(self, flags: dict) -> str:
         """Layout attn_gate_fn: what the attention output gate goes through (sigmoid, the default, or softplus)."""
-        fn = self._layout("attn_gate_fn", flags, "sigmoid")
+        fn = self._layout("attn_gate_fn", flags) or "sigmoid"
         if fn not in ("sigmoid", "softplus"):
             raise FmError(f"{self.path.name}: layout.attn_gate_fn must be sigmoid or softplus, got {fn!r}")
         return fn
@@ -926,8 +932,11 @@ class Policy:
                 raise FmError(f"config.json: the query temperature needs a positive attn_scale and a positive "
                               f"integer floor_scale, got {beta!r} and {n!r}")
             nope = self._layout("query_scale", flags, "all") == "nope"
+            kind = self._layout("query_scale_kind", flags) or "log"
+            if kind not in ("log", "power"):
+                raise FmError(f"{self.path.name}: layout.query_scale_kind must be log or power, got {kind!r}")
             return {"query_scale_beta": float(beta), "query_scale_from": n, "query_scale_offset": int(nope),
-                    "query_scale_nope_only": nope}
+                    "query_scale_nope_only": nope, "query_scale_kind": kind}
         params = getattr(config, "rope_parameters", None) or {}
         beta = params.get("llama_4_scaling_beta") if isinstance(params, dict) else None
         if not beta:
@@ -1036,6 +1045,9 @@ class Policy:
             local = None
             if c.get("layer_thetas") is not None:
                 params, local = self._layer_thetas(config, c, params)
+            if set(params) == {"full_attention", "sliding_attention"} and params["full_attention"] is None \
+                    and isinstance(params["sliding_attention"], dict) and self._layout("nope_unwindowed", flags, False):
+                params = dict(params["sliding_attention"])   # Beam: RoPE in the windowed layers only, theirs
             if per_layer_type(params):          # Gemma 3: one RoPE for full-attention layers, one for windowed ones
                 if "full_attention" not in params or set(params) - {"full_attention", "sliding_attention"}:
                     raise FmError(f"config.json: rope_parameters per layer kind must name full_attention (and "
@@ -1158,7 +1170,7 @@ class Policy:
             "experts_in.weight": (spec.num_experts * glu * spec.intermediate_size, h),     # per expert: gate; up
             "experts_in.bias": (spec.num_experts * glu * spec.intermediate_size,),
             "experts_out.weight": (spec.num_experts * h, spec.intermediate_size),
-            "experts_out.bias": (spec.num_experts * h,), "attn_sinks.weight": (H,),
+            "experts_out.bias": (spec.num_experts * h,), "attn_sinks.weight": (H,), "attn_gate.bias": (H,),
             "router.correction_bias": (spec.num_experts,),
             "act.alpha_p": (1,), "act.alpha_n": (1,), "act.beta": (), "act.eps": (),
             "shared_in.weight": (glu * spec.shared_intermediate_size, h),                 # gate; up

@@ -59,7 +59,7 @@ from .policy import ModelSpec
 
 COLUMN = ("qkv.weight", "qkv.bias", "mlp_in.weight", "mlp_in.bias", "lin_in.weight", "ssm_in.weight",
           "sconv_in.weight")
-HEADS = ("q_b.weight", "kv_b.weight", "attn_sinks.weight",      # whole heads' rows, each head's rows contiguous
+HEADS = ("q_b.weight", "kv_b.weight", "attn_sinks.weight", "attn_gate.bias",   # whole heads' rows, each contiguous
          "lin_decay.a_log", "lin_decay.dt_bias", "ssm.a_log", "ssm.dt_bias", "ssm.d", "ssm_norm.weight",
          "mamba_conv.weight", "mamba_conv.bias", "mamba_dt.weight", "mamba_dt.bias", "mamba.a_log", "mamba.d",
          "lin_f_b.weight", "lin_g_b.weight", "attn_sub_norm.weight")

@@ -600,6 +600,11 @@ def _inspect_sink_layers_out_of_order(c: Ctx):
     return [_manifest(c, lambda m: m["model"].update(sink_layers=[2, 0]), name="mimo_v2_flash")]
 
 
+@case("inspect", "model.residual_depth_scale needs the pre-norm residual")
+def _inspect_depth_scale_with_a_residual_scale(c: Ctx):    # Beam's scaled additions beside Granite's multiplier
+    return [_manifest(c, lambda m: m["model"].update(residual_scale=0.5), name="beam")]
+
+
 @case("inspect", "manifest: expected a JSON object")
 def _inspect_manifest_is_a_list(c: Ctx):
     out = c.out()

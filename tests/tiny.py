@@ -250,6 +250,15 @@ CONFIGS = {
                       num_experts_per_tok=2, n_group=2, topk_group=1, routed_scaling_factor=1.5, sliding_window=4,
                       layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
                       pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # Beam: depth-scaled residual adds around sandwich norms, RoPE in the windowed layers only and a q temperature in
+    # the others, a sigmoid gate with a bias per head, grouped sigmoid routing, soft-capped logits
+    "beam": ("BeamConfig", "BeamForCausalLM", dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
+             max_position_embeddings=64, num_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+             sliding_window=4, final_logit_softcapping=3.0,
+             layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+             mlp_layer_types=["dense", "sparse", "sparse", "sparse"], pad_token_id=0, bos_token_id=1,
+             eos_token_id=2)),
     # OLMo 2's output-only norms and all-head q/k norms around OLMoE's mixture
     "flex_olmo": ("FlexOlmoConfig", "FlexOlmoForCausalLM", dict(hidden_size=64, intermediate_size=32,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
@@ -647,6 +656,8 @@ def build(name: str, seed: int = 0, **overrides):
         for n, b in [*model.named_buffers(), *model.named_parameters()]:   # GLM-4.5, ERNIE 4.5: a correction
             if n.endswith(("e_score_correction_bias", "expert_bias")):       # that changes the experts chosen
                 b.copy_(torch.randn_like(b) * 0.2)
+            elif n.endswith("gate_bias"):       # Beam: a gate bias per head, zeros by default
+                b.copy_(torch.randn_like(b))
             elif n.endswith(("layer_scalar", "router.scale", "per_expert_scale")):   # Gemma 4: ones by default
                 b.copy_(torch.rand_like(b) + 0.5)
         if name.startswith("gemma4"):   # softmax scale 1: trained q norms carry 1/sqrt(head_dim), or scores saturate

@@ -82,7 +82,7 @@ def check_layout(m: dict, rank: int):
                           "full": ((hpr * d,), (kvpr * d,)), "l2": ((d,), (d,))}[sp["qk_norm"]]
         return {"qkv.weight": (qkv, h), "qkv.bias": (qkv,), "q_norm.weight": q_norm, "k_norm.weight": k_norm,
                 "q_norm.bias": (d,), "k_norm.bias": (d,), "attn_out.weight": (h, hpr * vd),
-                "attn_sub_norm.weight": (hpr * vd,), "attn_sinks.weight": (hpr,)}
+                "attn_sub_norm.weight": (hpr * vd,), "attn_sinks.weight": (hpr,), "attn_gate.bias": (hpr,)}
 
     layer = {**attention(hd, par["kv_heads_per_rank"]),
              "router.weight": (E, h), "experts_in.weight": (E * glu * ipr, h), "experts_out.weight": (E * h, ipr),

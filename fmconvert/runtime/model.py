@@ -7,6 +7,8 @@ fused MLP-in with its activation, row-parallel MLP-out + all-reduce. Pre-LN, pos
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -82,6 +84,14 @@ class Block(nn.Module):
         # MiMo-V2-Flash: v heads narrower than q and k's, padded with zeros to head_dim for the cache and kernels
         # (the padded channels of the output are zero, and dropped before attn_out)
         self.v_dim = sp["v_head_dim"] or self.head_dim
+        # How each half's output x joins the stream r: h = (x * x_scale + r) * gain. Granite: x_scale its
+        # residual_scale. Beam's k-th addition (k = 2i + 2 for layer i's attention, 2i + 3 for its MLP) is
+        # x / sqrt(k) + r sqrt((k - 1) / k): x_scale 1 / sqrt(k - 1), gain sqrt((k - 1) / k)
+        self.attn_add = self.mlp_add = (model.residual_scale, None)
+        if sp["residual_depth_scale"]:
+            self.attn_add, self.mlp_add = (
+                (1 / math.sqrt(k - 1), torch.tensor([math.sqrt((k - 1) / k)], dtype=model.dtype, device=model.device))
+                for k in (2 * i + 2, 2 * i + 3))
         self.v_ones = torch.ones(self.head_dim, dtype=model.dtype, device=model.device) if sp["v_norm"] else None
         self.kv_from = sp["kv_source"][i] if sp["kv_source"] else i   # Gemma 4 E2B/E4B: an earlier layer's cache
         self.mlp_units = (sp["wide_intermediate_size"] if i in (sp["wide_mlp_layers"] or ()) else
@@ -133,11 +143,12 @@ class Block(nn.Module):
             self.activation = ("xielu", float(softplus(ap)), float(beta + softplus(an)), float(beta), float(eps))
 
     def forward(self, x, residual, positions, cache, key_padding_mask, pos_t=None, seq_t=None, x_norm=None,
-                x_gain=None):
+                x_gain=None, x_scale=None):
         """x_norm: the previous block's output norm (Gemma 2/3), still to be applied to x: it rides in this
-        block's first add+norm, as does x_gain, the previous block's scalar on the whole stream (Gemma 4). This
-        block's own are left to the next (see `out_norm`, `out_gain`). Granite scales each half's output by
-        residual_scale as it joins the stream (x too, unless it is the embedding)."""
+        block's first add+norm, as does x_gain, the previous block's scalar on the whole stream (Gemma 4), and
+        x_scale, the previous block's factor on x as it joins the stream. This block's own are left to the next
+        (see `out_norm`, `out_gain`, `out_scale`). Granite scales each half's output by residual_scale as it joins
+        the stream (x too, unless it is the embedding); Beam scales both by the addition's depth (`attn_add`)."""
         m, t = self.m, self.t
         ops = m.ops
         if m.spec["residual"] == "parallel":
@@ -150,12 +161,13 @@ class Block(nn.Module):
             h, residual = self._add_norm(x, residual, "attn_norm", x_norm)
             return m.comm.all_reduce(self.mix(h, positions, cache, key_padding_mask, pos_t, seq_t)), residual
         if pre:
-            h, residual = self._add_norm(x, residual, "attn_norm", x_norm, x_gain)
+            h, residual = self._add_norm(x, residual, "attn_norm", x_norm, x_gain, x_scale)
         else:
             h = x
         a = m.comm.all_reduce(self.mix(h, positions, cache, key_padding_mask, pos_t, seq_t))
         if pre:       # Gemma 2/3 norm the attention's output before it joins the stream: one launch for both
-            h, residual = self._add_norm(a, residual, "mlp_norm", t.get("attn_post_norm.weight"))
+            h, residual = self._add_norm(a, residual, "mlp_norm", t.get("attn_post_norm.weight"), self.attn_add[1],
+                                         self.attn_add[0])
         else:
             h, _ = ops.add_norm(a, x, t["attn_norm.weight"], t.get("attn_norm.bias"), m.eps, m.norm)
         if pre and "experts_norm.weight" in t:
@@ -178,21 +190,23 @@ class Block(nn.Module):
         g = m.ops.linear(s, t["ple_gate.weight"], None, m.ple_activation) * m.ple_inputs[:, :, self.i]
         return m.ops.linear(g, t["ple_out.weight"]), s
 
-    def _add_norm(self, x, residual, norm: str, pre_weight, gain=None):
+    def _add_norm(self, x, residual, norm: str, pre_weight, gain=None, x_scale=None):
         """The pre-norm residual's add+norm with this layer's `norm` (attn_norm / mlp_norm). OLMo 2 has neither: it
-        norms only each half's output (pre_weight), so there the stream itself is the next half's input."""
+        norms only each half's output (pre_weight), so there the stream itself is the next half's input. x_scale:
+        x's factor as it joins the stream (None: the model's residual_scale)."""
         m, t = self.m, self.t
+        x_scale = m.residual_scale if x_scale is None else x_scale
         w = t.get(norm + ".weight")
         if w is not None:
             return m.ops.add_norm(x, residual, w, t.get(norm + ".bias"), m.eps, m.norm, pre_weight=pre_weight,
-                                  x_scale=m.residual_scale, gain=gain)
+                                  x_scale=x_scale, gain=gain)
         if gain is not None:
             raise ValueError("a layer scalar needs the next layer's input norm")   # the manifest rules this out
         if pre_weight is not None:
             x = m.ops.add_norm(x, None, pre_weight, None, m.eps, m.norm)[0]
         if residual is None:
             return x, x
-        h = x * m.residual_scale + residual if m.residual_scale != 1.0 else x + residual
+        h = x * x_scale + residual if x_scale != 1.0 else x + residual
         return h, h
 
     def _parallel(self, x, residual, positions, cache, key_padding_mask, pos_t, seq_t):
@@ -387,8 +401,14 @@ class Block(nn.Module):
 
     @property
     def out_gain(self):
-        """Gemma 4's scalar on the whole stream after this block ([1]), likewise folded into the next add+norm."""
-        return self.t.get("layer_scale.weight")
+        """Gemma 4's scalar on the whole stream after this block ([1]), likewise folded into the next add+norm; Beam's
+        on the stream as the MLP's output joins it."""
+        return self.mlp_add[1] if self.mlp_add[1] is not None else self.t.get("layer_scale.weight")
+
+    @property
+    def out_scale(self) -> float:
+        """The factor on this block's MLP output as the next add+norm adds it to the stream."""
+        return self.mlp_add[0]
 
     def device_routed(self, tokens: int) -> bool:
         """Whether a mixture's experts run from device-side routing for this many tokens (see `experts`)."""
@@ -555,6 +575,8 @@ class Block(nn.Module):
             return self._attend(qkv, positions, cache, key_padding_mask, pos_t, seq_t)
         gw = 1 if m.spec["attn_gate_heads"] else self.head_dim   # Qwen3.5: each head's output times sigmoid(gate);
         gate = qkv[..., -self.heads * gw:]                    # LFM3: one gate per head, over all its channels
+        if "attn_gate.bias" in self.t:                        # Beam: a bias per head, before the sigmoid
+            gate = (gate.unflatten(-1, (self.heads, gw)) + self.t["attn_gate.bias"].unsqueeze(-1)).flatten(-2)
         # Laguna: softplus in fp32, rounded to the model dtype
         gate = torch.sigmoid(gate) if m.spec["attn_gate_fn"] == "sigmoid" else \
             torch.nn.functional.softplus(gate.float()).to(gate.dtype)
@@ -846,6 +868,10 @@ class FusedModel(nn.Module):
         1 for the first span, then growing with the log of how many spans lie behind (Llama 4 counts p + 1).
         Device ops only."""
         sp = self.spec
+        if sp["query_scale_kind"] == "power":      # Beam: exp(beta * log1p((p + offset) / n)), in fp32
+            s = torch.exp(sp["query_scale_beta"] * torch.log1p((positions + sp["query_scale_offset"]).float()
+                                                               / sp["query_scale_from"]))
+            return s.to(self.dtype)
         s = 1 + sp["query_scale_beta"] * torch.log(1 + torch.floor((positions + sp["query_scale_offset"])
                                                                    / sp["query_scale_from"]))
         return s.to(self.dtype)
@@ -990,27 +1016,28 @@ class FusedModel(nn.Module):
         states = [x] if output_hidden_states else None
         kpm = None if attention_mask is None else attention_mask.bool()
         x_norm = x_gain = None
+        x_scale = self.residual_scale
         for blk in self.blocks:
-            x, residual = blk(x, residual, positions, cache, kpm, x_norm=x_norm, x_gain=x_gain)
-            x_norm, x_gain = blk.out_norm, blk.out_gain
+            x, residual = blk(x, residual, positions, cache, kpm, x_norm=x_norm, x_gain=x_gain, x_scale=x_scale)
+            x_norm, x_gain, x_scale = blk.out_norm, blk.out_gain, blk.out_scale
             if output_hidden_states:  # the residual stream after each block, as HF reports it
                 xs = x if x_norm is None else self.ops.add_norm(x, None, x_norm, None, self.eps, self.norm)[0]
-                xs = xs if residual is None else xs * self.residual_scale + residual
+                xs = xs if residual is None else xs * x_scale + residual
                 states.append(xs if x_gain is None else xs * x_gain)
         self.shared_attend.clear()
         if cache is not None:
             cache.length += T
-        x = self._final(x, residual, x_norm, x_gain)
+        x = self._final(x, residual, x_norm, x_gain, x_scale)
         return (x, states) if output_hidden_states else x
 
-    def _final(self, x, residual, x_norm, x_gain=None):
+    def _final(self, x, residual, x_norm, x_gain=None, x_scale=None):
+        x_scale = self.residual_scale if x_scale is None else x_scale
         if self.spec["final_norm"]:
             return self.ops.add_norm(x, residual, self.g["final_norm.weight"], self.g.get("final_norm.bias"),
-                                     self.eps, self.norm, pre_weight=x_norm, x_scale=self.residual_scale,
-                                     gain=x_gain)[0]
+                                     self.eps, self.norm, pre_weight=x_norm, x_scale=x_scale, gain=x_gain)[0]
         if x_norm is not None:
             x = self.ops.add_norm(x, None, x_norm, None, self.eps, self.norm)[0]
-        x = x if residual is None else x * self.residual_scale + residual
+        x = x if residual is None else x * x_scale + residual
         return x if x_gain is None else x * x_gain
 
     @torch.inference_mode()
@@ -1026,11 +1053,12 @@ class FusedModel(nn.Module):
         filled = pos_t + 1
         seq_t = {(-r if c else r): (pos_t % r + 1 if c else filled.clamp(max=r) if r else filled)
                  .to(torch.int32).expand(B).contiguous() for r, c in sorted(set(zip(cache.ring, cache.chunked)))}
-        x, residual, x_norm, x_gain = self.embed(ids, positions, None), None, None, None
+        x, residual, x_norm, x_gain, x_scale = self.embed(ids, positions, None), None, None, None, None
         for blk in self.blocks:
-            x, residual = blk(x, residual, positions, cache, None, pos_t, seq_t, x_norm=x_norm, x_gain=x_gain)
-            x_norm, x_gain = blk.out_norm, blk.out_gain
-        return self.logits(self._final(x, residual, x_norm, x_gain))[:, -1]
+            x, residual = blk(x, residual, positions, cache, None, pos_t, seq_t, x_norm=x_norm, x_gain=x_gain,
+                              x_scale=x_scale)
+            x_norm, x_gain, x_scale = blk.out_norm, blk.out_gain, blk.out_scale
+        return self.logits(self._final(x, residual, x_norm, x_gain, x_scale))[:, -1]
 
     @torch.inference_mode()
     def forward(self, ids, cache=None, attention_mask=None, token_type_ids=None):
