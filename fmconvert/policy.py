@@ -472,7 +472,9 @@ class Policy:
         return flags
 
     def _layout(self, key: str, flags: dict, default=None):
-        v = self.layout.get(key, default)
+        if key not in self.layout:       # a default is a value, never the name of a flag (Cohere 2 MoE has one
+            return default               # called "sigmoid")
+        v = self.layout[key]
         if key not in ("transposed", "as_row", "stored_shape") and isinstance(v, list):
             return _pick(v, flags, f"{self.path.name}: layout.{key}")
         if isinstance(v, str) and v in flags:

@@ -117,3 +117,14 @@ def test_no_slot_name_reads_as_an_int8_weight_s_scales():
     names = list(GLOBAL_SLOTS + LAYER_SLOTS)
     assert not [n for n in names if n.endswith("_scale")], names
     assert len(set(names)) == len(names), "a slot is listed twice"
+
+
+def test_a_layout_default_is_never_read_as_a_flag():
+    """Cohere 2 MoE defines a flag called `sigmoid`: a key its table leaves out keeps its default value, which
+    happens to be that name, instead of the flag's True."""
+    pol = policies()["Cohere2MoeForCausalLM"]
+    assert "sigmoid" in pol.table["flags"] and "attn_gate_fn" not in pol.layout
+    assert pol._layout("attn_gate_fn", {"sigmoid": True}, "sigmoid") == "sigmoid"
+    # a value the table gives is still picked by its flag
+    assert pol._layout("router", {"sigmoid": True}) == "sigmoid"
+    assert pol._layout("router", {"sigmoid": False}) == "softmax"
