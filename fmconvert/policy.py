@@ -391,6 +391,15 @@ def _config_value(config, spec, key: str, flags: dict | None = None):
     raise FmError(f"config.json has no usable value for {key} (looked for {spec})")
 
 
+def _windowed(windows: dict, num_layers: int) -> list[int]:
+    """The windowed layers `Policy._windows` describes: window_layers, or every layer when that is None and there is
+    a window, or none."""
+    layers = windows.get("window_layers")
+    if layers is None:
+        return list(range(num_layers)) if windows.get("sliding_window") else []
+    return list(layers)
+
+
 def _experts(names: list[str], spec: ModelSpec) -> range:
     """Names with `{e}` repeat once per expert, in expert order (all of one expert's names, then the next's)."""
     return range(spec.num_experts) if any("{e}" in n for n in names) else range(1)
@@ -616,16 +625,13 @@ class Policy:
 
     def _sink_layers(self, c: dict, windows: dict, flags: dict) -> list | None:
         """Layout sinks = "windowed": only the windowed layers' heads have softmax sinks (MiMo-V2-Flash)."""
-        if (self._layout("sinks", flags) or "all") != "windowed":
+        if self._layout("sinks", flags, "all") != "windowed":
             return None
-        layers = windows.get("window_layers")
-        if layers is None:             # every layer windowed, or none
-            return list(range(c["num_layers"])) if windows.get("sliding_window") else []
-        return list(layers)
+        return _windowed(windows, c["num_layers"])
 
     def _gate_fn(self, flags: dict) -> str:
         """Layout attn_gate_fn: what the attention output gate goes through (sigmoid, the default, or softplus)."""
-        fn = self._layout("attn_gate_fn", flags) or "sigmoid"
+        fn = self._layout("attn_gate_fn", flags, "sigmoid")
         if fn not in ("sigmoid", "softplus"):
             raise FmError(f"{self.path.name}: layout.attn_gate_fn must be sigmoid or softplus, got {fn!r}")
         return fn
@@ -673,9 +679,8 @@ class Policy:
                               f"{c.get('ple_vocab')!r}")
             out["per_layer_input"] = dim
         if shared:
-            layers = windows.get("window_layers")
             first = L - shared if type(shared) is int else 0
-            windowed = set(range(L) if layers is None and windows.get("sliding_window") else layers or ())
+            windowed = set(_windowed(windows, L))
             if type(shared) is not int or not 0 < first < L:
                 raise FmError(f"config.json: num_kv_shared_layers must be an integer from 0 to "
                               f"num_hidden_layers - 1 ({L - 1}), got {shared!r}")
@@ -711,8 +716,7 @@ class Policy:
             if type(kv) is not int or kv <= 0 or c["num_heads"] % kv:
                 raise FmError(f"config.json: the global layers' kv heads ({kv!r}) must divide "
                               f"num_attention_heads={c['num_heads']}")
-            every = layers is None and bool(windows.get("sliding_window"))      # every layer windowed
-            if not layers and not every:                                         # none: every layer global
+            if not _windowed(windows, n):                                        # every layer global
                 c["num_kv_heads"] = kv
             if not layers or kv == c["num_kv_heads"]:
                 return None
@@ -934,7 +938,7 @@ class Policy:
                 raise FmError(f"config.json: the query temperature needs a positive attn_scale and a positive "
                               f"integer floor_scale, got {beta!r} and {n!r}")
             nope = self._layout("query_scale", flags, "all") == "nope"
-            kind = self._layout("query_scale_kind", flags) or "log"
+            kind = self._layout("query_scale_kind", flags, "log")
             if kind not in ("log", "power"):
                 raise FmError(f"{self.path.name}: layout.query_scale_kind must be log or power, got {kind!r}")
             return {"query_scale_beta": float(beta), "query_scale_from": n, "query_scale_offset": int(nope),

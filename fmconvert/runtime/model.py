@@ -232,7 +232,7 @@ class Block(nn.Module):
             return m.ops.linear(y, t[out + ".weight"], t.get(out + ".bias"))
         a = self.attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
         if "attn_sub_norm.weight" in t:       # BitNet: normed over every head of every rank first
-            a = self._sub_norm(a, t["attn_sub_norm.weight"], self.heads * m.tp * self.head_dim)
+            a = self._sub_norm(a, t["attn_sub_norm.weight"], self.heads * m.tp * self.v_dim)
         return m.ops.linear(a, t["attn_out.weight"], t.get("attn_out.bias"))
 
     def linear_attention(self, h, cache, key_padding_mask, pos_t=None):
