@@ -226,6 +226,14 @@ def inspect(out_dir, as_json):
         t.add_row("latent attention", f"{qpath}; k, v from one {a['kv_rank']}-wide latent per token + a shared "
                   f"{a['rope_dim']}-dim {rotated} key (cached: {a['kv_rank'] + a['rope_dim']} values a token and "
                   f"layer); k {a['nope_dim']}+{a['rope_dim']}, v {a['v_dim']} a head")
+        ix = a.get("index")
+        if ix:
+            where = ("every layer" if len(ix["layers"]) == md["num_layers"] else
+                     f"layers {_ranges(ix['layers'])} (the others reuse the choice of the last one before them)")
+            rope = {"neox": "rotate-half", "gptj": "interleaved"}[ix["rope_style"]]
+            t.add_row("sparse attention", f"each query attends to its {ix['topk']} best-scored keys, picked by an "
+                      f"indexer of {ix['heads']} heads of {ix['dim']} ({rope} RoPE; float, replicated; one "
+                      f"{ix['dim']}-wide key cached a token) in {where}")
     if md["linear_attn"]:
         a, n = md["linear_attn"], len(md["linear_layers"])
         kind = "KDA (a decay per key channel)" if a.get("decay") == "channel" else "Gated DeltaNet"

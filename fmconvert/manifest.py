@@ -174,10 +174,22 @@ def _linear_attn(x) -> bool:
 
 
 def _mla(x) -> bool:
-    """Latent attention's widths: q_rank may be 0 (no q bottleneck), the others positive, and the latent norms' eps."""
-    return (isinstance(x, dict) and set(x) == {"q_rank", "kv_rank", "nope_dim", "rope_dim", "v_dim", "norm_eps"}
+    """Latent attention's widths: q_rank may be 0 (no q bottleneck), the others positive, and the latent norms' eps;
+    a sparse attention indexer's (`index`) when there is one."""
+    return (isinstance(x, dict) and set(x) - {"index"} == {"q_rank", "kv_rank", "nope_dim", "rope_dim", "v_dim",
+                                                           "norm_eps"}
             and _NAT(x["q_rank"]) and all(_POS_INT(x[k]) for k in ("kv_rank", "nope_dim", "rope_dim", "v_dim"))
-            and _POS_NUM(x["norm_eps"]))
+            and _POS_NUM(x["norm_eps"]) and ("index" not in x or _index(x["index"], x)))
+
+
+def _index(x, mla) -> bool:
+    """DeepSeek Sparse Attention's indexer: positive widths, at least the rotated width, a q bottleneck to read, a
+    RoPE style, and the layers that run it in order, the first layer among them (a shared layer reuses an earlier
+    one's choice)."""
+    return (isinstance(x, dict) and set(x) == {"heads", "dim", "topk", "rope_style", "layers"}
+            and all(_POS_INT(x[k]) for k in ("heads", "dim", "topk")) and x["dim"] >= mla["rope_dim"]
+            and mla["q_rank"] > 0 and x["rope_style"] in ("neox", "gptj") and isinstance(x["layers"], list)
+            and x["layers"][:1] == [0] and all(_NAT(i) for i in x["layers"]) and x["layers"] == sorted(set(x["layers"])))
 _PARALLEL = ("tp", "heads_per_rank", "kv_heads_per_rank", "kv_replication", "intermediate_chunk",
              "intermediate_per_rank", "vocab_padded", "vocab_per_rank")
 
@@ -278,6 +290,8 @@ def validate(m) -> dict:
                           and (model["position"].get("rotary_dim") == mla["rope_dim"]
                                or model["position"].get("type") == "none")),
           "model.mla does not fit head_dim, num_kv_heads and the rotary width")
+    _need(mla is None or "index" not in mla or mla["index"]["layers"][-1] < model["num_layers"],
+          "model.mla.index.layers names a layer past the last")
     la, ll, ssm, sc, mb = (model[k] for k in ("linear_attn", "linear_layers", "ssm", "short_conv", "mamba"))
     _need((la is not None) + (ssm is not None) + (sc is not None) + (mb is not None) <= 1,
           "model.linear_attn, model.ssm, model.short_conv and model.mamba exclude each other")
@@ -437,6 +451,8 @@ def kv_cache_bytes(model: dict, parallel: dict, itemsize: int) -> tuple[int, int
             model["attn_chunk"] > 0 and (chunks is None or i in chunks))
         if mla:                                   # one latent row a token, on every rank
             n = mla["kv_rank"] + mla["rope_dim"]
+            if i in mla.get("index", {}).get("layers", ()):       # and the indexer's key
+                n += mla["index"]["dim"]
         elif is_global_layer(ga, layers, model["linear_layers"], i):
             n = 2 * parallel["global_kv_heads_per_rank"] * ga["head_dim"]
         else:

@@ -50,6 +50,9 @@ LAYER_SLOTS = (
     # compressed kv, normed, then the shared rotated key) that kv_b expands into every head's k and v
     "q_a.weight", "q_a.bias", "q_a_norm.weight", "q_b.weight",
     "kv_a.weight", "kv_a.bias", "kv_a_norm.weight", "kv_b.weight",
+    # DeepSeek Sparse Attention's indexer (DeepSeek-V3.2, GLM-5) beside latent attention: its heads' queries from the
+    # q bottleneck (index_q), one key per token from the stream (index_k, LayerNormed), a weight per head (index_w)
+    "index_q.weight", "index_k.weight", "index_k_norm.weight", "index_k_norm.bias", "index_w.weight",
     # Gated DeltaNet (Qwen3-Next, Qwen3.5) in place of attention, in the layers a hybrid gives it: one projection of
     # q|k|v|z|b|a, a causal depthwise conv over q|k|v, the decay's two per-head parameters, the gated output norm
     # (one [v_dim] weight every head shares) and the output projection
@@ -81,7 +84,7 @@ DENSE_SLOTS = ("mlp_in.", "mlp_out.")
 DEPTHWISE = ("lin_conv.weight", "ssm_conv.weight", "sconv_conv.weight", "mamba_conv.weight")
 # A hybrid's linear-attention layers have the lin_ slots and its attention layers the attention's.
 LINEAR_SLOTS = ("lin_", "ssm", "sconv", "mamba")
-ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.", "q_a", "q_b.", "kv_a", "kv_b.", "attn_gate.")
+ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.", "q_a", "q_b.", "kv_a", "kv_b.", "attn_gate.", "index_")
 GLOBAL_SLOTS = (
     "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
     "project_in.weight", "project_out.weight", "final_norm.weight", "final_norm.bias", "pooler.weight",
@@ -179,7 +182,10 @@ class ModelSpec:
     experts_scale_input: bool = False      # Llama 4: each expert's routing weight scales its input, not its output
     mla: dict | None = None        # multi-head latent attention (DeepSeek-V2/V3): q_rank (0: no q bottleneck),
     #                                kv_rank, nope_dim + rope_dim (= head_dim, each q and k head), v_dim, and the
-    #                                eps of the two latent norms; num_kv_heads is then 1, the latent every head reads
+    #                                eps of the two latent norms; num_kv_heads is then 1, the latent every head reads.
+    #                                `index` (DeepSeek Sparse Attention, V3.2 / GLM-5; else absent): the indexer's
+    #                                heads, dim, topk, rope_style and layers (those that run it; the others reuse the
+    #                                choice of the last one before them)
     linear_attn: dict | None = None    # Gated DeltaNet's widths (Qwen3-Next, Qwen3.5): k_heads, v_heads (a multiple of
     #                                k_heads; v head j reads q/k head j // (v_heads / k_heads)), k_dim, v_dim, and
     #                                conv_kernel, the causal conv's taps
@@ -249,6 +255,11 @@ class ModelSpec:
     def kv_shared(self, layer: int | None) -> bool:
         """Whether this layer attends over an earlier layer's keys and values (and so computes q only)."""
         return layer is not None and self.kv_source is not None and self.kv_source[layer] != layer
+
+    def index_layer(self, layer: int | None) -> bool:
+        """Whether this layer runs a sparse attention indexer of its own (DeepSeek-V3.2, GLM-5's full layers)."""
+        ix = (self.mla or {}).get("index")
+        return layer is not None and ix is not None and layer in ix["layers"]
 
     def at(self, layer: int | None) -> "ModelSpec":
         """The spec as this layer sees it: global_attn's head_dim and num_kv_heads in a global layer; no kv heads
@@ -517,7 +528,7 @@ class Policy:
         if c.get("ffn_adjust"):
             c["intermediate_size"] = self._ffn_adjusted(c)
         parts = self._block_parts(config, c) if self.layout.get("block_parts") else {}
-        mla = self._mla(c) if "kv_rank" in c else None
+        mla = self._mla(c, flags) if "kv_rank" in c else None
         for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
                     "vocab_size"):
             if not isinstance(c[key], int) or isinstance(c[key], bool) or c[key] <= 0:
@@ -742,16 +753,42 @@ class Policy:
             return None
         return {"head_dim": hd, "num_kv_heads": kv}
 
-    def _mla(self, c) -> dict:
+    def _mla(self, c, flags) -> dict:
         """Multi-head latent attention's widths from [config] (q_rank, kv_rank, nope_dim, rope_dim, v_dim). Each q and
-        k head is nope_dim + rope_dim wide (head_dim); there is one kv head, the latent every head reads."""
+        k head is nope_dim + rope_dim wide (head_dim); there is one kv head, the latent every head reads. With
+        `index_heads`, DeepSeek Sparse Attention's indexer too (`_index`)."""
         mla = {k: c.get(k) for k in ("q_rank", "kv_rank", "nope_dim", "rope_dim", "v_dim")}
         if any(type(v) is not int or v < 0 or (v == 0 and k != "q_rank") for k, v in mla.items()):
             raise FmError("config.json: the latent attention's widths (q_lora_rank, kv_lora_rank, qk_nope_head_dim, "
                           f"qk_rope_head_dim, v_head_dim) must be positive integers, got {mla}")
         c["head_dim"], c["num_kv_heads"] = mla["nope_dim"] + mla["rope_dim"], 1
         c["rotary_dim"] = mla["rope_dim"]
-        return {**mla, "norm_eps": _number(c, "latent_norm_eps", 1e-6)}
+        out = {**mla, "norm_eps": _number(c, "latent_norm_eps", 1e-6)}
+        if "index_heads" in c:
+            out["index"] = self._index(c, mla, flags)
+        return out
+
+    def _index(self, c, mla: dict, flags) -> dict:
+        """DeepSeek Sparse Attention's indexer: index_heads heads of index_dim, each query attending to its index_topk
+        best-scored earlier tokens; RoPE over the first rope_dim columns in `index_rope_style`. `index_kinds` (GLM-5's
+        indexer_types) names each layer "full" (runs the indexer) or "shared" (reuses the last full layer's choice);
+        absent, every layer is full."""
+        ix = {"heads": c.get("index_heads"), "dim": c.get("index_dim"), "topk": c.get("index_topk")}
+        if any(type(v) is not int or v <= 0 for v in ix.values()):
+            raise FmError("config.json: the sparse attention indexer's index_n_heads, index_head_dim and index_topk "
+                          f"must be positive integers, got {ix}")
+        if not mla["q_rank"]:
+            raise FmError("config.json: a sparse attention indexer reads the q bottleneck, but q_lora_rank is 0 (none)")
+        if ix["dim"] < mla["rope_dim"]:
+            raise FmError(f"config.json: index_head_dim={ix['dim']} is narrower than the rotated "
+                          f"qk_rope_head_dim={mla['rope_dim']}")
+        L, kinds = c["num_layers"], c.get("index_kinds") or None
+        if kinds is not None and (not isinstance(kinds, (list, tuple)) or len(kinds) != L or kinds[0] != "full"
+                                  or any(k not in ("full", "shared") for k in kinds)):
+            raise FmError(f"config.json: indexer_types must name full or shared for each of the {L} layers, the "
+                          f"first full, got {str(kinds)[:60]}")
+        layers = list(range(L)) if kinds is None else [i for i, k in enumerate(kinds) if k == "full"]
+        return {**ix, "rope_style": self._layout("index_rope_style", flags, "neox"), "layers": layers}
 
     def _linear(self, config, c, flags) -> dict:
         """A hybrid's linear layers: Gated DeltaNet (Qwen3-Next, Qwen3.5: [config] lin_k_heads, lin_v_heads, lin_k_dim,
@@ -988,6 +1025,7 @@ class Policy:
         kinds = {"full_attention", "sliding_attention", "chunked_attention"} | (
             {"linear_attention"} if "lin_k_heads" in c or "ssm_heads" in c or "mamba_state" in c else set()) | (
             {"conv"} if "sconv" in c else set()) | (
+            {"indexed_attention"} if "index_heads" in c else set()) | (
             {"mlp", "moe"} if self.layout.get("block_parts") else set())
         odd = sorted({str(t) for t in types} - kinds)
         if odd:
@@ -1205,6 +1243,11 @@ class Policy:
                 "kv_a_norm.weight": (a["kv_rank"],), "kv_b.weight": (H * (a["nope_dim"] + a["v_dim"]), a["kv_rank"]),
                 "attn_out.weight": (h, H * a["v_dim"]),
             })
+            if "index" in a:
+                ix = a["index"]
+                shapes.update({"index_q.weight": (ix["heads"] * ix["dim"], a["q_rank"]), "index_k.weight": (ix["dim"], h),
+                               "index_k_norm.weight": (ix["dim"],), "index_k_norm.bias": (ix["dim"],),
+                               "index_w.weight": (ix["heads"], h)})
         if spec.short_conv:
             shapes.update({"sconv_in.weight": (3 * h, h), "sconv_in.bias": (3 * h,),            # B|C|x
                            "sconv_conv.weight": (h, spec.short_conv["conv_kernel"]), "sconv_conv.bias": (h,),
@@ -1296,6 +1339,8 @@ class Policy:
                 skip += ("k_norm.",)
             if spec.sink_layers is not None and layer not in spec.sink_layers:
                 skip += ("attn_sinks.",)
+            if not spec.index_layer(layer):          # GLM-5's shared layers reuse an earlier layer's choice
+                skip += ("index_",)
             if spec.linear_pre_norm:       # OLMo Hybrid: input norms in the linear layers, output norms elsewhere
                 skip += (("attn_post_norm.", "mlp_post_norm.") if layer in (spec.linear_layers or ())
                          else ("attn_norm.", "mlp_norm."))

@@ -600,6 +600,16 @@ def _inspect_sink_layers_out_of_order(c: Ctx):
     return [_manifest(c, lambda m: m["model"].update(sink_layers=[2, 0]), name="mimo_v2_flash")]
 
 
+@case("inspect", "model.mla must be null or the latent attention's widths")
+def _inspect_index_layers_without_the_first(c: Ctx):    # GLM-5's shared layers reuse an earlier layer's choice
+    return [_manifest(c, lambda m: m["model"]["mla"]["index"].update(layers=[2]), name="glm_moe_dsa")]
+
+
+@case("inspect", "model.mla.index.layers names a layer past the last")
+def _inspect_index_layer_past_the_last(c: Ctx):
+    return [_manifest(c, lambda m: m["model"]["mla"]["index"].update(layers=[0, 2, 3]), name="glm_moe_dsa")]
+
+
 @case("inspect", "model.residual_depth_scale needs the pre-norm residual")
 def _inspect_depth_scale_with_a_residual_scale(c: Ctx):    # Beam's scaled additions beside Granite's multiplier
     return [_manifest(c, lambda m: m["model"].update(residual_scale=0.5), name="beam")]

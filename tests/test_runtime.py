@@ -130,7 +130,7 @@ def test_cpu_int8_matmul_is_the_dequantized_linear(N, K, group, lead, dtype):
                                   "falcon_mamba", "jamba", "mamba2", "kimi_linear", "lfm3", "gemma4", "gemma4_moe",
                                   "cohere2_moe", "modernbert_decoder", "olmo_hybrid", "mistral4", "gemma4_e2b",
                                   "codegen", "apertus1p5", "gemma4_unified", "bitnet", "laguna",
-                                  "mimo_v2_flash", "beam"])
+                                  "mimo_v2_flash", "beam", "deepseek_v32", "glm_moe_dsa"])
 def test_tp4_emulated_equals_tp1(work, name, tmp_path):
     _, src, outs = work(name)
     convert(src, tmp_path / "tp4", Options(tp=4), progress=False)
@@ -250,7 +250,7 @@ def test_inject_refuses_a_different_model(work):
                                   "nanochat", "afmoe", "lfm3", "gemma4", "gemma4_moe", "modernbert_decoder",
                                   "olmo_hybrid", "mistral4", "gemma4_e2b", "codegen",
                                   "apertus1p5", "gemma4_unified", "bitnet", "laguna", "mimo_v2_flash",
-                                  "beam"])
+                                  "beam", "deepseek_v32", "glm_moe_dsa"])
 def test_graph_safe_decode_step_equals_eager_decode(work, name):
     """decode_step (what a CUDA graph captures) reads positions and lengths from device tensors only."""
     _, _, outs = work(name)

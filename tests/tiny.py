@@ -621,6 +621,27 @@ CONFIGS = {
         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                          "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0,
                          "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.5})),
+    # DeepSeek-V3.2: DeepSeek-V3's block with a sparse attention indexer in every layer, which past 32 tokens picks
+    # the 32 keys each query attends to (RoPE over rotate-half pairs there, interleaved in the main attention);
+    # test_deepseek_v32.py makes it pick 6 of a dozen
+    "deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=101, max_position_embeddings=64, n_routed_experts=8, num_experts_per_tok=3,
+        n_shared_experts=1, n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
+        q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, index_topk=32,
+        index_head_dim=16, index_n_heads=8, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.8,
+                         "rope_theta": 10000.0})),
+    # GLM-5: the same with interleaved RoPE in the indexer, which the middle layer does not have: it reuses layer
+    # 0's choice
+    "glm_moe_dsa": ("GlmMoeDsaConfig", "GlmMoeDsaForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=101, max_position_embeddings=64, n_routed_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5, q_lora_rank=32, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=32, index_topk=32, index_head_dim=16, index_n_heads=8,
+        indexer_types=["full", "shared", "full"], pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=False)),
 }
 FAMILIES = list(CONFIGS)
 

@@ -107,6 +107,11 @@ def check_layout(m: dict, rank: int):
                       "kv_a_norm.weight": (kr,),
                       "kv_b.weight": (hpr * (mla["nope_dim"] + mla["v_dim"]), kr),
                       "attn_out.weight": (h, hpr * mla["v_dim"])})
+        ix = mla.get("index")
+        if ix:          # the sparse attention indexer, replicated: every rank picks the same keys
+            layer.update({"index_q.weight": (ix["heads"] * ix["dim"], qr), "index_k.weight": (ix["dim"], h),
+                          "index_k_norm.weight": (ix["dim"],), "index_k_norm.bias": (ix["dim"],),
+                          "index_w.weight": (ix["heads"], h)})
     la, tp = sp["linear_attn"], par["tp"]
     if la:              # Gated DeltaNet: this rank's heads of q|k|v|z|b|a, of the conv's channels, of the decay
         Kd, Vd, Hv = la["k_heads"] * la["k_dim"] // tp, la["v_heads"] * la["v_dim"] // tp, la["v_heads"] // tp
@@ -173,6 +178,11 @@ def check_layout(m: dict, rank: int):
                                        else {"qkv.weight"})
     if mla and mla["q_rank"]:
         per_layer |= {"q_a.weight", "q_a_norm.weight"}
+    index = set()                                   # the indexer's slots, in the layers that run one
+    if mla and mla.get("index"):
+        index = {"index_q.weight", "index_k.weight", "index_k_norm.weight", "index_k_norm.bias", "index_w.weight"}
+        per_layer |= index
+    index_layers = set(mla["index"]["layers"]) if index else set()
     per_layer |= {"router.weight", *_EXPERTS} if E else {"mlp_in.weight", "mlp_out.weight"}
     dense_layers = set(sp["dense_layers"] or ())
     if dense_layers:                                # a mixture's dense layers (GLM-4.5's first)
@@ -215,6 +225,7 @@ def check_layout(m: dict, rank: int):
              - {"mixer": mlp, "mlp": mixer}.get(parts[i], set())
              - ({"attn_norm.weight", "attn_norm.bias"} if i == 0 and not sp["first_attn_norm"] else set())
              - ({"k_norm.weight"} if src[i] != i else set())
+             - (index if i not in index_layers else set())
              - ({"attn_sinks.weight"} if sp["sink_layers"] is not None and i not in sp["sink_layers"] else set())
              - (({"attn_post_norm.weight", "mlp_post_norm.weight"} if i in linear_layers else
                  {"attn_norm.weight", "mlp_norm.weight"}) if sp["linear_pre_norm"] else set())

@@ -27,14 +27,15 @@ class KVCache:
     positions a query at p sees sit in rows 0 .. p % chunk, in order."""
 
     def __init__(self, n_layers, batch, kv_heads, max_len, head_dim, dtype, device, windows=None, latent=0,
-                 chunks=None, linear=None, keyless=()):
+                 chunks=None, linear=None, keyless=(), index=None):
         """latent: latent attention's cache, whose values are the first `latent` columns of its keys (a view).
         chunks: each layer's attention chunk (0: none), for the layers without a window.
         linear: a hybrid's linear layers -> (conv channels, conv taps, state shape) of this rank: such a layer keeps
         no keys, only its conv's last taps - 1 inputs [B, C, taps - 1] and its recurrent state [B, *shape] (fp32;
         Gated DeltaNet: v heads, k_dim, v_dim; Mamba2: heads, head_dim, state), both a fixed size whatever the
         context. keyless: layers that attend to nothing (Nemotron-H's MLP layers): no keys either. kv_heads and
-        head_dim may be lists, one per layer (Gemma 4's global layers are wider, with fewer kv heads)."""
+        head_dim may be lists, one per layer (Gemma 4's global layers are wider, with fewer kv heads). index: the
+        layers with a sparse attention indexer -> its key width (DeepSeek-V3.2)."""
         windows = windows or [0] * n_layers
         kv_heads = kv_heads if isinstance(kv_heads, list) else [kv_heads] * n_layers
         head_dim = head_dim if isinstance(head_dim, list) else [head_dim] * n_layers
@@ -47,6 +48,10 @@ class KVCache:
         self.v = [t[..., :latent] for t in self.k] if latent else [torch.zeros_like(t) for t in self.k]
         self.conv = [None] * n_layers
         self.state = [None] * n_layers
+        # DeepSeek Sparse Attention: the indexer's key per position [B, S_max, dim], in the layers that run one
+        self.index_k = [None] * n_layers
+        for i, dim in (index or {}).items():
+            self.index_k[i] = torch.zeros(batch, max_len, dim, dtype=dtype, device=device)
         for i, (C, K, shape) in linear.items():
             self.conv[i] = torch.zeros(batch, C, K - 1, dtype=dtype, device=device)
             if shape is not None:                     # LFM2's short conv keeps its conv tail only
@@ -708,7 +713,9 @@ class Block(nn.Module):
         token (kv_rank wide, normed), its k completed by one rotated key all heads share (rope_dim). The cache keeps
         only that row, [B, 1, S, kv_rank + rope_dim] per layer. A prompt expands the cached latents through kv_b
         and attends as usual; a decode step takes kv_b into the query and the output instead (absorbed), so it
-        reads each latent once for every head, and no expansion grows with the context."""
+        reads each latent once for every head, and no expansion grows with the context. With a sparse attention
+        indexer (DeepSeek-V3.2) each query attends to the keys `_index_choice` picks: a prompt through a mask, a
+        decode step over just those cache rows, gathered."""
         m, t, ml = self.m, self.t, self.m.spec["mla"]
         ops = m.ops
         B, T, _ = h.shape
@@ -720,6 +727,7 @@ class Block(nn.Module):
         q = ops.linear(x, t["q_b.weight"]).view(B, T, H, nd + rd)
         kv = ops.linear(h, t["kv_a.weight"], t.get("kv_a.bias"))                  # (B, T, R + rd)
         latent = ops.add_norm(kv[..., :R], None, t["kv_a_norm.weight"], None, ml["norm_eps"], "rms")[0]
+        rot = None
         if not self.rope:              # Kimi Linear: no positional encoding; the shared key part stays as it is
             q_pe, k_pe = q[..., nd:].contiguous(), kv[..., R:].reshape(B, T, 1, rd).contiguous()
         else:
@@ -728,8 +736,10 @@ class Block(nn.Module):
                 positions = pos_t.view(1, 1).expand(B, 1)
             else:
                 cos, sin = m.rope_for(positions, self.rope_table)
+            rot = (cos, sin, positions)
             q_pe, k_pe = ops.rope(q[..., nd:].contiguous(), kv[..., R:].reshape(B, T, 1, rd).contiguous(), cos,
                                   sin, positions, m.rope_style, rd)
+        choice = self._index_choice(h, x, rot, cache, key_padding_mask, pos_t) if "index" in ml else None
         row = torch.cat([latent, k_pe.view(B, T, rd)], -1)                       # what the cache keeps
         q_nope = q[..., :nd]
         if self.query_scale is not None:      # Mistral 4: Llama 4's factor on the whole (rotated) query
@@ -738,14 +748,20 @@ class Block(nn.Module):
         if pos_t is not None:        # graph-safe: the row goes in at pos_t, the lengths come from device memory
             kc = cache.k[self.i]
             kc.index_copy_(2, pos_t, row.view(B, 1, 1, R + rd))
-            return self._absorbed(q_nope, q_pe, kc, seq_t[0])
+            if choice is None:
+                return self._absorbed(q_nope, q_pe, kc, seq_t[0])
+            # the chosen rows, best first: fewer than k positions so far leaves the unwritten ones last
+            return self._absorbed(q_nope, q_pe, _rows(kc, choice[:, 0]), seq_t[0].clamp(max=choice.shape[-1]))
         rows = row
         if cache is not None:
             kc, start = cache.k[self.i], cache.length
             kc[:, 0, start:start + T] = row
             if T == 1 and key_padding_mask is None:
-                seq = torch.full((B,), start + 1, dtype=torch.int32, device=h.device)
-                return self._absorbed(q_nope, q_pe, kc, seq)
+                if choice is None:
+                    seq = torch.full((B,), start + 1, dtype=torch.int32, device=h.device)
+                    return self._absorbed(q_nope, q_pe, kc, seq)
+                seq = torch.full((B,), choice.shape[-1], dtype=torch.int32, device=h.device)
+                return self._absorbed(q_nope, q_pe, _rows(kc, choice[:, 0]), seq)
             rows = kc[:, 0, :start + T]
         S = rows.shape[1]
         kvb = ops.linear(rows[..., :R], t["kv_b.weight"]).view(B, S, H, nd + vd)
@@ -754,9 +770,63 @@ class Block(nn.Module):
         v, D = kvb[..., nd:], max(nd + rd, vd)
         # one head width for q, k and v (what the kernels take): zero columns, dropped from the output after
         q, k, v = (y if y.shape[-1] == D else torch.nn.functional.pad(y, (0, D - y.shape[-1])) for y in (q, k, v))
-        o = ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), m.scale, m.causal, None,
-                          key_padding_mask)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if choice is None:
+            o = ops.attention(q, k, v, m.scale, m.causal, None, key_padding_mask)
+        else:                        # each query's chosen keys, as a mask beside the causal one and the padding's
+            allowed = torch.zeros(B, T, S, dtype=torch.bool, device=h.device).scatter_(-1, choice, True)
+            allowed &= _visible(S, T, key_padding_mask, h.device)
+            allowed |= ~allowed.any(-1, keepdim=True)          # a padding query that sees nothing: any finite row
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1),
+                                                                 scale=m.scale)
         return o[..., :vd].transpose(1, 2).reshape(B, T, H * vd)
+
+    def _index_choice(self, h, x, rot, cache, key_padding_mask, pos_t=None):
+        """DeepSeek Sparse Attention's indexer: the keys each new query attends to, [B, T, k] indices best first,
+        or None where every earlier key is chosen (no more of them than index_topk). Its heads' queries come from
+        the q bottleneck's output x, one key per token from the stream h (LayerNormed; cached per layer), both
+        rotated over their first rope_dim columns; a key's score is the sum over heads of relu(q . k / sqrt(dim))
+        times the head's weight. Replicated: every rank computes the same choice. A layer without an indexer of
+        its own (GLM-5's shared layers) takes the one before it's. Graph-safe decode scores the whole static cache
+        (unwritten positions last), so its shapes never depend on the step."""
+        m, t = self.m, self.t
+        if "index_k.weight" not in t:
+            return m.index_choice
+        ops, ix, rd = m.ops, m.spec["mla"]["index"], m.spec["mla"]["rope_dim"]
+        B, T, _ = h.shape
+        Hi, D = ix["heads"], ix["dim"]
+        q = ops.linear(x, t["index_q.weight"]).view(B, T, Hi, D)
+        k = ops.add_norm(ops.linear(h, t["index_k.weight"]), None, t["index_k_norm.weight"], t["index_k_norm.bias"],
+                         1e-6, "layer")[0].view(B, T, 1, D)
+        if rot is not None:
+            cos, sin, positions = rot
+            q_pe, k_pe = ops.rope(q[..., :rd].contiguous(), k[..., :rd].contiguous(), cos, sin, positions,
+                                  ix["rope_style"], rd)
+            q, k = torch.cat([q_pe, q[..., rd:]], -1), torch.cat([k_pe, k[..., rd:]], -1)
+        k = k.view(B, T, D)
+        start = cache.length if cache is not None else 0
+        if pos_t is not None:
+            keys = cache.index_k[self.i]
+            keys.index_copy_(1, pos_t, k)
+        elif cache is not None:
+            keys = cache.index_k[self.i]
+            keys[:, start:start + T] = k
+            keys = keys[:, :start + T]
+        else:
+            keys = k
+        S = keys.shape[1]
+        if S <= ix["topk"]:              # every key is chosen (graph-safe decode: whatever the step)
+            m.index_choice = None
+            return None
+        scores = torch.relu(torch.einsum("bthd,bsd->bths", q.float(), keys.float()) * D ** -0.5)
+        w = ops.linear(h, t["index_w.weight"]).float() * Hi ** -0.5
+        score = torch.einsum("bth,bths->bts", w, scores)
+        if pos_t is not None:
+            seen = (torch.arange(S, device=h.device) <= pos_t).view(1, 1, S)
+        else:
+            seen = _visible(S, T, key_padding_mask, h.device)
+        m.index_choice = score.masked_fill(~seen, float("-inf")).topk(ix["topk"], dim=-1).indices
+        return m.index_choice
 
     def _absorbed(self, q_nope, q_pe, kc, seq):
         """One query per sequence against the latent cache, kv_b folded in: each head's q_nope goes into the latent
@@ -795,6 +865,19 @@ class Block(nn.Module):
         vc.index_copy_(2, rows, v[:, :, -ring:])
         return lambda q: m.ops.attention(q, ka, va, m.scale, m.causal, m.alibi, kpm, self.window, m.softcap,
                                          sinks=self.sinks, chunk=self.chunk).transpose(1, 2).reshape(B, T, -1)
+
+
+def _rows(cache, idx):
+    """Latent cache rows [B, 1, S, D] at the indices idx [B, k]: [B, 1, k, D], contiguous."""
+    B, k = idx.shape
+    return cache[:, 0].gather(1, idx.unsqueeze(-1).expand(B, k, cache.shape[-1])).unsqueeze(1)
+
+
+def _visible(S: int, T: int, key_padding_mask, device):
+    """[B or 1, T, S]: which of S keys each of the last T queries may see, causally, padding keys left out."""
+    qpos = torch.arange(S - T, S, device=device).view(T, 1)
+    out = (torch.arange(S, device=device).view(1, S) <= qpos).unsqueeze(0)
+    return out if key_padding_mask is None else out & key_padding_mask[:, -S:].view(-1, 1, S)
 
 
 def _decode_graph_safe(model) -> bool:
@@ -837,6 +920,7 @@ class FusedModel(nn.Module):
         # over them; the per-layer inputs of a forward [B, T, layers, dim] and the activation of their gate
         self.kv_shared = {j for i, j in enumerate(sp["kv_source"] or ()) if j != i}
         self.shared_attend: dict = {}
+        self.index_choice = None      # DeepSeek Sparse Attention: the last full indexer layer's choice (GLM-5)
         self.ple_inputs = None
         self.ple_scale = torch.tensor(float(sp["per_layer_input"]) ** 0.5, dtype=self.dtype, device=self.device)
         self.ple_activation = {"geglu": "gelu_tanh", "geglu_erf": "gelu", "swiglu": "silu", "reglu2": "relu2"}.get(
@@ -993,8 +1077,9 @@ class FusedModel(nn.Module):
                             (H, ssm["head_dim"], ssm["state"])) for b in self.blocks if b.linear}
         mla = self.spec["mla"]
         if mla:               # one latent row per position: kv_rank columns (the values too), then the rotated key
+            index = {i: mla["index"]["dim"] for i in mla["index"]["layers"]} if "index" in mla else None
             return KVCache(len(self.blocks), batch, 1, max_len, mla["kv_rank"] + mla["rope_dim"], self.dtype,
-                           self.device, windows, latent=mla["kv_rank"], linear=linear)
+                           self.device, windows, latent=mla["kv_rank"], linear=linear, index=index)
         return KVCache(len(self.blocks), batch, [b.kv_heads for b in self.blocks], max_len,
                        [b.head_dim for b in self.blocks], self.dtype, self.device, windows, chunks=chunks,
                        linear=linear, keyless=keyless)
