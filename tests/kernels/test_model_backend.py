@@ -89,6 +89,22 @@ def test_triton_decode_step_matches_torch_backend(model_dir, tmp_path, name, int
         assert ((got - want).abs().max() / want.abs().max()).item() < 1e-3, fuse
 
 
+@pytest.mark.parametrize("name,int8", [("deepseek_v32", True), ("glm_moe_dsa", False)])
+def test_triton_backend_sparse_attention_matches_torch_backend(model_dir, tmp_path, name, int8):
+    """DeepSeek Sparse Attention with the indexer picking 6 keys of up to 12: a prompt (masked attention), then
+    graph-safe decode steps, whose absorbed latent attention kernel reads the chosen cache rows gathered."""
+    out = tmp_path / "out"
+    convert(model_dir(name, index_topk=6), out, Options(tp=1, int8=int8, group_size=32), progress=False)
+    ref = load(out, device="cpu", backend="torch", dequantize=True)
+    tri = load(out, device=DEVICE, backend="triton", dequantize=False)
+    ids = torch.randint(3, 100, (2, 12))
+    want = ref(ids)
+    assert ((tri(ids.to(DEVICE)).cpu() - want).abs().max() / want.abs().max()).item() < 1e-3
+    want = _decode_steps(ref, ids, 8, 4)
+    got = _decode_steps(tri, ids.to(DEVICE), 8, 4)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-3
+
+
 def test_triton_decode_step_crosses_the_longrope_switch(model_dir, tmp_path):
     """LongRoPE's per-step table (short rows, then long ones) read by the fused rope + KV-append kernel, decoding
     from position 14 to 18 across the switch at 16."""
