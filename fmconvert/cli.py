@@ -50,7 +50,7 @@ def cli():
         MiniMax-M2, Laguna, MiMo-V2-Flash, Beam,
         DeepSeek-V3.2, GLM-5
       hybrids and state spaces: Qwen3.5, Qwen3-Next, OLMo Hybrid, Granite 4.0-H, Nemotron-H, Jamba, LFM2, LFM3,
-        Mamba 1/2
+        Falcon-H1, Mamba 1/2
       older: GPT-2, GPT-BigCode, OPT, BLOOM, MPT, Falcon, GPT-NeoX, GPT-J, CodeGen, GPT-Neo, Phi, BERT,
         ModernBERT's decoder
       vision-language, language model only: Gemma 3/4, LLaVA, Mistral 3, Llama 4, Qwen2/2.5/3/3.5-VL, GLM-4.5V
@@ -245,10 +245,18 @@ def inspect(out_dir, as_json):
     if md["ssm"]:
         a, n = md["ssm"], len(md["linear_layers"])
         clamp = f", dt clamped to [{a['dt_min']:g}, {a['dt_max']:g}]" if a["dt_max"] is not None else ""
-        t.add_row("state space", f"Mamba2 in {n} of {md['num_layers']} layers ({_ranges(md['linear_layers'])}): "
-                  f"{a['heads']} heads of {a['head_dim']}, {a['groups']} B/C group(s) of state {a['state']}, conv "
-                  f"{a['conv_kernel']}{clamp}; a fixed-size state per layer and sequence "
-                  f"({a['heads'] * a['head_dim'] * a['state']} fp32 values), no KV cache")
+        gate = {"norm_first": ", normed then gated", "none": ", gated without a norm"}.get(a.get("gate"), "")
+        beside = md["ssm_beside_attention"]
+        t.add_row("state space", f"Mamba2 in {n} of {md['num_layers']} layers ({_ranges(md['linear_layers'])}"
+                  f"{', beside attention' if beside else ''}): {a['heads']} heads of {a['head_dim']}, {a['groups']} "
+                  f"B/C group(s) of state {a['state']}, conv {a['conv_kernel']}{clamp}{gate}; a fixed-size state per "
+                  f"layer and sequence ({a['heads'] * a['head_dim'] * a['state']} fp32 values)"
+                  f"{'' if beside else ', no KV cache'}")
+    if md["row_scales"]:
+        t.add_row("multipliers", "folded into the weights at load: " + "; ".join(
+            f"{slot} " + ", ".join([f"input x{f['input']:g}"] * (f["input"] != 1) +
+                                   ["rows x" + "/".join(f"{p:g}" for p in f["parts"])] * any(p != 1 for p in f["parts"]))
+            for slot, f in md["row_scales"].items()))
     if md["mamba"]:
         a, n = md["mamba"], len(md["linear_layers"])
         norms = {None: "", "plain": ", dt/B/C RMS-normed", "weighted": ", dt/B/C RMS-normed with weights"}

@@ -109,6 +109,8 @@ _MODEL_OPTIONAL = {
                                                  and type(x["conv_kernel"]) is int and 2 <= x["conv_kernel"] <= 64),
                    "null or {\"conv_kernel\": taps}"),
     "mamba": (None, lambda x: x is None or _mamba(x), "null or the Mamba widths"),
+    "ssm_beside_attention": (False, _BOOL, "true or false"),
+    "row_scales": (None, lambda x: x is None or _row_scales(x), "null or slot -> {\"input\", \"parts\"} factors"),
     "linear_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
                       "null or a list of layer indices"),
     "attn_gate": (False, _BOOL, "true or false"), "attn_gate_heads": (False, _BOOL, "true or false"),
@@ -147,11 +149,25 @@ _MODEL_OPTIONAL = {
 
 def _ssm(x) -> bool:
     """Mamba2's widths: positive heads, head_dim, groups (dividing the heads), state and conv taps; the step's clamp."""
-    return (isinstance(x, dict) and set(x) == {"heads", "head_dim", "groups", "state", "conv_kernel", "dt_min",
-                                               "dt_max"}
+    return (isinstance(x, dict) and set(x) - {"gate"} == {"heads", "head_dim", "groups", "state", "conv_kernel",
+                                                         "dt_min", "dt_max"}
+            and x.get("gate", "norm_first") in ("norm_first", "none")
             and all(_POS_INT(x[k]) for k in ("heads", "head_dim", "groups", "state", "conv_kernel"))
             and x["heads"] % x["groups"] == 0 and 2 <= x["conv_kernel"] <= 64 and _NONNEG_NUM(x["dt_min"])
             and (x["dt_max"] is None or (_POS_NUM(x["dt_max"]) and x["dt_max"] > x["dt_min"])))
+
+
+_ROW_SCALE_PARTS = {"qkv": 3, "attn_out": 1, "mlp_in": 2, "mlp_out": 1, "ssm_in": 5, "ssm_out": 1}
+
+
+def _row_scales(x) -> bool:
+    """Falcon-H1's multipliers: for known slots, a finite non-zero factor on the input and one per part of the
+    output rows."""
+    factor = lambda v: type(v) in (int, float) and math.isfinite(v) and v != 0  # noqa: E731
+    return (isinstance(x, dict) and bool(x) and all(
+        k in _ROW_SCALE_PARTS and isinstance(v, dict) and set(v) == {"input", "parts"} and factor(v["input"])
+        and isinstance(v["parts"], list) and len(v["parts"]) == _ROW_SCALE_PARTS[k] and all(map(factor, v["parts"]))
+        for k, v in x.items()))
 
 
 def _mamba(x) -> bool:
@@ -292,6 +308,13 @@ def validate(m) -> dict:
           "model.mla does not fit head_dim, num_kv_heads and the rotary width")
     _need(mla is None or "index" not in mla or mla["index"]["layers"][-1] < model["num_layers"],
           "model.mla.index.layers names a layer past the last")
+    _need(not model["ssm_beside_attention"] or (model["ssm"] is not None and mla is None
+                                                and model["linear_layers"] == list(range(model["num_layers"]))),
+          "model.ssm_beside_attention needs Mamba2 layers in every layer")
+    rs = model["row_scales"] or {}
+    _need(("ssm_in" not in rs and "ssm_out" not in rs or model["ssm"] is not None)
+          and ("mlp_in" not in rs or model["gated_mlp"]) and ("qkv" not in rs or mla is None),
+          "model.row_scales names a slot this model does not have")
     la, ll, ssm, sc, mb = (model[k] for k in ("linear_attn", "linear_layers", "ssm", "short_conv", "mamba"))
     _need((la is not None) + (ssm is not None) + (sc is not None) + (mb is not None) <= 1,
           "model.linear_attn, model.ssm, model.short_conv and model.mamba exclude each other")
@@ -445,7 +468,7 @@ def kv_cache_bytes(model: dict, parallel: dict, itemsize: int) -> tuple[int, int
     parts = model["block_parts"] or [None] * model["num_layers"]
     src = model.get("kv_source") or range(model["num_layers"])       # Gemma 4 E2B/E4B: some read another's cache
     for i in range(model["num_layers"]):
-        if i in linear or parts[i] == "mlp" or src[i] != i:
+        if (i in linear and not model["ssm_beside_attention"]) or parts[i] == "mlp" or src[i] != i:
             continue
         windowed_layer = (model["sliding_window"] > 0 and (layers is None or i in layers)) or (
             model["attn_chunk"] > 0 and (chunks is None or i in chunks))

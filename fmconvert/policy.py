@@ -202,6 +202,11 @@ class ModelSpec:
     #                                both halves in every layer
     qkv_clip: float = 0.0          # OLMo, MPT: q, k and v clamped to [-qkv_clip, qkv_clip]; 0: not clamped
     norm_affine: bool = True       # False: the block and final norms have no weight or bias (OLMo's LayerNorm)
+    ssm_beside_attention: bool = False  # Falcon-H1: the linear layers attend too, attention and the SSM side by side
+    #                                on one normed input, their outputs added
+    row_scales: dict | None = None  # Falcon-H1's muP multipliers, folded into the weights at load: slot ->
+    #                                {"input": factor on its input (the weight only), "parts": a factor per part of
+    #                                its output rows (weight and bias)}; None: none
     attn_gate: bool = False        # Qwen3-Next, Qwen3.5: the attention output times sigmoid of a per-head gate that
     #                                q_proj computes beside q (qkv then holds q|k|v|gate)
     attn_gate_heads: bool = False  # LFM3: that gate is one logit per head, broadcast over head_dim
@@ -319,10 +324,14 @@ def _yarn_mscale(params: dict) -> float:
 
 
 def _attr(config, name: str, default=None):
-    """A config attribute; a dotted name reads inside a sub-config or dict (MPT's attn_config.clip_qkv)."""
+    """A config attribute; a dotted name reads inside a sub-config or dict (MPT's attn_config.clip_qkv), or a list
+    by index (Falcon-H1's mlp_multipliers.0)."""
     v = config
     for part in name.split("."):
-        v = v.get(part) if isinstance(v, dict) else getattr(v, part, None)
+        if isinstance(v, (list, tuple)):
+            v = v[int(part)] if part.isdigit() and int(part) < len(v) else None
+        else:
+            v = v.get(part) if isinstance(v, dict) else getattr(v, part, None)
         if v is None:
             return default
     return v
@@ -376,9 +385,9 @@ def _config_value(config, spec, key: str, flags: dict | None = None):
     for alt in spec.split("|"):
         if re.fullmatch(r"\d+(\.\d+)?", alt):
             return float(alt) if "." in alt else int(alt)
-        m = re.fullmatch(r"(\w+)\*(\w+)", alt)
+        m = re.fullmatch(r"([\w.]+)\*([\w.]+)", alt)
         if m:
-            a, v = _operand(config, m.group(1)), getattr(config, m.group(2), None)
+            a, v = _operand(config, m.group(1)), _attr(config, m.group(2))
             if a is not None and v is not None:
                 return a * v
             continue
@@ -594,6 +603,8 @@ class Policy:
             sink_layers=self._sink_layers(c, windows, flags),
             residual_depth_scale=bool(self._layout("depth_scaled_residual", flags, False)),
             qkv_clip=_number(c, "qkv_clip", 0.0, zero_ok=True),
+            ssm_beside_attention=bool(self.layout.get("ssm_beside_attention", False)),
+            row_scales=self._row_scales(config, flags),
             norm_affine=bool(self._layout("norm_weights", flags, True)),
             embed_scale=self._embed_scale(c, flags), qkv_layout=self._layout("qkv", flags, "separate"),
             num_experts=experts, experts_per_token=topk if experts else 0,
@@ -803,6 +814,11 @@ class Policy:
             key, mixer, kind = "short_conv", {"conv_kernel": K}, "conv"
         elif "ssm_heads" in c:
             key, mixer = "ssm", self._ssm(c)
+            gate = self._layout("ssm_gate", flags, "gate_first")
+            if gate not in ("gate_first", "norm_first", "none"):
+                raise FmError(f"{self.path.name}: ssm_gate {gate!r} is not gate_first, norm_first or none")
+            if gate != "gate_first":         # Falcon-H1: normed before the gate, or not at all
+                mixer["gate"] = gate
         elif "mamba_state" in c:
             key, mixer = "mamba", self._mamba(c, flags)
         elif "lin_k_heads" in c:
@@ -824,6 +840,8 @@ class Policy:
             key, mixer = "linear_attn", la
         else:
             return {}
+        if self.layout.get("ssm_beside_attention"):      # Falcon-H1: every layer has both
+            return {key: mixer, "linear_layers": list(range(c["num_layers"]))}
         types = getattr(config, "layer_types", None)
         if not isinstance(types, (list, tuple)) or len(types) != c["num_layers"]:
             raise FmError(f"config.json: layer_types must list one kind per layer ({c['num_layers']}), "
@@ -862,6 +880,31 @@ class Policy:
         else:
             c["dense_list"] = [i for i, t in enumerate(types) if t == "mlp"]
         return {"block_parts": [kinds[t] for t in types]}
+
+    # The slots [row_scales] may name, with how many parts their output rows have (gated: gate|up)
+    ROW_SCALE_PARTS = {"qkv": 3, "attn_out": 1, "mlp_in": 2, "mlp_out": 1, "ssm_in": 5, "ssm_out": 1}
+
+    def _row_scales(self, config, flags) -> dict | None:
+        """Falcon-H1's muP multipliers: `[row_scales]` slot -> one config value per part of its output rows,
+        `[input_scales]` slot -> one on its input. Each a finite non-zero number; None when every factor is 1."""
+        rows, inputs = self.table.get("row_scales", {}), self.table.get("input_scales", {})
+        out = {}
+        for slot in sorted(set(rows) | set(inputs)):
+            if slot not in self.ROW_SCALE_PARTS:
+                raise FmError(f"{self.path.name}: [row_scales] slot {slot!r} is not one of "
+                              f"{', '.join(self.ROW_SCALE_PARTS)}")
+            n = self.ROW_SCALE_PARTS[slot]
+            parts = rows.get(slot, ["1"] * n)
+            if len(parts) != n:
+                raise FmError(f"{self.path.name}: [row_scales] {slot} needs {n} factors, one per part")
+            values = [_config_value(config, e, f"row_scales.{slot}", flags) for e in [inputs.get(slot, "1"), *parts]]
+            if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v == 0
+                   for v in values):
+                raise FmError(f"config.json: the multipliers of {slot} must be finite non-zero numbers, got "
+                              f"{str(values)[:80]}")
+            if any(v != 1 for v in values):
+                out[slot] = {"input": float(values[0]), "parts": [float(v) for v in values[1:]]}
+        return out or None
 
     @staticmethod
     def _ssm(c) -> dict:
@@ -1026,6 +1069,7 @@ class Policy:
             {"linear_attention"} if "lin_k_heads" in c or "ssm_heads" in c or "mamba_state" in c else set()) | (
             {"conv"} if "sconv" in c else set()) | (
             {"indexed_attention"} if "index_heads" in c else set()) | (
+            {"hybrid"} if self.layout.get("ssm_beside_attention") else set()) | (
             {"mlp", "moe"} if self.layout.get("block_parts") else set())
         odd = sorted({str(t) for t in types} - kinds)
         if odd:
@@ -1327,7 +1371,8 @@ class Policy:
         spec = spec.at(layer)                # Gemma 4's global layers: their own head_dim and kv heads
         if layer is not None:            # a dense model has no mixture's slots, whatever the flags say
             skip = SPARSE_SLOTS if not spec.num_experts or layer in (spec.dense_layers or ()) else DENSE_SLOTS
-            skip += ATTENTION_SLOTS if layer in (spec.linear_layers or ()) else LINEAR_SLOTS
+            skip += (LINEAR_SLOTS if layer not in (spec.linear_layers or ()) else
+                     () if spec.ssm_beside_attention else ATTENTION_SLOTS)
             part = spec.block_parts[layer] if spec.block_parts else None
             if part == "mixer":
                 skip += SPARSE_SLOTS + DENSE_SLOTS + ("mlp_norm.",)

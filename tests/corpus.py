@@ -610,6 +610,16 @@ def _inspect_index_layer_past_the_last(c: Ctx):
     return [_manifest(c, lambda m: m["model"]["mla"]["index"].update(layers=[0, 2, 3]), name="glm_moe_dsa")]
 
 
+@case("inspect", "model.row_scales must be null or slot -> ")
+def _inspect_row_scales_one_part_short(c: Ctx):        # Falcon-H1's multipliers: q|k|v has three parts
+    return [_manifest(c, lambda m: m["model"]["row_scales"]["qkv"]["parts"].pop(), name="falcon_h1")]
+
+
+@case("inspect", "model.ssm_beside_attention needs Mamba2 layers in every layer")
+def _inspect_ssm_beside_attention_in_some_layers(c: Ctx):
+    return [_manifest(c, lambda m: m["model"].update(linear_layers=[1]), name="falcon_h1")]
+
+
 @case("inspect", "model.residual_depth_scale needs the pre-norm residual")
 def _inspect_depth_scale_with_a_residual_scale(c: Ctx):    # Beam's scaled additions beside Granite's multiplier
     return [_manifest(c, lambda m: m["model"].update(residual_scale=0.5), name="beam")]

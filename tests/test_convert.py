@@ -97,6 +97,7 @@ def assert_int8_bound(out: Path, want: dict):
                            ("lm_head.weight",) if q["lm_head"] else ())
     dense = set(m["model"]["dense_layers"] or ())          # a mixture's dense layers: the MLP's slots, not experts'
     linear = set(m["model"]["linear_layers"] or ())        # a hybrid's linear-attention layers: lin_, not attention's
+    beside = m["model"]["ssm_beside_attention"]            # (Falcon-H1's have both)
     parts = m["model"]["block_parts"] or [None] * m["model"]["num_layers"]      # Nemotron-H: one half per layer
     half = {"mixer": ("router.", "experts_", "shared_", "mlp_"),
             "mlp": ATTENTION_SLOTS + ("lin_", "ssm", "sconv", "mamba")}
@@ -104,8 +105,8 @@ def assert_int8_bound(out: Path, want: dict):
     def has(i, s):
         return f"layers.{s}" in m["model"]["slots"] and not (
             dense and s.startswith(("router.", "experts_", "shared_") if i in dense else ("mlp_in.", "mlp_out."))
-        ) and not (linear and s.startswith(ATTENTION_SLOTS if i in linear else ("lin_", "ssm", "sconv", "mamba"))
-                   ) and not (parts[i] and s.startswith(half[parts[i]]))
+        ) and not (linear and s.startswith(() if i in linear and beside else ATTENTION_SLOTS if i in linear
+                                           else ("lin_", "ssm", "sconv", "mamba"))) and not (parts[i] and s.startswith(half[parts[i]]))
     assert canon_q == {f"layers.{i}.{s}" for i in range(m["model"]["num_layers"]) for s in QUANT_SLOTS if has(i, s)} | \
         {s for s in slots if s in m["model"]["slots"] and not s.startswith("layers.")}
     assert quantized

@@ -642,6 +642,17 @@ CONFIGS = {
         qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=32, index_topk=32, index_head_dim=16, index_n_heads=8,
         indexer_types=["full", "shared", "full"], pad_token_id=0, bos_token_id=1, eos_token_id=2,
         tie_word_embeddings=False)),
+    # Falcon-H1: attention and Mamba2 side by side in every layer (the output gated, then group-normed), and muP
+    # multipliers on the embeddings, the logits, both mixers' inputs and outputs, the keys, the Mamba2 input's five
+    # parts and the MLP's gate and down projections
+    "falcon_h1": ("FalconH1Config", "FalconH1ForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=101, max_position_embeddings=64, mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16,
+        mamba_n_groups=1, mamba_d_state=8, mamba_d_conv=4, mamba_rms_norm=True, mamba_norm_before_gate=False,
+        mamba_chunk_size=8, key_multiplier=0.4, lm_head_multiplier=0.5, embedding_multiplier=2.0,
+        mlp_multipliers=[0.8, 0.6], ssm_multipliers=[1.1, 0.9, 0.8, 1.2, 0.7], attention_in_multiplier=0.9,
+        attention_out_multiplier=0.7, ssm_in_multiplier=1.3, ssm_out_multiplier=0.6, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, time_step_limit=(0.0, 100.0))),
 }
 FAMILIES = list(CONFIGS)
 

@@ -26,6 +26,9 @@ class FusedBody(nn.Module):
         self._hidden: torch.Tensor | None = None   # their final hidden states
         self._cache = None
         self._hf_cache = None
+        for k, v in vars(original).items():   # numbers the head reads off the body (Falcon-H1's lm_head_multiplier)
+            if not k.startswith("_") and k != "training" and type(v) in (int, float):
+                setattr(self, k, v)
 
     def get_input_embeddings(self):
         return self._orig_embed

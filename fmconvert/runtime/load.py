@@ -206,8 +206,9 @@ def check_layout(m: dict, rank: int):
     if linear_layers and sc:
         per_layer |= {"sconv_in.weight", "sconv_conv.weight", "sconv_out.weight"}
     if linear_layers and ssm:
-        per_layer |= {"ssm_in.weight", "ssm_conv.weight", "ssm.a_log", "ssm.dt_bias", "ssm.d", "ssm_norm.weight",
-                      "ssm_out.weight"}
+        per_layer |= {"ssm_in.weight", "ssm_conv.weight", "ssm.a_log", "ssm.dt_bias", "ssm.d", "ssm_out.weight"}
+        if ssm.get("gate") != "none":       # Falcon-H1 may gate the output without a norm
+            per_layer.add("ssm_norm.weight")
     if linear_layers and mb:
         per_layer |= {"mamba_in.weight", "mamba_conv.weight", "mamba_x.weight", "mamba_dt.weight", "mamba_dt.bias",
                       "mamba.a_log", "mamba.d", "mamba_out.weight"}
@@ -221,7 +222,7 @@ def check_layout(m: dict, rank: int):
     mlp = sparse_only | {s for s in per_layer if s.startswith(DENSE_SLOTS)} | {"mlp_norm.weight"}
     need |= {f"layers.{i}.{s}" for i in range(sp["num_layers"])
              for s in (per_layer - sparse_only if i in dense_layers else per_layer - dense_only)
-             - (attention_only if i in linear_layers else linear_only)
+             - (linear_only if i not in linear_layers else set() if sp["ssm_beside_attention"] else attention_only)
              - {"mixer": mlp, "mlp": mixer}.get(parts[i], set())
              - ({"attn_norm.weight", "attn_norm.bias"} if i == 0 and not sp["first_attn_norm"] else set())
              - ({"k_norm.weight"} if src[i] != i else set())
@@ -338,6 +339,43 @@ def _read_tensors(entry: dict, headers: dict, rank: int) -> dict[str, torch.Tens
 CPU_INT8_MIN_ELEMS = 1 << 20
 
 
+def _part_rows(m: dict, slot: str) -> list[int]:
+    """The rows of each part of a rank's qkv (q|k|v) or ssm_in (Mamba2's z|x|B|C|dt); [] for the others."""
+    sp, par = m["model"], m["parallel"]
+    tp = par["tp"]
+    if slot == "qkv":
+        kv = par["kv_heads_per_rank"]
+        return [par["heads_per_rank"] * sp["head_dim"], kv * sp["head_dim"], kv * (sp["v_head_dim"] or sp["head_dim"])]
+    if slot == "ssm_in":
+        s = sp["ssm"]
+        I, H = s["heads"] * s["head_dim"] // tp, s["heads"] // tp
+        BC = s["state"] * (s["groups"] // tp if s["groups"] % tp == 0 else s["groups"])
+        return [I, I, BC, BC, H]
+    return []
+
+
+def fold_row_scales(m: dict, raw: dict) -> dict:
+    """Falcon-H1's multipliers (`model.row_scales`) folded into this rank's weights, once at load: each part of a
+    slot's output rows times its factor (the weight, its bias, or an int8 weight's scales), and the weight (or its
+    scales) times the factor on the slot's input. New tensors: what was read stays as it is."""
+    scales, out = m["model"]["row_scales"], dict(raw)
+    for name, t in raw.items():
+        if not name.startswith("layers."):
+            continue
+        slot, _, kind = name.split(".", 2)[2].partition(".")
+        f = scales.get(slot)
+        if f is None or kind not in ("weight", "bias", "weight_scale") or (kind == "weight" and t.dtype == torch.int8):
+            continue
+        sizes = _part_rows(m, slot) or [t.shape[0] // len(f["parts"])] * len(f["parts"])     # gate|up: halves
+        if sum(sizes) != t.shape[0]:
+            raise FmError(f"{name}: its {t.shape[0]} rows do not split into {slot}'s parts {sizes}")
+        rows = torch.cat([torch.full((r,), v, dtype=torch.float32) for r, v in zip(sizes, f["parts"])])
+        if kind != "bias":
+            rows = rows * f["input"]
+        out[name] = (t.float() * rows.view(-1, *([1] * (t.dim() - 1)))).to(t.dtype)
+    return out
+
+
 def _assemble(manifest: dict, raw: dict, device, int8: str, dtype) -> dict:
     """Pair int8 weights with their scales; move to the device. int8: "keep", "dequantize", or "pack" (CPU: big
     weights a matmul reads stay int8, reordered for the int8 GEMV; the rest are dequantized once)."""
@@ -416,6 +454,8 @@ def load(out_dir, rank: int | None = None, device=None, backend: str = "auto", c
         int8 = "dequantize" if ops.name == "torch" else "keep"
     dtype = dtype or _DT[m["dtype"]]
     raw, hashes = _read_rank(out_dir, m, rank, check_hashes)
+    if m["model"]["row_scales"]:
+        raw = fold_row_scales(m, raw)
     nbytes = sum(t.numel() * t.element_size() for t in raw.values())
     # The hashers hold cores meanwhile; torch ops split over as many threads as there are cores would then wait at
     # every barrier for a thread that is not running. (The setting is per process: ranks loading as threads of one

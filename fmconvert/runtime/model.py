@@ -27,7 +27,7 @@ class KVCache:
     positions a query at p sees sit in rows 0 .. p % chunk, in order."""
 
     def __init__(self, n_layers, batch, kv_heads, max_len, head_dim, dtype, device, windows=None, latent=0,
-                 chunks=None, linear=None, keyless=(), index=None):
+                 chunks=None, linear=None, keyless=(), index=None, linear_attends=False):
         """latent: latent attention's cache, whose values are the first `latent` columns of its keys (a view).
         chunks: each layer's attention chunk (0: none), for the layers without a window.
         linear: a hybrid's linear layers -> (conv channels, conv taps, state shape) of this rank: such a layer keeps
@@ -35,7 +35,8 @@ class KVCache:
         Gated DeltaNet: v heads, k_dim, v_dim; Mamba2: heads, head_dim, state), both a fixed size whatever the
         context. keyless: layers that attend to nothing (Nemotron-H's MLP layers): no keys either. kv_heads and
         head_dim may be lists, one per layer (Gemma 4's global layers are wider, with fewer kv heads). index: the
-        layers with a sparse attention indexer -> its key width (DeepSeek-V3.2)."""
+        layers with a sparse attention indexer -> its key width (DeepSeek-V3.2). linear_attends: the linear layers
+        keep keys too (Falcon-H1's attention beside its SSM)."""
         windows = windows or [0] * n_layers
         kv_heads = kv_heads if isinstance(kv_heads, list) else [kv_heads] * n_layers
         head_dim = head_dim if isinstance(head_dim, list) else [head_dim] * n_layers
@@ -43,7 +44,8 @@ class KVCache:
         linear = linear or {}
         self.ring = [w if 0 < w < max_len else c if 0 < c < max_len else 0 for w, c in zip(windows, chunks)]
         self.chunked = [not (0 < w < max_len) and 0 < c < max_len for w, c in zip(windows, chunks)]
-        self.k = [torch.zeros(batch, kv_heads[i], 0 if i in linear or i in keyless else r or max_len, head_dim[i],
+        self.k = [torch.zeros(batch, kv_heads[i], 0 if (i in linear and not linear_attends) or i in keyless
+                              else r or max_len, head_dim[i],
                               dtype=dtype, device=device) for i, r in enumerate(self.ring)]
         self.v = [t[..., :latent] for t in self.k] if latent else [torch.zeros_like(t) for t in self.k]
         self.conv = [None] * n_layers
@@ -234,7 +236,12 @@ class Block(nn.Module):
         if self.linear:
             mixer, out = self.linear
             y = getattr(self, mixer)(h, cache, key_padding_mask, pos_t)
-            return m.ops.linear(y, t[out + ".weight"], t.get(out + ".bias"))
+            y = m.ops.linear(y, t[out + ".weight"], t.get(out + ".bias"))
+            if not m.spec["ssm_beside_attention"]:
+                return y
+            # Falcon-H1: attention beside the SSM on the same input; both row-parallel, one all-reduce for the sum
+            a = self.attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
+            return y + m.ops.linear(a, t["attn_out.weight"], t.get("attn_out.bias"))
         a = self.attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
         if "attn_sub_norm.weight" in t:       # BitNet: normed over every head of every rank first
             a = self._sub_norm(a, t["attn_sub_norm.weight"], self.heads * m.tp * self.v_dim)
@@ -337,12 +344,17 @@ class Block(nn.Module):
         dt = torch.nn.functional.softplus(dt.float() + self.dt_bias).clamp(s["dt_min"], s["dt_max"])
         y = m.ops.ssm_scan(x.view(B, T, H, P), dt, self.ssm_a, b.view(B, T, G, N), c.view(B, T, G, N), self.ssm_d,
                            state).reshape(B, T, H * P)
+        gate = s.get("gate", "gate_first")      # Falcon-H1: the norm before the gate, or none
+        if gate == "none":
+            return (y.float() * torch.nn.functional.silu(z.float())).to(y.dtype)
         w, eps = t["ssm_norm.weight"], m.eps
         if m.tp > 1 and s["groups"] % m.tp:      # one group over every rank's heads: its RMS needs all their sums
-            g = y.float() * torch.nn.functional.silu(z.float())
+            g = y.float() * torch.nn.functional.silu(z.float()) if gate == "gate_first" else y.float()
             ss = m.comm.all_reduce(g.square().sum(-1, keepdim=True))
-            return w * (g * torch.rsqrt(ss / (s["heads"] * P) + eps)).to(y.dtype)
-        return m.ops.gated_rms_norm(y, z, w, eps, group_size=s["heads"] * P // s["groups"], gate_first=True)
+            n = w * (g * torch.rsqrt(ss / (s["heads"] * P) + eps)).to(y.dtype)
+            return n if gate == "gate_first" else (n.float() * torch.nn.functional.silu(z.float())).to(y.dtype)
+        return m.ops.gated_rms_norm(y, z, w, eps, group_size=s["heads"] * P // s["groups"],
+                                    gate_first=gate == "gate_first")
 
     def mamba1(self, h, cache, key_padding_mask, pos_t=None):
         """Mamba (1) (Mamba, FalconMamba, Jamba). One projection gives x and the gate z per channel; a causal
@@ -1082,7 +1094,7 @@ class FusedModel(nn.Module):
                            self.device, windows, latent=mla["kv_rank"], linear=linear, index=index)
         return KVCache(len(self.blocks), batch, [b.kv_heads for b in self.blocks], max_len,
                        [b.head_dim for b in self.blocks], self.dtype, self.device, windows, chunks=chunks,
-                       linear=linear, keyless=keyless)
+                       linear=linear, keyless=keyless, linear_attends=self.spec["ssm_beside_attention"])
 
     def _ssm_local(self) -> tuple[int, int]:
         """(heads, groups) of the Mamba2 layers on this rank: the groups are split with the heads, or all held when
