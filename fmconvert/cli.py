@@ -45,7 +45,7 @@ def cli():
     \b
     Supported families (one table each in fmconvert/configs/, listed in its README.md), among them:
       LLaMA 1-3 / Mistral / Qwen2, Qwen3, Phi-3 / Phi-4-mini, Gemma 1-4, Granite, Cohere, OLMo 1-3, GLM-4,
-      EXAONE 4, SmolLM3, StableLM, StarCoder2, Nemotron, Apertus, Hunyuan, ERNIE 4.5, BitNet
+      EXAONE 3 / 4, SmolLM3, StableLM, StarCoder2, Nemotron, Apertus, Hunyuan, ERNIE 4.5, BitNet
       mixtures: Mixtral, DBRX, Qwen2/3-MoE, OLMoE, GLM-4.5, DeepSeek-V2/V3, Kimi K2, Mistral 4, GPT-OSS, Llama 4,
         MiniMax-M2, Laguna, MiMo-V2-Flash, Beam,
         DeepSeek-V3.2, GLM-5

@@ -87,6 +87,12 @@ def load_config(model_dir: Path):
         raise FmError(f"{path}: model_type {_short(model_type)} is missing or unknown to transformers")
     stem = CONFIG_MAPPING_NAMES[model_type].removesuffix("Config")
     wrapper = wrappers().get(arch)
+    own = next((a for a in (stem + "ForCausalLM", stem + "Model") if a in policies()), None)
+    if wrapper is None and own is not None and arch in policies()[own].table.get("saved_as", []):
+        # transformers saves some models under a generic class (EXAONE 3.x as LlamaForCausalLM) with their own
+        # model_type and tensor names: the model_type's own table says so, and serves them
+        arch = own
+        raw["architectures"] = [own]
     if wrapper is None:
         policy, _ = policy_for([arch])
         if not any(a.startswith(stem) for a in policy.architectures):

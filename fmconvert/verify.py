@@ -589,6 +589,8 @@ def _load_reference(model_dir: Path, arch: str, kind: str, device):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     cls = getattr(transformers, arch, None)
+    if cls is None and kind == "decoder" and arch.endswith("ForCausalLM"):
+        cls = transformers.AutoModelForCausalLM     # a class transformers names by model_type only (EXAONE 3.x)
     if cls is None:
         raise FmError(f"transformers {transformers.__version__} has no class {arch}")
     try:

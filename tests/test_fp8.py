@@ -61,7 +61,7 @@ def test_decoding_equals_transformers_routine_bit_for_bit(shape, block):
     assert (got.float() - w).abs().max() <= w.abs().max() / 16         # e4m3 keeps 3 mantissa bits
 
 
-@pytest.mark.parametrize("name", ["deepseek_v3", "qwen3"])
+@pytest.mark.parametrize("name", ["deepseek_v3", "qwen3", "deepseek_v32"])     # V3.2: its indexer's too
 def test_an_fp8_checkpoint_converts_and_verifies(model_dir, tmp_path, name):
     src = save_fp8(model_dir(name), tmp_path / "fp8")
     r = CliRunner().invoke(cli, ["convert", "--tp", "2", str(src), str(tmp_path / "out")])

@@ -653,6 +653,11 @@ CONFIGS = {
         mlp_multipliers=[0.8, 0.6], ssm_multipliers=[1.1, 0.9, 0.8, 1.2, 0.7], attention_in_multiplier=0.9,
         attention_out_multiplier=0.7, ssm_in_multiplier=1.3, ssm_out_multiplier=0.6, tie_word_embeddings=False,
         pad_token_id=0, bos_token_id=1, eos_token_id=2, time_step_limit=(0.0, 100.0))),
+    # EXAONE 3.x: LLaMA's block, which transformers builds as a LlamaForCausalLM and saves under EXAONE's own names
+    "exaone": ("ExaoneConfig", "AutoModelForCausalLM", dict(hidden_size=64, intermediate_size=96,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+               max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+               eos_token_id=2)),
 }
 FAMILIES = list(CONFIGS)
 
@@ -671,7 +676,8 @@ def build(name: str, seed: int = 0, **overrides):
         pytest.skip(f"transformers {transformers.__version__} has no {cfg_cls}")
     config = getattr(transformers, cfg_cls)(**copy.deepcopy({**kw, **overrides}))   # configs may edit their dicts
     torch.manual_seed(seed)
-    model = getattr(transformers, model_cls)(config).eval()
+    cls = getattr(transformers, model_cls)
+    model = (cls.from_config(config) if model_cls.startswith("Auto") else cls(config)).eval()   # EXAONE: a LLaMA
     with torch.no_grad():  # norms default to ones/zeros: randomize so a wrong norm shows
         for n, p in model.named_parameters():
             if "norm" in n.lower() or "ln_" in n or n.endswith("_layer_norm.weight") or "LayerNorm" in n:
