@@ -50,7 +50,7 @@ def cli():
         MiniMax-M2, Laguna, MiMo-V2-Flash, Beam,
         DeepSeek-V3.2, GLM-5
       hybrids and state spaces: Qwen3.5, Qwen3-Next, OLMo Hybrid, Granite 4.0-H, Nemotron-H, Jamba, LFM2, LFM3,
-        Falcon-H1, Mamba 1/2
+        Falcon-H1, Kimi Linear, Ling 2.5 hybrids, Mamba 1/2
       older: GPT-2, GPT-BigCode, OPT, BLOOM, MPT, Falcon, GPT-NeoX, GPT-J, CodeGen, GPT-Neo, Phi, BERT,
         ModernBERT's decoder
       vision-language, language model only: Gemma 3/4, LLaVA, Mistral 3, Llama 4, Qwen2/2.5/3/3.5-VL, GLM-4.5V

@@ -179,11 +179,14 @@ def _mamba(x) -> bool:
 
 def _linear_attn(x) -> bool:
     """Gated DeltaNet's widths: positive heads and head widths, the value heads a multiple of the key heads; KDA's
-    (decay "channel") as many value heads as key heads."""
+    (decay "channel") as many value heads as key heads, maybe full-width gates and a bounded decay (Ling 2.5)."""
     if not isinstance(x, dict):
         return False
     widths = {k: x.get(k) for k in ("k_heads", "v_heads", "k_dim", "v_dim", "conv_kernel")}
-    return (set(x) - {"decay", "beta_scale", "norm_eps"} == set(widths) and x.get("decay", "channel") == "channel"
+    return (set(x) - {"decay", "beta_scale", "norm_eps", "gates", "decay_bound"} == set(widths)
+            and x.get("decay", "channel") == "channel" and x.get("gates", "full") == "full"
+            and (("gates" not in x and "decay_bound" not in x) or "decay" in x)
+            and ("decay_bound" not in x or (type(x["decay_bound"]) in (int, float) and -1e4 < x["decay_bound"] < 0))
             and all(_POS_NUM(x[k]) for k in ("beta_scale", "norm_eps") if k in x)
             and all(_POS_INT(v) for v in widths.values()) and x["v_heads"] % x["k_heads"] == 0
             and 2 <= x["conv_kernel"] <= 64 and ("decay" not in x or x["k_heads"] == x["v_heads"]))

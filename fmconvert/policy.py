@@ -42,6 +42,7 @@ LAYER_SLOTS = (
     "router.bias", "experts_in.bias", "experts_out.bias",            # GPT-OSS: biases on all three
     "attn_sinks.weight",                                             # GPT-OSS: a learned softmax sink per head
     "attn_gate.bias",                            # Beam: a bias per head on the attention gate, before its sigmoid
+    "attn_gate.weight",          # Ling 2.5's latent attention: its own gate projection, sigmoid(gate . x) per head
     "shared_in.weight", "shared_out.weight", "shared_gate.weight",   # Qwen2-MoE: an always-on expert beside them
     "router.correction_bias",        # GLM-4.5: added to the sigmoid scores when choosing experts, not when weighing
     "act.alpha_p", "act.alpha_n", "act.beta", "act.eps",             # Apertus: each layer's xIELU parameters
@@ -837,6 +838,13 @@ class Policy:
                 if la["k_heads"] != la["v_heads"]:
                     raise FmError(f"config.json: KDA needs as many key heads as value heads, got {la}")
                 la["decay"] = "channel"
+                if self._layout("linear_gates", flags, "low_rank") == "full":   # Ling 2.5: f and g full projections
+                    la["gates"] = "full"
+                bound = c.get("lin_decay_bound") or 0
+                if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not -1e4 < bound <= 0:
+                    raise FmError(f"config.json: kda_lower_bound must be a negative number, got {bound!r}")
+                if bound:                      # Ling 2.5's safe gate: g = bound * sigmoid(exp(A_log) (f + dt_bias))
+                    la["decay_bound"] = float(bound)
             key, mixer = "linear_attn", la
         else:
             return {}
@@ -1286,6 +1294,7 @@ class Policy:
                 "kv_a.weight": (a["kv_rank"] + a["rope_dim"], h), "kv_a.bias": (a["kv_rank"] + a["rope_dim"],),
                 "kv_a_norm.weight": (a["kv_rank"],), "kv_b.weight": (H * (a["nope_dim"] + a["v_dim"]), a["kv_rank"]),
                 "attn_out.weight": (h, H * a["v_dim"]),
+                "attn_gate.weight": (H * spec.gate_width, h),       # Ling 2.5: a gate a head from the stream
             })
             if "index" in a:
                 ix = a["index"]
@@ -1318,8 +1327,9 @@ class Policy:
         if spec.linear_attn and spec.linear_attn.get("decay") == "channel":   # KDA
             Kd, Vd, Hv = _linear_widths(spec)
             dk, dv = spec.linear_attn["k_dim"], spec.linear_attn["v_dim"]
+            fw, gw = kda_gate_widths(spec.linear_attn)
             shapes.update({
-                "lin_in.weight": (2 * Kd + Vd + Hv + dk + dv, h),                      # q|k|v|b|f_a|g_a
+                "lin_in.weight": (2 * Kd + Vd + Hv + fw + gw, h),                      # q|k|v|b|f_a|g_a (or f|g)
                 "lin_conv.weight": (2 * Kd + Vd, spec.linear_attn["conv_kernel"]), "lin_conv.bias": (2 * Kd + Vd,),
                 "lin_f_b.weight": (Kd, dk), "lin_g_b.weight": (Vd, dv),
                 "lin_decay.a_log": (Hv,), "lin_decay.dt_bias": (Kd,),
@@ -1347,7 +1357,7 @@ class Policy:
             return [q * (1 + spec.attn_gate), kv, v]           # a gated q_proj holds each head's q and gate
         if slot.startswith("lin_") and spec.linear_attn.get("decay") == "channel" and n in (3, 6):   # KDA
             Kd, Vd, Hv = _linear_widths(spec)
-            return [Kd, Kd, Vd, Hv, spec.linear_attn["k_dim"], spec.linear_attn["v_dim"]][:n]
+            return [Kd, Kd, Vd, Hv, *kda_gate_widths(spec.linear_attn)][:n]
         if slot == "lin_conv.weight" and n == 3:              # OLMo Hybrid: the q, k and v convs stored apart
             Kd, Vd, _ = _linear_widths(spec)
             return [Kd, Kd, Vd]
@@ -1575,6 +1585,14 @@ def _linear_widths(spec: ModelSpec) -> tuple[int, int, int]:
     """(every q or k head's width, every v head's width, the v heads) of a hybrid's linear attention."""
     la = spec.linear_attn
     return la["k_heads"] * la["k_dim"], la["v_heads"] * la["v_dim"], la["v_heads"]
+
+
+def kda_gate_widths(la: dict) -> tuple[int, int]:
+    """The widths of KDA's decay input and output gate in lin_in: the low-rank halves (Kimi Linear: k_dim and
+    v_dim, widened by lin_f_b and lin_g_b), or every head's channels (Ling 2.5's full f_proj and g_proj)."""
+    if la.get("gates") == "full":
+        return la["k_heads"] * la["k_dim"], la["v_heads"] * la["v_dim"]
+    return la["k_dim"], la["v_dim"]
 
 
 def _ssm_widths(spec: ModelSpec) -> tuple[int, int, int]:

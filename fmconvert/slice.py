@@ -59,7 +59,7 @@ from .policy import ModelSpec
 
 COLUMN = ("qkv.weight", "qkv.bias", "mlp_in.weight", "mlp_in.bias", "lin_in.weight", "ssm_in.weight",
           "sconv_in.weight")
-HEADS = ("q_b.weight", "kv_b.weight", "attn_sinks.weight", "attn_gate.bias",   # whole heads' rows, each contiguous
+HEADS = ("q_b.weight", "kv_b.weight", "attn_sinks.weight", "attn_gate.bias", "attn_gate.weight",   # whole heads' rows, each contiguous
          "lin_decay.a_log", "lin_decay.dt_bias", "ssm.a_log", "ssm.dt_bias", "ssm.d", "ssm_norm.weight",
          "mamba_conv.weight", "mamba_conv.bias", "mamba_dt.weight", "mamba_dt.bias", "mamba.a_log", "mamba.d",
          "lin_f_b.weight", "lin_g_b.weight", "attn_sub_norm.weight")
@@ -395,9 +395,11 @@ def _mixer_parts(spec: ModelSpec, slot: str, tp: int) -> list[tuple[int, bool]]:
     if slot.startswith("mamba_"):               # Mamba 1: x, z, each split over channels
         return [(spec.mamba["inner"], True)] * 2
     if slot.startswith("lin_") and spec.linear_attn.get("decay") == "channel":
-        la = spec.linear_attn          # KDA: q, k, v, b (, f_a, g_a: the low-rank halves every rank computes whole)
-        Kd, Vd, Hv = la["k_heads"] * la["k_dim"], la["v_heads"] * la["v_dim"], la["v_heads"]
-        parts = [(Kd, True), (Kd, True), (Vd, True), (Hv, True), (la["k_dim"], False), (la["v_dim"], False)]
+        la = spec.linear_attn          # KDA: q, k, v, b (, f_a, g_a: the low-rank halves every rank computes whole;
+        Kd, Vd, Hv = la["k_heads"] * la["k_dim"], la["v_heads"] * la["v_dim"], la["v_heads"]   # Ling 2.5's full f, g
+        full = la.get("gates") == "full"                                                      # with the heads)
+        parts = [(Kd, True), (Kd, True), (Vd, True), (Hv, True), (Kd if full else la["k_dim"], full),
+                 (Vd if full else la["v_dim"], full)]
         return parts if slot == "lin_in.weight" else parts[:3]
     if slot.startswith("lin_"):
         la = spec.linear_attn

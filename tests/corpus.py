@@ -620,6 +620,11 @@ def _inspect_ssm_beside_attention_in_some_layers(c: Ctx):
     return [_manifest(c, lambda m: m["model"].update(linear_layers=[1]), name="falcon_h1")]
 
 
+@case("inspect", "model.linear_attn must be null or the linear attention's widths")
+def _inspect_decay_bound_without_kda(c: Ctx):          # Ling 2.5's bounded decay is KDA's, per key channel
+    return [_manifest(c, lambda m: m["model"]["linear_attn"].pop("decay"), name="bailing_hybrid")]
+
+
 @case("inspect", "model.residual_depth_scale needs the pre-norm residual")
 def _inspect_depth_scale_with_a_residual_scale(c: Ctx):    # Beam's scaled additions beside Granite's multiplier
     return [_manifest(c, lambda m: m["model"].update(residual_scale=0.5), name="beam")]

@@ -653,6 +653,15 @@ CONFIGS = {
         mlp_multipliers=[0.8, 0.6], ssm_multipliers=[1.1, 0.9, 0.8, 1.2, 0.7], attention_in_multiplier=0.9,
         attention_out_multiplier=0.7, ssm_in_multiplier=1.3, ssm_out_multiplier=0.6, tie_word_embeddings=False,
         pad_token_id=0, bos_token_id=1, eos_token_id=2, time_step_limit=(0.0, 100.0))),
+    # Ling 2.5's hybrid: KDA layers with full-width decay and gate projections and a bounded decay, a latent-attention
+    # layer gated per head, DeepSeek-V3's routing over expert groups beside a shared expert
+    "bailing_hybrid": ("BailingHybridConfig", "BailingHybridForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=101, max_position_embeddings=64, num_local_experts=8, num_experts_per_tok=2,
+        n_shared_experts=1, n_group=4, topk_group=2, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None,
+        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, head_dim=16, routed_scaling_factor=2.5,
+        layer_types=["linear_attention", "full_attention", "linear_attention"], pad_token_id=0, bos_token_id=1,
+        eos_token_id=2)),
     # EXAONE 3.x: LLaMA's block, which transformers builds as a LlamaForCausalLM and saves under EXAONE's own names
     "exaone": ("ExaoneConfig", "AutoModelForCausalLM", dict(hidden_size=64, intermediate_size=96,
                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=101,

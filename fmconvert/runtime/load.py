@@ -106,7 +106,8 @@ def check_layout(m: dict, rank: int):
                       "q_b.weight": (hpr * hd, qr or h), "kv_a.weight": (kr + rd, h), "kv_a.bias": (kr + rd,),
                       "kv_a_norm.weight": (kr,),
                       "kv_b.weight": (hpr * (mla["nope_dim"] + mla["v_dim"]), kr),
-                      "attn_out.weight": (h, hpr * mla["v_dim"])})
+                      "attn_out.weight": (h, hpr * mla["v_dim"]),
+                      "attn_gate.weight": (hpr * (1 if sp["attn_gate_heads"] else mla["v_dim"]), h)})
         ix = mla.get("index")
         if ix:          # the sparse attention indexer, replicated: every rank picks the same keys
             layer.update({"index_q.weight": (ix["heads"] * ix["dim"], qr), "index_k.weight": (ix["dim"], h),
@@ -121,7 +122,8 @@ def check_layout(m: dict, rank: int):
                       "lin_norm.weight": (la["v_dim"],), "lin_out.weight": (h, Vd)})
         if la.get("decay") == "channel":    # KDA: q|k|v|b and the whole low-rank f_a|g_a; a step bias per channel
             dk, dv = la["k_dim"], la["v_dim"]
-            layer.update({"lin_in.weight": (2 * Kd + Vd + Hv + dk + dv, h), "lin_f_b.weight": (Kd, dk),
+            fw, gw = (Kd, Vd) if la.get("gates") == "full" else (dk, dv)   # Ling 2.5: this rank's f and g rows
+            layer.update({"lin_in.weight": (2 * Kd + Vd + Hv + fw + gw, h), "lin_f_b.weight": (Kd, dk),
                           "lin_g_b.weight": (Vd, dv), "lin_decay.dt_bias": (Kd,)})
     ssm = sp["ssm"]
     if ssm:             # Mamba2: this rank's heads of z|x|dt, B and C whole groups (or the one, replicated)
@@ -202,7 +204,8 @@ def check_layout(m: dict, rank: int):
     linear_layers = set(sp["linear_layers"] or ())
     if linear_layers and la:
         per_layer |= {"lin_in.weight", "lin_conv.weight", "lin_decay.a_log", "lin_decay.dt_bias", "lin_norm.weight",
-                      "lin_out.weight"} | ({"lin_f_b.weight", "lin_g_b.weight"} if la.get("decay") else set())
+                      "lin_out.weight"} | ({"lin_f_b.weight", "lin_g_b.weight"}
+                                           if la.get("decay") and la.get("gates") != "full" else set())
     if linear_layers and sc:
         per_layer |= {"sconv_in.weight", "sconv_conv.weight", "sconv_out.weight"}
     if linear_layers and ssm:

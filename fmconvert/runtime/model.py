@@ -277,21 +277,27 @@ class Block(nn.Module):
         """Kimi Linear's KDA: Gated DeltaNet whose state decays per key channel. One projection gives q|k|v, each
         head's b and the narrow halves of two low-rank projections: f (the decay, widened by lin_f_b to one per
         head and key channel) and the output gate (widened by lin_g_b). The conv and the delta rule are Gated
-        DeltaNet's; the output is RMS-normed per head times sigmoid(gate)."""
+        DeltaNet's; the output is RMS-normed per head times sigmoid(gate). Ling 2.5: f and the gate come out of
+        lin_in whole (this rank's heads), and the decay may be bounded: bound * sigmoid(exp(A_log) (f + dt_bias))."""
         m, t, la = self.m, self.t, self.m.spec["linear_attn"]
         B, T, _ = h.shape
         H, dk, dv = la["v_heads"] // m.tp, la["k_dim"], la["v_dim"]
+        full = la.get("gates") == "full"
         h, _ = self._unpadded(h, key_padding_mask, pos_t)
         y = m.ops.linear(h, t["lin_in.weight"])                  # (B, T, H (2 dk + dv + 1) + dk + dv)
-        qkv, b, fa, ga = y.split([H * (2 * dk + dv), H, dk, dv], dim=-1)
+        qkv, b, fa, ga = y.split([H * (2 * dk + dv), H, H * dk if full else dk, H * dv if full else dv], dim=-1)
         conv, state = self._linear_cache(cache, pos_t, (B, H, dk, dv), h.device)
         qkv = m.ops.causal_conv1d(qkv, t["lin_conv.weight"], t.get("lin_conv.bias"), conv)
         q, k, v = qkv.split([H * dk, H * dk, H * dv], dim=-1)
-        f = m.ops.linear(fa, t["lin_f_b.weight"]).float().view(B, T, H, dk)
-        g = -self.decay_rate[:, None] * torch.nn.functional.softplus(f + self.dt_bias.view(H, dk))
+        f = (fa if full else m.ops.linear(fa, t["lin_f_b.weight"])).float().view(B, T, H, dk)
+        f = f + self.dt_bias.view(H, dk)
+        if "decay_bound" in la:
+            g = la["decay_bound"] * torch.sigmoid(self.decay_rate[:, None] * f)
+        else:
+            g = -self.decay_rate[:, None] * torch.nn.functional.softplus(f)
         o = m.ops.gated_delta(q.view(B, T, H, dk), k.view(B, T, H, dk), v.view(B, T, H, dv), g,
                               torch.sigmoid(b).float(), state, dk ** -0.5)            # (B, T, H, dv)
-        gate = m.ops.linear(ga, t["lin_g_b.weight"]).view(B, T, H, dv)
+        gate = (ga if full else m.ops.linear(ga, t["lin_g_b.weight"])).view(B, T, H, dv)
         return m.ops.gated_rms_norm(o, gate, t["lin_norm.weight"], m.eps, gate="sigmoid").reshape(B, T, H * dv)
 
     @staticmethod
@@ -584,7 +590,12 @@ class Block(nn.Module):
         the same captured graph serves every step."""
         m, t = self.m, self.t
         if m.spec["mla"]:
-            return self._latent_attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
+            o = self._latent_attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
+            if "attn_gate.weight" not in t:
+                return o
+            # Ling 2.5: each head's output times sigmoid(gate . x), in fp32 rounded to the model dtype
+            gate = torch.sigmoid(m.ops.linear(h, t["attn_gate.weight"]).float()).to(o.dtype)
+            return (o.unflatten(-1, (self.heads, -1)) * gate.unsqueeze(-1)).flatten(-2)
         qkv = m.ops.linear(h, t["qkv.weight"], t.get("qkv.bias"))
         if m.spec["qkv_clip"]:           # OLMo, MPT
             qkv = qkv.clamp(-m.spec["qkv_clip"], m.spec["qkv_clip"])
