@@ -21,6 +21,7 @@ from fmconvert.runtime.load import load
     {},
     dict(kda_safe_gate=False),                # Kimi Linear's unbounded decay
     dict(q_lora_rank=16, kda_lower_bound=-2.0),
+    dict(q_lora_rank=16, attention_bias=True),    # every projection biased, the query's down projection too
 ])
 def test_each_variant_matches_transformers(model_dir, tmp_path, override, tp):
     src = model_dir("bailing_hybrid", **override)
