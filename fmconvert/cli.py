@@ -48,7 +48,7 @@ def cli():
       EXAONE 3 / 4, SmolLM3, StableLM, StarCoder2, Nemotron, Apertus, Hunyuan, ERNIE 4.5, BitNet
       mixtures: Mixtral, DBRX, Qwen2/3-MoE, OLMoE, GLM-4.5, DeepSeek-V2/V3, Kimi K2, Mistral 4, GPT-OSS, Llama 4,
         MiniMax-M2, Laguna, MiMo-V2-Flash, Beam,
-        DeepSeek-V3.2, GLM-5
+        DeepSeek-V3.2, GLM-5, Sarvam-30B / 105B
       hybrids and state spaces: Qwen3.5, Qwen3-Next, OLMo Hybrid, Granite 4.0-H, Nemotron-H, Jamba, LFM2, LFM3,
         Falcon-H1, Kimi Linear, Ling 2.5 hybrids, Mamba 1/2
       older: GPT-2, GPT-BigCode, OPT, BLOOM, MPT, Falcon, GPT-NeoX, GPT-J, CodeGen, GPT-Neo, Phi, BERT,

@@ -667,6 +667,20 @@ CONFIGS = {
                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
                max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
                eos_token_id=2)),
+    # Sarvam-30B: GLM-4.5's mixture under one fused q|k|v projection and Bailing-style names (saved as a
+    # Glm4MoeForCausalLM with model_type sarvam_moe)
+    "sarvam_moe": ("SarvamMoEConfig", "AutoModelForCausalLM", dict(hidden_size=64, intermediate_size=96,
+                   moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=16, vocab_size=101, max_position_embeddings=64, n_routed_experts=8, num_experts_per_tok=2,
+                   n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                   attention_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # Sarvam-105B: DeepSeek-V3 (saved as a DeepseekV3ForCausalLM with model_type sarvam_mla)
+    "sarvam_mla": ("SarvamMLAConfig", "AutoModelForCausalLM", dict(hidden_size=64, intermediate_size=96,
+                   moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4, vocab_size=101,
+                   max_position_embeddings=64, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                   n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5, kv_lora_rank=32,
+                   qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, pad_token_id=0, bos_token_id=1,
+                   eos_token_id=2)),
 }
 FAMILIES = list(CONFIGS)
 
