@@ -129,6 +129,7 @@ _MODEL_OPTIONAL = {
                     "null or the global layers' {\"head_dim\", \"num_kv_heads\"}"),
     "value_is_key": (False, _BOOL, "true or false"), "v_norm": (False, _BOOL, "true or false"),
     "moe_beside_dense": (False, _BOOL, "true or false"),
+    "shortcut_experts": (False, _BOOL, "true or false"), "zero_experts": (0, _NAT, "a non-negative integer"),
     "first_attn_norm": (True, _BOOL, "true or false"),
     "per_layer_input": (0, _NAT, "a non-negative integer"),
     "head_vocab_size": (0, _NAT, "a non-negative integer"),
@@ -157,7 +158,8 @@ def _ssm(x) -> bool:
             and (x["dt_max"] is None or (_POS_NUM(x["dt_max"]) and x["dt_max"] > x["dt_min"])))
 
 
-_ROW_SCALE_PARTS = {"qkv": 3, "attn_out": 1, "mlp_in": 2, "mlp_out": 1, "ssm_in": 5, "ssm_out": 1}
+_ROW_SCALE_PARTS = {"qkv": 3, "attn_out": 1, "mlp_in": 2, "mlp_out": 1, "ssm_in": 5, "ssm_out": 1, "q_b": 1,
+                   "kv_a_norm": 1}
 
 
 def _row_scales(x) -> bool:
@@ -316,7 +318,8 @@ def validate(m) -> dict:
           "model.ssm_beside_attention needs Mamba2 layers in every layer")
     rs = model["row_scales"] or {}
     _need(("ssm_in" not in rs and "ssm_out" not in rs or model["ssm"] is not None)
-          and ("mlp_in" not in rs or model["gated_mlp"]) and ("qkv" not in rs or mla is None),
+          and ("mlp_in" not in rs or model["gated_mlp"]) and ("qkv" not in rs or mla is None)
+          and ("q_b" not in rs and "kv_a_norm" not in rs or mla is not None),
           "model.row_scales names a slot this model does not have")
     la, ll, ssm, sc, mb = (model[k] for k in ("linear_attn", "linear_layers", "ssm", "short_conv", "mamba"))
     _need((la is not None) + (ssm is not None) + (sc is not None) + (mb is not None) <= 1,
@@ -352,6 +355,13 @@ def validate(m) -> dict:
                                             and model["residual"] == "pre"),
           "model.moe_beside_dense needs experts, a dense MLP beside them (shared_intermediate_size) and the pre-norm "
           "residual")
+    _need(not model["shortcut_experts"] or (experts and model["shared_intermediate_size"] and model["residual"] == "pre"
+                                            and model["dense_layers"] == list(range(1, model["num_layers"], 2))
+                                            and model["num_layers"] % 2 == 0),
+          "model.shortcut_experts needs experts with a dense MLP beside them (shared_intermediate_size) in every "
+          "first layer of a pair, the second dense (dense_layers), and the pre-norm residual")
+    _need(not model["zero_experts"] or (experts and not model["experts_scale_input"]),
+          "model.zero_experts needs experts, weighed on their output")
     _need(model["block_parts"] is None or len(model["block_parts"]) == model["num_layers"],
           "model.block_parts must name one part per layer")
     _need((model["head_activation"] is None) == ("head_dense.weight" not in model["slots"])

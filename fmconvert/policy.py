@@ -231,6 +231,11 @@ class ModelSpec:
     v_norm: bool = False           # Gemma 4: each v head RMS-normed without a weight
     moe_beside_dense: bool = False  # Gemma 4 26B-A4B: the dense MLP (the shared_* slots) and the mixture each read
     #                                 the stream through their own norm, and their outputs are normed before adding
+    shortcut_experts: bool = False  # LongCat-Flash: the layers come in pairs; the first of each runs a dense MLP
+    #                                 (the shared_* slots) beside the mixture, whose output joins the stream after
+    #                                 the second layer's MLP (dense_layers: the second of each pair)
+    zero_experts: int = 0          # LongCat-Flash: the router also scores this many identity experts (ids from
+    #                                num_experts on), which pass a token through times its weight
     first_attn_norm: bool = True   # False: layer 0 has no attention norm; it reads the (normed) embeddings as they
     #                                are (ModernBERT's decoder)
     head_activation: str | None = None  # the head's transform before lm_head: norm(act(head_dense(h))) (ModernBERT's
@@ -376,8 +381,8 @@ def _pick(value, flags: dict, where: str):
 
 
 def _config_value(config, spec, key: str, flags: dict | None = None):
-    """Resolve a `[config]` entry: "a|b" alternatives, "4*x" multiples and "x*y" products, "x/y" ratios, "len(x)"
-    (a list's length), a number as the last
+    """Resolve a `[config]` entry: "a|b" alternatives, "4*x" multiples and "x*y" products, "x/y" ratios,
+    "sqrt(x/y)", "len(x)" (a list's length), a number as the last
     alternative ("x|0": x where the config sets it), {value = ...} constants, and [flag, if_true, if_false] picks of
     any of these."""
     spec = _pick(spec, flags or {}, f"config.{key}")
@@ -391,6 +396,12 @@ def _config_value(config, spec, key: str, flags: dict | None = None):
             a, v = _operand(config, m.group(1)), _attr(config, m.group(2))
             if a is not None and v is not None:
                 return a * v
+            continue
+        m = re.fullmatch(r"sqrt\((\w+)/(\w+)\)", alt)      # LongCat-Flash's latent attention scales
+        if m:
+            a, b = getattr(config, m.group(1), None), getattr(config, m.group(2), None)
+            if type(a) in (int, float) and type(b) in (int, float) and a > 0 and b > 0:
+                return math.sqrt(a / b)
             continue
         m = re.fullmatch(r"(\w+)/(\w+)", alt)
         if m:
@@ -451,6 +462,10 @@ class Policy:
         self.as_row: set[str] = set(self.layout.get("as_row", []))    # a vector stored as [1, n] (ERNIE 4.5)
         # a vector stored in another shape, -1 its length (Kimi Linear's A_log: [1, 1, heads, 1])
         self.stored_shape: dict[str, list] = dict(self.layout.get("stored_shape", {}))
+        # how many of our layers one checkpoint layer holds (LongCat-Flash: 2, named layers.{i}.<part>.{s})
+        self.sublayers: int = self.layout.get("sublayers", 1)
+        if type(self.sublayers) is not int or not 1 <= self.sublayers <= 8:
+            raise FmError(f"{path.name}: layout.sublayers must be an integer from 1 to 8, got {self.sublayers!r}")
         for key, values in (("experts", ("per_expert", "stacked", "flat")), ("gate_up", ("halves", "interleaved"))):
             if self.layout.get(key, values[0]) not in values:
                 raise FmError(f"{path.name}: layout.{key} must be {' or '.join(values)}, got {self.layout[key]!r}")
@@ -579,6 +594,16 @@ class Policy:
         if experts and not 1 <= topk <= experts:
             raise FmError(f"config.json: num_experts_per_tok={topk} must be between 1 and num_local_experts={experts}")
         mixed = self._dense_layers(c, experts) if experts else {}
+        shortcut = bool(experts) and bool(self._layout("shortcut_experts", flags, False))
+        if shortcut:      # LongCat-Flash: the mixture in the first layer of each pair, a dense MLP in the second
+            if c["num_layers"] % 2 or not c.get("shared_intermediate_size") or not c.get("dense_intermediate_size"):
+                raise FmError("config.json: a shortcut mixture needs layers in pairs and a dense MLP width "
+                              "(ffn_hidden_size)")
+            mixed = {"dense_layers": list(range(1, c["num_layers"], 2)),
+                     "dense_intermediate_size": c["dense_intermediate_size"]}
+        zero = c.get("zero_experts") or 0
+        if type(zero) is not int or zero < 0 or (zero and not experts):
+            raise FmError(f"config.json: zero_expert_num must be a non-negative integer, with experts, got {zero!r}")
         tied = bool(getattr(config, "tie_word_embeddings", False)) and self.kind == "decoder"
         eps = c["norm_eps"]
         if not isinstance(eps, (int, float)) or eps <= 0:
@@ -619,6 +644,7 @@ class Policy:
             value_is_key=bool(global_attn) and bool(self._layout("value_is_key", flags, False)),
             v_norm=bool(self._layout("v_norm", flags, False)),
             moe_beside_dense=bool(experts) and bool(self._layout("moe_beside_dense", flags, False)),
+            shortcut_experts=shortcut, zero_experts=zero,
             first_attn_norm=bool(self._layout("first_attn_norm", flags, True)),
             head_activation=self._head_activation(architecture, c, flags),
             linear_pre_norm=bool(self._layout("linear_pre_norm", flags, False)),
@@ -890,7 +916,8 @@ class Policy:
         return {"block_parts": [kinds[t] for t in types]}
 
     # The slots [row_scales] may name, with how many parts their output rows have (gated: gate|up)
-    ROW_SCALE_PARTS = {"qkv": 3, "attn_out": 1, "mlp_in": 2, "mlp_out": 1, "ssm_in": 5, "ssm_out": 1}
+    ROW_SCALE_PARTS = {"qkv": 3, "attn_out": 1, "mlp_in": 2, "mlp_out": 1, "ssm_in": 5, "ssm_out": 1, "q_b": 1,
+                       "kv_a_norm": 1}
 
     def _row_scales(self, config, flags) -> dict | None:
         """Falcon-H1's muP multipliers: `[row_scales]` slot -> one config value per part of its output rows,
@@ -1262,12 +1289,13 @@ class Policy:
             "q_norm.weight": {"per_head": (H, hd), "full": (H * hd,)}.get(spec.qk_norm, (hd,)),
             "k_norm.weight": {"per_head": (KV, hd), "full": (KV * hd,)}.get(spec.qk_norm, (hd,)),
             "q_norm.bias": (hd,), "k_norm.bias": (hd,),
-            "router.weight": (spec.num_experts, h), "router.bias": (spec.num_experts,),
+            "router.weight": (spec.num_experts + spec.zero_experts, h),
+            "router.bias": (spec.num_experts + spec.zero_experts,),
             "experts_in.weight": (spec.num_experts * glu * spec.intermediate_size, h),     # per expert: gate; up
             "experts_in.bias": (spec.num_experts * glu * spec.intermediate_size,),
             "experts_out.weight": (spec.num_experts * h, spec.intermediate_size),
             "experts_out.bias": (spec.num_experts * h,), "attn_sinks.weight": (H,), "attn_gate.bias": (H,),
-            "router.correction_bias": (spec.num_experts,),
+            "router.correction_bias": (spec.num_experts + spec.zero_experts,),
             "act.alpha_p": (1,), "act.alpha_n": (1,), "act.beta": (), "act.eps": (),
             "shared_in.weight": (glu * spec.shared_intermediate_size, h),                 # gate; up
             "shared_out.weight": (h, spec.shared_intermediate_size), "shared_gate.weight": (1, h),
@@ -1399,12 +1427,14 @@ class Policy:
             if spec.linear_pre_norm:       # OLMo Hybrid: input norms in the linear layers, output norms elsewhere
                 skip += (("attn_post_norm.", "mlp_post_norm.") if layer in (spec.linear_layers or ())
                          else ("attn_norm.", "mlp_norm."))
+        # layout sublayers n (LongCat-Flash: 2): the checkpoint's layer i holds n of ours, its parts named by s
+        i, sub = divmod(layer, self.sublayers) if layer is not None else (None, None)
         for section, pre in sections:
             for slot, names, optional, aliases in self._entries(section, flags):
                 if (slot.startswith("lm_head.") and spec.kind != "decoder") or slot.startswith(skip):
                     continue
-                names = [pre + n.format(i=layer, e=e) for e in _experts(names, spec) for n in names]
-                aliases = [[pre + n.format(i=layer, e=e) for e in _experts(a, spec) for n in a]
+                names = [pre + n.format(i=i, s=sub, e=e) for e in _experts(names, spec) for n in names]
+                aliases = [[pre + n.format(i=i, s=sub, e=e) for e in _experts(a, spec) for n in a]
                            for a in aliases if len(a) * len(_experts(a, spec)) == len(names)]
                 if q_only and slot.startswith("qkv.") and len(names) == 3:
                     names, aliases = names[:1], [a[:1] for a in aliases]
@@ -1436,7 +1466,10 @@ class Policy:
     def ignored(self, prefix: str, num_layers: int) -> list[re.Pattern]:
         pats = []
         for pat in self.table.get("ignore", []):
-            pats.append(re.compile(re.escape(prefix + pat).replace(re.escape("{i}"), r"\d+")))
+            pat = re.escape(prefix + pat)
+            for field in ("{i}", "{s}", "{e}"):
+                pat = pat.replace(re.escape(field), r"\d+")
+            pats.append(re.compile(pat))
         return pats
 
     def passthrough(self) -> list[str]:

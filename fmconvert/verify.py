@@ -622,8 +622,11 @@ def _layer_names(n_layers: int, final_label: str, blocks: bool = False) -> list[
     return ["embeddings"] + [f"layer {i}" for i in range(n_layers - 1)] + [last]
 
 
-def _hf_states(states: list, blocks: bool) -> list:
-    """The runtime's states (the embeddings, every block's output, the final output) as HF reports them."""
+def _hf_states(states: list, blocks: bool, every: int = 1) -> list:
+    """The runtime's states (the embeddings, every block's output, the final output) as HF reports them. every n:
+    HF's layer is n of our blocks (LongCat-Flash's pairs), so only every n-th block's output is reported."""
+    if every > 1:
+        return states[:1] + states[every:-2:every] + states[-1:]
     return states[1:] if blocks else states[:-2] + states[-1:]
 
 
@@ -631,14 +634,16 @@ def _split(batches: torch.Tensor, kind: str):
     return batches.split(1 if kind == "encoder" else max(1, 4096 // batches.shape[1]))
 
 
-def _reports_blocks(architecture: str) -> bool:
+def _reports_blocks(architecture: str) -> tuple[bool, int]:
     """Whether transformers' model reports its hidden states from the first block's output on, not from the
-    embeddings (table key `hf_hidden_states = "blocks"`: the Mamba families)."""
+    embeddings (table key `hf_hidden_states = "blocks"`: the Mamba families), and how many of our layers each of
+    its layers is (layout sublayers)."""
     from .policy import policy_for
     try:
-        return policy_for([architecture])[0].table.get("hf_hidden_states") == "blocks"
+        pol = policy_for([architecture])[0]
     except FmError:
-        return False
+        return False, 1
+    return pol.table.get("hf_hidden_states") == "blocks", pol.sublayers
 
 
 def run_converted(runner: _Ranks, batches: torch.Tensor, kind: str) -> list:
@@ -654,14 +659,14 @@ def check_end_to_end(model_dir: Path, m: dict, converted: list, batches: torch.T
     kind = sp["kind"]
     ref = _load_reference(model_dir, sp["architecture"], kind, device)
     final_label = "project_out" if sp.get("project") else ("final norm" if sp.get("final_norm") else "")
-    n_layers = sp["num_layers"] + 1
-    blocks = _reports_blocks(sp["architecture"])
+    blocks, every = _reports_blocks(sp["architecture"])
+    n_layers = sp["num_layers"] // every + 1
     layer_err = [[0.0, 0.0, 0.0] for _ in range(n_layers)]  # max abs, sum sq err, sum sq ref
     out_d = {"max_abs": 0.0, "err": 0.0, "sig": 0.0}
     kls, top1, top5, nll_ref, nll_conv, cos = [], [], [], [], [], []
     has_logits = None
     for ids, (states, out) in zip(_split(batches, kind), converted):
-        states = _hf_states(states, blocks)
+        states = _hf_states(states, blocks, every)
         with torch.inference_mode():
             o = ref(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device), output_hidden_states=True)
         hs = [h.float().cpu() for h in o.hidden_states]
@@ -702,7 +707,7 @@ def check_end_to_end(model_dir: Path, m: dict, converted: list, batches: torch.T
             else:
                 cos.append(torch.cosine_similarity(states[-1][:, 0].double(), hs[-1][:, 0].double(), dim=-1))
 
-    names = _layer_names(sp["num_layers"], final_label, blocks)
+    names = _layer_names(sp["num_layers"] // every, final_label, blocks)
     layers = [{"name": n, "max_abs": e[0], "rel_rms": math.sqrt(e[1] / e[2]) if e[2] > 0 else 0.0}
               for n, e in zip(names, layer_err)]
     first_bad = next((x["name"] for x in layers if x["rel_rms"] > th.max_rel), None)

@@ -681,6 +681,13 @@ CONFIGS = {
                    n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5, kv_lora_rank=32,
                    qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, pad_token_id=0, bos_token_id=1,
                    eos_token_id=2)),
+    # LongCat-Flash: two latent-attention blocks per layer, a shortcut mixture with identity experts beside the
+    # first block's MLP, its output added after the second's
+    "longcat_flash": ("LongcatFlashConfig", "LongcatFlashForCausalLM", dict(hidden_size=64, num_layers=2,
+                      num_attention_heads=4, vocab_size=101, max_position_embeddings=64, ffn_hidden_size=96,
+                      expert_ffn_hidden_size=32, n_routed_experts=8, zero_expert_num=4, moe_topk=3, q_lora_rank=32,
+                      kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8,
+                      routed_scaling_factor=2.5, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 FAMILIES = list(CONFIGS)
 

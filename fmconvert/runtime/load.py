@@ -71,6 +71,7 @@ def check_layout(m: dict, rank: int):
         glob.update({"ple_embed.weight": (vpr, sp["num_layers"] * P), "ple_proj.weight": (sp["num_layers"] * P, h),
                      "ple_proj_norm.weight": (P,)})
     E = sp["num_experts"]
+    R = E + sp["zero_experts"]          # the router's outputs: LongCat-Flash also scores identity experts
 
     def attention(d: int, kvpr: int, hpr: int = hpr) -> dict:
         """This rank's attention slots for hpr q heads d wide and kvpr kv heads (Gemma 4's global layers: their own;
@@ -85,14 +86,14 @@ def check_layout(m: dict, rank: int):
                 "attn_sub_norm.weight": (hpr * vd,), "attn_sinks.weight": (hpr,), "attn_gate.bias": (hpr,)}
 
     layer = {**attention(hd, par["kv_heads_per_rank"]),
-             "router.weight": (E, h), "experts_in.weight": (E * glu * ipr, h), "experts_out.weight": (E * h, ipr),
-             "router.bias": (E,), "experts_in.bias": (E * glu * ipr,), "experts_out.bias": (E * h,),
+             "router.weight": (R, h), "experts_in.weight": (E * glu * ipr, h), "experts_out.weight": (E * h, ipr),
+             "router.bias": (R,), "experts_in.bias": (E * glu * ipr,), "experts_out.bias": (E * h,),
              "shared_in.weight": (glu * par.get("shared_intermediate_per_rank", 0), h), "shared_gate.weight": (1, h),
              "shared_out.weight": (h, par.get("shared_intermediate_per_rank", 0)),
              "attn_out.bias": (h,),
              "mlp_in.weight": (mlp, h), "mlp_in.bias": (mlp,), "mlp_out.weight": (h, dpr), "mlp_out.bias": (h,),
              "mlp_sub_norm.weight": (dpr,),
-             "router.correction_bias": (E,),
+             "router.correction_bias": (R,),
              "act.alpha_p": (1,), "act.alpha_n": (1,), "act.beta": (), "act.eps": (),
              **{f"{n}.{p}": (h,) for n in ("attn_norm", "mlp_norm") for p in ("weight", "bias")},
              "attn_post_norm.weight": (h,), "mlp_post_norm.weight": (h,), "moe_post_norm.weight": (h,),

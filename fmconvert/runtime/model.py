@@ -445,6 +445,8 @@ class Block(nn.Module):
         m, t = self.m, self.t
         if "router.weight" in t:
             y = self.experts(h)
+            if m.spec["shortcut_experts"]:      # LongCat-Flash: the mixture's output joins after the next layer's MLP
+                m.shortcut, y = y, 0
             if "shared_in.weight" in t:      # an always-on expert (Qwen2-MoE: scaled by its own sigmoid gate)
                 f = m.ops.linear(m.ops.linear(h, t["shared_in.weight"], None, m.activation), t["shared_out.weight"])
                 if "shared_gate.weight" in t:    # replicated, so it scales each rank's partial sum alike
@@ -456,7 +458,10 @@ class Block(nn.Module):
         f = m.ops.linear(h, t["mlp_in.weight"], t.get("mlp_in.bias"), self.activation)
         if "mlp_sub_norm.weight" in t:        # BitNet: normed over every unit of every rank first
             f = self._sub_norm(f, t["mlp_sub_norm.weight"], self.mlp_units)
-        return m.ops.linear(f, t["mlp_out.weight"], t.get("mlp_out.bias"))
+        y = m.ops.linear(f, t["mlp_out.weight"], t.get("mlp_out.bias"))
+        if m.shortcut is not None:              # the previous layer's mixture (a partial sum, as y is)
+            y, m.shortcut = y + m.shortcut, None
+        return y
 
     def _sub_norm(self, x, weight, n: int):
         """BitNet's RMSNorm inside a half, over a width split across ranks (this rank's heads, or its MLP units, the
@@ -496,22 +501,32 @@ class Block(nn.Module):
         k = m.spec["experts_per_token"]
         weight, chosen = self._route(x if route is None else route.reshape(-1, route.shape[-1]), k)
         ins, outs = t["experts_in.weight"], t["experts_out.weight"]
+        n = len(ins)
+        # LongCat-Flash: ids from n on are identity experts, each passing x through times its weight; their sum is
+        # added on rank 0 only, as the routed experts' outputs are partial sums over the ranks
+        passed = (weight * (chosen >= n)).sum(-1, keepdim=True) if m.spec["zero_experts"] else None
+        passed = passed if m.rank == 0 else None
         b_in, b_out = t.get("experts_in.bias"), t.get("experts_out.bias")
-        b_in = None if b_in is None else b_in.view(len(ins), -1)
+        b_in = None if b_in is None else b_in.view(n, -1)
         b_out = None if b_out is None else b_out.view(len(outs), -1)
         scale_in = m.spec["experts_scale_input"]     # Llama 4: the weight scales what goes into the expert
         if self.device_routed(x.shape[0]):
+            if m.spec["zero_experts"]:                # an identity pick runs expert 0 with a weight of zero
+                weight, chosen = weight * (chosen < n), chosen.masked_fill(chosen >= n, 0)
             pairs = chosen.reshape(-1)
             if scale_in:                             # one input row per (token, expert) pair
                 xs = (x.repeat_interleave(k, 0).float() * weight.reshape(-1, 1)).to(x.dtype)
-                y = m.ops.expert_linear(xs, ins.stacked, len(ins), pairs, 1, m.activation, b_in)
+                y = m.ops.expert_linear(xs, ins.stacked, n, pairs, 1, m.activation, b_in)
             else:
-                y = m.ops.expert_linear(x, ins.stacked, len(ins), pairs, k, m.activation, b_in)  # [tokens * k, I]
+                y = m.ops.expert_linear(x, ins.stacked, n, pairs, k, m.activation, b_in)  # [tokens * k, I]
             y = m.ops.expert_linear(y, outs.stacked, len(outs), pairs, 1, None, b_out)      # [tokens * k, h]
             y = y.view(-1, k, y.shape[-1]).float()
-            return (y if scale_in else y * weight[..., None]).sum(1).to(x.dtype).view_as(h)
-        out = torch.zeros_like(x)
+            y = (y if scale_in else y * weight[..., None]).sum(1)
+            return (y if passed is None else y + x.float() * passed).to(x.dtype).view_as(h)
+        out = torch.zeros_like(x) if passed is None else (x.float() * passed).to(x.dtype)
         for e in chosen.unique().tolist():
+            if e >= n:
+                continue
             token, k = (chosen == e).nonzero(as_tuple=True)
             xe = (x[token].float() * weight[token, k, None]).to(x.dtype) if scale_in else x[token]
             y = m.ops.linear(xe, ins[e], None if b_in is None else b_in[e], m.activation)
@@ -951,6 +966,7 @@ class FusedModel(nn.Module):
         pos = sp["position"]
         self.rope, self.long_from = None, None
         self._rope_checked, self._forwards = None, 0
+        self.shortcut = None
         self.alibi = tensors.get("alibi.slopes")
         if pos["type"] == "rope":
             self.rope = tensors["rope.inv_freq"]
@@ -1014,6 +1030,7 @@ class FusedModel(nn.Module):
     def _begin_forward(self):
         """Per-forward memos (the positions checked above, the ops' gathered cos/sin) last one forward only."""
         self._forwards += 1
+        self.shortcut = None        # LongCat-Flash: a mixture's output waiting for the next layer (Block.mlp)
         begin = getattr(self.ops, "begin_forward", None)
         if begin is not None:
             begin()
