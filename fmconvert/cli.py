@@ -48,7 +48,7 @@ def cli():
       EXAONE 3 / 4, SmolLM3, StableLM, StarCoder2, Nemotron, Apertus, Hunyuan, ERNIE 4.5, BitNet
       mixtures: Mixtral, DBRX, Qwen2/3-MoE, OLMoE, GLM-4.5, DeepSeek-V2/V3, Kimi K2, Mistral 4, GPT-OSS, Llama 4,
         MiniMax-M2, Laguna, MiMo-V2-Flash, Beam,
-        DeepSeek-V3.2, GLM-5, Sarvam-30B / 105B
+        DeepSeek-V3.2, GLM-5, Sarvam-30B / 105B, LongCat-Flash
       hybrids and state spaces: Qwen3.5, Qwen3-Next, OLMo Hybrid, Granite 4.0-H, Nemotron-H, Jamba, LFM2, LFM3,
         Falcon-H1, Kimi Linear, Ling 2.5 hybrids, Mamba 1/2
       older: GPT-2, GPT-BigCode, OPT, BLOOM, MPT, Falcon, GPT-NeoX, GPT-J, CodeGen, GPT-Neo, Phi, BERT,
@@ -311,6 +311,11 @@ def inspect(out_dir, as_json):
         if md["moe_beside_dense"]:
             shared = (f"; beside a dense MLP of width {md['shared_intermediate_size']}, each branch normed in and "
                       f"out")
+        if md["shortcut_experts"]:
+            shared = (f"; beside a dense MLP of width {md['shared_intermediate_size']} in the first layer of each "
+                      f"pair, joining the stream after the second's MLP")
+        if md["zero_experts"]:
+            shared = f" and {md['zero_experts']} identity experts" + shared
         renorm = "renormalised" if md["experts_renormalize"] else "not renormalised"
         renorm += ", scaling the expert's input" if md["experts_scale_input"] else ""
         groups = (f", within {md['router_topk_groups']} of {md['router_groups']} groups"

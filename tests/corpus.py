@@ -625,6 +625,16 @@ def _inspect_decay_bound_without_kda(c: Ctx):          # Ling 2.5's bounded deca
     return [_manifest(c, lambda m: m["model"]["linear_attn"].pop("decay"), name="bailing_hybrid")]
 
 
+@case("inspect", "model.shortcut_experts needs experts with a dense MLP beside them")
+def _inspect_shortcut_with_the_first_layer_dense(c: Ctx):    # LongCat-Flash: the mixture in the first of each pair
+    return [_manifest(c, lambda m: m["model"].update(dense_layers=[0, 2]), name="longcat_flash")]
+
+
+@case("inspect", "model.row_scales names a slot this model does not have")
+def _inspect_latent_scales_without_latent_attention(c: Ctx):    # LongCat-Flash's scales are the latent attention's
+    return [_manifest(c, lambda m: m["model"].update(row_scales={"q_b": {"input": 1.0, "parts": [2.0]}}))]
+
+
 @case("inspect", "model.residual_depth_scale needs the pre-norm residual")
 def _inspect_depth_scale_with_a_residual_scale(c: Ctx):    # Beam's scaled additions beside Granite's multiplier
     return [_manifest(c, lambda m: m["model"].update(residual_scale=0.5), name="beam")]
