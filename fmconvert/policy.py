@@ -1682,6 +1682,19 @@ def policy_of(config) -> tuple[Policy, str]:
     return policies()[text].through(wrapper, text), wrapper
 
 
+def saved_as_owner(architecture: str, model_type) -> str | None:
+    """The architecture whose table serves a checkpoint transformers saved under a generic class (EXAONE 3.x as a
+    LlamaForCausalLM, Sarvam-30B as a Glm4MoeForCausalLM) with its own model_type: the table of that model_type's
+    own class, when it lists `architecture` in its `saved_as`; None otherwise."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING_NAMES:
+        return None
+    stem = CONFIG_MAPPING_NAMES[model_type].removesuffix("Config")
+    known = policies()
+    own = next((a for a in (stem + "ForCausalLM", stem + "Model") if a in known), None)
+    return own if own is not None and architecture in known[own].table.get("saved_as", []) else None
+
+
 def policy_for(architectures, family: str | None = None) -> tuple[Policy, str]:
     """The policy of the first known architecture. A vision-language wrapper needs `family`: its language
     model's, which `read.load_config` finds from the text config and the manifest records."""

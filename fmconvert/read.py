@@ -72,7 +72,7 @@ def load_config(model_dir: Path):
     archs = raw.get("architectures")
     if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
         raise FmError(f"{path}: architectures must be a list of strings, got {_short(archs)}")
-    from .policy import policies, policy_for, wrappers
+    from .policy import policies, policy_for, saved_as_owner, wrappers
 
     arch = next((a for a in archs or [] if a in policies() or a in wrappers()), None)
     if arch is None:
@@ -87,8 +87,8 @@ def load_config(model_dir: Path):
         raise FmError(f"{path}: model_type {_short(model_type)} is missing or unknown to transformers")
     stem = CONFIG_MAPPING_NAMES[model_type].removesuffix("Config")
     wrapper = wrappers().get(arch)
-    own = next((a for a in (stem + "ForCausalLM", stem + "Model") if a in policies()), None)
-    if wrapper is None and own is not None and arch in policies()[own].table.get("saved_as", []):
+    own = saved_as_owner(arch, model_type) if wrapper is None else None
+    if own is not None:
         # transformers saves some models under a generic class (EXAONE 3.x as LlamaForCausalLM) with their own
         # model_type and tensor names: the model_type's own table says so, and serves them
         arch = own

@@ -224,7 +224,8 @@ def test_world_size_mismatch_is_a_clear_error(work):
 @pytest.mark.parametrize("name", ["stories", "llama", "qwen2", "gpt2", "opt350", "gptneox", "phi", "gemma", "gemma2",
                                   "falcon_new", "mixtral", "gpt_oss", "qwen3_5", "gemma4", "gemma4_e2b",
                                   "codegen", "apertus1p5", "laguna", "mimo_v2_flash", "beam", "deepseek_v32",
-                                  "glm_moe_dsa", "falcon_h1", "bailing_hybrid", "longcat_flash"])
+                                  "glm_moe_dsa", "falcon_h1", "bailing_hybrid", "longcat_flash",
+                                  "exaone", "sarvam_moe", "sarvam_mla"])      # the last three: saved_as classes
 def test_inject_keeps_the_transformers_interface(work, name):
     hf, src, outs = work(name)
     arch = hf.config.architectures[0]

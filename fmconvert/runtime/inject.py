@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import FmError
-from ..policy import policy_for, wrappers
+from ..policy import policy_for, saved_as_owner, wrappers
 from .load import load
 
 
@@ -87,6 +87,8 @@ def inject(hf_model: nn.Module, out_dir, device=None, backend: str = "auto", che
     if spec.get("architecture") in wrappers() or any(a in wrappers() for a in archs):
         raise FmError("inject replaces a text model's layers; a vision-language model's converted language model "
                       "runs with fmconvert.load (or `fmconvert generate`)")
+    # a model transformers runs under a generic class (EXAONE 3.x as a LlamaForCausalLM) is its model_type's family
+    archs = [saved_as_owner(a, getattr(hf_model.config, "model_type", None)) or a for a in archs]
     policy, _ = policy_for(archs + [type(hf_model).__name__])
     if policy.family != spec["family"]:
         raise FmError(f"{out_dir} holds a {spec['family']} model, but the live model is {policy.family}")
