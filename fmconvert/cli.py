@@ -50,7 +50,7 @@ def cli():
         MiniMax-M2, Laguna, MiMo-V2-Flash, Beam,
         DeepSeek-V3.2, GLM-5, Sarvam-30B / 105B, LongCat-Flash
       hybrids and state spaces: Qwen3.5, Qwen3-Next, OLMo Hybrid, Granite 4.0-H, Nemotron-H, Jamba, LFM2, LFM3,
-        Falcon-H1, Kimi Linear, Ling 2.5 hybrids, Mamba 1/2
+        Falcon-H1, Kimi Linear, Ling 2.5 hybrids, MiniMax-Text-01 / M1, Mamba 1/2
       older: GPT-2, GPT-BigCode, OPT, BLOOM, MPT, Falcon, GPT-NeoX, GPT-J, CodeGen, GPT-Neo, Phi, BERT,
         ModernBERT's decoder
       vision-language, language model only: Gemma 3/4, LLaVA, Mistral 3, Llama 4, Qwen2/2.5/3/3.5-VL, GLM-4.5V
@@ -242,6 +242,12 @@ def inspect(out_dir, as_json):
                   f"{_ranges(md['linear_layers'])}): {a['v_heads']} value heads of {a['v_dim']} over {a['k_heads']} "
                   f"q/k heads of {a['k_dim']}, conv {a['conv_kernel']}; a fixed-size state per layer and sequence "
                   f"({a['v_heads'] * a['k_dim'] * a['v_dim']} fp32 values), no KV cache")
+    if md["lightning"]:
+        n, w = len(md["linear_layers"]), md["head_dim"]
+        t.add_row("linear attention", f"lightning attention in {n} of {md['num_layers']} layers "
+                  f"({_ranges(md['linear_layers'])}): {md['num_heads']} heads of {w}, each state decaying by a "
+                  f"constant per head and layer; a fixed-size state per layer and sequence "
+                  f"({md['num_heads'] * w * w} fp32 values), no KV cache")
     if md["ssm"]:
         a, n = md["ssm"], len(md["linear_layers"])
         clamp = f", dt clamped to [{a['dt_min']:g}, {a['dt_max']:g}]" if a["dt_max"] is not None else ""
@@ -337,6 +343,10 @@ def inspect(out_dir, as_json):
             f"{_local_rope(pos)})" if pos["type"] == "rope" else "")
     residual = {"pre": "pre-LN", "post": "post-LN", "parallel": "parallel attention + MLP"}.get(md["residual"],
                                                                                              md["residual"])
+    if md["residual_factors"]:
+        f = md["residual_factors"]
+        residual = ("restarting from each norm's output: alpha x normed + beta x output (" + ", ".join(
+            f"{k} {a:g}/{b:g}" for k, (a, b) in f.items()) + ")")
     if "layers.attn_post_norm.weight" in md["slots"]:
         residual = (residual + ", each half's output normed too" if "layers.attn_norm.weight" in md["slots"]
                     else "each half's output normed, no pre-LN")

@@ -62,7 +62,7 @@ _MODEL = {
     "norm": _ENUM("rms", "layer", "rms_plus_one", "layer_plus_one", "rms_fp32"), "norm_eps": _POS_NUM,
     "attn_scale": _POS_NUM,
     "activation": _ENUM("gelu", "gelu_tanh", "relu", "relu2", "silu", "swiglu", "geglu", "geglu_erf", "reglu2",
-                        "swiglu_oai", "xielu"), "residual": _ENUM("pre", "post", "parallel"),
+                        "swiglu_oai", "xielu"), "residual": _ENUM("pre", "post", "parallel", "normed"),
     **{k: _BOOL for k in ("gated_mlp", "tied_embeddings", "embed_norm", "final_norm", "project", "pooler")},
     "position": lambda x: isinstance(x, dict), "bos_token_id": _TOKEN, "pad_token_id": _TOKEN,
     "eos_token_id": lambda x: _TOKEN(x) or (isinstance(x, list) and len(x) < 1024 and all(map(_NAT, x))),
@@ -110,6 +110,11 @@ _MODEL_OPTIONAL = {
                    "null or {\"conv_kernel\": taps}"),
     "mamba": (None, lambda x: x is None or _mamba(x), "null or the Mamba widths"),
     "ssm_beside_attention": (False, _BOOL, "true or false"),
+    "lightning": (False, _BOOL, "true or false"),
+    "residual_factors": (None, lambda x: x is None or (
+        isinstance(x, dict) and set(x) == {"attn", "linear", "mlp"} and all(
+            isinstance(v, list) and len(v) == 2 and all(map(_POS_NUM, v)) for v in x.values())),
+        "null or {\"attn\", \"linear\", \"mlp\"} -> [alpha, beta]"),
     "row_scales": (None, lambda x: x is None or _row_scales(x), "null or slot -> {\"input\", \"parts\"} factors"),
     "linear_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
                       "null or a list of layer indices"),
@@ -322,11 +327,19 @@ def validate(m) -> dict:
           and ("q_b" not in rs and "kv_a_norm" not in rs or mla is not None),
           "model.row_scales names a slot this model does not have")
     la, ll, ssm, sc, mb = (model[k] for k in ("linear_attn", "linear_layers", "ssm", "short_conv", "mamba"))
-    _need((la is not None) + (ssm is not None) + (sc is not None) + (mb is not None) <= 1,
-          "model.linear_attn, model.ssm, model.short_conv and model.mamba exclude each other")
-    _need(((la or ssm or sc or mb) is None) == (ll is None) and (ll is None or (ll and ll == sorted(set(ll))
-                                                                                and ll[-1] < model["num_layers"])),
-          "model.linear_layers must be distinct layer indices in order, with linear_attn, ssm, short_conv or mamba")
+    lt = model["lightning"] or None
+    _need((la is not None) + (ssm is not None) + (sc is not None) + (mb is not None) + (lt is not None) <= 1,
+          "model.linear_attn, model.ssm, model.short_conv, model.mamba and model.lightning exclude each other")
+    _need(((la or ssm or sc or mb or lt) is None) == (ll is None)
+          and (ll is None or (ll and ll == sorted(set(ll)) and ll[-1] < model["num_layers"])),
+          "model.linear_layers must be distinct layer indices in order, with linear_attn, ssm, short_conv, mamba "
+          "or lightning")
+    _need((model["residual"] == "normed") == (model["residual_factors"] is not None)
+          and (model["residual"] != "normed" or (model["residual_scale"] == 1.0 and not model["residual_depth_scale"]
+                                                 and not any("post_norm" in s or "layer_scale" in s
+                                                             for s in model["slots"]))),
+          "model.residual normed and model.residual_factors go together, with no other residual scaling or output "
+          "norms")
     _need(model["attn_gate"] or not model["attn_gate_heads"], "model.attn_gate_heads needs attn_gate")
     _need(model["attn_gate"] or model["attn_gate_fn"] == "sigmoid", "model.attn_gate_fn needs attn_gate")
     lh = model["layer_heads"]

@@ -42,6 +42,7 @@ QUANT_SLOTS = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight
                "experts_out.weight", "shared_in.weight", "shared_out.weight",
                "q_a.weight", "q_b.weight", "kv_a.weight", "kv_b.weight",     # latent attention's projections
                "lin_in.weight", "lin_out.weight", "ssm_in.weight", "ssm_out.weight",   # linear mixers
+               "lin_qkv.weight", "lin_gate.weight",
                "sconv_in.weight", "sconv_out.weight", "mamba_in.weight", "mamba_out.weight")
 HEAD_SLOTS = ("lm_head.weight",)     # an untied head is a matmul read whole every token: int8 by default
 EMBED_SLOTS = ("embed.weight", "lm_head.weight", "ple_embed.weight")

@@ -62,6 +62,10 @@ LAYER_SLOTS = (
     # Kimi Linear's KDA widens two low-rank projections per head: its decay per key channel (lin_f_b) and its output
     # gate (lin_g_b); their narrow halves (f_a, g_a) are part of lin_in
     "lin_f_b.weight", "lin_g_b.weight",
+    # MiniMax's lightning attention in place of attention: one projection of each head's q|k|v (interleaved per
+    # head), an RMS norm over every head's output, a sigmoid output gate read off the layer's input, the output
+    # projection (lin_out)
+    "lin_qkv.weight", "lin_out_norm.weight", "lin_gate.weight",
     # Mamba2 (Granite 4.0's hybrids) in place of attention: one projection of z|x|B|C|dt, a causal depthwise conv
     # with SiLU over x|B|C, each head's decay, step bias and skip (ssm.*), the gated norm over x's width (grouped)
     # and the output projection
@@ -133,7 +137,8 @@ class ModelSpec:
     #                                gate|up) | swiglu_oai (GPT-OSS: gate and up clamped, then
     #                                gate * sigmoid(glu_alpha * gate) * (up + 1))
     gated_mlp: bool
-    residual: str                  # pre | post | parallel (attention and MLP read the same stream, one sum)
+    residual: str                  # pre | post | parallel (attention and MLP read the same stream, one sum) | normed
+    #                                (MiniMax: the stream restarts from each norm's output; see residual_factors)
     position: dict                 # {"type": rope|alibi|learned, ...}
     tied_embeddings: bool
     embed_norm: bool
@@ -197,7 +202,11 @@ class ModelSpec:
     mamba: dict | None = None      # Mamba (1)'s widths: inner (channels), state (N), dt_rank, conv_kernel, and the
     #                                RMS norms on dt, B and C: norms None (Mamba), "plain" (FalconMamba: no weight)
     #                                or "weighted" (Jamba), with their norm_eps. Its layers are linear_layers
+    lightning: bool = False        # MiniMax's lightning attention: linear attention over num_heads heads of
+    #                                head_dim whose [head_dim, head_dim] state decays by a constant per head and layer
     linear_layers: list | None = None  # the layers that use one of these in place of attention; None: none
+    residual_factors: dict | None = None   # residual "normed" (MiniMax): {"attn", "linear", "mlp"} -> [alpha, beta]:
+    #                                        each half's sum is alpha * its normed input + beta * its output
     block_parts: list | None = None    # per layer, "mixer" or "mlp" where a layer has only that half (Nemotron-H:
     #                                each layer is one Mamba2, attention, MLP or mixture, with its own norm); None:
     #                                both halves in every layer
@@ -605,6 +614,10 @@ class Policy:
         if type(zero) is not int or zero < 0 or (zero and not experts):
             raise FmError(f"config.json: zero_expert_num must be a non-negative integer, with experts, got {zero!r}")
         tied = bool(getattr(config, "tie_word_embeddings", False)) and self.kind == "decoder"
+        linear = self._linear(config, c, flags)
+        if linear.get("lightning") and act != "swiglu":     # its q|k|v go through the MLP's gate activation
+            raise FmError(f"{architecture}: lightning attention with hidden_act {act_name!r} is not supported "
+                          f"(only silu)")
         eps = c["norm_eps"]
         if not isinstance(eps, (int, float)) or eps <= 0:
             raise FmError(f"config.json: norm epsilon must be a positive number, got {eps!r}")
@@ -615,12 +628,13 @@ class Policy:
             vocab_size=c["vocab_size"], max_positions=int(c.get("max_positions") or 0),
             embed_dim=int(c.get("embed_dim") or c["hidden_size"]),
             norm=self._layout("norm", flags), norm_eps=float(eps), activation=act, gated_mlp=gated,
-            residual=self._layout("residual", flags), position=position, tied_embeddings=tied,
+            residual=self._layout("residual", flags), residual_factors=self._residual_factors(c, flags),
+            position=position, tied_embeddings=tied,
             embed_norm=bool(self._layout("embed_norm", flags, False)),
             final_norm=bool(self._layout("final_norm", flags, False)),
             project=bool(flags.get("project", False)), pooler=False,
             type_vocab_size=int(c.get("type_vocab_size") or 0),
-            attn_scale=scale, mla=mla, **self._linear(config, c, flags), **parts,
+            attn_scale=scale, mla=mla, **linear, **parts,
             attn_gate=bool(self._layout("attn_gate", flags, False)),
             attn_gate_heads=self._layout("attn_gate", flags, False) == "head",
             attn_gate_fn=self._gate_fn(flags), layer_heads=self._layer_heads(c),
@@ -660,6 +674,13 @@ class Policy:
             pad_token_id=getattr(config, "pad_token_id", None),
         )
         return spec
+
+    def _residual_factors(self, c: dict, flags: dict) -> dict | None:
+        """Residual "normed" (MiniMax): [config] attn_alpha / attn_beta, linear_alpha / linear_beta (the linear
+        layers' attention half) and mlp_alpha / mlp_beta, each 1 when unset."""
+        if self._layout("residual", flags) != "normed":
+            return None
+        return {k: [_number(c, k + "_alpha", 1.0), _number(c, k + "_beta", 1.0)] for k in ("attn", "linear", "mlp")}
 
     @staticmethod
     def _v_head_dim(c: dict, mla) -> int:
@@ -872,6 +893,8 @@ class Policy:
                 if bound:                      # Ling 2.5's safe gate: g = bound * sigmoid(exp(A_log) (f + dt_bias))
                     la["decay_bound"] = float(bound)
             key, mixer = "linear_attn", la
+        elif self._layout("lightning", flags, False):    # MiniMax: over the attention's own heads and head_dim
+            key, mixer = "lightning", True
         else:
             return {}
         if self.layout.get("ssm_beside_attention"):      # Falcon-H1: every layer has both
@@ -1101,7 +1124,8 @@ class Policy:
         if not isinstance(types, (list, tuple)) or len(types) != c["num_layers"]:
             raise FmError(f"config.json: layer_types must list one kind per layer ({c['num_layers']})")
         kinds = {"full_attention", "sliding_attention", "chunked_attention"} | (
-            {"linear_attention"} if "lin_k_heads" in c or "ssm_heads" in c or "mamba_state" in c else set()) | (
+            {"linear_attention"} if "lin_k_heads" in c or "ssm_heads" in c or "mamba_state" in c
+            or self.layout.get("lightning") else set()) | (
             {"conv"} if "sconv" in c else set()) | (
             {"indexed_attention"} if "index_heads" in c else set()) | (
             {"hybrid"} if self.layout.get("ssm_beside_attention") else set()) | (
@@ -1352,6 +1376,10 @@ class Policy:
                 "mamba_dt.weight": (D, R), "mamba_dt.bias": (D,), "mamba.a_log": (D, N), "mamba.d": (D,),
                 "mamba_out.weight": (h, D), "mamba_out.bias": (h,),
             })
+        if spec.lightning:          # MiniMax: q|k|v interleaved per head
+            w = spec.num_heads * spec.head_dim
+            shapes.update({"lin_qkv.weight": (3 * w, h), "lin_out_norm.weight": (w,), "lin_gate.weight": (w, h),
+                           "lin_out.weight": (h, w)})
         if spec.linear_attn and spec.linear_attn.get("decay") == "channel":   # KDA
             Kd, Vd, Hv = _linear_widths(spec)
             dk, dv = spec.linear_attn["k_dim"], spec.linear_attn["v_dim"]

@@ -23,6 +23,8 @@ Layout per rank:
             lin_norm (one weight for every head) replicated. Each rank keeps its heads' conv and recurrent state.
   lin_in of KDA (Kimi Linear) likewise over q, k, v and b, with its two low-rank halves f_a and g_a replicated;
             lin_f_b and lin_g_b (their widening, per head) and lin_decay.dt_bias (per key channel) with the heads.
+  lin_qkv   (MiniMax's lightning attention: q|k|v interleaved per head) with this rank's heads, as are lin_gate and
+            lin_out_norm (one weight per head channel); lin_out row-parallel. Each rank keeps its heads' states.
   sconv_in  (LFM2's short conv) column-parallel over channels, part by part: this rank's B, C and x channels;
             sconv_conv likewise, sconv_out row-parallel.
   ssm_in    (Mamba2) column-parallel over whole heads, part by part: this rank's z, x, B, C and dt; B and C hold
@@ -62,7 +64,8 @@ COLUMN = ("qkv.weight", "qkv.bias", "mlp_in.weight", "mlp_in.bias", "lin_in.weig
 HEADS = ("q_b.weight", "kv_b.weight", "attn_sinks.weight", "attn_gate.bias", "attn_gate.weight",   # whole heads' rows, each contiguous
          "lin_decay.a_log", "lin_decay.dt_bias", "ssm.a_log", "ssm.dt_bias", "ssm.d", "ssm_norm.weight",
          "mamba_conv.weight", "mamba_conv.bias", "mamba_dt.weight", "mamba_dt.bias", "mamba.a_log", "mamba.d",
-         "lin_f_b.weight", "lin_g_b.weight", "attn_sub_norm.weight")
+         "lin_f_b.weight", "lin_g_b.weight", "attn_sub_norm.weight", "lin_qkv.weight", "lin_out_norm.weight",
+         "lin_gate.weight")
 # Row-parallel slots: split along dim 1 (K), each rank's product a partial sum. The linear mixers' (ROW_K) split
 # evenly along K with nothing padded.
 ROW_K = ("lin_out.weight", "ssm_out.weight", "sconv_out.weight", "mamba_out.weight", "mamba_x.weight")
@@ -430,7 +433,10 @@ def k_per_rank(spec: ModelSpec, lay: Layout, slot: str) -> int:
         "embed.weight": spec.embed_dim, "lm_head.weight": spec.embed_dim,
         "ple_embed.weight": spec.num_layers * spec.per_layer_input,
         "lin_in.weight": spec.hidden_size if spec.linear_attn else 0,
-        "lin_out.weight": spec.linear_attn["v_heads"] * spec.linear_attn["v_dim"] // lay.tp if spec.linear_attn else 0,
+        "lin_out.weight": spec.linear_attn["v_heads"] * spec.linear_attn["v_dim"] // lay.tp if spec.linear_attn
+        else spec.num_heads * spec.head_dim // lay.tp if spec.lightning else 0,
+        "lin_qkv.weight": spec.hidden_size if spec.lightning else 0,
+        "lin_gate.weight": spec.hidden_size if spec.lightning else 0,
         "ssm_in.weight": spec.hidden_size if spec.ssm else 0,
         "sconv_in.weight": spec.hidden_size if spec.short_conv else 0,
         "sconv_out.weight": spec.hidden_size // lay.tp if spec.short_conv else 0,

@@ -15,7 +15,8 @@ LAYOUT_KEYS = {"norm", "gated_mlp", "position", "rope_style", "residual", "qkv",
                "value_is_key", "v_norm", "moe_beside_dense", "rope_dense", "first_attn_norm", "head_transform",
                "linear_pre_norm", "per_layer_input", "kv_sharing", "double_wide_mlp", "attn_gate_fn",
                "sinks", "query_scale_kind", "depth_scaled_residual", "index_rope_style",
-               "ssm_beside_attention", "ssm_gate", "linear_gates", "sublayers", "shortcut_experts"}
+               "ssm_beside_attention", "ssm_gate", "linear_gates", "sublayers", "shortcut_experts",
+               "lightning"}
 
 
 def test_flags_and_binds_tighter_than_or_and_may_use_earlier_flags():

@@ -688,6 +688,15 @@ CONFIGS = {
                       expert_ffn_hidden_size=32, n_routed_experts=8, zero_expert_num=4, moe_topk=3, q_lora_rank=32,
                       kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8,
                       routed_scaling_factor=2.5, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # MiniMax-Text-01 / M1: lightning attention (a decayed linear state per head) beside GQA attention, Mixtral's
+    # mixture, and a residual that restarts from each norm's output, weighted (blocks of 4: several per prompt)
+    "minimax": ("MiniMaxConfig", "MiniMaxForCausalLM", dict(hidden_size=64, intermediate_size=96,
+                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
+                max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2, block_size=4,
+                layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+                full_attn_alpha_factor=1.5, full_attn_beta_factor=0.9, linear_attn_alpha_factor=2.0,
+                linear_attn_beta_factor=1.1, mlp_alpha_factor=1.7, mlp_beta_factor=0.8, pad_token_id=0,
+                bos_token_id=1, eos_token_id=2)),
 }
 FAMILIES = list(CONFIGS)
 

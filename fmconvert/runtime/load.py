@@ -39,6 +39,7 @@ _INT8_OK = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight", 
             "ple_embed.weight",
             "experts_in.weight", "experts_out.weight", "shared_in.weight", "shared_out.weight",
             "q_a.weight", "q_b.weight", "kv_a.weight", "kv_b.weight", "lin_in.weight", "lin_out.weight",
+            "lin_qkv.weight", "lin_gate.weight",
             "ssm_in.weight", "ssm_out.weight", "sconv_in.weight", "sconv_out.weight", "mamba_in.weight",
             "mamba_out.weight")
 _EXPERTS = ("experts_in.weight", "experts_out.weight")
@@ -115,6 +116,10 @@ def check_layout(m: dict, rank: int):
                           "index_k_norm.weight": (ix["dim"],), "index_k_norm.bias": (ix["dim"],),
                           "index_w.weight": (ix["heads"], h)})
     la, tp = sp["linear_attn"], par["tp"]
+    if sp["lightning"]:  # MiniMax: this rank's heads of q|k|v (interleaved per head), of the gate and the norm
+        w = par["heads_per_rank"] * sp["head_dim"]
+        layer.update({"lin_qkv.weight": (3 * w, h), "lin_gate.weight": (w, h), "lin_out_norm.weight": (w,),
+                      "lin_out.weight": (h, w)})
     if la:              # Gated DeltaNet: this rank's heads of q|k|v|z|b|a, of the conv's channels, of the decay
         Kd, Vd, Hv = la["k_heads"] * la["k_dim"] // tp, la["v_heads"] * la["v_dim"] // tp, la["v_heads"] // tp
         layer.update({"lin_in.weight": (2 * Kd + 2 * Vd + 2 * Hv, h),
@@ -207,6 +212,8 @@ def check_layout(m: dict, rank: int):
         per_layer |= {"lin_in.weight", "lin_conv.weight", "lin_decay.a_log", "lin_decay.dt_bias", "lin_norm.weight",
                       "lin_out.weight"} | ({"lin_f_b.weight", "lin_g_b.weight"}
                                            if la.get("decay") and la.get("gates") != "full" else set())
+    if linear_layers and sp["lightning"]:
+        per_layer |= {"lin_qkv.weight", "lin_gate.weight", "lin_out_norm.weight", "lin_out.weight"}
     if linear_layers and sc:
         per_layer |= {"sconv_in.weight", "sconv_conv.weight", "sconv_out.weight"}
     if linear_layers and ssm:

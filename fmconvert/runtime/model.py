@@ -16,6 +16,8 @@ from ..manifest import TABLE_POSITIONS, is_global_layer
 from .comm import SingleComm
 from .ops import Int8Weight, TorchOps, rope_tables
 
+LIGHTNING_NORM_EPS = 1e-6    # MiniMax's norm over the lightning attention's output keeps RMSNorm's default eps
+
 
 class KVCache:
     """Static per-layer caches [B, Hkv_local, S_max, D]; `length` tokens are filled (same for the whole batch).
@@ -95,6 +97,8 @@ class Block(nn.Module):
         # residual_scale. Beam's k-th addition (k = 2i + 2 for layer i's attention, 2i + 3 for its MLP) is
         # x / sqrt(k) + r sqrt((k - 1) / k): x_scale 1 / sqrt(k - 1), gain sqrt((k - 1) / k)
         self.attn_add = self.mlp_add = (model.residual_scale, None)
+        if sp["residual"] == "normed":        # MiniMax: the MLP's output joins the stream times its beta
+            self.mlp_add = (sp["residual_factors"]["mlp"][1], None)
         if sp["residual_depth_scale"]:
             self.attn_add, self.mlp_add = (
                 (1 / math.sqrt(k - 1), torch.tensor([math.sqrt((k - 1) / k)], dtype=model.dtype, device=model.device))
@@ -119,6 +123,7 @@ class Block(nn.Module):
         if i in (sp["linear_layers"] or ()):
             self.linear = (("mamba", "ssm_out") if sp["ssm"] else ("short_conv", "sconv_out") if sp["short_conv"]
                            else ("mamba1", "mamba_out") if sp["mamba"]
+                           else ("lightning", "lin_out") if sp["lightning"]
                            else ("kda", "lin_out") if sp["linear_attn"].get("decay") == "channel"
                            else ("linear_attention", "lin_out"))
         self.part = sp["block_parts"][i] if sp["block_parts"] else None     # Nemotron-H: "mixer" or "mlp" alone
@@ -133,6 +138,10 @@ class Block(nn.Module):
                 self.t = tensors = {**tensors, **{f"mamba_{n}_norm.weight": torch.ones(w, dtype=model.dtype,
                                                                                        device=model.device)
                                                   for n, w in (("dt", R), ("b", N), ("c", N))}}
+        elif self.linear and sp["lightning"]:      # MiniMax: each head's state decays by exp(-slope), fp32
+            H, L = model.heads * model.tp, sp["num_layers"]
+            slope = (1 / (2 ** (8 / H))) ** (torch.arange(H) + 1) * (1 - i / (L - 1 + 1e-5) + 1e-5)
+            self.slope = slope[model.rank * model.heads:(model.rank + 1) * model.heads].to(model.device)
         elif self.linear and sp["linear_attn"]:      # the decay's parameters in fp32: g = -exp(A_log) * softplus(..)
             self.decay_rate = tensors["lin_decay.a_log"].float().exp()
             self.dt_bias = tensors["lin_decay.dt_bias"].float()
@@ -160,6 +169,8 @@ class Block(nn.Module):
         ops = m.ops
         if m.spec["residual"] == "parallel":
             return self._parallel(x, residual, positions, cache, key_padding_mask, pos_t, seq_t)
+        if m.spec["residual"] == "normed":
+            return self._normed(x, residual, positions, cache, key_padding_mask, pos_t, seq_t, x_scale)
         pre = m.spec["residual"] == "pre"
         if self.part == "mlp":        # Nemotron-H: a layer of one half, pre-norm; the next layer adds its output
             h, residual = self._add_norm(x, residual, "mlp_norm", x_norm)
@@ -215,6 +226,19 @@ class Block(nn.Module):
             return x, x
         h = x * x_scale + residual if x_scale != 1.0 else x + residual
         return h, h
+
+    def _normed(self, x, residual, positions, cache, key_padding_mask, pos_t, seq_t, x_scale):
+        """MiniMax: the stream restarts from each norm's output. h = attn_norm(stream); s = a1 h + b1 mix(h);
+        h2 = mlp_norm(s); the layer's output is a2 h2 + b2 mlp(h2), returned as (mlp(h2), a2 h2) with b2 the next
+        add+norm's x_scale (`out_scale`). (a1, b1) are the linear layers' or the attention layers' factors."""
+        m, t = self.m, self.t
+        h, _ = m.ops.add_norm(x, residual, t["attn_norm.weight"], None, m.eps, m.norm, x_scale=x_scale)
+        a = m.comm.all_reduce(self.mix(h, positions, cache, key_padding_mask, pos_t, seq_t))
+        alpha, beta = m.spec["residual_factors"]["linear" if self.linear else "attn"]
+        h, _ = m.ops.add_norm(a, h * alpha if alpha != 1.0 else h, t["mlp_norm.weight"], None, m.eps, m.norm,
+                              x_scale=beta)
+        alpha = m.spec["residual_factors"]["mlp"][0]
+        return m.comm.all_reduce(self.mlp(h)), (h * alpha if alpha != 1.0 else h)
 
     def _parallel(self, x, residual, positions, cache, key_padding_mask, pos_t, seq_t):
         """GPT-NeoX, GPT-J, Phi: attention and MLP both read the normed stream (GPT-NeoX normalises it twice, the
@@ -299,6 +323,21 @@ class Block(nn.Module):
                               torch.sigmoid(b).float(), state, dk ** -0.5)            # (B, T, H, dv)
         gate = (ga if full else m.ops.linear(ga, t["lin_g_b.weight"])).view(B, T, H, dv)
         return m.ops.gated_rms_norm(o, gate, t["lin_norm.weight"], m.eps, gate="sigmoid").reshape(B, T, H * dv)
+
+    def lightning(self, h, cache, key_padding_mask, pos_t=None):
+        """MiniMax's lightning attention: q|k|v = silu of one projection (interleaved per head), each head's [d, d]
+        state S decays by exp(-slope) per token and adds k^T v, and q reads it (no softmax, no RoPE). The output is
+        RMS-normed over every head of every rank, times sigmoid of a gate read off the layer's input. With a cache
+        the state carries over: fixed-size, so a decode step is graph-safe as is."""
+        m, t = self.m, self.t
+        B, T, _ = h.shape
+        H, d = self.heads, m.head_dim
+        x, _ = self._unpadded(h, key_padding_mask, pos_t)
+        q, k, v = m.ops.linear(x, t["lin_qkv.weight"], None, "silu").view(B, T, H, 3, d).unbind(3)
+        _, state = self._linear_cache(cache, pos_t, (B, H, d, d), h.device)
+        o = m.ops.lightning(q, k, v, self.slope, state).reshape(B, T, H * d)
+        o = self._sub_norm(o, t["lin_out_norm.weight"], H * m.tp * d, LIGHTNING_NORM_EPS)
+        return o * torch.sigmoid(m.ops.linear(h, t["lin_gate.weight"]))
 
     @staticmethod
     def _unpadded(h, key_padding_mask, pos_t):
@@ -463,15 +502,17 @@ class Block(nn.Module):
             y, m.shortcut = y + m.shortcut, None
         return y
 
-    def _sub_norm(self, x, weight, n: int):
+    def _sub_norm(self, x, weight, n: int, eps: float | None = None):
         """BitNet's RMSNorm inside a half, over a width split across ranks (this rank's heads, or its MLP units, the
-        padded ones zero): every rank's sum of squares, over n, the whole width; rounded, then times the weight."""
+        padded ones zero): every rank's sum of squares, over n, the whole width; rounded, then times the weight.
+        MiniMax's lightning attention norms its output so too, with its own eps."""
         m = self.m
+        eps = m.eps if eps is None else eps
         if m.tp == 1 and x.shape[-1] == n:
-            return m.ops.add_norm(x, None, weight, None, m.eps, "rms")[0]
+            return m.ops.add_norm(x, None, weight, None, eps, "rms")[0]
         xf = x.float()
         ss = m.comm.all_reduce(xf.square().sum(-1, keepdim=True))
-        return (xf * torch.rsqrt(ss / n + m.eps)).to(x.dtype) * weight
+        return (xf * torch.rsqrt(ss / n + eps)).to(x.dtype) * weight
 
     def _beside_dense(self, h, stream):
         """Gemma 4 26B-A4B: the dense MLP reads h (mlp_norm of the stream), the experts the stream through their
@@ -1107,6 +1148,8 @@ class FusedModel(nn.Module):
             hk, hv = la["k_heads"] // self.tp, la["v_heads"] // self.tp
             linear = {b.i: (2 * hk * la["k_dim"] + hv * la["v_dim"], la["conv_kernel"], (hv, la["k_dim"], la["v_dim"]))
                       for b in self.blocks if b.linear}
+        if self.spec["lightning"]:    # MiniMax: no conv; a [head_dim, head_dim] state per head of this rank
+            linear = {b.i: (0, 1, (self.heads, self.head_dim, self.head_dim)) for b in self.blocks if b.linear}
         if self.spec["mamba"]:     # Mamba 1: the conv over this rank's channels of x; a [state] row per channel
             mb = self.spec["mamba"]
             linear = {b.i: (mb["inner"] // self.tp, mb["conv_kernel"], (mb["inner"] // self.tp, mb["state"]))

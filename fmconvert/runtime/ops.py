@@ -408,6 +408,27 @@ class TorchOps:
             ys.append(y.to(x.dtype))
         return ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
 
+    def lightning(self, q, k, v, slope, state, chunk: int = 64):
+        """MiniMax's lightning attention over T tokens from `state` [B, H, D, D] (fp32, updated in place): q, k, v
+        [B, T, H, D], slope [H] fp32. Per token: S = exp(-slope) S + k^T v; o = q S. Returns [B, T, H, D] in v's
+        dtype. Chunk by chunk: within a chunk, (q k^T, decayed by distance) v plus q (decayed) times the state it
+        started from; then the state advances by the chunk's decayed k^T v. A decode step is a chunk of one."""
+        B, T, H, D = q.shape
+        qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))      # [B, H, T, D]
+        s = slope.float().view(1, H, 1, 1)
+        S, out = state, []
+        for lo in range(0, T, chunk):
+            qc, kc, vc = qf[:, :, lo:lo + chunk], kf[:, :, lo:lo + chunk], vf[:, :, lo:lo + chunk]
+            n = qc.shape[2]
+            pos = torch.arange(1, n + 1, device=q.device, dtype=torch.float32)
+            dist = pos[:, None] - pos[None, :]                                # query i, key j: i - j
+            within = torch.where(dist >= 0, torch.exp(-s * dist.clamp(min=0)), 0.0)     # [1, H, n, n]
+            o = (qc * torch.exp(-s * pos[:, None])) @ S + ((qc @ kc.transpose(-1, -2)) * within) @ vc
+            S = S * torch.exp(-s * n) + (kc * torch.exp(-s * (n - pos)[:, None])).transpose(-1, -2) @ vc
+            out.append(o)
+        state.copy_(S)
+        return torch.cat(out, dim=2).transpose(1, 2).to(v.dtype)
+
     def gated_delta(self, q, k, v, g, beta, state, scale):
         """The gated delta rule over T tokens from `state` [B, Hv, Dk, Dv] (fp32, updated in place): q, k [B, T, Hk,
         Dk] (L2-normalised here, q then times scale), v [B, T, Hv, Dv], g (log decay) and beta [B, T, Hv] fp32.
