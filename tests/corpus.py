@@ -635,6 +635,16 @@ def _inspect_latent_scales_without_latent_attention(c: Ctx):    # LongCat-Flash'
     return [_manifest(c, lambda m: m["model"].update(row_scales={"q_b": {"input": 1.0, "parts": [2.0]}}))]
 
 
+@case("inspect", "model.residual normed and model.residual_factors go together")
+def _inspect_normed_residual_without_factors(c: Ctx):    # MiniMax's residual weighs each half by its factors
+    return [_manifest(c, lambda m: m["model"].update(residual_factors=None), name="minimax")]
+
+
+@case("inspect", "model.linear_attn, model.ssm, model.short_conv, model.mamba and model.lightning exclude each other")
+def _inspect_lightning_beside_mamba(c: Ctx):           # one kind of linear layer per model
+    return [_manifest(c, lambda m: m["model"].update(lightning=True), name="mamba")]
+
+
 @case("inspect", "model.residual_depth_scale needs the pre-norm residual")
 def _inspect_depth_scale_with_a_residual_scale(c: Ctx):    # Beam's scaled additions beside Granite's multiplier
     return [_manifest(c, lambda m: m["model"].update(residual_scale=0.5), name="beam")]

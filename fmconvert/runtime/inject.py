@@ -26,6 +26,7 @@ class FusedBody(nn.Module):
         self._hidden: torch.Tensor | None = None   # their final hidden states
         self._cache = None
         self._hf_cache = None
+        self._token = None          # the cache token handed to transformers when it keeps none (see forward)
         for k, v in vars(original).items():   # numbers the head reads off the body (Falcon-H1's lm_head_multiplier)
             if not k.startswith("_") and k != "training" and type(v) in (int, float):
                 setattr(self, k, v)
@@ -53,6 +54,7 @@ class FusedBody(nn.Module):
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise FmError("the fused body does not support padded batches; pass unpadded input_ids")
         hf_cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        given = hf_cache is not None and hf_cache is not self._token
         ids = input_ids.to(self.fused.device)
         B, T = ids.shape
         n = 0 if self._ids is None else self._ids.shape[1]
@@ -64,15 +66,22 @@ class FusedBody(nn.Module):
             h = self._hidden
         else:
             h = self._run(ids, False)
+            if not given:
+                # a model whose generate leaves the cache to the model (MiniMax's own cache class): hand back a
+                # token for transformers to pass in with the next step, so that step is known as a continuation
+                from transformers import DynamicCache
+                hf_cache = self._token = DynamicCache()
         self._hf_cache = hf_cache
-        return _base_output(h, bool(self.fused.spec["num_experts"]))
+        return _base_output(h, bool(self.fused.spec["num_experts"]), hf_cache if hf_cache is self._token else None)
 
 
-def _base_output(h, moe: bool = False):
+def _base_output(h, moe: bool = False, cache=None):
     # The widest base output class, so every causal-LM head finds the fields it reads (GPT-2 reads cross_attentions,
     # a mixture-of-experts head reads router_logits).
     from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions, MoeModelOutputWithPast
     out = (MoeModelOutputWithPast if moe else BaseModelOutputWithPastAndCrossAttentions)(last_hidden_state=h)
+    if cache is not None:     # the field is `cache` in transformers 5.2x, `past_key_values` before
+        setattr(out, "cache" if hasattr(out, "cache") else "past_key_values", cache)
     for name in ("shared_kv_states", "router_logits"):   # Gemma 4's head reads both (the fused body keeps its own
         if not hasattr(out, name):                        # caches, and routes inside)
             setattr(out, name, None)

@@ -232,6 +232,7 @@ class Block(nn.Module):
         h2 = mlp_norm(s); the layer's output is a2 h2 + b2 mlp(h2), returned as (mlp(h2), a2 h2) with b2 the next
         add+norm's x_scale (`out_scale`). (a1, b1) are the linear layers' or the attention layers' factors."""
         m, t = self.m, self.t
+        x_scale = m.residual_scale if x_scale is None else x_scale
         h, _ = m.ops.add_norm(x, residual, t["attn_norm.weight"], None, m.eps, m.norm, x_scale=x_scale)
         a = m.comm.all_reduce(self.mix(h, positions, cache, key_padding_mask, pos_t, seq_t))
         alpha, beta = m.spec["residual_factors"]["linear" if self.linear else "attn"]
