@@ -15,6 +15,7 @@ the all-reduce and all-gather) or, with tp_mode="distributed", one process per r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -653,11 +654,72 @@ def run_converted(runner: _Ranks, batches: torch.Tensor, kind: str) -> list:
             for ids in _split(batches, kind)]
 
 
+@contextlib.contextmanager
+def checkpoint_rope_width(model, rotary_dim: int, theta: float):
+    """transformers' model `model` turning RoPE over the first rotary_dim dimensions of each head, as the checkpoint
+    was trained, for a class that rotates the whole head whatever the config says (table key hf_rotates_whole_head:
+    MiniMax-Text-01). Its rotary embeddings get the narrower frequency ladder and its module's
+    apply_rotary_pos_emb turns only as many dimensions as cos holds; both are put back on leaving. Yields a note
+    saying so, or None where the model already turns that width."""
+    import importlib
+    ropes = [r for r in model.modules() if type(r).__name__.endswith("RotaryEmbedding") and hasattr(r, "inv_freq")]
+    if not ropes or all(r.inv_freq.numel() * 2 == rotary_dim for r in ropes):
+        yield None
+        return
+    if any(getattr(r, "rope_type", "default") != "default" for r in ropes):
+        raise FmError(f"transformers' {type(model).__name__} turns RoPE over the whole head and its RoPE type "
+                      f"cannot be narrowed to the checkpoint's rotary_dim={rotary_dim}; no faithful reference")
+    module = importlib.import_module(type(ropes[0]).__module__)
+    whole = module.apply_rotary_pos_emb
+
+    def narrow(q, k, cos, sin, *args, **kwargs):
+        r = cos.shape[-1]
+        qr, kr = whole(q[..., :r], k[..., :r], cos, sin, *args, **kwargs)
+        return torch.cat((qr, q[..., r:]), -1), torch.cat((kr, k[..., r:]), -1)
+
+    saved = [(r, r.inv_freq, getattr(r, "original_inv_freq", None)) for r in ropes]
+    inv = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)
+    try:
+        module.apply_rotary_pos_emb = narrow
+        for r, old, _ in saved:
+            r.inv_freq = inv.to(old.device)
+            if hasattr(r, "original_inv_freq"):
+                r.original_inv_freq = inv.to(old.device)
+        yield (f"transformers' {type(model).__name__} turns RoPE over the whole head; the reference turned the "
+               f"first {rotary_dim} dimensions of each, as the checkpoint was trained")
+    finally:
+        module.apply_rotary_pos_emb = whole
+        for r, old, orig in saved:
+            r.inv_freq = old
+            if orig is not None:
+                r.original_inv_freq = orig
+
+
+def _faithful_reference(architecture: str) -> bool:
+    from .policy import policy_for
+    try:
+        return bool(policy_for([architecture])[0].table.get("hf_rotates_whole_head"))
+    except FmError:
+        return False
+
+
 def check_end_to_end(model_dir: Path, m: dict, converted: list, batches: torch.Tensor, th: Thresholds, device,
                      token_source: str) -> dict:
     sp = m["model"]
+    pos = sp.get("position") or {}
+    with contextlib.ExitStack() as stack:
+        ref = _load_reference(model_dir, sp["architecture"], sp["kind"], device)
+        note = None
+        if _faithful_reference(sp["architecture"]) and pos.get("type") == "rope":
+            note = stack.enter_context(checkpoint_rope_width(ref, int(pos["rotary_dim"]), float(pos["theta"])))
+        res = _compare(ref, sp, converted, batches, th, device, token_source)
+    if note:
+        res["reference_note"] = note
+    return res
+
+
+def _compare(ref, sp: dict, converted: list, batches: torch.Tensor, th: Thresholds, device, token_source: str):
     kind = sp["kind"]
-    ref = _load_reference(model_dir, sp["architecture"], kind, device)
     final_label = "project_out" if sp.get("project") else ("final norm" if sp.get("final_norm") else "")
     blocks, every = _reports_blocks(sp["architecture"])
     n_layers = sp["num_layers"] // every + 1
@@ -1003,6 +1065,8 @@ def print_report(report: dict, console=None):
             lt.add_row(x["name"], _fmt(x["max_abs"]), ("[red]" if flag else "") + _fmt(x["rel_rms"]))
         con.print(lt)
 
+    if e.get("reference_note"):
+        con.print(f"note: {e['reference_note']}", markup=False)
     for w in report.get("warnings", []):
         con.print(f"[yellow]warning:[/yellow] {w}")
     if report["failures"]:

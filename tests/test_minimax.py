@@ -93,3 +93,43 @@ def test_an_activation_other_than_silu_is_refused(model_copy, tmp_path):
     with pytest.raises(FmError, match="lightning attention with hidden_act 'gelu' is not supported"):
         convert(src, tmp_path / "out", Options(), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("override", [dict(rotary_dim=8),                  # as the published config.json names it
+                                      dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                            "partial_rotary_factor": 0.5})])
+def test_rope_turns_the_checkpoints_width(model_dir, tmp_path, override, tp):
+    """RoPE over the first rotary_dim dimensions of each head, as MiniMax trained it; transformers' class turns the
+    whole head, so the reference is narrowed (verify.checkpoint_rope_width), and only for as long as asked."""
+    from transformers.models.minimax import modeling_minimax
+
+    from fmconvert.verify import checkpoint_rope_width
+    src = model_dir("minimax", **override)
+    convert(src, tmp_path / "out", Options(tp=tp), progress=False)
+    pos = json.loads((tmp_path / "out" / "manifest.json").read_text())["model"]["position"]
+    assert pos["rotary_dim"] == 8
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    hf = tiny.build("minimax", **override)
+    whole, inv = modeling_minimax.apply_rotary_pos_emb, hf.model.rotary_emb.inv_freq
+    with torch.no_grad():
+        wide = hf(ids).logits
+        with checkpoint_rope_width(hf, 8, pos["theta"]) as note:
+            want = hf(ids).logits
+    assert "first 8 dimensions" in note
+    assert modeling_minimax.apply_rotary_pos_emb is whole and hf.model.rotary_emb.inv_freq is inv
+    assert tiny.rel(wide, want) > 1e-5                      # the narrowing changes transformers' answer
+    got = tiny.on_ranks(tmp_path / "out", tp, lambda m: m(ids))
+    assert max(tiny.rel(g, want) for g in got) < 1e-5
+
+
+def test_verify_narrows_the_reference(model_dir, tmp_path):
+    from fmconvert.verify import verify
+    src = model_dir("minimax", rotary_dim=8)
+    convert(src, tmp_path / "out", Options(tp=2), progress=False)
+    r = verify(src, tmp_path / "out", tokens=32)
+    assert not r["failures"] and "first 8 dimensions" in r["end_to_end"]["reference_note"]
+    full = model_dir("minimax")
+    convert(full, tmp_path / "full", Options(tp=2), progress=False)
+    r = verify(full, tmp_path / "full", tokens=32)
+    assert not r["failures"] and "reference_note" not in r["end_to_end"]
