@@ -62,7 +62,7 @@ _MODEL = {
     "norm": _ENUM("rms", "layer", "rms_plus_one", "layer_plus_one", "rms_fp32"), "norm_eps": _POS_NUM,
     "attn_scale": _POS_NUM,
     "activation": _ENUM("gelu", "gelu_tanh", "relu", "relu2", "silu", "swiglu", "geglu", "geglu_erf", "reglu2",
-                        "swiglu_oai", "xielu"), "residual": _ENUM("pre", "post", "parallel", "normed"),
+                        "swiglu_oai", "xielu"), "residual": _ENUM("pre", "post", "parallel", "normed", "hyper"),
     **{k: _BOOL for k in ("gated_mlp", "tied_embeddings", "embed_norm", "final_norm", "project", "pooler")},
     "position": lambda x: isinstance(x, dict), "bos_token_id": _TOKEN, "pad_token_id": _TOKEN,
     "eos_token_id": lambda x: _TOKEN(x) or (isinstance(x, list) and len(x) < 1024 and all(map(_NAT, x))),
@@ -115,6 +115,11 @@ _MODEL_OPTIONAL = {
         isinstance(x, dict) and set(x) == {"attn", "linear", "mlp"} and all(
             isinstance(v, list) and len(v) == 2 and all(map(_POS_NUM, v)) for v in x.values())),
         "null or {\"attn\", \"linear\", \"mlp\"} -> [alpha, beta]"),
+    "hyper": (None, lambda x: x is None or (
+        isinstance(x, dict) and set(x) == {"streams", "magnitude", "eps"} and type(x["streams"]) is int
+        and 2 <= x["streams"] <= 16 and _POS_NUM(x["magnitude"]) and _POS_NUM(x["eps"])),
+        "null or {\"streams\": 2..16, \"magnitude\", \"eps\"}"),
+    "experts_glu_limit": (0.0, _NONNEG_NUM, "a non-negative number"),
     "row_scales": (None, lambda x: x is None or _row_scales(x), "null or slot -> {\"input\", \"parts\"} factors"),
     "linear_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
                       "null or a list of layer indices"),
@@ -212,7 +217,8 @@ def _index(x, mla) -> bool:
     """DeepSeek Sparse Attention's indexer: positive widths, at least the rotated width, a q bottleneck to read, a
     RoPE style, and the layers that run it in order, the first layer among them (a shared layer reuses an earlier
     one's choice)."""
-    return (isinstance(x, dict) and set(x) == {"heads", "dim", "topk", "rope_style", "layers"}
+    return (isinstance(x, dict) and set(x) - {"rope_at", "norm_eps"} == {"heads", "dim", "topk", "rope_style", "layers"}
+            and x.get("rope_at", "first") in ("first", "last") and _POS_NUM(x.get("norm_eps", 1e-6))
             and all(_POS_INT(x[k]) for k in ("heads", "dim", "topk")) and x["dim"] >= mla["rope_dim"]
             and mla["q_rank"] > 0 and x["rope_style"] in ("neox", "gptj") and isinstance(x["layers"], list)
             and x["layers"][:1] == [0] and all(_NAT(i) for i in x["layers"]) and x["layers"] == sorted(set(x["layers"])))
@@ -340,6 +346,16 @@ def validate(m) -> dict:
                                                              for s in model["slots"]))),
           "model.residual normed and model.residual_factors go together, with no other residual scaling or output "
           "norms")
+    hc = model["hyper"]
+    _need((model["residual"] == "hyper") == (hc is not None)
+          and (hc is None or (model["kind"] == "decoder" and model["residual_scale"] == 1.0
+                              and not model["residual_depth_scale"] and not model["shortcut_experts"]
+                              and not any("post_norm" in s or "layer_scale" in s or s.startswith("ple_")
+                                          for s in model["slots"]))),
+          "model.residual hyper and model.hyper go together, in a decoder with no other residual scaling, output "
+          "norms or per-layer inputs")
+    _need(not model["experts_glu_limit"] or (model["num_experts"] and model["activation"] == "swiglu"),
+          "model.experts_glu_limit needs experts with a SwiGLU activation")
     _need(model["attn_gate"] or not model["attn_gate_heads"], "model.attn_gate_heads needs attn_gate")
     _need(model["attn_gate"] or model["attn_gate_fn"] == "sigmoid", "model.attn_gate_fn needs attn_gate")
     lh = model["layer_heads"]

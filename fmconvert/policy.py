@@ -80,6 +80,9 @@ LAYER_SLOTS = (
     "mamba_in.weight", "mamba_in.bias", "mamba_conv.weight", "mamba_conv.bias", "mamba_x.weight",
     "mamba_dt_norm.weight", "mamba_b_norm.weight", "mamba_c_norm.weight", "mamba_dt.weight", "mamba_dt.bias",
     "mamba.a_log", "mamba.d", "mamba_out.weight", "mamba_out.bias",
+    # HY-V4's hyper-connections, one set before each half (residual "hyper"): from the RMS-normed copies of the
+    # stream, fn gives the logits of each copy's input weight and output weight; base and scale shift and scale them
+    "attn_hc.fn", "attn_hc.base", "attn_hc.scale", "mlp_hc.fn", "mlp_hc.base", "mlp_hc.scale",
 )
 # A mixture's slots and a dense MLP's: a model with both kinds of layer (GLM-4.5's first layers are dense) gives each
 # layer the one set its kind has.
@@ -98,6 +101,8 @@ GLOBAL_SLOTS = (
     # Gemma 4's E2B/E4B: the per-layer embeddings [vocab, layers * dim], and the projection of the embedded token
     # into the same per-layer inputs with its norm (over one layer's dim)
     "ple_embed.weight", "ple_proj.weight", "ple_proj_norm.weight",
+    # HY-V4: the weights that fold the stream's copies into one before the final norm
+    "hc_head.fn", "hc_head.base", "hc_head.scale",
 )
 
 # CodeGen's fused qkv_proj is laid out for this many model-parallel shards (qkv layout mp_blocks).
@@ -138,7 +143,8 @@ class ModelSpec:
     #                                gate * sigmoid(glu_alpha * gate) * (up + 1))
     gated_mlp: bool
     residual: str                  # pre | post | parallel (attention and MLP read the same stream, one sum) | normed
-    #                                (MiniMax: the stream restarts from each norm's output; see residual_factors)
+    #                                (MiniMax: the stream restarts from each norm's output; see residual_factors) |
+    #                                hyper (HY-V4: hyper-connections over several copies of the stream; see hyper)
     position: dict                 # {"type": rope|alibi|learned, ...}
     tied_embeddings: bool
     embed_norm: bool
@@ -207,6 +213,10 @@ class ModelSpec:
     linear_layers: list | None = None  # the layers that use one of these in place of attention; None: none
     residual_factors: dict | None = None   # residual "normed" (MiniMax): {"attn", "linear", "mlp"} -> [alpha, beta]:
     #                                        each half's sum is alpha * its normed input + beta * its output
+    hyper: dict | None = None      # residual "hyper" (HY-V4): the stream is `streams` copies of the hidden state;
+    #                                each half reads a sigmoid-weighted sum of them and adds its output to each,
+    #                                weighted by magnitude * sigmoid(...) (slots attn_hc.*, mlp_hc.*, hc_head.*)
+    experts_glu_limit: float = 0.0  # HY-V4: the routed experts' gate clamped above at it, their up to [-it, it]
     block_parts: list | None = None    # per layer, "mixer" or "mlp" where a layer has only that half (Nemotron-H:
     #                                each layer is one Mamba2, attention, MLP or mixture, with its own norm); None:
     #                                both halves in every layer
@@ -629,6 +639,7 @@ class Policy:
             embed_dim=int(c.get("embed_dim") or c["hidden_size"]),
             norm=self._layout("norm", flags), norm_eps=float(eps), activation=act, gated_mlp=gated,
             residual=self._layout("residual", flags), residual_factors=self._residual_factors(c, flags),
+            hyper=self._hyper(c, flags), experts_glu_limit=self._experts_glu_limit(c, experts),
             position=position, tied_embeddings=tied,
             embed_norm=bool(self._layout("embed_norm", flags, False)),
             final_norm=bool(self._layout("final_norm", flags, False)),
@@ -681,6 +692,27 @@ class Policy:
         if self._layout("residual", flags) != "normed":
             return None
         return {k: [_number(c, k + "_alpha", 1.0), _number(c, k + "_beta", 1.0)] for k in ("attn", "linear", "mlp")}
+
+    def _hyper(self, c: dict, flags: dict) -> dict | None:
+        """Residual "hyper" (HY-V4's hyper-connections): [config] hc_streams copies of the stream (at least 2),
+        hc_magnitude (the output weights' ceiling) and hc_eps (added to every weight)."""
+        if self._layout("residual", flags) != "hyper":
+            return None
+        n = c.get("hc_streams")
+        if type(n) is not int or not 2 <= n <= 16:
+            raise FmError(f"config.json: hc_mult must be an integer from 2 to 16, got {n!r}")
+        return {"streams": n, "magnitude": _number(c, "hc_magnitude", 2.0), "eps": _number(c, "hc_eps", 1e-6)}
+
+    @staticmethod
+    def _experts_glu_limit(c: dict, experts: int) -> float:
+        """[config] experts_glu_limit (HY-V4's swiglu_limit): the routed experts' SwiGLU inputs clamped; at or below
+        0: not clamped."""
+        v = c.get("experts_glu_limit")
+        if v is None or not experts:
+            return 0.0
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise FmError(f"config.json: swiglu_limit must be a finite number, got {v!r}")
+        return float(v) if v > 0 else 0.0
 
     @staticmethod
     def _v_head_dim(c: dict, mla) -> int:
@@ -847,7 +879,12 @@ class Policy:
             raise FmError(f"config.json: indexer_types must name full or shared for each of the {L} layers, the "
                           f"first full, got {str(kinds)[:60]}")
         layers = list(range(L)) if kinds is None else [i for i, k in enumerate(kinds) if k == "full"]
-        return {**ix, "rope_style": self._layout("index_rope_style", flags, "neox"), "layers": layers}
+        out = {**ix, "rope_style": self._layout("index_rope_style", flags, "neox"), "layers": layers}
+        if self._layout("index_rope_at", flags, "first") == "last":   # HY-V4: the last rope_dim columns turn
+            out["rope_at"] = "last"
+        if "index_norm_eps" in c:          # the key's LayerNorm eps where it is not 1e-6 (HY-V4: rms_norm_eps)
+            out["norm_eps"] = _number(c, "index_norm_eps", 1e-6)
+        return out
 
     def _linear(self, config, c, flags) -> dict:
         """A hybrid's linear layers: Gated DeltaNet (Qwen3-Next, Qwen3.5: [config] lin_k_heads, lin_v_heads, lin_k_dim,
@@ -1346,13 +1383,19 @@ class Policy:
                 "kv_a.weight": (a["kv_rank"] + a["rope_dim"], h), "kv_a.bias": (a["kv_rank"] + a["rope_dim"],),
                 "kv_a_norm.weight": (a["kv_rank"],), "kv_b.weight": (H * (a["nope_dim"] + a["v_dim"]), a["kv_rank"]),
                 "attn_out.weight": (h, H * a["v_dim"]),
-                "attn_gate.weight": (H * spec.gate_width, h),       # Ling 2.5: a gate a head from the stream
+                # Ling 2.5: a gate a head from the stream; HY-V4: one per output channel (v_dim a head)
+                "attn_gate.weight": (H * (1 if spec.attn_gate_heads else a["v_dim"]), h),
             })
             if "index" in a:
                 ix = a["index"]
                 shapes.update({"index_q.weight": (ix["heads"] * ix["dim"], a["q_rank"]), "index_k.weight": (ix["dim"], h),
                                "index_k_norm.weight": (ix["dim"],), "index_k_norm.bias": (ix["dim"],),
                                "index_w.weight": (ix["heads"], h)})
+        if spec.hyper:              # HY-V4: each set reads every copy of the stream, flattened
+            n = spec.hyper["streams"]
+            for half in ("attn_hc", "mlp_hc"):
+                shapes.update({half + ".fn": (2 * n, n * h), half + ".base": (2 * n,), half + ".scale": (2,)})
+            shapes.update({"hc_head.fn": (n, n * h), "hc_head.base": (n,), "hc_head.scale": (1,)})
         if spec.short_conv:
             shapes.update({"sconv_in.weight": (3 * h, h), "sconv_in.bias": (3 * h,),            # B|C|x
                            "sconv_conv.weight": (h, spec.short_conv["conv_kernel"]), "sconv_conv.bias": (h,),

@@ -640,6 +640,21 @@ def _inspect_normed_residual_without_factors(c: Ctx):    # MiniMax's residual we
     return [_manifest(c, lambda m: m["model"].update(residual_factors=None), name="minimax")]
 
 
+@case("inspect", "model.residual hyper and model.hyper go together")
+def _inspect_hyper_residual_without_its_weights(c: Ctx):    # HY-V4's copies of the stream need their count
+    return [_manifest(c, lambda m: m["model"].update(hyper=None), name="hy_v4")]
+
+
+@case("inspect", "model.experts_glu_limit needs experts with a SwiGLU activation")
+def _inspect_experts_clamp_without_experts(c: Ctx):     # HY-V4's clamp is its routed experts'
+    return [_manifest(c, lambda m: m["model"].update(experts_glu_limit=7.0))]
+
+
+@case("inspect", "model.mla must be null or the latent attention's widths")
+def _inspect_index_rope_at_the_middle(c: Ctx):          # the indexer turns its first or its last columns
+    return [_manifest(c, lambda m: m["model"]["mla"]["index"].update(rope_at="middle"), name="hy_v4")]
+
+
 @case("inspect", "model.linear_attn, model.ssm, model.short_conv, model.mamba and model.lightning exclude each other")
 def _inspect_lightning_beside_mamba(c: Ctx):           # one kind of linear layer per model
     return [_manifest(c, lambda m: m["model"].update(lightning=True), name="mamba")]

@@ -697,6 +697,15 @@ CONFIGS = {
                 full_attn_alpha_factor=1.5, full_attn_beta_factor=0.9, linear_attn_alpha_factor=2.0,
                 linear_attn_beta_factor=1.1, mlp_alpha_factor=1.7, mlp_beta_factor=0.8, pad_token_id=0,
                 bos_token_id=1, eos_token_id=2)),
+    # HY-V4: hyper-connections over 3 copies, sinks, a gate per output channel, clamped experts; 8 indexer heads, so
+    # that two keys rarely tie at a score of 0 (relu over every head) and a decode step picks what the prompt did
+    "hy_v4": ("HYV4Config", "HYV4ForCausalLM", dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, vocab_size=101,
+              max_position_embeddings=64, n_routed_experts=4, num_experts_per_tok=2, q_lora_rank=32,
+              kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=16, index_topk=5,
+              index_head_dim=8, index_n_heads=8, indexer_types=["full", "shared", "full", "shared"],
+              mlp_layer_types=["dense", "sparse", "sparse", "sparse"], hc_mult=3, swiglu_limit=0.3,
+              initializer_range=0.02, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 FAMILIES = list(CONFIGS)
 
@@ -737,6 +746,12 @@ def build(name: str, seed: int = 0, **overrides):
                 b.copy_(torch.randn_like(b))
             elif n.endswith(("layer_scalar", "router.scale", "per_expert_scale")):   # Gemma 4: ones by default
                 b.copy_(torch.rand_like(b) + 0.5)
+            elif n.endswith(("hc.fn", "hc_fn")):       # HY-V4's hyper-connections: weights that vary per token
+                b.copy_(torch.randn_like(b) * 0.1)
+            elif n.endswith(("hc.scale", "hc_scale")):
+                b.copy_(torch.rand_like(b) + 0.5)
+            elif n.endswith(("hc.base", "hc_base")):
+                b.copy_(torch.randn_like(b) * 0.5)
         if name.startswith("gemma4"):   # softmax scale 1: trained q norms carry 1/sqrt(head_dim), or scores saturate
             for n, p in model.named_parameters():
                 if n.endswith("q_norm.weight"):

@@ -14,10 +14,12 @@ ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "swiglu
                "geglu_erf": 9, "reglu2": 10}
 # Gated activations act on the first half of a fused gate|up output and multiply by the second half.
 GATED = ("swiglu", "geglu", "geglu_erf", "reglu2")   # geglu: the tanh GELU; geglu_erf: the exact one; reglu2: ReLU²
-# ("swiglu_oai", alpha, limit): GPT-OSS's clamped SwiGLU, the one activation with parameters.
+# ("swiglu_oai", alpha, limit): GPT-OSS's clamped SwiGLU; ("swiglu_limit", limit): the same clamps before a plain
+# SwiGLU (HY-V4's experts). The activations with parameters.
 SWIGLU_OAI = 7
+SWIGLU_LIMIT = 11
 GATED_CODES = (ACTIVATIONS["swiglu"], ACTIVATIONS["geglu"], ACTIVATIONS["geglu_erf"], ACTIVATIONS["reglu2"],
-               SWIGLU_OAI)
+               SWIGLU_OAI, SWIGLU_LIMIT)
 
 
 def epilogue(activation) -> tuple[int, float, float]:
@@ -28,9 +30,15 @@ def epilogue(activation) -> tuple[int, float, float]:
         if not (math.isfinite(alpha) and math.isfinite(limit) and limit > 0):
             raise ValueError(f"swiglu_oai needs a finite alpha and a finite limit > 0, got {activation!r}")
         return SWIGLU_OAI, alpha, limit
+    if isinstance(activation, tuple) and len(activation) == 2 and activation[0] == "swiglu_limit":
+        limit = float(activation[1])
+        if not (math.isfinite(limit) and limit > 0):
+            raise ValueError(f"swiglu_limit needs a finite limit > 0, got {activation!r}")
+        return SWIGLU_LIMIT, 0.0, limit
     if (activation is None or isinstance(activation, str)) and activation in ACTIVATIONS:
         return ACTIVATIONS[activation], 0.0, 0.0
-    raise ValueError(f"activation must be one of {list(ACTIVATIONS)} or ('swiglu_oai', alpha, limit), "
+    raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, ('swiglu_oai', alpha, limit) or "
+                     f"('swiglu_limit', limit), "
                      f"got {activation!r}")
 
 
@@ -178,6 +186,10 @@ def gated_product(gate, up, ACT: tl.constexpr, ALPHA: tl.constexpr, LIMIT: tl.co
         gate = tl.minimum(gate, LIMIT)
         up = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
         y = gate * sigmoid(ALPHA * gate) * (up + 1.0)
+    elif ACT == 11:
+        gate = tl.minimum(gate, LIMIT)
+        up = tl.minimum(tl.maximum(up, -LIMIT), LIMIT)
+        y = gate * sigmoid(gate) * up
     else:
         y = activate(gate, ACT) * up
     return y

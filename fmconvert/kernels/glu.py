@@ -29,12 +29,12 @@ def _glu_kernel(y_ptr, o_ptr, N, stride_y, stride_o, ACT: tl.constexpr, ALPHA: t
 
 
 def gated(y: torch.Tensor, activation="swiglu") -> torch.Tensor:
-    """act(y[..., :N]) * y[..., N:] for y [..., 2N]; same dtype as y. activation: "swiglu", "geglu" or
-    ("swiglu_oai", alpha, limit)."""
+    """act(y[..., :N]) * y[..., N:] for y [..., 2N]; same dtype as y. activation: "swiglu", "geglu",
+    ("swiglu_oai", alpha, limit) or ("swiglu_limit", limit)."""
     act, alpha, limit = epilogue(activation)
     if act not in GATED_CODES:
-        raise ValueError(f"activation must be one of {list(GATED)} or ('swiglu_oai', alpha, limit), "
-                         f"got {activation!r}")
+        raise ValueError(f"activation must be one of {list(GATED)}, ('swiglu_oai', alpha, limit) or "
+                         f"('swiglu_limit', limit), got {activation!r}")
     float_dtype_check("y", y)
     if y.dim() == 0 or y.shape[-1] % 2:
         raise ValueError(f"{activation} needs an even last dim (gate | up), got {tuple(y.shape)}")

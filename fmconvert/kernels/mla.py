@@ -8,7 +8,8 @@ Dv = kv_rank where V is a prefix of K. A query is [q_lat | q_pe] (q_lat already 
 The kernel loads each cache row once per program and uses it for BLOCK_H query heads, as key and as value:
 the bandwidth a naive runtime spends on broadcasting the latent to every head is the point. Scores run in
 the log2 domain (exp2) with fp32 statistics and accumulation, as in attention.py. A sequence of length 0
-yields zeros.
+yields zeros. sinks (HY-V4): a logit per head that joins each softmax's denominator and nothing else, added where
+the partials meet (the single split's normalisation, or the reduce).
 """
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ from .attention import LOG2E, _dot_mode, _online_softmax
 
 
 @triton.jit
-def _mla_decode_partial_kernel(q_ptr, c_ptr, lens_ptr, ws_ptr, o_ptr,
+def _mla_decode_partial_kernel(q_ptr, c_ptr, lens_ptr, ws_ptr, o_ptr, sink_ptr,
                                H, NHB, R, ROPE, S_MAX, CHUNK, NSPLIT, qk_scale,
                                sqb, sqh, scb, scs, sob, soh,
                                DOT_F32: tl.constexpr, PREC: tl.constexpr, DIRECT: tl.constexpr,
+                               HAS_SINKS: tl.constexpr,
                                BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
                                BLOCK_R: tl.constexpr):
     # grid: (B * NHB, NSPLIT), NHB = cdiv(H, BLOCK_H). A program takes heads [hb * BLOCK_H, +BLOCK_H) of one
@@ -76,6 +78,11 @@ def _mla_decode_partial_kernel(q_ptr, c_ptr, lens_ptr, ws_ptr, o_ptr,
     # DIRECT stores zeros, the reduce gives it weight 0.
     out_mask = h_mask[:, None] & c_mask[None, :]
     if DIRECT:
+        if HAS_SINKS:        # the sink's term in the denominator, in the same log2 domain (LOG2E * logit)
+            sink = tl.load(sink_ptr + heads, mask=h_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+            base = tl.where(m_i == float("-inf"), sink, m_i)
+            acc = acc * tl.exp2(m_i - base)[:, None]
+            l_i = l_i * tl.exp2(m_i - base) + tl.exp2(sink - base)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(o_ptr + b * sob + heads[:, None] * soh + offs_c[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=out_mask)
@@ -87,8 +94,8 @@ def _mla_decode_partial_kernel(q_ptr, c_ptr, lens_ptr, ws_ptr, o_ptr,
 
 
 @triton.jit
-def _mla_decode_reduce_kernel(ws_ptr, lens_ptr, o_ptr, H, R, CHUNK, NSPLIT, sob, soh,
-                              BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr):
+def _mla_decode_reduce_kernel(ws_ptr, lens_ptr, o_ptr, sink_ptr, H, R, CHUNK, NSPLIT, sob, soh,
+                              HAS_SINKS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr):
     # grid: (B * H, cdiv(R, BLOCK_V)). Merges one head's partials of the splits that hold rows
     # (split * CHUNK < seq_len) over BLOCK_V output columns. Every column block recomputes the split weights
     # (2 * NSPLIT floats): cheaper than a second pass, and a [BLOCK_S, 512] tile would not fit registers.
@@ -106,8 +113,13 @@ def _mla_decode_reduce_kernel(ws_ptr, lens_ptr, o_ptr, H, R, CHUNK, NSPLIT, sob,
     m_max = tl.max(m, axis=0)
     # Every split empty (seq_len = 0): base 0 gives weights exp2(-inf) = 0, not NaN.
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    if HAS_SINKS:            # the sink joins the max, then the denominator (LOG2E * its logit)
+        sink = tl.load(sink_ptr + h).to(tl.float32) * 1.4426950408889634
+        m_max = tl.maximum(tl.max(m, axis=0), sink)
     w = tl.where(s_mask, tl.exp2(m - m_max), 0.0)
     denom = tl.sum(l * w, axis=0)
+    if HAS_SINKS:
+        denom += tl.exp2(sink - m_max)
     offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
     v_mask = offs_v < R
     acc = tl.load(rows[:, None] + offs_v[None, :], mask=s_mask[:, None] & v_mask[None, :], other=0.0)
@@ -185,12 +197,16 @@ def mla_decode_workspace(q, cache, kv_rank) -> torch.Tensor:
     return torch.empty(B, H, nsplit, kv_rank + 2, dtype=torch.float32, device=q.device)
 
 
-def mla_decode(q, cache, seq_lens, sm_scale, kv_rank, *, workspace=None) -> torch.Tensor:
+def mla_decode(q, cache, seq_lens, sm_scale, kv_rank, *, workspace=None, sinks=None) -> torch.Tensor:
     """o [B, H, kv_rank] (q.dtype). q [B, H, kv_rank + rope] (last dim contiguous); cache [B, 1, S_max, kv_rank + rope]
     (the runtime's per-layer cache with one latent head; any strides with last dim contiguous), the first seq_lens[b]
-    rows valid (int32/int64 [B]); softmax(q . row * sm_scale) over those rows, times row[:kv_rank]. No host syncs."""
+    rows valid (int32/int64 [B]); softmax(q . row * sm_scale) over those rows, times row[:kv_rank]. sinks [H]: a
+    logit per head in each softmax's denominator only. No host syncs."""
     kv_rank = _check(q, cache, kv_rank)
     B, H, D = q.shape
+    if sinks is not None and (tuple(sinks.shape) != (H,) or sinks.device != q.device):
+        raise ValueError(f"sinks must be [{H}] on {q.device}, got {tuple(sinks.shape)} on {sinks.device}")
+    sinks_arg = q if sinks is None else sinks.contiguous()
     S_MAX = cache.shape[2]
     if (tuple(seq_lens.shape) != (B,) or seq_lens.dtype not in (torch.int32, torch.int64)
             or seq_lens.device != q.device):
@@ -214,10 +230,10 @@ def mla_decode(q, cache, seq_lens, sm_scale, kv_rank, *, workspace=None) -> torc
     block_n, warps, stages = _mla_config(block_c, q.dtype)
     direct = nsplit == 1
     _mla_decode_partial_kernel[(B * n_hblocks, nsplit)](
-        q, cache, seq_lens, workspace, o,
+        q, cache, seq_lens, workspace, o, sinks_arg,
         H, n_hblocks, kv_rank, D - kv_rank, S_MAX, chunk, nsplit, float(sm_scale) * LOG2E,
         q.stride(0), q.stride(1), cache.stride(0), cache.stride(2), o.stride(0), o.stride(1),
-        DOT_F32=dot_f32, PREC=prec, DIRECT=direct,
+        DOT_F32=dot_f32, PREC=prec, DIRECT=direct, HAS_SINKS=sinks is not None,
         BLOCK_H=_MLA_BLOCK_H, BLOCK_N=block_n, BLOCK_C=block_c,
         BLOCK_R=max(16, triton.next_power_of_2(D - kv_rank)),
         num_warps=warps, num_stages=stages,
@@ -226,19 +242,23 @@ def mla_decode(q, cache, seq_lens, sm_scale, kv_rank, *, workspace=None) -> torc
         return o
     block_v = _reduce_block_v(nsplit, kv_rank)
     _mla_decode_reduce_kernel[(B * H, triton.cdiv(kv_rank, block_v))](
-        workspace, seq_lens, o, H, kv_rank, chunk, nsplit, o.stride(0), o.stride(1),
-        BLOCK_S=triton.next_power_of_2(nsplit), BLOCK_V=block_v, num_warps=4,
+        workspace, seq_lens, o, sinks_arg, H, kv_rank, chunk, nsplit, o.stride(0), o.stride(1),
+        HAS_SINKS=sinks is not None, BLOCK_S=triton.next_power_of_2(nsplit), BLOCK_V=block_v, num_warps=4,
     )
     return o
 
 
-def mla_decode_reference(q, cache, seq_lens, sm_scale, kv_rank) -> torch.Tensor:
+def mla_decode_reference(q, cache, seq_lens, sm_scale, kv_rank, sinks=None) -> torch.Tensor:
     kv_rank = operator.index(kv_rank)
     S_MAX = cache.shape[2]
     rows = cache[:, 0].float()                                                 # [B, S, kv_rank + rope]
     scores = torch.einsum("bhd,bsd->bhs", q.float(), rows) * sm_scale
     valid = torch.arange(S_MAX, device=q.device)[None, :] < seq_lens.to(torch.int64)[:, None]
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    if sinks is not None:        # a column per head that joins the softmax, then is dropped
+        sink = sinks.float().view(1, -1, 1).expand(*scores.shape[:-1], 1)
+        p = torch.cat([scores, sink], -1).softmax(-1)[..., :-1]
+        return torch.einsum("bhs,bsc->bhc", p, rows[..., :kv_rank]).to(q.dtype)
     p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     return torch.einsum("bhs,bsc->bhc", p, rows[..., :kv_rank]).to(q.dtype)
 

@@ -73,6 +73,9 @@ def check_layout(m: dict, rank: int):
                      "ple_proj_norm.weight": (P,)})
     E = sp["num_experts"]
     R = E + sp["zero_experts"]          # the router's outputs: LongCat-Flash also scores identity experts
+    hc = sp.get("hyper")
+    n = hc["streams"] if hc else 0      # HY-V4's hyper-connections: replicated weights over every copy
+    glob.update({"hc_head.fn": (n, n * h), "hc_head.base": (n,), "hc_head.scale": (1,)})
 
     def attention(d: int, kvpr: int, hpr: int = hpr) -> dict:
         """This rank's attention slots for hpr q heads d wide and kvpr kv heads (Gemma 4's global layers: their own;
@@ -100,7 +103,9 @@ def check_layout(m: dict, rank: int):
              "attn_post_norm.weight": (h,), "mlp_post_norm.weight": (h,), "moe_post_norm.weight": (h,),
              "layer_scale.weight": (1,), "router.scale": (h,), "router.expert_factor": (E,),
              "experts_norm.weight": (h,), "experts_post_norm.weight": (h,), "shared_post_norm.weight": (h,),
-             "ple_gate.weight": (P, h), "ple_out.weight": (h, P), "ple_post_norm.weight": (h,)}
+             "ple_gate.weight": (P, h), "ple_out.weight": (h, P), "ple_post_norm.weight": (h,),
+             **{f"{half}.{k}": v for half in ("attn_hc", "mlp_hc")
+                for k, v in (("fn", (2 * n, n * h)), ("base", (2 * n,)), ("scale", (2,)))}}
     mla = sp["mla"]
     if mla:             # latent attention: the latent's projections replicated, q_b and kv_b this rank's heads
         qr, kr, rd = mla["q_rank"], mla["kv_rank"], mla["rope_dim"]

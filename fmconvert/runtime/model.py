@@ -14,7 +14,7 @@ from torch import nn
 
 from ..manifest import TABLE_POSITIONS, is_global_layer
 from .comm import SingleComm
-from .ops import Int8Weight, TorchOps, rope_tables
+from .ops import Int8Weight, TorchOps, _explicit_attention, rope_tables
 
 LIGHTNING_NORM_EPS = 1e-6    # MiniMax's norm over the lightning attention's output keeps RMSNorm's default eps
 
@@ -171,6 +171,8 @@ class Block(nn.Module):
             return self._parallel(x, residual, positions, cache, key_padding_mask, pos_t, seq_t)
         if m.spec["residual"] == "normed":
             return self._normed(x, residual, positions, cache, key_padding_mask, pos_t, seq_t, x_scale)
+        if m.spec["residual"] == "hyper":
+            return self._hyper(x, positions, cache, key_padding_mask, pos_t, seq_t), None
         pre = m.spec["residual"] == "pre"
         if self.part == "mlp":        # Nemotron-H: a layer of one half, pre-norm; the next layer adds its output
             h, residual = self._add_norm(x, residual, "mlp_norm", x_norm)
@@ -240,6 +242,21 @@ class Block(nn.Module):
                               x_scale=beta)
         alpha = m.spec["residual_factors"]["mlp"][0]
         return m.comm.all_reduce(self.mlp(h)), (h * alpha if alpha != 1.0 else h)
+
+    def _hyper(self, x, positions, cache, key_padding_mask, pos_t, seq_t):
+        """HY-V4's hyper-connections: x holds the stream's copies, [B, T, n, hidden]. Before each half
+        (`FusedModel.hyper_mix`) weights read off all the copies mix them into the half's input and say how much of
+        its output each copy takes; the half's output (all-reduced) joins every copy so weighted, in fp32, rounded
+        once. Every rank computes the same weights."""
+        m, t = self.m, self.t
+        post, h = m.hyper_mix(x, t["attn_hc.fn"], t["attn_hc.base"], t["attn_hc.scale"])
+        h = m.ops.add_norm(h, None, t["attn_norm.weight"], None, m.eps, m.norm)[0]
+        a = m.comm.all_reduce(self.mix(h, positions, cache, key_padding_mask, pos_t, seq_t))
+        x = (post.unsqueeze(-1) * a.float().unsqueeze(-2) + x.float()).to(x.dtype)
+        post, h = m.hyper_mix(x, t["mlp_hc.fn"], t["mlp_hc.base"], t["mlp_hc.scale"])
+        h = m.ops.add_norm(h, None, t["mlp_norm.weight"], None, m.eps, m.norm)[0]
+        f = m.comm.all_reduce(self.mlp(h))
+        return (post.unsqueeze(-1) * f.float().unsqueeze(-2) + x.float()).to(x.dtype)
 
     def _parallel(self, x, residual, positions, cache, key_padding_mask, pos_t, seq_t):
         """GPT-NeoX, GPT-J, Phi: attention and MLP both read the normed stream (GPT-NeoX normalises it twice, the
@@ -558,9 +575,9 @@ class Block(nn.Module):
             pairs = chosen.reshape(-1)
             if scale_in:                             # one input row per (token, expert) pair
                 xs = (x.repeat_interleave(k, 0).float() * weight.reshape(-1, 1)).to(x.dtype)
-                y = m.ops.expert_linear(xs, ins.stacked, n, pairs, 1, m.activation, b_in)
+                y = m.ops.expert_linear(xs, ins.stacked, n, pairs, 1, m.experts_activation, b_in)
             else:
-                y = m.ops.expert_linear(x, ins.stacked, n, pairs, k, m.activation, b_in)  # [tokens * k, I]
+                y = m.ops.expert_linear(x, ins.stacked, n, pairs, k, m.experts_activation, b_in)  # [tokens * k, I]
             y = m.ops.expert_linear(y, outs.stacked, len(outs), pairs, 1, None, b_out)      # [tokens * k, h]
             y = y.view(-1, k, y.shape[-1]).float()
             y = (y if scale_in else y * weight[..., None]).sum(1)
@@ -571,7 +588,7 @@ class Block(nn.Module):
                 continue
             token, k = (chosen == e).nonzero(as_tuple=True)
             xe = (x[token].float() * weight[token, k, None]).to(x.dtype) if scale_in else x[token]
-            y = m.ops.linear(xe, ins[e], None if b_in is None else b_in[e], m.activation)
+            y = m.ops.linear(xe, ins[e], None if b_in is None else b_in[e], m.experts_activation)
             y = m.ops.linear(y, outs[e], None if b_out is None else b_out[e])
             out.index_add_(0, token, y if scale_in else (y.float() * weight[token, k, None]).to(out.dtype))
         return out.view_as(h)
@@ -650,8 +667,11 @@ class Block(nn.Module):
             o = self._latent_attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
             if "attn_gate.weight" not in t:
                 return o
+            gate = m.ops.linear(h, t["attn_gate.weight"])
+            if gate.shape[-1] == o.shape[-1]:      # HY-V4: every output channel times its own sigmoid(gate)
+                return o * torch.sigmoid(gate)
             # Ling 2.5: each head's output times sigmoid(gate . x), in fp32 rounded to the model dtype
-            gate = torch.sigmoid(m.ops.linear(h, t["attn_gate.weight"]).float()).to(o.dtype)
+            gate = torch.sigmoid(gate.float()).to(o.dtype)
             return (o.unflatten(-1, (self.heads, -1)) * gate.unsqueeze(-1)).flatten(-2)
         qkv = m.ops.linear(h, t["qkv.weight"], t.get("qkv.bias"))
         if m.spec["qkv_clip"]:           # OLMo, MPT
@@ -852,13 +872,16 @@ class Block(nn.Module):
         q, k, v = (y if y.shape[-1] == D else torch.nn.functional.pad(y, (0, D - y.shape[-1])) for y in (q, k, v))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if choice is None:
-            o = ops.attention(q, k, v, m.scale, m.causal, None, key_padding_mask)
+            o = ops.attention(q, k, v, m.scale, m.causal, None, key_padding_mask, sinks=self.sinks)
         else:                        # each query's chosen keys, as a mask beside the causal one and the padding's
             allowed = torch.zeros(B, T, S, dtype=torch.bool, device=h.device).scatter_(-1, choice, True)
             allowed &= _visible(S, T, key_padding_mask, h.device)
             allowed |= ~allowed.any(-1, keepdim=True)          # a padding query that sees nothing: any finite row
-            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1),
-                                                                 scale=m.scale)
+            if self.sinks is not None:       # HY-V4: a sink logit per head in each softmax
+                o = _explicit_attention(q, k, v, m.scale, allowed.unsqueeze(1), 0.0, self.sinks)
+            else:
+                o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1),
+                                                                     scale=m.scale)
         return o[..., :vd].transpose(1, 2).reshape(B, T, H * vd)
 
     def _index_choice(self, h, x, rot, cache, key_padding_mask, pos_t=None):
@@ -877,12 +900,17 @@ class Block(nn.Module):
         Hi, D = ix["heads"], ix["dim"]
         q = ops.linear(x, t["index_q.weight"]).view(B, T, Hi, D)
         k = ops.add_norm(ops.linear(h, t["index_k.weight"]), None, t["index_k_norm.weight"], t["index_k_norm.bias"],
-                         1e-6, "layer")[0].view(B, T, 1, D)
+                         ix.get("norm_eps", 1e-6), "layer")[0].view(B, T, 1, D)
         if rot is not None:
             cos, sin, positions = rot
-            q_pe, k_pe = ops.rope(q[..., :rd].contiguous(), k[..., :rd].contiguous(), cos, sin, positions,
-                                  ix["rope_style"], rd)
-            q, k = torch.cat([q_pe, q[..., rd:]], -1), torch.cat([k_pe, k[..., rd:]], -1)
+            if ix.get("rope_at") == "last":      # HY-V4: the last rope_dim columns turn
+                q_pe, k_pe = ops.rope(q[..., D - rd:].contiguous(), k[..., D - rd:].contiguous(), cos, sin,
+                                      positions, ix["rope_style"], rd)
+                q, k = torch.cat([q[..., :D - rd], q_pe], -1), torch.cat([k[..., :D - rd], k_pe], -1)
+            else:
+                q_pe, k_pe = ops.rope(q[..., :rd].contiguous(), k[..., :rd].contiguous(), cos, sin, positions,
+                                      ix["rope_style"], rd)
+                q, k = torch.cat([q_pe, q[..., rd:]], -1), torch.cat([k_pe, k[..., rd:]], -1)
         k = k.view(B, T, D)
         start = cache.length if cache is not None else 0
         if pos_t is not None:
@@ -915,7 +943,7 @@ class Block(nn.Module):
         m = self.m
         B = q_nope.shape[0]
         q_lat = torch.bmm(q_nope[:, 0].transpose(0, 1), self.w_uk).transpose(0, 1)     # (B, H, R)
-        o = m.ops.mla_decode(torch.cat([q_lat, q_pe[:, 0]], -1), kc, seq, m.scale, q_lat.shape[-1])
+        o = m.ops.mla_decode(torch.cat([q_lat, q_pe[:, 0]], -1), kc, seq, m.scale, q_lat.shape[-1], sinks=self.sinks)
         return torch.bmm(o.transpose(0, 1), self.w_uv).transpose(0, 1).reshape(B, 1, -1)
 
     def _ring_attention(self, k, v, kc, vc, start, ring, key_padding_mask, chunked=False):
@@ -981,6 +1009,9 @@ class FusedModel(nn.Module):
         self.eps, self.norm, self.activation = sp["norm_eps"], sp["norm"], sp["activation"]
         if self.activation == "swiglu_oai":      # GPT-OSS: the epilogue carries its two constants
             self.activation = ("swiglu_oai", sp["glu_alpha"], sp["glu_limit"])
+        # HY-V4: the routed experts clamp their SwiGLU's inputs; the dense MLP and the shared experts do not
+        self.experts_activation = ("swiglu_limit", sp["experts_glu_limit"]) if sp["experts_glu_limit"] \
+            else self.activation
         self.scale, self.softcap, self.residual_scale = sp["attn_scale"], sp["attn_softcap"], sp["residual_scale"]
         self.causal = sp["kind"] == "decoder"
         self.query_scale = self._query_scale if sp["query_scale_beta"] else None
@@ -1115,7 +1146,26 @@ class FusedModel(nn.Module):
             x = x + g["type_embed.weight"][tt]
         if sp["embed_norm"]:
             x, _ = self.ops.add_norm(x, None, g["embed_norm.weight"], g.get("embed_norm.bias"), self.eps, self.norm)
+        if sp["hyper"]:            # HY-V4: the stream starts as n copies of the embedding
+            x = x.unsqueeze(-2).expand(*x.shape[:-1], sp["hyper"]["streams"], x.shape[-1]).contiguous()
         return x
+
+    def hyper_mix(self, x, fn, base, scale, post: bool = True):
+        """HY-V4's hyper-connection weights, in fp32, from the stream's copies x [B, T, n, hidden] flattened and
+        RMS-normed (no weight): logits = (flat @ fn^T) / rms(flat); each copy's input weight
+        pre = sigmoid(l * scale[0] + base[:n]) + eps and, with post, its output weight
+        magnitude * sigmoid(l' * scale[1] + base[n:]) + eps. Returns (post or None, sum of pre * copies)."""
+        hc = self.spec["hyper"]
+        n = hc["streams"]
+        flat = x.flatten(-2).float()
+        mixes = torch.nn.functional.linear(flat, fn.float()) * torch.rsqrt(flat.square().mean(-1, keepdim=True)
+                                                                          + self.eps)
+        scale, base = scale.float(), base.float()
+        pre = torch.sigmoid(mixes[..., :n] * scale[0] + base[:n]) + hc["eps"]
+        out = (pre.unsqueeze(-1) * x.float()).sum(-2).to(x.dtype)
+        if not post:
+            return None, out
+        return hc["magnitude"] * torch.sigmoid(mixes[..., n:] * scale[1] + base[n:]) + hc["eps"], out
 
     def project_out(self, h):
         """OPT's projection from hidden_size to the embedding width, applied before lm_head."""
@@ -1201,6 +1251,9 @@ class FusedModel(nn.Module):
 
     def _final(self, x, residual, x_norm, x_gain=None, x_scale=None):
         x_scale = self.residual_scale if x_scale is None else x_scale
+        if self.spec["hyper"]:      # HY-V4: the copies folded into one (hc_head) before the final norm
+            g = self.g
+            x = self.hyper_mix(x, g["hc_head.fn"], g["hc_head.base"], g["hc_head.scale"], post=False)[1]
         if self.spec["final_norm"]:
             return self.ops.add_norm(x, residual, self.g["final_norm.weight"], self.g.get("final_norm.bias"),
                                      self.eps, self.norm, pre_weight=x_norm, x_scale=x_scale, gain=x_gain)[0]

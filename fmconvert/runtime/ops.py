@@ -91,11 +91,15 @@ class Int8Weight:
 
 def activate(y: torch.Tensor, activation) -> torch.Tensor:
     """activation: a name, or ("swiglu_oai", alpha, limit): GPT-OSS's clamped SwiGLU over gate|up, where the gate
-    is clamped above at limit, up to [-limit, limit], and out = gate * sigmoid(alpha * gate) * (up + 1)."""
+    is clamped above at limit, up to [-limit, limit], and out = gate * sigmoid(alpha * gate) * (up + 1); or
+    ("swiglu_limit", limit): the same clamps, then the plain SwiGLU silu(gate) * up (HY-V4's experts)."""
     if activation is None:
         return y
     if isinstance(activation, tuple) and activation[0] == "xielu":
         return _xielu(y, *activation[1:])
+    if isinstance(activation, tuple) and activation[0] == "swiglu_limit":   # HY-V4's experts: clamped, then SwiGLU
+        gate, up = y.chunk(2, dim=-1)
+        return F.silu(gate.clamp(max=activation[1])) * up.clamp(-activation[1], activation[1])
     if isinstance(activation, tuple):
         name, alpha, limit = activation
         if name != "swiglu_oai":
@@ -319,17 +323,22 @@ class TorchOps:
             return _explicit_attention(q.unsqueeze(2), k, v, scale, mask, softcap, sinks).squeeze(2)
         return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale).squeeze(2)
 
-    def mla_decode(self, q, cache, seq_lens, scale, kv_rank):
+    def mla_decode(self, q, cache, seq_lens, scale, kv_rank, sinks=None):
         """Latent attention's decode step, absorbed: q [B, H, kv_rank + rope] (each head's q_nope already taken into
         the latent space, then its rotated part) against the one-head latent cache [B, 1, S_max, kv_rank + rope],
         first seq_lens[b] rows valid; the values are the rows' first kv_rank columns. Returns [B, H, kv_rank].
-        Graph-safe: masked by seq_lens, never sliced."""
+        sinks [H] (HY-V4): a logit per head in each softmax's denominator only. Graph-safe: masked by seq_lens,
+        never sliced."""
         B, H, D = q.shape
         S = cache.shape[2]
         rows = cache[:, 0]                                    # (B, S, D): one latent head read by every q head
         s = torch.bmm(q.float(), rows.float().transpose(1, 2)) * scale                   # (B, H, S), two matmuls
         valid = torch.arange(S, device=q.device).view(1, 1, S) < seq_lens.view(B, 1, 1)  # in all, no head copies
-        p = s.masked_fill(~valid, float("-inf")).softmax(-1).nan_to_num(0.0)
+        s = s.masked_fill(~valid, float("-inf"))
+        if sinks is not None:
+            p = torch.cat([s, sinks.float().view(1, H, 1).expand(B, H, 1)], -1).softmax(-1)[..., :-1]
+            return torch.bmm(p, rows[..., :kv_rank].float()).to(q.dtype)
+        p = s.softmax(-1).nan_to_num(0.0)
         return torch.bmm(p, rows[..., :kv_rank].float()).to(q.dtype)
 
 
@@ -732,8 +741,8 @@ class TritonOps(TorchOps):
         return self.k.decode_attention(q, k_cache, v_cache, seq_lens, scale, alibi_slopes=alibi_slopes,
                                        window=window, softcap=softcap, sinks=sinks, chunk=chunk)
 
-    def mla_decode(self, q, cache, seq_lens, scale, kv_rank):
-        return self.k.mla_decode(q, cache, seq_lens, scale, kv_rank)
+    def mla_decode(self, q, cache, seq_lens, scale, kv_rank, sinks=None):
+        return self.k.mla_decode(q, cache, seq_lens, scale, kv_rank, sinks=sinks)
 
     def causal_conv1d(self, x, weight, bias, state, silu=True):
         return self.k.causal_conv1d(x, weight, bias, state, silu=silu)

@@ -6,10 +6,11 @@ from fmconvert.kernels import gated, gated_reference, swiglu, swiglu_reference
 ON_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if ON_CUDA else "cpu"
 FLOAT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_CUDA else [])
-OAI = ("swiglu_oai", 1.702, 7.0)       # GPT-OSS's alpha and limit; inputs of |y| up to ~16 below hit both clamps
+OAI = ("swiglu_oai", 1.702, 7.0)
+LIM = ("swiglu_limit", 7.0)       # HY-V4's experts: the same clamps, a plain SwiGLU       # GPT-OSS's alpha and limit; inputs of |y| up to ~16 below hit both clamps
 
 
-@pytest.mark.parametrize("act", ["swiglu", "geglu", "geglu_erf", OAI, "reglu2"])
+@pytest.mark.parametrize("act", ["swiglu", "geglu", "geglu_erf", OAI, LIM, "reglu2"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("shape", [(1, 2), (1, 22), (3, 5, 2 * 769), (7, 2 * 1500), (2, 0, 8)])
 def test_glu_matches_reference(shape, dtype, act, assert_close):
@@ -54,6 +55,16 @@ def test_swiglu_oai_reference_matches_gpt_oss_formula(assert_close):
     gate, up = y[:, :24].clamp(max=7.0), y[:, 24:].clamp(-7.0, 7.0)
     assert_close(gated_reference(y, OAI), gate * torch.sigmoid(1.702 * gate) * (up + 1), torch.float32, tol=1e-6)
     assert (gated_reference(y, OAI) - gated_reference(y, "swiglu")).abs().max() > 1.0
+
+
+def test_swiglu_limit_reference_is_the_clamped_swiglu(assert_close):
+    y = torch.linspace(-12, 12, 96, device=DEVICE).reshape(2, 48)
+    gate, up = y[:, :24].clamp(max=7.0), y[:, 24:].clamp(-7.0, 7.0)
+    assert_close(gated_reference(y, LIM), torch.nn.functional.silu(gate) * up, torch.float32, tol=1e-6)
+    assert (gated_reference(y, LIM) - gated_reference(y, "swiglu")).abs().max() > 1.0
+    for bad in [("swiglu_limit", 0.0), ("swiglu_limit", float("inf"))]:
+        with pytest.raises(ValueError, match="swiglu_limit"):
+            gated(y, bad)
 
 
 def test_swiglu_oai_rejects_bad_tuples():

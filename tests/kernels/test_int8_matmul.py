@@ -9,8 +9,9 @@ FLOAT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_CUDA els
 
 # GPT-OSS's clamped SwiGLU with a limit small enough that both clamps bite at these outputs (|y| ~ 1).
 OAI = ("swiglu_oai", 1.702, 0.6)
-ACTS = [None, "relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "geglu_erf", OAI, "relu2", "reglu2"]
-GATED = ("swiglu", "geglu", "geglu_erf", OAI, "reglu2")
+LIM = ("swiglu_limit", 0.6)       # HY-V4's experts: the same clamps, a plain SwiGLU
+ACTS = [None, "relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "geglu_erf", OAI, LIM, "relu2", "reglu2"]
+GATED = ("swiglu", "geglu", "geglu_erf", OAI, LIM, "reglu2")
 
 
 def quantize(w, group_size, scale_dtype=torch.float16):
@@ -218,7 +219,7 @@ def expert_weights(E, N, K, G, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("act", [None, "swiglu", OAI])
+@pytest.mark.parametrize("act", [None, "swiglu", OAI, LIM])
 def test_int8_expert_linear_bias(act, dtype, assert_close):
     """GPT-OSS's experts carry a bias [E, N]: each pair adds its own expert's row, gate and up alike."""
     from fmconvert.kernels import int8_expert_linear, int8_expert_linear_reference
@@ -294,6 +295,7 @@ EXPERT_CASES = [
     ("geglu", 2, True, (3, 18, 200)),
     (OAI, 2, True, (4, 34, 96)),
     (OAI, 1, False, (2, 10, 2144)),
+    (LIM, 2, True, (3, 18, 64)),
 ]
 
 

@@ -43,6 +43,31 @@ def test_mla_decode_matches_reference(shape, dtype, assert_close):
     assert torch.count_nonzero(o[lens == 0]) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-H{}-r{}-p{}-S{}".format(*s[:5]))
+def test_mla_decode_with_sinks_matches_reference(shape, dtype, assert_close):
+    """HY-V4: a logit per head in each softmax's denominator, through the one-split path and the reduce."""
+    B, H, R, P, S, lens = shape
+    q = rand(B, H, R + P, dtype=dtype, seed=1)
+    cache = rand(B, 1, S, R + P, dtype=dtype, seed=2)
+    sinks = rand(H, dtype=torch.float32, seed=3) * 2
+    lens = lens_t(lens)
+    scale = 1 / math.sqrt(R + P)
+    o = mla_decode(q, cache, lens, scale, R, sinks=sinks)
+    want = mla_decode_reference(q, cache, lens, scale, R, sinks=sinks)
+    assert_close(o, want, dtype)
+    assert torch.count_nonzero(o[lens == 0]) == 0
+    full = lens > 0
+    if full.any():      # the sink takes its share: the output is not the sinkless one
+        assert (want[full].float() - mla_decode_reference(q, cache, lens, scale, R)[full].float()).abs().max() > 1e-3
+
+
+def test_mla_decode_rejects_misshapen_sinks():
+    q, cache = rand(1, 3, 24, dtype=torch.float32, seed=1), rand(1, 1, 4, 24, dtype=torch.float32, seed=2)
+    with pytest.raises(ValueError, match="sinks"):
+        mla_decode(q, cache, lens_t([4]), 0.2, 16, sinks=torch.zeros(2, device=DEVICE))
+
+
 @pytest.mark.skipif(not ON_CUDA, reason="DeepSeek-V3 shapes are too slow for the interpreter")
 @pytest.mark.parametrize("B", [1, 8])
 @pytest.mark.parametrize("H", [16, 128])

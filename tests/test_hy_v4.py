@@ -1,0 +1,117 @@
+"""HY-V4 beyond the family tests (which run the tiny model through tiny.FAMILIES): its prompt and decode steps past
+the indexer's top-k against transformers at tp 1, 2 and 4, eager and graph-safe; that each of its own pieces is
+applied (the hyper-connections' weights, the sinks, the per-channel gate, the experts' clamp, the indexer's RoPE on
+its last columns); the manifest; bad configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tiny
+from fmconvert.errors import FmError
+from fmconvert.pipeline import Options, convert
+from fmconvert.runtime.load import load
+
+
+def _hf(ids, **kw):
+    with torch.no_grad():
+        return tiny.build("hy_v4", **kw)(ids).logits
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_a_prompt_matches_transformers(model_dir, tmp_path, tp):
+    assert max(tiny.errors_against_transformers(model_dir("hy_v4"), "hy_v4", tmp_path, 14, tp=tp)) < 1e-5
+
+
+@pytest.mark.parametrize("override", [dict(hc_mult=2, hc_magnitude=1.5),
+                                      dict(indexer_types=None, n_group=2, topk_group=1)])
+def test_variants_match_transformers(model_dir, tmp_path, override):
+    """Two copies with another ceiling; an indexer in every layer with grouped routing."""
+    src = model_dir("hy_v4", **override)
+    assert max(tiny.errors_against_transformers(src, "hy_v4", tmp_path, 14, tp=2, **override)) < 1e-5
+
+
+def test_a_limit_at_or_below_zero_clamps_nothing(model_dir, tmp_path):
+    """HYV4Config documents swiglu_limit <= 0 as no clamp, while transformers' experts clamp by it regardless (at
+    -1: every gate at -1, every up at -1); the table follows the config's meaning, which equals a limit too large to
+    bind."""
+    convert(model_dir("hy_v4", swiglu_limit=-1.0), tmp_path / "out", Options(tp=2), progress=False)
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["model"]["experts_glu_limit"] == 0.0
+    ids = torch.randint(3, 100, (2, 14), generator=torch.Generator().manual_seed(0))
+    want = _hf(ids, swiglu_limit=1e9)
+    assert max(tiny.rel(g, want) for g in tiny.on_ranks(tmp_path / "out", 2, lambda m: m(ids))) < 1e-5
+
+
+def test_decode_steps_past_topk_match_transformers_eager_and_graph_safe(model_dir, tmp_path):
+    """A 4-token prompt, then steps to 14 tokens: the sinks and the copies ride through the absorbed decode step
+    over the indexer's rows (eager) and over the whole static cache (decode_step)."""
+    convert(model_dir("hy_v4"), tmp_path / "out", Options(tp=2), progress=False)
+    ids = torch.randint(3, 100, (2, 14), generator=torch.Generator().manual_seed(1))
+    want = _hf(ids)
+
+    def steps(m):
+        eager, static = m.new_cache(2, 16), m.new_cache(2, 16)
+        out, graph = [m(ids[:, :4], eager)[:, -1]], []
+        m(ids[:, :4], static)
+        graph.append(out[0])
+        for j in range(4, 14):
+            out.append(m(ids[:, j:j + 1], eager)[:, -1])
+            graph.append(m.decode_step(ids[:, j:j + 1], static, torch.tensor([static.length])))
+            static.length += 1
+        return torch.stack(out, 1), torch.stack(graph, 1)
+
+    for eager, graph in tiny.on_ranks(tmp_path / "out", 2, steps):
+        assert tiny.rel(eager, want[:, 3:]) < 1e-5 and tiny.rel(graph, want[:, 3:]) < 1e-5
+
+
+def test_each_piece_changes_the_logits(model_dir, tmp_path):
+    convert(model_dir("hy_v4"), tmp_path / "out", Options(tp=1), progress=False)
+    ids = torch.randint(3, 100, (2, 14), generator=torch.Generator().manual_seed(2))
+    want = _hf(ids)
+
+    def moved(change) -> float:
+        m = load(tmp_path / "out")
+        change(m)
+        return tiny.rel(m(ids), want)
+
+    assert moved(lambda m: None) < 1e-5
+    assert moved(lambda m: m.spec["hyper"].update(magnitude=1.0)) > 1e-3
+    assert moved(lambda m: [b.t.__setitem__("attn_hc.fn", b.t["attn_hc.fn"] * 0) for b in m.blocks]) > 1e-3
+    assert moved(lambda m: m.g.__setitem__("hc_head.base", m.g["hc_head.base"].flip(0))) > 1e-3
+    assert moved(lambda m: [setattr(b, "sinks", None) for b in m.blocks]) > 1e-3
+    assert moved(lambda m: [b.t.pop("attn_gate.weight") for b in m.blocks]) > 1e-3
+    assert moved(lambda m: setattr(m, "experts_activation", "swiglu")) > 1e-4
+    assert moved(lambda m: m.spec["mla"]["index"].update(rope_at="first")) > 1e-4
+
+
+def test_the_manifest_and_the_shards(model_dir, tmp_path):
+    m = tiny.converted_manifest(model_dir("hy_v4"), tmp_path / "out", tp=2, int8=True, group_size=8)
+    sp = m["model"]
+    assert sp["residual"] == "hyper" and sp["hyper"] == {"streams": 3, "magnitude": 2.0, "eps": 1e-6}
+    assert sp["experts_glu_limit"] == 0.3 and sp["attn_gate"] and not sp["attn_gate_heads"]
+    assert sp["mla"]["index"]["rope_at"] == "last" and sp["mla"]["index"]["norm_eps"] == 1e-5
+    assert sp["mla"]["index"]["layers"] == [0, 2] and sp["dense_layers"] == [0]
+    for r in m["ranks"]:       # the connections replicated and float; the gate and the sinks this rank's heads
+        t = r["tensors"]
+        assert t["layers.1.attn_hc.fn"]["shape"] == [6, 3 * 64] and t["layers.1.attn_hc.fn"]["dtype"] == "float32"
+        assert t["hc_head.fn"]["shape"] == [3, 3 * 64] and t["layers.3.mlp_hc.scale"]["shape"] == [2]
+        assert t["layers.0.attn_gate.weight"]["shape"] == [2 * 16, 64]
+        assert t["layers.0.attn_sinks.weight"]["shape"] == [2]
+        assert "layers.1.index_q.weight" not in t and t["layers.2.index_q.weight"]["shape"] == [64, 32]
+
+
+@pytest.mark.parametrize("edit,match", [
+    (dict(hc_mult=1), "hc_mult must be an integer from 2 to 16"),
+    (dict(hc_mult=40), "hc_mult must be an integer from 2 to 16"),
+])
+def test_a_bad_config_is_refused_in_one_line(model_copy, tmp_path, edit, match):
+    src = model_copy("hy_v4")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(edit)
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FmError, match=match):
+        convert(src, tmp_path / "out", Options(), progress=False)
+    assert not (tmp_path / "out").exists()
