@@ -48,7 +48,7 @@ def cli():
       EXAONE 3 / 4, SmolLM3, StableLM, StarCoder2, Nemotron, Apertus, Hunyuan, ERNIE 4.5, BitNet
       mixtures: Mixtral, DBRX, Qwen2/3-MoE, OLMoE, GLM-4.5, DeepSeek-V2/V3, Kimi K2, Mistral 4, GPT-OSS, Llama 4,
         MiniMax-M2, Laguna, MiMo-V2-Flash, Beam,
-        DeepSeek-V3.2, GLM-5, Sarvam-30B / 105B, LongCat-Flash
+        DeepSeek-V3.2, GLM-5, HY-V4, Sarvam-30B / 105B, LongCat-Flash
       hybrids and state spaces: Qwen3.5, Qwen3-Next, OLMo Hybrid, Granite 4.0-H, Nemotron-H, Jamba, LFM2, LFM3,
         Falcon-H1, Kimi Linear, Ling 2.5 hybrids, MiniMax-Text-01 / M1, Mamba 1/2
       older: GPT-2, GPT-BigCode, OPT, BLOOM, MPT, Falcon, GPT-NeoX, GPT-J, CodeGen, GPT-Neo, Phi, BERT,
@@ -231,7 +231,8 @@ def inspect(out_dir, as_json):
         if ix:
             where = ("every layer" if len(ix["layers"]) == md["num_layers"] else
                      f"layers {_ranges(ix['layers'])} (the others reuse the choice of the last one before them)")
-            rope = {"neox": "rotate-half", "gptj": "interleaved"}[ix["rope_style"]]
+            rope = {"neox": "rotate-half", "gptj": "interleaved"}[ix["rope_style"]] + (
+                " on its last columns" if ix.get("rope_at") == "last" else "")
             t.add_row("sparse attention", f"each query attends to its {ix['topk']} best-scored keys, picked by an "
                       f"indexer of {ix['heads']} heads of {ix['dim']} ({rope} RoPE; float, replicated; one "
                       f"{ix['dim']}-wide key cached a token) in {where}")
@@ -334,7 +335,9 @@ def inspect(out_dir, as_json):
             renorm = f"softmax{groups}, {renorm}, times {md['routed_scale']:g}"
         dense = (f"; dense MLP ({md['dense_intermediate_size']}) in layers {_ranges(md['dense_layers'])}"
                  if md["dense_layers"] else "")
-        t.add_row("experts", f"{md['num_experts']} per layer, top {md['experts_per_token']} ({renorm}){shared}{dense}")
+        clamp = (f"; SwiGLU inputs clamped at {md['experts_glu_limit']:g}" if md.get("experts_glu_limit") else "")
+        t.add_row("experts", f"{md['num_experts']} per layer, top {md['experts_per_token']} ({renorm}){shared}{dense}"
+                  f"{clamp}")
     pos = md["position"]
     rope = (f" ({pos.get('style')}, {pos.get('rotary_dim')} of {md['head_dim']} dims"
             f"{'; ' + str(pos['rope_type']) if pos.get('rope_type', 'default') != 'default' else ''}"
@@ -343,6 +346,10 @@ def inspect(out_dir, as_json):
             f"{_local_rope(pos)})" if pos["type"] == "rope" else "")
     residual = {"pre": "pre-LN", "post": "post-LN", "parallel": "parallel attention + MLP"}.get(md["residual"],
                                                                                              md["residual"])
+    if md.get("hyper"):
+        hc = md["hyper"]
+        residual = (f"hyper-connections: {hc['streams']} copies of the stream, mixed before each half, each taking up "
+                    f"to {hc['magnitude']:g}x its output; folded before the final norm")
     if md["residual_factors"]:
         f = md["residual_factors"]
         residual = ("restarting from each norm's output: alpha x normed + beta x output (" + ", ".join(
