@@ -561,6 +561,7 @@ class Block(nn.Module):
         weight, chosen = self._route(x if route is None else route.reshape(-1, route.shape[-1]), k)
         ins, outs = t["experts_in.weight"], t["experts_out.weight"]
         n = len(ins)
+        act = m.experts_activation or m.activation      # HY-V4's experts clamp their inputs; its MLP does not
         # LongCat-Flash: ids from n on are identity experts, each passing x through times its weight; their sum is
         # added on rank 0 only, as the routed experts' outputs are partial sums over the ranks
         passed = (weight * (chosen >= n)).sum(-1, keepdim=True) if m.spec["zero_experts"] else None
@@ -575,9 +576,9 @@ class Block(nn.Module):
             pairs = chosen.reshape(-1)
             if scale_in:                             # one input row per (token, expert) pair
                 xs = (x.repeat_interleave(k, 0).float() * weight.reshape(-1, 1)).to(x.dtype)
-                y = m.ops.expert_linear(xs, ins.stacked, n, pairs, 1, m.experts_activation, b_in)
+                y = m.ops.expert_linear(xs, ins.stacked, n, pairs, 1, act, b_in)
             else:
-                y = m.ops.expert_linear(x, ins.stacked, n, pairs, k, m.experts_activation, b_in)  # [tokens * k, I]
+                y = m.ops.expert_linear(x, ins.stacked, n, pairs, k, act, b_in)  # [tokens * k, I]
             y = m.ops.expert_linear(y, outs.stacked, len(outs), pairs, 1, None, b_out)      # [tokens * k, h]
             y = y.view(-1, k, y.shape[-1]).float()
             y = (y if scale_in else y * weight[..., None]).sum(1)
@@ -588,7 +589,7 @@ class Block(nn.Module):
                 continue
             token, k = (chosen == e).nonzero(as_tuple=True)
             xe = (x[token].float() * weight[token, k, None]).to(x.dtype) if scale_in else x[token]
-            y = m.ops.linear(xe, ins[e], None if b_in is None else b_in[e], m.experts_activation)
+            y = m.ops.linear(xe, ins[e], None if b_in is None else b_in[e], act)
             y = m.ops.linear(y, outs[e], None if b_out is None else b_out[e])
             out.index_add_(0, token, y if scale_in else (y.float() * weight[token, k, None]).to(out.dtype))
         return out.view_as(h)
@@ -1010,8 +1011,7 @@ class FusedModel(nn.Module):
         if self.activation == "swiglu_oai":      # GPT-OSS: the epilogue carries its two constants
             self.activation = ("swiglu_oai", sp["glu_alpha"], sp["glu_limit"])
         # HY-V4: the routed experts clamp their SwiGLU's inputs; the dense MLP and the shared experts do not
-        self.experts_activation = ("swiglu_limit", sp["experts_glu_limit"]) if sp["experts_glu_limit"] \
-            else self.activation
+        self.experts_activation = ("swiglu_limit", sp["experts_glu_limit"]) if sp["experts_glu_limit"] else None
         self.scale, self.softcap, self.residual_scale = sp["attn_scale"], sp["attn_softcap"], sp["residual_scale"]
         self.causal = sp["kind"] == "decoder"
         self.query_scale = self._query_scale if sp["query_scale_beta"] else None
