@@ -120,6 +120,7 @@ _MODEL_OPTIONAL = {
         and 2 <= x["streams"] <= 16 and _POS_NUM(x["magnitude"]) and _POS_NUM(x["eps"])),
         "null or {\"streams\": 2..16, \"magnitude\", \"eps\"}"),
     "experts_glu_limit": (0.0, _NONNEG_NUM, "a non-negative number"),
+    "norm_gate_rank": (0, _NAT, "a non-negative integer"),
     "row_scales": (None, lambda x: x is None or _row_scales(x), "null or slot -> {\"input\", \"parts\"} factors"),
     "linear_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
                       "null or a list of layer indices"),
@@ -207,8 +208,9 @@ def _linear_attn(x) -> bool:
 def _mla(x) -> bool:
     """Latent attention's widths: q_rank may be 0 (no q bottleneck), the others positive, and the latent norms' eps;
     a sparse attention indexer's (`index`) when there is one."""
-    return (isinstance(x, dict) and set(x) - {"index"} == {"q_rank", "kv_rank", "nope_dim", "rope_dim", "v_dim",
-                                                           "norm_eps"}
+    return (isinstance(x, dict) and set(x) - {"index", "gated_q"} == {"q_rank", "kv_rank", "nope_dim", "rope_dim",
+                                                                      "v_dim", "norm_eps"}
+            and x.get("gated_q", True) is True and (not x.get("gated_q") or x["q_rank"] > 0)
             and _NAT(x["q_rank"]) and all(_POS_INT(x[k]) for k in ("kv_rank", "nope_dim", "rope_dim", "v_dim"))
             and _POS_NUM(x["norm_eps"]) and ("index" not in x or _index(x["index"], x)))
 

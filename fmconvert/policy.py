@@ -83,6 +83,9 @@ LAYER_SLOTS = (
     # HY-V4's hyper-connections, one set before each half (residual "hyper"): from the RMS-normed copies of the
     # stream, fn gives the logits of each copy's input weight and output weight; base and scale shift and scale them
     "attn_hc.fn", "attn_hc.base", "attn_hc.scale", "mlp_hc.fn", "mlp_hc.base", "mlp_hc.scale",
+    # A.X K2's gated norms: the norm's output y times sigmoid(up(silu(down(y)))), a low-rank gate read off y, on the
+    # attention's input norm in every layer and on the MLP's in the mixture layers (moe_: absent from dense ones)
+    "attn_norm_gate_down.weight", "attn_norm_gate_up.weight", "moe_norm_gate_down.weight", "moe_norm_gate_up.weight",
 )
 # A mixture's slots and a dense MLP's: a model with both kinds of layer (GLM-4.5's first layers are dense) gives each
 # layer the one set its kind has.
@@ -217,6 +220,7 @@ class ModelSpec:
     #                                each half reads a sigmoid-weighted sum of them and adds its output to each,
     #                                weighted by magnitude * sigmoid(...) (slots attn_hc.*, mlp_hc.*, hc_head.*)
     experts_glu_limit: float = 0.0  # HY-V4: the routed experts' gate clamped above at it, their up to [-it, it]
+    norm_gate_rank: int = 0        # A.X K2: the width of its norms' low-rank gates (*_norm_gate_* slots); 0: none
     block_parts: list | None = None    # per layer, "mixer" or "mlp" where a layer has only that half (Nemotron-H:
     #                                each layer is one Mamba2, attention, MLP or mixture, with its own norm); None:
     #                                both halves in every layer
@@ -640,6 +644,7 @@ class Policy:
             norm=self._layout("norm", flags), norm_eps=float(eps), activation=act, gated_mlp=gated,
             residual=self._layout("residual", flags), residual_factors=self._residual_factors(c, flags),
             hyper=self._hyper(c, flags), experts_glu_limit=self._experts_glu_limit(c, experts),
+            norm_gate_rank=self._norm_gate_rank(c),
             position=position, tied_embeddings=tied,
             embed_norm=bool(self._layout("embed_norm", flags, False)),
             final_norm=bool(self._layout("final_norm", flags, False)),
@@ -702,6 +707,14 @@ class Policy:
         if type(n) is not int or not 2 <= n <= 16:
             raise FmError(f"config.json: hc_mult must be an integer from 2 to 16, got {n!r}")
         return {"streams": n, "magnitude": _number(c, "hc_magnitude", 2.0), "eps": _number(c, "hc_eps", 1e-6)}
+
+    @staticmethod
+    def _norm_gate_rank(c: dict) -> int:
+        """[config] norm_gate_rank (A.X K2's gated_norm_rank): its norms' gates' width; 0 or unset: no gates."""
+        r = c.get("norm_gate_rank") or 0
+        if type(r) is not int or r < 0:
+            raise FmError(f"config.json: gated_norm_rank must be a positive integer, got {r!r}")
+        return r
 
     @staticmethod
     def _experts_glu_limit(c: dict, experts: int) -> float:
@@ -855,6 +868,10 @@ class Policy:
         c["head_dim"], c["num_kv_heads"] = mla["nope_dim"] + mla["rope_dim"], 1
         c["rotary_dim"] = mla["rope_dim"]
         out = {**mla, "norm_eps": _number(c, "latent_norm_eps", 1e-6)}
+        if self._layout("q_gate", flags, False):     # A.X K2: q_b reads [normed | raw] q latent, gives q | gate
+            if not mla["q_rank"]:
+                raise FmError("config.json: a gated query reads the q bottleneck, but q_lora_rank is 0 (none)")
+            out["gated_q"] = True
         if "index_heads" in c:
             out["index"] = self._index(c, mla, flags)
         return out
@@ -1320,13 +1337,16 @@ class Policy:
         return main, local
 
     # -- tensors ----------------------------------------------------------------------------------------------
-    def _entries(self, section: dict, flags: dict):
+    def _entries(self, section: dict, flags: dict, dense: bool = False):
+        """(slot, names, optional, aliases) of a section's entries whose flag holds. dense: a dense layer of a
+        model with a mixture, which takes an entry's `dense_name` where it has one (A.X K2's MLP norm)."""
         for slot, entry in section.items():
             aliases = []
             if isinstance(entry, dict):
                 if "when" in entry and not flags.get(entry["when"], False):
                     continue
-                names, optional = entry["name"], entry.get("optional", False)
+                names, optional = entry["dense_name" if dense and "dense_name" in entry else "name"], \
+                    entry.get("optional", False)
                 aliases = [[a] if isinstance(a, str) else list(a) for a in entry.get("aliases", [])]
             else:
                 names, optional = entry, False
@@ -1379,7 +1399,9 @@ class Policy:
             a = spec.mla
             shapes.update({
                 "q_a.weight": (a["q_rank"], h), "q_a.bias": (a["q_rank"],), "q_a_norm.weight": (a["q_rank"],),
-                "q_b.weight": (H * hd, a["q_rank"] or h),
+                # A.X K2 (gated_q): each head's q then its output gate, from the normed and the raw q latent
+                "q_b.weight": (H * (hd + a["v_dim"]), 2 * a["q_rank"]) if a.get("gated_q") else
+                (H * hd, a["q_rank"] or h),
                 "kv_a.weight": (a["kv_rank"] + a["rope_dim"], h), "kv_a.bias": (a["kv_rank"] + a["rope_dim"],),
                 "kv_a_norm.weight": (a["kv_rank"],), "kv_b.weight": (H * (a["nope_dim"] + a["v_dim"]), a["kv_rank"]),
                 "attn_out.weight": (h, H * a["v_dim"]),
@@ -1391,6 +1413,10 @@ class Policy:
                 shapes.update({"index_q.weight": (ix["heads"] * ix["dim"], a["q_rank"]), "index_k.weight": (ix["dim"], h),
                                "index_k_norm.weight": (ix["dim"],), "index_k_norm.bias": (ix["dim"],),
                                "index_w.weight": (ix["heads"], h)})
+        if spec.norm_gate_rank:     # A.X K2: each gated norm's down and up projections
+            r = spec.norm_gate_rank
+            shapes.update({f"{n}_norm_gate_{d}.weight": s for n in ("attn", "moe")
+                           for d, s in (("down", (r, h)), ("up", (h, r)))})
         if spec.hyper:              # HY-V4: each set reads every copy of the stream, flattened
             n = spec.hyper["streams"]
             for half in ("attn_hc", "mlp_hc"):
@@ -1475,11 +1501,13 @@ class Policy:
             ({k: v for k, v in t.items() if not isinstance(v, dict) or "name" in v}, prefix),
             (t.get("head", {}), self.head_prefix(prefix))]
         skip = ()
+        dense = False
         value_is_key = spec.value_is_key and spec.global_layer(layer)
         q_only = spec.kv_shared(layer)       # Gemma 4 E2B/E4B: reads an earlier layer's cache; q_proj alone
         spec = spec.at(layer)                # Gemma 4's global layers: their own head_dim and kv heads
         if layer is not None:            # a dense model has no mixture's slots, whatever the flags say
-            skip = SPARSE_SLOTS if not spec.num_experts or layer in (spec.dense_layers or ()) else DENSE_SLOTS
+            dense = bool(spec.num_experts) and layer in (spec.dense_layers or ())
+            skip = SPARSE_SLOTS if not spec.num_experts or dense else DENSE_SLOTS
             skip += (LINEAR_SLOTS if layer not in (spec.linear_layers or ()) else
                      () if spec.ssm_beside_attention else ATTENTION_SLOTS)
             part = spec.block_parts[layer] if spec.block_parts else None
@@ -1501,7 +1529,7 @@ class Policy:
         # layout sublayers n (LongCat-Flash: 2): the checkpoint's layer i holds n of ours, its parts named by s
         i, sub = divmod(layer, self.sublayers) if layer is not None else (None, None)
         for section, pre in sections:
-            for slot, names, optional, aliases in self._entries(section, flags):
+            for slot, names, optional, aliases in self._entries(section, flags, dense):
                 if (slot.startswith("lm_head.") and spec.kind != "decoder") or slot.startswith(skip):
                     continue
                 names = [pre + n.format(i=i, s=sub, e=e) for e in _experts(names, spec) for n in names]

@@ -424,7 +424,7 @@ def k_per_rank(spec: ModelSpec, lay: Layout, slot: str) -> int:
         "qkv.weight": spec.hidden_size, "mlp_in.weight": spec.hidden_size,
         "attn_out.weight": lay.heads_per_rank * mla.get("v_dim", spec.v_dim),
         "q_a.weight": spec.hidden_size if mla.get("q_rank") else 0,            # 0: no such slot
-        "q_b.weight": (mla["q_rank"] or spec.hidden_size) if mla else 0,
+        "q_b.weight": ((2 if mla.get("gated_q") else 1) * mla["q_rank"] or spec.hidden_size) if mla else 0,
         "kv_a.weight": spec.hidden_size if mla else 0, "kv_b.weight": mla.get("kv_rank", 0),
         "mlp_out.weight": _width(spec, lay, "mlp_out.")[2],
         "experts_in.weight": spec.hidden_size, "experts_out.weight": lay.intermediate_per_rank,

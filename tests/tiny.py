@@ -706,6 +706,13 @@ CONFIGS = {
               index_head_dim=8, index_n_heads=8, indexer_types=["full", "shared", "full", "shared"],
               mlp_layer_types=["dense", "sparse", "sparse", "sparse"], hc_mult=3, swiglu_limit=0.3,
               initializer_range=0.02, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # A.X K2: a gated query (q|gate from [normed | raw] latent), gated norms of rank 6; 8 indexer heads against ties
+    "axk2": ("AXK2Config", "AXK2ForCausalLM", dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+             num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, vocab_size=101,
+             max_position_embeddings=64, n_routed_experts=4, num_experts_per_tok=2, q_lora_rank=32, kv_lora_rank=16,
+             qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=16, index_topk=5, index_head_dim=8,
+             index_n_heads=8, mlp_layer_types=["dense", "sparse", "sparse"], gated_norm_rank=6,
+             pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 FAMILIES = list(CONFIGS)
 
@@ -746,6 +753,8 @@ def build(name: str, seed: int = 0, **overrides):
                 b.copy_(torch.randn_like(b))
             elif n.endswith(("layer_scalar", "router.scale", "per_expert_scale")):   # Gemma 4: ones by default
                 b.copy_(torch.rand_like(b) + 0.5)
+            elif n.endswith(("norm.mlp.fc1.weight", "norm.mlp.fc2.weight")):   # A.X K2's norm gates: not ~0.5
+                b.copy_(torch.randn_like(b) * 0.3)
             elif n.endswith(("hc.fn", "hc_fn")):       # HY-V4's hyper-connections: weights that vary per token
                 b.copy_(torch.randn_like(b) * 0.1)
             elif n.endswith(("hc.scale", "hc_scale")):

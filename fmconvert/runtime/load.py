@@ -76,6 +76,7 @@ def check_layout(m: dict, rank: int):
     hc = sp.get("hyper")
     n = hc["streams"] if hc else 0      # HY-V4's hyper-connections: replicated weights over every copy
     glob.update({"hc_head.fn": (n, n * h), "hc_head.base": (n,), "hc_head.scale": (1,)})
+    r = sp.get("norm_gate_rank", 0)     # A.X K2's gated norms, replicated
 
     def attention(d: int, kvpr: int, hpr: int = hpr) -> dict:
         """This rank's attention slots for hpr q heads d wide and kvpr kv heads (Gemma 4's global layers: their own;
@@ -105,12 +106,14 @@ def check_layout(m: dict, rank: int):
              "experts_norm.weight": (h,), "experts_post_norm.weight": (h,), "shared_post_norm.weight": (h,),
              "ple_gate.weight": (P, h), "ple_out.weight": (h, P), "ple_post_norm.weight": (h,),
              **{f"{half}.{k}": v for half in ("attn_hc", "mlp_hc")
-                for k, v in (("fn", (2 * n, n * h)), ("base", (2 * n,)), ("scale", (2,)))}}
+                for k, v in (("fn", (2 * n, n * h)), ("base", (2 * n,)), ("scale", (2,)))},
+             **{f"{g}_norm_gate_{d}.weight": s for g in ("attn", "moe") for d, s in (("down", (r, h)), ("up", (h, r)))}}
     mla = sp["mla"]
     if mla:             # latent attention: the latent's projections replicated, q_b and kv_b this rank's heads
         qr, kr, rd = mla["q_rank"], mla["kv_rank"], mla["rope_dim"]
         layer.update({"q_a.weight": (qr, h), "q_a.bias": (qr,), "q_a_norm.weight": (qr,),
-                      "q_b.weight": (hpr * hd, qr or h), "kv_a.weight": (kr + rd, h), "kv_a.bias": (kr + rd,),
+                      "q_b.weight": (hpr * (hd + mla["v_dim"]), 2 * qr) if mla.get("gated_q") else (hpr * hd, qr or h),
+                      "kv_a.weight": (kr + rd, h), "kv_a.bias": (kr + rd,),
                       "kv_a_norm.weight": (kr,),
                       "kv_b.weight": (hpr * (mla["nope_dim"] + mla["v_dim"]), kr),
                       "attn_out.weight": (h, hpr * mla["v_dim"]),

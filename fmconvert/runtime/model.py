@@ -71,6 +71,10 @@ class KVCache:
                 t.zero_()
 
 
+# A.X K2: the low-rank gate on each norm's output, where a layer has it (the MLP's in the mixture layers only)
+_NORM_GATES = {"attn_norm": "attn_norm_gate", "mlp_norm": "moe_norm_gate"}
+
+
 class Block(nn.Module):
     def __init__(self, model: "FusedModel", i: int, tensors: dict):
         super().__init__()
@@ -110,6 +114,7 @@ class Block(nn.Module):
         self.router_ones = torch.ones(sp["hidden_size"], dtype=model.dtype, device=model.device) \
             if "router.scale" in tensors else None
         self.sinks = tensors.get("attn_sinks.weight")     # GPT-OSS: one softmax sink logit per head of this rank
+        self.q_gate = None           # A.X K2: the latent attention's output gate, from its query projection
         chunked = sp["attn_chunk"] and (sp["chunk_layers"] is None or i in sp["chunk_layers"])
         self.chunk = sp["attn_chunk"] if chunked else 0      # Llama 4: attention within aligned chunks
         # Llama 4 scales q by its temperature only in the layers without RoPE; Ministral 3 in every layer
@@ -218,8 +223,13 @@ class Block(nn.Module):
         x_scale = m.residual_scale if x_scale is None else x_scale
         w = t.get(norm + ".weight")
         if w is not None:
-            return m.ops.add_norm(x, residual, w, t.get(norm + ".bias"), m.eps, m.norm, pre_weight=pre_weight,
-                                  x_scale=x_scale, gain=gain)
+            h, residual = m.ops.add_norm(x, residual, w, t.get(norm + ".bias"), m.eps, m.norm, pre_weight=pre_weight,
+                                         x_scale=x_scale, gain=gain)
+            gate = _NORM_GATES.get(norm)
+            if gate + "_down.weight" in t:       # A.X K2: y times sigmoid(up(silu(down(y)))), in fp32, rounded
+                g = m.ops.linear(m.ops.linear(h, t[gate + "_down.weight"], None, "silu"), t[gate + "_up.weight"])
+                h = (h * torch.sigmoid(g.float())).to(h.dtype)
+            return h, residual
         if gain is not None:
             raise ValueError("a layer scalar needs the next layer's input norm")   # the manifest rules this out
         if pre_weight is not None:
@@ -666,6 +676,9 @@ class Block(nn.Module):
         m, t = self.m, self.t
         if m.spec["mla"]:
             o = self._latent_attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
+            if self.q_gate is not None:       # A.X K2: each output channel times sigmoid(its gate), in fp32
+                gate, self.q_gate = self.q_gate, None
+                return (o.unflatten(-1, (self.heads, -1)) * torch.sigmoid(gate.float())).to(o.dtype).flatten(-2)
             if "attn_gate.weight" not in t:
                 return o
             gate = m.ops.linear(h, t["attn_gate.weight"])
@@ -823,9 +836,13 @@ class Block(nn.Module):
         H, R, nd, rd, vd = m.heads, ml["kv_rank"], ml["nope_dim"], ml["rope_dim"], ml["v_dim"]
         x = h
         if "q_a.weight" in t:          # the q bottleneck (V3; V2-Lite has none)
-            x = ops.linear(h, t["q_a.weight"], t.get("q_a.bias"))
-            x = ops.add_norm(x, None, t["q_a_norm.weight"], None, ml["norm_eps"], "rms")[0]
-        q = ops.linear(x, t["q_b.weight"]).view(B, T, H, nd + rd)
+            raw = ops.linear(h, t["q_a.weight"], t.get("q_a.bias"))
+            x = ops.add_norm(raw, None, t["q_a_norm.weight"], None, ml["norm_eps"], "rms")[0]
+        if ml.get("gated_q"):          # A.X K2: from [normed | raw] latent, each head's q, then its output gate
+            q = ops.linear(torch.cat([x, raw], -1), t["q_b.weight"]).view(B, T, H, nd + rd + vd)
+            self.q_gate, q = q[..., nd + rd:], q[..., :nd + rd]
+        else:
+            q = ops.linear(x, t["q_b.weight"]).view(B, T, H, nd + rd)
         kv = ops.linear(h, t["kv_a.weight"], t.get("kv_a.bias"))                  # (B, T, R + rd)
         latent = ops.add_norm(kv[..., :R], None, t["kv_a_norm.weight"], None, ml["norm_eps"], "rms")[0]
         rot = None
