@@ -48,7 +48,7 @@ def cli():
       EXAONE 3 / 4, SmolLM3, StableLM, StarCoder2, Nemotron, Apertus, Hunyuan, ERNIE 4.5, BitNet
       mixtures: Mixtral, DBRX, Qwen2/3-MoE, OLMoE, GLM-4.5, DeepSeek-V2/V3, Kimi K2, Mistral 4, GPT-OSS, Llama 4,
         MiniMax-M2, Laguna, MiMo-V2-Flash, Beam,
-        DeepSeek-V3.2, GLM-5, HY-V4, Sarvam-30B / 105B, LongCat-Flash
+        DeepSeek-V3.2, GLM-5, HY-V4, A.X K1 / K2, Sarvam-30B / 105B, LongCat-Flash
       hybrids and state spaces: Qwen3.5, Qwen3-Next, OLMo Hybrid, Granite 4.0-H, Nemotron-H, Jamba, LFM2, LFM3,
         Falcon-H1, Kimi Linear, Ling 2.5 hybrids, MiniMax-Text-01 / M1, Mamba 1/2
       older: GPT-2, GPT-BigCode, OPT, BLOOM, MPT, Falcon, GPT-NeoX, GPT-J, CodeGen, GPT-Neo, Phi, BERT,
@@ -223,6 +223,8 @@ def inspect(out_dir, as_json):
     if md["mla"]:
         a = md["mla"]
         qpath = f"q through a rank-{a['q_rank']} bottleneck" if a["q_rank"] else "q straight from the hidden state"
+        if a.get("gated_q"):
+            qpath += " (read normed and raw; each head's output gated by a sigmoid from the same projection)"
         rotated = "rotated" if md["position"]["type"] == "rope" else "unrotated"
         t.add_row("latent attention", f"{qpath}; k, v from one {a['kv_rank']}-wide latent per token + a shared "
                   f"{a['rope_dim']}-dim {rotated} key (cached: {a['kv_rank'] + a['rope_dim']} values a token and "
@@ -357,6 +359,9 @@ def inspect(out_dir, as_json):
     if "layers.attn_post_norm.weight" in md["slots"]:
         residual = (residual + ", each half's output normed too" if "layers.attn_norm.weight" in md["slots"]
                     else "each half's output normed, no pre-LN")
+    if md.get("norm_gate_rank"):
+        residual += (f", norms gated by a rank-{md['norm_gate_rank']} sigmoid (the attention's; the MLP's in the "
+                     f"mixture layers)")
     if "layers.moe_post_norm.weight" in md["slots"]:
         residual += ", the mixture's output normed too"
     if "layers.attn_sub_norm.weight" in md["slots"]:

@@ -651,6 +651,11 @@ def _inspect_experts_clamp_without_experts(c: Ctx):     # HY-V4's clamp is its r
 
 
 @case("inspect", "model.mla must be null or the latent attention's widths")
+def _inspect_gated_query_without_a_bottleneck(c: Ctx):     # A.X K2's query reads the q latent twice
+    return [_manifest(c, lambda m: m["model"]["mla"].update(q_rank=0), name="axk2")]
+
+
+@case("inspect", "model.mla must be null or the latent attention's widths")
 def _inspect_index_rope_at_the_middle(c: Ctx):          # the indexer turns its first or its last columns
     return [_manifest(c, lambda m: m["model"]["mla"]["index"].update(rope_at="middle"), name="hy_v4")]
 

@@ -16,7 +16,7 @@ LAYOUT_KEYS = {"norm", "gated_mlp", "position", "rope_style", "residual", "qkv",
                "linear_pre_norm", "per_layer_input", "kv_sharing", "double_wide_mlp", "attn_gate_fn",
                "sinks", "query_scale_kind", "depth_scaled_residual", "index_rope_style",
                "ssm_beside_attention", "ssm_gate", "linear_gates", "sublayers", "shortcut_experts",
-               "lightning"}
+               "lightning", "index_rope_at", "q_gate"}
 
 
 def test_flags_and_binds_tighter_than_or_and_may_use_earlier_flags():
@@ -61,7 +61,7 @@ def test_every_table_names_known_slots_layout_keys_and_flags():
             for slot, entry in section.items():
                 assert slot in allowed, (name, slot)
                 if isinstance(entry, dict):
-                    assert set(entry) <= {"name", "when", "optional", "aliases"}, (name, slot, entry)
+                    assert set(entry) <= {"name", "when", "optional", "aliases", "dense_name"}, (name, slot, entry)
                     assert entry.get("when") is None or entry["when"] in flags, (name, slot, entry["when"])
         for key, v in pol.layout.items():                       # every flag a layout pick names exists
             while isinstance(v, list) and len(v) == 3 and isinstance(v[0], str) and key not in ("transposed", "as_row",
