@@ -5,13 +5,10 @@ bottleneck."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 import tiny
-from fmconvert.errors import FmError
 from fmconvert.pipeline import Options, convert
 from fmconvert.runtime.load import load
 
@@ -28,19 +25,7 @@ def test_decode_steps_match_transformers_eager_and_graph_safe(model_dir, tmp_pat
     ids = torch.randint(3, 100, (2, 14), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = tiny.build("axk2")(ids).logits
-
-    def steps(m):
-        eager, static = m.new_cache(2, 16), m.new_cache(2, 16)
-        out = [m(ids[:, :4], eager)[:, -1]]
-        m(ids[:, :4], static)
-        graph = [out[0]]
-        for j in range(4, 14):
-            out.append(m(ids[:, j:j + 1], eager)[:, -1])
-            graph.append(m.decode_step(ids[:, j:j + 1], static, torch.tensor([static.length])))
-            static.length += 1
-        return torch.stack(out, 1), torch.stack(graph, 1)
-
-    for eager, graph in tiny.on_ranks(tmp_path / "out", 2, steps):
+    for eager, graph in tiny.on_ranks(tmp_path / "out", 2, lambda m: tiny.decode_steps(m, ids, 4)):
         assert tiny.rel(eager, want[:, 3:]) < 1e-5 and tiny.rel(graph, want[:, 3:]) < 1e-5
 
 
@@ -85,10 +70,4 @@ def test_the_manifest_and_verify(model_dir, tmp_path):
 
 
 def test_a_gated_query_without_a_bottleneck_is_refused(model_copy, tmp_path):
-    src = model_copy("axk2")
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["q_lora_rank"] = 0
-    (src / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(FmError, match="q_lora_rank"):
-        convert(src, tmp_path / "out", Options(), progress=False)
-    assert not (tmp_path / "out").exists()
+    tiny.refuses(model_copy("axk2"), tmp_path / "out", "q_lora_rank", q_lora_rank=0)

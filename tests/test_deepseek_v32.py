@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import tiny
-from fmconvert.errors import FmError
 from fmconvert.pipeline import Options, convert
 from fmconvert.runtime.load import load
 
@@ -43,19 +42,10 @@ def test_decode_steps_past_topk_match_transformers_eager_and_graph_safe(model_di
     the latent cache, which the absorbed decode step reads gathered (eager) or best first out of the whole static
     cache (decode_step, what a CUDA graph captures)."""
     _, out = _converted(model_dir, tmp_path, name)
-    m = load(out)
     ids = torch.randint(3, 100, (2, 14), generator=torch.Generator().manual_seed(1))
     want = _hf(name, ids)
-    eager, static = m.new_cache(2, 16), m.new_cache(2, 16)
-    steps = [m(ids[:, :4], eager)[:, -1]]
-    m(ids[:, :4], static)
-    graph = [steps[0]]
-    for j in range(4, 14):
-        steps.append(m(ids[:, j:j + 1], eager)[:, -1])
-        graph.append(m.decode_step(ids[:, j:j + 1], static, torch.tensor([static.length])))
-        static.length += 1
-    assert tiny.rel(torch.stack(steps, 1), want[:, 3:]) < 1e-5
-    assert tiny.rel(torch.stack(graph, 1), want[:, 3:]) < 1e-5
+    eager, graph = tiny.decode_steps(load(out), ids, 4)
+    assert tiny.rel(eager, want[:, 3:]) < 1e-5 and tiny.rel(graph, want[:, 3:]) < 1e-5
 
 
 def test_a_left_padded_batch_matches_transformers_on_its_tokens(model_dir, tmp_path):
@@ -119,10 +109,4 @@ def test_the_manifest_the_shards_and_the_cache(model_dir, tmp_path):
     (dict(q_lora_rank=0), "q_lora_rank is 0"),
 ])
 def test_a_malformed_indexer_config_is_refused_in_one_line(model_copy, tmp_path, edit, match):
-    src = model_copy("glm_moe_dsa")
-    cfg = json.loads((src / "config.json").read_text())
-    cfg.update(edit)
-    (src / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(FmError, match=match):
-        convert(src, tmp_path / "out", Options(), progress=False)
-    assert not (tmp_path / "out").exists()
+    tiny.refuses(model_copy("glm_moe_dsa"), tmp_path / "out", match, **edit)

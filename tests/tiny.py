@@ -815,6 +815,38 @@ def converted_manifest(src, out: Path, **options) -> dict:
     return json.loads((out / "manifest.json").read_text())
 
 
+def decode_steps(m, ids, prompt: int):
+    """The logits of positions prompt - 1 on, [B, T - prompt + 1, vocab], twice: after a prompt of `prompt` tokens,
+    one token a step through an eager cache, and through decode_step over a static cache (what a CUDA graph
+    replays)."""
+    B, T = ids.shape
+    eager, static = m.new_cache(B, T + 2), m.new_cache(B, T + 2)
+    steps = [m(ids[:, :prompt], eager)[:, -1]]
+    m(ids[:, :prompt], static)
+    graph = [steps[0]]
+    for j in range(prompt, T):
+        steps.append(m(ids[:, j:j + 1], eager)[:, -1])
+        graph.append(m.decode_step(ids[:, j:j + 1], static, torch.tensor([static.length])))
+        static.length += 1
+    return torch.stack(steps, 1), torch.stack(graph, 1)
+
+
+def refuses(src: Path, out: Path, match: str, **edit):
+    """src's config.json updated with edit must be refused with an FmError matching `match`, leaving no out."""
+    import json
+
+    import pytest
+
+    from fmconvert.errors import FmError
+    from fmconvert.pipeline import Options, convert
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(edit)
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FmError, match=match):
+        convert(src, out, Options(), progress=False)
+    assert not out.exists()
+
+
 def rel(a, b) -> float:
     """The largest difference relative to the largest magnitude of b: the family tests' error measure."""
     return ((a - b).abs().max() / b.abs().max()).item()
