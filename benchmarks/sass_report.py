@@ -53,10 +53,10 @@ class Case:
     one_pass: bool = False          # no loop: report the kernel's loads before its first barrier
 
 
-# Constexprs a case may leave out: the features it does not use (GPT-OSS's sinks, clamped SwiGLU, expert biases,
-# KDA's per-channel decay and sigmoid gate).
-OFF = {"ALPHA": 0.0, "LIMIT": 0.0, "SINKS": False, "HAS_BIAS": False, "CHUNKED": False, "G_PER_K": False,
-       "SIGMOID": False}
+# Constexprs a case may leave out: the features it does not use (GPT-OSS's and HY-V4's sinks, clamped SwiGLU,
+# expert biases, KDA's per-channel decay and sigmoid gate).
+OFF = {"ALPHA": 0.0, "LIMIT": 0.0, "SINKS": False, "HAS_SINKS": False, "HAS_BIAS": False, "CHUNKED": False,
+       "G_PER_K": False, "SIGMOID": False}
 
 
 def compile_sm90(case: Case):
