@@ -31,7 +31,7 @@ from . import manifest as mf
 from . import slice as sl
 from . import srchash
 from .errors import EXIT_IO, FmError
-from .policy import DEPTHWISE, ModelSpec, Policy, SlotSource, _config_value, per_layer_type, policy_of
+from .policy import DEPTHWISE, FLOAT32_SLOTS, ModelSpec, Policy, SlotSource, _config_value, per_layer_type, policy_of
 from .quantize import ErrorStats, quantize, scale_dtype_for
 from .read import SIDECAR_FILES, Checkpoint, fp8_block, int4_format, load_config, quant_method
 from .write import AtomicDir, ShardWriter, dtype_name, parse_size
@@ -592,11 +592,12 @@ class _Run:
                                                               device="meta"))]
                 return _Item(outs)
             return self._quantize_in_place(name, src, *trace)
+        dtype = torch.float32 if slot in FLOAT32_SLOTS else p.dtype
         if meta:
-            parts = [torch.empty(self.ckpt.shape(n), dtype=p.dtype, device="meta") for n in src.names]
+            parts = [torch.empty(self.ckpt.shape(n), dtype=dtype, device="meta") for n in src.names]
         else:
             # NaN/Inf: the writer checks each piece as it writes it (quantized ones through their scales, for free)
-            parts = [self.src.get(n).to(p.dtype) for n in src.names]
+            parts = [self.src.get(n).to(dtype) for n in src.names]
         spec, lay = sl.at(p.spec, p.layout, src.layer)
         t = p.policy.fuse(spec, slot, parts)
         if not meta and not self.src.owns(t):
@@ -609,7 +610,7 @@ class _Run:
             roots = {id(_root(x)) for x in parts}
             made = {id(_root(x)): _nbytes(x) for x in [t, *pieces] if x is not None and id(_root(x)) not in roots}
             est = sum(made.values()) + sum(self.src.nbytes(n) for n in src.names
-                                           if self.ckpt.dtype(n) != p.dtype)
+                                           if self.ckpt.dtype(n) != dtype)
         del t, parts
         # Pieces that are still views of the source (vocab chunks, replicated norms, a tp=1 weight) keep their pages
         # until written or quantized; for the others the source pages go now.

@@ -87,6 +87,11 @@ LAYER_SLOTS = (
     # attention's input norm in every layer and on the MLP's in the mixture layers (moe_: absent from dense ones)
     "attn_norm_gate_down.weight", "attn_norm_gate_up.weight", "moe_norm_gate_down.weight", "moe_norm_gate_up.weight",
 )
+# Slots written in float32 whatever the output dtype: small tensors the model only ever reads in fp32, which
+# transformers keeps in fp32 when it loads the model in half precision (and vLLM too): a sigmoid router's
+# correction bias (rounding it to bf16 moves which experts win a close choice) and HY-V4's hyper-connection weights.
+FLOAT32_SLOTS = ("router.correction_bias", "attn_hc.fn", "attn_hc.base", "attn_hc.scale", "mlp_hc.fn",
+                 "mlp_hc.base", "mlp_hc.scale", "hc_head.fn", "hc_head.base", "hc_head.scale")
 # A mixture's slots and a dense MLP's: a model with both kinds of layer (GLM-4.5's first layers are dense) gives each
 # layer the one set its kind has.
 SPARSE_SLOTS = ("router.", "experts_", "shared_", "moe_")

@@ -31,6 +31,7 @@ from safetensors import SafetensorError, safe_open
 from . import manifest as mf
 from . import slice as sl
 from .errors import FmError, ParityError
+from .policy import FLOAT32_SLOTS
 from .quantize import dequantize, quantize
 from .runtime.load import sha256_file
 from .srchash import fingerprint
@@ -323,7 +324,8 @@ def check_tensors(m: dict, ranks: list[dict], plan, ckpt, config) -> dict:
         slot = src.slot
         source = [ckpt.get(n) for n in src.names]
         lspec, llay = sl.at(spec, lay, src.layer)      # a Gemma 4 global layer's own geometry
-        canon = pol.fuse(lspec, slot, [t.to(plan.dtype) for t in source])
+        dtype = torch.float32 if slot in FLOAT32_SLOTS else plan.dtype     # kept float32 whatever the output's
+        canon = pol.fuse(lspec, slot, [t.to(dtype) for t in source])
         expected = sl.shard(lspec, llay, slot, canon)
         is_q = slot in plan.quant_slots
         g = plan.groups.get(slot)
@@ -394,7 +396,7 @@ def check_tensors(m: dict, ranks: list[dict], plan, ckpt, config) -> dict:
                     if tuple(part.shape) != tuple(s.shape):
                         raise FmError(f"reassembled shape {list(part.shape)} differs from the source's "
                                       f"{list(s.shape)}")
-                    if not is_q and not problems and not torch.equal(part, s.to(plan.dtype)):
+                    if not is_q and not problems and not torch.equal(part, s.to(dtype)):
                         raise FmError("every rank's piece matches the source, but un-slicing and un-fusing them "
                                       "does not give it back")
                     diffs.append(part.float() - s.float())

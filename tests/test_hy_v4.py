@@ -96,3 +96,25 @@ def test_the_manifest_and_the_shards(model_dir, tmp_path):
 ])
 def test_a_bad_config_is_refused_in_one_line(model_copy, tmp_path, edit, match):
     tiny.refuses(model_copy("hy_v4"), tmp_path / "out", match, **edit)
+
+
+def test_a_bf16_output_keeps_the_fp32_tensors_fp32(model_dir, tmp_path):
+    """The correction bias and the hyper-connection weights stay float32 in a bf16 output, bit for bit the
+    source's, and the runtime keeps them so (transformers loads them in fp32 too); verify passes."""
+    from safetensors.torch import load_file
+
+    from fmconvert.verify import verify
+    src = model_dir("hy_v4")
+    m = tiny.converted_manifest(src, tmp_path / "out", tp=2, dtype="bf16")
+    t = m["ranks"][0]["tensors"]
+    assert m["dtype"] == "bfloat16" and t["layers.1.attn_norm.weight"]["dtype"] == "bfloat16"
+    for name in ("layers.1.router.correction_bias", "layers.1.attn_hc.fn", "layers.3.mlp_hc.scale", "hc_head.base"):
+        assert t[name]["dtype"] == "float32", name
+    source = load_file(str(src / "model.safetensors"))
+    shard = load_file(str(tmp_path / "out" / t["layers.1.router.correction_bias"]["file"]))
+    assert torch.equal(shard["layers.1.router.correction_bias"], source["model.layers.1.mlp.gate.e_score_correction_bias"])
+    blk = tiny.on_ranks(tmp_path / "out", 2, lambda mm: (mm.blocks[1].t["router.correction_bias"].dtype,
+                                                          mm.blocks[1].t["attn_hc.fn"].dtype, mm.g["hc_head.fn"].dtype,
+                                                          mm.blocks[1].t["attn_norm.weight"].dtype))
+    assert blk[0] == (torch.float32, torch.float32, torch.float32, torch.bfloat16)
+    assert not verify(src, tmp_path / "out", tokens=32)["failures"]

@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from .. import manifest as mf
 from ..errors import FmError
 from ..kernels import int8_gemv_cpu
-from ..policy import ATTENTION_SLOTS, DENSE_SLOTS, LINEAR_SLOTS, SPARSE_SLOTS
+from ..policy import ATTENTION_SLOTS, DENSE_SLOTS, FLOAT32_SLOTS, LINEAR_SLOTS, SPARSE_SLOTS
 from ..read import check_safetensors
 from .comm import SingleComm, init_distributed
 from .model import FusedModel
@@ -427,7 +427,9 @@ def _assemble(manifest: dict, raw: dict, device, int8: str, dtype) -> dict:
             out[name] = ExpertWeights(ws, whole if int8 == "keep" else None) if experts else ws[0]
         elif name.startswith("extra."):
             continue
-        elif t.is_floating_point() and name not in (*ROPE_TENSORS, "alibi.slopes"):
+        elif t.is_floating_point() and name not in (*ROPE_TENSORS, "alibi.slopes") and (
+                (name.split(".", 2)[2] if name.startswith("layers.") else name) not in FLOAT32_SLOTS
+                or t.dtype != torch.float32):       # those stay fp32 (as the model reads them)
             out[name] = t.to(device=device, dtype=dtype)
             if experts:
                 out[name] = ExpertWeights(out[name].chunk(experts), out[name])
