@@ -47,7 +47,7 @@ def cli():
       LLaMA 1-3 / Mistral / Qwen2, Qwen3, Phi-3 / Phi-4-mini, Gemma 1-4, Granite, Cohere, OLMo 1-3, GLM-4,
       EXAONE 3 / 4, SmolLM3, StableLM, StarCoder2, Nemotron, Apertus, Hunyuan, ERNIE 4.5, BitNet
       mixtures: Mixtral, DBRX, Qwen2/3-MoE, OLMoE, GLM-4.5, DeepSeek-V2/V3, Kimi K2, Mistral 4, GPT-OSS, Llama 4,
-        MiniMax-M2, Laguna, MiMo-V2-Flash, Beam,
+        MiniMax-M2 / M3, Laguna, MiMo-V2-Flash, Beam,
         DeepSeek-V3.2, GLM-5, HY-V4, A.X K1 / K2, Sarvam-30B / 105B, LongCat-Flash
       hybrids and state spaces: Qwen3.5, Qwen3-Next, OLMo Hybrid, Granite 4.0-H, Nemotron-H, Jamba, LFM2, LFM3,
         Falcon-H1, Kimi Linear, Ling 2.5 hybrids, MiniMax-Text-01 / M1, Mamba 1/2
@@ -238,6 +238,12 @@ def inspect(out_dir, as_json):
             t.add_row("sparse attention", f"each query attends to its {ix['topk']} best-scored keys, picked by an "
                       f"indexer of {ix['heads']} heads of {ix['dim']} ({rope} RoPE; float, replicated; one "
                       f"{ix['dim']}-wide key cached a token) in {where}")
+    bsp = md.get("block_sparse")
+    if bsp:
+        t.add_row("sparse attention", f"block-sparse in layers {_ranges(bsp['layers'])}: each kv group's queries "
+                  f"attend to their {bsp['topk']} best blocks of {bsp['block']} keys (the latest {bsp['local']} "
+                  f"always among them), picked by an indexer of {bsp['heads']} heads of {bsp['dim']} (float, "
+                  f"replicated; one {bsp['dim']}-wide key cached a token)")
     if md["linear_attn"]:
         a, n = md["linear_attn"], len(md["linear_layers"])
         kind = "KDA (a decay per key channel)" if a.get("decay") == "channel" else "Gated DeltaNet"

@@ -121,6 +121,12 @@ _MODEL_OPTIONAL = {
         "null or {\"streams\": 2..16, \"magnitude\", \"eps\"}"),
     "experts_glu_limit": (0.0, _NONNEG_NUM, "a non-negative number"),
     "norm_gate_rank": (0, _NAT, "a non-negative integer"),
+    "block_sparse": (None, lambda x: x is None or (
+        isinstance(x, dict) and set(x) == {"heads", "dim", "block", "topk", "local", "layers"}
+        and all(_POS_INT(x[k]) for k in ("heads", "dim", "block", "topk")) and _NAT(x["local"])
+        and isinstance(x["layers"], list) and x["layers"] and all(map(_NAT, x["layers"]))
+        and x["layers"] == sorted(set(x["layers"]))),
+        "null or the block indexer's {heads, dim, block, topk, local, layers}"),
     "row_scales": (None, lambda x: x is None or _row_scales(x), "null or slot -> {\"input\", \"parts\"} factors"),
     "linear_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
                       "null or a list of layer indices"),
@@ -356,6 +362,15 @@ def validate(m) -> dict:
                                           for s in model["slots"]))),
           "model.residual hyper and model.hyper go together, in a decoder with no other residual scaling, output "
           "norms or per-layer inputs")
+    bsp = model["block_sparse"]
+    _need(bsp is None or (bsp["layers"][-1] < model["num_layers"] and bsp["heads"] == model["num_kv_heads"]
+                          and model["mla"] is None and model["position"].get("type") == "rope"
+                          and bsp["dim"] >= model["position"].get("rotary_dim", 0)
+                          and not set(bsp["layers"]) & set(model["linear_layers"] or ())
+                          and (model["window_layers"] is not None or not model["sliding_window"])
+                          and not set(bsp["layers"]) & set(model["window_layers"] or ())),
+          "model.block_sparse needs attention layers with RoPE, no window, one indexer head per kv head and an "
+          "indexer at least as wide as the rotated part")
     _need(not model["experts_glu_limit"] or (model["num_experts"] and model["activation"] == "swiglu"),
           "model.experts_glu_limit needs experts with a SwiGLU activation")
     _need(model["attn_gate"] or not model["attn_gate_heads"], "model.attn_gate_heads needs attn_gate")
@@ -520,6 +535,8 @@ def kv_cache_bytes(model: dict, parallel: dict, itemsize: int) -> tuple[int, int
             n = mla["kv_rank"] + mla["rope_dim"]
             if i in mla.get("index", {}).get("layers", ()):       # and the indexer's key
                 n += mla["index"]["dim"]
+        elif model.get("block_sparse") and i in model["block_sparse"]["layers"]:   # MiniMax-M3: + the block key
+            n = 2 * parallel["kv_heads_per_rank"] * model["head_dim"] + model["block_sparse"]["dim"]
         elif is_global_layer(ga, layers, model["linear_layers"], i):
             n = 2 * parallel["global_kv_heads_per_rank"] * ga["head_dim"]
         else:

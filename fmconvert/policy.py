@@ -86,6 +86,9 @@ LAYER_SLOTS = (
     # A.X K2's gated norms: the norm's output y times sigmoid(up(silu(down(y)))), a low-rank gate read off y, on the
     # attention's input norm in every layer and on the MLP's in the mixture layers (moe_: absent from dense ones)
     "attn_norm_gate_down.weight", "attn_norm_gate_up.weight", "moe_norm_gate_down.weight", "moe_norm_gate_up.weight",
+    # MiniMax-M3's block indexer in its sparse layers: heads of queries and one key per token from the stream, each
+    # RMS-normed per head, which pick the blocks of keys each kv head's queries attend to (model.block_sparse)
+    "block_index_q.weight", "block_index_k.weight", "block_index_q_norm.weight", "block_index_k_norm.weight",
 )
 # Slots written in float32 whatever the output dtype: small tensors the model only ever reads in fp32, which
 # transformers keeps in fp32 when it loads the model in half precision (and vLLM too): a sigmoid router's
@@ -100,7 +103,8 @@ DENSE_SLOTS = ("mlp_in.", "mlp_out.")
 DEPTHWISE = ("lin_conv.weight", "ssm_conv.weight", "sconv_conv.weight", "mamba_conv.weight")
 # A hybrid's linear-attention layers have the lin_ slots and its attention layers the attention's.
 LINEAR_SLOTS = ("lin_", "ssm", "sconv", "mamba")
-ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.", "q_a", "q_b.", "kv_a", "kv_b.", "attn_gate.", "index_")
+ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.", "q_a", "q_b.", "kv_a", "kv_b.", "attn_gate.", "index_",
+                   "block_index_")
 GLOBAL_SLOTS = (
     "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
     "project_in.weight", "project_out.weight", "final_norm.weight", "final_norm.bias", "pooler.weight",
@@ -226,6 +230,10 @@ class ModelSpec:
     #                                weighted by magnitude * sigmoid(...) (slots attn_hc.*, mlp_hc.*, hc_head.*)
     experts_glu_limit: float = 0.0  # HY-V4: the routed experts' gate clamped above at it, their up to [-it, it]
     norm_gate_rank: int = 0        # A.X K2: the width of its norms' low-rank gates (*_norm_gate_* slots); 0: none
+    block_sparse: dict | None = None   # MiniMax-M3: in `layers`, an indexer of `heads` heads of `dim` (one a kv
+    #                                group) scores every earlier key, max-pools the scores per `block` keys, and
+    #                                each query's group attends to its `topk` best blocks, its own `local` latest
+    #                                blocks always among them
     block_parts: list | None = None    # per layer, "mixer" or "mlp" where a layer has only that half (Nemotron-H:
     #                                each layer is one Mamba2, attention, MLP or mixture, with its own norm); None:
     #                                both halves in every layer
@@ -649,7 +657,7 @@ class Policy:
             norm=self._layout("norm", flags), norm_eps=float(eps), activation=act, gated_mlp=gated,
             residual=self._layout("residual", flags), residual_factors=self._residual_factors(c, flags),
             hyper=self._hyper(c, flags), experts_glu_limit=self._experts_glu_limit(c, experts),
-            norm_gate_rank=self._norm_gate_rank(c),
+            norm_gate_rank=self._norm_gate_rank(c), block_sparse=self._block_sparse(config, c),
             position=position, tied_embeddings=tied,
             embed_norm=bool(self._layout("embed_norm", flags, False)),
             final_norm=bool(self._layout("final_norm", flags, False)),
@@ -712,6 +720,22 @@ class Policy:
         if type(n) is not int or not 2 <= n <= 16:
             raise FmError(f"config.json: hc_mult must be an integer from 2 to 16, got {n!r}")
         return {"streams": n, "magnitude": _number(c, "hc_magnitude", 2.0), "eps": _number(c, "hc_eps", 1e-6)}
+
+    def _block_sparse(self, config, c: dict) -> dict | None:
+        """MiniMax-M3's block-sparse attention: [config] bindex_heads (one per kv head), bindex_dim, bindex_block,
+        bindex_topk, bindex_local, in the layers layer_types calls "minimax_m3_sparse"."""
+        if "bindex_heads" not in c:
+            return None
+        bs = {k: c.get("bindex_" + k) for k in ("heads", "dim", "block", "topk", "local")}
+        if any(type(v) is not int or v < (0 if k == "local" else 1) for k, v in bs.items()):
+            raise FmError(f"config.json: the block indexer's index_n_heads, index_head_dim, index_block_size and "
+                          f"index_topk_blocks must be positive integers, index_local_blocks non-negative, got {bs}")
+        if c["num_heads"] % bs["heads"] or bs["heads"] != c["num_kv_heads"]:
+            raise FmError(f"config.json: the block indexer needs one head per kv head ({c['num_kv_heads']}), got "
+                          f"index_n_heads={bs['heads']}")
+        types = getattr(config, "layer_types", None) or []
+        layers = [i for i, t in enumerate(types) if t == "minimax_m3_sparse"]
+        return {**bs, "layers": layers} if layers else None
 
     @staticmethod
     def _norm_gate_rank(c: dict) -> int:
@@ -1187,6 +1211,7 @@ class Policy:
             or self.layout.get("lightning") else set()) | (
             {"conv"} if "sconv" in c else set()) | (
             {"indexed_attention"} if "index_heads" in c else set()) | (
+            {"minimax_m3_sparse"} if "bindex_heads" in c else set()) | (
             {"hybrid"} if self.layout.get("ssm_beside_attention") else set()) | (
             {"mlp", "moe"} if self.layout.get("block_parts") else set())
         odd = sorted({str(t) for t in types} - kinds)
@@ -1418,6 +1443,10 @@ class Policy:
                 shapes.update({"index_q.weight": (ix["heads"] * ix["dim"], a["q_rank"]), "index_k.weight": (ix["dim"], h),
                                "index_k_norm.weight": (ix["dim"],), "index_k_norm.bias": (ix["dim"],),
                                "index_w.weight": (ix["heads"], h)})
+        if spec.block_sparse:       # MiniMax-M3: the block indexer's heads and its one key
+            b = spec.block_sparse
+            shapes.update({"block_index_q.weight": (b["heads"] * b["dim"], h), "block_index_k.weight": (b["dim"], h),
+                           "block_index_q_norm.weight": (b["dim"],), "block_index_k_norm.weight": (b["dim"],)})
         if spec.norm_gate_rank:     # A.X K2: each gated norm's down and up projections
             r = spec.norm_gate_rank
             shapes.update({f"{n}_norm_gate_{d}.weight": s for n in ("attn", "moe")
@@ -1528,6 +1557,8 @@ class Policy:
                 skip += ("attn_sinks.",)
             if not spec.index_layer(layer):          # GLM-5's shared layers reuse an earlier layer's choice
                 skip += ("index_",)
+            if not spec.block_sparse or layer not in spec.block_sparse["layers"]:    # MiniMax-M3's dense layers
+                skip += ("block_index_",)
             if spec.linear_pre_norm:       # OLMo Hybrid: input norms in the linear layers, output norms elsewhere
                 skip += (("attn_post_norm.", "mlp_post_norm.") if layer in (spec.linear_layers or ())
                          else ("attn_norm.", "mlp_norm."))

@@ -650,6 +650,11 @@ def _inspect_experts_clamp_without_experts(c: Ctx):     # HY-V4's clamp is its r
     return [_manifest(c, lambda m: m["model"].update(experts_glu_limit=7.0))]
 
 
+@case("inspect", "model.block_sparse needs attention layers with RoPE, no window, one indexer head per kv head")
+def _inspect_block_indexer_heads_other_than_the_kv_heads(c: Ctx):   # MiniMax-M3: an indexer head a kv group
+    return [_manifest(c, lambda m: m["model"]["block_sparse"].update(heads=4), name="minimax_m3")]
+
+
 @case("inspect", "model.mla must be null or the latent attention's widths")
 def _inspect_gated_query_without_a_bottleneck(c: Ctx):     # A.X K2's query reads the q latent twice
     return [_manifest(c, lambda m: m["model"]["mla"].update(q_rank=0), name="axk2")]

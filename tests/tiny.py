@@ -713,6 +713,16 @@ CONFIGS = {
              qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=16, index_topk=5, index_head_dim=8,
              index_n_heads=8, mlp_layer_types=["dense", "sparse", "sparse"], gated_norm_rank=6,
              pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # MiniMax-M3: block-sparse attention (blocks of 4 keys, the 2 best, the latest always) in layers 1 and 2, a
+    # dense first layer, clamped SwiGLU everywhere; RoPE over the whole head here (test_minimax_m3: over part)
+    "minimax_m3": ("MiniMaxM3VLTextConfig", "MiniMaxM3VLForCausalLM", dict(hidden_size=64, intermediate_size=32,
+                   dense_intermediate_size=96, shared_intermediate_size=48, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=101,
+                   max_position_embeddings=64, num_local_experts=4, num_experts_per_tok=2, rotary_dim=16,
+                   index_n_heads=2, index_head_dim=16, index_block_size=4, index_topk_blocks=2, index_local_blocks=1,
+                   mlp_layer_types=["dense", "sparse", "sparse"],
+                   layer_types=["full_attention", "minimax_m3_sparse", "minimax_m3_sparse"], swiglu_limit=0.6,
+                   pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 FAMILIES = list(CONFIGS)
 

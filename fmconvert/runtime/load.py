@@ -77,6 +77,7 @@ def check_layout(m: dict, rank: int):
     n = hc["streams"] if hc else 0      # HY-V4's hyper-connections: replicated weights over every copy
     glob.update({"hc_head.fn": (n, n * h), "hc_head.base": (n,), "hc_head.scale": (1,)})
     r = sp.get("norm_gate_rank", 0)     # A.X K2's gated norms, replicated
+    bsp = sp.get("block_sparse") or {"heads": 0, "dim": 0}     # MiniMax-M3's block indexer, replicated
 
     def attention(d: int, kvpr: int, hpr: int = hpr) -> dict:
         """This rank's attention slots for hpr q heads d wide and kvpr kv heads (Gemma 4's global layers: their own;
@@ -107,7 +108,9 @@ def check_layout(m: dict, rank: int):
              "ple_gate.weight": (P, h), "ple_out.weight": (h, P), "ple_post_norm.weight": (h,),
              **{f"{half}.{k}": v for half in ("attn_hc", "mlp_hc")
                 for k, v in (("fn", (2 * n, n * h)), ("base", (2 * n,)), ("scale", (2,)))},
-             **{f"{g}_norm_gate_{d}.weight": s for g in ("attn", "moe") for d, s in (("down", (r, h)), ("up", (h, r)))}}
+             **{f"{g}_norm_gate_{d}.weight": s for g in ("attn", "moe") for d, s in (("down", (r, h)), ("up", (h, r)))},
+             "block_index_q.weight": (bsp["heads"] * bsp["dim"], h), "block_index_k.weight": (bsp["dim"], h),
+             "block_index_q_norm.weight": (bsp["dim"],), "block_index_k_norm.weight": (bsp["dim"],)}
     mla = sp["mla"]
     if mla:             # latent attention: the latent's projections replicated, q_b and kv_b this rank's heads
         qr, kr, rd = mla["q_rank"], mla["kv_rank"], mla["rope_dim"]
@@ -199,6 +202,11 @@ def check_layout(m: dict, rank: int):
         index = {"index_q.weight", "index_k.weight", "index_k_norm.weight", "index_k_norm.bias", "index_w.weight"}
         per_layer |= index
     index_layers = set(mla["index"]["layers"]) if index else set()
+    if sp.get("block_sparse"):                      # MiniMax-M3's block indexer, in its sparse layers
+        index = {"block_index_q.weight", "block_index_k.weight", "block_index_q_norm.weight",
+                 "block_index_k_norm.weight"}
+        per_layer |= index
+        index_layers = set(sp["block_sparse"]["layers"])
     per_layer |= {"router.weight", *_EXPERTS} if E else {"mlp_in.weight", "mlp_out.weight"}
     dense_layers = set(sp["dense_layers"] or ())
     if dense_layers:                                # a mixture's dense layers (GLM-4.5's first)

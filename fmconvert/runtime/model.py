@@ -115,6 +115,8 @@ class Block(nn.Module):
             if "router.scale" in tensors else None
         self.sinks = tensors.get("attn_sinks.weight")     # GPT-OSS: one softmax sink logit per head of this rank
         self.q_gate = None           # A.X K2: the latent attention's output gate, from its query projection
+        # MiniMax-M3's sparse layers: this forward's keys each query may see, [B, heads, T, S] (see _block_keep)
+        self.block_keep = None
         chunked = sp["attn_chunk"] and (sp["chunk_layers"] is None or i in sp["chunk_layers"])
         self.chunk = sp["attn_chunk"] if chunked else 0      # Llama 4: attention within aligned chunks
         # Llama 4 scales q by its temperature only in the layers without RoPE; Ministral 3 in every layer
@@ -687,6 +689,8 @@ class Block(nn.Module):
             # Ling 2.5: each head's output times sigmoid(gate . x), in fp32 rounded to the model dtype
             gate = torch.sigmoid(gate.float()).to(o.dtype)
             return (o.unflatten(-1, (self.heads, -1)) * gate.unsqueeze(-1)).flatten(-2)
+        if "block_index_q.weight" in t:
+            self.block_keep = self._block_keep(h, positions, cache, pos_t)
         qkv = m.ops.linear(h, t["qkv.weight"], t.get("qkv.bias"))
         if m.spec["qkv_clip"]:           # OLMo, MPT
             qkv = qkv.clamp(-m.spec["qkv_clip"], m.spec["qkv_clip"])
@@ -743,6 +747,9 @@ class Block(nn.Module):
                                     v_norm=v_norm)                                                  # (B, Hq, hd)
             if self.query_scale is not None:
                 q = q * self.query_scale(pos_t).view(1, 1, 1)
+            if self.block_keep is not None:     # MiniMax-M3: the chosen blocks of the whole static cache
+                keep, self.block_keep = self.block_keep, None
+                return self._narrow(self._kept_attention(q.unsqueeze(2), kc, vc, keep).reshape(B, 1, Hq * hd))
             # a ring holds exactly the window (or the chunk so far): attend over its first seq_t[key] rows,
             # nothing to mask
             o = m.ops.decode_attention(q, kc, vc, seq_t[key], m.scale, m.alibi, 0 if ring else self.window,
@@ -758,10 +765,75 @@ class Block(nn.Module):
         if self.query_scale is not None:
             q = q * self.query_scale(positions)[..., None, None]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # (B, H, T, hd)
+        if self.block_keep is not None:      # MiniMax-M3: each query over the blocks its indexer head chose
+            keep, self.block_keep = self.block_keep, None
+            if cache is not None:
+                kc, vc, start = cache.k[self.i], cache.v[self.i], cache.length
+                kc[:, :, start:start + T].copy_(k)
+                vc[:, :, start:start + T].copy_(v)
+                k, v = kc[:, :, :start + T], vc[:, :, :start + T]
+            if key_padding_mask is not None:
+                keep = keep & key_padding_mask.bool()[:, None, None, -k.shape[2]:]
+            return self._narrow(self._kept_attention(q, k, v, keep).transpose(1, 2).reshape(B, T, -1))
         attend = self._keys(k, v, cache, key_padding_mask)
         if self.i in m.kv_shared:           # later layers attend over these keys too (Gemma 4 E2B/E4B)
             m.shared_attend[self.i] = attend
         return self._narrow(attend(q))
+
+    def _block_keep(self, h, positions, cache, pos_t=None):
+        """MiniMax-M3's block indexer: which keys each of this rank's q heads may attend to, [B, heads, T, S] bool
+        (S: every cached position, or in a graph-safe decode step the whole static cache). Its heads' queries and its
+        one key per token come from the stream h, each RMS-normed per head and rotated like the attention's (over
+        the first rotary_dim columns); a key's score for an indexer head is q . k; the scores of later keys are
+        -inf; each block of `block` keys scores its best; the query's own block and the `local` - 1 before it score
+        +inf; the `topk` best blocks are kept (fewer when fewer have a finite score). Indexer head g serves the q
+        heads of kv group g. Replicated: every rank scores every indexer head, then takes its own heads' rows."""
+        m, t, bs = self.m, self.t, self.m.spec["block_sparse"]
+        B, T, _ = h.shape
+        Hi, D, blk = bs["heads"], bs["dim"], bs["block"]
+        q = m.ops.linear(h, t["block_index_q.weight"]).view(B, T, Hi, D)
+        k = m.ops.linear(h, t["block_index_k.weight"]).view(B, T, 1, D)
+        q = m.ops.add_norm(q, None, t["block_index_q_norm.weight"], None, m.eps, m.norm)[0]
+        k = m.ops.add_norm(k, None, t["block_index_k_norm.weight"], None, m.eps, m.norm)[0]
+        if pos_t is not None:
+            positions = pos_t.view(1, 1).expand(B, 1)
+            cos, sin = m.rope_tables(self.rope_table, decode=True)
+        else:
+            cos, sin = m.rope_for(positions, self.rope_table)
+        q, k = m.ops.rope(q.contiguous(), k.contiguous(), cos, sin, positions, m.rope_style, self.rotary_dim)
+        k = k.view(B, T, D)
+        if pos_t is not None:
+            keys = cache.index_k[self.i]
+            keys.index_copy_(1, pos_t, k)
+        elif cache is not None:
+            keys = cache.index_k[self.i]
+            keys[:, cache.length:cache.length + T] = k
+            keys = keys[:, :cache.length + T]
+        else:
+            keys = k
+        S = keys.shape[1]
+        nb = -(-S // blk)
+        score = torch.einsum("bthd,bsd->bhts", q.float(), keys.float())
+        later = torch.arange(S, device=h.device).view(1, 1, 1, S) > positions[:, None, :, None]
+        score = torch.nn.functional.pad(score.masked_fill(later, float("-inf")), (0, nb * blk - S),
+                                        value=float("-inf"))
+        best = score.view(B, Hi, T, nb, blk).amax(-1)                                   # [B, Hi, T, blocks]
+        if bs["local"]:
+            own = positions // blk
+            near = (own[..., None] - torch.arange(bs["local"], device=h.device)).clamp(min=0)    # [B, T, local]
+            best = best.scatter(-1, near.unsqueeze(1).expand(B, Hi, T, bs["local"]), float("inf"))
+        top, chosen = best.topk(min(bs["topk"], nb), dim=-1)
+        blocks = torch.zeros_like(best, dtype=torch.bool).scatter_(-1, chosen, top > float("-inf"))
+        keep = blocks.repeat_interleave(blk, dim=-1)[..., :S] & ~later                  # [B, Hi, T, S]
+        group = (m.rank * self.heads + torch.arange(self.heads, device=h.device)) // (m.heads * m.tp // Hi)
+        return keep[:, group]
+
+    def _kept_attention(self, q, k, v, keep):
+        """Attention of q (B, Hq, T, hd) over k, v (B, Hkv, S, hd) where keep (B, Hq, T, S) allows, in fp32 (with
+        the layer's sinks and soft cap where it has them); a query that may see nothing gives zeros."""
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return _explicit_attention(q, k, v, self.m.scale, keep, self.m.softcap, self.sinks)
 
     def _narrow(self, o):
         """Attention output (B, T, heads * head_dim) -> each head's first v_dim channels (MiMo-V2-Flash's narrower v
@@ -1227,13 +1299,15 @@ class FusedModel(nn.Module):
             linear = {b.i: (H * ssm["head_dim"] + 2 * G * ssm["state"], ssm["conv_kernel"],
                             (H, ssm["head_dim"], ssm["state"])) for b in self.blocks if b.linear}
         mla = self.spec["mla"]
+        bsp = self.spec["block_sparse"]
+        index = {i: bsp["dim"] for i in bsp["layers"]} if bsp else None     # MiniMax-M3's block keys
         if mla:               # one latent row per position: kv_rank columns (the values too), then the rotated key
             index = {i: mla["index"]["dim"] for i in mla["index"]["layers"]} if "index" in mla else None
             return KVCache(len(self.blocks), batch, 1, max_len, mla["kv_rank"] + mla["rope_dim"], self.dtype,
                            self.device, windows, latent=mla["kv_rank"], linear=linear, index=index)
         return KVCache(len(self.blocks), batch, [b.kv_heads for b in self.blocks], max_len,
                        [b.head_dim for b in self.blocks], self.dtype, self.device, windows, chunks=chunks,
-                       linear=linear, keyless=keyless, linear_attends=self.spec["ssm_beside_attention"])
+                       linear=linear, keyless=keyless, linear_attends=self.spec["ssm_beside_attention"], index=index)
 
     def _ssm_local(self) -> tuple[int, int]:
         """(heads, groups) of the Mamba2 layers on this rank: the groups are split with the heads, or all held when
