@@ -523,12 +523,27 @@ class Policy:
         under the wrapper's prefixes, the wrapper's other towers left out, and the flags of `text_arch` (Qwen2's
         biases for Qwen2.5-VL)."""
         w = wrappers()[wrapper]
-        view = copy.copy(self)
+        view = copy.copy(self._variant(w["variant"]) if "variant" in w else self)
         view.wrapper, view.text_arch = wrapper, text_arch
         view.prefixes = [body for body, _ in w["prefixes"]]
         view.head_prefixes = {body: head for body, head in w["prefixes"]}
         view.drop = self.drop + list(w["drop"])
         return view
+
+    def _variant(self, name: str) -> Policy:
+        """This table with its `[variants.<name>]` laid over it: layout keys and tensor names of another spelling
+        of the same model (MiniMax-M3 as published, inside its vision-language wrapper: MiniMax's own names, one
+        tensor per expert, gate and up apart, where transformers' text class saves its own)."""
+        v = self.table.get("variants", {}).get(name)
+        if v is None:
+            raise FmError(f"{self.path.name} has no variant {name!r}")
+        t = copy.deepcopy(self.table)
+        t["layout"] = {**t["layout"], **v.get("layout", {})}
+        vt = v.get("tensors", {})
+        t["tensors"]["layer"] = {**t["tensors"]["layer"], **vt.get("layer", {})}
+        t["tensors"]["head"] = {**t["tensors"].get("head", {}), **vt.get("head", {})}
+        t["tensors"].update({k: e for k, e in vt.items() if k not in ("layer", "head")})
+        return Policy(t, self.path)
 
     def flipped(self, slots) -> Policy:
         """This table with these stacked slots read in the other orientation: transformers accepts a stacked expert

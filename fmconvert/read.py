@@ -99,8 +99,8 @@ def load_config(model_dir: Path):
             raise FmError(f"{path}: model_type {model_type!r} does not belong with architecture {arch}")
         _check_sizes(raw, policy.table["config"], getattr(CONFIG_MAPPING[model_type], "attribute_map", {}), path)
     else:
-        if not arch.startswith(stem):
-            raise FmError(f"{path}: model_type {model_type!r} does not belong with architecture {arch}")
+        if not arch.startswith(stem) and model_type not in wrapper.get("model_types", ()):   # a class not named
+            raise FmError(f"{path}: model_type {model_type!r} does not belong with architecture {arch}")  # after it
         text_arch = _check_language_model(raw, wrapper["config"], arch, path)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its config warnings would break the one-line error contract

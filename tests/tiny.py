@@ -723,6 +723,19 @@ CONFIGS = {
                    mlp_layer_types=["dense", "sparse", "sparse"],
                    layer_types=["full_attention", "minimax_m3_sparse", "minimax_m3_sparse"], swiglu_limit=0.6,
                    pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # MiniMax-M3 as published: the vision-language checkpoint, MiniMax's own names (minimax_m3.toml's variant)
+    "minimax_m3_vl": ("MiniMaxM3VLConfig", "MiniMaxM3SparseForConditionalGeneration", dict(
+        text_config=dict(hidden_size=64, intermediate_size=32, dense_intermediate_size=96,
+                         shared_intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=101, max_position_embeddings=64,
+                         num_local_experts=4, num_experts_per_tok=2, rotary_dim=16, index_n_heads=2,
+                         index_head_dim=16, index_block_size=4, index_topk_blocks=2, index_local_blocks=1,
+                         mlp_layer_types=["dense", "sparse", "sparse"],
+                         layer_types=["full_attention", "minimax_m3_sparse", "minimax_m3_sparse"], swiglu_limit=0.6,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14),
+        image_token_index=100, video_token_index=99, projector_hidden_size=64)),
 }
 FAMILIES = list(CONFIGS)
 
