@@ -664,7 +664,8 @@ def checkpoint_rope_width(model, rotary_dim: int, theta: float):
     apply_rotary_pos_emb turns only as many dimensions as cos holds; both are put back on leaving. Yields a note
     saying so, or None where the model already turns that width."""
     import importlib
-    ropes = [r for r in model.modules() if type(r).__name__.endswith("RotaryEmbedding") and hasattr(r, "inv_freq")]
+    ropes = [r for n, r in model.named_modules() if type(r).__name__.endswith("RotaryEmbedding")
+             and hasattr(r, "inv_freq") and "vision" not in n and "visual" not in n]     # the language model's
     if not ropes or all(r.inv_freq.numel() * 2 == rotary_dim for r in ropes):
         yield None
         return
@@ -697,10 +698,10 @@ def checkpoint_rope_width(model, rotary_dim: int, theta: float):
                 r.original_inv_freq = orig
 
 
-def _faithful_reference(architecture: str) -> bool:
+def _faithful_reference(architecture: str, family: str) -> bool:
     from .policy import policy_for
     try:
-        return bool(policy_for([architecture])[0].table.get("hf_rotates_whole_head"))
+        return bool(policy_for([architecture], family)[0].table.get("hf_rotates_whole_head"))
     except FmError:
         return False
 
@@ -712,7 +713,7 @@ def check_end_to_end(model_dir: Path, m: dict, converted: list, batches: torch.T
     with contextlib.ExitStack() as stack:
         ref = _load_reference(model_dir, sp["architecture"], sp["kind"], device)
         note = None
-        if _faithful_reference(sp["architecture"]) and pos.get("type") == "rope":
+        if _faithful_reference(sp["architecture"], sp["family"]) and pos.get("type") == "rope":
             note = stack.enter_context(checkpoint_rope_width(ref, int(pos["rotary_dim"]), float(pos["theta"])))
         res = _compare(ref, sp, converted, batches, th, device, token_source)
     if note:

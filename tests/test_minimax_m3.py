@@ -93,3 +93,13 @@ def test_the_manifest(model_dir, tmp_path):
 
 def test_an_indexer_head_count_other_than_the_kv_heads_is_refused(model_copy, tmp_path):
     tiny.refuses(model_copy("minimax_m3"), tmp_path / "out", "one head per kv head", index_n_heads=4)
+
+
+def test_the_published_checkpoint_verifies_with_rope_over_part_of_each_head(model_dir, tmp_path):
+    """The vision-language checkpoint as published (MiniMax's names, through the wrapper) with rotary_dim 8 of 16:
+    verify narrows the reference's RoPE (its language model's, not the vision tower's) and passes."""
+    from fmconvert.verify import verify
+    src = model_dir("minimax_m3_vl", text_config={**tiny.CONFIGS["minimax_m3_vl"][2]["text_config"], "rotary_dim": 8})
+    convert(src, tmp_path / "out", Options(tp=2), progress=False)
+    r = verify(src, tmp_path / "out", tokens=32)
+    assert not r["failures"] and "first 8 dimensions" in r["end_to_end"]["reference_note"]
