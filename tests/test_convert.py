@@ -133,7 +133,7 @@ def test_float_roundtrip_is_exact(model_dir, tmp_path, name, tp):
               "falcon_new": "transformer.", "falcon_seq": "transformer.", "gpt_bigcode": "transformer.",
               "gpt_bigcode_mha": "transformer.", "gemma3_vl": "language_model.model.", "llava": "language_model.model.",
               "mistral3": "language_model.model.", "llama4_vl": "language_model.model.",
-              "minimax_m3_vl": "language_model.model.",
+              "minimax_m3_vl": "language_model.model.", "aria_vl": "language_model.model.",
               "qwen3_vl": "model.language_model.", "qwen3_vl_moe": "model.language_model.",
               "glm4v_moe": "model.language_model.", "qwen3_5_vl": "model.language_model.", "nemotron_h": "backbone.",
               "nemotron_h_dense": "backbone.", "biogpt": "biogpt.", "mamba": "backbone.", "falcon_mamba": "backbone.",

@@ -131,7 +131,8 @@ def test_cpu_int8_matmul_is_the_dequantized_linear(N, K, group, lead, dtype):
                                   "cohere2_moe", "modernbert_decoder", "olmo_hybrid", "mistral4", "gemma4_e2b",
                                   "codegen", "apertus1p5", "gemma4_unified", "bitnet", "laguna",
                                   "mimo_v2_flash", "beam", "deepseek_v32", "glm_moe_dsa", "falcon_h1",
-                                  "bailing_hybrid", "longcat_flash", "minimax", "hy_v4", "axk2", "minimax_m3"])
+                                  "bailing_hybrid", "longcat_flash", "minimax", "hy_v4", "axk2", "minimax_m3",
+                                  "aria_text"])
 def test_tp4_emulated_equals_tp1(work, name, tmp_path):
     _, src, outs = work(name)
     convert(src, tmp_path / "tp4", Options(tp=4), progress=False)

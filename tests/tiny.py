@@ -736,6 +736,17 @@ CONFIGS = {
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                            image_size=28, patch_size=14),
         image_token_index=100, video_token_index=99, projector_hidden_size=64)),
+    # Aria's language model: a mixture in every layer, stacked transposed experts, two shared experts as one MLP
+    "aria_text": ("AriaTextConfig", "AriaTextForCausalLM", dict(hidden_size=64, intermediate_size=32,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=101,
+                  max_position_embeddings=64, moe_num_experts=4, moe_topk=2, moe_num_shared_experts=2,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "aria_vl": ("AriaConfig", "AriaForConditionalGeneration", dict(
+        text_config=dict(hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=101, max_position_embeddings=64, moe_num_experts=4,
+                         moe_topk=2, moe_num_shared_experts=2, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14), projector_patch_to_query_dict={4: 2}, image_token_id=100)),
 }
 FAMILIES = list(CONFIGS)
 
