@@ -118,3 +118,13 @@ def test_a_bf16_output_keeps_the_fp32_tensors_fp32(model_dir, tmp_path):
                                                           mm.blocks[1].t["attn_norm.weight"].dtype))
     assert blk[0] == (torch.float32, torch.float32, torch.float32, torch.bfloat16)
     assert not verify(src, tmp_path / "out", tokens=32)["failures"]
+
+
+def test_the_multi_token_prediction_layers_are_left_out(model_copy, tmp_path):
+    from safetensors.torch import load_file, save_file
+    src = model_copy("hy_v4")
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors["model.mtp_layers.0.eh_proj.weight"] = torch.zeros(64, 128)
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    m = tiny.converted_manifest(src, tmp_path / "out", tp=1)
+    assert m["source"]["dropped"]["tensors"] == 1 and m["source"]["dropped"]["bytes"] == 64 * 128 * 4
