@@ -56,7 +56,7 @@ class Case:
 # Constexprs a case may leave out: the features it does not use (GPT-OSS's and HY-V4's sinks, clamped SwiGLU,
 # expert biases, KDA's per-channel decay and sigmoid gate).
 OFF = {"ALPHA": 0.0, "LIMIT": 0.0, "SINKS": False, "HAS_SINKS": False, "HAS_BIAS": False, "CHUNKED": False,
-       "G_PER_K": False, "SIGMOID": False}
+       "G_PER_K": False, "SIGMOID": False, "KEEP": False}
 
 
 def compile_sm90(case: Case):
@@ -176,7 +176,7 @@ def other_cases(D: int = 128, hidden: int = 4096, S: int = 193, T: int = 2048):
                                                                       stride_om=hidden))
     dec = {"lens_ptr": "*i32", "ws_ptr": "*fp32"}
     cache = dict(skb=H * S * D, skh=S * D, sks=D, skd=1, svb=H * S * D, svh=S * D, svs=D, svd=1)
-    q1 = dict(sqb=H * D, sqh=D, sqd=1, sob=H * D, soh=D)
+    q1 = dict(sqb=H * D, sqh=D, sqd=1, sob=H * D, soh=D, KEEP_BLOCK=128, sxb=H * 32, sxh=32)   # keep: M3's blocks
     # (direct, alibi, windowed + soft-capped as in Gemma 2)
     for direct, alibi, gemma2, sinks in ((False, False, False, False), (False, True, False, False),
                                          (True, False, False, False), (True, True, False, False),
@@ -188,6 +188,12 @@ def other_cases(D: int = 128, hidden: int = 4096, S: int = 193, T: int = 2048):
                    BLOCK_D=D),
                    at._DECODE_WARPS, at._DECODE_STAGES, ptrs=dec,
                    ints=dict(HQ=H, HKV=H, GQA=1, D=D, CHUNK=64, NSPLIT=4, WINDOW=4096, **q1, **cache))
+    # MiniMax-M3's block-sparse layers: a table of kept 128-key blocks per kv head, unkept tiles skipped
+    yield Case(f"decode attention split-K block-sparse d{D}", at._decode_partial_kernel,
+               dict(ALIBI=False, DOT_F32=False, PREC="tf32", DIRECT=False, WINDOWED=False, SOFTCAP=False, KEEP=True,
+                    BLOCK_G=16, BLOCK_N=at._DECODE_BLOCK_N, BLOCK_D=D), at._DECODE_WARPS, at._DECODE_STAGES,
+               ptrs={**dec, "keep_ptr": "*i8"}, ints=dict(HQ=H, HKV=H, GQA=1, D=D, CHUNK=64, NSPLIT=4, WINDOW=0,
+                                                           **q1, **cache))
     # Llama 4's chunked attention: WINDOW carries the chunk size (its attention_chunk_size, 8192)
     yield Case(f"decode attention split-K chunked d{D}", at._decode_partial_kernel,
                dict(ALIBI=False, DOT_F32=False, PREC="tf32", DIRECT=False, WINDOWED=False, CHUNKED=True, SOFTCAP=False,

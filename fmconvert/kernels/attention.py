@@ -310,12 +310,12 @@ def prefill_attention_reference(q, k, v, sm_scale, causal=True, alibi_slopes=Non
 
 
 @triton.jit
-def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, slopes_ptr, sinks_ptr, lens_ptr, ws_ptr, o_ptr,
-                           HQ, HKV, GQA, D, CHUNK, NSPLIT, qk_scale, WINDOW, cap,
-                           sqb, sqh, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh,
+def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, slopes_ptr, sinks_ptr, lens_ptr, ws_ptr, o_ptr, keep_ptr,
+                           HQ, HKV, GQA, D, CHUNK, NSPLIT, qk_scale, WINDOW, cap, KEEP_BLOCK,
+                           sqb, sqh, sqd, skb, skh, sks, skd, svb, svh, svs, svd, sob, soh, sxb, sxh,
                            ALIBI: tl.constexpr, WINDOWED: tl.constexpr, CHUNKED: tl.constexpr,
                            SOFTCAP: tl.constexpr, SINKS: tl.constexpr, DOT_F32: tl.constexpr, PREC: tl.constexpr,
-                           DIRECT: tl.constexpr,
+                           DIRECT: tl.constexpr, KEEP: tl.constexpr,
                            BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # grid: (B * HKV, NSPLIT). A program takes the GQA query heads of one kv head over keys
     # [split * CHUNK, (split + 1) * CHUNK) ∩ [0, seq_len) and writes unnormalised partials to
@@ -325,6 +325,9 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, slopes_ptr, sinks_ptr, lens_ptr,
     # every loaded key visible (no mask needed) and splits wholly before it run no iteration.
     # CHUNKED: likewise with the chunk start of the query (seq_len - 1) // WINDOW * WINDOW (WINDOW = chunk size).
     # SINKS: with DIRECT the sink starts the softmax here, as in prefill; else the reduce adds it once per head.
+    # KEEP (MiniMax-M3's block-sparse layers): keep[b, hk, key // KEEP_BLOCK] != 0 says which keys this kv head's
+    # queries see; a tile with none of them is skipped whole (its keys never loaded), so the softmax below guards
+    # against a tile whose every score is -inf.
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = (pid // HKV).to(tl.int64)
@@ -361,19 +364,27 @@ def _decode_partial_kernel(q_ptr, k_ptr, v_ptr, slopes_ptr, sinks_ptr, lens_ptr,
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * sks + offs_d[None, :] * skd, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svs + offs_d[None, :] * svd, mask=kv_mask, other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale       # [BG, BN]
-        if SOFTCAP:
-            s = _softcap(s, cap)
-        if ALIBI:
-            s += slope[:, None] * (offs_n - (seq_len - 1)).to(tl.float32)[None, :]
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, PREC)
+        run = 1
+        if KEEP:
+            kept = tl.load(keep_ptr + b * sxb + hk * sxh + offs_n // KEEP_BLOCK, mask=n_mask, other=0) != 0
+            n_mask = n_mask & kept
+            run = tl.max(n_mask.to(tl.int32), axis=0)
+        if run > 0:
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_base + offs_n[:, None].to(tl.int64) * sks + offs_d[None, :] * skd, mask=kv_mask,
+                        other=0.0)
+            v = tl.load(v_base + offs_n[:, None].to(tl.int64) * svs + offs_d[None, :] * svd, mask=kv_mask,
+                        other=0.0)
+            if DOT_F32:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale       # [BG, BN]
+            if SOFTCAP:
+                s = _softcap(s, cap)
+            if ALIBI:
+                s += slope[:, None] * (offs_n - (seq_len - 1)).to(tl.float32)[None, :]
+            s = tl.where(n_mask[None, :], s, float("-inf"))
+            m_i, l_i, acc = _online_softmax(s, v, m_i, l_i, acc, PREC)
     # A split that ran no iteration (empty sequence, or wholly before the window or chunk) leaves m = -inf,
     # l = 0, acc = 0: DIRECT stores zeros, the reduce gives it weight 0.
     if DIRECT:
@@ -449,13 +460,16 @@ def decode_attention_workspace(q, k_cache):
 
 
 def decode_attention(q, k_cache, v_cache, seq_lens, sm_scale, alibi_slopes=None, *, workspace=None,
-                     window: int = 0, softcap: float = 0.0, sinks=None, chunk: int = 0):
+                     window: int = 0, softcap: float = 0.0, sinks=None, chunk: int = 0, keep=None,
+                     keep_block: int = 0):
     """o [B, Hq, D] (q.dtype) for one new token per sequence. q [B, Hq, D]; k_cache, v_cache
     [B, Hkv, S_max, D] (any strides), first seq_lens[b] positions valid. No host syncs.
     window: the query (position seq_lens[b] - 1) sees keys [seq_lens[b] - window, seq_lens[b])
     (0 = all); softcap: logit cap c, s -> c * tanh(s / c) (0 = none); sinks: float [Hq], attention
     sink logits; chunk: chunked attention C, the query sees keys [(seq_lens[b] - 1) // C * C, seq_lens[b])
-    (0 = none, not with window)."""
+    (0 = none, not with window); keep [B, Hkv, n_blocks] (bool or int8, n_blocks * keep_block >= S_max): which
+    blocks of keep_block keys each kv head's queries may see (MiniMax-M3's block-sparse layers); a tile of keys
+    none of them sees is skipped, not loaded."""
     float_dtype_check("q", q)
     window, softcap = _check_window_softcap(window, softcap)
     chunk = _check_chunk(chunk, window)
@@ -474,6 +488,7 @@ def decode_attention(q, k_cache, v_cache, seq_lens, sm_scale, alibi_slopes=None,
         raise ValueError(f"seq_lens must be int32/int64 [{B}], got {seq_lens.dtype} {tuple(seq_lens.shape)}")
     slopes = _check_slopes(alibi_slopes, HQ, q.device)
     sinks = _check_sinks(sinks, HQ, q.device)
+    keep = _check_keep(keep, keep_block, B, HKV, S_MAX, q.device)
     split_len = _decode_chunk(B, HKV, S_MAX, q.device)       # keys per split (the kernels' CHUNK)
     nsplit = triton.cdiv(S_MAX, split_len)
     if workspace is None:
@@ -496,11 +511,12 @@ def decode_attention(q, k_cache, v_cache, seq_lens, sm_scale, alibi_slopes=None,
     window = window if windowed else chunk if chunked else 0
     _decode_partial_kernel[(B * HKV, nsplit)](
         q, k_cache, v_cache, slopes if slopes is not None else q, sinks if sinks is not None else q, seq_lens,
-        workspace, o,
-        HQ, HKV, gqa, D, split_len, nsplit, float(sm_scale) * LOG2E, window, softcap * LOG2E,
+        workspace, o, keep if keep is not None else seq_lens,
+        HQ, HKV, gqa, D, split_len, nsplit, float(sm_scale) * LOG2E, window, softcap * LOG2E, max(keep_block, 1),
         *q.stride(), *k_cache.stride(), *v_cache.stride(), o.stride(0), o.stride(1),
+        *(keep.stride()[:2] if keep is not None else (0, 0)),
         ALIBI=slopes is not None, WINDOWED=windowed, CHUNKED=chunked, SOFTCAP=softcap > 0, SINKS=sinks is not None,
-        DOT_F32=dot_f32, PREC=prec, DIRECT=direct,
+        DOT_F32=dot_f32, PREC=prec, DIRECT=direct, KEEP=keep is not None,
         BLOCK_G=max(16, triton.next_power_of_2(gqa)), BLOCK_N=_DECODE_BLOCK_N, BLOCK_D=block_d,
         num_warps=_DECODE_WARPS, num_stages=_DECODE_STAGES,
     )
@@ -514,13 +530,26 @@ def decode_attention(q, k_cache, v_cache, seq_lens, sm_scale, alibi_slopes=None,
     return o
 
 
+def _check_keep(keep, keep_block, B, HKV, S_MAX, device):
+    if keep is None:
+        return None
+    if (keep.dim() != 3 or tuple(keep.shape[:2]) != (B, HKV) or type(keep_block) is not int or keep_block < 1
+            or keep.shape[2] * keep_block < S_MAX or keep.device != device
+            or keep.dtype not in (torch.bool, torch.int8, torch.uint8) or keep.stride(2) != 1):
+        raise ValueError(f"keep must be bool/int8 [{B}, {HKV}, >= S_max / keep_block] (last dim contiguous) on "
+                         f"{device} with keep_block >= 1, got {keep.dtype} {tuple(keep.shape)}, {keep_block!r}")
+    return keep.view(torch.int8) if keep.dtype == torch.bool else keep
+
+
 def decode_attention_reference(q, k_cache, v_cache, seq_lens, sm_scale, alibi_slopes=None, *,
-                               window: int = 0, softcap: float = 0.0, sinks=None, chunk: int = 0):
+                               window: int = 0, softcap: float = 0.0, sinks=None, chunk: int = 0, keep=None,
+                               keep_block: int = 0):
     window, softcap = _check_window_softcap(window, softcap)
     chunk = _check_chunk(chunk, window)
     B, HQ, D = q.shape
     sinks = _check_sinks(sinks, HQ, q.device)
     HKV, S_MAX = k_cache.shape[1], k_cache.shape[2]
+    keep = _check_keep(keep, keep_block, B, HKV, S_MAX, q.device)
     rep = HQ // HKV
     kf = k_cache.float().repeat_interleave(rep, dim=1)                        # [B, HQ, S, D]
     vf = v_cache.float().repeat_interleave(rep, dim=1)
@@ -538,6 +567,9 @@ def decode_attention_reference(q, k_cache, v_cache, seq_lens, sm_scale, alibi_sl
     if chunk:
         valid = valid & (kpos[None, :] // chunk == (lens[:, None] - 1) // chunk)     # the query is at len - 1
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    if keep is not None:          # each kv head's blocks, for its query heads
+        seen = (keep != 0).repeat_interleave(keep_block, dim=-1)[..., :S_MAX].repeat_interleave(rep, dim=1)
+        scores = scores.masked_fill(~seen, float("-inf"))
     if sinks is not None:
         scores = torch.cat([scores, sinks.float()[None, :, None].expand(B, HQ, 1)], dim=-1)
     p = torch.softmax(scores, dim=-1).nan_to_num(0.0)[..., :S_MAX]

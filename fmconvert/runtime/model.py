@@ -748,8 +748,11 @@ class Block(nn.Module):
             if self.query_scale is not None:
                 q = q * self.query_scale(pos_t).view(1, 1, 1)
             if self.block_keep is not None:     # MiniMax-M3: the chosen blocks of the whole static cache
-                keep, self.block_keep = self.block_keep, None
-                return self._narrow(self._kept_attention(q.unsqueeze(2), kc, vc, keep).reshape(B, 1, Hq * hd))
+                (_, blocks), self.block_keep = self.block_keep, None
+                o = m.ops.decode_attention(q, kc, vc, seq_t[key], m.scale, None, 0, m.softcap, sinks=self.sinks,
+                                           keep=blocks[:, :, 0].contiguous(),
+                                           keep_block=m.spec["block_sparse"]["block"])
+                return self._narrow(o.reshape(B, 1, Hq * hd))
             # a ring holds exactly the window (or the chunk so far): attend over its first seq_t[key] rows,
             # nothing to mask
             o = m.ops.decode_attention(q, kc, vc, seq_t[key], m.scale, m.alibi, 0 if ring else self.window,
@@ -766,7 +769,7 @@ class Block(nn.Module):
             q = q * self.query_scale(positions)[..., None, None]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # (B, H, T, hd)
         if self.block_keep is not None:      # MiniMax-M3: each query over the blocks its indexer head chose
-            keep, self.block_keep = self.block_keep, None
+            (keep, _), self.block_keep = self.block_keep, None
             if cache is not None:
                 kc, vc, start = cache.k[self.i], cache.v[self.i], cache.length
                 kc[:, :, start:start + T].copy_(k)
@@ -782,7 +785,8 @@ class Block(nn.Module):
 
     def _block_keep(self, h, positions, cache, pos_t=None):
         """MiniMax-M3's block indexer: which keys each of this rank's q heads may attend to, [B, heads, T, S] bool
-        (S: every cached position, or in a graph-safe decode step the whole static cache). Its heads' queries and its
+        (S: every cached position, or in a graph-safe decode step the whole static cache), and which blocks each of
+        its kv heads' queries keep, [B, kv heads, T, blocks] (what the decode kernel reads). Its heads' queries and its
         one key per token come from the stream h, each RMS-normed per head and rotated like the attention's (over
         the first rotary_dim columns); a key's score for an indexer head is q . k; the scores of later keys are
         -inf; each block of `block` keys scores its best; the query's own block and the `local` - 1 before it score
@@ -826,7 +830,7 @@ class Block(nn.Module):
         blocks = torch.zeros_like(best, dtype=torch.bool).scatter_(-1, chosen, top > float("-inf"))
         keep = blocks.repeat_interleave(blk, dim=-1)[..., :S] & ~later                  # [B, Hi, T, S]
         group = (m.rank * self.heads + torch.arange(self.heads, device=h.device)) // (m.heads * m.tp // Hi)
-        return keep[:, group]
+        return keep[:, group], blocks[:, group[::self.heads // self.kv_heads]]
 
     def _kept_attention(self, q, k, v, keep):
         """Attention of q (B, Hq, T, hd) over k, v (B, Hkv, S, hd) where keep (B, Hq, T, S) allows, in fp32 (with

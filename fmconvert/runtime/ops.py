@@ -300,8 +300,9 @@ class TorchOps:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
 
     def decode_attention(self, q, k_cache, v_cache, seq_lens, scale, alibi_slopes=None, window=0, softcap=0.0,
-                         sinks=None, chunk=0):
-        """q [B, Hq, D] against the whole static cache, masked by seq_lens: graph-safe, no slicing by length."""
+                         sinks=None, chunk=0, keep=None, keep_block=0):
+        """q [B, Hq, D] against the whole static cache, masked by seq_lens: graph-safe, no slicing by length.
+        keep [B, Hkv, blocks] (MiniMax-M3): the blocks of keep_block keys each kv head's queries see."""
         B, Hq, D = q.shape
         S = k_cache.shape[2]
         kpos = torch.arange(S, device=q.device)
@@ -319,7 +320,10 @@ class TorchOps:
         k, v = k_cache, v_cache
         if rep > 1:
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if softcap or sinks is not None:
+        if keep is not None:
+            seen = keep.bool().repeat_interleave(keep_block, -1)[..., :S].repeat_interleave(rep, 1)     # (B, Hq, S)
+            mask = mask.masked_fill(~seen.unsqueeze(2), float("-inf"))
+        if softcap or sinks is not None or keep is not None:     # a head that sees no key: zeros, not NaN
             return _explicit_attention(q.unsqueeze(2), k, v, scale, mask, softcap, sinks).squeeze(2)
         return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, scale=scale).squeeze(2)
 
@@ -737,9 +741,10 @@ class TritonOps(TorchOps):
                                         sinks=sinks, chunk=chunk)
 
     def decode_attention(self, q, k_cache, v_cache, seq_lens, scale, alibi_slopes=None, window=0, softcap=0.0,
-                         sinks=None, chunk=0):
+                         sinks=None, chunk=0, keep=None, keep_block=0):
         return self.k.decode_attention(q, k_cache, v_cache, seq_lens, scale, alibi_slopes=alibi_slopes,
-                                       window=window, softcap=softcap, sinks=sinks, chunk=chunk)
+                                       window=window, softcap=softcap, sinks=sinks, chunk=chunk, keep=keep,
+                                       keep_block=keep_block)
 
     def mla_decode(self, q, cache, seq_lens, scale, kv_rank, sinks=None):
         return self.k.mla_decode(q, cache, seq_lens, scale, kv_rank, sinks=sinks)

@@ -120,6 +120,41 @@ def test_decode_matches_reference(shape, dtype, assert_close):
     assert_close(o, decode_attention_reference(q, kc, vc, lens, 1 / math.sqrt(D)), dtype)
 
 
+@pytest.mark.parametrize("sinks", [False, True])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape,block", [((3, 4, 2, 80, 16), 4), ((2, 6, 2, 70, 24), 16), ((2, 2, 1, 20, 8), 3),
+                                         ((3, 4, 4, 100, 16), 64)])
+def test_decode_with_block_keep_matches_reference(shape, block, dtype, sinks, assert_close):
+    """MiniMax-M3's block-sparse layers: each kv head's queries see the keys of its kept blocks only; tiles with
+    none kept are skipped, and a head that keeps nothing its length reaches gives zeros (or its sink's share)."""
+    B, HQ, HKV, S, D = shape
+    q = rand(B, HQ, D, dtype=dtype, seed=1)
+    kc, vc = rand(B, HKV, S, D, dtype=dtype, seed=2), rand(B, HKV, S, D, dtype=dtype, seed=3)
+    lens = lens_for(B, S)
+    nb = -(-S // block)
+    keep = torch.rand(B, HKV, nb, generator=torch.Generator().manual_seed(4)).to(DEVICE) < 0.4
+    keep[0, 0] = False                                       # a head that sees nothing
+    keep[-1, -1, (lens[-1] - 1) // block] = True
+    sk = rand(HQ, dtype=torch.float32, seed=5) if sinks else None
+    o = decode_attention(q, kc, vc, lens, 1 / math.sqrt(D), sinks=sk, keep=keep, keep_block=block)
+    want = decode_attention_reference(q, kc, vc, lens, 1 / math.sqrt(D), sinks=sk, keep=keep, keep_block=block)
+    assert_close(o, want, dtype)
+    full = decode_attention_reference(q, kc, vc, lens, 1 / math.sqrt(D), sinks=sk)
+    assert (want.float() - full.float()).abs().max() > 1e-2      # the blocks left out matter
+    if not sinks:
+        assert torch.count_nonzero(o[0, :HQ // HKV]) == 0
+
+
+def test_decode_refuses_a_misshapen_keep():
+    q, kc = rand(1, 2, 8, dtype=torch.float32, seed=1), rand(1, 1, 20, 8, dtype=torch.float32, seed=2)
+    lens = torch.tensor([20], device=DEVICE)
+    for keep, block in [(torch.ones(1, 1, 4, dtype=torch.bool, device=DEVICE), 4),
+                        (torch.ones(1, 2, 5, dtype=torch.bool, device=DEVICE), 4),
+                        (torch.ones(1, 1, 5, dtype=torch.float32, device=DEVICE), 4)]:
+        with pytest.raises(ValueError, match="keep must be"):
+            decode_attention(q, kc, kc, lens, 0.3, keep=keep, keep_block=block)
+
+
 @pytest.mark.parametrize("gqa", [1, 2, 4])
 def test_decode_alibi_strided_cache_and_workspace(gqa, assert_close):
     B, HKV, S, D = 3, 2, 45, 32
