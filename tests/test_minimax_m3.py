@@ -103,3 +103,16 @@ def test_the_published_checkpoint_verifies_with_rope_over_part_of_each_head(mode
     convert(src, tmp_path / "out", Options(tp=2), progress=False)
     r = verify(src, tmp_path / "out", tokens=32)
     assert not r["failures"] and "first 8 dimensions" in r["end_to_end"]["reference_note"]
+
+
+def test_a_prompt_scored_and_attended_a_few_queries_at_a_time(model_dir, tmp_path, monkeypatch):
+    """A long prompt's scores and masks are made QUERY_CHUNK queries at a time: with chunks of 5 the 18-token prompt
+    takes four, and the logits are transformers' still (through a cache too, then a decode step)."""
+    from fmconvert.runtime import model
+    monkeypatch.setattr(model, "QUERY_CHUNK", 5)
+    src = model_dir("minimax_m3")
+    assert max(tiny.errors_against_transformers(src, "minimax_m3", tmp_path, 18, tp=2)) < 1e-5
+    ids = torch.randint(3, 100, (2, 18), generator=torch.Generator().manual_seed(3))
+    want = _hf(ids)
+    for eager, graph in tiny.on_ranks(tmp_path / "out", 2, lambda m: tiny.decode_steps(m, ids, 12)):
+        assert tiny.rel(eager, want[:, 11:]) < 1e-5 and tiny.rel(graph, want[:, 11:]) < 1e-5

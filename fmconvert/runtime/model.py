@@ -75,6 +75,10 @@ class KVCache:
 _NORM_GATES = {"attn_norm": "attn_norm_gate", "mlp_norm": "moe_norm_gate"}
 
 
+# MiniMax-M3's block-sparse prompt: queries scored and attended this many at a time (memory: heads x chunk x keys)
+QUERY_CHUNK = 256
+
+
 class Block(nn.Module):
     def __init__(self, model: "FusedModel", i: int, tensors: dict):
         super().__init__()
@@ -115,7 +119,8 @@ class Block(nn.Module):
             if "router.scale" in tensors else None
         self.sinks = tensors.get("attn_sinks.weight")     # GPT-OSS: one softmax sink logit per head of this rank
         self.q_gate = None           # A.X K2: the latent attention's output gate, from its query projection
-        # MiniMax-M3's sparse layers: this forward's keys each query may see, [B, heads, T, S] (see _block_keep)
+        # MiniMax-M3's sparse layers: the blocks of keys each of this rank's kv heads' queries keep in this forward,
+        # [B, kv heads, T, blocks], and the queries' positions (see _block_keep)
         self.block_keep = None
         chunked = sp["attn_chunk"] and (sp["chunk_layers"] is None or i in sp["chunk_layers"])
         self.chunk = sp["attn_chunk"] if chunked else 0      # Llama 4: attention within aligned chunks
@@ -748,7 +753,7 @@ class Block(nn.Module):
             if self.query_scale is not None:
                 q = q * self.query_scale(pos_t).view(1, 1, 1)
             if self.block_keep is not None:     # MiniMax-M3: the chosen blocks of the whole static cache
-                (_, blocks), self.block_keep = self.block_keep, None
+                (blocks, _), self.block_keep = self.block_keep, None
                 o = m.ops.decode_attention(q, kc, vc, seq_t[key], m.scale, None, 0, m.softcap, sinks=self.sinks,
                                            keep=blocks[:, :, 0].contiguous(),
                                            keep_block=m.spec["block_sparse"]["block"])
@@ -769,29 +774,29 @@ class Block(nn.Module):
             q = q * self.query_scale(positions)[..., None, None]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # (B, H, T, hd)
         if self.block_keep is not None:      # MiniMax-M3: each query over the blocks its indexer head chose
-            (keep, _), self.block_keep = self.block_keep, None
+            (blocks, qpos), self.block_keep = self.block_keep, None
             if cache is not None:
                 kc, vc, start = cache.k[self.i], cache.v[self.i], cache.length
                 kc[:, :, start:start + T].copy_(k)
                 vc[:, :, start:start + T].copy_(v)
                 k, v = kc[:, :, :start + T], vc[:, :, :start + T]
-            if key_padding_mask is not None:
-                keep = keep & key_padding_mask.bool()[:, None, None, -k.shape[2]:]
-            return self._narrow(self._kept_attention(q, k, v, keep).transpose(1, 2).reshape(B, T, -1))
+            kpm = None if key_padding_mask is None else key_padding_mask.bool()[:, -k.shape[2]:]
+            return self._narrow(self._kept_attention(q, k, v, blocks, qpos, kpm).transpose(1, 2).reshape(B, T, -1))
         attend = self._keys(k, v, cache, key_padding_mask)
         if self.i in m.kv_shared:           # later layers attend over these keys too (Gemma 4 E2B/E4B)
             m.shared_attend[self.i] = attend
         return self._narrow(attend(q))
 
     def _block_keep(self, h, positions, cache, pos_t=None):
-        """MiniMax-M3's block indexer: which keys each of this rank's q heads may attend to, [B, heads, T, S] bool
-        (S: every cached position, or in a graph-safe decode step the whole static cache), and which blocks each of
-        its kv heads' queries keep, [B, kv heads, T, blocks] (what the decode kernel reads). Its heads' queries and its
-        one key per token come from the stream h, each RMS-normed per head and rotated like the attention's (over
-        the first rotary_dim columns); a key's score for an indexer head is q . k; the scores of later keys are
-        -inf; each block of `block` keys scores its best; the query's own block and the `local` - 1 before it score
-        +inf; the `topk` best blocks are kept (fewer when fewer have a finite score). Indexer head g serves the q
-        heads of kv group g. Replicated: every rank scores every indexer head, then takes its own heads' rows."""
+        """MiniMax-M3's block indexer: which blocks of keys each of this rank's kv heads' queries keep, [B, kv heads,
+        T, blocks] bool (over every cached position, or in a graph-safe decode step the whole static cache), with
+        the queries' positions [B, T]. Its heads' queries and its one key per token come from the stream h, each
+        RMS-normed per head and rotated like the attention's (over the first rotary_dim columns); a key's score for
+        an indexer head is q . k; the scores of later keys are -inf; each block of `block` keys scores its best; the
+        query's own block and the `local` - 1 before it score +inf; the `topk` best blocks are kept (fewer when fewer
+        have a finite score). Indexer head g serves the q heads of kv group g. Replicated: every rank scores every
+        indexer head, then takes its own kv heads' rows. The scores are made QUERY_CHUNK queries at a time, so a long
+        prompt holds [heads, chunk, keys] of them, never [heads, T, keys]."""
         m, t, bs = self.m, self.t, self.m.spec["block_sparse"]
         B, T, _ = h.shape
         Hi, D, blk = bs["heads"], bs["dim"], bs["block"]
@@ -817,27 +822,43 @@ class Block(nn.Module):
             keys = k
         S = keys.shape[1]
         nb = -(-S // blk)
-        score = torch.einsum("bthd,bsd->bhts", q.float(), keys.float())
-        later = torch.arange(S, device=h.device).view(1, 1, 1, S) > positions[:, None, :, None]
-        score = torch.nn.functional.pad(score.masked_fill(later, float("-inf")), (0, nb * blk - S),
-                                        value=float("-inf"))
-        best = score.view(B, Hi, T, nb, blk).amax(-1)                                   # [B, Hi, T, blocks]
-        if bs["local"]:
-            own = positions // blk
-            near = (own[..., None] - torch.arange(bs["local"], device=h.device)).clamp(min=0)    # [B, T, local]
-            best = best.scatter(-1, near.unsqueeze(1).expand(B, Hi, T, bs["local"]), float("inf"))
-        top, chosen = best.topk(min(bs["topk"], nb), dim=-1)
-        blocks = torch.zeros_like(best, dtype=torch.bool).scatter_(-1, chosen, top > float("-inf"))
-        keep = blocks.repeat_interleave(blk, dim=-1)[..., :S] & ~later                  # [B, Hi, T, S]
         group = (m.rank * self.heads + torch.arange(self.heads, device=h.device)) // (m.heads * m.tp // Hi)
-        return keep[:, group], blocks[:, group[::self.heads // self.kv_heads]]
+        mine = group[::self.heads // self.kv_heads]          # the indexer head of each of this rank's kv heads
+        kpos = torch.arange(S, device=h.device)
+        out = []
+        for c in range(0, T, QUERY_CHUNK):
+            pos = positions[:, c:c + QUERY_CHUNK]
+            n = pos.shape[1]
+            score = torch.einsum("bthd,bsd->bhts", q[:, c:c + n, mine].float(), keys.float())
+            later = kpos.view(1, 1, 1, S) > pos[:, None, :, None]
+            score = torch.nn.functional.pad(score.masked_fill(later, float("-inf")), (0, nb * blk - S),
+                                            value=float("-inf"))
+            best = score.view(B, len(mine), n, nb, blk).amax(-1)                         # [B, kv, n, blocks]
+            if bs["local"]:
+                near = (pos[..., None] // blk - torch.arange(bs["local"], device=h.device)).clamp(min=0)
+                best = best.scatter(-1, near.unsqueeze(1).expand(B, len(mine), n, bs["local"]), float("inf"))
+            top, chosen = best.topk(min(bs["topk"], nb), dim=-1)
+            out.append(torch.zeros_like(best, dtype=torch.bool).scatter_(-1, chosen, top > float("-inf")))
+        return torch.cat(out, 2), positions
 
-    def _kept_attention(self, q, k, v, keep):
-        """Attention of q (B, Hq, T, hd) over k, v (B, Hkv, S, hd) where keep (B, Hq, T, S) allows, in fp32 (with
-        the layer's sinks and soft cap where it has them); a query that may see nothing gives zeros."""
+    def _kept_attention(self, q, k, v, blocks, positions, key_padding_mask=None):
+        """Attention of q (B, Hq, T, hd) over k, v (B, Hkv, S, hd) within each kv head's kept blocks (B, Hkv, T,
+        blocks) and the causal mask (the queries at positions [B, T]), in fp32 with the layer's sinks and soft cap;
+        a query that may see nothing gives zeros. QUERY_CHUNK queries at a time: [Hq, chunk, S] scores at most."""
         rep = q.shape[1] // k.shape[1]
+        blk, S = self.m.spec["block_sparse"]["block"], k.shape[2]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        return _explicit_attention(q, k, v, self.m.scale, keep, self.m.softcap, self.sinks)
+        kpos = torch.arange(S, device=q.device)
+        out = []
+        for c in range(0, q.shape[2], QUERY_CHUNK):
+            pos = positions[:, c:c + QUERY_CHUNK]
+            keep = blocks[:, :, c:c + QUERY_CHUNK].repeat_interleave(blk, dim=-1)[..., :S].repeat_interleave(rep, 1)
+            keep = keep & (kpos.view(1, 1, 1, S) <= pos[:, None, :, None])
+            if key_padding_mask is not None:
+                keep = keep & key_padding_mask[:, None, None, :]
+            out.append(_explicit_attention(q[:, :, c:c + QUERY_CHUNK], k, v, self.m.scale, keep, self.m.softcap,
+                                           self.sinks))
+        return torch.cat(out, 2)
 
     def _narrow(self, o):
         """Attention output (B, T, heads * head_dim) -> each head's first v_dim channels (MiMo-V2-Flash's narrower v
