@@ -110,3 +110,18 @@ def test_the_manifest_the_shards_and_the_cache(model_dir, tmp_path):
 ])
 def test_a_malformed_indexer_config_is_refused_in_one_line(model_copy, tmp_path, edit, match):
     tiny.refuses(model_copy("glm_moe_dsa"), tmp_path / "out", match, **edit)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_prompt_picked_and_attended_a_few_queries_at_a_time(model_dir, tmp_path, monkeypatch, name):
+    """The indexer's scores and the attention's masks are made QUERY_CHUNK queries at a time: with chunks of 5 a
+    14-token prompt takes three, left padding included, and the logits are transformers' still."""
+    from fmconvert.runtime import model
+    monkeypatch.setattr(model, "QUERY_CHUNK", 5)
+    _, out = _converted(model_dir, tmp_path, name, tp=2)
+    ids = torch.randint(3, 100, (2, 14), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    want = _hf(name, ids, attention_mask=mask)
+    for got in tiny.on_ranks(out, 2, lambda m: m(ids, attention_mask=mask)):
+        assert tiny.rel(got[0], want[0]) < 1e-5 and tiny.rel(got[1, 5:], want[1, 5:]) < 1e-5

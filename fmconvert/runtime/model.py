@@ -75,7 +75,8 @@ class KVCache:
 _NORM_GATES = {"attn_norm": "attn_norm_gate", "mlp_norm": "moe_norm_gate"}
 
 
-# MiniMax-M3's block-sparse prompt: queries scored and attended this many at a time (memory: heads x chunk x keys)
+# The sparse-attention prompts (DeepSeek Sparse Attention, MiniMax-M3's blocks): queries scored, masked and attended
+# this many at a time, so their scores and masks take heads x chunk x keys, never heads x T x keys
 QUERY_CHUNK = 256
 
 
@@ -989,14 +990,19 @@ class Block(nn.Module):
         if choice is None:
             o = ops.attention(q, k, v, m.scale, m.causal, None, key_padding_mask, sinks=self.sinks)
         else:                        # each query's chosen keys, as a mask beside the causal one and the padding's
-            allowed = torch.zeros(B, T, S, dtype=torch.bool, device=h.device).scatter_(-1, choice, True)
-            allowed &= _visible(S, T, key_padding_mask, h.device)
-            allowed |= ~allowed.any(-1, keepdim=True)          # a padding query that sees nothing: any finite row
-            if self.sinks is not None:       # HY-V4: a sink logit per head in each softmax
-                o = _explicit_attention(q, k, v, m.scale, allowed.unsqueeze(1), 0.0, self.sinks)
-            else:
-                o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed.unsqueeze(1),
-                                                                     scale=m.scale)
+            visible, parts = _visible(S, T, key_padding_mask, h.device), []
+            for c in range(0, T, QUERY_CHUNK):       # a mask of [chunk, keys] at a time, not [T, keys]
+                pick = choice[:, c:c + QUERY_CHUNK]
+                allowed = torch.zeros(B, pick.shape[1], S, dtype=torch.bool, device=h.device).scatter_(-1, pick, True)
+                allowed &= visible[:, c:c + QUERY_CHUNK]
+                allowed |= ~allowed.any(-1, keepdim=True)      # a padding query that sees nothing: any finite row
+                qc = q[:, :, c:c + QUERY_CHUNK]
+                if self.sinks is not None:       # HY-V4: a sink logit per head in each softmax
+                    parts.append(_explicit_attention(qc, k, v, m.scale, allowed.unsqueeze(1), 0.0, self.sinks))
+                else:
+                    parts.append(torch.nn.functional.scaled_dot_product_attention(
+                        qc, k, v, attn_mask=allowed.unsqueeze(1), scale=m.scale))
+            o = torch.cat(parts, 2)
         return o[..., :vd].transpose(1, 2).reshape(B, T, H * vd)
 
     def _index_choice(self, h, x, rot, cache, key_padding_mask, pos_t=None):
@@ -1041,14 +1047,19 @@ class Block(nn.Module):
         if S <= ix["topk"]:              # every key is chosen (graph-safe decode: whatever the step)
             m.index_choice = None
             return None
-        scores = torch.relu(torch.einsum("bthd,bsd->bths", q.float(), keys.float()) * D ** -0.5)
         w = ops.linear(h, t["index_w.weight"]).float() * Hi ** -0.5
-        score = torch.einsum("bth,bths->bts", w, scores)
         if pos_t is not None:
             seen = (torch.arange(S, device=h.device) <= pos_t).view(1, 1, S)
         else:
             seen = _visible(S, T, key_padding_mask, h.device)
-        m.index_choice = score.masked_fill(~seen, float("-inf")).topk(ix["topk"], dim=-1).indices
+        chosen = []          # QUERY_CHUNK queries at a time: [chunk, heads, keys] scores, not [T, heads, keys]
+        for c in range(0, T, QUERY_CHUNK):
+            scores = torch.relu(torch.einsum("bthd,bsd->bths", q[:, c:c + QUERY_CHUNK].float(), keys.float())
+                                * D ** -0.5)
+            score = torch.einsum("bth,bths->bts", w[:, c:c + QUERY_CHUNK], scores)
+            score = score.masked_fill(~seen[:, c:c + QUERY_CHUNK], float("-inf"))
+            chosen.append(score.topk(ix["topk"], dim=-1).indices)
+        m.index_choice = torch.cat(chosen, 1)
         return m.index_choice
 
     def _absorbed(self, q_nope, q_pe, kc, seq):
