@@ -338,6 +338,34 @@ def bench_decode_attention(rows):
                              2 * B * HKV * S * D * 2, ok, baseline="sdpa", ms_8_warps=round(ms_8w, 5)))
 
 
+def bench_block_sparse_decode(rows):
+    """MiniMax-M3's sparse layers at tp 8 (8 q heads over 1 kv head of 128 a rank): each kv head keeps 16 blocks of
+    128 keys; the kernel skips the others' tiles. Baseline: the same kernel over every key (dense)."""
+    from fmconvert.kernels import decode_attention, decode_attention_reference, decode_attention_workspace
+
+    D, dt, blk, kept = 128, torch.bfloat16, 128, 16
+    for S in [8192, 32768]:
+        B, HQ, HKV = 1, 8, 1
+        q = torch.randn(B, HQ, D, device="cuda", dtype=dt)
+        kc = torch.randn(B, HKV, S, D, device="cuda", dtype=dt)
+        vc = torch.randn(B, HKV, S, D, device="cuda", dtype=dt)
+        lens = torch.full((B,), S, device="cuda", dtype=torch.int32)
+        nb = S // blk
+        keep = torch.zeros(B, HKV, nb, dtype=torch.bool, device="cuda")
+        keep[..., torch.randperm(nb - 1, device="cuda")[:kept - 1]] = True
+        keep[..., nb - 1] = True                                   # the query's own block
+        ws = decode_attention_workspace(q, kc)
+        scale = 1 / math.sqrt(D)
+        o = decode_attention(q, kc, vc, lens, scale, workspace=ws, keep=keep, keep_block=blk)
+        ref = decode_attention_reference(q, kc, vc, lens, scale, keep=keep, keep_block=blk)
+        ok = (o.float() - ref.float()).abs().max().item() < 0.03
+        ms_k = _bench_graph(lambda i: decode_attention(q, kc, vc, lens, scale, workspace=ws, keep=keep,
+                                                       keep_block=blk), 16)
+        ms_d = _bench_graph(lambda i: decode_attention(q, kc, vc, lens, scale, workspace=ws), 16)
+        rows.append(_row("block_sparse_decode", f"B={B} Hq={HQ} Hkv={HKV} S={S} D={D} keep {kept}x{blk}", ms_k,
+                         ms_d, 2 * B * HKV * kept * blk * D * 2, ok, baseline="dense decode kernel"))
+
+
 def bench_mla_decode(rows):
     """DeepSeek-V3's absorbed MLA decode at tp 8: 16 heads over one shared latent cache row of kv_rank 512 + rope 64
     (K = the row, V = its first 512 columns). Against the reference, and against the expanded form a naive runtime
@@ -563,7 +591,7 @@ def run(report: dict, parts=None) -> list:
     report["copy_GBps"] = round(copy_bandwidth(), 1)
     rows: list = []
     for part in (bench_linear, bench_gemv, bench_swiglu, bench_float_gemv, bench_norm, bench_glu, bench_rope, bench_rope_append,
-                 bench_decode_attention, bench_mla_decode, bench_gated_delta, bench_ssm_scan, bench_mamba_scan,
+                 bench_decode_attention, bench_block_sparse_decode, bench_mla_decode, bench_gated_delta, bench_ssm_scan, bench_mamba_scan,
                  bench_prefill_attention, bench_window_attention):
         if parts and part.__name__.removeprefix("bench_") not in parts:
             continue
