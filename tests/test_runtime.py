@@ -226,7 +226,8 @@ def test_world_size_mismatch_is_a_clear_error(work):
                                   "falcon_new", "mixtral", "gpt_oss", "qwen3_5", "gemma4", "gemma4_e2b",
                                   "codegen", "apertus1p5", "laguna", "mimo_v2_flash", "beam", "deepseek_v32",
                                   "glm_moe_dsa", "falcon_h1", "bailing_hybrid", "longcat_flash",
-                                  "hy_v4", "axk2", "minimax_m3", "exaone", "sarvam_moe", "sarvam_mla", "minimax"])  # exaone, sarvam_*: saved_as
+                                  "hy_v4", "axk2", "minimax_m3", "aria_text", "exaone", "sarvam_moe", "sarvam_mla",
+                                  "minimax"])  # exaone, sarvam_*: saved_as
 def test_inject_keeps_the_transformers_interface(work, name):
     hf, src, outs = work(name)
     arch = hf.config.architectures[0]
@@ -257,7 +258,7 @@ def test_inject_refuses_a_different_model(work):
                                   "olmo_hybrid", "mistral4", "gemma4_e2b", "codegen",
                                   "apertus1p5", "gemma4_unified", "bitnet", "laguna", "mimo_v2_flash",
                                   "beam", "deepseek_v32", "glm_moe_dsa", "falcon_h1", "bailing_hybrid",
-                                  "longcat_flash", "minimax", "hy_v4", "axk2", "minimax_m3"])
+                                  "longcat_flash", "minimax", "hy_v4", "axk2", "minimax_m3", "aria_text"])
 def test_graph_safe_decode_step_equals_eager_decode(work, name):
     """decode_step (what a CUDA graph captures) reads positions and lengths from device tensors only."""
     _, _, outs = work(name)
