@@ -31,7 +31,7 @@ from . import manifest as mf
 from . import slice as sl
 from . import srchash
 from .errors import EXIT_IO, FmError
-from .policy import DEPTHWISE, FLOAT32_SLOTS, ModelSpec, Policy, SlotSource, _config_value, per_layer_type, policy_of
+from .policy import DEPTHWISE, ModelSpec, Policy, SlotSource, _config_value, per_layer_type, policy_of, stored_dtype
 from .quantize import ErrorStats, quantize, scale_dtype_for
 from .read import SIDECAR_FILES, Checkpoint, fp8_block, int4_format, load_config, quant_method
 from .write import AtomicDir, ShardWriter, dtype_name, parse_size
@@ -592,7 +592,7 @@ class _Run:
                                                               device="meta"))]
                 return _Item(outs)
             return self._quantize_in_place(name, src, *trace)
-        dtype = torch.float32 if slot in FLOAT32_SLOTS else p.dtype
+        dtype = stored_dtype(slot, p.dtype)
         if meta:
             parts = [torch.empty(self.ckpt.shape(n), dtype=dtype, device="meta") for n in src.names]
         else:

@@ -95,6 +95,11 @@ LAYER_SLOTS = (
 # correction bias (rounding it to bf16 moves which experts win a close choice) and HY-V4's hyper-connection weights.
 FLOAT32_SLOTS = ("router.correction_bias", "attn_hc.fn", "attn_hc.base", "attn_hc.scale", "mlp_hc.fn",
                  "mlp_hc.base", "mlp_hc.scale", "hc_head.fn", "hc_head.base", "hc_head.scale")
+
+
+def stored_dtype(slot: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype an unquantized slot is written in when the output's is `dtype` (FLOAT32_SLOTS: float32)."""
+    return torch.float32 if slot in FLOAT32_SLOTS else dtype
 # A mixture's slots and a dense MLP's: a model with both kinds of layer (GLM-4.5's first layers are dense) gives each
 # layer the one set its kind has.
 SPARSE_SLOTS = ("router.", "experts_", "shared_", "moe_")

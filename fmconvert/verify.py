@@ -31,7 +31,7 @@ from safetensors import SafetensorError, safe_open
 from . import manifest as mf
 from . import slice as sl
 from .errors import FmError, ParityError
-from .policy import FLOAT32_SLOTS
+from .policy import stored_dtype
 from .quantize import dequantize, quantize
 from .runtime.load import sha256_file
 from .srchash import fingerprint
@@ -324,7 +324,7 @@ def check_tensors(m: dict, ranks: list[dict], plan, ckpt, config) -> dict:
         slot = src.slot
         source = [ckpt.get(n) for n in src.names]
         lspec, llay = sl.at(spec, lay, src.layer)      # a Gemma 4 global layer's own geometry
-        dtype = torch.float32 if slot in FLOAT32_SLOTS else plan.dtype     # kept float32 whatever the output's
+        dtype = stored_dtype(slot, plan.dtype)
         canon = pol.fuse(lspec, slot, [t.to(dtype) for t in source])
         expected = sl.shard(lspec, llay, slot, canon)
         is_q = slot in plan.quant_slots

@@ -119,10 +119,6 @@ class Block(nn.Module):
         self.router_ones = torch.ones(sp["hidden_size"], dtype=model.dtype, device=model.device) \
             if "router.scale" in tensors else None
         self.sinks = tensors.get("attn_sinks.weight")     # GPT-OSS: one softmax sink logit per head of this rank
-        self.q_gate = None           # A.X K2: the latent attention's output gate, from its query projection
-        # MiniMax-M3's sparse layers: the blocks of keys each of this rank's kv heads' queries keep in this forward,
-        # [B, kv heads, T, blocks], and the queries' positions (see _block_keep)
-        self.block_keep = None
         chunked = sp["attn_chunk"] and (sp["chunk_layers"] is None or i in sp["chunk_layers"])
         self.chunk = sp["attn_chunk"] if chunked else 0      # Llama 4: attention within aligned chunks
         # Llama 4 scales q by its temperature only in the layers without RoPE; Ministral 3 in every layer
@@ -683,9 +679,9 @@ class Block(nn.Module):
         the same captured graph serves every step."""
         m, t = self.m, self.t
         if m.spec["mla"]:
-            o = self._latent_attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
-            if self.q_gate is not None:       # A.X K2: each output channel times sigmoid(its gate), in fp32
-                gate, self.q_gate = self.q_gate, None
+            x, q, gate = self._latent_query(h)
+            o = self._latent_attention(h, x, q, positions, cache, key_padding_mask, pos_t, seq_t)
+            if gate is not None:       # A.X K2: each output channel times sigmoid(its gate), in fp32
                 return (o.unflatten(-1, (self.heads, -1)) * torch.sigmoid(gate.float())).to(o.dtype).flatten(-2)
             if "attn_gate.weight" not in t:
                 return o
@@ -695,13 +691,13 @@ class Block(nn.Module):
             # Ling 2.5: each head's output times sigmoid(gate . x), in fp32 rounded to the model dtype
             gate = torch.sigmoid(gate.float()).to(o.dtype)
             return (o.unflatten(-1, (self.heads, -1)) * gate.unsqueeze(-1)).flatten(-2)
-        if "block_index_q.weight" in t:
-            self.block_keep = self._block_keep(h, positions, cache, pos_t)
+        # MiniMax-M3's sparse layers: the blocks of keys each of this rank's kv heads' queries keep
+        keep = self._block_keep(h, positions, cache, pos_t) if "block_index_q.weight" in t else None
         qkv = m.ops.linear(h, t["qkv.weight"], t.get("qkv.bias"))
         if m.spec["qkv_clip"]:           # OLMo, MPT
             qkv = qkv.clamp(-m.spec["qkv_clip"], m.spec["qkv_clip"])
         if not m.spec["attn_gate"]:
-            return self._attend(qkv, positions, cache, key_padding_mask, pos_t, seq_t)
+            return self._attend(qkv, positions, cache, key_padding_mask, pos_t, seq_t, keep)
         gw = 1 if m.spec["attn_gate_heads"] else self.head_dim   # Qwen3.5: each head's output times sigmoid(gate);
         gate = qkv[..., -self.heads * gw:]                    # LFM3: one gate per head, over all its channels
         if "attn_gate.bias" in self.t:                        # Beam: a bias per head, before the sigmoid
@@ -709,12 +705,13 @@ class Block(nn.Module):
         # Laguna: softplus in fp32, rounded to the model dtype
         gate = torch.sigmoid(gate) if m.spec["attn_gate_fn"] == "sigmoid" else \
             torch.nn.functional.softplus(gate.float()).to(gate.dtype)
-        o = self._attend(qkv[..., :-self.heads * gw], positions, cache, key_padding_mask, pos_t, seq_t)
+        o = self._attend(qkv[..., :-self.heads * gw], positions, cache, key_padding_mask, pos_t, seq_t, keep)
         if gw == 1:
             return (o.unflatten(-1, (self.heads, self.head_dim)) * gate.unsqueeze(-1)).flatten(-2)
         return o * gate
 
-    def _attend(self, qkv, positions, cache, key_padding_mask, pos_t=None, seq_t=None):
+    def _attend(self, qkv, positions, cache, key_padding_mask, pos_t=None, seq_t=None, keep=None):
+        """keep: MiniMax-M3's block choice, (blocks [B, kv heads, T, blocks], positions [B, T]) (see _block_keep)."""
         if self.kv_from != self.i:
             return self._attend_shared(qkv, positions, cache, pos_t, seq_t)
         m, t = self.m, self.t
@@ -753,10 +750,9 @@ class Block(nn.Module):
                                     v_norm=v_norm)                                                  # (B, Hq, hd)
             if self.query_scale is not None:
                 q = q * self.query_scale(pos_t).view(1, 1, 1)
-            if self.block_keep is not None:     # MiniMax-M3: the chosen blocks of the whole static cache
-                (blocks, _), self.block_keep = self.block_keep, None
+            if keep is not None:     # MiniMax-M3: the chosen blocks of the whole static cache
                 o = m.ops.decode_attention(q, kc, vc, seq_t[key], m.scale, None, 0, m.softcap, sinks=self.sinks,
-                                           keep=blocks[:, :, 0].contiguous(),
+                                           keep=keep[0][:, :, 0].contiguous(),
                                            keep_block=m.spec["block_sparse"]["block"])
                 return self._narrow(o.reshape(B, 1, Hq * hd))
             # a ring holds exactly the window (or the chunk so far): attend over its first seq_t[key] rows,
@@ -774,8 +770,8 @@ class Block(nn.Module):
         if self.query_scale is not None:
             q = q * self.query_scale(positions)[..., None, None]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # (B, H, T, hd)
-        if self.block_keep is not None:      # MiniMax-M3: each query over the blocks its indexer head chose
-            (blocks, qpos), self.block_keep = self.block_keep, None
+        if keep is not None:      # MiniMax-M3: each query over the blocks its indexer head chose
+            blocks, qpos = keep
             if cache is not None:
                 kc, vc, start = cache.k[self.i], cache.v[self.i], cache.length
                 kc[:, :, start:start + T].copy_(k)
@@ -920,27 +916,34 @@ class Block(nn.Module):
                                    chunk=0 if ring else self.chunk)
         return o.reshape(B, 1, Hq * hd)
 
-    def _latent_attention(self, h, positions, cache, key_padding_mask, pos_t=None, seq_t=None):
+    def _latent_query(self, h):
+        """(x, q, gate) of latent attention: x the q bottleneck's normed output (h without a bottleneck), q each
+        head's query [B, T, H, nope + rope], gate A.X K2's per-channel output gate [B, T, H, v_dim] or None (gated_q:
+        q_b reads the normed and the raw latent side by side and gives each head its q, then its gate)."""
+        m, t, ml = self.m, self.t, self.m.spec["mla"]
+        B, T, _ = h.shape
+        H, nd, rd, vd = m.heads, ml["nope_dim"], ml["rope_dim"], ml["v_dim"]
+        x = h
+        if "q_a.weight" in t:          # the q bottleneck (V3; V2-Lite has none)
+            raw = m.ops.linear(h, t["q_a.weight"], t.get("q_a.bias"))
+            x = m.ops.add_norm(raw, None, t["q_a_norm.weight"], None, ml["norm_eps"], "rms")[0]
+        if not ml.get("gated_q"):
+            return x, m.ops.linear(x, t["q_b.weight"]).view(B, T, H, nd + rd), None
+        q = m.ops.linear(torch.cat([x, raw], -1), t["q_b.weight"]).view(B, T, H, nd + rd + vd)
+        return x, q[..., :nd + rd], q[..., nd + rd:]
+
+    def _latent_attention(self, h, x, q, positions, cache, key_padding_mask, pos_t=None, seq_t=None):
         """Multi-head latent attention (DeepSeek-V2/V3). Each head's k and v are kv_b's expansion of one latent per
         token (kv_rank wide, normed), its k completed by one rotated key all heads share (rope_dim). The cache keeps
         only that row, [B, 1, S, kv_rank + rope_dim] per layer. A prompt expands the cached latents through kv_b
         and attends as usual; a decode step takes kv_b into the query and the output instead (absorbed), so it
         reads each latent once for every head, and no expansion grows with the context. With a sparse attention
         indexer (DeepSeek-V3.2) each query attends to the keys `_index_choice` picks: a prompt through a mask, a
-        decode step over just those cache rows, gathered."""
+        decode step over just those cache rows, gathered. x and q: `_latent_query`'s."""
         m, t, ml = self.m, self.t, self.m.spec["mla"]
         ops = m.ops
         B, T, _ = h.shape
         H, R, nd, rd, vd = m.heads, ml["kv_rank"], ml["nope_dim"], ml["rope_dim"], ml["v_dim"]
-        x = h
-        if "q_a.weight" in t:          # the q bottleneck (V3; V2-Lite has none)
-            raw = ops.linear(h, t["q_a.weight"], t.get("q_a.bias"))
-            x = ops.add_norm(raw, None, t["q_a_norm.weight"], None, ml["norm_eps"], "rms")[0]
-        if ml.get("gated_q"):          # A.X K2: from [normed | raw] latent, each head's q, then its output gate
-            q = ops.linear(torch.cat([x, raw], -1), t["q_b.weight"]).view(B, T, H, nd + rd + vd)
-            self.q_gate, q = q[..., nd + rd:], q[..., :nd + rd]
-        else:
-            q = ops.linear(x, t["q_b.weight"]).view(B, T, H, nd + rd)
         kv = ops.linear(h, t["kv_a.weight"], t.get("kv_a.bias"))                  # (B, T, R + rd)
         latent = ops.add_norm(kv[..., :R], None, t["kv_a_norm.weight"], None, ml["norm_eps"], "rms")[0]
         rot = None
@@ -1024,14 +1027,11 @@ class Block(nn.Module):
                          ix.get("norm_eps", 1e-6), "layer")[0].view(B, T, 1, D)
         if rot is not None:
             cos, sin, positions = rot
-            if ix.get("rope_at") == "last":      # HY-V4: the last rope_dim columns turn
-                q_pe, k_pe = ops.rope(q[..., D - rd:].contiguous(), k[..., D - rd:].contiguous(), cos, sin,
-                                      positions, ix["rope_style"], rd)
-                q, k = torch.cat([q[..., :D - rd], q_pe], -1), torch.cat([k[..., :D - rd], k_pe], -1)
-            else:
-                q_pe, k_pe = ops.rope(q[..., :rd].contiguous(), k[..., :rd].contiguous(), cos, sin, positions,
-                                      ix["rope_style"], rd)
-                q, k = torch.cat([q_pe, q[..., rd:]], -1), torch.cat([k_pe, k[..., rd:]], -1)
+            lo = D - rd if ix.get("rope_at") == "last" else 0      # HY-V4: the last rope_dim columns turn
+            q_pe, k_pe = ops.rope(q[..., lo:lo + rd].contiguous(), k[..., lo:lo + rd].contiguous(), cos, sin,
+                                  positions, ix["rope_style"], rd)
+            q = torch.cat([q[..., :lo], q_pe, q[..., lo + rd:]], -1)
+            k = torch.cat([k[..., :lo], k_pe, k[..., lo + rd:]], -1)
         k = k.view(B, T, D)
         start = cache.length if cache is not None else 0
         if pos_t is not None:
@@ -1335,12 +1335,12 @@ class FusedModel(nn.Module):
             linear = {b.i: (H * ssm["head_dim"] + 2 * G * ssm["state"], ssm["conv_kernel"],
                             (H, ssm["head_dim"], ssm["state"])) for b in self.blocks if b.linear}
         mla = self.spec["mla"]
-        bsp = self.spec["block_sparse"]
-        index = {i: bsp["dim"] for i in bsp["layers"]} if bsp else None     # MiniMax-M3's block keys
         if mla:               # one latent row per position: kv_rank columns (the values too), then the rotated key
             index = {i: mla["index"]["dim"] for i in mla["index"]["layers"]} if "index" in mla else None
             return KVCache(len(self.blocks), batch, 1, max_len, mla["kv_rank"] + mla["rope_dim"], self.dtype,
                            self.device, windows, latent=mla["kv_rank"], linear=linear, index=index)
+        bsp = self.spec["block_sparse"]
+        index = {i: bsp["dim"] for i in bsp["layers"]} if bsp else None     # MiniMax-M3's block keys
         return KVCache(len(self.blocks), batch, [b.kv_heads for b in self.blocks], max_len,
                        [b.head_dim for b in self.blocks], self.dtype, self.device, windows, chunks=chunks,
                        linear=linear, keyless=keyless, linear_attends=self.spec["ssm_beside_attention"], index=index)
