@@ -32,7 +32,7 @@ MANIFEST = "manifest.json"
 _REQUIRED = ("format", "format_version", "tool_version", "source", "model", "parallel", "dtype", "quantization",
              "ranks")
 _FLOATS = ("float32", "float16", "bfloat16")
-_DTYPES = _FLOATS + ("int8",)
+_DTYPES = _FLOATS + ("int8", "int64")      # int64: integer slots (DeepSeek-V4's token -> expert table)
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_DIM = 1 << 24
 MAX_POSITIONS = 1 << 22   # the runtime builds RoPE tables this long at load: a lie here must not cost gigabytes
@@ -62,7 +62,7 @@ _MODEL = {
     "norm": _ENUM("rms", "layer", "rms_plus_one", "layer_plus_one", "rms_fp32"), "norm_eps": _POS_NUM,
     "attn_scale": _POS_NUM,
     "activation": _ENUM("gelu", "gelu_tanh", "relu", "relu2", "silu", "swiglu", "geglu", "geglu_erf", "reglu2",
-                        "swiglu_oai", "xielu"), "residual": _ENUM("pre", "post", "parallel", "normed", "hyper"),
+                        "swiglu_oai", "swiglu_limit", "xielu"), "residual": _ENUM("pre", "post", "parallel", "normed", "hyper"),
     **{k: _BOOL for k in ("gated_mlp", "tied_embeddings", "embed_norm", "final_norm", "project", "pooler")},
     "position": lambda x: isinstance(x, dict), "bos_token_id": _TOKEN, "pad_token_id": _TOKEN,
     "eos_token_id": lambda x: _TOKEN(x) or (isinstance(x, list) and len(x) < 1024 and all(map(_NAT, x))),
@@ -91,8 +91,8 @@ _MODEL_OPTIONAL = {
     "dense_layers": (None, lambda x: x is None or (isinstance(x, list) and all(map(_NAT, x))),
                      "null or a list of layer indices"),
     "dense_intermediate_size": (0, _NAT, "a non-negative integer"),
-    "router": ("softmax", _ENUM("softmax", "sigmoid", "sigmoid_logits", "sparsemixer"),
-               "softmax, sigmoid, sigmoid_logits or sparsemixer"),
+    "router": ("softmax", _ENUM("softmax", "sigmoid", "sigmoid_logits", "sparsemixer", "sqrtsoftplus"),
+               "softmax, sigmoid, sigmoid_logits, sparsemixer or sqrtsoftplus"),
     "router_jitter": (0.0, _NONNEG_NUM, "a non-negative number"),
     "router_groups": (1, _POS_INT, "a positive integer"), "router_topk_groups": (1, _POS_INT, "a positive integer"),
     "routed_scale": (1.0, _POS_NUM, "a positive number"), "shared_scale": (1.0, _POS_NUM, "a positive number"),
@@ -116,9 +116,15 @@ _MODEL_OPTIONAL = {
             isinstance(v, list) and len(v) == 2 and all(map(_POS_NUM, v)) for v in x.values())),
         "null or {\"attn\", \"linear\", \"mlp\"} -> [alpha, beta]"),
     "hyper": (None, lambda x: x is None or (
-        isinstance(x, dict) and set(x) == {"streams", "magnitude", "eps"} and type(x["streams"]) is int
-        and 2 <= x["streams"] <= 16 and _POS_NUM(x["magnitude"]) and _POS_NUM(x["eps"])),
-        "null or {\"streams\": 2..16, \"magnitude\", \"eps\"}"),
+        isinstance(x, dict) and set(x) in ({"streams", "magnitude", "eps"},
+                                           {"streams", "magnitude", "eps", "sinkhorn", "post_eps"})
+        and type(x["streams"]) is int and 2 <= x["streams"] <= 16 and _POS_NUM(x["magnitude"]) and _POS_NUM(x["eps"])
+        and (type(x.get("sinkhorn", 1)) is int and 1 <= x.get("sinkhorn", 1) <= 100)
+        and type(x.get("post_eps", True)) is bool),
+        "null or {\"streams\": 2..16, \"magnitude\", \"eps\"} (and DeepSeek-V4's \"sinkhorn\": 1..100, \"post_eps\")"),
+    "compressed": (None, lambda x: x is None or _compressed(x), "null or the compressed attention's widths"),
+    "hash_layers": (None, lambda x: x is None or (isinstance(x, list) and x and all(map(_NAT, x))
+                                                  and x == sorted(set(x))), "null or a list of layer indices"),
     "experts_glu_limit": (0.0, _NONNEG_NUM, "a non-negative number"),
     "norm_gate_rank": (0, _NAT, "a non-negative integer"),
     "block_sparse": (None, lambda x: x is None or (
@@ -371,6 +377,21 @@ def validate(m) -> dict:
                           and not set(bsp["layers"]) & set(model["window_layers"] or ())),
           "model.block_sparse needs attention layers with RoPE, no window, one indexer head per kv head and an "
           "indexer at least as wide as the rotated part")
+    cp = model["compressed"]
+    _need(cp is None or (model["num_kv_heads"] == 1 and model["mla"] is None and model["kind"] == "decoder"
+                         and model["num_heads"] % cp["o_groups"] == 0 and model["sliding_window"] > 0
+                         and model["window_layers"] is None and model["position"].get("type") == "rope"
+                         and model["position"].get("rotary_dim") == cp["rope_dim"] <= model["head_dim"]
+                         and model["linear_layers"] is None and model["global_attn"] is None
+                         and all(i < model["num_layers"] for i in cp["csa_layers"] + cp["hca_layers"])),
+          "model.compressed needs one kv head, RoPE over its rope_dim, a window in every layer, heads in whole "
+          "output groups and its layers within the model")
+    hl = model["hash_layers"]
+    _need(hl is None or (model["num_experts"] and hl[-1] < model["num_layers"]
+                         and not set(hl) & set(model["dense_layers"] or ())),
+          "model.hash_layers needs a mixture's layers")
+    _need(model["activation"] != "swiglu_limit" or model["glu_limit"] > 0,
+          "model.activation swiglu_limit needs model.glu_limit")
     _need(not model["experts_glu_limit"] or (model["num_experts"] and model["activation"] == "swiglu"),
           "model.experts_glu_limit needs experts with a SwiGLU activation")
     _need(model["attn_gate"] or not model["attn_gate_heads"], "model.attn_gate_heads needs attn_gate")
@@ -508,6 +529,24 @@ def validate(m) -> dict:
             _need(isinstance(shape, list) and len(shape) <= 4 and
                   all(type(d) is int and 0 <= d < 1 << 31 for d in shape), f"rank {i}: tensor {name} has a bad shape")
     return m
+
+
+def _compressed(x) -> bool:
+    """DeepSeek-V4's model.compressed: its widths, rates and layer lists, each well-formed (the cross-checks with
+    the rest of the model are `validate`'s)."""
+    keys = {"q_rank", "rope_dim", "o_groups", "o_rank", "rates", "csa_layers", "hca_layers", "index"}
+    if not isinstance(x, dict) or set(x) != keys or not all(_POS_INT(x[k]) for k in ("q_rank", "rope_dim", "o_groups",
+                                                                                       "o_rank")):
+        return False
+    rates, ix = x["rates"], x["index"]
+    layers = [x["csa_layers"], x["hca_layers"]]
+    return (isinstance(rates, dict) and set(rates) <= {"csa", "hca"} and all(type(v) is int and 1 <= v <= 4096
+                                                                              for v in rates.values())
+            and all(isinstance(ls, list) and all(map(_NAT, ls)) and ls == sorted(set(ls)) for ls in layers)
+            and not set(layers[0]) & set(layers[1])
+            and bool(layers[0]) == ("csa" in rates) == (ix is not None) and bool(layers[1]) == ("hca" in rates)
+            and (ix is None or (isinstance(ix, dict) and set(ix) == {"heads", "dim", "topk"}
+                                and all(map(_POS_INT, ix.values())) and ix["dim"] >= x["rope_dim"])))
 
 
 def is_global_layer(global_attn, window_layers, linear_layers, i: int) -> bool:

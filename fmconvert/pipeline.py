@@ -31,7 +31,7 @@ from . import manifest as mf
 from . import slice as sl
 from . import srchash
 from .errors import EXIT_IO, FmError
-from .policy import DEPTHWISE, ModelSpec, Policy, SlotSource, _config_value, per_layer_type, policy_of, stored_dtype
+from .policy import DEPTHWISE, INT_SLOTS, ModelSpec, Policy, SlotSource, _config_value, per_layer_type, policy_of, stored_dtype
 from .quantize import ErrorStats, quantize, scale_dtype_for
 from .read import SIDECAR_FILES, Checkpoint, fp8_block, int4_format, load_config, quant_method
 from .write import AtomicDir, ShardWriter, dtype_name, parse_size
@@ -104,8 +104,9 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
     policy, arch = policy_of(config)
     spec = policy.spec(config, arch)
     flags = policy.flags(config, arch)
-    prefix = next((p for p in policy.prefixes
-                   if p + policy.sources(spec, flags, "", None)[0].names[0] in ckpt), None)
+    first = policy.sources(spec, flags, "", None)[0]          # the first global, under any of its spellings
+    prefix = next((p for p in policy.prefixes if any(p + names[0] in ckpt for names in [first.names, *first.aliases])),
+                  None)
     if prefix is None:
         want = policy.sources(spec, flags, "", None)[0].names[0]
         raise FmError(f"missing tensor {want} (tried prefixes {policy.prefixes}); is this really {arch}?")
@@ -146,7 +147,10 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
                 raise FmError(f"tensor {n} has shape {list(got)}, but config.json implies {list(shape)}")
             if flips.setdefault(key, flip) != flip:
                 raise FmError(f"{n}: the layers of this checkpoint store {key} in different orientations")
-            if not ckpt.dtype(n).is_floating_point:
+            if src.slot in INT_SLOTS:        # DeepSeek-V4's token -> expert table: integers, read as they are
+                if ckpt.dtype(n).is_floating_point or ckpt.dtype(n) == torch.bool:
+                    raise FmError(f"tensor {n} has dtype {ckpt.dtype(n)}, expected an integer dtype")
+            elif not ckpt.dtype(n).is_floating_point:
                 raise FmError(f"tensor {n} has dtype {ckpt.dtype(n)}, expected a float dtype")
             if n in consumed:
                 continue                # read twice (Gemma 4's k_proj as v): counted once

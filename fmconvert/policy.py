@@ -89,17 +89,29 @@ LAYER_SLOTS = (
     # MiniMax-M3's block indexer in its sparse layers: heads of queries and one key per token from the stream, each
     # RMS-normed per head, which pick the blocks of keys each kv head's queries attend to (model.block_sparse)
     "block_index_q.weight", "block_index_k.weight", "block_index_q_norm.weight", "block_index_k_norm.weight",
+    # DeepSeek-V4's compressed attention (model.compressed) reuses q_a, q_a_norm, q_b (the q bottleneck), kv_a and
+    # kv_a_norm (its one kv head), attn_sinks and attn_out (wo_b); attn_out_a is the grouped first half of its output
+    # projection (wo_a). Its compressed layers pool windows of kv projections (comp_kv) by a softmax over a gate
+    # (comp_gate plus comp_bias, one row per place in the window) and norm the entry (comp_norm); the sparse ones'
+    # indexer has its own such compressor (index_kv, index_gate, index_bias, index_norm) beside index_q and index_w
+    "attn_out_a.weight", "comp_kv.weight", "comp_gate.weight", "comp_bias", "comp_norm.weight",
+    "index_kv.weight", "index_gate.weight", "index_bias", "index_norm.weight",
+    "router.token_experts",          # DeepSeek-V4's hash layers: each token id's experts, [vocab, top-k] integers
 )
 # Slots written in float32 whatever the output dtype: small tensors the model only ever reads in fp32, which
 # transformers keeps in fp32 when it loads the model in half precision (and vLLM too): a sigmoid router's
 # correction bias (rounding it to bf16 moves which experts win a close choice) and HY-V4's hyper-connection weights.
 FLOAT32_SLOTS = ("router.correction_bias", "attn_hc.fn", "attn_hc.base", "attn_hc.scale", "mlp_hc.fn",
-                 "mlp_hc.base", "mlp_hc.scale", "hc_head.fn", "hc_head.base", "hc_head.scale")
+                 "mlp_hc.base", "mlp_hc.scale", "hc_head.fn", "hc_head.base", "hc_head.scale", "comp_bias",
+                 "index_bias")
+# Slots that hold integers (token ids -> expert ids), written as int64 and never cast or quantized
+INT_SLOTS = ("router.token_experts",)
 
 
 def stored_dtype(slot: str, dtype: torch.dtype) -> torch.dtype:
-    """The dtype an unquantized slot is written in when the output's is `dtype` (FLOAT32_SLOTS: float32)."""
-    return torch.float32 if slot in FLOAT32_SLOTS else dtype
+    """The dtype an unquantized slot is written in when the output's is `dtype` (FLOAT32_SLOTS: float32; INT_SLOTS:
+    int64)."""
+    return torch.int64 if slot in INT_SLOTS else torch.float32 if slot in FLOAT32_SLOTS else dtype
 # A mixture's slots and a dense MLP's: a model with both kinds of layer (GLM-4.5's first layers are dense) gives each
 # layer the one set its kind has.
 SPARSE_SLOTS = ("router.", "experts_", "shared_", "moe_")
@@ -109,7 +121,7 @@ DEPTHWISE = ("lin_conv.weight", "ssm_conv.weight", "sconv_conv.weight", "mamba_c
 # A hybrid's linear-attention layers have the lin_ slots and its attention layers the attention's.
 LINEAR_SLOTS = ("lin_", "ssm", "sconv", "mamba")
 ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.", "q_a", "q_b.", "kv_a", "kv_b.", "attn_gate.", "index_",
-                   "block_index_")
+                   "block_index_", "attn_out_a.", "comp_")
 GLOBAL_SLOTS = (
     "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
     "project_in.weight", "project_out.weight", "final_norm.weight", "final_norm.bias", "pooler.weight",
@@ -239,6 +251,13 @@ class ModelSpec:
     #                                group) scores every earlier key, max-pools the scores per `block` keys, and
     #                                each query's group attends to its `topk` best blocks, its own `local` latest
     #                                blocks always among them
+    compressed: dict | None = None     # DeepSeek-V4's attention (see configs/deepseek_v4.toml): q_rank, rope_dim (the
+    #                                last columns of each head that turn), o_groups and o_rank (the grouped output
+    #                                projection), rates {"csa", "hca"} (tokens a compressed entry pools), csa_layers
+    #                                and hca_layers (the layers of each kind; the rest only slide), index {heads, dim,
+    #                                topk} (the sparse layers' indexer); one kv head (num_kv_heads 1), key and value
+    hash_layers: list | None = None    # DeepSeek-V4: the mixture layers that pick experts by token id
+    #                                    (router.token_experts), not by score; None: none
     block_parts: list | None = None    # per layer, "mixer" or "mlp" where a layer has only that half (Nemotron-H:
     #                                each layer is one Mamba2, attention, MLP or mixture, with its own norm); None:
     #                                both halves in every layer
@@ -309,7 +328,10 @@ class ModelSpec:
         return layer is not None and self.kv_source is not None and self.kv_source[layer] != layer
 
     def index_layer(self, layer: int | None) -> bool:
-        """Whether this layer runs a sparse attention indexer of its own (DeepSeek-V3.2, GLM-5's full layers)."""
+        """Whether this layer runs a sparse attention indexer of its own (DeepSeek-V3.2, GLM-5's full layers,
+        DeepSeek-V4's compressed sparse layers)."""
+        if self.compressed:
+            return layer in self.compressed["csa_layers"]
         ix = (self.mla or {}).get("index")
         return layer is not None and ix is not None and layer in ix["layers"]
 
@@ -327,6 +349,10 @@ class ModelSpec:
             spec = replace(spec, intermediate_size=self.wide_intermediate_size)
         if self.layer_heads is not None and layer is not None:
             spec = replace(spec, num_heads=self.layer_heads[layer])
+        if self.compressed and layer is not None:      # DeepSeek-V4: which compressor this layer has, if any
+            cp = self.compressed
+            spec = replace(spec, compressed={**cp, "here": "csa" if layer in cp["csa_layers"] else
+                                             "hca" if layer in cp["hca_layers"] else None})
         return spec
 
     @property
@@ -630,16 +656,29 @@ class Policy:
                               f"ReGLU²)")
             act = _GATED[act]
         glu = {}
+        if "all_glu_limit" in c:         # DeepSeek-V4: every SwiGLU clamps its inputs, the shared expert's too
+            limit = c["all_glu_limit"]
+            if act != "swiglu" or isinstance(limit, bool) or not isinstance(limit, (int, float)) \
+                    or not 0 < limit < math.inf:
+                raise FmError(f"{architecture}: swiglu_limit must be a positive number, with a SiLU gate, got "
+                              f"{limit!r} and {act_name!r}")
+            act, glu = "swiglu_limit", {"glu_limit": float(limit)}
         if "glu_limit" in c:             # GPT-OSS: SwiGLU with clamped inputs, a sigmoid gain, and up + 1
             if act != "swiglu":
                 raise FmError(f"{architecture}: a clamped GLU needs a SiLU gate, got {act_name!r}")
             act = "swiglu_oai"
             glu = {"glu_alpha": _number(c, "glu_alpha", 1.0), "glu_limit": _number(c, "glu_limit", 1.0)}
-        windows = self._windows(config, c)
+        compressed = self._compressed(config, c) if self.layout.get("attention") == "compressed" else None
+        windows = self._windows(config, c) if compressed is None else self._slide_everywhere(c)
         global_attn = self._global_attn(config, c, windows) if self.layout.get("global_attn") else None
         if global_attn:
             c["global_head_dim"] = global_attn["head_dim"]
         position = self._position(config, flags, c)
+        if compressed:                  # the last rotary_dim columns of each head turn (and of each indexer head)
+            compressed["rope_dim"] = position["rotary_dim"]
+            if compressed["index"] and compressed["index"]["dim"] < position["rotary_dim"]:
+                raise FmError(f"config.json: index_head_dim={compressed['index']['dim']} is narrower than the rotated "
+                              f"width {position['rotary_dim']}")
         scale = _number(c, "attn_scale", 1.0 / math.sqrt(_number(c, "query_scale_dim", c["head_dim"])))
         if mla and position.get("rope_type", "default") != "default":
             scale *= _yarn_mscale(position["parameters"]) ** 2      # DeepSeek: YaRN's mscale sharpens the softmax
@@ -678,6 +717,7 @@ class Policy:
             residual=self._layout("residual", flags), residual_factors=self._residual_factors(c, flags),
             hyper=self._hyper(c, flags), experts_glu_limit=self._experts_glu_limit(c, experts),
             norm_gate_rank=self._norm_gate_rank(c), block_sparse=self._block_sparse(config, c),
+            compressed=compressed, hash_layers=self._hash_layers(c, experts),
             position=position, tied_embeddings=tied,
             embed_norm=bool(self._layout("embed_norm", flags, False)),
             final_norm=bool(self._layout("final_norm", flags, False)),
@@ -739,7 +779,66 @@ class Policy:
         n = c.get("hc_streams")
         if type(n) is not int or not 2 <= n <= 16:
             raise FmError(f"config.json: hc_mult must be an integer from 2 to 16, got {n!r}")
-        return {"streams": n, "magnitude": _number(c, "hc_magnitude", 2.0), "eps": _number(c, "hc_eps", 1e-6)}
+        out = {"streams": n, "magnitude": _number(c, "hc_magnitude", float(self.layout.get("hc_magnitude", 2.0))),
+               "eps": _number(c, "hc_eps", 1e-6)}
+        if "hc_sinkhorn" in c:      # DeepSeek-V4's mHC: a copy-to-copy mix too, made doubly stochastic
+            iters = c["hc_sinkhorn"]
+            if type(iters) is not int or not 1 <= iters <= 100:
+                raise FmError(f"config.json: hc_sinkhorn_iters must be an integer from 1 to 100, got {iters!r}")
+            out.update(sinkhorn=iters, post_eps=bool(self.layout.get("hc_post_eps", True)))
+        return out
+
+    @staticmethod
+    def _slide_everywhere(c: dict) -> dict:
+        """DeepSeek-V4: every layer attends through the window (its compressed entries besides)."""
+        w = c.get("sliding_window")
+        if type(w) is not int or w < 1:
+            raise FmError(f"config.json: sliding_window must be a positive integer, got {w!r}")
+        return {"sliding_window": w, "window_layers": None}
+
+    def _compressed(self, config, c: dict) -> dict:
+        """DeepSeek-V4's attention: [config] q_rank, o_groups, o_rank, compress_kinds (layer_types: sliding_attention,
+        compressed_sparse_attention or heavily_compressed_attention per layer), compress_rates (tokens per entry of
+        each compressed kind), index_heads / index_dim / index_topk; the rotated width is the position's."""
+        L, H = c["num_layers"], c["num_heads"]
+        if c.get("num_kv_heads") != 1:
+            raise FmError(f"config.json: compressed attention has one kv head, got num_key_value_heads="
+                          f"{c.get('num_kv_heads')!r}")
+        kinds, rates = c.get("compress_kinds"), c.get("compress_rates")
+        names = {"sliding_attention": None, "compressed_sparse_attention": "csa",
+                 "heavily_compressed_attention": "hca"}
+        if not isinstance(kinds, (list, tuple)) or len(kinds) != L or any(k not in names for k in kinds):
+            raise FmError(f"config.json: layer_types must name sliding_attention, compressed_sparse_attention or "
+                          f"heavily_compressed_attention for each of the {L} layers, got {str(kinds)[:80]}")
+        rates = {names[k]: v for k, v in (rates or {}).items() if names.get(k)}
+        need = {names[k] for k in kinds} - {None}
+        if any(type(rates.get(k)) is not int or not 1 <= rates[k] <= 4096 for k in need):
+            raise FmError(f"config.json: compress_rates must give a positive integer (up to 4096) for each compressed "
+                          f"kind, got {c.get('compress_rates')!r}")
+        cp = {k: c.get(k) for k in ("q_rank", "o_groups", "o_rank")}
+        if any(type(v) is not int or v < 1 for v in cp.values()) or H % cp["o_groups"]:
+            raise FmError(f"config.json: q_lora_rank, o_groups and o_lora_rank must be positive integers, o_groups "
+                          f"dividing num_attention_heads={H}, got {cp}")
+        ix = {k: c.get("index_" + k) for k in ("heads", "dim", "topk")}
+        if "csa" in need and any(type(v) is not int or v < 1 for v in ix.values()):
+            raise FmError(f"config.json: index_n_heads, index_head_dim and index_topk must be positive integers, "
+                          f"got {ix}")
+        return {**cp, "rope_dim": 0, "rates": {k: rates[k] for k in sorted(need)},
+                "csa_layers": [i for i, k in enumerate(kinds) if names[k] == "csa"],
+                "hca_layers": [i for i, k in enumerate(kinds) if names[k] == "hca"],
+                "index": ix if "csa" in need else None}
+
+    @staticmethod
+    def _hash_layers(c: dict, experts: int) -> list | None:
+        """DeepSeek-V4's mlp_layer_types ([config] hash_kinds): "hash_moe" layers pick experts by token id."""
+        kinds = c.get("hash_kinds")
+        if kinds is None or not experts:
+            return None
+        if not isinstance(kinds, (list, tuple)) or len(kinds) != c["num_layers"] \
+                or any(k not in ("hash_moe", "moe") for k in kinds):
+            raise FmError(f"config.json: mlp_layer_types must name hash_moe or moe for each of the {c['num_layers']} "
+                          f"layers, got {str(kinds)[:80]}")
+        return [i for i, k in enumerate(kinds) if k == "hash_moe"] or None
 
     def _block_sparse(self, config, c: dict) -> dict | None:
         """MiniMax-M3's block-sparse attention: [config] bindex_heads (one per kv head), bindex_dim, bindex_block,
@@ -1149,9 +1248,13 @@ class Policy:
         scale from [config] (router_groups, router_topk_groups, routed_scale): a sigmoid router ranks a group by its
         two best experts, a softmax one (DeepSeek-V2) by its best."""
         how = self._layout("router", flags, "softmax")
-        if how not in ("softmax", "sigmoid", "sigmoid_logits", "sparsemixer"):
-            raise FmError(f"{self.path.name}: layout.router must be softmax, sigmoid, sigmoid_logits or sparsemixer, "
-                          f"got {how!r}")
+        if how == "sqrtsoftplus" and c.get("scoring", how) != how:     # DeepSeek-V4's scoring_func may say otherwise
+            how = c["scoring"]
+            if how not in ("softmax", "sigmoid"):
+                raise FmError(f"config.json: scoring_func must be sqrtsoftplus, sigmoid or softmax, got {how!r}")
+        if how not in ("softmax", "sigmoid", "sigmoid_logits", "sparsemixer", "sqrtsoftplus"):
+            raise FmError(f"{self.path.name}: layout.router must be softmax, sigmoid, sigmoid_logits, sparsemixer or "
+                          f"sqrtsoftplus, got {how!r}")
         if experts and how == "sparsemixer":            # Phi-MoE: two picks, one after the other
             if topk != 2:
                 raise FmError(f"config.json: SparseMixer routing picks exactly 2 experts, got num_experts_per_tok="
@@ -1299,7 +1402,13 @@ class Policy:
             if set(params) == {"full_attention", "sliding_attention"} and params["full_attention"] is None \
                     and isinstance(params["sliding_attention"], dict) and self._layout("nope_unwindowed", flags, False):
                 params = dict(params["sliding_attention"])   # Beam: RoPE in the windowed layers only, theirs
-            if per_layer_type(params):          # Gemma 3: one RoPE for full-attention layers, one for windowed ones
+            if self.layout.get("rope_tables") == "main_compress":
+                # DeepSeek-V4: the compressed layers' RoPE (and their compressors') is the main table, the purely
+                # sliding layers' the local one
+                if not isinstance(params.get("compress"), dict) or not isinstance(params.get("main"), dict):
+                    raise FmError("config.json: rope_parameters must give main and compress RoPE parameters")
+                params, local = dict(params["compress"]), dict(params["main"])
+            elif per_layer_type(params):          # Gemma 3: one RoPE for full-attention layers, one for windowed ones
                 if "full_attention" not in params or set(params) - {"full_attention", "sliding_attention"}:
                     raise FmError(f"config.json: rope_parameters per layer kind must name full_attention (and "
                                   f"optionally sliding_attention), got {', '.join(map(str, params))}")
@@ -1463,6 +1572,20 @@ class Policy:
                 shapes.update({"index_q.weight": (ix["heads"] * ix["dim"], a["q_rank"]), "index_k.weight": (ix["dim"], h),
                                "index_k_norm.weight": (ix["dim"],), "index_k_norm.bias": (ix["dim"],),
                                "index_w.weight": (ix["heads"], h)})
+        if spec.compressed:         # DeepSeek-V4: its one kv head, the grouped output, the compressors
+            cp, n = spec.compressed, {"csa": 2, "hca": 1}.get(spec.compressed.get("here"), 1)
+            m = cp["rates"].get(cp.get("here"), 1)        # overlapping windows (csa): two series a row
+            shapes.update({"q_a.weight": (cp["q_rank"], h), "q_a_norm.weight": (cp["q_rank"],),
+                           "q_b.weight": (H * hd, cp["q_rank"]), "kv_a.weight": (hd, h), "kv_a_norm.weight": (hd,),
+                           "attn_out_a.weight": (cp["o_groups"] * cp["o_rank"], H * hd // cp["o_groups"]),
+                           "attn_out.weight": (h, cp["o_groups"] * cp["o_rank"]),
+                           "comp_kv.weight": (n * hd, h), "comp_gate.weight": (n * hd, h), "comp_bias": (m, n * hd),
+                           "comp_norm.weight": (hd,), "router.token_experts": (spec.vocab_size, spec.experts_per_token)})
+            if cp["index"]:
+                Hi, Di = cp["index"]["heads"], cp["index"]["dim"]
+                shapes.update({"index_q.weight": (Hi * Di, cp["q_rank"]), "index_w.weight": (Hi, h),
+                               "index_kv.weight": (2 * Di, h), "index_gate.weight": (2 * Di, h),
+                               "index_bias": (m, 2 * Di), "index_norm.weight": (Di,)})
         if spec.block_sparse:       # MiniMax-M3: the block indexer's heads and its one key
             b = spec.block_sparse
             shapes.update({"block_index_q.weight": (b["heads"] * b["dim"], h), "block_index_k.weight": (b["dim"], h),
@@ -1473,8 +1596,9 @@ class Policy:
                            for d, s in (("down", (r, h)), ("up", (h, r)))})
         if spec.hyper:              # HY-V4: each set reads every copy of the stream, flattened
             n = spec.hyper["streams"]
+            w, k = ((2 + n) * n, 3) if spec.hyper.get("sinkhorn") else (2 * n, 2)   # DeepSeek-V4: + the n x n mix
             for half in ("attn_hc", "mlp_hc"):
-                shapes.update({half + ".fn": (2 * n, n * h), half + ".base": (2 * n,), half + ".scale": (2,)})
+                shapes.update({half + ".fn": (w, n * h), half + ".base": (w,), half + ".scale": (k,)})
             shapes.update({"hc_head.fn": (n, n * h), "hc_head.base": (n,), "hc_head.scale": (1,)})
         if spec.short_conv:
             shapes.update({"sconv_in.weight": (3 * h, h), "sconv_in.bias": (3 * h,),            # B|C|x
@@ -1579,6 +1703,10 @@ class Policy:
                 skip += ("index_",)
             if not spec.block_sparse or layer not in spec.block_sparse["layers"]:    # MiniMax-M3's dense layers
                 skip += ("block_index_",)
+            if not spec.compressed or spec.compressed["here"] is None:    # DeepSeek-V4's purely sliding layers
+                skip += ("comp_",)
+            skip += ("router.token_experts",) if layer not in (spec.hash_layers or ()) else \
+                ("router.correction_bias",)       # DeepSeek-V4's hash layers: a table of experts, no bias
             if spec.linear_pre_norm:       # OLMo Hybrid: input norms in the linear layers, output norms elsewhere
                 skip += (("attn_post_norm.", "mlp_post_norm.") if layer in (spec.linear_layers or ())
                          else ("attn_norm.", "mlp_norm."))

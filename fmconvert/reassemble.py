@@ -20,7 +20,8 @@ from .quantize import dequantize as _dequantize
 from .read import check_safetensors
 
 SCALE = "_scale"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8,
+           "int64": torch.int64}
 _LAYER = re.compile(r"layers\.(\d+)\.")
 
 

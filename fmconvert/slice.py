@@ -13,6 +13,9 @@ Layout per rank:
             intermediate range of each expert, padded alike (experts_in's bias too; experts_out's bias lives on
             rank 0 only, like mlp_out's); the router is replicated.
   attn_sinks  (GPT-OSS) one logit per q head: this rank's q heads.
+  attn_out_a  (DeepSeek-V4's grouped output projection, o_groups blocks of rows, each over its group's heads) this
+            rank's groups, which hold its q heads; attn_out (wo_b, over every group's output) row-parallel. The one
+            kv head, the compressors and the indexer are replicated, like the latent's projections below.
   q_b, kv_b  (latent attention) column-parallel over whole heads: each head's rows are contiguous. The latent's
             projections and norms (q_a, kv_a) are replicated: every rank computes the same latent and keeps its own
             copy of the one-head cache.
@@ -65,7 +68,7 @@ HEADS = ("q_b.weight", "kv_b.weight", "attn_sinks.weight", "attn_gate.bias", "at
          "lin_decay.a_log", "lin_decay.dt_bias", "ssm.a_log", "ssm.dt_bias", "ssm.d", "ssm_norm.weight",
          "mamba_conv.weight", "mamba_conv.bias", "mamba_dt.weight", "mamba_dt.bias", "mamba.a_log", "mamba.d",
          "lin_f_b.weight", "lin_g_b.weight", "attn_sub_norm.weight", "lin_qkv.weight", "lin_out_norm.weight",
-         "lin_gate.weight")
+         "lin_gate.weight", "attn_out_a.weight")
 # Row-parallel slots: split along dim 1 (K), each rank's product a partial sum. The linear mixers' (ROW_K) split
 # evenly along K with nothing padded.
 ROW_K = ("lin_out.weight", "ssm_out.weight", "sconv_out.weight", "mamba_out.weight", "mamba_x.weight")
@@ -179,6 +182,9 @@ def plan(spec: ModelSpec, tp: int, group_size: int | None) -> Layout:
                       f"{spec.mamba['inner']})")
     if H % tp:
         raise FmError(f"tp={tp} does not divide num_attention_heads={H}; each rank must hold whole heads")
+    if spec.compressed and spec.compressed["o_groups"] % tp:
+        raise FmError(f"tp={tp} does not divide o_groups={spec.compressed['o_groups']}; each rank must hold whole "
+                      f"output groups")
     odd = sorted({n for n in spec.layer_heads or () if n % tp})
     if odd:
         raise FmError(f"tp={tp} does not divide the {', '.join(map(str, odd))} heads of some layers "
@@ -422,10 +428,12 @@ def k_per_rank(spec: ModelSpec, lay: Layout, slot: str) -> int:
     mla = spec.mla or {}
     return {
         "qkv.weight": spec.hidden_size, "mlp_in.weight": spec.hidden_size,
-        "attn_out.weight": lay.heads_per_rank * mla.get("v_dim", spec.v_dim),
-        "q_a.weight": spec.hidden_size if mla.get("q_rank") else 0,            # 0: no such slot
-        "q_b.weight": ((2 if mla.get("gated_q") else 1) * mla["q_rank"] or spec.hidden_size) if mla else 0,
-        "kv_a.weight": spec.hidden_size if mla else 0, "kv_b.weight": mla.get("kv_rank", 0),
+        "attn_out.weight": (spec.compressed["o_groups"] * spec.compressed["o_rank"] // lay.tp if spec.compressed
+                            else lay.heads_per_rank * mla.get("v_dim", spec.v_dim)),
+        "q_a.weight": spec.hidden_size if mla.get("q_rank") or spec.compressed else 0,    # 0: no such slot
+        "q_b.weight": ((2 if mla.get("gated_q") else 1) * mla["q_rank"] or spec.hidden_size) if mla else
+        spec.compressed["q_rank"] if spec.compressed else 0,
+        "kv_a.weight": spec.hidden_size if mla or spec.compressed else 0, "kv_b.weight": mla.get("kv_rank", 0),
         "mlp_out.weight": _width(spec, lay, "mlp_out.")[2],
         "experts_in.weight": spec.hidden_size, "experts_out.weight": lay.intermediate_per_rank,
         "shared_in.weight": spec.hidden_size if spec.shared_intermediate_size else 0,     # 0: no such slot

@@ -37,8 +37,9 @@ from .runtime.load import sha256_file
 from .srchash import fingerprint
 
 DEFAULT_TEXT = Path(__file__).resolve().parent / "data" / "verify_text.txt"
-_DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
-_ST_DT = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8"}
+_DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8,
+       "int64": torch.int64}
+_ST_DT = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8", "I64": "int64"}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json")
 
 

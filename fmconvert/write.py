@@ -28,7 +28,8 @@ from .errors import EXIT_INTERRUPTED, EXIT_IO, FmError
 TMP_MARK = ".fmconvert-tmp-"
 LOCK_MARK = ".fmconvert-lock"
 INTERRUPT_GRACE_S = 10.0   # how long Ctrl-C / SIGTERM may take to unwind before the watchdog exits
-_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int8: "int8"}
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int8: "int8",
+                torch.int64: "int64"}        # int64: DeepSeek-V4's token -> expert table
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
               torch.bool: "BOOL"}

@@ -747,6 +747,18 @@ CONFIGS = {
                          moe_topk=2, moe_num_shared_experts=2, pad_token_id=0, bos_token_id=1, eos_token_id=2),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                            image_size=28, patch_size=14), projector_patch_to_query_dict={4: 2}, image_token_id=100)),
+    # DeepSeek-V4: a purely sliding layer (and hash routing), a compressed sparse layer (windows of 4, top 3 of its
+    # indexer), a heavily compressed one (windows of 8), another sparse one; a window of 8, hyper-connections over 3
+    # copies, a grouped output projection, RoPE over the last 8 columns of 32
+    "deepseek_v4": ("DeepseekV4Config", "DeepseekV4ForCausalLM", dict(
+        hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
+        head_dim=32, q_lora_rank=32, vocab_size=101, max_position_embeddings=128, n_routed_experts=8,
+        num_experts_per_tok=2, n_shared_experts=1, sliding_window=8, o_groups=4, o_lora_rank=16, index_n_heads=8,
+        index_head_dim=16, index_topk=3, swiglu_limit=1.0, hc_mult=3, partial_rotary_factor=0.25,
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+        layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+                     "compressed_sparse_attention"], mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 FAMILIES = list(CONFIGS)
 
@@ -795,6 +807,12 @@ def build(name: str, seed: int = 0, **overrides):
                 b.copy_(torch.rand_like(b) + 0.5)
             elif n.endswith(("hc.base", "hc_base")):
                 b.copy_(torch.randn_like(b) * 0.5)
+            elif n.endswith("position_bias"):      # DeepSeek-V4's compressors: zeros by default
+                b.copy_(torch.randn_like(b))
+            elif n.endswith("tid2eid"):             # DeepSeek-V4's hash routing: zeros (expert 0) by default
+                g = torch.Generator().manual_seed(seed)
+                b.copy_(torch.stack([torch.randperm(model.config.n_routed_experts, generator=g)[:b.shape[1]]
+                                     for _ in range(b.shape[0])]))
         if name.startswith("gemma4"):   # softmax scale 1: trained q norms carry 1/sqrt(head_dim), or scores saturate
             for n, p in model.named_parameters():
                 if n.endswith("q_norm.weight"):

@@ -21,7 +21,8 @@ from .comm import SingleComm, init_distributed
 from .model import FusedModel
 from .ops import ExpertWeights, Int8Weight, make_ops
 
-_DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
+_DT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8,
+       "int64": torch.int64}
 
 
 def sha256_file(path: Path) -> str:
@@ -34,7 +35,7 @@ def sha256_file(path: Path) -> str:
         return h.hexdigest()
 
 
-_ST_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8"}
+_ST_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8", "I64": "int64"}
 _INT8_OK = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight", "embed.weight", "lm_head.weight",
             "ple_embed.weight",
             "experts_in.weight", "experts_out.weight", "shared_in.weight", "shared_out.weight",
@@ -107,7 +108,10 @@ def check_layout(m: dict, rank: int):
              "experts_norm.weight": (h,), "experts_post_norm.weight": (h,), "shared_post_norm.weight": (h,),
              "ple_gate.weight": (P, h), "ple_out.weight": (h, P), "ple_post_norm.weight": (h,),
              **{f"{half}.{k}": v for half in ("attn_hc", "mlp_hc")
-                for k, v in (("fn", (2 * n, n * h)), ("base", (2 * n,)), ("scale", (2,)))},
+                for k, v in ((("fn", ((2 + n) * n, n * h)), ("base", ((2 + n) * n,)), ("scale", (3,)))
+                             if hc and hc.get("sinkhorn") else
+                             (("fn", (2 * n, n * h)), ("base", (2 * n,)), ("scale", (2,))))},
+             "router.token_experts": (sp["vocab_size"], sp["experts_per_token"]),
              **{f"{g}_norm_gate_{d}.weight": s for g in ("attn", "moe") for d, s in (("down", (r, h)), ("up", (h, r)))},
              "block_index_q.weight": (bsp["heads"] * bsp["dim"], h), "block_index_k.weight": (bsp["dim"], h),
              "block_index_q_norm.weight": (bsp["dim"],), "block_index_k_norm.weight": (bsp["dim"],)}
@@ -126,6 +130,18 @@ def check_layout(m: dict, rank: int):
             layer.update({"index_q.weight": (ix["heads"] * ix["dim"], qr), "index_k.weight": (ix["dim"], h),
                           "index_k_norm.weight": (ix["dim"],), "index_k_norm.bias": (ix["dim"],),
                           "index_w.weight": (ix["heads"], h)})
+    cp = sp.get("compressed")
+    if cp:              # DeepSeek-V4: q_b, the sinks and the output groups this rank's; the rest replicated
+        G = cp["o_groups"] // par["tp"]
+        layer.update({"q_a.weight": (cp["q_rank"], h), "q_a_norm.weight": (cp["q_rank"],),
+                      "q_b.weight": (hpr * hd, cp["q_rank"]), "kv_a.weight": (hd, h), "kv_a_norm.weight": (hd,),
+                      "attn_out_a.weight": (G * cp["o_rank"], sp["num_heads"] * hd // cp["o_groups"]),
+                      "attn_out.weight": (h, G * cp["o_rank"]), "comp_norm.weight": (hd,)})
+        if cp["index"]:
+            Hi, Di = cp["index"]["heads"], cp["index"]["dim"]
+            layer.update({"index_q.weight": (Hi * Di, cp["q_rank"]), "index_w.weight": (Hi, h),
+                          "index_kv.weight": (2 * Di, h), "index_gate.weight": (2 * Di, h),
+                          "index_norm.weight": (Di,)})
     la, tp = sp["linear_attn"], par["tp"]
     if sp["lightning"]:  # MiniMax: this rank's heads of q|k|v (interleaved per head), of the gate and the norm
         w = par["heads_per_rank"] * sp["head_dim"]
@@ -179,6 +195,11 @@ def check_layout(m: dict, rank: int):
             out = {**out, "mlp_in.weight": (wpr * glu, h), "mlp_out.weight": (h, wpr), "mlp_sub_norm.weight": (wpr,)}
         if sp["layer_heads"] and sp["layer_heads"][i] != sp["num_heads"]:
             out = {**out, **attention(hd, par["kv_heads_per_rank"], sp["layer_heads"][i] // tp)}
+        if cp and (i in cp["csa_layers"] or i in cp["hca_layers"]):    # DeepSeek-V4's compressors, by kind
+            two, rate = (2, cp["rates"]["csa"]) if i in cp["csa_layers"] else (1, cp["rates"]["hca"])
+            out = {**out, "comp_kv.weight": (two * hd, h), "comp_gate.weight": (two * hd, h),
+                   "comp_bias": (rate, two * hd),
+                   **({"index_bias": (rate, 2 * cp["index"]["dim"])} if two == 2 else {})}
         return out
     layer_shapes = [shapes(i) for i in range(sp["num_layers"])]      # once per layer, not once per tensor
     tensors = m["ranks"][rank]["tensors"]
@@ -194,7 +215,7 @@ def check_layout(m: dict, rank: int):
                              ("rope_long.inv_freq", "long_from" in pos),
                              ("alibi.slopes", pos["type"] == "alibi")] if on}
     per_layer = {"attn_out.weight"} | ({"q_b.weight", "kv_a.weight", "kv_a_norm.weight", "kv_b.weight"} if mla
-                                       else {"qkv.weight"})
+                                       else set() if sp.get("compressed") else {"qkv.weight"})
     if mla and mla["q_rank"]:
         per_layer |= {"q_a.weight", "q_a_norm.weight"}
     index = set()                                   # the indexer's slots, in the layers that run one
@@ -202,6 +223,15 @@ def check_layout(m: dict, rank: int):
         index = {"index_q.weight", "index_k.weight", "index_k_norm.weight", "index_k_norm.bias", "index_w.weight"}
         per_layer |= index
     index_layers = set(mla["index"]["layers"]) if index else set()
+    compressed = set()                              # DeepSeek-V4: the compressors' slots, in their layers
+    if cp:
+        compressed = {"comp_kv.weight", "comp_gate.weight", "comp_bias", "comp_norm.weight"}
+        per_layer |= {"q_a.weight", "q_a_norm.weight", "q_b.weight", "kv_a.weight", "kv_a_norm.weight",
+                      "attn_out_a.weight"}
+        index = {"index_q.weight", "index_w.weight", "index_kv.weight", "index_gate.weight", "index_bias",
+                 "index_norm.weight"} if cp["index"] else set()
+        index_layers = set(cp["csa_layers"])
+    hashed = set(sp.get("hash_layers") or ())       # DeepSeek-V4: by token id (a table), not by a biased score
     if sp.get("block_sparse"):                      # MiniMax-M3's block indexer, in its sparse layers
         index = {"block_index_q.weight", "block_index_k.weight", "block_index_q_norm.weight",
                  "block_index_k_norm.weight"}
@@ -254,6 +284,8 @@ def check_layout(m: dict, rank: int):
              - ({"attn_norm.weight", "attn_norm.bias"} if i == 0 and not sp["first_attn_norm"] else set())
              - ({"k_norm.weight"} if src[i] != i else set())
              - (index if i not in index_layers else set())
+             - (compressed if cp and i not in cp["csa_layers"] + cp["hca_layers"] else set())
+             - ({"router.correction_bias"} if i in hashed else {"router.token_experts"})
              - ({"attn_sinks.weight"} if sp["sink_layers"] is not None and i not in sp["sink_layers"] else set())
              - (({"attn_post_norm.weight", "mlp_post_norm.weight"} if i in linear_layers else
                  {"attn_norm.weight", "mlp_norm.weight"}) if sp["linear_pre_norm"] else set())

@@ -127,6 +127,14 @@ class Block(nn.Module):
             ones = torch.ones(self.head_dim, dtype=model.dtype, device=model.device)
             self.t = tensors = {**tensors, "q_norm.weight": ones, "k_norm.weight": ones}
         self.activation = model.activation
+        cp = sp["compressed"]
+        # DeepSeek-V4: this layer's compressor ("csa", "hca" or None) and the tokens an entry pools; its compressed
+        # layers take the main RoPE table (the compressors'), the purely sliding ones the local one
+        self.compress = "csa" if cp and i in cp["csa_layers"] else "hca" if cp and i in cp["hca_layers"] else None
+        self.rate = cp["rates"][self.compress] if self.compress else 0
+        if cp:
+            self.rope_table = "global" if self.compress else "local"
+            self.head_ones = torch.ones(self.head_dim, dtype=model.dtype, device=model.device)
         # a hybrid's linear layer: (its mixer method, its output projection's slot); None: attention
         self.linear = None
         if i in (sp["linear_layers"] or ()):
@@ -266,11 +274,11 @@ class Block(nn.Module):
         post, h = m.hyper_mix(x, t["attn_hc.fn"], t["attn_hc.base"], t["attn_hc.scale"])
         h = m.ops.add_norm(h, None, t["attn_norm.weight"], None, m.eps, m.norm)[0]
         a = m.comm.all_reduce(self.mix(h, positions, cache, key_padding_mask, pos_t, seq_t))
-        x = (post.unsqueeze(-1) * a.float().unsqueeze(-2) + x.float()).to(x.dtype)
+        x = _hyper_add(post, a, x)
         post, h = m.hyper_mix(x, t["mlp_hc.fn"], t["mlp_hc.base"], t["mlp_hc.scale"])
         h = m.ops.add_norm(h, None, t["mlp_norm.weight"], None, m.eps, m.norm)[0]
         f = m.comm.all_reduce(self.mlp(h))
-        return (post.unsqueeze(-1) * f.float().unsqueeze(-2) + x.float()).to(x.dtype)
+        return _hyper_add(post, f, x)
 
     def _parallel(self, x, residual, positions, cache, key_padding_mask, pos_t, seq_t):
         """GPT-NeoX, GPT-J, Phi: attention and MLP both read the normed stream (GPT-NeoX normalises it twice, the
@@ -626,6 +634,10 @@ class Block(nn.Module):
             x = x * t["router.scale"] * x.shape[-1] ** -0.5
         if sp["router"] == "softmax":
             probs = torch.nn.functional.linear(x, t["router.weight"], t.get("router.bias")).float().softmax(-1)
+            if "router.token_experts" in t:       # DeepSeek-V4's hash layers (with scoring_func softmax)
+                chosen = t["router.token_experts"][self.m.token_ids.reshape(-1)]
+                weight = probs.gather(1, chosen)
+                return weight / (weight.sum(-1, keepdim=True) + 1e-20) * sp["routed_scale"], chosen
             pick = probs
             if "router.correction_bias" in t:     # ERNIE 4.5: the choice adds it to the probabilities
                 pick = probs + t["router.correction_bias"].float()
@@ -644,7 +656,14 @@ class Block(nn.Module):
         logits = torch.nn.functional.linear(x.float(), t["router.weight"].float())
         if sp["router_softcap"]:                  # Laguna: the logits capped before they are scored
             logits = torch.tanh(logits / sp["router_softcap"]) * sp["router_softcap"]
-        scores = logits.sigmoid()
+        # DeepSeek-V4: sqrt(softplus) scores; its hash layers take each token's experts from a table by its id
+        scores = logits.sigmoid() if sp["router"] != "sqrtsoftplus" else \
+            torch.nn.functional.softplus(logits).sqrt()
+        if "router.token_experts" in t:
+            chosen = t["router.token_experts"][self.m.token_ids.reshape(-1)]
+            weight = scores.gather(1, chosen)
+            weight = weight / (weight.sum(-1, keepdim=True) + 1e-20)
+            return weight * sp["routed_scale"], chosen
         pick = logits if sp["router"] == "sigmoid_logits" else scores
         if "router.correction_bias" in t:
             pick = pick + t["router.correction_bias"].float()
@@ -678,6 +697,8 @@ class Block(nn.Module):
         at most the ring) select the graph-safe decode path: cache writes and lengths come from device memory, so
         the same captured graph serves every step."""
         m, t = self.m, self.t
+        if m.spec["compressed"]:
+            return self._compressed_attention(h, positions, cache, key_padding_mask, pos_t)
         if m.spec["mla"]:
             x, q, gate = self._latent_query(h)
             o = self._latent_attention(h, x, q, positions, cache, key_padding_mask, pos_t, seq_t)
@@ -856,6 +877,164 @@ class Block(nn.Module):
             out.append(_explicit_attention(q[:, :, c:c + QUERY_CHUNK], k, v, self.m.scale, keep, self.m.softcap,
                                            self.sinks))
         return torch.cat(out, 2)
+
+    def _compressed_attention(self, h, positions, cache, key_padding_mask, pos_t=None):
+        """DeepSeek-V4's attention (model.compressed) -> this rank's output of the grouped projection attn_out_a,
+        [B, T, its groups * o_rank] (attn_out, row-parallel, follows in `mix`). q: the q bottleneck, then each of this
+        rank's heads RMS-normed without a weight; one key per token that is also its value (kv_a, normed; replicated:
+        every rank computes it); both rotated over their last rope_dim columns. Each query attends, with a sink per
+        head, to the keys of the last `window` positions and, in a compressed layer, to the compressed entries it may
+        see (`_pool`): every complete one (hca), or the top index_topk its indexer scores (csa). The output's rotated
+        columns turn back by the query's angle; then each group of heads goes through its own block of
+        attn_out_a."""
+        m, t, cp = self.m, self.t, self.m.spec["compressed"]
+        ops = m.ops
+        B, T, _ = h.shape
+        H, D, rd, W = self.heads, self.head_dim, cp["rope_dim"], self.window
+        x = ops.add_norm(ops.linear(h, t["q_a.weight"]), None, t["q_a_norm.weight"], None, m.eps, "rms")[0]
+        q = ops.add_norm(ops.linear(x, t["q_b.weight"]).view(B, T, H, D), None, self.head_ones, None, m.eps, "rms")[0]
+        kv = ops.add_norm(ops.linear(h, t["kv_a.weight"]), None, t["kv_a_norm.weight"], None, m.eps, "rms")[0]
+        start = 0 if cache is None else cache.length
+        if pos_t is not None:
+            positions = pos_t.view(1, 1).expand(B, 1)
+            cos, sin = m.rope_tables(self.rope_table, decode=True)
+            qpos = pos_t
+        else:
+            cos, sin = m.rope_for(positions, self.rope_table)
+            qpos = torch.arange(start, start + T, device=h.device)
+        q = _rope_tail(ops, q, cos, sin, positions, m.rope_style, rd)
+        kv = _rope_tail(ops, kv.view(B, T, 1, D), cos, sin, positions, m.rope_style, rd)[:, :, 0]     # [B, T, D]
+        # the window's keys [B, S, D], the position of each, and which each query may see [B or 1, T, S]
+        if pos_t is not None:             # graph-safe: the whole ring, rows not yet written or out of reach masked
+            kc, ring = cache.k[self.i], cache.ring[self.i]
+            R = kc.shape[2]
+            kc.index_copy_(2, pos_t % R if ring else pos_t, kv.view(B, 1, 1, D))
+            rows = torch.arange(R, device=h.device)
+            kpos = pos_t - (pos_t - rows) % R if ring else rows
+            keys = kc[:, 0]
+        elif cache is None:
+            keys, kpos = kv, qpos
+        else:
+            kc, ring = cache.k[self.i], cache.ring[self.i]
+            if ring:                      # the ring's last min(start, ring) positions in order, then the new ones
+                old = torch.arange(start - min(start, ring), start, device=h.device)
+                keys, kpos = torch.cat([kc[:, 0, old % ring], kv], 1), torch.cat([old, qpos])
+                kc[:, 0, qpos[-ring:] % ring] = kv[:, -ring:]
+            else:
+                kc[:, 0, start:start + T] = kv
+                keys, kpos = kc[:, 0, :start + T], torch.arange(start + T, device=h.device)
+        seen = (kpos.view(1, 1, -1) <= qpos.view(1, -1, 1)) & (qpos.view(1, -1, 1) - kpos.view(1, 1, -1) < W) \
+            & (kpos.view(1, 1, -1) >= 0)
+        if key_padding_mask is not None:     # the sliding keys only: the compressors pool padding as they do tokens
+            seen = seen & key_padding_mask.bool()[:, kpos + key_padding_mask.shape[1] - start - T].unsqueeze(1)
+        if self.compress:
+            entries = self._pool(h, cache, pos_t, "comp", D)                                    # [B, N, D]
+            N = entries.shape[1]
+            ready = torch.arange(N, device=h.device).view(1, 1, N) < ((qpos + 1) // self.rate).view(1, -1, 1)
+            if self.compress == "csa":
+                ready = ready & self._index_pick(h, x, positions, cache, pos_t, qpos, ready)
+            keys = torch.cat([keys, entries], 1)
+            seen = torch.cat([seen.expand(B, T, -1), ready.expand(B, T, N)], -1)
+        keys = keys.unsqueeze(1)                                                                   # [B, 1, S, D]
+        qh = q.transpose(1, 2)                                                                     # [B, H, T, D]
+        o = torch.cat([_explicit_attention(qh[:, :, c:c + QUERY_CHUNK], keys, keys, m.scale,
+                                           seen[:, c:c + QUERY_CHUNK].unsqueeze(1), 0.0, self.sinks)
+                       for c in range(0, T, QUERY_CHUNK)], 2).transpose(1, 2)                    # [B, T, H, D]
+        o = _rope_tail(ops, o, cos, -sin, positions, m.rope_style, rd)      # the values' rotation, turned back
+        G = cp["o_groups"] // m.tp
+        w = t["attn_out_a.weight"]
+        return torch.einsum("btgi,goi->btgo", o.reshape(B, T, G, -1), w.view(G, cp["o_rank"], -1)).reshape(B, T, -1)
+
+    def _pool(self, h, cache, pos_t, name: str, width: int):
+        """The entries of this layer's compressor `name` ("comp", or "index": the indexer's own), [B, N, width]:
+        entry w pools the `rate` positions from w * rate (a csa layer's, and any indexer's, also the rate before
+        them: each row holds two series, the second pooled into its own window's entry, the first into the next
+        one's) by a softmax over their gates (plus a learned bias per place), then is RMS-normed and rotated at
+        position w * rate (the main RoPE table). Entry w may be seen from position w * rate + rate - 1 on. Without a
+        cache: the complete windows of this forward. With one: every entry so far (its last rows kept in a ring of
+        2 * rate positions); a graph-safe step recomputes the entry of its own window (partial, and unseen, until
+        the window's last position) into the static table of every slot, and returns all of them."""
+        m, t = self.m, self.t
+        ops, rate = m.ops, self.rate
+        two = self.compress == "csa" or name == "index"        # overlapping windows
+        B, T, _ = h.shape
+        kv = ops.linear(h, t[name + "_kv.weight"])
+        gate = ops.linear(h, t[name + "_gate.weight"])
+        st = None if cache is None else cache.pools[self.i][name]
+        ring = 2 * rate
+        if pos_t is not None:
+            st["kv"].index_copy_(1, pos_t % ring, kv)
+            st["gate"].index_copy_(1, pos_t % ring, gate)
+            w = pos_t // rate
+            pos = w * rate - (rate if two else 0) + torch.arange((1 + two) * rate, device=h.device)
+            e = self._entries(st["kv"][:, pos % ring], st["gate"][:, pos % ring], pos, w, name, width, two)
+            st["entries"].index_copy_(1, w, e)
+            return st["entries"]
+        start = 0 if st is None else cache.length
+        lo, hi = start // rate, (start + T) // rate             # the windows that close in this forward
+        first = lo * rate - (rate if two else 0)
+        pos = torch.arange(first, hi * rate, device=h.device)
+        if st is not None:                                      # positions before this forward: from the ring
+            back = pos[(pos >= 0) & (pos < start)]
+            kv_rows = torch.cat([st["kv"][:, back % ring], kv], 1)
+            gate_rows = torch.cat([st["gate"][:, back % ring], gate], 1)
+            new = torch.arange(max(start, start + T - ring), start + T, device=h.device)
+            st["kv"][:, new % ring] = kv[:, new - start]
+            st["gate"][:, new % ring] = gate[:, new - start]
+            skip = start - int(back.shape[0])                   # where kv_rows begins
+        else:
+            kv_rows, gate_rows, skip = kv, gate, 0
+        have = pos.clamp(min=0) - skip                           # each wanted position's row (negative: none)
+        have = have.clamp(max=kv_rows.shape[1] - 1)
+        e = self._entries(kv_rows[:, have], gate_rows[:, have], pos, torch.arange(lo, hi, device=h.device), name,
+                          width, two)
+        if st is None:
+            return e
+        st["entries"][:, lo:hi] = e
+        return st["entries"][:, :hi]
+
+    def _entries(self, kv, gate, pos, windows, name: str, width: int, two: bool):
+        """Compressed entries of these windows [n] from the rows kv, gate [B, (n + two) * rate, (1 + two) * width]
+        at positions pos (the rows before position 0 take no weight)."""
+        m, t, rate = self.m, self.t, self.rate
+        B, n = kv.shape[0], windows.shape[0]
+        dtype = kv.dtype
+        gate = gate.view(B, -1, rate, gate.shape[-1]) + t[name + "_bias"].float()
+        gate = gate.masked_fill((pos < 0).view(1, -1, rate, 1), float("-inf"))
+        kv = kv.view(B, -1, rate, kv.shape[-1]).masked_fill((pos < 0).view(1, -1, rate, 1), 0.0)
+        if two:      # entry j: the first series of window j's rows beside the second of window j + 1's
+            kv = torch.cat([kv[:, :-1, :, :width], kv[:, 1:, :, width:]], 2)
+            gate = torch.cat([gate[:, :-1, :, :width], gate[:, 1:, :, width:]], 2)
+        e = (kv * gate.softmax(2).to(dtype)).sum(2)                                            # [B, n, width]
+        e = m.ops.add_norm(e, None, t[name + "_norm.weight"], None, m.eps, "rms")[0]
+        where = (windows * rate).view(1, n).expand(B, n)
+        cos, sin = m.rope_tables("global")          # grown by this forward's rope_for (no entry is past a query)
+        return _rope_tail(m.ops, e.view(B, n, 1, width), cos, sin, where, m.rope_style,
+                          m.spec["compressed"]["rope_dim"])[:, :, 0]
+
+    def _index_pick(self, h, x, positions, cache, pos_t, qpos, ready):
+        """DeepSeek-V4's lightning indexer in a csa layer: which compressed entries each query attends to, [B, T, N]
+        bool: the index_topk it scores best among those it may see (`ready`). Its heads' queries come from the q
+        bottleneck's output x, rotated like the layer's; its keys are its own compressor's entries; an entry's score
+        is the sum over heads of relu(q . k / sqrt(dim)) times the head's weight (index_w, / sqrt(heads)).
+        Replicated: every rank makes the same choice."""
+        m, t, ix = self.m, self.t, self.m.spec["compressed"]["index"]
+        B, T, _ = h.shape
+        Hi, Di = ix["heads"], ix["dim"]
+        keys = self._pool(h, cache, pos_t, "index", Di)                                   # [B, N, Di]
+        cos, sin = m.rope_tables("global", decode=True) if pos_t is not None else m.rope_for(positions, "global")
+        q = _rope_tail(m.ops, m.ops.linear(x, t["index_q.weight"]).view(B, T, Hi, Di), cos, sin, positions,
+                       m.rope_style, m.spec["compressed"]["rope_dim"])
+        w = m.ops.linear(h, t["index_w.weight"]).float() * Hi ** -0.5
+        N = keys.shape[1]
+        picked = []
+        for c in range(0, T, QUERY_CHUNK):         # [chunk, heads, entries] scores at a time
+            s = torch.relu(torch.einsum("bthd,bsd->bths", q[:, c:c + QUERY_CHUNK].float(), keys.float())) * Di ** -0.5
+            s = torch.einsum("bth,bths->bts", w[:, c:c + QUERY_CHUNK], s)
+            s = s.masked_fill(~ready[:, c:c + QUERY_CHUNK], float("-inf"))
+            top = s.topk(min(ix["topk"], N), dim=-1).indices
+            picked.append(torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, True))
+        return torch.cat(picked, 1)
 
     def _narrow(self, o):
         """Attention output (B, T, heads * head_dim) -> each head's first v_dim channels (MiMo-V2-Flash's narrower v
@@ -1101,6 +1280,24 @@ class Block(nn.Module):
                                          sinks=self.sinks, chunk=self.chunk).transpose(1, 2).reshape(B, T, -1)
 
 
+def _hyper_add(post, y, x):
+    """A half's output y [B, T, hidden] joining the copies x [B, T, n, hidden]: each copy plus y times its weight
+    (HY-V4: in fp32, rounded once), or, with DeepSeek-V4's mix (post a pair), copy k becomes post[k] y +
+    sum_j comb[j, k] x[j], in the model dtype as transformers computes it."""
+    if isinstance(post, tuple):
+        post, comb = post
+        return post.to(x.dtype).unsqueeze(-1) * y.unsqueeze(-2) + torch.matmul(comb.to(x.dtype).transpose(-1, -2), x)
+    return (post.unsqueeze(-1) * y.float().unsqueeze(-2) + x.float()).to(x.dtype)
+
+
+def _rope_tail(ops, x, cos, sin, positions, style, rd):
+    """x [B, T, heads, D] with RoPE over its last rd columns (DeepSeek-V4 lays each head out [nope | rope])."""
+    lo = x.shape[-1] - rd
+    tail = x[..., lo:].contiguous()
+    tail = ops.rope(tail, tail[:, :, :1].contiguous(), cos, sin, positions, style, rd)[0]
+    return torch.cat([x[..., :lo], tail], -1)
+
+
 def _rows(cache, idx):
     """Latent cache rows [B, 1, S, D] at the indices idx [B, k]: [B, 1, k, D], contiguous."""
     B, k = idx.shape
@@ -1135,6 +1332,9 @@ class FusedModel(nn.Module):
         self.eps, self.norm, self.activation = sp["norm_eps"], sp["norm"], sp["activation"]
         if self.activation == "swiglu_oai":      # GPT-OSS: the epilogue carries its two constants
             self.activation = ("swiglu_oai", sp["glu_alpha"], sp["glu_limit"])
+        elif self.activation == "swiglu_limit":  # DeepSeek-V4: every SwiGLU clamps its inputs
+            self.activation = ("swiglu_limit", sp["glu_limit"])
+        self.token_ids = None        # the forward's token ids [B, T]: DeepSeek-V4's hash layers route by them
         # HY-V4: the routed experts clamp their SwiGLU's inputs; the dense MLP and the shared experts do not
         self.experts_activation = ("swiglu_limit", sp["experts_glu_limit"]) if sp["experts_glu_limit"] else None
         self.scale, self.softcap, self.residual_scale = sp["attn_scale"], sp["attn_softcap"], sp["residual_scale"]
@@ -1257,6 +1457,7 @@ class FusedModel(nn.Module):
 
     def embed(self, ids, positions, token_type_ids):
         g, sp = self.g, self.spec
+        self.token_ids = ids
         x = self._lookup(g["embed.weight"], ids)
         if self.embed_scale is not None:
             x = x * self.embed_scale
@@ -1290,7 +1491,21 @@ class FusedModel(nn.Module):
         out = (pre.unsqueeze(-1) * x.float()).sum(-2).to(x.dtype)
         if not post:
             return None, out
-        return hc["magnitude"] * torch.sigmoid(mixes[..., n:] * scale[1] + base[n:]) + hc["eps"], out
+        weight = hc["magnitude"] * torch.sigmoid(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])
+        if hc.get("post_eps", True):
+            weight = weight + hc["eps"]
+        iters = hc.get("sinkhorn", 0)
+        if not iters:
+            return weight, out
+        # DeepSeek-V4's copy-to-copy mix [.., n, n]: a softmax per row, then Sinkhorn-Knopp towards doubly
+        # stochastic (columns first, then rows and columns iters - 1 times), as its reference does
+        comb = torch.softmax(mixes[..., 2 * n:].unflatten(-1, (n, n)) * scale[2] + base[2 * n:].view(n, n), -1) \
+            + hc["eps"]
+        comb = comb / (comb.sum(-2, keepdim=True) + hc["eps"])
+        for _ in range(iters - 1):
+            comb = comb / (comb.sum(-1, keepdim=True) + hc["eps"])
+            comb = comb / (comb.sum(-2, keepdim=True) + hc["eps"])
+        return (weight, comb), out
 
     def project_out(self, h):
         """OPT's projection from hidden_size to the embedding width, applied before lm_head."""
@@ -1334,6 +1549,24 @@ class FusedModel(nn.Module):
             H, G = self._ssm_local()
             linear = {b.i: (H * ssm["head_dim"] + 2 * G * ssm["state"], ssm["conv_kernel"],
                             (H, ssm["head_dim"], ssm["state"])) for b in self.blocks if b.linear}
+        cp = self.spec["compressed"]
+        if cp:     # DeepSeek-V4: one key (= value) row a position in a ring of the window; per compressor, its last
+            #        2 * rate positions' projections and a table of every entry the context can fill
+            cache = KVCache(len(self.blocks), batch, 1, max_len, self.head_dim, self.dtype, self.device, windows,
+                            latent=self.head_dim)
+            cache.pools = [None] * len(self.blocks)
+            for b in self.blocks:
+                if b.compress:
+                    ix = cp["index"]
+                    parts = {"comp": self.head_dim, **({"index": ix["dim"]} if b.compress == "csa" else {})}
+                    cache.pools[b.i] = {
+                        name: {"kv": torch.zeros(batch, 2 * b.rate, (1 + (b.compress == "csa" or name == "index"))
+                                                 * w, dtype=self.dtype, device=self.device),
+                               "entries": torch.zeros(batch, -(-max_len // b.rate), w, dtype=self.dtype,
+                                                      device=self.device)} for name, w in parts.items()}
+                    for st in cache.pools[b.i].values():
+                        st["gate"] = torch.zeros_like(st["kv"])
+            return cache
         mla = self.spec["mla"]
         if mla:               # one latent row per position: kv_rank columns (the values too), then the rotated key
             index = {i: mla["index"]["dim"] for i in mla["index"]["layers"]} if "index" in mla else None
