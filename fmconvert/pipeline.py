@@ -265,7 +265,10 @@ def _rope_inv_freq(config, spec: ModelSpec, local: bool = False, seq_len: int | 
     if p["rope_type"] not in ROPE_INIT_FUNCTIONS:
         raise FmError(f"RoPE type {p['rope_type']!r} is not supported")
     kind = {} if seq_len is None else {"seq_len": seq_len}
-    if per_layer_type(getattr(config, "rope_parameters", None) or {}):
+    params = getattr(config, "rope_parameters", None) or {}
+    if set(params) == {"main", "compress"}:      # DeepSeek-V4: the compressed layers' RoPE is the main table
+        kind["layer_type"] = "main" if local else "compress"
+    elif per_layer_type(params):
         kind["layer_type"] = "sliding_attention" if local else "full_attention"
     try:
         inv, scaling = ROPE_INIT_FUNCTIONS[p["rope_type"]](config, torch.device("cpu"), **kind)

@@ -749,12 +749,12 @@ CONFIGS = {
                            image_size=28, patch_size=14), projector_patch_to_query_dict={4: 2}, image_token_id=100)),
     # DeepSeek-V4: a purely sliding layer (and hash routing), a compressed sparse layer (windows of 4, top 3 of its
     # indexer), a heavily compressed one (windows of 8), another sparse one; a window of 8, hyper-connections over 3
-    # copies, a grouped output projection, RoPE over the last 8 columns of 32
+    # copies, a grouped output projection, RoPE over the last 8 columns of 32, SwiGLU clamped where it binds
     "deepseek_v4": ("DeepseekV4Config", "DeepseekV4ForCausalLM", dict(
         hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
         head_dim=32, q_lora_rank=32, vocab_size=101, max_position_embeddings=128, n_routed_experts=8,
         num_experts_per_tok=2, n_shared_experts=1, sliding_window=8, o_groups=4, o_lora_rank=16, index_n_heads=8,
-        index_head_dim=16, index_topk=3, swiglu_limit=1.0, hc_mult=3, partial_rotary_factor=0.25,
+        index_head_dim=16, index_topk=3, swiglu_limit=0.1, hc_mult=3, partial_rotary_factor=0.25,
         compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
         layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
                      "compressed_sparse_attention"], mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
