@@ -239,6 +239,16 @@ def inspect(out_dir, as_json):
             t.add_row("sparse attention", f"each query attends to its {ix['topk']} best-scored keys, picked by an "
                       f"indexer of {ix['heads']} heads of {ix['dim']} ({rope} RoPE; float, replicated; one "
                       f"{ix['dim']}-wide key cached a token) in {where}")
+    cp = md.get("compressed")
+    if cp:
+        ix = cp["index"] or {}
+        kinds = [f"layers {_ranges(cp[k + '_layers'])} {what}" for k, what in (
+            ("csa", f"attend to the top {ix.get('topk')} entries (of {cp['rates'].get('csa')} tokens each) an "
+                    f"indexer of {ix.get('heads')} heads of {ix.get('dim')} picks (float, replicated)"),
+            ("hca", f"attend to every entry (of {cp['rates'].get('hca')} tokens each)")) if cp[k + "_layers"]]
+        t.add_row("compressed attention", f"one key (= value) head of {md['head_dim']} ({cp['rope_dim']} rotated, "
+                  f"turned back on the output), a {md['sliding_window']}-token window in every layer; "
+                  + "; ".join(kinds) + f"; output through {cp['o_groups']} groups of rank {cp['o_rank']}")
     bsp = md.get("block_sparse")
     if bsp:
         t.add_row("sparse attention", f"block-sparse in layers {_ranges(bsp['layers'])}: each kv group's queries "
@@ -336,15 +346,21 @@ def inspect(out_dir, as_json):
         renorm += ", scaling the expert's input" if md["experts_scale_input"] else ""
         groups = (f", within {md['router_topk_groups']} of {md['router_groups']} groups"
                   if md["router_groups"] > 1 else "")
-        if md["router"] in ("sigmoid", "sigmoid_logits"):
+        if md["router"] == "sqrtsoftplus":
+            renorm = f"sqrt(softplus) scores, {renorm}, times {md['routed_scale']:g}"
+        elif md["router"] in ("sigmoid", "sigmoid_logits"):
             biased = ", chosen on the logits plus a bias" if md["router"] == "sigmoid_logits" else ""
             biased += f", logits capped at {md['router_softcap']:g}" if md["router_softcap"] else ""
             renorm = f"sigmoid scores{groups}{biased}, {renorm}, times {md['routed_scale']:g}"
         elif groups or md["routed_scale"] != 1.0:
             renorm = f"softmax{groups}, {renorm}, times {md['routed_scale']:g}"
+        if md.get("hash_layers"):
+            renorm += f"; by token id in layers {_ranges(md['hash_layers'])}"
         dense = (f"; dense MLP ({md['dense_intermediate_size']}) in layers {_ranges(md['dense_layers'])}"
                  if md["dense_layers"] else "")
-        clamp = (f"; SwiGLU inputs clamped at {md['experts_glu_limit']:g}" if md.get("experts_glu_limit") else "")
+        clamp = (f"; SwiGLU inputs clamped at {md['experts_glu_limit']:g}" if md.get("experts_glu_limit") else
+                 f"; every SwiGLU's inputs clamped at {md['glu_limit']:g}" if md["activation"] == "swiglu_limit"
+                 else "")
         t.add_row("experts", f"{md['num_experts']} per layer, top {md['experts_per_token']} ({renorm}){shared}{dense}"
                   f"{clamp}")
     pos = md["position"]
@@ -358,7 +374,9 @@ def inspect(out_dir, as_json):
     if md.get("hyper"):
         hc = md["hyper"]
         residual = (f"hyper-connections: {hc['streams']} copies of the stream, mixed before each half, each taking up "
-                    f"to {hc['magnitude']:g}x its output; folded before the final norm")
+                    f"to {hc['magnitude']:g}x its output"
+                    + (f", carried over it through a {hc['sinkhorn']}-step Sinkhorn mix" if hc.get("sinkhorn") else "")
+                    + "; folded before the final norm")
     if md["residual_factors"]:
         f = md["residual_factors"]
         residual = ("restarting from each norm's output: alpha x normed + beta x output (" + ", ".join(

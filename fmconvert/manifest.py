@@ -570,6 +570,15 @@ def kv_cache_bytes(model: dict, parallel: dict, itemsize: int) -> tuple[int, int
             continue
         windowed_layer = (model["sliding_window"] > 0 and (layers is None or i in layers)) or (
             model["attn_chunk"] > 0 and (chunks is None or i in chunks))
+        if model.get("compressed"):       # DeepSeek-V4: one key (= value) row in the window's ring, and each
+            cp = model["compressed"]      # compressor's entries (a row per `rate` tokens), counted per token
+            windowed += model["head_dim"] * itemsize
+            rate = cp["rates"]["csa"] if i in cp["csa_layers"] else cp["rates"].get("hca", 0) \
+                if i in cp["hca_layers"] else 0
+            if rate:
+                width = model["head_dim"] + (cp["index"]["dim"] if i in cp["csa_layers"] else 0)
+                full += -(-width * itemsize // rate)
+            continue
         if mla:                                   # one latent row a token, on every rank
             n = mla["kv_rank"] + mla["rope_dim"]
             if i in mla.get("index", {}).get("layers", ()):       # and the indexer's key
