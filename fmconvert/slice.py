@@ -434,6 +434,7 @@ def k_per_rank(spec: ModelSpec, lay: Layout, slot: str) -> int:
         "q_b.weight": ((2 if mla.get("gated_q") else 1) * mla["q_rank"] or spec.hidden_size) if mla else
         spec.compressed["q_rank"] if spec.compressed else 0,
         "kv_a.weight": spec.hidden_size if mla or spec.compressed else 0, "kv_b.weight": mla.get("kv_rank", 0),
+        "attn_out_a.weight": spec.num_heads * spec.head_dim // spec.compressed["o_groups"] if spec.compressed else 0,
         "mlp_out.weight": _width(spec, lay, "mlp_out.")[2],
         "experts_in.weight": spec.hidden_size, "experts_out.weight": lay.intermediate_per_rank,
         "shared_in.weight": spec.hidden_size if spec.shared_intermediate_size else 0,     # 0: no such slot

@@ -149,9 +149,32 @@ def test_the_manifest_and_the_shards(model_dir, tmp_path):
         assert t["layers.1.comp_kv.weight"]["shape"] == [64, 64] and t["layers.2.comp_kv.weight"]["shape"] == [32, 64]
         assert t["layers.1.comp_bias"]["shape"] == [4, 64] and t["layers.1.index_bias"]["shape"] == [4, 32]
         assert t["layers.1.attn_out_a.weight"]["shape"] == [2 * 16, 32]          # 2 of the 4 groups
+        assert t["layers.1.attn_out_a.weight"]["dtype"] == "int8" and t["layers.1.attn_out_a.weight_scale"]["shape"] \
+            == [32, 2]                                                           # groups of 16 along 32
         assert t["layers.1.attn_out.weight"]["dtype"] == "int8" and t["layers.1.q_b.weight"]["shape"] == [64, 32]
         assert t["layers.1.attn_hc.fn"]["shape"] == [15, 192] and t["layers.1.attn_hc.scale"]["shape"] == [3]
         assert t["layers.1.attn_sinks.weight"]["shape"] == [2]
+
+
+def test_int8_output_groups_run_as_blocks(model_dir, tmp_path, monkeypatch):
+    """attn_out_a int8: a block per output group, kept int8 (and packed for the CPU GEMV where that kernel builds),
+    gives what the batched float product of the weight dequantized at load gives."""
+    import fmconvert.runtime.load as ld
+    from fmconvert.kernels import int8_gemv_cpu
+    convert(model_dir("deepseek_v4"), tmp_path / "out", Options(tp=1, int8=True, group_size=16), progress=False)
+    ids = _ids(12, 6)
+    ref = load(tmp_path / "out", dequantize=True)
+    assert isinstance(ref.blocks[1].out_a, torch.Tensor)
+    want = ref(ids)
+    assert tiny.rel(want, _hf(ids)) < 0.05
+    kept = load(tmp_path / "out", dequantize=False)
+    assert len(kept.blocks[1].out_a) == 4 and kept.blocks[1].out_a[0].q.shape == (16, 32)
+    assert tiny.rel(kept(ids), want) < 1e-5
+    if int8_gemv_cpu.available():
+        monkeypatch.setattr(ld, "CPU_INT8_MIN_ELEMS", 0)          # pack even the tiny weights
+        packed = load(tmp_path / "out")
+        assert all(b.packed is not None for b in packed.blocks[1].out_a)
+        assert tiny.rel(packed(ids), want) < 1e-4
 
 
 def test_a_bf16_output_keeps_the_tables_and_the_biases_as_they_must_be(model_dir, tmp_path):

@@ -39,7 +39,8 @@ _ST_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8
 _INT8_OK = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight", "embed.weight", "lm_head.weight",
             "ple_embed.weight",
             "experts_in.weight", "experts_out.weight", "shared_in.weight", "shared_out.weight",
-            "q_a.weight", "q_b.weight", "kv_a.weight", "kv_b.weight", "lin_in.weight", "lin_out.weight",
+            "q_a.weight", "q_b.weight", "kv_a.weight", "kv_b.weight", "attn_out_a.weight", "lin_in.weight",
+            "lin_out.weight",
             "lin_qkv.weight", "lin_gate.weight",
             "ssm_in.weight", "ssm_out.weight", "sconv_in.weight", "sconv_out.weight", "mamba_in.weight",
             "mamba_out.weight")

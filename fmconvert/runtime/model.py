@@ -135,6 +135,7 @@ class Block(nn.Module):
         if cp:
             self.rope_table = "global" if self.compress else "local"
             self.head_ones = torch.ones(self.head_dim, dtype=model.dtype, device=model.device)
+            self.out_a = _group_blocks(tensors["attn_out_a.weight"], cp["o_groups"] // model.tp)
         # a hybrid's linear layer: (its mixer method, its output projection's slot); None: attention
         self.linear = None
         if i in (sp["linear_layers"] or ()):
@@ -941,9 +942,10 @@ class Block(nn.Module):
                                            seen[:, c:c + QUERY_CHUNK].unsqueeze(1), 0.0, self.sinks)
                        for c in range(0, T, QUERY_CHUNK)], 2).transpose(1, 2)                    # [B, T, H, D]
         o = _rope_tail(ops, o, cos, -sin, positions, m.rope_style, rd)      # the values' rotation, turned back
-        G = cp["o_groups"] // m.tp
-        w = t["attn_out_a.weight"]
-        return torch.einsum("btgi,goi->btgo", o.reshape(B, T, G, -1), w.view(G, cp["o_rank"], -1)).reshape(B, T, -1)
+        o = o.reshape(B, T, len(self.out_a), -1)
+        if isinstance(self.out_a, torch.Tensor):       # float: every group in one batched product
+            return torch.einsum("btgi,goi->btgo", o, self.out_a).reshape(B, T, -1)
+        return torch.cat([ops.linear(o[:, :, j], w) for j, w in enumerate(self.out_a)], -1)     # int8: a block each
 
     def _pool(self, h, cache, pos_t, name: str, width: int):
         """The entries of this layer's compressor `name` ("comp", or "index": the indexer's own), [B, N, width]:
@@ -1278,6 +1280,19 @@ class Block(nn.Module):
         vc.index_copy_(2, rows, v[:, :, -ring:])
         return lambda q: m.ops.attention(q, ka, va, m.scale, m.causal, m.alibi, kpm, self.window, m.softcap,
                                          sinks=self.sinks, chunk=self.chunk).transpose(1, 2).reshape(B, T, -1)
+
+
+def _group_blocks(w, groups: int):
+    """DeepSeek-V4's attn_out_a [groups * rank, K] -> [groups, rank, K] (float), or one Int8Weight per group (views;
+    packed for the CPU GEMV where the whole was)."""
+    if not isinstance(w, Int8Weight):
+        return w.view(groups, w.shape[0] // groups, -1)
+    blocks = [Int8Weight(q, s, w.group_size) for q, s in zip(w.q.chunk(groups), w.scale.chunk(groups))]
+    if w.packed is not None:
+        from ..kernels import int8_gemv_cpu
+        for b in blocks:
+            b.packed = int8_gemv_cpu.pack(b.q, b.scale, b.group_size)
+    return blocks
 
 
 def _hyper_add(post, y, x):
