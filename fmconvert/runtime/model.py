@@ -905,7 +905,9 @@ class Block(nn.Module):
             qpos = torch.arange(start, start + T, device=h.device)
         q = _rope_tail(ops, q, cos, sin, positions, m.rope_style, rd)
         kv = _rope_tail(ops, kv.view(B, T, 1, D), cos, sin, positions, m.rope_style, rd)[:, :, 0]     # [B, T, D]
-        # the window's keys [B, S, D], the position of each, and which each query may see [B or 1, T, S]
+        # the window's keys [B, S, D] and the position of each: consecutive positions from k0 on in a prompt, the
+        # rows of the ring (any order) in a graph-safe step
+        k0 = 0
         if pos_t is not None:             # graph-safe: the whole ring, rows not yet written or out of reach masked
             kc, ring = cache.k[self.i], cache.ring[self.i]
             R = kc.shape[2]
@@ -914,33 +916,45 @@ class Block(nn.Module):
             kpos = pos_t - (pos_t - rows) % R if ring else rows
             keys = kc[:, 0]
         elif cache is None:
-            keys, kpos = kv, qpos
+            keys, kpos, k0 = kv, qpos, start
         else:
             kc, ring = cache.k[self.i], cache.ring[self.i]
             if ring:                      # the ring's last min(start, ring) positions in order, then the new ones
-                old = torch.arange(start - min(start, ring), start, device=h.device)
+                k0 = start - min(start, ring)
+                old = torch.arange(k0, start, device=h.device)
                 keys, kpos = torch.cat([kc[:, 0, old % ring], kv], 1), torch.cat([old, qpos])
                 kc[:, 0, qpos[-ring:] % ring] = kv[:, -ring:]
             else:
                 kc[:, 0, start:start + T] = kv
                 keys, kpos = kc[:, 0, :start + T], torch.arange(start + T, device=h.device)
-        seen = (kpos.view(1, 1, -1) <= qpos.view(1, -1, 1)) & (qpos.view(1, -1, 1) - kpos.view(1, 1, -1) < W) \
-            & (kpos.view(1, 1, -1) >= 0)
-        if key_padding_mask is not None:     # the sliding keys only: the compressors pool padding as they do tokens
-            seen = seen & key_padding_mask.bool()[:, kpos + key_padding_mask.shape[1] - start - T].unsqueeze(1)
+        kpm = None if key_padding_mask is None else key_padding_mask.bool()[:, -(start + T - k0):]   # from k0 on
+        entries = index = None
         if self.compress:
             entries = self._pool(h, cache, pos_t, "comp", D)                                    # [B, N, D]
-            N = entries.shape[1]
-            ready = torch.arange(N, device=h.device).view(1, 1, N) < ((qpos + 1) // self.rate).view(1, -1, 1)
             if self.compress == "csa":
-                ready = ready & self._index_pick(h, x, positions, cache, pos_t, qpos, ready)
-            keys = torch.cat([keys, entries], 1)
-            seen = torch.cat([seen.expand(B, T, -1), ready.expand(B, T, N)], -1)
-        keys = keys.unsqueeze(1)                                                                   # [B, 1, S, D]
+                index = self._indexer(h, x, positions, cache, pos_t)
         qh = q.transpose(1, 2)                                                                     # [B, H, T, D]
-        o = torch.cat([_explicit_attention(qh[:, :, c:c + QUERY_CHUNK], keys, keys, m.scale,
-                                           seen[:, c:c + QUERY_CHUNK].unsqueeze(1), 0.0, self.sinks)
-                       for c in range(0, T, QUERY_CHUNK)], 2).transpose(1, 2)                    # [B, T, H, D]
+        out = []
+        for c in range(0, T, QUERY_CHUNK):    # QUERY_CHUNK queries at a time, each over its windows' keys only
+            qp = qpos[c:c + QUERY_CHUNK].view(1, -1, 1)
+            ks, ps, pm = keys, kpos, kpm
+            if pos_t is None:
+                lo, hi = max(start + c - W + 1 - k0, 0), start + c + qp.shape[1] - k0
+                ks, ps, pm = keys[:, lo:hi], kpos[lo:hi], None if kpm is None else kpm[:, lo:hi]
+            seen = (ps.view(1, 1, -1) <= qp) & (qp - ps.view(1, 1, -1) < W) & (ps.view(1, 1, -1) >= 0)
+            if pm is not None:            # the sliding keys only: the compressors pool padding as they do tokens
+                seen = seen & pm.unsqueeze(1)
+            if entries is not None:
+                N = entries.shape[1]
+                ready = torch.arange(N, device=h.device).view(1, 1, N) < (qp + 1) // self.rate
+                if index is not None:
+                    ready = ready & self._index_pick(index, c, ready)
+                ks = torch.cat([ks, entries], 1)
+                seen = torch.cat([seen.expand(B, -1, -1), ready.expand(B, -1, N)], -1)
+            ks = ks.unsqueeze(1)                                                                   # [B, 1, S, D]
+            out.append(_explicit_attention(qh[:, :, c:c + QUERY_CHUNK], ks, ks, m.scale, seen.unsqueeze(1), 0.0,
+                                           self.sinks))
+        o = torch.cat(out, 2).transpose(1, 2)                                                      # [B, T, H, D]
         o = _rope_tail(ops, o, cos, -sin, positions, m.rope_style, rd)      # the values' rotation, turned back
         o = o.reshape(B, T, len(self.out_a), -1)
         if isinstance(self.out_a, torch.Tensor):       # float: every group in one batched product
@@ -1014,29 +1028,30 @@ class Block(nn.Module):
         return _rope_tail(m.ops, e.view(B, n, 1, width), cos, sin, where, m.rope_style,
                           m.spec["compressed"]["rope_dim"])[:, :, 0]
 
-    def _index_pick(self, h, x, positions, cache, pos_t, qpos, ready):
-        """DeepSeek-V4's lightning indexer in a csa layer: which compressed entries each query attends to, [B, T, N]
-        bool: the index_topk it scores best among those it may see (`ready`). Its heads' queries come from the q
-        bottleneck's output x, rotated like the layer's; its keys are its own compressor's entries; an entry's score
-        is the sum over heads of relu(q . k / sqrt(dim)) times the head's weight (index_w, / sqrt(heads)).
-        Replicated: every rank makes the same choice."""
+    def _indexer(self, h, x, positions, cache, pos_t):
+        """DeepSeek-V4's lightning indexer in a csa layer: (its queries [B, T, heads, dim], their weights [B, T,
+        heads], its keys [B, N, dim]) for `_index_pick`. The queries come from the q bottleneck's output x, rotated
+        like the layer's; the weights from the stream (index_w, / sqrt(heads)); the keys are its own compressor's
+        entries. Replicated: every rank makes the same choice."""
         m, t, ix = self.m, self.t, self.m.spec["compressed"]["index"]
         B, T, _ = h.shape
         Hi, Di = ix["heads"], ix["dim"]
-        keys = self._pool(h, cache, pos_t, "index", Di)                                   # [B, N, Di]
+        keys = self._pool(h, cache, pos_t, "index", Di)
         cos, sin = m.rope_tables("global", decode=True) if pos_t is not None else m.rope_for(positions, "global")
         q = _rope_tail(m.ops, m.ops.linear(x, t["index_q.weight"]).view(B, T, Hi, Di), cos, sin, positions,
                        m.rope_style, m.spec["compressed"]["rope_dim"])
-        w = m.ops.linear(h, t["index_w.weight"]).float() * Hi ** -0.5
-        N = keys.shape[1]
-        picked = []
-        for c in range(0, T, QUERY_CHUNK):         # [chunk, heads, entries] scores at a time
-            s = torch.relu(torch.einsum("bthd,bsd->bths", q[:, c:c + QUERY_CHUNK].float(), keys.float())) * Di ** -0.5
-            s = torch.einsum("bth,bths->bts", w[:, c:c + QUERY_CHUNK], s)
-            s = s.masked_fill(~ready[:, c:c + QUERY_CHUNK], float("-inf"))
-            top = s.topk(min(ix["topk"], N), dim=-1).indices
-            picked.append(torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, True))
-        return torch.cat(picked, 1)
+        return q, m.ops.linear(h, t["index_w.weight"]).float() * Hi ** -0.5, keys
+
+    def _index_pick(self, index, c: int, ready):
+        """Which entries the queries c .. c + QUERY_CHUNK attend to, [B, chunk, N] bool: the index_topk that score
+        best among those each may see (`ready`); an entry's score is the sum over the indexer's heads of
+        relu(q . k / sqrt(dim)) times the head's weight."""
+        q, w, keys = index
+        Di, N = keys.shape[-1], keys.shape[1]
+        s = torch.relu(torch.einsum("bthd,bsd->bths", q[:, c:c + QUERY_CHUNK].float(), keys.float())) * Di ** -0.5
+        s = torch.einsum("bth,bths->bts", w[:, c:c + QUERY_CHUNK], s).masked_fill(~ready, float("-inf"))
+        top = s.topk(min(self.m.spec["compressed"]["index"]["topk"], N), dim=-1).indices
+        return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, True)
 
     def _narrow(self, o):
         """Attention output (B, T, heads * head_dim) -> each head's first v_dim channels (MiMo-V2-Flash's narrower v
