@@ -135,7 +135,8 @@ def convert(model_dir, out_dir, tp, int8, group_size, int8_embeddings, int8_lm_h
         if s["mxfp4"]:
             t.add_row("MXFP4", f"{s['mxfp4']} expert tensors decoded on read (exactly, to bf16)")
         if s.get("fp8"):
-            t.add_row("FP8", f"{s['fp8']} block-scaled tensors decoded on read (to bf16)")
+            t.add_row("FP8", f"{s['fp8']} block-scaled tensors decoded on read (to bf16)"
+                      + (f"; {s['fp4']} E2M1 expert tensors too (exactly)" if s.get("fp4") else ""))
         if s.get("int4"):
             t.add_row("4-bit", f"{s['int4']} GPTQ / AWQ tensors decoded on read")
     if s["dropped"] is not None:

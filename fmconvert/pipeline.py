@@ -373,8 +373,8 @@ class _Source:
             self.maps.append((torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr(), size, mm))
             base = 8 + n
             for name, e in header.items():
-                if name == "__metadata__" or e["dtype"] not in _ST_TORCH:
-                    continue
+                if name == "__metadata__" or e["dtype"] not in _ST_TORCH or name in ckpt.fp4 or name in ckpt.fp8:
+                    continue                # (quantized weights are decoded by the Checkpoint)
                 dtype = _ST_TORCH[e["dtype"]]
                 b, t = e["data_offsets"]
                 if (base + b) % dtype.itemsize or t == b:   # unaligned or empty: let safetensors handle it
@@ -1017,8 +1017,9 @@ def _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config,
                            **({"flipped": plan.flipped} if plan.flipped else {}),
                            **({"dropped": plan.dropped} if plan.dropped is not None else {}),
                            **({"mxfp4": sorted(ckpt.mxfp4)} if ckpt.mxfp4 else {}),     # decoded to bf16 on read
-                           **({"fp8": {"block": list(ckpt.fp8_block), "tensors": len(ckpt.fp8)}} if ckpt.fp8
-                              else {}),
+                           **({"fp8": {"block": list(ckpt.fp8_block), "tensors": len(ckpt.fp8),
+                                       **({"fp4_tensors": len(ckpt.fp4)} if ckpt.fp4 else {})}} if ckpt.fp8
+                              else {}),                   # DeepSeek-V4: its E2M1 experts beside the FP8 blocks
                            **({"int4": {"method": ckpt.int4_format["method"], "tensors": len(ckpt.int4)}}
                               if ckpt.int4 else {}),                    # GPTQ / AWQ, decoded on read
                            **({"files": dict(sorted(src_hashes.items()))} if src_hashes is not None else {})},
@@ -1041,7 +1042,7 @@ def _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config,
     return {"architecture": spec.architecture, "tp": opts.tp, "int8": opts.int8, "dtype": dtype_name(plan.dtype),
             "params": plan.params, "bytes_in": plan.bytes_in, "bytes_out": writer.bytes_written,
             "files": sum(len(f) for f in writer.files), "seconds": secs, "dropped": plan.dropped,
-            "mxfp4": len(ckpt.mxfp4), "fp8": len(ckpt.fp8), "int4": len(ckpt.int4),
+            "mxfp4": len(ckpt.mxfp4), "fp8": len(ckpt.fp8), "fp4": len(ckpt.fp4), "int4": len(ckpt.int4),
             "mb_per_s": plan.bytes_in / 1e6 / secs if secs > 0 else 0.0,
             "worst_sqnr_db": min((v["sqnr_db"] for v in qstats.values() if v["sqnr_db"] is not None),
                                  default=None)}

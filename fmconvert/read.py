@@ -23,12 +23,12 @@ from .manifest import MAX_DIM, MAX_POSITIONS  # a config the converter accepts m
 INDEX = "model.safetensors.index.json"
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
-                "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I64": 8,
+                "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 MAX_HEADER_BYTES = 100 << 20
 MAX_RANK = 8
 # Files a serving script needs besides the weights; copied verbatim into the output.
@@ -256,6 +256,7 @@ class Checkpoint:
         self._pickled: dict[str, torch.Tensor] | None = None
         self.mxfp4: dict[str, tuple] = {}   # name -> (its blocks, its scales, their files): see _pair_mxfp4
         self.fp8: dict[str, tuple] = {}     # name -> (its scale, the scale's file): see _pair_fp8
+        self.fp4: dict[str, tuple] = {}     # name -> (its scale, the scale's file): DeepSeek-V4's packed experts
         self.fp8_block = fp8
         self.int4: dict[str, tuple] = {}    # name -> (its parts, their files): see _pair_int4
         self.int4_format = int4
@@ -293,25 +294,44 @@ class Checkpoint:
 
     def _pair_fp8(self, block):
         """A block-scaled FP8 checkpoint stores a weight X as float8_e4m3 [..., N, K] beside X_scale_inv (fp32 or
-        bf16 [..., ceil(N / rows), ceil(K / cols)]), one multiplier per block. Each X reads as X * scale in bf16,
-        what transformers dequantizes it to; the scale tensors are consumed."""
-        for scale in [n for n in self._where if n.endswith("_scale_inv")]:
-            name = scale[:-len("_scale_inv")]
-            if name not in self._where or self._raw_dtype(name) != "F8_E4M3":
+        bf16 [..., ceil(N / rows), ceil(K / cols)]), one multiplier per block; DeepSeek-V4 names it M.scale for
+        M.weight, as fp32 or as E8M0 powers of two. Each X reads as X * scale in bf16, what transformers dequantizes
+        it to; the scale tensors are consumed. DeepSeek-V4's routed experts are E2M1 instead (`_pair_fp4`)."""
+        pairs = [(n, n[:-len("_scale_inv")]) for n in self._where if n.endswith("_scale_inv")] + [
+            (n, n[:-len(".scale")] + ".weight") for n in self._where
+            if n.endswith(".scale") and n[:-len(".scale")] + ".weight" in self._where
+            and self._raw_dtype(n[:-len(".scale")] + ".weight") in ("F8_E4M3", "I8")]
+        for scale, name in pairs:
+            if name not in self._where or self._raw_dtype(name) not in ("F8_E4M3", "I8") or (
+                    self._raw_dtype(name) == "I8" and scale.endswith("_scale_inv")):
                 raise FmError(f"FP8 scale {scale} has no float8_e4m3 tensor {name} beside it")
+            if self._raw_dtype(name) == "I8":
+                self._pair_fp4(name, scale)
+                continue
             w, sc = self._raw_shape(name), self._raw_shape(scale)
             want = [*w[:-2], -(-w[-2] // block[0]), -(-w[-1] // block[1])] if len(w) >= 2 else None
-            if want is None or list(sc) != want or self._raw_dtype(scale) not in ("F32", "BF16"):
+            if want is None or list(sc) != want or self._raw_dtype(scale) not in ("F32", "BF16", "F8_E8M0"):
                 raise FmError(f"FP8 tensor {name} {list(w)}: its scales {list(sc)} {self._raw_dtype(scale)} must be "
-                              f"fp32 or bf16 {want} (blocks of {list(block)})")
+                              f"fp32, bf16 or e8m0 {want} (blocks of {list(block)})")
             self.fp8[name] = (scale, self._where[scale])
-        for name, (scale, _) in self.fp8.items():
+        for name, (scale, _) in [*self.fp8.items(), *self.fp4.items()]:
             del self._where[scale]
         bare = next((n for n in self._where if n not in self.fp8 and self._raw_dtype(n) == "F8_E4M3"), None)
         if bare is not None:
-            raise FmError(f"FP8 tensor {bare} has no {bare}_scale_inv beside it")
+            raise FmError(f"FP8 tensor {bare} has no {bare}_scale_inv (or .scale) beside it")
         if not self.fp8:
-            raise FmError(f"config.json says FP8, but {self.dir} has no *_scale_inv tensors")
+            raise FmError(f"config.json says FP8, but {self.dir} has no *_scale_inv (or .scale) tensors")
+
+    def _pair_fp4(self, name: str, scale: str):
+        """DeepSeek-V4's routed experts: M.weight int8 [N, K / 2], two E2M1 codes a byte (the low nibble first), and
+        M.scale [N, K / 32], a power of two per 32 values (E8M0, or uint8 biased by 127). It reads as bf16 [N, K],
+        each value exact."""
+        w, sc = self._raw_shape(name), self._raw_shape(scale)
+        if len(w) != 2 or list(sc) != [w[0], w[1] * 2 // 32] or w[1] % 16 or self._raw_dtype(scale) not in (
+                "F8_E8M0", "U8"):
+            raise FmError(f"FP4 tensor {name} {list(w)}: its scales {list(sc)} {self._raw_dtype(scale)} must be e8m0 "
+                          f"[{w[0]}, {w[1] * 2 // 32 if len(w) == 2 else '?'}] (one per 32 values, two values a byte)")
+        self.fp4[name] = (scale, self._where[scale])
 
     def _pair_mxfp4(self):
         """An MXFP4 checkpoint (GPT-OSS's experts) stores a weight as X_blocks (uint8 [E, N, K/32, 16], two 4-bit
@@ -452,6 +472,9 @@ class Checkpoint:
         if name in self.int4:
             a, b = self._raw_shape(self.int4[name][0][0], self.int4[name][1][0])
             return (b, a * 8) if self.int4_format["method"] == "gptq" else (b * 8, a)
+        if name in self.fp4:
+            n, k = self._raw_shape(name)
+            return (n, 2 * k)
         return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
 
     def stored_bytes(self, name: str) -> int:
@@ -460,9 +483,10 @@ class Checkpoint:
         if self._pickled is None and name in self.int4:
             return sum(math.prod(self._raw_shape(p, f)) * _ST_ITEMSIZE[self._handles[f].get_slice(p).get_dtype()]
                        for p, f in zip(*self.int4[name]))
-        if self._pickled is None and (name in self.mxfp4 or name in self.fp8):
-            parts = self.mxfp4[name][:2] if name in self.mxfp4 else (name, self.fp8[name][0])
-            files = self.mxfp4[name][2:] if name in self.mxfp4 else (self._where[name], self.fp8[name][1])
+        if self._pickled is None and (name in self.mxfp4 or name in self.fp8 or name in self.fp4):
+            pair = self.fp8.get(name) or self.fp4.get(name)
+            parts = self.mxfp4[name][:2] if name in self.mxfp4 else (name, pair[0])
+            files = self.mxfp4[name][2:] if name in self.mxfp4 else (self._where[name], pair[1])
             return sum(math.prod(self._raw_shape(n, f)) * _ST_ITEMSIZE[self._handles[f].get_slice(n).get_dtype()]
                        for n, f in zip(parts, files))
         return math.prod(self.shape(name)) * self.dtype(name).itemsize
@@ -470,7 +494,7 @@ class Checkpoint:
     def dtype(self, name: str) -> torch.dtype:
         if self._pickled is not None:
             return self._pickled[name].dtype
-        if name in self.mxfp4 or name in self.fp8:
+        if name in self.mxfp4 or name in self.fp8 or name in self.fp4:
             return torch.bfloat16
         if name in self.int4:                  # the scales' dtype
             parts, files = self.int4[name]
@@ -487,13 +511,13 @@ class Checkpoint:
             return self._mxfp4_get(name)
         if name in self.int4:
             return self._int4_get(name)
-        if name in self.fp8:
-            scale, fs = self.fp8[name]
+        if name in self.fp8 or name in self.fp4:
+            scale, fs = self.fp8.get(name) or self.fp4[name]
             try:
                 w, sc = self._handles[self._where[name]].get_tensor(name), self._handles[fs].get_tensor(scale)
             except (SafetensorError, OSError, RuntimeError) as e:
                 raise FmError(f"{self._where[name]}: cannot read tensor {name} ({_first_line(e)})") from None
-            return dequantize_fp8(w, sc, self.fp8_block)
+            return dequantize_fp8(w, sc, self.fp8_block) if name in self.fp8 else dequantize_fp4(w, sc)
         try:
             return self._handles[self._where[name]].get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:
@@ -517,6 +541,24 @@ def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
         values = _E2M1_PAIRS[blocks[e].long()].view(N, G, 32)
         torch.mul(values, torch.exp2(scales[e].float() - 127).unsqueeze(-1), out=out[e])
     return out.view(E, N, G * 32).transpose(1, 2)
+
+
+def _powers(scale: torch.Tensor) -> torch.Tensor:
+    """Scales as fp32 multipliers: E8M0 (and its uint8 storage, biased by 127) are powers of two."""
+    return torch.exp2(scale.float() - 127) if scale.dtype == torch.uint8 else scale.float()
+
+
+def dequantize_fp4(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """DeepSeek-V4's E2M1 experts: int8 [N, K / 2] (value 2j of a row the low nibble of byte j, 2j + 1 the high one)
+    times a power of two per 32 values [N, K / 32] -> bf16 [N, K], exact. A few rows at a time, so the temporaries
+    stay small."""
+    N, half = w.shape
+    out = torch.empty(N, 2 * half, dtype=torch.bfloat16)
+    step = max(1, (1 << 20) // max(half, 1))
+    for r in range(0, N, step):
+        values = _E2M1_PAIRS[w[r:r + step].view(torch.uint8).long()].view(-1, 2 * half // 32, 32)
+        out[r:r + step] = (values * _powers(scale[r:r + step]).unsqueeze(-1)).view(-1, 2 * half)
+    return out
 
 
 _SHIFTS4 = torch.arange(0, 32, 4, dtype=torch.int32)      # the eight 4-bit fields of an int32, low bits first
@@ -554,7 +596,7 @@ def dequantize_fp8(w: torch.Tensor, scale: torch.Tensor, block) -> torch.Tensor:
     full = K // bc * bc
     out = torch.empty(w.shape, dtype=torch.bfloat16)
     for i, r in enumerate(range(0, N, br)):
-        x, s = w[..., r:r + br, :].float(), scale[..., i, :].float().unsqueeze(-2)       # (.., rows, K), (.., 1, nb)
+        x, s = w[..., r:r + br, :].float(), _powers(scale[..., i, :]).unsqueeze(-2)       # (.., rows, K), (.., 1, nb)
         o = out[..., r:r + br, :]
         o[..., :full] = (x[..., :full].unflatten(-1, (K // bc, bc)) * s[..., :K // bc, None]).flatten(-2)
         if full < K:                                  # a last, narrower block of columns

@@ -577,11 +577,17 @@ def _rewritten_reference(cls, model_dir: Path, quant: dict):
                 state[base] = convert_moe_packed_tensors(state.pop(name), state.pop(base + "_scales"),
                                                          dtype=torch.float32)
         else:
-            from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+            from transformers.integrations.finegrained_fp8 import Fp8Dequantize, _dequantize_fp8_weight
             for name in [n for n in state if n.endswith("_scale_inv")]:
                 base = name[:-len("_scale_inv")]
                 state[base] = _dequantize_fp8_weight(state[base], state.pop(name), list(quant["fp8"]),
                                                      torch.float32).to(torch.bfloat16)
+            # DeepSeek-V4: M.scale beside M.weight, FP8 blocks or E2M1 experts (two a byte), by transformers' own
+            # loader's routine (it reads the block from the scales' grid)
+            for name in [n for n in state if n.endswith(".scale") and n[:-len("scale")] + "weight" in state
+                         and state[n[:-len("scale")] + "weight"].dtype in (torch.float8_e4m3fn, torch.int8)]:
+                base = name[:-len("scale")] + "weight"
+                state[base] = Fp8Dequantize(None)._dequantize_one(state[base], state.pop(name), torch.bfloat16)
         save_file(state, Path(tmp) / "model.safetensors", metadata={"format": "pt"})
         del state
         return cls.from_pretrained(tmp, local_files_only=True, trust_remote_code=False, dtype=torch.float32)

@@ -112,7 +112,7 @@ def _published(src):
     t = load_file(str(src / "model.safetensors"))
     out = {}
     for name, v in t.items():
-        name = name.removeprefix("model.").replace("embed_tokens.", "embed.")
+        name = name.removeprefix("model.").replace("embed_tokens.", "embed.").replace(".attn.norm.", ".attn.kv_norm.")
         out[name.replace("hc_head.hc_", "hc_head_")] = v
     out["mtp.0.eh_proj.weight"] = torch.zeros(64, 128)          # the multi-token-prediction module: left out
     save_file(out, str(src / "model.safetensors"), metadata={"format": "pt"})
@@ -128,6 +128,72 @@ def test_the_published_checkpoint_converts_the_same(model_dir, model_copy, tmp_p
     a = tiny.on_ranks(tmp_path / "pub", 2, lambda mm: mm(ids))
     b = tiny.on_ranks(tmp_path / "hf", 2, lambda mm: mm(ids))
     assert torch.equal(a[0], b[0])
+
+
+_E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+_FP8 = ("attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_a", "attn.wo_b", "attn.indexer.wq_b", "shared_experts.w1",
+        "shared_experts.w2", "shared_experts.w3")
+
+
+def _pow2(x):
+    """The power of two at or above x, as E8M0 stores it."""
+    return torch.exp2(torch.ceil(torch.log2(x.clamp(min=2.0 ** -100))))
+
+
+def _fp8(w, block):
+    """float8_e4m3 blocks with an E8M0 power-of-two scale each (ue8m0, as V4-Flash's), and what they stand for."""
+    N, K = w.shape
+    s = _pow2(w.reshape(N // block, block, K // block, block).abs().amax((1, 3)) / 448)
+    q = (w / s.repeat_interleave(block, 0).repeat_interleave(block, 1)).to(torch.float8_e4m3fn)
+    return q, s.to(torch.float8_e8m0fnu), q.float() * s.repeat_interleave(block, 0).repeat_interleave(block, 1)
+
+
+def _fp4(w):
+    """E2M1 codes two a byte (the low nibble first) with a power-of-two scale per 32 values, and their values."""
+    N, K = w.shape
+    s = _pow2(w.reshape(N, K // 32, 32).abs().amax(-1) / 6)
+    x = (w.reshape(N, K // 32, 32) / s.unsqueeze(-1)).reshape(N, K)
+    codes = (x.unsqueeze(-1) - _E2M1).abs().argmin(-1)            # the nearest code (+0 before -0)
+    q = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).view(torch.int8)
+    return q, s.to(torch.float8_e8m0fnu), (_E2M1[codes].reshape(N, K // 32, 32) * s.unsqueeze(-1)).reshape(N, K)
+
+
+def test_the_published_fp8_and_fp4_checkpoint_reads_as_its_values(model_copy, tmp_path):
+    """V4-Flash as released: FP8 attention and shared experts in blocks with E8M0 scales named M.scale, routed experts
+    in E2M1 two a byte with a scale per 32 values, DeepSeek's names. It converts to exactly what a bf16 checkpoint of
+    the values those codes stand for converts to."""
+    src, ref = model_copy("deepseek_v4"), tmp_path / "ref"
+    _published(src)
+    ref.mkdir()
+    for f in ("config.json", "generation_config.json"):
+        if (src / f).exists():
+            (ref / f).write_bytes((src / f).read_bytes())
+    t = load_file(str(src / "model.safetensors"))
+    quant, plain = {}, {}
+    for name, w in t.items():
+        module = name[:-len(".weight")]
+        if name.endswith(".weight") and module.endswith(_FP8):
+            q, sc, v = _fp8(w.float(), 16)
+        elif name.endswith(".weight") and ".ffn.experts." in name:
+            q, sc, v = _fp4(w.float())
+        else:
+            quant[name] = plain[name] = w if w.dtype == torch.int64 else w.to(torch.bfloat16)
+            continue
+        quant[name], quant[module + ".scale"], plain[name] = q, sc, v.to(torch.bfloat16)
+    save_file(quant, str(src / "model.safetensors"), metadata={"format": "pt"})
+    save_file(plain, str(ref / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                    "scale_fmt": "ue8m0", "weight_block_size": [16, 16]}, expert_dtype="fp4")
+    (src / "config.json").write_text(json.dumps(cfg))
+    a = tiny.converted_manifest(src, tmp_path / "a", tp=2, dtype="bf16")
+    tiny.converted_manifest(ref, tmp_path / "b", tp=2, dtype="bf16")
+    assert a["source"]["fp8"] == {"block": [16, 16], "tensors": 4 * 8 + 2, "fp4_tensors": 4 * 8 * 3}
+    for r in range(2):
+        x, y = (load_file(str(tmp_path / d / f"rank{r}-00001.safetensors")) for d in ("a", "b"))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    from fmconvert.verify import verify          # against transformers' own decoding of the same codes
+    assert not verify(src, tmp_path / "a", tokens=32)["failures"]
 
 
 def test_the_manifest_and_the_shards(model_dir, tmp_path):

@@ -116,7 +116,7 @@ KV_B = "model.layers.0.self_attn.kv_b_proj.weight"
 
 @pytest.mark.parametrize("edit_state,edit_config,match", [
     (lambda s: s.pop(KV_B + "_scale_inv"), None, f"FP8 tensor {KV_B} has no {KV_B}_scale_inv"),
-    (lambda s: s.__setitem__(KV_B + "_scale_inv", torch.ones(3, 3)), None, "must be fp32 or bf16 \\[8, 2\\]"),
+    (lambda s: s.__setitem__(KV_B + "_scale_inv", torch.ones(3, 3)), None, "must be fp32, bf16 or e8m0 \\[8, 2\\]"),
     (lambda s: s.__setitem__("model.norm.weight_scale_inv", torch.ones(1, 1)), None,
      "has no float8_e4m3 tensor model.norm.weight"),
     (None, lambda c: c.pop("quantization_config"), "holds FP8 tensors, but config.json declares no FP8"),
