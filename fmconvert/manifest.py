@@ -62,7 +62,8 @@ _MODEL = {
     "norm": _ENUM("rms", "layer", "rms_plus_one", "layer_plus_one", "rms_fp32"), "norm_eps": _POS_NUM,
     "attn_scale": _POS_NUM,
     "activation": _ENUM("gelu", "gelu_tanh", "relu", "relu2", "silu", "swiglu", "geglu", "geglu_erf", "reglu2",
-                        "swiglu_oai", "swiglu_limit", "xielu"), "residual": _ENUM("pre", "post", "parallel", "normed", "hyper"),
+                        "swiglu_oai", "swiglu_limit", "xielu"), "residual": _ENUM("pre", "post", "parallel", "normed", "hyper",
+                                                                                     "altup"),
     **{k: _BOOL for k in ("gated_mlp", "tied_embeddings", "embed_norm", "final_norm", "project", "pooler")},
     "position": lambda x: isinstance(x, dict), "bos_token_id": _TOKEN, "pad_token_id": _TOKEN,
     "eos_token_id": lambda x: _TOKEN(x) or (isinstance(x, list) and len(x) < 1024 and all(map(_NAT, x))),
@@ -123,6 +124,14 @@ _MODEL_OPTIONAL = {
         and type(x.get("post_eps", True)) is bool),
         "null or {\"streams\": 2..16, \"magnitude\", \"eps\"} (and DeepSeek-V4's \"sinkhorn\": 1..100, \"post_eps\")"),
     "compressed": (None, lambda x: x is None or _compressed(x), "null or the compressed attention's widths"),
+    "altup": (None, lambda x: x is None or (isinstance(x, dict) and set(x) == {"streams", "correct_scale",
+                                                                                "laurel_rank"}
+                                            and type(x["streams"]) is int and 2 <= x["streams"] <= 16
+                                            and type(x["correct_scale"]) is bool and _POS_INT(x["laurel_rank"])),
+              "null or {\"streams\": 2..16, \"correct_scale\", \"laurel_rank\"}"),
+    "per_layer_vocab": (0, _NAT, "a non-negative integer"),
+    "gate_sparsity": (None, lambda x: x is None or (isinstance(x, list) and all(
+        type(v) in (int, float) and 0 <= v < 1 for v in x)), "null or a number in [0, 1) per layer"),
     "hash_layers": (None, lambda x: x is None or (isinstance(x, list) and x and all(map(_NAT, x))
                                                   and x == sorted(set(x))), "null or a list of layer indices"),
     "experts_glu_limit": (0.0, _NONNEG_NUM, "a non-negative number"),
@@ -312,8 +321,10 @@ def validate(m) -> dict:
         _need(ok(model.setdefault(k, default)), f"model.{k} must be {what}")
     experts, topk = model["num_experts"], model["experts_per_token"]
     _need(topk <= experts if experts else topk == 0, "model.experts_per_token does not fit model.num_experts")
-    _need(model["residual"] == "pre" or not any("post_norm" in s or "layer_scale" in s for s in model["slots"]),
-          "model.slots: output norms (attn_post_norm, mlp_post_norm) and layer_scale need the pre-norm residual")
+    _need(model["residual"] in ("pre", "altup")
+          or not any("post_norm" in s or "layer_scale" in s for s in model["slots"]),
+          "model.slots: output norms (attn_post_norm, mlp_post_norm) and layer_scale need the pre-norm residual (or "
+          "AltUp's)")
     _need(model["residual"] == "pre" or model["residual_scale"] == 1.0,
           "model.residual_scale needs the pre-norm residual")
     layers = model["window_layers"]
@@ -377,6 +388,16 @@ def validate(m) -> dict:
                           and not set(bsp["layers"]) & set(model["window_layers"] or ())),
           "model.block_sparse needs attention layers with RoPE, no window, one indexer head per kv head and an "
           "indexer at least as wide as the rotated part")
+    au = model["altup"]
+    _need((model["residual"] == "altup") == (au is not None)
+          and (au is None or (model["kind"] == "decoder" and model["per_layer_input"] > 0
+                              and "layers.attn_post_norm.weight" in model["slots"])),
+          "model.residual altup and model.altup go together, with per-layer inputs and output norms")
+    _need(model["per_layer_vocab"] <= (model["vocab_size"] if model["per_layer_input"] else 0),
+          "model.per_layer_vocab needs per-layer inputs and at most vocab_size ids")
+    gs = model["gate_sparsity"]
+    _need(gs is None or (len(gs) == model["num_layers"] and model["gated_mlp"] and not model["num_experts"]),
+          "model.gate_sparsity needs a value per layer of a gated dense MLP")
     cp = model["compressed"]
     _need(cp is None or (model["num_kv_heads"] == 1 and model["mla"] is None and model["kind"] == "decoder"
                          and model["num_heads"] % cp["o_groups"] == 0 and model["sliding_window"] > 0
@@ -434,7 +455,7 @@ def validate(m) -> dict:
     _need((model["head_activation"] is None) == ("head_dense.weight" not in model["slots"])
           and (model["head_activation"] is None or model["kind"] == "decoder"),
           "model.head_activation and the head_dense slot go together, in a decoder")
-    _need(not model["per_layer_input"] or (model["residual"] == "pre" and not experts and model["kind"] == "decoder"),
+    _need(not model["per_layer_input"] or (model["residual"] in ("pre", "altup") and not experts and model["kind"] == "decoder"),
           "model.per_layer_input needs the pre-norm residual, a decoder and no experts")
     src, L = model["kv_source"], model["num_layers"]
     windowed = set(model["window_layers"] or ())

@@ -97,6 +97,11 @@ LAYER_SLOTS = (
     "attn_out_a.weight", "comp_kv.weight", "comp_gate.weight", "comp_bias", "comp_norm.weight",
     "index_kv.weight", "index_gate.weight", "index_bias", "index_norm.weight",
     "router.token_experts",          # DeepSeek-V4's hash layers: each token id's experts, [vocab, top-k] integers
+    # Gemma 3n's AltUp (residual "altup"): the router over the active copy (its norm and [copies, hidden] weight),
+    # the copy-mixing coefficients of the prediction [copies^2, copies] and of the correction [copies, copies], and
+    # the scale on the corrected active copy; LAuReL beside attention (a low-rank left/right pair and its norm)
+    "altup_router.weight", "altup_router_norm.weight", "altup_predict.weight", "altup_correct.weight",
+    "altup_out_scale.weight", "laurel_left.weight", "laurel_right.weight", "laurel_norm.weight",
 )
 # Slots written in float32 whatever the output dtype: small tensors the model only ever reads in fp32, which
 # transformers keeps in fp32 when it loads the model in half precision (and vLLM too): a sigmoid router's
@@ -132,6 +137,9 @@ GLOBAL_SLOTS = (
     "ple_embed.weight", "ple_proj.weight", "ple_proj_norm.weight",
     # HY-V4: the weights that fold the stream's copies into one before the final norm
     "hc_head.fn", "hc_head.base", "hc_head.scale",
+    # Gemma 3n: the projections that make the other AltUp copies of the embedding, and that bring them back at the end
+    # ([copies - 1] x [hidden, hidden], stacked)
+    "altup_proj.weight", "altup_unembed.weight",
 )
 
 # CodeGen's fused qkv_proj is laid out for this many model-parallel shards (qkv layout mp_blocks).
@@ -303,6 +311,12 @@ class ModelSpec:
     head_vocab_size: int = 0       # the lm_head's rows where it is pruned to the first ones of the vocab (Apertus
     #                                1.5: the text tokens of a vocab that also holds image and audio codes); 0: all
     per_layer_input: int = 0       # Gemma 4 E2B/E4B: the width of each layer's per-layer input (PLE); 0: none
+    per_layer_vocab: int = 0       # Gemma 3n: the per-layer embeddings cover the first ids only (the rest read row
+    #                                0); 0: the whole vocab
+    altup: dict | None = None      # residual "altup" (Gemma 3n): {"streams", "correct_scale", "laurel_rank"}; see
+    #                                configs/gemma3n.toml
+    gate_sparsity: list | None = None  # Gemma 3n: per layer, the MLP gate's target sparsity (0: none); the gate
+    #                                    keeps relu(gate - (mean + std * z)), z the normal quantile of it
     kv_source: list | None = None  # per layer, the layer whose keys and values it attends over: its own index, or
     #                                an earlier layer's of its kind (Gemma 4 E2B/E4B's last layers, which compute
     #                                q only); None: every layer its own
@@ -635,6 +649,12 @@ class Policy:
         if c.get("ffn_adjust"):
             c["intermediate_size"] = self._ffn_adjusted(c)
         parts = self._block_parts(config, c) if self.layout.get("block_parts") else {}
+        if isinstance(c.get("intermediate_size"), (list, tuple)):      # Gemma 3n: one width per layer, all alike
+            widths = set(c["intermediate_size"])
+            if len(widths) != 1 or len(c["intermediate_size"]) != c["num_layers"]:
+                raise FmError(f"config.json: intermediate_size per layer must be one width for every layer, got "
+                              f"{str(c['intermediate_size'])[:80]}")
+            c["intermediate_size"] = widths.pop()
         mla = self._mla(c, flags) if "kv_rank" in c else None
         for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
                     "vocab_size"):
@@ -718,6 +738,7 @@ class Policy:
             hyper=self._hyper(c, flags), experts_glu_limit=self._experts_glu_limit(c, experts),
             norm_gate_rank=self._norm_gate_rank(c), block_sparse=self._block_sparse(config, c),
             compressed=compressed, hash_layers=self._hash_layers(c, experts),
+            altup=self._altup(c, flags), gate_sparsity=self._gate_sparsity(c),
             position=position, tied_embeddings=tied,
             embed_norm=bool(self._layout("embed_norm", flags, False)),
             final_norm=bool(self._layout("final_norm", flags, False)),
@@ -787,6 +808,30 @@ class Policy:
                 raise FmError(f"config.json: hc_sinkhorn_iters must be an integer from 1 to 100, got {iters!r}")
             out.update(sinkhorn=iters, post_eps=bool(self.layout.get("hc_post_eps", True)))
         return out
+
+    def _altup(self, c: dict, flags: dict) -> dict | None:
+        """Residual "altup" (Gemma 3n): [config] altup_streams copies, altup_correct_scale, laurel_rank."""
+        if self._layout("residual", flags) != "altup":
+            return None
+        n, r = c.get("altup_streams"), c.get("laurel_rank")
+        if type(n) is not int or not 2 <= n <= 16 or type(r) is not int or r < 1:
+            raise FmError(f"config.json: altup_num_inputs must be an integer from 2 to 16 and laurel_rank a positive "
+                          f"integer, got {n!r} and {r!r}")
+        return {"streams": n, "correct_scale": bool(c.get("altup_correct_scale")), "laurel_rank": r}
+
+    @staticmethod
+    def _gate_sparsity(c: dict) -> list | None:
+        """[config] gate_sparsity (Gemma 3n's activation_sparsity_pattern): a target in [0, 1) per layer."""
+        v = c.get("gate_sparsity")
+        if v is None:
+            return None
+        L = c["num_layers"]
+        v = [v] * L if type(v) in (int, float) else v
+        if not isinstance(v, (list, tuple)) or len(v) != L or any(
+                isinstance(x, bool) or type(x) not in (int, float) or not 0 <= x < 1 for x in v):
+            raise FmError(f"config.json: activation_sparsity_pattern must give a number in [0, 1) for each of the {L} "
+                          f"layers, got {str(v)[:80]}")
+        return [float(x) for x in v] if any(v) else None
 
     @staticmethod
     def _slide_everywhere(c: dict) -> dict:
@@ -936,11 +981,14 @@ class Policy:
             raise FmError("config.json: per-layer inputs or shared kv caches with a mixture of experts are not "
                           "supported")
         if dim:
-            if type(dim) is not int or dim < 0 or c.get("ple_vocab") != c["vocab_size"]:
+            pv = c.get("ple_vocab")
+            if type(dim) is not int or dim < 0 or type(pv) is not int or not 0 < pv <= c["vocab_size"]:
                 raise FmError(f"config.json: hidden_size_per_layer_input must be a non-negative integer and "
-                              f"vocab_size_per_layer_input the vocab size ({c['vocab_size']}), got {dim!r} and "
-                              f"{c.get('ple_vocab')!r}")
+                              f"vocab_size_per_layer_input a positive one up to the vocab size ({c['vocab_size']}), "
+                              f"got {dim!r} and {pv!r}")
             out["per_layer_input"] = dim
+            if pv < c["vocab_size"]:          # Gemma 3n: the ids past it read row 0
+                out["per_layer_vocab"] = pv
         if shared:
             first = L - shared if type(shared) is int else 0
             windowed = set(_windowed(windows, L))
@@ -1543,7 +1591,7 @@ class Policy:
             "attn_post_norm.weight": (h,), "mlp_post_norm.weight": (h,), "moe_post_norm.weight": (h,),
             "layer_scale.weight": (1,), "router.scale": (h,), "router.expert_factor": (spec.num_experts,),
             "attn_sub_norm.weight": (H * vd,), "mlp_sub_norm.weight": (dense,),
-            "ple_embed.weight": (spec.vocab_size, spec.num_layers * spec.per_layer_input),
+            "ple_embed.weight": (spec.per_layer_vocab or spec.vocab_size, spec.num_layers * spec.per_layer_input),
             "ple_proj.weight": (spec.num_layers * spec.per_layer_input, h),
             "ple_proj_norm.weight": (spec.per_layer_input,), "ple_gate.weight": (spec.per_layer_input, h),
             "ple_out.weight": (h, spec.per_layer_input), "ple_post_norm.weight": (h,),
@@ -1572,6 +1620,13 @@ class Policy:
                 shapes.update({"index_q.weight": (ix["heads"] * ix["dim"], a["q_rank"]), "index_k.weight": (ix["dim"], h),
                                "index_k_norm.weight": (ix["dim"],), "index_k_norm.bias": (ix["dim"],),
                                "index_w.weight": (ix["heads"], h)})
+        if spec.altup:              # Gemma 3n: AltUp's copies and LAuReL, replicated
+            n, r = spec.altup["streams"], spec.altup["laurel_rank"]
+            shapes.update({"altup_proj.weight": ((n - 1) * h, h), "altup_unembed.weight": ((n - 1) * h, h),
+                           "altup_router.weight": (n, h), "altup_router_norm.weight": (h,),
+                           "altup_predict.weight": (n * n, n), "altup_correct.weight": (n, n),
+                           "altup_out_scale.weight": (h,), "laurel_left.weight": (r, h),
+                           "laurel_right.weight": (h, r), "laurel_norm.weight": (h,)})
         if spec.compressed:         # DeepSeek-V4: its one kv head, the grouped output, the compressors
             cp, n = spec.compressed, {"csa": 2, "hca": 1}.get(spec.compressed.get("here"), 1)
             m = cp["rates"].get(cp.get("here"), 1)        # overlapping windows (csa): two series a row

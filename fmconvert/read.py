@@ -223,6 +223,10 @@ def _check_sizes(raw: dict, table: dict, attribute_map: dict, path: Path | str):
             alias, v = lookup(n)
             if alias is None:
                 continue
+            if isinstance(v, list) and key == "intermediate_size" and v and all(     # Gemma 3n: one per layer
+                    type(x) is int and 0 < x < MAX_DIM for x in v):
+                found.setdefault(key, (alias, v[0]))
+                continue
             if key in _INTS or "/" in spec or "*" in spec:
                 if type(v) is not int or not 0 < v < MAX_DIM:
                     raise FmError(f"{path}: {alias} must be a positive integer below {MAX_DIM}, got {_short(v)}")

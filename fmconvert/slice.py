@@ -384,6 +384,7 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
         return pieces[0]
     if slot in VOCAB:
         return torch.cat(pieces, dim=0)[:spec.head_vocab_size if slot.startswith("lm_head.") and spec.head_vocab_size
+                                        else spec.per_layer_vocab if slot == "ple_embed.weight" and spec.per_layer_vocab
                                         else spec.vocab_size]
     if slot in HEADS or (slot == "q_norm.weight" and spec.qk_norm != "head"):
         return torch.cat(pieces, dim=0)

@@ -759,6 +759,14 @@ CONFIGS = {
         layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
                      "compressed_sparse_attention"], mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
         pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # Gemma 3n: AltUp over 4 copies, LAuReL, per-layer inputs over the first 90 ids of 101, the last two layers
+    # reading the caches of the first two, the first layer's MLP gate thinned to its top 5%
+    "gemma3n": ("Gemma3nTextConfig", "Gemma3nForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=101, vocab_size_per_layer_input=90, hidden_size_per_layer_input=8,
+        max_position_embeddings=64, sliding_window=4, num_kv_shared_layers=2, laurel_rank=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0], pad_token_id=0, bos_token_id=2, eos_token_id=1)),
 }
 FAMILIES = list(CONFIGS)
 
@@ -806,6 +814,8 @@ def build(name: str, seed: int = 0, **overrides):
             elif n.endswith(("hc.scale", "hc_scale")):
                 b.copy_(torch.rand_like(b) + 0.5)
             elif n.endswith(("hc.base", "hc_base")):
+                b.copy_(torch.randn_like(b) * 0.5)
+            elif n.endswith(("correct_output_scale", "correction_coefs.weight")):   # Gemma 3n's AltUp: zeros
                 b.copy_(torch.randn_like(b) * 0.5)
             elif n.endswith("position_bias"):      # DeepSeek-V4's compressors: zeros by default
                 b.copy_(torch.randn_like(b))

@@ -69,6 +69,10 @@ def check_layout(m: dict, rank: int):
             "alibi.slopes": (hpr,),
             **{f"{n}.{p}": (h,) for n in ("embed_norm", "final_norm", "head_norm") for p in ("weight", "bias")},
             "head_dense.weight": (h, h), "head_dense.bias": (h,)}
+    au = sp.get("altup")                 # Gemma 3n: AltUp's projections of the copies, replicated
+    if au:
+        glob.update({"altup_proj.weight": ((au["streams"] - 1) * h, h),
+                     "altup_unembed.weight": ((au["streams"] - 1) * h, h)})
     P = sp["per_layer_input"]          # Gemma 4 E2B/E4B: the per-layer embeddings (vocab-parallel), the rest whole
     if P:
         glob.update({"ple_embed.weight": (vpr, sp["num_layers"] * P), "ple_proj.weight": (sp["num_layers"] * P, h),
@@ -113,6 +117,11 @@ def check_layout(m: dict, rank: int):
                              if hc and hc.get("sinkhorn") else
                              (("fn", (2 * n, n * h)), ("base", (2 * n,)), ("scale", (2,))))},
              "router.token_experts": (sp["vocab_size"], sp["experts_per_token"]),
+             **({"altup_router.weight": (au["streams"], h), "altup_router_norm.weight": (h,),
+                 "altup_predict.weight": (au["streams"] ** 2, au["streams"]),
+                 "altup_correct.weight": (au["streams"], au["streams"]), "altup_out_scale.weight": (h,),
+                 "laurel_left.weight": (au["laurel_rank"], h), "laurel_right.weight": (h, au["laurel_rank"]),
+                 "laurel_norm.weight": (h,)} if au else {}),
              **{f"{g}_norm_gate_{d}.weight": s for g in ("attn", "moe") for d, s in (("down", (r, h)), ("up", (h, r)))},
              "block_index_q.weight": (bsp["heads"] * bsp["dim"], h), "block_index_k.weight": (bsp["dim"], h),
              "block_index_q_norm.weight": (bsp["dim"],), "block_index_k_norm.weight": (bsp["dim"],)}

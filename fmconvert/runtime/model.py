@@ -14,7 +14,7 @@ from torch import nn
 
 from ..manifest import TABLE_POSITIONS, is_global_layer
 from .comm import SingleComm
-from .ops import Int8Weight, TorchOps, _explicit_attention, rope_tables
+from .ops import Int8Weight, TorchOps, _explicit_attention, activate, rope_tables
 
 LIGHTNING_NORM_EPS = 1e-6    # MiniMax's norm over the lightning attention's output keeps RMSNorm's default eps
 
@@ -127,6 +127,10 @@ class Block(nn.Module):
             ones = torch.ones(self.head_dim, dtype=model.dtype, device=model.device)
             self.t = tensors = {**tensors, "q_norm.weight": ones, "k_norm.weight": ones}
         self.activation = model.activation
+        # Gemma 3n: this layer's MLP gate sparsity (0: none) and its normal quantile
+        self.sparsity = (sp.get("gate_sparsity") or [0.0] * sp["num_layers"])[i]
+        self.sparsity_z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(self.sparsity, dtype=torch.float32)) \
+            if self.sparsity else None
         cp = sp["compressed"]
         # DeepSeek-V4: this layer's compressor ("csa", "hca" or None) and the tokens an entry pools; its compressed
         # layers take the main RoPE table (the compressors'), the purely sliding ones the local one
@@ -191,6 +195,8 @@ class Block(nn.Module):
             return self._normed(x, residual, positions, cache, key_padding_mask, pos_t, seq_t, x_scale)
         if m.spec["residual"] == "hyper":
             return self._hyper(x, positions, cache, key_padding_mask, pos_t, seq_t), None
+        if m.spec["residual"] == "altup":
+            return self._altup(x, positions, cache, key_padding_mask, pos_t, seq_t), None
         pre = m.spec["residual"] == "pre"
         if self.part == "mlp":        # Nemotron-H: a layer of one half, pre-norm; the next layer adds its output
             h, residual = self._add_norm(x, residual, "mlp_norm", x_norm)
@@ -280,6 +286,42 @@ class Block(nn.Module):
         h = m.ops.add_norm(h, None, t["mlp_norm.weight"], None, m.eps, m.norm)[0]
         f = m.comm.all_reduce(self.mlp(h))
         return _hyper_add(post, f, x)
+
+    def _altup(self, x, positions, cache, key_padding_mask, pos_t, seq_t):
+        """Gemma 3n: x holds the AltUp copies [B, T, n, hidden], copy 0 the active one. Each copy's prediction mixes
+        every copy in (router-weighted, plus itself); the layer runs on the active copy's: attention beside LAuReL,
+        both over the normed input, (input + attention + LAuReL) / sqrt(2), then the MLP, each half's output normed.
+        Each copy then adds the layer's innovation (its output minus the active prediction) times 1 + its
+        correction weight, and every copy but the active one the per-layer input term of the corrected active copy.
+        Replicated around the halves (their outputs all-reduced), in the model dtype as transformers computes it."""
+        m, t = self.m, self.t
+        ops, n = m.ops, m.spec["altup"]["streams"]
+        norm = lambda y, w: ops.add_norm(y, None, t[w], None, m.eps, m.norm)[0]      # noqa: E731
+        route = self._altup_route
+        pred = x + torch.einsum("btkj,btjh->btkh", ops.linear(route(x[..., 0, :]), t["altup_predict.weight"])
+                                .unflatten(-1, (n, n)), x)
+        active = pred[..., 0, :]
+        h = norm(active, "attn_norm.weight")
+        laurel = h + norm(ops.linear(ops.linear(h, t["laurel_left.weight"]), t["laurel_right.weight"]),
+                          "laurel_norm.weight")
+        a = norm(m.comm.all_reduce(self.mix(h, positions, cache, key_padding_mask, pos_t, seq_t)),
+                 "attn_post_norm.weight")
+        s = (active + a + laurel) / math.sqrt(2)
+        out = s + norm(m.comm.all_reduce(self.mlp(norm(s, "mlp_norm.weight"))), "mlp_post_norm.weight")
+        coef = ops.linear(route(out), t["altup_correct.weight"]) + 1.0                        # [B, T, n]
+        x = pred + (out - active).unsqueeze(-2) * coef.unsqueeze(-1)
+        first = x[..., 0, :]
+        if m.spec["altup"]["correct_scale"]:
+            first = first * t["altup_out_scale.weight"]
+        g = ops.linear(first, t["ple_gate.weight"], None, m.ple_activation) * m.ple_inputs[:, :, self.i]
+        return torch.cat([x[..., :1, :], x[..., 1:, :] + norm(ops.linear(g, t["ple_out.weight"]),
+                                                               "ple_post_norm.weight").unsqueeze(-2)], -2)
+
+    def _altup_route(self, y):
+        """AltUp's router over one copy y: tanh(router(norm(y) / hidden)), [B, T, n]."""
+        m, t = self.m, self.t
+        r = m.ops.add_norm(y, None, t["altup_router_norm.weight"], None, m.eps, m.norm)[0] * y.shape[-1] ** -1.0
+        return torch.tanh(m.ops.linear(r, t["altup_router.weight"]).float()).to(y.dtype)
 
     def _parallel(self, x, residual, positions, cache, key_padding_mask, pos_t, seq_t):
         """GPT-NeoX, GPT-J, Phi: attention and MLP both read the normed stream (GPT-NeoX normalises it twice, the
@@ -497,6 +539,8 @@ class Block(nn.Module):
     def out_norm(self):
         """The norm of this block's MLP output (Gemma 2/3; A.X K1: in its mixture layers only), which the caller
         folds into the next add+norm."""
+        if self.m.spec["residual"] == "altup":      # Gemma 3n: every norm is applied in the block
+            return None
         if "ple_post_norm.weight" in self.t:      # Gemma 4 E2B/E4B: the MLP's norm is applied in the block
             return self.t["ple_post_norm.weight"]
         w = self.t.get("mlp_post_norm.weight")
@@ -535,13 +579,33 @@ class Block(nn.Module):
                     f = f * m.spec["shared_scale"]
                 y = y + f
             return y
-        f = m.ops.linear(h, t["mlp_in.weight"], t.get("mlp_in.bias"), self.activation)
+        if self.sparsity:            # Gemma 3n: the gate thinned before its activation
+            gate, up = m.ops.linear(h, t["mlp_in.weight"], t.get("mlp_in.bias")).chunk(2, -1)
+            f = activate(torch.cat([self._sparse_gate(gate), up], -1), self.activation)
+        else:
+            f = m.ops.linear(h, t["mlp_in.weight"], t.get("mlp_in.bias"), self.activation)
         if "mlp_sub_norm.weight" in t:        # BitNet: normed over every unit of every rank first
             f = self._sub_norm(f, t["mlp_sub_norm.weight"], self.mlp_units)
         y = m.ops.linear(f, t["mlp_out.weight"], t.get("mlp_out.bias"))
         if m.shortcut is not None:              # the previous layer's mixture (a partial sum, as y is)
             y, m.shortcut = y + m.shortcut, None
         return y
+
+    def _sparse_gate(self, gate):
+        """Gemma 3n's activation sparsity: relu(gate - (mean + std * z)), mean and std over the MLP's whole width (every
+        rank's units; padded ones are zero and left out of the count), z the normal quantile of the layer's target
+        sparsity, in the gate's dtype."""
+        m = self.m
+        z = self.sparsity_z.to(gate.dtype)
+        if m.tp == 1:
+            mean, std = gate.mean(-1, keepdim=True), gate.std(-1, keepdim=True, unbiased=False)
+        else:
+            g = gate.float()
+            sums = m.comm.all_reduce(torch.cat([g.sum(-1, keepdim=True), g.square().sum(-1, keepdim=True)], -1))
+            mean = sums[..., :1] / self.mlp_units
+            std = (sums[..., 1:] / self.mlp_units - mean.square()).clamp(min=0).sqrt()
+            mean, std = mean.to(gate.dtype), std.to(gate.dtype)
+        return torch.relu(gate - (mean + std * z))
 
     def _sub_norm(self, x, weight, n: int, eps: float | None = None):
         """BitNet's RMSNorm inside a half, over a width split across ranks (this rank's heads, or its MLP units, the
@@ -1297,6 +1361,12 @@ class Block(nn.Module):
                                          sinks=self.sinks, chunk=self.chunk).transpose(1, 2).reshape(B, T, -1)
 
 
+def _rms_matched(y, x):
+    """Gemma 3n's AltUp copies y [B, T, k, hidden] rescaled to the RMS of x [B, T, hidden], in the model dtype."""
+    target = x.square().mean(-1, keepdim=True).sqrt().unsqueeze(-2)
+    return y * target / y.square().mean(-1, keepdim=True).clamp(min=1e-5).sqrt()
+
+
 def _group_blocks(w, groups: int):
     """DeepSeek-V4's attn_out_a [groups * rank, K] -> [groups, rank, K] (float), or one Int8Weight per group (views;
     packed for the CPU GEMV where the whole was)."""
@@ -1479,6 +1549,8 @@ class FusedModel(nn.Module):
         rounded to the model dtype at each step as transformers does."""
         g, sp = self.g, self.spec
         L, P = sp["num_layers"], sp["per_layer_input"]
+        if sp["per_layer_vocab"]:       # Gemma 3n: ids past its per-layer table read row 0
+            ids = torch.where(ids < sp["per_layer_vocab"], ids, 0)
         tok = self._lookup(g["ple_embed.weight"], ids) * self.ple_scale
         proj = self.ops.linear(x, g["ple_proj.weight"]) * sp["hidden_size"] ** -0.5
         proj = self.ops.add_norm(proj.view(*proj.shape[:-1], L, P), None, g["ple_proj_norm.weight"], None, self.eps,
@@ -1502,6 +1574,10 @@ class FusedModel(nn.Module):
             x = x + g["type_embed.weight"][tt]
         if sp["embed_norm"]:
             x, _ = self.ops.add_norm(x, None, g["embed_norm.weight"], g.get("embed_norm.bias"), self.eps, self.norm)
+        if sp["altup"]:            # Gemma 3n: the other copies are projections of it, scaled to its RMS
+            w = g["altup_proj.weight"]
+            y = torch.einsum("bth,koh->btko", x, w.view(-1, x.shape[-1], x.shape[-1]))
+            x = torch.cat([x.unsqueeze(-2), _rms_matched(y, x)], -2)
         if sp["hyper"]:            # HY-V4: the stream starts as n copies of the embedding
             x = x.unsqueeze(-2).expand(*x.shape[:-1], sp["hyper"]["streams"], x.shape[-1]).contiguous()
         return x
@@ -1644,6 +1720,10 @@ class FusedModel(nn.Module):
         if self.spec["hyper"]:      # HY-V4: the copies folded into one (hc_head) before the final norm
             g = self.g
             x = self.hyper_mix(x, g["hc_head.fn"], g["hc_head.base"], g["hc_head.scale"], post=False)[1]
+        if self.spec["altup"]:      # Gemma 3n: the other copies projected back, scaled to the active one's RMS, averaged
+            w, h0 = self.g["altup_unembed.weight"], x[..., 0, :]
+            y = torch.einsum("btkh,koh->btko", x[..., 1:, :], w.view(-1, h0.shape[-1], h0.shape[-1]))
+            x = torch.cat([h0.unsqueeze(-2), _rms_matched(y, h0)], -2).mean(-2)
         if self.spec["final_norm"]:
             return self.ops.add_norm(x, residual, self.g["final_norm.weight"], self.g.get("final_norm.bias"),
                                      self.eps, self.norm, pre_weight=x_norm, x_scale=x_scale, gain=x_gain)[0]
