@@ -170,6 +170,10 @@ def _local_rope(pos: dict) -> str:
     return f"; windowed layers: theta {local['theta']:g}{kind}{dims}"
 
 
+def _layers(ls: list) -> str:
+    return ("layers " if len(ls) > 1 else "layer ") + _ranges(ls)
+
+
 def _ranges(xs: list[int]) -> str:
     """[0, 2, 3, 4, 9] -> "0, 2-4, 9"."""
     runs: list[list[int]] = []
@@ -320,7 +324,11 @@ def inspect(out_dir, as_json):
             if j != i:
                 shared.setdefault(j, []).append(i)
         t.add_row("per layer", ", ".join(
-            ([f"per-layer inputs {md['per_layer_input']} wide, added after each MLP"] if md["per_layer_input"] else [])
+            ([f"per-layer inputs {md['per_layer_input']} wide, added after each MLP"
+              + (f" (a table of the first {md['per_layer_vocab']} ids)" if md.get("per_layer_vocab") else "")]
+             if md["per_layer_input"] else [])
+            + ([f"MLP gate thinned to its top {100 * (1 - max(md['gate_sparsity'])):g}% in "
+                + _layers([i for i, v in enumerate(md["gate_sparsity"]) if v])] if md.get("gate_sparsity") else [])
             + [(f"layers {_ranges(ls)} attend" if len(ls) > 1 else f"layer {ls[0]} attends")
                + f" over the keys of layer {j} (q only, no cache)" for j, ls in shared.items()]
             + ([f"MLP {md['wide_intermediate_size']} wide in layers {_ranges(md['wide_mlp_layers'])}"]
@@ -372,6 +380,11 @@ def inspect(out_dir, as_json):
             f"{_local_rope(pos)})" if pos["type"] == "rope" else "")
     residual = {"pre": "pre-LN", "post": "post-LN", "parallel": "parallel attention + MLP"}.get(md["residual"],
                                                                                              md["residual"])
+    if md.get("altup"):
+        au = md["altup"]
+        residual = (f"AltUp: {au['streams']} copies of the stream, each layer run on the active one's router-mixed "
+                    f"prediction and its innovation spread back to all; LAuReL (rank {au['laurel_rank']}) beside "
+                    f"attention; copies averaged before the final norm")
     if md.get("hyper"):
         hc = md["hyper"]
         residual = (f"hyper-connections: {hc['streams']} copies of the stream, mixed before each half, each taking up "

@@ -632,11 +632,14 @@ def _layer_names(n_layers: int, final_label: str, blocks: bool = False) -> list[
     return ["embeddings"] + [f"layer {i}" for i in range(n_layers - 1)] + [last]
 
 
-def _hf_states(states: list, blocks: bool, every: int = 1) -> list:
+def _hf_states(states: list, blocks, every: int = 1) -> list:
     """The runtime's states (the embeddings, every block's output, the final output) as HF reports them. every n:
-    HF's layer is n of our blocks (LongCat-Flash's pairs), so only every n-th block's output is reported."""
+    HF's layer is n of our blocks (LongCat-Flash's pairs), so only every n-th block's output is reported. blocks
+    "last_block" (Gemma 3n): the last state is the last block's output, not the final norm's."""
     if every > 1:
         return states[:1] + states[every:-2:every] + states[-1:]
+    if blocks == "last_block":
+        return states[:-1]
     return states[1:] if blocks else states[:-2] + states[-1:]
 
 
@@ -653,7 +656,8 @@ def _reports_blocks(architecture: str) -> tuple[bool, int]:
         pol = policy_for([architecture])[0]
     except FmError:
         return False, 1
-    return pol.table.get("hf_hidden_states") == "blocks", pol.sublayers
+    how = pol.table.get("hf_hidden_states")
+    return ("last_block" if how == "last_block" else how == "blocks"), pol.sublayers
 
 
 def run_converted(runner: _Ranks, batches: torch.Tensor, kind: str) -> list:
@@ -745,6 +749,8 @@ def _compare(ref, sp: dict, converted: list, batches: torch.Tensor, th: Threshol
         if len(hs) != len(states):
             raise FmError(f"the reference reports {len(hs)} hidden states, the runtime {len(states)}")
         for i, (a, b) in enumerate(zip(states, hs)):
+            if sp.get("altup") and b.dim() == 4:       # Gemma 3n's copies: [n, B, T, hidden] there, [B, T, n, ...] here
+                b = b.permute(1, 2, 0, 3)
             d = a - b
             e = layer_err[i]
             e[0] = max(e[0], float(d.abs().max()))

@@ -815,7 +815,7 @@ def build(name: str, seed: int = 0, **overrides):
                 b.copy_(torch.rand_like(b) + 0.5)
             elif n.endswith(("hc.base", "hc_base")):
                 b.copy_(torch.randn_like(b) * 0.5)
-            elif n.endswith(("correct_output_scale", "correction_coefs.weight")):   # Gemma 3n's AltUp: zeros
+            elif n.endswith(("correct_output_scale", "correction_coefs.weight", "prediction_coefs.weight")):   # Gemma 3n
                 b.copy_(torch.randn_like(b) * 0.5)
             elif n.endswith("position_bias"):      # DeepSeek-V4's compressors: zeros by default
                 b.copy_(torch.randn_like(b))
