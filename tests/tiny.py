@@ -759,6 +759,26 @@ CONFIGS = {
         layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
                      "compressed_sparse_attention"], mlp_layer_types=["hash_moe", "moe", "moe", "moe"],
         pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # Cohere Compass (North): Cohere 2's block with rotate-half RoPE in its windowed layers (the multimodal RoPE's
+    # sections, all reading the text position), none in the full ones
+    "cohere_compass": ("CohereCompassTextConfig", "CohereCompassForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=101, max_position_embeddings=64, sliding_window=4, logit_scale=0.5,
+        layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 50000.0,
+                                               "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+                         "full_attention": None},
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "cohere_compass_vl": ("CohereCompassConfig", "CohereCompassForConditionalGeneration", dict(
+        text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=101, max_position_embeddings=64, sliding_window=4,
+                         logit_scale=0.5, layer_types=["sliding_attention"] * 3 + ["full_attention"],
+                         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 50000.0,
+                                                                "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+                                          "full_attention": None}, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+                           num_position_embeddings=16),
+        image_token_id=100, video_token_id=99, vision_start_token_id=98, vision_end_token_id=97)),
     # Gemma 3n: AltUp over 4 copies, LAuReL, per-layer inputs over the first 90 ids of 101, the last two layers
     # reading the caches of the first two, the first layer's MLP gate thinned to its top 5%
     "gemma3n": ("Gemma3nTextConfig", "Gemma3nForCausalLM", dict(
