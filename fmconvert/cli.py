@@ -267,6 +267,11 @@ def inspect(out_dir, as_json):
                   f"{_ranges(md['linear_layers'])}): {a['v_heads']} value heads of {a['v_dim']} over {a['k_heads']} "
                   f"q/k heads of {a['k_dim']}, conv {a['conv_kernel']}; a fixed-size state per layer and sequence "
                   f"({a['v_heads'] * a['k_dim'] * a['v_dim']} fp32 values), no KV cache")
+    if md.get("rglru"):
+        rg, n = md["rglru"], len(md["linear_layers"])
+        t.add_row("linear attention", f"RG-LRU in {n} of {md['num_layers']} layers ({_ranges(md['linear_layers'])}): "
+                  f"{rg['width']} channels in {rg['heads']} gated heads, conv {rg['conv_kernel']}; a fixed-size state "
+                  f"per layer and sequence ({rg['width']} fp32 values), no KV cache")
     if md["lightning"]:
         n, w = len(md["linear_layers"]), md["head_dim"]
         t.add_row("linear attention", f"lightning attention in {n} of {md['num_layers']} layers "

@@ -110,6 +110,12 @@ _MODEL_OPTIONAL = {
                                                  and type(x["conv_kernel"]) is int and 2 <= x["conv_kernel"] <= 64),
                    "null or {\"conv_kernel\": taps}"),
     "mamba": (None, lambda x: x is None or _mamba(x), "null or the Mamba widths"),
+    "rglru": (None, lambda x: x is None or (isinstance(x, dict) and set(x) == {"width", "heads", "conv_kernel",
+                                                                               "activation"}
+                                            and all(_POS_INT(x[k]) for k in ("width", "heads", "conv_kernel"))
+                                            and x["width"] % x["heads"] == 0 and 2 <= x["conv_kernel"] <= 64
+                                            and x["activation"] in ("gelu", "gelu_tanh", "relu", "silu")),
+              "null or the RG-LRU's widths"),
     "ssm_beside_attention": (False, _BOOL, "true or false"),
     "lightning": (False, _BOOL, "true or false"),
     "residual_factors": (None, lambda x: x is None or (
@@ -358,10 +364,12 @@ def validate(m) -> dict:
           and ("q_b" not in rs and "kv_a_norm" not in rs or mla is not None),
           "model.row_scales names a slot this model does not have")
     la, ll, ssm, sc, mb = (model[k] for k in ("linear_attn", "linear_layers", "ssm", "short_conv", "mamba"))
-    lt = model["lightning"] or None
-    _need((la is not None) + (ssm is not None) + (sc is not None) + (mb is not None) + (lt is not None) <= 1,
-          "model.linear_attn, model.ssm, model.short_conv, model.mamba and model.lightning exclude each other")
-    _need(((la or ssm or sc or mb or lt) is None) == (ll is None)
+    lt, rg = model["lightning"] or None, model["rglru"]
+    _need((la is not None) + (ssm is not None) + (sc is not None) + (mb is not None) + (lt is not None)
+          + (rg is not None) <= 1,
+          "model.linear_attn, model.ssm, model.short_conv, model.mamba, model.rglru and model.lightning exclude each "
+          "other")
+    _need(((la or ssm or sc or mb or lt or rg) is None) == (ll is None)
           and (ll is None or (ll and ll == sorted(set(ll)) and ll[-1] < model["num_layers"])),
           "model.linear_layers must be distinct layer indices in order, with linear_attn, ssm, short_conv, mamba "
           "or lightning")

@@ -44,7 +44,8 @@ QUANT_SLOTS = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight
                "attn_out_a.weight",                      # DeepSeek-V4's grouped output projection, a block per group
                "lin_in.weight", "lin_out.weight", "ssm_in.weight", "ssm_out.weight",   # linear mixers
                "lin_qkv.weight", "lin_gate.weight",
-               "sconv_in.weight", "sconv_out.weight", "mamba_in.weight", "mamba_out.weight")
+               "sconv_in.weight", "sconv_out.weight", "mamba_in.weight", "mamba_out.weight",
+               "rg_in.weight", "rg_out.weight")
 HEAD_SLOTS = ("lm_head.weight",)     # an untied head is a matmul read whole every token: int8 by default
 EMBED_SLOTS = ("embed.weight", "lm_head.weight", "ple_embed.weight")
 

@@ -102,6 +102,11 @@ LAYER_SLOTS = (
     # the scale on the corrected active copy; LAuReL beside attention (a low-rank left/right pair and its norm)
     "altup_router.weight", "altup_router_norm.weight", "altup_predict.weight", "altup_correct.weight",
     "altup_out_scale.weight", "laurel_left.weight", "laurel_right.weight", "laurel_norm.weight",
+    # RecurrentGemma's RG-LRU in place of attention: one projection of its y branch (through the activation) and x
+    # branch, a causal depthwise conv over x, each head's block-diagonal input and recurrence gates ([heads, w, w]
+    # with a [heads, w] bias), the recurrence's parameter per channel (rg_a) and the output projection
+    "rg_in.weight", "rg_in.bias", "rg_conv.weight", "rg_conv.bias", "rg_gate_x.weight", "rg_gate_x.bias",
+    "rg_gate_a.weight", "rg_gate_a.bias", "rg_a", "rg_out.weight", "rg_out.bias",
 )
 # Slots written in float32 whatever the output dtype: small tensors the model only ever reads in fp32, which
 # transformers keeps in fp32 when it loads the model in half precision (and vLLM too): a sigmoid router's
@@ -122,9 +127,9 @@ def stored_dtype(slot: str, dtype: torch.dtype) -> torch.dtype:
 SPARSE_SLOTS = ("router.", "experts_", "shared_", "moe_")
 DENSE_SLOTS = ("mlp_in.", "mlp_out.")
 # Slots stored as a depthwise Conv1d's weight, [channels, 1, taps]
-DEPTHWISE = ("lin_conv.weight", "ssm_conv.weight", "sconv_conv.weight", "mamba_conv.weight")
+DEPTHWISE = ("lin_conv.weight", "ssm_conv.weight", "sconv_conv.weight", "mamba_conv.weight", "rg_conv.weight")
 # A hybrid's linear-attention layers have the lin_ slots and its attention layers the attention's.
-LINEAR_SLOTS = ("lin_", "ssm", "sconv", "mamba")
+LINEAR_SLOTS = ("lin_", "ssm", "sconv", "mamba", "rg_")
 ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.", "q_a", "q_b.", "kv_a", "kv_b.", "attn_gate.", "index_",
                    "block_index_", "attn_out_a.", "comp_")
 GLOBAL_SLOTS = (
@@ -242,6 +247,9 @@ class ModelSpec:
     #                                by heads // groups heads each), state (N), conv_kernel, and dt_min / dt_max (the
     #                                step's clamp; dt_max None: none). Its layers are linear_layers
     short_conv: dict | None = None  # LFM2's gated short convolution: conv_kernel (its taps), in linear_layers
+    rglru: dict | None = None      # RecurrentGemma's RG-LRU: width (channels), heads (of width / heads channels,
+    #                                each with its own gates), conv_kernel, activation (of the y branch). Its layers
+    #                                are linear_layers
     mamba: dict | None = None      # Mamba (1)'s widths: inner (channels), state (N), dt_rank, conv_kernel, and the
     #                                RMS norms on dt, B and C: norms None (Mamba), "plain" (FalconMamba: no weight)
     #                                or "weighted" (Jamba), with their norm_eps. Its layers are linear_layers
@@ -486,7 +494,8 @@ def _config_value(config, spec, key: str, flags: dict | None = None):
             continue
         m = re.fullmatch(r"(\w+)/(\w+)", alt)
         if m:
-            a, b = getattr(config, m.group(1), None), getattr(config, m.group(2), None)
+            a = getattr(config, m.group(1), None)
+            b = int(m.group(2)) if m.group(2).isdigit() else getattr(config, m.group(2), None)   # "x/2"
             if isinstance(a, int) and isinstance(b, int) and b > 0:
                 if a % b:
                     raise FmError(f"config: {m.group(1)}={a} is not divisible by {m.group(2)}={b}")
@@ -1119,6 +1128,13 @@ class Policy:
                 mixer["gate"] = gate
         elif "mamba_state" in c:
             key, mixer = "mamba", self._mamba(c, flags)
+        elif "rglru_width" in c:           # RecurrentGemma
+            rg = {"width": c["rglru_width"], "heads": c["rglru_heads"], "conv_kernel": c.get("rglru_conv")}
+            if any(type(v) is not int or v < 1 for v in rg.values()) or rg["width"] % rg["heads"] \
+                    or rg["conv_kernel"] < 2:
+                raise FmError(f"config.json: lru_width and num_attention_heads must be positive integers, the width a "
+                              f"multiple of the heads, and conv1d_width at least 2, got {rg}")
+            key, mixer = "rglru", {**rg, "activation": _ACTIVATIONS.get(c["activation"], c["activation"])}
         elif "lin_k_heads" in c:
             la = {k: c.get("lin_" + k) for k in ("k_heads", "v_heads", "k_dim", "v_dim", "conv")}
             if any(type(v) is not int or not 0 < v <= 1 << 16 for v in la.values()) \
@@ -1151,7 +1167,7 @@ class Policy:
             return {key: mixer, "linear_layers": list(range(c["num_layers"]))}
         types = getattr(config, "layer_types", None)
         if not isinstance(types, (list, tuple)) or len(types) != c["num_layers"]:
-            raise FmError(f"config.json: layer_types must list one kind per layer ({c['num_layers']}), "
+            raise FmError(f"config.json: layer_types (or block_types) must list one kind per layer ({c['num_layers']}), "
                           f"{kind} or full_attention")
         layers = [i for i, t in enumerate(types) if t == kind]
         return {key: mixer, "linear_layers": layers} if layers else {}
@@ -1378,7 +1394,7 @@ class Policy:
         if not isinstance(types, (list, tuple)) or len(types) != c["num_layers"]:
             raise FmError(f"config.json: layer_types must list one kind per layer ({c['num_layers']})")
         kinds = {"full_attention", "sliding_attention", "chunked_attention"} | (
-            {"linear_attention"} if "lin_k_heads" in c or "ssm_heads" in c or "mamba_state" in c
+            {"linear_attention"} if "lin_k_heads" in c or "ssm_heads" in c or "mamba_state" in c or "rglru_width" in c
             or self.layout.get("lightning") else set()) | (
             {"conv"} if "sconv" in c else set()) | (
             {"indexed_attention"} if "index_heads" in c else set()) | (
@@ -1427,6 +1443,8 @@ class Policy:
             return _number(c, "embed_multiplier", 1.0)          # Granite: a number in the config
         if how == "sqrt_hidden":
             return float(c["hidden_size"]) ** 0.5
+        if how == "sqrt_hidden_bf16":                            # RecurrentGemma: its normalizer is a bf16 buffer
+            return float(torch.tensor(float(c["hidden_size"]) ** 0.5, dtype=torch.bfloat16))
         if how == "none":                                       # AFMoE without muP
             return 1.0
         raise FmError(f"{self.path.name}: layout.embed_scale must be \"sqrt_hidden\" or \"none\", got {how!r}")
@@ -1620,6 +1638,13 @@ class Policy:
                 shapes.update({"index_q.weight": (ix["heads"] * ix["dim"], a["q_rank"]), "index_k.weight": (ix["dim"], h),
                                "index_k_norm.weight": (ix["dim"],), "index_k_norm.bias": (ix["dim"],),
                                "index_w.weight": (ix["heads"], h)})
+        if spec.rglru:              # RecurrentGemma: y|x, the conv, the gates per head, the recurrence
+            W, Hr, K = spec.rglru["width"], spec.rglru["heads"], spec.rglru["conv_kernel"]
+            shapes.update({"rg_in.weight": (2 * W, h), "rg_in.bias": (2 * W,), "rg_conv.weight": (W, K),
+                           "rg_conv.bias": (W,), "rg_gate_x.weight": (Hr, W // Hr, W // Hr),
+                           "rg_gate_x.bias": (Hr, W // Hr), "rg_gate_a.weight": (Hr, W // Hr, W // Hr),
+                           "rg_gate_a.bias": (Hr, W // Hr), "rg_a": (W,), "rg_out.weight": (h, W),
+                           "rg_out.bias": (h,)})
         if spec.altup:              # Gemma 3n: AltUp's copies and LAuReL, replicated
             n, r = spec.altup["streams"], spec.altup["laurel_rank"]
             shapes.update({"altup_proj.weight": ((n - 1) * h, h), "altup_unembed.weight": ((n - 1) * h, h),

@@ -68,17 +68,21 @@ HEADS = ("q_b.weight", "kv_b.weight", "attn_sinks.weight", "attn_gate.bias", "at
          "lin_decay.a_log", "lin_decay.dt_bias", "ssm.a_log", "ssm.dt_bias", "ssm.d", "ssm_norm.weight",
          "mamba_conv.weight", "mamba_conv.bias", "mamba_dt.weight", "mamba_dt.bias", "mamba.a_log", "mamba.d",
          "lin_f_b.weight", "lin_g_b.weight", "attn_sub_norm.weight", "lin_qkv.weight", "lin_out_norm.weight",
-         "lin_gate.weight", "attn_out_a.weight")
+         "lin_gate.weight", "attn_out_a.weight", "rg_conv.weight", "rg_conv.bias", "rg_gate_x.weight",
+         "rg_gate_x.bias", "rg_gate_a.weight", "rg_gate_a.bias", "rg_a")
 # Row-parallel slots: split along dim 1 (K), each rank's product a partial sum. The linear mixers' (ROW_K) split
 # evenly along K with nothing padded.
-ROW_K = ("lin_out.weight", "ssm_out.weight", "sconv_out.weight", "mamba_out.weight", "mamba_x.weight")
+ROW_K = ("lin_out.weight", "ssm_out.weight", "sconv_out.weight", "mamba_out.weight", "mamba_x.weight",
+         "rg_out.weight")
 ROW = ("attn_out.weight", "mlp_out.weight", *ROW_K)
 # A linear mixer's fused slots, part by part: q, k, v(, z, b, a) for Gated DeltaNet, x(, B, C) or z, x, B, C, dt for
 # Mamba2 (see `_mixer_parts`)
-MIXER_PARTS = ("lin_in.weight", "lin_conv.weight", "lin_conv.bias", "ssm_in.weight", "ssm_in.bias",
+MIXER_PARTS = ("lin_in.weight", "lin_conv.weight", "lin_conv.bias", "ssm_in.weight", "ssm_in.bias", "rg_in.weight",
+               "rg_in.bias",
                "ssm_conv.weight", "ssm_conv.bias", "sconv_in.weight", "sconv_in.bias", "sconv_conv.weight",
                "sconv_conv.bias", "mamba_in.weight", "mamba_in.bias")
-ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias", "ssm_out.bias", "sconv_out.bias", "mamba_out.bias")
+ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias", "ssm_out.bias", "sconv_out.bias", "mamba_out.bias",
+            "rg_out.bias")
 VOCAB = ("embed.weight", "lm_head.weight", "lm_head.bias", "ple_embed.weight")   # Gemma 4's per-layer embeddings too
 EXPERTS = ("experts_in.weight", "experts_out.weight")
 
@@ -194,6 +198,9 @@ def plan(spec: ModelSpec, tp: int, group_size: int | None) -> Layout:
         if spec.global_attn else (0, 0)
     la = spec.linear_attn
     ssm = spec.ssm
+    if spec.rglru and spec.rglru["heads"] % tp:
+        raise FmError(f"tp={tp} does not divide the RG-LRU's heads ({spec.rglru['heads']}); each rank must hold whole "
+                      f"heads")
     if ssm and (ssm["heads"] % tp or (ssm["groups"] % tp and ssm["groups"] != 1)):
         raise FmError(f"tp={tp} does not divide the Mamba2 heads (mamba_n_heads={ssm['heads']}) and groups "
                       f"(mamba_n_groups={ssm['groups']}, which may also be 1); each rank must hold whole heads")
@@ -402,6 +409,8 @@ def _mixer_parts(spec: ModelSpec, slot: str, tp: int) -> list[tuple[int, bool]]:
     group serves every head (Granite 4.0)."""
     if slot.startswith("sconv_"):               # LFM2: B, C, x (or the conv's channels), each split over channels
         return [(spec.hidden_size, True)] * (3 if slot.startswith("sconv_in.") else 1)
+    if slot.startswith("rg_"):                  # RecurrentGemma: y, x, each split over channels (whole heads)
+        return [(spec.rglru["width"], True)] * 2
     if slot.startswith("mamba_"):               # Mamba 1: x, z, each split over channels
         return [(spec.mamba["inner"], True)] * 2
     if slot.startswith("lin_") and spec.linear_attn.get("decay") == "channel":
@@ -452,5 +461,7 @@ def k_per_rank(spec: ModelSpec, lay: Layout, slot: str) -> int:
         "sconv_out.weight": spec.hidden_size // lay.tp if spec.short_conv else 0,
         "ssm_out.weight": spec.ssm["heads"] * spec.ssm["head_dim"] // lay.tp if spec.ssm else 0,
         "mamba_in.weight": spec.hidden_size if spec.mamba else 0,
+        "rg_in.weight": spec.hidden_size if spec.rglru else 0,
+        "rg_out.weight": spec.rglru["width"] // lay.tp if spec.rglru else 0,
         "mamba_out.weight": spec.mamba["inner"] // lay.tp if spec.mamba else 0,
     }[slot]

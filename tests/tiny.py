@@ -779,6 +779,11 @@ CONFIGS = {
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
                            num_position_embeddings=16),
         image_token_id=100, video_token_id=99, vision_start_token_id=98, vision_end_token_id=97)),
+    # RecurrentGemma: two RG-LRU layers (4 heads of 16 channels) and a windowed multi-query attention layer
+    "recurrent_gemma": ("RecurrentGemmaConfig", "RecurrentGemmaForCausalLM", dict(
+        hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+        vocab_size=101, lru_width=64, attention_window_size=4, conv1d_width=4,
+        block_types=["recurrent", "recurrent", "attention"], pad_token_id=0, bos_token_id=2, eos_token_id=1)),
     # Gemma 3n: AltUp over 4 copies, LAuReL, per-layer inputs over the first 90 ids of 101, the last two layers
     # reading the caches of the first two, the first layer's MLP gate thinned to its top 5%
     "gemma3n": ("Gemma3nTextConfig", "Gemma3nForCausalLM", dict(
@@ -835,6 +840,8 @@ def build(name: str, seed: int = 0, **overrides):
                 b.copy_(torch.rand_like(b) + 0.5)
             elif n.endswith(("hc.base", "hc_base")):
                 b.copy_(torch.randn_like(b) * 0.5)
+            elif n.endswith(("rg_lru.recurrent_param", "gate_bias")) and "rg_lru" in n:   # RecurrentGemma: gates
+                b.copy_(torch.randn_like(b) * 0.5)                                            # that differ
             elif n.endswith(("correct_output_scale", "correction_coefs.weight", "prediction_coefs.weight")):   # Gemma 3n
                 b.copy_(torch.randn_like(b) * 0.5)
             elif n.endswith("position_bias"):      # DeepSeek-V4's compressors: zeros by default

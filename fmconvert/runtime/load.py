@@ -43,10 +43,11 @@ _INT8_OK = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight", 
             "lin_out.weight",
             "lin_qkv.weight", "lin_gate.weight",
             "ssm_in.weight", "ssm_out.weight", "sconv_in.weight", "sconv_out.weight", "mamba_in.weight",
-            "mamba_out.weight")
+            "mamba_out.weight", "rg_in.weight", "rg_out.weight")
 _EXPERTS = ("experts_in.weight", "experts_out.weight")
 ROPE_TENSORS = ("rope.inv_freq", "rope_local.inv_freq", "rope_long.inv_freq")   # derived, kept float32
-_ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias", "ssm_out.bias", "sconv_out.bias", "mamba_out.bias")
+_ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias", "ssm_out.bias", "sconv_out.bias", "mamba_out.bias",
+             "rg_out.bias")
 
 
 def check_layout(m: dict, rank: int):
@@ -182,6 +183,13 @@ def check_layout(m: dict, rank: int):
         layer.update({"sconv_in.weight": (3 * hc, h), "sconv_in.bias": (3 * hc,),
                       "sconv_conv.weight": (hc, sc["conv_kernel"]), "sconv_conv.bias": (hc,),
                       "sconv_out.weight": (h, hc), "sconv_out.bias": (h,)})
+    rg = sp.get("rglru")
+    if rg:              # RecurrentGemma: this rank's channels of y|x and of the conv, its heads' gates
+        W, Hr, bw = rg["width"] // tp, rg["heads"] // tp, rg["width"] // rg["heads"]
+        layer.update({"rg_in.weight": (2 * W, h), "rg_in.bias": (2 * W,), "rg_conv.weight": (W, rg["conv_kernel"]),
+                      "rg_conv.bias": (W,), "rg_gate_x.weight": (Hr, bw, bw), "rg_gate_x.bias": (Hr, bw),
+                      "rg_gate_a.weight": (Hr, bw, bw), "rg_gate_a.bias": (Hr, bw), "rg_a": (W,),
+                      "rg_out.weight": (h, W), "rg_out.bias": (h,)})
     mb = sp["mamba"]
     if mb:              # Mamba 1: this rank's channels of x|z, of the conv, dt_proj, A and D; x_proj's columns
         D, N, R = mb["inner"] // tp, mb["state"], mb["dt_rank"]
@@ -276,6 +284,9 @@ def check_layout(m: dict, rank: int):
         per_layer |= {"ssm_in.weight", "ssm_conv.weight", "ssm.a_log", "ssm.dt_bias", "ssm.d", "ssm_out.weight"}
         if ssm.get("gate") != "none":       # Falcon-H1 may gate the output without a norm
             per_layer.add("ssm_norm.weight")
+    if linear_layers and rg:
+        per_layer |= {"rg_in.weight", "rg_conv.weight", "rg_gate_x.weight", "rg_gate_a.weight", "rg_a",
+                      "rg_out.weight"}
     if linear_layers and mb:
         per_layer |= {"mamba_in.weight", "mamba_conv.weight", "mamba_x.weight", "mamba_dt.weight", "mamba_dt.bias",
                       "mamba.a_log", "mamba.d", "mamba_out.weight"}

@@ -145,6 +145,7 @@ class Block(nn.Module):
         if i in (sp["linear_layers"] or ()):
             self.linear = (("mamba", "ssm_out") if sp["ssm"] else ("short_conv", "sconv_out") if sp["short_conv"]
                            else ("mamba1", "mamba_out") if sp["mamba"]
+                           else ("rglru", "rg_out") if sp.get("rglru")
                            else ("lightning", "lin_out") if sp["lightning"]
                            else ("kda", "lin_out") if sp["linear_attn"].get("decay") == "channel"
                            else ("linear_attention", "lin_out"))
@@ -506,6 +507,41 @@ class Block(nn.Module):
                         for v, n in ((dt, "dt"), (b, "b"), (c, "c")))
         dt = m.ops.linear(dt, t["mamba_dt.weight"], t["mamba_dt.bias"])       # (B, T, Dc): softplus in the scan
         return m.ops.mamba_scan(x, dt, self.ssm_a, b, c, self.ssm_d, z, state)
+
+    def rglru(self, h, cache, key_padding_mask, pos_t=None):
+        """RecurrentGemma's RG-LRU. One projection gives the y branch (through the activation) and x; a causal
+        depthwise conv runs over x; each head's block-diagonal gates read it: the input gate i and the recurrence
+        gate r, both sigmoid; a = exp(-8 r softplus(rg_a)); each channel's state h = a h + sqrt(1 - a^2) i x, in fp32
+        (at position 0: x i enters whole and a is 0), and the output is h times y. With a cache the conv's last
+        inputs and the state carry over: fixed-size, graph-safe. A recurrence step by step over the prompt."""
+        m, t, rg = self.m, self.t, self.m.spec["rglru"]
+        B, T, _ = h.shape
+        W, H = rg["width"] // m.tp, rg["heads"] // m.tp
+        h, mask = self._unpadded(h, key_padding_mask, pos_t)
+        y, x = m.ops.linear(h, t["rg_in.weight"], t.get("rg_in.bias")).split([W, W], dim=-1)
+        y = activate(y, rg["activation"])
+        conv, state = self._linear_cache(cache, pos_t, (B, W), h.device)
+        x = m.ops.causal_conv1d(x, t["rg_conv.weight"], t.get("rg_conv.bias"), conv, silu=False)
+        if mask is not None:
+            x = x * mask
+        xs = x.view(B, T, H, W // H)
+        gate = lambda w: torch.sigmoid(torch.einsum("bthi,hio->btho", xs, t[w + ".weight"])     # noqa: E731
+                                       + t[w + ".bias"]).reshape(B, T, W)
+        log_a = -8.0 * gate("rg_gate_a") * torch.nn.functional.softplus(t["rg_a"])
+        a, mult = torch.exp(log_a), torch.sqrt(1 - torch.exp(2 * log_a))
+        if pos_t is not None:             # a step at position 0 starts the sequence
+            first = (pos_t == 0).view(1, 1, 1)
+        else:
+            first = (torch.arange(T, device=h.device) + (cache.length if cache is not None else 0) == 0).view(1, T, 1)
+        a, mult = a.masked_fill(first, 0.0), mult.masked_fill(first, 1.0)
+        b = (x * gate("rg_gate_x")) * mult.to(x.dtype)
+        out = torch.empty_like(b)
+        for j in range(T):
+            state = a[:, j].float() * state + b[:, j].float()
+            out[:, j] = state.to(b.dtype)
+        if cache is not None:
+            cache.state[self.i].copy_(state)
+        return out * y
 
     def _head_norm(self, q, k, qk_norm):
         """Each q and k head normalised with the weight (and bias) every head shares (q_norm, k_norm)."""
@@ -1647,6 +1683,9 @@ class FusedModel(nn.Module):
                       for b in self.blocks if b.linear}
         if self.spec["lightning"]:    # MiniMax: no conv; a [head_dim, head_dim] state per head of this rank
             linear = {b.i: (0, 1, (self.heads, self.head_dim, self.head_dim)) for b in self.blocks if b.linear}
+        if self.spec.get("rglru"):    # RecurrentGemma: the conv over this rank's channels of x; a state per channel
+            W = self.spec["rglru"]["width"] // self.tp
+            linear = {b.i: (W, self.spec["rglru"]["conv_kernel"], (W,)) for b in self.blocks if b.linear}
         if self.spec["mamba"]:     # Mamba 1: the conv over this rank's channels of x; a [state] row per channel
             mb = self.spec["mamba"]
             linear = {b.i: (mb["inner"] // self.tp, mb["conv_kernel"], (mb["inner"] // self.tp, mb["state"]))
