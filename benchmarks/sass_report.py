@@ -274,7 +274,7 @@ def linear_cases():
     q/k heads of 128) and Kimi Linear 48B's KDA (32 heads of 128, a decay per key channel), Granite 4.0-H's Mamba2
     scan (head_dim 64, state 128), FalconMamba-7B's Mamba1 scan (8192 channels, state 16), the conv over a decode
     step's x|B|C and over a prompt, and the three gated norms (Qwen3.5's, Mamba2's, KDA's sigmoid one)."""
-    from fmconvert.kernels import conv1d, delta_rule, gated_norm, mamba1_scan, selective_scan
+    from fmconvert.kernels import conv1d, delta_rule, gated_norm, mamba1_scan, rglru_scan, selective_scan
     f32 = {"g_ptr": "*fp32", "beta_ptr": "*fp32", "s_ptr": "*fp32", "dt_ptr": "*fp32", "a_ptr": "*fp32",
            "d_ptr": "*fp32"}
     bv = delta_rule._block_v(128)
@@ -306,6 +306,11 @@ def linear_cases():
                ptrs={**f32, "dt_ptr": "*bf16"},
                ints=dict(T=1, DC=8192, N=16, sxb=16384, sxt=16384, sdb=8192, sdt=8192, sa=16, sbb=288, sbt=288,
                          scb=288, sct=288, szb=16384, szt=16384, ssb=8192 * 16, ssd=16, syb=8192, syt=8192))
+    # RecurrentGemma-9B's RG-LRU recurrence at tp 1: its 4096 channels, a step (decode) reading bf16 a and x
+    bd = min(rglru_scan.BLOCK, 4096)
+    yield Case("rglru scan step w4096", rglru_scan._linear_scan_kernel, dict(BD=bd), max(1, min(4, bd // 64)),
+               ptrs={"a_ptr": "*bf16", "x_ptr": "*bf16", "s_ptr": "*fp32", "y_ptr": "*bf16"},
+               ints=dict(T=1, W=4096, sab=4096, sat=4096, sxb=4096, sxt=4096, ssb=4096, syb=4096, syt=4096))
     for T, bt in ((1, 1), (2048, 16)):
         yield Case(f"causal conv1d T={T} c4352 k4", conv1d._causal_conv1d_kernel,
                    dict(K=4, HAS_BIAS=True, HAS_STATE=True, SILU=True, BT=bt, BC=64, BS=4),

@@ -38,6 +38,7 @@ _LAZY = {
     "gated_rms_norm": "gated_norm", "gated_rms_norm_reference": "gated_norm",
     "ssm_scan": "selective_scan", "ssm_scan_reference": "selective_scan",
     "mamba_scan": "mamba1_scan", "mamba_scan_reference": "mamba1_scan",
+    "linear_scan": "rglru_scan", "linear_scan_reference": "rglru_scan",
 }
 
 
@@ -62,5 +63,5 @@ __all__ = [
     "mla_decode", "mla_decode_reference", "mla_decode_workspace",
     "gated_delta", "gated_delta_reference", "causal_conv1d", "causal_conv1d_reference",
     "gated_rms_norm", "gated_rms_norm_reference", "ssm_scan", "ssm_scan_reference",
-    "mamba_scan", "mamba_scan_reference",
+    "mamba_scan", "mamba_scan_reference", "linear_scan", "linear_scan_reference",
 ]

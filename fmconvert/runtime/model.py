@@ -513,7 +513,8 @@ class Block(nn.Module):
         depthwise conv runs over x; each head's block-diagonal gates read it: the input gate i and the recurrence
         gate r, both sigmoid; a = exp(-8 r softplus(rg_a)); each channel's state h = a h + sqrt(1 - a^2) i x, in fp32
         (at position 0: x i enters whole and a is 0), and the output is h times y. With a cache the conv's last
-        inputs and the state carry over: fixed-size, graph-safe. A recurrence step by step over the prompt."""
+        inputs and the state carry over: fixed-size, graph-safe. The recurrence: ops.linear_scan (one kernel launch
+        on the Triton backend)."""
         m, t, rg = self.m, self.t, self.m.spec["rglru"]
         B, T, _ = h.shape
         W, H = rg["width"] // m.tp, rg["heads"] // m.tp
@@ -534,14 +535,7 @@ class Block(nn.Module):
         else:
             first = (torch.arange(T, device=h.device) + (cache.length if cache is not None else 0) == 0).view(1, T, 1)
         a, mult = a.masked_fill(first, 0.0), mult.masked_fill(first, 1.0)
-        b = (x * gate("rg_gate_x")) * mult.to(x.dtype)
-        out = torch.empty_like(b)
-        for j in range(T):
-            state = a[:, j].float() * state + b[:, j].float()
-            out[:, j] = state.to(b.dtype)
-        if cache is not None:
-            cache.state[self.i].copy_(state)
-        return out * y
+        return m.ops.linear_scan(a, (x * gate("rg_gate_x")) * mult.to(x.dtype), state) * y
 
     def _head_norm(self, q, k, qk_norm):
         """Each q and k head normalised with the weight (and bias) every head shares (q_norm, k_norm)."""

@@ -394,6 +394,16 @@ class TorchOps:
             y = y + D[:, None] * xf
         return y.unsqueeze(1).to(x.dtype)
 
+    def linear_scan(self, a, x, state):
+        """RecurrentGemma's diagonal recurrence from `state` [B, W] (fp32, updated in place): s = a s + x per token,
+        returns the states [B, T, W] in x's dtype (kernels/rglru_scan.py)."""
+        s, out = state.clone(), torch.empty_like(x)
+        for t in range(x.shape[1]):
+            s = a[:, t].float() * s + x[:, t].float()
+            out[:, t] = s.to(x.dtype)
+        state.copy_(s)
+        return out
+
     def mamba_scan(self, x, dt, A, Bm, Cm, D, z, state, chunk=64):
         """Mamba (1)'s selective scan over T tokens from `state` [B, Dc, N] (fp32, updated in place): x, z [B, T, Dc],
         dt [B, T, Dc] (dt_proj's output, bias included; softplus here), A [Dc, N] fp32 (negative), Bm, Cm [B, T, N]
@@ -760,6 +770,9 @@ class TritonOps(TorchOps):
 
     def mamba_scan(self, x, dt, A, Bm, Cm, D, z, state):
         return self.k.mamba_scan(x, dt, A, Bm, Cm, D, z, state)
+
+    def linear_scan(self, a, x, state):
+        return self.k.linear_scan(a.contiguous(), x.contiguous(), state)
 
     def gated_delta(self, q, k, v, g, beta, state, scale):
         return self.k.gated_delta(q, k, v, g, beta, state, scale)
