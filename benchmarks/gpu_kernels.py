@@ -518,6 +518,27 @@ def bench_mamba_scan(rows):
     del layers
 
 
+def bench_rglru_scan(rows):
+    """RecurrentGemma-9B's RG-LRU recurrence (4096 channels, fp32 state): a 2048-token prompt in one launch against
+    the torch backend's token-by-token loop (2048 small launches), and a decode step against the loop's one step."""
+    from fmconvert.kernels import linear_scan, linear_scan_reference
+    from fmconvert.runtime.ops import TorchOps
+
+    B, W, dt_ = 1, 4096, torch.bfloat16
+    for T in (2048, 1):
+        a = torch.rand(B, T, W, device="cuda", dtype=dt_)
+        x = torch.randn(B, T, W, device="cuda", dtype=dt_)
+        s0 = torch.randn(B, W, device="cuda")
+        want = linear_scan_reference(a, x, s0.clone()).float()
+        ok = (linear_scan(a, x, s0.clone()).float() - want).abs().max().item() < 0.05
+        torch_ops = TorchOps()
+        ms_k = _bench(lambda: linear_scan(a, x, s0.clone()))
+        ms_t = _bench(lambda: torch_ops.linear_scan(a, x, s0.clone()), warmup=2, rep=5 if T > 1 else 40)
+        nbytes = 3 * a.numel() * 2 + 2 * s0.numel() * 4                 # a, x, y; the state in and out
+        rows.append(_row("rglru_scan", f"B={B} T={T} W={W} bf16, state fp32", ms_k, ms_t, nbytes, ok,
+                         baseline="torch backend loop"))
+
+
 def bench_prefill_attention(rows):
     from fmconvert.kernels import prefill_attention, prefill_attention_reference
 
@@ -592,7 +613,7 @@ def run(report: dict, parts=None) -> list:
     rows: list = []
     for part in (bench_linear, bench_gemv, bench_swiglu, bench_float_gemv, bench_norm, bench_glu, bench_rope, bench_rope_append,
                  bench_decode_attention, bench_block_sparse_decode, bench_mla_decode, bench_gated_delta, bench_ssm_scan, bench_mamba_scan,
-                 bench_prefill_attention, bench_window_attention):
+                 bench_rglru_scan, bench_prefill_attention, bench_window_attention):
         if parts and part.__name__.removeprefix("bench_") not in parts:
             continue
         t = time.time()
