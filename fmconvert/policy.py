@@ -991,10 +991,14 @@ class Policy:
                           "supported")
         if dim:
             pv = c.get("ple_vocab")
-            if type(dim) is not int or dim < 0 or type(pv) is not int or not 0 < pv <= c["vocab_size"]:
+            # Gemma 3n's table may cover the first ids only (layout ple_first_ids: the rest read row 0); Gemma 4
+            # looks every id up, so there it must be the whole vocab
+            short = self.layout.get("ple_first_ids", False)
+            if type(dim) is not int or dim < 0 or type(pv) is not int or not 0 < pv <= c["vocab_size"] \
+                    or (pv != c["vocab_size"] and not short):
                 raise FmError(f"config.json: hidden_size_per_layer_input must be a non-negative integer and "
-                              f"vocab_size_per_layer_input a positive one up to the vocab size ({c['vocab_size']}), "
-                              f"got {dim!r} and {pv!r}")
+                              f"vocab_size_per_layer_input {'a positive one up to' if short else ''} the vocab size "
+                              f"({c['vocab_size']}), got {dim!r} and {pv!r}")
             out["per_layer_input"] = dim
             if pv < c["vocab_size"]:          # Gemma 3n: the ids past it read row 0
                 out["per_layer_vocab"] = pv
