@@ -16,15 +16,6 @@ from fmconvert.pipeline import Options, convert
 from fmconvert.runtime.load import load
 
 
-def _hf(ids, **kw):
-    with torch.no_grad():
-        return tiny.build("deepseek_v4", **kw)(ids).logits
-
-
-def _ids(T=20, seed=0):
-    return torch.randint(3, 100, (2, T), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_a_prompt_matches_transformers(model_dir, tmp_path, tp):
     """20 tokens: past the window of 8, five windows of the sparse layers (the indexer keeps 3) and two of the
@@ -51,8 +42,8 @@ def test_decode_steps_match_transformers_eager_and_graph_safe(model_dir, tmp_pat
     """Steps to 26 tokens: the ring of the window wraps, entries close between steps (the graph-safe step recomputes
     its own window's every step), the indexer's choice narrows to 3 of up to 6."""
     convert(model_dir("deepseek_v4"), tmp_path / "out", Options(tp=2), progress=False)
-    ids = _ids(26, 1)
-    want = _hf(ids)
+    ids = tiny.ids(26, 1)
+    want = tiny.hf_logits("deepseek_v4", ids)
     for eager, graph in tiny.on_ranks(tmp_path / "out", 2, lambda m: tiny.decode_steps(m, ids, prompt)):
         assert tiny.rel(eager, want[:, prompt - 1:]) < 1e-5 and tiny.rel(graph, want[:, prompt - 1:]) < 1e-5
 
@@ -62,7 +53,7 @@ def test_a_prompt_in_pieces_equals_it_whole(model_dir, tmp_path):
     in the compressors' rings."""
     convert(model_dir("deepseek_v4"), tmp_path / "out", Options(tp=1), progress=False)
     m = load(tmp_path / "out")
-    ids = _ids(18, 2)
+    ids = tiny.ids(18, 2)
     want = m(ids)
     cache = m.new_cache(2, 18)
     got = torch.cat([m(ids[:, a:b], cache) for a, b in ((0, 5), (5, 7), (7, 18))], 1)
@@ -73,7 +64,7 @@ def test_left_padding_matches_transformers(model_dir, tmp_path):
     """A shorter row padded on the left: its padding is left out of the sliding keys (the compressors pool it, as
     transformers' do)."""
     convert(model_dir("deepseek_v4"), tmp_path / "out", Options(tp=1), progress=False)
-    ids = _ids(14, 3)
+    ids = tiny.ids(14, 3)
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     with torch.no_grad():
@@ -83,14 +74,7 @@ def test_left_padding_matches_transformers(model_dir, tmp_path):
 
 
 def test_each_piece_changes_the_logits(model_dir, tmp_path):
-    convert(model_dir("deepseek_v4"), tmp_path / "out", Options(tp=1), progress=False)
-    ids = _ids(20, 4)
-    want = _hf(ids)
-
-    def moved(change) -> float:
-        m = load(tmp_path / "out")
-        change(m)
-        return tiny.rel(m(ids), want)
+    moved = tiny.moved_by("deepseek_v4", model_dir("deepseek_v4"), tmp_path / "out", 20, 4)
 
     b = lambda i: (lambda f: lambda m: f(m.blocks[i]))      # noqa: E731  a change to block i
     assert moved(lambda m: None) < 1e-5
@@ -124,7 +108,7 @@ def test_the_published_checkpoint_converts_the_same(model_dir, model_copy, tmp_p
     m = tiny.converted_manifest(src, tmp_path / "pub", tp=2)
     assert m["source"]["dropped"]["tensors"] == 1
     convert(model_dir("deepseek_v4"), tmp_path / "hf", Options(tp=2), progress=False)
-    ids = _ids(12, 5)
+    ids = tiny.ids(12, 5)
     a = tiny.on_ranks(tmp_path / "pub", 2, lambda mm: mm(ids))
     b = tiny.on_ranks(tmp_path / "hf", 2, lambda mm: mm(ids))
     assert torch.equal(a[0], b[0])
@@ -228,11 +212,11 @@ def test_int8_output_groups_run_as_blocks(model_dir, tmp_path, monkeypatch):
     import fmconvert.runtime.load as ld
     from fmconvert.kernels import int8_gemv_cpu
     convert(model_dir("deepseek_v4"), tmp_path / "out", Options(tp=1, int8=True, group_size=16), progress=False)
-    ids = _ids(12, 6)
+    ids = tiny.ids(12, 6)
     ref = load(tmp_path / "out", dequantize=True)
     assert isinstance(ref.blocks[1].out_a, torch.Tensor)
     want = ref(ids)
-    assert tiny.rel(want, _hf(ids)) < 0.05
+    assert tiny.rel(want, tiny.hf_logits("deepseek_v4", ids)) < 0.05
     kept = load(tmp_path / "out", dequantize=False)
     assert len(kept.blocks[1].out_a) == 4 and kept.blocks[1].out_a[0].q.shape == (16, 32)
     assert tiny.rel(kept(ids), want) < 1e-5

@@ -13,16 +13,6 @@ from safetensors.torch import load_file, save_file
 
 import tiny
 from fmconvert.pipeline import Options, convert
-from fmconvert.runtime.load import load
-
-
-def _hf(ids, **kw):
-    with torch.no_grad():
-        return tiny.build("gemma3n", **kw)(ids).logits
-
-
-def _ids(T=14, seed=0):
-    return torch.randint(3, 100, (2, T), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -46,21 +36,14 @@ def test_decode_steps_match_transformers_eager_and_graph_safe(model_dir, tmp_pat
     """The last two layers read the caches of the first two (the windowed one's ring wraps), the copies ride through
     each step."""
     convert(model_dir("gemma3n"), tmp_path / "out", Options(tp=2), progress=False)
-    ids = _ids(16, 1)
-    want = _hf(ids)
+    ids = tiny.ids(16, 1)
+    want = tiny.hf_logits("gemma3n", ids)
     for eager, graph in tiny.on_ranks(tmp_path / "out", 2, lambda m: tiny.decode_steps(m, ids, 5)):
         assert tiny.rel(eager, want[:, 4:]) < 1e-5 and tiny.rel(graph, want[:, 4:]) < 1e-5
 
 
 def test_each_piece_changes_the_logits(model_dir, tmp_path):
-    convert(model_dir("gemma3n"), tmp_path / "out", Options(tp=1), progress=False)
-    ids = _ids(14, 2)
-    want = _hf(ids)
-
-    def moved(change) -> float:
-        m = load(tmp_path / "out")
-        change(m)
-        return tiny.rel(m(ids), want)
+    moved = tiny.moved_by("gemma3n", model_dir("gemma3n"), tmp_path / "out", 14, 2)
 
     def each(slot, f):
         return lambda m: [b.t.__setitem__(slot, f(b.t[slot])) for b in m.blocks]
@@ -72,7 +55,6 @@ def test_each_piece_changes_the_logits(model_dir, tmp_path):
     assert moved(each("laurel_right.weight", lambda w: w * 0)) > 1e-3
     assert moved(lambda m: setattr(m.blocks[0], "sparsity", 0.0)) > 1e-3
     assert moved(lambda m: m.g.__setitem__("altup_unembed.weight", m.g["altup_unembed.weight"].flip(0))) > 1e-3
-    assert moved(lambda m: None) < 1e-5
 
 
 def test_ids_past_the_per_layer_table_read_its_first_row(model_dir, tmp_path):
@@ -80,7 +62,7 @@ def test_ids_past_the_per_layer_table_read_its_first_row(model_dir, tmp_path):
     the vocab split adds would give zeros."""
     convert(model_dir("gemma3n", pad_token_id=5), tmp_path / "out", Options(tp=2), progress=False)
     ids = torch.randint(85, 101, (2, 14), generator=torch.Generator().manual_seed(3))
-    want = _hf(ids, pad_token_id=5)
+    want = tiny.hf_logits("gemma3n", ids, pad_token_id=5)
     got = tiny.on_ranks(tmp_path / "out", 2, lambda m: m(ids))
     assert max(tiny.rel(g, want) for g in got) < 1e-5
 
@@ -110,7 +92,7 @@ def test_the_multimodal_checkpoint_converts_its_language_model(model_copy, tmp_p
     (src / "config.json").write_text(json.dumps(cfg))
     m = tiny.converted_manifest(src, tmp_path / "vl", tp=2)
     assert m["source"]["dropped"]["tensors"] == 4 and m["model"]["family"] == "gemma3n"
-    ids = _ids(10, 3)
+    ids = tiny.ids(10, 3)
     a = tiny.on_ranks(tmp_path / "vl", 2, lambda mm: mm(ids))
     b = tiny.on_ranks(tmp_path / "text", 2, lambda mm: mm(ids))
     assert torch.equal(a[0], b[0])

@@ -15,7 +15,7 @@ from fmconvert.runtime.load import load
 
 
 def _ids(T=14, seed=0):
-    return torch.randint(3, 100, (2, T), generator=torch.Generator().manual_seed(seed))
+    return tiny.ids(T, seed)
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -27,8 +27,7 @@ def test_a_prompt_matches_transformers(model_dir, tmp_path, tp):
 def test_decode_steps_and_a_prompt_in_pieces_match_transformers(model_dir, tmp_path):
     convert(model_dir("recurrent_gemma"), tmp_path / "out", Options(tp=2), progress=False)
     ids = _ids(14, 1)
-    with torch.no_grad():
-        want = tiny.build("recurrent_gemma")(ids).logits
+    want = tiny.hf_logits("recurrent_gemma", ids)
     for eager, graph in tiny.on_ranks(tmp_path / "out", 2, lambda m: tiny.decode_steps(m, ids, 3)):
         assert tiny.rel(eager, want[:, 2:]) < 1e-5 and tiny.rel(graph, want[:, 2:]) < 1e-5
 
@@ -39,15 +38,7 @@ def test_decode_steps_and_a_prompt_in_pieces_match_transformers(model_dir, tmp_p
 
 
 def test_each_piece_changes_the_logits(model_dir, tmp_path):
-    convert(model_dir("recurrent_gemma"), tmp_path / "out", Options(tp=1), progress=False)
-    ids = _ids(14, 2)
-    with torch.no_grad():
-        want = tiny.build("recurrent_gemma")(ids).logits
-
-    def moved(change) -> float:
-        m = load(tmp_path / "out")
-        change(m)
-        return tiny.rel(m(ids), want)
+    moved = tiny.moved_by("recurrent_gemma", model_dir("recurrent_gemma"), tmp_path / "out", 14, 2)
 
     def each(slot, f):
         return lambda m: [b.t.__setitem__(slot, f(b.t[slot])) for b in m.blocks if b.linear]
@@ -57,6 +48,7 @@ def test_each_piece_changes_the_logits(model_dir, tmp_path):
     assert moved(each("rg_gate_a.bias", lambda w: w + 1.0)) > 1e-3
     assert moved(each("rg_a", lambda w: w * 2)) > 1e-3
     assert moved(each("rg_conv.weight", lambda w: w.flip(-1))) > 1e-3
+    ids = _ids(14, 2)
     m = load(tmp_path / "out")               # the first position: x enters whole, not scaled by sqrt(1 - a^2)
     cache = m.new_cache(2, 14)
     m(ids[:, :1], cache)

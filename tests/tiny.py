@@ -936,6 +936,34 @@ def refuses(src: Path, out: Path, match: str, **edit):
     assert not out.exists()
 
 
+def ids(T: int, seed: int = 0, B: int = 2):
+    """B fixed random sequences of T token ids in [3, 100), the same for every call with this seed."""
+    return torch.randint(3, 100, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_logits(name: str, token_ids, **overrides):
+    """transformers' own logits of the tiny model `name` (with these config overrides) for token_ids."""
+    with torch.no_grad():
+        return build(name, **overrides)(token_ids).logits
+
+
+def moved_by(name: str, src, out: Path, T: int, seed: int):
+    """src converted at tp 1 into out, and a function change -> tiny.rel of the logits of a fresh load after
+    change(model) against transformers', on tiny.ids(T, seed): how far one change moves the converted model (0 for
+    no change: each piece of a family's own must be shown to matter)."""
+    from fmconvert.pipeline import Options, convert
+    from fmconvert.runtime.load import load
+    convert(src, out, Options(tp=1), progress=False)
+    token_ids = ids(T, seed)
+    want = hf_logits(name, token_ids)
+
+    def moved(change) -> float:
+        m = load(out)
+        change(m)
+        return rel(m(token_ids), want)
+    return moved
+
+
 def rel(a, b) -> float:
     """The largest difference relative to the largest magnitude of b: the family tests' error measure."""
     return ((a - b).abs().max() / b.abs().max()).item()
