@@ -62,8 +62,8 @@ _MODEL = {
     "norm": _ENUM("rms", "layer", "rms_plus_one", "layer_plus_one", "rms_fp32"), "norm_eps": _POS_NUM,
     "attn_scale": _POS_NUM,
     "activation": _ENUM("gelu", "gelu_tanh", "relu", "relu2", "silu", "swiglu", "geglu", "geglu_erf", "reglu2",
-                        "swiglu_oai", "swiglu_limit", "xielu"), "residual": _ENUM("pre", "post", "parallel", "normed", "hyper",
-                                                                                     "altup"),
+                        "swiglu_oai", "swiglu_limit", "xielu"),
+    "residual": _ENUM("pre", "post", "parallel", "normed", "hyper", "altup"),
     **{k: _BOOL for k in ("gated_mlp", "tied_embeddings", "embed_norm", "final_norm", "project", "pooler")},
     "position": lambda x: isinstance(x, dict), "bos_token_id": _TOKEN, "pad_token_id": _TOKEN,
     "eos_token_id": lambda x: _TOKEN(x) or (isinstance(x, list) and len(x) < 1024 and all(map(_NAT, x))),
@@ -463,7 +463,8 @@ def validate(m) -> dict:
     _need((model["head_activation"] is None) == ("head_dense.weight" not in model["slots"])
           and (model["head_activation"] is None or model["kind"] == "decoder"),
           "model.head_activation and the head_dense slot go together, in a decoder")
-    _need(not model["per_layer_input"] or (model["residual"] in ("pre", "altup") and not experts and model["kind"] == "decoder"),
+    _need(not model["per_layer_input"] or (model["residual"] in ("pre", "altup") and not experts
+                                           and model["kind"] == "decoder"),
           "model.per_layer_input needs the pre-norm residual, a decoder and no experts")
     src, L = model["kv_source"], model["num_layers"]
     windowed = set(model["window_layers"] or ())

@@ -31,7 +31,8 @@ from . import manifest as mf
 from . import slice as sl
 from . import srchash
 from .errors import EXIT_IO, FmError
-from .policy import DEPTHWISE, INT_SLOTS, ModelSpec, Policy, SlotSource, _config_value, per_layer_type, policy_of, stored_dtype
+from .policy import (DEPTHWISE, INT_SLOTS, ModelSpec, Policy, SlotSource, _config_value, per_layer_type, policy_of,
+                     stored_dtype)
 from .quantize import ErrorStats, quantize, scale_dtype_for
 from .read import SIDECAR_FILES, Checkpoint, fp8_block, int4_format, load_config, quant_method
 from .write import AtomicDir, ShardWriter, dtype_name, parse_size

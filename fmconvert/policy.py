@@ -1171,7 +1171,8 @@ class Policy:
             return {key: mixer, "linear_layers": list(range(c["num_layers"]))}
         types = getattr(config, "layer_types", None)
         if not isinstance(types, (list, tuple)) or len(types) != c["num_layers"]:
-            raise FmError(f"config.json: layer_types (or block_types) must list one kind per layer ({c['num_layers']}), "
+            raise FmError(f"config.json: layer_types (or block_types) must list one kind per layer "
+                          f"({c['num_layers']}), "
                           f"{kind} or full_attention")
         layers = [i for i, t in enumerate(types) if t == kind]
         return {key: mixer, "linear_layers": layers} if layers else {}
@@ -1664,7 +1665,8 @@ class Policy:
                            "attn_out_a.weight": (cp["o_groups"] * cp["o_rank"], H * hd // cp["o_groups"]),
                            "attn_out.weight": (h, cp["o_groups"] * cp["o_rank"]),
                            "comp_kv.weight": (n * hd, h), "comp_gate.weight": (n * hd, h), "comp_bias": (m, n * hd),
-                           "comp_norm.weight": (hd,), "router.token_experts": (spec.vocab_size, spec.experts_per_token)})
+                           "comp_norm.weight": (hd,),
+                           "router.token_experts": (spec.vocab_size, spec.experts_per_token)})
             if cp["index"]:
                 Hi, Di = cp["index"]["heads"], cp["index"]["dim"]
                 shapes.update({"index_q.weight": (Hi * Di, cp["q_rank"]), "index_w.weight": (Hi, h),
