@@ -71,8 +71,8 @@ def cli():
                    "two below it that divides every input width (GPT-OSS's 2880: 64). A rank whose K is narrower "
                    "uses the largest power of two that fits.")
 @click.option("--int8-embeddings", is_flag=True,
-              help="Also quantize the embedding table (and with it a tied lm_head), and Gemma 4 E2B/E4B's per-layer "
-                   "table.")
+              help="Also quantize the embedding table (and with it a tied lm_head), and the per-layer table of "
+                   "Gemma 4 E2B/E4B and Gemma 3n.")
 @click.option("--int8-lm-head/--no-int8-lm-head", default=True, show_default=True,
               help="Under --int8, quantize an untied lm_head as well. Each decoded token reads all of it.")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
@@ -93,8 +93,9 @@ def convert(model_dir, out_dir, tp, int8, group_size, int8_embeddings, int8_lm_h
     OUT_DIR gets one set of safetensors shards per rank, manifest.json (the contract the runtime reads), and the
     tokenizer and generation config. It appears atomically: a failed or interrupted run leaves nothing.
 
-    MODEL_DIR may hold a float checkpoint, a block-scaled FP8 release (DeepSeek-V3, Kimi K2, Qwen3-FP8), GPT-OSS's
-    MXFP4 experts, or 4-bit GPTQ / AWQ weights: those are decoded to float as they are read. `fmconvert inspect
+    MODEL_DIR may hold a float checkpoint, a block-scaled FP8 release (DeepSeek-V3, Kimi K2, Qwen3-FP8; DeepSeek-V4
+    with its FP4 experts), GPT-OSS's MXFP4 experts, or 4-bit GPTQ / AWQ weights: those are decoded to float as they
+    are read. `fmconvert inspect
     OUT_DIR` shows what was written.
     """
     if source_sha256:
