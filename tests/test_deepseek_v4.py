@@ -73,6 +73,25 @@ def test_left_padding_matches_transformers(model_dir, tmp_path):
     assert tiny.rel(got[0], want[0]) < 1e-5 and tiny.rel(got[1, 4:], want[1, 4:]) < 1e-5
 
 
+def test_a_config_in_the_released_spelling_converts_the_same(model_copy, tmp_path):
+    """The released config.json names the layers by compress_ratios (0, 4, 128), the hash layers by count, the
+    rotated width by qk_rope_head_dim; transformers derives layer_types, mlp_layer_types, compress_rates and the
+    RoPE tables from them, and so does the conversion."""
+    src = model_copy("deepseek_v4")
+    cfg = json.loads((src / "config.json").read_text())
+    for k in ("layer_types", "mlp_layer_types", "compress_rates", "partial_rotary_factor", "rope_parameters"):
+        cfg.pop(k, None)
+    cfg.update(compress_ratios=[0, 4, 128, 4], compress_rate_csa=4, compress_rate_hca=8, num_hash_layers=1,
+               qk_rope_head_dim=8)
+    (src / "config.json").write_text(json.dumps(cfg))
+    m = tiny.converted_manifest(src, tmp_path / "out", tp=2)
+    cp = m["model"]["compressed"]
+    assert cp["rates"] == {"csa": 4, "hca": 8} and cp["csa_layers"] == [1, 3] and m["model"]["hash_layers"] == [0]
+    ids = tiny.ids(20)
+    want = tiny.hf_logits("deepseek_v4", ids)
+    assert max(tiny.rel(g, want) for g in tiny.on_ranks(tmp_path / "out", 2, lambda mm: mm(ids))) < 1e-5
+
+
 def test_each_piece_changes_the_logits(model_dir, tmp_path):
     moved = tiny.moved_by("deepseek_v4", model_dir("deepseek_v4"), tmp_path / "out", 20, 4)
 
