@@ -671,6 +671,36 @@ def _inspect_lightning_beside_mamba(c: Ctx):           # one kind of linear laye
     return [_manifest(c, lambda m: m["model"].update(lightning=True), name="mamba")]
 
 
+@case("inspect", "model.compressed needs one kv head")
+def _inspect_compressed_attention_over_more_kv_heads(c: Ctx):   # DeepSeek-V4's one key-value head
+    return [_manifest(c, lambda m: m["model"].update(num_kv_heads=2), name="deepseek_v4")]
+
+
+@case("inspect", "model.compressed must be null or the compressed attention's widths")
+def _inspect_compressed_layers_of_both_kinds(c: Ctx):     # a layer has one compressor or none
+    return [_manifest(c, lambda m: m["model"]["compressed"].update(hca_layers=[1, 2]), name="deepseek_v4")]
+
+
+@case("inspect", "model.hash_layers needs a mixture's layers")
+def _inspect_hash_layers_past_the_last(c: Ctx):          # DeepSeek-V4's token-id routing names real layers
+    return [_manifest(c, lambda m: m["model"].update(hash_layers=[0, 9]), name="deepseek_v4")]
+
+
+@case("inspect", "model.residual altup and model.altup go together")
+def _inspect_altup_residual_without_its_copies(c: Ctx):   # Gemma 3n's copies need their count
+    return [_manifest(c, lambda m: m["model"].update(altup=None), name="gemma3n")]
+
+
+@case("inspect", "model.gate_sparsity must be null or a number in [0, 1) per layer")
+def _inspect_gate_sparsity_of_one(c: Ctx):                # Gemma 3n: a target below 1
+    return [_manifest(c, lambda m: m["model"].update(gate_sparsity=[1.0, 0.0, 0.0, 0.0]), name="gemma3n")]
+
+
+@case("inspect", "model.rglru must be null or the RG-LRU's widths")
+def _inspect_rglru_heads_not_dividing_its_width(c: Ctx):  # RecurrentGemma: whole heads of channels
+    return [_manifest(c, lambda m: m["model"]["rglru"].update(heads=5), name="recurrent_gemma")]
+
+
 @case("inspect", "model.residual_depth_scale needs the pre-norm residual")
 def _inspect_depth_scale_with_a_residual_scale(c: Ctx):    # Beam's scaled additions beside Granite's multiplier
     return [_manifest(c, lambda m: m["model"].update(residual_scale=0.5), name="beam")]
