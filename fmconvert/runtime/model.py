@@ -1067,7 +1067,7 @@ class Block(nn.Module):
         m, t = self.m, self.t
         ops, rate = m.ops, self.rate
         two = self.compress == "csa" or name == "index"        # overlapping windows
-        B, T, _ = h.shape
+        T = h.shape[1]
         kv = ops.linear(h, t[name + "_kv.weight"])
         gate = ops.linear(h, t[name + "_gate.weight"])
         st = None if cache is None else cache.pools[self.i][name]
