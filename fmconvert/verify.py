@@ -623,41 +623,44 @@ def _load_reference(model_dir: Path, arch: str, kind: str, device):
     return model
 
 
-def _layer_names(n_layers: int, final_label: str, blocks: bool = False) -> list[str]:
-    """HF's hidden states: the embeddings, each block's output, and the last block's after the final norm. With
-    `blocks` (the Mamba families) every block's output, then the final norm's."""
-    if blocks:
+def _layer_names(n_layers: int, final_label: str, reports: str | None = None) -> list[str]:
+    """HF's hidden states: the embeddings, each block's output, and the last block's after the final norm. reports
+    "blocks" (the Mamba families): every block's output, then the final norm's; "last_block" (Gemma 3n): the
+    embeddings and every block's output, the last one without the final norm."""
+    if reports == "blocks":
         return [f"layer {i}" for i in range(n_layers)] + [final_label or "output"]
+    if reports == "last_block":
+        return ["embeddings"] + [f"layer {i}" for i in range(n_layers)]
     last = f"layer {n_layers - 1}" + (f" + {final_label}" if final_label else "")
     return ["embeddings"] + [f"layer {i}" for i in range(n_layers - 1)] + [last]
 
 
-def _hf_states(states: list, blocks, every: int = 1) -> list:
-    """The runtime's states (the embeddings, every block's output, the final output) as HF reports them. every n:
-    HF's layer is n of our blocks (LongCat-Flash's pairs), so only every n-th block's output is reported. blocks
-    "last_block" (Gemma 3n): the last state is the last block's output, not the final norm's."""
+def _hf_states(states: list, reports: str | None, every: int = 1) -> list:
+    """The runtime's states (the embeddings, every block's output, the final output) as HF reports them (see
+    `_layer_names`). every n: HF's layer is n of our blocks (LongCat-Flash's pairs), so only every n-th block's
+    output is reported."""
     if every > 1:
         return states[:1] + states[every:-2:every] + states[-1:]
-    if blocks == "last_block":
-        return states[:-1]
-    return states[1:] if blocks else states[:-2] + states[-1:]
+    if reports == "blocks":
+        return states[1:]
+    return states[:-1] if reports == "last_block" else states[:-2] + states[-1:]
 
 
 def _split(batches: torch.Tensor, kind: str):
     return batches.split(1 if kind == "encoder" else max(1, 4096 // batches.shape[1]))
 
 
-def _reports_blocks(architecture: str) -> tuple[bool, int]:
-    """Whether transformers' model reports its hidden states from the first block's output on, not from the
-    embeddings (table key `hf_hidden_states = "blocks"`: the Mamba families), and how many of our layers each of
-    its layers is (layout sublayers)."""
+def _reports(architecture: str) -> tuple[str | None, int]:
+    """Which hidden states transformers' model reports (table key `hf_hidden_states`: "blocks", from the first
+    block's output on, the Mamba families; "last_block", the last block's output last, Gemma 3n; None: the
+    embeddings, the blocks, the last one through the final norm), and how many of our layers each of its layers is
+    (layout sublayers)."""
     from .policy import policy_for
     try:
         pol = policy_for([architecture])[0]
     except FmError:
-        return False, 1
-    how = pol.table.get("hf_hidden_states")
-    return ("last_block" if how == "last_block" else how == "blocks"), pol.sublayers
+        return None, 1
+    return pol.table.get("hf_hidden_states"), pol.sublayers
 
 
 def run_converted(runner: _Ranks, batches: torch.Tensor, kind: str) -> list:
@@ -735,14 +738,14 @@ def check_end_to_end(model_dir: Path, m: dict, converted: list, batches: torch.T
 def _compare(ref, sp: dict, converted: list, batches: torch.Tensor, th: Thresholds, device, token_source: str):
     kind = sp["kind"]
     final_label = "project_out" if sp.get("project") else ("final norm" if sp.get("final_norm") else "")
-    blocks, every = _reports_blocks(sp["architecture"])
+    reports, every = _reports(sp["architecture"])
     n_layers = sp["num_layers"] // every + 1
     layer_err = [[0.0, 0.0, 0.0] for _ in range(n_layers)]  # max abs, sum sq err, sum sq ref
     out_d = {"max_abs": 0.0, "err": 0.0, "sig": 0.0}
     kls, top1, top5, nll_ref, nll_conv, cos = [], [], [], [], [], []
     has_logits = None
     for ids, (states, out) in zip(_split(batches, kind), converted):
-        states = _hf_states(states, blocks, every)
+        states = _hf_states(states, reports, every)
         with torch.inference_mode():
             o = ref(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device), output_hidden_states=True)
         hs = [h.float().cpu() for h in o.hidden_states]
@@ -785,7 +788,7 @@ def _compare(ref, sp: dict, converted: list, batches: torch.Tensor, th: Threshol
             else:
                 cos.append(torch.cosine_similarity(states[-1][:, 0].double(), hs[-1][:, 0].double(), dim=-1))
 
-    names = _layer_names(sp["num_layers"] // every, final_label, blocks)
+    names = _layer_names(sp["num_layers"] // every, final_label, reports)
     layers = [{"name": n, "max_abs": e[0], "rel_rms": math.sqrt(e[1] / e[2]) if e[2] > 0 else 0.0}
               for n, e in zip(names, layer_err)]
     first_bad = next((x["name"] for x in layers if x["rel_rms"] > th.max_rel), None)

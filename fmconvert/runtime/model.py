@@ -1141,10 +1141,8 @@ class Block(nn.Module):
         best among those each may see (`ready`); an entry's score is the sum over the indexer's heads of
         relu(q . k / sqrt(dim)) times the head's weight."""
         q, w, keys = index
-        Di, N = keys.shape[-1], keys.shape[1]
-        s = torch.relu(torch.einsum("bthd,bsd->bths", q[:, c:c + QUERY_CHUNK].float(), keys.float())) * Di ** -0.5
-        s = torch.einsum("bth,bths->bts", w[:, c:c + QUERY_CHUNK], s).masked_fill(~ready, float("-inf"))
-        top = s.topk(min(self.m.spec["compressed"]["index"]["topk"], N), dim=-1).indices
+        s = _index_score(q[:, c:c + QUERY_CHUNK], keys, w[:, c:c + QUERY_CHUNK]).masked_fill(~ready, float("-inf"))
+        top = s.topk(min(self.m.spec["compressed"]["index"]["topk"], keys.shape[1]), dim=-1).indices
         return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, True)
 
     def _narrow(self, o):
@@ -1344,9 +1342,7 @@ class Block(nn.Module):
             seen = _visible(S, T, key_padding_mask, h.device)
         chosen = []          # QUERY_CHUNK queries at a time: [chunk, heads, keys] scores, not [T, heads, keys]
         for c in range(0, T, QUERY_CHUNK):
-            scores = torch.relu(torch.einsum("bthd,bsd->bths", q[:, c:c + QUERY_CHUNK].float(), keys.float())
-                                * D ** -0.5)
-            score = torch.einsum("bth,bths->bts", w[:, c:c + QUERY_CHUNK], scores)
+            score = _index_score(q[:, c:c + QUERY_CHUNK], keys, w[:, c:c + QUERY_CHUNK])
             score = score.masked_fill(~seen[:, c:c + QUERY_CHUNK], float("-inf"))
             chosen.append(score.topk(ix["topk"], dim=-1).indices)
         m.index_choice = torch.cat(chosen, 1)
@@ -1389,6 +1385,13 @@ class Block(nn.Module):
         vc.index_copy_(2, rows, v[:, :, -ring:])
         return lambda q: m.ops.attention(q, ka, va, m.scale, m.causal, m.alibi, kpm, self.window, m.softcap,
                                          sinks=self.sinks, chunk=self.chunk).transpose(1, 2).reshape(B, T, -1)
+
+
+def _index_score(q, keys, w):
+    """A sparse-attention indexer's scores [B, T, S] (DeepSeek-V3.2's, DeepSeek-V4's): the sum over its heads of
+    relu(q . k / sqrt(dim)) times the head's weight; q [B, T, heads, dim], keys [B, S, dim], w [B, T, heads] fp32."""
+    s = torch.relu(torch.einsum("bthd,bsd->bths", q.float(), keys.float()) * q.shape[-1] ** -0.5)
+    return torch.einsum("bth,bths->bts", w, s)
 
 
 def _rms_matched(y, x):
