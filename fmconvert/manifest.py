@@ -63,7 +63,7 @@ _MODEL = {
     "attn_scale": _POS_NUM,
     "activation": _ENUM("gelu", "gelu_tanh", "relu", "relu2", "silu", "swiglu", "geglu", "geglu_erf", "reglu2",
                         "swiglu_oai", "swiglu_limit", "xielu"),
-    "residual": _ENUM("pre", "post", "parallel", "normed", "hyper", "altup"),
+    "residual": _ENUM("pre", "post", "parallel", "normed", "hyper", "altup", "gated_hyper"),
     **{k: _BOOL for k in ("gated_mlp", "tied_embeddings", "embed_norm", "final_norm", "project", "pooler")},
     "position": lambda x: isinstance(x, dict), "bos_token_id": _TOKEN, "pad_token_id": _TOKEN,
     "eos_token_id": lambda x: _TOKEN(x) or (isinstance(x, list) and len(x) < 1024 and all(map(_NAT, x))),
@@ -123,12 +123,19 @@ _MODEL_OPTIONAL = {
             isinstance(v, list) and len(v) == 2 and all(map(_POS_NUM, v)) for v in x.values())),
         "null or {\"attn\", \"linear\", \"mlp\"} -> [alpha, beta]"),
     "hyper": (None, lambda x: x is None or (
+        isinstance(x, dict) and set(x) == {"streams", "rank"} and type(x["streams"]) is int
+        and 2 <= x["streams"] <= 16 and _POS_INT(x["rank"])) or (
         isinstance(x, dict) and set(x) in ({"streams", "magnitude", "eps"},
                                            {"streams", "magnitude", "eps", "sinkhorn", "post_eps"})
         and type(x["streams"]) is int and 2 <= x["streams"] <= 16 and _POS_NUM(x["magnitude"]) and _POS_NUM(x["eps"])
         and (type(x.get("sinkhorn", 1)) is int and 1 <= x.get("sinkhorn", 1) <= 100)
         and type(x.get("post_eps", True)) is bool),
-        "null or {\"streams\": 2..16, \"magnitude\", \"eps\"} (and DeepSeek-V4's \"sinkhorn\": 1..100, \"post_eps\")"),
+        "null or {\"streams\": 2..16, \"magnitude\", \"eps\"} (and DeepSeek-V4's \"sinkhorn\": 1..100, \"post_eps\"), "
+        "or Qwen4-Exp's {\"streams\": 2..16, \"rank\"}"),
+    "qsa": (None, lambda x: x is None or (isinstance(x, dict) and set(x) == {"heads", "dim", "budget", "rate"}
+                                          and all(map(_POS_INT, x.values())) and x["budget"] % x["rate"] == 0),
+            "null or the QSA indexer's {heads, dim, budget (whole blocks), rate}"),
+    "ngram": (None, lambda x: x is None or _ngram(x), "null or the n-gram embeddings' widths and hash tables"),
     "compressed": (None, lambda x: x is None or _compressed(x), "null or the compressed attention's widths"),
     "altup": (None, lambda x: x is None or (isinstance(x, dict) and set(x) == {"streams", "correct_scale",
                                                                                 "laurel_rank"}
@@ -223,13 +230,39 @@ def _linear_attn(x) -> bool:
     if not isinstance(x, dict):
         return False
     widths = {k: x.get(k) for k in ("k_heads", "v_heads", "k_dim", "v_dim", "conv_kernel")}
-    return (set(x) - {"decay", "beta_scale", "norm_eps", "gates", "decay_bound"} == set(widths)
+    return (set(x) - {"decay", "beta_scale", "norm_eps", "gates", "decay_bound", "gate"} == set(widths)
+            and x.get("gate", "sigmoid") == "sigmoid"
             and x.get("decay", "channel") == "channel" and x.get("gates", "full") == "full"
             and (("gates" not in x and "decay_bound" not in x) or "decay" in x)
             and ("decay_bound" not in x or (type(x["decay_bound"]) in (int, float) and -1e4 < x["decay_bound"] < 0))
             and all(_POS_NUM(x[k]) for k in ("beta_scale", "norm_eps") if k in x)
             and all(_POS_INT(v) for v in widths.values()) and x["v_heads"] % x["k_heads"] == 0
             and 2 <= x["conv_kernel"] <= 64 and ("decay" not in x or x["k_heads"] == x["v_heads"]))
+
+
+def _ngram(x) -> bool:
+    """Qwen4-Exp's n-gram embeddings: sizes in range, the width in whole heads, and for each of its layers (in
+    order) one odd 63-bit hash multiplier per place in the n-gram, each head's table size and offset (the tables
+    side by side) and the rows (the tables padded)."""
+    keys = {"layers", "size", "heads", "dim", "conv_kernel", "eos", "parts", "tables"}
+    if not (isinstance(x, dict) and set(x) == keys and type(x["size"]) is int and 2 <= x["size"] <= 8
+            and type(x["heads"]) is int and 1 <= x["heads"] <= 64 and _POS_INT(x["dim"]) and _POS_INT(x["parts"])
+            and x["dim"] % ((x["size"] - 1) * x["heads"]) == 0 and type(x["conv_kernel"]) is int
+            and 2 <= x["conv_kernel"] <= 64 and _NAT(x["eos"]) and isinstance(x["layers"], list) and x["layers"]
+            and all(map(_NAT, x["layers"])) and x["layers"] == sorted(set(x["layers"]))
+            and isinstance(x["tables"], dict) and set(x["tables"]) == {str(i) for i in x["layers"]}):
+        return False
+    heads = (x["size"] - 1) * x["heads"]
+    for t in x["tables"].values():
+        if not (isinstance(t, dict) and set(t) == {"multipliers", "sizes", "offsets", "rows"}
+                and isinstance(t["multipliers"], list) and len(t["multipliers"]) == x["size"]
+                and all(type(v) is int and 0 < v < 1 << 63 and v % 2 for v in t["multipliers"])
+                and isinstance(t["sizes"], list) and len(t["sizes"]) == heads
+                and all(type(v) is int and 1 < v < 1 << 40 for v in t["sizes"])
+                and t["offsets"] == [sum(t["sizes"][:h]) for h in range(heads)]
+                and type(t["rows"]) is int and sum(t["sizes"]) <= t["rows"] < 1 << 42):
+            return False
+    return True
 
 
 def _mla(x) -> bool:
@@ -380,7 +413,19 @@ def validate(m) -> dict:
           "model.residual normed and model.residual_factors go together, with no other residual scaling or output "
           "norms")
     hc = model["hyper"]
-    _need((model["residual"] == "hyper") == (hc is not None)
+    gated = model["residual"] == "gated_hyper"
+    _need(gated == (hc is not None and "rank" in hc) and (not gated or (
+        model["kind"] == "decoder" and model["residual_scale"] == 1.0 and not model["final_norm"]
+        and model["linear_attn"] is not None and model["qsa"] is not None)),
+          "model.residual gated_hyper and model.hyper's rank go together, in a hybrid decoder with a QSA indexer "
+          "and no final norm")
+    qs, ng = model["qsa"], model["ngram"]
+    _need(qs is None or (model["position"].get("type") == "rope" and qs["dim"] >= model["position"]["rotary_dim"]
+                         and model["mla"] is None and model["sliding_window"] == 0),
+          "model.qsa needs RoPE no wider than its heads, and no window or latent attention")
+    _need(ng is None or (gated and set(ng["layers"]) <= set(model["linear_layers"] or ())),
+          "model.ngram needs the gated_hyper residual and names linear layers only")
+    _need(gated or (model["residual"] == "hyper") == (hc is not None)
           and (hc is None or (model["kind"] == "decoder" and model["residual_scale"] == 1.0
                               and not model["residual_depth_scale"] and not model["shortcut_experts"]
                               and not any("post_norm" in s or "layer_scale" in s or s.startswith("ple_")

@@ -107,6 +107,19 @@ LAYER_SLOTS = (
     # with a [heads, w] bias), the recurrence's parameter per channel (rg_a) and the output projection
     "rg_in.weight", "rg_in.bias", "rg_conv.weight", "rg_conv.bias", "rg_gate_x.weight", "rg_gate_x.bias",
     "rg_gate_a.weight", "rg_gate_a.bias", "rg_a", "rg_out.weight", "rg_out.bias",
+    # Qwen4-Exp's gated hyper-connections (residual "gated_hyper"), one set before each half: the per-copy RMS
+    # norm of the stream's copies (norm), the low-rank input mix (down, up) and each copy's share of the output
+    # (inject)
+    "attn_hc.norm", "attn_hc.down", "attn_hc.up", "attn_hc.inject", "mlp_hc.norm", "mlp_hc.down", "mlp_hc.up",
+    "mlp_hc.inject",
+    # Qwen4-Exp's QSA indexer beside each attention layer (model.qsa): one projection of its heads' queries and its
+    # one key (qsa_qk), each RMS-normed per head (the key after pooling a block)
+    "qsa_qk.weight", "qsa_q_norm.weight", "qsa_k_norm.weight",
+    # Qwen4-Exp's hashed n-gram embeddings in some linear layers (model.ngram): the table (its rows hashed n-grams,
+    # each head's width), the key per copy and the shared value projected from a token's heads, three per-copy RMS
+    # norms (key, the stream as query, the gated value) and the dilated depthwise conv over the gated value
+    "ngram_embed.weight", "ngram_key.weight", "ngram_value.weight", "ngram_key_norm.weight",
+    "ngram_query_norm.weight", "ngram_conv_norm.weight", "ngram_conv.weight",
 )
 # Slots written in float32 whatever the output dtype: small tensors the model only ever reads in fp32, which
 # transformers keeps in fp32 when it loads the model in half precision (and vLLM too): a sigmoid router's
@@ -127,11 +140,12 @@ def stored_dtype(slot: str, dtype: torch.dtype) -> torch.dtype:
 SPARSE_SLOTS = ("router.", "experts_", "shared_", "moe_")
 DENSE_SLOTS = ("mlp_in.", "mlp_out.")
 # Slots stored as a depthwise Conv1d's weight, [channels, 1, taps]
-DEPTHWISE = ("lin_conv.weight", "ssm_conv.weight", "sconv_conv.weight", "mamba_conv.weight", "rg_conv.weight")
+DEPTHWISE = ("lin_conv.weight", "ssm_conv.weight", "sconv_conv.weight", "mamba_conv.weight", "rg_conv.weight",
+             "ngram_conv.weight")
 # A hybrid's linear-attention layers have the lin_ slots and its attention layers the attention's.
 LINEAR_SLOTS = ("lin_", "ssm", "sconv", "mamba", "rg_")
 ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.", "q_a", "q_b.", "kv_a", "kv_b.", "attn_gate.", "index_",
-                   "block_index_", "attn_out_a.", "comp_")
+                   "block_index_", "attn_out_a.", "comp_", "qsa_")
 GLOBAL_SLOTS = (
     "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
     "project_in.weight", "project_out.weight", "final_norm.weight", "final_norm.bias", "pooler.weight",
@@ -140,8 +154,9 @@ GLOBAL_SLOTS = (
     # Gemma 4's E2B/E4B: the per-layer embeddings [vocab, layers * dim], and the projection of the embedded token
     # into the same per-layer inputs with its norm (over one layer's dim)
     "ple_embed.weight", "ple_proj.weight", "ple_proj_norm.weight",
-    # HY-V4: the weights that fold the stream's copies into one before the final norm
-    "hc_head.fn", "hc_head.base", "hc_head.scale",
+    # HY-V4: the weights that fold the stream's copies into one before the final norm (Qwen4-Exp: its gated mix,
+    # which gives the head's input)
+    "hc_head.fn", "hc_head.base", "hc_head.scale", "hc_head.norm", "hc_head.down", "hc_head.up",
     # Gemma 3n: the projections that make the other AltUp copies of the embedding, and that bring them back at the end
     # ([copies - 1] x [hidden, hidden], stacked)
     "altup_proj.weight", "altup_unembed.weight",
@@ -260,7 +275,16 @@ class ModelSpec:
     #                                        each half's sum is alpha * its normed input + beta * its output
     hyper: dict | None = None      # residual "hyper" (HY-V4): the stream is `streams` copies of the hidden state;
     #                                each half reads a sigmoid-weighted sum of them and adds its output to each,
-    #                                weighted by magnitude * sigmoid(...) (slots attn_hc.*, mlp_hc.*, hc_head.*)
+    #                                weighted by magnitude * sigmoid(...) (slots attn_hc.*, mlp_hc.*, hc_head.*).
+    #                                residual "gated_hyper" (Qwen4-Exp): {"streams", "rank"}, the low-rank gated
+    #                                mix of configs/qwen4_exp.toml
+    qsa: dict | None = None        # Qwen4-Exp's QSA indexer in every attention layer: `heads` queries and one key of
+    #                                `dim` per token; each query keeps the `budget` / `rate` best complete blocks of
+    #                                `rate` keys (pooled), and the keys after the last complete block
+    ngram: dict | None = None      # Qwen4-Exp's hashed n-gram embeddings, in `layers`: n-grams up to `size` tokens,
+    #                                `heads` hashed heads of each order from 2, `dim` wide all together, a dilated
+    #                                conv of `conv_kernel` taps, `eos` (where a segment starts) and per layer its
+    #                                hash `tables` {multipliers, sizes, offsets} and padded `rows`
     experts_glu_limit: float = 0.0  # HY-V4: the routed experts' gate clamped above at it, their up to [-it, it]
     norm_gate_rank: int = 0        # A.X K2: the width of its norms' low-rank gates (*_norm_gate_* slots); 0: none
     block_sparse: dict | None = None   # MiniMax-M3: in `layers`, an indexer of `heads` heads of `dim` (one a kv
@@ -371,6 +395,8 @@ class ModelSpec:
             spec = replace(spec, intermediate_size=self.wide_intermediate_size)
         if self.layer_heads is not None and layer is not None:
             spec = replace(spec, num_heads=self.layer_heads[layer])
+        if self.ngram and layer is not None:           # Qwen4-Exp: this layer's n-gram table, if any
+            spec = replace(spec, ngram={**self.ngram, "here": layer})
         if self.compressed and layer is not None:      # DeepSeek-V4: which compressor this layer has, if any
             cp = self.compressed
             spec = replace(spec, compressed={**cp, "here": "csa" if layer in cp["csa_layers"] else
@@ -397,6 +423,32 @@ def _number(c: dict, key: str, default: float, zero_ok: bool = False) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0 <= v if zero_ok else 0 < v) or v == math.inf:
         raise FmError(f"config.json: {key} must be a {'non-negative' if zero_ok else 'positive'} number, got {v!r}")
     return float(v)
+
+
+_MASK64, _SPLITMIX = (1 << 64) - 1, (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+
+
+def _ngram_multipliers(vocab: int, size: int, index: int, seed: int) -> list[int]:
+    """Qwen4-Exp's odd hash multipliers of its index-th n-gram layer, one per place in the n-gram: SplitMix64 of a
+    seed that steps by 10007 a layer, reduced so that a token id times one stays within int64."""
+    half = max(1, ((1 << 63) - 1) // max(vocab, 1) // 2)
+    out = []
+    for k in range(size):
+        z = (seed + 10007 * index + _SPLITMIX[0] * (k + 1) + _SPLITMIX[0]) & _MASK64
+        z = ((z ^ (z >> 30)) * _SPLITMIX[1]) & _MASK64
+        z = ((z ^ (z >> 27)) * _SPLITMIX[2]) & _MASK64
+        out.append(2 * ((z ^ (z >> 31)) % half) + 1)
+    return out
+
+
+def _primes_from(start: int, n: int) -> list[int]:
+    """The first n primes >= start (each hashed n-gram head's table size)."""
+    out, x = [], start
+    while len(out) < n:
+        if x == 2 or (x > 2 and x % 2 and all(x % d for d in range(3, math.isqrt(x) + 1, 2))):
+            out.append(x)
+        x += 1
+    return out
 
 
 def per_layer_type(params: dict) -> bool:
@@ -523,7 +575,10 @@ def _windowed(windows: dict, num_layers: int) -> list[int]:
 
 
 def _experts(names: list[str], spec: ModelSpec) -> range:
-    """Names with `{e}` repeat once per expert, in expert order (all of one expert's names, then the next's)."""
+    """Names with `{e}` repeat once per expert, in expert order (all of one expert's names, then the next's); names
+    with `{p}`, once per part of a table stored in pieces along its rows (Qwen4-Exp's n-gram tables)."""
+    if any("{p}" in n for n in names):
+        return range(spec.ngram["parts"] if spec.ngram else 1)
     return range(spec.num_experts) if any("{e}" in n for n in names) else range(1)
 
 
@@ -745,6 +800,7 @@ class Policy:
             norm=self._layout("norm", flags), norm_eps=float(eps), activation=act, gated_mlp=gated,
             residual=self._layout("residual", flags), residual_factors=self._residual_factors(c, flags),
             hyper=self._hyper(c, flags), experts_glu_limit=self._experts_glu_limit(c, experts),
+            qsa=self._qsa(config, c, position), ngram=self._ngram(config, c, linear.get("linear_layers")),
             norm_gate_rank=self._norm_gate_rank(c), block_sparse=self._block_sparse(config, c),
             compressed=compressed, hash_layers=self._hash_layers(c, experts),
             altup=self._altup(c, flags), gate_sparsity=self._gate_sparsity(c),
@@ -804,11 +860,17 @@ class Policy:
     def _hyper(self, c: dict, flags: dict) -> dict | None:
         """Residual "hyper" (HY-V4's hyper-connections): [config] hc_streams copies of the stream (at least 2),
         hc_magnitude (the output weights' ceiling) and hc_eps (added to every weight)."""
-        if self._layout("residual", flags) != "hyper":
+        kind = self._layout("residual", flags)
+        if kind not in ("hyper", "gated_hyper"):
             return None
         n = c.get("hc_streams")
         if type(n) is not int or not 2 <= n <= 16:
-            raise FmError(f"config.json: hc_mult must be an integer from 2 to 16, got {n!r}")
+            raise FmError(f"config.json: hc_mult (hc_count) must be an integer from 2 to 16, got {n!r}")
+        if kind == "gated_hyper":           # Qwen4-Exp: the input mix through a low-rank bottleneck
+            rank = c.get("hc_rank")
+            if type(rank) is not int or not 1 <= rank <= 1 << 16:
+                raise FmError(f"config.json: hc_lowrank must be a positive integer, got {rank!r}")
+            return {"streams": n, "rank": rank}
         out = {"streams": n, "magnitude": _number(c, "hc_magnitude", float(self.layout.get("hc_magnitude", 2.0))),
                "eps": _number(c, "hc_eps", 1e-6)}
         if "hc_sinkhorn" in c:      # DeepSeek-V4's mHC: a copy-to-copy mix too, made doubly stochastic
@@ -817,6 +879,60 @@ class Policy:
                 raise FmError(f"config.json: hc_sinkhorn_iters must be an integer from 1 to 100, got {iters!r}")
             out.update(sinkhorn=iters, post_eps=bool(self.layout.get("hc_post_eps", True)))
         return out
+
+    @staticmethod
+    def _qsa(config, c: dict, position: dict) -> dict | None:
+        """Qwen4-Exp's QSA indexer ([config] qsa_heads, qsa_kv_heads (one), qsa_dim, qsa_budget, qsa_rate): on every
+        attention layer; its queries turn like the attention's, over the first rotary_dim columns."""
+        if "qsa_heads" not in c:
+            return None
+        q = {k: c.get("qsa_" + k) for k in ("heads", "kv_heads", "dim", "budget", "rate")}
+        if any(type(v) is not int or not 0 < v <= 1 << 20 for v in q.values()) or q["kv_heads"] != 1 \
+                or q["budget"] % q["rate"] or q["dim"] < position.get("rotary_dim", 0):
+            raise FmError(f"config.json: the QSA indexer (indexer_n_heads, indexer_kv_heads, indexer_head_dim, "
+                          f"indexer_budget, indexer_compress_ratio) needs positive integers, one key head, a budget "
+                          f"in whole blocks and heads at least as wide as the rotated part, got {q}")
+        del q["kv_heads"]
+        return q
+
+    @staticmethod
+    def _ngram(config, c: dict, linear_layers) -> dict | None:
+        """Qwen4-Exp's hashed n-gram embeddings ([config] ngram_layers, one-indexed, and the widths and hashing
+        settings beside them). Each layer's hash multipliers and its heads' prime table sizes are made here, as
+        transformers makes them, so the runtime needs neither the config nor transformers."""
+        ids = c.get("ngram_layers") or []
+        if not ids:
+            return None
+        L = c["num_layers"]
+        keys = ("size", "heads", "dim", "conv_kernel", "base", "multiple", "seed")
+        g = {k: c.get("ngram_" + k) for k in keys}
+        eos = getattr(config, "eos_token_id", None)
+        eos = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
+        if not isinstance(ids, (list, tuple)) or any(type(i) is not int or not 1 <= i <= L for i in ids) \
+                or any(type(v) is not int for v in g.values()) or not 2 <= g["size"] <= 8 \
+                or not 1 <= g["heads"] <= 64 or g["dim"] < 1 or g["dim"] % ((g["size"] - 1) * g["heads"]) \
+                or not 2 <= g["conv_kernel"] <= 64 or not 2 <= g["base"] < 1 << 40 or g["multiple"] < 1 \
+                or g["seed"] < 0 or type(eos) is not int or eos < 0:
+            raise FmError(f"config.json: the n-gram embeddings (ple_layer_ids, ngram_size 2..8, heads_per_ngram, "
+                          f"ple_embed_dim a multiple of the heads, ple_conv_kernel_size, ngram_vocab_size_base, "
+                          f"eos_token_id) are malformed, got {str(ids)[:40]} and {g}")
+        layers = sorted({i - 1 for i in ids})
+        if not set(layers) <= set(linear_layers or ()):
+            raise FmError(f"config.json: ple_layer_ids must name linear attention layers, got {str(ids)[:60]}")
+        heads = (g["size"] - 1) * g["heads"]
+        primes = _primes_from(g["base"], heads * len(layers))
+        tables = {}
+        for j, i in enumerate(layers):
+            sizes = primes[j * heads:(j + 1) * heads]
+            offsets = [sum(sizes[:h]) for h in range(heads)]
+            tables[str(i)] = {"multipliers": _ngram_multipliers(c["vocab_size"], g["size"], j, g["seed"]),
+                              "sizes": sizes, "offsets": offsets,
+                              "rows": -(-sum(sizes) // g["multiple"]) * g["multiple"]}
+        parts = c.get("ngram_parts") or 1       # how many pieces the checkpoint stores each table in
+        if type(parts) is not int or not 1 <= parts <= 1 << 16:
+            raise FmError(f"config.json: split_ngram_parts must be a positive integer, got {parts!r}")
+        return {"layers": layers, "size": g["size"], "heads": g["heads"], "dim": g["dim"],
+                "conv_kernel": g["conv_kernel"], "eos": eos, "parts": parts, "tables": tables}
 
     def _altup(self, c: dict, flags: dict) -> dict | None:
         """Residual "altup" (Gemma 3n): [config] altup_streams copies, altup_correct_scale, laurel_rank."""
@@ -1151,6 +1267,12 @@ class Policy:
             for key in ("beta_scale", "norm_eps"):     # OLMo Hybrid: beta in (0, 2); its gated norm's own eps
                 if c.get("lin_" + key) is not None:
                     la[key] = _number(c, "lin_" + key, 1.0)
+            gate = c.get("lin_gate")                   # Qwen4-Exp: the output gate's activation, silu or sigmoid
+            if gate is not None:
+                if gate not in ("silu", "sigmoid"):
+                    raise FmError(f"config.json: output_gate_type must be silu or sigmoid, got {str(gate)[:40]!r}")
+                if gate == "sigmoid":
+                    la["gate"] = "sigmoid"
             if self._layout("linear_decay", flags, "head") == "channel":     # Kimi Linear's KDA
                 if la["k_heads"] != la["v_heads"]:
                     raise FmError(f"config.json: KDA needs as many key heads as value heads, got {la}")
@@ -1402,7 +1524,7 @@ class Policy:
             {"linear_attention"} if "lin_k_heads" in c or "ssm_heads" in c or "mamba_state" in c or "rglru_width" in c
             or self.layout.get("lightning") else set()) | (
             {"conv"} if "sconv" in c else set()) | (
-            {"indexed_attention"} if "index_heads" in c else set()) | (
+            {"indexed_attention"} if "index_heads" in c or "qsa_heads" in c else set()) | (
             {"minimax_m3_sparse"} if "bindex_heads" in c else set()) | (
             {"hybrid"} if self.layout.get("ssm_beside_attention") else set()) | (
             {"mlp", "moe"} if self.layout.get("block_parts") else set())
@@ -1672,6 +1794,17 @@ class Policy:
                 shapes.update({"index_q.weight": (Hi * Di, cp["q_rank"]), "index_w.weight": (Hi, h),
                                "index_kv.weight": (2 * Di, h), "index_gate.weight": (2 * Di, h),
                                "index_bias": (m, 2 * Di), "index_norm.weight": (Di,)})
+        if spec.qsa:                # Qwen4-Exp: the QSA indexer's heads and its one key, in one projection
+            shapes.update({"qsa_qk.weight": ((spec.qsa["heads"] + 1) * spec.qsa["dim"], h),
+                           "qsa_q_norm.weight": (spec.qsa["dim"],), "qsa_k_norm.weight": (spec.qsa["dim"],)})
+        if spec.ngram:              # Qwen4-Exp: the hashed n-gram table of this layer and what reads it
+            ng = spec.ngram
+            heads, n = (ng["size"] - 1) * ng["heads"], spec.hyper["streams"] if spec.hyper else 1
+            rows = ng["tables"][str(ng["here"])]["rows"] if ng.get("here") in ng["layers"] else 0
+            shapes.update({"ngram_embed.weight": (rows, ng["dim"] // heads), "ngram_key.weight": (n * h, ng["dim"]),
+                           "ngram_value.weight": (h, ng["dim"]), "ngram_key_norm.weight": (n * h,),
+                           "ngram_query_norm.weight": (n * h,), "ngram_conv_norm.weight": (n * h,),
+                           "ngram_conv.weight": (n * h, ng["conv_kernel"])})
         if spec.block_sparse:       # MiniMax-M3: the block indexer's heads and its one key
             b = spec.block_sparse
             shapes.update({"block_index_q.weight": (b["heads"] * b["dim"], h), "block_index_k.weight": (b["dim"], h),
@@ -1680,7 +1813,12 @@ class Policy:
             r = spec.norm_gate_rank
             shapes.update({f"{n}_norm_gate_{d}.weight": s for n in ("attn", "moe")
                            for d, s in (("down", (r, h)), ("up", (h, r)))})
-        if spec.hyper:              # HY-V4: each set reads every copy of the stream, flattened
+        if spec.hyper and "rank" in spec.hyper:      # Qwen4-Exp: each gated mix over every copy, flattened
+            n, r = spec.hyper["streams"], spec.hyper["rank"]
+            for half in ("attn_hc", "mlp_hc", "hc_head"):
+                shapes.update({half + ".norm": (n * h,), half + ".down": (r, n * h), half + ".up": (n * h, r),
+                               half + ".inject": (n, n * h)})
+        elif spec.hyper:            # HY-V4: each set reads every copy of the stream, flattened
             n = spec.hyper["streams"]
             w, k = ((2 + n) * n, 3) if spec.hyper.get("sinkhorn") else (2 * n, 2)   # DeepSeek-V4: + the n x n mix
             for half in ("attn_hc", "mlp_hc"):
@@ -1753,6 +1891,12 @@ class Policy:
         if slot == "lin_in.weight" and n in (2, 4, 6):
             Kd, Vd, Hv = _linear_widths(spec)      # Qwen3-Next: qkvz, ba; Qwen3.5: qkv, z, b, a; OLMo Hybrid: each
             return {2: [2 * Kd + 2 * Vd, 2 * Hv], 4: [2 * Kd + Vd, Vd, Hv, Hv], 6: [Kd, Kd, Vd, Vd, Hv, Hv]}[n]
+        if slot == "ngram_embed.weight":       # torch.chunk's pieces, as transformers saves the table
+            step = -(-rows // n)
+            if step * (n - 1) >= rows:
+                raise FmError(f"config.json: split_ngram_parts={n} is more than the n-gram table's {rows} rows "
+                              f"divide into")
+            return [step] * (n - 1) + [rows - step * (n - 1)]
         if n * (rows // n) == rows:
             return [rows // n] * n
         raise FmError(f"{self.path.name}: slot {slot} cannot be split into {n} equal parts")
@@ -1789,6 +1933,8 @@ class Policy:
                 skip += ("index_",)
             if not spec.block_sparse or layer not in spec.block_sparse["layers"]:    # MiniMax-M3's dense layers
                 skip += ("block_index_",)
+            if not spec.ngram or layer not in spec.ngram["layers"]:      # Qwen4-Exp: the n-gram layers only
+                skip += ("ngram_",)
             if not spec.compressed or spec.compressed["here"] is None:    # DeepSeek-V4's purely sliding layers
                 skip += ("comp_",)
             skip += ("router.token_experts",) if layer not in (spec.hash_layers or ()) else \
@@ -1802,8 +1948,8 @@ class Policy:
             for slot, names, optional, aliases in self._entries(section, flags, dense):
                 if (slot.startswith("lm_head.") and spec.kind != "decoder") or slot.startswith(skip):
                     continue
-                names = [pre + n.format(i=i, s=sub, e=e) for e in _experts(names, spec) for n in names]
-                aliases = [[pre + n.format(i=i, s=sub, e=e) for e in _experts(a, spec) for n in a]
+                names = [pre + n.format(i=i, s=sub, e=e, p=e) for e in _experts(names, spec) for n in names]
+                aliases = [[pre + n.format(i=i, s=sub, e=e, p=e) for e in _experts(a, spec) for n in a]
                            for a in aliases if len(a) * len(_experts(a, spec)) == len(names)]
                 if q_only and slot.startswith("qkv.") and len(names) == 3:
                     names, aliases = names[:1], [a[:1] for a in aliases]

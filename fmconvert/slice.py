@@ -47,6 +47,9 @@ Layout per rank:
             [r*V/tp, (r+1)*V/tp) (of an lm_head bias too). Padded logits are dropped by the runtime.
   attn_sub_norm, mlp_sub_norm  (BitNet's norms inside each half) with this rank's q heads, and with its MLP units
             (padded with zeros like them).
+  ngram_embed  (Qwen4-Exp's n-gram tables) split along the width: rank r holds columns [r*w/tp, (r+1)*w/tp) of
+            every row; a lookup gives each rank its slice of every head's row, and one all-gather joins them. What
+            reads the joined rows (ngram_key, ngram_value, the norms and the conv) is replicated.
   the rest  replicated.
 The intermediate size is split into chunks of ceil(I/tp) and each chunk is zero-padded to `intermediate_per_rank`
 (a multiple of the int8 group size, or of a narrower power of two where whole groups would pad more than an
@@ -85,6 +88,9 @@ ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias", "ssm_out.bias",
             "rg_out.bias")
 VOCAB = ("embed.weight", "lm_head.weight", "lm_head.bias", "ple_embed.weight")   # Gemma 4's per-layer embeddings too
 EXPERTS = ("experts_in.weight", "experts_out.weight")
+# Tables split along their width: each rank holds a slice of every row (Qwen4-Exp's n-gram tables, tens of GB each;
+# a lookup on each rank, then an all-gather of the slices)
+WIDTH = ("ngram_embed.weight",)
 
 
 def _ceil_to(x: int, m: int) -> int:
@@ -204,6 +210,11 @@ def plan(spec: ModelSpec, tp: int, group_size: int | None) -> Layout:
     if ssm and (ssm["heads"] % tp or (ssm["groups"] % tp and ssm["groups"] != 1)):
         raise FmError(f"tp={tp} does not divide the Mamba2 heads (mamba_n_heads={ssm['heads']}) and groups "
                       f"(mamba_n_groups={ssm['groups']}, which may also be 1); each rank must hold whole heads")
+    ng = spec.ngram
+    width = ng["dim"] // ((ng["size"] - 1) * ng["heads"]) if ng else 0
+    if ng and width % tp:
+        raise FmError(f"tp={tp} does not divide the n-gram tables' width ({width} per head: ple_embed_dim / "
+                      f"((ngram_size - 1) * heads_per_ngram)); each rank holds a slice of every row")
     if la and (la["k_heads"] % tp or la["v_heads"] % tp):
         raise FmError(f"tp={tp} does not divide the linear attention's heads (linear_num_key_heads={la['k_heads']}, "
                       f"linear_num_value_heads={la['v_heads']}); each rank must hold whole heads")
@@ -310,7 +321,7 @@ def shard(spec: ModelSpec, lay: Layout, slot: str, t: torch.Tensor) -> list[torc
         sizes, split = zip(*_mixer_parts(spec, slot, tp))
         parts = [torch.chunk(p, tp, dim=0) if cut else (p,) * tp for p, cut in zip(torch.split(t, sizes), split)]
         return [torch.cat([p[r] for p in parts], dim=0).contiguous() for r in range(tp)]
-    if slot in ROW_K:
+    if slot in ROW_K or slot in WIDTH:
         return [c.contiguous() for c in torch.chunk(t, tp, dim=1)]
     if slot == "attn_out.weight":
         return [c.contiguous() for c in torch.chunk(t, tp, dim=1)]
@@ -364,7 +375,7 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
                 raise FmError(f"{slot}: a replicated part differs between ranks")
             out += part if cut else part[:1]
         return torch.cat(out, dim=0)
-    if slot == "attn_out.weight" or slot in ROW_K:
+    if slot == "attn_out.weight" or slot in ROW_K or slot in WIDTH:
         return torch.cat(pieces, dim=1)
     if slot.startswith("mlp_in.") or slot == "shared_in.weight":
         n = 2 if spec.gated_mlp else 1

@@ -83,6 +83,18 @@ def check_layout(m: dict, rank: int):
     hc = sp.get("hyper")
     n = hc["streams"] if hc else 0      # HY-V4's hyper-connections: replicated weights over every copy
     glob.update({"hc_head.fn": (n, n * h), "hc_head.base": (n,), "hc_head.scale": (1,)})
+    gated = {f"{half}.{k}": v for half in ("attn_hc", "mlp_hc", "hc_head")      # Qwen4-Exp's gated mixes
+             for k, v in (("norm", (n * h,)), ("down", (hc["rank"], n * h)), ("up", (n * h, hc["rank"])),
+                          ("inject", (n, n * h)))} if hc and "rank" in hc else {}
+    glob.update({k: v for k, v in gated.items() if k.startswith("hc_head.") and not k.endswith(".inject")})
+    qs, ng = sp.get("qsa"), sp.get("ngram")     # Qwen4-Exp's QSA indexer and n-gram layers, replicated but for
+    if qs:                                      # the tables' width
+        gated.update({"qsa_qk.weight": ((qs["heads"] + 1) * qs["dim"], h), "qsa_q_norm.weight": (qs["dim"],),
+                      "qsa_k_norm.weight": (qs["dim"],)})
+    if ng:
+        gated.update({"ngram_key.weight": (n * h, ng["dim"]), "ngram_value.weight": (h, ng["dim"]),
+                      **{f"ngram_{k}_norm.weight": (n * h,) for k in ("key", "query", "conv")},
+                      "ngram_conv.weight": (n * h, ng["conv_kernel"])})
     r = sp.get("norm_gate_rank", 0)     # A.X K2's gated norms, replicated
     bsp = sp.get("block_sparse") or {"heads": 0, "dim": 0}     # MiniMax-M3's block indexer, replicated
 
@@ -125,7 +137,8 @@ def check_layout(m: dict, rank: int):
                  "laurel_norm.weight": (h,)} if au else {}),
              **{f"{g}_norm_gate_{d}.weight": s for g in ("attn", "moe") for d, s in (("down", (r, h)), ("up", (h, r)))},
              "block_index_q.weight": (bsp["heads"] * bsp["dim"], h), "block_index_k.weight": (bsp["dim"], h),
-             "block_index_q_norm.weight": (bsp["dim"],), "block_index_k_norm.weight": (bsp["dim"],)}
+             "block_index_q_norm.weight": (bsp["dim"],), "block_index_k_norm.weight": (bsp["dim"],),
+             **{k: v for k, v in gated.items() if not k.startswith("hc_head.")}}
     mla = sp["mla"]
     if mla:             # latent attention: the latent's projections replicated, q_b and kv_b this rank's heads
         qr, kr, rd = mla["q_rank"], mla["kv_rank"], mla["rope_dim"]
@@ -213,6 +226,9 @@ def check_layout(m: dict, rank: int):
             out = {**out, "mlp_in.weight": (wpr * glu, h), "mlp_out.weight": (h, wpr), "mlp_sub_norm.weight": (wpr,)}
         if sp["layer_heads"] and sp["layer_heads"][i] != sp["num_heads"]:
             out = {**out, **attention(hd, par["kv_heads_per_rank"], sp["layer_heads"][i] // tp)}
+        if ng and i in ng["layers"]:           # Qwen4-Exp: this layer's n-gram table, a slice of every row
+            heads = (ng["size"] - 1) * ng["heads"]
+            out = {**out, "ngram_embed.weight": (ng["tables"][str(i)]["rows"], ng["dim"] // heads // tp)}
         if cp and (i in cp["csa_layers"] or i in cp["hca_layers"]):    # DeepSeek-V4's compressors, by kind
             two, rate = (2, cp["rates"]["csa"]) if i in cp["csa_layers"] else (1, cp["rates"]["hca"])
             out = {**out, "comp_kv.weight": (two * hd, h), "comp_gate.weight": (two * hd, h),
@@ -293,6 +309,7 @@ def check_layout(m: dict, rank: int):
         if mb["norms"] == "weighted":
             per_layer |= {"mamba_dt_norm.weight", "mamba_b_norm.weight", "mamba_c_norm.weight"}
     linear_only = {s for s in per_layer if s.startswith(LINEAR_SLOTS)}
+    ngram_layers = set((sp.get("ngram") or {}).get("layers", ()))      # Qwen4-Exp's n-gram layers
     attention_only = {s for s in per_layer if s.startswith(ATTENTION_SLOTS)}
     # and where a layer holds one half only (Nemotron-H), the other half's slots and norm are not there
     parts = sp["block_parts"] or [None] * sp["num_layers"]
@@ -305,6 +322,7 @@ def check_layout(m: dict, rank: int):
              - ({"attn_norm.weight", "attn_norm.bias"} if i == 0 and not sp["first_attn_norm"] else set())
              - ({"k_norm.weight"} if src[i] != i else set())
              - (index if i not in index_layers else set())
+             - ({s for s in per_layer if s.startswith("ngram_")} if i not in ngram_layers else set())
              - (compressed if cp and i not in cp["csa_layers"] + cp["hca_layers"] else set())
              - ({"router.correction_bias"} if i in hashed else {"router.token_experts"})
              - ({"attn_sinks.weight"} if sp["sink_layers"] is not None and i not in sp["sink_layers"] else set())

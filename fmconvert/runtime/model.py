@@ -140,6 +140,14 @@ class Block(nn.Module):
             self.rope_table = "global" if self.compress else "local"
             self.head_ones = torch.ones(self.head_dim, dtype=model.dtype, device=model.device)
             self.out_a = _group_blocks(tensors["attn_out_a.weight"], cp["o_groups"] // model.tp)
+        ng = sp.get("ngram")
+        if ng and i in ng["layers"]:     # Qwen4-Exp: this layer's hash multipliers and table sizes, on the device
+            tab = ng["tables"][str(i)]
+            self.ng_mult, self.ng_sizes, self.ng_offsets = (
+                torch.tensor(tab[k], dtype=torch.long, device=model.device)
+                for k in ("multipliers", "sizes", "offsets"))
+        # the keys a kept block holds: MiniMax-M3's blocks, Qwen4-Exp's QSA blocks
+        self.keep_block = (sp["block_sparse"] or {}).get("block") or (sp.get("qsa") or {}).get("rate")
         # a hybrid's linear layer: (its mixer method, its output projection's slot); None: attention
         self.linear = None
         if i in (sp["linear_layers"] or ()):
@@ -198,6 +206,8 @@ class Block(nn.Module):
             return self._hyper(x, positions, cache, key_padding_mask, pos_t, seq_t), None
         if m.spec["residual"] == "altup":
             return self._altup(x, positions, cache, key_padding_mask, pos_t, seq_t), None
+        if m.spec["residual"] == "gated_hyper":
+            return self._gated_hyper(x, positions, cache, key_padding_mask, pos_t, seq_t), None
         pre = m.spec["residual"] == "pre"
         if self.part == "mlp":        # Nemotron-H: a layer of one half, pre-norm; the next layer adds its output
             h, residual = self._add_norm(x, residual, "mlp_norm", x_norm)
@@ -287,6 +297,74 @@ class Block(nn.Module):
         h = m.ops.add_norm(h, None, t["mlp_norm.weight"], None, m.eps, m.norm)[0]
         f = m.comm.all_reduce(self.mlp(h))
         return _hyper_add(post, f, x)
+
+    def _gated_hyper(self, x, positions, cache, key_padding_mask, pos_t, seq_t):
+        """Qwen4-Exp: x holds the stream's copies [B, T, n, hidden]. An n-gram layer first adds its hashed n-gram
+        features to every copy (`_ngram`). Before each half, `FusedModel.gated_mix` reads the copies into the half's
+        input and says how much of its output each copy takes; the half's output (all-reduced) joins each copy so
+        weighted. Replicated around the halves, in the model dtype as transformers computes it."""
+        m, t = self.m, self.t
+        if "ngram_key.weight" in t:
+            x = x + self._ngram(x, cache, key_padding_mask, pos_t)
+        w, h = m.gated_mix(x, t, "attn_hc")
+        a = m.comm.all_reduce(self.mix(h, positions, cache, key_padding_mask, pos_t, seq_t))
+        x = x + a.unsqueeze(-2) * w.unsqueeze(-1)
+        w, h = m.gated_mix(x, t, "mlp_hc")
+        f = m.comm.all_reduce(self.mlp(h))
+        return x + f.unsqueeze(-2) * w.unsqueeze(-1)
+
+    def _ngram(self, x, cache, key_padding_mask, pos_t):
+        """Qwen4-Exp's hashed n-gram features for the copies x [B, T, n, hidden] (see configs/qwen4_exp.toml). The
+        n-grams ending at each token read the last size - 1 ids before it (the cache's, or eos before a sequence),
+        any that reaches back past an eos gives eos instead; each order's hash is the XOR of id times multiplier
+        over its places, reduced modulo each of its heads' prime table sizes. Each rank looks up its slice of every
+        head's row; one all-gather joins them. With a cache the last ids and the conv's last inputs carry over
+        (fixed-size: a decode step is graph-safe)."""
+        m, t, ng = self.m, self.t, self.m.spec["ngram"]
+        ops = m.ops
+        B, T, n, hs = x.shape
+        L, eos, dil = ng["size"] - 1, ng["eos"], ng["size"]
+        ids = m.token_ids.long()
+        padded = key_padding_mask is not None and pos_t is None
+        if padded:                                # transformers reads padding as eos
+            ids = torch.where(key_padding_mask[:, -T:], ids, eos)
+        st = None if cache is None else cache.ngram[self.i]
+        if st is not None and pos_t is None and cache.length == 0:      # a new sequence: nothing carried over
+            st["ids"].fill_(eos)
+            st["conv"].zero_()
+        prev = st["ids"] if st is not None else torch.full((B, L), eos, dtype=torch.long, device=ids.device)
+        hist = torch.cat([prev, ids], 1)                                            # [B, L + T]
+        if st is not None:
+            st["ids"].copy_(hist[:, -L:])
+        is_eos, ok, hashed = hist == eos, torch.ones_like(hist, dtype=torch.bool), hist * self.ng_mult[0]
+        parts = []
+        for s in range(1, L + 1):       # the id s places back, unless an eos lies between (or it is before 0)
+            ok = ok & ~torch.nn.functional.pad(is_eos, (s, 0), value=True)[:, :-s]
+            back = torch.nn.functional.pad(hist, (s, 0), value=eos)[:, :-s]
+            hashed = hashed ^ (torch.where(ok, back, eos) * self.ng_mult[s])
+            k = ng["heads"]
+            parts.append(torch.remainder(hashed[:, -T:, None], self.ng_sizes[(s - 1) * k:s * k])
+                         + self.ng_offsets[(s - 1) * k:s * k])
+        rows = t["ngram_embed.weight"][torch.cat(parts, -1)]                    # [B, T, heads, width / tp]
+        if m.tp > 1:
+            rows = m.comm.all_gather(rows.contiguous(), dim=-1)
+        e = rows.flatten(-2)
+        key = m.copy_norm(ops.linear(e, t["ngram_key.weight"]).view(B, T, n, hs), t["ngram_key_norm.weight"])
+        value = ops.linear(e, t["ngram_value.weight"])
+        gate = (key * m.copy_norm(x, t["ngram_query_norm.weight"])).sum(-1, keepdim=True) / math.sqrt(hs)
+        gate = gate.abs().clamp_min(1e-6).sqrt() * gate.sign()
+        v = torch.sigmoid(gate) * value.unsqueeze(-2)                           # [B, T, n, hidden]
+        vn = m.copy_norm(v, t["ngram_conv_norm.weight"])
+        if padded:
+            keep = key_padding_mask[:, -T:, None, None].to(v.dtype)
+            v, vn = v * keep, vn * keep
+        C, S = n * hs, (ng["conv_kernel"] - 1) * dil
+        inp = vn.reshape(B, T, C).transpose(1, 2)
+        inp = torch.cat([st["conv"] if st is not None else inp.new_zeros(B, C, S), inp], -1)       # [B, C, S + T]
+        if st is not None:
+            st["conv"].copy_(inp[..., -S:])
+        y = torch.nn.functional.conv1d(inp, t["ngram_conv.weight"].unsqueeze(1), groups=C, dilation=dil)
+        return v + torch.nn.functional.silu(y).transpose(1, 2).reshape(B, T, n, hs)
 
     def _altup(self, x, positions, cache, key_padding_mask, pos_t, seq_t):
         """Gemma 3n: x holds the AltUp copies [B, T, n, hidden], copy 0 the active one. Each copy's prediction mixes
@@ -378,7 +456,8 @@ class Block(nn.Module):
         g = -self.decay_rate * torch.nn.functional.softplus(a.float() + self.dt_bias)
         o = m.ops.gated_delta(q.view(B, T, hk, dk), k.view(B, T, hk, dk), v.view(B, T, hv, dv), g, beta.float(),
                               state, dk ** -0.5)                            # (B, T, hv, dv)
-        o = m.ops.gated_rms_norm(o, z.view(B, T, hv, dv), t["lin_norm.weight"], la.get("norm_eps", m.eps))
+        o = m.ops.gated_rms_norm(o, z.view(B, T, hv, dv), t["lin_norm.weight"], la.get("norm_eps", m.eps),
+                                 gate=la.get("gate", "silu"))       # Qwen4-Exp may gate by sigmoid(z)
         return o.reshape(B, T, hv * dv)
 
     def kda(self, h, cache, key_padding_mask, pos_t=None):
@@ -808,7 +887,8 @@ class Block(nn.Module):
             gate = torch.sigmoid(gate.float()).to(o.dtype)
             return (o.unflatten(-1, (self.heads, -1)) * gate.unsqueeze(-1)).flatten(-2)
         # MiniMax-M3's sparse layers: the blocks of keys each of this rank's kv heads' queries keep
-        keep = self._block_keep(h, positions, cache, pos_t) if "block_index_q.weight" in t else None
+        keep = self._block_keep(h, positions, cache, pos_t) if "block_index_q.weight" in t else \
+            self._qsa_keep(h, positions, cache, key_padding_mask, pos_t) if "qsa_qk.weight" in t else None
         qkv = m.ops.linear(h, t["qkv.weight"], t.get("qkv.bias"))
         if m.spec["qkv_clip"]:           # OLMo, MPT
             qkv = qkv.clamp(-m.spec["qkv_clip"], m.spec["qkv_clip"])
@@ -868,8 +948,7 @@ class Block(nn.Module):
                 q = q * self.query_scale(pos_t).view(1, 1, 1)
             if keep is not None:     # MiniMax-M3: the chosen blocks of the whole static cache
                 o = m.ops.decode_attention(q, kc, vc, seq_t[key], m.scale, None, 0, m.softcap, sinks=self.sinks,
-                                           keep=keep[0][:, :, 0].contiguous(),
-                                           keep_block=m.spec["block_sparse"]["block"])
+                                           keep=keep[0][:, :, 0].contiguous(), keep_block=self.keep_block)
                 return self._narrow(o.reshape(B, 1, Hq * hd))
             # a ring holds exactly the window (or the chunk so far): attend over its first seq_t[key] rows,
             # nothing to mask
@@ -887,14 +966,16 @@ class Block(nn.Module):
             q = q * self.query_scale(positions)[..., None, None]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)          # (B, H, T, hd)
         if keep is not None:      # MiniMax-M3: each query over the blocks its indexer head chose
-            blocks, qpos = keep
+            blocks, qpos = keep[:2]
             if cache is not None:
                 kc, vc, start = cache.k[self.i], cache.v[self.i], cache.length
                 kc[:, :, start:start + T].copy_(k)
                 vc[:, :, start:start + T].copy_(v)
                 k, v = kc[:, :, :start + T], vc[:, :, :start + T]
             kpm = None if key_padding_mask is None else key_padding_mask.bool()[:, -k.shape[2]:]
-            return self._narrow(self._kept_attention(q, k, v, blocks, qpos, kpm).transpose(1, 2).reshape(B, T, -1))
+            kblock = keep[2] if len(keep) > 2 else None
+            return self._narrow(self._kept_attention(q, k, v, blocks, qpos, kpm, kblock).transpose(1, 2)
+                                .reshape(B, T, -1))
         attend = self._keys(k, v, cache, key_padding_mask)
         if self.i in m.kv_shared:           # later layers attend over these keys too (Gemma 4 E2B/E4B)
             m.shared_attend[self.i] = attend
@@ -954,18 +1035,101 @@ class Block(nn.Module):
             out.append(torch.zeros_like(best, dtype=torch.bool).scatter_(-1, chosen, top > float("-inf")))
         return torch.cat(out, 2), positions
 
-    def _kept_attention(self, q, k, v, blocks, positions, key_padding_mask=None):
+    def _qsa_keep(self, h, positions, cache, key_padding_mask, pos_t=None):
+        """Qwen4-Exp's QSA indexer: the blocks of keys each query keeps, as `_block_keep`'s (blocks, positions), one
+        row for every kv head. A query's visible keys (causal, padding left out) fall in blocks of `rate` in the
+        order it sees them; a complete block's key is the mean of its raw keys (the cache keeps those), RMS-normed
+        and turned at its first key's position. Its score is the sum over the indexer's heads of
+        relu(q . key) / sqrt(dim), the heads' queries normed and turned like the attention's. The best
+        budget / rate complete blocks are kept, and the block after the last complete one (the keys past it).
+        A prompt also gets each key's block [B, S] (a sentinel past the last for padding); a graph-safe decode step
+        (no padding: blocks start at position 0) scores every block of the static cache, those not yet complete
+        at -inf. Replicated: every rank makes the same choice."""
+        m, t, qs = self.m, self.t, self.m.spec["qsa"]
+        ops = m.ops
+        B, T, _ = h.shape
+        Hi, D, r = qs["heads"], qs["dim"], qs["rate"]
+        q, k = ops.linear(h, t["qsa_qk.weight"]).split([Hi * D, D], -1)
+        q = ops.add_norm(q.reshape(B, T, Hi, D), None, t["qsa_q_norm.weight"], None, m.eps, m.norm)[0]
+        if pos_t is not None:
+            positions = pos_t.view(1, 1).expand(B, 1)
+            cos, sin = m.rope_tables(self.rope_table, decode=True)
+        else:
+            cos, sin = m.rope_for(positions, self.rope_table)
+        q = ops.rope(q.contiguous(), q[:, :, :1].contiguous(), cos, sin, positions, m.rope_style, self.rotary_dim)[0]
+        if pos_t is not None:
+            keys = cache.index_k[self.i]
+            keys.index_copy_(1, pos_t, k)
+        elif cache is not None:
+            keys = cache.index_k[self.i]
+            keys[:, cache.length:cache.length + T] = k
+            keys = keys[:, :cache.length + T]
+        else:
+            keys = k
+        S = keys.shape[1]
+        nb = S // r
+        if nb <= qs["budget"] // r:         # every complete block is kept, so every visible key: plain attention
+            return None
+        if pos_t is not None:       # blocks of the static cache from position 0; the ones not yet complete masked
+            seen = torch.ones(B, S, dtype=torch.bool, device=h.device)
+            block = torch.arange(S, device=h.device) // r
+            kblock = block.expand(B, S)
+            count = (pos_t + 1).view(1, 1).expand(B, 1)
+            starts = (torch.arange(nb, device=h.device) * r).expand(B, nb)
+        else:
+            seen = torch.ones(B, S, dtype=torch.bool, device=h.device) if key_padding_mask is None else \
+                key_padding_mask.bool()[:, -S:]
+            count = seen.long().cumsum(1)               # visible keys up to each position
+            rank = count - 1
+            kblock = torch.where(seen, rank // r, nb + 1)
+            first = torch.where(seen & (rank % r == 0), kblock, nb + 1)
+            starts = torch.zeros(B, nb + 2, dtype=torch.long, device=h.device).scatter_(
+                1, first, torch.arange(S, device=h.device).expand(B, S))[:, :nb]
+            count = count[:, S - T:]
+        sums = torch.zeros(B, nb + 2, D, dtype=torch.float32, device=h.device).scatter_add_(
+            1, kblock.clamp(max=nb + 1)[..., None].expand(B, S, D), keys.float() * seen[..., None])
+        pooled = ops.add_norm((sums[:, :nb] / r).to(keys.dtype), None, t["qsa_k_norm.weight"], None, m.eps, m.norm)[0]
+        pooled = ops.rope(pooled.view(B, nb, 1, D).contiguous(), pooled.view(B, nb, 1, D)[..., :1, :].contiguous(),
+                          cos, sin, starts, m.rope_style, self.rotary_dim)[0].view(B, nb, D)
+        complete = count // r                                                # [B, T]
+        k_best = qs["budget"] // r
+        out = []
+        for c in range(0, T, QUERY_CHUNK):
+            done = complete[:, c:c + QUERY_CHUNK]
+            n = done.shape[1]
+            score = torch.relu(torch.einsum("bthd,bnd->bthn", q[:, c:c + n].float(), pooled.float())).sum(2) \
+                / math.sqrt(D)
+            score = score.masked_fill(torch.arange(nb, device=h.device) >= done[..., None], float("-inf"))
+            keep = torch.zeros(B, n, nb + 2, dtype=torch.bool, device=h.device)
+            top, chosen = score.topk(k_best, dim=-1)
+            keep.scatter_(-1, chosen, top > float("-inf"))
+            keep.scatter_(-1, done.clamp(max=nb)[..., None], True)          # the keys past the last complete block
+            out.append(keep)
+        keep = torch.cat(out, 1).unsqueeze(1).expand(B, self.kv_heads, T, nb + 2)
+        if pos_t is not None:      # the decode kernel's blocks cover the whole static cache
+            nbc = -(-S // r)
+            return keep[..., :nbc], positions
+        return keep, positions, kblock
+
+    def _kept_attention(self, q, k, v, blocks, positions, key_padding_mask=None, kblock=None):
         """Attention of q (B, Hq, T, hd) over k, v (B, Hkv, S, hd) within each kv head's kept blocks (B, Hkv, T,
         blocks) and the causal mask (the queries at positions [B, T]), in fp32 with the layer's sinks and soft cap;
-        a query that may see nothing gives zeros. QUERY_CHUNK queries at a time: [Hq, chunk, S] scores at most."""
+        a query that may see nothing gives zeros. QUERY_CHUNK queries at a time: [Hq, chunk, S] scores at most.
+        kblock [B, S]: each key's block where blocks do not simply hold `keep_block` keys in a row from position 0
+        (Qwen4-Exp's QSA counts only the keys a row can see)."""
         rep = q.shape[1] // k.shape[1]
-        blk, S = self.m.spec["block_sparse"]["block"], k.shape[2]
+        blk, S = self.keep_block, k.shape[2]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         kpos = torch.arange(S, device=q.device)
         out = []
         for c in range(0, q.shape[2], QUERY_CHUNK):
             pos = positions[:, c:c + QUERY_CHUNK]
-            keep = blocks[:, :, c:c + QUERY_CHUNK].repeat_interleave(blk, dim=-1)[..., :S].repeat_interleave(rep, 1)
+            if kblock is None:
+                keep = blocks[:, :, c:c + QUERY_CHUNK].repeat_interleave(blk, dim=-1)[..., :S]
+            else:
+                part = blocks[:, :, c:c + QUERY_CHUNK]
+                keep = part.gather(-1, kblock[:, None, None, :].expand(*part.shape[:3], S))
+            keep = keep.repeat_interleave(rep, 1)
             keep = keep & (kpos.view(1, 1, 1, S) <= pos[:, None, :, None])
             if key_padding_mask is not None:
                 keep = keep & key_padding_mask[:, None, None, :]
@@ -1615,6 +1779,28 @@ class FusedModel(nn.Module):
             x = x.unsqueeze(-2).expand(*x.shape[:-1], sp["hyper"]["streams"], x.shape[-1]).contiguous()
         return x
 
+    def copy_norm(self, x, weight):
+        """Qwen4-Exp's RMS norm of each copy [.., n, hidden] with its own weight ([n * hidden], scaling by
+        1 + weight), in fp32, rounded once."""
+        xf = x.float()
+        w = weight.float().view(x.shape[-2], x.shape[-1])
+        return (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps) * (1.0 + w)).to(x.dtype)
+
+    def gated_mix(self, x, t, name: str, inject: bool = True):
+        """Qwen4-Exp's gated hyper-connection `name` over the copies x [B, T, n, hidden]: the copies normed
+        (`copy_norm`), then the half's input is their mean, each channel of each copy weighted by
+        sigmoid(up(silu(down(all of them) / n))), and each copy's share of the half's output is
+        2 sigmoid(inject(all of them) / n). Returns (the shares [B, T, n] or None, the input [B, T, hidden])."""
+        n = x.shape[-2]
+        xn = self.copy_norm(x, t[name + ".norm"])
+        flat = xn.flatten(-2)
+        mix = torch.sigmoid(self.ops.linear(torch.nn.functional.silu(self.ops.linear(flat, t[name + ".down"]) / n),
+                                            t[name + ".up"]))
+        h = (mix.view_as(xn) * xn).mean(-2)
+        if not inject:
+            return None, h
+        return 2 * torch.sigmoid(self.ops.linear(flat, t[name + ".inject"]) / n), h
+
     def hyper_mix(self, x, fn, base, scale, post: bool = True):
         """HY-V4's hyper-connection weights, in fp32, from the stream's copies x [B, T, n, hidden] flattened and
         RMS-normed (no weight): logits = (flat @ fn^T) / rms(flat); each copy's input weight
@@ -1714,11 +1900,22 @@ class FusedModel(nn.Module):
             index = {i: mla["index"]["dim"] for i in mla["index"]["layers"]} if "index" in mla else None
             return KVCache(len(self.blocks), batch, 1, max_len, mla["kv_rank"] + mla["rope_dim"], self.dtype,
                            self.device, windows, latent=mla["kv_rank"], linear=linear, index=index)
-        bsp = self.spec["block_sparse"]
+        bsp, qsa = self.spec["block_sparse"], self.spec.get("qsa")
         index = {i: bsp["dim"] for i in bsp["layers"]} if bsp else None     # MiniMax-M3's block keys
-        return KVCache(len(self.blocks), batch, [b.kv_heads for b in self.blocks], max_len,
+        if qsa:                     # Qwen4-Exp: the QSA indexer's raw key per position in every attention layer
+            index = {b.i: qsa["dim"] for b in self.blocks if not b.linear}
+        cache = KVCache(len(self.blocks), batch, [b.kv_heads for b in self.blocks], max_len,
                        [b.head_dim for b in self.blocks], self.dtype, self.device, windows, chunks=chunks,
                        linear=linear, keyless=keyless, linear_attends=self.spec["ssm_beside_attention"], index=index)
+        ng = self.spec.get("ngram")
+        cache.ngram = [None] * len(self.blocks)
+        for i in (ng or {}).get("layers", ()):     # Qwen4-Exp: the last size - 1 ids and the dilated conv's inputs
+            n, h = self.spec["hyper"]["streams"], self.spec["hidden_size"]
+            cache.ngram[i] = {"ids": torch.full((batch, ng["size"] - 1), ng["eos"], dtype=torch.long,
+                                                device=self.device),
+                              "conv": torch.zeros(batch, n * h, (ng["conv_kernel"] - 1) * ng["size"], dtype=self.dtype,
+                                                  device=self.device)}
+        return cache
 
     def _ssm_local(self) -> tuple[int, int]:
         """(heads, groups) of the Mamba2 layers on this rank: the groups are split with the heads, or all held when
@@ -1753,6 +1950,8 @@ class FusedModel(nn.Module):
 
     def _final(self, x, residual, x_norm, x_gain=None, x_scale=None):
         x_scale = self.residual_scale if x_scale is None else x_scale
+        if self.spec["residual"] == "gated_hyper":     # Qwen4-Exp: the copies mixed into the head's input
+            return self.gated_mix(x, self.g, "hc_head", inject=False)[1]
         if self.spec["hyper"]:      # HY-V4: the copies folded into one (hc_head) before the final norm
             g = self.g
             x = self.hyper_mix(x, g["hc_head.fn"], g["hc_head.base"], g["hc_head.scale"], post=False)[1]
