@@ -737,7 +737,8 @@ def check_end_to_end(model_dir: Path, m: dict, converted: list, batches: torch.T
 
 def _compare(ref, sp: dict, converted: list, batches: torch.Tensor, th: Thresholds, device, token_source: str):
     kind = sp["kind"]
-    final_label = "project_out" if sp.get("project") else ("final norm" if sp.get("final_norm") else "")
+    final_label = "project_out" if sp.get("project") else ("final norm" if sp.get("final_norm") else
+                                                           "the copies' mix" if sp["residual"] == "gated_hyper" else "")
     reports, every = _reports(sp["architecture"])
     n_layers = sp["num_layers"] // every + 1
     layer_err = [[0.0, 0.0, 0.0] for _ in range(n_layers)]  # max abs, sum sq err, sum sq ref
@@ -754,6 +755,8 @@ def _compare(ref, sp: dict, converted: list, batches: torch.Tensor, th: Threshol
         for i, (a, b) in enumerate(zip(states, hs)):
             if sp.get("altup") and b.dim() == 4:       # Gemma 3n's copies: [n, B, T, hidden] there, [B, T, n, ...] here
                 b = b.permute(1, 2, 0, 3)
+            if sp["residual"] == "gated_hyper" and a.dim() == 4:      # Qwen4-Exp's copies: side by side there
+                a = a.flatten(-2)
             d = a - b
             e = layer_err[i]
             e[0] = max(e[0], float(d.abs().max()))

@@ -29,6 +29,14 @@ _QWEN3_5_TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, 
                      linear_value_head_dim=8, linear_conv_kernel_dim=4, tie_word_embeddings=False)
 _QWEN3_5_MOE = dict(_QWEN3_5_TEXT, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
                     shared_expert_intermediate_size=40)
+# Qwen4-Exp's tiny model: Qwen3.5-MoE's widths, three copies of the stream, hashed 2- and 3-grams (two heads each)
+# before layer 1, and a QSA indexer over blocks of 2 that keeps 2 of them (so a 9-token context is already sparse)
+_QWEN4_EXP_TEXT = dict(_QWEN3_5_MOE, hc_count=3, hc_lowrank=16, ple_layer_ids=[2], ple_embed_dim=32, ngram_size=3,
+                       heads_per_ngram=2, ngram_vocab_size_base=50, make_ngram_vocab_size_divisible_by=8,
+                       split_ngram_parts=2, indexer_n_heads=8, indexer_kv_heads=1, indexer_head_dim=16,
+                       indexer_budget=4, indexer_compress_ratio=2, bos_token_id=1, eos_token_id=2,
+                       rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
+                                        "mrope_section": [2, 1, 1], "mrope_interleaved": True})
 
 # One small config per family, sized so tp=2 and tp=4 divide heads and int8 groups fit.
 CONFIGS = {
@@ -340,6 +348,7 @@ CONFIGS = {
         **_QWEN3_VL)),                                                      # stacked experts [E, out, in]
     "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", _QWEN3_5_TEXT),
     "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", _QWEN3_5_MOE),
+    "qwen4_exp": ("Qwen4ExpTextConfig", "Qwen4ExpForCausalLM", _QWEN4_EXP_TEXT),
     "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", dict(                # layer 1 dense: mlp_only_layers
         _QWEN3_5_MOE, mlp_only_layers=[1], norm_topk_prob=False, layer_types=[
             "linear_attention", "full_attention", "linear_attention", "full_attention"])),
@@ -825,6 +834,10 @@ def build(name: str, seed: int = 0, **overrides):
                 p.copy_(torch.randn_like(p))
             elif n.endswith(("linear_attn.dt_bias", "linear_attn.A_log", ".dt_bias", ".A_log", "mamba.D", "mixer.D")):
                 p.copy_(torch.randn_like(p) * 0.5)     # Gated DeltaNet, Mamba2: decays and skips that differ
+            elif n.endswith("ple.conv1d.weight"):       # Qwen4-Exp's n-gram conv: zeros by default
+                p.copy_(torch.randn_like(p) * 0.3)
+            elif n.endswith(("block_inject_weight.weight", "input_mix_weight_up.weight")):   # and its mixes: shares
+                p.copy_(torch.randn_like(p) * 0.3)                                  # that differ between copies
         for n, b in [*model.named_buffers(), *model.named_parameters()]:   # GLM-4.5, ERNIE 4.5: a correction
             if n.endswith(("e_score_correction_bias", "expert_bias")):       # that changes the experts chosen
                 b.copy_(torch.randn_like(b) * 0.2)
