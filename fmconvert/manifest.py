@@ -660,6 +660,8 @@ def kv_cache_bytes(model: dict, parallel: dict, itemsize: int) -> tuple[int, int
                 n += mla["index"]["dim"]
         elif model.get("block_sparse") and i in model["block_sparse"]["layers"]:   # MiniMax-M3: + the block key
             n = 2 * parallel["kv_heads_per_rank"] * model["head_dim"] + model["block_sparse"]["dim"]
+        elif model.get("qsa"):                    # Qwen4-Exp: + the QSA indexer's raw key
+            n = 2 * parallel["kv_heads_per_rank"] * model["head_dim"] + model["qsa"]["dim"]
         elif is_global_layer(ga, layers, model["linear_layers"], i):
             n = 2 * parallel["global_kv_heads_per_rank"] * ga["head_dim"]
         else:

@@ -701,6 +701,23 @@ def _inspect_rglru_heads_not_dividing_its_width(c: Ctx):  # RecurrentGemma: whol
     return [_manifest(c, lambda m: m["model"]["rglru"].update(heads=5), name="recurrent_gemma")]
 
 
+@case("inspect", "model.ngram must be null or the n-gram embeddings' widths and hash tables")
+def _inspect_ngram_with_an_even_multiplier(c: Ctx):       # Qwen4-Exp: its hash multipliers are odd
+    return [_manifest(c, lambda m: m["model"]["ngram"]["tables"]["1"]["multipliers"].__setitem__(0, 8),
+                      name="qwen4_exp")]
+
+
+@case("inspect", "model.qsa must be null or the QSA indexer's")
+def _inspect_qsa_budget_not_in_whole_blocks(c: Ctx):      # Qwen4-Exp: the budget is whole blocks
+    return [_manifest(c, lambda m: m["model"]["qsa"].update(budget=5), name="qwen4_exp")]
+
+
+@case("inspect", "model.residual gated_hyper and model.hyper's rank go together")
+def _inspect_gated_hyper_without_its_rank(c: Ctx):        # Qwen4-Exp's mixes need their bottleneck
+    return [_manifest(c, lambda m: m["model"].update(hyper={"streams": 3, "magnitude": 2.0, "eps": 1e-6}),
+                      name="qwen4_exp")]
+
+
 @case("inspect", "model.residual_depth_scale needs the pre-norm residual")
 def _inspect_depth_scale_with_a_residual_scale(c: Ctx):    # Beam's scaled additions beside Granite's multiplier
     return [_manifest(c, lambda m: m["model"].update(residual_scale=0.5), name="beam")]
