@@ -261,6 +261,19 @@ def inspect(out_dir, as_json):
                   f"attend to their {bsp['topk']} best blocks of {bsp['block']} keys (the latest {bsp['local']} "
                   f"always among them), picked by an indexer of {bsp['heads']} heads of {bsp['dim']} (float, "
                   f"replicated; one {bsp['dim']}-wide key cached a token)")
+    qs = md.get("qsa")
+    if qs:
+        t.add_row("sparse attention", f"QSA in every attention layer: each query attends to its "
+                  f"{qs['budget'] // qs['rate']} best complete blocks of {qs['rate']} keys and the keys past them, "
+                  f"a block's key the mean of its keys, picked by an indexer of {qs['heads']} heads of {qs['dim']} "
+                  f"(float, replicated; one {qs['dim']}-wide key cached a token)")
+    ng = md.get("ngram")
+    if ng:
+        heads = (ng["size"] - 1) * ng["heads"]
+        rows = sum(tab["rows"] for tab in ng["tables"].values())
+        t.add_row("n-gram embeddings", f"before layers {_ranges(ng['layers'])}: 2- to {ng['size']}-grams of token ids, "
+                  f"{ng['heads']} hashed heads each, {heads} rows of {ng['dim'] // heads} a token side by side; "
+                  f"{rows:,} rows in all, split along their width over ranks (float)")
     if md["linear_attn"]:
         a, n = md["linear_attn"], len(md["linear_layers"])
         kind = "KDA (a decay per key channel)" if a.get("decay") == "channel" else "Gated DeltaNet"
@@ -391,7 +404,12 @@ def inspect(out_dir, as_json):
         residual = (f"AltUp: {au['streams']} copies of the stream, each layer run on the active one's router-mixed "
                     f"prediction and its innovation spread back to all; LAuReL (rank {au['laurel_rank']}) beside "
                     f"attention; copies averaged before the final norm")
-    if md.get("hyper"):
+    if md.get("hyper") and "rank" in md["hyper"]:
+        hc = md["hyper"]
+        residual = (f"gated hyper-connections: {hc['streams']} copies of the stream, each half's input their mean "
+                    f"weighted per channel by a rank-{hc['rank']} sigmoid gate, its output joining each copy by its "
+                    f"own weight; mixed so once more for the head, no final norm")
+    elif md.get("hyper"):
         hc = md["hyper"]
         residual = (f"hyper-connections: {hc['streams']} copies of the stream, mixed before each half, each taking up "
                     f"to {hc['magnitude']:g}x its output"
