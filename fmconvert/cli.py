@@ -71,8 +71,8 @@ def cli():
                    "two below it that divides every input width (GPT-OSS's 2880: 64). A rank whose K is narrower "
                    "uses the largest power of two that fits.")
 @click.option("--int8-embeddings", is_flag=True,
-              help="Also quantize the embedding table (and with it a tied lm_head), and the per-layer table of "
-                   "Gemma 4 E2B/E4B and Gemma 3n.")
+              help="Also quantize the embedding table (and with it a tied lm_head), the per-layer table of "
+                   "Gemma 4 E2B/E4B and Gemma 3n, and Qwen4-Exp's n-gram tables (tens of GB each in bf16).")
 @click.option("--int8-lm-head/--no-int8-lm-head", default=True, show_default=True,
               help="Under --int8, quantize an untied lm_head as well. Each decoded token reads all of it.")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "bf16", "fp16", "fp32"]),

@@ -48,7 +48,8 @@ QUANT_SLOTS = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight
                "sconv_in.weight", "sconv_out.weight", "mamba_in.weight", "mamba_out.weight",
                "rg_in.weight", "rg_out.weight")
 HEAD_SLOTS = ("lm_head.weight",)     # an untied head is a matmul read whole every token: int8 by default
-EMBED_SLOTS = ("embed.weight", "lm_head.weight", "ple_embed.weight")
+EMBED_SLOTS = ("embed.weight", "lm_head.weight", "ple_embed.weight", "ngram_embed.weight")   # and Qwen4-Exp's
+#                                                                                              n-gram tables
 
 
 @dataclass

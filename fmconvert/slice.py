@@ -462,6 +462,8 @@ def k_per_rank(spec: ModelSpec, lay: Layout, slot: str) -> int:
         "shared_out.weight": lay.shared_intermediate_per_rank,
         "embed.weight": spec.embed_dim, "lm_head.weight": spec.embed_dim,
         "ple_embed.weight": spec.num_layers * spec.per_layer_input,
+        "ngram_embed.weight": spec.ngram["dim"] // ((spec.ngram["size"] - 1) * spec.ngram["heads"]) // lay.tp
+        if spec.ngram else 0,
         "lin_in.weight": spec.hidden_size if spec.linear_attn else 0,
         "lin_out.weight": spec.linear_attn["v_heads"] * spec.linear_attn["v_dim"] // lay.tp if spec.linear_attn
         else spec.num_heads * spec.head_dim // lay.tp if spec.lightning else 0,

@@ -170,3 +170,17 @@ def test_a_bad_config_is_refused_in_one_line(model_copy, tmp_path, edit, match):
 def test_tp_must_divide_the_n_gram_tables_width(model_dir, tmp_path):
     with pytest.raises(FmError, match="does not divide the n-gram tables' width"):
         convert(model_dir(NAME, ple_embed_dim=24), tmp_path / "out", Options(tp=4), progress=False)
+
+
+def test_int8_embeddings_quantize_the_n_gram_tables(model_dir, tmp_path):
+    """--int8-embeddings takes the n-gram tables too (Qwen4-Exp's are tens of GB): each rank's slice of a row in
+    groups, looked up and dequantized on the fly; the logits stay close to transformers'."""
+    m = tiny.converted_manifest(model_dir(NAME), tmp_path / "out", tp=2, int8=True, group_size=16,
+                                int8_embeddings=True)
+    t = m["ranks"][1]["tensors"]
+    assert t["layers.1.ngram_embed.weight"]["dtype"] == "int8" and t["layers.1.ngram_embed.weight"]["shape"] == [240, 4]
+    assert t["layers.1.ngram_embed.weight_scale"]["shape"] == [240, 1]
+    ids = _ids(16, 6)
+    want = tiny.hf_logits(NAME, ids)
+    for g in tiny.on_ranks(tmp_path / "out", 2, lambda mm: mm(ids)):
+        assert tiny.rel(g, want) < 3e-2 and (g.argmax(-1) == want.argmax(-1)).float().mean() > 0.9

@@ -37,7 +37,7 @@ def sha256_file(path: Path) -> str:
 
 _ST_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "I8": "int8", "I64": "int64"}
 _INT8_OK = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight", "embed.weight", "lm_head.weight",
-            "ple_embed.weight",
+            "ple_embed.weight", "ngram_embed.weight",
             "experts_in.weight", "experts_out.weight", "shared_in.weight", "shared_out.weight",
             "q_a.weight", "q_b.weight", "kv_a.weight", "kv_b.weight", "attn_out_a.weight", "lin_in.weight",
             "lin_out.weight",

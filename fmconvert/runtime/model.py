@@ -345,7 +345,8 @@ class Block(nn.Module):
             k = ng["heads"]
             parts.append(torch.remainder(hashed[:, -T:, None], self.ng_sizes[(s - 1) * k:s * k])
                          + self.ng_offsets[(s - 1) * k:s * k])
-        rows = t["ngram_embed.weight"][torch.cat(parts, -1)]                    # [B, T, heads, width / tp]
+        table, idx = t["ngram_embed.weight"], torch.cat(parts, -1)
+        rows = table.rows(idx, x.dtype) if isinstance(table, Int8Weight) else table[idx]   # [B, T, heads, width / tp]
         if m.tp > 1:
             rows = m.comm.all_gather(rows.contiguous(), dim=-1)
         e = rows.flatten(-2)
