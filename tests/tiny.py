@@ -349,6 +349,15 @@ CONFIGS = {
     "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", _QWEN3_5_TEXT),
     "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", _QWEN3_5_MOE),
     "qwen4_exp": ("Qwen4ExpTextConfig", "Qwen4ExpForCausalLM", _QWEN4_EXP_TEXT),
+    "emu3": ("Emu3TextConfig", "Emu3ForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
+             pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "emu3_vl": ("Emu3Config", "Emu3ForConditionalGeneration", dict(   # its VQ-VAE image tokenizer left out
+        text_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=101, max_position_embeddings=64, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2),
+        vq_config=dict(embed_dim=4, base_channels=32, channel_multiplier=[1], num_res_blocks=1, codebook_size=8,
+                       latent_channels=4, attn_resolutions=[]), vocabulary_map={})),
     "qwen3_next": ("Qwen3NextConfig", "Qwen3NextForCausalLM", dict(                # layer 1 dense: mlp_only_layers
         _QWEN3_5_MOE, mlp_only_layers=[1], norm_topk_prob=False, layer_types=[
             "linear_attention", "full_attention", "linear_attention", "full_attention"])),
