@@ -865,7 +865,8 @@ class Policy:
             return None
         n = c.get("hc_streams")
         if type(n) is not int or not 2 <= n <= 16:
-            raise FmError(f"config.json: hc_mult (hc_count) must be an integer from 2 to 16, got {n!r}")
+            raise FmError(f"config.json: {'hc_count' if kind == 'gated_hyper' else 'hc_mult'} must be an integer from "
+                          f"2 to 16, got {n!r}")
         if kind == "gated_hyper":           # Qwen4-Exp: the input mix through a low-rank bottleneck
             rank = c.get("hc_rank")
             if type(rank) is not int or not 1 <= rank <= 1 << 16:

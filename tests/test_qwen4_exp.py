@@ -155,7 +155,7 @@ def test_the_vision_language_checkpoint_converts_its_language_model(model_dir, t
 
 @pytest.mark.parametrize("edit,match", [
     (dict(hc_lowrank=0), "hc_lowrank must be a positive integer"),
-    (dict(hc_count=40), "hc_count\\) must be an integer from 2 to 16"),
+    (dict(hc_count=40), "hc_count must be an integer from 2 to 16"),
     (dict(indexer_budget=5), "indexer_budget must be divisible by indexer_compress_ratio"),
     (dict(indexer_kv_heads=2), "requires indexer_kv_heads=1"),
     (dict(ple_layer_ids=[4]), "PLE is only supported on linear_attention layers"),

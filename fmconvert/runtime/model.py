@@ -999,22 +999,10 @@ class Block(nn.Module):
         k = m.ops.linear(h, t["block_index_k.weight"]).view(B, T, 1, D)
         q = m.ops.add_norm(q, None, t["block_index_q_norm.weight"], None, m.eps, m.norm)[0]
         k = m.ops.add_norm(k, None, t["block_index_k_norm.weight"], None, m.eps, m.norm)[0]
-        if pos_t is not None:
-            positions = pos_t.view(1, 1).expand(B, 1)
-            cos, sin = m.rope_tables(self.rope_table, decode=True)
-        else:
-            cos, sin = m.rope_for(positions, self.rope_table)
+        positions, cos, sin = self._rotation(positions, pos_t, B)
         q, k = m.ops.rope(q.contiguous(), k.contiguous(), cos, sin, positions, m.rope_style, self.rotary_dim)
         k = k.view(B, T, D)
-        if pos_t is not None:
-            keys = cache.index_k[self.i]
-            keys.index_copy_(1, pos_t, k)
-        elif cache is not None:
-            keys = cache.index_k[self.i]
-            keys[:, cache.length:cache.length + T] = k
-            keys = keys[:, :cache.length + T]
-        else:
-            keys = k
+        keys = self._index_keys(k, cache, pos_t)
         S = keys.shape[1]
         nb = -(-S // blk)
         group = (m.rank * self.heads + torch.arange(self.heads, device=h.device)) // (m.heads * m.tp // Hi)
@@ -1052,21 +1040,9 @@ class Block(nn.Module):
         Hi, D, r = qs["heads"], qs["dim"], qs["rate"]
         q, k = ops.linear(h, t["qsa_qk.weight"]).split([Hi * D, D], -1)
         q = ops.add_norm(q.reshape(B, T, Hi, D), None, t["qsa_q_norm.weight"], None, m.eps, m.norm)[0]
-        if pos_t is not None:
-            positions = pos_t.view(1, 1).expand(B, 1)
-            cos, sin = m.rope_tables(self.rope_table, decode=True)
-        else:
-            cos, sin = m.rope_for(positions, self.rope_table)
+        positions, cos, sin = self._rotation(positions, pos_t, B)
         q = ops.rope(q.contiguous(), q[:, :, :1].contiguous(), cos, sin, positions, m.rope_style, self.rotary_dim)[0]
-        if pos_t is not None:
-            keys = cache.index_k[self.i]
-            keys.index_copy_(1, pos_t, k)
-        elif cache is not None:
-            keys = cache.index_k[self.i]
-            keys[:, cache.length:cache.length + T] = k
-            keys = keys[:, :cache.length + T]
-        else:
-            keys = k
+        keys = self._index_keys(k, cache, pos_t)
         S = keys.shape[1]
         nb = S // r
         if nb <= qs["budget"] // r:         # every complete block is kept, so every visible key: plain attention
@@ -1111,6 +1087,27 @@ class Block(nn.Module):
             nbc = -(-S // r)
             return keep[..., :nbc], positions
         return keep, positions, kblock
+
+    def _rotation(self, positions, pos_t, B: int):
+        """(positions, cos, sin) of this layer's RoPE table for a forward: a graph-safe step's position pos_t from
+        device memory, else the forward's own positions."""
+        m = self.m
+        if pos_t is not None:
+            return (pos_t.view(1, 1).expand(B, 1), *m.rope_tables(self.rope_table, decode=True))
+        return (positions, *m.rope_for(positions, self.rope_table))
+
+    def _index_keys(self, k, cache, pos_t):
+        """A sparse-attention indexer's keys [B, S, dim]: this forward's k [B, T, dim] written into the layer's
+        cache, then every cached one (a graph-safe step: written at pos_t, the whole static cache); k alone without
+        a cache."""
+        if cache is None:
+            return k
+        keys = cache.index_k[self.i]
+        if pos_t is not None:
+            keys.index_copy_(1, pos_t, k)
+            return keys
+        keys[:, cache.length:cache.length + k.shape[1]] = k
+        return keys[:, :cache.length + k.shape[1]]
 
     def _kept_attention(self, q, k, v, blocks, positions, key_padding_mask=None, kblock=None):
         """Attention of q (B, Hq, T, hd) over k, v (B, Hkv, S, hd) within each kv head's kept blocks (B, Hkv, T,
@@ -1486,16 +1483,7 @@ class Block(nn.Module):
             q = torch.cat([q[..., :lo], q_pe, q[..., lo + rd:]], -1)
             k = torch.cat([k[..., :lo], k_pe, k[..., lo + rd:]], -1)
         k = k.view(B, T, D)
-        start = cache.length if cache is not None else 0
-        if pos_t is not None:
-            keys = cache.index_k[self.i]
-            keys.index_copy_(1, pos_t, k)
-        elif cache is not None:
-            keys = cache.index_k[self.i]
-            keys[:, start:start + T] = k
-            keys = keys[:, :start + T]
-        else:
-            keys = k
+        keys = self._index_keys(k, cache, pos_t)
         S = keys.shape[1]
         if S <= ix["topk"]:              # every key is chosen (graph-safe decode: whatever the step)
             m.index_choice = None
