@@ -261,6 +261,11 @@ def inspect(out_dir, as_json):
                   f"attend to their {bsp['topk']} best blocks of {bsp['block']} keys (the latest {bsp['local']} "
                   f"always among them), picked by an indexer of {bsp['heads']} heads of {bsp['dim']} (float, "
                   f"replicated; one {bsp['dim']}-wide key cached a token)")
+    moa = md.get("moa")
+    if moa:
+        t.add_row("attention experts", f"each token's top {moa['top_k']} of {moa['experts']} experts give each of the "
+                  f"{md['num_kv_heads']} kv heads a query (its q projection), attending over one shared k and v; "
+                  f"each expert's own output projection, weighted by the router")
     qs = md.get("qsa")
     if qs:
         t.add_row("sparse attention", f"QSA in every attention layer: each query attends to its "

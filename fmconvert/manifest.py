@@ -132,6 +132,10 @@ _MODEL_OPTIONAL = {
         and type(x.get("post_eps", True)) is bool),
         "null or {\"streams\": 2..16, \"magnitude\", \"eps\"} (and DeepSeek-V4's \"sinkhorn\": 1..100, \"post_eps\"), "
         "or Qwen4-Exp's {\"streams\": 2..16, \"rank\"}"),
+    "moa": (None, lambda x: x is None or (isinstance(x, dict) and set(x) == {"experts", "top_k"}
+                                          and all(map(_POS_INT, x.values())) and x["top_k"] <= x["experts"]),
+            "null or the attention experts' {experts, top_k}"),
+    "final_norm_eps": (0.0, _NONNEG_NUM, "a non-negative number"),
     "qsa": (None, lambda x: x is None or (isinstance(x, dict) and set(x) == {"heads", "dim", "budget", "rate"}
                                           and all(map(_POS_INT, x.values())) and x["budget"] % x["rate"] == 0),
             "null or the QSA indexer's {heads, dim, budget (whole blocks), rate}"),
@@ -419,6 +423,12 @@ def validate(m) -> dict:
         and model["linear_attn"] is not None and model["qsa"] is not None)),
           "model.residual gated_hyper and model.hyper's rank go together, in a hybrid decoder with a QSA indexer "
           "and no final norm")
+    moa = model["moa"]
+    _need(moa is None or (model["num_heads"] == moa["top_k"] * model["num_kv_heads"] and model["mla"] is None
+                          and model["kind"] == "decoder" and model["residual"] == "pre" and not model["attn_gate"]
+                          and model["linear_layers"] is None),
+          "model.moa needs num_heads = top_k * num_kv_heads, in a pre-norm decoder without latent attention, gates "
+          "or linear layers")
     qs, ng = model["qsa"], model["ngram"]
     _need(qs is None or (model["position"].get("type") == "rope" and qs["dim"] >= model["position"]["rotary_dim"]
                          and model["mla"] is None and model["sliding_window"] == 0),
@@ -531,6 +541,8 @@ def validate(m) -> dict:
         _need(_POS_INT(par.get(k)), f"parallel.{k} must be a positive int")
     tp = par["tp"]
     _need(tp <= 4096, "parallel.tp is larger than 4096")
+    _need(moa is None or model["num_kv_heads"] % tp == 0, "model.moa needs num_kv_heads to be a multiple of "
+          "parallel.tp")
     # a hybrid's linear layers hold whole heads (Mamba2's groups too, unless one serves every head) or channels
     _need(la is None or (la["k_heads"] % tp == 0 and la["v_heads"] % tp == 0),
           "model.linear_attn's heads must be a multiple of parallel.tp")

@@ -120,6 +120,10 @@ LAYER_SLOTS = (
     # norms (key, the stream as query, the gated value) and the dilated depthwise conv over the gated value
     "ngram_embed.weight", "ngram_key.weight", "ngram_value.weight", "ngram_key_norm.weight",
     "ngram_query_norm.weight", "ngram_conv_norm.weight", "ngram_conv.weight",
+    # JetMoe's mixture of attention heads (model.moa) in place of qkv and attn_out: a router, each expert's q
+    # projection and output projection (stacked, [experts * rows, ...]), one kv projection (k, then v) every expert
+    # shares, and the output's bias; and the bias its MLP mixture adds once to the weighted sum (experts_shared)
+    "moa_router.weight", "moa_q.weight", "moa_kv.weight", "moa_out.weight", "moa_out.bias", "experts_shared.bias",
 )
 # Slots written in float32 whatever the output dtype: small tensors the model only ever reads in fp32, which
 # transformers keeps in fp32 when it loads the model in half precision (and vLLM too): a sigmoid router's
@@ -145,7 +149,7 @@ DEPTHWISE = ("lin_conv.weight", "ssm_conv.weight", "sconv_conv.weight", "mamba_c
 # A hybrid's linear-attention layers have the lin_ slots and its attention layers the attention's.
 LINEAR_SLOTS = ("lin_", "ssm", "sconv", "mamba", "rg_")
 ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.", "q_a", "q_b.", "kv_a", "kv_b.", "attn_gate.", "index_",
-                   "block_index_", "attn_out_a.", "comp_", "qsa_")
+                   "block_index_", "attn_out_a.", "comp_", "qsa_", "moa_")
 GLOBAL_SLOTS = (
     "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
     "project_in.weight", "project_out.weight", "final_norm.weight", "final_norm.bias", "pooler.weight",
@@ -278,6 +282,11 @@ class ModelSpec:
     #                                weighted by magnitude * sigmoid(...) (slots attn_hc.*, mlp_hc.*, hc_head.*).
     #                                residual "gated_hyper" (Qwen4-Exp): {"streams", "rank"}, the low-rank gated
     #                                mix of configs/qwen4_exp.toml
+    moa: dict | None = None        # JetMoe's mixture of attention heads: {"experts", "top_k"}; a token's q heads are
+    #                                its top_k experts' projections of num_kv_heads heads each (num_heads = their
+    #                                product), attending over the shared k and v, each expert's output projected by
+    #                                its own moa_out and weighted by the router
+    final_norm_eps: float = 0.0    # the final norm's eps where it differs from the layers' (JetMoe); 0: norm_eps
     qsa: dict | None = None        # Qwen4-Exp's QSA indexer in every attention layer: `heads` queries and one key of
     #                                `dim` per token; each query keeps the `budget` / `rate` best complete blocks of
     #                                `rate` keys (pooled), and the keys after the last complete block
@@ -801,6 +810,7 @@ class Policy:
             residual=self._layout("residual", flags), residual_factors=self._residual_factors(c, flags),
             hyper=self._hyper(c, flags), experts_glu_limit=self._experts_glu_limit(c, experts),
             qsa=self._qsa(config, c, position), ngram=self._ngram(config, c, linear.get("linear_layers")),
+            moa=self._moa(c), final_norm_eps=_number(c, "final_norm_eps", 0.0, zero_ok=True),
             norm_gate_rank=self._norm_gate_rank(c), block_sparse=self._block_sparse(config, c),
             compressed=compressed, hash_layers=self._hash_layers(c, experts),
             altup=self._altup(c, flags), gate_sparsity=self._gate_sparsity(c),
@@ -880,6 +890,19 @@ class Policy:
                 raise FmError(f"config.json: hc_sinkhorn_iters must be an integer from 1 to 100, got {iters!r}")
             out.update(sinkhorn=iters, post_eps=bool(self.layout.get("hc_post_eps", True)))
         return out
+
+    @staticmethod
+    def _moa(c: dict) -> dict | None:
+        """JetMoe's mixture of attention heads: [config] moa_experts and moa_top_k; the q heads are num_kv_heads
+        times top_k (each expert's projection holds num_kv_heads heads)."""
+        if "moa_experts" not in c:
+            return None
+        E, k = c.get("moa_experts"), c.get("moa_top_k")
+        if type(E) is not int or type(k) is not int or not 1 <= k <= E or c["num_heads"] != k * c["num_kv_heads"]:
+            raise FmError(f"config.json: the attention experts (num_local_experts, num_experts_per_tok) must be "
+                          f"integers with 1 <= top-k <= experts, and num_attention_heads their top-k times "
+                          f"num_key_value_heads, got {E!r}, {k!r} and {c['num_heads']} heads")
+        return {"experts": E, "top_k": k}
 
     @staticmethod
     def _qsa(config, c: dict, position: dict) -> dict | None:
@@ -1795,6 +1818,12 @@ class Policy:
                 shapes.update({"index_q.weight": (Hi * Di, cp["q_rank"]), "index_w.weight": (Hi, h),
                                "index_kv.weight": (2 * Di, h), "index_gate.weight": (2 * Di, h),
                                "index_bias": (m, 2 * Di), "index_norm.weight": (Di,)})
+        if spec.moa:                # JetMoe: each attention expert's q and output projections, stacked
+            E = spec.moa["experts"]
+            shapes.update({"moa_router.weight": (E, h), "moa_q.weight": (E * KV * hd, h),
+                           "moa_kv.weight": (2 * KV * hd, h), "moa_out.weight": (E * h, KV * hd),
+                           "moa_out.bias": (h,)})
+        shapes["experts_shared.bias"] = (h,)
         if spec.qsa:                # Qwen4-Exp: the QSA indexer's heads and its one key, in one projection
             shapes.update({"qsa_qk.weight": ((spec.qsa["heads"] + 1) * spec.qsa["dim"], h),
                            "qsa_q_norm.weight": (spec.qsa["dim"],), "qsa_k_norm.weight": (spec.qsa["dim"],)})
@@ -1963,8 +1992,9 @@ class Policy:
                 elif self._flat(slot):          # DBRX: each of gate, up, down one [E * I, hidden] tensor
                     shapes = [(spec.num_experts * spec.intermediate_size, spec.hidden_size)] * len(names)
                 elif self._stacked(slot):       # one [E, ...] tensor: each expert's matrix (transposed) or bias
-                    one = (full[0] // spec.num_experts, *full[1:])
-                    shapes = [(spec.num_experts, *(reversed(one) if slot in self.transposed else one))]
+                    E = spec.moa["experts"] if slot.startswith("moa_") else spec.num_experts
+                    one = (full[0] // E, *full[1:])
+                    shapes = [(E, *(reversed(one) if slot in self.transposed else one))]
                 else:
                     rows = self._part_rows(spec, slot, len(names))
                     shapes = [(r, *full[1:]) for r in rows]
@@ -1994,7 +2024,8 @@ class Policy:
     def _stacked(self, slot: str) -> bool:
         """Layout `experts = "stacked"` (GPT-OSS): a mixture's slot is one tensor holding every expert, [E, ...],
         not one tensor per expert."""
-        return self.layout.get("experts") == "stacked" and slot.startswith(("experts_in.", "experts_out."))
+        return self.layout.get("experts") == "stacked" and (slot.startswith(("experts_in.", "experts_out."))
+                                                            or slot in ("moa_q.weight", "moa_out.weight"))
 
     def _flat(self, slot: str) -> bool:
         """Layout `experts = "flat"` (DBRX): every expert's gate rows in one [E * I, hidden] tensor, their up rows in
@@ -2091,7 +2122,7 @@ class Policy:
                 return [t[:, 0].reshape(E * I, h).contiguous(), t[:, 1].reshape(E * I, h).contiguous()]
             return [t.reshape(E, h, I).transpose(1, 2).reshape(E * I, h).contiguous()]
         if self._stacked(slot):
-            E = spec.num_experts
+            E = spec.moa["experts"] if slot.startswith("moa_") else spec.num_experts
             t = t.reshape(E, -1, *t.shape[1:])
             if self._gate_up_interleaved(slot):
                 t = t.reshape(E, 2, spec.intermediate_size, *t.shape[2:]).transpose(1, 2).reshape(t.shape)

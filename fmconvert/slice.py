@@ -47,6 +47,9 @@ Layout per rank:
             [r*V/tp, (r+1)*V/tp) (of an lm_head bias too). Padded logits are dropped by the runtime.
   attn_sub_norm, mlp_sub_norm  (BitNet's norms inside each half) with this rank's q heads, and with its MLP units
             (padded with zeros like them).
+  moa_q, moa_out, moa_kv  (JetMoe's attention experts) by kv heads: every expert's q rows of this rank's kv heads
+            (each expert gives every kv head its queries), the same columns of every expert's output projection
+            (row-parallel; its bias on rank 0), and this rank's heads of k and of v; the router replicated.
   ngram_embed  (Qwen4-Exp's n-gram tables) split along the width: rank r holds columns [r*w/tp, (r+1)*w/tp) of
             every row; a lookup gives each rank its slice of every head's row, and one all-gather joins them. What
             reads the joined rows (ngram_key, ngram_value, the norms and the conv) is replicated.
@@ -80,12 +83,12 @@ ROW_K = ("lin_out.weight", "ssm_out.weight", "sconv_out.weight", "mamba_out.weig
 ROW = ("attn_out.weight", "mlp_out.weight", *ROW_K)
 # A linear mixer's fused slots, part by part: q, k, v(, z, b, a) for Gated DeltaNet, x(, B, C) or z, x, B, C, dt for
 # Mamba2 (see `_mixer_parts`)
-MIXER_PARTS = ("lin_in.weight", "lin_conv.weight", "lin_conv.bias", "ssm_in.weight", "ssm_in.bias", "rg_in.weight",
+MIXER_PARTS = ("lin_in.weight", "moa_kv.weight", "lin_conv.weight", "lin_conv.bias", "ssm_in.weight", "ssm_in.bias", "rg_in.weight",
                "rg_in.bias",
                "ssm_conv.weight", "ssm_conv.bias", "sconv_in.weight", "sconv_in.bias", "sconv_conv.weight",
                "sconv_conv.bias", "mamba_in.weight", "mamba_in.bias")
 ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias", "ssm_out.bias", "sconv_out.bias", "mamba_out.bias",
-            "rg_out.bias")
+            "rg_out.bias", "moa_out.bias", "experts_shared.bias")
 VOCAB = ("embed.weight", "lm_head.weight", "lm_head.bias", "ple_embed.weight")   # Gemma 4's per-layer embeddings too
 EXPERTS = ("experts_in.weight", "experts_out.weight")
 # Tables split along their width: each rank holds a slice of every row (Qwen4-Exp's n-gram tables, tens of GB each;
@@ -210,6 +213,9 @@ def plan(spec: ModelSpec, tp: int, group_size: int | None) -> Layout:
     if ssm and (ssm["heads"] % tp or (ssm["groups"] % tp and ssm["groups"] != 1)):
         raise FmError(f"tp={tp} does not divide the Mamba2 heads (mamba_n_heads={ssm['heads']}) and groups "
                       f"(mamba_n_groups={ssm['groups']}, which may also be 1); each rank must hold whole heads")
+    if spec.moa and KV % tp:
+        raise FmError(f"tp={tp} does not divide num_key_value_heads={KV}; JetMoe's attention experts each give "
+                      f"every kv head its queries, so each rank holds whole kv heads")
     ng = spec.ngram
     width = ng["dim"] // ((ng["size"] - 1) * ng["heads"]) if ng else 0
     if ng and width % tp:
@@ -323,6 +329,12 @@ def shard(spec: ModelSpec, lay: Layout, slot: str, t: torch.Tensor) -> list[torc
         return [torch.cat([p[r] for p in parts], dim=0).contiguous() for r in range(tp)]
     if slot in ROW_K or slot in WIDTH:
         return [c.contiguous() for c in torch.chunk(t, tp, dim=1)]
+    if slot == "moa_q.weight":           # every attention expert's rows of this rank's kv heads
+        E = spec.moa["experts"]
+        return [c.reshape(-1, t.shape[1]).contiguous() for c in torch.chunk(t.view(E, KV, -1, t.shape[1]), tp, 1)]
+    if slot == "moa_out.weight":         # and the same columns of every expert's output projection
+        E = spec.moa["experts"]
+        return [c.reshape(-1, c.shape[-1]).contiguous() for c in torch.chunk(t.view(E, -1, t.shape[1]), tp, 2)]
     if slot == "attn_out.weight":
         return [c.contiguous() for c in torch.chunk(t, tp, dim=1)]
     if slot.startswith("mlp_in.") or slot == "shared_in.weight":
@@ -377,6 +389,12 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
         return torch.cat(out, dim=0)
     if slot == "attn_out.weight" or slot in ROW_K or slot in WIDTH:
         return torch.cat(pieces, dim=1)
+    if slot == "moa_q.weight":
+        E = spec.moa["experts"]
+        return torch.cat([p.view(E, -1, p.shape[1]) for p in pieces], 1).reshape(-1, pieces[0].shape[1])
+    if slot == "moa_out.weight":
+        E = spec.moa["experts"]
+        return torch.cat([p.view(E, -1, p.shape[1]) for p in pieces], 2).reshape(-1, pieces[0].shape[1] * lay.tp)
     if slot.startswith("mlp_in.") or slot == "shared_in.weight":
         n = 2 if spec.gated_mlp else 1
         halves = [[] for _ in range(n)]
@@ -418,6 +436,8 @@ def _mixer_parts(spec: ModelSpec, slot: str, tp: int) -> list[tuple[int, bool]]:
     """(rows, split over ranks) of each part of a linear mixer's fused slot. Gated DeltaNet: q, k, v (, z, b, a),
     whole heads each. Mamba2: (z,) x, B, C (, dt); B and C hold whole groups, and are replicated when a single
     group serves every head (Granite 4.0)."""
+    if slot.startswith("moa_kv"):               # JetMoe: k, then v, each split over kv heads
+        return [(spec.num_kv_heads * spec.head_dim, True)] * 2
     if slot.startswith("sconv_"):               # LFM2: B, C, x (or the conv's channels), each split over channels
         return [(spec.hidden_size, True)] * (3 if slot.startswith("sconv_in.") else 1)
     if slot.startswith("rg_"):                  # RecurrentGemma: y, x, each split over channels (whole heads)
@@ -462,6 +482,8 @@ def k_per_rank(spec: ModelSpec, lay: Layout, slot: str) -> int:
         "shared_out.weight": lay.shared_intermediate_per_rank,
         "embed.weight": spec.embed_dim, "lm_head.weight": spec.embed_dim,
         "ple_embed.weight": spec.num_layers * spec.per_layer_input,
+        "moa_q.weight": spec.hidden_size if spec.moa else 0, "moa_kv.weight": spec.hidden_size if spec.moa else 0,
+        "moa_out.weight": spec.num_kv_heads * spec.head_dim // lay.tp if spec.moa else 0,
         "ngram_embed.weight": spec.ngram["dim"] // ((spec.ngram["size"] - 1) * spec.ngram["heads"]) // lay.tp
         if spec.ngram else 0,
         "lin_in.weight": spec.hidden_size if spec.linear_attn else 0,

@@ -19,6 +19,7 @@ import signal
 import struct
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from .errors import EXIT_INTERRUPTED, EXIT_IO, FmError
 TMP_MARK = ".fmconvert-tmp-"
 LOCK_MARK = ".fmconvert-lock"
 INTERRUPT_GRACE_S = 10.0   # how long Ctrl-C / SIGTERM may take to unwind before the watchdog exits
+TMP_REMOVE_PATIENCE_S = 5.0   # how long removing the temp dir may keep trying while a writer finishes a file
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.int8: "int8",
                 torch.int64: "int64"}        # int64: DeepSeek-V4's token -> expert table
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -434,7 +436,7 @@ class AtomicDir:
 
     def _hard_exit(self):
         if self.tmp is not None:
-            _remove(self.tmp)
+            _remove(self.tmp, patience=TMP_REMOVE_PATIENCE_S)
         try:
             os.unlink(self.lock.path)
         except OSError:
@@ -477,7 +479,7 @@ class AtomicDir:
     def __exit__(self, exc_type, exc, tb):
         try:
             if self.tmp is not None:
-                _remove(self.tmp)
+                _remove(self.tmp, patience=TMP_REMOVE_PATIENCE_S)
                 self.tmp = None
         finally:
             self.lock.release()
@@ -507,12 +509,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _remove(p: Path):
-    """Remove a file, a symlink (never what it points to) or a directory tree; absent is fine."""
+def _remove(p: Path, patience: float = 0.0):
+    """Remove a file, a symlink (never what it points to) or a directory tree; absent is fine. patience: for how
+    many seconds to try again while a tree will not go (an interrupted conversion's writer thread may still be
+    finishing a file in it as the tree is removed: the last rmdir then finds it not empty)."""
     if p.is_symlink() or p.is_file():
         p.unlink(missing_ok=True)
     elif p.is_dir():
+        deadline = time.monotonic() + patience
         shutil.rmtree(p, ignore_errors=True)
+        while p.is_dir() and time.monotonic() < deadline:
+            time.sleep(0.05)
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _fsync_dir(d: Path):

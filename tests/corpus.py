@@ -701,6 +701,11 @@ def _inspect_rglru_heads_not_dividing_its_width(c: Ctx):  # RecurrentGemma: whol
     return [_manifest(c, lambda m: m["model"]["rglru"].update(heads=5), name="recurrent_gemma")]
 
 
+@case("inspect", "model.moa needs num_heads = top_k * num_kv_heads")
+def _inspect_moa_heads_not_its_experts_times_kv_heads(c: Ctx):    # JetMoe: a query per kv head and expert
+    return [_manifest(c, lambda m: m["model"]["moa"].update(top_k=1), name="jetmoe")]
+
+
 @case("inspect", "model.ngram must be null or the n-gram embeddings' widths and hash tables")
 def _inspect_ngram_with_an_even_multiplier(c: Ctx):       # Qwen4-Exp: its hash multipliers are odd
     return [_manifest(c, lambda m: m["model"]["ngram"]["tables"]["1"]["multipliers"].__setitem__(0, 8),

@@ -349,6 +349,11 @@ CONFIGS = {
     "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM", _QWEN3_5_TEXT),
     "qwen3_5_moe": ("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", _QWEN3_5_MOE),
     "qwen4_exp": ("Qwen4ExpTextConfig", "Qwen4ExpForCausalLM", _QWEN4_EXP_TEXT),
+    # JetMoe: 4 attention experts and 4 MLP experts, top 2 of each: 4 kv heads, so 8 q heads a token
+    "jetmoe": ("JetMoeConfig", "JetMoeForCausalLM", dict(hidden_size=64, intermediate_size=48, num_hidden_layers=2,
+               num_key_value_heads=4, kv_channels=16, num_local_experts=4, num_experts_per_tok=2, vocab_size=101,
+               max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1,
+               eos_token_id=2)),
     "emu3": ("Emu3TextConfig", "Emu3ForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
              pad_token_id=0, bos_token_id=1, eos_token_id=2)),

@@ -43,11 +43,12 @@ _INT8_OK = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight", 
             "lin_out.weight",
             "lin_qkv.weight", "lin_gate.weight",
             "ssm_in.weight", "ssm_out.weight", "sconv_in.weight", "sconv_out.weight", "mamba_in.weight",
-            "mamba_out.weight", "rg_in.weight", "rg_out.weight")
+            "mamba_out.weight", "rg_in.weight", "rg_out.weight", "moa_q.weight", "moa_kv.weight", "moa_out.weight")
 _EXPERTS = ("experts_in.weight", "experts_out.weight")
+_MOA_EXPERTS = ("moa_q.weight", "moa_out.weight")      # JetMoe's attention experts, split per expert too
 ROPE_TENSORS = ("rope.inv_freq", "rope_local.inv_freq", "rope_long.inv_freq")   # derived, kept float32
 _ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias", "ssm_out.bias", "sconv_out.bias", "mamba_out.bias",
-             "rg_out.bias")
+             "rg_out.bias", "moa_out.bias", "experts_shared.bias")
 
 
 def check_layout(m: dict, rank: int):
@@ -87,6 +88,12 @@ def check_layout(m: dict, rank: int):
              for k, v in (("norm", (n * h,)), ("down", (hc["rank"], n * h)), ("up", (n * h, hc["rank"])),
                           ("inject", (n, n * h)))} if hc and "rank" in hc else {}
     glob.update({k: v for k, v in gated.items() if k.startswith("hc_head.") and not k.endswith(".inject")})
+    moa = sp.get("moa")             # JetMoe's attention experts: this rank's kv heads of each
+    if moa:
+        Ea, w = moa["experts"], par["kv_heads_per_rank"] * sp["head_dim"]
+        gated.update({"moa_router.weight": (Ea, h), "moa_q.weight": (Ea * w, h), "moa_kv.weight": (2 * w, h),
+                      "moa_out.weight": (Ea * h, w)})
+    gated.update({"moa_out.bias": (h,), "experts_shared.bias": (h,)})
     qs, ng = sp.get("qsa"), sp.get("ngram")     # Qwen4-Exp's QSA indexer and n-gram layers, replicated but for
     if qs:                                      # the tables' width
         gated.update({"qsa_qk.weight": ((qs["heads"] + 1) * qs["dim"], h), "qsa_q_norm.weight": (qs["dim"],),
@@ -250,6 +257,8 @@ def check_layout(m: dict, rank: int):
                              ("alibi.slopes", pos["type"] == "alibi")] if on}
     per_layer = {"attn_out.weight"} | ({"q_b.weight", "kv_a.weight", "kv_a_norm.weight", "kv_b.weight"} if mla
                                        else set() if sp.get("compressed") else {"qkv.weight"})
+    if sp.get("moa"):           # JetMoe: attention experts in place of qkv and attn_out
+        per_layer = {"moa_router.weight", "moa_q.weight", "moa_kv.weight", "moa_out.weight"}
     if mla and mla["q_rank"]:
         per_layer |= {"q_a.weight", "q_a_norm.weight"}
     index = set()                                   # the indexer's slots, in the layers that run one
@@ -482,7 +491,8 @@ def _assemble(manifest: dict, raw: dict, device, int8: str, dtype) -> dict:
     for name, t in raw.items():
         if name.endswith("_scale"):
             continue
-        experts = manifest["model"]["num_experts"] if name.endswith(_EXPERTS) else 0   # split per expert
+        experts = manifest["model"]["num_experts"] if name.endswith(_EXPERTS) else \
+            manifest["model"]["moa"]["experts"] if name.endswith(_MOA_EXPERTS) else 0    # split per expert
         if t.dtype == torch.int8:
             scale = raw.get(name + "_scale")
             if scale is None:
@@ -495,8 +505,9 @@ def _assemble(manifest: dict, raw: dict, device, int8: str, dtype) -> dict:
             for q, s in (zip(whole.q.chunk(experts), whole.scale.chunk(experts)) if experts else
                          [(whole.q, whole.scale)]):
                 w = Int8Weight(q, s, g)
-                if name == "ple_embed.weight":
-                    pass               # Gemma 4 E2B/E4B's per-layer table: only ever looked up, a row at a time
+                if name == "ple_embed.weight" or name.endswith(".ngram_embed.weight"):
+                    pass               # Gemma 4 E2B/E4B's per-layer table, Qwen4-Exp's n-gram tables: only ever
+                    #                    looked up, a row at a time
                 elif int8 == "pack" and q.numel() >= CPU_INT8_MIN_ELEMS and (name != "embed.weight" or tied):
                     w.packed = int8_gemv_cpu.pack(w.q, w.scale, g)
                 elif int8 != "keep":

@@ -429,10 +429,54 @@ class Block(nn.Module):
             # Falcon-H1: attention beside the SSM on the same input; both row-parallel, one all-reduce for the sum
             a = self.attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
             return y + m.ops.linear(a, t["attn_out.weight"], t.get("attn_out.bias"))
+        if "moa_router.weight" in t:          # JetMoe: attention experts, their own output projections
+            return self._moa(h, positions, cache, key_padding_mask, pos_t, seq_t)
         a = self.attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
         if "attn_sub_norm.weight" in t:       # BitNet: normed over every head of every rank first
             a = self._sub_norm(a, t["attn_sub_norm.weight"], self.heads * m.tp * self.v_dim)
         return m.ops.linear(a, t["attn_out.weight"], t.get("attn_out.bias"))
+
+    def _moa(self, h, positions, cache, key_padding_mask, pos_t=None, seq_t=None):
+        """JetMoe's mixture of attention heads -> this rank's partial output (the caller all-reduces). A softmax
+        router (fp32) picks each token's top_k experts; expert e's q projection gives this rank's kv heads one
+        query each, so a token has kv heads x top_k queries, attending over the one k and v every expert shares
+        (kv head j's group: its queries of every expert). Each expert's outputs go through its own output
+        projection, weighted by the router, summed; the bias joins once (rank 0)."""
+        m, t = self.m, self.t
+        B, T, hs = h.shape
+        x = h.reshape(-1, hs)
+        k = m.spec["moa"]["top_k"]
+        probs = torch.nn.functional.linear(x, t["moa_router.weight"]).float().softmax(-1)
+        weight, chosen = probs.topk(k, dim=-1)
+        weight = weight / weight.sum(-1, keepdim=True)
+        kv, hd = self.kv_heads, self.head_dim
+        q = self._pairs(x, t["moa_q.weight"], chosen, k)                               # [N * k, kv * hd]
+        q = q.view(B, T, k, kv, hd).transpose(2, 3).reshape(B, T, kv * k * hd)       # kv head j's queries together
+        o = self._attend(torch.cat([q, m.ops.linear(h, t["moa_kv.weight"])], -1), positions, cache, key_padding_mask,
+                         pos_t, seq_t)
+        o = o.view(B * T, kv, k, hd).transpose(1, 2).reshape(B * T * k, kv * hd)     # each expert's heads together
+        y = self._pairs(o, t["moa_out.weight"], chosen, 1).view(B * T, k, hs)
+        y = (y.float() * weight.unsqueeze(-1)).sum(1).to(h.dtype)
+        if "moa_out.bias" in t:
+            y = y + t["moa_out.bias"]
+        return y.view(B, T, hs)
+
+    def _pairs(self, x, w, chosen, x_every: int):
+        """Expert chosen[n, s]'s projection (of the experts `w`) of row n // x_every of x, for every (token, slot)
+        pair in order: [N * k, out]. On the device where the backend indexes experts (a few pairs: graph-safe),
+        else one product per expert picked."""
+        m = self.m
+        pairs = chosen.reshape(-1)
+        if pairs.numel() <= 64 and hasattr(m.ops, "expert_linear") and getattr(w, "stacked", None) is not None:
+            return m.ops.expert_linear(x, w.stacked, len(w), pairs, x_every, None)
+        out = None
+        for e in pairs.unique().tolist():
+            rows = (pairs == e).nonzero(as_tuple=True)[0]
+            y = m.ops.linear(x[rows // x_every], w[e])
+            if out is None:
+                out = y.new_empty(pairs.numel(), y.shape[-1])
+            out[rows] = y
+        return out
 
     def linear_attention(self, h, cache, key_padding_mask, pos_t=None):
         """Gated DeltaNet (Qwen3-Next, Qwen3.5). One projection gives q|k|v, the output gate z and the per-head b and
@@ -688,6 +732,8 @@ class Block(nn.Module):
                 if m.spec["shared_scale"] != 1.0:      # Cohere 2 MoE's "average" of routed and shared
                     f = f * m.spec["shared_scale"]
                 y = y + f
+            if "experts_shared.bias" in t:       # JetMoe: one bias on the weighted sum (rank 0 only)
+                y = y + t["experts_shared.bias"]
             return y
         if self.sparsity:            # Gemma 3n: the gate thinned before its activation
             gate, up = m.ops.linear(h, t["mlp_in.weight"], t.get("mlp_in.bias")).chunk(2, -1)
@@ -1598,7 +1644,9 @@ def _visible(S: int, T: int, key_padding_mask, device):
 
 
 def _decode_graph_safe(model) -> bool:
-    return all(b.device_routed(1) for b in model.blocks if "router.weight" in b.t)   # dense blocks always are
+    moa = all(hasattr(model.ops, "expert_linear") and getattr(b.t["moa_q.weight"], "stacked", None) is not None
+              for b in model.blocks if "moa_q.weight" in b.t)          # JetMoe's attention experts likewise
+    return moa and all(b.device_routed(1) for b in model.blocks if "router.weight" in b.t)   # dense blocks are
 
 
 class FusedModel(nn.Module):
@@ -1950,7 +1998,8 @@ class FusedModel(nn.Module):
             x = torch.cat([h0.unsqueeze(-2), _rms_matched(y, h0)], -2).mean(-2)
         if self.spec["final_norm"]:
             return self.ops.add_norm(x, residual, self.g["final_norm.weight"], self.g.get("final_norm.bias"),
-                                     self.eps, self.norm, pre_weight=x_norm, x_scale=x_scale, gain=x_gain)[0]
+                                     self.spec.get("final_norm_eps") or self.eps, self.norm, pre_weight=x_norm,
+                                     x_scale=x_scale, gain=x_gain)[0]
         if x_norm is not None:
             x = self.ops.add_norm(x, None, x_norm, None, self.eps, self.norm)[0]
         x = x if residual is None else x * x_scale + residual
