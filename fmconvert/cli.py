@@ -158,7 +158,8 @@ def _kv_text(full: int, windowed: int, window: int) -> str:
 
 # What a conversion left out of the source, by source.dropped's `what` (absent in older manifests: vision).
 _DROPPED = {"vision": "vision tensors: the language model alone was converted",
-            "mtp": "multi-token-prediction tensors (a training aid transformers leaves out too)"}
+            "mtp": "multi-token-prediction tensors (a training aid transformers leaves out too)",
+            "copies": "copies of shared blocks (each block is read once, from the first layer that runs it)"}
 
 
 def _local_rope(pos: dict) -> str:
@@ -219,9 +220,10 @@ def inspect(out_dir, as_json):
              else f"{md['num_heads']} heads")
     vhead = (f", v heads {md['v_head_dim']} wide (padded to {md['head_dim']} in the cache)" if md["v_head_dim"]
              else "") + (f", v times {md['value_scale']:g}" if md["value_scale"] != 1.0 else "")
+    shared = md.get("shared_blocks")            # Zamba2: attention and an MLP in its shared blocks
     attention = (f"{heads} / {md['num_kv_heads']} kv, head_dim {md['head_dim']}{vhead}"
-                 if len(md["linear_layers"] or ()) < md["num_layers"] else "no attention")
-    mlp = (f"mlp {md['intermediate_size']} ({md['activation']})" if "mlp" in (md["block_parts"] or ["mlp"])
+                 if len(md["linear_layers"] or ()) < md["num_layers"] or shared else "no attention")
+    mlp = (f"mlp {md['intermediate_size']} ({md['activation']})" if "mlp" in (md["block_parts"] or ["mlp"]) or shared
            else "no MLP")
     t.add_row("shape", f"{md['num_layers']} layers, hidden {md['hidden_size']}, {attention}, {mlp}")
     if md["kind"] == "decoder":
@@ -261,6 +263,13 @@ def inspect(out_dir, as_json):
                   f"attend to their {bsp['topk']} best blocks of {bsp['block']} keys (the latest {bsp['local']} "
                   f"always among them), picked by an indexer of {bsp['heads']} heads of {bsp['dim']} (float, "
                   f"replicated; one {bsp['dim']}-wide key cached a token)")
+    sb = md.get("shared_blocks")
+    if sb:
+        hybrid = [i for i, p in enumerate(md["block_parts"]) if p == "hybrid"]
+        t.add_row("shared blocks", f"{sb['count']} transformer block(s), stored once, run in layers {_ranges(hybrid)} "
+                  f"on the stream beside the embeddings ({md['attn_input']} wide), each layer with its own rank-"
+                  f"{sb['rank']} adapters{' (q|k|v and MLP)' if sb['qkv_lora'] else ' (MLP)'}, feeding its Mamba2 "
+                  f"layer's input")
     moa = md.get("moa")
     if moa:
         t.add_row("attention experts", f"each token's top {moa['top_k']} of {moa['experts']} experts give each of the "
@@ -306,7 +315,7 @@ def inspect(out_dir, as_json):
                   f"{', beside attention' if beside else ''}): {a['heads']} heads of {a['head_dim']}, {a['groups']} "
                   f"B/C group(s) of state {a['state']}, conv {a['conv_kernel']}{clamp}{gate}; a fixed-size state per "
                   f"layer and sequence ({a['heads'] * a['head_dim'] * a['state']} fp32 values)"
-                  f"{'' if beside else ', no KV cache'}")
+                  f"{'' if beside or md.get('shared_blocks') else ', no KV cache'}")
     if md["row_scales"]:
         t.add_row("multipliers", "folded into the weights at load: " + "; ".join(
             f"{slot} " + ", ".join([f"input x{f['input']:g}"] * (f["input"] != 1) +

@@ -192,15 +192,22 @@ _MODEL_OPTIONAL = {
                         "null or gelu, gelu_tanh, relu, relu2 or silu"),
     "qkv_clip": (0.0, _NONNEG_NUM, "a non-negative number"),
     "norm_affine": (True, _BOOL, "true or false"),
-    "block_parts": (None, lambda x: x is None or (isinstance(x, list) and all(p in ("mixer", "mlp") for p in x)),
-                    "null or a list of mixer / mlp per layer"),
+    "block_parts": (None, lambda x: x is None or (isinstance(x, list) and all(p in ("mixer", "mlp", "hybrid")
+                                                                              for p in x)),
+                    "null or a list of mixer / mlp / hybrid per layer"),
+    "shared_blocks": (None, lambda x: x is None or (isinstance(x, dict) and set(x) == {"count", "rank", "qkv_lora"}
+                                                    and _POS_INT(x["count"]) and _POS_INT(x["rank"])
+                                                    and type(x["qkv_lora"]) is bool),
+                      "null or the shared blocks' {count, rank, qkv_lora}"),
+    "attn_input": (0, _NAT, "a non-negative integer"),
 }
 
 
 def _ssm(x) -> bool:
     """Mamba2's widths: positive heads, head_dim, groups (dividing the heads), state and conv taps; the step's clamp."""
-    return (isinstance(x, dict) and set(x) - {"gate"} == {"heads", "head_dim", "groups", "state", "conv_kernel",
-                                                         "dt_min", "dt_max"}
+    return (isinstance(x, dict) and set(x) - {"gate", "norm_eps"} == {"heads", "head_dim", "groups", "state",
+                                                                     "conv_kernel", "dt_min", "dt_max"}
+            and _POS_NUM(x.get("norm_eps", 1.0))
             and x.get("gate", "norm_first") in ("norm_first", "none")
             and all(_POS_INT(x[k]) for k in ("heads", "head_dim", "groups", "state", "conv_kernel"))
             and x["heads"] % x["groups"] == 0 and 2 <= x["conv_kernel"] <= 64 and _NONNEG_NUM(x["dt_min"])
@@ -423,6 +430,12 @@ def validate(m) -> dict:
         and model["linear_attn"] is not None and model["qsa"] is not None)),
           "model.residual gated_hyper and model.hyper's rank go together, in a hybrid decoder with a QSA indexer "
           "and no final norm")
+    sb, bp = model["shared_blocks"], model["block_parts"]
+    _need((sb is None) == ("hybrid" not in (bp or ())) and (sb is None or (
+        model["ssm"] is not None and model["linear_layers"] == list(range(model["num_layers"]))
+        and sb["count"] <= bp.count("hybrid") and model["attn_input"] > 0 and not model["num_experts"]
+        and model["residual"] == "pre")),
+          "model.shared_blocks and hybrid block_parts go together, with Mamba2 in every layer and no experts")
     moa = model["moa"]
     _need(moa is None or (model["num_heads"] == moa["top_k"] * model["num_kv_heads"] and model["mla"] is None
                           and model["kind"] == "decoder" and model["residual"] == "pre" and not model["attn_gate"]
@@ -636,6 +649,15 @@ def _compressed(x) -> bool:
                                 and all(map(_POS_INT, ix.values())) and ix["dim"] >= x["rope_dim"])))
 
 
+def block_owners(block_parts, shared_blocks) -> dict[int, int]:
+    """Zamba2: each hybrid layer -> the layer that holds its shared block's weights (the first hybrid layer that runs
+    it: the j-th hybrid layer runs block j % count)."""
+    if not shared_blocks:
+        return {}
+    hybrid = [i for i, p in enumerate(block_parts or ()) if p == "hybrid"]
+    return {i: hybrid[j % shared_blocks["count"]] for j, i in enumerate(hybrid)}
+
+
 def is_global_layer(global_attn, window_layers, linear_layers, i: int) -> bool:
     """Whether layer i takes model.global_attn's widths: an attention layer outside window_layers (Gemma 4)."""
     return (global_attn is not None and window_layers is not None and i not in window_layers
@@ -653,7 +675,8 @@ def kv_cache_bytes(model: dict, parallel: dict, itemsize: int) -> tuple[int, int
     parts = model["block_parts"] or [None] * model["num_layers"]
     src = model.get("kv_source") or range(model["num_layers"])       # Gemma 4 E2B/E4B: some read another's cache
     for i in range(model["num_layers"]):
-        if (i in linear and not model["ssm_beside_attention"]) or parts[i] == "mlp" or src[i] != i:
+        if (i in linear and not model["ssm_beside_attention"] and parts[i] != "hybrid") or parts[i] == "mlp" \
+                or src[i] != i:
             continue
         windowed_layer = (model["sliding_window"] > 0 and (layers is None or i in layers)) or (
             model["attn_chunk"] > 0 and (chunks is None or i in chunks))
@@ -730,7 +753,7 @@ def _source(src):
     dropped = src.get("dropped", {"tensors": 0, "bytes": 0, "prefixes": []})   # a vision-language wrapper's towers
     _need(isinstance(dropped, dict) and _NAT(dropped.get("tensors")) and _NAT_SIZE(dropped.get("bytes"))
           and isinstance(dropped.get("prefixes"), list) and all(isinstance(p, str) for p in dropped["prefixes"])
-          and dropped.get("what", "vision") in ("vision", "mtp"),
+          and dropped.get("what", "vision") in ("vision", "mtp", "copies"),
           "source.dropped malformed")
     mx = src.get("mxfp4", [])
     _need(isinstance(mx, list) and all(isinstance(n, str) for n in mx), "source.mxfp4 malformed")

@@ -179,7 +179,10 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
     extras = []
     dropped = {"tensors": 0, "bytes": 0}
     L = spec.num_layers
-    drop = policy.drop + [f"{prefix}layers.{i}." for i in range(L, L + _mtp(policy, config))]
+    # a drop prefix with {i} names a part of every layer (Zamba2: the copies of a shared block some checkpoints
+    # keep in each layer that runs it, beside the one its first layer holds, which its slots read)
+    drop = [d.format(i=i) for d in policy.drop for i in (range(L) if "{i}" in d else (0,))] + \
+        [f"{prefix}layers.{i}." for i in range(L, L + _mtp(policy, config))]
     for n in ckpt.names():
         if n in consumed or any(p.fullmatch(n) for p in ignore):
             continue
@@ -196,7 +199,8 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
     layout, group, quant_slots, groups = _quant_plan(spec, opts)
     return Plan(policy, spec, layout, dtype, globals_, layers, extras, tied_lm_head, groups, group, quant_slots,
                 bytes_in, params, prefix, {k: v for k, v in sorted(spelled.items()) if v is not None}, flipped,
-                {**dropped, "prefixes": drop, "what": "vision" if policy.wrapper else "mtp"}
+                {**dropped, "prefixes": drop, "what": "vision" if policy.wrapper else
+                 "copies" if spec.shared_blocks else "mtp"}
                 if policy.wrapper or dropped["tensors"] else None)
 
 

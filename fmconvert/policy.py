@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import FmError
-from .manifest import TABLE_POSITIONS, is_global_layer
+from .manifest import TABLE_POSITIONS, block_owners, is_global_layer
 
 CONFIG_DIR = Path(os.environ.get("FMCONVERT_CONFIGS", Path(__file__).resolve().parent / "configs"))
 
@@ -124,6 +124,13 @@ LAYER_SLOTS = (
     # projection and output projection (stacked, [experts * rows, ...]), one kv projection (k, then v) every expert
     # shares, and the output's bias; and the bias its MLP mixture adds once to the weighted sum (experts_shared)
     "moa_router.weight", "moa_q.weight", "moa_kv.weight", "moa_out.weight", "moa_out.bias", "experts_shared.bias",
+    # Zamba2's shared transformer blocks (model.shared_blocks), in its hybrid layers: the norm of the stream beside
+    # the embeddings (mem_norm, twice hidden wide), attention (qkv, attn_out), its MLP (mlp_norm, mlp_in, mlp_out),
+    # all held by the block's first layer and read by every layer that uses the block; each layer's own low-rank
+    # adapters on q|k|v and on the MLP's input (a down projection replicated, the up one split like what it adapts),
+    # and its projection of the block's output (mem_proj)
+    "mem_norm.weight", "qkv_lora_down.weight", "qkv.lora_up", "mlp_lora_down.weight", "mlp_in.lora_up",
+    "mem_proj.weight",
 )
 # Slots written in float32 whatever the output dtype: small tensors the model only ever reads in fp32, which
 # transformers keeps in fp32 when it loads the model in half precision (and vLLM too): a sigmoid router's
@@ -149,7 +156,8 @@ DEPTHWISE = ("lin_conv.weight", "ssm_conv.weight", "sconv_conv.weight", "mamba_c
 # A hybrid's linear-attention layers have the lin_ slots and its attention layers the attention's.
 LINEAR_SLOTS = ("lin_", "ssm", "sconv", "mamba", "rg_")
 ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.", "q_a", "q_b.", "kv_a", "kv_b.", "attn_gate.", "index_",
-                   "block_index_", "attn_out_a.", "comp_", "qsa_", "moa_")
+                   "block_index_", "attn_out_a.", "comp_", "qsa_", "moa_", "mem_", "qkv_lora_", "mlp_lora_",
+                   "mlp_in.lora_up")
 GLOBAL_SLOTS = (
     "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
     "project_in.weight", "project_out.weight", "final_norm.weight", "final_norm.bias", "pooler.weight",
@@ -287,6 +295,12 @@ class ModelSpec:
     #                                product), attending over the shared k and v, each expert's output projected by
     #                                its own moa_out and weighted by the router
     final_norm_eps: float = 0.0    # the final norm's eps where it differs from the layers' (JetMoe); 0: norm_eps
+    shared_blocks: dict | None = None  # Zamba2: {"count", "rank", "qkv_lora"}: its hybrid layers (block_parts
+    #                                "hybrid") run shared transformer block j % count (j: the layer's place among them,
+    #                                its weights held by that block's first hybrid layer) on the stream beside the
+    #                                embeddings, with low-rank adapters of `rank` of their own (on q|k|v where
+    #                                qkv_lora); see configs/zamba2.toml
+    attn_input: int = 0            # the width attention's q|k|v read where it is not hidden_size (Zamba2: twice it)
     qsa: dict | None = None        # Qwen4-Exp's QSA indexer in every attention layer: `heads` queries and one key of
     #                                `dim` per token; each query keeps the `budget` / `rate` best complete blocks of
     #                                `rate` keys (pooled), and the keys after the last complete block
@@ -583,6 +597,10 @@ def _windowed(windows: dict, num_layers: int) -> list[int]:
     return list(layers)
 
 
+# Zamba2: a shared block's weights, held by the first hybrid layer that runs it (the others read that layer's)
+SHARED_BLOCK_SLOTS = ("mem_norm.", "qkv.weight", "attn_out.", "mlp_norm.", "mlp_in.weight", "mlp_out.")
+
+
 def _experts(names: list[str], spec: ModelSpec) -> range:
     """Names with `{e}` repeat once per expert, in expert order (all of one expert's names, then the next's); names
     with `{p}`, once per part of a table stored in pieces along its rows (Qwen4-Exp's n-gram tables)."""
@@ -811,6 +829,8 @@ class Policy:
             hyper=self._hyper(c, flags), experts_glu_limit=self._experts_glu_limit(c, experts),
             qsa=self._qsa(config, c, position), ngram=self._ngram(config, c, linear.get("linear_layers")),
             moa=self._moa(c), final_norm_eps=_number(c, "final_norm_eps", 0.0, zero_ok=True),
+            shared_blocks=self._shared_blocks(c, parts, flags),
+            attn_input=2 * c["hidden_size"] if self.layout.get("shared_blocks") else 0,
             norm_gate_rank=self._norm_gate_rank(c), block_sparse=self._block_sparse(config, c),
             compressed=compressed, hash_layers=self._hash_layers(c, experts),
             altup=self._altup(c, flags), gate_sparsity=self._gate_sparsity(c),
@@ -890,6 +910,19 @@ class Policy:
                 raise FmError(f"config.json: hc_sinkhorn_iters must be an integer from 1 to 100, got {iters!r}")
             out.update(sinkhorn=iters, post_eps=bool(self.layout.get("hc_post_eps", True)))
         return out
+
+    def _shared_blocks(self, c: dict, parts: dict, flags: dict) -> dict | None:
+        """Zamba2's shared blocks ([config] shared_count, shared_rank; flag qkv_lora): on its hybrid layers."""
+        if not self.layout.get("shared_blocks"):
+            return None
+        n, r = c.get("shared_count"), c.get("shared_rank")
+        hybrid = [i for i, p in enumerate(parts.get("block_parts") or ()) if p == "hybrid"]
+        if type(n) is not int or type(r) is not int or not 1 <= n <= max(len(hybrid), 1) or not 1 <= r <= 1 << 16:
+            raise FmError(f"config.json: num_mem_blocks must be a positive integer no more than the hybrid layers "
+                          f"({len(hybrid)}) and adapter_rank a positive integer, got {n!r} and {r!r}")
+        if flags.get("untied"):     # transformers ties the blocks only with the embeddings: untied, each hybrid
+            n = len(hybrid)         # layer runs its own copy
+        return {"count": n, "rank": r, "qkv_lora": bool(flags.get("qkv_lora"))}
 
     @staticmethod
     def _moa(c: dict) -> dict | None:
@@ -1313,8 +1346,8 @@ class Policy:
             key, mixer = "lightning", True
         else:
             return {}
-        if self.layout.get("ssm_beside_attention"):      # Falcon-H1: every layer has both
-            return {key: mixer, "linear_layers": list(range(c["num_layers"]))}
+        if self.layout.get("ssm_beside_attention") or self.layout.get("shared_blocks"):
+            return {key: mixer, "linear_layers": list(range(c["num_layers"]))}   # Falcon-H1, Zamba2: every layer
         types = getattr(config, "layer_types", None)
         if not isinstance(types, (list, tuple)) or len(types) != c["num_layers"]:
             raise FmError(f"config.json: layer_types (or block_types) must list one kind per layer "
@@ -1344,10 +1377,13 @@ class Policy:
         model is dense (the config's expert settings are defaults then); with one, the mlp layers are a mixture's
         dense layers."""
         types = getattr(config, "layer_types", None)
-        kinds = {"linear_attention": "mixer", "full_attention": "mixer", "mlp": "mlp", "moe": "mlp"}
+        kinds = {"linear_attention": "mixer", "full_attention": "mixer", "mlp": "mlp", "moe": "mlp",
+                 "hybrid": "hybrid"}           # Zamba2: a Mamba2 layer fed by a shared transformer block too
         if not isinstance(types, (list, tuple)) or len(types) != c["num_layers"] or any(t not in kinds for t in types):
             raise FmError(f"config.json: layers_block_type must name one of {', '.join(kinds)} for each of the "
                           f"{c['num_layers']} layers, got {str(types)[:80]}")
+        if "hybrid" in types:                # Zamba2: the dense MLP is the shared blocks'
+            return {"block_parts": [kinds[t] for t in types]}
         if "moe" not in types:
             c.update(num_experts=0, experts_per_token=0, shared_intermediate_size=0,
                      intermediate_size=c.get("dense_intermediate_size"), dense_intermediate_size=None)
@@ -1389,11 +1425,13 @@ class Policy:
             raise FmError("config.json: the Mamba2 widths (mamba_n_heads, mamba_d_head, mamba_n_groups, "
                           "mamba_d_state, mamba_d_conv) must be positive integers, the heads a multiple of the "
                           f"groups and the conv at least 2 wide, got {ssm}")
-        limit = c.get("ssm_dt_limit") or (0.0, math.inf)
+        limit = c.get("ssm_dt_limit") or (c.get("ssm_dt_min") or 0.0, math.inf)     # Zamba2: time_step_min
         if not isinstance(limit, (list, tuple)) or len(limit) != 2 or any(type(v) not in (int, float) for v in limit) \
                 or not 0 <= limit[0] < limit[1]:
             raise FmError(f"config.json: time_step_limit must be two numbers, low below high, got {limit!r}")
         ssm["conv_kernel"] = ssm.pop("conv")
+        if c.get("ssm_norm_eps") is not None:       # Zamba2: its gated norm's own eps
+            ssm["norm_eps"] = _number(c, "ssm_norm_eps", 1e-5)
         return {**ssm, "dt_min": float(limit[0]), "dt_max": None if limit[1] == math.inf else float(limit[1])}
 
     def _mamba(self, c, flags) -> dict:
@@ -1550,7 +1588,7 @@ class Policy:
             {"conv"} if "sconv" in c else set()) | (
             {"indexed_attention"} if "index_heads" in c or "qsa_heads" in c else set()) | (
             {"minimax_m3_sparse"} if "bindex_heads" in c else set()) | (
-            {"hybrid"} if self.layout.get("ssm_beside_attention") else set()) | (
+            {"hybrid"} if self.layout.get("ssm_beside_attention") or self.layout.get("shared_blocks") else set()) | (
             {"mlp", "moe"} if self.layout.get("block_parts") else set())
         odd = sorted({str(t) for t in types} - kinds)
         if odd:
@@ -1713,16 +1751,18 @@ class Policy:
         return main, local
 
     # -- tensors ----------------------------------------------------------------------------------------------
-    def _entries(self, section: dict, flags: dict, dense: bool = False):
+    def _entries(self, section: dict, flags: dict, dense: bool = False, part: str | None = None):
         """(slot, names, optional, aliases) of a section's entries whose flag holds. dense: a dense layer of a
-        model with a mixture, which takes an entry's `dense_name` where it has one (A.X K2's MLP norm)."""
+        model with a mixture, which takes an entry's `dense_name` where it has one (A.X K2's MLP norm). part: the
+        layer's part (block_parts), whose `<part>_name` an entry may give (Zamba2's hybrid layers)."""
         for slot, entry in section.items():
             aliases = []
             if isinstance(entry, dict):
                 if "when" in entry and not flags.get(entry["when"], False):
                     continue
-                names, optional = entry["dense_name" if dense and "dense_name" in entry else "name"], \
-                    entry.get("optional", False)
+                key = f"{part}_name" if part and f"{part}_name" in entry else \
+                    "dense_name" if dense and "dense_name" in entry else "name"
+                names, optional = entry[key], entry.get("optional", False)
                 aliases = [[a] if isinstance(a, str) else list(a) for a in entry.get("aliases", [])]
             else:
                 names, optional = entry, False
@@ -1765,7 +1805,7 @@ class Policy:
             "ple_proj_norm.weight": (spec.per_layer_input,), "ple_gate.weight": (spec.per_layer_input, h),
             "ple_out.weight": (h, spec.per_layer_input), "ple_post_norm.weight": (h,),
             "experts_norm.weight": (h,), "experts_post_norm.weight": (h,), "shared_post_norm.weight": (h,),
-            "qkv.weight": ((H + KV) * hd + KV * vd + H * spec.gate_width, h),        # q|k|v, and the gate
+            "qkv.weight": ((H + KV) * hd + KV * vd + H * spec.gate_width, spec.attn_input or h),   # q|k|v, gate
             "qkv.bias": ((H + KV) * hd + KV * vd + H * spec.gate_width,),
             "attn_out.weight": (h, H * vd), "attn_out.bias": (h,),
             "mlp_in.weight": (inter, h), "mlp_in.bias": (inter,),
@@ -1824,6 +1864,11 @@ class Policy:
                            "moa_kv.weight": (2 * KV * hd, h), "moa_out.weight": (E * h, KV * hd),
                            "moa_out.bias": (h,)})
         shapes["experts_shared.bias"] = (h,)
+        if spec.shared_blocks:      # Zamba2: the shared block's norm over the stream and embeddings, the adapters
+            r, w = spec.shared_blocks["rank"], spec.attn_input
+            shapes.update({"mem_norm.weight": (w,), "qkv_lora_down.weight": (3 * r, w),
+                           "qkv.lora_up": ((H + 2 * KV) * hd, 3 * r), "mlp_lora_down.weight": (r, h),
+                           "mlp_in.lora_up": (inter, r), "mem_proj.weight": (h, h)})
         if spec.qsa:                # Qwen4-Exp: the QSA indexer's heads and its one key, in one projection
             shapes.update({"qsa_qk.weight": ((spec.qsa["heads"] + 1) * spec.qsa["dim"], h),
                            "qsa_q_norm.weight": (spec.qsa["dim"],), "qsa_k_norm.weight": (spec.qsa["dim"],)})
@@ -1938,7 +1983,7 @@ class Policy:
         sections = [(t["layer"], prefix)] if layer is not None else [
             ({k: v for k, v in t.items() if not isinstance(v, dict) or "name" in v}, prefix),
             (t.get("head", {}), self.head_prefix(prefix))]
-        skip = ()
+        skip, part = (), None
         dense = False
         value_is_key = spec.value_is_key and spec.global_layer(layer)
         q_only = spec.kv_shared(layer)       # Gemma 4 E2B/E4B: reads an earlier layer's cache; q_proj alone
@@ -1969,17 +2014,26 @@ class Policy:
                 skip += ("comp_",)
             skip += ("router.token_experts",) if layer not in (spec.hash_layers or ()) else \
                 ("router.correction_bias",)       # DeepSeek-V4's hash layers: a table of experts, no bias
+            if part == "hybrid":            # Zamba2: attention too (the shared block's), no mixture
+                skip = tuple(x for x in skip if x not in ATTENTION_SLOTS) + SPARSE_SLOTS
+                if block_owners(spec.block_parts, spec.shared_blocks)[layer] != layer:   # its block's are another's
+                    skip += SHARED_BLOCK_SLOTS
             if spec.linear_pre_norm:       # OLMo Hybrid: input norms in the linear layers, output norms elsewhere
                 skip += (("attn_post_norm.", "mlp_post_norm.") if layer in (spec.linear_layers or ())
                          else ("attn_norm.", "mlp_norm."))
         # layout sublayers n (LongCat-Flash: 2): the checkpoint's layer i holds n of ours, its parts named by s
         i, sub = divmod(layer, self.sublayers) if layer is not None else (None, None)
+        j = owner = None          # Zamba2: a hybrid layer's place among them (j) and its block's first layer (o)
+        owners = block_owners(spec.block_parts, spec.shared_blocks)
+        if layer in owners:
+            j, owner = list(owners).index(layer), owners[layer]
         for section, pre in sections:
-            for slot, names, optional, aliases in self._entries(section, flags, dense):
+            for slot, names, optional, aliases in self._entries(section, flags, dense, part):
                 if (slot.startswith("lm_head.") and spec.kind != "decoder") or slot.startswith(skip):
                     continue
-                names = [pre + n.format(i=i, s=sub, e=e, p=e) for e in _experts(names, spec) for n in names]
-                aliases = [[pre + n.format(i=i, s=sub, e=e, p=e) for e in _experts(a, spec) for n in a]
+                names = [pre + n.format(i=i, s=sub, e=e, p=e, j=j, o=owner) for e in _experts(names, spec)
+                         for n in names]
+                aliases = [[pre + n.format(i=i, s=sub, e=e, p=e, j=j, o=owner) for e in _experts(a, spec) for n in a]
                            for a in aliases if len(a) * len(_experts(a, spec)) == len(names)]
                 if q_only and slot.startswith("qkv.") and len(names) == 3:
                     names, aliases = names[:1], [a[:1] for a in aliases]
@@ -1991,6 +2045,10 @@ class Policy:
                     shapes = [()]
                 elif self._flat(slot):          # DBRX: each of gate, up, down one [E * I, hidden] tensor
                     shapes = [(spec.num_experts * spec.intermediate_size, spec.hidden_size)] * len(names)
+                elif slot == "qkv.lora_up":     # Zamba2: q's, k's and v's adapters, each [rows, rank]
+                    rank = spec.shared_blocks["rank"]
+                    shapes = [(r, rank) for r in (spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim,
+                                                  spec.num_kv_heads * spec.head_dim)]
                 elif self._stacked(slot):       # one [E, ...] tensor: each expert's matrix (transposed) or bias
                     E = spec.moa["experts"] if slot.startswith("moa_") else spec.num_experts
                     one = (full[0] // E, *full[1:])
@@ -2055,6 +2113,8 @@ class Policy:
             parts = [p.squeeze(1) for p in parts]
         if slot == "lin_in.weight" and self.layout.get("linear_in") == "grouped":
             parts = self._ungroup_linear(spec, parts)
+        if slot == "qkv.lora_up":        # Zamba2: block-diagonal, so one product adapts q, k and v at once
+            return torch.block_diag(*parts).contiguous()
         t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         if self._gate_up_interleaved(slot):                  # per expert [(gate, up) x I] -> [gate x I; up x I]
             E, I = spec.num_experts, spec.intermediate_size
@@ -2129,6 +2189,9 @@ class Policy:
             return [(t.transpose(-1, -2) if slot in self.transposed else t).contiguous()]
         if slot == "lin_in.weight" and self.layout.get("linear_in") == "grouped" and n_parts == 2:
             return [p.contiguous() for p in self._group_linear(spec, t)]
+        if slot == "qkv.lora_up":
+            r, rows = spec.shared_blocks["rank"], self._part_rows(spec, slot, 3)
+            return [b[:, k * r:(k + 1) * r].contiguous() for k, b in enumerate(torch.split(t, rows))]
         if slot in DEPTHWISE:            # one conv, or Kimi Linear's q, k and v convs
             parts = torch.split(t, self._part_rows(spec, slot, n_parts), dim=0) if n_parts > 1 else [t]
             return [p.unsqueeze(1).contiguous() for p in parts]

@@ -468,7 +468,7 @@ def k_per_rank(spec: ModelSpec, lay: Layout, slot: str) -> int:
     """The input width (K) of a linear slot on one rank: what the int8 group size must divide."""
     mla = spec.mla or {}
     return {
-        "qkv.weight": spec.hidden_size, "mlp_in.weight": spec.hidden_size,
+        "qkv.weight": spec.attn_input or spec.hidden_size, "mlp_in.weight": spec.hidden_size,
         "attn_out.weight": (spec.compressed["o_groups"] * spec.compressed["o_rank"] // lay.tp if spec.compressed
                             else lay.heads_per_rank * mla.get("v_dim", spec.v_dim)),
         "q_a.weight": spec.hidden_size if mla.get("q_rank") or spec.compressed else 0,    # 0: no such slot

@@ -701,6 +701,11 @@ def _inspect_rglru_heads_not_dividing_its_width(c: Ctx):  # RecurrentGemma: whol
     return [_manifest(c, lambda m: m["model"]["rglru"].update(heads=5), name="recurrent_gemma")]
 
 
+@case("inspect", "model.shared_blocks and hybrid block_parts go together")
+def _inspect_shared_blocks_without_hybrid_layers(c: Ctx):   # Zamba2's blocks run in its hybrid layers
+    return [_manifest(c, lambda m: m["model"].update(block_parts=["mixer"] * 6), name="zamba2")]
+
+
 @case("inspect", "model.moa needs num_heads = top_k * num_kv_heads")
 def _inspect_moa_heads_not_its_experts_times_kv_heads(c: Ctx):    # JetMoe: a query per kv head and expert
     return [_manifest(c, lambda m: m["model"]["moa"].update(top_k=1), name="jetmoe")]

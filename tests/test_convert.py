@@ -22,7 +22,8 @@ from fmconvert.errors import FmError
 from fmconvert import slice as sl
 from fmconvert.cli import cli
 from fmconvert.pipeline import QUANT_SLOTS, Options, alibi_slopes, convert
-from fmconvert.policy import ATTENTION_SLOTS, LINEAR_SLOTS, ModelSpec, policy_for
+from fmconvert.manifest import block_owners
+from fmconvert.policy import ATTENTION_SLOTS, LINEAR_SLOTS, SHARED_BLOCK_SLOTS, ModelSpec, policy_for
 from fmconvert.quantize import quantize
 from fmconvert.reassemble import canonical, reassemble
 
@@ -100,13 +101,16 @@ def assert_int8_bound(out: Path, want: dict):
     beside = m["model"]["ssm_beside_attention"]            # (Falcon-H1's have both)
     parts = m["model"]["block_parts"] or [None] * m["model"]["num_layers"]      # Nemotron-H: one half per layer
     half = {"mixer": ("router.", "experts_", "shared_", "mlp_"),
-            "mlp": ATTENTION_SLOTS + LINEAR_SLOTS}
+            "mlp": ATTENTION_SLOTS + LINEAR_SLOTS, "hybrid": ("router.", "experts_", "shared_")}
+    owners = block_owners(parts, m["model"]["shared_blocks"])        # Zamba2: its blocks' weights held once
 
     def has(i, s):
         return f"layers.{s}" in m["model"]["slots"] and not (
             dense and s.startswith(("router.", "experts_", "shared_") if i in dense else ("mlp_in.", "mlp_out."))
-        ) and not (linear and s.startswith(() if i in linear and beside else ATTENTION_SLOTS if i in linear
-                                           else LINEAR_SLOTS)) and not (parts[i] and s.startswith(half[parts[i]]))
+        ) and not (linear and s.startswith(() if i in linear and (beside or parts[i] == "hybrid") else
+                                           ATTENTION_SLOTS if i in linear else LINEAR_SLOTS)
+                   ) and not (parts[i] and s.startswith(half[parts[i]])) and not (
+            owners.get(i, i) != i and s.startswith(SHARED_BLOCK_SLOTS))
     assert canon_q == {f"layers.{i}.{s}" for i in range(m["model"]["num_layers"]) for s in QUANT_SLOTS if has(i, s)} | \
         {s for s in slots if s in m["model"]["slots"] and not s.startswith("layers.")}
     assert quantized

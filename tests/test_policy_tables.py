@@ -10,7 +10,7 @@ from fmconvert.policy import GLOBAL_SLOTS, LAYER_SLOTS, _config_value, _eval_fla
 LAYOUT_KEYS = {"ple_first_ids", "attention", "rope_tables", "hc_post_eps", "hc_magnitude", "norm", "gated_mlp", "position", "rope_style", "residual", "qkv", "embed_norm", "final_norm",
                "transposed", "position_offset", "embed_scale", "experts_renormalize", "qk_norm",
                "nope_unwindowed", "experts", "gate_up", "router", "as_row", "qk_norm_after_rope", "experts_weigh",
-               "query_scale", "attn_gate", "linear_in", "block_parts", "mamba_norms",
+               "query_scale", "attn_gate", "linear_in", "block_parts", "shared_blocks", "mamba_norms",
                "norm_weights", "window_kind", "linear_decay", "stored_shape", "rope_reversed", "global_attn",
                "value_is_key", "v_norm", "moe_beside_dense", "rope_dense", "first_attn_norm", "head_transform",
                "linear_pre_norm", "per_layer_input", "kv_sharing", "double_wide_mlp", "attn_gate_fn",
@@ -61,7 +61,7 @@ def test_every_table_names_known_slots_layout_keys_and_flags():
             for slot, entry in section.items():
                 assert slot in allowed, (name, slot)
                 if isinstance(entry, dict):
-                    assert set(entry) <= {"name", "when", "optional", "aliases", "dense_name"}, (name, slot, entry)
+                    assert set(entry) <= {"name", "when", "optional", "aliases", "dense_name", "hybrid_name"}, (name, slot, entry)
                     assert entry.get("when") is None or entry["when"] in flags, (name, slot, entry["when"])
         for key, v in pol.layout.items():                       # every flag a layout pick names exists
             while isinstance(v, list) and len(v) == 3 and isinstance(v[0], str) and key not in ("transposed", "as_row",

@@ -354,6 +354,13 @@ CONFIGS = {
                num_key_value_heads=4, kv_channels=16, num_local_experts=4, num_experts_per_tok=2, vocab_size=101,
                max_position_embeddings=64, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1,
                eos_token_id=2)),
+    # Zamba2: Mamba2 layers, every second one hybrid: three hybrid layers over two shared blocks (the third runs
+    # block 0 again), adapters on q|k|v and the MLP, RoPE in the blocks
+    "zamba2": ("Zamba2Config", "Zamba2ForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=6,
+               layers_block_type=["linear_attention", "hybrid"] * 3, num_attention_heads=4, num_key_value_heads=4,
+               n_mamba_heads=4, mamba_ngroups=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, num_mem_blocks=2,
+               use_shared_attention_adapter=True, adapter_rank=4, use_mem_rope=True, vocab_size=101,
+               max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "emu3": ("Emu3TextConfig", "Emu3ForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
              pad_token_id=0, bos_token_id=1, eos_token_id=2)),
@@ -850,6 +857,8 @@ def build(name: str, seed: int = 0, **overrides):
                 p.copy_(torch.randn_like(p) * 0.5)     # Gated DeltaNet, Mamba2: decays and skips that differ
             elif n.endswith("ple.conv1d.weight"):       # Qwen4-Exp's n-gram conv: zeros by default
                 p.copy_(torch.randn_like(p) * 0.3)
+            elif "adapter_list" in n:                  # Zamba2's adapters: their up halves start at zero
+                p.copy_(torch.randn_like(p) * 0.1)
             elif n.endswith(("block_inject_weight.weight", "input_mix_weight_up.weight")):   # and its mixes: shares
                 p.copy_(torch.randn_like(p) * 0.3)                                  # that differ between copies
         for n, b in [*model.named_buffers(), *model.named_parameters()]:   # GLM-4.5, ERNIE 4.5: a correction

@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from .. import manifest as mf
 from ..errors import FmError
 from ..kernels import int8_gemv_cpu
-from ..policy import ATTENTION_SLOTS, DENSE_SLOTS, FLOAT32_SLOTS, LINEAR_SLOTS, SPARSE_SLOTS
+from ..policy import ATTENTION_SLOTS, DENSE_SLOTS, FLOAT32_SLOTS, LINEAR_SLOTS, SHARED_BLOCK_SLOTS, SPARSE_SLOTS
 from ..read import check_safetensors
 from .comm import SingleComm, init_distributed
 from .model import FusedModel
@@ -94,6 +94,13 @@ def check_layout(m: dict, rank: int):
         gated.update({"moa_router.weight": (Ea, h), "moa_q.weight": (Ea * w, h), "moa_kv.weight": (2 * w, h),
                       "moa_out.weight": (Ea * h, w)})
     gated.update({"moa_out.bias": (h,), "experts_shared.bias": (h,)})
+    sb = sp.get("shared_blocks")    # Zamba2: the shared block's norm and each layer's adapters and projection
+    if sb:
+        r, w = sb["rank"], sp["attn_input"]
+        gated.update({"mem_norm.weight": (w,), "qkv_lora_down.weight": (3 * r, w),
+                      "qkv.lora_up": ((hpr + 2 * par["kv_heads_per_rank"]) * sp["head_dim"], 3 * r),
+                      "mlp_lora_down.weight": (r, h), "mlp_in.lora_up": (2 * ipr if sp["gated_mlp"] else ipr, r),
+                      "mem_proj.weight": (h, h)})
     qs, ng = sp.get("qsa"), sp.get("ngram")     # Qwen4-Exp's QSA indexer and n-gram layers, replicated but for
     if qs:                                      # the tables' width
         gated.update({"qsa_qk.weight": ((qs["heads"] + 1) * qs["dim"], h), "qsa_q_norm.weight": (qs["dim"],),
@@ -113,7 +120,7 @@ def check_layout(m: dict, rank: int):
         qkv = (hpr + kvpr) * d + kvpr * vd + gate
         q_norm, k_norm = {"head": ((d,), (d,)), "per_head": ((hpr, d), (kvpr, d)),
                           "full": ((hpr * d,), (kvpr * d,)), "l2": ((d,), (d,))}[sp["qk_norm"]]
-        return {"qkv.weight": (qkv, h), "qkv.bias": (qkv,), "q_norm.weight": q_norm, "k_norm.weight": k_norm,
+        return {"qkv.weight": (qkv, sp.get("attn_input") or h), "qkv.bias": (qkv,), "q_norm.weight": q_norm, "k_norm.weight": k_norm,
                 "q_norm.bias": (d,), "k_norm.bias": (d,), "attn_out.weight": (h, hpr * vd),
                 "attn_sub_norm.weight": (hpr * vd,), "attn_sinks.weight": (hpr,), "attn_gate.bias": (hpr,)}
 
@@ -323,10 +330,15 @@ def check_layout(m: dict, rank: int):
     # and where a layer holds one half only (Nemotron-H), the other half's slots and norm are not there
     parts = sp["block_parts"] or [None] * sp["num_layers"]
     mixer = attention_only | linear_only | {"attn_norm.weight"}
+    # Zamba2: a shared block's weights are held by its first hybrid layer only
+    shared_only = {s for s in per_layer if s.startswith(SHARED_BLOCK_SLOTS)}
+    owners = set(mf.block_owners(sp["block_parts"], sp.get("shared_blocks")).values())
     mlp = sparse_only | {s for s in per_layer if s.startswith(DENSE_SLOTS)} | {"mlp_norm.weight"}
     need |= {f"layers.{i}.{s}" for i in range(sp["num_layers"])
              for s in (per_layer - sparse_only if i in dense_layers else per_layer - dense_only)
-             - (linear_only if i not in linear_layers else set() if sp["ssm_beside_attention"] else attention_only)
+             - (linear_only if i not in linear_layers else set() if sp["ssm_beside_attention"] or parts[i] == "hybrid"
+                else attention_only)
+             - (shared_only if parts[i] == "hybrid" and i not in owners else set())
              - {"mixer": mlp, "mlp": mixer}.get(parts[i], set())
              - ({"attn_norm.weight", "attn_norm.bias"} if i == 0 and not sp["first_attn_norm"] else set())
              - ({"k_norm.weight"} if src[i] != i else set())

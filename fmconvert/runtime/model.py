@@ -12,7 +12,8 @@ import math
 import torch
 from torch import nn
 
-from ..manifest import TABLE_POSITIONS, is_global_layer
+from ..manifest import TABLE_POSITIONS, block_owners, is_global_layer
+from ..policy import SHARED_BLOCK_SLOTS
 from .comm import SingleComm
 from .ops import Int8Weight, TorchOps, _explicit_attention, activate, rope_tables
 
@@ -209,6 +210,8 @@ class Block(nn.Module):
         if m.spec["residual"] == "gated_hyper":
             return self._gated_hyper(x, positions, cache, key_padding_mask, pos_t, seq_t), None
         pre = m.spec["residual"] == "pre"
+        if self.part == "hybrid":     # Zamba2: a shared transformer block feeds the Mamba2 layer's input
+            return self._zamba_hybrid(x, residual, positions, cache, key_padding_mask, pos_t, seq_t)
         if self.part == "mlp":        # Nemotron-H: a layer of one half, pre-norm; the next layer adds its output
             h, residual = self._add_norm(x, residual, "mlp_norm", x_norm)
             return m.comm.all_reduce(self.mlp(h)), residual
@@ -235,6 +238,30 @@ class Block(nn.Module):
             return f, residual
         y, _ = ops.add_norm(f, h, t["mlp_norm.weight"], t.get("mlp_norm.bias"), m.eps, m.norm)
         return y, None
+
+    def _zamba_hybrid(self, x, residual, positions, cache, key_padding_mask, pos_t, seq_t):
+        """Zamba2's hybrid layer, pre-norm (the stream s = x + residual): its shared block reads s beside the
+        embeddings, RMS-normed (mem_norm), through attention (with this layer's adapters on q|k|v) and, after
+        mlp_norm, the GeGLU MLP (with this layer's adapter on its input), with no residuals inside; this layer's
+        mem_proj gives T, and the Mamba2 mixer reads attn_norm(s + T). Returns (the mixer's output, s): the next
+        layer adds them, as the residual stays s. The block's attention and MLP are split over ranks like any
+        layer's (one all-reduce after each); the adapters' down projections and mem_proj are replicated."""
+        m, t = self.m, self.t
+        ops = m.ops
+        s = x if residual is None else x + residual
+        a = ops.add_norm(torch.cat([s, m.embeds], -1), None, t["mem_norm.weight"], None, m.eps, m.norm)[0]
+        qkv = ops.linear(a, t["qkv.weight"])
+        if "qkv.lora_up" in t:
+            qkv = qkv + ops.linear(ops.linear(a, t["qkv_lora_down.weight"]), t["qkv.lora_up"])
+        a = m.comm.all_reduce(ops.linear(self._attend(qkv, positions, cache, key_padding_mask, pos_t, seq_t),
+                                         t["attn_out.weight"]))
+        f = ops.add_norm(a, None, t["mlp_norm.weight"], None, m.eps, m.norm)[0]
+        g = ops.linear(f, t["mlp_in.weight"], t.get("mlp_in.bias")) + \
+            ops.linear(ops.linear(f, t["mlp_lora_down.weight"]), t["mlp_in.lora_up"])
+        f = m.comm.all_reduce(ops.linear(activate(g, self.activation), t["mlp_out.weight"], t.get("mlp_out.bias")))
+        h = ops.add_norm(s + ops.linear(f, t["mem_proj.weight"]), None, t["attn_norm.weight"], None, m.eps,
+                         m.norm)[0]
+        return m.comm.all_reduce(self.mix(h, positions, cache, key_padding_mask, pos_t, seq_t)), s
 
     def _per_layer_input(self, f, residual):
         """Gemma 4 E2B/E4B, after the MLP: the stream s = residual + mlp_post_norm(f) times gelu(ple_gate(s)) gates this
@@ -600,7 +627,7 @@ class Block(nn.Module):
         gate = s.get("gate", "gate_first")      # Falcon-H1: the norm before the gate, or none
         if gate == "none":
             return (y.float() * torch.nn.functional.silu(z.float())).to(y.dtype)
-        w, eps = t["ssm_norm.weight"], m.eps
+        w, eps = t["ssm_norm.weight"], s.get("norm_eps", m.eps)       # Zamba2: its gated norm's own eps
         if m.tp > 1 and s["groups"] % m.tp:      # one group over every rank's heads: its RMS needs all their sums
             g = y.float() * torch.nn.functional.silu(z.float()) if gate == "gate_first" else y.float()
             ss = m.comm.all_reduce(g.square().sum(-1, keepdim=True))
@@ -1713,9 +1740,16 @@ class FusedModel(nn.Module):
             for tab in self._tables.values():
                 tab += rope_tables(tab[0], max(sp["max_positions"], 1), tab[1])
             self._merge_long()
-        self.blocks = nn.ModuleList(Block(self, i, {k.split(".", 2)[2]: v for k, v in tensors.items()
-                                                    if k.startswith(f"layers.{i}.")})
-                                    for i in range(sp["num_layers"]))
+        per_layer = [{} for _ in range(sp["num_layers"])]
+        for k, v in tensors.items():
+            if k.startswith("layers."):
+                _, i, slot = k.split(".", 2)
+                per_layer[int(i)][slot] = v
+        # Zamba2: a hybrid layer reads its shared block's weights from the layer that holds them (the same tensors)
+        for i, owner in block_owners(sp["block_parts"], sp.get("shared_blocks")).items():
+            per_layer[i].update({k: v for k, v in per_layer[owner].items() if k.startswith(SHARED_BLOCK_SLOTS)})
+        self.embeds = None          # Zamba2: the forward's embeddings, which every shared block reads again
+        self.blocks = nn.ModuleList(Block(self, i, per_layer[i]) for i in range(sp["num_layers"]))
 
     # -- pieces ---------------------------------------------------------------------------------------------------
     def _query_scale(self, positions):
@@ -1812,6 +1846,8 @@ class FusedModel(nn.Module):
             w = g["altup_proj.weight"]
             y = torch.einsum("bth,koh->btko", x, w.view(-1, x.shape[-1], x.shape[-1]))
             x = torch.cat([x.unsqueeze(-2), _rms_matched(y, x)], -2)
+        if sp.get("shared_blocks"):
+            self.embeds = x
         if sp["hyper"]:            # HY-V4: the stream starts as n copies of the embedding
             x = x.unsqueeze(-2).expand(*x.shape[:-1], sp["hyper"]["streams"], x.shape[-1]).contiguous()
         return x
@@ -1890,7 +1926,8 @@ class FusedModel(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         # ALiBi biases by key position, which a ring buffer does not keep; no family has both
         windows = [0 if self.alibi is not None else b.window for b in self.blocks]
-        keyless = {b.i for b in self.blocks if b.part == "mlp" or b.kv_from != b.i}   # Nemotron-H's MLP layers attend
+        keyless = {b.i for b in self.blocks if b.part == "mlp" or b.kv_from != b.i   # Nemotron-H's MLP layers attend
+                   or (self.spec.get("shared_blocks") and b.part != "hybrid")}   # (Zamba2: only hybrid layers do)
         #                                           to nothing; Gemma 4 E2B/E4B's last layers read an earlier cache
         chunks = [b.chunk for b in self.blocks]
         la, ssm, linear = self.spec["linear_attn"], self.spec["ssm"], {}
@@ -1943,7 +1980,8 @@ class FusedModel(nn.Module):
             index = {b.i: qsa["dim"] for b in self.blocks if not b.linear}
         cache = KVCache(len(self.blocks), batch, [b.kv_heads for b in self.blocks], max_len,
                        [b.head_dim for b in self.blocks], self.dtype, self.device, windows, chunks=chunks,
-                       linear=linear, keyless=keyless, linear_attends=self.spec["ssm_beside_attention"], index=index)
+                       linear=linear, keyless=keyless, index=index,
+                       linear_attends=self.spec["ssm_beside_attention"] or bool(self.spec.get("shared_blocks")))
         ng = self.spec.get("ngram")
         cache.ngram = [None] * len(self.blocks)
         for i in (ng or {}).get("layers", ()):     # Qwen4-Exp: the last size - 1 ids and the dilated conv's inputs
