@@ -263,6 +263,10 @@ def inspect(out_dir, as_json):
                   f"attend to their {bsp['topk']} best blocks of {bsp['block']} keys (the latest {bsp['local']} "
                   f"always among them), picked by an indexer of {bsp['heads']} heads of {bsp['dim']} (float, "
                   f"replicated; one {bsp['dim']}-wide key cached a token)")
+    if md.get("diff_attn"):
+        t.add_row("attention", "differential: each head's attention minus lambda times its partner's in the other "
+                  "half, over both halves' values, RMS-normed per pair (run as plain attention over heads twice as "
+                  "wide: the KV cache is twice a plain one's)")
     sb = md.get("shared_blocks")
     if sb:
         hybrid = [i for i, p in enumerate(md["block_parts"]) if p == "hybrid"]

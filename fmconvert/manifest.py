@@ -200,6 +200,7 @@ _MODEL_OPTIONAL = {
                                                     and type(x["qkv_lora"]) is bool),
                       "null or the shared blocks' {count, rank, qkv_lora}"),
     "attn_input": (0, _NAT, "a non-negative integer"),
+    "diff_attn": (False, _BOOL, "true or false"),
 }
 
 
@@ -430,6 +431,10 @@ def validate(m) -> dict:
         and model["linear_attn"] is not None and model["qsa"] is not None)),
           "model.residual gated_hyper and model.hyper's rank go together, in a hybrid decoder with a QSA indexer "
           "and no final norm")
+    _need(not model["diff_attn"] or (model["num_heads"] % 2 == 0 and model["num_kv_heads"] % 2 == 0
+                                     and model["mla"] is None and not model["v_head_dim"] and not model["attn_gate"]
+                                     and model["kind"] == "decoder"),
+          "model.diff_attn needs an even number of heads and of kv heads, in a decoder with plain attention")
     sb, bp = model["shared_blocks"], model["block_parts"]
     _need((sb is None) == ("hybrid" not in (bp or ())) and (sb is None or (
         model["ssm"] is not None and model["linear_layers"] == list(range(model["num_layers"]))
@@ -556,6 +561,8 @@ def validate(m) -> dict:
     _need(tp <= 4096, "parallel.tp is larger than 4096")
     _need(moa is None or model["num_kv_heads"] % tp == 0, "model.moa needs num_kv_heads to be a multiple of "
           "parallel.tp")
+    _need(not model["diff_attn"] or (model["num_heads"] % (2 * tp) == 0 and model["num_kv_heads"] % (2 * tp) == 0),
+          "model.diff_attn needs half the heads and half the kv heads to be multiples of parallel.tp")
     # a hybrid's linear layers hold whole heads (Mamba2's groups too, unless one serves every head) or channels
     _need(la is None or (la["k_heads"] % tp == 0 and la["v_heads"] % tp == 0),
           "model.linear_attn's heads must be a multiple of parallel.tp")

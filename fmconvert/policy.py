@@ -131,6 +131,7 @@ LAYER_SLOTS = (
     # and its projection of the block's output (mem_proj)
     "mem_norm.weight", "qkv_lora_down.weight", "qkv.lora_up", "mlp_lora_down.weight", "mlp_in.lora_up",
     "mem_proj.weight",
+    "diff_lambda",       # DiffLlama's differential attention: lambda_q1, lambda_k1, lambda_q2, lambda_k2 ([4 * head_dim])
 )
 # Slots written in float32 whatever the output dtype: small tensors the model only ever reads in fp32, which
 # transformers keeps in fp32 when it loads the model in half precision (and vLLM too): a sigmoid router's
@@ -157,7 +158,7 @@ DEPTHWISE = ("lin_conv.weight", "ssm_conv.weight", "sconv_conv.weight", "mamba_c
 LINEAR_SLOTS = ("lin_", "ssm", "sconv", "mamba", "rg_")
 ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.", "q_a", "q_b.", "kv_a", "kv_b.", "attn_gate.", "index_",
                    "block_index_", "attn_out_a.", "comp_", "qsa_", "moa_", "mem_", "qkv_lora_", "mlp_lora_",
-                   "mlp_in.lora_up")
+                   "mlp_in.lora_up", "diff_")
 GLOBAL_SLOTS = (
     "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
     "project_in.weight", "project_out.weight", "final_norm.weight", "final_norm.bias", "pooler.weight",
@@ -301,6 +302,8 @@ class ModelSpec:
     #                                embeddings, with low-rank adapters of `rank` of their own (on q|k|v where
     #                                qkv_lora); see configs/zamba2.toml
     attn_input: int = 0            # the width attention's q|k|v read where it is not hidden_size (Zamba2: twice it)
+    diff_attn: bool = False        # DiffLlama: differential attention; q head p pairs with p + heads / 2 (see
+    #                                configs/diffllama.toml)
     qsa: dict | None = None        # Qwen4-Exp's QSA indexer in every attention layer: `heads` queries and one key of
     #                                `dim` per token; each query keeps the `budget` / `rate` best complete blocks of
     #                                `rate` keys (pooled), and the keys after the last complete block
@@ -831,6 +834,7 @@ class Policy:
             moa=self._moa(c), final_norm_eps=_number(c, "final_norm_eps", 0.0, zero_ok=True),
             shared_blocks=self._shared_blocks(c, parts, flags),
             attn_input=2 * c["hidden_size"] if self.layout.get("shared_blocks") else 0,
+            diff_attn=self._diff_attn(c),
             norm_gate_rank=self._norm_gate_rank(c), block_sparse=self._block_sparse(config, c),
             compressed=compressed, hash_layers=self._hash_layers(c, experts),
             altup=self._altup(c, flags), gate_sparsity=self._gate_sparsity(c),
@@ -923,6 +927,17 @@ class Policy:
         if flags.get("untied"):     # transformers ties the blocks only with the embeddings: untied, each hybrid
             n = len(hybrid)         # layer runs its own copy
         return {"count": n, "rank": r, "qkv_lora": bool(flags.get("qkv_lora"))}
+
+    def _diff_attn(self, c: dict) -> bool:
+        """DiffLlama: its heads pair across the two halves, q head p with p + heads / 2 and kv head j with
+        j + kv_heads / 2, so both counts must be even."""
+        if not self.layout.get("diff_attention"):
+            return False
+        if c["num_heads"] % 2 or c["num_kv_heads"] % 2:
+            raise FmError(f"config.json: differential attention pairs heads across its two halves: "
+                          f"num_attention_heads={c['num_heads']} and num_key_value_heads={c['num_kv_heads']} must "
+                          f"be even")
+        return True
 
     @staticmethod
     def _moa(c: dict) -> dict | None:
@@ -1864,6 +1879,7 @@ class Policy:
                            "moa_kv.weight": (2 * KV * hd, h), "moa_out.weight": (E * h, KV * hd),
                            "moa_out.bias": (h,)})
         shapes["experts_shared.bias"] = (h,)
+        shapes["diff_lambda"] = (4 * hd,)
         if spec.shared_blocks:      # Zamba2: the shared block's norm over the stream and embeddings, the adapters
             r, w = spec.shared_blocks["rank"], spec.attn_input
             shapes.update({"mem_norm.weight": (w,), "qkv_lora_down.weight": (3 * r, w),

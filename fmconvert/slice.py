@@ -47,6 +47,9 @@ Layout per rank:
             [r*V/tp, (r+1)*V/tp) (of an lm_head bias too). Padded logits are dropped by the runtime.
   attn_sub_norm, mlp_sub_norm  (BitNet's norms inside each half) with this rank's q heads, and with its MLP units
             (padded with zeros like them).
+  qkv of DiffLlama: its heads pair across the two halves (q head p with p + H/2, kv head j with j + KV/2), so rank r
+            holds chunk r of the first half and chunk r of the second (tp divides both halves; attn_out, over the
+            pairs' outputs, row-parallel as usual).
   moa_q, moa_out, moa_kv  (JetMoe's attention experts) by kv heads: every expert's q rows of this rank's kv heads
             (each expert gives every kv head its queries), the same columns of every expert's output projection
             (row-parallel; its bias on rank 0), and this rank's heads of k and of v; the router replicated.
@@ -213,6 +216,9 @@ def plan(spec: ModelSpec, tp: int, group_size: int | None) -> Layout:
     if ssm and (ssm["heads"] % tp or (ssm["groups"] % tp and ssm["groups"] != 1)):
         raise FmError(f"tp={tp} does not divide the Mamba2 heads (mamba_n_heads={ssm['heads']}) and groups "
                       f"(mamba_n_groups={ssm['groups']}, which may also be 1); each rank must hold whole heads")
+    if spec.diff_attn and (H % (2 * tp) or KV % (2 * tp)):
+        raise FmError(f"tp={tp} must divide half the heads ({H // 2}) and half the kv heads ({KV // 2}): differential "
+                      f"attention pairs each head with one in the other half, on the same rank")
     if spec.moa and KV % tp:
         raise FmError(f"tp={tp} does not divide num_key_value_heads={KV}; JetMoe's attention experts each give "
                       f"every kv head its queries, so each rank holds whole kv heads")
@@ -317,6 +323,8 @@ def shard(spec: ModelSpec, lay: Layout, slot: str, t: torch.Tensor) -> list[torc
         k = k.reshape(KV, hd, *t.shape[1:])
         v = v.reshape(KV, vd, *t.shape[1:])
         gate = gate.reshape(H, spec.gate_width, *t.shape[1:])
+        if spec.diff_attn:      # DiffLlama: each rank's chunk of the first half of the heads, then its partners'
+            q, k, v = q[_diff_order(H, tp)], k[_diff_order(KV, tp)], v[_diff_order(KV, tp)]
         out = []
         for r in range(tp):
             heads = slice(r * lay.heads_per_rank, (r + 1) * lay.heads_per_rank)
@@ -377,6 +385,10 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
         hq, hk, hv = lay.heads_per_rank * hd, lay.kv_heads_per_rank * hd, lay.kv_heads_per_rank * spec.v_dim
         hg = lay.heads_per_rank * spec.gate_width
         q, k, v, gate = zip(*(torch.split(p, [hq, hk, hv, hg], dim=0) for p in pieces))
+        if spec.diff_attn:      # DiffLlama: the heads back in their order
+            q, k, v = (torch.cat(x).unflatten(0, (n, -1))[torch.argsort(_diff_order(n, lay.tp))].flatten(0, 1)
+                       for x, n in ((q, spec.num_heads), (k, KV), (v, KV)))
+            return torch.cat([q, k, v, *gate], dim=0)
         return torch.cat(list(q) + _kv_heads(lay, KV, slot, k) + _kv_heads(lay, KV, slot, v) + list(gate), dim=0)
     if slot in MIXER_PARTS:
         sizes, split = zip(*_mixer_parts(spec, slot, lay.tp))
@@ -430,6 +442,14 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
         if not torch.equal(p, pieces[0]):
             raise FmError(f"{slot}: replicated tensor differs between rank 0 and rank {r}")
     return pieces[0]
+
+
+def _diff_order(n: int, tp: int) -> torch.Tensor:
+    """DiffLlama's n heads in rank order: rank r holds its chunk of the first half and the same chunk of the second,
+    so head p's partner p + n / 2 sits on its rank, c places after it (c = n / (2 tp))."""
+    c = n // (2 * tp)
+    return torch.cat([torch.cat([torch.arange(r * c, (r + 1) * c), n // 2 + torch.arange(r * c, (r + 1) * c)])
+                      for r in range(tp)])
 
 
 def _mixer_parts(spec: ModelSpec, slot: str, tp: int) -> list[tuple[int, bool]]:

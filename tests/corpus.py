@@ -701,6 +701,11 @@ def _inspect_rglru_heads_not_dividing_its_width(c: Ctx):  # RecurrentGemma: whol
     return [_manifest(c, lambda m: m["model"]["rglru"].update(heads=5), name="recurrent_gemma")]
 
 
+@case("inspect", "model.diff_attn needs an even number of heads")
+def _inspect_diff_attn_with_odd_heads(c: Ctx):           # DiffLlama pairs heads across its halves
+    return [_manifest(c, lambda m: m["model"].update(num_kv_heads=1), name="diffllama")]
+
+
 @case("inspect", "model.shared_blocks and hybrid block_parts go together")
 def _inspect_shared_blocks_without_hybrid_layers(c: Ctx):   # Zamba2's blocks run in its hybrid layers
     return [_manifest(c, lambda m: m["model"].update(block_parts=["mixer"] * 6), name="zamba2")]

@@ -10,7 +10,7 @@ from fmconvert.policy import GLOBAL_SLOTS, LAYER_SLOTS, _config_value, _eval_fla
 LAYOUT_KEYS = {"ple_first_ids", "attention", "rope_tables", "hc_post_eps", "hc_magnitude", "norm", "gated_mlp", "position", "rope_style", "residual", "qkv", "embed_norm", "final_norm",
                "transposed", "position_offset", "embed_scale", "experts_renormalize", "qk_norm",
                "nope_unwindowed", "experts", "gate_up", "router", "as_row", "qk_norm_after_rope", "experts_weigh",
-               "query_scale", "attn_gate", "linear_in", "block_parts", "shared_blocks", "mamba_norms",
+               "query_scale", "attn_gate", "linear_in", "block_parts", "shared_blocks", "diff_attention", "mamba_norms",
                "norm_weights", "window_kind", "linear_decay", "stored_shape", "rope_reversed", "global_attn",
                "value_is_key", "v_norm", "moe_beside_dense", "rope_dense", "first_attn_norm", "head_transform",
                "linear_pre_norm", "per_layer_input", "kv_sharing", "double_wide_mlp", "attn_gate_fn",

@@ -361,6 +361,10 @@ CONFIGS = {
                n_mamba_heads=4, mamba_ngroups=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, num_mem_blocks=2,
                use_shared_attention_adapter=True, adapter_rank=4, use_mem_rope=True, vocab_size=101,
                max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # DiffLlama: 8 heads over 8 kv heads (4 of each half), so tp 4 holds one head of each half
+    "diffllama": ("DiffLlamaConfig", "DiffLlamaForCausalLM", dict(hidden_size=64, intermediate_size=96,
+                  num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=8, vocab_size=101,
+                  max_position_embeddings=64, lambda_std_dev=0.3, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "emu3": ("Emu3TextConfig", "Emu3ForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
              pad_token_id=0, bos_token_id=1, eos_token_id=2)),

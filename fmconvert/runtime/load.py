@@ -93,7 +93,7 @@ def check_layout(m: dict, rank: int):
         Ea, w = moa["experts"], par["kv_heads_per_rank"] * sp["head_dim"]
         gated.update({"moa_router.weight": (Ea, h), "moa_q.weight": (Ea * w, h), "moa_kv.weight": (2 * w, h),
                       "moa_out.weight": (Ea * h, w)})
-    gated.update({"moa_out.bias": (h,), "experts_shared.bias": (h,)})
+    gated.update({"moa_out.bias": (h,), "experts_shared.bias": (h,), "diff_lambda": (4 * sp["head_dim"],)})
     sb = sp.get("shared_blocks")    # Zamba2: the shared block's norm and each layer's adapters and projection
     if sb:
         r, w = sb["rank"], sp["attn_input"]

@@ -147,6 +147,16 @@ class Block(nn.Module):
             self.ng_mult, self.ng_sizes, self.ng_offsets = (
                 torch.tensor(tab[k], dtype=torch.long, device=model.device)
                 for k in ("multipliers", "sizes", "offsets"))
+        # DiffLlama: its differential attention runs as plain attention over heads twice as wide: q and k padded
+        # with zeros, each value head carrying both halves' values (see `_diff_qkv`); lambda per layer
+        self.diff = sp.get("diff_attn", False)
+        if self.diff:
+            self.head_dim = self.v_dim = 2 * self.head_dim
+            lq1, lk1, lq2, lk2 = tensors["diff_lambda"].float().view(4, -1)
+            self.diff_init = 0.8 - 0.6 * math.exp(-0.3 * i)
+            self.diff_ones = torch.ones(self.head_dim, dtype=model.dtype, device=model.device)
+            self.diff_lambda = ((lq1 * lk1).sum().exp().to(model.dtype) - (lq2 * lk2).sum().exp().to(model.dtype)
+                                + self.diff_init)
         # the keys a kept block holds: MiniMax-M3's blocks, Qwen4-Exp's QSA blocks
         self.keep_block = (sp["block_sparse"] or {}).get("block") or (sp.get("qsa") or {}).get("rate")
         # a hybrid's linear layer: (its mixer method, its output projection's slot); None: attention
@@ -459,6 +469,8 @@ class Block(nn.Module):
         if "moa_router.weight" in t:          # JetMoe: attention experts, their own output projections
             return self._moa(h, positions, cache, key_padding_mask, pos_t, seq_t)
         a = self.attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
+        if self.diff:
+            a = self._diff_combine(a)
         if "attn_sub_norm.weight" in t:       # BitNet: normed over every head of every rank first
             a = self._sub_norm(a, t["attn_sub_norm.weight"], self.heads * m.tp * self.v_dim)
         return m.ops.linear(a, t["attn_out.weight"], t.get("attn_out.bias"))
@@ -987,8 +999,11 @@ class Block(nn.Module):
         m, t = self.m, self.t
         B, T, _ = qkv.shape
         hd, Hq, Hk, vd = self.head_dim, self.heads, self.kv_heads, self.v_dim
-        q, k, v = qkv.split([Hq * hd, Hk * hd, Hk * vd], dim=-1)
-        q, k, v = q.view(B, T, Hq, hd), k.view(B, T, Hk, hd), v.view(B, T, Hk, vd)
+        if self.diff:
+            q, k, v = self._diff_qkv(qkv)
+        else:
+            q, k, v = qkv.split([Hq * hd, Hk * hd, Hk * vd], dim=-1)
+            q, k, v = q.view(B, T, Hq, hd), k.view(B, T, Hk, hd), v.view(B, T, Hk, vd)
         if m.spec["value_scale"] != 1.0:   # MiMo-V2-Flash: v scaled as projected, in the model dtype
             v = v * m.spec["value_scale"]
         if vd != hd:
@@ -1379,6 +1394,29 @@ class Block(nn.Module):
         s = _index_score(q[:, c:c + QUERY_CHUNK], keys, w[:, c:c + QUERY_CHUNK]).masked_fill(~ready, float("-inf"))
         top = s.topk(min(self.m.spec["compressed"]["index"]["topk"], keys.shape[1]), dim=-1).indices
         return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, top, True)
+
+    def _diff_qkv(self, qkv):
+        """DiffLlama's q|k|v (heads head_dim / 2 wide) as plain attention's over heads twice as wide: q and k padded
+        with zeros (the scores stay q . k; RoPE turns the first half only), and kv head j's value the values of kv
+        heads j mod n and n + j mod n side by side (n: half this rank's kv heads), what both halves' heads read."""
+        B, T, _ = qkv.shape
+        d, Hq, Hk = self.head_dim // 2, self.heads, self.kv_heads
+        q, k, v = qkv.split([Hq * d, Hk * d, Hk * d], dim=-1)
+        q, k, v = q.view(B, T, Hq, d), k.view(B, T, Hk, d), v.view(B, T, Hk, d)
+        zeros = torch.nn.functional.pad
+        a, b = v.chunk(2, dim=2)
+        return zeros(q, (0, d)), zeros(k, (0, d)), torch.cat([a, b], -1).repeat(1, 1, 2, 1)
+
+    def _diff_combine(self, o):
+        """DiffLlama: the attention output (B, T, heads * 2d) -> each head pair's difference, (o_p - lambda
+        o_{p + heads / 2}) over the two values side by side, RMS-normed without a weight, times 1 - lambda_init:
+        (B, T, heads / 2 * 2d), the order o_proj reads."""
+        B, T, _ = o.shape
+        o = o.view(B, T, self.heads, self.head_dim)
+        c = self.heads // 2
+        y = o[:, :, :c] - self.diff_lambda * o[:, :, c:]
+        y = self.m.ops.add_norm(y.contiguous(), None, self.diff_ones, None, self.m.eps, "rms")[0]
+        return (y * (1 - self.diff_init)).reshape(B, T, -1)
 
     def _narrow(self, o):
         """Attention output (B, T, heads * head_dim) -> each head's first v_dim channels (MiMo-V2-Flash's narrower v
