@@ -539,6 +539,28 @@ def bench_rglru_scan(rows):
                          baseline="torch backend loop"))
 
 
+def bench_mlstm_scan(rows):
+    """xLSTM-7B's mLSTM recurrence (8 heads, q/k 256 and v 512 wide, fp32 state): a 2048-token prompt in one launch
+    against the torch backend's token-by-token loop, and a decode step against the loop's one step."""
+    from fmconvert.kernels import mlstm_scan, mlstm_scan_reference
+    from fmconvert.runtime.ops import TorchOps
+
+    B, H, DK, DV, dt_ = 1, 8, 256, 512, torch.bfloat16
+    for T in (2048, 1):
+        q, k = (torch.randn(B, T, H, DK, device="cuda", dtype=dt_) for _ in range(2))
+        v = torch.randn(B, T, H, DV, device="cuda", dtype=dt_)
+        i, f = ((torch.tanh(torch.randn(B, T, H, device="cuda")) * 15).to(dt_) for _ in range(2))
+        s0 = torch.zeros(B, H, DK + 1, DV + 1, device="cuda")
+        want = mlstm_scan_reference(q, k, v, i, f, s0.clone()).float()
+        ok = (mlstm_scan(q, k, v, i, f, s0.clone()).float() - want).abs().max().item() < 0.05
+        torch_ops = TorchOps()
+        ms_k = _bench(lambda: mlstm_scan(q, k, v, i, f, s0.clone()))
+        ms_t = _bench(lambda: torch_ops.mlstm(q, k, v, i, f, s0.clone(), 1e-6), warmup=1, rep=3 if T > 1 else 40)
+        nbytes = (2 * q.numel() + 2 * v.numel()) * 2 + 2 * s0.numel() * 4     # q, k, v, y; the state in and out
+        rows.append(_row("mlstm_scan", f"B={B} T={T} H={H} dk={DK} dv={DV} bf16, state fp32", ms_k, ms_t, nbytes, ok,
+                         baseline="torch backend loop"))
+
+
 def bench_prefill_attention(rows):
     from fmconvert.kernels import prefill_attention, prefill_attention_reference
 
@@ -613,7 +635,7 @@ def run(report: dict, parts=None) -> list:
     rows: list = []
     for part in (bench_linear, bench_gemv, bench_swiglu, bench_float_gemv, bench_norm, bench_glu, bench_rope, bench_rope_append,
                  bench_decode_attention, bench_block_sparse_decode, bench_mla_decode, bench_gated_delta, bench_ssm_scan, bench_mamba_scan,
-                 bench_rglru_scan, bench_prefill_attention, bench_window_attention):
+                 bench_rglru_scan, bench_mlstm_scan, bench_prefill_attention, bench_window_attention):
         if parts and part.__name__.removeprefix("bench_") not in parts:
             continue
         t = time.time()

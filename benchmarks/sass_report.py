@@ -274,7 +274,7 @@ def linear_cases():
     q/k heads of 128) and Kimi Linear 48B's KDA (32 heads of 128, a decay per key channel), Granite 4.0-H's Mamba2
     scan (head_dim 64, state 128), FalconMamba-7B's Mamba1 scan (8192 channels, state 16), the conv over a decode
     step's x|B|C and over a prompt, and the three gated norms (Qwen3.5's, Mamba2's, KDA's sigmoid one)."""
-    from fmconvert.kernels import conv1d, delta_rule, gated_norm, mamba1_scan, rglru_scan, selective_scan
+    from fmconvert.kernels import conv1d, delta_rule, gated_norm, mamba1_scan, mlstm, rglru_scan, selective_scan
     f32 = {"g_ptr": "*fp32", "beta_ptr": "*fp32", "s_ptr": "*fp32", "dt_ptr": "*fp32", "a_ptr": "*fp32",
            "d_ptr": "*fp32"}
     bv = delta_rule._block_v(128)
@@ -311,6 +311,13 @@ def linear_cases():
     yield Case("rglru scan step w4096", rglru_scan._linear_scan_kernel, dict(BD=bd), max(1, min(4, bd // 64)),
                ptrs={"a_ptr": "*bf16", "x_ptr": "*bf16", "s_ptr": "*fp32", "y_ptr": "*bf16"},
                ints=dict(T=1, W=4096, sab=4096, sat=4096, sxb=4096, sxt=4096, ssb=4096, syb=4096, syt=4096))
+    # xLSTM-7B's mLSTM at tp 1: 8 heads, q/k 256 and v 512 wide, a decode step reading bf16 q, k, v and gates
+    bv = mlstm.BLOCK_V
+    yield Case("mlstm scan step h8 dk256 dv512", mlstm._mlstm_kernel, dict(BK=256, BV=bv),
+               max(1, min(8, 256 * bv // 1024)), ptrs={"s_ptr": "*fp32", "nm_ptr": "*fp32"},
+               ints=dict(T=1, H=8, DK=256, DV=512, sqb=6144, sqt=6144, sqh=256, skb=6144, skt=6144, skh=256,
+                         svb=6144, svt=6144, svh=512, sgb=16, sgt=16, sgh=1, ssb=8 * 257 * 513, ssh=257 * 513,
+                         ssk=513, syb=4096, syt=4096, syh=512))
     for T, bt in ((1, 1), (2048, 16)):
         yield Case(f"causal conv1d T={T} c4352 k4", conv1d._causal_conv1d_kernel,
                    dict(K=4, HAS_BIAS=True, HAS_STATE=True, SILU=True, BT=bt, BC=64, BS=4),

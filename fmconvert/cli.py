@@ -299,6 +299,12 @@ def inspect(out_dir, as_json):
                   f"{_ranges(md['linear_layers'])}): {a['v_heads']} value heads of {a['v_dim']} over {a['k_heads']} "
                   f"q/k heads of {a['k_dim']}, conv {a['conv_kernel']}; a fixed-size state per layer and sequence "
                   f"({a['v_heads'] * a['k_dim'] * a['v_dim']} fp32 values), no KV cache")
+    if md.get("mlstm"):
+        a = md["mlstm"]
+        t.add_row("linear attention", f"mLSTM in every layer: {a['heads']} heads, q/k {a['qk_dim'] // a['heads']} and "
+                  f"v {a['v_dim'] // a['heads']} wide, exponential gates soft-capped at {a['gate_cap']:g}; a "
+                  f"fixed-size state per layer and sequence ({a['qk_dim'] * a['v_dim'] // a['heads']} fp32 values "
+                  f"and more), no KV cache")
     if md.get("rglru"):
         rg, n = md["rglru"], len(md["linear_layers"])
         t.add_row("linear attention", f"RG-LRU in {n} of {md['num_layers']} layers ({_ranges(md['linear_layers'])}): "

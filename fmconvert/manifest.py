@@ -110,6 +110,12 @@ _MODEL_OPTIONAL = {
                                                  and type(x["conv_kernel"]) is int and 2 <= x["conv_kernel"] <= 64),
                    "null or {\"conv_kernel\": taps}"),
     "mamba": (None, lambda x: x is None or _mamba(x), "null or the Mamba widths"),
+    "mlstm": (None, lambda x: x is None or (isinstance(x, dict) and set(x) == {"heads", "qk_dim", "v_dim",
+                                                                               "gate_cap", "eps"}
+                                            and all(_POS_INT(x[k]) for k in ("heads", "qk_dim", "v_dim"))
+                                            and x["qk_dim"] % x["heads"] == 0 and x["v_dim"] % x["heads"] == 0
+                                            and _POS_NUM(x["gate_cap"]) and _POS_NUM(x["eps"])),
+              "null or the mLSTM's widths"),
     "rglru": (None, lambda x: x is None or (isinstance(x, dict) and set(x) == {"width", "heads", "conv_kernel",
                                                                                "activation"}
                                             and all(_POS_INT(x[k]) for k in ("width", "heads", "conv_kernel"))
@@ -409,12 +415,13 @@ def validate(m) -> dict:
           and ("q_b" not in rs and "kv_a_norm" not in rs or mla is not None),
           "model.row_scales names a slot this model does not have")
     la, ll, ssm, sc, mb = (model[k] for k in ("linear_attn", "linear_layers", "ssm", "short_conv", "mamba"))
-    lt, rg = model["lightning"] or None, model["rglru"]
+    lt, rg, ml = model["lightning"] or None, model["rglru"], model["mlstm"]
     _need((la is not None) + (ssm is not None) + (sc is not None) + (mb is not None) + (lt is not None)
-          + (rg is not None) <= 1,
-          "model.linear_attn, model.ssm, model.short_conv, model.mamba, model.rglru and model.lightning exclude each "
-          "other")
-    _need(((la or ssm or sc or mb or lt or rg) is None) == (ll is None)
+          + (rg is not None) + (ml is not None) <= 1,
+          "model.linear_attn, model.ssm, model.short_conv, model.mamba, model.rglru, model.mlstm and model.lightning "
+          "exclude each other")
+    _need(ml is None or ll == list(range(model["num_layers"])), "model.mlstm needs it in every layer")
+    _need(((la or ssm or sc or mb or lt or rg or ml) is None) == (ll is None)
           and (ll is None or (ll and ll == sorted(set(ll)) and ll[-1] < model["num_layers"])),
           "model.linear_layers must be distinct layer indices in order, with linear_attn, ssm, short_conv, mamba "
           "or lightning")
@@ -571,6 +578,7 @@ def validate(m) -> dict:
     _need(sc is None or model["hidden_size"] % tp == 0, "model.short_conv needs hidden_size to be a multiple of "
           "parallel.tp")
     _need(mb is None or mb["inner"] % tp == 0, "model.mamba's channels (inner) must be a multiple of parallel.tp")
+    _need(ml is None or ml["heads"] % tp == 0, "model.mlstm's heads must be a multiple of parallel.tp")
     _need(par["heads_per_rank"] * tp == model["num_heads"], "parallel.heads_per_rank * tp != model.num_heads")
     _need(all(n % tp == 0 for n in model["layer_heads"] or ()), "model.layer_heads must be multiples of parallel.tp")
     _need(par["kv_heads_per_rank"] * tp == model["num_kv_heads"] * par["kv_replication"],

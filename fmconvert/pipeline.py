@@ -44,6 +44,7 @@ QUANT_SLOTS = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight
                "q_a.weight", "q_b.weight", "kv_a.weight", "kv_b.weight",     # latent attention's projections
                "attn_out_a.weight",                      # DeepSeek-V4's grouped output projection, a block per group
                "moa_q.weight", "moa_kv.weight", "moa_out.weight",     # JetMoe's attention experts
+               "mlstm_in.weight", "mlstm_out.weight",                 # xLSTM's mLSTM
                "lin_in.weight", "lin_out.weight", "ssm_in.weight", "ssm_out.weight",   # linear mixers
                "lin_qkv.weight", "lin_gate.weight",
                "sconv_in.weight", "sconv_out.weight", "mamba_in.weight", "mamba_out.weight",

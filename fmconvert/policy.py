@@ -132,6 +132,11 @@ LAYER_SLOTS = (
     "mem_norm.weight", "qkv_lora_down.weight", "qkv.lora_up", "mlp_lora_down.weight", "mlp_in.lora_up",
     "mem_proj.weight",
     "diff_lambda",       # DiffLlama's differential attention: lambda_q1, lambda_k1, lambda_q2, lambda_k2 ([4 * head_dim])
+    # xLSTM's mLSTM in place of attention: one projection of q|k|v|o (o: the output gate), the input and forget
+    # gates' projection (one logit each per head, with a bias), the per-head LayerNorm of its output and the output
+    # projection
+    "mlstm_in.weight", "mlstm_in.bias", "mlstm_gates.weight", "mlstm_gates.bias", "mlstm_norm.weight",
+    "mlstm_norm.bias", "mlstm_out.weight", "mlstm_out.bias",
 )
 # Slots written in float32 whatever the output dtype: small tensors the model only ever reads in fp32, which
 # transformers keeps in fp32 when it loads the model in half precision (and vLLM too): a sigmoid router's
@@ -155,7 +160,7 @@ DENSE_SLOTS = ("mlp_in.", "mlp_out.")
 DEPTHWISE = ("lin_conv.weight", "ssm_conv.weight", "sconv_conv.weight", "mamba_conv.weight", "rg_conv.weight",
              "ngram_conv.weight")
 # A hybrid's linear-attention layers have the lin_ slots and its attention layers the attention's.
-LINEAR_SLOTS = ("lin_", "ssm", "sconv", "mamba", "rg_")
+LINEAR_SLOTS = ("lin_", "ssm", "sconv", "mamba", "rg_", "mlstm")
 ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.", "q_a", "q_b.", "kv_a", "kv_b.", "attn_gate.", "index_",
                    "block_index_", "attn_out_a.", "comp_", "qsa_", "moa_", "mem_", "qkv_lora_", "mlp_lora_",
                    "mlp_in.lora_up", "diff_")
@@ -275,6 +280,8 @@ class ModelSpec:
     #                                by heads // groups heads each), state (N), conv_kernel, and dt_min / dt_max (the
     #                                step's clamp; dt_max None: none). Its layers are linear_layers
     short_conv: dict | None = None  # LFM2's gated short convolution: conv_kernel (its taps), in linear_layers
+    mlstm: dict | None = None      # xLSTM's mLSTM: {"heads", "qk_dim", "v_dim" (all heads'), "gate_cap" (the gates'
+    #                                soft cap), "eps"}; in every layer (linear_layers)
     rglru: dict | None = None      # RecurrentGemma's RG-LRU: width (channels), heads (of width / heads channels,
     #                                each with its own gates), conv_kernel, activation (of the y branch). Its layers
     #                                are linear_layers
@@ -742,6 +749,12 @@ class Policy:
         c = {k: _config_value(config, v, k, flags) for k, v in self.table["config"].items()}
         if c.get("ffn_adjust"):
             c["intermediate_size"] = self._ffn_adjusted(c)
+        if "ffn_factor" in c:          # xLSTM: hidden x ffn_proj_factor, rounded up to a multiple
+            f, of = c["ffn_factor"], c.get("ffn_round")
+            if type(f) not in (int, float) or not 0 < f < 1e3 or type(of) is not int or of < 1:
+                raise FmError(f"config.json: ffn_proj_factor must be a positive number and ffn_round_up_to_multiple_of "
+                              f"a positive integer, got {f!r} and {of!r}")
+            c["intermediate_size"] = int((c["hidden_size"] * f + of - 1) // of * of)
         parts = self._block_parts(config, c) if self.layout.get("block_parts") else {}
         if isinstance(c.get("intermediate_size"), (list, tuple)):      # Gemma 3n: one width per layer, all alike
             widths = set(c["intermediate_size"])
@@ -1320,6 +1333,18 @@ class Policy:
                 mixer["gate"] = gate
         elif "mamba_state" in c:
             key, mixer = "mamba", self._mamba(c, flags)
+        elif "mlstm_heads" in c:           # xLSTM: an mLSTM in every layer
+            factors = [c.get("mlstm_qk_factor"), c.get("mlstm_v_factor")]
+            if any(type(x) not in (int, float) or not 0 < x <= 64 for x in factors):
+                raise FmError(f"config.json: qk_dim_factor and v_dim_factor must be positive numbers, got {factors}")
+            ml = {"heads": c["mlstm_heads"], "qk_dim": int(c["hidden_size"] * factors[0]),      # as its layers
+                  "v_dim": int(c["hidden_size"] * factors[1])}                                  # size them
+            if any(type(v) is not int or v < 1 for v in ml.values()) or ml["qk_dim"] % ml["heads"] \
+                    or ml["v_dim"] % ml["heads"] or c.get("embed_dim", c["hidden_size"]) != c["hidden_size"]:
+                raise FmError(f"config.json: the mLSTM's heads must divide its q/k and v widths (hidden_size times "
+                              f"qk_dim_factor, v_dim_factor) and embedding_dim must be hidden_size, got {ml}")
+            ml.update(gate_cap=_number(c, "mlstm_gate_cap", 15.0), eps=_number(c, "mlstm_eps", 1e-6))
+            return {"mlstm": ml, "linear_layers": list(range(c["num_layers"]))}
         elif "rglru_width" in c:           # RecurrentGemma
             rg = {"width": c["rglru_width"], "heads": c["rglru_heads"], "conv_kernel": c.get("rglru_conv")}
             if any(type(v) is not int or v < 1 for v in rg.values()) or rg["width"] % rg["heads"] \
@@ -1844,6 +1869,13 @@ class Policy:
                 shapes.update({"index_q.weight": (ix["heads"] * ix["dim"], a["q_rank"]), "index_k.weight": (ix["dim"], h),
                                "index_k_norm.weight": (ix["dim"],), "index_k_norm.bias": (ix["dim"],),
                                "index_w.weight": (ix["heads"], h)})
+        if spec.mlstm:              # xLSTM: q|k|v|o, the gates (i then f, a logit per head), the heads' norm
+            a = spec.mlstm
+            Q, V, H = a["qk_dim"], a["v_dim"], a["heads"]
+            shapes.update({"mlstm_in.weight": (2 * Q + 2 * V, h), "mlstm_in.bias": (2 * Q + 2 * V,),
+                           "mlstm_gates.weight": (2 * H, h), "mlstm_gates.bias": (2 * H,),
+                           "mlstm_norm.weight": (V,), "mlstm_norm.bias": (V,), "mlstm_out.weight": (h, V),
+                           "mlstm_out.bias": (h,)})
         if spec.rglru:              # RecurrentGemma: y|x, the conv, the gates per head, the recurrence
             W, Hr, K = spec.rglru["width"], spec.rglru["heads"], spec.rglru["conv_kernel"]
             shapes.update({"rg_in.weight": (2 * W, h), "rg_in.bias": (2 * W,), "rg_conv.weight": (W, K),
@@ -1982,6 +2014,9 @@ class Policy:
         if slot == "lin_in.weight" and n in (2, 4, 6):
             Kd, Vd, Hv = _linear_widths(spec)      # Qwen3-Next: qkvz, ba; Qwen3.5: qkv, z, b, a; OLMo Hybrid: each
             return {2: [2 * Kd + 2 * Vd, 2 * Hv], 4: [2 * Kd + Vd, Vd, Hv, Hv], 6: [Kd, Kd, Vd, Vd, Hv, Hv]}[n]
+        if slot.startswith("mlstm_in.") and n == 4:     # xLSTM: q, k, v, o (q and k may be narrower)
+            a = spec.mlstm
+            return [a["qk_dim"], a["qk_dim"], a["v_dim"], a["v_dim"]]
         if slot == "ngram_embed.weight":       # torch.chunk's pieces, as transformers saves the table
             step = -(-rows // n)
             if step * (n - 1) >= rows:

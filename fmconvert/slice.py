@@ -53,6 +53,8 @@ Layout per rank:
   moa_q, moa_out, moa_kv  (JetMoe's attention experts) by kv heads: every expert's q rows of this rank's kv heads
             (each expert gives every kv head its queries), the same columns of every expert's output projection
             (row-parallel; its bias on rank 0), and this rank's heads of k and of v; the router replicated.
+  mlstm_in, mlstm_gates  (xLSTM) column-parallel over whole heads, part by part (q, k, v, o; the input and forget
+            gates); mlstm_norm with the heads; mlstm_out row-parallel (its bias on rank 0).
   ngram_embed  (Qwen4-Exp's n-gram tables) split along the width: rank r holds columns [r*w/tp, (r+1)*w/tp) of
             every row; a lookup gives each rank its slice of every head's row, and one all-gather joins them. What
             reads the joined rows (ngram_key, ngram_value, the norms and the conv) is replicated.
@@ -78,20 +80,21 @@ HEADS = ("q_b.weight", "kv_b.weight", "attn_sinks.weight", "attn_gate.bias", "at
          "mamba_conv.weight", "mamba_conv.bias", "mamba_dt.weight", "mamba_dt.bias", "mamba.a_log", "mamba.d",
          "lin_f_b.weight", "lin_g_b.weight", "attn_sub_norm.weight", "lin_qkv.weight", "lin_out_norm.weight",
          "lin_gate.weight", "attn_out_a.weight", "rg_conv.weight", "rg_conv.bias", "rg_gate_x.weight",
-         "rg_gate_x.bias", "rg_gate_a.weight", "rg_gate_a.bias", "rg_a")
+         "rg_gate_x.bias", "rg_gate_a.weight", "rg_gate_a.bias", "rg_a", "mlstm_norm.weight", "mlstm_norm.bias")
 # Row-parallel slots: split along dim 1 (K), each rank's product a partial sum. The linear mixers' (ROW_K) split
 # evenly along K with nothing padded.
 ROW_K = ("lin_out.weight", "ssm_out.weight", "sconv_out.weight", "mamba_out.weight", "mamba_x.weight",
-         "rg_out.weight")
+         "rg_out.weight", "mlstm_out.weight")
 ROW = ("attn_out.weight", "mlp_out.weight", *ROW_K)
 # A linear mixer's fused slots, part by part: q, k, v(, z, b, a) for Gated DeltaNet, x(, B, C) or z, x, B, C, dt for
 # Mamba2 (see `_mixer_parts`)
-MIXER_PARTS = ("lin_in.weight", "moa_kv.weight", "lin_conv.weight", "lin_conv.bias", "ssm_in.weight", "ssm_in.bias", "rg_in.weight",
+MIXER_PARTS = ("lin_in.weight", "moa_kv.weight", "mlstm_in.weight", "mlstm_in.bias", "mlstm_gates.weight",
+               "mlstm_gates.bias", "lin_conv.weight", "lin_conv.bias", "ssm_in.weight", "ssm_in.bias", "rg_in.weight",
                "rg_in.bias",
                "ssm_conv.weight", "ssm_conv.bias", "sconv_in.weight", "sconv_in.bias", "sconv_conv.weight",
                "sconv_conv.bias", "mamba_in.weight", "mamba_in.bias")
 ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias", "ssm_out.bias", "sconv_out.bias", "mamba_out.bias",
-            "rg_out.bias", "moa_out.bias", "experts_shared.bias")
+            "rg_out.bias", "moa_out.bias", "experts_shared.bias", "mlstm_out.bias")
 VOCAB = ("embed.weight", "lm_head.weight", "lm_head.bias", "ple_embed.weight")   # Gemma 4's per-layer embeddings too
 EXPERTS = ("experts_in.weight", "experts_out.weight")
 # Tables split along their width: each rank holds a slice of every row (Qwen4-Exp's n-gram tables, tens of GB each;
@@ -216,6 +219,9 @@ def plan(spec: ModelSpec, tp: int, group_size: int | None) -> Layout:
     if ssm and (ssm["heads"] % tp or (ssm["groups"] % tp and ssm["groups"] != 1)):
         raise FmError(f"tp={tp} does not divide the Mamba2 heads (mamba_n_heads={ssm['heads']}) and groups "
                       f"(mamba_n_groups={ssm['groups']}, which may also be 1); each rank must hold whole heads")
+    if spec.mlstm and spec.mlstm["heads"] % tp:
+        raise FmError(f"tp={tp} does not divide the mLSTM's heads ({spec.mlstm['heads']}); each rank must hold whole "
+                      f"heads")
     if spec.diff_attn and (H % (2 * tp) or KV % (2 * tp)):
         raise FmError(f"tp={tp} must divide half the heads ({H // 2}) and half the kv heads ({KV // 2}): differential "
                       f"attention pairs each head with one in the other half, on the same rank")
@@ -456,6 +462,11 @@ def _mixer_parts(spec: ModelSpec, slot: str, tp: int) -> list[tuple[int, bool]]:
     """(rows, split over ranks) of each part of a linear mixer's fused slot. Gated DeltaNet: q, k, v (, z, b, a),
     whole heads each. Mamba2: (z,) x, B, C (, dt); B and C hold whole groups, and are replicated when a single
     group serves every head (Granite 4.0)."""
+    if slot.startswith("mlstm_in"):             # xLSTM: q, k, v, o, each split over heads
+        a = spec.mlstm
+        return [(a["qk_dim"], True)] * 2 + [(a["v_dim"], True)] * 2
+    if slot.startswith("mlstm_gates"):          # and the input then the forget gate's logits, a head each
+        return [(spec.mlstm["heads"], True)] * 2
     if slot.startswith("moa_kv"):               # JetMoe: k, then v, each split over kv heads
         return [(spec.num_kv_heads * spec.head_dim, True)] * 2
     if slot.startswith("sconv_"):               # LFM2: B, C, x (or the conv's channels), each split over channels
@@ -502,6 +513,8 @@ def k_per_rank(spec: ModelSpec, lay: Layout, slot: str) -> int:
         "shared_out.weight": lay.shared_intermediate_per_rank,
         "embed.weight": spec.embed_dim, "lm_head.weight": spec.embed_dim,
         "ple_embed.weight": spec.num_layers * spec.per_layer_input,
+        "mlstm_in.weight": spec.hidden_size if spec.mlstm else 0,
+        "mlstm_out.weight": spec.mlstm["v_dim"] // lay.tp if spec.mlstm else 0,
         "moa_q.weight": spec.hidden_size if spec.moa else 0, "moa_kv.weight": spec.hidden_size if spec.moa else 0,
         "moa_out.weight": spec.num_kv_heads * spec.head_dim // lay.tp if spec.moa else 0,
         "ngram_embed.weight": spec.ngram["dim"] // ((spec.ngram["size"] - 1) * spec.ngram["heads"]) // lay.tp

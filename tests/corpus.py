@@ -701,6 +701,11 @@ def _inspect_rglru_heads_not_dividing_its_width(c: Ctx):  # RecurrentGemma: whol
     return [_manifest(c, lambda m: m["model"]["rglru"].update(heads=5), name="recurrent_gemma")]
 
 
+@case("inspect", "model.mlstm must be null or the mLSTM's widths")
+def _inspect_mlstm_heads_not_dividing_its_widths(c: Ctx):  # xLSTM: whole heads of q/k and v
+    return [_manifest(c, lambda m: m["model"]["mlstm"].update(heads=3), name="xlstm")]
+
+
 @case("inspect", "model.diff_attn needs an even number of heads")
 def _inspect_diff_attn_with_odd_heads(c: Ctx):           # DiffLlama pairs heads across its halves
     return [_manifest(c, lambda m: m["model"].update(num_kv_heads=1), name="diffllama")]

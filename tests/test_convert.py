@@ -144,7 +144,8 @@ def test_float_roundtrip_is_exact(model_dir, tmp_path, name, tp):
               "mamba2": "backbone.", "gpt_neo": "transformer.", "mpt": "transformer.", "dbrx": "transformer.",
               "openai_gpt": "transformer.", "gemma4_vl": "model.language_model.", "codegen": "transformer.",
               "gemma4_unified_vl": "model.language_model.", "apertus1p5_mm": "model.language_model.",
-              "exaone": "transformer.", "cohere_compass_vl": "model.language_model.", "emu3_vl": "text_model.model."}
+              "exaone": "transformer.", "cohere_compass_vl": "model.language_model.", "emu3_vl": "text_model.model.",
+              "xlstm": "backbone."}
     assert m["source"]["prefix"] == prefix.get(name, "model.")
     assert_exact(expected(d, m, produced=got), got)
 

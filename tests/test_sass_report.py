@@ -34,7 +34,7 @@ def test_every_kernel_compiles_for_sm90_without_spilling(report):
     for kernel in ("GEMV", "GEMM", "decode attention", "prefill attention", "rope_append", "rmsnorm", "swiglu",
                    "mla decode", "gated delta", "gated delta step per-channel (KDA)", "mamba2 scan", "mamba1 scan",
                    "causal conv1d", "gated norm", "gated norm kda sigmoid", "float GEMV swiglu", "float GEMV 4x512",
-                   "rglru scan"):
+                   "rglru scan", "mlstm scan"):
         assert kernel in names, kernel
     spilling = [r for r in rows if int(r[2]) or int(r[3])]
     assert not spilling, spilling

@@ -365,6 +365,11 @@ CONFIGS = {
     "diffllama": ("DiffLlamaConfig", "DiffLlamaForCausalLM", dict(hidden_size=64, intermediate_size=96,
                   num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=8, vocab_size=101,
                   max_position_embeddings=64, lambda_std_dev=0.3, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # xLSTM: 4 heads of 16; q/k as wide as v (qk_dim_factor 1): transformers' own mLSTM (without the xlstm package)
+    # fails on narrower q/k, the released 7B's 0.5 included
+    "xlstm": ("xLSTMConfig", "xLSTMForCausalLM", dict(hidden_size=64, num_hidden_layers=2, num_heads=4, vocab_size=101,
+              qk_dim_factor=1.0, ffn_round_up_to_multiple_of=16, autocast_kernel_dtype="float32", gate_soft_cap=5.0,
+              output_logit_soft_cap=8.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "emu3": ("Emu3TextConfig", "Emu3ForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
              pad_token_id=0, bos_token_id=1, eos_token_id=2)),
@@ -861,6 +866,8 @@ def build(name: str, seed: int = 0, **overrides):
                 p.copy_(torch.randn_like(p) * 0.5)     # Gated DeltaNet, Mamba2: decays and skips that differ
             elif n.endswith("ple.conv1d.weight"):       # Qwen4-Exp's n-gram conv: zeros by default
                 p.copy_(torch.randn_like(p) * 0.3)
+            elif n.endswith(("igate_preact.weight", "fgate_preact.weight")):   # xLSTM: gates that vary per token,
+                p.copy_(torch.randn_like(p) * 0.5)                                  # enough for their cap to bite
             elif "adapter_list" in n:                  # Zamba2's adapters: their up halves start at zero
                 p.copy_(torch.randn_like(p) * 0.1)
             elif n.endswith(("block_inject_weight.weight", "input_mix_weight_up.weight")):   # and its mixes: shares

@@ -39,6 +39,7 @@ _LAZY = {
     "ssm_scan": "selective_scan", "ssm_scan_reference": "selective_scan",
     "mamba_scan": "mamba1_scan", "mamba_scan_reference": "mamba1_scan",
     "linear_scan": "rglru_scan", "linear_scan_reference": "rglru_scan",
+    "mlstm_scan": "mlstm", "mlstm_scan_reference": "mlstm",
 }
 
 
@@ -64,4 +65,5 @@ __all__ = [
     "gated_delta", "gated_delta_reference", "causal_conv1d", "causal_conv1d_reference",
     "gated_rms_norm", "gated_rms_norm_reference", "ssm_scan", "ssm_scan_reference",
     "mamba_scan", "mamba_scan_reference", "linear_scan", "linear_scan_reference",
+    "mlstm_scan", "mlstm_scan_reference",
 ]

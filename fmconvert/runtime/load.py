@@ -43,7 +43,8 @@ _INT8_OK = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight", 
             "lin_out.weight",
             "lin_qkv.weight", "lin_gate.weight",
             "ssm_in.weight", "ssm_out.weight", "sconv_in.weight", "sconv_out.weight", "mamba_in.weight",
-            "mamba_out.weight", "rg_in.weight", "rg_out.weight", "moa_q.weight", "moa_kv.weight", "moa_out.weight")
+            "mamba_out.weight", "rg_in.weight", "rg_out.weight", "moa_q.weight", "moa_kv.weight", "moa_out.weight",
+            "mlstm_in.weight", "mlstm_out.weight")
 _EXPERTS = ("experts_in.weight", "experts_out.weight")
 _MOA_EXPERTS = ("moa_q.weight", "moa_out.weight")      # JetMoe's attention experts, split per expert too
 ROPE_TENSORS = ("rope.inv_freq", "rope_local.inv_freq", "rope_long.inv_freq")   # derived, kept float32
@@ -217,6 +218,12 @@ def check_layout(m: dict, rank: int):
                       "rg_conv.bias": (W,), "rg_gate_x.weight": (Hr, bw, bw), "rg_gate_x.bias": (Hr, bw),
                       "rg_gate_a.weight": (Hr, bw, bw), "rg_gate_a.bias": (Hr, bw), "rg_a": (W,),
                       "rg_out.weight": (h, W), "rg_out.bias": (h,)})
+    ml = sp.get("mlstm")
+    if ml:              # xLSTM: this rank's heads of q|k|v|o, of the gates and of the norm
+        Q, V, Hm = ml["qk_dim"] // tp, ml["v_dim"] // tp, ml["heads"] // tp
+        layer.update({"mlstm_in.weight": (2 * Q + 2 * V, h), "mlstm_in.bias": (2 * Q + 2 * V,),
+                      "mlstm_gates.weight": (2 * Hm, h), "mlstm_gates.bias": (2 * Hm,), "mlstm_norm.weight": (V,),
+                      "mlstm_norm.bias": (V,), "mlstm_out.weight": (h, V), "mlstm_out.bias": (h,)})
     mb = sp["mamba"]
     if mb:              # Mamba 1: this rank's channels of x|z, of the conv, dt_proj, A and D; x_proj's columns
         D, N, R = mb["inner"] // tp, mb["state"], mb["dt_rank"]
@@ -316,6 +323,9 @@ def check_layout(m: dict, rank: int):
         per_layer |= {"ssm_in.weight", "ssm_conv.weight", "ssm.a_log", "ssm.dt_bias", "ssm.d", "ssm_out.weight"}
         if ssm.get("gate") != "none":       # Falcon-H1 may gate the output without a norm
             per_layer.add("ssm_norm.weight")
+    if linear_layers and sp.get("mlstm"):
+        per_layer |= {"mlstm_in.weight", "mlstm_gates.weight", "mlstm_gates.bias", "mlstm_norm.weight",
+                      "mlstm_out.weight"}
     if linear_layers and rg:
         per_layer |= {"rg_in.weight", "rg_conv.weight", "rg_gate_x.weight", "rg_gate_a.weight", "rg_a",
                       "rg_out.weight"}

@@ -165,6 +165,7 @@ class Block(nn.Module):
             self.linear = (("mamba", "ssm_out") if sp["ssm"] else ("short_conv", "sconv_out") if sp["short_conv"]
                            else ("mamba1", "mamba_out") if sp["mamba"]
                            else ("rglru", "rg_out") if sp.get("rglru")
+                           else ("mlstm", "mlstm_out") if sp.get("mlstm")
                            else ("lightning", "lin_out") if sp["lightning"]
                            else ("kda", "lin_out") if sp["linear_attn"].get("decay") == "channel"
                            else ("linear_attention", "lin_out"))
@@ -670,6 +671,30 @@ class Block(nn.Module):
                         for v, n in ((dt, "dt"), (b, "b"), (c, "c")))
         dt = m.ops.linear(dt, t["mamba_dt.weight"], t["mamba_dt.bias"])       # (B, T, Dc): softplus in the scan
         return m.ops.mamba_scan(x, dt, self.ssm_a, b, c, self.ssm_d, z, state)
+
+    def mlstm(self, h, cache, key_padding_mask, pos_t=None):
+        """xLSTM's mLSTM: one projection gives q, k, v and the output gate o; the input and forget gates are a logit
+        per head (with a bias), soft-capped as cap tanh(x / cap); the matrix memory recurrence (kernels/mlstm.py)
+        runs per head from a fixed-size fp32 state (C, n and m packed in one tensor: a decode step is graph-safe);
+        each head's output is LayerNormed in fp32 (rounded, then times its weight), times sigmoid(o). Split over
+        ranks by heads. Padding is zeroed at its input, as in every linear mixer here (transformers' xLSTM reads no
+        attention mask)."""
+        m, t, a = self.m, self.t, self.m.spec["mlstm"]
+        B, T, _ = h.shape
+        H, Q, V = a["heads"] // m.tp, a["qk_dim"] // m.tp, a["v_dim"] // m.tp
+        dk, dv = Q // H, V // H
+        h, _ = self._unpadded(h, key_padding_mask, pos_t)
+        q, k, v, o = m.ops.linear(h, t["mlstm_in.weight"], t.get("mlstm_in.bias")).split([Q, Q, V, V], dim=-1)
+        g = m.ops.linear(h, t["mlstm_gates.weight"], t["mlstm_gates.bias"])
+        g = a["gate_cap"] * torch.tanh(g / a["gate_cap"])
+        _, state = self._linear_cache(cache, pos_t, (B, H, dk + 1, dv + 1), h.device)
+        y = m.ops.mlstm(q.view(B, T, H, dk), k.view(B, T, H, dk), v.view(B, T, H, dv), g[..., :H], g[..., H:],
+                        state, a["eps"]).float()
+        y = ((y - y.mean(-1, keepdim=True)) * torch.rsqrt(y.var(-1, keepdim=True, unbiased=False) + m.eps)).to(h.dtype)
+        y = y.reshape(B, T, V) * t["mlstm_norm.weight"]
+        if "mlstm_norm.bias" in t:
+            y = y + t["mlstm_norm.bias"]
+        return torch.sigmoid(o) * y
 
     def rglru(self, h, cache, key_padding_mask, pos_t=None):
         """RecurrentGemma's RG-LRU. One projection gives the y branch (through the activation) and x; a causal
@@ -1978,6 +2003,11 @@ class FusedModel(nn.Module):
                       for b in self.blocks if b.linear}
         if self.spec["lightning"]:    # MiniMax: no conv; a [head_dim, head_dim] state per head of this rank
             linear = {b.i: (0, 1, (self.heads, self.head_dim, self.head_dim)) for b in self.blocks if b.linear}
+        if self.spec.get("mlstm"):    # xLSTM: no conv; per head of this rank its C, n and m packed in one state
+            a = self.spec["mlstm"]
+            H = a["heads"] // self.tp
+            shape = (H, a["qk_dim"] // a["heads"] + 1, a["v_dim"] // a["heads"] + 1)
+            linear = {b.i: (0, 1, shape) for b in self.blocks}
         if self.spec.get("rglru"):    # RecurrentGemma: the conv over this rank's channels of x; a state per channel
             W = self.spec["rglru"]["width"] // self.tp
             linear = {b.i: (W, self.spec["rglru"]["conv_kernel"], (W,)) for b in self.blocks if b.linear}

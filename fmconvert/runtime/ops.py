@@ -404,6 +404,12 @@ class TorchOps:
         state.copy_(s)
         return out
 
+    def mlstm(self, q, k, v, i, f, state, eps):
+        """xLSTM's mLSTM over T tokens from `state` (fp32, updated in place; kernels/mlstm.py has the contract): the
+        reference recurrence token by token (imported on first use: only an xLSTM model loads it)."""
+        from ..kernels.mlstm import mlstm_scan_reference
+        return mlstm_scan_reference(q, k, v, i, f, state, eps)
+
     def mamba_scan(self, x, dt, A, Bm, Cm, D, z, state, chunk=64):
         """Mamba (1)'s selective scan over T tokens from `state` [B, Dc, N] (fp32, updated in place): x, z [B, T, Dc],
         dt [B, T, Dc] (dt_proj's output, bias included; softplus here), A [Dc, N] fp32 (negative), Bm, Cm [B, T, N]
@@ -773,6 +779,9 @@ class TritonOps(TorchOps):
 
     def linear_scan(self, a, x, state):
         return self.k.linear_scan(a.contiguous(), x.contiguous(), state)
+
+    def mlstm(self, q, k, v, i, f, state, eps):
+        return self.k.mlstm_scan(q, k, v, i, f, state, eps)
 
     def gated_delta(self, q, k, v, g, beta, state, scale):
         return self.k.gated_delta(q, k, v, g, beta, state, scale)
