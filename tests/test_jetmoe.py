@@ -6,7 +6,6 @@ manifest and the shards; tp that would split a kv head; a bad config."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 import tiny
 from fmconvert.errors import FmError
@@ -31,15 +30,8 @@ def test_top_one_and_tied_match_transformers(model_dir, tmp_path):
 def test_decode_steps_and_padding_match_transformers(model_dir, tmp_path):
     convert(model_dir(NAME), tmp_path / "out", Options(tp=2), progress=False)
     ids = tiny.ids(14, 1)
-    want = tiny.hf_logits(NAME, ids)
-    for eager, graph in tiny.on_ranks(tmp_path / "out", 2, lambda m: tiny.decode_steps(m, ids, 3)):
-        assert tiny.rel(eager, want[:, 2:]) < 1e-5 and tiny.rel(graph, want[:, 2:]) < 1e-5
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0
-    with torch.no_grad():
-        padded = tiny.build(NAME)(ids, attention_mask=mask).logits
-    for g in tiny.on_ranks(tmp_path / "out", 2, lambda m: m(ids, attention_mask=mask)):
-        assert tiny.rel(g[:1], padded[:1]) < 1e-5 and tiny.rel(g[1:, 4:], padded[1:, 4:]) < 1e-5
+    assert tiny.decode_matches(tmp_path / "out", 2, ids, tiny.hf_logits(NAME, ids), 3)
+    assert tiny.padding_matches(tmp_path / "out", 2, NAME, ids, 4)
 
 
 def test_each_piece_changes_the_logits(model_dir, tmp_path):

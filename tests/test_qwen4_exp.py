@@ -53,21 +53,10 @@ def test_decode_steps_a_prompt_in_pieces_and_padding_match_transformers(model_di
     convert(model_dir(NAME), tmp_path / "out", Options(tp=2), progress=False)
     ids = _ids(24, 1)
     want = tiny.hf_logits(NAME, ids)
-    for prompt in (3, 9):
-        for eager, graph in tiny.on_ranks(tmp_path / "out", 2, lambda m: tiny.decode_steps(m, ids, prompt)):
-            assert tiny.rel(eager, want[:, prompt - 1:]) < 1e-5 and tiny.rel(graph, want[:, prompt - 1:]) < 1e-5
-
-    def pieces(m):
-        cache = m.new_cache(2, 24)
-        return torch.cat([m(ids[:, a:b], cache) for a, b in ((0, 5), (5, 6), (6, 24))], 1)
-    assert max(tiny.rel(g, want) for g in tiny.on_ranks(tmp_path / "out", 2, pieces)) < 1e-5
-    mask = torch.ones_like(ids)
-    mask[1, :5] = 0
-    hf = tiny.build(NAME)
-    with torch.no_grad():
-        padded = hf(ids, attention_mask=mask).logits
-    for g in tiny.on_ranks(tmp_path / "out", 2, lambda m: m(ids, attention_mask=mask)):
-        assert tiny.rel(g[:1], padded[:1]) < 1e-5 and tiny.rel(g[1:, 5:], padded[1:, 5:]) < 1e-5
+    assert tiny.decode_matches(tmp_path / "out", 2, ids, want, 3)
+    assert tiny.decode_matches(tmp_path / "out", 2, ids, want, 9)
+    assert tiny.pieces_match(tmp_path / "out", 2, ids, want)
+    assert tiny.padding_matches(tmp_path / "out", 2, NAME, ids, 5)
 
 
 def test_each_piece_changes_the_logits(model_dir, tmp_path):

@@ -7,7 +7,6 @@ the fused weight layout refused; tp that would split a head."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 import tiny
 from fmconvert.errors import FmError
@@ -28,13 +27,8 @@ def test_transformers_chunkwise_form_and_decode_steps(model_dir, tmp_path):
     convert(model_dir(NAME, **override), tmp_path / "out", Options(tp=2), progress=False)
     ids = tiny.ids(14, 1)
     want = tiny.hf_logits(NAME, ids, **override)
-    for eager, graph in tiny.on_ranks(tmp_path / "out", 2, lambda m: tiny.decode_steps(m, ids, 3)):
-        assert tiny.rel(eager, want[:, 2:]) < 1e-5 and tiny.rel(graph, want[:, 2:]) < 1e-5
-
-    def pieces(m):
-        cache = m.new_cache(2, 14)
-        return torch.cat([m(ids[:, a:b], cache) for a, b in ((0, 5), (5, 6), (6, 14))], 1)
-    assert max(tiny.rel(g, want) for g in tiny.on_ranks(tmp_path / "out", 2, pieces)) < 1e-5
+    assert tiny.decode_matches(tmp_path / "out", 2, ids, want, 3)
+    assert tiny.pieces_match(tmp_path / "out", 2, ids, want)
 
 
 def test_each_piece_changes_the_logits(model_dir, tmp_path):

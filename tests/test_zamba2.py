@@ -6,7 +6,6 @@ gated norm's own eps, the softmax scale); that a shared block's weights are stor
 from __future__ import annotations
 
 import pytest
-import torch
 
 import tiny
 from fmconvert.errors import FmError
@@ -40,19 +39,9 @@ def test_decode_steps_pieces_and_padding_match_transformers(model_dir, tmp_path)
     convert(model_dir(NAME), tmp_path / "out", Options(tp=2), progress=False)
     ids = tiny.ids(14, 1)
     want = tiny.hf_logits(NAME, ids)
-    for eager, graph in tiny.on_ranks(tmp_path / "out", 2, lambda m: tiny.decode_steps(m, ids, 3)):
-        assert tiny.rel(eager, want[:, 2:]) < 1e-5 and tiny.rel(graph, want[:, 2:]) < 1e-5
-
-    def pieces(m):
-        cache = m.new_cache(2, 14)
-        return torch.cat([m(ids[:, a:b], cache) for a, b in ((0, 5), (5, 6), (6, 14))], 1)
-    assert max(tiny.rel(g, want) for g in tiny.on_ranks(tmp_path / "out", 2, pieces)) < 1e-5
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0
-    with torch.no_grad():
-        padded = tiny.build(NAME)(ids, attention_mask=mask).logits
-    for g in tiny.on_ranks(tmp_path / "out", 2, lambda m: m(ids, attention_mask=mask)):
-        assert tiny.rel(g[:1], padded[:1]) < 1e-5 and tiny.rel(g[1:, 4:], padded[1:, 4:]) < 1e-5
+    assert tiny.decode_matches(tmp_path / "out", 2, ids, want, 3)
+    assert tiny.pieces_match(tmp_path / "out", 2, ids, want)
+    assert tiny.padding_matches(tmp_path / "out", 2, NAME, ids, 4)
 
 
 def test_each_piece_changes_the_logits(model_dir, tmp_path):

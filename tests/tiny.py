@@ -967,6 +967,34 @@ def decode_steps(m, ids, prompt: int):
     return torch.stack(steps, 1), torch.stack(graph, 1)
 
 
+def decode_matches(out, tp: int, ids, want, prompt: int) -> bool:
+    """decode_steps from `prompt` tokens on every rank of the converted out: eager and graph-safe both within 1e-5 of
+    want's rows (transformers' logits of the whole sequence)."""
+    return all(rel(eager, want[:, prompt - 1:]) < 1e-5 and rel(graph, want[:, prompt - 1:]) < 1e-5
+               for eager, graph in on_ranks(out, tp, lambda m: decode_steps(m, ids, prompt)))
+
+
+def pieces_match(out, tp: int, ids, want, cuts=(5, 6)) -> bool:
+    """ids fed through one cache in pieces (cut before each of `cuts`) on every rank: within 1e-5 of want."""
+    bounds = [0, *cuts, ids.shape[1]]
+
+    def run(m):
+        cache = m.new_cache(ids.shape[0], ids.shape[1])
+        return torch.cat([m(ids[:, a:b], cache) for a, b in zip(bounds, bounds[1:])], 1)
+    return max(rel(g, want) for g in on_ranks(out, tp, run)) < 1e-5
+
+
+def padding_matches(out, tp: int, name: str, ids, pad: int, **overrides) -> bool:
+    """The second row padded on the left by `pad`: every rank's logits within 1e-5 of transformers' with that
+    attention mask, on the first row whole and the second's real positions."""
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    with torch.no_grad():
+        want = build(name, **overrides)(ids, attention_mask=mask).logits
+    return all(rel(g[:1], want[:1]) < 1e-5 and rel(g[1:, pad:], want[1:, pad:]) < 1e-5
+               for g in on_ranks(out, tp, lambda m: m(ids, attention_mask=mask)))
+
+
 def refuses(src: Path, out: Path, match: str, **edit):
     """src's config.json updated with edit must be refused with an FmError matching `match`, leaving no out."""
     import json
