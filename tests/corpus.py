@@ -665,8 +665,8 @@ def _inspect_index_rope_at_the_middle(c: Ctx):          # the indexer turns its 
     return [_manifest(c, lambda m: m["model"]["mla"]["index"].update(rope_at="middle"), name="hy_v4")]
 
 
-@case("inspect", "model.linear_attn, model.ssm, model.short_conv, model.mamba, model.rglru and model.lightning "
-                 "exclude each other")
+@case("inspect", "model.linear_attn, model.ssm, model.short_conv, model.mamba, model.rglru, model.mlstm and "
+                 "model.lightning exclude each other")
 def _inspect_lightning_beside_mamba(c: Ctx):           # one kind of linear layer per model
     return [_manifest(c, lambda m: m["model"].update(lightning=True), name="mamba")]
 
