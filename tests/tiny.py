@@ -855,6 +855,8 @@ def build(name: str, seed: int = 0, **overrides):
         for n, p in model.named_parameters():
             if "norm" in n.lower() or "ln_" in n or n.endswith("_layer_norm.weight") or "LayerNorm" in n:
                 p.add_(torch.randn_like(p) * 0.1)
+            elif n.endswith(("igate_preact.bias", "fgate_preact.bias")):   # xLSTM: keep its gates' init (input
+                p.add_(torch.randn_like(p) * 0.1)                          # -10, forget 3..6: a long memory)
             elif n.endswith("bias"):
                 p.copy_(torch.randn_like(p) * 0.02)
             elif n.endswith(("act_fn.alpha_p", "act_fn.alpha_n")):   # Apertus: each layer's own xIELU
