@@ -405,10 +405,9 @@ class TorchOps:
         return out
 
     def mlstm(self, q, k, v, i, f, state, eps):
-        """xLSTM's mLSTM over T tokens from `state` (fp32, updated in place; kernels/mlstm.py has the contract): the
-        reference recurrence token by token (imported on first use: only an xLSTM model loads it)."""
-        from ..kernels.mlstm import mlstm_scan_reference
-        return mlstm_scan_reference(q, k, v, i, f, state, eps)
+        """xLSTM's mLSTM over T tokens from `state` (fp32, updated in place; kernels/mlstm.py has the contract). A
+        prompt goes chunk by chunk (`mlstm_chunked`: matmuls, not T small steps); a decode step is one token."""
+        return mlstm_chunked(q, k, v, i, f, state, eps, chunk=64 if q.shape[1] > 1 else 1)
 
     def mamba_scan(self, x, dt, A, Bm, Cm, D, z, state, chunk=64):
         """Mamba (1)'s selective scan over T tokens from `state` [B, Dc, N] (fp32, updated in place): x, z [B, T, Dc],
@@ -555,6 +554,47 @@ def ssm_scan_chunked(x, dt, A, Bm, Cm, D, state, chunk=64) -> torch.Tensor:
 
 def _l2norm(x):
     return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + 1e-6)
+
+
+def mlstm_chunked(q, k, v, i, f, state, eps, chunk=64) -> torch.Tensor:
+    """xLSTM's mLSTM (kernels/mlstm.py's recurrence) chunk by chunk, in fp32. With b_t the cumulative logsigmoid(f)
+    from a chunk's start and (C0, n0, m0) the state there, unrolling gives each token's stabilizer
+    m_t = max(b_t + m0, max_{s<=t} i_s + b_t - b_s) (what the recurrence's running max is), and
+    C_t = e^(b_t + m0 - m_t) C0 + sum_{s<=t} e^(i_s + b_t - b_s - m_t) k_s v_s^T (n_t likewise with k_s): so a
+    chunk's outputs are a masked [C, C] weight matrix times its values plus the state's share, and the state moves to
+    the chunk's end in one step. Every exponent is <= 0. state [B, H, dk + 1, dv + 1] is updated in place."""
+    B, T, H, DK = q.shape
+    DV = v.shape[-1]
+    qf, kf, vf = (x.float().transpose(1, 2) for x in (q, k, v))          # [B, H, T, d]
+    ig, lf = i.float().transpose(1, 2), F.logsigmoid(f.float()).transpose(1, 2)      # [B, H, T]
+    qf = qf * DK ** -0.5
+    C, n, m = state[..., :DK, :DV].clone(), state[..., :DK, DV].clone(), state[..., DK, 0].clone()
+    out = []
+    for lo in range(0, T, chunk):
+        qc, kc, vc = qf[:, :, lo:lo + chunk], kf[:, :, lo:lo + chunk], vf[:, :, lo:lo + chunk]
+        b = lf[:, :, lo:lo + chunk].cumsum(-1)                                        # [B, H, c]
+        a = ig[:, :, lo:lo + chunk] - b                                             # i_s - b_s
+        c = b.shape[-1]
+        causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+        logw = (b[..., :, None] + a[..., None, :]).masked_fill(~causal, float("-inf"))    # [B, H, t, s]
+        mt = torch.maximum(b + m[..., None], logw.amax(-1))                         # [B, H, c]
+        w = torch.exp(logw - mt[..., None])
+        old = torch.exp(b + m[..., None] - mt)                                      # the state's share
+        scores = (qc @ kc.transpose(-1, -2)) * w
+        num = scores @ vc + old[..., None] * (qc @ C)
+        qn = scores.sum(-1) + old * (qc @ n[..., None])[..., 0]
+        den = torch.maximum(qn.abs(), torch.exp(-mt)) + eps
+        out.append(num / den[..., None])
+        mend = mt[..., -1]                                                          # the chunk's last stabilizer
+        decay = torch.exp(b[..., -1:] + a - mend[..., None])                        # [B, H, c]
+        carry = torch.exp(b[..., -1] + m - mend)
+        C = carry[..., None, None] * C + (kc * decay[..., None]).transpose(-1, -2) @ vc
+        n = carry[..., None] * n + (kc * decay[..., None]).sum(-2)
+        m = mend
+    state[..., :DK, :DV] = C
+    state[..., :DK, DV] = n
+    state[..., DK, 0] = m
+    return torch.cat(out, 2).transpose(1, 2).to(v.dtype)
 
 
 def gated_delta_chunked(q, k, v, g, beta, state, scale, chunk=64) -> torch.Tensor:

@@ -71,3 +71,16 @@ def test_bad_inputs_are_refused(bad):
         mlstm_scan(q, k, v, i, f, state)
     with pytest.raises(ValueError):
         mlstm_scan_reference(q, k, v, i, f, state)
+
+
+@pytest.mark.parametrize("T,chunk", [(5, 4), (70, 64), (130, 16), (9, 1)])
+def test_the_torch_backends_chunked_form_matches_the_reference(T, chunk):
+    """runtime.ops.mlstm_chunked (the torch backend's prompt path: a [chunk, chunk] weight matrix per chunk, the
+    state moved to each chunk's end at once) against the recurrence, from a nonzero state, chunks and a remainder."""
+    from fmconvert.runtime.ops import mlstm_chunked
+    q, k, v, i, f, state = inputs(2, T, 2, 8, 24, torch.float32, seed=T)
+    s1, s2 = state.cpu(), state.cpu().clone()
+    got = mlstm_chunked(q.cpu(), k.cpu(), v.cpu(), i.cpu(), f.cpu(), s1, 1e-6, chunk=chunk)
+    want = mlstm_scan_reference(q.cpu(), k.cpu(), v.cpu(), i.cpu(), f.cpu(), s2)
+    assert (got - want).abs().max() / want.abs().max() < 1e-4      # gates up to +-15: sums in another order
+    torch.testing.assert_close(s1, s2, atol=1e-4, rtol=1e-4)
