@@ -173,3 +173,23 @@ def test_int8_embeddings_quantize_the_n_gram_tables(model_dir, tmp_path):
     want = tiny.hf_logits(NAME, ids)
     for g in tiny.on_ranks(tmp_path / "out", 2, lambda mm: mm(ids)):
         assert tiny.rel(g, want) < 3e-2 and (g.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
+def test_a_graph_safe_step_pools_only_its_own_block(model_dir, tmp_path):
+    """After a prompt, the complete blocks' keys are in the cache's table: a graph-safe step reads them there and
+    pools only its own block's raw keys, so wiping the earlier raw keys changes nothing (rereading the whole
+    context every step would)."""
+    convert(model_dir(NAME), tmp_path / "out", Options(tp=1), progress=False)
+    from fmconvert.runtime.load import load
+    m = load(tmp_path / "out")
+    ids = _ids(16, 7)
+    steps = []
+    for wipe in (False, True):
+        cache = m.new_cache(2, 20)
+        m(ids[:, :12], cache)
+        if wipe:
+            for b in m.blocks:
+                if cache.index_k[b.i] is not None:
+                    cache.index_k[b.i][:, :12] = 0.0          # positions 0..11: blocks 0..5, all complete
+        steps.append(m.decode_step(ids[:, 12:13], cache, torch.tensor([cache.length])))
+    assert cache.qsa_blocks[3].abs().sum() > 0 and torch.equal(steps[0], steps[1])

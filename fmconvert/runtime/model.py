@@ -1144,9 +1144,11 @@ class Block(nn.Module):
         and turned at its first key's position. Its score is the sum over the indexer's heads of
         relu(q . key) / sqrt(dim), the heads' queries normed and turned like the attention's. The best
         budget / rate complete blocks are kept, and the block after the last complete one (the keys past it).
-        A prompt also gets each key's block [B, S] (a sentinel past the last for padding); a graph-safe decode step
-        (no padding: blocks start at position 0) scores every block of the static cache, those not yet complete
-        at -inf. Replicated: every rank makes the same choice."""
+        A prompt also gets each key's block [B, S] (a sentinel past the last for padding). With a cache every
+        complete block's key is kept too (`cache.qsa_blocks`): a graph-safe decode step (no padding: blocks start at
+        position 0) pools only its own block into that table and scores every block of it, those not yet complete
+        at -inf, so no step depends on the context's length for its shapes or pools the context again.
+        Replicated: every rank makes the same choice."""
         m, t, qs = self.m, self.t, self.m.spec["qsa"]
         ops = m.ops
         B, T, _ = h.shape
@@ -1158,14 +1160,21 @@ class Block(nn.Module):
         keys = self._index_keys(k, cache, pos_t)
         S = keys.shape[1]
         nb = S // r
-        if nb <= qs["budget"] // r:         # every complete block is kept, so every visible key: plain attention
+        plain = nb <= qs["budget"] // r       # every complete block is kept, so every visible key: plain attention
+        table = None if cache is None else cache.qsa_blocks[self.i]     # every complete block's key, [B, n, D]
+        if plain and (table is None or pos_t is not None):
             return None
+        norm = lambda x: ops.add_norm(x, None, t["qsa_k_norm.weight"], None, m.eps, m.norm)[0]      # noqa: E731
         if pos_t is not None:       # blocks of the static cache from position 0; the ones not yet complete masked
-            seen = torch.ones(B, S, dtype=torch.bool, device=h.device)
-            block = torch.arange(S, device=h.device) // r
-            kblock = block.expand(B, S)
+            # this step's block, pooled into the table (not read until complete, when all its keys are in)
+            c = pos_t // r
+            entry = norm(keys.index_select(1, (c * r + torch.arange(r, device=h.device)).clamp(max=S - 1)).float()
+                         .mean(1, keepdim=True).to(keys.dtype))
+            entry = ops.rope(entry.view(B, 1, 1, D).contiguous(), entry.view(B, 1, 1, D).contiguous(), cos, sin,
+                             (c * r).view(1, 1).expand(B, 1), m.rope_style, self.rotary_dim)[0].view(B, 1, D)
+            table.index_copy_(1, c, entry)
+            pooled = table[:, :nb]
             count = (pos_t + 1).view(1, 1).expand(B, 1)
-            starts = (torch.arange(nb, device=h.device) * r).expand(B, nb)
         else:
             seen = torch.ones(B, S, dtype=torch.bool, device=h.device) if key_padding_mask is None else \
                 key_padding_mask.bool()[:, -S:]
@@ -1176,11 +1185,15 @@ class Block(nn.Module):
             starts = torch.zeros(B, nb + 2, dtype=torch.long, device=h.device).scatter_(
                 1, first, torch.arange(S, device=h.device).expand(B, S))[:, :nb]
             count = count[:, S - T:]
-        sums = torch.zeros(B, nb + 2, D, dtype=torch.float32, device=h.device).scatter_add_(
-            1, kblock.clamp(max=nb + 1)[..., None].expand(B, S, D), keys.float() * seen[..., None])
-        pooled = ops.add_norm((sums[:, :nb] / r).to(keys.dtype), None, t["qsa_k_norm.weight"], None, m.eps, m.norm)[0]
-        pooled = ops.rope(pooled.view(B, nb, 1, D).contiguous(), pooled.view(B, nb, 1, D)[..., :1, :].contiguous(),
-                          cos, sin, starts, m.rope_style, self.rotary_dim)[0].view(B, nb, D)
+            sums = torch.zeros(B, nb + 2, D, dtype=torch.float32, device=h.device).scatter_add_(
+                1, kblock.clamp(max=nb + 1)[..., None].expand(B, S, D), keys.float() * seen[..., None])
+            pooled = norm((sums[:, :nb] / r).to(keys.dtype))
+            pooled = ops.rope(pooled.view(B, nb, 1, D).contiguous(), pooled.view(B, nb, 1, D)[..., :1, :].contiguous(),
+                              cos, sin, starts, m.rope_style, self.rotary_dim)[0].view(B, nb, D)
+            if table is not None:       # for the graph-safe steps after this forward
+                table[:, :nb] = pooled
+            if plain:
+                return None
         complete = count // r                                                # [B, T]
         k_best = qs["budget"] // r
         out = []
@@ -2050,6 +2063,11 @@ class FusedModel(nn.Module):
                        [b.head_dim for b in self.blocks], self.dtype, self.device, windows, chunks=chunks,
                        linear=linear, keyless=keyless, index=index,
                        linear_attends=self.spec["ssm_beside_attention"] or bool(self.spec.get("shared_blocks")))
+        cache.qsa_blocks = [None] * len(self.blocks)    # Qwen4-Exp: every complete block's pooled key, per layer
+        if qsa:
+            for i in index:
+                cache.qsa_blocks[i] = torch.zeros(batch, -(-max_len // qsa["rate"]), qsa["dim"], dtype=self.dtype,
+                                                  device=self.device)
         ng = self.spec.get("ngram")
         cache.ngram = [None] * len(self.blocks)
         for i in (ng or {}).get("layers", ()):     # Qwen4-Exp: the last size - 1 ids and the dilated conv's inputs
