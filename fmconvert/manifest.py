@@ -714,8 +714,8 @@ def kv_cache_bytes(model: dict, parallel: dict, itemsize: int) -> tuple[int, int
             n = 2 * parallel["kv_heads_per_rank"] * model["head_dim"] + model["qsa"]["dim"]
         elif is_global_layer(ga, layers, model["linear_layers"], i):
             n = 2 * parallel["global_kv_heads_per_rank"] * ga["head_dim"]
-        else:
-            n = 2 * parallel["kv_heads_per_rank"] * model["head_dim"]
+        else:      # DiffLlama: heads twice as wide in the cache (k zero-padded, v both halves' values)
+            n = 2 * parallel["kv_heads_per_rank"] * model["head_dim"] * (2 if model.get("diff_attn") else 1)
         if windowed_layer:
             windowed += n * itemsize
         else:

@@ -59,6 +59,16 @@ def test_the_heads_pair_on_each_rank_and_come_back_in_order(model_dir, tmp_path)
     assert torch.equal(back["model.layers.1.self_attn.v_proj.weight"], stored["model.layers.1.self_attn.v_proj.weight"])
 
 
+def test_the_cache_size_counts_the_doubled_heads(model_dir, tmp_path):
+    """The KV cache inspect reports is what the runtime allocates: 3 layers x k and v x 8 heads x 2 x 8 channels."""
+    from fmconvert.manifest import kv_cache_bytes
+    m = tiny.converted_manifest(model_dir(NAME), tmp_path / "out", tp=1)
+    full, windowed, _ = kv_cache_bytes(m["model"], m["parallel"], 4)
+    cache = tiny.on_ranks(tmp_path / "out", 1, lambda mm: mm.new_cache(1, 10))[0]
+    assert full == 3 * 2 * 8 * 16 * 4 == sum(k[0, :, :1].numel() + v[0, :, :1].numel() for k, v in
+                                             zip(cache.k, cache.v)) * 4 and windowed == 0
+
+
 def test_tp_must_keep_each_pair_on_one_rank(model_dir, tmp_path):
     with pytest.raises(FmError, match="tp=4 must divide half the heads"):
         convert(model_dir(NAME, num_key_value_heads=4), tmp_path / "out", Options(tp=4), progress=False)
