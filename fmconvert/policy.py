@@ -2036,6 +2036,7 @@ class Policy:
             (t.get("head", {}), self.head_prefix(prefix))]
         skip, part = (), None
         dense = False
+        owners = block_owners(spec.block_parts, spec.shared_blocks)     # Zamba2's hybrid layers -> a block's holder
         value_is_key = spec.value_is_key and spec.global_layer(layer)
         q_only = spec.kv_shared(layer)       # Gemma 4 E2B/E4B: reads an earlier layer's cache; q_proj alone
         spec = spec.at(layer)                # Gemma 4's global layers: their own head_dim and kv heads
@@ -2067,7 +2068,7 @@ class Policy:
                 ("router.correction_bias",)       # DeepSeek-V4's hash layers: a table of experts, no bias
             if part == "hybrid":            # Zamba2: attention too (the shared block's), no mixture
                 skip = tuple(x for x in skip if x not in ATTENTION_SLOTS) + SPARSE_SLOTS
-                if block_owners(spec.block_parts, spec.shared_blocks)[layer] != layer:   # its block's are another's
+                if owners[layer] != layer:   # its block's weights are another layer's
                     skip += SHARED_BLOCK_SLOTS
             if spec.linear_pre_norm:       # OLMo Hybrid: input norms in the linear layers, output norms elsewhere
                 skip += (("attn_post_norm.", "mlp_post_norm.") if layer in (spec.linear_layers or ())
@@ -2075,7 +2076,6 @@ class Policy:
         # layout sublayers n (LongCat-Flash: 2): the checkpoint's layer i holds n of ours, its parts named by s
         i, sub = divmod(layer, self.sublayers) if layer is not None else (None, None)
         j = owner = None          # Zamba2: a hybrid layer's place among them (j) and its block's first layer (o)
-        owners = block_owners(spec.block_parts, spec.shared_blocks)
         if layer in owners:
             j, owner = list(owners).index(layer), owners[layer]
         for section, pre in sections:

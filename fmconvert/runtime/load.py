@@ -85,29 +85,30 @@ def check_layout(m: dict, rank: int):
     hc = sp.get("hyper")
     n = hc["streams"] if hc else 0      # HY-V4's hyper-connections: replicated weights over every copy
     glob.update({"hc_head.fn": (n, n * h), "hc_head.base": (n,), "hc_head.scale": (1,)})
-    gated = {f"{half}.{k}": v for half in ("attn_hc", "mlp_hc", "hc_head")      # Qwen4-Exp's gated mixes
+    # the slots of the families below (each only where the spec has it), beside the layer table's
+    extra = {f"{half}.{k}": v for half in ("attn_hc", "mlp_hc", "hc_head")      # Qwen4-Exp's gated mixes
              for k, v in (("norm", (n * h,)), ("down", (hc["rank"], n * h)), ("up", (n * h, hc["rank"])),
                           ("inject", (n, n * h)))} if hc and "rank" in hc else {}
-    glob.update({k: v for k, v in gated.items() if k.startswith("hc_head.") and not k.endswith(".inject")})
+    glob.update({k: v for k, v in extra.items() if k.startswith("hc_head.") and not k.endswith(".inject")})
     moa = sp.get("moa")             # JetMoe's attention experts: this rank's kv heads of each
     if moa:
         Ea, w = moa["experts"], par["kv_heads_per_rank"] * sp["head_dim"]
-        gated.update({"moa_router.weight": (Ea, h), "moa_q.weight": (Ea * w, h), "moa_kv.weight": (2 * w, h),
+        extra.update({"moa_router.weight": (Ea, h), "moa_q.weight": (Ea * w, h), "moa_kv.weight": (2 * w, h),
                       "moa_out.weight": (Ea * h, w)})
-    gated.update({"moa_out.bias": (h,), "experts_shared.bias": (h,), "diff_lambda": (4 * sp["head_dim"],)})
+    extra.update({"moa_out.bias": (h,), "experts_shared.bias": (h,), "diff_lambda": (4 * sp["head_dim"],)})
     sb = sp.get("shared_blocks")    # Zamba2: the shared block's norm and each layer's adapters and projection
     if sb:
         r, w = sb["rank"], sp["attn_input"]
-        gated.update({"mem_norm.weight": (w,), "qkv_lora_down.weight": (3 * r, w),
+        extra.update({"mem_norm.weight": (w,), "qkv_lora_down.weight": (3 * r, w),
                       "qkv.lora_up": ((hpr + 2 * par["kv_heads_per_rank"]) * sp["head_dim"], 3 * r),
                       "mlp_lora_down.weight": (r, h), "mlp_in.lora_up": (2 * ipr if sp["gated_mlp"] else ipr, r),
                       "mem_proj.weight": (h, h)})
     qs, ng = sp.get("qsa"), sp.get("ngram")     # Qwen4-Exp's QSA indexer and n-gram layers, replicated but for
     if qs:                                      # the tables' width
-        gated.update({"qsa_qk.weight": ((qs["heads"] + 1) * qs["dim"], h), "qsa_q_norm.weight": (qs["dim"],),
+        extra.update({"qsa_qk.weight": ((qs["heads"] + 1) * qs["dim"], h), "qsa_q_norm.weight": (qs["dim"],),
                       "qsa_k_norm.weight": (qs["dim"],)})
     if ng:
-        gated.update({"ngram_key.weight": (n * h, ng["dim"]), "ngram_value.weight": (h, ng["dim"]),
+        extra.update({"ngram_key.weight": (n * h, ng["dim"]), "ngram_value.weight": (h, ng["dim"]),
                       **{f"ngram_{k}_norm.weight": (n * h,) for k in ("key", "query", "conv")},
                       "ngram_conv.weight": (n * h, ng["conv_kernel"])})
     r = sp.get("norm_gate_rank", 0)     # A.X K2's gated norms, replicated
@@ -121,7 +122,8 @@ def check_layout(m: dict, rank: int):
         qkv = (hpr + kvpr) * d + kvpr * vd + gate
         q_norm, k_norm = {"head": ((d,), (d,)), "per_head": ((hpr, d), (kvpr, d)),
                           "full": ((hpr * d,), (kvpr * d,)), "l2": ((d,), (d,))}[sp["qk_norm"]]
-        return {"qkv.weight": (qkv, sp.get("attn_input") or h), "qkv.bias": (qkv,), "q_norm.weight": q_norm, "k_norm.weight": k_norm,
+        return {"qkv.weight": (qkv, sp.get("attn_input") or h), "qkv.bias": (qkv,), "q_norm.weight": q_norm,
+                "k_norm.weight": k_norm,
                 "q_norm.bias": (d,), "k_norm.bias": (d,), "attn_out.weight": (h, hpr * vd),
                 "attn_sub_norm.weight": (hpr * vd,), "attn_sinks.weight": (hpr,), "attn_gate.bias": (hpr,)}
 
@@ -153,7 +155,7 @@ def check_layout(m: dict, rank: int):
              **{f"{g}_norm_gate_{d}.weight": s for g in ("attn", "moe") for d, s in (("down", (r, h)), ("up", (h, r)))},
              "block_index_q.weight": (bsp["heads"] * bsp["dim"], h), "block_index_k.weight": (bsp["dim"], h),
              "block_index_q_norm.weight": (bsp["dim"],), "block_index_k_norm.weight": (bsp["dim"],),
-             **{k: v for k, v in gated.items() if not k.startswith("hc_head.")}}
+             **{k: v for k, v in extra.items() if not k.startswith("hc_head.")}}
     mla = sp["mla"]
     if mla:             # latent attention: the latent's projections replicated, q_b and kv_b this rank's heads
         qr, kr, rd = mla["q_rank"], mla["kv_rank"], mla["rope_dim"]

@@ -375,12 +375,11 @@ class Block(nn.Module):
         if st is not None:
             st["ids"].copy_(hist[:, -L:])
         is_eos, ok, hashed = hist == eos, torch.ones_like(hist, dtype=torch.bool), hist * self.ng_mult[0]
-        parts = []
+        parts, k = [], ng["heads"]
         for s in range(1, L + 1):       # the id s places back, unless an eos lies between (or it is before 0)
             ok = ok & ~torch.nn.functional.pad(is_eos, (s, 0), value=True)[:, :-s]
             back = torch.nn.functional.pad(hist, (s, 0), value=eos)[:, :-s]
             hashed = hashed ^ (torch.where(ok, back, eos) * self.ng_mult[s])
-            k = ng["heads"]
             parts.append(torch.remainder(hashed[:, -T:, None], self.ng_sizes[(s - 1) * k:s * k])
                          + self.ng_offsets[(s - 1) * k:s * k])
         table, idx = t["ngram_embed.weight"], torch.cat(parts, -1)
@@ -507,7 +506,7 @@ class Block(nn.Module):
         else one product per expert picked."""
         m = self.m
         pairs = chosen.reshape(-1)
-        if pairs.numel() <= 64 and hasattr(m.ops, "expert_linear") and getattr(w, "stacked", None) is not None:
+        if self._on_device(w, pairs.numel()):
             return m.ops.expert_linear(x, w.stacked, len(w), pairs, x_every, None)
         out = None
         for e in pairs.unique().tolist():
@@ -777,10 +776,13 @@ class Block(nn.Module):
 
     def device_routed(self, tokens: int) -> bool:
         """Whether a mixture's experts run from device-side routing for this many tokens (see `experts`)."""
-        t, ops = self.t, self.m.ops
-        ins = t.get("experts_in.weight")
-        return (tokens * self.m.spec["experts_per_token"] <= 64 and hasattr(ops, "expert_linear")
-                and getattr(ins, "stacked", None) is not None)
+        return self._on_device(self.t.get("experts_in.weight"), tokens * self.m.spec["experts_per_token"])
+
+    def _on_device(self, experts, pairs: int) -> bool:
+        """Whether this many (token, expert) pairs of these experts run in one launch with the expert ids left on
+        the device (no host sync: a decode step stays graph-safe): a backend that indexes experts, a few pairs, the
+        experts stacked."""
+        return pairs <= 64 and hasattr(self.m.ops, "expert_linear") and getattr(experts, "stacked", None) is not None
 
     def mlp(self, h):
         """This rank's partial MLP output (row-parallel: the caller all-reduces)."""
@@ -1747,9 +1749,9 @@ def _visible(S: int, T: int, key_padding_mask, device):
 
 
 def _decode_graph_safe(model) -> bool:
-    moa = all(hasattr(model.ops, "expert_linear") and getattr(b.t["moa_q.weight"], "stacked", None) is not None
-              for b in model.blocks if "moa_q.weight" in b.t)          # JetMoe's attention experts likewise
-    return moa and all(b.device_routed(1) for b in model.blocks if "router.weight" in b.t)   # dense blocks are
+    return all(b.device_routed(1) for b in model.blocks if "router.weight" in b.t) and all(   # dense blocks are
+        b._on_device(b.t["moa_q.weight"], model.spec["moa"]["top_k"]) for b in model.blocks    # JetMoe's attention
+        if "moa_q.weight" in b.t)                                                            # experts likewise
 
 
 class FusedModel(nn.Module):
