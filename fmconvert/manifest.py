@@ -749,6 +749,9 @@ def _position(model: dict):
         _need(pos.get("reversed", False) in (False, True), "model.position.reversed must be true or false")
     if kind in TABLE_POSITIONS:
         _need(type(pos.get("offset")) is int and 0 <= pos["offset"] < 1 << 16, "model.position.offset is malformed")
+        _need("pad_id" not in pos or (type(pos["pad_id"]) is int and pos["pad_id"] + 1 == pos["offset"]
+                                      and pos["pad_id"] < model["vocab_size"]),
+              "model.position.pad_id must be an int one below model.position.offset")
 
 
 def _source(src):

@@ -801,6 +801,11 @@ class Policy:
         if global_attn:
             c["global_head_dim"] = global_attn["head_dim"]
         position = self._position(config, flags, c)
+        if "pad_id" in position:        # RoBERTa's table holds rows 0..pad too: its usable length is the rest
+            c["max_positions"] = (c.get("max_positions") or 0) - position["offset"]
+            if c["max_positions"] <= 0:
+                raise FmError(f"config.json: max_position_embeddings must exceed pad_token_id + 1 "
+                              f"({position['offset']})")
         if compressed:                  # the last rotary_dim columns of each head turn (and of each indexer head)
             compressed["rope_dim"] = position["rotary_dim"]
             if compressed["index"] and compressed["index"]["dim"] < position["rotary_dim"]:
@@ -1683,6 +1688,13 @@ class Policy:
         if kind == "none":           # no positional encoding at all (Granite 4.0's hybrids: the Mamba2 layers order)
             return {"type": "none"}
         if kind in TABLE_POSITIONS:            # sinusoidal (XGLM): a fixed table the converter writes
+            if self.layout.get("position_ids") == "from_ids":
+                # RoBERTa (fairseq's make_positions): a row's non-pad tokens count up from pad_token_id + 1, and a
+                # pad token reads row pad_token_id, wherever the padding sits
+                pad = getattr(config, "pad_token_id", None)
+                if type(pad) is not int or pad < 0:
+                    raise FmError(f"{self.path.name}: positions counted from the ids need a pad_token_id, got {pad!r}")
+                return {"type": kind, "offset": pad + 1, "pad_id": pad}
             return {"type": kind, "offset": int(self.layout.get("position_offset", 0))}
         if kind == "alibi":
             return {"type": "alibi"}

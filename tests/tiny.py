@@ -834,6 +834,23 @@ CONFIGS = {
 }
 FAMILIES = list(CONFIGS)
 
+# Encoders beyond BERT, tested in test_encoders.py (the generic family tests compare decoders' logits): a pad id of 1
+# as RoBERTa's, a window of positions short enough that the table's offset rows matter.
+_ENC = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=101,
+            max_position_embeddings=40, type_vocab_size=2, pad_token_id=1)
+_DISTIL = dict(dim=64, hidden_dim=96, n_layers=2, n_heads=4, vocab_size=101, max_position_embeddings=40, pad_token_id=1)
+ENCODERS = {
+    "roberta": ("RobertaConfig", "RobertaForMaskedLM", _ENC),
+    "xlm_roberta": ("XLMRobertaConfig", "XLMRobertaForSequenceClassification", _ENC),
+    "camembert": ("CamembertConfig", "CamembertModel", _ENC),
+    "data2vec_text": ("Data2VecTextConfig", "Data2VecTextForTokenClassification", _ENC),
+    "roberta_prelayernorm": ("RobertaPreLayerNormConfig", "RobertaPreLayerNormModel", _ENC),
+    "xlm_roberta_xl": ("XLMRobertaXLConfig", "XLMRobertaXLForMaskedLM", _ENC),
+    "distilbert": ("DistilBertConfig", "DistilBertForMaskedLM", _DISTIL),
+    "distilbert_sinusoidal": ("DistilBertConfig", "DistilBertModel", dict(_DISTIL, sinusoidal_pos_embds=True,
+                                                                          activation="relu")),
+}
+
 # Phi-3.5 / Phi-4-mini style LongRoPE for the tiny Phi-3 (head_dim 16: 8 factors each), switching at position 16.
 LONGROPE = dict(original_max_position_embeddings=16, rope_scaling={
     "type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
@@ -843,7 +860,7 @@ LONGROPE = dict(original_max_position_embeddings=16, rope_scaling={
 def build(name: str, seed: int = 0, **overrides):
     """The HF model itself (eval mode, fp32), with random weights that are not trivially small."""
     import transformers
-    cfg_cls, model_cls, kw = CONFIGS[name]
+    cfg_cls, model_cls, kw = CONFIGS[name] if name in CONFIGS else ENCODERS[name]
     if not hasattr(transformers, cfg_cls):   # the GPU image's transformers is older than the one setup installs
         import pytest
         pytest.skip(f"transformers {transformers.__version__} has no {cfg_cls}")

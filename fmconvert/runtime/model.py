@@ -1914,6 +1914,10 @@ class FusedModel(nn.Module):
         if sp["project"]:
             x = self.ops.linear(x, g["project_in.weight"])
         if sp["position"]["type"] in TABLE_POSITIONS:
+            pad = sp["position"].get("pad_id")
+            if pad is not None:            # RoBERTa: only non-pad tokens count; a pad token reads row pad_id
+                real = ids != pad
+                positions = (real.cumsum(1) + positions[:, :1]) * real - 1
             x = x + g["pos_embed.weight"][positions + sp["position"]["offset"]]
         if "type_embed.weight" in g:
             tt = torch.zeros_like(ids) if token_type_ids is None else token_type_ids

@@ -1,0 +1,100 @@
+"""Encoders beyond BERT (configs/roberta.toml, configs/distilbert.toml): RoBERTa, XLM-RoBERTa, CamemBERT,
+data2vec-text, RoBERTa-PreLayerNorm, XLM-RoBERTa-XL and DistilBERT against transformers' encoder at tp 1 and 2, with
+padding on either side and token types; fairseq's positions (only non-pad tokens count) shown to matter; verify and
+an exact round trip back to the source's names; bad configs refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tiny
+from fmconvert.pipeline import Options, convert
+from fmconvert.reassemble import reassemble
+from fmconvert.runtime.load import load
+
+PAD = 1
+
+
+def batch(typed: bool):
+    """Three rows of 9: whole, padded on the right and on the left with the pad id (mask 0 there), and token types
+    where the family has them."""
+    ids = tiny.ids(9, 3, B=3)
+    ids[1, 6:] = PAD
+    ids[2, :3] = PAD
+    types = torch.randint(0, 2, ids.shape, generator=torch.Generator().manual_seed(4)) if typed else None
+    return ids, (ids != PAD).long(), types
+
+
+def reference(name, ids, mask, types):
+    hf = tiny.build(name).base_model
+    with torch.no_grad():
+        return hf(ids, attention_mask=mask, **({} if types is None else {"token_type_ids": types}))
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("name", list(tiny.ENCODERS))
+def test_hidden_states_match_transformers(model_dir, tmp_path, name, tp):
+    out = tmp_path / "out"
+    convert(model_dir(name), out, Options(tp=tp), progress=False)
+    typed = not name.startswith("distilbert")
+    ids, mask, types = batch(typed)
+    want = reference(name, ids, mask, types)
+    real = mask.bool()
+    pooled = getattr(want, "pooler_output", None)
+    for hidden, pool in tiny.on_ranks(out, tp, lambda m: m(ids, attention_mask=mask, token_type_ids=types)):
+        assert tiny.rel(hidden[real], want.last_hidden_state[real]) < 1e-5
+        assert (pool is None) == (pooled is None)
+        assert pool is None or tiny.rel(pool, pooled) < 1e-5
+
+
+def test_positions_count_only_real_tokens(model_dir, tmp_path):
+    """A row padded on the left reads the same positions as unpadded (as in transformers); numbering the pad tokens
+    too, as BERT does, moves it."""
+    convert(model_dir("roberta"), tmp_path / "out", Options(tp=1), progress=False)
+    m = load(tmp_path / "out")
+    assert m.spec["position"] == {"type": "learned", "offset": PAD + 1, "pad_id": PAD}
+    assert m.spec["max_positions"] == 40 - PAD - 1
+    ids, mask, _ = batch(False)
+    whole = m(ids[2:, 3:])[0]
+    padded = m(ids[2:], attention_mask=mask[2:])[0][:, 3:]
+    assert tiny.rel(padded, whole) < 1e-5
+    del m.spec["position"]["pad_id"]
+    assert tiny.rel(m(ids[2:], attention_mask=mask[2:])[0][:, 3:], whole) > 1e-2
+
+
+def test_the_pre_ln_spellings(model_dir, tmp_path):
+    """RoBERTa-PreLayerNorm and XLM-RoBERTa-XL read their norms under their own names (recorded, so the round trip
+    writes them back exactly), and XL has none on its embeddings."""
+    norms = {f"layers.{n}_norm.{p}" for n in ("attn", "mlp") for p in ("weight", "bias")}
+    for name, embed_norm, spelling in [("roberta_prelayernorm", True, dict.fromkeys(norms, 0)),
+                                       ("xlm_roberta_xl", False, {**dict.fromkeys(norms, 1), "final_norm.weight": 0,
+                                                                  "final_norm.bias": 0})]:
+        out = tmp_path / name
+        convert(model_dir(name), out, Options(tp=2), progress=False)
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["model"]["residual"] == "pre" and m["model"]["final_norm"]
+        assert m["model"]["embed_norm"] is embed_norm
+        assert m["source"]["aliases"] == spelling     # which of the table's other names each slot was read from
+        _, got = reassemble(out)
+        want = load_file(model_dir(name) / "model.safetensors")
+        assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_int8_passes_verify(model_dir, tmp_path):
+    from fmconvert.verify import verify
+    convert(model_dir("xlm_roberta"), tmp_path / "out", Options(tp=2, int8=True, group_size=16), progress=False)
+    r = verify(model_dir("xlm_roberta"), tmp_path / "out", tokens=16)
+    assert not r["failures"] and r["tensors"]["count"] > 0
+
+
+@pytest.mark.parametrize("edit, match", [
+    (dict(is_decoder=True), "is_decoder"),
+    (dict(pad_token_id=None), "pad_token_id"),
+    (dict(max_position_embeddings=2), "max_position_embeddings"),
+])
+def test_bad_configs_are_refused(model_copy, tmp_path, edit, match):
+    tiny.refuses(model_copy("roberta"), tmp_path / "out", match, **edit)
