@@ -207,6 +207,7 @@ _MODEL_OPTIONAL = {
                       "null or the shared blocks' {count, rank, qkv_lora}"),
     "attn_input": (0, _NAT, "a non-negative integer"),
     "diff_attn": (False, _BOOL, "true or false"),
+    "embed_proj": (False, _BOOL, "true or false"),
 }
 
 
@@ -438,6 +439,8 @@ def validate(m) -> dict:
         and model["linear_attn"] is not None and model["qsa"] is not None)),
           "model.residual gated_hyper and model.hyper's rank go together, in a hybrid decoder with a QSA indexer "
           "and no final norm")
+    _need(not model["embed_proj"] or (model["embed_dim"] != model["hidden_size"] and not model["project"]),
+          "model.embed_proj needs an embed_dim other than hidden_size, and no project")
     _need(not model["diff_attn"] or (model["num_heads"] % 2 == 0 and model["num_kv_heads"] % 2 == 0
                                      and model["mla"] is None and not model["v_head_dim"] and not model["attn_gate"]
                                      and model["kind"] == "decoder"),

@@ -166,9 +166,9 @@ ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.", "q_a", "q_b.", "kv
                    "mlp_in.lora_up", "diff_")
 GLOBAL_SLOTS = (
     "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
-    "project_in.weight", "project_out.weight", "final_norm.weight", "final_norm.bias", "pooler.weight",
-    "pooler.bias", "lm_head.weight", "lm_head.bias", "head_dense.weight", "head_dense.bias", "head_norm.weight",
-    "head_norm.bias",
+    "project_in.weight", "project_out.weight", "embed_proj.weight", "embed_proj.bias", "final_norm.weight",
+    "final_norm.bias", "pooler.weight", "pooler.bias", "lm_head.weight", "lm_head.bias", "head_dense.weight",
+    "head_dense.bias", "head_norm.weight", "head_norm.bias",
     # Gemma 4's E2B/E4B: the per-layer embeddings [vocab, layers * dim], and the projection of the embedded token
     # into the same per-layer inputs with its norm (over one layer's dim)
     "ple_embed.weight", "ple_proj.weight", "ple_proj_norm.weight",
@@ -309,6 +309,8 @@ class ModelSpec:
     #                                embeddings, with low-rank adapters of `rank` of their own (on q|k|v where
     #                                qkv_lora); see configs/zamba2.toml
     attn_input: int = 0            # the width attention's q|k|v read where it is not hidden_size (Zamba2: twice it)
+    embed_proj: bool = False       # ELECTRA: the embeddings, positions, types and their norm are embed_dim wide, and
+    #                                embed_proj (weight and bias) takes their sum to hidden_size
     diff_attn: bool = False        # DiffLlama: differential attention; q head p pairs with p + heads / 2 (see
     #                                configs/diffllama.toml)
     qsa: dict | None = None        # Qwen4-Exp's QSA indexer in every attention layer: `heads` queries and one key of
@@ -556,7 +558,7 @@ def _pick(value, flags: dict, where: str):
 
 def _config_value(config, spec, key: str, flags: dict | None = None):
     """Resolve a `[config]` entry: "a|b" alternatives, "4*x" multiples and "x*y" products, "x/y" ratios,
-    "sqrt(x/y)", "len(x)" (a list's length), a number as the last
+    "x+1" (a non-negative integer plus a constant), "sqrt(x/y)", "len(x)" (a list's length), a number as the last
     alternative ("x|0": x where the config sets it), {value = ...} constants, and [flag, if_true, if_false] picks of
     any of these."""
     spec = _pick(spec, flags or {}, f"config.{key}")
@@ -570,6 +572,14 @@ def _config_value(config, spec, key: str, flags: dict | None = None):
             a, v = _operand(config, m.group(1)), _attr(config, m.group(2))
             if a is not None and v is not None:
                 return a * v
+            continue
+        m = re.fullmatch(r"(\w+)\+(\d+)", alt)     # ModernBERT: its half window, the keys either side, plus one
+        if m:
+            a = getattr(config, m.group(1), None)
+            if isinstance(a, int) and not isinstance(a, bool):
+                if a < 0:
+                    raise FmError(f"config: {m.group(1)}={a} must be a non-negative integer")
+                return a + int(m.group(2))
             continue
         m = re.fullmatch(r"sqrt\((\w+)/(\w+)\)", alt)      # LongCat-Flash's latent attention scales
         if m:
@@ -853,6 +863,8 @@ class Policy:
             shared_blocks=self._shared_blocks(c, parts, flags),
             attn_input=2 * c["hidden_size"] if self.layout.get("shared_blocks") else 0,
             diff_attn=self._diff_attn(c),
+            embed_proj=bool(self._layout("embed_proj", flags, False)) and int(c.get("embed_dim") or c["hidden_size"])
+            != c["hidden_size"],
             norm_gate_rank=self._norm_gate_rank(c), block_sparse=self._block_sparse(config, c),
             compressed=compressed, hash_layers=self._hash_layers(c, experts),
             altup=self._altup(c, flags), gate_sparsity=self._gate_sparsity(c),
@@ -1826,13 +1838,15 @@ class Policy:
         glu = 2 if spec.gated_mlp else 1     # experts and shared experts are gated like the MLP (ungated: Nemotron-H)
         inter = dense * glu
         e = spec.embed_dim
+        pe = e if spec.embed_proj else h            # ELECTRA: positions, types and their norm as wide as the embeddings
         shapes = {
             "embed.weight": (spec.vocab_size, e), "lm_head.weight": (spec.head_vocab_size or spec.vocab_size, e),
             "lm_head.bias": (spec.head_vocab_size or spec.vocab_size,),
-            "pos_embed.weight": (spec.max_positions + spec.position.get("offset", 0), h),
-            "type_embed.weight": (spec.type_vocab_size, h),
-            "embed_norm.weight": (h,), "embed_norm.bias": (h,), "final_norm.weight": (h,), "final_norm.bias": (h,),
-            "project_in.weight": (h, e), "project_out.weight": (e, h),
+            "pos_embed.weight": (spec.max_positions + spec.position.get("offset", 0), pe),
+            "type_embed.weight": (spec.type_vocab_size, pe),
+            "embed_norm.weight": (pe,), "embed_norm.bias": (pe,), "final_norm.weight": (h,), "final_norm.bias": (h,),
+            "project_in.weight": (h, e), "project_out.weight": (e, h), "embed_proj.weight": (h, e),
+            "embed_proj.bias": (h,),
             "pooler.weight": (h, h), "pooler.bias": (h,),
             "head_dense.weight": (h, h), "head_dense.bias": (h,), "head_norm.weight": (h,), "head_norm.bias": (h,),
             "q_norm.weight": {"per_head": (H, hd), "full": (H * hd,)}.get(spec.qk_norm, (hd,)),

@@ -1,7 +1,7 @@
-"""Encoders beyond BERT (configs/roberta.toml, configs/distilbert.toml): RoBERTa, XLM-RoBERTa, CamemBERT,
-data2vec-text, RoBERTa-PreLayerNorm, XLM-RoBERTa-XL and DistilBERT against transformers' encoder at tp 1 and 2, with
-padding on either side and token types; fairseq's positions (only non-pad tokens count) shown to matter; verify and
-an exact round trip back to the source's names; bad configs refused."""
+"""Encoders beyond BERT (configs/roberta.toml, electra.toml, distilbert.toml): RoBERTa, XLM-RoBERTa, CamemBERT,
+data2vec-text, RoBERTa-PreLayerNorm, XLM-RoBERTa-XL, ELECTRA and DistilBERT against transformers' encoder at tp 1
+and 2, with padding on either side and token types; fairseq's positions (only non-pad tokens count) shown to matter;
+ELECTRA's projected embeddings; verify and an exact round trip back to the source's names; bad configs refused."""
 
 from __future__ import annotations
 
@@ -82,6 +82,17 @@ def test_the_pre_ln_spellings(model_dir, tmp_path):
         _, got = reassemble(out)
         want = load_file(model_dir(name) / "model.safetensors")
         assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_electra_projects_its_narrower_embeddings(model_dir, tmp_path):
+    """ElectraForPreTraining's embeddings are 32 wide under a 64-wide encoder: their sum is normed at 32, then
+    projected (with a bias); a generator as wide as its encoder has no projection."""
+    for name, proj in [("electra", True), ("electra_generator", False)]:
+        m = tiny.converted_manifest(model_dir(name), tmp_path / name, tp=2)
+        assert m["model"]["embed_proj"] is proj and m["model"]["embed_dim"] == (32 if proj else 64)
+        t = m["ranks"][1]["tensors"]
+        assert t["pos_embed.weight"]["shape"] == [40, m["model"]["embed_dim"]]
+        assert ("embed_proj.bias" in t) is proj
 
 
 def test_int8_passes_verify(model_dir, tmp_path):

@@ -846,9 +846,19 @@ ENCODERS = {
     "data2vec_text": ("Data2VecTextConfig", "Data2VecTextForTokenClassification", _ENC),
     "roberta_prelayernorm": ("RobertaPreLayerNormConfig", "RobertaPreLayerNormModel", _ENC),
     "xlm_roberta_xl": ("XLMRobertaXLConfig", "XLMRobertaXLForMaskedLM", _ENC),
+    "electra": ("ElectraConfig", "ElectraForPreTraining", dict(_ENC, embedding_size=32, pad_token_id=0)),
+    "electra_generator": ("ElectraConfig", "ElectraForMaskedLM", dict(_ENC, embedding_size=64, pad_token_id=0)),
     "distilbert": ("DistilBertConfig", "DistilBertForMaskedLM", _DISTIL),
     "distilbert_sinusoidal": ("DistilBertConfig", "DistilBertModel", dict(_DISTIL, sinusoidal_pos_embds=True,
                                                                           activation="relu")),
+    # ModernBERT (test_modernbert.py): layer 0 global, 1 and 2 windowed (|i - j| <= 2), every bias on, an MLM head
+    # (tied decoder, biased); weights drawn 10x wider than its init's, so attention is peaked enough for RoPE's
+    # base to show
+    "modernbert": ("ModernBertConfig", "ModernBertForMaskedLM", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, vocab_size=101,
+        max_position_embeddings=64, local_attention=4, global_attn_every_n_layers=3, norm_bias=True,
+        attention_bias=True, mlp_bias=True, classifier_bias=True, initializer_range=0.2, pad_token_id=1,
+        bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3)),
 }
 
 # Phi-3.5 / Phi-4-mini style LongRoPE for the tiny Phi-3 (head_dim 16: 8 factors each), switching at position 16.

@@ -63,14 +63,16 @@ def check_layout(m: dict, rank: int):
     glu = 2 if sp["gated_mlp"] else 1               # gate; up in the MLP, each expert and the shared expert
     mlp = dpr * glu
     hvpr = par.get("head_vocab_per_rank") or vpr      # Apertus 1.5: an lm_head pruned to the text tokens
+    pe = e if sp["embed_proj"] else h               # ELECTRA: its positions, types and their norm are embed_dim wide
     glob = {"embed.weight": (vpr, e), "lm_head.weight": (hvpr, e), "lm_head.bias": (hvpr,),
-            "type_embed.weight": (sp["type_vocab_size"], h),
-            "pos_embed.weight": (sp["max_positions"] + pos.get("offset", 0), h), "project_in.weight": (h, e),
+            "type_embed.weight": (sp["type_vocab_size"], pe), "embed_proj.weight": (h, e), "embed_proj.bias": (h,),
+            "pos_embed.weight": (sp["max_positions"] + pos.get("offset", 0), pe), "project_in.weight": (h, e),
             "project_out.weight": (e, h), "pooler.weight": (h, h), "pooler.bias": (h,),
             **{n: (pos.get("rotary_dim", 0) // 2,) for n in ROPE_TENSORS},
             "rope_local.inv_freq": (pos.get("local", pos).get("rotary_dim", pos.get("rotary_dim", 0)) // 2,),
             "alibi.slopes": (hpr,),
-            **{f"{n}.{p}": (h,) for n in ("embed_norm", "final_norm", "head_norm") for p in ("weight", "bias")},
+            **{f"{n}.{p}": (h,) for n in ("final_norm", "head_norm") for p in ("weight", "bias")},
+            **{f"embed_norm.{p}": (pe,) for p in ("weight", "bias")},
             "head_dense.weight": (h, h), "head_dense.bias": (h,)}
     au = sp.get("altup")                 # Gemma 3n: AltUp's projections of the copies, replicated
     if au:
@@ -265,6 +267,7 @@ def check_layout(m: dict, rank: int):
                              ("final_norm.weight", sp["final_norm"] and sp["norm_affine"]),
                              ("embed_norm.weight", sp["embed_norm"] and sp["norm_affine"]),
                              ("project_in.weight", sp["project"]), ("project_out.weight", sp["project"]),
+                             ("embed_proj.weight", sp["embed_proj"]), ("embed_proj.bias", sp["embed_proj"]),
                              ("pooler.weight", sp["pooler"]), ("pos_embed.weight", pos["type"] in mf.TABLE_POSITIONS),
                              ("head_dense.weight", sp["head_activation"] is not None),
                              ("head_norm.weight", sp["head_activation"] is not None),

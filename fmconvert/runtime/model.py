@@ -1924,6 +1924,8 @@ class FusedModel(nn.Module):
             x = x + g["type_embed.weight"][tt]
         if sp["embed_norm"]:
             x, _ = self.ops.add_norm(x, None, g["embed_norm.weight"], g.get("embed_norm.bias"), self.eps, self.norm)
+        if sp["embed_proj"]:       # ELECTRA: the normed embedding_size-wide sum taken to hidden_size
+            x = self.ops.linear(x, g["embed_proj.weight"], g["embed_proj.bias"])
         if sp["altup"]:            # Gemma 3n: the other copies are projections of it, scaled to its RMS
             w = g["altup_proj.weight"]
             y = torch.einsum("bth,koh->btko", x, w.view(-1, x.shape[-1], x.shape[-1]))

@@ -250,7 +250,8 @@ class TorchOps:
 
     def attention(self, q, k, v, scale, causal, alibi_slopes=None, key_padding_mask=None, window=0, softcap=0.0,
                   sinks=None, chunk=0):
-        """window: a query at position p sees keys p - window < j <= p (0: no window). softcap: scores become
+        """window: a query at position p sees keys p - window < j <= p, or without `causal` (an encoder's local
+        layers, ModernBERT) p - window < j < p + window (0: no window). softcap: scores become
         softcap * tanh(score / softcap) before masking (0: none). sinks [Hq]: a logit per head that joins each
         softmax's denominator and nothing else (GPT-OSS). chunk: a query at p sees keys j <= p in its own aligned
         chunk, j // chunk == p // chunk (Llama 4; 0: none)."""
@@ -275,7 +276,7 @@ class TorchOps:
         mask = None
         if causal and T == 1 and alibi_slopes is None and not window and not chunk:
             pass    # one query at the last position sees every key: the causal mask is all true
-        elif causal or alibi_slopes is not None:
+        elif causal or alibi_slopes is not None or window:
             qpos = torch.arange(S - T, S, device=q.device).unsqueeze(1)
             kpos = torch.arange(S, device=q.device).unsqueeze(0)
             if alibi_slopes is not None:
@@ -284,13 +285,15 @@ class TorchOps:
                     mask = mask.masked_fill(kpos > qpos, float("-inf"))
                 mask = mask.to(q.dtype)
             else:
-                mask = kpos <= qpos
+                mask = kpos <= qpos if causal else torch.ones(T, S, dtype=torch.bool, device=q.device)
             if chunk:
                 mask = mask & (kpos // chunk == qpos // chunk) if mask.dtype == torch.bool else \
                     mask.masked_fill(kpos // chunk != qpos // chunk, float("-inf"))
             if window:
-                mask = mask & (kpos > qpos - window) if mask.dtype == torch.bool else \
-                    mask.masked_fill(kpos <= qpos - window, float("-inf"))
+                near = kpos > qpos - window
+                if not causal:          # an encoder's window reaches as far after the query as before it
+                    near = near & (kpos < qpos + window)
+                mask = mask & near if mask.dtype == torch.bool else mask.masked_fill(~near, float("-inf"))
         if key_padding_mask is not None:
             kp = key_padding_mask.bool().view(B, 1, 1, S)
             mask = kp if mask is None else (mask & kp if mask.dtype == torch.bool else
@@ -787,6 +790,12 @@ class TritonOps(TorchOps):
                   sinks=None, chunk=0):
         if chunk >= k.shape[2]:
             chunk = 0
+        if window and not causal:
+            # an encoder's two-sided window (ModernBERT): the kernels' windows are causal, so a mask through SDPA
+            if window < k.shape[2]:
+                return super().attention(q, k, v, scale, causal, alibi_slopes, key_padding_mask, window, softcap,
+                                         sinks, chunk)
+            window = 0                  # it reaches every key
         if (q.is_cuda and alibi_slopes is None and key_padding_mask is None and q.shape[2] == k.shape[2]
                 and not window and not softcap and sinks is None and not chunk):
             # Plain causal prefill goes to torch SDPA (flash attention); gpu_kernels.py times it against ours.
