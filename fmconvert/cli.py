@@ -54,7 +54,7 @@ def cli():
       older: GPT-2, GPT-BigCode, OPT, BLOOM, MPT, Falcon, GPT-NeoX, GPT-J, CodeGen, GPT-Neo, Phi,
         ModernBERT's decoder
       encoders (fmconvert embed): BERT, RoBERTa, XLM-RoBERTa (and XL), CamemBERT, data2vec-text, ELECTRA,
-        DistilBERT, ModernBERT
+        DistilBERT, ModernBERT, MPNet
       vision-language, language model only: Gemma 3/4, LLaVA, Mistral 3, Llama 4, Qwen2/2.5/3/3.5-VL, GLM-4.5V,
         MiniMax-M3, Aria
     An unknown architecture is refused with the list of known ones.
@@ -699,7 +699,7 @@ def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, sy
               help="pooler = BERT's tanh pooler output; mean = mean of the last hidden states; cls = first token.")
 @runtime_options
 def embed(out_dir, texts, pooling, device, backend, no_verify_hashes, dtype):
-    """Embed text with a converted encoder (BERT, RoBERTa, XLM-R, DistilBERT); prints one JSON vector per line."""
+    """Embed text with a converted encoder (BERT, RoBERTa, XLM-R, MPNet, ...); prints one JSON vector per line."""
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
     if model.spec["kind"] != "encoder":
         raise FmError(f"{out_dir} holds a decoder; use `fmconvert generate`")

@@ -208,6 +208,11 @@ _MODEL_OPTIONAL = {
     "attn_input": (0, _NAT, "a non-negative integer"),
     "diff_attn": (False, _BOOL, "true or false"),
     "embed_proj": (False, _BOOL, "true or false"),
+    "rel_bias": (None, lambda x: x is None or (isinstance(x, dict) and set(x) == {"buckets", "max_distance"}
+                                               and _POS_INT(x["buckets"]) and x["buckets"] % 4 == 0
+                                               and _POS_INT(x["max_distance"])
+                                               and x["max_distance"] > x["buckets"] // 4),
+                 "null or {buckets (a multiple of 4), max_distance (past a quarter of them)}"),
 }
 
 
@@ -439,6 +444,7 @@ def validate(m) -> dict:
         and model["linear_attn"] is not None and model["qsa"] is not None)),
           "model.residual gated_hyper and model.hyper's rank go together, in a hybrid decoder with a QSA indexer "
           "and no final norm")
+    _need(model["rel_bias"] is None or model["kind"] == "encoder", "model.rel_bias is for encoders")
     _need(not model["embed_proj"] or (model["embed_dim"] != model["hidden_size"] and not model["project"]),
           "model.embed_proj needs an embed_dim other than hidden_size, and no project")
     _need(not model["diff_attn"] or (model["num_heads"] % 2 == 0 and model["num_kv_heads"] % 2 == 0

@@ -167,8 +167,8 @@ ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.", "q_a", "q_b.", "kv
 GLOBAL_SLOTS = (
     "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
     "project_in.weight", "project_out.weight", "embed_proj.weight", "embed_proj.bias", "final_norm.weight",
-    "final_norm.bias", "pooler.weight", "pooler.bias", "lm_head.weight", "lm_head.bias", "head_dense.weight",
-    "head_dense.bias", "head_norm.weight", "head_norm.bias",
+    "final_norm.bias", "pooler.weight", "pooler.bias", "rel_bias.weight", "lm_head.weight", "lm_head.bias",
+    "head_dense.weight", "head_dense.bias", "head_norm.weight", "head_norm.bias",
     # Gemma 4's E2B/E4B: the per-layer embeddings [vocab, layers * dim], and the projection of the embedded token
     # into the same per-layer inputs with its norm (over one layer's dim)
     "ple_embed.weight", "ple_proj.weight", "ple_proj_norm.weight",
@@ -309,6 +309,8 @@ class ModelSpec:
     #                                embeddings, with low-rank adapters of `rank` of their own (on q|k|v where
     #                                qkv_lora); see configs/zamba2.toml
     attn_input: int = 0            # the width attention's q|k|v read where it is not hidden_size (Zamba2: twice it)
+    rel_bias: dict | None = None   # MPNet: {"buckets", "max_distance"}: a score bias per head from the bucket of the
+    #                                key's offset from the query (T5's bidirectional buckets), rel_bias [heads, buckets]
     embed_proj: bool = False       # ELECTRA: the embeddings, positions, types and their norm are embed_dim wide, and
     #                                embed_proj (weight and bias) takes their sum to hidden_size
     diff_attn: bool = False        # DiffLlama: differential attention; q head p pairs with p + heads / 2 (see
@@ -862,7 +864,7 @@ class Policy:
             moa=self._moa(c), final_norm_eps=_number(c, "final_norm_eps", 0.0, zero_ok=True),
             shared_blocks=self._shared_blocks(c, parts, flags),
             attn_input=2 * c["hidden_size"] if self.layout.get("shared_blocks") else 0,
-            diff_attn=self._diff_attn(c),
+            diff_attn=self._diff_attn(c), rel_bias=self._rel_bias(c),
             embed_proj=bool(self._layout("embed_proj", flags, False)) and int(c.get("embed_dim") or c["hidden_size"])
             != c["hidden_size"],
             norm_gate_rank=self._norm_gate_rank(c), block_sparse=self._block_sparse(config, c),
@@ -957,6 +959,16 @@ class Policy:
         if flags.get("untied"):     # transformers ties the blocks only with the embeddings: untied, each hybrid
             n = len(hybrid)         # layer runs its own copy
         return {"count": n, "rank": r, "qkv_lora": bool(flags.get("qkv_lora"))}
+
+    def _rel_bias(self, c: dict) -> dict | None:
+        """MPNet: the bucketed relative-position bias every layer adds to its scores (an encoder's)."""
+        if "rel_buckets" not in c:
+            return None
+        b, d = c["rel_buckets"], c["rel_max_distance"]
+        if self.kind != "encoder" or type(b) is not int or b < 4 or b % 4 or type(d) is not int or d <= b // 4:
+            raise FmError(f"config.json: a relative position bias needs buckets a multiple of 4 and a max distance "
+                          f"past a quarter of them, in an encoder, got {b!r} and {d!r}")
+        return {"buckets": b, "max_distance": d}
 
     def _diff_attn(self, c: dict) -> bool:
         """DiffLlama: its heads pair across the two halves, q head p with p + heads / 2 and kv head j with
@@ -1703,7 +1715,7 @@ class Policy:
             if self.layout.get("position_ids") == "from_ids":
                 # RoBERTa (fairseq's make_positions): a row's non-pad tokens count up from pad_token_id + 1, and a
                 # pad token reads row pad_token_id, wherever the padding sits
-                pad = getattr(config, "pad_token_id", None)
+                pad = self.layout.get("position_pad_id", getattr(config, "pad_token_id", None))   # MPNet: always 1
                 if type(pad) is not int or pad < 0:
                     raise FmError(f"{self.path.name}: positions counted from the ids need a pad_token_id, got {pad!r}")
                 return {"type": kind, "offset": pad + 1, "pad_id": pad}
@@ -1846,7 +1858,7 @@ class Policy:
             "type_embed.weight": (spec.type_vocab_size, pe),
             "embed_norm.weight": (pe,), "embed_norm.bias": (pe,), "final_norm.weight": (h,), "final_norm.bias": (h,),
             "project_in.weight": (h, e), "project_out.weight": (e, h), "embed_proj.weight": (h, e),
-            "embed_proj.bias": (h,),
+            "embed_proj.bias": (h,), "rel_bias.weight": (H, (spec.rel_bias or {}).get("buckets", 0)),
             "pooler.weight": (h, h), "pooler.bias": (h,),
             "head_dense.weight": (h, h), "head_dense.bias": (h,), "head_norm.weight": (h,), "head_norm.bias": (h,),
             "q_norm.weight": {"per_head": (H, hd), "full": (H * hd,)}.get(spec.qk_norm, (hd,)),

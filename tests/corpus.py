@@ -711,6 +711,21 @@ def _inspect_diff_attn_with_odd_heads(c: Ctx):           # DiffLlama pairs heads
     return [_manifest(c, lambda m: m["model"].update(num_kv_heads=1), name="diffllama")]
 
 
+@case("inspect", "model.position.pad_id must be an int one below model.position.offset")
+def _inspect_pad_id_apart_from_its_offset(c: Ctx):       # RoBERTa: positions count from pad_id + 1
+    return [_manifest(c, lambda m: m["model"]["position"].update(offset=5), name="roberta")]
+
+
+@case("inspect", "model.embed_proj needs an embed_dim other than hidden_size")
+def _inspect_embed_proj_at_the_hidden_width(c: Ctx):     # ELECTRA: projected only where the widths differ
+    return [_manifest(c, lambda m: m["model"].update(embed_dim=64), name="electra")]
+
+
+@case("inspect", "model.rel_bias must be null or {buckets")
+def _inspect_rel_bias_buckets_not_in_quarters(c: Ctx):   # MPNet: a half per direction, exact below a quarter
+    return [_manifest(c, lambda m: m["model"]["rel_bias"].update(buckets=30), name="mpnet")]
+
+
 @case("inspect", "model.shared_blocks and hybrid block_parts go together")
 def _inspect_shared_blocks_without_hybrid_layers(c: Ctx):   # Zamba2's blocks run in its hybrid layers
     return [_manifest(c, lambda m: m["model"].update(block_parts=["mixer"] * 6), name="zamba2")]

@@ -1,7 +1,8 @@
 """Encoders beyond BERT (configs/roberta.toml, electra.toml, distilbert.toml): RoBERTa, XLM-RoBERTa, CamemBERT,
 data2vec-text, RoBERTa-PreLayerNorm, XLM-RoBERTa-XL, ELECTRA and DistilBERT against transformers' encoder at tp 1
 and 2, with padding on either side and token types; fairseq's positions (only non-pad tokens count) shown to matter;
-ELECTRA's projected embeddings; verify and an exact round trip back to the source's names; bad configs refused."""
+ELECTRA's projected embeddings; MPNet's relative-position buckets; verify and an exact round trip back to the source's
+names; bad configs refused."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def reference(name, ids, mask, types):
 def test_hidden_states_match_transformers(model_dir, tmp_path, name, tp):
     out = tmp_path / "out"
     convert(model_dir(name), out, Options(tp=tp), progress=False)
-    typed = not name.startswith("distilbert")
+    typed = tiny.ENCODERS[name][0] not in ("DistilBertConfig", "MPNetConfig", "ModernBertConfig")   # no token types
     ids, mask, types = batch(typed)
     want = reference(name, ids, mask, types)
     real = mask.bool()
@@ -93,6 +94,33 @@ def test_electra_projects_its_narrower_embeddings(model_dir, tmp_path):
         t = m["ranks"][1]["tensors"]
         assert t["pos_embed.weight"]["shape"] == [40, m["model"]["embed_dim"]]
         assert ("embed_proj.bias" in t) is proj
+
+
+def test_mpnet_relative_position_buckets():
+    """The runtime's buckets equal transformers' for every offset up to past max_distance (exact, log-spaced and
+    clamped), both ways."""
+    from transformers.models.mpnet.modeling_mpnet import MPNetEncoder
+
+    from fmconvert.runtime.model import _rel_buckets
+    T = 300
+    offsets = torch.arange(T).view(1, T) - torch.arange(T).view(T, 1)
+    want = MPNetEncoder.relative_position_bucket(offsets, num_buckets=32, max_distance=128)
+    got = _rel_buckets(T, 32, 128)
+    assert torch.equal(got, want) and set(got.unique().tolist()) == set(range(32)) - {16}   # 16: offset 0 after
+
+
+def test_mpnet_over_long_offsets_and_its_bias_matters(model_dir, tmp_path):
+    """150 tokens (offsets in every bucket, past 128) at tp 2 against transformers; without the bias the states
+    move."""
+    convert(model_dir("mpnet"), tmp_path / "out", Options(tp=2), progress=False)
+    ids = tiny.ids(150, 5)
+    want = reference("mpnet", ids, None, None).last_hidden_state
+    def unbiased(m):
+        m.spec["rel_bias"] = None
+        return m(ids)[0]
+    for hidden, _ in tiny.on_ranks(tmp_path / "out", 2, lambda m: m(ids)):
+        assert tiny.rel(hidden, want) < 1e-5
+    assert min(tiny.rel(h, want) for h in tiny.on_ranks(tmp_path / "out", 2, unbiased)) > 1e-3
 
 
 def test_int8_passes_verify(model_dir, tmp_path):

@@ -848,6 +848,8 @@ ENCODERS = {
     "xlm_roberta_xl": ("XLMRobertaXLConfig", "XLMRobertaXLForMaskedLM", _ENC),
     "electra": ("ElectraConfig", "ElectraForPreTraining", dict(_ENC, embedding_size=32, pad_token_id=0)),
     "electra_generator": ("ElectraConfig", "ElectraForMaskedLM", dict(_ENC, embedding_size=64, pad_token_id=0)),
+    "mpnet": ("MPNetConfig", "MPNetModel", dict(_ENC, max_position_embeddings=160)),    # offsets past 8 buckets
+    "mpnet_mlm": ("MPNetConfig", "MPNetForMaskedLM", _ENC),
     "distilbert": ("DistilBertConfig", "DistilBertForMaskedLM", _DISTIL),
     "distilbert_sinusoidal": ("DistilBertConfig", "DistilBertModel", dict(_DISTIL, sinusoidal_pos_embds=True,
                                                                           activation="relu")),
@@ -893,6 +895,8 @@ def build(name: str, seed: int = 0, **overrides):
                 p.copy_(torch.randn_like(p))
             elif n.endswith(("linear_attn.dt_bias", "linear_attn.A_log", ".dt_bias", ".A_log", "mamba.D", "mixer.D")):
                 p.copy_(torch.randn_like(p) * 0.5)     # Gated DeltaNet, Mamba2: decays and skips that differ
+            elif n.endswith("relative_attention_bias.weight"):    # MPNet: a score bias per head and offset, which
+                p.copy_(torch.randn_like(p))                          # its init leaves too small to show
             elif n.endswith("ple.conv1d.weight"):       # Qwen4-Exp's n-gram conv: zeros by default
                 p.copy_(torch.randn_like(p) * 0.3)
             elif n.endswith(("igate_preact.weight", "fgate_preact.weight")):   # xLSTM: gates that vary per token,

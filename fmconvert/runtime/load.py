@@ -66,6 +66,7 @@ def check_layout(m: dict, rank: int):
     pe = e if sp["embed_proj"] else h               # ELECTRA: its positions, types and their norm are embed_dim wide
     glob = {"embed.weight": (vpr, e), "lm_head.weight": (hvpr, e), "lm_head.bias": (hvpr,),
             "type_embed.weight": (sp["type_vocab_size"], pe), "embed_proj.weight": (h, e), "embed_proj.bias": (h,),
+            "rel_bias.weight": (hpr, (sp["rel_bias"] or {}).get("buckets", 0)),
             "pos_embed.weight": (sp["max_positions"] + pos.get("offset", 0), pe), "project_in.weight": (h, e),
             "project_out.weight": (e, h), "pooler.weight": (h, h), "pooler.bias": (h,),
             **{n: (pos.get("rotary_dim", 0) // 2,) for n in ROPE_TENSORS},
@@ -268,6 +269,7 @@ def check_layout(m: dict, rank: int):
                              ("embed_norm.weight", sp["embed_norm"] and sp["norm_affine"]),
                              ("project_in.weight", sp["project"]), ("project_out.weight", sp["project"]),
                              ("embed_proj.weight", sp["embed_proj"]), ("embed_proj.bias", sp["embed_proj"]),
+                             ("rel_bias.weight", sp["rel_bias"] is not None),
                              ("pooler.weight", sp["pooler"]), ("pos_embed.weight", pos["type"] in mf.TABLE_POSITIONS),
                              ("head_dense.weight", sp["head_activation"] is not None),
                              ("head_norm.weight", sp["head_activation"] is not None),

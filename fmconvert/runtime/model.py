@@ -1473,7 +1473,7 @@ class Block(nn.Module):
         flat = lambda o: o.transpose(1, 2).reshape(B, T, -1)           # noqa: E731
         if cache is None:
             return lambda q: flat(m.ops.attention(q, k, v, m.scale, m.causal, m.alibi, key_padding_mask, self.window,
-                                                  m.softcap, sinks=self.sinks, chunk=self.chunk))
+                                                  m.softcap, sinks=self.sinks, chunk=self.chunk, bias=m.score_bias))
         kc, vc = cache.k[self.i], cache.v[self.i]
         start = cache.length
         if cache.ring[self.i]:
@@ -1735,6 +1735,18 @@ def _rope_tail(ops, x, cos, sin, positions, style, rd):
     return torch.cat([x[..., :lo], tail], -1)
 
 
+def _rel_buckets(T: int, buckets: int, max_distance: int, device=None):
+    """MPNet's (T5's bidirectional) bucket of each key's offset from each query, [T, T]: half the buckets for keys
+    after the query; in each half, offsets below a quarter of the buckets exactly, then log-spaced up to
+    max_distance, the last bucket beyond. In float32, truncated, as transformers computes it."""
+    d = torch.arange(T, device=device).view(1, T) - torch.arange(T, device=device).view(T, 1)   # key - query
+    half = buckets // 2
+    exact, n = half // 2, d.abs()
+    far = exact + (torch.log(n.clamp(min=1).float() / exact) / math.log(max_distance / exact)
+                   * (half - exact)).to(torch.long)
+    return (d > 0).long() * half + torch.where(n < exact, n, far.clamp(max=half - 1))
+
+
 def _rows(cache, idx):
     """Latent cache rows [B, 1, S, D] at the indices idx [B, k]: [B, 1, k, D], contiguous."""
     B, k = idx.shape
@@ -1805,6 +1817,7 @@ class FusedModel(nn.Module):
         self._rope_checked, self._forwards = None, 0
         self.shortcut = None
         self.alibi = tensors.get("alibi.slopes")
+        self.score_bias = None          # MPNet: this forward's relative-position bias [heads, T, T]
         if pos["type"] == "rope":
             self.rope = tensors["rope.inv_freq"]
             self.rope_style = pos["style"]
@@ -2100,6 +2113,8 @@ class FusedModel(nn.Module):
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + T, device=ids.device).unsqueeze(0).expand(B, T)
         x, residual = self.embed(ids, positions, token_type_ids), None
+        if self.spec["rel_bias"]:      # MPNet: one score bias for every layer, by the keys' offsets
+            self.score_bias = self.g["rel_bias.weight"][:, _rel_buckets(T, **self.spec["rel_bias"], device=ids.device)]
         states = [x] if output_hidden_states else None
         kpm = None if attention_mask is None else attention_mask.bool()
         x_norm = x_gain = None

@@ -249,8 +249,8 @@ class TorchOps:
         self._rope_memo = None
 
     def attention(self, q, k, v, scale, causal, alibi_slopes=None, key_padding_mask=None, window=0, softcap=0.0,
-                  sinks=None, chunk=0):
-        """window: a query at position p sees keys p - window < j <= p, or without `causal` (an encoder's local
+                  sinks=None, chunk=0, bias=None):
+        """bias [Hq, T, S]: added to the scores (MPNet's relative positions). window: a query at position p sees keys p - window < j <= p, or without `causal` (an encoder's local
         layers, ModernBERT) p - window < j < p + window (0: no window). softcap: scores become
         softcap * tanh(score / softcap) before masking (0: none). sinks [Hq]: a logit per head that joins each
         softmax's denominator and nothing else (GPT-OSS). chunk: a query at p sees keys j <= p in its own aligned
@@ -269,18 +269,19 @@ class TorchOps:
                 rep = Hq // k.shape[1]
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         plain = (alibi_slopes is None and key_padding_mask is None and not window and not softcap and sinks is None
-                 and not chunk)
+                 and not chunk and bias is None)
         if causal and T == S and T > 1 and plain:
             # A whole prompt from position 0: sdpa's own causal path, about twice as fast as a mask on CPU
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
         mask = None
         if causal and T == 1 and alibi_slopes is None and not window and not chunk:
             pass    # one query at the last position sees every key: the causal mask is all true
-        elif causal or alibi_slopes is not None or window:
+        elif causal or alibi_slopes is not None or window or bias is not None:
             qpos = torch.arange(S - T, S, device=q.device).unsqueeze(1)
             kpos = torch.arange(S, device=q.device).unsqueeze(0)
-            if alibi_slopes is not None:
-                mask = alibi_slopes.float().view(Hq, 1, 1) * (kpos - qpos).float()        # (Hq, T, S)
+            if alibi_slopes is not None or bias is not None:
+                mask = bias.float() if alibi_slopes is None else \
+                    alibi_slopes.float().view(Hq, 1, 1) * (kpos - qpos).float()           # (Hq, T, S)
                 if causal:
                     mask = mask.masked_fill(kpos > qpos, float("-inf"))
                 mask = mask.to(q.dtype)
@@ -787,14 +788,15 @@ class TritonOps(TorchOps):
                                   ring=ring, **norms)
 
     def attention(self, q, k, v, scale, causal, alibi_slopes=None, key_padding_mask=None, window=0, softcap=0.0,
-                  sinks=None, chunk=0):
+                  sinks=None, chunk=0, bias=None):
         if chunk >= k.shape[2]:
             chunk = 0
-        if window and not causal:
-            # an encoder's two-sided window (ModernBERT): the kernels' windows are causal, so a mask through SDPA
-            if window < k.shape[2]:
+        if (window and not causal) or bias is not None:
+            # an encoder's two-sided window (ModernBERT), or a score bias (MPNet): the kernels' windows are causal
+            # and they take no bias, so a mask through SDPA
+            if window < k.shape[2] or bias is not None:
                 return super().attention(q, k, v, scale, causal, alibi_slopes, key_padding_mask, window, softcap,
-                                         sinks, chunk)
+                                         sinks, chunk, bias)
             window = 0                  # it reaches every key
         if (q.is_cuda and alibi_slopes is None and key_padding_mask is None and q.shape[2] == k.shape[2]
                 and not window and not softcap and sinks is None and not chunk):
