@@ -694,29 +694,59 @@ def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, sy
 
 @cli.command()
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--text", "-t", "texts", multiple=True, required=True, help="Text to embed (repeatable).")
-@click.option("--pooling", default="pooler", show_default=True, type=click.Choice(["pooler", "mean", "cls"]),
-              help="pooler = BERT's tanh pooler output; mean = mean of the last hidden states; cls = first token.")
+@click.option("--text", "-t", "texts", multiple=True, help="Text to embed (repeatable).")
+@click.option("--file", "-f", "text_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="A UTF-8 file of texts to embed, one per line (with or besides --text).")
+@click.option("--pooling", default="auto", show_default=True,
+              type=click.Choice(["auto", "pooler", "cls", "mean", "max", "mean_sqrt_len", "weightedmean", "lasttoken"]),
+              help="auto = what a sentence-transformers checkpoint's modules.json and Pooling config say (and its "
+                   "Normalize, and its max_seq_length); without them the pooler if the model has one, else mean. "
+                   "pooler = BERT's tanh pooler; cls = first token; mean / max / mean_sqrt_len / weightedmean over "
+                   "the real tokens; lasttoken = each text's last token.")
+@click.option("--normalize/--no-normalize", default=None,
+              help="Scale each vector to unit length. Default: as the sentence-transformers pipeline says, else no.")
+@click.option("--max-length", type=int, default=None,
+              help="Tokens kept per text. Default: sentence-transformers' max_seq_length, else the model's positions.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Texts encoded per forward.")
 @runtime_options
-def embed(out_dir, texts, pooling, device, backend, no_verify_hashes, dtype):
-    """Embed text with a converted encoder (BERT, RoBERTa, XLM-R, MPNet, ...); prints one JSON vector per line."""
+def embed(out_dir, texts, text_file, pooling, normalize, max_length, batch_size, device, backend, no_verify_hashes,
+          dtype):
+    """Embed text with a converted encoder (BERT, RoBERTa, XLM-R, MPNet, ModernBERT, ...): one JSON vector per
+    line, in the order given. A sentence-transformers model (all-mpnet-base-v2, all-MiniLM-L6-v2, ...) gives the
+    vectors its own pipeline would, read from the files conversion copies beside the shards."""
+    from .runtime.embed import sentence_config, sentence_vectors
+    if text_file is not None:
+        try:
+            texts = (*texts, *text_file.read_text(encoding="utf-8").splitlines())
+        except (OSError, UnicodeDecodeError) as e:
+            raise FmError(f"cannot read {text_file}: {getattr(e, 'strerror', None) or type(e).__name__}") from None
+    if not texts:
+        raise FmError("nothing to embed: give --text or --file")
+    if batch_size < 1 or (max_length is not None and max_length < 1):
+        raise FmError("--batch-size and --max-length must be positive")
+    if not (Path(out_dir) / "manifest.json").is_file():
+        raise FmError(f"{out_dir} holds no converted model (no manifest.json)")
+    st = sentence_config(out_dir) if pooling == "auto" else None
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
     if model.spec["kind"] != "encoder":
         raise FmError(f"{out_dir} holds a decoder; use `fmconvert generate`")
-    tok = _tokenizer(out_dir)
-    batch = tok(list(texts), padding=True, return_tensors="pt")
-    hidden, pooled = model(batch["input_ids"].to(model.device), attention_mask=batch["attention_mask"].to(model.device),
-                           token_type_ids=batch.get("token_type_ids"))
-    if pooling == "pooler" and pooled is None:
-        raise FmError("this checkpoint has no pooler; use --pooling mean or cls")
-    if pooling == "mean":
-        m = batch["attention_mask"].to(hidden.device).unsqueeze(-1).to(hidden.dtype)
-        vec = (hidden * m).sum(1) / m.sum(1)
+    if pooling != "auto":
+        modes = (pooling,)
+    elif st is not None:
+        modes = st.modes
     else:
-        vec = pooled if pooling == "pooler" else hidden[:, 0]
-    if model.rank == 0:
-        for v in vec.float().cpu():
-            click.echo(json.dumps([round(x, 6) for x in v.tolist()]))
+        modes = ("pooler",) if model.spec.get("pooler") else ("mean",)
+        if model.rank == 0:
+            click.echo(f"pooling: {modes[0]} (no sentence-transformers config; --pooling picks another)", err=True)
+    normalize = (st is not None and st.normalize) if normalize is None else normalize
+    positions = model.spec["max_positions"] if model.spec["position"]["type"] in ("learned", "sinusoidal") else None
+    limit = [n for n in (max_length or (st.max_length if st else None), positions) if n]   # never past the table
+    tok = _tokenizer(out_dir)
+    for i in range(0, len(texts), batch_size):
+        vec = sentence_vectors(model, tok, texts[i:i + batch_size], modes, normalize, min(limit) if limit else None)
+        if model.rank == 0:
+            for v in vec.cpu():
+                click.echo(json.dumps([round(x, 6) for x in v.tolist()]))
 
 
 def _one_line(msg: str) -> str:

@@ -34,7 +34,7 @@ from .errors import EXIT_IO, FmError
 from .policy import (DEPTHWISE, INT_SLOTS, ModelSpec, Policy, SlotSource, _config_value, per_layer_type, policy_of,
                      stored_dtype)
 from .quantize import ErrorStats, quantize, scale_dtype_for
-from .read import SIDECAR_FILES, Checkpoint, fp8_block, int4_format, load_config, quant_method
+from .read import SIDECAR_FILES, Checkpoint, sentence_files, fp8_block, int4_format, load_config, quant_method
 from .write import AtomicDir, ShardWriter, dtype_name, parse_size
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -990,6 +990,7 @@ def _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config,
         plan = make_plan(model_dir, opts, ckpt, config)
         spec = plan.spec
         rope = rope_tensors(config, spec)
+        sidecars = [*(f for f in SIDECAR_FILES if (model_dir / f).is_file()), *sentence_files(model_dir)]
         src = _Source(ckpt, model_dir)
         atomic = AtomicDir(out_dir, opts.force, keep=model_dir)
         with atomic as tmp:
@@ -1007,10 +1008,10 @@ def _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config,
                 qstats = _emit_all(run, writer, lambda: bar.advance(task))
 
             copied = []
-            for f in SIDECAR_FILES:
-                if (model_dir / f).is_file():
-                    shutil.copyfile(model_dir / f, tmp / f)
-                    copied.append(f)
+            for f in sidecars:
+                (tmp / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(model_dir / f, tmp / f)
+                copied.append(f)
             src_hashes = hasher.join() if hasher is not None else None
             pos = dict(spec.position)
             if rope:

@@ -35,8 +35,43 @@ MAX_RANK = 8
 SIDECAR_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "chat_template.jinja",
-    "chat_template.json",
+    "chat_template.json", "sentencepiece.bpe.model",
 )
+# sentence-transformers' description of the pipeline around the model (which pooling, whether normalised, the
+# length it truncates to); each module's own config.json sits under the module's path.
+SENTENCE_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+MAX_SENTENCE_MODULES = 32
+
+
+def sentence_modules(model_dir: Path) -> list[tuple[str, str]]:
+    """sentence-transformers' modules.json as [(type's last name, path)], [] without one. Read as JSON only; a path
+    must stay inside the directory, since files under it are copied and read."""
+    f = Path(model_dir) / "modules.json"
+    if not f.is_file():
+        return []
+    try:
+        mods = json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FmError(f"{f}: not valid JSON ({e})") from None
+    ok = isinstance(mods, list) and len(mods) <= MAX_SENTENCE_MODULES and all(
+        isinstance(m, dict) and isinstance(m.get("type"), str) and isinstance(m.get("path", ""), str) for m in mods)
+    if not ok:
+        raise FmError(f"{f}: expected a list of at most {MAX_SENTENCE_MODULES} modules, each with a type and a path")
+    out = []
+    for m in mods:
+        path = m.get("path", "")
+        if path.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", path) or not re.fullmatch(r"[\w./-]*", path):
+            raise FmError(f"{f}: module path {path[:80]!r} leaves the model directory")
+        out.append((m["type"].rsplit(".", 1)[-1], path.strip("/")))
+    return out
+
+
+def sentence_files(model_dir: Path) -> list[str]:
+    """The sentence-transformers files a model directory holds, relative to it: SENTENCE_FILES and the config.json of
+    each module that has one (its Pooling's, above all)."""
+    model_dir = Path(model_dir)
+    mods = [f"{p}/config.json" for _, p in sentence_modules(model_dir) if p]
+    return [f for f in (*SENTENCE_FILES, *mods) if (model_dir / f).is_file()]
 
 
 _CORE = ("hidden_size", "num_layers", "num_heads", "vocab_size")   # no default is ever right for these

@@ -1,0 +1,113 @@
+"""Sentence embeddings from a converted encoder: the last hidden states pooled into one vector per text.
+
+A sentence-transformers checkpoint says how in files beside the weights, which conversion copies: modules.json
+lists the pipeline (Transformer, then Pooling, maybe Normalize), the Pooling module's config.json names its modes,
+sentence_bert_config.json the length it truncates to. They are read as JSON; none of their code runs. A module
+fmconvert does not run (a Dense projection, say) is refused, not skipped, since the vectors would silently differ.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import FmError
+from ..read import sentence_modules
+
+# In the order sentence-transformers concatenates them when a Pooling module sets several.
+MODES = ("cls", "max", "mean", "mean_sqrt_len", "weightedmean", "lasttoken")
+_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean",
+         "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len", "pooling_mode_weightedmean_tokens": "weightedmean",
+         "pooling_mode_lasttoken": "lasttoken"}
+_RUN = ("Transformer", "Pooling", "Normalize")
+
+
+@dataclass
+class SentenceConfig:
+    modes: tuple[str, ...]       # pooled vectors, concatenated in this order
+    normalize: bool              # each vector scaled to unit L2 norm
+    max_length: int | None       # tokens kept per text (sentence_bert_config's max_seq_length)
+
+
+def _json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise FmError(f"{path}: not readable JSON ({type(e).__name__})") from None
+    if not isinstance(d, dict):
+        raise FmError(f"{path}: expected a JSON object")
+    return d
+
+
+def sentence_config(out_dir) -> SentenceConfig | None:
+    """What the sentence-transformers files beside a converted model ask for; None when there are none."""
+    out_dir = Path(out_dir)
+    mods = sentence_modules(out_dir)
+    if not mods:
+        return None
+    other = [t for t, _ in mods if t not in _RUN]
+    if other:
+        raise FmError(f"{out_dir}: its sentence-transformers pipeline has a {other[0]} module, which fmconvert does "
+                      f"not run; pass --pooling to pool the encoder's states without it")
+    pooling = [p for t, p in mods if t == "Pooling"]
+    if len(pooling) != 1 or not (out_dir / pooling[0] / "config.json").is_file():
+        raise FmError(f"{out_dir}: modules.json needs one Pooling module with its config.json")
+    cfg = _json(out_dir / pooling[0] / "config.json")
+    modes = {m for k, m in _KEYS.items() if cfg.get(k) is True}
+    if not modes or not modes <= set(MODES):
+        raise FmError(f"{out_dir / pooling[0] / 'config.json'}: no pooling mode fmconvert knows "
+                      f"({', '.join(MODES)})")
+    if cfg.get("include_prompt", True) is not True:
+        raise FmError(f"{out_dir / pooling[0] / 'config.json'}: include_prompt false (pooling that leaves out an "
+                      f"instruction prefix) is not supported")
+    length = None
+    if (out_dir / "sentence_bert_config.json").is_file():
+        length = _json(out_dir / "sentence_bert_config.json").get("max_seq_length")
+        if length is not None and (type(length) is not int or length < 1):
+            raise FmError(f"{out_dir / 'sentence_bert_config.json'}: max_seq_length must be a positive integer")
+    return SentenceConfig(tuple(m for m in MODES if m in modes), any(t == "Normalize" for t, _ in mods), length)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """hidden [B, T, h], mask [B, T] (1: a token, 0: padding on either side) -> [B, h], in fp32."""
+    h, m = hidden.float(), mask.to(hidden.device).float().unsqueeze(-1)
+    if mode == "cls":
+        return h[:, 0]
+    if mode == "max":                       # padding never wins
+        return h.masked_fill(m == 0, -1e9).max(1).values
+    if mode == "lasttoken":                 # each row's last real token, wherever its padding lies
+        T = mask.shape[1]
+        last = T - 1 - mask.to(hidden.device).flip(1).float().argmax(1)
+        return h[torch.arange(h.shape[0], device=h.device), last]
+    if mode == "weightedmean":              # token i weighted by i + 1
+        m = m * torch.arange(1, h.shape[1] + 1, device=h.device, dtype=h.dtype).view(1, -1, 1)
+    total, count = (h * m).sum(1), m.sum(1).clamp(min=1e-9)
+    if mode == "mean_sqrt_len":
+        return total / count.sqrt()
+    if mode in ("mean", "weightedmean"):
+        return total / count
+    raise FmError(f"unknown pooling mode {mode!r} (known: pooler, {', '.join(MODES)})")
+
+
+def sentence_vectors(model, tok, texts: list[str], modes, normalize: bool, max_length: int | None) -> torch.Tensor:
+    """[len(texts), dim] fp32: texts tokenized (padded, truncated to max_length), encoded, pooled in each mode and
+    concatenated, then normalised if asked. Mode "pooler" is BERT's tanh pooler output."""
+    batch = tok(list(texts), padding=True, truncation=max_length is not None, max_length=max_length,
+                return_tensors="pt")
+    ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+    types = batch.get("token_type_ids")
+    hidden, pooled = model(ids, attention_mask=mask, token_type_ids=None if types is None else types.to(model.device))
+    parts = []
+    for mode in modes:
+        if mode == "pooler":
+            if pooled is None:
+                raise FmError("this checkpoint has no pooler; use --pooling mean or cls")
+            parts.append(pooled.float())
+        else:
+            parts.append(pool(hidden, mask, mode))
+    vec = torch.cat(parts, -1)
+    return F.normalize(vec, dim=-1) if normalize else vec

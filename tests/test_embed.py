@@ -1,0 +1,151 @@
+"""Sentence embeddings (`fmconvert embed`, runtime/embed.py): a sentence-transformers checkpoint's own pipeline (its
+Pooling modes, Normalize and max_seq_length, copied beside the shards at conversion) against the same pipeline built
+from transformers by hand; every pooling mode against a per-row reference, padding on either side; bad pipelines
+refused in one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tiny
+from corpus import assert_one_line_error, run_main
+from fmconvert.errors import EXIT_BAD_INPUT
+from fmconvert.runtime.embed import MODES, pool, sentence_vectors
+
+TEXTS = ["w5 w6 w7", "w9", "w10 w11 w12 w13 w14 w15 w16 w17 w18 w19 w20 w21 w22 w23 w24 w25 w26"]   # the last: cut
+
+
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, 101)}}   # MPNet's ids
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", cls_token="<s>", sep_token="</s>")
+
+
+def sentence_model(model_dir, root, modules=("Pooling", "Normalize"), pooling=None, max_seq_length=12):
+    """The tiny MPNet saved as sentence-transformers saves all-mpnet-base-v2: the model and tokenizer at the top,
+    modules.json, sentence_bert_config.json and the Pooling module's config.json under 1_Pooling."""
+    src = root / "st"
+    shutil.copytree(model_dir("mpnet"), src)
+    tokenizer().save_pretrained(src)
+    mods = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+    for i, kind in enumerate(modules, 1):
+        mods.append({"idx": i, "name": str(i), "path": f"{i}_{kind}", "type": f"sentence_transformers.models.{kind}"})
+        (src / f"{i}_{kind}").mkdir()
+        if kind == "Pooling":
+            modes = pooling or {"pooling_mode_mean_tokens": True}
+            (src / f"{i}_{kind}" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64, **modes}))
+    (src / "modules.json").write_text(json.dumps(mods))
+    (src / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length}))
+    return src
+
+
+def by_hand(texts, max_length, modes=("mean",), normalize=True):
+    """What sentence-transformers computes, from transformers' MPNetModel, row by row over the real tokens."""
+    batch = tokenizer()(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.no_grad():
+        hidden = tiny.build("mpnet")(**batch).last_hidden_state
+    rows = []
+    for h, m in zip(hidden, batch["attention_mask"].bool()):
+        real = h[m]
+        one = {"mean": real.mean(0), "max": real.max(0).values, "cls": h[0]}
+        rows.append(torch.cat([one[x] for x in modes]))
+    vec = torch.stack(rows)
+    return F.normalize(vec, dim=-1) if normalize else vec
+
+
+def test_a_sentence_transformers_pipeline_end_to_end(model_dir, tmp_path, capsys):
+    """convert copies the pipeline's files; embed follows them: mean pooling, unit vectors, 12 tokens at most."""
+    src = sentence_model(model_dir, tmp_path)
+    out = tmp_path / "out"
+    code, _, err = run_main(capsys, "convert", "--quiet", src, out)
+    assert code == 0, err
+    assert (out / "1_Pooling" / "config.json").is_file() and (out / "modules.json").is_file()
+    (tmp_path / "texts.txt").write_text("\n".join(TEXTS[1:]) + "\n")
+    code, stdout, err = run_main(capsys, "embed", out, "-t", TEXTS[0], "--file", tmp_path / "texts.txt")
+    assert code == 0, err
+    got = torch.tensor([json.loads(line) for line in stdout.splitlines()])
+    want = by_hand(TEXTS, 12)
+    assert got.shape == (3, 64) and (got - want).abs().max() < 1e-5
+    assert (by_hand(TEXTS, 20) - want)[2].abs().max() > 1e-3          # the long text was cut, as it should be
+    code, stdout, _ = run_main(capsys, "embed", out, "-t", TEXTS[0], "--no-normalize", "--pooling", "max")
+    assert (torch.tensor(json.loads(stdout)) - by_hand(TEXTS[:1], 12, ("max",), False)[0]).abs().max() < 1e-5
+
+
+def test_several_modes_concatenate_at_tp_2(model_dir, tmp_path):
+    from fmconvert.pipeline import Options, convert
+    from fmconvert.runtime.embed import sentence_config
+    src = sentence_model(model_dir, tmp_path, modules=("Pooling",), max_seq_length=6,
+                         pooling={"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": True,
+                                  "pooling_mode_max_tokens": True})
+    convert(src, tmp_path / "out", Options(tp=2), progress=False)
+    st = sentence_config(tmp_path / "out")
+    assert st.modes == ("cls", "max", "mean") and not st.normalize and st.max_length == 6
+    want = by_hand(TEXTS, 6, st.modes, False)
+    tok = tokenizer()
+    for got in tiny.on_ranks(tmp_path / "out", 2, lambda m: sentence_vectors(m, tok, TEXTS, st.modes, False, 6)):
+        assert got.shape == (3, 192) and (got - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_pooling_mode_over_padding_on_either_side(mode):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 5)
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [0] * 2 + [1] * 5])
+    got = pool(hidden, mask, mode)
+    for b in range(3):
+        keep = mask[b].bool()
+        real, w = hidden[b][keep], torch.arange(1.0, 8.0)[keep].unsqueeze(-1)
+        want = {"cls": hidden[b, 0], "max": real.max(0).values, "mean": real.mean(0),
+                "mean_sqrt_len": real.sum(0) / len(real) ** 0.5, "weightedmean": (real * w).sum(0) / w.sum(),
+                "lasttoken": real[-1]}[mode]
+        assert torch.allclose(got[b], want, atol=1e-6)
+
+
+@pytest.mark.parametrize("edit, stage, match", [
+    (lambda src: _modules(src, [{"type": "sentence_transformers.models.Dense", "path": "2_Dense"}]), "embed",
+     "has a Dense module"),
+    (lambda src: (src / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": false}'), "embed",
+     "no pooling mode"),
+    (lambda src: _modules(src, [{"type": "sentence_transformers.models.Pooling", "path": "../../etc"}]), "convert",
+     "leaves the model directory"),
+    (lambda src: (src / "modules.json").write_text("[{"), "convert", "not valid JSON"),
+])
+def test_bad_pipelines_are_refused_in_one_line(model_dir, tmp_path, capsys, edit, stage, match):
+    src = sentence_model(model_dir, tmp_path)
+    out = tmp_path / "out"
+    if stage == "embed":
+        assert run_main(capsys, "convert", "--quiet", src, out)[0] == 0
+        edit(out)
+        code, _, err = run_main(capsys, "embed", out, "-t", "w5")
+    else:
+        edit(src)
+        code, _, err = run_main(capsys, "convert", "--quiet", src, out)
+        assert not out.exists()
+    assert_one_line_error(code, err, EXIT_BAD_INPUT, match)
+
+
+def _modules(src, extra):
+    mods = json.loads((src / "modules.json").read_text())
+    (src / "modules.json").write_text(json.dumps(mods + extra))
+
+
+def test_without_a_pipeline_the_choice_is_said(model_dir, tmp_path, capsys):
+    """A plain MPNetModel (with its pooler) and no sentence-transformers files: the pooler, announced on stderr;
+    nothing to embed is refused."""
+    src = tmp_path / "plain"
+    shutil.copytree(model_dir("mpnet"), src)
+    tokenizer().save_pretrained(src)
+    assert run_main(capsys, "convert", "--quiet", src, tmp_path / "out")[0] == 0
+    code, stdout, err = run_main(capsys, "embed", tmp_path / "out", "-t", "w5 w6")
+    assert code == 0 and "pooling: pooler" in err and len(json.loads(stdout)) == 64
+    assert_one_line_error(*run_main(capsys, "embed", tmp_path / "out")[::2], EXIT_BAD_INPUT, "nothing to embed")
