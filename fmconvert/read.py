@@ -154,6 +154,11 @@ def load_config(model_dir: Path):
         config.fmconvert_text_architecture = text_arch
         config.tie_word_embeddings = bool(getattr(outer, "tie_word_embeddings",
                                                   getattr(config, "tie_word_embeddings", False)))
+        # settings a text config class lacks because its model hard-codes them (GLM-4.1V: q/k/v biases, with no
+        # attention_bias to say so), from the wrapper table's [text_defaults.<model_type>]
+        for key, value in wrapper.get("text_defaults", {}).get(config.model_type, {}).items():
+            if getattr(config, key, None) is None:
+                setattr(config, key, value)
     return config, hashlib.sha256(text).hexdigest()
 
 

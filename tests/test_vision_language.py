@@ -1,6 +1,7 @@
 """Vision-language wrappers (configs/wrappers/): the language model converts, the vision tower is counted and left
 out, and either spelling of the wrapper's tensor names works. The family tests (round trips, int8 bound, verify,
-runtime against transformers) run the tiny wrappers too, through tiny.FAMILIES."""
+runtime against transformers) run the tiny wrappers too, through tiny.FAMILIES; the wrappers of tiny.VISION_LANGUAGE,
+around families those tests already run, are checked here against transformers on text alone."""
 
 from __future__ import annotations
 
@@ -17,9 +18,13 @@ from fmconvert.pipeline import Options, convert
 from fmconvert.policy import policies, wrappers
 from fmconvert.reassemble import reassemble
 from fmconvert.verify import verify
+import tiny
 from test_convert import assert_exact, expected, source_tensors
 
 VISION = ("vision_tower.", "multi_modal_projector.", "visual.", "model.visual.")
+# tensors a wrapper keeps outside any module, dropped by their whole name (LLaVA-NeXT's row separator, the SAM
+# tower's mixing weight of DeepSeek-VL's hybrid)
+LONE = ("image_newline", "high_res_vision_alpha")
 
 
 def test_wrapper_tables_name_real_classes_and_whole_prefix_pairs():
@@ -32,8 +37,32 @@ def test_wrapper_tables_name_real_classes_and_whole_prefix_pairs():
         assert w["config"] == "text_config"
         assert all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) for x in p)
                    for p in w["prefixes"]), arch
-        assert w["drop"] and all(d.endswith(".") for d in w["drop"]), arch
+        assert w["drop"] and all(d.endswith(".") or d.rsplit(".", 1)[-1] in LONE for d in w["drop"]), arch
         assert all(t in policies() for t in w.get("text", {}).values()), arch     # names a table's architecture
+        assert set(w.get("text_defaults", {})) <= set(w.get("text", {})), arch    # for a model_type it serves
+
+
+@pytest.mark.parametrize("name", list(tiny.VISION_LANGUAGE))
+def test_the_language_model_given_text_alone_matches_the_whole_wrapper(model_dir, tmp_path, name):
+    """The real wrapper class, saved by transformers: its language model converts (at tp 2), every other tensor is
+    counted and left out, the converted logits match the whole wrapper's on text alone, as `verify` finds too
+    (loading the checkpoint through transformers, with an attention mask), and reassemble gives back the language
+    model's own tensors exactly."""
+    src = model_dir(name)
+    errors = tiny.errors_against_transformers(src, name, tmp_path, 9)
+    assert max(errors) < 1e-5, errors
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    arch = tiny.CONFIGS[name][1]
+    assert m["source"]["architecture"] == arch
+    body = m["source"]["prefix"]
+    head = dict(wrappers()[arch]["prefixes"])[body] + "lm_head.weight"
+    with safe_open(src / "model.safetensors", "pt") as f:
+        others = [n for n in f.keys() if not n.startswith(body) and n != head]
+    assert others and m["source"]["dropped"]["tensors"] == len(others)     # none of the language model's dropped
+    r = verify(src, tmp_path / "out")
+    assert r["passed"], r["failures"]
+    m, back = reassemble(tmp_path / "out")
+    assert_exact(expected(src, m, source_tensors(src)), back)
 
 
 @pytest.mark.parametrize("name", ["gemma3_vl", "llava", "qwen2_5_vl", "qwen3_vl"])

@@ -834,6 +834,161 @@ CONFIGS = {
 }
 FAMILIES = list(CONFIGS)
 
+
+# More vision-language wrappers around families above, tested in test_vision_language.py (text-only logits against
+# the whole wrapper, verify, reassemble): each reuses a family's tiny text config, so the family tests need not run
+# them again. Added to CONFIGS after FAMILIES is taken, so build() finds them and the family tests leave them out.
+def _text(family: str, **kw) -> dict:
+    return dict(copy.deepcopy(CONFIGS[family][2]), **kw)
+
+
+_GLM4V_TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=101, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                   eos_token_id=2, rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1],
+                                                    "rope_theta": 1e4, "partial_rotary_factor": 0.5})
+_GLM4V = dict(vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+                                 image_size=28, patch_size=14),
+              image_token_id=100, video_token_id=99, image_start_token_id=98, image_end_token_id=97,
+              video_start_token_id=96, video_end_token_id=95)
+_QWEN_VISION = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64)
+_OMNI_AUDIO = dict(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, d_model=32,
+                   output_dim=64, max_source_positions=20, n_window=4)
+_SIGLIP_LIKE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                    patch_size=14)
+_SAM_LIKE = dict(hidden_size=32, output_channels=16, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                 patch_size=16, mlp_dim=48, global_attn_indexes=[0], window_size=2)
+_MINICPM_VISION = dict(_SIGLIP_LIKE, num_hidden_layers=2)
+VISION_LANGUAGE = {
+    # LLaVA-NeXT's descendants (wrappers/llava_next.toml): image_newline beside the tower and projector
+    "llava_next": ("LlavaNextConfig", "LlavaNextForConditionalGeneration", dict(
+        text_config=_text("llama", model_type="llama"), vision_config=_VISION["clip"], image_token_index=100)),
+    "llava_next_video": ("LlavaNextVideoConfig", "LlavaNextVideoForConditionalGeneration", dict(
+        text_config=_text("mistral", model_type="mistral"), vision_config=_VISION["clip"], image_token_index=100,
+        video_token_index=99)),
+    "llava_onevision": ("LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration", dict(
+        text_config=_text("qwen2", model_type="qwen2"), vision_config=_VISION["siglip"], image_token_index=100,
+        video_token_index=99)),
+    "granite4_vision": ("Granite4VisionConfig", "Granite4VisionForConditionalGeneration", dict(   # Q-Former heads of
+        text_config=_text("granite"), vision_config=dict(_VISION["clip"], hidden_size=64, num_attention_heads=4,
+                                                         num_hidden_layers=2),                    # 64 channels
+        image_token_index=100, deepstack_layer_map=[[0, 0], [1, 1]], downsample_rate="1/2",
+        spatial_target_layers=[0, 1, 0, 1], qformer_config=dict(intermediate_size=48))),
+    # wrappers/vision_language.toml
+    "vipllava": ("VipLlavaConfig", "VipLlavaForConditionalGeneration", dict(
+        text_config=_text("llama", model_type="llama"), vision_config=_VISION["clip"], image_token_index=100,
+        vision_feature_layers=[-1])),
+    "video_llava": ("VideoLlavaConfig", "VideoLlavaForConditionalGeneration", dict(
+        text_config=_text("llama", model_type="llama"), vision_config=_VISION["clip"], image_token_index=100,
+        video_token_index=99)),
+    "internvl": ("InternVLConfig", "InternVLForConditionalGeneration", dict(
+        text_config=_text("qwen2", model_type="qwen2"), image_token_id=100, downsample_ratio=1.0,
+        vision_config=dict(_SIGLIP_LIKE, image_size=[28, 28], patch_size=[14, 14]))),
+    "got_ocr2": ("GotOcr2Config", "GotOcr2ForConditionalGeneration", dict(
+        text_config=_text("qwen2", model_type="qwen2"), vision_config=_SAM_LIKE, image_token_index=100)),
+    "lighton_ocr": ("LightOnOcrConfig", "LightOnOcrForConditionalGeneration", dict(
+        text_config=_text("qwen3", model_type="qwen3"), vision_config=dict(_VISION["pixtral"], head_dim=16),
+        image_token_id=100)),
+    "ovis2": ("Ovis2Config", "Ovis2ForConditionalGeneration", dict(   # its lm_head sized by the outer config
+        text_config=_text("qwen2", model_type="qwen2"), vision_config=dict(_SIGLIP_LIKE, vocab_size=16),
+        image_token_id=100, hidden_size=64, vocab_size=101)),
+    "deepseek_vl": ("DeepseekVLConfig", "DeepseekVLForConditionalGeneration", dict(
+        text_config=_text("llama", model_type="llama"), vision_config=_VISION["siglip"], image_token_id=100)),
+    "deepseek_vl_hybrid": ("DeepseekVLHybridConfig", "DeepseekVLHybridForConditionalGeneration", dict(
+        text_config=_text("llama", model_type="llama"), vision_config=_VISION["siglip"],
+        high_res_vision_config=_SAM_LIKE, image_token_id=100)),
+    "janus": ("JanusConfig", "JanusForConditionalGeneration", dict(
+        text_config=_text("llama", model_type="llama"), vision_config=dict(_SIGLIP_LIKE, projection_dim=64),
+        vq_config=dict(embed_dim=4, base_channels=32, channel_multiplier=[1], num_res_blocks=1, num_embeddings=8,
+                       latent_channels=4, attn_resolutions=[], projection_dim=64, image_token_embed_dim=64,
+                       num_patches=4), image_token_id=100)),
+    "lfm2_vl": ("Lfm2VlConfig", "Lfm2VlForConditionalGeneration", dict(
+        text_config=_text("lfm2", model_type="lfm2"), image_token_id=100, downsample_factor=1,
+        projector_hidden_size=32, vision_config=dict(model_type="siglip2_vision_model", hidden_size=32,
+                                                     intermediate_size=48, num_hidden_layers=1,
+                                                     num_attention_heads=2, num_patches=16, patch_size=4))),
+    "lfm3_vl": ("Lfm3VlConfig", "Lfm3VlForConditionalGeneration", dict(
+        text_config=_text("lfm3", model_type="lfm3"), projector_hidden_size=32, image_token_id=100,
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                           num_key_value_heads=1, patch_size=4),
+        video_token_id=99, vision_start_token_id=98, vision_end_token_id=97)),
+    # FastVLM and PerceptionLM with a CLIP tower in place of their timm ones (timm is not installed; text never
+    # reaches the tower); PerceptionLM's projector reads the tower's width from model_args, as timm's config has it
+    "fast_vlm": ("FastVlmConfig", "FastVlmForConditionalGeneration", dict(
+        text_config=_text("qwen2", model_type="qwen2"), vision_config=_VISION["clip"], image_token_index=100)),
+    "perception_lm": ("PerceptionLMConfig", "PerceptionLMForConditionalGeneration", dict(
+        text_config=_text("llama", model_type="llama"), image_token_id=100, video_token_id=99,
+        vision_config=dict(_VISION["clip"], model_args={"embed_dim": 32}))),
+    "exaone4_5": ("Exaone4_5_Config", "Exaone4_5_ForConditionalGeneration", dict(
+        text_config=_text("exaone4", model_type="exaone4"), image_token_id=100, video_token_id=99,
+        vision_config=dict(_QWEN_VISION, num_key_value_heads=1, fullatt_block_indexes=[0]))),
+    "hyperclovax_vl": ("HyperCLOVAXVisionV2Config", "HyperCLOVAXVisionV2ForConditionalGeneration", dict(
+        text_config=_text("hyperclovax", model_type="hyperclovax"), image_token_id=100, video_token_id=99,
+        vision_config=dict(_QWEN_VISION, model_type="qwen2_5_vl_vision", fullatt_block_indexes=[0]))),
+    "video_llama_3": ("VideoLlama3Config", "VideoLlama3ForConditionalGeneration", dict(
+        text_config=_text("qwen2", model_type="qwen2"), image_token_id=100, video_token_id=99,
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                           patch_size=14))),
+    "minicpmv4_6": ("MiniCPMV4_6Config", "MiniCPMV4_6ForConditionalGeneration", dict(
+        text_config=dict(_QWEN3_5_TEXT, model_type="qwen3_5_text"), image_token_id=100, video_token_id=99,
+        vision_config=dict(_MINICPM_VISION, insert_layer_id=0), insert_layer_id=0)),
+    "minicpmv4_7": ("MiniCPMV4_7Config", "MiniCPMV4_7ForConditionalGeneration", dict(   # Qwen3.5's multimodal RoPE
+        text_config=dict(CONFIGS["qwen3_5_vl"][2]["text_config"], model_type="qwen3_5_text"),
+        vision_config=_MINICPM_VISION, image_token_id=100, video_token_id=99)),
+    "minicpm_ocr": ("MiniCPMOcrConfig", "MiniCPMOcrForConditionalGeneration", dict(
+        text_config=dict(_QWEN3_5_TEXT, model_type="qwen3_5_text"), vision_config=_MINICPM_VISION,
+        image_token_id=100, video_token_id=99)),
+    "fuyu": ("FuyuConfig", "FuyuForCausalLM", dict(
+        text_config=_text("persimmon", model_type="persimmon"), patch_size=4, image_token_id=100)),
+    # wrappers/idefics.toml: the language model at model.text_model.
+    "idefics2": ("Idefics2Config", "Idefics2ForConditionalGeneration", dict(
+        text_config=_text("mistral", model_type="mistral"), vision_config=_SIGLIP_LIKE, image_token_id=100,
+        perceiver_config=dict(hidden_size=64, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2,
+                              resampler_head_dim=16, num_key_value_heads=1))),
+    "idefics3": ("Idefics3Config", "Idefics3ForConditionalGeneration", dict(
+        text_config=_text("llama", model_type="llama"), vision_config=_SIGLIP_LIKE, image_token_id=100,
+        scale_factor=1)),
+    "smolvlm": ("SmolVLMConfig", "SmolVLMForConditionalGeneration", dict(
+        text_config=_text("llama", model_type="llama"), vision_config=_SIGLIP_LIKE, image_token_id=100,
+        scale_factor=1)),
+    "granite_docling": ("GraniteDoclingConfig", "GraniteDoclingForConditionalGeneration", dict(
+        text_config=_text("granite"), image_token_id=100,
+        vision_config=dict(_SIGLIP_LIKE, image_size=56, out_hidden_size=64, scale_factor=2))),
+    # wrappers/qwen_vl.toml: the language model at model., its multimodal RoPE plain RoPE for text
+    "qwen2_5_omni_thinker": ("Qwen2_5OmniThinkerConfig", "Qwen2_5OmniThinkerForConditionalGeneration", dict(
+        text_config=_text("qwen2", rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                    "rope_theta": 1e4}),
+        vision_config=dict(_QWEN_VISION, fullatt_block_indexes=[0]), audio_config=_OMNI_AUDIO,
+        audio_token_index=100, image_token_index=99, video_token_index=98, vision_start_token_id=97)),   # as released
+    "qwen3_omni_moe_thinker": ("Qwen3OmniMoeThinkerConfig", "Qwen3OmniMoeThinkerForConditionalGeneration", dict(
+        text_config=_text("qwen3_moe", rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6],
+                                                        "mrope_interleaved": True, "rope_theta": 1e4}),
+        vision_config=dict(_QWEN_VISION, deepstack_visual_indexes=[0], num_position_embeddings=16),
+        audio_config=dict(_OMNI_AUDIO, downsample_hidden_size=8), audio_token_id=100, image_token_id=99,
+        video_token_id=98, vision_start_token_id=97)),      # as released configs have it: their RoPE index reads it
+    "paddleocr_vl": ("PaddleOCRVLConfig", "PaddleOCRVLForConditionalGeneration", dict(   # as released: no biases
+        text_config=_text("ernie4_5", use_bias=False, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                                       "mrope_section": [2, 3, 3]}),
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                           patch_size=14), image_token_id=100)),
+    "hunyuan_vl": ("HunYuanVLConfig", "HunYuanVLForConditionalGeneration", dict(   # HunyuanOCR: NTK-alpha RoPE
+        text_config=_text("hunyuan", rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0,
+                                                      "rope_theta": 1e4, "mrope_section": [2, 2, 2, 2]}),
+        vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                           out_hidden_size=64, text_hidden_size=64, patch_size=14), image_token_id=100)),
+    # wrappers/glm_vl.toml: GLM-4-0414's block, q/k/v biases in GLM-4.1V's and none in GLM-OCR's
+    "glm4v": ("Glm4vConfig", "Glm4vForConditionalGeneration", dict(text_config=_GLM4V_TEXT, **_GLM4V)),
+    "glm46v": ("Glm46VConfig", "Glm46VForConditionalGeneration", dict(
+        text_config=dict(_GLM4V_TEXT, model_type="glm4v_text"),
+        **dict(_GLM4V, vision_config=dict(_GLM4V["vision_config"], model_type="glm4v_vision")))),
+    "glm_ocr": ("GlmOcrConfig", "GlmOcrForConditionalGeneration", dict(text_config=_GLM4V_TEXT, **_GLM4V)),
+    # wrappers/nemotron_vl.toml: Nemotron-H at language_model.backbone., a RADIO vision tower
+    "nemotron_h_omni": ("NemotronH_Omni_Reasoning_V3_Config", "NemotronH_Omni_Reasoning_V3", dict(
+        text_config=_text("nemotron_h", model_type="nemotron_h"), vision_hidden_size=32, projector_hidden_size=64,
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=14, image_size=28,
+                           max_img_size=56, video_temporal_patch_size=2), audio_config=None)),
+}
+CONFIGS.update(VISION_LANGUAGE)
+
 # Encoders beyond BERT, tested in test_encoders.py (the generic family tests compare decoders' logits): a pad id of 1
 # as RoBERTa's, a window of positions short enough that the table's offset rows matter.
 _ENC = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=101,
