@@ -208,6 +208,12 @@ _MODEL_OPTIONAL = {
     "attn_input": (0, _NAT, "a non-negative integer"),
     "diff_attn": (False, _BOOL, "true or false"),
     "embed_proj": (False, _BOOL, "true or false"),
+    "disentangled": (None, lambda x: x is None or (
+        isinstance(x, dict) and set(x) == {"span", "buckets", "max_position", "c2p", "p2c"}
+        and _POS_INT(x["span"]) and _NAT(x["buckets"]) and _POS_INT(x["max_position"])
+        and type(x["c2p"]) is bool and type(x["p2c"]) is bool and (x["buckets"] in (0, x["span"]))
+        and (x["buckets"] == 0 or (x["buckets"] % 2 == 0 and x["max_position"] > x["buckets"] // 2 + 1))),
+        "null or {span, buckets (0 or the span, even), max_position, c2p, p2c}"),
     "rel_bias": (None, lambda x: x is None or (isinstance(x, dict) and set(x) == {"buckets", "max_distance"}
                                                and _POS_INT(x["buckets"]) and x["buckets"] % 4 == 0
                                                and _POS_INT(x["max_distance"])
@@ -445,6 +451,9 @@ def validate(m) -> dict:
           "model.residual gated_hyper and model.hyper's rank go together, in a hybrid decoder with a QSA indexer "
           "and no final norm")
     _need(model["rel_bias"] is None or model["kind"] == "encoder", "model.rel_bias is for encoders")
+    _need(model["disentangled"] is None or (model["kind"] == "encoder" and model["num_kv_heads"] == model["num_heads"]
+                                            and model["mla"] is None),
+          "model.disentangled is for encoders with plain multi-head attention")
     _need(not model["embed_proj"] or (model["embed_dim"] != model["hidden_size"] and not model["project"]),
           "model.embed_proj needs an embed_dim other than hidden_size, and no project")
     _need(not model["diff_attn"] or (model["num_heads"] % 2 == 0 and model["num_kv_heads"] % 2 == 0

@@ -167,7 +167,8 @@ ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.", "q_a", "q_b.", "kv
 GLOBAL_SLOTS = (
     "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
     "project_in.weight", "project_out.weight", "embed_proj.weight", "embed_proj.bias", "final_norm.weight",
-    "final_norm.bias", "pooler.weight", "pooler.bias", "rel_bias.weight", "lm_head.weight", "lm_head.bias",
+    "final_norm.bias", "pooler.weight", "pooler.bias", "rel_bias.weight", "rel_embed.weight", "rel_embed_norm.weight",
+    "rel_embed_norm.bias", "lm_head.weight", "lm_head.bias",
     "head_dense.weight", "head_dense.bias", "head_norm.weight", "head_norm.bias",
     # Gemma 4's E2B/E4B: the per-layer embeddings [vocab, layers * dim], and the projection of the embedded token
     # into the same per-layer inputs with its norm (over one layer's dim)
@@ -309,6 +310,8 @@ class ModelSpec:
     #                                embeddings, with low-rank adapters of `rank` of their own (on q|k|v where
     #                                qkv_lora); see configs/zamba2.toml
     attn_input: int = 0            # the width attention's q|k|v read where it is not hidden_size (Zamba2: twice it)
+    disentangled: dict | None = None   # DeBERTa-v2/v3: {"span", "buckets", "max_position", "c2p", "p2c"}: scores
+    #                                    plus q . k_rel and k . q_rel of the log-bucketed offset (see runtime.md)
     rel_bias: dict | None = None   # MPNet: {"buckets", "max_distance"}: a score bias per head from the bucket of the
     #                                key's offset from the query (T5's bidirectional buckets), rel_bias [heads, buckets]
     embed_proj: bool = False       # ELECTRA: the embeddings, positions, types and their norm are embed_dim wide, and
@@ -824,6 +827,9 @@ class Policy:
                 raise FmError(f"config.json: index_head_dim={compressed['index']['dim']} is narrower than the rotated "
                               f"width {position['rotary_dim']}")
         scale = _number(c, "attn_scale", 1.0 / math.sqrt(_number(c, "query_scale_dim", c["head_dim"])))
+        disentangled = self._disentangled(config, c) if self.layout.get("disentangled") else None
+        if disentangled:       # DeBERTa: each of the score's terms (content, c2p, p2c) scaled by 1/sqrt(d * terms)
+            scale = 1.0 / math.sqrt(c["head_dim"] * (1 + disentangled["c2p"] + disentangled["p2c"]))
         if mla and position.get("rope_type", "default") != "default":
             scale *= _yarn_mscale(position["parameters"]) ** 2      # DeepSeek: YaRN's mscale sharpens the softmax
         experts, topk = c.get("num_experts") or 0, c.get("experts_per_token") or 0
@@ -864,7 +870,7 @@ class Policy:
             moa=self._moa(c), final_norm_eps=_number(c, "final_norm_eps", 0.0, zero_ok=True),
             shared_blocks=self._shared_blocks(c, parts, flags),
             attn_input=2 * c["hidden_size"] if self.layout.get("shared_blocks") else 0,
-            diff_attn=self._diff_attn(c), rel_bias=self._rel_bias(c),
+            diff_attn=self._diff_attn(c), rel_bias=self._rel_bias(c), disentangled=disentangled,
             embed_proj=bool(self._layout("embed_proj", flags, False)) and int(c.get("embed_dim") or c["hidden_size"])
             != c["hidden_size"],
             norm_gate_rank=self._norm_gate_rank(c), block_sparse=self._block_sparse(config, c),
@@ -959,6 +965,31 @@ class Policy:
         if flags.get("untied"):     # transformers ties the blocks only with the embeddings: untied, each hybrid
             n = len(hybrid)         # layer runs its own copy
         return {"count": n, "rank": r, "qkv_lora": bool(flags.get("qkv_lora"))}
+
+    def _disentangled(self, config, c: dict) -> dict | None:
+        """DeBERTa-v2/v3's relative attention, from its config: which of content->position (c2p) and
+        position->content (p2c) terms, over how many relative-embedding rows (2 * span)."""
+        if not getattr(config, "relative_attention", False):
+            return None
+        kinds = getattr(config, "pos_att_type", None) or []
+        kinds = [k.strip() for k in kinds.lower().split("|")] if isinstance(kinds, str) else list(kinds)
+        unsupported = [(getattr(config, "conv_kernel_size", 0) or 0) > 0 and "conv_kernel_size (a convolution after "
+                       "the first layer)", not getattr(config, "share_att_key", False) and "share_att_key false (own "
+                       "position projections)", not set(kinds) <= {"c2p", "p2c"} and f"pos_att_type {kinds}",
+                       int(getattr(config, "embedding_size", None) or c["hidden_size"]) != c["hidden_size"]
+                       and "embedding_size other than hidden_size"]
+        unsupported = [u for u in unsupported if u]
+        if unsupported:
+            raise FmError(f"config.json: DeBERTa with {unsupported[0]} is not supported")
+        buckets = getattr(config, "position_buckets", -1) or -1
+        max_pos = getattr(config, "max_relative_positions", -1) or -1
+        max_pos = max_pos if max_pos >= 1 else c.get("max_positions") or 0
+        span = buckets if buckets > 0 else max_pos
+        if type(span) is not int or span < 1 or (buckets > 0 and (buckets % 2 or max_pos <= buckets // 2 + 1)):
+            raise FmError(f"config.json: position_buckets={buckets} and max_relative_positions={max_pos} do not make "
+                          f"a relative-position span (buckets even, below 2 * max_relative_positions)")
+        return {"span": span, "buckets": max(buckets, 0), "max_position": max_pos, "c2p": "c2p" in kinds,
+                "p2c": "p2c" in kinds}
 
     def _rel_bias(self, c: dict) -> dict | None:
         """MPNet: the bucketed relative-position bias every layer adds to its scores (an encoder's)."""
@@ -1859,6 +1890,8 @@ class Policy:
             "embed_norm.weight": (pe,), "embed_norm.bias": (pe,), "final_norm.weight": (h,), "final_norm.bias": (h,),
             "project_in.weight": (h, e), "project_out.weight": (e, h), "embed_proj.weight": (h, e),
             "embed_proj.bias": (h,), "rel_bias.weight": (H, (spec.rel_bias or {}).get("buckets", 0)),
+            "rel_embed.weight": (2 * (spec.disentangled or {}).get("span", 0), h), "rel_embed_norm.weight": (h,),
+            "rel_embed_norm.bias": (h,),
             "pooler.weight": (h, h), "pooler.bias": (h,),
             "head_dense.weight": (h, h), "head_dense.bias": (h,), "head_norm.weight": (h,), "head_norm.bias": (h,),
             "q_norm.weight": {"per_head": (H, hd), "full": (H * hd,)}.get(spec.qk_norm, (hd,)),

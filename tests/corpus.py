@@ -726,6 +726,11 @@ def _inspect_rel_bias_buckets_not_in_quarters(c: Ctx):   # MPNet: a half per dir
     return [_manifest(c, lambda m: m["model"]["rel_bias"].update(buckets=30), name="mpnet")]
 
 
+@case("inspect", "model.disentangled must be null or {span")
+def _inspect_disentangled_buckets_apart_from_its_span(c: Ctx):    # DeBERTa: 2 * span relative-embedding rows
+    return [_manifest(c, lambda m: m["model"]["disentangled"].update(buckets=6), name="deberta_v3")]
+
+
 @case("inspect", "model.shared_blocks and hybrid block_parts go together")
 def _inspect_shared_blocks_without_hybrid_layers(c: Ctx):   # Zamba2's blocks run in its hybrid layers
     return [_manifest(c, lambda m: m["model"].update(block_parts=["mixer"] * 6), name="zamba2")]

@@ -1,8 +1,9 @@
-"""Encoders beyond BERT (configs/roberta.toml, electra.toml, distilbert.toml): RoBERTa, XLM-RoBERTa, CamemBERT,
-data2vec-text, RoBERTa-PreLayerNorm, XLM-RoBERTa-XL, ELECTRA and DistilBERT against transformers' encoder at tp 1
-and 2, with padding on either side and token types; fairseq's positions (only non-pad tokens count) shown to matter;
-ELECTRA's projected embeddings; MPNet's relative-position buckets; verify and an exact round trip back to the source's
-names; bad configs refused."""
+"""Encoders beyond BERT (configs/roberta.toml, electra.toml, distilbert.toml, mpnet.toml, deberta_v2.toml):
+RoBERTa, XLM-RoBERTa, CamemBERT, data2vec-text, RoBERTa-PreLayerNorm, XLM-RoBERTa-XL, ELECTRA, DistilBERT, MPNet
+and DeBERTa-v2/v3 against transformers' encoder at tp 1 and 2, with padding on either side and token types;
+fairseq's positions (only non-pad tokens count), MPNet's relative-position buckets and DeBERTa's disentangled terms
+each shown to matter; ELECTRA's projected embeddings; verify and an exact round trip back to the source's names; bad
+configs refused."""
 
 from __future__ import annotations
 
@@ -121,6 +122,47 @@ def test_mpnet_over_long_offsets_and_its_bias_matters(model_dir, tmp_path):
     for hidden, _ in tiny.on_ranks(tmp_path / "out", 2, lambda m: m(ids)):
         assert tiny.rel(hidden, want) < 1e-5
     assert min(tiny.rel(h, want) for h in tiny.on_ranks(tmp_path / "out", 2, unbiased)) > 1e-3
+
+
+def test_deberta_buckets_match_transformers():
+    """The row of the relative embeddings for every (query, key) pair, log-bucketed (v3) and plain, as transformers
+    builds it."""
+    from transformers.models.deberta_v2.modeling_deberta_v2 import build_relative_position
+
+    from fmconvert.runtime.model import _log_buckets
+    x = torch.zeros(1, 300, 1)
+    for buckets, max_position in [(256, 512), (8, 40), (0, 6)]:
+        want = build_relative_position(x, x, bucket_size=buckets or -1, max_position=max_position)[0]
+        span = buckets or max_position
+        got = _log_buckets(300, span, buckets, max_position)
+        assert torch.equal(got, (want + span).clamp(0, 2 * span - 1))
+
+
+def test_deberta_each_position_term_matters(model_dir, tmp_path):
+    """40 tokens at tp 2 against transformers; without c2p, without p2c, or with the relative embeddings unnormed,
+    the states move."""
+    convert(model_dir("deberta_v3"), tmp_path / "out", Options(tp=2), progress=False)
+    ids = tiny.ids(40, 6)
+    want = reference("deberta_v3", ids, None, None).last_hidden_state
+
+    def without(change):
+        def run(m):
+            change(m)
+            return m(ids)[0]
+        return min(tiny.rel(h, want) for h in tiny.on_ranks(tmp_path / "out", 2, run))
+    assert without(lambda m: None) < 1e-5
+    assert without(lambda m: m.spec["disentangled"].update(c2p=False)) > 1e-3
+    assert without(lambda m: m.spec["disentangled"].update(p2c=False)) > 1e-3
+    assert without(lambda m: m.g.pop("rel_embed_norm.weight")) > 1e-3
+
+
+@pytest.mark.parametrize("edit, match", [
+    (dict(conv_kernel_size=3), "conv_kernel_size"),
+    (dict(share_att_key=False), "share_att_key false"),
+    (dict(position_buckets=7), "position_buckets=7"),
+])
+def test_deberta_variants_it_does_not_run_are_refused(model_copy, tmp_path, edit, match):
+    tiny.refuses(model_copy("deberta_v3"), tmp_path / "out", match, **edit)
 
 
 def test_int8_passes_verify(model_dir, tmp_path):

@@ -1005,6 +1005,15 @@ ENCODERS = {
     "electra_generator": ("ElectraConfig", "ElectraForMaskedLM", dict(_ENC, embedding_size=64, pad_token_id=0)),
     "mpnet": ("MPNetConfig", "MPNetModel", dict(_ENC, max_position_embeddings=160)),    # offsets past 8 buckets
     "mpnet_mlm": ("MPNetConfig", "MPNetForMaskedLM", _ENC),
+    # DeBERTa-v3's layout: log buckets (8: offsets past 4 log-spaced), c2p and p2c, shared keys; weights 10x wider
+    # than its init's, so attention is peaked enough for each term to show
+    "deberta_v3": ("DebertaV2Config", "DebertaV2ForSequenceClassification", dict(
+        _ENC, type_vocab_size=0, relative_attention=True, position_buckets=8, max_relative_positions=40,
+        pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False,
+        pad_token_id=0, initializer_range=0.2)),
+    "deberta_v2": ("DebertaV2Config", "DebertaV2ForMaskedLM", dict(    # absolute positions and token types too,
+        _ENC, relative_attention=True, max_relative_positions=6, pos_att_type="c2p", share_att_key=True,   # no
+        position_biased_input=True, pad_token_id=0)),                 # buckets: offsets clamped at 6, c2p alone
     "distilbert": ("DistilBertConfig", "DistilBertForMaskedLM", _DISTIL),
     "distilbert_sinusoidal": ("DistilBertConfig", "DistilBertModel", dict(_DISTIL, sinusoidal_pos_embds=True,
                                                                           activation="relu")),

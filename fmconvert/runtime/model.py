@@ -1092,10 +1092,28 @@ class Block(nn.Module):
             kblock = keep[2] if len(keep) > 2 else None
             return self._narrow(self._kept_attention(q, k, v, blocks, qpos, kpm, kblock).transpose(1, 2)
                                 .reshape(B, T, -1))
-        attend = self._keys(k, v, cache, key_padding_mask)
+        bias = self._disentangled(q, k) if m.spec["disentangled"] else None
+        attend = self._keys(k, v, cache, key_padding_mask, bias)
         if self.i in m.kv_shared:           # later layers attend over these keys too (Gemma 4 E2B/E4B)
             m.shared_attend[self.i] = attend
         return self._narrow(attend(q))
+
+    def _disentangled(self, q, k):
+        """DeBERTa's position terms for q, k (B, H, T, hd): q_i . k_rel[r] (c2p) plus k_j . q_rel[r] (p2c), r the
+        row of i - j's bucket, k_rel and q_rel this layer's own key and query projections of the (normed) relative
+        embeddings; scaled like the content term, [B, H, T, T]."""
+        m, t = self.m, self.t
+        H, hd, sp = self.heads, self.head_dim, m.spec["disentangled"]
+        rel = m.ops.linear(m.rel_embed, t["qkv.weight"], t.get("qkv.bias"))         # (2 span, this rank's q|k|v)
+        idx = m.rel_index.expand(*q.shape[:2], -1, -1)
+        bias = 0
+        if sp["c2p"]:
+            k_rel = rel[:, H * hd:2 * H * hd].view(-1, H, hd)
+            bias = bias + torch.einsum("bhtd,shd->bhts", q, k_rel).gather(-1, idx)
+        if sp["p2c"]:           # key j's score against row r(i - j), transposed to (query, key)
+            q_rel = rel[:, :H * hd].view(-1, H, hd)
+            bias = bias + torch.einsum("bhtd,shd->bhts", k, q_rel).gather(-1, idx.transpose(-1, -2)).transpose(-1, -2)
+        return bias * m.scale
 
     def _block_keep(self, h, positions, cache, pos_t=None):
         """MiniMax-M3's block indexer: which blocks of keys each of this rank's kv heads' queries keep, [B, kv heads,
@@ -1465,15 +1483,17 @@ class Block(nn.Module):
             return o
         return o.unflatten(-1, (self.heads, self.head_dim))[..., :self.v_dim].flatten(-2)
 
-    def _keys(self, k, v, cache, key_padding_mask):
+    def _keys(self, k, v, cache, key_padding_mask, bias=None):
         """This forward's keys and values k, v (B, Hkv, T, hd), written into the cache -> a function from the queries
-        (B, Hq, T, hd) to the attention output (B, T, Hq * hd) over them, with every earlier key the cache holds."""
+        (B, Hq, T, hd) to the attention output (B, T, Hq * hd) over them, with every earlier key the cache holds.
+        bias: this layer's own score bias (DeBERTa's), else the model's (MPNet's) if any."""
         m = self.m
         B, _, T, _ = k.shape
         flat = lambda o: o.transpose(1, 2).reshape(B, T, -1)           # noqa: E731
         if cache is None:
+            bias = m.score_bias if bias is None else bias
             return lambda q: flat(m.ops.attention(q, k, v, m.scale, m.causal, m.alibi, key_padding_mask, self.window,
-                                                  m.softcap, sinks=self.sinks, chunk=self.chunk, bias=m.score_bias))
+                                                  m.softcap, sinks=self.sinks, chunk=self.chunk, bias=bias))
         kc, vc = cache.k[self.i], cache.v[self.i]
         start = cache.length
         if cache.ring[self.i]:
@@ -1745,6 +1765,19 @@ def _rel_buckets(T: int, buckets: int, max_distance: int, device=None):
     far = exact + (torch.log(n.clamp(min=1).float() / exact) / math.log(max_distance / exact)
                    * (half - exact)).to(torch.long)
     return (d > 0).long() * half + torch.where(n < exact, n, far.clamp(max=half - 1))
+
+
+def _log_buckets(T: int, span: int, buckets: int, max_position: int, device=None, **_):
+    """DeBERTa's row of the relative embeddings for each (query i, key j), [T, T]: i - j, log-bucketed when buckets
+    is set (offsets within buckets / 2 kept, larger ones ceil-log-spaced towards max_position, in float32 as
+    transformers computes them), plus span, clamped to [0, 2 span)."""
+    d = torch.arange(T, device=device).view(T, 1) - torch.arange(T, device=device).view(1, T)   # query - key
+    if buckets:
+        mid = buckets // 2
+        n = torch.where(d.abs() < mid, torch.full_like(d, mid - 1), d.abs())
+        far = torch.ceil(torch.log(n / mid) / torch.log(torch.tensor((max_position - 1) / mid)) * (mid - 1)) + mid
+        d = torch.where(n <= mid, d.float(), far * torch.sign(d)).long()
+    return (d + span).clamp(0, 2 * span - 1)
 
 
 def _rows(cache, idx):
@@ -2115,6 +2148,12 @@ class FusedModel(nn.Module):
         x, residual = self.embed(ids, positions, token_type_ids), None
         if self.spec["rel_bias"]:      # MPNet: one score bias for every layer, by the keys' offsets
             self.score_bias = self.g["rel_bias.weight"][:, _rel_buckets(T, **self.spec["rel_bias"], device=ids.device)]
+        if self.spec["disentangled"]:  # DeBERTa: every layer's position terms read these rows
+            sp, g = self.spec["disentangled"], self.g
+            self.rel_index = _log_buckets(T, **sp, device=ids.device)
+            self.rel_embed = g["rel_embed.weight"] if "rel_embed_norm.weight" not in g else self.ops.add_norm(
+                g["rel_embed.weight"], None, g["rel_embed_norm.weight"], g.get("rel_embed_norm.bias"), self.eps,
+                self.norm)[0]
         states = [x] if output_hidden_states else None
         kpm = None if attention_mask is None else attention_mask.bool()
         x_norm = x_gain = None
