@@ -269,6 +269,20 @@ def inspect(out_dir, as_json):
         t.add_row("attention", "differential: each head's attention minus lambda times its partner's in the other "
                   "half, over both halves' values, RMS-normed per pair (run as plain attention over heads twice as "
                   "wide: the KV cache is twice a plain one's)")
+    dis = md.get("disentangled")
+    if dis:
+        terms = " and ".join(t for t, on in (("content-to-position", dis["c2p"]), ("position-to-content", dis["p2c"]))
+                             if on)
+        t.add_row("attention", f"disentangled (DeBERTa): {terms} terms over {2 * dis['span']} relative embeddings"
+                  + (f", offsets log-bucketed past {dis['buckets'] // 2}" if dis["buckets"] else ""))
+    if md.get("rel_bias"):
+        t.add_row("attention", f"a relative-position bias per head (MPNet): {md['rel_bias']['buckets']} buckets up "
+                  f"to {md['rel_bias']['max_distance']} positions")
+    head = md.get("classifier")
+    if head:
+        steps = ", ".join(f"{s['name']}{'' if s['act'] == 'none' else ' + ' + s['act']}" for s in head["steps"])
+        pool = {"first": "first token's state", "pooler": "pooler output", "mean": "mean of the tokens"}[head["pool"]]
+        t.add_row("classifier", f"the {pool}, then {steps} (passthrough tensors; `fmconvert classify`)")
     sb = md.get("shared_blocks")
     if sb:
         hybrid = [i for i, p in enumerate(md["block_parts"]) if p == "hybrid"]
@@ -747,6 +761,64 @@ def embed(out_dir, texts, text_file, pooling, normalize, max_length, batch_size,
         if model.rank == 0:
             for v in vec.cpu():
                 click.echo(json.dumps([round(x, 6) for x in v.tolist()]))
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--text", "-t", "texts", multiple=True, help="Text to classify (repeatable).")
+@click.option("--pair", "pairs", multiple=True,
+              help="A second segment for each --text, in order (a reranker's passage, an NLI hypothesis).")
+@click.option("--file", "-f", "text_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="A UTF-8 file of texts, one per line; a tab splits a line into text and pair.")
+@click.option("--max-length", type=int, default=None, help="Tokens kept per input. Default: the model's positions.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Inputs per forward.")
+@runtime_options
+def classify(out_dir, texts, pairs, text_file, max_length, batch_size, device, backend, no_verify_hashes, dtype):
+    """Classify or score text with a converted *ForSequenceClassification encoder (a sentiment or NLI model, a
+    cross-encoder reranker such as bge-reranker or ms-marco-MiniLM). Prints one JSON object per input: the best
+    label and every label's probability (softmax), or for a one-logit head its score (sigmoid) and raw logit."""
+    from .runtime.classify import classify as run, labels, scores
+    texts, pairs = list(texts), list(pairs)
+    if text_file is not None:
+        try:
+            lines = text_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise FmError(f"cannot read {text_file}: {getattr(e, 'strerror', None) or type(e).__name__}") from None
+        split = [line.split("\t", 1) for line in lines]
+        if len({len(s) for s in split}) > 1:
+            raise FmError(f"{text_file}: either every line holds a tab (text, then its pair) or none does")
+        texts += [s[0] for s in split]
+        pairs += [s[1] for s in split if len(s) == 2]
+    if pairs and len(pairs) != len(texts):
+        raise FmError(f"{len(pairs)} pairs for {len(texts)} inputs: give a pair for every input or for none")
+    if not texts:
+        raise FmError("nothing to classify: give --text or --file")
+    if batch_size < 1 or (max_length is not None and max_length < 1):
+        raise FmError("--batch-size and --max-length must be positive")
+    model = _load(out_dir, device, backend, no_verify_hashes, dtype)
+    if model.spec["kind"] != "encoder" or model.spec.get("classifier") is None:
+        raise FmError(f"{out_dir} holds no sequence classifier ({model.spec['architecture']}); convert a "
+                      f"*ForSequenceClassification checkpoint")
+    positions = model.spec["max_positions"] if model.spec["position"]["type"] in ("learned", "sinusoidal") else None
+    limit = min(n for n in (max_length, positions) if n) if max_length or positions else None
+    tok = _tokenizer(out_dir)
+    try:
+        multi = json.loads((Path(out_dir) / "config.json").read_text()).get("problem_type") == \
+            "multi_label_classification"
+    except (OSError, ValueError, AttributeError):
+        multi = False
+    for i in range(0, len(texts), batch_size):
+        logits = run(model, tok, texts[i:i + batch_size], pairs[i:i + batch_size] if pairs else None, limit)
+        if model.rank != 0:
+            continue
+        names = labels(out_dir, logits.shape[-1])
+        for row, p in zip(logits.cpu(), scores(logits, multi).cpu()):
+            if len(names) == 1:
+                click.echo(json.dumps({"score": round(p.item(), 6), "logit": round(row.item(), 6)}))
+            else:
+                best = int(p.argmax())
+                click.echo(json.dumps({"label": names[best], "scores": {n: round(x, 6) for n, x in
+                                                                          zip(names, p.tolist())}}))
 
 
 def _one_line(msg: str) -> str:

@@ -208,6 +208,13 @@ _MODEL_OPTIONAL = {
     "attn_input": (0, _NAT, "a non-negative integer"),
     "diff_attn": (False, _BOOL, "true or false"),
     "embed_proj": (False, _BOOL, "true or false"),
+    "classifier": (None, lambda x: x is None or (
+        isinstance(x, dict) and set(x) == {"pool", "steps"} and x["pool"] in ("first", "pooler", "mean")
+        and isinstance(x["steps"], list) and 0 < len(x["steps"]) <= 8 and all(
+            isinstance(s, dict) and set(s) == {"op", "name", "bias", "act"} and s["op"] in ("linear", "norm")
+            and isinstance(s["name"], str) and type(s["bias"]) is bool
+            and s["act"] in ("none", "tanh", "gelu", "gelu_tanh", "relu", "silu") for s in x["steps"])),
+        "null or {pool (first, pooler or mean), steps: [{op (linear or norm), name, bias, act}]}"),
     "disentangled": (None, lambda x: x is None or (
         isinstance(x, dict) and set(x) == {"span", "buckets", "max_position", "c2p", "p2c"}
         and _POS_INT(x["span"]) and _NAT(x["buckets"]) and _POS_INT(x["max_position"])
@@ -451,6 +458,9 @@ def validate(m) -> dict:
           "model.residual gated_hyper and model.hyper's rank go together, in a hybrid decoder with a QSA indexer "
           "and no final norm")
     _need(model["rel_bias"] is None or model["kind"] == "encoder", "model.rel_bias is for encoders")
+    _need(model["classifier"] is None or (model["kind"] == "encoder" and (model["classifier"]["pool"] != "pooler"
+                                                                           or model["pooler"])),
+          "model.classifier is an encoder's, and pools with the pooler only where there is one")
     _need(model["disentangled"] is None or (model["kind"] == "encoder" and model["num_kv_heads"] == model["num_heads"]
                                             and model["mla"] is None),
           "model.disentangled is for encoders with plain multi-head attention")

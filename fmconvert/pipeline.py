@@ -196,6 +196,9 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
             continue
         raise FmError(f"unexpected tensor {n}: the {policy.family} policy has no slot for it")
 
+    spec.classifier = policy.classifier(config, spec.architecture, extras)
+    if spec.classifier and spec.classifier["pool"] == "pooler" and not spec.pooler:
+        raise FmError(f"{spec.architecture}: its classifier reads the pooler, which the checkpoint lacks")
     dtype = _resolve_dtype(opts.dtype, config, ckpt, globals_)
     layout, group, quant_slots, groups = _quant_plan(spec, opts)
     return Plan(policy, spec, layout, dtype, globals_, layers, extras, tied_lm_head, groups, group, quant_slots,

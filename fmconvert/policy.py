@@ -310,6 +310,8 @@ class ModelSpec:
     #                                embeddings, with low-rank adapters of `rank` of their own (on q|k|v where
     #                                qkv_lora); see configs/zamba2.toml
     attn_input: int = 0            # the width attention's q|k|v read where it is not hidden_size (Zamba2: twice it)
+    classifier: dict | None = None  # an encoder's sequence-classification head, run from its passthrough tensors:
+    #                                 {"pool": first | pooler | mean, "steps": [{"linear" | "norm": name, "act"}]}
     disentangled: dict | None = None   # DeBERTa-v2/v3: {"span", "buckets", "max_position", "c2p", "p2c"}: scores
     #                                    plus q . k_rel and k . q_rel of the log-bucketed offset (see runtime.md)
     rel_bias: dict | None = None   # MPNet: {"buckets", "max_distance"}: a score bias per head from the bucket of the
@@ -663,7 +665,8 @@ class Policy:
         self.sublayers: int = self.layout.get("sublayers", 1)
         if type(self.sublayers) is not int or not 1 <= self.sublayers <= 8:
             raise FmError(f"{path.name}: layout.sublayers must be an integer from 1 to 8, got {self.sublayers!r}")
-        for key, values in (("experts", ("per_expert", "stacked", "flat")), ("gate_up", ("halves", "interleaved"))):
+        for key, values in (("experts", ("per_expert", "stacked", "flat")),
+                            ("gate_up", ("halves", "interleaved", "up_first"))):
             if self.layout.get(key, values[0]) not in values:
                 raise FmError(f"{path.name}: layout.{key} must be {' or '.join(values)}, got {self.layout[key]!r}")
         # A layer slot present in some layers only is a flag's (when = ...) or the layout's (dense, linear or part
@@ -759,8 +762,10 @@ class Policy:
     def _spec(self, config, architecture: str) -> ModelSpec:
         flags = self.flags(config, architecture)
         if flags.get("unsupported"):
-            raise FmError(f"{architecture}: this config uses a variant fmconvert does not support "
-                          f"({self.table['flags']['unsupported']})")
+            expr = self.table["flags"]["unsupported"]
+            if isinstance(expr, str):       # name the alternative that holds, not all of them
+                expr = next((a for a in expr.split(" or ") if _eval_flag(config, a, flags)), expr)
+            raise FmError(f"{architecture}: this config uses a variant fmconvert does not support ({expr})")
         c = {k: _config_value(config, v, k, flags) for k, v in self.table["config"].items()}
         if c.get("ffn_adjust"):
             c["intermediate_size"] = self._ffn_adjusted(c)
@@ -2198,6 +2203,41 @@ class Policy:
             pats.append(re.compile(pat))
         return pats
 
+    def classifier(self, config, architecture: str, extras: list[str]) -> dict | None:
+        """The table's [classifier] for a *ForSequenceClassification checkpoint: how its head turns the encoder's
+        last hidden states into logits, over tensors kept as passthrough (each step's weight and, if present, bias
+        must be among them). A value {config = "x"} is read from the config; activations take their canonical names."""
+        head = self.table.get("classifier")
+        if head is None or not architecture.endswith("ForSequenceClassification"):
+            return None
+        have = set(extras)
+
+        def value(v):
+            if isinstance(v, dict):
+                got = getattr(config, v["config"], None)
+                if not isinstance(got, str):
+                    raise FmError(f"config.json: {v['config']} must name the classifier's "
+                                  f"{'pooling' if v is head['pool'] else 'activation'}, got {got!r}")
+                return got
+            return v
+
+        pool = value(head["pool"])
+        if pool not in ("first", "pooler", "mean", "cls"):
+            raise FmError(f"config.json: classifier pooling {pool!r} is not first, cls, mean or pooler")
+        steps = []
+        for s in head["steps"]:
+            op = "linear" if "linear" in s else "norm"
+            name = s[op]
+            if f"{name}.weight" not in have:
+                raise FmError(f"{architecture}: the classifier's {name}.weight is missing from the checkpoint")
+            act = value(s.get("act", "none"))
+            if act not in ("none", "tanh"):
+                if act not in _ACTIVATIONS:
+                    raise FmError(f"config.json: the classifier's activation {act!r} is not supported")
+                act = _ACTIVATIONS[act]
+            steps.append({"op": op, "name": name, "bias": f"{name}.bias" in have, "act": act})
+        return {"pool": "first" if pool == "cls" else pool, "steps": steps}
+
     def passthrough(self) -> list[str]:
         return list(self.table.get("passthrough", []))
 
@@ -2216,6 +2256,11 @@ class Policy:
         """Layout `gate_up = "interleaved"` (GPT-OSS's experts): gate and up rows alternate, where the canonical
         layout has all gate rows, then all up rows."""
         return self.layout.get("gate_up") == "interleaved" and slot.startswith("experts_in.")
+
+    def _up_first(self, slot: str) -> bool:
+        """Layout `gate_up = "up_first"` (GTE's up_gate_proj): a dense MLP's one fused input projection holds every up
+        row, then every gate row, where the canonical layout has the gate first."""
+        return self.layout.get("gate_up") == "up_first" and slot.startswith("mlp_in.")
 
     # -- the rewrite hook -------------------------------------------------------------------------------------
     def fuse(self, spec: ModelSpec, slot: str, parts: list[torch.Tensor]) -> torch.Tensor:
@@ -2238,6 +2283,8 @@ class Policy:
         if slot == "qkv.lora_up":        # Zamba2: block-diagonal, so one product adapts q, k and v at once
             return torch.block_diag(*parts).contiguous()
         t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if self._up_first(slot):                             # [up; gate] -> [gate; up] (its own inverse)
+            t = torch.cat(t.chunk(2)[::-1])
         if self._gate_up_interleaved(slot):                  # per expert [(gate, up) x I] -> [gate x I; up x I]
             E, I = spec.num_experts, spec.intermediate_size
             t = t.reshape(E, I, 2, *t.shape[2:]).transpose(1, 2)
@@ -2297,6 +2344,8 @@ class Policy:
 
     def unfuse(self, spec: ModelSpec, slot: str, t: torch.Tensor, n_parts: int) -> list[torch.Tensor]:
         """Inverse of `fuse`: the canonical tensor back to the HF tensors, in HF layout."""
+        if self._up_first(slot):
+            t = torch.cat(t.chunk(2)[::-1])
         if self._flat(slot):
             E, I, h = spec.num_experts, spec.intermediate_size, spec.hidden_size
             if slot == "experts_in.weight":

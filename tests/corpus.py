@@ -731,6 +731,11 @@ def _inspect_disentangled_buckets_apart_from_its_span(c: Ctx):    # DeBERTa: 2 *
     return [_manifest(c, lambda m: m["model"]["disentangled"].update(buckets=6), name="deberta_v3")]
 
 
+@case("inspect", "model.classifier must be null or {pool")
+def _inspect_classifier_with_an_unknown_pooling(c: Ctx):    # a head reads the first token, the pooler or the mean
+    return [_manifest(c, lambda m: m["model"]["classifier"].update(pool="last"), name="xlm_roberta")]
+
+
 @case("inspect", "model.shared_blocks and hybrid block_parts go together")
 def _inspect_shared_blocks_without_hybrid_layers(c: Ctx):   # Zamba2's blocks run in its hybrid layers
     return [_manifest(c, lambda m: m["model"].update(block_parts=["mixer"] * 6), name="zamba2")]

@@ -1014,6 +1014,15 @@ ENCODERS = {
     "deberta_v2": ("DebertaV2Config", "DebertaV2ForMaskedLM", dict(    # absolute positions and token types too,
         _ENC, relative_attention=True, max_relative_positions=6, pos_att_type="c2p", share_att_key=True,   # no
         position_biased_input=True, pad_token_id=0)),                 # buckets: offsets clamped at 6, c2p alone
+    # sequence classifiers, each family's own head (test_classify.py)
+    "distilbert_cls": ("DistilBertConfig", "DistilBertForSequenceClassification", dict(_DISTIL, num_labels=3)),
+    "electra_cls": ("ElectraConfig", "ElectraForSequenceClassification", dict(_ENC, embedding_size=32, num_labels=3)),
+    "mpnet_cls": ("MPNetConfig", "MPNetForSequenceClassification", dict(_ENC, num_labels=3)),
+    "jina_cls": ("JinaEmbeddingsV3Config", "JinaEmbeddingsV3ForSequenceClassification", dict(_ENC, num_labels=3)),
+    "modernbert_cls": ("ModernBertConfig", "ModernBertForSequenceClassification", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=101,
+        max_position_embeddings=64, local_attention=4, global_attn_every_n_layers=2, classifier_pooling="mean",
+        pad_token_id=1, bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3, num_labels=3)),
     "distilbert": ("DistilBertConfig", "DistilBertForMaskedLM", _DISTIL),
     "distilbert_sinusoidal": ("DistilBertConfig", "DistilBertModel", dict(_DISTIL, sinusoidal_pos_embds=True,
                                                                           activation="relu")),
@@ -1025,6 +1034,19 @@ ENCODERS = {
         max_position_embeddings=64, local_attention=4, global_attn_every_n_layers=3, norm_bias=True,
         attention_bias=True, mlp_bias=True, classifier_bias=True, initializer_range=0.2, pad_token_id=1,
         bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3)),
+    # Rotary encoders (test_rope_encoders.py), each at its family's own RoPE base, weights drawn 10x wider than
+    # their inits' so attention is peaked enough for the base and the GLU's order to show. Nomic's classifier and
+    # the bare Jina model carry the tanh pooler; EuroBERT has grouped kv heads and every bias on; the second GTE
+    # has no token types (gte-base-en-v1.5)
+    "nomic_bert": ("NomicBertConfig", "NomicBertForSequenceClassification", dict(_ENC, initializer_range=0.2)),
+    "gte": ("GteConfig", "GteForMaskedLM", dict(_ENC, initializer_range=0.2)),
+    "gte_untyped": ("GteConfig", "GteForSequenceClassification", dict(_ENC, type_vocab_size=0,
+                                                                      initializer_range=0.2)),
+    "eurobert": ("EuroBertConfig", "EuroBertForMaskedLM", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=101, max_position_embeddings=40, attention_bias=True, mlp_bias=True, initializer_range=0.2,
+        pad_token_id=1, bos_token_id=2, eos_token_id=3, mask_token_id=4)),
+    "jina_embeddings_v3": ("JinaEmbeddingsV3Config", "JinaEmbeddingsV3Model", dict(_ENC, initializer_range=0.2)),
 }
 
 # Phi-3.5 / Phi-4-mini style LongRoPE for the tiny Phi-3 (head_dim 16: 8 factors each), switching at position 16.

@@ -520,6 +520,8 @@ def _assemble(manifest: dict, raw: dict, device, int8: str, dtype) -> dict:
     weights a matmul reads stay int8, reordered for the int8 GEMV; the rest are dequantized once)."""
     out = {}
     tied = manifest["model"]["tied_embeddings"]
+    head = manifest["model"]["classifier"]          # the passthrough tensors a classifier runs, loaded; no others
+    keep = {f"extra.{s['name']}.{p}" for s in head["steps"] for p in ("weight", "bias")} if head else set()
     for name, t in raw.items():
         if name.endswith("_scale"):
             continue
@@ -548,7 +550,8 @@ def _assemble(manifest: dict, raw: dict, device, int8: str, dtype) -> dict:
             # A mixture's experts: one weight each, views of the whole (kept int8 when its experts are).
             out[name] = ExpertWeights(ws, whole if int8 == "keep" else None) if experts else ws[0]
         elif name.startswith("extra."):
-            continue
+            if name in keep:
+                out[name] = t.to(device=device, dtype=dtype)
         elif t.is_floating_point() and name not in (*ROPE_TENSORS, "alibi.slopes") and (
                 (name.split(".", 2)[2] if name.startswith("layers.") else name) not in FLOAT32_SLOTS
                 or t.dtype != torch.float32):       # those stay fp32 (as the model reads them)

@@ -1,0 +1,73 @@
+"""Sequence classification with a converted encoder: its task head, kept beside the shards as passthrough tensors
+and described by the manifest's `classifier`, run on the encoder's last hidden states (rerankers and cross-encoders
+such as bge-reranker or ms-marco-MiniLM are such heads, scoring a (query, passage) pair).
+
+The head is small (a vector per text through one or two matrices), so it runs in plain torch on every rank, each
+holding the whole head and the whole hidden state.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import FmError
+from .ops import activate
+
+
+def head_logits(model, hidden: torch.Tensor, pooled: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+    """The encoder's output (hidden [B, T, h], pooled) and the attention mask -> logits [B, labels] in fp32, as the
+    manifest's classifier says."""
+    head = model.spec["classifier"]
+    if head is None:
+        raise FmError(f"{model.spec['architecture']} has no sequence-classification head (convert a "
+                      f"*ForSequenceClassification checkpoint)")
+    if head["pool"] == "pooler":
+        x = pooled
+    elif head["pool"] == "mean":
+        m = mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
+        x = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+    else:
+        x = hidden[:, 0]
+    g = model.g
+    for s in head["steps"]:
+        w, b = g[f"extra.{s['name']}.weight"], g.get(f"extra.{s['name']}.bias")
+        if s["op"] == "linear":
+            x = F.linear(x, w, b)
+        else:
+            x = F.layer_norm(x, w.shape, w, b, model.eps)
+        if s["act"] == "tanh":
+            x = torch.tanh(x)
+        elif s["act"] != "none":
+            x = activate(x, s["act"])
+    return x.float()
+
+
+def classify(model, tok, texts: list[str], pairs: list[str] | None = None, max_length: int | None = None):
+    """Logits [len(texts), labels] for texts (each with its pair, a cross-encoder's second segment, if given)."""
+    batch = tok(list(texts), list(pairs) if pairs is not None else None, padding=True,
+                truncation="longest_first" if max_length else False, max_length=max_length, return_tensors="pt")
+    ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+    types = batch.get("token_type_ids")
+    hidden, pooled = model(ids, attention_mask=mask, token_type_ids=None if types is None else types.to(model.device))
+    return head_logits(model, hidden, pooled, mask)
+
+
+def labels(out_dir, n: int) -> list[str]:
+    """The label names config.json gives (id2label), else LABEL_i."""
+    try:
+        cfg = json.loads((Path(out_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    names = cfg.get("id2label") if isinstance(cfg, dict) else None
+    names = names if isinstance(names, dict) else {}
+    return [str(names.get(str(i), names.get(i, f"LABEL_{i}"))) for i in range(n)]
+
+
+def scores(logits: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """Probabilities: softmax over the labels, or a sigmoid per label for one label (a reranker's score) or a
+    multi-label head, as transformers' text-classification pipeline does."""
+    return torch.sigmoid(logits) if multi_label or logits.shape[-1] == 1 else logits.softmax(-1)

@@ -1,0 +1,107 @@
+"""Sequence classification (`fmconvert classify`, runtime/classify.py): each encoder family's own task head, kept as
+passthrough tensors and described in the manifest, run on the converted encoder and compared with transformers'
+logits at tp 1 and 2, with padding; a cross-encoder's (text, pair) inputs and a one-logit reranker's
+score through the CLI; heads that cannot run refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tiny
+from corpus import assert_one_line_error, run_main
+from fmconvert.errors import EXIT_BAD_INPUT
+from fmconvert.pipeline import Options, convert
+from fmconvert.runtime.classify import head_logits
+
+# BERT (its pooler), RoBERTa's kin (XLM-R: a tanh layer), DeBERTa (ContextPooler), DistilBERT (ReLU), ELECTRA (GELU),
+# MPNet, ModernBERT (mean pooling, then a LayerNormed head), NomicBERT and GTE (the pooler), Jina v3 (RoBERTa's)
+FAMILIES = ["bert_cls", "xlm_roberta", "deberta_v3", "distilbert_cls", "electra_cls", "mpnet_cls", "modernbert_cls",
+            "nomic_bert", "gte_untyped", "jina_cls"]
+
+
+def batch():
+    """Padding on the right, as these tokenizers pad: with it on the left the first token (which most heads read)
+    would be padding, whose state transformers' DeBERTa computes differently (a pad query there sees every key)."""
+    ids = tiny.ids(9, 7, B=3)
+    ids[1, 6:] = 1
+    ids[2, 3:] = 1
+    return ids, (ids != 1).long()
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_logits_match_transformers(model_dir, tmp_path, name, tp):
+    convert(model_dir(name), tmp_path / "out", Options(tp=tp), progress=False)
+    ids, mask = batch()
+    with torch.no_grad():
+        want = tiny.build(name)(ids, attention_mask=mask).logits
+    for got in tiny.on_ranks(tmp_path / "out", tp, lambda m: head_logits(m, *m(ids, attention_mask=mask), mask)):
+        assert got.shape == want.shape and tiny.rel(got, want) < 1e-5
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())["model"]["classifier"]
+    assert m["steps"][-1]["op"] == "linear" and m["pool"] == ("mean" if name == "modernbert_cls" else "pooler"
+                                                              if name in ("bert_cls", "nomic_bert", "gte_untyped")
+                                                              else "first")
+
+
+def tokenizer():
+    """A word-level tokenizer over the tiny vocab with RoBERTa's specials and pair template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, 101)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>",
+                                                      special_tokens=[("<s>", 0), ("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", cls_token="<s>", sep_token="</s>")
+
+
+QUERIES = ["w5 w6", "w7 w8 w9 w10"]
+PASSAGES = ["w11 w12 w13", "w14"]
+
+
+def cross_encoder(model_copy, tmp_path, capsys, **overrides):
+    src = model_copy("xlm_roberta", **overrides)
+    tokenizer().save_pretrained(src)
+    assert run_main(capsys, "convert", "--quiet", src, tmp_path / "out")[0] == 0
+    enc = tokenizer()(QUERIES, PASSAGES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = tiny.build("xlm_roberta", **overrides)(**enc).logits
+    return tmp_path / "out", logits
+
+
+def test_a_cross_encoder_scores_pairs_through_the_cli(model_copy, tmp_path, capsys):
+    out, logits = cross_encoder(model_copy, tmp_path, capsys, id2label={0: "no", 1: "maybe", 2: "yes"}, num_labels=3)
+    args = [a for q, p in zip(QUERIES, PASSAGES) for a in ("-t", q, "--pair", p)]
+    code, stdout, err = run_main(capsys, "classify", out, *args)
+    assert code == 0, err
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    probs = logits.softmax(-1)
+    for row, p in zip(rows, probs):
+        assert row["label"] == ["no", "maybe", "yes"][int(p.argmax())]
+        assert torch.allclose(torch.tensor(list(row["scores"].values())), p, atol=1e-5)
+    (tmp_path / "pairs.tsv").write_text("".join(f"{q}\t{p}\n" for q, p in zip(QUERIES, PASSAGES)))
+    assert run_main(capsys, "classify", out, "--file", tmp_path / "pairs.tsv")[1] == stdout
+
+
+def test_a_one_logit_reranker_gives_a_score(model_copy, tmp_path, capsys):
+    out, logits = cross_encoder(model_copy, tmp_path, capsys, num_labels=1)
+    code, stdout, err = run_main(capsys, "classify", out, "-t", QUERIES[0], "--pair", PASSAGES[0], "-t", QUERIES[1],
+                                 "--pair", PASSAGES[1])
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    assert code == 0 and [r["logit"] for r in rows] == pytest.approx(logits[:, 0].tolist(), abs=1e-5)
+    assert [r["score"] for r in rows] == pytest.approx(torch.sigmoid(logits[:, 0]).tolist(), abs=1e-5)
+
+
+def test_what_cannot_be_classified_is_refused_in_one_line(model_dir, model_copy, tmp_path, capsys):
+    src = model_copy("roberta")                     # a masked-LM checkpoint: no classifier
+    tokenizer().save_pretrained(src)
+    assert run_main(capsys, "convert", "--quiet", src, tmp_path / "mlm")[0] == 0
+    assert_one_line_error(*run_main(capsys, "classify", tmp_path / "mlm", "-t", "w5")[::2], EXIT_BAD_INPUT,
+                          "holds no sequence classifier")
+    assert_one_line_error(*run_main(capsys, "classify", tmp_path / "mlm", "-t", "w5", "--pair", "w6", "--pair",
+                                    "w7")[::2], EXIT_BAD_INPUT, "2 pairs for 1 inputs")
+    tiny.refuses(model_copy("deberta_v3"), tmp_path / "out", "classifier's activation 'mish'", pooler_hidden_act="mish")
