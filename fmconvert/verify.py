@@ -7,7 +7,8 @@ Three stages, each naming what it finds:
               the per-element bound scale/2. Failures are localized to a rank, a file and a q/k/v (gate/up) section.
   end to end  the HF model (fp32) and the fmconvert runtime (all ranks, fp32 compute) on the same token batches:
               logits, KL, top-1/top-5 agreement, perplexity, and hidden states layer by layer (encoders: hidden
-              states and the pooled output).
+              states and the pooled output; a sequence classifier's head, as `classify` runs it, against the task
+              model's own logits).
 
 tp > 1 runs every rank in one process (threads joined by ThreadComm, which combines partial results exactly like
 the all-reduce and all-gather) or, with tp_mode="distributed", one process per rank under torchrun.
@@ -509,12 +510,17 @@ class _Ranks:
 
 
 def _converted_forward(model, ids, kind):
+    """(the hidden states as HF reports them, the logits or pooled output, a sequence classifier's logits or None)"""
     final, states = model.hidden(ids, output_hidden_states=True)
     out = model.logits(final) if kind == "decoder" else model.pooled(final)
+    head = None
+    if kind == "encoder" and model.spec.get("classifier"):
+        from .runtime.classify import head_logits
+        head = head_logits(model, final, out, torch.ones_like(ids)).cpu()
     if model.spec["project"]:  # HF reports the last hidden state after project_out
         final = model.ops.linear(final, model.g["project_out.weight"])
     return [s.float().cpu() for s in states] + [final.float().cpu()], \
-        None if out is None else out.float().cpu()
+        None if out is None else out.float().cpu(), head
 
 
 def _source_quant(model_dir: Path) -> dict:
@@ -593,7 +599,7 @@ def _rewritten_reference(cls, model_dir: Path, quant: dict):
         return cls.from_pretrained(tmp, local_files_only=True, trust_remote_code=False, dtype=torch.float32)
 
 
-def _load_reference(model_dir: Path, arch: str, kind: str, device):
+def _load_reference(model_dir: Path, arch: str, kind: str, device, head: bool = False):
     import transformers
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
@@ -613,7 +619,7 @@ def _load_reference(model_dir: Path, arch: str, kind: str, device):
         raise FmError(f"transformers cannot load {model_dir} as {arch} ({type(e).__name__}: "
                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
     model = model.float().eval().to(device)
-    if kind == "encoder" and model.base_model is not model:
+    if kind == "encoder" and model.base_model is not model and not head:
         model = model.base_model  # task heads (BertFor...) are passthrough extras; compare the encoder
     inner = getattr(model, "language_model", None)
     if hasattr(inner, "lm_head"):
@@ -725,7 +731,7 @@ def check_end_to_end(model_dir: Path, m: dict, converted: list, batches: torch.T
     sp = m["model"]
     pos = sp.get("position") or {}
     with contextlib.ExitStack() as stack:
-        ref = _load_reference(model_dir, sp["architecture"], sp["kind"], device)
+        ref = _load_reference(model_dir, sp["architecture"], sp["kind"], device, head=bool(sp.get("classifier")))
         note = None
         if _faithful_reference(sp["architecture"], sp["family"]) and pos.get("type") == "rope":
             note = stack.enter_context(checkpoint_rope_width(ref, int(pos["rotary_dim"]), float(pos["theta"])))
@@ -745,10 +751,14 @@ def _compare(ref, sp: dict, converted: list, batches: torch.Tensor, th: Threshol
     out_d = {"max_abs": 0.0, "err": 0.0, "sig": 0.0}
     kls, top1, top5, nll_ref, nll_conv, cos = [], [], [], [], [], []
     has_logits = None
-    for ids, (states, out) in zip(_split(batches, kind), converted):
+    heads = []                                  # a sequence classifier's logits: (converted, reference)
+    for ids, (states, out, head) in zip(_split(batches, kind), converted):
         states = _hf_states(states, reports, every)
         with torch.inference_mode():
-            o = ref(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device), output_hidden_states=True)
+            enc = ref.base_model if head is not None else ref
+            o = enc(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device), output_hidden_states=True)
+            if head is not None:
+                heads.append((head.double(), ref(input_ids=ids.to(device)).logits.float().cpu().double()))
         hs = [h.float().cpu() for h in o.hidden_states]
         if len(hs) != len(states):
             raise FmError(f"the reference reports {len(hs)} hidden states, the runtime {len(states)}")
@@ -823,6 +833,17 @@ def _compare(ref, sp: dict, converted: list, batches: torch.Tensor, th: Threshol
         res["cosine_what"] = "pooled output" if sp.get("pooler") else "first token's last hidden state"
         if res["cosine_min"] < th.min_cosine:
             fails.append(f"end to end: {res['cosine_what']} cosine {res['cosine_min']:.6f} < {th.min_cosine:g}")
+    if heads:           # the task head fmconvert runs, against the task model's own logits
+        a, b = (torch.cat(x) for x in zip(*heads))
+        rel = math.sqrt(float((a - b).square().sum()) / max(float(b.square().sum()), 1e-30))
+        res["classifier"] = {"max_abs": float((a - b).abs().max()), "rel_rms": rel,
+                             "top1": float((a.argmax(-1) == b.argmax(-1)).double().mean()) if a.shape[-1] > 1
+                             else None}
+        if rel > th.max_rel:
+            fails.append(f"end to end: classifier logits relative RMS error {rel:.3g} > {th.max_rel:g}")
+        if res["classifier"]["top1"] is not None and res["classifier"]["top1"] < th.min_top1:
+            fails.append(f"end to end: classifier top-1 agreement {res['classifier']['top1']:.2%} < "
+                         f"{th.min_top1:.2%}")
     if first_bad is not None:
         x = next(x for x in layers if x["name"] == first_bad)
         fails.append(f"end to end: hidden states diverge first at {first_bad} (rel RMS {x['rel_rms']:.3g} > "
@@ -1075,6 +1096,11 @@ def print_report(report: dict, console=None):
         if "cosine_min" in e:
             row(f"{e['cosine_what']} cosine, min", e["cosine_min"], th["min_cosine"],
                 e["cosine_min"] >= th["min_cosine"], ".6f")
+        c = e.get("classifier")
+        if c:
+            row("classifier logits, relative RMS", c["rel_rms"], th["max_rel"], c["rel_rms"] <= th["max_rel"])
+            if c["top1"] is not None:
+                row("classifier top-1 agreement", c["top1"], th["min_top1"], c["top1"] >= th["min_top1"], ".4f")
         first = e.get("first_divergent_layer")
         t.add_row("first diverging layer", first or "none", _fmt(th["max_rel"]), bad if first else ok)
         con.print(t)

@@ -1,7 +1,7 @@
 """Sequence classification (`fmconvert classify`, runtime/classify.py): each encoder family's own task head, kept as
 passthrough tensors and described in the manifest, run on the converted encoder and compared with transformers'
 logits at tp 1 and 2, with padding; a cross-encoder's (text, pair) inputs and a one-logit reranker's
-score through the CLI; heads that cannot run refused in one line."""
+score through the CLI; verify checking the head; heads that cannot run refused in one line."""
 
 from __future__ import annotations
 
@@ -105,3 +105,20 @@ def test_what_cannot_be_classified_is_refused_in_one_line(model_dir, model_copy,
     assert_one_line_error(*run_main(capsys, "classify", tmp_path / "mlm", "-t", "w5", "--pair", "w6", "--pair",
                                     "w7")[::2], EXIT_BAD_INPUT, "2 pairs for 1 inputs")
     tiny.refuses(model_copy("deberta_v3"), tmp_path / "out", "classifier's activation 'mish'", pooler_hidden_act="mish")
+
+
+def test_verify_checks_the_head_and_catches_a_wrong_one(model_dir, tmp_path):
+    """verify runs the head too, against the task model's own logits: int8 at tp 2 passes with every label agreed;
+    a head with relu for its tanh in the manifest fails on the classifier's logits."""
+    from fmconvert.manifest import MANIFEST, dumps, read
+    from fmconvert.verify import verify
+    src = model_dir("xlm_roberta")
+    convert(src, tmp_path / "out", Options(tp=2, int8=True, group_size=16), progress=False)
+    r = verify(src, tmp_path / "out", tokens=32)
+    assert r["passed"] and r["end_to_end"]["classifier"]["top1"] == 1.0
+    assert r["end_to_end"]["classifier"]["rel_rms"] < 0.05
+    m = read(tmp_path / "out")
+    m["model"]["classifier"]["steps"][0]["act"] = "relu"
+    (tmp_path / "out" / MANIFEST).write_text(dumps(m))
+    r = verify(src, tmp_path / "out", tokens=32)
+    assert not r["passed"] and any("classifier logits" in f for f in r["failures"])
