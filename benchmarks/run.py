@@ -18,10 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_convert  # noqa: E402
 import bench_decode  # noqa: E402
+import bench_encode  # noqa: E402
 import bench_load  # noqa: E402
 import common as C  # noqa: E402
 
-SECTIONS = {"convert": bench_convert.run, "load": bench_load.run, "decode": bench_decode.run}
+SECTIONS = {"convert": bench_convert.run, "load": bench_load.run, "decode": bench_decode.run,
+            "encode": bench_encode.run}
 
 
 def main(argv=None):

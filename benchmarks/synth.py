@@ -63,13 +63,29 @@ FALCON_MAMBA_LITE = dict(model="falcon_mamba", hidden_size=2048, num_hidden_laye
                          conv_kernel=4, time_step_rank=128, vocab_size=32000)
 FALCON_MAMBA_SMOKE = dict(FALCON_MAMBA_LITE, hidden_size=256, num_hidden_layers=2, time_step_rank=16,
                           vocab_size=1000)
+# Encoders at base size: BERT-base (all-MiniLM's family, bge-base), all-mpnet-base-v2's MPNet, DeBERTa-v3-base.
+BERT_BASE = dict(model="bert", hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 vocab_size=30522, max_position_embeddings=512)
+MPNET_BASE = dict(BERT_BASE, model="mpnet", vocab_size=30527, max_position_embeddings=514)
+DEBERTA_V3_BASE = dict(BERT_BASE, model="deberta_v2", vocab_size=128100, relative_attention=True,
+                       position_buckets=256, max_relative_positions=512, pos_att_type=["p2c", "c2p"],
+                       share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False, type_vocab_size=0,
+                       layer_norm_eps=1e-7)
+ENCODER_SMOKE = dict(BERT_BASE, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                     vocab_size=1000)
 _MODELS = {"deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
+           "bert": ("BertConfig", "BertModel"), "mpnet": ("MPNetConfig", "MPNetModel"),
            "falcon_mamba": ("FalconMambaConfig", "FalconMambaForCausalLM"),
            "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM"),
-           "granitemoehybrid": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM")}
+           "granitemoehybrid": ("GraniteMoeHybridConfig", "GraniteMoeHybridForCausalLM"),
+           "deberta_v2": ("DebertaV2Config", "DebertaV2Model")}
+ENCODERS = ("bert", "mpnet", "deberta_v2")
 
 
 def key(shape: dict) -> str:
+    if shape.get("model") in ENCODERS:
+        return "{model}-h{hidden_size}-i{intermediate_size}-l{num_hidden_layers}-a{num_attention_heads}-v{vocab_size}" \
+            "-bf16".format(**shape)
     if shape.get("model") == "granitemoehybrid":
         return ("granite_h-h{hidden_size}-i{shared_intermediate_size}-l{num_hidden_layers}-m{mamba_n_heads}"
                 "-n{mamba_d_state}-v{vocab_size}-bf16").format(**shape)
@@ -102,8 +118,9 @@ def build(shape: dict, cache: Path = CACHE, seed: int = 0, max_shard_size: str =
         print(f"building synthetic checkpoint {out.name} (once; cached) ...", file=sys.stderr, flush=True)
     kw = {k: v for k, v in shape.items() if k != "model"}
     config_cls, model_cls = _MODELS.get(shape.get("model"), ("LlamaConfig", "LlamaForCausalLM"))
-    config = getattr(transformers, config_cls)(**kw, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                                               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    defaults = {} if shape.get("model") in ENCODERS else dict(max_position_embeddings=4096, rms_norm_eps=1e-5,
+                                                              tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    config = getattr(transformers, config_cls)(**{**defaults, **kw})
     config.dtype = torch.bfloat16
     with torch.device("meta"):
         model = getattr(transformers, model_cls)(config)
@@ -111,7 +128,7 @@ def build(shape: dict, cache: Path = CACHE, seed: int = 0, max_shard_size: str =
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if name.endswith(("norm.weight", "LayerNorm.weight")):
                 p.fill_(1.0)
                 p.add_(torch.randn(p.shape, generator=gen, dtype=torch.bfloat16), alpha=0.1)
             else:

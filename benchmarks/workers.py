@@ -121,6 +121,41 @@ def decode(a):
                       "int8_packed": len(packed_int8(fm))}))
 
 
+def encode(a):
+    """fmconvert and transformers (AutoModel, fp32) on the same batch of texts' ids, alternated run by run in one
+    process: texts/s of a whole forward, and how close the last hidden states are."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    _quiet_hf()
+    from transformers import AutoModel
+
+    from fmconvert.runtime.load import load
+    fm = load(a.fm, device="cpu", check_hashes=False)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, fm.spec["vocab_size"], (a.batch, a.seq_len), generator=g)
+    mask = torch.ones_like(ids)
+    mask[a.batch // 2:, a.seq_len * 3 // 4:] = 0           # half the texts a quarter shorter, padded on the right
+    hf = AutoModel.from_pretrained(a.src, dtype=torch.float32).eval()
+
+    def fm_run():
+        return fm(ids, attention_mask=mask)[0]
+
+    def hf_run():
+        with torch.inference_mode():
+            return hf(input_ids=ids, attention_mask=mask).last_hidden_state
+    got, want = fm_run(), hf_run()                          # warm up both
+    real = mask.bool()
+    err = float((got[real] - want[real]).norm() / want[real].norm())
+    fm_s, hf_s = [], []
+    for _ in range(a.runs):
+        for fn, out in ((fm_run, fm_s), (hf_run, hf_s)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(a.batch / (time.perf_counter() - t0))
+    print(json.dumps({"fm_texts_s": fm_s, "hf_texts_s": hf_s, "rel_err": err, "batch": a.batch,
+                      "seq_len": a.seq_len, "hf_attention": hf.config._attn_implementation,
+                      "threads": torch.get_num_threads()}))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -146,6 +181,13 @@ def main(argv=None):
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--no-hf", action="store_true")
     p.set_defaults(fn=decode)
+    p = sub.add_parser("encode")
+    p.add_argument("src", type=Path)
+    p.add_argument("fm", type=Path)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--runs", type=int, default=3)
+    p.set_defaults(fn=encode)
     a = ap.parse_args(argv)
     a.fn(a)
 

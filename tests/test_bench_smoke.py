@@ -29,6 +29,7 @@ def test_bench_smoke(tmp_path):
                  "load rank 0/2, default (sha256 check, int8 packed for the CPU GEMV)"):
         assert want in names, names
     assert any(n.startswith("decode ") for n in names), names
+    assert any(n.startswith("encode ") for n in names), names
     for f in res["figures"]:
         assert isinstance(f["value"], (int, float)) and f["value"] > 0, f
         assert f["baseline_value"] is None or f["baseline_value"] > 0, f
