@@ -667,6 +667,9 @@ def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, sy
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
     if model.spec["kind"] != "decoder":
         raise FmError(f"{out_dir} holds an encoder ({model.spec['architecture']}); use `fmconvert embed`")
+    if model.spec["headless"]:
+        raise FmError(f"{out_dir} holds {model.spec['architecture']} without its language-model head (an "
+                      f"embedding model): it cannot generate; use `fmconvert embed`")
     lead = model.rank == 0
     tok = _tokenizer(out_dir)
     ids = torch.tensor([prompt_ids(tok, prompt, chat, system, out_dir)], dtype=torch.long)
@@ -725,9 +728,10 @@ def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, sy
 @runtime_options
 def embed(out_dir, texts, text_file, pooling, normalize, max_length, batch_size, device, backend, no_verify_hashes,
           dtype):
-    """Embed text with a converted encoder (BERT, RoBERTa, XLM-R, MPNet, ModernBERT, ...): one JSON vector per
-    line, in the order given. A sentence-transformers model (all-mpnet-base-v2, all-MiniLM-L6-v2, ...) gives the
-    vectors its own pipeline would, read from the files conversion copies beside the shards."""
+    """Embed text with a converted encoder (BERT, RoBERTa, XLM-R, MPNet, ModernBERT, ...) or a decoder embedding
+    model (Qwen3-Embedding, e5-mistral, gte-Qwen2): one JSON vector per line, in the order given. A
+    sentence-transformers model (all-mpnet-base-v2, all-MiniLM-L6-v2, Qwen3-Embedding, ...) gives the vectors its
+    own pipeline would, read from the files conversion copies beside the shards."""
     from .runtime.embed import sentence_config, sentence_vectors
     if text_file is not None:
         try:
@@ -742,14 +746,13 @@ def embed(out_dir, texts, text_file, pooling, normalize, max_length, batch_size,
         raise FmError(f"{out_dir} holds no converted model (no manifest.json)")
     st = sentence_config(out_dir) if pooling == "auto" else None
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
-    if model.spec["kind"] != "encoder":
-        raise FmError(f"{out_dir} holds a decoder; use `fmconvert generate`")
     if pooling != "auto":
         modes = (pooling,)
     elif st is not None:
         modes = st.modes
-    else:
-        modes = ("pooler",) if model.spec.get("pooler") else ("mean",)
+    else:       # a decoder's last token is the one that has read the whole text
+        modes = ("lasttoken",) if model.spec["kind"] == "decoder" else ("pooler",) if model.spec.get("pooler") \
+            else ("mean",)
         if model.rank == 0:
             click.echo(f"pooling: {modes[0]} (no sentence-transformers config; --pooling picks another)", err=True)
     normalize = (st is not None and st.normalize) if normalize is None else normalize

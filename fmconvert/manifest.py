@@ -208,6 +208,7 @@ _MODEL_OPTIONAL = {
     "attn_input": (0, _NAT, "a non-negative integer"),
     "diff_attn": (False, _BOOL, "true or false"),
     "embed_proj": (False, _BOOL, "true or false"),
+    "headless": (False, _BOOL, "true or false"),
     "classifier": (None, lambda x: x is None or (
         isinstance(x, dict) and set(x) == {"pool", "steps"} and x["pool"] in ("first", "pooler", "mean")
         and isinstance(x["steps"], list) and 0 < len(x["steps"]) <= 8 and all(
@@ -458,6 +459,8 @@ def validate(m) -> dict:
           "model.residual gated_hyper and model.hyper's rank go together, in a hybrid decoder with a QSA indexer "
           "and no final norm")
     _need(model["rel_bias"] is None or model["kind"] == "encoder", "model.rel_bias is for encoders")
+    _need(not model["headless"] or (model["kind"] == "decoder" and not model["tied_embeddings"]),
+          "model.headless is for decoders with an untied head")
     _need(model["classifier"] is None or (model["kind"] == "encoder" and (model["classifier"]["pool"] != "pooler"
                                                                            or model["pooler"])),
           "model.classifier is an encoder's, and pools with the pooler only where there is one")

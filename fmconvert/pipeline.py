@@ -118,6 +118,14 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
         raise FmError(f"missing tensor {want} (tried prefixes {policy.prefixes}); is this really {arch}?")
     globals_ = policy.sources(spec, flags, prefix, None)
     layers = [policy.sources(spec, flags, prefix, i) for i in range(spec.num_layers)]
+    head = next((s for s in globals_ if s.slot == "lm_head.weight"), None)
+    if head is not None and not any(all(n in ckpt for n in names) for names in [head.names, *head.aliases]) and (
+            not arch.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"))
+            or sentence_files(model_dir)):
+        # a decoder saved without its head: a bare *Model, or a sentence-transformers embedding model that keeps
+        # the body alone (Qwen3-Embedding-4B/8B); its hidden states are what it is for
+        spec.headless = True
+        globals_ = [s for s in globals_ if not s.slot.startswith("lm_head.")]
 
     consumed: set[str] = set()
     bytes_in = params = 0
@@ -1042,7 +1050,7 @@ def _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config,
                 "quantization": None if not opts.int8 else {
                     "scheme": "int8_symmetric_group", "group_size": plan.group_size,
                     "scale_dtype": dtype_name(run.scale_dtype), "embeddings": opts.int8_embeddings,
-                    "lm_head": "lm_head.weight" in plan.quant_slots and (
+                    "lm_head": "lm_head.weight" in plan.quant_slots and not plan.spec.headless and (
                         opts.int8_embeddings or not plan.spec.tied_embeddings),
                     "tensors": qstats},
                 "extras": plan.extras,

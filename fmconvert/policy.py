@@ -310,6 +310,8 @@ class ModelSpec:
     #                                embeddings, with low-rank adapters of `rank` of their own (on q|k|v where
     #                                qkv_lora); see configs/zamba2.toml
     attn_input: int = 0            # the width attention's q|k|v read where it is not hidden_size (Zamba2: twice it)
+    headless: bool = False          # a decoder saved without its untied lm_head (a bare *Model, or an embedding model
+    #                                 such as Qwen3-Embedding-8B): hidden states only, for `embed`
     classifier: dict | None = None  # an encoder's sequence-classification head, run from its passthrough tensors:
     #                                 {"pool": first | pooler | mean, "steps": [{"linear" | "norm": name, "act"}]}
     disentangled: dict | None = None   # DeBERTa-v2/v3: {"span", "buckets", "max_position", "c2p", "p2c"}: scores

@@ -731,6 +731,11 @@ def _inspect_disentangled_buckets_apart_from_its_span(c: Ctx):    # DeBERTa: 2 *
     return [_manifest(c, lambda m: m["model"]["disentangled"].update(buckets=6), name="deberta_v3")]
 
 
+@case("inspect", "model.headless is for decoders with an untied head")
+def _inspect_headless_encoder(c: Ctx):                    # an encoder has no language-model head to leave out
+    return [_manifest(c, lambda m: m["model"].update(headless=True), name="bert")]
+
+
 @case("inspect", "model.classifier must be null or {pool")
 def _inspect_classifier_with_an_unknown_pooling(c: Ctx):    # a head reads the first token, the pooler or the mean
     return [_manifest(c, lambda m: m["model"]["classifier"].update(pool="last"), name="xlm_roberta")]

@@ -1,7 +1,8 @@
 """Sentence embeddings (`fmconvert embed`, runtime/embed.py): a sentence-transformers checkpoint's own pipeline (its
 Pooling modes, Normalize and max_seq_length, copied beside the shards at conversion) against the same pipeline built
-from transformers by hand; every pooling mode against a per-row reference, padding on either side; bad pipelines
-refused in one line."""
+from transformers by hand; every pooling mode against a per-row reference, padding on either side; a decoder
+embedding model saved without its head (Qwen3-Embedding's layout) converted headless and embedded by its last
+token; bad pipelines refused in one line."""
 
 from __future__ import annotations
 
@@ -149,3 +150,57 @@ def test_without_a_pipeline_the_choice_is_said(model_dir, tmp_path, capsys):
     code, stdout, err = run_main(capsys, "embed", tmp_path / "out", "-t", "w5 w6")
     assert code == 0 and "pooling: pooler" in err and len(json.loads(stdout)) == 64
     assert_one_line_error(*run_main(capsys, "embed", tmp_path / "out")[::2], EXIT_BAD_INPUT, "nothing to embed")
+
+
+def test_a_headless_decoder_body_matches_transformers(model_dir, tmp_path, capsys):
+    """A bare Qwen3Model with untied embeddings has no lm_head: it converts headless, its hidden states (left padding
+    too) match transformers', verify compares them, and generate is refused in one line."""
+    from fmconvert.pipeline import Options, convert
+    from fmconvert.verify import verify
+    src = model_dir("qwen3_body")
+    convert(src, tmp_path / "out", Options(tp=2), progress=False)
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert m["model"]["headless"] and not any("lm_head" in t for r in m["ranks"] for t in r["tensors"])
+    ids = tiny.ids(9, 8)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        want = tiny.build("qwen3_body")(ids, attention_mask=mask).last_hidden_state
+    for got in tiny.on_ranks(tmp_path / "out", 2, lambda m: m.hidden(ids, attention_mask=mask)):
+        assert tiny.rel(got[mask.bool()], want[mask.bool()]) < 1e-5
+    r = verify(src, tmp_path / "out", tokens=32)
+    assert r["passed"] and r["end_to_end"]["output"] == "last hidden state"
+    convert(src, tmp_path / "tp1", Options(tp=1), progress=False)
+    tokenizer().save_pretrained(tmp_path / "tp1")
+    assert_one_line_error(*run_main(capsys, "generate", tmp_path / "tp1", "-p", "w5")[::2], EXIT_BAD_INPUT,
+                          "without its language-model head")
+
+
+def test_qwen3_embedding_layout_end_to_end(model_dir, tmp_path, capsys):
+    """Qwen3-Embedding-8B's layout: config.json says Qwen3ForCausalLM, the weights are the body alone, and its
+    sentence-transformers pipeline pools the last token and normalises; the tokenizer pads on the left. Without the
+    pipeline, a causal LM missing its head is still refused."""
+    src = tmp_path / "qwen3-embedding"
+    shutil.copytree(model_dir("qwen3_body"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "architectures": ["Qwen3ForCausalLM"]}))
+    tok = tokenizer()
+    tok.padding_side = "left"
+    tok.save_pretrained(src)
+    code, _, err = run_main(capsys, "convert", "--quiet", src, tmp_path / "refused")
+    assert_one_line_error(code, err, EXIT_BAD_INPUT, "missing tensor lm_head.weight")
+    (src / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (src / "1_Pooling").mkdir()
+    (src / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_lasttoken": True}))
+    assert run_main(capsys, "convert", "--quiet", src, tmp_path / "out")[0] == 0
+    code, stdout, err = run_main(capsys, "embed", tmp_path / "out", *[a for t in TEXTS[:2] for a in ("-t", t)])
+    assert code == 0, err
+    got = torch.tensor([json.loads(line) for line in stdout.splitlines()])
+    batch = tok(TEXTS[:2], padding=True, return_tensors="pt")
+    assert batch["attention_mask"][1, 0] == 0                       # the shorter text is padded on the left
+    with torch.no_grad():
+        hidden = tiny.build("qwen3_body")(**batch).last_hidden_state
+    assert (got - F.normalize(hidden[:, -1], dim=-1)).abs().max() < 1e-5

@@ -1023,6 +1023,8 @@ ENCODERS = {
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=101,
         max_position_embeddings=64, local_attention=4, global_attn_every_n_layers=2, classifier_pooling="mean",
         pad_token_id=1, bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3, num_labels=3)),
+    # a decoder's body alone, untied, as embedding models save it (Qwen3-Embedding-4B/8B): no lm_head to read
+    "qwen3_body": ("Qwen3Config", "Qwen3Model", dict(CONFIGS["qwen3"][2], tie_word_embeddings=False, pad_token_id=1)),
     "distilbert": ("DistilBertConfig", "DistilBertForMaskedLM", _DISTIL),
     "distilbert_sinusoidal": ("DistilBertConfig", "DistilBertModel", dict(_DISTIL, sinusoidal_pos_embds=True,
                                                                           activation="relu")),

@@ -1,4 +1,5 @@
-"""Sentence embeddings from a converted encoder: the last hidden states pooled into one vector per text.
+"""Sentence embeddings from a converted encoder, or a decoder built for them (Qwen3-Embedding, e5-mistral,
+gte-Qwen2): the last hidden states pooled into one vector per text.
 
 A sentence-transformers checkpoint says how in files beside the weights, which conversion copies: modules.json
 lists the pipeline (Transformer, then Pooling, maybe Normalize), the Pooling module's config.json names its modes,
@@ -100,7 +101,11 @@ def sentence_vectors(model, tok, texts: list[str], modes, normalize: bool, max_l
                 return_tensors="pt")
     ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
     types = batch.get("token_type_ids")
-    hidden, pooled = model(ids, attention_mask=mask, token_type_ids=None if types is None else types.to(model.device))
+    if model.spec["kind"] == "decoder":     # an embedding model built on a decoder (Qwen3-Embedding, e5-mistral)
+        hidden, pooled = model.hidden(ids, attention_mask=mask), None
+    else:
+        hidden, pooled = model(ids, attention_mask=mask,
+                               token_type_ids=None if types is None else types.to(model.device))
     parts = []
     for mode in modes:
         if mode == "pooler":

@@ -266,7 +266,8 @@ def check_layout(m: dict, rank: int):
     layer_shapes = [shapes(i) for i in range(sp["num_layers"])]      # once per layer, not once per tensor
     tensors = m["ranks"][rank]["tensors"]
     need = {"embed.weight"} | {s for s in sp["slots"] if not s.startswith("layers.")}
-    need |= {s for s, on in [("lm_head.weight", sp["kind"] == "decoder" and not sp["tied_embeddings"]),
+    need |= {s for s, on in [("lm_head.weight", sp["kind"] == "decoder" and not sp["tied_embeddings"]
+                              and not sp["headless"]),
                              ("final_norm.weight", sp["final_norm"] and sp["norm_affine"]),
                              ("embed_norm.weight", sp["embed_norm"] and sp["norm_affine"]),
                              ("project_in.weight", sp["project"]), ("project_out.weight", sp["project"]),

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from ..errors import FmError
 from ..manifest import TABLE_POSITIONS, block_owners, is_global_layer
 from ..policy import SHARED_BLOCK_SLOTS
 from .comm import SingleComm
@@ -2041,6 +2042,9 @@ class FusedModel(nn.Module):
 
     def logits(self, h):
         g, sp = self.g, self.spec
+        if sp["headless"]:
+            raise FmError(f"{sp['architecture']} was converted without its language-model head (an embedding "
+                          f"model, or a bare *Model): it gives hidden states; use `fmconvert embed`")
         h = self.project_out(h)
         if sp["head_activation"]:       # ModernBERT's decoder: a dense layer, its activation and a norm first
             h = self.ops.linear(h, g["head_dense.weight"], g.get("head_dense.bias"), sp["head_activation"])
