@@ -725,9 +725,13 @@ def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, sy
 @click.option("--max-length", type=int, default=None,
               help="Tokens kept per text. Default: sentence-transformers' max_seq_length, else the model's positions.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Texts encoded per forward.")
+@click.option("--prompt-name", default=None,
+              help="Put this named prompt of config_sentence_transformers.json before each text (Qwen3-Embedding's "
+                   "and e5's queries: e.g. `query`). Default: its default_prompt_name, if any.")
+@click.option("--prompt", "prompt_text", default=None, help="Put this text before each text (instead of a named one).")
 @runtime_options
-def embed(out_dir, texts, text_file, pooling, normalize, max_length, batch_size, device, backend, no_verify_hashes,
-          dtype):
+def embed(out_dir, texts, text_file, pooling, normalize, max_length, batch_size, prompt_name, prompt_text, device,
+          backend, no_verify_hashes, dtype):
     """Embed text with a converted encoder (BERT, RoBERTa, XLM-R, MPNet, ModernBERT, ...) or a decoder embedding
     model (Qwen3-Embedding, e5-mistral, gte-Qwen2): one JSON vector per line, in the order given. A
     sentence-transformers model (all-mpnet-base-v2, all-MiniLM-L6-v2, Qwen3-Embedding, ...) gives the vectors its
@@ -744,7 +748,16 @@ def embed(out_dir, texts, text_file, pooling, normalize, max_length, batch_size,
         raise FmError("--batch-size and --max-length must be positive")
     if not (Path(out_dir) / "manifest.json").is_file():
         raise FmError(f"{out_dir} holds no converted model (no manifest.json)")
-    st = sentence_config(out_dir) if pooling == "auto" else None
+    st = sentence_config(out_dir) if pooling == "auto" or prompt_name else None
+    if prompt_name is not None and prompt_text is not None:
+        raise FmError("give --prompt or --prompt-name, not both")
+    if prompt_name is not None and (st is None or prompt_name not in st.prompts):
+        known = ", ".join(sorted(st.prompts)) if st and st.prompts else "none"
+        raise FmError(f"{out_dir}: no prompt named {prompt_name!r} (its prompts: {known})")
+    prefix = prompt_text if prompt_text is not None else st.prompts.get(prompt_name or st.default_prompt or "", "") \
+        if st else ""
+    texts = tuple(prefix + t for t in texts)
+    st = st if pooling == "auto" else None
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
     if pooling != "auto":
         modes = (pooling,)

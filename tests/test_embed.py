@@ -178,8 +178,9 @@ def test_a_headless_decoder_body_matches_transformers(model_dir, tmp_path, capsy
 
 def test_qwen3_embedding_layout_end_to_end(model_dir, tmp_path, capsys):
     """Qwen3-Embedding-8B's layout: config.json says Qwen3ForCausalLM, the weights are the body alone, and its
-    sentence-transformers pipeline pools the last token and normalises; the tokenizer pads on the left. Without the
-    pipeline, a causal LM missing its head is still refused."""
+    sentence-transformers pipeline pools the last token and normalises; the tokenizer pads on the left; a query
+    prompt named in config_sentence_transformers.json goes before each text when asked for. Without the pipeline, a
+    causal LM missing its head is still refused."""
     src = tmp_path / "qwen3-embedding"
     shutil.copytree(model_dir("qwen3_body"), src)
     cfg = json.loads((src / "config.json").read_text())
@@ -195,12 +196,20 @@ def test_qwen3_embedding_layout_end_to_end(model_dir, tmp_path, capsys):
         {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
     (src / "1_Pooling").mkdir()
     (src / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_lasttoken": True}))
+    (src / "config_sentence_transformers.json").write_text(json.dumps({"prompts": {"query": "w30 w31 ",
+                                                                                   "document": ""}}))
     assert run_main(capsys, "convert", "--quiet", src, tmp_path / "out")[0] == 0
-    code, stdout, err = run_main(capsys, "embed", tmp_path / "out", *[a for t in TEXTS[:2] for a in ("-t", t)])
-    assert code == 0, err
-    got = torch.tensor([json.loads(line) for line in stdout.splitlines()])
-    batch = tok(TEXTS[:2], padding=True, return_tensors="pt")
-    assert batch["attention_mask"][1, 0] == 0                       # the shorter text is padded on the left
-    with torch.no_grad():
-        hidden = tiny.build("qwen3_body")(**batch).last_hidden_state
-    assert (got - F.normalize(hidden[:, -1], dim=-1)).abs().max() < 1e-5
+
+    def by_hand(texts):
+        batch = tok(texts, padding=True, return_tensors="pt")
+        assert batch["attention_mask"][1, 0] == 0                       # the shorter text is padded on the left
+        with torch.no_grad():
+            return F.normalize(tiny.build("qwen3_body")(**batch).last_hidden_state[:, -1], dim=-1)
+    for flags, prefix in [((), ""), (("--prompt-name", "query"), "w30 w31 ")]:
+        code, stdout, err = run_main(capsys, "embed", tmp_path / "out", *flags,
+                                     *[a for t in TEXTS[:2] for a in ("-t", t)])
+        assert code == 0, err
+        got = torch.tensor([json.loads(line) for line in stdout.splitlines()])
+        assert (got - by_hand([prefix + t for t in TEXTS[:2]])).abs().max() < 1e-5
+    assert_one_line_error(*run_main(capsys, "embed", tmp_path / "out", "--prompt-name", "passage", "-t", "w5")[::2],
+                          EXIT_BAD_INPUT, "no prompt named 'passage' (its prompts: document, query)")

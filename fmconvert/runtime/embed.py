@@ -32,6 +32,8 @@ class SentenceConfig:
     modes: tuple[str, ...]       # pooled vectors, concatenated in this order
     normalize: bool              # each vector scaled to unit L2 norm
     max_length: int | None       # tokens kept per text (sentence_bert_config's max_seq_length)
+    prompts: dict                # name -> text put before each text (config_sentence_transformers.json)
+    default_prompt: str | None   # the prompt used when none is named
 
 
 def _json(path: Path) -> dict:
@@ -70,7 +72,17 @@ def sentence_config(out_dir) -> SentenceConfig | None:
         length = _json(out_dir / "sentence_bert_config.json").get("max_seq_length")
         if length is not None and (type(length) is not int or length < 1):
             raise FmError(f"{out_dir / 'sentence_bert_config.json'}: max_seq_length must be a positive integer")
-    return SentenceConfig(tuple(m for m in MODES if m in modes), any(t == "Normalize" for t, _ in mods), length)
+    prompts, default = {}, None
+    if (out_dir / "config_sentence_transformers.json").is_file():
+        st = _json(out_dir / "config_sentence_transformers.json")
+        prompts, default = st.get("prompts") or {}, st.get("default_prompt_name")
+        if not (isinstance(prompts, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                  for k, v in prompts.items())) or \
+                (default is not None and default not in prompts):
+            raise FmError(f"{out_dir / 'config_sentence_transformers.json'}: prompts must map names to texts, and "
+                          f"default_prompt_name name one of them")
+    return SentenceConfig(tuple(m for m in MODES if m in modes), any(t == "Normalize" for t, _ in mods), length,
+                          prompts, default)
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
