@@ -1880,6 +1880,8 @@ class Policy:
                 aliases = [[a] if isinstance(a, str) else list(a) for a in entry.get("aliases", [])]
             else:
                 names, optional = entry, False
+            if isinstance(names, list) and len(names) == 3 and names[0] in flags:    # [flag, if_true, if_false] (T5:
+                names = _pick(names, flags, f"tensors.{slot}")                    # gated wi_0|wi_1, or one wi)
             yield slot, ([names] if isinstance(names, str) else list(names)), optional, aliases
 
     def canonical_shape(self, spec: ModelSpec, slot: str) -> tuple[int, ...]:

@@ -8,6 +8,7 @@ configs refused."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -42,7 +43,8 @@ def reference(name, ids, mask, types):
 def test_hidden_states_match_transformers(model_dir, tmp_path, name, tp):
     out = tmp_path / "out"
     convert(model_dir(name), out, Options(tp=tp), progress=False)
-    typed = tiny.ENCODERS[name][0] not in ("DistilBertConfig", "MPNetConfig", "ModernBertConfig")   # no token types
+    typed = tiny.ENCODERS[name][0] not in ("DistilBertConfig", "MPNetConfig", "ModernBertConfig", "T5Config",
+                                           "MT5Config")    # no token types
     ids, mask, types = batch(typed)
     want = reference(name, ids, mask, types)
     real = mask.bool()
@@ -163,6 +165,26 @@ def test_deberta_each_position_term_matters(model_dir, tmp_path):
 ])
 def test_deberta_variants_it_does_not_run_are_refused(model_copy, tmp_path, edit, match):
     tiny.refuses(model_copy("deberta_v3"), tmp_path / "out", match, **edit)
+
+
+def test_t5_encoder_over_every_bucket(model_dir, tmp_path):
+    """30 tokens (offsets past the last of 12 buckets) at tp 2 against transformers; without layer 0's bias the states
+    move; a checkpoint that keeps the embeddings as encoder.embed_tokens alone reads them there."""
+    from safetensors.torch import save_file
+    src = tmp_path / "src"
+    shutil.copytree(model_dir("t5_encoder"), src)
+    t = load_file(src / "model.safetensors")
+    t["encoder.embed_tokens.weight"] = t.pop("shared.weight")
+    save_file(t, src / "model.safetensors", metadata={"format": "pt"})
+    convert(src, tmp_path / "out", Options(tp=2), progress=False)
+    ids = tiny.ids(30, 9)
+    want = reference("t5_encoder", ids, None, None).last_hidden_state
+
+    def unbiased(m):
+        m.spec["rel_bias"] = None
+        return m(ids)[0]
+    assert max(tiny.rel(h, want) for h, _ in tiny.on_ranks(tmp_path / "out", 2, lambda m: m(ids))) < 1e-5
+    assert min(tiny.rel(h, want) for h in tiny.on_ranks(tmp_path / "out", 2, unbiased)) > 1e-3
 
 
 def test_int8_passes_verify(model_dir, tmp_path):

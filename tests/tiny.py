@@ -1023,8 +1023,16 @@ ENCODERS = {
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=101,
         max_position_embeddings=64, local_attention=4, global_attn_every_n_layers=2, classifier_pooling="mean",
         pad_token_id=1, bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3, num_labels=3)),
-    # a decoder's body alone, untied, as embedding models save it (Qwen3-Embedding-4B/8B): no lm_head to read
-    "qwen3_body": ("Qwen3Config", "Qwen3Model", dict(CONFIGS["qwen3"][2], tie_word_embeddings=False, pad_token_id=1)),
+    # the T5 encoder: v1.1's gated GELU (Flux's and SD3's text encoder), v1.0's relu; 12 buckets up to 20 positions,
+    # so 9 tokens reach the log-spaced ones (offsets past 3) and 30 the last one
+    "t5_encoder": ("T5Config", "T5EncoderModel", dict(d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+                                                     vocab_size=101, feed_forward_proj="gated-gelu",
+                                                     relative_attention_num_buckets=12,
+                                                     relative_attention_max_distance=20, pad_token_id=1)),
+    "t5_encoder_relu": ("T5Config", "T5EncoderModel", dict(d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+                                                          vocab_size=101, feed_forward_proj="relu", pad_token_id=1)),
+    "mt5_encoder": ("MT5Config", "MT5EncoderModel", dict(d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+                                                        vocab_size=101, pad_token_id=1)),
     "distilbert": ("DistilBertConfig", "DistilBertForMaskedLM", _DISTIL),
     "distilbert_sinusoidal": ("DistilBertConfig", "DistilBertModel", dict(_DISTIL, sinusoidal_pos_embds=True,
                                                                           activation="relu")),
@@ -1050,6 +1058,11 @@ ENCODERS = {
         pad_token_id=1, bos_token_id=2, eos_token_id=3, mask_token_id=4)),
     "jina_embeddings_v3": ("JinaEmbeddingsV3Config", "JinaEmbeddingsV3Model", dict(_ENC, initializer_range=0.2)),
 }
+
+# A decoder's body alone, untied, as embedding models save it (Qwen3-Embedding-4B/8B): no lm_head to read
+# (test_embed.py; kept out of FAMILIES, whose tests compare logits)
+CONFIGS["qwen3_body"] = ("Qwen3Config", "Qwen3Model", dict(CONFIGS["qwen3"][2], tie_word_embeddings=False,
+                                                           pad_token_id=1))
 
 # Phi-3.5 / Phi-4-mini style LongRoPE for the tiny Phi-3 (head_dim 16: 8 factors each), switching at position 16.
 LONGROPE = dict(original_max_position_embeddings=16, rope_scaling={
