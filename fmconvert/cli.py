@@ -736,7 +736,7 @@ def embed(out_dir, texts, text_file, pooling, normalize, max_length, batch_size,
     model (Qwen3-Embedding, e5-mistral, gte-Qwen2): one JSON vector per line, in the order given. A
     sentence-transformers model (all-mpnet-base-v2, all-MiniLM-L6-v2, Qwen3-Embedding, ...) gives the vectors its
     own pipeline would, read from the files conversion copies beside the shards."""
-    from .runtime.embed import sentence_config, sentence_vectors
+    from .runtime.embed import by_length, sentence_config, sentence_vectors
     if text_file is not None:
         try:
             texts = (*texts, *text_file.read_text(encoding="utf-8").splitlines())
@@ -772,11 +772,14 @@ def embed(out_dir, texts, text_file, pooling, normalize, max_length, batch_size,
     positions = model.spec["max_positions"] if model.spec["position"]["type"] in ("learned", "sinusoidal") else None
     limit = [n for n in (max_length or (st.max_length if st else None), positions) if n]   # never past the table
     tok = _tokenizer(out_dir)
-    for i in range(0, len(texts), batch_size):
-        vec = sentence_vectors(model, tok, texts[i:i + batch_size], modes, normalize, min(limit) if limit else None)
-        if model.rank == 0:
-            for v in vec.cpu():
-                click.echo(json.dumps([round(x, 6) for x in v.tolist()]))
+    rows = [None] * len(texts)
+    for idx in by_length(tok, texts, batch_size):
+        vec = sentence_vectors(model, tok, [texts[i] for i in idx], modes, normalize, min(limit) if limit else None)
+        for i, v in zip(idx, vec.cpu()):
+            rows[i] = v
+    if model.rank == 0:
+        for v in rows:
+            click.echo(json.dumps([round(x, 6) for x in v.tolist()]))
 
 
 @cli.command()
@@ -793,7 +796,10 @@ def classify(out_dir, texts, pairs, text_file, max_length, batch_size, device, b
     """Classify or score text with a converted *ForSequenceClassification encoder (a sentiment or NLI model, a
     cross-encoder reranker such as bge-reranker or ms-marco-MiniLM). Prints one JSON object per input: the best
     label and every label's probability (softmax), or for a one-logit head its score (sigmoid) and raw logit."""
+    import torch
+
     from .runtime.classify import classify as run, labels, scores
+    from .runtime.embed import by_length
     texts, pairs = list(texts), list(pairs)
     if text_file is not None:
         try:
@@ -823,12 +829,15 @@ def classify(out_dir, texts, pairs, text_file, max_length, batch_size, device, b
             "multi_label_classification"
     except (OSError, ValueError, AttributeError):
         multi = False
-    for i in range(0, len(texts), batch_size):
-        logits = run(model, tok, texts[i:i + batch_size], pairs[i:i + batch_size] if pairs else None, limit)
-        if model.rank != 0:
-            continue
+    rows = [None] * len(texts)
+    for idx in by_length(tok, texts, batch_size, pairs):
+        logits = run(model, tok, [texts[i] for i in idx], [pairs[i] for i in idx] if pairs else None, limit)
+        for i, row in zip(idx, logits.cpu()):
+            rows[i] = row
+    if model.rank == 0:
+        logits = torch.stack(rows)
         names = labels(out_dir, logits.shape[-1])
-        for row, p in zip(logits.cpu(), scores(logits, multi).cpu()):
+        for row, p in zip(logits, scores(logits, multi)):
             if len(names) == 1:
                 click.echo(json.dumps({"score": round(p.item(), 6), "logit": round(row.item(), 6)}))
             else:

@@ -85,6 +85,7 @@ def test_a_cross_encoder_scores_pairs_through_the_cli(model_copy, tmp_path, caps
         assert torch.allclose(torch.tensor(list(row["scores"].values())), p, atol=1e-5)
     (tmp_path / "pairs.tsv").write_text("".join(f"{q}\t{p}\n" for q, p in zip(QUERIES, PASSAGES)))
     assert run_main(capsys, "classify", out, "--file", tmp_path / "pairs.tsv")[1] == stdout
+    assert run_main(capsys, "classify", out, "--file", tmp_path / "pairs.tsv", "--batch-size", 1)[1] == stdout
 
 
 def test_a_one_logit_reranker_gives_a_score(model_copy, tmp_path, capsys):

@@ -77,6 +77,8 @@ def test_a_sentence_transformers_pipeline_end_to_end(model_dir, tmp_path, capsys
     got = torch.tensor([json.loads(line) for line in stdout.splitlines()])
     want = by_hand(TEXTS, 12)
     assert got.shape == (3, 64) and (got - want).abs().max() < 1e-5
+    code, again, _ = run_main(capsys, "embed", out, "-t", TEXTS[0], "--file", tmp_path / "texts.txt", "--batch-size", 2)
+    assert code == 0 and (torch.tensor([json.loads(x) for x in again.splitlines()]) - want).abs().max() < 1e-5
     assert (by_hand(TEXTS, 20) - want)[2].abs().max() > 1e-3          # the long text was cut, as it should be
     code, stdout, _ = run_main(capsys, "embed", out, "-t", TEXTS[0], "--no-normalize", "--pooling", "max")
     assert (torch.tensor(json.loads(stdout)) - by_hand(TEXTS[:1], 12, ("max",), False)[0]).abs().max() < 1e-5

@@ -85,6 +85,15 @@ def sentence_config(out_dir) -> SentenceConfig | None:
                           prompts, default)
 
 
+def by_length(tok, texts: list[str], batch_size: int, pairs: list[str] | None = None) -> list[list[int]]:
+    """Batches of text indices, longest texts first, so each batch pads its texts to nearly their own length (what
+    sentence-transformers does): on mixed lengths most of a padded batch's tokens would otherwise be padding. The
+    caller puts the results back in the texts' order."""
+    lengths = [len(ids) for ids in tok(list(texts), list(pairs) if pairs else None)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     """hidden [B, T, h], mask [B, T] (1: a token, 0: padding on either side) -> [B, h], in fp32."""
     h, m = hidden.float(), mask.to(hidden.device).float().unsqueeze(-1)
