@@ -222,7 +222,9 @@ _MODEL_OPTIONAL = {
         and type(x["c2p"]) is bool and type(x["p2c"]) is bool and (x["buckets"] in (0, x["span"]))
         and (x["buckets"] == 0 or (x["buckets"] % 2 == 0 and x["max_position"] > x["buckets"] // 2 + 1))),
         "null or {span, buckets (0 or the span, even), max_position, c2p, p2c}"),
-    "rel_bias": (None, lambda x: x is None or (isinstance(x, dict) and set(x) == {"buckets", "max_distance"}
+    "rel_bias": (None, lambda x: x is None or (isinstance(x, dict) and set(x) - {"per_layer"} == {"buckets",
+                                                                                                  "max_distance"}
+                                               and x.get("per_layer", False) in (False, True)
                                                and _POS_INT(x["buckets"]) and x["buckets"] % 4 == 0
                                                and _POS_INT(x["max_distance"])
                                                and x["max_distance"] > x["buckets"] // 4),

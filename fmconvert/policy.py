@@ -27,6 +27,7 @@ LAYER_SLOTS = (
     "attn_norm.weight", "attn_norm.bias", "qkv.weight", "qkv.bias", "attn_out.weight", "attn_out.bias",
     "mlp_norm.weight", "mlp_norm.bias", "mlp_in.weight", "mlp_in.bias", "mlp_out.weight", "mlp_out.bias",
     "q_norm.weight", "k_norm.weight", "q_norm.bias", "k_norm.bias",   # Persimmon: q/k LayerNorms with biases
+    "attn_rel_bias.weight",   # UMT5: each layer's own relative-position bias table (MPNet's and T5's: rel_bias)
     "attn_post_norm.weight", "mlp_post_norm.weight",                 # Gemma 2: each half's output normed too
     "moe_post_norm.weight",                                          # A.X K1: the mixture's output only
     "layer_scale.weight",                                            # Gemma 4: the stream times it after the layer
@@ -877,7 +878,7 @@ class Policy:
             moa=self._moa(c), final_norm_eps=_number(c, "final_norm_eps", 0.0, zero_ok=True),
             shared_blocks=self._shared_blocks(c, parts, flags),
             attn_input=2 * c["hidden_size"] if self.layout.get("shared_blocks") else 0,
-            diff_attn=self._diff_attn(c), rel_bias=self._rel_bias(c), disentangled=disentangled,
+            diff_attn=self._diff_attn(c), rel_bias=self._rel_bias(c, flags), disentangled=disentangled,
             embed_proj=bool(self._layout("embed_proj", flags, False)) and int(c.get("embed_dim") or c["hidden_size"])
             != c["hidden_size"],
             norm_gate_rank=self._norm_gate_rank(c), block_sparse=self._block_sparse(config, c),
@@ -998,7 +999,7 @@ class Policy:
         return {"span": span, "buckets": max(buckets, 0), "max_position": max_pos, "c2p": "c2p" in kinds,
                 "p2c": "p2c" in kinds}
 
-    def _rel_bias(self, c: dict) -> dict | None:
+    def _rel_bias(self, c: dict, flags: dict) -> dict | None:
         """MPNet: the bucketed relative-position bias every layer adds to its scores (an encoder's)."""
         if "rel_buckets" not in c:
             return None
@@ -1006,7 +1007,8 @@ class Policy:
         if self.kind != "encoder" or type(b) is not int or b < 4 or b % 4 or type(d) is not int or d <= b // 4:
             raise FmError(f"config.json: a relative position bias needs buckets a multiple of 4 and a max distance "
                           f"past a quarter of them, in an encoder, got {b!r} and {d!r}")
-        return {"buckets": b, "max_distance": d}
+        return {"buckets": b, "max_distance": d,
+                **({"per_layer": True} if self._layout("rel_bias_per_layer", flags, False) else {})}
 
     def _diff_attn(self, c: dict) -> bool:
         """DiffLlama: its heads pair across the two halves, q head p with p + heads / 2 and kv head j with
@@ -1899,6 +1901,7 @@ class Policy:
             "embed_norm.weight": (pe,), "embed_norm.bias": (pe,), "final_norm.weight": (h,), "final_norm.bias": (h,),
             "project_in.weight": (h, e), "project_out.weight": (e, h), "embed_proj.weight": (h, e),
             "embed_proj.bias": (h,), "rel_bias.weight": (H, (spec.rel_bias or {}).get("buckets", 0)),
+            "attn_rel_bias.weight": (H, (spec.rel_bias or {}).get("buckets", 0)),
             "rel_embed.weight": (2 * (spec.disentangled or {}).get("span", 0), h), "rel_embed_norm.weight": (h,),
             "rel_embed_norm.bias": (h,),
             "pooler.weight": (h, h), "pooler.bias": (h,),

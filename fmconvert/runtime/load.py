@@ -100,7 +100,8 @@ def check_layout(m: dict, rank: int):
         Ea, w = moa["experts"], par["kv_heads_per_rank"] * sp["head_dim"]
         extra.update({"moa_router.weight": (Ea, h), "moa_q.weight": (Ea * w, h), "moa_kv.weight": (2 * w, h),
                       "moa_out.weight": (Ea * h, w)})
-    extra.update({"moa_out.bias": (h,), "experts_shared.bias": (h,), "diff_lambda": (4 * sp["head_dim"],)})
+    extra.update({"moa_out.bias": (h,), "experts_shared.bias": (h,), "diff_lambda": (4 * sp["head_dim"],),
+                  "attn_rel_bias.weight": (hpr, (sp["rel_bias"] or {}).get("buckets", 0))})   # UMT5: one per layer
     sb = sp.get("shared_blocks")    # Zamba2: the shared block's norm and each layer's adapters and projection
     if sb:
         r, w = sb["rank"], sp["attn_input"]
@@ -272,7 +273,8 @@ def check_layout(m: dict, rank: int):
                              ("embed_norm.weight", sp["embed_norm"] and sp["norm_affine"]),
                              ("project_in.weight", sp["project"]), ("project_out.weight", sp["project"]),
                              ("embed_proj.weight", sp["embed_proj"]), ("embed_proj.bias", sp["embed_proj"]),
-                             ("rel_bias.weight", sp["rel_bias"] is not None),
+                             ("rel_bias.weight", sp["rel_bias"] is not None
+                              and not sp["rel_bias"].get("per_layer")),
                              ("rel_embed.weight", sp["disentangled"] is not None),
                              ("pooler.weight", sp["pooler"]), ("pos_embed.weight", pos["type"] in mf.TABLE_POSITIONS),
                              ("head_dense.weight", sp["head_activation"] is not None),
@@ -286,6 +288,8 @@ def check_layout(m: dict, rank: int):
         per_layer = {"moa_router.weight", "moa_q.weight", "moa_kv.weight", "moa_out.weight"}
     if mla and mla["q_rank"]:
         per_layer |= {"q_a.weight", "q_a_norm.weight"}
+    if (sp["rel_bias"] or {}).get("per_layer"):
+        per_layer |= {"attn_rel_bias.weight"}
     index = set()                                   # the indexer's slots, in the layers that run one
     if mla and mla.get("index"):
         index = {"index_q.weight", "index_k.weight", "index_k_norm.weight", "index_k_norm.bias", "index_w.weight"}

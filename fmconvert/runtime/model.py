@@ -1093,7 +1093,8 @@ class Block(nn.Module):
             kblock = keep[2] if len(keep) > 2 else None
             return self._narrow(self._kept_attention(q, k, v, blocks, qpos, kpm, kblock).transpose(1, 2)
                                 .reshape(B, T, -1))
-        bias = self._disentangled(q, k) if m.spec["disentangled"] else None
+        bias = self._disentangled(q, k) if m.spec["disentangled"] else \
+            self.t["attn_rel_bias.weight"][:, m.rel_index] if "attn_rel_bias.weight" in self.t else None
         attend = self._keys(k, v, cache, key_padding_mask, bias)
         if self.i in m.kv_shared:           # later layers attend over these keys too (Gemma 4 E2B/E4B)
             m.shared_attend[self.i] = attend
@@ -2150,8 +2151,10 @@ class FusedModel(nn.Module):
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + T, device=ids.device).unsqueeze(0).expand(B, T)
         x, residual = self.embed(ids, positions, token_type_ids), None
-        if self.spec["rel_bias"]:      # MPNet: one score bias for every layer, by the keys' offsets
-            self.score_bias = self.g["rel_bias.weight"][:, _rel_buckets(T, **self.spec["rel_bias"], device=ids.device)]
+        rb = self.spec["rel_bias"]
+        if rb:      # MPNet, T5: one score bias for every layer, by the keys' offsets (UMT5: a table per layer)
+            self.rel_index = _rel_buckets(T, rb["buckets"], rb["max_distance"], device=ids.device)
+            self.score_bias = None if rb.get("per_layer") else self.g["rel_bias.weight"][:, self.rel_index]
         if self.spec["disentangled"]:  # DeBERTa: every layer's position terms read these rows
             sp, g = self.spec["disentangled"], self.g
             self.rel_index = _log_buckets(T, **sp, device=ids.device)
