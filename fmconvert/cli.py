@@ -795,7 +795,9 @@ def embed(out_dir, texts, text_file, pooling, normalize, max_length, batch_size,
 def classify(out_dir, texts, pairs, text_file, max_length, batch_size, device, backend, no_verify_hashes, dtype):
     """Classify or score text with a converted *ForSequenceClassification encoder (a sentiment or NLI model, a
     cross-encoder reranker such as bge-reranker or ms-marco-MiniLM). Prints one JSON object per input: the best
-    label and every label's probability (softmax), or for a one-logit head its score (sigmoid) and raw logit."""
+    label and every label's probability (softmax), or for a one-logit head its score (sigmoid) and raw logit. A
+    *ForTokenClassification encoder (NER, such as bert-base-NER) prints one JSON list per text instead: each
+    token's text, character span, best label and its probability."""
     import torch
 
     from .runtime.classify import classify as run, labels, scores
@@ -819,8 +821,11 @@ def classify(out_dir, texts, pairs, text_file, max_length, batch_size, device, b
         raise FmError("--batch-size and --max-length must be positive")
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
     if model.spec["kind"] != "encoder" or model.spec.get("classifier") is None:
-        raise FmError(f"{out_dir} holds no sequence classifier ({model.spec['architecture']}); convert a "
-                      f"*ForSequenceClassification checkpoint")
+        raise FmError(f"{out_dir} holds no classifier ({model.spec['architecture']}); convert a "
+                      f"*ForSequenceClassification or *ForTokenClassification checkpoint")
+    per_token = model.spec["classifier"]["pool"] == "tokens"
+    if per_token and pairs:
+        raise FmError(f"{model.spec['architecture']} labels each token of one text: drop --pair")
     positions = model.spec["max_positions"] if model.spec["position"]["type"] in ("learned", "sinusoidal") else None
     limit = min(n for n in (max_length, positions) if n) if max_length or positions else None
     tok = _tokenizer(out_dir)
@@ -831,10 +836,20 @@ def classify(out_dir, texts, pairs, text_file, max_length, batch_size, device, b
         multi = False
     rows = [None] * len(texts)
     for idx in by_length(tok, texts, batch_size, pairs):
-        logits = run(model, tok, [texts[i] for i in idx], [pairs[i] for i in idx] if pairs else None, limit)
-        for i, row in zip(idx, logits.cpu()):
-            rows[i] = row
-    if model.rank == 0:
+        try:
+            out = run(model, tok, [texts[i] for i in idx], [pairs[i] for i in idx] if pairs else None, limit)
+        except NotImplementedError:        # a slow tokenizer has no character offsets
+            raise FmError(f"{out_dir}: labelling tokens needs a fast tokenizer (tokenizer.json) for their "
+                          f"character spans") from None
+        for j, i in enumerate(idx):
+            rows[i] = (out[0][j].cpu(), out[1][j]) if per_token else out[j].cpu()
+    if model.rank == 0 and per_token:       # one JSON list per text: each token's span, label and probability
+        for text, (logits, spans) in zip(texts, rows):
+            names, p = labels(out_dir, logits.shape[-1]), scores(logits, multi)
+            click.echo(json.dumps([{"token": text[a:b], "start": a, "end": b, "label": names[int(q.argmax())],
+                                    "score": round(float(q.max()), 6)}
+                                   for (a, b), q in zip(spans.tolist(), p) if b > a]))
+    elif model.rank == 0:
         logits = torch.stack(rows)
         names = labels(out_dir, logits.shape[-1])
         for row, p in zip(logits, scores(logits, multi)):

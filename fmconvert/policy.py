@@ -313,8 +313,9 @@ class ModelSpec:
     attn_input: int = 0            # the width attention's q|k|v read where it is not hidden_size (Zamba2: twice it)
     headless: bool = False          # a decoder saved without its untied lm_head (a bare *Model, or an embedding model
     #                                 such as Qwen3-Embedding-8B): hidden states only, for `embed`
-    classifier: dict | None = None  # an encoder's sequence-classification head, run from its passthrough tensors:
-    #                                 {"pool": first | pooler | mean, "steps": [{"linear" | "norm": name, "act"}]}
+    classifier: dict | None = None  # an encoder's sequence- (or token-) classification head, run from its passthrough
+    #                                 tensors: {"pool": first | pooler | mean | tokens, "steps": [{"linear" | "norm":
+    #                                 name, "act"}]}
     disentangled: dict | None = None   # DeBERTa-v2/v3: {"span", "buckets", "max_position", "c2p", "p2c"}: scores
     #                                    plus q . k_rel and k . q_rel of the log-bucketed offset (see runtime.md)
     rel_bias: dict | None = None   # MPNet: {"buckets", "max_distance"}: a score bias per head from the bucket of the
@@ -2214,8 +2215,13 @@ class Policy:
         """The table's [classifier] for a *ForSequenceClassification checkpoint: how its head turns the encoder's
         last hidden states into logits, over tensors kept as passthrough (each step's weight and, if present, bias
         must be among them). A value {config = "x"} is read from the config; activations take their canonical names."""
-        head = self.table.get("classifier")
-        if head is None or not architecture.endswith("ForSequenceClassification"):
+        if self.kind == "encoder" and architecture.endswith("ForTokenClassification"):
+            # a label per token: a linear layer over each token's state in every family, unless the table says
+            # otherwise (ModernBERT's prediction head first)
+            head = {"pool": "tokens", **self.table.get("token_classifier", {"steps": [{"linear": "classifier"}]})}
+        else:
+            head = self.table.get("classifier")
+        if head is None or not architecture.endswith(("ForSequenceClassification", "ForTokenClassification")):
             return None
         have = set(extras)
 
@@ -2229,7 +2235,7 @@ class Policy:
             return v
 
         pool = value(head["pool"])
-        if pool not in ("first", "pooler", "mean", "cls"):
+        if pool not in ("first", "pooler", "mean", "cls", "tokens"):
             raise FmError(f"config.json: classifier pooling {pool!r} is not first, cls, mean or pooler")
         steps = []
         for s in head["steps"]:

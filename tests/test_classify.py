@@ -1,6 +1,6 @@
-"""Sequence classification (`fmconvert classify`, runtime/classify.py): each encoder family's own task head, kept as
-passthrough tensors and described in the manifest, run on the converted encoder and compared with transformers'
-logits at tp 1 and 2, with padding; a cross-encoder's (text, pair) inputs and a one-logit reranker's
+"""Sequence and token classification (`fmconvert classify`, runtime/classify.py): each encoder family's own task
+head, kept as passthrough tensors and described in the manifest, run on the converted encoder and compared with
+transformers' logits at tp 1 and 2, with padding; a token classifier's labels and character spans through the CLI; a cross-encoder's (text, pair) inputs and a one-logit reranker's
 score through the CLI; verify checking the head; heads that cannot run refused in one line."""
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def test_what_cannot_be_classified_is_refused_in_one_line(model_dir, model_copy,
     tokenizer().save_pretrained(src)
     assert run_main(capsys, "convert", "--quiet", src, tmp_path / "mlm")[0] == 0
     assert_one_line_error(*run_main(capsys, "classify", tmp_path / "mlm", "-t", "w5")[::2], EXIT_BAD_INPUT,
-                          "holds no sequence classifier")
+                          "holds no classifier")
     assert_one_line_error(*run_main(capsys, "classify", tmp_path / "mlm", "-t", "w5", "--pair", "w6", "--pair",
                                     "w7")[::2], EXIT_BAD_INPUT, "2 pairs for 1 inputs")
     tiny.refuses(model_copy("deberta_v3"), tmp_path / "out", "classifier's activation 'mish'", pooler_hidden_act="mish")
@@ -123,3 +123,36 @@ def test_verify_checks_the_head_and_catches_a_wrong_one(model_dir, tmp_path):
     (tmp_path / "out" / MANIFEST).write_text(dumps(m))
     r = verify(src, tmp_path / "out", tokens=32)
     assert not r["passed"] and any("classifier logits" in f for f in r["failures"])
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("name", ["bert_tokens", "roberta_tokens", "deberta_tokens", "modernbert_tokens"])
+def test_token_logits_match_transformers(model_dir, tmp_path, name, tp):
+    convert(model_dir(name), tmp_path / "out", Options(tp=tp), progress=False)
+    ids, mask = batch()
+    with torch.no_grad():
+        want = tiny.build(name)(ids, attention_mask=mask).logits
+    real = mask.bool()
+    for got in tiny.on_ranks(tmp_path / "out", tp, lambda m: head_logits(m, *m(ids, attention_mask=mask), mask)):
+        assert got.shape == want.shape and tiny.rel(got[real], want[real]) < 1e-5
+
+
+def test_a_token_classifier_labels_each_word_through_the_cli(model_copy, tmp_path, capsys):
+    names = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    src = model_copy("roberta_tokens", id2label=dict(enumerate(names)))
+    tokenizer().save_pretrained(src)
+    assert run_main(capsys, "convert", "--quiet", src, tmp_path / "out")[0] == 0
+    text = "w5 w6  w7 w8"
+    code, stdout, err = run_main(capsys, "classify", tmp_path / "out", "-t", text, "-t", "w9")
+    assert code == 0, err
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    assert [(r["token"], r["start"], r["end"]) for r in rows[0]] == [("w5", 0, 2), ("w6", 3, 5), ("w7", 7, 9),
+                                                                      ("w8", 10, 12)]
+    with torch.no_grad():
+        p = tiny.build("roberta_tokens", id2label=dict(enumerate(names)))(
+            **tokenizer()([text], return_tensors="pt")).logits.softmax(-1)[0, 1:-1]      # the words, not <s> </s>
+    assert [r["label"] for r in rows[0]] == [names[int(i)] for i in p.argmax(-1)]
+    assert [r["score"] for r in rows[0]] == pytest.approx(p.max(-1).values.tolist(), abs=1e-5)
+    assert len(rows[1]) == 1
+    assert_one_line_error(*run_main(capsys, "classify", tmp_path / "out", "-t", "w5", "--pair", "w6")[::2],
+                          EXIT_BAD_INPUT, "drop --pair")

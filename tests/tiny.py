@@ -1014,6 +1014,17 @@ ENCODERS = {
     "deberta_v2": ("DebertaV2Config", "DebertaV2ForMaskedLM", dict(    # absolute positions and token types too,
         _ENC, relative_attention=True, max_relative_positions=6, pos_att_type="c2p", share_att_key=True,   # no
         position_biased_input=True, pad_token_id=0)),                 # buckets: offsets clamped at 6, c2p alone
+    # token classifiers (test_classify.py): a linear layer over each token, ModernBERT's prediction head before it
+    "roberta_tokens": ("RobertaConfig", "RobertaForTokenClassification", dict(_ENC, num_labels=5)),
+    "bert_tokens": ("BertConfig", "BertForTokenClassification", dict(_ENC, num_labels=5)),
+    "deberta_tokens": ("DebertaV2Config", "DebertaV2ForTokenClassification", dict(
+        _ENC, type_vocab_size=0, relative_attention=True, position_buckets=8, max_relative_positions=40,
+        pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm", position_biased_input=False,
+        pad_token_id=0, num_labels=5)),
+    "modernbert_tokens": ("ModernBertConfig", "ModernBertForTokenClassification", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=101,
+        max_position_embeddings=64, local_attention=4, global_attn_every_n_layers=2, pad_token_id=1,
+        bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3, num_labels=5)),
     # sequence classifiers, each family's own head (test_classify.py)
     "distilbert_cls": ("DistilBertConfig", "DistilBertForSequenceClassification", dict(_DISTIL, num_labels=3)),
     "electra_cls": ("ElectraConfig", "ElectraForSequenceClassification", dict(_ENC, embedding_size=32, num_labels=3)),

@@ -25,7 +25,9 @@ def head_logits(model, hidden: torch.Tensor, pooled: torch.Tensor | None, mask: 
     if head is None:
         raise FmError(f"{model.spec['architecture']} has no sequence-classification head (convert a "
                       f"*ForSequenceClassification checkpoint)")
-    if head["pool"] == "pooler":
+    if head["pool"] == "tokens":          # a token classifier: every token's state, [B, T, labels] out
+        x = hidden
+    elif head["pool"] == "pooler":
         x = pooled
     elif head["pool"] == "mean":
         m = mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
@@ -47,13 +49,18 @@ def head_logits(model, hidden: torch.Tensor, pooled: torch.Tensor | None, mask: 
 
 
 def classify(model, tok, texts: list[str], pairs: list[str] | None = None, max_length: int | None = None):
-    """Logits [len(texts), labels] for texts (each with its pair, a cross-encoder's second segment, if given)."""
+    """Logits [len(texts), labels] for texts (each with its pair, a cross-encoder's second segment, if given); for a
+    token classifier ([len(texts), T, labels], the tokens' character spans [len(texts), T, 2], 0-0 for specials and
+    padding)."""
+    tokens = model.spec["classifier"] is not None and model.spec["classifier"]["pool"] == "tokens"
     batch = tok(list(texts), list(pairs) if pairs is not None else None, padding=True,
-                truncation="longest_first" if max_length else False, max_length=max_length, return_tensors="pt")
+                truncation="longest_first" if max_length else False, max_length=max_length, return_tensors="pt",
+                **({"return_offsets_mapping": True} if tokens else {}))
     ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
     types = batch.get("token_type_ids")
     hidden, pooled = model(ids, attention_mask=mask, token_type_ids=None if types is None else types.to(model.device))
-    return head_logits(model, hidden, pooled, mask)
+    logits = head_logits(model, hidden, pooled, mask)
+    return (logits, batch["offset_mapping"] * mask.cpu().unsqueeze(-1)) if tokens else logits
 
 
 def labels(out_dir, n: int) -> list[str]:
