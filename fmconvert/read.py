@@ -35,7 +35,8 @@ MAX_RANK = 8
 SIDECAR_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
     "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt", "chat_template.jinja",
-    "chat_template.json", "sentencepiece.bpe.model",
+    "chat_template.json",
+    "sentencepiece.bpe.model", "spm.model", "spiece.model",     # XLM-R's, DeBERTa-v3's and T5's SentencePiece models
 )
 # sentence-transformers' description of the pipeline around the model (which pooling, whether normalised, the
 # length it truncates to); each module's own config.json sits under the module's path.
