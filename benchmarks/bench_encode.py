@@ -3,7 +3,7 @@
     python benchmarks/bench_encode.py [--runs 3] [--smoke] [--json FILE]
 
 One process per model loads both sides (fmconvert from a `--tp 1` conversion, or an `--int8` one, transformers from
-the source) and alternates them run by run: texts/s of one forward over 32 texts of 128 tokens, half of them padded
+the source) and alternates them run by run: texts/s of one forward over 16 texts of 128 tokens, half of them padded
 a quarter short on the right, as a tokenizer pads a batch. The relative error of the last hidden states (real
 tokens) against transformers' is reported beside each row. Models: BERT-base's shape (the family of all-MiniLM and
 bge-base), all-mpnet-base-v2's MPNet (its relative-position bias) and DeBERTa-v3-base (disentangled attention),

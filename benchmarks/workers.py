@@ -184,7 +184,7 @@ def main(argv=None):
     p = sub.add_parser("encode")
     p.add_argument("src", type=Path)
     p.add_argument("fm", type=Path)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)
     p.set_defaults(fn=encode)
