@@ -53,8 +53,9 @@ def cli():
         Falcon-H1, Kimi Linear, Ling 2.5 hybrids, MiniMax-Text-01 / M1, Mamba 1/2
       older: GPT-2, GPT-BigCode, OPT, BLOOM, MPT, Falcon, GPT-NeoX, GPT-J, CodeGen, GPT-Neo, Phi,
         ModernBERT's decoder
-      encoders (fmconvert embed): BERT, RoBERTa, XLM-RoBERTa (and XL), CamemBERT, data2vec-text, ELECTRA,
-        DistilBERT, ModernBERT, MPNet, DeBERTa-v2/v3, NomicBERT, GTE, EuroBERT, Jina v3, the T5 encoder
+      encoders (fmconvert embed, classify): BERT, RoBERTa, XLM-RoBERTa (and XL), CamemBERT, data2vec-text,
+        ELECTRA, ALBERT, DistilBERT, ModernBERT, MPNet, DeBERTa-v2/v3, NomicBERT, GTE, EuroBERT, Jina v3, the T5
+        encoder
       vision-language, language model only: Gemma 3/4, LLaVA, Mistral 3, Llama 4, Qwen2/2.5/3/3.5-VL, GLM-4.5V,
         MiniMax-M3, Aria
     An unknown architecture is refused with the list of known ones.

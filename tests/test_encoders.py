@@ -187,6 +187,24 @@ def test_t5_encoder_over_every_bucket(model_dir, tmp_path):
     assert min(tiny.rel(h, want) for h in tiny.on_ranks(tmp_path / "out", 2, unbiased)) > 1e-3
 
 
+def test_albert_layers_read_one_set_of_weights(model_dir, tmp_path):
+    """Every layer reads ALBERT's one shared layer: the round trip gives the source's tensors back once each, verify
+    checks every layer's copy against them, and several layer groups are refused."""
+    from fmconvert.verify import verify
+    convert(model_dir("albert"), tmp_path / "out", Options(tp=2, int8=True, group_size=16), progress=False)
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert all(f"layers.{i}.qkv.weight" in m["ranks"][0]["tensors"] for i in range(3))
+    r = verify(model_dir("albert"), tmp_path / "out", tokens=16)
+    assert r["passed"] and r["end_to_end"]["classifier"]["top1"] == 1.0
+    _, got = reassemble(tmp_path / "out", dequantize=False)
+    want = load_file(model_dir("albert") / "model.safetensors")
+    assert {n.removesuffix("_scale") for n in got} == set(want)
+
+
+def test_albert_with_layer_groups_is_refused(model_copy, tmp_path):
+    tiny.refuses(model_copy("albert"), tmp_path / "out", "num_hidden_groups", num_hidden_groups=3)
+
+
 def test_int8_passes_verify(model_dir, tmp_path):
     from fmconvert.verify import verify
     convert(model_dir("xlm_roberta"), tmp_path / "out", Options(tp=2, int8=True, group_size=16), progress=False)

@@ -1014,6 +1014,9 @@ ENCODERS = {
     "deberta_v2": ("DebertaV2Config", "DebertaV2ForMaskedLM", dict(    # absolute positions and token types too,
         _ENC, relative_attention=True, max_relative_positions=6, pos_att_type="c2p", share_att_key=True,   # no
         position_biased_input=True, pad_token_id=0)),                 # buckets: offsets clamped at 6, c2p alone
+    # ALBERT: one layer's weights for all three, 32-wide embeddings projected to 64
+    "albert": ("AlbertConfig", "AlbertForSequenceClassification", dict(_ENC, num_hidden_layers=3, embedding_size=32,
+                                                                       num_labels=3, pad_token_id=0)),
     # token classifiers (test_classify.py): a linear layer over each token, ModernBERT's prediction head before it
     "roberta_tokens": ("RobertaConfig", "RobertaForTokenClassification", dict(_ENC, num_labels=5)),
     "bert_tokens": ("BertConfig", "BertForTokenClassification", dict(_ENC, num_labels=5)),
