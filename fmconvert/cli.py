@@ -862,6 +862,54 @@ def classify(out_dir, texts, pairs, text_file, max_length, batch_size, device, b
                                                                           zip(names, p.tolist())}}))
 
 
+@cli.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--question", "-q", "questions", multiple=True, help="A question (repeatable; one --context each).")
+@click.option("--context", "-c", "contexts", multiple=True, help="The text to find its answer in.")
+@click.option("--file", "-f", "text_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="A UTF-8 file of questions, one per line, each a tab then its context.")
+@click.option("--max-length", type=int, default=None,
+              help="Tokens of question and context kept; the context is cut. Default: the model's positions.")
+@click.option("--max-answer", type=int, default=30, show_default=True, help="The longest answer, in tokens.")
+@runtime_options
+def answer(out_dir, questions, contexts, text_file, max_length, max_answer, device, backend, no_verify_hashes, dtype):
+    """Answer questions from a context with a converted *ForQuestionAnswering encoder (extractive QA: roberta-base-
+    squad2, deberta-v3 squad models, ...). Prints one JSON object per question: the context's best span (start at
+    or before its end, at most --max-answer tokens), its character offsets and its probability."""
+    from .runtime.classify import answers
+    questions, contexts = list(questions), list(contexts)
+    if text_file is not None:
+        try:
+            lines = text_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise FmError(f"cannot read {text_file}: {getattr(e, 'strerror', None) or type(e).__name__}") from None
+        split = [line.split("\t", 1) for line in lines]
+        if any(len(s) != 2 for s in split):
+            raise FmError(f"{text_file}: every line must hold a question, a tab, then its context")
+        questions += [s[0] for s in split]
+        contexts += [s[1] for s in split]
+    if not questions or len(questions) != len(contexts):
+        raise FmError(f"{len(questions)} questions for {len(contexts)} contexts: give one --context per --question")
+    if max_answer < 1 or (max_length is not None and max_length < 1):
+        raise FmError("--max-answer and --max-length must be positive")
+    model = _load(out_dir, device, backend, no_verify_hashes, dtype)
+    head = model.spec.get("classifier") if model.spec["kind"] == "encoder" else None
+    if head is None or head["pool"] != "spans":
+        raise FmError(f"{out_dir} holds no question-answering head ({model.spec['architecture']}); convert a "
+                      f"*ForQuestionAnswering checkpoint")
+    positions = model.spec["max_positions"] if model.spec["position"]["type"] in ("learned", "sinusoidal") else None
+    limit = min(n for n in (max_length, positions) if n) if max_length or positions else None
+    tok = _tokenizer(out_dir)
+    try:
+        found = answers(model, tok, questions, contexts, limit, max_answer)
+    except NotImplementedError:        # a slow tokenizer has no character offsets
+        raise FmError(f"{out_dir}: answering needs a fast tokenizer (tokenizer.json) for the spans' characters") \
+            from None
+    if model.rank == 0:
+        for a in found:
+            click.echo(json.dumps({**a, "score": round(a["score"], 6)}))
+
+
 def _one_line(msg: str) -> str:
     """Messages quote names from untrusted files: escape newlines and terminal control sequences."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)

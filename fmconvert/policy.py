@@ -2219,9 +2219,13 @@ class Policy:
             # a label per token: a linear layer over each token's state in every family, unless the table says
             # otherwise (ModernBERT's prediction head first)
             head = {"pool": "tokens", **self.table.get("token_classifier", {"steps": [{"linear": "classifier"}]})}
+        elif self.kind == "encoder" and architecture.endswith("ForQuestionAnswering"):
+            # extractive QA: a start and an end logit per token, from qa_outputs unless the table says otherwise
+            head = {"pool": "spans", **self.table.get("qa", {"steps": [{"linear": "qa_outputs"}]})}
         else:
             head = self.table.get("classifier")
-        if head is None or not architecture.endswith(("ForSequenceClassification", "ForTokenClassification")):
+        if head is None or not architecture.endswith(("ForSequenceClassification", "ForTokenClassification",
+                                                      "ForQuestionAnswering")):
             return None
         have = set(extras)
 
@@ -2235,7 +2239,7 @@ class Policy:
             return v
 
         pool = value(head["pool"])
-        if pool not in ("first", "pooler", "mean", "cls", "tokens"):
+        if pool not in ("first", "pooler", "mean", "cls", "tokens", "spans"):
             raise FmError(f"config.json: classifier pooling {pool!r} is not first, cls, mean or pooler")
         steps = []
         for s in head["steps"]:

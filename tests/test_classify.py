@@ -1,6 +1,7 @@
 """Sequence and token classification (`fmconvert classify`, runtime/classify.py): each encoder family's own task
 head, kept as passthrough tensors and described in the manifest, run on the converted encoder and compared with
-transformers' logits at tp 1 and 2, with padding; a token classifier's labels and character spans through the CLI; a cross-encoder's (text, pair) inputs and a one-logit reranker's
+transformers' logits at tp 1 and 2, with padding; a token classifier's labels and character spans, and extractive QA's
+answers, through the CLI; a cross-encoder's (text, pair) inputs and a one-logit reranker's
 score through the CLI; verify checking the head; heads that cannot run refused in one line."""
 
 from __future__ import annotations
@@ -157,3 +158,41 @@ def test_a_token_classifier_labels_each_word_through_the_cli(model_copy, tmp_pat
     assert len(rows[1]) == 1
     assert_one_line_error(*run_main(capsys, "classify", tmp_path / "out", "-t", "w5", "--pair", "w6")[::2],
                           EXIT_BAD_INPUT, "drop --pair")
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("name", ["roberta_qa", "modernbert_qa"])
+def test_qa_start_and_end_logits_match_transformers(model_dir, tmp_path, name, tp):
+    convert(model_dir(name), tmp_path / "out", Options(tp=tp), progress=False)
+    ids, mask = batch()
+    with torch.no_grad():
+        o = tiny.build(name)(ids, attention_mask=mask)
+    want, real = torch.stack([o.start_logits, o.end_logits], -1), mask.bool()
+    for got in tiny.on_ranks(tmp_path / "out", tp, lambda m: head_logits(m, *m(ids, attention_mask=mask), mask)):
+        assert tiny.rel(got[real], want[real]) < 1e-5
+
+
+def test_answers_are_the_best_context_spans(model_copy, tmp_path, capsys):
+    """Each answer is the span of the context (never of the question) whose start and end logits sum highest, at
+    most --max-answer tokens, by brute force over transformers' logits; its characters come back from the text."""
+    src = model_copy("roberta_qa")
+    tokenizer().save_pretrained(src)
+    assert run_main(capsys, "convert", "--quiet", src, tmp_path / "out")[0] == 0
+    questions, contexts = ["w5 w6", "w7"], ["w10 w11  w12 w13 w14 w15", "w20 w21 w22"]
+    code, stdout, err = run_main(capsys, "answer", tmp_path / "out", "--max-answer", 3,
+                                 *[a for q, c in zip(questions, contexts) for a in ("-q", q, "-c", c)])
+    assert code == 0, err
+    got = [json.loads(line) for line in stdout.splitlines()]
+    hf = tiny.build("roberta_qa")
+    for q, c, g in zip(questions, contexts, got):
+        enc = tokenizer()(q, c, return_tensors="pt", return_offsets_mapping=True)
+        spans = enc.pop("offset_mapping")[0]
+        with torch.no_grad():
+            o = hf(**enc)
+        ctx = [k for k, s in enumerate(enc.sequence_ids(0)) if s == 1]
+        best = max(((i, j) for i in ctx for j in ctx if i <= j < i + 3),
+                   key=lambda ij: float(o.start_logits[0, ij[0]] + o.end_logits[0, ij[1]]))
+        a, z = int(spans[best[0], 0]), int(spans[best[1], 1])
+        assert (g["answer"], g["start"], g["end"]) == (c[a:z], a, z) and 0 < g["score"] <= 1
+    assert_one_line_error(*run_main(capsys, "answer", tmp_path / "out", "-q", "w5")[::2], EXIT_BAD_INPUT,
+                          "1 questions for 0 contexts")

@@ -1017,6 +1017,12 @@ ENCODERS = {
     # ALBERT: one layer's weights for all three, 32-wide embeddings projected to 64
     "albert": ("AlbertConfig", "AlbertForSequenceClassification", dict(_ENC, num_hidden_layers=3, embedding_size=32,
                                                                        num_labels=3, pad_token_id=0)),
+    # extractive QA (test_classify.py): a start and an end logit per token
+    "roberta_qa": ("RobertaConfig", "RobertaForQuestionAnswering", _ENC),
+    "modernbert_qa": ("ModernBertConfig", "ModernBertForQuestionAnswering", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=101,
+        max_position_embeddings=64, local_attention=4, global_attn_every_n_layers=2, pad_token_id=1,
+        bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3)),
     # token classifiers (test_classify.py): a linear layer over each token, ModernBERT's prediction head before it
     "roberta_tokens": ("RobertaConfig", "RobertaForTokenClassification", dict(_ENC, num_labels=5)),
     "bert_tokens": ("BertConfig", "BertForTokenClassification", dict(_ENC, num_labels=5)),

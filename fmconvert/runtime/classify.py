@@ -25,7 +25,7 @@ def head_logits(model, hidden: torch.Tensor, pooled: torch.Tensor | None, mask: 
     if head is None:
         raise FmError(f"{model.spec['architecture']} has no sequence-classification head (convert a "
                       f"*ForSequenceClassification checkpoint)")
-    if head["pool"] == "tokens":          # a token classifier: every token's state, [B, T, labels] out
+    if head["pool"] in ("tokens", "spans"):     # every token's state: [B, T, labels] (spans: start and end) out
         x = hidden
     elif head["pool"] == "pooler":
         x = pooled
@@ -61,6 +61,34 @@ def classify(model, tok, texts: list[str], pairs: list[str] | None = None, max_l
     hidden, pooled = model(ids, attention_mask=mask, token_type_ids=None if types is None else types.to(model.device))
     logits = head_logits(model, hidden, pooled, mask)
     return (logits, batch["offset_mapping"] * mask.cpu().unsqueeze(-1)) if tokens else logits
+
+
+def answers(model, tok, questions: list[str], contexts: list[str], max_length: int | None = None,
+            max_answer: int = 30) -> list[dict]:
+    """Extractive QA: for each (question, context), the context span whose start and end logits sum highest (start
+    at or before end, at most max_answer tokens), its characters and its probability (softmax of the starts times
+    softmax of the ends, over the context's tokens). A context past max_length tokens is cut (only it)."""
+    batch = tok(list(questions), list(contexts), padding=True, return_tensors="pt", return_offsets_mapping=True,
+                truncation="only_second" if max_length else False, max_length=max_length)
+    ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+    types = batch.get("token_type_ids")
+    hidden, pooled = model(ids, attention_mask=mask, token_type_ids=None if types is None else types.to(model.device))
+    logits = head_logits(model, hidden, pooled, mask).cpu()
+    out = []
+    for b, context in enumerate(contexts):
+        ctx = torch.tensor([s == 1 for s in batch.sequence_ids(b)])
+        if not ctx.any():
+            raise FmError("a context left no tokens after the question (raise --max-length)")
+        start = logits[b, :, 0].masked_fill(~ctx, float("-inf"))
+        end = logits[b, :, 1].masked_fill(~ctx, float("-inf"))
+        T = start.shape[0]
+        i, j = torch.arange(T).view(T, 1), torch.arange(T).view(1, T)
+        pair = (start.view(T, 1) + end.view(1, T)).masked_fill((j < i) | (j >= i + max_answer), float("-inf"))
+        s, e = divmod(int(pair.argmax()), T)
+        p = float(start.softmax(0)[s] * end.softmax(0)[e])
+        a, z = int(batch["offset_mapping"][b, s, 0]), int(batch["offset_mapping"][b, e, 1])
+        out.append({"answer": context[a:z], "start": a, "end": z, "score": p})
+    return out
 
 
 def labels(out_dir, n: int) -> list[str]:
