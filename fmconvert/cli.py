@@ -54,8 +54,8 @@ def cli():
       older: GPT-2, GPT-BigCode, OPT, BLOOM, MPT, Falcon, GPT-NeoX, GPT-J, CodeGen, GPT-Neo, Phi,
         ModernBERT's decoder
       encoders (fmconvert embed, classify): BERT, RoBERTa, XLM-RoBERTa (and XL), CamemBERT, data2vec-text,
-        ELECTRA, ALBERT, DistilBERT, ModernBERT, MPNet, DeBERTa-v2/v3, NomicBERT, GTE, EuroBERT, Jina v3, the T5
-        encoder
+        ELECTRA, ALBERT, DistilBERT, ModernBERT, MPNet, DeBERTa-v2/v3, NomicBERT, GTE, EuroBERT, Jina v3; the text
+        encoders of diffusion models: CLIP's and T5's
       vision-language, language model only: Gemma 3/4, LLaVA, Mistral 3, Llama 4, Qwen2/2.5/3/3.5-VL, GLM-4.5V,
         MiniMax-M3, Aria
     An unknown architecture is refused with the list of known ones.
@@ -766,7 +766,7 @@ def embed(out_dir, texts, text_file, pooling, normalize, max_length, batch_size,
         modes = st.modes
     else:       # a decoder's last token is the one that has read the whole text
         modes = ("lasttoken",) if model.spec["kind"] == "decoder" else ("pooler",) if model.spec.get("pooler") \
-            else ("mean",)
+            or model.spec.get("eos_pool") else ("mean",)
         if model.rank == 0:
             click.echo(f"pooling: {modes[0]} (no sentence-transformers config; --pooling picks another)", err=True)
     normalize = (st is not None and st.normalize) if normalize is None else normalize

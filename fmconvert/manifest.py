@@ -62,7 +62,7 @@ _MODEL = {
     "norm": _ENUM("rms", "layer", "rms_plus_one", "layer_plus_one", "rms_fp32"), "norm_eps": _POS_NUM,
     "attn_scale": _POS_NUM,
     "activation": _ENUM("gelu", "gelu_tanh", "relu", "relu2", "silu", "swiglu", "geglu", "geglu_erf", "reglu2",
-                        "swiglu_oai", "swiglu_limit", "xielu"),
+                        "swiglu_oai", "swiglu_limit", "xielu", "quick_gelu"),
     "residual": _ENUM("pre", "post", "parallel", "normed", "hyper", "altup", "gated_hyper"),
     **{k: _BOOL for k in ("gated_mlp", "tied_embeddings", "embed_norm", "final_norm", "project", "pooler")},
     "position": lambda x: isinstance(x, dict), "bos_token_id": _TOKEN, "pad_token_id": _TOKEN,
@@ -209,6 +209,10 @@ _MODEL_OPTIONAL = {
     "diff_attn": (False, _BOOL, "true or false"),
     "embed_proj": (False, _BOOL, "true or false"),
     "headless": (False, _BOOL, "true or false"),
+    "causal_encoder": (False, _BOOL, "true or false"),
+    "eos_pool": (None, lambda x: x is None or (isinstance(x, dict) and set(x) == {"eos_id"} and type(x["eos_id"]) is int
+                                               and x["eos_id"] >= -1), "null or {eos_id (-1: the largest id)}"),
+    "proj_dim": (0, _NAT, "a non-negative integer"),
     "classifier": (None, lambda x: x is None or (
         isinstance(x, dict) and set(x) == {"pool", "steps"} and x["pool"] in ("first", "pooler", "mean", "tokens", "spans")
         and isinstance(x["steps"], list) and 0 < len(x["steps"]) <= 8 and all(
@@ -461,6 +465,8 @@ def validate(m) -> dict:
           "model.residual gated_hyper and model.hyper's rank go together, in a hybrid decoder with a QSA indexer "
           "and no final norm")
     _need(model["rel_bias"] is None or model["kind"] == "encoder", "model.rel_bias is for encoders")
+    _need((not model["causal_encoder"] and model["eos_pool"] is None) or model["kind"] == "encoder",
+          "model.causal_encoder and model.eos_pool are an encoder's")
     _need(not model["headless"] or (model["kind"] == "decoder" and not model["tied_embeddings"]),
           "model.headless is for decoders with an untied head")
     _need(model["classifier"] is None or (model["kind"] == "encoder" and (model["classifier"]["pool"] != "pooler"

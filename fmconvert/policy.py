@@ -168,7 +168,7 @@ ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.", "q_a", "q_b.", "kv
 GLOBAL_SLOTS = (
     "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
     "project_in.weight", "project_out.weight", "embed_proj.weight", "embed_proj.bias", "final_norm.weight",
-    "final_norm.bias", "pooler.weight", "pooler.bias", "rel_bias.weight", "rel_embed.weight", "rel_embed_norm.weight",
+    "final_norm.bias", "pooler.weight", "pooler.bias", "text_proj.weight", "rel_bias.weight", "rel_embed.weight", "rel_embed_norm.weight",
     "rel_embed_norm.bias", "lm_head.weight", "lm_head.bias",
     "head_dense.weight", "head_dense.bias", "head_norm.weight", "head_norm.bias",
     # Gemma 4's E2B/E4B: the per-layer embeddings [vocab, layers * dim], and the projection of the embedded token
@@ -192,7 +192,7 @@ _GATED = {"silu": "swiglu", "gelu_tanh": "geglu", "gelu": "geglu_erf", "relu2": 
 _ACTIVATIONS = {
     "gelu": "gelu", "gelu_python": "gelu",
     "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh",
-    "relu": "relu", "silu": "silu", "swish": "silu", "relu2": "relu2", "xielu": "xielu",
+    "relu": "relu", "silu": "silu", "swish": "silu", "relu2": "relu2", "xielu": "xielu", "quick_gelu": "quick_gelu",
 }
 
 
@@ -311,6 +311,10 @@ class ModelSpec:
     #                                embeddings, with low-rank adapters of `rank` of their own (on q|k|v where
     #                                qkv_lora); see configs/zamba2.toml
     attn_input: int = 0            # the width attention's q|k|v read where it is not hidden_size (Zamba2: twice it)
+    proj_dim: int = 0               # CLIPTextModelWithProjection: the width text_proj takes the pooled state to
+    causal_encoder: bool = False    # CLIP's text encoder: an encoder whose tokens see only those before them
+    eos_pool: dict | None = None    # CLIP: {"eos_id"}: the pooled output is the first eos token's state (eos_id -1:
+    #                                 the largest id's, as checkpoints with the old eos id 2 do), through text_proj
     headless: bool = False          # a decoder saved without its untied lm_head (a bare *Model, or an embedding model
     #                                 such as Qwen3-Embedding-8B): hidden states only, for `embed`
     classifier: dict | None = None  # an encoder's sequence- (or token-) classification head, run from its passthrough
@@ -880,6 +884,9 @@ class Policy:
             shared_blocks=self._shared_blocks(c, parts, flags),
             attn_input=2 * c["hidden_size"] if self.layout.get("shared_blocks") else 0,
             diff_attn=self._diff_attn(c), rel_bias=self._rel_bias(c, flags), disentangled=disentangled,
+            causal_encoder=self.kind == "encoder" and bool(self._layout("causal", flags, False)),
+            proj_dim=int(c.get("proj_dim") or 0),
+            eos_pool=self._eos_pool(config) if self.layout.get("pool") == "eos" else None,
             embed_proj=bool(self._layout("embed_proj", flags, False)) and int(c.get("embed_dim") or c["hidden_size"])
             != c["hidden_size"],
             norm_gate_rank=self._norm_gate_rank(c), block_sparse=self._block_sparse(config, c),
@@ -974,6 +981,14 @@ class Policy:
         if flags.get("untied"):     # transformers ties the blocks only with the embeddings: untied, each hybrid
             n = len(hybrid)         # layer runs its own copy
         return {"count": n, "rank": r, "qkv_lora": bool(flags.get("qkv_lora"))}
+
+    def _eos_pool(self, config) -> dict:
+        """CLIP's pooled output: the state of each text's first eos token, or (checkpoints whose config still says
+        eos 2, from before transformers fixed it) of its largest token id, which is where CLIP's eos sits."""
+        eos = getattr(config, "eos_token_id", None)
+        if type(eos) is not int or eos < 0:
+            raise FmError(f"config.json: CLIP's pooling needs an integer eos_token_id, got {eos!r}")
+        return {"eos_id": -1 if eos == 2 else eos}
 
     def _disentangled(self, config, c: dict) -> dict | None:
         """DeBERTa-v2/v3's relative attention, from its config: which of content->position (c2p) and
@@ -1902,6 +1917,7 @@ class Policy:
             "embed_norm.weight": (pe,), "embed_norm.bias": (pe,), "final_norm.weight": (h,), "final_norm.bias": (h,),
             "project_in.weight": (h, e), "project_out.weight": (e, h), "embed_proj.weight": (h, e),
             "embed_proj.bias": (h,), "rel_bias.weight": (H, (spec.rel_bias or {}).get("buckets", 0)),
+            "text_proj.weight": (spec.proj_dim, h),
             "attn_rel_bias.weight": (H, (spec.rel_bias or {}).get("buckets", 0)),
             "rel_embed.weight": (2 * (spec.disentangled or {}).get("span", 0), h), "rel_embed_norm.weight": (h,),
             "rel_embed_norm.bias": (h,),

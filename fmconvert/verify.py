@@ -619,8 +619,9 @@ def _load_reference(model_dir: Path, arch: str, kind: str, device, head: bool = 
         raise FmError(f"transformers cannot load {model_dir} as {arch} ({type(e).__name__}: "
                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
     model = model.float().eval().to(device)
-    if kind == "encoder" and model.base_model is not model and not head:
-        model = model.base_model  # task heads (BertFor...) are passthrough extras; compare the encoder
+    if kind == "encoder" and model.base_model is not model and not head and not hasattr(model, "text_projection"):
+        model = model.base_model  # task heads (BertFor...) are passthrough extras; compare the encoder (CLIP's
+        #                           projection is the runtime's own: keep it)
     inner = getattr(model, "language_model", None)
     if hasattr(inner, "lm_head"):
         # A wrapper that holds its language model whole (Llama 4): given text alone it is that model, and
@@ -796,7 +797,8 @@ def _compare(ref, sp: dict, converted: list, batches: torch.Tensor, th: Threshol
             nll_ref.append(-lp_ref[:, :-1].gather(-1, tgt).flatten()[scored])
             nll_conv.append(-lp_conv[:, :-1].gather(-1, tgt).flatten()[scored])
         if kind == "encoder":
-            pr = getattr(o, "pooler_output", None)
+            pr = getattr(o, "text_embeds", None)          # CLIP's projected pooled output
+            pr = getattr(o, "pooler_output", None) if pr is None else pr
             if pr is not None and out is not None:
                 cos.append(torch.cosine_similarity(out.double(), pr.float().cpu().double(), dim=-1))
             else:
@@ -831,7 +833,8 @@ def _compare(ref, sp: dict, converted: list, batches: torch.Tensor, th: Threshol
     if cos:
         c = torch.cat(cos)
         res["cosine_min"] = float(c.min())
-        res["cosine_what"] = "pooled output" if sp.get("pooler") else "first token's last hidden state"
+        res["cosine_what"] = "pooled output" if sp.get("pooler") or sp.get("eos_pool") else \
+            "first token's last hidden state"
         if res["cosine_min"] < th.min_cosine:
             fails.append(f"end to end: {res['cosine_what']} cosine {res['cosine_min']:.6f} < {th.min_cosine:g}")
     if heads:           # the task head fmconvert runs, against the task model's own logits

@@ -731,6 +731,11 @@ def _inspect_disentangled_buckets_apart_from_its_span(c: Ctx):    # DeBERTa: 2 *
     return [_manifest(c, lambda m: m["model"]["disentangled"].update(buckets=6), name="deberta_v3")]
 
 
+@case("inspect", "model.causal_encoder and model.eos_pool are an encoder's")
+def _inspect_eos_pool_on_a_decoder(c: Ctx):               # a decoder has no pooled output
+    return [_manifest(c, lambda m: m["model"].update(eos_pool={"eos_id": 2}))]
+
+
 @case("inspect", "model.headless is for decoders with an untied head")
 def _inspect_headless_encoder(c: Ctx):                    # an encoder has no language-model head to leave out
     return [_manifest(c, lambda m: m["model"].update(headless=True), name="bert")]

@@ -33,7 +33,9 @@ def batch(typed: bool):
 
 
 def reference(name, ids, mask, types):
-    hf = tiny.build(name).base_model
+    """transformers' encoder (CLIP's projected one whole: its pooled output is text_embeds)."""
+    hf = tiny.build(name)
+    hf = hf if hasattr(hf, "text_projection") else hf.base_model
     with torch.no_grad():
         return hf(ids, attention_mask=mask, **({} if types is None else {"token_type_ids": types}))
 
@@ -48,7 +50,7 @@ def test_hidden_states_match_transformers(model_dir, tmp_path, name, tp):
     ids, mask, types = batch(typed)
     want = reference(name, ids, mask, types)
     real = mask.bool()
-    pooled = getattr(want, "pooler_output", None)
+    pooled = getattr(want, "text_embeds", getattr(want, "pooler_output", None))
     for hidden, pool in tiny.on_ranks(out, tp, lambda m: m(ids, attention_mask=mask, token_type_ids=types)):
         assert tiny.rel(hidden[real], want.last_hidden_state[real]) < 1e-5
         assert (pool is None) == (pooled is None)
@@ -203,6 +205,34 @@ def test_albert_layers_read_one_set_of_weights(model_dir, tmp_path):
 
 def test_albert_with_layer_groups_is_refused(model_copy, tmp_path):
     tiny.refuses(model_copy("albert"), tmp_path / "out", "num_hidden_groups", num_hidden_groups=3)
+
+
+@pytest.mark.parametrize("eos", [100, 2])
+def test_clip_pools_each_texts_eos_token(model_dir, tmp_path, eos):
+    """Texts ending in eos at different places, padded after it: the pooled output (projected) is the eos token's
+    state, the first eos's (or, under the old eos id 2, the largest id's); the tokens before it never see it."""
+    src = model_dir("clip_text_proj", eos_token_id=eos)
+    convert(src, tmp_path / "out", Options(tp=2), progress=False)
+    ids = tiny.ids(12, 10, B=3)
+    ids[ids == 100] = 50
+    for row, end in enumerate((11, 6, 3)):
+        ids[row, end] = 100                                 # CLIP's eos: the vocab's last id
+        ids[row, end + 1:] = 1
+    mask = (torch.arange(12) <= torch.tensor([11, 6, 3]).view(3, 1)).long()
+    with torch.no_grad():
+        want = tiny.build("clip_text_proj", eos_token_id=eos)(ids, attention_mask=mask)
+    for hidden, pooled in tiny.on_ranks(tmp_path / "out", 2, lambda m: m(ids, attention_mask=mask)):
+        assert tiny.rel(pooled, want.text_embeds) < 1e-5 and pooled.shape == (3, 48)
+        assert tiny.rel(hidden[mask.bool()], want.last_hidden_state[mask.bool()]) < 1e-5
+
+
+def test_clip_passes_verify(model_dir, tmp_path):
+    """verify reads CLIP's hidden states as transformers reports them (the last layer's before the final norm) and
+    compares the projected pooled output with its text_embeds."""
+    from fmconvert.verify import verify
+    convert(model_dir("clip_text_proj"), tmp_path / "out", Options(tp=2, int8=True, group_size=16), progress=False)
+    r = verify(model_dir("clip_text_proj"), tmp_path / "out", tokens=16)
+    assert r["passed"] and r["end_to_end"]["cosine_what"] == "pooled output"
 
 
 def test_int8_passes_verify(model_dir, tmp_path):

@@ -1023,6 +1023,15 @@ ENCODERS = {
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=101,
         max_position_embeddings=64, local_attention=4, global_attn_every_n_layers=2, pad_token_id=1,
         bos_token_id=2, eos_token_id=3, cls_token_id=2, sep_token_id=3)),
+    # CLIP's text encoder, transformers 5's layout (no text_model.) and SDXL's projected one; eos at the top of the
+    # tiny vocab, as CLIP's is
+    "clip_text": ("CLIPTextConfig", "CLIPTextModel", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                                         num_attention_heads=4, vocab_size=101,
+                                                         max_position_embeddings=20, bos_token_id=99,
+                                                         eos_token_id=100, pad_token_id=1)),
+    "clip_text_proj": ("CLIPTextConfig", "CLIPTextModelWithProjection", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=101,
+        max_position_embeddings=20, projection_dim=48, bos_token_id=99, eos_token_id=100, pad_token_id=1)),
     # token classifiers (test_classify.py): a linear layer over each token, ModernBERT's prediction head before it
     "roberta_tokens": ("RobertaConfig", "RobertaForTokenClassification", dict(_ENC, num_labels=5)),
     "bert_tokens": ("BertConfig", "BertForTokenClassification", dict(_ENC, num_labels=5)),

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4, "swiglu": 5, "geglu": 6, "relu2": 8,
-               "geglu_erf": 9, "reglu2": 10}
+               "geglu_erf": 9, "reglu2": 10, "quick_gelu": 12}
 # Gated activations act on the first half of a fused gate|up output and multiply by the second half.
 GATED = ("swiglu", "geglu", "geglu_erf", "reglu2")   # geglu: the tanh GELU; geglu_erf: the exact one; reglu2: ReLU²
 # ("swiglu_oai", alpha, limit): GPT-OSS's clamped SwiGLU; ("swiglu_limit", limit): the same clamps before a plain
@@ -176,6 +176,8 @@ def activate(v, ACT: tl.constexpr):
     elif ACT == 8 or ACT == 10:
         v = tl.maximum(v, 0.0)
         v = v * v
+    elif ACT == 12:                 # CLIP's x sigmoid(1.702 x)
+        v = v * sigmoid(1.702 * v)
     return v
 
 

@@ -68,6 +68,7 @@ def check_layout(m: dict, rank: int):
             "type_embed.weight": (sp["type_vocab_size"], pe), "embed_proj.weight": (h, e), "embed_proj.bias": (h,),
             "rel_bias.weight": (hpr, (sp["rel_bias"] or {}).get("buckets", 0)),
             "rel_embed.weight": (2 * (sp["disentangled"] or {}).get("span", 0), h),
+            "text_proj.weight": (sp["proj_dim"], h),
             **{f"rel_embed_norm.{p}": (h,) for p in ("weight", "bias")},
             "pos_embed.weight": (sp["max_positions"] + pos.get("offset", 0), pe), "project_in.weight": (h, e),
             "project_out.weight": (e, h), "pooler.weight": (h, h), "pooler.bias": (h,),

@@ -1824,7 +1824,7 @@ class FusedModel(nn.Module):
         # HY-V4: the routed experts clamp their SwiGLU's inputs; the dense MLP and the shared experts do not
         self.experts_activation = ("swiglu_limit", sp["experts_glu_limit"]) if sp["experts_glu_limit"] else None
         self.scale, self.softcap, self.residual_scale = sp["attn_scale"], sp["attn_softcap"], sp["residual_scale"]
-        self.causal = sp["kind"] == "decoder"
+        self.causal = sp["kind"] == "decoder" or sp["causal_encoder"]      # CLIP's text encoder is causal too
         self.query_scale = self._query_scale if sp["query_scale_beta"] else None
         self.vocab_lo = rank * par["vocab_per_rank"]
         # Gemma scales its embeddings by sqrt(hidden) rounded to the model dtype, as HF does; a device tensor made
@@ -2226,6 +2226,12 @@ class FusedModel(nn.Module):
         return self.logits(h)
 
     def pooled(self, h):
+        eos = self.spec["eos_pool"]
+        if eos:     # CLIP: each text's first eos token (or its largest id), through text_proj when there is one
+            ids = self.token_ids
+            at = ids.argmax(-1) if eos["eos_id"] < 0 else (ids == eos["eos_id"]).int().argmax(-1)
+            x = h[torch.arange(h.shape[0], device=h.device), at]
+            return self.ops.linear(x, self.g["text_proj.weight"]) if "text_proj.weight" in self.g else x
         if not self.spec.get("pooler"):
             return None
         return torch.tanh(self.ops.linear(h[:, 0], self.g["pooler.weight"], self.g["pooler.bias"]))

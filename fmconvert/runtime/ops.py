@@ -129,6 +129,8 @@ def activate(y: torch.Tensor, activation) -> torch.Tensor:
         return F.relu(y).square()
     if activation == "silu":
         return F.silu(y)
+    if activation == "quick_gelu":           # CLIP: x sigmoid(1.702 x)
+        return y * torch.sigmoid(1.702 * y)
     raise ValueError(f"unknown activation {activation!r}")
 
 

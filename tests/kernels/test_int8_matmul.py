@@ -10,7 +10,8 @@ FLOAT_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_CUDA els
 # GPT-OSS's clamped SwiGLU with a limit small enough that both clamps bite at these outputs (|y| ~ 1).
 OAI = ("swiglu_oai", 1.702, 0.6)
 LIM = ("swiglu_limit", 0.6)       # HY-V4's experts: the same clamps, a plain SwiGLU
-ACTS = [None, "relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "geglu_erf", OAI, LIM, "relu2", "reglu2"]
+ACTS = [None, "relu", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "geglu_erf", OAI, LIM, "relu2", "reglu2",
+        "quick_gelu"]
 GATED = ("swiglu", "geglu", "geglu_erf", OAI, LIM, "reglu2")
 
 
