@@ -282,8 +282,27 @@ def inspect(out_dir, as_json):
     head = md.get("classifier")
     if head:
         steps = ", ".join(f"{s['name']}{'' if s['act'] == 'none' else ' + ' + s['act']}" for s in head["steps"])
-        pool = {"first": "first token's state", "pooler": "pooler output", "mean": "mean of the tokens"}[head["pool"]]
-        t.add_row("classifier", f"the {pool}, then {steps} (passthrough tensors; `fmconvert classify`)")
+        pool = {"first": "first token's state", "pooler": "pooler output", "mean": "mean of the tokens",
+                "tokens": "state of every token", "spans": "state of every token"}[head["pool"]]
+        what = ": a start and an end logit each" if head["pool"] == "spans" else ""
+        verb = "answer" if head["pool"] == "spans" else "classify"
+        t.add_row("classifier", f"the {pool}, then {steps}{what} (passthrough tensors; `fmconvert {verb}`)")
+    if md["headless"]:
+        t.add_row("head", "none: saved without its untied lm_head (an embedding model's body); hidden states only, "
+                  "for `fmconvert embed`")
+    if md["kind"] == "encoder" or md["headless"]:
+        from .runtime.embed import sentence_config
+        try:
+            st = sentence_config(out_dir)
+        except FmError as e:
+            st, why = None, str(e)
+        else:
+            why = None
+        if st is not None or why:
+            t.add_row("sentence-transformers", escape(why) if why else f"{' + '.join(st.modes)} pooling"
+                      + (", normalised" if st.normalize else "")
+                      + (f", at most {st.max_length} tokens" if st.max_length else "")
+                      + (f", prompts: {', '.join(st.prompts)}" if st.prompts else "") + " (`fmconvert embed`)")
     sb = md.get("shared_blocks")
     if sb:
         hybrid = [i for i, p in enumerate(md["block_parts"]) if p == "hybrid"]

@@ -172,7 +172,7 @@ def test_qa_start_and_end_logits_match_transformers(model_dir, tmp_path, name, t
         assert tiny.rel(got[real], want[real]) < 1e-5
 
 
-def test_answers_are_the_best_context_spans(model_copy, tmp_path, capsys):
+def test_answers_are_the_best_context_spans(model_copy, tmp_path, capsys, monkeypatch):
     """Each answer is the span of the context (never of the question) whose start and end logits sum highest, at
     most --max-answer tokens, by brute force over transformers' logits; its characters come back from the text."""
     src = model_copy("roberta_qa")
@@ -196,3 +196,6 @@ def test_answers_are_the_best_context_spans(model_copy, tmp_path, capsys):
         assert (g["answer"], g["start"], g["end"]) == (c[a:z], a, z) and 0 < g["score"] <= 1
     assert_one_line_error(*run_main(capsys, "answer", tmp_path / "out", "-q", "w5")[::2], EXIT_BAD_INPUT,
                           "1 questions for 0 contexts")
+    monkeypatch.setenv("COLUMNS", "300")              # inspect's table, unwrapped
+    code, stdout, _ = run_main(capsys, "inspect", tmp_path / "out")
+    assert code == 0 and "a start and an end logit each" in stdout and "fmconvert answer" in stdout

@@ -64,7 +64,7 @@ def by_hand(texts, max_length, modes=("mean",), normalize=True):
     return F.normalize(vec, dim=-1) if normalize else vec
 
 
-def test_a_sentence_transformers_pipeline_end_to_end(model_dir, tmp_path, capsys):
+def test_a_sentence_transformers_pipeline_end_to_end(model_dir, tmp_path, capsys, monkeypatch):
     """convert copies the pipeline's files; embed follows them: mean pooling, unit vectors, 12 tokens at most."""
     src = sentence_model(model_dir, tmp_path)
     out = tmp_path / "out"
@@ -80,6 +80,9 @@ def test_a_sentence_transformers_pipeline_end_to_end(model_dir, tmp_path, capsys
     code, again, _ = run_main(capsys, "embed", out, "-t", TEXTS[0], "--file", tmp_path / "texts.txt", "--batch-size", 2)
     assert code == 0 and (torch.tensor([json.loads(x) for x in again.splitlines()]) - want).abs().max() < 1e-5
     assert (by_hand(TEXTS, 20) - want)[2].abs().max() > 1e-3          # the long text was cut, as it should be
+    monkeypatch.setenv("COLUMNS", "300")              # inspect's table, unwrapped
+    code, listing, _ = run_main(capsys, "inspect", out)
+    assert code == 0 and "mean pooling, normalised, at most 12 tokens" in listing
     code, stdout, _ = run_main(capsys, "embed", out, "-t", TEXTS[0], "--no-normalize", "--pooling", "max")
     assert (torch.tensor(json.loads(stdout)) - by_hand(TEXTS[:1], 12, ("max",), False)[0]).abs().max() < 1e-5
 
