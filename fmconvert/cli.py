@@ -794,7 +794,8 @@ def embed(out_dir, texts, text_file, pooling, normalize, max_length, batch_size,
     tok = _tokenizer(out_dir)
     rows = [None] * len(texts)
     for idx in by_length(tok, texts, batch_size):
-        vec = sentence_vectors(model, tok, [texts[i] for i in idx], modes, normalize, min(limit) if limit else None)
+        vec = sentence_vectors(model, tok, [texts[i] for i in idx], modes, normalize, min(limit) if limit else None,
+                               st.dense if st else ())
         for i, v in zip(idx, vec.cpu()):
             rows[i] = v
     if model.rank == 0:

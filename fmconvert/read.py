@@ -68,10 +68,11 @@ def sentence_modules(model_dir: Path) -> list[tuple[str, str]]:
 
 
 def sentence_files(model_dir: Path) -> list[str]:
-    """The sentence-transformers files a model directory holds, relative to it: SENTENCE_FILES and the config.json of
-    each module that has one (its Pooling's, above all)."""
+    """The sentence-transformers files a model directory holds, relative to it: SENTENCE_FILES, the config.json of
+    each module that has one (its Pooling's, above all), and a Dense module's model.safetensors."""
     model_dir = Path(model_dir)
-    mods = [f"{p}/config.json" for _, p in sentence_modules(model_dir) if p]
+    mods = [f"{p}/{f}" for t, p in sentence_modules(model_dir) if p
+            for f in ("config.json", *(("model.safetensors",) if t == "Dense" else ()))]   # a Dense's weights too
     return [f for f in (*SENTENCE_FILES, *mods) if (model_dir / f).is_file()]
 
 

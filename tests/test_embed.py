@@ -118,8 +118,10 @@ def test_each_pooling_mode_over_padding_on_either_side(mode):
 
 
 @pytest.mark.parametrize("edit, stage, match", [
-    (lambda src: _modules(src, [{"type": "sentence_transformers.models.Dense", "path": "2_Dense"}]), "embed",
-     "has a Dense module"),
+    (lambda src: _modules(src, [{"type": "sentence_transformers.models.LSTM", "path": "2_LSTM"}]), "embed",
+     "has a LSTM module"),
+    (lambda src: _modules(src, [{"type": "sentence_transformers.models.Dense", "path": "1_Pooling"}]), "embed",
+     "not in model.safetensors (fmconvert never unpickles"),
     (lambda src: (src / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": false}'), "embed",
      "no pooling mode"),
     (lambda src: _modules(src, [{"type": "sentence_transformers.models.Pooling", "path": "../../etc"}]), "convert",
@@ -218,3 +220,23 @@ def test_qwen3_embedding_layout_end_to_end(model_dir, tmp_path, capsys):
         assert (got - by_hand([prefix + t for t in TEXTS[:2]])).abs().max() < 1e-5
     assert_one_line_error(*run_main(capsys, "embed", tmp_path / "out", "--prompt-name", "passage", "-t", "w5")[::2],
                           EXIT_BAD_INPUT, "no prompt named 'passage' (its prompts: document, query)")
+
+
+def test_a_dense_module_projects_the_pooled_vector(model_dir, tmp_path, capsys):
+    """LaBSE's layout: Pooling (cls), Dense (a tanh layer to 32, weights in its own safetensors), Normalize; convert
+    copies the Dense module's files and embed runs it."""
+    from safetensors.torch import save_file
+    src = sentence_model(model_dir, tmp_path, modules=("Pooling", "Dense", "Normalize"),
+                         pooling={"pooling_mode_cls_token": True})
+    torch.manual_seed(3)
+    w, b = torch.randn(32, 64) * 0.2, torch.randn(32) * 0.1
+    (src / "2_Dense" / "config.json").write_text(json.dumps({"in_features": 64, "out_features": 32, "bias": True,
+                                                             "activation_function": "torch.nn.modules.activation.Tanh"}))
+    save_file({"linear.weight": w, "linear.bias": b}, src / "2_Dense" / "model.safetensors")
+    assert run_main(capsys, "convert", "--quiet", src, tmp_path / "out")[0] == 0
+    assert (tmp_path / "out" / "2_Dense" / "model.safetensors").is_file()
+    code, stdout, err = run_main(capsys, "embed", tmp_path / "out", *[a for t in TEXTS for a in ("-t", t)])
+    assert code == 0, err
+    got = torch.tensor([json.loads(line) for line in stdout.splitlines()])
+    want = F.normalize(torch.tanh(F.linear(by_hand(TEXTS, 12, ("cls",), False), w, b)), dim=-1)
+    assert got.shape == (3, 32) and (got - want).abs().max() < 1e-5

@@ -2,9 +2,11 @@
 gte-Qwen2): the last hidden states pooled into one vector per text.
 
 A sentence-transformers checkpoint says how in files beside the weights, which conversion copies: modules.json
-lists the pipeline (Transformer, then Pooling, maybe Normalize), the Pooling module's config.json names its modes,
-sentence_bert_config.json the length it truncates to. They are read as JSON; none of their code runs. A module
-fmconvert does not run (a Dense projection, say) is refused, not skipped, since the vectors would silently differ.
+lists the pipeline (Transformer, then Pooling, maybe Dense projections, maybe Normalize), the Pooling module's
+config.json names its modes, a Dense module's its widths and activation (its weights in its own model.safetensors),
+sentence_bert_config.json the length it truncates to. They are read as JSON and safetensors; none of their code runs
+and nothing is unpickled. A module fmconvert does not run is refused, not skipped, since the vectors would silently
+differ.
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ MODES = ("cls", "max", "mean", "mean_sqrt_len", "weightedmean", "lasttoken")
 _KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean",
          "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len", "pooling_mode_weightedmean_tokens": "weightedmean",
          "pooling_mode_lasttoken": "lasttoken"}
-_RUN = ("Transformer", "Pooling", "Normalize")
+_RUN = ("Transformer", "Pooling", "Dense", "Normalize")
+# A Dense module's activation, as sentence-transformers names the torch class
+_DENSE_ACTS = {"torch.nn.modules.linear.Identity": "none", "torch.nn.modules.activation.Tanh": "tanh",
+               "torch.nn.modules.activation.ReLU": "relu", "torch.nn.modules.activation.GELU": "gelu",
+               "torch.nn.modules.activation.Sigmoid": "sigmoid"}
 
 
 @dataclass
@@ -34,6 +40,7 @@ class SentenceConfig:
     max_length: int | None       # tokens kept per text (sentence_bert_config's max_seq_length)
     prompts: dict                # name -> text put before each text (config_sentence_transformers.json)
     default_prompt: str | None   # the prompt used when none is named
+    dense: tuple = ()            # Dense modules after the pooling: (weight [out, in], bias or None, activation)
 
 
 def _json(path: Path) -> dict:
@@ -81,8 +88,33 @@ def sentence_config(out_dir) -> SentenceConfig | None:
                 (default is not None and default not in prompts):
             raise FmError(f"{out_dir / 'config_sentence_transformers.json'}: prompts must map names to texts, and "
                           f"default_prompt_name name one of them")
+    dense = tuple(_dense(out_dir / p) for t, p in mods if t == "Dense")
     return SentenceConfig(tuple(m for m in MODES if m in modes), any(t == "Normalize" for t, _ in mods), length,
-                          prompts, default)
+                          prompts, default, dense)
+
+
+def _dense(d: Path) -> tuple:
+    """A Dense module: its config's activation and its safetensors weights (LaBSE's tanh projection, say)."""
+    cfg = _json(d / "config.json")
+    act = _DENSE_ACTS.get(cfg.get("activation_function", "torch.nn.modules.activation.Tanh"))
+    if act is None:
+        raise FmError(f"{d / 'config.json'}: activation {str(cfg.get('activation_function'))[:80]!r} is not one "
+                      f"fmconvert runs ({', '.join(a.rsplit('.', 1)[-1] for a in _DENSE_ACTS)})")
+    if not (d / "model.safetensors").is_file():
+        raise FmError(f"{d}: its Dense weights are not in model.safetensors (fmconvert never unpickles "
+                      f"pytorch_model.bin)")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        t = load_file(d / "model.safetensors")
+    except (SafetensorError, OSError) as e:
+        raise FmError(f"{d / 'model.safetensors'}: not readable ({e})") from None
+    w, b = t.get("linear.weight"), t.get("linear.bias")
+    shape = (cfg.get("out_features"), cfg.get("in_features"))
+    if w is None or tuple(w.shape) != shape or (b is not None and tuple(b.shape) != shape[:1]) or \
+            (b is None) == cfg.get("bias", True):
+        raise FmError(f"{d}: linear.weight (and linear.bias) must match its config's {shape[1]} -> {shape[0]}")
+    return w.float(), None if b is None else b.float(), act
 
 
 def by_length(tok, texts: list[str], batch_size: int, pairs: list[str] | None = None) -> list[list[int]]:
@@ -115,9 +147,11 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     raise FmError(f"unknown pooling mode {mode!r} (known: pooler, {', '.join(MODES)})")
 
 
-def sentence_vectors(model, tok, texts: list[str], modes, normalize: bool, max_length: int | None) -> torch.Tensor:
+def sentence_vectors(model, tok, texts: list[str], modes, normalize: bool, max_length: int | None,
+                     dense: tuple = ()) -> torch.Tensor:
     """[len(texts), dim] fp32: texts tokenized (padded, truncated to max_length), encoded, pooled in each mode and
-    concatenated, then normalised if asked. Mode "pooler" is BERT's tanh pooler output."""
+    concatenated, through the Dense modules (weight, bias, activation) in order, then normalised if asked. Mode
+    "pooler" is BERT's tanh pooler output."""
     batch = tok(list(texts), padding=True, truncation=max_length is not None, max_length=max_length,
                 return_tensors="pt")
     ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
@@ -136,4 +170,8 @@ def sentence_vectors(model, tok, texts: list[str], modes, normalize: bool, max_l
         else:
             parts.append(pool(hidden, mask, mode))
     vec = torch.cat(parts, -1)
+    for w, b, act in dense:
+        vec = F.linear(vec, w.to(vec.device), None if b is None else b.to(vec.device))
+        vec = {"none": vec, "tanh": torch.tanh(vec), "relu": F.relu(vec), "gelu": F.gelu(vec),
+               "sigmoid": torch.sigmoid(vec)}[act]
     return F.normalize(vec, dim=-1) if normalize else vec
