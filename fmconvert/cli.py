@@ -300,6 +300,7 @@ def inspect(out_dir, as_json):
             why = None
         if st is not None or why:
             t.add_row("sentence-transformers", escape(why) if why else f"{' + '.join(st.modes)} pooling"
+                      + "".join(f", Dense {w.shape[1]} -> {w.shape[0]} ({act})" for w, _, act in st.dense)
                       + (", normalised" if st.normalize else "")
                       + (f", at most {st.max_length} tokens" if st.max_length else "")
                       + (f", prompts: {', '.join(st.prompts)}" if st.prompts else "") + " (`fmconvert embed`)")

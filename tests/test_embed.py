@@ -230,8 +230,9 @@ def test_a_dense_module_projects_the_pooled_vector(model_dir, tmp_path, capsys):
                          pooling={"pooling_mode_cls_token": True})
     torch.manual_seed(3)
     w, b = torch.randn(32, 64) * 0.2, torch.randn(32) * 0.1
-    (src / "2_Dense" / "config.json").write_text(json.dumps({"in_features": 64, "out_features": 32, "bias": True,
-                                                             "activation_function": "torch.nn.modules.activation.Tanh"}))
+    dense = {"in_features": 64, "out_features": 32, "bias": True,
+             "activation_function": "torch.nn.modules.activation.Tanh"}
+    (src / "2_Dense" / "config.json").write_text(json.dumps(dense))
     save_file({"linear.weight": w, "linear.bias": b}, src / "2_Dense" / "model.safetensors")
     assert run_main(capsys, "convert", "--quiet", src, tmp_path / "out")[0] == 0
     assert (tmp_path / "out" / "2_Dense" / "model.safetensors").is_file()
