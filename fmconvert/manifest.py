@@ -214,7 +214,8 @@ _MODEL_OPTIONAL = {
                                                and x["eos_id"] >= -1), "null or {eos_id (-1: the largest id)}"),
     "proj_dim": (0, _NAT, "a non-negative integer"),
     "classifier": (None, lambda x: x is None or (
-        isinstance(x, dict) and set(x) == {"pool", "steps"} and x["pool"] in ("first", "pooler", "mean", "tokens", "spans")
+        isinstance(x, dict) and set(x) == {"pool", "steps"}
+        and x["pool"] in ("first", "pooler", "mean", "tokens", "spans")
         and isinstance(x["steps"], list) and 0 < len(x["steps"]) <= 8 and all(
             isinstance(s, dict) and set(s) == {"op", "name", "bias", "act"} and s["op"] in ("linear", "norm")
             and isinstance(s["name"], str) and type(s["bias"]) is bool

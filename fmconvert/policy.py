@@ -168,7 +168,8 @@ ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.", "q_a", "q_b.", "kv
 GLOBAL_SLOTS = (
     "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
     "project_in.weight", "project_out.weight", "embed_proj.weight", "embed_proj.bias", "final_norm.weight",
-    "final_norm.bias", "pooler.weight", "pooler.bias", "text_proj.weight", "rel_bias.weight", "rel_embed.weight", "rel_embed_norm.weight",
+    "final_norm.bias", "pooler.weight", "pooler.bias", "text_proj.weight", "rel_bias.weight", "rel_embed.weight",
+    "rel_embed_norm.weight",
     "rel_embed_norm.bias", "lm_head.weight", "lm_head.bias",
     "head_dense.weight", "head_dense.bias", "head_norm.weight", "head_norm.bias",
     # Gemma 4's E2B/E4B: the per-layer embeddings [vocab, layers * dim], and the projection of the embedded token
