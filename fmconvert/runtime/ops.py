@@ -255,9 +255,9 @@ class TorchOps:
         """bias [Hq, T, S] (or [B, Hq, T, S]): added to the scores, already scaled (MPNet's and T5's relative
         positions, DeBERTa's position terms). window: a query at position p sees keys p - window < j <= p, or
         without `causal` (an encoder's local layers, ModernBERT) p - window < j < p + window (0: no window).
-        softcap: scores become softcap * tanh(score / softcap) before masking (0: none). sinks [Hq]: a logit per head that joins each
-        softmax's denominator and nothing else (GPT-OSS). chunk: a query at p sees keys j <= p in its own aligned
-        chunk, j // chunk == p // chunk (Llama 4; 0: none)."""
+        softcap: scores become softcap * tanh(score / softcap) before masking (0: none). sinks [Hq]: a logit per
+        head that joins each softmax's denominator and nothing else (GPT-OSS). chunk: a query at p sees keys j <= p
+        in its own aligned chunk, j // chunk == p // chunk (Llama 4; 0: none)."""
         B, Hq, T, D = q.shape
         S = k.shape[2]
         if window >= S:
