@@ -590,6 +590,16 @@ def verify(model_dir, out_dir, text_file, tokens, json_path, tp_mode, max_kl, mi
         max_kl=max_kl, min_top1=min_top1, atol=atol, max_rel=max_rel, min_cosine=min_cosine)
 
 
+def _lines(path: Path) -> list[str]:
+    """A UTF-8 file's lines, split at line breaks only: str.splitlines also splits at form feeds, U+2028 and other
+    separators a line of text may hold, which would shift every result after them."""
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")      # universal newlines: \r\n and \r read as \n
+    except (OSError, UnicodeDecodeError) as e:
+        raise FmError(f"cannot read {path}: {getattr(e, 'strerror', None) or type(e).__name__}") from None
+    return lines[:-1] if lines[-1] == "" else lines
+
+
 def _tokenizer(out_dir: Path):
     """The tokenizer copied next to the shards. Loaded locally, never with remote code."""
     from transformers import AutoTokenizer
@@ -759,10 +769,7 @@ def embed(out_dir, texts, text_file, pooling, normalize, max_length, batch_size,
     own pipeline would, read from the files conversion copies beside the shards."""
     from .runtime.embed import by_length, sentence_config, sentence_vectors
     if text_file is not None:
-        try:
-            texts = (*texts, *text_file.read_text(encoding="utf-8").splitlines())
-        except (OSError, UnicodeDecodeError) as e:
-            raise FmError(f"cannot read {text_file}: {getattr(e, 'strerror', None) or type(e).__name__}") from None
+        texts = (*texts, *_lines(text_file))
     if not texts:
         raise FmError("nothing to embed: give --text or --file")
     if batch_size < 1 or (max_length is not None and max_length < 1):
@@ -779,6 +786,8 @@ def embed(out_dir, texts, text_file, pooling, normalize, max_length, batch_size,
         if st else ""
     texts = tuple(prefix + t for t in texts)
     st = st if pooling == "auto" else None
+    if st is not None:      # as sentence-transformers' Transformer module tokenizes: stripped, maybe lowercased
+        texts = tuple(t.strip().lower() if st.lower else t.strip() for t in texts)
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
     if pooling != "auto":
         modes = (pooling,)
@@ -793,6 +802,10 @@ def embed(out_dir, texts, text_file, pooling, normalize, max_length, batch_size,
     positions = model.spec["max_positions"] if model.spec["position"]["type"] in ("learned", "sinusoidal") else None
     limit = [n for n in (max_length or (st.max_length if st else None), positions) if n]   # never past the table
     tok = _tokenizer(out_dir)
+    if tok.pad_token is None:       # many decoders' tokenizers (Llama 3's): any id pads, the mask hides it
+        if tok.eos_token is None:
+            raise FmError(f"{out_dir}: the tokenizer has neither a pad nor an eos token to pad a batch with")
+        tok.pad_token = tok.eos_token
     rows = [None] * len(texts)
     for idx in by_length(tok, texts, batch_size):
         vec = sentence_vectors(model, tok, [texts[i] for i in idx], modes, normalize, min(limit) if limit else None,
@@ -826,11 +839,7 @@ def classify(out_dir, texts, pairs, text_file, max_length, batch_size, device, b
     from .runtime.embed import by_length
     texts, pairs = list(texts), list(pairs)
     if text_file is not None:
-        try:
-            lines = text_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise FmError(f"cannot read {text_file}: {getattr(e, 'strerror', None) or type(e).__name__}") from None
-        split = [line.split("\t", 1) for line in lines]
+        split = [line.split("\t", 1) for line in _lines(text_file)]
         if len({len(s) for s in split}) > 1:
             raise FmError(f"{text_file}: either every line holds a tab (text, then its pair) or none does")
         texts += [s[0] for s in split]
@@ -843,8 +852,14 @@ def classify(out_dir, texts, pairs, text_file, max_length, batch_size, device, b
         raise FmError("--batch-size and --max-length must be positive")
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
     if model.spec["kind"] != "encoder" or model.spec.get("classifier") is None:
-        raise FmError(f"{out_dir} holds no classifier ({model.spec['architecture']}); convert a "
-                      f"*ForSequenceClassification or *ForTokenClassification checkpoint")
+        arch = model.spec["architecture"]
+        raise FmError(f"{out_dir} holds no classifier fmconvert runs ({arch}): " + (
+            "its family's table describes no such head" if arch.endswith(("ForSequenceClassification",
+                                                                          "ForTokenClassification"))
+            else "convert a *ForSequenceClassification or *ForTokenClassification checkpoint"))
+    if model.spec["classifier"]["pool"] == "spans":
+        raise FmError(f"{out_dir} holds a question-answering head ({model.spec['architecture']}): use "
+                      f"`fmconvert answer`")
     per_token = model.spec["classifier"]["pool"] == "tokens"
     if per_token and pairs:
         raise FmError(f"{model.spec['architecture']} labels each token of one text: drop --pair")
@@ -900,11 +915,7 @@ def answer(out_dir, questions, contexts, text_file, max_length, max_answer, devi
     from .runtime.classify import answers
     questions, contexts = list(questions), list(contexts)
     if text_file is not None:
-        try:
-            lines = text_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise FmError(f"cannot read {text_file}: {getattr(e, 'strerror', None) or type(e).__name__}") from None
-        split = [line.split("\t", 1) for line in lines]
+        split = [line.split("\t", 1) for line in _lines(text_file)]
         if any(len(s) != 2 for s in split):
             raise FmError(f"{text_file}: every line must hold a question, a tab, then its context")
         questions += [s[0] for s in split]

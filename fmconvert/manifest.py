@@ -466,6 +466,8 @@ def validate(m) -> dict:
           "model.residual gated_hyper and model.hyper's rank go together, in a hybrid decoder with a QSA indexer "
           "and no final norm")
     _need(model["rel_bias"] is None or model["kind"] == "encoder", "model.rel_bias is for encoders")
+    _need(model["rel_bias"] is None or model["disentangled"] is None,       # the runtime adds one bias or the other
+          "model.rel_bias and model.disentangled do not go together")
     _need((not model["causal_encoder"] and model["eos_pool"] is None) or model["kind"] == "encoder",
           "model.causal_encoder and model.eos_pool are an encoder's")
     _need(not model["headless"] or (model["kind"] == "decoder" and not model["tied_embeddings"]),

@@ -1773,8 +1773,9 @@ class Policy:
                 # RoBERTa (fairseq's make_positions): a row's non-pad tokens count up from pad_token_id + 1, and a
                 # pad token reads row pad_token_id, wherever the padding sits
                 pad = self.layout.get("position_pad_id", getattr(config, "pad_token_id", None))   # MPNet: always 1
-                if type(pad) is not int or pad < 0:
-                    raise FmError(f"{self.path.name}: positions counted from the ids need a pad_token_id, got {pad!r}")
+                if type(pad) is not int or not 0 <= pad < c["vocab_size"]:
+                    raise FmError(f"{self.path.name}: positions counted from the ids need a pad_token_id in the "
+                                  f"vocabulary, got {pad!r}")
                 return {"type": kind, "offset": pad + 1, "pad_id": pad}
             return {"type": kind, "offset": int(self.layout.get("position_offset", 0))}
         if kind == "alibi":
@@ -2266,7 +2267,7 @@ class Policy:
                 raise FmError(f"{architecture}: the classifier's {name}.weight is missing from the checkpoint")
             act = value(s.get("act", "none"))
             if act not in ("none", "tanh"):
-                if act not in _ACTIVATIONS:
+                if _ACTIVATIONS.get(act) not in ("gelu", "gelu_tanh", "relu", "silu"):    # what a manifest's head takes
                     raise FmError(f"config.json: the classifier's activation {act!r} is not supported")
                 act = _ACTIVATIONS[act]
             steps.append({"op": op, "name": name, "bias": f"{name}.bias" in have, "act": act})

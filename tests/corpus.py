@@ -731,6 +731,12 @@ def _inspect_disentangled_buckets_apart_from_its_span(c: Ctx):    # DeBERTa: 2 *
     return [_manifest(c, lambda m: m["model"]["disentangled"].update(buckets=6), name="deberta_v3")]
 
 
+@case("inspect", "model.rel_bias and model.disentangled")
+def _inspect_rel_bias_beside_disentangled(c: Ctx):    # DeBERTa's own position terms: an MPNet bias would be ignored
+    return [_manifest(c, lambda m: m["model"].update(rel_bias={"buckets": 8, "max_distance": 20}),
+                      name="deberta_v3")]
+
+
 @case("inspect", "model.causal_encoder and model.eos_pool are an encoder's")
 def _inspect_eos_pool_on_a_decoder(c: Ctx):               # a decoder has no pooled output
     return [_manifest(c, lambda m: m["model"].update(eos_pool={"eos_id": 2}))]
@@ -970,6 +976,18 @@ def _load_tensor_not_in_file(c: Ctx):
         t = m["ranks"][0]["tensors"]
         t["extra.ghost"] = dict(t["final_norm.weight"])
     return [_manifest(c, fn)]
+
+
+@case("load", "the classifier's classifier.ghost", "does not fit")
+def _load_classifier_step_naming_no_tensor(c: Ctx):     # XLM-R's head: dense + tanh, then out_proj
+    return [_manifest(c, lambda m: m["model"]["classifier"]["steps"][1].update(name="classifier.ghost"),
+                      name="xlm_roberta")]
+
+
+@case("load", "the classifier's classifier.out_proj", "does not fit")
+def _load_classifier_step_reading_the_wrong_width(c: Ctx):   # out_proj [labels, h] twice: the second reads labels
+    return [_manifest(c, lambda m: m["model"]["classifier"]["steps"].append(m["model"]["classifier"]["steps"][1]),
+                      name="xlm_roberta")]
 
 
 @case("load", "data_offsets", "overlaps the previous tensor")

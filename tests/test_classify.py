@@ -7,6 +7,7 @@ score through the CLI; verify checking the head; heads that cannot run refused i
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -104,10 +105,13 @@ def test_what_cannot_be_classified_is_refused_in_one_line(model_dir, model_copy,
     tokenizer().save_pretrained(src)
     assert run_main(capsys, "convert", "--quiet", src, tmp_path / "mlm")[0] == 0
     assert_one_line_error(*run_main(capsys, "classify", tmp_path / "mlm", "-t", "w5")[::2], EXIT_BAD_INPUT,
-                          "holds no classifier")
+                          "holds no classifier fmconvert runs")
     assert_one_line_error(*run_main(capsys, "classify", tmp_path / "mlm", "-t", "w5", "--pair", "w6", "--pair",
                                     "w7")[::2], EXIT_BAD_INPUT, "2 pairs for 1 inputs")
     tiny.refuses(model_copy("deberta_v3"), tmp_path / "out", "classifier's activation 'mish'", pooler_hidden_act="mish")
+    shutil.copytree(model_dir("deberta_v3"), tmp_path / "quick")     # one the runtime has, but no classifier takes
+    tiny.refuses(tmp_path / "quick", tmp_path / "out", "classifier's activation 'quick_gelu'",
+                 pooler_hidden_act="quick_gelu")
 
 
 def test_verify_checks_the_head_and_catches_a_wrong_one(model_dir, tmp_path):
@@ -199,3 +203,21 @@ def test_answers_are_the_best_context_spans(model_copy, tmp_path, capsys, monkey
     monkeypatch.setenv("COLUMNS", "300")              # inspect's table, unwrapped
     code, stdout, _ = run_main(capsys, "inspect", tmp_path / "out")
     assert code == 0 and "a start and an end logit each" in stdout and "fmconvert answer" in stdout
+
+
+def test_a_qa_head_is_verified_and_misuse_refused_in_one_line(model_copy, tmp_path, capsys):
+    """verify compares a QA head's start and end logits with transformers'; classify points a QA model to answer;
+    a question that leaves its context no token under --max-length is refused, not handed to the tokenizer."""
+    from fmconvert.verify import verify
+    src = model_copy("roberta_qa")
+    tokenizer().save_pretrained(src)
+    out = tmp_path / "out"
+    assert run_main(capsys, "convert", "--quiet", src, out)[0] == 0
+    r = verify(src, out, tokens=16)
+    assert r["passed"] and r["end_to_end"]["classifier"]["rel_rms"] < 1e-5
+    assert_one_line_error(*run_main(capsys, "classify", out, "-t", "w5")[::2], EXIT_BAD_INPUT, "fmconvert answer")
+    # 4 question tokens and <s> </s> </s> </s> fill 8
+    assert_one_line_error(*run_main(capsys, "answer", out, "-q", "w5 w6 w7 w8", "-c", "w9", "--max-length", 8)[::2],
+                          EXIT_BAD_INPUT, "no room for its context", "--max-length")
+    code, stdout, err = run_main(capsys, "answer", out, "-q", "w5 w6 w7", "-c", "w9 w10", "--max-length", 8)
+    assert code == 0 and json.loads(stdout)["answer"] == "w9", err

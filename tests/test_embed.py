@@ -241,3 +241,78 @@ def test_a_dense_module_projects_the_pooled_vector(model_dir, tmp_path, capsys):
     got = torch.tensor([json.loads(line) for line in stdout.splitlines()])
     want = F.normalize(torch.tanh(F.linear(by_hand(TEXTS, 12, ("cls",), False), w, b)), dim=-1)
     assert got.shape == (3, 32) and (got - want).abs().max() < 1e-5
+
+
+def test_texts_are_stripped_and_lowercased_as_the_pipeline_does(model_dir, tmp_path, capsys):
+    """sentence-transformers' Transformer module strips each text and, with sentence_bert_config's do_lower_case,
+    lowercases it before tokenizing: with a tokenizer that sees spaces and case, "  W5 W6 " embeds as "w5 w6"."""
+    from tokenizers import pre_tokenizers
+    src = sentence_model(model_dir, tmp_path)
+    (src / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 12, "do_lower_case": True}))
+    tok = tokenizer()
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", "isolated")     # a space is a token (<unk>)
+    tok.save_pretrained(src)
+    assert run_main(capsys, "convert", "--quiet", src, tmp_path / "out")[0] == 0
+    code, stdout, err = run_main(capsys, "embed", tmp_path / "out", "-t", "  W5 W6 ", "-t", "w5 w6")
+    assert code == 0, err
+    got = torch.tensor([json.loads(line) for line in stdout.splitlines()])
+    assert (got[0] - got[1]).abs().max() < 1e-6
+
+
+def test_a_tokenizer_without_a_pad_token_and_a_text_without_tokens(model_dir, tmp_path, capsys):
+    """A decoder's tokenizer often has no pad token (Llama 3's): a batch pads with its eos, masked out, so each text
+    embeds as it does alone; a text the tokenizer gives no tokens at all is refused in one line."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from fmconvert.pipeline import Options, convert
+    out = tmp_path / "out"
+    convert(model_dir("qwen3_body"), out, Options(tp=1), progress=False)
+    vocab = {"<s>": 0, "</s>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, 101)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()                 # no specials added, no pad token
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="</s>", unk_token="<unk>").save_pretrained(out)
+    rows = []
+    for texts in (TEXTS[:2], TEXTS[:1], TEXTS[1:2]):
+        code, stdout, err = run_main(capsys, "embed", out, "--no-verify-hashes", *[a for t in texts for a in ("-t", t)])
+        assert code == 0, err
+        rows += [json.loads(line) for line in stdout.splitlines()]
+    got = torch.tensor(rows)
+    assert (got[:2] - got[2:]).abs().max() < 1e-5
+    assert_one_line_error(*run_main(capsys, "embed", out, "--no-verify-hashes", "--pooling", "lasttoken", "-t", "w5",
+                                    "-t", "")[::2], EXIT_BAD_INPUT, "text 2", "no tokens")
+
+
+def test_a_dense_module_that_does_not_fit_or_comes_out_of_order_is_refused(model_dir, tmp_path, capsys):
+    """A Dense module reading another width than the pooled vector's, or a pipeline in another order than
+    Transformer, Pooling, Dense..., Normalize (the order embed runs them in), is refused in one line."""
+    from safetensors.torch import save_file
+    src = sentence_model(model_dir, tmp_path, modules=("Pooling", "Dense", "Normalize"),
+                         pooling={"pooling_mode_cls_token": True})
+
+    def dense(n_in):
+        (src / "2_Dense" / "config.json").write_text(json.dumps({"in_features": n_in, "out_features": 32}))
+        save_file({"linear.weight": torch.randn(32, n_in), "linear.bias": torch.randn(32)},
+                  src / "2_Dense" / "model.safetensors")
+    dense(32)                                                       # the pooled vector is 64 wide
+    assert run_main(capsys, "convert", "--quiet", src, tmp_path / "narrow")[0] == 0
+    assert_one_line_error(*run_main(capsys, "embed", tmp_path / "narrow", "-t", "w5")[::2], EXIT_BAD_INPUT,
+                          "Dense module", "reads 32", "64")
+    dense(64)
+    mods = json.loads((src / "modules.json").read_text())
+    (src / "modules.json").write_text(json.dumps([mods[0], mods[1], mods[3], mods[2]]))    # Normalize, then Dense
+    assert run_main(capsys, "convert", "--quiet", src, tmp_path / "late")[0] == 0
+    assert_one_line_error(*run_main(capsys, "embed", tmp_path / "late", "-t", "w5")[::2], EXIT_BAD_INPUT,
+                          "Transformer, Pooling, Dense..., Normalize", "Normalize, Dense")
+
+
+def test_a_file_is_split_at_newlines_only(model_dir, tmp_path, capsys):
+    """--file gives one vector per line: a form feed or a U+2028 inside a line (PDF and JSON extractions hold them)
+    is whitespace within it, not a line break that would shift every vector after it."""
+    src = sentence_model(model_dir, tmp_path)
+    assert run_main(capsys, "convert", "--quiet", src, tmp_path / "out")[0] == 0
+    (tmp_path / "texts.txt").write_text("w5\x0cw6\r\nw7\u2028w8\n", encoding="utf-8", newline="")
+    code, stdout, err = run_main(capsys, "embed", tmp_path / "out", "--file", tmp_path / "texts.txt")
+    assert code == 0, err
+    got = torch.tensor([json.loads(line) for line in stdout.splitlines()])
+    assert got.shape == (2, 64) and (got - by_hand(["w5 w6", "w7 w8"], 12)).abs().max() < 1e-5

@@ -245,6 +245,7 @@ def test_int8_passes_verify(model_dir, tmp_path):
 @pytest.mark.parametrize("edit, match", [
     (dict(is_decoder=True), "is_decoder"),
     (dict(pad_token_id=None), "pad_token_id"),
+    (dict(pad_token_id=101), "pad_token_id in the vocabulary"),
     (dict(max_position_embeddings=2), "max_position_embeddings"),
 ])
 def test_bad_configs_are_refused(model_copy, tmp_path, edit, match):

@@ -68,6 +68,12 @@ def answers(model, tok, questions: list[str], contexts: list[str], max_length: i
     """Extractive QA: for each (question, context), the context span whose start and end logits sum highest (start
     at or before end, at most max_answer tokens), its characters and its probability (softmax of the starts times
     softmax of the ends, over the context's tokens). A context past max_length tokens is cut (only it)."""
+    if max_length:      # the tokenizer raises where only cutting the question would fit: say so first
+        room = max_length - tok.num_special_tokens_to_add(pair=True)
+        for n, q in enumerate(tok(list(questions), add_special_tokens=False)["input_ids"], 1):
+            if len(q) >= room:
+                raise FmError(f"question {n} is {len(q)} tokens: with the special tokens it leaves no room for its "
+                              f"context within --max-length {max_length}")
     batch = tok(list(questions), list(contexts), padding=True, return_tensors="pt", return_offsets_mapping=True,
                 truncation="only_second" if max_length else False, max_length=max_length)
     ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)

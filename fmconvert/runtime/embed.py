@@ -12,6 +12,7 @@ differ.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class SentenceConfig:
     prompts: dict                # name -> text put before each text (config_sentence_transformers.json)
     default_prompt: str | None   # the prompt used when none is named
     dense: tuple = ()            # Dense modules after the pooling: (weight [out, in], bias or None, activation)
+    lower: bool = False          # texts lowercased before tokenizing (sentence_bert_config's do_lower_case)
 
 
 def _json(path: Path) -> dict:
@@ -74,11 +76,13 @@ def sentence_config(out_dir) -> SentenceConfig | None:
     if cfg.get("include_prompt", True) is not True:
         raise FmError(f"{out_dir / pooling[0] / 'config.json'}: include_prompt false (pooling that leaves out an "
                       f"instruction prefix) is not supported")
-    length = None
+    length, lower = None, False
     if (out_dir / "sentence_bert_config.json").is_file():
-        length = _json(out_dir / "sentence_bert_config.json").get("max_seq_length")
-        if length is not None and (type(length) is not int or length < 1):
-            raise FmError(f"{out_dir / 'sentence_bert_config.json'}: max_seq_length must be a positive integer")
+        bert = _json(out_dir / "sentence_bert_config.json")
+        length, lower = bert.get("max_seq_length"), bert.get("do_lower_case", False)
+        if length is not None and (type(length) is not int or length < 1) or type(lower) is not bool:
+            raise FmError(f"{out_dir / 'sentence_bert_config.json'}: max_seq_length must be a positive integer and "
+                          f"do_lower_case true or false")
     prompts, default = {}, None
     if (out_dir / "config_sentence_transformers.json").is_file():
         st = _json(out_dir / "config_sentence_transformers.json")
@@ -89,8 +93,12 @@ def sentence_config(out_dir) -> SentenceConfig | None:
             raise FmError(f"{out_dir / 'config_sentence_transformers.json'}: prompts must map names to texts, and "
                           f"default_prompt_name name one of them")
     dense = tuple(_dense(out_dir / p) for t, p in mods if t == "Dense")
+    kinds = ", ".join(t for t, _ in mods)        # sentence_vectors runs them in this order, whatever the file says
+    if not re.fullmatch(r"(Transformer, )?Pooling(, Dense)*(, Normalize)?", kinds):
+        raise FmError(f"{out_dir}: modules.json runs {kinds}; fmconvert runs Transformer, Pooling, Dense..., "
+                      f"Normalize, in that order")
     return SentenceConfig(tuple(m for m in MODES if m in modes), any(t == "Normalize" for t, _ in mods), length,
-                          prompts, default, dense)
+                          prompts, default, dense, lower)
 
 
 def _dense(d: Path) -> tuple:
@@ -122,6 +130,8 @@ def by_length(tok, texts: list[str], batch_size: int, pairs: list[str] | None = 
     sentence-transformers does): on mixed lengths most of a padded batch's tokens would otherwise be padding. The
     caller puts the results back in the texts' order."""
     lengths = [len(ids) for ids in tok(list(texts), list(pairs) if pairs else None)["input_ids"]]
+    if 0 in lengths:        # a decoder's tokenizer may add nothing to an empty text: no state to pool or classify
+        raise FmError(f"text {lengths.index(0) + 1} has no tokens (an empty text, and a tokenizer that adds none)")
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
@@ -171,6 +181,9 @@ def sentence_vectors(model, tok, texts: list[str], modes, normalize: bool, max_l
             parts.append(pool(hidden, mask, mode))
     vec = torch.cat(parts, -1)
     for w, b, act in dense:
+        if w.shape[1] != vec.shape[-1]:
+            raise FmError(f"a Dense module of the sentence-transformers pipeline reads {w.shape[1]} values, but the "
+                          f"pooled vector has {vec.shape[-1]}")
         vec = F.linear(vec, w.to(vec.device), None if b is None else b.to(vec.device))
         vec = {"none": vec, "tanh": torch.tanh(vec), "relu": F.relu(vec), "gelu": F.gelu(vec),
                "sigmoid": torch.sigmoid(vec)}[act]

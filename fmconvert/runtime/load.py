@@ -379,6 +379,17 @@ def check_layout(m: dict, rank: int):
     missing = sorted(need - set(tensors))
     if missing:
         raise FmError(f"manifest: rank {rank} has no tensor {missing[0]}, which the model needs")
+    width = h                               # the classifier's steps: each reads what the one before it gave
+    for s in (sp["classifier"] or {}).get("steps", []):
+        w, b = tensors.get(f"extra.{s['name']}.weight"), tensors.get(f"extra.{s['name']}.bias")
+        fits = w is not None and (w["shape"] == [width] if s["op"] == "norm" else
+                                  len(w["shape"]) == 2 and w["shape"][1] == width)
+        if not fits or (b is not None) != s["bias"] or (b is not None and b["shape"] != w["shape"][:1]):
+            raise FmError(f"manifest: rank {rank}: the classifier's {s['name']} ({s['op']}, bias {s['bias']}) is "
+                          f"missing or does not fit a {width}-wide input")
+        width = w["shape"][0]
+    if (sp["classifier"] or {}).get("pool") == "spans" and width != 2:
+        raise FmError(f"manifest: rank {rank}: a question-answering head gives 2 logits a token, not {width}")
     for name, t in tensors.items():
         if name.startswith("extra."):
             continue
