@@ -215,12 +215,12 @@ _MODEL_OPTIONAL = {
     "proj_dim": (0, _NAT, "a non-negative integer"),
     "classifier": (None, lambda x: x is None or (
         isinstance(x, dict) and set(x) == {"pool", "steps"}
-        and x["pool"] in ("first", "pooler", "mean", "tokens", "spans")
+        and x["pool"] in ("first", "pooler", "mean", "late", "tokens", "spans")
         and isinstance(x["steps"], list) and 0 < len(x["steps"]) <= 8 and all(
             isinstance(s, dict) and set(s) == {"op", "name", "bias", "act"} and s["op"] in ("linear", "norm")
             and isinstance(s["name"], str) and type(s["bias"]) is bool
             and s["act"] in ("none", "tanh", "gelu", "gelu_tanh", "relu", "silu") for s in x["steps"])),
-        "null or {pool (first, pooler, mean, tokens or spans), steps: [{op (linear or norm), name, bias, act}]}"),
+        "null or {pool (first, pooler, mean, late, tokens or spans), steps: [{op (linear or norm), name, bias, act}]}"),
     "disentangled": (None, lambda x: x is None or (
         isinstance(x, dict) and set(x) == {"span", "buckets", "max_position", "c2p", "p2c"}
         and _POS_INT(x["span"]) and _NAT(x["buckets"]) and _POS_INT(x["max_position"])

@@ -2256,9 +2256,9 @@ class Policy:
                 return got
             return v
 
-        pool = value(head["pool"])
-        if pool not in ("first", "pooler", "mean", "cls", "tokens", "spans"):
-            raise FmError(f"config.json: classifier pooling {pool!r} is not first, cls, mean or pooler")
+        pool = {"cls": "first", "bos": "first"}.get(value(head["pool"]), value(head["pool"]))
+        if pool not in ("first", "pooler", "mean", "late", "tokens", "spans"):
+            raise FmError(f"config.json: classifier pooling {pool!r} is not first (cls, bos), mean, late or pooler")
         steps = []
         for s in head["steps"]:
             op = "linear" if "linear" in s else "norm"
@@ -2271,7 +2271,7 @@ class Policy:
                     raise FmError(f"config.json: the classifier's activation {act!r} is not supported")
                 act = _ACTIVATIONS[act]
             steps.append({"op": op, "name": name, "bias": f"{name}.bias" in have, "act": act})
-        return {"pool": "first" if pool == "cls" else pool, "steps": steps}
+        return {"pool": pool, "steps": steps}
 
     def passthrough(self) -> list[str]:
         return list(self.table.get("passthrough", []))

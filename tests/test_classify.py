@@ -21,7 +21,7 @@ from fmconvert.runtime.classify import head_logits
 # BERT (its pooler), RoBERTa's kin (XLM-R: a tanh layer), DeBERTa (ContextPooler), DistilBERT (ReLU), ELECTRA (GELU),
 # MPNet, ModernBERT (mean pooling, then a LayerNormed head), NomicBERT and GTE (the pooler), Jina v3 (RoBERTa's)
 FAMILIES = ["bert_cls", "xlm_roberta", "deberta_v3", "distilbert_cls", "electra_cls", "mpnet_cls", "modernbert_cls",
-            "nomic_bert", "gte_untyped", "jina_cls", "albert"]
+            "nomic_bert", "gte_untyped", "jina_cls", "albert", "eurobert_late", "eurobert_bos"]
 
 
 def batch():
@@ -46,7 +46,7 @@ def test_logits_match_transformers(model_dir, tmp_path, name, tp):
     assert m["steps"][-1]["op"] == "linear" and m["pool"] == ("mean" if name == "modernbert_cls" else "pooler"
                                                               if name in ("bert_cls", "nomic_bert", "gte_untyped",
                                                                           "albert")
-                                                              else "first")
+                                                              else "late" if name == "eurobert_late" else "first")
 
 
 def tokenizer():

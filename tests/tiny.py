@@ -1047,6 +1047,14 @@ ENCODERS = {
     "distilbert_cls": ("DistilBertConfig", "DistilBertForSequenceClassification", dict(_DISTIL, num_labels=3)),
     "electra_cls": ("ElectraConfig", "ElectraForSequenceClassification", dict(_ENC, embedding_size=32, num_labels=3)),
     "mpnet_cls": ("MPNetConfig", "MPNetForSequenceClassification", dict(_ENC, num_labels=3)),
+    "eurobert_late": ("EuroBertConfig", "EuroBertForSequenceClassification", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=101, max_position_embeddings=40, pad_token_id=1, bos_token_id=2, eos_token_id=3,
+        classifier_pooling="late", num_labels=3)),
+    "eurobert_bos": ("EuroBertConfig", "EuroBertForSequenceClassification", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=101, max_position_embeddings=40, pad_token_id=1, bos_token_id=2, eos_token_id=3,
+        classifier_pooling="bos", num_labels=3)),
     "jina_cls": ("JinaEmbeddingsV3Config", "JinaEmbeddingsV3ForSequenceClassification", dict(_ENC, num_labels=3)),
     "modernbert_cls": ("ModernBertConfig", "ModernBertForSequenceClassification", dict(
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=101,

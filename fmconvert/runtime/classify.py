@@ -25,7 +25,7 @@ def head_logits(model, hidden: torch.Tensor, pooled: torch.Tensor | None, mask: 
     if head is None:
         raise FmError(f"{model.spec['architecture']} has no sequence-classification head (convert a "
                       f"*ForSequenceClassification checkpoint)")
-    if head["pool"] in ("tokens", "spans"):     # every token's state: [B, T, labels] (spans: start and end) out
+    if head["pool"] in ("tokens", "spans", "late"):     # every token's state: [B, T, labels] (spans: start, end)
         x = hidden
     elif head["pool"] == "pooler":
         x = pooled
@@ -45,6 +45,9 @@ def head_logits(model, hidden: torch.Tensor, pooled: torch.Tensor | None, mask: 
             x = torch.tanh(x)
         elif s["act"] != "none":
             x = activate(x, s["act"])
+    if head["pool"] == "late":      # EuroBERT: each token classified, the logits averaged over the real tokens
+        m = mask.to(x.device, x.dtype).unsqueeze(-1)
+        x = (x * m).sum(1) / m.sum(1).clamp(min=1)
     return x.float()
 
 
