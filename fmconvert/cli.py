@@ -130,7 +130,8 @@ def convert(model_dir, out_dir, tp, int8, group_size, int8_embeddings, int8_lm_h
               f"({f'{ratio:.2f}x smaller' if ratio >= 1 else f'{1 / ratio:.2f}x larger'})")
     if dry_run:
         t.add_row("each rank", ", ".join(_human(b) for b in s["rank_bytes"]) + f" in {s['files']} files")
-        t.add_row("KV cache a rank", _kv_text(*s["kv_cache"]))
+        if s["kv_cache"] is not None:
+            t.add_row("KV cache a rank", _kv_text(*s["kv_cache"]))
     else:
         t.add_row("files", str(s["files"]))
         t.add_row("time", f"{s['seconds']:.2f} s  ({s['mb_per_s']:.1f} MB/s read)")

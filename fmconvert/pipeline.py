@@ -989,7 +989,8 @@ def _dry_run(model_dir, opts, config, ckpt, t0) -> dict:
             "bytes_in": plan.bytes_in, "bytes_out": sum(n for f in files for _, n in f),
             "rank_bytes": [sum(n for _, n in f) for f in files], "files": sum(len(f) for f in files),
             "planned": files, "seconds": time.perf_counter() - t0, "dropped": plan.dropped,
-            "kv_cache": mf.kv_cache_bytes(plan.spec.to_dict(), plan.layout.to_dict(), plan.dtype.itemsize)}
+            "kv_cache": mf.kv_cache_bytes(plan.spec.to_dict(), plan.layout.to_dict(), plan.dtype.itemsize)
+            if plan.spec.kind == "decoder" else None}         # an encoder runs whole texts: no cache
 
 
 def _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config, config_sha, ckpt, hasher) -> dict:

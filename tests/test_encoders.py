@@ -57,6 +57,13 @@ def test_hidden_states_match_transformers(model_dir, tmp_path, name, tp):
         assert pool is None or tiny.rel(pool, pooled) < 1e-5
 
 
+def test_a_dry_run_counts_no_kv_cache(model_dir, tmp_path):
+    """An encoder runs whole texts: --dry-run reports no KV cache for it (a decoder's it does)."""
+    s = convert(model_dir("roberta"), tmp_path / "out", Options(tp=2, dry_run=True), progress=False)
+    assert s["kv_cache"] is None and not (tmp_path / "out").exists()
+    assert convert(model_dir("llama"), tmp_path / "dec", Options(dry_run=True), progress=False)["kv_cache"][0] > 0
+
+
 def test_positions_count_only_real_tokens(model_dir, tmp_path):
     """A row padded on the left reads the same positions as unpadded (as in transformers); numbering the pad tokens
     too, as BERT does, moves it."""
