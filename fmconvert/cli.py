@@ -241,11 +241,20 @@ def inspect(out_dir, as_json):
         rotated = "rotated" if md["position"]["type"] == "rope" else "unrotated"
         t.add_row("latent attention", f"{qpath}; k, v from one {a['kv_rank']}-wide latent per token + a shared "
                   f"{a['rope_dim']}-dim {rotated} key (cached: {a['kv_rank'] + a['rope_dim']} values a token and "
-                  f"layer); k {a['nope_dim']}+{a['rope_dim']}, v {a['v_dim']} a head")
+                  f"layer); k {a['nope_dim']}+{a['rope_dim']}, v {a['v_dim']} a head" + (
+                      f"; latents times {a['q_scale']:.4g} (q) and {a['kv_scale']:.4g} (kv)" if "q_scale" in a else ""))
+        lo = a.get("local")
+        if lo:           # Dots3 Note: the windowed layers' own latent attention
+            t.add_row("windowed latent attention",
+                      f"layers {_ranges(md['window_layers'])}: {lo['heads']} heads, q through a rank-{lo['q_rank']} "
+                      f"bottleneck, a {lo['kv_rank']}-wide latent + a {lo['rope_dim']}-dim key (cached: "
+                      f"{lo['kv_rank'] + lo['rope_dim']} values a token in a ring of the window); k "
+                      f"{lo['nope_dim']}+{lo['rope_dim']}, v {lo['v_dim']} a head")
         ix = a.get("index")
         if ix:
-            where = ("every layer" if len(ix["layers"]) == md["num_layers"] else
-                     f"layers {_ranges(ix['layers'])} (the others reuse the choice of the last one before them)")
+            where = ("every layer" if len(ix["layers"]) == md["num_layers"] else f"layers {_ranges(ix['layers'])}"
+                     + (" (the windowed ones have none)" if lo else
+                        " (the others reuse the choice of the last one before them)"))
             rope = {"neox": "rotate-half", "gptj": "interleaved"}[ix["rope_style"]] + (
                 " on its last columns" if ix.get("rope_at") == "last" else "")
             t.add_row("sparse attention", f"each query attends to its {ix['topk']} best-scored keys, picked by an "
@@ -267,6 +276,11 @@ def inspect(out_dir, as_json):
                   f"attend to their {bsp['topk']} best blocks of {bsp['block']} keys (the latest {bsp['local']} "
                   f"always among them), picked by an indexer of {bsp['heads']} heads of {bsp['dim']} (float, "
                   f"replicated; one {bsp['dim']}-wide key cached a token)")
+    dm = md.get("dyn_mask")
+    if dm:
+        t.add_row("attention", f"dynamic mask: each key's scores plus exp(A softplus(dt_proj(its values))) per kv "
+                  f"head, a query keeping the {dm['keep_window']} keys of largest bias (each key's bias cached "
+                  f"beside it)")
     if md.get("diff_attn"):
         t.add_row("attention", "differential: each head's attention minus lambda times its partner's in the other "
                   "half, over both halves' values, RMS-normed per pair (run as plain attention over heads twice as "
@@ -493,6 +507,8 @@ def inspect(out_dir, as_json):
         residual += ", each half RMS-normed again before its output projection"
     if md["residual_depth_scale"]:
         residual += ", the k-th addition x / sqrt(k) + stream sqrt((k - 1) / k)"
+    if "layers.attn_residual" in md["slots"]:
+        residual += ", the stream weighted per channel before each half's output joins it"
     if "layers.q_norm.weight" in md["slots"]:
         residual += {"head": "; q/k normed per head", "per_head": "; q/k normed per head, a weight each",
                      "full": "; q/k normed across all heads"}[md["qk_norm"]]

@@ -207,6 +207,9 @@ _MODEL_OPTIONAL = {
                       "null or the shared blocks' {count, rank, qkv_lora}"),
     "attn_input": (0, _NAT, "a non-negative integer"),
     "diff_attn": (False, _BOOL, "true or false"),
+    "dyn_mask": (None, lambda x: x is None or (isinstance(x, dict) and set(x) == {"keep_window"}
+                                               and _POS_INT(x["keep_window"])),
+                 "null or {keep_window: a positive integer}"),
     "embed_proj": (False, _BOOL, "true or false"),
     "headless": (False, _BOOL, "true or false"),
     "causal_encoder": (False, _BOOL, "true or false"),
@@ -312,12 +315,37 @@ def _ngram(x) -> bool:
 
 def _mla(x) -> bool:
     """Latent attention's widths: q_rank may be 0 (no q bottleneck), the others positive, and the latent norms' eps;
-    a sparse attention indexer's (`index`) when there is one."""
-    return (isinstance(x, dict) and set(x) - {"index", "gated_q"} == {"q_rank", "kv_rank", "nope_dim", "rope_dim",
-                                                                      "v_dim", "norm_eps"}
+    a sparse attention indexer's (`index`) when there is one; Dots3 Note's latent scales (`q_scale`, `kv_scale`) and
+    the windowed layers' own widths (`local`)."""
+    return (isinstance(x, dict) and set(x) - {"index", "gated_q", "local", "q_scale", "kv_scale"}
+            == {"q_rank", "kv_rank", "nope_dim", "rope_dim", "v_dim", "norm_eps"}
             and x.get("gated_q", True) is True and (not x.get("gated_q") or x["q_rank"] > 0)
             and _NAT(x["q_rank"]) and all(_POS_INT(x[k]) for k in ("kv_rank", "nope_dim", "rope_dim", "v_dim"))
-            and _POS_NUM(x["norm_eps"]) and ("index" not in x or _index(x["index"], x)))
+            and _POS_NUM(x["norm_eps"]) and ("index" not in x or _index(x["index"], x))
+            and _latent_scales(x) and ("local" not in x or _latent_local(x["local"], x)))
+
+
+def _latent_scales(x) -> bool:
+    """Dots3 Note: q_scale and kv_scale come together, positive, and q_scale needs a q bottleneck to scale."""
+    return (("q_scale" in x) == ("kv_scale" in x)
+            and ("q_scale" not in x or (_POS_NUM(x["q_scale"]) and _POS_NUM(x["kv_scale"]) and x["q_rank"] > 0)))
+
+
+def _latent_local(x, mla) -> bool:
+    """Dots3 Note's mla.local: the windowed layers' heads and latent widths (a q bottleneck always), with their own
+    latent scales where the model has them."""
+    return (isinstance(x, dict) and set(x) - {"q_scale", "kv_scale"} == {"heads", "q_rank", "kv_rank", "nope_dim",
+                                                                         "rope_dim", "v_dim"}
+            and all(_POS_INT(x[k]) for k in ("heads", "q_rank", "kv_rank", "nope_dim", "rope_dim", "v_dim"))
+            and ("q_scale" in x) == ("q_scale" in mla) and _latent_scales(x) and "gated_q" not in mla)
+
+
+def latent_at(mla, window_layers, i: int):
+    """Latent attention's widths in layer i: mla.local's over mla's own in a windowed layer (Dots3 Note: with its
+    own `heads`, and no indexer), else mla as it is (None without latent attention)."""
+    if not mla or "local" not in mla or window_layers is None or i not in window_layers:
+        return mla
+    return {**{k: v for k, v in mla.items() if k not in ("local", "index")}, **mla["local"]}
 
 
 def _index(x, mla) -> bool:
@@ -433,6 +461,13 @@ def validate(m) -> dict:
           "model.mla does not fit head_dim, num_kv_heads and the rotary width")
     _need(mla is None or "index" not in mla or mla["index"]["layers"][-1] < model["num_layers"],
           "model.mla.index.layers names a layer past the last")
+    local = (mla or {}).get("local")
+    lrot = model["position"].get("local", {}).get("rotary_dim", model["position"].get("rotary_dim"))
+    _need(local is None or (model["sliding_window"] > 0 and model["window_layers"] is not None
+                            and "local" in model["position"] and lrot == local["rope_dim"]
+                            and not set(mla.get("index", {}).get("layers", ())) & set(model["window_layers"])),
+          "model.mla.local needs windowed layers (window_layers), none of them indexed, with a RoPE of their own "
+          "(position.local) over its rope_dim")
     _need(not model["ssm_beside_attention"] or (model["ssm"] is not None and mla is None
                                                 and model["linear_layers"] == list(range(model["num_layers"]))),
           "model.ssm_beside_attention needs Mamba2 layers in every layer")
@@ -484,6 +519,24 @@ def validate(m) -> dict:
                                      and model["mla"] is None and not model["v_head_dim"] and not model["attn_gate"]
                                      and model["kind"] == "decoder"),
           "model.diff_attn needs an even number of heads and of kv heads, in a decoder with plain attention")
+    # Doge: its bias and keep window ride on plain causal attention with a cache of every position
+    dm, doge_slots = model["dyn_mask"], {"layers.dmask_dt.weight", "layers.dmask_a"}
+    _need((dm is not None) == bool(doge_slots & set(model["slots"])) and (dm is None or (
+        doge_slots <= set(model["slots"]) and model["kind"] == "decoder" and model["position"]["type"] != "alibi"
+        and model["mla"] is None and model["compressed"] is None and not model["diff_attn"] and model["moa"] is None
+        and model["linear_layers"] is None and model["block_parts"] is None and model["kv_source"] is None
+        and model["global_attn"] is None and model["block_sparse"] is None and model["qsa"] is None
+        and not model["sliding_window"] and not model["attn_chunk"] and not model["attn_softcap"]
+        and not model["attn_gate"] and not model["v_head_dim"] and model["layer_heads"] is None
+        and "layers.attn_sinks.weight" not in model["slots"])),
+          "model.dyn_mask and the dmask slots go together, in a decoder with plain causal attention (no window, "
+          "chunks, sinks, soft-cap or ALiBi)")
+    _need(not {"layers.attn_residual", "layers.mlp_residual"} & set(model["slots"]) or (
+        {"layers.attn_residual", "layers.mlp_residual"} <= set(model["slots"]) and model["residual"] == "pre"
+        and model["residual_scale"] == 1.0 and not model["residual_depth_scale"] and model["block_parts"] is None
+        and not any("post_norm" in s or "layer_scale" in s or s.startswith("layers.ple_") for s in model["slots"])),
+          "model.slots: attn_residual and mlp_residual go together, with the pre-norm residual and no other "
+          "residual scaling or output norms")
     sb, bp = model["shared_blocks"], model["block_parts"]
     _need((sb is None) == ("hybrid" not in (bp or ())) and (sb is None or (
         model["ssm"] is not None and model["linear_layers"] == list(range(model["num_layers"]))
@@ -612,6 +665,8 @@ def validate(m) -> dict:
           "parallel.tp")
     _need(not model["diff_attn"] or (model["num_heads"] % (2 * tp) == 0 and model["num_kv_heads"] % (2 * tp) == 0),
           "model.diff_attn needs half the heads and half the kv heads to be multiples of parallel.tp")
+    _need(model["dyn_mask"] is None or model["num_kv_heads"] * model["head_dim"] % tp == 0,
+          "model.dyn_mask needs parallel.tp to divide the value channels (num_kv_heads * head_dim)")
     # a hybrid's linear layers hold whole heads (Mamba2's groups too, unless one serves every head) or channels
     _need(la is None or (la["k_heads"] % tp == 0 and la["v_heads"] % tp == 0),
           "model.linear_attn's heads must be a multiple of parallel.tp")
@@ -623,6 +678,8 @@ def validate(m) -> dict:
     _need(ml is None or ml["heads"] % tp == 0, "model.mlstm's heads must be a multiple of parallel.tp")
     _need(par["heads_per_rank"] * tp == model["num_heads"], "parallel.heads_per_rank * tp != model.num_heads")
     _need(all(n % tp == 0 for n in model["layer_heads"] or ()), "model.layer_heads must be multiples of parallel.tp")
+    _need(((model["mla"] or {}).get("local") or {"heads": tp})["heads"] % tp == 0,
+          "model.mla.local.heads must be a multiple of parallel.tp")
     _need(par["kv_heads_per_rank"] * tp == model["num_kv_heads"] * par["kv_replication"],
           "parallel.kv_heads_per_rank does not fit model.num_kv_heads")
     _need(ga is None or (_POS_INT(par.get("global_kv_heads_per_rank")) and _POS_INT(par.get("global_kv_replication"))
@@ -747,7 +804,8 @@ def kv_cache_bytes(model: dict, parallel: dict, itemsize: int) -> tuple[int, int
                 full += -(-width * itemsize // rate)
             continue
         if mla:                                   # one latent row a token, on every rank
-            n = mla["kv_rank"] + mla["rope_dim"]
+            lm = latent_at(mla, layers, i)        # (Dots3 Note: the windowed layers' own width)
+            n = lm["kv_rank"] + lm["rope_dim"]
             if i in mla.get("index", {}).get("layers", ()):       # and the indexer's key
                 n += mla["index"]["dim"]
         elif model.get("block_sparse") and i in model["block_sparse"]["layers"]:   # MiniMax-M3: + the block key
@@ -758,6 +816,8 @@ def kv_cache_bytes(model: dict, parallel: dict, itemsize: int) -> tuple[int, int
             n = 2 * parallel["global_kv_heads_per_rank"] * ga["head_dim"]
         else:      # DiffLlama: heads twice as wide in the cache (k zero-padded, v both halves' values)
             n = 2 * parallel["kv_heads_per_rank"] * model["head_dim"] * (2 if model.get("diff_attn") else 1)
+            if model.get("dyn_mask"):           # Doge: and each key's bias, one a kv head
+                n += parallel["kv_heads_per_rank"]
         if windowed_layer:
             windowed += n * itemsize
         else:
@@ -784,7 +844,10 @@ def _position(model: dict):
               "model.position.local must hold a positive theta and attention_scaling")
         # Gemma 4: the windowed layers' narrower heads; Laguna: a share of the head of their own
         lrd = local.get("rotary_dim", rd) if isinstance(local, dict) else rd
-        _need(type(lrd) is int and 0 < lrd <= model["head_dim"] and lrd % 2 == 0,
+        lm = (model.get("mla") or {}).get("local")       # Dots3 Note: the windowed layers' own latent heads
+        lhead = lm["nope_dim"] + lm["rope_dim"] if isinstance(lm, dict) and _POS_INT(lm.get("nope_dim")) \
+            and _POS_INT(lm.get("rope_dim")) else model["head_dim"]
+        _need(type(lrd) is int and 0 < lrd <= lhead and lrd % 2 == 0,
               "model.position.local.rotary_dim must be an even int no larger than head_dim")
         _need("long_from" not in pos or (type(pos["long_from"]) is int and 0 < pos["long_from"] < 1 << 32),
               "model.position.long_from must be a positive int")

@@ -237,7 +237,8 @@ def _quant_plan(spec: ModelSpec, opts: Options):
         wide = next((i for i in range(spec.num_layers) if spec.global_layer(i)), None)
         views = [(spec, layout)] + ([sl.at(spec, layout, wide)] if wide is not None else []) + (
             [sl.at(spec, layout, spec.wide_mlp_layers[0])] if spec.wide_mlp_layers else []) + [    # Gemma 4 E2B
-            sl.at(spec, layout, spec.layer_heads.index(n)) for n in sorted(set(spec.layer_heads or ()))]  # Laguna
+            sl.at(spec, layout, spec.layer_heads.index(n)) for n in sorted(set(spec.layer_heads or ()))] + (  # Laguna
+            [sl.at(spec, layout, spec.window_layers[0])] if (spec.mla or {}).get("local") else [])   # Dots3 Note
         for slot in quant_slots:
             k = sl.k_per_rank(spec, layout, slot)
             if not k:

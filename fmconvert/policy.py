@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import FmError
-from .manifest import TABLE_POSITIONS, block_owners, is_global_layer
+from .manifest import TABLE_POSITIONS, block_owners, is_global_layer, latent_at
 
 CONFIG_DIR = Path(os.environ.get("FMCONVERT_CONFIGS", Path(__file__).resolve().parent / "configs"))
 
@@ -52,6 +52,7 @@ LAYER_SLOTS = (
     # compressed kv, normed, then the shared rotated key) that kv_b expands into every head's k and v
     "q_a.weight", "q_a.bias", "q_a_norm.weight", "q_b.weight",
     "kv_a.weight", "kv_a.bias", "kv_a_norm.weight", "kv_b.weight",
+    "kv_a_rope_norm.weight",         # Dots3 Note: an RMS norm of the shared key's rope part before RoPE turns it
     # DeepSeek Sparse Attention's indexer (DeepSeek-V3.2, GLM-5) beside latent attention: its heads' queries from the
     # q bottleneck (index_q), one key per token from the stream (index_k, LayerNormed), a weight per head (index_w)
     "index_q.weight", "index_k.weight", "index_k_norm.weight", "index_k_norm.bias", "index_w.weight",
@@ -133,6 +134,10 @@ LAYER_SLOTS = (
     "mem_norm.weight", "qkv_lora_down.weight", "qkv.lora_up", "mlp_lora_down.weight", "mlp_in.lora_up",
     "mem_proj.weight",
     "diff_lambda",       # DiffLlama's differential attention: lambda_q1, lambda_k1, lambda_q2, lambda_k2 ([4 * head_dim])
+    # Doge's dynamic mask attention (model.dyn_mask): dt_proj over every kv head's values [kv_heads, kv_heads *
+    # head_dim] (and its bias), A [kv_heads]; its weighted residuals, the stream's weight per channel before each
+    # half's output joins it (input_residual, post_attention_residual)
+    "dmask_dt.weight", "dmask_dt.bias", "dmask_a", "attn_residual", "mlp_residual",
     # xLSTM's mLSTM in place of attention: one projection of q|k|v|o (o: the output gate), the input and forget
     # gates' projection (one logit each per head, with a bias), the per-head LayerNorm of its output and the output
     # projection
@@ -164,7 +169,7 @@ DEPTHWISE = ("lin_conv.weight", "ssm_conv.weight", "sconv_conv.weight", "mamba_c
 LINEAR_SLOTS = ("lin_", "ssm", "sconv", "mamba", "rg_", "mlstm")
 ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.", "q_a", "q_b.", "kv_a", "kv_b.", "attn_gate.", "index_",
                    "block_index_", "attn_out_a.", "comp_", "qsa_", "moa_", "mem_", "qkv_lora_", "mlp_lora_",
-                   "mlp_in.lora_up", "diff_")
+                   "mlp_in.lora_up", "diff_", "dmask_")
 GLOBAL_SLOTS = (
     "embed.weight", "pos_embed.weight", "type_embed.weight", "embed_norm.weight", "embed_norm.bias",
     "project_in.weight", "project_out.weight", "embed_proj.weight", "embed_proj.bias", "final_norm.weight",
@@ -327,6 +332,9 @@ class ModelSpec:
     #                                key's offset from the query (T5's bidirectional buckets), rel_bias [heads, buckets]
     embed_proj: bool = False       # ELECTRA: the embeddings, positions, types and their norm are embed_dim wide, and
     #                                embed_proj (weight and bias) takes their sum to hidden_size
+    dyn_mask: dict | None = None   # Doge's dynamic mask attention: {"keep_window"}: key j's scores gain exp(A
+    #                                softplus(dt_proj(v_j))) per kv head, and a query keeps its keep_window keys
+    #                                of largest bias (see configs/doge.toml)
     diff_attn: bool = False        # DiffLlama: differential attention; q head p pairs with p + heads / 2 (see
     #                                configs/diffllama.toml)
     qsa: dict | None = None        # Qwen4-Exp's QSA indexer in every attention layer: `heads` queries and one key of
@@ -446,6 +454,9 @@ class ModelSpec:
             spec = replace(spec, intermediate_size=self.wide_intermediate_size)
         if self.layer_heads is not None and layer is not None:
             spec = replace(spec, num_heads=self.layer_heads[layer])
+        lm = latent_at(self.mla, self.window_layers, layer) if layer is not None else self.mla
+        if lm is not self.mla:          # Dots3 Note: a windowed layer's own latent heads and widths
+            spec = replace(spec, mla=lm, num_heads=lm["heads"], head_dim=lm["nope_dim"] + lm["rope_dim"])
         if self.ngram and layer is not None:           # Qwen4-Exp: this layer's n-gram table, if any
             spec = replace(spec, ngram={**self.ngram, "here": layer})
         if self.compressed and layer is not None:      # DeepSeek-V4: which compressor this layer has, if any
@@ -755,7 +766,7 @@ class Policy:
             return self._spec(config, architecture)
         # transformers' per_layer_config: sizes that vary by layer. A table that reads them (global_attn) takes the
         # config's own values as the windowed layers'; any other would silently read one layer's for all.
-        if not self.layout.get("global_attn"):
+        if not self.layout.get("global_attn") and not self.layout.get("windowed_latent"):
             raise FmError(f"{architecture}: config.json gives per-layer sizes (per_layer_config), which the "
                           f"{self.family} table does not read")
         from transformers import logging as hf_logging
@@ -829,6 +840,8 @@ class Policy:
         global_attn = self._global_attn(config, c, windows) if self.layout.get("global_attn") else None
         if global_attn:
             c["global_head_dim"] = global_attn["head_dim"]
+        if self.layout.get("windowed_latent"):       # Dots3 Note: the windowed layers' latent widths, the scales
+            self._windowed_latent(config, c, windows, mla)
         position = self._position(config, flags, c)
         if "pad_id" in position:        # RoBERTa's table holds rows 0..pad too: its usable length is the rest
             c["max_positions"] = (c.get("max_positions") or 0) - position["offset"]
@@ -885,6 +898,7 @@ class Policy:
             shared_blocks=self._shared_blocks(c, parts, flags),
             attn_input=2 * c["hidden_size"] if self.layout.get("shared_blocks") else 0,
             diff_attn=self._diff_attn(c), rel_bias=self._rel_bias(c, flags), disentangled=disentangled,
+            dyn_mask=self._dyn_mask(c),
             causal_encoder=self.kind == "encoder" and bool(self._layout("causal", flags, False)),
             proj_dim=int(c.get("proj_dim") or 0),
             eos_pool=self._eos_pool(config) if self.layout.get("pool") == "eos" else None,
@@ -1026,6 +1040,16 @@ class Policy:
                           f"past a quarter of them, in an encoder, got {b!r} and {d!r}")
         return {"buckets": b, "max_distance": d,
                 **({"per_layer": True} if self._layout("rel_bias_per_layer", flags, False) else {})}
+
+    @staticmethod
+    def _dyn_mask(c: dict) -> dict | None:
+        """Doge's dynamic mask attention, from [config] keep_window: the keys a query keeps at most."""
+        if "keep_window" not in c:
+            return None
+        w = c["keep_window"]
+        if type(w) is not int or not 0 < w < 1 << 24:
+            raise FmError(f"config.json: keep_window_size must be a positive integer, got {w!r}")
+        return {"keep_window": w}
 
     def _diff_attn(self, c: dict) -> bool:
         """DiffLlama: its heads pair across the two halves, q head p with p + heads / 2 and kv head j with
@@ -1352,6 +1376,68 @@ class Policy:
         if (hd, kv) == (c["head_dim"], c["num_kv_heads"]):
             return None
         return {"head_dim": hd, "num_kv_heads": kv}
+
+    _LATENT_WIDTHS = {"heads": "num_attention_heads", "q_rank": "q_lora_rank", "kv_rank": "kv_lora_rank",
+                      "nope_dim": "qk_nope_head_dim", "rope_dim": "qk_rope_head_dim", "v_dim": "v_head_dim"}
+
+    def _windowed_latent(self, config, c: dict, windows: dict, mla: dict | None) -> None:
+        """Dots3 Note (layout windowed_latent): its sliding_attention layers' latent attention takes heads and
+        widths of its own from transformers' per_layer_config (mla.local, where they differ from the model's); only
+        the indexed_attention layers run the indexer; each kind turns its own rope_dim with its own default RoPE.
+        Layout latent_scale: every layer's normed q and kv latents times sqrt(hidden / their rank) (q_scale,
+        kv_scale). Edits mla in place and records the windowed layers' rotated width for `_position`."""
+        L = c["num_layers"]
+        types = list(getattr(config, "layer_types", None) or ["full_attention"] * L)
+        if not mla or not mla["q_rank"] or mla.get("gated_q"):
+            raise FmError("config.json: this latent attention reads a q bottleneck, but q_lora_rank is not set")
+        windowed = set(_windowed(windows, L))
+        if len(windowed) == L or {"full_attention", "indexed_attention"} <= set(types):
+            raise FmError("config.json: layer_types must hold indexed_attention or full_attention layers, not both, "
+                          "beside any sliding_attention ones")
+        indexed = [i for i, t in enumerate(types) if t == "indexed_attention"]
+        if "index" in mla and indexed[:1] != [0]:
+            if indexed:
+                raise FmError("config.json: the first layer must be an indexed_attention one when any is")
+            del mla["index"]                    # use_dsa false: plain latent attention outside the window
+        elif "index" in mla:
+            mla["index"]["layers"] = indexed
+        own = {"heads": c["num_heads"], **{k: mla[k] for k in self._LATENT_WIDTHS if k != "heads"}}
+        per, names = getattr(config, "per_layer_config", None), self._LATENT_WIDTHS
+        try:
+            widths = [{k: getattr(per[i], n) for k, n in names.items()} for i in range(L)] if per is not None \
+                else [own] * L
+            heads = [getattr(per[i], "head_dim") if per is not None else c["head_dim"] for i in range(L)]
+        except Exception as e:
+            raise FmError(f"config.json: per_layer_config cannot be read ({type(e).__name__}: {e})") from None
+        local = {tuple(sorted(widths[i].items())) for i in windowed}
+        if any(widths[i] != own for i in range(L) if i not in windowed) or len(local) > 1:
+            raise FmError("config.json: per_layer_config must give the sliding_attention layers one latent geometry "
+                          "of their own and leave the others the model's")
+        lw = dict(local.pop()) if local else own
+        if any(type(v) is not int or v <= 0 for v in lw.values()):
+            raise FmError(f"config.json: the sliding_attention layers' latent widths (swa_num_attention_heads, "
+                          f"swa_q_lora_rank, swa_kv_lora_rank, swa_qk_nope_head_dim, swa_qk_rope_head_dim, "
+                          f"swa_v_head_dim) must be positive integers, got {lw}")
+        params = dict(getattr(config, "rope_parameters", None) or {})
+        for i in ([min(windowed)] if windowed else []) + [min(set(range(L)) - windowed)]:
+            kind, w = types[i], widths[i]
+            p = params.get(kind) if per_layer_type(params) else params
+            if not isinstance(p, dict) or p.get("rope_type", p.get("type", "default")) != "default":
+                raise FmError(f"config.json: rope_parameters.{kind} must be default RoPE (the attention scale takes "
+                              f"no RoPE factor here), got {str(p)[:80]}")
+            rot = p.get("partial_rotary_factor", 1.0)
+            rot = int(heads[i] * rot) if type(rot) in (int, float) and type(heads[i]) is int else None
+            if rot != w["rope_dim"]:      # transformers sizes each kind's RoPE by head_dim times its factor
+                raise FmError(f"config.json: the {kind} layers' RoPE turns head_dim * partial_rotary_factor = {rot} "
+                              f"columns, not their qk_rope_head_dim={w['rope_dim']}")
+        if self.layout.get("latent_scale"):     # as transformers computes them: (hidden / rank) ** 0.5
+            for w, into in ((own, mla), (lw, lw)):
+                into.update(q_scale=(c["hidden_size"] / w["q_rank"]) ** 0.5,
+                            kv_scale=(c["hidden_size"] / w["kv_rank"]) ** 0.5)
+        if windowed:
+            c["local_rotary_dim"] = lw["rope_dim"]
+            if {k: lw[k] for k in own} != own:
+                mla["local"] = lw
 
     def _mla(self, c, flags) -> dict:
         """Multi-head latent attention's widths from [config] (q_rank, kv_rank, nope_dim, rope_dim, v_dim). Each q and
@@ -1798,6 +1884,8 @@ class Policy:
                     raise FmError("config.json: rope_parameters must give main and compress RoPE parameters")
                 params, local = dict(params["compress"]), dict(params["main"])
             elif per_layer_type(params):          # Gemma 3: one RoPE for full-attention layers, one for windowed ones
+                if "indexed_attention" in params and "full_attention" not in params:    # Dots3 Note's name for them
+                    params["full_attention"] = params.pop("indexed_attention")
                 if "full_attention" not in params or set(params) - {"full_attention", "sliding_attention"}:
                     raise FmError(f"config.json: rope_parameters per layer kind must name full_attention (and "
                                   f"optionally sliding_attention), got {', '.join(map(str, params))}")
@@ -1845,7 +1933,10 @@ class Policy:
                 pos["local"] = _rope_params(local)
                 if pos["local"]["rope_type"] == "longrope":
                     raise FmError("config.json: longrope for the windowed layers' RoPE is not supported")
-                if head != c["head_dim"]:       # Gemma 4: the windowed layers' narrower heads, rotated whole
+                if c.get("local_rotary_dim"):   # Dots3 Note: the windowed layers' latent attention turns its own
+                    if c["local_rotary_dim"] != rotary:           # rope_dim
+                        pos["local"]["rotary_dim"] = c["local_rotary_dim"]
+                elif head != c["head_dim"]:       # Gemma 4: the windowed layers' narrower heads, rotated whole
                     pos["local"]["rotary_dim"] = c["head_dim"]
                 elif "proportional" not in kinds and local.get("partial_rotary_factor") is not None:
                     # Laguna: the windowed layers rotate a share of the head of their own
@@ -1962,6 +2053,7 @@ class Policy:
                 (H * hd, a["q_rank"] or h),
                 "kv_a.weight": (a["kv_rank"] + a["rope_dim"], h), "kv_a.bias": (a["kv_rank"] + a["rope_dim"],),
                 "kv_a_norm.weight": (a["kv_rank"],), "kv_b.weight": (H * (a["nope_dim"] + a["v_dim"]), a["kv_rank"]),
+                "kv_a_rope_norm.weight": (a["rope_dim"],),
                 "attn_out.weight": (h, H * a["v_dim"]),
                 # Ling 2.5: a gate a head from the stream; HY-V4: one per output channel (v_dim a head)
                 "attn_gate.weight": (H * (1 if spec.attn_gate_heads else a["v_dim"]), h),
@@ -2014,6 +2106,8 @@ class Policy:
                            "moa_out.bias": (h,)})
         shapes["experts_shared.bias"] = (h,)
         shapes["diff_lambda"] = (4 * hd,)
+        shapes.update({"dmask_dt.weight": (KV, KV * hd), "dmask_dt.bias": (KV,), "dmask_a": (KV,),
+                       "attn_residual": (h,), "mlp_residual": (h,)})
         if spec.shared_blocks:      # Zamba2: the shared block's norm over the stream and embeddings, the adapters
             r, w = spec.shared_blocks["rank"], spec.attn_input
             shapes.update({"mem_norm.weight": (w,), "qkv_lora_down.weight": (3 * r, w),

@@ -138,7 +138,13 @@ def load_config(model_dir: Path):
     else:
         if not arch.startswith(stem) and model_type not in wrapper.get("model_types", ()):   # a class not named
             raise FmError(f"{path}: model_type {model_type!r} does not belong with architecture {arch}")  # after it
-        text_arch = _check_language_model(raw, wrapper["config"], arch, path)
+        key, flat = wrapper["config"], wrapper.get("flat_text")
+        if flat and key not in raw:
+            # Dots3 Note as published: the language model's keys at the top level, its model_type the table's
+            # flat_text; transformers makes its text_config of them
+            text_arch = _check_language_model({key: {**raw, "model_type": flat}}, key, arch, path)
+        else:
+            text_arch = _check_language_model(raw, key, arch, path)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # its config warnings would break the one-line error contract
     try:

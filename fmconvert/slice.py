@@ -50,6 +50,9 @@ Layout per rank:
   qkv of DiffLlama: its heads pair across the two halves (q head p with p + H/2, kv head j with j + KV/2), so rank r
             holds chunk r of the first half and chunk r of the second (tp divides both halves; attn_out, over the
             pairs' outputs, row-parallel as usual).
+  dmask_dt  (Doge's dt_proj, over every kv head's values) row-parallel: chunk r of its columns, which lie in this
+            rank's kv heads (a replicated kv head's channels split among the ranks that share it); each rank's
+            partial sum is all-reduced. dmask_a and its bias replicated.
   moa_q, moa_out, moa_kv  (JetMoe's attention experts) by kv heads: every expert's q rows of this rank's kv heads
             (each expert gives every kv head its queries), the same columns of every expert's output projection
             (row-parallel; its bias on rank 0), and this rank's heads of k and of v; the router replicated.
@@ -83,9 +86,9 @@ HEADS = ("q_b.weight", "kv_b.weight", "attn_sinks.weight", "attn_gate.bias", "at
          "rg_gate_x.bias", "rg_gate_a.weight", "rg_gate_a.bias", "rg_a", "mlstm_norm.weight", "mlstm_norm.bias",
          "rel_bias.weight", "attn_rel_bias.weight")
 # Row-parallel slots: split along dim 1 (K), each rank's product a partial sum. The linear mixers' (ROW_K) split
-# evenly along K with nothing padded.
+# evenly along K with nothing padded, as does Doge's dt_proj (dmask_dt).
 ROW_K = ("lin_out.weight", "ssm_out.weight", "sconv_out.weight", "mamba_out.weight", "mamba_x.weight",
-         "rg_out.weight", "mlstm_out.weight")
+         "rg_out.weight", "mlstm_out.weight", "dmask_dt.weight")
 ROW = ("attn_out.weight", "mlp_out.weight", *ROW_K)
 # A linear mixer's fused slots, part by part: q, k, v(, z, b, a) for Gated DeltaNet, x(, B, C) or z, x, B, C, dt for
 # Mamba2 (see `_mixer_parts`)
@@ -177,7 +180,10 @@ def at(spec: ModelSpec, lay: Layout, layer: int | None) -> tuple[ModelSpec, Layo
                       intermediate_per_rank=lay.wide_intermediate_per_rank)
     if spec.layer_heads is not None and layer is not None:
         lay = replace(lay, heads_per_rank=spec.layer_heads[layer] // lay.tp)
-    return spec.at(layer), lay
+    spec = spec.at(layer)
+    if spec.mla and "heads" in spec.mla:     # Dots3 Note: a windowed layer's own latent heads
+        lay = replace(lay, heads_per_rank=spec.mla["heads"] // lay.tp)
+    return spec, lay
 
 
 def _kv_split(KV: int, tp: int, what: str = "num_key_value_heads") -> tuple[int, int]:
@@ -209,6 +215,10 @@ def plan(spec: ModelSpec, tp: int, group_size: int | None) -> Layout:
     if odd:
         raise FmError(f"tp={tp} does not divide the {', '.join(map(str, odd))} heads of some layers "
                       f"(num_attention_heads_per_layer); each rank must hold whole heads")
+    local = (spec.mla or {}).get("local")
+    if local and local["heads"] % tp:
+        raise FmError(f"tp={tp} does not divide the sliding_attention layers' {local['heads']} heads; each rank must "
+                      f"hold whole heads")
     kv_per_rank, repl = _kv_split(KV, tp)
     wide = _kv_split(spec.global_attn["num_kv_heads"], tp, "the global layers' num_global_key_value_heads") \
         if spec.global_attn else (0, 0)
@@ -226,6 +236,9 @@ def plan(spec: ModelSpec, tp: int, group_size: int | None) -> Layout:
     if spec.diff_attn and (H % (2 * tp) or KV % (2 * tp)):
         raise FmError(f"tp={tp} must divide half the heads ({H // 2}) and half the kv heads ({KV // 2}): differential "
                       f"attention pairs each head with one in the other half, on the same rank")
+    if spec.dyn_mask and (KV * spec.head_dim) % tp:
+        raise FmError(f"tp={tp} does not divide the {KV * spec.head_dim} value channels that Doge's dt_proj reads; "
+                      f"each rank reads its share of them")
     if spec.moa and KV % tp:
         raise FmError(f"tp={tp} does not divide num_key_value_heads={KV}; JetMoe's attention experts each give "
                       f"every kv head its queries, so each rank holds whole kv heads")

@@ -665,6 +665,26 @@ def _inspect_index_rope_at_the_middle(c: Ctx):          # the indexer turns its 
     return [_manifest(c, lambda m: m["model"]["mla"]["index"].update(rope_at="middle"), name="hy_v4")]
 
 
+@case("inspect", "model.mla must be null or the latent attention's widths")
+def _inspect_windowed_latent_without_its_v_dim(c: Ctx):     # Dots3 Note: the windowed layers' widths, all six
+    return [_manifest(c, lambda m: m["model"]["mla"]["local"].pop("v_dim"), name="dots3_note")]
+
+
+@case("inspect", "model.mla must be null or the latent attention's widths")
+def _inspect_latent_q_scale_without_kv_scale(c: Ctx):       # Dots3 Note's two latent scales come together
+    return [_manifest(c, lambda m: m["model"]["mla"].pop("kv_scale"), name="dots3_note")]
+
+
+@case("inspect", "model.mla.local needs windowed layers (window_layers), none of them indexed")
+def _inspect_windowed_latent_over_an_indexed_layer(c: Ctx):     # Dots3 Note: the indexer is the other layers'
+    return [_manifest(c, lambda m: m["model"].update(window_layers=[1, 2, 3]), name="dots3_note")]
+
+
+@case("inspect", "model.mla.local.heads must be a multiple of parallel.tp")
+def _inspect_windowed_latent_heads_split_unevenly(c: Ctx):      # whole heads on each rank, in every layer
+    return [_manifest(c, lambda m: m["model"]["mla"]["local"].update(heads=3), tp=2, name="dots3_note")]
+
+
 @case("inspect", "model.linear_attn, model.ssm, model.short_conv, model.mamba, model.rglru, model.mlstm and "
                  "model.lightning exclude each other")
 def _inspect_lightning_beside_mamba(c: Ctx):           # one kind of linear layer per model
@@ -709,6 +729,21 @@ def _inspect_mlstm_heads_not_dividing_its_widths(c: Ctx):  # xLSTM: whole heads 
 @case("inspect", "model.diff_attn needs an even number of heads")
 def _inspect_diff_attn_with_odd_heads(c: Ctx):           # DiffLlama pairs heads across its halves
     return [_manifest(c, lambda m: m["model"].update(num_kv_heads=1), name="diffllama")]
+
+
+@case("inspect", "model.dyn_mask must be null or {keep_window")
+def _inspect_dyn_mask_keeping_no_key(c: Ctx):            # Doge: a query keeps at least one key
+    return [_manifest(c, lambda m: m["model"]["dyn_mask"].update(keep_window=0), name="doge")]
+
+
+@case("inspect", "model.dyn_mask and the dmask slots go together")
+def _inspect_dyn_mask_in_a_window(c: Ctx):               # Doge's cache of biases holds every position, no ring
+    return [_manifest(c, lambda m: m["model"].update(sliding_window=4), name="doge")]
+
+
+@case("inspect", "attn_residual and mlp_residual go together")
+def _inspect_one_residual_weight_without_the_other(c: Ctx):   # Doge weights the stream before both halves
+    return [_manifest(c, lambda m: m["model"]["slots"].remove("layers.mlp_residual"), name="doge")]
 
 
 @case("inspect", "model.position.pad_id must be an int one below model.position.offset")

@@ -132,7 +132,8 @@ def test_cpu_int8_matmul_is_the_dequantized_linear(N, K, group, lead, dtype):
                                   "codegen", "apertus1p5", "gemma4_unified", "bitnet", "laguna",
                                   "mimo_v2_flash", "beam", "deepseek_v32", "glm_moe_dsa", "falcon_h1",
                                   "bailing_hybrid", "longcat_flash", "minimax", "hy_v4", "axk2", "minimax_m3",
-                                  "aria_text", "deepseek_v4", "gemma3n", "recurrent_gemma", "qwen4_exp", "jetmoe", "zamba2", "diffllama", "xlstm"])
+                                  "aria_text", "deepseek_v4", "gemma3n", "recurrent_gemma", "qwen4_exp", "jetmoe", "zamba2", "diffllama", "xlstm",
+                                  "doge", "dots3_note"])
 def test_tp4_emulated_equals_tp1(work, name, tmp_path):
     _, src, outs = work(name)
     convert(src, tmp_path / "tp4", Options(tp=4), progress=False)
@@ -227,7 +228,8 @@ def test_world_size_mismatch_is_a_clear_error(work):
                                   "codegen", "apertus1p5", "laguna", "mimo_v2_flash", "beam", "deepseek_v32",
                                   "glm_moe_dsa", "falcon_h1", "bailing_hybrid", "longcat_flash",
                                   "hy_v4", "axk2", "minimax_m3", "aria_text", "exaone", "sarvam_moe", "sarvam_mla",
-                                  "minimax", "deepseek_v4", "gemma3n", "recurrent_gemma", "qwen4_exp", "jetmoe", "zamba2", "diffllama", "xlstm"])  # exaone, sarvam_*: saved_as
+                                  "minimax", "deepseek_v4", "gemma3n", "recurrent_gemma", "qwen4_exp", "jetmoe", "zamba2", "diffllama", "xlstm",
+                                  "doge", "dots3_note"])  # exaone, sarvam_*: saved_as
 def test_inject_keeps_the_transformers_interface(work, name):
     hf, src, outs = work(name)
     arch = hf.config.architectures[0]
@@ -259,7 +261,8 @@ def test_inject_refuses_a_different_model(work):
                                   "apertus1p5", "gemma4_unified", "bitnet", "laguna", "mimo_v2_flash",
                                   "beam", "deepseek_v32", "glm_moe_dsa", "falcon_h1", "bailing_hybrid",
                                   "longcat_flash", "minimax", "hy_v4", "axk2", "minimax_m3", "aria_text",
-                                  "deepseek_v4", "gemma3n", "recurrent_gemma", "qwen4_exp", "jetmoe", "zamba2", "diffllama", "xlstm"])
+                                  "deepseek_v4", "gemma3n", "recurrent_gemma", "qwen4_exp", "jetmoe", "zamba2", "diffllama", "xlstm",
+                                  "doge"])
 def test_graph_safe_decode_step_equals_eager_decode(work, name):
     """decode_step (what a CUDA graph captures) reads positions and lengths from device tensors only."""
     _, _, outs = work(name)

@@ -362,6 +362,12 @@ CONFIGS = {
                use_shared_attention_adapter=True, adapter_rank=4, use_mem_rope=True, vocab_size=101,
                max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     # DiffLlama: 8 heads over 8 kv heads (4 of each half), so tp 4 holds one head of each half
+    # Doge: 4 heads over 2 kv heads of 16 (tp 4 splits each kv head's value channels for dt_proj between two ranks),
+    # a keep window of 8 keys: prompts past 8 tokens lose keys to it (a smaller one makes int8's verify flip too many
+    # of its choices over 64 tokens)
+    "doge": ("DogeConfig", "DogeForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
+             keep_window_size=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "diffllama": ("DiffLlamaConfig", "DiffLlamaForCausalLM", dict(hidden_size=64, intermediate_size=96,
                   num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=8, vocab_size=101,
                   max_position_embeddings=64, lambda_std_dev=0.3, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
@@ -831,6 +837,22 @@ CONFIGS = {
         max_position_embeddings=64, sliding_window=4, num_kv_shared_layers=2, laurel_rank=8,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
         activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0], pad_token_id=0, bos_token_id=2, eos_token_id=1)),
+    # Dots3 Note's language model: indexed layers 0 and 2 (8 heads, latent ranks 16, RoPE over 8 of 24 columns)
+    # and windowed layers 1 and 3 (4 keys; 4 heads, ranks 32, RoPE over 16 of 32), each with its latents scaled by
+    # sqrt(hidden / rank), the key's rope part normed, a sigmoid gate per head; an index_topk of 32 (every key of
+    # the family tests' prompts; test_dots3_note.py makes it pick 6) and 8 indexer heads, so that two keys rarely tie
+    # at a score of 0 at the cut (which of a tie torch.topk keeps differs with the row's length)
+    "dots3_note": ("Dots3NoteTextConfig", "Dots3NoteForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, moe_intermediate_size=32, shared_experts_intermediate_size=24,
+        num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8, vocab_size=101,
+        max_position_embeddings=64, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=4,
+        topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5, q_lora_rank=16, kv_lora_rank=16,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=8, head_dim=32, index_topk=32, index_head_dim=16,
+        index_n_heads=8, sliding_window=4,
+        layer_types=["indexed_attention", "sliding_attention", "indexed_attention", "sliding_attention"],
+        swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_q_lora_rank=32, swa_kv_lora_rank=32,
+        swa_head_dim=32, swa_qk_nope_head_dim=16, swa_v_head_dim=16, swa_rope_theta=5000.0, rope_theta=80000.0,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)),
 }
 FAMILIES = list(CONFIGS)
 
@@ -986,6 +1008,15 @@ VISION_LANGUAGE = {
         text_config=_text("nemotron_h", model_type="nemotron_h"), vision_hidden_size=32, projector_hidden_size=64,
         vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=14, image_size=28,
                            max_img_size=56, video_temporal_patch_size=2), audio_config=None)),
+    # wrappers/dots3_note.toml: the language model at model., beside a vision encoder with experts of its own and
+    # an audio encoder
+    "dots3_note_vl": ("Dots3NoteConfig", "Dots3NoteForConditionalGeneration", dict(
+        text_config=_text("dots3_note"), image_token_id=100, video_token_id=99, audio_token_id=98,
+        vision_config=dict(hidden_size=32, intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=2,
+                           num_attention_heads=2, patch_size=14, adapter_in_dim=32, adapter_out_dim=64,
+                           mlp_layer_types=["dense", "sparse"], num_local_experts=4, num_experts_per_tok=2),
+        audio_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                          adapter_input_size=32, adapter_out_dim=64, downsample_hidden_size=8))),
 }
 CONFIGS.update(VISION_LANGUAGE)
 
@@ -1144,6 +1175,10 @@ def build(name: str, seed: int = 0, **overrides):
                 p.copy_(torch.randn_like(p) * 0.5)                                  # enough for their cap to bite
             elif "adapter_list" in n:                  # Zamba2's adapters: their up halves start at zero
                 p.copy_(torch.randn_like(p) * 0.1)
+            elif n.endswith(("self_attn.A", "self_attn.dt_proj.weight")):   # Doge: A zeros by default (every
+                p.copy_(torch.randn_like(p) * 0.5)                  # key's bias 1), dt_proj too small to vary it
+            elif n.endswith(("input_residual", "post_attention_residual")):    # Doge: ones by default
+                p.copy_(torch.rand_like(p) + 0.5)
             elif n.endswith(("block_inject_weight.weight", "input_mix_weight_up.weight")):   # and its mixes: shares
                 p.copy_(torch.randn_like(p) * 0.3)                                  # that differ between copies
         for n, b in [*model.named_buffers(), *model.named_parameters()]:   # GLM-4.5, ERNIE 4.5: a correction

@@ -103,6 +103,9 @@ def check_layout(m: dict, rank: int):
                       "moa_out.weight": (Ea * h, w)})
     extra.update({"moa_out.bias": (h,), "experts_shared.bias": (h,), "diff_lambda": (4 * sp["head_dim"],),
                   "attn_rel_bias.weight": (hpr, (sp["rel_bias"] or {}).get("buckets", 0))})   # UMT5: one per layer
+    KV = sp["num_kv_heads"]     # Doge: dt_proj's columns of this rank's value channels, A and the residuals whole
+    extra.update({"dmask_dt.weight": (KV, KV * sp["head_dim"] // par["tp"]), "dmask_dt.bias": (KV,), "dmask_a": (KV,),
+                  "attn_residual": (h,), "mlp_residual": (h,)})
     sb = sp.get("shared_blocks")    # Zamba2: the shared block's norm and each layer's adapters and projection
     if sb:
         r, w = sb["rank"], sp["attn_input"]
@@ -164,15 +167,20 @@ def check_layout(m: dict, rank: int):
              "block_index_q_norm.weight": (bsp["dim"],), "block_index_k_norm.weight": (bsp["dim"],),
              **{k: v for k, v in extra.items() if not k.startswith("hc_head.")}}
     mla = sp["mla"]
-    if mla:             # latent attention: the latent's projections replicated, q_b and kv_b this rank's heads
-        qr, kr, rd = mla["q_rank"], mla["kv_rank"], mla["rope_dim"]
-        layer.update({"q_a.weight": (qr, h), "q_a.bias": (qr,), "q_a_norm.weight": (qr,),
-                      "q_b.weight": (hpr * (hd + mla["v_dim"]), 2 * qr) if mla.get("gated_q") else (hpr * hd, qr or h),
-                      "kv_a.weight": (kr + rd, h), "kv_a.bias": (kr + rd,),
-                      "kv_a_norm.weight": (kr,),
-                      "kv_b.weight": (hpr * (mla["nope_dim"] + mla["v_dim"]), kr),
-                      "attn_out.weight": (h, hpr * mla["v_dim"]),
-                      "attn_gate.weight": (hpr * (1 if sp["attn_gate_heads"] else mla["v_dim"]), h)})
+
+    def latent(a: dict, hpr: int) -> dict:
+        """This rank's latent attention slots for widths a and hpr heads: the latent's projections replicated,
+        q_b and kv_b this rank's heads."""
+        qr, kr, rd, d = a["q_rank"], a["kv_rank"], a["rope_dim"], a["nope_dim"] + a["rope_dim"]
+        return {"q_a.weight": (qr, h), "q_a.bias": (qr,), "q_a_norm.weight": (qr,),
+                "q_b.weight": (hpr * (d + a["v_dim"]), 2 * qr) if a.get("gated_q") else (hpr * d, qr or h),
+                "kv_a.weight": (kr + rd, h), "kv_a.bias": (kr + rd,), "kv_a_norm.weight": (kr,),
+                "kv_a_rope_norm.weight": (rd,), "kv_b.weight": (hpr * (a["nope_dim"] + a["v_dim"]), kr),
+                "attn_out.weight": (h, hpr * a["v_dim"]),
+                "attn_gate.weight": (hpr * (1 if sp["attn_gate_heads"] else a["v_dim"]), h)}
+    if mla:
+        qr = mla["q_rank"]
+        layer.update(latent(mla, hpr))
         ix = mla.get("index")
         if ix:          # the sparse attention indexer, replicated: every rank picks the same keys
             layer.update({"index_q.weight": (ix["heads"] * ix["dim"], qr), "index_k.weight": (ix["dim"], h),
@@ -256,6 +264,9 @@ def check_layout(m: dict, rank: int):
             out = {**out, "mlp_in.weight": (wpr * glu, h), "mlp_out.weight": (h, wpr), "mlp_sub_norm.weight": (wpr,)}
         if sp["layer_heads"] and sp["layer_heads"][i] != sp["num_heads"]:
             out = {**out, **attention(hd, par["kv_heads_per_rank"], sp["layer_heads"][i] // tp)}
+        lm = mf.latent_at(mla, sp["window_layers"], i)
+        if lm is not mla:                       # Dots3 Note: a windowed layer's own latent heads and widths
+            out = {**out, **latent(lm, lm["heads"] // tp)}
         if ng and i in ng["layers"]:           # Qwen4-Exp: this layer's n-gram table, a slice of every row
             heads = (ng["size"] - 1) * ng["heads"]
             out = {**out, "ngram_embed.weight": (ng["tables"][str(i)]["rows"], ng["dim"] // heads // tp)}

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import FmError
-from ..manifest import TABLE_POSITIONS, block_owners, is_global_layer
+from ..manifest import TABLE_POSITIONS, block_owners, is_global_layer, latent_at
 from ..policy import SHARED_BLOCK_SLOTS
 from .comm import SingleComm
 from .ops import Int8Weight, TorchOps, _explicit_attention, activate, rope_tables
@@ -51,7 +51,8 @@ class KVCache:
         self.k = [torch.zeros(batch, kv_heads[i], 0 if (i in linear and not linear_attends) or i in keyless
                               else r or max_len, head_dim[i],
                               dtype=dtype, device=device) for i, r in enumerate(self.ring)]
-        self.v = [t[..., :latent] for t in self.k] if latent else [torch.zeros_like(t) for t in self.k]
+        latent = latent if isinstance(latent, list) else [latent] * n_layers   # Dots3 Note: a width per layer
+        self.v = [t[..., :w] for t, w in zip(self.k, latent)] if any(latent) else [torch.zeros_like(t) for t in self.k]
         self.conv = [None] * n_layers
         self.state = [None] * n_layers
         # DeepSeek Sparse Attention: the indexer's key per position [B, S_max, dim], in the layers that run one
@@ -101,6 +102,12 @@ class Block(nn.Module):
         self.head_dim = sp["global_attn"]["head_dim"] if wide else model.head_dim
         self.kv_heads = model.par["global_kv_heads_per_rank"] if wide else model.kv_heads
         self.heads = sp["layer_heads"][i] // model.tp if sp["layer_heads"] else model.heads   # Laguna: per layer
+        # latent attention's widths and softmax scale here (None: the model's): Dots3 Note's windowed layers have
+        # heads of their own
+        self.mla, self.mla_scale = latent_at(sp["mla"], layers, i), None
+        if self.mla is not sp["mla"]:
+            self.heads = self.mla["heads"] // model.tp
+            self.mla_scale = (self.mla["nope_dim"] + self.mla["rope_dim"]) ** -0.5
         # MiMo-V2-Flash: v heads narrower than q and k's, padded with zeros to head_dim for the cache and kernels
         # (the padded channels of the output are zero, and dropped before attn_out)
         self.v_dim = sp["v_head_dim"] or self.head_dim
@@ -158,6 +165,15 @@ class Block(nn.Module):
             self.diff_ones = torch.ones(self.head_dim, dtype=model.dtype, device=model.device)
             self.diff_lambda = ((lq1 * lk1).sum().exp().to(model.dtype) - (lq2 * lk2).sum().exp().to(model.dtype)
                                 + self.diff_init)
+        # Doge: the keys a query keeps at most (0: no dynamic mask); this rank's kv heads among dt_proj's outputs,
+        # and the channels of its v that its dt_proj columns read (a kv head shared by several ranks splits them)
+        dm = sp.get("dyn_mask")
+        self.dyn_window = dm["keep_window"] if dm else 0
+        if dm:
+            rep, r = model.par["kv_replication"], model.rank
+            self.dyn_heads = slice(r // rep * self.kv_heads, (r // rep + 1) * self.kv_heads)
+            w = self.kv_heads * self.head_dim // rep
+            self.dyn_cols = slice(r % rep * w, (r % rep + 1) * w)
         # the keys a kept block holds: MiniMax-M3's blocks, Qwen4-Exp's QSA blocks
         self.keep_block = (sp["block_sparse"] or {}).get("block") or (sp.get("qsa") or {}).get("rate")
         # a hybrid's linear layer: (its mixer method, its output projection's slot); None: attention
@@ -192,10 +208,14 @@ class Block(nn.Module):
         # latent attention's decode step takes kv_b into q and o: [H, nope, R], [H, R, v] (Kimi Linear: not in
         # its KDA layers)
         if sp["mla"] and not self.linear:
-            kv_b, nd = tensors["kv_b.weight"], sp["mla"]["nope_dim"]
+            kv_b, nd = tensors["kv_b.weight"], self.mla["nope_dim"]
             kv_b = kv_b.dequantize(model.dtype) if isinstance(kv_b, Int8Weight) else kv_b
-            kv_b = kv_b.view(model.heads, nd + sp["mla"]["v_dim"], -1)
+            kv_b = kv_b.view(self.heads, nd + self.mla["v_dim"], -1)
             self.w_uk, self.w_uv = kv_b[:, :nd].contiguous(), kv_b[:, nd:].transpose(1, 2).contiguous()
+            if "q_scale" in self.mla:      # Dots3 Note: the normed q and kv latents times sqrt(hidden / rank),
+                self.t = tensors = {**tensors, **{      # folded into their norms' weights once, here
+                    f"{n}_norm.weight": (tensors[f"{n}_norm.weight"].float() * self.mla[f"{n[:-2]}_scale"])
+                    .to(tensors[f"{n}_norm.weight"].dtype) for n in ("q_a", "kv_a")}}
         if self.activation == "xielu":      # Apertus: this layer's parameters, read and transformed once, here
             ap, an, beta, eps = (tensors[f"act.{p}"].float().reshape(-1)[0].cpu()
                                  for p in ("alpha_p", "alpha_n", "beta", "eps"))
@@ -221,6 +241,8 @@ class Block(nn.Module):
             return self._altup(x, positions, cache, key_padding_mask, pos_t, seq_t), None
         if m.spec["residual"] == "gated_hyper":
             return self._gated_hyper(x, positions, cache, key_padding_mask, pos_t, seq_t), None
+        if "attn_residual" in t:      # Doge: the stream weighted per channel before each half's output joins it
+            return self._weighted(x, residual, positions, cache, key_padding_mask, pos_t, seq_t)
         pre = m.spec["residual"] == "pre"
         if self.part == "hybrid":     # Zamba2: a shared transformer block feeds the Mamba2 layer's input
             return self._zamba_hybrid(x, residual, positions, cache, key_padding_mask, pos_t, seq_t)
@@ -1032,6 +1054,7 @@ class Block(nn.Module):
         else:
             q, k, v = qkv.split([Hq * hd, Hk * hd, Hk * vd], dim=-1)
             q, k, v = q.view(B, T, Hq, hd), k.view(B, T, Hk, hd), v.view(B, T, Hk, vd)
+        dyn = self._dyn_bias(v) if self.dyn_window else None      # Doge: each new key's bias, from its value
         if m.spec["value_scale"] != 1.0:   # MiMo-V2-Flash: v scaled as projected, in the model dtype
             v = v * m.spec["value_scale"]
         if vd != hd:
@@ -1063,6 +1086,8 @@ class Block(nn.Module):
                                     v_norm=v_norm)                                                  # (B, Hq, hd)
             if self.query_scale is not None:
                 q = q * self.query_scale(pos_t).view(1, 1, 1)
+            if dyn is not None:      # Doge: each key's bias, the keep window over the whole static cache
+                return self._dyn_decode(q, kc, vc, dyn, cache, pos_t, seq_t[key])
             if keep is not None:     # MiniMax-M3: the chosen blocks of the whole static cache
                 o = m.ops.decode_attention(q, kc, vc, seq_t[key], m.scale, None, 0, m.softcap, sinks=self.sinks,
                                            keep=keep[0][:, :, 0].contiguous(), keep_block=self.keep_block)
@@ -1093,6 +1118,8 @@ class Block(nn.Module):
             kblock = keep[2] if len(keep) > 2 else None
             return self._narrow(self._kept_attention(q, k, v, blocks, qpos, kpm, kblock).transpose(1, 2)
                                 .reshape(B, T, -1))
+        if dyn is not None:
+            return self._dyn_attend(q, k, v, dyn, cache, key_padding_mask)
         bias = self._disentangled(q, k) if m.spec["disentangled"] else \
             self.t["attn_rel_bias.weight"][:, m.rel_index] if "attn_rel_bias.weight" in self.t else None
         attend = self._keys(k, v, cache, key_padding_mask, bias)
@@ -1478,6 +1505,78 @@ class Block(nn.Module):
         y = self.m.ops.add_norm(y.contiguous(), None, self.diff_ones, None, self.m.eps, "rms")[0]
         return (y * (1 - self.diff_init)).reshape(B, T, -1)
 
+    def _weighted(self, x, residual, positions, cache, key_padding_mask, pos_t, seq_t):
+        """Doge's pre-norm block, its stream s weighted per channel before each half's output joins it:
+        s' = attn_residual * s + attn(norm(s)), then s'' = mlp_residual * s' + mlp(norm(s')). Returns (the MLP's
+        output, mlp_residual * s'), which the next add+norm (or the final norm) adds as usual."""
+        m, t = self.m, self.t
+        h, residual = self._add_norm(x, residual, "attn_norm", None)
+        a = m.comm.all_reduce(self.mix(h, positions, cache, key_padding_mask, pos_t, seq_t))
+        h, residual = self._add_norm(a, residual * t["attn_residual"], "mlp_norm", None)
+        return m.comm.all_reduce(self.mlp(h)), residual * t["mlp_residual"]
+
+    def _dyn_bias(self, v):
+        """Doge: the score bias of each new key, exp(A * softplus(dt_proj(v))) per kv head, in the model dtype as
+        transformers computes it; v (B, T, kv heads, hd) -> (B, T, this rank's kv heads). dt_proj reads every kv
+        head's values, so each rank's partial sum over its own channels is all-reduced (one value a kv head)."""
+        m, t = self.m, self.t
+        x = v.flatten(2)[..., self.dyn_cols]
+        b = t.get("dmask_dt.bias")      # a few outputs, never int8: torch's linear on either backend
+        dt = m.comm.all_reduce(nn.functional.linear(x, t["dmask_dt.weight"], b if m.tp == 1 else None))
+        if b is not None and m.tp > 1:          # added once, after the partial sums
+            dt = dt + b
+        return torch.exp(t["dmask_a"] * nn.functional.softplus(dt))[..., self.dyn_heads]
+
+    def _dyn_keep(self, bias):
+        """Doge's keep window over bias (..., keys), -inf where a query may not look: with more keys than
+        keep_window, only its keep_window largest stay (transformers' top-k, ties broken as torch.topk breaks them;
+        a -inf never outranks a key the query sees)."""
+        W = self.dyn_window
+        if bias.shape[-1] <= W:
+            return bias
+        top = bias.topk(W, dim=-1, largest=True, sorted=False).indices
+        keep = torch.zeros_like(bias, dtype=torch.bool).scatter_(-1, top, True)
+        return bias.masked_fill(~keep, float("-inf"))
+
+    def _dyn_attend(self, q, k, v, dyn, cache, key_padding_mask):
+        """Doge's attention for T new queries q (B, Hq, T, hd) after every key the cache holds (k, v (B, Hkv, T, hd)
+        and dyn (B, T, Hkv), the new keys' biases, written into it first): each score plus its key's bias, and each
+        query over the keep window of the keys it may see (causal, not padding). Queries go QUERY_CHUNK at a time,
+        so the bias is heads x chunk x keys."""
+        m = self.m
+        B, _, T, _ = q.shape
+        dyn = dyn.transpose(1, 2)                                         # (B, Hkv, T)
+        if cache is not None:
+            start, end = cache.length, cache.length + T
+            kc, vc, dc = cache.k[self.i], cache.v[self.i], cache.dyn_bias[self.i]
+            kc[:, :, start:end].copy_(k)
+            vc[:, :, start:end].copy_(v)
+            dc[:, :, start:end].copy_(dyn)
+            k, v, dyn = kc[:, :, :end], vc[:, :, :end], dc[:, :, :end]
+        S, rep = k.shape[2], self.heads // self.kv_heads
+        seen = _visible(S, T, key_padding_mask, q.device).unsqueeze(1)     # (B or 1, 1, T, S)
+        out = []
+        for a in range(0, T, QUERY_CHUNK):
+            bias = dyn.unsqueeze(2).masked_fill(~seen[:, :, a:a + QUERY_CHUNK], float("-inf"))
+            bias = self._dyn_keep(bias).repeat_interleave(rep, 1)          # (B, Hq, chunk, S)
+            out.append(m.ops.attention(q[:, :, a:a + QUERY_CHUNK], k, v, m.scale, False, bias=bias))
+        return torch.cat(out, 2).transpose(1, 2).reshape(B, T, -1)
+
+    def _dyn_decode(self, q, kc, vc, dyn, cache, pos_t, seq):
+        """Doge's graph-safe decode step: the new key's bias dyn (B, 1, Hkv) goes into the cache at pos_t beside
+        its key, then q (B, Hq, hd) attends over the whole static cache, the rows from seq (B,) on masked and the
+        keep window taken over every row (a masked row never outranks a filled one), so no shape depends on the
+        step."""
+        B, Hq, hd = q.shape
+        dc = cache.dyn_bias[self.i]
+        dc.index_copy_(2, pos_t, dyn.transpose(1, 2))
+        S = dc.shape[2]
+        filled = torch.arange(S, device=q.device).view(1, 1, 1, S) < seq.view(B, 1, 1, 1)
+        bias = self._dyn_keep(dc.unsqueeze(2).masked_fill(~filled, float("-inf")))     # (B, Hkv, 1, S)
+        o = self.m.ops.attention(q.unsqueeze(2), kc, vc, self.m.scale, False,
+                                 bias=bias.repeat_interleave(Hq // dc.shape[1], 1))
+        return o.reshape(B, 1, Hq * hd)
+
     def _narrow(self, o):
         """Attention output (B, T, heads * head_dim) -> each head's first v_dim channels (MiMo-V2-Flash's narrower v
         heads: the rest is the zero padding's); as it is otherwise."""
@@ -1539,13 +1638,18 @@ class Block(nn.Module):
                                    chunk=0 if ring else self.chunk)
         return o.reshape(B, 1, Hq * hd)
 
+    @property
+    def latent_scale(self) -> float:
+        """Latent attention's softmax scale: the model's, or a windowed layer's own (Dots3 Note)."""
+        return self.mla_scale or self.m.scale
+
     def _latent_query(self, h):
         """(x, q, gate) of latent attention: x the q bottleneck's normed output (h without a bottleneck), q each
         head's query [B, T, H, nope + rope], gate A.X K2's per-channel output gate [B, T, H, v_dim] or None (gated_q:
         q_b reads the normed and the raw latent side by side and gives each head its q, then its gate)."""
-        m, t, ml = self.m, self.t, self.m.spec["mla"]
+        m, t, ml = self.m, self.t, self.mla
         B, T, _ = h.shape
-        H, nd, rd, vd = m.heads, ml["nope_dim"], ml["rope_dim"], ml["v_dim"]
+        H, nd, rd, vd = self.heads, ml["nope_dim"], ml["rope_dim"], ml["v_dim"]
         x = h
         if "q_a.weight" in t:          # the q bottleneck (V3; V2-Lite has none)
             raw = m.ops.linear(h, t["q_a.weight"], t.get("q_a.bias"))
@@ -1563,15 +1667,18 @@ class Block(nn.Module):
         reads each latent once for every head, and no expansion grows with the context. With a sparse attention
         indexer (DeepSeek-V3.2) each query attends to the keys `_index_choice` picks: a prompt through a mask, a
         decode step over just those cache rows, gathered. x and q: `_latent_query`'s."""
-        m, t, ml = self.m, self.t, self.m.spec["mla"]
+        m, t, ml = self.m, self.t, self.mla
         ops = m.ops
         B, T, _ = h.shape
-        H, R, nd, rd, vd = m.heads, ml["kv_rank"], ml["nope_dim"], ml["rope_dim"], ml["v_dim"]
+        H, R, nd, rd, vd = self.heads, ml["kv_rank"], ml["nope_dim"], ml["rope_dim"], ml["v_dim"]
         kv = ops.linear(h, t["kv_a.weight"], t.get("kv_a.bias"))                  # (B, T, R + rd)
         latent = ops.add_norm(kv[..., :R], None, t["kv_a_norm.weight"], None, ml["norm_eps"], "rms")[0]
+        k_pe = kv[..., R:].reshape(B, T, 1, rd).contiguous()
+        if "kv_a_rope_norm.weight" in t:      # Dots3 Note: the shared key's rope part RMS-normed before RoPE
+            k_pe = ops.add_norm(k_pe, None, t["kv_a_rope_norm.weight"], None, ml["norm_eps"], "rms")[0]
         rot = None
         if not self.rope:              # Kimi Linear: no positional encoding; the shared key part stays as it is
-            q_pe, k_pe = q[..., nd:].contiguous(), kv[..., R:].reshape(B, T, 1, rd).contiguous()
+            q_pe = q[..., nd:].contiguous()
         else:
             if pos_t is not None:
                 cos, sin = m.rope_tables(self.rope_table, decode=True)
@@ -1579,8 +1686,7 @@ class Block(nn.Module):
             else:
                 cos, sin = m.rope_for(positions, self.rope_table)
             rot = (cos, sin, positions)
-            q_pe, k_pe = ops.rope(q[..., nd:].contiguous(), kv[..., R:].reshape(B, T, 1, rd).contiguous(), cos,
-                                  sin, positions, m.rope_style, rd)
+            q_pe, k_pe = ops.rope(q[..., nd:].contiguous(), k_pe, cos, sin, positions, m.rope_style, rd)
         choice = self._index_choice(h, x, rot, cache, key_padding_mask, pos_t) if "index" in ml else None
         row = torch.cat([latent, k_pe.view(B, T, rd)], -1)                       # what the cache keeps
         q_nope = q[..., :nd]
@@ -1588,14 +1694,18 @@ class Block(nn.Module):
             s = self.query_scale(pos_t.view(1, 1).expand(B, 1) if pos_t is not None else positions)[..., None, None]
             q_nope, q_pe = q_nope * s, q_pe * s
         if pos_t is not None:        # graph-safe: the row goes in at pos_t, the lengths come from device memory
-            kc = cache.k[self.i]
-            kc.index_copy_(2, pos_t, row.view(B, 1, 1, R + rd))
+            kc, ring = cache.k[self.i], cache.ring[self.i]     # (a windowed layer's ring: row pos_t % window)
+            kc.index_copy_(2, pos_t % ring if ring else pos_t, row.view(B, 1, 1, R + rd))
             if choice is None:
-                return self._absorbed(q_nope, q_pe, kc, seq_t[0])
+                return self._absorbed(q_nope, q_pe, kc, seq_t[ring])
             # the chosen rows, best first: fewer than k positions so far leaves the unwritten ones last
             return self._absorbed(q_nope, q_pe, _rows(kc, choice[:, 0]), seq_t[0].clamp(max=choice.shape[-1]))
         rows = row
-        if cache is not None:
+        if cache is not None and cache.ring[self.i]:     # Dots3 Note's windowed layers
+            rows, key_padding_mask, seq = self._latent_ring(row, cache, key_padding_mask)
+            if T == 1 and key_padding_mask is None:
+                return self._absorbed(q_nope, q_pe, cache.k[self.i], seq)
+        elif cache is not None:
             kc, start = cache.k[self.i], cache.length
             kc[:, 0, start:start + T] = row
             if T == 1 and key_padding_mask is None:
@@ -1614,7 +1724,8 @@ class Block(nn.Module):
         q, k, v = (y if y.shape[-1] == D else torch.nn.functional.pad(y, (0, D - y.shape[-1])) for y in (q, k, v))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if choice is None:
-            o = ops.attention(q, k, v, m.scale, m.causal, None, key_padding_mask, sinks=self.sinks)
+            o = ops.attention(q, k, v, self.latent_scale, m.causal, None, key_padding_mask, self.window,
+                              sinks=self.sinks)
         else:                        # each query's chosen keys, as a mask beside the causal one and the padding's
             visible, parts = _visible(S, T, key_padding_mask, h.device), []
             for c in range(0, T, QUERY_CHUNK):       # a mask of [chunk, keys] at a time, not [T, keys]
@@ -1681,8 +1792,25 @@ class Block(nn.Module):
         m = self.m
         B = q_nope.shape[0]
         q_lat = torch.bmm(q_nope[:, 0].transpose(0, 1), self.w_uk).transpose(0, 1)     # (B, H, R)
-        o = m.ops.mla_decode(torch.cat([q_lat, q_pe[:, 0]], -1), kc, seq, m.scale, q_lat.shape[-1], sinks=self.sinks)
+        o = m.ops.mla_decode(torch.cat([q_lat, q_pe[:, 0]], -1), kc, seq, self.latent_scale, q_lat.shape[-1],
+                             sinks=self.sinks)
         return torch.bmm(o.transpose(0, 1), self.w_uv).transpose(0, 1).reshape(B, 1, -1)
+
+    def _latent_ring(self, row, cache, key_padding_mask):
+        """A windowed layer's latent cache as a ring of `window` rows (position p in row p % window): this
+        forward's rows [B, T, width] -> (the rows its queries attend over: the ring's last positions in order, then
+        these; the key padding mask cut to them; the ring's filled rows [B] after these are written, for a decode
+        step, which attends over the ring as it lies)."""
+        kc, start, ring = cache.k[self.i][:, 0], cache.length, cache.ring[self.i]
+        B, T, _ = row.shape
+        old = min(start, ring)
+        # the oldest cached position sits in row start % ring once the ring has wrapped: rotate it first
+        before = kc.roll(-(start % ring), 1) if start > ring else kc[:, :old]
+        rows = torch.cat([before, row], 1)                 # a copy: the ring may be written now
+        where = torch.arange(start, start + T, device=row.device)[-ring:] % ring
+        kc.index_copy_(1, where, row[:, -ring:])
+        kpm = None if key_padding_mask is None else key_padding_mask[:, -(old + T):]
+        return rows, kpm, torch.full((B,), min(start + T, ring), dtype=torch.int32, device=row.device)
 
     def _ring_attention(self, k, v, kc, vc, start, ring, key_padding_mask, chunked=False):
         """`_keys` for T new tokens at positions start.. when this layer's cache is a ring of `ring` rows (its
@@ -2112,8 +2240,10 @@ class FusedModel(nn.Module):
         mla = self.spec["mla"]
         if mla:               # one latent row per position: kv_rank columns (the values too), then the rotated key
             index = {i: mla["index"]["dim"] for i in mla["index"]["layers"]} if "index" in mla else None
-            return KVCache(len(self.blocks), batch, 1, max_len, mla["kv_rank"] + mla["rope_dim"], self.dtype,
-                           self.device, windows, latent=mla["kv_rank"], linear=linear, index=index)
+            lm = [b.mla for b in self.blocks]       # each layer's widths (Dots3 Note's windowed layers: their own)
+            return KVCache(len(self.blocks), batch, 1, max_len, [a["kv_rank"] + a["rope_dim"] for a in lm],
+                           self.dtype, self.device, windows, latent=[a["kv_rank"] for a in lm], linear=linear,
+                           index=index)
         bsp, qsa = self.spec["block_sparse"], self.spec.get("qsa")
         index = {i: bsp["dim"] for i in bsp["layers"]} if bsp else None     # MiniMax-M3's block keys
         if qsa:                     # Qwen4-Exp: the QSA indexer's raw key per position in every attention layer
@@ -2128,6 +2258,8 @@ class FusedModel(nn.Module):
                 cache.qsa_blocks[i] = torch.zeros(batch, -(-max_len // qsa["rate"]), qsa["dim"], dtype=self.dtype,
                                                   device=self.device)
         ng = self.spec.get("ngram")
+        cache.dyn_bias = [torch.zeros(batch, b.kv_heads, max_len, dtype=self.dtype, device=self.device)
+                          if b.dyn_window else None for b in self.blocks]     # Doge: each cached key's bias
         cache.ngram = [None] * len(self.blocks)
         for i in (ng or {}).get("layers", ()):     # Qwen4-Exp: the last size - 1 ids and the dilated conv's inputs
             n, h = self.spec["hyper"]["streams"], self.spec["hidden_size"]

@@ -31,7 +31,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
                                        ("axk2", True), ("deepseek_v4", True), ("gemma3n", True),
                                        ("recurrent_gemma", True), ("qwen4_exp", True),
                                        ("jetmoe", True), ("zamba2", True),
-                                       ("diffllama", True), ("xlstm", True)])
+                                       ("diffllama", True), ("xlstm", True), ("doge", True),
+                                       ("dots3_note", True)])
 def test_triton_backend_matches_torch_backend(model_dir, tmp_path, name, int8):
     out = tmp_path / "out"
     convert(model_dir(name), out, Options(tp=1, int8=int8, group_size=32), progress=False)
@@ -84,7 +85,8 @@ def _decode_steps(model, ids, start, steps):
                                        ("deepseek_v4", False), ("gemma3n", False),
                                        ("recurrent_gemma", False), ("qwen4_exp", False),
                                        ("jetmoe", True), ("zamba2", False),
-                                       ("diffllama", False), ("xlstm", False)])
+                                       ("diffllama", False), ("xlstm", False), ("doge", False),
+                                       ("dots3_note", False)])
 def test_triton_decode_step_matches_torch_backend(model_dir, tmp_path, name, int8):
     """The fused rope + KV-append decode step (RoPE, learned positions, ALiBi; GQA in mistral; windows, soft caps
     and a second RoPE in Gemma 2/3, decoded past the window) against the torch backend's, with the fusion on (and
