@@ -276,6 +276,12 @@ def inspect(out_dir, as_json):
                   f"attend to their {bsp['topk']} best blocks of {bsp['block']} keys (the latest {bsp['local']} "
                   f"always among them), picked by an indexer of {bsp['heads']} heads of {bsp['dim']} (float, "
                   f"replicated; one {bsp['dim']}-wide key cached a token)")
+    lp = md.get("loop")
+    if lp:          # HRM-Text: two stacks' blocks run in turn, stored once, a KV cache per run
+        P = lp["stack_layers"]
+        t.add_row("loop", f"two stacks of {P} blocks (weights stored once), {lp['h_cycles']} times over: the low-level "
+                  f"stack {lp['l_cycles']} times, then the high-level one; {md['num_layers']} block runs, each with its "
+                  f"own KV cache")
     dm = md.get("dyn_mask")
     if dm:
         t.add_row("attention", f"dynamic mask: each key's scores plus exp(A softplus(dt_proj(its values))) per kv "

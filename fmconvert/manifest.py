@@ -210,6 +210,13 @@ _MODEL_OPTIONAL = {
     "dyn_mask": (None, lambda x: x is None or (isinstance(x, dict) and set(x) == {"keep_window"}
                                                and _POS_INT(x["keep_window"])),
                  "null or {keep_window: a positive integer}"),
+    "cca": (None, lambda x: x is None or (isinstance(x, dict) and set(x) == {"depthwise", "grouped"}
+                                          and all(_POS_INT(v) and v <= 64 for v in x.values())),
+            "null or {depthwise, grouped: integers from 1 to 64}"),
+    "router_dim": (0, _NAT, "a non-negative integer"),
+    "loop": (None, lambda x: x is None or (isinstance(x, dict) and set(x) == {"stack_layers", "h_cycles", "l_cycles"}
+                                           and all(_POS_INT(v) and v <= 4096 for v in x.values())),
+             "null or {stack_layers, h_cycles, l_cycles: positive integers}"),
     "embed_proj": (False, _BOOL, "true or false"),
     "headless": (False, _BOOL, "true or false"),
     "causal_encoder": (False, _BOOL, "true or false"),
@@ -537,6 +544,31 @@ def validate(m) -> dict:
         and not any("post_norm" in s or "layer_scale" in s or s.startswith("layers.ple_") for s in model["slots"])),
           "model.slots: attn_residual and mlp_residual go together, with the pre-norm residual and no other "
           "residual scaling or output norms")
+    # HRM-Text: the virtual layers run two stacks' blocks over and over, each run on the plain pre-norm block
+    lp = model["loop"]
+    _need((lp is None) == ("loop_init" not in model["slots"]) and (lp is None or (
+        model["num_layers"] == lp["stack_layers"] * lp["h_cycles"] * (lp["l_cycles"] + 1)
+        and model["kind"] == "decoder" and model["residual"] == "pre" and model["final_norm"] and not model["norm_affine"]
+        and model["residual_scale"] == 1.0 and not model["residual_depth_scale"] and not model["num_experts"]
+        and model["block_parts"] is None and model["linear_layers"] is None and model["kv_source"] is None
+        and model["mla"] is None and model["hyper"] is None and not model["altup"] and not model["per_layer_input"]
+        and not any("post_norm" in s or "layer_scale" in s or "_residual" in s for s in model["slots"]))),
+          "model.loop and the loop_init slot go together, in a pre-norm decoder of stack_layers * h_cycles * "
+          "(l_cycles + 1) plain layers whose norms have no weight")
+    # ZAYA: CCA computes q, k and v itself and keeps its conv's and v's state beside plain per-head keys
+    cca, cca_slots = model["cca"], {"layers.cca_conv0.weight", "layers.cca_conv1.weight", "layers.cca_temp",
+                                    "layers.attn_res.gain", "layers.mlp_res.gain"}
+    _need((cca is not None) == bool(cca_slots & set(model["slots"])) and (cca is None or (
+        cca_slots <= set(model["slots"]) and model["kind"] == "decoder" and model["residual"] == "pre"
+        and model["num_kv_heads"] * model["head_dim"] % 2 == 0 and model["mla"] is None
+        and model["compressed"] is None and model["linear_layers"] is None and model["block_parts"] is None
+        and model["kv_source"] is None and model["global_attn"] is None and model["moa"] is None
+        and not model["diff_attn"] and model["dyn_mask"] is None and not model["attn_gate"]
+        and not model["v_head_dim"] and model["layer_heads"] is None)),
+          "model.cca and the cca slots go together, in a pre-norm decoder with plain attention of an even kv width")
+    _need((model["router_dim"] > 0) == ("layers.router_in.weight" in model["slots"]) and (
+        not model["router_dim"] or (experts and model["experts_per_token"] == 1 and model["router"] == "softmax")),
+          "model.router_dim and the router_in slot go together, with experts picked one at a time")
     sb, bp = model["shared_blocks"], model["block_parts"]
     _need((sb is None) == ("hybrid" not in (bp or ())) and (sb is None or (
         model["ssm"] is not None and model["linear_layers"] == list(range(model["num_layers"]))
@@ -663,6 +695,8 @@ def validate(m) -> dict:
     _need(tp <= 4096, "parallel.tp is larger than 4096")
     _need(moa is None or model["num_kv_heads"] % tp == 0, "model.moa needs num_kv_heads to be a multiple of "
           "parallel.tp")
+    _need(model["cca"] is None or model["num_kv_heads"] % tp == 0, "model.cca needs num_kv_heads to be a multiple "
+          "of parallel.tp")
     _need(not model["diff_attn"] or (model["num_heads"] % (2 * tp) == 0 and model["num_kv_heads"] % (2 * tp) == 0),
           "model.diff_attn needs half the heads and half the kv heads to be multiples of parallel.tp")
     _need(model["dyn_mask"] is None or model["num_kv_heads"] * model["head_dim"] % tp == 0,
@@ -770,6 +804,16 @@ def block_owners(block_parts, shared_blocks) -> dict[int, int]:
         return {}
     hybrid = [i for i, p in enumerate(block_parts or ()) if p == "hybrid"]
     return {i: hybrid[j % shared_blocks["count"]] for j, i in enumerate(hybrid)}
+
+
+def loop_owners(loop) -> dict[int, int]:
+    """HRM-Text: each virtual layer -> the one that holds its weights. Run c (c = i // stack_layers) is the L stack's
+    unless c % (l_cycles + 1) == l_cycles, the H stack's; the first run of each (layers 0.. and
+    l_cycles * stack_layers..) holds them."""
+    if not loop:
+        return {}
+    P, L = loop["stack_layers"], loop["l_cycles"]
+    return {i: (L * P if i // P % (L + 1) == L else 0) + i % P for i in range(P * loop["h_cycles"] * (L + 1))}
 
 
 def is_global_layer(global_attn, window_layers, linear_layers, i: int) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import FmError
-from .manifest import TABLE_POSITIONS, block_owners, is_global_layer, latent_at
+from .manifest import TABLE_POSITIONS, block_owners, is_global_layer, latent_at, loop_owners
 
 CONFIG_DIR = Path(os.environ.get("FMCONVERT_CONFIGS", Path(__file__).resolve().parent / "configs"))
 
@@ -143,13 +143,22 @@ LAYER_SLOTS = (
     # projection
     "mlstm_in.weight", "mlstm_in.bias", "mlstm_gates.weight", "mlstm_gates.bias", "mlstm_norm.weight",
     "mlstm_norm.bias", "mlstm_out.weight", "mlstm_out.bias",
+    # ZAYA's CCA (model.cca): the depthwise and the per-head grouped convs over q|k (weights, biases) and the key's
+    # scale per kv head; its residual scaling, (out + out_shift) * out_gain + (stream + shift) * gain, as each half
+    # joins the stream; its router (model.router_dim): down_proj (router_in), the scale on the previous layer's
+    # router state (router_eda, from layer 1 on), the router MLP's norm and two layers, and the pick's fp32 biases
+    "cca_conv0.weight", "cca_conv0.bias", "cca_conv1.weight", "cca_conv1.bias", "cca_temp",
+    "attn_res.out_gain", "attn_res.out_shift", "attn_res.gain", "attn_res.shift",
+    "mlp_res.out_gain", "mlp_res.out_shift", "mlp_res.gain", "mlp_res.shift",
+    "router_in.weight", "router_in.bias", "router_eda", "router_norm.weight", "router_fc1.weight", "router_fc1.bias",
+    "router_fc2.weight", "router_fc2.bias", "router.balance",
 )
 # Slots written in float32 whatever the output dtype: small tensors the model only ever reads in fp32, which
 # transformers keeps in fp32 when it loads the model in half precision (and vLLM too): a sigmoid router's
 # correction bias (rounding it to bf16 moves which experts win a close choice) and HY-V4's hyper-connection weights.
 FLOAT32_SLOTS = ("router.correction_bias", "attn_hc.fn", "attn_hc.base", "attn_hc.scale", "mlp_hc.fn",
                  "mlp_hc.base", "mlp_hc.scale", "hc_head.fn", "hc_head.base", "hc_head.scale", "comp_bias",
-                 "index_bias")
+                 "index_bias", "router.balance")
 # Slots that hold integers (token ids -> expert ids), written as int64 and never cast or quantized
 INT_SLOTS = ("router.token_experts",)
 
@@ -164,7 +173,7 @@ SPARSE_SLOTS = ("router.", "experts_", "shared_", "moe_")
 DENSE_SLOTS = ("mlp_in.", "mlp_out.")
 # Slots stored as a depthwise Conv1d's weight, [channels, 1, taps]
 DEPTHWISE = ("lin_conv.weight", "ssm_conv.weight", "sconv_conv.weight", "mamba_conv.weight", "rg_conv.weight",
-             "ngram_conv.weight")
+             "ngram_conv.weight", "cca_conv0.weight")
 # A hybrid's linear-attention layers have the lin_ slots and its attention layers the attention's.
 LINEAR_SLOTS = ("lin_", "ssm", "sconv", "mamba", "rg_", "mlstm")
 ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.", "q_a", "q_b.", "kv_a", "kv_b.", "attn_gate.", "index_",
@@ -186,6 +195,8 @@ GLOBAL_SLOTS = (
     # Gemma 3n: the projections that make the other AltUp copies of the embedding, and that bring them back at the end
     # ([copies - 1] x [hidden, hidden], stacked)
     "altup_proj.weight", "altup_unembed.weight",
+    "loop_init",      # HRM-Text: the low-level state's start, [hidden] (z_L_init)
+    "input_gain", "input_shift",      # ZAYA: the embeddings enter the stream as (e + shift) * gain
 )
 
 # CodeGen's fused qkv_proj is laid out for this many model-parallel shards (qkv layout mp_blocks).
@@ -332,6 +343,9 @@ class ModelSpec:
     #                                key's offset from the query (T5's bidirectional buckets), rel_bias [heads, buckets]
     embed_proj: bool = False       # ELECTRA: the embeddings, positions, types and their norm are embed_dim wide, and
     #                                embed_proj (weight and bias) takes their sum to hidden_size
+    loop: dict | None = None       # HRM-Text: {"stack_layers", "h_cycles", "l_cycles"}: num_layers virtual layers
+    #                                running two stacks' blocks in turn, each virtual layer its own KV cache (see
+    #                                configs/hrm_text.toml)
     dyn_mask: dict | None = None   # Doge's dynamic mask attention: {"keep_window"}: key j's scores gain exp(A
     #                                softplus(dt_proj(v_j))) per kv head, and a query keeps its keep_window keys
     #                                of largest bias (see configs/doge.toml)
@@ -416,6 +430,11 @@ class ModelSpec:
     linear_pre_norm: bool = False  # OLMo Hybrid: only the linear layers norm each half's input (attn_norm,
     #                                mlp_norm); the attention layers norm each half's output (attn_post_norm,
     #                                mlp_post_norm) instead, as OLMo 2/3 do
+    cca: dict | None = None        # ZAYA's compressed convolutional attention: {"depthwise", "grouped"}, the taps of
+    #                                its two causal convs over q|k (see configs/zaya.toml); with it an fp32 stream
+    #                                and the attn_res / mlp_res scaling
+    router_dim: int = 0            # ZAYA's router: its MLP's width (router_* slots), top 1 of the experts and a skip
+    #                                expert, its state carried to the next layer's router; 0: none
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -898,7 +917,7 @@ class Policy:
             shared_blocks=self._shared_blocks(c, parts, flags),
             attn_input=2 * c["hidden_size"] if self.layout.get("shared_blocks") else 0,
             diff_attn=self._diff_attn(c), rel_bias=self._rel_bias(c, flags), disentangled=disentangled,
-            dyn_mask=self._dyn_mask(c),
+            dyn_mask=self._dyn_mask(c), loop=self._loop(c),
             causal_encoder=self.kind == "encoder" and bool(self._layout("causal", flags, False)),
             proj_dim=int(c.get("proj_dim") or 0),
             eos_pool=self._eos_pool(config) if self.layout.get("pool") == "eos" else None,
@@ -940,6 +959,7 @@ class Policy:
             first_attn_norm=bool(self._layout("first_attn_norm", flags, True)),
             head_activation=self._head_activation(architecture, c, flags),
             linear_pre_norm=bool(self._layout("linear_pre_norm", flags, False)),
+            cca=self._cca(c), router_dim=self._router_dim(c, experts, topk),
             **self._per_layer_parts(c, flags, windows, experts), head_vocab_size=self._head_vocab(c, tied),
             shared_scale=_number(c, "shared_scale", 1.0),
             attn_softcap=_number(c, "attn_softcap", 0.0, zero_ok=True),
@@ -952,6 +972,32 @@ class Policy:
             pad_token_id=getattr(config, "pad_token_id", None),
         )
         return spec
+
+    @staticmethod
+    def _cca(c: dict) -> dict | None:
+        """ZAYA's CCA, from [config] cca_depthwise and cca_grouped (cca_time0, cca_time1): each conv's taps. v is
+        two halves of the kv heads' channels (the token's and the one before's), so their count must be even."""
+        if "cca_depthwise" not in c:
+            return None
+        taps = c["cca_depthwise"], c.get("cca_grouped")
+        if any(type(t) is not int or not 1 <= t <= 64 for t in taps):
+            raise FmError(f"config.json: cca_time0 and cca_time1 must be integers from 1 to 64, got {taps[0]!r} and "
+                          f"{taps[1]!r}")
+        if c["num_kv_heads"] * c["head_dim"] % 2:
+            raise FmError(f"config.json: num_key_value_heads * head_dim must be even (CCA's v is a current and a "
+                          f"delayed half), got {c['num_kv_heads']} * {c['head_dim']}")
+        return {"depthwise": taps[0], "grouped": taps[1]}
+
+    @staticmethod
+    def _router_dim(c: dict, experts: int, topk: int) -> int:
+        """ZAYA's router ([config] router_dim, router_hidden_size): its width; it picks one expert (or none)."""
+        if "router_dim" not in c:
+            return 0
+        r = c["router_dim"]
+        if type(r) is not int or r <= 0 or not experts or topk != 1:
+            raise FmError(f"config.json: ZAYA's router needs a positive router_hidden_size and num_experts_per_tok=1, "
+                          f"got {r!r} and {topk!r}")
+        return r
 
     def _residual_factors(self, c: dict, flags: dict) -> dict | None:
         """Residual "normed" (MiniMax): [config] attn_alpha / attn_beta, linear_alpha / linear_beta (the linear
@@ -1040,6 +1086,23 @@ class Policy:
                           f"past a quarter of them, in an encoder, got {b!r} and {d!r}")
         return {"buckets": b, "max_distance": d,
                 **({"per_layer": True} if self._layout("rel_bias_per_layer", flags, False) else {})}
+
+    def _loop(self, c: dict) -> dict | None:
+        """HRM-Text (layout loop): [config] loop_stack_layers blocks in each of two stacks, run l_cycles times (L)
+        then once (H), h_cycles times over; transformers' num_hidden_layers counts every run's layers."""
+        names = self.layout.get("loop")
+        if not names:
+            return None
+        if not isinstance(names, list) or len(names) != 2 or not all(isinstance(n, str) and n for n in names):
+            raise FmError(f"{self.path.name}: layout.loop must name the two stacks, [L, H], got {names!r}")
+        P, H, L = (c.get(k) for k in ("loop_stack_layers", "loop_h_cycles", "loop_l_cycles"))
+        if any(type(v) is not int or not 1 <= v <= 4096 for v in (P, H, L)):
+            raise FmError(f"config.json: num_layers_per_stack, H_cycles and L_cycles must be positive integers, got "
+                          f"{P!r}, {H!r} and {L!r}")
+        if c["num_layers"] != P * H * (L + 1):
+            raise FmError(f"config.json: num_hidden_layers={c['num_layers']} must be num_layers_per_stack * H_cycles * "
+                          f"(L_cycles + 1) = {P * H * (L + 1)}, one per block run")
+        return {"stack_layers": P, "h_cycles": H, "l_cycles": L}
 
     @staticmethod
     def _dyn_mask(c: dict) -> dict | None:
@@ -1782,7 +1845,7 @@ class Policy:
         window = c.get("sliding_window") or 0
         if isinstance(window, bool) or not isinstance(window, int) or window < 0:
             raise FmError(f"config.json: sliding_window must be a non-negative integer, got {window!r}")
-        types = getattr(config, "layer_types", None)
+        types = self._kind_names(getattr(config, "layer_types", None))
         named = c.get("window_kinds")     # GPT-Neo's attention_layers: "local" (layout window_kind) or "global"
         if named is not None:
             if not isinstance(named, (list, tuple)) or len(named) != c["num_layers"]:
@@ -1819,6 +1882,16 @@ class Policy:
         if chunked:
             raise FmError("config.json: sliding and chunked layers in one model are not supported")
         return {"sliding_window": window, "window_layers": None if len(layers) == len(types) else layers}
+
+    def _kind_names(self, kinds):
+        """Layout `layer_kinds`: a family's own names of layer kinds (ZAYA's hybrid, hybrid_sliding) -> the common
+        ones (full_attention, sliding_attention), in layer_types and rope_parameters' keys alike."""
+        names = self.layout.get("layer_kinds")
+        if not names or not isinstance(kinds, (list, tuple, dict)):
+            return kinds
+        if isinstance(kinds, dict):
+            return {names.get(k, k): v for k, v in kinds.items()}
+        return [names.get(k, k) for k in kinds]
 
     def _nope_layers(self, config, c, position: dict, dense=None, picks=None) -> list | None:
         """The layers with no positional encoding at all. `uses_rope`: a per-layer list, 1 where a layer applies
@@ -1884,6 +1957,7 @@ class Policy:
                     raise FmError("config.json: rope_parameters must give main and compress RoPE parameters")
                 params, local = dict(params["compress"]), dict(params["main"])
             elif per_layer_type(params):          # Gemma 3: one RoPE for full-attention layers, one for windowed ones
+                params = self._kind_names(params)
                 if "indexed_attention" in params and "full_attention" not in params:    # Dots3 Note's name for them
                     params["full_attention"] = params.pop("indexed_attention")
                 if "full_attention" not in params or set(params) - {"full_attention", "sliding_attention"}:
@@ -2105,7 +2179,21 @@ class Policy:
                            "moa_kv.weight": (2 * KV * hd, h), "moa_out.weight": (E * h, KV * hd),
                            "moa_out.bias": (h,)})
         shapes["experts_shared.bias"] = (h,)
+        if spec.cca:                # ZAYA: the two convs over q|k ([channels, taps], [channels, head_dim, taps])
+            C = (H + KV) * hd
+            shapes.update({"cca_conv0.weight": (C, spec.cca["depthwise"]), "cca_conv0.bias": (C,),
+                           "cca_conv1.weight": (C, hd, spec.cca["grouped"]), "cca_conv1.bias": (C,),
+                           "cca_temp": (KV,), **{f"{half}.{k}": (h,) for half in ("attn_res", "mlp_res")
+                                                 for k in ("out_gain", "out_shift", "gain", "shift")}})
+        if spec.router_dim:         # ZAYA's router MLP, its last class the skip expert
+            r, E1 = spec.router_dim, spec.num_experts + 1
+            shapes.update({"router_in.weight": (r, h), "router_in.bias": (r,), "router_eda": (r,),
+                           "router_norm.weight": (r,), "router_fc1.weight": (r, r), "router_fc1.bias": (r,),
+                           "router_fc2.weight": (r, r), "router_fc2.bias": (r,), "router.weight": (E1, r),
+                           "router.balance": (E1,)})
+        shapes.update({"input_gain": (h,), "input_shift": (h,)})
         shapes["diff_lambda"] = (4 * hd,)
+        shapes["loop_init"] = (h,)
         shapes.update({"dmask_dt.weight": (KV, KV * hd), "dmask_dt.bias": (KV,), "dmask_a": (KV,),
                        "attn_residual": (h,), "mlp_residual": (h,)})
         if spec.shared_blocks:      # Zamba2: the shared block's norm over the stream and embeddings, the adapters
@@ -2200,6 +2288,8 @@ class Policy:
                         spec.num_kv_heads * spec.v_dim)
             if n == 4 and spec.attn_gate:                       # q, k, v, then a separate gate projection (AFMoE)
                 return [q, kv, v, spec.num_heads * spec.gate_width]
+            if n == 4 and spec.cca:            # ZAYA: v's current half, then its delayed half
+                return [q, kv, v // 2, v // 2]
             return [q * (1 + spec.attn_gate), kv, v]           # a gated q_proj holds each head's q and gate
         if slot.startswith("lin_") and spec.linear_attn.get("decay") == "channel" and n in (3, 6):   # KDA
             Kd, Vd, Hv = _linear_widths(spec)
@@ -2233,6 +2323,9 @@ class Policy:
         skip, part = (), None
         dense = False
         owners = block_owners(spec.block_parts, spec.shared_blocks)     # Zamba2's hybrid layers -> a block's holder
+        looped = loop_owners(spec.loop)       # HRM-Text: a virtual layer -> the first run of its block
+        if layer is not None and looped and looped[layer] != layer:
+            return []                         # its weights are that run's
         value_is_key = spec.value_is_key and spec.global_layer(layer)
         q_only = spec.kv_shared(layer)       # Gemma 4 E2B/E4B: reads an earlier layer's cache; q_proj alone
         spec = spec.at(layer)                # Gemma 4's global layers: their own head_dim and kv heads
@@ -2256,6 +2349,8 @@ class Policy:
                 skip += ("index_",)
             if not spec.block_sparse or layer not in spec.block_sparse["layers"]:    # MiniMax-M3's dense layers
                 skip += ("block_index_",)
+            if layer == 0 and spec.router_dim:      # ZAYA: the first router has no earlier state to scale
+                skip += ("router_eda",)
             if not spec.ngram or layer not in spec.ngram["layers"]:      # Qwen4-Exp: the n-gram layers only
                 skip += ("ngram_",)
             if not spec.compressed or spec.compressed["here"] is None:    # DeepSeek-V4's purely sliding layers
@@ -2271,6 +2366,9 @@ class Policy:
                          else ("attn_norm.", "mlp_norm."))
         # layout sublayers n (LongCat-Flash: 2): the checkpoint's layer i holds n of ours, its parts named by s
         i, sub = divmod(layer, self.sublayers) if layer is not None else (None, None)
+        stack = None          # HRM-Text: the stack's name ({m}, layout loop) and the block's place in it ({i})
+        if looped and layer is not None:
+            stack, i = self.layout["loop"][layer >= spec.loop["stack_layers"]], layer % spec.loop["stack_layers"]
         j = owner = None          # Zamba2: a hybrid layer's place among them (j) and its block's first layer (o)
         if layer in owners:
             j, owner = list(owners).index(layer), owners[layer]
@@ -2278,9 +2376,10 @@ class Policy:
             for slot, names, optional, aliases in self._entries(section, flags, dense, part):
                 if (slot.startswith("lm_head.") and spec.kind != "decoder") or slot.startswith(skip):
                     continue
-                names = [pre + n.format(i=i, s=sub, e=e, p=e, j=j, o=owner) for e in _experts(names, spec)
+                names = [pre + n.format(i=i, s=sub, e=e, p=e, j=j, o=owner, m=stack) for e in _experts(names, spec)
                          for n in names]
-                aliases = [[pre + n.format(i=i, s=sub, e=e, p=e, j=j, o=owner) for e in _experts(a, spec) for n in a]
+                aliases = [[pre + n.format(i=i, s=sub, e=e, p=e, j=j, o=owner, m=stack) for e in _experts(a, spec)
+                            for n in a]
                            for a in aliases if len(a) * len(_experts(a, spec)) == len(names)]
                 if q_only and slot.startswith("qkv.") and len(names) == 3:
                     names, aliases = names[:1], [a[:1] for a in aliases]
@@ -2391,6 +2490,11 @@ class Policy:
         row, then every gate row, where the canonical layout has the gate first."""
         return self.layout.get("gate_up") == "up_first" and slot.startswith("mlp_in.")
 
+    def _gate_first(self, slot: str, n_parts: int) -> bool:
+        """Layout `attn_gate = "first"` (HRM-Text's gqkv_proj): one fused tensor holds the gate's rows, then q, k and
+        v, where the canonical layout has the gate last."""
+        return self.layout.get("attn_gate") == "first" and slot.startswith("qkv.") and n_parts == 1
+
     # -- the rewrite hook -------------------------------------------------------------------------------------
     def fuse(self, spec: ModelSpec, slot: str, parts: list[torch.Tensor]) -> torch.Tensor:
         """HF tensors of a slot -> the canonical full (unsharded) tensor: transposes and de-interleaving, once."""
@@ -2419,7 +2523,9 @@ class Policy:
             t = t.reshape(E, I, 2, *t.shape[2:]).transpose(1, 2)
         if self._stacked(slot):
             t = t.reshape(-1, *t.shape[(3 if self._gate_up_interleaved(slot) else 2):])
-        if slot.startswith("qkv.") and spec.attn_gate and len(parts) == 4:
+        if self._gate_first(slot, len(parts)):            # HRM-Text: [gate; q; k; v] -> [q; k; v; gate]
+            t = torch.cat([t[spec.num_heads * spec.gate_width:], t[:spec.num_heads * spec.gate_width]])
+        elif slot.startswith("qkv.") and spec.attn_gate and len(parts) == 4:
             pass                                            # q, k, v, gate: already the canonical order (AFMoE)
         elif slot.startswith("qkv.") and spec.attn_gate:   # per head [q; gate] -> every head's q, ..., every gate
             H, hd, rest = spec.num_heads, spec.head_dim, t.shape[1:]
@@ -2495,6 +2601,9 @@ class Policy:
         if slot in DEPTHWISE:            # one conv, or Kimi Linear's q, k and v convs
             parts = torch.split(t, self._part_rows(spec, slot, n_parts), dim=0) if n_parts > 1 else [t]
             return [p.unsqueeze(1).contiguous() for p in parts]
+        if self._gate_first(slot, n_parts):
+            g = spec.num_heads * spec.gate_width
+            return [torch.cat([t[-g:], t[:-g]]).contiguous()]
         if slot.startswith("qkv.") and spec.attn_gate and n_parts == 4:         # AFMoE: q, k, v, gate as stored
             return [p.contiguous() for p in torch.split(t, self._part_rows(spec, slot, 4), dim=0)]
         if slot.startswith("qkv.") and spec.attn_gate:

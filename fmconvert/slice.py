@@ -61,6 +61,8 @@ Layout per rank:
   ngram_embed  (Qwen4-Exp's n-gram tables) split along the width: rank r holds columns [r*w/tp, (r+1)*w/tp) of
             every row; a lookup gives each rank its slice of every head's row, and one all-gather joins them. What
             reads the joined rows (ngram_key, ngram_value, the norms and the conv) is replicated.
+  cca_conv  (ZAYA's convs over q|k) this rank's q heads' channels, then its kv heads'; cca_temp with the kv heads
+            (tp must divide them). Its router and residual scales replicated.
   the rest  replicated.
 The intermediate size is split into chunks of ceil(I/tp) and each chunk is zero-padded to `intermediate_per_rank`
 (a multiple of the int8 group size, or of a narrower power of two where whole groups would pad more than an
@@ -84,7 +86,7 @@ HEADS = ("q_b.weight", "kv_b.weight", "attn_sinks.weight", "attn_gate.bias", "at
          "lin_f_b.weight", "lin_g_b.weight", "attn_sub_norm.weight", "lin_qkv.weight", "lin_out_norm.weight",
          "lin_gate.weight", "attn_out_a.weight", "rg_conv.weight", "rg_conv.bias", "rg_gate_x.weight",
          "rg_gate_x.bias", "rg_gate_a.weight", "rg_gate_a.bias", "rg_a", "mlstm_norm.weight", "mlstm_norm.bias",
-         "rel_bias.weight", "attn_rel_bias.weight")
+         "rel_bias.weight", "attn_rel_bias.weight", "cca_temp")
 # Row-parallel slots: split along dim 1 (K), each rank's product a partial sum. The linear mixers' (ROW_K) split
 # evenly along K with nothing padded, as does Doge's dt_proj (dmask_dt).
 ROW_K = ("lin_out.weight", "ssm_out.weight", "sconv_out.weight", "mamba_out.weight", "mamba_x.weight",
@@ -96,7 +98,8 @@ MIXER_PARTS = ("lin_in.weight", "moa_kv.weight", "mlstm_in.weight", "mlstm_in.bi
                "mlstm_gates.bias", "lin_conv.weight", "lin_conv.bias", "ssm_in.weight", "ssm_in.bias", "rg_in.weight",
                "rg_in.bias",
                "ssm_conv.weight", "ssm_conv.bias", "sconv_in.weight", "sconv_in.bias", "sconv_conv.weight",
-               "sconv_conv.bias", "mamba_in.weight", "mamba_in.bias")
+               "sconv_conv.bias", "mamba_in.weight", "mamba_in.bias",
+               "cca_conv0.weight", "cca_conv0.bias", "cca_conv1.weight", "cca_conv1.bias")
 ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias", "ssm_out.bias", "sconv_out.bias", "mamba_out.bias",
             "rg_out.bias", "moa_out.bias", "experts_shared.bias", "mlstm_out.bias")
 VOCAB = ("embed.weight", "lm_head.weight", "lm_head.bias", "ple_embed.weight")   # Gemma 4's per-layer embeddings too
@@ -239,6 +242,9 @@ def plan(spec: ModelSpec, tp: int, group_size: int | None) -> Layout:
     if spec.dyn_mask and (KV * spec.head_dim) % tp:
         raise FmError(f"tp={tp} does not divide the {KV * spec.head_dim} value channels that Doge's dt_proj reads; "
                       f"each rank reads its share of them")
+    if spec.cca and KV % tp:
+        raise FmError(f"tp={tp} does not divide num_key_value_heads={KV}; ZAYA's CCA averages each kv head's group "
+                      f"of q heads into its key, so each rank holds whole kv heads")
     if spec.moa and KV % tp:
         raise FmError(f"tp={tp} does not divide num_key_value_heads={KV}; JetMoe's attention experts each give "
                       f"every kv head its queries, so each rank holds whole kv heads")
@@ -476,6 +482,8 @@ def _mixer_parts(spec: ModelSpec, slot: str, tp: int) -> list[tuple[int, bool]]:
     """(rows, split over ranks) of each part of a linear mixer's fused slot. Gated DeltaNet: q, k, v (, z, b, a),
     whole heads each. Mamba2: (z,) x, B, C (, dt); B and C hold whole groups, and are replicated when a single
     group serves every head (Granite 4.0)."""
+    if slot.startswith("cca_conv"):             # ZAYA: the convs' q channels, then k's, each split over heads
+        return [(spec.num_heads * spec.head_dim, True), (spec.num_kv_heads * spec.head_dim, True)]
     if slot.startswith("mlstm_in"):             # xLSTM: q, k, v, o, each split over heads
         a = spec.mlstm
         return [(a["qk_dim"], True)] * 2 + [(a["v_dim"], True)] * 2

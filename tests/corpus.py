@@ -741,9 +741,34 @@ def _inspect_dyn_mask_in_a_window(c: Ctx):               # Doge's cache of biase
     return [_manifest(c, lambda m: m["model"].update(sliding_window=4), name="doge")]
 
 
+@case("inspect", "model.cca must be null or {depthwise, grouped")
+def _inspect_cca_without_taps(c: Ctx):                   # ZAYA: each conv has at least one tap
+    return [_manifest(c, lambda m: m["model"]["cca"].update(grouped=0), name="zaya")]
+
+
+@case("inspect", "model.router_dim and the router_in slot go together")
+def _inspect_router_dim_with_two_experts_a_token(c: Ctx):    # ZAYA's router picks one expert (or none)
+    return [_manifest(c, lambda m: m["model"].update(experts_per_token=2), name="zaya")]
+
+
 @case("inspect", "attn_residual and mlp_residual go together")
 def _inspect_one_residual_weight_without_the_other(c: Ctx):   # Doge weights the stream before both halves
     return [_manifest(c, lambda m: m["model"]["slots"].remove("layers.mlp_residual"), name="doge")]
+
+
+@case("inspect", "model.loop must be null or {stack_layers, h_cycles, l_cycles")
+def _inspect_loop_without_low_level_runs(c: Ctx):        # HRM-Text: L runs at least once a cycle
+    return [_manifest(c, lambda m: m["model"]["loop"].update(l_cycles=0), name="hrm_text")]
+
+
+@case("inspect", "model.loop and the loop_init slot go together")
+def _inspect_loop_over_more_runs_than_layers(c: Ctx):   # HRM-Text: one virtual layer per block run
+    return [_manifest(c, lambda m: m["model"]["loop"].update(h_cycles=3), name="hrm_text")]
+
+
+@case("inspect", "model.loop and the loop_init slot go together")
+def _inspect_loop_init_without_a_loop(c: Ctx):          # HRM-Text: its blocks' runs are the loop's to say
+    return [_manifest(c, lambda m: m["model"].update(loop=None), name="hrm_text")]
 
 
 @case("inspect", "model.position.pad_id must be an int one below model.position.offset")

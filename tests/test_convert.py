@@ -22,7 +22,7 @@ from fmconvert.errors import FmError
 from fmconvert import slice as sl
 from fmconvert.cli import cli
 from fmconvert.pipeline import QUANT_SLOTS, Options, alibi_slopes, convert
-from fmconvert.manifest import block_owners
+from fmconvert.manifest import block_owners, loop_owners
 from fmconvert.policy import ATTENTION_SLOTS, LINEAR_SLOTS, SHARED_BLOCK_SLOTS, ModelSpec, policy_for
 from fmconvert.quantize import quantize
 from fmconvert.reassemble import canonical, reassemble
@@ -103,6 +103,7 @@ def assert_int8_bound(out: Path, want: dict):
     half = {"mixer": ("router.", "experts_", "shared_", "mlp_"),
             "mlp": ATTENTION_SLOTS + LINEAR_SLOTS, "hybrid": ("router.", "experts_", "shared_")}
     owners = block_owners(parts, m["model"]["shared_blocks"])        # Zamba2: its blocks' weights held once
+    looped = loop_owners(m["model"].get("loop"))                    # HRM-Text: by each block's first run only
 
     def has(i, s):
         return f"layers.{s}" in m["model"]["slots"] and not (
@@ -110,7 +111,7 @@ def assert_int8_bound(out: Path, want: dict):
         ) and not (linear and s.startswith(() if i in linear and (beside or parts[i] == "hybrid") else
                                            ATTENTION_SLOTS if i in linear else LINEAR_SLOTS)
                    ) and not (parts[i] and s.startswith(half[parts[i]])) and not (
-            owners.get(i, i) != i and s.startswith(SHARED_BLOCK_SLOTS))
+            owners.get(i, i) != i and s.startswith(SHARED_BLOCK_SLOTS)) and looped.get(i, i) == i
     assert canon_q == {f"layers.{i}.{s}" for i in range(m["model"]["num_layers"]) for s in QUANT_SLOTS if has(i, s)} | \
         {s for s in slots if s in m["model"]["slots"] and not s.startswith("layers.")}
     assert quantized

@@ -20,7 +20,8 @@ LAYOUT_KEYS = {"ple_first_ids", "attention", "rope_tables", "hc_post_eps", "hc_m
                "linear_pre_norm", "per_layer_input", "kv_sharing", "double_wide_mlp", "attn_gate_fn",
                "sinks", "query_scale_kind", "depth_scaled_residual", "index_rope_style",
                "ssm_beside_attention", "ssm_gate", "linear_gates", "sublayers", "shortcut_experts",
-               "lightning", "index_rope_at", "q_gate", "windowed_latent", "latent_scale"}
+               "lightning", "index_rope_at", "q_gate", "windowed_latent", "latent_scale",
+               "layer_kinds", "loop"}
 
 
 def test_flags_and_binds_tighter_than_or_and_may_use_earlier_flags():

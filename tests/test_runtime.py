@@ -133,7 +133,7 @@ def test_cpu_int8_matmul_is_the_dequantized_linear(N, K, group, lead, dtype):
                                   "mimo_v2_flash", "beam", "deepseek_v32", "glm_moe_dsa", "falcon_h1",
                                   "bailing_hybrid", "longcat_flash", "minimax", "hy_v4", "axk2", "minimax_m3",
                                   "aria_text", "deepseek_v4", "gemma3n", "recurrent_gemma", "qwen4_exp", "jetmoe", "zamba2", "diffllama", "xlstm",
-                                  "doge", "dots3_note"])
+                                  "doge", "dots3_note", "hrm_text", "zaya"])
 def test_tp4_emulated_equals_tp1(work, name, tmp_path):
     _, src, outs = work(name)
     convert(src, tmp_path / "tp4", Options(tp=4), progress=False)
@@ -229,7 +229,7 @@ def test_world_size_mismatch_is_a_clear_error(work):
                                   "glm_moe_dsa", "falcon_h1", "bailing_hybrid", "longcat_flash",
                                   "hy_v4", "axk2", "minimax_m3", "aria_text", "exaone", "sarvam_moe", "sarvam_mla",
                                   "minimax", "deepseek_v4", "gemma3n", "recurrent_gemma", "qwen4_exp", "jetmoe", "zamba2", "diffllama", "xlstm",
-                                  "doge", "dots3_note"])  # exaone, sarvam_*: saved_as
+                                  "doge", "dots3_note", "hrm_text", "zaya"])  # exaone, sarvam_*: saved_as
 def test_inject_keeps_the_transformers_interface(work, name):
     hf, src, outs = work(name)
     arch = hf.config.architectures[0]
@@ -262,7 +262,7 @@ def test_inject_refuses_a_different_model(work):
                                   "beam", "deepseek_v32", "glm_moe_dsa", "falcon_h1", "bailing_hybrid",
                                   "longcat_flash", "minimax", "hy_v4", "axk2", "minimax_m3", "aria_text",
                                   "deepseek_v4", "gemma3n", "recurrent_gemma", "qwen4_exp", "jetmoe", "zamba2", "diffllama", "xlstm",
-                                  "doge"])
+                                  "doge", "hrm_text", "zaya"])
 def test_graph_safe_decode_step_equals_eager_decode(work, name):
     """decode_step (what a CUDA graph captures) reads positions and lengths from device tensors only."""
     _, _, outs = work(name)

@@ -368,6 +368,16 @@ CONFIGS = {
     "doge": ("DogeConfig", "DogeForCausalLM", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
              keep_window_size=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # HRM-Text: two stacks of 2 blocks, L run twice then H once, twice over: 12 virtual layers, each its own cache
+    "hrm_text": ("HrmTextConfig", "HrmTextForCausalLM", dict(hidden_size=64, intermediate_size=96,
+                 num_hidden_layers=2, num_attention_heads=4, head_dim=16, H_cycles=2, L_cycles=2, vocab_size=101,
+                 max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    # ZAYA: CCA over 8 q heads and 4 kv heads of 8 (convs of 2 and 3 taps; tp 4 holds one kv head a rank), 4 experts and a skip expert behind
+    # a router 16 wide, 3 layers (two carry the router's state on), the head untied with a bias
+    "zaya": ("ZayaConfig", "ZayaForCausalLM", dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=8,
+             num_key_value_heads=4, head_dim=8, moe_intermediate_size=32, num_experts=4, router_hidden_size=16,
+             cca_time0=2, cca_time1=3, vocab_size=101, max_position_embeddings=64, tie_word_embeddings=False,
+             lm_head_bias=True, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
     "diffllama": ("DiffLlamaConfig", "DiffLlamaForCausalLM", dict(hidden_size=64, intermediate_size=96,
                   num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=8, vocab_size=101,
                   max_position_embeddings=64, lambda_std_dev=0.3, pad_token_id=0, bos_token_id=1, eos_token_id=2)),
@@ -1179,6 +1189,8 @@ def build(name: str, seed: int = 0, **overrides):
                 p.copy_(torch.randn_like(p) * 0.5)                  # key's bias 1), dt_proj too small to vary it
             elif n.endswith(("input_residual", "post_attention_residual")):    # Doge: ones by default
                 p.copy_(torch.rand_like(p) + 0.5)
+            elif n.endswith("z_L_init"):       # HRM-Text: the low-level state's start, zeros by default
+                p.copy_(torch.randn_like(p))
             elif n.endswith(("block_inject_weight.weight", "input_mix_weight_up.weight")):   # and its mixes: shares
                 p.copy_(torch.randn_like(p) * 0.3)                                  # that differ between copies
         for n, b in [*model.named_buffers(), *model.named_parameters()]:   # GLM-4.5, ERNIE 4.5: a correction
@@ -1206,6 +1218,14 @@ def build(name: str, seed: int = 0, **overrides):
                 g = torch.Generator().manual_seed(seed)
                 b.copy_(torch.stack([torch.randperm(model.config.n_routed_experts, generator=g)[:b.shape[1]]
                                      for _ in range(b.shape[0])]))
+        if name.startswith("zaya"):     # ZAYA: its key scales zero (every key 0), its residual scales and router
+            for n, p in [*model.named_parameters(), *model.named_buffers()]:      # state scales ones; balancing
+                if n.endswith(("qk_norm.temp", "_scale")):                        # biases zero but the skip
+                    p.copy_(torch.rand_like(p) + 0.5)                             # expert's -1, which from_pretrained
+                elif n.endswith("balancing_biases"):                              # sets again whatever was saved
+                    p.copy_(torch.cat([torch.randn_like(p[:-1]) * 0.3, p[-1:].new_full((1,), -1.0)]))
+                elif ".mlp.gate." in n and n.endswith("weight") and "norm" not in n:   # its router MLP: logits
+                    p.mul_(25.0)                                                       # far from uniform
         if name.startswith("gemma4"):   # softmax scale 1: trained q norms carry 1/sqrt(head_dim), or scores saturate
             for n, p in model.named_parameters():
                 if n.endswith("q_norm.weight"):

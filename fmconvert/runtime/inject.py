@@ -53,6 +53,9 @@ class FusedBody(nn.Module):
             raise FmError("the fused body needs input_ids (inputs_embeds are not supported)")
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise FmError("the fused body does not support padded batches; pass unpadded input_ids")
+        if kwargs.get("token_type_ids") is not None and self.fused.spec.get("loop"):
+            raise FmError("the fused body does not run HRM-Text's prefix-LM block (token_type_ids); pass input_ids "
+                          "alone")
         hf_cache = kwargs.get("cache", kwargs.get("past_key_values"))
         given = hf_cache is not None and hf_cache is not self._token
         ids = input_ids.to(self.fused.device)

@@ -77,7 +77,7 @@ def check_layout(m: dict, rank: int):
             "alibi.slopes": (hpr,),
             **{f"{n}.{p}": (h,) for n in ("final_norm", "head_norm") for p in ("weight", "bias")},
             **{f"embed_norm.{p}": (pe,) for p in ("weight", "bias")},
-            "head_dense.weight": (h, h), "head_dense.bias": (h,)}
+            "head_dense.weight": (h, h), "head_dense.bias": (h,), "loop_init": (h,)}
     au = sp.get("altup")                 # Gemma 3n: AltUp's projections of the copies, replicated
     if au:
         glob.update({"altup_proj.weight": ((au["streams"] - 1) * h, h),
@@ -249,6 +249,19 @@ def check_layout(m: dict, rank: int):
                       "mamba_x.weight": (R + 2 * N, D), "mamba_dt_norm.weight": (R,), "mamba_b_norm.weight": (N,),
                       "mamba_c_norm.weight": (N,), "mamba_dt.weight": (D, R), "mamba_dt.bias": (D,),
                       "mamba.a_log": (D, N), "mamba.d": (D,), "mamba_out.weight": (h, D), "mamba_out.bias": (h,)})
+    cca, rd = sp.get("cca"), sp.get("router_dim", 0)
+    if cca:             # ZAYA: the convs over this rank's q and kv heads' channels, the key scales of its kv heads
+        C, kvpr = (hpr + par["kv_heads_per_rank"]) * hd, par["kv_heads_per_rank"]
+        layer.update({"cca_conv0.weight": (C, cca["depthwise"]), "cca_conv0.bias": (C,),
+                      "cca_conv1.weight": (C, hd, cca["grouped"]), "cca_conv1.bias": (C,), "cca_temp": (kvpr,),
+                      **{f"{half}.{k}": (h,) for half in ("attn_res", "mlp_res")
+                         for k in ("out_gain", "out_shift", "gain", "shift")}})
+        glob.update({"input_gain": (h,), "input_shift": (h,)})
+    if rd:              # and its router, replicated: the last of its E + 1 classes the skip expert
+        layer.update({"router_in.weight": (rd, h), "router_in.bias": (rd,), "router_eda": (rd,),
+                      "router_norm.weight": (rd,), "router_fc1.weight": (rd, rd), "router_fc1.bias": (rd,),
+                      "router_fc2.weight": (rd, rd), "router_fc2.bias": (rd,), "router.weight": (E + 1, rd),
+                      "router.balance": (E + 1,)})
     ga = sp["global_attn"]
     wide = {**layer, **attention(ga["head_dim"], par["global_kv_heads_per_rank"])} if ga else layer
     src = sp["kv_source"] or range(sp["num_layers"])      # Gemma 4 E2B/E4B: q only where a layer reads another's
@@ -330,7 +343,10 @@ def check_layout(m: dict, rank: int):
         if sp["residual"] != "parallel":            # GPT-J and Phi feed the MLP from the attention's norm
             per_layer.add("mlp_norm.weight")
     per_layer |= {s[len("layers."):] for s in sp["slots"] if s.startswith("layers.")}
-    if sp["num_layers"] * len(per_layer) > 2 * len(tensors) * (1 + 2 * bool(sp["block_parts"])) \
+    # HRM-Text: only the first run of each block holds weights; the other virtual layers borrow them
+    looped = mf.loop_owners(sp.get("loop"))
+    borrowed = {i for i, o in looped.items() if o != i}
+    if (sp["num_layers"] - len(borrowed)) * len(per_layer) > 2 * len(tensors) * (1 + 2 * bool(sp["block_parts"])) \
             + sp["num_layers"] * len(_ROW_BIAS):                                                     # before naming
         raise FmError(f"manifest: rank {rank} lists {len(tensors)} tensors, too few for {sp['num_layers']} layers")
     # In a mixture, dense layers have the dense MLP's slots and the others the mixture's
@@ -376,6 +392,7 @@ def check_layout(m: dict, rank: int):
              - (linear_only if i not in linear_layers else set() if sp["ssm_beside_attention"] or parts[i] == "hybrid"
                 else attention_only)
              - (shared_only if parts[i] == "hybrid" and i not in owners else set())
+             - (per_layer if i in borrowed else set())
              - {"mixer": mlp, "mlp": mixer}.get(parts[i], set())
              - ({"attn_norm.weight", "attn_norm.bias"} if i == 0 and not sp["first_attn_norm"] else set())
              - ({"k_norm.weight"} if src[i] != i else set())
@@ -383,6 +400,7 @@ def check_layout(m: dict, rank: int):
              - ({s for s in per_layer if s.startswith("ngram_")} if i not in ngram_layers else set())
              - (compressed if cp and i not in cp["csa_layers"] + cp["hca_layers"] else set())
              - ({"router.correction_bias"} if i in hashed else {"router.token_experts"})
+             - ({"router_eda"} if i == 0 else set())          # ZAYA: the first router has no state to scale
              - ({"attn_sinks.weight"} if sp["sink_layers"] is not None and i not in sp["sink_layers"] else set())
              - (({"attn_post_norm.weight", "mlp_post_norm.weight"} if i in linear_layers else
                  {"attn_norm.weight", "mlp_norm.weight"}) if sp["linear_pre_norm"] else set())

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import FmError
-from ..manifest import TABLE_POSITIONS, block_owners, is_global_layer, latent_at
+from ..manifest import TABLE_POSITIONS, block_owners, is_global_layer, latent_at, loop_owners
 from ..policy import SHARED_BLOCK_SLOTS
 from .comm import SingleComm
 from .ops import Int8Weight, TorchOps, _explicit_attention, activate, rope_tables
@@ -174,6 +174,14 @@ class Block(nn.Module):
             self.dyn_heads = slice(r // rep * self.kv_heads, (r // rep + 1) * self.kv_heads)
             w = self.kv_heads * self.head_dim // rep
             self.dyn_cols = slice(r % rep * w, (r % rep + 1) * w)
+        # ZAYA's CCA: which of this rank's v channels are the delayed half (the kv heads' channels from
+        # KV * head_dim / 2 on, counted over every rank), and the conv's inputs it keeps (taps - 1 of each conv)
+        self.cca = sp.get("cca")
+        if self.cca:
+            first = model.rank * self.kv_heads * self.head_dim
+            ch = torch.arange(first, first + self.kv_heads * self.head_dim, device=model.device)
+            self.cca_delayed = ch >= sp["num_kv_heads"] * self.head_dim // 2
+            self.cca_keep = self.cca["depthwise"] + self.cca["grouped"] - 2
         # the keys a kept block holds: MiniMax-M3's blocks, Qwen4-Exp's QSA blocks
         self.keep_block = (sp["block_sparse"] or {}).get("block") or (sp.get("qsa") or {}).get("rate")
         # a hybrid's linear layer: (its mixer method, its output projection's slot); None: attention
@@ -187,6 +195,12 @@ class Block(nn.Module):
                            else ("kda", "lin_out") if sp["linear_attn"].get("decay") == "channel"
                            else ("linear_attention", "lin_out"))
         self.part = sp["block_parts"][i] if sp["block_parts"] else None     # Nemotron-H: "mixer" or "mlp" alone
+        # HRM-Text: the first block of a stack's run (but the first run) ends the run before it, whose stack's state
+        # ("L" or "H") it sets
+        lp, self.loop_from = sp.get("loop"), None
+        if lp and i % lp["stack_layers"] == 0 and i:
+            before = i // lp["stack_layers"] - 1
+            self.loop_from = "H" if before % (lp["l_cycles"] + 1) == lp["l_cycles"] else "L"
         if self.linear and sp["ssm"]:        # Mamba2's per-head A = -exp(A_log), step bias and skip, fp32 once
             self.ssm_a = -tensors["ssm.a_log"].float().exp()
             self.dt_bias, self.ssm_d = tensors["ssm.dt_bias"].float(), tensors["ssm.d"].float()
@@ -241,8 +255,12 @@ class Block(nn.Module):
             return self._altup(x, positions, cache, key_padding_mask, pos_t, seq_t), None
         if m.spec["residual"] == "gated_hyper":
             return self._gated_hyper(x, positions, cache, key_padding_mask, pos_t, seq_t), None
+        if self.loop_from is not None:     # HRM-Text: a stack's run begins
+            return self._loop_turn(x, residual, positions, cache, key_padding_mask, pos_t, seq_t)
         if "attn_residual" in t:      # Doge: the stream weighted per channel before each half's output joins it
             return self._weighted(x, residual, positions, cache, key_padding_mask, pos_t, seq_t)
+        if self.cca:                  # ZAYA: an fp32 stream, each half's output scaled in
+            return self._cca_block(x, positions, cache, key_padding_mask, pos_t, seq_t)
         pre = m.spec["residual"] == "pre"
         if self.part == "hybrid":     # Zamba2: a shared transformer block feeds the Mamba2 layer's input
             return self._zamba_hybrid(x, residual, positions, cache, key_padding_mask, pos_t, seq_t)
@@ -296,6 +314,17 @@ class Block(nn.Module):
         h = ops.add_norm(s + ops.linear(f, t["mem_proj.weight"]), None, t["attn_norm.weight"], None, m.eps,
                          m.norm)[0]
         return m.comm.all_reduce(self.mix(h, positions, cache, key_padding_mask, pos_t, seq_t)), s
+
+    def _loop_turn(self, x, residual, positions, cache, key_padding_mask, pos_t, seq_t):
+        """HRM-Text: the stream so far (x + residual) is the run before this one; normed (no weight: every norm of
+        the family has none) it is that stack's new state. This run's input is z_L + z_H, through the plain
+        pre-norm block; the stream restarts from it."""
+        m = self.m
+        m.loop_state[self.loop_from] = m.ops.add_norm(x, residual, m.g["final_norm.weight"], None, m.eps, m.norm)[0]
+        h, residual = self._add_norm(m.loop_state["L"] + m.loop_state["H"], None, "attn_norm", None)
+        a = m.comm.all_reduce(self.mix(h, positions, cache, key_padding_mask, pos_t, seq_t))
+        h, residual = self._add_norm(a, residual, "mlp_norm", None)
+        return m.comm.all_reduce(self.mlp(h)), residual
 
     def _per_layer_input(self, f, residual):
         """Gemma 4 E2B/E4B, after the MLP: the stream s = residual + mlp_post_norm(f) times gelu(ple_gate(s)) gates this
@@ -936,6 +965,8 @@ class Block(nn.Module):
         routed_scale. sigmoid_logits (Kolibri): the same, but the correction_bias is added to the logits, not the
         scores, for the choice (top k of logits + bias; sigmoid is monotonic, the bias is not added in its range)."""
         sp, t = self.m.spec, self.t
+        if "router_in.weight" in t:      # ZAYA's router MLP
+            return self._eda_route(x)
         G = sp["router_groups"]
         if sp["router"] == "sparsemixer":
             return self._sparsemixer(torch.nn.functional.linear(x, t["router.weight"]), sp["router_jitter"])
@@ -1007,6 +1038,8 @@ class Block(nn.Module):
         at most the ring) select the graph-safe decode path: cache writes and lengths come from device memory, so
         the same captured graph serves every step."""
         m, t = self.m, self.t
+        if self.cca:
+            return self._cca_attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
         if m.spec["compressed"]:
             return self._compressed_attention(h, positions, cache, key_padding_mask, pos_t)
         if m.spec["mla"]:
@@ -1577,6 +1610,76 @@ class Block(nn.Module):
                                  bias=bias.repeat_interleave(Hq // dc.shape[1], 1))
         return o.reshape(B, 1, Hq * hd)
 
+    def _cca_block(self, x, positions, cache, key_padding_mask, pos_t, seq_t):
+        """ZAYA's pre-norm block over an fp32 stream s (x: the stream, or the embeddings): each half reads norm(s)
+        in the model dtype, and its output y joins as (y + out_shift) * out_gain + (s + shift) * gain. Returns (s, None);
+        the last layer rounds s to the model dtype for the final norm, as transformers does."""
+        m, t = self.m, self.t
+        s = x.float()
+        h = m.ops.add_norm(s.to(m.dtype), None, t["attn_norm.weight"], None, m.eps, m.norm)[0]
+        a = m.comm.all_reduce(self.mix(h, positions, cache, key_padding_mask, pos_t, seq_t))
+        s = (a + t["attn_res.out_shift"]) * t["attn_res.out_gain"] + (s + t["attn_res.shift"]) * t["attn_res.gain"]
+        h = m.ops.add_norm(s.to(m.dtype), None, t["mlp_norm.weight"], None, m.eps, m.norm)[0]
+        f = m.comm.all_reduce(self.mlp(h))
+        s = (f + t["mlp_res.out_shift"]) * t["mlp_res.out_gain"] + (s + t["mlp_res.shift"]) * t["mlp_res.gain"]
+        return (s.to(m.dtype) if self.i == len(m.blocks) - 1 else s), None
+
+    def _cca_attention(self, h, positions, cache, key_padding_mask, pos_t=None, seq_t=None):
+        """ZAYA's compressed convolutional attention -> this rank's heads' output (B, T, heads * head_dim). q|k go
+        through a causal depthwise conv then a conv grouped per head, over the inputs before them (the cache's, or
+        zeros at a sequence's start), and gain residuals: q the mean of itself and its kv head's k, k the mean of
+        that over its group. The delayed half of v is the token before's (the first token's: the projection of
+        zeros). q and k are L2-normed to sqrt(head_dim), k times its kv head's scale; RoPE, the cache and attention
+        are the plain ones. Padding is zeroed before the projections, as transformers does."""
+        m, t = self.m, self.t
+        B, T, _ = h.shape
+        Hq, Hk, hd = self.heads, self.kv_heads, self.head_dim
+        h, _ = self._unpadded(h, key_padding_mask, pos_t)
+        q, k, v = m.ops.linear(h, t["qkv.weight"], t.get("qkv.bias")).split([Hq * hd, Hk * hd, Hk * hd], -1)
+        qr = (q.view(B, T, Hk, Hq // Hk, hd) + k.view(B, T, Hk, 1, hd)) * 0.5
+        fresh = cache is None or (pos_t is None and cache.length == 0)      # a new sequence: nothing carried over
+        K, C = self.cca_keep, (Hq + Hk) * hd
+        x = torch.cat([q, k], -1).transpose(1, 2)                                   # (B, C, T)
+        x = torch.cat([x.new_zeros(B, C, K) if fresh else cache.conv[self.i], x], -1)
+        if cache is not None and K:
+            cache.conv[self.i].copy_(x[..., -K:])
+        y = nn.functional.conv1d(x, t["cca_conv0.weight"].unsqueeze(1), t["cca_conv0.bias"], groups=C)
+        y = nn.functional.conv1d(y, t["cca_conv1.weight"], t["cca_conv1.bias"], groups=Hq + Hk).transpose(1, 2)
+        q = y[..., :Hq * hd].reshape(B, T, Hq, hd) + qr.reshape(B, T, Hq, hd)
+        k = y[..., Hq * hd:].reshape(B, T, Hk, hd) + qr.mean(-2)
+        eps, scale = torch.finfo(q.dtype).eps, hd ** 0.5
+        q = q * (scale / q.norm(dim=-1, keepdim=True).clamp_min(eps))
+        k = k * (scale / k.norm(dim=-1, keepdim=True).clamp_min(eps)) * t["cca_temp"].view(1, 1, Hk, 1)
+        b = t.get("qkv.bias")
+        before = (b[-Hk * hd:] if b is not None else v.new_zeros(Hk * hd)).expand(B, 1, -1) if fresh else \
+            cache.state[self.i].to(v.dtype).unsqueeze(1)
+        last = v[:, -1]
+        v = torch.where(self.cca_delayed, torch.cat([before, v[:, :-1]], 1), v)     # before may view the state
+        if cache is not None:
+            cache.state[self.i].copy_(last)
+        return self._attend(torch.cat([q.flatten(2), k.flatten(2), v], -1), positions, cache, key_padding_mask,
+                            pos_t, seq_t)
+
+    def _eda_route(self, x):
+        """ZAYA's router for tokens x [N, hidden] -> (weights [N, 1] fp32, expert ids [N, 1]). down_proj, plus the
+        previous layer's router state times router_eda (that sum is the next layer's state), RMS-normed, two GELU
+        layers, then logits over the experts and a skip expert; the pick adds the fp32 balancing biases to the
+        softmax, the weight is the unbiased probability, and a skip pick runs expert 0 with weight 0. Replicated;
+        in the model dtype as transformers computes it."""
+        m, t = self.m, self.t
+        F = nn.functional
+        r = F.linear(x, t["router_in.weight"], t["router_in.bias"])
+        if "router_eda" in t:
+            r = r + m.router_state * t["router_eda"]
+        m.router_state = r
+        z = m.ops.add_norm(r, None, t["router_norm.weight"], None, m.eps, m.norm)[0]
+        z = F.gelu(F.linear(F.gelu(F.linear(z, t["router_fc1.weight"], t["router_fc1.bias"])),
+                            t["router_fc2.weight"], t["router_fc2.bias"]))
+        probs = F.linear(z, t["router.weight"]).softmax(-1)
+        chosen = (probs.float() + t["router.balance"].float()).topk(1, dim=-1)[1]
+        skip = chosen == probs.shape[-1] - 1
+        return probs.gather(1, chosen).float().masked_fill(skip, 0.0), chosen.masked_fill(skip, 0)
+
     def _narrow(self, o):
         """Attention output (B, T, heads * head_dim) -> each head's first v_dim channels (MiMo-V2-Flash's narrower v
         heads: the rest is the zero padding's); as it is otherwise."""
@@ -2002,7 +2105,13 @@ class FusedModel(nn.Module):
         # Zamba2: a hybrid layer reads its shared block's weights from the layer that holds them (the same tensors)
         for i, owner in block_owners(sp["block_parts"], sp.get("shared_blocks")).items():
             per_layer[i].update({k: v for k, v in per_layer[owner].items() if k.startswith(SHARED_BLOCK_SLOTS)})
+        # HRM-Text: a virtual layer reads its block's weights from the block's first run, which holds them
+        for i, owner in loop_owners(sp.get("loop")).items():
+            if owner != i:
+                per_layer[i].update(per_layer[owner])
+        self.loop_state = {}        # HRM-Text: the forward's latest z_L and z_H
         self.embeds = None          # Zamba2: the forward's embeddings, which every shared block reads again
+        self.router_state = None    # ZAYA: the last router's state in this forward, which the next one reads
         self.blocks = nn.ModuleList(Block(self, i, per_layer[i]) for i in range(sp["num_layers"]))
 
     # -- pieces ---------------------------------------------------------------------------------------------------
@@ -2085,6 +2194,8 @@ class FusedModel(nn.Module):
         x = self._lookup(g["embed.weight"], ids)
         if self.embed_scale is not None:
             x = x * self.embed_scale
+        if "input_gain" in g:      # ZAYA: (e + shift) * gain, before the fp32 stream
+            x = (x + g["input_shift"]) * g["input_gain"]
         if sp["per_layer_input"]:
             self.ple_inputs = self._per_layer_inputs(ids, x)
         if sp["project"]:
@@ -2108,6 +2219,9 @@ class FusedModel(nn.Module):
             x = torch.cat([x.unsqueeze(-2), _rms_matched(y, x)], -2)
         if sp.get("shared_blocks"):
             self.embeds = x
+        if sp.get("loop"):         # HRM-Text: z_H starts as the embeddings, z_L as loop_init; the first run reads both
+            self.loop_state = {"H": x, "L": g["loop_init"].expand_as(x)}
+            x = self.loop_state["L"] + x
         if sp["hyper"]:            # HY-V4: the stream starts as n copies of the embedding
             x = x.unsqueeze(-2).expand(*x.shape[:-1], sp["hyper"]["streams"], x.shape[-1]).contiguous()
         return x
@@ -2219,6 +2333,9 @@ class FusedModel(nn.Module):
             H, G = self._ssm_local()
             linear = {b.i: (H * ssm["head_dim"] + 2 * G * ssm["state"], ssm["conv_kernel"],
                             (H, ssm["head_dim"], ssm["state"])) for b in self.blocks if b.linear}
+        if self.spec.get("cca"):      # ZAYA: beside its keys, each layer's conv inputs over this rank's q|k channels
+            C = (self.heads + self.kv_heads) * self.head_dim     # and the last token's v (its delayed half read)
+            linear = {b.i: (C, b.cca_keep + 1, (self.kv_heads * self.head_dim,)) for b in self.blocks}
         cp = self.spec["compressed"]
         if cp:     # DeepSeek-V4: one key (= value) row a position in a ring of the window; per compressor, its last
             #        2 * rate positions' projections and a table of every entry the context can fill
@@ -2251,7 +2368,8 @@ class FusedModel(nn.Module):
         cache = KVCache(len(self.blocks), batch, [b.kv_heads for b in self.blocks], max_len,
                        [b.head_dim for b in self.blocks], self.dtype, self.device, windows, chunks=chunks,
                        linear=linear, keyless=keyless, index=index,
-                       linear_attends=self.spec["ssm_beside_attention"] or bool(self.spec.get("shared_blocks")))
+                       linear_attends=self.spec["ssm_beside_attention"] or bool(self.spec.get("shared_blocks"))
+                       or bool(self.spec.get("cca")))
         cache.qsa_blocks = [None] * len(self.blocks)    # Qwen4-Exp: every complete block's pooled key, per layer
         if qsa:
             for i in index:
