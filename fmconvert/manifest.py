@@ -219,6 +219,7 @@ _MODEL_OPTIONAL = {
              "null or {stack_layers, h_cycles, l_cycles: positive integers}"),
     "embed_proj": (False, _BOOL, "true or false"),
     "headless": (False, _BOOL, "true or false"),
+    "shared_layers": (False, _BOOL, "true or false"),
     "causal_encoder": (False, _BOOL, "true or false"),
     "eos_pool": (None, lambda x: x is None or (isinstance(x, dict) and set(x) == {"eos_id"} and type(x["eos_id"]) is int
                                                and x["eos_id"] >= -1), "null or {eos_id (-1: the largest id)}"),
@@ -512,6 +513,9 @@ def validate(m) -> dict:
           "model.rel_bias and model.disentangled do not go together")
     _need((not model["causal_encoder"] and model["eos_pool"] is None) or model["kind"] == "encoder",
           "model.causal_encoder and model.eos_pool are an encoder's")
+    _need(not model["shared_layers"] or (model["loop"] is None and not model["block_parts"]
+                                         and not model["num_experts"]),
+          "model.shared_layers (every layer reads layer 0's weights) goes with uniform layers only")
     _need(not model["headless"] or (model["kind"] == "decoder" and not model["tied_embeddings"]),
           "model.headless is for decoders with an untied head")
     _need(model["classifier"] is None or (model["kind"] == "encoder" and (model["classifier"]["pool"] != "pooler"
@@ -806,10 +810,12 @@ def block_owners(block_parts, shared_blocks) -> dict[int, int]:
     return {i: hybrid[j % shared_blocks["count"]] for j, i in enumerate(hybrid)}
 
 
-def loop_owners(loop) -> dict[int, int]:
-    """HRM-Text: each virtual layer -> the one that holds its weights. Run c (c = i // stack_layers) is the L stack's
-    unless c % (l_cycles + 1) == l_cycles, the H stack's; the first run of each (layers 0.. and
-    l_cycles * stack_layers..) holds them."""
+def loop_owners(loop, num_layers: int = 0, shared_layers: bool = False) -> dict[int, int]:
+    """Each layer whose weights another holds -> that layer. HRM-Text's virtual layers: run c (c = i //
+    stack_layers) is the L stack's unless c % (l_cycles + 1) == l_cycles, the H stack's; the first run of each
+    (layers 0.. and l_cycles * stack_layers..) holds them. ALBERT (shared_layers): every layer reads layer 0's."""
+    if shared_layers:
+        return {i: 0 for i in range(num_layers)}
     if not loop:
         return {}
     P, L = loop["stack_layers"], loop["l_cycles"]

@@ -332,6 +332,7 @@ class ModelSpec:
     causal_encoder: bool = False    # CLIP's text encoder: an encoder whose tokens see only those before them
     eos_pool: dict | None = None    # CLIP: {"eos_id"}: the pooled output is the first eos token's state (eos_id -1:
     #                                 the largest id's, as checkpoints with the old eos id 2 do), through text_proj
+    shared_layers: bool = False     # ALBERT: one set of layer weights, which every layer reads (stored in layer 0)
     headless: bool = False          # a decoder saved without its untied lm_head (a bare *Model, or an embedding model
     #                                 such as Qwen3-Embedding-8B): hidden states only, for `embed`
     classifier: dict | None = None  # an encoder's sequence- (or token-) classification head, run from its passthrough
@@ -919,7 +920,7 @@ class Policy:
             diff_attn=self._diff_attn(c), rel_bias=self._rel_bias(c, flags), disentangled=disentangled,
             dyn_mask=self._dyn_mask(c), loop=self._loop(c),
             causal_encoder=self.kind == "encoder" and bool(self._layout("causal", flags, False)),
-            proj_dim=int(c.get("proj_dim") or 0),
+            proj_dim=int(c.get("proj_dim") or 0), shared_layers=bool(self._layout("shared_layers", flags, False)),
             eos_pool=self._eos_pool(config) if self.layout.get("pool") == "eos" else None,
             embed_proj=bool(self._layout("embed_proj", flags, False)) and int(c.get("embed_dim") or c["hidden_size"])
             != c["hidden_size"],
@@ -2323,7 +2324,7 @@ class Policy:
         skip, part = (), None
         dense = False
         owners = block_owners(spec.block_parts, spec.shared_blocks)     # Zamba2's hybrid layers -> a block's holder
-        looped = loop_owners(spec.loop)       # HRM-Text: a virtual layer -> the first run of its block
+        looped = loop_owners(spec.loop, spec.num_layers, spec.shared_layers)   # HRM-Text, ALBERT: who holds them
         if layer is not None and looped and looped[layer] != layer:
             return []                         # its weights are that run's
         value_is_key = spec.value_is_key and spec.global_layer(layer)
@@ -2367,7 +2368,7 @@ class Policy:
         # layout sublayers n (LongCat-Flash: 2): the checkpoint's layer i holds n of ours, its parts named by s
         i, sub = divmod(layer, self.sublayers) if layer is not None else (None, None)
         stack = None          # HRM-Text: the stack's name ({m}, layout loop) and the block's place in it ({i})
-        if looped and layer is not None:
+        if spec.loop and layer is not None:
             stack, i = self.layout["loop"][layer >= spec.loop["stack_layers"]], layer % spec.loop["stack_layers"]
         j = owner = None          # Zamba2: a hybrid layer's place among them (j) and its block's first layer (o)
         if layer in owners:

@@ -802,6 +802,11 @@ def _inspect_eos_pool_on_a_decoder(c: Ctx):               # a decoder has no poo
     return [_manifest(c, lambda m: m["model"].update(eos_pool={"eos_id": 2}))]
 
 
+@case("inspect", "model.shared_layers (every layer reads layer 0's weights) goes with uniform layers only")
+def _inspect_shared_layers_in_a_hybrid(c: Ctx):           # Zamba2's layers differ: one set of weights cannot serve
+    return [_manifest(c, lambda m: m["model"].update(shared_layers=True), name="zamba2")]
+
+
 @case("inspect", "model.headless is for decoders with an untied head")
 def _inspect_headless_encoder(c: Ctx):                    # an encoder has no language-model head to leave out
     return [_manifest(c, lambda m: m["model"].update(headless=True), name="bert")]

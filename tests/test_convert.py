@@ -103,7 +103,8 @@ def assert_int8_bound(out: Path, want: dict):
     half = {"mixer": ("router.", "experts_", "shared_", "mlp_"),
             "mlp": ATTENTION_SLOTS + LINEAR_SLOTS, "hybrid": ("router.", "experts_", "shared_")}
     owners = block_owners(parts, m["model"]["shared_blocks"])        # Zamba2: its blocks' weights held once
-    looped = loop_owners(m["model"].get("loop"))                    # HRM-Text: by each block's first run only
+    looped = loop_owners(m["model"].get("loop"), m["model"]["num_layers"],       # HRM-Text, ALBERT: by the layer
+                         m["model"].get("shared_layers", False))                 # that holds the weights only
 
     def has(i, s):
         return f"layers.{s}" in m["model"]["slots"] and not (

@@ -9,7 +9,7 @@ from fmconvert.policy import GLOBAL_SLOTS, LAYER_SLOTS, _config_value, _eval_fla
 
 LAYOUT_KEYS = {"ple_first_ids", "attention", "rope_tables", "hc_post_eps", "hc_magnitude", "norm", "gated_mlp",
                "position", "position_ids", "position_pad_id", "embed_proj", "disentangled", "rel_bias_per_layer",
-               "causal", "pool",
+               "causal", "pool", "shared_layers",
                "rope_style", "residual",
                "qkv", "embed_norm", "final_norm",
                "transposed", "position_offset", "embed_scale", "experts_renormalize", "qk_norm",

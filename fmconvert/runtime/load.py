@@ -344,7 +344,7 @@ def check_layout(m: dict, rank: int):
             per_layer.add("mlp_norm.weight")
     per_layer |= {s[len("layers."):] for s in sp["slots"] if s.startswith("layers.")}
     # HRM-Text: only the first run of each block holds weights; the other virtual layers borrow them
-    looped = mf.loop_owners(sp.get("loop"))
+    looped = mf.loop_owners(sp.get("loop"), sp["num_layers"], sp["shared_layers"])   # (ALBERT: every layer 0's)
     borrowed = {i for i, o in looped.items() if o != i}
     if (sp["num_layers"] - len(borrowed)) * len(per_layer) > 2 * len(tensors) * (1 + 2 * bool(sp["block_parts"])) \
             + sp["num_layers"] * len(_ROW_BIAS):                                                     # before naming

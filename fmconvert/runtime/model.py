@@ -2106,7 +2106,7 @@ class FusedModel(nn.Module):
         for i, owner in block_owners(sp["block_parts"], sp.get("shared_blocks")).items():
             per_layer[i].update({k: v for k, v in per_layer[owner].items() if k.startswith(SHARED_BLOCK_SLOTS)})
         # HRM-Text: a virtual layer reads its block's weights from the block's first run, which holds them
-        for i, owner in loop_owners(sp.get("loop")).items():
+        for i, owner in loop_owners(sp.get("loop"), sp["num_layers"], sp["shared_layers"]).items():   # ALBERT too
             if owner != i:
                 per_layer[i].update(per_layer[owner])
         self.loop_state = {}        # HRM-Text: the forward's latest z_L and z_H
