@@ -58,7 +58,7 @@ def cli():
         encoders of diffusion models: CLIP's and T5's
       vision-language, language model only: Gemma 3/4, LLaVA, Mistral 3, Llama 4, Qwen2/2.5/3/3.5-VL, GLM-4.5V,
         MiniMax-M3, Aria
-    An unknown architecture is refused with the list of known ones.
+    An unknown architecture is refused with the list of known ones; one looked at and not served (Inkling), with why.
     """
 
 

@@ -2715,6 +2715,19 @@ def saved_as_owner(architecture: str, model_type) -> str | None:
     return own if own is not None and architecture in known[own].table.get("saved_as", []) else None
 
 
+# Architectures transformers knows that fmconvert has looked at and does not serve, each with the reason: named in the
+# error rather than drowned in the list of supported ones.
+_INKLING = ("Thinking Machines' Inkling is not supported: its attention adds a bias mixed per head from each token's "
+            "hidden state for every backward distance (r_proj, rel_logits_proj), which fmconvert's attention does "
+            "not take, beside residual short convolutions on k, v and each half's output")
+REFUSED = {
+    "InklingForCausalLM": _INKLING,
+    "InklingTextModel": _INKLING,
+    "InklingForConditionalGeneration": _INKLING,
+    "InklingModel": _INKLING,
+}
+
+
 def policy_for(architectures, family: str | None = None) -> tuple[Policy, str]:
     """The policy of the first known architecture. A vision-language wrapper needs `family`: its language
     model's, which `read.load_config` finds from the text config and the manifest records."""
@@ -2727,5 +2740,8 @@ def policy_for(architectures, family: str | None = None) -> tuple[Policy, str]:
             if pol is None:
                 raise FmError(f"{arch}: its language model's family {family!r} is not supported")
             return pol.through(arch), arch
+    refused = next((a for a in architectures or [] if a in REFUSED), None)
+    if refused is not None:
+        raise FmError(f"{refused}: {REFUSED[refused]}")
     raise FmError(f"unknown architecture {', '.join(map(str, architectures or [])) or '(none in config.json)'}; "
                   f"supported: {', '.join(sorted(known) + sorted(wrappers()))}")
