@@ -930,8 +930,12 @@ def classify(out_dir, texts, pairs, text_file, max_length, batch_size, device, b
 @click.option("--max-length", type=int, default=None,
               help="Tokens of question and context kept; the context is cut. Default: the model's positions.")
 @click.option("--max-answer", type=int, default=30, show_default=True, help="The longest answer, in tokens.")
+@click.option("--stride", type=int, default=128, show_default=True,
+              help="A context past --max-length is read in windows overlapping by this many tokens (0: its first "
+                   "window only), the most probable answer of any window kept.")
 @runtime_options
-def answer(out_dir, questions, contexts, text_file, max_length, max_answer, device, backend, no_verify_hashes, dtype):
+def answer(out_dir, questions, contexts, text_file, max_length, max_answer, stride, device, backend, no_verify_hashes,
+           dtype):
     """Answer questions from a context with a converted *ForQuestionAnswering encoder (extractive QA: roberta-base-
     squad2, deberta-v3 squad models, ...). Prints one JSON object per question: the context's best span (start at
     or before its end, at most --max-answer tokens), its character offsets and its probability."""
@@ -945,8 +949,8 @@ def answer(out_dir, questions, contexts, text_file, max_length, max_answer, devi
         contexts += [s[1] for s in split]
     if not questions or len(questions) != len(contexts):
         raise FmError(f"{len(questions)} questions for {len(contexts)} contexts: give one --context per --question")
-    if max_answer < 1 or (max_length is not None and max_length < 1):
-        raise FmError("--max-answer and --max-length must be positive")
+    if max_answer < 1 or (max_length is not None and max_length < 1) or stride < 0:
+        raise FmError("--max-answer and --max-length must be positive, --stride not negative")
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
     head = model.spec.get("classifier") if model.spec["kind"] == "encoder" else None
     if head is None or head["pool"] != "spans":
@@ -956,7 +960,7 @@ def answer(out_dir, questions, contexts, text_file, max_length, max_answer, devi
     limit = min(n for n in (max_length, positions) if n) if max_length or positions else None
     tok = _tokenizer(out_dir)
     try:
-        found = answers(model, tok, questions, contexts, limit, max_answer)
+        found = answers(model, tok, questions, contexts, limit, max_answer, stride)
     except NotImplementedError:        # a slow tokenizer has no character offsets
         raise FmError(f"{out_dir}: answering needs a fast tokenizer (tokenizer.json) for the spans' characters") \
             from None

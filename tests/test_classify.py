@@ -221,3 +221,34 @@ def test_a_qa_head_is_verified_and_misuse_refused_in_one_line(model_copy, tmp_pa
                           EXIT_BAD_INPUT, "no room for its context", "--max-length")
     code, stdout, err = run_main(capsys, "answer", out, "-q", "w5 w6 w7", "-c", "w9 w10", "--max-length", 8)
     assert code == 0 and json.loads(stdout)["answer"] == "w9", err
+
+
+def test_a_long_context_is_read_in_overlapping_windows(model_copy, tmp_path, capsys):
+    """A context past --max-length: windows of 16 tokens overlapping by 4, each searched as a whole context is, the
+    most probable span of any window kept (brute force over transformers' logits for each window); --stride 0 reads
+    the first window only."""
+    src = model_copy("roberta_qa")
+    tokenizer().save_pretrained(src)
+    assert run_main(capsys, "convert", "--quiet", src, tmp_path / "out")[0] == 0
+    question, context = "w5 w6", " ".join(f"w{i}" for i in range(10, 40))
+    tok, hf = tokenizer(), tiny.build("roberta_qa")
+    enc = tok(question, context, truncation="only_second", max_length=16, stride=4, return_overflowing_tokens=True,
+              return_offsets_mapping=True, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        o = hf(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    found = []
+    for b in range(enc["input_ids"].shape[0]):
+        ctx = torch.tensor([s == 1 for s in enc.sequence_ids(b)])
+        st, en = o.start_logits[b].masked_fill(~ctx, -1e9), o.end_logits[b].masked_fill(~ctx, -1e9)
+        ij = max(((i, j) for i in range(len(ctx)) for j in range(i, min(i + 3, len(ctx))) if ctx[i] and ctx[j]),
+                 key=lambda ij: float(st[ij[0]] + en[ij[1]]))
+        p = float(st.softmax(0)[ij[0]] * en.softmax(0)[ij[1]])
+        spans = enc["offset_mapping"][b]
+        found.append((p, int(spans[ij[0], 0]), int(spans[ij[1], 1])))
+    assert len(found) > 2
+    for stride, want in [(4, max(found)), (0, found[0])]:
+        code, stdout, err = run_main(capsys, "answer", tmp_path / "out", "-q", question, "-c", context,
+                                     "--max-length", 16, "--max-answer", 3, "--stride", stride)
+        assert code == 0, err
+        got = json.loads(stdout)
+        assert (got["start"], got["end"]) == want[1:] and got["score"] == pytest.approx(want[0], abs=1e-5)

@@ -67,24 +67,31 @@ def classify(model, tok, texts: list[str], pairs: list[str] | None = None, max_l
 
 
 def answers(model, tok, questions: list[str], contexts: list[str], max_length: int | None = None,
-            max_answer: int = 30) -> list[dict]:
+            max_answer: int = 30, stride: int = 0) -> list[dict]:
     """Extractive QA: for each (question, context), the context span whose start and end logits sum highest (start
     at or before end, at most max_answer tokens), its characters and its probability (softmax of the starts times
-    softmax of the ends, over the context's tokens). A context past max_length tokens is cut (only it)."""
+    softmax of the ends, over the context's tokens of its window). A context past max_length tokens is cut into
+    windows that overlap by `stride` tokens (0: only the first window is read), and the most probable span of any
+    window wins, as transformers' question-answering pipeline does."""
+    room = None
     if max_length:      # the tokenizer raises where only cutting the question would fit: say so first
         room = max_length - tok.num_special_tokens_to_add(pair=True)
         for n, q in enumerate(tok(list(questions), add_special_tokens=False)["input_ids"], 1):
             if len(q) >= room:
                 raise FmError(f"question {n} is {len(q)} tokens: with the special tokens it leaves no room for its "
                               f"context within --max-length {max_length}")
+            room = min(room, max_length - tok.num_special_tokens_to_add(pair=True) - len(q))
+    windows = bool(max_length and stride)
     batch = tok(list(questions), list(contexts), padding=True, return_tensors="pt", return_offsets_mapping=True,
-                truncation="only_second" if max_length else False, max_length=max_length)
+                truncation="only_second" if max_length else False, max_length=max_length,
+                **({"stride": min(stride, room - 1), "return_overflowing_tokens": True} if windows else {}))
     ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
     types = batch.get("token_type_ids")
     hidden, pooled = model(ids, attention_mask=mask, token_type_ids=None if types is None else types.to(model.device))
     logits = head_logits(model, hidden, pooled, mask).cpu()
-    out = []
-    for b, context in enumerate(contexts):
+    of = batch["overflow_to_sample_mapping"].tolist() if windows else list(range(len(contexts)))
+    best: dict[int, dict] = {}
+    for b, n in enumerate(of):          # window b of text n
         ctx = torch.tensor([s == 1 for s in batch.sequence_ids(b)])
         if not ctx.any():
             raise FmError("a context left no tokens after the question (raise --max-length)")
@@ -95,9 +102,10 @@ def answers(model, tok, questions: list[str], contexts: list[str], max_length: i
         pair = (start.view(T, 1) + end.view(1, T)).masked_fill((j < i) | (j >= i + max_answer), float("-inf"))
         s, e = divmod(int(pair.argmax()), T)
         p = float(start.softmax(0)[s] * end.softmax(0)[e])
-        a, z = int(batch["offset_mapping"][b, s, 0]), int(batch["offset_mapping"][b, e, 1])
-        out.append({"answer": context[a:z], "start": a, "end": z, "score": p})
-    return out
+        if n not in best or p > best[n]["score"]:
+            a, z = int(batch["offset_mapping"][b, s, 0]), int(batch["offset_mapping"][b, e, 1])
+            best[n] = {"answer": contexts[n][a:z], "start": a, "end": z, "score": p}
+    return [best[n] for n in range(len(contexts))]
 
 
 def labels(out_dir, n: int) -> list[str]:
