@@ -623,6 +623,12 @@ def _lines(path: Path) -> list[str]:
     return lines[:-1] if lines[-1] == "" else lines
 
 
+def _length_limit(model, wanted: int | None) -> int | None:
+    """Tokens an encoder's input keeps: `wanted` (--max-length or a pipeline's), never past a position table."""
+    positions = model.spec["max_positions"] if model.spec["position"]["type"] in ("learned", "sinusoidal") else None
+    return min((n for n in (wanted, positions) if n), default=None)
+
+
 def _tokenizer(out_dir: Path):
     """The tokenizer copied next to the shards. Loaded locally, never with remote code."""
     from transformers import AutoTokenizer
@@ -822,8 +828,7 @@ def embed(out_dir, texts, text_file, pooling, normalize, max_length, batch_size,
         if model.rank == 0:
             click.echo(f"pooling: {modes[0]} (no sentence-transformers config; --pooling picks another)", err=True)
     normalize = (st is not None and st.normalize) if normalize is None else normalize
-    positions = model.spec["max_positions"] if model.spec["position"]["type"] in ("learned", "sinusoidal") else None
-    limit = [n for n in (max_length or (st.max_length if st else None), positions) if n]   # never past the table
+    limit = _length_limit(model, max_length or (st.max_length if st else None))
     tok = _tokenizer(out_dir)
     if tok.pad_token is None:       # many decoders' tokenizers (Llama 3's): any id pads, the mask hides it
         if tok.eos_token is None:
@@ -831,7 +836,7 @@ def embed(out_dir, texts, text_file, pooling, normalize, max_length, batch_size,
         tok.pad_token = tok.eos_token
     rows = [None] * len(texts)
     for idx in by_length(tok, texts, batch_size):
-        vec = sentence_vectors(model, tok, [texts[i] for i in idx], modes, normalize, min(limit) if limit else None,
+        vec = sentence_vectors(model, tok, [texts[i] for i in idx], modes, normalize, limit,
                                st.dense if st else ())
         for i, v in zip(idx, vec.cpu()):
             rows[i] = v
@@ -886,8 +891,7 @@ def classify(out_dir, texts, pairs, text_file, max_length, batch_size, device, b
     per_token = model.spec["classifier"]["pool"] == "tokens"
     if per_token and pairs:
         raise FmError(f"{model.spec['architecture']} labels each token of one text: drop --pair")
-    positions = model.spec["max_positions"] if model.spec["position"]["type"] in ("learned", "sinusoidal") else None
-    limit = min(n for n in (max_length, positions) if n) if max_length or positions else None
+    limit = _length_limit(model, max_length)
     tok = _tokenizer(out_dir)
     try:
         multi = json.loads((Path(out_dir) / "config.json").read_text()).get("problem_type") == \
@@ -904,8 +908,9 @@ def classify(out_dir, texts, pairs, text_file, max_length, batch_size, device, b
         for j, i in enumerate(idx):
             rows[i] = (out[0][j].cpu(), out[1][j]) if per_token else out[j].cpu()
     if model.rank == 0 and per_token:       # one JSON list per text: each token's span, label and probability
+        names = labels(out_dir, rows[0][0].shape[-1])
         for text, (logits, spans) in zip(texts, rows):
-            names, p = labels(out_dir, logits.shape[-1]), scores(logits, multi)
+            p = scores(logits, multi)
             click.echo(json.dumps([{"token": text[a:b], "start": a, "end": b, "label": names[int(q.argmax())],
                                     "score": round(float(q.max()), 6)}
                                    for (a, b), q in zip(spans.tolist(), p) if b > a]))
@@ -956,8 +961,7 @@ def answer(out_dir, questions, contexts, text_file, max_length, max_answer, stri
     if head is None or head["pool"] != "spans":
         raise FmError(f"{out_dir} holds no question-answering head ({model.spec['architecture']}); convert a "
                       f"*ForQuestionAnswering checkpoint")
-    positions = model.spec["max_positions"] if model.spec["position"]["type"] in ("learned", "sinusoidal") else None
-    limit = min(n for n in (max_length, positions) if n) if max_length or positions else None
+    limit = _length_limit(model, max_length)
     tok = _tokenizer(out_dir)
     try:
         found = answers(model, tok, questions, contexts, limit, max_answer, stride)
