@@ -304,7 +304,8 @@ def inspect(out_dir, as_json):
     if head:
         steps = ", ".join(f"{s['name']}{'' if s['act'] == 'none' else ' + ' + s['act']}" for s in head["steps"])
         pool = {"first": "first token's state", "pooler": "pooler output", "mean": "mean of the tokens",
-                "tokens": "state of every token", "spans": "state of every token"}[head["pool"]]
+                "tokens": "state of every token", "spans": "state of every token",
+                "late": "state of every token (the logits then averaged)"}[head["pool"]]
         what = ": a start and an end logit each" if head["pool"] == "spans" else ""
         verb = "answer" if head["pool"] == "spans" else "classify"
         t.add_row("classifier", f"the {pool}, then {steps}{what} (passthrough tensors; `fmconvert {verb}`)")

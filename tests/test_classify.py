@@ -35,13 +35,14 @@ def batch():
 
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_logits_match_transformers(model_dir, tmp_path, name, tp):
+def test_logits_match_transformers(model_dir, tmp_path, capsys, name, tp):
     convert(model_dir(name), tmp_path / "out", Options(tp=tp), progress=False)
     ids, mask = batch()
     with torch.no_grad():
         want = tiny.build(name)(ids, attention_mask=mask).logits
     for got in tiny.on_ranks(tmp_path / "out", tp, lambda m: head_logits(m, *m(ids, attention_mask=mask), mask)):
         assert got.shape == want.shape and tiny.rel(got, want) < 1e-5
+    assert run_main(capsys, "inspect", tmp_path / "out")[0] == 0        # inspect describes every kind of head
     m = json.loads((tmp_path / "out" / "manifest.json").read_text())["model"]["classifier"]
     assert m["steps"][-1]["op"] == "linear" and m["pool"] == ("mean" if name == "modernbert_cls" else "pooler"
                                                               if name in ("bert_cls", "nomic_bert", "gte_untyped",
