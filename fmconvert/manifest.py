@@ -238,13 +238,16 @@ _MODEL_OPTIONAL = {
         and type(x["c2p"]) is bool and type(x["p2c"]) is bool and (x["buckets"] in (0, x["span"]))
         and (x["buckets"] == 0 or (x["buckets"] % 2 == 0 and x["max_position"] > x["buckets"] // 2 + 1))),
         "null or {span, buckets (0 or the span, even), max_position, c2p, p2c}"),
-    "rel_bias": (None, lambda x: x is None or (isinstance(x, dict) and set(x) - {"per_layer"} == {"buckets",
-                                                                                                  "max_distance"}
+    "rel_bias": (None, lambda x: x is None or (isinstance(x, dict) and set(x) - {"per_layer", "causal"}
+                                               == {"buckets", "max_distance"}
                                                and x.get("per_layer", False) in (False, True)
+                                               and x.get("causal", False) in (False, True)
                                                and _POS_INT(x["buckets"]) and x["buckets"] % 4 == 0
                                                and _POS_INT(x["max_distance"])
                                                and x["max_distance"] > x["buckets"] // 4),
-                 "null or {buckets (a multiple of 4), max_distance (past a quarter of them)}"),
+                 "null or {buckets (a multiple of 4), max_distance (past a quarter of them), per_layer, causal}"),
+    "encoder": (None, lambda x: x is None or x == "encoder", "null or \"encoder\""),
+    "decoder_start_token_id": (None, _TOKEN, "null or a token id"),
 }
 
 
@@ -508,7 +511,16 @@ def validate(m) -> dict:
         and model["linear_attn"] is not None and model["qsa"] is not None)),
           "model.residual gated_hyper and model.hyper's rank go together, in a hybrid decoder with a QSA indexer "
           "and no final norm")
-    _need(model["rel_bias"] is None or model["kind"] == "encoder", "model.rel_bias is for encoders")
+    _need(model["rel_bias"] is None or (model["kind"] == "decoder") == bool(model["rel_bias"].get("causal")),
+          "model.rel_bias is causal in a decoder (T5's) and bidirectional in an encoder")
+    cross = {f"layers.cross_{s}.weight" for s in ("norm", "q", "kv", "out")}
+    _need((model["encoder"] is not None) == bool(cross & set(model["slots"])) and (model["encoder"] is None or (
+        cross <= set(model["slots"]) and model["kind"] == "decoder" and model["residual"] == "pre"
+        and model["decoder_start_token_id"] is not None and model["decoder_start_token_id"] < model["vocab_size"]
+        and model["num_kv_heads"] == model["num_heads"] and not model["mla"] and not model["linear_layers"]
+        and not model["num_experts"] and model["loop"] is None and not model["block_parts"])),
+          "model.encoder and the cross-attention slots go together, in a pre-norm decoder with a start token, full "
+          "attention heads, and no mixture, linear layers or loops")
     _need(model["rel_bias"] is None or model["disentangled"] is None,       # the runtime adds one bias or the other
           "model.rel_bias and model.disentangled do not go together")
     _need((not model["causal_encoder"] and model["eos_pool"] is None) or model["kind"] == "encoder",

@@ -31,8 +31,8 @@ from . import manifest as mf
 from . import slice as sl
 from . import srchash
 from .errors import EXIT_IO, FmError
-from .policy import (DEPTHWISE, INT_SLOTS, ModelSpec, Policy, SlotSource, _config_value, per_layer_type, policy_of,
-                     stored_dtype)
+from .policy import (DEPTHWISE, ENCODER_DIR, INT_SLOTS, ModelSpec, Policy, SlotSource, _config_value, encoder_half,
+                     per_layer_type, policy_of, stored_dtype)
 from .quantize import ErrorStats, quantize, scale_dtype_for
 from .read import SIDECAR_FILES, Checkpoint, sentence_files, fp8_block, int4_format, load_config, quant_method
 from .write import AtomicDir, ShardWriter, dtype_name, parse_size
@@ -45,6 +45,7 @@ QUANT_SLOTS = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight
                "attn_out_a.weight",                      # DeepSeek-V4's grouped output projection, a block per group
                "moa_q.weight", "moa_kv.weight", "moa_out.weight",     # JetMoe's attention experts
                "mlstm_in.weight", "mlstm_out.weight",                 # xLSTM's mLSTM
+               "cross_q.weight", "cross_kv.weight", "cross_out.weight",    # an encoder-decoder's cross-attention
                "lin_in.weight", "lin_out.weight", "ssm_in.weight", "ssm_out.weight",   # linear mixers
                "lin_qkv.weight", "lin_gate.weight",
                "sconv_in.weight", "sconv_out.weight", "mamba_in.weight", "mamba_out.weight",
@@ -90,6 +91,7 @@ class Plan:
     aliases: dict = field(default_factory=dict)   # slot key -> index of the other spelling this checkpoint uses
     flipped: list = field(default_factory=list)   # stacked slot keys stored in the other orientation (Policy.flipped)
     dropped: dict | None = None       # a vision-language wrapper's left-out towers: tensors, bytes, prefixes
+    consumed: frozenset = frozenset()  # the checkpoint's tensors it reads (an encoder-decoder's halves share some)
 
 
 def _resolve_dtype(opt: str, config, ckpt: Checkpoint, sources) -> torch.dtype:
@@ -192,8 +194,10 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
     # keep in each layer that runs it, beside the one its first layer holds, which its slots read)
     drop = [d.format(i=i) for d in policy.drop for i in (range(L) if "{i}" in d else (0,))] + \
         [f"{prefix}layers.{i}." for i in range(L, L + _mtp(policy, config))]
+    # an encoder-decoder converts in two halves: each leaves the other's tensors to it
+    other = getattr(config, "fmconvert_skip", None) or tuple((policy.seq2seq or {}).get("encoder_prefixes", ()))
     for n in ckpt.names():
-        if n in consumed or any(p.fullmatch(n) for p in ignore):
+        if n in consumed or any(p.fullmatch(n) for p in ignore) or n.startswith(other):
             continue
         if any(n.startswith(p) for p in drop):
             dropped["tensors"] += 1
@@ -213,7 +217,7 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
                 bytes_in, params, prefix, {k: v for k, v in sorted(spelled.items()) if v is not None}, flipped,
                 {**dropped, "prefixes": drop, "what": "vision" if policy.wrapper else
                  "copies" if spec.shared_blocks else "mtp"}
-                if policy.wrapper or dropped["tensors"] else None)
+                if policy.wrapper or dropped["tensors"] else None, frozenset(consumed))
 
 
 # The smallest group the default picks before it asks for --group-size: narrower groups spend more on scales
@@ -994,6 +998,66 @@ def _dry_run(model_dir, opts, config, ckpt, t0) -> dict:
             if plan.spec.kind == "decoder" else None}         # an encoder runs whole texts: no cache
 
 
+def _write_half(config, plan: Plan, opts: Options, ckpt, src, model_dir: Path, tmp: Path, max_bytes: int, progress,
+                console, sidecars, config_sha: str, prints: dict):
+    """Write one conversion's shards and sidecars into tmp -> (its manifest, less the source's full hashes; the
+    writer; the quantization statistics)."""
+    spec = plan.spec
+    rope = rope_tensors(config, spec)
+    writer = ShardWriter(tmp, opts.tp, max_bytes)
+    run = _Run(plan, opts, ckpt, src, derived_tensors(config, spec, plan.layout.heads_per_rank, opts.tp, plan.dtype))
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    what = "encoder" if config is not None and getattr(config, "fmconvert_skip", None) else "layers"
+    cols = (TextColumn("[bold]converting"), BarColumn(), MofNCompleteColumn(), TextColumn(what),
+            TimeRemainingColumn())
+    # transient: a failed run must end on its one `error:` line, not on a half-drawn bar (the CLI
+    # prints a summary on success).
+    with Progress(*cols, console=console, disable=not progress, transient=True) as bar:
+        task = bar.add_task("layers", total=spec.num_layers)
+        qstats = _emit_all(run, writer, lambda: bar.advance(task))
+
+    copied = []
+    for f in sidecars:
+        (tmp / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(model_dir / f, tmp / f)
+        copied.append(f)
+    pos = dict(spec.position)
+    if rope:
+        pos["attention_scaling"] = rope["rope.inv_freq"][1]
+    if "rope_local.inv_freq" in rope:
+        pos["local"] = {**pos["local"], "attention_scaling": rope["rope_local.inv_freq"][1]}
+    spec.position = pos
+    manifest = {
+        "format": mf.FORMAT, "format_version": mf.FORMAT_VERSION, "tool_version": __version__,
+        "source": {"architecture": spec.architecture, "family": spec.family, "prefix": plan.prefix,
+                   "config_sha256": config_sha, "fingerprints": prints, "sidecar_files": copied,
+                   **({"aliases": plan.aliases} if plan.aliases else {}),
+                   **({"flipped": plan.flipped} if plan.flipped else {}),
+                   **({"dropped": plan.dropped} if plan.dropped is not None else {}),
+                   **({"mxfp4": sorted(ckpt.mxfp4)} if ckpt.mxfp4 else {}),     # decoded to bf16 on read
+                   **({"fp8": {"block": list(ckpt.fp8_block), "tensors": len(ckpt.fp8),
+                               **({"fp4_tensors": len(ckpt.fp4)} if ckpt.fp4 else {})}} if ckpt.fp8
+                      else {}),                   # DeepSeek-V4: its E2M1 experts beside the FP8 blocks
+                   **({"int4": {"method": ckpt.int4_format["method"], "tensors": len(ckpt.int4)}}
+                      if ckpt.int4 else {}),                    # GPTQ / AWQ, decoded on read
+                   },
+        "model": spec.to_dict(),
+        "parallel": plan.layout.to_dict(),
+        "dtype": dtype_name(plan.dtype),
+        "quantization": None if not opts.int8 else {
+            "scheme": "int8_symmetric_group", "group_size": plan.group_size,
+            "scale_dtype": dtype_name(run.scale_dtype), "embeddings": opts.int8_embeddings,
+            "lm_head": "lm_head.weight" in plan.quant_slots and not plan.spec.headless and (
+                opts.int8_embeddings or not plan.spec.tied_embeddings),
+            "tensors": qstats},
+        "extras": plan.extras,
+        "ranks": [{"rank": r, "files": writer.files[r], "tensors": dict(sorted(writer.tensors[r].items()))}
+                  for r in range(opts.tp)],
+    }
+    return manifest, writer, qstats
+
+
 def _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config, config_sha, ckpt, hasher) -> dict:
     with ckpt:
         try:
@@ -1002,70 +1066,38 @@ def _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config,
             raise FmError(f"cannot read the source files of {model_dir}: {e.strerror or e}", EXIT_IO) from None
         plan = make_plan(model_dir, opts, ckpt, config)
         spec = plan.spec
-        rope = rope_tensors(config, spec)
+        # an encoder-decoder (T5): its encoder is a conversion of its own, in ENCODER_DIR beside the decoder's files
+        halves = [(config, plan, "")]
+        if plan.policy.seq2seq:
+            half = encoder_half(config, plan.policy, spec.architecture)
+            halves.insert(0, (half, make_plan(model_dir, opts, ckpt, half), ENCODER_DIR))
         sidecars = [*(f for f in SIDECAR_FILES if (model_dir / f).is_file()), *sentence_files(model_dir)]
         src = _Source(ckpt, model_dir)
         atomic = AtomicDir(out_dir, opts.force, keep=model_dir)
         with atomic as tmp:
-            writer = ShardWriter(tmp, opts.tp, max_bytes)
-            run = _Run(plan, opts, ckpt, src, derived_tensors(config, spec, plan.layout.heads_per_rank, opts.tp,
-                                                              plan.dtype))
-
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-            cols = (TextColumn("[bold]converting"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
-                    TimeRemainingColumn())
-            # transient: a failed run must end on its one `error:` line, not on a half-drawn bar (the CLI
-            # prints a summary on success).
-            with Progress(*cols, console=console, disable=not progress, transient=True) as bar:
-                task = bar.add_task("layers", total=spec.num_layers)
-                qstats = _emit_all(run, writer, lambda: bar.advance(task))
-
-            copied = []
-            for f in sidecars:
-                (tmp / f).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(model_dir / f, tmp / f)
-                copied.append(f)
+            written = []
+            for cfg, pl, sub in halves:
+                (tmp / sub).mkdir(exist_ok=True)
+                written.append(_write_half(cfg, pl, opts, ckpt, src, model_dir, tmp / sub, max_bytes, progress, console,
+                                           sidecars, config_sha, prints))
             src_hashes = hasher.join() if hasher is not None else None
-            pos = dict(spec.position)
-            if rope:
-                pos["attention_scaling"] = rope["rope.inv_freq"][1]
-            if "rope_local.inv_freq" in rope:
-                pos["local"] = {**pos["local"], "attention_scaling": rope["rope_local.inv_freq"][1]}
-            spec.position = pos
-            manifest = {
-                "format": mf.FORMAT, "format_version": mf.FORMAT_VERSION, "tool_version": __version__,
-                "source": {"architecture": spec.architecture, "family": spec.family, "prefix": plan.prefix,
-                           "config_sha256": config_sha, "fingerprints": prints, "sidecar_files": copied,
-                           **({"aliases": plan.aliases} if plan.aliases else {}),
-                           **({"flipped": plan.flipped} if plan.flipped else {}),
-                           **({"dropped": plan.dropped} if plan.dropped is not None else {}),
-                           **({"mxfp4": sorted(ckpt.mxfp4)} if ckpt.mxfp4 else {}),     # decoded to bf16 on read
-                           **({"fp8": {"block": list(ckpt.fp8_block), "tensors": len(ckpt.fp8),
-                                       **({"fp4_tensors": len(ckpt.fp4)} if ckpt.fp4 else {})}} if ckpt.fp8
-                              else {}),                   # DeepSeek-V4: its E2M1 experts beside the FP8 blocks
-                           **({"int4": {"method": ckpt.int4_format["method"], "tensors": len(ckpt.int4)}}
-                              if ckpt.int4 else {}),                    # GPTQ / AWQ, decoded on read
-                           **({"files": dict(sorted(src_hashes.items()))} if src_hashes is not None else {})},
-                "model": spec.to_dict(),
-                "parallel": plan.layout.to_dict(),
-                "dtype": dtype_name(plan.dtype),
-                "quantization": None if not opts.int8 else {
-                    "scheme": "int8_symmetric_group", "group_size": plan.group_size,
-                    "scale_dtype": dtype_name(run.scale_dtype), "embeddings": opts.int8_embeddings,
-                    "lm_head": "lm_head.weight" in plan.quant_slots and not plan.spec.headless and (
-                        opts.int8_embeddings or not plan.spec.tied_embeddings),
-                    "tensors": qstats},
-                "extras": plan.extras,
-                "ranks": [{"rank": r, "files": writer.files[r], "tensors": dict(sorted(writer.tensors[r].items()))}
-                          for r in range(opts.tp)],
-            }
-            (tmp / mf.MANIFEST).write_text(mf.dumps(manifest))
+            for (_, _, sub), (manifest, _, _) in zip(halves, written):
+                if src_hashes is not None:
+                    manifest["source"]["files"] = dict(sorted(src_hashes.items()))
+                (tmp / sub / mf.MANIFEST).write_text(mf.dumps(manifest))
             atomic.commit()
+        bytes_in, params = plan.bytes_in, plan.params
+        if len(halves) > 1:           # the halves' shared embedding counted once
+            read = plan.consumed | halves[0][1].consumed
+            bytes_in, params = sum(ckpt.stored_bytes(n) for n in read), sum(math.prod(ckpt.shape(n)) for n in read)
+    bytes_out = sum(w.bytes_written for _, w, _ in written)
+    files = sum(len(f) for _, w, _ in written for f in w.files)
+    qstats = {k: v for _, _, q in written for k, v in q.items()}
     secs = time.perf_counter() - t0
     return {"architecture": spec.architecture, "tp": opts.tp, "int8": opts.int8, "dtype": dtype_name(plan.dtype),
-            "params": plan.params, "bytes_in": plan.bytes_in, "bytes_out": writer.bytes_written,
-            "files": sum(len(f) for f in writer.files), "seconds": secs, "dropped": plan.dropped,
+            "params": params, "bytes_in": bytes_in, "bytes_out": bytes_out,
+            "files": files, "seconds": secs, "dropped": plan.dropped,
             "mxfp4": len(ckpt.mxfp4), "fp8": len(ckpt.fp8), "fp4": len(ckpt.fp4), "int4": len(ckpt.int4),
-            "mb_per_s": plan.bytes_in / 1e6 / secs if secs > 0 else 0.0,
+            "mb_per_s": bytes_in / 1e6 / secs if secs > 0 else 0.0,
             "worst_sqnr_db": min((v["sqnr_db"] for v in qstats.values() if v["sqnr_db"] is not None),
                                  default=None)}

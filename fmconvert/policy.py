@@ -21,6 +21,7 @@ import torch
 from .errors import FmError
 from .manifest import TABLE_POSITIONS, block_owners, is_global_layer, latent_at, loop_owners
 
+ENCODER_DIR = "encoder"      # where an encoder-decoder's conversion keeps its encoder's (a conversion of its own)
 CONFIG_DIR = Path(os.environ.get("FMCONVERT_CONFIGS", Path(__file__).resolve().parent / "configs"))
 
 LAYER_SLOTS = (
@@ -152,6 +153,11 @@ LAYER_SLOTS = (
     "mlp_res.out_gain", "mlp_res.out_shift", "mlp_res.gain", "mlp_res.shift",
     "router_in.weight", "router_in.bias", "router_eda", "router_norm.weight", "router_fc1.weight", "router_fc1.bias",
     "router_fc2.weight", "router_fc2.bias", "router.balance",
+    # An encoder-decoder's cross-attention (T5), between each decoder layer's self-attention and its MLP: its input
+    # norm, q from the decoder's stream, k|v from the encoder's output (computed once per source), the output
+    # projection
+    "cross_norm.weight", "cross_norm.bias", "cross_q.weight", "cross_q.bias", "cross_kv.weight", "cross_kv.bias",
+    "cross_out.weight", "cross_out.bias",
 )
 # Slots written in float32 whatever the output dtype: small tensors the model only ever reads in fp32, which
 # transformers keeps in fp32 when it loads the model in half precision (and vLLM too): a sigmoid router's
@@ -436,6 +442,9 @@ class ModelSpec:
     #                                and the attn_res / mlp_res scaling
     router_dim: int = 0            # ZAYA's router: its MLP's width (router_* slots), top 1 of the experts and a skip
     #                                expert, its state carried to the next layer's router; 0: none
+    encoder: str | None = None     # an encoder-decoder's decoder (T5): the subdirectory holding its encoder's
+    #                                conversion, whose output every layer's cross-attention reads (cross_* slots)
+    decoder_start_token_id: int | None = None   # and the token its decoder starts from
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -605,7 +614,7 @@ def _pick(value, flags: dict, where: str):
 
 def _config_value(config, spec, key: str, flags: dict | None = None):
     """Resolve a `[config]` entry: "a|b" alternatives, "4*x" multiples and "x*y" products, "x/y" ratios,
-    "x+1" (a non-negative integer plus a constant), "sqrt(x/y)", "len(x)" (a list's length), a number as the last
+    "x+1" (a non-negative integer plus a constant), "sqrt(x)", "sqrt(x/y)", "len(x)" (a list's length), a number as the last
     alternative ("x|0": x where the config sets it), {value = ...} constants, and [flag, if_true, if_false] picks of
     any of these."""
     spec = _pick(spec, flags or {}, f"config.{key}")
@@ -627,6 +636,12 @@ def _config_value(config, spec, key: str, flags: dict | None = None):
                 if a < 0:
                     raise FmError(f"config: {m.group(1)}={a} must be a non-negative integer")
                 return a + int(m.group(2))
+            continue
+        m = re.fullmatch(r"sqrt\((\w+)\)", alt)               # T5's tied head: d_model^-0.5 on its input
+        if m:
+            a = getattr(config, m.group(1), None)
+            if type(a) in (int, float) and a > 0:
+                return math.sqrt(a)
             continue
         m = re.fullmatch(r"sqrt\((\w+)/(\w+)\)", alt)      # LongCat-Flash's latent attention scales
         if m:
@@ -719,6 +734,10 @@ class Policy:
         self.wrapper: str | None = None                  # set on a view through a vision-language wrapper
         self.text_arch: str | None = None                # then: the architecture whose flags the text model takes
         self.head_prefixes: dict[str, str] = {}          # body prefix -> lm_head's prefix ("" unless wrapped)
+        # an encoder-decoder's decoder table: [seq2seq] encoders (its architecture -> the encoder's, whose table
+        # converts the encoder half into ENCODER_DIR), encoder_prefixes (the names the decoder leaves to that half)
+        # and decoder_prefixes (the names the encoder half leaves to this one)
+        self.seq2seq: dict | None = table.get("seq2seq")
         self.drop: list[str] = list(table.get("drop", []))   # name prefixes left out (a wrapper's vision tower,
         #                                                          Qwen3.5's multi-token-prediction head mtp.)
 
@@ -896,7 +915,8 @@ class Policy:
         zero = c.get("zero_experts") or 0
         if type(zero) is not int or zero < 0 or (zero and not experts):
             raise FmError(f"config.json: zero_expert_num must be a non-negative integer, with experts, got {zero!r}")
-        tied = bool(getattr(config, "tie_word_embeddings", False)) and self.kind == "decoder"
+        tied = bool(self._layout("tied", flags) if "tied" in self.layout else        # T5: by its own flag
+                    getattr(config, "tie_word_embeddings", False)) and self.kind == "decoder"
         linear = self._linear(config, c, flags)
         if linear.get("lightning") and act != "swiglu":     # its q|k|v go through the MLP's gate activation
             raise FmError(f"{architecture}: lightning attention with hidden_act {act_name!r} is not supported "
@@ -972,6 +992,12 @@ class Policy:
             bos_token_id=getattr(config, "bos_token_id", None), eos_token_id=getattr(config, "eos_token_id", None),
             pad_token_id=getattr(config, "pad_token_id", None),
         )
+        if self.seq2seq:
+            start = getattr(config, "decoder_start_token_id", None)
+            if type(start) is not int or not 0 <= start < c["vocab_size"]:
+                raise FmError(f"config.json: decoder_start_token_id must be a token id below vocab_size="
+                              f"{c['vocab_size']}, got {start!r}")
+            spec.encoder, spec.decoder_start_token_id = ENCODER_DIR, start
         return spec
 
     @staticmethod
@@ -1082,11 +1108,12 @@ class Policy:
         if "rel_buckets" not in c:
             return None
         b, d = c["rel_buckets"], c["rel_max_distance"]
-        if self.kind != "encoder" or type(b) is not int or b < 4 or b % 4 or type(d) is not int or d <= b // 4:
+        if type(b) is not int or b < 4 or b % 4 or type(d) is not int or d <= b // 4:
             raise FmError(f"config.json: a relative position bias needs buckets a multiple of 4 and a max distance "
-                          f"past a quarter of them, in an encoder, got {b!r} and {d!r}")
+                          f"past a quarter of them, got {b!r} and {d!r}")
         return {"buckets": b, "max_distance": d,
-                **({"per_layer": True} if self._layout("rel_bias_per_layer", flags, False) else {})}
+                **({"per_layer": True} if self._layout("rel_bias_per_layer", flags, False) else {}),
+                **({"causal": True} if self.kind == "decoder" else {})}     # T5's decoder: earlier keys' buckets
 
     def _loop(self, c: dict) -> dict | None:
         """HRM-Text (layout loop): [config] loop_stack_layers blocks in each of two stacks, run l_cycles times (L)
@@ -2118,6 +2145,9 @@ class Policy:
             "attn_out.weight": (h, H * vd), "attn_out.bias": (h,),
             "mlp_in.weight": (inter, h), "mlp_in.bias": (inter,),
             "mlp_out.weight": (h, dense), "mlp_out.bias": (h,),
+            "cross_norm.weight": (h,), "cross_norm.bias": (h,), "cross_q.weight": (H * hd, h), "cross_q.bias": (H * hd,),
+            "cross_kv.weight": (2 * H * hd, h), "cross_kv.bias": (2 * H * hd,), "cross_out.weight": (h, H * hd),
+            "cross_out.bias": (h,),
         }
         if spec.mla:
             a = spec.mla
@@ -2690,6 +2720,19 @@ def text_architecture(wrapper: str, model_type: str, config_class: str) -> str |
         stem = config_class.removesuffix("Config")
         arch = next((a for a in (stem + "ForCausalLM", stem + "Model") if a in known), None)
     return arch if arch in known else None
+
+
+def encoder_half(config, policy: Policy, architecture: str):
+    """An encoder-decoder's config seen as its encoder's (T5ForConditionalGeneration -> T5EncoderModel): a shallow copy
+    whose architectures name the encoder's table, and whose `fmconvert_skip` leaves the decoder's tensors out of the
+    plan. The decoder's own plan leaves out the encoder's (`Policy.seq2seq`)."""
+    enc = policy.seq2seq["encoders"].get(architecture)
+    if enc is None:
+        raise FmError(f"{policy.path.name}: [seq2seq.encoders] names no encoder for {architecture}")
+    half = copy.copy(config)
+    half.architectures = [enc]
+    half.fmconvert_skip = tuple(policy.seq2seq["decoder_prefixes"])
+    return half
 
 
 def policy_of(config) -> tuple[Policy, str]:

@@ -61,6 +61,8 @@ Layout per rank:
   ngram_embed  (Qwen4-Exp's n-gram tables) split along the width: rank r holds columns [r*w/tp, (r+1)*w/tp) of
             every row; a lookup gives each rank its slice of every head's row, and one all-gather joins them. What
             reads the joined rows (ngram_key, ngram_value, the norms and the conv) is replicated.
+  cross_q, cross_kv, cross_out  (an encoder-decoder's cross-attention, T5) like qkv and attn_out: this rank's q
+            heads, its heads of k and of v (the encoder's output, read whole by every rank), the output row-parallel.
   cca_conv  (ZAYA's convs over q|k) this rank's q heads' channels, then its kv heads'; cca_temp with the kv heads
             (tp must divide them). Its router and residual scales replicated.
   the rest  replicated.
@@ -86,11 +88,11 @@ HEADS = ("q_b.weight", "kv_b.weight", "attn_sinks.weight", "attn_gate.bias", "at
          "lin_f_b.weight", "lin_g_b.weight", "attn_sub_norm.weight", "lin_qkv.weight", "lin_out_norm.weight",
          "lin_gate.weight", "attn_out_a.weight", "rg_conv.weight", "rg_conv.bias", "rg_gate_x.weight",
          "rg_gate_x.bias", "rg_gate_a.weight", "rg_gate_a.bias", "rg_a", "mlstm_norm.weight", "mlstm_norm.bias",
-         "rel_bias.weight", "attn_rel_bias.weight", "cca_temp")
+         "rel_bias.weight", "attn_rel_bias.weight", "cca_temp", "cross_q.weight", "cross_q.bias")
 # Row-parallel slots: split along dim 1 (K), each rank's product a partial sum. The linear mixers' (ROW_K) split
 # evenly along K with nothing padded, as does Doge's dt_proj (dmask_dt).
 ROW_K = ("lin_out.weight", "ssm_out.weight", "sconv_out.weight", "mamba_out.weight", "mamba_x.weight",
-         "rg_out.weight", "mlstm_out.weight", "dmask_dt.weight")
+         "rg_out.weight", "mlstm_out.weight", "dmask_dt.weight", "cross_out.weight")
 ROW = ("attn_out.weight", "mlp_out.weight", *ROW_K)
 # A linear mixer's fused slots, part by part: q, k, v(, z, b, a) for Gated DeltaNet, x(, B, C) or z, x, B, C, dt for
 # Mamba2 (see `_mixer_parts`)
@@ -99,9 +101,10 @@ MIXER_PARTS = ("lin_in.weight", "moa_kv.weight", "mlstm_in.weight", "mlstm_in.bi
                "rg_in.bias",
                "ssm_conv.weight", "ssm_conv.bias", "sconv_in.weight", "sconv_in.bias", "sconv_conv.weight",
                "sconv_conv.bias", "mamba_in.weight", "mamba_in.bias",
-               "cca_conv0.weight", "cca_conv0.bias", "cca_conv1.weight", "cca_conv1.bias")
+               "cca_conv0.weight", "cca_conv0.bias", "cca_conv1.weight", "cca_conv1.bias",
+               "cross_kv.weight", "cross_kv.bias")
 ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias", "ssm_out.bias", "sconv_out.bias", "mamba_out.bias",
-            "rg_out.bias", "moa_out.bias", "experts_shared.bias", "mlstm_out.bias")
+            "rg_out.bias", "moa_out.bias", "experts_shared.bias", "mlstm_out.bias", "cross_out.bias")
 VOCAB = ("embed.weight", "lm_head.weight", "lm_head.bias", "ple_embed.weight")   # Gemma 4's per-layer embeddings too
 EXPERTS = ("experts_in.weight", "experts_out.weight")
 # Tables split along their width: each rank holds a slice of every row (Qwen4-Exp's n-gram tables, tens of GB each;
@@ -482,6 +485,8 @@ def _mixer_parts(spec: ModelSpec, slot: str, tp: int) -> list[tuple[int, bool]]:
     """(rows, split over ranks) of each part of a linear mixer's fused slot. Gated DeltaNet: q, k, v (, z, b, a),
     whole heads each. Mamba2: (z,) x, B, C (, dt); B and C hold whole groups, and are replicated when a single
     group serves every head (Granite 4.0)."""
+    if slot.startswith("cross_kv"):             # an encoder-decoder's cross-attention: k, then v, split over heads
+        return [(spec.num_heads * spec.head_dim, True)] * 2
     if slot.startswith("cca_conv"):             # ZAYA: the convs' q channels, then k's, each split over heads
         return [(spec.num_heads * spec.head_dim, True), (spec.num_kv_heads * spec.head_dim, True)]
     if slot.startswith("mlstm_in"):             # xLSTM: q, k, v, o, each split over heads
@@ -554,4 +559,6 @@ def k_per_rank(spec: ModelSpec, lay: Layout, slot: str) -> int:
         "rg_in.weight": spec.hidden_size if spec.rglru else 0,
         "rg_out.weight": spec.rglru["width"] // lay.tp if spec.rglru else 0,
         "mamba_out.weight": spec.mamba["inner"] // lay.tp if spec.mamba else 0,
+        "cross_q.weight": spec.hidden_size if spec.encoder else 0, "cross_kv.weight": spec.hidden_size if spec.encoder
+        else 0, "cross_out.weight": lay.heads_per_rank * spec.head_dim if spec.encoder else 0,
     }[slot]

@@ -44,12 +44,12 @@ _INT8_OK = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight", 
             "lin_qkv.weight", "lin_gate.weight",
             "ssm_in.weight", "ssm_out.weight", "sconv_in.weight", "sconv_out.weight", "mamba_in.weight",
             "mamba_out.weight", "rg_in.weight", "rg_out.weight", "moa_q.weight", "moa_kv.weight", "moa_out.weight",
-            "mlstm_in.weight", "mlstm_out.weight")
+            "mlstm_in.weight", "mlstm_out.weight", "cross_q.weight", "cross_kv.weight", "cross_out.weight")
 _EXPERTS = ("experts_in.weight", "experts_out.weight")
 _MOA_EXPERTS = ("moa_q.weight", "moa_out.weight")      # JetMoe's attention experts, split per expert too
 ROPE_TENSORS = ("rope.inv_freq", "rope_local.inv_freq", "rope_long.inv_freq")   # derived, kept float32
 _ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias", "ssm_out.bias", "sconv_out.bias", "mamba_out.bias",
-             "rg_out.bias", "moa_out.bias", "experts_shared.bias")
+             "rg_out.bias", "moa_out.bias", "experts_shared.bias", "cross_out.bias")
 
 
 def check_layout(m: dict, rank: int):
@@ -165,7 +165,11 @@ def check_layout(m: dict, rank: int):
              **{f"{g}_norm_gate_{d}.weight": s for g in ("attn", "moe") for d, s in (("down", (r, h)), ("up", (h, r)))},
              "block_index_q.weight": (bsp["heads"] * bsp["dim"], h), "block_index_k.weight": (bsp["dim"], h),
              "block_index_q_norm.weight": (bsp["dim"],), "block_index_k_norm.weight": (bsp["dim"],),
-             **{k: v for k, v in extra.items() if not k.startswith("hc_head.")}}
+             **{k: v for k, v in extra.items() if not k.startswith("hc_head.")},
+             # an encoder-decoder's cross-attention over this rank's heads (T5)
+             **{f"cross_norm.{p}": (h,) for p in ("weight", "bias")}, "cross_q.weight": (hpr * hd, h),
+             "cross_q.bias": (hpr * hd,), "cross_kv.weight": (2 * hpr * hd, h), "cross_kv.bias": (2 * hpr * hd,),
+             "cross_out.weight": (h, hpr * hd), "cross_out.bias": (h,)}
     mla = sp["mla"]
 
     def latent(a: dict, hpr: int) -> dict:
@@ -315,6 +319,8 @@ def check_layout(m: dict, rank: int):
         per_layer |= {"q_a.weight", "q_a_norm.weight"}
     if (sp["rel_bias"] or {}).get("per_layer"):
         per_layer |= {"attn_rel_bias.weight"}
+    if sp.get("encoder"):
+        per_layer |= {"cross_q.weight", "cross_kv.weight", "cross_out.weight"}
     index = set()                                   # the indexer's slots, in the layers that run one
     if mla and mla.get("index"):
         index = {"index_q.weight", "index_k.weight", "index_k_norm.weight", "index_k_norm.bias", "index_w.weight"}
@@ -669,6 +675,10 @@ def load(out_dir, rank: int | None = None, device=None, backend: str = "auto", c
     if dtype != _DT[m["dtype"]]:
         m = {**m, "dtype": {v: k for k, v in _DT.items()}[dtype]}
     model = FusedModel(m, tensors, rank, comm=comm, ops=ops, device=device)
+    if m["model"]["encoder"]:       # an encoder-decoder: its encoder, converted beside it, on the same rank
+        model.source_encoder = load(out_dir / m["model"]["encoder"], rank, device, backend, check_hashes, comm, dtype,
+                                    dequantize)
+        nbytes += model.source_encoder.load_stats["bytes"]
     model.load_stats = {"gib": nbytes / 2**30, "seconds": time.perf_counter() - t0, "bytes": nbytes}
     if verbose and rank == 0:
         s = model.load_stats

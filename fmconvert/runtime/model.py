@@ -275,6 +275,9 @@ class Block(nn.Module):
         else:
             h = x
         a = m.comm.all_reduce(self.mix(h, positions, cache, key_padding_mask, pos_t, seq_t))
+        if "cross_q.weight" in t:     # an encoder-decoder (T5): cross-attention over the source, pre-norm
+            h, residual = self._add_norm(a, residual, "cross_norm", None)
+            a = m.comm.all_reduce(self.cross_attention(h))
         if pre:       # Gemma 2/3 norm the attention's output before it joins the stream: one launch for both
             h, residual = self._add_norm(a, residual, "mlp_norm", t.get("attn_post_norm.weight"), self.attn_add[1],
                                          self.attn_add[0])
@@ -346,7 +349,7 @@ class Block(nn.Module):
             h, residual = m.ops.add_norm(x, residual, w, t.get(norm + ".bias"), m.eps, m.norm, pre_weight=pre_weight,
                                          x_scale=x_scale, gain=gain)
             gate = _NORM_GATES.get(norm)
-            if gate + "_down.weight" in t:       # A.X K2: y times sigmoid(up(silu(down(y)))), in fp32, rounded
+            if gate is not None and gate + "_down.weight" in t:       # A.X K2: y times sigmoid(up(silu(down(y)))), in fp32, rounded
                 g = m.ops.linear(m.ops.linear(h, t[gate + "_down.weight"], None, "silu"), t[gate + "_up.weight"])
                 h = (h * torch.sigmoid(g.float())).to(h.dtype)
             return h, residual
@@ -1160,6 +1163,18 @@ class Block(nn.Module):
             m.shared_attend[self.i] = attend
         return self._narrow(attend(q))
 
+    def cross_attention(self, h):
+        """An encoder-decoder's cross-attention: this rank's q heads of h (B, T, hidden) over the source's keys and
+        values (`FusedModel.attach`), no mask but the source's padding, no position bias."""
+        m, t = self.m, self.t
+        B, T, _ = h.shape
+        if m.cross is None:
+            raise ValueError("an encoder-decoder's decoder needs its source: call attach(encoder states) first")
+        k, v = m.cross[self.i]
+        q = m.ops.linear(h, t["cross_q.weight"], t.get("cross_q.bias")).view(B, T, self.heads, -1).transpose(1, 2)
+        o = m.ops.attention(q, k, v, m.scale, False, None, m.cross_mask)                  # (B, H, T, hd)
+        return m.ops.linear(o.transpose(1, 2).reshape(B, T, -1), t["cross_out.weight"], t.get("cross_out.bias"))
+
     def _disentangled(self, q, k):
         """DeBERTa's position terms for q, k (B, H, T, hd): q_i . k_rel[r] (c2p) plus k_j . q_rel[r] (p2c), r the
         row of i - j's bucket, k_rel and q_rel this layer's own key and query projections of the (normed) relative
@@ -1706,13 +1721,14 @@ class Block(nn.Module):
         kc[:, :, start:start + T].copy_(k)
         vc[:, :, start:start + T].copy_(v)
         S = start + T
-        if T == 1 and m.ops.name != "torch":
+        bias = m.score_bias if bias is None else bias          # T5's decoder: its keys' relative bias
+        if T == 1 and m.ops.name != "torch" and bias is None:
             seq = torch.full((B,), S, dtype=torch.int32, device=k.device)
             return lambda q: m.ops.decode_attention(q[:, :, 0], kc, vc, seq, m.scale, m.alibi, self.window, m.softcap,
                                                     sinks=self.sinks, chunk=self.chunk).reshape(B, 1, -1)
         return lambda q: flat(m.ops.attention(q, kc[:, :, :S], vc[:, :, :S], m.scale, m.causal, m.alibi,
                                               key_padding_mask, self.window, m.softcap, sinks=self.sinks,
-                                              chunk=self.chunk))
+                                              chunk=self.chunk, bias=bias))
 
     def _attend_shared(self, q, positions, cache, pos_t=None, seq_t=None):
         """Gemma 4 E2B/E4B's last layers: q alone, normed and rotated as usual, attends over the keys and values of
@@ -1988,16 +2004,20 @@ def _rope_tail(ops, x, cos, sin, positions, style, rd):
     return torch.cat([x[..., :lo], tail], -1)
 
 
-def _rel_buckets(T: int, buckets: int, max_distance: int, device=None):
-    """MPNet's (T5's bidirectional) bucket of each key's offset from each query, [T, T]: half the buckets for keys
+def _rel_buckets(T: int, buckets: int, max_distance: int, device=None, causal: bool = False, S: int | None = None):
+    """MPNet's (T5's bidirectional) bucket of each key's offset from each query, [T, S]: half the buckets for keys
     after the query; in each half, offsets below a quarter of the buckets exactly, then log-spaced up to
-    max_distance, the last bucket beyond. In float32, truncated, as transformers computes it."""
-    d = torch.arange(T, device=device).view(1, T) - torch.arange(T, device=device).view(T, 1)   # key - query
-    half = buckets // 2
-    exact, n = half // 2, d.abs()
+    max_distance, the last bucket beyond. In float32, truncated, as transformers computes it. causal (T5's decoder):
+    every bucket for the keys at or before the query, half of them exact (a later key takes bucket 0, and is masked).
+    S: the keys, of which the T queries are the last (a decode step's, over its cache); None: T."""
+    S = T if S is None else S
+    d = torch.arange(S, device=device).view(1, S) - torch.arange(S - T, S, device=device).view(T, 1)  # key - query
+    half = buckets if causal else buckets // 2
+    exact, n = half // 2, (-d).clamp(min=0) if causal else d.abs()
     far = exact + (torch.log(n.clamp(min=1).float() / exact) / math.log(max_distance / exact)
                    * (half - exact)).to(torch.long)
-    return (d > 0).long() * half + torch.where(n < exact, n, far.clamp(max=half - 1))
+    near = torch.where(n < exact, n, far.clamp(max=half - 1))
+    return near if causal else (d > 0).long() * half + near
 
 
 def _log_buckets(T: int, span: int, buckets: int, max_position: int, device=None, **_):
@@ -2027,6 +2047,8 @@ def _visible(S: int, T: int, key_padding_mask, device):
 
 
 def _decode_graph_safe(model) -> bool:
+    if model.spec.get("encoder"):      # an encoder-decoder decodes eagerly: its relative bias and source per batch
+        return False
     return all(b.device_routed(1) for b in model.blocks if "router.weight" in b.t) and all(   # dense blocks are
         b._on_device(b.t["moa_q.weight"], model.spec["moa"]["top_k"]) for b in model.blocks    # JetMoe's attention
         if "moa_q.weight" in b.t)                                                            # experts likewise
@@ -2109,6 +2131,7 @@ class FusedModel(nn.Module):
         for i, owner in loop_owners(sp.get("loop"), sp["num_layers"], sp["shared_layers"]).items():   # ALBERT too
             if owner != i:
                 per_layer[i].update(per_layer[owner])
+        self.cross = self.cross_mask = None    # an encoder-decoder: each layer's source keys and values (attach)
         self.loop_state = {}        # HRM-Text: the forward's latest z_L and z_H
         self.embeds = None          # Zamba2: the forward's embeddings, which every shared block reads again
         self.router_state = None    # ZAYA: the last router's state in this forward, which the next one reads
@@ -2393,6 +2416,21 @@ class FusedModel(nn.Module):
         s = self.spec["ssm"]
         return s["heads"] // self.tp, s["groups"] // self.tp if s["groups"] % self.tp == 0 else s["groups"]
 
+    @torch.inference_mode()
+    def attach(self, source, source_mask=None):
+        """An encoder-decoder's decoder: the encoder's output for this batch, source [B, S, hidden] (and its padding
+        mask [B, S]), projected once into every layer's cross-attention keys and values for the steps that follow.
+        The encoder's output is the same on every rank; each projects its own heads."""
+        if not self.spec.get("encoder"):
+            raise ValueError(f"{self.spec['architecture']} has no cross-attention to attach a source to")
+        B, S, _ = source.shape
+        self.cross_mask = None if source_mask is None or bool(source_mask.all()) else source_mask.bool()
+        self.cross = {}
+        for blk in self.blocks:
+            kv = self.ops.linear(source.to(self.dtype), blk.t["cross_kv.weight"], blk.t.get("cross_kv.bias"))
+            k, v = kv.view(B, S, 2, blk.heads, -1).permute(2, 0, 3, 1, 4).contiguous()   # each (B, H, S, hd)
+            self.cross[blk.i] = (k, v)
+
     # -- forward --------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def hidden(self, ids, cache=None, attention_mask=None, token_type_ids=None, output_hidden_states=False):
@@ -2403,7 +2441,8 @@ class FusedModel(nn.Module):
         x, residual = self.embed(ids, positions, token_type_ids), None
         rb = self.spec["rel_bias"]
         if rb:      # MPNet, T5: one score bias for every layer, by the keys' offsets (UMT5: a table per layer)
-            self.rel_index = _rel_buckets(T, rb["buckets"], rb["max_distance"], device=ids.device)
+            self.rel_index = _rel_buckets(T, rb["buckets"], rb["max_distance"], device=ids.device,
+                                          causal=rb.get("causal", False), S=start + T)
             self.score_bias = None if rb.get("per_layer") else self.g["rel_bias.weight"][:, self.rel_index]
         if self.spec["disentangled"]:  # DeBERTa: every layer's position terms read these rows
             sp, g = self.spec["disentangled"], self.g

@@ -277,7 +277,7 @@ class TorchOps:
             # A whole prompt from position 0: sdpa's own causal path, about twice as fast as a mask on CPU
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, **gqa)
         mask = None
-        if causal and T == 1 and alibi_slopes is None and not window and not chunk:
+        if causal and T == 1 and alibi_slopes is None and not window and not chunk and bias is None:
             pass    # one query at the last position sees every key: the causal mask is all true
         elif causal or alibi_slopes is not None or window or bias is not None:
             qpos = torch.arange(S - T, S, device=q.device).unsqueeze(1)
