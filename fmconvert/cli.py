@@ -715,6 +715,9 @@ def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, sy
     """Generate text from a converted decoder, streaming tokens to stdout. Generation stops at an end-of-sequence
     token of config.json or generation_config.json (instruct models end a turn with their own).
 
+    An encoder-decoder (T5, Flan-T5: `-p "translate English to German: ..."`) reads the prompt as its source and
+    prints its decoder's text alone.
+
     For tp > 1 launch one process per rank: `torchrun --nproc-per-node 2 -m fmconvert generate OUT_DIR -p "..."`.
     Rank 0 prints. The last line reports tokens/s and the effective weight bandwidth.
 
@@ -733,6 +736,10 @@ def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, sy
                       f"embedding model): it cannot generate; use `fmconvert embed`")
     lead = model.rank == 0
     tok = _tokenizer(out_dir)
+    seq2seq = bool(model.spec.get("encoder"))
+    if seq2seq and chat:
+        raise FmError(f"{out_dir} holds an encoder-decoder ({model.spec['architecture']}): it reads the prompt as its "
+                      f"source; drop --chat")
     ids = torch.tensor([prompt_ids(tok, prompt, chat, system, out_dir)], dtype=torch.long)
     stops = stop_ids(out_dir, model.spec)
     cold = int8_gemv_cpu.cold(packed_int8(model)) if int8_gemv_cpu.usable() else []
@@ -740,8 +747,10 @@ def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, sy
         click.echo(f"[building the CPU int8 kernels for {len(cold)} weight shapes: ~15 s the first time on this "
                    "machine, a few seconds once cached]", err=True)
     warm_up(model)
-    state = {"text": tok.decode(ids[0], skip_special_tokens=True), "ids": ids[0].tolist()}
-    if lead and not chat:
+    # an encoder-decoder's output is a new text (after its start token), a decoder's continues the prompt
+    state = {"text": "", "ids": []} if seq2seq else \
+        {"text": tok.decode(ids[0], skip_special_tokens=True), "ids": ids[0].tolist()}
+    if lead and not chat and not seq2seq:
         click.echo(state["text"], nl=False)
 
     def on_token(t):

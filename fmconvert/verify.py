@@ -25,6 +25,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -149,7 +150,11 @@ def plan_source(model_dir: Path, m: dict, ckpt):
     from .read import load_config
 
     config, config_sha = load_config(model_dir)
-    _, arch = policy_of(config)
+    policy, arch = policy_of(config)
+    if policy.seq2seq and m["model"].get("kind") == "encoder":      # an encoder-decoder's encoder/ half
+        from .policy import encoder_half
+        config = encoder_half(config, policy, arch)
+        arch = config.architectures[0]
     if arch != m["model"].get("architecture"):
         raise FmError(f"{model_dir} holds a {arch} model, but the manifest was converted from "
                       f"{m['model'].get('architecture')}; pass the model directory it was converted from")
@@ -670,11 +675,58 @@ def _reports(architecture: str) -> tuple[str | None, int]:
     return pol.table.get("hf_hidden_states"), pol.sublayers
 
 
-def run_converted(runner: _Ranks, batches: torch.Tensor, kind: str) -> list:
+def run_converted(runner: _Ranks, batches: torch.Tensor, kind: str, sources: torch.Tensor | None = None) -> list:
     """Every rank runs every batch; rank 0 keeps (hidden states, output) per batch. Done before the reference
-    model is touched, so a failure there cannot leave other ranks waiting in a collective."""
+    model is touched, so a failure there cannot leave other ranks waiting in a collective. sources: an
+    encoder-decoder's, a row for each row of batches (its decoder's inputs)."""
+    if sources is not None:
+        return [runner.run(lambda model: _seq2seq_forward(model, src.to(model.device), ids.to(model.device)))
+                for src, ids in zip(_split(sources, kind), _split(batches, kind))]
     return [runner.run(lambda model: _converted_forward(model, ids.to(model.device), kind))
             for ids in _split(batches, kind)]
+
+
+def _teacher_forced(batches: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An encoder-decoder's rows: the first half of each row as its source, and the decoder's inputs for the
+    second half (the start token, then that half less its last token), so that logits predict the second half."""
+    half = batches.shape[1] // 2
+    target = batches[:, half:]
+    return batches[:, :half], torch.cat([torch.full_like(target[:, :1], start), target[:, :-1]], 1)
+
+
+def _seq2seq_forward(model, src, ids):
+    """_converted_forward of an encoder-decoder's decoder, the encoder's last hidden state after it."""
+    enc = model.source_encoder.hidden(src)
+    model.attach(enc)
+    final, states = model.hidden(ids, output_hidden_states=True)
+    return [s.float().cpu() for s in states] + [final.float().cpu()], model.logits(final).float().cpu(), None, \
+        enc.float().cpu()
+
+
+class _TeacherForced:
+    """transformers' encoder-decoder called as `_compare` calls a decoder: the decoder's inputs for each batch in
+    turn, its source the matching rows; its decoder's hidden states and logits, and its encoder's last state."""
+
+    def __init__(self, model, sources: torch.Tensor):
+        self.model, self.sources = model, iter(_split(sources, "decoder"))
+
+    def __call__(self, input_ids, attention_mask=None, output_hidden_states=True):
+        src = next(self.sources).to(input_ids.device)
+        o = self.model(input_ids=src, decoder_input_ids=input_ids, output_hidden_states=True)
+        return SimpleNamespace(hidden_states=o.decoder_hidden_states, logits=o.logits,
+                               encoder_last_hidden_state=o.encoder_last_hidden_state)
+
+
+def _check_half(model_dir: Path, out_dir: Path, ckpt) -> dict:
+    """Stages 1 and 2 for an encoder-decoder's encoder/ conversion: its files, and its tensors against the source."""
+    m = mf.read(out_dir)
+    integ = check_integrity(out_dir, m)
+    res = {"integrity": integ, "readable": integ["readable"], "failures": list(integ.get("failures", []))}
+    if integ["readable"]:
+        plan, config, _ = plan_source(model_dir, m, ckpt)
+        res["tensors"] = check_tensors(m, _read_ranks(out_dir, m), plan, ckpt, config)
+        res["failures"] += res["tensors"].get("failures", [])
+    return res
 
 
 @contextlib.contextmanager
@@ -728,11 +780,13 @@ def _faithful_reference(architecture: str, family: str) -> bool:
 
 
 def check_end_to_end(model_dir: Path, m: dict, converted: list, batches: torch.Tensor, th: Thresholds, device,
-                     token_source: str) -> dict:
+                     token_source: str, sources: torch.Tensor | None = None) -> dict:
     sp = m["model"]
     pos = sp.get("position") or {}
     with contextlib.ExitStack() as stack:
         ref = _load_reference(model_dir, sp["architecture"], sp["kind"], device, head=bool(sp.get("classifier")))
+        if sources is not None:
+            ref = _TeacherForced(ref, sources)
         note = None
         if _faithful_reference(sp["architecture"], sp["family"]) and pos.get("type") == "rope":
             note = stack.enter_context(checkpoint_rope_width(ref, int(pos["rotary_dim"]), float(pos["theta"])))
@@ -754,7 +808,8 @@ def _compare(ref, sp: dict, converted: list, batches: torch.Tensor, th: Threshol
     has_logits = None
     heads = []                                  # a sequence classifier's logits: (converted, reference)
     spans = (sp.get("classifier") or {}).get("pool") == "spans"
-    for ids, (states, out, head) in zip(_split(batches, kind), converted):
+    enc_err = [0.0, 0.0]                        # an encoder-decoder's encoder output: sum sq err, sum sq ref
+    for ids, (states, out, head, *enc_out) in zip(_split(batches, kind), converted):
         states = _hf_states(states, reports, every)
         with torch.inference_mode():
             enc = ref.base_model if head is not None else ref
@@ -765,6 +820,10 @@ def _compare(ref, sp: dict, converted: list, batches: torch.Tensor, th: Threshol
                 want = torch.stack([r.start_logits, r.end_logits], -1) if spans else r.logits
                 heads.append((head.double(), want.float().cpu().double()))
         hs = [h.float().cpu() for h in o.hidden_states]
+        if enc_out:
+            want = o.encoder_last_hidden_state.float().cpu().double()
+            enc_err[0] += float((enc_out[0].double() - want).square().sum())
+            enc_err[1] += float(want.square().sum())
         if len(hs) != len(states):
             raise FmError(f"the reference reports {len(hs)} hidden states, the runtime {len(states)}")
         for i, (a, b) in enumerate(zip(states, hs)):
@@ -818,6 +877,11 @@ def _compare(ref, sp: dict, converted: list, batches: torch.Tensor, th: Threshol
            "rel_rms": math.sqrt(out_d["err"] / out_d["sig"]) if out_d["sig"] > 0 else 0.0,
            "layers": layers, "first_divergent_layer": first_bad}
     fails = []
+    if enc_err[1]:
+        res["encoder_rel_rms"] = math.sqrt(enc_err[0] / enc_err[1])
+        if res["encoder_rel_rms"] > th.max_rel:
+            fails.append(f"end to end: the encoder's last hidden state relative RMS error "
+                         f"{res['encoder_rel_rms']:.3g} > {th.max_rel:g}")
     label = res["output"]
     if res["max_abs"] > th.atol:
         fails.append(f"end to end: {label} max abs error {res['max_abs']:.3g} > atol {th.atol:g}")
@@ -951,6 +1015,9 @@ def verify(model_dir, out_dir, text_file=None, tokens: int = 256, tp_mode: str =
                     report["tensors"] = check_tensors(m, _read_ranks(out_dir, m), plan, ckpt, config)
                 else:
                     report["tensors"] = {"skipped": "the integrity check found unreadable shards"}
+                if m["model"]["encoder"]:       # an encoder-decoder: its encoder's conversion, checked alike
+                    report["encoder"] = half = _check_half(model_dir, out_dir / m["model"]["encoder"], ckpt)
+                    integ = {**integ, "readable": integ["readable"] and half["readable"]}
             go = 1 if integ["readable"] else 0
         except FmError as e:
             go, err = -e.exit_code, e
@@ -968,6 +1035,9 @@ def verify(model_dir, out_dir, text_file=None, tokens: int = 256, tp_mode: str =
         # a pruned lm_head (Apertus 1.5) scores the first head_vocab_size tokens only: the ids are drawn from those
         ids, source = _token_ids(text, model_dir, out_dir, m["model"]["head_vocab_size"] or m["model"]["vocab_size"])
         batches = make_batches(ids, tokens, m["model"].get("max_positions") or 0)
+        sources = None
+        if m["model"]["encoder"]:       # each row's first half is the source, its second the decoder's target
+            sources, batches = _teacher_forced(batches, m["model"]["decoder_start_token_id"])
         # On CPU, int8 weights stay int8 and every batch goes through the blocked int8 matmul: packing them for the
         # one-row decode kernel would cost load time and memory for nothing here.
         kw = dict(device=dev, backend="torch", check_hashes=False, dtype=torch.float32,
@@ -994,9 +1064,10 @@ def verify(model_dir, out_dir, text_file=None, tokens: int = 256, tp_mode: str =
                                             "failures": [f"end to end: the fmconvert runtime refuses to load "
                                                          f"{out_dir}: {load_err}"]}
             else:
-                converted = run_converted(runner, batches, m["model"]["kind"])
+                converted = run_converted(runner, batches, m["model"]["kind"], sources)
                 if rank == 0:
-                    report["end_to_end"] = check_end_to_end(model_dir, m, converted, batches, th, dev, source)
+                    report["end_to_end"] = check_end_to_end(model_dir, m, converted, batches, th, dev, source,
+                                                            sources)
         finally:
             if dist_comm is not None:
                 _finish()
@@ -1009,6 +1080,7 @@ def verify(model_dir, out_dir, text_file=None, tokens: int = 256, tp_mode: str =
     fails = []
     for stage in ("integrity", "tensors", "end_to_end"):
         fails += report.get(stage, {}).get("failures", [])
+    fails += [f"encoder: {f}" for f in report.get("encoder", {}).get("failures", [])]
     report["failures"] = fails
     report["passed"] = not fails and go == 1
     report["seconds"] = time.perf_counter() - t0
@@ -1064,6 +1136,12 @@ def print_report(report: dict, console=None):
         head.add_row("tensors", ok if ts.get("passed") else bad,
                      f"{ts.get('count', 0)} reassembled and compared with the source "
                      f"({len(ts.get('failures', []))} failing)")
+    half = report.get("encoder")
+    if half is not None:        # an encoder-decoder's encoder/ conversion
+        hi, ht = half["integrity"], half.get("tensors", {})
+        head.add_row("encoder", ok if not half["failures"] else bad,
+                     f"{hi.get('files', 0)} files, {hi.get('tensors', 0)} tensors; {ht.get('count', 0)} compared with "
+                     f"the source ({len(half['failures'])} failing)")
     e = report.get("end_to_end", {})
     if "skipped" in e:
         head.add_row("end to end", bad if e.get("passed") is False else "[yellow]skipped[/yellow]", e["skipped"])
@@ -1095,6 +1173,9 @@ def print_report(report: dict, console=None):
 
         row("max abs error", e["max_abs"], th["atol"], e["max_abs"] <= th["atol"])
         row("relative RMS error", e["rel_rms"], th["max_rel"], e["rel_rms"] <= th["max_rel"])
+        if "encoder_rel_rms" in e:
+            row("encoder's output, relative RMS", e["encoder_rel_rms"], th["max_rel"],
+                e["encoder_rel_rms"] <= th["max_rel"])
         if "kl_mean" in e:
             row("KL divergence, mean", e["kl_mean"], th["max_kl"], e["kl_mean"] <= th["max_kl"])
             row("KL divergence, max", e["kl_max"], None, None)
