@@ -298,8 +298,19 @@ def inspect(out_dir, as_json):
         t.add_row("attention", f"disentangled (DeBERTa): {terms} terms over {2 * dis['span']} relative embeddings"
                   + (f", offsets log-bucketed past {dis['buckets'] // 2}" if dis["buckets"] else ""))
     if md.get("rel_bias"):
-        t.add_row("attention", f"a relative-position bias per head (MPNet): {md['rel_bias']['buckets']} buckets up "
-                  f"to {md['rel_bias']['max_distance']} positions")
+        rb = md["rel_bias"]
+        t.add_row("attention", f"a relative-position bias per head ({'T5' if md['family'].startswith('t5') else 'MPNet'}"
+                  f"): {rb['buckets']} buckets up to {rb['max_distance']} positions"
+                  + (", over earlier keys" if rb.get("causal") else "")
+                  + (", a table per layer" if rb.get("per_layer") else ""))
+    if md.get("encoder"):
+        try:
+            em = mf.read(Path(out_dir) / md["encoder"])["model"]
+            what = f"{em['architecture']}: {em['num_layers']} layers, hidden {em['hidden_size']}"
+        except FmError as e:
+            what = f"unreadable ({e})"
+        t.add_row("encoder-decoder", f"every layer cross-attends to the encoder's output ({md['encoder']}/, {what}); "
+                  f"decoding starts from token {md['decoder_start_token_id']}")
     head = md.get("classifier")
     if head:
         steps = ", ".join(f"{s['name']}{'' if s['act'] == 'none' else ' + ' + s['act']}" for s in head["steps"])

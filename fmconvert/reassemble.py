@@ -26,10 +26,28 @@ _LAYER = re.compile(r"layers\.(\d+)\.")
 
 
 class _AllFlags(dict):
-    """Every `when` condition holds: which optional slots exist is read off the written tensors instead."""
+    """Every `when` condition holds: which optional slots exist is read off the written tensors instead. A flag a
+    layout key names (T5's gated, its layout's gated_mlp) has the value the manifest's spec gives that key, so a
+    [flag, if_true, if_false] pick of tensor names picks as the conversion did."""
+
+    def __init__(self, known: dict | None = None, defined=()):
+        super().__init__(known or {})
+        self.defined = set(defined)
+
+    def __contains__(self, key):          # a pick names one of the table's flags; three tensor names do not
+        return key in self.defined
+
+    def __getitem__(self, key):
+        return self.get(key)
 
     def get(self, key, default=None):
-        return True
+        return dict.get(self, key, True)
+
+
+def _flags(pol, spec: ModelSpec) -> _AllFlags:
+    defined = pol.table.get("flags", {})
+    return _AllFlags({v: getattr(spec, k) for k, v in pol.layout.items()
+                      if isinstance(v, str) and v in defined and isinstance(getattr(spec, k, None), bool)}, defined)
 
 
 def _spec_layout(m: dict) -> tuple[ModelSpec, sl.Layout]:
@@ -143,9 +161,10 @@ def reassemble(out_dir, dequantize: bool = True) -> tuple[dict, dict[str, torch.
     if not isinstance(prefix, str):
         raise FmError("manifest: source.prefix is missing (written by an older fmconvert); cannot name HF tensors")
     out: dict[str, torch.Tensor] = {}
-    sources = [(s.slot, s) for s in pol.sources(spec, _AllFlags(), prefix, None)]
+    flags = _flags(pol, spec)
+    sources = [(s.slot, s) for s in pol.sources(spec, flags, prefix, None)]
     for i in range(spec.num_layers):
-        sources += [(f"layers.{i}.{s.slot}", s) for s in pol.sources(spec, _AllFlags(), prefix, i)]
+        sources += [(f"layers.{i}.{s.slot}", s) for s in pol.sources(spec, flags, prefix, i)]
     spelled = m["source"].get("aliases") or {}     # slots the source spelled another way than the table's first
     for key, src in sources:
         which = spelled.get(src.slot if key == src.slot else f"layers.{src.slot}")
@@ -171,4 +190,7 @@ def reassemble(out_dir, dequantize: bool = True) -> tuple[dict, dict[str, torch.
         canon.pop("pos_embed.weight", None)         # XGLM's table is computed, not a checkpoint tensor
     if canon:
         raise FmError(f"{out_dir}: no {spec.architecture} tensor name for {', '.join(sorted(canon))}")
+    if spec.encoder:        # an encoder-decoder: its encoder's tensors too (the embeddings both halves read, once)
+        for n, t in reassemble(Path(out_dir) / spec.encoder, dequantize)[1].items():
+            out.setdefault(n, t)
     return m, out
