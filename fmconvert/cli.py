@@ -670,19 +670,27 @@ def prompt_ids(tok, prompt: str, chat: bool, system: str | None, out_dir: Path) 
     return [int(i) for i in ids]
 
 
+def _generation_config(out_dir: Path) -> dict:
+    """generation_config.json as a dict ({} when there is none)."""
+    path = Path(out_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        cfg = json.loads(path.read_text())
+    except (ValueError, OSError):
+        raise FmError(f"{path}: not a JSON object") from None
+    if not isinstance(cfg, dict):
+        raise FmError(f"{path}: not a JSON object")
+    return cfg
+
+
 def stop_ids(out_dir: Path, spec: dict) -> list[int]:
     """End-of-sequence ids: config.json's (in the manifest) and generation_config.json's, where instruct models
     list the token that ends a turn (Llama 3's <|eot_id|>, Gemma's <end_of_turn>)."""
     def ints(v):
         v = v if isinstance(v, list) else [v]
         return [i for i in v if type(i) is int and i >= 0]
-    ids = ints(spec.get("eos_token_id"))
-    path = Path(out_dir) / "generation_config.json"
-    if path.is_file():
-        try:
-            ids += ints(json.loads(path.read_text()).get("eos_token_id"))
-        except (ValueError, AttributeError):
-            raise FmError(f"{path}: not a JSON object") from None
+    ids = ints(spec.get("eos_token_id")) + ints(_generation_config(out_dir).get("eos_token_id"))
     return sorted(set(ids))
 
 
@@ -772,7 +780,10 @@ def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, sy
         click.echo(text[len(state["text"]):], nl=False)
         state["text"] = text
 
-    _, st = gen(model, ids, max_new_tokens, temperature, top_p, seed, stops, on_token)
+    forced = _generation_config(out_dir).get("forced_bos_token_id") if seq2seq else None
+    if forced is not None and (type(forced) is not int or not 0 <= forced < model.spec["vocab_size"]):
+        raise FmError(f"{out_dir}/generation_config.json: forced_bos_token_id must be a token id, got {forced!r}")
+    _, st = gen(model, ids, max_new_tokens, temperature, top_p, seed, stops, on_token, forced_bos=forced)
     if lead:
         click.echo("\n", nl=False)
         wb = weight_bytes(model) * model.tp

@@ -515,11 +515,11 @@ def validate(m) -> dict:
           "model.rel_bias is causal in a decoder (T5's) and bidirectional in an encoder")
     cross = {f"layers.cross_{s}.weight" for s in ("norm", "q", "kv", "out")}
     _need((model["encoder"] is not None) == bool(cross & set(model["slots"])) and (model["encoder"] is None or (
-        cross <= set(model["slots"]) and model["kind"] == "decoder" and model["residual"] == "pre"
+        cross <= set(model["slots"]) and model["kind"] == "decoder" and model["residual"] in ("pre", "post")
         and model["decoder_start_token_id"] is not None and model["decoder_start_token_id"] < model["vocab_size"]
         and model["num_kv_heads"] == model["num_heads"] and not model["mla"] and not model["linear_layers"]
         and not model["num_experts"] and model["loop"] is None and not model["block_parts"])),
-          "model.encoder and the cross-attention slots go together, in a pre-norm decoder with a start token, full "
+          "model.encoder and the cross-attention slots go together, in a pre- or post-norm decoder with a start token, full "
           "attention heads, and no mixture, linear layers or loops")
     _need(model["rel_bias"] is None or model["disentangled"] is None,       # the runtime adds one bias or the other
           "model.rel_bias and model.disentangled do not go together")

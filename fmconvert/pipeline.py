@@ -197,7 +197,8 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
     # an encoder-decoder converts in two halves: each leaves the other's tensors to it
     other = getattr(config, "fmconvert_skip", None) or tuple((policy.seq2seq or {}).get("encoder_prefixes", ()))
     for n in ckpt.names():
-        if n in consumed or any(p.fullmatch(n) for p in ignore) or n.startswith(other):
+        if n in consumed or any(p.fullmatch(n) for p in ignore) or n.startswith(other) or \
+                n.startswith(tuple(prefix + o for o in other)):
             continue
         if any(n.startswith(p) for p in drop):
             dropped["tensors"] += 1

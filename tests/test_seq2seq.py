@@ -20,11 +20,17 @@ from fmconvert.runtime.load import load
 BASE = dict(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
             relative_attention_num_buckets=8, relative_attention_max_distance=20, decoder_start_token_id=0,
             pad_token_id=0, eos_token_id=1)
+BART = dict(vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64,
+            decoder_start_token_id=2, pad_token_id=1, bos_token_id=0, eos_token_id=2, forced_eos_token_id=None)
 MODELS = {   # name -> (config class, model class, config overrides, untied head)
     "t5": ("T5Config", "T5ForConditionalGeneration", dict(feed_forward_proj="relu"), False),
     "flan_t5": ("T5Config", "T5ForConditionalGeneration", dict(feed_forward_proj="gated-gelu"), True),
     "mt5": ("MT5Config", "MT5ForConditionalGeneration", dict(feed_forward_proj="gated-gelu"), True),
     "umt5": ("UMT5Config", "UMT5ForConditionalGeneration", dict(feed_forward_proj="gated-gelu"), True),
+    "bart": ("BartConfig", "BartForConditionalGeneration", dict(BART, activation_function="gelu"), False),
+    "mbart": ("MBartConfig", "MBartForConditionalGeneration", dict(BART, activation_function="relu",
+                                                                     scale_embedding=True), False),
 }
 
 
@@ -33,15 +39,17 @@ def build(name: str, **overrides):
     Flan-T5's head its own, as Flan-T5 and T5 v1.1 save it (tie_word_embeddings false, no scaling)."""
     import transformers
     cfg_cls, model_cls, kw, untied = MODELS[name]
-    config = getattr(transformers, cfg_cls)(**{**BASE, **kw, **overrides})
+    config = getattr(transformers, cfg_cls)(**{**({} if "d_model" in kw else BASE), **kw, **overrides})
     torch.manual_seed(0)
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if "layer_norm" in n:
+            if "layer_norm" in n or "layernorm" in n:
                 p.add_(torch.randn_like(p) * 0.1)
             elif n.endswith("relative_attention_bias.weight"):
                 p.copy_(torch.randn_like(p))
+        if hasattr(model, "final_logits_bias"):      # BART: zeros by default
+            model.final_logits_bias.copy_(torch.randn_like(model.final_logits_bias) * 0.1)
         if untied:
             model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.2)
             model.config.tie_word_embeddings = False
@@ -71,6 +79,15 @@ def source():
     return ids, mask, target
 
 
+def until_eos(tokens, eos: int) -> list:
+    """Each row's tokens after the start token, up to and with its first eos (transformers pads a finished row; the
+    runtime goes on until every row has finished)."""
+    rows = []
+    for row in tokens[:, 1:].tolist():
+        rows.append(row[:row.index(eos) + 1] if eos in row else row)
+    return rows
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_matches_transformers(saved, tmp_path, name, tp):
@@ -81,8 +98,7 @@ def test_matches_transformers(saved, tmp_path, name, tp):
     hf = build(name)
     with torch.no_grad():
         want = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=target)
-        greedy = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=7, do_sample=False, num_beams=1,
-                             min_new_tokens=7)
+        greedy = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=7, do_sample=False, num_beams=1)
 
     def run(m):
         enc = m.source_encoder.hidden(ids, attention_mask=mask)
@@ -90,13 +106,13 @@ def test_matches_transformers(saved, tmp_path, name, tp):
         whole = m(target)
         cache = m.new_cache(2, target.shape[1])
         steps = torch.cat([m(target[:, j:j + 1], cache) for j in range(target.shape[1])], 1)
-        return enc, whole, steps, generate(m, ids, 7, source_mask=mask)[0]
+        return enc, whole, steps, generate(m, ids, 7, source_mask=mask, eos_token_id=hf.config.eos_token_id)[0]
     real = mask.bool()
     for enc, whole, steps, tokens in tiny.on_ranks(out, tp, run):
         assert tiny.rel(enc[real], want.encoder_last_hidden_state[real]) < 1e-5
         assert tiny.rel(whole, want.logits) < 1e-5
         assert tiny.rel(steps, want.logits) < 1e-5
-        assert tokens.tolist() == greedy.tolist()
+        assert until_eos(tokens, hf.config.eos_token_id) == until_eos(greedy, hf.config.eos_token_id)
 
 
 def test_the_bias_and_the_source_each_matter(saved, tmp_path):
@@ -182,6 +198,18 @@ def test_cli_generate_and_verify(saved, tmp_path):
     shard.write_bytes(bytes(data))
     r = runner.invoke(cli, ["verify", str(src), str(out)])
     assert r.exit_code != 0 and "encoder:" in r.output, r.output
+
+
+def test_a_forced_first_token_as_transformers_forces_it(saved, tmp_path):
+    """mBART-50 and NLLB start their output with the target language's token (forced_bos_token_id): the first new
+    token is that one, and the rest follows from it as in transformers."""
+    convert(saved("mbart"), tmp_path / "out", Options(), progress=False)
+    ids, mask, _ = source()
+    with torch.no_grad():
+        want = build("mbart").generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                       num_beams=1, forced_bos_token_id=7)
+    got = generate(load(tmp_path / "out"), ids, 6, source_mask=mask, forced_bos=7, eos_token_id=2)[0]
+    assert got[:, 1].tolist() == [7, 7] and until_eos(got, 2) == until_eos(want, 2)
 
 
 def test_a_decoder_needs_its_source(saved, tmp_path):

@@ -100,18 +100,20 @@ def warm_up(model: FusedModel) -> int:
 
 def generate(model: FusedModel, input_ids: torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, eos_token_id=None, on_token=None,
-             cuda_graph: bool | None = None, source_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, GenStats]:
+             cuda_graph: bool | None = None, source_mask: torch.Tensor | None = None,
+             forced_bos: int | None = None) -> tuple[torch.Tensor, GenStats]:
     """input_ids [B, T] -> [B, T + new]. `on_token(ids [B])` is called as each step's tokens are chosen.
     On CUDA the decode step is replayed from a CUDA graph unless cuda_graph=False. The CPU int8 kernels are built
     first (`warm_up`), outside the timings in GenStats.
 
     An encoder-decoder (T5) reads input_ids [B, S] (padded where source_mask [B, S] is 0) as the source, and
     returns its decoder's tokens [B, 1 + new], from the start token on; its prefill is the encoder and the first
-    decoder step. It decodes eagerly (no CUDA graph)."""
+    decoder step. It decodes eagerly (no CUDA graph). forced_bos: the first new token, whatever the logits say (mBART-50's
+    and NLLB's target language, generation_config.json's forced_bos_token_id)."""
     warm_up(model)
     if model.spec.get("encoder"):
         return _generate_seq2seq(model, input_ids, source_mask, max_new_tokens, temperature, top_p, seed,
-                                 eos_token_id, on_token)
+                                 eos_token_id, on_token, forced_bos)
     threads = torch.get_num_threads()
     single = model.device.type == "cpu" and threads > 1 and weight_bytes(model) < SMALL_MODEL_BYTES
     if single:
@@ -125,21 +127,24 @@ def generate(model: FusedModel, input_ids: torch.Tensor, max_new_tokens: int = 6
 
 
 @torch.inference_mode()
-def _generate_seq2seq(model, source, source_mask, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token):
+def _generate_seq2seq(model, source, source_mask, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token,
+                      forced_bos=None):
     dev = model.device
     source = source.to(dev)
     mask = None if source_mask is None else source_mask.to(dev)
     t0 = time.perf_counter()
     model.attach(model.source_encoder.hidden(source, attention_mask=mask), mask)
     start = torch.full((source.shape[0], 1), model.spec["decoder_start_token_id"], dtype=torch.long, device=dev)
-    out, stats = _generate(model, start, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token, False)
+    out, stats = _generate(model, start, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token, False,
+                           forced_bos)
     stats.prompt_tokens = source.shape[1]
     stats.prefill_s = time.perf_counter() - t0 - stats.decode_s      # the encoder, then the first decoder step
     return out, stats
 
 
 @torch.inference_mode()
-def _generate(model, input_ids, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token, cuda_graph):
+def _generate(model, input_ids, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token, cuda_graph,
+              forced_first=None):
     if model.spec["kind"] != "decoder":
         raise ValueError("generate needs a decoder; use embed for encoders")
     B, T = input_ids.shape
@@ -170,7 +175,8 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_p, seed, eos_to
     logits = first(ids)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     for step in range(max_new_tokens):
-        tok = sample(logits, temperature, top_p, gen)
+        tok = sample(logits, temperature, top_p, gen) if step or forced_first is None else \
+            torch.full((B,), forced_first, dtype=torch.long, device=dev)
         tok = model.comm.broadcast(tok.contiguous(), 0)
         if step == 0:
             sync()

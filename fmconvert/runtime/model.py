@@ -275,7 +275,8 @@ class Block(nn.Module):
         else:
             h = x
         a = m.comm.all_reduce(self.mix(h, positions, cache, key_padding_mask, pos_t, seq_t))
-        if "cross_q.weight" in t:     # an encoder-decoder (T5): cross-attention over the source, pre-norm
+        cross = "cross_q.weight" in t     # an encoder-decoder (T5, BART): cross-attention over the source
+        if cross and pre:
             h, residual = self._add_norm(a, residual, "cross_norm", None)
             a = m.comm.all_reduce(self.cross_attention(h))
         if pre:       # Gemma 2/3 norm the attention's output before it joins the stream: one launch for both
@@ -283,6 +284,9 @@ class Block(nn.Module):
                                          self.attn_add[0])
         else:
             h, _ = ops.add_norm(a, x, t["attn_norm.weight"], t.get("attn_norm.bias"), m.eps, m.norm)
+            if cross:       # BART: post-LN, its own norm after the residual add
+                h, _ = ops.add_norm(m.comm.all_reduce(self.cross_attention(h)), h, t["cross_norm.weight"],
+                                    t.get("cross_norm.bias"), m.eps, m.norm)
         if pre and "experts_norm.weight" in t:
             f = self._beside_dense(h, residual)
         else:
