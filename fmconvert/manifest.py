@@ -248,6 +248,7 @@ _MODEL_OPTIONAL = {
                  "null or {buckets (a multiple of 4), max_distance (past a quarter of them), per_layer, causal}"),
     "encoder": (None, lambda x: x is None or x == "encoder", "null or \"encoder\""),
     "decoder_start_token_id": (None, _TOKEN, "null or a token id"),
+    "embed_from": (None, lambda x: x is None or x == "..", "null or \"..\""),
 }
 
 
@@ -513,6 +514,8 @@ def validate(m) -> dict:
           "and no final norm")
     _need(model["rel_bias"] is None or (model["kind"] == "decoder") == bool(model["rel_bias"].get("causal")),
           "model.rel_bias is causal in a decoder (T5's) and bidirectional in an encoder")
+    _need(model["embed_from"] is None or (model["kind"] == "encoder" and "embed.weight" not in model["slots"]),
+          "model.embed_from is an encoder half's, whose embeddings are the decoder's (no embed.weight of its own)")
     cross = {f"layers.cross_{s}.weight" for s in ("norm", "q", "kv", "out")}
     _need((model["encoder"] is not None) == bool(cross & set(model["slots"])) and (model["encoder"] is None or (
         cross <= set(model["slots"]) and model["kind"] == "decoder" and model["residual"] in ("pre", "post")

@@ -174,6 +174,14 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
             numel = math.prod(got)
             params += numel
             bytes_in += ckpt.stored_bytes(n)
+    own = getattr(config, "fmconvert_own", None)
+    if own is not None:     # an encoder half whose embeddings are the table both halves read (T5's and BART's shared)
+        emb = next((s for s in globals_ if s.slot == "embed.weight" and s.names), None)
+        if emb is not None and not emb.names[0].startswith((*own, *(prefix + o for o in own))):
+            spec.embed_from = ".."          # stored once, with the decoder, which counts it
+            params -= sum(math.prod(ckpt.shape(n)) for n in emb.names)
+            bytes_in -= sum(ckpt.stored_bytes(n) for n in emb.names)
+            emb.names = []
     globals_ = [s for s in globals_ if s.names]
     flipped = sorted(k for k, f in flips.items() if f)
     if flipped:

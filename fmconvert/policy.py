@@ -445,6 +445,8 @@ class ModelSpec:
     encoder: str | None = None     # an encoder-decoder's decoder (T5): the subdirectory holding its encoder's
     #                                conversion, whose output every layer's cross-attention reads (cross_* slots)
     decoder_start_token_id: int | None = None   # and the token its decoder starts from
+    embed_from: str | None = None  # an encoder-decoder's encoder half: ".." when its embeddings are the table the
+    #                                decoder (in the directory above) stores, read from there and not stored twice
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -2732,6 +2734,7 @@ def encoder_half(config, policy: Policy, architecture: str):
     half = copy.copy(config)
     half.architectures = [enc]
     half.fmconvert_skip = tuple(policy.seq2seq["decoder_prefixes"])
+    half.fmconvert_own = tuple(policy.seq2seq["encoder_prefixes"])      # an embedding table elsewhere is shared
     return half
 
 

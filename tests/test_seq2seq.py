@@ -143,6 +143,9 @@ def test_int8_stays_close_and_halves_are_stored_apart(saved, tmp_path):
     assert "layers.0.cross_kv.weight" in m["quantization"]["tensors"]
     enc = json.loads((out / "encoder" / "manifest.json").read_text())
     assert enc["model"]["architecture"] == "T5EncoderModel" and enc["model"]["kind"] == "encoder"
+    # the shared embeddings are stored once, with the decoder, and the encoder half reads them from there
+    assert enc["model"]["embed_from"] == ".." and not any(n.startswith("embed.") for r in enc["ranks"]
+                                                           for n in r["tensors"])
     with safe_open(out / "rank1-00001.safetensors", "pt") as f:
         names = set(f.keys())
     assert "layers.1.cross_q.weight" in names and not any("encoder" in n for n in names)
@@ -210,6 +213,23 @@ def test_a_forced_first_token_as_transformers_forces_it(saved, tmp_path):
                                        num_beams=1, forced_bos_token_id=7)
     got = generate(load(tmp_path / "out"), ids, 6, source_mask=mask, forced_bos=7, eos_token_id=2)[0]
     assert got[:, 1].tolist() == [7, 7] and until_eos(got, 2) == until_eos(want, 2)
+
+
+def test_the_encoder_half_loads_on_its_own(saved, tmp_path):
+    """encoder/ is a conversion of its own (`fmconvert embed` reads it): loaded alone it reads the shared embeddings
+    from the decoder's files above it and gives the states transformers' encoder does; with the decoder gone it
+    says where its embeddings were."""
+    import shutil
+    out = tmp_path / "out"
+    convert(saved("bart"), out, Options(), progress=False)
+    ids, mask, _ = source()
+    with torch.no_grad():
+        want = build("bart").get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    got = load(out / "encoder").hidden(ids, attention_mask=mask)
+    assert tiny.rel(got[mask.bool()], want[mask.bool()]) < 1e-5
+    shutil.copytree(out / "encoder", tmp_path / "alone")
+    with pytest.raises(Exception, match="embeddings are stored with its decoder"):
+        load(tmp_path / "alone")
 
 
 def test_a_decoder_needs_its_source(saved, tmp_path):

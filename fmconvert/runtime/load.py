@@ -295,7 +295,8 @@ def check_layout(m: dict, rank: int):
         return out
     layer_shapes = [shapes(i) for i in range(sp["num_layers"])]      # once per layer, not once per tensor
     tensors = m["ranks"][rank]["tensors"]
-    need = {"embed.weight"} | {s for s in sp["slots"] if not s.startswith("layers.")}
+    need = ({"embed.weight"} if not sp["embed_from"] else set()) | \
+        {s for s in sp["slots"] if not s.startswith("layers.")}
     need |= {s for s, on in [("lm_head.weight", sp["kind"] == "decoder" and not sp["tied_embeddings"]
                               and not sp["headless"]),
                              ("final_norm.weight", sp["final_norm"] and sp["norm_affine"]),
@@ -504,6 +505,50 @@ def _read_rank(out_dir: Path, manifest: dict, rank: int, check_hashes: bool):
         raise
 
 
+def _borrowed_embed(out_dir: Path, m: dict, rank: int, check_hashes: bool) -> dict[str, torch.Tensor]:
+    """An encoder half's embeddings from the decoder's conversion it lies in (model.embed_from): that rank's
+    embed.weight (and int8 scales), which must have the shape this half's spec and layout give it."""
+    parent = out_dir / m["model"]["embed_from"]
+    try:
+        pm = mf.read(parent)
+    except FmError as e:
+        raise FmError(f"{out_dir} is an encoder-decoder's encoder, whose embeddings are stored with its decoder in "
+                      f"{parent.resolve()}, which cannot be read ({e})") from None
+    sp, psp = m["model"], pm["model"]
+    if psp.get("encoder") is None or (parent / psp["encoder"]).resolve() != out_dir.resolve() or \
+            pm["parallel"]["tp"] != m["parallel"]["tp"] or psp["vocab_size"] != sp["vocab_size"] or \
+            psp["embed_dim"] != sp["embed_dim"]:
+        raise FmError(f"{out_dir}: its embeddings are the decoder's in {parent}, which is not the encoder-decoder it "
+                      f"belongs to (or has another vocabulary, width or tp)")
+    entry = pm["ranks"][rank]
+    names = [n for n in ("embed.weight", "embed.weight_scale") if n in entry["tensors"]]
+    if not names:
+        raise FmError(f"{parent}: rank {rank} holds no embed.weight for its encoder")
+    files = {entry["tensors"][n]["file"] for n in names}
+    sub = {"files": [f for f in entry["files"] if f["path"] in files],
+           "tensors": {n: entry["tensors"][n] for n in names}}
+    headers, to_hash = {}, []
+    for f in sub["files"]:
+        p = mf.safe_path(parent, f["path"])
+        if not p.is_file() or p.stat().st_size != f["size"]:
+            raise FmError(f"{parent / f['path']} is missing or its size differs from the manifest's")
+        if check_hashes:
+            to_hash.append((p, f))
+        headers[f["path"]] = (p, check_safetensors(p, f["path"]))
+    hashes = _HashCheck(to_hash)
+    try:
+        out = _read_tensors(sub, headers, rank)
+    except BaseException:
+        hashes.cancel()
+        raise
+    hashes.wait()
+    want = [m["parallel"]["vocab_per_rank"], sp["embed_dim"]]
+    if list(out["embed.weight"].shape) != want:
+        raise FmError(f"{parent}: embed.weight is {list(out['embed.weight'].shape)} on rank {rank}, its encoder needs "
+                      f"{want}")
+    return out
+
+
 def _read_tensors(entry: dict, headers: dict, rank: int) -> dict[str, torch.Tensor]:
     by_file: dict[str, list[str]] = {}
     for name, t in entry["tensors"].items():
@@ -616,7 +661,7 @@ def _assemble(manifest: dict, raw: dict, device, int8: str, dtype) -> dict:
 
 
 def load(out_dir, rank: int | None = None, device=None, backend: str = "auto", check_hashes: bool = True,
-         comm=None, dtype=None, dequantize: bool | None = None, verbose: bool = False) -> FusedModel:
+         comm=None, dtype=None, dequantize: bool | None = None, verbose: bool = False, _embed=None) -> FusedModel:
     """Load this process's rank of OUT_DIR and build its FusedModel.
 
     Under torchrun the rank and the collective group come from torch.distributed (world size must equal the
@@ -652,6 +697,8 @@ def load(out_dir, rank: int | None = None, device=None, backend: str = "auto", c
         int8 = "dequantize" if ops.name == "torch" else "keep"
     dtype = dtype or _DT[m["dtype"]]
     raw, hashes = _read_rank(out_dir, m, rank, check_hashes)
+    if m["model"]["embed_from"] and _embed is None:     # an encoder half loaded on its own: the decoder's table
+        raw.update(_borrowed_embed(out_dir, m, rank, check_hashes))
     if m["model"]["row_scales"]:
         raw = fold_row_scales(m, raw)
     nbytes = sum(t.numel() * t.element_size() for t in raw.values())
@@ -672,12 +719,14 @@ def load(out_dir, rank: int | None = None, device=None, backend: str = "auto", c
         if fewer:
             torch.set_num_threads(threads)
     hashes.wait()
+    if _embed is not None:                  # the decoder's embeddings, already on the device: the same tensor
+        tensors["embed.weight"] = _embed
     if dtype != _DT[m["dtype"]]:
         m = {**m, "dtype": {v: k for k, v in _DT.items()}[dtype]}
     model = FusedModel(m, tensors, rank, comm=comm, ops=ops, device=device)
     if m["model"]["encoder"]:       # an encoder-decoder: its encoder, converted beside it, on the same rank
         model.source_encoder = load(out_dir / m["model"]["encoder"], rank, device, backend, check_hashes, comm, dtype,
-                                    dequantize)
+                                    dequantize, _embed=tensors["embed.weight"])
         nbytes += model.source_encoder.load_stats["bytes"]
     model.load_stats = {"gib": nbytes / 2**30, "seconds": time.perf_counter() - t0, "bytes": nbytes}
     if verbose and rank == 0:
