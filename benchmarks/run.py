@@ -20,10 +20,11 @@ import bench_convert  # noqa: E402
 import bench_decode  # noqa: E402
 import bench_encode  # noqa: E402
 import bench_load  # noqa: E402
+import bench_seq2seq  # noqa: E402
 import common as C  # noqa: E402
 
 SECTIONS = {"convert": bench_convert.run, "load": bench_load.run, "decode": bench_decode.run,
-            "encode": bench_encode.run}
+            "encode": bench_encode.run, "seq2seq": bench_seq2seq.run}
 
 
 def main(argv=None):

@@ -73,7 +73,18 @@ DEBERTA_V3_BASE = dict(BERT_BASE, model="deberta_v2", vocab_size=128100, relativ
                        layer_norm_eps=1e-7)
 ENCODER_SMOKE = dict(BERT_BASE, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                      vocab_size=1000)
+# Encoder-decoders: t5-base's shape (T5 v1.0: ReLU MLP, a tied and scaled head, 12 + 12 layers) and bart-base's
+# (post-LN, 6 + 6 layers, learned positions, final_logits_bias).
+T5_BASE = dict(model="t5", d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_decoder_layers=12, num_heads=12,
+               vocab_size=32128, feed_forward_proj="relu", decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+BART_BASE = dict(model="bart", d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
+                 decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072, vocab_size=50265,
+                 max_position_embeddings=1024, forced_eos_token_id=None)
+SEQ2SEQ_SMOKE = dict(T5_BASE, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+                     vocab_size=1000)
+SEQ2SEQ = ("t5", "bart")
 _MODELS = {"deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM"),
+           "t5": ("T5Config", "T5ForConditionalGeneration"), "bart": ("BartConfig", "BartForConditionalGeneration"),
            "bert": ("BertConfig", "BertModel"), "mpnet": ("MPNetConfig", "MPNetModel"),
            "falcon_mamba": ("FalconMambaConfig", "FalconMambaForCausalLM"),
            "qwen3_5": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM"),
@@ -83,6 +94,9 @@ ENCODERS = ("bert", "mpnet", "deberta_v2")
 
 
 def key(shape: dict) -> str:
+    if shape.get("model") in SEQ2SEQ:
+        return "-".join(f"{k}{v}" for k, v in sorted(shape.items()) if k != "model" and isinstance(v, int)) \
+            .join((shape["model"] + "-", "-bf16"))
     if shape.get("model") in ENCODERS:
         return "{model}-h{hidden_size}-i{intermediate_size}-l{num_hidden_layers}-a{num_attention_heads}-v{vocab_size}" \
             "-bf16".format(**shape)
@@ -118,7 +132,7 @@ def build(shape: dict, cache: Path = CACHE, seed: int = 0, max_shard_size: str =
         print(f"building synthetic checkpoint {out.name} (once; cached) ...", file=sys.stderr, flush=True)
     kw = {k: v for k, v in shape.items() if k != "model"}
     config_cls, model_cls = _MODELS.get(shape.get("model"), ("LlamaConfig", "LlamaForCausalLM"))
-    defaults = {} if shape.get("model") in ENCODERS else dict(max_position_embeddings=4096, rms_norm_eps=1e-5,
+    defaults = {} if shape.get("model") in ENCODERS + SEQ2SEQ else dict(max_position_embeddings=4096, rms_norm_eps=1e-5,
                                                               tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     config = getattr(transformers, config_cls)(**{**defaults, **kw})
     config.dtype = torch.bfloat16
@@ -128,7 +142,7 @@ def build(shape: dict, cache: Path = CACHE, seed: int = 0, max_shard_size: str =
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("norm.weight", "LayerNorm.weight")):
+            if name.endswith(("norm.weight", "LayerNorm.weight", "layer_norm.weight", "layernorm_embedding.weight")):
                 p.fill_(1.0)
                 p.add_(torch.randn(p.shape, generator=gen, dtype=torch.bfloat16), alpha=0.1)
             else:

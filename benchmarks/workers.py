@@ -156,6 +156,47 @@ def encode(a):
                       "threads": torch.get_num_threads()}))
 
 
+def seq2seq(a):
+    """fmconvert and transformers (generate, greedy, fp32, SDPA) translating the same source, alternated run by run
+    in one process: new tokens/s of the decoder's steps, and the whole call's time (the encoder, the first step and
+    the rest). Both make exactly --tokens tokens (transformers with min_new_tokens, fmconvert with no stop token)."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    _quiet_hf()
+    from transformers import AutoModelForSeq2SeqLM
+
+    from fmconvert.runtime.generate import generate, packed_int8
+    from fmconvert.runtime.load import load
+    fm = load(a.fm, device="cpu", check_hashes=False, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, fm.spec["vocab_size"], (1, a.source_len), generator=g)
+    hf = AutoModelForSeq2SeqLM.from_pretrained(a.src, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+    def hf_run(n):
+        clock = _Clock()
+        with torch.inference_mode():
+            out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1, streamer=clock)
+        new = clock.times[1:]       # [0]: the decoder's start token
+        return out[0, 1:].tolist(), (len(new) - 1) / (new[-1] - new[0]) if len(new) > 1 else 0.0
+    t0 = time.perf_counter()
+    generate(fm, ids, max_new_tokens=4)             # warm up both (and build the CPU int8 kernels)
+    warmup = time.perf_counter() - t0
+    hf_run(4)
+    fm_rates, hf_rates, fm_s, hf_s, same = [], [], [], [], []
+    for _ in range(a.runs):
+        t0 = time.perf_counter()
+        _, st = generate(fm, ids, max_new_tokens=a.tokens)
+        fm_s.append(time.perf_counter() - t0)
+        fm_rates.append(st.decode_tok_s)
+        t0 = time.perf_counter()
+        toks, rate = hf_run(a.tokens)
+        hf_s.append(time.perf_counter() - t0)
+        hf_rates.append(rate)
+        same.append(sum(x == y for x, y in zip(toks, st.tokens)) / max(len(toks), 1))
+    print(json.dumps({"fm_tok_s": fm_rates, "hf_tok_s": hf_rates, "fm_call_s": fm_s, "hf_call_s": hf_s,
+                      "token_agreement": same, "tokens": a.tokens, "source_len": a.source_len,
+                      "threads": torch.get_num_threads(), "fm_warmup_s": warmup, "int8_packed": len(packed_int8(fm))}))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -188,6 +229,13 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)
     p.set_defaults(fn=encode)
+    p = sub.add_parser("seq2seq")
+    p.add_argument("src", type=Path)
+    p.add_argument("fm", type=Path)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--source-len", type=int, default=128)
+    p.add_argument("--runs", type=int, default=3)
+    p.set_defaults(fn=seq2seq)
     a = ap.parse_args(argv)
     a.fn(a)
 

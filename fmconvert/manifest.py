@@ -922,6 +922,8 @@ def _position(model: dict):
         _need("pad_id" not in pos or (type(pos["pad_id"]) is int and pos["pad_id"] + 1 == pos["offset"]
                                       and pos["pad_id"] < model["vocab_size"]),
               "model.position.pad_id must be an int one below model.position.offset")
+        _need(pos.get("style", "fairseq") in ("fairseq", "marian") and (kind == "sinusoidal" or "style" not in pos),
+              "model.position.style of a sinusoidal table must be fairseq or marian")
 
 
 def _source(src):

@@ -188,9 +188,19 @@ def make_plan(model_dir: Path, opts: Options, ckpt: Checkpoint, config) -> Plan:
         policy = policy.flipped(k.removeprefix("layers.") for k in flipped)
     spec.pooler = any(s.slot == "pooler.weight" for s in globals_)
     per_layer = list(dict.fromkeys(s.slot for layer in layers for s in layer))    # a mixture's dense layers differ
-    spec.slots = [s.slot for s in globals_] + [f"layers.{s}" for s in per_layer]
-
     head = policy.head_prefix(prefix) + "lm_head.weight"
+    if policy.layout.get("tied") == "unless_head_differs" and spec.tied_embeddings and head in ckpt and \
+            not spec.headless:
+        # T5 under transformers 5, which calls every T5 tied: its head is the embeddings unless the checkpoint holds an
+        # lm_head that differs from them (T5 v1.1, Flan-T5), as transformers then leaves it untied
+        emb = next(s for s in globals_ if s.slot == "embed.weight")
+        if ckpt.shape(head) != ckpt.shape(emb.names[0]) or not torch.equal(ckpt.get(head), ckpt.get(emb.names[0])):
+            spec.tied_embeddings = False
+            globals_.append(SlotSource("lm_head.weight", [head], [tuple(ckpt.shape(emb.names[0]))]))
+            consumed.add(head)
+            params += math.prod(ckpt.shape(head))
+            bytes_in += ckpt.stored_bytes(head)
+    spec.slots = [s.slot for s in globals_] + [f"layers.{s}" for s in per_layer]
     tied_lm_head = head if spec.tied_embeddings and head in ckpt else None
     if tied_lm_head:
         consumed.add(tied_lm_head)
@@ -340,8 +350,14 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
 def sinusoidal_table(spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
     """XGLM's fixed positions (fairseq's): row p is sin(p w) then cos(p w), w_i = 10000^(-i / (d/2 - 1)), a zero
     column when d is odd, computed in float32 and rounded once to dtype as transformers rounds its buffer. Rows below
-    the offset are never read; the one before it, the padding index, is zero."""
+    the offset are never read; the one before it, the padding index, is zero. Style `marian` (Marian, Pegasus):
+    w_i = 10000^(-2i / d), computed in float64 and rounded to float32 as transformers' create_weight does, the sin
+    half ceil(d/2) wide; no row zeroed."""
     n, d = spec.max_positions + spec.position["offset"], spec.hidden_size
+    if spec.position.get("style") == "marian":
+        i = torch.arange((d + 1) // 2, dtype=torch.float64)
+        angle = torch.arange(n, dtype=torch.float64)[:, None] / torch.pow(10000.0, 2 * i / d)[None, :]
+        return torch.cat([torch.sin(angle), torch.cos(angle[:, :d // 2])], dim=1).float().to(dtype)
     half = d // 2
     freq = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / max(half - 1, 1)))
     angle = torch.arange(n, dtype=torch.float32)[:, None] * freq[None, :]
@@ -992,15 +1008,23 @@ def _dry_run(model_dir, opts, config, ckpt, t0) -> dict:
     plan (every check a conversion makes before reading a weight), every output tensor declared on meta tensors, and
     the files laid out. No weight is read and nothing is written."""
     plan = make_plan(model_dir, opts, ckpt, config)
-    writer = ShardWriter(Path(os.devnull), opts.tp, parse_size(opts.max_shard_size))
-    run = _Run(plan, opts, ckpt, _Source(ckpt, model_dir),
-               derived_tensors(config, plan.spec, plan.layout.heads_per_rank, opts.tp, plan.dtype))
-    run.declare(writer)
-    files = writer.planned()
+    halves = [(config, plan)]
+    if plan.policy.seq2seq:         # an encoder-decoder: its encoder's conversion too, in encoder/
+        half = encoder_half(config, plan.policy, plan.spec.architecture)
+        halves.append((half, make_plan(model_dir, opts, ckpt, half)))
+    files = []
+    for cfg, pl in halves:
+        writer = ShardWriter(Path(os.devnull), opts.tp, parse_size(opts.max_shard_size))
+        run = _Run(pl, opts, ckpt, _Source(ckpt, model_dir),
+                   derived_tensors(cfg, pl.spec, pl.layout.heads_per_rank, opts.tp, pl.dtype))
+        run.declare(writer)
+        planned = writer.planned()
+        files = planned if not files else [a + b for a, b in zip(files, planned)]
     return {"dry_run": True, "architecture": plan.spec.architecture, "family": plan.spec.family, "tp": opts.tp,
-            "int8": opts.int8, "dtype": dtype_name(plan.dtype), "groups": sorted(set(plan.groups.values())),
-            "params": plan.params,
-            "bytes_in": plan.bytes_in, "bytes_out": sum(n for f in files for _, n in f),
+            "int8": opts.int8, "dtype": dtype_name(plan.dtype),
+            "groups": sorted({g for _, pl in halves for g in pl.groups.values()}),
+            "params": sum(pl.params for _, pl in halves),
+            "bytes_in": sum(pl.bytes_in for _, pl in halves), "bytes_out": sum(n for f in files for _, n in f),
             "rank_bytes": [sum(n for _, n in f) for f in files], "files": sum(len(f) for f in files),
             "planned": files, "seconds": time.perf_counter() - t0, "dropped": plan.dropped,
             "kv_cache": mf.kv_cache_bytes(plan.spec.to_dict(), plan.layout.to_dict(), plan.dtype.itemsize)

@@ -1955,6 +1955,8 @@ class Policy:
 
     def _position(self, config, flags, c) -> dict:
         kind = self._layout("position", flags)
+        if kind == "sinusoidal_marian":     # Marian's, Pegasus's: w_i = 10000^(-2i/d), from position 0, no pad row
+            return {"type": "sinusoidal", "offset": 0, "style": "marian"}
         if kind == "none":           # no positional encoding at all (Granite 4.0's hybrids: the Mamba2 layers order)
             return {"type": "none"}
         if kind in TABLE_POSITIONS:            # sinusoidal (XGLM): a fixed table the converter writes

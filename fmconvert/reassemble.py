@@ -178,6 +178,10 @@ def reassemble(out_dir, dequantize: bool = True) -> tuple[dict, dict[str, torch.
             if t is not None:
                 for n, part in zip(src.names, pol.unfuse(spec.at(src.layer), src.slot, t, len(src.names))):
                     out[n + suffix] = part
+    if pol.layout.get("tied") == "unless_head_differs" and "lm_head.weight" in canon:     # T5's own head
+        out[pol.head_prefix(prefix) + "lm_head.weight"] = canon.pop("lm_head.weight")
+        if "lm_head.weight" + SCALE in canon:
+            out[pol.head_prefix(prefix) + "lm_head.weight" + SCALE] = canon.pop("lm_head.weight" + SCALE)
     for name in m.get("extras") or []:
         if "extra." + name not in canon:
             raise FmError(f"manifest lists extra tensor {name}, but no rank holds extra.{name}")

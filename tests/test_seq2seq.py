@@ -232,6 +232,26 @@ def test_the_encoder_half_loads_on_its_own(saved, tmp_path):
         load(tmp_path / "alone")
 
 
+def test_t5_head_is_tied_unless_the_checkpoint_holds_another(tmp_path):
+    """transformers 5 calls every T5 tied, keeps T5 v1.0's scaling, and unties the head when the checkpoint holds an
+    lm_head that differs from the embeddings: a scaled model with a head of its own converts with that head."""
+    hf = build("t5")
+    with torch.no_grad():
+        hf.lm_head.weight = torch.nn.Parameter(torch.randn_like(hf.lm_head.weight) * 0.2)
+    hf.save_pretrained(tmp_path / "src")
+    from transformers import T5ForConditionalGeneration
+    ref = T5ForConditionalGeneration.from_pretrained(tmp_path / "src").eval()
+    assert ref.config.scale_decoder_outputs and ref.lm_head.weight.data_ptr() != ref.shared.weight.data_ptr()
+    convert(tmp_path / "src", tmp_path / "out", Options(), progress=False)
+    m = load(tmp_path / "out")
+    assert not m.spec["tied_embeddings"] and m.spec["logit_scale"] == pytest.approx(32 ** -0.5)
+    ids, mask, target = source()
+    m.attach(m.source_encoder.hidden(ids, attention_mask=mask), mask)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=target).logits
+    assert tiny.rel(m(target), want) < 1e-5
+
+
 def test_a_decoder_needs_its_source(saved, tmp_path):
     convert(saved("t5"), tmp_path / "out", Options(), progress=False)
     m = load(tmp_path / "out")
