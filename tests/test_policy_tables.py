@@ -21,7 +21,7 @@ LAYOUT_KEYS = {"ple_first_ids", "attention", "rope_tables", "hc_post_eps", "hc_m
                "sinks", "query_scale_kind", "depth_scaled_residual", "index_rope_style",
                "ssm_beside_attention", "ssm_gate", "linear_gates", "sublayers", "shortcut_experts",
                "lightning", "index_rope_at", "q_gate", "windowed_latent", "latent_scale",
-               "layer_kinds", "loop"}
+               "layer_kinds", "loop", "tied"}
 
 
 def test_flags_and_binds_tighter_than_or_and_may_use_earlier_flags():
@@ -68,6 +68,12 @@ def test_every_table_names_known_slots_layout_keys_and_flags():
                 if isinstance(entry, dict):
                     assert set(entry) <= {"name", "when", "optional", "aliases", "dense_name", "hybrid_name"}, (name, slot, entry)
                     assert entry.get("when") is None or entry["when"] in flags, (name, slot, entry["when"])
+        s2s = t.get("seq2seq")          # an encoder-decoder's decoder: each architecture's encoder, a known encoder
+        if s2s is not None:
+            assert t["kind"] == "decoder" and set(s2s) == {"encoders", "encoder_prefixes", "decoder_prefixes"}, name
+            assert set(s2s["encoders"]) == set(pol.architectures), name
+            for enc in s2s["encoders"].values():
+                assert enc in policies() and policies()[enc].kind == "encoder", (name, enc)
         for key, v in pol.layout.items():                       # every flag a layout pick names exists
             while isinstance(v, list) and len(v) == 3 and isinstance(v[0], str) and key not in ("transposed", "as_row",
                                                                                                  "stored_shape"):
