@@ -252,6 +252,24 @@ def test_t5_head_is_tied_unless_the_checkpoint_holds_another(tmp_path):
     assert tiny.rel(m(target), want) < 1e-5
 
 
+def test_a_missing_or_foreign_encoder_is_refused_in_one_line(saved, tmp_path, capsys):
+    """An encoder-decoder whose encoder/ is gone, or is another conversion (here: the same model at another tp), is
+    refused by the CLI in one line that names it, with no traceback."""
+    import shutil
+
+    from corpus import assert_one_line_error, run_main
+    out, other = tmp_path / "out", tmp_path / "other"
+    convert(saved("bart"), out, Options(), progress=False)
+    convert(saved("bart"), other, Options(tp=2), progress=False)
+    shutil.rmtree(out / "encoder")
+    shutil.copytree(other / "encoder", out / "encoder")
+    code, _, err = run_main(capsys, "generate", out, "-p", "hi", "-n", "2")
+    assert_one_line_error(code, err, 2, "is not this decoder's encoder", "tp=2")
+    shutil.rmtree(out / "encoder")
+    code, _, err = run_main(capsys, "generate", out, "-p", "hi", "-n", "2")
+    assert_one_line_error(code, err, 2, "whose encoder (encoder/) cannot be read", "does not exist")
+
+
 def test_a_decoder_needs_its_source(saved, tmp_path):
     convert(saved("t5"), tmp_path / "out", Options(), progress=False)
     m = load(tmp_path / "out")

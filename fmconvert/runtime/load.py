@@ -725,6 +725,16 @@ def load(out_dir, rank: int | None = None, device=None, backend: str = "auto", c
         m = {**m, "dtype": {v: k for k, v in _DT.items()}[dtype]}
     model = FusedModel(m, tensors, rank, comm=comm, ops=ops, device=device)
     if m["model"]["encoder"]:       # an encoder-decoder: its encoder, converted beside it, on the same rank
+        try:
+            em = mf.read(out_dir / m["model"]["encoder"])
+        except FmError as e:
+            raise FmError(f"{out_dir} is an encoder-decoder whose encoder ({m['model']['encoder']}/) cannot be read: "
+                          f"{e}") from None
+        if em["parallel"]["tp"] != tp or em["model"]["kind"] != "encoder" or \
+                em["model"]["hidden_size"] != m["model"]["hidden_size"]:
+            raise FmError(f"{out_dir / m['model']['encoder']} is not this decoder's encoder: it is a "
+                          f"{em['model']['kind']} of hidden size {em['model']['hidden_size']} converted for "
+                          f"tp={em['parallel']['tp']} (the decoder: hidden size {m['model']['hidden_size']}, tp={tp})")
         model.source_encoder = load(out_dir / m["model"]["encoder"], rank, device, backend, check_hashes, comm, dtype,
                                     dequantize, _embed=tensors["embed.weight"])
         nbytes += model.source_encoder.load_stats["bytes"]
