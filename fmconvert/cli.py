@@ -728,14 +728,24 @@ def runtime_options(f):
 @click.option("--chat", is_flag=True, help="Instruct models: send the prompt as a user turn through the tokenizer's "
               "chat template (sandboxed Jinja, as transformers renders it) and print the reply alone.")
 @click.option("--system", default=None, help="With --chat: a system message before the prompt.")
+@click.option("--num-beams", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Beam search over this many beams (transformers' own search: the same tokens), printed when it "
+                   "ends; 1 = greedy or sampled, streamed.")
+@click.option("--length-penalty", default=1.0, show_default=True,
+              help="With --num-beams: a finished hypothesis scores its summed log probability / length ** this "
+                   "(above 0 favours longer ones).")
+@click.option("--early-stopping", default="false", show_default=True, type=click.Choice(["false", "true", "never"]),
+              help="With --num-beams: false stops when no live beam can beat the finished ones (as transformers' "
+                   "default); true once --num-beams hypotheses are finished; never not before the length limit.")
 @runtime_options
-def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, system, device, backend,
-             no_verify_hashes, dtype):
+def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, system, num_beams, length_penalty,
+             early_stopping, device, backend, no_verify_hashes, dtype):
     """Generate text from a converted decoder, streaming tokens to stdout. Generation stops at an end-of-sequence
     token of config.json or generation_config.json (instruct models end a turn with their own).
 
     An encoder-decoder (T5, Flan-T5: `-p "translate English to German: ..."`) reads the prompt as its source and
-    prints its decoder's text alone.
+    prints its decoder's text alone. --num-beams searches as transformers' beam search does (summarizers and
+    translators such as bart-large-cnn and opus-mt are tuned for it).
 
     For tp > 1 launch one process per rank: `torchrun --nproc-per-node 2 -m fmconvert generate OUT_DIR -p "..."`.
     Rank 0 prints. The last line reports tokens/s and the effective weight bandwidth.
@@ -783,7 +793,17 @@ def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, sy
     forced = _generation_config(out_dir).get("forced_bos_token_id") if seq2seq else None
     if forced is not None and (type(forced) is not int or not 0 <= forced < model.spec["vocab_size"]):
         raise FmError(f"{out_dir}/generation_config.json: forced_bos_token_id must be a token id, got {forced!r}")
-    _, st = gen(model, ids, max_new_tokens, temperature, top_p, seed, stops, on_token, forced_bos=forced)
+    if num_beams > 1:
+        if temperature > 0:
+            raise FmError("--num-beams searches greedily: drop --temperature")
+        from .runtime.beam import beam_search
+        stop = {"false": False, "true": True, "never": "never"}[early_stopping]
+        _, st = beam_search(model, ids, num_beams, max_new_tokens, stops, length_penalty, stop, forced_bos=forced)
+        if lead:        # the best hypothesis, once the search ends
+            text = tok.decode(state["ids"] + st.tokens, skip_special_tokens=True)
+            click.echo(text[len(state["text"]):], nl=False)
+    else:
+        _, st = gen(model, ids, max_new_tokens, temperature, top_p, seed, stops, on_token, forced_bos=forced)
     if lead:
         click.echo("\n", nl=False)
         wb = weight_bytes(model) * model.tp

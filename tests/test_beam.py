@@ -1,65 +1,71 @@
-"""Beam beyond the family tests (which run its tiny model through tiny.FAMILIES: depth-scaled residual additions
-around sandwich norms, RoPE in the windowed layers only, a gate with a bias per head, grouped sigmoid routing,
-soft-capped logits): the query temperature of its global layers, which only shows far into a sequence, the
-manifest, and that each of its own pieces is really applied."""
+"""Beam search (runtime/beam.py) against transformers' generate(num_beams=k): the same best hypothesis, token for
+token, for decoders whose caches differ (plain, a hybrid's conv and recurrent states, latent attention, windowed
+rings) and for encoder-decoders, over length penalties and the three early-stopping rules; at tp 2; from the CLI."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import tiny
 from fmconvert.pipeline import Options, convert
+from fmconvert.runtime.beam import beam_search
 from fmconvert.runtime.load import load
+from test_seq2seq import build, source, until_eos
 
 
-def test_the_global_layers_query_temperature_matches_transformers_far_into_a_sequence(model_dir, tmp_path):
-    """exp(0.1 * log1p((p + 1) / 2048)) is 1.07 at p = 2047: a prompt that long, and decode steps after it."""
-    import transformers
-    src = model_dir("beam", max_position_embeddings=4096)
-    convert(src, tmp_path / "out", Options(), progress=False)
+@pytest.mark.parametrize("name", ["llama", "qwen3_5", "deepseek_v2", "gemma3"])
+def test_decoders_search_as_transformers(model_dir, tmp_path, name):
+    convert(model_dir(name), tmp_path / "out", Options(), progress=False)
     m = load(tmp_path / "out")
-    ids = torch.randint(3, 100, (1, 2300), generator=torch.Generator().manual_seed(0))
-    hf = transformers.BeamForCausalLM.from_pretrained(src).eval()
+    hf = tiny.build(name)
+    ids = tiny.ids(7, 1, B=1)
+    eos = hf.generation_config.eos_token_id
     with torch.no_grad():
-        want = hf(ids).logits
-    cache = m.new_cache(1, 2300)
-    got = torch.cat([m(ids[:, :2296], cache)] + [m(ids[:, j:j + 1], cache) for j in range(2296, 2300)], dim=1)
-    assert tiny.rel(got, want) < 1e-5
-    assert tiny.rel(m(ids)[:, -4:], want[:, -4:]) < 1e-5
-    m.spec["query_scale_beta"] = 0.0      # no temperature: the far positions' logits move
-    assert tiny.rel(m(ids)[:, -4:], want[:, -4:]) > 1e-3
+        want = hf.generate(ids, attention_mask=torch.ones_like(ids), num_beams=3, max_new_tokens=10, do_sample=False,
+                           pad_token_id=0)
+    got, st = beam_search(m, ids, 3, 10, eos)
+    assert got[0, 7:].tolist() == want[0, 7:7 + got.shape[1] - 7].tolist() and st.tokens == got[0, 7:].tolist()
 
 
-def test_the_manifest_records_the_depth_scale_the_temperature_and_the_gate_bias(model_dir, tmp_path):
-    m = tiny.converted_manifest(model_dir("beam"), tmp_path / "out", tp=2)
-    sp = m["model"]
-    assert sp["residual_depth_scale"] and sp["norm"] == "rms_fp32" and sp["logit_softcap"] == 3.0
-    assert (sp["query_scale_kind"], sp["query_scale_beta"], sp["query_scale_from"], sp["query_scale_offset"],
-            sp["query_scale_nope_only"]) == ("power", 0.1, 2048, 1, True)
-    assert sp["nope_layers"] == [1, 3] and "local" not in sp["position"] and sp["position"]["theta"] == 1e4
-    assert "layers.attn_gate.bias" in sp["slots"] and sp["attn_gate"] and not sp["attn_gate_heads"]
-    assert sp["dense_layers"] == [0] and sp["router"] == "sigmoid" and sp["routed_scale"] == 2.5
-
-
-def test_the_stream_matches_transformers_layer_by_layer_and_the_gate_bias_matters(model_dir, tmp_path):
-    """The depth scaling only rescales the stream (the k-th sum is the plain one over sqrt(k)), which every norm
-    undoes: the logits cannot show it, the stream after each layer (what verify compares) does."""
-    import transformers
-    src = model_dir("beam")
-    convert(src, tmp_path / "out", Options(), progress=False)
-    m = load(tmp_path / "out")
-    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("k,penalty,stop", [(3, 1.0, False), (4, 2.0, True), (2, 0.5, "never")])
+@pytest.mark.parametrize("name", ["flan_t5", "umt5", "bart"])
+def test_encoder_decoders_search_as_transformers(tmp_path, name, k, penalty, stop):
+    build(name).save_pretrained(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "out", Options(), progress=False)
+    hf = build(name)
+    ids, mask, _ = source()
+    ids, mask = ids[1:, :6], mask[1:, :6]
+    eos = hf.config.eos_token_id
     with torch.no_grad():
-        want = transformers.BeamForCausalLM.from_pretrained(src).eval()(ids, output_hidden_states=True)
-    final, states = m.hidden(ids, output_hidden_states=True)
-    assert len(states) == 5 and max(tiny.rel(a, b) for a, b in zip(states[:4], want.hidden_states[:4])) < 1e-5
-    ref = m.logits(final)
-    assert tiny.rel(ref, want.logits) < 1e-5
-    for b in m.blocks:
-        b.attn_add, b.mlp_add = (1.0, None), (1.0, None)      # plain additions: the same logits, another stream
-    final, states = m.hidden(ids, output_hidden_states=True)
-    assert tiny.rel(m.logits(final), ref) < 1e-5 and tiny.rel(states[3], want.hidden_states[3]) > 0.5
-    m = load(tmp_path / "out")
-    for b in m.blocks:
-        b.t = {k: v for k, v in b.t.items() if k != "attn_gate.bias"}
-    assert tiny.rel(m(ids), ref) > 1e-3
+        want = hf.generate(input_ids=ids, attention_mask=mask, num_beams=k, max_new_tokens=9, do_sample=False,
+                           length_penalty=penalty, early_stopping=stop)
+    got, _ = beam_search(load(tmp_path / "out"), ids, k, 9, eos, penalty, stop, source_mask=mask)
+    assert until_eos(got, eos) == until_eos(want, eos)
+
+
+def test_the_beams_agree_across_ranks(tmp_path):
+    build("umt5").save_pretrained(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "out", Options(tp=2, int8=True, group_size=16), progress=False)
+    ids = source()[0][:1]
+    got = tiny.on_ranks(tmp_path / "out", 2, lambda m: beam_search(m, ids, 3, 8, 1)[0].tolist())
+    assert got[0] == got[1] and len(got[0][0]) > 1
+
+
+def test_cli_num_beams_on_the_real_model(model_dir, tmp_path, capsys):
+    """stories260K with 3 beams: the prompt, then text transformers' beam search gives for it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from corpus import run_main
+    out = tmp_path / "out"
+    convert(model_dir("stories"), out, Options(), progress=False)
+    code, stdout, err = run_main(capsys, "generate", out, "-p", "Once upon a time", "-n", "12", "--num-beams", "3")
+    assert code == 0, err
+    tok = AutoTokenizer.from_pretrained(model_dir("stories"))
+    ids = tok("Once upon a time", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(model_dir("stories")).generate(
+            ids, num_beams=3, max_new_tokens=12, do_sample=False)
+    assert stdout.strip() == tok.decode(want[0], skip_special_tokens=True).strip()
+    code, _, err = run_main(capsys, "generate", out, "-p", "hello", "--num-beams", "2", "-t", "0.7")
+    assert code == 2 and "drop --temperature" in err
