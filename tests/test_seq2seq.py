@@ -31,6 +31,8 @@ MODELS = {   # name -> (config class, model class, config overrides, untied head
     "bart": ("BartConfig", "BartForConditionalGeneration", dict(BART, activation_function="gelu"), False),
     "mbart": ("MBartConfig", "MBartForConditionalGeneration", dict(BART, activation_function="relu",
                                                                      scale_embedding=True), False),
+    "plbart": ("PLBartConfig", "PLBartForConditionalGeneration", dict(BART, activation_function="gelu",
+                                                                        scale_embedding=True), False),
 }
 
 
@@ -268,6 +270,30 @@ def test_a_missing_or_foreign_encoder_is_refused_in_one_line(saved, tmp_path, ca
     shutil.rmtree(out / "encoder")
     code, _, err = run_main(capsys, "generate", out, "-p", "hi", "-n", "2")
     assert_one_line_error(code, err, 2, "whose encoder (encoder/) cannot be read", "does not exist")
+
+
+def test_untied_bart_reads_each_halfs_own_embeddings(tmp_path):
+    """BART with tie_word_embeddings false: transformers 5 unties the encoder's and the decoder's tables from the
+    shared one (and the head); the conversion reads each half's own, stores the encoder's with it, and matches."""
+    hf = build("bart", tie_word_embeddings=False)
+    with torch.no_grad():
+        for emb in (hf.model.encoder.embed_tokens, hf.model.decoder.embed_tokens, hf.lm_head):
+            emb.weight.copy_(torch.randn_like(emb.weight) * 0.2)
+    hf.save_pretrained(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "out", Options(tp=2), progress=False)
+    enc = json.loads((tmp_path / "out" / "encoder" / "manifest.json").read_text())["model"]
+    assert enc["embed_from"] is None
+    from transformers import BartForConditionalGeneration
+    ref = BartForConditionalGeneration.from_pretrained(tmp_path / "src").eval()
+    ids, mask, target = source()
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=target)
+
+    def run(m):
+        m.attach(m.source_encoder.hidden(ids, attention_mask=mask), mask)
+        return m(target)
+    for got in tiny.on_ranks(tmp_path / "out", 2, run):
+        assert tiny.rel(got, want.logits) < 1e-5
 
 
 def test_a_decoder_needs_its_source(saved, tmp_path):

@@ -1,9 +1,11 @@
 """The fairseq-style encoder-decoders beside BART: Marian (configs/marian_seq2seq.toml with marian.toml: opus-mt,
-post-LN, Marian's sinusoidal table from position 0; a shared vocabulary or a source and a target vocabulary of their
-own), Pegasus (pegasus_seq2seq.toml with pegasus.toml: pre-LN, Marian's table, which the checkpoint stores and the
-converter recomputes) and M2M100 / NLLB-200 (m2m100_seq2seq.toml with m2m100.toml: pre-LN, fairseq's table counted
-from the ids past the pad token), against transformers at tp 1 and 2: the encoder's states, teacher-forced logits
-over a padded source, an incremental decode through the cache, greedy generation token for token."""
+post-LN, Marian's sinusoidal table from position 0), Pegasus (pegasus_seq2seq.toml with pegasus.toml: pre-LN,
+Marian's table, which the checkpoint stores and the converter recomputes), Blenderbot (blenderbot_seq2seq.toml with
+blenderbot.toml: pre-LN, learned positions from 0) and M2M100 / NLLB-200 (m2m100_seq2seq.toml with m2m100.toml:
+pre-LN, fairseq's table counted from the ids past the pad token), against transformers at tp 1 and 2: the encoder's
+states, teacher-forced logits over a padded source (M2M100's also padded on the left), an incremental decode through
+the cache, greedy generation token for token. Each half's own embeddings (separate vocabularies, untied) are refused
+in one line."""
 
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ from safetensors import safe_open
 from test_seq2seq import until_eos
 
 import tiny
+from fmconvert.errors import FmError
 from fmconvert.pipeline import Options, convert
 from fmconvert.runtime.generate import generate
-from fmconvert.runtime.load import load
 
 DIMS = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
             encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64, forced_eos_token_id=None)
@@ -38,6 +40,9 @@ MODELS = {   # name -> (config class, model class, config overrides, pad id)
                dict(DIMS, vocab_size=112, pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2,
                     activation_function="relu", scale_embedding=True, encoder_layerdrop=0.0, decoder_layerdrop=0.0),
                1),
+    "blenderbot": ("BlenderbotConfig", "BlenderbotForConditionalGeneration",
+                   dict(DIMS, vocab_size=96, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+                        activation_function="gelu", scale_embedding=True), 0),
 }
 
 
@@ -88,10 +93,10 @@ def source(name: str, left: bool = False):
     return ids, mask, target
 
 
-def check(src, out, name, tp, ids, mask, target):
+def check(src, out, name, tp, ids, mask, target, **overrides):
     convert(src, out, Options(tp=tp), progress=False)
     assert (out / "encoder" / "manifest.json").is_file()
-    hf = build(name)
+    hf = build(name, **overrides)
     eos = hf.config.eos_token_id
     with torch.no_grad():
         want = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=target)
@@ -124,13 +129,16 @@ def test_m2m100_with_a_source_padded_on_the_left(saved, tmp_path, tp):
     states it gives them unpadded (in transformers and here), and the converted model still matches throughout."""
     ids, mask, target = source("m2m100", left=True)
     check(saved("m2m100"), tmp_path / "out", "m2m100", tp, ids, mask, target)
-    m = load(tmp_path / "out")
-    assert m.source_encoder.spec["position"] == {"type": "sinusoidal", "offset": 2, "pad_id": 1}
-    padded = m.source_encoder.hidden(ids, attention_mask=mask)[1, 3:]
-    alone = m.source_encoder.hidden(ids[1:, 3:], attention_mask=mask[1:, 3:])[0]
-    assert tiny.rel(padded, alone) < 1e-5
-    m.source_encoder.spec["position"] = {"type": "sinusoidal", "offset": 2}      # positions counted from the left
-    assert tiny.rel(m.source_encoder.hidden(ids, attention_mask=mask)[1, 3:], alone) > 1e-3
+
+    def run(m):
+        enc = m.source_encoder
+        assert enc.spec["position"] == {"type": "sinusoidal", "offset": 2, "pad_id": 1}
+        padded = enc.hidden(ids, attention_mask=mask)[1, 3:]
+        alone = enc.hidden(ids[1:, 3:], attention_mask=mask[1:, 3:])[0]
+        enc.spec["position"] = {"type": "sinusoidal", "offset": 2}      # positions counted from the row's start
+        return tiny.rel(padded, alone), tiny.rel(enc.hidden(ids, attention_mask=mask)[1, 3:], alone)
+    for same, moved in tiny.on_ranks(tmp_path / "out", tp, run):
+        assert same < 1e-5 and moved > 1e-3
 
 
 def test_the_position_tables(saved, tmp_path):
@@ -155,14 +163,16 @@ def test_the_position_tables(saved, tmp_path):
         assert torch.equal(table, build("marian").model.decoder.embed_positions.weight)
 
 
-def test_separate_vocabularies_are_stored_apart(saved, tmp_path):
-    """Marian with share_encoder_decoder_embeddings false: the encoder keeps its source vocabulary, the decoder its
-    target vocabulary (and a head over it, with final_logits_bias)."""
-    convert(saved("marian_separate"), tmp_path / "out", Options(), progress=False)
-    with safe_open(tmp_path / "out" / "encoder" / "rank0-00001.safetensors", "pt") as f:
-        assert f.get_slice("embed.weight").get_shape() == [128, 32]
-    with safe_open(tmp_path / "out" / "rank0-00001.safetensors", "pt") as f:
-        assert f.get_slice("embed.weight").get_shape() == [80, 32]
+@pytest.mark.parametrize("name", ["pegasus", "m2m100", "blenderbot"])
+def test_untied_embeddings_each_half_its_own(tmp_path, name):
+    """tie_word_embeddings false: transformers 5 gives each half its own table and the head its own; so does the
+    conversion (the encoder half stores its table, not the decoder's), and the logits match."""
+    build(name, tie_word_embeddings=False).save_pretrained(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "out", Options(), progress=False)
+    enc = json.loads((tmp_path / "out" / "encoder" / "manifest.json").read_text())["model"]
+    assert enc["embed_from"] is None
+    check(tmp_path / "src", tmp_path / "out2", name, 1, *source(name), tie_word_embeddings=False)
+
 
 
 def test_verify_passes(saved, tmp_path):

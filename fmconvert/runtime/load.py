@@ -719,7 +719,7 @@ def load(out_dir, rank: int | None = None, device=None, backend: str = "auto", c
         if fewer:
             torch.set_num_threads(threads)
     hashes.wait()
-    if _embed is not None:                  # the decoder's embeddings, already on the device: the same tensor
+    if _embed is not None and m["model"]["embed_from"]:     # the decoder's embeddings, on the device: the same tensor
         tensors["embed.weight"] = _embed
     if dtype != _DT[m["dtype"]]:
         m = {**m, "dtype": {v: k for k, v in _DT.items()}[dtype]}
