@@ -764,9 +764,62 @@ def main():
         cfg.architectures = ["FalconMambaForCausalLM"]
         return small_model_decode("falcon_mamba", random_bf16(FalconMambaForCausalLM, cfg))
 
+    @stage("seq2seq_decode", out)
+    def seq2seq_decode():
+        """Encoder-decoders end to end, bf16, random weights: a T5 v1.1-shaped model (Flan-T5-base: 12 + 12 layers,
+        768 wide, gated GELU, the decoder's relative bias) and BART-base's (6 + 6, post-LN). fmconvert (Triton
+        kernels; decoding eagerly, as encoder-decoders do, no CUDA graph) against HF generate, greedy, 64 new tokens
+        from a 128-token source at batch 1: the whole call's time on each side, and teacher-forced logit parity."""
+        from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+
+        from fmconvert.runtime.generate import generate
+        from fmconvert.runtime.load import load
+        big = DEV == "cuda"
+        t5 = dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12) if big else \
+            dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)
+        bart = dict(d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
+                    decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072) if big else \
+            dict(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+                 encoder_ffn_dim=128, decoder_ffn_dim=128)
+        models = {"t5_v1_1_base": (T5ForConditionalGeneration, T5Config(
+                      vocab_size=32128, feed_forward_proj="gated-gelu", num_decoder_layers=t5["num_layers"],
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **t5)),
+                  "bart_base": (BartForConditionalGeneration, BartConfig(
+                      vocab_size=50265, max_position_embeddings=1024, forced_eos_token_id=None, **bart))}
+        S, new = (128, 64) if big else (16, 8)
+        res = {}
+        for tag, (cls, cfg) in models.items():
+            cfg.architectures = [cls.__name__]
+            hf = random_bf16(cls, cfg)
+            src = workdir(sum(p.numel() for p in hf.parameters()) * 5) / tag
+            hf.save_pretrained(src)
+            dst = src.parent / f"{tag}-bf16"
+            p = subprocess.run([sys.executable, "-m", "fmconvert", "convert", "-q", "--dtype", "bf16", str(src),
+                                str(dst)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                               text=True)
+            if p.returncode:
+                raise RuntimeError(f"convert {tag}: {p.stderr.strip()[-500:]}")
+            m = load(dst, device=DEV, backend="triton" if DEV == "cuda" else "torch")
+            ids = torch.randint(5, cfg.vocab_size, (1, S), device=DEV)
+            dec = torch.randint(5, cfg.vocab_size, (1, 16), device=DEV)
+            with torch.inference_mode():
+                want = hf(input_ids=ids, decoder_input_ids=dec).logits.float()
+                m.attach(m.source_encoder.hidden(ids))
+                got = m(dec).float()
+            kw = dict(do_sample=False, num_beams=1, min_new_tokens=new, max_new_tokens=new)
+            hf_s = timed(lambda: hf.generate(ids, **kw), 3)
+            fm_s = timed(lambda: generate(m, ids, new), 3)
+            r = {"rel_err": rel_err(got, want), "hf_s": hf_s, "fm_s": fm_s, "hf_tok_s": new / hf_s,
+                 "fm_tok_s": new / fm_s, "vs_hf": hf_s / fm_s, "source": S, "new": new}
+            print("  ", tag, {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
+            res[tag] = r
+            del m, hf
+            shutil.rmtree(src.parent, ignore_errors=True)
+        return res
+
     # Each small-model stage (about a minute each) only while enough of --deadline-s is left for it and the ones after
     for name, fn, need in (("mla_decode", mla_decode, 170), ("hybrid_decode", hybrid_decode, 120),
-                           ("mamba_decode", mamba_decode, 70)):
+                           ("mamba_decode", mamba_decode, 70), ("seq2seq_decode", seq2seq_decode, 60)):
         if args.only_7b:
             continue
         if args.deadline_s - (time.perf_counter() - t_start) > need or args.dry_run_cpu:

@@ -30,6 +30,10 @@ def test_gpu_check_dry_run(tmp_path):
     measured = {t["target"] for t in report["targets"] if t["value"] is not None}
     assert {"bf16 decode vs HF eager", "int8 decode, % of the bandwidth limit"} <= measured, report["targets"]
     assert "issue #5 targets" in p.stdout
+    for tag, r in stages["seq2seq_decode"].items():        # the encoder-decoders' stage, and their parity
+        if isinstance(r, dict) and "rel_err" in r:
+            assert r["rel_err"] < 5e-2 and r["fm_s"] > 0 and r["hf_s"] > 0, (tag, r)
+    assert {"t5_v1_1_base", "bart_base"} <= set(stages["seq2seq_decode"]), stages["seq2seq_decode"]
     for key in ("fmconvert_bf16", "fmconvert_int8"):
         b = stages[key]["breakdown"]
         assert "error" not in b, b
