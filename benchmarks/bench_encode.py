@@ -18,37 +18,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as C  # noqa: E402
-import synth  # noqa: E402
 
-WORKER = str(C.ROOT / "benchmarks" / "workers.py")
 MODELS = (("BERT-base", "BERT_BASE"), ("MPNet-base", "MPNET_BASE"), ("DeBERTa-v3-base", "DEBERTA_V3_BASE"))
 
 
-def _row(label, r, ctx, key):
+def _row(label, r):
     fm, hf = C.med(r["fm_texts_s"]), C.med(r["hf_texts_s"])
-    ctx["raw"]["encode"][key] = r
     return C.figure(f"encode {label}", fm, "texts/s", "HF AutoModel", hf, fm / hf, "", None,
                     note=f"{r['batch']} x {r['seq_len']} tokens, {len(r['fm_texts_s'])} run(s) each, HF attention "
                          f"{r['hf_attention']}; last hidden state within {r['rel_err']:.1e} (relative L2)")
 
 
 def run(ctx: dict) -> list[dict]:
-    work = ctx["cache"] / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    ctx["raw"]["encode"] = {}
-    smoke, runs = ctx["smoke"], max(ctx["runs"], 1)
-    rows = []
-    for label, shape in (("smoke", "ENCODER_SMOKE"),) if smoke else MODELS:
-        src = synth.build(getattr(synth, shape), ctx["cache"])
-        for flags, kind in (((), "fp32"), (("--int8",), "int8")):
-            out = work / f"encode-{shape.lower()}-{kind}"
-            C.rmtree(out)
-            C.run_timed([C.FMCONVERT, "convert", "-q", "--dtype", "fp32", *flags, str(src), str(out)])
-            r = C.run_json([C.PY, WORKER, "encode", str(src), str(out), "--runs", str(runs),
-                            *(("--batch", "4", "--seq-len", "16") if smoke else ())])
-            rows.append(_row(f"{label} {kind}", r, ctx, f"{shape.lower()}_{kind}"))
-            C.rmtree(out)
-    return rows
+    return C.fp32_and_int8(ctx, "encode", MODELS, "ENCODER_SMOKE", (), ("--batch", "4", "--seq-len", "16"), _row)
 
 
 def main(argv=None):

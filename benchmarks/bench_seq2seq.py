@@ -17,15 +17,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as C  # noqa: E402
-import synth  # noqa: E402
 
-WORKER = str(C.ROOT / "benchmarks" / "workers.py")
 MODELS = (("t5-base", "T5_BASE"), ("bart-base", "BART_BASE"))
 
 
-def _row(label, r, ctx, key):
+def _row(label, r):
     fm, hf = C.med(r["fm_tok_s"]), C.med(r["hf_tok_s"])
-    ctx["raw"]["seq2seq"][key] = r
     same = sum(r["token_agreement"]) / max(len(r["token_agreement"]), 1)
     return C.figure(f"seq2seq {label}", fm, "tok/s", "HF generate", hf, fm / hf, "", None,
                     note=f"{r['tokens']} new tokens from {r['source_len']}, {len(r['fm_tok_s'])} run(s) each; whole "
@@ -34,22 +31,8 @@ def _row(label, r, ctx, key):
 
 
 def run(ctx: dict) -> list[dict]:
-    work = ctx["cache"] / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    ctx["raw"]["seq2seq"] = {}
-    smoke, runs = ctx["smoke"], max(ctx["runs"], 1)
-    rows = []
-    for label, shape in (("smoke", "SEQ2SEQ_SMOKE"),) if smoke else MODELS:
-        src = synth.build(getattr(synth, shape), ctx["cache"])
-        for flags, kind in (((), "fp32"), (("--int8",), "int8")):
-            out = work / f"seq2seq-{shape.lower()}-{kind}"
-            C.rmtree(out)
-            C.run_timed([C.FMCONVERT, "convert", "-q", "--dtype", "fp32", *flags, str(src), str(out)])
-            r = C.run_json([C.PY, WORKER, "seq2seq", str(src), str(out), "--runs", str(runs),
-                            *(("--tokens", "8", "--source-len", "16") if smoke else ())])
-            rows.append(_row(f"{label} {kind}", r, ctx, f"{shape.lower()}_{kind}"))
-            C.rmtree(out)
-    return rows
+    return C.fp32_and_int8(ctx, "seq2seq", MODELS, "SEQ2SEQ_SMOKE", (), ("--tokens", "8", "--source-len", "16"),
+                           _row)
 
 
 def main(argv=None):

@@ -179,3 +179,26 @@ def main_many(ctx: dict, sections):
         log(f"section {name}")
         rows += fn(ctx)
     _finish(ctx, rows, _title(ctx))
+
+
+def fp32_and_int8(ctx: dict, section: str, models, smoke_shape: str, worker_args, smoke_args, row) -> list[dict]:
+    """Each model of `models` ((label, synth shape name)), or the smoke shape: built once, converted to float32 and
+    to int8, and the worker's `section` run on both against transformers; row(label, result, key) -> a figure."""
+    import synth
+    work = ctx["cache"] / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    ctx["raw"][section] = {}
+    worker = str(ROOT / "benchmarks" / "workers.py")
+    rows = []
+    for label, shape in (("smoke", smoke_shape),) if ctx["smoke"] else models:
+        src = synth.build(getattr(synth, shape), ctx["cache"])
+        for flags, kind in (((), "fp32"), (("--int8",), "int8")):
+            out = work / f"{section}-{shape.lower()}-{kind}"
+            rmtree(out)
+            run_timed([FMCONVERT, "convert", "-q", "--dtype", "fp32", *flags, str(src), str(out)])
+            r = run_json([PY, worker, section, str(src), str(out), "--runs", str(max(ctx["runs"], 1)),
+                          *(smoke_args if ctx["smoke"] else worker_args)])
+            ctx["raw"][section][f"{shape.lower()}_{kind}"] = r
+            rows.append(row(f"{label} {kind}", r))
+            rmtree(out)
+    return rows

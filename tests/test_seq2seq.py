@@ -59,16 +59,21 @@ def build(name: str, **overrides):
     return model
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
+def saver(tmp_path_factory, make):
+    """name -> the directory of make(name) saved, once per module."""
     made = {}
 
     def get(name: str):
         if name not in made:
             made[name] = tmp_path_factory.mktemp(name) / "src"
-            build(name).save_pretrained(made[name])
+            make(name).save_pretrained(made[name])
         return made[name]
     return get
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    return saver(tmp_path_factory, build)
 
 
 def source():

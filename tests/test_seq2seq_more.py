@@ -14,7 +14,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from test_seq2seq import until_eos
+from test_seq2seq import saver, until_eos
 
 import tiny
 from fmconvert.errors import FmError
@@ -67,14 +67,7 @@ def build(name: str, **overrides):
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    made = {}
-
-    def get(name: str):
-        if name not in made:
-            made[name] = tmp_path_factory.mktemp(name) / "src"
-            build(name).save_pretrained(made[name])
-        return made[name]
-    return get
+    return saver(tmp_path_factory, build)
 
 
 def source(name: str, left: bool = False):
