@@ -95,14 +95,11 @@ def until_eos(tokens, eos: int) -> list:
     return rows
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-@pytest.mark.parametrize("name", list(MODELS))
-def test_matches_transformers(saved, tmp_path, name, tp):
-    src, out = saved(name), tmp_path / "out"
+def matches_transformers(src, out, hf, tp, ids, mask, target):
+    """src converted at tp into out gives, on every rank, transformers' (hf's) encoder states over the real tokens,
+    teacher-forced logits, the same logits a step at a time through the cache, and its greedy tokens."""
     convert(src, out, Options(tp=tp), progress=False)
     assert (out / "encoder" / "manifest.json").is_file()
-    ids, mask, target = source()
-    hf = build(name)
     with torch.no_grad():
         want = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=target)
         greedy = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=7, do_sample=False, num_beams=1)
@@ -120,6 +117,12 @@ def test_matches_transformers(saved, tmp_path, name, tp):
         assert tiny.rel(whole, want.logits) < 1e-5
         assert tiny.rel(steps, want.logits) < 1e-5
         assert until_eos(tokens, hf.config.eos_token_id) == until_eos(greedy, hf.config.eos_token_id)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_matches_transformers(saved, tmp_path, name, tp):
+    matches_transformers(saved(name), tmp_path / "out", build(name), tp, *source())
 
 
 def test_the_bias_and_the_source_each_matter(saved, tmp_path):

@@ -14,12 +14,10 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from test_seq2seq import saver, until_eos
+from test_seq2seq import matches_transformers, saver
 
 import tiny
-from fmconvert.errors import FmError
 from fmconvert.pipeline import Options, convert
-from fmconvert.runtime.generate import generate
 
 DIMS = dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
             encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64, forced_eos_token_id=None)
@@ -87,27 +85,7 @@ def source(name: str, left: bool = False):
 
 
 def check(src, out, name, tp, ids, mask, target, **overrides):
-    convert(src, out, Options(tp=tp), progress=False)
-    assert (out / "encoder" / "manifest.json").is_file()
-    hf = build(name, **overrides)
-    eos = hf.config.eos_token_id
-    with torch.no_grad():
-        want = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=target)
-        greedy = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=7, do_sample=False, num_beams=1)
-
-    def run(m):
-        enc = m.source_encoder.hidden(ids, attention_mask=mask)
-        m.attach(enc, mask)
-        whole = m(target)
-        cache = m.new_cache(2, target.shape[1])
-        steps = torch.cat([m(target[:, j:j + 1], cache) for j in range(target.shape[1])], 1)
-        return enc, whole, steps, generate(m, ids, 7, source_mask=mask, eos_token_id=eos)[0]
-    real = mask.bool()
-    for enc, whole, steps, tokens in tiny.on_ranks(out, tp, run):
-        assert tiny.rel(enc[real], want.encoder_last_hidden_state[real]) < 1e-5
-        assert tiny.rel(whole, want.logits) < 1e-5
-        assert tiny.rel(steps, want.logits) < 1e-5
-        assert until_eos(tokens, eos) == until_eos(greedy, eos)
+    matches_transformers(src, out, build(name, **overrides), tp, ids, mask, target)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
