@@ -304,6 +304,24 @@ def test_untied_bart_reads_each_halfs_own_embeddings(tmp_path):
         assert tiny.rel(got, want.logits) < 1e-5
 
 
+def test_generation_past_a_position_table_is_refused_in_one_line(saved, tmp_path, capsys):
+    """BART's tables end at 64 positions: a source past the encoder's, or more new tokens than the decoder's holds,
+    is refused in one line naming the limit (before, an IndexError); a decoder with learned positions likewise."""
+    from corpus import assert_one_line_error, run_main
+    from fmconvert.errors import FmError
+    out = tmp_path / "out"
+    convert(saved("bart"), out, Options(), progress=False)
+    m = load(out)
+    with pytest.raises(FmError, match="the source is 70 tokens, but BartForConditionalGeneration's encoder reads at "
+                                      "most 64: shorten it"):
+        generate(m, torch.randint(3, 90, (1, 70)), 4)
+    from fmconvert.runtime.beam import beam_search
+    with pytest.raises(FmError, match="need 66 positions, but BartForConditionalGeneration has 64: ask for at most 63"):
+        beam_search(m, torch.randint(3, 90, (1, 5)), 2, 65)
+    code, _, err = run_main(capsys, "generate", out, "-p", "hi", "-n", "100")
+    assert_one_line_error(code, err, 2, "has 64: ask for at most 63 new tokens")
+
+
 def test_a_decoder_needs_its_source(saved, tmp_path):
     convert(saved("t5"), tmp_path / "out", Options(), progress=False)
     m = load(tmp_path / "out")

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .generate import GenStats, warm_up
+from .generate import GenStats, positions_left, warm_up
 from .model import FusedModel, KVCache
 
 NEG = -1.0e9            # a score no candidate can win with
@@ -56,6 +56,7 @@ def beam_search(model: FusedModel, input_ids: torch.Tensor, num_beams: int, max_
         raise ValueError("num_beams and max_new_tokens must be positive")
     if model.spec["kind"] != "decoder" or model.spec["headless"]:
         raise ValueError("beam search needs a decoder with its language-model head")
+    positions_left(model, input_ids.shape[1], max_new_tokens)
     warm_up(model)
     dev, k = model.device, num_beams
     eos = torch.tensor(sorted(set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else

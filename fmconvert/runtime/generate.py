@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import FmError
 from .model import FusedModel
 
 
@@ -98,6 +99,25 @@ def warm_up(model: FusedModel) -> int:
         return int8_gemv_cpu.warm_up(packed)
 
 
+def positions_left(model: FusedModel, prompt: int, new: int):
+    """Refuse, in one line, a generation that would read past a position table (GPT-2's, BART's, Marian's): the
+    prompt and the new tokens must fit; an encoder-decoder's source must fit its encoder's table, and the start token
+    and the new tokens the decoder's. RoPE, ALiBi and T5's buckets have no such end."""
+    def table(m):
+        sp = m.spec
+        return sp["max_positions"] if sp["position"]["type"] in ("learned", "sinusoidal") else None
+    if model.spec.get("encoder"):
+        enc = table(model.source_encoder)
+        if enc is not None and prompt > enc:
+            raise FmError(f"the source is {prompt} tokens, but {model.spec['architecture']}'s encoder reads at most "
+                          f"{enc}: shorten it")
+        prompt = 1
+    limit = table(model)
+    if limit is not None and prompt + new > limit:
+        raise FmError(f"{prompt} tokens of prompt and {new} new ones need {prompt + new} positions, but "
+                      f"{model.spec['architecture']} has {limit}: ask for at most {max(limit - prompt, 0)} new tokens")
+
+
 def generate(model: FusedModel, input_ids: torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, eos_token_id=None, on_token=None,
              cuda_graph: bool | None = None, source_mask: torch.Tensor | None = None,
@@ -110,6 +130,7 @@ def generate(model: FusedModel, input_ids: torch.Tensor, max_new_tokens: int = 6
     returns its decoder's tokens [B, 1 + new], from the start token on; its prefill is the encoder and the first
     decoder step. It decodes eagerly (no CUDA graph). forced_bos: the first new token, whatever the logits say (mBART-50's
     and NLLB's target language, generation_config.json's forced_bos_token_id)."""
+    positions_left(model, input_ids.shape[1], max_new_tokens)
     warm_up(model)
     if model.spec.get("encoder"):
         return _generate_seq2seq(model, input_ids, source_mask, max_new_tokens, temperature, top_p, seed,
