@@ -670,6 +670,19 @@ def prompt_ids(tok, prompt: str, chat: bool, system: str | None, out_dir: Path) 
     return [int(i) for i in ids]
 
 
+def _language_token(tok, lang: str, out_dir) -> int:
+    """The id of a language's token: M2M100's tokenizer maps fr to __fr__, the others name the token itself
+    (fra_Latn, fr_XX)."""
+    get = getattr(tok, "get_lang_id", None)
+    try:
+        tid = get(lang) if get is not None else tok.convert_tokens_to_ids(lang)
+    except (KeyError, ValueError):
+        tid = None
+    if not isinstance(tid, int) or tid < 0 or tid == tok.unk_token_id:
+        raise FmError(f"{out_dir}: its tokenizer has no token for the language {lang!r}")
+    return tid
+
+
 def _generation_config(out_dir: Path) -> dict:
     """generation_config.json as a dict ({} when there is none)."""
     path = Path(out_dir) / "generation_config.json"
@@ -728,6 +741,12 @@ def runtime_options(f):
 @click.option("--chat", is_flag=True, help="Instruct models: send the prompt as a user turn through the tokenizer's "
               "chat template (sandboxed Jinja, as transformers renders it) and print the reply alone.")
 @click.option("--system", default=None, help="With --chat: a system message before the prompt.")
+@click.option("--src-lang", default=None,
+              help="Encoder-decoder translators whose tokenizer marks the source's language (NLLB: eng_Latn, "
+                   "mBART-50: en_XX, M2M100: en): that language.")
+@click.option("--tgt-lang", default=None,
+              help="Encoder-decoder translators that start their output with the target language's token (NLLB: "
+                   "fra_Latn, mBART-50: fr_XX, M2M100: fr): the first new token is that one.")
 @click.option("--num-beams", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Beam search over this many beams (transformers' own search: the same tokens), printed when it "
                    "ends; 1 = greedy or sampled, streamed.")
@@ -738,8 +757,8 @@ def runtime_options(f):
               help="With --num-beams: false stops when no live beam can beat the finished ones (as transformers' "
                    "default); true once --num-beams hypotheses are finished; never not before the length limit.")
 @runtime_options
-def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, system, num_beams, length_penalty,
-             early_stopping, device, backend, no_verify_hashes, dtype):
+def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, system, src_lang, tgt_lang, num_beams,
+             length_penalty, early_stopping, device, backend, no_verify_hashes, dtype):
     """Generate text from a converted decoder, streaming tokens to stdout. Generation stops at an end-of-sequence
     token of config.json or generation_config.json (instruct models end a turn with their own).
 
@@ -769,6 +788,12 @@ def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, sy
     if seq2seq and chat:
         raise FmError(f"{out_dir} holds an encoder-decoder ({model.spec['architecture']}): it reads the prompt as its "
                       f"source; drop --chat")
+    if (src_lang or tgt_lang) and not seq2seq:
+        raise FmError(f"--src-lang and --tgt-lang are for encoder-decoder translators; {out_dir} holds a decoder")
+    if src_lang:
+        if not hasattr(tok, "src_lang"):
+            raise FmError(f"{out_dir}: its tokenizer ({type(tok).__name__}) takes no source language; drop --src-lang")
+        tok.src_lang = src_lang          # NLLB's, mBART-50's and M2M100's tokenizers mark the source with it
     ids = torch.tensor([prompt_ids(tok, prompt, chat, system, out_dir)], dtype=torch.long)
     stops = stop_ids(out_dir, model.spec)
     cold = int8_gemv_cpu.cold(packed_int8(model)) if int8_gemv_cpu.usable() else []
@@ -791,6 +816,8 @@ def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, sy
         state["text"] = text
 
     forced = _generation_config(out_dir).get("forced_bos_token_id") if seq2seq else None
+    if tgt_lang:
+        forced = _language_token(tok, tgt_lang, out_dir)
     if forced is not None and (type(forced) is not int or not 0 <= forced < model.spec["vocab_size"]):
         raise FmError(f"{out_dir}/generation_config.json: forced_bos_token_id must be a token id, got {forced!r}")
     if num_beams > 1:

@@ -322,6 +322,32 @@ def test_generation_past_a_position_table_is_refused_in_one_line(saved, tmp_path
     assert_one_line_error(code, err, 2, "has 64: ask for at most 63 new tokens")
 
 
+def test_cli_target_language(saved, tmp_path, capsys):
+    """--tgt-lang makes the language's token the first new one (NLLB's fra_Latn; here a word of the test vocabulary,
+    w7), as transformers does with forced_bos_token_id; an unknown language, or a tokenizer without source
+    languages, is refused in one line."""
+    import shutil
+
+    from test_classify import tokenizer
+
+    from corpus import assert_one_line_error, run_main
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(saved("mbart"), src)
+    tok = tokenizer()
+    tok.save_pretrained(src)
+    convert(src, out, Options(), progress=False)
+    code, stdout, err = run_main(capsys, "generate", out, "-p", "w5 w6", "-n", "3", "--tgt-lang", "w7")
+    assert code == 0, err
+    with torch.no_grad():
+        want = build("mbart").generate(input_ids=torch.tensor([tok("w5 w6").input_ids]), max_new_tokens=3,
+                                       do_sample=False, num_beams=1, forced_bos_token_id=7)
+    assert want[0, 1] == 7 and stdout.strip() == tok.decode(want[0, 1:], skip_special_tokens=True).strip()
+    code, _, err = run_main(capsys, "generate", out, "-p", "w5", "--tgt-lang", "xx_Nope")
+    assert_one_line_error(code, err, 2, "no token for the language 'xx_Nope'")
+    code, _, err = run_main(capsys, "generate", out, "-p", "w5", "--src-lang", "en_XX")
+    assert_one_line_error(code, err, 2, "takes no source language")
+
+
 def test_a_decoder_needs_its_source(saved, tmp_path):
     convert(saved("t5"), tmp_path / "out", Options(), progress=False)
     m = load(tmp_path / "out")
