@@ -139,6 +139,8 @@ def build(shape: dict, cache: Path = CACHE, seed: int = 0, max_shard_size: str =
     with torch.device("meta"):
         model = getattr(transformers, model_cls)(config)
     model = model.to(torch.bfloat16).to_empty(device="cpu")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()         # to_empty gives each module its own tensor: tied ones must share one again
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

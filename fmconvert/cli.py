@@ -683,6 +683,24 @@ def _language_token(tok, lang: str, out_dir) -> int:
     return tid
 
 
+def _forced(out_dir: Path, key: str, vocab: int):
+    """A forced-token setting (forced_bos_token_id, forced_eos_token_id: an id, a list of ids, or none) as
+    transformers reads it: generation_config.json's when there is one, else config.json's."""
+    path = Path(out_dir) / "generation_config.json"
+    if path.is_file():
+        v = _generation_config(out_dir).get(key)
+    else:
+        try:
+            cfg = json.loads((Path(out_dir) / "config.json").read_text())
+        except (OSError, ValueError):
+            cfg = {}
+        v = cfg.get(key) if isinstance(cfg, dict) else None
+    ids = v if isinstance(v, list) else [] if v is None else [v]
+    if any(type(i) is not int or not 0 <= i < vocab for i in ids):
+        raise FmError(f"{out_dir}: {key} must be a token id or a list of them, got {v!r}")
+    return v if ids else None
+
+
 def _generation_config(out_dir: Path) -> dict:
     """generation_config.json as a dict ({} when there is none)."""
     path = Path(out_dir) / "generation_config.json"
@@ -734,7 +752,7 @@ def runtime_options(f):
 @cli.command()
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--prompt", "-p", required=True, help="Text to continue.")
-@click.option("--max-new-tokens", "-n", default=64, show_default=True)
+@click.option("--max-new-tokens", "-n", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", "-t", default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (with temperature > 0).")
 @click.option("--seed", default=0, show_default=True)
@@ -815,22 +833,26 @@ def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, sy
         click.echo(text[len(state["text"]):], nl=False)
         state["text"] = text
 
-    forced = _generation_config(out_dir).get("forced_bos_token_id") if seq2seq else None
+    # transformers' forced first and last tokens (mBART-50's and NLLB's language; BART's and Marian's end token)
+    forced = _forced(out_dir, "forced_bos_token_id", model.spec["vocab_size"]) if seq2seq else None
+    if isinstance(forced, list):
+        raise FmError(f"{out_dir}: forced_bos_token_id must be one token id, got {forced!r}")
     if tgt_lang:
         forced = _language_token(tok, tgt_lang, out_dir)
-    if forced is not None and (type(forced) is not int or not 0 <= forced < model.spec["vocab_size"]):
-        raise FmError(f"{out_dir}/generation_config.json: forced_bos_token_id must be a token id, got {forced!r}")
+    forced_eos = _forced(out_dir, "forced_eos_token_id", model.spec["vocab_size"])
     if num_beams > 1:
         if temperature > 0:
             raise FmError("--num-beams searches greedily: drop --temperature")
         from .runtime.beam import beam_search
         stop = {"false": False, "true": True, "never": "never"}[early_stopping]
-        _, st = beam_search(model, ids, num_beams, max_new_tokens, stops, length_penalty, stop, forced_bos=forced)
+        _, st = beam_search(model, ids, num_beams, max_new_tokens, stops, length_penalty, stop, forced_bos=forced,
+                            forced_eos=forced_eos)
         if lead:        # the best hypothesis, once the search ends
             text = tok.decode(state["ids"] + st.tokens, skip_special_tokens=True)
             click.echo(text[len(state["text"]):], nl=False)
     else:
-        _, st = gen(model, ids, max_new_tokens, temperature, top_p, seed, stops, on_token, forced_bos=forced)
+        _, st = gen(model, ids, max_new_tokens, temperature, top_p, seed, stops, on_token, forced_bos=forced,
+                    forced_eos=forced_eos)
     if lead:
         click.echo("\n", nl=False)
         wb = weight_bytes(model) * model.tp
@@ -897,6 +919,9 @@ def embed(out_dir, texts, text_file, pooling, normalize, max_length, batch_size,
     if st is not None:      # as sentence-transformers' Transformer module tokenizes: stripped, maybe lowercased
         texts = tuple(t.strip().lower() if st.lower else t.strip() for t in texts)
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
+    if model.spec.get("encoder"):
+        raise FmError(f"{out_dir} is an encoder-decoder ({model.spec['architecture']}): its decoder needs a source; "
+                      f"embed with its encoder: fmconvert embed {Path(out_dir) / model.spec['encoder']}")
     if pooling != "auto":
         modes = (pooling,)
     elif st is not None:

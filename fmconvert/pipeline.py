@@ -1125,7 +1125,7 @@ def _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config,
             bytes_in, params = sum(ckpt.stored_bytes(n) for n in read), sum(math.prod(ckpt.shape(n)) for n in read)
     bytes_out = sum(w.bytes_written for _, w, _ in written)
     files = sum(len(f) for _, w, _ in written for f in w.files)
-    qstats = {k: v for _, _, q in written for k, v in q.items()}
+    qstats = {f"{sub}/{k}" if sub else k: v for (_, _, sub), (_, _, q) in zip(halves, written) for k, v in q.items()}
     secs = time.perf_counter() - t0
     return {"architecture": spec.architecture, "tp": opts.tp, "int8": opts.int8, "dtype": dtype_name(plan.dtype),
             "params": params, "bytes_in": bytes_in, "bytes_out": bytes_out,

@@ -973,6 +973,12 @@ def verify(model_dir, out_dir, text_file=None, tokens: int = 256, tp_mode: str =
     if not model_dir.is_dir():
         raise FmError(f"model directory {model_dir} does not exist")
     m = mf.read(out_dir)
+    parent = out_dir.resolve().parent
+    if m["model"]["kind"] == "encoder" and (parent / mf.MANIFEST).is_file():
+        pm = mf.read(parent)
+        if pm["model"].get("encoder") and (parent / pm["model"]["encoder"]).resolve() == out_dir.resolve():
+            raise FmError(f"{out_dir} is the encoder half of the encoder-decoder in {parent}; verify them together: "
+                          f"fmconvert verify {model_dir} {parent}")
     tp = m["parallel"]["tp"]
     dist_comm = None
     if tp_mode == "distributed" and tp > 1:

@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from .generate import GenStats, positions_left, warm_up
+from ..errors import FmError
+from .generate import GenStats, generate, only, positions_left, warm_up
 from .model import FusedModel, KVCache
 
 NEG = -1.0e9            # a score no candidate can win with
@@ -46,16 +47,22 @@ def reorder(cache: KVCache, idx: torch.Tensor, batch: int):
 @torch.inference_mode()
 def beam_search(model: FusedModel, input_ids: torch.Tensor, num_beams: int, max_new_tokens: int = 64,
                 eos_token_id=None, length_penalty: float = 1.0, early_stopping: bool | str = False,
-                source_mask: torch.Tensor | None = None, forced_bos: int | None = None,
+                source_mask: torch.Tensor | None = None, forced_bos: int | None = None, forced_eos=None,
                 on_done=None) -> tuple[torch.Tensor, GenStats]:
     """input_ids [1, T] -> the best hypothesis [1, T + new] (new up to and with its stop token) and its stats. An
     encoder-decoder reads input_ids as its source, and its output starts from the decoder's start token."""
     if input_ids.shape[0] != 1:
-        raise ValueError("beam search takes one prompt at a time")
+        raise FmError("beam search takes one prompt at a time")
     if num_beams < 1 or max_new_tokens < 1:
-        raise ValueError("num_beams and max_new_tokens must be positive")
+        raise FmError("beam search needs at least one beam and one new token")
     if model.spec["kind"] != "decoder" or model.spec["headless"]:
-        raise ValueError("beam search needs a decoder with its language-model head")
+        raise FmError("beam search needs a decoder with its language-model head")
+    if num_beams == 1:          # as transformers: one beam is greedy decoding (no length penalty, no early stop)
+        out, st = generate(model, input_ids, max_new_tokens, eos_token_id=eos_token_id, source_mask=source_mask,
+                           forced_bos=forced_bos, forced_eos=forced_eos)
+        if on_done is not None:
+            on_done(st.tokens)
+        return out, st
     positions_left(model, input_ids.shape[1], max_new_tokens)
     warm_up(model)
     dev, k = model.device, num_beams
@@ -88,8 +95,9 @@ def beam_search(model: FusedModel, input_ids: torch.Tensor, num_beams: int, max_
     while True:
         logp = torch.log_softmax(logits.float(), -1)
         if forced_bos is not None and cur == T:       # the first new token is that one, with log prob 0
-            logp = torch.full_like(logp, float("-inf"))
-            logp[:, forced_bos] = 0.0
+            logp = only(logp, forced_bos)
+        if forced_eos is not None and cur + 1 == limit:     # and the last one the limit allows an end token
+            logp = only(logp, forced_eos)
         V = logp.shape[-1]
         top_lp, top_idx = torch.topk((logp + run_scores[:, None]).view(-1), keep)
         top_idx = model.comm.broadcast(top_idx.contiguous(), 0)     # every rank follows rank 0's beams

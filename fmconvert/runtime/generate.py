@@ -99,6 +99,14 @@ def warm_up(model: FusedModel) -> int:
         return int8_gemv_cpu.warm_up(packed)
 
 
+def only(scores: torch.Tensor, ids) -> torch.Tensor:
+    """scores [B, V] with every token but ids (an id or a list) at -inf and those at 0, as transformers' forced-token
+    processors leave them."""
+    out = torch.full_like(scores, float("-inf"))
+    out[:, torch.tensor(ids if isinstance(ids, (list, tuple)) else [ids], device=scores.device)] = 0.0
+    return out
+
+
 def positions_left(model: FusedModel, prompt: int, new: int):
     """Refuse, in one line, a generation that would read past a position table (GPT-2's, BART's, Marian's): the
     prompt and the new tokens must fit; an encoder-decoder's source must fit its encoder's table, and the start token
@@ -121,7 +129,7 @@ def positions_left(model: FusedModel, prompt: int, new: int):
 def generate(model: FusedModel, input_ids: torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, eos_token_id=None, on_token=None,
              cuda_graph: bool | None = None, source_mask: torch.Tensor | None = None,
-             forced_bos: int | None = None) -> tuple[torch.Tensor, GenStats]:
+             forced_bos: int | None = None, forced_eos=None) -> tuple[torch.Tensor, GenStats]:
     """input_ids [B, T] -> [B, T + new]. `on_token(ids [B])` is called as each step's tokens are chosen.
     On CUDA the decode step is replayed from a CUDA graph unless cuda_graph=False. The CPU int8 kernels are built
     first (`warm_up`), outside the timings in GenStats.
@@ -129,19 +137,20 @@ def generate(model: FusedModel, input_ids: torch.Tensor, max_new_tokens: int = 6
     An encoder-decoder (T5) reads input_ids [B, S] (padded where source_mask [B, S] is 0) as the source, and
     returns its decoder's tokens [B, 1 + new], from the start token on; its prefill is the encoder and the first
     decoder step. It decodes eagerly (no CUDA graph). forced_bos: the first new token, whatever the logits say (mBART-50's
-    and NLLB's target language, generation_config.json's forced_bos_token_id)."""
+    and NLLB's target language, generation_config.json's forced_bos_token_id). forced_eos (an id or ids: BART's and
+    Marian's forced_eos_token_id): the last token max_new_tokens allows is one of them, as transformers forces it."""
     positions_left(model, input_ids.shape[1], max_new_tokens)
     warm_up(model)
     if model.spec.get("encoder"):
         return _generate_seq2seq(model, input_ids, source_mask, max_new_tokens, temperature, top_p, seed,
-                                 eos_token_id, on_token, forced_bos)
+                                 eos_token_id, on_token, forced_bos, forced_eos)
     threads = torch.get_num_threads()
     single = model.device.type == "cpu" and threads > 1 and weight_bytes(model) < SMALL_MODEL_BYTES
     if single:
         torch.set_num_threads(1)
     try:
         return _generate(model, input_ids, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token,
-                         cuda_graph)
+                         cuda_graph, forced_last=forced_eos)
     finally:
         if single:
             torch.set_num_threads(threads)
@@ -149,7 +158,7 @@ def generate(model: FusedModel, input_ids: torch.Tensor, max_new_tokens: int = 6
 
 @torch.inference_mode()
 def _generate_seq2seq(model, source, source_mask, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token,
-                      forced_bos=None):
+                      forced_bos=None, forced_eos=None):
     dev = model.device
     source = source.to(dev)
     mask = None if source_mask is None else source_mask.to(dev)
@@ -157,7 +166,7 @@ def _generate_seq2seq(model, source, source_mask, max_new_tokens, temperature, t
     model.attach(model.source_encoder.hidden(source, attention_mask=mask), mask)
     start = torch.full((source.shape[0], 1), model.spec["decoder_start_token_id"], dtype=torch.long, device=dev)
     out, stats = _generate(model, start, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token, False,
-                           forced_bos)
+                           forced_bos, forced_eos)
     stats.prompt_tokens = source.shape[1]
     stats.prefill_s = time.perf_counter() - t0 - stats.decode_s      # the encoder, then the first decoder step
     return out, stats
@@ -165,7 +174,7 @@ def _generate_seq2seq(model, source, source_mask, max_new_tokens, temperature, t
 
 @torch.inference_mode()
 def _generate(model, input_ids, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token, cuda_graph,
-              forced_first=None):
+              forced_first=None, forced_last=None):
     if model.spec["kind"] != "decoder":
         raise ValueError("generate needs a decoder; use embed for encoders")
     B, T = input_ids.shape
@@ -196,6 +205,8 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_p, seed, eos_to
     logits = first(ids)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     for step in range(max_new_tokens):
+        if step + 1 == max_new_tokens and forced_last is not None:     # only the forced end tokens remain
+            logits = only(logits, forced_last)
         tok = sample(logits, temperature, top_p, gen) if step or forced_first is None else \
             torch.full((B,), forced_first, dtype=torch.long, device=dev)
         tok = model.comm.broadcast(tok.contiguous(), 0)

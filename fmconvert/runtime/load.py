@@ -731,10 +731,12 @@ def load(out_dir, rank: int | None = None, device=None, backend: str = "auto", c
             raise FmError(f"{out_dir} is an encoder-decoder whose encoder ({m['model']['encoder']}/) cannot be read: "
                           f"{e}") from None
         if em["parallel"]["tp"] != tp or em["model"]["kind"] != "encoder" or \
-                em["model"]["hidden_size"] != m["model"]["hidden_size"]:
+                em["model"]["hidden_size"] != m["model"]["hidden_size"] or \
+                em["source"].get("config_sha256") != m["source"].get("config_sha256"):
             raise FmError(f"{out_dir / m['model']['encoder']} is not this decoder's encoder: it is a "
                           f"{em['model']['kind']} of hidden size {em['model']['hidden_size']} converted for "
-                          f"tp={em['parallel']['tp']} (the decoder: hidden size {m['model']['hidden_size']}, tp={tp})")
+                          f"tp={em['parallel']['tp']} from another config.json (the decoder: hidden size "
+                          f"{m['model']['hidden_size']}, tp={tp})")
         model.source_encoder = load(out_dir / m["model"]["encoder"], rank, device, backend, check_hashes, comm, dtype,
                                     dequantize, _embed=tensors["embed.weight"])
         nbytes += model.source_encoder.load_stats["bytes"]

@@ -1175,6 +1175,8 @@ class Block(nn.Module):
         if m.cross is None:
             raise ValueError("an encoder-decoder's decoder needs its source: call attach(encoder states) first")
         k, v = m.cross[self.i]
+        if k.shape[0] != B:
+            raise ValueError(f"the attached source has {k.shape[0]} rows and this batch {B}: attach its own source")
         q = m.ops.linear(h, t["cross_q.weight"], t.get("cross_q.bias")).view(B, T, self.heads, -1).transpose(1, 2)
         o = m.ops.attention(q, k, v, m.scale, False, None, m.cross_mask)                  # (B, H, T, hd)
         return m.ops.linear(o.transpose(1, 2).reshape(B, T, -1), t["cross_out.weight"], t.get("cross_out.bias"))
