@@ -141,6 +141,9 @@ def build(shape: dict, cache: Path = CACHE, seed: int = 0, max_shard_size: str =
     model = model.to(torch.bfloat16).to_empty(device="cpu")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()         # to_empty gives each module its own tensor: tied ones must share one again
+    for _, b in model.named_buffers():      # saved buffers (BART's final_logits_bias) start as transformers' do
+        if b.is_floating_point():
+            b.zero_()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
