@@ -4,8 +4,8 @@
 
 One process per model loads both sides (fmconvert from a `--tp 1` float32 conversion, or an `--int8` one;
 transformers from the source, float32, SDPA) and alternates them run by run: 64 new tokens from a 128-token source,
-each side made to generate all 64 (random weights reach no sensible eos). Reported: the decoder's new tokens/s after
-the first, and beside it the whole call (encoder, first step, the rest) and the share of tokens both chose. Models:
+neither side stopping at an end token. Reported: the decoder's new tokens/s after the first, and beside it the whole
+call (encoder, first step, the rest) and the share of tokens both chose. Models:
 t5-base's shape (T5 v1.0, 12 + 12 layers, ReLU) and bart-base's (6 + 6, post-LN), random bf16 weights.
 """
 

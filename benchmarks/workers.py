@@ -159,7 +159,8 @@ def encode(a):
 def seq2seq(a):
     """fmconvert and transformers (generate, greedy, fp32, SDPA) translating the same source, alternated run by run
     in one process: new tokens/s of the decoder's steps, and the whole call's time (the encoder, the first step and
-    the rest). Both make exactly --tokens tokens (transformers with min_new_tokens, fmconvert with no stop token)."""
+    the rest). Both make exactly --tokens tokens: neither has a stop token (transformers' min_new_tokens would instead
+    ban the end token, a choice fmconvert's greedy decoding does not make, and the texts would part there)."""
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     _quiet_hf()
     from transformers import AutoModelForSeq2SeqLM
@@ -170,11 +171,12 @@ def seq2seq(a):
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, fm.spec["vocab_size"], (1, a.source_len), generator=g)
     hf = AutoModelForSeq2SeqLM.from_pretrained(a.src, dtype=torch.float32, attn_implementation="sdpa").eval()
+    hf.generation_config.eos_token_id = None
 
     def hf_run(n):
         clock = _Clock()
         with torch.inference_mode():
-            out = hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1, streamer=clock)
+            out = hf.generate(ids, max_new_tokens=n, do_sample=False, num_beams=1, streamer=clock)
         new = clock.times[1:]       # [0]: the decoder's start token
         return out[0, 1:].tolist(), (len(new) - 1) / (new[-1] - new[0]) if len(new) > 1 else 0.0
     t0 = time.perf_counter()
