@@ -683,6 +683,46 @@ def _language_token(tok, lang: str, out_dir) -> int:
     return tid
 
 
+def _generate_lines(model, tok, prompts, batch, new, temperature, top_p, seed, chat, system, stops, beams, penalty,
+                    stop, kw, out_dir, lead):
+    """generate --file: each prompt's output (a decoder's continuation, an encoder-decoder's text) on a line of its
+    own, in order -> the stats of all of them (tokens,
+    and prefill and decode time, summed). An encoder-decoder's sources go `batch` at a time, similar lengths
+    together, right-padded; everything else one prompt at a time."""
+    import torch
+
+    from .runtime.beam import beam_search
+    from .runtime.embed import by_length
+    from .runtime.generate import GenStats, generate as gen
+    seq2seq = bool(model.spec.get("encoder"))
+    total, outs = GenStats(), [None] * len(prompts)
+    groups = by_length(tok, prompts, batch) if batch > 1 else [[i] for i in range(len(prompts))]
+    for group in groups:
+        if len(group) > 1:
+            enc = tok([prompts[i] for i in group], padding=True, return_tensors="pt")
+            if tok.padding_side != "right":       # the source's positions count from its first token
+                raise FmError(f"{out_dir}: its tokenizer pads on the {tok.padding_side}; use --batch-size 1")
+            ids, mask = enc.input_ids, enc.attention_mask
+        else:
+            ids, mask = torch.tensor([prompt_ids(tok, prompts[group[0]], chat, system, out_dir)]), None
+        if beams > 1:
+            out, st = beam_search(model, ids, beams, new, stops, penalty, stop, **kw)
+        else:
+            out, st = gen(model, ids, new, temperature, top_p, seed, stops, source_mask=mask, **kw)
+        start = 1 if seq2seq else ids.shape[1]
+        for row, i in zip(out[:, start:].tolist(), group):
+            cut = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
+            outs[i] = tok.decode(row[:cut], skip_special_tokens=True)
+            total.new_tokens += cut
+        total.prompt_tokens += int(ids.numel() if mask is None else mask.sum())
+        total.prefill_s += st.prefill_s
+        total.decode_s += st.decode_s
+    if lead:
+        for text in outs:
+            click.echo(text.replace("\n", " "))
+    return total
+
+
 def _forced(out_dir: Path, key: str, vocab: int):
     """A forced-token setting (forced_bos_token_id, forced_eos_token_id: an id, a list of ids, or none) as
     transformers reads it: generation_config.json's when there is one, else config.json's."""
@@ -751,7 +791,13 @@ def runtime_options(f):
 
 @cli.command()
 @click.argument("out_dir", type=click.Path(path_type=Path))
-@click.option("--prompt", "-p", required=True, help="Text to continue.")
+@click.option("--prompt", "-p", default=None, help="Text to continue (an encoder-decoder's source).")
+@click.option("--file", "-f", "prompt_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="Instead of --prompt: a UTF-8 file of prompts, one a line; each output on a line of its own, in "
+                   "order (line breaks inside it become spaces). An encoder-decoder's run greedily in batches of "
+                   "--batch-size, sources of similar length together; the rest one at a time.")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
+              help="With --file: an encoder-decoder's sources per batch.")
 @click.option("--max-new-tokens", "-n", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", "-t", default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (with temperature > 0).")
@@ -775,8 +821,8 @@ def runtime_options(f):
               help="With --num-beams: false stops when no live beam can beat the finished ones (as transformers' "
                    "default); true once --num-beams hypotheses are finished; never not before the length limit.")
 @runtime_options
-def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, system, src_lang, tgt_lang, num_beams,
-             length_penalty, early_stopping, device, backend, no_verify_hashes, dtype):
+def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperature, top_p, seed, chat, system,
+             src_lang, tgt_lang, num_beams, length_penalty, early_stopping, device, backend, no_verify_hashes, dtype):
     """Generate text from a converted decoder, streaming tokens to stdout. Generation stops at an end-of-sequence
     token of config.json or generation_config.json (instruct models end a turn with their own).
 
@@ -794,6 +840,11 @@ def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, sy
     import torch
     from .kernels import int8_gemv_cpu
     from .runtime.generate import copy_bandwidth, generate as gen, packed_int8, warm_up, weight_bytes
+    if (prompt is None) == (prompt_file is None):
+        raise FmError("give --prompt or --file (one of them)")
+    prompts = _lines(prompt_file) if prompt_file is not None else [prompt]
+    if not prompts:
+        raise FmError(f"{prompt_file} holds no prompts")
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
     if model.spec["kind"] != "decoder":
         raise FmError(f"{out_dir} holds an encoder ({model.spec['architecture']}); use `fmconvert embed`")
@@ -812,27 +863,12 @@ def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, sy
         if not hasattr(tok, "src_lang"):
             raise FmError(f"{out_dir}: its tokenizer ({type(tok).__name__}) takes no source language; drop --src-lang")
         tok.src_lang = src_lang          # NLLB's, mBART-50's and M2M100's tokenizers mark the source with it
-    ids = torch.tensor([prompt_ids(tok, prompt, chat, system, out_dir)], dtype=torch.long)
     stops = stop_ids(out_dir, model.spec)
     cold = int8_gemv_cpu.cold(packed_int8(model)) if int8_gemv_cpu.usable() else []
     if cold and lead:
         click.echo(f"[building the CPU int8 kernels for {len(cold)} weight shapes: ~15 s the first time on this "
                    "machine, a few seconds once cached]", err=True)
     warm_up(model)
-    # an encoder-decoder's output is a new text (after its start token), a decoder's continues the prompt
-    state = {"text": "", "ids": []} if seq2seq else \
-        {"text": tok.decode(ids[0], skip_special_tokens=True), "ids": ids[0].tolist()}
-    if lead and not chat and not seq2seq:
-        click.echo(state["text"], nl=False)
-
-    def on_token(t):
-        if not lead:
-            return
-        state["ids"].append(int(t[0]))
-        text = tok.decode(state["ids"], skip_special_tokens=True)
-        click.echo(text[len(state["text"]):], nl=False)
-        state["text"] = text
-
     # transformers' forced first and last tokens (mBART-50's and NLLB's language; BART's and Marian's end token)
     forced = _forced(out_dir, "forced_bos_token_id", model.spec["vocab_size"]) if seq2seq else None
     if isinstance(forced, list):
@@ -840,21 +876,41 @@ def generate(out_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, sy
     if tgt_lang:
         forced = _language_token(tok, tgt_lang, out_dir)
     forced_eos = _forced(out_dir, "forced_eos_token_id", model.spec["vocab_size"])
-    if num_beams > 1:
-        if temperature > 0:
-            raise FmError("--num-beams searches greedily: drop --temperature")
-        from .runtime.beam import beam_search
-        stop = {"false": False, "true": True, "never": "never"}[early_stopping]
-        _, st = beam_search(model, ids, num_beams, max_new_tokens, stops, length_penalty, stop, forced_bos=forced,
-                            forced_eos=forced_eos)
-        if lead:        # the best hypothesis, once the search ends
-            text = tok.decode(state["ids"] + st.tokens, skip_special_tokens=True)
-            click.echo(text[len(state["text"]):], nl=False)
+    if num_beams > 1 and temperature > 0:
+        raise FmError("--num-beams searches greedily: drop --temperature")
+    stop = {"false": False, "true": True, "never": "never"}[early_stopping]
+    kw = dict(forced_bos=forced, forced_eos=forced_eos)
+    if prompt_file is not None:
+        st = _generate_lines(model, tok, prompts, batch_size if seq2seq and num_beams == 1 else 1, max_new_tokens,
+                             temperature, top_p, seed, chat, system, stops, num_beams, length_penalty, stop, kw,
+                             out_dir, lead)
     else:
-        _, st = gen(model, ids, max_new_tokens, temperature, top_p, seed, stops, on_token, forced_bos=forced,
-                    forced_eos=forced_eos)
+        ids = torch.tensor([prompt_ids(tok, prompt, chat, system, out_dir)], dtype=torch.long)
+        # an encoder-decoder's output is a new text (after its start token), a decoder's continues the prompt
+        state = {"text": "", "ids": []} if seq2seq else \
+            {"text": tok.decode(ids[0], skip_special_tokens=True), "ids": ids[0].tolist()}
+        if lead and not chat and not seq2seq:
+            click.echo(state["text"], nl=False)
+
+        def on_token(t):
+            if not lead:
+                return
+            state["ids"].append(int(t[0]))
+            text = tok.decode(state["ids"], skip_special_tokens=True)
+            click.echo(text[len(state["text"]):], nl=False)
+            state["text"] = text
+
+        if num_beams > 1:
+            from .runtime.beam import beam_search
+            _, st = beam_search(model, ids, num_beams, max_new_tokens, stops, length_penalty, stop, **kw)
+            if lead:        # the best hypothesis, once the search ends
+                text = tok.decode(state["ids"] + st.tokens, skip_special_tokens=True)
+                click.echo(text[len(state["text"]):], nl=False)
+        else:
+            _, st = gen(model, ids, max_new_tokens, temperature, top_p, seed, stops, on_token, **kw)
+        if lead:
+            click.echo("\n", nl=False)
     if lead:
-        click.echo("\n", nl=False)
         wb = weight_bytes(model) * model.tp
         gbs = wb * st.decode_tok_s / 1e9
         peak = copy_bandwidth(model.device) / 1e9

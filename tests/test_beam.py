@@ -69,3 +69,28 @@ def test_cli_num_beams_on_the_real_model(model_dir, tmp_path, capsys):
     assert stdout.strip() == tok.decode(want[0], skip_special_tokens=True).strip()
     code, _, err = run_main(capsys, "generate", out, "-p", "hello", "--num-beams", "2", "-t", "0.7")
     assert code == 2 and "drop --temperature" in err
+
+
+def test_cli_generate_file_for_a_decoder(model_dir, tmp_path, capsys):
+    """generate --file on a decoder: each prompt's continuation (greedy, and with beams) on its own line, in order,
+    as transformers continues each prompt alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from corpus import run_main
+    out = tmp_path / "out"
+    convert(model_dir("stories"), out, Options(), progress=False)
+    prompts = ["Once upon a time", "The cat sat"]
+    (tmp_path / "in.txt").write_text("\n".join(prompts))
+    tok = AutoTokenizer.from_pretrained(model_dir("stories"))
+    hf = AutoModelForCausalLM.from_pretrained(model_dir("stories"))
+    for beams in ("1", "2"):
+        code, stdout, err = run_main(capsys, "generate", out, "-f", tmp_path / "in.txt", "-n", "8", "--num-beams",
+                                     beams)
+        assert code == 0, err
+        want = []
+        for p in prompts:
+            ids = tok(p, return_tensors="pt").input_ids
+            with torch.no_grad():
+                g = hf.generate(ids, max_new_tokens=8, do_sample=False, num_beams=int(beams))
+            want.append(tok.decode(g[0, ids.shape[1]:], skip_special_tokens=True).replace("\n", " "))
+        assert stdout.split("\n")[:2] == want, (stdout, want)

@@ -348,6 +348,35 @@ def test_cli_target_language(saved, tmp_path, capsys):
     assert_one_line_error(code, err, 2, "takes no source language")
 
 
+def test_cli_generate_file_in_batches(saved, tmp_path, capsys):
+    """generate --file: each source's output on its own line, in order, the same text as transformers' greedy
+    decoding of that source alone, though sources of several lengths ran padded together in batches of 2."""
+    import shutil
+
+    from test_classify import tokenizer
+
+    from corpus import assert_one_line_error, run_main
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(saved("bart"), src)
+    tok = tokenizer()
+    tok.save_pretrained(src)
+    convert(src, out, Options(), progress=False)
+    lines = ["w5 w6 w7 w8 w9", "w10", "w11 w12 w13", "w14 w15"]
+    (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
+    code, stdout, err = run_main(capsys, "generate", out, "-f", tmp_path / "in.txt", "--batch-size", "2", "-n", "5")
+    assert code == 0, err
+    hf = build("bart")
+    want = []
+    for text in lines:
+        with torch.no_grad():
+            ids = hf.generate(input_ids=torch.tensor([tok(text).input_ids]), max_new_tokens=5, do_sample=False,
+                              num_beams=1)
+        want.append(tok.decode(ids[0, 1:], skip_special_tokens=True))
+    assert stdout.split("\n")[:len(lines)] == want and len(stdout.strip("\n").split("\n")) == len(lines)
+    code, _, err = run_main(capsys, "generate", out, "-f", tmp_path / "in.txt", "-p", "w5")
+    assert_one_line_error(code, err, 2, "give --prompt or --file")
+
+
 def test_a_decoder_needs_its_source(saved, tmp_path):
     convert(saved("t5"), tmp_path / "out", Options(), progress=False)
     m = load(tmp_path / "out")
