@@ -155,3 +155,22 @@ def test_verify_passes(saved, tmp_path):
         convert(saved(name), out, Options(), progress=False)
         r = CliRunner().invoke(cli, ["verify", str(saved(name)), str(out)])
         assert r.exit_code == 0 and "PASSED" in r.output, r.output
+
+
+@pytest.mark.parametrize("name", ["marian", "pegasus", "m2m100", "blenderbot"])
+def test_the_graph_safe_decode_step_matches_the_eager_forward(saved, tmp_path, name):
+    """The decoder's graph-safe step (what a CUDA graph captures: positions and cache writes from a device tensor,
+    cross-attention over the attached source) gives each teacher-forced step's logits, for every position layout
+    (Marian's and fairseq's tables, M2M100's counted from the ids, Blenderbot's learned one)."""
+    from fmconvert.runtime.load import load
+    convert(saved(name), tmp_path / "out", Options(), progress=False)
+    m = load(tmp_path / "out")
+    ids, mask, target = source(name)
+    m.attach(m.source_encoder.hidden(ids, attention_mask=mask), mask)
+    want = m(target)
+    cache = m.new_cache(2, target.shape[1])
+    got = []
+    for j in range(target.shape[1]):
+        got.append(m.decode_step(target[:, j:j + 1], cache, torch.tensor([j])))
+        cache.length += 1
+    assert tiny.rel(torch.stack(got, 1), want) < 1e-5

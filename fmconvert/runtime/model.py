@@ -2053,7 +2053,7 @@ def _visible(S: int, T: int, key_padding_mask, device):
 
 
 def _decode_graph_safe(model) -> bool:
-    if model.spec.get("encoder"):      # an encoder-decoder decodes eagerly: its relative bias and source per batch
+    if model.spec["kind"] == "decoder" and model.spec["rel_bias"]:    # T5's decoder: its bias is not in the step
         return False
     return all(b.device_routed(1) for b in model.blocks if "router.weight" in b.t) and all(   # dense blocks are
         b._on_device(b.t["moa_q.weight"], model.spec["moa"]["top_k"]) for b in model.blocks    # JetMoe's attention

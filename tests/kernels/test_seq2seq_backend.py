@@ -29,3 +29,24 @@ def test_triton_backend_matches_torch_backend(tmp_path, name, int8):
     a, _ = generate(ref, ids, 5, source_mask=mask)
     b, _ = generate(tri, ids.to(DEVICE), 5, source_mask=mask.to(DEVICE))
     assert a.tolist() == b.cpu().tolist()
+
+
+def test_triton_decode_step_of_an_encoder_decoder(tmp_path):
+    """BART's graph-safe decode step (fused rope-less KV append, decode attention, cross-attention over the padded
+    source) on the Triton backend against the torch backend's eager forward."""
+    from test_seq2seq import build, source
+    build("bart").save_pretrained(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "out", Options(int8=True, group_size=16), progress=False)
+    ref = load(tmp_path / "out", device="cpu", backend="torch", dequantize=True)
+    tri = load(tmp_path / "out", device=DEVICE, backend="triton", dequantize=False)
+    ids, mask, target = source()
+    ref.attach(ref.source_encoder.hidden(ids, attention_mask=mask), mask)
+    want = ref(target)
+    tri.attach(tri.source_encoder.hidden(ids.to(DEVICE), attention_mask=mask.to(DEVICE)), mask.to(DEVICE))
+    cache = tri.new_cache(2, target.shape[1])
+    got = []
+    for j in range(target.shape[1]):
+        got.append(tri.decode_step(target[:, j:j + 1].to(DEVICE), cache, torch.tensor([j], device=DEVICE)).cpu())
+        cache.length += 1
+    got = torch.stack(got, 1)
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-3
