@@ -299,8 +299,9 @@ def inspect(out_dir, as_json):
                   + (f", offsets log-bucketed past {dis['buckets'] // 2}" if dis["buckets"] else ""))
     if md.get("rel_bias"):
         rb = md["rel_bias"]
-        t.add_row("attention", f"a relative-position bias per head ({'T5' if md['family'].startswith('t5') else 'MPNet'}"
-                  f"): {rb['buckets']} buckets up to {rb['max_distance']} positions"
+        who = "T5" if md["family"].startswith("t5") else "MPNet"
+        t.add_row("attention", f"a relative-position bias per head ({who}): {rb['buckets']} buckets up to "
+                  f"{rb['max_distance']} positions"
                   + (", over earlier keys" if rb.get("causal") else "")
                   + (", a table per layer" if rb.get("per_layer") else ""))
     if md.get("encoder"):

@@ -522,8 +522,8 @@ def validate(m) -> dict:
         and model["decoder_start_token_id"] is not None and model["decoder_start_token_id"] < model["vocab_size"]
         and model["num_kv_heads"] == model["num_heads"] and not model["mla"] and not model["linear_layers"]
         and not model["num_experts"] and model["loop"] is None and not model["block_parts"])),
-          "model.encoder and the cross-attention slots go together, in a pre- or post-norm decoder with a start token, full "
-          "attention heads, and no mixture, linear layers or loops")
+          "model.encoder and the cross-attention slots go together, in a pre- or post-norm decoder with a start token, "
+          "full attention heads, and no mixture, linear layers or loops")
     _need(model["rel_bias"] is None or model["disentangled"] is None,       # the runtime adds one bias or the other
           "model.rel_bias and model.disentangled do not go together")
     _need((not model["causal_encoder"] and model["eos_pool"] is None) or model["kind"] == "encoder",

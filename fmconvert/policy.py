@@ -616,9 +616,9 @@ def _pick(value, flags: dict, where: str):
 
 def _config_value(config, spec, key: str, flags: dict | None = None):
     """Resolve a `[config]` entry: "a|b" alternatives, "4*x" multiples and "x*y" products, "x/y" ratios,
-    "x+1" (a non-negative integer plus a constant), "sqrt(x)", "sqrt(x/y)", "len(x)" (a list's length), a number as the last
-    alternative ("x|0": x where the config sets it), {value = ...} constants, and [flag, if_true, if_false] picks of
-    any of these."""
+    "x+1" (a non-negative integer plus a constant), "sqrt(x)", "sqrt(x/y)", "len(x)" (a list's length), a number as
+    the last alternative ("x|0": x where the config sets it), {value = ...} constants, and [flag, if_true, if_false]
+    picks of any of these."""
     spec = _pick(spec, flags or {}, f"config.{key}")
     if isinstance(spec, dict):
         return spec["value"]
@@ -2149,7 +2149,8 @@ class Policy:
             "attn_out.weight": (h, H * vd), "attn_out.bias": (h,),
             "mlp_in.weight": (inter, h), "mlp_in.bias": (inter,),
             "mlp_out.weight": (h, dense), "mlp_out.bias": (h,),
-            "cross_norm.weight": (h,), "cross_norm.bias": (h,), "cross_q.weight": (H * hd, h), "cross_q.bias": (H * hd,),
+            "cross_norm.weight": (h,), "cross_norm.bias": (h,), "cross_q.weight": (H * hd, h),
+            "cross_q.bias": (H * hd,),
             "cross_kv.weight": (2 * H * hd, h), "cross_kv.bias": (2 * H * hd,), "cross_out.weight": (h, H * hd),
             "cross_out.bias": (h,),
         }
