@@ -132,6 +132,8 @@ def convert(model_dir, out_dir, tp, int8, group_size, int8_embeddings, int8_lm_h
         t.add_row("each rank", ", ".join(_human(b) for b in s["rank_bytes"]) + f" in {s['files']} files")
         if s["kv_cache"] is not None:
             t.add_row("KV cache a rank", _kv_text(*s["kv_cache"]))
+        if s.get("source_kv"):
+            t.add_row("source keys a rank", f"{_human(s['source_kv'])} a source token (cross-attention)")
     else:
         t.add_row("files", str(s["files"]))
         t.add_row("time", f"{s['seconds']:.2f} s  ({s['mb_per_s']:.1f} MB/s read)")
@@ -233,6 +235,9 @@ def inspect(out_dir, as_json):
     if md["kind"] == "decoder":
         size = {"float32": 4, "float16": 2, "bfloat16": 2}[m["dtype"]]
         t.add_row("KV cache a rank", _kv_text(*mf.kv_cache_bytes(md, m["parallel"], size)))
+        if md.get("encoder"):
+            t.add_row("source keys a rank", f"{_human(mf.source_kv_bytes(md, m['parallel'], size))} a source token "
+                      f"(cross-attention)")
     if md["mla"]:
         a = md["mla"]
         qpath = f"q through a rank-{a['q_rank']} bottleneck" if a["q_rank"] else "q straight from the hidden state"

@@ -843,6 +843,14 @@ def is_global_layer(global_attn, window_layers, linear_layers, i: int) -> bool:
             and i not in (linear_layers or ()))
 
 
+def source_kv_bytes(model: dict, parallel: dict, itemsize: int) -> int:
+    """An encoder-decoder's decoder: the bytes one rank keeps per source token, every layer's cross-attention keys
+    and values of it (0 for any other model)."""
+    if not model.get("encoder"):
+        return 0
+    return model["num_layers"] * 2 * parallel["heads_per_rank"] * model["head_dim"] * itemsize
+
+
 def kv_cache_bytes(model: dict, parallel: dict, itemsize: int) -> tuple[int, int, int]:
     """What one rank's KV cache holds, as the runtime sizes it: (bytes a token in the layers that keep every
     position, bytes a token in the windowed layers, their window). A windowed layer's ring stops growing at its

@@ -1028,7 +1028,8 @@ def _dry_run(model_dir, opts, config, ckpt, t0) -> dict:
             "rank_bytes": [sum(n for _, n in f) for f in files], "files": sum(len(f) for f in files),
             "planned": files, "seconds": time.perf_counter() - t0, "dropped": plan.dropped,
             "kv_cache": mf.kv_cache_bytes(plan.spec.to_dict(), plan.layout.to_dict(), plan.dtype.itemsize)
-            if plan.spec.kind == "decoder" else None}         # an encoder runs whole texts: no cache
+            if plan.spec.kind == "decoder" else None,         # an encoder runs whole texts: no cache
+            "source_kv": mf.source_kv_bytes(plan.spec.to_dict(), plan.layout.to_dict(), plan.dtype.itemsize)}
 
 
 def _write_half(config, plan: Plan, opts: Options, ckpt, src, model_dir: Path, tmp: Path, max_bytes: int, progress,

@@ -377,6 +377,19 @@ def test_cli_generate_file_in_batches(saved, tmp_path, capsys):
     assert_one_line_error(code, err, 2, "give --prompt or --file")
 
 
+def test_dry_run_and_inspect_size_both_halves(saved, tmp_path, capsys):
+    """--dry-run plans both halves (their bytes the conversion's) and sizes the source's keys and values a decoder
+    keeps per source token; inspect says the same of the written output."""
+    from corpus import run_main
+    dry = convert(saved("flan_t5"), tmp_path / "out", Options(tp=2, dry_run=True), progress=False)
+    real = convert(saved("flan_t5"), tmp_path / "out", Options(tp=2), progress=False)
+    assert dry["bytes_out"] == real["bytes_out"] and dry["params"] == real["params"]
+    assert dry["source_kv"] == 2 * 2 * 2 * 8 * 4        # 2 layers x k, v x 2 heads a rank x 8 wide x float32
+    code, stdout, _ = run_main(capsys, "inspect", tmp_path / "out")
+    words = " ".join(w for w in stdout.split() if w not in ("│", "┃"))        # the table may wrap its cells
+    assert code == 0 and "source keys a rank" in words and "256 B a source token" in words, stdout
+
+
 def test_a_decoder_needs_its_source(saved, tmp_path):
     convert(saved("t5"), tmp_path / "out", Options(), progress=False)
     m = load(tmp_path / "out")
