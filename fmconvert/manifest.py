@@ -966,6 +966,9 @@ def _source(src):
           "source.flipped malformed")
     side = src.get("sidecar_files", [])
     _need(isinstance(side, list) and all(isinstance(f, str) for f in side), "source.sidecar_files malformed")
+    flags = src.get("flags", {})      # the table's flags as this config set them (absent from older manifests)
+    _need(isinstance(flags, dict) and len(flags) <= 256 and all(
+        isinstance(k, str) and type(v) is bool for k, v in flags.items()), "source.flags malformed")
 
 
 def _quantization(q):

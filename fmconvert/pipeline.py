@@ -1066,6 +1066,9 @@ def _write_half(config, plan: Plan, opts: Options, ckpt, src, model_dir: Path, t
         "format": mf.FORMAT, "format_version": mf.FORMAT_VERSION, "tool_version": __version__,
         "source": {"architecture": spec.architecture, "family": spec.family, "prefix": plan.prefix,
                    "config_sha256": config_sha, "fingerprints": prints, "sidecar_files": copied,
+                   # the flags that picked the tensors' names, so that they can be named back (reassemble)
+                   "flags": {k: v for k, v in sorted(plan.policy.flags(config, spec.architecture).items())
+                             if type(v) is bool},
                    **({"aliases": plan.aliases} if plan.aliases else {}),
                    **({"flipped": plan.flipped} if plan.flipped else {}),
                    **({"dropped": plan.dropped} if plan.dropped is not None else {}),

@@ -44,10 +44,13 @@ class _AllFlags(dict):
         return dict.get(self, key, True)
 
 
-def _flags(pol, spec: ModelSpec) -> _AllFlags:
+def _flags(pol, spec: ModelSpec, recorded: dict) -> _AllFlags:
+    """The flags the conversion recorded (source.flags); for an older manifest, those a layout key names, read off
+    the spec, and every other one true."""
     defined = pol.table.get("flags", {})
-    return _AllFlags({v: getattr(spec, k) for k, v in pol.layout.items()
-                      if isinstance(v, str) and v in defined and isinstance(getattr(spec, k, None), bool)}, defined)
+    known = recorded or {v: getattr(spec, k) for k, v in pol.layout.items()
+                         if isinstance(v, str) and v in defined and isinstance(getattr(spec, k, None), bool)}
+    return _AllFlags(known, set(defined) | set(recorded))
 
 
 def _spec_layout(m: dict) -> tuple[ModelSpec, sl.Layout]:
@@ -161,7 +164,7 @@ def reassemble(out_dir, dequantize: bool = True) -> tuple[dict, dict[str, torch.
     if not isinstance(prefix, str):
         raise FmError("manifest: source.prefix is missing (written by an older fmconvert); cannot name HF tensors")
     out: dict[str, torch.Tensor] = {}
-    flags = _flags(pol, spec)
+    flags = _flags(pol, spec, m["source"].get("flags") or {})
     sources = [(s.slot, s) for s in pol.sources(spec, flags, prefix, None)]
     for i in range(spec.num_layers):
         sources += [(f"layers.{i}.{s.slot}", s) for s in pol.sources(spec, flags, prefix, i)]
