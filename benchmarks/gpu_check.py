@@ -768,8 +768,7 @@ def main():
     def seq2seq_decode():
         """Encoder-decoders end to end, bf16, random weights: a T5 v1.1-shaped model (Flan-T5-base: 12 + 12 layers,
         768 wide, gated GELU, the decoder's relative bias) and BART-base's (6 + 6, post-LN). fmconvert (Triton
-        kernels; T5 decoding eagerly, BART from a CUDA graph of its decoder's step) against HF generate, greedy, 64
-        new tokens from a 128-token source at batch 1: the whole call's time on each side, and teacher-forced logit
+        kernels; the decoder's steps from a CUDA graph) against HF generate, greedy, 64 new tokens from a 128-token source at batch 1: the whole call's time on each side, and teacher-forced logit
         parity."""
         from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
 

@@ -391,6 +391,25 @@ def test_dry_run_and_inspect_size_both_halves(saved, tmp_path, capsys):
     assert code == 0 and "source keys a rank" in words and "256 B a source token" in words, stdout
 
 
+@pytest.mark.parametrize("name", ["t5", "umt5", "bart"])
+def test_the_graph_safe_decode_step_matches_the_eager_forward(saved, tmp_path, name):
+    """The decoder's graph-safe step (what a CUDA graph captures) gives each teacher-forced step's logits: T5's
+    relative bias from the step's position on the device over the whole static cache (UMT5: each layer's own
+    table), BART's learned positions, cross-attention over the padded source; past T5's max distance too."""
+    convert(saved(name), tmp_path / "out", Options(), progress=False)
+    m = load(tmp_path / "out")
+    ids, mask, _ = source()
+    target = tiny.ids(30, 5, B=2).remainder(94) + 2              # 30 steps: offsets past max_distance (20)
+    m.attach(m.source_encoder.hidden(ids, attention_mask=mask), mask)
+    want = m(target)
+    cache = m.new_cache(2, target.shape[1] + 4)                  # rows past the filled ones stay masked
+    got = []
+    for j in range(target.shape[1]):
+        got.append(m.decode_step(target[:, j:j + 1], cache, torch.tensor([j])))
+        cache.length += 1
+    assert tiny.rel(torch.stack(got, 1), want) < 1e-5
+
+
 def test_a_decoder_needs_its_source(saved, tmp_path):
     convert(saved("t5"), tmp_path / "out", Options(), progress=False)
     m = load(tmp_path / "out")

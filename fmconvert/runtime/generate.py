@@ -136,7 +136,7 @@ def generate(model: FusedModel, input_ids: torch.Tensor, max_new_tokens: int = 6
 
     An encoder-decoder (T5) reads input_ids [B, S] (padded where source_mask [B, S] is 0) as the source, and
     returns its decoder's tokens [B, 1 + new], from the start token on; its prefill is the encoder and the first
-    decoder step; its decode steps replay a CUDA graph captured for this source, T5's excepted (eager). forced_bos: the first new token, whatever the logits say (mBART-50's
+    decoder step; its decode steps replay a CUDA graph captured for this source. forced_bos: the first new token, whatever the logits say (mBART-50's
     and NLLB's target language, generation_config.json's forced_bos_token_id). forced_eos (an id or ids: BART's and
     Marian's forced_eos_token_id): the last token max_new_tokens allows is one of them, as transformers forces it."""
     positions_left(model, input_ids.shape[1], max_new_tokens)
@@ -165,8 +165,7 @@ def _generate_seq2seq(model, source, source_mask, max_new_tokens, temperature, t
     t0 = time.perf_counter()
     model.attach(model.source_encoder.hidden(source, attention_mask=mask), mask)
     start = torch.full((source.shape[0], 1), model.spec["decoder_start_token_id"], dtype=torch.long, device=dev)
-    # the decoder's steps replay a CUDA graph captured over this source's keys and values (not T5's: its relative
-    # bias is not in the graph-safe step)
+    # the decoder's steps replay a CUDA graph captured over this source's keys and values
     out, stats = _generate(model, start, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token, cuda_graph,
                            forced_bos, forced_eos)
     stats.prompt_tokens = source.shape[1]

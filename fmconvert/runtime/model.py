@@ -1133,9 +1133,13 @@ class Block(nn.Module):
                                            keep=keep[0][:, :, 0].contiguous(), keep_block=self.keep_block)
                 return self._narrow(o.reshape(B, 1, Hq * hd))
             # a ring holds exactly the window (or the chunk so far): attend over its first seq_t[key] rows,
-            # nothing to mask
+            # nothing to mask. T5's decoder: its relative bias over the cache rows (a table per layer in UMT5)
+            bias = None
+            if m.spec["rel_bias"]:
+                table = t["attn_rel_bias.weight"] if "attn_rel_bias.weight" in t else m.g["rel_bias.weight"]
+                bias = table[:, m.step_index]                                               # (Hq, S)
             o = m.ops.decode_attention(q, kc, vc, seq_t[key], m.scale, m.alibi, 0 if ring else self.window,
-                                       m.softcap, sinks=self.sinks, chunk=0 if ring else self.chunk)
+                                       m.softcap, sinks=self.sinks, chunk=0 if ring else self.chunk, bias=bias)
             return self._narrow(o.reshape(B, 1, Hq * hd))
         if qk_norm is not None and not after:    # Qwen3: each q and k head RMS-normalised before RoPE
             q, k = self._head_norm(q, k, qk_norm)
@@ -2018,6 +2022,12 @@ def _rel_buckets(T: int, buckets: int, max_distance: int, device=None, causal: b
     S: the keys, of which the T queries are the last (a decode step's, over its cache); None: T."""
     S = T if S is None else S
     d = torch.arange(S, device=device).view(1, S) - torch.arange(S - T, S, device=device).view(T, 1)  # key - query
+    return _bucket_of(d, buckets, max_distance, causal)
+
+
+def _bucket_of(d: torch.Tensor, buckets: int, max_distance: int, causal: bool) -> torch.Tensor:
+    """The bucket of each offset d (key - query) of `_rel_buckets`: a tensor op, so a decode step can take it from
+    its position on the device."""
     half = buckets if causal else buckets // 2
     exact, n = half // 2, (-d).clamp(min=0) if causal else d.abs()
     far = exact + (torch.log(n.clamp(min=1).float() / exact) / math.log(max_distance / exact)
@@ -2053,8 +2063,6 @@ def _visible(S: int, T: int, key_padding_mask, device):
 
 
 def _decode_graph_safe(model) -> bool:
-    if model.spec["kind"] == "decoder" and model.spec["rel_bias"]:    # T5's decoder: its bias is not in the step
-        return False
     return all(b.device_routed(1) for b in model.blocks if "router.weight" in b.t) and all(   # dense blocks are
         b._on_device(b.t["moa_q.weight"], model.spec["moa"]["top_k"]) for b in model.blocks    # JetMoe's attention
         if "moa_q.weight" in b.t)                                                            # experts likewise
@@ -2138,6 +2146,7 @@ class FusedModel(nn.Module):
             if owner != i:
                 per_layer[i].update(per_layer[owner])
         self.cross = self.cross_mask = None    # an encoder-decoder: each layer's source keys and values (attach)
+        self.step_index = None      # T5's decoder in a decode step: each cache row's relative-position bucket
         self.loop_state = {}        # HRM-Text: the forward's latest z_L and z_H
         self.embeds = None          # Zamba2: the forward's embeddings, which every shared block reads again
         self.router_state = None    # ZAYA: the last router's state in this forward, which the next one reads
@@ -2507,6 +2516,10 @@ class FusedModel(nn.Module):
         seq_t = {(-r if c else r): (pos_t % r + 1 if c else filled.clamp(max=r) if r else filled)
                  .to(torch.int32).expand(B).contiguous() for r, c in sorted(set(zip(cache.ring, cache.chunked)))}
         x, residual, x_norm, x_gain, x_scale = self.embed(ids, positions, None), None, None, None, None
+        rb = self.spec["rel_bias"]
+        if rb:      # T5's decoder: the bucket of every cache row's offset from the step's position
+            d = torch.arange(cache.max_len, device=ids.device) - pos_t
+            self.step_index = _bucket_of(d, rb["buckets"], rb["max_distance"], True)
         for blk in self.blocks:
             x, residual = blk(x, residual, positions, cache, None, pos_t, seq_t, x_norm=x_norm, x_gain=x_gain,
                               x_scale=x_scale)

@@ -307,9 +307,10 @@ class TorchOps:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **gqa)
 
     def decode_attention(self, q, k_cache, v_cache, seq_lens, scale, alibi_slopes=None, window=0, softcap=0.0,
-                         sinks=None, chunk=0, keep=None, keep_block=0):
+                         sinks=None, chunk=0, keep=None, keep_block=0, bias=None):
         """q [B, Hq, D] against the whole static cache, masked by seq_lens: graph-safe, no slicing by length.
-        keep [B, Hkv, blocks] (MiniMax-M3): the blocks of keep_block keys each kv head's queries see."""
+        keep [B, Hkv, blocks] (MiniMax-M3): the blocks of keep_block keys each kv head's queries see. bias [Hq, S]:
+        added to the scores of each cache row (T5's decoder: its relative bias at the step's position)."""
         B, Hq, D = q.shape
         S = k_cache.shape[2]
         kpos = torch.arange(S, device=q.device)
@@ -323,6 +324,8 @@ class TorchOps:
         if alibi_slopes is not None:
             rel = (kpos.view(1, S) - (seq_lens.view(B, 1) - 1)).to(torch.float32)     # (B, S)
             mask = mask + (alibi_slopes.float().view(1, Hq, 1, 1) * rel.view(B, 1, 1, S)).to(q.dtype)
+        if bias is not None:
+            mask = mask + bias.to(q.dtype).view(1, Hq, 1, S)
         rep = Hq // k_cache.shape[1]
         k, v = k_cache, v_cache
         if rep > 1:
@@ -811,7 +814,10 @@ class TritonOps(TorchOps):
                                         sinks=sinks, chunk=chunk)
 
     def decode_attention(self, q, k_cache, v_cache, seq_lens, scale, alibi_slopes=None, window=0, softcap=0.0,
-                         sinks=None, chunk=0, keep=None, keep_block=0):
+                         sinks=None, chunk=0, keep=None, keep_block=0, bias=None):
+        if bias is not None:        # T5's decoder: the kernel takes no bias; torch's graph-safe step does
+            return super().decode_attention(q, k_cache, v_cache, seq_lens, scale, alibi_slopes, window, softcap,
+                                            sinks, chunk, keep, keep_block, bias)
         return self.k.decode_attention(q, k_cache, v_cache, seq_lens, scale, alibi_slopes=alibi_slopes,
                                        window=window, softcap=softcap, sinks=sinks, chunk=chunk, keep=keep,
                                        keep_block=keep_block)

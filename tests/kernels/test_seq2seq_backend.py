@@ -31,11 +31,13 @@ def test_triton_backend_matches_torch_backend(tmp_path, name, int8):
     assert a.tolist() == b.cpu().tolist()
 
 
-def test_triton_decode_step_of_an_encoder_decoder(tmp_path):
-    """BART's graph-safe decode step (fused rope-less KV append, decode attention, cross-attention over the padded
-    source) on the Triton backend against the torch backend's eager forward."""
+@pytest.mark.parametrize("name", ["bart", "flan_t5"])
+def test_triton_decode_step_of_an_encoder_decoder(tmp_path, name):
+    """The graph-safe decode step (fused rope-less KV append, decode attention: T5's with its relative bias over the
+    cache, cross-attention over the padded source) on the Triton backend against the torch backend's eager
+    forward."""
     from test_seq2seq import build, source
-    build("bart").save_pretrained(tmp_path / "src")
+    build(name).save_pretrained(tmp_path / "src")
     convert(tmp_path / "src", tmp_path / "out", Options(int8=True, group_size=16), progress=False)
     ref = load(tmp_path / "out", device="cpu", backend="torch", dequantize=True)
     tri = load(tmp_path / "out", device=DEVICE, backend="triton", dequantize=False)
