@@ -7,6 +7,7 @@ FMCONVERT_DEBUG=1.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -729,6 +730,37 @@ def _generate_lines(model, tok, prompts, batch, new, temperature, top_p, seed, c
     return total
 
 
+_DEFAULTS = dict(num_beams=1, length_penalty=1.0, early_stopping=False, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                 min_new_tokens=0, min_length=0, max_new_tokens=64)
+
+
+def _settings(gc: dict, seq2seq: bool, given: dict) -> dict:
+    """generate's decoding settings: each given on the command line, else the generation config's (gc: {} without
+    --generation-config), else the default. The config's max_length, for an encoder-decoder the start token and
+    the new ones, stands for max_new_tokens when that is absent (a decoder's counts its prompt: not taken)."""
+    out = {}
+    for key, default in _DEFAULTS.items():
+        v = given.get(key)
+        if v is None:
+            v = gc.get(key)
+            if key == "max_new_tokens" and v is None and seq2seq and type(gc.get("max_length")) is int:
+                v = gc["max_length"] - 1
+        out[key] = default if v is None else v
+    if isinstance(out["early_stopping"], str):
+        out["early_stopping"] = {"false": False, "true": True}.get(out["early_stopping"], out["early_stopping"])
+    def valid(k, v):
+        if k == "early_stopping":
+            return v in (True, False, "never")
+        if k in ("length_penalty", "repetition_penalty"):
+            return type(v) in (int, float) and math.isfinite(v) and (v > 0 or k == "length_penalty")
+        return type(v) is int and v >= (1 if k in ("num_beams", "max_new_tokens") else 0)
+    bad = [k for k, v in out.items() if not valid(k, v)]
+    if bad:
+        raise FmError(f"generation_config.json: {bad[0]} must be a valid setting, got {out[bad[0]]!r}")
+    out["repetition_penalty"], out["length_penalty"] = float(out["repetition_penalty"]), float(out["length_penalty"])
+    return out
+
+
 def _forced(out_dir: Path, key: str, vocab: int):
     """A forced-token setting (forced_bos_token_id, forced_eos_token_id: an id, a list of ids, or none) as
     transformers reads it: generation_config.json's when there is one, else config.json's."""
@@ -804,7 +836,8 @@ def runtime_options(f):
                    "--batch-size, sources of similar length together; the rest one at a time.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
               help="With --file: an encoder-decoder's sources per batch.")
-@click.option("--max-new-tokens", "-n", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-new-tokens", "-n", default=None, type=click.IntRange(min=1),
+              help="New tokens at most (default 64, or the generation config's with --generation-config).")
 @click.option("--temperature", "-t", default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (with temperature > 0).")
 @click.option("--seed", default=0, show_default=True)
@@ -817,18 +850,30 @@ def runtime_options(f):
 @click.option("--tgt-lang", default=None,
               help="Encoder-decoder translators that start their output with the target language's token (NLLB: "
                    "fra_Latn, mBART-50: fr_XX, M2M100: fr): the first new token is that one.")
-@click.option("--num-beams", default=1, show_default=True, type=click.IntRange(1, 64),
+@click.option("--num-beams", default=None, type=click.IntRange(1, 64),
               help="Beam search over this many beams (transformers' own search: the same tokens), printed when it "
-                   "ends; 1 = greedy or sampled, streamed.")
-@click.option("--length-penalty", default=1.0, show_default=True,
+                   "ends; 1 (the default) = greedy or sampled, streamed.")
+@click.option("--length-penalty", default=None, type=float,
               help="With --num-beams: a finished hypothesis scores its summed log probability / length ** this "
-                   "(above 0 favours longer ones).")
-@click.option("--early-stopping", default="false", show_default=True, type=click.Choice(["false", "true", "never"]),
-              help="With --num-beams: false stops when no live beam can beat the finished ones (as transformers' "
-                   "default); true once --num-beams hypotheses are finished; never not before the length limit.")
+                   "(default 1; above 0 favours longer ones).")
+@click.option("--early-stopping", default=None, type=click.Choice(["false", "true", "never"]),
+              help="With --num-beams: false (the default) stops when no live beam can beat the finished ones, as "
+                   "transformers; true once --num-beams hypotheses are finished; never not before the length limit.")
+@click.option("--repetition-penalty", default=None, type=float,
+              help="A token already in the text: its score divided by this (multiplied if negative), as transformers' "
+                   "repetition_penalty (default 1: none).")
+@click.option("--no-repeat-ngram", default=None, type=click.IntRange(min=0),
+              help="No n-gram of this many tokens twice in the text (transformers' no_repeat_ngram_size; 0: none).")
+@click.option("--min-new-tokens", default=None, type=click.IntRange(min=0),
+              help="No end token before this many new tokens.")
+@click.option("--generation-config", "use_generation_config", is_flag=True,
+              help="Take every setting not given here from generation_config.json, as transformers' generate() does: "
+                   "num_beams, length_penalty, early_stopping, no_repeat_ngram_size, repetition_penalty, min_length, "
+                   "min_new_tokens, max_new_tokens or max_length (bart-large-cnn's summaries, opus-mt's beams).")
 @runtime_options
 def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperature, top_p, seed, chat, system,
-             src_lang, tgt_lang, num_beams, length_penalty, early_stopping, device, backend, no_verify_hashes, dtype):
+             src_lang, tgt_lang, num_beams, length_penalty, early_stopping, repetition_penalty, no_repeat_ngram,
+             min_new_tokens, use_generation_config, device, backend, no_verify_hashes, dtype):
     """Generate text from a converted decoder, streaming tokens to stdout. Generation stops at an end-of-sequence
     token of config.json or generation_config.json (instruct models end a turn with their own).
 
@@ -882,10 +927,18 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
     if tgt_lang:
         forced = _language_token(tok, tgt_lang, out_dir)
     forced_eos = _forced(out_dir, "forced_eos_token_id", model.spec["vocab_size"])
+    gc = _generation_config(out_dir) if use_generation_config else {}
+    s = _settings(gc, seq2seq, dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                                    repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram,
+                                    min_new_tokens=min_new_tokens, max_new_tokens=max_new_tokens))
+    num_beams, length_penalty, stop, max_new_tokens = (s["num_beams"], s["length_penalty"], s["early_stopping"],
+                                                      s["max_new_tokens"])
     if num_beams > 1 and temperature > 0:
         raise FmError("--num-beams searches greedily: drop --temperature")
-    stop = {"false": False, "true": True, "never": "never"}[early_stopping]
-    kw = dict(forced_bos=forced, forced_eos=forced_eos)
+    from .runtime.processors import Processors
+    kw = dict(forced_bos=forced, forced_eos=forced_eos, processors=Processors(
+        repetition_penalty=s["repetition_penalty"], no_repeat_ngram=s["no_repeat_ngram_size"],
+        min_new_tokens=s["min_new_tokens"], min_length=s["min_length"]))
     if prompt_file is not None:
         st = _generate_lines(model, tok, prompts, batch_size if seq2seq and num_beams == 1 else 1, max_new_tokens,
                              temperature, top_p, seed, chat, system, stops, num_beams, length_penalty, stop, kw,

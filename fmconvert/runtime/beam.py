@@ -12,11 +12,13 @@ penalty favours length). The KV cache is reordered in place after every step to 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 
 from ..errors import FmError
-from .generate import GenStats, generate, only, positions_left, warm_up
+from .generate import GenStats, generate, positions_left, warm_up, with_forced
+from .processors import Processors
 from .model import FusedModel, KVCache
 
 NEG = -1.0e9            # a score no candidate can win with
@@ -48,7 +50,7 @@ def reorder(cache: KVCache, idx: torch.Tensor, batch: int):
 def beam_search(model: FusedModel, input_ids: torch.Tensor, num_beams: int, max_new_tokens: int = 64,
                 eos_token_id=None, length_penalty: float = 1.0, early_stopping: bool | str = False,
                 source_mask: torch.Tensor | None = None, forced_bos: int | None = None, forced_eos=None,
-                on_done=None) -> tuple[torch.Tensor, GenStats]:
+                on_done=None, processors: Processors | None = None) -> tuple[torch.Tensor, GenStats]:
     """input_ids [1, T] -> the best hypothesis [1, T + new] (new up to and with its stop token) and its stats. An
     encoder-decoder reads input_ids as its source, and its output starts from the decoder's start token."""
     if input_ids.shape[0] != 1:
@@ -59,7 +61,7 @@ def beam_search(model: FusedModel, input_ids: torch.Tensor, num_beams: int, max_
         raise FmError("beam search needs a decoder with its language-model head")
     if num_beams == 1:          # as transformers: one beam is greedy decoding (no length penalty, no early stop)
         out, st = generate(model, input_ids, max_new_tokens, eos_token_id=eos_token_id, source_mask=source_mask,
-                           forced_bos=forced_bos, forced_eos=forced_eos)
+                           forced_bos=forced_bos, forced_eos=forced_eos, processors=processors)
         if on_done is not None:
             on_done(st.tokens)
         return out, st
@@ -79,6 +81,7 @@ def beam_search(model: FusedModel, input_ids: torch.Tensor, num_beams: int, max_
         input_ids = torch.full((1, 1), model.spec["decoder_start_token_id"], dtype=torch.long, device=dev)
     T = input_ids.shape[1]
     limit = T + max_new_tokens
+    procs = replace(with_forced(processors, forced_bos, forced_eos, eos_token_id), prompt=T, max_length=limit)
     running = torch.zeros(k, limit, dtype=torch.long, device=dev)
     running[:, :T] = input_ids.to(dev)
     run_scores = torch.full((k,), NEG, device=dev)
@@ -94,10 +97,8 @@ def beam_search(model: FusedModel, input_ids: torch.Tensor, num_beams: int, max_
     cur = T
     while True:
         logp = torch.log_softmax(logits.float(), -1)
-        if forced_bos is not None and cur == T:       # the first new token is that one, with log prob 0
-            logp = only(logp, forced_bos)
-        if forced_eos is not None and cur + 1 == limit:     # and the last one the limit allows an end token
-            logp = only(logp, forced_eos)
+        if procs:       # on the log probabilities, as transformers' beam search
+            logp = procs(running[:, :cur] if procs.reads_tokens else None, cur, logp)
         V = logp.shape[-1]
         top_lp, top_idx = torch.topk((logp + run_scores[:, None]).view(-1), keep)
         top_idx = model.comm.broadcast(top_idx.contiguous(), 0)     # every rank follows rank 0's beams

@@ -6,12 +6,13 @@ Every rank runs the same loop; rank 0 samples and broadcasts the token so ranks 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..errors import FmError
 from .model import FusedModel
+from .processors import Processors
 
 
 @dataclass
@@ -99,12 +100,13 @@ def warm_up(model: FusedModel) -> int:
         return int8_gemv_cpu.warm_up(packed)
 
 
-def only(scores: torch.Tensor, ids) -> torch.Tensor:
-    """scores [B, V] with every token but ids (an id or a list) at -inf and those at 0, as transformers' forced-token
-    processors leave them."""
-    out = torch.full_like(scores, float("-inf"))
-    out[:, torch.tensor(ids if isinstance(ids, (list, tuple)) else [ids], device=scores.device)] = 0.0
-    return out
+def with_forced(processors: Processors | None, forced_bos, forced_eos, eos_token_id) -> Processors:
+    """The processors with these forced tokens (where given) and stop tokens."""
+    p = processors or Processors()
+    return replace(p, forced_bos=p.forced_bos if forced_bos is None else forced_bos,
+                   forced_eos=p.forced_eos if forced_eos is None else forced_eos,
+                   eos=tuple(eos_token_id if isinstance(eos_token_id, (list, tuple)) else
+                             () if eos_token_id is None else (eos_token_id,)))
 
 
 def positions_left(model: FusedModel, prompt: int, new: int):
@@ -129,28 +131,32 @@ def positions_left(model: FusedModel, prompt: int, new: int):
 def generate(model: FusedModel, input_ids: torch.Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, eos_token_id=None, on_token=None,
              cuda_graph: bool | None = None, source_mask: torch.Tensor | None = None,
-             forced_bos: int | None = None, forced_eos=None) -> tuple[torch.Tensor, GenStats]:
+             forced_bos: int | None = None, forced_eos=None,
+             processors: Processors | None = None) -> tuple[torch.Tensor, GenStats]:
     """input_ids [B, T] -> [B, T + new]. `on_token(ids [B])` is called as each step's tokens are chosen.
     On CUDA the decode step is replayed from a CUDA graph unless cuda_graph=False. The CPU int8 kernels are built
     first (`warm_up`), outside the timings in GenStats.
 
     An encoder-decoder (T5) reads input_ids [B, S] (padded where source_mask [B, S] is 0) as the source, and
     returns its decoder's tokens [B, 1 + new], from the start token on; its prefill is the encoder and the first
-    decoder step; its decode steps replay a CUDA graph captured for this source. forced_bos: the first new token, whatever the logits say (mBART-50's
-    and NLLB's target language, generation_config.json's forced_bos_token_id). forced_eos (an id or ids: BART's and
-    Marian's forced_eos_token_id): the last token max_new_tokens allows is one of them, as transformers forces it."""
+    decoder step; its decode steps replay a CUDA graph captured for this source. forced_bos: the first new token,
+    whatever the logits say (mBART-50's and NLLB's target language, generation_config.json's forced_bos_token_id).
+    forced_eos (an id or ids: BART's and Marian's forced_eos_token_id): the last token max_new_tokens allows is one
+    of them, as transformers forces it. processors: transformers' other logits processors (repetition penalty,
+    n-gram ban, minimum lengths; runtime/processors.py)."""
+    procs = with_forced(processors, forced_bos, forced_eos, eos_token_id)
     positions_left(model, input_ids.shape[1], max_new_tokens)
     warm_up(model)
     if model.spec.get("encoder"):
         return _generate_seq2seq(model, input_ids, source_mask, max_new_tokens, temperature, top_p, seed,
-                                 eos_token_id, on_token, forced_bos, forced_eos, cuda_graph)
+                                 eos_token_id, on_token, procs, cuda_graph)
     threads = torch.get_num_threads()
     single = model.device.type == "cpu" and threads > 1 and weight_bytes(model) < SMALL_MODEL_BYTES
     if single:
         torch.set_num_threads(1)
     try:
         return _generate(model, input_ids, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token,
-                         cuda_graph, forced_last=forced_eos)
+                         cuda_graph, procs)
     finally:
         if single:
             torch.set_num_threads(threads)
@@ -158,7 +164,7 @@ def generate(model: FusedModel, input_ids: torch.Tensor, max_new_tokens: int = 6
 
 @torch.inference_mode()
 def _generate_seq2seq(model, source, source_mask, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token,
-                      forced_bos=None, forced_eos=None, cuda_graph=None):
+                      procs, cuda_graph=None):
     dev = model.device
     source = source.to(dev)
     mask = None if source_mask is None else source_mask.to(dev)
@@ -167,7 +173,7 @@ def _generate_seq2seq(model, source, source_mask, max_new_tokens, temperature, t
     start = torch.full((source.shape[0], 1), model.spec["decoder_start_token_id"], dtype=torch.long, device=dev)
     # the decoder's steps replay a CUDA graph captured over this source's keys and values
     out, stats = _generate(model, start, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token, cuda_graph,
-                           forced_bos, forced_eos)
+                           procs)
     stats.prompt_tokens = source.shape[1]
     stats.prefill_s = time.perf_counter() - t0 - stats.decode_s      # the encoder, then the first decoder step
     return out, stats
@@ -175,12 +181,13 @@ def _generate_seq2seq(model, source, source_mask, max_new_tokens, temperature, t
 
 @torch.inference_mode()
 def _generate(model, input_ids, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token, cuda_graph,
-              forced_first=None, forced_last=None):
+              procs: Processors):
     if model.spec["kind"] != "decoder":
         raise ValueError("generate needs a decoder; use embed for encoders")
     B, T = input_ids.shape
     dev = model.device
     ids = input_ids.to(dev)
+    procs = replace(procs, prompt=T, max_length=T + max_new_tokens)
     from .model import _decode_graph_safe
     graph_safe = _decode_graph_safe(model)
     if cuda_graph is None:
@@ -206,10 +213,10 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_p, seed, eos_to
     logits = first(ids)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     for step in range(max_new_tokens):
-        if step + 1 == max_new_tokens and forced_last is not None:     # only the forced end tokens remain
-            logits = only(logits, forced_last)
-        tok = sample(logits, temperature, top_p, gen) if step or forced_first is None else \
-            torch.full((B,), forced_first, dtype=torch.long, device=dev)
+        if procs:       # on float32 scores, as transformers
+            seqs = torch.cat(out, dim=1) if procs.reads_tokens else None
+            logits = procs(seqs, T + step, logits.float())
+        tok = sample(logits, temperature, top_p, gen)
         tok = model.comm.broadcast(tok.contiguous(), 0)
         if step == 0:
             sync()
