@@ -1098,7 +1098,7 @@ def classify(out_dir, texts, pairs, text_file, max_length, batch_size, device, b
     if batch_size < 1 or (max_length is not None and max_length < 1):
         raise FmError("--batch-size and --max-length must be positive")
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
-    if model.spec["kind"] != "encoder" or model.spec.get("classifier") is None:
+    if (model.spec["kind"] != "encoder" and not model.spec.get("encoder")) or model.spec.get("classifier") is None:
         arch = model.spec["architecture"]
         raise FmError(f"{out_dir} holds no classifier fmconvert runs ({arch}): " + (
             "its family's table describes no such head" if arch.endswith(("ForSequenceClassification",

@@ -226,12 +226,13 @@ _MODEL_OPTIONAL = {
     "proj_dim": (0, _NAT, "a non-negative integer"),
     "classifier": (None, lambda x: x is None or (
         isinstance(x, dict) and set(x) == {"pool", "steps"}
-        and x["pool"] in ("first", "pooler", "mean", "late", "tokens", "spans")
+        and x["pool"] in ("first", "pooler", "mean", "late", "tokens", "spans", "eos")
         and isinstance(x["steps"], list) and 0 < len(x["steps"]) <= 8 and all(
             isinstance(s, dict) and set(s) == {"op", "name", "bias", "act"} and s["op"] in ("linear", "norm")
             and isinstance(s["name"], str) and type(s["bias"]) is bool
             and s["act"] in ("none", "tanh", "gelu", "gelu_tanh", "relu", "silu") for s in x["steps"])),
-        "null or {pool (first, pooler, mean, late, tokens or spans), steps: [{op (linear or norm), name, bias, act}]}"),
+        "null or {pool (first, pooler, mean, late, tokens, spans or eos), steps: [{op (linear or norm), name, bias, "
+        "act}]}"),
     "disentangled": (None, lambda x: x is None or (
         isinstance(x, dict) and set(x) == {"span", "buckets", "max_position", "c2p", "p2c"}
         and _POS_INT(x["span"]) and _NAT(x["buckets"]) and _POS_INT(x["max_position"])
@@ -533,9 +534,12 @@ def validate(m) -> dict:
           "model.shared_layers (every layer reads layer 0's weights) goes with uniform layers only")
     _need(not model["headless"] or (model["kind"] == "decoder" and not model["tied_embeddings"]),
           "model.headless is for decoders with an untied head")
-    _need(model["classifier"] is None or (model["kind"] == "encoder" and (model["classifier"]["pool"] != "pooler"
-                                                                           or model["pooler"])),
-          "model.classifier is an encoder's, and pools with the pooler only where there is one")
+    _need(model["classifier"] is None or (model["kind"] == "encoder" and (model["classifier"]["pool"] not in
+                                                                           ("pooler", "eos") or model["pooler"]))
+          or (model["encoder"] is not None and model["classifier"]["pool"] == "eos"
+              and model["eos_token_id"] is not None),
+          "model.classifier is an encoder's (pooling with the pooler only where there is one), or an "
+          "encoder-decoder's at the eos token")
     _need(model["disentangled"] is None or (model["kind"] == "encoder" and model["num_kv_heads"] == model["num_heads"]
                                             and model["mla"] is None),
           "model.disentangled is for encoders with plain multi-head attention")

@@ -2486,7 +2486,7 @@ class Policy:
             return v
 
         pool = {"cls": "first", "bos": "first"}.get(value(head["pool"]), value(head["pool"]))
-        if pool not in ("first", "pooler", "mean", "late", "tokens", "spans"):
+        if pool not in ("first", "pooler", "mean", "late", "tokens", "spans", "eos"):
             raise FmError(f"config.json: classifier pooling {pool!r} is not first (cls, bos), mean, late or pooler")
         steps = []
         for s in head["steps"]:

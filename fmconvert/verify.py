@@ -686,21 +686,29 @@ def run_converted(runner: _Ranks, batches: torch.Tensor, kind: str, sources: tor
             for ids in _split(batches, kind)]
 
 
-def _teacher_forced(batches: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _teacher_forced(batches: torch.Tensor, start: int, eos: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """An encoder-decoder's rows: the first half of each row as its source, and the decoder's inputs for the
-    second half (the start token, then that half less its last token), so that logits predict the second half."""
+    second half (the start token, then that half less its last token), so that logits predict the second half.
+    eos: a classifier's end token, which then ends every source (BART's head reads the decoder there)."""
     half = batches.shape[1] // 2
-    target = batches[:, half:]
-    return batches[:, :half], torch.cat([torch.full_like(target[:, :1], start), target[:, :-1]], 1)
+    target, source = batches[:, half:], batches[:, :half].clone()
+    if eos is not None:
+        source[:, -1] = eos
+    return source, torch.cat([torch.full_like(target[:, :1], start), target[:, :-1]], 1)
 
 
 def _seq2seq_forward(model, src, ids):
-    """_converted_forward of an encoder-decoder's decoder, the encoder's last hidden state after it."""
+    """_converted_forward of an encoder-decoder's decoder, the encoder's last hidden state after it. A classifier's
+    (BART's) logits in place of the language-model head's, which its checkpoint does not train."""
     enc = model.source_encoder.hidden(src)
     model.attach(enc)
     final, states = model.hidden(ids, output_hidden_states=True)
-    return [s.float().cpu() for s in states] + [final.float().cpu()], model.logits(final).float().cpu(), None, \
-        enc.float().cpu()
+    head = None
+    if model.spec["classifier"]:
+        from .runtime.classify import head_logits
+        head = head_logits(model, final, None, torch.ones_like(src), src).cpu()
+    out = None if head is not None else model.logits(final).float().cpu()
+    return [s.float().cpu() for s in states] + [final.float().cpu()], out, head, enc.float().cpu()
 
 
 class _TeacherForced:
@@ -713,7 +721,9 @@ class _TeacherForced:
     def __call__(self, input_ids, attention_mask=None, output_hidden_states=True):
         src = next(self.sources).to(input_ids.device)
         o = self.model(input_ids=src, decoder_input_ids=input_ids, output_hidden_states=True)
-        return SimpleNamespace(hidden_states=o.decoder_hidden_states, logits=o.logits,
+        cls = type(self.model).__name__.endswith("ForSequenceClassification")
+        return SimpleNamespace(hidden_states=o.decoder_hidden_states, logits=None if cls else o.logits,
+                               classifier_logits=o.logits if cls else None,
                                encoder_last_hidden_state=o.encoder_last_hidden_state)
 
 
@@ -812,9 +822,12 @@ def _compare(ref, sp: dict, converted: list, batches: torch.Tensor, th: Threshol
     for ids, (states, out, head, *enc_out) in zip(_split(batches, kind), converted):
         states = _hf_states(states, reports, every)
         with torch.inference_mode():
-            enc = ref.base_model if head is not None else ref
+            teacher = isinstance(ref, _TeacherForced)       # an encoder-decoder: its own classifier logits too
+            enc = ref.base_model if head is not None and not teacher else ref
             o = enc(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device), output_hidden_states=True)
-            if head is not None:
+            if head is not None and teacher:
+                heads.append((head.double(), o.classifier_logits.float().cpu().double()))
+            elif head is not None:
                 r = ref(input_ids=ids.to(device))
                 # a QA head's start and end logits, stacked as the runtime gives them: [B, T, 2]
                 want = torch.stack([r.start_logits, r.end_logits], -1) if spans else r.logits
@@ -1043,7 +1056,10 @@ def verify(model_dir, out_dir, text_file=None, tokens: int = 256, tp_mode: str =
         batches = make_batches(ids, tokens, m["model"].get("max_positions") or 0)
         sources = None
         if m["model"]["encoder"]:       # each row's first half is the source, its second the decoder's target
-            sources, batches = _teacher_forced(batches, m["model"]["decoder_start_token_id"])
+            eos = m["model"]["eos_token_id"]
+            sources, batches = _teacher_forced(batches, m["model"]["decoder_start_token_id"],
+                                               (eos[0] if isinstance(eos, list) else eos)
+                                               if m["model"]["classifier"] else None)
         # On CPU, int8 weights stay int8 and every batch goes through the blocked int8 matmul: packing them for the
         # one-row decode kernel would cost load time and memory for nothing here.
         kw = dict(device=dev, backend="torch", check_hashes=False, dtype=torch.float32,

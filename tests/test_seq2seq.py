@@ -410,6 +410,45 @@ def test_the_graph_safe_decode_step_matches_the_eager_forward(saved, tmp_path, n
     assert tiny.rel(torch.stack(got, 1), want) < 1e-5
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_bart_sequence_classifier_as_transformers(tmp_path, capsys, tp):
+    """BartForSequenceClassification (bart-large-mnli, the zero-shot classifiers): the source through the encoder
+    and, shifted behind the start token, through the decoder, whose state at each text's last end token goes through
+    the head. `classify` gives transformers' logits for premise/hypothesis pairs of several lengths; verify checks
+    the head (its source rows end on the end token) and the decoder's states."""
+    from transformers import BartConfig, BartForSequenceClassification
+
+    from test_classify import tokenizer
+
+    from corpus import run_main
+    from fmconvert.runtime.classify import classify
+    torch.manual_seed(0)
+    hf = BartForSequenceClassification(BartConfig(**{**BART, "num_labels": 3, "activation_function": "gelu"})).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "layer_norm" in n or "layernorm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif "classification_head" in n:
+                p.copy_(torch.randn_like(p) * 0.5)
+    src, out = tmp_path / "src", tmp_path / "out"
+    hf.save_pretrained(src)
+    tok = tokenizer()
+    tok.save_pretrained(src)
+    convert(src, out, Options(tp=tp), progress=False)
+    premises, hypotheses = ["w5 w6 w7 w8", "w9", "w10 w11"], ["w12 w13", "w14 w15 w16", "w17"]
+    batch = tok(premises, hypotheses, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    for got in tiny.on_ranks(out, tp, lambda m: classify(m, tok, premises, hypotheses)):
+        assert tiny.rel(got, want) < 1e-5
+    if tp == 1:
+        code, stdout, err = run_main(capsys, "classify", out, "-t", premises[0], "--pair", hypotheses[0])
+        assert code == 0, err
+        assert json.loads(stdout)["label"] == hf.config.id2label[int(want[0].argmax())]
+    code, stdout, err = run_main(capsys, "verify", src, out)
+    assert code == 0 and "classifier logits" in stdout, stdout + err
+
+
 def test_a_decoder_needs_its_source(saved, tmp_path):
     convert(saved("t5"), tmp_path / "out", Options(), progress=False)
     m = load(tmp_path / "out")

@@ -18,9 +18,11 @@ from ..errors import FmError
 from .ops import activate
 
 
-def head_logits(model, hidden: torch.Tensor, pooled: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+def head_logits(model, hidden: torch.Tensor, pooled: torch.Tensor | None, mask: torch.Tensor,
+                ids: torch.Tensor | None = None) -> torch.Tensor:
     """The encoder's output (hidden [B, T, h], pooled) and the attention mask -> logits [B, labels] in fp32, as the
-    manifest's classifier says."""
+    manifest's classifier says. An encoder-decoder's (BART's, pool "eos"): hidden is its decoder's, read at each
+    row's last eos token of ids (the source)."""
     head = model.spec["classifier"]
     if head is None:
         raise FmError(f"{model.spec['architecture']} has no sequence-classification head (convert a "
@@ -29,6 +31,14 @@ def head_logits(model, hidden: torch.Tensor, pooled: torch.Tensor | None, mask: 
         x = hidden
     elif head["pool"] == "pooler":
         x = pooled
+    elif head["pool"] == "eos":
+        eos = model.spec["eos_token_id"]
+        eos = eos[0] if isinstance(eos, list) else eos
+        at = torch.where(ids == eos, torch.arange(ids.shape[1], device=ids.device), -1).max(1).values
+        if bool((at < 0).any()):
+            raise FmError(f"{model.spec['architecture']} classifies at each text's end token ({eos}), which a text "
+                          f"here lacks: let the tokenizer add it")
+        x = hidden[torch.arange(hidden.shape[0], device=hidden.device), at.to(hidden.device)]
     elif head["pool"] == "mean":
         m = mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
         x = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
@@ -60,6 +70,10 @@ def classify(model, tok, texts: list[str], pairs: list[str] | None = None, max_l
                 truncation="longest_first" if max_length else False, max_length=max_length, return_tensors="pt",
                 **({"return_offsets_mapping": True} if tokens else {}))
     ids, mask = batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
+    if model.spec.get("encoder"):       # BART's: the decoder reads the source shifted behind its start token
+        model.attach(model.source_encoder.hidden(ids, attention_mask=mask), mask)
+        start = torch.full_like(ids[:, :1], model.spec["decoder_start_token_id"])
+        return head_logits(model, model.hidden(torch.cat([start, ids[:, :-1]], 1)), None, mask, ids)
     types = batch.get("token_type_ids")
     hidden, pooled = model(ids, attention_mask=mask, token_type_ids=None if types is None else types.to(model.device))
     logits = head_logits(model, hidden, pooled, mask)
