@@ -1073,8 +1073,18 @@ def embed(out_dir, texts, text_file, pooling, normalize, max_length, batch_size,
               help="A UTF-8 file of texts, one per line; a tab splits a line into text and pair.")
 @click.option("--max-length", type=int, default=None, help="Tokens kept per input. Default: the model's positions.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Inputs per forward.")
+@click.option("--labels", "candidates", default=None,
+              help="Zero-shot classification with an NLI model (bart-large-mnli, roberta-large-mnli, ...): these "
+                   "comma-separated labels, each tried as the hypothesis --template makes of it, scored by "
+                   "entailment as transformers' zero-shot pipeline does.")
+@click.option("--template", default="This example is {}.", show_default=True,
+              help="With --labels: the hypothesis for a label ({} is the label).")
+@click.option("--multi-label", is_flag=True,
+              help="With --labels: each label scored on its own (entailment against contradiction), not against the "
+                   "others.")
 @runtime_options
-def classify(out_dir, texts, pairs, text_file, max_length, batch_size, device, backend, no_verify_hashes, dtype):
+def classify(out_dir, texts, pairs, text_file, max_length, batch_size, candidates, template, multi_label, device,
+             backend, no_verify_hashes, dtype):
     """Classify or score text with a converted *ForSequenceClassification encoder (a sentiment or NLI model, a
     cross-encoder reranker such as bge-reranker or ms-marco-MiniLM). Prints one JSON object per input: the best
     label and every label's probability (softmax), or for a one-logit head its score (sigmoid) and raw logit. A
@@ -1093,6 +1103,10 @@ def classify(out_dir, texts, pairs, text_file, max_length, batch_size, device, b
         pairs += [s[1] for s in split if len(s) == 2]
     if pairs and len(pairs) != len(texts):
         raise FmError(f"{len(pairs)} pairs for {len(texts)} inputs: give a pair for every input or for none")
+    names = [c.strip() for c in candidates.split(",") if c.strip()] if candidates is not None else None
+    if names is not None and (not names or pairs or "{}" not in template):
+        raise FmError("--labels needs labels, no --pair (the hypotheses are made of the labels) and a --template "
+                      "with {}")
     if not texts:
         raise FmError("nothing to classify: give --text or --file")
     if batch_size < 1 or (max_length is not None and max_length < 1):
@@ -1117,6 +1131,8 @@ def classify(out_dir, texts, pairs, text_file, max_length, batch_size, device, b
             "multi_label_classification"
     except (OSError, ValueError, AttributeError):
         multi = False
+    if names is not None:
+        return _zero_shot(model, run, tok, texts, names, template, multi_label, limit, batch_size, out_dir)
     rows = [None] * len(texts)
     for idx in by_length(tok, texts, batch_size, pairs):
         try:
@@ -1143,6 +1159,43 @@ def classify(out_dir, texts, pairs, text_file, max_length, batch_size, device, b
                 best = int(p.argmax())
                 click.echo(json.dumps({"label": names[best], "scores": {n: round(x, 6) for n, x in
                                                                           zip(names, p.tolist())}}))
+
+
+def _zero_shot(model, run, tok, texts, names, template, multi_label, limit, batch_size, out_dir):
+    """classify --labels: each text paired with each label's hypothesis; its entailment logits softmaxed over the
+    labels (or, multi-label, each label's entailment against its contradiction), as transformers' zero-shot
+    pipeline. One JSON object per text: the labels best first, and their scores."""
+    import torch
+
+    from .runtime.classify import labels as label_names
+    from .runtime.embed import by_length
+    try:
+        n = len(json.loads((Path(out_dir) / "config.json").read_text()).get("id2label") or {})
+    except (OSError, ValueError, AttributeError):
+        n = 0
+    ids = label_names(out_dir, n)
+    entail = next((i for i, n in enumerate(ids) if n.lower().startswith("entail")), None)
+    if entail is None:
+        raise FmError(f"{out_dir}: zero-shot classification needs an NLI model, with an entailment label in "
+                      f"config.json's id2label (it has {', '.join(ids)})")
+    contra = 0 if entail != 0 else -1
+    premises = [t for t in texts for _ in names]
+    hyps = [template.format(n) for _ in texts for n in names]
+    logits = [None] * len(premises)
+    for idx in by_length(tok, premises, batch_size, hyps):
+        out = run(model, tok, [premises[i] for i in idx], [hyps[i] for i in idx], limit)
+        for j, i in enumerate(idx):
+            logits[i] = out[j].cpu()
+    logits = torch.stack(logits).view(len(texts), len(names), -1)
+    if multi_label:
+        p = logits[..., [contra, entail]].softmax(-1)[..., 1]
+    else:
+        p = logits[..., entail].softmax(-1)
+    if model.rank == 0:
+        for row in p:
+            order = row.argsort(descending=True).tolist()
+            click.echo(json.dumps({"labels": [names[i] for i in order],
+                                   "scores": [round(float(row[i]), 6) for i in order]}))
 
 
 @cli.command()

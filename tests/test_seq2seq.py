@@ -447,6 +447,21 @@ def test_bart_sequence_classifier_as_transformers(tmp_path, capsys, tp):
         assert json.loads(stdout)["label"] == hf.config.id2label[int(want[0].argmax())]
     code, stdout, err = run_main(capsys, "verify", src, out)
     assert code == 0 and "classifier logits" in stdout, stdout + err
+    if tp == 1:         # zero-shot, as transformers' pipeline scores candidate labels by entailment
+        from transformers import pipeline
+        hf.config.id2label = {0: "contradiction", 1: "neutral", 2: "entailment"}
+        cfg = json.loads((out / "config.json").read_text())
+        cfg["id2label"] = {str(k): v for k, v in hf.config.id2label.items()}
+        (out / "config.json").write_text(json.dumps(cfg))
+        zs = pipeline("zero-shot-classification", model=hf, tokenizer=tok)
+        for multi in (False, True):
+            want = zs("w5 w6 w7", candidate_labels=["w20", "w21", "w22"], hypothesis_template="w30 {}",
+                      multi_label=multi)
+            code, stdout, err = run_main(capsys, "classify", out, "-t", "w5 w6 w7", "--labels", "w20,w21,w22",
+                                         "--template", "w30 {}", *(["--multi-label"] if multi else []))
+            got = json.loads(stdout)
+            assert code == 0 and got["labels"] == want["labels"], (stdout, want)
+            assert got["scores"] == pytest.approx(want["scores"], abs=1e-5)
 
 
 def test_a_decoder_needs_its_source(saved, tmp_path):
