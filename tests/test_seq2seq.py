@@ -410,20 +410,30 @@ def test_the_graph_safe_decode_step_matches_the_eager_forward(saved, tmp_path, n
     assert tiny.rel(torch.stack(got, 1), want) < 1e-5
 
 
+CLASSIFIERS = {     # the test tokenizer's ids: pad 1, eos 2
+    "BartForSequenceClassification": ("BartConfig", dict(BART, activation_function="gelu")),
+    "MBartForSequenceClassification": ("MBartConfig", dict(BART, activation_function="gelu", scale_embedding=True)),
+    "T5ForSequenceClassification": ("T5Config", dict(BASE, feed_forward_proj="gated-gelu", pad_token_id=1,
+                                                     eos_token_id=2, decoder_start_token_id=1)),
+}
+
+
 @pytest.mark.parametrize("tp", [1, 2])
-def test_bart_sequence_classifier_as_transformers(tmp_path, capsys, tp):
-    """BartForSequenceClassification (bart-large-mnli, the zero-shot classifiers): the source through the encoder
-    and, shifted behind the start token, through the decoder, whose state at each text's last end token goes through
-    the head. `classify` gives transformers' logits for premise/hypothesis pairs of several lengths; verify checks
-    the head (its source rows end on the end token) and the decoder's states."""
-    from transformers import BartConfig, BartForSequenceClassification
+@pytest.mark.parametrize("arch", list(CLASSIFIERS))
+def test_sequence_classifier_as_transformers(tmp_path, capsys, tp, arch):
+    """BART's, mBART's and T5's *ForSequenceClassification (bart-large-mnli, the zero-shot classifiers): the source
+    through the encoder and, shifted behind the start token, through the decoder, whose state at each text's last
+    end token goes through the head. `classify` gives transformers' logits for premise/hypothesis pairs of several
+    lengths; verify checks the head (its source rows end on the end token) and the decoder's states."""
+    import transformers
 
     from test_classify import tokenizer
 
     from corpus import run_main
     from fmconvert.runtime.classify import classify
     torch.manual_seed(0)
-    hf = BartForSequenceClassification(BartConfig(**{**BART, "num_labels": 3, "activation_function": "gelu"})).eval()
+    cfg_cls, kw = CLASSIFIERS[arch]
+    hf = getattr(transformers, arch)(getattr(transformers, cfg_cls)(**kw, num_labels=3)).eval()
     with torch.no_grad():
         for n, p in hf.named_parameters():
             if "layer_norm" in n or "layernorm" in n:
@@ -447,7 +457,7 @@ def test_bart_sequence_classifier_as_transformers(tmp_path, capsys, tp):
         assert json.loads(stdout)["label"] == hf.config.id2label[int(want[0].argmax())]
     code, stdout, err = run_main(capsys, "verify", src, out)
     assert code == 0 and "classifier logits" in stdout, stdout + err
-    if tp == 1:         # zero-shot, as transformers' pipeline scores candidate labels by entailment
+    if tp == 1 and arch.startswith("Bart"):     # zero-shot, as transformers' pipeline scores labels by entailment
         from transformers import pipeline
         hf.config.id2label = {0: "contradiction", 1: "neutral", 2: "entailment"}
         cfg = json.loads((out / "config.json").read_text())
