@@ -123,6 +123,8 @@ def convert(model_dir, out_dir, tp, int8, group_size, int8_embeddings, int8_lm_h
              else f"converted {s['architecture']} -> {out_dir}")
     t = Table(title=title, show_header=False)
     t.add_row("parameters", f"{s['params'] / 1e6:.2f} M")
+    if s.get("encoder"):
+        t.add_row("encoder-decoder", f"the decoder, and its encoder ({s['encoder']}) in encoder/")
     g = s.get("groups")            # a dry run names the int8 groups it would use
     group = (f", groups of {g[0]}" if len(g) == 1 else f", groups of {g[0]} to {g[-1]}") if g else ""
     t.add_row("tp / int8 / dtype", f"{s['tp']} / {'yes' if s['int8'] else 'no'}{group} / {s['dtype']}")

@@ -1021,6 +1021,7 @@ def _dry_run(model_dir, opts, config, ckpt, t0) -> dict:
         planned = writer.planned()
         files = planned if not files else [a + b for a, b in zip(files, planned)]
     return {"dry_run": True, "architecture": plan.spec.architecture, "family": plan.spec.family, "tp": opts.tp,
+            "encoder": halves[1][1].spec.architecture if len(halves) > 1 else None,
             "int8": opts.int8, "dtype": dtype_name(plan.dtype),
             "groups": sorted({g for _, pl in halves for g in pl.groups.values()}),
             "params": sum(pl.params for _, pl in halves),
@@ -1132,6 +1133,7 @@ def _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config,
     qstats = {f"{sub}/{k}" if sub else k: v for (_, _, sub), (_, _, q) in zip(halves, written) for k, v in q.items()}
     secs = time.perf_counter() - t0
     return {"architecture": spec.architecture, "tp": opts.tp, "int8": opts.int8, "dtype": dtype_name(plan.dtype),
+            "encoder": halves[0][1].spec.architecture if len(halves) > 1 else None,
             "params": params, "bytes_in": bytes_in, "bytes_out": bytes_out,
             "files": files, "seconds": secs, "dropped": plan.dropped,
             "mxfp4": len(ckpt.mxfp4), "fp8": len(ckpt.fp8), "fp4": len(ckpt.fp4), "int4": len(ckpt.int4),
