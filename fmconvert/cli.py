@@ -715,7 +715,7 @@ def _generate_lines(model, tok, prompts, batch, new, temperature, top_p, seed, c
         else:
             ids, mask = torch.tensor([prompt_ids(tok, prompts[group[0]], chat, system, out_dir)]), None
         if beams > 1:
-            out, st = beam_search(model, ids, beams, new, stops, penalty, stop, **kw)
+            out, st = beam_search(model, ids, beams, new, stops, penalty, stop, source_mask=mask, **kw)
         else:
             out, st = gen(model, ids, new, temperature, top_p, seed, stops, source_mask=mask, **kw)
         start = 1 if seq2seq else ids.shape[1]
@@ -834,8 +834,8 @@ def runtime_options(f):
 @click.option("--prompt", "-p", default=None, help="Text to continue (an encoder-decoder's source).")
 @click.option("--file", "-f", "prompt_file", type=click.Path(path_type=Path, dir_okay=False),
               help="Instead of --prompt: a UTF-8 file of prompts, one a line; each output on a line of its own, in "
-                   "order (line breaks inside it become spaces). An encoder-decoder's run greedily in batches of "
-                   "--batch-size, sources of similar length together; the rest one at a time.")
+                   "order (line breaks inside it become spaces). An encoder-decoder's run in batches of --batch-size "
+                   "(greedy or with beams), sources of similar length together; the rest one at a time.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
               help="With --file: an encoder-decoder's sources per batch.")
 @click.option("--max-new-tokens", "-n", default=None, type=click.IntRange(min=1),
@@ -942,7 +942,7 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
         repetition_penalty=s["repetition_penalty"], no_repeat_ngram=s["no_repeat_ngram_size"],
         min_new_tokens=s["min_new_tokens"], min_length=s["min_length"]))
     if prompt_file is not None:
-        st = _generate_lines(model, tok, prompts, batch_size if seq2seq and num_beams == 1 else 1, max_new_tokens,
+        st = _generate_lines(model, tok, prompts, batch_size if seq2seq else 1, max_new_tokens,
                              temperature, top_p, seed, chat, system, stops, num_beams, length_penalty, stop, kw,
                              out_dir, lead)
     else:

@@ -193,3 +193,34 @@ def test_cli_generation_config_as_transformers_generate(tmp_path, capsys):
     with torch.no_grad():
         want = hf.generate(input_ids=ids, num_beams=1, no_repeat_ngram_size=0, repetition_penalty=1.0)
     assert stdout.strip() == tok.decode(want[0, 1:], skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("k,penalty,stop", [(3, 1.0, False), (2, 2.0, True), (3, 0.5, "never")])
+@pytest.mark.parametrize("name", ["umt5", "flan_t5"])
+def test_a_batch_searches_as_transformers(tmp_path, name, k, penalty, stop):
+    """Several sources side by side (padded on the right), each row's best hypothesis as transformers' batched beam
+    search finds it: rows that finish early wait for the others without changing them."""
+    build(name).save_pretrained(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "out", Options(), progress=False)
+    hf = build(name)
+    ids, mask, _ = source()
+    ids = torch.cat([ids, ids[:1, [2, 0, 1, 3, 4, 5, 6, 7, 8]]])        # a third row: the first's tokens shuffled
+    mask = torch.cat([mask, mask[:1]])
+    eos = hf.config.eos_token_id
+    with torch.no_grad():
+        want = hf.generate(input_ids=ids, attention_mask=mask, num_beams=k, max_new_tokens=8, do_sample=False,
+                           length_penalty=penalty, early_stopping=stop)
+    got, _ = beam_search(load(tmp_path / "out"), ids, k, 8, eos, penalty, stop, source_mask=mask)
+    assert until_eos(got, eos) == until_eos(want, eos)
+    assert len({tuple(r) for r in until_eos(want, eos)}) > 1          # the rows differ: each is searched on its own
+
+
+def test_a_decoders_batch_searches_as_transformers(model_dir, tmp_path):
+    convert(model_dir("llama"), tmp_path / "out", Options(), progress=False)
+    hf = tiny.build("llama")
+    ids = tiny.ids(6, 3, B=2)
+    with torch.no_grad():
+        want = hf.generate(ids, attention_mask=torch.ones_like(ids), num_beams=3, max_new_tokens=8, do_sample=False,
+                           pad_token_id=0, eos_token_id=95)
+    got, _ = beam_search(load(tmp_path / "out"), ids, 3, 8, 95)
+    assert got.tolist() == want.tolist()

@@ -51,10 +51,10 @@ def beam_search(model: FusedModel, input_ids: torch.Tensor, num_beams: int, max_
                 eos_token_id=None, length_penalty: float = 1.0, early_stopping: bool | str = False,
                 source_mask: torch.Tensor | None = None, forced_bos: int | None = None, forced_eos=None,
                 on_done=None, processors: Processors | None = None) -> tuple[torch.Tensor, GenStats]:
-    """input_ids [1, T] -> the best hypothesis [1, T + new] (new up to and with its stop token) and its stats. An
-    encoder-decoder reads input_ids as its source, and its output starts from the decoder's start token."""
-    if input_ids.shape[0] != 1:
-        raise FmError("beam search takes one prompt at a time")
+    """input_ids [B, T] -> each row's best hypothesis [B, T + new] (new up to and with its stop token; shorter rows
+    padded with it) and the stats (`tokens`: row 0's). An encoder-decoder reads input_ids as its sources (padded
+    where source_mask is 0), and its output starts from the decoder's start token; a decoder's prompts must be of
+    one length. The rows search side by side, as transformers' batched beam search."""
     if num_beams < 1 or max_new_tokens < 1:
         raise FmError("beam search needs at least one beam and one new token")
     if model.spec["kind"] != "decoder" or model.spec["headless"]:
@@ -67,78 +67,83 @@ def beam_search(model: FusedModel, input_ids: torch.Tensor, num_beams: int, max_
         return out, st
     positions_left(model, input_ids.shape[1], max_new_tokens)
     warm_up(model)
-    dev, k = model.device, num_beams
+    dev, k, B = model.device, num_beams, input_ids.shape[0]
     eos = torch.tensor(sorted(set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else
                                   [] if eos_token_id is None else [eos_token_id])), dtype=torch.long, device=dev)
     keep = max(2, 1 + len(eos)) * k
     stats = GenStats(prompt_tokens=input_ids.shape[1])
     t0 = time.perf_counter()
-    if model.spec.get("encoder"):       # every beam reads the same source
+    if model.spec.get("encoder"):       # every beam of a row reads that row's source
         src = input_ids.to(dev)
         mask = None if source_mask is None else source_mask.to(dev)
         h = model.source_encoder.hidden(src, attention_mask=mask)
-        model.attach(h.expand(k, -1, -1), None if mask is None else mask.expand(k, -1))
-        input_ids = torch.full((1, 1), model.spec["decoder_start_token_id"], dtype=torch.long, device=dev)
+        model.attach(h.repeat_interleave(k, 0), None if mask is None else mask.repeat_interleave(k, 0))
+        input_ids = torch.full((B, 1), model.spec["decoder_start_token_id"], dtype=torch.long, device=dev)
     T = input_ids.shape[1]
     limit = T + max_new_tokens
     procs = replace(with_forced(processors, forced_bos, forced_eos, eos_token_id), prompt=T, max_length=limit)
-    running = torch.zeros(k, limit, dtype=torch.long, device=dev)
-    running[:, :T] = input_ids.to(dev)
-    run_scores = torch.full((k,), NEG, device=dev)
-    run_scores[0] = 0.0
-    done_seqs, done_scores = running.clone(), torch.full((k,), NEG, device=dev)
-    done = torch.zeros(k, dtype=torch.bool, device=dev)
+    running = torch.zeros(B, k, limit, dtype=torch.long, device=dev)
+    running[:, :, :T] = input_ids.to(dev).unsqueeze(1)
+    run_scores = torch.full((B, k), NEG, device=dev)
+    run_scores[:, 0] = 0.0
+    done_seqs, done_scores = running.clone(), torch.full((B, k), NEG, device=dev)
+    done = torch.zeros(B, k, dtype=torch.bool, device=dev)
     first_k = torch.arange(keep, device=dev) < k
-    improvable = True
-    cache = model.new_cache(k, limit)
-    logits = model(running[:, :T], cache)[:, -1]
+    improvable = torch.ones(B, dtype=torch.bool, device=dev)
+    rows = torch.arange(B, device=dev).unsqueeze(1)
+    cache = model.new_cache(B * k, limit)
+    logits = model(running[:, :, :T].reshape(B * k, T), cache)[:, -1]
     stats.prefill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     cur = T
     while True:
         logp = torch.log_softmax(logits.float(), -1)
         if procs:       # on the log probabilities, as transformers' beam search
-            logp = procs(running[:, :cur] if procs.reads_tokens else None, cur, logp)
+            logp = procs(running[:, :, :cur].reshape(B * k, cur) if procs.reads_tokens else None, cur, logp)
         V = logp.shape[-1]
-        top_lp, top_idx = torch.topk((logp + run_scores[:, None]).view(-1), keep)
+        top_lp, top_idx = torch.topk((logp.view(B, k, V) + run_scores.unsqueeze(-1)).view(B, k * V), keep)
         top_idx = model.comm.broadcast(top_idx.contiguous(), 0)     # every rank follows rank 0's beams
         top_lp = model.comm.broadcast(top_lp.contiguous(), 0)
-        beam_of, tok = top_idx // V, top_idx % V
-        cand = running[beam_of]
-        cand[:, cur] = tok
+        beam_of, tok = top_idx // V, top_idx % V                    # (B, keep)
+        cand = running[rows, beam_of]                               # (B, keep, limit)
+        cand[:, :, cur] = tok
         hits = torch.isin(tok, eos) | (cur + 1 >= limit)
-        # the live beams: the best k candidates that did not stop
+        # the live beams: each row's best k candidates that did not stop
         live_lp = top_lp + hits.float() * NEG
         nxt = torch.topk(live_lp, k).indices
-        running, run_scores, src_beam = cand[nxt], live_lp[nxt], beam_of[nxt]
-        # the finished hypotheses: the best k of those so far and the top-k candidates that stopped now
+        running, run_scores, src_beam = cand[rows, nxt], live_lp.gather(1, nxt), beam_of.gather(1, nxt)
+        # the finished hypotheses: each row's best k of those so far and of its top-k candidates that stopped now
         fin_lp = top_lp / float(cur + 1 - T) ** length_penalty
-        if early_stopping is True and bool(done.all()):
-            fin_lp = fin_lp + NEG
-        if not improvable:
-            fin_lp = fin_lp + NEG
-        fin_lp = fin_lp + (~(hits & first_k)).float() * NEG
-        best = torch.topk(torch.cat([done_scores, fin_lp]), k).indices
-        done_seqs = torch.cat([done_seqs, cand])[best]
-        done_scores = torch.cat([done_scores, fin_lp])[best]
-        done = torch.cat([done, hits & first_k])[best]
-        stats.new_tokens += 1
+        closed = (done.all(-1) & (early_stopping is True)) | ~improvable
+        fin_lp = fin_lp + closed.float().unsqueeze(-1) * NEG + (~(hits & first_k)).float() * NEG
+        best = torch.topk(torch.cat([done_scores, fin_lp], 1), k).indices
+        done_seqs = torch.cat([done_seqs, cand], 1)[rows, best]
+        done_scores = torch.cat([done_scores, fin_lp], 1).gather(1, best)
+        done = torch.cat([done, hits & first_k], 1).gather(1, best)
         cur += 1
         length = (limit - T) if early_stopping == "never" and length_penalty > 0.0 else (cur - T)
-        worst = done_scores.min() if bool(done.all()) else torch.tensor(NEG, device=dev)
-        improvable = improvable and bool(run_scores[0] / float(length) ** length_penalty > worst)
-        if not improvable or (bool(done.all()) and early_stopping is True) or bool(hits.all()):
+        worst = torch.where(done.all(-1), done_scores.min(-1).values, torch.full_like(done_scores[:, 0], NEG))
+        improvable = improvable & (run_scores[:, 0] / float(length) ** length_penalty > worst)
+        if not bool(improvable.any()) or (bool(done.all()) and early_stopping is True) or bool(hits.all()):
             break
-        reorder(cache, src_beam, k)
-        logits = model(running[:, cur - 1:cur], cache)[:, -1]
+        reorder(cache, (rows * k + src_beam).view(-1), B * k)
+        logits = model(running[:, :, cur - 1:cur].reshape(B * k, 1), cache)[:, -1]
     if dev.type == "cuda":
         torch.cuda.synchronize()
     stats.decode_s = time.perf_counter() - t0
-    seq = done_seqs[0, :cur]
-    new = seq[T:].tolist()
-    cut = next((j + 1 for j, t in enumerate(new) if t in set(eos.tolist())), len(new))
-    stats.tokens = new[:cut]
-    stats.new_tokens = cut
+    stops = set(eos.tolist())
+    outs = []
+    for b in range(B):
+        new = done_seqs[b, 0, T:cur].tolist()
+        outs.append(new[:next((j + 1 for j, t in enumerate(new) if t in stops), len(new))])
+    width = max(len(o) for o in outs)
+    fill = int(eos[0]) if len(eos) else 0
+    seq = torch.full((B, T + width), fill, dtype=torch.long, device=dev)
+    seq[:, :T] = input_ids.to(dev)
+    for b, o in enumerate(outs):
+        seq[b, T:T + len(o)] = torch.tensor(o, dtype=torch.long, device=dev)
+    stats.tokens = outs[0]
+    stats.new_tokens = sum(len(o) for o in outs)
     if on_done is not None:
         on_done(stats.tokens)
-    return seq[:T + cut].unsqueeze(0), stats
+    return seq, stats
