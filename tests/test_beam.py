@@ -32,16 +32,21 @@ def test_decoders_search_as_transformers(model_dir, tmp_path, name):
 @pytest.mark.parametrize("name", ["flan_t5", "umt5", "bart"])
 def test_encoder_decoders_search_as_transformers(tmp_path, name, k, penalty, stop):
     build(name).save_pretrained(tmp_path / "src")
+    ids, mask, _ = source()
+    _beams_match(tmp_path, name, ids[1:, :6], mask[1:, :6], k, penalty, stop, 9)
+
+
+def _beams_match(tmp_path, name, ids, mask, k, penalty, stop, new) -> list:
+    """The conversion's beam search over these sources gives transformers' best hypotheses -> those (to eos)."""
     convert(tmp_path / "src", tmp_path / "out", Options(), progress=False)
     hf = build(name)
-    ids, mask, _ = source()
-    ids, mask = ids[1:, :6], mask[1:, :6]
     eos = hf.config.eos_token_id
     with torch.no_grad():
-        want = hf.generate(input_ids=ids, attention_mask=mask, num_beams=k, max_new_tokens=9, do_sample=False,
+        want = hf.generate(input_ids=ids, attention_mask=mask, num_beams=k, max_new_tokens=new, do_sample=False,
                            length_penalty=penalty, early_stopping=stop)
-    got, _ = beam_search(load(tmp_path / "out"), ids, k, 9, eos, penalty, stop, source_mask=mask)
+    got, _ = beam_search(load(tmp_path / "out"), ids, k, new, eos, penalty, stop, source_mask=mask)
     assert until_eos(got, eos) == until_eos(want, eos)
+    return until_eos(want, eos)
 
 
 def test_the_beams_agree_across_ranks(tmp_path):
@@ -201,18 +206,11 @@ def test_a_batch_searches_as_transformers(tmp_path, name, k, penalty, stop):
     """Several sources side by side (padded on the right), each row's best hypothesis as transformers' batched beam
     search finds it: rows that finish early wait for the others without changing them."""
     build(name).save_pretrained(tmp_path / "src")
-    convert(tmp_path / "src", tmp_path / "out", Options(), progress=False)
-    hf = build(name)
     ids, mask, _ = source()
     ids = torch.cat([ids, ids[:1, [2, 0, 1, 3, 4, 5, 6, 7, 8]]])        # a third row: the first's tokens shuffled
     mask = torch.cat([mask, mask[:1]])
-    eos = hf.config.eos_token_id
-    with torch.no_grad():
-        want = hf.generate(input_ids=ids, attention_mask=mask, num_beams=k, max_new_tokens=8, do_sample=False,
-                           length_penalty=penalty, early_stopping=stop)
-    got, _ = beam_search(load(tmp_path / "out"), ids, k, 8, eos, penalty, stop, source_mask=mask)
-    assert until_eos(got, eos) == until_eos(want, eos)
-    assert len({tuple(r) for r in until_eos(want, eos)}) > 1          # the rows differ: each is searched on its own
+    want = _beams_match(tmp_path, name, ids, mask, k, penalty, stop, 8)
+    assert len({tuple(r) for r in want}) > 1          # the rows differ: each is searched on its own
 
 
 def test_a_decoders_batch_searches_as_transformers(model_dir, tmp_path):

@@ -367,23 +367,17 @@ def test_cli_generate_file_in_batches(saved, tmp_path, capsys):
     code, stdout, err = run_main(capsys, "generate", out, "-f", tmp_path / "in.txt", "--batch-size", "2", "-n", "5")
     assert code == 0, err
     hf = build("bart")
-    want = []
-    for text in lines:
+
+    def alone(beams):           # transformers' text for each source on its own
         with torch.no_grad():
-            ids = hf.generate(input_ids=torch.tensor([tok(text).input_ids]), max_new_tokens=5, do_sample=False,
-                              num_beams=1)
-        want.append(tok.decode(ids[0, 1:], skip_special_tokens=True))
-    assert stdout.split("\n")[:len(lines)] == want and len(stdout.strip("\n").split("\n")) == len(lines)
+            return [tok.decode(hf.generate(input_ids=torch.tensor([tok(t).input_ids]), max_new_tokens=5,
+                                           do_sample=False, num_beams=beams)[0, 1:], skip_special_tokens=True)
+                    for t in lines]
+    assert stdout.split("\n")[:len(lines)] == alone(1) and len(stdout.strip("\n").split("\n")) == len(lines)
     code, stdout, err = run_main(capsys, "generate", out, "-f", tmp_path / "in.txt", "--batch-size", "3", "-n", "5",
                                  "--num-beams", "2")
     assert code == 0, err
-    beams = []
-    for text in lines:
-        with torch.no_grad():
-            ids = hf.generate(input_ids=torch.tensor([tok(text).input_ids]), max_new_tokens=5, do_sample=False,
-                              num_beams=2)
-        beams.append(tok.decode(ids[0, 1:], skip_special_tokens=True))
-    assert stdout.split("\n")[:len(lines)] == beams
+    assert stdout.split("\n")[:len(lines)] == alone(2)
     code, _, err = run_main(capsys, "generate", out, "-f", tmp_path / "in.txt", "-p", "w5")
     assert_one_line_error(code, err, 2, "give --prompt or --file")
 
