@@ -646,8 +646,8 @@ def _lines(path: Path) -> list[str]:
 
 def _length_limit(model, wanted: int | None) -> int | None:
     """Tokens an encoder's input keeps: `wanted` (--max-length or a pipeline's), never past a position table."""
-    positions = model.spec["max_positions"] if model.spec["position"]["type"] in ("learned", "sinusoidal") else None
-    return min((n for n in (wanted, positions) if n), default=None)
+    from .manifest import position_limit
+    return min((n for n in (wanted, position_limit(model.spec)) if n), default=None)
 
 
 def _tokenizer(out_dir: Path):

@@ -39,6 +39,12 @@ MAX_POSITIONS = 1 << 22   # the runtime builds RoPE tables this long at load: a 
 # Position types read from a table (pos_embed.weight) at position + offset: learned (GPT-2, OPT), or fixed sinusoids
 # the converter writes (XGLM)
 TABLE_POSITIONS = ("learned", "sinusoidal")
+
+
+def position_limit(model: dict) -> int | None:
+    """The positions a model's table holds (learned or sinusoidal), or None: RoPE, ALiBi and T5's buckets have no
+    end."""
+    return model["max_positions"] if model["position"]["type"] in TABLE_POSITIONS else None
 MAX_FILES, MAX_TENSORS = 1 << 16, 1 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _WORD = re.compile(r"[A-Za-z0-9_.+\-]{1,128}")

@@ -1007,13 +1007,10 @@ def _dry_run(model_dir, opts, config, ckpt, t0) -> dict:
     """What convert would write with these options, from config.json and the safetensors headers alone: the same
     plan (every check a conversion makes before reading a weight), every output tensor declared on meta tensors, and
     the files laid out. No weight is read and nothing is written."""
-    plan = make_plan(model_dir, opts, ckpt, config)
-    halves = [(config, plan)]
-    if plan.policy.seq2seq:         # an encoder-decoder: its encoder's conversion too, in encoder/
-        half = encoder_half(config, plan.policy, plan.spec.architecture)
-        halves.append((half, make_plan(model_dir, opts, ckpt, half)))
+    halves = _halves(model_dir, opts, ckpt, config)
+    plan = halves[-1][1]
     files = []
-    for cfg, pl in halves:
+    for cfg, pl, _ in halves:
         writer = ShardWriter(Path(os.devnull), opts.tp, parse_size(opts.max_shard_size))
         run = _Run(pl, opts, ckpt, _Source(ckpt, model_dir),
                    derived_tensors(cfg, pl.spec, pl.layout.heads_per_rank, opts.tp, pl.dtype))
@@ -1021,16 +1018,26 @@ def _dry_run(model_dir, opts, config, ckpt, t0) -> dict:
         planned = writer.planned()
         files = planned if not files else [a + b for a, b in zip(files, planned)]
     return {"dry_run": True, "architecture": plan.spec.architecture, "family": plan.spec.family, "tp": opts.tp,
-            "encoder": halves[1][1].spec.architecture if len(halves) > 1 else None,
+            "encoder": halves[0][1].spec.architecture if len(halves) > 1 else None,
             "int8": opts.int8, "dtype": dtype_name(plan.dtype),
-            "groups": sorted({g for _, pl in halves for g in pl.groups.values()}),
-            "params": sum(pl.params for _, pl in halves),
-            "bytes_in": sum(pl.bytes_in for _, pl in halves), "bytes_out": sum(n for f in files for _, n in f),
+            "groups": sorted({g for _, pl, _ in halves for g in pl.groups.values()}),
+            "params": sum(pl.params for _, pl, _ in halves),
+            "bytes_in": sum(pl.bytes_in for _, pl, _ in halves), "bytes_out": sum(n for f in files for _, n in f),
             "rank_bytes": [sum(n for _, n in f) for f in files], "files": sum(len(f) for f in files),
             "planned": files, "seconds": time.perf_counter() - t0, "dropped": plan.dropped,
             "kv_cache": mf.kv_cache_bytes(plan.spec.to_dict(), plan.layout.to_dict(), plan.dtype.itemsize)
             if plan.spec.kind == "decoder" else None,         # an encoder runs whole texts: no cache
             "source_kv": mf.source_kv_bytes(plan.spec.to_dict(), plan.layout.to_dict(), plan.dtype.itemsize)}
+
+
+def _halves(model_dir: Path, opts: Options, ckpt, config) -> list[tuple]:
+    """(config, plan, subdirectory) of each conversion to write, the decoder's last: one, or an encoder-decoder's
+    encoder (its own conversion, in ENCODER_DIR) and decoder."""
+    plan = make_plan(model_dir, opts, ckpt, config)
+    if not plan.policy.seq2seq:
+        return [(config, plan, "")]
+    half = encoder_half(config, plan.policy, plan.spec.architecture)
+    return [(half, make_plan(model_dir, opts, ckpt, half), ENCODER_DIR), (config, plan, "")]
 
 
 def _write_half(config, plan: Plan, opts: Options, ckpt, src, model_dir: Path, tmp: Path, max_bytes: int, progress,
@@ -1043,8 +1050,8 @@ def _write_half(config, plan: Plan, opts: Options, ckpt, src, model_dir: Path, t
     run = _Run(plan, opts, ckpt, src, derived_tensors(config, spec, plan.layout.heads_per_rank, opts.tp, plan.dtype))
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    what = "encoder" if config is not None and getattr(config, "fmconvert_skip", None) else "layers"
-    cols = (TextColumn("[bold]converting"), BarColumn(), MofNCompleteColumn(), TextColumn(what),
+    cols = (TextColumn("[bold]converting"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("encoder layers" if tmp.name == ENCODER_DIR else "layers"),
             TimeRemainingColumn())
     # transient: a failed run must end on its one `error:` line, not on a half-drawn bar (the CLI
     # prints a summary on success).
@@ -1102,13 +1109,9 @@ def _convert(model_dir, out_dir, opts, progress, console, t0, max_bytes, config,
             prints = {f: srchash.fingerprint(model_dir / f) for f in sorted(ckpt.files)}
         except OSError as e:
             raise FmError(f"cannot read the source files of {model_dir}: {e.strerror or e}", EXIT_IO) from None
-        plan = make_plan(model_dir, opts, ckpt, config)
+        halves = _halves(model_dir, opts, ckpt, config)
+        plan = halves[-1][1]
         spec = plan.spec
-        # an encoder-decoder (T5): its encoder is a conversion of its own, in ENCODER_DIR beside the decoder's files
-        halves = [(config, plan, "")]
-        if plan.policy.seq2seq:
-            half = encoder_half(config, plan.policy, spec.architecture)
-            halves.insert(0, (half, make_plan(model_dir, opts, ckpt, half), ENCODER_DIR))
         sidecars = [*(f for f in SIDECAR_FILES if (model_dir / f).is_file()), *sentence_files(model_dir)]
         src = _Source(ckpt, model_dir)
         atomic = AtomicDir(out_dir, opts.force, keep=model_dir)

@@ -1056,10 +1056,9 @@ def verify(model_dir, out_dir, text_file=None, tokens: int = 256, tp_mode: str =
         batches = make_batches(ids, tokens, m["model"].get("max_positions") or 0)
         sources = None
         if m["model"]["encoder"]:       # each row's first half is the source, its second the decoder's target
-            eos = m["model"]["eos_token_id"]
+            from .runtime.classify import end_token
             sources, batches = _teacher_forced(batches, m["model"]["decoder_start_token_id"],
-                                               (eos[0] if isinstance(eos, list) else eos)
-                                               if m["model"]["classifier"] else None)
+                                               end_token(m["model"]) if m["model"]["classifier"] else None)
         # On CPU, int8 weights stay int8 and every batch goes through the blocked int8 matmul: packing them for the
         # one-row decode kernel would cost load time and memory for nothing here.
         kw = dict(device=dev, backend="torch", check_hashes=False, dtype=torch.float32,

@@ -18,6 +18,13 @@ from ..errors import FmError
 from .ops import activate
 
 
+def end_token(spec: dict) -> int:
+    """The end token an encoder-decoder's classifier reads the decoder at (config.json's eos_token_id, the first of
+    a list)."""
+    eos = spec["eos_token_id"]
+    return eos[0] if isinstance(eos, list) else eos
+
+
 def head_logits(model, hidden: torch.Tensor, pooled: torch.Tensor | None, mask: torch.Tensor,
                 ids: torch.Tensor | None = None) -> torch.Tensor:
     """The encoder's output (hidden [B, T, h], pooled) and the attention mask -> logits [B, labels] in fp32, as the
@@ -32,8 +39,7 @@ def head_logits(model, hidden: torch.Tensor, pooled: torch.Tensor | None, mask: 
     elif head["pool"] == "pooler":
         x = pooled
     elif head["pool"] == "eos":
-        eos = model.spec["eos_token_id"]
-        eos = eos[0] if isinstance(eos, list) else eos
+        eos = end_token(model.spec)
         at = torch.where(ids == eos, torch.arange(ids.shape[1], device=ids.device), -1).max(1).values
         if bool((at < 0).any()):
             raise FmError(f"{model.spec['architecture']} classifies at each text's end token ({eos}), which a text "

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from ..errors import FmError
+from ..manifest import position_limit
 from .model import FusedModel
 from .processors import Processors
 
@@ -113,16 +114,13 @@ def positions_left(model: FusedModel, prompt: int, new: int):
     """Refuse, in one line, a generation that would read past a position table (GPT-2's, BART's, Marian's): the
     prompt and the new tokens must fit; an encoder-decoder's source must fit its encoder's table, and the start token
     and the new tokens the decoder's. RoPE, ALiBi and T5's buckets have no such end."""
-    def table(m):
-        sp = m.spec
-        return sp["max_positions"] if sp["position"]["type"] in ("learned", "sinusoidal") else None
     if model.spec.get("encoder"):
-        enc = table(model.source_encoder)
+        enc = position_limit(model.source_encoder.spec)
         if enc is not None and prompt > enc:
             raise FmError(f"the source is {prompt} tokens, but {model.spec['architecture']}'s encoder reads at most "
                           f"{enc}: shorten it")
         prompt = 1
-    limit = table(model)
+    limit = position_limit(model.spec)
     if limit is not None and prompt + new > limit:
         raise FmError(f"{prompt} tokens of prompt and {new} new ones need {prompt + new} positions, but "
                       f"{model.spec['architecture']} has {limit}: ask for at most {max(limit - prompt, 0)} new tokens")

@@ -486,7 +486,12 @@ def _read_rank(out_dir: Path, manifest: dict, rank: int, check_hashes: bool):
     if not 0 <= rank < len(manifest["ranks"]):
         raise FmError(f"rank {rank} is out of range: {out_dir} has {len(manifest['ranks'])} rank(s)")
     check_layout(manifest, rank)
-    entry = manifest["ranks"][rank]
+    return _read_entry(out_dir, manifest["ranks"][rank], rank, check_hashes)
+
+
+def _read_entry(out_dir: Path, entry: dict, rank: int, check_hashes: bool):
+    """A rank entry's tensors (its "files" and "tensors", or a part of them), each checked against it, and the sha256
+    check of its files, running meanwhile."""
     headers, to_hash = {}, []
     for f in entry["files"]:
         p = mf.safe_path(out_dir, f["path"])
@@ -525,22 +530,8 @@ def _borrowed_embed(out_dir: Path, m: dict, rank: int, check_hashes: bool) -> di
     if not names:
         raise FmError(f"{parent}: rank {rank} holds no embed.weight for its encoder")
     files = {entry["tensors"][n]["file"] for n in names}
-    sub = {"files": [f for f in entry["files"] if f["path"] in files],
-           "tensors": {n: entry["tensors"][n] for n in names}}
-    headers, to_hash = {}, []
-    for f in sub["files"]:
-        p = mf.safe_path(parent, f["path"])
-        if not p.is_file() or p.stat().st_size != f["size"]:
-            raise FmError(f"{parent / f['path']} is missing or its size differs from the manifest's")
-        if check_hashes:
-            to_hash.append((p, f))
-        headers[f["path"]] = (p, check_safetensors(p, f["path"]))
-    hashes = _HashCheck(to_hash)
-    try:
-        out = _read_tensors(sub, headers, rank)
-    except BaseException:
-        hashes.cancel()
-        raise
+    out, hashes = _read_entry(parent, {"files": [f for f in entry["files"] if f["path"] in files],
+                                       "tensors": {n: entry["tensors"][n] for n in names}}, rank, check_hashes)
     hashes.wait()
     want = [m["parallel"]["vocab_per_rank"], sp["embed_dim"]]
     if list(out["embed.weight"].shape) != want:
