@@ -230,6 +230,7 @@ _MODEL_OPTIONAL = {
     "eos_pool": (None, lambda x: x is None or (isinstance(x, dict) and set(x) == {"eos_id"} and type(x["eos_id"]) is int
                                                and x["eos_id"] >= -1), "null or {eos_id (-1: the largest id)}"),
     "proj_dim": (0, _NAT, "a non-negative integer"),
+    "audio_mels": (0, _NAT, "a non-negative integer"),
     "classifier": (None, lambda x: x is None or (
         isinstance(x, dict) and set(x) == {"pool", "steps"}
         and x["pool"] in ("first", "pooler", "mean", "late", "tokens", "spans", "eos")

@@ -201,6 +201,7 @@ GLOBAL_SLOTS = (
     # Gemma 3n: the projections that make the other AltUp copies of the embedding, and that bring them back at the end
     # ([copies - 1] x [hidden, hidden], stacked)
     "altup_proj.weight", "altup_unembed.weight",
+    "audio_conv1.weight", "audio_conv1.bias", "audio_conv2.weight", "audio_conv2.bias",   # Whisper's front end
     "loop_init",      # HRM-Text: the low-level state's start, [hidden] (z_L_init)
     "input_gain", "input_shift",      # ZAYA: the embeddings enter the stream as (e + shift) * gain
 )
@@ -335,6 +336,8 @@ class ModelSpec:
     #                                qkv_lora); see configs/zamba2.toml
     attn_input: int = 0            # the width attention's q|k|v read where it is not hidden_size (Zamba2: twice it)
     proj_dim: int = 0               # CLIPTextModelWithProjection: the width text_proj takes the pooled state to
+    audio_mels: int = 0             # Whisper's encoder: log-mel bins in, through two convs (audio_conv1, audio_conv2:
+    #                                 kernel 3, the second stride 2), in place of an embedding table
     causal_encoder: bool = False    # CLIP's text encoder: an encoder whose tokens see only those before them
     eos_pool: dict | None = None    # CLIP: {"eos_id"}: the pooled output is the first eos token's state (eos_id -1:
     #                                 the largest id's, as checkpoints with the old eos id 2 do), through text_proj
@@ -718,6 +721,12 @@ class Policy:
         self.as_row: set[str] = set(self.layout.get("as_row", []))    # a vector stored as [1, n] (ERNIE 4.5)
         # a vector stored in another shape, -1 its length (Kimi Linear's A_log: [1, 1, heads, 1])
         self.stored_shape: dict[str, list] = dict(self.layout.get("stored_shape", {}))
+        # slot -> the index of a part the checkpoint does not store, zeros in the fused tensor (Whisper's k_proj has
+        # no bias: qkv.bias is q's, zeros, v's); `reassemble` leaves it out again
+        self.zero_parts: dict[str, int] = dict(self.layout.get("zero_parts", {}))
+        bad = [k for k, v in self.zero_parts.items() if type(v) is not int or v < 0]
+        if bad:
+            raise FmError(f"{path.name}: layout.zero_parts.{bad[0]} must be a part's index")
         # how many of our layers one checkpoint layer holds (LongCat-Flash: 2, named layers.{i}.<part>.{s})
         self.sublayers: int = self.layout.get("sublayers", 1)
         if type(self.sublayers) is not int or not 1 <= self.sublayers <= 8:
@@ -796,7 +805,7 @@ class Policy:
         if key not in self.layout:       # a default is a value, never the name of a flag (Cohere 2 MoE has one
             return default               # called "sigmoid")
         v = self.layout[key]
-        if key not in ("transposed", "as_row", "stored_shape") and isinstance(v, list):
+        if key not in ("transposed", "as_row", "stored_shape", "zero_parts") and isinstance(v, list):
             return _pick(v, flags, f"{self.path.name}: layout.{key}")
         if isinstance(v, str) and v in flags:
             return flags[v]
@@ -942,7 +951,8 @@ class Policy:
             diff_attn=self._diff_attn(c), rel_bias=self._rel_bias(c, flags), disentangled=disentangled,
             dyn_mask=self._dyn_mask(c), loop=self._loop(c),
             causal_encoder=self.kind == "encoder" and bool(self._layout("causal", flags, False)),
-            proj_dim=int(c.get("proj_dim") or 0), shared_layers=bool(self._layout("shared_layers", flags, False)),
+            proj_dim=int(c.get("proj_dim") or 0), audio_mels=int(c.get("audio_mels") or 0),
+            shared_layers=bool(self._layout("shared_layers", flags, False)),
             eos_pool=self._eos_pool(config) if self.layout.get("pool") == "eos" else None,
             embed_proj=bool(self._layout("embed_proj", flags, False)) and int(c.get("embed_dim") or c["hidden_size"])
             != c["hidden_size"],
@@ -2117,6 +2127,8 @@ class Policy:
             "project_in.weight": (h, e), "project_out.weight": (e, h), "embed_proj.weight": (h, e),
             "embed_proj.bias": (h,), "rel_bias.weight": (H, (spec.rel_bias or {}).get("buckets", 0)),
             "text_proj.weight": (spec.proj_dim, h),
+            "audio_conv1.weight": (h, spec.audio_mels, 3), "audio_conv1.bias": (h,), "audio_conv2.weight": (h, h, 3),
+            "audio_conv2.bias": (h,),
             "attn_rel_bias.weight": (H, (spec.rel_bias or {}).get("buckets", 0)),
             "rel_embed.weight": (2 * (spec.disentangled or {}).get("span", 0), h), "rel_embed_norm.weight": (h,),
             "rel_embed_norm.bias": (h,),
@@ -2349,6 +2361,13 @@ class Policy:
             return [rows // n] * n
         raise FmError(f"{self.path.name}: slot {slot} cannot be split into {n} equal parts")
 
+    def _stored_rows(self, spec: ModelSpec, slot: str, n: int) -> list[int]:
+        """The rows of each of a slot's n stored parts: `_part_rows`, less a part the layout fills with zeros."""
+        if slot not in self.zero_parts:
+            return self._part_rows(spec, slot, n)
+        rows = self._part_rows(spec, slot, n + 1)
+        return rows[:self.zero_parts[slot]] + rows[self.zero_parts[slot] + 1:]
+
     def sources(self, spec: ModelSpec, flags: dict, prefix: str, layer: int | None) -> list[SlotSource]:
         """The HF tensors of one layer (or the globals when layer is None), with the shape each must have."""
         t = self.table["tensors"]
@@ -2436,7 +2455,7 @@ class Policy:
                     one = (full[0] // E, *full[1:])
                     shapes = [(E, *(reversed(one) if slot in self.transposed else one))]
                 else:
-                    rows = self._part_rows(spec, slot, len(names))
+                    rows = self._stored_rows(spec, slot, len(names))
                     shapes = [(r, *full[1:]) for r in rows]
                     if slot in self.transposed:
                         shapes = [tuple(reversed(s)) for s in shapes]
@@ -2551,6 +2570,10 @@ class Policy:
             parts = self._ungroup_linear(spec, parts)
         if slot == "qkv.lora_up":        # Zamba2: block-diagonal, so one product adapts q, k and v at once
             return torch.block_diag(*parts).contiguous()
+        if slot in self.zero_parts:
+            at = self.zero_parts[slot]
+            rows = self._part_rows(spec, slot, len(parts) + 1)[at]
+            parts = [*parts[:at], parts[0].new_zeros(rows, *parts[0].shape[1:]), *parts[at:]]
         t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         if self._up_first(slot):                             # [up; gate] -> [gate; up] (its own inverse)
             t = torch.cat(t.chunk(2)[::-1])
@@ -2659,7 +2682,11 @@ class Policy:
             elif layout == "mp_blocks":
                 q, k, v = (x.reshape(MP_BLOCKS, -1, *rest) for x in torch.split(t, [H * hd, KV * hd, KV * hd]))
                 t = torch.stack([q, v, k], 1).reshape(t.shape)
-        parts = list(torch.split(t, self._part_rows(spec, slot, n_parts), dim=0)) if n_parts > 1 else [t]
+        if slot in self.zero_parts:
+            parts = list(torch.split(t, self._part_rows(spec, slot, n_parts + 1), dim=0))
+            del parts[self.zero_parts[slot]]
+        else:
+            parts = list(torch.split(t, self._part_rows(spec, slot, n_parts), dim=0)) if n_parts > 1 else [t]
         if slot in self.transposed:
             parts = [p.t() for p in parts]
         if slot in self.as_row:

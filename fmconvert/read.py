@@ -38,6 +38,7 @@ SIDECAR_FILES = (
     "chat_template.json",
     "sentencepiece.bpe.model", "spm.model", "spiece.model",     # XLM-R's, DeBERTa-v3's and T5's SentencePiece models
     "source.spm", "target.spm",                                 # Marian's: one for each language
+    "preprocessor_config.json",                                 # Whisper's feature extractor (its mel settings)
 )
 # sentence-transformers' description of the pipeline around the model (which pooling, whether normalised, the
 # length it truncates to); each module's own config.json sits under the module's path.

@@ -110,16 +110,17 @@ def with_forced(processors: Processors | None, forced_bos, forced_eos, eos_token
                              () if eos_token_id is None else (eos_token_id,)))
 
 
-def positions_left(model: FusedModel, prompt: int, new: int):
+def positions_left(model: FusedModel, prompt: int, new: int, decoder_prompt: int = 1):
     """Refuse, in one line, a generation that would read past a position table (GPT-2's, BART's, Marian's): the
-    prompt and the new tokens must fit; an encoder-decoder's source must fit its encoder's table, and the start token
-    and the new tokens the decoder's. RoPE, ALiBi and T5's buckets have no such end."""
+    prompt and the new tokens must fit; an encoder-decoder's source must fit its encoder's table (Whisper's audio
+    encoder checks its features itself), and the decoder's prompt (its start token) and the new tokens the
+    decoder's. RoPE, ALiBi and T5's buckets have no such end."""
     if model.spec.get("encoder"):
         enc = position_limit(model.source_encoder.spec)
-        if enc is not None and prompt > enc:
+        if enc is not None and prompt > enc and not model.source_encoder.spec["audio_mels"]:
             raise FmError(f"the source is {prompt} tokens, but {model.spec['architecture']}'s encoder reads at most "
                           f"{enc}: shorten it")
-        prompt = 1
+        prompt = decoder_prompt
     limit = position_limit(model.spec)
     if limit is not None and prompt + new > limit:
         raise FmError(f"{prompt} tokens of prompt and {new} new ones need {prompt + new} positions, but "
@@ -130,7 +131,7 @@ def generate(model: FusedModel, input_ids: torch.Tensor, max_new_tokens: int = 6
              top_p: float = 1.0, seed: int = 0, eos_token_id=None, on_token=None,
              cuda_graph: bool | None = None, source_mask: torch.Tensor | None = None,
              forced_bos: int | None = None, forced_eos=None,
-             processors: Processors | None = None) -> tuple[torch.Tensor, GenStats]:
+             processors: Processors | None = None, decoder_prompt=None) -> tuple[torch.Tensor, GenStats]:
     """input_ids [B, T] -> [B, T + new]. `on_token(ids [B])` is called as each step's tokens are chosen.
     On CUDA the decode step is replayed from a CUDA graph unless cuda_graph=False. The CPU int8 kernels are built
     first (`warm_up`), outside the timings in GenStats.
@@ -141,13 +142,17 @@ def generate(model: FusedModel, input_ids: torch.Tensor, max_new_tokens: int = 6
     whatever the logits say (mBART-50's and NLLB's target language, generation_config.json's forced_bos_token_id).
     forced_eos (an id or ids: BART's and Marian's forced_eos_token_id): the last token max_new_tokens allows is one
     of them, as transformers forces it. processors: transformers' other logits processors (repetition penalty,
-    n-gram ban, minimum lengths; runtime/processors.py)."""
+    n-gram ban, minimum lengths; runtime/processors.py). decoder_prompt: an encoder-decoder's first decoder tokens
+    [B, P] in place of its start token (Whisper's <|startoftranscript|> <|en|> <|transcribe|> <|notimestamps|>), or
+    a function of the model, called once the source is attached, that gives them (Whisper's language detection);
+    input_ids is then the encoder's input (Whisper's log-mel features [B, mels, frames])."""
     procs = with_forced(processors, forced_bos, forced_eos, eos_token_id)
-    positions_left(model, input_ids.shape[1], max_new_tokens)
+    P = decoder_prompt.shape[1] if isinstance(decoder_prompt, torch.Tensor) else 1    # a function's: checked later
+    positions_left(model, input_ids.shape[1], max_new_tokens, P)
     warm_up(model)
     if model.spec.get("encoder"):
         return _generate_seq2seq(model, input_ids, source_mask, max_new_tokens, temperature, top_p, seed,
-                                 eos_token_id, on_token, procs, cuda_graph)
+                                 eos_token_id, on_token, procs, cuda_graph, decoder_prompt)
     threads = torch.get_num_threads()
     single = model.device.type == "cpu" and threads > 1 and weight_bytes(model) < SMALL_MODEL_BYTES
     if single:
@@ -162,17 +167,21 @@ def generate(model: FusedModel, input_ids: torch.Tensor, max_new_tokens: int = 6
 
 @torch.inference_mode()
 def _generate_seq2seq(model, source, source_mask, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token,
-                      procs, cuda_graph=None):
+                      procs, cuda_graph=None, decoder_prompt=None):
     dev = model.device
     source = source.to(dev)
     mask = None if source_mask is None else source_mask.to(dev)
     t0 = time.perf_counter()
     model.attach(model.source_encoder.hidden(source, attention_mask=mask), mask)
     start = torch.full((source.shape[0], 1), model.spec["decoder_start_token_id"], dtype=torch.long, device=dev)
+    if decoder_prompt is not None:
+        start = (decoder_prompt(model) if callable(decoder_prompt) else decoder_prompt).to(dev)
+        positions_left(model, 0, max_new_tokens, start.shape[1])
     # the decoder's steps replay a CUDA graph captured over this source's keys and values
     out, stats = _generate(model, start, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token, cuda_graph,
                            procs)
-    stats.prompt_tokens = source.shape[1]
+    enc = model.source_encoder.spec
+    stats.prompt_tokens = enc["max_positions"] if enc["audio_mels"] else source.shape[1]     # Whisper: 30 s
     stats.prefill_s = time.perf_counter() - t0 - stats.decode_s      # the encoder, then the first decoder step
     return out, stats
 

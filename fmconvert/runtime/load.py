@@ -77,7 +77,9 @@ def check_layout(m: dict, rank: int):
             "alibi.slopes": (hpr,),
             **{f"{n}.{p}": (h,) for n in ("final_norm", "head_norm") for p in ("weight", "bias")},
             **{f"embed_norm.{p}": (pe,) for p in ("weight", "bias")},
-            "head_dense.weight": (h, h), "head_dense.bias": (h,), "loop_init": (h,)}
+            "head_dense.weight": (h, h), "head_dense.bias": (h,), "loop_init": (h,),
+            "audio_conv1.weight": (h, sp["audio_mels"], 3), "audio_conv1.bias": (h,),
+            "audio_conv2.weight": (h, h, 3), "audio_conv2.bias": (h,)}
     au = sp.get("altup")                 # Gemma 3n: AltUp's projections of the copies, replicated
     if au:
         glob.update({"altup_proj.weight": ((au["streams"] - 1) * h, h),
@@ -295,8 +297,9 @@ def check_layout(m: dict, rank: int):
         return out
     layer_shapes = [shapes(i) for i in range(sp["num_layers"])]      # once per layer, not once per tensor
     tensors = m["ranks"][rank]["tensors"]
-    need = ({"embed.weight"} if not sp["embed_from"] else set()) | \
-        {s for s in sp["slots"] if not s.startswith("layers.")}
+    front = {f"audio_conv{j}.{p}" for j in (1, 2) for p in ("weight", "bias")} if sp["audio_mels"] else \
+        {"embed.weight"} if not sp["embed_from"] else set()       # Whisper's convs in place of an embedding table
+    need = front | {s for s in sp["slots"] if not s.startswith("layers.")}
     need |= {s for s, on in [("lm_head.weight", sp["kind"] == "decoder" and not sp["tied_embeddings"]
                               and not sp["headless"]),
                              ("final_norm.weight", sp["final_norm"] and sp["norm_affine"]),

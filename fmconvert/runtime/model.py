@@ -11,6 +11,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..errors import FmError
 from ..manifest import TABLE_POSITIONS, block_owners, is_global_layer, latent_at, loop_owners
@@ -1692,7 +1693,6 @@ class Block(nn.Module):
         softmax, the weight is the unbiased probability, and a skip pick runs expert 0 with weight 0. Replicated;
         in the model dtype as transformers computes it."""
         m, t = self.m, self.t
-        F = nn.functional
         r = F.linear(x, t["router_in.weight"], t["router_in.bias"])
         if "router_eda" in t:
             r = r + m.router_state * t["router_eda"]
@@ -2226,10 +2226,23 @@ class FusedModel(nn.Module):
                                  self.norm)[0]
         return (proj + tok.view(*tok.shape[:-1], L, P)) * 2 ** -0.5
 
+    def audio_front(self, features):
+        """Whisper's encoder: log-mel features [B, mels, 2 * max_positions] -> [B, max_positions, hidden] through
+        conv1 and conv2 (stride 2), each with GELU. transformers takes 30 s (padded) and no other length; so does
+        this."""
+        sp, g = self.spec, self.g
+        want = (sp["audio_mels"], 2 * sp["max_positions"])
+        if features.dim() != 3 or tuple(features.shape[1:]) != want:
+            raise ValueError(f"{sp['architecture']} takes log-mel features [batch, {want[0]}, {want[1]}], got "
+                             f"{list(features.shape)}")
+        x = F.gelu(F.conv1d(features.to(self.dtype), g["audio_conv1.weight"], g["audio_conv1.bias"], padding=1))
+        x = F.gelu(F.conv1d(x, g["audio_conv2.weight"], g["audio_conv2.bias"], stride=2, padding=1))
+        return x.transpose(1, 2)                                        # (B, S, hidden)
+
     def embed(self, ids, positions, token_type_ids):
         g, sp = self.g, self.spec
         self.token_ids = ids
-        x = self._lookup(g["embed.weight"], ids)
+        x = self.audio_front(ids) if sp["audio_mels"] else self._lookup(g["embed.weight"], ids)
         if self.embed_scale is not None:
             x = x * self.embed_scale
         if "input_gain" in g:      # ZAYA: (e + shift) * gain, before the fp32 stream
@@ -2450,7 +2463,7 @@ class FusedModel(nn.Module):
     @torch.inference_mode()
     def hidden(self, ids, cache=None, attention_mask=None, token_type_ids=None, output_hidden_states=False):
         self._begin_forward()
-        B, T = ids.shape
+        B, T = (ids.shape[0], self.spec["max_positions"]) if self.spec["audio_mels"] else ids.shape   # Whisper: mels
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + T, device=ids.device).unsqueeze(0).expand(B, T)
         x, residual = self.embed(ids, positions, token_type_ids), None

@@ -1,7 +1,8 @@
 """transformers' logits processors that change which token wins, for greedy decoding, sampling and beam search, in
-transformers' order: repetition penalty, n-gram ban, minimum lengths, forced first and last tokens. Each reads the
-sequences so far (a decoder's prompt included; an encoder-decoder's decoder tokens from its start token on) and the
-step's scores [B, V] (float32: logits when decoding greedily, log probabilities in beam search, as transformers)."""
+transformers' order: Whisper's suppressed tokens, repetition penalty, n-gram ban, minimum lengths, forced first and
+last tokens. Each reads the sequences so far (a decoder's prompt included; an encoder-decoder's decoder tokens from
+its start token on) and the step's scores [B, V] (float32: logits when decoding greedily, log probabilities in beam
+search, as transformers)."""
 
 from __future__ import annotations
 
@@ -29,10 +30,13 @@ class Processors:
     forced_bos: int | None = None    # the token of a one-token sequence's next step (an encoder-decoder's first)
     forced_eos: object = None        # an id or ids: the only choice for the last token the length limit allows
     max_length: int = 0              # that limit (the whole sequence's length)
+    suppress: tuple = ()             # tokens never chosen (Whisper's suppress_tokens)
+    begin_suppress: tuple = ()       # tokens not chosen first (Whisper's begin_suppress_tokens: a blank, the end)
 
     def __bool__(self) -> bool:
         return bool(self.repetition_penalty != 1.0 or self.no_repeat_ngram or self.min_length or
-                    self.min_new_tokens or self.forced_bos is not None or self.forced_eos is not None)
+                    self.min_new_tokens or self.forced_bos is not None or self.forced_eos is not None or
+                    self.suppress or self.begin_suppress)
 
     @property
     def reads_tokens(self) -> bool:
@@ -41,6 +45,10 @@ class Processors:
 
     def __call__(self, seqs: torch.Tensor | None, length: int, scores: torch.Tensor) -> torch.Tensor:
         """seqs [B, length] (may be None when not reads_tokens) -> the processed scores [B, V]."""
+        if self.suppress or (self.begin_suppress and length == self.prompt):     # Whisper puts these first
+            scores = scores.clone()
+            scores[:, list(self.suppress) + (list(self.begin_suppress) if length == self.prompt else [])] = \
+                float("-inf")
         if self.repetition_penalty != 1.0:
             seen = scores.gather(1, seqs)
             seen = torch.where(seen < 0, seen * self.repetition_penalty, seen / self.repetition_penalty)
