@@ -1,4 +1,4 @@
-"""The `fmconvert` command line: convert, inspect, verify, generate, embed.
+"""The `fmconvert` command line: convert, inspect, verify, generate, transcribe, embed.
 
 Every failure the user can act on prints one line (`error: ...`) and exits non-zero; no tracebacks unless
 FMCONVERT_DEBUG=1.
@@ -41,6 +41,7 @@ def cli():
       fmconvert inspect OUT_DIR                            # what was written, and the int8 error per tensor
       fmconvert verify MODEL_DIR OUT_DIR                   # numerical parity with the original
       fmconvert generate OUT_DIR --prompt "Once upon a time"
+      fmconvert transcribe OUT_DIR talk.wav                # Whisper: speech to text
       torchrun --nproc-per-node 2 -m fmconvert generate OUT_DIR --prompt "..."   # tp=2
 
     \b
@@ -54,6 +55,8 @@ def cli():
         Falcon-H1, Kimi Linear, Ling 2.5 hybrids, MiniMax-Text-01 / M1, Mamba 1/2
       older: GPT-2, GPT-BigCode, OPT, BLOOM, MPT, Falcon, GPT-NeoX, GPT-J, CodeGen, GPT-Neo, Phi,
         ModernBERT's decoder
+      encoder-decoders: T5 / Flan-T5 / mT5 / UMT5, BART / mBART, Marian, Pegasus, M2M100 / NLLB, Blenderbot;
+        speech (fmconvert transcribe): Whisper
       encoders (fmconvert embed, classify): BERT, RoBERTa, XLM-RoBERTa (and XL), CamemBERT, data2vec-text,
         ELECTRA, ALBERT, DistilBERT, ModernBERT, MPNet, DeBERTa-v2/v3, NomicBERT, GTE, EuroBERT, Jina v3; the text
         encoders of diffusion models: CLIP's and T5's
@@ -904,6 +907,9 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
     if model.spec["headless"]:
         raise FmError(f"{out_dir} holds {model.spec['architecture']} without its language-model head (an "
                       f"embedding model): it cannot generate; use `fmconvert embed`")
+    if getattr(model, "source_encoder", None) is not None and model.source_encoder.spec["audio_mels"]:
+        raise FmError(f"{out_dir} holds a speech model ({model.spec['architecture']}); use `fmconvert transcribe "
+                      f"{out_dir} AUDIO.wav`")
     lead = model.rank == 0
     tok = _tokenizer(out_dir)
     seq2seq = bool(model.spec.get("encoder"))
@@ -983,6 +989,80 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
         chosen = model.ops.timed_choices() if hasattr(model.ops, "timed_choices") else ""
         if chosen:
             click.echo(f"[decode matmuls, timed on this device: {chosen}]", err=True)
+    from .runtime.comm import shutdown
+    shutdown()
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.argument("audio", nargs=-1, required=True, type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--language", "-l", default=None,
+              help="The speech's language (en, english, <|en|>); default: detected per file, as transformers does.")
+@click.option("--task", default=None, type=click.Choice(["transcribe", "translate"]),
+              help="translate: English text from speech in another language (default: transcribe).")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Files decoded side by side.")
+@click.option("--max-new-tokens", "-n", default=None, type=click.IntRange(min=1),
+              help="Tokens per file at most (default: the generation config's max_length, up to the decoder's "
+                   "positions).")
+@runtime_options
+def transcribe(out_dir, audio, language, task, batch_size, max_new_tokens, device, backend, no_verify_hashes, dtype):
+    """Speech to text with a converted Whisper (whisper-tiny ... large-v3-turbo, distil-whisper).
+
+    
+    Reads WAV files (PCM 8/16/24/32-bit or float, any rate, mono or not: resampled to 16 kHz mono); each is
+    one clip of at most 30 s. Greedy decoding with the generation config's prompt and suppressed tokens, as
+    transformers' generate() does: the same tokens. One file prints its text as it is decoded; several print
+    `FILE<TAB>text` a line each, in order.
+
+    
+      fmconvert convert --int8 whisper-small out
+      fmconvert transcribe out talk.wav
+      fmconvert transcribe out *.wav --language fr --task translate > english.tsv
+    """
+    import time
+
+    from .runtime.audio import load_audio
+    from .runtime.generate import GenStats
+    from .runtime.speech import SAMPLE_RATE, feature_extractor, features_of, transcribe as run
+    model = _load(out_dir, device, backend, no_verify_hashes, dtype)
+    enc = getattr(model, "source_encoder", None)
+    if enc is None or not enc.spec["audio_mels"]:
+        raise FmError(f"{out_dir} holds {model.spec['architecture']}, not a speech model; use `fmconvert generate`")
+    lead = model.rank == 0
+    tok = _tokenizer(out_dir)
+    gc = _generation_config(out_dir)
+    gc.setdefault("decoder_start_token_id", model.spec["decoder_start_token_id"])
+    stops = stop_ids(out_dir, model.spec)
+    fe = feature_extractor(out_dir)
+    waves = [load_audio(p, SAMPLE_RATE) for p in audio]
+    seconds = sum(w.numel() for w in waves) / SAMPLE_RATE
+    total, t0 = GenStats(), time.perf_counter()
+    state = {"ids": [], "text": ""}
+
+    def stream(t):                  # one file: its text as it comes
+        state["ids"].append(int(t[0]))
+        text = tok.decode([i for i in state["ids"] if i not in stops], skip_special_tokens=True)
+        click.echo(text[len(state["text"]):], nl=False)
+        state["text"] = text
+    for at in range(0, len(waves), batch_size):
+        names = [str(p) for p in audio[at:at + batch_size]]
+        feats = features_of(fe, waves[at:at + batch_size], names)
+        tokens, st = run(model, feats, gc, language, task, max_new_tokens, stops,
+                         on_token=stream if lead and len(waves) == 1 else None)
+        if lead and len(waves) > 1:
+            for name, row in zip(names, tokens):
+                click.echo(f"{name}\t{tok.decode(row, skip_special_tokens=True).strip()}")
+        total.new_tokens += sum(len(r) for r in tokens)
+        total.prefill_s += st.prefill_s
+        total.decode_s += st.decode_s
+    if lead:
+        if len(waves) == 1:
+            click.echo("")
+        wall = time.perf_counter() - t0
+        click.echo(f"[{len(waves)} file{'s' * (len(waves) > 1)}, {seconds:.1f} s of audio in {wall:.2f} s "
+                   f"({seconds / wall:.1f}x real time) | encoder and first step {total.prefill_s * 1e3:.0f} ms | "
+                   f"{total.new_tokens} tokens | tp={model.tp} {model.ops.name} {model.device}]", err=True)
     from .runtime.comm import shutdown
     shutdown()
 

@@ -658,8 +658,9 @@ def _hf_states(states: list, reports: str | None, every: int = 1) -> list:
     return states[:-1] if reports == "last_block" else states[:-2] + states[-1:]
 
 
-def _split(batches: torch.Tensor, kind: str):
-    return batches.split(1 if kind == "encoder" else max(1, 4096 // batches.shape[1]))
+def _split(batches: torch.Tensor, kind: str, width: int | None = None):
+    """Rows in chunks: one row at a time for an encoder, else ~4096 tokens of `width` (the rows' own length)."""
+    return batches.split(1 if kind == "encoder" else max(1, 4096 // (width or batches.shape[1])))
 
 
 def _reports(architecture: str) -> tuple[str | None, int]:
@@ -681,7 +682,7 @@ def run_converted(runner: _Ranks, batches: torch.Tensor, kind: str, sources: tor
     encoder-decoder's, a row for each row of batches (its decoder's inputs)."""
     if sources is not None:
         return [runner.run(lambda model: _seq2seq_forward(model, src.to(model.device), ids.to(model.device)))
-                for src, ids in zip(_split(sources, kind), _split(batches, kind))]
+                for src, ids in zip(_split(sources, kind, batches.shape[1]), _split(batches, kind))]
     return [runner.run(lambda model: _converted_forward(model, ids.to(model.device), kind))
             for ids in _split(batches, kind)]
 
@@ -695,6 +696,31 @@ def _teacher_forced(batches: torch.Tensor, start: int, eos: int | None = None) -
     if eos is not None:
         source[:, -1] = eos
     return source, torch.cat([torch.full_like(target[:, :1], start), target[:, :-1]], 1)
+
+
+def _audio_sources(out_dir: Path, m: dict, rows: int) -> torch.Tensor:
+    """Whisper's sources for verification, one a row: seeded synthetic sound (a few tones gliding in pitch, over
+    noise, from a thirtieth of the chunk to all of it: 1 to 30 s) through the conversion's feature extractor, so that the encoder sees the range of
+    log-mel values speech gives; seeded log-mel-like noise where the conversion has no preprocessor_config.json."""
+    enc = mf.read(out_dir / m["model"]["encoder"])["model"]
+    shape = (enc["audio_mels"], 2 * enc["max_positions"])
+    gen = torch.Generator().manual_seed(0)
+    if not (out_dir / "preprocessor_config.json").is_file():
+        return torch.randn(rows, *shape, generator=gen).clamp(-3, 3) * 0.4
+    from .runtime.speech import SAMPLE_RATE, feature_extractor, features_of
+    fe, waves = feature_extractor(out_dir), []
+    for _ in range(rows):
+        n = int(fe.n_samples * float(torch.empty(1).uniform_(1 / 30, 1, generator=gen)))
+        t = torch.arange(n) / SAMPLE_RATE
+        f0 = torch.rand(3, generator=gen) * 800 + 100
+        glide = f0[:, None] * (1 + 0.3 * torch.sin(2 * torch.pi * 0.5 * t))            # [3, n]
+        wave = torch.sin(2 * torch.pi * torch.cumsum(glide, 1) / SAMPLE_RATE).sum(0) / 3
+        waves.append((wave + 0.05 * torch.randn(n, generator=gen)) * 0.5)
+    feats = features_of(fe, waves, ["verification audio"] * rows)
+    if tuple(feats.shape[1:]) != shape:
+        raise FmError(f"{out_dir}: preprocessor_config.json gives features {list(feats.shape[1:])}, the encoder "
+                      f"reads {list(shape)}")
+    return feats
 
 
 def _seq2seq_forward(model, src, ids):
@@ -715,12 +741,13 @@ class _TeacherForced:
     """transformers' encoder-decoder called as `_compare` calls a decoder: the decoder's inputs for each batch in
     turn, its source the matching rows; its decoder's hidden states and logits, and its encoder's last state."""
 
-    def __init__(self, model, sources: torch.Tensor):
-        self.model, self.sources = model, iter(_split(sources, "decoder"))
+    def __init__(self, model, sources: torch.Tensor, width: int):
+        self.model, self.sources = model, iter(_split(sources, "decoder", width))
 
     def __call__(self, input_ids, attention_mask=None, output_hidden_states=True):
         src = next(self.sources).to(input_ids.device)
-        o = self.model(input_ids=src, decoder_input_ids=input_ids, output_hidden_states=True)
+        source = {"input_features": src} if src.is_floating_point() else {"input_ids": src}     # Whisper: audio
+        o = self.model(**source, decoder_input_ids=input_ids, output_hidden_states=True)
         cls = type(self.model).__name__.endswith("ForSequenceClassification")
         return SimpleNamespace(hidden_states=o.decoder_hidden_states, logits=None if cls else o.logits,
                                classifier_logits=o.logits if cls else None,
@@ -796,7 +823,7 @@ def check_end_to_end(model_dir: Path, m: dict, converted: list, batches: torch.T
     with contextlib.ExitStack() as stack:
         ref = _load_reference(model_dir, sp["architecture"], sp["kind"], device, head=bool(sp.get("classifier")))
         if sources is not None:
-            ref = _TeacherForced(ref, sources)
+            ref = _TeacherForced(ref, sources, batches.shape[1])
         note = None
         if _faithful_reference(sp["architecture"], sp["family"]) and pos.get("type") == "rope":
             note = stack.enter_context(checkpoint_rope_width(ref, int(pos["rotary_dim"]), float(pos["theta"])))
@@ -1057,8 +1084,13 @@ def verify(model_dir, out_dir, text_file=None, tokens: int = 256, tp_mode: str =
         sources = None
         if m["model"]["encoder"]:       # each row's first half is the source, its second the decoder's target
             from .runtime.classify import end_token
-            sources, batches = _teacher_forced(batches, m["model"]["decoder_start_token_id"],
-                                               end_token(m["model"]) if m["model"]["classifier"] else None)
+            mels = mf.read(out_dir / m["model"]["encoder"])["model"]["audio_mels"]
+            if mels:                    # Whisper: the decoder reads the whole row, behind its start token
+                sources, batches = _audio_sources(out_dir, m, len(batches)), torch.cat(
+                    [torch.full_like(batches[:, :1], m["model"]["decoder_start_token_id"]), batches[:, :-1]], 1)
+            else:
+                sources, batches = _teacher_forced(batches, m["model"]["decoder_start_token_id"],
+                                                   end_token(m["model"]) if m["model"]["classifier"] else None)
         # On CPU, int8 weights stay int8 and every batch goes through the blocked int8 matmul: packing them for the
         # one-row decode kernel would cost load time and memory for nothing here.
         kw = dict(device=dev, backend="torch", check_hashes=False, dtype=torch.float32,

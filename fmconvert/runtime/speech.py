@@ -136,9 +136,8 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
     return tokens, stats
 
 
-def features_of(out_dir, waves: list[torch.Tensor], names: list[str]) -> torch.Tensor:
-    """16 kHz mono waveforms -> log-mel features [B, mels, frames] by the conversion's feature extractor
-    (preprocessor_config.json), padded to its 30 s. A clip longer than that is refused, naming it."""
+def feature_extractor(out_dir):
+    """The conversion's WhisperFeatureExtractor (preprocessor_config.json), at the rate Whisper reads."""
     from transformers import WhisperFeatureExtractor
     try:
         fe = WhisperFeatureExtractor.from_pretrained(str(out_dir), local_files_only=True)
@@ -147,9 +146,14 @@ def features_of(out_dir, waves: list[torch.Tensor], names: list[str]) -> torch.T
                       f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if fe.sampling_rate != SAMPLE_RATE:
         raise FmError(f"{out_dir}: preprocessor_config.json's sampling_rate is {fe.sampling_rate}, not {SAMPLE_RATE}")
+    return fe
+
+
+def features_of(fe, waves: list[torch.Tensor], names: list[str]) -> torch.Tensor:
+    """16 kHz mono waveforms -> log-mel features [B, mels, frames] by the feature extractor fe, padded to its chunk
+    (30 s). A clip longer than that is refused, naming it."""
     for w, name in zip(waves, names):
         if w.numel() > fe.n_samples:
             raise FmError(f"{name}: {w.numel() / SAMPLE_RATE:.1f} s of audio; Whisper reads {fe.chunk_length} s at "
                           f"a time: split it")
-    got = fe([w.numpy() for w in waves], sampling_rate=SAMPLE_RATE, return_tensors="pt")
-    return got.input_features
+    return fe([w.numpy() for w in waves], sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
