@@ -319,6 +319,9 @@ def inspect(out_dir, as_json):
         try:
             em = mf.read(Path(out_dir) / md["encoder"])["model"]
             what = f"{em['architecture']}: {em['num_layers']} layers, hidden {em['hidden_size']}"
+            if em["audio_mels"]:        # Whisper: speech in, through two convs
+                what += (f"; audio in: {em['audio_mels']} log-mel bins x {2 * em['max_positions']} frames, two "
+                         f"convs to {em['max_positions']} positions")
         except FmError as e:
             what = f"unreadable ({e})"
         t.add_row("encoder-decoder", f"every layer cross-attends to the encoder's output ({md['encoder']}/, {what}); "
@@ -1000,24 +1003,30 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
               help="The speech's language (en, english, <|en|>); default: detected per file, as transformers does.")
 @click.option("--task", default=None, type=click.Choice(["transcribe", "translate"]),
               help="translate: English text from speech in another language (default: transcribe).")
+@click.option("--timestamps", is_flag=True,
+              help="Print each segment with its start and end, [12.34 -> 15.60] text, from Whisper's timestamp "
+                   "tokens. Audio past 30 s always decodes with them (transformers' long-form transcription).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Files decoded side by side.")
+              help="Files of up to 30 s decoded side by side (a longer one decodes alone, window after window).")
 @click.option("--max-new-tokens", "-n", default=None, type=click.IntRange(min=1),
-              help="Tokens per file at most (default: the generation config's max_length, up to the decoder's "
-                   "positions).")
+              help="Tokens per 30 s window at most (default: the generation config's max_length, up to the "
+                   "decoder's positions).")
 @runtime_options
-def transcribe(out_dir, audio, language, task, batch_size, max_new_tokens, device, backend, no_verify_hashes, dtype):
+def transcribe(out_dir, audio, language, task, timestamps, batch_size, max_new_tokens, device, backend,
+               no_verify_hashes, dtype):
     """Speech to text with a converted Whisper (whisper-tiny ... large-v3-turbo, distil-whisper).
 
-    
-    Reads WAV files (PCM 8/16/24/32-bit or float, any rate, mono or not: resampled to 16 kHz mono); each is
-    one clip of at most 30 s. Greedy decoding with the generation config's prompt and suppressed tokens, as
-    transformers' generate() does: the same tokens. One file prints its text as it is decoded; several print
-    `FILE<TAB>text` a line each, in order.
+    \b
+    Reads WAV files (PCM 8/16/24/32-bit or float, any rate, any channels: mixed down to 16 kHz mono). Greedy
+    decoding with the generation config's prompt and suppressed tokens, as transformers' generate() does: the
+    same tokens. A file longer than 30 s is transcribed as transformers' long-form generate() does it: 30 s
+    windows, each cut at its timestamps, the next starting where the last whole segment ended. One file prints
+    its text as it is decoded; several print `FILE<TAB>text` a line each, in order.
 
-    
+    \b
       fmconvert convert --int8 whisper-small out
       fmconvert transcribe out talk.wav
+      fmconvert transcribe out lecture.wav --timestamps
       fmconvert transcribe out *.wav --language fr --task translate > english.tsv
     """
     import time
@@ -1037,32 +1046,53 @@ def transcribe(out_dir, audio, language, task, batch_size, max_new_tokens, devic
     fe = feature_extractor(out_dir)
     waves = [load_audio(p, SAMPLE_RATE) for p in audio]
     seconds = sum(w.numel() for w in waves) / SAMPLE_RATE
-    total, t0 = GenStats(), time.perf_counter()
+    # files of one window go in batches; a longer one alone (transformers' long-form path, which seeks per file)
+    long = [i for i, w in enumerate(waves) if w.numel() > fe.n_samples]
+    short = [i for i in range(len(waves)) if i not in long]
+    groups = [short[j:j + batch_size] for j in range(0, len(short), batch_size)] + [[i] for i in long]
+    stamp = gc.get("no_timestamps_token_id")
+    text_ids = (lambda ids: [i for i in ids if i not in stops and (stamp is None or i <= stamp)])
+    one = len(waves) == 1 and not timestamps and not long     # long-form re-reads a window cut mid-segment
     state = {"ids": [], "text": ""}
 
     def stream(t):                  # one file: its text as it comes
         state["ids"].append(int(t[0]))
-        text = tok.decode([i for i in state["ids"] if i not in stops], skip_special_tokens=True)
+        text = tok.decode(text_ids(state["ids"]), skip_special_tokens=True)
         click.echo(text[len(state["text"]):], nl=False)
         state["text"] = text
-    for at in range(0, len(waves), batch_size):
-        names = [str(p) for p in audio[at:at + batch_size]]
-        feats = features_of(fe, waves[at:at + batch_size], names)
-        tokens, st = run(model, feats, gc, language, task, max_new_tokens, stops,
-                         on_token=stream if lead and len(waves) == 1 else None)
-        if lead and len(waves) > 1:
-            for name, row in zip(names, tokens):
-                click.echo(f"{name}\t{tok.decode(row, skip_special_tokens=True).strip()}")
-        total.new_tokens += sum(len(r) for r in tokens)
+
+    def line(tr) -> str:
+        if not timestamps:
+            return tok.decode(text_ids(tr.tokens), skip_special_tokens=True).strip()
+        return " ".join(f"[{sg.start:.2f} -> {sg.end:.2f}] "
+                        f"{tok.decode(text_ids(sg.tokens), skip_special_tokens=True).strip()}" for sg in tr.segments)
+    total, t0, outs = GenStats(), time.perf_counter(), [None] * len(waves)
+    for group in groups:
+        feats = features_of(fe, [waves[i] for i in group])
+        got, st = run(model, feats, gc, language, task, max_new_tokens, stops, timestamps=timestamps,
+                      on_token=stream if lead and one else None)
+        for i, tr in zip(group, got):
+            outs[i] = tr
+        total.new_tokens += st.new_tokens
         total.prefill_s += st.prefill_s
         total.decode_s += st.decode_s
     if lead:
-        if len(waves) == 1:
+        if one:
             click.echo("")
+        elif len(waves) == 1 and timestamps:         # a segment a line
+            for sg in outs[0].segments:
+                click.echo(f"[{sg.start:.2f} -> {sg.end:.2f}] "
+                           f"{tok.decode(text_ids(sg.tokens), skip_special_tokens=True).strip()}")
+        elif len(waves) == 1:
+            click.echo(line(outs[0]))
+        else:
+            for p, tr in zip(audio, outs):
+                click.echo(f"{p}\t{line(tr)}")
         wall = time.perf_counter() - t0
         click.echo(f"[{len(waves)} file{'s' * (len(waves) > 1)}, {seconds:.1f} s of audio in {wall:.2f} s "
-                   f"({seconds / wall:.1f}x real time) | encoder and first step {total.prefill_s * 1e3:.0f} ms | "
-                   f"{total.new_tokens} tokens | tp={model.tp} {model.ops.name} {model.device}]", err=True)
+                   f"({seconds / wall:.1f}x real time) | encoder and first steps {total.prefill_s * 1e3:.0f} ms | "
+                   f"{total.new_tokens} tokens at {total.new_tokens / max(total.decode_s, 1e-9):.1f} tok/s | "
+                   f"tp={model.tp} {model.ops.name} {model.device}]", err=True)
     from .runtime.comm import shutdown
     shutdown()
 

@@ -716,7 +716,7 @@ def _audio_sources(out_dir: Path, m: dict, rows: int) -> torch.Tensor:
         glide = f0[:, None] * (1 + 0.3 * torch.sin(2 * torch.pi * 0.5 * t))            # [3, n]
         wave = torch.sin(2 * torch.pi * torch.cumsum(glide, 1) / SAMPLE_RATE).sum(0) / 3
         waves.append((wave + 0.05 * torch.randn(n, generator=gen)) * 0.5)
-    feats = features_of(fe, waves, ["verification audio"] * rows)
+    feats = features_of(fe, waves)
     if tuple(feats.shape[1:]) != shape:
         raise FmError(f"{out_dir}: preprocessor_config.json gives features {list(feats.shape[1:])}, the encoder "
                       f"reads {list(shape)}")

@@ -96,14 +96,14 @@ def test_matches_transformers(saved, tmp_path, tp):
         whole = m(target)
         cache = m.new_cache(2, target.shape[1])
         steps = torch.cat([m(target[:, j:j + 1], cache) for j in range(target.shape[1])], 1)
-        return enc, whole, steps, [transcribe(m, feats, GEN, max_new_tokens=12, eos_token_id=99, **kw)[0]
-                                   for kw in SETTINGS]
+        return enc, whole, steps, [[t.tokens for t in transcribe(m, feats, GEN, max_new_tokens=12, eos_token_id=99,
+                                                                  **kw)[0]] for kw in SETTINGS]
     for enc, whole, steps, tokens in tiny.on_ranks(out, tp, run):
         assert tiny.rel(enc, want.encoder_last_hidden_state) < 1e-5
         assert tiny.rel(whole, want.logits) < 1e-5
         assert tiny.rel(steps, want.logits) < 1e-5
-        for got, ref in zip(tokens, greedy):       # transformers pads a finished row with the end token
-            assert got == [row[:row.index(99) + 1] if 99 in row else row for row in ref]
+        for got, ref in zip(tokens, greedy):       # transformers pads a finished row with its pad token
+            assert got == [row[:row.index(99)] if 99 in row else row for row in ref]
     assert len({str(g) for g in greedy}) == len(greedy)        # each setting changes the tokens
 
 
@@ -134,12 +134,56 @@ def test_suppressed_tokens_are_never_chosen(saved, tmp_path):
     m = load(out)
     feats = features(4, seed=3)
     free = {**GEN, "suppress_tokens": [], "begin_suppress_tokens": []}
-    loose = transcribe(m, feats, free, "en", max_new_tokens=12)[0]
+    loose = [t.tokens for t in transcribe(m, feats, free, "en", max_new_tokens=12)[0]]
     chosen = sorted({t for row in loose for t in row})
     banned = {**GEN, "suppress_tokens": chosen[:3], "begin_suppress_tokens": [r[0] for r in loose]}
-    strict = transcribe(m, feats, banned, "en", max_new_tokens=12)[0]
+    strict = [t.tokens for t in transcribe(m, feats, banned, "en", max_new_tokens=12)[0]]
     assert not {t for row in strict for t in row} & set(chosen[:3])
     assert all(r[0] not in banned["begin_suppress_tokens"] for r in strict)
+
+
+# timestamps allowed (ids 108..119: <|0.00|> to <|0.22|>), the first one no later than <|0.08|>
+STAMPS = {**GEN, "suppress_tokens": [3, 7, 11], "max_initial_timestamp_index": 4}
+
+
+def long_features(seconds: float = 3.7):
+    """A tone over noise, `seconds` long, as transformers' long-form input: every frame, unpadded."""
+    n = int(16000 * seconds)
+    t = torch.arange(n) / 16000
+    wave = torch.sin(2 * math.pi * 300 * t) * 0.3 + 0.05 * torch.randn(n, generator=torch.Generator().manual_seed(0))
+    return feature_extractor()(wave.numpy(), sampling_rate=16000, truncation=False, padding="longest",
+                               return_tensors="pt").input_features
+
+
+def test_timestamps_and_long_form_as_transformers(saved, tmp_path):
+    """With timestamps, a batch of one window each (a window cut at a pair of timestamps is read again from there),
+    and audio of several windows (transformers' long-form generate(), the language detected or given): the same
+    tokens as transformers, and the same segments, start and end."""
+    import transformers
+
+    from fmconvert.runtime.load import load
+    out = tmp_path / "out"
+    convert(saved, out, Options(), progress=False)
+    m = load(out)
+    hf = build()
+    hf.generation_config = transformers.GenerationConfig(**STAMPS)
+    feats = features()
+    with torch.no_grad():
+        want = hf.generate(input_features=feats, return_timestamps=True, language="de").tolist()
+    got = transcribe(m, feats, STAMPS, "de", eos_token_id=99, timestamps=True)[0]
+    assert [t.tokens for t in got] == [row[:row.index(99)] if 99 in row else row for row in want]
+    assert any(len(t.segments) > 1 for t in got)
+    feats = long_features()
+    assert feats.shape[-1] > FRAMES
+    for kw in (dict(), dict(language="fr")):
+        with torch.no_grad():
+            want = hf.generate(input_features=feats, return_segments=True, **kw)
+        got = transcribe(m, feats, STAMPS, eos_token_id=99, **kw)[0][0]
+        assert got.tokens == want["sequences"][0].tolist()
+        assert [(round(g.start, 6), round(g.end, 6), g.tokens) for g in got.segments] == \
+            [(round(float(w["start"]), 6), round(float(w["end"]), 6), w["tokens"].tolist())
+             for w in want["segments"][0]]
+        assert len(got.segments) >= 4
 
 
 def test_int8_stays_close_and_reassembles(saved, tmp_path):
@@ -216,18 +260,48 @@ def test_cli_transcribe_as_transformers(saved, tmp_path):
     assert "encoder's output" in r.output
 
 
+def test_cli_long_audio_with_timestamps(tmp_path):
+    """A file of several windows prints transformers' long-form segments, a line each with its times; without
+    --timestamps their text on one line."""
+    import transformers
+    from click.testing import CliRunner
+
+    from fmconvert.cli import cli
+    from fmconvert.runtime.audio import load_audio
+    src, out = tmp_path / "src", tmp_path / "out"
+    hf = build()
+    hf.generation_config = transformers.GenerationConfig(**STAMPS)
+    hf.save_pretrained(src)
+    tokenizer().save_pretrained(src)
+    feature_extractor().save_pretrained(src)
+    runner = CliRunner()
+    assert runner.invoke(cli, ["convert", str(src), str(out)]).exit_code == 0
+    wav = write_wav(tmp_path / "long.wav", 2.6, 16000, 1, 300.0)
+    feats = feature_extractor()(load_audio(wav).numpy(), sampling_rate=16000, truncation=False, padding="longest",
+                                return_tensors="pt").input_features
+    with torch.no_grad():
+        segs = hf.generate(input_features=feats, language="en", return_segments=True)["segments"][0]
+    tok = tokenizer()
+    text = [tok.decode([t for t in s["tokens"].tolist() if t < 108], skip_special_tokens=True).strip() for s in segs]
+    r = runner.invoke(cli, ["transcribe", str(out), str(wav), "-l", "en", "--timestamps"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines() == [f"[{float(s['start']):.2f} -> {float(s['end']):.2f}] {t}"
+                                     for s, t in zip(segs, text)]
+    assert len(segs) >= 3
+    r = runner.invoke(cli, ["transcribe", str(out), str(wav), "-l", "en"])
+    assert r.exit_code == 0 and r.stdout.strip() == " ".join(t for t in text if t), r.output
+
+
 def test_cli_bad_input_is_one_line(saved, tmp_path, capsys):
-    """Audio past the 30 s chunk (here 1 s), a file that is not WAV, an unknown language, and generate on a speech
-    model: each one line, a non-zero exit, no traceback."""
+    """A file that is not WAV, an unknown language, and generate on a speech model: each one line, a non-zero
+    exit, no traceback."""
     from corpus import run_main
     out = tmp_path / "out"
     convert(saved, out, Options(), progress=False)
-    long = write_wav(tmp_path / "long.wav", 1.5, 16000)
     mp3 = tmp_path / "x.mp3"
     mp3.write_bytes(b"ID3\x03\x00" + bytes(200))
     ok = write_wav(tmp_path / "ok.wav", 0.3, 16000)
-    for args, match in [(["transcribe", str(out), str(long)], "long.wav: 1.5 s of audio"),
-                        (["transcribe", str(out), str(mp3)], "x.mp3"),
+    for args, match in [(["transcribe", str(out), str(mp3)], "x.mp3"),
                         (["transcribe", str(out), str(ok), "-l", "klingon"], "no language 'klingon'"),
                         (["generate", str(out), "-p", "hi"], "fmconvert transcribe")]:
         code, stdout, err = run_main(capsys, *args)

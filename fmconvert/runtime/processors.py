@@ -32,16 +32,19 @@ class Processors:
     max_length: int = 0              # that limit (the whole sequence's length)
     suppress: tuple = ()             # tokens never chosen (Whisper's suppress_tokens)
     begin_suppress: tuple = ()       # tokens not chosen first (Whisper's begin_suppress_tokens: a blank, the end)
+    timestamps: dict | None = None   # Whisper's timestamp rules: {begin: the first timestamp id, none:
+    #                                  <|notimestamps|>, text_end: ids below it are text, max_initial: the latest
+    #                                  first timestamp, or None}
 
     def __bool__(self) -> bool:
         return bool(self.repetition_penalty != 1.0 or self.no_repeat_ngram or self.min_length or
                     self.min_new_tokens or self.forced_bos is not None or self.forced_eos is not None or
-                    self.suppress or self.begin_suppress)
+                    self.suppress or self.begin_suppress or self.timestamps)
 
     @property
     def reads_tokens(self) -> bool:
         """Whether the processors need the sequences' tokens (else their lengths will do)."""
-        return self.repetition_penalty != 1.0 or self.no_repeat_ngram > 0
+        return self.repetition_penalty != 1.0 or self.no_repeat_ngram > 0 or self.timestamps is not None
 
     def __call__(self, seqs: torch.Tensor | None, length: int, scores: torch.Tensor) -> torch.Tensor:
         """seqs [B, length] (may be None when not reads_tokens) -> the processed scores [B, V]."""
@@ -49,6 +52,8 @@ class Processors:
             scores = scores.clone()
             scores[:, list(self.suppress) + (list(self.begin_suppress) if length == self.prompt else [])] = \
                 float("-inf")
+        if self.timestamps is not None:
+            scores = self._timestamp_rules(seqs, length, scores)
         if self.repetition_penalty != 1.0:
             seen = scores.gather(1, seqs)
             seen = torch.where(seen < 0, seen * self.repetition_penalty, seen / self.repetition_penalty)
@@ -68,4 +73,36 @@ class Processors:
             scores = only(scores, self.forced_bos)
         if self.forced_eos is not None and length == self.max_length - 1:
             scores = only(scores, self.forced_eos)
+        return scores
+
+    def _timestamp_rules(self, seqs, length: int, scores):
+        """transformers' WhisperTimeStampLogitsProcessor: no <|notimestamps|>; timestamps come in pairs (after a
+        lone one, no text; after a pair, no timestamp), never decreasing; the first token is a timestamp no later
+        than max_initial; and where the timestamps together outweigh the likeliest text token, a timestamp."""
+        ts = self.timestamps
+        begin = ts["begin"]
+        scores = scores.clone()
+        scores[:, ts["none"]] = float("-inf")
+        floor = []
+        for k, row in enumerate(seqs.tolist()):
+            new = row[self.prompt:]
+            last = len(new) >= 1 and new[-1] >= begin
+            before = len(new) < 2 or new[-2] >= begin
+            if last:
+                if before:
+                    scores[k, begin:] = float("-inf")
+                else:
+                    scores[k, :ts["text_end"]] = float("-inf")
+            stamps = [t for t in new if t >= begin]
+            floor.append(begin if not stamps else stamps[-1] if last and not before else stamps[-1] + 1)
+        ids = torch.arange(scores.shape[-1], device=scores.device)
+        scores.masked_fill_((ids >= begin) & (ids < torch.tensor(floor, device=scores.device)[:, None]),
+                            float("-inf"))
+        if length == self.prompt:
+            scores[:, :begin] = float("-inf")
+            if ts["max_initial"] is not None:
+                scores[:, begin + ts["max_initial"] + 1:] = float("-inf")
+        logp = torch.log_softmax(scores.float(), -1)
+        stamp = logp[:, begin:].logsumexp(-1) > logp[:, :begin].max(-1).values
+        scores[:, :begin].masked_fill_(stamp[:, None], float("-inf"))
         return scores

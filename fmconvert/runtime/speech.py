@@ -12,6 +12,8 @@ modelling code.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from ..errors import FmError
@@ -19,6 +21,9 @@ from .generate import GenStats, generate
 from .processors import Processors
 
 SAMPLE_RATE = 16000          # what every Whisper feature extractor is configured for
+FEATURE_STEP = 0.01          # seconds a log-mel frame moves (hop 160 at 16 kHz)
+TIME_STEP = 0.02             # seconds a timestamp token counts (one encoder position)
+INPUT_STRIDE = 2             # frames an encoder position reads (conv2's stride)
 
 
 def _lang_token(gc: dict, language: str) -> str:
@@ -35,11 +40,11 @@ def _lang_token(gc: dict, language: str) -> str:
 
 
 def prompt_tokens(gc: dict, language: str | None = None, task: str | None = None,
-                  detected: list[int] | None = None) -> list[list[int]] | None:
+                  detected: list[int] | None = None, timestamps: bool = False) -> list[list[int]] | None:
     """The decoder's first tokens for each row, as transformers builds them from the generation config (gc):
     the start token; the language (given, detected, or forced_decoder_ids'); the task (given, forced_decoder_ids', or
-    transcribe when a language is given); <|notimestamps|>. None when the language must be detected first (a
-    multilingual model, none given, detected None)."""
+    transcribe when a language is given); <|notimestamps|> unless timestamps are wanted. None when the language
+    must be detected first (a multilingual model, none given, detected None)."""
     multilingual = gc.get("is_multilingual", "lang_to_id" in gc)
     if (language or task) and not multilingual:
         raise FmError("this is an English-only Whisper: it takes no --language or --task")
@@ -70,8 +75,10 @@ def prompt_tokens(gc: dict, language: str | None = None, task: str | None = None
         elif language and "task_to_id" in gc and not set(row) & set(gc["task_to_id"].values()):
             row.append(gc["task_to_id"]["transcribe"])
         no_ts = gc.get("no_timestamps_token_id")
-        if no_ts is not None and row[-1] != no_ts:
+        if no_ts is not None and row[-1] != no_ts and not timestamps:
             row.append(no_ts)
+        elif timestamps and row[-1] == no_ts:
+            row.pop()
         rows.append([t for t in row if t is not None])
     return rows
 
@@ -84,14 +91,6 @@ def detect_language(model, gc: dict) -> list[int]:
     logits = model(start)[:, -1].float()
     langs = torch.tensor(sorted(gc["lang_to_id"].values()), device=logits.device)
     return langs[logits[:, langs].argmax(-1)].tolist()
-
-
-def new_token_limit(model, gc: dict, prompt: int) -> int:
-    """transformers' default for Whisper: max_length (raised by the prompt's length) up to the decoder's positions,
-    less the prompt."""
-    limit = model.spec["max_positions"]
-    length = gc.get("max_length")
-    return (min(length + prompt, limit) if type(length) is int and length > 0 else limit) - prompt
 
 
 def check_ids(gc: dict, vocab: int):
@@ -107,33 +106,122 @@ def check_ids(gc: dict, vocab: int):
         raise FmError(f"generation_config.json: token id {bad[0]!r} is not one of the model's {vocab}")
 
 
+@dataclass
+class Segment:
+    start: float             # seconds from the audio's start
+    end: float
+    tokens: list             # its tokens, timestamps included where there are any
+
+
+@dataclass
+class Transcript:
+    tokens: list = field(default_factory=list)       # every new token, as transformers' generate() returns them
+    segments: list = field(default_factory=list)     # Segment: one per 30 s window without timestamps
+
+
+def _stop_set(eos_token_id) -> set:
+    return set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else () if eos_token_id is None
+               else (eos_token_id,))
+
+
+def _segments(seq: list, begin: int, offset: float, window: int) -> tuple[list, int]:
+    """transformers' cut of one window's tokens (its end token removed) at its timestamps -> (segments, frames to
+    seek on). Each pair of timestamps side by side ends one segment and starts the next; a window that ends on a
+    lone timestamp has been read to its end; one cut short (by the token limit, mid-segment) is read again from its
+    last whole segment's end. Without timestamps the window is one segment."""
+    stamp = [t >= begin for t in seq]
+    single_end = stamp[-2:] == [False, True]
+    cuts = [i + 1 for i in range(len(stamp) - 1) if stamp[i] and stamp[i + 1]]
+    if not cuts:
+        at = [i for i, t in enumerate(stamp) if t]
+        end = int(window * FEATURE_STEP / TIME_STEP)
+        if at and seq[at[-1]] != begin:
+            end = seq[at[-1]] - begin
+        return [Segment(offset, offset + end * TIME_STEP, seq)], window
+    cuts = cuts + [len(seq)] if single_end else cuts[:-1] + [cuts[-1] + 1]
+    out, last = [], 0
+    for i, cut in enumerate(cuts):
+        piece = seq[last:cut]
+        closing = piece[-1 if i < len(cuts) - 1 or single_end else -2]
+        out.append(Segment(offset + (piece[0] - begin) * TIME_STEP, offset + (closing - begin) * TIME_STEP, piece))
+        last = cut
+    return out, window if single_end else (seq[last - 2] - begin) * INPUT_STRIDE
+
+
 def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = None, task: str | None = None,
                max_new_tokens: int | None = None, eos_token_id=None, on_token=None,
-               cuda_graph: bool | None = None) -> tuple[list[list[int]], GenStats]:
-    """features [B, mels, frames] -> each row's new tokens (after the decoder's prompt, up to and with its end
-    token) and the stats. Greedy, as transformers' default for Whisper."""
+               cuda_graph: bool | None = None, timestamps: bool = False) -> tuple[list[Transcript], GenStats]:
+    """features [B, mels, frames] -> each row's Transcript and the stats, greedy, as transformers' generate()
+    decodes Whisper. One window of 2 * max_source_positions frames (30 s) is one pass unless timestamps are asked
+    for; longer features (one row), or timestamps, take transformers' sequential long-form path: each window's
+    text is cut at its timestamps, and the next window starts where its last whole segment ended."""
     check_ids(gc, model.spec["vocab_size"])
-    rows = prompt_tokens(gc, language, task)
-    if max_new_tokens is None:
-        max_new_tokens = new_token_limit(model, gc, len(rows[0]) if rows else 4)
-
-    def prompt(m):
-        r = rows or prompt_tokens(gc, language, task, detect_language(m, gc))
-        if len({len(x) for x in r}) != 1:
-            raise FmError("the decoder's prompts differ in length across the batch")
-        return torch.tensor(r if len(r) == features.shape[0] else r * features.shape[0], dtype=torch.long)
+    B, _, frames = features.shape
+    chunk = 2 * model.source_encoder.spec["max_positions"]
+    if frames > chunk:
+        timestamps = True               # as transformers: past one window only timestamps say where to go on
+        if B > 1:
+            raise FmError("audio longer than one window is transcribed one file at a time")
+    elif frames != chunk:
+        raise FmError(f"the features hold {frames} frames; Whisper reads {chunk} (30 s, padded), or more")
+    if timestamps and gc.get("no_timestamps_token_id") is None:
+        raise FmError("generation_config.json has no no_timestamps_token_id: this model gives no timestamps")
+    eos = _stop_set(eos_token_id)
+    rows = prompt_tokens(gc, language, task, timestamps=timestamps)
+    # the prompt's length, its language detected or not; transformers' limit per window grows by it each window
+    P = len(rows[0]) if rows else len(prompt_tokens(gc, language, task, [0], timestamps)[0])
+    limit, length = model.spec["max_positions"], gc.get("max_length")
+    length = length if type(length) is int and length > 0 else None
     procs = Processors(suppress=tuple(gc.get("suppress_tokens") or ()),
                        begin_suppress=tuple(gc.get("begin_suppress_tokens") or ()))
-    out, stats = generate(model, features, max_new_tokens, eos_token_id=eos_token_id, on_token=on_token,
-                          cuda_graph=cuda_graph, processors=procs, decoder_prompt=prompt)
-    P = out.shape[1] - stats.new_tokens
-    eos = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else () if eos_token_id is None
-              else (eos_token_id,))
-    tokens = []
-    for row in out[:, P:].tolist():
-        cut = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
-        tokens.append(row[:cut])
-    return tokens, stats
+    if timestamps:
+        text_end = min(eos) if eos else gc["no_timestamps_token_id"]
+        procs.timestamps = dict(begin=gc["no_timestamps_token_id"] + 1, none=gc["no_timestamps_token_id"],
+                                text_end=text_end, max_initial=gc.get("max_initial_timestamp_index"))
+    known = {}                       # the prompt of each row, once its language is known
+
+    def prompt(m, active):
+        if "rows" not in known:      # detected from the first window, as transformers does
+            known["rows"] = rows or prompt_tokens(gc, language, task, detect_language(m, gc), timestamps)
+            if len(known["rows"]) == 1:
+                known["rows"] = known["rows"] * B
+        r = [known["rows"][i] for i in active]
+        if len({len(x) for x in r}) != 1:
+            raise FmError("the decoder's prompts differ in length across the batch")
+        return torch.tensor(r, dtype=torch.long)
+    results = [Transcript() for _ in range(B)]
+    total = GenStats()
+    seek, ends = [0] * B, [frames] * B
+    while any(s < e for s, e in zip(seek, ends)):
+        active = [i for i in range(B) if seek[i] < ends[i]]
+        window = [min(ends[i] - seek[i], chunk) for i in active]
+        seg = torch.stack([torch.nn.functional.pad(features[i, :, seek[i]:seek[i] + w], (0, chunk - w))
+                           for i, w in zip(active, window)])
+        length = min(length + min(limit // 2 - 1, P), limit) if length else limit
+        new = max_new_tokens if max_new_tokens is not None else length - P
+        out, st = generate(model, seg, new, eos_token_id=eos_token_id, on_token=on_token, cuda_graph=cuda_graph,
+                           processors=procs, decoder_prompt=lambda m: prompt(m, active))
+        total.prompt_tokens += st.prompt_tokens
+        total.new_tokens += st.new_tokens
+        total.prefill_s += st.prefill_s
+        total.decode_s += st.decode_s
+        for i, w, row in zip(active, window, out[:, out.shape[1] - st.new_tokens:].tolist()):
+            cut = next((j for j, t in enumerate(row) if t in eos), None)
+            row = row if cut is None else row[:cut]
+            if not timestamps:
+                results[i].tokens += row
+                results[i].segments.append(Segment(seek[i] * FEATURE_STEP, (seek[i] + w) * FEATURE_STEP, row))
+                seek[i] = ends[i]
+                continue
+            pieces, step = _segments(row, procs.timestamps["begin"], seek[i] * FEATURE_STEP, w) if row else \
+                ([], w)
+            step = step if step > 0 else w        # no timestamp past 0: never (the rules forbid it), but never loop
+            for p in pieces:
+                results[i].tokens += p.tokens
+            results[i].segments += pieces
+            seek[i] += step
+    total.tokens = results[0].tokens
+    return results, total
 
 
 def feature_extractor(out_dir):
@@ -149,11 +237,12 @@ def feature_extractor(out_dir):
     return fe
 
 
-def features_of(fe, waves: list[torch.Tensor], names: list[str]) -> torch.Tensor:
-    """16 kHz mono waveforms -> log-mel features [B, mels, frames] by the feature extractor fe, padded to its chunk
-    (30 s). A clip longer than that is refused, naming it."""
-    for w, name in zip(waves, names):
-        if w.numel() > fe.n_samples:
-            raise FmError(f"{name}: {w.numel() / SAMPLE_RATE:.1f} s of audio; Whisper reads {fe.chunk_length} s at "
-                          f"a time: split it")
+def features_of(fe, waves: list[torch.Tensor]) -> torch.Tensor:
+    """16 kHz mono waveforms -> log-mel features [B, mels, frames] by the feature extractor fe: clips of up to its
+    chunk (30 s) padded to it, or one longer clip whole (transformers' long-form input)."""
+    if len(waves) == 1 and waves[0].numel() > fe.n_samples:
+        return fe(waves[0].numpy(), sampling_rate=SAMPLE_RATE, truncation=False, padding="longest",
+                  return_tensors="pt").input_features
+    if any(w.numel() > fe.n_samples for w in waves):
+        raise FmError("audio longer than one window is transcribed one file at a time")
     return fe([w.numpy() for w in waves], sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
