@@ -107,6 +107,23 @@ def test_matches_transformers(saved, tmp_path, tp):
     assert len({str(g) for g in greedy}) == len(greedy)        # each setting changes the tokens
 
 
+def test_the_graph_safe_decode_step_matches_the_eager_forward(saved, tmp_path):
+    """The decoder's graph-safe step (what a CUDA graph captures on a card) over the audio source's keys and values
+    gives each teacher-forced step's logits, the prompt's steps included."""
+    from fmconvert.runtime.load import load
+    convert(saved, tmp_path / "out", Options(), progress=False)
+    m = load(tmp_path / "out")
+    target = torch.cat([torch.tensor([[100, 102, 105, 107]] * 2), tiny.ids(20, 5, B=2).remainder(98)], 1)
+    m.attach(m.source_encoder.hidden(features()))
+    want = m(target)
+    cache = m.new_cache(2, target.shape[1] + 3)
+    got = []
+    for j in range(target.shape[1]):
+        got.append(m.decode_step(target[:, j:j + 1], cache, torch.tensor([j])))
+        cache.length += 1
+    assert tiny.rel(torch.stack(got, 1), want) < 1e-5
+
+
 def test_the_prompt_as_transformers_builds_it():
     """The decoder's prompt: the language from forced_decoder_ids, given or detected; the task given or forced;
     <|notimestamps|>; an English-only model takes neither."""

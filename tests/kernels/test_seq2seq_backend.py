@@ -52,3 +52,26 @@ def test_triton_decode_step_of_an_encoder_decoder(tmp_path, name):
         cache.length += 1
     got = torch.stack(got, 1)
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-3
+
+
+def test_whisper_on_the_triton_backend(tmp_path):
+    """Whisper, int8: the audio encoder (its convs in torch, then Triton's layers), teacher-forced logits and
+    transcribe's tokens against the torch backend."""
+    from test_whisper import GEN, build, features
+    from fmconvert.runtime.speech import transcribe
+    build().save_pretrained(tmp_path / "src")
+    out = tmp_path / "out"
+    convert(tmp_path / "src", out, Options(int8=True, group_size=16), progress=False)
+    ref = load(out, device="cpu", backend="torch", dequantize=True)
+    tri = load(out, device=DEVICE, backend="triton")
+    feats = features()
+    target = torch.tensor([[100, 101, 105, 107, 9, 13, 21]] * 2)
+    outs = []
+    for m, dev in ((ref, "cpu"), (tri, DEVICE)):
+        m.attach(m.source_encoder.hidden(feats.to(dev)))
+        outs.append(m(target.to(dev)).cpu())
+    want, got = outs
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-3
+    a = [t.tokens for t in transcribe(ref, feats, GEN, "en", max_new_tokens=6, eos_token_id=99)[0]]
+    b = [t.tokens for t in transcribe(tri, feats.to(DEVICE), GEN, "en", max_new_tokens=6, eos_token_id=99)[0]]
+    assert a == b
