@@ -767,10 +767,13 @@ def main():
     @stage("seq2seq_decode", out)
     def seq2seq_decode():
         """Encoder-decoders end to end, bf16, random weights: a T5 v1.1-shaped model (Flan-T5-base: 12 + 12 layers,
-        768 wide, gated GELU, the decoder's relative bias) and BART-base's (6 + 6, post-LN). fmconvert (Triton
-        kernels; the decoder's steps from a CUDA graph) against HF generate, greedy, 64 new tokens from a 128-token source at batch 1: the whole call's time on each side, and teacher-forced logit
-        parity."""
-        from transformers import BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration
+        768 wide, gated GELU, the decoder's relative bias), BART-base's (6 + 6, post-LN) and whisper-small's (12 +
+        12, 768 wide, 30 s of log-mel features through its convs, a 4-token decoder prompt). fmconvert (Triton
+        kernels; the decoder's steps from a CUDA graph) against HF generate, greedy, 64 new tokens from a 128-token
+        source (Whisper: 30 s) at batch 1: the whole call's time on each side, and teacher-forced logit parity."""
+        from transformers import (BartConfig, BartForConditionalGeneration, T5Config, T5ForConditionalGeneration,
+                                  WhisperConfig, WhisperForConditionalGeneration)
+        from transformers.generation.utils import GenerationMixin
 
         from fmconvert.runtime.generate import generate
         from fmconvert.runtime.load import load
@@ -785,7 +788,12 @@ def main():
                       vocab_size=32128, feed_forward_proj="gated-gelu", num_decoder_layers=t5["num_layers"],
                       decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, **t5)),
                   "bart_base": (BartForConditionalGeneration, BartConfig(
-                      vocab_size=50265, max_position_embeddings=1024, forced_eos_token_id=None, **bart))}
+                      vocab_size=50265, max_position_embeddings=1024, forced_eos_token_id=None, **bart)),
+                  "whisper_small": (WhisperForConditionalGeneration, WhisperConfig(
+                      vocab_size=51865, num_mel_bins=80, max_source_positions=1500 if big else 50,
+                      max_target_positions=448, decoder_start_token_id=50258, pad_token_id=50257,
+                      eos_token_id=50257, begin_suppress_tokens=None, suppress_tokens=None,
+                      **{**bart, **(dict(encoder_layers=12, decoder_layers=12) if big else {})}))}
         S, new = (128, 64) if big else (16, 8)
         res = {}
         for tag, (cls, cfg) in models.items():
@@ -800,15 +808,25 @@ def main():
             if p.returncode:
                 raise RuntimeError(f"convert {tag}: {p.stderr.strip()[-500:]}")
             m = load(dst, device=DEV, backend="triton" if DEV == "cuda" else "torch")
-            ids = torch.randint(5, cfg.vocab_size, (1, S), device=DEV)
+            speech = tag.startswith("whisper")
+            ids = torch.randn(1, 80, 2 * cfg.max_source_positions, device=DEV).to(torch.bfloat16) if speech else \
+                torch.randint(5, cfg.vocab_size, (1, S), device=DEV)
+            source = "input_features" if speech else "input_ids"
             dec = torch.randint(5, cfg.vocab_size, (1, 16), device=DEV)
             with torch.inference_mode():
-                want = hf(input_ids=ids, decoder_input_ids=dec).logits.float()
+                want = hf(**{source: ids}, decoder_input_ids=dec).logits.float()
                 m.attach(m.source_encoder.hidden(ids))
                 got = m(dec).float()
             kw = dict(do_sample=False, num_beams=1, min_new_tokens=new, max_new_tokens=new)
-            hf_s = timed(lambda: hf.generate(ids, **kw), 3)
-            fm_s = timed(lambda: generate(m, ids, new), 3)
+            if speech:      # the decoder's prompt <|startoftranscript|> <|en|> <|transcribe|> <|notimestamps|>
+                prompt = torch.tensor([[50258, 50259, 50359, 50363]], device=DEV)
+                # the generic loop, not Whisper's own generate() with its language and segment handling
+                hf_s = timed(lambda: GenerationMixin.generate(hf, input_features=ids, decoder_input_ids=prompt,
+                                                              **kw), 3)
+                fm_s = timed(lambda: generate(m, ids, new, decoder_prompt=prompt), 3)
+            else:
+                hf_s = timed(lambda: hf.generate(ids, **kw), 3)
+                fm_s = timed(lambda: generate(m, ids, new), 3)
             r = {"rel_err": rel_err(got, want), "hf_s": hf_s, "fm_s": fm_s, "hf_tok_s": new / hf_s,
                  "fm_tok_s": new / fm_s, "vs_hf": hf_s / fm_s, "source": S, "new": new}
             print("  ", tag, {k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}, flush=True)

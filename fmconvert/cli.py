@@ -1008,12 +1008,17 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
                    "tokens. Audio past 30 s always decodes with them (transformers' long-form transcription).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Files of up to 30 s decoded side by side (a longer one decodes alone, window after window).")
+@click.option("--num-beams", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Beam search over this many beams in each window (transformers' own: the same tokens); 1 = "
+                   "greedy, streamed.")
+@click.option("--length-penalty", default=1.0, show_default=True, type=float,
+              help="With --num-beams: a finished hypothesis scores its summed log probability / length ** this.")
 @click.option("--max-new-tokens", "-n", default=None, type=click.IntRange(min=1),
               help="Tokens per 30 s window at most (default: the generation config's max_length, up to the "
                    "decoder's positions).")
 @runtime_options
-def transcribe(out_dir, audio, language, task, timestamps, batch_size, max_new_tokens, device, backend,
-               no_verify_hashes, dtype):
+def transcribe(out_dir, audio, language, task, timestamps, batch_size, num_beams, length_penalty, max_new_tokens,
+               device, backend, no_verify_hashes, dtype):
     """Speech to text with a converted Whisper (whisper-tiny ... large-v3-turbo, distil-whisper).
 
     \b
@@ -1052,7 +1057,8 @@ def transcribe(out_dir, audio, language, task, timestamps, batch_size, max_new_t
     groups = [short[j:j + batch_size] for j in range(0, len(short), batch_size)] + [[i] for i in long]
     stamp = gc.get("no_timestamps_token_id")
     text_ids = (lambda ids: [i for i in ids if i not in stops and (stamp is None or i <= stamp)])
-    one = len(waves) == 1 and not timestamps and not long     # long-form re-reads a window cut mid-segment
+    # streamed: one file, greedy, one window (long-form re-reads a window cut mid-segment)
+    one = len(waves) == 1 and not timestamps and not long and num_beams == 1
     state = {"ids": [], "text": ""}
 
     def stream(t):                  # one file: its text as it comes
@@ -1070,7 +1076,7 @@ def transcribe(out_dir, audio, language, task, timestamps, batch_size, max_new_t
     for group in groups:
         feats = features_of(fe, [waves[i] for i in group])
         got, st = run(model, feats, gc, language, task, max_new_tokens, stops, timestamps=timestamps,
-                      on_token=stream if lead and one else None)
+                      on_token=stream if lead and one else None, num_beams=num_beams, length_penalty=length_penalty)
         for i, tr in zip(group, got):
             outs[i] = tr
         total.new_tokens += st.new_tokens

@@ -50,22 +50,31 @@ def reorder(cache: KVCache, idx: torch.Tensor, batch: int):
 def beam_search(model: FusedModel, input_ids: torch.Tensor, num_beams: int, max_new_tokens: int = 64,
                 eos_token_id=None, length_penalty: float = 1.0, early_stopping: bool | str = False,
                 source_mask: torch.Tensor | None = None, forced_bos: int | None = None, forced_eos=None,
-                on_done=None, processors: Processors | None = None) -> tuple[torch.Tensor, GenStats]:
+                on_done=None, processors: Processors | None = None,
+                decoder_prompt=None) -> tuple[torch.Tensor, GenStats]:
     """input_ids [B, T] -> each row's best hypothesis [B, T + new] (new up to and with its stop token; shorter rows
     padded with it) and the stats (`tokens`: row 0's). An encoder-decoder reads input_ids as its sources (padded
-    where source_mask is 0), and its output starts from the decoder's start token; a decoder's prompts must be of
-    one length. The rows search side by side, as transformers' batched beam search."""
+    where source_mask is 0), and its output starts from the decoder's start token, or from decoder_prompt [B, P]
+    (Whisper's <|startoftranscript|> <|en|> <|transcribe|> <|notimestamps|>; a function of the model gives it once
+    the sources are attached, one row per source: Whisper's language detection), as in generate; input_ids is then
+    the encoder's input (Whisper's log-mel features [B, mels, frames]). A decoder's prompts must be of one length.
+    The rows search side by side, as transformers' batched beam search."""
     if num_beams < 1 or max_new_tokens < 1:
         raise FmError("beam search needs at least one beam and one new token")
     if model.spec["kind"] != "decoder" or model.spec["headless"]:
         raise FmError("beam search needs a decoder with its language-model head")
+    encoder = bool(model.spec.get("encoder"))
+    if decoder_prompt is not None and not encoder:
+        raise FmError("a decoder prompt is an encoder-decoder's: a decoder's prompt is its input_ids")
     if num_beams == 1:          # as transformers: one beam is greedy decoding (no length penalty, no early stop)
         out, st = generate(model, input_ids, max_new_tokens, eos_token_id=eos_token_id, source_mask=source_mask,
-                           forced_bos=forced_bos, forced_eos=forced_eos, processors=processors)
+                           forced_bos=forced_bos, forced_eos=forced_eos, processors=processors,
+                           decoder_prompt=decoder_prompt)
         if on_done is not None:
             on_done(st.tokens)
         return out, st
-    positions_left(model, input_ids.shape[1], max_new_tokens)
+    P = decoder_prompt.shape[1] if isinstance(decoder_prompt, torch.Tensor) else 1     # a function's: checked later
+    positions_left(model, input_ids.shape[1], max_new_tokens, P)
     warm_up(model)
     dev, k, B = model.device, num_beams, input_ids.shape[0]
     eos = torch.tensor(sorted(set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else
@@ -73,12 +82,23 @@ def beam_search(model: FusedModel, input_ids: torch.Tensor, num_beams: int, max_
     keep = max(2, 1 + len(eos)) * k
     stats = GenStats(prompt_tokens=input_ids.shape[1])
     t0 = time.perf_counter()
-    if model.spec.get("encoder"):       # every beam of a row reads that row's source
+    if encoder:         # every beam of a row reads that row's source
         src = input_ids.to(dev)
         mask = None if source_mask is None else source_mask.to(dev)
         h = model.source_encoder.hidden(src, attention_mask=mask)
+        start = torch.full((B, 1), model.spec["decoder_start_token_id"], dtype=torch.long, device=dev)
+        if callable(decoder_prompt):    # detection reads one row per source, so it runs before the beams' copies
+            model.attach(h, mask)
+            decoder_prompt = decoder_prompt(model)
+        if decoder_prompt is not None:
+            if decoder_prompt.dim() != 2 or decoder_prompt.shape[0] not in (1, B):
+                raise FmError(f"the decoder prompt is {list(decoder_prompt.shape)}: give [{B}, P] for {B} sources")
+            start = decoder_prompt.to(dev).expand(B, -1)
+            positions_left(model, 0, max_new_tokens, start.shape[1])
         model.attach(h.repeat_interleave(k, 0), None if mask is None else mask.repeat_interleave(k, 0))
-        input_ids = torch.full((B, 1), model.spec["decoder_start_token_id"], dtype=torch.long, device=dev)
+        input_ids = start
+        if model.source_encoder.spec["audio_mels"]:     # Whisper's features: always its 30 s of positions
+            stats.prompt_tokens = model.source_encoder.spec["max_positions"]
     T = input_ids.shape[1]
     limit = T + max_new_tokens
     procs = replace(with_forced(processors, forced_bos, forced_eos, eos_token_id), prompt=T, max_length=limit)

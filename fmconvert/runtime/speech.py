@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import FmError
+from .beam import beam_search
 from .generate import GenStats, generate
 from .processors import Processors
 
@@ -150,12 +151,16 @@ def _segments(seq: list, begin: int, offset: float, window: int) -> tuple[list, 
 
 def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = None, task: str | None = None,
                max_new_tokens: int | None = None, eos_token_id=None, on_token=None,
-               cuda_graph: bool | None = None, timestamps: bool = False) -> tuple[list[Transcript], GenStats]:
+               cuda_graph: bool | None = None, timestamps: bool = False, num_beams: int = 1,
+               length_penalty: float = 1.0) -> tuple[list[Transcript], GenStats]:
     """features [B, mels, frames] -> each row's Transcript and the stats, greedy, as transformers' generate()
     decodes Whisper. One window of 2 * max_source_positions frames (30 s) is one pass unless timestamps are asked
     for; longer features (one row), or timestamps, take transformers' sequential long-form path: each window's
-    text is cut at its timestamps, and the next window starts where its last whole segment ended."""
+    text is cut at its timestamps, and the next window starts where its last whole segment ended. num_beams > 1:
+    transformers' beam search in each window (nothing streamed to on_token)."""
     check_ids(gc, model.spec["vocab_size"])
+    if num_beams > 1 and on_token is not None:
+        raise FmError("beam search knows its tokens only at the end: it streams none")
     B, _, frames = features.shape
     chunk = 2 * model.source_encoder.spec["max_positions"]
     if frames > chunk:
@@ -199,13 +204,17 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
                            for i, w in zip(active, window)])
         length = min(length + min(limit // 2 - 1, P), limit) if length else limit
         new = max_new_tokens if max_new_tokens is not None else length - P
-        out, st = generate(model, seg, new, eos_token_id=eos_token_id, on_token=on_token, cuda_graph=cuda_graph,
-                           processors=procs, decoder_prompt=lambda m: prompt(m, active))
+        if num_beams > 1:       # each row's best hypothesis, padded with the end token
+            out, st = beam_search(model, seg, num_beams, new, eos_token_id, length_penalty, processors=procs,
+                                  decoder_prompt=lambda m: prompt(m, active))
+        else:
+            out, st = generate(model, seg, new, eos_token_id=eos_token_id, on_token=on_token, cuda_graph=cuda_graph,
+                               processors=procs, decoder_prompt=lambda m: prompt(m, active))
         total.prompt_tokens += st.prompt_tokens
         total.new_tokens += st.new_tokens
         total.prefill_s += st.prefill_s
         total.decode_s += st.decode_s
-        for i, w, row in zip(active, window, out[:, out.shape[1] - st.new_tokens:].tolist()):
+        for i, w, row in zip(active, window, out[:, P:].tolist()):
             cut = next((j for j, t in enumerate(row) if t in eos), None)
             row = row if cut is None else row[:cut]
             if not timestamps:
