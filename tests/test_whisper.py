@@ -324,3 +324,19 @@ def test_cli_bad_input_is_one_line(saved, tmp_path, capsys):
         code, stdout, err = run_main(capsys, *args)
         assert code != 0 and "Traceback" not in err and not stdout, err
         assert match in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("edit,match", [
+    (dict(suppress_tokens=5), "suppress_tokens must be a list"),
+    (dict(lang_to_id={"<|en|>": 500}), "token id 500 is not one of the model's 120"),
+    (dict(forced_decoder_ids=[[1]]), "forced_decoder_ids must be"),
+    (dict(max_initial_timestamp_index="x"), "max_initial_timestamp_index"),
+    (dict(task_to_id={"transcribe": 105}), "no task 'translate'"),
+])
+def test_a_malformed_generation_config_is_refused_in_one_line(saved, tmp_path, edit, match):
+    from fmconvert.errors import FmError
+    from fmconvert.runtime.load import load
+    out = tmp_path / "out"
+    convert(saved, out, Options(), progress=False)
+    with pytest.raises(FmError, match=match):
+        transcribe(load(out), features(), {**GEN, **edit}, task="translate", timestamps=True)

@@ -1,13 +1,15 @@
-"""Whisper speech recognition over a converted WhisperForConditionalGeneration, as transformers' generate() does it
-for clips of up to 30 s: the log-mel features (transformers' WhisperFeatureExtractor, from the conversion's
-preprocessor_config.json) through the audio encoder, then the decoder from its prompt
+"""Whisper speech recognition over a converted WhisperForConditionalGeneration, as transformers' generate() does it:
+the log-mel features (transformers' WhisperFeatureExtractor, from the conversion's preprocessor_config.json) through
+the audio encoder, then the decoder from its prompt
 
     <|startoftranscript|> <|language|> <|transcribe|> or <|translate|> <|notimestamps|>
 
 with the generation config's suppressed tokens banned at every step and its begin_suppress_tokens (a blank, the end
 token) at the first. A multilingual model with no language given detects it first, as transformers does: the
-likeliest language token after <|startoftranscript|>. Everything here reads generation_config.json, never the
-modelling code.
+likeliest language token after <|startoftranscript|>. With timestamps (and for audio past one 30 s window, always)
+the prompt leaves out <|notimestamps|>, transformers' timestamp rules apply, and each window's text is cut into
+segments at its timestamps, the next window starting where the last whole segment ended. Everything here reads
+generation_config.json, never the modelling code.
 """
 
 from __future__ import annotations
@@ -95,7 +97,21 @@ def detect_language(model, gc: dict) -> list[int]:
 
 
 def check_ids(gc: dict, vocab: int):
-    """The generation config's token ids this module reads must be ids of this vocabulary."""
+    """The generation config's token ids this module reads must be ids of this vocabulary, in the shapes
+    transformers writes them."""
+    def ids_of(key, kind):
+        v = gc.get(key)
+        if v is not None and not isinstance(v, kind):
+            raise FmError(f"generation_config.json: {key} must be a {kind.__name__}, got {type(v).__name__}")
+    for key, kind in (("suppress_tokens", list), ("begin_suppress_tokens", list), ("lang_to_id", dict),
+                      ("task_to_id", dict), ("forced_decoder_ids", list)):
+        ids_of(key, kind)
+    if any(not isinstance(p, list) or len(p) != 2 or type(p[0]) is not int for p in gc.get("forced_decoder_ids") or ()):
+        raise FmError("generation_config.json: forced_decoder_ids must be [position, token id] pairs")
+    first = gc.get("max_initial_timestamp_index")
+    if first is not None and (type(first) is not int or first < 0):
+        raise FmError(f"generation_config.json: max_initial_timestamp_index must be a non-negative integer, got "
+                      f"{first!r}")
     ids = [gc.get("decoder_start_token_id"), gc.get("no_timestamps_token_id"),
            *(gc.get("suppress_tokens") or ()), *(gc.get("begin_suppress_tokens") or ()),
            *(gc.get("lang_to_id") or {}).values(), *(gc.get("task_to_id") or {}).values(),
