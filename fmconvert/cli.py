@@ -811,6 +811,15 @@ def stop_ids(out_dir: Path, spec: dict) -> list[int]:
     return sorted(set(ids))
 
 
+def _not_speech(model, out_dir):
+    """Refuse, in one line, a text verb on Whisper or its audio encoder."""
+    enc = getattr(model, "source_encoder", None)
+    if model.spec["audio_mels"] or (enc is not None and enc.spec["audio_mels"]):
+        parent = Path(out_dir).parent if model.spec["audio_mels"] else Path(out_dir)
+        raise FmError(f"{out_dir} holds a speech model's {'audio encoder' if model.spec['audio_mels'] else 'decoder'}"
+                      f" ({model.spec['architecture']}): it reads audio; use `fmconvert transcribe {parent} AUDIO.wav`")
+
+
 def _load(out_dir, device, backend, no_verify_hashes, dtype=None):
     from .runtime.load import load
     dt = {"auto": None, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype or "auto"]
@@ -905,14 +914,12 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
     if not prompts:
         raise FmError(f"{prompt_file} holds no prompts")
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
+    _not_speech(model, out_dir)
     if model.spec["kind"] != "decoder":
         raise FmError(f"{out_dir} holds an encoder ({model.spec['architecture']}); use `fmconvert embed`")
     if model.spec["headless"]:
         raise FmError(f"{out_dir} holds {model.spec['architecture']} without its language-model head (an "
                       f"embedding model): it cannot generate; use `fmconvert embed`")
-    if getattr(model, "source_encoder", None) is not None and model.source_encoder.spec["audio_mels"]:
-        raise FmError(f"{out_dir} holds a speech model ({model.spec['architecture']}); use `fmconvert transcribe "
-                      f"{out_dir} AUDIO.wav`")
     lead = model.rank == 0
     tok = _tokenizer(out_dir)
     seq2seq = bool(model.spec.get("encoder"))
@@ -1041,6 +1048,8 @@ def transcribe(out_dir, audio, language, task, timestamps, batch_size, num_beams
     from .runtime.speech import SAMPLE_RATE, feature_extractor, features_of, transcribe as run
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
     enc = getattr(model, "source_encoder", None)
+    if model.spec["audio_mels"]:
+        raise FmError(f"{out_dir} is the audio encoder of a speech model: transcribe with the directory above it")
     if enc is None or not enc.spec["audio_mels"]:
         raise FmError(f"{out_dir} holds {model.spec['architecture']}, not a speech model; use `fmconvert generate`")
     lead = model.rank == 0
@@ -1152,6 +1161,7 @@ def embed(out_dir, texts, text_file, pooling, normalize, max_length, batch_size,
     if st is not None:      # as sentence-transformers' Transformer module tokenizes: stripped, maybe lowercased
         texts = tuple(t.strip().lower() if st.lower else t.strip() for t in texts)
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
+    _not_speech(model, out_dir)
     if model.spec.get("encoder"):
         raise FmError(f"{out_dir} is an encoder-decoder ({model.spec['architecture']}): its decoder needs a source; "
                       f"embed with its encoder: fmconvert embed {Path(out_dir) / model.spec['encoder']}")
@@ -1230,6 +1240,7 @@ def classify(out_dir, texts, pairs, text_file, max_length, batch_size, candidate
     if batch_size < 1 or (max_length is not None and max_length < 1):
         raise FmError("--batch-size and --max-length must be positive")
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
+    _not_speech(model, out_dir)
     if (model.spec["kind"] != "encoder" and not model.spec.get("encoder")) or model.spec.get("classifier") is None:
         arch = model.spec["architecture"]
         raise FmError(f"{out_dir} holds no classifier fmconvert runs ({arch}): " + (
@@ -1347,6 +1358,7 @@ def answer(out_dir, questions, contexts, text_file, max_length, max_answer, stri
     if max_answer < 1 or (max_length is not None and max_length < 1) or stride < 0:
         raise FmError("--max-answer and --max-length must be positive, --stride not negative")
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
+    _not_speech(model, out_dir)
     head = model.spec.get("classifier") if model.spec["kind"] == "encoder" else None
     if head is None or head["pool"] != "spans":
         raise FmError(f"{out_dir} holds no question-answering head ({model.spec['architecture']}); convert a "

@@ -310,8 +310,8 @@ def test_cli_long_audio_with_timestamps(tmp_path):
 
 
 def test_cli_bad_input_is_one_line(saved, tmp_path, capsys):
-    """A file that is not WAV, an unknown language, and generate on a speech model: each one line, a non-zero
-    exit, no traceback."""
+    """A file that is not WAV, an unknown language, text verbs on a speech model or its encoder, transcribe on the
+    encoder alone: each one line, a non-zero exit, no traceback."""
     from corpus import run_main
     out = tmp_path / "out"
     convert(saved, out, Options(), progress=False)
@@ -320,7 +320,10 @@ def test_cli_bad_input_is_one_line(saved, tmp_path, capsys):
     ok = write_wav(tmp_path / "ok.wav", 0.3, 16000)
     for args, match in [(["transcribe", str(out), str(mp3)], "x.mp3"),
                         (["transcribe", str(out), str(ok), "-l", "klingon"], "no language 'klingon'"),
-                        (["generate", str(out), "-p", "hi"], "fmconvert transcribe")]:
+                        (["generate", str(out), "-p", "hi"], f"fmconvert transcribe {out} AUDIO.wav"),
+                        (["embed", str(out / "encoder"), "-t", "hi"], f"fmconvert transcribe {out} AUDIO.wav"),
+                        (["classify", str(out), "-t", "hi"], "it reads audio"),
+                        (["transcribe", str(out / "encoder"), str(ok)], "the directory above it")]:
         code, stdout, err = run_main(capsys, *args)
         assert code != 0 and "Traceback" not in err and not stdout, err
         assert match in err and len(err.strip().splitlines()) == 1, err
