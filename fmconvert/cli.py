@@ -698,12 +698,11 @@ def _language_token(tok, lang: str, out_dir) -> int:
     return tid
 
 
-def _generate_lines(model, tok, prompts, batch, new, temperature, top_p, seed, chat, system, stops, beams, penalty,
-                    stop, kw, out_dir, lead):
+def _generate_lines(model, tok, prompts, batch, new, temperature, top_p, top_k, seed, chat, system, stops, beams,
+                    penalty, stop, kw, out_dir, lead):
     """generate --file: each prompt's output (a decoder's continuation, an encoder-decoder's text) on a line of its
-    own, in order -> the stats of all of them (tokens,
-    and prefill and decode time, summed). An encoder-decoder's sources go `batch` at a time, similar lengths
-    together, right-padded; everything else one prompt at a time."""
+    own, in order -> the stats of all of them (tokens, and prefill and decode time, summed). An encoder-decoder's
+    sources go `batch` at a time, similar lengths together, right-padded; everything else one prompt at a time."""
     import torch
 
     from .runtime.beam import beam_search
@@ -723,7 +722,7 @@ def _generate_lines(model, tok, prompts, batch, new, temperature, top_p, seed, c
         if beams > 1:
             out, st = beam_search(model, ids, beams, new, stops, penalty, stop, source_mask=mask, **kw)
         else:
-            out, st = gen(model, ids, new, temperature, top_p, seed, stops, source_mask=mask, **kw)
+            out, st = gen(model, ids, new, temperature, top_p, seed, stops, source_mask=mask, top_k=top_k, **kw)
         start = 1 if seq2seq else ids.shape[1]
         for row, i in zip(out[:, start:].tolist(), group):
             cut = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
@@ -769,18 +768,50 @@ def _settings(gc: dict, seq2seq: bool, given: dict) -> dict:
     return out
 
 
+def _gen_setting(out_dir: Path, key: str):
+    """A generation setting as transformers reads it: generation_config.json's when there is one, else
+    config.json's."""
+    path = Path(out_dir) / "generation_config.json"
+    if path.is_file():
+        return _generation_config(out_dir).get(key)
+    try:
+        cfg = json.loads((Path(out_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    return cfg.get(key) if isinstance(cfg, dict) else None
+
+
+def _bad_words(out_dir: Path, vocab: int) -> tuple:
+    """bad_words_ids (token sequences generate() never completes: Marian bans its pad token), as tuples."""
+    v = _gen_setting(out_dir, "bad_words_ids")
+    if v is None:
+        return ()
+    if not isinstance(v, list) or not v or any(
+            not isinstance(w, list) or not w or any(type(i) is not int or not 0 <= i < vocab for i in w) for w in v):
+        raise FmError(f"{out_dir}: bad_words_ids must be lists of token ids under {vocab}, got {v!r}")
+    return tuple(tuple(w) for w in v)
+
+
+def _sampling(gc: dict, temperature, top_k, top_p) -> tuple[float, int, float]:
+    """(temperature, top_k, top_p): each given, else the generation config's (gc: {} without --generation-config)
+    where it samples (do_sample), with transformers' defaults for what it leaves out; else greedy, no cut."""
+    samples = gc.get("do_sample") is True
+    if samples:
+        for key, ok in (("temperature", lambda v: type(v) in (int, float) and v >= 0),
+                        ("top_k", lambda v: type(v) is int and v >= 0),
+                        ("top_p", lambda v: type(v) in (int, float) and 0 < v <= 1)):
+            if gc.get(key) is not None and not ok(gc[key]):
+                raise FmError(f"generation_config.json: {key} must be a valid setting, got {gc[key]!r}")
+    pick = (lambda given, key, default: given if given is not None else
+            (gc[key] if gc.get(key) is not None else default) if samples else None)
+    t, k, p = pick(temperature, "temperature", 1.0), pick(top_k, "top_k", 50), pick(top_p, "top_p", 1.0)
+    return float(0.0 if t is None else t), int(0 if k is None else k), float(1.0 if p is None else p)
+
+
 def _forced(out_dir: Path, key: str, vocab: int):
     """A forced-token setting (forced_bos_token_id, forced_eos_token_id: an id, a list of ids, or none) as
     transformers reads it: generation_config.json's when there is one, else config.json's."""
-    path = Path(out_dir) / "generation_config.json"
-    if path.is_file():
-        v = _generation_config(out_dir).get(key)
-    else:
-        try:
-            cfg = json.loads((Path(out_dir) / "config.json").read_text())
-        except (OSError, ValueError):
-            cfg = {}
-        v = cfg.get(key) if isinstance(cfg, dict) else None
+    v = _gen_setting(out_dir, key)
     ids = v if isinstance(v, list) else [] if v is None else [v]
     if any(type(i) is not int or not 0 <= i < vocab for i in ids):
         raise FmError(f"{out_dir}: {key} must be a token id or a list of them, got {v!r}")
@@ -855,8 +886,13 @@ def runtime_options(f):
               help="With --file: an encoder-decoder's sources per batch.")
 @click.option("--max-new-tokens", "-n", default=None, type=click.IntRange(min=1),
               help="New tokens at most (default 64, or the generation config's with --generation-config).")
-@click.option("--temperature", "-t", default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass (with temperature > 0).")
+@click.option("--temperature", "-t", default=None, type=click.FloatRange(min=0),
+              help="Sample at this temperature; 0 (the default) = greedy.")
+@click.option("--top-k", default=None, type=click.IntRange(min=0),
+              help="When sampling, from the k likeliest tokens only (default 0: all).")
+@click.option("--top-p", default=None, type=click.FloatRange(0, 1, min_open=True),
+              help="When sampling, from the smallest set of tokens holding this much of the probability (default "
+                   "1: all).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--chat", is_flag=True, help="Instruct models: send the prompt as a user turn through the tokenizer's "
               "chat template (sandboxed Jinja, as transformers renders it) and print the reply alone.")
@@ -886,9 +922,11 @@ def runtime_options(f):
 @click.option("--generation-config", "use_generation_config", is_flag=True,
               help="Take every setting not given here from generation_config.json, as transformers' generate() does: "
                    "num_beams, length_penalty, early_stopping, no_repeat_ngram_size, repetition_penalty, min_length, "
-                   "min_new_tokens, max_new_tokens or max_length (bart-large-cnn's summaries, opus-mt's beams).")
+                   "min_new_tokens, max_new_tokens or max_length (bart-large-cnn's summaries, opus-mt's beams); "
+                   "with do_sample, its temperature, top_k and top_p (transformers' defaults 1, 50 and 1 where it "
+                   "sets none: an instruct model's sampling).")
 @runtime_options
-def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperature, top_p, seed, chat, system,
+def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperature, top_k, top_p, seed, chat, system,
              src_lang, tgt_lang, num_beams, length_penalty, early_stopping, repetition_penalty, no_repeat_ngram,
              min_new_tokens, use_generation_config, device, backend, no_verify_hashes, dtype):
     """Generate text from a converted decoder, streaming tokens to stdout. Generation stops at an end-of-sequence
@@ -951,16 +989,19 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
                                     min_new_tokens=min_new_tokens, max_new_tokens=max_new_tokens))
     num_beams, length_penalty, stop, max_new_tokens = (s["num_beams"], s["length_penalty"], s["early_stopping"],
                                                       s["max_new_tokens"])
+    temperature, top_k, top_p = _sampling(gc, temperature, top_k, top_p)
     if num_beams > 1 and temperature > 0:
-        raise FmError("--num-beams searches greedily: drop --temperature")
+        raise FmError("--num-beams searches greedily: drop --temperature" + (
+            " (or do_sample from the generation config: give --temperature 0)" if gc.get("do_sample") else ""))
     from .runtime.processors import Processors
     kw = dict(forced_bos=forced, forced_eos=forced_eos, processors=Processors(
         repetition_penalty=s["repetition_penalty"], no_repeat_ngram=s["no_repeat_ngram_size"],
-        min_new_tokens=s["min_new_tokens"], min_length=s["min_length"]))
+        min_new_tokens=s["min_new_tokens"], min_length=s["min_length"],
+        bad_words=_bad_words(out_dir, model.spec["vocab_size"])))
     if prompt_file is not None:
         st = _generate_lines(model, tok, prompts, batch_size if seq2seq else 1, max_new_tokens,
-                             temperature, top_p, seed, chat, system, stops, num_beams, length_penalty, stop, kw,
-                             out_dir, lead)
+                             temperature, top_p, top_k, seed, chat, system, stops, num_beams, length_penalty, stop,
+                             kw, out_dir, lead)
     else:
         ids = torch.tensor([prompt_ids(tok, prompt, chat, system, out_dir)], dtype=torch.long)
         # an encoder-decoder's output is a new text (after its start token), a decoder's continues the prompt
@@ -984,7 +1025,7 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
                 text = tok.decode(state["ids"] + st.tokens, skip_special_tokens=True)
                 click.echo(text[len(state["text"]):], nl=False)
         else:
-            _, st = gen(model, ids, max_new_tokens, temperature, top_p, seed, stops, on_token, **kw)
+            _, st = gen(model, ids, max_new_tokens, temperature, top_p, seed, stops, on_token, top_k=top_k, **kw)
         if lead:
             click.echo("\n", nl=False)
     if lead:

@@ -66,11 +66,17 @@ def copy_bandwidth(device: torch.device, mbytes: int = 256) -> float:
     return 2 * x.numel() * 4 / best
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]. temperature 0 is greedy."""
+def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None,
+           top_k: int = 0) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]. temperature 0 is greedy. As transformers' warpers, in their order: the
+    temperature, then the top_k likeliest tokens kept (0: all), then the smallest set holding top_p of the mass."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    scores = logits.float() / temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
     if top_p < 1.0:
         sorted_p, idx = probs.sort(dim=-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < top_p   # always keeps the most likely token
@@ -131,7 +137,8 @@ def generate(model: FusedModel, input_ids: torch.Tensor, max_new_tokens: int = 6
              top_p: float = 1.0, seed: int = 0, eos_token_id=None, on_token=None,
              cuda_graph: bool | None = None, source_mask: torch.Tensor | None = None,
              forced_bos: int | None = None, forced_eos=None,
-             processors: Processors | None = None, decoder_prompt=None) -> tuple[torch.Tensor, GenStats]:
+             processors: Processors | None = None, decoder_prompt=None,
+             top_k: int = 0) -> tuple[torch.Tensor, GenStats]:
     """input_ids [B, T] -> [B, T + new]. `on_token(ids [B])` is called as each step's tokens are chosen.
     On CUDA the decode step is replayed from a CUDA graph unless cuda_graph=False. The CPU int8 kernels are built
     first (`warm_up`), outside the timings in GenStats.
@@ -152,14 +159,14 @@ def generate(model: FusedModel, input_ids: torch.Tensor, max_new_tokens: int = 6
     warm_up(model)
     if model.spec.get("encoder"):
         return _generate_seq2seq(model, input_ids, source_mask, max_new_tokens, temperature, top_p, seed,
-                                 eos_token_id, on_token, procs, cuda_graph, decoder_prompt)
+                                 eos_token_id, on_token, procs, cuda_graph, decoder_prompt, top_k=top_k)
     threads = torch.get_num_threads()
     single = model.device.type == "cpu" and threads > 1 and weight_bytes(model) < SMALL_MODEL_BYTES
     if single:
         torch.set_num_threads(1)
     try:
         return _generate(model, input_ids, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token,
-                         cuda_graph, procs)
+                         cuda_graph, procs, top_k=top_k)
     finally:
         if single:
             torch.set_num_threads(threads)
@@ -167,7 +174,7 @@ def generate(model: FusedModel, input_ids: torch.Tensor, max_new_tokens: int = 6
 
 @torch.inference_mode()
 def _generate_seq2seq(model, source, source_mask, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token,
-                      procs, cuda_graph=None, decoder_prompt=None):
+                      procs, cuda_graph=None, decoder_prompt=None, top_k: int = 0):
     dev = model.device
     source = source.to(dev)
     mask = None if source_mask is None else source_mask.to(dev)
@@ -179,7 +186,7 @@ def _generate_seq2seq(model, source, source_mask, max_new_tokens, temperature, t
         positions_left(model, 0, max_new_tokens, start.shape[1])
     # the decoder's steps replay a CUDA graph captured over this source's keys and values
     out, stats = _generate(model, start, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token, cuda_graph,
-                           procs)
+                           procs, top_k=top_k)
     enc = model.source_encoder.spec
     stats.prompt_tokens = enc["max_positions"] if enc["audio_mels"] else source.shape[1]     # Whisper: 30 s
     stats.prefill_s = time.perf_counter() - t0 - stats.decode_s      # the encoder, then the first decoder step
@@ -188,7 +195,7 @@ def _generate_seq2seq(model, source, source_mask, max_new_tokens, temperature, t
 
 @torch.inference_mode()
 def _generate(model, input_ids, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token, cuda_graph,
-              procs: Processors):
+              procs: Processors, top_k: int = 0):
     if model.spec["kind"] != "decoder":
         raise ValueError("generate needs a decoder; use embed for encoders")
     B, T = input_ids.shape
@@ -223,7 +230,7 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_p, seed, eos_to
         if procs:       # on float32 scores, as transformers
             seqs = torch.cat(out, dim=1) if procs.reads_tokens else None
             logits = procs(seqs, T + step, logits.float())
-        tok = sample(logits, temperature, top_p, gen)
+        tok = sample(logits, temperature, top_p, gen, top_k)
         tok = model.comm.broadcast(tok.contiguous(), 0)
         if step == 0:
             sync()

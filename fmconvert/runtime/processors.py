@@ -1,6 +1,6 @@
 """transformers' logits processors that change which token wins, for greedy decoding, sampling and beam search, in
-transformers' order: Whisper's suppressed tokens, repetition penalty, n-gram ban, minimum lengths, forced first and
-last tokens. Each reads the sequences so far (a decoder's prompt included; an encoder-decoder's decoder tokens from
+transformers' order: Whisper's suppressed tokens, repetition penalty, n-gram ban, bad words, minimum lengths, forced
+first and last tokens. Each reads the sequences so far (a decoder's prompt included; an encoder-decoder's decoder tokens from
 its start token on) and the step's scores [B, V] (float32: logits when decoding greedily, log probabilities in beam
 search, as transformers)."""
 
@@ -24,6 +24,7 @@ class Processors:
     eos: tuple = ()                  # the end tokens the minimum lengths hold back
     repetition_penalty: float = 1.0  # a token already in the sequence: its score / penalty (score * penalty if < 0)
     no_repeat_ngram: int = 0         # no n-gram twice in a sequence: a token that would repeat one is banned
+    bad_words: tuple = ()            # token sequences never completed (bad_words_ids; Marian bans its pad token)
     min_length: int = 0              # no end token while the sequence (prompt included) is shorter
     min_new_tokens: int = 0          # nor before this many new tokens
     prompt: int = 0                  # the sequence's tokens before the first new one
@@ -37,14 +38,15 @@ class Processors:
     #                                  first timestamp, or None}
 
     def __bool__(self) -> bool:
-        return bool(self.repetition_penalty != 1.0 or self.no_repeat_ngram or self.min_length or
+        return bool(self.repetition_penalty != 1.0 or self.no_repeat_ngram or self.bad_words or self.min_length or
                     self.min_new_tokens or self.forced_bos is not None or self.forced_eos is not None or
                     self.suppress or self.begin_suppress or self.timestamps)
 
     @property
     def reads_tokens(self) -> bool:
         """Whether the processors need the sequences' tokens (else their lengths will do)."""
-        return self.repetition_penalty != 1.0 or self.no_repeat_ngram > 0 or self.timestamps is not None
+        return (self.repetition_penalty != 1.0 or self.no_repeat_ngram > 0 or self.timestamps is not None
+                or any(len(w) > 1 for w in self.bad_words))
 
     def __call__(self, seqs: torch.Tensor | None, length: int, scores: torch.Tensor) -> torch.Tensor:
         """seqs [B, length] (may be None when not reads_tokens) -> the processed scores [B, V]."""
@@ -66,6 +68,8 @@ class Processors:
                 banned = {row[i + n - 1] for i in range(length - n + 1) if tuple(row[i:i + n - 1]) == tail}
                 if banned:
                     scores[b, sorted(banned)] = float("-inf")
+        if self.bad_words:
+            scores = self._ban_words(seqs, length, scores)
         if self.eos and (length < self.min_length or length - self.prompt < self.min_new_tokens):
             scores = scores.clone()
             scores[:, list(self.eos)] = float("-inf")
@@ -73,6 +77,23 @@ class Processors:
             scores = only(scores, self.forced_bos)
         if self.forced_eos is not None and length == self.max_length - 1:
             scores = only(scores, self.forced_eos)
+        return scores
+
+    def _ban_words(self, seqs, length: int, scores):
+        """transformers' NoBadWordsLogitsProcessor: a one-token bad word is never chosen; a longer one's last token
+        not where the sequence ends with the rest of it (a lone end token is never banned: transformers drops it)."""
+        scores = scores.clone()
+        ones = [w[0] for w in self.bad_words if len(w) == 1 and w[0] not in self.eos]
+        if ones:
+            scores[:, ones] = float("-inf")
+        longer = [w for w in self.bad_words if len(w) > 1]
+        if longer:
+            rows = seqs.tolist()
+            for b, row in enumerate(rows):
+                banned = [w[-1] for w in longer if len(w) - 1 <= length and tuple(row[length - len(w) + 1:length])
+                          == tuple(w[:-1])]
+                if banned:
+                    scores[b, banned] = float("-inf")
         return scores
 
     def _timestamp_rules(self, seqs, length: int, scores):
