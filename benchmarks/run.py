@@ -4,6 +4,7 @@
     python benchmarks/run.py --json out.json    # the figures, the raw runs and the machine, as JSON
     python benchmarks/run.py --smoke            # tiny shapes, one run each: checks the scripts still work
     python benchmarks/run.py --only convert,load
+    python benchmarks/run.py --only whisper     # Whisper's transcribe against transformers (bench_seq2seq.py)
 
 Synthetic checkpoints are cached under benchmarks/.cache (by shape). Every process runs with 2 torch/OpenMP threads.
 """
@@ -24,7 +25,7 @@ import bench_seq2seq  # noqa: E402
 import common as C  # noqa: E402
 
 SECTIONS = {"convert": bench_convert.run, "load": bench_load.run, "decode": bench_decode.run,
-            "encode": bench_encode.run, "seq2seq": bench_seq2seq.run}
+            "encode": bench_encode.run, "seq2seq": bench_seq2seq.run, "whisper": bench_seq2seq.run_whisper}
 
 
 def main(argv=None):

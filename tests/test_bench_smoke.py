@@ -30,6 +30,11 @@ def test_bench_smoke(tmp_path):
         assert want in names, names
     assert any(n.startswith("decode ") for n in names), names
     assert any(n.startswith("encode ") for n in names), names
+    assert any(n.startswith("seq2seq smoke ") for n in names), names
+    for kind in ("fp32", "int8"):           # Whisper: features in, exactly the asked-for tokens out on both sides
+        assert f"seq2seq whisper-smoke {kind}" in names, names
+        w = res["raw"]["whisper"][f"whisper_smoke_{kind}"]
+        assert w["fm_new_tokens"] == [w["tokens"]] and len(w["hf_tokens"]) == w["tokens"], w
     for f in res["figures"]:
         assert isinstance(f["value"], (int, float)) and f["value"] > 0, f
         assert f["baseline_value"] is None or f["baseline_value"] > 0, f
