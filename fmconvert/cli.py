@@ -793,19 +793,21 @@ def _bad_words(out_dir: Path, vocab: int) -> tuple:
 
 
 def _sampling(gc: dict, temperature, top_k, top_p) -> tuple[float, int, float]:
-    """(temperature, top_k, top_p): each given, else the generation config's (gc: {} without --generation-config)
-    where it samples (do_sample), with transformers' defaults for what it leaves out; else greedy, no cut."""
-    samples = gc.get("do_sample") is True
-    if samples:
-        for key, ok in (("temperature", lambda v: type(v) in (int, float) and v >= 0),
-                        ("top_k", lambda v: type(v) is int and v >= 0),
-                        ("top_p", lambda v: type(v) in (int, float) and 0 < v <= 1)):
-            if gc.get(key) is not None and not ok(gc[key]):
-                raise FmError(f"generation_config.json: {key} must be a valid setting, got {gc[key]!r}")
-    pick = (lambda given, key, default: given if given is not None else
-            (gc[key] if gc.get(key) is not None else default) if samples else None)
-    t, k, p = pick(temperature, "temperature", 1.0), pick(top_k, "top_k", 50), pick(top_p, "top_p", 1.0)
-    return float(0.0 if t is None else t), int(0 if k is None else k), float(1.0 if p is None else p)
+    """(temperature, top_k, top_p). Sampling is on with a temperature above 0, or with none given where the
+    generation config (gc: {} without --generation-config) says do_sample. Then each setting is the one given, else
+    the config's, else transformers' default (1, 50, 1) with a config and none (1, 0: all, 1) without."""
+    for key, ok in (("temperature", lambda v: type(v) in (int, float) and v >= 0),
+                    ("top_k", lambda v: type(v) is int and v >= 0),
+                    ("top_p", lambda v: type(v) in (int, float) and 0 < v <= 1)):
+        if gc.get(key) is not None and not ok(gc[key]):
+            raise FmError(f"generation_config.json: {key} must be a valid setting, got {gc[key]!r}")
+    samples = temperature > 0 if temperature is not None else gc.get("do_sample") is True
+    if not samples:
+        return 0.0, 0, 1.0
+    pick = (lambda given, key, default: given if given is not None else gc[key] if gc.get(key) is not None
+            else default)
+    return (float(pick(temperature, "temperature", 1.0)), int(pick(top_k, "top_k", 50 if gc else 0)),
+            float(pick(top_p, "top_p", 1.0)))
 
 
 def _forced(out_dir: Path, key: str, vocab: int):
@@ -840,6 +842,51 @@ def stop_ids(out_dir: Path, spec: dict) -> list[int]:
         return [i for i in v if type(i) is int and i >= 0]
     ids = ints(spec.get("eos_token_id")) + ints(_generation_config(out_dir).get("eos_token_id"))
     return sorted(set(ids))
+
+
+class _Streamer:
+    """A text printed as its tokens come. A character split over byte-level tokens decodes to U+FFFD until its last
+    byte arrives, so a text ending in one waits for the next token (or the end) before it is shown."""
+
+    def __init__(self, tok, ids=(), keep=None, on: bool = True):
+        self.tok, self.ids, self.keep, self.on = tok, list(ids), keep or (lambda ids: ids), on
+        self.shown = self._text()
+
+    def _text(self) -> str:
+        return self.tok.decode(self.keep(self.ids), skip_special_tokens=True)
+
+    def add(self, token):
+        self.ids.append(int(token))
+        if self.on:
+            text = self._text()
+            if not text.endswith("\ufffd"):
+                click.echo(text[len(self.shown):], nl=False)
+                self.shown = text
+
+    def finish(self, more=()):
+        self.ids += [int(t) for t in more]
+        if self.on:
+            text = self._text()
+            click.echo(text[len(self.shown):], nl=False)
+            self.shown = text
+
+
+# what transformers' GenerationConfig.from_model_config takes from an old Whisper's config.json
+_SPEECH_KEYS = ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id", "forced_decoder_ids",
+                "suppress_tokens", "begin_suppress_tokens", "max_length", "num_beams")
+
+
+def _speech_config(out_dir: Path) -> dict:
+    """Whisper's generation settings: generation_config.json, or where there is none (an old checkpoint) the
+    generation keys of config.json, as transformers falls back to them."""
+    gc = _generation_config(out_dir)
+    if gc or (Path(out_dir) / "generation_config.json").is_file():
+        return gc
+    try:
+        cfg = json.loads((Path(out_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: cfg[k] for k in _SPEECH_KEYS if isinstance(cfg, dict) and cfg.get(k) is not None}
 
 
 def _not_speech(model, out_dir):
@@ -1005,27 +1052,17 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
     else:
         ids = torch.tensor([prompt_ids(tok, prompt, chat, system, out_dir)], dtype=torch.long)
         # an encoder-decoder's output is a new text (after its start token), a decoder's continues the prompt
-        state = {"text": "", "ids": []} if seq2seq else \
-            {"text": tok.decode(ids[0], skip_special_tokens=True), "ids": ids[0].tolist()}
+        shown = _Streamer(tok, () if seq2seq else ids[0].tolist(), on=lead)
         if lead and not chat and not seq2seq:
-            click.echo(state["text"], nl=False)
-
-        def on_token(t):
-            if not lead:
-                return
-            state["ids"].append(int(t[0]))
-            text = tok.decode(state["ids"], skip_special_tokens=True)
-            click.echo(text[len(state["text"]):], nl=False)
-            state["text"] = text
-
+            click.echo(shown.shown, nl=False)
         if num_beams > 1:
             from .runtime.beam import beam_search
             _, st = beam_search(model, ids, num_beams, max_new_tokens, stops, length_penalty, stop, **kw)
-            if lead:        # the best hypothesis, once the search ends
-                text = tok.decode(state["ids"] + st.tokens, skip_special_tokens=True)
-                click.echo(text[len(state["text"]):], nl=False)
+            shown.finish(st.tokens)         # the best hypothesis, once the search ends
         else:
-            _, st = gen(model, ids, max_new_tokens, temperature, top_p, seed, stops, on_token, top_k=top_k, **kw)
+            _, st = gen(model, ids, max_new_tokens, temperature, top_p, seed, stops, lambda t: shown.add(t[0]),
+                        top_k=top_k, **kw)
+            shown.finish()
         if lead:
             click.echo("\n", nl=False)
     if lead:
@@ -1051,16 +1088,18 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
               help="The speech's language (en, english, <|en|>); default: detected per file, as transformers does.")
 @click.option("--task", default=None, type=click.Choice(["transcribe", "translate"]),
               help="translate: English text from speech in another language (default: transcribe).")
-@click.option("--timestamps", is_flag=True,
+@click.option("--timestamps/--no-timestamps", default=None,
               help="Print each segment with its start and end, [12.34 -> 15.60] text, from Whisper's timestamp "
-                   "tokens. Audio past 30 s always decodes with them (transformers' long-form transcription).")
+                   "tokens (default: the generation config's return_timestamps). Audio past 30 s always decodes "
+                   "with them (transformers' long-form transcription).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Files of up to 30 s decoded side by side (a longer one decodes alone, window after window).")
-@click.option("--num-beams", default=1, show_default=True, type=click.IntRange(1, 64),
+@click.option("--num-beams", default=None, type=click.IntRange(1, 64),
               help="Beam search over this many beams in each window (transformers' own: the same tokens); 1 = "
-                   "greedy, streamed.")
-@click.option("--length-penalty", default=1.0, show_default=True, type=float,
-              help="With --num-beams: a finished hypothesis scores its summed log probability / length ** this.")
+                   "greedy, streamed (default: the generation config's num_beams, else 1).")
+@click.option("--length-penalty", default=None, type=float,
+              help="With --num-beams: a finished hypothesis scores its summed log probability / length ** this "
+                   "(default: the generation config's, else 1).")
 @click.option("--max-new-tokens", "-n", default=None, type=click.IntRange(min=1),
               help="Tokens per 30 s window at most (default: the generation config's max_length, up to the "
                    "decoder's positions).")
@@ -1095,10 +1134,12 @@ def transcribe(out_dir, audio, language, task, timestamps, batch_size, num_beams
         raise FmError(f"{out_dir} holds {model.spec['architecture']}, not a speech model; use `fmconvert generate`")
     lead = model.rank == 0
     tok = _tokenizer(out_dir)
-    gc = _generation_config(out_dir)
+    gc = _speech_config(out_dir)
     gc.setdefault("decoder_start_token_id", model.spec["decoder_start_token_id"])
     stops = stop_ids(out_dir, model.spec)
-    fe = feature_extractor(out_dir)
+    fe = feature_extractor(out_dir, enc.spec)
+    timestamps = bool(gc.get("return_timestamps")) if timestamps is None else timestamps
+    num_beams = num_beams or (gc.get("num_beams") if type(gc.get("num_beams")) is int else None) or 1
     waves = [load_audio(p, SAMPLE_RATE) for p in audio]
     seconds = sum(w.numel() for w in waves) / SAMPLE_RATE
     # files of one window go in batches; a longer one alone (transformers' long-form path, which seeks per file)
@@ -1109,13 +1150,7 @@ def transcribe(out_dir, audio, language, task, timestamps, batch_size, num_beams
     text_ids = (lambda ids: [i for i in ids if i not in stops and (stamp is None or i <= stamp)])
     # streamed: one file, greedy, one window (long-form re-reads a window cut mid-segment)
     one = len(waves) == 1 and not timestamps and not long and num_beams == 1
-    state = {"ids": [], "text": ""}
-
-    def stream(t):                  # one file: its text as it comes
-        state["ids"].append(int(t[0]))
-        text = tok.decode(text_ids(state["ids"]), skip_special_tokens=True)
-        click.echo(text[len(state["text"]):], nl=False)
-        state["text"] = text
+    shown = _Streamer(tok, keep=text_ids, on=lead and one)     # one file: its text as it comes
 
     def line(tr) -> str:
         if not timestamps:
@@ -1126,7 +1161,8 @@ def transcribe(out_dir, audio, language, task, timestamps, batch_size, num_beams
     for group in groups:
         feats = features_of(fe, [waves[i] for i in group])
         got, st = run(model, feats, gc, language, task, max_new_tokens, stops, timestamps=timestamps,
-                      on_token=stream if lead and one else None, num_beams=num_beams, length_penalty=length_penalty)
+                      on_token=(lambda t: shown.add(t[0])) if lead and one else None, num_beams=num_beams,
+                      length_penalty=length_penalty)
         for i, tr in zip(group, got):
             outs[i] = tr
         total.new_tokens += st.new_tokens
@@ -1134,6 +1170,7 @@ def transcribe(out_dir, audio, language, task, timestamps, batch_size, num_beams
         total.decode_s += st.decode_s
     if lead:
         if one:
+            shown.finish()
             click.echo("")
         elif len(waves) == 1 and timestamps:         # a segment a line
             for sg in outs[0].segments:

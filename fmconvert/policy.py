@@ -2469,9 +2469,12 @@ class Policy:
         return out
 
     def ignored(self, prefix: str, num_layers: int) -> list[re.Pattern]:
+        """The tensors no slot takes that are left out: `ignore` under the body's prefix, `ignore_head` under the
+        head's (Whisper's tied proj_out.weight, saved beside model.*)."""
         pats = []
-        for pat in self.table.get("ignore", []):
-            pat = re.escape(prefix + pat)
+        for pat in [prefix + p for p in self.table.get("ignore", [])] + \
+                [self.head_prefix(prefix) + p for p in self.table.get("ignore_head", [])]:
+            pat = re.escape(pat)
             for field in ("{i}", "{s}", "{e}"):
                 pat = pat.replace(re.escape(field), r"\d+")
             pats.append(re.compile(pat))

@@ -7,7 +7,7 @@ import pytest
 from fmconvert.errors import FmError
 from fmconvert.policy import GLOBAL_SLOTS, LAYER_SLOTS, _config_value, _eval_flag, _pick, policies
 
-LAYOUT_KEYS = {"ple_first_ids", "attention", "rope_tables", "hc_post_eps", "hc_magnitude", "norm", "gated_mlp",
+LAYOUT_KEYS = {"zero_parts", "ple_first_ids", "attention", "rope_tables", "hc_post_eps", "hc_magnitude", "norm", "gated_mlp",
                "position", "position_ids", "position_pad_id", "embed_proj", "disentangled", "rel_bias_per_layer",
                "causal", "pool", "shared_layers",
                "rope_style", "residual",

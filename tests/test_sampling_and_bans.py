@@ -90,16 +90,19 @@ def test_top_k_and_top_p_as_transformers_warpers():
 
 
 def test_generation_config_sampling_settings(model_dir, tmp_path, capsys):
-    """--generation-config with do_sample takes its temperature, top_k and top_p (transformers' defaults where it
-    sets none); a flag wins; without do_sample decoding stays greedy; beams with a sampling config are refused."""
+    """--generation-config with do_sample (or a temperature given) takes its temperature, top_k and top_p
+    (transformers' defaults where it sets none); a flag wins; without either decoding stays greedy; beams with a
+    sampling config are refused."""
     from fmconvert.cli import _sampling
     gc = {"do_sample": True, "temperature": 0.6, "top_p": 0.9}
     assert _sampling(gc, None, None, None) == (0.6, 50, 0.9)
-    assert _sampling(gc, 0.0, 5, None) == (0.0, 5, 0.9)
+    assert _sampling(gc, 0.0, 5, None) == (0.0, 0, 1.0)          # greedy: nothing to cut
+    assert _sampling({"top_k": 20, "top_p": 0.9}, 0.7, None, None) == (0.7, 20, 0.9)    # do_sample by -t
     assert _sampling({"temperature": 0.6}, None, None, None) == (0.0, 0, 1.0)
     assert _sampling({}, 0.8, None, 0.5) == (0.8, 0, 0.5)
     with pytest.raises(Exception, match="top_k must be a valid setting"):
         _sampling({"do_sample": True, "top_k": -1}, None, None, None)
+    assert _sampling({"do_sample": True}, None, None, None) == (1.0, 50, 1.0)       # transformers' defaults
     convert(model_dir("llama"), tmp_path / "out", Options(), progress=False)
     from test_classify import tokenizer
     tokenizer().save_pretrained(tmp_path / "out")

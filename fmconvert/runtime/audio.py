@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..errors import EXIT_IO, FmError
 
 WHISPER_SR = 16000
+MAX_RATE = 768000            # the highest rate audio interfaces record at
 
 # Filter design. ZEROS sinc zero crossings each side, counted at the lower rate; ROLLOFF puts the cutoff at 95% of
 # the lower Nyquist so the transition band (~0.88 to ~1.03 of it with these values) lies mostly below it; BETA gives
@@ -127,6 +128,8 @@ def read_audio(path) -> tuple[torch.Tensor, int]:
         raise FmError(f"{path}: WAV header says 0 channels")
     if rate == 0:
         raise FmError(f"{path}: WAV header says a sample rate of 0 Hz")
+    if rate > MAX_RATE:         # a corrupt header: its resampling filter bank would not fit in memory
+        raise FmError(f"{path}: WAV header says a sample rate of {rate} Hz, past any audio's ({MAX_RATE} Hz)")
     if (tag, bits) not in SUPPORTED:
         kind = {PCM: f"{bits}-bit integer PCM", FLOAT: f"{bits}-bit float"}.get(tag)
         if kind is None:

@@ -1,6 +1,6 @@
 """transformers' logits processors that change which token wins, for greedy decoding, sampling and beam search, in
-transformers' order: Whisper's suppressed tokens, repetition penalty, n-gram ban, bad words, minimum lengths, forced
-first and last tokens. Each reads the sequences so far (a decoder's prompt included; an encoder-decoder's decoder tokens from
+transformers' order: repetition penalty, n-gram ban, bad words, minimum lengths, forced first and last tokens, then
+suppressed tokens and Whisper's timestamp rules. Each reads the sequences so far (a decoder's prompt included; an encoder-decoder's decoder tokens from
 its start token on) and the step's scores [B, V] (float32: logits when decoding greedily, log probabilities in beam
 search, as transformers)."""
 
@@ -35,7 +35,8 @@ class Processors:
     begin_suppress: tuple = ()       # tokens not chosen first (Whisper's begin_suppress_tokens: a blank, the end)
     timestamps: dict | None = None   # Whisper's timestamp rules: {begin: the first timestamp id, none:
     #                                  <|notimestamps|>, text_end: ids below it are text, max_initial: the latest
-    #                                  first timestamp, or None}
+    #                                  first timestamp, or None, by_mass: whether the timestamps' summed probability
+    #                                  beating the likeliest text token forces one}
 
     def __bool__(self) -> bool:
         return bool(self.repetition_penalty != 1.0 or self.no_repeat_ngram or self.bad_words or self.min_length or
@@ -50,12 +51,6 @@ class Processors:
 
     def __call__(self, seqs: torch.Tensor | None, length: int, scores: torch.Tensor) -> torch.Tensor:
         """seqs [B, length] (may be None when not reads_tokens) -> the processed scores [B, V]."""
-        if self.suppress or (self.begin_suppress and length == self.prompt):     # Whisper puts these first
-            scores = scores.clone()
-            scores[:, list(self.suppress) + (list(self.begin_suppress) if length == self.prompt else [])] = \
-                float("-inf")
-        if self.timestamps is not None:
-            scores = self._timestamp_rules(seqs, length, scores)
         if self.repetition_penalty != 1.0:
             seen = scores.gather(1, seqs)
             seen = torch.where(seen < 0, seen * self.repetition_penalty, seen / self.repetition_penalty)
@@ -77,6 +72,12 @@ class Processors:
             scores = only(scores, self.forced_bos)
         if self.forced_eos is not None and length == self.max_length - 1:
             scores = only(scores, self.forced_eos)
+        if self.suppress or (self.begin_suppress and length == self.prompt):     # after the others, as transformers
+            scores = scores.clone()
+            ids = list(self.suppress) + (list(self.begin_suppress) if length == self.prompt else [])
+            scores[:, [i for i in ids if i < scores.shape[-1]]] = float("-inf")     # ids past the vocab: none
+        if self.timestamps is not None:
+            scores = self._timestamp_rules(seqs, length, scores)
         return scores
 
     def _ban_words(self, seqs, length: int, scores):
@@ -123,7 +124,8 @@ class Processors:
             scores[:, :begin] = float("-inf")
             if ts["max_initial"] is not None:
                 scores[:, begin + ts["max_initial"] + 1:] = float("-inf")
-        logp = torch.log_softmax(scores.float(), -1)
-        stamp = logp[:, begin:].logsumexp(-1) > logp[:, :begin].max(-1).values
-        scores[:, :begin].masked_fill_(stamp[:, None], float("-inf"))
+        if ts.get("by_mass", True):
+            logp = torch.log_softmax(scores.float(), -1)
+            stamp = logp[:, begin:].logsumexp(-1) > logp[:, :begin].max(-1).values
+            scores[:, :begin].masked_fill_(stamp[:, None], float("-inf"))
         return scores

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import FmError
 from .beam import beam_search
-from .generate import GenStats, generate
+from .generate import GenStats, generate, positions_left
 from .processors import Processors
 
 SAMPLE_RATE = 16000          # what every Whisper feature extractor is configured for
@@ -51,6 +51,8 @@ def prompt_tokens(gc: dict, language: str | None = None, task: str | None = None
     multilingual = gc.get("is_multilingual", "lang_to_id" in gc)
     if (language or task) and not multilingual:
         raise FmError("this is an English-only Whisper: it takes no --language or --task")
+    # a fine-tuned model's config names its own (transformers' recipe saves them), which stand unless given
+    language, task = language or gc.get("language"), task or gc.get("task")
     if language and "lang_to_id" not in gc:
         raise FmError("generation_config.json has no lang_to_id: the model cannot be told a --language")
     if task and task not in gc.get("task_to_id", {}):
@@ -59,10 +61,11 @@ def prompt_tokens(gc: dict, language: str | None = None, task: str | None = None
     init = [gc["decoder_start_token_id"]]
     if language is None and task is None:       # the checkpoints' older spelling: positions 1, 2, ... forced
         forced = gc.get("forced_decoder_ids") or []
-        for i, (at, tok) in enumerate(forced, start=1):
-            if at != i:
-                break
-            init.append(tok)
+        if forced and forced[0][0] == 1:
+            if [at for at, _ in forced] != list(range(1, len(forced) + 1)):
+                raise FmError(f"generation_config.json: forced_decoder_ids {forced} leave a position out; transformers "
+                              f"refuses them too")
+            init += [tok for _, tok in forced]
     lang = gc["lang_to_id"][_lang_token(gc, language)] if language else None
     if lang is None and "lang_to_id" in gc and (len(init) < 2 or init[1] is None):
         if detected is None:
@@ -113,14 +116,28 @@ def check_ids(gc: dict, vocab: int):
         raise FmError(f"generation_config.json: max_initial_timestamp_index must be a non-negative integer, got "
                       f"{first!r}")
     ids = [gc.get("decoder_start_token_id"), gc.get("no_timestamps_token_id"),
-           *(gc.get("suppress_tokens") or ()), *(gc.get("begin_suppress_tokens") or ()),
            *(gc.get("lang_to_id") or {}).values(), *(gc.get("task_to_id") or {}).values(),
            *(t for _, t in gc.get("forced_decoder_ids") or ())]
     bad = [i for i in ids if i is not None and (type(i) is not int or not 0 <= i < vocab)]
+    # suppressed ids past the vocabulary are ignored, as transformers ignores them
+    bad += [i for i in (*(gc.get("suppress_tokens") or ()), *(gc.get("begin_suppress_tokens") or ()))
+            if type(i) is not int or i < 0]
     if gc.get("decoder_start_token_id") is None:
         raise FmError("generation_config.json: Whisper needs a decoder_start_token_id")
     if bad:
         raise FmError(f"generation_config.json: token id {bad[0]!r} is not one of the model's {vocab}")
+
+
+def _setting(gc: dict, key: str, given, default, kind):
+    """A decoding setting: given, else the generation config's (checked), else the default."""
+    if given is not None:
+        return given
+    v = gc.get(key)
+    if v is None:
+        return default
+    if type(v) not in (kind if isinstance(kind, tuple) else (kind,)) or v < 0:
+        raise FmError(f"generation_config.json: {key} must be a non-negative number, got {v!r}")
+    return v
 
 
 @dataclass
@@ -151,7 +168,7 @@ def _segments(seq: list, begin: int, offset: float, window: int) -> tuple[list, 
     cuts = [i + 1 for i in range(len(stamp) - 1) if stamp[i] and stamp[i + 1]]
     if not cuts:
         at = [i for i, t in enumerate(stamp) if t]
-        end = int(window * FEATURE_STEP / TIME_STEP)
+        end = int(torch.tensor(window) * FEATURE_STEP / TIME_STEP)       # in float32, as transformers rounds it
         if at and seq[at[-1]] != begin:
             end = seq[at[-1]] - begin
         return [Segment(offset, offset + end * TIME_STEP, seq)], window
@@ -167,14 +184,20 @@ def _segments(seq: list, begin: int, offset: float, window: int) -> tuple[list, 
 
 def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = None, task: str | None = None,
                max_new_tokens: int | None = None, eos_token_id=None, on_token=None,
-               cuda_graph: bool | None = None, timestamps: bool = False, num_beams: int = 1,
-               length_penalty: float = 1.0) -> tuple[list[Transcript], GenStats]:
+               cuda_graph: bool | None = None, timestamps: bool | None = None, num_beams: int | None = None,
+               length_penalty: float | None = None) -> tuple[list[Transcript], GenStats]:
     """features [B, mels, frames] -> each row's Transcript and the stats, greedy, as transformers' generate()
     decodes Whisper. One window of 2 * max_source_positions frames (30 s) is one pass unless timestamps are asked
     for; longer features (one row), or timestamps, take transformers' sequential long-form path: each window's
     text is cut at its timestamps, and the next window starts where its last whole segment ended. num_beams > 1:
-    transformers' beam search in each window (nothing streamed to on_token)."""
+    transformers' beam search in each window (nothing streamed to on_token). What is not given (None) is the
+    generation config's, as in transformers: language, task, return_timestamps, num_beams, length_penalty,
+    max_new_tokens (else max_length), eos_token_id, repetition_penalty, no_repeat_ngram_size."""
     check_ids(gc, model.spec["vocab_size"])
+    timestamps = bool(gc.get("return_timestamps")) if timestamps is None else timestamps
+    num_beams = _setting(gc, "num_beams", num_beams, 1, int)
+    length_penalty = _setting(gc, "length_penalty", length_penalty, 1.0, (int, float))
+    eos_token_id = gc.get("eos_token_id") if eos_token_id is None else eos_token_id
     if num_beams > 1 and on_token is not None:
         raise FmError("beam search knows its tokens only at the end: it streams none")
     B, _, frames = features.shape
@@ -189,16 +212,22 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
         raise FmError("generation_config.json has no no_timestamps_token_id: this model gives no timestamps")
     eos = _stop_set(eos_token_id)
     rows = prompt_tokens(gc, language, task, timestamps=timestamps)
-    # the prompt's length, its language detected or not; transformers' limit per window grows by it each window
+    # the prompt's length, its language detected or not; transformers' limit per window (max_length, default 20)
+    # grows by it each window
     P = len(rows[0]) if rows else len(prompt_tokens(gc, language, task, [0], timestamps)[0])
-    limit, length = model.spec["max_positions"], gc.get("max_length")
-    length = length if type(length) is int and length > 0 else None
+    limit = model.spec["max_positions"]
+    length = _setting(gc, "max_length", None, 20, int)
+    max_new_tokens = _setting(gc, "max_new_tokens", max_new_tokens, None, int)
     procs = Processors(suppress=tuple(gc.get("suppress_tokens") or ()),
-                       begin_suppress=tuple(gc.get("begin_suppress_tokens") or ()))
+                       begin_suppress=tuple(gc.get("begin_suppress_tokens") or ()),
+                       repetition_penalty=float(_setting(gc, "repetition_penalty", None, 1.0, (int, float))),
+                       no_repeat_ngram=_setting(gc, "no_repeat_ngram_size", None, 0, int))
     if timestamps:
-        text_end = min(eos) if eos else gc["no_timestamps_token_id"]
+        end = gc.get("eos_token_id") or gc.get("bos_token_id")       # transformers' "text ends here" id
+        end = end if type(end) is int else min(eos) if eos else gc["no_timestamps_token_id"]
         procs.timestamps = dict(begin=gc["no_timestamps_token_id"] + 1, none=gc["no_timestamps_token_id"],
-                                text_end=text_end, max_initial=gc.get("max_initial_timestamp_index"))
+                                text_end=end, max_initial=gc.get("max_initial_timestamp_index"),
+                                by_mass=gc.get("_detect_timestamp_from_logprob", True) is not False)
     known = {}                       # the prompt of each row, once its language is known
 
     def prompt(m, active):
@@ -218,8 +247,9 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
         window = [min(ends[i] - seek[i], chunk) for i in active]
         seg = torch.stack([torch.nn.functional.pad(features[i, :, seek[i]:seek[i] + w], (0, chunk - w))
                            for i, w in zip(active, window)])
-        length = min(length + min(limit // 2 - 1, P), limit) if length else limit
+        length = min(length + min(limit // 2 - 1, P), limit)
         new = max_new_tokens if max_new_tokens is not None else length - P
+        positions_left(model, 0, new, P)        # before generate, which sees a prompt of one token until detection
         if num_beams > 1:       # each row's best hypothesis, padded with the end token
             out, st = beam_search(model, seg, num_beams, new, eos_token_id, length_penalty, processors=procs,
                                   decoder_prompt=lambda m: prompt(m, active))
@@ -249,8 +279,9 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
     return results, total
 
 
-def feature_extractor(out_dir):
-    """The conversion's WhisperFeatureExtractor (preprocessor_config.json), at the rate Whisper reads."""
+def feature_extractor(out_dir, encoder: dict | None = None):
+    """The conversion's WhisperFeatureExtractor (preprocessor_config.json), at the rate Whisper reads; checked
+    against the encoder's spec (its mel bins and 30 s of frames) when given."""
     from transformers import WhisperFeatureExtractor
     try:
         fe = WhisperFeatureExtractor.from_pretrained(str(out_dir), local_files_only=True)
@@ -259,6 +290,11 @@ def feature_extractor(out_dir):
                       f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if fe.sampling_rate != SAMPLE_RATE:
         raise FmError(f"{out_dir}: preprocessor_config.json's sampling_rate is {fe.sampling_rate}, not {SAMPLE_RATE}")
+    if encoder is not None and (fe.feature_size, fe.nb_max_frames) != (encoder["audio_mels"],
+                                                                       2 * encoder["max_positions"]):
+        raise FmError(f"{out_dir}: preprocessor_config.json gives {fe.feature_size} mel bins x {fe.nb_max_frames} "
+                      f"frames, but the encoder reads {encoder['audio_mels']} x {2 * encoder['max_positions']}: "
+                      f"it belongs to another Whisper")
     return fe
 
 
