@@ -37,7 +37,8 @@ def test_each_piece_changes_the_logits(model_dir, tmp_path):
     def each(slot, f):
         return lambda m: [b.t.__setitem__(slot, f(b.t[slot])) for b in m.blocks]
 
-    assert moved(lambda m: None) < 1e-5
+    # the normalizer divides by |q . n|, which moves with the order of sums: 1.3e-5 on an Intel Xeon's kernels
+    assert moved(lambda m: None) < 4e-5
     assert moved(lambda m: m.spec["mlstm"].update(gate_cap=0.5)) > 1e-4
     assert moved(each("mlstm_norm.weight", lambda w: w.flip(0))) > 1e-3
     assert moved(each("mlstm_gates.bias", lambda w: w + 2.0)) > 1e-3
