@@ -928,7 +928,8 @@ def _position(model: dict):
               "model.position.local must hold a positive theta and attention_scaling")
         # Gemma 4: the windowed layers' narrower heads; Laguna: a share of the head of their own
         lrd = local.get("rotary_dim", rd) if isinstance(local, dict) else rd
-        lm = (model.get("mla") or {}).get("local")       # Dots3 Note: the windowed layers' own latent heads
+        mla = model.get("mla")
+        lm = mla.get("local") if isinstance(mla, dict) else None     # Dots3 Note: the windowed layers' latent heads
         lhead = lm["nope_dim"] + lm["rope_dim"] if isinstance(lm, dict) and _POS_INT(lm.get("nope_dim")) \
             and _POS_INT(lm.get("rope_dim")) else model["head_dim"]
         _need(type(lrd) is int and 0 < lrd <= lhead and lrd % 2 == 0,
