@@ -889,6 +889,28 @@ def _speech_config(out_dir: Path) -> dict:
     return {k: cfg[k] for k in _SPEECH_KEYS if isinstance(cfg, dict) and cfg.get(k) is not None}
 
 
+def _cue_time(t: float, sep: str) -> str:
+    """Seconds -> hh:mm:ss,mmm (SubRip: sep ",") or hh:mm:ss.mmm (WebVTT: sep ".")."""
+    ms = int(round(t * 1000))
+    return f"{ms // 3600000:02d}:{ms // 60000 % 60:02d}:{ms // 1000 % 60:02d}{sep}{ms % 1000:03d}"
+
+
+def _rendered(fmt: str, name: str, tr, said, text: str) -> str:
+    """One file's transcript in a format: srt or vtt (a cue a segment with text), json (a line), text."""
+    cues = [(sg.start, sg.end, said(sg.tokens)) for sg in tr.segments]
+    cues = [c for c in cues if c[2]]
+    if fmt == "srt":
+        return "".join(f"{i}\n{_cue_time(a, ',')} --> {_cue_time(b, ',')}\n{t}\n\n"
+                       for i, (a, b, t) in enumerate(cues, 1))
+    if fmt == "vtt":
+        return "WEBVTT\n\n" + "".join(f"{_cue_time(a, '.')} --> {_cue_time(b, '.')}\n{t}\n\n" for a, b, t in cues)
+    if fmt == "json":
+        return json.dumps({"file": name, "language": tr.language, "text": said(tr.tokens),
+                           "segments": [{"start": round(a, 3), "end": round(b, 3), "text": t} for a, b, t in cues]},
+                          ensure_ascii=False) + "\n"
+    return text + "\n"
+
+
 def _not_speech(model, out_dir):
     """Refuse, in one line, a text verb on Whisper or its audio encoder."""
     enc = getattr(model, "source_encoder", None)
@@ -1092,6 +1114,13 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
               help="Print each segment with its start and end, [12.34 -> 15.60] text, from Whisper's timestamp "
                    "tokens (default: the generation config's return_timestamps). Audio past 30 s always decodes "
                    "with them (transformers' long-form transcription).")
+@click.option("--format", "fmt", default="text", show_default=True, type=click.Choice(["text", "srt", "vtt", "json"]),
+              help="text: the transcript (one file) or FILE<TAB>text lines; srt, vtt: subtitles, a cue a segment "
+                   "(timestamps on unless --no-timestamps: then a cue a 30 s window); json: a JSON object a file, a "
+                   "line each (file, language, text, segments with start and end).")
+@click.option("--output-dir", "-o", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Write each file's result to DIR/<its name>.<format> instead of printing it (needed for the "
+                   "subtitles of several files).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Files of up to 30 s decoded side by side (a longer one decodes alone, window after window).")
 @click.option("--num-beams", default=None, type=click.IntRange(1, 64),
@@ -1104,8 +1133,8 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
               help="Tokens per 30 s window at most (default: the generation config's max_length, up to the "
                    "decoder's positions).")
 @runtime_options
-def transcribe(out_dir, audio, language, task, timestamps, batch_size, num_beams, length_penalty, max_new_tokens,
-               device, backend, no_verify_hashes, dtype):
+def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batch_size, num_beams, length_penalty,
+               max_new_tokens, device, backend, no_verify_hashes, dtype):
     """Speech to text with a converted Whisper (whisper-tiny ... large-v3-turbo, distil-whisper).
 
     \b
@@ -1120,12 +1149,20 @@ def transcribe(out_dir, audio, language, task, timestamps, batch_size, num_beams
       fmconvert transcribe out talk.wav
       fmconvert transcribe out lecture.wav --timestamps
       fmconvert transcribe out *.wav --language fr --task translate > english.tsv
+      fmconvert transcribe out film.wav --format srt > film.srt
+      fmconvert transcribe out *.wav --format vtt -o subtitles/
     """
     import time
 
     from .runtime.audio import load_audio
     from .runtime.generate import GenStats
     from .runtime.speech import SAMPLE_RATE, feature_extractor, features_of, transcribe as run
+    if fmt in ("srt", "vtt") and len(audio) > 1 and output_dir is None:
+        raise FmError(f"the {fmt} subtitles of {len(audio)} files need --output-dir: one file each")
+    stems = [p.stem for p in audio]
+    if output_dir is not None and len(set(stems)) < len(stems):
+        twice = next(s for s in stems if stems.count(s) > 1)
+        raise FmError(f"two files are named {twice!r}: their results would share {output_dir / twice}.{fmt}")
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
     enc = getattr(model, "source_encoder", None)
     if model.spec["audio_mels"]:
@@ -1138,7 +1175,8 @@ def transcribe(out_dir, audio, language, task, timestamps, batch_size, num_beams
     gc.setdefault("decoder_start_token_id", model.spec["decoder_start_token_id"])
     stops = stop_ids(out_dir, model.spec)
     fe = feature_extractor(out_dir, enc.spec)
-    timestamps = bool(gc.get("return_timestamps")) if timestamps is None else timestamps
+    if timestamps is None:      # subtitles want segments; otherwise the generation config says
+        timestamps = True if fmt in ("srt", "vtt") else bool(gc.get("return_timestamps"))
     num_beams = num_beams or (gc.get("num_beams") if type(gc.get("num_beams")) is int else None) or 1
     waves = [load_audio(p, SAMPLE_RATE) for p in audio]
     seconds = sum(w.numel() for w in waves) / SAMPLE_RATE
@@ -1148,8 +1186,8 @@ def transcribe(out_dir, audio, language, task, timestamps, batch_size, num_beams
     groups = [short[j:j + batch_size] for j in range(0, len(short), batch_size)] + [[i] for i in long]
     stamp = gc.get("no_timestamps_token_id")
     text_ids = (lambda ids: [i for i in ids if i not in stops and (stamp is None or i <= stamp)])
-    # streamed: one file, greedy, one window (long-form re-reads a window cut mid-segment)
-    one = len(waves) == 1 and not timestamps and not long and num_beams == 1
+    # streamed: one file, greedy, one window (long-form re-reads a window cut mid-segment), printed as text
+    one = len(waves) == 1 and not timestamps and not long and num_beams == 1 and fmt == "text" and not output_dir
     shown = _Streamer(tok, keep=text_ids, on=lead and one)     # one file: its text as it comes
 
     def line(tr) -> str:
@@ -1168,7 +1206,22 @@ def transcribe(out_dir, audio, language, task, timestamps, batch_size, num_beams
         total.new_tokens += st.new_tokens
         total.prefill_s += st.prefill_s
         total.decode_s += st.decode_s
-    if lead:
+    def said(tokens) -> str:
+        return tok.decode(text_ids(tokens), skip_special_tokens=True).strip()
+    if lead and (fmt != "text" or output_dir is not None):
+        results = [_rendered(fmt, str(p), tr, said, line(tr)) for p, tr in zip(audio, outs)]
+        if output_dir is not None:
+            from .write import write_text_atomic
+            try:
+                output_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise FmError(f"cannot make {output_dir}: {e.strerror or type(e).__name__}") from None
+            for stem, text in zip(stems, results):
+                write_text_atomic(output_dir / f"{stem}.{fmt}", text)
+            click.echo(f"[wrote {len(results)} {fmt} file{'s' * (len(results) > 1)} to {output_dir}]", err=True)
+        else:
+            click.echo("".join(results), nl=False)
+    elif lead:
         if one:
             shown.finish()
             click.echo("")
@@ -1181,6 +1234,7 @@ def transcribe(out_dir, audio, language, task, timestamps, batch_size, num_beams
         else:
             for p, tr in zip(audio, outs):
                 click.echo(f"{p}\t{line(tr)}")
+    if lead:
         wall = time.perf_counter() - t0
         click.echo(f"[{len(waves)} file{'s' * (len(waves) > 1)}, {seconds:.1f} s of audio in {wall:.2f} s "
                    f"({seconds / wall:.1f}x real time) | encoder and first steps {total.prefill_s * 1e3:.0f} ms | "

@@ -494,6 +494,19 @@ class AtomicDir:
         return False
 
 
+def write_text_atomic(path: Path, text: str):
+    """A small text file (a transcript, subtitles) written beside its final name, then renamed over it: a reader
+    sees the old file or the whole new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise FmError(f"cannot write {path}: {e.strerror or type(e).__name__}") from None
+
+
 def _owner_pid(tmp: Path) -> int | None:
     pid = tmp.name.rsplit("-", 1)[-1]
     return int(pid) if pid.isdigit() else None

@@ -343,3 +343,55 @@ def test_a_malformed_generation_config_is_refused_in_one_line(saved, tmp_path, e
     convert(saved, out, Options(), progress=False)
     with pytest.raises(FmError, match=match):
         transcribe(load(out), features(), {**GEN, **edit}, task="translate", timestamps=True)
+
+
+def test_cli_subtitles_and_json(tmp_path, capsys):
+    """--format srt and vtt: a cue a segment of transformers' long-form segments, times as SubRip and WebVTT write
+    them; json: a line a file with its detected language, text and segments; -o writes a file each; subtitles of
+    several files without -o, and two files of one name, are refused in one line."""
+    import transformers
+
+    from corpus import run_main
+    from fmconvert.cli import _cue_time
+    from fmconvert.runtime.audio import load_audio
+    src, out = tmp_path / "src", tmp_path / "out"
+    hf = build()
+    hf.generation_config = transformers.GenerationConfig(**STAMPS)
+    hf.save_pretrained(src)
+    tokenizer().save_pretrained(src)
+    feature_extractor().save_pretrained(src)
+    convert(src, out, Options(), progress=False)
+    wav = write_wav(tmp_path / "talk.wav", 2.6, 16000, 1, 300.0)
+    feats = feature_extractor()(load_audio(wav).numpy(), sampling_rate=16000, truncation=False, padding="longest",
+                                return_tensors="pt").input_features
+    with torch.no_grad():
+        segs = hf.generate(input_features=feats, language="en", return_segments=True)["segments"][0]
+    tok = tokenizer()
+    cues = [(float(s["start"]), float(s["end"]), tok.decode([t for t in s["tokens"].tolist() if t < 108],
+                                                               skip_special_tokens=True).strip()) for s in segs]
+    cues = [c for c in cues if c[2]]
+    assert len(cues) >= 3 and _cue_time(3725.5, ",") == "01:02:05,500"
+    code, stdout, err = run_main(capsys, "transcribe", out, wav, "-l", "en", "--format", "srt")
+    assert code == 0, err
+    assert stdout == "".join(f"{i}\n{_cue_time(a, ',')} --> {_cue_time(b, ',')}\n{t}\n\n"
+                             for i, (a, b, t) in enumerate(cues, 1))
+    other = write_wav(tmp_path / "other.wav", 0.5, 16000, 1, 900.0)
+    code, _, err = run_main(capsys, "transcribe", out, wav, other, "--format", "vtt", "-o", tmp_path / "subs")
+    assert code == 0, err
+    vtt = (tmp_path / "subs" / "talk.vtt").read_text()
+    assert vtt.startswith("WEBVTT\n\n") and f"{_cue_time(cues[0][0], '.')} --> {_cue_time(cues[0][1], '.')}" in vtt
+    assert (tmp_path / "subs" / "other.vtt").is_file()
+    code, stdout, err = run_main(capsys, "transcribe", out, wav, other, "--format", "json", "--timestamps", "-l", "en")
+    assert code == 0, err
+    rows = [json.loads(line) for line in stdout.splitlines()]
+    assert [r["file"] for r in rows] == [str(wav), str(other)] and rows[0]["language"] == "en"
+    assert [(s["start"], s["end"], s["text"]) for s in rows[0]["segments"]] == [(round(a, 3), round(b, 3), t)
+                                                                              for a, b, t in cues]
+    code, stdout, err = run_main(capsys, "transcribe", out, other, "--format", "json")        # detected
+    assert code == 0 and json.loads(stdout)["language"] in ("en", "fr", "de"), err
+    (tmp_path / "x").mkdir()
+    twin = write_wav(tmp_path / "x" / "talk.wav", 0.3, 16000)
+    for args, match in [((wav, other, "--format", "srt"), "need --output-dir"),
+                        ((wav, twin, "-o", tmp_path / "o2"), "two files are named 'talk'")]:
+        code, stdout, err = run_main(capsys, "transcribe", out, *args)
+        assert code != 0 and match in err and len(err.strip().splitlines()) == 1, err

@@ -151,6 +151,7 @@ class Segment:
 class Transcript:
     tokens: list = field(default_factory=list)       # every new token, as transformers' generate() returns them
     segments: list = field(default_factory=list)     # Segment: one per 30 s window without timestamps
+    language: str | None = None                      # its language's code (en), given or detected; None: not said
 
 
 def _stop_set(eos_token_id) -> set:
@@ -275,6 +276,9 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
                 results[i].tokens += p.tokens
             results[i].segments += pieces
             seek[i] += step
+    codes = {v: k.strip("<|>") for k, v in (gc.get("lang_to_id") or {}).items()}
+    for r, row in zip(results, known.get("rows") or []):
+        r.language = next((codes[t] for t in row if t in codes), None)
     total.tokens = results[0].tokens
     return results, total
 
