@@ -25,8 +25,10 @@ demo: setup
 	.venv/bin/fmconvert convert --quiet $(MODEL) $(OUT)-tp1
 	.venv/bin/fmconvert generate $(OUT)-tp1 --prompt "Once upon a time" -n 48
 
+# Two pytest processes side by side, one a core (tests/parallel.py says how the suite is split); each stops at its
+# first failure. One process: $(PY) -m pytest -q -x tests
 test: setup
-	$(PY) -m pytest -q -x tests
+	$(PY) tests/parallel.py
 
 # CPU benchmarks (BENCHMARKS.md): conversion speed/memory, load time, decode, each against its baseline. The first
 # run builds ~6 GB of synthetic checkpoints under benchmarks/.cache; about 10 minutes in all on 2 cores.
