@@ -192,19 +192,6 @@ def _voice(n: int, seed: int = 0):
     return wave.float()
 
 
-class _Clock:
-    """A transformers streamer that timestamps what it is given: the decoder's prompt, then each new token."""
-
-    def __init__(self):
-        self.times = []
-
-    def put(self, value):
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
-
-
 def whisper_worker(argv=None):
     """In a fresh process: fmconvert's transcribe and transformers' Whisper generate (float32; eager attention and
     SDPA, each its own model) on the same features, alternated run by run, with each side's audio encoder timed
@@ -244,6 +231,7 @@ def whisper_worker(argv=None):
         return list(getattr(tokens[0], "tokens", tokens[0])), st      # a Transcript's tokens, or the list itself
 
     def hf_call(hf, n):
+        from workers import _Clock      # a streamer that timestamps each token transformers hands it
         clock = _Clock()
         with torch.inference_mode():
             out = hf.generate(input_features=feats, language="en", max_new_tokens=n, streamer=clock)

@@ -65,13 +65,34 @@ def feature_extractor():
     return WhisperFeatureExtractor(feature_size=MELS, sampling_rate=16000, hop_length=160, chunk_length=1, n_fft=400)
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    src = tmp_path_factory.mktemp("whisper") / "src"
-    build().save_pretrained(src)
+def save(src, hf=None):
+    """A checkpoint directory as the Hub has them: the model (build()'s unless given), its tokenizer, its feature
+    extractor."""
+    (hf or build()).save_pretrained(src)
     tokenizer().save_pretrained(src)
     feature_extractor().save_pretrained(src)
     return src
+
+
+def stamped(tmp_path):
+    """transformers' model with timestamps allowed (STAMPS), saved and converted: (model, its conversion)."""
+    import transformers
+    hf = build()
+    hf.generation_config = transformers.GenerationConfig(**STAMPS)
+    convert(save(tmp_path / "src", hf), tmp_path / "out", Options(), progress=False)
+    return hf, tmp_path / "out"
+
+
+def long_form_input(wav):
+    """A WAV file's features as transformers' long-form input: every frame, unpadded."""
+    from fmconvert.runtime.audio import load_audio
+    return feature_extractor()(load_audio(wav).numpy(), sampling_rate=16000, truncation=False, padding="longest",
+                               return_tensors="pt").input_features
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    return save(tmp_path_factory.mktemp("whisper") / "src")
 
 
 def features(B=2, seed=4):      # seed 4: a language detected for each row (fr, de)
@@ -280,22 +301,13 @@ def test_cli_transcribe_as_transformers(saved, tmp_path):
 def test_cli_long_audio_with_timestamps(tmp_path):
     """A file of several windows prints transformers' long-form segments, a line each with its times; without
     --timestamps their text on one line."""
-    import transformers
     from click.testing import CliRunner
 
     from fmconvert.cli import cli
-    from fmconvert.runtime.audio import load_audio
-    src, out = tmp_path / "src", tmp_path / "out"
-    hf = build()
-    hf.generation_config = transformers.GenerationConfig(**STAMPS)
-    hf.save_pretrained(src)
-    tokenizer().save_pretrained(src)
-    feature_extractor().save_pretrained(src)
+    hf, out = stamped(tmp_path)
     runner = CliRunner()
-    assert runner.invoke(cli, ["convert", str(src), str(out)]).exit_code == 0
     wav = write_wav(tmp_path / "long.wav", 2.6, 16000, 1, 300.0)
-    feats = feature_extractor()(load_audio(wav).numpy(), sampling_rate=16000, truncation=False, padding="longest",
-                                return_tensors="pt").input_features
+    feats = long_form_input(wav)
     with torch.no_grad():
         segs = hf.generate(input_features=feats, language="en", return_segments=True)["segments"][0]
     tok = tokenizer()
@@ -349,21 +361,11 @@ def test_cli_subtitles_and_json(tmp_path, capsys):
     """--format srt and vtt: a cue a segment of transformers' long-form segments, times as SubRip and WebVTT write
     them; json: a line a file with its detected language, text and segments; -o writes a file each; subtitles of
     several files without -o, and two files of one name, are refused in one line."""
-    import transformers
-
     from corpus import run_main
     from fmconvert.cli import _cue_time
-    from fmconvert.runtime.audio import load_audio
-    src, out = tmp_path / "src", tmp_path / "out"
-    hf = build()
-    hf.generation_config = transformers.GenerationConfig(**STAMPS)
-    hf.save_pretrained(src)
-    tokenizer().save_pretrained(src)
-    feature_extractor().save_pretrained(src)
-    convert(src, out, Options(), progress=False)
+    hf, out = stamped(tmp_path)
     wav = write_wav(tmp_path / "talk.wav", 2.6, 16000, 1, 300.0)
-    feats = feature_extractor()(load_audio(wav).numpy(), sampling_rate=16000, truncation=False, padding="longest",
-                                return_tensors="pt").input_features
+    feats = long_form_input(wav)
     with torch.no_grad():
         segs = hf.generate(input_features=feats, language="en", return_segments=True)["segments"][0]
     tok = tokenizer()

@@ -13,15 +13,12 @@ import torch
 
 from fmconvert.pipeline import Options, convert
 from fmconvert.runtime.speech import transcribe
-from test_whisper import GEN, STAMPS, build, feature_extractor, features, tokenizer, write_wav
+from test_whisper import GEN, STAMPS, build, feature_extractor, features, save, tokenizer, write_wav
 
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
-    src = tmp_path_factory.mktemp("whisper_review") / "src"
-    build().save_pretrained(src)
-    tokenizer().save_pretrained(src)
-    feature_extractor().save_pretrained(src)
+    src = save(tmp_path_factory.mktemp("whisper_edges") / "src")
     convert(src, src.parent / "out", Options(), progress=False)
     return src.parent / "out"
 
@@ -59,47 +56,23 @@ def test_generation_config_language_and_task_are_the_defaults(model, setting):
     assert got == want
 
 
-def test_generation_config_num_beams_is_the_default(model):
-    """num_beams in generation_config.json: transformers' Whisper generate() searches with that many beams unless
-    told otherwise, and so do speech.transcribe and `fmconvert transcribe` without --num-beams."""
-    gc = {**GEN, "num_beams": 3}
-    feats = features(2, 5)
+NO_MAX_LENGTH = {k: v for k, v in GEN.items() if k != "max_length"}
+
+
+@pytest.mark.parametrize("gc,language,seed", [
+    ({**GEN, "num_beams": 3}, "en", 5),             # searches with the config's beams
+    ({**GEN, "max_new_tokens": 5}, "en", 4),        # fine-tuned Whispers save one: each row stops there
+    (NO_MAX_LENGTH, "en", 4),                       # saved configs drop a max_length equal to the default, 20
+    ({**STAMPS, "return_timestamps": True}, "de", 4),       # no <|notimestamps|>: timestamps by default
+])
+def test_generation_config_settings_are_the_defaults(model, gc, language, seed):
+    """What generation_config.json sets and the call leaves out is what transformers' Whisper generate() uses:
+    num_beams, max_new_tokens, max_length's default of 20 (not the decoder's whole position table) and
+    return_timestamps; speech.transcribe (and `fmconvert transcribe` without the flags) gives its tokens."""
+    feats = features(2, seed)
     with torch.no_grad():
-        want = strip(hf_with(gc).generate(input_features=feats, language="en", max_new_tokens=12).tolist())
-    got = [t.tokens for t in transcribe(model, feats, gc, "en", max_new_tokens=12, eos_token_id=99)[0]]
-    assert got == want
-
-
-def test_generation_config_max_new_tokens_bounds_each_window(model):
-    """A generation_config.json with max_new_tokens (fine-tuned Whispers save one): each row stops after that many
-    tokens, as in transformers' generate(), not at max_length."""
-    gc = {**GEN, "max_new_tokens": 5}
-    feats = features()
-    with torch.no_grad():
-        want = strip(hf_with(gc).generate(input_features=feats, language="en").tolist())
-    got = [t.tokens for t in transcribe(model, feats, gc, "en", eos_token_id=99)[0]]
-    assert got == want
-
-
-def test_generation_config_without_max_length_uses_transformers_default(model):
-    """GenerationConfig.save_pretrained leaves out a max_length equal to the default (20); transformers then
-    decodes 20 + prompt tokens at most, and so does speech.transcribe (not the decoder's whole position table)."""
-    gc = {k: v for k, v in GEN.items() if k != "max_length"}
-    feats = features()
-    with torch.no_grad():
-        want = strip(hf_with(gc).generate(input_features=feats, language="en").tolist())
-    got = [t.tokens for t in transcribe(model, feats, gc, "en", eos_token_id=99)[0]]
-    assert got == want
-
-
-def test_generation_config_return_timestamps_is_honoured(model):
-    """return_timestamps: true in generation_config.json makes transformers' generate() predict timestamps by
-    default, and speech.transcribe too (no <|notimestamps|> in its prompt)."""
-    gc = {**STAMPS, "return_timestamps": True}
-    feats = features()
-    with torch.no_grad():
-        want = strip(hf_with(gc).generate(input_features=feats, language="de").tolist())
-    got = [t.tokens for t in transcribe(model, feats, gc, "de", eos_token_id=99)[0]]
+        want = strip(hf_with(gc).generate(input_features=feats, language=language).tolist())
+    got = [t.tokens for t in transcribe(model, feats, gc, language, eos_token_id=99)[0]]
     assert got == want
 
 
