@@ -768,17 +768,21 @@ def _settings(gc: dict, seq2seq: bool, given: dict) -> dict:
     return out
 
 
-def _gen_setting(out_dir: Path, key: str):
-    """A generation setting as transformers reads it: generation_config.json's when there is one, else
-    config.json's."""
-    path = Path(out_dir) / "generation_config.json"
-    if path.is_file():
-        return _generation_config(out_dir).get(key)
+def _generation_source(out_dir: Path) -> tuple[dict, bool]:
+    """(the settings transformers' generate() reads, whether they are generation_config.json's): that file's when
+    there is one, else config.json's."""
+    if (Path(out_dir) / "generation_config.json").is_file():
+        return _generation_config(out_dir), True
     try:
         cfg = json.loads((Path(out_dir) / "config.json").read_text())
     except (OSError, ValueError):
         cfg = {}
-    return cfg.get(key) if isinstance(cfg, dict) else None
+    return (cfg if isinstance(cfg, dict) else {}), False
+
+
+def _gen_setting(out_dir: Path, key: str):
+    """A generation setting as transformers reads it (`_generation_source`)."""
+    return _generation_source(out_dir)[0].get(key)
 
 
 def _bad_words(out_dir: Path, vocab: int) -> tuple:
@@ -879,14 +883,8 @@ _SPEECH_KEYS = ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_t
 def _speech_config(out_dir: Path) -> dict:
     """Whisper's generation settings: generation_config.json, or where there is none (an old checkpoint) the
     generation keys of config.json, as transformers falls back to them."""
-    gc = _generation_config(out_dir)
-    if gc or (Path(out_dir) / "generation_config.json").is_file():
-        return gc
-    try:
-        cfg = json.loads((Path(out_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return {k: cfg[k] for k in _SPEECH_KEYS if isinstance(cfg, dict) and cfg.get(k) is not None}
+    gc, own = _generation_source(out_dir)
+    return gc if own else {k: gc[k] for k in _SPEECH_KEYS if gc.get(k) is not None}
 
 
 def _cue_time(t: float, sep: str) -> str:
@@ -1190,11 +1188,14 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
     one = len(waves) == 1 and not timestamps and not long and num_beams == 1 and fmt == "text" and not output_dir
     shown = _Streamer(tok, keep=text_ids, on=lead and one)     # one file: its text as it comes
 
+    def said(tokens) -> str:
+        return tok.decode(text_ids(tokens), skip_special_tokens=True).strip()
+
+    def stamped(sg) -> str:
+        return f"[{sg.start:.2f} -> {sg.end:.2f}] {said(sg.tokens)}"
+
     def line(tr) -> str:
-        if not timestamps:
-            return tok.decode(text_ids(tr.tokens), skip_special_tokens=True).strip()
-        return " ".join(f"[{sg.start:.2f} -> {sg.end:.2f}] "
-                        f"{tok.decode(text_ids(sg.tokens), skip_special_tokens=True).strip()}" for sg in tr.segments)
+        return " ".join(stamped(sg) for sg in tr.segments) if timestamps else said(tr.tokens)
     total, t0, outs = GenStats(), time.perf_counter(), [None] * len(waves)
     for group in groups:
         feats = features_of(fe, [waves[i] for i in group])
@@ -1206,8 +1207,6 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
         total.new_tokens += st.new_tokens
         total.prefill_s += st.prefill_s
         total.decode_s += st.decode_s
-    def said(tokens) -> str:
-        return tok.decode(text_ids(tokens), skip_special_tokens=True).strip()
     if lead and (fmt != "text" or output_dir is not None):
         results = [_rendered(fmt, str(p), tr, said, line(tr)) for p, tr in zip(audio, outs)]
         if output_dir is not None:
@@ -1227,8 +1226,7 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
             click.echo("")
         elif len(waves) == 1 and timestamps:         # a segment a line
             for sg in outs[0].segments:
-                click.echo(f"[{sg.start:.2f} -> {sg.end:.2f}] "
-                           f"{tok.decode(text_ids(sg.tokens), skip_special_tokens=True).strip()}")
+                click.echo(stamped(sg))
         elif len(waves) == 1:
             click.echo(line(outs[0]))
         else:

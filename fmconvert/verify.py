@@ -698,11 +698,11 @@ def _teacher_forced(batches: torch.Tensor, start: int, eos: int | None = None) -
     return source, torch.cat([torch.full_like(target[:, :1], start), target[:, :-1]], 1)
 
 
-def _audio_sources(out_dir: Path, m: dict, rows: int) -> torch.Tensor:
-    """Whisper's sources for verification, one a row: seeded synthetic sound (a few tones gliding in pitch, over
-    noise, from a thirtieth of the chunk to all of it: 1 to 30 s) through the conversion's feature extractor, so that the encoder sees the range of
-    log-mel values speech gives; seeded log-mel-like noise where the conversion has no preprocessor_config.json."""
-    enc = mf.read(out_dir / m["model"]["encoder"])["model"]
+def _audio_sources(out_dir: Path, enc: dict, rows: int) -> torch.Tensor:
+    """Whisper's sources for verification, one a row (enc: its encoder's model spec): seeded synthetic sound (a few
+    tones gliding in pitch, over noise, from a thirtieth of the chunk to all of it: 1 to 30 s) through the
+    conversion's feature extractor, so that the encoder sees the range of log-mel values speech gives; seeded
+    log-mel-like noise where the conversion has no preprocessor_config.json."""
     shape = (enc["audio_mels"], 2 * enc["max_positions"])
     gen = torch.Generator().manual_seed(0)
     if not (out_dir / "preprocessor_config.json").is_file():
@@ -1080,9 +1080,9 @@ def verify(model_dir, out_dir, text_file=None, tokens: int = 256, tp_mode: str =
         sources = None
         if m["model"]["encoder"]:       # each row's first half is the source, its second the decoder's target
             from .runtime.classify import end_token
-            mels = mf.read(out_dir / m["model"]["encoder"])["model"]["audio_mels"]
-            if mels:                    # Whisper: the decoder reads the whole row, behind its start token
-                sources, batches = _audio_sources(out_dir, m, len(batches)), torch.cat(
+            enc = mf.read(out_dir / m["model"]["encoder"])["model"]
+            if enc["audio_mels"]:       # Whisper: the decoder reads the whole row, behind its start token
+                sources, batches = _audio_sources(out_dir, enc, len(batches)), torch.cat(
                     [torch.full_like(batches[:, :1], m["model"]["decoder_start_token_id"]), batches[:, :-1]], 1)
             else:
                 sources, batches = _teacher_forced(batches, m["model"]["decoder_start_token_id"],

@@ -17,7 +17,7 @@ from dataclasses import replace
 import torch
 
 from ..errors import FmError
-from .generate import GenStats, generate, positions_left, warm_up, with_forced
+from .generate import GenStats, generate, positions_left, stop_tokens, warm_up, with_forced
 from .processors import Processors
 from .model import FusedModel, KVCache
 
@@ -77,8 +77,7 @@ def beam_search(model: FusedModel, input_ids: torch.Tensor, num_beams: int, max_
     positions_left(model, input_ids.shape[1], max_new_tokens, P)
     warm_up(model)
     dev, k, B = model.device, num_beams, input_ids.shape[0]
-    eos = torch.tensor(sorted(set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else
-                                  [] if eos_token_id is None else [eos_token_id])), dtype=torch.long, device=dev)
+    eos = torch.tensor(sorted(set(stop_tokens(eos_token_id))), dtype=torch.long, device=dev)
     keep = max(2, 1 + len(eos)) * k
     stats = GenStats(prompt_tokens=input_ids.shape[1])
     t0 = time.perf_counter()

@@ -107,13 +107,17 @@ def warm_up(model: FusedModel) -> int:
         return int8_gemv_cpu.warm_up(packed)
 
 
+def stop_tokens(eos_token_id) -> tuple:
+    """An end-token setting (an id, a list of ids, or None) as a tuple of ids."""
+    return tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else () if eos_token_id is None else \
+        (eos_token_id,)
+
+
 def with_forced(processors: Processors | None, forced_bos, forced_eos, eos_token_id) -> Processors:
     """The processors with these forced tokens (where given) and stop tokens."""
     p = processors or Processors()
     return replace(p, forced_bos=p.forced_bos if forced_bos is None else forced_bos,
-                   forced_eos=p.forced_eos if forced_eos is None else forced_eos,
-                   eos=tuple(eos_token_id if isinstance(eos_token_id, (list, tuple)) else
-                             () if eos_token_id is None else (eos_token_id,)))
+                   forced_eos=p.forced_eos if forced_eos is None else forced_eos, eos=stop_tokens(eos_token_id))
 
 
 def positions_left(model: FusedModel, prompt: int, new: int, decoder_prompt: int = 1):
@@ -218,8 +222,7 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_p, seed, eos_to
         first = lambda x: model(x, cache)[:, -1]              # noqa: E731
         advance = lambda tok: model(tok.unsqueeze(1), cache)[:, -1]  # noqa: E731
     gen = torch.Generator().manual_seed(seed)
-    eos = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else
-              ([] if eos_token_id is None else [eos_token_id]))
+    eos = set(stop_tokens(eos_token_id))
     stats = GenStats(prompt_tokens=T)
     out = [ids]
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import FmError
 from .beam import beam_search
-from .generate import GenStats, generate, positions_left
+from .generate import GenStats, generate, positions_left, stop_tokens
 from .processors import Processors
 
 SAMPLE_RATE = 16000          # what every Whisper feature extractor is configured for
@@ -154,11 +154,6 @@ class Transcript:
     language: str | None = None                      # its language's code (en), given or detected; None: not said
 
 
-def _stop_set(eos_token_id) -> set:
-    return set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else () if eos_token_id is None
-               else (eos_token_id,))
-
-
 def _segments(seq: list, begin: int, offset: float, window: int) -> tuple[list, int]:
     """transformers' cut of one window's tokens (its end token removed) at its timestamps -> (segments, frames to
     seek on). Each pair of timestamps side by side ends one segment and starts the next; a window that ends on a
@@ -211,7 +206,7 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
         raise FmError(f"the features hold {frames} frames; Whisper reads {chunk} (30 s, padded), or more")
     if timestamps and gc.get("no_timestamps_token_id") is None:
         raise FmError("generation_config.json has no no_timestamps_token_id: this model gives no timestamps")
-    eos = _stop_set(eos_token_id)
+    eos = set(stop_tokens(eos_token_id))
     rows = prompt_tokens(gc, language, task, timestamps=timestamps)
     # the prompt's length, its language detected or not; transformers' limit per window (max_length, default 20)
     # grows by it each window
@@ -242,10 +237,10 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
         return torch.tensor(r, dtype=torch.long)
     results = [Transcript() for _ in range(B)]
     total = GenStats()
-    seek, ends = [0] * B, [frames] * B
-    while any(s < e for s, e in zip(seek, ends)):
-        active = [i for i in range(B) if seek[i] < ends[i]]
-        window = [min(ends[i] - seek[i], chunk) for i in active]
+    seek = [0] * B                   # each row's first frame still to read
+    while any(s < frames for s in seek):
+        active = [i for i in range(B) if seek[i] < frames]
+        window = [min(frames - seek[i], chunk) for i in active]
         seg = torch.stack([torch.nn.functional.pad(features[i, :, seek[i]:seek[i] + w], (0, chunk - w))
                            for i, w in zip(active, window)])
         length = min(length + min(limit // 2 - 1, P), limit)
@@ -267,7 +262,7 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
             if not timestamps:
                 results[i].tokens += row
                 results[i].segments.append(Segment(seek[i] * FEATURE_STEP, (seek[i] + w) * FEATURE_STEP, row))
-                seek[i] = ends[i]
+                seek[i] = frames
                 continue
             pieces, step = _segments(row, procs.timestamps["begin"], seek[i] * FEATURE_STEP, w) if row else \
                 ([], w)
