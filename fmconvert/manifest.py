@@ -231,6 +231,9 @@ _MODEL_OPTIONAL = {
                                                and x["eos_id"] >= -1), "null or {eos_id (-1: the largest id)}"),
     "proj_dim": (0, _NAT, "a non-negative integer"),
     "audio_mels": (0, _NAT, "a non-negative integer"),
+    "wave": (None, lambda x: x is None or _wave(x),
+             "null or the waveform front end's {conv_dim, kernel, stride (lists, as long as each other), bias, norm "
+             "(group or layer), act, feat_norm, pos_kernel, pos_groups}"),
     "classifier": (None, lambda x: x is None or (
         isinstance(x, dict) and set(x) == {"pool", "steps"}
         and x["pool"] in ("first", "pooler", "mean", "late", "tokens", "spans", "eos")
@@ -258,6 +261,19 @@ _MODEL_OPTIONAL = {
     "decoder_start_token_id": (None, _TOKEN, "null or a token id"),
     "embed_from": (None, lambda x: x is None or x == "..", "null or \"..\""),
 }
+
+
+def _wave(x) -> bool:
+    """Wav2Vec2's front end: a conv stack of positive widths, kernels and strides, one each a layer; its norm and
+    activation; the positional conv's kernel and groups."""
+    lists = [x.get(k) for k in ("conv_dim", "kernel", "stride")] if isinstance(x, dict) else []
+    return (isinstance(x, dict) and set(x) == {"conv_dim", "kernel", "stride", "bias", "norm", "act", "feat_norm",
+                                               "pos_kernel", "pos_groups"}
+            and all(isinstance(v, list) and 0 < len(v) <= 32 and all(_POS_INT(i) and i <= 65536 for i in v)
+                    for v in lists) and len({len(v) for v in lists}) == 1
+            and type(x["bias"]) is bool and type(x["feat_norm"]) is bool and x["norm"] in ("group", "layer")
+            and x["act"] in ("gelu", "gelu_tanh", "relu", "silu") and _POS_INT(x["pos_kernel"])
+            and x["pos_kernel"] <= 1024 and _POS_INT(x["pos_groups"]))
 
 
 def _ssm(x) -> bool:

@@ -202,6 +202,11 @@ GLOBAL_SLOTS = (
     # ([copies - 1] x [hidden, hidden], stacked)
     "altup_proj.weight", "altup_unembed.weight",
     "audio_conv1.weight", "audio_conv1.bias", "audio_conv2.weight", "audio_conv2.bias",   # Whisper's front end
+    # Wav2Vec2 / HuBERT: the raw waveform's conv stack (wave_conv{c}, its norms wave_norm{c}: `{c}` expands over the
+    # conv layers), the projection of its features, and the positional conv, kept weight-normed (g, v) as stored
+    "wave_conv{c}.weight", "wave_conv{c}.bias", "wave_norm{c}.weight", "wave_norm{c}.bias",
+    "feat_norm.weight", "feat_norm.bias", "feat_proj.weight", "feat_proj.bias",
+    "pos_conv.g", "pos_conv.v", "pos_conv.bias",
     "loop_init",      # HRM-Text: the low-level state's start, [hidden] (z_L_init)
     "input_gain", "input_shift",      # ZAYA: the embeddings enter the stream as (e + shift) * gain
 )
@@ -338,6 +343,10 @@ class ModelSpec:
     proj_dim: int = 0               # CLIPTextModelWithProjection: the width text_proj takes the pooled state to
     audio_mels: int = 0             # Whisper's encoder: log-mel bins in, through two convs (audio_conv1, audio_conv2:
     #                                 kernel 3, the second stride 2), in place of an embedding table
+    wave: dict | None = None        # Wav2Vec2, HuBERT: a raw 16 kHz waveform in, through a conv stack {conv_dim,
+    #                                 kernel, stride (lists, a conv layer each), bias, norm ("group": the first layer
+    #                                 only, "layer": every layer), act, feat_norm}, projected to hidden, plus a grouped
+    #                                 positional conv {pos_kernel, pos_groups}, in place of an embedding table
     causal_encoder: bool = False    # CLIP's text encoder: an encoder whose tokens see only those before them
     eos_pool: dict | None = None    # CLIP: {"eos_id"}: the pooled output is the first eos token's state (eos_id -1:
     #                                 the largest id's, as checkpoints with the old eos id 2 do), through text_proj
@@ -952,6 +961,7 @@ class Policy:
             dyn_mask=self._dyn_mask(c), loop=self._loop(c),
             causal_encoder=self.kind == "encoder" and bool(self._layout("causal", flags, False)),
             proj_dim=int(c.get("proj_dim") or 0), audio_mels=int(c.get("audio_mels") or 0),
+            wave=self._wave(config, flags),
             shared_layers=bool(self._layout("shared_layers", flags, False)),
             eos_pool=self._eos_pool(config) if self.layout.get("pool") == "eos" else None,
             embed_proj=bool(self._layout("embed_proj", flags, False)) and int(c.get("embed_dim") or c["hidden_size"])
@@ -1081,6 +1091,33 @@ class Policy:
         if flags.get("untied"):     # transformers ties the blocks only with the embeddings: untied, each hybrid
             n = len(hybrid)         # layer runs its own copy
         return {"count": n, "rank": r, "qkv_lora": bool(flags.get("qkv_lora"))}
+
+    def _wave(self, config, flags) -> dict | None:
+        """Wav2Vec2's and HuBERT's front end, from the table's `[wave]` (config attribute names): the conv stack's
+        widths, kernels and strides (one per conv layer), its bias and norm, the activation, whether the features
+        are normed before their projection, and the positional conv's kernel and groups."""
+        w = self.table.get("wave")
+        if w is None:
+            return None
+        v = {k: _config_value(config, name, f"wave.{k}", flags) for k, name in w.items()}
+        lists = [v["conv_dim"], v["kernel"], v["stride"]]
+        if not all(isinstance(x, (list, tuple)) and x and all(type(i) is int and 0 < i <= 65536 for i in x)
+                   for x in lists) or len({len(x) for x in lists}) != 1 or len(lists[0]) > 32:
+            raise FmError(f"config.json: conv_dim, conv_kernel and conv_stride must be lists of positive integers, one "
+                          f"per conv layer, got {lists[0]!r}, {lists[1]!r}, {lists[2]!r}")
+        if v["norm"] not in ("group", "layer"):
+            raise FmError(f"config.json: feat_extract_norm must be group or layer, got {v['norm']!r}")
+        act = _ACTIVATIONS.get(v["act"]) if isinstance(v["act"], str) else None
+        if act not in ("gelu", "gelu_tanh", "relu", "silu"):
+            raise FmError(f"config.json: feat_extract_activation {v['act']!r} is not supported")
+        h = int(_config_value(config, self.table["config"]["hidden_size"], "hidden_size", flags))
+        k, groups = v["pos_kernel"], v["pos_groups"]
+        if type(k) is not int or not 0 < k <= 1024 or type(groups) is not int or groups <= 0 or h % groups:
+            raise FmError(f"config.json: num_conv_pos_embeddings must be a positive integer and "
+                          f"num_conv_pos_embedding_groups one that divides hidden_size, got {k!r} and {groups!r}")
+        return {"conv_dim": list(v["conv_dim"]), "kernel": list(v["kernel"]), "stride": list(v["stride"]),
+                "bias": bool(v["bias"]), "norm": v["norm"], "act": act, "feat_norm": bool(v.get("feat_norm", True)),
+                "pos_kernel": k, "pos_groups": groups}
 
     def _eos_pool(self, config) -> dict:
         """CLIP's pooled output: the state of each text's first eos token, or (checkpoints whose config still says
@@ -2092,10 +2129,23 @@ class Policy:
         return main, local
 
     # -- tensors ----------------------------------------------------------------------------------------------
-    def _entries(self, section: dict, flags: dict, dense: bool = False, part: str | None = None):
+    def _entries(self, section: dict, flags: dict, dense: bool = False, part: str | None = None,
+                 wave: dict | None = None):
         """(slot, names, optional, aliases) of a section's entries whose flag holds. dense: a dense layer of a
         model with a mixture, which takes an entry's `dense_name` where it has one (A.X K2's MLP norm). part: the
-        layer's part (block_parts), whose `<part>_name` an entry may give (Zamba2's hybrid layers)."""
+        layer's part (block_parts), whose `<part>_name` an entry may give (Zamba2's hybrid layers). wave: a
+        Wav2Vec2 front end, over whose conv layers an entry with `{c}` repeats (those it has, `wave_slots`)."""
+        for slot, names, optional, aliases in self._plain_entries(section, flags, dense, part):
+            if "{c}" not in slot:
+                yield slot, names, optional, aliases
+                continue
+            have = set(wave_slots(wave)) if wave else set()
+            for c in range(len(wave["conv_dim"]) if wave else 0):
+                if slot.format(c=c) in have:
+                    yield (slot.format(c=c), [n.replace("{c}", str(c)) for n in names], optional,
+                           [[n.replace("{c}", str(c)) for n in a] for a in aliases])
+
+    def _plain_entries(self, section: dict, flags: dict, dense: bool = False, part: str | None = None):
         for slot, entry in section.items():
             aliases = []
             if isinstance(entry, dict):
@@ -2128,7 +2178,7 @@ class Policy:
             "embed_proj.bias": (h,), "rel_bias.weight": (H, (spec.rel_bias or {}).get("buckets", 0)),
             "text_proj.weight": (spec.proj_dim, h),
             "audio_conv1.weight": (h, spec.audio_mels, 3), "audio_conv1.bias": (h,), "audio_conv2.weight": (h, h, 3),
-            "audio_conv2.bias": (h,),
+            "audio_conv2.bias": (h,), **wave_shapes(spec),
             "attn_rel_bias.weight": (H, (spec.rel_bias or {}).get("buckets", 0)),
             "rel_embed.weight": (2 * (spec.disentangled or {}).get("span", 0), h), "rel_embed_norm.weight": (h,),
             "rel_embed_norm.bias": (h,),
@@ -2428,7 +2478,7 @@ class Policy:
         if layer in owners:
             j, owner = list(owners).index(layer), owners[layer]
         for section, pre in sections:
-            for slot, names, optional, aliases in self._entries(section, flags, dense, part):
+            for slot, names, optional, aliases in self._entries(section, flags, dense, part, spec.wave):
                 if (slot.startswith("lm_head.") and spec.kind != "decoder") or slot.startswith(skip):
                     continue
                 names = [pre + n.format(i=i, s=sub, e=e, p=e, j=j, o=owner, m=stack) for e in _experts(names, spec)
@@ -2491,12 +2541,18 @@ class Policy:
         elif self.kind == "encoder" and architecture.endswith("ForQuestionAnswering"):
             # extractive QA: a start and an end logit per token, from qa_outputs unless the table says otherwise
             head = {"pool": "spans", **self.table.get("qa", {"steps": [{"linear": "qa_outputs"}]})}
+        elif self.kind == "encoder" and architecture.endswith("ForCTC"):
+            # speech recognition by CTC (Wav2Vec2, HuBERT): a character distribution per frame, from lm_head
+            head = {"pool": "tokens", **self.table.get("ctc", {"steps": [{"linear": "lm_head"}]})}
         else:
             head = self.table.get("classifier")
         if head is None or not architecture.endswith(("ForSequenceClassification", "ForTokenClassification",
-                                                      "ForQuestionAnswering")):
+                                                      "ForQuestionAnswering", "ForCTC")):
             return None
         have = set(extras)
+        if "unsupported" in head and _eval_flag(config, head["unsupported"]):
+            raise FmError(f"{architecture}: its classifier uses a variant fmconvert does not support "
+                          f"({head['unsupported']})")
 
         def value(v):
             if isinstance(v, dict):
@@ -2697,6 +2753,41 @@ class Policy:
         if slot in self.stored_shape:
             parts = [p.reshape(self.stored_shape[slot]) for p in parts]
         return [p.contiguous() for p in parts]
+
+
+def wave_slots(wave: dict) -> list[str]:
+    """The conv stack's slots of a Wav2Vec2 front end, in order: each conv's weight (and bias), and its norm's
+    weight and bias where it has one (every layer's with "layer" norms, the first one's with "group")."""
+    out = []
+    for c in range(len(wave["conv_dim"])):
+        out += [f"wave_conv{c}.weight"] + ([f"wave_conv{c}.bias"] if wave["bias"] else [])
+        if wave["norm"] == "layer" or c == 0:
+            out += [f"wave_norm{c}.weight", f"wave_norm{c}.bias"]
+    return out
+
+
+def wave_shapes(wave: dict | ModelSpec | None, hidden: int | None = None) -> dict:
+    """The shapes of a Wav2Vec2 front end's slots (none without one). wave: its spec dict (or the ModelSpec)."""
+    if isinstance(wave, ModelSpec):
+        wave, hidden = wave.wave, wave.hidden_size
+    if not wave:
+        return {}
+    dims, h, K = wave["conv_dim"], hidden, wave["pos_kernel"]
+    out = {}
+    for c, (d, k) in enumerate(zip(dims, wave["kernel"])):
+        out.update({f"wave_conv{c}.weight": (d, dims[c - 1] if c else 1, k), f"wave_conv{c}.bias": (d,),
+                    f"wave_norm{c}.weight": (d,), f"wave_norm{c}.bias": (d,)})
+    out.update({"feat_norm.weight": (dims[-1],), "feat_norm.bias": (dims[-1],), "feat_proj.weight": (h, dims[-1]),
+                "feat_proj.bias": (h,), "pos_conv.g": (1, 1, K), "pos_conv.v": (h, h // wave["pos_groups"], K),
+                "pos_conv.bias": (h,)})
+    return out
+
+
+def frames_of(wave: dict, samples: torch.Tensor | int):
+    """How many frames the conv stack makes of this many samples (per layer: (n - kernel) // stride + 1)."""
+    for k, st in zip(wave["kernel"], wave["stride"]):
+        samples = (samples - k) // st + 1
+    return samples
 
 
 def _linear_widths(spec: ModelSpec) -> tuple[int, int, int]:

@@ -15,7 +15,8 @@ from safetensors import SafetensorError, safe_open
 from .. import manifest as mf
 from ..errors import FmError
 from ..kernels import int8_gemv_cpu
-from ..policy import ATTENTION_SLOTS, DENSE_SLOTS, FLOAT32_SLOTS, LINEAR_SLOTS, SHARED_BLOCK_SLOTS, SPARSE_SLOTS
+from ..policy import (ATTENTION_SLOTS, DENSE_SLOTS, FLOAT32_SLOTS, LINEAR_SLOTS, SHARED_BLOCK_SLOTS, SPARSE_SLOTS,
+                      wave_shapes, wave_slots)
 from ..read import check_safetensors
 from .comm import SingleComm, init_distributed
 from .model import FusedModel
@@ -79,7 +80,7 @@ def check_layout(m: dict, rank: int):
             **{f"embed_norm.{p}": (pe,) for p in ("weight", "bias")},
             "head_dense.weight": (h, h), "head_dense.bias": (h,), "loop_init": (h,),
             "audio_conv1.weight": (h, sp["audio_mels"], 3), "audio_conv1.bias": (h,),
-            "audio_conv2.weight": (h, h, 3), "audio_conv2.bias": (h,)}
+            "audio_conv2.weight": (h, h, 3), "audio_conv2.bias": (h,), **wave_shapes(sp.get("wave"), h)}
     au = sp.get("altup")                 # Gemma 3n: AltUp's projections of the copies, replicated
     if au:
         glob.update({"altup_proj.weight": ((au["streams"] - 1) * h, h),
@@ -297,8 +298,11 @@ def check_layout(m: dict, rank: int):
         return out
     layer_shapes = [shapes(i) for i in range(sp["num_layers"])]      # once per layer, not once per tensor
     tensors = m["ranks"][rank]["tensors"]
+    wave = sp.get("wave")
     front = {f"audio_conv{j}.{p}" for j in (1, 2) for p in ("weight", "bias")} if sp["audio_mels"] else \
-        {"embed.weight"} if not sp["embed_from"] else set()       # Whisper's convs in place of an embedding table
+        {*wave_slots(wave), "feat_proj.weight", "feat_proj.bias", "pos_conv.g", "pos_conv.v", "pos_conv.bias",
+         *(("feat_norm.weight", "feat_norm.bias") if wave["feat_norm"] else ())} if wave else \
+        {"embed.weight"} if not sp["embed_from"] else set()       # Whisper's, Wav2Vec2's convs in place of a table
     need = front | {s for s in sp["slots"] if not s.startswith("layers.")}
     need |= {s for s, on in [("lm_head.weight", sp["kind"] == "decoder" and not sp["tied_embeddings"]
                               and not sp["headless"]),

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from ..errors import FmError
 from ..manifest import TABLE_POSITIONS, block_owners, is_global_layer, latent_at, loop_owners
-from ..policy import SHARED_BLOCK_SLOTS
+from ..policy import SHARED_BLOCK_SLOTS, frames_of
 from .comm import SingleComm
 from .ops import Int8Weight, TorchOps, _explicit_attention, activate, rope_tables
 
@@ -2088,6 +2088,8 @@ class FusedModel(nn.Module):
         elif self.activation == "swiglu_limit":  # DeepSeek-V4: every SwiGLU clamps its inputs
             self.activation = ("swiglu_limit", sp["glu_limit"])
         self.token_ids = None        # the forward's token ids [B, T]: DeepSeek-V4's hash layers route by them
+        self.frames = None           # Wav2Vec2: the last forward's real frames [B, T] (None: all of them)
+        self._pos_conv = None        # Wav2Vec2: the positional conv's weight, made from its g and v at first use
         # HY-V4: the routed experts clamp their SwiGLU's inputs; the dense MLP and the shared experts do not
         self.experts_activation = ("swiglu_limit", sp["experts_glu_limit"]) if sp["experts_glu_limit"] else None
         self.scale, self.softcap, self.residual_scale = sp["attn_scale"], sp["attn_softcap"], sp["residual_scale"]
@@ -2239,10 +2241,65 @@ class FusedModel(nn.Module):
         x = F.gelu(F.conv1d(x, g["audio_conv2.weight"], g["audio_conv2.bias"], stride=2, padding=1))
         return x.transpose(1, 2)                                        # (B, S, hidden)
 
-    def embed(self, ids, positions, token_type_ids):
+    def frame_mask(self, sample_mask):
+        """Wav2Vec2: which frames of the conv stack's output are real, from which samples are [B, samples] (a row's
+        first n samples make its first frames_of(n) frames); None stays None."""
+        if sample_mask is None:
+            return None
+        n = frames_of(self.spec["wave"], sample_mask.long().sum(-1))
+        T = int(frames_of(self.spec["wave"], sample_mask.shape[-1]))
+        return torch.arange(T, device=sample_mask.device) < n.unsqueeze(-1)
+
+    def wave_front(self, waves, sample_mask=None):
+        """Wav2Vec2, HuBERT: raw waveforms [B, samples] (normalized as the feature extractor does) -> [B, frames,
+        hidden]: the conv stack (each conv normed as the spec says, then its activation), the features normed and
+        projected, padded frames (sample_mask) zeroed, and the positional conv's output added through the activation.
+        Also sets self.frames, the real frames' mask (None without a sample mask)."""
+        sp, g, w = self.spec, self.g, self.spec["wave"]
+        if waves.dim() != 2 or not waves.is_floating_point():
+            raise ValueError(f"{sp['architecture']} takes waveforms [batch, samples] as floats, got "
+                             f"{list(waves.shape)} {waves.dtype}")
+        if int(frames_of(w, waves.shape[1])) < 1:
+            raise ValueError(f"{sp['architecture']} needs at least {self.min_samples()} samples, got {waves.shape[1]}")
+        x = waves.to(self.dtype).unsqueeze(1)
+        for c, (k, st) in enumerate(zip(w["kernel"], w["stride"])):
+            x = F.conv1d(x, g[f"wave_conv{c}.weight"], g.get(f"wave_conv{c}.bias"), stride=st)
+            if w["norm"] == "layer":            # over each frame's channels (transformers' default eps)
+                x = F.layer_norm(x.transpose(1, 2), x.shape[1:2], g[f"wave_norm{c}.weight"],
+                                 g[f"wave_norm{c}.bias"]).transpose(1, 2)
+            elif c == 0:                        # GroupNorm with a group per channel: each over its own time steps
+                x = F.group_norm(x, x.shape[1], g["wave_norm0.weight"], g["wave_norm0.bias"])
+            x = activate(x, w["act"])
+        x = x.transpose(1, 2)
+        if w["feat_norm"]:
+            x = F.layer_norm(x, x.shape[-1:], g["feat_norm.weight"], g["feat_norm.bias"], self.eps)
+        x = F.linear(x, g["feat_proj.weight"], g["feat_proj.bias"])
+        self.frames = self.frame_mask(sample_mask)
+        if self.frames is not None:
+            x = x * self.frames.unsqueeze(-1).to(x.dtype)
+        if self._pos_conv is None:      # weight_norm over all but the taps, once, in float32
+            v = g["pos_conv.v"].float()
+            self._pos_conv = (v * (g["pos_conv.g"].float() / v.square().sum((0, 1), keepdim=True).sqrt())
+                              ).to(self.dtype)
+        K = w["pos_kernel"]
+        pos = F.conv1d(x.transpose(1, 2), self._pos_conv, g["pos_conv.bias"], padding=K // 2,
+                       groups=w["pos_groups"])
+        if K % 2 == 0:                  # an even kernel makes one frame too many: the last goes
+            pos = pos[..., :-1]
+        return x + activate(pos, w["act"]).transpose(1, 2)
+
+    def min_samples(self) -> int:
+        """The shortest waveform the conv stack makes a frame of."""
+        n = 1
+        for k, st in reversed(list(zip(self.spec["wave"]["kernel"], self.spec["wave"]["stride"]))):
+            n = (n - 1) * st + k
+        return n
+
+    def embed(self, ids, positions, token_type_ids, sample_mask=None):
         g, sp = self.g, self.spec
         self.token_ids = ids
-        x = self.audio_front(ids) if sp["audio_mels"] else self._lookup(g["embed.weight"], ids)
+        x = self.audio_front(ids) if sp["audio_mels"] else self.wave_front(ids, sample_mask) if sp.get("wave") else \
+            self._lookup(g["embed.weight"], ids)
         if self.embed_scale is not None:
             x = x * self.embed_scale
         if "input_gain" in g:      # ZAYA: (e + shift) * gain, before the fp32 stream
@@ -2463,10 +2520,14 @@ class FusedModel(nn.Module):
     @torch.inference_mode()
     def hidden(self, ids, cache=None, attention_mask=None, token_type_ids=None, output_hidden_states=False):
         self._begin_forward()
-        B, T = (ids.shape[0], self.spec["max_positions"]) if self.spec["audio_mels"] else ids.shape   # Whisper: mels
+        wave = self.spec.get("wave")
+        B, T = (ids.shape[0], self.spec["max_positions"]) if self.spec["audio_mels"] else \
+            (ids.shape[0], int(frames_of(wave, ids.shape[1]))) if wave else ids.shape   # Whisper: mels; Wav2Vec2: samples
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + T, device=ids.device).unsqueeze(0).expand(B, T)
-        x, residual = self.embed(ids, positions, token_type_ids), None
+        x, residual = self.embed(ids, positions, token_type_ids, attention_mask if wave else None), None
+        if wave:        # the mask was the samples'; the layers mask frames
+            attention_mask = self.frames
         rb = self.spec["rel_bias"]
         if rb:      # MPNet, T5: one score bias for every layer, by the keys' offsets (UMT5: a table per layer)
             self.rel_index = _rel_buckets(T, rb["buckets"], rb["max_distance"], device=ids.device,
