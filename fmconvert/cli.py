@@ -326,6 +326,14 @@ def inspect(out_dir, as_json):
             what = f"unreadable ({e})"
         t.add_row("encoder-decoder", f"every layer cross-attends to the encoder's output ({md['encoder']}/, {what}); "
                   f"decoding starts from token {md['decoder_start_token_id']}")
+    wave = md.get("wave")
+    if wave:            # Wav2Vec2: the raw waveform through a conv stack
+        from .runtime.ctc import ratio
+        norm = "a GroupNorm on the first" if wave["norm"] == "group" else "a LayerNorm after each"
+        t.add_row("audio in", f"16 kHz waveform through {len(wave['conv_dim'])} convs ({norm}; {wave['act']}) to a "
+                  f"{wave['conv_dim'][-1]}-wide frame every {ratio(wave)} samples "
+                  f"({ratio(wave) / 16:g} ms), projected to {md['hidden_size']}; positions from a grouped conv "
+                  f"(kernel {wave['pos_kernel']}, {wave['pos_groups']} groups)")
     head = md.get("classifier")
     if head:
         steps = ", ".join(f"{s['name']}{'' if s['act'] == 'none' else ' + ' + s['act']}" for s in head["steps"])
@@ -333,7 +341,11 @@ def inspect(out_dir, as_json):
                 "tokens": "state of every token", "spans": "state of every token",
                 "late": "state of every token (the logits then averaged)"}[head["pool"]]
         what = ": a start and an end logit each" if head["pool"] == "spans" else ""
-        verb = "answer" if head["pool"] == "spans" else "classify"
+        verb = "answer" if head["pool"] == "spans" else "transcribe" if wave and head["pool"] == "tokens" else \
+            "classify --audio" if wave else "classify"
+        if wave:
+            pool = {"tokens": "state of every frame (CTC: a character each)",
+                    "mean": "mean of the real frames"}.get(head["pool"], pool)
         t.add_row("classifier", f"the {pool}, then {steps}{what} (passthrough tensors; `fmconvert {verb}`)")
     if md["headless"]:
         t.add_row("head", "none: saved without its untied lm_head (an embedding model's body); hidden states only, "
@@ -893,9 +905,9 @@ def _cue_time(t: float, sep: str) -> str:
     return f"{ms // 3600000:02d}:{ms // 60000 % 60:02d}:{ms // 1000 % 60:02d}{sep}{ms % 1000:03d}"
 
 
-def _rendered(fmt: str, name: str, tr, said, text: str) -> str:
-    """One file's transcript in a format: srt or vtt (a cue a segment with text), json (a line), text."""
-    cues = [(sg.start, sg.end, said(sg.tokens)) for sg in tr.segments]
+def _rendered(fmt: str, name: str, language, plain: str, text: str, cues: list, words=None) -> str:
+    """One file's transcript in a format: srt or vtt (a cue a segment with text), json (a line: its plain text,
+    segments and, from a CTC model, words), text (`text`, as shown)."""
     cues = [c for c in cues if c[2]]
     if fmt == "srt":
         return "".join(f"{i}\n{_cue_time(a, ',')} --> {_cue_time(b, ',')}\n{t}\n\n"
@@ -903,14 +915,37 @@ def _rendered(fmt: str, name: str, tr, said, text: str) -> str:
     if fmt == "vtt":
         return "WEBVTT\n\n" + "".join(f"{_cue_time(a, '.')} --> {_cue_time(b, '.')}\n{t}\n\n" for a, b, t in cues)
     if fmt == "json":
-        return json.dumps({"file": name, "language": tr.language, "text": said(tr.tokens),
-                           "segments": [{"start": round(a, 3), "end": round(b, 3), "text": t} for a, b, t in cues]},
+        return json.dumps({"file": name, "language": language, "text": plain,
+                           "segments": [{"start": round(a, 3), "end": round(b, 3), "text": t} for a, b, t in cues],
+                           **({"words": [{"start": round(w.start, 3), "end": round(w.end, 3), "text": w.text}
+                                         for w in words]} if words is not None else {})},
                           ensure_ascii=False) + "\n"
     return text + "\n"
 
 
+def _write_results(fmt: str, output_dir, stems: list[str], results: list[str]):
+    """Rendered transcripts: a file each in output_dir (written atomically), or all to stdout."""
+    if output_dir is None:
+        click.echo("".join(results), nl=False)
+        return
+    from .write import write_text_atomic
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FmError(f"cannot make {output_dir}: {e.strerror or type(e).__name__}") from None
+    for stem, text in zip(stems, results):
+        write_text_atomic(output_dir / f"{stem}.{fmt}", text)
+    click.echo(f"[wrote {len(results)} {fmt} file{'s' * (len(results) > 1)} to {output_dir}]", err=True)
+
+
 def _not_speech(model, out_dir):
-    """Refuse, in one line, a text verb on Whisper or its audio encoder."""
+    """Refuse, in one line, a text verb on Whisper, its audio encoder, or a waveform encoder."""
+    if model.spec.get("wave"):
+        head = (model.spec.get("classifier") or {}).get("pool")
+        raise FmError(f"{out_dir} holds a speech encoder ({model.spec['architecture']}): it reads audio; " + (
+            f"use `fmconvert transcribe {out_dir} AUDIO.wav`" if head == "tokens" else
+            f"use `fmconvert classify {out_dir} --audio AUDIO.wav`" if head == "mean" else
+            "convert its *ForCTC or *ForSequenceClassification checkpoint to run it"))
     enc = getattr(model, "source_encoder", None)
     if model.spec["audio_mels"] or (enc is not None and enc.spec["audio_mels"]):
         parent = Path(out_dir).parent if model.spec["audio_mels"] else Path(out_dir)
@@ -1130,10 +1165,17 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
 @click.option("--max-new-tokens", "-n", default=None, type=click.IntRange(min=1),
               help="Tokens per 30 s window at most (default: the generation config's max_length, up to the "
                    "decoder's positions).")
+@click.option("--chunk-length", default=30.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="CTC models: a file longer than this many seconds is read in windows of it, as transformers' ASR "
+                   "pipeline does with chunk_length_s.")
+@click.option("--stride-length", default=None, type=click.FloatRange(min=0),
+              help="CTC models: the seconds each window overlaps its neighbours by, a side (default: a sixth of "
+                   "--chunk-length); the frames in the overlap are dropped.")
 @runtime_options
 def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batch_size, num_beams, length_penalty,
-               max_new_tokens, device, backend, no_verify_hashes, dtype):
-    """Speech to text with a converted Whisper (whisper-tiny ... large-v3-turbo, distil-whisper).
+               max_new_tokens, chunk_length, stride_length, device, backend, no_verify_hashes, dtype):
+    """Speech to text with a converted Whisper (whisper-tiny ... large-v3-turbo, distil-whisper), or a CTC model
+    (Wav2Vec2, HuBERT, UniSpeech *ForCTC: wav2vec2-base-960h, wav2vec2-large-960h-lv60-self, hubert-large-ls960-ft).
 
     \b
     Reads WAV files (PCM 8/16/24/32-bit or float, any rate, any channels: mixed down to 16 kHz mono). Greedy
@@ -1149,6 +1191,10 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
       fmconvert transcribe out *.wav --language fr --task translate > english.tsv
       fmconvert transcribe out film.wav --format srt > film.srt
       fmconvert transcribe out *.wav --format vtt -o subtitles/
+
+    \b
+    A CTC model gives every 20 ms frame its likeliest character: the transcript is read off in one forward per
+    file (or per window of --chunk-length), with word timestamps (--timestamps, srt, vtt, json) from the frames.
     """
     import time
 
@@ -1162,6 +1208,15 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
         twice = next(s for s in stems if stems.count(s) > 1)
         raise FmError(f"two files are named {twice!r}: their results would share {output_dir / twice}.{fmt}")
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
+    if model.spec.get("wave"):
+        whisper_only = [o for o, v in (("--language", language), ("--task", task), ("--num-beams", num_beams),
+                                       ("--length-penalty", length_penalty), ("--max-new-tokens", max_new_tokens))
+                        if v is not None]
+        if whisper_only:
+            raise FmError(f"{', '.join(whisper_only)}: Whisper's; {model.spec['architecture']} reads its characters "
+                          f"off the audio in one pass")
+        return _transcribe_ctc(model, out_dir, audio, timestamps, fmt, output_dir, stems, batch_size, chunk_length,
+                               stride_length)
     enc = getattr(model, "source_encoder", None)
     if model.spec["audio_mels"]:
         raise FmError(f"{out_dir} is the audio encoder of a speech model: transcribe with the directory above it")
@@ -1208,18 +1263,9 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
         total.prefill_s += st.prefill_s
         total.decode_s += st.decode_s
     if lead and (fmt != "text" or output_dir is not None):
-        results = [_rendered(fmt, str(p), tr, said, line(tr)) for p, tr in zip(audio, outs)]
-        if output_dir is not None:
-            from .write import write_text_atomic
-            try:
-                output_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise FmError(f"cannot make {output_dir}: {e.strerror or type(e).__name__}") from None
-            for stem, text in zip(stems, results):
-                write_text_atomic(output_dir / f"{stem}.{fmt}", text)
-            click.echo(f"[wrote {len(results)} {fmt} file{'s' * (len(results) > 1)} to {output_dir}]", err=True)
-        else:
-            click.echo("".join(results), nl=False)
+        _write_results(fmt, output_dir, stems, [
+            _rendered(fmt, str(p), tr.language, said(tr.tokens), line(tr),
+                      [(sg.start, sg.end, said(sg.tokens)) for sg in tr.segments]) for p, tr in zip(audio, outs)])
     elif lead:
         if one:
             shown.finish()
@@ -1238,6 +1284,68 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
                    f"({seconds / wall:.1f}x real time) | encoder and first steps {total.prefill_s * 1e3:.0f} ms | "
                    f"{total.new_tokens} tokens at {total.new_tokens / max(total.decode_s, 1e-9):.1f} tok/s | "
                    f"tp={model.tp} {model.ops.name} {model.device}]", err=True)
+    from .runtime.comm import shutdown
+    shutdown()
+
+
+def _waves(model, audio) -> list:
+    """The files as 16 kHz mono waveforms, each long enough for the model's conv stack to make a frame of."""
+    from .runtime.audio import load_audio
+    from .runtime.ctc import SAMPLE_RATE
+    waves, least = [load_audio(p, SAMPLE_RATE) for p in audio], model.min_samples()
+    for p, w in zip(audio, waves):
+        if w.numel() < least:
+            raise FmError(f"{p}: {w.numel()} samples at 16 kHz is too short: {model.spec['architecture']} needs at "
+                          f"least {least} ({least / SAMPLE_RATE * 1000:.1f} ms)")
+    return waves
+
+
+def _transcribe_ctc(model, out_dir, audio, timestamps, fmt, output_dir, stems, batch_size, chunk_length,
+                    stride_length):
+    """`transcribe` with a CTC model: every file's text (and words, with their times) in one forward each, or per
+    window of a long file; printed as each file is done, or rendered as subtitles or JSON."""
+    import time
+
+    from .runtime.ctc import SAMPLE_RATE, cues, feature_extractor, recognize
+    lead = model.rank == 0
+    tok = _tokenizer(out_dir)
+    fe = feature_extractor(out_dir, model.spec["wave"])
+    timestamps = fmt in ("srt", "vtt", "json") if timestamps is None else timestamps
+    waves = _waves(model, audio)
+    seconds = sum(w.numel() for w in waves) / SAMPLE_RATE
+    plain = fmt == "text" and output_dir is None
+
+    def line(r) -> str:
+        return " ".join(f"[{a:.2f} -> {b:.2f}] {t}" for a, b, t in cues(r.words)) if timestamps else r.text
+
+    done, printed = {}, [0]
+
+    def shown(i, r):        # printed in order, each as soon as it and the files before it are done
+        done[i] = r
+        while lead and plain and printed[0] in done:
+            j, r = printed[0], done[printed[0]]
+            if len(waves) == 1 and timestamps:
+                for a, b, t in cues(r.words):
+                    click.echo(f"[{a:.2f} -> {b:.2f}] {t}")
+            else:
+                click.echo(line(r) if len(waves) == 1 else f"{audio[j]}\t{line(r)}")
+            printed[0] += 1
+    t0 = time.perf_counter()
+    try:
+        outs = recognize(model, tok, fe, waves, batch_size, chunk_length, stride_length, words=timestamps,
+                         on_file=shown)
+    except ValueError as e:         # e.g. a window too short for the conv stack
+        raise FmError(str(e).splitlines()[0]) from None
+    if lead and not plain:
+        _write_results(fmt, output_dir, stems, [
+            _rendered(fmt, str(p), None, r.text, line(r), cues(r.words) if timestamps else
+                      [(0.0, w.numel() / SAMPLE_RATE, r.text)], r.words if timestamps else None)
+            for p, r, w in zip(audio, outs, waves)])
+    if lead:
+        wall = time.perf_counter() - t0
+        click.echo(f"[{len(waves)} file{'s' * (len(waves) > 1)}, {seconds:.1f} s of audio in {wall:.2f} s "
+                   f"({seconds / wall:.1f}x real time) | CTC, one pass | tp={model.tp} {model.ops.name} "
+                   f"{model.device}]", err=True)
     from .runtime.comm import shutdown
     shutdown()
 
@@ -1340,14 +1448,18 @@ def embed(out_dir, texts, text_file, pooling, normalize, max_length, batch_size,
 @click.option("--multi-label", is_flag=True,
               help="With --labels: each label scored on its own (entailment against contradiction), not against the "
                    "others.")
+@click.option("--audio", "-a", "audio", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="An audio classifier (Wav2Vec2, HuBERT *ForSequenceClassification: keyword spotting, emotion, "
+                   "language id): a WAV file to classify (repeatable).")
 @runtime_options
-def classify(out_dir, texts, pairs, text_file, max_length, batch_size, candidates, template, multi_label, device,
-             backend, no_verify_hashes, dtype):
+def classify(out_dir, texts, pairs, text_file, max_length, batch_size, candidates, template, multi_label, audio,
+             device, backend, no_verify_hashes, dtype):
     """Classify or score text with a converted *ForSequenceClassification encoder (a sentiment or NLI model, a
     cross-encoder reranker such as bge-reranker or ms-marco-MiniLM). Prints one JSON object per input: the best
     label and every label's probability (softmax), or for a one-logit head its score (sigmoid) and raw logit. A
     *ForTokenClassification encoder (NER, such as bert-base-NER) prints one JSON list per text instead: each
-    token's text, character span, best label and its probability."""
+    token's text, character span, best label and its probability. An audio classifier takes --audio files and
+    prints a JSON object per file likewise."""
     import torch
 
     from .runtime.classify import classify as run, labels, scores
@@ -1365,11 +1477,15 @@ def classify(out_dir, texts, pairs, text_file, max_length, batch_size, candidate
     if names is not None and (not names or pairs or "{}" not in template):
         raise FmError("--labels needs labels, no --pair (the hypotheses are made of the labels) and a --template "
                       "with {}")
-    if not texts:
-        raise FmError("nothing to classify: give --text or --file")
+    if audio and (texts or names is not None):
+        raise FmError("--audio classifies sound: drop --text, --file and --labels")
+    if not texts and not audio:
+        raise FmError("nothing to classify: give --text, --file or --audio")
     if batch_size < 1 or (max_length is not None and max_length < 1):
         raise FmError("--batch-size and --max-length must be positive")
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
+    if audio or model.spec.get("wave"):
+        return _classify_audio(model, out_dir, audio, batch_size)
     _not_speech(model, out_dir)
     if (model.spec["kind"] != "encoder" and not model.spec.get("encoder")) or model.spec.get("classifier") is None:
         arch = model.spec["architecture"]
@@ -1385,11 +1501,7 @@ def classify(out_dir, texts, pairs, text_file, max_length, batch_size, candidate
         raise FmError(f"{model.spec['architecture']} labels each token of one text: drop --pair")
     limit = _length_limit(model, max_length)
     tok = _tokenizer(out_dir)
-    try:
-        multi = json.loads((Path(out_dir) / "config.json").read_text()).get("problem_type") == \
-            "multi_label_classification"
-    except (OSError, ValueError, AttributeError):
-        multi = False
+    multi = _multi_label(out_dir)
     if names is not None:
         return _zero_shot(model, run, tok, texts, names, template, multi_label, limit, batch_size, out_dir)
     rows = [None] * len(texts)
@@ -1418,6 +1530,40 @@ def classify(out_dir, texts, pairs, text_file, max_length, batch_size, candidate
                 best = int(p.argmax())
                 click.echo(json.dumps({"label": names[best], "scores": {n: round(x, 6) for n, x in
                                                                           zip(names, p.tolist())}}))
+
+
+def _multi_label(out_dir) -> bool:
+    """Whether config.json says its head labels each class on its own (problem_type multi_label_classification)."""
+    try:
+        return json.loads((Path(out_dir) / "config.json").read_text()).get("problem_type") == \
+            "multi_label_classification"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _classify_audio(model, out_dir, audio, batch_size):
+    """classify --audio: a JSON object per file, its best label and every label's probability (a sigmoid each
+    for a multi-label head)."""
+    from .runtime.classify import labels, scores
+    from .runtime.ctc import classify_audio, feature_extractor
+    if not model.spec.get("wave"):
+        raise FmError(f"{out_dir} holds {model.spec['architecture']}, which reads text, not audio: use --text")
+    if not audio:
+        _not_speech(model, out_dir)
+    head = (model.spec.get("classifier") or {}).get("pool")
+    if head != "mean":
+        raise FmError(f"{out_dir} holds {model.spec['architecture']}, no audio classifier" + (
+            f": use `fmconvert transcribe {out_dir} AUDIO.wav`" if head == "tokens" else
+            " (convert a *ForSequenceClassification checkpoint)"))
+    fe = feature_extractor(out_dir, model.spec["wave"])
+    logits = classify_audio(model, fe, _waves(model, audio), batch_size)
+    if model.rank == 0:
+        names = labels(out_dir, logits.shape[-1])
+        for p, row in zip(audio, scores(logits, _multi_label(out_dir))):
+            click.echo(json.dumps({"file": str(p), "label": names[int(row.argmax())],
+                                   "scores": {n: round(x, 6) for n, x in zip(names, row.tolist())}}))
+    from .runtime.comm import shutdown
+    shutdown()
 
 
 def _zero_shot(model, run, tok, texts, names, template, multi_label, limit, batch_size, out_dir):

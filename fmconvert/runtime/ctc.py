@@ -1,0 +1,211 @@
+"""Speech recognition by CTC (Wav2Vec2, HuBERT, UniSpeech: `*ForCTC`), and audio classification with the same
+encoders (`*ForSequenceClassification`), as transformers' pipelines run them.
+
+The encoder reads the raw 16 kHz waveform, normalized by the conversion's feature extractor (preprocessor_config.json:
+zero mean and unit variance per clip), and gives each frame (320 samples, 20 ms, in the released models) a
+distribution over the characters. The transcript is the likeliest character of each frame, repeats merged and the
+blank (the pad token) dropped, with "|" between words: what the tokenizer's decode does.
+
+A file longer than the chunk is read as transformers' ASR pipeline reads it with `chunk_length_s`: windows of the
+chunk's length, each overlapping the next by a stride either side, whose frames inside the strides are dropped
+before the frames of all windows are joined and decoded once. A shorter file is one window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import FmError
+from ..policy import frames_of
+from .classify import head_logits
+
+SAMPLE_RATE = 16000
+
+
+@dataclass
+class Word:
+    text: str
+    start: float          # seconds from the audio's start
+    end: float
+
+
+@dataclass
+class Recognized:
+    text: str
+    words: list = field(default_factory=list)      # Word, each with its first and last frame's times
+
+
+def feature_extractor(out_dir, wave: dict):
+    """The conversion's Wav2Vec2FeatureExtractor (preprocessor_config.json), or where there is none transformers'
+    defaults for this front end: 16 kHz, normalized, an attention mask for the models whose convs are LayerNormed
+    (those trained with padding masked)."""
+    from pathlib import Path
+
+    from transformers import Wav2Vec2FeatureExtractor
+    if not (Path(out_dir) / "preprocessor_config.json").is_file():
+        return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0,
+                                        do_normalize=True, return_attention_mask=wave["norm"] == "layer")
+    try:
+        fe = Wav2Vec2FeatureExtractor.from_pretrained(str(out_dir), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise FmError(f"{out_dir}: cannot load the feature extractor from preprocessor_config.json "
+                      f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if fe.sampling_rate != SAMPLE_RATE or fe.feature_size != 1:
+        raise FmError(f"{out_dir}: preprocessor_config.json reads {fe.feature_size} channel(s) at {fe.sampling_rate} "
+                      f"Hz; a waveform encoder reads one at {SAMPLE_RATE}")
+    return fe
+
+
+def inputs_of(fe, waves: list[torch.Tensor], mask: bool | None = None):
+    """16 kHz mono waveforms -> (values [B, samples], sample mask [B, samples] or None), padded to the longest and
+    normalized as the feature extractor does. mask: ask for the mask (None: as the extractor is set)."""
+    out = fe([w.numpy() for w in waves], sampling_rate=SAMPLE_RATE, padding=True, return_tensors="pt",
+             **({} if mask is None else {"return_attention_mask": mask}))
+    return out.input_values, out.get("attention_mask")
+
+
+def batches(fe, waves: list[torch.Tensor], idx: list[int], batch_size: int) -> list[list[int]]:
+    """The clips idx in batches of batch_size. A feature extractor without a mask (wav2vec2-base's: its model reads
+    zeros as silence) would have the padding change a shorter clip's result, so then a batch holds one length only."""
+    if fe.return_attention_mask:
+        return [idx[j:j + batch_size] for j in range(0, len(idx), batch_size)]
+    by_len: dict[int, list[int]] = {}
+    for i in idx:
+        by_len.setdefault(waves[i].numel(), []).append(i)
+    return [g[j:j + batch_size] for g in by_len.values() for j in range(0, len(g), batch_size)]
+
+
+def ratio(wave: dict) -> int:
+    """Samples per frame (config.inputs_to_logits_ratio): the product of the conv strides."""
+    n = 1
+    for s in wave["stride"]:
+        n *= s
+    return n
+
+
+def windows(n: int, chunk: int, left: int, right: int) -> list[tuple[int, int, int, int]]:
+    """transformers' chunk_iter: (start, end, left stride, right stride) in samples for a clip of n samples: windows
+    of `chunk` samples a step of chunk - left - right apart, the first without a left stride, the last (the one that
+    reaches the end) without a right one; a window no longer than its left stride is left out."""
+    out, step = [], chunk - left - right
+    for start in range(0, n, step):
+        end = min(start + chunk, n)
+        sl, last = (0 if start == 0 else left), start + chunk >= n
+        if end - start > sl:
+            out.append((start, end, sl, 0 if last else right))
+        if last:
+            break
+    return out
+
+
+def frame_logits(model, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Logits [B, frames, labels] in fp32 of a batch of normalized waveforms (mask: their real samples)."""
+    hidden, pooled = model(values.to(model.device), attention_mask=None if mask is None else mask.to(model.device))
+    return head_logits(model, hidden, pooled, model.frames)
+
+
+def _check_ctc(model):
+    head = model.spec.get("classifier")
+    if not model.spec.get("wave") or head is None or head["pool"] != "tokens":
+        raise FmError(f"{model.spec['architecture']} has no CTC head: convert a *ForCTC checkpoint")
+
+
+def recognize(model, tok, fe, waves: list[torch.Tensor], batch_size: int = 8, chunk_s: float = 30.0,
+              stride_s: float | None = None, words: bool = False, on_file=None) -> list[Recognized]:
+    """Each 16 kHz waveform's transcript (and, with words, each word's time span). Files of up to chunk_s seconds go
+    batch_size at a time (`batches`), padded as the feature extractor pads them, each decoded over its own frames; a longer file goes window by window (stride_s a side, default chunk_s / 6), its full windows batched. on_file(i, Recognized) is
+    called as each file is done."""
+    _check_ctc(model)
+    wave = model.spec["wave"]
+    align = ratio(wave)
+    chunk = int(round(chunk_s * SAMPLE_RATE / align) * align)
+    stride = chunk_s / 6 if stride_s is None else stride_s
+    side = int(round(stride * SAMPLE_RATE / align) * align)
+    if chunk < 2 * side or chunk - 2 * side < align:
+        raise FmError(f"a chunk of {chunk_s} s leaves nothing between its strides of {stride} s")
+    shortest = model.min_samples()
+    out: list[Recognized | None] = [None] * len(waves)
+
+    def finish(i: int, ids: torch.Tensor):
+        r = _decoded(tok, ids, align, words)
+        out[i] = r
+        if on_file is not None:
+            on_file(i, r)
+
+    short = [i for i, w in enumerate(waves) if w.numel() <= chunk]
+    for i, w in enumerate(waves):
+        if w.numel() < shortest:
+            raise FmError(f"audio {i + 1} is {w.numel()} samples: {model.spec['architecture']} needs at least "
+                          f"{shortest} ({shortest / SAMPLE_RATE * 1000:.0f} ms)")
+    for idx in batches(fe, waves, short, batch_size):
+        ids = frame_logits(model, *inputs_of(fe, [waves[i] for i in idx])).argmax(-1).cpu()
+        for k, i in enumerate(idx):     # its own frames: those of the padding (masked or not) say nothing of it
+            finish(i, ids[k, :int(frames_of(wave, waves[i].numel()))])
+    for i in (i for i in range(len(waves)) if waves[i].numel() > chunk):
+        spans = windows(waves[i].numel(), chunk, side, side)
+        full = [s for s in spans if s[1] - s[0] == chunk]
+        pieces = []
+        # windows of one length batch without padding; the last, shorter one goes alone. Each is normalized on its
+        # own and masked (all ones), as the pipeline's chunks are
+        groups = [full[j:j + batch_size] for j in range(0, len(full), batch_size)] + \
+            [[s] for s in spans if s[1] - s[0] != chunk]
+        for group in groups:
+            batch = inputs_of(fe, [waves[i][a:b] for a, b, _, _ in group], mask=True)
+            ids = frame_logits(model, *batch).argmax(-1).cpu()
+            for k, (a, b, sl, sr) in enumerate(group):
+                total = int(round((b - a) / align))        # the pipeline's rescale_stride, in frames
+                left, right = int(round(sl / (b - a) * total)), int(round(sr / (b - a) * total))
+                pieces.append((a, ids[k, left:total - right]))
+        finish(i, torch.cat([p for _, p in sorted(pieces, key=lambda p: p[0])]))
+    return out
+
+
+def _decoded(tok, ids: torch.Tensor, align: int, words: bool) -> Recognized:
+    """Frame ids -> text (repeats merged, blanks dropped, word delimiters as spaces), and with words each word's
+    span: its first frame's start to its last frame's end, in seconds, as the pipeline's word timestamps."""
+    ids = ids.tolist()
+    if not words:
+        return Recognized(tok.decode(ids))
+    got = tok.decode(ids, output_word_offsets=True)
+    return Recognized(got.text, [Word(w["word"], w["start_offset"] * align / SAMPLE_RATE,
+                                      w["end_offset"] * align / SAMPLE_RATE) for w in got.word_offsets])
+
+
+def cues(words: list, pause: float = 0.5, longest: float = 6.0, most: int = 12) -> list[tuple[float, float, str]]:
+    """Subtitle cues of words: a cue ends at a pause of at least `pause` seconds before the next word, or when it
+    would pass `longest` seconds or `most` words."""
+    out, cur = [], []
+    for w in words:
+        if cur and (w.start - cur[-1].end >= pause or w.end - cur[0].start > longest or len(cur) >= most):
+            out.append((cur[0].start, cur[-1].end, " ".join(x.text for x in cur)))
+            cur = []
+        cur.append(w)
+    if cur:
+        out.append((cur[0].start, cur[-1].end, " ".join(x.text for x in cur)))
+    return out
+
+
+def classify_audio(model, fe, waves: list[torch.Tensor], batch_size: int = 8) -> torch.Tensor:
+    """Logits [len(waves), labels] of an audio classifier (*ForSequenceClassification: the mean of the real frames
+    through its projector and classifier), batch_size files a forward."""
+    head = model.spec.get("classifier")
+    if not model.spec.get("wave") or head is None or head["pool"] != "mean":
+        raise FmError(f"{model.spec['architecture']} has no audio classification head: convert a "
+                      f"*ForSequenceClassification checkpoint")
+    shortest = model.min_samples()
+    for i, w in enumerate(waves):
+        if w.numel() < shortest:
+            raise FmError(f"audio {i + 1} is {w.numel()} samples: {model.spec['architecture']} needs at least "
+                          f"{shortest}")
+    rows: list[torch.Tensor | None] = [None] * len(waves)
+    for idx in batches(fe, waves, list(range(len(waves))), batch_size):
+        values, mask = inputs_of(fe, [waves[i] for i in idx])
+        hidden, pooled = model(values.to(model.device),
+                               attention_mask=None if mask is None else mask.to(model.device))
+        frames = model.frames if model.frames is not None else torch.ones(hidden.shape[:2], dtype=torch.bool,
+                                                                          device=hidden.device)
+        for i, row in zip(idx, head_logits(model, hidden, pooled, frames).cpu()):
+            rows[i] = row
+    return torch.stack(rows)

@@ -1,0 +1,272 @@
+"""Wav2Vec2, HuBERT and UniSpeech-SAT (configs/wav2vec2.toml): raw waveforms through the conv stack, against
+transformers on tiny random models: the encoder's states and the heads' logits (CTC per frame, classification
+pooled over the real frames) with padding masked, post-LN and stable pre-LN, at tp 1 and 2 and in int8; `fmconvert
+transcribe` against transformers' ASR pipeline (chunked, with word timestamps) and `classify --audio` against the
+model; bad input refused in one line."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import wave
+
+import pytest
+import torch
+
+import tiny
+from fmconvert.pipeline import Options, convert
+from fmconvert.runtime.classify import head_logits
+
+VOCAB = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, **{c: i + 5 for i, c in enumerate("ETAONIHS")}}
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, conv_dim=(16, 16, 16),
+             conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2), num_conv_pos_embeddings=16,
+             num_conv_pos_embedding_groups=4, vocab_size=len(VOCAB), pad_token_id=0)
+# name -> (config class, model class, overrides): the base layout (GroupNorm on the first conv, post-LN), the stable
+# one (LayerNorm after every conv, conv biases, pre-LN), HuBERT without the features' norm, UniSpeech-SAT
+KINDS = {
+    "wav2vec2": ("Wav2Vec2Config", "Wav2Vec2ForCTC", {}),
+    "wav2vec2_stable": ("Wav2Vec2Config", "Wav2Vec2ForCTC", dict(feat_extract_norm="layer", do_stable_layer_norm=True,
+                                                                  conv_bias=True, num_conv_pos_embeddings=15)),
+    "hubert": ("HubertConfig", "HubertForCTC", dict(feat_proj_layer_norm=False, do_stable_layer_norm=True,
+                                                    feat_extract_norm="layer")),
+    "unispeech_sat": ("UniSpeechSatConfig", "UniSpeechSatForCTC", {}),
+}
+
+
+def build(kind: str = "wav2vec2", model: str | None = None, seed: int = 0, **overrides):
+    import transformers
+    conf, cls, extra = KINDS[kind]
+    torch.manual_seed(seed)
+    m = getattr(transformers, model or cls)(getattr(transformers, conf)(**{**SMALL, **extra, **overrides})).eval()
+    with torch.no_grad():
+        for p in m.parameters():    # away from init's zeros and ones, so every tensor's placement matters
+            p.add_(torch.randn_like(p) * 0.05)
+        if hasattr(m, "lm_head"):
+            m.lm_head.weight.mul_(20)      # decisive characters, so argmax ties do not decide a test
+    return m
+
+
+def tokenizer(path):
+    from transformers import Wav2Vec2CTCTokenizer
+    (path / "vocab.json").write_text(json.dumps(VOCAB))
+    return Wav2Vec2CTCTokenizer(str(path / "vocab.json"))
+
+
+def save(path, hf, mask: bool):
+    from transformers import Wav2Vec2FeatureExtractor
+    path.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(path)
+    tokenizer(path).save_pretrained(path)
+    Wav2Vec2FeatureExtractor(return_attention_mask=mask).save_pretrained(path)
+    return path
+
+
+def waves(lengths=(4000, 2600), seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gliding tones over noise, zero-padded to the longest, with their sample mask."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    x, mask = torch.zeros(len(lengths), T), torch.zeros(len(lengths), T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        t = torch.arange(n) / 16000
+        x[b, :n] = torch.sin(2 * math.pi * (180 + 90 * b + 400 * t) * t) + 0.1 * torch.randn(n, generator=g)
+        mask[b, :n] = 1
+    return x, mask
+
+
+@pytest.mark.parametrize("kind,tp", [("wav2vec2", 1), ("wav2vec2", 2), ("wav2vec2_stable", 1),
+                                     ("wav2vec2_stable", 2), ("hubert", 1), ("unispeech_sat", 1)])
+def test_matches_transformers(tmp_path, kind, tp):
+    """The last hidden state and the CTC logits of a padded batch, on every rank, as transformers computes them
+    (the padded row's real frames; its padding is not compared)."""
+    hf = build(kind)
+    src = save(tmp_path / "src", hf, mask=True)
+    out = tmp_path / "out"
+    convert(src, out, Options(tp=tp), progress=False)
+    x, mask = waves()
+    with torch.no_grad():
+        want = hf(x, attention_mask=mask, output_hidden_states=True)
+        base = getattr(hf, hf.base_model_prefix)(x, attention_mask=mask).last_hidden_state
+    real = hf._get_feature_vector_attention_mask(base.shape[1], mask).bool()
+    assert not real.all()       # the second row is padded
+
+    def run(m):
+        h, pooled = m(x, attention_mask=mask)
+        return h, head_logits(m, h, pooled, m.frames), m.frames
+    for h, logits, frames in tiny.on_ranks(out, tp, run):
+        assert torch.equal(frames, real)
+        assert tiny.rel(h[real], base[real]) < 1e-5
+        assert tiny.rel(logits[real], want.logits[real]) < 1e-5
+
+
+def test_without_a_mask_and_in_int8(tmp_path):
+    """A batch without a mask (wav2vec2-base's feature extractor gives none: padding is read as silence), exactly;
+    int8 stays close to it."""
+    hf = build("wav2vec2", seed=1)
+    src = save(tmp_path / "src", hf, mask=False)
+    x, _ = waves(seed=5)
+    with torch.no_grad():
+        want = hf(x).logits
+    for opts, bound in [(Options(), 1e-5), (Options(int8=True, group_size=16), 0.05)]:
+        out = tmp_path / f"out{int(opts.int8)}"
+        convert(src, out, opts, progress=False)
+        (logits,) = tiny.on_ranks(out, 1, lambda m: head_logits(m, *m(x), m.frames))
+        assert tiny.rel(logits, want) < bound
+
+
+def test_reassembles_both_spellings_of_the_weight_norm(tmp_path):
+    """A float conversion at tp 2 gives back every source tensor bit for bit (the training-only masked_spec_embed
+    left out), under transformers 5's parametrizations names or the older weight_g / weight_v, which it keeps."""
+    from safetensors.torch import load_file, save_file
+
+    from fmconvert.reassemble import reassemble
+    src = save(tmp_path / "src", build("wav2vec2_stable"), mask=True)
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in src.iterdir():
+        (old / f.name).write_bytes(f.read_bytes())
+    new = load_file(src / "model.safetensors")
+    renamed = {k.replace("parametrizations.weight.original0", "weight_g")
+               .replace("parametrizations.weight.original1", "weight_v"): v for k, v in new.items()}
+    assert renamed.keys() != new.keys()
+    save_file(renamed, old / "model.safetensors")
+    x, mask = waves()
+    for s in (src, old):
+        out = tmp_path / f"out_{s.name}"
+        convert(s, out, Options(tp=2), progress=False)
+        got, want = reassemble(out)[1], load_file(s / "model.safetensors")
+        want = {k: v for k, v in want.items() if not k.endswith("masked_spec_embed")}
+        assert sorted(got) == sorted(want)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+        h = tiny.on_ranks(out, 2, lambda m: m(x, attention_mask=mask)[0])[0]
+        if s is src:
+            first = h
+    assert torch.equal(h, first)        # the same weight made of either
+
+
+def test_audio_classifier_matches_transformers(tmp_path):
+    """*ForSequenceClassification: the projector and classifier over the mean of each clip's real frames."""
+    hf = build("hubert", model="HubertForSequenceClassification", num_labels=3, classifier_proj_size=8)
+    src = save(tmp_path / "src", hf, mask=True)
+    out = tmp_path / "out"
+    convert(src, out, Options(tp=2), progress=False)
+    x, mask = waves()
+    with torch.no_grad():
+        want = hf(x, attention_mask=mask).logits
+    for logits in tiny.on_ranks(out, 2, lambda m: head_logits(m, *m(x, attention_mask=mask), m.frames)):
+        assert tiny.rel(logits, want) < 1e-5
+
+
+def write_wav(path, samples: torch.Tensor):
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(struct.pack(f"<{samples.numel()}h", *(samples.clamp(-1, 1) * 20000).round().int().tolist()))
+    return path
+
+
+def test_cli_transcribe_as_the_asr_pipeline(tmp_path):
+    """`fmconvert transcribe` prints what transformers' ASR pipeline reads (the same tokenizer's decode): short
+    files batched, a long one in chunks with strides (chunk_length_s), word timestamps as its "word" chunks; the
+    subtitles and JSON carry those words."""
+    from click.testing import CliRunner
+    from transformers import Wav2Vec2FeatureExtractor, pipeline
+
+    from fmconvert.cli import cli
+    from fmconvert.runtime.audio import load_audio
+    hf = build("wav2vec2_stable", seed=2)
+    src = save(tmp_path / "src", hf, mask=True)
+    out = tmp_path / "out"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["convert", str(src), str(out), "-q"]).exit_code == 0
+    x, _ = waves((4000, 6000, 15000), seed=7)
+    files = [write_wav(tmp_path / f"{n}.wav", x[i, :k]) for i, (n, k) in enumerate([("a", 4000), ("b", 6000),
+                                                                                     ("long", 15000)])]
+    asr = pipeline("automatic-speech-recognition", model=hf, tokenizer=tokenizer(tmp_path),
+                   feature_extractor=Wav2Vec2FeatureExtractor(return_attention_mask=True))
+    audio = [load_audio(f, 16000).numpy() for f in files]
+    want = [asr(a, chunk_length_s=0.5, stride_length_s=0.1) for a in audio]
+    words = [asr(a, chunk_length_s=0.5, stride_length_s=0.1, return_timestamps="word") for a in audio]
+    assert len({w["text"] for w in want}) == 3 and all(w["text"] for w in want)
+    args = ["transcribe", str(out), *map(str, files), "--chunk-length", "0.5", "--stride-length", "0.1"]
+    r = runner.invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines() == [f"{f}\t{w['text']}" for f, w in zip(files, want)]
+    assert "3 files" in r.stderr and "CTC" in r.stderr
+    r = runner.invoke(cli, [*args, "--format", "json"])
+    assert r.exit_code == 0, r.output
+    for line, w in zip(r.stdout.splitlines(), words):
+        got = json.loads(line)
+        assert got["text"] == w["text"]
+        assert [(x["text"], x["start"], x["end"]) for x in got["words"]] == \
+            [(c["text"], round(c["timestamp"][0], 3), round(c["timestamp"][1], 3)) for c in w["chunks"]]
+        assert " ".join(s["text"] for s in got["segments"]) == " ".join(c["text"] for c in w["chunks"])
+    r = runner.invoke(cli, [*args[:3], "--format", "srt", "--chunk-length", "0.5"])
+    assert r.exit_code == 0 and r.stdout.startswith("1\n00:00:00,"), r.output
+
+
+def test_cli_classify_audio(tmp_path):
+    """`classify --audio` prints each file's label and probabilities, from transformers' logits."""
+    from click.testing import CliRunner
+    from transformers import Wav2Vec2FeatureExtractor
+
+    from fmconvert.cli import cli
+    from fmconvert.runtime.audio import load_audio
+    hf = build("wav2vec2", model="Wav2Vec2ForSequenceClassification", num_labels=3, classifier_proj_size=8,
+               id2label={0: "yes", 1: "no", 2: "up"}, label2id={"yes": 0, "no": 1, "up": 2})
+    src = save(tmp_path / "src", hf, mask=False)
+    out = tmp_path / "out"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["convert", str(src), str(out), "-q"]).exit_code == 0
+    x, _ = waves((3000, 5000), seed=9)
+    files = [write_wav(tmp_path / f"{i}.wav", x[i, :n]) for i, n in enumerate((3000, 5000))]
+    fe = Wav2Vec2FeatureExtractor(return_attention_mask=False)
+    r = runner.invoke(cli, ["classify", str(out), *(a for f in files for a in ("--audio", str(f)))])
+    assert r.exit_code == 0, r.output
+    for f, line in zip(files, r.stdout.splitlines()):
+        got = json.loads(line)
+        with torch.no_grad():
+            p = hf(fe(load_audio(f, 16000).numpy(), sampling_rate=16000, return_tensors="pt").input_values
+                   ).logits.softmax(-1)[0]
+        assert got["file"] == str(f) and got["label"] == ["yes", "no", "up"][int(p.argmax())]
+        assert [got["scores"][k] for k in ("yes", "no", "up")] == pytest.approx(p.tolist(), abs=1e-5)
+
+
+def test_bad_input_is_refused_in_one_line(tmp_path, capsys):
+    """Variants fmconvert does not run, Whisper's options, text verbs and audio too short for the conv stack: one
+    line each, nothing written."""
+    from click.testing import CliRunner
+    from corpus import run_main
+
+    from fmconvert.cli import cli
+    hf = build("wav2vec2")
+    src = save(tmp_path / "src", hf, mask=False)
+    out = tmp_path / "out"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["convert", str(src), str(out), "-q"]).exit_code == 0
+    wav = write_wav(tmp_path / "a.wav", waves((3000,))[0][0])
+    tiny_wav = write_wav(tmp_path / "short.wav", torch.zeros(12))
+    for args, match in [
+        (["transcribe", str(out), str(wav), "--language", "fr"], "--language: Whisper's"),
+        (["transcribe", str(out), str(tiny_wav)], "short.wav: 12 samples at 16 kHz is too short: Wav2Vec2ForCTC needs at least 40"),
+        (["transcribe", str(out), str(wav), "--chunk-length", "0.01", "--stride-length", "0.005"],
+         "leaves nothing between its strides"),
+        (["generate", str(out), "-p", "hi"], "it reads audio; use `fmconvert transcribe"),
+        (["classify", str(out), "-t", "hi"], "it reads audio; use `fmconvert transcribe"),
+        (["classify", str(out), "--audio", str(wav)], "no audio classifier: use `fmconvert transcribe"),
+        (["embed", str(out), "-t", "hi"], "it reads audio"),
+    ]:
+        code, stdout, err = run_main(capsys, *args)
+        assert code != 0 and "Traceback" not in err and not stdout, err
+        assert match in err and len(err.strip().splitlines()) == 1, err
+    for edit, match in [({"adapter_attn_dim": 16}, "adapter_attn_dim"), ({"add_adapter": True}, "add_adapter"),
+                        ({"conv_stride": [5, 2, 0]}, "one per conv layer"),
+                        ({"feat_extract_norm": "batch"}, "feat_extract_norm must be group or layer"),
+                        ({"num_conv_pos_embedding_groups": 5}, "num_conv_pos_embedding_groups")]:
+        tiny.refuses(save(tmp_path / f"src{len(edit)}{match[:4]}", hf, mask=False), tmp_path / "no", match, **edit)
+    cls = build("wav2vec2", model="Wav2Vec2ForSequenceClassification", num_labels=2, use_weighted_layer_sum=True)
+    from fmconvert.errors import FmError
+    with pytest.raises(FmError, match="use_weighted_layer_sum"):
+        convert(save(tmp_path / "weighted", cls, mask=False), tmp_path / "no", Options(), progress=False)
+    assert not (tmp_path / "no").exists()
