@@ -35,6 +35,10 @@ def test_bench_smoke(tmp_path):
         assert f"seq2seq whisper-smoke {kind}" in names, names
         w = res["raw"]["whisper"][f"whisper_smoke_{kind}"]
         assert w["fm_new_tokens"] == [w["tokens"]] and len(w["hf_tokens"]) == w["tokens"], w
+    for label in ("smoke-base", "smoke-large"):     # Wav2Vec2 CTC: float32 picks HF's letter on every frame
+        c = res["raw"]["ctc"][label.replace("-", "_")]["clip"]
+        assert f"ctc {label} 1 s fp32" in names and f"ctc {label} 2 s int8" in names, names
+        assert all(x["fp32"]["agree_eager"] == 1.0 and x["int8"]["agree_eager"] > 0.9 for x in c.values()), c
     for f in res["figures"]:
         assert isinstance(f["value"], (int, float)) and f["value"] > 0, f
         assert f["baseline_value"] is None or f["baseline_value"] > 0, f

@@ -1,5 +1,6 @@
-"""Encoder-decoders (T5, BART) on the Triton backend (interpreter on CPU, kernels on CUDA) against the torch backend:
-the encoder, cross-attention over a padded source, T5's causal bias in cached decode steps, int8 and float."""
+"""Encoder-decoders (T5, BART, Whisper) and Wav2Vec2 on the Triton backend (interpreter on CPU, kernels on CUDA)
+against the torch backend: the encoder, cross-attention over a padded source, T5's causal bias in cached decode steps,
+a waveform front end with padded frames masked, int8 and float."""
 
 import pytest
 import torch
@@ -75,3 +76,23 @@ def test_whisper_on_the_triton_backend(tmp_path):
     a = [t.tokens for t in transcribe(ref, feats, GEN, "en", max_new_tokens=6, eos_token_id=99)[0]]
     b = [t.tokens for t in transcribe(tri, feats.to(DEVICE), GEN, "en", max_new_tokens=6, eos_token_id=99)[0]]
     assert a == b
+
+
+def test_wav2vec2_on_the_triton_backend(tmp_path):
+    """Wav2Vec2 (stable pre-LN), int8, a padded batch: the conv front end in torch, then Triton's layers with the
+    padded frames masked; its CTC logits against the torch backend."""
+    from test_wav2vec2 import build, save, waves
+
+    from fmconvert.runtime.classify import head_logits
+    src = save(tmp_path / "src", build("wav2vec2_stable"), mask=True)
+    out = tmp_path / "out"
+    convert(src, out, Options(int8=True, group_size=16), progress=False)
+    x, mask = waves((1600, 1100))
+    outs = []
+    for m, dev in ((load(out, device="cpu", backend="torch", dequantize=True), "cpu"),
+                   (load(out, device=DEVICE, backend="triton"), DEVICE)):
+        h, pooled = m(x.to(dev), attention_mask=mask.to(dev))
+        outs.append((head_logits(m, h, pooled, m.frames).cpu(), m.frames.cpu()))
+    (want, real), (got, frames) = outs
+    assert torch.equal(real, frames) and not real.all()
+    assert ((got - want)[real].abs().max() / want.abs().max()).item() < 1e-3
