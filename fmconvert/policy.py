@@ -2550,9 +2550,10 @@ class Policy:
                                                       "ForQuestionAnswering", "ForCTC")):
             return None
         have = set(extras)
-        if "unsupported" in head and _eval_flag(config, head["unsupported"]):
-            raise FmError(f"{architecture}: its classifier uses a variant fmconvert does not support "
-                          f"({head['unsupported']})")
+        layer_sum = "layer_sum" in head and _eval_flag(config, head["layer_sum"])
+        if layer_sum and "layer_weights" not in have:
+            raise FmError(f"{architecture}: its classifier sums the layers' states ({head['layer_sum']}), but the "
+                          f"checkpoint has no layer_weights")
 
         def value(v):
             if isinstance(v, dict):
@@ -2578,7 +2579,7 @@ class Policy:
                     raise FmError(f"config.json: the classifier's activation {act!r} is not supported")
                 act = _ACTIVATIONS[act]
             steps.append({"op": op, "name": name, "bias": f"{name}.bias" in have, "act": act})
-        return {"pool": pool, "steps": steps}
+        return {"pool": pool, "steps": steps, **({"layer_sum": True} if layer_sum else {})}
 
     def passthrough(self) -> list[str]:
         return list(self.table.get("passthrough", []))

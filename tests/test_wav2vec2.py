@@ -144,16 +144,30 @@ def test_reassembles_both_spellings_of_the_weight_norm(tmp_path):
     assert torch.equal(h, first)        # the same weight made of either
 
 
-def test_audio_classifier_matches_transformers(tmp_path):
-    """*ForSequenceClassification: the projector and classifier over the mean of each clip's real frames."""
-    hf = build("hubert", model="HubertForSequenceClassification", num_labels=3, classifier_proj_size=8)
+@pytest.mark.parametrize("kind,weighted", [("hubert", False), ("wav2vec2", True), ("wav2vec2_stable", True)])
+def test_audio_classifier_matches_transformers(tmp_path, kind, weighted):
+    """*ForSequenceClassification: the projector and classifier over the mean of each clip's real frames, the
+    frames being the last layer's states, or (use_weighted_layer_sum, the superb models) every layer's weighted by
+    softmax(layer_weights)."""
+    import transformers
+    cls = KINDS[kind][1].replace("ForCTC", "ForSequenceClassification")
+    hf = build(kind, model=cls, num_labels=3, classifier_proj_size=8, use_weighted_layer_sum=weighted)
+    if weighted:
+        with torch.no_grad():
+            hf.layer_weights.copy_(torch.tensor([0.5, -1.0, 2.0]))
     src = save(tmp_path / "src", hf, mask=True)
     out = tmp_path / "out"
     convert(src, out, Options(tp=2), progress=False)
     x, mask = waves()
     with torch.no_grad():
         want = hf(x, attention_mask=mask).logits
-    for logits in tiny.on_ranks(out, 2, lambda m: head_logits(m, *m(x, attention_mask=mask), m.frames)):
+        plain = getattr(transformers, cls).from_pretrained(src, use_weighted_layer_sum=False)(x, attention_mask=mask)
+    assert weighted == (tiny.rel(plain.logits, want) > 1e-3)   # the weighting changes the result
+
+    def run(m):
+        h, states = m.hidden(x, attention_mask=mask, output_hidden_states=True)
+        return head_logits(m, h, None, m.frames, states=states)
+    for logits in tiny.on_ranks(out, 2, run):
         assert tiny.rel(logits, want) < 1e-5
 
 
@@ -265,8 +279,3 @@ def test_bad_input_is_refused_in_one_line(tmp_path, capsys):
                         ({"feat_extract_norm": "batch"}, "feat_extract_norm must be group or layer"),
                         ({"num_conv_pos_embedding_groups": 5}, "num_conv_pos_embedding_groups")]:
         tiny.refuses(save(tmp_path / f"src{len(edit)}{match[:4]}", hf, mask=False), tmp_path / "no", match, **edit)
-    cls = build("wav2vec2", model="Wav2Vec2ForSequenceClassification", num_labels=2, use_weighted_layer_sum=True)
-    from fmconvert.errors import FmError
-    with pytest.raises(FmError, match="use_weighted_layer_sum"):
-        convert(save(tmp_path / "weighted", cls, mask=False), tmp_path / "no", Options(), progress=False)
-    assert not (tmp_path / "no").exists()

@@ -26,14 +26,20 @@ def end_token(spec: dict) -> int:
 
 
 def head_logits(model, hidden: torch.Tensor, pooled: torch.Tensor | None, mask: torch.Tensor,
-                ids: torch.Tensor | None = None) -> torch.Tensor:
+                ids: torch.Tensor | None = None, states: list | None = None) -> torch.Tensor:
     """The encoder's output (hidden [B, T, h], pooled) and the attention mask -> logits [B, labels] in fp32, as the
     manifest's classifier says. An encoder-decoder's (BART's, pool "eos"): hidden is its decoder's, read at each
-    row's last eos token of ids (the source)."""
+    row's last eos token of ids (the source). A head with layer_sum (Wav2Vec2's use_weighted_layer_sum) reads the
+    states of every layer (`hidden(..., output_hidden_states=True)`'s) weighted by softmax(layer_weights)."""
     head = model.spec["classifier"]
     if head is None:
         raise FmError(f"{model.spec['architecture']} has no sequence-classification head (convert a "
                       f"*ForSequenceClassification checkpoint)")
+    if head.get("layer_sum"):
+        if states is None:
+            raise ValueError("this classifier sums every layer's states: pass states=")
+        w = torch.softmax(model.g["extra.layer_weights"].float(), -1).to(hidden.dtype)
+        hidden = (torch.stack(states, 1) * w.view(-1, 1, 1)).sum(1)
     if head["pool"] in ("tokens", "spans", "late"):     # every token's state: [B, T, labels] (spans: start, end)
         x = hidden
     elif head["pool"] == "pooler":

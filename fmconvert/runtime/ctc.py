@@ -188,8 +188,8 @@ def cues(words: list, pause: float = 0.5, longest: float = 6.0, most: int = 12) 
 
 
 def classify_audio(model, fe, waves: list[torch.Tensor], batch_size: int = 8) -> torch.Tensor:
-    """Logits [len(waves), labels] of an audio classifier (*ForSequenceClassification: the mean of the real frames
-    through its projector and classifier), batch_size files a forward."""
+    """Logits [len(waves), labels] of an audio classifier (*ForSequenceClassification: the mean of the real frames,
+    or of the layers' weighted sum, through its projector and classifier), batch_size files a forward."""
     head = model.spec.get("classifier")
     if not model.spec.get("wave") or head is None or head["pool"] != "mean":
         raise FmError(f"{model.spec['architecture']} has no audio classification head: convert a "
@@ -202,10 +202,10 @@ def classify_audio(model, fe, waves: list[torch.Tensor], batch_size: int = 8) ->
     rows: list[torch.Tensor | None] = [None] * len(waves)
     for idx in batches(fe, waves, list(range(len(waves))), batch_size):
         values, mask = inputs_of(fe, [waves[i] for i in idx])
-        hidden, pooled = model(values.to(model.device),
-                               attention_mask=None if mask is None else mask.to(model.device))
+        hidden, states = model.hidden(values.to(model.device), output_hidden_states=True,
+                                      attention_mask=None if mask is None else mask.to(model.device))
         frames = model.frames if model.frames is not None else torch.ones(hidden.shape[:2], dtype=torch.bool,
                                                                           device=hidden.device)
-        for i, row in zip(idx, head_logits(model, hidden, pooled, frames).cpu()):
+        for i, row in zip(idx, head_logits(model, hidden, None, frames, states=states).cpu()):
             rows[i] = row
     return torch.stack(rows)

@@ -431,6 +431,10 @@ def check_layout(m: dict, rank: int):
             raise FmError(f"manifest: rank {rank}: the classifier's {s['name']} ({s['op']}, bias {s['bias']}) is "
                           f"missing or does not fit a {width}-wide input")
         width = w["shape"][0]
+    lw = tensors.get("extra.layer_weights")
+    if (sp["classifier"] or {}).get("layer_sum") and (lw is None or lw["shape"] != [sp["num_layers"] + 1]):
+        raise FmError(f"manifest: rank {rank}: the classifier's layer_weights are missing or not one per layer and "
+                      f"one for the input ({sp['num_layers'] + 1})")
     if (sp["classifier"] or {}).get("pool") == "spans" and width != 2:
         raise FmError(f"manifest: rank {rank}: a question-answering head gives 2 logits a token, not {width}")
     for name, t in tensors.items():
@@ -616,7 +620,8 @@ def _assemble(manifest: dict, raw: dict, device, int8: str, dtype) -> dict:
     out = {}
     tied = manifest["model"]["tied_embeddings"]
     head = manifest["model"]["classifier"]          # the passthrough tensors a classifier runs, loaded; no others
-    keep = {f"extra.{s['name']}.{p}" for s in head["steps"] for p in ("weight", "bias")} if head else set()
+    keep = {f"extra.{s['name']}.{p}" for s in head["steps"] for p in ("weight", "bias")} | (
+        {"extra.layer_weights"} if head.get("layer_sum") else set()) if head else set()
     for name, t in raw.items():
         if name.endswith("_scale"):
             continue
