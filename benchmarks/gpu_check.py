@@ -835,9 +835,58 @@ def main():
             shutil.rmtree(src.parent, ignore_errors=True)
         return res
 
+    @stage("ctc_encode", out)
+    def ctc_encode():
+        """Speech recognition by CTC, bf16, random weights: a wav2vec2-large-lv60-shaped Wav2Vec2ForCTC (24 layers,
+        1024 wide, LayerNormed convs, stable pre-LN) on 30 s of audio at batch 1 and 8 (1499 frames a clip).
+        fmconvert (its conv front end in torch, Triton's layers) against HF with SDPA: seconds per forward, and the
+        argmax agreement and relative error of the CTC logits."""
+        from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+        from fmconvert.runtime.classify import head_logits
+        from fmconvert.runtime.load import load
+        big = DEV == "cuda"
+        size = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096) if big \
+            else dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                      conv_dim=(32,) * 7, num_conv_pos_embeddings=16)
+        cfg = Wav2Vec2Config(vocab_size=32, feat_extract_norm="layer", conv_bias=True, do_stable_layer_norm=True,
+                             **size)
+        cfg.architectures = ["Wav2Vec2ForCTC"]
+        hf = random_bf16(Wav2Vec2ForCTC, cfg)
+        src = workdir(sum(p.numel() for p in hf.parameters()) * 5) / "wav2vec2_large"
+        hf.save_pretrained(src)
+        res = {}
+        for kind, flags in (("bf16", []), ("int8", ["--int8"])):
+            dst = src.parent / f"w2v-{kind}"
+            p = subprocess.run([sys.executable, "-m", "fmconvert", "convert", "-q", "--dtype", "bf16", *flags,
+                                str(src), str(dst)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                               capture_output=True, text=True)
+            if p.returncode:
+                raise RuntimeError(f"convert wav2vec2 {kind}: {p.stderr.strip()[-500:]}")
+            m = load(dst, device=DEV, backend="triton" if DEV == "cuda" else "torch")
+            for B in (1, 8):
+                n = 16000 * (30 if big else 1)
+                x = torch.randn(B, n, device=DEV).to(torch.bfloat16)
+                with torch.inference_mode():
+                    want = hf(x).logits.float()
+                    got = head_logits(m, *m(x), m.frames).float()
+                    hf_s = timed(lambda: hf(x), 3)
+                    fm_s = timed(lambda: m(x), 3)
+                r = {"rel_err": rel_err(got, want), "argmax_agree": float((got.argmax(-1) == want.argmax(-1))
+                                                                          .float().mean()),
+                     "hf_sdpa_s": hf_s, "fm_s": fm_s, "vs_hf": hf_s / fm_s, "audio_s": n / 16000 * B,
+                     "fm_x_real_time": n / 16000 * B / fm_s}
+                print("  ", kind, f"batch {B}", {k: round(v, 4) for k, v in r.items()}, flush=True)
+                res[f"{kind}_b{B}"] = r
+            del m
+        del hf
+        shutil.rmtree(src.parent, ignore_errors=True)
+        return res
+
     # Each small-model stage (about a minute each) only while enough of --deadline-s is left for it and the ones after
-    for name, fn, need in (("mla_decode", mla_decode, 170), ("hybrid_decode", hybrid_decode, 120),
-                           ("mamba_decode", mamba_decode, 70), ("seq2seq_decode", seq2seq_decode, 60)):
+    for name, fn, need in (("mla_decode", mla_decode, 210), ("hybrid_decode", hybrid_decode, 160),
+                           ("mamba_decode", mamba_decode, 110), ("seq2seq_decode", seq2seq_decode, 100),
+                           ("ctc_encode", ctc_encode, 40)):
         if args.only_7b:
             continue
         if args.deadline_s - (time.perf_counter() - t_start) > need or args.dry_run_cpu:

@@ -34,6 +34,9 @@ def test_gpu_check_dry_run(tmp_path):
         if isinstance(r, dict) and "rel_err" in r:
             assert r["rel_err"] < 5e-2 and r["fm_s"] > 0 and r["hf_s"] > 0, (tag, r)
     assert {"t5_v1_1_base", "bart_base"} <= set(stages["seq2seq_decode"]), stages["seq2seq_decode"]
+    ctc = stages["ctc_encode"]                  # Wav2Vec2's CTC logits, bf16 and int8, batch 1 and 8
+    assert {"bf16_b1", "bf16_b8", "int8_b1", "int8_b8"} <= set(ctc), ctc
+    assert all(ctc[k]["rel_err"] < 5e-2 and ctc[k]["fm_s"] > 0 for k in ("bf16_b1", "bf16_b8")), ctc
     for key in ("fmconvert_bf16", "fmconvert_int8"):
         b = stages[key]["breakdown"]
         assert "error" not in b, b
