@@ -207,6 +207,7 @@ GLOBAL_SLOTS = (
     "wave_conv{c}.weight", "wave_conv{c}.bias", "wave_norm{c}.weight", "wave_norm{c}.bias",
     "feat_norm.weight", "feat_norm.bias", "feat_proj.weight", "feat_proj.bias",
     "pos_conv.g", "pos_conv.v", "pos_conv.bias",
+    "pos_conv{p}.weight", "pos_conv{p}.bias",       # Data2Vec-Audio: a stack of plain positional convs instead
     "loop_init",      # HRM-Text: the low-level state's start, [hidden] (z_L_init)
     "input_gain", "input_shift",      # ZAYA: the embeddings enter the stream as (e + shift) * gain
 )
@@ -346,7 +347,9 @@ class ModelSpec:
     wave: dict | None = None        # Wav2Vec2, HuBERT: a raw 16 kHz waveform in, through a conv stack {conv_dim,
     #                                 kernel, stride (lists, a conv layer each), bias, norm ("group": the first layer
     #                                 only, "layer": every layer), act, feat_norm}, projected to hidden, plus a grouped
-    #                                 positional conv {pos_kernel, pos_groups}, in place of an embedding table
+    #                                 positional conv {pos_kernel, pos_groups, pos_layers (0: one weight-normed
+    #                                 conv; n: n plain ones, each LayerNormed without weights)}, in place of an
+    #                                 embedding table
     causal_encoder: bool = False    # CLIP's text encoder: an encoder whose tokens see only those before them
     eos_pool: dict | None = None    # CLIP: {"eos_id"}: the pooled output is the first eos token's state (eos_id -1:
     #                                 the largest id's, as checkpoints with the old eos id 2 do), through text_proj
@@ -1111,13 +1114,15 @@ class Policy:
         if act not in ("gelu", "gelu_tanh", "relu", "silu"):
             raise FmError(f"config.json: feat_extract_activation {v['act']!r} is not supported")
         h = int(_config_value(config, self.table["config"]["hidden_size"], "hidden_size", flags))
-        k, groups = v["pos_kernel"], v["pos_groups"]
+        k, groups, layers = v["pos_kernel"], v["pos_groups"], v.get("pos_layers", 0)
         if type(k) is not int or not 0 < k <= 1024 or type(groups) is not int or groups <= 0 or h % groups:
-            raise FmError(f"config.json: num_conv_pos_embeddings must be a positive integer and "
-                          f"num_conv_pos_embedding_groups one that divides hidden_size, got {k!r} and {groups!r}")
+            raise FmError(f"config.json: the positional conv's kernel ({w['pos_kernel']}) must be a positive integer "
+                          f"and its groups ({w['pos_groups']}) one that divides hidden_size, got {k!r} and {groups!r}")
+        if type(layers) is not int or not 0 <= layers <= 16:
+            raise FmError(f"config.json: {w['pos_layers']} must be a small positive integer, got {layers!r}")
         return {"conv_dim": list(v["conv_dim"]), "kernel": list(v["kernel"]), "stride": list(v["stride"]),
                 "bias": bool(v["bias"]), "norm": v["norm"], "act": act, "feat_norm": bool(v.get("feat_norm", True)),
-                "pos_kernel": k, "pos_groups": groups}
+                "pos_kernel": k, "pos_groups": groups, "pos_layers": layers}
 
     def _eos_pool(self, config) -> dict:
         """CLIP's pooled output: the state of each text's first eos token, or (checkpoints whose config still says
@@ -2136,14 +2141,16 @@ class Policy:
         layer's part (block_parts), whose `<part>_name` an entry may give (Zamba2's hybrid layers). wave: a
         Wav2Vec2 front end, over whose conv layers an entry with `{c}` repeats (those it has, `wave_slots`)."""
         for slot, names, optional, aliases in self._plain_entries(section, flags, dense, part):
-            if "{c}" not in slot:
+            field = "{c}" if "{c}" in slot else "{p}" if "{p}" in slot else None
+            if field is None:
                 yield slot, names, optional, aliases
                 continue
             have = set(wave_slots(wave)) if wave else set()
-            for c in range(len(wave["conv_dim"]) if wave else 0):
-                if slot.format(c=c) in have:
-                    yield (slot.format(c=c), [n.replace("{c}", str(c)) for n in names], optional,
-                           [[n.replace("{c}", str(c)) for n in a] for a in aliases])
+            n = 0 if not wave else len(wave["conv_dim"]) if field == "{c}" else wave.get("pos_layers", 0)
+            for c in map(str, range(n)):
+                if slot.replace(field, c) in have:
+                    yield (slot.replace(field, c), [x.replace(field, c) for x in names], optional,
+                           [[x.replace(field, c) for x in a] for a in aliases])
 
     def _plain_entries(self, section: dict, flags: dict, dense: bool = False, part: str | None = None):
         for slot, entry in section.items():
@@ -2757,13 +2764,19 @@ class Policy:
 
 
 def wave_slots(wave: dict) -> list[str]:
-    """The conv stack's slots of a Wav2Vec2 front end, in order: each conv's weight (and bias), and its norm's
-    weight and bias where it has one (every layer's with "layer" norms, the first one's with "group")."""
+    """The slots of a Wav2Vec2 front end, in order: each conv's weight (and bias) and its norm's weight and bias
+    where it has one (every layer's with "layer" norms, the first one's with "group"), the features' norm and
+    projection, and the positional conv (weight-normed: g, v; Data2Vec-Audio: pos_layers plain convs)."""
     out = []
     for c in range(len(wave["conv_dim"])):
         out += [f"wave_conv{c}.weight"] + ([f"wave_conv{c}.bias"] if wave["bias"] else [])
         if wave["norm"] == "layer" or c == 0:
             out += [f"wave_norm{c}.weight", f"wave_norm{c}.bias"]
+    out += ["feat_norm.weight", "feat_norm.bias"] if wave["feat_norm"] else []
+    out += ["feat_proj.weight", "feat_proj.bias"]
+    layers = wave.get("pos_layers", 0)
+    out += [f"pos_conv{p}.{t}" for p in range(layers) for t in ("weight", "bias")] if layers else \
+        ["pos_conv.g", "pos_conv.v", "pos_conv.bias"]
     return out
 
 
@@ -2781,6 +2794,8 @@ def wave_shapes(wave: dict | ModelSpec | None, hidden: int | None = None) -> dic
     out.update({"feat_norm.weight": (dims[-1],), "feat_norm.bias": (dims[-1],), "feat_proj.weight": (h, dims[-1]),
                 "feat_proj.bias": (h,), "pos_conv.g": (1, 1, K), "pos_conv.v": (h, h // wave["pos_groups"], K),
                 "pos_conv.bias": (h,)})
+    for p in range(wave.get("pos_layers", 0)):
+        out.update({f"pos_conv{p}.weight": (h, h // wave["pos_groups"], K), f"pos_conv{p}.bias": (h,)})
     return out
 
 

@@ -1,4 +1,4 @@
-"""Wav2Vec2, HuBERT and UniSpeech-SAT (configs/wav2vec2.toml): raw waveforms through the conv stack, against
+"""Wav2Vec2, HuBERT, UniSpeech-SAT (configs/wav2vec2.toml) and Data2Vec-Audio: raw waveforms through the conv stack, against
 transformers on tiny random models: the encoder's states and the heads' logits (CTC per frame, classification
 pooled over the real frames) with padding masked, post-LN and stable pre-LN, at tp 1 and 2 and in int8; `fmconvert
 transcribe` against transformers' ASR pipeline (chunked, with word timestamps) and `classify --audio` against the
@@ -31,6 +31,9 @@ KINDS = {
     "hubert": ("HubertConfig", "HubertForCTC", dict(feat_proj_layer_norm=False, do_stable_layer_norm=True,
                                                     feat_extract_norm="layer")),
     "unispeech_sat": ("UniSpeechSatConfig", "UniSpeechSatForCTC", {}),
+    # Data2Vec-Audio: LayerNormed convs, and a stack of two plain positional convs (an even kernel: one frame trimmed)
+    "data2vec_audio": ("Data2VecAudioConfig", "Data2VecAudioForCTC", dict(num_conv_pos_embeddings=2,
+                                                                          conv_pos_kernel_size=4, conv_bias=True)),
 }
 
 
@@ -75,7 +78,8 @@ def waves(lengths=(4000, 2600), seed: int = 3) -> tuple[torch.Tensor, torch.Tens
 
 
 @pytest.mark.parametrize("kind,tp", [("wav2vec2", 1), ("wav2vec2", 2), ("wav2vec2_stable", 1),
-                                     ("wav2vec2_stable", 2), ("hubert", 1), ("unispeech_sat", 1)])
+                                     ("wav2vec2_stable", 2), ("hubert", 1), ("unispeech_sat", 1),
+                                     ("data2vec_audio", 1), ("data2vec_audio", 2)])
 def test_matches_transformers(tmp_path, kind, tp):
     """The last hidden state and the CTC logits of a padded batch, on every rank, as transformers computes them
     (the padded row's real frames; its padding is not compared)."""
@@ -144,7 +148,8 @@ def test_reassembles_both_spellings_of_the_weight_norm(tmp_path):
     assert torch.equal(h, first)        # the same weight made of either
 
 
-@pytest.mark.parametrize("kind,weighted", [("hubert", False), ("wav2vec2", True), ("wav2vec2_stable", True)])
+@pytest.mark.parametrize("kind,weighted", [("hubert", False), ("wav2vec2", True), ("wav2vec2_stable", True),
+                                           ("data2vec_audio", False)])
 def test_audio_classifier_matches_transformers(tmp_path, kind, weighted):
     """*ForSequenceClassification: the projector and classifier over the mean of each clip's real frames, the
     frames being the last layer's states, or (use_weighted_layer_sum, the superb models) every layer's weighted by

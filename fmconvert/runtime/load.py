@@ -300,8 +300,7 @@ def check_layout(m: dict, rank: int):
     tensors = m["ranks"][rank]["tensors"]
     wave = sp.get("wave")
     front = {f"audio_conv{j}.{p}" for j in (1, 2) for p in ("weight", "bias")} if sp["audio_mels"] else \
-        {*wave_slots(wave), "feat_proj.weight", "feat_proj.bias", "pos_conv.g", "pos_conv.v", "pos_conv.bias",
-         *(("feat_norm.weight", "feat_norm.bias") if wave["feat_norm"] else ())} if wave else \
+        set(wave_slots(wave)) if wave else \
         {"embed.weight"} if not sp["embed_from"] else set()       # Whisper's, Wav2Vec2's convs in place of a table
     need = front | {s for s in sp["slots"] if not s.startswith("layers.")}
     need |= {s for s, on in [("lm_head.weight", sp["kind"] == "decoder" and not sp["tied_embeddings"]

@@ -2253,7 +2253,8 @@ class FusedModel(nn.Module):
     def wave_front(self, waves, sample_mask=None):
         """Wav2Vec2, HuBERT: raw waveforms [B, samples] (normalized as the feature extractor does) -> [B, frames,
         hidden]: the conv stack (each conv normed as the spec says, then its activation), the features normed and
-        projected, padded frames (sample_mask) zeroed, and the positional conv's output added through the activation.
+        projected, padded frames (sample_mask) zeroed, and the positional conv's output added through the activation
+        (Data2Vec-Audio: pos_layers convs in turn, each LayerNormed without weights before its activation).
         Also sets self.frames, the real frames' mask (None without a sample mask)."""
         sp, g, w = self.spec, self.g, self.spec["wave"]
         if waves.dim() != 2 or not waves.is_floating_point():
@@ -2277,16 +2278,22 @@ class FusedModel(nn.Module):
         self.frames = self.frame_mask(sample_mask)
         if self.frames is not None:
             x = x * self.frames.unsqueeze(-1).to(x.dtype)
-        if self._pos_conv is None:      # weight_norm over all but the taps, once, in float32
+        K, layers = w["pos_kernel"], w.get("pos_layers", 0)
+        if not layers and self._pos_conv is None:      # weight_norm over all but the taps, once, in float32
             v = g["pos_conv.v"].float()
             self._pos_conv = (v * (g["pos_conv.g"].float() / v.square().sum((0, 1), keepdim=True).sqrt())
                               ).to(self.dtype)
-        K = w["pos_kernel"]
-        pos = F.conv1d(x.transpose(1, 2), self._pos_conv, g["pos_conv.bias"], padding=K // 2,
-                       groups=w["pos_groups"])
-        if K % 2 == 0:                  # an even kernel makes one frame too many: the last goes
-            pos = pos[..., :-1]
-        return x + activate(pos, w["act"]).transpose(1, 2)
+        pos = x.transpose(1, 2)
+        for p in range(max(layers, 1)):
+            weight, bias = (g[f"pos_conv{p}.weight"], g[f"pos_conv{p}.bias"]) if layers else \
+                (self._pos_conv, g["pos_conv.bias"])
+            pos = F.conv1d(pos, weight, bias, padding=K // 2, groups=w["pos_groups"])
+            if K % 2 == 0:              # an even kernel makes one frame too many: the last goes
+                pos = pos[..., :-1]
+            if layers:                  # Data2Vec-Audio: each conv's output LayerNormed over channels, no weights
+                pos = F.layer_norm(pos.transpose(1, 2), pos.shape[1:2]).transpose(1, 2)
+            pos = activate(pos, w["act"])
+        return x + pos.transpose(1, 2)
 
     def min_samples(self) -> int:
         """The shortest waveform the conv stack makes a frame of."""
