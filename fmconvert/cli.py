@@ -615,7 +615,7 @@ def inspect(out_dir, as_json):
 @click.option("--text", "text_file", type=click.Path(path_type=Path), default=None,
               help="Text to run both models on (default: a short bundled children's story).")
 @click.option("--tokens", default=256, show_default=True, help="Tokens of the text to evaluate, cut into sequences "
-              "of at most the model's max positions.")
+              "of at most the model's max positions (a speech encoder's longest clip, in frames).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), default=None,
               help="Also write the full report here as JSON (for CI).")
 @click.option("--tp-mode", default="emulate", show_default=True, type=click.Choice(["emulate", "distributed"]),

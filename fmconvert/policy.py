@@ -2806,6 +2806,13 @@ def frames_of(wave: dict, samples: torch.Tensor | int):
     return samples
 
 
+def samples_for(wave: dict, frames: int = 1) -> int:
+    """The fewest samples the conv stack makes this many frames of (frames_of's inverse)."""
+    for k, st in reversed(list(zip(wave["kernel"], wave["stride"]))):
+        frames = (frames - 1) * st + k
+    return frames
+
+
 def _linear_widths(spec: ModelSpec) -> tuple[int, int, int]:
     """(every q or k head's width, every v head's width, the v heads) of a hybrid's linear attention."""
     la = spec.linear_attn

@@ -8,7 +8,9 @@ Three stages, each naming what it finds:
   end to end  the HF model (fp32) and the fmconvert runtime (all ranks, fp32 compute) on the same token batches:
               logits, KL, top-1/top-5 agreement, perplexity, and hidden states layer by layer (encoders: hidden
               states and the pooled output; a sequence classifier's head, as `classify` runs it, against the task
-              model's own logits).
+              model's own logits). A waveform encoder (Wav2Vec2, HuBERT) reads seeded synthetic speech-like clips
+              through the conversion's feature extractor in place of text, compared over their real frames (CTC
+              logits frame by frame).
 
 tp > 1 runs every rank in one process (threads joined by ThreadComm, which combines partial results exactly like
 the all-reduce and all-gather) or, with tp_mode="distributed", one process per rank under torchrun.
@@ -708,15 +710,42 @@ def _audio_sources(out_dir: Path, enc: dict, rows: int) -> torch.Tensor:
     if not (out_dir / "preprocessor_config.json").is_file():
         return torch.randn(rows, *shape, generator=gen).clamp(-3, 3) * 0.4
     from .runtime.speech import SAMPLE_RATE, feature_extractor, features_of
-    fe, waves = feature_extractor(out_dir, enc), []
-    for _ in range(rows):
-        n = int(fe.n_samples * float(torch.empty(1).uniform_(1 / 30, 1, generator=gen)))
-        t = torch.arange(n) / SAMPLE_RATE
-        f0 = torch.rand(3, generator=gen) * 800 + 100
-        glide = f0[:, None] * (1 + 0.3 * torch.sin(2 * torch.pi * 0.5 * t))            # [3, n]
-        wave = torch.sin(2 * torch.pi * torch.cumsum(glide, 1) / SAMPLE_RATE).sum(0) / 3
-        waves.append((wave + 0.05 * torch.randn(n, generator=gen)) * 0.5)
-    return features_of(fe, waves)
+    fe = feature_extractor(out_dir, enc)
+    return features_of(fe, [_speech_like(int(fe.n_samples * float(torch.empty(1).uniform_(1 / 30, 1, generator=gen))),
+                                         SAMPLE_RATE, gen) for _ in range(rows)])
+
+
+def _speech_like(n: int, rate: int, gen: torch.Generator) -> torch.Tensor:
+    """n samples at rate Hz of seeded synthetic sound with speech's range of pitch: three tones, each gliding by 30%
+    twice a second, over noise."""
+    t = torch.arange(n) / rate
+    f0 = torch.rand(3, generator=gen) * 800 + 100
+    glide = f0[:, None] * (1 + 0.3 * torch.sin(2 * torch.pi * 0.5 * t))            # [3, n]
+    wave = torch.sin(2 * torch.pi * torch.cumsum(glide, 1) / rate).sum(0) / 3
+    return (wave + 0.05 * torch.randn(n, generator=gen)) * 0.5
+
+
+def _wave_sources(out_dir: Path, sp: dict, frames: int, rows: int = 4):
+    """A waveform encoder's (Wav2Vec2's) inputs for verification: `rows` clips of seeded synthetic sound
+    (`_speech_like`), the first `frames` frames long, the others from a third of that to all of it, through the
+    conversion's feature extractor as `transcribe` takes it (`ctc.feature_extractor`: transformers' defaults for
+    this front end where there is no preprocessor_config.json), so that the shorter clips are padded, and masked, as
+    the extractor pads and masks them. -> (values [rows, samples], the sample mask or None, what they are)"""
+    from .policy import samples_for
+    from .runtime.ctc import SAMPLE_RATE, feature_extractor, inputs_of
+    w = sp["wave"]
+    fe = feature_extractor(out_dir, w)
+    gen, full = torch.Generator().manual_seed(0), samples_for(w, max(frames, 1))
+    lengths = [full] + [int(torch.randint(samples_for(w, max(frames // 3, 1)), full + 1, (1,), generator=gen))
+                        for _ in range(rows - 1)]
+    values, mask = inputs_of(fe, [_speech_like(n, SAMPLE_RATE, gen) for n in lengths])
+    where = "preprocessor_config.json" if (out_dir / "preprocessor_config.json").is_file() else \
+        "transformers' Wav2Vec2FeatureExtractor defaults (no preprocessor_config.json)"
+    what = (f"synthetic speech-like audio (tones gliding in pitch over noise), {rows} clips of "
+            f"{min(lengths) / SAMPLE_RATE:.2f}-{max(lengths) / SAMPLE_RATE:.2f} s at {SAMPLE_RATE} Hz through "
+            f"{where}, " + ("padded, with its attention mask" if mask is not None else
+                            "zero-padded without an attention mask, as the feature extractor gives none"))
+    return values.float(), mask, what
 
 
 def _seq2seq_forward(model, src, ids):
@@ -903,10 +932,7 @@ def _compare(ref, sp: dict, converted: list, batches: torch.Tensor, th: Threshol
             else:
                 cos.append(torch.cosine_similarity(states[-1][:, 0].double(), hs[-1][:, 0].double(), dim=-1))
 
-    names = _layer_names(sp["num_layers"] // every, final_label, reports)
-    layers = [{"name": n, "max_abs": e[0], "rel_rms": math.sqrt(e[1] / e[2]) if e[2] > 0 else 0.0}
-              for n, e in zip(names, layer_err)]
-    first_bad = next((x["name"] for x in layers if x["rel_rms"] > th.max_rel), None)
+    layers, first_bad = _layer_rows(_layer_names(sp["num_layers"] // every, final_label, reports), layer_err, th)
     res = {"tokens": int(batches.numel()), "batches": list(batches.shape), "token_source": token_source,
            "output": "logits" if has_logits else "last hidden state",
            "max_abs": out_d["max_abs"],
@@ -942,21 +968,118 @@ def _compare(ref, sp: dict, converted: list, batches: torch.Tensor, th: Threshol
         if res["cosine_min"] < th.min_cosine:
             fails.append(f"end to end: {res['cosine_what']} cosine {res['cosine_min']:.6f} < {th.min_cosine:g}")
     if heads:           # the task head fmconvert runs, against the task model's own logits
-        a, b = (torch.cat(x) for x in zip(*heads))
-        rel = math.sqrt(float((a - b).square().sum()) / max(float(b.square().sum()), 1e-30))
-        res["classifier"] = {"max_abs": float((a - b).abs().max()), "rel_rms": rel,
-                             # QA: the best start and the best end token, not the larger of a token's two logits
-                             "top1": float((a.argmax(-2 if spans else -1) == b.argmax(-2 if spans else -1))
-                                           .double().mean()) if a.shape[-1] > 1 else None}
-        if rel > th.max_rel:
-            fails.append(f"end to end: classifier logits relative RMS error {rel:.3g} > {th.max_rel:g}")
-        if res["classifier"]["top1"] is not None and res["classifier"]["top1"] < th.min_top1:
-            fails.append(f"end to end: classifier top-1 agreement {res['classifier']['top1']:.2%} < "
-                         f"{th.min_top1:.2%}")
+        res["classifier"] = _head_verdict(*(torch.cat(x) for x in zip(*heads)), th, fails, spans)
+    _diverging(layers, first_bad, th, fails)
+    res["passed"] = not fails
+    res["failures"] = fails
+    return res
+
+
+def _layer_rows(names: list[str], layer_err: list, th: Thresholds) -> tuple[list[dict], str | None]:
+    """The report's rows of hidden states by layer (layer_err: [max abs, sum sq err, sum sq ref] each) and the first
+    one past max_rel."""
+    layers = [{"name": n, "max_abs": e[0], "rel_rms": math.sqrt(e[1] / e[2]) if e[2] > 0 else 0.0}
+              for n, e in zip(names, layer_err)]
+    return layers, next((x["name"] for x in layers if x["rel_rms"] > th.max_rel), None)
+
+
+def _diverging(layers: list[dict], first_bad: str | None, th: Thresholds, fails: list):
     if first_bad is not None:
         x = next(x for x in layers if x["name"] == first_bad)
         fails.append(f"end to end: hidden states diverge first at {first_bad} (rel RMS {x['rel_rms']:.3g} > "
                      f"{th.max_rel:g})")
+
+
+def _head_verdict(a: torch.Tensor, b: torch.Tensor, th: Thresholds, fails: list, spans: bool = False,
+                  name: str = "classifier") -> dict:
+    """A task head's logits, converted (a) against the reference's (b), float64 [rows, labels] (QA: [rows, T, 2]);
+    name: what the report calls them ("classifier", "CTC")."""
+    rel = math.sqrt(float((a - b).square().sum()) / max(float(b.square().sum()), 1e-30))
+    res = {"name": name, "max_abs": float((a - b).abs().max()), "rel_rms": rel,
+           # QA: the best start and the best end token, not the larger of a token's two logits
+           "top1": float((a.argmax(-2 if spans else -1) == b.argmax(-2 if spans else -1)).double().mean())
+           if a.shape[-1] > 1 else None}
+    if rel > th.max_rel:
+        fails.append(f"end to end: {name} logits relative RMS error {rel:.3g} > {th.max_rel:g}")
+    if res["top1"] is not None and res["top1"] < th.min_top1:
+        fails.append(f"end to end: {name} top-1 agreement {res['top1']:.2%} < {th.min_top1:.2%}")
+    return res
+
+
+def _wave_forward(model, values: torch.Tensor, mask: torch.Tensor | None):
+    """_converted_forward of a waveform encoder (Wav2Vec2): (its hidden states as the runtime lists them, then the
+    last one; its task head's logits, CTC's per frame, or None; the real frames [B, frames], None without a mask).
+    A classifier with layer_sum (use_weighted_layer_sum) reads every layer's states."""
+    final, states = model.hidden(values, attention_mask=mask, output_hidden_states=True)
+    frames, head = model.frames, None
+    if model.spec["classifier"]:
+        from .runtime.classify import head_logits
+        real = torch.ones(final.shape[:2], dtype=torch.bool, device=final.device) if frames is None else frames
+        head = head_logits(model, final, None, real, states=states).cpu()
+    return [s.float().cpu() for s in states] + [final.float().cpu()], head, None if frames is None else frames.cpu()
+
+
+def check_waves(model_dir: Path, m: dict, converted, values: torch.Tensor, mask: torch.Tensor | None,
+                th: Thresholds, device, source: str) -> dict:
+    """check_end_to_end of a waveform encoder (Wav2Vec2, HuBERT, UniSpeech): the same clips through transformers'
+    model, in one padded batch as the feature extractor made it; states and CTC logits compared over each clip's
+    real frames only (a padded frame's state is whatever attention over the real ones makes of it, in both)."""
+    sp = m["model"]
+    ref = _load_reference(model_dir, sp["architecture"], sp["kind"], device, head=bool(sp["classifier"]))
+    states, head, frames = converted
+    base, v, msk = ref.base_model, values.to(device), None if mask is None else mask.to(device)
+    with torch.inference_mode():
+        o = base(input_values=v, attention_mask=msk, output_hidden_states=True)
+        want = None if head is None else ref(input_values=v, attention_mask=msk).logits.float().cpu().double()
+        last = o.last_hidden_state.float().cpu()
+        B, T = last.shape[:2]
+        real = torch.ones(B, T, dtype=torch.bool) if msk is None else \
+            base._get_feature_vector_attention_mask(T, msk).bool().cpu()
+    # transformers 5 reports the stable (pre-LN) encoder's last block before the final LayerNorm, and the final
+    # LayerNorm's output only as last_hidden_state: the runtime's every block, then its output. Post-LN and
+    # transformers 4: the embeddings, the blocks but the last, then the output.
+    hs = [h.float().cpu() for h in o.hidden_states]
+    n = sp["num_layers"]
+    if sp["final_norm"] and not torch.equal(hs[-1], last):
+        hs.append(last)
+        names = _layer_names(n, "", "last_block") + ["final norm"]
+    else:
+        states = states[:-2] + states[-1:]
+        names = _layer_names(n, "final norm" if sp["final_norm"] else "")
+    if len(hs) != len(states):
+        raise FmError(f"the reference reports {len(hs)} hidden states, the runtime {len(states)}")
+    layer_err = []
+    for a, b in zip(states, hs):
+        d, b = a[real].double() - b[real].double(), b[real].double()
+        layer_err.append([float(d.abs().max()), float(d.square().sum()), float(b.square().sum())])
+    layers, first_bad = _layer_rows(names, layer_err, th)
+    a, b = states[-1][real].double(), last[real].double()
+    res = {"tokens": int(real.sum()), "unit": "frames", "batches": [B, T], "token_source": source,
+           "output": "last hidden state", "max_abs": float((a - b).abs().max()), "rel_rms": _rel(a - b, b),
+           "layers": layers, "first_divergent_layer": first_bad}
+    fails = []
+    if mask is not None and (frames is None or not torch.equal(frames.bool(), real)):
+        got = "no frame mask" if frames is None else f"{frames.sum(-1).tolist()} real frames"
+        fails.append(f"end to end: from the clips' sample mask the runtime makes {got}, transformers "
+                     f"{real.sum(-1).tolist()}")
+    if res["max_abs"] > th.atol:
+        fails.append(f"end to end: last hidden state max abs error {res['max_abs']:.3g} > atol {th.atol:g}")
+    if res["rel_rms"] > th.max_rel:
+        fails.append(f"end to end: last hidden state relative RMS error {res['rel_rms']:.3g} > {th.max_rel:g}")
+    r = real.unsqueeze(-1).double()            # each clip's mean over its real frames: what the classifier pools
+
+    def clip_mean(x):
+        return (x.double() * r).sum(1) / r.sum(1).clamp(min=1)
+
+    res["cosine_min"] = float(torch.cosine_similarity(clip_mean(states[-1]), clip_mean(last), dim=-1).min())
+    res["cosine_what"] = "clip-mean last hidden state"
+    if res["cosine_min"] < th.min_cosine:
+        fails.append(f"end to end: {res['cosine_what']} cosine {res['cosine_min']:.6f} < {th.min_cosine:g}")
+    if head is not None:        # CTC's logits per real frame [frames, vocab], or the classifier's [clips, labels]
+        ctc = sp["classifier"]["pool"] == "tokens"
+        res["classifier"] = _head_verdict(head[real].double() if ctc else head.double(), want[real] if ctc else want,
+                                          th, fails, name="CTC" if ctc else "classifier")
+    _diverging(layers, first_bad, th, fails)
     res["passed"] = not fails
     res["failures"] = fails
     return res
@@ -993,7 +1116,8 @@ def _pick_device(device):
 
 def verify(model_dir, out_dir, text_file=None, tokens: int = 256, tp_mode: str = "emulate", device=None,
            allow_pickle: bool = False, **thresholds) -> dict:
-    """Run all three stages and return the report (a JSON-ready dict). Raises FmError for bad input.
+    """Run all three stages and return the report (a JSON-ready dict). Raises FmError for bad input. tokens: how many
+    of the text's tokens are read; a waveform encoder's longest clip's frames (256: 5 s at 320 samples a frame).
 
     In distributed mode every rank calls this; only rank 0 gets a full report (the others get {"rank": r}).
     """
@@ -1074,9 +1198,16 @@ def verify(model_dir, out_dir, text_file=None, tokens: int = 256, tp_mode: str =
         raise FmError("rank 0 found bad input; see its output", -go)
 
     if go:
-        # a pruned lm_head (Apertus 1.5) scores the first head_vocab_size tokens only: the ids are drawn from those
-        ids, source = _token_ids(text, model_dir, out_dir, m["model"]["head_vocab_size"] or m["model"]["vocab_size"])
-        batches = make_batches(ids, tokens, m["model"].get("max_positions") or 0)
+        waves = None
+        if m["model"].get("wave"):      # Wav2Vec2: clips of synthetic sound, the longest `tokens` frames
+            waves = _wave_sources(out_dir, m["model"], tokens)
+            source, batches = waves[2], None
+        else:
+            # a pruned lm_head (Apertus 1.5) scores the first head_vocab_size tokens only: the ids are drawn from
+            # those
+            ids, source = _token_ids(text, model_dir, out_dir,
+                                     m["model"]["head_vocab_size"] or m["model"]["vocab_size"])
+            batches = make_batches(ids, tokens, m["model"].get("max_positions") or 0)
         sources = None
         if m["model"]["encoder"]:       # each row's first half is the source, its second the decoder's target
             from .runtime.classify import end_token
@@ -1112,6 +1243,12 @@ def verify(model_dir, out_dir, text_file=None, tokens: int = 256, tp_mode: str =
                     report["end_to_end"] = {"skipped": "the runtime could not load the checkpoint", "passed": False,
                                             "failures": [f"end to end: the fmconvert runtime refuses to load "
                                                          f"{out_dir}: {load_err}"]}
+            elif waves is not None:
+                values, mask = waves[0], waves[1]
+                converted = runner.run(lambda model: _wave_forward(
+                    model, values.to(model.device), None if mask is None else mask.to(model.device)))
+                if rank == 0:
+                    report["end_to_end"] = check_waves(model_dir, m, converted, values, mask, th, dev, source)
             else:
                 converted = run_converted(runner, batches, m["model"]["kind"], sources)
                 if rank == 0:
@@ -1196,7 +1333,8 @@ def print_report(report: dict, console=None):
         head.add_row("end to end", bad if e.get("passed") is False else "[yellow]skipped[/yellow]", e["skipped"])
     elif e:
         head.add_row("end to end", ok if e.get("passed") else bad,
-                     f"{e['tokens']} tokens as {e['batches'][0]}x{e['batches'][1]} ({e['token_source']})")
+                     f"{e['tokens']} {e.get('unit', 'tokens')} as {e['batches'][0]}x{e['batches'][1]} "
+                     f"({e['token_source']})")
     con.print(head)
 
     if ts.get("rows"):
@@ -1237,9 +1375,10 @@ def print_report(report: dict, console=None):
                 e["cosine_min"] >= th["min_cosine"], ".6f")
         c = e.get("classifier")
         if c:
-            row("classifier logits, relative RMS", c["rel_rms"], th["max_rel"], c["rel_rms"] <= th["max_rel"])
+            name = c.get("name", "classifier")
+            row(f"{name} logits, relative RMS", c["rel_rms"], th["max_rel"], c["rel_rms"] <= th["max_rel"])
             if c["top1"] is not None:
-                row("classifier top-1 agreement", c["top1"], th["min_top1"], c["top1"] >= th["min_top1"], ".4f")
+                row(f"{name} top-1 agreement", c["top1"], th["min_top1"], c["top1"] >= th["min_top1"], ".4f")
         first = e.get("first_divergent_layer")
         t.add_row("first diverging layer", first or "none", _fmt(th["max_rel"]), bad if first else ok)
         con.print(t)

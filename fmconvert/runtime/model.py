@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from ..errors import FmError
 from ..manifest import TABLE_POSITIONS, block_owners, is_global_layer, latent_at, loop_owners
-from ..policy import SHARED_BLOCK_SLOTS, frames_of
+from ..policy import SHARED_BLOCK_SLOTS, frames_of, samples_for
 from .comm import SingleComm
 from .ops import Int8Weight, TorchOps, _explicit_attention, activate, rope_tables
 
@@ -2297,10 +2297,7 @@ class FusedModel(nn.Module):
 
     def min_samples(self) -> int:
         """The shortest waveform the conv stack makes a frame of."""
-        n = 1
-        for k, st in reversed(list(zip(self.spec["wave"]["kernel"], self.spec["wave"]["stride"]))):
-            n = (n - 1) * st + k
-        return n
+        return samples_for(self.spec["wave"])
 
     def embed(self, ids, positions, token_type_ids, sample_mask=None):
         g, sp = self.g, self.spec
