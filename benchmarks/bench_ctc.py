@@ -32,7 +32,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as C  # noqa: E402
+import synth  # noqa: E402
 from bench_seq2seq import _voice  # noqa: E402
 
 _CONVS = dict(conv_dim=(512,) * 7, conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
@@ -92,16 +92,7 @@ def build_ctc(shape: dict, cache: Path, seed: int = 0) -> Path:
                 p.add_(torch.randn(p.shape, generator=gen), alpha=0.1 if "norm" in name and "weight" in name else 0.02)
     fe = transformers.Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SR, padding_value=0.0, do_normalize=True,
                                                return_attention_mask=shape["attention_mask"])
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp, max_shard_size="1GB")
-    fe.save_pretrained(tmp)
-    (tmp / "synthetic.json").write_text(json.dumps({"shape": shape, "seed": seed, "dtype": "float32"}, indent=1))
-    del model
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    return synth.save_whole(out, model, {"shape": shape, "seed": seed, "dtype": "float32"}, beside=[fe])
 
 
 def _rows(label, r):

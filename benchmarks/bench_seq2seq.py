@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common as C  # noqa: E402
+import synth  # noqa: E402
 
 MODELS = (("t5-base", "T5_BASE"), ("bart-base", "BART_BASE"))
 
@@ -122,16 +122,7 @@ def build_whisper(shape: dict, cache: Path, seed: int = 0) -> Path:
     frames = 2 * shape["max_source_positions"]
     fe = transformers.WhisperFeatureExtractor(feature_size=shape["num_mel_bins"], sampling_rate=16000, hop_length=160,
                                               n_fft=400, chunk_length=frames * 160 // 16000)
-    tmp = out.parent / f".{out.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp, max_shard_size="1GB")
-    fe.save_pretrained(tmp)
-    (tmp / "synthetic.json").write_text(json.dumps({"shape": shape, "seed": seed, "dtype": "bfloat16"}, indent=1))
-    del model
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    return synth.save_whole(out, model, {"shape": shape, "seed": seed, "dtype": "bfloat16"}, beside=[fe])
 
 
 def _whisper_row(label, r):

@@ -153,13 +153,20 @@ def build(shape: dict, cache: Path = CACHE, seed: int = 0, max_shard_size: str =
             else:
                 torch.randn(p.shape, generator=gen, dtype=torch.bfloat16, out=p.data)
                 p.mul_(0.02)
+    return save_whole(out, model, {"shape": shape, "seed": seed, "dtype": "bfloat16",
+                                   "max_shard_size": max_shard_size}, max_shard_size)
+
+
+def save_whole(out: Path, model, meta: dict, max_shard_size: str = "1GB", beside=()) -> Path:
+    """model (and each of `beside`: a feature extractor) saved as out, with meta as its synthetic.json, through a
+    .partial folder renamed into place: a run stopped halfway leaves nothing to be taken for a cached checkpoint."""
     tmp = out.parent / f".{out.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(tmp, max_shard_size=max_shard_size)
-    (tmp / "synthetic.json").write_text(json.dumps({"shape": shape, "seed": seed, "dtype": "bfloat16",
-                                                    "max_shard_size": max_shard_size}, indent=1))
-    del model
+    for extra in beside:
+        extra.save_pretrained(tmp)
+    (tmp / "synthetic.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

@@ -1,8 +1,8 @@
-"""Wav2Vec2, HuBERT, UniSpeech-SAT (configs/wav2vec2.toml) and Data2Vec-Audio: raw waveforms through the conv stack, against
-transformers on tiny random models: the encoder's states and the heads' logits (CTC per frame, classification
-pooled over the real frames) with padding masked, post-LN and stable pre-LN, at tp 1 and 2 and in int8; `fmconvert
-transcribe` against transformers' ASR pipeline (chunked, with word timestamps) and `classify --audio` against the
-model; bad input refused in one line."""
+"""Wav2Vec2, HuBERT, UniSpeech-SAT (configs/wav2vec2.toml) and Data2Vec-Audio: raw waveforms through the conv
+stack, against transformers on tiny random models: the encoder's states and the heads' logits (CTC per frame,
+classification pooled over the real frames) with padding masked, post-LN and stable pre-LN, at tp 1 and 2 and in
+int8; `fmconvert transcribe` against transformers' ASR pipeline (chunked, with word timestamps) and `classify
+--audio` against the model; bad input refused in one line."""
 
 from __future__ import annotations
 
@@ -75,6 +75,20 @@ def waves(lengths=(4000, 2600), seed: int = 3) -> tuple[torch.Tensor, torch.Tens
         x[b, :n] = torch.sin(2 * math.pi * (180 + 90 * b + 400 * t) * t) + 0.1 * torch.randn(n, generator=g)
         mask[b, :n] = 1
     return x, mask
+
+
+@pytest.mark.parametrize("k,stride,cin,bias", [(10, 5, 1, False), (3, 2, 7, True), (2, 2, 5, False),
+                                                 (2, 5, 3, True), (7, 3, 4, True), (1, 1, 6, False)])
+def test_the_strided_conv_is_conv1d(k, stride, cin, bias):
+    """The front end's conv as matmuls over runs of taps (channels last, no copy of its input) against F.conv1d,
+    over kernels shorter than, equal to and not a multiple of the stride, a batch of 3 and odd widths."""
+    from fmconvert.runtime.model import _conv_blocks, _strided_conv
+    g = torch.Generator().manual_seed(k * 31 + stride)
+    x, w = torch.randn(3, cin, 61, generator=g), torch.randn(11, cin, k, generator=g)
+    b = torch.randn(11, generator=g) if bias else None
+    want = torch.nn.functional.conv1d(x, w, b, stride=stride).transpose(1, 2)
+    got = _strided_conv(x.transpose(1, 2), _conv_blocks(w, stride), k, stride, b)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind,tp", [("wav2vec2", 1), ("wav2vec2", 2), ("wav2vec2_stable", 1),
@@ -223,6 +237,12 @@ def test_cli_transcribe_as_the_asr_pipeline(tmp_path):
         assert " ".join(s["text"] for s in got["segments"]) == " ".join(c["text"] for c in w["chunks"])
     r = runner.invoke(cli, [*args[:3], "--format", "srt", "--chunk-length", "0.5"])
     assert r.exit_code == 0 and r.stdout.startswith("1\n00:00:00,"), r.output
+    # windows without strides: a last one too short for the conv stack (10 samples) is left out, so the file reads as
+    # its first 8000 samples do
+    cut = [write_wav(tmp_path / "cut.wav", x[2, :8000]), write_wav(tmp_path / "tail.wav", x[2, :8010])]
+    got = [runner.invoke(cli, ["transcribe", str(out), str(f), "--chunk-length", "0.25", "--stride-length", "0"])
+           for f in cut]
+    assert all(g.exit_code == 0 for g in got) and got[0].stdout == got[1].stdout != "\n", [g.output for g in got]
 
 
 def test_cli_classify_audio(tmp_path):

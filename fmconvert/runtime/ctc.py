@@ -115,8 +115,10 @@ def _check_ctc(model):
 def recognize(model, tok, fe, waves: list[torch.Tensor], batch_size: int = 8, chunk_s: float = 30.0,
               stride_s: float | None = None, words: bool = False, on_file=None) -> list[Recognized]:
     """Each 16 kHz waveform's transcript (and, with words, each word's time span). Files of up to chunk_s seconds go
-    batch_size at a time (`batches`), padded as the feature extractor pads them, each decoded over its own frames; a longer file goes window by window (stride_s a side, default chunk_s / 6), its full windows batched. on_file(i, Recognized) is
-    called as each file is done."""
+    batch_size at a time (`batches`), padded as the feature extractor pads them, each decoded over its own frames; a
+    longer file goes window by window (stride_s a side, default chunk_s / 6), its full windows batched (a last window
+    too short for the conv stack to make a frame of is left out). on_file(i, Recognized) is called as each file is
+    done."""
     _check_ctc(model)
     wave = model.spec["wave"]
     align = ratio(wave)
@@ -144,7 +146,7 @@ def recognize(model, tok, fe, waves: list[torch.Tensor], batch_size: int = 8, ch
         for k, i in enumerate(idx):     # its own frames: those of the padding (masked or not) say nothing of it
             finish(i, ids[k, :int(frames_of(wave, waves[i].numel()))])
     for i in (i for i in range(len(waves)) if waves[i].numel() > chunk):
-        spans = windows(waves[i].numel(), chunk, side, side)
+        spans = [s for s in windows(waves[i].numel(), chunk, side, side) if s[1] - s[0] >= shortest]
         full = [s for s in spans if s[1] - s[0] == chunk]
         pieces = []
         # windows of one length batch without padding; the last, shorter one goes alone. Each is normalized on its

@@ -1977,6 +1977,36 @@ def _index_score(q, keys, w):
     return torch.einsum("bth,bths->bts", w, s)
 
 
+def _conv_blocks(w: torch.Tensor, stride: int) -> list[torch.Tensor]:
+    """A Conv1d weight [out, in, k] as the matmul blocks `_strided_conv` reads: its taps in runs of `stride` (the
+    last run shorter where stride does not divide k), each [run * in, out] with rows (tap, in channel)."""
+    co, ci, k = w.shape
+    rows = w.permute(2, 1, 0).reshape(k * ci, co)
+    return [rows[b * stride * ci:min(k, (b + 1) * stride) * ci].contiguous() for b in range(-(-k // stride))]
+
+
+def _strided_conv(x: torch.Tensor, blocks: list[torch.Tensor], k: int, stride: int, bias=None) -> torch.Tensor:
+    """A strided Conv1d (no padding) over channels-last x [B, T, C] -> [B, (T - k) // stride + 1, out], as one matmul
+    per run of `stride` taps: output frame t's run b reads input frames (t + b) * stride onwards, which in x's memory
+    are one row of a [frames, stride * C] view (a stride of stride * C between rows), so no copy of x is made. At
+    the Wav2Vec2 stack's widths this runs at the matmul's rate, well above a direct convolution's on CPU."""
+    B, T, C = x.shape
+    n = (T - k) // stride + 1
+    x = x.contiguous()
+    y = x.new_empty(B, n, blocks[0].shape[1])
+    for i in range(B):
+        row = x[i]
+        for b, wb in enumerate(blocks):
+            v = row.as_strided((n, wb.shape[0]), (stride * C, 1), row.storage_offset() + b * stride * C)
+            if b:
+                y[i].addmm_(v, wb)
+            elif bias is not None:
+                torch.addmm(bias, v, wb, out=y[i])
+            else:
+                torch.mm(v, wb, out=y[i])
+    return y
+
+
 def _rms_matched(y, x):
     """Gemma 3n's AltUp copies y [B, T, k, hidden] rescaled to the RMS of x [B, T, hidden], in the model dtype."""
     target = x.square().mean(-1, keepdim=True).sqrt().unsqueeze(-2)
@@ -2090,6 +2120,7 @@ class FusedModel(nn.Module):
         self.token_ids = None        # the forward's token ids [B, T]: DeepSeek-V4's hash layers route by them
         self.frames = None           # Wav2Vec2: the last forward's real frames [B, T] (None: all of them)
         self._pos_conv = None        # Wav2Vec2: the positional conv's weight, made from its g and v at first use
+        self._wave_blocks = None     # Wav2Vec2: each conv's weight as matmul blocks (_conv_blocks), at first use
         # HY-V4: the routed experts clamp their SwiGLU's inputs; the dense MLP and the shared experts do not
         self.experts_activation = ("swiglu_limit", sp["experts_glu_limit"]) if sp["experts_glu_limit"] else None
         self.scale, self.softcap, self.residual_scale = sp["attn_scale"], sp["attn_softcap"], sp["residual_scale"]
@@ -2262,16 +2293,18 @@ class FusedModel(nn.Module):
                              f"{list(waves.shape)} {waves.dtype}")
         if int(frames_of(w, waves.shape[1])) < 1:
             raise ValueError(f"{sp['architecture']} needs at least {self.min_samples()} samples, got {waves.shape[1]}")
-        x = waves.to(self.dtype).unsqueeze(1)
+        if self._wave_blocks is None:
+            self._wave_blocks = [_conv_blocks(g[f"wave_conv{c}.weight"], st) for c, st in enumerate(w["stride"])]
+        x = waves.to(self.dtype).unsqueeze(-1)          # channels last: [B, samples, 1]
         for c, (k, st) in enumerate(zip(w["kernel"], w["stride"])):
-            x = F.conv1d(x, g[f"wave_conv{c}.weight"], g.get(f"wave_conv{c}.bias"), stride=st)
+            x = _strided_conv(x, self._wave_blocks[c], k, st, g.get(f"wave_conv{c}.bias"))
             if w["norm"] == "layer":            # over each frame's channels (transformers' default eps)
-                x = F.layer_norm(x.transpose(1, 2), x.shape[1:2], g[f"wave_norm{c}.weight"],
-                                 g[f"wave_norm{c}.bias"]).transpose(1, 2)
+                x = F.layer_norm(x, x.shape[-1:], g[f"wave_norm{c}.weight"], g[f"wave_norm{c}.bias"])
             elif c == 0:                        # GroupNorm with a group per channel: each over its own time steps
-                x = F.group_norm(x, x.shape[1], g["wave_norm0.weight"], g["wave_norm0.bias"])
+                mean = x.mean(1, keepdim=True)
+                x = (x - mean) * torch.rsqrt((x - mean).square().mean(1, keepdim=True) + 1e-5) * \
+                    g["wave_norm0.weight"] + g["wave_norm0.bias"]
             x = activate(x, w["act"])
-        x = x.transpose(1, 2)
         if w["feat_norm"]:
             x = F.layer_norm(x, x.shape[-1:], g["feat_norm.weight"], g["feat_norm.bias"], self.eps)
         x = F.linear(x, g["feat_proj.weight"], g["feat_proj.bias"])
@@ -2525,8 +2558,9 @@ class FusedModel(nn.Module):
     def hidden(self, ids, cache=None, attention_mask=None, token_type_ids=None, output_hidden_states=False):
         self._begin_forward()
         wave = self.spec.get("wave")
+        # Whisper reads mels (its positions fixed), Wav2Vec2 samples (a frame every few hundred), the rest token ids
         B, T = (ids.shape[0], self.spec["max_positions"]) if self.spec["audio_mels"] else \
-            (ids.shape[0], int(frames_of(wave, ids.shape[1]))) if wave else ids.shape   # Whisper: mels; Wav2Vec2: samples
+            (ids.shape[0], int(frames_of(wave, ids.shape[1]))) if wave else ids.shape
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + T, device=ids.device).unsqueeze(0).expand(B, T)
         x, residual = self.embed(ids, positions, token_type_ids, attention_mask if wave else None), None
