@@ -2294,17 +2294,22 @@ class FusedModel(nn.Module):
         if int(frames_of(w, waves.shape[1])) < 1:
             raise ValueError(f"{sp['architecture']} needs at least {self.min_samples()} samples, got {waves.shape[1]}")
         if self._wave_blocks is None:
-            self._wave_blocks = [_conv_blocks(g[f"wave_conv{c}.weight"], st) for c, st in enumerate(w["stride"])]
-        x = waves.to(self.dtype).unsqueeze(-1)          # channels last: [B, samples, 1]
+            self._wave_blocks = [None] + [_conv_blocks(g[f"wave_conv{c}.weight"], st)
+                                          for c, st in enumerate(w["stride"]) if c]
+        # the first conv reads one channel, which a matmul over runs of taps would read poorly: torch's conv, and its
+        # GroupNorm (a group per channel: each over its own time steps) channels first; then channels last
+        x = F.conv1d(waves.to(self.dtype).unsqueeze(1), g["wave_conv0.weight"], g.get("wave_conv0.bias"),
+                     stride=w["stride"][0])
+        if w["norm"] == "group":
+            x = activate(F.group_norm(x, x.shape[1], g["wave_norm0.weight"], g["wave_norm0.bias"]), w["act"])
+        x = x.transpose(1, 2).contiguous()
         for c, (k, st) in enumerate(zip(w["kernel"], w["stride"])):
-            x = _strided_conv(x, self._wave_blocks[c], k, st, g.get(f"wave_conv{c}.bias"))
+            if c:
+                x = _strided_conv(x, self._wave_blocks[c], k, st, g.get(f"wave_conv{c}.bias"))
             if w["norm"] == "layer":            # over each frame's channels (transformers' default eps)
                 x = F.layer_norm(x, x.shape[-1:], g[f"wave_norm{c}.weight"], g[f"wave_norm{c}.bias"])
-            elif c == 0:                        # GroupNorm with a group per channel: each over its own time steps
-                mean = x.mean(1, keepdim=True)
-                x = (x - mean) * torch.rsqrt((x - mean).square().mean(1, keepdim=True) + 1e-5) * \
-                    g["wave_norm0.weight"] + g["wave_norm0.bias"]
-            x = activate(x, w["act"])
+            if c or w["norm"] == "layer":
+                x = activate(x, w["act"])
         if w["feat_norm"]:
             x = F.layer_norm(x, x.shape[-1:], g["feat_norm.weight"], g["feat_norm.bias"], self.eps)
         x = F.linear(x, g["feat_proj.weight"], g["feat_proj.bias"])
