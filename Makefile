@@ -31,7 +31,8 @@ test: setup
 	$(PY) tests/parallel.py
 
 # CPU benchmarks (BENCHMARKS.md): conversion speed/memory, load time, decode, each against its baseline. The first
-# run builds ~6 GB of synthetic checkpoints under benchmarks/.cache; about 10 minutes in all on 2 cores.
+# run builds ~6 GB of synthetic checkpoints under benchmarks/.cache; the convert/load/decode sections take about 10
+# minutes on 2 cores, and the speech sections more (ctc alone: 6.5 minutes with its checkpoints built).
 # BENCH_ARGS=--smoke: tiny shapes, one run each, to check the scripts still work (~30 s).
 bench: setup
 	OMP_NUM_THREADS=2 $(PY) benchmarks/run.py --json benchmarks/.cache/results.json $(BENCH_ARGS)

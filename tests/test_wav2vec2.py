@@ -304,3 +304,24 @@ def test_bad_input_is_refused_in_one_line(tmp_path, capsys):
                         ({"feat_extract_norm": "batch"}, "feat_extract_norm must be group or layer"),
                         ({"num_conv_pos_embedding_groups": 5}, "num_conv_pos_embedding_groups")]:
         tiny.refuses(save(tmp_path / f"src{len(edit)}{match[:4]}", hf, mask=False), tmp_path / "no", match, **edit)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("kernel", [10, 3], "model.wave must be null or the waveform front end's"),
+    ("stride", [5, 2, 0], "model.wave must be"),
+    ("norm", "batch", "model.wave must be"),
+    ("pos_groups", 5, "tensor pos_conv.v has shape [32, 8, 16], but the model spec and layout imply [32, 6, 16]"),
+    ("pos_layers", 3, "has no tensor pos_conv0.bias"),
+])
+def test_a_manifest_whose_front_end_lies_is_refused(tmp_path, key, value, match):
+    """A manifest's wave edited out of line with itself or with the shards: refused at load, in one line."""
+    from fmconvert.errors import FmError
+    from fmconvert.runtime.load import load
+    out = tmp_path / "out"
+    convert(save(tmp_path / "src", build("wav2vec2"), mask=False), out, Options(), progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    m["model"]["wave"][key] = value
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(FmError) as e:
+        load(out)
+    assert match in str(e.value) and "\n" not in str(e.value)
