@@ -43,6 +43,7 @@ LAYER_SLOTS = (
     "router.weight", "experts_in.weight", "experts_out.weight",      # mixture of experts, in place of mlp_in/out
     "router.bias", "experts_in.bias", "experts_out.bias",            # GPT-OSS: biases on all three
     "attn_sinks.weight",                                             # GPT-OSS: a learned softmax sink per head
+    "rel_gate.weight", "rel_gate.bias", "rel_gate.const",            # WavLM: the gate on the relative-position bias
     "attn_gate.bias",                            # Beam: a bias per head on the attention gate, before its sigmoid
     "attn_gate.weight",          # Ling 2.5's latent attention: its own gate projection, sigmoid(gate . x) per head
     "shared_in.weight", "shared_out.weight", "shared_gate.weight",   # Qwen2-MoE: an always-on expert beside them
@@ -2200,6 +2201,8 @@ class Policy:
             "experts_in.bias": (spec.num_experts * glu * spec.intermediate_size,),
             "experts_out.weight": (spec.num_experts * h, spec.intermediate_size),
             "experts_out.bias": (spec.num_experts * h,), "attn_sinks.weight": (H,), "attn_gate.bias": (H,),
+            # WavLM: the gate each head puts on the relative-position bias, from its slice of the attention's input
+            "rel_gate.weight": (8, hd), "rel_gate.bias": (8,), "rel_gate.const": (H,),
             "router.correction_bias": (spec.num_experts + spec.zero_experts,),
             "act.alpha_p": (1,), "act.alpha_n": (1,), "act.beta": (), "act.eps": (),
             "shared_in.weight": (glu * spec.shared_intermediate_size, h),                 # gate; up

@@ -88,7 +88,7 @@ HEADS = ("q_b.weight", "kv_b.weight", "attn_sinks.weight", "attn_gate.bias", "at
          "lin_f_b.weight", "lin_g_b.weight", "attn_sub_norm.weight", "lin_qkv.weight", "lin_out_norm.weight",
          "lin_gate.weight", "attn_out_a.weight", "rg_conv.weight", "rg_conv.bias", "rg_gate_x.weight",
          "rg_gate_x.bias", "rg_gate_a.weight", "rg_gate_a.bias", "rg_a", "mlstm_norm.weight", "mlstm_norm.bias",
-         "rel_bias.weight", "attn_rel_bias.weight", "cca_temp", "cross_q.weight", "cross_q.bias")
+         "rel_bias.weight", "attn_rel_bias.weight", "cca_temp", "cross_q.weight", "cross_q.bias", "rel_gate.const")
 # Row-parallel slots: split along dim 1 (K), each rank's product a partial sum. The linear mixers' (ROW_K) split
 # evenly along K with nothing padded, as does Doge's dt_proj (dmask_dt).
 ROW_K = ("lin_out.weight", "ssm_out.weight", "sconv_out.weight", "mamba_out.weight", "mamba_x.weight",

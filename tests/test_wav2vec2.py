@@ -1,5 +1,5 @@
-"""Wav2Vec2, HuBERT, UniSpeech-SAT (configs/wav2vec2.toml) and Data2Vec-Audio: raw waveforms through the conv
-stack, against transformers on tiny random models: the encoder's states and the heads' logits (CTC per frame,
+"""Wav2Vec2, HuBERT, UniSpeech-SAT (configs/wav2vec2.toml), Data2Vec-Audio and WavLM: raw waveforms through the
+conv stack, against transformers on tiny random models: the encoder's states and the heads' logits (CTC per frame,
 classification pooled over the real frames) with padding masked, post-LN and stable pre-LN, at tp 1 and 2 and in
 int8; `fmconvert transcribe` against transformers' ASR pipeline (chunked, with word timestamps) and `classify
 --audio` against the model; bad input refused in one line."""
@@ -31,6 +31,10 @@ KINDS = {
     "hubert": ("HubertConfig", "HubertForCTC", dict(feat_proj_layer_norm=False, do_stable_layer_norm=True,
                                                     feat_extract_norm="layer")),
     "unispeech_sat": ("UniSpeechSatConfig", "UniSpeechSatForCTC", {}),
+    # WavLM: the gated relative-position bias (16 buckets out to 40 frames: the far ones log-spaced)
+    "wavlm": ("WavLMConfig", "WavLMForCTC", dict(num_buckets=16, max_bucket_distance=40)),
+    "wavlm_stable": ("WavLMConfig", "WavLMForCTC", dict(num_buckets=16, max_bucket_distance=40,
+                                                        do_stable_layer_norm=True, feat_extract_norm="layer")),
     # Data2Vec-Audio: LayerNormed convs, and a stack of two plain positional convs (an even kernel: one frame trimmed)
     "data2vec_audio": ("Data2VecAudioConfig", "Data2VecAudioForCTC", dict(num_conv_pos_embeddings=2,
                                                                           conv_pos_kernel_size=4, conv_bias=True)),
@@ -47,6 +51,11 @@ def build(kind: str = "wav2vec2", model: str | None = None, seed: int = 0, **ove
             p.add_(torch.randn_like(p) * 0.05)
         if hasattr(m, "lm_head"):
             m.lm_head.weight.mul_(20)      # decisive characters, so argmax ties do not decide a test
+        for name, p in m.named_parameters():    # WavLM: a position bias, and gates, that move the states
+            if name.endswith("rel_attn_embed.weight"):
+                p.mul_(40)
+            elif name.endswith("gru_rel_pos_const"):
+                p.uniform_(-1.0, 3.0)
     return m
 
 
@@ -93,7 +102,8 @@ def test_the_strided_conv_is_conv1d(k, stride, cin, bias):
 
 @pytest.mark.parametrize("kind,tp", [("wav2vec2", 1), ("wav2vec2", 2), ("wav2vec2_stable", 1),
                                      ("wav2vec2_stable", 2), ("hubert", 1), ("unispeech_sat", 1),
-                                     ("data2vec_audio", 1), ("data2vec_audio", 2)])
+                                     ("data2vec_audio", 1), ("data2vec_audio", 2), ("wavlm", 1), ("wavlm", 2),
+                                     ("wavlm_stable", 2)])
 def test_matches_transformers(tmp_path, kind, tp):
     """The last hidden state and the CTC logits of a padded batch, on every rank, as transformers computes them
     (the padded row's real frames; its padding is not compared)."""
@@ -163,7 +173,7 @@ def test_reassembles_both_spellings_of_the_weight_norm(tmp_path):
 
 
 @pytest.mark.parametrize("kind,weighted", [("hubert", False), ("wav2vec2", True), ("wav2vec2_stable", True),
-                                           ("data2vec_audio", False)])
+                                           ("data2vec_audio", False), ("wavlm_stable", True)])
 def test_audio_classifier_matches_transformers(tmp_path, kind, weighted):
     """*ForSequenceClassification: the projector and classifier over the mean of each clip's real frames, the
     frames being the last layer's states, or (use_weighted_layer_sum, the superb models) every layer's weighted by

@@ -138,7 +138,8 @@ def check_layout(m: dict, rank: int):
         return {"qkv.weight": (qkv, sp.get("attn_input") or h), "qkv.bias": (qkv,), "q_norm.weight": q_norm,
                 "k_norm.weight": k_norm,
                 "q_norm.bias": (d,), "k_norm.bias": (d,), "attn_out.weight": (h, hpr * vd),
-                "attn_sub_norm.weight": (hpr * vd,), "attn_sinks.weight": (hpr,), "attn_gate.bias": (hpr,)}
+                "attn_sub_norm.weight": (hpr * vd,), "attn_sinks.weight": (hpr,), "attn_gate.bias": (hpr,),
+                "rel_gate.weight": (8, d), "rel_gate.bias": (8,), "rel_gate.const": (hpr,)}
 
     layer = {**attention(hd, par["kv_heads_per_rank"]),
              "router.weight": (R, h), "experts_in.weight": (E * glu * ipr, h), "experts_out.weight": (E * h, ipr),

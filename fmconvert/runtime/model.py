@@ -1046,6 +1046,7 @@ class Block(nn.Module):
         at most the ring) select the graph-safe decode path: cache writes and lengths come from device memory, so
         the same captured graph serves every step."""
         m, t = self.m, self.t
+        self.gate_in = h if "rel_gate.weight" in t else None     # WavLM: its position bias's gate reads h
         if self.cca:
             return self._cca_attention(h, positions, cache, key_padding_mask, pos_t, seq_t)
         if m.spec["compressed"]:
@@ -1166,11 +1167,23 @@ class Block(nn.Module):
         if dyn is not None:
             return self._dyn_attend(q, k, v, dyn, cache, key_padding_mask)
         bias = self._disentangled(q, k) if m.spec["disentangled"] else \
-            self.t["attn_rel_bias.weight"][:, m.rel_index] if "attn_rel_bias.weight" in self.t else None
+            self.t["attn_rel_bias.weight"][:, m.rel_index] if "attn_rel_bias.weight" in self.t else \
+            self._gated_bias(self.gate_in) if self.gate_in is not None else None
         attend = self._keys(k, v, cache, key_padding_mask, bias)
         if self.i in m.kv_shared:           # later layers attend over these keys too (Gemma 4 E2B/E4B)
             m.shared_attend[self.i] = attend
         return self._narrow(attend(q))
+
+    def _gated_bias(self, h):
+        """WavLM: the model's relative-position bias [heads, T, S] with each query's row of each of this rank's heads
+        times a gate made of that head's slice of the attention's input h [B, T, hidden]: rel_gate's 8 outputs summed
+        in two fours, (a, b) = their sigmoids, gate = a * (b * const - 1) + 2. -> [B, heads, T, S]."""
+        t, B, T = self.t, h.shape[0], h.shape[1]
+        lo = self.m.rank * self.heads
+        x = h.view(B, T, -1, self.head_dim)[:, :, lo:lo + self.heads]                   # [B, T, heads, hd]
+        g = F.linear(x, t["rel_gate.weight"], t["rel_gate.bias"]).view(B, T, self.heads, 2, 4).sum(-1).sigmoid()
+        gate = g[..., 0] * (g[..., 1] * t["rel_gate.const"] - 1.0) + 2.0                # [B, T, heads]
+        return gate.transpose(1, 2).unsqueeze(-1) * self.m.score_bias
 
     def cross_attention(self, h):
         """An encoder-decoder's cross-attention: this rank's q heads of h (B, T, hidden) over the source's keys and

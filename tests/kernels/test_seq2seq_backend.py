@@ -78,13 +78,14 @@ def test_whisper_on_the_triton_backend(tmp_path):
     assert a == b
 
 
-def test_wav2vec2_on_the_triton_backend(tmp_path):
-    """Wav2Vec2 (stable pre-LN), int8, a padded batch: the conv front end in torch, then Triton's layers with the
-    padded frames masked; its CTC logits against the torch backend."""
+@pytest.mark.parametrize("kind", ["wav2vec2_stable", "wavlm"])
+def test_wav2vec2_on_the_triton_backend(tmp_path, kind):
+    """Wav2Vec2 (stable pre-LN) and WavLM (its gated position bias), int8, a padded batch: the conv front end in
+    torch, then Triton's layers with the padded frames masked; the CTC logits against the torch backend."""
     from test_wav2vec2 import build, save, waves
 
     from fmconvert.runtime.classify import head_logits
-    src = save(tmp_path / "src", build("wav2vec2_stable"), mask=True)
+    src = save(tmp_path / "src", build(kind), mask=True)
     out = tmp_path / "out"
     convert(src, out, Options(int8=True, group_size=16), progress=False)
     x, mask = waves((1600, 1100))
