@@ -1,4 +1,4 @@
-"""`fmconvert verify` of the waveform encoders (configs/wav2vec2.toml): tiny random Wav2Vec2 and HuBERT models, post-LN
+"""`fmconvert verify` of the waveform encoders: tiny random Wav2Vec2, HuBERT, WavLM and Data2Vec-Audio models, post-LN
 with a GroupNorm'd conv stack and no attention mask, stable pre-LN with LayerNorm'd convs and a mask; headless, CTC
 and sequence classification (of the last layer's states, or of every layer's weighted). Clean conversions pass at
 fp32 and int8, tp 1 and 2 (emulated), their layers mapped as transformers reports them; the tensors come back bit for
@@ -31,6 +31,9 @@ MODELS = {
     # the superb models' head: every layer's states weighted by softmax(layer_weights)
     "w2v_cls_weighted": ("Wav2Vec2ForSequenceClassification", False, {"use_weighted_layer_sum": True}, False),
     "w2v_base_old_spelling": ("Wav2Vec2Model", False, {}, True),
+    # WavLM's gated position bias; Data2Vec-Audio's stack of positional convs (its own LayerNorm'd convs, post-LN)
+    "wavlm_ctc_stable": ("WavLMForCTC", True, {"num_buckets": 16, "max_bucket_distance": 40}, False),
+    "data2vec_ctc": ("Data2VecAudioForCTC", False, {"num_conv_pos_embeddings": 2, "conv_pos_kernel_size": 5}, False),
 }
 
 
@@ -38,12 +41,13 @@ def build(path: Path, cls: str, stable: bool, overrides: dict, old_spelling: boo
     """transformers' model with random weights (norms and biases too, so a wrong one shows) and its feature
     extractor, as the released checkpoints ship it (a mask only with LayerNorm'd convs)."""
     import transformers
-    cfg_cls = transformers.HubertConfig if cls.startswith("Hubert") else transformers.Wav2Vec2Config
-    config = cfg_cls(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                     conv_dim=(16, 16, 16), conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2), num_conv_pos_embeddings=16,
-                     num_conv_pos_embedding_groups=4, feat_extract_norm="layer" if stable else "group",
-                     do_stable_layer_norm=stable, vocab_size=12, num_labels=5, classifier_proj_size=8,
-                     initializer_range=0.2, **overrides)
+    family = next(f for f in ("Hubert", "WavLM", "Data2VecAudio", "Wav2Vec2") if cls.startswith(f))
+    config = getattr(transformers, f"{family}Config")(**{
+        **dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+               conv_dim=(16, 16, 16), conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2), num_conv_pos_embeddings=16,
+               num_conv_pos_embedding_groups=4, feat_extract_norm="layer" if stable else "group",
+               do_stable_layer_norm=stable, vocab_size=12, num_labels=5, classifier_proj_size=8,
+               initializer_range=0.2), **overrides})
     torch.manual_seed(0)
     model = getattr(transformers, cls)(config).eval()
     with torch.no_grad():
@@ -89,7 +93,8 @@ def test_clean_conversions_pass(source, tmp_path, name, tp, int8):
     rows = {x["name"]: x for x in r["tensors"]["rows"]}
     front = [k for k in rows if k.startswith(FRONT)]
     assert ("feat_norm.weight" in rows) == overrides.get("feat_proj_layer_norm", True)
-    assert {"wave_conv0.weight", "wave_norm0.weight", "pos_conv.g", "pos_conv.v", "feat_proj.weight"} <= set(front)
+    positions = {"pos_conv0.weight", "pos_conv1.weight"} if cls.startswith("Data2Vec") else {"pos_conv.g", "pos_conv.v"}
+    assert {"wave_conv0.weight", "wave_norm0.weight", "feat_proj.weight", *positions} <= set(front)
     assert all(rows[k]["kind"] == "float32" and rows[k]["max_abs"] == 0 for k in front)    # float, never quantized
     e = r["end_to_end"]
     assert e["token_source"].startswith("synthetic speech-like audio")
