@@ -310,7 +310,8 @@ def inspect(out_dir, as_json):
                   + (f", offsets log-bucketed past {dis['buckets'] // 2}" if dis["buckets"] else ""))
     if md.get("rel_bias"):
         rb = md["rel_bias"]
-        who = "T5" if md["family"].startswith("t5") else "MPNet"
+        who = "T5" if md["family"].startswith("t5") else \
+            "WavLM: gated per layer, head and query" if md["family"] == "wavlm" else "MPNet"
         t.add_row("attention", f"a relative-position bias per head ({who}): {rb['buckets']} buckets up to "
                   f"{rb['max_distance']} positions"
                   + (", over earlier keys" if rb.get("causal") else "")
@@ -332,8 +333,10 @@ def inspect(out_dir, as_json):
         norm = "a GroupNorm on the first" if wave["norm"] == "group" else "a LayerNorm after each"
         t.add_row("audio in", f"16 kHz waveform through {len(wave['conv_dim'])} convs ({norm}; {wave['act']}) to a "
                   f"{wave['conv_dim'][-1]}-wide frame every {ratio(wave)} samples "
-                  f"({ratio(wave) / 16:g} ms), projected to {md['hidden_size']}; positions from a grouped conv "
-                  f"(kernel {wave['pos_kernel']}, {wave['pos_groups']} groups)")
+                  f"({ratio(wave) / 16:g} ms), projected to {md['hidden_size']}; positions from "
+                  + (f"{wave['pos_layers']} grouped convs, each LayerNormed" if wave.get("pos_layers") else
+                     "a weight-normed grouped conv")
+                  + f" (kernel {wave['pos_kernel']}, {wave['pos_groups']} groups)")
     head = md.get("classifier")
     if head:
         steps = ", ".join(f"{s['name']}{'' if s['act'] == 'none' else ' + ' + s['act']}" for s in head["steps"])

@@ -245,6 +245,9 @@ def test_cli_transcribe_as_the_asr_pipeline(tmp_path):
         assert [(x["text"], x["start"], x["end"]) for x in got["words"]] == \
             [(c["text"], round(c["timestamp"][0], 3), round(c["timestamp"][1], 3)) for c in w["chunks"]]
         assert " ".join(s["text"] for s in got["segments"]) == " ".join(c["text"] for c in w["chunks"])
+    r = runner.invoke(cli, ["inspect", str(out)], env={"COLUMNS": "250"})
+    assert "16 kHz waveform through 3 convs (a LayerNorm after each; gelu)" in r.output, r.output
+    assert "a weight-normed grouped conv (kernel 15, 4 groups)" in r.output and "`fmconvert transcribe`" in r.output
     r = runner.invoke(cli, [*args[:3], "--format", "srt", "--chunk-length", "0.5"])
     assert r.exit_code == 0 and r.stdout.startswith("1\n00:00:00,"), r.output
     # windows without strides: a last one too short for the conv stack (10 samples) is left out, so the file reads as
