@@ -344,11 +344,14 @@ def inspect(out_dir, as_json):
                 "tokens": "state of every token", "spans": "state of every token",
                 "late": "state of every token (the logits then averaged)"}[head["pool"]]
         what = ": a start and an end logit each" if head["pool"] == "spans" else ""
-        verb = "answer" if head["pool"] == "spans" else "transcribe" if wave and head["pool"] == "tokens" else \
+        ctc = bool(wave) and md["architecture"].endswith("ForCTC")
+        verb = "answer" if head["pool"] == "spans" else "transcribe" if ctc else \
             "classify --audio" if wave else "classify"
         if wave:
-            pool = {"tokens": "state of every frame (CTC: a character each)",
-                    "mean": "mean of the real frames"}.get(head["pool"], pool)
+            pool = "state of every frame (CTC: a character each)" if ctc else \
+                {"tokens": "state of every frame (labels each)", "mean": "mean of the real frames"}[head["pool"]]
+        if head.get("layer_sum"):
+            pool += ", every layer's weighted by softmax(layer_weights)"
         t.add_row("classifier", f"the {pool}, then {steps}{what} (passthrough tensors; `fmconvert {verb}`)")
     if md["headless"]:
         t.add_row("head", "none: saved without its untied lm_head (an embedding model's body); hidden states only, "
@@ -946,8 +949,8 @@ def _not_speech(model, out_dir):
     if model.spec.get("wave"):
         head = (model.spec.get("classifier") or {}).get("pool")
         raise FmError(f"{out_dir} holds a speech encoder ({model.spec['architecture']}): it reads audio; " + (
-            f"use `fmconvert transcribe {out_dir} AUDIO.wav`" if head == "tokens" else
-            f"use `fmconvert classify {out_dir} --audio AUDIO.wav`" if head == "mean" else
+            f"use `fmconvert transcribe {out_dir} AUDIO.wav`" if model.spec["architecture"].endswith("ForCTC") else
+            f"use `fmconvert classify {out_dir} --audio AUDIO.wav`" if head else
             "convert its *ForCTC or *ForSequenceClassification checkpoint to run it"))
     enc = getattr(model, "source_encoder", None)
     if model.spec["audio_mels"] or (enc is not None and enc.spec["audio_mels"]):
@@ -1462,7 +1465,8 @@ def classify(out_dir, texts, pairs, text_file, max_length, batch_size, candidate
     label and every label's probability (softmax), or for a one-logit head its score (sigmoid) and raw logit. A
     *ForTokenClassification encoder (NER, such as bert-base-NER) prints one JSON list per text instead: each
     token's text, character span, best label and its probability. An audio classifier takes --audio files and
-    prints a JSON object per file likewise."""
+    prints a JSON object per file likewise; a frame classifier (*ForAudioFrameClassification: speaker diarization)
+    each label's spans of active frames (sigmoid from 0.5), start and end in seconds."""
     import torch
 
     from .runtime.classify import classify as run, labels, scores
@@ -1546,25 +1550,32 @@ def _multi_label(out_dir) -> bool:
 
 def _classify_audio(model, out_dir, audio, batch_size):
     """classify --audio: a JSON object per file, its best label and every label's probability (a sigmoid each
-    for a multi-label head)."""
+    for a multi-label head); from a frame classifier (diarization), each label's spans of active frames."""
+    import torch
+
     from .runtime.classify import labels, scores
-    from .runtime.ctc import classify_audio, feature_extractor
+    from .runtime.ctc import SAMPLE_RATE, active_spans, classify_audio, feature_extractor, head_kind, ratio
     if not model.spec.get("wave"):
         raise FmError(f"{out_dir} holds {model.spec['architecture']}, which reads text, not audio: use --text")
     if not audio:
         _not_speech(model, out_dir)
-    head = (model.spec.get("classifier") or {}).get("pool")
-    if head != "mean":
+    kind = head_kind(model.spec)
+    if kind not in ("clips", "frames"):
         raise FmError(f"{out_dir} holds {model.spec['architecture']}, no audio classifier" + (
-            f": use `fmconvert transcribe {out_dir} AUDIO.wav`" if head == "tokens" else
-            " (convert a *ForSequenceClassification checkpoint)"))
+            f": use `fmconvert transcribe {out_dir} AUDIO.wav`" if kind == "ctc" else
+            " (convert a *ForSequenceClassification or *ForAudioFrameClassification checkpoint)"))
     fe = feature_extractor(out_dir, model.spec["wave"])
-    logits = classify_audio(model, fe, _waves(model, audio), batch_size)
+    rows = classify_audio(model, fe, _waves(model, audio), batch_size)
     if model.rank == 0:
-        names = labels(out_dir, logits.shape[-1])
-        for p, row in zip(audio, scores(logits, _multi_label(out_dir))):
-            click.echo(json.dumps({"file": str(p), "label": names[int(row.argmax())],
-                                   "scores": {n: round(x, 6) for n, x in zip(names, row.tolist())}}))
+        names = labels(out_dir, rows[0].shape[-1])
+        for p, row in zip(audio, rows):
+            if kind == "frames":        # each label's active spans (a sigmoid a label, from 0.5)
+                click.echo(json.dumps({"file": str(p), "segments": active_spans(
+                    torch.sigmoid(row), names, ratio(model.spec["wave"]) / SAMPLE_RATE)}))
+                continue
+            prob = scores(row.unsqueeze(0), _multi_label(out_dir))[0]
+            click.echo(json.dumps({"file": str(p), "label": names[int(prob.argmax())],
+                                   "scores": {n: round(x, 6) for n, x in zip(names, prob.tolist())}}))
     from .runtime.comm import shutdown
     shutdown()
 

@@ -2554,10 +2554,15 @@ class Policy:
         elif self.kind == "encoder" and architecture.endswith("ForCTC"):
             # speech recognition by CTC (Wav2Vec2, HuBERT): a character distribution per frame, from lm_head
             head = {"pool": "tokens", **self.table.get("ctc", {"steps": [{"linear": "lm_head"}]})}
+        elif self.kind == "encoder" and architecture.endswith("ForAudioFrameClassification"):
+            # speaker diarization and the like: labels per frame (Wav2Vec2's), as the table's [frame_classifier]
+            head = self.table.get("frame_classifier")
+            head = None if head is None else {"pool": "tokens", **head}
         else:
             head = self.table.get("classifier")
         if head is None or not architecture.endswith(("ForSequenceClassification", "ForTokenClassification",
-                                                      "ForQuestionAnswering", "ForCTC")):
+                                                      "ForQuestionAnswering", "ForCTC",
+                                                      "ForAudioFrameClassification")):
             return None
         have = set(extras)
         layer_sum = "layer_sum" in head and _eval_flag(config, head["layer_sum"])

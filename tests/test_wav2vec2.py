@@ -200,6 +200,56 @@ def test_audio_classifier_matches_transformers(tmp_path, kind, weighted):
         assert tiny.rel(logits, want) < 1e-5
 
 
+@pytest.mark.parametrize("kind,weighted", [("wav2vec2", False), ("wavlm_stable", True)])
+def test_frame_classifier_matches_transformers(tmp_path, kind, weighted):
+    """*ForAudioFrameClassification (speaker diarization): labels per frame from the classifier (of every layer's
+    weighted states, with use_weighted_layer_sum), over the real frames of a padded batch at tp 2; `classify --audio`
+    gives each label's spans of frames whose sigmoid is at least 0.5, as transformers' logits make them."""
+    from click.testing import CliRunner
+    from transformers import Wav2Vec2FeatureExtractor
+
+    from fmconvert.cli import cli
+    from fmconvert.runtime.audio import load_audio
+    from fmconvert.runtime.ctc import active_spans
+    cls = KINDS[kind][1].replace("ForCTC", "ForAudioFrameClassification")
+    hf = build(kind, model=cls, num_labels=3, use_weighted_layer_sum=weighted,
+               id2label={0: "spk0", 1: "spk1", 2: "spk2"}, label2id={"spk0": 0, "spk1": 1, "spk2": 2})
+    with torch.no_grad():
+        hf.classifier.weight.mul_(30)       # spans that come and go within a second
+    src = save(tmp_path / "src", hf, mask=True)
+    out = tmp_path / "out"
+    convert(src, out, Options(tp=2), progress=False)
+    x, mask = waves()
+    with torch.no_grad():
+        want = hf(x, attention_mask=mask).logits
+    real = hf._get_feature_vector_attention_mask(want.shape[1], mask).bool()
+
+    def run(m):
+        h, states = m.hidden(x, attention_mask=mask, output_hidden_states=True)
+        return head_logits(m, h, None, m.frames, states=states)
+    for logits in tiny.on_ranks(out, 2, run):
+        assert tiny.rel(logits[real], want[real]) < 1e-5
+    convert(src, tmp_path / "one", Options(), progress=False)
+    f = write_wav(tmp_path / "a.wav", x[0, :4000])
+    r = CliRunner().invoke(cli, ["classify", str(tmp_path / "one"), "--audio", str(f)])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)["segments"]
+    with torch.no_grad():
+        fe = Wav2Vec2FeatureExtractor(return_attention_mask=True)
+        ref = hf(fe(load_audio(f, 16000).numpy(), sampling_rate=16000, return_tensors="pt").input_values).logits[0]
+    assert got == active_spans(torch.sigmoid(ref), ["spk0", "spk1", "spk2"], 20 / 16000)
+    assert len(got) > 3 and {g["label"] for g in got} == {"spk0", "spk1", "spk2"}, got
+
+
+def test_active_spans_by_hand():
+    """Each label's runs of frames from 0.5 up, in seconds, ordered by start; a run to the last frame is closed."""
+    from fmconvert.runtime.ctc import active_spans
+    p = torch.tensor([[0.9, 0.1], [0.5, 0.2], [0.4, 0.7], [0.6, 0.7], [0.1, 0.8]])
+    assert active_spans(p, ["a", "b"], 0.02) == [{"label": "a", "start": 0.0, "end": 0.04},
+                                                  {"label": "b", "start": 0.04, "end": 0.1},
+                                                  {"label": "a", "start": 0.06, "end": 0.08}]
+
+
 def write_wav(path, samples: torch.Tensor):
     with wave.open(str(path), "wb") as w:
         w.setnchannels(1)

@@ -106,9 +106,19 @@ def frame_logits(model, values: torch.Tensor, mask: torch.Tensor | None) -> torc
     return head_logits(model, hidden, pooled, model.frames)
 
 
+def head_kind(spec: dict) -> str | None:
+    """What a waveform encoder's head does: "ctc" (a character a frame), "frames" (labels a frame: diarization),
+    "clips" (a label a clip), or None (a bare encoder, or no waveform encoder)."""
+    head = spec.get("classifier")
+    if not spec.get("wave") or head is None:
+        return None
+    if head["pool"] == "mean":
+        return "clips"
+    return "ctc" if spec["architecture"].endswith("ForCTC") else "frames"
+
+
 def _check_ctc(model):
-    head = model.spec.get("classifier")
-    if not model.spec.get("wave") or head is None or head["pool"] != "tokens":
+    if head_kind(model.spec) != "ctc":
         raise FmError(f"{model.spec['architecture']} has no CTC head: convert a *ForCTC checkpoint")
 
 
@@ -189,13 +199,14 @@ def cues(words: list, pause: float = 0.5, longest: float = 6.0, most: int = 12) 
     return out
 
 
-def classify_audio(model, fe, waves: list[torch.Tensor], batch_size: int = 8) -> torch.Tensor:
-    """Logits [len(waves), labels] of an audio classifier (*ForSequenceClassification: the mean of the real frames,
-    or of the layers' weighted sum, through its projector and classifier), batch_size files a forward."""
-    head = model.spec.get("classifier")
-    if not model.spec.get("wave") or head is None or head["pool"] != "mean":
+def classify_audio(model, fe, waves: list[torch.Tensor], batch_size: int = 8) -> list[torch.Tensor]:
+    """Each file's logits: [labels] from an audio classifier (*ForSequenceClassification: the mean of the real
+    frames, or of the layers' weighted sum, through its projector and classifier), [its frames, labels] from a frame
+    classifier (*ForAudioFrameClassification); batch_size files a forward."""
+    kind = head_kind(model.spec)
+    if kind not in ("clips", "frames"):
         raise FmError(f"{model.spec['architecture']} has no audio classification head: convert a "
-                      f"*ForSequenceClassification checkpoint")
+                      f"*ForSequenceClassification or *ForAudioFrameClassification checkpoint")
     shortest = model.min_samples()
     for i, w in enumerate(waves):
         if w.numel() < shortest:
@@ -209,5 +220,21 @@ def classify_audio(model, fe, waves: list[torch.Tensor], batch_size: int = 8) ->
         frames = model.frames if model.frames is not None else torch.ones(hidden.shape[:2], dtype=torch.bool,
                                                                           device=hidden.device)
         for i, row in zip(idx, head_logits(model, hidden, None, frames, states=states).cpu()):
-            rows[i] = row
-    return torch.stack(rows)
+            rows[i] = row if kind == "clips" else row[:int(frames_of(model.spec["wave"], waves[i].numel()))]
+    return rows
+
+
+def active_spans(probs: torch.Tensor, names: list[str], frame_s: float, threshold: float = 0.5) -> list[dict]:
+    """A frame classifier's probabilities [frames, labels] -> each label's runs of frames at or above threshold, as
+    {label, start, end} in seconds (frame_s a frame), ordered by start: the diarization recipe of transformers'
+    docs (a sigmoid a speaker, active from 0.5)."""
+    out = []
+    for j, name in enumerate(names):
+        start = None
+        for i, on in enumerate((probs[:, j] >= threshold).tolist() + [False]):
+            if on and start is None:
+                start = i
+            elif not on and start is not None:
+                out.append({"label": name, "start": round(start * frame_s, 3), "end": round(i * frame_s, 3)})
+                start = None
+    return sorted(out, key=lambda d: (d["start"], d["end"], d["label"]))
