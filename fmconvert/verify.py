@@ -1075,10 +1075,11 @@ def check_waves(model_dir: Path, m: dict, converted, values: torch.Tensor, mask:
     res["cosine_what"] = "clip-mean last hidden state"
     if res["cosine_min"] < th.min_cosine:
         fails.append(f"end to end: {res['cosine_what']} cosine {res['cosine_min']:.6f} < {th.min_cosine:g}")
-    if head is not None:        # CTC's logits per real frame [frames, vocab], or the classifier's [clips, labels]
-        ctc = sp["classifier"]["pool"] == "tokens"
-        res["classifier"] = _head_verdict(head[real].double() if ctc else head.double(), want[real] if ctc else want,
-                                          th, fails, name="CTC" if ctc else "classifier")
+    if head is not None:        # CTC's (a frame classifier's) logits per real frame, or the classifier's a clip
+        frames = sp["classifier"]["pool"] == "tokens"
+        name = "classifier" if not frames else "CTC" if sp["architecture"].endswith("ForCTC") else "frame labels"
+        res["classifier"] = _head_verdict(head[real].double() if frames else head.double(),
+                                          want[real] if frames else want, th, fails, name=name)
     _diverging(layers, first_bad, th, fails)
     res["passed"] = not fails
     res["failures"] = fails

@@ -34,6 +34,7 @@ MODELS = {
     # WavLM's gated position bias; Data2Vec-Audio's stack of positional convs (its own LayerNorm'd convs, post-LN)
     "wavlm_ctc_stable": ("WavLMForCTC", True, {"num_buckets": 16, "max_bucket_distance": 40}, False),
     "data2vec_ctc": ("Data2VecAudioForCTC", False, {"num_conv_pos_embeddings": 2, "conv_pos_kernel_size": 5}, False),
+    "w2v_frames": ("Wav2Vec2ForAudioFrameClassification", True, {}, False),      # diarization: labels a frame
 }
 
 
@@ -113,7 +114,7 @@ def test_clean_conversions_pass(source, tmp_path, name, tp, int8):
     if cls.endswith("Model"):
         assert c is None
     else:
-        assert c["name"] == ("CTC" if cls.endswith("CTC") else "classifier")
+        assert c["name"] == ("CTC" if cls.endswith("CTC") else "frame labels" if "Frame" in cls else "classifier")
         assert c["top1"] >= 0.9 if int8 else c["top1"] == 1.0        # CTC's: frame by frame
         assert c["rel_rms"] < (0.05 if int8 else 1e-5)
 
