@@ -172,6 +172,25 @@ def test_reassembles_both_spellings_of_the_weight_norm(tmp_path):
     assert torch.equal(h, first)        # the same weight made of either
 
 
+def converted_at_tp2(tmp_path, hf):
+    """hf saved with a masking feature extractor and converted at tp 2, a padded batch, and hf's logits for it:
+    (source, output, waves, their mask, logits)."""
+    src = save(tmp_path / "src", hf, mask=True)
+    out = tmp_path / "out"
+    convert(src, out, Options(tp=2), progress=False)
+    x, mask = waves()
+    with torch.no_grad():
+        return src, out, x, mask, hf(x, attention_mask=mask).logits
+
+
+def heads_on_ranks(out, tp: int, x, mask) -> list:
+    """Each rank's head logits for the batch (every layer's states passed, for a layer_sum head)."""
+    def run(m):
+        h, states = m.hidden(x, attention_mask=mask, output_hidden_states=True)
+        return head_logits(m, h, None, m.frames, states=states)
+    return tiny.on_ranks(out, tp, run)
+
+
 @pytest.mark.parametrize("kind,weighted", [("hubert", False), ("wav2vec2", True), ("wav2vec2_stable", True),
                                            ("data2vec_audio", False), ("wavlm_stable", True)])
 def test_audio_classifier_matches_transformers(tmp_path, kind, weighted):
@@ -184,19 +203,12 @@ def test_audio_classifier_matches_transformers(tmp_path, kind, weighted):
     if weighted:
         with torch.no_grad():
             hf.layer_weights.copy_(torch.tensor([0.5, -1.0, 2.0]))
-    src = save(tmp_path / "src", hf, mask=True)
-    out = tmp_path / "out"
-    convert(src, out, Options(tp=2), progress=False)
-    x, mask = waves()
+    src, out, x, mask, want = converted_at_tp2(tmp_path, hf)
     with torch.no_grad():
-        want = hf(x, attention_mask=mask).logits
         plain = getattr(transformers, cls).from_pretrained(src, use_weighted_layer_sum=False)(x, attention_mask=mask)
     assert weighted == (tiny.rel(plain.logits, want) > 1e-3)   # the weighting changes the result
 
-    def run(m):
-        h, states = m.hidden(x, attention_mask=mask, output_hidden_states=True)
-        return head_logits(m, h, None, m.frames, states=states)
-    for logits in tiny.on_ranks(out, 2, run):
+    for logits in heads_on_ranks(out, 2, x, mask):
         assert tiny.rel(logits, want) < 1e-5
 
 
@@ -216,18 +228,9 @@ def test_frame_classifier_matches_transformers(tmp_path, kind, weighted):
                id2label={0: "spk0", 1: "spk1", 2: "spk2"}, label2id={"spk0": 0, "spk1": 1, "spk2": 2})
     with torch.no_grad():
         hf.classifier.weight.mul_(30)       # spans that come and go within a second
-    src = save(tmp_path / "src", hf, mask=True)
-    out = tmp_path / "out"
-    convert(src, out, Options(tp=2), progress=False)
-    x, mask = waves()
-    with torch.no_grad():
-        want = hf(x, attention_mask=mask).logits
+    src, out, x, mask, want = converted_at_tp2(tmp_path, hf)
     real = hf._get_feature_vector_attention_mask(want.shape[1], mask).bool()
-
-    def run(m):
-        h, states = m.hidden(x, attention_mask=mask, output_hidden_states=True)
-        return head_logits(m, h, None, m.frames, states=states)
-    for logits in tiny.on_ranks(out, 2, run):
+    for logits in heads_on_ranks(out, 2, x, mask):
         assert tiny.rel(logits[real], want[real]) < 1e-5
     convert(src, tmp_path / "one", Options(), progress=False)
     f = write_wav(tmp_path / "a.wav", x[0, :4000])
