@@ -342,14 +342,20 @@ def inspect(out_dir, as_json):
         steps = ", ".join(f"{s['name']}{'' if s['act'] == 'none' else ' + ' + s['act']}" for s in head["steps"])
         pool = {"first": "first token's state", "pooler": "pooler output", "mean": "mean of the tokens",
                 "tokens": "state of every token", "spans": "state of every token",
-                "late": "state of every token (the logits then averaged)"}[head["pool"]]
+                "late": "state of every token (the logits then averaged)"}.get(head["pool"], "")
         what = ": a start and an end logit each" if head["pool"] == "spans" else ""
         ctc = bool(wave) and md["architecture"].endswith("ForCTC")
         verb = "answer" if head["pool"] == "spans" else "transcribe" if ctc else \
-            "classify --audio" if wave else "classify"
+            "embed --audio" if head["pool"] == "xvector" else "classify --audio" if wave else "classify"
         if wave:
             pool = "state of every frame (CTC: a character each)" if ctc else \
-                {"tokens": "state of every frame (labels each)", "mean": "mean of the real frames"}[head["pool"]]
+                {"tokens": "state of every frame (labels each)", "mean": "mean of the real frames",
+                 "xvector": ""}[head["pool"]]
+        if head["pool"] == "xvector":      # a speaker embedding: steps, TDNN layers, statistics, steps
+            first, *rest = [s["name"] for s in head["steps"]]
+            pool, steps = f"frames through {first} and {len(head['tdnn'])} TDNN layers (kernel x dilation " + \
+                ", ".join(f"{t['kernel']}x{t['dilation']}" for t in head["tdnn"]) + \
+                "), their mean and standard deviation", ", ".join(rest) + ": a speaker embedding"
         if head.get("layer_sum"):
             pool += ", every layer's weighted by softmax(layer_weights)"
         t.add_row("classifier", f"the {pool}, then {steps}{what} (passthrough tensors; `fmconvert {verb}`)")
@@ -950,6 +956,7 @@ def _not_speech(model, out_dir):
         head = (model.spec.get("classifier") or {}).get("pool")
         raise FmError(f"{out_dir} holds a speech encoder ({model.spec['architecture']}): it reads audio; " + (
             f"use `fmconvert transcribe {out_dir} AUDIO.wav`" if model.spec["architecture"].endswith("ForCTC") else
+            f"use `fmconvert embed {out_dir} --audio AUDIO.wav`" if head == "xvector" else
             f"use `fmconvert classify {out_dir} --audio AUDIO.wav`" if head else
             "convert its *ForCTC or *ForSequenceClassification checkpoint to run it"))
     enc = getattr(model, "source_encoder", None)
@@ -1376,14 +1383,25 @@ def _transcribe_ctc(model, out_dir, audio, timestamps, fmt, output_dir, stems, b
               help="Put this named prompt of config_sentence_transformers.json before each text (Qwen3-Embedding's "
                    "and e5's queries: e.g. `query`). Default: its default_prompt_name, if any.")
 @click.option("--prompt", "prompt_text", default=None, help="Put this text before each text (instead of a named one).")
+@click.option("--audio", "-a", "audio", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="A speech encoder (Wav2Vec2, HuBERT, WavLM, ...): a WAV file to embed (repeatable). An x-vector "
+                   "model (*ForXVector: wavlm-base-plus-sv) gives its speaker embedding, normalized unless "
+                   "--no-normalize (compare two by their dot product); any other, the mean of its last hidden "
+                   "state over the real frames.")
 @runtime_options
-def embed(out_dir, texts, text_file, pooling, normalize, max_length, batch_size, prompt_name, prompt_text, device,
-          backend, no_verify_hashes, dtype):
+def embed(out_dir, texts, text_file, pooling, normalize, max_length, batch_size, prompt_name, prompt_text, audio,
+          device, backend, no_verify_hashes, dtype):
     """Embed text with a converted encoder (BERT, RoBERTa, XLM-R, MPNet, ModernBERT, ...) or a decoder embedding
     model (Qwen3-Embedding, e5-mistral, gte-Qwen2): one JSON vector per line, in the order given. A
     sentence-transformers model (all-mpnet-base-v2, all-MiniLM-L6-v2, Qwen3-Embedding, ...) gives the vectors its
-    own pipeline would, read from the files conversion copies beside the shards."""
+    own pipeline would, read from the files conversion copies beside the shards. A speech encoder embeds --audio
+    files likewise."""
     from .runtime.embed import by_length, sentence_config, sentence_vectors
+    if audio:
+        if texts or text_file is not None or pooling not in ("auto", "mean"):
+            raise FmError("--audio embeds sound: drop --text, --file and --pooling (a clip is its x-vector, or the "
+                          "mean of its frames)")
+        return _embed_audio(out_dir, audio, normalize, batch_size, device, backend, no_verify_hashes, dtype)
     if text_file is not None:
         texts = (*texts, *_lines(text_file))
     if not texts:
@@ -1434,6 +1452,24 @@ def embed(out_dir, texts, text_file, pooling, normalize, max_length, batch_size,
     if model.rank == 0:
         for v in rows:
             click.echo(json.dumps([round(x, 6) for x in v.tolist()]))
+
+
+def _embed_audio(out_dir, audio, normalize, batch_size, device, backend, no_verify_hashes, dtype):
+    """embed --audio: a JSON vector a file, in order."""
+    from .runtime.ctc import embed_audio, feature_extractor
+    if batch_size < 1:
+        raise FmError("--batch-size must be positive")
+    model = _load(out_dir, device, backend, no_verify_hashes, dtype)
+    if not model.spec.get("wave"):
+        raise FmError(f"{out_dir} holds {model.spec['architecture']}, which reads text, not audio: use --text")
+    xvector = (model.spec.get("classifier") or {}).get("pool") == "xvector"
+    rows = embed_audio(model, feature_extractor(out_dir, model.spec["wave"]), _waves(model, audio), batch_size,
+                       normalize=xvector if normalize is None else normalize)
+    if model.rank == 0:
+        for v in rows:
+            click.echo(json.dumps([round(x, 6) for x in v.tolist()]))
+    from .runtime.comm import shutdown
+    shutdown()
 
 
 @cli.command()
@@ -1563,6 +1599,7 @@ def _classify_audio(model, out_dir, audio, batch_size):
     if kind not in ("clips", "frames"):
         raise FmError(f"{out_dir} holds {model.spec['architecture']}, no audio classifier" + (
             f": use `fmconvert transcribe {out_dir} AUDIO.wav`" if kind == "ctc" else
+            f": it embeds speakers, use `fmconvert embed {out_dir} --audio AUDIO.wav`" if kind == "xvector" else
             " (convert a *ForSequenceClassification or *ForAudioFrameClassification checkpoint)"))
     fe = feature_extractor(out_dir, model.spec["wave"])
     rows = classify_audio(model, fe, _waves(model, audio), batch_size)

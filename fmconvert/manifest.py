@@ -235,14 +235,19 @@ _MODEL_OPTIONAL = {
              "null or the waveform front end's {conv_dim, kernel, stride (lists, as long as each other), bias, norm "
              "(group or layer), act, feat_norm, pos_kernel, pos_groups, pos_layers (optional, 0 to 16)}"),
     "classifier": (None, lambda x: x is None or (
-        isinstance(x, dict) and set(x) - {"layer_sum"} == {"pool", "steps"} and x.get("layer_sum", True) is True
-        and x["pool"] in ("first", "pooler", "mean", "late", "tokens", "spans", "eos")
+        isinstance(x, dict) and set(x) - {"layer_sum", "tdnn"} == {"pool", "steps"} and x.get("layer_sum", True) is True
+        and x["pool"] in ("first", "pooler", "mean", "late", "tokens", "spans", "eos", "xvector")
+        and ("tdnn" in x) == (x["pool"] == "xvector") and (x["pool"] != "xvector" or len(x["steps"]) >= 2)
+        and (x.get("tdnn") is None or (isinstance(x["tdnn"], list) and 0 < len(x["tdnn"]) <= 16 and all(
+            isinstance(t, dict) and set(t) == {"name", "kernel", "dilation"} and isinstance(t["name"], str)
+            and _POS_INT(t["kernel"]) and t["kernel"] <= 64 and _POS_INT(t["dilation"]) and t["dilation"] <= 64
+            for t in x["tdnn"])))
         and isinstance(x["steps"], list) and 0 < len(x["steps"]) <= 8 and all(
             isinstance(s, dict) and set(s) == {"op", "name", "bias", "act"} and s["op"] in ("linear", "norm")
             and isinstance(s["name"], str) and type(s["bias"]) is bool
             and s["act"] in ("none", "tanh", "gelu", "gelu_tanh", "relu", "silu") for s in x["steps"])),
-        "null or {pool (first, pooler, mean, late, tokens, spans or eos), steps: [{op (linear or norm), name, bias, "
-        "act}], layer_sum (optional: true)}"),
+        "null or {pool (first, pooler, mean, late, tokens, spans, eos or xvector), steps: [{op (linear or norm), "
+        "name, bias, act}], layer_sum (optional: true), tdnn (xvector's, and only its: [{name, kernel, dilation}])}"),
     "disentangled": (None, lambda x: x is None or (
         isinstance(x, dict) and set(x) == {"span", "buckets", "max_position", "c2p", "p2c"}
         and _POS_INT(x["span"]) and _NAT(x["buckets"]) and _POS_INT(x["max_position"])

@@ -2558,11 +2558,15 @@ class Policy:
             # speaker diarization and the like: labels per frame (Wav2Vec2's), as the table's [frame_classifier]
             head = self.table.get("frame_classifier")
             head = None if head is None else {"pool": "tokens", **head}
+        elif self.kind == "encoder" and architecture.endswith("ForXVector"):
+            # speaker verification: the table's [xvector], an embedding a clip
+            head = self.table.get("xvector")
+            head = None if head is None else {"pool": "xvector", **head}
         else:
             head = self.table.get("classifier")
         if head is None or not architecture.endswith(("ForSequenceClassification", "ForTokenClassification",
                                                       "ForQuestionAnswering", "ForCTC",
-                                                      "ForAudioFrameClassification")):
+                                                      "ForAudioFrameClassification", "ForXVector")):
             return None
         have = set(extras)
         layer_sum = "layer_sum" in head and _eval_flag(config, head["layer_sum"])
@@ -2580,7 +2584,7 @@ class Policy:
             return v
 
         pool = {"cls": "first", "bos": "first"}.get(value(head["pool"]), value(head["pool"]))
-        if pool not in ("first", "pooler", "mean", "late", "tokens", "spans", "eos"):
+        if pool not in ("first", "pooler", "mean", "late", "tokens", "spans", "eos", "xvector"):
             raise FmError(f"config.json: classifier pooling {pool!r} is not first (cls, bos), mean, late or pooler")
         steps = []
         for s in head["steps"]:
@@ -2594,7 +2598,29 @@ class Policy:
                     raise FmError(f"config.json: the classifier's activation {act!r} is not supported")
                 act = _ACTIVATIONS[act]
             steps.append({"op": op, "name": name, "bias": f"{name}.bias" in have, "act": act})
-        return {"pool": pool, "steps": steps, **({"layer_sum": True} if layer_sum else {})}
+        tdnn = self._tdnn(config, head, have, architecture) if pool == "xvector" else None
+        return {"pool": pool, "steps": steps, **({"layer_sum": True} if layer_sum else {}),
+                **({"tdnn": tdnn} if tdnn else {})}
+
+    @staticmethod
+    def _tdnn(config, head: dict, have: set, architecture: str) -> list[dict]:
+        """An x-vector head's TDNN layers between its first step and the statistics pooling ([xvector] `tdnn`:
+        the config's lists of kernels and dilations; each layer's weight is tdnn.{i}.kernel, a Linear over
+        kernel * its input's width, run as a dilated conv over time, then ReLU)."""
+        kernels = _config_value(config, head["tdnn"]["kernel"], "xvector.tdnn.kernel")
+        dilations = _config_value(config, head["tdnn"]["dilation"], "xvector.tdnn.dilation")
+        if not (isinstance(kernels, (list, tuple)) and isinstance(dilations, (list, tuple))
+                and 0 < len(kernels) == len(dilations) <= 16
+                and all(type(v) is int and 0 < v <= 64 for v in (*kernels, *dilations))):
+            raise FmError(f"config.json: tdnn_kernel and tdnn_dilation must be lists of small positive integers, as "
+                          f"long as each other, got {kernels!r} and {dilations!r}")
+        out = []
+        for i, (k, d) in enumerate(zip(kernels, dilations)):
+            name = f"tdnn.{i}.kernel"
+            if f"{name}.weight" not in have or f"{name}.bias" not in have:
+                raise FmError(f"{architecture}: the x-vector head's {name} is missing from the checkpoint")
+            out.append({"name": name, "kernel": k, "dilation": d})
+        return out
 
     def passthrough(self) -> list[str]:
         return list(self.table.get("passthrough", []))

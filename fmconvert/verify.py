@@ -993,12 +993,12 @@ def _diverging(layers: list[dict], first_bad: str | None, th: Thresholds, fails:
 def _head_verdict(a: torch.Tensor, b: torch.Tensor, th: Thresholds, fails: list, spans: bool = False,
                   name: str = "classifier") -> dict:
     """A task head's logits, converted (a) against the reference's (b), float64 [rows, labels] (QA: [rows, T, 2]);
-    name: what the report calls them ("classifier", "CTC")."""
+    name: what the report calls them ("classifier", "CTC", "x-vector": an embedding, which has no top-1)."""
     rel = math.sqrt(float((a - b).square().sum()) / max(float(b.square().sum()), 1e-30))
     res = {"name": name, "max_abs": float((a - b).abs().max()), "rel_rms": rel,
            # QA: the best start and the best end token, not the larger of a token's two logits
            "top1": float((a.argmax(-2 if spans else -1) == b.argmax(-2 if spans else -1)).double().mean())
-           if a.shape[-1] > 1 else None}
+           if a.shape[-1] > 1 and name != "x-vector" else None}
     if rel > th.max_rel:
         fails.append(f"end to end: {name} logits relative RMS error {rel:.3g} > {th.max_rel:g}")
     if res["top1"] is not None and res["top1"] < th.min_top1:
@@ -1030,7 +1030,9 @@ def check_waves(model_dir: Path, m: dict, converted, values: torch.Tensor, mask:
     base, v, msk = ref.base_model, values.to(device), None if mask is None else mask.to(device)
     with torch.inference_mode():
         o = base(input_values=v, attention_mask=msk, output_hidden_states=True)
-        want = None if head is None else ref(input_values=v, attention_mask=msk).logits.float().cpu().double()
+        got = None if head is None else ref(input_values=v, attention_mask=msk)      # an x-vector's: embeddings
+        want = None if got is None else (got.embeddings if sp["classifier"]["pool"] == "xvector" else got.logits
+                                         ).float().cpu().double()
         last = o.last_hidden_state.float().cpu()
         B, T = last.shape[:2]
         real = torch.ones(B, T, dtype=torch.bool) if msk is None else \
@@ -1077,7 +1079,8 @@ def check_waves(model_dir: Path, m: dict, converted, values: torch.Tensor, mask:
         fails.append(f"end to end: {res['cosine_what']} cosine {res['cosine_min']:.6f} < {th.min_cosine:g}")
     if head is not None:        # CTC's (a frame classifier's) logits per real frame, or the classifier's a clip
         frames = sp["classifier"]["pool"] == "tokens"
-        name = "classifier" if not frames else "CTC" if sp["architecture"].endswith("ForCTC") else "frame labels"
+        name = ("x-vector" if sp["classifier"]["pool"] == "xvector" else "classifier") if not frames else \
+            "CTC" if sp["architecture"].endswith("ForCTC") else "frame labels"
         res["classifier"] = _head_verdict(head[real].double() if frames else head.double(),
                                           want[real] if frames else want, th, fails, name=name)
     _diverging(layers, first_bad, th, fails)

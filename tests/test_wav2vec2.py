@@ -244,6 +244,61 @@ def test_frame_classifier_matches_transformers(tmp_path, kind, weighted):
     assert len(got) > 3 and {g["label"] for g in got} == {"spk0", "spk1", "spk2"}, got
 
 
+XVECTOR = dict(tdnn_dim=(16, 16, 24), tdnn_kernel=(5, 3, 1), tdnn_dilation=(1, 2, 1), xvector_output_dim=12,
+               num_labels=3)
+
+
+@pytest.mark.parametrize("kind,weighted", [("wav2vec2", False), ("wavlm_stable", True)])
+def test_xvector_matches_transformers(tmp_path, kind, weighted):
+    """*ForXVector (speaker verification): the projector, dilated TDNN layers, the mean and standard deviation over
+    each clip's frames (transformers' count of them) and the feature extractor: its embeddings, on every rank."""
+    hf = build(kind, model=KINDS[kind][1].replace("ForCTC", "ForXVector"), use_weighted_layer_sum=weighted, **XVECTOR)
+    src = save(tmp_path / "src", hf, mask=True)
+    out = tmp_path / "out"
+    convert(src, out, Options(tp=2), progress=False)
+    x, mask = waves()
+    with torch.no_grad():
+        want = hf(x, attention_mask=mask).embeddings
+    assert want.shape == (2, 12)
+    for got in heads_on_ranks(out, 2, x, mask):
+        assert tiny.rel(got, want) < 1e-5
+
+
+def test_cli_embeds_audio(tmp_path, capsys):
+    """`embed --audio`: an x-vector model's speaker embeddings, unit length (as transformers' model card compares
+    them), or raw with --no-normalize; any other speech encoder's mean over its real frames; refusals in one line."""
+    from click.testing import CliRunner
+    from corpus import run_main
+    from transformers import Wav2Vec2FeatureExtractor
+
+    from fmconvert.cli import cli
+    from fmconvert.runtime.audio import load_audio
+    runner, fe = CliRunner(), Wav2Vec2FeatureExtractor(return_attention_mask=True)
+    hf = build("wav2vec2_stable", model="Wav2Vec2ForXVector", **XVECTOR)
+    ctc = build("wav2vec2_stable", seed=4)
+    for name, model in (("xv", hf), ("ctc", ctc)):
+        assert runner.invoke(cli, ["convert", str(save(tmp_path / name, model, mask=True)), str(tmp_path / f"{name}_out"),
+                                   "-q"]).exit_code == 0
+    x, _ = waves((3000, 5000), seed=11)
+    files = [write_wav(tmp_path / f"{i}.wav", x[i, :n]) for i, n in enumerate((3000, 5000))]
+    inputs = [fe(load_audio(f, 16000).numpy(), sampling_rate=16000, return_tensors="pt").input_values for f in files]
+    with torch.no_grad():
+        emb = torch.cat([hf(v).embeddings for v in inputs])
+        mean = torch.cat([ctc.wav2vec2(v).last_hidden_state.mean(1) for v in inputs])
+    args = [a for f in files for a in ("--audio", str(f))]
+    for out, extra, want in (("xv_out", [], torch.nn.functional.normalize(emb, dim=-1)), ("xv_out", ["--no-normalize"], emb),
+                             ("ctc_out", [], mean)):
+        r = runner.invoke(cli, ["embed", str(tmp_path / out), *args, *extra])
+        assert r.exit_code == 0, r.output
+        got = torch.tensor([json.loads(line) for line in r.stdout.splitlines()])
+        assert got.shape == want.shape and tiny.rel(got, want) < 1e-4, (out, extra)
+    for argv, match in ((["classify", str(tmp_path / "xv_out"), *args], "it embeds speakers, use `fmconvert embed"),
+                        (["embed", str(tmp_path / "xv_out"), *args, "-t", "hi"], "--audio embeds sound"),
+                        (["generate", str(tmp_path / "xv_out"), "-p", "hi"], "use `fmconvert embed")):
+        code, stdout, err = run_main(capsys, *argv)
+        assert code != 0 and match in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_active_spans_by_hand():
     """Each label's runs of frames from 0.5 up, in seconds, ordered by start; a run to the last frame is closed."""
     from fmconvert.runtime.ctc import active_spans

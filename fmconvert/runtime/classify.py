@@ -40,6 +40,8 @@ def head_logits(model, hidden: torch.Tensor, pooled: torch.Tensor | None, mask: 
             raise ValueError("this classifier sums every layer's states: pass states=")
         w = torch.softmax(model.g["extra.layer_weights"].float(), -1).to(hidden.dtype)
         hidden = (torch.stack(states, 1) * w.view(-1, 1, 1)).sum(1)
+    if head["pool"] == "xvector":
+        return xvector(model, hidden, mask)
     if head["pool"] in ("tokens", "spans", "late"):     # every token's state: [B, T, labels] (spans: start, end)
         x = hidden
     elif head["pool"] == "pooler":
@@ -70,6 +72,28 @@ def head_logits(model, hidden: torch.Tensor, pooled: torch.Tensor | None, mask: 
     if head["pool"] == "late":      # EuroBERT: each token classified, the logits averaged over the real tokens
         m = mask.to(x.device, x.dtype).unsqueeze(-1)
         x = (x * m).sum(1) / m.sum(1).clamp(min=1)
+    return x.float()
+
+
+def xvector(model, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """An x-vector head (Wav2Vec2's *ForXVector: speaker verification) -> an embedding [B, dim] in fp32: each frame
+    through the first step (the projector), the TDNN layers (a dilated conv over time each, from a Linear over kernel
+    frames, then ReLU), each row's mean and standard deviation over its first n frames side by side, then the other
+    steps. n is transformers' count: the real frames less each layer's kernel - 1 (dilation left out, as it leaves
+    it out), at most the frames there are."""
+    head, g = model.spec["classifier"], model.g
+    first, rest = head["steps"][0], head["steps"][1:]
+    x = F.linear(hidden, g[f"extra.{first['name']}.weight"], g.get(f"extra.{first['name']}.bias"))
+    for t in head["tdnn"]:
+        w, k = g[f"extra.{t['name']}.weight"], t["kernel"]
+        weight = w.view(w.shape[0], k, w.shape[1] // k).transpose(1, 2)
+        x = F.relu(F.conv1d(x.transpose(1, 2), weight, g[f"extra.{t['name']}.bias"], dilation=t["dilation"])
+                   .transpose(1, 2))
+    n = (mask.long().sum(-1) - sum(t["kernel"] - 1 for t in head["tdnn"])).clamp(min=2, max=x.shape[1]).tolist()
+    x = torch.stack([torch.cat([x[i, :m].mean(0), x[i, :m].std(0)]) for i, m in enumerate(n)])
+    for s in rest:
+        x = F.linear(x, g[f"extra.{s['name']}.weight"], g.get(f"extra.{s['name']}.bias"))
+        x = activate(x, s["act"]) if s["act"] not in ("none", "tanh") else torch.tanh(x) if s["act"] == "tanh" else x
     return x.float()
 
 

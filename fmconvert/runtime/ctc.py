@@ -66,10 +66,12 @@ def inputs_of(fe, waves: list[torch.Tensor], mask: bool | None = None):
     return out.input_values, out.get("attention_mask")
 
 
-def batches(fe, waves: list[torch.Tensor], idx: list[int], batch_size: int) -> list[list[int]]:
+def batches(fe, waves: list[torch.Tensor], idx: list[int], batch_size: int, same_length: bool = False
+            ) -> list[list[int]]:
     """The clips idx in batches of batch_size. A feature extractor without a mask (wav2vec2-base's: its model reads
-    zeros as silence) would have the padding change a shorter clip's result, so then a batch holds one length only."""
-    if fe.return_attention_mask:
+    zeros as silence) would have the padding change a shorter clip's result, so then (or with same_length) a batch
+    holds one length only."""
+    if fe.return_attention_mask and not same_length:
         return [idx[j:j + batch_size] for j in range(0, len(idx), batch_size)]
     by_len: dict[int, list[int]] = {}
     for i in idx:
@@ -108,12 +110,13 @@ def frame_logits(model, values: torch.Tensor, mask: torch.Tensor | None) -> torc
 
 def head_kind(spec: dict) -> str | None:
     """What a waveform encoder's head does: "ctc" (a character a frame), "frames" (labels a frame: diarization),
-    "clips" (a label a clip), or None (a bare encoder, or no waveform encoder)."""
+    "clips" (a label a clip), "xvector" (a speaker embedding a clip), or None (a bare encoder, or no waveform
+    encoder)."""
     head = spec.get("classifier")
     if not spec.get("wave") or head is None:
         return None
-    if head["pool"] == "mean":
-        return "clips"
+    if head["pool"] in ("mean", "xvector"):
+        return "clips" if head["pool"] == "mean" else "xvector"
     return "ctc" if spec["architecture"].endswith("ForCTC") else "frames"
 
 
@@ -221,6 +224,31 @@ def classify_audio(model, fe, waves: list[torch.Tensor], batch_size: int = 8) ->
                                                                           device=hidden.device)
         for i, row in zip(idx, head_logits(model, hidden, None, frames, states=states).cpu()):
             rows[i] = row if kind == "clips" else row[:int(frames_of(model.spec["wave"], waves[i].numel()))]
+    return rows
+
+
+def embed_audio(model, fe, waves: list[torch.Tensor], batch_size: int = 8, normalize: bool = False) -> list:
+    """A vector a file: an x-vector head's speaker embedding, else the mean of the last hidden state over the real
+    frames; scaled to unit length with normalize. Batched as `batches` says; an x-vector's batches hold one length
+    only, as transformers' count of a padded clip's frames after dilated TDNN layers reaches into its padding (so a
+    clip's embedding there would depend on what it was batched with)."""
+    xvector = head_kind(model.spec) == "xvector"
+    rows: list[torch.Tensor | None] = [None] * len(waves)
+    for idx in batches(fe, waves, list(range(len(waves))), batch_size, same_length=xvector):
+        values, mask = inputs_of(fe, [waves[i] for i in idx])
+        hidden, states = model.hidden(values.to(model.device), output_hidden_states=True,
+                                      attention_mask=None if mask is None else mask.to(model.device))
+        frames = model.frames if model.frames is not None else torch.ones(hidden.shape[:2], dtype=torch.bool,
+                                                                          device=hidden.device)
+        if xvector:
+            vec = head_logits(model, hidden, None, frames, states=states)
+        else:
+            m = frames.unsqueeze(-1).to(hidden.dtype)
+            vec = ((hidden * m).sum(1) / m.sum(1).clamp(min=1)).float()
+        if normalize:
+            vec = torch.nn.functional.normalize(vec, dim=-1)
+        for i, v in zip(idx, vec.cpu()):
+            rows[i] = v
     return rows
 
 

@@ -423,7 +423,7 @@ def check_layout(m: dict, rank: int):
     if missing:
         raise FmError(f"manifest: rank {rank} has no tensor {missing[0]}, which the model needs")
     width = h                               # the classifier's steps: each reads what the one before it gave
-    for s in (sp["classifier"] or {}).get("steps", []):
+    for n, s in enumerate((sp["classifier"] or {}).get("steps", [])):
         w, b = tensors.get(f"extra.{s['name']}.weight"), tensors.get(f"extra.{s['name']}.bias")
         fits = w is not None and (w["shape"] == [width] if s["op"] == "norm" else
                                   len(w["shape"]) == 2 and w["shape"][1] == width)
@@ -431,6 +431,15 @@ def check_layout(m: dict, rank: int):
             raise FmError(f"manifest: rank {rank}: the classifier's {s['name']} ({s['op']}, bias {s['bias']}) is "
                           f"missing or does not fit a {width}-wide input")
         width = w["shape"][0]
+        if n == 0 and sp["classifier"].get("tdnn"):     # an x-vector's TDNN layers, then [mean | std]
+            for t in sp["classifier"]["tdnn"]:
+                w, b = tensors.get(f"extra.{t['name']}.weight"), tensors.get(f"extra.{t['name']}.bias")
+                if w is None or b is None or len(w["shape"]) != 2 or w["shape"][1] != t["kernel"] * width or \
+                        b["shape"] != w["shape"][:1]:
+                    raise FmError(f"manifest: rank {rank}: the x-vector's {t['name']} is missing or does not fit "
+                                  f"{t['kernel']} frames of a {width}-wide input")
+                width = w["shape"][0]
+            width *= 2
     lw = tensors.get("extra.layer_weights")
     if (sp["classifier"] or {}).get("layer_sum") and (lw is None or lw["shape"] != [sp["num_layers"] + 1]):
         raise FmError(f"manifest: rank {rank}: the classifier's layer_weights are missing or not one per layer and "
@@ -620,7 +629,7 @@ def _assemble(manifest: dict, raw: dict, device, int8: str, dtype) -> dict:
     out = {}
     tied = manifest["model"]["tied_embeddings"]
     head = manifest["model"]["classifier"]          # the passthrough tensors a classifier runs, loaded; no others
-    keep = {f"extra.{s['name']}.{p}" for s in head["steps"] for p in ("weight", "bias")} | (
+    keep = {f"extra.{s['name']}.{p}" for s in head["steps"] + head.get("tdnn", []) for p in ("weight", "bias")} | (
         {"extra.layer_weights"} if head.get("layer_sum") else set()) if head else set()
     for name, t in raw.items():
         if name.endswith("_scale"):
