@@ -1,5 +1,7 @@
-"""Speech recognition by CTC (Wav2Vec2, HuBERT, UniSpeech: `*ForCTC`), and audio classification with the same
-encoders (`*ForSequenceClassification`), as transformers' pipelines run them.
+"""Speech recognition by CTC (Wav2Vec2, HuBERT, UniSpeech, WavLM, Data2Vec-Audio: `*ForCTC`), as transformers' ASR
+pipeline runs it, and the same encoders' other heads: a label a clip (`*ForSequenceClassification`), labels a frame
+(`*ForAudioFrameClassification`: diarization), a speaker embedding a clip (`*ForXVector`), or a bare encoder's mean
+frame.
 
 The encoder reads the raw 16 kHz waveform, normalized by the conversion's feature extractor (preprocessor_config.json:
 zero mean and unit variance per clip), and gives each frame (320 samples, 20 ms, in the released models) a

@@ -98,6 +98,7 @@ class Block(nn.Module):
         pos = sp["position"]      # the width this layer's table rotates (Gemma 4's windowed heads are narrower)
         self.rotary_dim = pos.get("local", {}).get("rotary_dim", pos.get("rotary_dim")) \
             if self.rope_table == "local" else pos.get("rotary_dim")
+        self.gate_in = None       # WavLM: the attention's input, which its position bias's gate reads (attention())
         # Gemma 4's global layers: wider heads, fewer kv heads
         wide = is_global_layer(sp["global_attn"], layers, sp["linear_layers"], i)
         self.head_dim = sp["global_attn"]["head_dim"] if wide else model.head_dim
