@@ -299,6 +299,29 @@ def test_cli_embeds_audio(tmp_path, capsys):
         assert code != 0 and match in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_a_pretraining_checkpoint_converts_as_its_encoder(tmp_path):
+    """Wav2Vec2ForPreTraining (wav2vec2-base, XLS-R as released): the quantizer and the contrastive projections are
+    left out, the encoder runs as transformers' Wav2Vec2Model does, and verify passes against it."""
+    import transformers
+
+    from fmconvert.verify import verify
+    cfg = transformers.Wav2Vec2Config(**{**SMALL, **KINDS["wav2vec2_stable"][2]}, codevector_dim=8,
+                                      proj_codevector_dim=8, num_codevectors_per_group=4, num_codevector_groups=2)
+    torch.manual_seed(0)
+    hf = transformers.Wav2Vec2ForPreTraining(cfg).eval()
+    src = save(tmp_path / "src", hf, mask=True)
+    out = tmp_path / "out"
+    convert(src, out, Options(), progress=False)
+    x, mask = waves()
+    with torch.no_grad():
+        want = hf.wav2vec2(x, attention_mask=mask).last_hidden_state
+    (got,) = tiny.on_ranks(out, 1, lambda model: (model(x, attention_mask=mask)[0], model.frames))
+    real = got[1]
+    assert tiny.rel(got[0][real], want[real]) < 1e-5
+    assert verify(src, out)["passed"]
+    assert json.loads((out / "manifest.json").read_text())["model"]["classifier"] is None
+
+
 def test_active_spans_by_hand():
     """Each label's runs of frames from 0.5 up, in seconds, ordered by start; a run to the last frame is closed."""
     from fmconvert.runtime.ctc import active_spans
