@@ -953,11 +953,12 @@ def _write_results(fmt: str, output_dir, stems: list[str], results: list[str]):
 def _not_speech(model, out_dir):
     """Refuse, in one line, a text verb on Whisper, its audio encoder, or a waveform encoder."""
     if model.spec.get("wave"):
-        head = (model.spec.get("classifier") or {}).get("pool")
+        from .runtime.ctc import head_kind
+        kind = head_kind(model.spec)
         raise FmError(f"{out_dir} holds a speech encoder ({model.spec['architecture']}): it reads audio; " + (
-            f"use `fmconvert transcribe {out_dir} AUDIO.wav`" if model.spec["architecture"].endswith("ForCTC") else
-            f"use `fmconvert embed {out_dir} --audio AUDIO.wav`" if head == "xvector" else
-            f"use `fmconvert classify {out_dir} --audio AUDIO.wav`" if head else
+            f"use `fmconvert transcribe {out_dir} AUDIO.wav`" if kind == "ctc" else
+            f"use `fmconvert embed {out_dir} --audio AUDIO.wav`" if kind == "xvector" else
+            f"use `fmconvert classify {out_dir} --audio AUDIO.wav`" if kind else
             "convert its *ForCTC or *ForSequenceClassification checkpoint to run it"))
     enc = getattr(model, "source_encoder", None)
     if model.spec["audio_mels"] or (enc is not None and enc.spec["audio_mels"]):
@@ -1304,12 +1305,9 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
 def _waves(model, audio) -> list:
     """The files as 16 kHz mono waveforms, each long enough for the model's conv stack to make a frame of."""
     from .runtime.audio import load_audio
-    from .runtime.ctc import SAMPLE_RATE
-    waves, least = [load_audio(p, SAMPLE_RATE) for p in audio], model.min_samples()
-    for p, w in zip(audio, waves):
-        if w.numel() < least:
-            raise FmError(f"{p}: {w.numel()} samples at 16 kHz is too short: {model.spec['architecture']} needs at "
-                          f"least {least} ({least / SAMPLE_RATE * 1000:.1f} ms)")
+    from .runtime.ctc import SAMPLE_RATE, check_lengths
+    waves = [load_audio(p, SAMPLE_RATE) for p in audio]
+    check_lengths(model, waves, [str(p) for p in audio])
     return waves
 
 
@@ -1456,13 +1454,13 @@ def embed(out_dir, texts, text_file, pooling, normalize, max_length, batch_size,
 
 def _embed_audio(out_dir, audio, normalize, batch_size, device, backend, no_verify_hashes, dtype):
     """embed --audio: a JSON vector a file, in order."""
-    from .runtime.ctc import embed_audio, feature_extractor
+    from .runtime.ctc import embed_audio, feature_extractor, head_kind
     if batch_size < 1:
         raise FmError("--batch-size must be positive")
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
     if not model.spec.get("wave"):
         raise FmError(f"{out_dir} holds {model.spec['architecture']}, which reads text, not audio: use --text")
-    xvector = (model.spec.get("classifier") or {}).get("pool") == "xvector"
+    xvector = head_kind(model.spec) == "xvector"
     rows = embed_audio(model, feature_extractor(out_dir, model.spec["wave"]), _waves(model, audio), batch_size,
                        normalize=xvector if normalize is None else normalize)
     if model.rank == 0:

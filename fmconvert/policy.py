@@ -2141,12 +2141,12 @@ class Policy:
         model with a mixture, which takes an entry's `dense_name` where it has one (A.X K2's MLP norm). part: the
         layer's part (block_parts), whose `<part>_name` an entry may give (Zamba2's hybrid layers). wave: a
         Wav2Vec2 front end, over whose conv layers an entry with `{c}` repeats (those it has, `wave_slots`)."""
+        have = set(wave_slots(wave)) if wave else set()
         for slot, names, optional, aliases in self._plain_entries(section, flags, dense, part):
             field = "{c}" if "{c}" in slot else "{p}" if "{p}" in slot else None
             if field is None:
                 yield slot, names, optional, aliases
                 continue
-            have = set(wave_slots(wave)) if wave else set()
             n = 0 if not wave else len(wave["conv_dim"]) if field == "{c}" else wave.get("pos_layers", 0)
             for c in map(str, range(n)):
                 if slot.replace(field, c) in have:

@@ -58,8 +58,18 @@ def head_logits(model, hidden: torch.Tensor, pooled: torch.Tensor | None, mask: 
         x = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
     else:
         x = hidden[:, 0]
+    x = run_steps(model, x, head["steps"])
+    if head["pool"] == "late":      # EuroBERT: each token classified, the logits averaged over the real tokens
+        m = mask.to(x.device, x.dtype).unsqueeze(-1)
+        x = (x * m).sum(1) / m.sum(1).clamp(min=1)
+    return x.float()
+
+
+def run_steps(model, x: torch.Tensor, steps: list[dict]) -> torch.Tensor:
+    """A head's steps over x: each a linear layer (or a LayerNorm at the model's eps) of its passthrough tensors,
+    then its activation."""
     g = model.g
-    for s in head["steps"]:
+    for s in steps:
         w, b = g[f"extra.{s['name']}.weight"], g.get(f"extra.{s['name']}.bias")
         if s["op"] == "linear":
             x = F.linear(x, w, b)
@@ -69,10 +79,7 @@ def head_logits(model, hidden: torch.Tensor, pooled: torch.Tensor | None, mask: 
             x = torch.tanh(x)
         elif s["act"] != "none":
             x = activate(x, s["act"])
-    if head["pool"] == "late":      # EuroBERT: each token classified, the logits averaged over the real tokens
-        m = mask.to(x.device, x.dtype).unsqueeze(-1)
-        x = (x * m).sum(1) / m.sum(1).clamp(min=1)
-    return x.float()
+    return x
 
 
 def xvector(model, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -82,8 +89,7 @@ def xvector(model, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     steps. n is transformers' count: the real frames less each layer's kernel - 1 (dilation left out, as it leaves
     it out), at most the frames there are."""
     head, g = model.spec["classifier"], model.g
-    first, rest = head["steps"][0], head["steps"][1:]
-    x = F.linear(hidden, g[f"extra.{first['name']}.weight"], g.get(f"extra.{first['name']}.bias"))
+    x = run_steps(model, hidden, head["steps"][:1])
     for t in head["tdnn"]:
         w, k = g[f"extra.{t['name']}.weight"], t["kernel"]
         weight = w.view(w.shape[0], k, w.shape[1] // k).transpose(1, 2)
@@ -91,10 +97,7 @@ def xvector(model, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
                    .transpose(1, 2))
     n = (mask.long().sum(-1) - sum(t["kernel"] - 1 for t in head["tdnn"])).clamp(min=2, max=x.shape[1]).tolist()
     x = torch.stack([torch.cat([x[i, :m].mean(0), x[i, :m].std(0)]) for i, m in enumerate(n)])
-    for s in rest:
-        x = F.linear(x, g[f"extra.{s['name']}.weight"], g.get(f"extra.{s['name']}.bias"))
-        x = activate(x, s["act"]) if s["act"] not in ("none", "tanh") else torch.tanh(x) if s["act"] == "tanh" else x
-    return x.float()
+    return run_steps(model, x, head["steps"][1:]).float()
 
 
 def classify(model, tok, texts: list[str], pairs: list[str] | None = None, max_length: int | None = None):

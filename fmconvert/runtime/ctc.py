@@ -104,10 +104,36 @@ def windows(n: int, chunk: int, left: int, right: int) -> list[tuple[int, int, i
     return out
 
 
-def frame_logits(model, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Logits [B, frames, labels] in fp32 of a batch of normalized waveforms (mask: their real samples)."""
-    hidden, pooled = model(values.to(model.device), attention_mask=None if mask is None else mask.to(model.device))
-    return head_logits(model, hidden, pooled, model.frames)
+def forward(model, values: torch.Tensor, mask: torch.Tensor | None):
+    """A batch of normalized waveforms (mask: their real samples) through the encoder -> (the last hidden state,
+    every layer's states where the head sums them (layer_sum) else None, the real frames [B, frames]: all of them
+    without a mask)."""
+    mask = None if mask is None else mask.to(model.device)
+    if (model.spec.get("classifier") or {}).get("layer_sum"):
+        hidden, states = model.hidden(values.to(model.device), attention_mask=mask, output_hidden_states=True)
+    else:
+        hidden, states = model.hidden(values.to(model.device), attention_mask=mask), None
+    frames = model.frames if model.frames is not None else torch.ones(hidden.shape[:2], dtype=torch.bool,
+                                                                      device=hidden.device)
+    return hidden, states, frames
+
+
+def head_of(model, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The head's output in fp32 for a batch of normalized waveforms: logits [B, frames, labels] (CTC, frame
+    classifiers), [B, labels] (clip classifiers), or embeddings [B, dim] (x-vectors)."""
+    hidden, states, frames = forward(model, values, mask)
+    return head_logits(model, hidden, None, frames, states=states)
+
+
+def check_lengths(model, waves: list[torch.Tensor], names=None):
+    """Refuse, in one line, a clip too short for the conv stack to make a frame of (names: what to call each;
+    default "audio 1", "audio 2", ...)."""
+    least = model.min_samples()
+    for i, w in enumerate(waves):
+        if w.numel() < least:
+            name = names[i] if names is not None else f"audio {i + 1}"
+            raise FmError(f"{name}: {w.numel()} samples at 16 kHz is too short: {model.spec['architecture']} needs "
+                          f"at least {least} ({least / SAMPLE_RATE * 1000:.1f} ms)")
 
 
 def head_kind(spec: dict) -> str | None:
@@ -117,9 +143,8 @@ def head_kind(spec: dict) -> str | None:
     head = spec.get("classifier")
     if not spec.get("wave") or head is None:
         return None
-    if head["pool"] in ("mean", "xvector"):
-        return "clips" if head["pool"] == "mean" else "xvector"
-    return "ctc" if spec["architecture"].endswith("ForCTC") else "frames"
+    return {"mean": "clips", "xvector": "xvector"}.get(head["pool"]) or \
+        ("ctc" if spec["architecture"].endswith("ForCTC") else "frames")
 
 
 def _check_ctc(model):
@@ -151,13 +176,10 @@ def recognize(model, tok, fe, waves: list[torch.Tensor], batch_size: int = 8, ch
         if on_file is not None:
             on_file(i, r)
 
+    check_lengths(model, waves)
     short = [i for i, w in enumerate(waves) if w.numel() <= chunk]
-    for i, w in enumerate(waves):
-        if w.numel() < shortest:
-            raise FmError(f"audio {i + 1} is {w.numel()} samples: {model.spec['architecture']} needs at least "
-                          f"{shortest} ({shortest / SAMPLE_RATE * 1000:.0f} ms)")
     for idx in batches(fe, waves, short, batch_size):
-        ids = frame_logits(model, *inputs_of(fe, [waves[i] for i in idx])).argmax(-1).cpu()
+        ids = head_of(model, *inputs_of(fe, [waves[i] for i in idx])).argmax(-1).cpu()
         for k, i in enumerate(idx):     # its own frames: those of the padding (masked or not) say nothing of it
             finish(i, ids[k, :int(frames_of(wave, waves[i].numel()))])
     for i in (i for i in range(len(waves)) if waves[i].numel() > chunk):
@@ -170,7 +192,7 @@ def recognize(model, tok, fe, waves: list[torch.Tensor], batch_size: int = 8, ch
             [[s] for s in spans if s[1] - s[0] != chunk]
         for group in groups:
             batch = inputs_of(fe, [waves[i][a:b] for a, b, _, _ in group], mask=True)
-            ids = frame_logits(model, *batch).argmax(-1).cpu()
+            ids = head_of(model, *batch).argmax(-1).cpu()
             for k, (a, b, sl, sr) in enumerate(group):
                 total = int(round((b - a) / align))        # the pipeline's rescale_stride, in frames
                 left, right = int(round(sl / (b - a) * total)), int(round(sr / (b - a) * total))
@@ -212,19 +234,10 @@ def classify_audio(model, fe, waves: list[torch.Tensor], batch_size: int = 8) ->
     if kind not in ("clips", "frames"):
         raise FmError(f"{model.spec['architecture']} has no audio classification head: convert a "
                       f"*ForSequenceClassification or *ForAudioFrameClassification checkpoint")
-    shortest = model.min_samples()
-    for i, w in enumerate(waves):
-        if w.numel() < shortest:
-            raise FmError(f"audio {i + 1} is {w.numel()} samples: {model.spec['architecture']} needs at least "
-                          f"{shortest}")
+    check_lengths(model, waves)
     rows: list[torch.Tensor | None] = [None] * len(waves)
     for idx in batches(fe, waves, list(range(len(waves))), batch_size):
-        values, mask = inputs_of(fe, [waves[i] for i in idx])
-        hidden, states = model.hidden(values.to(model.device), output_hidden_states=True,
-                                      attention_mask=None if mask is None else mask.to(model.device))
-        frames = model.frames if model.frames is not None else torch.ones(hidden.shape[:2], dtype=torch.bool,
-                                                                          device=hidden.device)
-        for i, row in zip(idx, head_logits(model, hidden, None, frames, states=states).cpu()):
+        for i, row in zip(idx, head_of(model, *inputs_of(fe, [waves[i] for i in idx])).cpu()):
             rows[i] = row if kind == "clips" else row[:int(frames_of(model.spec["wave"], waves[i].numel()))]
     return rows
 
@@ -235,13 +248,10 @@ def embed_audio(model, fe, waves: list[torch.Tensor], batch_size: int = 8, norma
     only, as transformers' count of a padded clip's frames after dilated TDNN layers reaches into its padding (so a
     clip's embedding there would depend on what it was batched with)."""
     xvector = head_kind(model.spec) == "xvector"
+    check_lengths(model, waves)
     rows: list[torch.Tensor | None] = [None] * len(waves)
     for idx in batches(fe, waves, list(range(len(waves))), batch_size, same_length=xvector):
-        values, mask = inputs_of(fe, [waves[i] for i in idx])
-        hidden, states = model.hidden(values.to(model.device), output_hidden_states=True,
-                                      attention_mask=None if mask is None else mask.to(model.device))
-        frames = model.frames if model.frames is not None else torch.ones(hidden.shape[:2], dtype=torch.bool,
-                                                                          device=hidden.device)
+        hidden, states, frames = forward(model, *inputs_of(fe, [waves[i] for i in idx]))
         if xvector:
             vec = head_logits(model, hidden, None, frames, states=states)
         else:

@@ -2315,15 +2315,14 @@ class FusedModel(nn.Module):
         x = F.conv1d(waves.to(self.dtype).unsqueeze(1), g["wave_conv0.weight"], g.get("wave_conv0.bias"),
                      stride=w["stride"][0])
         if w["norm"] == "group":
-            x = activate(F.group_norm(x, x.shape[1], g["wave_norm0.weight"], g["wave_norm0.bias"]), w["act"])
+            x = F.group_norm(x, x.shape[1], g["wave_norm0.weight"], g["wave_norm0.bias"])
         x = x.transpose(1, 2).contiguous()
         for c, (k, st) in enumerate(zip(w["kernel"], w["stride"])):
             if c:
                 x = _strided_conv(x, self._wave_blocks[c], k, st, g.get(f"wave_conv{c}.bias"))
             if w["norm"] == "layer":            # over each frame's channels (transformers' default eps)
                 x = F.layer_norm(x, x.shape[-1:], g[f"wave_norm{c}.weight"], g[f"wave_norm{c}.bias"])
-            if c or w["norm"] == "layer":
-                x = activate(x, w["act"])
+            x = activate(x, w["act"])
         if w["feat_norm"]:
             x = F.layer_norm(x, x.shape[-1:], g["feat_norm.weight"], g["feat_norm.bias"], self.eps)
         x = F.linear(x, g["feat_proj.weight"], g["feat_proj.bias"])
