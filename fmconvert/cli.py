@@ -959,7 +959,7 @@ def _not_speech(model, out_dir):
             f"use `fmconvert transcribe {out_dir} AUDIO.wav`" if kind == "ctc" else
             f"use `fmconvert embed {out_dir} --audio AUDIO.wav`" if kind == "xvector" else
             f"use `fmconvert classify {out_dir} --audio AUDIO.wav`" if kind else
-            "convert its *ForCTC or *ForSequenceClassification checkpoint to run it"))
+            f"use `fmconvert embed {out_dir} --audio AUDIO.wav` (its mean frame)"))
     enc = getattr(model, "source_encoder", None)
     if model.spec["audio_mels"] or (enc is not None and enc.spec["audio_mels"]):
         parent = Path(out_dir).parent if model.spec["audio_mels"] else Path(out_dir)

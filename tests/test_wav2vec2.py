@@ -299,7 +299,7 @@ def test_cli_embeds_audio(tmp_path, capsys):
         assert code != 0 and match in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_a_pretraining_checkpoint_converts_as_its_encoder(tmp_path):
+def test_a_pretraining_checkpoint_converts_as_its_encoder(tmp_path, capsys):
     """Wav2Vec2ForPreTraining (wav2vec2-base, XLS-R as released): the quantizer and the contrastive projections are
     left out, the encoder runs as transformers' Wav2Vec2Model does, and verify passes against it."""
     import transformers
@@ -320,6 +320,9 @@ def test_a_pretraining_checkpoint_converts_as_its_encoder(tmp_path):
     assert tiny.rel(got[0][real], want[real]) < 1e-5
     assert verify(src, out)["passed"]
     assert json.loads((out / "manifest.json").read_text())["model"]["classifier"] is None
+    from corpus import run_main         # a text verb on a headless speech encoder points at embed --audio
+    code, stdout, err = run_main(capsys, "generate", str(out), "-p", "hi")
+    assert code != 0 and f"use `fmconvert embed {out} --audio AUDIO.wav`" in err and len(err.splitlines()) == 1
 
 
 def test_active_spans_by_hand():
