@@ -162,6 +162,7 @@ def beam_search(model: FusedModel, input_ids: torch.Tensor, num_beams: int, max_
     for b, o in enumerate(outs):
         seq[b, T:T + len(o)] = torch.tensor(o, dtype=torch.long, device=dev)
     stats.tokens = outs[0]
+    stats.sequence_scores = done_scores[:, 0].tolist()      # transformers' sequences_scores
     stats.new_tokens = sum(len(o) for o in outs)
     if on_done is not None:
         on_done(stats.tokens)

@@ -23,6 +23,8 @@ class GenStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     tokens: list = field(default_factory=list)
+    logprobs: torch.Tensor | None = None    # [B, new]: each chosen token's log probability, when asked for
+    sequence_scores: list | None = None     # beam search: each row's best hypothesis's score
 
     @property
     def decode_tok_s(self) -> float:
@@ -66,22 +68,28 @@ def copy_bandwidth(device: torch.device, mbytes: int = 256) -> float:
     return 2 * x.numel() * 4 / best
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None,
-           top_k: int = 0) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]. temperature 0 is greedy. As transformers' warpers, in their order: the
-    temperature, then the top_k likeliest tokens kept (0: all), then the smallest set holding top_p of the mass."""
-    if temperature <= 0:
-        return logits.argmax(-1)
+def warp(logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0) -> torch.Tensor:
+    """logits [B, V] -> the float32 scores sampling draws from, as transformers' warpers leave them, in their order:
+    divided by the temperature, then all but the top_k likeliest at -inf (0: none cut), then all but the smallest
+    set holding top_p of the mass."""
     scores = logits.float() / temperature
     if 0 < top_k < scores.shape[-1]:
         kth = scores.topk(top_k, dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
     if top_p < 1.0:
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p   # always keeps the most likely token
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+        sorted_s, idx = scores.sort(dim=-1, descending=True)
+        sorted_p = sorted_s.softmax(-1)
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p       # never the most likely token
+        scores = scores.scatter(-1, idx, sorted_s.masked_fill(drop, float("-inf")))
+    return scores
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None,
+           top_k: int = 0) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]. temperature 0 is greedy; otherwise a draw from the warped scores' softmax."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(warp(logits, temperature, top_p, top_k), dim=-1)
     return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
 
 
@@ -142,7 +150,8 @@ def generate(model: FusedModel, input_ids: torch.Tensor, max_new_tokens: int = 6
              cuda_graph: bool | None = None, source_mask: torch.Tensor | None = None,
              forced_bos: int | None = None, forced_eos=None,
              processors: Processors | None = None, decoder_prompt=None,
-             top_k: int = 0) -> tuple[torch.Tensor, GenStats]:
+             top_k: int = 0, generator: torch.Generator | None = None,
+             logprobs: bool = False) -> tuple[torch.Tensor, GenStats]:
     """input_ids [B, T] -> [B, T + new]. `on_token(ids [B])` is called as each step's tokens are chosen.
     On CUDA the decode step is replayed from a CUDA graph unless cuda_graph=False. The CPU int8 kernels are built
     first (`warm_up`), outside the timings in GenStats.
@@ -156,21 +165,25 @@ def generate(model: FusedModel, input_ids: torch.Tensor, max_new_tokens: int = 6
     n-gram ban, minimum lengths; runtime/processors.py). decoder_prompt: an encoder-decoder's first decoder tokens
     [B, P] in place of its start token (Whisper's <|startoftranscript|> <|en|> <|transcribe|> <|notimestamps|>), or
     a function of the model, called once the source is attached, that gives them (Whisper's language detection);
-    input_ids is then the encoder's input (Whisper's log-mel features [B, mels, frames])."""
+    input_ids is then the encoder's input (Whisper's log-mel features [B, mels, frames]). generator: the random
+    numbers to sample with, carried on from an earlier call (else a fresh one from seed). logprobs: stats.logprobs
+    holds each chosen token's log probability under the scores it was chosen from (processed and, when sampling,
+    warped), as transformers' Whisper averages them."""
     procs = with_forced(processors, forced_bos, forced_eos, eos_token_id)
     P = decoder_prompt.shape[1] if isinstance(decoder_prompt, torch.Tensor) else 1    # a function's: checked later
     positions_left(model, input_ids.shape[1], max_new_tokens, P)
     warm_up(model)
     if model.spec.get("encoder"):
         return _generate_seq2seq(model, input_ids, source_mask, max_new_tokens, temperature, top_p, seed,
-                                 eos_token_id, on_token, procs, cuda_graph, decoder_prompt, top_k=top_k)
+                                 eos_token_id, on_token, procs, cuda_graph, decoder_prompt, top_k=top_k,
+                                 generator=generator, logprobs=logprobs)
     threads = torch.get_num_threads()
     single = model.device.type == "cpu" and threads > 1 and weight_bytes(model) < SMALL_MODEL_BYTES
     if single:
         torch.set_num_threads(1)
     try:
         return _generate(model, input_ids, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token,
-                         cuda_graph, procs, top_k=top_k)
+                         cuda_graph, procs, top_k=top_k, generator=generator, logprobs=logprobs)
     finally:
         if single:
             torch.set_num_threads(threads)
@@ -178,7 +191,8 @@ def generate(model: FusedModel, input_ids: torch.Tensor, max_new_tokens: int = 6
 
 @torch.inference_mode()
 def _generate_seq2seq(model, source, source_mask, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token,
-                      procs, cuda_graph=None, decoder_prompt=None, top_k: int = 0):
+                      procs, cuda_graph=None, decoder_prompt=None, top_k: int = 0, generator=None,
+                      logprobs: bool = False):
     dev = model.device
     source = source.to(dev)
     mask = None if source_mask is None else source_mask.to(dev)
@@ -190,7 +204,7 @@ def _generate_seq2seq(model, source, source_mask, max_new_tokens, temperature, t
         positions_left(model, 0, max_new_tokens, start.shape[1])
     # the decoder's steps replay a CUDA graph captured over this source's keys and values
     out, stats = _generate(model, start, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token, cuda_graph,
-                           procs, top_k=top_k)
+                           procs, top_k=top_k, generator=generator, logprobs=logprobs)
     enc = model.source_encoder.spec
     stats.prompt_tokens = enc["max_positions"] if enc["audio_mels"] else source.shape[1]     # Whisper: 30 s
     stats.prefill_s = time.perf_counter() - t0 - stats.decode_s      # the encoder, then the first decoder step
@@ -199,7 +213,7 @@ def _generate_seq2seq(model, source, source_mask, max_new_tokens, temperature, t
 
 @torch.inference_mode()
 def _generate(model, input_ids, max_new_tokens, temperature, top_p, seed, eos_token_id, on_token, cuda_graph,
-              procs: Processors, top_k: int = 0):
+              procs: Processors, top_k: int = 0, generator=None, logprobs: bool = False):
     if model.spec["kind"] != "decoder":
         raise ValueError("generate needs a decoder; use embed for encoders")
     B, T = input_ids.shape
@@ -221,7 +235,8 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_p, seed, eos_to
         cache = model.new_cache(B, T + max_new_tokens)
         first = lambda x: model(x, cache)[:, -1]              # noqa: E731
         advance = lambda tok: model(tok.unsqueeze(1), cache)[:, -1]  # noqa: E731
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
+    chosen = []
     eos = set(stop_tokens(eos_token_id))
     stats = GenStats(prompt_tokens=T)
     out = [ids]
@@ -235,6 +250,9 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_p, seed, eos_to
             logits = procs(seqs, T + step, logits.float())
         tok = sample(logits, temperature, top_p, gen, top_k)
         tok = model.comm.broadcast(tok.contiguous(), 0)
+        if logprobs:        # transformers' recipe: the warped scores times the temperature, log-softmaxed
+            s = warp(logits, temperature, top_p, top_k) * temperature if temperature > 0 else logits.float()
+            chosen.append(torch.log_softmax(s, -1).gather(1, tok.unsqueeze(1)).squeeze(1))
         if step == 0:
             sync()
             stats.prefill_s = time.perf_counter() - t0
@@ -254,4 +272,6 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_p, seed, eos_to
     stats.decode_s = time.perf_counter() - t0
     result = torch.cat(out, dim=1)
     stats.tokens = result[0, T:].tolist()
+    if logprobs:
+        stats.logprobs = torch.stack(chosen, 1).cpu() if chosen else torch.zeros(B, 0)
     return result, stats

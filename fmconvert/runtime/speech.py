@@ -14,6 +14,7 @@ generation_config.json, never the modelling code.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -145,6 +146,12 @@ class Segment:
     start: float             # seconds from the audio's start
     end: float
     tokens: list             # its tokens, timestamps included where there are any
+    # its window's last decode: the temperature it was read at, its tokens' mean log probability (with the end token;
+    # None unless a log-probability threshold asks for it), their compression ratio, <|nospeech|>'s probability
+    temperature: float = 0.0
+    avg_logprob: float | None = None
+    compression_ratio: float | None = None
+    no_speech_prob: float | None = None
 
 
 @dataclass
@@ -178,24 +185,105 @@ def _segments(seq: list, begin: int, offset: float, window: int) -> tuple[list, 
     return out, window if single_end else (seq[last - 2] - begin) * INPUT_STRIDE
 
 
+def compression_ratio(tokens: list, vocab: int) -> float:
+    """transformers' repetition measure of a window's tokens: their bytes (each little-endian, as wide as the
+    vocabulary needs) over those bytes zlib-compressed. A loop of one phrase compresses well, so scores high."""
+    import zlib
+    width = int(math.log2(vocab) / 8) + 1
+    raw = b"".join(t.to_bytes(width, "little") for t in tokens)
+    return len(raw) / len(zlib.compress(raw))
+
+
+@dataclass
+class Fallback:
+    """transformers' long-form heuristics (Whisper paper, 3.8), each None when not used: a window is decoded again at
+    the next temperature while its tokens' compression ratio is above compression_ratio, or their mean log
+    probability below logprob; it is skipped as silence where that mean is below logprob and the no-speech token's
+    probability above no_speech."""
+    temperatures: tuple = (None,)
+    compression_ratio: float | None = None
+    logprob: float | None = None
+    no_speech: float | None = None
+    top_k: int = 50             # what sampling keeps (transformers' defaults unless the generation config says)
+    top_p: float = 1.0
+
+    def verdict(self, tokens: list, avg_logprob: float, no_speech_prob: float, vocab: int) -> tuple[bool, bool]:
+        """-> (decode again hotter, skip as silence), as transformers' _need_fallback decides."""
+        again = self.compression_ratio is not None and compression_ratio(tokens, vocab) > self.compression_ratio
+        again = again or (self.logprob is not None and avg_logprob < self.logprob)
+        if self.no_speech is not None and avg_logprob < self.logprob and no_speech_prob > self.no_speech:
+            return False, True
+        return again, False
+
+
+def fallback_of(gc: dict, temperature=None, compression_ratio_threshold: float | None = None,
+                logprob_threshold: float | None = None, no_speech_threshold: float | None = None) -> Fallback:
+    """The heuristics as given, else as the generation config sets them (transformers reads its thresholds there,
+    never its temperature: Whisper decodes greedily unless one is passed)."""
+    temps = tuple(temperature) if isinstance(temperature, (list, tuple)) else (temperature,)
+    if not temps or any(t is not None and (not isinstance(t, (int, float)) or t < 0) for t in temps):
+        raise FmError(f"temperatures must be numbers of at least 0, got {temperature!r}")
+
+    def threshold(key, given):
+        v = gc.get(key) if given is None else given
+        if v is not None and (type(v) not in (int, float) or not math.isfinite(v)):
+            raise FmError(f"{key} must be a number, got {v!r}")
+        return v
+    fb = Fallback(temps, threshold("compression_ratio_threshold", compression_ratio_threshold),
+                  threshold("logprob_threshold", logprob_threshold), threshold("no_speech_threshold",
+                                                                               no_speech_threshold),
+                  _setting(gc, "top_k", None, 50, int), float(_setting(gc, "top_p", None, 1.0, (int, float))))
+    if fb.no_speech is not None and fb.logprob is None:
+        raise FmError("a no-speech threshold needs a log-probability threshold: a window is silence when its tokens' "
+                      "mean log probability is below that one too")
+    return fb
+
+
+def _history(segments: list, cut: int, begin: int) -> list:
+    """The tokens of the segments so far that a window is conditioned on: each segment's (one of a closing pair of
+    timestamps dropped), joined, the last `cut` of them."""
+    out = []
+    for s in segments:
+        out += s[:-1] if len(s) > 2 and s[-2] >= begin else s
+    return out[-cut:]
+
+
 def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = None, task: str | None = None,
                max_new_tokens: int | None = None, eos_token_id=None, on_token=None,
                cuda_graph: bool | None = None, timestamps: bool | None = None, num_beams: int | None = None,
-               length_penalty: float | None = None) -> tuple[list[Transcript], GenStats]:
+               length_penalty: float | None = None, prompt_ids: list | None = None,
+               prompt_condition_type: str | None = None, condition_on_prev_tokens: bool | None = None,
+               fallback: Fallback | None = None, seed: int = 0) -> tuple[list[Transcript], GenStats]:
     """features [B, mels, frames] -> each row's Transcript and the stats, greedy, as transformers' generate()
     decodes Whisper. One window of 2 * max_source_positions frames (30 s) is one pass unless timestamps are asked
     for; longer features (one row), or timestamps, take transformers' sequential long-form path: each window's
     text is cut at its timestamps, and the next window starts where its last whole segment ended. num_beams > 1:
     transformers' beam search in each window (nothing streamed to on_token). What is not given (None) is the
     generation config's, as in transformers: language, task, return_timestamps, num_beams, length_penalty,
-    max_new_tokens (else max_length), eos_token_id, repetition_penalty, no_repeat_ngram_size."""
+    max_new_tokens (else max_length), eos_token_id, repetition_penalty, no_repeat_ngram_size,
+    condition_on_prev_tokens and the thresholds.
+
+    prompt_ids: <|startofprev|> and a text's tokens (the tokenizer's get_prompt_ids) put before the decoder's prompt,
+    of the first window only ("first-segment", the default) or of every one ("all-segments", with
+    condition_on_prev_tokens). condition_on_prev_tokens: each window after the first starts from <|startofprev|> and
+    the last max_target_positions // 2 - 1 tokens read so far. fallback (fallback_of): temperature fallback and
+    silence skipping; sampling draws from one generator seeded with seed, carried through every window."""
     check_ids(gc, model.spec["vocab_size"])
     timestamps = bool(gc.get("return_timestamps")) if timestamps is None else timestamps
     num_beams = _setting(gc, "num_beams", num_beams, 1, int)
     length_penalty = _setting(gc, "length_penalty", length_penalty, 1.0, (int, float))
     eos_token_id = gc.get("eos_token_id") if eos_token_id is None else eos_token_id
+    fb = fallback or fallback_of(gc)
     if num_beams > 1 and on_token is not None:
         raise FmError("beam search knows its tokens only at the end: it streams none")
+    if len(fb.temperatures) > 1 and on_token is not None:
+        raise FmError("with temperature fallback a window's tokens are known once it is kept: none are streamed")
+    cond = bool(gc.get("condition_on_prev_tokens")) if condition_on_prev_tokens is None else condition_on_prev_tokens
+    prompt_condition_type = prompt_condition_type or "first-segment"
+    if prompt_condition_type not in ("first-segment", "all-segments"):
+        raise FmError(f"prompt_condition_type is first-segment or all-segments, not {prompt_condition_type!r}")
+    if prompt_condition_type == "all-segments" and not cond:
+        raise FmError("a prompt for every window (all-segments) needs condition_on_prev_tokens")
     B, _, frames = features.shape
     chunk = 2 * model.source_encoder.spec["max_positions"]
     if frames > chunk:
@@ -206,12 +294,22 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
         raise FmError(f"the features hold {frames} frames; Whisper reads {chunk} (30 s, padded), or more")
     if timestamps and gc.get("no_timestamps_token_id") is None:
         raise FmError("generation_config.json has no no_timestamps_token_id: this model gives no timestamps")
+    if fb.no_speech is not None and gc.get("no_timestamps_token_id") is None:
+        raise FmError("generation_config.json has no no_timestamps_token_id: the no-speech token is the one before it")
+    vocab = model.spec["vocab_size"]
+    begin = gc["no_timestamps_token_id"] + 1 if gc.get("no_timestamps_token_id") is not None else vocab + 1
+    prev_sot = gc.get("prev_sot_token_id")
+    if prev_sot is None and len(gc.get("suppress_tokens") or ()) >= 2:
+        prev_sot = gc["suppress_tokens"][-2]        # where transformers finds <|startofprev|> without it
+    prompt_ids = list(prompt_ids) if prompt_ids is not None else None
+    if prompt_ids is not None and any(type(t) is not int or not 0 <= t < vocab for t in prompt_ids):
+        raise FmError(f"the prompt's token ids must be ids of the model's {vocab}")
     eos = set(stop_tokens(eos_token_id))
     rows = prompt_tokens(gc, language, task, timestamps=timestamps)
-    # the prompt's length, its language detected or not; transformers' limit per window (max_length, default 20)
-    # grows by it each window
-    P = len(rows[0]) if rows else len(prompt_tokens(gc, language, task, [0], timestamps)[0])
+    # the prompt's length, its language detected or not
+    init_len = len(rows[0]) if rows else len(prompt_tokens(gc, language, task, [0], timestamps)[0])
     limit = model.spec["max_positions"]
+    cut = limit // 2 - 1                # the most earlier tokens a window is conditioned on
     length = _setting(gc, "max_length", None, 20, int)
     max_new_tokens = _setting(gc, "max_new_tokens", max_new_tokens, None, int)
     procs = Processors(suppress=tuple(gc.get("suppress_tokens") or ()),
@@ -221,54 +319,114 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
     if timestamps:
         end = gc.get("eos_token_id") or gc.get("bos_token_id")       # transformers' "text ends here" id
         end = end if type(end) is int else min(eos) if eos else gc["no_timestamps_token_id"]
-        procs.timestamps = dict(begin=gc["no_timestamps_token_id"] + 1, none=gc["no_timestamps_token_id"],
-                                text_end=end, max_initial=gc.get("max_initial_timestamp_index"),
+        procs.timestamps = dict(begin=begin, none=gc["no_timestamps_token_id"], text_end=end,
+                                max_initial=gc.get("max_initial_timestamp_index"),
                                 by_mass=gc.get("_detect_timestamp_from_logprob", True) is not False)
     known = {}                       # the prompt of each row, once its language is known
 
-    def prompt(m, active):
+    def init_rows(m, active):
         if "rows" not in known:      # detected from the first window, as transformers does
             known["rows"] = rows or prompt_tokens(gc, language, task, detect_language(m, gc), timestamps)
             if len(known["rows"]) == 1:
                 known["rows"] = known["rows"] * B
-        r = [known["rows"][i] for i in active]
-        if len({len(x) for x in r}) != 1:
-            raise FmError("the decoder's prompts differ in length across the batch")
-        return torch.tensor(r, dtype=torch.long)
+        return [known["rows"][i] for i in active]
     results = [Transcript() for _ in range(B)]
+    # what each row's windows are conditioned on: the prompt's text first (first-segment), then every segment's
+    history = [[prompt_ids[1:] if prompt_ids[0] == prev_sot else prompt_ids] if prompt_ids and
+               prompt_condition_type == "first-segment" else [] for _ in range(B)]
+    conditioned = [cond] * B         # a row's next window is conditioned (not after a hot fallback)
+    gen = torch.Generator().manual_seed(seed)
     total = GenStats()
     seek = [0] * B                   # each row's first frame still to read
     while any(s < frames for s in seek):
         active = [i for i in range(B) if seek[i] < frames]
-        window = [min(frames - seek[i], chunk) for i in active]
-        seg = torch.stack([torch.nn.functional.pad(features[i, :, seek[i]:seek[i] + w], (0, chunk - w))
-                           for i, w in zip(active, window)])
-        length = min(length + min(limit // 2 - 1, P), limit)
+        window = {i: min(frames - seek[i], chunk) for i in active}
+        segs = {i: torch.nn.functional.pad(features[i, :, seek[i]:seek[i] + window[i]], (0, chunk - window[i]))
+                for i in active}
+        # transformers looks at the first row's history only
+        if any(conditioned[i] for i in active) and history[0]:
+            bos = prompt_ids if prompt_ids and prompt_condition_type == "all-segments" else \
+                [prev_sot] if prev_sot is not None else []
+            before = {i: bos + (_history(history[i], cut, begin) if conditioned[i] and history[i] else [])
+                      for i in active}
+        else:
+            before = {i: list(prompt_ids or ()) for i in active}
+        if len({len(v) for v in before.values()}) > 1:
+            raise FmError("the windows' earlier text differs in length across the batch: decode them one at a time")
+        P = init_len + len(before[active[0]])
+        if max_new_tokens is not None and max_new_tokens + P > limit:
+            raise FmError(f"the decoder's prompt is {P} tokens (its prompt and the text before) and -n is "
+                          f"{max_new_tokens}: more than Whisper's {limit} positions; ask for at most {limit - P}")
+        length = min(length + min(cut, P), limit)     # transformers' limit per window grows by its prompt
         new = max_new_tokens if max_new_tokens is not None else length - P
         positions_left(model, 0, new, P)        # before generate, which sees a prompt of one token until detection
-        if num_beams > 1:       # each row's best hypothesis, padded with the end token
-            out, st = beam_search(model, seg, num_beams, new, eos_token_id, length_penalty, processors=procs,
-                                  decoder_prompt=lambda m: prompt(m, active))
-        else:
-            out, st = generate(model, seg, new, eos_token_id=eos_token_id, on_token=on_token, cuda_graph=cuda_graph,
-                               processors=procs, decoder_prompt=lambda m: prompt(m, active))
-        total.prompt_tokens += st.prompt_tokens
-        total.new_tokens += st.new_tokens
-        total.prefill_s += st.prefill_s
-        total.decode_s += st.decode_s
-        for i, w, row in zip(active, window, out[:, P:].tolist()):
-            cut = next((j for j, t in enumerate(row) if t in eos), None)
-            row = row if cut is None else row[:cut]
+        no_speech = {}
+
+        def decoder_prompt(m, todo):
+            x = torch.tensor([before[i] + r for i, r in zip(todo, init_rows(m, todo))], dtype=torch.long)
+            if fb.no_speech is not None and todo[0] not in no_speech:     # once a window: every try reads the same
+                at = len(before[todo[0]])          # the start token's logits: how likely <|nospeech|> comes next
+                probs = m(x.to(m.device))[:, at].float().softmax(-1)
+                for i, p in zip(todo, probs[:, begin - 2].tolist()):
+                    no_speech[i] = p
+            return x
+        todo, kept = list(active), {}
+        for attempt, t in enumerate(fb.temperatures):
+            hot = t is not None and t > 0.0
+            seg = torch.stack([segs[i] for i in todo])
+            if num_beams > 1 and not hot:       # each row's best hypothesis, padded with the end token
+                out, st = beam_search(model, seg, num_beams, new, eos_token_id, length_penalty, processors=procs,
+                                      decoder_prompt=lambda m, todo=todo: decoder_prompt(m, todo))
+            else:
+                out, st = generate(model, seg, new, temperature=t if hot else 0.0, top_p=fb.top_p, top_k=fb.top_k,
+                                   eos_token_id=eos_token_id, on_token=on_token, cuda_graph=cuda_graph,
+                                   processors=procs, decoder_prompt=lambda m, todo=todo: decoder_prompt(m, todo),
+                                   generator=gen, logprobs=fb.logprob is not None)
+            total.prompt_tokens += st.prompt_tokens
+            total.new_tokens += st.new_tokens
+            total.prefill_s += st.prefill_s
+            total.decode_s += st.decode_s
+            again = []
+            for j, (i, row) in enumerate(zip(todo, out[:, P:].tolist())):
+                stop = next((k for k, tok in enumerate(row) if tok in eos), None)
+                row = row if stop is None else row[:stop + 1]     # the end token counts in both measures
+                if st.sequence_scores is not None:
+                    mean = st.sequence_scores[j]
+                elif st.logprobs is not None and row:
+                    mean = float(st.logprobs[j, :len(row)].sum()) / len(row)
+                else:
+                    mean = None
+                ratio = compression_ratio(row, vocab) if row else None
+                retry, skip = fb.verdict(row, mean, no_speech.get(i), vocab) if row else (False, False)
+                kept[i] = (row[:-1] if stop is not None else row, skip,
+                           dict(temperature=t or 0.0, avg_logprob=mean, compression_ratio=ratio,
+                                no_speech_prob=no_speech.get(i)))
+                conditioned[i] = cond and (t is None or t < 0.5)
+                if retry:
+                    again.append(i)
+            todo = again
+            if not todo:
+                break
+        for i in active:
+            row, skip, measures = kept[i]
+            if skip:                    # silence: nothing read, on to the next window
+                seek[i] += window[i]
+                continue
             if not timestamps:
                 results[i].tokens += row
-                results[i].segments.append(Segment(seek[i] * FEATURE_STEP, (seek[i] + w) * FEATURE_STEP, row))
+                results[i].segments.append(Segment(seek[i] * FEATURE_STEP, (seek[i] + window[i]) * FEATURE_STEP, row,
+                                                   **measures))
+                history[i].append(row)
                 seek[i] = frames
                 continue
-            pieces, step = _segments(row, procs.timestamps["begin"], seek[i] * FEATURE_STEP, w) if row else \
-                ([], w)
-            step = step if step > 0 else w        # no timestamp past 0: never (the rules forbid it), but never loop
+            pieces, step = _segments(row, begin, seek[i] * FEATURE_STEP, window[i]) if row else ([], window[i])
+            step = step if step > 0 else window[i]   # no timestamp past 0: never (the rules forbid it), but never loop
+            if not row:
+                history[i].append([])       # transformers keeps an empty segment: the next window is conditioned
             for p in pieces:
+                p.__dict__.update(measures)
                 results[i].tokens += p.tokens
+                history[i].append(p.tokens)
             results[i].segments += pieces
             seek[i] += step
     codes = {v: k.strip("<|>") for k, v in (gc.get("lang_to_id") or {}).items()}

@@ -1,0 +1,181 @@
+"""Whisper's long-form heuristics against transformers' generate(): a text prompt (prompt_ids, for the first window or
+every one), conditioning each window on the text before it (condition_on_prev_tokens), temperature fallback on the
+compression ratio and the mean log probability (sampled windows drawn as transformers draws them, from one seeded
+generator), and windows skipped as silence (no_speech_threshold); the measures each segment reports; bad settings
+refused in one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fmconvert.errors import FmError
+from fmconvert.pipeline import Options, convert
+from fmconvert.runtime.speech import compression_ratio, fallback_of, transcribe
+from test_whisper import GEN, STAMPS, build, features, long_features, save
+
+PREV = 98                      # the tiny vocabulary's <|startofprev|> (prev_sot_token_id)
+TEXT = [98, 12, 40, 41, 77]    # get_prompt_ids' shape: <|startofprev|>, then the prompt's text
+CONFIG = {**GEN, "prev_sot_token_id": PREV}
+STAMPED = {**STAMPS, "prev_sot_token_id": PREV}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """transformers' model (its generation config with timestamps allowed) and its conversion, loaded."""
+    import transformers
+
+    from fmconvert.runtime.load import load
+    root = tmp_path_factory.mktemp("whisper_fb")
+    hf = build()
+    hf.generation_config = transformers.GenerationConfig(**STAMPED)
+    convert(save(root / "src", hf), root / "out", Options(), progress=False)
+    return hf, load(root / "out")
+
+
+def hf_segments(hf, feats, seed=None, **kw):
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        out = hf.generate(input_features=feats, return_segments=True, **kw)
+    return out["sequences"][0].tolist(), [(round(float(s["start"]), 6), round(float(s["end"]), 6),
+                                          s["tokens"].tolist()) for s in out["segments"][0]]
+
+
+def ours(m, feats, gc, seed=0, **kw):
+    got = transcribe(m, feats, gc, eos_token_id=99, seed=seed, **kw)[0][0]
+    return got.tokens, [(round(s.start, 6), round(s.end, 6), s.tokens) for s in got.segments], got
+
+
+def test_a_prompt_and_earlier_text_as_transformers(pair):
+    """A text prompt before the first window (first-segment), or before every one with the text read so far
+    (all-segments), and each window conditioned on the last tokens before it: the same tokens and segments as
+    transformers, which each of them changes."""
+    hf, m = pair
+    feats = long_features(3.7)
+    seen = set()
+    for kw in (dict(), dict(condition_on_prev_tokens=True), dict(prompt_ids=TEXT),
+               dict(prompt_ids=TEXT, condition_on_prev_tokens=True),
+               dict(prompt_ids=TEXT, condition_on_prev_tokens=True, prompt_condition_type="all-segments")):
+        want = hf_segments(hf, feats, language="en", **{k: torch.tensor(v) if k == "prompt_ids" else v
+                                                        for k, v in kw.items()})
+        got = ours(m, feats, STAMPED, language="en", **kw)[:2]
+        assert got == want, kw
+        assert len(want[1]) >= 3
+        seen.add(str(want))
+    assert len(seen) == 5
+
+
+def test_a_prompt_on_a_batch_of_short_clips(pair):
+    """One window each, side by side, language detected: the prompt goes before every row's start token."""
+    hf, m = pair
+    feats = features(2)
+    with torch.no_grad():
+        want = hf.generate(input_features=feats, prompt_ids=torch.tensor(TEXT), max_new_tokens=9).tolist()
+        plain = hf.generate(input_features=feats, max_new_tokens=9).tolist()
+    got = [t.tokens for t in transcribe(m, feats, STAMPED, eos_token_id=99, prompt_ids=TEXT, max_new_tokens=9)[0]]
+    assert got == [row[:row.index(99)] if 99 in row else row for row in want]
+    assert want != plain
+
+
+def test_fallback_as_transformers(pair):
+    """Temperature fallback: a window whose mean log probability is below the threshold, or whose tokens compress
+    too well, is decoded again at the next temperature (sampled, top-k 50, from the seeded generator); the
+    thresholds placed between the windows' own measures, so that some windows are kept greedy and some are not.
+    The same tokens and segments as transformers with torch.manual_seed, for two seeds."""
+    hf, m = pair
+    feats = long_features(3.7)
+    temps = (0.0, 0.4, 0.8)
+    greedy = ours(m, feats, STAMPED, language="en", fallback=fallback_of(STAMPED, logprob_threshold=-1e9))[2]
+    means = sorted({s.avg_logprob for s in greedy.segments})
+    ratios = sorted({s.compression_ratio for s in greedy.segments})
+    assert len(means) >= 2 and len(ratios) >= 2
+    for kw in (dict(logprob_threshold=(means[0] + means[1]) / 2),
+               dict(compression_ratio_threshold=(ratios[-2] + ratios[-1]) / 2),
+               dict(logprob_threshold=0.0)):                   # every window falls back to the hottest
+        for seed in (0, 1):
+            want = hf_segments(hf, feats, seed, language="en", temperature=temps, **kw)
+            got, segs, tr = ours(m, feats, STAMPED, seed, language="en", fallback=fallback_of(STAMPED, temps, **kw))
+            assert (got, segs) == want, (kw, seed)
+            assert {s.temperature for s in tr.segments} > {0.0} or kw.get("logprob_threshold") == 0.0
+        if kw.get("logprob_threshold") == 0.0:
+            assert {s.temperature for s in tr.segments} == {0.8}
+        assert want != hf_segments(hf, feats, language="en")
+
+
+def test_fallback_on_a_batch_keeps_each_row_its_own(pair):
+    """Short clips side by side: only the rows that fail are decoded again, as a smaller batch, as transformers.
+    (No max_new_tokens: transformers' second try forgets it and runs to max_length.)"""
+    import transformers
+    _, m = pair
+    hf = build()          # timestamps suppressed, as a released model never gives them after <|notimestamps|>
+    hf.generation_config = transformers.GenerationConfig(**CONFIG)
+    feats = features(3, seed=5)
+    temps = (0.0, 0.6)
+    probe = transcribe(m, feats, CONFIG, "de", eos_token_id=99, fallback=fallback_of(CONFIG, logprob_threshold=-1e9))
+    means = sorted(t.segments[0].avg_logprob for t in probe[0])
+    threshold = (means[0] + means[1]) / 2       # the likeliest rows kept greedy, the least likely one sampled
+    for seed in (0, 3):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            want = hf.generate(input_features=feats, language="de", temperature=temps,
+                               logprob_threshold=threshold).tolist()
+        got = transcribe(m, feats, CONFIG, "de", eos_token_id=99, seed=seed,
+                         fallback=fallback_of(CONFIG, temps, logprob_threshold=threshold))[0]
+        assert [t.tokens for t in got] == [row[:row.index(99)] if 99 in row else row for row in want]
+        assert sorted(t.segments[0].temperature for t in got) == [0.0, 0.0, 0.6]
+
+
+def test_silent_windows_are_skipped_as_transformers(pair):
+    """A window whose mean log probability is below the threshold and whose <|nospeech|> probability is above
+    no_speech_threshold is skipped: no text, the next window 30 s on; placed between the windows' probabilities,
+    some are skipped and some read."""
+    hf, m = pair
+    feats = long_features(3.7)
+    probe = ours(m, feats, STAMPED, language="en", fallback=fallback_of(STAMPED, logprob_threshold=0.0,
+                                                                       no_speech_threshold=2.0))[2]
+    probs = sorted({s.no_speech_prob for s in probe.segments})
+    assert len(probs) >= 2 and all(0 < p < 1 for p in probs)
+    kw = dict(logprob_threshold=0.0, no_speech_threshold=(probs[0] + probs[1]) / 2)
+    want = hf_segments(hf, feats, language="en", temperature=0.0, **kw)     # transformers needs one given here
+    got = ours(m, feats, STAMPED, language="en", fallback=fallback_of(STAMPED, **kw))
+    assert got[:2] == want
+    assert 0 < len(want[1]) < len(probe.segments)
+    assert all(s.no_speech_prob <= kw["no_speech_threshold"] for s in got[2].segments)
+
+
+def test_the_measures_and_the_generation_configs_thresholds(pair):
+    """compression_ratio is transformers' (zlib over the tokens' bytes); thresholds the generation config sets are
+    used, one given wins; each segment reports the temperature it was read at."""
+    from transformers.models.whisper.generation_whisper import WhisperGenerationMixin
+    for tokens, vocab in (([5, 6, 7] * 20, 120), (list(range(300)), 51865), ([1], 2)):
+        assert compression_ratio(tokens, vocab) == \
+            WhisperGenerationMixin._retrieve_compression_ratio(torch.tensor(tokens), vocab)
+    assert compression_ratio([5, 6, 7] * 20, 120) > compression_ratio(list(range(60)), 120)
+    gc = {**STAMPED, "logprob_threshold": -0.5, "compression_ratio_threshold": 2.0, "top_k": 7}
+    fb = fallback_of(gc, [0.0, 0.5], logprob_threshold=-1.0)
+    assert (fb.temperatures, fb.logprob, fb.compression_ratio, fb.no_speech, fb.top_k) == ((0.0, 0.5), -1.0, 2.0,
+                                                                                          None, 7)
+    hf, m = pair
+    got = transcribe(m, long_features(3.7), gc, "en", eos_token_id=99)[0][0]
+    assert all(s.avg_logprob is not None and s.compression_ratio > 0 and s.temperature == 0.0 for s in got.segments)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(fallback_args=dict(no_speech_threshold=0.5)), "needs a log-probability threshold"),
+    (dict(fallback_args=dict(temperature=[0.0, -1.0])), "temperatures must be numbers"),
+    (dict(fallback_args=dict(logprob_threshold="x")), "logprob_threshold must be a number"),
+    (dict(prompt_condition_type="all-segments", prompt_ids=TEXT), "needs condition_on_prev_tokens"),
+    (dict(prompt_condition_type="every"), "first-segment or all-segments"),
+    (dict(prompt_ids=[98, 500]), "ids of the model's 120"),
+    (dict(prompt_ids=[98] + [12] * 30, max_new_tokens=20), "ask for at most 5"),
+    (dict(fallback_args=dict(temperature=[0.0, 0.5]), on_token=print), "none are streamed"),
+])
+def test_bad_settings_are_refused_in_one_line(pair, kw, match):
+    hf, m = pair
+    kw = dict(kw)
+    fb = kw.pop("fallback_args", None)
+    with pytest.raises(FmError, match=match) as e:
+        transcribe(m, features(1), STAMPED, "en", eos_token_id=99,
+                   fallback=None if fb is None else fallback_of(STAMPED, **fb), **kw)
+    assert "\n" not in str(e.value)
