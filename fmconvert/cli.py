@@ -911,15 +911,56 @@ def _speech_config(out_dir: Path) -> dict:
     return gc if own else {k: gc[k] for k in _SPEECH_KEYS if gc.get(k) is not None}
 
 
+def _temperatures(text: str | None):
+    """--temperature's comma-separated list -> a tuple of floats (None when not given)."""
+    if text is None:
+        return None
+    try:
+        temps = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise FmError(f"--temperature takes numbers separated by commas (0,0.2,0.4), not {text!r}") from None
+    return temps
+
+
+def _whisper_prompt(tok, gc: dict, text: str) -> list[int]:
+    """--prompt's token ids as transformers' get_prompt_ids gives them: <|startofprev|>, then the text after a
+    space; special tokens in the text are refused."""
+    if hasattr(tok, "get_prompt_ids"):
+        try:
+            return [int(i) for i in tok.get_prompt_ids(text, return_tensors="np")]
+        except ValueError as e:
+            raise FmError(f"--prompt: {str(e).splitlines()[0]}") from None
+    prev = gc.get("prev_sot_token_id")
+    prev = tok.convert_tokens_to_ids("<|startofprev|>") if prev is None else prev
+    if prev is None or prev == tok.unk_token_id:
+        raise FmError("this tokenizer has no <|startofprev|> and the generation config no prev_sot_token_id: "
+                      "it cannot take a --prompt")
+    ids = tok(" " + text.strip(), add_special_tokens=False)["input_ids"]
+    special = [i for i in ids if i in set(tok.all_special_ids)]
+    if special:
+        raise FmError(f"--prompt holds a special token, {tok.convert_ids_to_tokens(special[0])}: text only")
+    return [prev] + ids
+
+
 def _cue_time(t: float, sep: str) -> str:
     """Seconds -> hh:mm:ss,mmm (SubRip: sep ",") or hh:mm:ss.mmm (WebVTT: sep ".")."""
     ms = int(round(t * 1000))
     return f"{ms // 3600000:02d}:{ms // 60000 % 60:02d}:{ms // 1000 % 60:02d}{sep}{ms % 1000:03d}"
 
 
-def _rendered(fmt: str, name: str, language, plain: str, text: str, cues: list, words=None) -> str:
+def _measures(sg) -> dict:
+    """A Whisper segment's decoding measures, those its window's decode took."""
+    out = {"temperature": sg.temperature}
+    for key in ("avg_logprob", "compression_ratio", "no_speech_prob"):
+        if getattr(sg, key) is not None:
+            out[key] = round(getattr(sg, key), 4)
+    return out
+
+
+def _rendered(fmt: str, name: str, language, plain: str, text: str, cues: list, words=None, details=None) -> str:
     """One file's transcript in a format: srt or vtt (a cue a segment with text), json (a line: its plain text,
-    segments and, from a CTC model, words), text (`text`, as shown)."""
+    segments (each with its details, where given) and, from a CTC model, words), text (`text`, as shown)."""
+    details = [d for c, d in zip(cues, details or [{}] * len(cues)) if c[2]]
     cues = [c for c in cues if c[2]]
     if fmt == "srt":
         return "".join(f"{i}\n{_cue_time(a, ',')} --> {_cue_time(b, ',')}\n{t}\n\n"
@@ -928,7 +969,8 @@ def _rendered(fmt: str, name: str, language, plain: str, text: str, cues: list, 
         return "WEBVTT\n\n" + "".join(f"{_cue_time(a, '.')} --> {_cue_time(b, '.')}\n{t}\n\n" for a, b, t in cues)
     if fmt == "json":
         return json.dumps({"file": name, "language": language, "text": plain,
-                           "segments": [{"start": round(a, 3), "end": round(b, 3), "text": t} for a, b, t in cues],
+                           "segments": [{"start": round(a, 3), "end": round(b, 3), "text": t, **d}
+                                        for (a, b, t), d in zip(cues, details)],
                            **({"words": [{"start": round(w.start, 3), "end": round(w.end, 3), "text": w.text}
                                          for w in words]} if words is not None else {})},
                           ensure_ascii=False) + "\n"
@@ -1185,9 +1227,36 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
 @click.option("--stride-length", default=None, type=click.FloatRange(min=0),
               help="CTC models: the seconds each window overlaps its neighbours by, a side (default: a sixth of "
                    "--chunk-length); the frames in the overlap are dropped.")
+@click.option("--prompt", "-p", default=None,
+              help="Text the decoder reads before the first window (names, spellings, a style: \"Glossary: "
+                   "Kubernetes, kubectl.\"), as transformers' prompt_ids; it is not part of the transcript.")
+@click.option("--prompt-every-window", is_flag=True,
+              help="Put --prompt before every window, ahead of the text before it (needs --condition-on-previous).")
+@click.option("--condition-on-previous/--no-condition-on-previous", "condition", default=None,
+              help="Start each window from the last ~220 tokens read so far (transformers' condition_on_prev_tokens; "
+                   "default: the generation config's, else off). Keeps names and style consistent; can carry a "
+                   "loop on, which temperature fallback breaks.")
+@click.option("--temperature", default=None, metavar="T[,T...]",
+              help="Decode at T (0 = greedy; more samples); a list (0,0.2,0.4,0.6,0.8,1.0) is temperature fallback: a "
+                   "window that fails a threshold below is decoded again at the next one.")
+@click.option("--compression-ratio-threshold", type=float, default=None,
+              help="Decode a window again when its tokens compress better than this (a repetition loop); 1.35 is "
+                   "common.")
+@click.option("--logprob-threshold", type=float, default=None,
+              help="Decode a window again when its tokens' mean log probability is below this; -1.0 is common.")
+@click.option("--no-speech-threshold", type=float, default=None,
+              help="Skip a window as silence when <|nospeech|>'s probability is above this and its mean log "
+                   "probability below --logprob-threshold; 0.6 is common.")
+@click.option("--fallback", is_flag=True,
+              help="The large-v3 model card's long-form recipe: --temperature 0,0.2,0.4,0.6,0.8,1.0 "
+                   "--compression-ratio-threshold 1.35 --logprob-threshold -1 --no-speech-threshold 0.6 (each can "
+                   "still be given).")
+@click.option("--seed", default=0, show_default=True, help="The sampling generator's seed (a hot fallback).")
 @runtime_options
 def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batch_size, num_beams, length_penalty,
-               max_new_tokens, chunk_length, stride_length, device, backend, no_verify_hashes, dtype):
+               max_new_tokens, chunk_length, stride_length, prompt, prompt_every_window, condition, temperature,
+               compression_ratio_threshold, logprob_threshold, no_speech_threshold, fallback, seed,
+               device, backend, no_verify_hashes, dtype):
     """Speech to text with a converted Whisper (whisper-tiny ... large-v3-turbo, distil-whisper), or a CTC model
     (Wav2Vec2, HuBERT, UniSpeech *ForCTC: wav2vec2-base-960h, wav2vec2-large-960h-lv60-self, hubert-large-ls960-ft).
 
@@ -1205,6 +1274,7 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
       fmconvert transcribe out *.wav --language fr --task translate > english.tsv
       fmconvert transcribe out film.wav --format srt > film.srt
       fmconvert transcribe out *.wav --format vtt -o subtitles/
+      fmconvert transcribe out podcast.wav --fallback --prompt "Hosts: Anna Kowalczyk, Ravi."
 
     \b
     A CTC model gives every 20 ms frame its likeliest character: the transcript is read off in one forward per
@@ -1214,7 +1284,7 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
 
     from .runtime.audio import load_audio
     from .runtime.generate import GenStats
-    from .runtime.speech import SAMPLE_RATE, feature_extractor, features_of, transcribe as run
+    from .runtime.speech import SAMPLE_RATE, fallback_of, feature_extractor, features_of, transcribe as run
     if fmt in ("srt", "vtt") and len(audio) > 1 and output_dir is None:
         raise FmError(f"the {fmt} subtitles of {len(audio)} files need --output-dir: one file each")
     stems = [p.stem for p in audio]
@@ -1224,7 +1294,12 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
     if model.spec.get("wave"):
         whisper_only = [o for o, v in (("--language", language), ("--task", task), ("--num-beams", num_beams),
-                                       ("--length-penalty", length_penalty), ("--max-new-tokens", max_new_tokens))
+                                       ("--length-penalty", length_penalty), ("--max-new-tokens", max_new_tokens),
+                                       ("--prompt", prompt), ("--prompt-every-window", prompt_every_window or None),
+                                       ("--condition-on-previous", condition), ("--temperature", temperature),
+                                       ("--compression-ratio-threshold", compression_ratio_threshold),
+                                       ("--logprob-threshold", logprob_threshold),
+                                       ("--no-speech-threshold", no_speech_threshold), ("--fallback", fallback or None))
                         if v is not None]
         if whisper_only:
             raise FmError(f"{', '.join(whisper_only)}: Whisper's; {model.spec['architecture']} reads its characters "
@@ -1242,6 +1317,16 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
     gc.setdefault("decoder_start_token_id", model.spec["decoder_start_token_id"])
     stops = stop_ids(out_dir, model.spec)
     fe = feature_extractor(out_dir, enc.spec)
+    temps = _temperatures(temperature)
+    if fallback:                # the model card's recipe, under whatever was given
+        temps = temps or (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+        compression_ratio_threshold = 1.35 if compression_ratio_threshold is None else compression_ratio_threshold
+        logprob_threshold = -1.0 if logprob_threshold is None else logprob_threshold
+        no_speech_threshold = 0.6 if no_speech_threshold is None else no_speech_threshold
+    fb = fallback_of(gc, temps, compression_ratio_threshold, logprob_threshold, no_speech_threshold)
+    if prompt_every_window and not prompt:
+        raise FmError("--prompt-every-window puts --prompt before each window: give a --prompt")
+    context = _whisper_prompt(tok, gc, prompt) if prompt else None
     if timestamps is None:      # subtitles want segments; otherwise the generation config says
         timestamps = True if fmt in ("srt", "vtt") else bool(gc.get("return_timestamps"))
     num_beams = num_beams or (gc.get("num_beams") if type(gc.get("num_beams")) is int else None) or 1
@@ -1254,7 +1339,8 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
     stamp = gc.get("no_timestamps_token_id")
     text_ids = (lambda ids: [i for i in ids if i not in stops and (stamp is None or i <= stamp)])
     # streamed: one file, greedy, one window (long-form re-reads a window cut mid-segment), printed as text
-    one = len(waves) == 1 and not timestamps and not long and num_beams == 1 and fmt == "text" and not output_dir
+    one = len(waves) == 1 and not timestamps and not long and num_beams == 1 and fmt == "text" and not output_dir \
+        and len(fb.temperatures) == 1
     shown = _Streamer(tok, keep=text_ids, on=lead and one)     # one file: its text as it comes
 
     def said(tokens) -> str:
@@ -1270,7 +1356,9 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
         feats = features_of(fe, [waves[i] for i in group])
         got, st = run(model, feats, gc, language, task, max_new_tokens, stops, timestamps=timestamps,
                       on_token=(lambda t: shown.add(t[0])) if lead and one else None, num_beams=num_beams,
-                      length_penalty=length_penalty)
+                      length_penalty=length_penalty, prompt_ids=context,
+                      prompt_condition_type="all-segments" if prompt_every_window else None,
+                      condition_on_prev_tokens=condition, fallback=fb, seed=seed)
         for i, tr in zip(group, got):
             outs[i] = tr
         total.new_tokens += st.new_tokens
@@ -1279,7 +1367,8 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
     if lead and (fmt != "text" or output_dir is not None):
         _write_results(fmt, output_dir, stems, [
             _rendered(fmt, str(p), tr.language, said(tr.tokens), line(tr),
-                      [(sg.start, sg.end, said(sg.tokens)) for sg in tr.segments]) for p, tr in zip(audio, outs)])
+                      [(sg.start, sg.end, said(sg.tokens)) for sg in tr.segments],
+                      details=[_measures(sg) for sg in tr.segments]) for p, tr in zip(audio, outs)])
     elif lead:
         if one:
             shown.finish()
@@ -1294,10 +1383,13 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
                 click.echo(f"{p}\t{line(tr)}")
     if lead:
         wall = time.perf_counter() - t0
+        again, silent = sum(tr.redecoded for tr in outs), sum(tr.skipped for tr in outs)
         click.echo(f"[{len(waves)} file{'s' * (len(waves) > 1)}, {seconds:.1f} s of audio in {wall:.2f} s "
                    f"({seconds / wall:.1f}x real time) | encoder and first steps {total.prefill_s * 1e3:.0f} ms | "
                    f"{total.new_tokens} tokens at {total.new_tokens / max(total.decode_s, 1e-9):.1f} tok/s | "
-                   f"tp={model.tp} {model.ops.name} {model.device}]", err=True)
+                   + (f"{again} window{'s' * (again != 1)} decoded again, {silent} skipped as silence | "
+                      if len(fb.temperatures) > 1 or fb.no_speech is not None else "")
+                   + f"tp={model.tp} {model.ops.name} {model.device}]", err=True)
     from .runtime.comm import shutdown
     shutdown()
 

@@ -12,7 +12,7 @@ import torch
 from fmconvert.errors import FmError
 from fmconvert.pipeline import Options, convert
 from fmconvert.runtime.speech import compression_ratio, fallback_of, transcribe
-from test_whisper import GEN, STAMPS, build, features, long_features, save
+from test_whisper import GEN, STAMPS, build, features, long_features, long_form_input, save, write_wav
 
 PREV = 98                      # the tiny vocabulary's <|startofprev|> (prev_sot_token_id)
 TEXT = [98, 12, 40, 41, 77]    # get_prompt_ids' shape: <|startofprev|>, then the prompt's text
@@ -22,7 +22,8 @@ STAMPED = {**STAMPS, "prev_sot_token_id": PREV}
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    """transformers' model (its generation config with timestamps allowed) and its conversion, loaded."""
+    """transformers' model (its generation config with timestamps allowed), its conversion loaded, and its
+    directory."""
     import transformers
 
     from fmconvert.runtime.load import load
@@ -30,7 +31,7 @@ def pair(tmp_path_factory):
     hf = build()
     hf.generation_config = transformers.GenerationConfig(**STAMPED)
     convert(save(root / "src", hf), root / "out", Options(), progress=False)
-    return hf, load(root / "out")
+    return hf, load(root / "out"), root / "out"
 
 
 def hf_segments(hf, feats, seed=None, **kw):
@@ -51,7 +52,7 @@ def test_a_prompt_and_earlier_text_as_transformers(pair):
     """A text prompt before the first window (first-segment), or before every one with the text read so far
     (all-segments), and each window conditioned on the last tokens before it: the same tokens and segments as
     transformers, which each of them changes."""
-    hf, m = pair
+    hf, m, _ = pair
     feats = long_features(3.7)
     seen = set()
     for kw in (dict(), dict(condition_on_prev_tokens=True), dict(prompt_ids=TEXT),
@@ -68,7 +69,7 @@ def test_a_prompt_and_earlier_text_as_transformers(pair):
 
 def test_a_prompt_on_a_batch_of_short_clips(pair):
     """One window each, side by side, language detected: the prompt goes before every row's start token."""
-    hf, m = pair
+    hf, m, _ = pair
     feats = features(2)
     with torch.no_grad():
         want = hf.generate(input_features=feats, prompt_ids=torch.tensor(TEXT), max_new_tokens=9).tolist()
@@ -83,7 +84,7 @@ def test_fallback_as_transformers(pair):
     too well, is decoded again at the next temperature (sampled, top-k 50, from the seeded generator); the
     thresholds placed between the windows' own measures, so that some windows are kept greedy and some are not.
     The same tokens and segments as transformers with torch.manual_seed, for two seeds."""
-    hf, m = pair
+    hf, m, _ = pair
     feats = long_features(3.7)
     temps = (0.0, 0.4, 0.8)
     greedy = ours(m, feats, STAMPED, language="en", fallback=fallback_of(STAMPED, logprob_threshold=-1e9))[2]
@@ -107,7 +108,7 @@ def test_fallback_on_a_batch_keeps_each_row_its_own(pair):
     """Short clips side by side: only the rows that fail are decoded again, as a smaller batch, as transformers.
     (No max_new_tokens: transformers' second try forgets it and runs to max_length.)"""
     import transformers
-    _, m = pair
+    _, m, _ = pair
     hf = build()          # timestamps suppressed, as a released model never gives them after <|notimestamps|>
     hf.generation_config = transformers.GenerationConfig(**CONFIG)
     feats = features(3, seed=5)
@@ -130,7 +131,7 @@ def test_silent_windows_are_skipped_as_transformers(pair):
     """A window whose mean log probability is below the threshold and whose <|nospeech|> probability is above
     no_speech_threshold is skipped: no text, the next window 30 s on; placed between the windows' probabilities,
     some are skipped and some read."""
-    hf, m = pair
+    hf, m, _ = pair
     feats = long_features(3.7)
     probe = ours(m, feats, STAMPED, language="en", fallback=fallback_of(STAMPED, logprob_threshold=0.0,
                                                                        no_speech_threshold=2.0))[2]
@@ -156,7 +157,7 @@ def test_the_measures_and_the_generation_configs_thresholds(pair):
     fb = fallback_of(gc, [0.0, 0.5], logprob_threshold=-1.0)
     assert (fb.temperatures, fb.logprob, fb.compression_ratio, fb.no_speech, fb.top_k) == ((0.0, 0.5), -1.0, 2.0,
                                                                                           None, 7)
-    hf, m = pair
+    hf, m, _ = pair
     got = transcribe(m, long_features(3.7), gc, "en", eos_token_id=99)[0][0]
     assert all(s.avg_logprob is not None and s.compression_ratio > 0 and s.temperature == 0.0 for s in got.segments)
 
@@ -172,10 +173,51 @@ def test_the_measures_and_the_generation_configs_thresholds(pair):
     (dict(fallback_args=dict(temperature=[0.0, 0.5]), on_token=print), "none are streamed"),
 ])
 def test_bad_settings_are_refused_in_one_line(pair, kw, match):
-    hf, m = pair
+    hf, m, _ = pair
     kw = dict(kw)
     fb = kw.pop("fallback_args", None)
     with pytest.raises(FmError, match=match) as e:
         transcribe(m, features(1), STAMPED, "en", eos_token_id=99,
                    fallback=None if fb is None else fallback_of(STAMPED, **fb), **kw)
     assert "\n" not in str(e.value)
+
+
+def test_cli_fallback_prompt_and_measures(pair, tmp_path, capsys):
+    """`transcribe --fallback` is the model card's recipe (temperatures 0 to 1, compression 1.35, log probability -1,
+    no speech 0.6), --prompt the tokenizer's prompt ids: the JSON's segments are transformers' with the same
+    settings and seed, each with the temperature and measures of its window; the summary counts the windows decoded
+    again; bad settings are refused in one line."""
+    import json
+
+    from corpus import run_main
+    from test_whisper import tokenizer
+    hf, _, out = pair
+    wav = write_wav(tmp_path / "talk.wav", 3.1, 16000, 1, 300.0)
+    feats = long_form_input(wav)
+    tok = tokenizer()
+    recipe = dict(temperature=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), compression_ratio_threshold=1.35,
+                  logprob_threshold=-1.0, no_speech_threshold=0.6)
+    for extra, kw in (([], {}), (["--prompt", "w12 w40", "--seed", "3"], dict(prompt_ids=torch.tensor([98, 12, 40])))):
+        torch.manual_seed(3 if extra else 0)
+        with torch.no_grad():
+            segs = hf.generate(input_features=feats, language="en", return_segments=True, **recipe,
+                               **kw)["segments"][0]
+        want = [(round(float(s["start"]), 3), round(float(s["end"]), 3),
+                 tok.decode([t for t in s["tokens"].tolist() if t < 108], skip_special_tokens=True).strip())
+                for s in segs]
+        code, stdout, err = run_main(capsys, "transcribe", out, wav, "-l", "en", "--fallback", "--format", "json",
+                                     *extra)
+        assert code == 0, err
+        row = json.loads(stdout)
+        assert [(s["start"], s["end"], s["text"]) for s in row["segments"]] == [w for w in want if w[2]]
+        assert all({"temperature", "avg_logprob", "compression_ratio", "no_speech_prob"} <= set(s)
+                   for s in row["segments"])
+        assert "decoded again" in err and "skipped as silence" in err
+    assert any(s["temperature"] > 0 for s in row["segments"])
+    for args, match in [(["--temperature", "0,hot"], "numbers separated by commas"),
+                        (["--prompt-every-window"], "give a --prompt"),
+                        (["--prompt", "w1", "--prompt-every-window"], "needs condition_on_prev_tokens"),
+                        (["--no-speech-threshold", "0.5"], "needs a log-probability threshold"),
+                        (["--prompt", "<|en|> w5"], "special token")]:
+        code, stdout, err = run_main(capsys, "transcribe", out, wav, "-l", "en", *args)
+        assert code != 0 and match in err and len(err.strip().splitlines()) == 1 and not stdout, (args, err)

@@ -159,6 +159,8 @@ class Transcript:
     tokens: list = field(default_factory=list)       # every new token, as transformers' generate() returns them
     segments: list = field(default_factory=list)     # Segment: one per 30 s window without timestamps
     language: str | None = None                      # its language's code (en), given or detected; None: not said
+    redecoded: int = 0                                # windows decoded again hotter (temperature fallback)
+    skipped: int = 0                                  # windows skipped as silence
 
 
 def _segments(seq: list, begin: int, offset: float, window: int) -> tuple[list, int]:
@@ -388,6 +390,7 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
             total.decode_s += st.decode_s
             again = []
             for j, (i, row) in enumerate(zip(todo, out[:, P:].tolist())):
+                results[i].redecoded += attempt > 0
                 stop = next((k for k, tok in enumerate(row) if tok in eos), None)
                 row = row if stop is None else row[:stop + 1]     # the end token counts in both measures
                 if st.sequence_scores is not None:
@@ -410,6 +413,7 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
         for i in active:
             row, skip, measures = kept[i]
             if skip:                    # silence: nothing read, on to the next window
+                results[i].skipped += 1
                 seek[i] += window[i]
                 continue
             if not timestamps:
