@@ -127,6 +127,25 @@ def test_fallback_on_a_batch_keeps_each_row_its_own(pair):
         assert sorted(t.segments[0].temperature for t in got) == [0.0, 0.0, 0.6]
 
 
+def test_beam_search_with_fallback_as_transformers(pair):
+    """With beams, the temperature-0 try is a beam search judged by its hypothesis's score; a failing one is sampled
+    at the next temperature (one window: transformers keeps beams off for the rest of a call after sampling)."""
+    import transformers
+    _, m, _ = pair
+    hf = build()
+    hf.generation_config = transformers.GenerationConfig(**CONFIG)
+    feats = features(1, seed=6)
+    for threshold, temps in ((-1e9, {0.0}), (0.0, {0.7})):
+        torch.manual_seed(2)
+        with torch.no_grad():
+            want = hf.generate(input_features=feats, language="en", num_beams=3, temperature=(0.0, 0.7),
+                               logprob_threshold=threshold).tolist()[0]
+        got = transcribe(m, feats, CONFIG, "en", eos_token_id=99, num_beams=3, seed=2,
+                         fallback=fallback_of(CONFIG, (0.0, 0.7), logprob_threshold=threshold))[0][0]
+        assert got.tokens == (want[:want.index(99)] if 99 in want else want)
+        assert {s.temperature for s in got.segments} == temps
+
+
 def test_silent_windows_are_skipped_as_transformers(pair):
     """A window whose mean log probability is below the threshold and whose <|nospeech|> probability is above
     no_speech_threshold is skipped: no text, the next window 30 s on; placed between the windows' probabilities,
