@@ -1211,7 +1211,8 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
               help="Write each file's result to DIR/<its name>.<format> instead of printing it (needed for the "
                    "subtitles of several files).")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
-              help="Files of up to 30 s decoded side by side (a longer one decodes alone, window after window).")
+              help="Files decoded side by side: those of up to 30 s together, longer ones together, each window "
+                   "after window (alone with --condition-on-previous).")
 @click.option("--num-beams", default=None, type=click.IntRange(1, 64),
               help="Beam search over this many beams in each window (transformers' own: the same tokens); 1 = "
                    "greedy, streamed (default: the generation config's num_beams, else 1).")
@@ -1284,7 +1285,8 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
 
     from .runtime.audio import load_audio
     from .runtime.generate import GenStats
-    from .runtime.speech import SAMPLE_RATE, fallback_of, feature_extractor, features_of, transcribe as run
+    from .runtime.speech import (SAMPLE_RATE, fallback_of, feature_extractor, features_of, long_features,
+                                 transcribe as run)
     if fmt in ("srt", "vtt") and len(audio) > 1 and output_dir is None:
         raise FmError(f"the {fmt} subtitles of {len(audio)} files need --output-dir: one file each")
     stems = [p.stem for p in audio]
@@ -1332,10 +1334,13 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
     num_beams = num_beams or (gc.get("num_beams") if type(gc.get("num_beams")) is int else None) or 1
     waves = [load_audio(p, SAMPLE_RATE) for p in audio]
     seconds = sum(w.numel() for w in waves) / SAMPLE_RATE
-    # files of one window go in batches; a longer one alone (transformers' long-form path, which seeks per file)
+    # files of one window go in batches, longer ones in batches of their own (transformers' long-form path, each
+    # file seeking on its own); conditioned on earlier text, whose length differs per file, one at a time
     long = [i for i, w in enumerate(waves) if w.numel() > fe.n_samples]
     short = [i for i in range(len(waves)) if i not in long]
-    groups = [short[j:j + batch_size] for j in range(0, len(short), batch_size)] + [[i] for i in long]
+    step = 1 if (condition if condition is not None else gc.get("condition_on_prev_tokens")) else batch_size
+    groups = [short[j:j + batch_size] for j in range(0, len(short), batch_size)] + \
+        [long[j:j + step] for j in range(0, len(long), step)]
     stamp = gc.get("no_timestamps_token_id")
     text_ids = (lambda ids: [i for i in ids if i not in stops and (stamp is None or i <= stamp)])
     # streamed: one file, greedy, one window (long-form re-reads a window cut mid-segment), printed as text
@@ -1353,12 +1358,13 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
         return " ".join(stamped(sg) for sg in tr.segments) if timestamps else said(tr.tokens)
     total, t0, outs = GenStats(), time.perf_counter(), [None] * len(waves)
     for group in groups:
-        feats = features_of(fe, [waves[i] for i in group])
+        feats, frames = long_features(fe, [waves[i] for i in group]) if group[0] in long else \
+            (features_of(fe, [waves[i] for i in group]), None)
         got, st = run(model, feats, gc, language, task, max_new_tokens, stops, timestamps=timestamps,
                       on_token=(lambda t: shown.add(t[0])) if lead and one else None, num_beams=num_beams,
                       length_penalty=length_penalty, prompt_ids=context,
                       prompt_condition_type="all-segments" if prompt_every_window else None,
-                      condition_on_prev_tokens=condition, fallback=fb, seed=seed)
+                      condition_on_prev_tokens=condition, fallback=fb, seed=seed, frames=frames)
         for i, tr in zip(group, got):
             outs[i] = tr
         total.new_tokens += st.new_tokens

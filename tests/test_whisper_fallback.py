@@ -240,3 +240,52 @@ def test_cli_fallback_prompt_and_measures(pair, tmp_path, capsys):
                         (["--prompt", "<|en|> w5"], "special token")]:
         code, stdout, err = run_main(capsys, "transcribe", out, wav, "-l", "en", *args)
         assert code != 0 and match in err and len(err.strip().splitlines()) == 1 and not stdout, (args, err)
+
+
+def test_long_files_side_by_side(pair):
+    """Clips past one window decoded side by side, each from its own features (zero-padded past its frames): the
+    tokens and segments transformers gives the batch with its attention mask, and each clip's as when alone;
+    with fallback too."""
+    from test_whisper import feature_extractor
+
+    from fmconvert.runtime.speech import long_features
+    hf, m, _ = pair
+    n = torch.Generator().manual_seed(1)
+    waves = [torch.randn(int(16000 * s), generator=n) * 0.1 + torch.sin(torch.arange(int(16000 * s)) / f)
+             for s, f in ((3.7, 9.0), (2.3, 4.0))]
+    feats, frames = long_features(feature_extractor(), waves)
+    assert feats.shape[-1] == frames[0] > frames[1] > 100
+    mask = (torch.arange(feats.shape[-1]) < torch.tensor(frames)[:, None]).long()
+    for kw in (dict(), dict(temperature=(0.0, 0.5), logprob_threshold=-0.62)):    # some windows' mean is below
+        torch.manual_seed(0)
+        with torch.no_grad():
+            want = hf.generate(input_features=feats, attention_mask=mask, language="en", return_segments=True,
+                               **kw)["segments"]
+        fb = fallback_of(STAMPED, kw.get("temperature"), logprob_threshold=kw.get("logprob_threshold"))
+        got = transcribe(m, feats, STAMPED, "en", eos_token_id=99, frames=frames, fallback=fb)[0]
+        for g, w in zip(got, want):
+            assert [(round(s.start, 6), round(s.end, 6), s.tokens) for s in g.segments] == \
+                [(round(float(s["start"]), 6), round(float(s["end"]), 6), s["tokens"].tolist()) for s in w]
+        if not kw:
+            alone = [transcribe(m, feats[i:i + 1, :, :frames[i]], STAMPED, "en", eos_token_id=99)[0][0].tokens
+                     for i in range(2)]
+            assert [g.tokens for g in got] == alone
+    assert len(got[1].segments) >= 2 and 0.5 in {s.temperature for g in got for s in g.segments}
+
+
+def test_cli_long_files_in_one_batch(pair, tmp_path, capsys):
+    """Two files past one window in one --batch-size 2 call print what each prints alone."""
+    import json
+
+    from corpus import run_main
+    _, _, out = pair
+    wavs = [write_wav(tmp_path / "a.wav", 2.7, 16000, 1, 300.0), write_wav(tmp_path / "b.wav", 1.9, 16000, 1, 700.0)]
+    alone = []
+    for w in wavs:
+        code, stdout, err = run_main(capsys, "transcribe", out, w, "-l", "en", "--format", "json")
+        assert code == 0, err
+        alone.append(json.loads(stdout))
+    code, stdout, err = run_main(capsys, "transcribe", out, *wavs, "-l", "en", "--format", "json", "--batch-size", "2")
+    assert code == 0, err
+    both = [json.loads(line) for line in stdout.splitlines()]
+    assert both == alone and all(len(r["segments"]) >= 2 for r in both)

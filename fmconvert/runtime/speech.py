@@ -255,7 +255,8 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
                cuda_graph: bool | None = None, timestamps: bool | None = None, num_beams: int | None = None,
                length_penalty: float | None = None, prompt_ids: list | None = None,
                prompt_condition_type: str | None = None, condition_on_prev_tokens: bool | None = None,
-               fallback: Fallback | None = None, seed: int = 0) -> tuple[list[Transcript], GenStats]:
+               fallback: Fallback | None = None, seed: int = 0,
+               frames: list | None = None) -> tuple[list[Transcript], GenStats]:
     """features [B, mels, frames] -> each row's Transcript and the stats, greedy, as transformers' generate()
     decodes Whisper. One window of 2 * max_source_positions frames (30 s) is one pass unless timestamps are asked
     for; longer features (one row), or timestamps, take transformers' sequential long-form path: each window's
@@ -269,7 +270,9 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
     of the first window only ("first-segment", the default) or of every one ("all-segments", with
     condition_on_prev_tokens). condition_on_prev_tokens: each window after the first starts from <|startofprev|> and
     the last max_target_positions // 2 - 1 tokens read so far. fallback (fallback_of): temperature fallback and
-    silence skipping; sampling draws from one generator seeded with seed, carried through every window."""
+    silence skipping; sampling draws from one generator seeded with seed, carried through every window. frames:
+    each row's real frames when long rows are decoded side by side (padded with zeros past them, as
+    `long_features` gives them; transformers takes them from the attention mask)."""
     check_ids(gc, model.spec["vocab_size"])
     timestamps = bool(gc.get("return_timestamps")) if timestamps is None else timestamps
     num_beams = _setting(gc, "num_beams", num_beams, 1, int)
@@ -286,14 +289,17 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
         raise FmError(f"prompt_condition_type is first-segment or all-segments, not {prompt_condition_type!r}")
     if prompt_condition_type == "all-segments" and not cond:
         raise FmError("a prompt for every window (all-segments) needs condition_on_prev_tokens")
-    B, _, frames = features.shape
+    B, _, total = features.shape
     chunk = 2 * model.source_encoder.spec["max_positions"]
-    if frames > chunk:
+    if total > chunk:
         timestamps = True               # as transformers: past one window only timestamps say where to go on
-        if B > 1:
-            raise FmError("audio longer than one window is transcribed one file at a time")
-    elif frames != chunk:
-        raise FmError(f"the features hold {frames} frames; Whisper reads {chunk} (30 s, padded), or more")
+    elif total != chunk:
+        raise FmError(f"the features hold {total} frames; Whisper reads {chunk} (30 s, padded), or more")
+    lengths = [total] * B if frames is None else [int(f) for f in frames]
+    if len(lengths) != B or any(not 0 < f <= total for f in lengths) or (total == chunk and frames is not None and
+                                                                         set(lengths) != {chunk}):
+        raise FmError(f"frames must give each of the {B} rows its real frames, 1 to {total}, and only for audio "
+                      f"past one window")
     if timestamps and gc.get("no_timestamps_token_id") is None:
         raise FmError("generation_config.json has no no_timestamps_token_id: this model gives no timestamps")
     if fb.no_speech is not None and gc.get("no_timestamps_token_id") is None:
@@ -340,9 +346,9 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
     gen = torch.Generator().manual_seed(seed)
     total = GenStats()
     seek = [0] * B                   # each row's first frame still to read
-    while any(s < frames for s in seek):
-        active = [i for i in range(B) if seek[i] < frames]
-        window = {i: min(frames - seek[i], chunk) for i in active}
+    while any(s < f for s, f in zip(seek, lengths)):
+        active = [i for i in range(B) if seek[i] < lengths[i]]
+        window = {i: min(lengths[i] - seek[i], chunk) for i in active}
         segs = {i: torch.nn.functional.pad(features[i, :, seek[i]:seek[i] + window[i]], (0, chunk - window[i]))
                 for i in active}
         # transformers looks at the first row's history only
@@ -421,7 +427,7 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
                 results[i].segments.append(Segment(seek[i] * FEATURE_STEP, (seek[i] + window[i]) * FEATURE_STEP, row,
                                                    **measures))
                 history[i].append(row)
-                seek[i] = frames
+                seek[i] = lengths[i]
                 continue
             pieces, step = _segments(row, begin, seek[i] * FEATURE_STEP, window[i]) if row else ([], window[i])
             step = step if step > 0 else window[i]   # no timestamp past 0: never (the rules forbid it), but never loop
@@ -457,6 +463,15 @@ def feature_extractor(out_dir, encoder: dict | None = None):
                       f"frames, but the encoder reads {encoder['audio_mels']} x {2 * encoder['max_positions']}: "
                       f"it belongs to another Whisper")
     return fe
+
+
+def long_features(fe, waves: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """Clips past one window, each through the feature extractor alone (so its features never depend on what it is
+    batched with), zero-padded to the longest -> (features [B, mels, frames], each clip's frames)."""
+    feats = [features_of(fe, [w]) for w in waves]
+    most = max(f.shape[-1] for f in feats)
+    return (torch.cat([torch.nn.functional.pad(f, (0, most - f.shape[-1])) for f in feats]),
+            [f.shape[-1] for f in feats])
 
 
 def features_of(fe, waves: list[torch.Tensor]) -> torch.Tensor:
