@@ -911,6 +911,28 @@ def _speech_config(out_dir: Path) -> dict:
     return gc if own else {k: gc[k] for k in _SPEECH_KEYS if gc.get(k) is not None}
 
 
+def _median_width(out_dir: Path) -> int:
+    """The median filter's width word timestamps smooth the cross-attention with: config.json's
+    median_filter_width (7 in the released checkpoints)."""
+    try:
+        width = json.loads((Path(out_dir) / "config.json").read_text()).get("median_filter_width", 7)
+    except (OSError, ValueError):
+        return 7
+    if type(width) is not int or width < 1 or width % 2 == 0:
+        raise FmError(f"config.json: median_filter_width must be an odd positive integer, got {width!r}")
+    return width
+
+
+def _whisper_words(tok, tr) -> list:
+    """A transcript's words, each with its start and end in seconds (the pipeline's return_timestamps="word")."""
+    from types import SimpleNamespace
+
+    from .runtime.alignment import words
+    times = [t for sg in tr.segments for t in sg.token_times]
+    return [SimpleNamespace(start=w["timestamp"][0], end=w["timestamp"][1], text=w["text"].strip())
+            for w in words(tok, tr.tokens, times, tr.language)]
+
+
 def _temperatures(text: str | None):
     """--temperature's comma-separated list -> a tuple of floats (None when not given)."""
     if text is None:
@@ -1253,10 +1275,14 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
                    "--compression-ratio-threshold 1.35 --logprob-threshold -1 --no-speech-threshold 0.6 (each can "
                    "still be given).")
 @click.option("--seed", default=0, show_default=True, help="The sampling generator's seed (a hot fallback).")
+@click.option("--word-timestamps", is_flag=True,
+              help="Each word's start and end (text: a word a line; json: a words list), from the cross-attention of "
+                   "the generation config's alignment_heads, as transformers' pipeline gives return_timestamps="
+                   "\"word\"; turns on --timestamps.")
 @runtime_options
 def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batch_size, num_beams, length_penalty,
                max_new_tokens, chunk_length, stride_length, prompt, prompt_every_window, condition, temperature,
-               compression_ratio_threshold, logprob_threshold, no_speech_threshold, fallback, seed,
+               compression_ratio_threshold, logprob_threshold, no_speech_threshold, fallback, seed, word_timestamps,
                device, backend, no_verify_hashes, dtype):
     """Speech to text with a converted Whisper (whisper-tiny ... large-v3-turbo, distil-whisper), or a CTC model
     (Wav2Vec2, HuBERT, UniSpeech *ForCTC: wav2vec2-base-960h, wav2vec2-large-960h-lv60-self, hubert-large-ls960-ft).
@@ -1301,7 +1327,8 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
                                        ("--condition-on-previous", condition), ("--temperature", temperature),
                                        ("--compression-ratio-threshold", compression_ratio_threshold),
                                        ("--logprob-threshold", logprob_threshold),
-                                       ("--no-speech-threshold", no_speech_threshold), ("--fallback", fallback or None))
+                                       ("--no-speech-threshold", no_speech_threshold), ("--fallback", fallback or None),
+                                       ("--word-timestamps (CTC models: --timestamps)", word_timestamps or None))
                         if v is not None]
         if whisper_only:
             raise FmError(f"{', '.join(whisper_only)}: Whisper's; {model.spec['architecture']} reads its characters "
@@ -1329,8 +1356,11 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
     if prompt_every_window and not prompt:
         raise FmError("--prompt-every-window puts --prompt before each window: give a --prompt")
     context = _whisper_prompt(tok, gc, prompt) if prompt else None
-    if timestamps is None:      # subtitles want segments; otherwise the generation config says
-        timestamps = True if fmt in ("srt", "vtt") else bool(gc.get("return_timestamps"))
+    if word_timestamps and timestamps is False:
+        raise FmError("--word-timestamps reads the segments' timestamps: drop --no-timestamps")
+    if timestamps is None:      # subtitles and words want segments; otherwise the generation config says
+        timestamps = True if fmt in ("srt", "vtt") or word_timestamps else bool(gc.get("return_timestamps"))
+    median = _median_width(out_dir) if word_timestamps else 7
     num_beams = num_beams or (gc.get("num_beams") if type(gc.get("num_beams")) is int else None) or 1
     waves = [load_audio(p, SAMPLE_RATE) for p in audio]
     seconds = sum(w.numel() for w in waves) / SAMPLE_RATE
@@ -1355,17 +1385,24 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
         return f"[{sg.start:.2f} -> {sg.end:.2f}] {said(sg.tokens)}"
 
     def line(tr) -> str:
+        if word_timestamps:
+            return " ".join(f"[{w.start:.2f} -> {w.end:.2f}] {w.text}" for w in tr.words)
         return " ".join(stamped(sg) for sg in tr.segments) if timestamps else said(tr.tokens)
     total, t0, outs = GenStats(), time.perf_counter(), [None] * len(waves)
     for group in groups:
         feats, frames = long_features(fe, [waves[i] for i in group]) if group[0] in long else \
             (features_of(fe, [waves[i] for i in group]), None)
+        if frames is None and word_timestamps:      # the frames with audio, as the extractor's attention mask counts
+            frames = [min(-(-waves[i].numel() // fe.hop_length), feats.shape[-1]) for i in group]
         got, st = run(model, feats, gc, language, task, max_new_tokens, stops, timestamps=timestamps,
                       on_token=(lambda t: shown.add(t[0])) if lead and one else None, num_beams=num_beams,
                       length_penalty=length_penalty, prompt_ids=context,
                       prompt_condition_type="all-segments" if prompt_every_window else None,
-                      condition_on_prev_tokens=condition, fallback=fb, seed=seed, frames=frames)
+                      condition_on_prev_tokens=condition, fallback=fb, seed=seed, frames=frames,
+                      word_timestamps=word_timestamps, median_width=median)
         for i, tr in zip(group, got):
+            if word_timestamps:
+                tr.words = _whisper_words(tok, tr)
             outs[i] = tr
         total.new_tokens += st.new_tokens
         total.prefill_s += st.prefill_s
@@ -1374,11 +1411,15 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
         _write_results(fmt, output_dir, stems, [
             _rendered(fmt, str(p), tr.language, said(tr.tokens), line(tr),
                       [(sg.start, sg.end, said(sg.tokens)) for sg in tr.segments],
+                      tr.words if word_timestamps else None,
                       details=[_measures(sg) for sg in tr.segments]) for p, tr in zip(audio, outs)])
     elif lead:
         if one:
             shown.finish()
             click.echo("")
+        elif len(waves) == 1 and word_timestamps:    # a word a line
+            for w in outs[0].words:
+                click.echo(f"[{w.start:.2f} -> {w.end:.2f}] {w.text}")
         elif len(waves) == 1 and timestamps:         # a segment a line
             for sg in outs[0].segments:
                 click.echo(stamped(sg))

@@ -1197,6 +1197,8 @@ class Block(nn.Module):
         if k.shape[0] != B:
             raise ValueError(f"the attached source has {k.shape[0]} rows and this batch {B}: attach its own source")
         q = m.ops.linear(h, t["cross_q.weight"], t.get("cross_q.bias")).view(B, T, self.heads, -1).transpose(1, 2)
+        if m.cross_probe is not None:
+            m.cross_probe(self.i, q, k)
         o = m.ops.attention(q, k, v, m.scale, False, None, m.cross_mask)                  # (B, H, T, hd)
         return m.ops.linear(o.transpose(1, 2).reshape(B, T, -1), t["cross_out.weight"], t.get("cross_out.bias"))
 
@@ -2193,6 +2195,9 @@ class FusedModel(nn.Module):
             if owner != i:
                 per_layer[i].update(per_layer[owner])
         self.cross = self.cross_mask = None    # an encoder-decoder: each layer's source keys and values (attach)
+        # a function (layer, q, k) every cross-attention calls with its q [B, H, T, hd] and source keys [B, H, S, hd]
+        # (this rank's heads), None: no call (alignment.py reads Whisper's alignment heads through it)
+        self.cross_probe = None
         self.step_index = None      # T5's decoder in a decode step: each cache row's relative-position bucket
         self.loop_state = {}        # HRM-Text: the forward's latest z_L and z_H
         self.embeds = None          # Zamba2: the forward's embeddings, which every shared block reads again

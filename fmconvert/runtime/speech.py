@@ -152,6 +152,7 @@ class Segment:
     avg_logprob: float | None = None
     compression_ratio: float | None = None
     no_speech_prob: float | None = None
+    token_times: list | None = None     # each token's time in seconds (word timestamps: cross-attention and DTW)
 
 
 @dataclass
@@ -161,6 +162,7 @@ class Transcript:
     language: str | None = None                      # its language's code (en), given or detected; None: not said
     redecoded: int = 0                                # windows decoded again hotter (temperature fallback)
     skipped: int = 0                                  # windows skipped as silence
+    words: list | None = None                         # its words with their times, where a caller groups them
 
 
 def _segments(seq: list, begin: int, offset: float, window: int) -> tuple[list, int]:
@@ -255,8 +257,8 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
                cuda_graph: bool | None = None, timestamps: bool | None = None, num_beams: int | None = None,
                length_penalty: float | None = None, prompt_ids: list | None = None,
                prompt_condition_type: str | None = None, condition_on_prev_tokens: bool | None = None,
-               fallback: Fallback | None = None, seed: int = 0,
-               frames: list | None = None) -> tuple[list[Transcript], GenStats]:
+               fallback: Fallback | None = None, seed: int = 0, frames: list | None = None,
+               word_timestamps: bool = False, median_width: int = 7) -> tuple[list[Transcript], GenStats]:
     """features [B, mels, frames] -> each row's Transcript and the stats, greedy, as transformers' generate()
     decodes Whisper. One window of 2 * max_source_positions frames (30 s) is one pass unless timestamps are asked
     for; longer features (one row), or timestamps, take transformers' sequential long-form path: each window's
@@ -271,8 +273,11 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
     condition_on_prev_tokens). condition_on_prev_tokens: each window after the first starts from <|startofprev|> and
     the last max_target_positions // 2 - 1 tokens read so far. fallback (fallback_of): temperature fallback and
     silence skipping; sampling draws from one generator seeded with seed, carried through every window. frames:
-    each row's real frames when long rows are decoded side by side (padded with zeros past them, as
-    `long_features` gives them; transformers takes them from the attention mask)."""
+    each row's frames of audio, as the feature extractor's attention mask counts them (past them a clip of one
+    window is padded to 30 s, longer ones with zeros, as `long_features` gives them): long rows decode side by side,
+    each seeking on its own, and word timestamps read no further. word_timestamps: each segment's token_times, from
+    the cross-attention of the generation config's alignment_heads (runtime/alignment.py), median-filtered over
+    median_width positions (the model config's median_filter_width)."""
     check_ids(gc, model.spec["vocab_size"])
     timestamps = bool(gc.get("return_timestamps")) if timestamps is None else timestamps
     num_beams = _setting(gc, "num_beams", num_beams, 1, int)
@@ -295,11 +300,13 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
         timestamps = True               # as transformers: past one window only timestamps say where to go on
     elif total != chunk:
         raise FmError(f"the features hold {total} frames; Whisper reads {chunk} (30 s, padded), or more")
-    lengths = [total] * B if frames is None else [int(f) for f in frames]
-    if len(lengths) != B or any(not 0 < f <= total for f in lengths) or (total == chunk and frames is not None and
-                                                                         set(lengths) != {chunk}):
-        raise FmError(f"frames must give each of the {B} rows its real frames, 1 to {total}, and only for audio "
-                      f"past one window")
+    real = None if frames is None else [int(f) for f in frames]
+    if real is not None and (len(real) != B or any(not 0 < f <= total for f in real)):
+        raise FmError(f"frames must give each of the {B} rows its frames of audio, 1 to {total}")
+    lengths = real if real is not None and total > chunk else [total] * B      # one window: all of it is read
+    if word_timestamps:
+        from .alignment import alignment_heads, token_timestamps
+        alignment_heads(gc, model)
     if timestamps and gc.get("no_timestamps_token_id") is None:
         raise FmError("generation_config.json has no no_timestamps_token_id: this model gives no timestamps")
     if fb.no_speech is not None and gc.get("no_timestamps_token_id") is None:
@@ -371,7 +378,10 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
         no_speech = {}
 
         def decoder_prompt(m, todo):
-            x = torch.tensor([before[i] + r for i, r in zip(todo, init_rows(m, todo))], dtype=torch.long)
+            x = [before[i] + r for i, r in zip(todo, init_rows(m, todo))]
+            if len({len(r) for r in x}) != 1:
+                raise FmError("the decoder's prompts differ in length across the batch")
+            x = torch.tensor(x, dtype=torch.long)
             if fb.no_speech is not None and todo[0] not in no_speech:     # once a window: every try reads the same
                 at = len(before[todo[0]])          # the start token's logits: how likely <|nospeech|> comes next
                 probs = m(x.to(m.device))[:, at].float().softmax(-1)
@@ -390,13 +400,16 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
                                    eos_token_id=eos_token_id, on_token=on_token, cuda_graph=cuda_graph,
                                    processors=procs, decoder_prompt=lambda m, todo=todo: decoder_prompt(m, todo),
                                    generator=gen, logprobs=fb.logprob is not None)
+            # read while this try's source is attached; in seconds from the window's start
+            times = token_timestamps(model, gc, out, P, None if real is None else [real[i] - seek[i] for i in todo],
+                                     median_width) if word_timestamps else None
             total.prompt_tokens += st.prompt_tokens
             total.new_tokens += st.new_tokens
             total.prefill_s += st.prefill_s
             total.decode_s += st.decode_s
             again = []
             for j, (i, row) in enumerate(zip(todo, out[:, P:].tolist())):
-                results[i].redecoded += attempt > 0
+                results[i].redecoded += attempt == 1
                 stop = next((k for k, tok in enumerate(row) if tok in eos), None)
                 row = row if stop is None else row[:stop + 1]     # the end token counts in both measures
                 if st.sequence_scores is not None:
@@ -409,7 +422,8 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
                 retry, skip = fb.verdict(row, mean, no_speech.get(i), vocab) if row else (False, False)
                 kept[i] = (row[:-1] if stop is not None else row, skip,
                            dict(temperature=t or 0.0, avg_logprob=mean, compression_ratio=ratio,
-                                no_speech_prob=no_speech.get(i)))
+                                no_speech_prob=no_speech.get(i)),
+                           None if times is None else times[j, P:] + seek[i] * FEATURE_STEP)
                 conditioned[i] = cond and (t is None or t < 0.5)
                 if retry:
                     again.append(i)
@@ -417,7 +431,7 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
             if not todo:
                 break
         for i in active:
-            row, skip, measures = kept[i]
+            row, skip, measures, times = kept[i]
             if skip:                    # silence: nothing read, on to the next window
                 results[i].skipped += 1
                 seek[i] += window[i]
@@ -425,7 +439,8 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
             if not timestamps:
                 results[i].tokens += row
                 results[i].segments.append(Segment(seek[i] * FEATURE_STEP, (seek[i] + window[i]) * FEATURE_STEP, row,
-                                                   **measures))
+                                                   **measures, token_times=None if times is None else
+                                                   times[:len(row)].tolist()))
                 history[i].append(row)
                 seek[i] = lengths[i]
                 continue
@@ -433,8 +448,12 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
             step = step if step > 0 else window[i]   # no timestamp past 0: never (the rules forbid it), but never loop
             if not row:
                 history[i].append([])       # transformers keeps an empty segment: the next window is conditioned
+            at = 0
             for p in pieces:
                 p.__dict__.update(measures)
+                if times is not None:       # the pieces run on through the row, each its tokens' times
+                    p.token_times = times[at:at + len(p.tokens)].tolist()
+                    at += len(p.tokens)
                 results[i].tokens += p.tokens
                 history[i].append(p.tokens)
             results[i].segments += pieces
