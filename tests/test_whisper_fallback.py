@@ -289,3 +289,16 @@ def test_cli_long_files_in_one_batch(pair, tmp_path, capsys):
     assert code == 0, err
     both = [json.loads(line) for line in stdout.splitlines()]
     assert both == alone and all(len(r["segments"]) >= 2 for r in both)
+
+
+def test_timestamps_said_unasked_cut_the_window_as_transformers(pair):
+    """A model that says a pair of timestamp tokens after <|notimestamps|> (this tiny one does; the released ones do
+    not): transformers cuts its text there and reads the rest of the window again from the pair; so does fmconvert."""
+    hf, m, _ = pair
+    feats = features(3, seed=5)
+    with torch.no_grad():
+        want = hf.generate(input_features=feats, language="de", return_segments=True)["segments"]
+    got = transcribe(m, feats, STAMPED, "de", eos_token_id=99, timestamps=False)[0]
+    assert [[(round(s.start, 6), round(s.end, 6), s.tokens) for s in g.segments] for g in got] == \
+        [[(round(float(s["start"]), 6), round(float(s["end"]), 6), s["tokens"].tolist()) for s in w] for w in want]
+    assert max(len(w) for w in want) > 3

@@ -436,18 +436,9 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
                 results[i].skipped += 1
                 seek[i] += window[i]
                 continue
-            if not timestamps:
-                results[i].tokens += row
-                results[i].segments.append(Segment(seek[i] * FEATURE_STEP, (seek[i] + window[i]) * FEATURE_STEP, row,
-                                                   **measures, token_times=None if times is None else
-                                                   times[:len(row)].tolist()))
-                history[i].append(row)
-                seek[i] = lengths[i]
-                continue
-            pieces, step = _segments(row, begin, seek[i] * FEATURE_STEP, window[i]) if row else ([], window[i])
+            # cut at timestamps even when none were asked for, as transformers: a model may still say a pair
+            pieces, step = _segments(row, begin, seek[i] * FEATURE_STEP, window[i])
             step = step if step > 0 else window[i]   # no timestamp past 0: never (the rules forbid it), but never loop
-            if not row:
-                history[i].append([])       # transformers keeps an empty segment: the next window is conditioned
             at = 0
             for p in pieces:
                 p.__dict__.update(measures)
