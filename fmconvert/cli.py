@@ -1105,10 +1105,16 @@ def runtime_options(f):
                    "min_new_tokens, max_new_tokens or max_length (bart-large-cnn's summaries, opus-mt's beams); "
                    "with do_sample, its temperature, top_k and top_p (transformers' defaults 1, 50 and 1 where it "
                    "sets none: an instruct model's sampling).")
+@click.option("--draft", type=click.Path(path_type=Path), default=None,
+              help="Speculative decoding: a converted smaller model of the same tokenizer (or this model's --int8 "
+                   "conversion) proposes --speculate tokens, the model checks them in one forward; greedy keeps "
+                   "exactly the model's own tokens, sampling its distribution.")
+@click.option("--speculate", default=4, show_default=True, type=click.IntRange(1, 16),
+              help="With --draft: tokens the draft proposes a step.")
 @runtime_options
 def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperature, top_k, top_p, seed, chat, system,
              src_lang, tgt_lang, num_beams, length_penalty, early_stopping, repetition_penalty, no_repeat_ngram,
-             min_new_tokens, use_generation_config, device, backend, no_verify_hashes, dtype):
+             min_new_tokens, use_generation_config, draft, speculate, device, backend, no_verify_hashes, dtype):
     """Generate text from a converted decoder, streaming tokens to stdout. Generation stops at an end-of-sequence
     token of config.json or generation_config.json (instruct models end a turn with their own).
 
@@ -1173,6 +1179,12 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
     if num_beams > 1 and temperature > 0:
         raise FmError("--num-beams searches greedily: drop --temperature" + (
             " (or do_sample from the generation config: give --temperature 0)" if gc.get("do_sample") else ""))
+    if draft is not None and (num_beams > 1 or prompt_file is not None):
+        raise FmError("--draft decodes greedily or samples, one --prompt at a time: drop " +
+                      ("--num-beams" if num_beams > 1 else "--file"))
+    drafter = _load(draft, device, backend, no_verify_hashes, dtype) if draft is not None else None
+    if drafter is not None:
+        warm_up(drafter)
     from .runtime.processors import Processors
     kw = dict(forced_bos=forced, forced_eos=forced_eos, processors=Processors(
         repetition_penalty=s["repetition_penalty"], no_repeat_ngram=s["no_repeat_ngram_size"],
@@ -1184,6 +1196,9 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
                              kw, out_dir, lead)
     else:
         ids = torch.tensor([prompt_ids(tok, prompt, chat, system, out_dir)], dtype=torch.long)
+        if drafter is not None:         # refused before anything is printed
+            from .runtime.speculative import caches
+            caches(model, drafter, ids.shape[1] + max_new_tokens + 1)
         # an encoder-decoder's output is a new text (after its start token), a decoder's continues the prompt
         shown = _Streamer(tok, () if seq2seq else ids[0].tolist(), on=lead)
         if lead and not chat and not seq2seq:
@@ -1192,6 +1207,13 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
             from .runtime.beam import beam_search
             _, st = beam_search(model, ids, num_beams, max_new_tokens, stops, length_penalty, stop, **kw)
             shown.finish(st.tokens)         # the best hypothesis, once the search ends
+        elif drafter is not None:
+            from .runtime.speculative import speculative_generate
+            if kw["forced_bos"] is not None or kw["forced_eos"] is not None:
+                raise FmError("--draft: this model forces its first or last token; decode it without a draft")
+            _, st = speculative_generate(model, drafter, ids, max_new_tokens, speculate, temperature, top_p, top_k,
+                                         seed, stops, lambda t: shown.add(t[0]), kw["processors"])
+            shown.finish()
         else:
             _, st = gen(model, ids, max_new_tokens, temperature, top_p, seed, stops, lambda t: shown.add(t[0]),
                         top_k=top_k, **kw)
@@ -1207,6 +1229,10 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
                    f"{st.decode_tok_s:.1f} tok/s, {gbs:.2f} GB/s of weights ({100 * gbs / peak:.0f}% of the "
                    f"{peak:.0f} GB/s copy bandwidth measured) | load {s['gib'] * 1024:.1f} MiB in {s['seconds']:.2f} s | "
                    f"tp={model.tp} {model.ops.name} {model.device}]", err=True)
+        if st.drafted:
+            click.echo(f"[speculative, {speculate} a step: {st.accepted} of {st.drafted} draft tokens kept "
+                       f"({100 * st.accepted / st.drafted:.0f}%), {st.new_tokens / st.target_steps:.2f} tokens a "
+                       f"forward of the model; the GB/s above count the model's weights a token]", err=True)
         chosen = model.ops.timed_choices() if hasattr(model.ops, "timed_choices") else ""
         if chosen:
             click.echo(f"[decode matmuls, timed on this device: {chosen}]", err=True)

@@ -25,6 +25,9 @@ class GenStats:
     tokens: list = field(default_factory=list)
     logprobs: torch.Tensor | None = None    # [B, new]: each chosen token's log probability, when asked for
     sequence_scores: list | None = None     # beam search: each row's best hypothesis's score
+    drafted: int = 0                        # speculative decoding: tokens the draft proposed
+    accepted: int = 0                       # and those the target kept
+    target_steps: int = 0                   # and the target's forwards (its prefill, then one a check)
 
     @property
     def decode_tok_s(self) -> float:
