@@ -334,9 +334,11 @@ def inspect(out_dir, as_json):
         t.add_row("audio in", f"16 kHz waveform through {len(wave['conv_dim'])} convs ({norm}; {wave['act']}) to a "
                   f"{wave['conv_dim'][-1]}-wide frame every {ratio(wave)} samples "
                   f"({ratio(wave) / 16:g} ms), projected to {md['hidden_size']}; positions from "
-                  + (f"{wave['pos_layers']} grouped convs, each LayerNormed" if wave.get("pos_layers") else
+                  + (f"the Conformer blocks' attention ({md['conformer']['position']})" if wave.get("pos_conv") is False
+                     else f"{wave['pos_layers']} grouped convs, each LayerNormed" if wave.get("pos_layers") else
                      "a weight-normed grouped conv")
-                  + f" (kernel {wave['pos_kernel']}, {wave['pos_groups']} groups)")
+                  + ("" if wave.get("pos_conv") is False else
+                     f" (kernel {wave['pos_kernel']}, {wave['pos_groups']} groups)"))
     head = md.get("classifier")
     if head:
         steps = ", ".join(f"{s['name']}{'' if s['act'] == 'none' else ' + ' + s['act']}" for s in head["steps"])

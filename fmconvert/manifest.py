@@ -233,7 +233,14 @@ _MODEL_OPTIONAL = {
     "audio_mels": (0, _NAT, "a non-negative integer"),
     "wave": (None, lambda x: x is None or _wave(x),
              "null or the waveform front end's {conv_dim, kernel, stride (lists, as long as each other), bias, norm "
-             "(group or layer), act, feat_norm, pos_kernel, pos_groups, pos_layers (optional, 0 to 16)}"),
+             "(group or layer), act, feat_norm, pos_kernel, pos_groups, pos_layers (optional, 0 to 16), pos_conv "
+             "(optional: false)}"),
+    "conformer": (None, lambda x: x is None or (
+        isinstance(x, dict) and set(x) == {"position", "rotary_base", "depthwise_kernel", "norm_eps"}
+        and x["position"] in ("rotary", "relative", "none") and _POS_NUM(x["rotary_base"])
+        and _POS_INT(x["depthwise_kernel"]) and x["depthwise_kernel"] % 2 == 1 and _POS_NUM(x["norm_eps"])),
+        "null or Wav2Vec2-Conformer's block {position (rotary, relative or none), rotary_base, depthwise_kernel "
+        "(odd), norm_eps}"),
     "classifier": (None, lambda x: x is None or (
         isinstance(x, dict) and set(x) - {"layer_sum", "tdnn"} == {"pool", "steps"} and x.get("layer_sum", True) is True
         and x["pool"] in ("first", "pooler", "mean", "late", "tokens", "spans", "eos", "xvector")
@@ -272,9 +279,11 @@ def _wave(x) -> bool:
     """Wav2Vec2's front end: a conv stack of positive widths, kernels and strides, one each a layer; its norm and
     activation; the positional conv's kernel and groups."""
     lists = [x.get(k) for k in ("conv_dim", "kernel", "stride")] if isinstance(x, dict) else []
-    return (isinstance(x, dict) and set(x) - {"pos_layers"} == {"conv_dim", "kernel", "stride", "bias", "norm", "act",
-                                                                "feat_norm", "pos_kernel", "pos_groups"}
+    return (isinstance(x, dict)
+            and set(x) - {"pos_layers", "pos_conv"} == {"conv_dim", "kernel", "stride", "bias", "norm", "act",
+                                                        "feat_norm", "pos_kernel", "pos_groups"}
             and type(x.get("pos_layers", 0)) is int and 0 <= x.get("pos_layers", 0) <= 16
+            and x.get("pos_conv", False) is False
             and all(isinstance(v, list) and 0 < len(v) <= 32 and all(_POS_INT(i) and i <= 65536 for i in v)
                     for v in lists) and len({len(v) for v in lists}) == 1
             and type(x["bias"]) is bool and type(x["feat_norm"]) is bool and x["norm"] in ("group", "layer")

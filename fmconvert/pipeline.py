@@ -49,7 +49,8 @@ QUANT_SLOTS = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight
                "lin_in.weight", "lin_out.weight", "ssm_in.weight", "ssm_out.weight",   # linear mixers
                "lin_qkv.weight", "lin_gate.weight",
                "sconv_in.weight", "sconv_out.weight", "mamba_in.weight", "mamba_out.weight",
-               "rg_in.weight", "rg_out.weight")
+               "rg_in.weight", "rg_out.weight",
+               "macaron_in.weight", "macaron_out.weight", "conv_in.weight", "conv_out.weight")   # the Conformer's
 HEAD_SLOTS = ("lm_head.weight",)     # an untied head is a matmul read whole every token: int8 by default
 EMBED_SLOTS = ("embed.weight", "lm_head.weight", "ple_embed.weight", "ngram_embed.weight")   # and Qwen4-Exp's
 #                                                                                              n-gram tables

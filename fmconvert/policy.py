@@ -159,15 +159,23 @@ LAYER_SLOTS = (
     # projection
     "cross_norm.weight", "cross_norm.bias", "cross_q.weight", "cross_q.bias", "cross_kv.weight", "cross_kv.bias",
     "cross_out.weight", "cross_out.bias",
+    # Wav2Vec2-Conformer's block (model.conformer): the first, half-step feed-forward beside mlp_* (the second), its
+    # norm; the convolution module: its LayerNorm, the pointwise conv to the GLU's value|gate, the depthwise conv,
+    # the BatchNorm (running statistics and the batch counter, kept for reassembly), the pointwise conv back; the
+    # block's closing LayerNorm; relative attention's position projection and its two biases per head (u, v)
+    "macaron_norm.weight", "macaron_norm.bias", "macaron_in.weight", "macaron_in.bias", "macaron_out.weight",
+    "macaron_out.bias", "conv_norm.weight", "conv_norm.bias", "conv_in.weight", "conv_dw.weight", "conv_bn.weight",
+    "conv_bn.bias", "conv_bn.mean", "conv_bn.var", "conv_bn.count", "conv_out.weight", "block_norm.weight",
+    "block_norm.bias", "rel_pos.weight", "rel_pos.u", "rel_pos.v",
 )
 # Slots written in float32 whatever the output dtype: small tensors the model only ever reads in fp32, which
 # transformers keeps in fp32 when it loads the model in half precision (and vLLM too): a sigmoid router's
 # correction bias (rounding it to bf16 moves which experts win a close choice) and HY-V4's hyper-connection weights.
 FLOAT32_SLOTS = ("router.correction_bias", "attn_hc.fn", "attn_hc.base", "attn_hc.scale", "mlp_hc.fn",
                  "mlp_hc.base", "mlp_hc.scale", "hc_head.fn", "hc_head.base", "hc_head.scale", "comp_bias",
-                 "index_bias", "router.balance")
+                 "index_bias", "router.balance", "conformer_rope.inv_freq")
 # Slots that hold integers (token ids -> expert ids), written as int64 and never cast or quantized
-INT_SLOTS = ("router.token_experts",)
+INT_SLOTS = ("router.token_experts", "conv_bn.count")
 
 
 def stored_dtype(slot: str, dtype: torch.dtype) -> torch.dtype:
@@ -180,7 +188,9 @@ SPARSE_SLOTS = ("router.", "experts_", "shared_", "moe_")
 DENSE_SLOTS = ("mlp_in.", "mlp_out.")
 # Slots stored as a depthwise Conv1d's weight, [channels, 1, taps]
 DEPTHWISE = ("lin_conv.weight", "ssm_conv.weight", "sconv_conv.weight", "mamba_conv.weight", "rg_conv.weight",
-             "ngram_conv.weight", "cca_conv0.weight")
+             "ngram_conv.weight", "cca_conv0.weight", "conv_dw.weight")
+# Slots stored as a pointwise (kernel 1) Conv1d's weight, [out, in, 1]: a linear layer (Wav2Vec2-Conformer)
+POINTWISE = ("conv_in.weight", "conv_out.weight")
 # A hybrid's linear-attention layers have the lin_ slots and its attention layers the attention's.
 LINEAR_SLOTS = ("lin_", "ssm", "sconv", "mamba", "rg_", "mlstm")
 ATTENTION_SLOTS = ("qkv.", "q_norm.", "k_norm.", "attn_out.", "q_a", "q_b.", "kv_a", "kv_b.", "attn_gate.", "index_",
@@ -211,6 +221,7 @@ GLOBAL_SLOTS = (
     "pos_conv{p}.weight", "pos_conv{p}.bias",       # Data2Vec-Audio: a stack of plain positional convs instead
     "loop_init",      # HRM-Text: the low-level state's start, [hidden] (z_L_init)
     "input_gain", "input_shift",      # ZAYA: the embeddings enter the stream as (e + shift) * gain
+    "conformer_rope.inv_freq",        # Wav2Vec2-Conformer's rotary frequencies, as its checkpoint keeps them
 )
 
 # CodeGen's fused qkv_proj is laid out for this many model-parallel shards (qkv layout mp_blocks).
@@ -351,6 +362,11 @@ class ModelSpec:
     #                                 positional conv {pos_kernel, pos_groups, pos_layers (0: one weight-normed
     #                                 conv; n: n plain ones, each LayerNormed without weights)}, in place of an
     #                                 embedding table
+    conformer: dict | None = None   # Wav2Vec2-Conformer: Conformer blocks {position ("rotary": q and k read the
+    #                                 block's input rotated per head, half-split; "relative": Transformer-XL's
+    #                                 sinusoidal table through rel_pos, biases u and v; "none"), rotary_base,
+    #                                 depthwise_kernel (odd, 'same' padding), norm_eps (the block's own LayerNorms and
+    #                                 BatchNorm's, which transformers leaves at 1e-5)}
     causal_encoder: bool = False    # CLIP's text encoder: an encoder whose tokens see only those before them
     eos_pool: dict | None = None    # CLIP: {"eos_id"}: the pooled output is the first eos token's state (eos_id -1:
     #                                 the largest id's, as checkpoints with the old eos id 2 do), through text_proj
@@ -965,7 +981,7 @@ class Policy:
             dyn_mask=self._dyn_mask(c), loop=self._loop(c),
             causal_encoder=self.kind == "encoder" and bool(self._layout("causal", flags, False)),
             proj_dim=int(c.get("proj_dim") or 0), audio_mels=int(c.get("audio_mels") or 0),
-            wave=self._wave(config, flags),
+            wave=self._wave(config, flags), conformer=self._conformer(config, flags),
             shared_layers=bool(self._layout("shared_layers", flags, False)),
             eos_pool=self._eos_pool(config) if self.layout.get("pool") == "eos" else None,
             embed_proj=bool(self._layout("embed_proj", flags, False)) and int(c.get("embed_dim") or c["hidden_size"])
@@ -1121,9 +1137,29 @@ class Policy:
                           f"and its groups ({w['pos_groups']}) one that divides hidden_size, got {k!r} and {groups!r}")
         if type(layers) is not int or not 0 <= layers <= 16:
             raise FmError(f"config.json: {w['pos_layers']} must be a small positive integer, got {layers!r}")
-        return {"conv_dim": list(v["conv_dim"]), "kernel": list(v["kernel"]), "stride": list(v["stride"]),
-                "bias": bool(v["bias"]), "norm": v["norm"], "act": act, "feat_norm": bool(v.get("feat_norm", True)),
-                "pos_kernel": k, "pos_groups": groups, "pos_layers": layers}
+        out = {"conv_dim": list(v["conv_dim"]), "kernel": list(v["kernel"]), "stride": list(v["stride"]),
+               "bias": bool(v["bias"]), "norm": v["norm"], "act": act, "feat_norm": bool(v.get("feat_norm", True)),
+               "pos_kernel": k, "pos_groups": groups, "pos_layers": layers}
+        if v.get("pos_conv", True) is False:      # Wav2Vec2-Conformer: its pos_conv_embed is built, never run
+            out["pos_conv"] = False
+        return out
+
+    def _conformer(self, config, flags) -> dict | None:
+        """Wav2Vec2-Conformer's block, from the table's `[conformer]` (config attribute names): the attention's
+        position scheme, the rotary base, the depthwise conv's taps."""
+        cf = self.table.get("conformer")
+        if cf is None:
+            return None
+        pos = _attr(config, cf["position"]) or "none"
+        if pos not in ("rotary", "relative", "none"):
+            raise FmError(f"config.json: {cf['position']} must be rotary, relative or null, got {pos!r}")
+        base = _config_value(config, cf["rotary_base"], "conformer.rotary_base", flags)
+        k = _config_value(config, cf["depthwise_kernel"], "conformer.depthwise_kernel", flags)
+        if type(k) is not int or not 0 < k <= 1024 or k % 2 == 0:
+            raise FmError(f"config.json: {cf['depthwise_kernel']} must be an odd positive integer, got {k!r}")
+        if type(base) not in (int, float) or not base > 0:
+            raise FmError(f"config.json: {cf['rotary_base']} must be a positive number, got {base!r}")
+        return {"position": pos, "rotary_base": float(base), "depthwise_kernel": k, "norm_eps": 1e-5}
 
     def _eos_pool(self, config) -> dict:
         """CLIP's pooled output: the state of each text's first eos token, or (checkpoints whose config still says
@@ -2203,6 +2239,7 @@ class Policy:
             "experts_out.bias": (spec.num_experts * h,), "attn_sinks.weight": (H,), "attn_gate.bias": (H,),
             # WavLM: the gate each head puts on the relative-position bias, from its slice of the attention's input
             "rel_gate.weight": (8, hd), "rel_gate.bias": (8,), "rel_gate.const": (H,),
+            **conformer_shapes(spec),
             "router.correction_bias": (spec.num_experts + spec.zero_experts,),
             "act.alpha_p": (1,), "act.alpha_n": (1,), "act.beta": (), "act.eps": (),
             "shared_in.weight": (glu * spec.shared_intermediate_size, h),                 # gate; up
@@ -2525,6 +2562,8 @@ class Policy:
                         shapes = [tuple(s[0] if d == -1 else d for d in self.stored_shape[slot]) for s in shapes]
                     if slot in DEPTHWISE:   # a depthwise Conv1d's [channels, 1, taps]
                         shapes = [(s[0], 1, s[1]) for s in shapes]
+                    if slot in POINTWISE:   # a kernel-1 Conv1d's [out, in, 1]
+                        shapes = [(*s, 1) for s in shapes]
                 out.append(SlotSource(slot, names, shapes, optional, aliases, layer))
         return out
 
@@ -2667,6 +2706,8 @@ class Policy:
             parts = [p.transpose(-1, -2) for p in parts]     # a stacked slot: each expert's matrix
         if slot in DEPTHWISE:
             parts = [p.squeeze(1) for p in parts]
+        if slot in POINTWISE:
+            parts = [p.squeeze(-1) for p in parts]
         if slot == "lin_in.weight" and self.layout.get("linear_in") == "grouped":
             parts = self._ungroup_linear(spec, parts)
         if slot == "qkv.lora_up":        # Zamba2: block-diagonal, so one product adapts q, k and v at once
@@ -2761,6 +2802,8 @@ class Policy:
         if slot in DEPTHWISE:            # one conv, or Kimi Linear's q, k and v convs
             parts = torch.split(t, self._part_rows(spec, slot, n_parts), dim=0) if n_parts > 1 else [t]
             return [p.unsqueeze(1).contiguous() for p in parts]
+        if slot in POINTWISE:
+            return [t.unsqueeze(-1).contiguous()]
         if self._gate_first(slot, n_parts):
             g = spec.num_heads * spec.gate_width
             return [torch.cat([t[-g:], t[:-g]]).contiguous()]
@@ -2831,6 +2874,23 @@ def wave_shapes(wave: dict | ModelSpec | None, hidden: int | None = None) -> dic
     for p in range(wave.get("pos_layers", 0)):
         out.update({f"pos_conv{p}.weight": (h, h // wave["pos_groups"], K), f"pos_conv{p}.bias": (h,)})
     return out
+
+
+def conformer_shapes(spec: ModelSpec) -> dict:
+    """The canonical shapes of Wav2Vec2-Conformer's layer slots (none without its block)."""
+    cf = spec.conformer
+    if not cf:
+        return {}
+    h, inter = spec.hidden_size, spec.intermediate_size
+    return {"macaron_norm.weight": (h,), "macaron_norm.bias": (h,), "macaron_in.weight": (inter, h),
+            "macaron_in.bias": (inter,), "macaron_out.weight": (h, inter), "macaron_out.bias": (h,),
+            "conv_norm.weight": (h,), "conv_norm.bias": (h,), "conv_in.weight": (2 * h, h),     # GLU value|gate
+            "conv_dw.weight": (h, cf["depthwise_kernel"]), **{f"conv_bn.{n}": (h,) for n in ("weight", "bias",
+                                                                                             "mean", "var")},
+            "conv_bn.count": (), "conv_out.weight": (h, h), "block_norm.weight": (h,), "block_norm.bias": (h,),
+            "rel_pos.weight": (h, h), "rel_pos.u": (spec.num_heads, spec.head_dim),
+            "conformer_rope.inv_freq": (spec.head_dim // 2,),
+            "rel_pos.v": (spec.num_heads, spec.head_dim)}
 
 
 def frames_of(wave: dict, samples: torch.Tensor | int):

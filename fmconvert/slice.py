@@ -65,6 +65,11 @@ Layout per rank:
             heads, its heads of k and of v (the encoder's output, read whole by every rank), the output row-parallel.
   cca_conv  (ZAYA's convs over q|k) this rank's q heads' channels, then its kv heads'; cca_temp with the kv heads
             (tp must divide them). Its router and residual scales replicated.
+  macaron_in, macaron_out  (Wav2Vec2-Conformer's first feed-forward) exactly like mlp_in / mlp_out.
+  conv_in   (the Conformer's convolution module: pointwise to the GLU's value|gate) column-parallel over channels,
+            part by part: this rank's value channels, then the same channels' gates, so the GLU runs per rank;
+            conv_dw and conv_bn (one row per channel) the same channels; conv_out row-parallel (no bias), all-reduced.
+            rel_pos (relative attention's position projection) and its biases u, v with this rank's q heads.
   the rest  replicated.
 The intermediate size is split into chunks of ceil(I/tp) and each chunk is zero-padded to `intermediate_per_rank`
 (a multiple of the int8 group size, or of a narrower power of two where whole groups would pad more than an
@@ -88,7 +93,10 @@ HEADS = ("q_b.weight", "kv_b.weight", "attn_sinks.weight", "attn_gate.bias", "at
          "lin_f_b.weight", "lin_g_b.weight", "attn_sub_norm.weight", "lin_qkv.weight", "lin_out_norm.weight",
          "lin_gate.weight", "attn_out_a.weight", "rg_conv.weight", "rg_conv.bias", "rg_gate_x.weight",
          "rg_gate_x.bias", "rg_gate_a.weight", "rg_gate_a.bias", "rg_a", "mlstm_norm.weight", "mlstm_norm.bias",
-         "rel_bias.weight", "attn_rel_bias.weight", "cca_temp", "cross_q.weight", "cross_q.bias", "rel_gate.const")
+         "rel_bias.weight", "attn_rel_bias.weight", "cca_temp", "cross_q.weight", "cross_q.bias", "rel_gate.const",
+         # Wav2Vec2-Conformer: the convolution module's channels, relative attention's heads
+         "conv_dw.weight", "conv_bn.weight", "conv_bn.bias", "conv_bn.mean", "conv_bn.var", "rel_pos.weight",
+         "rel_pos.u", "rel_pos.v")
 # Row-parallel slots: split along dim 1 (K), each rank's product a partial sum. The linear mixers' (ROW_K) split
 # evenly along K with nothing padded, as does Doge's dt_proj (dmask_dt).
 ROW_K = ("lin_out.weight", "ssm_out.weight", "sconv_out.weight", "mamba_out.weight", "mamba_x.weight",
@@ -102,9 +110,10 @@ MIXER_PARTS = ("lin_in.weight", "moa_kv.weight", "mlstm_in.weight", "mlstm_in.bi
                "ssm_conv.weight", "ssm_conv.bias", "sconv_in.weight", "sconv_in.bias", "sconv_conv.weight",
                "sconv_conv.bias", "mamba_in.weight", "mamba_in.bias",
                "cca_conv0.weight", "cca_conv0.bias", "cca_conv1.weight", "cca_conv1.bias",
-               "cross_kv.weight", "cross_kv.bias")
+               "cross_kv.weight", "cross_kv.bias", "conv_in.weight")
 ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias", "ssm_out.bias", "sconv_out.bias", "mamba_out.bias",
-            "rg_out.bias", "moa_out.bias", "experts_shared.bias", "mlstm_out.bias", "cross_out.bias")
+            "rg_out.bias", "moa_out.bias", "experts_shared.bias", "mlstm_out.bias", "cross_out.bias",
+            "macaron_out.bias")
 VOCAB = ("embed.weight", "lm_head.weight", "lm_head.bias", "ple_embed.weight")   # Gemma 4's per-layer embeddings too
 EXPERTS = ("experts_in.weight", "experts_out.weight")
 # Tables split along their width: each rank holds a slice of every row (Qwen4-Exp's n-gram tables, tens of GB each;
@@ -364,7 +373,7 @@ def shard(spec: ModelSpec, lay: Layout, slot: str, t: torch.Tensor) -> list[torc
         sizes, split = zip(*_mixer_parts(spec, slot, tp))
         parts = [torch.chunk(p, tp, dim=0) if cut else (p,) * tp for p, cut in zip(torch.split(t, sizes), split)]
         return [torch.cat([p[r] for p in parts], dim=0).contiguous() for r in range(tp)]
-    if slot in ROW_K or slot in WIDTH:
+    if slot in ROW_K or slot in WIDTH or slot == "conv_out.weight":
         return [c.contiguous() for c in torch.chunk(t, tp, dim=1)]
     if slot == "moa_q.weight":           # every attention expert's rows of this rank's kv heads
         E = spec.moa["experts"]
@@ -374,14 +383,14 @@ def shard(spec: ModelSpec, lay: Layout, slot: str, t: torch.Tensor) -> list[torc
         return [c.reshape(-1, c.shape[-1]).contiguous() for c in torch.chunk(t.view(E, -1, t.shape[1]), tp, 2)]
     if slot == "attn_out.weight":
         return [c.contiguous() for c in torch.chunk(t, tp, dim=1)]
-    if slot.startswith("mlp_in.") or slot == "shared_in.weight":
+    if slot.startswith(("mlp_in.", "macaron_in.")) or slot == "shared_in.weight":
         parts = torch.chunk(t, 2, dim=0) if spec.gated_mlp else (t,)      # a shared expert is gated like the MLP
         rows = _width(spec, lay, slot)[2]
         out = []
         for lo, hi in _inter_ranges(spec, lay, slot):
             out.append(torch.cat([_pad_rows(p[lo:hi], rows) for p in parts], dim=0))
         return [o.contiguous() for o in out]
-    if slot in ("mlp_out.weight", "shared_out.weight"):
+    if slot in ("mlp_out.weight", "shared_out.weight", "macaron_out.weight"):
         rows = _width(spec, lay, slot)[2]
         return [_pad_rows(t[:, lo:hi].t(), rows).t().contiguous() for lo, hi in _inter_ranges(spec, lay, slot)]
     if slot == "mlp_sub_norm.weight":       # BitNet: one weight per MLP unit, split and padded like the units
@@ -428,7 +437,7 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
                 raise FmError(f"{slot}: a replicated part differs between ranks")
             out += part if cut else part[:1]
         return torch.cat(out, dim=0)
-    if slot == "attn_out.weight" or slot in ROW_K or slot in WIDTH:
+    if slot in ("attn_out.weight", "conv_out.weight") or slot in ROW_K or slot in WIDTH:
         return torch.cat(pieces, dim=1)
     if slot == "moa_q.weight":
         E = spec.moa["experts"]
@@ -436,14 +445,14 @@ def unshard(spec: ModelSpec, lay: Layout, slot: str, pieces: list[torch.Tensor |
     if slot == "moa_out.weight":
         E = spec.moa["experts"]
         return torch.cat([p.view(E, -1, p.shape[1]) for p in pieces], 2).reshape(-1, pieces[0].shape[1] * lay.tp)
-    if slot.startswith("mlp_in.") or slot == "shared_in.weight":
+    if slot.startswith(("mlp_in.", "macaron_in.")) or slot == "shared_in.weight":
         n = 2 if spec.gated_mlp else 1
         halves = [[] for _ in range(n)]
         for (lo, hi), p in zip(_inter_ranges(spec, lay, slot), pieces):
             for j, part in enumerate(torch.chunk(p, n, dim=0)):
                 halves[j].append(part[:hi - lo])
         return torch.cat([torch.cat(h, dim=0) for h in halves], dim=0)
-    if slot in ("mlp_out.weight", "experts_out.weight", "shared_out.weight"):
+    if slot in ("mlp_out.weight", "experts_out.weight", "shared_out.weight", "macaron_out.weight"):
         ranges = _inter_ranges(spec, lay, slot)
         return torch.cat([p[:, :hi - lo] for (lo, hi), p in zip(ranges, pieces)], dim=1)
     if slot == "mlp_sub_norm.weight":
@@ -485,6 +494,8 @@ def _mixer_parts(spec: ModelSpec, slot: str, tp: int) -> list[tuple[int, bool]]:
     """(rows, split over ranks) of each part of a linear mixer's fused slot. Gated DeltaNet: q, k, v (, z, b, a),
     whole heads each. Mamba2: (z,) x, B, C (, dt); B and C hold whole groups, and are replicated when a single
     group serves every head (Granite 4.0)."""
+    if slot == "conv_in.weight":                # Wav2Vec2-Conformer: the GLU's values, then its gates, by channel
+        return [(spec.hidden_size, True)] * 2
     if slot.startswith("cross_kv"):             # an encoder-decoder's cross-attention: k, then v, split over heads
         return [(spec.num_heads * spec.head_dim, True)] * 2
     if slot.startswith("cca_conv"):             # ZAYA: the convs' q channels, then k's, each split over heads
@@ -519,7 +530,8 @@ def _mixer_parts(spec: ModelSpec, slot: str, tp: int) -> list[tuple[int, bool]]:
     return [(I, True), *xbc, (s["heads"], True)] if slot.startswith("ssm_in.") else xbc
 
 
-PADDED_K = ("mlp_out.weight", "experts_out.weight", "shared_out.weight")    # K is a rank's (padded) MLP units
+# K is a rank's (padded) MLP units
+PADDED_K = ("mlp_out.weight", "experts_out.weight", "shared_out.weight", "macaron_out.weight")
 
 
 def k_per_rank(spec: ModelSpec, lay: Layout, slot: str) -> int:
@@ -559,6 +571,10 @@ def k_per_rank(spec: ModelSpec, lay: Layout, slot: str) -> int:
         "rg_in.weight": spec.hidden_size if spec.rglru else 0,
         "rg_out.weight": spec.rglru["width"] // lay.tp if spec.rglru else 0,
         "mamba_out.weight": spec.mamba["inner"] // lay.tp if spec.mamba else 0,
+        "macaron_in.weight": spec.hidden_size if spec.conformer else 0,
+        "macaron_out.weight": _width(spec, lay, "mlp_out.")[2] if spec.conformer else 0,
+        "conv_in.weight": spec.hidden_size if spec.conformer else 0,
+        "conv_out.weight": spec.hidden_size // lay.tp if spec.conformer else 0,
         "cross_q.weight": spec.hidden_size if spec.encoder else 0, "cross_kv.weight": spec.hidden_size if spec.encoder
         else 0, "cross_out.weight": lay.heads_per_rank * spec.head_dim if spec.encoder else 0,
     }[slot]

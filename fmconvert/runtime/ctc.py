@@ -81,6 +81,13 @@ def batches(fe, waves: list[torch.Tensor], idx: list[int], batch_size: int, same
     return [g[j:j + batch_size] for g in by_len.values() for j in range(0, len(g), batch_size)]
 
 
+def padding_leaks(model) -> bool:
+    """Whether a clip's result would depend on the padding it is batched with, masked or not: Wav2Vec2-Conformer's
+    convolution modules read the padded frames (transformers zeroes them before the first block only). Such a
+    model's batches then hold one length only (`batches`' same_length)."""
+    return bool(model.spec.get("conformer"))
+
+
 def ratio(wave: dict) -> int:
     """Samples per frame (config.inputs_to_logits_ratio): the product of the conv strides."""
     n = 1
@@ -178,7 +185,7 @@ def recognize(model, tok, fe, waves: list[torch.Tensor], batch_size: int = 8, ch
 
     check_lengths(model, waves)
     short = [i for i, w in enumerate(waves) if w.numel() <= chunk]
-    for idx in batches(fe, waves, short, batch_size):
+    for idx in batches(fe, waves, short, batch_size, padding_leaks(model)):
         ids = head_of(model, *inputs_of(fe, [waves[i] for i in idx])).argmax(-1).cpu()
         for k, i in enumerate(idx):     # its own frames: those of the padding (masked or not) say nothing of it
             finish(i, ids[k, :int(frames_of(wave, waves[i].numel()))])
@@ -236,7 +243,7 @@ def classify_audio(model, fe, waves: list[torch.Tensor], batch_size: int = 8) ->
                       f"*ForSequenceClassification or *ForAudioFrameClassification checkpoint")
     check_lengths(model, waves)
     rows: list[torch.Tensor | None] = [None] * len(waves)
-    for idx in batches(fe, waves, list(range(len(waves))), batch_size):
+    for idx in batches(fe, waves, list(range(len(waves))), batch_size, padding_leaks(model)):
         for i, row in zip(idx, head_of(model, *inputs_of(fe, [waves[i] for i in idx])).cpu()):
             rows[i] = row if kind == "clips" else row[:int(frames_of(model.spec["wave"], waves[i].numel()))]
     return rows
@@ -250,7 +257,8 @@ def embed_audio(model, fe, waves: list[torch.Tensor], batch_size: int = 8, norma
     xvector = head_kind(model.spec) == "xvector"
     check_lengths(model, waves)
     rows: list[torch.Tensor | None] = [None] * len(waves)
-    for idx in batches(fe, waves, list(range(len(waves))), batch_size, same_length=xvector):
+    for idx in batches(fe, waves, list(range(len(waves))), batch_size,
+                       same_length=xvector or padding_leaks(model)):
         hidden, states, frames = forward(model, *inputs_of(fe, [waves[i] for i in idx]))
         if xvector:
             vec = head_logits(model, hidden, None, frames, states=states)

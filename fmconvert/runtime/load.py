@@ -45,12 +45,13 @@ _INT8_OK = ("qkv.weight", "attn_out.weight", "mlp_in.weight", "mlp_out.weight", 
             "lin_qkv.weight", "lin_gate.weight",
             "ssm_in.weight", "ssm_out.weight", "sconv_in.weight", "sconv_out.weight", "mamba_in.weight",
             "mamba_out.weight", "rg_in.weight", "rg_out.weight", "moa_q.weight", "moa_kv.weight", "moa_out.weight",
-            "mlstm_in.weight", "mlstm_out.weight", "cross_q.weight", "cross_kv.weight", "cross_out.weight")
+            "mlstm_in.weight", "mlstm_out.weight", "cross_q.weight", "cross_kv.weight", "cross_out.weight",
+            "macaron_in.weight", "macaron_out.weight", "conv_in.weight", "conv_out.weight")
 _EXPERTS = ("experts_in.weight", "experts_out.weight")
 _MOA_EXPERTS = ("moa_q.weight", "moa_out.weight")      # JetMoe's attention experts, split per expert too
 ROPE_TENSORS = ("rope.inv_freq", "rope_local.inv_freq", "rope_long.inv_freq")   # derived, kept float32
 _ROW_BIAS = ("attn_out.bias", "mlp_out.bias", "experts_out.bias", "ssm_out.bias", "sconv_out.bias", "mamba_out.bias",
-             "rg_out.bias", "moa_out.bias", "experts_shared.bias", "cross_out.bias")
+             "rg_out.bias", "moa_out.bias", "experts_shared.bias", "cross_out.bias", "macaron_out.bias")
 
 
 def check_layout(m: dict, rank: int):
@@ -80,7 +81,8 @@ def check_layout(m: dict, rank: int):
             **{f"embed_norm.{p}": (pe,) for p in ("weight", "bias")},
             "head_dense.weight": (h, h), "head_dense.bias": (h,), "loop_init": (h,),
             "audio_conv1.weight": (h, sp["audio_mels"], 3), "audio_conv1.bias": (h,),
-            "audio_conv2.weight": (h, h, 3), "audio_conv2.bias": (h,), **wave_shapes(sp.get("wave"), h)}
+            "audio_conv2.weight": (h, h, 3), "audio_conv2.bias": (h,), **wave_shapes(sp.get("wave"), h),
+            "conformer_rope.inv_freq": (hd // 2,)}
     au = sp.get("altup")                 # Gemma 3n: AltUp's projections of the copies, replicated
     if au:
         glob.update({"altup_proj.weight": ((au["streams"] - 1) * h, h),
@@ -174,6 +176,17 @@ def check_layout(m: dict, rank: int):
              **{f"cross_norm.{p}": (h,) for p in ("weight", "bias")}, "cross_q.weight": (hpr * hd, h),
              "cross_q.bias": (hpr * hd,), "cross_kv.weight": (2 * hpr * hd, h), "cross_kv.bias": (2 * hpr * hd,),
              "cross_out.weight": (h, hpr * hd), "cross_out.bias": (h,)}
+    cf = sp.get("conformer")
+    if cf:              # Wav2Vec2-Conformer: the first feed-forward like the MLP; the conv module's channels and
+        c = hpr * hd    # relative attention's heads this rank's
+        layer.update({"macaron_in.weight": (ipr, h), "macaron_in.bias": (ipr,), "macaron_out.weight": (h, ipr),
+                      "macaron_out.bias": (h,), "conv_in.weight": (2 * c, h),
+                      "conv_dw.weight": (c, cf["depthwise_kernel"]),
+                      **{f"conv_bn.{n}": (c,) for n in ("weight", "bias", "mean", "var")}, "conv_bn.count": (),
+                      "conv_out.weight": (h, c), "rel_pos.weight": (c, h), "rel_pos.u": (hpr, hd),
+                      "rel_pos.v": (hpr, hd),
+                      **{f"{n}.{p}": (h,) for n in ("macaron_norm", "conv_norm", "block_norm")
+                         for p in ("weight", "bias")}})
     mla = sp["mla"]
 
     def latent(a: dict, hpr: int) -> dict:
@@ -301,7 +314,8 @@ def check_layout(m: dict, rank: int):
     tensors = m["ranks"][rank]["tensors"]
     wave = sp.get("wave")
     front = {f"audio_conv{j}.{p}" for j in (1, 2) for p in ("weight", "bias")} if sp["audio_mels"] else \
-        set(wave_slots(wave)) if wave else \
+        set(wave_slots(wave)) - ({"pos_conv.g", "pos_conv.v", "pos_conv.bias"} if wave.get("pos_conv") is False
+                                 else set()) if wave else \
         {"embed.weight"} if not sp["embed_from"] else set()       # Whisper's, Wav2Vec2's convs in place of a table
     need = front | {s for s in sp["slots"] if not s.startswith("layers.")}
     need |= {s for s, on in [("lm_head.weight", sp["kind"] == "decoder" and not sp["tied_embeddings"]

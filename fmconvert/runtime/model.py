@@ -232,6 +232,10 @@ class Block(nn.Module):
                 self.t = tensors = {**tensors, **{      # folded into their norms' weights once, here
                     f"{n}_norm.weight": (tensors[f"{n}_norm.weight"].float() * self.mla[f"{n[:-2]}_scale"])
                     .to(tensors[f"{n}_norm.weight"].dtype) for n in ("q_a", "kv_a")}}
+        self.conformer = sp.get("conformer")
+        if self.conformer and self.conformer["position"] == "rotary":   # q and k read a rotated input, v the plain
+            w = tensors["qkv.weight"]                                   # one: the projection as its q, k, v blocks
+            self.qkv_parts = (_group_blocks(w, 3), tensors["qkv.bias"].view(3, -1))
         if self.activation == "xielu":      # Apertus: this layer's parameters, read and transformed once, here
             ap, an, beta, eps = (tensors[f"act.{p}"].float().reshape(-1)[0].cpu()
                                  for p in ("alpha_p", "alpha_n", "beta", "eps"))
@@ -247,6 +251,8 @@ class Block(nn.Module):
         the stream (x too, unless it is the embedding); Beam scales both by the addition's depth (`attn_add`)."""
         m, t = self.m, self.t
         ops = m.ops
+        if self.conformer:
+            return self._conformer(x, key_padding_mask), None
         if m.spec["residual"] == "parallel":
             return self._parallel(x, residual, positions, cache, key_padding_mask, pos_t, seq_t)
         if m.spec["residual"] == "normed":
@@ -1185,6 +1191,62 @@ class Block(nn.Module):
         g = F.linear(x, t["rel_gate.weight"], t["rel_gate.bias"]).view(B, T, self.heads, 2, 4).sum(-1).sigmoid()
         gate = g[..., 0] * (g[..., 1] * t["rel_gate.const"] - 1.0) + 2.0                # [B, T, heads]
         return gate.transpose(1, 2).unsqueeze(-1) * self.m.score_bias
+
+    def _conformer(self, x, key_padding_mask):
+        """Wav2Vec2-Conformer's block on the stream x [B, T, hidden]: half of a feed-forward, self-attention, the
+        convolution module and half of the second feed-forward, each added in turn, then the block's LayerNorm. Its
+        own LayerNorms take conformer.norm_eps, not the model's."""
+        m, t, eps = self.m, self.t, self.conformer["norm_eps"]
+
+        def norm(y, name):
+            return m.ops.add_norm(y, None, t[f"{name}.weight"], t[f"{name}.bias"], eps, "layer")[0]
+        h = m.ops.linear(norm(x, "macaron_norm"), t["macaron_in.weight"], t["macaron_in.bias"], self.activation)
+        x = m.comm.all_reduce(m.ops.linear(h, t["macaron_out.weight"], t.get("macaron_out.bias"))) * 0.5 + x
+        x = m.comm.all_reduce(self._conformer_attention(norm(x, "attn_norm"), key_padding_mask)) + x
+        x = x + m.comm.all_reduce(self._conformer_conv(norm(x, "conv_norm")))
+        x = m.comm.all_reduce(self.mlp(norm(x, "mlp_norm"))) * 0.5 + x
+        return norm(x, "block_norm")
+
+    def _conformer_attention(self, h, key_padding_mask):
+        """This rank's heads of self-attention over the normed stream h [B, T, hidden] -> its partial output. Rotary:
+        h itself is rotated per head-sized chunk (half-split) before q and k read it; v reads it as it is. Relative
+        (Transformer-XL): q + u scores the keys, q + v the projected sinusoid of each key's offset, both scaled."""
+        m, t = self.m, self.t
+        B, T, _ = h.shape
+        H, hd, pos = self.heads, self.head_dim, self.conformer["position"]
+        if pos == "rotary":
+            cos, sin = m.conformer_pos                                                    # [T, 1, hd] each
+            x = h.view(B, T, -1, hd)
+            x = (x * cos + torch.cat([-x[..., hd // 2:], x[..., :hd // 2]], -1) * sin).view(B, T, -1)
+            w, b = self.qkv_parts
+            q, k, v = (m.ops.linear(y, w[j], b[j]) for j, y in enumerate((x, x, h)))
+        else:
+            q, k, v = m.ops.linear(h, t["qkv.weight"], t["qkv.bias"]).split(H * hd, -1)
+        q, k, v = (y.view(B, T, H, hd).transpose(1, 2) for y in (q, k, v))                 # (B, H, T, hd)
+        bias = None
+        if pos == "relative":
+            table, index = m.conformer_pos          # [2T - 1, hidden] for offsets T - 1 .. 1 - T; [T, T] into it
+            p = F.linear(table, t["rel_pos.weight"]).view(-1, H, hd).permute(1, 2, 0)    # (H, hd, 2T - 1)
+            scores = (q + t["rel_pos.v"].unsqueeze(1)) @ p                                # (B, H, T, 2T - 1)
+            # the skew: query i, key j reads the offset i - j
+            bias = scores.gather(-1, index.expand(B, H, T, T)) * m.scale
+            q = q + t["rel_pos.u"].unsqueeze(1)
+        o = m.ops.attention(q, k, v, m.scale, False, None, key_padding_mask, bias=bias)
+        return m.ops.linear(o.transpose(1, 2).reshape(B, T, -1), t["attn_out.weight"], t.get("attn_out.bias"))
+
+    def _conformer_conv(self, h):
+        """The convolution module over the normed stream h [B, T, hidden] -> this rank's partial sum: the GLU of
+        the first pointwise conv (this rank's channels), the depthwise conv over time ('same' padding; padded frames
+        are read as they stand, as transformers reads them), BatchNorm from its running statistics, the activation,
+        then the second pointwise conv (row-parallel)."""
+        m, t = self.m, self.t
+        a, gate = m.ops.linear(h, t["conv_in.weight"]).chunk(2, -1)
+        w = t["conv_dw.weight"]                                                           # [channels, taps]
+        y = F.conv1d((a * torch.sigmoid(gate)).transpose(1, 2), w.unsqueeze(1), padding=w.shape[1] // 2,
+                     groups=w.shape[0])
+        y = F.batch_norm(y, t["conv_bn.mean"], t["conv_bn.var"], t["conv_bn.weight"], t["conv_bn.bias"], False, 0.0,
+                         self.conformer["norm_eps"])
+        return m.ops.linear(activate(y.transpose(1, 2), self.activation), t["conv_out.weight"])
 
     def cross_attention(self, h):
         """An encoder-decoder's cross-attention: this rank's q heads of h (B, T, hidden) over the source's keys and
@@ -2137,6 +2199,7 @@ class FusedModel(nn.Module):
         self.frames = None           # Wav2Vec2: the last forward's real frames [B, T] (None: all of them)
         self._pos_conv = None        # Wav2Vec2: the positional conv's weight, made from its g and v at first use
         self._wave_blocks = None     # Wav2Vec2: each conv's weight as matmul blocks (_conv_blocks), at first use
+        self.conformer_pos = None    # Wav2Vec2-Conformer: this forward's position tables (_conformer_positions)
         # HY-V4: the routed experts clamp their SwiGLU's inputs; the dense MLP and the shared experts do not
         self.experts_activation = ("swiglu_limit", sp["experts_glu_limit"]) if sp["experts_glu_limit"] else None
         self.scale, self.softcap, self.residual_scale = sp["attn_scale"], sp["attn_softcap"], sp["residual_scale"]
@@ -2334,6 +2397,8 @@ class FusedModel(nn.Module):
         self.frames = self.frame_mask(sample_mask)
         if self.frames is not None:
             x = x * self.frames.unsqueeze(-1).to(x.dtype)
+        if w.get("pos_conv") is False:      # Wav2Vec2-Conformer: positions are its blocks' (the conv is never run)
+            return x
         K, layers = w["pos_kernel"], w.get("pos_layers", 0)
         if not layers and self._pos_conv is None:      # weight_norm over all but the taps, once, in float32
             v = g["pos_conv.v"].float()
@@ -2350,6 +2415,27 @@ class FusedModel(nn.Module):
                 pos = F.layer_norm(pos.transpose(1, 2), pos.shape[1:2]).transpose(1, 2)
             pos = activate(pos, w["act"])
         return x + pos.transpose(1, 2)
+
+    def _conformer_positions(self, T: int, device):
+        """Wav2Vec2-Conformer's position tables for T frames, made in float32 as transformers makes them: rotary's
+        (cos, sin), each [T, 1, head_dim] (the half-split angles twice); relative's sinusoid of every offset from
+        T - 1 down to 1 - T (a key to the left is positive) [2T - 1, hidden], interleaved sin|cos, with the index
+        [T, T] of query i and key j's row, T - 1 - i + j; None without positions."""
+        cf, h, hd = self.spec["conformer"], self.spec["hidden_size"], self.head_dim
+        if cf["position"] == "rotary":      # the checkpoint's frequencies where it keeps them
+            inv = self.g.get("conformer_rope.inv_freq")
+            if inv is None:
+                inv = 1.0 / cf["rotary_base"] ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd)
+            f = torch.arange(T, device=device).float()[:, None] * inv
+            f = torch.cat([f, f], -1)[:, None]
+            return f.cos().to(self.dtype), f.sin().to(self.dtype)
+        if cf["position"] == "relative":
+            div = torch.exp(torch.arange(0, h, 2, dtype=torch.int64, device=device).float() * -(math.log(10000.0) / h))
+            angle = torch.arange(T - 1, -T, -1, device=device).float()[:, None] * div
+            table = torch.stack([angle.sin(), angle.cos()], -1).view(2 * T - 1, h).to(self.dtype)
+            i = torch.arange(T, device=device)
+            return table, (T - 1 - i[:, None] + i[None, :])
+        return None
 
     def min_samples(self) -> int:
         """The shortest waveform the conv stack makes a frame of."""
@@ -2589,6 +2675,8 @@ class FusedModel(nn.Module):
         x, residual = self.embed(ids, positions, token_type_ids, attention_mask if wave else None), None
         if wave:        # the mask was the samples'; the layers mask frames
             attention_mask = self.frames
+        if self.spec.get("conformer"):
+            self.conformer_pos = self._conformer_positions(T, x.device)
         rb = self.spec["rel_bias"]
         if rb:      # MPNet, T5: one score bias for every layer, by the keys' offsets (UMT5: a table per layer)
             self.rel_index = _rel_buckets(T, rb["buckets"], rb["max_distance"], device=ids.device,
