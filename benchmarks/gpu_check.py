@@ -672,6 +672,32 @@ def main():
         del m
         return r
 
+    def speculative():
+        """The bf16 model drafted by its own int8 conversion (runtime/speculative.py, eager), greedy, batch 1:
+        tok/s against the bf16 model's CUDA-graph decode alone, the proposals kept, the same tokens."""
+        from fmconvert.runtime.generate import generate
+        from fmconvert.runtime.load import load
+        from fmconvert.runtime.speculative import speculative_generate
+        gc.collect()
+        backend = "triton" if DEV == "cuda" else "torch"
+        m, d = load(state["bf16"], device=DEV, backend=backend), load(state["int8"], device=DEV, backend=backend)
+        prompt = state["prompt"]
+        want, _ = generate(m, prompt, args.new)
+        r = {"alone_tok_s": ours_decode_tok_s(m, prompt, args.new)}
+        for k in (2, 4):
+            speculative_generate(m, d, prompt, 8, k=k)          # warm-up: the k + 1-row kernels compile here
+            sync()
+            t0 = time.perf_counter()
+            got, st = speculative_generate(m, d, prompt, args.new, k=k)
+            sync()
+            r[f"k{k}_tok_s"] = args.new / (time.perf_counter() - t0)
+            r[f"k{k}_vs_alone"] = r[f"k{k}_tok_s"] / r["alone_tok_s"]
+            r[f"k{k}_kept"] = st.accepted / max(st.drafted, 1)
+            r[f"k{k}_same_tokens"] = got.tolist() == want.cpu().tolist()
+        print("  ", {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}, flush=True)
+        del m, d
+        return r
+
     state["copy_bw"] = copy_bw()
     REPORT["copy_bandwidth_GBs"] = state["copy_bw"] / 1e9
     if not args.skip_tests:
@@ -687,6 +713,8 @@ def main():
         del state["hf"]
         stage("fmconvert_bf16", out)(lambda: ours("bf16"))()
         stage("fmconvert_int8", out)(lambda: ours("int8"))()
+        if not args.targets_only:
+            stage("speculative", out)(speculative)()
         shutil.rmtree(state["src"].parent, ignore_errors=True)
     def small_model_decode(tag, hf):
         """A few layers of one architecture, bf16, random weights: fmconvert (Triton kernels, CUDA graph) against

@@ -46,6 +46,8 @@ def test_gpu_check_dry_run(tmp_path):
         assert "error" not in par, par
         assert par["step_rel_err_vs_eager"] < 2e-2 and par["logits_rel_err_vs_hf"] < 5e-2, par
     assert stages["fmconvert_int8"]["fused_ab_skipped"]
+    spec = stages["speculative"]                # the bf16 model drafted by its int8 conversion: its own tokens
+    assert spec["k4_same_tokens"] and spec["k2_same_tokens"] and spec["k4_tok_s"] > 0, spec
     mla = stages["mla_decode"]                  # latent attention: bf16 on CPU against HF, at both prompt lengths
     for T in (16, 64):                          # the dry run's prompts (128 and 2048 on a GPU)
         assert mla[f"parity_{T}"]["logits_rel_err_vs_hf"] < 5e-2 and mla[f"decode_tok_s_{T}"] > 0, mla
