@@ -1416,25 +1416,41 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
         if word_timestamps:
             return " ".join(f"[{w.start:.2f} -> {w.end:.2f}] {w.text}" for w in tr.words)
         return " ".join(stamped(sg) for sg in tr.segments) if timestamps else said(tr.tokens)
+    # one file's segments, a line each, printed as each window is done (an hour of audio shows as it goes); a bar
+    # on a terminal for files past one window
+    live = lead and len(waves) == 1 and timestamps and not word_timestamps and fmt == "text" and not output_dir
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    console = _console(stderr=True)
+    bar = Progress(TextColumn("[bold]transcribing"), BarColumn(), TextColumn("{task.fields[done]}"),
+                   TimeRemainingColumn(), console=console, transient=True,
+                   disable=not (lead and console.is_terminal and long))
+    job = bar.add_task("audio", total=seconds, done="")
+    read = [0.0] * len(waves)
     total, t0, outs = GenStats(), time.perf_counter(), [None] * len(waves)
-    for group in groups:
-        feats, frames = long_features(fe, [waves[i] for i in group]) if group[0] in long else \
-            (features_of(fe, [waves[i] for i in group]), None)
-        if frames is None and word_timestamps:      # the frames with audio, as the extractor's attention mask counts
-            frames = [min(-(-waves[i].numel() // fe.hop_length), feats.shape[-1]) for i in group]
-        got, st = run(model, feats, gc, language, task, max_new_tokens, stops, timestamps=timestamps,
-                      on_token=(lambda t: shown.add(t[0])) if lead and one else None, num_beams=num_beams,
-                      length_penalty=length_penalty, prompt_ids=context,
-                      prompt_condition_type="all-segments" if prompt_every_window else None,
-                      condition_on_prev_tokens=condition, fallback=fb, seed=seed, frames=frames,
-                      word_timestamps=word_timestamps, median_width=median)
-        for i, tr in zip(group, got):
-            if word_timestamps:
-                tr.words = _whisper_words(tok, tr)
-            outs[i] = tr
-        total.new_tokens += st.new_tokens
-        total.prefill_s += st.prefill_s
-        total.decode_s += st.decode_s
+    with bar:
+        for group in groups:
+            def on_window(row, pieces, done_s, group=group):
+                read[group[row]] = done_s
+                bar.update(job, completed=sum(read), done=f"{sum(read):.0f} of {seconds:.0f} s of audio")
+                for sg in pieces if live else ():
+                    click.echo(stamped(sg))
+            feats, frames = long_features(fe, [waves[i] for i in group]) if group[0] in long else \
+                (features_of(fe, [waves[i] for i in group]), None)
+            if frames is None and word_timestamps:      # the frames with audio, as the extractor's mask counts them
+                frames = [min(-(-waves[i].numel() // fe.hop_length), feats.shape[-1]) for i in group]
+            got, st = run(model, feats, gc, language, task, max_new_tokens, stops, timestamps=timestamps,
+                          on_token=(lambda t: shown.add(t[0])) if lead and one else None, num_beams=num_beams,
+                          length_penalty=length_penalty, prompt_ids=context,
+                          prompt_condition_type="all-segments" if prompt_every_window else None,
+                          condition_on_prev_tokens=condition, fallback=fb, seed=seed, frames=frames,
+                          word_timestamps=word_timestamps, median_width=median, on_window=on_window)
+            for i, tr in zip(group, got):
+                if word_timestamps:
+                    tr.words = _whisper_words(tok, tr)
+                outs[i] = tr
+            total.new_tokens += st.new_tokens
+            total.prefill_s += st.prefill_s
+            total.decode_s += st.decode_s
     if lead and (fmt != "text" or output_dir is not None):
         _write_results(fmt, output_dir, stems, [
             _rendered(fmt, str(p), tr.language, said(tr.tokens), line(tr),
@@ -1448,14 +1464,12 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
         elif len(waves) == 1 and word_timestamps:    # a word a line
             for w in outs[0].words:
                 click.echo(f"[{w.start:.2f} -> {w.end:.2f}] {w.text}")
-        elif len(waves) == 1 and timestamps:         # a segment a line
-            for sg in outs[0].segments:
-                click.echo(stamped(sg))
-        elif len(waves) == 1:
+        elif len(waves) == 1 and not timestamps:
             click.echo(line(outs[0]))
-        else:
+        elif len(waves) > 1:
             for p, tr in zip(audio, outs):
                 click.echo(f"{p}\t{line(tr)}")
+        # else one file's segments: printed as each window was done
     if lead:
         wall = time.perf_counter() - t0
         again, silent = sum(tr.redecoded for tr in outs), sum(tr.skipped for tr in outs)

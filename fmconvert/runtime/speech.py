@@ -258,7 +258,8 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
                length_penalty: float | None = None, prompt_ids: list | None = None,
                prompt_condition_type: str | None = None, condition_on_prev_tokens: bool | None = None,
                fallback: Fallback | None = None, seed: int = 0, frames: list | None = None,
-               word_timestamps: bool = False, median_width: int = 7) -> tuple[list[Transcript], GenStats]:
+               word_timestamps: bool = False, median_width: int = 7,
+               on_window=None) -> tuple[list[Transcript], GenStats]:
     """features [B, mels, frames] -> each row's Transcript and the stats, greedy, as transformers' generate()
     decodes Whisper. One window of 2 * max_source_positions frames (30 s) is one pass unless timestamps are asked
     for; longer features (one row), or timestamps, take transformers' sequential long-form path: each window's
@@ -277,7 +278,8 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
     window is padded to 30 s, longer ones with zeros, as `long_features` gives them): long rows decode side by side,
     each seeking on its own, and word timestamps read no further. word_timestamps: each segment's token_times, from
     the cross-attention of the generation config's alignment_heads (runtime/alignment.py), median-filtered over
-    median_width positions (the model config's median_filter_width)."""
+    median_width positions (the model config's median_filter_width). on_window(row, its new segments, seconds of
+    it read so far) is called as each window of a row is done."""
     check_ids(gc, model.spec["vocab_size"])
     timestamps = bool(gc.get("return_timestamps")) if timestamps is None else timestamps
     num_beams = _setting(gc, "num_beams", num_beams, 1, int)
@@ -435,6 +437,8 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
             if skip:                    # silence: nothing read, on to the next window
                 results[i].skipped += 1
                 seek[i] += window[i]
+                if on_window is not None:
+                    on_window(i, [], min(seek[i], lengths[i]) * FEATURE_STEP)
                 continue
             # cut at timestamps even when none were asked for, as transformers: a model may still say a pair
             pieces, step = _segments(row, begin, seek[i] * FEATURE_STEP, window[i])
@@ -449,6 +453,8 @@ def transcribe(model, features: torch.Tensor, gc: dict, language: str | None = N
                 history[i].append(p.tokens)
             results[i].segments += pieces
             seek[i] += step
+            if on_window is not None:
+                on_window(i, pieces, min(seek[i], lengths[i]) * FEATURE_STEP)
     codes = {v: k.strip("<|>") for k, v in (gc.get("lang_to_id") or {}).items()}
     for r, row in zip(results, known.get("rows") or []):
         r.language = next((codes[t] for t in row if t in codes), None)
