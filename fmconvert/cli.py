@@ -1113,10 +1113,15 @@ def runtime_options(f):
                    "exactly the model's own tokens, sampling its distribution.")
 @click.option("--speculate", default=4, show_default=True, type=click.IntRange(1, 16),
               help="With --draft: tokens the draft proposes a step.")
+@click.option("--prompt-lookup", default=None, type=click.IntRange(1, 64),
+              help="Speculative decoding without a draft (transformers' prompt_lookup_num_tokens): propose up to this "
+                   "many tokens that followed the text's last two tokens where they occurred before; pays where the "
+                   "output copies its input (summaries, edits, answers quoting a document); the same tokens.")
 @runtime_options
 def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperature, top_k, top_p, seed, chat, system,
              src_lang, tgt_lang, num_beams, length_penalty, early_stopping, repetition_penalty, no_repeat_ngram,
-             min_new_tokens, use_generation_config, draft, speculate, device, backend, no_verify_hashes, dtype):
+             min_new_tokens, use_generation_config, draft, speculate, prompt_lookup, device, backend, no_verify_hashes,
+             dtype):
     """Generate text from a converted decoder, streaming tokens to stdout. Generation stops at an end-of-sequence
     token of config.json or generation_config.json (instruct models end a turn with their own).
 
@@ -1181,9 +1186,12 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
     if num_beams > 1 and temperature > 0:
         raise FmError("--num-beams searches greedily: drop --temperature" + (
             " (or do_sample from the generation config: give --temperature 0)" if gc.get("do_sample") else ""))
-    if draft is not None and (num_beams > 1 or prompt_file is not None):
-        raise FmError("--draft decodes greedily or samples, one --prompt at a time: drop " +
-                      ("--num-beams" if num_beams > 1 else "--file"))
+    if draft is not None and prompt_lookup:
+        raise FmError("--draft and --prompt-lookup are two ways of proposing tokens: give one")
+    speculating = draft is not None or prompt_lookup is not None
+    if speculating and (num_beams > 1 or prompt_file is not None):
+        raise FmError(f"{'--draft' if draft is not None else '--prompt-lookup'} decodes greedily or samples, one "
+                      f"--prompt at a time: drop " + ("--num-beams" if num_beams > 1 else "--file"))
     drafter = _load(draft, device, backend, no_verify_hashes, dtype) if draft is not None else None
     if drafter is not None:
         warm_up(drafter)
@@ -1198,7 +1206,7 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
                              kw, out_dir, lead)
     else:
         ids = torch.tensor([prompt_ids(tok, prompt, chat, system, out_dir)], dtype=torch.long)
-        if drafter is not None:         # refused before anything is printed
+        if speculating:                 # refused before anything is printed
             from .runtime.speculative import caches
             caches(model, drafter, ids.shape[1] + max_new_tokens + 1)
         # an encoder-decoder's output is a new text (after its start token), a decoder's continues the prompt
@@ -1209,12 +1217,12 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
             from .runtime.beam import beam_search
             _, st = beam_search(model, ids, num_beams, max_new_tokens, stops, length_penalty, stop, **kw)
             shown.finish(st.tokens)         # the best hypothesis, once the search ends
-        elif drafter is not None:
+        elif speculating:
             from .runtime.speculative import speculative_generate
             if kw["forced_bos"] is not None or kw["forced_eos"] is not None:
-                raise FmError("--draft: this model forces its first or last token; decode it without a draft")
-            _, st = speculative_generate(model, drafter, ids, max_new_tokens, speculate, temperature, top_p, top_k,
-                                         seed, stops, lambda t: shown.add(t[0]), kw["processors"])
+                raise FmError("this model forces its first or last token: decode it without speculation")
+            _, st = speculative_generate(model, drafter, ids, max_new_tokens, prompt_lookup or speculate, temperature,
+                                         top_p, top_k, seed, stops, lambda t: shown.add(t[0]), kw["processors"])
             shown.finish()
         else:
             _, st = gen(model, ids, max_new_tokens, temperature, top_p, seed, stops, lambda t: shown.add(t[0]),
@@ -1231,10 +1239,12 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
                    f"{st.decode_tok_s:.1f} tok/s, {gbs:.2f} GB/s of weights ({100 * gbs / peak:.0f}% of the "
                    f"{peak:.0f} GB/s copy bandwidth measured) | load {s['gib'] * 1024:.1f} MiB in {s['seconds']:.2f} s | "
                    f"tp={model.tp} {model.ops.name} {model.device}]", err=True)
-        if st.drafted:
-            click.echo(f"[speculative, {speculate} a step: {st.accepted} of {st.drafted} draft tokens kept "
-                       f"({100 * st.accepted / st.drafted:.0f}%), {st.new_tokens / st.target_steps:.2f} tokens a "
-                       f"forward of the model; the GB/s above count the model's weights a token]", err=True)
+        if speculating:
+            click.echo(f"[speculative, up to {prompt_lookup or speculate} a step"
+                       f"{' from the text itself' if prompt_lookup else ''}: {st.accepted} of {st.drafted} proposed "
+                       f"tokens kept ({100 * st.accepted / max(st.drafted, 1):.0f}%), "
+                       f"{st.new_tokens / st.target_steps:.2f} tokens a forward of the model; the GB/s above count "
+                       f"the model's weights a token]", err=True)
         chosen = model.ops.timed_choices() if hasattr(model.ops, "timed_choices") else ""
         if chosen:
             click.echo(f"[decode matmuls, timed on this device: {chosen}]", err=True)

@@ -89,7 +89,7 @@ def test_stories_drafted_by_its_int8_conversion(stories):
 
 def test_the_sampling_check_keeps_the_targets_distribution():
     """A token drawn from the draft's q, checked against the target's p (kept with probability min(1, p/q), else
-    replaced from max(p - q, 0)): over many draws, distributed as p."""
+    replaced from max(p - q, 0)): over many draws, distributed as p; so is a proposal made for sure."""
     p = torch.tensor([0.5, 0.3, 0.15, 0.05])
     gen = torch.Generator().manual_seed(0)
     for q in (torch.tensor([0.1, 0.2, 0.3, 0.4]), torch.tensor([0.7, 0.1, 0.1, 0.1]), p.clone()):
@@ -99,6 +99,12 @@ def test_the_sampling_check_keeps_the_targets_distribution():
             y = accept(p, q, x, gen)
             counts[x if y is None else y] += 1
         assert (counts / counts.sum() - p).abs().max() < 0.015, q
+    for token in (0, 3):        # a proposal made for sure (prompt lookup's): still distributed as p
+        counts = torch.zeros(4)
+        for _ in range(20000):
+            y = accept(p, None, token, gen)
+            counts[token if y is None else y] += 1
+        assert (counts / counts.sum() - p).abs().max() < 0.015, token
 
 
 def test_sampling_decodes_from_the_target(dirs):
@@ -134,8 +140,31 @@ def test_cli_generate_with_a_draft(dirs, stories, capsys):
     code, drafted, err = run_main(capsys, "generate", stories / "fp", "-p", "Once upon a time", "-n", "40",
                                   "--draft", stories / "q", "--speculate", "3")
     assert code == 0, err
-    assert drafted == alone and "draft tokens kept" in err
+    assert drafted == alone and "proposed tokens kept" in err
     for args, match in [(["--draft", dirs["window"]], "sliding window"),
                         (["--draft", stories / "q", "--num-beams", "2"], "--draft decodes greedily or samples")]:
         code, out, err = run_main(capsys, "generate", stories / "fp", "-p", "Once", "-n", "24", *args)
         assert code != 0 and match in err and len(err.strip().splitlines()) == 1 and not out, err
+
+
+def test_prompt_lookup(dirs, stories, capsys):
+    """Prompt lookup (no draft model): the continuation of the text's last n-gram where it occurred before;
+    greedy keeps the target's tokens, on a tiny model and on stories260K, whose story repeats its own phrases
+    (so proposals stand); a text without a repeat proposes nothing. The CLI's --prompt-lookup too."""
+    from fmconvert.runtime.speculative import lookup
+    assert lookup([5, 6, 7, 8, 5, 6], 2, 3) == [7, 8, 5] and lookup([5, 6, 7, 8, 9, 6], 2, 2) == [7, 8]
+    assert lookup([1, 2, 3], 2, 4) == [] and lookup([4, 4], 2, 3) == [4]
+    for d, ids, n in ((dirs["fp"], tiny.ids(6, 1, B=1), 30), (stories / "fp", torch.tensor([[1, 403, 407, 261, 378,
+                                                                                              319]]), 120)):
+        m = load(d)
+        want, _ = generate(m, ids, n)
+        got, st = speculative_generate(m, None, ids, n, k=5)
+        assert got.tolist() == want.tolist()
+    assert st.accepted > 10 and st.target_steps < n       # the story's repeats stood
+    code, alone, err = run_main(capsys, "generate", stories / "fp", "-p", "Once upon a time", "-n", "60")
+    code2, looked, err = run_main(capsys, "generate", stories / "fp", "-p", "Once upon a time", "-n", "60",
+                                  "--prompt-lookup", "4")
+    assert code == code2 == 0 and looked == alone and "from the text itself" in err, err
+    code, out, err = run_main(capsys, "generate", stories / "fp", "-p", "Once", "--prompt-lookup", "4", "--draft",
+                              stories / "q")
+    assert code != 0 and "give one" in err and not out

@@ -1,5 +1,6 @@
-"""Speculative decoding: a small draft model proposes k tokens one at a time, the target checks them all in one
-forward of k + 1 positions, and the longest prefix it agrees with is kept, plus the target's own next token.
+"""Speculative decoding: a small draft model proposes k tokens one at a time (or, with prompt lookup, the tokens
+that followed the text's last n-gram where it last occurred earlier), the target checks them all in one forward of
+k + 1 positions, and the longest prefix it agrees with is kept, plus the target's own next token.
 
 Decode reads every weight once a step whatever the batch, so the target's k + 1 positions cost about one step and
 each accepted draft token is a target step saved. Greedy decoding keeps exactly the target's greedy tokens; sampling
@@ -22,10 +23,13 @@ from .processors import Processors
 
 
 def caches(model, draft, max_len: int) -> tuple:
-    """Each model's cache for max_len positions -> (target's, draft's); a target and draft that cannot decode
-    together refused in one line."""
+    """Each model's cache for max_len positions -> (target's, draft's: None without a draft model); a target and
+    draft that cannot decode together refused in one line."""
     out = []
     for name, m in (("the target", model), ("the draft", draft)):
+        if m is None:
+            out.append(None)
+            continue
         if m.spec["kind"] != "decoder" or m.spec["headless"] or m.spec.get("encoder"):
             raise FmError(f"speculative decoding needs two decoders with their language-model heads; {name} is "
                           f"{m.spec['architecture']}")
@@ -35,6 +39,8 @@ def caches(model, draft, max_len: int) -> tuple:
             raise FmError(f"{name} ({m.spec['architecture']}) keeps a sliding window shorter than the text, a "
                           f"recurrent state or an index in its cache: rejected draft tokens cannot be taken back out")
         out.append(c)
+    if draft is None:
+        return tuple(out)
     if model.spec["vocab_size"] != draft.spec["vocab_size"]:
         raise FmError(f"the draft's vocabulary has {draft.spec['vocab_size']} tokens and the target's "
                       f"{model.spec['vocab_size']}: a draft must share the target's tokenizer")
@@ -44,9 +50,24 @@ def caches(model, draft, max_len: int) -> tuple:
     return tuple(out)
 
 
-def accept(p: torch.Tensor, q: torch.Tensor, token: int, gen: torch.Generator) -> int | None:
-    """One draft token checked by sampling: p, q [V] the target's and the draft's probabilities at its position ->
-    None when it stands (probability min(1, p/q)), else the token drawn in its place from max(p - q, 0)."""
+def lookup(seq: list, ngram: int, n: int) -> list:
+    """Prompt lookup (transformers' prompt_lookup_num_tokens): the n tokens that followed the earliest earlier
+    occurrence of the text's last `ngram` tokens (else of its last ngram - 1, ... 1), [] where none occurs."""
+    for size in range(min(ngram, len(seq) - 1), 0, -1):
+        tail = seq[-size:]
+        for i in range(len(seq) - size):
+            if seq[i:i + size] == tail:
+                return seq[i + size:i + size + n]
+    return []
+
+
+def accept(p: torch.Tensor, q: torch.Tensor | None, token: int, gen: torch.Generator) -> int | None:
+    """One draft token checked by sampling: p, q [V] the target's and the draft's probabilities at its position
+    (q None: a proposal made for sure, prompt lookup's) -> None when it stands (probability min(1, p/q)), else the
+    token drawn in its place from max(p - q, 0)."""
+    if q is None:
+        q = torch.zeros_like(p)
+        q[token] = 1.0
     if torch.rand((), generator=gen).item() * float(q[token]) < float(p[token]):
         return None
     rest = (p - q).clamp(min=0)
@@ -57,24 +78,27 @@ def accept(p: torch.Tensor, q: torch.Tensor, token: int, gen: torch.Generator) -
 @torch.inference_mode()
 def speculative_generate(model, draft, input_ids: torch.Tensor, max_new_tokens: int = 64, k: int = 4,
                          temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                         eos_token_id=None, on_token=None,
-                         processors: Processors | None = None) -> tuple[torch.Tensor, GenStats]:
+                         eos_token_id=None, on_token=None, processors: Processors | None = None,
+                         ngram: int = 2) -> tuple[torch.Tensor, GenStats]:
     """input_ids [1, T] -> [1, T + new], as generate() decodes with the target (greedy: its tokens exactly;
-    sampled: its distribution), the draft proposing k tokens at a time. on_token(ids [1]) is called for each new
-    token. stats.drafted and stats.accepted count the draft's proposals and those the target kept."""
+    sampled: its distribution), the draft proposing up to k tokens at a time: a draft model, or None for prompt
+    lookup (the k tokens after the earliest earlier occurrence of the text's last `ngram` tokens; none where it
+    has not occurred, and the step is a plain one). on_token(ids [1]) is called for each new token.
+    stats.drafted and stats.accepted count the proposals and those the target kept."""
     if input_ids.shape[0] != 1:
         raise FmError("speculative decoding reads one prompt at a time")
     if k < 1:
         raise FmError("speculative decoding drafts at least one token a step")
     B, T = input_ids.shape
     positions_left(model, T, max_new_tokens)
-    positions_left(draft, T, max_new_tokens)
+    if draft is not None:
+        positions_left(draft, T, max_new_tokens)
+        warm_up(draft)
     warm_up(model)
-    warm_up(draft)
     procs = replace(with_forced(processors, None, None, eos_token_id), prompt=T, max_length=T + max_new_tokens)
     eos = set(stop_tokens(eos_token_id))
     gen = torch.Generator().manual_seed(seed)
-    dev, ddev = model.device, draft.device
+    dev = model.device
     tc, dc = caches(model, draft, T + max_new_tokens + 1)
     seq = input_ids[0].tolist()
     stats = GenStats(prompt_tokens=T)
@@ -114,14 +138,18 @@ def speculative_generate(model, draft, input_ids: torch.Tensor, max_new_tokens: 
         if done:
             break
         n_draft = min(k, max_new_tokens - stats.new_tokens)
-        # the draft: catch up on what it has not read (its cache holds a prefix of seq), then propose one at a time
-        feed, proposals, qs = seq[dc.length:], [], []
-        for _ in range(n_draft):
-            q = scores(draft(torch.tensor([feed], device=ddev), dc)[0, -1], seq + proposals)
-            qs.append(q)
-            proposals.append(choose(q))
-            proposals = shared(proposals)
-            feed = proposals[-1:]
+        proposals, qs = [], []
+        if draft is None:
+            proposals = shared(lookup(seq, ngram, n_draft))
+            n_draft, qs = len(proposals), [None] * len(proposals)
+        else:       # catch up on what the draft has not read (its cache holds a prefix of seq), then one at a time
+            feed = seq[dc.length:]
+            for _ in range(n_draft):
+                q = scores(draft(torch.tensor([feed], device=draft.device), dc)[0, -1], seq + proposals)
+                qs.append(q)
+                proposals.append(choose(q))
+                proposals = shared(proposals)
+                feed = proposals[-1:]
         # the target: the last emitted token and the proposals, k + 1 positions in one forward
         base = len(seq) - 1                     # what the target's cache holds: seq but its last token
         logits = model(torch.tensor([seq[-1:] + proposals], device=dev), tc)[0]
@@ -148,7 +176,8 @@ def speculative_generate(model, draft, input_ids: torch.Tensor, max_new_tokens: 
         stats.accepted += len(new) - 1
         stats.target_steps += 1
         tc.length = base + len(new)             # the target keeps seq's last token and the proposals that stood
-        dc.length = min(dc.length, base + len(new))
+        if dc is not None:
+            dc.length = min(dc.length, base + len(new))
     sync()
     stats.decode_s = time.perf_counter() - t0
     stats.tokens = seq[T:]
