@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from .errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_IO, FmError
+from .policy import audio_front
 
 
 def _console(stderr: bool = False):
@@ -339,6 +340,11 @@ def inspect(out_dir, as_json):
                      "a weight-normed grouped conv")
                   + ("" if wave.get("pos_conv") is False else
                      f" (kernel {wave['pos_kernel']}, {wave['pos_groups']} groups)"))
+    elif md.get("features"):        # Wav2Vec2-BERT: the feature extractor's rows
+        from .runtime.ctc import ratio
+        t.add_row("audio in", f"16 kHz audio as {md['features']['dim']}-wide feature rows (SeamlessM4T's fbank), "
+                  f"a frame every {ratio(md['features'])} samples, LayerNormed and projected to {md['hidden_size']}; "
+                  f"positions from the Conformer blocks' attention ({md['conformer']['position']})")
     head = md.get("classifier")
     if head:
         steps = ", ".join(f"{s['name']}{'' if s['act'] == 'none' else ' + ' + s['act']}" for s in head["steps"])
@@ -1018,7 +1024,7 @@ def _write_results(fmt: str, output_dir, stems: list[str], results: list[str]):
 
 def _not_speech(model, out_dir):
     """Refuse, in one line, a text verb on Whisper, its audio encoder, or a waveform encoder."""
-    if model.spec.get("wave"):
+    if audio_front(model.spec):
         from .runtime.ctc import head_kind
         kind = head_kind(model.spec)
         raise FmError(f"{out_dir} holds a speech encoder ({model.spec['architecture']}): it reads audio; " + (
@@ -1358,7 +1364,7 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
         twice = next(s for s in stems if stems.count(s) > 1)
         raise FmError(f"two files are named {twice!r}: their results would share {output_dir / twice}.{fmt}")
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
-    if model.spec.get("wave"):
+    if audio_front(model.spec):
         whisper_only = [o for o, v in (("--language", language), ("--task", task), ("--num-beams", num_beams),
                                        ("--length-penalty", length_penalty), ("--max-new-tokens", max_new_tokens),
                                        ("--prompt", prompt), ("--prompt-every-window", prompt_every_window or None),
@@ -1511,7 +1517,7 @@ def _transcribe_ctc(model, out_dir, audio, timestamps, fmt, output_dir, stems, b
     from .runtime.ctc import SAMPLE_RATE, cues, feature_extractor, recognize
     lead = model.rank == 0
     tok = _tokenizer(out_dir)
-    fe = feature_extractor(out_dir, model.spec["wave"])
+    fe = feature_extractor(out_dir, model.spec)
     timestamps = fmt in ("srt", "vtt", "json") if timestamps is None else timestamps
     waves = _waves(model, audio)
     seconds = sum(w.numel() for w in waves) / SAMPLE_RATE
@@ -1649,10 +1655,10 @@ def _embed_audio(out_dir, audio, normalize, batch_size, device, backend, no_veri
     if batch_size < 1:
         raise FmError("--batch-size must be positive")
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
-    if not model.spec.get("wave"):
+    if not audio_front(model.spec):
         raise FmError(f"{out_dir} holds {model.spec['architecture']}, which reads text, not audio: use --text")
     xvector = head_kind(model.spec) == "xvector"
-    rows = embed_audio(model, feature_extractor(out_dir, model.spec["wave"]), _waves(model, audio), batch_size,
+    rows = embed_audio(model, feature_extractor(out_dir, model.spec), _waves(model, audio), batch_size,
                        normalize=xvector if normalize is None else normalize)
     if model.rank == 0:
         for v in rows:
@@ -1716,7 +1722,7 @@ def classify(out_dir, texts, pairs, text_file, max_length, batch_size, candidate
     if batch_size < 1 or (max_length is not None and max_length < 1):
         raise FmError("--batch-size and --max-length must be positive")
     model = _load(out_dir, device, backend, no_verify_hashes, dtype)
-    if audio or model.spec.get("wave"):
+    if audio or audio_front(model.spec):
         return _classify_audio(model, out_dir, audio, batch_size)
     _not_speech(model, out_dir)
     if (model.spec["kind"] != "encoder" and not model.spec.get("encoder")) or model.spec.get("classifier") is None:
@@ -1780,7 +1786,7 @@ def _classify_audio(model, out_dir, audio, batch_size):
 
     from .runtime.classify import labels, scores
     from .runtime.ctc import SAMPLE_RATE, active_spans, classify_audio, feature_extractor, head_kind, ratio
-    if not model.spec.get("wave"):
+    if not audio_front(model.spec):
         raise FmError(f"{out_dir} holds {model.spec['architecture']}, which reads text, not audio: use --text")
     if not audio:
         _not_speech(model, out_dir)
@@ -1790,14 +1796,14 @@ def _classify_audio(model, out_dir, audio, batch_size):
             f": use `fmconvert transcribe {out_dir} AUDIO.wav`" if kind == "ctc" else
             f": it embeds speakers, use `fmconvert embed {out_dir} --audio AUDIO.wav`" if kind == "xvector" else
             " (convert a *ForSequenceClassification or *ForAudioFrameClassification checkpoint)"))
-    fe = feature_extractor(out_dir, model.spec["wave"])
+    fe = feature_extractor(out_dir, model.spec)
     rows = classify_audio(model, fe, _waves(model, audio), batch_size)
     if model.rank == 0:
         names = labels(out_dir, rows[0].shape[-1])
         for p, row in zip(audio, rows):
             if kind == "frames":        # each label's active spans (a sigmoid a label, from 0.5)
                 click.echo(json.dumps({"file": str(p), "segments": active_spans(
-                    torch.sigmoid(row), names, ratio(model.spec["wave"]) / SAMPLE_RATE)}))
+                    torch.sigmoid(row), names, ratio(audio_front(model.spec)) / SAMPLE_RATE)}))
                 continue
             prob = scores(row.unsqueeze(0), _multi_label(out_dir))[0]
             click.echo(json.dumps({"file": str(p), "label": names[int(prob.argmax())],

@@ -235,12 +235,15 @@ _MODEL_OPTIONAL = {
              "null or the waveform front end's {conv_dim, kernel, stride (lists, as long as each other), bias, norm "
              "(group or layer), act, feat_norm, pos_kernel, pos_groups, pos_layers (optional, 0 to 16), pos_conv "
              "(optional: false)}"),
-    "conformer": (None, lambda x: x is None or (
-        isinstance(x, dict) and set(x) == {"position", "rotary_base", "depthwise_kernel", "norm_eps"}
-        and x["position"] in ("rotary", "relative", "none") and _POS_NUM(x["rotary_base"])
-        and _POS_INT(x["depthwise_kernel"]) and x["depthwise_kernel"] % 2 == 1 and _POS_NUM(x["norm_eps"])),
-        "null or Wav2Vec2-Conformer's block {position (rotary, relative or none), rotary_base, depthwise_kernel "
-        "(odd), norm_eps}"),
+    "conformer": (None, lambda x: x is None or _conformer(x),
+                  "null or Wav2Vec2-Conformer's block {position (rotary, relative, relative_key or none), "
+                  "rotary_base, depthwise_kernel (odd), norm_eps; conv_norm (batch or layer), causal (optional); "
+                  "max_left, max_right (with relative_key)}"),
+    "features": (None, lambda x: x is None or (
+        isinstance(x, dict) and set(x) == {"dim", "kernel", "stride"} and _POS_INT(x["dim"])
+        and all(isinstance(x[k], list) and 0 < len(x[k]) <= 8 and all(_POS_INT(i) for i in x[k])
+                for k in ("kernel", "stride")) and len(x["kernel"]) == len(x["stride"])),
+        "null or the feature rows' {dim, kernel, stride (lists, as long as each other)}"),
     "classifier": (None, lambda x: x is None or (
         isinstance(x, dict) and set(x) - {"layer_sum", "tdnn"} == {"pool", "steps"} and x.get("layer_sum", True) is True
         and x["pool"] in ("first", "pooler", "mean", "late", "tokens", "spans", "eos", "xvector")
@@ -289,6 +292,19 @@ def _wave(x) -> bool:
             and type(x["bias"]) is bool and type(x["feat_norm"]) is bool and x["norm"] in ("group", "layer")
             and x["act"] in ("gelu", "gelu_tanh", "relu", "silu") and _POS_INT(x["pos_kernel"])
             and x["pos_kernel"] <= 1024 and _POS_INT(x["pos_groups"]))
+
+
+def _conformer(x) -> bool:
+    """A Conformer block: its positions, the depthwise conv's odd taps, the norms' eps; Wav2Vec2-BERT's conv module
+    (a LayerNorm for BatchNorm, causal) and relative_key's clamp."""
+    rk = x.get("position") == "relative_key" if isinstance(x, dict) else False
+    return (isinstance(x, dict)
+            and set(x) - {"conv_norm", "causal"} == {"position", "rotary_base", "depthwise_kernel", "norm_eps"}
+            | ({"max_left", "max_right"} if rk else set())
+            and x["position"] in ("rotary", "relative", "relative_key", "none") and _POS_NUM(x["rotary_base"])
+            and _POS_INT(x["depthwise_kernel"]) and x["depthwise_kernel"] % 2 == 1 and _POS_NUM(x["norm_eps"])
+            and x.get("conv_norm", "batch") in ("batch", "layer") and type(x.get("causal", False)) is bool
+            and all(type(x[k]) is int and x[k] >= 0 for k in ("max_left", "max_right") if rk))
 
 
 def _ssm(x) -> bool:

@@ -167,6 +167,9 @@ LAYER_SLOTS = (
     "macaron_out.bias", "conv_norm.weight", "conv_norm.bias", "conv_in.weight", "conv_dw.weight", "conv_bn.weight",
     "conv_bn.bias", "conv_bn.mean", "conv_bn.var", "conv_bn.count", "conv_out.weight", "block_norm.weight",
     "block_norm.bias", "rel_pos.weight", "rel_pos.u", "rel_pos.v",
+    # Wav2Vec2-BERT's: the LayerNorm after the depthwise conv (in place of BatchNorm), and relative_key's learned
+    # row per clamped offset [max_left + max_right + 1, head_dim], one table read by every head
+    "conv_dw_norm.weight", "conv_dw_norm.bias", "rel_dist.weight",
 )
 # Slots written in float32 whatever the output dtype: small tensors the model only ever reads in fp32, which
 # transformers keeps in fp32 when it loads the model in half precision (and vLLM too): a sigmoid router's
@@ -362,11 +365,19 @@ class ModelSpec:
     #                                 positional conv {pos_kernel, pos_groups, pos_layers (0: one weight-normed
     #                                 conv; n: n plain ones, each LayerNormed without weights)}, in place of an
     #                                 embedding table
+    features: dict | None = None    # Wav2Vec2-BERT: feature rows in ({dim}: SeamlessM4TFeatureExtractor's stacked
+    #                                 fbank), LayerNormed and projected to hidden, in place of an embedding table;
+    #                                 kernel and stride (lists): the extractor's framing of the samples, for counting
+    #                                 a clip's frames as a conv stack's are counted (frames_of)
     conformer: dict | None = None   # Wav2Vec2-Conformer: Conformer blocks {position ("rotary": q and k read the
     #                                 block's input rotated per head, half-split; "relative": Transformer-XL's
-    #                                 sinusoidal table through rel_pos, biases u and v; "none"), rotary_base,
+    #                                 sinusoidal table through rel_pos, biases u and v; "relative_key": Shaw's rows
+    #                                 rel_dist over offsets clamped to [-max_left, max_right]; "none"), rotary_base,
     #                                 depthwise_kernel (odd, 'same' padding), norm_eps (the block's own LayerNorms and
-    #                                 BatchNorm's, which transformers leaves at 1e-5)}
+    #                                 BatchNorm's, which transformers leaves at 1e-5); Wav2Vec2-BERT's conv module
+    #                                 adds conv_norm "layer" (a LayerNorm after the depthwise conv, not BatchNorm)
+    #                                 and causal (left padding only, padded frames zeroed before it), and
+    #                                 max_left, max_right}
     causal_encoder: bool = False    # CLIP's text encoder: an encoder whose tokens see only those before them
     eos_pool: dict | None = None    # CLIP: {"eos_id"}: the pooled output is the first eos token's state (eos_id -1:
     #                                 the largest id's, as checkpoints with the old eos id 2 do), through text_proj
@@ -981,7 +992,8 @@ class Policy:
             dyn_mask=self._dyn_mask(c), loop=self._loop(c),
             causal_encoder=self.kind == "encoder" and bool(self._layout("causal", flags, False)),
             proj_dim=int(c.get("proj_dim") or 0), audio_mels=int(c.get("audio_mels") or 0),
-            wave=self._wave(config, flags), conformer=self._conformer(config, flags),
+            wave=self._wave(config, flags), features=self._features(config, flags),
+            conformer=self._conformer(config, flags),
             shared_layers=bool(self._layout("shared_layers", flags, False)),
             eos_pool=self._eos_pool(config) if self.layout.get("pool") == "eos" else None,
             embed_proj=bool(self._layout("embed_proj", flags, False)) and int(c.get("embed_dim") or c["hidden_size"])
@@ -1151,15 +1163,38 @@ class Policy:
         if cf is None:
             return None
         pos = _attr(config, cf["position"]) or "none"
-        if pos not in ("rotary", "relative", "none"):
-            raise FmError(f"config.json: {cf['position']} must be rotary, relative or null, got {pos!r}")
+        known = ("rotary", "relative", "relative_key", "none") if "max_left" in cf else ("rotary", "relative", "none")
+        if pos not in known:
+            raise FmError(f"config.json: {cf['position']} must be {', '.join(known[:-1])} or null, got {pos!r}")
         base = _config_value(config, cf["rotary_base"], "conformer.rotary_base", flags)
         k = _config_value(config, cf["depthwise_kernel"], "conformer.depthwise_kernel", flags)
         if type(k) is not int or not 0 < k <= 1024 or k % 2 == 0:
             raise FmError(f"config.json: {cf['depthwise_kernel']} must be an odd positive integer, got {k!r}")
         if type(base) not in (int, float) or not base > 0:
             raise FmError(f"config.json: {cf['rotary_base']} must be a positive number, got {base!r}")
-        return {"position": pos, "rotary_base": float(base), "depthwise_kernel": k, "norm_eps": 1e-5}
+        out = {"position": pos, "rotary_base": float(base), "depthwise_kernel": k, "norm_eps": 1e-5}
+        if "norm_eps" in cf:        # Wav2Vec2-BERT's blocks take the model's eps
+            out["norm_eps"] = float(_config_value(config, cf["norm_eps"], "conformer.norm_eps", flags))
+        if "conv_norm" in cf and _config_value(config, cf["conv_norm"], "conformer.conv_norm", flags) == "layer":
+            out.update(conv_norm="layer", causal=bool(_config_value(config, cf["causal"], "conformer.causal", flags)))
+        if pos == "relative_key":
+            lr = [_config_value(config, cf[k], f"conformer.{k}", flags) for k in ("max_left", "max_right")]
+            if not all(type(v) is int and 0 <= v <= 65536 for v in lr):
+                raise FmError(f"config.json: {cf['max_left']} and {cf['max_right']} must be non-negative integers, "
+                              f"got {lr[0]!r} and {lr[1]!r}")
+            out.update(max_left=lr[0], max_right=lr[1])
+        return out
+
+    def _features(self, config, flags) -> dict | None:
+        """Wav2Vec2-BERT's input, from the table's `[features]`: the width of a feature row, and the feature
+        extractor's framing of the samples as (kernel, stride) pairs."""
+        f = self.table.get("features")
+        if f is None:
+            return None
+        v = {k: _config_value(config, name, f"features.{k}", flags) for k, name in f.items()}
+        if type(v["dim"]) is not int or not 0 < v["dim"] <= 65536:
+            raise FmError(f"config.json: {f['dim']} must be a positive integer, got {v['dim']!r}")
+        return {"dim": v["dim"], "kernel": list(v["kernel"]), "stride": list(v["stride"])}
 
     def _eos_pool(self, config) -> dict:
         """CLIP's pooled output: the state of each text's first eos token, or (checkpoints whose config still says
@@ -2222,7 +2257,7 @@ class Policy:
             "embed_proj.bias": (h,), "rel_bias.weight": (H, (spec.rel_bias or {}).get("buckets", 0)),
             "text_proj.weight": (spec.proj_dim, h),
             "audio_conv1.weight": (h, spec.audio_mels, 3), "audio_conv1.bias": (h,), "audio_conv2.weight": (h, h, 3),
-            "audio_conv2.bias": (h,), **wave_shapes(spec),
+            "audio_conv2.bias": (h,), **wave_shapes(spec), **features_shapes(spec.features, h),
             "attn_rel_bias.weight": (H, (spec.rel_bias or {}).get("buckets", 0)),
             "rel_embed.weight": (2 * (spec.disentangled or {}).get("span", 0), h), "rel_embed_norm.weight": (h,),
             "rel_embed_norm.bias": (h,),
@@ -2888,13 +2923,32 @@ def conformer_shapes(spec: ModelSpec) -> dict:
             "conv_dw.weight": (h, cf["depthwise_kernel"]), **{f"conv_bn.{n}": (h,) for n in ("weight", "bias",
                                                                                              "mean", "var")},
             "conv_bn.count": (), "conv_out.weight": (h, h), "block_norm.weight": (h,), "block_norm.bias": (h,),
+            "conv_dw_norm.weight": (h,), "conv_dw_norm.bias": (h,),
+            "rel_dist.weight": (cf.get("max_left", 0) + cf.get("max_right", 0) + 1, spec.head_dim),
             "rel_pos.weight": (h, h), "rel_pos.u": (spec.num_heads, spec.head_dim),
             "conformer_rope.inv_freq": (spec.head_dim // 2,),
             "rel_pos.v": (spec.num_heads, spec.head_dim)}
 
 
+def audio_front(spec: dict) -> dict | None:
+    """A speech encoder's framing of the 16 kHz samples (a manifest's model section): the conv stack of one that
+    reads the waveform (`wave`), the feature extractor's of one that reads feature rows (`features`); None for
+    any other model. Both give kernel and stride lists, which frames_of and samples_for read."""
+    return spec.get("wave") or spec.get("features")
+
+
+def features_shapes(features: dict | None, hidden: int) -> dict:
+    """The shapes of Wav2Vec2-BERT's front end: the feature rows' LayerNorm and their projection to hidden."""
+    if not features:
+        return {}
+    d = features["dim"]
+    return {"feat_norm.weight": (d,), "feat_norm.bias": (d,), "feat_proj.weight": (hidden, d),
+            "feat_proj.bias": (hidden,)}
+
+
 def frames_of(wave: dict, samples: torch.Tensor | int):
-    """How many frames the conv stack makes of this many samples (per layer: (n - kernel) // stride + 1)."""
+    """How many frames the conv stack (or a feature extractor's framing, `audio_front`) makes of this many samples
+    (per layer: (n - kernel) // stride + 1)."""
     for k, st in zip(wave["kernel"], wave["stride"]):
         samples = (samples - k) // st + 1
     return samples

@@ -70,6 +70,8 @@ Layout per rank:
             part by part: this rank's value channels, then the same channels' gates, so the GLU runs per rank;
             conv_dw and conv_bn (one row per channel) the same channels; conv_out row-parallel (no bias), all-reduced.
             rel_pos (relative attention's position projection) and its biases u, v with this rank's q heads.
+            conv_dw_norm (Wav2Vec2-BERT's LayerNorm after the depthwise conv) with the channels, its statistics
+            gathered over every rank's; rel_dist (relative_key's rows, read by every head) replicated.
   the rest  replicated.
 The intermediate size is split into chunks of ceil(I/tp) and each chunk is zero-padded to `intermediate_per_rank`
 (a multiple of the int8 group size, or of a narrower power of two where whole groups would pad more than an
@@ -96,7 +98,7 @@ HEADS = ("q_b.weight", "kv_b.weight", "attn_sinks.weight", "attn_gate.bias", "at
          "rel_bias.weight", "attn_rel_bias.weight", "cca_temp", "cross_q.weight", "cross_q.bias", "rel_gate.const",
          # Wav2Vec2-Conformer: the convolution module's channels, relative attention's heads
          "conv_dw.weight", "conv_bn.weight", "conv_bn.bias", "conv_bn.mean", "conv_bn.var", "rel_pos.weight",
-         "rel_pos.u", "rel_pos.v")
+         "rel_pos.u", "rel_pos.v", "conv_dw_norm.weight", "conv_dw_norm.bias")
 # Row-parallel slots: split along dim 1 (K), each rank's product a partial sum. The linear mixers' (ROW_K) split
 # evenly along K with nothing padded, as does Doge's dt_proj (dmask_dt).
 ROW_K = ("lin_out.weight", "ssm_out.weight", "sconv_out.weight", "mamba_out.weight", "mamba_x.weight",

@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from . import manifest as mf
 from . import slice as sl
 from .errors import FmError, ParityError
-from .policy import stored_dtype
+from .policy import audio_front, stored_dtype
 from .quantize import dequantize, quantize
 from .runtime.load import sha256_file
 from .srchash import fingerprint
@@ -730,17 +730,18 @@ def _wave_sources(out_dir: Path, sp: dict, frames: int, rows: int = 4):
     (`_speech_like`), the first `frames` frames long, the others from a third of that to all of it, through the
     conversion's feature extractor as `transcribe` takes it (`ctc.feature_extractor`: transformers' defaults for
     this front end where there is no preprocessor_config.json), so that the shorter clips are padded, and masked, as
-    the extractor pads and masks them. -> (values [rows, samples], the sample mask or None, what they are)"""
+    the extractor pads and masks them. -> (values [rows, samples], the sample mask or None, what they are; a feature
+    encoder's (Wav2Vec2-BERT's) feature rows [rows, frames, dim] and their frame mask in place of the first two)"""
     from .policy import samples_for
     from .runtime.ctc import SAMPLE_RATE, feature_extractor, inputs_of
-    w = sp["wave"]
-    fe = feature_extractor(out_dir, w)
+    w = audio_front(sp)
+    fe = feature_extractor(out_dir, sp)
     gen, full = torch.Generator().manual_seed(0), samples_for(w, max(frames, 1))
     lengths = [full] + [int(torch.randint(samples_for(w, max(frames // 3, 1)), full + 1, (1,), generator=gen))
                         for _ in range(rows - 1)]
     values, mask = inputs_of(fe, [_speech_like(n, SAMPLE_RATE, gen) for n in lengths])
     where = "preprocessor_config.json" if (out_dir / "preprocessor_config.json").is_file() else \
-        "transformers' Wav2Vec2FeatureExtractor defaults (no preprocessor_config.json)"
+        f"transformers' {type(fe).__name__} defaults (no preprocessor_config.json)"
     what = (f"synthetic speech-like audio (tones gliding in pitch over noise), {rows} clips of "
             f"{min(lengths) / SAMPLE_RATE:.2f}-{max(lengths) / SAMPLE_RATE:.2f} s at {SAMPLE_RATE} Hz through "
             f"{where}, " + ("padded, with its attention mask" if mask is not None else
@@ -1029,8 +1030,9 @@ def check_waves(model_dir: Path, m: dict, converted, values: torch.Tensor, mask:
     states, head, frames = converted
     base, v, msk = ref.base_model, values.to(device), None if mask is None else mask.to(device)
     with torch.inference_mode():
-        o = base(input_values=v, attention_mask=msk, output_hidden_states=True)
-        got = None if head is None else ref(input_values=v, attention_mask=msk)      # an x-vector's: embeddings
+        o = base(**{base.main_input_name: v}, attention_mask=msk, output_hidden_states=True)
+        # an x-vector's: embeddings
+        got = None if head is None else ref(**{base.main_input_name: v}, attention_mask=msk)
         want = None if got is None else (got.embeddings if sp["classifier"]["pool"] == "xvector" else got.logits
                                          ).float().cpu().double()
         last = o.last_hidden_state.float().cpu()
@@ -1203,7 +1205,7 @@ def verify(model_dir, out_dir, text_file=None, tokens: int = 256, tp_mode: str =
 
     if go:
         waves = None
-        if m["model"].get("wave"):      # Wav2Vec2: clips of synthetic sound, the longest `tokens` frames
+        if audio_front(m["model"]):     # Wav2Vec2: clips of synthetic sound, the longest `tokens` frames
             waves = _wave_sources(out_dir, m["model"], tokens)
             source, batches = waves[2], None
         else:

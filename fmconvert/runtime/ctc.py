@@ -4,7 +4,8 @@ pipeline runs it, and the same encoders' other heads: a label a clip (`*ForSeque
 frame.
 
 The encoder reads the raw 16 kHz waveform, normalized by the conversion's feature extractor (preprocessor_config.json:
-zero mean and unit variance per clip), and gives each frame (320 samples, 20 ms, in the released models) a
+zero mean and unit variance per clip), or (Wav2Vec2-BERT) the rows of log-mel features its SeamlessM4TFeatureExtractor
+makes of it, and gives each frame (320 samples, 20 ms, in the released models) a
 distribution over the characters. The transcript is the likeliest character of each frame, repeats merged and the
 blank (the pad token) dropped, with "|" between words: what the tokenizer's decode does.
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import FmError
-from ..policy import frames_of
+from ..policy import audio_front
 from .classify import head_logits
 
 SAMPLE_RATE = 16000
@@ -39,13 +40,17 @@ class Recognized:
     words: list = field(default_factory=list)      # Word, each with its first and last frame's times
 
 
-def feature_extractor(out_dir, wave: dict):
-    """The conversion's Wav2Vec2FeatureExtractor (preprocessor_config.json), or where there is none transformers'
-    defaults for this front end: 16 kHz, normalized, an attention mask for the models whose convs are LayerNormed
-    (those trained with padding masked)."""
+def feature_extractor(out_dir, spec: dict):
+    """The conversion's feature extractor (preprocessor_config.json) for a speech encoder (spec: the manifest's
+    model section), or where there is none transformers' defaults for its front end: a waveform encoder's
+    Wav2Vec2FeatureExtractor (16 kHz, normalized, an attention mask for the models whose convs are LayerNormed:
+    those trained with padding masked), a feature encoder's SeamlessM4TFeatureExtractor (`features_extractor`)."""
     from pathlib import Path
 
     from transformers import Wav2Vec2FeatureExtractor
+    if spec.get("features"):
+        return features_extractor(out_dir, spec["features"])
+    wave = spec["wave"]
     if not (Path(out_dir) / "preprocessor_config.json").is_file():
         return Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0,
                                         do_normalize=True, return_attention_mask=wave["norm"] == "layer")
@@ -60,12 +65,33 @@ def feature_extractor(out_dir, wave: dict):
     return fe
 
 
+def features_extractor(out_dir, features: dict):
+    """Wav2Vec2-BERT's SeamlessM4TFeatureExtractor (preprocessor_config.json, else its defaults: 80 mel bins, two
+    frames a row), refused in one line where its rows are not the width the model reads."""
+    from pathlib import Path
+
+    from transformers import SeamlessM4TFeatureExtractor
+    try:
+        fe = SeamlessM4TFeatureExtractor.from_pretrained(str(out_dir), local_files_only=True) \
+            if (Path(out_dir) / "preprocessor_config.json").is_file() else SeamlessM4TFeatureExtractor()
+    except (OSError, ValueError, TypeError) as e:
+        raise FmError(f"{out_dir}: cannot load the feature extractor from preprocessor_config.json "
+                      f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if fe.sampling_rate != SAMPLE_RATE or fe.num_mel_bins * fe.stride != features["dim"] \
+            or fe.stride != features["stride"][-1]:
+        raise FmError(f"{out_dir}: preprocessor_config.json makes rows of {fe.num_mel_bins} mel bins x {fe.stride} "
+                      f"frames at {fe.sampling_rate} Hz; the model reads {features['dim']}-wide rows of "
+                      f"{features['stride'][-1]} frames at {SAMPLE_RATE} Hz")
+    return fe
+
+
 def inputs_of(fe, waves: list[torch.Tensor], mask: bool | None = None):
-    """16 kHz mono waveforms -> (values [B, samples], sample mask [B, samples] or None), padded to the longest and
-    normalized as the feature extractor does. mask: ask for the mask (None: as the extractor is set)."""
+    """16 kHz mono waveforms -> what the encoder reads: (values [B, samples], sample mask [B, samples] or None),
+    padded to the longest and normalized as the feature extractor does, or (Wav2Vec2-BERT) (feature rows
+    [B, frames, dim], frame mask [B, frames]). mask: ask for the mask (None: as the extractor is set)."""
     out = fe([w.numpy() for w in waves], sampling_rate=SAMPLE_RATE, padding=True, return_tensors="pt",
              **({} if mask is None else {"return_attention_mask": mask}))
-    return out.input_values, out.get("attention_mask")
+    return out[fe.model_input_names[0]], out.get("attention_mask")
 
 
 def batches(fe, waves: list[torch.Tensor], idx: list[int], batch_size: int, same_length: bool = False
@@ -84,14 +110,16 @@ def batches(fe, waves: list[torch.Tensor], idx: list[int], batch_size: int, same
 def padding_leaks(model) -> bool:
     """Whether a clip's result would depend on the padding it is batched with, masked or not: Wav2Vec2-Conformer's
     convolution modules read the padded frames (transformers zeroes them before the first block only). Such a
-    model's batches then hold one length only (`batches`' same_length)."""
-    return bool(model.spec.get("conformer"))
+    model's batches then hold one length only (`batches`' same_length). Wav2Vec2-BERT's (causal) zero them and look
+    only back: its padding leaks nowhere."""
+    cf = model.spec.get("conformer")
+    return bool(cf) and not cf.get("causal")
 
 
-def ratio(wave: dict) -> int:
-    """Samples per frame (config.inputs_to_logits_ratio): the product of the conv strides."""
+def ratio(front: dict) -> int:
+    """Samples per frame (config.inputs_to_logits_ratio): the product of the conv strides (`audio_front`'s)."""
     n = 1
-    for s in wave["stride"]:
+    for s in front["stride"]:
         n *= s
     return n
 
@@ -112,7 +140,8 @@ def windows(n: int, chunk: int, left: int, right: int) -> list[tuple[int, int, i
 
 
 def forward(model, values: torch.Tensor, mask: torch.Tensor | None):
-    """A batch of normalized waveforms (mask: their real samples) through the encoder -> (the last hidden state,
+    """A batch of `inputs_of` (normalized waveforms and their real samples, or feature rows and their real frames)
+    through the encoder -> (the last hidden state,
     every layer's states where the head sums them (layer_sum) else None, the real frames [B, frames]: all of them
     without a mask)."""
     mask = None if mask is None else mask.to(model.device)
@@ -148,7 +177,7 @@ def head_kind(spec: dict) -> str | None:
     "clips" (a label a clip), "xvector" (a speaker embedding a clip), or None (a bare encoder, or no waveform
     encoder)."""
     head = spec.get("classifier")
-    if not spec.get("wave") or head is None:
+    if not audio_front(spec) or head is None:
         return None
     return {"mean": "clips", "xvector": "xvector"}.get(head["pool"]) or \
         ("ctc" if spec["architecture"].endswith("ForCTC") else "frames")
@@ -167,8 +196,7 @@ def recognize(model, tok, fe, waves: list[torch.Tensor], batch_size: int = 8, ch
     too short for the conv stack to make a frame of is left out). on_file(i, Recognized) is called as each file is
     done."""
     _check_ctc(model)
-    wave = model.spec["wave"]
-    align = ratio(wave)
+    align = ratio(audio_front(model.spec))
     chunk = int(round(chunk_s * SAMPLE_RATE / align) * align)
     stride = chunk_s / 6 if stride_s is None else stride_s
     side = int(round(stride * SAMPLE_RATE / align) * align)
@@ -188,7 +216,7 @@ def recognize(model, tok, fe, waves: list[torch.Tensor], batch_size: int = 8, ch
     for idx in batches(fe, waves, short, batch_size, padding_leaks(model)):
         ids = head_of(model, *inputs_of(fe, [waves[i] for i in idx])).argmax(-1).cpu()
         for k, i in enumerate(idx):     # its own frames: those of the padding (masked or not) say nothing of it
-            finish(i, ids[k, :int(frames_of(wave, waves[i].numel()))])
+            finish(i, ids[k, :int(model.clip_frames(waves[i].numel()))])
     for i in (i for i in range(len(waves)) if waves[i].numel() > chunk):
         spans = [s for s in windows(waves[i].numel(), chunk, side, side) if s[1] - s[0] >= shortest]
         full = [s for s in spans if s[1] - s[0] == chunk]
@@ -245,7 +273,7 @@ def classify_audio(model, fe, waves: list[torch.Tensor], batch_size: int = 8) ->
     rows: list[torch.Tensor | None] = [None] * len(waves)
     for idx in batches(fe, waves, list(range(len(waves))), batch_size, padding_leaks(model)):
         for i, row in zip(idx, head_of(model, *inputs_of(fe, [waves[i] for i in idx])).cpu()):
-            rows[i] = row if kind == "clips" else row[:int(frames_of(model.spec["wave"], waves[i].numel()))]
+            rows[i] = row if kind == "clips" else row[:int(model.clip_frames(waves[i].numel()))]
     return rows
 
 

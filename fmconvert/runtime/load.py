@@ -16,7 +16,7 @@ from .. import manifest as mf
 from ..errors import FmError
 from ..kernels import int8_gemv_cpu
 from ..policy import (ATTENTION_SLOTS, DENSE_SLOTS, FLOAT32_SLOTS, LINEAR_SLOTS, SHARED_BLOCK_SLOTS, SPARSE_SLOTS,
-                      wave_shapes, wave_slots)
+                      features_shapes, wave_shapes, wave_slots)
 from ..read import check_safetensors
 from .comm import SingleComm, init_distributed
 from .model import FusedModel
@@ -82,6 +82,7 @@ def check_layout(m: dict, rank: int):
             "head_dense.weight": (h, h), "head_dense.bias": (h,), "loop_init": (h,),
             "audio_conv1.weight": (h, sp["audio_mels"], 3), "audio_conv1.bias": (h,),
             "audio_conv2.weight": (h, h, 3), "audio_conv2.bias": (h,), **wave_shapes(sp.get("wave"), h),
+            **features_shapes(sp.get("features"), h),
             "conformer_rope.inv_freq": (hd // 2,)}
     au = sp.get("altup")                 # Gemma 3n: AltUp's projections of the copies, replicated
     if au:
@@ -183,7 +184,9 @@ def check_layout(m: dict, rank: int):
                       "macaron_out.bias": (h,), "conv_in.weight": (2 * c, h),
                       "conv_dw.weight": (c, cf["depthwise_kernel"]),
                       **{f"conv_bn.{n}": (c,) for n in ("weight", "bias", "mean", "var")}, "conv_bn.count": (),
-                      "conv_out.weight": (h, c), "rel_pos.weight": (c, h), "rel_pos.u": (hpr, hd),
+                      "conv_out.weight": (h, c), "conv_dw_norm.weight": (c,), "conv_dw_norm.bias": (c,),
+                      "rel_dist.weight": (cf.get("max_left", 0) + cf.get("max_right", 0) + 1, hd),
+                      "rel_pos.weight": (c, h), "rel_pos.u": (hpr, hd),
                       "rel_pos.v": (hpr, hd),
                       **{f"{n}.{p}": (h,) for n in ("macaron_norm", "conv_norm", "block_norm")
                          for p in ("weight", "bias")}})
@@ -316,6 +319,7 @@ def check_layout(m: dict, rank: int):
     front = {f"audio_conv{j}.{p}" for j in (1, 2) for p in ("weight", "bias")} if sp["audio_mels"] else \
         set(wave_slots(wave)) - ({"pos_conv.g", "pos_conv.v", "pos_conv.bias"} if wave.get("pos_conv") is False
                                  else set()) if wave else \
+        set(features_shapes(sp["features"], h)) if sp.get("features") else \
         {"embed.weight"} if not sp["embed_from"] else set()       # Whisper's, Wav2Vec2's convs in place of a table
     need = front | {s for s in sp["slots"] if not s.startswith("layers.")}
     need |= {s for s, on in [("lm_head.weight", sp["kind"] == "decoder" and not sp["tied_embeddings"]

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from ..errors import FmError
 from ..manifest import TABLE_POSITIONS, block_owners, is_global_layer, latent_at, loop_owners
-from ..policy import SHARED_BLOCK_SLOTS, frames_of, samples_for
+from ..policy import SHARED_BLOCK_SLOTS, audio_front, frames_of, samples_for
 from .comm import SingleComm
 from .ops import Int8Weight, TorchOps, _explicit_attention, activate, rope_tables
 
@@ -1195,7 +1195,8 @@ class Block(nn.Module):
     def _conformer(self, x, key_padding_mask):
         """Wav2Vec2-Conformer's block on the stream x [B, T, hidden]: half of a feed-forward, self-attention, the
         convolution module and half of the second feed-forward, each added in turn, then the block's LayerNorm. Its
-        own LayerNorms take conformer.norm_eps, not the model's."""
+        own LayerNorms take conformer.norm_eps (Wav2Vec2-BERT's: the model's eps). key_padding_mask [B, T]: the real
+        frames (None: all)."""
         m, t, eps = self.m, self.t, self.conformer["norm_eps"]
 
         def norm(y, name):
@@ -1203,14 +1204,16 @@ class Block(nn.Module):
         h = m.ops.linear(norm(x, "macaron_norm"), t["macaron_in.weight"], t["macaron_in.bias"], self.activation)
         x = m.comm.all_reduce(m.ops.linear(h, t["macaron_out.weight"], t.get("macaron_out.bias"))) * 0.5 + x
         x = m.comm.all_reduce(self._conformer_attention(norm(x, "attn_norm"), key_padding_mask)) + x
-        x = x + m.comm.all_reduce(self._conformer_conv(norm(x, "conv_norm")))
+        x = x + m.comm.all_reduce(self._conformer_conv(norm(x, "conv_norm"), key_padding_mask))
         x = m.comm.all_reduce(self.mlp(norm(x, "mlp_norm"))) * 0.5 + x
         return norm(x, "block_norm")
 
     def _conformer_attention(self, h, key_padding_mask):
         """This rank's heads of self-attention over the normed stream h [B, T, hidden] -> its partial output. Rotary:
         h itself is rotated per head-sized chunk (half-split) before q and k read it; v reads it as it is. Relative
-        (Transformer-XL): q + u scores the keys, q + v the projected sinusoid of each key's offset, both scaled."""
+        (Transformer-XL): q + u scores the keys, q + v the projected sinusoid of each key's offset, both scaled.
+        relative_key (Shaw): q also scores rel_dist's row [head_dim] of each key's offset j - i, clamped, scaled
+        alike; every head reads the one table."""
         m, t = self.m, self.t
         B, T, _ = h.shape
         H, hd, pos = self.heads, self.head_dim, self.conformer["position"]
@@ -1231,22 +1234,45 @@ class Block(nn.Module):
             # the skew: query i, key j reads the offset i - j
             bias = scores.gather(-1, index.expand(B, H, T, T)) * m.scale
             q = q + t["rel_pos.u"].unsqueeze(1)
+        elif pos == "relative_key":
+            index = m.conformer_pos                 # [T, T]: query i, key j's row of rel_dist
+            scores = q @ t["rel_dist.weight"].t()                                         # (B, H, T, rows)
+            bias = scores.gather(-1, index.expand(B, H, T, T)) * m.scale
         o = m.ops.attention(q, k, v, m.scale, False, None, key_padding_mask, bias=bias)
         return m.ops.linear(o.transpose(1, 2).reshape(B, T, -1), t["attn_out.weight"], t.get("attn_out.bias"))
 
-    def _conformer_conv(self, h):
+    def _conformer_conv(self, h, key_padding_mask=None):
         """The convolution module over the normed stream h [B, T, hidden] -> this rank's partial sum: the GLU of
-        the first pointwise conv (this rank's channels), the depthwise conv over time ('same' padding; padded frames
-        are read as they stand, as transformers reads them), BatchNorm from its running statistics, the activation,
-        then the second pointwise conv (row-parallel)."""
-        m, t = self.m, self.t
+        the first pointwise conv (this rank's channels), the depthwise conv over time, BatchNorm from its running
+        statistics, the activation, then the second pointwise conv (row-parallel). Wav2Vec2-Conformer: 'same'
+        padding, and padded frames read as they stand, as transformers reads them. Wav2Vec2-BERT (causal): padded
+        frames (key_padding_mask False) zeroed first, taps - 1 frames of left padding, and a LayerNorm over all
+        channels (conv_dw_norm) in place of BatchNorm."""
+        m, t, cf = self.m, self.t, self.conformer
+        causal = cf.get("causal", False)
+        if causal and key_padding_mask is not None:
+            h = h * key_padding_mask.unsqueeze(-1).to(h.dtype)
         a, gate = m.ops.linear(h, t["conv_in.weight"]).chunk(2, -1)
         w = t["conv_dw.weight"]                                                           # [channels, taps]
-        y = F.conv1d((a * torch.sigmoid(gate)).transpose(1, 2), w.unsqueeze(1), padding=w.shape[1] // 2,
-                     groups=w.shape[0])
-        y = F.batch_norm(y, t["conv_bn.mean"], t["conv_bn.var"], t["conv_bn.weight"], t["conv_bn.bias"], False, 0.0,
-                         self.conformer["norm_eps"])
-        return m.ops.linear(activate(y.transpose(1, 2), self.activation), t["conv_out.weight"])
+        y = (a * torch.sigmoid(gate)).transpose(1, 2)                                    # (B, channels, T)
+        y = F.conv1d(F.pad(y, (w.shape[1] - 1, 0)) if causal else y, w.unsqueeze(1),
+                     padding=0 if causal else w.shape[1] // 2, groups=w.shape[0]).transpose(1, 2)
+        if cf.get("conv_norm") == "layer":
+            y = self._channel_norm(y, t["conv_dw_norm.weight"], t["conv_dw_norm.bias"], cf["norm_eps"])
+        else:
+            y = F.batch_norm(y.transpose(1, 2), t["conv_bn.mean"], t["conv_bn.var"], t["conv_bn.weight"],
+                             t["conv_bn.bias"], False, 0.0, cf["norm_eps"]).transpose(1, 2)
+        return m.ops.linear(activate(y, self.activation), t["conv_out.weight"])
+
+    def _channel_norm(self, y, weight, bias, eps):
+        """A LayerNorm over every channel of y [B, T, channels], of which this rank holds its share (weight and
+        bias its channels'): the others' gathered for the statistics, then this rank's normed."""
+        m = self.m
+        if m.tp == 1:
+            return F.layer_norm(y, y.shape[-1:], weight, bias, eps)
+        c = y.shape[-1]
+        full = F.layer_norm(m.comm.all_gather(y.contiguous(), -1), (c * m.tp,), eps=eps)
+        return full[..., m.rank * c:(m.rank + 1) * c] * weight + bias
 
     def cross_attention(self, h):
         """An encoder-decoder's cross-attention: this rank's q heads of h (B, T, hidden) over the source's keys and
@@ -2354,6 +2380,11 @@ class FusedModel(nn.Module):
         x = F.gelu(F.conv1d(x, g["audio_conv2.weight"], g["audio_conv2.bias"], stride=2, padding=1))
         return x.transpose(1, 2)                                        # (B, S, hidden)
 
+    def clip_frames(self, samples):
+        """A speech encoder's frames of a clip of this many 16 kHz samples (an int or a tensor of counts): what its
+        conv stack, or its feature extractor, makes of them (policy.audio_front)."""
+        return frames_of(audio_front(self.spec), samples)
+
     def frame_mask(self, sample_mask):
         """Wav2Vec2: which frames of the conv stack's output are real, from which samples are [B, samples] (a row's
         first n samples make its first frames_of(n) frames); None stays None."""
@@ -2416,11 +2447,25 @@ class FusedModel(nn.Module):
             pos = activate(pos, w["act"])
         return x + pos.transpose(1, 2)
 
+    def feature_front(self, features, frame_mask=None):
+        """Wav2Vec2-BERT: feature rows [B, T, dim] (SeamlessM4TFeatureExtractor's) -> [B, T, hidden]: LayerNormed
+        at the model's eps, projected, padded frames zeroed. frame_mask [B, T] is the extractor's attention mask,
+        the real frames as they are; it sets self.frames (None without one)."""
+        sp, g, dim = self.spec, self.g, self.spec["features"]["dim"]
+        if features.dim() != 3 or features.shape[-1] != dim or not features.is_floating_point():
+            raise ValueError(f"{sp['architecture']} takes feature rows [batch, frames, {dim}] as floats, got "
+                             f"{list(features.shape)} {features.dtype}")
+        x = F.layer_norm(features.to(self.dtype), (dim,), g["feat_norm.weight"], g["feat_norm.bias"], self.eps)
+        x = F.linear(x, g["feat_proj.weight"], g["feat_proj.bias"])
+        self.frames = None if frame_mask is None else frame_mask.bool()
+        return x if self.frames is None else x * self.frames.unsqueeze(-1).to(x.dtype)
+
     def _conformer_positions(self, T: int, device):
         """Wav2Vec2-Conformer's position tables for T frames, made in float32 as transformers makes them: rotary's
         (cos, sin), each [T, 1, head_dim] (the half-split angles twice); relative's sinusoid of every offset from
         T - 1 down to 1 - T (a key to the left is positive) [2T - 1, hidden], interleaved sin|cos, with the index
-        [T, T] of query i and key j's row, T - 1 - i + j; None without positions."""
+        [T, T] of query i and key j's row, T - 1 - i + j; relative_key's index [T, T] of query i and key j's row
+        of rel_dist, j - i clamped to [-max_left, max_right], plus max_left; None without positions."""
         cf, h, hd = self.spec["conformer"], self.spec["hidden_size"], self.head_dim
         if cf["position"] == "rotary":      # the checkpoint's frequencies where it keeps them
             inv = self.g.get("conformer_rope.inv_freq")
@@ -2435,17 +2480,20 @@ class FusedModel(nn.Module):
             table = torch.stack([angle.sin(), angle.cos()], -1).view(2 * T - 1, h).to(self.dtype)
             i = torch.arange(T, device=device)
             return table, (T - 1 - i[:, None] + i[None, :])
+        if cf["position"] == "relative_key":
+            i = torch.arange(T, device=device)
+            return (i[None, :] - i[:, None]).clamp(-cf["max_left"], cf["max_right"]) + cf["max_left"]
         return None
 
     def min_samples(self) -> int:
-        """The shortest waveform the conv stack makes a frame of."""
-        return samples_for(self.spec["wave"])
+        """The shortest waveform the conv stack (or the feature extractor) makes a frame of."""
+        return samples_for(audio_front(self.spec))
 
     def embed(self, ids, positions, token_type_ids, sample_mask=None):
         g, sp = self.g, self.spec
         self.token_ids = ids
         x = self.audio_front(ids) if sp["audio_mels"] else self.wave_front(ids, sample_mask) if sp.get("wave") else \
-            self._lookup(g["embed.weight"], ids)
+            self.feature_front(ids, sample_mask) if sp.get("features") else self._lookup(g["embed.weight"], ids)
         if self.embed_scale is not None:
             x = x * self.embed_scale
         if "input_gain" in g:      # ZAYA: (e + shift) * gain, before the fp32 stream
@@ -2666,14 +2714,15 @@ class FusedModel(nn.Module):
     @torch.inference_mode()
     def hidden(self, ids, cache=None, attention_mask=None, token_type_ids=None, output_hidden_states=False):
         self._begin_forward()
-        wave = self.spec.get("wave")
-        # Whisper reads mels (its positions fixed), Wav2Vec2 samples (a frame every few hundred), the rest token ids
+        wave, speech = self.spec.get("wave"), audio_front(self.spec)
+        # Whisper reads mels (its positions fixed), Wav2Vec2 samples (a frame every few hundred), Wav2Vec2-BERT
+        # feature rows (a frame each), the rest token ids
         B, T = (ids.shape[0], self.spec["max_positions"]) if self.spec["audio_mels"] else \
-            (ids.shape[0], int(frames_of(wave, ids.shape[1]))) if wave else ids.shape
+            (ids.shape[0], int(frames_of(wave, ids.shape[1]))) if wave else ids.shape[:2]
         start = cache.length if cache is not None else 0
         positions = torch.arange(start, start + T, device=ids.device).unsqueeze(0).expand(B, T)
-        x, residual = self.embed(ids, positions, token_type_ids, attention_mask if wave else None), None
-        if wave:        # the mask was the samples'; the layers mask frames
+        x, residual = self.embed(ids, positions, token_type_ids, attention_mask if speech else None), None
+        if speech:      # the mask was the samples' (or the feature rows'); the layers mask frames
             attention_mask = self.frames
         if self.spec.get("conformer"):
             self.conformer_pos = self._conformer_positions(T, x.device)

@@ -1,0 +1,220 @@
+"""Wav2Vec2-BERT (configs/wav2vec2_bert.toml) against transformers on tiny random models, with relative_key (Shaw),
+rotary, Transformer-XL relative and no positions: every layer's states and the CTC logits of a padded batch of
+SeamlessM4TFeatureExtractor's features at tp 1 and 2 and in int8; `fmconvert transcribe` as the ASR pipeline reads;
+a clip classifier; `fmconvert verify` passing, and failing on a changed tensor; every source tensor back from
+`reassemble`; unsupported configs refused in one line."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import tiny
+from fmconvert.errors import FmError
+from fmconvert.pipeline import Options, convert
+from fmconvert.reassemble import reassemble
+from fmconvert.runtime.classify import head_logits
+from fmconvert.verify import verify
+from test_wav2vec2 import VOCAB, heads_on_ranks, tokenizer, waves, write_wav
+
+# relative_key's clamp well inside the clips' 11-19 frames, and an eps the blocks' LayerNorms must take too
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+             vocab_size=len(VOCAB), pad_token_id=0, conv_depthwise_kernel_size=5, layer_norm_eps=1e-3,
+             left_max_position_embeddings=4, right_max_position_embeddings=2)
+LENGTHS = (6400, 4000)       # 19 and 11 frames
+
+
+def build(position="relative_key", model="Wav2Vec2BertForCTC", seed=0, **overrides):
+    """transformers' model with every parameter (norms, biases, distance embeddings, pos_bias_u/v) moved off its
+    init, so a misplaced or unused one shows."""
+    import transformers
+    torch.manual_seed(seed)
+    config = transformers.Wav2Vec2BertConfig(**{**SMALL, "position_embeddings_type": position, **overrides})
+    m = getattr(transformers, model)(config).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+        if hasattr(m, "lm_head"):
+            m.lm_head.weight.mul_(5)      # decisive characters, so argmax ties do not decide a test
+    return m
+
+
+def extractor():
+    from transformers import SeamlessM4TFeatureExtractor
+    return SeamlessM4TFeatureExtractor()
+
+
+def save(path, hf):
+    path.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(path)
+    tokenizer(path).save_pretrained(path)
+    extractor().save_pretrained(path)
+    return path
+
+
+def features(lengths=LENGTHS, seed=3):
+    """The clips through the feature extractor: rows [B, frames, 160] and the frame mask [B, frames]."""
+    x, _ = waves(lengths, seed)
+    out = extractor()([x[b, :n].numpy() for b, n in enumerate(lengths)], sampling_rate=16000, return_tensors="pt")
+    return out.input_features, out.attention_mask
+
+
+@pytest.mark.parametrize("position,tp", [("relative_key", 1), ("relative_key", 2), ("rotary", 2), ("relative", 2),
+                                         (None, 1)])
+def test_matches_transformers(tmp_path, position, tp):
+    """Every layer's states, the last hidden state and the CTC logits of a padded batch with its mask, on every
+    rank, over every frame (padded ones too); the frame mask is the extractor's. A shorter clip's real frames are
+    what it gives alone: the causal conv modules read no padding."""
+    hf = build(position)
+    out = tmp_path / "out"
+    convert(save(tmp_path / "src", hf), out, Options(tp=tp), progress=False)
+    x, mask = features()
+    with torch.no_grad():
+        want = hf(x, attention_mask=mask, output_hidden_states=True)
+        base = hf.wav2vec2_bert(x, attention_mask=mask, output_hidden_states=True)
+    n = int(mask[1].sum())
+    assert not mask.all()
+
+    def run(m):
+        h, states = m.hidden(x, attention_mask=mask, output_hidden_states=True)
+        alone = m.hidden(x[1:, :n], attention_mask=mask[1:, :n])
+        return h, states, head_logits(m, h, None, m.frames), alone
+    for h, states, logits, alone in tiny.on_ranks(out, tp, run):
+        assert tiny.rel(h, base.last_hidden_state) < 1e-5
+        assert tiny.rel(alone[0], h[1, :n]) < 1e-5
+        # transformers: the first block's input, then each block's output (no closing LayerNorm)
+        assert len(states) == len(base.hidden_states) == 3
+        assert all(tiny.rel(a, b) < 1e-5 for a, b in zip(states, base.hidden_states))
+        assert tiny.rel(logits, want.logits) < 1e-5
+
+
+def test_int8_stays_close(tmp_path):
+    """int8 (every linear of the block, the conv module's pointwise convs included) at tp 2, against the float
+    model; its frames' characters mostly agree."""
+    hf = build(seed=1)
+    out = tmp_path / "out"
+    convert(save(tmp_path / "src", hf), out, Options(tp=2, int8=True, group_size=16), progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    int8 = {k.split(".", 2)[2] for k, t in m["ranks"][1]["tensors"].items() if t["dtype"] == "int8"}
+    assert {"macaron_in.weight", "macaron_out.weight", "conv_in.weight", "conv_out.weight", "qkv.weight"} <= int8
+    x, mask = features(seed=4)
+    with torch.no_grad():
+        want = hf(x, attention_mask=mask).logits
+    for logits in tiny.on_ranks(out, 2, lambda mm: head_logits(mm, *mm(x, attention_mask=mask), mm.frames)):
+        assert tiny.rel(logits, want) < 0.05
+        assert (logits.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
+def test_cli_transcribe_as_the_asr_pipeline(tmp_path):
+    """`fmconvert transcribe` of files of three lengths, batched together, reads what transformers' pipeline
+    reads of each alone, and a long one in strided chunks as the pipeline chunks it; `inspect` names the front
+    end."""
+    from click.testing import CliRunner
+    from transformers import pipeline
+
+    from fmconvert.cli import cli
+    from fmconvert.runtime.audio import load_audio
+    hf = build(seed=2)
+    src = save(tmp_path / "src", hf)
+    out = tmp_path / "out"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["convert", str(src), str(out), "-q"]).exit_code == 0
+    lengths = (6400, 9000, 4000, 6400)
+    x, _ = waves(lengths, seed=7)
+    files = [write_wav(tmp_path / f"{i}.wav", x[i, :n]) for i, n in enumerate(lengths)]
+    asr = pipeline("automatic-speech-recognition", model=hf, tokenizer=tokenizer(tmp_path),
+                   feature_extractor=extractor())
+    want = [asr(load_audio(f, 16000).numpy())["text"] for f in files]
+    assert len(set(want)) > 2 and all(want)
+    r = runner.invoke(cli, ["transcribe", str(out), *map(str, files)])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines() == [f"{f}\t{w}" for f, w in zip(files, want)]
+    # a long file in chunks with strides, as the pipeline's chunk_length_s reads it
+    x, _ = waves((15000,), seed=9)
+    long = write_wav(tmp_path / "long.wav", x[0])
+    want = asr(load_audio(long, 16000).numpy(), chunk_length_s=0.5, stride_length_s=0.1)["text"]
+    r = runner.invoke(cli, ["transcribe", str(out), str(long), "--chunk-length", "0.5", "--stride-length", "0.1"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == want and want
+    r = runner.invoke(cli, ["inspect", str(out)], env={"COLUMNS": "250"})
+    assert "160-wide feature rows" in r.output, r.output
+
+
+def test_clip_classifier_matches_transformers(tmp_path):
+    """A clip's labels (every layer's states weighted by softmax(layer_weights), the real frames' mean) at tp 2."""
+    hf = build(model="Wav2Vec2BertForSequenceClassification", num_labels=3, classifier_proj_size=8,
+               use_weighted_layer_sum=True)
+    with torch.no_grad():
+        hf.layer_weights.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    out = tmp_path / "out"
+    convert(save(tmp_path / "src", hf), out, Options(tp=2), progress=False)
+    x, mask = features()
+    with torch.no_grad():
+        want = hf(x, attention_mask=mask).logits
+    for logits in heads_on_ranks(out, 2, x, mask):
+        assert tiny.rel(logits, want) < 1e-5
+
+
+def test_reassembles_every_source_tensor(tmp_path):
+    """tp 2: every tensor of the source back bit for bit (masked_spec_embed aside, which the table ignores): the
+    distance embeddings, the depthwise LayerNorms split by channel, relative attention's biases."""
+    for position in ("relative_key", "relative"):
+        src = save(tmp_path / f"src_{position}", build(position, mask_time_prob=0.05))
+        out = tmp_path / f"out_{position}"
+        convert(src, out, Options(tp=2), progress=False)
+        got, want = reassemble(out)[1], load_file(src / "model.safetensors")
+        want = {k: v for k, v in want.items() if not k.endswith("masked_spec_embed")}
+        assert sorted(got) == sorted(want)
+        assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+        names = " ".join(want)
+        assert "depthwise_layer_norm" in names
+        assert ("distance_embedding" in names) == (position == "relative_key")
+
+
+def test_verify_passes_and_a_changed_tensor_fails(tmp_path):
+    """`fmconvert verify` passes a clean conversion (tp 2 emulated, int8 too), each layer compared; one rank's
+    slice of a depthwise LayerNorm's weight changed (hashes fixed) fails it, named."""
+    src = save(tmp_path / "src", build(seed=3))
+    for int8 in (False, True):
+        out = tmp_path / f"out{int8}"
+        convert(src, out, Options(tp=2, int8=int8), progress=False)
+        r = verify(src, out)
+        assert r["passed"], r["failures"]
+        e = r["end_to_end"]
+        assert [x["name"] for x in e["layers"]] == ["embeddings", "layer 0", "layer 1"]
+        assert e["rel_rms"] < (0.04 if int8 else 1e-5) and e["classifier"]["name"] == "CTC"
+    mpath = out.parent / "outFalse" / "manifest.json"
+    m = json.loads(mpath.read_text())
+    (f,) = m["ranks"][1]["files"]
+    path = mpath.parent / f["path"]
+    tensors = load_file(path)
+    tensors["layers.1.conv_dw_norm.weight"] = tensors["layers.1.conv_dw_norm.weight"] * 3
+    save_file(tensors, path, metadata={"format": "pt"})
+    blob = path.read_bytes()
+    f.update(size=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+    mpath.write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+    r = verify(src, mpath.parent)
+    assert not r["passed"] and r["integrity"]["passed"]
+    assert "\n".join(r["tensors"]["failures"]).startswith("layers.1.conv_dw_norm.weight")
+    assert not r["end_to_end"]["passed"]
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(add_adapter=True), r"this config uses a variant fmconvert does not support \(add_adapter\)"),
+    (dict(position_embeddings_type="alibi"), "position_embeddings_type"),     # transformers' own refusal
+])
+def test_unsupported_configs_are_refused_in_one_line(tmp_path, overrides, match):
+    import transformers
+    src = tmp_path / "src"
+    src.mkdir()
+    config = transformers.Wav2Vec2BertConfig(**SMALL)
+    (src / "config.json").write_text(json.dumps({**config.to_dict(), "architectures": ["Wav2Vec2BertForCTC"],
+                                                 **overrides}))
+    save_file({"x": torch.zeros(1)}, src / "model.safetensors")
+    with pytest.raises(FmError, match=match) as err:
+        convert(src, tmp_path / "out", Options(), progress=False)
+    assert "\n" not in str(err.value)
