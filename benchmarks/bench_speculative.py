@@ -1,5 +1,6 @@
-"""Speculative decoding on CPU: a float32 model drafted by its own int8 conversion (runtime/speculative.py), against
-the model decoding alone and the int8 conversion alone, greedy, in one process, alternated run by run.
+"""Speculative decoding on CPU: a float32 model drafted by its own int8 conversion (runtime/speculative.py), and by
+prompt lookup (no draft), against the model decoding alone and the int8 conversion alone, greedy, in one process,
+alternated run by run.
 
     python benchmarks/bench_speculative.py [--runs 3] [--tokens 64] [--k 2,4,6] [--smoke]
 
@@ -62,7 +63,7 @@ def bench(base: Path, label: str, tokens: int, ks: list[int], runs: int, prompt:
     q = load(base.with_name(base.name + "-int8"), check_hashes=False)
     warm_up(q)
     want, _ = generate(fp, prompt, tokens)
-    r = {"model": label, "tokens": tokens, "prompt": prompt.shape[1], "alone_s": [], "int8_s": [],
+    r = {"model": label, "tokens": tokens, "prompt": prompt.shape[1], "alone_s": [], "int8_s": [], "lookup_s": [],
          **{f"k{k}_s": [] for k in ks}}
     same, rate, per = {}, {}, {}
     for _ in range(runs):
@@ -72,6 +73,11 @@ def bench(base: Path, label: str, tokens: int, ks: list[int], runs: int, prompt:
         t0 = time.perf_counter()
         generate(q, prompt, tokens)
         r["int8_s"].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        got, st = speculative_generate(fp, None, prompt, tokens, k=4)      # prompt lookup: no draft
+        r["lookup_s"].append(time.perf_counter() - t0)
+        same["lookup"] = got.tolist() == want.tolist()
+        rate["lookup"], per["lookup"] = st.accepted / max(st.drafted, 1), st.new_tokens / st.target_steps
         for k in ks:
             t0 = time.perf_counter()
             got, st = speculative_generate(fp, q, prompt, tokens, k=k)
@@ -98,6 +104,8 @@ def bench(base: Path, label: str, tokens: int, ks: list[int], runs: int, prompt:
           f"{tokens / median(r['int8_s']):.1f} tok/s; " +
           "; ".join(f"k={k}: {tokens / median(r[f'k{k}_s']):.1f} tok/s ({alone / median(r[f'k{k}_s']):.2f}x), "
                     f"{100 * rate[k]:.0f}% kept, {per[k]:.2f} tokens a forward, same tokens {same[k]}" for k in ks) +
+          f"; prompt lookup (k=4): {tokens / median(r['lookup_s']):.1f} tok/s "
+          f"({alone / median(r['lookup_s']):.2f}x), {per['lookup']:.2f} tokens a forward, same tokens {same['lookup']}"
           "; forward of n positions: " + ", ".join(f"{n}: {1e3 * s:.1f} ms" for n, s in cost.items()),
           file=sys.stderr)
     return out
