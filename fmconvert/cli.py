@@ -1121,8 +1121,9 @@ def runtime_options(f):
               help="With --draft: tokens the draft proposes a step.")
 @click.option("--prompt-lookup", default=None, type=click.IntRange(1, 64),
               help="Speculative decoding without a draft (transformers' prompt_lookup_num_tokens): propose up to this "
-                   "many tokens that followed the text's last two tokens where they occurred before; pays where the "
-                   "output copies its input (summaries, edits, answers quoting a document); the same tokens.")
+                   "many tokens that followed the text's last two tokens where they occurred before (an "
+                   "encoder-decoder's source included); pays where the output copies its input (summaries, edits, "
+                   "answers quoting a document); the same tokens.")
 @runtime_options
 def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperature, top_k, top_p, seed, chat, system,
              src_lang, tgt_lang, num_beams, length_penalty, early_stopping, repetition_penalty, no_repeat_ngram,
@@ -1225,10 +1226,9 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
             shown.finish(st.tokens)         # the best hypothesis, once the search ends
         elif speculating:
             from .runtime.speculative import speculative_generate
-            if kw["forced_bos"] is not None or kw["forced_eos"] is not None:
-                raise FmError("this model forces its first or last token: decode it without speculation")
             _, st = speculative_generate(model, drafter, ids, max_new_tokens, prompt_lookup or speculate, temperature,
-                                         top_p, top_k, seed, stops, lambda t: shown.add(t[0]), kw["processors"])
+                                         top_p, top_k, seed, stops, lambda t: shown.add(t[0]), kw["processors"],
+                                         forced_bos=kw["forced_bos"], forced_eos=kw["forced_eos"])
             shown.finish()
         else:
             _, st = gen(model, ids, max_new_tokens, temperature, top_p, seed, stops, lambda t: shown.add(t[0]),

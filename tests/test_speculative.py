@@ -168,3 +168,25 @@ def test_prompt_lookup(dirs, stories, capsys):
     code, out, err = run_main(capsys, "generate", stories / "fp", "-p", "Once", "--prompt-lookup", "4", "--draft",
                               stories / "q")
     assert code != 0 and "give one" in err and not out
+
+
+@pytest.mark.parametrize("name", ["bart", "t5"])
+def test_prompt_lookup_on_an_encoder_decoder(tmp_path, name):
+    """An encoder-decoder looks up its source and its output: greedy keeps generate()'s tokens, with BART's forced
+    first and last tokens; a source the model copies from lets proposals stand. A draft model is refused."""
+    from test_seq2seq import build
+    hf = build(name)
+    hf.save_pretrained(tmp_path / "src")
+    convert(tmp_path / "src", tmp_path / "out", Options(), progress=False)
+    m = load(tmp_path / "out")
+    ids = tiny.ids(12, 5, B=1).remainder(90) + 3
+    plain, _ = generate(m, ids, 24)
+    ids = torch.cat([ids, plain[:, 1:13]], 1)     # a source holding what the model says: proposals to find
+    eos = hf.config.eos_token_id
+    for kw in (dict(), dict(forced_bos=5, forced_eos=eos)):
+        want, _ = generate(m, ids, 24, eos_token_id=eos, **kw)
+        got, st = speculative_generate(m, None, ids, 24, k=4, eos_token_id=eos, **kw)
+        assert got.tolist() == want.tolist(), kw
+    assert st.accepted > 0
+    with pytest.raises(FmError, match="takes prompt lookup"):
+        speculative_generate(m, m, ids, 8)

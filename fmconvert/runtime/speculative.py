@@ -30,9 +30,12 @@ def caches(model, draft, max_len: int) -> tuple:
         if m is None:
             out.append(None)
             continue
-        if m.spec["kind"] != "decoder" or m.spec["headless"] or m.spec.get("encoder"):
-            raise FmError(f"speculative decoding needs two decoders with their language-model heads; {name} is "
+        if m.spec["kind"] != "decoder" or m.spec["headless"]:
+            raise FmError(f"speculative decoding needs decoders with their language-model heads; {name} is "
                           f"{m.spec['architecture']}")
+        if m.spec.get("encoder") and draft is not None:
+            raise FmError(f"{m.spec['architecture']} is an encoder-decoder: it takes prompt lookup (over its source "
+                          f"and its output), not a draft model")
         c = m.new_cache(1, max_len)
         if any(c.ring) or any(x is not None for x in c.conv) or any(x is not None for x in c.state) or \
                 any(x is not None for x in c.index_k) or m.spec.get("loop"):
@@ -79,29 +82,40 @@ def accept(p: torch.Tensor, q: torch.Tensor | None, token: int, gen: torch.Gener
 def speculative_generate(model, draft, input_ids: torch.Tensor, max_new_tokens: int = 64, k: int = 4,
                          temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
                          eos_token_id=None, on_token=None, processors: Processors | None = None,
-                         ngram: int = 2) -> tuple[torch.Tensor, GenStats]:
+                         ngram: int = 2, forced_bos: int | None = None,
+                         forced_eos=None) -> tuple[torch.Tensor, GenStats]:
     """input_ids [1, T] -> [1, T + new], as generate() decodes with the target (greedy: its tokens exactly;
     sampled: its distribution), the draft proposing up to k tokens at a time: a draft model, or None for prompt
     lookup (the k tokens after the earliest earlier occurrence of the text's last `ngram` tokens; none where it
     has not occurred, and the step is a plain one). on_token(ids [1]) is called for each new token.
-    stats.drafted and stats.accepted count the proposals and those the target kept."""
+    stats.drafted and stats.accepted count the proposals and those the target kept. An encoder-decoder (prompt
+    lookup only) reads input_ids as its source, looked up with its output, and returns its decoder's tokens
+    [1, 1 + new] from the start token on, as generate() does; forced_bos and forced_eos as generate()'s."""
     if input_ids.shape[0] != 1:
         raise FmError("speculative decoding reads one prompt at a time")
     if k < 1:
         raise FmError("speculative decoding drafts at least one token a step")
     B, T = input_ids.shape
-    positions_left(model, T, max_new_tokens)
+    encoder = bool(model.spec.get("encoder"))
+    positions_left(model, T, max_new_tokens, 1)
     if draft is not None:
         positions_left(draft, T, max_new_tokens)
         warm_up(draft)
     warm_up(model)
-    procs = replace(with_forced(processors, None, None, eos_token_id), prompt=T, max_length=T + max_new_tokens)
     eos = set(stop_tokens(eos_token_id))
     gen = torch.Generator().manual_seed(seed)
     dev = model.device
-    tc, dc = caches(model, draft, T + max_new_tokens + 1)
-    seq = input_ids[0].tolist()
+    source = input_ids[0].tolist() if encoder else []       # what prompt lookup reads before the output
     stats = GenStats(prompt_tokens=T)
+    t0 = time.perf_counter()
+    if encoder:         # the source once through the encoder; the decoder starts from its start token
+        model.attach(model.source_encoder.hidden(input_ids.to(dev)), None)
+        input_ids = torch.tensor([[model.spec["decoder_start_token_id"]]])
+    P = input_ids.shape[1]
+    procs = replace(with_forced(processors, forced_bos, forced_eos, eos_token_id), prompt=P,
+                    max_length=P + max_new_tokens)
+    tc, dc = caches(model, draft, P + max_new_tokens + 1)
+    seq = input_ids[0].tolist()
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def scores(logits, ctx):
@@ -120,7 +134,6 @@ def speculative_generate(model, draft, input_ids: torch.Tensor, max_new_tokens: 
         t = torch.tensor(tokens + [-1] * (k + 1 - len(tokens)), dtype=torch.long, device=dev)
         return [x for x in model.comm.broadcast(t, 0).tolist() if x >= 0]
 
-    t0 = time.perf_counter()
     new = shared([choose(scores(model(input_ids.to(dev), tc)[0, -1], seq))])
     sync()
     stats.prefill_s, t0 = time.perf_counter() - t0, time.perf_counter()
@@ -140,7 +153,7 @@ def speculative_generate(model, draft, input_ids: torch.Tensor, max_new_tokens: 
         n_draft = min(k, max_new_tokens - stats.new_tokens)
         proposals, qs = [], []
         if draft is None:
-            proposals = shared(lookup(seq, ngram, n_draft))
+            proposals = shared(lookup(source + seq, ngram, n_draft))
             n_draft, qs = len(proposals), [None] * len(proposals)
         else:       # catch up on what the draft has not read (its cache holds a prefix of seq), then one at a time
             feed = seq[dc.length:]
@@ -180,5 +193,5 @@ def speculative_generate(model, draft, input_ids: torch.Tensor, max_new_tokens: 
             dc.length = min(dc.length, base + len(new))
     sync()
     stats.decode_s = time.perf_counter() - t0
-    stats.tokens = seq[T:]
+    stats.tokens = seq[P:]
     return torch.tensor([seq], dtype=torch.long), stats
