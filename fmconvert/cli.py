@@ -731,10 +731,11 @@ def _language_token(tok, lang: str, out_dir) -> int:
 
 
 def _generate_lines(model, tok, prompts, batch, new, temperature, top_p, top_k, seed, chat, system, stops, beams,
-                    penalty, stop, kw, out_dir, lead):
+                    penalty, stop, kw, out_dir, lead, speculate=None):
     """generate --file: each prompt's output (a decoder's continuation, an encoder-decoder's text) on a line of its
     own, in order -> the stats of all of them (tokens, and prefill and decode time, summed). An encoder-decoder's
-    sources go `batch` at a time, similar lengths together, right-padded; everything else one prompt at a time."""
+    sources go `batch` at a time, similar lengths together, right-padded; everything else one prompt at a time.
+    speculate: (draft model or None for prompt lookup, tokens a step): speculative decoding, a prompt at a time."""
     import torch
 
     from .runtime.beam import beam_search
@@ -742,6 +743,7 @@ def _generate_lines(model, tok, prompts, batch, new, temperature, top_p, top_k, 
     from .runtime.generate import GenStats, generate as gen
     seq2seq = bool(model.spec.get("encoder"))
     total, outs = GenStats(), [None] * len(prompts)
+    batch = 1 if speculate else batch
     groups = by_length(tok, prompts, batch) if batch > 1 else [[i] for i in range(len(prompts))]
     for group in groups:
         if len(group) > 1:
@@ -753,6 +755,13 @@ def _generate_lines(model, tok, prompts, batch, new, temperature, top_p, top_k, 
             ids, mask = torch.tensor([prompt_ids(tok, prompts[group[0]], chat, system, out_dir)]), None
         if beams > 1:
             out, st = beam_search(model, ids, beams, new, stops, penalty, stop, source_mask=mask, **kw)
+        elif speculate:
+            from .runtime.speculative import speculative_generate
+            out, st = speculative_generate(model, speculate[0], ids, new, speculate[1], temperature, top_p, top_k,
+                                           seed, stops, processors=kw["processors"], forced_bos=kw["forced_bos"],
+                                           forced_eos=kw["forced_eos"])
+            for key in ("drafted", "accepted", "target_steps"):
+                setattr(total, key, getattr(total, key) + getattr(st, key))
         else:
             out, st = gen(model, ids, new, temperature, top_p, seed, stops, source_mask=mask, top_k=top_k, **kw)
         start = 1 if seq2seq else ids.shape[1]
@@ -1196,9 +1205,9 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
     if draft is not None and prompt_lookup:
         raise FmError("--draft and --prompt-lookup are two ways of proposing tokens: give one")
     speculating = draft is not None or prompt_lookup is not None
-    if speculating and (num_beams > 1 or prompt_file is not None):
-        raise FmError(f"{'--draft' if draft is not None else '--prompt-lookup'} decodes greedily or samples, one "
-                      f"--prompt at a time: drop " + ("--num-beams" if num_beams > 1 else "--file"))
+    if speculating and num_beams > 1:
+        raise FmError(f"{'--draft' if draft is not None else '--prompt-lookup'} decodes greedily or samples: drop "
+                      f"--num-beams")
     drafter = _load(draft, device, backend, no_verify_hashes, dtype) if draft is not None else None
     if drafter is not None:
         warm_up(drafter)
@@ -1210,7 +1219,7 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
     if prompt_file is not None:
         st = _generate_lines(model, tok, prompts, batch_size if seq2seq else 1, max_new_tokens,
                              temperature, top_p, top_k, seed, chat, system, stops, num_beams, length_penalty, stop,
-                             kw, out_dir, lead)
+                             kw, out_dir, lead, (drafter, prompt_lookup or speculate) if speculating else None)
     else:
         ids = torch.tensor([prompt_ids(tok, prompt, chat, system, out_dir)], dtype=torch.long)
         if speculating:                 # refused before anything is printed

@@ -150,7 +150,8 @@ def test_cli_generate_with_a_draft(dirs, stories, capsys):
 def test_prompt_lookup(dirs, stories, capsys):
     """Prompt lookup (no draft model): the continuation of the text's last n-gram where it occurred before;
     greedy keeps the target's tokens, on a tiny model and on stories260K, whose story repeats its own phrases
-    (so proposals stand); a text without a repeat proposes nothing. The CLI's --prompt-lookup too."""
+    (so proposals stand); a text without a repeat proposes nothing. The CLI's --prompt-lookup too, and with --file
+    either way of proposing."""
     from fmconvert.runtime.speculative import lookup
     assert lookup([5, 6, 7, 8, 5, 6], 2, 3) == [7, 8, 5] and lookup([5, 6, 7, 8, 9, 6], 2, 2) == [7, 8]
     assert lookup([1, 2, 3], 2, 4) == [] and lookup([4, 4], 2, 3) == [4]
@@ -168,6 +169,13 @@ def test_prompt_lookup(dirs, stories, capsys):
     code, out, err = run_main(capsys, "generate", stories / "fp", "-p", "Once", "--prompt-lookup", "4", "--draft",
                               stories / "q")
     assert code != 0 and "give one" in err and not out
+    lines = stories / "lines.txt"      # --file: a prompt at a time, each line what it is without speculation
+    lines.write_text("Once upon a time\nThe little dog\nTom and Sue went\n")
+    code, alone, err = run_main(capsys, "generate", stories / "fp", "-f", lines, "-n", "30")
+    assert code == 0, err
+    for extra in (["--prompt-lookup", "3"], ["--draft", stories / "q"]):
+        code, out, err = run_main(capsys, "generate", stories / "fp", "-f", lines, "-n", "30", *extra)
+        assert code == 0 and out == alone and len(out.splitlines()) == 3 and "proposed tokens kept" in err, err
 
 
 @pytest.mark.parametrize("name", ["bart", "t5"])
