@@ -345,6 +345,11 @@ def inspect(out_dir, as_json):
         t.add_row("audio in", f"16 kHz audio as {md['features']['dim']}-wide feature rows (SeamlessM4T's fbank), "
                   f"a frame every {ratio(md['features'])} samples, LayerNormed and projected to {md['hidden_size']}; "
                   f"positions from the Conformer blocks' attention ({md['conformer']['position']})")
+        if md.get("adapter"):
+            ad = md["adapter"]
+            t.add_row("adapter", f"{ad['layers']} layer{'s' * (ad['layers'] > 1)} after the blocks, each a strided "
+                      f"conv (kernel {ad['kernel']}, stride {ad['stride']}) then attention and a feed-forward at width "
+                      f"{ad['width']}: a frame every {ratio(audio_front(md))} samples")
     head = md.get("classifier")
     if head:
         steps = ", ".join(f"{s['name']}{'' if s['act'] == 'none' else ' + ' + s['act']}" for s in head["steps"])

@@ -244,6 +244,12 @@ _MODEL_OPTIONAL = {
         and all(isinstance(x[k], list) and 0 < len(x[k]) <= 8 and all(_POS_INT(i) for i in x[k])
                 for k in ("kernel", "stride")) and len(x["kernel"]) == len(x["stride"])),
         "null or the feature rows' {dim, kernel, stride (lists, as long as each other)}"),
+    "adapter": (None, lambda x: x is None or (
+        isinstance(x, dict) and set(x) == {"layers", "kernel", "stride", "act", "width", "ffn"}
+        and all(_POS_INT(x[k]) for k in ("layers", "kernel", "stride", "width")) and x["layers"] <= 64
+        and isinstance(x["act"], str) and type(x["ffn"]) is bool and x["kernel"] >= x["stride"] // 2 * 2),
+        "null or Wav2Vec2-BERT's adapter {layers (at most 64), kernel, stride (kernel at least stride // 2 * 2), "
+        "act, width, ffn (bool)}"),
     "classifier": (None, lambda x: x is None or (
         isinstance(x, dict) and set(x) - {"layer_sum", "tdnn"} == {"pool", "steps"} and x.get("layer_sum", True) is True
         and x["pool"] in ("first", "pooler", "mean", "late", "tokens", "spans", "eos", "xvector")

@@ -225,6 +225,13 @@ GLOBAL_SLOTS = (
     "loop_init",      # HRM-Text: the low-level state's start, [hidden] (z_L_init)
     "input_gain", "input_shift",      # ZAYA: the embeddings enter the stream as (e + shift) * gain
     "conformer_rope.inv_freq",        # Wav2Vec2-Conformer's rotary frequencies, as its checkpoint keeps them
+    # Wav2Vec2-BERT's adapter after the blocks (`{a}` expands over its layers): the feed-forward before it, the
+    # projection to its width, then per layer the strided convs (GLU) of the residual and of attention's input,
+    # attention (q|k|v, no positions) and a feed-forward
+    "adapter_ffn_in.weight", "adapter_ffn_in.bias", "adapter_ffn_out.weight", "adapter_ffn_out.bias",
+    "adapter_proj.weight", "adapter_proj.bias", "adapter_proj_norm.weight", "adapter_proj_norm.bias",
+    *(f"adapter{{a}}.{n}.{p}" for n in ("res_norm", "res_conv", "attn_norm", "attn_conv", "qkv", "attn_out",
+                                        "mlp_norm", "mlp_in", "mlp_out") for p in ("weight", "bias")),
 )
 
 # CodeGen's fused qkv_proj is laid out for this many model-parallel shards (qkv layout mp_blocks).
@@ -378,6 +385,9 @@ class ModelSpec:
     #                                 adds conv_norm "layer" (a LayerNorm after the depthwise conv, not BatchNorm)
     #                                 and causal (left padding only, padded frames zeroed before it), and
     #                                 max_left, max_right}
+    adapter: dict | None = None     # Wav2Vec2-BERT's adapter after the blocks {layers, kernel, stride, act, width
+    #                                 (output_hidden_size; a projection to it and its LayerNorm where it is not
+    #                                 hidden), ffn (a relu feed-forward before it, added at half weight)}
     causal_encoder: bool = False    # CLIP's text encoder: an encoder whose tokens see only those before them
     eos_pool: dict | None = None    # CLIP: {"eos_id"}: the pooled output is the first eos token's state (eos_id -1:
     #                                 the largest id's, as checkpoints with the old eos id 2 do), through text_proj
@@ -994,6 +1004,7 @@ class Policy:
             proj_dim=int(c.get("proj_dim") or 0), audio_mels=int(c.get("audio_mels") or 0),
             wave=self._wave(config, flags), features=self._features(config, flags),
             conformer=self._conformer(config, flags),
+            adapter=self._adapter(config, flags, architecture, c["num_heads"]),
             shared_layers=bool(self._layout("shared_layers", flags, False)),
             eos_pool=self._eos_pool(config) if self.layout.get("pool") == "eos" else None,
             embed_proj=bool(self._layout("embed_proj", flags, False)) and int(c.get("embed_dim") or c["hidden_size"])
@@ -1184,6 +1195,29 @@ class Policy:
                               f"got {lr[0]!r} and {lr[1]!r}")
             out.update(max_left=lr[0], max_right=lr[1])
         return out
+
+    def _adapter(self, config, flags, architecture: str, heads: int) -> dict | None:
+        """Wav2Vec2-BERT's adapter, from the table's `[adapter]` where its flag holds: layers, the convs' kernel
+        and stride, the feed-forward's activation, its width, and whether a feed-forward precedes it."""
+        a = self.table.get("adapter")
+        if a is None or not flags.get("adapter"):
+            return None
+        if not architecture.endswith(("Model", "ForCTC")):
+            # transformers refuses the frame and clip classifiers with it; an x-vector's layer sum would mix the
+            # encoder's frames with the adapter's
+            raise FmError(f"{architecture}: this config uses a variant fmconvert does not support (add_adapter "
+                          f"with a classifier head)")
+        v = {k: _config_value(config, name, f"adapter.{k}", flags) for k, name in a.items()}
+        for k in ("layers", "kernel", "stride", "width"):
+            if type(v[k]) is not int or not 0 < v[k] <= 65536:
+                raise FmError(f"config.json: {a[k]} must be a positive integer, got {v[k]!r}")
+        if v["act"] not in _ACTIVATIONS:
+            raise FmError(f"config.json: {a['act']} {v['act']!r} is not an activation fmconvert knows")
+        if v["width"] % heads or v["kernel"] - 2 * (v["stride"] // 2) < 0:
+            raise FmError(f"config.json: {a['width']} must divide into the attention heads, and "
+                          f"{a['kernel']} be at least {a['stride']} // 2 * 2")
+        return {**{k: v[k] for k in ("layers", "kernel", "stride", "width")}, "act": _ACTIVATIONS[v["act"]],
+                "ffn": bool(v["ffn"])}
 
     def _features(self, config, flags) -> dict | None:
         """Wav2Vec2-BERT's input, from the table's `[features]`: the width of a feature row, and the feature
@@ -2207,20 +2241,22 @@ class Policy:
 
     # -- tensors ----------------------------------------------------------------------------------------------
     def _entries(self, section: dict, flags: dict, dense: bool = False, part: str | None = None,
-                 wave: dict | None = None):
+                 wave: dict | None = None, adapter: dict | None = None):
         """(slot, names, optional, aliases) of a section's entries whose flag holds. dense: a dense layer of a
         model with a mixture, which takes an entry's `dense_name` where it has one (A.X K2's MLP norm). part: the
         layer's part (block_parts), whose `<part>_name` an entry may give (Zamba2's hybrid layers). wave: a
-        Wav2Vec2 front end, over whose conv layers an entry with `{c}` repeats (those it has, `wave_slots`)."""
+        Wav2Vec2 front end, over whose conv layers an entry with `{c}` repeats (those it has, `wave_slots`).
+        adapter: Wav2Vec2-BERT's, over whose layers an entry with `{a}` repeats."""
         have = set(wave_slots(wave)) if wave else set()
         for slot, names, optional, aliases in self._plain_entries(section, flags, dense, part):
-            field = "{c}" if "{c}" in slot else "{p}" if "{p}" in slot else None
+            field = next((f for f in ("{c}", "{p}", "{a}") if f in slot), None)
             if field is None:
                 yield slot, names, optional, aliases
                 continue
-            n = 0 if not wave else len(wave["conv_dim"]) if field == "{c}" else wave.get("pos_layers", 0)
+            n = (adapter or {}).get("layers", 0) if field == "{a}" else 0 if not wave else \
+                len(wave["conv_dim"]) if field == "{c}" else wave.get("pos_layers", 0)
             for c in map(str, range(n)):
-                if slot.replace(field, c) in have:
+                if field == "{a}" or slot.replace(field, c) in have:
                     yield (slot.replace(field, c), [x.replace(field, c) for x in names], optional,
                            [[x.replace(field, c) for x in a] for a in aliases])
 
@@ -2258,6 +2294,7 @@ class Policy:
             "text_proj.weight": (spec.proj_dim, h),
             "audio_conv1.weight": (h, spec.audio_mels, 3), "audio_conv1.bias": (h,), "audio_conv2.weight": (h, h, 3),
             "audio_conv2.bias": (h,), **wave_shapes(spec), **features_shapes(spec.features, h),
+            **adapter_shapes(spec.adapter, h, spec.intermediate_size),
             "attn_rel_bias.weight": (H, (spec.rel_bias or {}).get("buckets", 0)),
             "rel_embed.weight": (2 * (spec.disentangled or {}).get("span", 0), h), "rel_embed_norm.weight": (h,),
             "rel_embed_norm.bias": (h,),
@@ -2560,7 +2597,8 @@ class Policy:
         if layer in owners:
             j, owner = list(owners).index(layer), owners[layer]
         for section, pre in sections:
-            for slot, names, optional, aliases in self._entries(section, flags, dense, part, spec.wave):
+            for slot, names, optional, aliases in self._entries(section, flags, dense, part, spec.wave,
+                                                                 spec.adapter):
                 if (slot.startswith("lm_head.") and spec.kind != "decoder") or slot.startswith(skip):
                     continue
                 names = [pre + n.format(i=i, s=sub, e=e, p=e, j=j, o=owner, m=stack) for e in _experts(names, spec)
@@ -2933,8 +2971,45 @@ def conformer_shapes(spec: ModelSpec) -> dict:
 def audio_front(spec: dict) -> dict | None:
     """A speech encoder's framing of the 16 kHz samples (a manifest's model section): the conv stack of one that
     reads the waveform (`wave`), the feature extractor's of one that reads feature rows (`features`); None for
-    any other model. Both give kernel and stride lists, which frames_of and samples_for read."""
-    return spec.get("wave") or spec.get("features")
+    any other model. Both give kernel and stride lists, which frames_of and samples_for read. Wav2Vec2-BERT's
+    adapter adds a layer a strided conv: padded by stride // 2 a side, it counts as kernel - 2 * (stride // 2)."""
+    front, ad = spec.get("wave") or spec.get("features"), spec.get("adapter")
+    if not front or not ad:
+        return front
+    n, pad = ad["layers"], ad["stride"] // 2
+    return {**front, "kernel": [*front["kernel"], *[ad["kernel"] - 2 * pad] * n],
+            "stride": [*front["stride"], *[ad["stride"]] * n]}
+
+
+def adapter_shapes(adapter: dict | None, hidden: int, inter: int) -> dict:
+    """The shapes of Wav2Vec2-BERT's adapter slots (none without one): width o, each layer's convs [2o, o, kernel]."""
+    if not adapter:
+        return {}
+    o, k = adapter["width"], adapter["kernel"]
+    out = {"adapter_ffn_in.weight": (inter, hidden), "adapter_ffn_in.bias": (inter,),
+           "adapter_ffn_out.weight": (hidden, inter), "adapter_ffn_out.bias": (hidden,),
+           "adapter_proj.weight": (o, hidden), "adapter_proj.bias": (o,), "adapter_proj_norm.weight": (o,),
+           "adapter_proj_norm.bias": (o,)}
+    for a in range(adapter["layers"]):
+        out.update({f"adapter{a}.{n}.{p}": (o,) for n in ("res_norm", "attn_norm", "mlp_norm", "attn_out")
+                    for p in ("weight", "bias")})
+        out.update({f"adapter{a}.{n}.weight": (2 * o, o, k) for n in ("res_conv", "attn_conv")})
+        out.update({f"adapter{a}.{n}.bias": (2 * o,) for n in ("res_conv", "attn_conv")})
+        out.update({f"adapter{a}.qkv.weight": (3 * o, o), f"adapter{a}.qkv.bias": (3 * o,),
+                    f"adapter{a}.attn_out.weight": (o, o), f"adapter{a}.mlp_in.weight": (inter, o),
+                    f"adapter{a}.mlp_in.bias": (inter,), f"adapter{a}.mlp_out.weight": (o, inter),
+                    f"adapter{a}.mlp_out.bias": (o,)})
+    return out
+
+
+def adapter_slots(adapter: dict | None, hidden: int) -> list[str]:
+    """The slots an adapter has: its feed-forward's (ffn), its projection's (a width other than hidden), its
+    layers'."""
+    if not adapter:
+        return []
+    return [s for s in adapter_shapes(adapter, hidden, 1)
+            if not (s.startswith("adapter_ffn") and not adapter["ffn"])
+            and not (s.startswith("adapter_proj") and adapter["width"] == hidden)]
 
 
 def features_shapes(features: dict | None, hidden: int) -> dict:

@@ -71,7 +71,8 @@ Layout per rank:
             conv_dw and conv_bn (one row per channel) the same channels; conv_out row-parallel (no bias), all-reduced.
             rel_pos (relative attention's position projection) and its biases u, v with this rank's q heads.
             conv_dw_norm (Wav2Vec2-BERT's LayerNorm after the depthwise conv) with the channels, its statistics
-            gathered over every rank's; rel_dist (relative_key's rows, read by every head) replicated.
+            gathered over every rank's; rel_dist (relative_key's rows, read by every head) replicated, as is
+            Wav2Vec2-BERT's adapter (adapter*: one or two small layers after the blocks, each rank runs it whole).
   the rest  replicated.
 The intermediate size is split into chunks of ceil(I/tp) and each chunk is zero-padded to `intermediate_per_rank`
 (a multiple of the int8 group size, or of a narrower power of two where whole groups would pad more than an

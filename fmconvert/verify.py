@@ -1038,13 +1038,22 @@ def check_waves(model_dir: Path, m: dict, converted, values: torch.Tensor, mask:
         last = o.last_hidden_state.float().cpu()
         B, T = last.shape[:2]
         real = torch.ones(B, T, dtype=torch.bool) if msk is None else \
-            base._get_feature_vector_attention_mask(T, msk).bool().cpu()
+            base._get_feature_vector_attention_mask(T, msk).bool().cpu() if not sp.get("adapter") else \
+            torch.arange(T) < base._get_feat_extract_output_lengths(msk.sum(-1)).cpu().unsqueeze(-1)
+        # Wav2Vec2-BERT's adapter: the last state over its own frames (its attention's mask: transformers' mask
+        # helper fails where its count passes the convs' frames), the blocks' over the frames before it
+        Te = o.hidden_states[0].shape[1]
+        block_real = real if not sp.get("adapter") else torch.ones(B, Te, dtype=torch.bool) if msk is None else \
+            base._get_feature_vector_attention_mask(Te, msk, add_adapter=False).bool().cpu()
     # transformers 5 reports the stable (pre-LN) encoder's last block before the final LayerNorm, and the final
     # LayerNorm's output only as last_hidden_state: the runtime's every block, then its output. Post-LN and
     # transformers 4: the embeddings, the blocks but the last, then the output.
     hs = [h.float().cpu() for h in o.hidden_states]
-    n = sp["num_layers"]
-    if sp["final_norm"] and not torch.equal(hs[-1], last):
+    n, final = sp["num_layers"], states[-1]
+    if sp.get("adapter"):       # the adapter's output is no layer's state
+        states = states[:-1]
+        names = _layer_names(n, "")
+    elif sp["final_norm"] and not torch.equal(hs[-1], last):
         hs.append(last)
         names = _layer_names(n, "", "last_block") + ["final norm"]
     else:
@@ -1054,10 +1063,10 @@ def check_waves(model_dir: Path, m: dict, converted, values: torch.Tensor, mask:
         raise FmError(f"the reference reports {len(hs)} hidden states, the runtime {len(states)}")
     layer_err = []
     for a, b in zip(states, hs):
-        d, b = a[real].double() - b[real].double(), b[real].double()
+        d, b = a[block_real].double() - b[block_real].double(), b[block_real].double()
         layer_err.append([float(d.abs().max()), float(d.square().sum()), float(b.square().sum())])
     layers, first_bad = _layer_rows(names, layer_err, th)
-    a, b = states[-1][real].double(), last[real].double()
+    a, b = final[real].double(), last[real].double()
     res = {"tokens": int(real.sum()), "unit": "frames", "batches": [B, T], "token_source": source,
            "output": "last hidden state", "max_abs": float((a - b).abs().max()), "rel_rms": _rel(a - b, b),
            "layers": layers, "first_divergent_layer": first_bad}
@@ -1075,7 +1084,7 @@ def check_waves(model_dir: Path, m: dict, converted, values: torch.Tensor, mask:
     def clip_mean(x):
         return (x.double() * r).sum(1) / r.sum(1).clamp(min=1)
 
-    res["cosine_min"] = float(torch.cosine_similarity(clip_mean(states[-1]), clip_mean(last), dim=-1).min())
+    res["cosine_min"] = float(torch.cosine_similarity(clip_mean(final), clip_mean(last), dim=-1).min())
     res["cosine_what"] = "clip-mean last hidden state"
     if res["cosine_min"] < th.min_cosine:
         fails.append(f"end to end: {res['cosine_what']} cosine {res['cosine_min']:.6f} < {th.min_cosine:g}")

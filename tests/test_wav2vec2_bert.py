@@ -1,8 +1,10 @@
 """Wav2Vec2-BERT (configs/wav2vec2_bert.toml) against transformers on tiny random models, with relative_key (Shaw),
 rotary, Transformer-XL relative and no positions: every layer's states and the CTC logits of a padded batch of
 SeamlessM4TFeatureExtractor's features at tp 1 and 2 and in int8; `fmconvert transcribe` as the ASR pipeline reads;
-a clip classifier; `fmconvert verify` passing, and failing on a changed tensor; every source tensor back from
-`reassemble`; unsupported configs refused in one line."""
+a clip classifier, a frame classifier and an x-vector; `fmconvert verify` passing, and failing on a changed
+tensor; every source tensor back from `reassemble`; unsupported configs refused in one line. The adapter
+(add_adapter: strided conv-and-attention layers after the blocks, the CTC head reading their fewer frames) in each
+of these where transformers allows it."""
 
 from __future__ import annotations
 
@@ -204,7 +206,8 @@ def test_verify_passes_and_a_changed_tensor_fails(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (dict(add_adapter=True), r"this config uses a variant fmconvert does not support \(add_adapter\)"),
+    (dict(add_adapter=True, architectures=["Wav2Vec2BertForXVector"]),
+     r"this config uses a variant fmconvert does not support \(add_adapter with a classifier head\)"),
     (dict(position_embeddings_type="alibi"), "position_embeddings_type"),     # transformers' own refusal
 ])
 def test_unsupported_configs_are_refused_in_one_line(tmp_path, overrides, match):
@@ -218,3 +221,168 @@ def test_unsupported_configs_are_refused_in_one_line(tmp_path, overrides, match)
     with pytest.raises(FmError, match=match) as err:
         convert(src, tmp_path / "out", Options(), progress=False)
     assert "\n" not in str(err.value)
+
+
+# the adapters: one layer at the blocks' width, two narrower ones after the feed-forward transformers can put
+# before them (use_intermediate_ffn_before_adapter); a gelu in their feed-forwards
+ADAPTERS = {"one": dict(add_adapter=True, adapter_act="gelu"),
+            "two": dict(add_adapter=True, num_adapter_layers=2, output_hidden_size=24,
+                        use_intermediate_ffn_before_adapter=True),
+            # the convs pad stride // 2 = 1 a side, transformers' count of the frames kernel // 2 = 2
+            "odd": dict(add_adapter=True, adapter_kernel_size=5, adapter_stride=3)}
+
+
+@pytest.mark.parametrize("adapter,tp", [("one", 1), ("one", 2), ("two", 2), ("odd", 2)])
+def test_adapter_matches_transformers(tmp_path, adapter, tp):
+    """add_adapter: the blocks' states over the extractor's frames, then the adapter's last hidden state and CTC
+    logits over its own (stride 2 a layer: 19 and 11 frames -> 10 and 6 -> 5 and 3), every frame, on every rank;
+    the frame mask is transformers' for them; the manifest records the adapter. Where the convs' padding and
+    transformers' count disagree (odd: kernel 5, stride 3), the count says 7 and 4 frames of the convs' 6, and a
+    clip alone has what its convs make of it (3 frames of the shorter), as the pipeline reads it."""
+    hf = build(seed=5, **ADAPTERS[adapter])
+    out = tmp_path / "out"
+    convert(save(tmp_path / "src", hf), out, Options(tp=tp), progress=False)
+    ad = json.loads((out / "manifest.json").read_text())["model"]["adapter"]
+    assert ad == {"layers": hf.config.num_adapter_layers, "kernel": hf.config.adapter_kernel_size,
+                  "stride": hf.config.adapter_stride, "act": hf.config.adapter_act,
+                  "width": hf.config.output_hidden_size, "ffn": adapter == "two"}
+    x, mask = features()
+    with torch.no_grad():
+        want = hf(x, attention_mask=mask)
+        base = hf.wav2vec2_bert(x, attention_mask=mask, output_hidden_states=True)
+    T = want.logits.shape[1]
+    assert T == {"one": 10, "two": 5, "odd": 6}[adapter]
+    assert base.last_hidden_state.shape[-1] == hf.config.output_hidden_size
+    # the adapter attention's own mask (transformers' _get_feature_vector_attention_mask fails where the count
+    # passes the convs' frames)
+    n = hf._get_feat_extract_output_lengths(mask.sum(-1))
+    real = torch.arange(T) < n.unsqueeze(-1)
+    assert not real.all() and n.tolist() == {"one": [10, 6], "two": [5, 3], "odd": [7, 4]}[adapter]
+
+    def run(m):
+        h, states = m.hidden(x, attention_mask=mask, output_hidden_states=True)
+        return h, states, head_logits(m, h, None, m.frames), m.frames, int(m.clip_frames(LENGTHS[1]))
+    for h, states, logits, frames, alone in tiny.on_ranks(out, tp, run):
+        assert len(states) == len(base.hidden_states) == 3
+        assert all(tiny.rel(a, b) < 1e-5 for a, b in zip(states, base.hidden_states))
+        assert tiny.rel(h, base.last_hidden_state) < 1e-5
+        assert tiny.rel(logits, want.logits) < 1e-5
+        assert torch.equal(frames, real) and alone == (3 if adapter == "odd" else int(real[1].sum()))
+
+
+def test_adapter_int8_stays_close(tmp_path):
+    """int8 blocks (the adapter stays float, replicated) at tp 2: its frames' characters mostly agree."""
+    hf = build(seed=6, **ADAPTERS["two"])
+    out = tmp_path / "out"
+    convert(save(tmp_path / "src", hf), out, Options(tp=2, int8=True, group_size=16), progress=False)
+    x, mask = features(seed=4)
+    with torch.no_grad():
+        want = hf(x, attention_mask=mask).logits
+    for logits in tiny.on_ranks(out, 2, lambda mm: head_logits(mm, *mm(x, attention_mask=mask), mm.frames)):
+        assert tiny.rel(logits, want) < 0.05
+        assert (logits.argmax(-1) == want.argmax(-1)).float().mean() > 0.8
+
+
+def test_adapter_cli_transcribe_as_the_asr_pipeline(tmp_path):
+    """With the adapter (a frame each 40 ms): `fmconvert transcribe` of files of four lengths, batched, reads
+    what the pipeline reads of each alone; word timestamps are the pipeline's; a long file in strided chunks
+    (the pipeline's inputs_to_logits_ratio, 640 samples) as the pipeline chunks it."""
+    from click.testing import CliRunner
+    from transformers import pipeline
+
+    from fmconvert.cli import cli
+    from fmconvert.runtime.audio import load_audio
+    hf = build(seed=2, **ADAPTERS["one"])
+    src = save(tmp_path / "src", hf)
+    out = tmp_path / "out"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["convert", str(src), str(out), "-q"]).exit_code == 0
+    lengths = (6400, 9000, 4000, 6720)
+    x, _ = waves(lengths, seed=7)
+    files = [write_wav(tmp_path / f"{i}.wav", x[i, :n]) for i, n in enumerate(lengths)]
+    asr = pipeline("automatic-speech-recognition", model=hf, tokenizer=tokenizer(tmp_path),
+                   feature_extractor=extractor())
+    got = [asr(load_audio(f, 16000).numpy(), return_timestamps="word") for f in files]
+    want = [g["text"] for g in got]
+    assert len(set(want)) > 2 and all(want)
+    r = runner.invoke(cli, ["transcribe", str(out), *map(str, files)])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.splitlines() == [f"{f}\t{w}" for f, w in zip(files, want)]
+    r = runner.invoke(cli, ["transcribe", str(out), *map(str, files), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    for line, g in zip(r.stdout.splitlines(), got):
+        assert [(w["text"], w["start"], w["end"]) for w in json.loads(line)["words"]] == \
+            [(c["text"], round(c["timestamp"][0], 3), round(c["timestamp"][1], 3)) for c in g["chunks"]]
+    x, _ = waves((15000,), seed=9)
+    long = write_wav(tmp_path / "long.wav", x[0])
+    want = asr(load_audio(long, 16000).numpy(), chunk_length_s=0.5, stride_length_s=0.1)["text"]
+    r = runner.invoke(cli, ["transcribe", str(out), str(long), "--chunk-length", "0.5", "--stride-length", "0.1"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == want and want
+    r = runner.invoke(cli, ["inspect", str(out)], env={"COLUMNS": "250"})
+    assert "1 layer after the blocks" in r.output and "a frame every 640 samples" in r.output, r.output
+
+
+def test_adapter_verify_reassemble(tmp_path):
+    """The adapter's tensors back from `reassemble` bit for bit (tp 2); `verify` passes, and fails on one
+    adapter tensor changed (hashes fixed), naming it."""
+    src = save(tmp_path / "src", build(seed=3, **ADAPTERS["two"]))
+    out = tmp_path / "out"
+    convert(src, out, Options(tp=2), progress=False)
+    got, want = reassemble(out)[1], load_file(src / "model.safetensors")
+    want = {k: v for k, v in want.items() if not k.endswith("masked_spec_embed")}
+    assert sorted(got) == sorted(want) and any(k.startswith("wav2vec2_bert.adapter.layers.1.") for k in want)
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+    r = verify(src, out)
+    assert r["passed"], r["failures"]
+    e = r["end_to_end"]
+    assert [x["name"] for x in e["layers"]] == ["embeddings", "layer 0", "layer 1"]
+    assert e["rel_rms"] < 1e-5 and e["classifier"]["name"] == "CTC"
+    mpath = out / "manifest.json"
+    m = json.loads(mpath.read_text())
+    (f,) = m["ranks"][1]["files"]
+    path = out / f["path"]
+    tensors = load_file(path)
+    tensors["adapter1.res_conv.weight"] = tensors["adapter1.res_conv.weight"] * 3
+    save_file(tensors, path, metadata={"format": "pt"})
+    blob = path.read_bytes()
+    f.update(size=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+    mpath.write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+    r = verify(src, out)
+    assert not r["passed"] and r["integrity"]["passed"]
+    assert "\n".join(r["tensors"]["failures"]).startswith("adapter1.res_conv.weight")
+
+
+def test_frame_classifier_matches_transformers(tmp_path):
+    """*ForAudioFrameClassification: labels per frame from every layer's weighted states, over the real frames of
+    a padded batch, at tp 2."""
+    hf = build(model="Wav2Vec2BertForAudioFrameClassification", num_labels=3, use_weighted_layer_sum=True)
+    with torch.no_grad():
+        hf.layer_weights.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    out = tmp_path / "out"
+    convert(save(tmp_path / "src", hf), out, Options(tp=2), progress=False)
+    x, mask = features()
+    with torch.no_grad():
+        want = hf(x, attention_mask=mask).logits
+    real = mask.bool()
+    for logits in heads_on_ranks(out, 2, x, mask):
+        assert tiny.rel(logits[real], want[real]) < 1e-5
+
+
+XVECTOR = dict(tdnn_dim=(16, 16, 24), tdnn_kernel=(5, 3, 1), tdnn_dilation=(1, 2, 1), xvector_output_dim=12,
+               num_labels=3)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_xvector_matches_transformers(tmp_path, weighted):
+    """*ForXVector: the projector, dilated TDNN layers, the mean and standard deviation over each clip's frames
+    (transformers' count of them) and the feature extractor: its embeddings at tp 2."""
+    hf = build(model="Wav2Vec2BertForXVector", use_weighted_layer_sum=weighted, **XVECTOR)
+    out = tmp_path / "out"
+    convert(save(tmp_path / "src", hf), out, Options(tp=2), progress=False)
+    x, mask = features()
+    with torch.no_grad():
+        want = hf(x, attention_mask=mask).embeddings
+    assert want.shape == (2, 12)
+    for got in heads_on_ranks(out, 2, x, mask):
+        assert tiny.rel(got, want) < 1e-5

@@ -111,13 +111,15 @@ def padding_leaks(model) -> bool:
     """Whether a clip's result would depend on the padding it is batched with, masked or not: Wav2Vec2-Conformer's
     convolution modules read the padded frames (transformers zeroes them before the first block only). Such a
     model's batches then hold one length only (`batches`' same_length). Wav2Vec2-BERT's (causal) zero them and look
-    only back: its padding leaks nowhere."""
+    only back: its padding leaks nowhere, but for its adapter's strided convs, which read the blocks' output at the
+    padded frames past a clip's last."""
     cf = model.spec.get("conformer")
-    return bool(cf) and not cf.get("causal")
+    return bool(model.spec.get("adapter")) or bool(cf) and not cf.get("causal")
 
 
 def ratio(front: dict) -> int:
-    """Samples per frame (config.inputs_to_logits_ratio): the product of the conv strides (`audio_front`'s)."""
+    """Samples per frame (config.inputs_to_logits_ratio): the product of the conv strides (`audio_front`'s, with
+    Wav2Vec2-BERT's adapter's)."""
     n = 1
     for s in front["stride"]:
         n *= s

@@ -16,7 +16,7 @@ from .. import manifest as mf
 from ..errors import FmError
 from ..kernels import int8_gemv_cpu
 from ..policy import (ATTENTION_SLOTS, DENSE_SLOTS, FLOAT32_SLOTS, LINEAR_SLOTS, SHARED_BLOCK_SLOTS, SPARSE_SLOTS,
-                      features_shapes, wave_shapes, wave_slots)
+                      adapter_shapes, adapter_slots, features_shapes, wave_shapes, wave_slots)
 from ..read import check_safetensors
 from .comm import SingleComm, init_distributed
 from .model import FusedModel
@@ -83,6 +83,7 @@ def check_layout(m: dict, rank: int):
             "audio_conv1.weight": (h, sp["audio_mels"], 3), "audio_conv1.bias": (h,),
             "audio_conv2.weight": (h, h, 3), "audio_conv2.bias": (h,), **wave_shapes(sp.get("wave"), h),
             **features_shapes(sp.get("features"), h),
+            **adapter_shapes(sp.get("adapter"), h, sp["intermediate_size"]),
             "conformer_rope.inv_freq": (hd // 2,)}
     au = sp.get("altup")                 # Gemma 3n: AltUp's projections of the copies, replicated
     if au:
@@ -319,7 +320,8 @@ def check_layout(m: dict, rank: int):
     front = {f"audio_conv{j}.{p}" for j in (1, 2) for p in ("weight", "bias")} if sp["audio_mels"] else \
         set(wave_slots(wave)) - ({"pos_conv.g", "pos_conv.v", "pos_conv.bias"} if wave.get("pos_conv") is False
                                  else set()) if wave else \
-        set(features_shapes(sp["features"], h)) if sp.get("features") else \
+        set(features_shapes(sp["features"], h)) | set(adapter_slots(sp.get("adapter"), h)) \
+        if sp.get("features") else \
         {"embed.weight"} if not sp["embed_from"] else set()       # Whisper's, Wav2Vec2's convs in place of a table
     need = front | {s for s in sp["slots"] if not s.startswith("layers.")}
     need |= {s for s, on in [("lm_head.weight", sp["kind"] == "decoder" and not sp["tied_embeddings"]
@@ -440,7 +442,8 @@ def check_layout(m: dict, rank: int):
     missing = sorted(need - set(tensors))
     if missing:
         raise FmError(f"manifest: rank {rank} has no tensor {missing[0]}, which the model needs")
-    width = h                               # the classifier's steps: each reads what the one before it gave
+    # the classifier's steps: each reads what the one before it gave (the first, Wav2Vec2-BERT's adapter's width)
+    width = (sp.get("adapter") or {}).get("width", h)
     for n, s in enumerate((sp["classifier"] or {}).get("steps", [])):
         w, b = tensors.get(f"extra.{s['name']}.weight"), tensors.get(f"extra.{s['name']}.bias")
         fits = w is not None and (w["shape"] == [width] if s["op"] == "norm" else

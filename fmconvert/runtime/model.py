@@ -2460,6 +2460,44 @@ class FusedModel(nn.Module):
         self.frames = None if frame_mask is None else frame_mask.bool()
         return x if self.frames is None else x * self.frames.unsqueeze(-1).to(x.dtype)
 
+    def adapter(self, x):
+        """Wav2Vec2-BERT's adapter on the blocks' output x [B, T, hidden] -> [B, T', width], T' what its strided
+        convs make of T (policy.audio_front counts a clip's alone); self.frames becomes the mask of T' that
+        transformers' lengths give (their padding kernel // 2, not the convs' stride // 2). Every rank runs it
+        whole, its weights replicated: one or two small layers after the blocks."""
+        ad, g, eps = self.spec["adapter"], self.g, self.eps
+        k, st, o, H = ad["kernel"], ad["stride"], ad["width"], self.spec["num_heads"]
+        if ad["ffn"]:       # added at half weight
+            y = F.relu(F.linear(x, g["adapter_ffn_in.weight"], g["adapter_ffn_in.bias"]))
+            x = x + 0.5 * F.linear(y, g["adapter_ffn_out.weight"], g["adapter_ffn_out.bias"])
+        if "adapter_proj.weight" in g:
+            x = F.layer_norm(F.linear(x, g["adapter_proj.weight"], g["adapter_proj.bias"]), (o,),
+                             g["adapter_proj_norm.weight"], g["adapter_proj_norm.bias"], eps)
+        n = None if self.frames is None else self.frames.long().sum(-1)
+
+        def glu_conv(p, y):     # LayerNorm, the strided conv to 2 * width channels, GLU: (B, T', width)
+            y = F.layer_norm(y, (o,), g[f"{p}_norm.weight"], g[f"{p}_norm.bias"], eps).transpose(1, 2)
+            y = F.conv1d(y, g[f"{p}_conv.weight"], g[f"{p}_conv.bias"], stride=st, padding=st // 2)
+            return F.glu(y, dim=1).transpose(1, 2)
+        for a in range(ad["layers"]):
+            p = f"adapter{a}."
+            res, h = glu_conv(p + "res", x), glu_conv(p + "attn", x)
+            B, T, _ = h.shape
+            mask = None
+            if n is not None:
+                n = (n + 2 * (k // 2) - k) // st + 1
+                mask = torch.arange(T, device=h.device) < n.unsqueeze(-1)                    # (B, T')
+            q, kk, v = F.linear(h, g[p + "qkv.weight"], g[p + "qkv.bias"]).view(B, T, 3, H, o // H).unbind(2)
+            att = F.scaled_dot_product_attention(q.transpose(1, 2), kk.transpose(1, 2), v.transpose(1, 2),
+                                                 None if mask is None else mask[:, None, None, :],
+                                                 scale=(o // H) ** -0.5)                     # (B, H, T', o/H)
+            x = F.linear(att.transpose(1, 2).reshape(B, T, o), g[p + "attn_out.weight"], g[p + "attn_out.bias"]) + res
+            y = F.layer_norm(x, (o,), g[p + "mlp_norm.weight"], g[p + "mlp_norm.bias"], eps)
+            y = activate(F.linear(y, g[p + "mlp_in.weight"], g[p + "mlp_in.bias"]), ad["act"])
+            x = x + F.linear(y, g[p + "mlp_out.weight"], g[p + "mlp_out.bias"])
+            self.frames = mask
+        return x
+
     def _conformer_positions(self, T: int, device):
         """Wav2Vec2-Conformer's position tables for T frames, made in float32 as transformers makes them: rotary's
         (cos, sin), each [T, 1, head_dim] (the half-split angles twice); relative's sinusoid of every offset from
@@ -2752,6 +2790,8 @@ class FusedModel(nn.Module):
         if cache is not None:
             cache.length += T
         x = self._final(x, residual, x_norm, x_gain, x_scale)
+        if self.spec.get("adapter"):        # Wav2Vec2-BERT: after the blocks, on fewer frames; not a layer's state
+            x = self.adapter(x)
         return (x, states) if output_hidden_states else x
 
     def _final(self, x, residual, x_norm, x_gain=None, x_scale=None):
