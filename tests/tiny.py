@@ -1368,6 +1368,27 @@ def moved_by(name: str, src, out: Path, T: int, seed: int):
     return moved
 
 
+def retouched(out_dir: Path, rank: int, name: str, factor: float) -> Path:
+    """A conversion with one rank's copy of tensor `name` multiplied by factor, the rest of its shard as it was, and
+    the manifest's size and sha256 of that shard fixed, so that integrity still passes (verify must find it by its
+    values) -> out_dir."""
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file, save_file
+    mpath = Path(out_dir) / "manifest.json"
+    m = json.loads(mpath.read_text())
+    (f,) = m["ranks"][rank]["files"]
+    path = mpath.parent / f["path"]
+    tensors = load_file(path)
+    tensors[name] = tensors[name] * factor
+    save_file(tensors, path, metadata={"format": "pt"})
+    blob = path.read_bytes()
+    f.update(size=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+    mpath.write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+    return Path(out_dir)
+
+
 def rel(a, b) -> float:
     """The largest difference relative to the largest magnitude of b: the family tests' error measure."""
     return ((a - b).abs().max() / b.abs().max()).item()
