@@ -102,12 +102,7 @@ def test_int8_stays_close(tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     int8 = {k.split(".", 2)[2] for k, t in m["ranks"][1]["tensors"].items() if t["dtype"] == "int8"}
     assert {"macaron_in.weight", "macaron_out.weight", "conv_in.weight", "conv_out.weight", "qkv.weight"} <= int8
-    x, mask = features(seed=4)
-    with torch.no_grad():
-        want = hf(x, attention_mask=mask).logits
-    for logits in tiny.on_ranks(out, 2, lambda mm: head_logits(mm, *mm(x, attention_mask=mask), mm.frames)):
-        assert tiny.rel(logits, want) < 0.05
-        assert (logits.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+    tiny.ctc_close(out, 2, hf, *features(seed=4), 0.05, 0.9)
 
 
 def test_cli_transcribe_as_the_asr_pipeline(tmp_path):
@@ -264,12 +259,7 @@ def test_adapter_int8_stays_close(tmp_path):
     hf = build(seed=6, **ADAPTERS["two"])
     out = tmp_path / "out"
     convert(save(tmp_path / "src", hf), out, Options(tp=2, int8=True, group_size=16), progress=False)
-    x, mask = features(seed=4)
-    with torch.no_grad():
-        want = hf(x, attention_mask=mask).logits
-    for logits in tiny.on_ranks(out, 2, lambda mm: head_logits(mm, *mm(x, attention_mask=mask), mm.frames)):
-        assert tiny.rel(logits, want) < 0.05
-        assert (logits.argmax(-1) == want.argmax(-1)).float().mean() > 0.8
+    tiny.ctc_close(out, 2, hf, *features(seed=4), 0.05, 0.8)
 
 
 def test_adapter_cli_transcribe_as_the_asr_pipeline(tmp_path):

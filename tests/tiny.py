@@ -1389,6 +1389,17 @@ def retouched(out_dir: Path, rank: int, name: str, factor: float) -> Path:
     return Path(out_dir)
 
 
+def ctc_close(out_dir, tp: int, hf, x, mask, limit: float, agree: float):
+    """A speech encoder's CTC logits on every rank of a conversion against transformers' (hf's) on the same input:
+    within `limit` (relative), the likeliest character the same on more than `agree` of the frames."""
+    from fmconvert.runtime.classify import head_logits
+    with torch.no_grad():
+        want = hf(x, attention_mask=mask).logits
+    for logits in on_ranks(out_dir, tp, lambda m: head_logits(m, *m(x, attention_mask=mask), m.frames)):
+        assert rel(logits, want) < limit
+        assert (logits.argmax(-1) == want.argmax(-1)).float().mean() > agree
+
+
 def rel(a, b) -> float:
     """The largest difference relative to the largest magnitude of b: the family tests' error measure."""
     return ((a - b).abs().max() / b.abs().max()).item()
