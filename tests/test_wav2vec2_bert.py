@@ -12,10 +12,9 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import tiny
-from fmconvert.errors import FmError
 from fmconvert.pipeline import Options, convert
 from fmconvert.reassemble import reassemble
 from fmconvert.runtime.classify import head_logits
@@ -105,25 +104,30 @@ def test_int8_stays_close(tmp_path):
     tiny.ctc_close(out, 2, hf, *features(seed=4), 0.05, 0.9)
 
 
-def test_cli_transcribe_as_the_asr_pipeline(tmp_path):
-    """`fmconvert transcribe` of files of three lengths, batched together, reads what transformers' pipeline
-    reads of each alone, and a long one in strided chunks as the pipeline chunks it; `inspect` names the front
-    end."""
+def converted_with_files(tmp_path, hf, lengths) -> tuple:
+    """hf saved and converted through the CLI, WAV files of these lengths, transformers' ASR pipeline over hf ->
+    (the CLI runner, the conversion, the files, the pipeline)."""
     from click.testing import CliRunner
     from transformers import pipeline
 
     from fmconvert.cli import cli
-    from fmconvert.runtime.audio import load_audio
-    hf = build(seed=2)
-    src = save(tmp_path / "src", hf)
     out = tmp_path / "out"
     runner = CliRunner()
-    assert runner.invoke(cli, ["convert", str(src), str(out), "-q"]).exit_code == 0
-    lengths = (6400, 9000, 4000, 6400)
+    assert runner.invoke(cli, ["convert", str(save(tmp_path / "src", hf)), str(out), "-q"]).exit_code == 0
     x, _ = waves(lengths, seed=7)
     files = [write_wav(tmp_path / f"{i}.wav", x[i, :n]) for i, n in enumerate(lengths)]
     asr = pipeline("automatic-speech-recognition", model=hf, tokenizer=tokenizer(tmp_path),
                    feature_extractor=extractor())
+    return runner, out, files, asr
+
+
+def test_cli_transcribe_as_the_asr_pipeline(tmp_path):
+    """`fmconvert transcribe` of files of three lengths, batched together, reads what transformers' pipeline
+    reads of each alone, and a long one in strided chunks as the pipeline chunks it; `inspect` names the front
+    end."""
+    from fmconvert.cli import cli
+    from fmconvert.runtime.audio import load_audio
+    runner, out, files, asr = converted_with_files(tmp_path, build(seed=2), (6400, 9000, 4000, 6400))
     want = [asr(load_audio(f, 16000).numpy())["text"] for f in files]
     assert len(set(want)) > 2 and all(want)
     r = runner.invoke(cli, ["transcribe", str(out), *map(str, files)])
@@ -196,15 +200,7 @@ def test_verify_passes_and_a_changed_tensor_fails(tmp_path):
 ])
 def test_unsupported_configs_are_refused_in_one_line(tmp_path, overrides, match):
     import transformers
-    src = tmp_path / "src"
-    src.mkdir()
-    config = transformers.Wav2Vec2BertConfig(**SMALL)
-    (src / "config.json").write_text(json.dumps({**config.to_dict(), "architectures": ["Wav2Vec2BertForCTC"],
-                                                 **overrides}))
-    save_file({"x": torch.zeros(1)}, src / "model.safetensors")
-    with pytest.raises(FmError, match=match) as err:
-        convert(src, tmp_path / "out", Options(), progress=False)
-    assert "\n" not in str(err.value)
+    tiny.config_refused(tmp_path, transformers.Wav2Vec2BertConfig(**SMALL), "Wav2Vec2BertForCTC", match, **overrides)
 
 
 # the adapters: one layer at the blocks' width, two narrower ones after the feed-forward transformers can put
@@ -266,21 +262,10 @@ def test_adapter_cli_transcribe_as_the_asr_pipeline(tmp_path):
     """With the adapter (a frame each 40 ms): `fmconvert transcribe` of files of four lengths, batched, reads
     what the pipeline reads of each alone; word timestamps are the pipeline's; a long file in strided chunks
     (the pipeline's inputs_to_logits_ratio, 640 samples) as the pipeline chunks it."""
-    from click.testing import CliRunner
-    from transformers import pipeline
-
     from fmconvert.cli import cli
     from fmconvert.runtime.audio import load_audio
-    hf = build(seed=2, **ADAPTERS["one"])
-    src = save(tmp_path / "src", hf)
-    out = tmp_path / "out"
-    runner = CliRunner()
-    assert runner.invoke(cli, ["convert", str(src), str(out), "-q"]).exit_code == 0
-    lengths = (6400, 9000, 4000, 6720)
-    x, _ = waves(lengths, seed=7)
-    files = [write_wav(tmp_path / f"{i}.wav", x[i, :n]) for i, n in enumerate(lengths)]
-    asr = pipeline("automatic-speech-recognition", model=hf, tokenizer=tokenizer(tmp_path),
-                   feature_extractor=extractor())
+    runner, out, files, asr = converted_with_files(tmp_path, build(seed=2, **ADAPTERS["one"]),
+                                                   (6400, 9000, 4000, 6720))
     got = [asr(load_audio(f, 16000).numpy(), return_timestamps="word") for f in files]
     want = [g["text"] for g in got]
     assert len(set(want)) > 2 and all(want)

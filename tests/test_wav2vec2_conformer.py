@@ -10,10 +10,9 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import tiny
-from fmconvert.errors import FmError
 from fmconvert.pipeline import Options, convert
 from fmconvert.reassemble import reassemble
 from fmconvert.runtime.classify import head_logits
@@ -171,12 +170,5 @@ def test_verify_passes_and_a_changed_tensor_fails(tmp_path):
 ])
 def test_unsupported_configs_are_refused_in_one_line(tmp_path, overrides, match):
     import transformers
-    src = tmp_path / "src"
-    src.mkdir()
-    config = transformers.Wav2Vec2ConformerConfig(**SMALL)
-    (src / "config.json").write_text(json.dumps({**config.to_dict(), "architectures": ["Wav2Vec2ConformerForCTC"],
-                                                 **overrides}))
-    save_file({"x": torch.zeros(1)}, src / "model.safetensors")
-    with pytest.raises(FmError, match=match) as err:
-        convert(src, tmp_path / "out", Options(), progress=False)
-    assert "\n" not in str(err.value)
+    tiny.config_refused(tmp_path, transformers.Wav2Vec2ConformerConfig(**SMALL), "Wav2Vec2ConformerForCTC", match,
+                        **overrides)

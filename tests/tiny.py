@@ -1340,6 +1340,25 @@ def refuses(src: Path, out: Path, match: str, **edit):
     assert not out.exists()
 
 
+def config_refused(tmp_path: Path, config, architecture: str, match: str, **edit):
+    """A checkpoint of transformers' config (an object) with edit on top, and a placeholder tensor, must be refused in
+    one line matching `match` before any tensor is read."""
+    import json
+
+    import pytest
+    from safetensors.torch import save_file
+
+    from fmconvert.errors import FmError
+    from fmconvert.pipeline import Options, convert
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({**config.to_dict(), "architectures": [architecture], **edit}))
+    save_file({"x": torch.zeros(1)}, src / "model.safetensors")
+    with pytest.raises(FmError, match=match) as err:
+        convert(src, tmp_path / "out", Options(), progress=False)
+    assert "\n" not in str(err.value)
+
+
 def ids(T: int, seed: int = 0, B: int = 2):
     """B fixed random sequences of T token ids in [3, 100), the same for every call with this seed."""
     return torch.randint(3, 100, (B, T), generator=torch.Generator().manual_seed(seed))
