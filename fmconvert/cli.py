@@ -1449,19 +1449,13 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
     # one file's segments, a line each, printed as each window is done (an hour of audio shows as it goes); a bar
     # on a terminal for files past one window
     live = lead and len(waves) == 1 and timestamps and not word_timestamps and fmt == "text" and not output_dir
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-    console = _console(stderr=True)
-    bar = Progress(TextColumn("[bold]transcribing"), BarColumn(), TextColumn("{task.fields[done]}"),
-                   TimeRemainingColumn(), console=console, transient=True,
-                   disable=not (lead and console.is_terminal and long))
-    job = bar.add_task("audio", total=seconds, done="")
-    read = [0.0] * len(waves)
+    bar, job, read = _audio_bar(lead and bool(long), seconds)
     total, t0, outs = GenStats(), time.perf_counter(), [None] * len(waves)
     with bar:
         for group in groups:
             def on_window(row, pieces, done_s, group=group):
                 read[group[row]] = done_s
-                bar.update(job, completed=sum(read), done=f"{sum(read):.0f} of {seconds:.0f} s of audio")
+                bar.update(job, completed=sum(read.values()), done=f"{sum(read.values()):.0f} of {seconds:.0f} s")
                 for sg in pieces if live else ():
                     click.echo(stamped(sg))
             feats, frames = long_features(fe, [waves[i] for i in group]) if group[0] in long else \
@@ -1513,6 +1507,16 @@ def transcribe(out_dir, audio, language, task, timestamps, fmt, output_dir, batc
     shutdown()
 
 
+def _audio_bar(wanted: bool, seconds: float):
+    """A progress bar over seconds of audio, on stderr, shown only where wanted and stderr is a terminal (it goes
+    when done) -> (the bar, its task, {file: seconds read}) for the caller to update."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+    console = _console(stderr=True)
+    bar = Progress(TextColumn("[bold]transcribing"), BarColumn(), TextColumn("{task.fields[done]} of audio"),
+                   TimeRemainingColumn(), console=console, transient=True, disable=not (wanted and console.is_terminal))
+    return bar, bar.add_task("audio", total=seconds, done=""), {}
+
+
 def _waves(model, audio) -> list:
     """The files as 16 kHz mono waveforms, each long enough for the model's conv stack to make a frame of."""
     from .runtime.audio import load_audio
@@ -1553,9 +1557,14 @@ def _transcribe_ctc(model, out_dir, audio, timestamps, fmt, output_dir, stems, b
                 click.echo(line(r) if len(waves) == 1 else f"{audio[j]}\t{line(r)}")
             printed[0] += 1
     t0 = time.perf_counter()
+    bar, job, read = _audio_bar(lead and any(w.numel() > chunk_length * SAMPLE_RATE for w in waves), seconds)
     try:
-        outs = recognize(model, tok, fe, waves, batch_size, chunk_length, stride_length, words=timestamps,
-                         on_file=shown)
+        with bar:
+            def progress(i, n):
+                read[i] = n / SAMPLE_RATE
+                bar.update(job, completed=sum(read.values()), done=f"{sum(read.values()):.0f} of {seconds:.0f} s")
+            outs = recognize(model, tok, fe, waves, batch_size, chunk_length, stride_length, words=timestamps,
+                             on_file=shown, on_progress=progress)
     except ValueError as e:         # e.g. a window too short for the conv stack
         raise FmError(str(e).splitlines()[0]) from None
     if lead and not plain:

@@ -472,3 +472,24 @@ def test_a_manifest_whose_front_end_lies_is_refused(tmp_path, key, value, match)
     with pytest.raises(FmError) as e:
         load(out)
     assert match in str(e.value) and "\n" not in str(e.value)
+
+
+def test_recognize_reports_its_progress(tmp_path):
+    """recognize's on_progress: each short file once when its batch is done, a long one window group by window
+    group, never going back, ending at every file's samples; the text is what it is without the callback."""
+    from transformers import Wav2Vec2FeatureExtractor
+
+    from fmconvert.runtime.ctc import recognize
+    from fmconvert.runtime.load import load
+    src = save(tmp_path / "src", build("wav2vec2_stable", seed=2), mask=True)
+    convert(src, tmp_path / "out", Options(), progress=False)
+    m, tok = load(tmp_path / "out"), tokenizer(tmp_path)
+    x, _ = waves((4000, 15000), seed=7)
+    clips = [x[0, :4000], x[1]]
+    fe = Wav2Vec2FeatureExtractor(return_attention_mask=True)
+    seen = []
+    got = recognize(m, tok, fe, clips, 2, 0.25, 0.05, on_progress=lambda i, n: seen.append((i, n)))
+    assert [r.text for r in got] == [r.text for r in recognize(m, tok, fe, clips, 2, 0.25, 0.05)]
+    assert seen[0] == (0, 4000) and seen[-1] == (1, 15000) and len(seen) > 2
+    long = [n for i, n in seen if i == 1]
+    assert long == sorted(long)

@@ -191,12 +191,13 @@ def _check_ctc(model):
 
 
 def recognize(model, tok, fe, waves: list[torch.Tensor], batch_size: int = 8, chunk_s: float = 30.0,
-              stride_s: float | None = None, words: bool = False, on_file=None) -> list[Recognized]:
+              stride_s: float | None = None, words: bool = False, on_file=None,
+              on_progress=None) -> list[Recognized]:
     """Each 16 kHz waveform's transcript (and, with words, each word's time span). Files of up to chunk_s seconds go
     batch_size at a time (`batches`), padded as the feature extractor pads them, each decoded over its own frames; a
     longer file goes window by window (stride_s a side, default chunk_s / 6), its full windows batched (a last window
     too short for the conv stack to make a frame of is left out). on_file(i, Recognized) is called as each file is
-    done."""
+    done, on_progress(i, samples of it read) as each batch or window is."""
     _check_ctc(model)
     align = ratio(audio_front(model.spec))
     chunk = int(round(chunk_s * SAMPLE_RATE / align) * align)
@@ -219,6 +220,8 @@ def recognize(model, tok, fe, waves: list[torch.Tensor], batch_size: int = 8, ch
         ids = head_of(model, *inputs_of(fe, [waves[i] for i in idx])).argmax(-1).cpu()
         for k, i in enumerate(idx):     # its own frames: those of the padding (masked or not) say nothing of it
             finish(i, ids[k, :int(model.clip_frames(waves[i].numel()))])
+            if on_progress is not None:
+                on_progress(i, waves[i].numel())
     for i in (i for i in range(len(waves)) if waves[i].numel() > chunk):
         spans = [s for s in windows(waves[i].numel(), chunk, side, side) if s[1] - s[0] >= shortest]
         full = [s for s in spans if s[1] - s[0] == chunk]
@@ -234,6 +237,8 @@ def recognize(model, tok, fe, waves: list[torch.Tensor], batch_size: int = 8, ch
                 total = int(round((b - a) / align))        # the pipeline's rescale_stride, in frames
                 left, right = int(round(sl / (b - a) * total)), int(round(sr / (b - a) * total))
                 pieces.append((a, ids[k, left:total - right]))
+            if on_progress is not None:
+                on_progress(i, max(b for _, b, _, _ in group))
         finish(i, torch.cat([p for _, p in sorted(pieces, key=lambda p: p[0])]))
     return out
 
