@@ -1229,7 +1229,7 @@ def generate(out_dir, prompt, prompt_file, batch_size, max_new_tokens, temperatu
         ids = torch.tensor([prompt_ids(tok, prompt, chat, system, out_dir)], dtype=torch.long)
         if speculating:                 # refused before anything is printed
             from .runtime.speculative import caches
-            caches(model, drafter, ids.shape[1] + max_new_tokens + 1)
+            caches(model, drafter, ids.shape[1] + max_new_tokens + 1, batch=0)
         # an encoder-decoder's output is a new text (after its start token), a decoder's continues the prompt
         shown = _Streamer(tok, () if seq2seq else ids[0].tolist(), on=lead)
         if lead and not chat and not seq2seq:

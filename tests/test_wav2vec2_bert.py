@@ -19,7 +19,7 @@ from fmconvert.pipeline import Options, convert
 from fmconvert.reassemble import reassemble
 from fmconvert.runtime.classify import head_logits
 from fmconvert.verify import verify
-from test_wav2vec2 import VOCAB, heads_on_ranks, tokenizer, waves, write_wav
+from test_wav2vec2 import VOCAB, heads_match, tokenizer, waves, write_wav
 
 # relative_key's clamp well inside the clips' 11-19 frames, and an eps the blocks' LayerNorms must take too
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
@@ -121,6 +121,18 @@ def converted_with_files(tmp_path, hf, lengths) -> tuple:
     return runner, out, files, asr
 
 
+def long_file_as_the_pipeline(tmp_path, runner, out, asr):
+    """`fmconvert transcribe` of a long file in chunks with strides prints what the pipeline's chunk_length_s reads."""
+    from fmconvert.cli import cli
+    from fmconvert.runtime.audio import load_audio
+    x, _ = waves((15000,), seed=9)
+    long = write_wav(tmp_path / "long.wav", x[0])
+    want = asr(load_audio(long, 16000).numpy(), chunk_length_s=0.5, stride_length_s=0.1)["text"]
+    r = runner.invoke(cli, ["transcribe", str(out), str(long), "--chunk-length", "0.5", "--stride-length", "0.1"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == want and want
+
+
 def test_cli_transcribe_as_the_asr_pipeline(tmp_path):
     """`fmconvert transcribe` of files of three lengths, batched together, reads what transformers' pipeline
     reads of each alone, and a long one in strided chunks as the pipeline chunks it; `inspect` names the front
@@ -133,13 +145,7 @@ def test_cli_transcribe_as_the_asr_pipeline(tmp_path):
     r = runner.invoke(cli, ["transcribe", str(out), *map(str, files)])
     assert r.exit_code == 0, r.output
     assert r.stdout.splitlines() == [f"{f}\t{w}" for f, w in zip(files, want)]
-    # a long file in chunks with strides, as the pipeline's chunk_length_s reads it
-    x, _ = waves((15000,), seed=9)
-    long = write_wav(tmp_path / "long.wav", x[0])
-    want = asr(load_audio(long, 16000).numpy(), chunk_length_s=0.5, stride_length_s=0.1)["text"]
-    r = runner.invoke(cli, ["transcribe", str(out), str(long), "--chunk-length", "0.5", "--stride-length", "0.1"])
-    assert r.exit_code == 0, r.output
-    assert r.stdout.strip() == want and want
+    long_file_as_the_pipeline(tmp_path, runner, out, asr)
     r = runner.invoke(cli, ["inspect", str(out)], env={"COLUMNS": "250"})
     assert "160-wide feature rows" in r.output, r.output
 
@@ -152,11 +158,7 @@ def test_clip_classifier_matches_transformers(tmp_path):
         hf.layer_weights.copy_(torch.tensor([0.5, -1.0, 2.0]))
     out = tmp_path / "out"
     convert(save(tmp_path / "src", hf), out, Options(tp=2), progress=False)
-    x, mask = features()
-    with torch.no_grad():
-        want = hf(x, attention_mask=mask).logits
-    for logits in heads_on_ranks(out, 2, x, mask):
-        assert tiny.rel(logits, want) < 1e-5
+    heads_match(out, hf, *features())
 
 
 def test_reassembles_every_source_tensor(tmp_path):
@@ -277,12 +279,7 @@ def test_adapter_cli_transcribe_as_the_asr_pipeline(tmp_path):
     for line, g in zip(r.stdout.splitlines(), got):
         assert [(w["text"], w["start"], w["end"]) for w in json.loads(line)["words"]] == \
             [(c["text"], round(c["timestamp"][0], 3), round(c["timestamp"][1], 3)) for c in g["chunks"]]
-    x, _ = waves((15000,), seed=9)
-    long = write_wav(tmp_path / "long.wav", x[0])
-    want = asr(load_audio(long, 16000).numpy(), chunk_length_s=0.5, stride_length_s=0.1)["text"]
-    r = runner.invoke(cli, ["transcribe", str(out), str(long), "--chunk-length", "0.5", "--stride-length", "0.1"])
-    assert r.exit_code == 0, r.output
-    assert r.stdout.strip() == want and want
+    long_file_as_the_pipeline(tmp_path, runner, out, asr)
     r = runner.invoke(cli, ["inspect", str(out)], env={"COLUMNS": "250"})
     assert "1 layer after the blocks" in r.output and "a frame every 640 samples" in r.output, r.output
 
@@ -316,11 +313,7 @@ def test_frame_classifier_matches_transformers(tmp_path):
     out = tmp_path / "out"
     convert(save(tmp_path / "src", hf), out, Options(tp=2), progress=False)
     x, mask = features()
-    with torch.no_grad():
-        want = hf(x, attention_mask=mask).logits
-    real = mask.bool()
-    for logits in heads_on_ranks(out, 2, x, mask):
-        assert tiny.rel(logits[real], want[real]) < 1e-5
+    heads_match(out, hf, x, mask, real=mask.bool())
 
 
 XVECTOR = dict(tdnn_dim=(16, 16, 24), tdnn_kernel=(5, 3, 1), tdnn_dilation=(1, 2, 1), xvector_output_dim=12,
@@ -334,9 +327,5 @@ def test_xvector_matches_transformers(tmp_path, weighted):
     hf = build(model="Wav2Vec2BertForXVector", use_weighted_layer_sum=weighted, **XVECTOR)
     out = tmp_path / "out"
     convert(save(tmp_path / "src", hf), out, Options(tp=2), progress=False)
-    x, mask = features()
-    with torch.no_grad():
-        want = hf(x, attention_mask=mask).embeddings
+    want = heads_match(out, hf, *features(), "embeddings")
     assert want.shape == (2, 12)
-    for got in heads_on_ranks(out, 2, x, mask):
-        assert tiny.rel(got, want) < 1e-5

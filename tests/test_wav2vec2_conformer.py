@@ -17,7 +17,7 @@ from fmconvert.pipeline import Options, convert
 from fmconvert.reassemble import reassemble
 from fmconvert.runtime.classify import head_logits
 from fmconvert.verify import verify
-from test_wav2vec2 import VOCAB, heads_on_ranks, save, tokenizer, waves, write_wav
+from test_wav2vec2 import VOCAB, heads_match, save, tokenizer, waves, write_wav
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, conv_dim=(16, 16, 16),
              conv_kernel=(10, 3, 3), conv_stride=(5, 2, 2), num_conv_pos_embeddings=16,
@@ -123,11 +123,7 @@ def test_classifiers_match_transformers(tmp_path, cls):
         hf.layer_weights.copy_(torch.tensor([0.5, -1.0, 2.0]))
     out = tmp_path / "out"
     convert(save(tmp_path / "src", hf, mask=True), out, Options(tp=2), progress=False)
-    x, mask = waves()
-    with torch.no_grad():
-        want = hf(x, attention_mask=mask).logits
-    for logits in heads_on_ranks(out, 2, x, mask):
-        assert tiny.rel(logits, want) < 1e-5
+    heads_match(out, hf, *waves())
 
 
 def test_reassembles_every_source_tensor(tmp_path):

@@ -88,12 +88,13 @@ def warp(logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None,
-           top_k: int = 0) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]. temperature 0 is greedy; otherwise a draw from the warped scores' softmax."""
+           top_k: int = 0, warped: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]. temperature 0 is greedy; otherwise a draw from the warped scores' softmax
+    (`warped`, where the caller has them already)."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(warp(logits, temperature, top_p, top_k), dim=-1)
-    return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
+    warped = warp(logits, temperature, top_p, top_k) if warped is None else warped
+    return torch.multinomial(torch.softmax(warped, dim=-1).cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
 
 
 # A model this small decodes on CPU with one intra-op thread: its ops are far below the size worth splitting, and
@@ -251,10 +252,11 @@ def _generate(model, input_ids, max_new_tokens, temperature, top_p, seed, eos_to
         if procs:       # on float32 scores, as transformers
             seqs = torch.cat(out, dim=1) if procs.reads_tokens else None
             logits = procs(seqs, T + step, logits.float())
-        tok = sample(logits, temperature, top_p, gen, top_k)
+        warped = warp(logits, temperature, top_p, top_k) if logprobs and temperature > 0 else None
+        tok = sample(logits, temperature, top_p, gen, top_k, warped)
         tok = model.comm.broadcast(tok.contiguous(), 0)
         if logprobs:        # transformers' recipe: the warped scores times the temperature, log-softmaxed
-            s = warp(logits, temperature, top_p, top_k) * temperature if temperature > 0 else logits.float()
+            s = warped * temperature if warped is not None else logits.float()
             chosen.append(torch.log_softmax(s, -1).gather(1, tok.unsqueeze(1)).squeeze(1))
         if step == 0:
             sync()

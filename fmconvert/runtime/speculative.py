@@ -22,9 +22,9 @@ from .generate import GenStats, positions_left, stop_tokens, warm_up, warp, with
 from .processors import Processors
 
 
-def caches(model, draft, max_len: int) -> tuple:
+def caches(model, draft, max_len: int, batch: int = 1) -> tuple:
     """Each model's cache for max_len positions -> (target's, draft's: None without a draft model); a target and
-    draft that cannot decode together refused in one line."""
+    draft that cannot decode together refused in one line. batch 0: the check alone, nothing allocated."""
     out = []
     for name, m in (("the target", model), ("the draft", draft)):
         if m is None:
@@ -36,7 +36,7 @@ def caches(model, draft, max_len: int) -> tuple:
         if m.spec.get("encoder") and draft is not None:
             raise FmError(f"{m.spec['architecture']} is an encoder-decoder: it takes prompt lookup (over its source "
                           f"and its output), not a draft model")
-        c = m.new_cache(1, max_len)
+        c = m.new_cache(batch, max_len)
         if any(c.ring) or any(x is not None for x in c.conv) or any(x is not None for x in c.state) or \
                 any(x is not None for x in c.index_k) or m.spec.get("loop"):
             raise FmError(f"{name} ({m.spec['architecture']}) keeps a sliding window shorter than the text, a "
