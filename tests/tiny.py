@@ -1408,6 +1408,19 @@ def retouched(out_dir: Path, rank: int, name: str, factor: float) -> Path:
     return Path(out_dir)
 
 
+def gives_back(src: Path, out_dir: Path) -> list:
+    """Every tensor of src's model.safetensors (masked_spec_embed aside, which the speech tables ignore) back from
+    out_dir's shards by reassemble, bit for bit and in its dtype -> their names."""
+    from safetensors.torch import load_file
+
+    from fmconvert.reassemble import reassemble
+    got, want = reassemble(out_dir)[1], load_file(Path(src) / "model.safetensors")
+    want = {k: v for k, v in want.items() if not k.endswith("masked_spec_embed")}
+    assert sorted(got) == sorted(want)
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+    return list(want)
+
+
 def ctc_close(out_dir, tp: int, hf, x, mask, limit: float, agree: float):
     """A speech encoder's CTC logits on every rank of a conversion against transformers' (hf's) on the same input:
     within `limit` (relative), the likeliest character the same on more than `agree` of the frames."""
